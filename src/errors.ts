@@ -1,0 +1,118 @@
+// The one registry of coded errors. Every error memstrata raises on purpose carries a
+// stable `code` from ERRORS; `docs/errors.md` lists the same codes and a unit test
+// checks the two against each other in both directions.
+//
+// Categories decide the subclass and how the admin API answers:
+//   misuse   the caller asked for something invalid (HTTP 4xx, CLI exit 2)
+//   runtime  a valid request that cannot be served in the current state (HTTP 409/503)
+//   network  a peer could not be reached or answered badly
+//   storage  a file or medium failed underneath us
+
+export const ERRORS = {
+  MS_CONFIG_INVALID: { category: 'misuse', status: 400, summary: 'a configuration value is invalid; the message names the field, the value and the accepted form' },
+  MS_CONFIG_FILE: { category: 'misuse', status: 400, summary: 'the configuration file cannot be read or is not valid YAML' },
+  MS_SIZE_INVALID: { category: 'misuse', status: 400, summary: 'a size is not of the form 4096, 512KiB, 512MiB, 1GiB' },
+  MS_BAD_REQUEST: { category: 'misuse', status: 400, summary: 'an admin API request body or query is invalid' },
+  MS_NOT_FOUND: { category: 'misuse', status: 404, summary: 'the admin API has no such route' },
+  MS_MEDIUM_RANGE: { category: 'misuse', status: 400, summary: 'an I/O request lies outside the capacity of a medium' },
+  MS_EXTENT_NOT_OWNED: { category: 'misuse', status: 409, summary: 'extents were handed back by an owner that does not hold them' },
+  MS_PARTITION_ALIGN: { category: 'misuse', status: 400, summary: 'a partition size is not a whole number of extents' },
+  MS_PARTITION_BOUND: { category: 'misuse', status: 409, summary: 'a partition change would break a configured minimum or maximum' },
+  MS_ALLOC_OVERLAP: { category: 'misuse', status: 409, summary: 'an allocation table entry overlaps a range that is already allocated' },
+  MS_ALLOC_UNKNOWN_REGION: { category: 'misuse', status: 404, summary: 'no region with that id is allocated to that server' },
+  MS_PARTITION_NO_CAPACITY: { category: 'runtime', status: 409, summary: 'a partition cannot grow: the free extents and the reclaimable ones of other kinds are not enough' },
+  MS_PARTITION_BUSY: { category: 'runtime', status: 409, summary: 'the owners of a partition could not give back enough extents to shrink it' },
+  MS_EXTENTS_EXHAUSTED: { category: 'runtime', status: 409, summary: 'a kind has no idle extents left to assign to an owner' },
+  MS_NODE_LOCKED: { category: 'runtime', status: 409, summary: 'another running node holds the data directory' },
+  MS_MEDIUM_CLOSED: { category: 'runtime', status: 503, summary: 'I/O was attempted on a medium that is not open' },
+  MS_SHUTTING_DOWN: { category: 'runtime', status: 503, summary: 'the node is stopping and takes no new work' },
+  MS_INTERNAL: { category: 'runtime', status: 500, summary: 'an unexpected failure; the log has the cause' },
+  MS_ADMIN_UNREACHABLE: { category: 'network', status: 502, summary: 'the admin API of a node could not be reached' },
+  MS_ADMIN_RESPONSE: { category: 'network', status: 502, summary: 'the admin API answered with something that is not a valid response' },
+  MS_LISTEN_FAILED: { category: 'network', status: 500, summary: 'a service could not listen on its configured address' },
+  MS_DATA_DIR: { category: 'storage', status: 500, summary: 'the data directory cannot be created, read or written' },
+  MS_FLASH_SIZE: { category: 'storage', status: 500, summary: 'the flash file is larger than the configured flash size; shrinking it would lose data' },
+  MS_MEDIUM_IO: { category: 'storage', status: 500, summary: 'a read or write on a medium failed' },
+} as const satisfies Record<string, { category: Category; status: number; summary: string }>;
+
+export type Category = 'misuse' | 'runtime' | 'network' | 'storage';
+export type ErrorCode = keyof typeof ERRORS;
+type CodeOf<C extends Category> = {
+  [K in ErrorCode]: (typeof ERRORS)[K]['category'] extends C ? K : never;
+}[ErrorCode];
+
+export interface ErrorOptions {
+  cause?: unknown;
+  /** Machine-readable facts about the failure (field names, values, limits). */
+  details?: Record<string, unknown>;
+}
+
+/** Base of every coded error; `code` is stable and documented in docs/errors.md. */
+export class MemstrataError extends Error {
+  readonly code: ErrorCode;
+  readonly details: Record<string, unknown> | undefined;
+
+  constructor(code: ErrorCode, message: string, options: ErrorOptions = {}) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause });
+    this.code = code;
+    this.details = options.details;
+  }
+
+  override get name(): string {
+    return this.constructor.name;
+  }
+
+  get category(): Category {
+    return ERRORS[this.code].category;
+  }
+
+  /** HTTP status the admin API answers with for this error. */
+  get status(): number {
+    return ERRORS[this.code].status;
+  }
+
+  toJSON(): { code: ErrorCode; message: string; details?: Record<string, unknown> } {
+    return this.details === undefined
+      ? { code: this.code, message: this.message }
+      : { code: this.code, message: this.message, details: this.details };
+  }
+}
+
+/** The caller asked for something invalid. */
+export class MisuseError extends MemstrataError {
+  constructor(code: CodeOf<'misuse'>, message: string, options?: ErrorOptions) {
+    super(code, message, options);
+  }
+}
+
+/** A valid request that cannot be served in the present state. */
+export class RuntimeError extends MemstrataError {
+  constructor(code: CodeOf<'runtime'>, message: string, options?: ErrorOptions) {
+    super(code, message, options);
+  }
+}
+
+/** A peer could not be reached or answered badly. */
+export class NetworkError extends MemstrataError {
+  constructor(code: CodeOf<'network'>, message: string, options?: ErrorOptions) {
+    super(code, message, options);
+  }
+}
+
+/** A file or medium failed underneath us. */
+export class StorageError extends MemstrataError {
+  constructor(code: CodeOf<'storage'>, message: string, options?: ErrorOptions) {
+    super(code, message, options);
+  }
+}
+
+export function isMemstrataError(value: unknown): value is MemstrataError {
+  return value instanceof MemstrataError;
+}
+
+/** Wraps anything thrown into a coded error, keeping coded ones as they are. */
+export function toMemstrataError(value: unknown): MemstrataError {
+  if (value instanceof MemstrataError) return value;
+  const message = value instanceof Error ? value.message : String(value);
+  return new RuntimeError('MS_INTERNAL', message, { cause: value });
+}

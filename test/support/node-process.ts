@@ -1,0 +1,116 @@
+// Starts `memstrata node start` as a child process on ephemeral loopback ports in a
+// temporary directory, waits for its admin API, and cleans up after the test.
+
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+
+export const CLI = new URL('../../src/cli/main.js', import.meta.url).pathname;
+
+/** Small media so tests stay light; every test may override. */
+export const SMALL_MEDIA = ['--dram-size', '64MiB', '--flash-size', '128MiB'];
+
+export interface NodeProcess {
+  proc: ChildProcess;
+  url: string;
+  dir: string;
+  /** JSON log lines seen so far. */
+  logs: Record<string, unknown>[];
+  /** Sends a signal and resolves with the exit code (or the signal name). */
+  stop(signal?: NodeJS.Signals): Promise<number | string>;
+}
+
+/** A temporary directory removed when the test ends. */
+export async function tempDir(t: { after(fn: () => Promise<void>): void }, prefix = 'memstrata-test-'): Promise<string> {
+  const path = await mkdtemp(join(tmpdir(), prefix));
+  t.after(() => rm(path, { recursive: true, force: true }));
+  return path;
+}
+
+export interface StartOptions {
+  cwd: string;
+  args?: readonly string[];
+  env?: NodeJS.ProcessEnv;
+  timeoutMs?: number;
+  /** Pass SMALL_MEDIA as flags (default true); flags beat a config file, so turn off to test one. */
+  small?: boolean;
+}
+
+/** Starts a node and resolves once its admin API listens; rejects with its output if it exits first. */
+export function startNode(options: StartOptions): Promise<NodeProcess> {
+  const args = [CLI, 'node', 'start', '--admin-listen', '127.0.0.1:0', '--log-format', 'json', ...(options.small === false ? [] : SMALL_MEDIA), ...(options.args ?? [])];
+  const proc = spawn(process.execPath, args, {
+    cwd: options.cwd,
+    env: { ...process.env, ...options.env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const logs: Record<string, unknown>[] = [];
+  let stderr = '';
+  proc.stderr?.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+  const exited = new Promise<number | string>((resolve) => proc.once('exit', (code, signal) => resolve(code ?? signal ?? -1)));
+
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      proc.kill('SIGKILL');
+      reject(new Error(`node did not start within ${options.timeoutMs ?? 15000} ms; stderr: ${stderr}`));
+    }, options.timeoutMs ?? 15000);
+    const lines = createInterface({ input: proc.stdout as NodeJS.ReadableStream });
+    lines.on('line', (line) => {
+      let entry: Record<string, unknown>;
+      try {
+        entry = JSON.parse(line) as Record<string, unknown>;
+      } catch {
+        return;
+      }
+      logs.push(entry);
+      if (entry.msg === 'admin API listening' && typeof entry.url === 'string') {
+        clearTimeout(timer);
+        resolve({
+          proc,
+          url: entry.url,
+          dir: options.cwd,
+          logs,
+          stop: (signal = 'SIGTERM') => {
+            if (proc.exitCode === null && proc.signalCode === null) proc.kill(signal);
+            return exited;
+          },
+        });
+      }
+    });
+    void exited.then((code) => {
+      clearTimeout(timer);
+      reject(new Error(`node exited with ${code} before listening; stderr: ${stderr}; stdout: ${JSON.stringify(logs)}`));
+    });
+  });
+}
+
+export interface RunResult {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs the CLI to completion. */
+export function runCli(args: readonly string[], options: { cwd?: string; env?: NodeJS.ProcessEnv; timeoutMs?: number } = {}): Promise<RunResult> {
+  return new Promise((resolve, reject) => {
+    const proc = spawn(process.execPath, [CLI, ...args], {
+      cwd: options.cwd,
+      env: { ...process.env, ...options.env },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stdout = '';
+    let stderr = '';
+    proc.stdout.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
+    proc.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+    const timer = setTimeout(() => {
+      proc.kill('SIGKILL');
+      reject(new Error(`memstrata ${args.join(' ')} did not finish; stdout: ${stdout}; stderr: ${stderr}`));
+    }, options.timeoutMs ?? 15000);
+    proc.once('exit', (code) => {
+      clearTimeout(timer);
+      resolve({ code, stdout, stderr });
+    });
+  });
+}
