@@ -1,0 +1,46 @@
+// The narrow interface every medium implements, and the range check they share.
+//
+// A medium is a flat byte-addressed space of `capacity` bytes cut into extents of
+// `extentSize`; physical addresses in the partition and allocation tables are offsets
+// into it. I/O is always asynchronous, also for DRAM, so callers see one behaviour.
+// Backends trust their callers except for the range, which is cheap to check and turns a
+// stray offset into a coded error instead of a corrupted neighbour.
+
+import { MisuseError } from '../errors.js';
+import type { MediumName } from './kinds.js';
+
+export interface MediumCapabilities {
+  /** Contents survive a restart of the process. */
+  readonly persistent: boolean;
+  /** Backing storage is taken only for extents that were written. */
+  readonly lazy: boolean;
+}
+
+export interface Medium {
+  readonly name: MediumName;
+  readonly capacity: number;
+  readonly extentSize: number;
+  readonly capabilities: MediumCapabilities;
+  open(): Promise<void>;
+  /** Fills `target` with the bytes at `offset`. */
+  read(offset: number, target: Uint8Array): Promise<void>;
+  write(offset: number, source: Uint8Array): Promise<void>;
+  /** Makes the range read as zeros, handing back backing storage of whole extents where the medium can. */
+  zero(offset: number, length: number): Promise<void>;
+  /** Makes completed writes durable (no-op for memory). */
+  sync(): Promise<void>;
+  /** Waits for I/O in flight, then releases the medium; later I/O fails with MS_MEDIUM_CLOSED. */
+  close(): Promise<void>;
+  /** Bytes of backing storage held now (memory buffers, or file blocks on disk). */
+  resident(): Promise<number>;
+}
+
+export function checkRange(medium: Medium, offset: number, length: number): void {
+  if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > medium.capacity) {
+    throw new MisuseError(
+      'MS_MEDIUM_RANGE',
+      `${medium.name}: range offset ${offset} length ${length} lies outside the medium (capacity ${medium.capacity})`,
+      { details: { medium: medium.name, offset, length, capacity: medium.capacity } },
+    );
+  }
+}
