@@ -1,0 +1,410 @@
+// Node configuration: embedded defaults, then a YAML file, then MEMSTRATA_* environment
+// variables, then command-line flags, validated once with zod.
+//
+// Every setting is a leaf in SETTINGS; its environment variable is derived from its path
+// (`media.dram.size` -> MEMSTRATA_MEDIA_DRAM_SIZE) and any leaf can be set from the
+// command line with `--set path=value`; the common ones also have a flag of their own.
+// The origin of each value is remembered, so an invalid one is reported with the field,
+// the value, where it came from and the form that is accepted:
+//
+//   invalid configuration: media.dram.size is "12XB" (from environment variable
+//   MEMSTRATA_MEDIA_DRAM_SIZE): expected a size in bytes such as 4096, 64KiB, ...
+
+import { readFile } from 'node:fs/promises';
+import { resolve } from 'node:path';
+import { parse as parseYaml } from 'yaml';
+import { z } from 'zod';
+import { MisuseError, isMemstrataError } from '../errors.js';
+import { MEDIA, USED_KINDS, type MediumName, type UsedKind } from '../memory/kinds.js';
+import type { MediumLayout } from '../memory/partition-table.js';
+import { ADDRESS_FORM, GiB, KiB, SIZE_FORM, formatSize, parseAddress, parseSize, type ListenAddress } from '../units.js';
+
+export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
+export type LogLevel = (typeof LOG_LEVELS)[number];
+export const LOG_FORMATS = ['auto', 'json', 'pretty'] as const;
+export type LogFormat = (typeof LOG_FORMATS)[number];
+
+/** A partition size: bytes, or a share of the medium. */
+export type Share = { bytes: number } | { percent: number };
+
+export interface KindSetting {
+  initial: number;
+  min: number;
+  max: number;
+}
+
+export interface NodeConfig {
+  node: { id: string | undefined };
+  dataDir: string;
+  admin: { listen: ListenAddress };
+  log: { level: LogLevel; format: LogFormat };
+  media: {
+    extentSize: number;
+    dram: { size: number };
+    flash: { size: number; path: string };
+  };
+  /** Resolved to bytes, whole extents. */
+  partition: Record<MediumName, Record<UsedKind, KindSetting>>;
+}
+
+// ---- leaf types: each turns raw input into a value or names the accepted form ----
+
+function leaf<T>(form: string, convert: (value: unknown) => T | undefined) {
+  return z.unknown().transform((value, ctx): T => {
+    let result: T | undefined;
+    try {
+      result = convert(value);
+    } catch {
+      result = undefined;
+    }
+    if (result === undefined) {
+      ctx.addIssue({ code: 'custom', message: `expected ${form}`, input: value });
+      return z.NEVER;
+    }
+    return result;
+  });
+}
+
+const sizeLeaf = leaf(SIZE_FORM, (v) => (typeof v === 'number' || typeof v === 'string' ? parseSize(v) : undefined));
+
+const SHARE_FORM = `${SIZE_FORM}, or a share of the medium such as 25%`;
+const SHARE_PATTERN = /^\s*(\d+(?:\.\d+)?)\s*%\s*$/;
+const shareLeaf = leaf<Share>(SHARE_FORM, (v) => {
+  if (typeof v === 'string') {
+    const m = SHARE_PATTERN.exec(v);
+    if (m !== null) {
+      const percent = Number(m[1]);
+      return percent <= 100 ? { percent } : undefined;
+    }
+  }
+  return typeof v === 'number' || typeof v === 'string' ? { bytes: parseSize(v) } : undefined;
+});
+
+const addressLeaf = leaf<ListenAddress>(ADDRESS_FORM, (v) => (typeof v === 'string' ? parseAddress(v) : undefined));
+
+const PATH_FORM = 'a non-empty file system path';
+const pathLeaf = leaf<string>(PATH_FORM, (v) => (typeof v === 'string' && v.trim() !== '' ? v : undefined));
+
+const NODE_ID_FORM = '1 to 64 letters, digits, ".", "_" or "-", starting with a letter or digit';
+const NODE_ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+const nodeIdLeaf = leaf<string>(NODE_ID_FORM, (v) => (typeof v === 'string' && NODE_ID_PATTERN.test(v) ? v : undefined));
+
+function enumLeaf<const T extends readonly string[]>(values: T) {
+  return leaf<T[number]>(`one of ${values.join(', ')}`, (v) => (typeof v === 'string' && values.includes(v) ? v : undefined));
+}
+
+const kindSchema = (initial: string) =>
+  z.strictObject({
+    initial: shareLeaf.prefault(initial),
+    min: shareLeaf.prefault('0'),
+    max: shareLeaf.prefault('100%'),
+  }).prefault({});
+
+const DEFAULT_SHARES: Record<UsedKind, string> = { cache: '50%', server: '25%', nvram: '6.25%' };
+
+const mediumPartitionSchema = z
+  .strictObject({
+    cache: kindSchema(DEFAULT_SHARES.cache),
+    server: kindSchema(DEFAULT_SHARES.server),
+    nvram: kindSchema(DEFAULT_SHARES.nvram),
+  })
+  .prefault({});
+
+const rawSchema = z.strictObject({
+  node: z.strictObject({ id: nodeIdLeaf.optional() }).prefault({}),
+  dataDir: pathLeaf.prefault('./memstrata-data'),
+  admin: z.strictObject({ listen: addressLeaf.prefault('127.0.0.1:10880') }).prefault({}),
+  log: z
+    .strictObject({ level: enumLeaf(LOG_LEVELS).prefault('info'), format: enumLeaf(LOG_FORMATS).prefault('auto') })
+    .prefault({}),
+  media: z
+    .strictObject({
+      extentSize: sizeLeaf.prefault('1MiB'),
+      dram: z.strictObject({ size: sizeLeaf.prefault('1GiB') }).prefault({}),
+      flash: z.strictObject({ size: sizeLeaf.prefault('4GiB'), path: pathLeaf.optional() }).prefault({}),
+    })
+    .prefault({}),
+  partition: z.strictObject({ dram: mediumPartitionSchema, flash: mediumPartitionSchema }).prefault({}),
+});
+
+// ---- the catalogue: every leaf, its flag, its documentation ----
+
+export interface Setting {
+  path: string;
+  /** A flag of its own on `memstrata node start`; every setting also takes `--set path=value`. */
+  flag?: string;
+  default: string;
+  doc: string;
+}
+
+const partitionSettings: Setting[] = MEDIA.flatMap((medium) =>
+  USED_KINDS.flatMap((kind) => [
+    { path: `partition.${medium}.${kind}.initial`, default: DEFAULT_SHARES[kind], doc: `${kind} partition on ${medium} at start` },
+    { path: `partition.${medium}.${kind}.min`, default: '0', doc: `smallest the ${kind} partition on ${medium} may become` },
+    { path: `partition.${medium}.${kind}.max`, default: '100%', doc: `largest the ${kind} partition on ${medium} may become` },
+  ]),
+);
+
+export const SETTINGS: readonly Setting[] = [
+  { path: 'node.id', flag: '--node-id', default: '(generated, kept in the data directory)', doc: 'name of this node in tables, logs and the cluster' },
+  { path: 'dataDir', flag: '--data-dir', default: './memstrata-data', doc: 'volumes, the flash file, journals, the lock' },
+  { path: 'admin.listen', flag: '--admin-listen', default: '127.0.0.1:10880', doc: 'admin HTTP API, /metrics and /healthz; port 0 picks a free port' },
+  { path: 'log.level', flag: '--log-level', default: 'info', doc: LOG_LEVELS.join(', ') },
+  { path: 'log.format', flag: '--log-format', default: 'auto', doc: 'json, pretty, or auto (pretty when stdout is a terminal)' },
+  { path: 'media.extentSize', flag: '--extent-size', default: '1MiB', doc: 'unit of the partition table; a power of two from 4KiB to 1GiB' },
+  { path: 'media.dram.size', flag: '--dram-size', default: '1GiB', doc: 'process memory offered, taken only as it is written; 0 disables' },
+  { path: 'media.flash.size', flag: '--flash-size', default: '4GiB', doc: 'size of the sparse flash file; 0 disables' },
+  { path: 'media.flash.path', flag: '--flash-path', default: '<dataDir>/flash.img', doc: 'the flash file, ideally on local SSD' },
+  ...partitionSettings,
+];
+
+export function envName(path: string): string {
+  return `MEMSTRATA_${path.split('.').map((part) => part.replace(/([a-z0-9])([A-Z])/g, '$1_$2').toUpperCase()).join('_')}`;
+}
+
+const SETTING_BY_ENV = new Map(SETTINGS.map((s) => [envName(s.path), s]));
+const SETTING_BY_PATH = new Map(SETTINGS.map((s) => [s.path, s]));
+
+// ---- loading ----
+
+export interface ConfigSources {
+  /** YAML file, from `--config`. */
+  file?: string;
+  env?: NodeJS.ProcessEnv;
+  /** `[path, value]` pairs from flags, in the order given. */
+  flags?: readonly (readonly [string, string])[];
+  cwd?: string;
+}
+
+export interface LoadedConfig {
+  config: NodeConfig;
+  /** Things worth a log line, such as MEMSTRATA_* variables that name no setting. */
+  warnings: string[];
+}
+
+/** Environment variables that other parts of memstrata read; not node settings. */
+const NON_SETTING_ENV = new Set(['MEMSTRATA_ADMIN', 'MEMSTRATA_REQUIRE_INTEROP']);
+
+export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedConfig> {
+  const cwd = sources.cwd ?? process.cwd();
+  const origin = new Map<string, string>();
+  const warnings: string[] = [];
+  let raw: Record<string, unknown> = {};
+
+  if (sources.file !== undefined) {
+    const file = resolve(cwd, sources.file);
+    let text: string;
+    try {
+      text = await readFile(file, 'utf8');
+    } catch (error) {
+      throw new MisuseError('MS_CONFIG_FILE', `cannot read configuration file ${file}: ${(error as Error).message}`, { cause: error });
+    }
+    let parsed: unknown;
+    try {
+      parsed = parseYaml(text);
+    } catch (error) {
+      throw new MisuseError('MS_CONFIG_FILE', `configuration file ${file} is not valid YAML: ${(error as Error).message}`, { cause: error });
+    }
+    if (parsed !== null && parsed !== undefined) {
+      if (typeof parsed !== 'object' || Array.isArray(parsed)) {
+        throw new MisuseError('MS_CONFIG_FILE', `configuration file ${file} must hold a mapping of settings at the top level`);
+      }
+      raw = parsed as Record<string, unknown>;
+      for (const path of leafPaths(raw)) origin.set(path, `file ${file}`);
+    }
+  }
+
+  for (const [name, value] of Object.entries(sources.env ?? {})) {
+    if (!name.startsWith('MEMSTRATA_') || value === undefined) continue;
+    const setting = SETTING_BY_ENV.get(name);
+    if (setting === undefined) {
+      if (!NON_SETTING_ENV.has(name)) warnings.push(`environment variable ${name} names no setting and is ignored`);
+      continue;
+    }
+    setPath(raw, setting.path, value);
+    origin.set(setting.path, `environment variable ${name}`);
+  }
+
+  for (const [path, value] of sources.flags ?? []) {
+    const setting = SETTING_BY_PATH.get(path);
+    if (setting === undefined) {
+      throw new MisuseError('MS_CONFIG_INVALID', `invalid configuration: unknown setting ${path} (from flag --set); known settings: ${SETTINGS.map((s) => s.path).join(', ')}`, {
+        details: { field: path },
+      });
+    }
+    setPath(raw, path, value);
+    origin.set(path, setting.flag === undefined ? `flag --set ${path}=` : `flag ${setting.flag}`);
+  }
+
+  const result = rawSchema.safeParse(raw);
+  if (!result.success) {
+    const lines = result.error.issues.map((issue) => describeIssue(issue, raw, origin));
+    throw new MisuseError('MS_CONFIG_INVALID', `invalid configuration: ${lines.join('; ')}`, {
+      details: { fields: result.error.issues.map((i) => i.path.join('.')) },
+    });
+  }
+  const parsed = result.data;
+  const dataDir = resolve(cwd, parsed.dataDir);
+  const config: NodeConfig = {
+    node: { id: parsed.node.id },
+    dataDir,
+    admin: { listen: parsed.admin.listen },
+    log: { level: parsed.log.level, format: parsed.log.format },
+    media: {
+      extentSize: parsed.media.extentSize,
+      dram: { size: parsed.media.dram.size },
+      flash: { size: parsed.media.flash.size, path: resolve(dataDir, parsed.media.flash.path ?? 'flash.img') },
+    },
+    partition: { dram: emptyPartition(), flash: emptyPartition() },
+  };
+  checkMedia(config, raw, origin);
+  for (const medium of MEDIA) {
+    config.partition[medium] = resolvePartition(medium, parsed.partition[medium], config, raw, origin);
+  }
+  return { config, warnings };
+}
+
+/** The layouts the partition table is built from; a medium of size 0 is left out. */
+export function mediumLayouts(config: NodeConfig): MediumLayout[] {
+  return MEDIA.filter((medium) => config.media[medium].size > 0).map((medium) => {
+    const kinds = config.partition[medium];
+    return {
+      name: medium,
+      capacity: config.media[medium].size,
+      extentSize: config.media.extentSize,
+      initial: { cache: kinds.cache.initial, server: kinds.server.initial, nvram: kinds.nvram.initial },
+      bounds: {
+        cache: { min: kinds.cache.min, max: kinds.cache.max },
+        server: { min: kinds.server.min, max: kinds.server.max },
+        nvram: { min: kinds.nvram.min, max: kinds.nvram.max },
+      },
+    };
+  });
+}
+
+// ---- cross-field checks ----
+
+function checkMedia(config: NodeConfig, raw: Record<string, unknown>, origin: Map<string, string>): void {
+  const extent = config.media.extentSize;
+  if (extent < 4 * KiB || extent > GiB || (extent & (extent - 1)) !== 0) {
+    throw invalid('media.extentSize', raw, origin, 'expected a power of two from 4KiB to 1GiB');
+  }
+  for (const medium of MEDIA) {
+    const size = config.media[medium].size;
+    if (size % extent !== 0) {
+      throw invalid(`media.${medium}.size`, raw, origin, `expected a whole number of extents (media.extentSize is ${formatSize(extent)})`);
+    }
+  }
+}
+
+function resolvePartition(
+  medium: MediumName,
+  shares: Record<UsedKind, Record<keyof KindSetting, Share>>,
+  config: NodeConfig,
+  raw: Record<string, unknown>,
+  origin: Map<string, string>,
+): Record<UsedKind, KindSetting> {
+  const size = config.media[medium].size;
+  const extent = config.media.extentSize;
+  const toBytes = (kind: UsedKind, field: keyof KindSetting): number => {
+    const share = shares[kind][field];
+    if ('percent' in share) {
+      const exact = (size * share.percent) / 100 / extent;
+      // A share rounds down to whole extents, the same way for initial, min and max, so
+      // equal shares stay equal.
+      return Math.floor(exact) * extent;
+    }
+    const path = `partition.${medium}.${kind}.${field}`;
+    if (share.bytes % extent !== 0) throw invalid(path, raw, origin, `expected a whole number of extents (media.extentSize is ${formatSize(extent)})`);
+    if (share.bytes > size) throw invalid(path, raw, origin, `expected at most the ${medium} size, ${formatSize(size)}`);
+    return share.bytes;
+  };
+  const result = emptyPartition();
+  let sum = 0;
+  for (const kind of USED_KINDS) {
+    const setting = { initial: toBytes(kind, 'initial'), min: toBytes(kind, 'min'), max: toBytes(kind, 'max') };
+    const base = `partition.${medium}.${kind}`;
+    if (setting.min > setting.max) throw invalid(`${base}.min`, raw, origin, `expected at most ${base}.max (${formatSize(setting.max)})`);
+    if (setting.initial < setting.min || setting.initial > setting.max) {
+      throw invalid(`${base}.initial`, raw, origin, `expected between ${base}.min (${formatSize(setting.min)}) and ${base}.max (${formatSize(setting.max)})`);
+    }
+    sum += setting.initial;
+    result[kind] = setting;
+  }
+  if (sum > size) {
+    throw new MisuseError(
+      'MS_CONFIG_INVALID',
+      `invalid configuration: partition.${medium}.*.initial add up to ${formatSize(sum)} but media.${medium}.size is ${formatSize(size)}; expected a sum no larger than the medium`,
+      { details: { field: `partition.${medium}`, sum, size } },
+    );
+  }
+  return result;
+}
+
+function emptyPartition(): Record<UsedKind, KindSetting> {
+  return { cache: { initial: 0, min: 0, max: 0 }, server: { initial: 0, min: 0, max: 0 }, nvram: { initial: 0, min: 0, max: 0 } };
+}
+
+// ---- messages ----
+
+function describeIssue(issue: z.core.$ZodIssue, raw: Record<string, unknown>, origin: Map<string, string>): string {
+  const path = issue.path.map(String).join('.');
+  if (issue.code === 'unrecognized_keys') {
+    const parent = path === '' ? '' : `${path}.`;
+    const unknown = issue.keys.map((key) => `${parent}${key}`);
+    const from = unknown.map((key) => origin.get(key) ?? [...origin].find(([p]) => p.startsWith(`${key}.`))?.[1]).find((o) => o !== undefined);
+    const known = SETTINGS.filter((s) => s.path.startsWith(parent)).map((s) => s.path.slice(parent.length).split('.')[0]);
+    return `unknown setting ${unknown.join(', ')}${from === undefined ? '' : ` (from ${from})`}; known at this level: ${[...new Set(known)].join(', ')}`;
+  }
+  const value = getPath(raw, path);
+  const from = origin.get(path);
+  const form = issue.code === 'custom' ? issue.message : `expected ${SETTING_BY_PATH.has(path) ? 'a single value' : 'a mapping of settings'}`;
+  return `${path} is ${JSON.stringify(value) ?? 'missing'}${from === undefined ? '' : ` (from ${from})`}: ${form}`;
+}
+
+function invalid(path: string, raw: Record<string, unknown>, origin: Map<string, string>, form: string): MisuseError {
+  const value = getPath(raw, path);
+  const from = origin.get(path) ?? 'default';
+  return new MisuseError('MS_CONFIG_INVALID', `invalid configuration: ${path} is ${JSON.stringify(value ?? SETTING_BY_PATH.get(path)?.default)} (from ${from}): ${form}`, {
+    details: { field: path, value },
+  });
+}
+
+// ---- nested object helpers ----
+
+function setPath(target: Record<string, unknown>, path: string, value: unknown): void {
+  const parts = path.split('.');
+  let node = target;
+  for (const part of parts.slice(0, -1)) {
+    const next = node[part];
+    if (typeof next === 'object' && next !== null && !Array.isArray(next)) {
+      node = next as Record<string, unknown>;
+    } else {
+      const created: Record<string, unknown> = {};
+      node[part] = created;
+      node = created;
+    }
+  }
+  node[parts[parts.length - 1] ?? ''] = value;
+}
+
+function getPath(source: Record<string, unknown>, path: string): unknown {
+  let node: unknown = source;
+  for (const part of path.split('.')) {
+    if (typeof node !== 'object' || node === null) return undefined;
+    node = (node as Record<string, unknown>)[part];
+  }
+  return node;
+}
+
+function leafPaths(source: Record<string, unknown>, prefix = ''): string[] {
+  return Object.entries(source).flatMap(([key, value]) =>
+    typeof value === 'object' && value !== null && !Array.isArray(value)
+      ? leafPaths(value as Record<string, unknown>, `${prefix}${key}.`)
+      : [`${prefix}${key}`],
+  );
+}
+
+export function isConfigError(error: unknown): boolean {
+  return isMemstrataError(error) && (error.code === 'MS_CONFIG_INVALID' || error.code === 'MS_CONFIG_FILE');
+}

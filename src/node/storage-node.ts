@@ -1,0 +1,175 @@
+// The daemon wiring of one node: which subsystems exist and the order they start in.
+//
+//   start:  data directory + lock -> node id -> media -> tables -> metrics -> admin HTTP
+//   stop:   the reverse; admin first (no new requests, in-flight ones drain), the lock last
+//
+// Later subsystems (rmem, NBD, NVRAM) slot in between the tables and admin, so the API
+// comes up only once everything it reports on is there, and goes first on the way down.
+
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import { join } from 'node:path';
+import { StorageError } from '../errors.js';
+import { AdminServer, adminUrl } from '../admin/admin-server.js';
+import type { MediumInfo, NodeInfo } from '../admin/api.js';
+import { NodeMetrics } from '../admin/metrics.js';
+import { AllocationTable } from '../memory/allocation-table.js';
+import { DramMedium } from '../memory/dram-medium.js';
+import { FlashMedium } from '../memory/flash-medium.js';
+import type { Medium } from '../memory/medium.js';
+import { PartitionTable } from '../memory/partition-table.js';
+import { formatAddress, type ListenAddress } from '../units.js';
+import { VERSION } from '../version.js';
+import { mediumLayouts, type NodeConfig } from './config.js';
+import { Lifecycle } from './lifecycle.js';
+import { DataDirLock } from './lock.js';
+import type { Logger } from './logger.js';
+
+const NODE_ID_FILE = 'node-id';
+
+export class StorageNode {
+  readonly config: NodeConfig;
+  readonly log: Logger;
+  readonly partition: PartitionTable;
+  readonly allocation: AllocationTable;
+  readonly media: readonly Medium[];
+  private readonly lifecycle: Lifecycle;
+  private readonly lock: DataDirLock;
+  private nodeId: string;
+  private startedAt: Date;
+  private stopping: boolean;
+  private admin: AdminServer | undefined;
+
+  constructor(config: NodeConfig, log: Logger) {
+    this.config = config;
+    this.log = log;
+    this.lifecycle = new Lifecycle(log);
+    this.lock = new DataDirLock(config.dataDir);
+    this.partition = new PartitionTable(mediumLayouts(config));
+    this.allocation = new AllocationTable();
+    this.media = this.createMedia();
+    this.nodeId = config.node.id ?? '';
+    this.startedAt = new Date();
+    this.stopping = false;
+    this.admin = undefined;
+
+    this.lifecycle.add({
+      name: 'data directory',
+      start: async () => {
+        await mkdir(config.dataDir, { recursive: true }).catch((error: unknown) => {
+          throw new StorageError('MS_DATA_DIR', `cannot create data directory ${config.dataDir}: ${(error as Error).message}`, { cause: error });
+        });
+        const { stalePid } = await this.lock.acquire();
+        if (stalePid !== undefined) log.warn({ stalePid }, 'took over the lock of a node that did not stop cleanly');
+        this.nodeId = config.node.id ?? (await this.loadNodeId());
+      },
+      stop: () => this.lock.release(),
+    });
+    this.lifecycle.add({
+      name: 'media',
+      start: async () => {
+        for (const medium of this.media) await medium.open();
+      },
+      stop: async () => {
+        for (const medium of [...this.media].reverse()) await medium.close();
+      },
+    });
+    this.lifecycle.add({
+      name: 'admin',
+      start: async () => {
+        const metrics = new NodeMetrics({ nodeId: this.nodeId, partition: this.partition, allocation: this.allocation, media: this.media });
+        const admin = new AdminServer({
+          info: () => this.info(),
+          partition: this.partition,
+          allocation: this.allocation,
+          metrics,
+          log,
+          isStopping: () => this.stopping,
+        });
+        const bound = await admin.listen(config.admin.listen);
+        this.admin = admin;
+        log.info({ url: adminUrl(bound) }, 'admin API listening');
+      },
+      stop: async () => {
+        await this.admin?.close();
+        this.admin = undefined;
+      },
+    });
+  }
+
+  get id(): string {
+    return this.nodeId;
+  }
+
+  /** The admin API's bound address, once started. */
+  get adminAddress(): ListenAddress | undefined {
+    return this.admin?.address;
+  }
+
+  async start(): Promise<void> {
+    this.startedAt = new Date();
+    await this.lifecycle.start();
+    this.log.info(
+      { node: this.nodeId, version: VERSION, dataDir: this.config.dataDir, media: this.media.map((m) => ({ name: m.name, capacity: m.capacity })) },
+      'node started',
+    );
+  }
+
+  /** Stops every subsystem in reverse order, draining each. Safe to call more than once. */
+  async stop(): Promise<void> {
+    this.stopping = true;
+    await this.lifecycle.stop();
+    this.log.info({ node: this.nodeId }, 'node stopped');
+  }
+
+  async info(): Promise<NodeInfo> {
+    const media: MediumInfo[] = [];
+    for (const medium of this.media) {
+      const entry: MediumInfo = {
+        name: medium.name,
+        capacity: medium.capacity,
+        extentSize: medium.extentSize,
+        persistent: medium.capabilities.persistent,
+        residentBytes: await medium.resident(),
+      };
+      if (medium instanceof FlashMedium) entry.path = medium.path;
+      media.push(entry);
+    }
+    const admin = this.adminAddress ?? this.config.admin.listen;
+    return {
+      id: this.nodeId,
+      version: VERSION,
+      pid: process.pid,
+      startedAt: this.startedAt.toISOString(),
+      uptimeSeconds: Math.round((Date.now() - this.startedAt.getTime()) / 1000),
+      dataDir: this.config.dataDir,
+      listen: { admin: formatAddress(admin) },
+      media,
+      usage: this.partition.usage(),
+    };
+  }
+
+  private createMedia(): Medium[] {
+    const { media } = this.config;
+    const result: Medium[] = [];
+    if (media.dram.size > 0) result.push(new DramMedium({ capacity: media.dram.size, extentSize: media.extentSize }));
+    if (media.flash.size > 0) result.push(new FlashMedium({ path: media.flash.path, capacity: media.flash.size, extentSize: media.extentSize }));
+    return result;
+  }
+
+  /** The node's id, made on first start and kept in the data directory. */
+  private async loadNodeId(): Promise<string> {
+    const file = join(this.config.dataDir, NODE_ID_FILE);
+    try {
+      const stored = (await readFile(file, 'utf8')).trim();
+      if (stored !== '') return stored;
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== 'ENOENT') {
+        throw new StorageError('MS_DATA_DIR', `cannot read ${file}: ${(error as Error).message}`, { cause: error });
+      }
+    }
+    const id = `ms-${randomBytes(4).toString('hex')}`;
+    await writeFile(file, `${id}\n`);
+    return id;
+  }
+}

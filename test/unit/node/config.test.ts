@@ -1,0 +1,161 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { SETTINGS, envName, loadConfig, mediumLayouts } from '../../../src/node/config.js';
+import { GiB, MiB } from '../../../src/units.js';
+import { tempDir } from '../../support/node-process.js';
+
+async function configError(sources: Parameters<typeof loadConfig>[0]): Promise<{ code: string; message: string }> {
+  try {
+    await loadConfig(sources);
+  } catch (error) {
+    return error as { code: string; message: string };
+  }
+  assert.fail('configuration was accepted');
+}
+
+test('defaults need no file and match DESIGN section 5', async () => {
+  const { config, warnings } = await loadConfig({ cwd: '/srv/x', env: {} });
+  assert.deepEqual(warnings, []);
+  assert.equal(config.dataDir, '/srv/x/memstrata-data');
+  assert.deepEqual(config.admin.listen, { host: '127.0.0.1', port: 10880 });
+  assert.equal(config.media.dram.size, GiB);
+  assert.equal(config.media.flash.size, 4 * GiB);
+  assert.equal(config.media.flash.path, '/srv/x/memstrata-data/flash.img');
+  assert.equal(config.media.extentSize, MiB);
+  assert.deepEqual(config.partition.dram.cache, { initial: 512 * MiB, min: 0, max: GiB });
+  assert.deepEqual(config.partition.dram.server, { initial: 256 * MiB, min: 0, max: GiB });
+  assert.deepEqual(config.partition.dram.nvram, { initial: 64 * MiB, min: 0, max: GiB });
+  assert.equal(config.partition.flash.cache.initial, 2 * GiB);
+  assert.equal(config.node.id, undefined);
+});
+
+test('file, then environment, then flags, each overriding the one before', async (t) => {
+  const dir = await tempDir(t);
+  const file = join(dir, 'memstrata.yaml');
+  await writeFile(file, 'media:\n  dram:\n    size: 256MiB\n  flash:\n    size: 1GiB\nlog:\n  level: debug\n');
+  const { config } = await loadConfig({
+    cwd: dir,
+    file: 'memstrata.yaml',
+    env: { MEMSTRATA_MEDIA_FLASH_SIZE: '2GiB', MEMSTRATA_LOG_LEVEL: 'warn' },
+    flags: [['log.level', 'error'], ['partition.dram.server.max', '50%']],
+  });
+  assert.equal(config.media.dram.size, 256 * MiB, 'from the file');
+  assert.equal(config.media.flash.size, 2 * GiB, 'environment over file');
+  assert.equal(config.log.level, 'error', 'flag over environment');
+  assert.equal(config.partition.dram.server.max, 128 * MiB);
+  assert.equal(config.partition.dram.server.initial, 64 * MiB, '25% of the file-configured 256MiB');
+});
+
+test('shares round down to whole extents', async () => {
+  const { config } = await loadConfig({
+    env: { MEMSTRATA_MEDIA_DRAM_SIZE: '10MiB', MEMSTRATA_PARTITION_DRAM_SERVER_INITIAL: '33%', MEMSTRATA_PARTITION_DRAM_SERVER_MIN: '33%' },
+  });
+  assert.equal(config.partition.dram.server.min, 3 * MiB, 'rounds down');
+  assert.equal(config.partition.dram.server.initial, 3 * MiB, 'equal shares stay equal');
+  assert.equal(config.partition.dram.cache.initial, 5 * MiB);
+  const [dram] = mediumLayouts(config);
+  assert.equal(dram?.capacity, 10 * MiB);
+});
+
+test('a medium of size 0 is left out of the layouts', async () => {
+  const { config } = await loadConfig({ env: { MEMSTRATA_MEDIA_FLASH_SIZE: '0' } });
+  assert.deepEqual(mediumLayouts(config).map((l) => l.name), ['dram']);
+});
+
+const badValues: [string, Record<string, string>, RegExp][] = [
+  ['size', { MEMSTRATA_MEDIA_DRAM_SIZE: '12XB' }, /media\.dram\.size is "12XB" \(from environment variable MEMSTRATA_MEDIA_DRAM_SIZE\): expected a size in bytes such as 4096/],
+  ['decimal unit', { MEMSTRATA_MEDIA_FLASH_SIZE: '4GB' }, /media\.flash\.size is "4GB".*expected a size/],
+  ['address', { MEMSTRATA_ADMIN_LISTEN: 'localhost' }, /admin\.listen is "localhost".*expected HOST:PORT/],
+  ['port', { MEMSTRATA_ADMIN_LISTEN: '127.0.0.1:70000' }, /admin\.listen is "127\.0\.0\.1:70000".*port 0 to 65535/],
+  ['enum', { MEMSTRATA_LOG_LEVEL: 'loud' }, /log\.level is "loud".*expected one of fatal, error, warn, info, debug, trace, silent/],
+  ['node id', { MEMSTRATA_NODE_ID: 'has space' }, /node\.id is "has space".*expected 1 to 64 letters/],
+  ['path', { MEMSTRATA_DATA_DIR: ' ' }, /dataDir is " ".*expected a non-empty file system path/],
+  ['share', { MEMSTRATA_PARTITION_DRAM_CACHE_MAX: '150%' }, /partition\.dram\.cache\.max is "150%".*or a share of the medium such as 25%/],
+  ['extent size', { MEMSTRATA_MEDIA_EXTENT_SIZE: '3000' }, /media\.extentSize is "3000".*power of two from 4KiB to 1GiB/],
+  ['medium not whole extents', { MEMSTRATA_MEDIA_DRAM_SIZE: '1536KiB' }, /media\.dram\.size is "1536KiB".*whole number of extents/],
+  ['partition not whole extents', { MEMSTRATA_PARTITION_FLASH_NVRAM_INITIAL: '4097' }, /partition\.flash\.nvram\.initial is "4097".*whole number of extents/],
+  ['partition larger than medium', { MEMSTRATA_PARTITION_DRAM_SERVER_INITIAL: '2GiB' }, /partition\.dram\.server\.initial is "2GiB".*at most the dram size, 1GiB/],
+  ['min above max', { MEMSTRATA_PARTITION_DRAM_SERVER_MIN: '512MiB', MEMSTRATA_PARTITION_DRAM_SERVER_MAX: '256MiB' }, /partition\.dram\.server\.min is "512MiB".*at most partition\.dram\.server\.max/],
+  ['initial outside bounds', { MEMSTRATA_PARTITION_DRAM_SERVER_MAX: '128MiB' }, /partition\.dram\.server\.initial is "25%" \(from default\).*between/],
+  ['initials exceed medium', { MEMSTRATA_PARTITION_DRAM_CACHE_INITIAL: '90%' }, /partition\.dram\.\*\.initial add up to 1241MiB but media\.dram\.size is 1GiB/],
+];
+
+for (const [kind, env, message] of badValues) {
+  test(`invalid ${kind} stops with one message naming field, value and form`, async () => {
+    const error = await configError({ env });
+    assert.equal(error.code, 'MS_CONFIG_INVALID');
+    assert.match(error.message, message);
+    assert.ok(!error.message.includes('\n'), 'one line');
+  });
+}
+
+test('a flag value is reported as coming from its flag', async () => {
+  const error = await configError({ env: {}, flags: [['media.dram.size', 'big']] });
+  assert.match(error.message, /media\.dram\.size is "big" \(from flag --dram-size\)/);
+});
+
+test('unknown settings are refused, from a file and from --set', async (t) => {
+  const dir = await tempDir(t);
+  await writeFile(join(dir, 'c.yaml'), 'media:\n  dram:\n    sise: 1GiB\n');
+  const fromFile = await configError({ cwd: dir, file: 'c.yaml', env: {} });
+  assert.equal(fromFile.code, 'MS_CONFIG_INVALID');
+  assert.match(fromFile.message, /unknown setting media\.dram\.sise \(from file .*c\.yaml\); known at this level: size/);
+  const fromFlag = await configError({ env: {}, flags: [['media.dram.sise', '1GiB']] });
+  assert.match(fromFlag.message, /unknown setting media\.dram\.sise \(from flag --set\)/);
+});
+
+test('a type mismatch in the file names the field', async (t) => {
+  const dir = await tempDir(t);
+  await writeFile(join(dir, 'c.yaml'), 'media: 3\n');
+  assert.match((await configError({ cwd: dir, file: 'c.yaml', env: {} })).message, /media is 3 \(from file .*\): expected a mapping of settings/);
+  await writeFile(join(dir, 'c.yaml'), 'log:\n  level: [info]\n');
+  assert.match((await configError({ cwd: dir, file: 'c.yaml', env: {} })).message, /log\.level is \["info"\].*expected one of/);
+});
+
+test('a missing, malformed or non-mapping file is MS_CONFIG_FILE', async (t) => {
+  const dir = await tempDir(t);
+  const missing = await configError({ cwd: dir, file: 'nope.yaml', env: {} });
+  assert.equal(missing.code, 'MS_CONFIG_FILE');
+  assert.match(missing.message, /cannot read configuration file .*nope\.yaml/);
+  await writeFile(join(dir, 'bad.yaml'), 'media: [1\n');
+  const malformed = await configError({ cwd: dir, file: 'bad.yaml', env: {} });
+  assert.equal(malformed.code, 'MS_CONFIG_FILE');
+  assert.match(malformed.message, /is not valid YAML/);
+  await writeFile(join(dir, 'list.yaml'), '- a\n- b\n');
+  assert.equal((await configError({ cwd: dir, file: 'list.yaml', env: {} })).code, 'MS_CONFIG_FILE');
+});
+
+test('an empty file is the defaults, and unknown MEMSTRATA_* variables are warned about, not fatal', async (t) => {
+  const dir = await tempDir(t);
+  await writeFile(join(dir, 'empty.yaml'), '# nothing\n');
+  const { config, warnings } = await loadConfig({ cwd: dir, file: 'empty.yaml', env: { MEMSTRATA_DRAM_SIZE: '1GiB', MEMSTRATA_ADMIN: 'http://x', PATH: '/bin' } });
+  assert.equal(config.media.dram.size, GiB);
+  assert.deepEqual(warnings, ['environment variable MEMSTRATA_DRAM_SIZE names no setting and is ignored']);
+});
+
+test('every setting has an environment variable derived from its path', () => {
+  assert.equal(envName('media.extentSize'), 'MEMSTRATA_MEDIA_EXTENT_SIZE');
+  assert.equal(envName('dataDir'), 'MEMSTRATA_DATA_DIR');
+  assert.equal(envName('partition.flash.nvram.max'), 'MEMSTRATA_PARTITION_FLASH_NVRAM_MAX');
+  assert.equal(new Set(SETTINGS.map((s) => envName(s.path))).size, SETTINGS.length);
+});
+
+test('every setting in the catalogue can be set from the command line', async () => {
+  for (const setting of SETTINGS) {
+    // A value the leaf accepts: settings differ in type, so try a few.
+    const candidates = ['ms-node1', '64MiB', '1MiB', '100%', '127.0.0.1:0', 'info', 'json', './data', '0'];
+    let accepted = false;
+    for (const value of candidates) {
+      try {
+        await loadConfig({ env: {}, flags: [[setting.path, value]] });
+        accepted = true;
+        break;
+      } catch {
+        // try the next candidate
+      }
+    }
+    assert.ok(accepted, `${setting.path} accepts none of the candidate values`);
+  }
+});
