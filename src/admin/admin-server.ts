@@ -1,0 +1,150 @@
+// The admin HTTP API (fastify): node information, the partition and allocation tables,
+// partition resizes, Prometheus metrics and a health check.
+//
+// Every request body is validated with zod before it reaches a table; every failure is
+// answered as `{ "error": { "code", "message", "details"? } }` with the status from the
+// error registry, so scripts can branch on the code. Closing drains requests in flight.
+
+import Fastify, { type FastifyError, type FastifyInstance } from 'fastify';
+import { z } from 'zod';
+import { MisuseError, NetworkError, isMemstrataError, toMemstrataError } from '../errors.js';
+import { MEDIA, USED_KINDS } from '../memory/kinds.js';
+import type { AllocationTable } from '../memory/allocation-table.js';
+import type { PartitionTable } from '../memory/partition-table.js';
+import { SIZE_FORM, formatAddress, hexRange, hexWidth, parseSize, type ListenAddress } from '../units.js';
+import type { Logger } from '../node/logger.js';
+import type { AllocationTableJson, ErrorResponse, NodeInfo, PartitionTableJson, ResizeResponse } from './api.js';
+import type { NodeMetrics } from './metrics.js';
+
+export interface AdminContext {
+  info(): Promise<NodeInfo>;
+  partition: PartitionTable;
+  allocation: AllocationTable;
+  metrics: NodeMetrics;
+  log: Logger;
+  isStopping(): boolean;
+}
+
+const resizeBody = z.strictObject({
+  medium: z.enum(MEDIA),
+  kind: z.enum(USED_KINDS),
+  bytes: z.union([z.number(), z.string()]).transform((value, ctx) => {
+    try {
+      return parseSize(value);
+    } catch {
+      ctx.addIssue({ code: 'custom', message: `expected ${SIZE_FORM}` });
+      return z.NEVER;
+    }
+  }),
+});
+
+export class AdminServer {
+  private readonly app: FastifyInstance;
+  private readonly context: AdminContext;
+  private bound: ListenAddress | undefined;
+
+  constructor(context: AdminContext) {
+    this.context = context;
+    this.bound = undefined;
+    this.app = Fastify({ logger: false, bodyLimit: 64 * 1024, return503OnClosing: true, forceCloseConnections: 'idle' });
+    this.routes();
+  }
+
+  /** The address actually bound (port 0 resolved); undefined before listen. */
+  get address(): ListenAddress | undefined {
+    return this.bound;
+  }
+
+  async listen(address: ListenAddress): Promise<ListenAddress> {
+    try {
+      await this.app.listen({ host: address.host, port: address.port });
+    } catch (error) {
+      throw new NetworkError('MS_LISTEN_FAILED', `admin API cannot listen on ${formatAddress(address)}: ${(error as Error).message}`, {
+        cause: error,
+        details: { service: 'admin', address: formatAddress(address) },
+      });
+    }
+    const bound = this.app.server.address();
+    this.bound = typeof bound === 'object' && bound !== null ? { host: address.host, port: bound.port } : address;
+    return this.bound;
+  }
+
+  async close(): Promise<void> {
+    await this.app.close();
+  }
+
+  private routes(): void {
+    const { app, context } = this;
+
+    app.setErrorHandler((error: FastifyError, request, reply) => {
+      const coded = isMemstrataError(error)
+        ? error
+        : error.statusCode !== undefined && error.statusCode < 500
+          ? new MisuseError('MS_BAD_REQUEST', error.message, { cause: error })
+          : toMemstrataError(error);
+      if (coded.status >= 500) context.log.error({ err: error, url: request.url }, 'admin request failed');
+      const body: ErrorResponse = { error: coded.toJSON() };
+      void reply.code(coded.status).send(body);
+    });
+
+    app.setNotFoundHandler((request, reply) => {
+      const body: ErrorResponse = { error: { code: 'MS_NOT_FOUND', message: `no route ${request.method} ${request.url}` } };
+      void reply.code(404).send(body);
+    });
+
+    app.get('/healthz', (_request, reply) => {
+      if (context.isStopping()) return reply.code(503).send({ status: 'stopping' });
+      return reply.send({ status: 'ok' });
+    });
+
+    app.get('/v1/node', () => context.info());
+
+    app.get('/v1/tables/partition', (): PartitionTableJson => partitionJson(context.partition));
+
+    app.get('/v1/tables/allocation', (): AllocationTableJson => allocationJson(context.allocation, context.partition));
+
+    app.post('/v1/partition/resize', async (request): Promise<ResizeResponse> => {
+      const parsed = resizeBody.safeParse(request.body ?? {});
+      if (!parsed.success) {
+        const message = parsed.error.issues.map((i) => `${i.path.join('.') || 'body'}: ${i.message}`).join('; ');
+        throw new MisuseError('MS_BAD_REQUEST', `invalid resize request: ${message}`, { details: { issues: parsed.error.issues.map((i) => i.path.join('.')) } });
+      }
+      const { medium, kind, bytes } = parsed.data;
+      try {
+        const result = await context.partition.resize(medium, kind, bytes);
+        context.metrics.resizes.inc({ medium, kind, result: 'ok' });
+        context.log.info({ resize: result }, `partition ${medium} ${kind} resized`);
+        return { result, partition: partitionJson(context.partition) };
+      } catch (error) {
+        context.metrics.resizes.inc({ medium, kind, result: isMemstrataError(error) ? error.code : 'MS_INTERNAL' });
+        throw error;
+      }
+    });
+
+    app.get('/metrics', async (_request, reply) => {
+      const text = await context.metrics.registry.metrics();
+      return reply.type(context.metrics.registry.contentType).send(text);
+    });
+  }
+}
+
+export function partitionJson(partition: PartitionTable): PartitionTableJson {
+  const usage = partition.usage();
+  const width = Math.max(...usage.map((u) => hexWidth(u.capacity)), 8);
+  return {
+    rows: partition.rows().map((row) => ({ ...row, range: hexRange(row.start, row.length, width) })),
+    usage,
+  };
+}
+
+export function allocationJson(allocation: AllocationTable, partition: PartitionTable): AllocationTableJson {
+  const width = Math.max(...partition.usage().map((u) => hexWidth(u.capacity)), 8);
+  return {
+    rows: allocation.rows().map((row) => ({ ...row, range: hexRange(row.start, row.length, width) })),
+    servers: allocation.servers(),
+  };
+}
+
+export function adminUrl(address: ListenAddress): string {
+  return `http://${formatAddress(address)}`;
+}

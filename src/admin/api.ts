@@ -1,0 +1,73 @@
+// Shapes of the admin API's JSON, shared by the server and the CLI. Versioned by the
+// `/v1` prefix: fields may be added, never renamed or removed within v1.
+
+import type { ErrorCode } from '../errors.js';
+import type { Kind, MediumName, UsedKind } from '../memory/kinds.js';
+import type { MediumUsage, ResizeResult } from '../memory/partition-table.js';
+import type { ServerSummary } from '../memory/allocation-table.js';
+
+export interface MediumInfo {
+  name: MediumName;
+  capacity: number;
+  extentSize: number;
+  persistent: boolean;
+  residentBytes: number;
+  path?: string;
+}
+
+export interface NodeInfo {
+  id: string;
+  version: string;
+  pid: number;
+  startedAt: string;
+  uptimeSeconds: number;
+  dataDir: string;
+  listen: { admin: string };
+  media: MediumInfo[];
+  usage: MediumUsage[];
+}
+
+export interface PartitionRowJson {
+  medium: MediumName;
+  start: number;
+  length: number;
+  /** Inclusive hex range as in the patent's FIG. 12: `0x00000000 to 0x1fffffff`. */
+  range: string;
+  kind: Kind;
+  owner: string | null;
+}
+
+export interface PartitionTableJson {
+  rows: PartitionRowJson[];
+  usage: MediumUsage[];
+}
+
+export interface AllocationRowJson {
+  serverId: string;
+  regionId: number;
+  medium: MediumName;
+  start: number;
+  length: number;
+  range: string;
+}
+
+export interface AllocationTableJson {
+  rows: AllocationRowJson[];
+  servers: ServerSummary[];
+}
+
+export interface ResizeRequest {
+  medium: MediumName;
+  kind: UsedKind;
+  /** Bytes, or a size string such as `256MiB`. */
+  bytes: number | string;
+}
+
+export interface ResizeResponse {
+  result: ResizeResult;
+  partition: PartitionTableJson;
+}
+
+export interface ErrorResponse {
+  error: { code: ErrorCode; message: string; details?: Record<string, unknown> };
+}

@@ -1,0 +1,104 @@
+// Prometheus metrics for the admin API's /metrics. Gauges are read from the tables at
+// scrape time, so nothing on an I/O path pays for them; counters are bumped by the
+// control plane (resizes) only.
+
+import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
+import { KINDS } from '../memory/kinds.js';
+import type { Medium } from '../memory/medium.js';
+import type { PartitionTable } from '../memory/partition-table.js';
+import type { AllocationTable } from '../memory/allocation-table.js';
+import { VERSION } from '../version.js';
+
+export interface MetricsSources {
+  nodeId: string;
+  partition: PartitionTable;
+  allocation: AllocationTable;
+  media: readonly Medium[];
+}
+
+export class NodeMetrics {
+  readonly registry: Registry;
+  readonly resizes: Counter<'medium' | 'kind' | 'result'>;
+
+  constructor(sources: MetricsSources) {
+    const registry = new Registry();
+    this.registry = registry;
+    collectDefaultMetrics({ register: registry });
+
+    new Gauge({
+      name: 'memstrata_node_info',
+      help: 'Constant 1, labelled with the node id and version.',
+      labelNames: ['node', 'version'],
+      registers: [registry],
+      collect() {
+        this.set({ node: sources.nodeId, version: VERSION }, 1);
+      },
+    });
+    new Gauge({
+      name: 'memstrata_memory_bytes',
+      help: 'Bytes of each medium in each partition kind (patent FIG. 12).',
+      labelNames: ['medium', 'kind'],
+      registers: [registry],
+      collect() {
+        for (const usage of sources.partition.usage()) {
+          for (const kind of KINDS) this.set({ medium: usage.medium, kind }, usage.kinds[kind].bytes);
+        }
+      },
+    });
+    new Gauge({
+      name: 'memstrata_memory_idle_bytes',
+      help: 'Bytes of each partition kind that no owner holds.',
+      labelNames: ['medium', 'kind'],
+      registers: [registry],
+      collect() {
+        for (const usage of sources.partition.usage()) {
+          for (const kind of KINDS) this.set({ medium: usage.medium, kind }, usage.kinds[kind].idleBytes);
+        }
+      },
+    });
+    new Gauge({
+      name: 'memstrata_medium_capacity_bytes',
+      help: 'Configured capacity of each medium.',
+      labelNames: ['medium'],
+      registers: [registry],
+      collect() {
+        for (const medium of sources.media) this.set({ medium: medium.name }, medium.capacity);
+      },
+    });
+    new Gauge({
+      name: 'memstrata_medium_resident_bytes',
+      help: 'Backing storage each medium holds now: DRAM buffers, or flash file blocks on disk.',
+      labelNames: ['medium'],
+      registers: [registry],
+      async collect() {
+        for (const medium of sources.media) this.set({ medium: medium.name }, await medium.resident());
+      },
+    });
+    new Gauge({
+      name: 'memstrata_server_memory_bytes',
+      help: 'Bytes allocated to servers (patent FIG. 13), per medium.',
+      labelNames: ['medium'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        const totals = new Map<string, number>();
+        for (const row of sources.allocation.rows()) totals.set(row.medium, (totals.get(row.medium) ?? 0) + row.length);
+        for (const medium of sources.media) this.set({ medium: medium.name }, totals.get(medium.name) ?? 0);
+      },
+    });
+    new Gauge({
+      name: 'memstrata_servers',
+      help: 'Servers holding memory on this node.',
+      registers: [registry],
+      collect() {
+        this.set(sources.allocation.servers().length);
+      },
+    });
+    this.resizes = new Counter({
+      name: 'memstrata_partition_resizes_total',
+      help: 'Partition resizes asked for, by outcome (ok, or the error code).',
+      labelNames: ['medium', 'kind', 'result'],
+      registers: [registry],
+    });
+  }
+}

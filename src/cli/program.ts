@@ -1,0 +1,205 @@
+// The `memstrata` command line. Read commands print aligned text tables, or JSON with
+// `--json`; every command that talks to a node takes `--admin URL`. Errors print one
+// line, `memstrata: CODE: message`, and exit 2 for misuse, 1 for everything else.
+
+import { Command, CommanderError, Option } from 'commander';
+import { MisuseError, isMemstrataError } from '../errors.js';
+import type { AllocationTableJson, NodeInfo, PartitionTableJson, ResizeResponse } from '../admin/api.js';
+import { KINDS, MEDIA, USED_KINDS } from '../memory/kinds.js';
+import { SETTINGS } from '../node/config.js';
+import { formatSize, humanSize } from '../units.js';
+import { VERSION } from '../version.js';
+import { AdminClient, DEFAULT_ADMIN_URL } from '../client/admin-client.js';
+import { startNodeCommand } from './node-start.js';
+import { textTable } from './text-table.js';
+
+export interface Output {
+  out(text: string): void;
+  err(text: string): void;
+}
+
+const processOutput: Output = {
+  out: (text) => process.stdout.write(`${text}\n`),
+  err: (text) => process.stderr.write(`${text}\n`),
+};
+
+export function buildProgram(output: Output = processOutput): Command {
+  const program = new Command('memstrata')
+    .description('memstrata storage node: DRAM and flash pooled into memory tiers, served as remote memory, block cache and NVRAM')
+    .version(VERSION)
+    .showHelpAfterError('(run with --help for usage)')
+    .configureOutput({
+      writeOut: (s) => {
+        output.out(s.trimEnd());
+      },
+      writeErr: (s) => {
+        output.err(s.trimEnd());
+      },
+    });
+
+  const adminOption = () =>
+    new Option('--admin <url>', 'admin API of the node').env('MEMSTRATA_ADMIN').default(DEFAULT_ADMIN_URL);
+  const jsonOption = () => new Option('--json', 'print JSON instead of tables');
+
+  // ---- node ----
+  const node = program.command('node').description('run a storage node');
+  const start = node
+    .command('start')
+    .description('start a node in the foreground with the embedded defaults, a config file, MEMSTRATA_* variables and flags (in rising precedence)')
+    .option('--config <path>', 'YAML configuration file');
+  for (const setting of SETTINGS) {
+    if (setting.flag !== undefined) start.option(`${setting.flag} <value>`, `${setting.path}: ${setting.doc} (default ${setting.default})`);
+  }
+  start
+    .option('--set <path=value>', 'set any setting by its path, e.g. --set partition.dram.server.max=512MiB (repeatable)', collect, [])
+    .action(async (options: Record<string, unknown>) => {
+      const flags: [string, string][] = [];
+      for (const setting of SETTINGS) {
+        if (setting.flag === undefined) continue;
+        const value = options[camel(setting.flag)];
+        if (typeof value === 'string') flags.push([setting.path, value]);
+      }
+      for (const pair of options.set as string[]) {
+        const at = pair.indexOf('=');
+        if (at <= 0) throw new MisuseError('MS_CONFIG_INVALID', `--set expects path=value, got "${pair}"`);
+        flags.push([pair.slice(0, at), pair.slice(at + 1)]);
+      }
+      const file = typeof options.config === 'string' ? options.config : undefined;
+      await startNodeCommand(file === undefined ? { flags } : { file, flags });
+    });
+
+  // ---- status ----
+  program
+    .command('status')
+    .description('node information, media, and the partition and allocation tables (patent FIG. 12, 13)')
+    .addOption(adminOption())
+    .addOption(jsonOption())
+    .action(async (options: { admin: string; json?: boolean }) => {
+      const client = new AdminClient(options.admin);
+      const [info, partition, allocation] = await Promise.all([
+        client.get<NodeInfo>('/v1/node'),
+        client.get<PartitionTableJson>('/v1/tables/partition'),
+        client.get<AllocationTableJson>('/v1/tables/allocation'),
+      ]);
+      if (options.json === true) {
+        output.out(JSON.stringify({ node: info, partition, allocation }, null, 2));
+        return;
+      }
+      output.out([renderNode(info), renderPartition(partition), renderAllocation(allocation)].join('\n\n'));
+    });
+
+  // ---- partition ----
+  const partition = program.command('partition').description('show or change the memory partition table');
+  partition
+    .command('show')
+    .description('the memory partition table (patent FIG. 12)')
+    .addOption(adminOption())
+    .addOption(jsonOption())
+    .action(async (options: { admin: string; json?: boolean }) => {
+      const table = await new AdminClient(options.admin).get<PartitionTableJson>('/v1/tables/partition');
+      output.out(options.json === true ? JSON.stringify(table, null, 2) : renderPartition(table));
+    });
+  partition
+    .command('resize')
+    .description('set the size of one kind on one medium; extents move from free (and, to grow, from the cache)')
+    .addOption(new Option('--medium <medium>', 'medium').choices(MEDIA).makeOptionMandatory())
+    .addOption(new Option('--kind <kind>', 'partition kind').choices(USED_KINDS).makeOptionMandatory())
+    .requiredOption('--bytes <size>', 'new size, e.g. 256MiB')
+    .addOption(adminOption())
+    .addOption(jsonOption())
+    .action(async (options: { medium: string; kind: string; bytes: string; admin: string; json?: boolean }) => {
+      const response = await new AdminClient(options.admin).post<ResizeResponse>('/v1/partition/resize', {
+        medium: options.medium,
+        kind: options.kind,
+        bytes: options.bytes,
+      });
+      if (options.json === true) {
+        output.out(JSON.stringify(response, null, 2));
+        return;
+      }
+      const { result } = response;
+      const moved = Object.entries(result.moved).map(([kind, bytes]) => (bytes > 0 ? `${formatSize(bytes)} from ${kind}` : `${formatSize(-bytes)} to ${kind}`));
+      output.out(
+        `${result.medium} ${result.kind}: ${formatSize(result.fromBytes)} -> ${formatSize(result.toBytes)}` +
+          (moved.length > 0 ? ` (${moved.join(', ')})` : ' (unchanged)') +
+          (result.reclaimedBytes > 0 ? `, ${formatSize(result.reclaimedBytes)} reclaimed from owners` : ''),
+      );
+      output.out('');
+      output.out(renderPartition(response.partition));
+    });
+
+  return program;
+}
+
+/** Runs the CLI and returns the exit code. */
+export async function runCli(argv: readonly string[], output: Output = processOutput): Promise<number> {
+  const program = buildProgram(output);
+  program.exitOverride();
+  for (const command of allCommands(program)) command.exitOverride();
+  try {
+    await program.parseAsync([...argv], { from: 'user' });
+    return 0;
+  } catch (error) {
+    if (error instanceof CommanderError) {
+      if (error.code === 'commander.helpDisplayed' || error.code === 'commander.version' || error.code === 'commander.help') return 0;
+      return 2;
+    }
+    if (isMemstrataError(error)) {
+      output.err(`memstrata: ${error.code}: ${error.message}`);
+      return error.category === 'misuse' ? 2 : 1;
+    }
+    output.err(`memstrata: MS_INTERNAL: ${error instanceof Error ? error.message : String(error)}`);
+    return 1;
+  }
+}
+
+function allCommands(command: Command): Command[] {
+  return command.commands.flatMap((c) => [c, ...allCommands(c)]);
+}
+
+function collect(value: string, previous: string[]): string[] {
+  return [...previous, value];
+}
+
+function camel(flag: string): string {
+  return flag.replace(/^--/, '').replace(/-([a-z])/g, (_, c: string) => c.toUpperCase());
+}
+
+// ---- renderers ----
+
+export function renderNode(info: NodeInfo): string {
+  const head = [
+    `node ${info.id}  version ${info.version}  pid ${info.pid}  up ${formatUptime(info.uptimeSeconds)}`,
+    `data directory  ${info.dataDir}`,
+    `admin           ${info.listen.admin}`,
+  ].join('\n');
+  const rows = info.media.map((m) => {
+    const usage = info.usage.find((u) => u.medium === m.name);
+    return [
+      m.name,
+      formatSize(m.capacity),
+      formatSize(m.extentSize),
+      humanSize(m.residentBytes),
+      ...KINDS.filter((k) => k !== 'free').map((k) => formatSize(usage?.kinds[k].bytes ?? 0)),
+      formatSize(usage?.kinds.free.bytes ?? 0),
+    ];
+  });
+  return `${head}\n\nMedia\n${textTable(['MEDIUM', 'CAPACITY', 'EXTENT', 'RESIDENT', 'CACHE', 'SERVER', 'NVRAM', 'FREE'], rows, [1, 2, 3, 4, 5, 6, 7])}`;
+}
+
+export function renderPartition(table: PartitionTableJson): string {
+  const rows = table.rows.map((r) => [r.medium, r.range, formatSize(r.length), r.kind, r.owner ?? '-']);
+  return `Memory partition table\n${textTable(['MEDIUM', 'PHYSICAL ADDRESS', 'SIZE', 'KIND', 'OWNER'], rows, [2])}`;
+}
+
+export function renderAllocation(table: AllocationTableJson): string {
+  if (table.rows.length === 0) return 'Server memory allocate table\n(no server holds memory on this node)';
+  const rows = table.rows.map((r) => [r.serverId, String(r.regionId), r.medium, r.range, formatSize(r.length)]);
+  return `Server memory allocate table\n${textTable(['SERVER ID', 'REGION', 'MEDIUM', 'PHYSICAL ADDRESS', 'SIZE'], rows, [1, 4])}`;
+}
+
+function formatUptime(seconds: number): string {
+  if (seconds < 60) return `${seconds}s`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)}m${seconds % 60}s`;
+  return `${Math.floor(seconds / 3600)}h${Math.floor((seconds % 3600) / 60)}m`;
+}

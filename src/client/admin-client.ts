@@ -1,0 +1,72 @@
+// The CLI's client for a node's admin API. Errors come back as the coded errors the
+// node raised (the code travels in the JSON body), or as MS_ADMIN_UNREACHABLE /
+// MS_ADMIN_RESPONSE when the node could not be reached or answered nonsense.
+
+import { ERRORS, MemstrataError, NetworkError, type ErrorCode } from '../errors.js';
+
+export const DEFAULT_ADMIN_URL = 'http://127.0.0.1:10880';
+
+export class AdminClient {
+  readonly baseUrl: string;
+  private readonly timeoutMs: number;
+
+  constructor(baseUrl: string, timeoutMs = 10_000) {
+    this.baseUrl = baseUrl.replace(/\/+$/, '');
+    this.timeoutMs = timeoutMs;
+  }
+
+  get<T>(path: string): Promise<T> {
+    return this.request<T>('GET', path);
+  }
+
+  post<T>(path: string, body: unknown): Promise<T> {
+    return this.request<T>('POST', path, body);
+  }
+
+  async text(path: string): Promise<string> {
+    const response = await this.fetch('GET', path);
+    const text = await response.text();
+    if (!response.ok) throw this.errorFrom(response.status, text);
+    return text;
+  }
+
+  private async request<T>(method: string, path: string, body?: unknown): Promise<T> {
+    const response = await this.fetch(method, path, body);
+    const text = await response.text();
+    if (!response.ok) throw this.errorFrom(response.status, text);
+    try {
+      return JSON.parse(text) as T;
+    } catch (error) {
+      throw new NetworkError('MS_ADMIN_RESPONSE', `${this.baseUrl}${path} answered with something that is not JSON`, { cause: error });
+    }
+  }
+
+  private async fetch(method: string, path: string, body?: unknown): Promise<Response> {
+    const url = `${this.baseUrl}${path}`;
+    try {
+      const init: RequestInit = { method, signal: AbortSignal.timeout(this.timeoutMs) };
+      if (body !== undefined) {
+        init.body = JSON.stringify(body);
+        init.headers = { 'content-type': 'application/json' };
+      }
+      return await fetch(url, init);
+    } catch (error) {
+      const cause = error instanceof Error && error.cause instanceof Error ? error.cause.message : (error as Error).message;
+      throw new NetworkError('MS_ADMIN_UNREACHABLE', `cannot reach the admin API at ${this.baseUrl}: ${cause}`, { cause: error });
+    }
+  }
+
+  private errorFrom(status: number, text: string): MemstrataError {
+    try {
+      const parsed = JSON.parse(text) as { error?: { code?: unknown; message?: unknown; details?: Record<string, unknown> } };
+      const code = parsed.error?.code;
+      const message = parsed.error?.message;
+      if (typeof code === 'string' && code in ERRORS && typeof message === 'string') {
+        return new MemstrataError(code as ErrorCode, message, parsed.error?.details === undefined ? {} : { details: parsed.error.details });
+      }
+    } catch {
+      // Not our JSON: reported below.
+    }
+    return new NetworkError('MS_ADMIN_RESPONSE', `${this.baseUrl} answered HTTP ${status}: ${text.slice(0, 200)}`);
+  }
+}

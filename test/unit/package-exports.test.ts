@@ -1,0 +1,30 @@
+// The package's public entry points resolve by name (Node's self-reference through
+// "exports") and carry what they promise.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+
+test('memstrata exports the node, its configuration and its tables', async () => {
+  const root = await import('memstrata');
+  assert.equal(typeof root.StorageNode, 'function');
+  assert.equal(typeof root.loadConfig, 'function');
+  assert.equal(typeof root.PartitionTable, 'function');
+  assert.ok('MS_CONFIG_INVALID' in root.ERRORS);
+});
+
+test('memstrata/client exports the admin client and the coded errors', async () => {
+  const client = await import('memstrata/client');
+  assert.equal(typeof client.AdminClient, 'function');
+  await assert.rejects(new client.AdminClient('http://127.0.0.1:1', 2000).get('/v1/node'), (error: unknown) => {
+    assert.ok(client.isMemstrataError(error));
+    assert.equal(error.code, 'MS_ADMIN_UNREACHABLE');
+    return true;
+  });
+});
+
+test('memstrata/host resolves and shares the error registry with the node', async () => {
+  const host = await import('memstrata/host');
+  const root = await import('memstrata');
+  assert.equal(host.MemstrataError, root.MemstrataError);
+  assert.equal(host.parseSize('4KiB'), 4096);
+});
