@@ -1,0 +1,75 @@
+// A small benchmark harness: runs a case for a fixed time after a warm-up, records each
+// operation's latency in an HDR histogram, and prints one table per comparison with the
+// ratio of every case to the baseline measured in the same run.
+
+import hdr from 'hdr-histogram-js';
+
+export interface CaseResult {
+  name: string;
+  ops: number;
+  seconds: number;
+  p50us: number;
+  p99us: number;
+  bytesPerOp: number;
+}
+
+export interface BenchCase {
+  name: string;
+  bytesPerOp: number;
+  /** One operation; resolves when it is done. */
+  run(i: number): Promise<void> | void;
+}
+
+export async function measure(c: BenchCase, options: { warmupMs?: number; durationMs?: number } = {}): Promise<CaseResult> {
+  const warmupMs = options.warmupMs ?? 300;
+  const durationMs = options.durationMs ?? Number(process.env.BENCH_MS ?? 2000);
+  let i = 0;
+  const warmEnd = performance.now() + warmupMs;
+  while (performance.now() < warmEnd) await c.run(i++);
+  const histogram = hdr.build({ lowestDiscernibleValue: 1, highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: 3 });
+  const start = performance.now();
+  const end = start + durationMs;
+  let ops = 0;
+  let now = start;
+  while (now < end) {
+    const t0 = process.hrtime.bigint();
+    await c.run(i++);
+    histogram.recordValue(Number(process.hrtime.bigint() - t0));
+    ops++;
+    if ((ops & 63) === 0) now = performance.now();
+  }
+  const seconds = (performance.now() - start) / 1000;
+  const result = {
+    name: c.name,
+    ops,
+    seconds,
+    p50us: histogram.getValueAtPercentile(50) / 1000,
+    p99us: histogram.getValueAtPercentile(99) / 1000,
+    bytesPerOp: c.bytesPerOp,
+  };
+  histogram.destroy();
+  return result;
+}
+
+/** Prints results with ratios of ops/s and p50 to the first (the baseline). */
+export function report(title: string, results: readonly CaseResult[]): void {
+  const base = results[0];
+  if (base === undefined) return;
+  const baseRate = base.ops / base.seconds;
+  const rows = results.map((r) => {
+    const rate = r.ops / r.seconds;
+    return [
+      r.name,
+      Math.round(rate).toLocaleString('en-US'),
+      ((rate * r.bytesPerOp) / 1e6).toFixed(1),
+      r.p50us.toFixed(2),
+      r.p99us.toFixed(2),
+      (rate / baseRate).toFixed(2) + 'x',
+      (r.p50us / base.p50us).toFixed(2) + 'x',
+    ];
+  });
+  const headers = ['case', 'ops/s', 'MB/s', 'p50 us', 'p99 us', 'ops vs base', 'p50 vs base'];
+  const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
+  const line = (cells: readonly string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i] ?? 0) : c.padStart(widths[i] ?? 0))).join('  ');
+  console.log(`\n${title}\n${line(headers)}\n${rows.map(line).join('\n')}`);
+}
