@@ -5,7 +5,7 @@
 import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
 import { KINDS } from '../memory/kinds.js';
 import type { Medium } from '../memory/medium.js';
-import type { PartitionTable } from '../memory/partition-table.js';
+import type { KindUsage, PartitionTable } from '../memory/partition-table.js';
 import type { AllocationTable } from '../memory/allocation-table.js';
 import { VERSION } from '../version.js';
 
@@ -34,28 +34,21 @@ export class NodeMetrics {
         this.set({ node: sources.nodeId, version: VERSION }, 1);
       },
     });
-    new Gauge({
-      name: 'memstrata_memory_bytes',
-      help: 'Bytes of each medium in each partition kind (patent FIG. 12).',
-      labelNames: ['medium', 'kind'],
-      registers: [registry],
-      collect() {
-        for (const usage of sources.partition.usage()) {
-          for (const kind of KINDS) this.set({ medium: usage.medium, kind }, usage.kinds[kind].bytes);
-        }
-      },
-    });
-    new Gauge({
-      name: 'memstrata_memory_idle_bytes',
-      help: 'Bytes of each partition kind that no owner holds.',
-      labelNames: ['medium', 'kind'],
-      registers: [registry],
-      collect() {
-        for (const usage of sources.partition.usage()) {
-          for (const kind of KINDS) this.set({ medium: usage.medium, kind }, usage.kinds[kind].idleBytes);
-        }
-      },
-    });
+    const perKind = (name: string, help: string, pick: (usage: KindUsage) => number): void => {
+      new Gauge({
+        name,
+        help,
+        labelNames: ['medium', 'kind'],
+        registers: [registry],
+        collect() {
+          for (const usage of sources.partition.usage()) {
+            for (const kind of KINDS) this.set({ medium: usage.medium, kind }, pick(usage.kinds[kind]));
+          }
+        },
+      });
+    };
+    perKind('memstrata_memory_bytes', 'Bytes of each medium in each partition kind (patent FIG. 12).', (u) => u.bytes);
+    perKind('memstrata_memory_idle_bytes', 'Bytes of each partition kind that no owner holds.', (u) => u.idleBytes);
     new Gauge({
       name: 'memstrata_medium_capacity_bytes',
       help: 'Configured capacity of each medium.',

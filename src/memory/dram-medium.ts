@@ -37,29 +37,16 @@ export class DramMedium implements Medium {
 
   async read(offset: number, target: Uint8Array): Promise<void> {
     this.check(offset, target.length);
-    let done = 0;
-    while (done < target.length) {
-      const at = offset + done;
-      const index = Math.floor(at / this.extentSize);
-      const within = at - index * this.extentSize;
-      const n = Math.min(this.extentSize - within, target.length - done);
-      const extent = this.extents[index];
+    this.walk(offset, target.length, (extent, within, n, done) => {
       if (extent === undefined) target.fill(0, done, done + n);
       else target.set(extent.subarray(within, within + n), done);
-      done += n;
-    }
+    });
     return Promise.resolve();
   }
 
   async write(offset: number, source: Uint8Array): Promise<void> {
     this.check(offset, source.length);
-    let done = 0;
-    while (done < source.length) {
-      const at = offset + done;
-      const index = Math.floor(at / this.extentSize);
-      const within = at - index * this.extentSize;
-      const n = Math.min(this.extentSize - within, source.length - done);
-      let extent = this.extents[index];
+    this.walk(offset, source.length, (extent, within, n, done, index) => {
       if (extent === undefined) {
         // Buffer.alloc is calloc underneath: untouched pages stay unmapped until written.
         extent = Buffer.alloc(this.extentSize);
@@ -67,30 +54,21 @@ export class DramMedium implements Medium {
         this.held += this.extentSize;
       }
       extent.set(source.subarray(done, done + n), within);
-      done += n;
-    }
+    });
     return Promise.resolve();
   }
 
   async zero(offset: number, length: number): Promise<void> {
     this.check(offset, length);
-    let done = 0;
-    while (done < length) {
-      const at = offset + done;
-      const index = Math.floor(at / this.extentSize);
-      const within = at - index * this.extentSize;
-      const n = Math.min(this.extentSize - within, length - done);
-      const extent = this.extents[index];
-      if (extent !== undefined) {
-        if (n === this.extentSize) {
-          this.extents[index] = undefined;
-          this.held -= this.extentSize;
-        } else {
-          extent.fill(0, within, within + n);
-        }
+    this.walk(offset, length, (extent, within, n, _done, index) => {
+      if (extent === undefined) return;
+      if (n === this.extentSize) {
+        this.extents[index] = undefined;
+        this.held -= this.extentSize;
+      } else {
+        extent.fill(0, within, within + n);
       }
-      done += n;
-    }
+    });
     return Promise.resolve();
   }
 
@@ -108,6 +86,23 @@ export class DramMedium implements Medium {
 
   async resident(): Promise<number> {
     return Promise.resolve(this.held);
+  }
+
+  /** Visits the piece of each extent that [offset, offset + length) covers, in order. */
+  private walk(
+    offset: number,
+    length: number,
+    visit: (extent: Buffer | undefined, within: number, n: number, done: number, index: number) => void,
+  ): void {
+    let done = 0;
+    while (done < length) {
+      const at = offset + done;
+      const index = Math.floor(at / this.extentSize);
+      const within = at - index * this.extentSize;
+      const n = Math.min(this.extentSize - within, length - done);
+      visit(this.extents[index], within, n, done, index);
+      done += n;
+    }
   }
 
   private check(offset: number, length: number): void {
