@@ -97,3 +97,19 @@ export function humanSize(bytes: number): string {
   }
   return exact;
 }
+
+export const DURATION_FORM = 'a duration such as 500ms, 30s, 5m or 1h (a bare number is milliseconds)';
+
+const DURATION_UNITS: Readonly<Record<string, number>> = { '': 1, ms: 1, s: 1000, m: 60_000, h: 3_600_000 };
+
+/** Parses `500ms`, `30s`, `5m`, `1h`, or a number of milliseconds. */
+export function parseDuration(input: string | number): number {
+  if (typeof input === 'number') {
+    if (Number.isSafeInteger(input) && input >= 0) return input;
+    throw new MisuseError('MS_CONFIG_INVALID', `invalid duration ${String(input)}: expected ${DURATION_FORM}`);
+  }
+  const match = /^\s*(\d+)\s*(ms|s|m|h)?\s*$/.exec(input);
+  const unit = match === null ? undefined : DURATION_UNITS[match[2] ?? ''];
+  if (match === null || unit === undefined) throw new MisuseError('MS_CONFIG_INVALID', `invalid duration "${input}": expected ${DURATION_FORM}`);
+  return Number(match[1]) * unit;
+}

@@ -13,13 +13,14 @@ import type { AllocationTable } from '../memory/allocation-table.js';
 import type { PartitionTable } from '../memory/partition-table.js';
 import { SIZE_FORM, formatAddress, hexRange, hexWidth, parseSize, type ListenAddress } from '../units.js';
 import type { Logger } from '../node/logger.js';
-import type { AllocationTableJson, ErrorResponse, NodeInfo, PartitionTableJson, ResizeResponse } from './api.js';
+import type { AllocationTableJson, ErrorResponse, NodeInfo, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson } from './api.js';
 import type { NodeMetrics } from './metrics.js';
 
 export interface AdminContext {
   info(): Promise<NodeInfo>;
   partition: PartitionTable;
   allocation: AllocationTable;
+  rmemSessions(): RmemSessionJson[];
   metrics: NodeMetrics;
   log: Logger;
   isStopping(): boolean;
@@ -102,6 +103,11 @@ export class AdminServer {
     app.get('/v1/tables/partition', (): PartitionTableJson => partitionJson(context.partition));
 
     app.get('/v1/tables/allocation', (): AllocationTableJson => allocationJson(context.allocation, context.partition));
+
+    app.get('/v1/servers', (): ServersJson => ({
+      sessions: context.rmemSessions(),
+      allocation: allocationJson(context.allocation, context.partition),
+    }));
 
     app.post('/v1/partition/resize', async (request): Promise<ResizeResponse> => {
       const parsed = resizeBody.safeParse(request.body ?? {});

@@ -22,7 +22,7 @@ export interface NodeInfo {
   startedAt: string;
   uptimeSeconds: number;
   dataDir: string;
-  listen: { admin: string };
+  listen: { admin: string; rmem: string };
   media: MediumInfo[];
   usage: MediumUsage[];
 }
@@ -66,6 +66,20 @@ export interface ResizeRequest {
 export interface ResizeResponse {
   result: ResizeResult;
   partition: PartitionTableJson;
+}
+
+export interface RmemSessionJson {
+  serverId: string;
+  sessionId: string;
+  state: 'connected' | 'disconnected';
+  remote: string | undefined;
+  since: string;
+  expiresInMs: number | undefined;
+}
+
+export interface ServersJson {
+  sessions: RmemSessionJson[];
+  allocation: AllocationTableJson;
 }
 
 export interface ErrorResponse {

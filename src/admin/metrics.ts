@@ -8,12 +8,14 @@ import type { Medium } from '../memory/medium.js';
 import type { KindUsage, PartitionTable } from '../memory/partition-table.js';
 import type { AllocationTable } from '../memory/allocation-table.js';
 import { VERSION } from '../version.js';
+import type { RmemService } from '../server/rmem-service.js';
 
 export interface MetricsSources {
   nodeId: string;
   partition: PartitionTable;
   allocation: AllocationTable;
   media: readonly Medium[];
+  rmem(): RmemService | undefined;
 }
 
 export class NodeMetrics {
@@ -85,6 +87,58 @@ export class NodeMetrics {
       registers: [registry],
       collect() {
         this.set(sources.allocation.servers().length);
+      },
+    });
+    new Counter({
+      name: 'memstrata_rmem_requests_total',
+      help: 'rmem requests received, by operation.',
+      labelNames: ['op'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        for (const [op, n] of Object.entries(sources.rmem()?.stats.requests ?? {})) this.inc({ op }, n);
+      },
+    });
+    new Counter({
+      name: 'memstrata_rmem_errors_total',
+      help: 'rmem requests answered with an error, by operation.',
+      labelNames: ['op'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        for (const [op, n] of Object.entries(sources.rmem()?.stats.errors ?? {})) this.inc({ op }, n);
+      },
+    });
+    new Counter({
+      name: 'memstrata_rmem_bytes_total',
+      help: 'Bytes served by rmem READ/READV (read) and stored by WRITE/WRITEV (written).',
+      labelNames: ['direction'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        const stats = sources.rmem()?.stats;
+        this.inc({ direction: 'read' }, stats?.bytesRead ?? 0);
+        this.inc({ direction: 'written' }, stats?.bytesWritten ?? 0);
+      },
+    });
+    new Counter({
+      name: 'memstrata_rmem_protocol_errors_total',
+      help: 'rmem connections closed because their stream lost its framing.',
+      registers: [registry],
+      collect() {
+        this.reset();
+        this.inc(sources.rmem()?.stats.protocolErrors ?? 0);
+      },
+    });
+    new Gauge({
+      name: 'memstrata_rmem_sessions',
+      help: 'rmem sessions, by state (a disconnected one keeps its regions for the lease).',
+      labelNames: ['state'],
+      registers: [registry],
+      collect() {
+        const sessions = sources.rmem()?.sessionsInfo() ?? [];
+        this.set({ state: 'connected' }, sessions.filter((s) => s.state === 'connected').length);
+        this.set({ state: 'disconnected' }, sessions.filter((s) => s.state === 'disconnected').length);
       },
     });
     this.resizes = new Counter({

@@ -129,6 +129,19 @@ export class ExtentMap {
     return chosen;
   }
 
+  /** Gives the named extents to `owner`; each must be idle in `kind`. All or nothing. */
+  assignExact(kind: Kind, owner: string, indexes: readonly number[]): void {
+    const code = KIND_CODE[kind];
+    const unique = [...new Set(indexes)];
+    for (const i of unique) {
+      if (!Number.isInteger(i) || i < 0 || i >= this.count || this.kinds[i] !== code || this.owners[i] !== null) {
+        throw new RuntimeError('MS_EXTENTS_EXHAUSTED', `extent ${i} is not an idle ${kind} extent`, { details: { extent: i, kind, owner } });
+      }
+    }
+    for (const i of unique) this.owners[i] = owner;
+    this.idle[code] = (this.idle[code] ?? 0) - unique.length;
+  }
+
   /** Takes extents back from `owner`; they stay in their kind, idle. */
   release(indexes: readonly number[], owner: string): void {
     for (const i of indexes) {

@@ -135,6 +135,22 @@ export class PartitionTable {
     return map.assign(kind, owner, Math.ceil(bytes / layout.extentSize));
   }
 
+  /** Gives `owner` the named extents, each idle in `kind`; fails with MS_EXTENTS_EXHAUSTED otherwise. */
+  assignExact(medium: MediumName, kind: UsedKind, owner: string, extents: readonly number[]): void {
+    this.state(medium).map.assignExact(kind, owner, extents);
+  }
+
+  /**
+   * Bytes `kind` could still grow by on `medium`: up to its maximum, from free extents and
+   * from cache extents above the cache minimum (those may first have to be reclaimed).
+   */
+  headroom(medium: MediumName, kind: UsedKind): number {
+    const { layout, map } = this.state(medium);
+    const toMax = Math.max(0, Math.floor(layout.bounds[kind].max / layout.extentSize) - map.countOf(kind));
+    const donors = this.donorPlan(medium, kind, toMax).reduce((sum, step) => sum + step.extents, 0);
+    return donors * layout.extentSize;
+  }
+
   /** Takes extents back from `owner`; they stay idle in their kind. */
   release(medium: MediumName, extents: readonly number[], owner: string): void {
     this.state(medium).map.release(extents, owner);
@@ -216,16 +232,8 @@ export class PartitionTable {
   private async grow(medium: MediumName, kind: UsedKind, need: number, result: ResizeResult): Promise<void> {
     const { layout, map } = this.state(medium);
     const size = layout.extentSize;
-    // How much each donor may give without dropping below its own minimum.
-    const plan: { donor: Kind; extents: number }[] = [];
-    let left = need;
-    for (const donor of DONORS) {
-      if (donor === kind || left === 0) continue;
-      const floor = donor === 'free' ? 0 : Math.ceil(layout.bounds[donor].min / size);
-      const give = Math.min(left, Math.max(0, map.countOf(donor) - floor));
-      if (give > 0) plan.push({ donor, extents: give });
-      left -= give;
-    }
+    const plan = this.donorPlan(medium, kind, need);
+    const left = need - plan.reduce((sum, step) => sum + step.extents, 0);
     if (left > 0) {
       const available = (need - left) * size;
       throw new RuntimeError(
@@ -252,6 +260,21 @@ export class PartitionTable {
     if (map.idleOf(kind) < excess) throw this.busy(medium, kind, excess, map.idleOf(kind));
     map.convert(kind, 'free', excess);
     result.moved.free = -excess * layout.extentSize;
+  }
+
+  /** How many extents each donor may give towards `need`, without dropping below its own minimum. */
+  private donorPlan(medium: MediumName, kind: UsedKind, need: number): { donor: Kind; extents: number }[] {
+    const { layout, map } = this.state(medium);
+    const plan: { donor: Kind; extents: number }[] = [];
+    let left = need;
+    for (const donor of DONORS) {
+      if (donor === kind || left === 0) continue;
+      const floor = donor === 'free' ? 0 : Math.ceil(layout.bounds[donor].min / layout.extentSize);
+      const give = Math.min(left, Math.max(0, map.countOf(donor) - floor));
+      if (give > 0) plan.push({ donor, extents: give });
+      left -= give;
+    }
+    return plan;
   }
 
   /** Asks the owners of `kind`, largest holder first, for `wanted` extents. Returns how many came back. */

@@ -17,7 +17,7 @@ import { z } from 'zod';
 import { MisuseError, isMemstrataError } from '../errors.js';
 import { MEDIA, USED_KINDS, type MediumName, type UsedKind } from '../memory/kinds.js';
 import type { MediumLayout } from '../memory/partition-table.js';
-import { ADDRESS_FORM, GiB, KiB, SIZE_FORM, formatSize, parseAddress, parseSize, type ListenAddress } from '../units.js';
+import { ADDRESS_FORM, DURATION_FORM, GiB, KiB, SIZE_FORM, formatSize, parseAddress, parseDuration, parseSize, type ListenAddress } from '../units.js';
 
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 export type LogLevel = (typeof LOG_LEVELS)[number];
@@ -37,6 +37,7 @@ export interface NodeConfig {
   node: { id: string | undefined };
   dataDir: string;
   admin: { listen: ListenAddress };
+  rmem: { listen: ListenAddress; leaseMs: number; token: string | undefined; maxInFlight: number };
   log: { level: LogLevel; format: LogFormat };
   media: {
     extentSize: number;
@@ -82,6 +83,19 @@ const shareLeaf = leaf<Share>(SHARE_FORM, (v) => {
 
 const addressLeaf = leaf<ListenAddress>(ADDRESS_FORM, (v) => (typeof v === 'string' ? parseAddress(v) : undefined));
 
+const durationLeaf = leaf<number>(DURATION_FORM, (v) => (typeof v === 'number' || typeof v === 'string' ? parseDuration(v) : undefined));
+
+const TOKEN_FORM = 'a string of 1 to 1024 bytes';
+const tokenLeaf = leaf<string>(TOKEN_FORM, (v) => (typeof v === 'string' && v.length > 0 && Buffer.byteLength(v) <= 1024 ? v : undefined));
+
+function intLeaf(min: number, max: number) {
+  const form = `a whole number from ${min} to ${max}`;
+  return leaf<number>(form, (v) => {
+    const n = typeof v === 'string' && /^\s*\d+\s*$/.test(v) ? Number(v) : v;
+    return typeof n === 'number' && Number.isInteger(n) && n >= min && n <= max ? n : undefined;
+  });
+}
+
 const PATH_FORM = 'a non-empty file system path';
 const pathLeaf = leaf<string>(PATH_FORM, (v) => (typeof v === 'string' && v.trim() !== '' ? v : undefined));
 
@@ -114,6 +128,14 @@ const rawSchema = z.strictObject({
   node: z.strictObject({ id: nodeIdLeaf.optional() }).prefault({}),
   dataDir: pathLeaf.prefault('./memstrata-data'),
   admin: z.strictObject({ listen: addressLeaf.prefault('127.0.0.1:10880') }).prefault({}),
+  rmem: z
+    .strictObject({
+      listen: addressLeaf.prefault('127.0.0.1:10810'),
+      lease: durationLeaf.prefault('30s'),
+      token: tokenLeaf.optional(),
+      maxInFlight: intLeaf(1, 65536).prefault(256),
+    })
+    .prefault({}),
   log: z
     .strictObject({ level: enumLeaf(LOG_LEVELS).prefault('info'), format: enumLeaf(LOG_FORMATS).prefault('auto') })
     .prefault({}),
@@ -149,6 +171,10 @@ export const SETTINGS: readonly Setting[] = [
   { path: 'node.id', flag: '--node-id', default: '(generated, kept in the data directory)', doc: 'name of this node in tables, logs and the cluster' },
   { path: 'dataDir', flag: '--data-dir', default: './memstrata-data', doc: 'volumes, the flash file, journals, the lock' },
   { path: 'admin.listen', flag: '--admin-listen', default: '127.0.0.1:10880', doc: 'admin HTTP API, /metrics and /healthz; port 0 picks a free port' },
+  { path: 'rmem.listen', flag: '--rmem-listen', default: '127.0.0.1:10810', doc: 'rmem remote-memory service; port 0 picks a free port' },
+  { path: 'rmem.lease', flag: '--rmem-lease', default: '30s', doc: 'how long a lost server keeps its regions, and how long a silent connection lives' },
+  { path: 'rmem.token', default: '(none)', doc: 'shared token every server must present at HELLO; set it in the file or environment, not on the command line' },
+  { path: 'rmem.maxInFlight', default: '256', doc: 'requests served at once per connection before the node stops reading it' },
   { path: 'log.level', flag: '--log-level', default: 'info', doc: LOG_LEVELS.join(', ') },
   { path: 'log.format', flag: '--log-format', default: 'auto', doc: 'json, pretty, or auto (pretty when stdout is a terminal)' },
   { path: 'media.extentSize', flag: '--extent-size', default: '1MiB', doc: 'unit of the partition table; a power of two from 4KiB to 1GiB' },
@@ -249,6 +275,7 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
     node: { id: parsed.node.id },
     dataDir,
     admin: { listen: parsed.admin.listen },
+    rmem: { listen: parsed.rmem.listen, leaseMs: parsed.rmem.lease, token: parsed.rmem.token, maxInFlight: parsed.rmem.maxInFlight },
     log: { level: parsed.log.level, format: parsed.log.format },
     media: {
       extentSize: parsed.media.extentSize,
@@ -258,6 +285,9 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
     partition: { dram: emptyPartition(), flash: emptyPartition() },
   };
   checkMedia(config, raw, origin);
+  if (config.rmem.leaseMs < 100 || config.rmem.leaseMs > 86_400_000) {
+    throw invalid('rmem.lease', raw, origin, 'expected a duration from 100ms to 24h');
+  }
   for (const medium of MEDIA) {
     config.partition[medium] = resolvePartition(medium, parsed.partition[medium], config, raw, origin);
   }

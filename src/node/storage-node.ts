@@ -1,10 +1,11 @@
 // The daemon wiring of one node: which subsystems exist and the order they start in.
 //
-//   start:  data directory + lock -> node id -> media -> tables -> metrics -> admin HTTP
+//   start:  data directory + lock -> node id -> media -> rmem service -> admin HTTP
 //   stop:   the reverse; admin first (no new requests, in-flight ones drain), the lock last
 //
-// Later subsystems (rmem, NBD, NVRAM) slot in between the tables and admin, so the API
-// comes up only once everything it reports on is there, and goes first on the way down.
+// The tables are built with the node; services slot in between the media and admin, so
+// the API comes up only once everything it reports on is there, and goes first on the
+// way down.
 
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
@@ -18,6 +19,8 @@ import { DramMedium } from '../memory/dram-medium.js';
 import { FlashMedium } from '../memory/flash-medium.js';
 import type { Medium } from '../memory/medium.js';
 import { PartitionTable } from '../memory/partition-table.js';
+import { ServerMemory } from '../memory/server-memory.js';
+import { RmemService } from '../server/rmem-service.js';
 import { formatAddress, type ListenAddress } from '../units.js';
 import { VERSION } from '../version.js';
 import { mediumLayouts, type NodeConfig } from './config.js';
@@ -33,12 +36,14 @@ export class StorageNode {
   readonly partition: PartitionTable;
   readonly allocation: AllocationTable;
   readonly media: readonly Medium[];
+  readonly serverMemory: ServerMemory;
   private readonly lifecycle: Lifecycle;
   private readonly lock: DataDirLock;
   private nodeId: string;
   private startedAt: Date;
   private stopping: boolean;
   private admin: AdminServer | undefined;
+  private rmem: RmemService | undefined;
 
   constructor(config: NodeConfig, log: Logger) {
     this.config = config;
@@ -48,10 +53,12 @@ export class StorageNode {
     this.partition = new PartitionTable(mediumLayouts(config));
     this.allocation = new AllocationTable();
     this.media = this.createMedia();
+    this.serverMemory = new ServerMemory({ partition: this.partition, allocation: this.allocation, media: this.media });
     this.nodeId = config.node.id ?? '';
     this.startedAt = new Date();
     this.stopping = false;
     this.admin = undefined;
+    this.rmem = undefined;
 
     this.lifecycle.add({
       name: 'data directory',
@@ -75,13 +82,40 @@ export class StorageNode {
       },
     });
     this.lifecycle.add({
+      name: 'rmem',
+      start: async () => {
+        const rmem = new RmemService({
+          memory: this.serverMemory,
+          log,
+          nodeId: this.nodeId,
+          leaseMs: config.rmem.leaseMs,
+          token: config.rmem.token,
+          maxInFlight: config.rmem.maxInFlight,
+        });
+        const bound = await rmem.listen(config.rmem.listen);
+        this.rmem = rmem;
+        log.info({ address: formatAddress(bound), leaseMs: config.rmem.leaseMs, token: config.rmem.token !== undefined }, 'rmem service listening');
+      },
+      stop: async () => {
+        await this.rmem?.close();
+        this.rmem = undefined;
+      },
+    });
+    this.lifecycle.add({
       name: 'admin',
       start: async () => {
-        const metrics = new NodeMetrics({ nodeId: this.nodeId, partition: this.partition, allocation: this.allocation, media: this.media });
+        const metrics = new NodeMetrics({
+          nodeId: this.nodeId,
+          partition: this.partition,
+          allocation: this.allocation,
+          media: this.media,
+          rmem: () => this.rmem,
+        });
         const admin = new AdminServer({
           info: () => this.info(),
           partition: this.partition,
           allocation: this.allocation,
+          rmemSessions: () => this.rmem?.sessionsInfo() ?? [],
           metrics,
           log,
           isStopping: () => this.stopping,
@@ -99,6 +133,11 @@ export class StorageNode {
 
   get id(): string {
     return this.nodeId;
+  }
+
+  /** The rmem service's bound address, once started. */
+  get rmemAddress(): ListenAddress | undefined {
+    return this.rmem?.address;
   }
 
   /** The admin API's bound address, once started. */
@@ -143,7 +182,7 @@ export class StorageNode {
       startedAt: this.startedAt.toISOString(),
       uptimeSeconds: Math.round((Date.now() - this.startedAt.getTime()) / 1000),
       dataDir: this.config.dataDir,
-      listen: { admin: formatAddress(admin) },
+      listen: { admin: formatAddress(admin), rmem: formatAddress(this.rmemAddress ?? this.config.rmem.listen) },
       media,
       usage: this.partition.usage(),
     };

@@ -14,7 +14,10 @@ export const SMALL_MEDIA = ['--dram-size', '64MiB', '--flash-size', '128MiB'];
 
 export interface NodeProcess {
   proc: ChildProcess;
+  /** Admin API base URL. */
   url: string;
+  /** The rmem service's address. */
+  rmem: { host: string; port: number };
   dir: string;
   /** JSON log lines seen so far. */
   logs: Record<string, unknown>[];
@@ -40,13 +43,14 @@ export interface StartOptions {
 
 /** Starts a node and resolves once its admin API listens; rejects with its output if it exits first. */
 export function startNode(options: StartOptions): Promise<NodeProcess> {
-  const args = [CLI, 'node', 'start', '--admin-listen', '127.0.0.1:0', '--log-format', 'json', ...(options.small === false ? [] : SMALL_MEDIA), ...(options.args ?? [])];
+  const args = [CLI, 'node', 'start', '--admin-listen', '127.0.0.1:0', '--rmem-listen', '127.0.0.1:0', '--log-format', 'json', ...(options.small === false ? [] : SMALL_MEDIA), ...(options.args ?? [])];
   const proc = spawn(process.execPath, args, {
     cwd: options.cwd,
     env: { ...process.env, ...options.env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   const logs: Record<string, unknown>[] = [];
+  let rmem = { host: '127.0.0.1', port: 0 };
   let stderr = '';
   proc.stderr?.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
   const exited = new Promise<number | string>((resolve) => proc.once('exit', (code, signal) => resolve(code ?? signal ?? -1)));
@@ -65,11 +69,16 @@ export function startNode(options: StartOptions): Promise<NodeProcess> {
         return;
       }
       logs.push(entry);
+      if (entry.msg === 'rmem service listening' && typeof entry.address === 'string') {
+        const at = entry.address.lastIndexOf(':');
+        rmem = { host: entry.address.slice(0, at), port: Number(entry.address.slice(at + 1)) };
+      }
       if (entry.msg === 'admin API listening' && typeof entry.url === 'string') {
         clearTimeout(timer);
         resolve({
           proc,
           url: entry.url,
+          rmem,
           dir: options.cwd,
           logs,
           stop: (signal = 'SIGTERM') => {

@@ -73,6 +73,9 @@ const badValues: [string, Record<string, string>, RegExp][] = [
   ['node id', { MEMSTRATA_NODE_ID: 'has space' }, /node\.id is "has space".*expected 1 to 64 letters/],
   ['path', { MEMSTRATA_DATA_DIR: ' ' }, /dataDir is " ".*expected a non-empty file system path/],
   ['share', { MEMSTRATA_PARTITION_DRAM_CACHE_MAX: '150%' }, /partition\.dram\.cache\.max is "150%".*or a share of the medium such as 25%/],
+  ['duration', { MEMSTRATA_RMEM_LEASE: '30 seconds' }, /rmem\.lease is "30 seconds".*expected a duration such as 500ms, 30s/],
+  ['lease too short', { MEMSTRATA_RMEM_LEASE: '10ms' }, /rmem\.lease is "10ms".*from 100ms to 24h/],
+  ['whole number', { MEMSTRATA_RMEM_MAX_IN_FLIGHT: '0' }, /rmem\.maxInFlight is "0".*expected a whole number from 1 to 65536/],
   ['extent size', { MEMSTRATA_MEDIA_EXTENT_SIZE: '3000' }, /media\.extentSize is "3000".*power of two from 4KiB to 1GiB/],
   ['medium not whole extents', { MEMSTRATA_MEDIA_DRAM_SIZE: '1536KiB' }, /media\.dram\.size is "1536KiB".*whole number of extents/],
   ['partition not whole extents', { MEMSTRATA_PARTITION_FLASH_NVRAM_INITIAL: '4097' }, /partition\.flash\.nvram\.initial is "4097".*whole number of extents/],
@@ -145,7 +148,7 @@ test('every setting has an environment variable derived from its path', () => {
 test('every setting in the catalogue can be set from the command line', async () => {
   for (const setting of SETTINGS) {
     // A value the leaf accepts: settings differ in type, so try a few.
-    const candidates = ['ms-node1', '64MiB', '1MiB', '100%', '127.0.0.1:0', 'info', 'json', './data', '0'];
+    const candidates = ['ms-node1', '64MiB', '1MiB', '100%', '127.0.0.1:0', 'info', 'json', './data', '0', '30s', '8'];
     let accepted = false;
     for (const value of candidates) {
       try {

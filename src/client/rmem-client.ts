@@ -1,0 +1,454 @@
+// RmemClient: borrow memory from a memstrata node over the rmem protocol.
+//
+// One TCP connection carries many requests at once (pipelining); each has a tag and
+// replies may come back in any order. Requests issued in one tick leave in one corked
+// write. Timeouts are checked by one coarse timer, not a timer per request. A keepalive
+// goes out when the connection has been quiet for a third of the lease.
+//
+// When the connection drops, requests in flight fail with MS_RMEM_DISCONNECTED (the
+// caller decides whether to retry: READ and WRITE are safe to repeat, BIND is not), and
+// the client reconnects with backoff for up to one lease. A successful HELLO within the
+// lease resumes the session with its regions; requests issued meanwhile wait for it. If
+// the node no longer knows the session (the lease ran out) the client emits
+// `sessionLost` and every region it held is gone.
+
+import { EventEmitter } from 'node:events';
+import { connect as netConnect, type Socket } from 'node:net';
+import { MisuseError, NetworkError, type MemstrataError } from '../errors.js';
+import {
+  decodeBindReply,
+  decodeCapacityReply,
+  decodeHelloReply,
+  encodeBindRequest,
+  encodeEmptyRequest,
+  encodeFreeRequest,
+  encodeHelloRequest,
+  encodeReadRequest,
+  encodeReadvRequest,
+  encodeWriteHead,
+  encodeWritevHead,
+  type BindReply,
+  type CapacityEntry,
+  type HelloReply,
+  type Placement,
+  type Tag,
+  type WireRange,
+} from '../protocol/rmem/codec.js';
+import { errorOf } from '../protocol/rmem/errors.js';
+import { FrameParser, type Frame } from '../protocol/rmem/parser.js';
+import { MAX_DATA, OP, OP_NAME, STATUS, VERSION, type PerformanceClass, type WireMediumName } from '../protocol/rmem/spec.js';
+
+export type { CapacityEntry, WireRange, PerformanceClass, WireMediumName as MediumName };
+
+/** A region bound on a node: what every read, write and free names. */
+export interface Region {
+  /** Region id, unique on the node while it runs. */
+  readonly regionId: number;
+  /** Random 64-bit key; the node serves the region only with it. */
+  readonly key: bigint;
+  /** Bytes, a whole number of 4 KiB pages. */
+  readonly size: number;
+  /** Where the region lives on the node: medium and physical address ranges. */
+  readonly ranges: readonly WireRange[];
+}
+
+/** Where a bind's memory should come from. */
+export type BindWhere = { medium: WireMediumName } | { class: PerformanceClass } | { medium: WireMediumName; address: number };
+
+export interface RmemClientOptions {
+  /** Node address; default 127.0.0.1. */
+  host?: string;
+  /** rmem port; default 10810. */
+  port?: number;
+  /** This server's id, 1 to 64 bytes; sessions and regions belong to it. */
+  serverId: string;
+  /** Shared token, when the node is configured with one. */
+  token?: string;
+  /** Per-request timeout in ms; default 10000. */
+  timeoutMs?: number;
+  /** Connect (and HELLO) timeout in ms; default 5000. */
+  connectTimeoutMs?: number;
+  /** Send keepalives on a quiet connection; default true. */
+  keepalive?: boolean;
+  /** Reconnect and resume the session after a lost connection; default true. */
+  reconnect?: boolean;
+}
+
+interface Pending {
+  op: number;
+  tag: number;
+  deadline: number;
+  frames: Buffer[] | undefined;
+  resolve(frame: Frame): void;
+  reject(error: MemstrataError): void;
+}
+
+type State = 'connected' | 'reconnecting' | 'closed';
+
+export interface RmemClientEvents {
+  /** The connection dropped; the client is trying to resume. */
+  disconnected: [error: Error | undefined];
+  /** The session was resumed on a new connection, regions intact. */
+  reconnected: [];
+  /** The node no longer had the session: every region of this client is gone. */
+  sessionLost: [];
+}
+
+export class RmemClient extends EventEmitter<RmemClientEvents> {
+  /** The node's HELLO answer: lease, session id, node id, limits. */
+  session: HelloReply;
+  private readonly options: Required<Omit<RmemClientOptions, 'token'>> & { token: string };
+  private socket: Socket;
+  private state: State;
+  private readonly pending: Map<number, Pending>;
+  private readonly waiting: Pending[];
+  private nextTag: number;
+  private corked: boolean;
+  private lastSent: number;
+  private readonly timer: NodeJS.Timeout;
+
+  private constructor(options: RmemClient['options'], connection: Connection) {
+    super();
+    this.options = options;
+    this.socket = connection.socket;
+    this.session = connection.session;
+    this.state = 'connected';
+    this.pending = new Map();
+    this.waiting = [];
+    this.nextTag = 1;
+    this.corked = false;
+    this.lastSent = Date.now();
+    const tick = Math.max(20, Math.min(250, Math.floor(options.timeoutMs / 4), Math.floor(connection.session.leaseMs / 6)));
+    this.timer = setInterval(() => {
+      this.onTick();
+    }, tick);
+    this.timer.unref();
+    this.attach(connection);
+  }
+
+  /** Connects, says HELLO, and resolves once the node has admitted the session. */
+  static async connect(options: RmemClientOptions): Promise<RmemClient> {
+    const full = {
+      host: options.host ?? '127.0.0.1',
+      port: options.port ?? 10810,
+      serverId: options.serverId,
+      token: options.token ?? '',
+      timeoutMs: options.timeoutMs ?? 10_000,
+      connectTimeoutMs: options.connectTimeoutMs ?? 5_000,
+      keepalive: options.keepalive ?? true,
+      reconnect: options.reconnect ?? true,
+    };
+    const id = Buffer.byteLength(full.serverId, 'utf8');
+    if (id === 0 || id > 64) throw new MisuseError('MS_RMEM_INVALID', `serverId must be 1 to 64 bytes, got ${id}`);
+    return new RmemClient(full, await handshake(full));
+  }
+
+  /** Per medium: capacity, server partition, what can be bound now and by growing, and this server's use. */
+  async capacity(): Promise<CapacityEntry[]> {
+    const tag = this.tag();
+    const frame = await this.request(OP.CAPACITY, tag, [encodeEmptyRequest(OP.CAPACITY, tag)]);
+    return decodeCapacityReply(frame.body);
+  }
+
+  /**
+   * Binds `size` bytes (rounded up to 4 KiB pages). `where` names a medium, a
+   * performance class (`highest`: DRAM first; `capacity`: flash first), or a medium
+   * and a physical address. Default: class `highest`. Fails with MS_RMEM_NO_CAPACITY
+   * when the node cannot provide it.
+   */
+  async bind(size: number, where: BindWhere = { class: 'highest' }): Promise<Region> {
+    const placement: Placement =
+      'class' in where ? { kind: 'class', class: where.class } : 'address' in where ? { kind: 'address', medium: where.medium, address: where.address } : { kind: 'medium', medium: where.medium };
+    const tag = this.tag();
+    const frame = await this.request(OP.BIND, tag, [encodeBindRequest(tag, { size, placement })]);
+    const reply: BindReply = decodeBindReply(frame.body);
+    return { regionId: reply.regionId, key: reply.key, size: reply.size, ranges: reply.ranges };
+  }
+
+  /** Reads `length` bytes at `offset` in the region. */
+  async read(region: Region, offset: number, length: number): Promise<Buffer> {
+    checkData(length);
+    const tag = this.tag();
+    const frame = await this.request(OP.READ, tag, [encodeReadRequest(tag, { regionId: region.regionId, key: region.key, offset, length })]);
+    return frame.body;
+  }
+
+  /** Writes `data` at `offset` in the region. */
+  async write(region: Region, offset: number, data: Uint8Array): Promise<void> {
+    checkData(data.length);
+    const tag = this.tag();
+    const head = encodeWriteHead(tag, { regionId: region.regionId, key: region.key, offset }, data.length);
+    await this.request(OP.WRITE, tag, [head, Buffer.from(data.buffer, data.byteOffset, data.byteLength)]);
+  }
+
+  /** Reads several ranges, of one or more regions, in one request. */
+  async readv(entries: readonly { region: Region; offset: number; length: number }[]): Promise<Buffer[]> {
+    checkData(entries.reduce((sum, e) => sum + e.length, 0));
+    const access = entries.map((e) => ({ regionId: e.region.regionId, key: e.region.key, offset: e.offset, length: e.length }));
+    const tag = this.tag();
+    const frame = await this.request(OP.READV, tag, [encodeReadvRequest(tag, access)]);
+    const result: Buffer[] = [];
+    let at = 0;
+    for (const e of entries) {
+      result.push(frame.body.subarray(at, at + e.length));
+      at += e.length;
+    }
+    return result;
+  }
+
+  /** Writes several ranges, of one or more regions, in one request. */
+  async writev(entries: readonly { region: Region; offset: number; data: Uint8Array }[]): Promise<void> {
+    checkData(entries.reduce((sum, e) => sum + e.data.length, 0));
+    const access = entries.map((e) => ({ regionId: e.region.regionId, key: e.region.key, offset: e.offset, length: e.data.length }));
+    const tag = this.tag();
+    const frames = [encodeWritevHead(tag, access), ...entries.map((e) => Buffer.from(e.data.buffer, e.data.byteOffset, e.data.byteLength))];
+    await this.request(OP.WRITEV, tag, frames);
+  }
+
+  /** Frees a region; its memory is zeroed on the node. */
+  async free(region: Region): Promise<void> {
+    const tag = this.tag();
+    await this.request(OP.FREE, tag, [encodeFreeRequest(tag, { regionId: region.regionId, key: region.key })]);
+  }
+
+  /** Tells the node this server is alive (sent automatically on a quiet connection). */
+  async keepalive(): Promise<void> {
+    const tag = this.tag();
+    await this.request(OP.KEEPALIVE, tag, [encodeEmptyRequest(OP.KEEPALIVE, tag)]);
+  }
+
+  /** Requests in flight or waiting for a reconnect. */
+  get inFlight(): number {
+    return this.pending.size;
+  }
+
+  get connected(): boolean {
+    return this.state === 'connected';
+  }
+
+  /**
+   * Closes the connection. Regions stay on the node for the lease and are freed then;
+   * free them first to release them at once.
+   */
+  async close(): Promise<void> {
+    if (this.state === 'closed') return;
+    this.state = 'closed';
+    clearInterval(this.timer);
+    this.failAll(new NetworkError('MS_RMEM_DISCONNECTED', 'client closed'));
+    const socket = this.socket;
+    if (socket.destroyed) return;
+    await new Promise<void>((resolve) => {
+      socket.once('close', () => {
+        resolve();
+      });
+      socket.end();
+    });
+  }
+
+  // ---- requests ----
+
+  private tag(): Tag {
+    const lo = this.nextTag;
+    this.nextTag = lo >= 0xffffffff ? 1 : lo + 1;
+    return { hi: 0, lo };
+  }
+
+  /** Sends one request (its frames built with `tag`) and resolves with the reply. */
+  private request(op: number, tag: Tag, frames: Buffer[]): Promise<Frame> {
+    return new Promise<Frame>((resolve, reject) => {
+      if (this.state === 'closed') {
+        reject(new NetworkError('MS_RMEM_DISCONNECTED', `${OP_NAME[op] ?? op}: client is closed`));
+        return;
+      }
+      const pending: Pending = { op, tag: tag.lo, deadline: Date.now() + this.options.timeoutMs, frames: undefined, resolve, reject };
+      this.pending.set(tag.lo, pending);
+      if (this.state === 'connected') this.send(frames);
+      else {
+        pending.frames = frames;
+        this.waiting.push(pending);
+      }
+    });
+  }
+
+  private send(frames: readonly Buffer[]): void {
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      process.nextTick(() => {
+        this.corked = false;
+        this.socket.uncork();
+      });
+    }
+    for (const frame of frames) this.socket.write(frame);
+    this.lastSent = Date.now();
+  }
+
+  private onFrame(frame: Frame): void {
+    const pending = this.pending.get(frame.tagLo);
+    if (pending === undefined || frame.tagHi !== 0) return; // a reply to a request that already timed out
+    this.pending.delete(frame.tagLo);
+    if (frame.word === STATUS.OK) pending.resolve(frame);
+    else pending.reject(errorOf(frame.word, frame.body.toString('utf8'), OP_NAME[pending.op] ?? String(pending.op)));
+  }
+
+  private onTick(): void {
+    const now = Date.now();
+    for (const [tag, pending] of this.pending) {
+      if (pending.deadline > now) continue;
+      this.pending.delete(tag);
+      const at = this.waiting.indexOf(pending);
+      if (at >= 0) this.waiting.splice(at, 1);
+      pending.reject(new NetworkError('MS_RMEM_TIMEOUT', `${OP_NAME[pending.op] ?? pending.op}: no reply within ${this.options.timeoutMs} ms`));
+    }
+    if (this.options.keepalive && this.state === 'connected' && now - this.lastSent > this.session.leaseMs / 3) {
+      this.keepalive().catch(() => undefined);
+    }
+  }
+
+  // ---- connection loss and resume ----
+
+  private attach(connection: Connection): void {
+    const { socket } = connection;
+    this.socket = socket;
+    connection.handlers.onFrame = (frame) => {
+      this.onFrame(frame);
+    };
+    connection.handlers.onFatal = (error) => {
+      socket.destroy(error);
+    };
+    let failure: Error | undefined;
+    socket.on('error', (error) => {
+      failure = error;
+    });
+    socket.once('close', () => {
+      if (this.socket === socket) this.lost(failure);
+    });
+  }
+
+  private lost(error: Error | undefined): void {
+    if (this.state !== 'connected') return;
+    const reason = new NetworkError('MS_RMEM_DISCONNECTED', `connection to ${this.options.host}:${this.options.port} lost${error === undefined ? '' : `: ${error.message}`}`);
+    for (const [tag, pending] of this.pending) {
+      if (pending.frames !== undefined) continue;
+      this.pending.delete(tag);
+      pending.reject(reason);
+    }
+    if (!this.options.reconnect) {
+      this.state = 'closed';
+      clearInterval(this.timer);
+      this.failAll(reason);
+      return;
+    }
+    this.state = 'reconnecting';
+    this.emit('disconnected', error);
+    void this.resume(Date.now() + this.session.leaseMs);
+  }
+
+  private async resume(giveUpAt: number): Promise<void> {
+    let delay = 50;
+    while (this.state === 'reconnecting' && Date.now() < giveUpAt) {
+      try {
+        const connection = await handshake(this.options);
+        if (this.state !== 'reconnecting') {
+          connection.socket.destroy();
+          return;
+        }
+        this.session = connection.session;
+        this.state = 'connected';
+        this.attach(connection);
+        if (connection.session.resumed) this.emit('reconnected');
+        else this.emit('sessionLost');
+        const waiting = this.waiting.splice(0);
+        for (const pending of waiting) {
+          const frames = pending.frames;
+          pending.frames = undefined;
+          if (frames !== undefined && this.pending.get(pending.tag) === pending) this.send(frames);
+        }
+        return;
+      } catch {
+        await new Promise((resolve) => setTimeout(resolve, delay).unref());
+        delay = Math.min(delay * 2, 1000);
+      }
+    }
+    if (this.state === 'reconnecting') {
+      this.state = 'closed';
+      clearInterval(this.timer);
+      this.failAll(new NetworkError('MS_RMEM_DISCONNECTED', `could not reconnect to ${this.options.host}:${this.options.port} within the lease; the session and its regions are gone`));
+      this.emit('sessionLost');
+    }
+  }
+
+  private failAll(error: MemstrataError): void {
+    for (const pending of this.pending.values()) pending.reject(error);
+    this.pending.clear();
+    this.waiting.length = 0;
+  }
+}
+
+interface Connection {
+  socket: Socket;
+  parser: FrameParser;
+  /** Where the parser sends frames; the client points these at itself after HELLO. */
+  handlers: { onFrame(frame: Frame): void; onFatal(error: Error): void };
+  session: HelloReply;
+}
+
+/** Opens a socket, sends HELLO, and waits for its reply. */
+async function handshake(options: RmemClient['options']): Promise<Connection> {
+  const socket = netConnect({ host: options.host, port: options.port });
+  socket.setNoDelay(true);
+  let resolveHello: (frame: Frame) => void = () => undefined;
+  let rejectHello: (error: Error) => void = () => undefined;
+  const hello = new Promise<Frame>((resolve, reject) => {
+    resolveHello = resolve;
+    rejectHello = reject;
+  });
+  const handlers: Connection['handlers'] = {
+    onFrame: (frame) => {
+      resolveHello(frame);
+    },
+    onFatal: (error) => {
+      rejectHello(error);
+    },
+  };
+  const parser = new FrameParser('response', {
+    onFrame: (frame) => {
+      handlers.onFrame(frame);
+    },
+    onFatal: (error) => {
+      handlers.onFatal(error);
+    },
+  });
+  const onError = (error: Error): void => {
+    rejectHello(new NetworkError('MS_RMEM_UNREACHABLE', `cannot reach rmem at ${options.host}:${options.port}: ${error.message}`, { cause: error }));
+  };
+  const onClose = (): void => {
+    rejectHello(new NetworkError('MS_RMEM_UNREACHABLE', `rmem at ${options.host}:${options.port} closed the connection during HELLO`));
+  };
+  socket.on('data', (chunk: Buffer) => {
+    parser.feed(chunk);
+  });
+  socket.on('error', onError);
+  socket.on('close', onClose);
+  const timer = setTimeout(() => {
+    rejectHello(new NetworkError('MS_RMEM_UNREACHABLE', `no HELLO reply from ${options.host}:${options.port} within ${options.connectTimeoutMs} ms`));
+  }, options.connectTimeoutMs);
+  socket.write(encodeHelloRequest({ hi: 0, lo: 0 }, { version: VERSION, serverId: options.serverId, token: options.token }));
+  try {
+    const frame = await hello;
+    if (frame.word !== STATUS.OK) throw errorOf(frame.word, frame.body.toString('utf8'), 'HELLO');
+    const session = decodeHelloReply(frame.body);
+    socket.off('error', onError);
+    socket.off('close', onClose);
+    return { socket, parser, handlers, session };
+  } catch (error) {
+    socket.destroy();
+    throw error;
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+function checkData(length: number): void {
+  if (length > MAX_DATA) throw new MisuseError('MS_RMEM_TOO_BIG', `${length} bytes in one request exceeds the limit of ${MAX_DATA}`);
+}

@@ -1,0 +1,456 @@
+// Server memory: the regions application servers bind in the node's `server`
+// partition (patent FIG. 13, 16-19), independent of any wire protocol.
+//
+//   partition table      server extents, each held by one server (owner = server id)
+//        |
+//   holdings             per server and medium: the extents held, and the free pages
+//        |               inside them (FreeRanges)
+//   regions              id -> server, random 64-bit key, size, physical ranges
+//
+// Invariants:
+//   - every free page inside a held extent reads as zero: extents are zeroed when a
+//     server takes them from the partition, and a region's pages are zeroed when it is
+//     freed, so memory is zero-filled before it is handed over and no tenant reads
+//     another's data;
+//   - an extent with no bound page is handed back to the partition table at once;
+//   - a region is served only to the server that holds it and only with its key; a
+//     region being freed refuses new I/O and waits for the I/O already in flight before
+//     its pages are zeroed, so a late read can never see the next tenant's data.
+//
+// Binds, frees and server releases run one at a time (they move extents and zero
+// memory); reads and writes run concurrently with each other and with them.
+//
+// Known limit: flash extents are zeroed by writing zeros, so binding a large flash
+// region costs a write of its size.
+
+import { randomBytes } from 'node:crypto';
+import { MisuseError, RuntimeError, isMemstrataError } from '../errors.js';
+import { formatSize } from '../units.js';
+import type { AllocationTable, PhysicalRange } from './allocation-table.js';
+import { FreeRanges, type ByteRange } from './free-ranges.js';
+import { MEDIA, type MediumName } from './kinds.js';
+import type { Medium } from './medium.js';
+import type { PartitionTable } from './partition-table.js';
+
+export const PAGE_SIZE = 4096;
+
+export type PerformanceClass = 'highest' | 'capacity';
+
+export type BindPlacement =
+  | { kind: 'medium'; medium: MediumName }
+  | { kind: 'class'; class: PerformanceClass }
+  | { kind: 'address'; medium: MediumName; address: number };
+
+export class ServerRegion {
+  readonly id: number;
+  readonly serverId: string;
+  readonly key: bigint;
+  readonly size: number;
+  readonly ranges: readonly PhysicalRange[];
+  /** Offset within the region at which each range starts. */
+  readonly offsets: readonly number[];
+  inflight: number;
+  freeing: boolean;
+  drained: (() => void) | undefined;
+
+  constructor(id: number, serverId: string, key: bigint, ranges: readonly PhysicalRange[]) {
+    this.id = id;
+    this.serverId = serverId;
+    this.key = key;
+    this.ranges = ranges;
+    const offsets: number[] = [];
+    let size = 0;
+    for (const r of ranges) {
+      offsets.push(size);
+      size += r.length;
+    }
+    this.offsets = offsets;
+    this.size = size;
+    this.inflight = 0;
+    this.freeing = false;
+    this.drained = undefined;
+  }
+}
+
+export interface MediumCapacity {
+  medium: MediumName;
+  total: number;
+  partition: number;
+  available: number;
+  growable: number;
+  used: number;
+}
+
+interface Holding {
+  extents: Set<number>;
+  free: FreeRanges;
+}
+
+export class ServerMemory {
+  private readonly partition: PartitionTable;
+  private readonly allocation: AllocationTable;
+  private readonly media: ReadonlyMap<MediumName, Medium>;
+  private readonly regions: Map<number, ServerRegion>;
+  private readonly holdings: Map<string, Map<MediumName, Holding>>;
+  private queue: Promise<unknown>;
+
+  constructor(options: { partition: PartitionTable; allocation: AllocationTable; media: readonly Medium[] }) {
+    this.partition = options.partition;
+    this.allocation = options.allocation;
+    this.media = new Map(options.media.map((m) => [m.name, m]));
+    this.regions = new Map();
+    this.holdings = new Map();
+    this.queue = Promise.resolve();
+  }
+
+  /** Binds a region of at least `size` bytes (whole pages) for `serverId` (FIG. 16 S154-S155). */
+  bind(serverId: string, size: number, placement: BindPlacement): Promise<ServerRegion> {
+    return this.serialized(() => this.bindNow(serverId, size, placement));
+  }
+
+  /** Frees a region; one the server does not hold, or a wrong key, is a memory violation (FIG. 17 S164). */
+  free(serverId: string, regionId: number, key: bigint): Promise<void> {
+    return this.serialized(async () => {
+      const region = this.lookup(serverId, regionId, key);
+      await this.dropRegion(region);
+    });
+  }
+
+  /**
+   * Frees every region the server holds now, zeroes them, and removes the server from
+   * the tables (FIG. 15 S143). Regions are chosen when this is called, so a region the
+   * same server binds afterwards (a new session) is left alone. Returns the regions freed.
+   */
+  releaseServer(serverId: string): Promise<number> {
+    const regions = [...this.regions.values()].filter((r) => r.serverId === serverId);
+    return this.serialized(async () => {
+      let freed = 0;
+      for (const region of regions) {
+        if (this.regions.get(region.id) !== region) continue;
+        await this.dropRegion(region);
+        freed++;
+      }
+      if (![...this.regions.values()].some((r) => r.serverId === serverId)) {
+        for (const [medium, holding] of this.holdings.get(serverId) ?? []) {
+          if (holding.extents.size > 0) this.partition.release(medium, [...holding.extents], serverId);
+        }
+        this.holdings.delete(serverId);
+      }
+      return freed;
+    });
+  }
+
+  /** The region, if `serverId` holds it and the key matches; else a violation that says no more than that. */
+  lookup(serverId: string, regionId: number, key: bigint): ServerRegion {
+    const region = this.regions.get(regionId);
+    if (region === undefined || region.serverId !== serverId || region.key !== key || region.freeing) {
+      throw new MisuseError('MS_RMEM_VIOLATION', `region ${regionId} is not allocated to server ${serverId} with that key`);
+    }
+    return region;
+  }
+
+  /** Reads `target.length` bytes at `offset` of the region (FIG. 18). */
+  async read(region: ServerRegion, offset: number, target: Buffer): Promise<void> {
+    checkBounds(region, offset, target.length);
+    region.inflight++;
+    try {
+      await this.eachPiece(region, offset, target.length, (medium, at, done, n) => medium.read(at, target.subarray(done, done + n)));
+    } finally {
+      this.settle(region);
+    }
+  }
+
+  /** Writes `data` at `offset` of the region (FIG. 19). */
+  async write(region: ServerRegion, offset: number, data: Buffer): Promise<void> {
+    checkBounds(region, offset, data.length);
+    region.inflight++;
+    try {
+      await this.eachPiece(region, offset, data.length, (medium, at, done, n) => medium.write(at, data.subarray(done, done + n)));
+    } finally {
+      this.settle(region);
+    }
+  }
+
+  /** Per medium: capacity, the server partition, what a bind can have now and by growing, and this server's use (FIG. 14 S132/S136). */
+  capacity(serverId: string): MediumCapacity[] {
+    return this.partition.usage().map((usage) => {
+      const holding = this.holdings.get(serverId)?.get(usage.medium);
+      let used = 0;
+      for (const region of this.regions.values()) {
+        if (region.serverId !== serverId) continue;
+        for (const r of region.ranges) if (r.medium === usage.medium) used += r.length;
+      }
+      return {
+        medium: usage.medium,
+        total: usage.capacity,
+        partition: usage.kinds.server.bytes,
+        available: (holding?.free.total ?? 0) + usage.kinds.server.idleBytes,
+        growable: this.partition.headroom(usage.medium, 'server'),
+        used,
+      };
+    });
+  }
+
+  /** Regions currently bound, for tests and status. */
+  regionCount(): number {
+    return this.regions.size;
+  }
+
+  // ---- binding ----
+
+  private async bindNow(serverId: string, size: number, placement: BindPlacement): Promise<ServerRegion> {
+    if (!Number.isSafeInteger(size) || size <= 0) {
+      throw new MisuseError('MS_RMEM_INVALID', `bind size must be a positive number of bytes, got ${size}`);
+    }
+    const bytes = Math.ceil(size / PAGE_SIZE) * PAGE_SIZE;
+    let ranges: PhysicalRange[];
+    if (placement.kind === 'address') {
+      ranges = await this.takeAddress(serverId, placement.medium, placement.address, bytes);
+    } else if (placement.kind === 'medium') {
+      this.medium(placement.medium);
+      ranges = await this.take(serverId, placement.medium, bytes);
+    } else {
+      ranges = await this.takeByClass(serverId, placement.class, bytes);
+    }
+    const key = randomBytes(8).readBigUInt64BE(0);
+    let recorded;
+    try {
+      recorded = this.allocation.add(serverId, ranges);
+    } catch (error) {
+      this.giveBack(serverId, ranges);
+      throw error;
+    }
+    const region = new ServerRegion(recorded.id, serverId, key, ranges);
+    this.regions.set(region.id, region);
+    return region;
+  }
+
+  private async takeByClass(serverId: string, cls: PerformanceClass, bytes: number): Promise<PhysicalRange[]> {
+    const preference: MediumName[] = cls === 'highest' ? ['dram', 'flash'] : ['flash', 'dram'];
+    const order = preference.filter((m) => this.media.has(m));
+    const obtainable = order.map((m) => this.obtainable(serverId, m));
+    // One medium whole if one can hold it, in the class's order; else both, preferred first.
+    for (const [i, medium] of order.entries()) {
+      if ((obtainable[i] ?? 0) >= bytes) return this.take(serverId, medium, bytes);
+    }
+    const total = obtainable.reduce((sum, n) => sum + n, 0);
+    const [first, second] = order;
+    if (first === undefined || second === undefined || total < bytes) {
+      throw noCapacity(`cannot bind ${formatSize(bytes)} of class ${cls}: ${formatSize(total)} can be had across ${order.join(' and ')}`);
+    }
+    const head = Math.floor((obtainable[0] ?? 0) / PAGE_SIZE) * PAGE_SIZE;
+    const part = await this.take(serverId, first, head);
+    try {
+      return [...part, ...(await this.take(serverId, second, bytes - head))];
+    } catch (error) {
+      this.giveBack(serverId, part);
+      throw error;
+    }
+  }
+
+  /** Bytes of `medium` a bind by `serverId` could have, growing the partition if need be. */
+  private obtainable(serverId: string, medium: MediumName): number {
+    const holding = this.holdings.get(serverId)?.get(medium);
+    const extentSize = this.partition.extentSize(medium);
+    const idle = this.partition.extents(medium).idleOf('server') * extentSize;
+    return (holding?.free.total ?? 0) + idle + this.partition.headroom(medium, 'server');
+  }
+
+  /** Takes `bytes` of free pages for the server on one medium, taking more extents first if needed. */
+  private async take(serverId: string, medium: MediumName, bytes: number): Promise<PhysicalRange[]> {
+    if (bytes === 0) return [];
+    const holding = this.holding(serverId, medium);
+    const shortfall = bytes - holding.free.total;
+    if (shortfall > 0) await this.acquireExtents(serverId, medium, Math.ceil(shortfall / this.partition.extentSize(medium)));
+    const pieces = holding.free.take(bytes);
+    if (pieces === undefined) throw noCapacity(`cannot bind ${formatSize(bytes)} on ${medium}`);
+    return pieces.map((p) => ({ medium, start: p.start, length: p.length }));
+  }
+
+  /** Takes the exact page range [address, address + bytes) on `medium` for the server. */
+  private async takeAddress(serverId: string, medium: MediumName, address: number, bytes: number): Promise<PhysicalRange[]> {
+    const device = this.medium(medium);
+    if (!Number.isSafeInteger(address) || address % PAGE_SIZE !== 0 || address + bytes > device.capacity) {
+      throw new MisuseError('MS_RMEM_INVALID', `bind address ${address} on ${medium} must be page aligned and the range must lie inside the medium`);
+    }
+    const extentSize = this.partition.extentSize(medium);
+    const holding = this.holding(serverId, medium);
+    const map = this.partition.extents(medium);
+    const wanted: number[] = [];
+    for (let e = Math.floor(address / extentSize); e * extentSize < address + bytes; e++) {
+      if (holding.extents.has(e)) continue;
+      if (map.kindOf(e) !== 'server' || map.ownerOf(e) !== null) {
+        throw new MisuseError('MS_RMEM_INVALID', `${medium} address range at ${address} length ${bytes} is not free server memory (extent ${e} is ${map.kindOf(e)}${map.ownerOf(e) === null ? '' : ', in use'})`);
+      }
+      wanted.push(e);
+    }
+    // Pages inside extents the server already holds must be free too; check before taking anything.
+    for (let e = Math.floor(address / extentSize); e * extentSize < address + bytes; e++) {
+      if (!holding.extents.has(e)) continue;
+      const from = Math.max(address, e * extentSize);
+      const to = Math.min(address + bytes, (e + 1) * extentSize);
+      if (!holding.free.contains(from, to - from)) throw new MisuseError('MS_RMEM_INVALID', `${medium} address range at ${address} length ${bytes} overlaps memory this server has bound`);
+    }
+    this.partition.assignExact(medium, 'server', serverId, wanted);
+    await this.adoptExtents(serverId, medium, holding, wanted);
+    holding.free.remove(address, bytes);
+    return [{ medium, start: address, length: bytes }];
+  }
+
+  private async acquireExtents(serverId: string, medium: MediumName, count: number): Promise<void> {
+    const extentSize = this.partition.extentSize(medium);
+    const map = this.partition.extents(medium);
+    const missing = count - map.idleOf('server');
+    if (missing > 0) {
+      try {
+        await this.partition.resize(medium, 'server', (map.countOf('server') + missing) * extentSize);
+      } catch (error) {
+        if (isMemstrataError(error)) throw noCapacity(`cannot bind on ${medium}: the server partition cannot grow by ${formatSize(missing * extentSize)} (${error.message})`, error);
+        throw error;
+      }
+    }
+    let extents: number[];
+    try {
+      extents = this.partition.assign(medium, 'server', serverId, count * extentSize);
+    } catch (error) {
+      throw noCapacity(`cannot bind on ${medium}: ${(error as Error).message}`, error);
+    }
+    await this.adoptExtents(serverId, medium, this.holding(serverId, medium), extents);
+  }
+
+  /** Zeroes newly held extents (they may hold a former owner's data) and adds their pages to the free list. */
+  private async adoptExtents(serverId: string, medium: MediumName, holding: Holding, extents: readonly number[]): Promise<void> {
+    const extentSize = this.partition.extentSize(medium);
+    const device = this.medium(medium);
+    try {
+      for (const run of runsOf(extents)) await device.zero(run.start * extentSize, run.length * extentSize);
+    } catch (error) {
+      this.partition.release(medium, extents, serverId);
+      throw error;
+    }
+    for (const e of extents) {
+      holding.extents.add(e);
+      holding.free.add(e * extentSize, extentSize);
+    }
+  }
+
+  // ---- freeing ----
+
+  private async dropRegion(region: ServerRegion): Promise<void> {
+    region.freeing = true;
+    if (region.inflight > 0) await new Promise<void>((resolve) => (region.drained = resolve));
+    this.regions.delete(region.id);
+    this.allocation.remove(region.serverId, region.id);
+    for (const r of region.ranges) await this.medium(r.medium).zero(r.start, r.length);
+    this.giveBack(region.serverId, region.ranges);
+  }
+
+  /** Returns zeroed pages to the server's free list, and whole free extents to the partition. */
+  private giveBack(serverId: string, ranges: readonly PhysicalRange[]): void {
+    for (const r of ranges) {
+      const holding = this.holding(serverId, r.medium);
+      holding.free.add(r.start, r.length);
+      const extentSize = this.partition.extentSize(r.medium);
+      const released: number[] = [];
+      for (let e = Math.floor(r.start / extentSize); e * extentSize < r.start + r.length; e++) {
+        if (holding.extents.has(e) && holding.free.contains(e * extentSize, extentSize)) {
+          holding.free.remove(e * extentSize, extentSize);
+          holding.extents.delete(e);
+          released.push(e);
+        }
+      }
+      if (released.length > 0) this.partition.release(r.medium, released, serverId);
+    }
+  }
+
+  // ---- helpers ----
+
+  private settle(region: ServerRegion): void {
+    region.inflight--;
+    if (region.inflight === 0 && region.drained !== undefined) {
+      const drained = region.drained;
+      region.drained = undefined;
+      drained();
+    }
+  }
+
+  private eachPiece(
+    region: ServerRegion,
+    offset: number,
+    length: number,
+    io: (medium: Medium, at: number, done: number, n: number) => Promise<void>,
+  ): Promise<void> {
+    const first = region.ranges[0];
+    // The common case, one range: one medium call with no bookkeeping.
+    if (region.ranges.length === 1 && first !== undefined) return io(this.medium(first.medium), first.start + offset, 0, length);
+    return this.eachPieceSlow(region, offset, length, io);
+  }
+
+  private async eachPieceSlow(
+    region: ServerRegion,
+    offset: number,
+    length: number,
+    io: (medium: Medium, at: number, done: number, n: number) => Promise<void>,
+  ): Promise<void> {
+    let done = 0;
+    for (let i = 0; i < region.ranges.length && done < length; i++) {
+      const r = region.ranges[i];
+      const base = region.offsets[i];
+      if (r === undefined || base === undefined || base + r.length <= offset + done) continue;
+      const within = offset + done - base;
+      const n = Math.min(r.length - within, length - done);
+      await io(this.medium(r.medium), r.start + within, done, n);
+      done += n;
+    }
+  }
+
+  private holding(serverId: string, medium: MediumName): Holding {
+    let byMedium = this.holdings.get(serverId);
+    if (byMedium === undefined) {
+      byMedium = new Map();
+      this.holdings.set(serverId, byMedium);
+    }
+    let holding = byMedium.get(medium);
+    if (holding === undefined) {
+      holding = { extents: new Set(), free: new FreeRanges() };
+      byMedium.set(medium, holding);
+    }
+    return holding;
+  }
+
+  private medium(name: MediumName): Medium {
+    const medium = this.media.get(name);
+    if (medium === undefined) throw new MisuseError('MS_RMEM_INVALID', `this node has no ${name} medium (it has ${MEDIA.filter((m) => this.media.has(m)).join(', ') || 'none'})`);
+    return medium;
+  }
+
+  private serialized<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.queue.then(fn);
+    this.queue = run.catch(() => undefined);
+    return run;
+  }
+}
+
+function checkBounds(region: ServerRegion, offset: number, length: number): void {
+  if (!Number.isSafeInteger(offset) || offset < 0 || offset + length > region.size) {
+    throw new MisuseError('MS_RMEM_RANGE', `offset ${offset} length ${length} lies outside region ${region.id} of ${region.size} bytes`, {
+      details: { regionId: region.id, offset, length, size: region.size },
+    });
+  }
+}
+
+function noCapacity(message: string, cause?: unknown): RuntimeError {
+  return new RuntimeError('MS_RMEM_NO_CAPACITY', message, cause === undefined ? {} : { cause });
+}
+
+/** Sorted extent indexes grouped into contiguous runs. */
+function runsOf(extents: readonly number[]): ByteRange[] {
+  const sorted = [...extents].sort((a, b) => a - b);
+  const runs: ByteRange[] = [];
+  for (const e of sorted) {
+    const last = runs[runs.length - 1];
+    if (last !== undefined && last.start + last.length === e) last.length++;
+    else runs.push({ start: e, length: 1 });
+  }
+  return runs;
+}

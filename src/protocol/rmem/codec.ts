@@ -1,0 +1,468 @@
+// rmem codec: encoders and decoders for every frame body, with no I/O.
+//
+// Encoders compute the frame's length first and write into one buffer; data payloads
+// (WRITE, READ replies) are left as separate buffers so they go out with the header in
+// one corked write instead of being copied. Decoders check every length before they
+// read and throw MS_RMEM_PROTOCOL for anything malformed, so a session can answer that
+// one request with an error and carry on.
+//
+// 64-bit integers: tags travel as two u32 halves (hi, lo) so neither side allocates a
+// BigInt per frame; sizes, offsets and region ids are read as numbers (a value at or
+// above 2^53 stays above 2^53 and so fails every range check); keys are BigInts.
+
+import { MisuseError } from '../../errors.js';
+import {
+  BODY,
+  HEADER_SIZE,
+  HELLO_RESUMED,
+  MAX_ERROR_MESSAGE,
+  MAX_SERVER_ID,
+  MAX_TOKEN,
+  MAX_VECTOR,
+  OP,
+  PERFORMANCE_CLASS,
+  PERFORMANCE_CLASS_NAME,
+  PLACEMENT,
+  REQUEST_MAGIC,
+  RESPONSE_MAGIC,
+  STATUS,
+  WIRE_MEDIUM,
+  WIRE_MEDIUM_NAME,
+  type PerformanceClass,
+  type WireMediumName,
+} from './spec.js';
+
+const TWO_32 = 4294967296;
+
+// ---- types ----
+
+export interface Tag {
+  hi: number;
+  lo: number;
+}
+
+export interface HelloRequest {
+  version: number;
+  serverId: string;
+  token: string;
+}
+
+export interface HelloReply {
+  version: number;
+  resumed: boolean;
+  leaseMs: number;
+  maxBody: number;
+  sessionId: bigint;
+  nodeId: string;
+}
+
+export interface CapacityEntry {
+  medium: WireMediumName;
+  /** Capacity of the medium. */
+  total: number;
+  /** Bytes in the node's server partition on this medium. */
+  partition: number;
+  /** Bytes a bind can have now without the partition growing. */
+  available: number;
+  /** Bytes the server partition can still grow by, from free and cache extents, within its bounds. */
+  growable: number;
+  /** Bytes this server holds on this medium. */
+  used: number;
+}
+
+export type Placement =
+  | { kind: 'medium'; medium: WireMediumName }
+  | { kind: 'class'; class: PerformanceClass }
+  | { kind: 'address'; medium: WireMediumName; address: number };
+
+export interface BindRequest {
+  size: number;
+  placement: Placement;
+}
+
+export interface WireRange {
+  medium: WireMediumName;
+  start: number;
+  length: number;
+}
+
+export interface BindReply {
+  regionId: number;
+  key: bigint;
+  size: number;
+  ranges: WireRange[];
+}
+
+export interface RegionAccess {
+  regionId: number;
+  key: bigint;
+  offset: number;
+  length: number;
+}
+
+export interface WriteRequest {
+  regionId: number;
+  key: bigint;
+  offset: number;
+  data: Buffer;
+}
+
+export interface WritevRequest {
+  entries: RegionAccess[];
+  /** The entries' data, concatenated in entry order. */
+  data: Buffer;
+}
+
+export interface FreeRequest {
+  regionId: number;
+  key: bigint;
+}
+
+// ---- headers ----
+
+export function writeRequestHeader(buf: Buffer, op: number, tag: Tag, bodyLength: number): void {
+  buf.writeUInt32BE(REQUEST_MAGIC, 0);
+  buf.writeUInt16BE(op, 4);
+  buf.writeUInt16BE(0, 6);
+  buf.writeUInt32BE(tag.hi, 8);
+  buf.writeUInt32BE(tag.lo, 12);
+  buf.writeUInt32BE(bodyLength, 16);
+}
+
+export function writeResponseHeader(buf: Buffer, op: number, status: number, tag: Tag, bodyLength: number): void {
+  buf.writeUInt32BE(RESPONSE_MAGIC, 0);
+  buf.writeUInt16BE(op, 4);
+  buf.writeUInt16BE(status, 6);
+  buf.writeUInt32BE(tag.hi, 8);
+  buf.writeUInt32BE(tag.lo, 12);
+  buf.writeUInt32BE(bodyLength, 16);
+}
+
+// ---- small readers that check bounds ----
+
+function malformed(what: string): MisuseError {
+  return new MisuseError('MS_RMEM_PROTOCOL', `malformed ${what}`);
+}
+
+function need(body: Buffer, at: number, n: number, what: string): void {
+  if (at + n > body.length) throw malformed(`${what}: body too short`);
+}
+
+function u64(body: Buffer, at: number): number {
+  return body.readUInt32BE(at) * TWO_32 + body.readUInt32BE(at + 4);
+}
+
+function writeU64(buf: Buffer, value: number, at: number): void {
+  buf.writeUInt32BE(Math.floor(value / TWO_32), at);
+  buf.writeUInt32BE(value >>> 0, at + 4);
+}
+
+function medium(code: number | undefined, what: string): WireMediumName {
+  const name = code === undefined ? undefined : WIRE_MEDIUM_NAME[code];
+  if (name === undefined) throw new MisuseError('MS_RMEM_INVALID', `${what}: unknown medium ${String(code)}`);
+  return name;
+}
+
+function exact(body: Buffer, n: number, what: string): void {
+  if (body.length !== n) throw malformed(`${what}: body is ${body.length} bytes, expected ${n}`);
+}
+
+// ---- HELLO ----
+
+export function encodeHelloRequest(tag: Tag, hello: HelloRequest): Buffer {
+  const id = Buffer.from(hello.serverId, 'utf8');
+  const token = Buffer.from(hello.token, 'utf8');
+  const length = 2 + 2 + 1 + id.length + 2 + token.length;
+  const buf = Buffer.allocUnsafe(HEADER_SIZE + length);
+  writeRequestHeader(buf, OP.HELLO, tag, length);
+  let at = HEADER_SIZE;
+  at = buf.writeUInt16BE(hello.version, at);
+  at = buf.writeUInt16BE(0, at);
+  at = buf.writeUInt8(id.length, at);
+  at += id.copy(buf, at);
+  at = buf.writeUInt16BE(token.length, at);
+  token.copy(buf, at);
+  return buf;
+}
+
+export function decodeHelloRequest(body: Buffer): HelloRequest {
+  need(body, 0, 5, 'HELLO');
+  const version = body.readUInt16BE(0);
+  const idLength = body.readUInt8(4);
+  if (idLength === 0 || idLength > MAX_SERVER_ID) throw malformed(`HELLO: server id length ${idLength} (1 to ${MAX_SERVER_ID})`);
+  need(body, 5, idLength + 2, 'HELLO');
+  const serverId = body.toString('utf8', 5, 5 + idLength);
+  const tokenLength = body.readUInt16BE(5 + idLength);
+  if (tokenLength > MAX_TOKEN) throw malformed(`HELLO: token length ${tokenLength} (at most ${MAX_TOKEN})`);
+  exact(body, 7 + idLength + tokenLength, 'HELLO');
+  return { version, serverId, token: body.toString('utf8', 7 + idLength) };
+}
+
+export function encodeHelloReply(tag: Tag, reply: HelloReply): Buffer {
+  const node = Buffer.from(reply.nodeId, 'utf8');
+  const length = 2 + 2 + 4 + 4 + 8 + 1 + node.length;
+  const buf = Buffer.allocUnsafe(HEADER_SIZE + length);
+  writeResponseHeader(buf, OP.HELLO, STATUS.OK, tag, length);
+  let at = HEADER_SIZE;
+  at = buf.writeUInt16BE(reply.version, at);
+  at = buf.writeUInt16BE(reply.resumed ? HELLO_RESUMED : 0, at);
+  at = buf.writeUInt32BE(reply.leaseMs, at);
+  at = buf.writeUInt32BE(reply.maxBody, at);
+  at = buf.writeBigUInt64BE(reply.sessionId, at);
+  at = buf.writeUInt8(node.length, at);
+  node.copy(buf, at);
+  return buf;
+}
+
+export function decodeHelloReply(body: Buffer): HelloReply {
+  need(body, 0, 21, 'HELLO reply');
+  const nodeLength = body.readUInt8(20);
+  exact(body, 21 + nodeLength, 'HELLO reply');
+  return {
+    version: body.readUInt16BE(0),
+    resumed: (body.readUInt16BE(2) & HELLO_RESUMED) !== 0,
+    leaseMs: body.readUInt32BE(4),
+    maxBody: body.readUInt32BE(8),
+    sessionId: body.readBigUInt64BE(12),
+    nodeId: body.toString('utf8', 21),
+  };
+}
+
+// ---- CAPACITY ----
+
+export function encodeEmptyRequest(op: number, tag: Tag): Buffer {
+  const buf = Buffer.allocUnsafe(HEADER_SIZE);
+  writeRequestHeader(buf, op, tag, 0);
+  return buf;
+}
+
+export function decodeEmpty(body: Buffer, what: string): void {
+  exact(body, 0, what);
+}
+
+export function encodeCapacityReply(tag: Tag, entries: readonly CapacityEntry[]): Buffer {
+  const length = 1 + entries.length * BODY.CAPACITY_ENTRY;
+  const buf = Buffer.allocUnsafe(HEADER_SIZE + length);
+  writeResponseHeader(buf, OP.CAPACITY, STATUS.OK, tag, length);
+  let at = buf.writeUInt8(entries.length, HEADER_SIZE);
+  for (const e of entries) {
+    at = buf.writeUInt8(WIRE_MEDIUM[e.medium], at);
+    for (const value of [e.total, e.partition, e.available, e.growable, e.used]) {
+      writeU64(buf, value, at);
+      at += 8;
+    }
+  }
+  return buf;
+}
+
+export function decodeCapacityReply(body: Buffer): CapacityEntry[] {
+  need(body, 0, 1, 'CAPACITY reply');
+  const count = body.readUInt8(0);
+  exact(body, 1 + count * BODY.CAPACITY_ENTRY, 'CAPACITY reply');
+  const entries: CapacityEntry[] = [];
+  for (let i = 0, at = 1; i < count; i++, at += BODY.CAPACITY_ENTRY) {
+    entries.push({
+      medium: medium(body.readUInt8(at), 'CAPACITY reply'),
+      total: u64(body, at + 1),
+      partition: u64(body, at + 9),
+      available: u64(body, at + 17),
+      growable: u64(body, at + 25),
+      used: u64(body, at + 33),
+    });
+  }
+  return entries;
+}
+
+// ---- BIND ----
+
+export function encodeBindRequest(tag: Tag, bind: BindRequest): Buffer {
+  const buf = Buffer.allocUnsafe(HEADER_SIZE + BODY.BIND);
+  writeRequestHeader(buf, OP.BIND, tag, BODY.BIND);
+  writeU64(buf, bind.size, HEADER_SIZE);
+  const p = bind.placement;
+  const placement = p.kind === 'medium' ? PLACEMENT.MEDIUM : p.kind === 'class' ? PLACEMENT.CLASS : PLACEMENT.ADDRESS;
+  const which = p.kind === 'class' ? PERFORMANCE_CLASS[p.class] : WIRE_MEDIUM[p.medium];
+  buf.writeUInt8(placement, HEADER_SIZE + 8);
+  buf.writeUInt8(which, HEADER_SIZE + 9);
+  writeU64(buf, p.kind === 'address' ? p.address : 0, HEADER_SIZE + 10);
+  return buf;
+}
+
+export function decodeBindRequest(body: Buffer): BindRequest {
+  exact(body, BODY.BIND, 'BIND');
+  const size = u64(body, 0);
+  const placement = body.readUInt8(8);
+  const which = body.readUInt8(9);
+  const address = u64(body, 10);
+  switch (placement) {
+    case PLACEMENT.MEDIUM:
+      return { size, placement: { kind: 'medium', medium: medium(which, 'BIND') } };
+    case PLACEMENT.CLASS: {
+      const cls = PERFORMANCE_CLASS_NAME[which];
+      if (cls === undefined) throw new MisuseError('MS_RMEM_INVALID', `BIND: unknown performance class ${which}`);
+      return { size, placement: { kind: 'class', class: cls } };
+    }
+    case PLACEMENT.ADDRESS:
+      return { size, placement: { kind: 'address', medium: medium(which, 'BIND'), address } };
+    default:
+      throw new MisuseError('MS_RMEM_INVALID', `BIND: unknown placement ${placement}`);
+  }
+}
+
+export function encodeBindReply(tag: Tag, reply: BindReply): Buffer {
+  const length = 8 + 8 + 8 + 2 + reply.ranges.length * BODY.RANGE;
+  const buf = Buffer.allocUnsafe(HEADER_SIZE + length);
+  writeResponseHeader(buf, OP.BIND, STATUS.OK, tag, length);
+  let at = HEADER_SIZE;
+  writeU64(buf, reply.regionId, at);
+  at = buf.writeBigUInt64BE(reply.key, at + 8);
+  writeU64(buf, reply.size, at);
+  at = buf.writeUInt16BE(reply.ranges.length, at + 8);
+  for (const r of reply.ranges) {
+    at = buf.writeUInt8(WIRE_MEDIUM[r.medium], at);
+    writeU64(buf, r.start, at);
+    writeU64(buf, r.length, at + 8);
+    at += 16;
+  }
+  return buf;
+}
+
+export function decodeBindReply(body: Buffer): BindReply {
+  need(body, 0, 26, 'BIND reply');
+  const count = body.readUInt16BE(24);
+  exact(body, 26 + count * BODY.RANGE, 'BIND reply');
+  const ranges: WireRange[] = [];
+  for (let i = 0, at = 26; i < count; i++, at += BODY.RANGE) {
+    ranges.push({ medium: medium(body.readUInt8(at), 'BIND reply'), start: u64(body, at + 1), length: u64(body, at + 9) });
+  }
+  return { regionId: u64(body, 0), key: body.readBigUInt64BE(8), size: u64(body, 16), ranges };
+}
+
+// ---- READ / WRITE ----
+
+export function encodeReadRequest(tag: Tag, read: RegionAccess): Buffer {
+  const buf = Buffer.allocUnsafe(HEADER_SIZE + BODY.READ);
+  writeRequestHeader(buf, OP.READ, tag, BODY.READ);
+  writeAccess(buf, HEADER_SIZE, read);
+  return buf;
+}
+
+export function decodeReadRequest(body: Buffer): RegionAccess {
+  exact(body, BODY.READ, 'READ');
+  return readAccess(body, 0);
+}
+
+/** Header and the fixed fields of a WRITE; the data follows as its own buffer. */
+export function encodeWriteHead(tag: Tag, write: { regionId: number; key: bigint; offset: number }, dataLength: number): Buffer {
+  const buf = Buffer.allocUnsafe(HEADER_SIZE + BODY.WRITE_PREFIX);
+  writeRequestHeader(buf, OP.WRITE, tag, BODY.WRITE_PREFIX + dataLength);
+  writeU64(buf, write.regionId, HEADER_SIZE);
+  buf.writeBigUInt64BE(write.key, HEADER_SIZE + 8);
+  writeU64(buf, write.offset, HEADER_SIZE + 16);
+  return buf;
+}
+
+export function decodeWriteRequest(body: Buffer): WriteRequest {
+  need(body, 0, BODY.WRITE_PREFIX, 'WRITE');
+  return { regionId: u64(body, 0), key: body.readBigUInt64BE(8), offset: u64(body, 16), data: body.subarray(BODY.WRITE_PREFIX) };
+}
+
+// ---- READV / WRITEV ----
+
+export function encodeReadvRequest(tag: Tag, entries: readonly RegionAccess[]): Buffer {
+  const length = 2 + entries.length * BODY.VECTOR_ENTRY;
+  const buf = Buffer.allocUnsafe(HEADER_SIZE + length);
+  writeRequestHeader(buf, OP.READV, tag, length);
+  buf.writeUInt16BE(entries.length, HEADER_SIZE);
+  entries.forEach((e, i) => {
+    writeAccess(buf, HEADER_SIZE + 2 + i * BODY.VECTOR_ENTRY, e);
+  });
+  return buf;
+}
+
+export function decodeReadvRequest(body: Buffer): RegionAccess[] {
+  const entries = decodeVector(body, 'READV');
+  exact(body, 2 + entries.length * BODY.VECTOR_ENTRY, 'READV');
+  return entries;
+}
+
+/** Header and entry table of a WRITEV; the data of all entries follows, concatenated. */
+export function encodeWritevHead(tag: Tag, entries: readonly RegionAccess[]): Buffer {
+  const table = 2 + entries.length * BODY.VECTOR_ENTRY;
+  const data = entries.reduce((sum, e) => sum + e.length, 0);
+  const buf = Buffer.allocUnsafe(HEADER_SIZE + table);
+  writeRequestHeader(buf, OP.WRITEV, tag, table + data);
+  buf.writeUInt16BE(entries.length, HEADER_SIZE);
+  entries.forEach((e, i) => {
+    writeAccess(buf, HEADER_SIZE + 2 + i * BODY.VECTOR_ENTRY, e);
+  });
+  return buf;
+}
+
+export function decodeWritevRequest(body: Buffer): WritevRequest {
+  const entries = decodeVector(body, 'WRITEV');
+  const table = 2 + entries.length * BODY.VECTOR_ENTRY;
+  const total = entries.reduce((sum, e) => sum + e.length, 0);
+  exact(body, table + total, 'WRITEV');
+  return { entries, data: body.subarray(table) };
+}
+
+function decodeVector(body: Buffer, what: string): RegionAccess[] {
+  need(body, 0, 2, what);
+  const count = body.readUInt16BE(0);
+  if (count === 0 || count > MAX_VECTOR) throw malformed(`${what}: ${count} entries (1 to ${MAX_VECTOR})`);
+  need(body, 2, count * BODY.VECTOR_ENTRY, what);
+  const entries: RegionAccess[] = [];
+  for (let i = 0; i < count; i++) entries.push(readAccess(body, 2 + i * BODY.VECTOR_ENTRY));
+  return entries;
+}
+
+function writeAccess(buf: Buffer, at: number, access: RegionAccess): void {
+  writeU64(buf, access.regionId, at);
+  buf.writeBigUInt64BE(access.key, at + 8);
+  writeU64(buf, access.offset, at + 16);
+  buf.writeUInt32BE(access.length, at + 24);
+}
+
+function readAccess(body: Buffer, at: number): RegionAccess {
+  return { regionId: u64(body, at), key: body.readBigUInt64BE(at + 8), offset: u64(body, at + 16), length: body.readUInt32BE(at + 24) };
+}
+
+// ---- FREE ----
+
+export function encodeFreeRequest(tag: Tag, free: FreeRequest): Buffer {
+  const buf = Buffer.allocUnsafe(HEADER_SIZE + BODY.FREE);
+  writeRequestHeader(buf, OP.FREE, tag, BODY.FREE);
+  writeU64(buf, free.regionId, HEADER_SIZE);
+  buf.writeBigUInt64BE(free.key, HEADER_SIZE + 8);
+  return buf;
+}
+
+export function decodeFreeRequest(body: Buffer): FreeRequest {
+  exact(body, BODY.FREE, 'FREE');
+  return { regionId: u64(body, 0), key: body.readBigUInt64BE(8) };
+}
+
+// ---- replies with no fields, data replies, errors ----
+
+export function encodeEmptyReply(op: number, tag: Tag): Buffer {
+  const buf = Buffer.allocUnsafe(HEADER_SIZE);
+  writeResponseHeader(buf, op, STATUS.OK, tag, 0);
+  return buf;
+}
+
+/** A reply whose body is `length` bytes of data written after the header by the caller. */
+export function allocDataReply(op: number, tag: Tag, length: number): Buffer {
+  const buf = Buffer.allocUnsafe(HEADER_SIZE + length);
+  writeResponseHeader(buf, op, STATUS.OK, tag, length);
+  return buf;
+}
+
+export function encodeErrorReply(op: number, status: number, tag: Tag, message: string): Buffer {
+  const text = Buffer.from(message.slice(0, MAX_ERROR_MESSAGE), 'utf8').subarray(0, MAX_ERROR_MESSAGE);
+  const buf = Buffer.allocUnsafe(HEADER_SIZE + text.length);
+  writeResponseHeader(buf, op, status, tag, text.length);
+  text.copy(buf, HEADER_SIZE);
+  return buf;
+}
+

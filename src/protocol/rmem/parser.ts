@@ -1,0 +1,127 @@
+// Push parser for rmem frames: feed it socket chunks, it calls back once per complete
+// frame. No I/O; the session layer owns the socket.
+//
+//   state HEADER: collect 20 header bytes (straight from the chunk when they are all
+//                 there, else copied into a small buffer across chunks)
+//   state BODY:   a body wholly inside the chunk is passed on as a subarray of it (no
+//                 copy); one that spans chunks is assembled once into its own buffer
+//
+// A wrong magic or a body longer than the limit cannot be skipped safely (the stream
+// has lost its framing), so the parser reports it once through `onFatal` and ignores
+// all further input. Bodies passed to `onFrame` may be subarrays of a chunk: a consumer
+// that keeps one past the request must copy it.
+
+import { MisuseError } from '../../errors.js';
+import { HEADER_SIZE, MAX_BODY, REQUEST_MAGIC, RESPONSE_MAGIC } from './spec.js';
+
+export interface Frame {
+  op: number;
+  /** `flags` in a request, `status` in a response. */
+  word: number;
+  tagHi: number;
+  tagLo: number;
+  body: Buffer;
+}
+
+export interface FrameHandlers {
+  onFrame(frame: Frame): void;
+  onFatal(error: MisuseError): void;
+}
+
+export class FrameParser {
+  private readonly magic: number;
+  private readonly maxBody: number;
+  private readonly handlers: FrameHandlers;
+  private readonly header: Buffer;
+  private headerHave: number;
+  private body: Buffer | undefined;
+  private bodyHave: number;
+  private op: number;
+  private word: number;
+  private tagHi: number;
+  private tagLo: number;
+  private failed: boolean;
+
+  constructor(direction: 'request' | 'response', handlers: FrameHandlers, maxBody = MAX_BODY) {
+    this.magic = direction === 'request' ? REQUEST_MAGIC : RESPONSE_MAGIC;
+    this.maxBody = maxBody;
+    this.handlers = handlers;
+    this.header = Buffer.alloc(HEADER_SIZE);
+    this.headerHave = 0;
+    this.body = undefined;
+    this.bodyHave = 0;
+    this.op = 0;
+    this.word = 0;
+    this.tagHi = 0;
+    this.tagLo = 0;
+    this.failed = false;
+  }
+
+  /** True once the stream lost its framing; nothing more will be parsed. */
+  get broken(): boolean {
+    return this.failed;
+  }
+
+  feed(chunk: Buffer): void {
+    let at = 0;
+    while (at < chunk.length && !this.failed) {
+      if (this.body === undefined) {
+        let length: number;
+        if (this.headerHave === 0 && chunk.length - at >= HEADER_SIZE) {
+          length = this.readHeader(chunk, at);
+          at += HEADER_SIZE;
+        } else {
+          const n = Math.min(HEADER_SIZE - this.headerHave, chunk.length - at);
+          chunk.copy(this.header, this.headerHave, at, at + n);
+          this.headerHave += n;
+          at += n;
+          if (this.headerHave < HEADER_SIZE) return;
+          this.headerHave = 0;
+          length = this.readHeader(this.header, 0);
+        }
+        if (length < 0) return;
+        if (chunk.length - at >= length) {
+          this.emit(chunk.subarray(at, at + length));
+          at += length;
+          continue;
+        }
+        this.body = Buffer.allocUnsafe(length);
+        this.bodyHave = 0;
+      }
+      const body = this.body;
+      const n = Math.min(body.length - this.bodyHave, chunk.length - at);
+      chunk.copy(body, this.bodyHave, at, at + n);
+      this.bodyHave += n;
+      at += n;
+      if (this.bodyHave === body.length) {
+        this.body = undefined;
+        this.emit(body);
+      }
+    }
+  }
+
+  /** Reads a header; returns the body length, or -1 after reporting a fatal error. */
+  private readHeader(buf: Buffer, at: number): number {
+    const magic = buf.readUInt32BE(at);
+    if (magic !== this.magic) {
+      return this.fail(`bad frame magic 0x${magic.toString(16).padStart(8, '0')}, expected 0x${this.magic.toString(16)}`);
+    }
+    const length = buf.readUInt32BE(at + 16);
+    if (length > this.maxBody) return this.fail(`frame body of ${length} bytes exceeds the limit of ${this.maxBody}`);
+    this.op = buf.readUInt16BE(at + 4);
+    this.word = buf.readUInt16BE(at + 6);
+    this.tagHi = buf.readUInt32BE(at + 8);
+    this.tagLo = buf.readUInt32BE(at + 12);
+    return length;
+  }
+
+  private emit(body: Buffer): void {
+    this.handlers.onFrame({ op: this.op, word: this.word, tagHi: this.tagHi, tagLo: this.tagLo, body });
+  }
+
+  private fail(message: string): number {
+    this.failed = true;
+    this.handlers.onFatal(new MisuseError('MS_RMEM_PROTOCOL', message));
+    return -1;
+  }
+}

@@ -1,0 +1,92 @@
+// rmem protocol, version 1: every constant of the wire format in one place. The
+// normative description is docs/rmem-protocol.md; names here follow it.
+//
+//   request header, 20 bytes               response header, 20 bytes
+//   0  u32 magic  0x524d5131 "RMQ1"        0  u32 magic  0x524d5031 "RMP1"
+//   4  u16 op                              4  u16 op (echoed)
+//   6  u16 flags (0 in v1)                 6  u16 status (0 = OK)
+//   8  u64 tag                             8  u64 tag (echoed)
+//   16 u32 body length                     16 u32 body length
+//
+// All integers are big-endian.
+
+export const VERSION = 1;
+
+export const REQUEST_MAGIC = 0x524d5131;
+export const RESPONSE_MAGIC = 0x524d5031;
+export const HEADER_SIZE = 20;
+
+/** Largest data payload of one READ or WRITE, and of a READV/WRITEV total. */
+export const MAX_DATA = 16 * 1024 * 1024;
+/** Largest body either side accepts: the data plus room for the fields in front of it. */
+export const MAX_BODY = MAX_DATA + 64 * 1024;
+/** Largest number of entries in one READV or WRITEV. */
+export const MAX_VECTOR = 1024;
+/** Bind sizes and address binds are in pages of this size. */
+export const PAGE_SIZE = 4096;
+export const MAX_SERVER_ID = 64;
+export const MAX_TOKEN = 1024;
+export const MAX_ERROR_MESSAGE = 1024;
+
+export const OP = {
+  HELLO: 1,
+  CAPACITY: 2,
+  BIND: 3,
+  READ: 4,
+  WRITE: 5,
+  READV: 6,
+  WRITEV: 7,
+  FREE: 8,
+  KEEPALIVE: 9,
+} as const;
+export type OpName = keyof typeof OP;
+export type Op = (typeof OP)[OpName];
+export const OP_NAME: Readonly<Record<number, OpName>> = Object.fromEntries(Object.entries(OP).map(([name, code]) => [code, name as OpName]));
+
+export const STATUS = {
+  OK: 0,
+  PROTOCOL: 1,
+  VERSION: 2,
+  NO_SESSION: 3,
+  AUTH: 4,
+  NO_CAPACITY: 5,
+  VIOLATION: 6,
+  RANGE: 7,
+  INVALID: 8,
+  TOO_BIG: 9,
+  UNSUPPORTED: 10,
+  SHUTDOWN: 11,
+  IO: 12,
+} as const;
+export type StatusName = keyof typeof STATUS;
+export type Status = (typeof STATUS)[StatusName];
+export const STATUS_NAME: Readonly<Record<number, StatusName>> = Object.fromEntries(
+  Object.entries(STATUS).map(([name, code]) => [code, name as StatusName]),
+);
+
+/** Media as numbered on the wire. */
+export const WIRE_MEDIUM = { dram: 0, flash: 1 } as const;
+export type WireMediumName = keyof typeof WIRE_MEDIUM;
+export const WIRE_MEDIUM_NAME: Readonly<Record<number, WireMediumName>> = { 0: 'dram', 1: 'flash' };
+
+/** How a BIND says where its memory should come from. */
+export const PLACEMENT = { MEDIUM: 0, CLASS: 1, ADDRESS: 2 } as const;
+
+/** Performance classes of BIND (FIG. 16): which medium is tried first. */
+export const PERFORMANCE_CLASS = { highest: 0, capacity: 1 } as const;
+export type PerformanceClass = keyof typeof PERFORMANCE_CLASS;
+export const PERFORMANCE_CLASS_NAME: Readonly<Record<number, PerformanceClass>> = { 0: 'highest', 1: 'capacity' };
+
+/** HELLO reply flag: the node resumed this server's earlier session and its regions. */
+export const HELLO_RESUMED = 0x0001;
+
+/** Fixed body sizes. */
+export const BODY = {
+  BIND: 18,
+  READ: 28,
+  WRITE_PREFIX: 24,
+  FREE: 16,
+  VECTOR_ENTRY: 28,
+  CAPACITY_ENTRY: 41,
+  RANGE: 17,
+} as const;

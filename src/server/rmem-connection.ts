@@ -1,0 +1,321 @@
+// One rmem connection: frames in, requests validated and served, replies out.
+//
+//   socket -> FrameParser -> dispatch(op) -> ServerMemory -> reply -> corked socket
+//
+// Requests on one connection run concurrently and their replies go out as they are
+// ready, in any order; each carries its tag back. Replies made in one tick leave in one
+// corked write. Reading pauses while `maxInFlight` requests are in progress or while the
+// socket's write buffer is full (a client that does not read its replies stops being
+// read), so one connection cannot make the node buffer without bound.
+//
+// A malformed request gets an error reply and the connection carries on; a frame that
+// breaks the framing (bad magic, oversized body) gets one PROTOCOL error with tag 0 and
+// the connection is closed. Either way nothing outside this connection is disturbed.
+
+import type { Socket } from 'node:net';
+import { MisuseError, RuntimeError, isMemstrataError } from '../errors.js';
+import type { ServerMemory, ServerRegion } from '../memory/server-memory.js';
+import {
+  allocDataReply,
+  decodeBindRequest,
+  decodeEmpty,
+  decodeFreeRequest,
+  decodeHelloRequest,
+  decodeReadRequest,
+  decodeReadvRequest,
+  decodeWriteRequest,
+  decodeWritevRequest,
+  encodeBindReply,
+  encodeCapacityReply,
+  encodeEmptyReply,
+  encodeErrorReply,
+  encodeHelloReply,
+  type Tag,
+} from '../protocol/rmem/codec.js';
+import { statusOf } from '../protocol/rmem/errors.js';
+import { FrameParser, type Frame } from '../protocol/rmem/parser.js';
+import { HEADER_SIZE, MAX_BODY, MAX_DATA, OP, OP_NAME, STATUS, VERSION } from '../protocol/rmem/spec.js';
+import type { Logger } from '../node/logger.js';
+
+/** What a connection needs from the service that owns it. */
+export interface ConnectionHost {
+  readonly memory: ServerMemory;
+  readonly log: Logger;
+  readonly maxInFlight: number;
+  readonly stats: RmemStats;
+  isStopping(): boolean;
+  /** Admits a HELLO; returns the session's reply fields or throws a coded error. */
+  hello(connection: RmemConnection, serverId: string, token: string): { resumed: boolean; sessionId: bigint; leaseMs: number; nodeId: string };
+  /** Notes traffic for the lease. */
+  touch(serverId: string): void;
+  closed(connection: RmemConnection): void;
+}
+
+export interface RmemStats {
+  requests: Record<string, number>;
+  errors: Record<string, number>;
+  bytesRead: number;
+  bytesWritten: number;
+  connectionsAccepted: number;
+  protocolErrors: number;
+}
+
+export class RmemConnection {
+  readonly socket: Socket;
+  readonly remote: string;
+  serverId: string | undefined;
+  private readonly host: ConnectionHost;
+  private readonly parser: FrameParser;
+  private inFlight: number;
+  private corked: boolean;
+  private pausedForInFlight: boolean;
+  private pausedForDrain: boolean;
+  private closing: boolean;
+  private idle: (() => void) | undefined;
+
+  constructor(socket: Socket, host: ConnectionHost) {
+    this.socket = socket;
+    this.remote = `${socket.remoteAddress ?? '?'}:${socket.remotePort ?? 0}`;
+    this.serverId = undefined;
+    this.host = host;
+    this.inFlight = 0;
+    this.corked = false;
+    this.pausedForInFlight = false;
+    this.pausedForDrain = false;
+    this.closing = false;
+    this.idle = undefined;
+    this.parser = new FrameParser('request', {
+      onFrame: (frame) => {
+        this.onFrame(frame);
+      },
+      onFatal: (error) => {
+        this.onFatal(error);
+      },
+    }, MAX_BODY);
+    socket.setNoDelay(true);
+    socket.on('data', (chunk: Buffer) => {
+      this.parser.feed(chunk);
+    });
+    socket.on('drain', () => {
+      this.pausedForDrain = false;
+      this.updateFlow();
+    });
+    socket.on('error', (error) => {
+      host.log.debug({ remote: this.remote, err: error }, 'rmem connection error');
+    });
+    socket.on('close', () => {
+      this.closing = true;
+      host.closed(this);
+    });
+  }
+
+  /** True while requests of this connection are still being served. */
+  get busy(): boolean {
+    return this.inFlight > 0;
+  }
+
+  /** Stops reading, lets requests in flight finish, then closes. */
+  async drainAndClose(): Promise<void> {
+    this.closing = true;
+    this.socket.pause();
+    if (this.inFlight > 0) await new Promise<void>((resolve) => (this.idle = resolve));
+    this.socket.end();
+  }
+
+  destroy(reason: string): void {
+    this.host.log.info({ remote: this.remote, server: this.serverId, reason }, 'rmem connection closed by the node');
+    this.closing = true;
+    this.socket.destroy();
+  }
+
+  private onFatal(error: MisuseError): void {
+    this.host.stats.protocolErrors++;
+    this.host.log.warn({ remote: this.remote, server: this.serverId, err: error.message }, 'rmem stream lost its framing; closing the connection');
+    this.send(encodeErrorReply(0, STATUS.PROTOCOL, { hi: 0, lo: 0 }, error.message));
+    this.closing = true;
+    this.socket.end();
+  }
+
+  private onFrame(frame: Frame): void {
+    if (this.closing) return;
+    const tag: Tag = { hi: frame.tagHi, lo: frame.tagLo };
+    const name = OP_NAME[frame.op] ?? 'UNKNOWN';
+    this.host.stats.requests[name] = (this.host.stats.requests[name] ?? 0) + 1;
+    this.inFlight++;
+    this.updateFlow();
+    this.dispatch(frame, tag)
+      .catch((error: unknown) => {
+        this.replyError(frame.op, tag, error);
+      })
+      .finally(() => {
+        this.inFlight--;
+        if (this.inFlight === 0 && this.idle !== undefined) this.idle();
+        this.updateFlow();
+      });
+  }
+
+  private async dispatch(frame: Frame, tag: Tag): Promise<void> {
+    if (this.host.isStopping()) throw new RuntimeError('MS_SHUTTING_DOWN', 'the node is stopping');
+    const { op, body } = frame;
+    if (op === OP.HELLO) return this.onHello(body, tag);
+    const serverId = this.serverId;
+    if (serverId === undefined) {
+      if (OP_NAME[op] === undefined) throw new MisuseError('MS_RMEM_UNSUPPORTED', `unknown operation ${op}`);
+      throw new MisuseError('MS_RMEM_NO_SESSION', `${OP_NAME[op] ?? op} before HELLO`);
+    }
+    this.host.touch(serverId);
+    const memory = this.host.memory;
+    switch (op) {
+      case OP.KEEPALIVE:
+        decodeEmpty(body, 'KEEPALIVE');
+        this.send(encodeEmptyReply(OP.KEEPALIVE, tag));
+        return;
+      case OP.CAPACITY:
+        decodeEmpty(body, 'CAPACITY');
+        this.send(encodeCapacityReply(tag, memory.capacity(serverId)));
+        return;
+      case OP.BIND:
+        return this.onBind(serverId, body, tag);
+      case OP.READ:
+        return this.onRead(serverId, body, tag);
+      case OP.WRITE:
+        return this.onWrite(serverId, body, tag);
+      case OP.READV:
+        return this.onReadv(serverId, body, tag);
+      case OP.WRITEV:
+        return this.onWritev(serverId, body, tag);
+      case OP.FREE: {
+        const request = decodeFreeRequest(body);
+        await memory.free(serverId, request.regionId, request.key);
+        this.send(encodeEmptyReply(OP.FREE, tag));
+        return;
+      }
+      default:
+        throw new MisuseError('MS_RMEM_UNSUPPORTED', `unknown operation ${op}`);
+    }
+  }
+
+  private async onHello(body: Buffer, tag: Tag): Promise<void> {
+    const hello = decodeHelloRequest(body);
+    if (this.serverId !== undefined) throw new MisuseError('MS_RMEM_NO_SESSION', `HELLO on a connection that already belongs to server ${this.serverId}`);
+    if (hello.version !== VERSION) {
+      throw new MisuseError('MS_RMEM_VERSION', `protocol version ${hello.version} is not supported; this node speaks version ${VERSION}`);
+    }
+    const session = this.host.hello(this, hello.serverId, hello.token);
+    this.serverId = hello.serverId;
+    this.send(encodeHelloReply(tag, { version: VERSION, maxBody: MAX_BODY, ...session }));
+    return Promise.resolve();
+  }
+
+  private async onBind(serverId: string, body: Buffer, tag: Tag): Promise<void> {
+    const request = decodeBindRequest(body);
+    const region = await this.host.memory.bind(serverId, request.size, request.placement);
+    this.send(encodeBindReply(tag, { regionId: region.id, key: region.key, size: region.size, ranges: [...region.ranges] }));
+  }
+
+  private async onRead(serverId: string, body: Buffer, tag: Tag): Promise<void> {
+    const request = decodeReadRequest(body);
+    if (request.length > MAX_DATA) throw tooBig(request.length);
+    const region = this.host.memory.lookup(serverId, request.regionId, request.key);
+    const reply = allocDataReply(OP.READ, tag, request.length);
+    await this.host.memory.read(region, request.offset, reply.subarray(HEADER_SIZE));
+    this.host.stats.bytesRead += request.length;
+    this.send(reply);
+  }
+
+  private async onWrite(serverId: string, body: Buffer, tag: Tag): Promise<void> {
+    const request = decodeWriteRequest(body);
+    const region = this.host.memory.lookup(serverId, request.regionId, request.key);
+    await this.host.memory.write(region, request.offset, request.data);
+    this.host.stats.bytesWritten += request.data.length;
+    this.send(encodeEmptyReply(OP.WRITE, tag));
+  }
+
+  private async onReadv(serverId: string, body: Buffer, tag: Tag): Promise<void> {
+    const entries = decodeReadvRequest(body);
+    const total = entries.reduce((sum, e) => sum + e.length, 0);
+    if (total > MAX_DATA) throw tooBig(total);
+    // Every entry is checked before any is read: a READV is served whole or not at all.
+    const regions = entries.map((e) => this.checkedRegion(serverId, e.regionId, e.key, e.offset, e.length));
+    const reply = allocDataReply(OP.READV, tag, total);
+    let at = HEADER_SIZE;
+    const reads: Promise<void>[] = [];
+    for (const [i, e] of entries.entries()) {
+      const region = regions[i];
+      if (region !== undefined) reads.push(this.host.memory.read(region, e.offset, reply.subarray(at, at + e.length)));
+      at += e.length;
+    }
+    await Promise.all(reads);
+    this.host.stats.bytesRead += total;
+    this.send(reply);
+  }
+
+  private async onWritev(serverId: string, body: Buffer, tag: Tag): Promise<void> {
+    const { entries, data } = decodeWritevRequest(body);
+    const regions = entries.map((e) => this.checkedRegion(serverId, e.regionId, e.key, e.offset, e.length));
+    let at = 0;
+    const writes: Promise<void>[] = [];
+    for (const [i, e] of entries.entries()) {
+      const region = regions[i];
+      if (region !== undefined) writes.push(this.host.memory.write(region, e.offset, data.subarray(at, at + e.length)));
+      at += e.length;
+    }
+    await Promise.all(writes);
+    this.host.stats.bytesWritten += data.length;
+    this.send(encodeEmptyReply(OP.WRITEV, tag));
+  }
+
+  private checkedRegion(serverId: string, regionId: number, key: bigint, offset: number, length: number): ServerRegion {
+    const region = this.host.memory.lookup(serverId, regionId, key);
+    if (offset < 0 || offset + length > region.size) {
+      throw new MisuseError('MS_RMEM_RANGE', `offset ${offset} length ${length} lies outside region ${regionId} of ${region.size} bytes`);
+    }
+    return region;
+  }
+
+  private replyError(op: number, tag: Tag, error: unknown): void {
+    const status = statusOf(error);
+    const name = OP_NAME[op] ?? 'UNKNOWN';
+    this.host.stats.errors[name] = (this.host.stats.errors[name] ?? 0) + 1;
+    const message = error instanceof Error ? error.message : String(error);
+    if (!isMemstrataError(error) || status === STATUS.IO) {
+      this.host.log.error({ remote: this.remote, server: this.serverId, op: name, err: error }, 'rmem request failed');
+    }
+    this.send(encodeErrorReply(op, status, tag, message));
+    // A refused HELLO (token, version) ends the connection; the client has nothing more to say.
+    if (op === OP.HELLO && this.serverId === undefined && (status === STATUS.AUTH || status === STATUS.VERSION)) {
+      this.closing = true;
+      this.socket.end();
+    }
+  }
+
+  /** Queues a reply; everything sent in one tick leaves in one corked write. */
+  private send(buf: Buffer): void {
+    if (this.socket.destroyed) return;
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      process.nextTick(() => {
+        this.corked = false;
+        this.socket.uncork();
+      });
+    }
+    if (!this.socket.write(buf)) {
+      this.pausedForDrain = true;
+      this.updateFlow();
+    }
+  }
+
+  private updateFlow(): void {
+    const limit = this.host.maxInFlight;
+    if (this.inFlight >= limit) this.pausedForInFlight = true;
+    else if (this.inFlight <= limit >> 1) this.pausedForInFlight = false;
+    if (this.closing) return;
+    if (this.pausedForInFlight || this.pausedForDrain) this.socket.pause();
+    else this.socket.resume();
+  }
+}
+
+function tooBig(length: number): MisuseError {
+  return new MisuseError('MS_RMEM_TOO_BIG', `${length} bytes of data in one request exceeds the limit of ${MAX_DATA}`);
+}

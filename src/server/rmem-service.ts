@@ -1,0 +1,231 @@
+// The rmem service: the node's first type interface (DESIGN 4.4), on TCP 10810.
+//
+// Sessions belong to server ids, not to connections:
+//
+//   HELLO(server id, token) -> session (new, or resumed if one is within its lease)
+//   connection lost         -> session kept for the lease; regions untouched
+//   HELLO again in time     -> same session, same regions (resumed flag set)
+//   lease runs out          -> every region freed and zeroed, server removed (FIG. 15)
+//
+// A connected session that sends nothing (not even KEEPALIVE) for a lease is treated as
+// lost: its connection is closed and the grace period starts. One coarse timer, a
+// quarter of the lease, drives both. A second HELLO for a server that is connected
+// elsewhere takes the session over and closes the older connection, which is what a
+// client that noticed a dead link before the node did needs. With a token configured,
+// HELLO must present it (compared in constant time).
+
+import { createServer, type Server, type Socket } from 'node:net';
+import { randomBytes, timingSafeEqual } from 'node:crypto';
+import { MisuseError, NetworkError } from '../errors.js';
+import type { ServerMemory } from '../memory/server-memory.js';
+import type { Logger } from '../node/logger.js';
+import { formatAddress, type ListenAddress } from '../units.js';
+import { RmemConnection, type ConnectionHost, type RmemStats } from './rmem-connection.js';
+
+export interface RmemServiceOptions {
+  memory: ServerMemory;
+  log: Logger;
+  nodeId: string;
+  leaseMs: number;
+  token: string | undefined;
+  maxInFlight: number;
+}
+
+export interface SessionInfo {
+  serverId: string;
+  sessionId: string;
+  state: 'connected' | 'disconnected';
+  remote: string | undefined;
+  since: string;
+  /** While disconnected: milliseconds until the regions are freed. */
+  expiresInMs: number | undefined;
+}
+
+interface Session {
+  serverId: string;
+  sessionId: bigint;
+  connection: RmemConnection | undefined;
+  lastSeen: number;
+  since: number;
+  disconnectedAt: number;
+}
+
+export class RmemService implements ConnectionHost {
+  readonly memory: ServerMemory;
+  readonly log: Logger;
+  readonly maxInFlight: number;
+  readonly stats: RmemStats;
+  private readonly options: RmemServiceOptions;
+  private readonly sessions: Map<string, Session>;
+  private readonly connections: Set<RmemConnection>;
+  private server: Server | undefined;
+  private timer: NodeJS.Timeout | undefined;
+  private stopping: boolean;
+  private bound: ListenAddress | undefined;
+
+  constructor(options: RmemServiceOptions) {
+    this.options = options;
+    this.memory = options.memory;
+    this.log = options.log;
+    this.maxInFlight = options.maxInFlight;
+    this.stats = { requests: {}, errors: {}, bytesRead: 0, bytesWritten: 0, connectionsAccepted: 0, protocolErrors: 0 };
+    this.sessions = new Map();
+    this.connections = new Set();
+    this.server = undefined;
+    this.timer = undefined;
+    this.stopping = false;
+    this.bound = undefined;
+  }
+
+  get address(): ListenAddress | undefined {
+    return this.bound;
+  }
+
+  get leaseMs(): number {
+    return this.options.leaseMs;
+  }
+
+  async listen(address: ListenAddress): Promise<ListenAddress> {
+    const server = createServer((socket) => {
+      this.accept(socket);
+    });
+    try {
+      await new Promise<void>((resolve, reject) => {
+        server.once('error', reject);
+        server.listen({ host: address.host, port: address.port }, () => {
+          server.off('error', reject);
+          resolve();
+        });
+      });
+    } catch (error) {
+      throw new NetworkError('MS_LISTEN_FAILED', `rmem service cannot listen on ${formatAddress(address)}: ${(error as Error).message}`, {
+        cause: error,
+        details: { service: 'rmem', address: formatAddress(address) },
+      });
+    }
+    server.on('error', (error) => {
+      this.log.error({ err: error }, 'rmem listener error');
+    });
+    this.server = server;
+    const info = server.address();
+    this.bound = typeof info === 'object' && info !== null ? { host: address.host, port: info.port } : address;
+    const tick = Math.max(25, Math.floor(this.options.leaseMs / 4));
+    this.timer = setInterval(() => {
+      this.checkLeases();
+    }, tick);
+    this.timer.unref();
+    return this.bound;
+  }
+
+  /** Stops accepting, lets requests in flight finish, closes every connection. Regions are volatile and go with the node. */
+  async close(): Promise<void> {
+    this.stopping = true;
+    if (this.timer !== undefined) clearInterval(this.timer);
+    const server = this.server;
+    this.server = undefined;
+    const closed = server === undefined ? Promise.resolve() : new Promise<void>((resolve) => server.close(() => {
+      resolve();
+    }));
+    await Promise.all([...this.connections].map((c) => c.drainAndClose()));
+    for (const c of this.connections) c.socket.destroy();
+    await closed;
+  }
+
+  isStopping(): boolean {
+    return this.stopping;
+  }
+
+  sessionsInfo(now = Date.now()): SessionInfo[] {
+    return [...this.sessions.values()]
+      .sort((a, b) => a.serverId.localeCompare(b.serverId))
+      .map((s) => ({
+        serverId: s.serverId,
+        sessionId: s.sessionId.toString(16).padStart(16, '0'),
+        state: s.connection === undefined ? 'disconnected' : 'connected',
+        remote: s.connection?.remote,
+        since: new Date(s.since).toISOString(),
+        expiresInMs: s.connection === undefined ? Math.max(0, s.disconnectedAt + this.options.leaseMs - now) : undefined,
+      }));
+  }
+
+  hello(connection: RmemConnection, serverId: string, token: string): { resumed: boolean; sessionId: bigint; leaseMs: number; nodeId: string } {
+    const expected = this.options.token;
+    if (expected !== undefined && !sameToken(expected, token)) {
+      this.log.warn({ remote: connection.remote, server: serverId }, 'rmem HELLO with a wrong token refused');
+      throw new MisuseError('MS_RMEM_AUTH', `server ${serverId} presented no valid token`);
+    }
+    const now = Date.now();
+    const existing = this.sessions.get(serverId);
+    if (existing !== undefined) {
+      const previous = existing.connection;
+      existing.connection = connection;
+      existing.lastSeen = now;
+      if (previous !== undefined && previous !== connection) previous.destroy(`server ${serverId} connected again from ${connection.remote}`);
+      this.log.info({ server: serverId, remote: connection.remote }, 'rmem session resumed');
+      return { resumed: true, sessionId: existing.sessionId, leaseMs: this.options.leaseMs, nodeId: this.options.nodeId };
+    }
+    const session: Session = { serverId, sessionId: randomBytes(8).readBigUInt64BE(0), connection, lastSeen: now, since: now, disconnectedAt: 0 };
+    this.sessions.set(serverId, session);
+    this.log.info({ server: serverId, remote: connection.remote }, 'rmem session opened');
+    return { resumed: false, sessionId: session.sessionId, leaseMs: this.options.leaseMs, nodeId: this.options.nodeId };
+  }
+
+  touch(serverId: string): void {
+    const session = this.sessions.get(serverId);
+    if (session !== undefined) session.lastSeen = Date.now();
+  }
+
+  closed(connection: RmemConnection): void {
+    this.connections.delete(connection);
+    const serverId = connection.serverId;
+    if (serverId === undefined) return;
+    const session = this.sessions.get(serverId);
+    if (session === undefined || session.connection !== connection) return;
+    session.connection = undefined;
+    session.disconnectedAt = Date.now();
+    const holds = this.memory.capacity(serverId).some((c) => c.used > 0);
+    if (!holds && !connection.busy) {
+      // Nothing to keep for a reconnect (and no bind still running): forget the session now.
+      this.sessions.delete(serverId);
+      this.log.info({ server: serverId }, 'rmem session closed');
+      return;
+    }
+    this.log.info({ server: serverId, leaseMs: this.options.leaseMs }, 'rmem connection lost; regions kept for the lease');
+  }
+
+  private accept(socket: Socket): void {
+    if (this.stopping) {
+      socket.destroy();
+      return;
+    }
+    this.stats.connectionsAccepted++;
+    this.connections.add(new RmemConnection(socket, this));
+  }
+
+  private checkLeases(now = Date.now()): void {
+    const lease = this.options.leaseMs;
+    for (const session of this.sessions.values()) {
+      if (session.connection !== undefined) {
+        if (now - session.lastSeen > lease) session.connection.destroy(`no request or keepalive for ${lease} ms`);
+        continue;
+      }
+      if (now - session.disconnectedAt <= lease) continue;
+      this.sessions.delete(session.serverId);
+      const serverId = session.serverId;
+      this.memory.releaseServer(serverId).then(
+        (regions) => {
+          this.log.info({ server: serverId, regions }, 'rmem lease expired; regions freed and zeroed');
+        },
+        (error: unknown) => {
+          this.log.error({ server: serverId, err: error }, 'rmem lease expired but freeing its regions failed');
+        },
+      );
+    }
+  }
+}
+
+function sameToken(expected: string, given: string): boolean {
+  const a = Buffer.from(expected, 'utf8');
+  const b = Buffer.from(given, 'utf8');
+  return a.length === b.length && timingSafeEqual(a, b);
+}
