@@ -4,10 +4,11 @@
 
 import { Command, CommanderError, Option } from 'commander';
 import { MisuseError, isMemstrataError } from '../errors.js';
-import type { AllocationTableJson, NodeInfo, PartitionTableJson, ResizeResponse } from '../admin/api.js';
+import type { AllocationTableJson, NodeInfo, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson } from '../admin/api.js';
+import { RmemClient } from '../client/rmem-client.js';
 import { KINDS, MEDIA, USED_KINDS } from '../memory/kinds.js';
 import { SETTINGS } from '../node/config.js';
-import { formatSize, humanSize } from '../units.js';
+import { formatSize, humanSize, parseAddress } from '../units.js';
 import { VERSION } from '../version.js';
 import { AdminClient, DEFAULT_ADMIN_URL } from '../client/admin-client.js';
 import { startNodeCommand } from './node-start.js';
@@ -86,6 +87,42 @@ export function buildProgram(output: Output = processOutput): Command {
         return;
       }
       output.out([renderNode(info), renderPartition(partition), renderAllocation(allocation)].join('\n\n'));
+    });
+
+  // ---- servers ----
+  program
+    .command('servers')
+    .description('rmem sessions and the server memory allocate table (patent FIG. 13) of a node')
+    .addOption(adminOption())
+    .addOption(jsonOption())
+    .action(async (options: { admin: string; json?: boolean }) => {
+      const servers = await new AdminClient(options.admin).get<ServersJson>('/v1/servers');
+      output.out(options.json === true ? JSON.stringify(servers, null, 2) : `${renderSessions(servers.sessions)}\n\n${renderAllocation(servers.allocation)}`);
+    });
+
+  // ---- rmem ----
+  const rmem = program.command('rmem').description('talk to a node\'s rmem remote-memory service');
+  rmem
+    .command('capacity')
+    .description('ask a node for its capacity per medium, as a host does at discovery (patent FIG. 14)')
+    .option('--node <host:port>', 'rmem address of the node', '127.0.0.1:10810')
+    .option('--server-id <id>', 'server id to say HELLO with', `memstrata-cli-${process.pid}`)
+    .addOption(new Option('--token <token>', 'shared token, if the node requires one').env('MEMSTRATA_RMEM_TOKEN'))
+    .addOption(jsonOption())
+    .action(async (options: { node: string; serverId: string; token?: string; json?: boolean }) => {
+      const address = parseNodeAddress(options.node);
+      const client = await RmemClient.connect({ ...address, serverId: options.serverId, ...(options.token === undefined ? {} : { token: options.token }), reconnect: false, keepalive: false });
+      try {
+        const capacity = await client.capacity();
+        if (options.json === true) {
+          output.out(JSON.stringify({ node: client.session.nodeId, leaseMs: client.session.leaseMs, capacity }, null, 2));
+          return;
+        }
+        const rows = capacity.map((c) => [c.medium, formatSize(c.total), formatSize(c.partition), formatSize(c.available), formatSize(c.growable), formatSize(c.used)]);
+        output.out(`node ${client.session.nodeId}  lease ${client.session.leaseMs} ms\n${textTable(['MEDIUM', 'TOTAL', 'SERVER PARTITION', 'AVAILABLE', 'GROWABLE', 'USED'], rows, [1, 2, 3, 4, 5])}`);
+      } finally {
+        await client.close();
+      }
     });
 
   // ---- partition ----
@@ -172,6 +209,7 @@ export function renderNode(info: NodeInfo): string {
     `node ${info.id}  version ${info.version}  pid ${info.pid}  up ${formatUptime(info.uptimeSeconds)}`,
     `data directory  ${info.dataDir}`,
     `admin           ${info.listen.admin}`,
+    `rmem            ${info.listen.rmem}`,
   ].join('\n');
   const rows = info.media.map((m) => {
     const usage = info.usage.find((u) => u.medium === m.name);
@@ -196,6 +234,20 @@ export function renderAllocation(table: AllocationTableJson): string {
   if (table.rows.length === 0) return 'Server memory allocate table\n(no server holds memory on this node)';
   const rows = table.rows.map((r) => [r.serverId, String(r.regionId), r.medium, r.range, formatSize(r.length)]);
   return `Server memory allocate table\n${textTable(['SERVER ID', 'REGION', 'MEDIUM', 'PHYSICAL ADDRESS', 'SIZE'], rows, [1, 4])}`;
+}
+
+export function renderSessions(sessions: readonly RmemSessionJson[]): string {
+  if (sessions.length === 0) return 'rmem sessions\n(no server is connected or within its lease)';
+  const rows = sessions.map((s) => [s.serverId, s.state, s.remote ?? '-', s.since, s.expiresInMs === undefined ? '-' : `${(s.expiresInMs / 1000).toFixed(1)}s`]);
+  return `rmem sessions\n${textTable(['SERVER ID', 'STATE', 'REMOTE', 'SINCE', 'REGIONS FREED IN'], rows)}`;
+}
+
+function parseNodeAddress(text: string): { host: string; port: number } {
+  try {
+    return parseAddress(text);
+  } catch {
+    throw new MisuseError('MS_BAD_REQUEST', `--node expects HOST:PORT, got "${text}"`);
+  }
 }
 
 function formatUptime(seconds: number): string {

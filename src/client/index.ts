@@ -1,8 +1,10 @@
 // `memstrata/client`: programmatic clients of a memstrata node.
 //
-// Today that is the admin API client; the remote-memory client (RmemClient) joins it
-// with the rmem service. Everything thrown is a coded MemstrataError.
+// RmemClient borrows memory from a node over the rmem protocol (docs/rmem-protocol.md);
+// AdminClient reads a node's admin API. Everything thrown is a coded MemstrataError.
 
+export { RmemClient } from './rmem-client.js';
+export type { BindWhere, CapacityEntry, MediumName, PerformanceClass, Region, RmemClientEvents, RmemClientOptions, WireRange } from './rmem-client.js';
 export { AdminClient, DEFAULT_ADMIN_URL } from './admin-client.js';
 export type {
   AllocationRowJson,
@@ -14,6 +16,8 @@ export type {
   PartitionTableJson,
   ResizeRequest,
   ResizeResponse,
+  RmemSessionJson,
+  ServersJson,
 } from '../admin/api.js';
 export { ERRORS, MemstrataError, MisuseError, NetworkError, RuntimeError, StorageError, isMemstrataError } from '../errors.js';
 export type { Category, ErrorCode } from '../errors.js';

@@ -1,0 +1,143 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import * as codec from '../../../../src/protocol/rmem/codec.js';
+import { FrameParser, type Frame } from '../../../../src/protocol/rmem/parser.js';
+import { HEADER_SIZE, OP, STATUS } from '../../../../src/protocol/rmem/spec.js';
+
+const tag = { hi: 0x01020304, lo: 0xfffffffe };
+
+/** Parses whole encoded frames back into their (header, body) form. */
+function parse(direction: 'request' | 'response', ...buffers: Buffer[]): Frame[] {
+  const frames: Frame[] = [];
+  const parser = new FrameParser(direction, {
+    onFrame: (f) => frames.push({ ...f, body: Buffer.from(f.body) }),
+    onFatal: (e) => {
+      throw e;
+    },
+  });
+  parser.feed(Buffer.concat(buffers));
+  return frames;
+}
+
+function one(direction: 'request' | 'response', ...buffers: Buffer[]): Frame {
+  const frames = parse(direction, ...buffers);
+  assert.equal(frames.length, 1);
+  const frame = frames[0]!;
+  assert.deepEqual([frame.tagHi, frame.tagLo], [tag.hi, tag.lo], 'tag survives');
+  return frame;
+}
+
+const u64 = fc.integer({ min: 0, max: Number.MAX_SAFE_INTEGER });
+const key = fc.bigInt({ min: 0n, max: 2n ** 64n - 1n });
+const medium = fc.constantFrom('dram' as const, 'flash' as const);
+const access = fc.record({ regionId: u64, key, offset: u64, length: fc.nat({ max: 0xffffffff }) });
+
+test('HELLO round-trips both ways', () => {
+  fc.assert(
+    fc.property(fc.string({ minLength: 1, maxLength: 20 }), fc.string({ maxLength: 40 }), fc.nat({ max: 0xffff }), (serverId, token, version) => {
+      const frame = one('request', codec.encodeHelloRequest(tag, { version, serverId, token }));
+      assert.equal(frame.op, OP.HELLO);
+      assert.deepEqual(codec.decodeHelloRequest(frame.body), { version, serverId, token });
+    }),
+  );
+  const reply = { version: 1, resumed: true, leaseMs: 30000, maxBody: 1 << 24, sessionId: 2n ** 63n + 5n, nodeId: 'ms-12345678' };
+  assert.deepEqual(codec.decodeHelloReply(one('response', codec.encodeHelloReply(tag, reply)).body), reply);
+});
+
+test('CAPACITY round-trips', () => {
+  fc.assert(
+    fc.property(fc.array(fc.record({ medium, total: u64, partition: u64, available: u64, growable: u64, used: u64 }), { maxLength: 4 }), (entries) => {
+      const request = one('request', codec.encodeEmptyRequest(OP.CAPACITY, tag));
+      codec.decodeEmpty(request.body, 'CAPACITY');
+      const frame = one('response', codec.encodeCapacityReply(tag, entries));
+      assert.equal(frame.word, STATUS.OK);
+      assert.deepEqual(codec.decodeCapacityReply(frame.body), structuredClone(entries));
+    }),
+  );
+});
+
+test('BIND round-trips for every placement', () => {
+  const placement = fc.oneof(
+    fc.record({ kind: fc.constant('medium' as const), medium }),
+    fc.record({ kind: fc.constant('class' as const), class: fc.constantFrom('highest' as const, 'capacity' as const) }),
+    fc.record({ kind: fc.constant('address' as const), medium, address: u64 }),
+  );
+  fc.assert(
+    fc.property(u64, placement, (size, p) => {
+      assert.deepEqual(codec.decodeBindRequest(one('request', codec.encodeBindRequest(tag, { size, placement: p })).body), structuredClone({ size, placement: p }));
+    }),
+  );
+  fc.assert(
+    fc.property(u64, key, u64, fc.array(fc.record({ medium, start: u64, length: u64 }), { maxLength: 5 }), (regionId, k, size, ranges) => {
+      const reply = { regionId, key: k, size, ranges };
+      assert.deepEqual(codec.decodeBindReply(one('response', codec.encodeBindReply(tag, reply)).body), structuredClone(reply));
+    }),
+  );
+});
+
+test('READ, WRITE, READV, WRITEV and FREE round-trip', () => {
+  fc.assert(
+    fc.property(access, fc.uint8Array({ maxLength: 64 }), (a, data) => {
+      assert.deepEqual(codec.decodeReadRequest(one('request', codec.encodeReadRequest(tag, a)).body), structuredClone(a));
+      const write = one('request', codec.encodeWriteHead(tag, a, data.length), Buffer.from(data));
+      const decoded = codec.decodeWriteRequest(write.body);
+      assert.deepEqual({ ...decoded, data: [...decoded.data] }, { regionId: a.regionId, key: a.key, offset: a.offset, data: [...data] });
+      assert.deepEqual(codec.decodeFreeRequest(one('request', codec.encodeFreeRequest(tag, a)).body), { regionId: a.regionId, key: a.key });
+    }),
+  );
+  fc.assert(
+    fc.property(fc.array(fc.record({ regionId: u64, key, offset: u64, length: fc.nat({ max: 16 }) }), { minLength: 1, maxLength: 8 }), (entries) => {
+      assert.deepEqual(codec.decodeReadvRequest(one('request', codec.encodeReadvRequest(tag, entries)).body), structuredClone(entries));
+      const data = Buffer.alloc(entries.reduce((s, e) => s + e.length, 0), 0x5a);
+      const writev = codec.decodeWritevRequest(one('request', codec.encodeWritevHead(tag, entries), data).body);
+      assert.deepEqual(writev.entries, structuredClone(entries));
+      assert.ok(writev.data.equals(data));
+    }),
+  );
+});
+
+test('replies: empty, data and error frames carry op, status and tag', () => {
+  const empty = one('response', codec.encodeEmptyReply(OP.WRITE, tag));
+  assert.deepEqual([empty.op, empty.word, empty.body.length], [OP.WRITE, STATUS.OK, 0]);
+  const data = codec.allocDataReply(OP.READ, tag, 5);
+  data.write('hello', HEADER_SIZE);
+  assert.equal(one('response', data).body.toString(), 'hello');
+  const error = one('response', codec.encodeErrorReply(OP.FREE, STATUS.VIOLATION, tag, 'not yours'));
+  assert.deepEqual([error.op, error.word, error.body.toString()], [OP.FREE, STATUS.VIOLATION, 'not yours']);
+  const long = one('response', codec.encodeErrorReply(OP.FREE, STATUS.IO, tag, 'x'.repeat(5000)));
+  assert.equal(long.body.length, 1024, 'error messages are capped');
+});
+
+test('decoders refuse malformed bodies with coded errors', () => {
+  const bad: [() => unknown, string][] = [
+    [() => codec.decodeHelloRequest(Buffer.alloc(3)), 'MS_RMEM_PROTOCOL'],
+    [() => codec.decodeHelloRequest(Buffer.from([0, 1, 0, 0, 0, 0, 0])), 'MS_RMEM_PROTOCOL'], // empty server id
+    [() => codec.decodeHelloRequest(Buffer.from([0, 1, 0, 0, 65, ...Buffer.alloc(67)])), 'MS_RMEM_PROTOCOL'], // id too long
+    [() => codec.decodeHelloRequest(Buffer.from([0, 1, 0, 0, 1, 97, 0, 5, 1])), 'MS_RMEM_PROTOCOL'], // token shorter than said
+    [() => codec.decodeHelloRequest(Buffer.from([0, 1, 0, 0, 1, 97, 0, 0, 9])), 'MS_RMEM_PROTOCOL'], // trailing byte
+    [() => codec.decodeBindRequest(Buffer.alloc(17)), 'MS_RMEM_PROTOCOL'],
+    [() => codec.decodeBindRequest(Buffer.from([...Buffer.alloc(8), 0, 7, ...Buffer.alloc(8)])), 'MS_RMEM_INVALID'], // medium 7
+    [() => codec.decodeBindRequest(Buffer.from([...Buffer.alloc(8), 1, 9, ...Buffer.alloc(8)])), 'MS_RMEM_INVALID'], // class 9
+    [() => codec.decodeBindRequest(Buffer.from([...Buffer.alloc(8), 3, 0, ...Buffer.alloc(8)])), 'MS_RMEM_INVALID'], // placement 3
+    [() => codec.decodeReadRequest(Buffer.alloc(27)), 'MS_RMEM_PROTOCOL'],
+    [() => codec.decodeWriteRequest(Buffer.alloc(23)), 'MS_RMEM_PROTOCOL'],
+    [() => codec.decodeReadvRequest(Buffer.from([0, 0])), 'MS_RMEM_PROTOCOL'], // zero entries
+    [() => codec.decodeReadvRequest(Buffer.from([0x04, 0x01])), 'MS_RMEM_PROTOCOL'], // 1025 entries
+    [() => codec.decodeReadvRequest(Buffer.from([0, 1, ...Buffer.alloc(27)])), 'MS_RMEM_PROTOCOL'],
+    [() => codec.decodeWritevRequest(Buffer.from([0, 1, ...Buffer.alloc(24), 0, 0, 0, 4, 1, 2])), 'MS_RMEM_PROTOCOL'], // data shorter than said
+    [() => codec.decodeFreeRequest(Buffer.alloc(17)), 'MS_RMEM_PROTOCOL'],
+    [() => codec.decodeEmpty(Buffer.alloc(1), 'KEEPALIVE'), 'MS_RMEM_PROTOCOL'],
+    [() => codec.decodeCapacityReply(Buffer.from([1, 0])), 'MS_RMEM_PROTOCOL'],
+    [() => codec.decodeBindReply(Buffer.alloc(25)), 'MS_RMEM_PROTOCOL'],
+  ];
+  for (const [fn, code] of bad) assert.throws(fn, { code }, fn.toString());
+});
+
+test('64-bit fields at or above 2^53 never decode as a small number', () => {
+  const body = Buffer.alloc(28, 0xff);
+  const read = codec.decodeReadRequest(body);
+  assert.ok(read.regionId > Number.MAX_SAFE_INTEGER);
+  assert.ok(read.offset > Number.MAX_SAFE_INTEGER);
+  assert.equal(read.key, 2n ** 64n - 1n);
+});

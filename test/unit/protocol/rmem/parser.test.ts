@@ -1,0 +1,98 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import * as codec from '../../../../src/protocol/rmem/codec.js';
+import { FrameParser, type Frame } from '../../../../src/protocol/rmem/parser.js';
+import { OP } from '../../../../src/protocol/rmem/spec.js';
+
+function collect(direction: 'request' | 'response' = 'request', maxBody?: number) {
+  const frames: Frame[] = [];
+  const fatal: string[] = [];
+  const parser = new FrameParser(
+    direction,
+    {
+      onFrame: (f) => frames.push({ ...f, body: Buffer.from(f.body) }),
+      onFatal: (e) => fatal.push(`${e.code}: ${e.message}`),
+    },
+    maxBody,
+  );
+  return { parser, frames, fatal };
+}
+
+const sample = (): Buffer[] => [
+  codec.encodeHelloRequest({ hi: 0, lo: 1 }, { version: 1, serverId: 'srv-a', token: 't' }),
+  codec.encodeReadRequest({ hi: 0, lo: 2 }, { regionId: 7, key: 99n, offset: 4096, length: 512 }),
+  Buffer.concat([codec.encodeWriteHead({ hi: 0, lo: 3 }, { regionId: 7, key: 99n, offset: 0 }, 10), Buffer.from('0123456789')]),
+  codec.encodeEmptyRequest(OP.KEEPALIVE, { hi: 1, lo: 4 }),
+  codec.encodeWritevHead({ hi: 0, lo: 5 }, [{ regionId: 1, key: 2n, offset: 3, length: 0 }]),
+];
+
+test('several frames in one chunk come out in order', () => {
+  const { parser, frames, fatal } = collect();
+  parser.feed(Buffer.concat(sample()));
+  assert.deepEqual(fatal, []);
+  assert.deepEqual(frames.map((f) => [f.op, f.tagHi, f.tagLo]), [[OP.HELLO, 0, 1], [OP.READ, 0, 2], [OP.WRITE, 0, 3], [OP.KEEPALIVE, 1, 4], [OP.WRITEV, 0, 5]]);
+  assert.equal(codec.decodeWriteRequest(frames[2]!.body).data.toString(), '0123456789');
+});
+
+test('a stream split at every byte boundary parses the same', () => {
+  const stream = Buffer.concat(sample());
+  const whole = collect();
+  whole.parser.feed(stream);
+  for (let cut = 0; cut <= stream.length; cut++) {
+    const split = collect();
+    split.parser.feed(stream.subarray(0, cut));
+    split.parser.feed(stream.subarray(cut));
+    assert.deepEqual(split.frames, whole.frames, `cut at ${cut}`);
+  }
+});
+
+test('a stream fed one byte at a time, or in random pieces, parses the same', () => {
+  const stream = Buffer.concat(sample());
+  const whole = collect();
+  whole.parser.feed(stream);
+  const bytewise = collect();
+  for (const byte of stream) bytewise.parser.feed(Buffer.from([byte]));
+  assert.deepEqual(bytewise.frames, whole.frames);
+  fc.assert(
+    fc.property(fc.array(fc.integer({ min: 1, max: stream.length }), { maxLength: 10 }), (cuts) => {
+      const pieces = collect();
+      const points = [...new Set(cuts)].sort((a, b) => a - b);
+      let at = 0;
+      for (const p of [...points, stream.length]) {
+        pieces.parser.feed(stream.subarray(at, p));
+        at = p;
+      }
+      assert.deepEqual(pieces.frames, whole.frames);
+    }),
+  );
+});
+
+test('a bad magic or an oversized body is fatal once, and later input is ignored', () => {
+  const bad = collect();
+  const frame = codec.encodeEmptyRequest(OP.KEEPALIVE, { hi: 0, lo: 1 });
+  bad.parser.feed(Buffer.concat([frame, Buffer.from('GET / HTTP/1.1\r\n\r\n'), frame]));
+  assert.equal(bad.frames.length, 1);
+  assert.equal(bad.fatal.length, 1);
+  assert.match(bad.fatal[0]!, /^MS_RMEM_PROTOCOL: bad frame magic 0x47455420/);
+  assert.ok(bad.parser.broken);
+
+  const big = collect('request', 100);
+  const head = codec.encodeWriteHead({ hi: 0, lo: 1 }, { regionId: 1, key: 1n, offset: 0 }, 200);
+  big.parser.feed(head);
+  assert.match(big.fatal[0]!, /exceeds the limit of 100/);
+
+  const swapped = collect('request');
+  swapped.parser.feed(codec.encodeEmptyReply(OP.KEEPALIVE, { hi: 0, lo: 1 }));
+  assert.equal(swapped.fatal.length, 1, 'a response is not a request');
+});
+
+test('fuzz: random bytes never throw out of the parser', () => {
+  fc.assert(
+    fc.property(fc.array(fc.uint8Array({ maxLength: 64 }), { maxLength: 20 }), (chunks) => {
+      const { parser } = collect('request', 1024);
+      for (const chunk of chunks) parser.feed(Buffer.from(chunk));
+    }),
+    { numRuns: 500 },
+  );
+});
