@@ -20,7 +20,13 @@ export interface BenchCase {
   run(i: number): Promise<void> | void;
 }
 
-export async function measure(c: BenchCase, options: { warmupMs?: number; durationMs?: number } = {}): Promise<CaseResult> {
+/**
+ * Runs a case with `depth` operations in flight at all times (depth workers, each
+ * issuing its next operation when the previous one completes).
+ */
+export async function measure(c: BenchCase, options: { warmupMs?: number; durationMs?: number; depth?: number } = {}): Promise<CaseResult> {
+  const depth = options.depth ?? 1;
+  if (depth > 1) return measureConcurrent(c, depth, options);
   const warmupMs = options.warmupMs ?? 300;
   const durationMs = options.durationMs ?? Number(process.env.BENCH_MS ?? 2000);
   let i = 0;
@@ -39,6 +45,45 @@ export async function measure(c: BenchCase, options: { warmupMs?: number; durati
     if ((ops & 63) === 0) now = performance.now();
   }
   const seconds = (performance.now() - start) / 1000;
+  const result = {
+    name: c.name,
+    ops,
+    seconds,
+    p50us: histogram.getValueAtPercentile(50) / 1000,
+    p99us: histogram.getValueAtPercentile(99) / 1000,
+    bytesPerOp: c.bytesPerOp,
+  };
+  histogram.destroy();
+  return result;
+}
+
+async function measureConcurrent(c: BenchCase, depth: number, options: { warmupMs?: number; durationMs?: number }): Promise<CaseResult> {
+  const warmupMs = options.warmupMs ?? 300;
+  const durationMs = options.durationMs ?? Number(process.env.BENCH_MS ?? 2000);
+  const histogram = hdr.build({ lowestDiscernibleValue: 1, highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: 3 });
+  let i = 0;
+  let ops = 0;
+  let recording = false;
+  let running = true;
+  const worker = async (): Promise<void> => {
+    while (running) {
+      const t0 = process.hrtime.bigint();
+      await c.run(i++);
+      if (recording) {
+        histogram.recordValue(Number(process.hrtime.bigint() - t0));
+        ops++;
+      }
+    }
+  };
+  const workers = Array.from({ length: depth }, () => worker());
+  await new Promise((resolve) => setTimeout(resolve, warmupMs));
+  recording = true;
+  const start = performance.now();
+  await new Promise((resolve) => setTimeout(resolve, durationMs));
+  recording = false;
+  const seconds = (performance.now() - start) / 1000;
+  running = false;
+  await Promise.all(workers);
   const result = {
     name: c.name,
     ops,

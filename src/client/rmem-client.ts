@@ -77,6 +77,8 @@ export interface RmemClientOptions {
 interface Pending {
   op: number;
   tag: number;
+  /** Where a READ's data should land (readInto), or undefined. */
+  target: Buffer | undefined;
   deadline: number;
   frames: Buffer[] | undefined;
   resolve(frame: Frame): void;
@@ -99,6 +101,7 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
   session: HelloReply;
   private readonly options: Required<Omit<RmemClientOptions, 'token'>> & { token: string };
   private socket: Socket;
+  private parser: FrameParser;
   private state: State;
   private readonly pending: Map<number, Pending>;
   private readonly waiting: Pending[];
@@ -111,6 +114,7 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
     super();
     this.options = options;
     this.socket = connection.socket;
+    this.parser = connection.parser;
     this.session = connection.session;
     this.state = 'connected';
     this.pending = new Map();
@@ -171,6 +175,19 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
     const tag = this.tag();
     const frame = await this.request(OP.READ, tag, [encodeReadRequest(tag, { regionId: region.regionId, key: region.key, offset, length })]);
     return frame.body;
+  }
+
+  /**
+   * Reads `target.length` bytes at `offset` straight into `target` (no allocation per
+   * read: reuse one buffer across reads). Resolves with the number of bytes read.
+   */
+  async readInto(region: Region, offset: number, target: Uint8Array): Promise<number> {
+    checkData(target.length);
+    const tag = this.tag();
+    const into = Buffer.from(target.buffer, target.byteOffset, target.byteLength);
+    const frame = await this.request(OP.READ, tag, [encodeReadRequest(tag, { regionId: region.regionId, key: region.key, offset, length: target.length })], into);
+    if (frame.body !== into) frame.body.copy(into);
+    return frame.body.length;
   }
 
   /** Writes `data` at `offset` in the region. */
@@ -254,13 +271,13 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
   }
 
   /** Sends one request (its frames built with `tag`) and resolves with the reply. */
-  private request(op: number, tag: Tag, frames: Buffer[]): Promise<Frame> {
+  private request(op: number, tag: Tag, frames: Buffer[], target?: Buffer): Promise<Frame> {
     return new Promise<Frame>((resolve, reject) => {
       if (this.state === 'closed') {
         reject(new NetworkError('MS_RMEM_DISCONNECTED', `${OP_NAME[op] ?? op}: client is closed`));
         return;
       }
-      const pending: Pending = { op, tag: tag.lo, deadline: Date.now() + this.options.timeoutMs, frames: undefined, resolve, reject };
+      const pending: Pending = { op, tag: tag.lo, target, deadline: Date.now() + this.options.timeoutMs, frames: undefined, resolve, reject };
       this.pending.set(tag.lo, pending);
       if (this.state === 'connected') this.send(frames);
       else {
@@ -298,7 +315,7 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
       this.pending.delete(tag);
       const at = this.waiting.indexOf(pending);
       if (at >= 0) this.waiting.splice(at, 1);
-      pending.reject(new NetworkError('MS_RMEM_TIMEOUT', `${OP_NAME[pending.op] ?? pending.op}: no reply within ${this.options.timeoutMs} ms`));
+      this.fail(pending, new NetworkError('MS_RMEM_TIMEOUT', `${OP_NAME[pending.op] ?? pending.op}: no reply within ${this.options.timeoutMs} ms`));
     }
     if (this.options.keepalive && this.state === 'connected' && now - this.lastSent > this.session.leaseMs / 3) {
       this.keepalive().catch(() => undefined);
@@ -310,11 +327,17 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
   private attach(connection: Connection): void {
     const { socket } = connection;
     this.socket = socket;
+    this.parser = connection.parser;
     connection.handlers.onFrame = (frame) => {
       this.onFrame(frame);
     };
     connection.handlers.onFatal = (error) => {
       socket.destroy(error);
+    };
+    connection.handlers.bodyTarget = (_op, word, tagHi, tagLo, length) => {
+      if (word !== STATUS.OK || tagHi !== 0) return undefined;
+      const target = this.pending.get(tagLo)?.target;
+      return target !== undefined && target.length === length ? target : undefined;
     };
     let failure: Error | undefined;
     socket.on('error', (error) => {
@@ -331,7 +354,7 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
     for (const [tag, pending] of this.pending) {
       if (pending.frames !== undefined) continue;
       this.pending.delete(tag);
-      pending.reject(reason);
+      this.fail(pending, reason);
     }
     if (!this.options.reconnect) {
       this.state = 'closed';
@@ -378,8 +401,14 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
     }
   }
 
+  /** Rejects one request; a readInto buffer stops being written the moment its read fails. */
+  private fail(pending: Pending, error: MemstrataError): void {
+    if (pending.target !== undefined) this.parser.detach(pending.target);
+    pending.reject(error);
+  }
+
   private failAll(error: MemstrataError): void {
-    for (const pending of this.pending.values()) pending.reject(error);
+    for (const pending of this.pending.values()) this.fail(pending, error);
     this.pending.clear();
     this.waiting.length = 0;
   }
@@ -389,7 +418,11 @@ interface Connection {
   socket: Socket;
   parser: FrameParser;
   /** Where the parser sends frames; the client points these at itself after HELLO. */
-  handlers: { onFrame(frame: Frame): void; onFatal(error: Error): void };
+  handlers: {
+    onFrame(frame: Frame): void;
+    onFatal(error: Error): void;
+    bodyTarget?(op: number, word: number, tagHi: number, tagLo: number, length: number): Buffer | undefined;
+  };
   session: HelloReply;
 }
 
@@ -418,6 +451,7 @@ async function handshake(options: RmemClient['options']): Promise<Connection> {
     onFatal: (error) => {
       handlers.onFatal(error);
     },
+    bodyTarget: (op, word, tagHi, tagLo, length) => handlers.bodyTarget?.(op, word, tagHi, tagLo, length),
   });
   const onError = (error: Error): void => {
     rejectHello(new NetworkError('MS_RMEM_UNREACHABLE', `cannot reach rmem at ${options.host}:${options.port}: ${error.message}`, { cause: error }));

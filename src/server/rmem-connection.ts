@@ -16,7 +16,6 @@ import type { Socket } from 'node:net';
 import { MisuseError, RuntimeError, isMemstrataError } from '../errors.js';
 import type { ServerMemory, ServerRegion } from '../memory/server-memory.js';
 import {
-  allocDataReply,
   decodeBindRequest,
   decodeEmpty,
   decodeFreeRequest,
@@ -30,12 +29,14 @@ import {
   encodeEmptyReply,
   encodeErrorReply,
   encodeHelloReply,
+  writeResponseHeader,
   type Tag,
 } from '../protocol/rmem/codec.js';
 import { statusOf } from '../protocol/rmem/errors.js';
 import { FrameParser, type Frame } from '../protocol/rmem/parser.js';
 import { HEADER_SIZE, MAX_BODY, MAX_DATA, OP, OP_NAME, STATUS, VERSION } from '../protocol/rmem/spec.js';
 import type { Logger } from '../node/logger.js';
+import type { BufferPool } from './buffer-pool.js';
 
 /** What a connection needs from the service that owns it. */
 export interface ConnectionHost {
@@ -43,6 +44,8 @@ export interface ConnectionHost {
   readonly log: Logger;
   readonly maxInFlight: number;
   readonly stats: RmemStats;
+  /** Large reply buffers, reused across requests and connections. */
+  readonly replyBuffers: BufferPool;
   isStopping(): boolean;
   /** Admits a HELLO; returns the session's reply fields or throws a coded error. */
   hello(connection: RmemConnection, serverId: string, token: string): { resumed: boolean; sessionId: bigint; leaseMs: number; nodeId: string };
@@ -217,10 +220,15 @@ export class RmemConnection {
     const request = decodeReadRequest(body);
     if (request.length > MAX_DATA) throw tooBig(request.length);
     const region = this.host.memory.lookup(serverId, request.regionId, request.key);
-    const reply = allocDataReply(OP.READ, tag, request.length);
-    await this.host.memory.read(region, request.offset, reply.subarray(HEADER_SIZE));
+    const reply = this.dataReply(OP.READ, tag, request.length);
+    try {
+      await this.host.memory.read(region, request.offset, reply.subarray(HEADER_SIZE, HEADER_SIZE + request.length));
+    } catch (error) {
+      this.host.replyBuffers.release(reply);
+      throw error;
+    }
     this.host.stats.bytesRead += request.length;
-    this.send(reply);
+    this.sendPooled(reply, HEADER_SIZE + request.length);
   }
 
   private async onWrite(serverId: string, body: Buffer, tag: Tag): Promise<void> {
@@ -237,7 +245,7 @@ export class RmemConnection {
     if (total > MAX_DATA) throw tooBig(total);
     // Every entry is checked before any is read: a READV is served whole or not at all.
     const regions = entries.map((e) => this.checkedRegion(serverId, e.regionId, e.key, e.offset, e.length));
-    const reply = allocDataReply(OP.READV, tag, total);
+    const reply = this.dataReply(OP.READV, tag, total);
     let at = HEADER_SIZE;
     const reads: Promise<void>[] = [];
     for (const [i, e] of entries.entries()) {
@@ -245,9 +253,14 @@ export class RmemConnection {
       if (region !== undefined) reads.push(this.host.memory.read(region, e.offset, reply.subarray(at, at + e.length)));
       at += e.length;
     }
-    await Promise.all(reads);
+    try {
+      await Promise.all(reads);
+    } catch (error) {
+      this.host.replyBuffers.release(reply);
+      throw error;
+    }
     this.host.stats.bytesRead += total;
-    this.send(reply);
+    this.sendPooled(reply, HEADER_SIZE + total);
   }
 
   private async onWritev(serverId: string, body: Buffer, tag: Tag): Promise<void> {
@@ -289,9 +302,26 @@ export class RmemConnection {
     }
   }
 
+  /** A data reply's buffer with its header written; the caller fills in the data. */
+  private dataReply(op: number, tag: Tag, length: number): Buffer {
+    const buf = this.host.replyBuffers.acquire(HEADER_SIZE + length);
+    writeResponseHeader(buf, op, STATUS.OK, tag, length);
+    return buf;
+  }
+
+  /** Sends the first `length` bytes of a pooled buffer and gives it back once the kernel has it. */
+  private sendPooled(buf: Buffer, length: number): void {
+    this.send(buf.subarray(0, length), () => {
+      this.host.replyBuffers.release(buf);
+    });
+  }
+
   /** Queues a reply; everything sent in one tick leaves in one corked write. */
-  private send(buf: Buffer): void {
-    if (this.socket.destroyed) return;
+  private send(buf: Buffer, written?: () => void): void {
+    if (this.socket.destroyed) {
+      written?.();
+      return;
+    }
     if (!this.corked) {
       this.corked = true;
       this.socket.cork();
@@ -300,7 +330,7 @@ export class RmemConnection {
         this.socket.uncork();
       });
     }
-    if (!this.socket.write(buf)) {
+    if (!this.socket.write(buf, written)) {
       this.pausedForDrain = true;
       this.updateFlow();
     }

@@ -20,6 +20,7 @@ import { MisuseError, NetworkError } from '../errors.js';
 import type { ServerMemory } from '../memory/server-memory.js';
 import type { Logger } from '../node/logger.js';
 import { formatAddress, type ListenAddress } from '../units.js';
+import { BufferPool } from './buffer-pool.js';
 import { RmemConnection, type ConnectionHost, type RmemStats } from './rmem-connection.js';
 
 export interface RmemServiceOptions {
@@ -55,6 +56,7 @@ export class RmemService implements ConnectionHost {
   readonly log: Logger;
   readonly maxInFlight: number;
   readonly stats: RmemStats;
+  readonly replyBuffers: BufferPool;
   private readonly options: RmemServiceOptions;
   private readonly sessions: Map<string, Session>;
   private readonly connections: Set<RmemConnection>;
@@ -69,6 +71,7 @@ export class RmemService implements ConnectionHost {
     this.log = options.log;
     this.maxInFlight = options.maxInFlight;
     this.stats = { requests: {}, errors: {}, bytesRead: 0, bytesWritten: 0, connectionsAccepted: 0, protocolErrors: 0 };
+    this.replyBuffers = new BufferPool();
     this.sessions = new Map();
     this.connections = new Set();
     this.server = undefined;

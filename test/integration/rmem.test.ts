@@ -83,6 +83,18 @@ test('requests in one READV/WRITEV and range errors', async (t) => {
   ]);
   assert.equal(x!.toString(), 'first');
   assert.equal(y!.toString(), 'second');
+  // Large reads (pooled reply buffers on the node) and readInto a caller's buffer.
+  const big = await a.bind(3 * 2 ** 20, { medium: 'dram' });
+  const pattern = randomBytes(big.size);
+  await a.write(big, 0, pattern);
+  assert.ok((await a.read(big, 4096, 2 ** 20 + 7)).equals(pattern.subarray(4096, 4096 + 2 ** 20 + 7)));
+  const into = Buffer.alloc(2 ** 20);
+  for (const offset of [0, 12345, 2 * 2 ** 20]) {
+    assert.equal(await a.readInto(big, offset, into), into.length);
+    assert.ok(into.equals(pattern.subarray(offset, offset + into.length)), `readInto at ${offset}`);
+  }
+  const several = await Promise.all([0, 1, 2].map((k) => a.read(big, k * 2 ** 20, 2 ** 20)));
+  several.forEach((chunk, k) => assert.ok(chunk.equals(pattern.subarray(k * 2 ** 20, (k + 1) * 2 ** 20)), `concurrent 1 MiB read ${k}`));
   await assert.rejects(a.read(r1, 8190, 4), { code: 'MS_RMEM_RANGE' });
   await assert.rejects(a.writev([{ region: r1, offset: 0, data: Buffer.from('a') }, { region: r2, offset: 8192, data: Buffer.from('b') }]), { code: 'MS_RMEM_RANGE' });
   assert.equal((await a.read(r1, 0, 1))[0], 0, 'a refused WRITEV wrote nothing');

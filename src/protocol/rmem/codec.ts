@@ -443,18 +443,11 @@ export function decodeFreeRequest(body: Buffer): FreeRequest {
   return { regionId: u64(body, 0), key: body.readBigUInt64BE(8) };
 }
 
-// ---- replies with no fields, data replies, errors ----
+// ---- replies with no fields, errors ----
 
 export function encodeEmptyReply(op: number, tag: Tag): Buffer {
   const buf = Buffer.allocUnsafe(HEADER_SIZE);
   writeResponseHeader(buf, op, STATUS.OK, tag, 0);
-  return buf;
-}
-
-/** A reply whose body is `length` bytes of data written after the header by the caller. */
-export function allocDataReply(op: number, tag: Tag, length: number): Buffer {
-  const buf = Buffer.allocUnsafe(HEADER_SIZE + length);
-  writeResponseHeader(buf, op, STATUS.OK, tag, length);
   return buf;
 }
 

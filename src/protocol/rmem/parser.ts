@@ -26,6 +26,12 @@ export interface Frame {
 export interface FrameHandlers {
   onFrame(frame: Frame): void;
   onFatal(error: MisuseError): void;
+  /**
+   * Optional: a buffer of exactly `length` bytes to assemble a body that spans chunks
+   * into (a reader's own buffer, saving an allocation and a copy). Undefined: the parser
+   * allocates one.
+   */
+  bodyTarget?(op: number, word: number, tagHi: number, tagLo: number, length: number): Buffer | undefined;
 }
 
 export class FrameParser {
@@ -62,6 +68,18 @@ export class FrameParser {
     return this.failed;
   }
 
+  /**
+   * Stops assembling into `target` if a body is being assembled there (its reader gave
+   * up, for instance on a timeout): the bytes so far move to a buffer of the parser's
+   * own and the rest of the body lands there, so `target` is the caller's again.
+   */
+  detach(target: Buffer): void {
+    if (this.body !== target) return;
+    const own = Buffer.allocUnsafe(target.length);
+    target.copy(own, 0, 0, this.bodyHave);
+    this.body = own;
+  }
+
   feed(chunk: Buffer): void {
     let at = 0;
     while (at < chunk.length && !this.failed) {
@@ -85,7 +103,8 @@ export class FrameParser {
           at += length;
           continue;
         }
-        this.body = Buffer.allocUnsafe(length);
+        const target = this.handlers.bodyTarget?.(this.op, this.word, this.tagHi, this.tagLo, length);
+        this.body = target !== undefined && target.length === length ? target : Buffer.allocUnsafe(length);
         this.bodyHave = 0;
       }
       const body = this.body;

@@ -100,7 +100,8 @@ test('READ, WRITE, READV, WRITEV and FREE round-trip', () => {
 test('replies: empty, data and error frames carry op, status and tag', () => {
   const empty = one('response', codec.encodeEmptyReply(OP.WRITE, tag));
   assert.deepEqual([empty.op, empty.word, empty.body.length], [OP.WRITE, STATUS.OK, 0]);
-  const data = codec.allocDataReply(OP.READ, tag, 5);
+  const data = Buffer.alloc(HEADER_SIZE + 5);
+  codec.writeResponseHeader(data, OP.READ, STATUS.OK, tag, 5);
   data.write('hello', HEADER_SIZE);
   assert.equal(one('response', data).body.toString(), 'hello');
   const error = one('response', codec.encodeErrorReply(OP.FREE, STATUS.VIOLATION, tag, 'not yours'));

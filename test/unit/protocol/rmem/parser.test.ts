@@ -96,3 +96,33 @@ test('fuzz: random bytes never throw out of the parser', () => {
     { numRuns: 500 },
   );
 });
+
+test('a body that spans chunks is assembled into the buffer bodyTarget offers, and detach hands it back', () => {
+  const target = Buffer.alloc(10);
+  const frames: Frame[] = [];
+  const parser = new FrameParser('response', {
+    onFrame: (f) => frames.push(f),
+    onFatal: (e) => {
+      throw e;
+    },
+    bodyTarget: (_op, _word, _hi, lo, length) => (lo === 1 && length === 10 ? target : undefined),
+  });
+  const reply = Buffer.alloc(30);
+  codec.writeResponseHeader(reply, OP.READ, 0, { hi: 0, lo: 1 }, 10);
+  reply.write('0123456789', 20);
+  parser.feed(reply.subarray(0, 25));
+  parser.feed(reply.subarray(25));
+  assert.equal(frames[0]!.body, target, 'the body is the offered buffer itself');
+  assert.equal(target.toString(), '0123456789');
+
+  const other = Buffer.alloc(30);
+  codec.writeResponseHeader(other, OP.READ, 0, { hi: 0, lo: 1 }, 10);
+  other.write('abcdefghij', 20);
+  target.fill(0);
+  parser.feed(other.subarray(0, 23));
+  parser.detach(target); // the reader gave up: its buffer must not be written any more
+  parser.feed(other.subarray(23));
+  assert.equal(frames[1]!.body.toString(), 'abcdefghij');
+  assert.notEqual(frames[1]!.body, target);
+  assert.equal(target.subarray(3).every((b) => b === 0), true, 'nothing written after detach');
+});
