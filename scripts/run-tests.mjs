@@ -25,5 +25,5 @@ if (files.length === 0) {
   console.error(`no test files under ${root}${filters.length > 0 ? ` matching ${filters.join(', ')}` : ''}`);
   process.exit(1);
 }
-const result = spawnSync(process.execPath, ['--test', '--enable-source-maps', ...files], { stdio: 'inherit' });
+const result = spawnSync(process.execPath, ['--test', '--test-timeout=120000', '--enable-source-maps', ...files], { stdio: 'inherit' });
 process.exit(result.status ?? 1);

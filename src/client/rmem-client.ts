@@ -88,7 +88,7 @@ interface Pending {
 type State = 'connected' | 'reconnecting' | 'closed';
 
 export interface RmemClientEvents {
-  /** The connection dropped; the client is trying to resume. */
+  /** The connection dropped; the client is trying to resume (or, with reconnect off, is closed). */
   disconnected: [error: Error | undefined];
   /** The session was resumed on a new connection, regions intact. */
   reconnected: [];
@@ -360,6 +360,7 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
       this.state = 'closed';
       clearInterval(this.timer);
       this.failAll(reason);
+      this.emit('disconnected', error);
       return;
     }
     this.state = 'reconnecting';

@@ -178,7 +178,10 @@ test('the client reconnects by itself after a cut connection and resumes its ses
     upstream.on('close', end).on('error', end);
   });
   await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve));
-  t.after(() => new Promise<void>((resolve) => proxy.close(() => resolve())));
+  t.after(() => {
+    for (const s of links) s.destroy();
+    return new Promise<void>((resolve) => proxy.close(() => resolve()));
+  });
   const port = (proxy.address() as { port: number }).port;
   const c = await RmemClient.connect({ host: '127.0.0.1', port, serverId: 'srv-r', timeoutMs: 5000 });
   t.after(() => c.close());
@@ -193,6 +196,57 @@ test('the client reconnects by itself after a cut connection and resumes its ses
   assert.equal((await read).toString(), 'survives');
   await reconnected;
   assert.equal(c.session.resumed, true);
+});
+
+test('keepalives hold a quiet session; without them the node closes it after the lease', async (t) => {
+  const n = await node(t, ['--rmem-lease', '500ms']);
+  const kept = await client(t, n, 'quiet-kept');
+  const region = await kept.bind(4096, { medium: 'dram' });
+  const dropped = await RmemClient.connect({ ...n.rmem, serverId: 'quiet-dropped', keepalive: false, reconnect: false });
+  t.after(() => dropped.close());
+  await dropped.bind(4096, { medium: 'dram' });
+  const lost = new Promise<void>((resolve) => dropped.once('disconnected', () => resolve()));
+  await new Promise((resolve) => setTimeout(resolve, 1500));
+  assert.equal(kept.connected, true);
+  assert.equal((await kept.read(region, 0, 1)).length, 1);
+  assert.equal(dropped.connected, false, 'the silent connection was closed by the node');
+  await lost;
+  assert.ok(n.logs.some((l) => l.server === 'quiet-dropped' && typeof l.reason === 'string' && l.reason.startsWith('no request or keepalive')));
+});
+
+test('a request the node never answers fails with MS_RMEM_TIMEOUT, and the client stays usable', async (t) => {
+  // A stand-in node that answers HELLO and then only every other request.
+  const { FrameParser } = await import('../../src/protocol/rmem/parser.js');
+  let count = 0;
+  const sockets = new Set<Socket>();
+  const fake = createServer((socket) => {
+    sockets.add(socket);
+    const parser = new FrameParser('request', {
+      onFrame: (f) => {
+        const tag = { hi: f.tagHi, lo: f.tagLo };
+        if (f.op === OP.HELLO) {
+          socket.write(codec.encodeHelloReply(tag, { version: 1, resumed: false, leaseMs: 30000, maxBody: 1 << 24, sessionId: 1n, nodeId: 'fake' }));
+        } else if (count++ % 2 === 1) {
+          socket.write(codec.encodeEmptyReply(f.op, tag));
+        }
+      },
+      onFatal: () => socket.destroy(),
+    });
+    socket.on('data', (chunk: Buffer) => parser.feed(chunk));
+    socket.on('error', () => undefined);
+  });
+  await new Promise<void>((resolve) => fake.listen(0, '127.0.0.1', resolve));
+  t.after(() => {
+    for (const s of sockets) s.destroy();
+    return new Promise<void>((resolve) => fake.close(() => resolve()));
+  });
+  const c = await RmemClient.connect({ host: '127.0.0.1', port: (fake.address() as { port: number }).port, serverId: 's', timeoutMs: 300, keepalive: false });
+  t.after(() => c.close());
+  const started = Date.now();
+  await assert.rejects(c.keepalive(), { code: 'MS_RMEM_TIMEOUT' });
+  assert.ok(Date.now() - started < 3000);
+  await c.keepalive(); // answered
+  assert.equal(c.inFlight, 0);
 });
 
 test('a token is required when configured; version and order of HELLO are checked', async (t) => {
