@@ -13,7 +13,8 @@ import type { AllocationTable } from '../memory/allocation-table.js';
 import type { PartitionTable } from '../memory/partition-table.js';
 import { SIZE_FORM, formatAddress, hexRange, hexWidth, parseSize, type ListenAddress } from '../units.js';
 import type { Logger } from '../node/logger.js';
-import type { AllocationTableJson, ErrorResponse, NodeInfo, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson } from './api.js';
+import type { AllocationTableJson, ErrorResponse, NodeInfo, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson } from './api.js';
+import type { VolumeManager } from '../storage/volume-manager.js';
 import type { NodeMetrics } from './metrics.js';
 
 export interface AdminContext {
@@ -21,23 +22,33 @@ export interface AdminContext {
   partition: PartitionTable;
   allocation: AllocationTable;
   rmemSessions(): RmemSessionJson[];
+  volumes: VolumeManager;
   metrics: NodeMetrics;
   log: Logger;
   isStopping(): boolean;
 }
 
-const resizeBody = z.strictObject({
-  medium: z.enum(MEDIA),
-  kind: z.enum(USED_KINDS),
-  bytes: z.union([z.number(), z.string()]).transform((value, ctx) => {
-    try {
-      return parseSize(value);
-    } catch {
-      ctx.addIssue({ code: 'custom', message: `expected ${SIZE_FORM}` });
-      return z.NEVER;
-    }
-  }),
+const size = z.unknown().transform((value, ctx) => {
+  try {
+    if (typeof value === 'number' || typeof value === 'string') return parseSize(value);
+  } catch {
+    // reported below
+  }
+  ctx.addIssue({ code: 'custom', message: `expected ${SIZE_FORM}` });
+  return z.NEVER;
 });
+
+const resizeBody = z.strictObject({ medium: z.enum(MEDIA), kind: z.enum(USED_KINDS), bytes: size });
+const volumeBody = z.strictObject({ name: z.string(), size, readOnly: z.boolean().optional() });
+const resizeVolumeBody = z.strictObject({ size });
+
+/** Validates a request body once, at the edge, into a coded error naming each bad field. */
+function parseBody<T>(schema: z.ZodType<T>, body: unknown, what: string): T {
+  const parsed = schema.safeParse(body ?? {});
+  if (parsed.success) return parsed.data;
+  const message = parsed.error.issues.map((i) => `${i.path.join('.') || 'body'}: ${i.message}`).join('; ');
+  throw new MisuseError('MS_BAD_REQUEST', `invalid ${what} request: ${message}`, { details: { issues: parsed.error.issues.map((i) => i.path.join('.')) } });
+}
 
 export class AdminServer {
   private readonly app: FastifyInstance;
@@ -109,13 +120,33 @@ export class AdminServer {
       allocation: allocationJson(context.allocation, context.partition),
     }));
 
+    app.get('/v1/volumes', (): VolumesJson => ({ volumes: context.volumes.list().map((v) => v.info()) }));
+
+    app.post('/v1/volumes', async (request, reply): Promise<VolumeJson> => {
+      const { name, size, readOnly } = parseBody(volumeBody, request.body, 'volume');
+      const volume = await context.volumes.create(name, size, readOnly ?? false);
+      context.log.info({ volume: volume.info() }, `volume ${name} created`);
+      void reply.code(201);
+      return volume.info();
+    });
+
+    app.post('/v1/volumes/:name/resize', async (request): Promise<VolumeJson> => {
+      const { size } = parseBody(resizeVolumeBody, request.body, 'volume resize');
+      const name = (request.params as { name: string }).name;
+      const volume = await context.volumes.resize(name, size);
+      context.log.info({ volume: volume.info() }, `volume ${name} resized`);
+      return volume.info();
+    });
+
+    app.delete('/v1/volumes/:name', async (request, reply) => {
+      const name = (request.params as { name: string }).name;
+      await context.volumes.remove(name);
+      context.log.info({ volume: name }, `volume ${name} removed`);
+      return reply.code(204).send();
+    });
+
     app.post('/v1/partition/resize', async (request): Promise<ResizeResponse> => {
-      const parsed = resizeBody.safeParse(request.body ?? {});
-      if (!parsed.success) {
-        const message = parsed.error.issues.map((i) => `${i.path.join('.') || 'body'}: ${i.message}`).join('; ');
-        throw new MisuseError('MS_BAD_REQUEST', `invalid resize request: ${message}`, { details: { issues: parsed.error.issues.map((i) => i.path.join('.')) } });
-      }
-      const { medium, kind, bytes } = parsed.data;
+      const { medium, kind, bytes } = parseBody(resizeBody, request.body, 'resize');
       try {
         const result = await context.partition.resize(medium, kind, bytes);
         context.metrics.resizes.inc({ medium, kind, result: 'ok' });

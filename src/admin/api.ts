@@ -22,7 +22,7 @@ export interface NodeInfo {
   startedAt: string;
   uptimeSeconds: number;
   dataDir: string;
-  listen: { admin: string; rmem: string };
+  listen: { admin: string; rmem: string; nbd: string };
   media: MediumInfo[];
   usage: MediumUsage[];
 }
@@ -80,6 +80,18 @@ export interface RmemSessionJson {
 export interface ServersJson {
   sessions: RmemSessionJson[];
   allocation: AllocationTableJson;
+}
+
+export interface VolumeJson {
+  name: string;
+  size: number;
+  readOnly: boolean;
+  createdAt: string;
+  connections: number;
+}
+
+export interface VolumesJson {
+  volumes: VolumeJson[];
 }
 
 export interface ErrorResponse {

@@ -9,6 +9,8 @@ import type { KindUsage, PartitionTable } from '../memory/partition-table.js';
 import type { AllocationTable } from '../memory/allocation-table.js';
 import { VERSION } from '../version.js';
 import type { RmemService } from '../server/rmem-service.js';
+import type { NbdService } from '../server/nbd-service.js';
+import type { VolumeManager } from '../storage/volume-manager.js';
 
 export interface MetricsSources {
   nodeId: string;
@@ -16,6 +18,8 @@ export interface MetricsSources {
   allocation: AllocationTable;
   media: readonly Medium[];
   rmem(): RmemService | undefined;
+  nbd(): NbdService | undefined;
+  volumes: VolumeManager;
 }
 
 export class NodeMetrics {
@@ -139,6 +143,56 @@ export class NodeMetrics {
         const sessions = sources.rmem()?.sessionsInfo() ?? [];
         this.set({ state: 'connected' }, sessions.filter((s) => s.state === 'connected').length);
         this.set({ state: 'disconnected' }, sessions.filter((s) => s.state === 'disconnected').length);
+      },
+    });
+    new Counter({
+      name: 'memstrata_nbd_commands_total',
+      help: 'NBD commands received, by command.',
+      labelNames: ['command'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        for (const [command, n] of Object.entries(sources.nbd()?.stats.commands ?? {})) this.inc({ command }, n);
+      },
+    });
+    new Counter({
+      name: 'memstrata_nbd_errors_total',
+      help: 'NBD commands answered with an error, by command.',
+      labelNames: ['command'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        for (const [command, n] of Object.entries(sources.nbd()?.stats.errors ?? {})) this.inc({ command }, n);
+      },
+    });
+    new Counter({
+      name: 'memstrata_nbd_bytes_total',
+      help: 'Bytes read and written by NBD clients.',
+      labelNames: ['direction'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        const stats = sources.nbd()?.stats;
+        this.inc({ direction: 'read' }, stats?.bytesRead ?? 0);
+        this.inc({ direction: 'written' }, stats?.bytesWritten ?? 0);
+      },
+    });
+    new Gauge({
+      name: 'memstrata_nbd_connections',
+      help: 'Open NBD connections.',
+      registers: [registry],
+      collect() {
+        this.set(sources.nbd()?.connectionCount ?? 0);
+      },
+    });
+    new Gauge({
+      name: 'memstrata_volume_size_bytes',
+      help: 'Size of each volume.',
+      labelNames: ['volume'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        for (const v of sources.volumes.list()) this.set({ volume: v.name }, v.size);
       },
     });
     this.resizes = new Counter({

@@ -4,7 +4,7 @@
 
 import { Command, CommanderError, Option } from 'commander';
 import { MisuseError, isMemstrataError } from '../errors.js';
-import type { AllocationTableJson, NodeInfo, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson } from '../admin/api.js';
+import type { AllocationTableJson, NodeInfo, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson } from '../admin/api.js';
 import { RmemClient } from '../client/rmem-client.js';
 import { KINDS, MEDIA, USED_KINDS } from '../memory/kinds.js';
 import { SETTINGS } from '../node/config.js';
@@ -87,6 +87,47 @@ export function buildProgram(output: Output = processOutput): Command {
         return;
       }
       output.out([renderNode(info), renderPartition(partition), renderAllocation(allocation)].join('\n\n'));
+    });
+
+  // ---- volumes ----
+  const volume = program.command('volume').description('block volumes served over NBD');
+  volume
+    .command('list')
+    .description('volumes with size, read-only flag and connected clients')
+    .addOption(adminOption())
+    .addOption(jsonOption())
+    .action(async (options: { admin: string; json?: boolean }) => {
+      const list = await new AdminClient(options.admin).get<VolumesJson>('/v1/volumes');
+      output.out(options.json === true ? JSON.stringify(list, null, 2) : renderVolumes(list.volumes));
+    });
+  volume
+    .command('create <name>')
+    .description('create a volume (a sparse file in the data directory); it is an NBD export at once')
+    .requiredOption('--size <size>', 'size, a multiple of 4KiB, e.g. 10GiB')
+    .option('--read-only', 'refuse writes, trims and zeroes (EPERM)')
+    .addOption(adminOption())
+    .addOption(jsonOption())
+    .action(async (name: string, options: { size: string; readOnly?: boolean; admin: string; json?: boolean }) => {
+      const created = await new AdminClient(options.admin).post<VolumeJson>('/v1/volumes', { name, size: options.size, readOnly: options.readOnly === true });
+      output.out(options.json === true ? JSON.stringify(created, null, 2) : `volume ${created.name} created: ${formatSize(created.size)}${created.readOnly ? ', read-only' : ''}`);
+    });
+  volume
+    .command('resize <name>')
+    .description('grow or shrink a volume (shrinking only while no client is connected)')
+    .requiredOption('--size <size>', 'new size, a multiple of 4KiB')
+    .addOption(adminOption())
+    .addOption(jsonOption())
+    .action(async (name: string, options: { size: string; admin: string; json?: boolean }) => {
+      const resized = await new AdminClient(options.admin).post<VolumeJson>(`/v1/volumes/${encodeURIComponent(name)}/resize`, { size: options.size });
+      output.out(options.json === true ? JSON.stringify(resized, null, 2) : `volume ${resized.name} is now ${formatSize(resized.size)}`);
+    });
+  volume
+    .command('rm <name>')
+    .description('delete a volume and its data (refused while clients are connected)')
+    .addOption(adminOption())
+    .action(async (name: string, options: { admin: string }) => {
+      await new AdminClient(options.admin).delete(`/v1/volumes/${encodeURIComponent(name)}`);
+      output.out(`volume ${name} removed`);
     });
 
   // ---- servers ----
@@ -210,6 +251,7 @@ export function renderNode(info: NodeInfo): string {
     `data directory  ${info.dataDir}`,
     `admin           ${info.listen.admin}`,
     `rmem            ${info.listen.rmem}`,
+    `nbd             ${info.listen.nbd}`,
   ].join('\n');
   const rows = info.media.map((m) => {
     const usage = info.usage.find((u) => u.medium === m.name);
@@ -234,6 +276,11 @@ export function renderAllocation(table: AllocationTableJson): string {
   if (table.rows.length === 0) return 'Server memory allocate table\n(no server holds memory on this node)';
   const rows = table.rows.map((r) => [r.serverId, String(r.regionId), r.medium, r.range, formatSize(r.length)]);
   return `Server memory allocate table\n${textTable(['SERVER ID', 'REGION', 'MEDIUM', 'PHYSICAL ADDRESS', 'SIZE'], rows, [1, 4])}`;
+}
+
+export function renderVolumes(volumes: readonly VolumeJson[]): string {
+  const rows = volumes.map((v) => [v.name, formatSize(v.size), v.readOnly ? 'yes' : 'no', String(v.connections), v.createdAt]);
+  return `Volumes\n${textTable(['NAME', 'SIZE', 'READ-ONLY', 'CLIENTS', 'CREATED'], rows, [1, 3])}`;
 }
 
 export function renderSessions(sessions: readonly RmemSessionJson[]): string {

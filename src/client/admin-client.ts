@@ -23,6 +23,13 @@ export class AdminClient {
     return this.request<T>('POST', path, body);
   }
 
+  /** DELETE; resolves when the node answered 2xx. */
+  async delete(path: string): Promise<void> {
+    const response = await this.fetch('DELETE', path);
+    const text = await response.text();
+    if (!response.ok) throw this.errorFrom(response.status, text);
+  }
+
   async text(path: string): Promise<string> {
     const response = await this.fetch('GET', path);
     const text = await response.text();

@@ -38,6 +38,8 @@ export interface NodeConfig {
   dataDir: string;
   admin: { listen: ListenAddress };
   rmem: { listen: ListenAddress; leaseMs: number; token: string | undefined; maxInFlight: number };
+  nbd: { listen: ListenAddress };
+  volumes: { defaultSize: number };
   log: { level: LogLevel; format: LogFormat };
   media: {
     extentSize: number;
@@ -128,6 +130,8 @@ const rawSchema = z.strictObject({
   node: z.strictObject({ id: nodeIdLeaf.optional() }).prefault({}),
   dataDir: pathLeaf.prefault('./memstrata-data'),
   admin: z.strictObject({ listen: addressLeaf.prefault('127.0.0.1:10880') }).prefault({}),
+  nbd: z.strictObject({ listen: addressLeaf.prefault('127.0.0.1:10809') }).prefault({}),
+  volumes: z.strictObject({ defaultSize: sizeLeaf.prefault('1GiB') }).prefault({}),
   rmem: z
     .strictObject({
       listen: addressLeaf.prefault('127.0.0.1:10810'),
@@ -171,6 +175,8 @@ export const SETTINGS: readonly Setting[] = [
   { path: 'node.id', flag: '--node-id', default: '(generated, kept in the data directory)', doc: 'name of this node in tables, logs and the cluster' },
   { path: 'dataDir', flag: '--data-dir', default: './memstrata-data', doc: 'volumes, the flash file, journals, the lock' },
   { path: 'admin.listen', flag: '--admin-listen', default: '127.0.0.1:10880', doc: 'admin HTTP API, /metrics and /healthz; port 0 picks a free port' },
+  { path: 'nbd.listen', flag: '--nbd-listen', default: '127.0.0.1:10809', doc: 'NBD block service; port 0 picks a free port' },
+  { path: 'volumes.defaultSize', default: '1GiB', doc: 'size of the `default` volume made on first start' },
   { path: 'rmem.listen', flag: '--rmem-listen', default: '127.0.0.1:10810', doc: 'rmem remote-memory service; port 0 picks a free port' },
   { path: 'rmem.lease', flag: '--rmem-lease', default: '30s', doc: 'how long a lost server keeps its regions, and how long a silent connection lives' },
   { path: 'rmem.token', default: '(none)', doc: 'shared token every server must present at HELLO; set it in the file or environment, not on the command line' },
@@ -275,6 +281,8 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
     node: { id: parsed.node.id },
     dataDir,
     admin: { listen: parsed.admin.listen },
+    nbd: { listen: parsed.nbd.listen },
+    volumes: { defaultSize: parsed.volumes.defaultSize },
     rmem: { listen: parsed.rmem.listen, leaseMs: parsed.rmem.lease, token: parsed.rmem.token, maxInFlight: parsed.rmem.maxInFlight },
     log: { level: parsed.log.level, format: parsed.log.format },
     media: {
@@ -285,6 +293,9 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
     partition: { dram: emptyPartition(), flash: emptyPartition() },
   };
   checkMedia(config, raw, origin);
+  if (config.volumes.defaultSize <= 0 || config.volumes.defaultSize % 4096 !== 0) {
+    throw invalid('volumes.defaultSize', raw, origin, 'expected a positive multiple of 4096 bytes');
+  }
   if (config.rmem.leaseMs < 100 || config.rmem.leaseMs > 86_400_000) {
     throw invalid('rmem.lease', raw, origin, 'expected a duration from 100ms to 24h');
   }

@@ -1,6 +1,6 @@
 // The daemon wiring of one node: which subsystems exist and the order they start in.
 //
-//   start:  data directory + lock -> node id -> media -> rmem service -> admin HTTP
+//   start:  data directory + lock -> node id -> media -> volumes -> rmem -> NBD -> admin HTTP
 //   stop:   the reverse; admin first (no new requests, in-flight ones drain), the lock last
 //
 // The tables are built with the node; services slot in between the media and admin, so
@@ -21,6 +21,9 @@ import type { Medium } from '../memory/medium.js';
 import { PartitionTable } from '../memory/partition-table.js';
 import { ServerMemory } from '../memory/server-memory.js';
 import { RmemService } from '../server/rmem-service.js';
+import { NbdService } from '../server/nbd-service.js';
+import { DirectVolumeIo, type VolumeIo } from '../storage/volume-io.js';
+import { VolumeManager } from '../storage/volume-manager.js';
 import { formatAddress, type ListenAddress } from '../units.js';
 import { VERSION } from '../version.js';
 import { mediumLayouts, type NodeConfig } from './config.js';
@@ -37,6 +40,8 @@ export class StorageNode {
   readonly allocation: AllocationTable;
   readonly media: readonly Medium[];
   readonly serverMemory: ServerMemory;
+  readonly volumes: VolumeManager;
+  readonly volumeIo: VolumeIo;
   private readonly lifecycle: Lifecycle;
   private readonly lock: DataDirLock;
   private nodeId: string;
@@ -44,6 +49,7 @@ export class StorageNode {
   private stopping: boolean;
   private admin: AdminServer | undefined;
   private rmem: RmemService | undefined;
+  private nbd: NbdService | undefined;
 
   constructor(config: NodeConfig, log: Logger) {
     this.config = config;
@@ -54,11 +60,14 @@ export class StorageNode {
     this.allocation = new AllocationTable();
     this.media = this.createMedia();
     this.serverMemory = new ServerMemory({ partition: this.partition, allocation: this.allocation, media: this.media });
+    this.volumes = new VolumeManager(config.dataDir);
+    this.volumeIo = new DirectVolumeIo();
     this.nodeId = config.node.id ?? '';
     this.startedAt = new Date();
     this.stopping = false;
     this.admin = undefined;
     this.rmem = undefined;
+    this.nbd = undefined;
 
     this.lifecycle.add({
       name: 'data directory',
@@ -82,6 +91,11 @@ export class StorageNode {
       },
     });
     this.lifecycle.add({
+      name: 'volumes',
+      start: () => this.volumes.open(config.volumes.defaultSize),
+      stop: () => this.volumes.close(),
+    });
+    this.lifecycle.add({
       name: 'rmem',
       start: async () => {
         const rmem = new RmemService({
@@ -102,6 +116,19 @@ export class StorageNode {
       },
     });
     this.lifecycle.add({
+      name: 'nbd',
+      start: async () => {
+        const nbd = new NbdService({ volumes: this.volumes, io: this.volumeIo, log });
+        const bound = await nbd.listen(config.nbd.listen);
+        this.nbd = nbd;
+        log.info({ address: formatAddress(bound), volumes: this.volumes.list().map((v) => v.name) }, 'NBD service listening');
+      },
+      stop: async () => {
+        await this.nbd?.close();
+        this.nbd = undefined;
+      },
+    });
+    this.lifecycle.add({
       name: 'admin',
       start: async () => {
         const metrics = new NodeMetrics({
@@ -110,12 +137,15 @@ export class StorageNode {
           allocation: this.allocation,
           media: this.media,
           rmem: () => this.rmem,
+          nbd: () => this.nbd,
+          volumes: this.volumes,
         });
         const admin = new AdminServer({
           info: () => this.info(),
           partition: this.partition,
           allocation: this.allocation,
           rmemSessions: () => this.rmem?.sessionsInfo() ?? [],
+          volumes: this.volumes,
           metrics,
           log,
           isStopping: () => this.stopping,
@@ -182,7 +212,11 @@ export class StorageNode {
       startedAt: this.startedAt.toISOString(),
       uptimeSeconds: Math.round((Date.now() - this.startedAt.getTime()) / 1000),
       dataDir: this.config.dataDir,
-      listen: { admin: formatAddress(admin), rmem: formatAddress(this.rmemAddress ?? this.config.rmem.listen) },
+      listen: {
+        admin: formatAddress(admin),
+        rmem: formatAddress(this.rmemAddress ?? this.config.rmem.listen),
+        nbd: formatAddress(this.nbd?.address ?? this.config.nbd.listen),
+      },
       media,
       usage: this.partition.usage(),
     };

@@ -10,7 +10,7 @@ import { createInterface } from 'node:readline';
 export const CLI = new URL('../../src/cli/main.js', import.meta.url).pathname;
 
 /** Small media so tests stay light; every test may override. */
-export const SMALL_MEDIA = ['--dram-size', '64MiB', '--flash-size', '128MiB'];
+export const SMALL_MEDIA = ['--dram-size', '64MiB', '--flash-size', '128MiB', '--set', 'volumes.defaultSize=64MiB'];
 
 export interface NodeProcess {
   proc: ChildProcess;
@@ -18,6 +18,8 @@ export interface NodeProcess {
   url: string;
   /** The rmem service's address. */
   rmem: { host: string; port: number };
+  /** The NBD service's address. */
+  nbd: { host: string; port: number };
   dir: string;
   /** JSON log lines seen so far. */
   logs: Record<string, unknown>[];
@@ -43,7 +45,7 @@ export interface StartOptions {
 
 /** Starts a node and resolves once its admin API listens; rejects with its output if it exits first. */
 export function startNode(options: StartOptions): Promise<NodeProcess> {
-  const args = [CLI, 'node', 'start', '--admin-listen', '127.0.0.1:0', '--rmem-listen', '127.0.0.1:0', '--log-format', 'json', ...(options.small === false ? [] : SMALL_MEDIA), ...(options.args ?? [])];
+  const args = [CLI, 'node', 'start', '--admin-listen', '127.0.0.1:0', '--rmem-listen', '127.0.0.1:0', '--nbd-listen', '127.0.0.1:0', '--log-format', 'json', ...(options.small === false ? [] : SMALL_MEDIA), ...(options.args ?? [])];
   const proc = spawn(process.execPath, args, {
     cwd: options.cwd,
     env: { ...process.env, ...options.env },
@@ -51,6 +53,7 @@ export function startNode(options: StartOptions): Promise<NodeProcess> {
   });
   const logs: Record<string, unknown>[] = [];
   let rmem = { host: '127.0.0.1', port: 0 };
+  let nbd = { host: '127.0.0.1', port: 0 };
   let stderr = '';
   proc.stderr?.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
   const exited = new Promise<number | string>((resolve) => proc.once('exit', (code, signal) => resolve(code ?? signal ?? -1)));
@@ -69,16 +72,15 @@ export function startNode(options: StartOptions): Promise<NodeProcess> {
         return;
       }
       logs.push(entry);
-      if (entry.msg === 'rmem service listening' && typeof entry.address === 'string') {
-        const at = entry.address.lastIndexOf(':');
-        rmem = { host: entry.address.slice(0, at), port: Number(entry.address.slice(at + 1)) };
-      }
+      if (entry.msg === 'rmem service listening' && typeof entry.address === 'string') rmem = hostPort(entry.address);
+      if (entry.msg === 'NBD service listening' && typeof entry.address === 'string') nbd = hostPort(entry.address);
       if (entry.msg === 'admin API listening' && typeof entry.url === 'string') {
         clearTimeout(timer);
         resolve({
           proc,
           url: entry.url,
           rmem,
+          nbd,
           dir: options.cwd,
           logs,
           stop: (signal = 'SIGTERM') => {
@@ -122,4 +124,9 @@ export function runCli(args: readonly string[], options: { cwd?: string; env?: N
       resolve({ code, stdout, stderr });
     });
   });
+}
+
+function hostPort(address: string): { host: string; port: number } {
+  const at = address.lastIndexOf(':');
+  return { host: address.slice(0, at), port: Number(address.slice(at + 1)) };
 }

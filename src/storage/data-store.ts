@@ -1,0 +1,324 @@
+// The data store of one volume (patent "data store 28"): a sparse file, plus a zero
+// map that says which 64 KiB chunks read as zeros.
+//
+//   <name>.img    the volume's bytes at their offsets (sparse: ftruncate to the size)
+//   <name>.zmap   "MSZMAP01", u64 size, u32 chunk size, u32 crc32 of the bitmap, bitmap
+//
+// Node.js cannot punch holes, so TRIM and WRITE_ZEROES over whole chunks only set the
+// chunk's bit: reads of it return zeros without touching the file, and BLOCK_STATUS
+// reports it as a hole that reads as zeros. A write into a zero chunk first writes
+// zeros over the rest of that chunk, then clears the bit. Known limit: trimmed space is
+// not returned to the file system.
+//
+// Durability: sync() fdatasyncs the data file and then, if the map changed, replaces
+// the map file atomically (write, fsync, rename, fsync of the directory). Data reaches
+// the disk before any map that points at it, so after a crash a chunk reads either as it
+// was at the last sync or as zeros it was told to be, never as bytes from an older life.
+
+import { open, readFile, rename, rm, type FileHandle } from 'node:fs/promises';
+import { dirname } from 'node:path';
+import { crc32 } from 'node:zlib';
+import { StorageError } from '../errors.js';
+import type { Extent } from '../protocol/nbd/codec.js';
+import { STATE } from '../protocol/nbd/spec.js';
+
+export const ZERO_CHUNK = 64 * 1024;
+const MAP_MAGIC = Buffer.from('MSZMAP01');
+const MAP_HEADER = 24;
+
+export class DataStore {
+  readonly path: string;
+  private readonly mapPath: string;
+  private handle: FileHandle | undefined;
+  private sizeBytes: number;
+  /** One bit per chunk: set means the chunk reads as zeros. */
+  private zero: Uint8Array;
+  private mapDirty: boolean;
+  private zeros: Buffer | undefined;
+  /** Zero chunks being filled with zeros in the file before a partial write. */
+  private readonly filling: Map<number, Promise<void>>;
+
+  constructor(path: string, size: number) {
+    this.path = path;
+    this.mapPath = path.replace(/\.img$/, '') + '.zmap';
+    this.handle = undefined;
+    this.sizeBytes = size;
+    this.zero = new Uint8Array(0);
+    this.mapDirty = false;
+    this.zeros = undefined;
+    this.filling = new Map();
+  }
+
+  get size(): number {
+    return this.sizeBytes;
+  }
+
+  /** Opens (creating if need be) the data file and loads the zero map. */
+  async open(create: boolean): Promise<void> {
+    try {
+      this.handle = await open(this.path, create ? 'wx+' : 'r+', 0o600);
+      if (create) await this.handle.truncate(this.sizeBytes);
+    } catch (error) {
+      throw new StorageError('MS_DATA_DIR', `cannot open volume file ${this.path}: ${(error as Error).message}`, { cause: error });
+    }
+    const chunks = this.chunkCount(this.sizeBytes);
+    this.zero = new Uint8Array(Math.ceil(chunks / 8));
+    if (create) {
+      this.markZero(0, this.sizeBytes);
+      this.mapDirty = true;
+      await this.sync();
+      return;
+    }
+    const loaded = await this.loadMap();
+    // Without a readable map every chunk is read from the file, which is always safe.
+    if (loaded !== undefined) this.zero.set(loaded.subarray(0, this.zero.length));
+  }
+
+  async close(): Promise<void> {
+    const handle = this.handle;
+    this.handle = undefined;
+    if (handle === undefined) return;
+    // A clean stop leaves data and map durable, like a FLUSH.
+    await handle.datasync();
+    await this.persistMap();
+    await handle.close();
+  }
+
+  async read(offset: number, target: Buffer): Promise<void> {
+    const handle = this.file();
+    let done = 0;
+    while (done < target.length) {
+      const at = offset + done;
+      const chunk = Math.floor(at / ZERO_CHUNK);
+      const n = Math.min((chunk + 1) * ZERO_CHUNK - at, target.length - done);
+      if (this.isZero(chunk)) {
+        target.fill(0, done, done + n);
+      } else {
+        let got = 0;
+        while (got < n) {
+          const { bytesRead } = await handle.read(target, done + got, n - got, at + got);
+          if (bytesRead === 0) {
+            target.fill(0, done + got, done + n); // past a short file: reads as zeros
+            break;
+          }
+          got += bytesRead;
+        }
+      }
+      done += n;
+    }
+  }
+
+  async write(offset: number, data: Buffer): Promise<void> {
+    const handle = this.file();
+    // Writes into a zero chunk are serialised per chunk:
+    //   - covering the whole chunk: hold the chunk until the data has landed, then clear
+    //     its bit (until then reads still see zeros, never older bytes in the file);
+    //   - covering part of it: fill the chunk with zeros in the file first, clear the bit,
+    //     then write. Writers arriving meanwhile wait, so no fill can wipe landed data.
+    const owned: { chunk: number; release: () => void }[] = [];
+    const first = Math.floor(offset / ZERO_CHUNK);
+    const last = Math.floor((offset + data.length - 1) / ZERO_CHUNK);
+    try {
+      for (let chunk = first; chunk <= last && data.length > 0; chunk++) {
+        for (let busy = this.filling.get(chunk); busy !== undefined; busy = this.filling.get(chunk)) await busy;
+        if (!this.isZero(chunk)) continue;
+        const start = chunk * ZERO_CHUNK;
+        const end = Math.min(start + ZERO_CHUNK, this.sizeBytes);
+        if (offset <= start && offset + data.length >= end) {
+          let release: () => void = () => undefined;
+          this.filling.set(chunk, new Promise<void>((resolve) => (release = resolve)));
+          owned.push({ chunk, release });
+        } else {
+          await this.fill(handle, chunk, start, end);
+        }
+      }
+      let done = 0;
+      while (done < data.length) {
+        const { bytesWritten } = await handle.write(data, done, data.length - done, offset + done);
+        done += bytesWritten;
+      }
+      for (const { chunk } of owned) this.setZero(chunk, false);
+    } finally {
+      for (const { chunk, release } of owned) {
+        this.filling.delete(chunk);
+        release();
+      }
+    }
+  }
+
+  private fill(handle: FileHandle, chunk: number, start: number, end: number): Promise<void> {
+    const filled = this.writeZeros(handle, start, end - start)
+      .then(() => {
+        this.setZero(chunk, false);
+      })
+      .finally(() => this.filling.delete(chunk));
+    this.filling.set(chunk, filled);
+    return filled;
+  }
+
+  /**
+   * Makes the range read as zeros. Whole chunks only change the map, unless `allocate`
+   * (NBD_CMD_FLAG_NO_HOLE) asks for zeros to be written; partial chunks get zeros written.
+   */
+  async zeroRange(offset: number, length: number, allocate = false): Promise<void> {
+    const handle = this.file();
+    let at = offset;
+    const end = offset + length;
+    while (at < end) {
+      const chunk = Math.floor(at / ZERO_CHUNK);
+      const chunkStart = chunk * ZERO_CHUNK;
+      const chunkEnd = Math.min(chunkStart + ZERO_CHUNK, this.sizeBytes);
+      const n = Math.min(chunkEnd, end) - at;
+      if (this.isZero(chunk) && !allocate) {
+        // already zero
+      } else if (at === chunkStart && n === chunkEnd - chunkStart && !allocate) {
+        this.setZero(chunk, true);
+      } else {
+        if (this.isZero(chunk)) {
+          // NO_HOLE over a zero chunk: it becomes allocated zeros.
+          await this.writeZeros(handle, chunkStart, chunkEnd - chunkStart);
+          this.setZero(chunk, false);
+        } else {
+          await this.writeZeros(handle, at, n);
+        }
+      }
+      at += n;
+    }
+  }
+
+  /** Extents of [offset, offset + length): holes that read as zeros, and data. */
+  blockStatus(offset: number, length: number): Extent[] {
+    const extents: Extent[] = [];
+    let at = offset;
+    const end = offset + length;
+    while (at < end) {
+      const chunk = Math.floor(at / ZERO_CHUNK);
+      const n = Math.min((chunk + 1) * ZERO_CHUNK, end) - at;
+      const flags = this.isZero(chunk) ? STATE.HOLE | STATE.ZERO : 0;
+      const last = extents[extents.length - 1];
+      if (last !== undefined && last.flags === flags && last.length + n <= 0xffffffff) last.length += n;
+      else extents.push({ length: n, flags });
+      at += n;
+    }
+    return extents;
+  }
+
+  /** Durable: data first, then the zero map. */
+  async sync(): Promise<void> {
+    const handle = this.file();
+    await handle.datasync();
+    await this.persistMap();
+  }
+
+  /** Grows or shrinks the volume; new space reads as zeros. */
+  async resize(size: number): Promise<void> {
+    const handle = this.file();
+    const old = this.sizeBytes;
+    const map = new Uint8Array(Math.ceil(this.chunkCount(size) / 8));
+    map.set(this.zero.subarray(0, Math.min(map.length, this.zero.length)));
+    this.zero = map;
+    this.sizeBytes = size;
+    await handle.truncate(size);
+    if (size > old) {
+      // The old last chunk may have been partial; its new tail is zero in the file (truncate
+      // extends with zeros), so only whole new chunks need their bit.
+      const firstNew = Math.ceil(old / ZERO_CHUNK);
+      for (let c = firstNew; c < this.chunkCount(size); c++) this.setZero(c, true);
+    }
+    this.mapDirty = true;
+    await this.sync();
+  }
+
+  /** Removes the files of a closed store. */
+  async destroy(): Promise<void> {
+    await rm(this.path, { force: true });
+    await rm(this.mapPath, { force: true });
+  }
+
+  private file(): FileHandle {
+    if (this.handle === undefined) throw new StorageError('MS_MEDIUM_IO', `volume file ${this.path} is not open`);
+    return this.handle;
+  }
+
+  private chunkCount(size: number): number {
+    return Math.ceil(size / ZERO_CHUNK);
+  }
+
+  private isZero(chunk: number): boolean {
+    return ((this.zero[chunk >> 3] ?? 0) & (1 << (chunk & 7))) !== 0;
+  }
+
+  private setZero(chunk: number, zero: boolean): void {
+    const byte = this.zero[chunk >> 3] ?? 0;
+    const next = zero ? byte | (1 << (chunk & 7)) : byte & ~(1 << (chunk & 7));
+    if (next !== byte) {
+      this.zero[chunk >> 3] = next;
+      this.mapDirty = true;
+    }
+  }
+
+  private markZero(offset: number, length: number): void {
+    for (let c = Math.floor(offset / ZERO_CHUNK); c * ZERO_CHUNK < offset + length; c++) this.setZero(c, true);
+  }
+
+  private async writeZeros(handle: FileHandle, offset: number, length: number): Promise<void> {
+    this.zeros ??= Buffer.alloc(ZERO_CHUNK);
+    let done = 0;
+    while (done < length) {
+      const n = Math.min(ZERO_CHUNK, length - done);
+      const { bytesWritten } = await handle.write(this.zeros, 0, n, offset + done);
+      done += bytesWritten;
+    }
+  }
+
+  private async loadMap(): Promise<Uint8Array | undefined> {
+    let raw: Buffer;
+    try {
+      raw = await readFile(this.mapPath);
+    } catch {
+      return undefined;
+    }
+    if (raw.length < MAP_HEADER || !raw.subarray(0, 8).equals(MAP_MAGIC)) return undefined;
+    const bitmap = raw.subarray(MAP_HEADER);
+    if (raw.readUInt32BE(16) !== ZERO_CHUNK || raw.readUInt32BE(20) !== crc32(bitmap)) return undefined;
+    const mapSize = Number(raw.readBigUInt64BE(8));
+    if (mapSize !== this.sizeBytes) {
+      // Size changed without the map (a crash during resize): keep only what both agree on.
+      const common = Math.floor(Math.min(mapSize, this.sizeBytes) / ZERO_CHUNK / 8);
+      return bitmap.subarray(0, common);
+    }
+    return bitmap;
+  }
+
+  private async persistMap(): Promise<void> {
+    if (!this.mapDirty) return;
+    this.mapDirty = false;
+    const bitmap = Buffer.from(this.zero);
+    const file = Buffer.allocUnsafe(MAP_HEADER + bitmap.length);
+    MAP_MAGIC.copy(file, 0);
+    file.writeBigUInt64BE(BigInt(this.sizeBytes), 8);
+    file.writeUInt32BE(ZERO_CHUNK, 16);
+    file.writeUInt32BE(crc32(bitmap), 20);
+    bitmap.copy(file, MAP_HEADER);
+    const tmp = `${this.mapPath}.tmp`;
+    try {
+      const out = await open(tmp, 'w', 0o600);
+      try {
+        await out.writeFile(file);
+        await out.sync();
+      } finally {
+        await out.close();
+      }
+      await rename(tmp, this.mapPath);
+      const dir = await open(dirname(this.mapPath), 'r');
+      try {
+        await dir.sync();
+      } finally {
+        await dir.close();
+      }
+    } catch (error) {
+      this.mapDirty = true;
+      throw new StorageError('MS_MEDIUM_IO', `cannot write zero map ${this.mapPath}: ${(error as Error).message}`, { cause: error });
+    }
+  }
+}

@@ -1,0 +1,54 @@
+// What the NBD service asks of storage, in NBD's terms, behind one narrow interface so
+// the write-back cache and the plain data store are interchangeable.
+//
+// Callers have validated every request (range, flags, read-only) before calling.
+
+import type { Extent } from '../protocol/nbd/codec.js';
+import type { Volume } from './volume-manager.js';
+
+export interface VolumeIo {
+  read(volume: Volume, offset: number, target: Buffer): Promise<void>;
+  /** With `fua`, resolves only once the data is durable in the data store. */
+  write(volume: Volume, offset: number, data: Buffer, fua: boolean): Promise<void>;
+  /** Makes every write completed before it, on any connection, durable (FIG. 20, FLUSH). */
+  flush(volume: Volume): Promise<void>;
+  /** TRIM and WRITE_ZEROES: the range reads as zeros; `allocate` keeps it allocated (NO_HOLE). */
+  zero(volume: Volume, offset: number, length: number, options: { fua: boolean; allocate: boolean }): Promise<void>;
+  /** NBD_CMD_CACHE: bring the range close (into the cache, where there is one). */
+  prefetch(volume: Volume, offset: number, length: number): Promise<void>;
+  /** base:allocation extents of the range. */
+  blockStatus(volume: Volume, offset: number, length: number): Extent[];
+}
+
+/** Straight to the data store: every write goes to the file, FLUSH and FUA fdatasync it. */
+export class DirectVolumeIo implements VolumeIo {
+  read(volume: Volume, offset: number, target: Buffer): Promise<void> {
+    return volume.store.read(offset, target);
+  }
+
+  async write(volume: Volume, offset: number, data: Buffer, fua: boolean): Promise<void> {
+    await volume.store.write(offset, data);
+    if (fua) await volume.store.sync();
+  }
+
+  flush(volume: Volume): Promise<void> {
+    return volume.store.sync();
+  }
+
+  async zero(volume: Volume, offset: number, length: number, options: { fua: boolean; allocate: boolean }): Promise<void> {
+    await volume.store.zeroRange(offset, length, options.allocate);
+    if (options.fua) await volume.store.sync();
+  }
+
+  async prefetch(volume: Volume, offset: number, length: number): Promise<void> {
+    // Reading pulls the range into the kernel's page cache, the nearest cache there is.
+    const chunk = Buffer.allocUnsafe(Math.min(length, 1024 * 1024));
+    for (let at = offset; at < offset + length; at += chunk.length) {
+      await volume.store.read(at, chunk.subarray(0, Math.min(chunk.length, offset + length - at)));
+    }
+  }
+
+  blockStatus(volume: Volume, offset: number, length: number): Extent[] {
+    return volume.store.blockStatus(offset, length);
+  }
+}
