@@ -1,0 +1,195 @@
+// The NBD handshake driven byte by byte over a raw socket: option negotiation, and
+// clients that abort, send garbage, or ask for what is not there.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { connect, type Socket } from 'node:net';
+import { CMD, IHAVEOPT, OPT, OPTION_REPLY_MAGIC, REP, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC } from '../../src/protocol/nbd/spec.js';
+import { startNode, tempDir, type NodeProcess } from '../support/node-process.js';
+
+/** A socket with a byte queue: read(n) resolves with exactly n bytes, or rejects on close. */
+class Raw {
+  private buffered = Buffer.alloc(0);
+  private waiter: (() => void) | undefined;
+  closed = false;
+  constructor(readonly socket: Socket) {
+    socket.on('data', (c: Buffer) => {
+      this.buffered = Buffer.concat([this.buffered, c]);
+      this.waiter?.();
+    });
+    socket.on('close', () => {
+      this.closed = true;
+      this.waiter?.();
+    });
+    socket.on('error', () => undefined);
+  }
+  static async open(n: NodeProcess): Promise<Raw> {
+    const socket = connect(n.nbd.port, n.nbd.host);
+    await new Promise<void>((resolve) => socket.once('connect', resolve));
+    return new Raw(socket);
+  }
+  async read(count: number): Promise<Buffer> {
+    while (this.buffered.length < count) {
+      if (this.closed) throw new Error('closed');
+      await new Promise<void>((resolve) => (this.waiter = resolve));
+    }
+    const out = this.buffered.subarray(0, count);
+    this.buffered = this.buffered.subarray(count);
+    return out;
+  }
+  async closedByPeer(): Promise<boolean> {
+    for (let i = 0; i < 100 && !this.closed; i++) await new Promise((r) => setTimeout(r, 20));
+    return this.closed;
+  }
+  async greet(clientFlags = 3): Promise<number> {
+    const greeting = await this.read(18);
+    assert.equal(greeting.toString('latin1', 0, 8), 'NBDMAGIC');
+    assert.equal(greeting.toString('latin1', 8, 16), 'IHAVEOPT');
+    const flags = Buffer.alloc(4);
+    flags.writeUInt32BE(clientFlags, 0);
+    this.socket.write(flags);
+    return greeting.readUInt16BE(16);
+  }
+  option(opt: number, data: Buffer = Buffer.alloc(0)): void {
+    const head = Buffer.alloc(16);
+    head.writeBigUInt64BE(IHAVEOPT, 0);
+    head.writeUInt32BE(opt, 8);
+    head.writeUInt32BE(data.length, 12);
+    this.socket.write(Buffer.concat([head, data]));
+  }
+  async reply(): Promise<{ option: number; type: number; data: Buffer }> {
+    const head = await this.read(20);
+    assert.equal(head.readBigUInt64BE(0), OPTION_REPLY_MAGIC);
+    const length = head.readUInt32BE(16);
+    return { option: head.readUInt32BE(8), type: head.readUInt32BE(12), data: await this.read(length) };
+  }
+}
+
+function named(name: string, infos: number[] = []): Buffer {
+  const n = Buffer.from(name);
+  const buf = Buffer.alloc(6 + n.length + infos.length * 2);
+  buf.writeUInt32BE(n.length, 0);
+  n.copy(buf, 4);
+  buf.writeUInt16BE(infos.length, 4 + n.length);
+  infos.forEach((info, i) => buf.writeUInt16BE(info, 6 + n.length + i * 2));
+  return buf;
+}
+
+function meta(name: string, queries: string[]): Buffer {
+  const parts = [Buffer.alloc(4), Buffer.from(name), Buffer.alloc(4)];
+  parts[0]!.writeUInt32BE(Buffer.byteLength(name), 0);
+  parts[2]!.writeUInt32BE(queries.length, 0);
+  for (const q of queries) {
+    const len = Buffer.alloc(4);
+    len.writeUInt32BE(Buffer.byteLength(q), 0);
+    parts.push(len, Buffer.from(q));
+  }
+  return Buffer.concat(parts);
+}
+
+test('option negotiation: LIST, INFO, unknown options and exports, meta contexts, STARTTLS, ABORT', async (t) => {
+  const dir = await tempDir(t);
+  const n = await startNode({ cwd: dir });
+  t.after(() => n.stop('SIGKILL'));
+  const raw = await Raw.open(n);
+  t.after(async () => raw.socket.destroy());
+  assert.equal(await raw.greet(), 3, 'FIXED_NEWSTYLE | NO_ZEROES');
+
+  raw.option(OPT.LIST);
+  const server = await raw.reply();
+  assert.equal(server.type, REP.SERVER);
+  assert.equal(server.data.toString('utf8', 4, 4 + server.data.readUInt32BE(0)), 'default');
+  assert.equal((await raw.reply()).type, REP.ACK);
+
+  raw.option(OPT.LIST, Buffer.from('x'));
+  assert.equal((await raw.reply()).type, REP.ERR_INVALID);
+
+  raw.option(OPT.INFO, named('missing'));
+  const unknown = await raw.reply();
+  assert.equal(unknown.type, REP.ERR_UNKNOWN);
+  assert.match(unknown.data.toString(), /no export named "missing"/);
+
+  raw.option(OPT.INFO, named('', [3]));
+  const info = await raw.reply();
+  assert.equal(info.type, REP.INFO);
+  assert.equal(info.data.readUInt16BE(0), 0, 'NBD_INFO_EXPORT first');
+  assert.equal(Number(info.data.readBigUInt64BE(2)), 64 * 2 ** 20);
+  const block = await raw.reply();
+  assert.deepEqual([block.data.readUInt16BE(0), block.data.readUInt32BE(2), block.data.readUInt32BE(6), block.data.readUInt32BE(10)], [3, 1, 4096, 32 * 2 ** 20]);
+  assert.equal((await raw.reply()).type, REP.ACK);
+
+  raw.option(OPT.INFO, Buffer.from([0, 0, 0, 50, 1]));
+  assert.equal((await raw.reply()).type, REP.ERR_INVALID, 'a name longer than the payload');
+
+  raw.option(99);
+  assert.equal((await raw.reply()).type, REP.ERR_UNSUP);
+  raw.option(OPT.STARTTLS);
+  assert.equal((await raw.reply()).type, REP.ERR_POLICY);
+
+  raw.option(OPT.SET_META_CONTEXT, meta('', ['base:allocation']));
+  assert.equal((await raw.reply()).type, REP.ERR_INVALID, 'SET_META_CONTEXT before structured replies');
+  raw.option(OPT.STRUCTURED_REPLY);
+  assert.equal((await raw.reply()).type, REP.ACK);
+  raw.option(OPT.STRUCTURED_REPLY);
+  assert.equal((await raw.reply()).type, REP.ERR_INVALID, 'twice');
+  raw.option(OPT.LIST_META_CONTEXT, meta('', []));
+  const listed = await raw.reply();
+  assert.equal(listed.type, REP.META_CONTEXT);
+  assert.equal(listed.data.toString('utf8', 4), 'base:allocation');
+  assert.equal((await raw.reply()).type, REP.ACK);
+  raw.option(OPT.SET_META_CONTEXT, meta('', ['x-other:thing']));
+  assert.equal((await raw.reply()).type, REP.ACK, 'nothing selected is not an error');
+  raw.option(OPT.SET_META_CONTEXT, meta('nope', ['base:allocation']));
+  assert.equal((await raw.reply()).type, REP.ERR_UNKNOWN);
+
+  raw.option(OPT.ABORT);
+  assert.equal((await raw.reply()).type, REP.ACK);
+  assert.ok(await raw.closedByPeer());
+});
+
+test('hostile clients: unknown client flags, unknown EXPORT_NAME, garbage; others keep working', async (t) => {
+  const dir = await tempDir(t);
+  const n = await startNode({ cwd: dir });
+  t.after(() => n.stop('SIGKILL'));
+
+  const flags = await Raw.open(n);
+  await flags.greet(0x80);
+  assert.ok(await flags.closedByPeer(), 'unknown client flag closes');
+
+  const name = await Raw.open(n);
+  await name.greet();
+  name.option(OPT.EXPORT_NAME, Buffer.from('nope'));
+  assert.ok(await name.closedByPeer(), 'EXPORT_NAME for an unknown export closes');
+
+  const garbage = await Raw.open(n);
+  await garbage.greet();
+  garbage.socket.write(Buffer.from('GET / HTTP/1.1\r\n\r\n'.repeat(10)));
+  assert.ok(await garbage.closedByPeer(), 'garbage closes');
+
+  const quitter = await Raw.open(n);
+  await quitter.greet();
+  quitter.socket.destroy(); // a client that vanishes mid-handshake
+
+  // A good client attaches by EXPORT_NAME (no zeroes after NO_ZEROES) and is served.
+  const good = await Raw.open(n);
+  t.after(async () => good.socket.destroy());
+  await good.greet();
+  good.option(OPT.EXPORT_NAME, Buffer.alloc(0));
+  const attach = await good.read(10);
+  assert.equal(Number(attach.readBigUInt64BE(0)), 64 * 2 ** 20);
+  const req = Buffer.alloc(28);
+  req.writeUInt32BE(REQUEST_MAGIC, 0);
+  req.writeUInt16BE(CMD.READ, 6);
+  req.writeUInt32BE(7, 12);
+  req.writeBigUInt64BE(0n, 16);
+  req.writeUInt32BE(4096, 24);
+  const bad = Buffer.from(req);
+  bad.writeBigUInt64BE(BigInt(64 * 2 ** 20), 16);
+  good.socket.write(Buffer.concat([req, bad]));
+  const first = await good.read(16);
+  assert.deepEqual([first.readUInt32BE(0), first.readUInt32BE(4), first.readUInt32BE(12)], [SIMPLE_REPLY_MAGIC, 0, 7]);
+  assert.ok((await good.read(4096)).every((b) => b === 0));
+  const second = await good.read(16);
+  assert.equal(second.readUInt32BE(4), 22, 'EINVAL past the end');
+  assert.equal((await fetch(`${n.url}/healthz`)).status, 200);
+});

@@ -1,0 +1,154 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import { NbdServerParser, type NbdRequest } from '../../../../src/protocol/nbd/parser.js';
+import { decodeInfoRequest, decodeMetaContextRequest } from '../../../../src/protocol/nbd/codec.js';
+import { CMD, IHAVEOPT, OPT, REQUEST_MAGIC } from '../../../../src/protocol/nbd/spec.js';
+
+function option(opt: number, data: Buffer = Buffer.alloc(0)): Buffer {
+  const head = Buffer.alloc(16);
+  head.writeBigUInt64BE(IHAVEOPT, 0);
+  head.writeUInt32BE(opt, 8);
+  head.writeUInt32BE(data.length, 12);
+  return Buffer.concat([head, data]);
+}
+
+function request(type: number, offset: number, length: number, cookie: number, data = Buffer.alloc(0), flags = 0): Buffer {
+  const head = Buffer.alloc(28);
+  head.writeUInt32BE(REQUEST_MAGIC, 0);
+  head.writeUInt16BE(flags, 4);
+  head.writeUInt16BE(type, 6);
+  head.writeUInt32BE(0, 8);
+  head.writeUInt32BE(cookie, 12);
+  head.writeBigUInt64BE(BigInt(offset), 16);
+  head.writeUInt32BE(length, 24);
+  return Buffer.concat([head, data]);
+}
+
+function goPayload(name: string, infos: number[] = []): Buffer {
+  const n = Buffer.from(name);
+  const buf = Buffer.alloc(4 + n.length + 2 + infos.length * 2);
+  buf.writeUInt32BE(n.length, 0);
+  n.copy(buf, 4);
+  buf.writeUInt16BE(infos.length, 4 + n.length);
+  infos.forEach((info, i) => buf.writeUInt16BE(info, 6 + n.length + i * 2));
+  return buf;
+}
+
+/** A session stand-in: answers every option by resuming, GO by starting transmission. */
+function session() {
+  const events: string[] = [];
+  const requests: NbdRequest[] = [];
+  const parser: NbdServerParser = new NbdServerParser({
+    onClientFlags: (flags) => events.push(`flags ${flags}`),
+    onOption: (opt, data) => {
+      events.push(`option ${opt} ${data.length}`);
+      if (opt === OPT.GO) parser.startTransmission();
+      else parser.resume();
+    },
+    onRequest: (r) => {
+      requests.push({ ...r, data: Buffer.from(r.data) });
+      events.push(`request ${r.type} ${r.offset} ${r.length}`);
+    },
+    onFatal: (e) => events.push(`fatal ${e.message}`),
+  });
+  return { parser, events, requests };
+}
+
+const flags = Buffer.from([0, 0, 0, 3]);
+const stream = Buffer.concat([
+  flags,
+  option(OPT.STRUCTURED_REPLY),
+  option(OPT.LIST),
+  option(OPT.GO, goPayload('vol', [3])),
+  request(CMD.WRITE, 4096, 10, 1, Buffer.from('0123456789')),
+  request(CMD.READ, 0, 512, 2),
+  request(CMD.FLUSH, 0, 0, 3),
+  request(CMD.WRITE, 2 ** 40, 3, 4, Buffer.from('abc'), 1),
+]);
+
+test('a whole conversation in one chunk parses in order, options waiting for their answers', () => {
+  const s = session();
+  s.parser.feed(stream);
+  assert.deepEqual(s.events, [
+    'flags 3',
+    `option ${OPT.STRUCTURED_REPLY} 0`,
+    `option ${OPT.LIST} 0`,
+    `option ${OPT.GO} 11`,
+    'request 1 4096 10',
+    'request 0 0 512',
+    'request 3 0 0',
+    `request 1 ${2 ** 40} 3`,
+  ]);
+  assert.equal(s.requests[0]!.data.toString(), '0123456789');
+  assert.equal(s.requests[3]!.flags, 1);
+});
+
+test('the conversation split at every byte boundary parses the same', () => {
+  const whole = session();
+  whole.parser.feed(stream);
+  for (let cut = 0; cut <= stream.length; cut++) {
+    const split = session();
+    split.parser.feed(stream.subarray(0, cut));
+    split.parser.feed(stream.subarray(cut));
+    assert.deepEqual(split.events, whole.events, `cut at ${cut}`);
+    assert.deepEqual(split.requests.map((r) => r.data.toString()), whole.requests.map((r) => r.data.toString()));
+  }
+});
+
+test('bytes sent before an option is answered wait for the answer', () => {
+  const events: string[] = [];
+  const parser = new NbdServerParser({
+    onClientFlags: () => events.push('flags'),
+    onOption: (opt) => events.push(`option ${opt}`),
+    onRequest: (r) => events.push(`request ${r.type}`),
+    onFatal: (e) => events.push(`fatal ${e.message}`),
+  });
+  parser.feed(Buffer.concat([flags, option(OPT.GO, goPayload('')), request(CMD.READ, 0, 1, 1)]));
+  assert.deepEqual(events, ['flags', `option ${OPT.GO}`], 'the request waits');
+  parser.startTransmission();
+  assert.deepEqual(events, ['flags', `option ${OPT.GO}`, 'request 0']);
+});
+
+test('garbage is fatal once: a wrong option magic, a wrong request magic, an oversized WRITE or option', () => {
+  const badOption = session();
+  badOption.parser.feed(Buffer.concat([flags, Buffer.from('GET / HTTP/1.1\r\nHost: x\r\n\r\n')]));
+  assert.deepEqual(badOption.events, ['flags 3', 'fatal option does not start with IHAVEOPT']);
+
+  const badRequest = session();
+  badRequest.parser.feed(Buffer.concat([flags, option(OPT.GO, goPayload('')), Buffer.alloc(28, 0xee), request(CMD.READ, 0, 1, 1)]));
+  assert.match(badRequest.events.at(-1)!, /^fatal bad request magic/);
+  assert.equal(badRequest.requests.length, 0);
+
+  const hugeWrite = session();
+  hugeWrite.parser.feed(Buffer.concat([flags, option(OPT.GO, goPayload('')), request(CMD.WRITE, 0, 64 * 1024 * 1024, 1)]));
+  assert.match(hugeWrite.events.at(-1)!, /^fatal WRITE of 67108864 bytes/);
+
+  const hugeOption = session();
+  const head = option(OPT.LIST);
+  head.writeUInt32BE(1 << 30, 12);
+  hugeOption.parser.feed(Buffer.concat([flags, head]));
+  assert.match(hugeOption.events.at(-1)!, /^fatal option payload of 1073741824 bytes/);
+});
+
+test('fuzz: random bytes after the flags never throw out of the parser', () => {
+  fc.assert(
+    fc.property(fc.array(fc.uint8Array({ maxLength: 64 }), { maxLength: 20 }), (chunks) => {
+      const s = session();
+      s.parser.feed(flags);
+      for (const c of chunks) s.parser.feed(Buffer.from(c));
+    }),
+    { numRuns: 300 },
+  );
+});
+
+test('option payload decoders check every length', () => {
+  assert.deepEqual(decodeInfoRequest(goPayload('disk', [0, 3])), { name: 'disk', infos: [0, 3] });
+  assert.throws(() => decodeInfoRequest(Buffer.from([0, 0, 0, 9, 1, 2])), { code: 'MS_NBD_PROTOCOL' });
+  assert.throws(() => decodeInfoRequest(Buffer.concat([goPayload('a', [1]), Buffer.from([0])])), { code: 'MS_NBD_PROTOCOL' });
+  assert.throws(() => decodeInfoRequest(goPayload('a\0b')), { code: 'MS_NBD_PROTOCOL' });
+  const meta = Buffer.concat([Buffer.from([0, 0, 0, 1]), Buffer.from('d'), Buffer.from([0, 0, 0, 1, 0, 0, 0, 15]), Buffer.from('base:allocation')]);
+  assert.deepEqual(decodeMetaContextRequest(meta), { name: 'd', queries: ['base:allocation'] });
+  assert.throws(() => decodeMetaContextRequest(meta.subarray(0, meta.length - 1)), { code: 'MS_NBD_PROTOCOL' });
+  assert.throws(() => decodeMetaContextRequest(Buffer.concat([meta, Buffer.from([1])])), { code: 'MS_NBD_PROTOCOL' });
+});
