@@ -5,6 +5,7 @@ import type { ErrorCode } from '../errors.js';
 import type { Kind, MediumName, UsedKind } from '../memory/kinds.js';
 import type { MediumUsage, ResizeResult } from '../memory/partition-table.js';
 import type { ServerSummary } from '../memory/allocation-table.js';
+import type { CacheStats } from '../storage/cache.js';
 
 export interface MediumInfo {
   name: MediumName;
@@ -25,6 +26,8 @@ export interface NodeInfo {
   listen: { admin: string; rmem: string; nbd: string };
   media: MediumInfo[];
   usage: MediumUsage[];
+  /** Storage cache counters, or null when the cache is disabled. */
+  cache: CacheStats | null;
 }
 
 export interface PartitionRowJson {

@@ -11,6 +11,7 @@ import { VERSION } from '../version.js';
 import type { RmemService } from '../server/rmem-service.js';
 import type { NbdService } from '../server/nbd-service.js';
 import type { VolumeManager } from '../storage/volume-manager.js';
+import type { CacheStats } from '../storage/cache.js';
 
 export interface MetricsSources {
   nodeId: string;
@@ -20,6 +21,7 @@ export interface MetricsSources {
   rmem(): RmemService | undefined;
   nbd(): NbdService | undefined;
   volumes: VolumeManager;
+  cache(): CacheStats | undefined;
 }
 
 export class NodeMetrics {
@@ -193,6 +195,46 @@ export class NodeMetrics {
       collect() {
         this.reset();
         for (const v of sources.volumes.list()) this.set({ volume: v.name }, v.size);
+      },
+    });
+    const cacheCounter = (name: string, help: string, pick: (s: CacheStats) => number): void => {
+      new Counter({
+        name,
+        help,
+        registers: [registry],
+        collect() {
+          this.reset();
+          const stats = sources.cache();
+          if (stats !== undefined) this.inc(pick(stats));
+        },
+      });
+    };
+    cacheCounter('memstrata_cache_hits_total', 'Cache line lookups that found every sector they needed.', (s) => s.hits);
+    cacheCounter('memstrata_cache_misses_total', 'Cache line lookups that had to stage sectors from the data store.', (s) => s.misses);
+    cacheCounter('memstrata_cache_staged_bytes_total', 'Bytes read from data stores into the cache.', (s) => s.stagedBytes);
+    cacheCounter('memstrata_cache_destaged_bytes_total', 'Dirty bytes written back to data stores.', (s) => s.destagedBytes);
+    cacheCounter('memstrata_cache_evictions_total', 'Lines evicted from a cache level.', (s) => s.evictions);
+    cacheCounter('memstrata_cache_promotions_total', 'Lines moved from the flash level back to DRAM.', (s) => s.promotions);
+    cacheCounter('memstrata_cache_demotions_total', 'Clean lines moved from DRAM to the flash level.', (s) => s.demotions);
+    new Gauge({
+      name: 'memstrata_cache_dirty_bytes',
+      help: 'Bytes in the cache not yet written back.',
+      registers: [registry],
+      collect() {
+        this.set(sources.cache()?.dirtyBytes ?? 0);
+      },
+    });
+    new Gauge({
+      name: 'memstrata_cache_lines',
+      help: 'Lines held by each cache level, against its slots.',
+      labelNames: ['level', 'what'],
+      registers: [registry],
+      collect() {
+        const stats = sources.cache();
+        for (const level of ['dram', 'flash'] as const) {
+          this.set({ level, what: 'used' }, stats?.lines[level] ?? 0);
+          this.set({ level, what: 'slots' }, stats?.slots[level] ?? 0);
+        }
       },
     });
     this.resizes = new Counter({

@@ -264,7 +264,24 @@ export function renderNode(info: NodeInfo): string {
       formatSize(usage?.kinds.free.bytes ?? 0),
     ];
   });
-  return `${head}\n\nMedia\n${textTable(['MEDIUM', 'CAPACITY', 'EXTENT', 'RESIDENT', 'CACHE', 'SERVER', 'NVRAM', 'FREE'], rows, [1, 2, 3, 4, 5, 6, 7])}`;
+  const media = `Media\n${textTable(['MEDIUM', 'CAPACITY', 'EXTENT', 'RESIDENT', 'CACHE', 'SERVER', 'NVRAM', 'FREE'], rows, [1, 2, 3, 4, 5, 6, 7])}`;
+  return `${head}\n\n${media}\n\n${renderCache(info.cache)}`;
+}
+
+export function renderCache(cache: NodeInfo['cache']): string {
+  if (cache === null) return 'Storage cache\n(disabled: volumes are written straight to their data store)';
+  const lookups = cache.hits + cache.misses;
+  const ratio = lookups === 0 ? '-' : `${((cache.hits / lookups) * 100).toFixed(1)}%`;
+  const rows = [
+    ['dram', `${cache.lines.dram}/${cache.slots.dram}`],
+    ['flash', `${cache.lines.flash}/${cache.slots.flash}`],
+  ];
+  return [
+    'Storage cache',
+    `hits ${cache.hits}  misses ${cache.misses}  hit ratio ${ratio}  dirty ${humanSize(cache.dirtyBytes)}  staged ${humanSize(cache.stagedBytes)}  destaged ${humanSize(cache.destagedBytes)}`,
+    `evictions ${cache.evictions}  promotions ${cache.promotions}  demotions ${cache.demotions}`,
+    textTable(['LEVEL', 'LINES/SLOTS (64KiB)'], rows, [1]),
+  ].join('\n');
 }
 
 export function renderPartition(table: PartitionTableJson): string {

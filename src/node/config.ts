@@ -40,6 +40,7 @@ export interface NodeConfig {
   rmem: { listen: ListenAddress; leaseMs: number; token: string | undefined; maxInFlight: number };
   nbd: { listen: ListenAddress };
   volumes: { defaultSize: number };
+  cache: { enabled: boolean; maxDirtyAgeMs: number };
   log: { level: LogLevel; format: LogFormat };
   media: {
     extentSize: number;
@@ -87,6 +88,8 @@ const addressLeaf = leaf<ListenAddress>(ADDRESS_FORM, (v) => (typeof v === 'stri
 
 const durationLeaf = leaf<number>(DURATION_FORM, (v) => (typeof v === 'number' || typeof v === 'string' ? parseDuration(v) : undefined));
 
+const booleanLeaf = leaf<boolean>('true or false', (v) => (v === true || v === 'true' ? true : v === false || v === 'false' ? false : undefined));
+
 const TOKEN_FORM = 'a string of 1 to 1024 bytes';
 const tokenLeaf = leaf<string>(TOKEN_FORM, (v) => (typeof v === 'string' && v.length > 0 && Buffer.byteLength(v) <= 1024 ? v : undefined));
 
@@ -132,6 +135,7 @@ const rawSchema = z.strictObject({
   admin: z.strictObject({ listen: addressLeaf.prefault('127.0.0.1:10880') }).prefault({}),
   nbd: z.strictObject({ listen: addressLeaf.prefault('127.0.0.1:10809') }).prefault({}),
   volumes: z.strictObject({ defaultSize: sizeLeaf.prefault('1GiB') }).prefault({}),
+  cache: z.strictObject({ enabled: booleanLeaf.prefault('true'), maxDirtyAge: durationLeaf.prefault('5s') }).prefault({}),
   rmem: z
     .strictObject({
       listen: addressLeaf.prefault('127.0.0.1:10810'),
@@ -177,6 +181,8 @@ export const SETTINGS: readonly Setting[] = [
   { path: 'admin.listen', flag: '--admin-listen', default: '127.0.0.1:10880', doc: 'admin HTTP API, /metrics and /healthz; port 0 picks a free port' },
   { path: 'nbd.listen', flag: '--nbd-listen', default: '127.0.0.1:10809', doc: 'NBD block service; port 0 picks a free port' },
   { path: 'volumes.defaultSize', default: '1GiB', doc: 'size of the `default` volume made on first start' },
+  { path: 'cache.enabled', default: 'true', doc: 'write-back storage cache for volumes in the cache partition; false writes straight to the data store' },
+  { path: 'cache.maxDirtyAge', default: '5s', doc: 'dirty cache data older than this is written back to the data store' },
   { path: 'rmem.listen', flag: '--rmem-listen', default: '127.0.0.1:10810', doc: 'rmem remote-memory service; port 0 picks a free port' },
   { path: 'rmem.lease', flag: '--rmem-lease', default: '30s', doc: 'how long a lost server keeps its regions, and how long a silent connection lives' },
   { path: 'rmem.token', default: '(none)', doc: 'shared token every server must present at HELLO; set it in the file or environment, not on the command line' },
@@ -283,6 +289,7 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
     admin: { listen: parsed.admin.listen },
     nbd: { listen: parsed.nbd.listen },
     volumes: { defaultSize: parsed.volumes.defaultSize },
+    cache: { enabled: parsed.cache.enabled, maxDirtyAgeMs: parsed.cache.maxDirtyAge },
     rmem: { listen: parsed.rmem.listen, leaseMs: parsed.rmem.lease, token: parsed.rmem.token, maxInFlight: parsed.rmem.maxInFlight },
     log: { level: parsed.log.level, format: parsed.log.format },
     media: {

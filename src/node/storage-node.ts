@@ -1,6 +1,6 @@
 // The daemon wiring of one node: which subsystems exist and the order they start in.
 //
-//   start:  data directory + lock -> node id -> media -> volumes -> rmem -> NBD -> admin HTTP
+//   start:  data directory + lock -> node id -> media -> volumes -> cache -> rmem -> NBD -> admin HTTP
 //   stop:   the reverse; admin first (no new requests, in-flight ones drain), the lock last
 //
 // The tables are built with the node; services slot in between the media and admin, so
@@ -24,6 +24,7 @@ import { RmemService } from '../server/rmem-service.js';
 import { NbdService } from '../server/nbd-service.js';
 import { DirectVolumeIo, type VolumeIo } from '../storage/volume-io.js';
 import { VolumeManager } from '../storage/volume-manager.js';
+import { StorageCache } from '../storage/cache.js';
 import { formatAddress, type ListenAddress } from '../units.js';
 import { VERSION } from '../version.js';
 import { mediumLayouts, type NodeConfig } from './config.js';
@@ -42,6 +43,7 @@ export class StorageNode {
   readonly serverMemory: ServerMemory;
   readonly volumes: VolumeManager;
   readonly volumeIo: VolumeIo;
+  readonly cache: StorageCache | undefined;
   private readonly lifecycle: Lifecycle;
   private readonly lock: DataDirLock;
   private nodeId: string;
@@ -61,7 +63,10 @@ export class StorageNode {
     this.media = this.createMedia();
     this.serverMemory = new ServerMemory({ partition: this.partition, allocation: this.allocation, media: this.media });
     this.volumes = new VolumeManager(config.dataDir);
-    this.volumeIo = new DirectVolumeIo();
+    this.cache = config.cache.enabled
+      ? new StorageCache({ partition: this.partition, media: this.media, log, maxDirtyAgeMs: config.cache.maxDirtyAgeMs })
+      : undefined;
+    this.volumeIo = this.cache ?? new DirectVolumeIo();
     this.nodeId = config.node.id ?? '';
     this.startedAt = new Date();
     this.stopping = false;
@@ -94,6 +99,19 @@ export class StorageNode {
       name: 'volumes',
       start: () => this.volumes.open(config.volumes.defaultSize),
       stop: () => this.volumes.close(),
+    });
+    this.lifecycle.add({
+      name: 'cache',
+      start: async () => {
+        if (this.cache === undefined) return;
+        this.cache.start();
+        this.volumes.onDrop = (volume, fromOffset) => this.cache?.forget(volume, fromOffset) ?? Promise.resolve();
+        log.info({ slots: this.cache.stats().slots, maxDirtyAgeMs: config.cache.maxDirtyAgeMs }, 'storage cache started');
+        return Promise.resolve();
+      },
+      stop: async () => {
+        await this.cache?.stop();
+      },
     });
     this.lifecycle.add({
       name: 'rmem',
@@ -139,6 +157,7 @@ export class StorageNode {
           rmem: () => this.rmem,
           nbd: () => this.nbd,
           volumes: this.volumes,
+          cache: () => this.cache?.stats(),
         });
         const admin = new AdminServer({
           info: () => this.info(),
@@ -219,6 +238,7 @@ export class StorageNode {
       },
       media,
       usage: this.partition.usage(),
+      cache: this.cache?.stats() ?? null,
     };
   }
 

@@ -54,11 +54,14 @@ export class Volume {
 
 export class VolumeManager {
   readonly dir: string;
+  /** Called before a volume loses data (removed, or shrunk from `fromOffset`): the cache drops its lines. */
+  onDrop: (volume: Volume, fromOffset: number) => Promise<void>;
   private readonly volumes: Map<string, Volume>;
   private queue: Promise<unknown>;
 
   constructor(dataDir: string) {
     this.dir = join(dataDir, 'volumes');
+    this.onDrop = () => Promise.resolve();
     this.volumes = new Map();
     this.queue = Promise.resolve();
   }
@@ -120,6 +123,7 @@ export class VolumeManager {
       if (size < volume.size && volume.connections > 0) {
         throw new RuntimeError('MS_VOLUME_BUSY', `volume "${name}" has ${volume.connections} client(s) connected; it can only grow while in use`);
       }
+      if (size < volume.size) await this.onDrop(volume, size);
       await volume.store.resize(size);
       await this.writeMeta(volume);
       return volume;
@@ -132,6 +136,7 @@ export class VolumeManager {
       if (volume.connections > 0) {
         throw new RuntimeError('MS_VOLUME_BUSY', `volume "${name}" has ${volume.connections} client(s) connected; disconnect them first`);
       }
+      await this.onDrop(volume, 0);
       this.volumes.delete(name);
       await volume.store.close();
       await rm(join(this.dir, `${name}.json`), { force: true });
