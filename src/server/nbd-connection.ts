@@ -50,10 +50,13 @@ import {
 } from '../protocol/nbd/spec.js';
 import type { Volume, VolumeManager } from '../storage/volume-manager.js';
 import type { VolumeIo } from '../storage/volume-io.js';
+import type { BufferPool } from './buffer-pool.js';
 
 export interface NbdHost {
   readonly volumes: VolumeManager;
   readonly io: VolumeIo;
+  /** Large READ buffers, reused once the socket has written them. */
+  readonly readBuffers: BufferPool;
   readonly log: Logger;
   readonly stats: NbdStats;
   isStopping(): boolean;
@@ -339,11 +342,19 @@ export class NbdConnection {
     const fua = (request.flags & CMD_FLAG.FUA) !== 0;
     switch (request.type) {
       case CMD.READ: {
-        const data = Buffer.allocUnsafe(request.length);
-        await io.read(volume, request.offset, data);
+        const pooled = this.host.readBuffers.acquire(request.length);
+        const data = pooled.subarray(0, request.length);
+        try {
+          await io.read(volume, request.offset, data);
+        } catch (error) {
+          this.host.readBuffers.release(pooled);
+          throw error;
+        }
         this.host.stats.bytesRead += request.length;
-        if (this.structured) this.sendPair(encodeOffsetDataHead(request.cookie, request.offset, data.length, true), data);
-        else this.sendPair(encodeSimpleReply(request.cookie, 0), data);
+        this.send(this.structured ? encodeOffsetDataHead(request.cookie, request.offset, data.length, true) : encodeSimpleReply(request.cookie, 0));
+        this.send(data, () => {
+          this.host.readBuffers.release(pooled);
+        });
         return;
       }
       case CMD.WRITE:
@@ -409,14 +420,12 @@ export class NbdConnection {
     else this.send(encodeSimpleReply(request.cookie, errno));
   }
 
-  private sendPair(head: Buffer, data: Buffer): void {
-    this.send(head);
-    this.send(data);
-  }
-
   /** Queues bytes; everything sent in one tick leaves in one corked write. */
-  private send(buf: Buffer): void {
-    if (this.socket.destroyed) return;
+  private send(buf: Buffer, written?: () => void): void {
+    if (this.socket.destroyed) {
+      written?.();
+      return;
+    }
     if (!this.corked) {
       this.corked = true;
       this.socket.cork();
@@ -425,7 +434,7 @@ export class NbdConnection {
         this.socket.uncork();
       });
     }
-    this.socket.write(buf);
+    this.socket.write(buf, written);
   }
 }
 

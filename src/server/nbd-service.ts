@@ -9,6 +9,7 @@ import type { Logger } from '../node/logger.js';
 import type { VolumeIo } from '../storage/volume-io.js';
 import type { VolumeManager } from '../storage/volume-manager.js';
 import { formatAddress, type ListenAddress } from '../units.js';
+import { BufferPool } from './buffer-pool.js';
 import { NbdConnection, type NbdHost, type NbdStats } from './nbd-connection.js';
 
 export class NbdService implements NbdHost {
@@ -16,6 +17,7 @@ export class NbdService implements NbdHost {
   readonly io: VolumeIo;
   readonly log: Logger;
   readonly stats: NbdStats;
+  readonly readBuffers: BufferPool;
   private readonly connections: Set<NbdConnection>;
   private server: Server | undefined;
   private stopping: boolean;
@@ -26,6 +28,7 @@ export class NbdService implements NbdHost {
     this.io = options.io;
     this.log = options.log;
     this.stats = { commands: {}, errors: {}, bytesRead: 0, bytesWritten: 0, handshakes: 0, protocolErrors: 0 };
+    this.readBuffers = new BufferPool();
     this.connections = new Set();
     this.server = undefined;
     this.stopping = false;

@@ -186,3 +186,35 @@ test('durability: flushed writes survive kill -9; neighbours of unflushed writes
   assert.equal(around.code, 0, around.stderr);
   assert.doesNotMatch(around.stdout, /Pattern verification failed/);
 });
+
+test('multi-conn: connections see each other\'s completed writes, and a FLUSH on one covers all', async (t) => {
+  if (missing('nbdsh') !== undefined) return;
+  const dir = await tempDir(t);
+  const first = await node(t, dir);
+  const script = `
+a = h
+a.connect_uri(${JSON.stringify(uri(first))})
+b = nbd.NBD()
+b.connect_uri(${JSON.stringify(uri(first))})
+c = nbd.NBD()
+c.connect_uri(${JSON.stringify(uri(first))})
+assert a.can_multi_conn()
+a.pwrite(b"A" * 65536, 0)
+b.pwrite(b"B" * 4096, 1 << 20)
+assert c.pread(65536, 0) == b"A" * 65536, "c sees a's completed write"
+assert a.pread(4096, 1 << 20) == b"B" * 4096, "a sees b's completed write"
+c.flush()  # covers the writes completed on a and b
+print("flushed")
+`;
+  const result = await nbdsh(['-c', script], { timeoutMs: 60_000 });
+  assert.equal(result.code, 0, result.stderr + result.stdout);
+  assert.equal(await first.stop('SIGKILL'), 'SIGKILL');
+  const second = await node(t, dir);
+  const check = await nbdsh(['-c', `
+h.connect_uri(${JSON.stringify(uri(second))})
+assert h.pread(65536, 0) == b"A" * 65536, "a's write survived the kill through c's flush"
+assert h.pread(4096, 1 << 20) == b"B" * 4096, "b's write survived the kill through c's flush"
+print("ok")
+`], { timeoutMs: 60_000 });
+  assert.equal(check.code, 0, check.stderr + check.stdout);
+});

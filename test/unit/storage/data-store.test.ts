@@ -1,0 +1,84 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFile, stat, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { DataStore, ZERO_CHUNK } from '../../../src/storage/data-store.js';
+import { tempDir } from '../../support/node-process.js';
+
+test('a new store reads as zeros and is one hole; writes make data chunks', async (t) => {
+  const dir = await tempDir(t);
+  const store = new DataStore(join(dir, 'v.img'), 1024 * 1024);
+  await store.open(true);
+  assert.deepEqual(store.blockStatus(0, 1024 * 1024), [{ length: 1024 * 1024, flags: 3 }]);
+  await store.write(ZERO_CHUNK + 10, Buffer.from('abc'));
+  assert.deepEqual(store.blockStatus(0, 3 * ZERO_CHUNK), [
+    { length: ZERO_CHUNK, flags: 3 },
+    { length: ZERO_CHUNK, flags: 0 },
+    { length: ZERO_CHUNK, flags: 3 },
+  ]);
+  const chunk = Buffer.alloc(ZERO_CHUNK, 1);
+  await store.read(ZERO_CHUNK, chunk);
+  assert.equal(chunk.toString('utf8', 10, 13), 'abc');
+  assert.ok(chunk.subarray(0, 10).every((b) => b === 0) && chunk.subarray(13).every((b) => b === 0), 'the rest of a filled chunk is zero');
+  assert.ok((await stat(join(dir, 'v.img'))).blocks * 512 < 1024 * 1024, 'the file stays sparse');
+  await store.close();
+});
+
+test('zeroing whole chunks only marks them; after a sync and reopen they still read as zeros', async (t) => {
+  const dir = await tempDir(t);
+  const path = join(dir, 'v.img');
+  const store = new DataStore(path, 4 * ZERO_CHUNK);
+  await store.open(true);
+  await store.write(0, Buffer.alloc(4 * ZERO_CHUNK, 7));
+  await store.zeroRange(ZERO_CHUNK, 2 * ZERO_CHUNK);
+  await store.zeroRange(10, 20); // inside a data chunk: zeros written
+  await store.sync();
+  await store.close();
+  const raw = await readFile(path);
+  assert.equal(raw[ZERO_CHUNK], 7, 'whole chunks were not rewritten, only marked');
+
+  const reopened = new DataStore(path, 4 * ZERO_CHUNK);
+  await reopened.open(false);
+  const back = Buffer.alloc(4 * ZERO_CHUNK);
+  await reopened.read(0, back);
+  assert.ok(back.subarray(10, 30).every((b) => b === 0));
+  assert.equal(back[9], 7);
+  assert.ok(back.subarray(ZERO_CHUNK, 3 * ZERO_CHUNK).every((b) => b === 0));
+  assert.equal(back[3 * ZERO_CHUNK], 7);
+  assert.deepEqual(reopened.blockStatus(0, 4 * ZERO_CHUNK).map((e) => e.flags), [0, 3, 0]);
+  await reopened.close();
+});
+
+test('a damaged zero map is ignored: every chunk is read from the file, which is always safe', async (t) => {
+  const dir = await tempDir(t);
+  const path = join(dir, 'v.img');
+  const store = new DataStore(path, 2 * ZERO_CHUNK);
+  await store.open(true);
+  await store.write(0, Buffer.alloc(ZERO_CHUNK, 5));
+  await store.close();
+  const map = await readFile(join(dir, 'v.zmap'));
+  map[map.length - 1] = (map[map.length - 1] ?? 0) ^ 0xff; // breaks the checksum
+  await writeFile(join(dir, 'v.zmap'), map);
+  const reopened = new DataStore(path, 2 * ZERO_CHUNK);
+  await reopened.open(false);
+  const back = Buffer.alloc(2 * ZERO_CHUNK);
+  await reopened.read(0, back);
+  assert.ok(back.subarray(0, ZERO_CHUNK).every((b) => b === 5));
+  assert.ok(back.subarray(ZERO_CHUNK).every((b) => b === 0), 'the sparse file reads as zeros there');
+  await reopened.close();
+});
+
+test('resize grows with zero chunks and shrinks the file', async (t) => {
+  const dir = await tempDir(t);
+  const store = new DataStore(join(dir, 'v.img'), ZERO_CHUNK);
+  await store.open(true);
+  await store.write(0, Buffer.alloc(ZERO_CHUNK, 9));
+  await store.resize(3 * ZERO_CHUNK);
+  assert.deepEqual(store.blockStatus(0, 3 * ZERO_CHUNK).map((e) => [e.length, e.flags]), [[ZERO_CHUNK, 0], [2 * ZERO_CHUNK, 3]]);
+  await store.resize(ZERO_CHUNK / 2);
+  assert.equal((await stat(join(dir, 'v.img'))).size, ZERO_CHUNK / 2);
+  const back = Buffer.alloc(ZERO_CHUNK / 2);
+  await store.read(0, back);
+  assert.ok(back.every((b) => b === 9));
+  await store.close();
+});
