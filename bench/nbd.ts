@@ -21,10 +21,12 @@ interface Workload {
   args: string[];
 }
 
+// Read-only workloads first; before each one memstrata's destager is let finish, so a
+// measurement does not include write-back left over from the one before.
 const WORKLOADS: Workload[] = [
-  { name: '4k randrw 70/30 QD32', args: ['--rw=randrw', '--rwmixread=70', '--bs=4k', '--iodepth=32'] },
   { name: '4k randread QD1', args: ['--rw=randread', '--bs=4k', '--iodepth=1'] },
   { name: '1M seq read QD8', args: ['--rw=read', '--bs=1M', '--iodepth=8'] },
+  { name: '4k randrw 70/30 QD32', args: ['--rw=randrw', '--rwmixread=70', '--bs=4k', '--iodepth=32'] },
   { name: '1M seq write QD8', args: ['--rw=write', '--bs=1M', '--iodepth=8'] },
 ];
 
@@ -111,7 +113,15 @@ try {
 
   const header = ['workload', 'server', 'IOPS', 'MB/s', 'p50 us', 'p99 us', 'IOPS ratio', 'p50 ratio'];
   const rows: string[][] = [];
+  const settle = async (): Promise<void> => {
+    for (let i = 0; i < 600; i++) {
+      const info = (await (await fetch(`${node.url}/v1/node`)).json()) as { cache: { dirtyBytes: number } | null };
+      if ((info.cache?.dirtyBytes ?? 0) === 0) return;
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+  };
   for (const workload of WORKLOADS) {
+    await settle();
     const base = fio(nbdkitUri, workload, SECONDS);
     const ours = fio(memstrataUri, workload, SECONDS);
     rows.push([workload.name, 'nbdkit memory (baseline)', base.iops.toFixed(0), base.mbps.toFixed(1), base.p50us.toFixed(1), base.p99us.toFixed(1), '1.00x', '1.00x']);

@@ -55,8 +55,8 @@ import type { BufferPool } from './buffer-pool.js';
 export interface NbdHost {
   readonly volumes: VolumeManager;
   readonly io: VolumeIo;
-  /** Large READ buffers, reused once the socket has written them. */
-  readonly readBuffers: BufferPool;
+  /** Large READ and WRITE payload buffers, reused once the socket has written them or the request is done. */
+  readonly payloadBuffers: BufferPool;
   readonly log: Logger;
   readonly stats: NbdStats;
   isStopping(): boolean;
@@ -131,6 +131,7 @@ export class NbdConnection {
       onRequest: (request) => {
         this.onRequest(request);
       },
+      allocate: (length) => this.host.payloadBuffers.acquire(length),
       onFatal: (error) => {
         this.host.stats.protocolErrors++;
         this.host.log.warn({ remote: this.remote, err: error.message }, 'NBD client broke the protocol; disconnecting');
@@ -319,6 +320,7 @@ export class NbdConnection {
     const name = CMD_NAME[request.type] ?? 'UNKNOWN';
     this.host.stats.commands[name] = (this.host.stats.commands[name] ?? 0) + 1;
     if (request.type === CMD.DISC) {
+      if (request.pooled !== undefined) this.host.payloadBuffers.release(request.pooled);
       void this.drainAndClose();
       return;
     }
@@ -331,6 +333,8 @@ export class NbdConnection {
         this.replyError(request, errno, error instanceof Error ? error.message : String(error));
       })
       .finally(() => {
+        // The payload has been copied into the cache or written to the store by now.
+        if (request.pooled !== undefined) this.host.payloadBuffers.release(request.pooled);
         this.inFlight--;
         if (this.inFlight === 0 && this.idle !== undefined) this.idle();
       });
@@ -342,18 +346,18 @@ export class NbdConnection {
     const fua = (request.flags & CMD_FLAG.FUA) !== 0;
     switch (request.type) {
       case CMD.READ: {
-        const pooled = this.host.readBuffers.acquire(request.length);
+        const pooled = this.host.payloadBuffers.acquire(request.length);
         const data = pooled.subarray(0, request.length);
         try {
           await io.read(volume, request.offset, data);
         } catch (error) {
-          this.host.readBuffers.release(pooled);
+          this.host.payloadBuffers.release(pooled);
           throw error;
         }
         this.host.stats.bytesRead += request.length;
         this.send(this.structured ? encodeOffsetDataHead(request.cookie, request.offset, data.length, true) : encodeSimpleReply(request.cookie, 0));
         this.send(data, () => {
-          this.host.readBuffers.release(pooled);
+          this.host.payloadBuffers.release(pooled);
         });
         return;
       }

@@ -17,7 +17,7 @@ export class NbdService implements NbdHost {
   readonly io: VolumeIo;
   readonly log: Logger;
   readonly stats: NbdStats;
-  readonly readBuffers: BufferPool;
+  readonly payloadBuffers: BufferPool;
   private readonly connections: Set<NbdConnection>;
   private server: Server | undefined;
   private stopping: boolean;
@@ -28,7 +28,7 @@ export class NbdService implements NbdHost {
     this.io = options.io;
     this.log = options.log;
     this.stats = { commands: {}, errors: {}, bytesRead: 0, bytesWritten: 0, handshakes: 0, protocolErrors: 0 };
-    this.readBuffers = new BufferPool();
+    this.payloadBuffers = new BufferPool();
     this.connections = new Set();
     this.server = undefined;
     this.stopping = false;

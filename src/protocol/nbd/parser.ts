@@ -23,6 +23,8 @@ export interface NbdRequest {
   length: number;
   /** WRITE payload; empty for other commands. */
   data: Buffer;
+  /** The buffer `data` was assembled in when it came from `allocate`; give it back when done. */
+  pooled: Buffer | undefined;
 }
 
 export interface NbdParserHandlers {
@@ -30,6 +32,8 @@ export interface NbdParserHandlers {
   onOption(option: number, data: Buffer): void;
   onRequest(request: NbdRequest): void;
   onFatal(error: MisuseError): void;
+  /** Optional: a buffer of at least `length` bytes for a WRITE payload that spans chunks. */
+  allocate?(length: number): Buffer;
 }
 
 type Mode = 'flags' | 'option' | 'waiting' | 'transmission' | 'failed';
@@ -134,7 +138,13 @@ export class NbdServerParser {
           at += length;
           continue;
         }
-        this.body = Buffer.allocUnsafe(length);
+        if (this.mode === 'transmission' && this.request !== undefined && this.handlers.allocate !== undefined) {
+          const pooled = this.handlers.allocate(length);
+          this.request.pooled = pooled;
+          this.body = pooled.subarray(0, length);
+        } else {
+          this.body = Buffer.allocUnsafe(length);
+        }
         this.bodyHave = 0;
       }
       const body = this.body;
@@ -175,6 +185,7 @@ export class NbdServerParser {
       offset: readU64(buf, at + 16),
       length: buf.readUInt32BE(at + 24),
       data: EMPTY,
+      pooled: undefined,
     };
     this.request = request;
     if (request.type !== CMD.WRITE) return 0;
