@@ -8,10 +8,11 @@
 
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { connect, createServer } from 'node:net';
+import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startNode } from '../test/support/node-process.js';
+import { freePort, have } from './support/ports.js';
 
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 8);
 const SIZE = '256M';
@@ -37,17 +38,6 @@ interface Result {
   p99us: number;
 }
 
-function have(command: string): boolean {
-  return spawnSync('sh', ['-c', `command -v ${command}`]).status === 0;
-}
-
-async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address() as { port: number };
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
-}
 
 function fio(uri: string, workload: Workload, seconds: number): Result {
   const out = spawnSync(

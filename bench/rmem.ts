@@ -9,29 +9,18 @@
 
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Redis } from 'ioredis';
 import { RmemClient } from '../src/client/rmem-client.js';
 import { startNode } from '../test/support/node-process.js';
 import { measure, report, type CaseResult } from './support/harness.js';
+import { freePort, have } from './support/ports.js';
 
 const KB4 = 4096;
 const MB1 = 1024 * 1024;
 const SLOTS = 256;
 
-function have(command: string): boolean {
-  return spawnSync('sh', ['-c', `command -v ${command}`]).status === 0;
-}
-
-async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address() as { port: number };
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
-}
 
 async function startRedis(): Promise<{ port: number; proc: ChildProcess }> {
   const port = await freePort();

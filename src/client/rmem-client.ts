@@ -35,6 +35,7 @@ import {
   type WireRange,
 } from '../protocol/rmem/codec.js';
 import { errorOf } from '../protocol/rmem/errors.js';
+import { CorkedWriter } from '../net/corked-writer.js';
 import { FrameParser, type Frame } from '../protocol/rmem/parser.js';
 import { MAX_DATA, OP, OP_NAME, STATUS, VERSION, type PerformanceClass, type WireMediumName } from '../protocol/rmem/spec.js';
 
@@ -106,7 +107,7 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
   private readonly pending: Map<number, Pending>;
   private readonly waiting: Pending[];
   private nextTag: number;
-  private corked: boolean;
+  private writer: CorkedWriter;
   private lastSent: number;
   private readonly timer: NodeJS.Timeout;
 
@@ -120,7 +121,7 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
     this.pending = new Map();
     this.waiting = [];
     this.nextTag = 1;
-    this.corked = false;
+    this.writer = new CorkedWriter(connection.socket);
     this.lastSent = Date.now();
     const tick = Math.max(20, Math.min(250, Math.floor(options.timeoutMs / 4), Math.floor(connection.session.leaseMs / 6)));
     this.timer = setInterval(() => {
@@ -288,15 +289,7 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
   }
 
   private send(frames: readonly Buffer[]): void {
-    if (!this.corked) {
-      this.corked = true;
-      this.socket.cork();
-      process.nextTick(() => {
-        this.corked = false;
-        this.socket.uncork();
-      });
-    }
-    for (const frame of frames) this.socket.write(frame);
+    for (const frame of frames) this.writer.write(frame);
     this.lastSent = Date.now();
   }
 
@@ -327,6 +320,7 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
   private attach(connection: Connection): void {
     const { socket } = connection;
     this.socket = socket;
+    this.writer = new CorkedWriter(socket);
     this.parser = connection.parser;
     connection.handlers.onFrame = (frame) => {
       this.onFrame(frame);

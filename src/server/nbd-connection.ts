@@ -51,6 +51,7 @@ import {
 import type { Volume, VolumeManager } from '../storage/volume-manager.js';
 import type { VolumeIo } from '../storage/volume-io.js';
 import type { BufferPool } from './buffer-pool.js';
+import { CorkedWriter } from '../net/corked-writer.js';
 
 export interface NbdHost {
   readonly volumes: VolumeManager;
@@ -103,8 +104,8 @@ export class NbdConnection {
   private metaExport: string | undefined;
   private baseAllocation: boolean;
   private volume: Volume | undefined;
+  private readonly writer: CorkedWriter;
   private inFlight: number;
-  private corked: boolean;
   private closing: boolean;
   private idle: (() => void) | undefined;
 
@@ -117,8 +118,8 @@ export class NbdConnection {
     this.metaExport = undefined;
     this.baseAllocation = false;
     this.volume = undefined;
+    this.writer = new CorkedWriter(socket);
     this.inFlight = 0;
-    this.corked = false;
     this.closing = false;
     this.idle = undefined;
     this.parser = new NbdServerParser({
@@ -426,19 +427,7 @@ export class NbdConnection {
 
   /** Queues bytes; everything sent in one tick leaves in one corked write. */
   private send(buf: Buffer, written?: () => void): void {
-    if (this.socket.destroyed) {
-      written?.();
-      return;
-    }
-    if (!this.corked) {
-      this.corked = true;
-      this.socket.cork();
-      process.nextTick(() => {
-        this.corked = false;
-        this.socket.uncork();
-      });
-    }
-    this.socket.write(buf, written);
+    this.writer.write(buf, written);
   }
 }
 

@@ -4,11 +4,11 @@
 // to one export see each other's completed writes and a FLUSH on any covers them all.
 
 import { createServer, type Server } from 'node:net';
-import { NetworkError } from '../errors.js';
 import type { Logger } from '../node/logger.js';
 import type { VolumeIo } from '../storage/volume-io.js';
 import type { VolumeManager } from '../storage/volume-manager.js';
-import { formatAddress, type ListenAddress } from '../units.js';
+import { closeServer, listenOn } from '../net/listen.js';
+import type { ListenAddress } from '../units.js';
 import { BufferPool } from './buffer-pool.js';
 import { NbdConnection, type NbdHost, type NbdStats } from './nbd-connection.js';
 
@@ -51,26 +51,8 @@ export class NbdService implements NbdHost {
       }
       this.connections.add(new NbdConnection(socket, this));
     });
-    try {
-      await new Promise<void>((resolve, reject) => {
-        server.once('error', reject);
-        server.listen({ host: address.host, port: address.port }, () => {
-          server.off('error', reject);
-          resolve();
-        });
-      });
-    } catch (error) {
-      throw new NetworkError('MS_LISTEN_FAILED', `NBD service cannot listen on ${formatAddress(address)}: ${(error as Error).message}`, {
-        cause: error,
-        details: { service: 'nbd', address: formatAddress(address) },
-      });
-    }
-    server.on('error', (error) => {
-      this.log.error({ err: error }, 'NBD listener error');
-    });
+    this.bound = await listenOn(server, address, 'NBD', this.log);
     this.server = server;
-    const info = server.address();
-    this.bound = typeof info === 'object' && info !== null ? { host: address.host, port: info.port } : address;
     return this.bound;
   }
 
@@ -79,12 +61,7 @@ export class NbdService implements NbdHost {
     this.stopping = true;
     const server = this.server;
     this.server = undefined;
-    const closed = server === undefined ? Promise.resolve() : new Promise<void>((resolve) => server.close(() => {
-      resolve();
-    }));
-    await Promise.all([...this.connections].map((c) => c.drainAndClose()));
-    for (const c of this.connections) c.socket.destroy();
-    await closed;
+    await closeServer(server, this.connections);
   }
 
   isStopping(): boolean {

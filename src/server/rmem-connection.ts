@@ -37,6 +37,7 @@ import { FrameParser, type Frame } from '../protocol/rmem/parser.js';
 import { HEADER_SIZE, MAX_BODY, MAX_DATA, OP, OP_NAME, STATUS, VERSION } from '../protocol/rmem/spec.js';
 import type { Logger } from '../node/logger.js';
 import type { BufferPool } from './buffer-pool.js';
+import { CorkedWriter } from '../net/corked-writer.js';
 
 /** What a connection needs from the service that owns it. */
 export interface ConnectionHost {
@@ -69,8 +70,8 @@ export class RmemConnection {
   serverId: string | undefined;
   private readonly host: ConnectionHost;
   private readonly parser: FrameParser;
+  private readonly writer: CorkedWriter;
   private inFlight: number;
-  private corked: boolean;
   private pausedForInFlight: boolean;
   private pausedForDrain: boolean;
   private closing: boolean;
@@ -81,8 +82,8 @@ export class RmemConnection {
     this.remote = `${socket.remoteAddress ?? '?'}:${socket.remotePort ?? 0}`;
     this.serverId = undefined;
     this.host = host;
+    this.writer = new CorkedWriter(socket);
     this.inFlight = 0;
-    this.corked = false;
     this.pausedForInFlight = false;
     this.pausedForDrain = false;
     this.closing = false;
@@ -316,21 +317,9 @@ export class RmemConnection {
     });
   }
 
-  /** Queues a reply; everything sent in one tick leaves in one corked write. */
+  /** Queues a reply (batched per tick by the writer); stops reading while the socket is full. */
   private send(buf: Buffer, written?: () => void): void {
-    if (this.socket.destroyed) {
-      written?.();
-      return;
-    }
-    if (!this.corked) {
-      this.corked = true;
-      this.socket.cork();
-      process.nextTick(() => {
-        this.corked = false;
-        this.socket.uncork();
-      });
-    }
-    if (!this.socket.write(buf, written)) {
+    if (!this.writer.write(buf, written)) {
       this.pausedForDrain = true;
       this.updateFlow();
     }

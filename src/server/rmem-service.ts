@@ -16,10 +16,11 @@
 
 import { createServer, type Server, type Socket } from 'node:net';
 import { randomBytes, timingSafeEqual } from 'node:crypto';
-import { MisuseError, NetworkError } from '../errors.js';
+import { MisuseError } from '../errors.js';
 import type { ServerMemory } from '../memory/server-memory.js';
 import type { Logger } from '../node/logger.js';
-import { formatAddress, type ListenAddress } from '../units.js';
+import { closeServer, listenOn } from '../net/listen.js';
+import type { ListenAddress } from '../units.js';
 import { BufferPool } from './buffer-pool.js';
 import { RmemConnection, type ConnectionHost, type RmemStats } from './rmem-connection.js';
 
@@ -92,26 +93,8 @@ export class RmemService implements ConnectionHost {
     const server = createServer((socket) => {
       this.accept(socket);
     });
-    try {
-      await new Promise<void>((resolve, reject) => {
-        server.once('error', reject);
-        server.listen({ host: address.host, port: address.port }, () => {
-          server.off('error', reject);
-          resolve();
-        });
-      });
-    } catch (error) {
-      throw new NetworkError('MS_LISTEN_FAILED', `rmem service cannot listen on ${formatAddress(address)}: ${(error as Error).message}`, {
-        cause: error,
-        details: { service: 'rmem', address: formatAddress(address) },
-      });
-    }
-    server.on('error', (error) => {
-      this.log.error({ err: error }, 'rmem listener error');
-    });
+    this.bound = await listenOn(server, address, 'rmem', this.log);
     this.server = server;
-    const info = server.address();
-    this.bound = typeof info === 'object' && info !== null ? { host: address.host, port: info.port } : address;
     const tick = Math.max(25, Math.floor(this.options.leaseMs / 4));
     this.timer = setInterval(() => {
       this.checkLeases();
@@ -126,12 +109,7 @@ export class RmemService implements ConnectionHost {
     if (this.timer !== undefined) clearInterval(this.timer);
     const server = this.server;
     this.server = undefined;
-    const closed = server === undefined ? Promise.resolve() : new Promise<void>((resolve) => server.close(() => {
-      resolve();
-    }));
-    await Promise.all([...this.connections].map((c) => c.drainAndClose()));
-    for (const c of this.connections) c.socket.destroy();
-    await closed;
+    await closeServer(server, this.connections);
   }
 
   isStopping(): boolean {

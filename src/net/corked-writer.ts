@@ -1,0 +1,37 @@
+// Coalesced socket writes: everything queued in one tick leaves in one corked write
+// (one writev), so a reply's header and payload, and replies finished together, share a
+// system call. Used by both services and the rmem client.
+
+import type { Socket } from 'node:net';
+
+export class CorkedWriter {
+  private readonly socket: Socket;
+  private corked: boolean;
+
+  constructor(socket: Socket) {
+    this.socket = socket;
+    this.corked = false;
+  }
+
+  /**
+   * Queues bytes. `written` runs once the socket has handed them to the kernel (or at
+   * once if the socket is gone), which is when a pooled buffer may be reused. Returns
+   * false when the socket's buffer is full and the caller should stop producing.
+   */
+  write(buf: Buffer, written?: () => void): boolean {
+    const socket = this.socket;
+    if (socket.destroyed) {
+      written?.();
+      return true;
+    }
+    if (!this.corked) {
+      this.corked = true;
+      socket.cork();
+      process.nextTick(() => {
+        this.corked = false;
+        socket.uncork();
+      });
+    }
+    return socket.write(buf, written);
+  }
+}

@@ -1,0 +1,43 @@
+// Listening and closing for the node's TCP services, with one error shape.
+
+import type { Server } from 'node:net';
+import { NetworkError } from '../errors.js';
+import type { Logger } from '../node/logger.js';
+import { formatAddress, type ListenAddress } from '../units.js';
+
+/** Listens on `address`; resolves with the bound address (port 0 resolved) or throws MS_LISTEN_FAILED. */
+export async function listenOn(server: Server, address: ListenAddress, service: string, log: Logger): Promise<ListenAddress> {
+  try {
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen({ host: address.host, port: address.port }, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+  } catch (error) {
+    throw new NetworkError('MS_LISTEN_FAILED', `${service} service cannot listen on ${formatAddress(address)}: ${(error as Error).message}`, {
+      cause: error,
+      details: { service, address: formatAddress(address) },
+    });
+  }
+  server.on('error', (error) => {
+    log.error({ err: error, service }, 'listener error');
+  });
+  const info = server.address();
+  return typeof info === 'object' && info !== null ? { host: address.host, port: info.port } : address;
+}
+
+/** Stops accepting, drains every connection, destroys what is left, and waits for the listener to close. */
+export async function closeServer<C extends { drainAndClose(): Promise<void>; socket: { destroy(): void } }>(
+  server: Server | undefined,
+  connections: Iterable<C>,
+): Promise<void> {
+  const closed = server === undefined ? Promise.resolve() : new Promise<void>((resolve) => server.close(() => {
+    resolve();
+  }));
+  const all = [...connections];
+  await Promise.all(all.map((c) => c.drainAndClose()));
+  for (const c of all) c.socket.destroy();
+  await closed;
+}
