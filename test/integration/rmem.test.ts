@@ -130,6 +130,18 @@ test('capacity: exhaustion returns lack of capacity, and the tables show nothing
   assert.equal(dram.available + dram.growable, 24 * 2 ** 20);
 });
 
+test('a bind that outgrows free memory takes extents from the storage cache, which gives them back', async (t) => {
+  const n = await node(t);
+  const a = await client(t, n, 'big');
+  // dram: 64MiB = cache 32 + server 16 + nvram 4 + free 12; 40MiB needs 12 free + 12 from the cache.
+  const region = await a.bind(40 * 2 ** 20, { medium: 'dram' });
+  assert.equal(region.size, 40 * 2 ** 20);
+  const info = (await (await fetch(`${n.url}/v1/node`)).json()) as { cache: { slots: { dram: number } }; usage: { medium: string; kinds: { cache: { bytes: number } } }[] };
+  assert.equal(info.usage.find((u) => u.medium === 'dram')?.kinds.cache.bytes, 20 * 2 ** 20);
+  assert.equal(info.cache.slots.dram, 320, 'the cache holds 20MiB of 64KiB lines');
+  assert.ok(n.logs.some((l) => l.msg === 'cache gave extents back to the partition table'));
+});
+
 test('leases: a killed client loses its regions after the lease; a reconnect within it keeps them', async (t) => {
   const n = await node(t, ['--rmem-lease', '600ms']);
 
