@@ -13,8 +13,11 @@ import type { AllocationTable } from '../memory/allocation-table.js';
 import type { PartitionTable } from '../memory/partition-table.js';
 import { SIZE_FORM, formatAddress, hexRange, hexWidth, parseSize, type ListenAddress } from '../units.js';
 import type { Logger } from '../node/logger.js';
-import type { AllocationTableJson, ErrorResponse, NodeInfo, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson } from './api.js';
+import type { AllocationTableJson, ErrorResponse, NodeInfo, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson } from './api.js';
 import type { VolumeManager } from '../storage/volume-manager.js';
+import type { DeviceManager } from '../nvram/device-manager.js';
+import { POLICIES } from '../nvram/device.js';
+import { decodeOne } from '../nvram/record.js';
 import type { NodeMetrics } from './metrics.js';
 
 export interface AdminContext {
@@ -23,6 +26,7 @@ export interface AdminContext {
   allocation: AllocationTable;
   rmemSessions(): RmemSessionJson[];
   volumes: VolumeManager;
+  nvram: DeviceManager;
   metrics: NodeMetrics;
   log: Logger;
   isStopping(): boolean;
@@ -41,6 +45,17 @@ const size = z.unknown().transform((value, ctx) => {
 const resizeBody = z.strictObject({ medium: z.enum(MEDIA), kind: z.enum(USED_KINDS), bytes: size });
 const volumeBody = z.strictObject({ name: z.string(), size, readOnly: z.boolean().optional() });
 const resizeVolumeBody = z.strictObject({ size });
+const nvramBody = z.strictObject({ name: z.string(), size, policy: z.enum(POLICIES), medium: z.enum(MEDIA).optional() });
+const count = (fallback: number) => z.union([z.number(), z.string()]).optional().transform((value, ctx) => {
+  if (value === undefined) return fallback;
+  const n = Number(value);
+  if (!Number.isSafeInteger(n) || n < 0) {
+    ctx.addIssue({ code: 'custom', message: 'expected a whole number' });
+    return z.NEVER;
+  }
+  return n;
+});
+const dumpQuery = z.strictObject({ from: count(0), max: count(100) });
 
 /** Validates a request body once, at the edge, into a coded error naming each bad field. */
 function parseBody<T>(schema: z.ZodType<T>, body: unknown, what: string): T {
@@ -143,6 +158,40 @@ export class AdminServer {
       await context.volumes.remove(name);
       context.log.info({ volume: name }, `volume ${name} removed`);
       return reply.code(204).send();
+    });
+
+    app.get('/v1/nvram', (): NvramListJson => ({ devices: context.nvram.list() }));
+
+    app.post('/v1/nvram', async (request, reply) => {
+      const { name, size, policy, medium } = parseBody(nvramBody, request.body, 'NVRAM device');
+      const info = await context.nvram.create(name, size, policy, medium);
+      void reply.code(201);
+      return info;
+    });
+
+    app.delete('/v1/nvram/:name', async (request, reply) => {
+      const name = (request.params as { name: string }).name;
+      await context.nvram.remove(name);
+      context.log.info({ device: name }, `NVRAM device ${name} removed`);
+      return reply.code(204).send();
+    });
+
+    app.get('/v1/nvram/:name/records', async (request): Promise<NvramDumpJson> => {
+      const name = (request.params as { name: string }).name;
+      const { from, max } = parseBody(dumpQuery, request.query, 'dump');
+      const device = context.nvram.get(name);
+      const records = (await device.read(from, max)).map((buf) => decodeOne(buf));
+      return {
+        device: device.info(),
+        records: records.map((r) => ({
+          seq: r.seq,
+          timestamp: r.timestamp,
+          epoch: r.epoch,
+          target: r.target ?? null,
+          length: r.payload.length,
+          payload: r.payload.toString('base64'),
+        })),
+      };
     });
 
     app.post('/v1/partition/resize', async (request): Promise<ResizeResponse> => {

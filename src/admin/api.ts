@@ -6,6 +6,7 @@ import type { Kind, MediumName, UsedKind } from '../memory/kinds.js';
 import type { MediumUsage, ResizeResult } from '../memory/partition-table.js';
 import type { ServerSummary } from '../memory/allocation-table.js';
 import type { CacheStats } from '../storage/cache.js';
+import type { DeviceInfo } from '../nvram/device.js';
 
 export interface MediumInfo {
   name: MediumName;
@@ -28,6 +29,26 @@ export interface NodeInfo {
   usage: MediumUsage[];
   /** Storage cache counters, or null when the cache is disabled. */
   cache: CacheStats | null;
+  nvram: DeviceInfo[];
+}
+
+export interface NvramListJson {
+  devices: DeviceInfo[];
+}
+
+export interface NvramRecordJson {
+  seq: number;
+  timestamp: number;
+  epoch: number;
+  target: { volume: string; offset: number } | null;
+  length: number;
+  /** The payload, base64. */
+  payload: string;
+}
+
+export interface NvramDumpJson {
+  device: DeviceInfo;
+  records: NvramRecordJson[];
 }
 
 export interface PartitionRowJson {

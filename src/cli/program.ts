@@ -4,7 +4,8 @@
 
 import { Command, CommanderError, Option } from 'commander';
 import { MisuseError, isMemstrataError } from '../errors.js';
-import type { AllocationTableJson, NodeInfo, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson } from '../admin/api.js';
+import type { AllocationTableJson, NodeInfo, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson } from '../admin/api.js';
+import { POLICIES, type DeviceInfo } from '../nvram/device.js';
 import { RmemClient } from '../client/rmem-client.js';
 import { KINDS, MEDIA, USED_KINDS } from '../memory/kinds.js';
 import { SETTINGS } from '../node/config.js';
@@ -128,6 +129,63 @@ export function buildProgram(output: Output = processOutput): Command {
     .action(async (name: string, options: { admin: string }) => {
       await new AdminClient(options.admin).delete(`/v1/volumes/${encodeURIComponent(name)}`);
       output.out(`volume ${name} removed`);
+    });
+
+  // ---- nvram ----
+  const nvram = program.command('nvram').description('NVRAM journaling devices in the nvram partition');
+  nvram
+    .command('list')
+    .description('devices with size, used space, first and last sequence number, epoch, policy and state')
+    .addOption(adminOption())
+    .addOption(jsonOption())
+    .action(async (options: { admin: string; json?: boolean }) => {
+      const list = await new AdminClient(options.admin).get<NvramListJson>('/v1/nvram');
+      output.out(options.json === true ? JSON.stringify(list, null, 2) : renderNvram(list.devices));
+    });
+  nvram
+    .command('create <name>')
+    .description('create a journaling device in the nvram partition')
+    .requiredOption('--size <size>', 'journal space, e.g. 64MiB (rounded up to whole extents)')
+    .addOption(new Option('--policy <policy>', 'durability: volatile (memory; vaulted on a clean stop) or local (journal file, group commit)').choices(POLICIES).default('local'))
+    .addOption(new Option('--medium <medium>', 'medium of the nvram extents').choices(MEDIA).default('dram'))
+    .addOption(adminOption())
+    .addOption(jsonOption())
+    .action(async (name: string, options: { size: string; policy: string; medium: string; admin: string; json?: boolean }) => {
+      const info = await new AdminClient(options.admin).post<DeviceInfo>('/v1/nvram', { name, size: options.size, policy: options.policy, medium: options.medium });
+      output.out(options.json === true ? JSON.stringify(info, null, 2) : `NVRAM device ${info.name} created: ${formatSize(info.size)}, ${info.policy}, on ${info.medium}`);
+    });
+  nvram
+    .command('rm <name>')
+    .description('delete a device, its records and its journal; its memory is zeroed')
+    .addOption(adminOption())
+    .action(async (name: string, options: { admin: string }) => {
+      await new AdminClient(options.admin).delete(`/v1/nvram/${encodeURIComponent(name)}`);
+      output.out(`NVRAM device ${name} removed`);
+    });
+  nvram
+    .command('dump <name>')
+    .description('print records: sequence number, timestamp, epoch, target, length, and the payload start')
+    .option('--from <seq>', 'first sequence number', '0')
+    .option('--max <count>', 'most records to print', '100')
+    .addOption(adminOption())
+    .addOption(jsonOption())
+    .action(async (name: string, options: { from: string; max: string; admin: string; json?: boolean }) => {
+      const dump = await new AdminClient(options.admin).get<NvramDumpJson>(
+        `/v1/nvram/${encodeURIComponent(name)}/records?from=${encodeURIComponent(options.from)}&max=${encodeURIComponent(options.max)}`,
+      );
+      if (options.json === true) {
+        output.out(JSON.stringify(dump, null, 2));
+        return;
+      }
+      const rows = dump.records.map((r) => [
+        String(r.seq),
+        new Date(r.timestamp / 1000).toISOString(),
+        String(r.epoch),
+        r.target === null ? '-' : `${r.target.volume}@${r.target.offset}`,
+        String(r.length),
+        Buffer.from(r.payload, 'base64').subarray(0, 16).toString('hex'),
+      ]);
+      output.out(`${renderNvram([dump.device])}\n\n${textTable(['SEQ', 'TIMESTAMP', 'EPOCH', 'TARGET', 'LENGTH', 'PAYLOAD (first 16 bytes)'], rows, [0, 2, 4])}`);
     });
 
   // ---- servers ----
@@ -265,7 +323,7 @@ export function renderNode(info: NodeInfo): string {
     ];
   });
   const media = `Media\n${textTable(['MEDIUM', 'CAPACITY', 'EXTENT', 'RESIDENT', 'CACHE', 'SERVER', 'NVRAM', 'FREE'], rows, [1, 2, 3, 4, 5, 6, 7])}`;
-  return `${head}\n\n${media}\n\n${renderCache(info.cache)}`;
+  return `${head}\n\n${media}\n\n${renderCache(info.cache)}\n\n${renderNvram(info.nvram)}`;
 }
 
 export function renderCache(cache: NodeInfo['cache']): string {
@@ -293,6 +351,22 @@ export function renderAllocation(table: AllocationTableJson): string {
   if (table.rows.length === 0) return 'Server memory allocate table\n(no server holds memory on this node)';
   const rows = table.rows.map((r) => [r.serverId, String(r.regionId), r.medium, r.range, formatSize(r.length)]);
   return `Server memory allocate table\n${textTable(['SERVER ID', 'REGION', 'MEDIUM', 'PHYSICAL ADDRESS', 'SIZE'], rows, [1, 4])}`;
+}
+
+export function renderNvram(devices: readonly DeviceInfo[]): string {
+  if (devices.length === 0) return 'NVRAM devices\n(none)';
+  const rows = devices.map((d) => [
+    d.name,
+    d.policy,
+    d.medium,
+    formatSize(d.size),
+    humanSize(d.used),
+    d.firstSeq === null ? '-' : String(d.firstSeq),
+    d.lastSeq === null ? '-' : String(d.lastSeq),
+    String(d.epoch),
+    d.state,
+  ]);
+  return `NVRAM devices\n${textTable(['NAME', 'POLICY', 'MEDIUM', 'SIZE', 'USED', 'FIRST SEQ', 'LAST SEQ', 'EPOCH', 'STATE'], rows, [3, 4, 5, 6, 7])}`;
 }
 
 export function renderVolumes(volumes: readonly VolumeJson[]): string {

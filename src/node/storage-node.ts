@@ -1,6 +1,6 @@
 // The daemon wiring of one node: which subsystems exist and the order they start in.
 //
-//   start:  data directory + lock -> node id -> media -> volumes -> cache -> rmem -> NBD -> admin HTTP
+//   start:  data directory + lock -> node id -> media -> NVRAM -> volumes -> cache -> rmem -> NBD -> admin
 //   stop:   the reverse; admin first (no new requests, in-flight ones drain), the lock last
 //
 // The tables are built with the node; services slot in between the media and admin, so
@@ -25,6 +25,7 @@ import { NbdService } from '../server/nbd-service.js';
 import { DirectVolumeIo, type VolumeIo } from '../storage/volume-io.js';
 import { VolumeManager } from '../storage/volume-manager.js';
 import { StorageCache } from '../storage/cache.js';
+import { DeviceManager } from '../nvram/device-manager.js';
 import { formatAddress, type ListenAddress } from '../units.js';
 import { VERSION } from '../version.js';
 import { mediumLayouts, type NodeConfig } from './config.js';
@@ -41,6 +42,7 @@ export class StorageNode {
   readonly allocation: AllocationTable;
   readonly media: readonly Medium[];
   readonly serverMemory: ServerMemory;
+  readonly nvram: DeviceManager;
   readonly volumes: VolumeManager;
   readonly volumeIo: VolumeIo;
   readonly cache: StorageCache | undefined;
@@ -62,6 +64,7 @@ export class StorageNode {
     this.allocation = new AllocationTable();
     this.media = this.createMedia();
     this.serverMemory = new ServerMemory({ partition: this.partition, allocation: this.allocation, media: this.media });
+    this.nvram = new DeviceManager({ dataDir: config.dataDir, partition: this.partition, media: this.media, log });
     this.volumes = new VolumeManager(config.dataDir);
     this.cache = config.cache.enabled
       ? new StorageCache({ partition: this.partition, media: this.media, log, maxDirtyAgeMs: config.cache.maxDirtyAgeMs })
@@ -94,6 +97,11 @@ export class StorageNode {
       stop: async () => {
         for (const medium of [...this.media].reverse()) await medium.close();
       },
+    });
+    this.lifecycle.add({
+      name: 'nvram',
+      start: () => this.nvram.open(),
+      stop: () => this.nvram.close(),
     });
     this.lifecycle.add({
       name: 'volumes',
@@ -165,6 +173,7 @@ export class StorageNode {
           allocation: this.allocation,
           rmemSessions: () => this.rmem?.sessionsInfo() ?? [],
           volumes: this.volumes,
+          nvram: this.nvram,
           metrics,
           log,
           isStopping: () => this.stopping,
@@ -239,6 +248,7 @@ export class StorageNode {
       media,
       usage: this.partition.usage(),
       cache: this.cache?.stats() ?? null,
+      nvram: this.nvram.list(),
     };
   }
 

@@ -1,0 +1,326 @@
+// An NVRAM device: a journal of records kept in the device's own `nvram` extents, made
+// durable by its policy (EMC US 8,990,520: global memory as NVRAM).
+//
+//   logical space [0, size) over the device's extents, used as a ring:
+//     head ........ live records ........ tail
+//   index: seq -> (logical offset, bytes), oldest first, with a start pointer
+//
+//   volatile  acknowledged once in memory; kept across a clean stop by the vault
+//   local     acknowledged once also in the device's journal file, by group commit
+//
+// Rules:
+//   - sequence numbers are given out in append order, contiguous, never reused;
+//   - an append with an epoch older than the device's is refused (fenced), checked when
+//     it arrives, so nothing a fenced writer sends afterwards becomes visible;
+//   - a record that does not fit in the space not yet trimmed is refused (full); nothing
+//     untrimmed is ever overwritten;
+//   - reads return acknowledged records only, in order.
+//
+// Markers (epoch, trim) go to the journal file too, so a restart knows the epoch and what
+// was trimmed; they carry no sequence number of their own.
+
+import { MisuseError, RuntimeError, StorageError } from '../errors.js';
+import type { Medium } from '../memory/medium.js';
+import { JournalFile } from './journal-file.js';
+import { RECORD_FLAG, encodeRecord, nowMicros, recordSize, type JournalRecord, type RecordTarget } from './record.js';
+
+export const POLICIES = ['volatile', 'local'] as const;
+export type Policy = (typeof POLICIES)[number];
+
+export interface AppendEntry {
+  payload: Buffer;
+  target?: RecordTarget;
+}
+
+export interface Appended {
+  seq: number;
+  timestamp: number;
+}
+
+export interface DeviceInfo {
+  name: string;
+  size: number;
+  used: number;
+  policy: Policy;
+  medium: string;
+  epoch: number;
+  /** First live sequence number, or null when the journal is empty. */
+  firstSeq: number | null;
+  /** Last acknowledged sequence number, or null before the first append. */
+  lastSeq: number | null;
+  records: number;
+  state: 'ready' | 'closed' | 'failed';
+}
+
+interface IndexEntry {
+  seq: number;
+  at: number;
+  bytes: number;
+  timestamp: number;
+}
+
+export interface DeviceOptions {
+  name: string;
+  size: number;
+  policy: Policy;
+  medium: Medium;
+  /** Physical offsets of the device's extents, in logical order. */
+  extents: readonly number[];
+  extentSize: number;
+  journal: JournalFile | undefined;
+}
+
+export class NvramDevice {
+  readonly name: string;
+  readonly size: number;
+  readonly policy: Policy;
+  readonly medium: Medium;
+  private readonly extents: readonly number[];
+  private readonly extentSize: number;
+  private journal: JournalFile | undefined;
+  private index: IndexEntry[];
+  private indexStart: number;
+  private head: number;
+  private tail: number;
+  private used: number;
+  private nextSeq: number;
+  private ackedSeq: number;
+  private epochValue: number;
+  private trimmedTo: number;
+  private closed: boolean;
+  private ackChain: Promise<void>;
+  private failure: Error | undefined;
+
+  constructor(options: DeviceOptions) {
+    this.name = options.name;
+    this.size = options.size;
+    this.policy = options.policy;
+    this.medium = options.medium;
+    this.extents = options.extents;
+    this.extentSize = options.extentSize;
+    this.journal = options.journal;
+    this.index = [];
+    this.indexStart = 0;
+    this.head = 0;
+    this.tail = 0;
+    this.used = 0;
+    this.nextSeq = 1;
+    this.ackedSeq = 0;
+    this.epochValue = 0;
+    this.trimmedTo = 0;
+    this.closed = false;
+    this.ackChain = Promise.resolve();
+    this.failure = undefined;
+  }
+
+  get epoch(): number {
+    return this.epochValue;
+  }
+
+  /** Loads recovered state: records after the trim point, the epoch, the next sequence number. */
+  async restore(records: readonly JournalRecord[]): Promise<void> {
+    for (const r of records) {
+      if ((r.flags & RECORD_FLAG.EPOCH) !== 0) this.epochValue = Math.max(this.epochValue, Number(r.payload.readBigUInt64BE(0)));
+      if ((r.flags & RECORD_FLAG.TRIM) !== 0) this.trimmedTo = Math.max(this.trimmedTo, Number(r.payload.readBigUInt64BE(0)));
+    }
+    let last = this.trimmedTo;
+    for (const r of records) {
+      if ((r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) !== 0) continue;
+      last = Math.max(last, r.seq);
+      if (r.seq <= this.trimmedTo) continue;
+      const bytes = encodeRecord(r);
+      if (this.used + bytes.length > this.size) throw new RuntimeError('MS_NVRAM_FULL', `device ${this.name}: recovered records do not fit in ${this.size} bytes`);
+      await this.place(bytes, r.seq, r.timestamp);
+    }
+    this.nextSeq = last + 1;
+    this.ackedSeq = last;
+  }
+
+  /**
+   * Opens the journal for a writer. A higher epoch fences every older one; the same epoch
+   * resumes; an older one is itself fenced.
+   */
+  async open(epoch: number): Promise<DeviceInfo> {
+    this.check();
+    if (!Number.isSafeInteger(epoch) || epoch < 0) throw new MisuseError('MS_NVRAM_INVALID', `epoch must be a non-negative integer, got ${epoch}`);
+    if (epoch < this.epochValue) throw fenced(this.name, epoch, this.epochValue);
+    if (epoch > this.epochValue) {
+      this.epochValue = epoch;
+      await this.journal?.append(this.marker(RECORD_FLAG.EPOCH, epoch));
+    }
+    return this.info();
+  }
+
+  /** Appends records; resolves with their sequence numbers once durable under the policy. */
+  async append(epoch: number, entries: readonly AppendEntry[]): Promise<Appended[]> {
+    this.check();
+    if (epoch < this.epochValue) throw fenced(this.name, epoch, this.epochValue);
+    if (entries.length === 0) return [];
+    const timestamp = nowMicros();
+    const encoded = entries.map((e, i) =>
+      encodeRecord({ seq: this.nextSeq + i, timestamp, epoch, flags: 0, target: e.target, payload: e.payload }),
+    );
+    const bytes = encoded.reduce((sum, b) => sum + b.length, 0);
+    if (this.used + bytes > this.size) {
+      throw new RuntimeError('MS_NVRAM_FULL', `device ${this.name} is full: ${bytes} bytes of records do not fit in the ${this.size - this.used} bytes left; trim first`, {
+        details: { device: this.name, needed: bytes, free: this.size - this.used },
+      });
+    }
+    // Sequence numbers, ring space and the journal's queue position are all taken now,
+    // synchronously, so they follow arrival order whatever order the I/O finishes in.
+    const first = this.nextSeq;
+    const last = first + entries.length - 1;
+    this.nextSeq += entries.length;
+    const work: Promise<void>[] = encoded.map((buf, i) => this.place(buf, first + i, timestamp));
+    if (this.journal !== undefined) work.push(this.journal.append(encoded.length === 1 ? (encoded[0] ?? Buffer.alloc(0)) : Buffer.concat(encoded)));
+    // Acknowledge in order: a record becomes readable only after every one before it.
+    const previous = this.ackChain;
+    const done = Promise.all(work).then(async () => {
+      await previous;
+      this.ackedSeq = Math.max(this.ackedSeq, last);
+    });
+    this.ackChain = done.catch((error: unknown) => {
+      // A journal that failed under us cannot promise anything more: stop taking appends.
+      this.failure ??= error instanceof Error ? error : new Error(String(error));
+    });
+    await done;
+    return entries.map((_, i) => ({ seq: first + i, timestamp }));
+  }
+
+  /** Acknowledged records from `fromSeq` on, up to `maxRecords` and about `maxBytes`. */
+  async read(fromSeq: number, maxRecords = 1024, maxBytes = 16 * 1024 * 1024): Promise<Buffer[]> {
+    this.check();
+    const out: Buffer[] = [];
+    let bytes = 0;
+    for (let i = this.locate(fromSeq); i < this.index.length && out.length < maxRecords; i++) {
+      const entry = this.index[i];
+      if (entry === undefined || entry.seq > this.ackedSeq) break;
+      if (out.length > 0 && bytes + entry.bytes > maxBytes) break;
+      const buf = Buffer.allocUnsafe(entry.bytes);
+      await this.readLogical(entry.at, buf);
+      out.push(buf);
+      bytes += entry.bytes;
+    }
+    return out;
+  }
+
+  /** Frees every record up to and including `upToSeq` (a checkpoint the writer has applied). */
+  async trim(epoch: number, upToSeq: number): Promise<void> {
+    this.check();
+    if (epoch < this.epochValue) throw fenced(this.name, epoch, this.epochValue);
+    const limit = Math.min(upToSeq, this.ackedSeq);
+    if (limit <= this.trimmedTo) return;
+    while (this.indexStart < this.index.length) {
+      const entry = this.index[this.indexStart];
+      if (entry === undefined || entry.seq > limit) break;
+      this.used -= entry.bytes;
+      this.head = (entry.at + entry.bytes) % this.size;
+      this.indexStart++;
+    }
+    if (this.indexStart > 1024 && this.indexStart * 2 > this.index.length) {
+      this.index = this.index.slice(this.indexStart);
+      this.indexStart = 0;
+    }
+    if (this.indexStart >= this.index.length) {
+      this.index = [];
+      this.indexStart = 0;
+      this.head = this.tail;
+    }
+    this.trimmedTo = limit;
+    await this.journal?.append(this.marker(RECORD_FLAG.TRIM, limit));
+  }
+
+  info(): DeviceInfo {
+    const live = this.index.length - this.indexStart;
+    const first = this.index[this.indexStart];
+    return {
+      name: this.name,
+      size: this.size,
+      used: this.used,
+      policy: this.policy,
+      medium: this.medium.name,
+      epoch: this.epochValue,
+      firstSeq: first?.seq ?? null,
+      lastSeq: this.ackedSeq > 0 ? this.ackedSeq : null,
+      records: live,
+      state: this.closed ? 'closed' : this.failure !== undefined ? 'failed' : 'ready',
+    };
+  }
+
+  /** Every live record, for the vault and for dump; markers first so a reader knows the epoch and trim point. */
+  async snapshot(): Promise<Buffer[]> {
+    const records = await this.read(0, Number.MAX_SAFE_INTEGER, Number.MAX_SAFE_INTEGER);
+    return [this.marker(RECORD_FLAG.EPOCH, this.epochValue), this.marker(RECORD_FLAG.TRIM, this.trimmedTo), ...records];
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.journal?.close();
+    this.journal = undefined;
+  }
+
+  private marker(flag: number, value: number): Buffer {
+    const payload = Buffer.alloc(8);
+    payload.writeBigUInt64BE(BigInt(value), 0);
+    return encodeRecord({ seq: this.nextSeq, timestamp: nowMicros(), epoch: this.epochValue, flags: flag, target: undefined, payload });
+  }
+
+  /** Takes space at the tail and writes the record there. */
+  private place(buf: Buffer, seq: number, timestamp: number): Promise<void> {
+    const at = this.tail;
+    this.tail = (this.tail + buf.length) % this.size;
+    this.used += buf.length;
+    this.index.push({ seq, at, bytes: buf.length, timestamp });
+    return this.writeLogical(at, buf);
+  }
+
+  private locate(fromSeq: number): number {
+    const first = this.index[this.indexStart];
+    if (first === undefined) return this.index.length;
+    return this.indexStart + Math.max(0, fromSeq - first.seq);
+  }
+
+  private async writeLogical(at: number, buf: Buffer): Promise<void> {
+    let done = 0;
+    while (done < buf.length) {
+      const { physical, room } = this.map((at + done) % this.size);
+      const n = Math.min(room, buf.length - done);
+      await this.medium.write(physical, buf.subarray(done, done + n));
+      done += n;
+    }
+  }
+
+  private async readLogical(at: number, buf: Buffer): Promise<void> {
+    let done = 0;
+    while (done < buf.length) {
+      const { physical, room } = this.map((at + done) % this.size);
+      const n = Math.min(room, buf.length - done);
+      await this.medium.read(physical, buf.subarray(done, done + n));
+      done += n;
+    }
+  }
+
+  /** Logical offset -> physical offset on the medium, and bytes until the extent or ring ends. */
+  private map(logical: number): { physical: number; room: number } {
+    const index = Math.floor(logical / this.extentSize);
+    const within = logical - index * this.extentSize;
+    const extent = this.extents[index] ?? 0;
+    return { physical: extent + within, room: Math.min(this.extentSize - within, this.size - logical) };
+  }
+
+  private check(): void {
+    if (this.closed) throw new RuntimeError('MS_SHUTTING_DOWN', `device ${this.name} is closed`);
+    if (this.failure !== undefined) throw new StorageError('MS_MEDIUM_IO', `device ${this.name} failed and takes no more requests: ${this.failure.message}`, { cause: this.failure });
+  }
+}
+
+function fenced(name: string, epoch: number, current: number): RuntimeError {
+  return new RuntimeError('MS_NVRAM_FENCED', `device ${name}: epoch ${epoch} is fenced by a newer open with epoch ${current}`, {
+    details: { device: name, epoch, current },
+  });
+}
+
+export function recordBytes(payloadLength: number, targetName = ''): number {
+  return recordSize(payloadLength, Buffer.byteLength(targetName));
+}

@@ -1,0 +1,194 @@
+// A journal file: the `local` persistence of an NVRAM device, and the vault format.
+//
+//   header (64 bytes): "MSJOURN1", u32 version 1, u32 header size 64, u64 device size,
+//                      u64 created (ms), u32 CRC-32 of bytes 0..35, zero padding
+//   records back to back (record.ts), appended only
+//
+// Group commit: appends queue up; one writer takes everything queued, writes it with one
+// positional write and one fdatasync, and only then releases each of those appenders.
+// An append that arrives during a sync waits for the next one, so no appender is ever
+// released by a sync that did not cover its record.
+//
+// Recovery reads records from the start and stops at the first one that is incomplete,
+// fails its checksum, or does not continue the sequence; the file is cut there. A crash
+// can only tear the tail (records are appended, never rewritten), so what is kept is
+// every record whose append was acknowledged, in order.
+
+import { open, rename, type FileHandle } from 'node:fs/promises';
+import { dirname } from 'node:path';
+import { crc32 } from 'node:zlib';
+import { StorageError } from '../errors.js';
+import { RECORD_FLAG, decodeRecord, type JournalRecord } from './record.js';
+
+export const FILE_MAGIC = Buffer.from('MSJOURN1');
+export const FILE_HEADER = 64;
+
+/** What a journal file needs from the file system; tests wrap it to watch or break syncs. */
+export interface JournalSink {
+  write(buf: Buffer, position: number): Promise<void>;
+  datasync(): Promise<void>;
+  truncate(length: number): Promise<void>;
+  close(): Promise<void>;
+}
+
+export function fileSink(handle: FileHandle): JournalSink {
+  return {
+    write: async (buf, position) => {
+      let done = 0;
+      while (done < buf.length) {
+        const { bytesWritten } = await handle.write(buf, done, buf.length - done, position + done);
+        done += bytesWritten;
+      }
+    },
+    datasync: () => handle.datasync(),
+    truncate: (length) => handle.truncate(length),
+    close: () => handle.close(),
+  };
+}
+
+export function encodeFileHeader(deviceSize: number, created: number): Buffer {
+  const buf = Buffer.alloc(FILE_HEADER);
+  FILE_MAGIC.copy(buf, 0);
+  buf.writeUInt32BE(1, 8);
+  buf.writeUInt32BE(FILE_HEADER, 12);
+  buf.writeBigUInt64BE(BigInt(deviceSize), 16);
+  buf.writeBigUInt64BE(BigInt(created), 24);
+  buf.writeUInt32BE(crc32(buf.subarray(0, 32)), 32);
+  return buf;
+}
+
+export interface Recovered {
+  records: JournalRecord[];
+  /** Bytes of valid journal (header included); anything after was cut. */
+  validLength: number;
+  /** Why reading stopped before the end of the file, if it did. */
+  stoppedBecause: string | undefined;
+}
+
+/** Parses a whole journal file image. */
+export function parseJournal(image: Buffer): Recovered {
+  if (image.length < FILE_HEADER || !image.subarray(0, 8).equals(FILE_MAGIC) || image.readUInt32BE(32) !== crc32(image.subarray(0, 32))) {
+    return { records: [], validLength: 0, stoppedBecause: 'no valid journal header' };
+  }
+  const records: JournalRecord[] = [];
+  let at = FILE_HEADER;
+  let stoppedBecause: string | undefined;
+  let lastSeq: number | undefined;
+  while (at < image.length) {
+    const result = decodeRecord(image, at);
+    if ('incomplete' in result) {
+      stoppedBecause = 'torn record at the end';
+      break;
+    }
+    if ('corrupt' in result) {
+      stoppedBecause = result.corrupt;
+      break;
+    }
+    // Markers (epoch, trim) carry no sequence number of their own; user records must follow on.
+    const marker = (result.record.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) !== 0;
+    if (!marker) {
+      if (lastSeq !== undefined && result.record.seq !== lastSeq + 1) {
+        stoppedBecause = `sequence jumps from ${lastSeq} to ${result.record.seq}`;
+        break;
+      }
+      lastSeq = result.record.seq;
+    }
+    // Keep a copy: the image buffer is not ours to hold on to.
+    records.push({ ...result.record, payload: Buffer.from(result.record.payload) });
+    at += result.size;
+  }
+  return { records, validLength: at, stoppedBecause };
+}
+
+interface Waiter {
+  buf: Buffer;
+  resolve: () => void;
+  reject: (error: Error) => void;
+}
+
+export class JournalFile {
+  readonly path: string;
+  private readonly sink: JournalSink;
+  private length: number;
+  private queue: Waiter[];
+  private running: Promise<void> | undefined;
+  /** Syncs done; for tests and metrics. */
+  syncs: number;
+
+  constructor(path: string, sink: JournalSink, length: number) {
+    this.path = path;
+    this.sink = sink;
+    this.length = length;
+    this.queue = [];
+    this.running = undefined;
+    this.syncs = 0;
+  }
+
+  /** Creates a new, empty journal file (replacing any at `path`) and syncs it. */
+  static async create(path: string, deviceSize: number, wrap: (sink: JournalSink) => JournalSink = (s) => s): Promise<JournalFile> {
+    const tmp = `${path}.tmp`;
+    const handle = await open(tmp, 'w', 0o600);
+    await handle.writeFile(encodeFileHeader(deviceSize, Date.now()));
+    await handle.datasync();
+    await handle.close();
+    await rename(tmp, path);
+    await syncDir(path);
+    return JournalFile.openExisting(path, FILE_HEADER, wrap);
+  }
+
+  /** Opens a journal whose first `validLength` bytes are known good, cutting the rest. */
+  static async openExisting(path: string, validLength: number, wrap: (sink: JournalSink) => JournalSink = (s) => s): Promise<JournalFile> {
+    const handle = await open(path, 'r+');
+    const sink = wrap(fileSink(handle));
+    await sink.truncate(validLength);
+    await sink.datasync();
+    return new JournalFile(path, sink, validLength);
+  }
+
+  /** Resolves once the record is durable: written and covered by an fdatasync. */
+  append(record: Buffer): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      this.queue.push({ buf: record, resolve, reject });
+      this.running ??= this.drain();
+    });
+  }
+
+  async close(): Promise<void> {
+    await this.running;
+    await this.sink.close();
+  }
+
+  private async drain(): Promise<void> {
+    try {
+      while (this.queue.length > 0) {
+        const batch = this.queue;
+        this.queue = [];
+        const buf = batch.length === 1 ? (batch[0]?.buf ?? Buffer.alloc(0)) : Buffer.concat(batch.map((w) => w.buf));
+        try {
+          await this.sink.write(buf, this.length);
+          await this.sink.datasync();
+          this.syncs++;
+          this.length += buf.length;
+        } catch (error) {
+          const failure = new StorageError('MS_MEDIUM_IO', `journal ${this.path}: write or sync failed: ${(error as Error).message}`, { cause: error });
+          // The file may now hold part of the batch; cut it back so a retry appends cleanly.
+          await this.sink.truncate(this.length).catch(() => undefined);
+          for (const w of batch) w.reject(failure);
+          continue;
+        }
+        for (const w of batch) w.resolve();
+      }
+    } finally {
+      this.running = undefined;
+    }
+  }
+}
+
+export async function syncDir(path: string): Promise<void> {
+  const dir = await open(dirname(path), 'r');
+  try {
+    await dir.sync();
+  } finally {
+    await dir.close();
+  }
+}

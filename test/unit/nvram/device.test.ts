@@ -1,0 +1,144 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import pino from 'pino';
+import { DramMedium } from '../../../src/memory/dram-medium.js';
+import { PartitionTable } from '../../../src/memory/partition-table.js';
+import { DeviceManager } from '../../../src/nvram/device-manager.js';
+import { decodeOne } from '../../../src/nvram/record.js';
+
+const E = 64 * 1024;
+const log = pino({ level: 'silent' });
+
+async function manager(dir: string): Promise<{ devices: DeviceManager; partition: PartitionTable }> {
+  const medium = new DramMedium({ capacity: 32 * E, extentSize: E });
+  await medium.open();
+  const partition = new PartitionTable([
+    { name: 'dram', capacity: 32 * E, extentSize: E, initial: { cache: 0, server: 0, nvram: 8 * E }, bounds: { cache: { min: 0, max: 32 * E }, server: { min: 0, max: 32 * E }, nvram: { min: 0, max: 16 * E } } },
+  ]);
+  const devices = new DeviceManager({ dataDir: dir, partition, media: [medium], log });
+  await devices.open();
+  return { devices, partition };
+}
+
+async function withDir<T>(fn: (dir: string) => Promise<T>): Promise<T> {
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-nvram-'));
+  try {
+    return await fn(dir);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+const payloads = async (devices: DeviceManager, name: string, from = 0) => (await devices.get(name).read(from)).map((b) => decodeOne(b).payload.toString());
+
+test('fencing: after a newer open, the older writer cannot append or trim, and nothing it sends shows', () =>
+  withDir(async (dir) => {
+    const { devices } = await manager(dir);
+    await devices.create('j', E, 'local');
+    const device = devices.get('j');
+    await device.open(1);
+    await device.append(1, [{ payload: Buffer.from('one') }]);
+    await device.open(2);
+    await assert.rejects(device.append(1, [{ payload: Buffer.from('stale') }]), { code: 'MS_NVRAM_FENCED' });
+    await assert.rejects(device.trim(1, 1), { code: 'MS_NVRAM_FENCED' });
+    await assert.rejects(device.open(1), { code: 'MS_NVRAM_FENCED' });
+    const [appended] = await device.append(2, [{ payload: Buffer.from('two') }]);
+    assert.equal(appended?.seq, 2);
+    assert.deepEqual(await payloads(devices, 'j'), ['one', 'two']);
+    await devices.close();
+    // The epoch survives a restart through the journal.
+    const again = await manager(dir);
+    assert.equal(again.devices.get('j').epoch, 2);
+    await assert.rejects(again.devices.get('j').append(1, [{ payload: Buffer.from('x') }]), { code: 'MS_NVRAM_FENCED' });
+    await again.devices.close();
+  }));
+
+test('a full device refuses appends and never overwrites; trimming makes room, across the ring wrap', () =>
+  withDir(async (dir) => {
+    const { devices } = await manager(dir);
+    await devices.create('ring', E, 'volatile');
+    const device = devices.get('ring');
+    const chunk = (i: number) => Buffer.alloc(10_000, i);
+    let seq = 0;
+    for (;;) {
+      try {
+        seq = (await device.append(0, [{ payload: chunk(seq + 1) }]))[0]!.seq;
+      } catch (error) {
+        assert.equal((error as { code?: string }).code, 'MS_NVRAM_FULL');
+        break;
+      }
+    }
+    assert.equal(seq, 6, 'six records of 10,056 bytes fit in 64 KiB');
+    for (let round = 0; round < 5; round++) {
+      const first = device.info().firstSeq!;
+      await device.trim(0, first + 1); // two out
+      const a = await device.append(0, [{ payload: chunk(99) }, { payload: chunk(100) }]);
+      assert.equal(a.length, 2);
+      await assert.rejects(device.append(0, [{ payload: chunk(1) }]), { code: 'MS_NVRAM_FULL' });
+      const records = (await device.read(0)).map((b) => decodeOne(b));
+      assert.equal(records.length, 6);
+      records.forEach((r, i) => assert.equal(r.seq, records[0]!.seq + i, 'in order, no gaps'));
+    }
+    await devices.close();
+  }));
+
+test('local: acknowledged records survive a crash (no clean stop); a torn tail is cut', () =>
+  withDir(async (dir) => {
+    const { devices } = await manager(dir);
+    await devices.create('l', 4 * E, 'local');
+    await Promise.all(Array.from({ length: 40 }, (_, i) => devices.get('l').append(0, [{ payload: Buffer.from(`rec ${i}`), target: { volume: 'default', offset: i * 4096 } }])));
+    await devices.get('l').trim(0, 10);
+    for (let i = 40; i < 45; i++) await devices.get('l').append(0, [{ payload: Buffer.from(`rec ${i}`) }]);
+    // No close: as after kill -9. Tear the last record in half.
+    const path = join(dir, 'nvram', 'l.journal');
+    const image = await readFile(path);
+    await writeFile(path, image.subarray(0, image.length - 40));
+    const again = await manager(dir);
+    const info = again.devices.get('l').info();
+    const records = (await again.devices.get('l').read(0)).map((b) => decodeOne(b));
+    assert.equal(records[0]?.seq, 11, 'the trim survived');
+    records.forEach((r, i) => assert.equal(r.seq, 11 + i));
+    assert.equal(records.length, 34, 'records 11 to 44; the torn 45th is gone');
+    assert.equal(records[0]?.target?.volume, 'default');
+    assert.equal(info.lastSeq, records.at(-1)?.seq);
+    // It carries on appending after the last good record.
+    const [next] = await again.devices.get('l').append(0, [{ payload: Buffer.from('after') }]);
+    assert.equal(next?.seq, (info.lastSeq ?? 0) + 1);
+    await again.devices.close();
+  }));
+
+test('volatile: vaulted on a clean stop and restored; gone after a crash', () =>
+  withDir(async (dir) => {
+    const first = await manager(dir);
+    await first.devices.create('v', E, 'volatile');
+    await first.devices.get('v').open(4);
+    await first.devices.get('v').append(4, [{ payload: Buffer.from('kept') }]);
+    await first.devices.close();
+    const second = await manager(dir);
+    assert.deepEqual(await payloads(second.devices, 'v'), ['kept']);
+    assert.equal(second.devices.get('v').epoch, 4);
+    await second.devices.get('v').append(4, [{ payload: Buffer.from('lost') }]);
+    // No close this time: a crash. The vault was consumed at start, so nothing comes back.
+    const third = await manager(dir);
+    assert.deepEqual(await payloads(third.devices, 'v'), []);
+    await third.devices.close();
+  }));
+
+test('create, remove and bad input give coded errors; removal frees the extents', () =>
+  withDir(async (dir) => {
+    const { devices, partition } = await manager(dir);
+    await devices.create('a', 3 * E, 'local');
+    await assert.rejects(devices.create('a', E, 'local'), { code: 'MS_NVRAM_EXISTS' });
+    await assert.rejects(devices.create('b/c', E, 'local'), { code: 'MS_NVRAM_INVALID' });
+    await assert.rejects(devices.create('b', E, 'mirrored' as 'local'), { code: 'MS_NVRAM_INVALID' });
+    await assert.rejects(devices.create('b', 1, 'local'), { code: 'MS_NVRAM_INVALID' });
+    await assert.rejects(devices.create('huge', 64 * E, 'local'), { code: 'MS_NVRAM_NO_CAPACITY' });
+    assert.throws(() => devices.get('nope'), { code: 'MS_NVRAM_NOT_FOUND' });
+    assert.equal(partition.rows().filter((r) => r.owner === 'nvram:a').reduce((s, r) => s + r.length, 0), 3 * E);
+    await devices.remove('a');
+    assert.equal(partition.rows().filter((r) => r.owner !== null).length, 0);
+    await devices.close();
+  }));

@@ -1,0 +1,142 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFile, mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import fc from 'fast-check';
+import { JournalFile, encodeFileHeader, parseJournal, type JournalSink } from '../../../src/nvram/journal-file.js';
+import { RECORD_FLAG, decodeOne, decodeRecord, encodeRecord } from '../../../src/nvram/record.js';
+
+const FIXTURES = new URL('../../../../test/fixtures/journal/', import.meta.url);
+
+test('records round-trip, and any flipped byte is caught by the checksum or the framing', () => {
+  fc.assert(
+    fc.property(
+      fc.nat(),
+      fc.nat(),
+      fc.option(fc.record({ volume: fc.stringMatching(/^[a-z0-9]{1,16}$/), offset: fc.nat() }), { nil: undefined }),
+      fc.uint8Array({ maxLength: 300 }),
+      fc.nat(),
+      (seq, epoch, target, payload, flip) => {
+        const record = { seq, timestamp: 1795000000000000 + seq, epoch, flags: 0, target, payload: Buffer.from(payload) };
+        const buf = encodeRecord(record);
+        const back = decodeOne(buf);
+        assert.deepEqual({ ...back, payload: [...back.payload] }, { ...record, target: target === undefined ? undefined : { ...target }, payload: [...payload] });
+        const broken = Buffer.from(buf);
+        const at = flip % broken.length;
+        broken[at] = (broken[at] ?? 0) ^ 0x01;
+        const result = decodeRecord(broken);
+        // Flips in the reserved bytes (38-39, 52-55) are outside the checksum by design.
+        if (!((at >= 38 && at < 40) || (at >= 52 && at < 56))) assert.ok(!('record' in result) || 'corrupt' in result, `flip at ${at} went unnoticed`);
+      },
+    ),
+    { numRuns: 300 },
+  );
+  assert.throws(() => decodeOne(Buffer.alloc(10)), { code: 'MS_NVRAM_INVALID' });
+});
+
+test('frozen fixture: v1-local.journal reads back exactly', async () => {
+  const parsed = parseJournal(await readFile(new URL('v1-local.journal', FIXTURES)));
+  assert.equal(parsed.stoppedBecause, undefined);
+  assert.equal(parsed.validLength, 4475);
+  const summary = parsed.records.map((r) => [r.seq, r.timestamp, r.epoch, r.flags, r.target?.volume ?? null, r.target?.offset ?? null, r.payload.length]);
+  assert.deepEqual(summary, [
+    [1, 1795000000000001, 0, RECORD_FLAG.EPOCH, null, null, 8],
+    [1, 1795000000000002, 3, 0, null, null, 12],
+    [2, 1795000000000003, 3, 0, 'default', 4096, 4096],
+    [3, 1795000000000004, 3, RECORD_FLAG.TRIM, null, null, 8],
+    [3, 1795000000000005, 3, 0, null, null, 0],
+  ]);
+  assert.equal(parsed.records[1]!.payload.toString(), 'first record');
+  assert.ok(parsed.records[2]!.payload.every((b) => b === 0xab));
+});
+
+test('frozen fixture: a torn tail is cut at the last whole record', async () => {
+  const parsed = parseJournal(await readFile(new URL('v1-torn.journal', FIXTURES)));
+  assert.equal(parsed.stoppedBecause, 'torn record at the end');
+  assert.deepEqual(parsed.records.map((r) => r.seq), [1, 1, 2]);
+});
+
+test('a record that breaks the sequence ends recovery there', () => {
+  const image = Buffer.concat([
+    encodeFileHeader(1 << 20, 0),
+    encodeRecord({ seq: 5, timestamp: 1, epoch: 0, flags: 0, target: undefined, payload: Buffer.from('a') }),
+    encodeRecord({ seq: 7, timestamp: 2, epoch: 0, flags: 0, target: undefined, payload: Buffer.from('b') }),
+  ]);
+  const parsed = parseJournal(image);
+  assert.deepEqual(parsed.records.map((r) => r.seq), [5]);
+  assert.match(parsed.stoppedBecause ?? '', /sequence jumps from 5 to 7/);
+});
+
+test('group commit: no appender is released by a sync that did not cover its record', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-journal-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  // The sink notes which records each write carried, and which of them each sync covered.
+  const written = new Set<number>();
+  const synced = new Set<number>();
+  const watch = (sink: JournalSink): JournalSink => ({
+    write: async (buf, position) => {
+      await new Promise((resolve) => setTimeout(resolve, Math.random() * 3));
+      await sink.write(buf, position);
+      for (let at = 0; at < buf.length; ) {
+        const r = decodeRecord(buf, at);
+        if (!('record' in r)) break;
+        written.add(r.record.seq);
+        at += r.size;
+      }
+    },
+    datasync: async () => {
+      const covers = [...written];
+      await new Promise((resolve) => setTimeout(resolve, 2 + Math.random() * 3));
+      await sink.datasync();
+      for (const seq of covers) synced.add(seq);
+    },
+    truncate: (n) => sink.truncate(n),
+    close: () => sink.close(),
+  });
+  const journal = await JournalFile.create(join(dir, 'j.journal'), 1 << 20, watch);
+  const syncsBefore = journal.syncs;
+  let nextSeq = 1;
+  const appends = Array.from({ length: 60 }, (_, i) =>
+    (async () => {
+      if (i % 3 === 0) await new Promise((resolve) => setTimeout(resolve, i % 7));
+      // Sequence numbers are taken when the append is queued, as the device does.
+      const seq = nextSeq++;
+      const record = encodeRecord({ seq, timestamp: i, epoch: 0, flags: 0, target: undefined, payload: Buffer.alloc(i * 7) });
+      await journal.append(record);
+      assert.ok(synced.has(seq), `append ${seq} released before a sync covered it`);
+    })(),
+  );
+  await Promise.all(appends);
+  assert.ok(journal.syncs - syncsBefore < 60, `group commit batched: ${journal.syncs - syncsBefore} syncs for 60 appends`);
+  await journal.close();
+  const parsed = parseJournal(await readFile(join(dir, 'j.journal')));
+  assert.equal(parsed.stoppedBecause, undefined);
+  assert.deepEqual(parsed.records.map((r) => r.seq), Array.from({ length: 60 }, (_, i) => i + 1));
+});
+
+test('a failed sync rejects its appenders, and the journal keeps working after', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-journal-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  let fail = false;
+  const flaky = (sink: JournalSink): JournalSink => ({
+    ...sink,
+    write: (b, p) => sink.write(b, p),
+    datasync: async () => {
+      if (fail) throw new Error('EIO');
+      await sink.datasync();
+    },
+    truncate: (n) => sink.truncate(n),
+    close: () => sink.close(),
+  });
+  const journal = await JournalFile.create(join(dir, 'j.journal'), 1 << 20, flaky);
+  const rec = (seq: number) => encodeRecord({ seq, timestamp: seq, epoch: 0, flags: 0, target: undefined, payload: Buffer.from(`r${seq}`) });
+  await journal.append(rec(1));
+  fail = true;
+  await assert.rejects(journal.append(rec(2)), { code: 'MS_MEDIUM_IO' });
+  fail = false;
+  await journal.append(rec(2));
+  await journal.close();
+  const parsed = parseJournal(await readFile(join(dir, 'j.journal')));
+  assert.deepEqual(parsed.records.map((r) => r.payload.toString()), ['r1', 'r2']);
+});
