@@ -4,7 +4,7 @@
 // AdminClient reads a node's admin API. Everything thrown is a coded MemstrataError.
 
 export { RmemClient } from './rmem-client.js';
-export type { BindWhere, CapacityEntry, MediumName, PerformanceClass, Region, RmemClientEvents, RmemClientOptions, WireRange } from './rmem-client.js';
+export type { BindWhere, CapacityEntry, Journal, JournalInfo, JournalRecord, MediumName, PerformanceClass, Region, RmemClientEvents, RmemClientOptions, WireRange } from './rmem-client.js';
 export { AdminClient, DEFAULT_ADMIN_URL } from './admin-client.js';
 export type {
   AllocationRowJson,

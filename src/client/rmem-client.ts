@@ -33,13 +33,22 @@ import {
   type Placement,
   type Tag,
   type WireRange,
+  type JournalInfo,
+  encodeJopenRequest,
+  decodeJopenReply,
+  encodeJappendRequest,
+  decodeJappendReply,
+  encodeJreadRequest,
+  encodeHandleRequest,
+  decodeJinfoReply,
 } from '../protocol/rmem/codec.js';
+import { decodeRecord, type JournalRecord } from '../nvram/record.js';
 import { errorOf } from '../protocol/rmem/errors.js';
 import { CorkedWriter } from '../net/corked-writer.js';
 import { FrameParser, type Frame } from '../protocol/rmem/parser.js';
 import { MAX_DATA, OP, OP_NAME, STATUS, VERSION, type PerformanceClass, type WireMediumName } from '../protocol/rmem/spec.js';
 
-export type { CapacityEntry, WireRange, PerformanceClass, WireMediumName as MediumName };
+export type { CapacityEntry, WireRange, PerformanceClass, WireMediumName as MediumName, JournalInfo, JournalRecord };
 
 /** A region bound on a node: what every read, write and free names. */
 export interface Region {
@@ -51,6 +60,15 @@ export interface Region {
   readonly size: number;
   /** Where the region lives on the node: medium and physical address ranges. */
   readonly ranges: readonly WireRange[];
+}
+
+/** An open journal: what appends, reads and trims name. Handles belong to one connection. */
+export interface Journal {
+  readonly device: string;
+  readonly handle: number;
+  readonly epoch: number;
+  /** The device as it was when opened. */
+  readonly info: JournalInfo;
 }
 
 /** Where a bind's memory should come from. */
@@ -227,6 +245,62 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
   async free(region: Region): Promise<void> {
     const tag = this.tag();
     await this.request(OP.FREE, tag, [encodeFreeRequest(tag, { regionId: region.regionId, key: region.key })]);
+  }
+
+  // ---- NVRAM journals ----
+
+  /**
+   * Opens a journal (an NVRAM device) with an epoch. A higher epoch than the device has
+   * seen fences every older writer; an older one fails with MS_NVRAM_FENCED.
+   */
+  async journalOpen(device: string, epoch: number): Promise<Journal> {
+    const tag = this.tag();
+    const frame = await this.request(OP.JOPEN, tag, [encodeJopenRequest(tag, device, epoch)]);
+    const { handle, info } = decodeJopenReply(frame.body);
+    return { device, handle, epoch, info };
+  }
+
+  /**
+   * Appends records; resolves with their sequence numbers and timestamps once they are
+   * durable under the device's policy. A full device fails with MS_NVRAM_FULL.
+   */
+  async journalAppend(journal: Journal, entries: readonly { payload: Uint8Array; target?: { volume: string; offset: number } }[]): Promise<{ seq: number; timestamp: number }[]> {
+    const tag = this.tag();
+    const parts = encodeJappendRequest(
+      tag,
+      journal.handle,
+      entries.map((e) => ({ payload: Buffer.from(e.payload.buffer, e.payload.byteOffset, e.payload.byteLength), target: e.target })),
+    );
+    const frame = await this.request(OP.JAPPEND, tag, parts);
+    return decodeJappendReply(frame.body);
+  }
+
+  /** Reads acknowledged records from `fromSeq` on, in order. */
+  async journalRead(journal: Journal, fromSeq: number, maxRecords = 1024, maxBytes = 8 * 1024 * 1024): Promise<JournalRecord[]> {
+    const tag = this.tag();
+    const frame = await this.request(OP.JREAD, tag, [encodeJreadRequest(tag, journal.handle, fromSeq, maxRecords, maxBytes)]);
+    const count = frame.body.readUInt32BE(0);
+    const records: JournalRecord[] = [];
+    let at = 4;
+    for (let i = 0; i < count; i++) {
+      const result = decodeRecord(frame.body, at);
+      if (!('record' in result)) throw new MisuseError('MS_RMEM_PROTOCOL', `JREAD reply: record ${i} is ${'corrupt' in result ? result.corrupt : 'incomplete'}`);
+      records.push({ ...result.record, payload: Buffer.from(result.record.payload) });
+      at += result.size;
+    }
+    return records;
+  }
+
+  /** Frees every record up to and including `upToSeq`. */
+  async journalTrim(journal: Journal, upToSeq: number): Promise<void> {
+    const tag = this.tag();
+    await this.request(OP.JTRIM, tag, [encodeHandleRequest(OP.JTRIM, tag, journal.handle, upToSeq)]);
+  }
+
+  async journalInfo(journal: Journal): Promise<JournalInfo> {
+    const tag = this.tag();
+    const frame = await this.request(OP.JINFO, tag, [encodeHandleRequest(OP.JINFO, tag, journal.handle)]);
+    return decodeJinfoReply(frame.body);
   }
 
   /** Tells the node this server is alive (sent automatically on a quiet connection). */

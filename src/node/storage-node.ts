@@ -126,6 +126,7 @@ export class StorageNode {
       start: async () => {
         const rmem = new RmemService({
           memory: this.serverMemory,
+          nvram: this.nvram,
           log,
           nodeId: this.nodeId,
           leaseMs: config.rmem.leaseMs,

@@ -15,6 +15,9 @@
 import type { Socket } from 'node:net';
 import { MisuseError, RuntimeError, isMemstrataError } from '../errors.js';
 import type { ServerMemory, ServerRegion } from '../memory/server-memory.js';
+import type { DeviceManager } from '../nvram/device-manager.js';
+import type { NvramDevice } from '../nvram/device.js';
+import { MAX_TARGET_NAME } from '../nvram/record.js';
 import {
   decodeBindRequest,
   decodeEmpty,
@@ -30,6 +33,15 @@ import {
   encodeErrorReply,
   encodeHelloReply,
   writeResponseHeader,
+  decodeJopenRequest,
+  decodeJappendRequest,
+  decodeJreadRequest,
+  decodeHandleRequest,
+  encodeJopenReply,
+  encodeJappendReply,
+  encodeJreadReply,
+  encodeJinfoReply,
+  type JournalInfo,
   type Tag,
 } from '../protocol/rmem/codec.js';
 import { statusOf } from '../protocol/rmem/errors.js';
@@ -42,6 +54,7 @@ import { CorkedWriter } from '../net/corked-writer.js';
 /** What a connection needs from the service that owns it. */
 export interface ConnectionHost {
   readonly memory: ServerMemory;
+  readonly nvram: DeviceManager;
   readonly log: Logger;
   readonly maxInFlight: number;
   readonly stats: RmemStats;
@@ -71,6 +84,9 @@ export class RmemConnection {
   private readonly host: ConnectionHost;
   private readonly parser: FrameParser;
   private readonly writer: CorkedWriter;
+  /** Journals opened on this connection: handle -> device and the epoch it was opened with. */
+  private readonly journals: Map<number, { device: NvramDevice; epoch: number }>;
+  private nextHandle: number;
   private inFlight: number;
   private pausedForInFlight: boolean;
   private pausedForDrain: boolean;
@@ -83,6 +99,8 @@ export class RmemConnection {
     this.serverId = undefined;
     this.host = host;
     this.writer = new CorkedWriter(socket);
+    this.journals = new Map();
+    this.nextHandle = 1;
     this.inFlight = 0;
     this.pausedForInFlight = false;
     this.pausedForDrain = false;
@@ -188,6 +206,45 @@ export class RmemConnection {
         return this.onReadv(serverId, body, tag);
       case OP.WRITEV:
         return this.onWritev(serverId, body, tag);
+      case OP.JOPEN: {
+        const { name, epoch } = decodeJopenRequest(body);
+        const device = this.host.nvram.get(name);
+        await device.open(epoch);
+        const handle = this.nextHandle++;
+        this.journals.set(handle, { device, epoch });
+        this.send(encodeJopenReply(tag, handle, journalInfo(device)));
+        return;
+      }
+      case OP.JAPPEND: {
+        const { handle, entries } = decodeJappendRequest(body);
+        const journal = this.journal(handle);
+        for (const e of entries) {
+          if (e.target !== undefined && Buffer.byteLength(e.target.volume) > MAX_TARGET_NAME) {
+            throw new MisuseError('MS_NVRAM_INVALID', `target volume name longer than ${MAX_TARGET_NAME} bytes`);
+          }
+        }
+        const appended = await journal.device.append(journal.epoch, entries);
+        this.send(encodeJappendReply(tag, appended));
+        return;
+      }
+      case OP.JREAD: {
+        const request = decodeJreadRequest(body);
+        const records = await this.journal(request.handle).device.read(request.fromSeq, Math.min(request.maxRecords, 4096), Math.min(request.maxBytes, MAX_DATA));
+        for (const part of encodeJreadReply(tag, records)) this.send(part);
+        return;
+      }
+      case OP.JTRIM: {
+        const { handle, value } = decodeHandleRequest(body, true, 'JTRIM');
+        const journal = this.journal(handle);
+        await journal.device.trim(journal.epoch, value);
+        this.send(encodeEmptyReply(OP.JTRIM, tag));
+        return;
+      }
+      case OP.JINFO: {
+        const { handle } = decodeHandleRequest(body, false, 'JINFO');
+        this.send(encodeJinfoReply(tag, journalInfo(this.journal(handle).device)));
+        return;
+      }
       case OP.FREE: {
         const request = decodeFreeRequest(body);
         await memory.free(serverId, request.regionId, request.key);
@@ -279,6 +336,12 @@ export class RmemConnection {
     this.send(encodeEmptyReply(OP.WRITEV, tag));
   }
 
+  private journal(handle: number): { device: NvramDevice; epoch: number } {
+    const journal = this.journals.get(handle);
+    if (journal === undefined) throw new MisuseError('MS_NVRAM_INVALID', `journal handle ${handle} was not opened on this connection`);
+    return journal;
+  }
+
   private checkedRegion(serverId: string, regionId: number, key: bigint, offset: number, length: number): ServerRegion {
     const region = this.host.memory.lookup(serverId, regionId, key);
     if (offset < 0 || offset + length > region.size) {
@@ -333,6 +396,11 @@ export class RmemConnection {
     if (this.pausedForInFlight || this.pausedForDrain) this.socket.pause();
     else this.socket.resume();
   }
+}
+
+function journalInfo(device: NvramDevice): JournalInfo {
+  const info = device.info();
+  return { epoch: info.epoch, size: info.size, used: info.used, firstSeq: info.firstSeq ?? 0, lastSeq: info.lastSeq ?? 0, policy: info.policy };
 }
 
 function tooBig(length: number): MisuseError {

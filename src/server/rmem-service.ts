@@ -18,6 +18,7 @@ import { createServer, type Server, type Socket } from 'node:net';
 import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { MisuseError } from '../errors.js';
 import type { ServerMemory } from '../memory/server-memory.js';
+import type { DeviceManager } from '../nvram/device-manager.js';
 import type { Logger } from '../node/logger.js';
 import { closeServer, listenOn } from '../net/listen.js';
 import type { ListenAddress } from '../units.js';
@@ -26,6 +27,7 @@ import { RmemConnection, type ConnectionHost, type RmemStats } from './rmem-conn
 
 export interface RmemServiceOptions {
   memory: ServerMemory;
+  nvram: DeviceManager;
   log: Logger;
   nodeId: string;
   leaseMs: number;
@@ -54,6 +56,7 @@ interface Session {
 
 export class RmemService implements ConnectionHost {
   readonly memory: ServerMemory;
+  readonly nvram: DeviceManager;
   readonly log: Logger;
   readonly maxInFlight: number;
   readonly stats: RmemStats;
@@ -69,6 +72,7 @@ export class RmemService implements ConnectionHost {
   constructor(options: RmemServiceOptions) {
     this.options = options;
     this.memory = options.memory;
+    this.nvram = options.nvram;
     this.log = options.log;
     this.maxInFlight = options.maxInFlight;
     this.stats = { requests: {}, errors: {}, bytesRead: 0, bytesWritten: 0, connectionsAccepted: 0, protocolErrors: 0 };

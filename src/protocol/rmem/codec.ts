@@ -28,6 +28,8 @@ import {
   STATUS,
   WIRE_MEDIUM,
   WIRE_MEDIUM_NAME,
+  WIRE_POLICY,
+  WIRE_POLICY_NAME,
   type PerformanceClass,
   type WireMediumName,
 } from './spec.js';
@@ -459,3 +461,183 @@ export function encodeErrorReply(op: number, status: number, tag: Tag, message: 
   return buf;
 }
 
+
+// ---- journal operations (NVRAM devices) ----
+
+export interface JournalInfo {
+  epoch: number;
+  size: number;
+  used: number;
+  /** 0 when the journal is empty. */
+  firstSeq: number;
+  /** 0 before the first append. */
+  lastSeq: number;
+  policy: keyof typeof WIRE_POLICY;
+}
+
+export interface JournalEntry {
+  payload: Buffer;
+  target: { volume: string; offset: number } | undefined;
+}
+
+export function encodeJopenRequest(tag: Tag, name: string, epoch: number): Buffer {
+  const n = Buffer.from(name, 'utf8');
+  const length = 1 + n.length + 8;
+  const buf = Buffer.allocUnsafe(HEADER_SIZE + length);
+  writeRequestHeader(buf, OP.JOPEN, tag, length);
+  buf.writeUInt8(n.length, HEADER_SIZE);
+  n.copy(buf, HEADER_SIZE + 1);
+  writeU64(buf, epoch, HEADER_SIZE + 1 + n.length);
+  return buf;
+}
+
+export function decodeJopenRequest(body: Buffer): { name: string; epoch: number } {
+  need(body, 0, 1, 'JOPEN');
+  const n = body.readUInt8(0);
+  exact(body, 1 + n + 8, 'JOPEN');
+  return { name: body.toString('utf8', 1, 1 + n), epoch: u64(body, 1 + n) };
+}
+
+function writeJournalInfo(buf: Buffer, at: number, info: JournalInfo): void {
+  writeU64(buf, info.epoch, at);
+  writeU64(buf, info.size, at + 8);
+  writeU64(buf, info.used, at + 16);
+  writeU64(buf, info.firstSeq, at + 24);
+  writeU64(buf, info.lastSeq, at + 32);
+  buf.writeUInt8(WIRE_POLICY[info.policy], at + 40);
+}
+
+function readJournalInfo(body: Buffer, at: number): JournalInfo {
+  const policy = WIRE_POLICY_NAME[body.readUInt8(at + 40)];
+  if (policy === undefined) throw malformed('journal info: unknown policy');
+  return { epoch: u64(body, at), size: u64(body, at + 8), used: u64(body, at + 16), firstSeq: u64(body, at + 24), lastSeq: u64(body, at + 32), policy };
+}
+
+export function encodeJopenReply(tag: Tag, handle: number, info: JournalInfo): Buffer {
+  const length = 4 + BODY.JOURNAL_INFO;
+  const buf = Buffer.allocUnsafe(HEADER_SIZE + length);
+  writeResponseHeader(buf, OP.JOPEN, STATUS.OK, tag, length);
+  buf.writeUInt32BE(handle, HEADER_SIZE);
+  writeJournalInfo(buf, HEADER_SIZE + 4, info);
+  return buf;
+}
+
+export function decodeJopenReply(body: Buffer): { handle: number; info: JournalInfo } {
+  exact(body, 4 + BODY.JOURNAL_INFO, 'JOPEN reply');
+  return { handle: body.readUInt32BE(0), info: readJournalInfo(body, 4) };
+}
+
+export function encodeJinfoReply(tag: Tag, info: JournalInfo): Buffer {
+  const buf = Buffer.allocUnsafe(HEADER_SIZE + BODY.JOURNAL_INFO);
+  writeResponseHeader(buf, OP.JINFO, STATUS.OK, tag, BODY.JOURNAL_INFO);
+  writeJournalInfo(buf, HEADER_SIZE, info);
+  return buf;
+}
+
+export function decodeJinfoReply(body: Buffer): JournalInfo {
+  exact(body, BODY.JOURNAL_INFO, 'JINFO reply');
+  return readJournalInfo(body, 0);
+}
+
+export function encodeHandleRequest(op: number, tag: Tag, handle: number, value?: number): Buffer {
+  const length = value === undefined ? 4 : 12;
+  const buf = Buffer.allocUnsafe(HEADER_SIZE + length);
+  writeRequestHeader(buf, op, tag, length);
+  buf.writeUInt32BE(handle, HEADER_SIZE);
+  if (value !== undefined) writeU64(buf, value, HEADER_SIZE + 4);
+  return buf;
+}
+
+/** JINFO (handle) and JTRIM (handle, u64 up-to sequence). */
+export function decodeHandleRequest(body: Buffer, withValue: boolean, what: string): { handle: number; value: number } {
+  exact(body, withValue ? 12 : 4, what);
+  return { handle: body.readUInt32BE(0), value: withValue ? u64(body, 4) : 0 };
+}
+
+/** JAPPEND: u32 handle, u16 count, then per entry u32 length, u8 target name length, name, u64 target offset, payload. */
+export function encodeJappendRequest(tag: Tag, handle: number, entries: readonly JournalEntry[]): Buffer[] {
+  let length = 6;
+  const names = entries.map((e) => Buffer.from(e.target?.volume ?? '', 'utf8'));
+  entries.forEach((e, i) => (length += 4 + 1 + (names[i]?.length ?? 0) + 8 + e.payload.length));
+  const head = Buffer.allocUnsafe(HEADER_SIZE + 6);
+  writeRequestHeader(head, OP.JAPPEND, tag, length);
+  head.writeUInt32BE(handle, HEADER_SIZE);
+  head.writeUInt16BE(entries.length, HEADER_SIZE + 4);
+  const parts: Buffer[] = [head];
+  entries.forEach((e, i) => {
+    const name = names[i] ?? Buffer.alloc(0);
+    const fixed = Buffer.allocUnsafe(4 + 1 + name.length + 8);
+    fixed.writeUInt32BE(e.payload.length, 0);
+    fixed.writeUInt8(name.length, 4);
+    name.copy(fixed, 5);
+    writeU64(fixed, e.target?.offset ?? 0, 5 + name.length);
+    parts.push(fixed, e.payload);
+  });
+  return parts;
+}
+
+export function decodeJappendRequest(body: Buffer): { handle: number; entries: JournalEntry[] } {
+  need(body, 0, 6, 'JAPPEND');
+  const handle = body.readUInt32BE(0);
+  const count = body.readUInt16BE(4);
+  if (count === 0 || count > MAX_VECTOR) throw malformed(`JAPPEND: ${count} entries (1 to ${MAX_VECTOR})`);
+  const entries: JournalEntry[] = [];
+  let at = 6;
+  for (let i = 0; i < count; i++) {
+    need(body, at, 5, 'JAPPEND');
+    const length = body.readUInt32BE(at);
+    const nameLength = body.readUInt8(at + 4);
+    need(body, at + 5, nameLength + 8 + length, 'JAPPEND');
+    const volume = body.toString('utf8', at + 5, at + 5 + nameLength);
+    const offset = u64(body, at + 5 + nameLength);
+    const payload = body.subarray(at + 5 + nameLength + 8, at + 5 + nameLength + 8 + length);
+    entries.push({ payload, target: nameLength > 0 ? { volume, offset } : undefined });
+    at += 5 + nameLength + 8 + length;
+  }
+  exact(body, at, 'JAPPEND');
+  return { handle, entries };
+}
+
+export function encodeJappendReply(tag: Tag, appended: readonly { seq: number; timestamp: number }[]): Buffer {
+  const length = 2 + appended.length * 16;
+  const buf = Buffer.allocUnsafe(HEADER_SIZE + length);
+  writeResponseHeader(buf, OP.JAPPEND, STATUS.OK, tag, length);
+  buf.writeUInt16BE(appended.length, HEADER_SIZE);
+  appended.forEach((a, i) => {
+    writeU64(buf, a.seq, HEADER_SIZE + 2 + i * 16);
+    writeU64(buf, a.timestamp, HEADER_SIZE + 10 + i * 16);
+  });
+  return buf;
+}
+
+export function decodeJappendReply(body: Buffer): { seq: number; timestamp: number }[] {
+  need(body, 0, 2, 'JAPPEND reply');
+  const count = body.readUInt16BE(0);
+  exact(body, 2 + count * 16, 'JAPPEND reply');
+  return Array.from({ length: count }, (_, i) => ({ seq: u64(body, 2 + i * 16), timestamp: u64(body, 10 + i * 16) }));
+}
+
+/** JREAD: u32 handle, u64 from sequence, u32 most records, u32 most bytes. */
+export function encodeJreadRequest(tag: Tag, handle: number, fromSeq: number, maxRecords: number, maxBytes: number): Buffer {
+  const buf = Buffer.allocUnsafe(HEADER_SIZE + 20);
+  writeRequestHeader(buf, OP.JREAD, tag, 20);
+  buf.writeUInt32BE(handle, HEADER_SIZE);
+  writeU64(buf, fromSeq, HEADER_SIZE + 4);
+  buf.writeUInt32BE(maxRecords, HEADER_SIZE + 12);
+  buf.writeUInt32BE(maxBytes, HEADER_SIZE + 16);
+  return buf;
+}
+
+export function decodeJreadRequest(body: Buffer): { handle: number; fromSeq: number; maxRecords: number; maxBytes: number } {
+  exact(body, 20, 'JREAD');
+  return { handle: body.readUInt32BE(0), fromSeq: u64(body, 4), maxRecords: body.readUInt32BE(12), maxBytes: body.readUInt32BE(16) };
+}
+
+/** JREAD reply: u32 count, then the records in journal record format, back to back. */
+export function encodeJreadReply(tag: Tag, records: readonly Buffer[]): Buffer[] {
+  const length = 4 + records.reduce((s, r) => s + r.length, 0);
+  const head = Buffer.allocUnsafe(HEADER_SIZE + 4);
+  writeResponseHeader(head, OP.JREAD, STATUS.OK, tag, length);
+  head.writeUInt32BE(records.length, HEADER_SIZE);
+  return [head, ...records];
+}

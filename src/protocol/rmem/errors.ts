@@ -15,12 +15,18 @@ const CODE_TO_STATUS: Partial<Record<ErrorCode, Status>> = {
   MS_RMEM_TOO_BIG: STATUS.TOO_BIG,
   MS_RMEM_UNSUPPORTED: STATUS.UNSUPPORTED,
   MS_SHUTTING_DOWN: STATUS.SHUTDOWN,
+  MS_NVRAM_FENCED: STATUS.FENCED,
+  MS_NVRAM_FULL: STATUS.FULL,
+  MS_NVRAM_NOT_FOUND: STATUS.NOT_FOUND,
+  MS_NVRAM_INVALID: STATUS.INVALID,
 };
 
-const STATUS_TO_CODE: Readonly<Record<number, ErrorCode>> = {
-  ...Object.fromEntries(Object.entries(CODE_TO_STATUS).map(([code, status]) => [status, code as ErrorCode])),
-  [STATUS.IO]: 'MS_MEDIUM_IO',
-};
+/** Status -> code; where several codes share a status, the first listed above wins. */
+const STATUS_TO_CODE: Readonly<Record<number, ErrorCode>> = (() => {
+  const map: Record<number, ErrorCode> = { [STATUS.IO]: 'MS_MEDIUM_IO' };
+  for (const [code, status] of Object.entries(CODE_TO_STATUS)) map[status] ??= code as ErrorCode;
+  return map;
+})();
 
 /** The wire status for an error raised while serving a request; anything unexpected is IO. */
 export function statusOf(error: unknown): Status {

@@ -38,6 +38,11 @@ export const OP = {
   WRITEV: 7,
   FREE: 8,
   KEEPALIVE: 9,
+  JOPEN: 10,
+  JAPPEND: 11,
+  JREAD: 12,
+  JTRIM: 13,
+  JINFO: 14,
 } as const;
 export type OpName = keyof typeof OP;
 export type Op = (typeof OP)[OpName];
@@ -57,6 +62,9 @@ export const STATUS = {
   UNSUPPORTED: 10,
   SHUTDOWN: 11,
   IO: 12,
+  FENCED: 13,
+  FULL: 14,
+  NOT_FOUND: 15,
 } as const;
 export type StatusName = keyof typeof STATUS;
 export type Status = (typeof STATUS)[StatusName];
@@ -80,6 +88,10 @@ export const PERFORMANCE_CLASS_NAME: Readonly<Record<number, PerformanceClass>> 
 /** HELLO reply flag: the node resumed this server's earlier session and its regions. */
 export const HELLO_RESUMED = 0x0001;
 
+/** NVRAM device policies as numbered on the wire. */
+export const WIRE_POLICY = { volatile: 0, local: 1 } as const;
+export const WIRE_POLICY_NAME: Readonly<Record<number, keyof typeof WIRE_POLICY>> = { 0: 'volatile', 1: 'local' };
+
 /** Fixed body sizes. */
 export const BODY = {
   BIND: 18,
@@ -89,4 +101,5 @@ export const BODY = {
   VECTOR_ENTRY: 28,
   CAPACITY_ENTRY: 41,
   RANGE: 17,
+  JOURNAL_INFO: 41,
 } as const;
