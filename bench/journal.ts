@@ -1,0 +1,68 @@
+// NVRAM appends against fdatasync-per-write on the same machine in the same run
+// (DESIGN section 8): 4 KiB appends at one and at 32 in flight, for each policy this
+// node has (volatile, local), over rmem from one client. Baseline: fio writing 4 KiB
+// sequentially with --fdatasync=1 in the node's data directory, at iodepth 1 (psync),
+// which is what a commit costs without NVRAM.
+//
+//   npm run bench -- journal        BENCH_MS=5000 for longer runs
+// The mirrored policies and the NBD write-log comparison come with those features.
+
+import { spawnSync } from 'node:child_process';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { RmemClient } from '../src/client/rmem-client.js';
+import { startNode } from '../test/support/node-process.js';
+import { measure, report, type CaseResult } from './support/harness.js';
+import { have } from './support/ports.js';
+
+const KB4 = 4096;
+
+/** fio's own measurement of 4 KiB writes each followed by fdatasync, in `dir`. */
+function fioFdatasync(dir: string, seconds: number): CaseResult | undefined {
+  if (!have('fio')) return undefined;
+  const out = spawnSync(
+    'fio',
+    ['--name=fdatasync', `--directory=${dir}`, '--rw=write', '--bs=4k', '--size=64M', '--ioengine=psync', '--fdatasync=1', '--time_based', `--runtime=${seconds}`, '--output-format=json'],
+    { encoding: 'utf8' },
+  );
+  if (out.status !== 0) return undefined;
+  const job = (JSON.parse(out.stdout.slice(out.stdout.indexOf('{'))) as { jobs: { write: { iops: number; clat_ns: { percentile?: Record<string, number> } }; sync: { lat_ns: { percentile?: Record<string, number> } } }[] }).jobs[0];
+  if (job === undefined) return undefined;
+  // One operation is a write plus its fdatasync: add the two medians.
+  const p = (percentile: string) => ((job.write.clat_ns.percentile?.[percentile] ?? 0) + (job.sync.lat_ns.percentile?.[percentile] ?? 0)) / 1000;
+  return { name: 'fio write+fdatasync, 4 KiB (baseline)', ops: job.write.iops * seconds, seconds, p50us: p('50.000000'), p99us: p('99.000000'), bytesPerOp: KB4 };
+}
+
+const dir = await mkdtemp(join(tmpdir(), 'memstrata-bench-journal-'));
+const node = await startNode({ cwd: dir, args: ['--dram-size', '512MiB', '--set', 'partition.dram.nvram.initial=256MiB', '--set', 'partition.dram.cache.initial=64MiB'] });
+try {
+  for (const policy of ['volatile', 'local']) {
+    const response = await fetch(`${node.url}/v1/nvram`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name: policy, size: '96MiB', policy }) });
+    if (response.status !== 201) throw new Error(await response.text());
+  }
+  const client = await RmemClient.connect({ ...node.rmem, serverId: 'bench' });
+  const payload = Buffer.alloc(KB4, 0x42);
+  const seconds = Number(process.env.BENCH_MS ?? 2000) / 1000;
+  const baseline = fioFdatasync(join(dir, 'memstrata-data'), Math.max(2, Math.round(seconds)));
+  const results: CaseResult[] = [];
+  if (baseline !== undefined) results.push(baseline);
+  else console.log('fio not found: the fdatasync baseline is skipped (Debian: apt-get install fio)');
+  for (const policy of ['volatile', 'local']) {
+    const journal = await client.journalOpen(policy, 1);
+    let appended = 0;
+    const append = async (): Promise<void> => {
+      const [ack] = await client.journalAppend(journal, [{ payload }]);
+      appended++;
+      // Keep the 96 MiB device from filling: trim behind the writers now and then.
+      if (ack !== undefined && appended % 4096 === 0) await client.journalTrim(journal, ack.seq - 64);
+    };
+    results.push(await measure({ name: `append ${policy}, QD1`, bytesPerOp: KB4, run: append }));
+    results.push(await measure({ name: `append ${policy}, 32 in flight`, bytesPerOp: KB4, run: append }, { depth: 32 }));
+  }
+  report('NVRAM 4 KiB appends (ratios against fio write+fdatasync)', results);
+  await client.close();
+} finally {
+  await node.stop('SIGTERM');
+  await rm(dir, { recursive: true, force: true });
+}
