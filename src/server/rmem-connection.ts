@@ -208,6 +208,7 @@ export class RmemConnection {
         return this.onWritev(serverId, body, tag);
       case OP.JOPEN: {
         const { name, epoch } = decodeJopenRequest(body);
+        if (this.journals.size >= MAX_JOURNALS) throw new MisuseError('MS_NVRAM_INVALID', `at most ${MAX_JOURNALS} journals may be open on one connection`);
         const device = this.host.nvram.get(name);
         await device.open(epoch);
         const handle = this.nextHandle++;
@@ -397,6 +398,9 @@ export class RmemConnection {
     else this.socket.resume();
   }
 }
+
+/** Open journal handles one connection may hold. */
+const MAX_JOURNALS = 1024;
 
 function journalInfo(device: NvramDevice): JournalInfo {
   const info = device.info();
