@@ -43,7 +43,7 @@ const size = z.unknown().transform((value, ctx) => {
 });
 
 const resizeBody = z.strictObject({ medium: z.enum(MEDIA), kind: z.enum(USED_KINDS), bytes: size });
-const volumeBody = z.strictObject({ name: z.string(), size, readOnly: z.boolean().optional() });
+const volumeBody = z.strictObject({ name: z.string(), size, readOnly: z.boolean().optional(), writeLog: z.string().optional() });
 const resizeVolumeBody = z.strictObject({ size });
 const nvramBody = z.strictObject({ name: z.string(), size, policy: z.enum(POLICIES), medium: z.enum(MEDIA).optional() });
 const count = (fallback: number) => z.union([z.number(), z.string()]).optional().transform((value, ctx) => {
@@ -138,8 +138,13 @@ export class AdminServer {
     app.get('/v1/volumes', (): VolumesJson => ({ volumes: context.volumes.list().map((v) => v.info()) }));
 
     app.post('/v1/volumes', async (request, reply): Promise<VolumeJson> => {
-      const { name, size, readOnly } = parseBody(volumeBody, request.body, 'volume');
-      const volume = await context.volumes.create(name, size, readOnly ?? false);
+      const { name, size, readOnly, writeLog } = parseBody(volumeBody, request.body, 'volume');
+      if (writeLog !== undefined) {
+        context.nvram.get(writeLog);
+        const user = context.volumes.list().find((v) => v.writeLog === writeLog);
+        if (user !== undefined) throw new MisuseError('MS_VOLUME_INVALID', `NVRAM device ${writeLog} is already the write log of volume ${user.name}`);
+      }
+      const volume = await context.volumes.create(name, size, readOnly ?? false, writeLog);
       context.log.info({ volume: volume.info() }, `volume ${name} created`);
       void reply.code(201);
       return volume.info();
@@ -171,6 +176,8 @@ export class AdminServer {
 
     app.delete('/v1/nvram/:name', async (request, reply) => {
       const name = (request.params as { name: string }).name;
+      const user = context.volumes.list().find((v) => v.writeLog === name);
+      if (user !== undefined) throw new MisuseError('MS_NVRAM_INVALID', `NVRAM device ${name} is the write log of volume ${user.name}; remove the volume first`);
       await context.nvram.remove(name);
       context.log.info({ device: name }, `NVRAM device ${name} removed`);
       return reply.code(204).send();

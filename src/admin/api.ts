@@ -112,6 +112,7 @@ export interface VolumeJson {
   readOnly: boolean;
   createdAt: string;
   connections: number;
+  writeLog: string | null;
 }
 
 export interface VolumesJson {

@@ -106,11 +106,17 @@ export function buildProgram(output: Output = processOutput): Command {
     .description('create a volume (a sparse file in the data directory); it is an NBD export at once')
     .requiredOption('--size <size>', 'size, a multiple of 4KiB, e.g. 10GiB')
     .option('--read-only', 'refuse writes, trims and zeroes (EPERM)')
+    .option('--write-log <device>', 'an NVRAM device that journals every write; FUA and FLUSH then cost a journal append')
     .addOption(adminOption())
     .addOption(jsonOption())
-    .action(async (name: string, options: { size: string; readOnly?: boolean; admin: string; json?: boolean }) => {
-      const created = await new AdminClient(options.admin).post<VolumeJson>('/v1/volumes', { name, size: options.size, readOnly: options.readOnly === true });
-      output.out(options.json === true ? JSON.stringify(created, null, 2) : `volume ${created.name} created: ${formatSize(created.size)}${created.readOnly ? ', read-only' : ''}`);
+    .action(async (name: string, options: { size: string; readOnly?: boolean; writeLog?: string; admin: string; json?: boolean }) => {
+      const body = { name, size: options.size, readOnly: options.readOnly === true, ...(options.writeLog === undefined ? {} : { writeLog: options.writeLog }) };
+      const created = await new AdminClient(options.admin).post<VolumeJson>('/v1/volumes', body);
+      output.out(
+        options.json === true
+          ? JSON.stringify(created, null, 2)
+          : `volume ${created.name} created: ${formatSize(created.size)}${created.readOnly ? ', read-only' : ''}${created.writeLog === null ? '' : `, write log ${created.writeLog}`}`,
+      );
     });
   volume
     .command('resize <name>')
@@ -370,8 +376,8 @@ export function renderNvram(devices: readonly DeviceInfo[]): string {
 }
 
 export function renderVolumes(volumes: readonly VolumeJson[]): string {
-  const rows = volumes.map((v) => [v.name, formatSize(v.size), v.readOnly ? 'yes' : 'no', String(v.connections), v.createdAt]);
-  return `Volumes\n${textTable(['NAME', 'SIZE', 'READ-ONLY', 'CLIENTS', 'CREATED'], rows, [1, 3])}`;
+  const rows = volumes.map((v) => [v.name, formatSize(v.size), v.readOnly ? 'yes' : 'no', v.writeLog ?? '-', String(v.connections), v.createdAt]);
+  return `Volumes\n${textTable(['NAME', 'SIZE', 'READ-ONLY', 'WRITE LOG', 'CLIENTS', 'CREATED'], rows, [1, 4])}`;
 }
 
 export function renderSessions(sessions: readonly RmemSessionJson[]): string {

@@ -25,6 +25,7 @@ import { NbdService } from '../server/nbd-service.js';
 import { DirectVolumeIo, type VolumeIo } from '../storage/volume-io.js';
 import { VolumeManager } from '../storage/volume-manager.js';
 import { StorageCache } from '../storage/cache.js';
+import { WriteLogIo } from '../storage/write-log.js';
 import { DeviceManager } from '../nvram/device-manager.js';
 import { formatAddress, type ListenAddress } from '../units.js';
 import { VERSION } from '../version.js';
@@ -46,6 +47,7 @@ export class StorageNode {
   readonly volumes: VolumeManager;
   readonly volumeIo: VolumeIo;
   readonly cache: StorageCache | undefined;
+  readonly writeLog: WriteLogIo;
   private readonly lifecycle: Lifecycle;
   private readonly lock: DataDirLock;
   private nodeId: string;
@@ -69,7 +71,8 @@ export class StorageNode {
     this.cache = config.cache.enabled
       ? new StorageCache({ partition: this.partition, media: this.media, log, maxDirtyAgeMs: config.cache.maxDirtyAgeMs })
       : undefined;
-    this.volumeIo = this.cache ?? new DirectVolumeIo();
+    this.writeLog = new WriteLogIo(this.cache ?? new DirectVolumeIo(), this.nvram, log);
+    this.volumeIo = this.writeLog;
     this.nodeId = config.node.id ?? '';
     this.startedAt = new Date();
     this.stopping = false;
@@ -120,6 +123,14 @@ export class StorageNode {
       stop: async () => {
         await this.cache?.stop();
       },
+    });
+    this.lifecycle.add({
+      name: 'write-log replay',
+      start: async () => {
+        // Journaled writes of a crash reach their volumes before anyone is served.
+        for (const volume of this.volumes.list()) await this.writeLog.replay(volume);
+      },
+      stop: () => Promise.resolve(),
     });
     this.lifecycle.add({
       name: 'rmem',

@@ -30,6 +30,8 @@ export type Policy = (typeof POLICIES)[number];
 export interface AppendEntry {
   payload: Buffer;
   target?: RecordTarget;
+  /** Record flags to set (RECORD_FLAG.ZERO for a journaled zeroing); default none. */
+  flags?: number;
 }
 
 export interface Appended {
@@ -158,7 +160,7 @@ export class NvramDevice {
     if (entries.length === 0) return [];
     const timestamp = nowMicros();
     const encoded = entries.map((e, i) =>
-      encodeRecord({ seq: this.nextSeq + i, timestamp, epoch, flags: 0, target: e.target, payload: e.payload }),
+      encodeRecord({ seq: this.nextSeq + i, timestamp, epoch, flags: e.flags ?? 0, target: e.target, payload: e.payload }),
     );
     const bytes = encoded.reduce((sum, b) => sum + b.length, 0);
     if (this.used + bytes > this.size) {

@@ -1,7 +1,7 @@
 // Volumes: named, sized, optionally read-only block devices, each an NBD export, each
 // backed by a DataStore in <dataDir>/volumes.
 //
-//   volumes/<name>.json   {"name","size","readOnly","createdAt","version":1}, replaced atomically
+//   volumes/<name>.json   {"name","size","readOnly","createdAt","writeLog"?,"version":1}, replaced atomically
 //   volumes/<name>.img    data (DataStore)
 //   volumes/<name>.zmap   zero map (DataStore)
 //
@@ -26,6 +26,8 @@ export interface VolumeInfo {
   readOnly: boolean;
   createdAt: string;
   connections: number;
+  /** The NVRAM device that is this volume's write log, if any. */
+  writeLog: string | null;
 }
 
 export class Volume {
@@ -33,11 +35,14 @@ export class Volume {
   readonly readOnly: boolean;
   readonly createdAt: string;
   readonly store: DataStore;
+  /** The NVRAM device that journals this volume's writes (FUA and FLUSH then cost a journal append). */
+  readonly writeLog: string | undefined;
   connections: number;
 
-  constructor(name: string, readOnly: boolean, createdAt: string, store: DataStore) {
+  constructor(name: string, readOnly: boolean, createdAt: string, store: DataStore, writeLog?: string) {
     this.name = name;
     this.readOnly = readOnly;
+    this.writeLog = writeLog;
     this.createdAt = createdAt;
     this.store = store;
     this.connections = 0;
@@ -48,7 +53,7 @@ export class Volume {
   }
 
   info(): VolumeInfo {
-    return { name: this.name, size: this.size, readOnly: this.readOnly, createdAt: this.createdAt, connections: this.connections };
+    return { name: this.name, size: this.size, readOnly: this.readOnly, createdAt: this.createdAt, connections: this.connections, writeLog: this.writeLog ?? null };
   }
 }
 
@@ -70,10 +75,10 @@ export class VolumeManager {
   async open(defaultSize: number): Promise<void> {
     await mkdir(this.dir, { recursive: true });
     for (const entry of (await readdir(this.dir)).filter((f) => f.endsWith('.json')).sort()) {
-      const meta = JSON.parse(await readFile(join(this.dir, entry), 'utf8')) as { name: string; size: number; readOnly: boolean; createdAt: string };
+      const meta = JSON.parse(await readFile(join(this.dir, entry), 'utf8')) as { name: string; size: number; readOnly: boolean; createdAt: string; writeLog?: string };
       const store = new DataStore(join(this.dir, `${meta.name}.img`), meta.size);
       await store.open(false);
-      this.volumes.set(meta.name, new Volume(meta.name, meta.readOnly, meta.createdAt, store));
+      this.volumes.set(meta.name, new Volume(meta.name, meta.readOnly, meta.createdAt, store, meta.writeLog));
     }
     if (!this.volumes.has(DEFAULT_VOLUME)) await this.create(DEFAULT_VOLUME, defaultSize, false);
   }
@@ -98,7 +103,7 @@ export class VolumeManager {
     return this.volumes.get(name === '' ? DEFAULT_VOLUME : name);
   }
 
-  create(name: string, size: number, readOnly: boolean): Promise<Volume> {
+  create(name: string, size: number, readOnly: boolean, writeLog?: string): Promise<Volume> {
     return this.serialized(async () => {
       checkName(name);
       checkSize(size);
@@ -109,7 +114,7 @@ export class VolumeManager {
       } catch (error) {
         throw new StorageError('MS_DATA_DIR', `cannot create volume "${name}": ${(error as Error).message}`, { cause: error });
       }
-      const volume = new Volume(name, readOnly, new Date().toISOString(), store);
+      const volume = new Volume(name, readOnly, new Date().toISOString(), store, writeLog);
       await this.writeMeta(volume);
       this.volumes.set(name, volume);
       return volume;
@@ -149,7 +154,7 @@ export class VolumeManager {
     const tmp = `${path}.tmp`;
     const out = await open(tmp, 'w', 0o600);
     try {
-      await out.writeFile(`${JSON.stringify({ name: volume.name, size: volume.size, readOnly: volume.readOnly, createdAt: volume.createdAt, version: 1 })}\n`);
+      await out.writeFile(`${JSON.stringify({ name: volume.name, size: volume.size, readOnly: volume.readOnly, createdAt: volume.createdAt, writeLog: volume.writeLog, version: 1 })}\n`);
       await out.sync();
     } finally {
       await out.close();

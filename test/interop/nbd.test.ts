@@ -218,3 +218,51 @@ print("ok")
 `], { timeoutMs: 60_000 });
   assert.equal(check.code, 0, check.stderr + check.stdout);
 });
+
+test('journaled volume: FUA writes and FLUSH acknowledged through the NVRAM write log survive kill -9', async (t) => {
+  if (missing('nbdsh') !== undefined) return;
+  const dir = await tempDir(t);
+  const first = await node(t, dir);
+  const created = await fetch(`${first.url}/v1/nvram`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name: 'wl', size: '4MiB', policy: 'local' }) });
+  assert.equal(created.status, 201, await created.text());
+  const volume = await fetch(`${first.url}/v1/volumes`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name: 'jv', size: '16MiB', writeLog: 'wl' }) });
+  assert.equal(volume.status, 201, await volume.text());
+  const inUse = await fetch(`${first.url}/v1/nvram/wl`, { method: 'DELETE' });
+  assert.equal(inUse.status, 400, 'a write log in use cannot be removed');
+  // 600 FUA writes of 8 KiB (more than the 4 MiB journal holds, so checkpoints run),
+  // then plain writes covered by one FLUSH; each block's content names the block.
+  const script = `
+h.connect_uri(${JSON.stringify(uri(first, 'jv'))})
+import random
+random.seed(7)
+blocks = random.sample(range(1900), 600)  # the last 400 KiB take the plain writes
+for b in blocks:
+    h.pwrite(bytes([b % 251]) * 8192, b * 8192, nbd.CMD_FLAG_FUA)
+for b in range(100):
+    h.pwrite(bytes([(b * 7) % 251]) * 4096, 16 * 1024 * 1024 - (b + 1) * 4096)
+h.flush()
+print(",".join(str(b) for b in blocks))
+`;
+  const wrote = await nbdsh(['-c', script], { timeoutMs: 120_000 });
+  assert.equal(wrote.code, 0, wrote.stderr + wrote.stdout);
+  const blocks = wrote.stdout.trim().split(',').map(Number);
+  assert.equal(blocks.length, 600);
+  assert.equal(await first.stop('SIGKILL'), 'SIGKILL');
+
+  const second = await node(t, dir);
+  const replayed = second.logs.find((l) => l.msg === 'write log replayed into the volume');
+  assert.ok(replayed !== undefined && typeof replayed.records === 'number' && replayed.records > 0, 'journaled writes were replayed before serving');
+  const check = await nbdsh(['-c', `
+h.connect_uri(${JSON.stringify(uri(second, 'jv'))})
+for b in [${blocks.join(',')}]:
+    got = h.pread(8192, b * 8192)
+    assert got == bytes([b % 251]) * 8192, "FUA block %d lost" % b
+for b in range(100):
+    got = h.pread(4096, 16 * 1024 * 1024 - (b + 1) * 4096)
+    assert got == bytes([(b * 7) % 251]) * 4096, "flushed block %d lost" % b
+print("ok")
+`], { timeoutMs: 120_000 });
+  assert.equal(check.code, 0, check.stderr + check.stdout);
+  const devices = (await (await fetch(`${second.url}/v1/nvram`)).json()) as { devices: { name: string; records: number }[] };
+  assert.equal(devices.devices.find((d) => d.name === 'wl')?.records, 0, 'the replay trimmed the journal');
+});

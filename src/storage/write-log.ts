@@ -1,0 +1,145 @@
+// NVRAM as the write log of a volume ("map journal data to storage space", EMC
+// US 8,990,520): a volume configured with an NVRAM device journals every write there.
+//
+//   WRITE     cache write, then a journal record (target = volume, offset; payload = data);
+//             acknowledged once the record is durable under the device's policy, so FUA
+//             costs one journal append instead of a destage and an fdatasync
+//   ZEROES    the same, with a zero record (payload = the length)
+//   FLUSH     nothing left to do: every acknowledged write is already in the journal
+//   checkpoint when the journal is half full (or when full): note the last acknowledged
+//             sequence number, flush the volume's cache to its data store, trim the
+//             journal up to the noted number
+//   replay    at start, before the volume is served: apply every record in order to the
+//             data store, sync it, trim
+//
+// A record is appended only after its data is in the cache, so whatever the checkpoint
+// trims has been written back by the cache flush that precedes the trim.
+
+import { isMemstrataError } from '../errors.js';
+import type { Logger } from '../node/logger.js';
+import type { Extent } from '../protocol/nbd/codec.js';
+import type { DeviceManager } from '../nvram/device-manager.js';
+import type { NvramDevice } from '../nvram/device.js';
+import { RECORD_FLAG, decodeOne } from '../nvram/record.js';
+import type { VolumeIo } from './volume-io.js';
+import type { Volume } from './volume-manager.js';
+
+export class WriteLogIo implements VolumeIo {
+  private readonly inner: VolumeIo;
+  private readonly nvram: DeviceManager;
+  private readonly log: Logger;
+  private readonly checkpoints: Map<string, Promise<void>>;
+
+  constructor(inner: VolumeIo, nvram: DeviceManager, log: Logger) {
+    this.inner = inner;
+    this.nvram = nvram;
+    this.log = log;
+    this.checkpoints = new Map();
+  }
+
+  read(volume: Volume, offset: number, target: Buffer): Promise<void> {
+    return this.inner.read(volume, offset, target);
+  }
+
+  async write(volume: Volume, offset: number, data: Buffer, fua: boolean): Promise<void> {
+    const device = this.device(volume);
+    if (device === undefined) return this.inner.write(volume, offset, data, fua);
+    await this.inner.write(volume, offset, data, false);
+    await this.journal(volume, device, { payload: data, target: { volume: volume.name, offset } });
+  }
+
+  async flush(volume: Volume): Promise<void> {
+    // With a write log, every acknowledged write is durable already.
+    if (this.device(volume) === undefined) await this.inner.flush(volume);
+  }
+
+  async zero(volume: Volume, offset: number, length: number, options: { fua: boolean; allocate: boolean }): Promise<void> {
+    const device = this.device(volume);
+    if (device === undefined) return this.inner.zero(volume, offset, length, options);
+    await this.inner.zero(volume, offset, length, { fua: false, allocate: options.allocate });
+    const payload = Buffer.alloc(8);
+    payload.writeBigUInt64BE(BigInt(length), 0);
+    await this.journal(volume, device, { payload, target: { volume: volume.name, offset }, flags: RECORD_FLAG.ZERO });
+  }
+
+  prefetch(volume: Volume, offset: number, length: number): Promise<void> {
+    return this.inner.prefetch(volume, offset, length);
+  }
+
+  blockStatus(volume: Volume, offset: number, length: number): Extent[] {
+    return this.inner.blockStatus(volume, offset, length);
+  }
+
+  /** Applies a volume's journaled writes to its data store after a restart, then trims. Returns how many. */
+  async replay(volume: Volume): Promise<number> {
+    const device = this.device(volume);
+    if (device === undefined) return 0;
+    let applied = 0;
+    let last = 0;
+    for (let from = 0; ; ) {
+      const page = await device.read(from, 4096);
+      if (page.length === 0) break;
+      for (const buf of page) {
+        const record = decodeOne(buf);
+        last = record.seq;
+        if (record.target?.volume !== volume.name) continue;
+        if ((record.flags & RECORD_FLAG.ZERO) !== 0) await volume.store.zeroRange(record.target.offset, Number(record.payload.readBigUInt64BE(0)));
+        else await volume.store.write(record.target.offset, record.payload);
+        applied++;
+      }
+      from = last + 1;
+    }
+    await volume.store.sync();
+    if (last > 0) await device.trim(device.epoch, last);
+    if (applied > 0) this.log.info({ volume: volume.name, device: device.name, records: applied }, 'write log replayed into the volume');
+    return applied;
+  }
+
+  private device(volume: Volume): NvramDevice | undefined {
+    return volume.writeLog === undefined ? undefined : this.nvram.get(volume.writeLog);
+  }
+
+  private async journal(volume: Volume, device: NvramDevice, entry: { payload: Buffer; target: { volume: string; offset: number }; flags?: number }): Promise<void> {
+    // Every acknowledged write must be in the journal: a write made durable some other
+    // way could be overwritten at replay by an older record for the same blocks.
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await device.append(device.epoch, [entry]);
+        break;
+      } catch (error) {
+        if (!isMemstrataError(error) || error.code !== 'MS_NVRAM_FULL') throw error;
+        if (attempt >= 2) {
+          // Larger than the journal can ever hold: write everything back, trim the whole
+          // journal (nothing older is left to replay), and rely on the data store.
+          await this.inner.flush(volume);
+          await device.trim(device.epoch, device.info().lastSeq ?? 0);
+          break;
+        }
+        // Full: wait for a checkpoint already running, then run a fresh one, and retry.
+        await this.checkpoint(volume, device);
+        await this.checkpoint(volume, device);
+      }
+    }
+    const info = device.info();
+    if (info.used * 2 > info.size) void this.checkpoint(volume, device).catch((error: unknown) => {
+      this.log.error({ volume: volume.name, err: error }, 'write log checkpoint failed');
+    });
+  }
+
+  /** Flushes the volume's cache and trims the journal up to what was acknowledged before. One at a time per volume. */
+  private checkpoint(volume: Volume, device: NvramDevice): Promise<void> {
+    const running = this.checkpoints.get(volume.name);
+    if (running !== undefined) return running;
+    const upTo = device.info().lastSeq ?? 0;
+    const run = (async () => {
+      try {
+        await this.inner.flush(volume);
+        if (upTo > 0) await device.trim(device.epoch, upTo);
+      } finally {
+        this.checkpoints.delete(volume.name);
+      }
+    })();
+    this.checkpoints.set(volume.name, run);
+    return run;
+  }
+}
