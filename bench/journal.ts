@@ -62,6 +62,31 @@ try {
   }
   report('NVRAM 4 KiB appends (ratios against fio write+fdatasync)', results);
   await client.close();
+
+  // NBD commits: 4 KiB write + FLUSH at QD1, on a plain volume and on one whose write log
+  // is a local NVRAM device. (fio's nbd engine sends FLUSH for --fsync=1; it has no FUA.)
+  if (have('fio')) {
+    const post = (path: string, body: unknown) =>
+      fetch(`${node.url}${path}`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+    await post('/v1/nvram', { name: 'wl', size: '64MiB', policy: 'local' });
+    await post('/v1/volumes', { name: 'plain', size: '256MiB' });
+    await post('/v1/volumes', { name: 'logged', size: '256MiB', writeLog: 'wl' });
+    const commits = (volume: string): CaseResult | undefined => {
+      const secs = Math.max(2, Math.round(seconds));
+      const out = spawnSync(
+        'fio',
+        ['--name=commit', '--ioengine=nbd', `--uri=nbd://${node.nbd.host}:${node.nbd.port}/${volume}`, '--rw=randwrite', '--bs=4k', '--iodepth=1', '--fsync=1', '--size=64M', '--time_based', `--runtime=${secs}`, '--output-format=json'],
+        { encoding: 'utf8' },
+      );
+      if (out.status !== 0) return undefined;
+      const job = (JSON.parse(out.stdout.slice(out.stdout.indexOf('{'))) as { jobs: { write: { iops: number; clat_ns: { percentile?: Record<string, number> } }; sync: { lat_ns: { percentile?: Record<string, number> } } }[] }).jobs[0];
+      if (job === undefined) return undefined;
+      const p = (q: string) => ((job.write.clat_ns.percentile?.[q] ?? 0) + (job.sync.lat_ns.percentile?.[q] ?? 0)) / 1000;
+      return { name: `NBD 4k write+FLUSH QD1, ${volume === 'plain' ? 'no write log (baseline)' : 'NVRAM write log (local)'}`, ops: job.write.iops * secs, seconds: secs, p50us: p('50.000000'), p99us: p('99.000000'), bytesPerOp: KB4 };
+    };
+    const rows = [commits('plain'), commits('logged')].filter((r): r is CaseResult => r !== undefined);
+    report('NBD commit latency, with and without the NVRAM write log', rows);
+  }
 } finally {
   await node.stop('SIGTERM');
   await rm(dir, { recursive: true, force: true });
