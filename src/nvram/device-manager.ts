@@ -47,7 +47,10 @@ export class DeviceManager {
   private readonly devices: Map<string, Entry>;
   private queue: Promise<unknown>;
 
-  constructor(options: { dataDir: string; partition: PartitionTable; media: readonly Medium[]; log: Logger }) {
+  private readonly compactAt: number | undefined;
+
+  constructor(options: { dataDir: string; partition: PartitionTable; media: readonly Medium[]; log: Logger; compactAt?: number }) {
+    this.compactAt = options.compactAt;
     this.dir = join(options.dataDir, 'nvram');
     this.partition = options.partition;
     this.media = new Map(options.media.map((m) => [m.name, m]));
@@ -160,6 +163,7 @@ export class DeviceManager {
         extents: extents.map((e) => e * extentSize),
         extentSize,
         journal,
+        ...(this.compactAt === undefined ? {} : { compactAt: this.compactAt }),
       });
       await device.restore(records);
       this.devices.set(meta.name, { meta, device, extents });

@@ -25,6 +25,9 @@ import { JournalFile } from './journal-file.js';
 import { RECORD_FLAG, encodeRecord, nowMicros, recordSize, type JournalRecord, type RecordTarget } from './record.js';
 
 export const POLICIES = ['volatile', 'local'] as const;
+
+/** A journal file is rewritten after a trim once it is this long (or twice the device size). */
+export const COMPACT_AT = 16 * 1024 * 1024;
 export type Policy = (typeof POLICIES)[number];
 
 export interface AppendEntry {
@@ -70,6 +73,8 @@ export interface DeviceOptions {
   extents: readonly number[];
   extentSize: number;
   journal: JournalFile | undefined;
+  /** Rewrite the journal file after a trim once it is this long; default COMPACT_AT. */
+  compactAt?: number;
 }
 
 export class NvramDevice {
@@ -80,6 +85,7 @@ export class NvramDevice {
   private readonly extents: readonly number[];
   private readonly extentSize: number;
   private journal: JournalFile | undefined;
+  private readonly compactAt: number;
   private index: IndexEntry[];
   private indexStart: number;
   private head: number;
@@ -101,6 +107,7 @@ export class NvramDevice {
     this.extents = options.extents;
     this.extentSize = options.extentSize;
     this.journal = options.journal;
+    this.compactAt = options.compactAt ?? COMPACT_AT;
     this.index = [];
     this.indexStart = 0;
     this.head = 0;
@@ -229,7 +236,11 @@ export class NvramDevice {
       this.head = this.tail;
     }
     this.trimmedTo = limit;
-    await this.journal?.append(this.marker(RECORD_FLAG.TRIM, limit));
+    const journal = this.journal;
+    if (journal === undefined) return;
+    await journal.append(this.marker(RECORD_FLAG.TRIM, limit));
+    // The file only grows; once it holds much more than the device can, rewrite it.
+    if (journal.size > Math.max(this.compactAt, 2 * this.size)) await journal.compact(limit);
   }
 
   info(): DeviceInfo {

@@ -19,11 +19,11 @@
 // are appended, never rewritten), so what is kept is every record whose append was
 // acknowledged, in order.
 
-import { open, rename, type FileHandle } from 'node:fs/promises';
+import { open, readFile, rename, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { StorageError } from '../errors.js';
-import { RECORD_FLAG, decodeRecord, type JournalRecord } from './record.js';
+import { RECORD_FLAG, decodeRecord, encodeRecord, type JournalRecord } from './record.js';
 
 export const FILE_MAGIC = Buffer.from('MSJOURN1');
 export const FILE_HEADER = 64;
@@ -115,11 +115,14 @@ interface Waiter {
   buf: Buffer;
   resolve: () => void;
   reject: (error: Error) => void;
+  /** A compaction instead of an append: keep user records after this sequence number. */
+  compactAfter?: number;
 }
 
 export class JournalFile {
   readonly path: string;
-  private readonly sink: JournalSink;
+  private sink: JournalSink;
+  private readonly wrap: (sink: JournalSink) => JournalSink;
   private length: number;
   /** Bytes of file that exist (header, records, and zeros written ahead). */
   private allocated: number;
@@ -129,9 +132,10 @@ export class JournalFile {
   /** Syncs done; for tests and metrics. */
   syncs: number;
 
-  constructor(path: string, sink: JournalSink, length: number) {
+  constructor(path: string, sink: JournalSink, length: number, wrap: (sink: JournalSink) => JournalSink = (x) => x) {
     this.path = path;
     this.sink = sink;
+    this.wrap = wrap;
     this.length = length;
     this.allocated = length;
     this.zeros = undefined;
@@ -158,7 +162,7 @@ export class JournalFile {
     const sink = wrap(fileSink(handle));
     await sink.truncate(validLength);
     await sink.datasync();
-    return new JournalFile(path, sink, validLength);
+    return new JournalFile(path, sink, validLength, wrap);
   }
 
   /** Resolves once the record is durable: written and covered by an fdatasync. */
@@ -169,9 +173,57 @@ export class JournalFile {
     });
   }
 
+  /** Bytes of journal in the file (header and records; preallocated zeros not counted). */
+  get size(): number {
+    return this.length;
+  }
+
+  /**
+   * Rewrites the file with only what is still needed: the latest epoch and trim markers
+   * and the user records after `trimmedTo`. It takes its turn in the append queue, so
+   * every append queued before it is in the old file (and so in the new one), and every
+   * append queued after it goes to the new file. The new file replaces the old one by
+   * rename, so a crash leaves one or the other, both whole.
+   */
+  compact(trimmedTo: number): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      this.queue.push({ buf: Buffer.alloc(0), resolve, reject, compactAfter: trimmedTo });
+      this.running ??= this.drain();
+    });
+  }
+
   async close(): Promise<void> {
     await this.running;
     await this.sink.close();
+  }
+
+  private async rewrite(trimmedTo: number): Promise<void> {
+    const image = await readFile(this.path);
+    const { records } = parseJournal(image.subarray(0, this.length));
+    let epoch: JournalRecord | undefined;
+    let trim: JournalRecord | undefined;
+    const keep: Buffer[] = [];
+    for (const r of records) {
+      if ((r.flags & RECORD_FLAG.EPOCH) !== 0) epoch = r;
+      else if ((r.flags & RECORD_FLAG.TRIM) !== 0) trim = r;
+      else if (r.seq > trimmedTo) keep.push(encodeRecord(r));
+    }
+    const markers = [epoch, trim].filter((r): r is JournalRecord => r !== undefined).map((r) => encodeRecord(r));
+    const body = Buffer.concat([encodeFileHeader(image.length >= 24 ? Number(image.readBigUInt64BE(16)) : 0, Date.now()), ...markers, ...keep]);
+    const tmp = `${this.path}.compact`;
+    const out = await open(tmp, 'w', 0o600);
+    try {
+      await out.writeFile(body);
+      await out.datasync();
+    } finally {
+      await out.close();
+    }
+    await this.sink.close();
+    await rename(tmp, this.path);
+    await syncDir(this.path);
+    this.sink = this.wrap(fileSink(await open(this.path, 'r+')));
+    this.length = body.length;
+    this.allocated = body.length;
   }
 
   /** Writes zeros from the allocated end to past `needed`, and makes them durable. */
@@ -189,8 +241,21 @@ export class JournalFile {
   private async drain(): Promise<void> {
     try {
       while (this.queue.length > 0) {
-        const batch = this.queue;
-        this.queue = [];
+        const next = this.queue[0];
+        if (next?.compactAfter !== undefined) {
+          this.queue.shift();
+          try {
+            await this.rewrite(next.compactAfter);
+            next.resolve();
+          } catch (error) {
+            next.reject(error instanceof Error ? error : new Error(String(error)));
+          }
+          continue;
+        }
+        // Appends up to the next compaction go out as one batch.
+        const cut = this.queue.findIndex((w) => w.compactAfter !== undefined);
+        const batch = cut < 0 ? this.queue : this.queue.slice(0, cut);
+        this.queue = cut < 0 ? [] : this.queue.slice(cut);
         const buf = batch.length === 1 ? (batch[0]?.buf ?? Buffer.alloc(0)) : Buffer.concat(batch.map((w) => w.buf));
         try {
           if (this.length + buf.length > this.allocated) await this.preallocate(this.length + buf.length);
