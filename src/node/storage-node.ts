@@ -138,6 +138,7 @@ export class StorageNode {
         const rmem = new RmemService({
           memory: this.serverMemory,
           nvram: this.nvram,
+          writeLogOf: (device) => this.volumes.list().find((v) => v.writeLog === device)?.name,
           log,
           nodeId: this.nodeId,
           leaseMs: config.rmem.leaseMs,

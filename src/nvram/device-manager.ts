@@ -8,8 +8,8 @@
 // Start: each device takes its extents again and is filled from its journal (`local`;
 // a torn tail is cut) or from its vault (`volatile`, after a clean stop; after a crash a
 // volatile device starts empty, as its policy says). The vault is removed once read.
-// Stop: every device is vaulted (write, fsync, rename, fsync of the directory), closed,
-// and its extents go back to the partition table.
+// Stop: every volatile device is vaulted (write, fsync, rename, fsync of the directory);
+// every device is closed and its extents go back to the partition table.
 
 import { mkdir, readFile, readdir, rename, rm, writeFile, open } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -71,11 +71,11 @@ export class DeviceManager {
     }
   }
 
-  /** Vaults every device, closes it and gives its extents back. */
+  /** Vaults every volatile device (a local one has its journal), closes all, gives their extents back. */
   async close(): Promise<void> {
     for (const entry of this.devices.values()) {
       try {
-        await this.vault(entry);
+        if (entry.meta.policy === 'volatile') await this.vault(entry);
       } catch (error) {
         this.log.error({ device: entry.meta.name, err: error }, 'vaulting an NVRAM device failed');
       }

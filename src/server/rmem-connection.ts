@@ -55,6 +55,8 @@ import { CorkedWriter } from '../net/corked-writer.js';
 export interface ConnectionHost {
   readonly memory: ServerMemory;
   readonly nvram: DeviceManager;
+  /** The volume whose write log the device is, if any; such devices are not open to clients. */
+  writeLogOf(device: string): string | undefined;
   readonly log: Logger;
   readonly maxInFlight: number;
   readonly stats: RmemStats;
@@ -210,6 +212,9 @@ export class RmemConnection {
         const { name, epoch } = decodeJopenRequest(body);
         if (this.journals.size >= MAX_JOURNALS) throw new MisuseError('MS_NVRAM_INVALID', `at most ${MAX_JOURNALS} journals may be open on one connection`);
         const device = this.host.nvram.get(name);
+        const volume = this.host.writeLogOf(name);
+        // Records there are replayed into the volume: only the node itself may write them.
+        if (volume !== undefined) throw new MisuseError('MS_NVRAM_INVALID', `NVRAM device ${name} is the write log of volume ${volume} and is not open to clients`);
         await device.open(epoch);
         const handle = this.nextHandle++;
         this.journals.set(handle, { device, epoch });

@@ -28,6 +28,7 @@ import { RmemConnection, type ConnectionHost, type RmemStats } from './rmem-conn
 export interface RmemServiceOptions {
   memory: ServerMemory;
   nvram: DeviceManager;
+  writeLogOf?: (device: string) => string | undefined;
   log: Logger;
   nodeId: string;
   leaseMs: number;
@@ -118,6 +119,10 @@ export class RmemService implements ConnectionHost {
 
   isStopping(): boolean {
     return this.stopping;
+  }
+
+  writeLogOf(device: string): string | undefined {
+    return this.options.writeLogOf?.(device);
   }
 
   sessionsInfo(now = Date.now()): SessionInfo[] {

@@ -157,3 +157,20 @@ test('crash consistency: kill -9 at random moments; every acknowledged record co
     assert.ok(acked.size > 0, `round ${round} acknowledged some appends`);
   }
 });
+
+test('a device that is a volume\'s write log is not open to rmem clients', async (t) => {
+  const dir = await tempDir(t);
+  const n = await startNode({ cwd: dir });
+  t.after(() => n.stop('SIGKILL'));
+  await createDevice(n, 'wl', '1MiB', 'local');
+  const volume = await fetch(`${n.url}/v1/volumes`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name: 'jv', size: '4MiB', writeLog: 'wl' }) });
+  assert.equal(volume.status, 201, await volume.text());
+  const again = await fetch(`${n.url}/v1/volumes`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name: 'jv2', size: '4MiB', writeLog: 'wl' }) });
+  assert.equal(again.status, 400, 'one volume per write log');
+  const c = await client(t, n, 'intruder');
+  await assert.rejects(c.journalOpen('wl', 99), (error: Error & { code?: string }) => {
+    assert.equal(error.code, 'MS_RMEM_INVALID');
+    assert.match(error.message, /write log of volume jv/);
+    return true;
+  });
+});
