@@ -7,6 +7,8 @@ import type { MediumUsage, ResizeResult } from '../memory/partition-table.js';
 import type { ServerSummary } from '../memory/allocation-table.js';
 import type { CacheStats } from '../storage/cache.js';
 import type { DeviceInfo } from '../nvram/device.js';
+import type { SessionInfo } from '../server/rmem-service.js';
+import type { VolumeInfo } from '../storage/volume-manager.js';
 
 export interface MediumInfo {
   name: MediumName;
@@ -92,28 +94,16 @@ export interface ResizeResponse {
   partition: PartitionTableJson;
 }
 
-export interface RmemSessionJson {
-  serverId: string;
-  sessionId: string;
-  state: 'connected' | 'disconnected';
-  remote: string | undefined;
-  since: string;
-  expiresInMs: number | undefined;
-}
+/** An rmem session as the service reports it. */
+export type RmemSessionJson = SessionInfo;
 
 export interface ServersJson {
   sessions: RmemSessionJson[];
   allocation: AllocationTableJson;
 }
 
-export interface VolumeJson {
-  name: string;
-  size: number;
-  readOnly: boolean;
-  createdAt: string;
-  connections: number;
-  writeLog: string | null;
-}
+/** A volume as the volume manager reports it. */
+export type VolumeJson = VolumeInfo;
 
 export interface VolumesJson {
   volumes: VolumeJson[];
