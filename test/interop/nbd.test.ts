@@ -100,10 +100,11 @@ test('fio with the nbd engine: mixed random I/O verified with crc32c, across two
   if (missing('fio') !== undefined) return;
   const n = await node(t);
   const args = ['--ioengine=nbd', `--uri=${uri(n)}`, '--verify=crc32c', '--verify_fatal=1', '--do_verify=1', '--output-format=json'];
+  const scratch = await tempDir(t);
   const result = await run('fio', [
     '--name=mixed', '--rw=randrw', '--rwmixread=40', '--bsrange=512-64k', '--iodepth=16', '--size=24M', '--offset=0', ...args,
     '--name=second', '--rw=randwrite', '--bs=4k', '--iodepth=8', '--size=16M', '--offset=32M', ...args,
-  ], { timeoutMs: 120_000 });
+  ], { timeoutMs: 120_000, cwd: scratch }); // fio leaves verify state files in its working directory
   assert.equal(result.code, 0, result.stderr);
   const report = JSON.parse(result.stdout.slice(result.stdout.indexOf('{'))) as { jobs: { jobname: string; error: number }[] };
   assert.deepEqual(report.jobs.map((j) => [j.jobname, j.error]), [['mixed', 0], ['second', 0]]);
@@ -172,14 +173,14 @@ test('durability: flushed writes survive kill -9; neighbours of unflushed writes
   const dir = await tempDir(t);
   const first = await node(t, dir);
   const jobs = ['--ioengine=nbd', `--uri=${uri(first)}`, '--name=durable', '--rw=randwrite', '--bs=4k', '--iodepth=16', '--size=16M', '--verify=crc32c', '--randseed=42', '--end_fsync=1', '--do_verify=0'];
-  const write = await run('fio', jobs, { timeoutMs: 120_000 });
+  const write = await run('fio', jobs, { timeoutMs: 120_000, cwd: dir });
   assert.equal(write.code, 0, write.stderr);
   // Unflushed writes after the flush, in a range the fio job does not use.
   await run('qemu-io', ['-f', 'raw', uri(first), '-c', 'write -P 0x99 32M 1M']);
   assert.equal(await first.stop('SIGKILL'), 'SIGKILL');
 
   const second = await node(t, dir);
-  const verify = await run('fio', [...jobs.filter((a) => !a.startsWith('--uri') && a !== '--do_verify=0'), `--uri=${uri(second)}`, '--verify_only', '--verify_fatal=1'], { timeoutMs: 120_000 });
+  const verify = await run('fio', [...jobs.filter((a) => !a.startsWith('--uri') && a !== '--do_verify=0'), `--uri=${uri(second)}`, '--verify_only', '--verify_fatal=1'], { timeoutMs: 120_000, cwd: dir });
   assert.equal(verify.code, 0, verify.stderr + verify.stdout);
   assert.doesNotMatch(verify.stdout + verify.stderr, /verify: bad|bad magic/);
   const around = await run('qemu-io', ['-f', 'raw', uri(second), '-c', 'read -P 0 31M 1M', '-c', 'read -P 0 33M 1M']);
