@@ -177,7 +177,7 @@ const partitionSettings: Setting[] = MEDIA.flatMap((medium) =>
 
 export const SETTINGS: readonly Setting[] = [
   { path: 'node.id', flag: '--node-id', default: '(generated, kept in the data directory)', doc: 'name of this node in tables, logs and the cluster' },
-  { path: 'dataDir', flag: '--data-dir', default: './memstrata-data', doc: 'volumes, the flash file, journals, the lock' },
+  { path: 'dataDir', flag: '--data-dir', default: './memstrata-data', doc: 'the flash file, volumes, NVRAM journals, the node id and the lock' },
   { path: 'admin.listen', flag: '--admin-listen', default: '127.0.0.1:10880', doc: 'admin HTTP API, /metrics and /healthz; port 0 picks a free port' },
   { path: 'nbd.listen', flag: '--nbd-listen', default: '127.0.0.1:10809', doc: 'NBD block service; port 0 picks a free port' },
   { path: 'volumes.defaultSize', default: '1GiB', doc: 'size of the `default` volume made on first start' },
