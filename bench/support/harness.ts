@@ -45,16 +45,7 @@ export async function measure(c: BenchCase, options: { warmupMs?: number; durati
     if ((ops & 63) === 0) now = performance.now();
   }
   const seconds = (performance.now() - start) / 1000;
-  const result = {
-    name: c.name,
-    ops,
-    seconds,
-    p50us: histogram.getValueAtPercentile(50) / 1000,
-    p99us: histogram.getValueAtPercentile(99) / 1000,
-    bytesPerOp: c.bytesPerOp,
-  };
-  histogram.destroy();
-  return result;
+  return finish(c, histogram, ops, seconds);
 }
 
 async function measureConcurrent(c: BenchCase, depth: number, options: { warmupMs?: number; durationMs?: number }): Promise<CaseResult> {
@@ -84,6 +75,10 @@ async function measureConcurrent(c: BenchCase, depth: number, options: { warmupM
   const seconds = (performance.now() - start) / 1000;
   running = false;
   await Promise.all(workers);
+  return finish(c, histogram, ops, seconds);
+}
+
+function finish(c: BenchCase, histogram: ReturnType<typeof hdr.build>, ops: number, seconds: number): CaseResult {
   const result = {
     name: c.name,
     ops,

@@ -12,10 +12,9 @@ import { constants } from 'node:fs';
 import { dirname } from 'node:path';
 import { RuntimeError, StorageError, isMemstrataError } from '../errors.js';
 import { formatSize } from '../units.js';
+import { writeAll, writeZeros } from '../fs/positional-io.js';
 import type { MediumName } from './kinds.js';
 import { checkRange, type Medium, type MediumCapabilities } from './medium.js';
-
-const ZERO_CHUNK = 1024 * 1024;
 
 export class FlashMedium implements Medium {
   readonly name: MediumName = 'flash';
@@ -26,7 +25,6 @@ export class FlashMedium implements Medium {
   private handle: FileHandle | undefined;
   private inFlight: number;
   private drained: (() => void) | undefined;
-  private zeros: Buffer | undefined;
 
   constructor(options: { path: string; capacity: number; extentSize: number }) {
     this.path = options.path;
@@ -35,7 +33,6 @@ export class FlashMedium implements Medium {
     this.handle = undefined;
     this.inFlight = 0;
     this.drained = undefined;
-    this.zeros = undefined;
   }
 
   async open(): Promise<void> {
@@ -79,11 +76,7 @@ export class FlashMedium implements Medium {
   async write(offset: number, source: Uint8Array): Promise<void> {
     const handle = this.begin(offset, source.length);
     try {
-      let done = 0;
-      while (done < source.length) {
-        const { bytesWritten } = await handle.write(source, done, source.length - done, offset + done);
-        done += bytesWritten;
-      }
+      await writeAll(handle, source, offset);
     } catch (error) {
       throw this.ioError('write', offset, source.length, error);
     } finally {
@@ -94,13 +87,7 @@ export class FlashMedium implements Medium {
   async zero(offset: number, length: number): Promise<void> {
     const handle = this.begin(offset, length);
     try {
-      this.zeros ??= Buffer.alloc(ZERO_CHUNK);
-      let done = 0;
-      while (done < length) {
-        const n = Math.min(ZERO_CHUNK, length - done);
-        const { bytesWritten } = await handle.write(this.zeros, 0, n, offset + done);
-        done += bytesWritten;
-      }
+      await writeZeros(handle, offset, length);
     } catch (error) {
       throw this.ioError('zero', offset, length, error);
     } finally {

@@ -23,6 +23,7 @@ import { open, readFile, rename, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { StorageError } from '../errors.js';
+import { writeAll } from '../fs/positional-io.js';
 import { RECORD_FLAG, decodeRecord, encodeRecord, type JournalRecord } from './record.js';
 
 export const FILE_MAGIC = Buffer.from('MSJOURN1');
@@ -40,13 +41,7 @@ export interface JournalSink {
 
 export function fileSink(handle: FileHandle): JournalSink {
   return {
-    write: async (buf, position) => {
-      let done = 0;
-      while (done < buf.length) {
-        const { bytesWritten } = await handle.write(buf, done, buf.length - done, position + done);
-        done += bytesWritten;
-      }
-    },
+    write: (buf, position) => writeAll(handle, buf, position),
     datasync: () => handle.datasync(),
     truncate: (length) => handle.truncate(length),
     close: () => handle.close(),
@@ -228,8 +223,8 @@ export class JournalFile {
 
   /** Writes zeros from the allocated end to past `needed`, and makes them durable. */
   private async preallocate(needed: number): Promise<void> {
-    this.zeros ??= Buffer.alloc(1024 * 1024);
     const target = needed + PREALLOCATE;
+    this.zeros ??= Buffer.alloc(1024 * 1024);
     while (this.allocated < target) {
       const n = Math.min(this.zeros.length, target - this.allocated);
       await this.sink.write(this.zeros.subarray(0, n), this.allocated);

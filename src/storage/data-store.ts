@@ -19,6 +19,7 @@ import { open, readFile, rename, rm, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { StorageError } from '../errors.js';
+import { writeAll, writeZeros } from '../fs/positional-io.js';
 import type { Extent } from '../protocol/nbd/codec.js';
 import { STATE } from '../protocol/nbd/spec.js';
 
@@ -34,7 +35,6 @@ export class DataStore {
   /** One bit per chunk: set means the chunk reads as zeros. */
   private zero: Uint8Array;
   private mapDirty: boolean;
-  private zeros: Buffer | undefined;
   /** Zero chunks being filled with zeros in the file before a partial write. */
   private readonly filling: Map<number, Promise<void>>;
 
@@ -45,7 +45,6 @@ export class DataStore {
     this.sizeBytes = size;
     this.zero = new Uint8Array(0);
     this.mapDirty = false;
-    this.zeros = undefined;
     this.filling = new Map();
   }
 
@@ -132,11 +131,7 @@ export class DataStore {
           await this.fill(handle, chunk, start, end);
         }
       }
-      let done = 0;
-      while (done < data.length) {
-        const { bytesWritten } = await handle.write(data, done, data.length - done, offset + done);
-        done += bytesWritten;
-      }
+      await writeAll(handle, data, offset);
       for (const { chunk } of owned) this.setZero(chunk, false);
     } finally {
       for (const { chunk, release } of owned) {
@@ -147,7 +142,7 @@ export class DataStore {
   }
 
   private fill(handle: FileHandle, chunk: number, start: number, end: number): Promise<void> {
-    const filled = this.writeZeros(handle, start, end - start)
+    const filled = writeZeros(handle, start, end - start)
       .then(() => {
         this.setZero(chunk, false);
       })
@@ -176,10 +171,10 @@ export class DataStore {
       } else {
         if (this.isZero(chunk)) {
           // NO_HOLE over a zero chunk: it becomes allocated zeros.
-          await this.writeZeros(handle, chunkStart, chunkEnd - chunkStart);
+          await writeZeros(handle, chunkStart, chunkEnd - chunkStart);
           this.setZero(chunk, false);
         } else {
-          await this.writeZeros(handle, at, n);
+          await writeZeros(handle, at, n);
         }
       }
       at += n;
@@ -259,16 +254,6 @@ export class DataStore {
 
   private markZero(offset: number, length: number): void {
     for (let c = Math.floor(offset / ZERO_CHUNK); c * ZERO_CHUNK < offset + length; c++) this.setZero(c, true);
-  }
-
-  private async writeZeros(handle: FileHandle, offset: number, length: number): Promise<void> {
-    this.zeros ??= Buffer.alloc(ZERO_CHUNK);
-    let done = 0;
-    while (done < length) {
-      const n = Math.min(ZERO_CHUNK, length - done);
-      const { bytesWritten } = await handle.write(this.zeros, 0, n, offset + done);
-      done += bytesWritten;
-    }
   }
 
   private async loadMap(): Promise<Uint8Array | undefined> {

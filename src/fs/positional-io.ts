@@ -1,0 +1,25 @@
+// Positional writes that finish what they start: a write may be short, so these loop
+// until every byte is down. Shared by the flash medium, volume data stores and journal
+// files.
+
+import type { FileHandle } from 'node:fs/promises';
+
+const ZEROS = Buffer.alloc(1024 * 1024);
+
+/** Writes all of `buf` at `position`. */
+export async function writeAll(handle: FileHandle, buf: Uint8Array, position: number): Promise<void> {
+  let done = 0;
+  while (done < buf.length) {
+    const { bytesWritten } = await handle.write(buf, done, buf.length - done, position + done);
+    done += bytesWritten;
+  }
+}
+
+/** Writes `length` zero bytes at `offset`, a megabyte at a time. */
+export async function writeZeros(handle: FileHandle, offset: number, length: number): Promise<void> {
+  for (let done = 0; done < length; ) {
+    const n = Math.min(ZEROS.length, length - done);
+    await writeAll(handle, ZEROS.subarray(0, n), offset + done);
+    done += n;
+  }
+}
