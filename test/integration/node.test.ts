@@ -102,9 +102,8 @@ test('admin API and CLI against a running node, then SIGTERM exits 0', async (t)
   assert.equal(help.code, 0);
   assert.match(help.stdout, /--medium <medium>/);
 
-  const started = Date.now();
+  // A node that hangs on SIGTERM fails by the file's test timeout, not by a clock here.
   assert.equal(await node.stop('SIGTERM'), 0);
-  assert.ok(Date.now() - started < 5000, 'stops within seconds');
   assert.ok(node.logs.some((l) => l.msg === 'node stopped'));
   await assert.rejects(access(join(dir, 'memstrata-data', 'node.lock')), 'lock released on a clean stop');
 

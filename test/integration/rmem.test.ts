@@ -254,9 +254,7 @@ test('a request the node never answers fails with MS_RMEM_TIMEOUT, and the clien
   });
   const c = await RmemClient.connect({ host: '127.0.0.1', port: (fake.address() as { port: number }).port, serverId: 's', timeoutMs: 300, keepalive: false });
   t.after(() => c.close());
-  const started = Date.now();
   await assert.rejects(c.keepalive(), { code: 'MS_RMEM_TIMEOUT' });
-  assert.ok(Date.now() - started < 3000);
   await c.keepalive(); // answered
   assert.equal(c.inFlight, 0);
 });
