@@ -187,7 +187,7 @@ export class AdminServer {
       const name = (request.params as { name: string }).name;
       const { from, max } = parseBody(dumpQuery, request.query, 'dump');
       const device = context.nvram.get(name);
-      const records = (await device.read(from, max)).map((buf) => decodeOne(buf));
+      const records = (await device.collect(from, max, 16 * 1024 * 1024)).map((buf) => decodeOne(buf));
       return {
         device: device.info(),
         records: records.map((r) => ({

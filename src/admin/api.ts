@@ -1,6 +1,7 @@
 // Shapes of the admin API's JSON, shared by the server and the CLI. Versioned by the
 // `/v1` prefix: fields may be added, never renamed or removed within v1.
 
+import type { MirroringInfo } from '../nvram/mirroring.js';
 import type { ErrorCode } from '../errors.js';
 import type { Kind, MediumName, UsedKind } from '../memory/kinds.js';
 import type { MediumUsage, ResizeResult } from '../memory/partition-table.js';
@@ -26,12 +27,14 @@ export interface NodeInfo {
   startedAt: string;
   uptimeSeconds: number;
   dataDir: string;
-  listen: { admin: string; rmem: string; nbd: string };
+  listen: { admin: string; rmem: string; nbd: string; mirror: string };
   media: MediumInfo[];
   usage: MediumUsage[];
   /** Storage cache counters, or null when the cache is disabled. */
   cache: CacheStats | null;
   nvram: DeviceInfo[];
+  /** The mirror link to the partner node. */
+  mirror: MirroringInfo;
 }
 
 export interface NvramListJson {

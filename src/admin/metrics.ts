@@ -12,6 +12,8 @@ import type { RmemService } from '../server/rmem-service.js';
 import type { NbdService } from '../server/nbd-service.js';
 import type { VolumeManager } from '../storage/volume-manager.js';
 import type { CacheStats } from '../storage/cache.js';
+import type { DeviceInfo } from '../nvram/device.js';
+import type { MirroringInfo } from '../nvram/mirroring.js';
 
 export interface MetricsSources {
   nodeId: string;
@@ -22,6 +24,8 @@ export interface MetricsSources {
   nbd(): NbdService | undefined;
   volumes: VolumeManager;
   cache(): CacheStats | undefined;
+  nvram(): DeviceInfo[];
+  mirror(): MirroringInfo | undefined;
 }
 
 export class NodeMetrics {
@@ -237,6 +241,72 @@ export class NodeMetrics {
         }
       },
     });
+    new Gauge({
+      name: 'memstrata_nvram_used_bytes',
+      help: 'Bytes of records each NVRAM device holds, against its size.',
+      labelNames: ['device', 'what'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        for (const d of sources.nvram()) {
+          this.set({ device: d.name, what: 'used' }, d.used);
+          this.set({ device: d.name, what: 'size' }, d.size);
+        }
+      },
+    });
+    new Gauge({
+      name: 'memstrata_nvram_last_seq',
+      help: 'Last acknowledged sequence number of each NVRAM device.',
+      labelNames: ['device'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        for (const d of sources.nvram()) this.set({ device: d.name }, d.lastSeq ?? 0);
+      },
+    });
+    new Gauge({
+      name: 'memstrata_nvram_state',
+      help: 'Constant 1 per NVRAM device, labelled with its policy, role, state and mirror mode (in-sync, syncing, degraded, refusing, or none).',
+      labelNames: ['device', 'policy', 'role', 'state', 'mirror'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        for (const d of sources.nvram()) this.set({ device: d.name, policy: d.policy, role: d.role, state: d.state, mirror: d.mirror ?? 'none' }, 1);
+      },
+    });
+    new Gauge({
+      name: 'memstrata_nvram_degraded',
+      help: 'Mirrored NVRAM primaries whose partner does not hold their records now (degraded or refusing).',
+      registers: [registry],
+      collect() {
+        this.set(sources.nvram().filter((d) => d.mirror === 'degraded' || d.mirror === 'refusing').length);
+      },
+    });
+    new Gauge({
+      name: 'memstrata_mirror_link_up',
+      help: '1 while the mirror link to the partner is up, 0 while it is down; absent without a partner.',
+      registers: [registry],
+      collect() {
+        this.reset();
+        const info = sources.mirror();
+        if (info !== undefined && info.link !== 'none') this.set(info.link === 'up' ? 1 : 0);
+      },
+    });
+    const mirrorCounter = (name: string, help: string, pick: (m: MirroringInfo) => number): void => {
+      new Counter({
+        name,
+        help,
+        registers: [registry],
+        collect() {
+          this.reset();
+          const info = sources.mirror();
+          if (info !== undefined) this.inc(pick(info));
+        },
+      });
+    };
+    mirrorCounter('memstrata_mirror_degradations_total', 'Times a mirrored device lost its partner and degraded or began refusing.', (m) => m.degradations);
+    mirrorCounter('memstrata_mirror_resyncs_total', 'Replicas brought up to date on the partner.', (m) => m.resyncs);
+    mirrorCounter('memstrata_mirror_records_total', 'Records the partner acknowledged holding.', (m) => m.mirroredRecords);
     this.resizes = new Counter({
       name: 'memstrata_partition_resizes_total',
       help: 'Partition resizes asked for, by outcome (ok, or the error code).',

@@ -152,7 +152,7 @@ export function buildProgram(output: Output = processOutput): Command {
     .command('create <name>')
     .description('create a journaling device in the nvram partition')
     .requiredOption('--size <size>', 'journal space, e.g. 64MiB (rounded up to whole extents)')
-    .addOption(new Option('--policy <policy>', 'durability: volatile (memory; vaulted on a clean stop) or local (journal file, group commit)').choices(POLICIES).default('local'))
+    .addOption(new Option('--policy <policy>', 'durability: volatile (memory; vaulted on a clean stop), local (journal file, group commit), mirrored (held by the partner node set in mirror.partner) or mirrored+local (both)').choices(POLICIES).default('local'))
     .addOption(new Option('--medium <medium>', 'medium of the nvram extents').choices(MEDIA).default('dram'))
     .addOption(adminOption())
     .addOption(jsonOption())
@@ -316,6 +316,7 @@ export function renderNode(info: NodeInfo): string {
     `admin           ${info.listen.admin}`,
     `rmem            ${info.listen.rmem}`,
     `nbd             ${info.listen.nbd}`,
+    `mirror          ${info.listen.mirror}  ${renderMirror(info.mirror)}`,
   ].join('\n');
   const rows = info.media.map((m) => {
     const usage = info.usage.find((u) => u.medium === m.name);
@@ -359,11 +360,19 @@ export function renderAllocation(table: AllocationTableJson): string {
   return `Server memory allocate table\n${textTable(['SERVER ID', 'REGION', 'MEDIUM', 'PHYSICAL ADDRESS', 'SIZE'], rows, [1, 4])}`;
 }
 
+function renderMirror(m: NodeInfo['mirror']): string {
+  if (m.link === 'none') return 'no partner';
+  const who = m.partnerNode === null ? m.partner : `${m.partnerNode} at ${m.partner}`;
+  return `partner ${who ?? '-'}, link ${m.link}, on partner down: ${m.onPartnerDown}`;
+}
+
 export function renderNvram(devices: readonly DeviceInfo[]): string {
   if (devices.length === 0) return 'NVRAM devices\n(none)';
   const rows = devices.map((d) => [
     d.name,
     d.policy,
+    d.role,
+    d.mirror ?? '-',
     d.medium,
     formatSize(d.size),
     humanSize(d.used),
@@ -372,7 +381,7 @@ export function renderNvram(devices: readonly DeviceInfo[]): string {
     String(d.epoch),
     d.state,
   ]);
-  return `NVRAM devices\n${textTable(['NAME', 'POLICY', 'MEDIUM', 'SIZE', 'USED', 'FIRST SEQ', 'LAST SEQ', 'EPOCH', 'STATE'], rows, [3, 4, 5, 6, 7])}`;
+  return `NVRAM devices\n${textTable(['NAME', 'POLICY', 'ROLE', 'MIRROR', 'MEDIUM', 'SIZE', 'USED', 'FIRST SEQ', 'LAST SEQ', 'EPOCH', 'STATE'], rows, [5, 6, 7, 8, 9])}`;
 }
 
 export function renderVolumes(volumes: readonly VolumeJson[]): string {

@@ -39,6 +39,7 @@ export interface NodeConfig {
   admin: { listen: ListenAddress };
   rmem: { listen: ListenAddress; leaseMs: number; token: string | undefined; maxInFlight: number };
   nbd: { listen: ListenAddress };
+  mirror: { listen: ListenAddress; partner: ListenAddress | undefined; onPartnerDown: 'degrade' | 'refuse'; timeoutMs: number; token: string | undefined };
   volumes: { defaultSize: number };
   cache: { enabled: boolean; maxDirtyAgeMs: number };
   log: { level: LogLevel; format: LogFormat };
@@ -144,6 +145,15 @@ const rawSchema = z.strictObject({
       maxInFlight: intLeaf(1, 65536).prefault(256),
     })
     .prefault({}),
+  mirror: z
+    .strictObject({
+      listen: addressLeaf.prefault('127.0.0.1:10811'),
+      partner: addressLeaf.optional(),
+      onPartnerDown: enumLeaf(['degrade', 'refuse'] as const).prefault('degrade'),
+      timeout: durationLeaf.prefault('1s'),
+      token: tokenLeaf.optional(),
+    })
+    .prefault({}),
   log: z
     .strictObject({ level: enumLeaf(LOG_LEVELS).prefault('info'), format: enumLeaf(LOG_FORMATS).prefault('auto') })
     .prefault({}),
@@ -187,6 +197,11 @@ export const SETTINGS: readonly Setting[] = [
   { path: 'rmem.lease', flag: '--rmem-lease', default: '30s', doc: 'how long a lost server keeps its regions, and how long a silent connection lives' },
   { path: 'rmem.token', default: '(none)', doc: 'shared token every server must present at HELLO; set it in the file or environment, not on the command line' },
   { path: 'rmem.maxInFlight', default: '256', doc: 'requests served at once per connection before the node stops reading it' },
+  { path: 'mirror.listen', flag: '--mirror-listen', default: '127.0.0.1:10811', doc: 'mirror service, where a partner node keeps replicas of its mirrored NVRAM devices here; port 0 picks a free port' },
+  { path: 'mirror.partner', flag: '--mirror-partner', default: '(none)', doc: 'mirror service of the partner node that holds replicas of this node\'s mirrored NVRAM devices, such as 10.0.0.2:10811' },
+  { path: 'mirror.onPartnerDown', default: 'degrade', doc: 'when the partner is unreachable, mirrored devices degrade (acknowledge once the local journal is synced) or refuse appends' },
+  { path: 'mirror.timeout', default: '1s', doc: 'a partner that has not answered a mirror request in this time is taken as lost' },
+  { path: 'mirror.token', default: '(none)', doc: 'shared token both partners present on the mirror link; set it in the file or environment' },
   { path: 'log.level', flag: '--log-level', default: 'info', doc: LOG_LEVELS.join(', ') },
   { path: 'log.format', flag: '--log-format', default: 'auto', doc: 'json, pretty, or auto (pretty when stdout is a terminal)' },
   { path: 'media.extentSize', flag: '--extent-size', default: '1MiB', doc: 'unit of the partition table; a power of two from 4KiB to 1GiB' },
@@ -291,6 +306,7 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
     volumes: { defaultSize: parsed.volumes.defaultSize },
     cache: { enabled: parsed.cache.enabled, maxDirtyAgeMs: parsed.cache.maxDirtyAge },
     rmem: { listen: parsed.rmem.listen, leaseMs: parsed.rmem.lease, token: parsed.rmem.token, maxInFlight: parsed.rmem.maxInFlight },
+    mirror: { listen: parsed.mirror.listen, partner: parsed.mirror.partner, onPartnerDown: parsed.mirror.onPartnerDown, timeoutMs: parsed.mirror.timeout, token: parsed.mirror.token },
     log: { level: parsed.log.level, format: parsed.log.format },
     media: {
       extentSize: parsed.media.extentSize,
@@ -305,6 +321,9 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
   }
   if (config.rmem.leaseMs < 100 || config.rmem.leaseMs > 86_400_000) {
     throw invalid('rmem.lease', raw, origin, 'expected a duration from 100ms to 24h');
+  }
+  if (config.mirror.timeoutMs < 10 || config.mirror.timeoutMs > 600_000) {
+    throw invalid('mirror.timeout', raw, origin, 'expected a duration from 10ms to 10m');
   }
   for (const medium of MEDIA) {
     config.partition[medium] = resolvePartition(medium, parsed.partition[medium], config, raw, origin);

@@ -1,6 +1,7 @@
 // The daemon wiring of one node: which subsystems exist and the order they start in.
 //
-//   start:  data directory + lock -> node id -> media -> NVRAM -> volumes -> cache -> rmem -> NBD -> admin
+//   start:  data directory + lock -> node id -> media -> NVRAM -> volumes -> cache ->
+//           write-log replay -> mirror service -> mirroring -> rmem -> NBD -> admin
 //   stop:   the reverse; admin first (no new requests, in-flight ones drain), the lock last
 //
 // The tables are built with the node; services slot in between the media and admin, so
@@ -27,6 +28,8 @@ import { VolumeManager } from '../storage/volume-manager.js';
 import { StorageCache } from '../storage/cache.js';
 import { WriteLogIo } from '../storage/write-log.js';
 import { DeviceManager } from '../nvram/device-manager.js';
+import { MirrorService } from '../nvram/mirror-service.js';
+import { Mirroring } from '../nvram/mirroring.js';
 import { formatAddress, type ListenAddress } from '../units.js';
 import { VERSION } from '../version.js';
 import { mediumLayouts, type NodeConfig } from './config.js';
@@ -56,6 +59,8 @@ export class StorageNode {
   private admin: AdminServer | undefined;
   private rmem: RmemService | undefined;
   private nbd: NbdService | undefined;
+  private mirrorService: MirrorService | undefined;
+  private mirroring: Mirroring | undefined;
 
   constructor(config: NodeConfig, log: Logger) {
     this.config = config;
@@ -79,6 +84,8 @@ export class StorageNode {
     this.admin = undefined;
     this.rmem = undefined;
     this.nbd = undefined;
+    this.mirrorService = undefined;
+    this.mirroring = undefined;
 
     this.lifecycle.add({
       name: 'data directory',
@@ -133,6 +140,40 @@ export class StorageNode {
       stop: () => Promise.resolve(),
     });
     this.lifecycle.add({
+      name: 'mirror service',
+      start: async () => {
+        const service = new MirrorService({ nvram: this.nvram, nodeId: this.nodeId, token: config.mirror.token, log });
+        const bound = await service.listen(config.mirror.listen);
+        this.mirrorService = service;
+        log.info({ address: formatAddress(bound), token: config.mirror.token !== undefined }, 'mirror service listening');
+      },
+      stop: async () => {
+        await this.mirrorService?.close();
+        this.mirrorService = undefined;
+      },
+    });
+    this.lifecycle.add({
+      name: 'mirroring',
+      start: () => {
+        this.mirroring = new Mirroring({
+          nvram: this.nvram,
+          partner: config.mirror.partner,
+          onPartnerDown: config.mirror.onPartnerDown,
+          nodeId: this.nodeId,
+          token: config.mirror.token,
+          timeoutMs: config.mirror.timeoutMs,
+          retryMs: Math.min(1000, config.mirror.timeoutMs),
+          log,
+        });
+        this.mirroring.start();
+        return Promise.resolve();
+      },
+      stop: () => {
+        this.mirroring?.close();
+        return Promise.resolve();
+      },
+    });
+    this.lifecycle.add({
       name: 'rmem',
       start: async () => {
         const rmem = new RmemService({
@@ -179,6 +220,8 @@ export class StorageNode {
           nbd: () => this.nbd,
           volumes: this.volumes,
           cache: () => this.cache?.stats(),
+          nvram: () => this.nvram.list(),
+          mirror: () => this.mirroring?.info(),
         });
         const admin = new AdminServer({
           info: () => this.info(),
@@ -257,11 +300,21 @@ export class StorageNode {
         admin: formatAddress(admin),
         rmem: formatAddress(this.rmemAddress ?? this.config.rmem.listen),
         nbd: formatAddress(this.nbd?.address ?? this.config.nbd.listen),
+        mirror: formatAddress(this.mirrorService?.address ?? this.config.mirror.listen),
       },
       media,
       usage: this.partition.usage(),
       cache: this.cache?.stats() ?? null,
       nvram: this.nvram.list(),
+      mirror: this.mirroring?.info() ?? {
+        partner: null,
+        partnerNode: null,
+        link: 'none',
+        onPartnerDown: this.config.mirror.onPartnerDown,
+        degradations: 0,
+        resyncs: 0,
+        mirroredRecords: 0,
+      },
     };
   }
 

@@ -1,15 +1,26 @@
 // NVRAM devices of a node: their extents in the `nvram` partition, their files, and
 // what happens to their contents across stops.
 //
-//   nvram/<name>.json      {"name","size","policy","medium","createdAt","version":1}
-//   nvram/<name>.journal   the journal file of a `local` device (journal-file.ts)
+//   nvram/<name>.json      {"name","size","policy","medium","role","createdAt","version":1}
+//   nvram/<name>.journal   the journal file of a `local` or mirrored primary (journal-file.ts)
 //   nvram/<name>.vault     every live record of a device, written on a clean stop
 //
-// Start: each device takes its extents again and is filled from its journal (`local`;
-// a torn tail is cut) or from its vault (`volatile`, after a clean stop; after a crash a
-// volatile device starts empty, as its policy says). The vault is removed once read.
-// Stop: every volatile device is vaulted (write, fsync, rename, fsync of the directory);
-// every device is closed and its extents go back to the partition table.
+// Start: each device takes its extents again and is filled
+//   - from its vault, after a clean stop (every policy but `local`; a mirrored primary's
+//     journal file is rewritten from it);
+//   - else from its journal file (`local`, `mirrored+local`: a torn tail is cut, and the
+//     file holds every acknowledged record; `mirrored`: the file may lack records only
+//     the partner holds, so the device is `recovering` until the partner answers);
+//   - else empty (`volatile` after a crash, as its policy says; a replica after a crash is
+//     `recovering` until its primary resyncs it).
+// The vault is removed once read.
+// Stop: every device but a `local` one is vaulted (write, fsync, rename, fsync of the
+// directory); every device is closed and its extents go back to the partition table.
+//
+// Roles (mirrored devices): the node where the device was created is its primary; the
+// partner holds a replica of the same name, made and kept up to date over the mirror
+// link (mirroring.ts, mirror-service.ts). A client that opens a replica with a newer
+// epoch takes it over: it is promoted, gets a journal file, and mirrors back.
 
 import { mkdir, readFile, readdir, rename, rm, writeFile, open } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -19,7 +30,7 @@ import type { Medium } from '../memory/medium.js';
 import type { PartitionTable } from '../memory/partition-table.js';
 import type { Logger } from '../node/logger.js';
 import { formatSize } from '../units.js';
-import { NvramDevice, POLICIES, type DeviceInfo, type Policy } from './device.js';
+import { NvramDevice, POLICIES, isMirrored, type DeviceInfo, type Policy, type Role } from './device.js';
 import { JournalFile, encodeFileHeader, parseJournal, syncDir } from './journal-file.js';
 import type { JournalRecord } from './record.js';
 
@@ -30,6 +41,8 @@ interface DeviceMeta {
   size: number;
   policy: Policy;
   medium: MediumName;
+  /** Absent in files written before mirroring: primary. */
+  role?: Role;
   createdAt: string;
 }
 
@@ -48,6 +61,9 @@ export class DeviceManager {
   private queue: Promise<unknown>;
 
   private readonly compactAt: number | undefined;
+  /** Mirroring hooks: a mirrored primary appeared (created, restored, promoted), or one went away. */
+  onPrimary: ((device: NvramDevice) => void) | undefined;
+  onRemoved: ((device: NvramDevice) => void) | undefined;
 
   constructor(options: { dataDir: string; partition: PartitionTable; media: readonly Medium[]; log: Logger; compactAt?: number }) {
     this.compactAt = options.compactAt;
@@ -57,6 +73,8 @@ export class DeviceManager {
     this.log = options.log;
     this.devices = new Map();
     this.queue = Promise.resolve();
+    this.onPrimary = undefined;
+    this.onRemoved = undefined;
   }
 
   async open(): Promise<void> {
@@ -71,11 +89,15 @@ export class DeviceManager {
     }
   }
 
-  /** Vaults every volatile device (a local one has its journal), closes all, gives their extents back. */
+  /** Vaults every device but `local` ones (they have their journal), closes all, gives their extents back. */
   async close(): Promise<void> {
     for (const entry of this.devices.values()) {
       try {
-        if (entry.meta.policy === 'volatile') await this.vault(entry);
+        // A recovering device knows less than its file or its partner: leave those be.
+        if (isVaulted(entry.meta) && !entry.device.recovering) {
+          await entry.device.quiesce();
+          await this.vault(entry);
+        }
       } catch (error) {
         this.log.error({ device: entry.meta.name, err: error }, 'vaulting an NVRAM device failed');
       }
@@ -95,6 +117,111 @@ export class DeviceManager {
     return entry.device;
   }
 
+  find(name: string): NvramDevice | undefined {
+    return this.devices.get(name)?.device;
+  }
+
+  devicesList(): NvramDevice[] {
+    return [...this.devices.values()].map((e) => e.device);
+  }
+
+  mediumOf(name: string): MediumName {
+    return this.devices.get(name)?.meta.medium ?? 'dram';
+  }
+
+  /**
+   * Opens a device for a writer. On a replica, a newer epoch than the replica's takes the
+   * device over (failover): it becomes the primary here and mirrors back to the partner.
+   */
+  openJournal(name: string, epoch: number): Promise<DeviceInfo> {
+    const device = this.get(name);
+    if (device.role === 'primary' || !Number.isSafeInteger(epoch) || epoch <= device.epoch || device.recovering) return device.open(epoch);
+    return this.serialized(async () => {
+      if (device.role === 'replica' && epoch > device.epoch && !device.recovering) {
+        const old = device.promote(await this.rebuildJournal(device));
+        await old?.close();
+        const entry = this.devices.get(name);
+        if (entry !== undefined) {
+          entry.meta.role = 'primary';
+          await this.writeMeta(entry.meta);
+        }
+        this.log.warn({ device: name, epoch, records: device.info().records, lastSeq: device.info().lastSeq }, 'NVRAM replica taken over by a newer epoch: this node is now its primary');
+        this.onPrimary?.(device);
+      }
+      return device.open(epoch);
+    });
+  }
+
+  /**
+   * Writes a new journal file holding the device's present contents, for a device that
+   * is becoming a primary or adopting its partner's contents. Undefined for a policy
+   * without a file.
+   */
+  async rebuildJournal(device: NvramDevice): Promise<JournalFile | undefined> {
+    if (device.policy === 'volatile') return undefined;
+    const records = await device.snapshot();
+    const journal = await JournalFile.create(join(this.dir, `${device.name}.journal.new`), device.size);
+    await journal.append(Buffer.concat(records));
+    await journal.close();
+    const path = join(this.dir, `${device.name}.journal`);
+    await rename(join(this.dir, `${device.name}.journal.new`), path);
+    await syncDir(path);
+    return JournalFile.openExisting(path, parseJournal(await readFile(path)).validLength);
+  }
+
+  /** This node's copy is older than the partner's: it becomes a replica, filled by the partner's resync. */
+  demote(name: string, why: string): Promise<void> {
+    return this.serialized(async () => {
+      const entry = this.devices.get(name);
+      if (entry === undefined || entry.device.role === 'replica') return;
+      await entry.device.demote();
+      await rm(join(this.dir, `${name}.journal`), { force: true });
+      entry.meta.role = 'replica';
+      await this.writeMeta(entry.meta);
+      this.log.warn({ device: name, why }, 'NVRAM device is now a replica of the mirror partner');
+    });
+  }
+
+  /**
+   * Makes `name` an empty replica at the primary's epoch and trim point (mirror RESET),
+   * creating it when this node has none. Refuses when a device of that name here is not
+   * the same mirrored device, or knows a newer epoch.
+   */
+  resetReplica(reset: { name: string; policy: Policy; medium: MediumName; size: number; epoch: number; trimmedTo: number; firstSeq: number }): Promise<void> {
+    return this.serialized(async () => {
+      let entry = this.devices.get(reset.name);
+      if (entry !== undefined) {
+        const device = entry.device;
+        if (entry.meta.policy !== reset.policy) {
+          throw new RuntimeError('MS_MIRROR_CONFLICT', `device ${reset.name} here has policy ${entry.meta.policy}, not ${reset.policy}; it is not a replica of the partner's`);
+        }
+        if (reset.epoch < device.epoch) {
+          throw new RuntimeError('MS_NVRAM_FENCED', `device ${reset.name}: epoch ${reset.epoch} is fenced by epoch ${device.epoch} here`, { details: { device: reset.name, epoch: reset.epoch, current: device.epoch } });
+        }
+        if (device.role === 'primary' && !device.recovering && reset.epoch === device.epoch) {
+          throw new RuntimeError('MS_MIRROR_CONFLICT', `device ${reset.name} is a primary here at the same epoch ${device.epoch}; open one of them with a newer epoch to decide`);
+        }
+        if (entry.meta.size !== reset.size) {
+          await this.drop(entry);
+          entry = undefined;
+        } else if (device.role === 'primary') {
+          await device.demote();
+          await rm(join(this.dir, `${reset.name}.journal`), { force: true });
+          entry.meta.role = 'replica';
+          await this.writeMeta(entry.meta);
+          this.log.warn({ device: reset.name, epoch: reset.epoch }, 'NVRAM device is now a replica: the partner holds it with a newer epoch');
+        }
+      }
+      if (entry === undefined) {
+        const medium = this.media.has(reset.medium) ? reset.medium : 'dram';
+        const meta: DeviceMeta = { name: reset.name, size: reset.size, policy: reset.policy, medium, role: 'replica', createdAt: new Date().toISOString() };
+        await this.load(meta, true);
+        await this.writeMeta(meta);
+        entry = this.devices.get(reset.name);
+      }
+      entry?.device.resetReplica(reset.epoch, reset.trimmedTo, reset.firstSeq);
+    });
+  }
   create(name: string, size: number, policy: Policy, medium: MediumName = 'dram'): Promise<DeviceInfo> {
     return this.serialized(async () => {
       if (!NAME_PATTERN.test(name)) throw new MisuseError('MS_NVRAM_INVALID', `invalid device name "${name}": expected 1 to 64 letters, digits, ".", "_" or "-"`);
@@ -104,10 +231,12 @@ export class DeviceManager {
       if (this.devices.has(name)) throw new MisuseError('MS_NVRAM_EXISTS', `NVRAM device "${name}" already exists`);
       const extentSize = this.partition.extentSize(medium);
       const rounded = Math.ceil(size / extentSize) * extentSize;
-      const meta: DeviceMeta = { name, size: rounded, policy, medium, createdAt: new Date().toISOString() };
+      const meta: DeviceMeta = { name, size: rounded, policy, medium, role: 'primary', createdAt: new Date().toISOString() };
       const info = await this.load(meta, true);
       await this.writeMeta(meta);
-      return info;
+      const device = this.devices.get(name)?.device;
+      if (device !== undefined && isMirrored(policy)) this.onPrimary?.(device);
+      return device?.info() ?? info;
     });
   }
 
@@ -115,6 +244,15 @@ export class DeviceManager {
     return this.serialized(async () => {
       const entry = this.devices.get(name);
       if (entry === undefined) throw new MisuseError('MS_NVRAM_NOT_FOUND', `no NVRAM device named "${name}"`);
+      await this.drop(entry);
+      if (isMirrored(entry.meta.policy) && entry.device.role === 'primary') this.onRemoved?.(entry.device);
+    });
+  }
+
+  /** Closes a device, zeroes and returns its extents, and removes its files. */
+  private async drop(entry: Entry): Promise<void> {
+    const name = entry.meta.name;
+    {
       this.devices.delete(name);
       await entry.device.close();
       // Zero the memory before it goes back: the next owner must not read these records.
@@ -123,7 +261,7 @@ export class DeviceManager {
       for (const e of entry.extents) await medium.zero(e * extentSize, extentSize);
       this.partition.release(entry.meta.medium, entry.extents, owner(name));
       for (const suffix of ['.json', '.journal', '.vault']) await rm(join(this.dir, `${name}${suffix}`), { force: true });
-    });
+    }
   }
 
   private async load(meta: DeviceMeta, fresh: boolean): Promise<DeviceInfo> {
@@ -132,12 +270,21 @@ export class DeviceManager {
     const extents = await this.takeExtents(meta, extentSize);
     try {
       const journalPath = join(this.dir, `${meta.name}.journal`);
+      const vaultPath = join(this.dir, `${meta.name}.vault`);
+      const role = meta.role ?? 'primary';
+      const hasFile = meta.policy !== 'volatile' && role === 'primary';
       let journal: JournalFile | undefined;
-      let records: JournalRecord[] | undefined = fresh ? [] : undefined;
-      if (meta.policy === 'local') {
-        if (fresh) {
-          journal = await JournalFile.create(journalPath, meta.size);
-        } else {
+      let records: JournalRecord[] = [];
+      let recovering = false;
+      let vaulted = false;
+      if (fresh) {
+        if (hasFile) journal = await JournalFile.create(journalPath, meta.size);
+      } else {
+        const vault = isVaulted(meta) ? await readFile(vaultPath).catch(() => undefined) : undefined;
+        if (vault !== undefined) {
+          records = parseJournal(vault).records;
+          vaulted = true;
+        } else if (hasFile) {
           const image = await readFile(journalPath).catch(() => Buffer.alloc(0));
           const recovered = parseJournal(image);
           if (recovered.validLength === 0) journal = await JournalFile.create(journalPath, meta.size);
@@ -146,15 +293,14 @@ export class DeviceManager {
             this.log.warn({ device: meta.name, cutAt: recovered.validLength, reason: recovered.stoppedBecause }, 'NVRAM journal tail cut at recovery');
           }
           records = recovered.records;
+          // `mirrored` acknowledges before its file is synced: the partner may hold more.
+          recovering = meta.policy === 'mirrored';
+        } else {
+          // A volatile device after a crash is empty, as its policy says; a replica is
+          // stale until its primary resyncs it.
+          recovering = role === 'replica';
         }
       }
-      const vaultPath = join(this.dir, `${meta.name}.vault`);
-      if (records === undefined) {
-        // A volatile device: only a clean stop's vault carries its contents over.
-        const vault = parseJournal(await readFile(vaultPath).catch(() => Buffer.alloc(0)));
-        records = vault.records;
-      }
-      await rm(vaultPath, { force: true });
       const device = new NvramDevice({
         name: meta.name,
         size: meta.size,
@@ -163,12 +309,20 @@ export class DeviceManager {
         extents: extents.map((e) => e * extentSize),
         extentSize,
         journal,
+        role,
         ...(this.compactAt === undefined ? {} : { compactAt: this.compactAt }),
       });
       await device.restore(records);
+      // After a clean stop the vault is the truth; a primary's journal file is rewritten from it.
+      if (vaulted && hasFile) device.promote(await this.rebuildJournal(device));
+      device.recovering = recovering;
+      await rm(vaultPath, { force: true });
       this.devices.set(meta.name, { meta, device, extents });
       const info = device.info();
-      this.log.info({ device: meta.name, policy: meta.policy, size: meta.size, records: info.records, lastSeq: info.lastSeq, epoch: info.epoch }, fresh ? 'NVRAM device created' : 'NVRAM device restored');
+      this.log.info(
+        { device: meta.name, policy: meta.policy, role, size: meta.size, records: info.records, lastSeq: info.lastSeq, epoch: info.epoch, state: info.state },
+        fresh ? (role === 'replica' ? 'NVRAM replica created' : 'NVRAM device created') : 'NVRAM device restored',
+      );
       return info;
     } catch (error) {
       this.partition.release(meta.medium, extents, owner(meta.name));
@@ -224,6 +378,11 @@ export class DeviceManager {
     this.queue = run.catch(() => undefined);
     return run;
   }
+}
+
+/** Devices whose contents a clean stop writes to a vault: all but those with a synced journal file. */
+function isVaulted(meta: DeviceMeta): boolean {
+  return meta.role === 'replica' || meta.policy === 'volatile' || meta.policy === 'mirrored';
 }
 
 function owner(name: string): string {

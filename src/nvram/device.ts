@@ -5,8 +5,16 @@
 //     head ........ live records ........ tail
 //   index: seq -> (logical offset, bytes), oldest first, with a start pointer
 //
-//   volatile  acknowledged once in memory; kept across a clean stop by the vault
-//   local     acknowledged once also in the device's journal file, by group commit
+//   volatile        acknowledged once in memory; kept across a clean stop by the vault
+//   local           acknowledged once also in the device's journal file, by group commit
+//   mirrored        acknowledged once the partner node holds the record in memory; the
+//                   journal file is written too, without waiting for its sync, so a
+//                   partner loss costs one fdatasync and no copy (mirroring.ts)
+//   mirrored+local  acknowledged once the partner holds it and the journal file is synced
+//
+// A mirrored device is a `primary` on one node and a `replica` on its partner. A replica
+// takes records only from the mirror link, with their sequence numbers and timestamps
+// unchanged; the device manager promotes it when a client opens it with a newer epoch.
 //
 // Rules:
 //   - sequence numbers are given out in append order, contiguous, never reused;
@@ -24,11 +32,41 @@ import type { Medium } from '../memory/medium.js';
 import { JournalFile } from './journal-file.js';
 import { RECORD_FLAG, encodeRecord, nowMicros, recordSize, type JournalRecord, type RecordTarget } from './record.js';
 
-export const POLICIES = ['volatile', 'local'] as const;
+export const POLICIES = ['volatile', 'local', 'mirrored', 'mirrored+local'] as const;
 
 /** A journal file is rewritten after a trim once it is this long (or twice the device size). */
 export const COMPACT_AT = 16 * 1024 * 1024;
 export type Policy = (typeof POLICIES)[number];
+export type Role = 'primary' | 'replica';
+
+export function isMirrored(policy: Policy): boolean {
+  return policy === 'mirrored' || policy === 'mirrored+local';
+}
+
+/**
+ * How a mirrored primary's appends are protected right now:
+ *   in-sync   sent to the partner, acknowledged once it holds them
+ *   syncing   the partner is being brought up to date; appends wait
+ *   degraded  no partner; acknowledged once the journal file is synced
+ *   refusing  no partner, and the node is configured to refuse rather than degrade
+ */
+export type MirrorMode = 'in-sync' | 'syncing' | 'degraded' | 'refusing';
+
+/** What a mirrored primary needs from the node's mirroring (mirroring.ts). */
+export interface MirrorPort {
+  mode(): MirrorMode;
+  /** Resolves once a resync in progress is over. */
+  settled(): Promise<void>;
+  /**
+   * Sends encoded records to the partner. Resolves true once the partner holds them,
+   * false when the partner was lost and the device is to degrade (the caller syncs its
+   * journal instead); rejects when it is to refuse, or when the partner fenced it.
+   */
+  append(device: string, epoch: number, records: Buffer, count: number): Promise<boolean>;
+  /** Best effort: a resync carries the epoch and trim point anyway. */
+  epoch(device: string, epoch: number): Promise<void>;
+  trim(device: string, epoch: number, upTo: number): void;
+}
 
 export interface AppendEntry {
   payload: Buffer;
@@ -54,7 +92,11 @@ export interface DeviceInfo {
   /** Last acknowledged sequence number, or null before the first append. */
   lastSeq: number | null;
   records: number;
-  state: 'ready' | 'closed' | 'failed';
+  /** `recovering`: after a crash, until the partner confirms what it holds (mirrored). */
+  state: 'ready' | 'recovering' | 'closed' | 'failed';
+  role: Role;
+  /** How appends are protected now; null for devices that are not mirrored, and for replicas. */
+  mirror: MirrorMode | null;
 }
 
 interface IndexEntry {
@@ -75,6 +117,7 @@ export interface DeviceOptions {
   journal: JournalFile | undefined;
   /** Rewrite the journal file after a trim once it is this long; default COMPACT_AT. */
   compactAt?: number;
+  role?: Role;
 }
 
 export class NvramDevice {
@@ -98,6 +141,11 @@ export class NvramDevice {
   private closed: boolean;
   private ackChain: Promise<void>;
   private failure: Error | undefined;
+  private roleValue: Role;
+  /** Set after a crash until the partner has confirmed or supplied the contents. */
+  recovering: boolean;
+  /** The node's mirroring, for a mirrored primary. */
+  port: MirrorPort | undefined;
 
   constructor(options: DeviceOptions) {
     this.name = options.name;
@@ -120,10 +168,27 @@ export class NvramDevice {
     this.closed = false;
     this.ackChain = Promise.resolve();
     this.failure = undefined;
+    this.roleValue = options.role ?? 'primary';
+    this.recovering = false;
+    this.port = undefined;
   }
 
   get epoch(): number {
     return this.epochValue;
+  }
+
+  get role(): Role {
+    return this.roleValue;
+  }
+
+  /** Sequence number of the last acknowledged record (0 before the first). */
+  get lastSeq(): number {
+    return this.ackedSeq;
+  }
+
+  /** The file this device journals to, if any. */
+  get journalFile(): JournalFile | undefined {
+    return this.journal;
   }
 
   /** Loads recovered state: records after the trim point, the epoch, the next sequence number. */
@@ -152,10 +217,12 @@ export class NvramDevice {
   async open(epoch: number): Promise<DeviceInfo> {
     this.check();
     if (!Number.isSafeInteger(epoch) || epoch < 0) throw new MisuseError('MS_NVRAM_INVALID', `epoch must be a non-negative integer, got ${epoch}`);
+    await this.settle();
     if (epoch < this.epochValue) throw fenced(this.name, epoch, this.epochValue);
+    if (this.roleValue === 'replica') throw replicaError(this.name);
     if (epoch > this.epochValue) {
       this.epochValue = epoch;
-      await this.journal?.append(this.marker(RECORD_FLAG.EPOCH, epoch));
+      await Promise.all([this.journal?.append(this.marker(RECORD_FLAG.EPOCH, epoch)), this.port?.epoch(this.name, epoch)]);
     }
     return this.info();
   }
@@ -163,7 +230,15 @@ export class NvramDevice {
   /** Appends records; resolves with their sequence numbers once durable under the policy. */
   async append(epoch: number, entries: readonly AppendEntry[]): Promise<Appended[]> {
     this.check();
+    await this.settle();
+    if (this.roleValue === 'replica') throw replicaError(this.name);
     if (epoch < this.epochValue) throw fenced(this.name, epoch, this.epochValue);
+    const mode = this.port?.mode();
+    if (mode === 'refusing') {
+      throw new RuntimeError('MS_NVRAM_PARTNER_DOWN', `device ${this.name}: the mirror partner is unreachable and this node is configured to refuse appends until it returns`, {
+        details: { device: this.name },
+      });
+    }
     if (entries.length === 0) return [];
     const timestamp = nowMicros();
     const encoded = entries.map((e, i) =>
@@ -181,24 +256,39 @@ export class NvramDevice {
     const last = first + entries.length - 1;
     this.nextSeq += entries.length;
     const work: Promise<void>[] = encoded.map((buf, i) => this.place(buf, first + i, timestamp));
-    if (this.journal !== undefined) work.push(this.journal.append(encoded.length === 1 ? (encoded[0] ?? Buffer.alloc(0)) : Buffer.concat(encoded)));
+    const all = encoded.length === 1 ? (encoded[0] ?? Buffer.alloc(0)) : Buffer.concat(encoded);
+    // The journal file is synced before the acknowledgement unless the partner holds the record.
+    const journal = this.journal;
+    if (journal !== undefined) work.push(journal.append(all, this.policy !== 'mirrored' || mode !== 'in-sync'));
     // Acknowledge in order: a record becomes readable only after every one before it.
     const previous = this.ackChain;
-    const done = Promise.all(work).then(async () => {
+    const stored = Promise.all(work).then(async () => {
       await previous;
       this.ackedSeq = Math.max(this.ackedSeq, last);
     });
-    this.ackChain = done.catch((error: unknown) => {
+    this.ackChain = stored.catch((error: unknown) => {
       // A journal that failed under us cannot promise anything more: stop taking appends.
       this.failure ??= error instanceof Error ? error : new Error(String(error));
     });
-    await done;
+    if (mode === 'in-sync' && this.port !== undefined) {
+      const held = this.port.append(this.name, this.epochValue, all, encoded.length);
+      const [, partnerHolds] = await Promise.all([stored, held]);
+      // The partner was lost on the way: the record is this node's alone, so sync it here.
+      if (!partnerHolds && this.policy === 'mirrored') await journal?.flush();
+    } else {
+      await stored;
+    }
     return entries.map((_, i) => ({ seq: first + i, timestamp }));
   }
 
   /** Acknowledged records from `fromSeq` on, up to `maxRecords` and about `maxBytes`. */
   async read(fromSeq: number, maxRecords = 1024, maxBytes = 16 * 1024 * 1024): Promise<Buffer[]> {
     this.check();
+    return this.collect(fromSeq, maxRecords, maxBytes);
+  }
+
+  /** `read` without the state check: for the vault, dumps and resyncs. */
+  async collect(fromSeq: number, maxRecords: number, maxBytes: number): Promise<Buffer[]> {
     const out: Buffer[] = [];
     let bytes = 0;
     for (let i = this.locate(fromSeq); i < this.index.length && out.length < maxRecords; i++) {
@@ -216,6 +306,7 @@ export class NvramDevice {
   /** Frees every record up to and including `upToSeq` (a checkpoint the writer has applied). */
   async trim(epoch: number, upToSeq: number): Promise<void> {
     this.check();
+    await this.settle();
     if (epoch < this.epochValue) throw fenced(this.name, epoch, this.epochValue);
     const limit = Math.min(upToSeq, this.ackedSeq);
     if (limit <= this.trimmedTo) return;
@@ -236,6 +327,7 @@ export class NvramDevice {
       this.head = this.tail;
     }
     this.trimmedTo = limit;
+    if (this.port?.mode() === 'in-sync') this.port.trim(this.name, epoch, limit);
     const journal = this.journal;
     if (journal === undefined) return;
     await journal.append(this.marker(RECORD_FLAG.TRIM, limit));
@@ -256,13 +348,96 @@ export class NvramDevice {
       firstSeq: first?.seq ?? null,
       lastSeq: this.ackedSeq > 0 ? this.ackedSeq : null,
       records: live,
-      state: this.closed ? 'closed' : this.failure !== undefined ? 'failed' : 'ready',
+      state: this.closed ? 'closed' : this.failure !== undefined ? 'failed' : this.recovering ? 'recovering' : 'ready',
+      role: this.roleValue,
+      mirror: this.roleValue === 'primary' ? (this.port?.mode() ?? null) : null,
     };
+  }
+
+  /** Resolves once every append taken so far has been acknowledged or has failed. */
+  async quiesce(): Promise<void> {
+    await this.ackChain;
+  }
+
+  /** Sequence number the first record after the live ones would get, for a resync. */
+  get trimPoint(): number {
+    return this.trimmedTo;
+  }
+
+  // ---- replica side: records from the partner, applied as they are ----
+
+  /**
+   * Makes this device an empty replica at the primary's epoch and trim point, expecting
+   * `firstSeq` next; the primary's records follow with `replicate`.
+   */
+  resetReplica(epoch: number, trimmedTo: number, firstSeq: number): void {
+    this.roleValue = 'replica';
+    this.index = [];
+    this.indexStart = 0;
+    this.head = 0;
+    this.tail = 0;
+    this.used = 0;
+    this.epochValue = epoch;
+    this.trimmedTo = trimmedTo;
+    this.nextSeq = firstSeq;
+    this.ackedSeq = firstSeq - 1;
+    this.recovering = false;
+  }
+
+  /**
+   * Applies encoded records from a primary at `epoch`; they must continue the sequence
+   * exactly. A primary older than this replica's epoch is fenced.
+   */
+  async replicate(epoch: number, records: readonly JournalRecord[], encoded: readonly Buffer[]): Promise<void> {
+    if (this.roleValue !== 'replica') throw replicaError(this.name, 'is a primary here and takes no mirrored records');
+    if (epoch < this.epochValue) throw fenced(this.name, epoch, this.epochValue);
+    const bytes = encoded.reduce((sum, b) => sum + b.length, 0);
+    for (const [i, r] of records.entries()) {
+      if (r.seq !== this.nextSeq + i) {
+        throw new RuntimeError('MS_MIRROR_GAP', `device ${this.name}: mirrored record ${r.seq} does not follow ${this.nextSeq + i - 1}`, {
+          details: { device: this.name, expected: this.nextSeq + i, got: r.seq },
+        });
+      }
+    }
+    if (this.used + bytes > this.size) throw new RuntimeError('MS_NVRAM_FULL', `replica ${this.name} is full: ${bytes} bytes do not fit in ${this.size - this.used}`);
+    const first = this.nextSeq;
+    this.nextSeq += records.length;
+    await Promise.all(encoded.map((buf, i) => this.place(buf, first + i, records[i]?.timestamp ?? 0)));
+    this.ackedSeq = Math.max(this.ackedSeq, first + records.length - 1);
+  }
+
+  /** A replica follows the primary's epoch. */
+  raiseEpoch(epoch: number): void {
+    if (epoch < this.epochValue) throw fenced(this.name, epoch, this.epochValue);
+    this.epochValue = epoch;
+  }
+
+  /**
+   * Makes this device the primary, journaling to `journal` from now on (a replica taken
+   * over, or a primary that adopted its partner's contents). Returns the journal it had.
+   */
+  promote(journal: JournalFile | undefined): JournalFile | undefined {
+    const old = this.journal;
+    this.roleValue = 'primary';
+    this.journal = journal;
+    this.recovering = false;
+    return old;
+  }
+
+  /** Turns a primary into a stale replica: the partner's resync will fill it. */
+  async demote(): Promise<void> {
+    this.port = undefined;
+    await this.quiesce();
+    const journal = this.journal;
+    this.journal = undefined;
+    await journal?.close();
+    this.resetReplica(this.epochValue, this.trimmedTo, this.nextSeq);
+    this.recovering = true;
   }
 
   /** Every live record, for the vault and for dump; markers first so a reader knows the epoch and trim point. */
   async snapshot(): Promise<Buffer[]> {
-    const records = await this.read(0, Number.MAX_SAFE_INTEGER, Number.MAX_SAFE_INTEGER);
+    const records = await this.collect(0, Number.MAX_SAFE_INTEGER, Number.MAX_SAFE_INTEGER);
     return [this.marker(RECORD_FLAG.EPOCH, this.epochValue), this.marker(RECORD_FLAG.TRIM, this.trimmedTo), ...records];
   }
 
@@ -322,10 +497,27 @@ export class NvramDevice {
     return { physical: extent + within, room: Math.min(this.extentSize - within, this.size - logical) };
   }
 
+  /** Waits while the partner is being brought up to date. */
+  private async settle(): Promise<void> {
+    while (this.port?.mode() === 'syncing') {
+      await this.port.settled();
+      this.check();
+    }
+  }
+
   private check(): void {
     if (this.closed) throw new RuntimeError('MS_SHUTTING_DOWN', `device ${this.name} is closed`);
+    if (this.recovering) {
+      throw new RuntimeError('MS_NVRAM_RECOVERING', `device ${this.name} is recovering after a crash and waits for its mirror partner, which may hold records this node lost`, {
+        details: { device: this.name },
+      });
+    }
     if (this.failure !== undefined) throw new StorageError('MS_MEDIUM_IO', `device ${this.name} failed and takes no more requests: ${this.failure.message}`, { cause: this.failure });
   }
+}
+
+function replicaError(name: string, why = 'is a replica of the mirror partner: open it there, or open it here with a newer epoch to take it over'): RuntimeError {
+  return new RuntimeError('MS_NVRAM_REPLICA', `device ${name} ${why}`, { details: { device: name } });
 }
 
 function fenced(name: string, epoch: number, current: number): RuntimeError {

@@ -7,7 +7,9 @@
 // Group commit: appends queue up; one writer takes everything queued, writes it with one
 // positional write and one fdatasync, and only then releases each of those appenders.
 // An append that arrives during a sync waits for the next one, so no appender is ever
-// released by a sync that did not cover its record.
+// released by a sync that did not cover its record. A `mirrored` device appends without
+// waiting for a sync (its partner holds the record); the file is written in order, so the
+// next sync, or `flush`, covers those records as well.
 //
 // Space ahead of the tail is written with zeros in advance (PREALLOCATE at a time), so an
 // append overwrites blocks that already exist and its fdatasync has data to flush but no
@@ -108,6 +110,8 @@ export function parseJournal(image: Buffer): Recovered {
 
 interface Waiter {
   buf: Buffer;
+  /** Released only after an fdatasync that covers the record (false: once written). */
+  sync: boolean;
   resolve: () => void;
   reject: (error: Error) => void;
   /** A compaction instead of an append: keep user records after this sequence number. */
@@ -124,6 +128,8 @@ export class JournalFile {
   private zeros: Buffer | undefined;
   private queue: Waiter[];
   private running: Promise<void> | undefined;
+  /** Bytes were written that no fdatasync has covered yet. */
+  private unsynced: boolean;
   /** Syncs done; for tests and metrics. */
   syncs: number;
 
@@ -136,6 +142,7 @@ export class JournalFile {
     this.zeros = undefined;
     this.queue = [];
     this.running = undefined;
+    this.unsynced = false;
     this.syncs = 0;
   }
 
@@ -160,12 +167,21 @@ export class JournalFile {
     return new JournalFile(path, sink, validLength, wrap);
   }
 
-  /** Resolves once the record is durable: written and covered by an fdatasync. */
-  append(record: Buffer): Promise<void> {
+  /**
+   * Resolves once the record is durable: written and covered by an fdatasync. With
+   * `sync` false it resolves once written (a `mirrored` device, whose partner holds the
+   * record); a later sync, or `flush`, makes it durable, since the file is written in order.
+   */
+  append(record: Buffer, sync = true): Promise<void> {
     return new Promise<void>((resolve, reject) => {
-      this.queue.push({ buf: record, resolve, reject });
+      this.queue.push({ buf: record, sync, resolve, reject });
       this.running ??= this.drain();
     });
+  }
+
+  /** Resolves once everything appended so far is covered by an fdatasync. */
+  flush(): Promise<void> {
+    return this.append(Buffer.alloc(0), true);
   }
 
   /** Bytes of journal in the file (header and records; preallocated zeros not counted). */
@@ -182,13 +198,15 @@ export class JournalFile {
    */
   compact(trimmedTo: number): Promise<void> {
     return new Promise<void>((resolve, reject) => {
-      this.queue.push({ buf: Buffer.alloc(0), resolve, reject, compactAfter: trimmedTo });
+      this.queue.push({ buf: Buffer.alloc(0), sync: true, resolve, reject, compactAfter: trimmedTo });
       this.running ??= this.drain();
     });
   }
 
+  /** Waits for queued appends, makes everything written durable, and closes the file. */
   async close(): Promise<void> {
     await this.running;
+    if (this.unsynced) await this.sink.datasync().catch(() => undefined);
     await this.sink.close();
   }
 
@@ -252,17 +270,24 @@ export class JournalFile {
         const batch = cut < 0 ? this.queue : this.queue.slice(0, cut);
         this.queue = cut < 0 ? [] : this.queue.slice(cut);
         const buf = batch.length === 1 ? (batch[0]?.buf ?? Buffer.alloc(0)) : Buffer.concat(batch.map((w) => w.buf));
+        const start = this.length;
         try {
           if (this.length + buf.length > this.allocated) await this.preallocate(this.length + buf.length);
-          await this.sink.write(buf, this.length);
-          await this.sink.datasync();
-          this.syncs++;
+          if (buf.length > 0) await this.sink.write(buf, this.length);
           this.length += buf.length;
+          if (batch.some((w) => w.sync) && (buf.length > 0 || this.unsynced)) {
+            await this.sink.datasync();
+            this.syncs++;
+            this.unsynced = false;
+          } else if (buf.length > 0) {
+            this.unsynced = true;
+          }
         } catch (error) {
           const failure = new StorageError('MS_MEDIUM_IO', `journal ${this.path}: write or sync failed: ${(error as Error).message}`, { cause: error });
           // The file may now hold part of the batch; cut it back so a retry appends cleanly.
-          await this.sink.truncate(this.length).catch(() => undefined);
-          this.allocated = this.length;
+          this.length = start;
+          await this.sink.truncate(start).catch(() => undefined);
+          this.allocated = start;
           for (const w of batch) w.reject(failure);
           continue;
         }

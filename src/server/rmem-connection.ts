@@ -215,7 +215,8 @@ export class RmemConnection {
         const volume = this.host.writeLogOf(name);
         // Records there are replayed into the volume: only the node itself may write them.
         if (volume !== undefined) throw new MisuseError('MS_NVRAM_INVALID', `NVRAM device ${name} is the write log of volume ${volume} and is not open to clients`);
-        await device.open(epoch);
+        // On a mirror replica, a newer epoch takes the device over (failover).
+        await this.host.nvram.openJournal(name, epoch);
         const handle = this.nextHandle++;
         this.journals.set(handle, { device, epoch });
         this.send(encodeJopenReply(tag, handle, journalInfo(device)));

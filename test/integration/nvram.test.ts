@@ -17,7 +17,7 @@ test('memstrata nvram create, list, dump and rm, with --json, coded errors and s
   assert.equal((await cli('nvram', 'create', 'j2', '--size', '100000', '--policy', 'volatile')).code, 0);
 
   const list = await cli('nvram', 'list');
-  assert.match(list.stdout, /NAME +POLICY +MEDIUM +SIZE +USED +FIRST SEQ +LAST SEQ +EPOCH +STATE\nj1 +local +dram +2MiB +0 +- +- +0 +ready\nj2 +volatile +dram +1MiB/);
+  assert.match(list.stdout, /NAME +POLICY +ROLE +MIRROR +MEDIUM +SIZE +USED +FIRST SEQ +LAST SEQ +EPOCH +STATE\nj1 +local +primary +- +dram +2MiB +0 +- +- +0 +ready\nj2 +volatile +primary +- +dram +1MiB/);
   const json = JSON.parse((await cli('nvram', 'list', '--json')).stdout) as NvramListJson;
   assert.deepEqual(json.devices.map((d) => [d.name, d.size, d.policy]), [['j1', 2 * 2 ** 20, 'local'], ['j2', 2 ** 20, 'volatile']]);
 
@@ -30,7 +30,7 @@ test('memstrata nvram create, list, dump and rm, with --json, coded errors and s
 
   assert.match((await cli('nvram', 'create', 'j1', '--size', '1MiB')).stderr, /^memstrata: MS_NVRAM_EXISTS/);
   assert.match((await cli('nvram', 'create', 'big', '--size', '1GiB')).stderr, /^memstrata: MS_NVRAM_NO_CAPACITY: no room for NVRAM device big/);
-  const badPolicy = await cli('nvram', 'create', 'x', '--size', '1MiB', '--policy', 'mirrored');
+  const badPolicy = await cli('nvram', 'create', 'x', '--size', '1MiB', '--policy', 'replicated');
   assert.equal(badPolicy.code, 2);
   assert.match((await cli('nvram', 'dump', 'nope')).stderr, /^memstrata: MS_NVRAM_NOT_FOUND/);
   const badQuery = await fetch(`${n.url}/v1/nvram/j1/records?from=-1`);

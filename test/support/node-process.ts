@@ -20,6 +20,8 @@ export interface NodeProcess {
   rmem: { host: string; port: number };
   /** The NBD service's address. */
   nbd: { host: string; port: number };
+  /** The mirror service's address. */
+  mirror: { host: string; port: number };
   dir: string;
   /** JSON log lines seen so far. */
   logs: Record<string, unknown>[];
@@ -45,7 +47,7 @@ export interface StartOptions {
 
 /** Starts a node and resolves once its admin API listens; rejects with its output if it exits first. */
 export function startNode(options: StartOptions): Promise<NodeProcess> {
-  const args = [CLI, 'node', 'start', '--admin-listen', '127.0.0.1:0', '--rmem-listen', '127.0.0.1:0', '--nbd-listen', '127.0.0.1:0', '--log-format', 'json', ...(options.small === false ? [] : SMALL_MEDIA), ...(options.args ?? [])];
+  const args = [CLI, 'node', 'start', '--admin-listen', '127.0.0.1:0', '--rmem-listen', '127.0.0.1:0', '--nbd-listen', '127.0.0.1:0', '--mirror-listen', '127.0.0.1:0', '--log-format', 'json', ...(options.small === false ? [] : SMALL_MEDIA), ...(options.args ?? [])];
   const proc = spawn(process.execPath, args, {
     cwd: options.cwd,
     env: { ...process.env, ...options.env },
@@ -54,6 +56,7 @@ export function startNode(options: StartOptions): Promise<NodeProcess> {
   const logs: Record<string, unknown>[] = [];
   let rmem = { host: '127.0.0.1', port: 0 };
   let nbd = { host: '127.0.0.1', port: 0 };
+  let mirror = { host: '127.0.0.1', port: 0 };
   let stderr = '';
   proc.stderr?.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
   const exited = new Promise<number | string>((resolve) => proc.once('exit', (code, signal) => resolve(code ?? signal ?? -1)));
@@ -74,6 +77,7 @@ export function startNode(options: StartOptions): Promise<NodeProcess> {
       logs.push(entry);
       if (entry.msg === 'rmem service listening' && typeof entry.address === 'string') rmem = hostPort(entry.address);
       if (entry.msg === 'NBD service listening' && typeof entry.address === 'string') nbd = hostPort(entry.address);
+      if (entry.msg === 'mirror service listening' && typeof entry.address === 'string') mirror = hostPort(entry.address);
       if (entry.msg === 'admin API listening' && typeof entry.url === 'string') {
         clearTimeout(timer);
         resolve({
@@ -81,6 +85,7 @@ export function startNode(options: StartOptions): Promise<NodeProcess> {
           url: entry.url,
           rmem,
           nbd,
+          mirror,
           dir: options.cwd,
           logs,
           stop: (signal = 'SIGTERM') => {
@@ -129,4 +134,15 @@ export function runCli(args: readonly string[], options: { cwd?: string; env?: N
 function hostPort(address: string): { host: string; port: number } {
   const at = address.lastIndexOf(':');
   return { host: address.slice(0, at), port: Number(address.slice(at + 1)) };
+}
+
+/** A loopback port that was free a moment ago, for two nodes that must name each other before either starts. */
+export async function freePort(): Promise<number> {
+  const { createServer } = await import('node:net');
+  const server = createServer();
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const address = server.address();
+  await new Promise<void>((resolve) => server.close(() => resolve()));
+  if (typeof address !== 'object' || address === null) throw new Error('no port');
+  return address.port;
 }

@@ -19,6 +19,9 @@ const CODE_TO_STATUS: Partial<Record<ErrorCode, Status>> = {
   MS_NVRAM_FULL: STATUS.FULL,
   MS_NVRAM_NOT_FOUND: STATUS.NOT_FOUND,
   MS_NVRAM_INVALID: STATUS.INVALID,
+  MS_NVRAM_PARTNER_DOWN: STATUS.UNAVAILABLE,
+  MS_NVRAM_RECOVERING: STATUS.RECOVERING,
+  MS_NVRAM_REPLICA: STATUS.REPLICA,
 };
 
 /** Status -> code; where several codes share a status, the first listed above wins. */

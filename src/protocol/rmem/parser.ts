@@ -48,8 +48,9 @@ export class FrameParser {
   private tagLo: number;
   private failed: boolean;
 
-  constructor(direction: 'request' | 'response', handlers: FrameHandlers, maxBody = MAX_BODY) {
-    this.magic = direction === 'request' ? REQUEST_MAGIC : RESPONSE_MAGIC;
+  /** `direction` picks the rmem magic; another protocol with the same header passes its own magic. */
+  constructor(direction: 'request' | 'response' | { magic: number }, handlers: FrameHandlers, maxBody = MAX_BODY) {
+    this.magic = typeof direction === 'object' ? direction.magic : direction === 'request' ? REQUEST_MAGIC : RESPONSE_MAGIC;
     this.maxBody = maxBody;
     this.handlers = handlers;
     this.header = Buffer.alloc(HEADER_SIZE);

@@ -65,6 +65,9 @@ export const STATUS = {
   FENCED: 13,
   FULL: 14,
   NOT_FOUND: 15,
+  UNAVAILABLE: 16,
+  RECOVERING: 17,
+  REPLICA: 18,
 } as const;
 export type StatusName = keyof typeof STATUS;
 export type Status = (typeof STATUS)[StatusName];
@@ -89,8 +92,8 @@ export const PERFORMANCE_CLASS_NAME: Readonly<Record<number, PerformanceClass>> 
 export const HELLO_RESUMED = 0x0001;
 
 /** NVRAM device policies as numbered on the wire. */
-export const WIRE_POLICY = { volatile: 0, local: 1 } as const;
-export const WIRE_POLICY_NAME: Readonly<Record<number, keyof typeof WIRE_POLICY>> = { 0: 'volatile', 1: 'local' };
+export const WIRE_POLICY = { volatile: 0, local: 1, mirrored: 2, 'mirrored+local': 3 } as const;
+export const WIRE_POLICY_NAME: Readonly<Record<number, keyof typeof WIRE_POLICY>> = { 0: 'volatile', 1: 'local', 2: 'mirrored', 3: 'mirrored+local' };
 
 /** Fixed body sizes. */
 export const BODY = {

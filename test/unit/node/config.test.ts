@@ -148,7 +148,7 @@ test('every setting has an environment variable derived from its path', () => {
 test('every setting in the catalogue can be set from the command line', async () => {
   for (const setting of SETTINGS) {
     // A value the leaf accepts: settings differ in type, so try a few.
-    const candidates = ['ms-node1', '64MiB', '1MiB', '100%', '127.0.0.1:0', 'info', 'json', './data', '0', '30s', '8', 'false'];
+    const candidates = ['ms-node1', '64MiB', '1MiB', '100%', '127.0.0.1:0', 'info', 'json', './data', '0', '30s', '8', 'false', 'degrade'];
     let accepted = false;
     for (const value of candidates) {
       try {

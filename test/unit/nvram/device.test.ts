@@ -135,7 +135,7 @@ test('create, remove and bad input give coded errors; removal frees the extents'
     await devices.create('a', 3 * E, 'local');
     await assert.rejects(devices.create('a', E, 'local'), { code: 'MS_NVRAM_EXISTS' });
     await assert.rejects(devices.create('b/c', E, 'local'), { code: 'MS_NVRAM_INVALID' });
-    await assert.rejects(devices.create('b', E, 'mirrored' as 'local'), { code: 'MS_NVRAM_INVALID' });
+    await assert.rejects(devices.create('b', E, 'replicated' as 'local'), { code: 'MS_NVRAM_INVALID' });
     await assert.rejects(devices.create('b', 1, 'local'), { code: 'MS_NVRAM_INVALID' });
     await assert.rejects(devices.create('huge', 64 * E, 'local'), { code: 'MS_NVRAM_NO_CAPACITY' });
     assert.throws(() => devices.get('nope'), { code: 'MS_NVRAM_NOT_FOUND' });

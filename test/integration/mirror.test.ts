@@ -1,0 +1,175 @@
+// Mirrored NVRAM devices between two real nodes on loopback: failover after kill -9 of
+// the primary, the old primary coming back as a replica, and a partner that is down
+// (degrade or refuse, as configured), then returns and is brought up to date.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import { RmemClient, type Journal } from '../../src/client/rmem-client.js';
+import type { DeviceInfo } from '../../src/nvram/device.js';
+import { freePort, startNode, tempDir, type NodeProcess } from '../support/node-process.js';
+
+type Ctx = { after(fn: () => Promise<unknown>): void };
+
+async function createDevice(n: NodeProcess, name: string, policy: string): Promise<void> {
+  const response = await fetch(`${n.url}/v1/nvram`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name, size: '4MiB', policy }) });
+  assert.equal(response.status, 201, await response.text());
+}
+
+async function device(n: NodeProcess, name: string): Promise<DeviceInfo | undefined> {
+  const list = (await (await fetch(`${n.url}/v1/nvram`)).json()) as { devices: DeviceInfo[] };
+  return list.devices.find((d) => d.name === name);
+}
+
+/** Polls until `check` holds; fails with the last state seen. */
+async function until<T>(what: string, probe: () => Promise<T>, check: (v: T) => boolean, ms = 15000): Promise<T> {
+  const deadline = Date.now() + ms;
+  let last: T = await probe();
+  while (!check(last)) {
+    if (Date.now() > deadline) assert.fail(`${what}: still ${JSON.stringify(last)}`);
+    await new Promise((r) => setTimeout(r, 50));
+    last = await probe();
+  }
+  return last;
+}
+
+function pair(dirA: string, dirB: string, portA: number, portB: number, extra: readonly string[] = []) {
+  const args = (own: number, partner: number) => ['--mirror-listen', `127.0.0.1:${own}`, '--mirror-partner', `127.0.0.1:${partner}`, '--set', 'mirror.timeout=500ms', ...extra];
+  return {
+    a: () => startNode({ cwd: dirA, args: args(portA, portB) }),
+    b: () => startNode({ cwd: dirB, args: args(portB, portA) }),
+  };
+}
+
+async function readAll(c: RmemClient, journal: Journal): Promise<{ seq: number; payload: Buffer; epoch: number }[]> {
+  const out: { seq: number; payload: Buffer; epoch: number }[] = [];
+  for (;;) {
+    const batch = await c.journalRead(journal, (out.at(-1)?.seq ?? 0) + 1);
+    if (batch.length === 0) return out;
+    out.push(...batch);
+  }
+}
+
+async function client(t: Ctx, n: NodeProcess, id: string): Promise<RmemClient> {
+  const c = await RmemClient.connect({ ...n.rmem, serverId: id, reconnect: false, timeoutMs: 5000 });
+  t.after(() => c.close());
+  return c;
+}
+
+test('mirror failover: kill -9 the primary mid-stream; the partner, opened with a newer epoch, has every acknowledged record and goes on', async (t) => {
+  const [dirA, dirB] = [await tempDir(t), await tempDir(t)];
+  const nodes = pair(dirA, dirB, await freePort(), await freePort());
+  const a = await nodes.a();
+  t.after(() => a.stop('SIGKILL'));
+  const b = await nodes.b();
+  t.after(() => b.stop('SIGKILL'));
+  await createDevice(a, 'm', 'mirrored');
+  await until('primary in sync', () => device(a, 'm'), (d) => d?.mirror === 'in-sync');
+  assert.equal((await device(b, 'm'))?.role, 'replica');
+
+  const writer = await RmemClient.connect({ ...a.rmem, serverId: 'app', reconnect: false, timeoutMs: 5000 });
+  const journal = await writer.journalOpen('m', 1);
+  const payloadOf = (i: number) => createHash('sha256').update(`m:${i}`).digest();
+  const acked = new Map<number, string>();
+  const written = new Set<string>();
+  let next = 0;
+  let stop = false;
+  const lane = async () => {
+    while (!stop) {
+      const i = next++;
+      const payload = payloadOf(i);
+      written.add(payload.toString('hex'));
+      try {
+        const [ack] = await writer.journalAppend(journal, [{ payload }]);
+        acked.set(ack!.seq, payload.toString('hex'));
+      } catch {
+        return;
+      }
+    }
+  };
+  const lanes = Array.from({ length: 32 }, () => lane());
+  await until('records acknowledged', () => Promise.resolve(acked.size), (n) => n >= 1500, 30000);
+  await a.stop('SIGKILL');
+  stop = true;
+  await Promise.all(lanes);
+  writer.close();
+
+  const standby = await client(t, b, 'standby');
+  const taken = await standby.journalOpen('m', 2);
+  const records = await readAll(standby, taken);
+  const bySeq = new Map(records.map((r) => [r.seq, r.payload.toString('hex')]));
+  for (const [seq, hex] of acked) assert.equal(bySeq.get(seq), hex, `acknowledged record ${seq} is on the partner, intact`);
+  assert.deepEqual(records.map((r) => r.seq), records.map((_, i) => i + 1), 'in order, with no gap');
+  for (const r of records) assert.ok(written.has(r.payload.toString('hex')), `record ${r.seq} was written by the client`);
+
+  // The partner is the primary now; its own partner (the old primary) is down, so it degrades.
+  const [after] = await standby.journalAppend(taken, [{ payload: Buffer.from('after failover') }]);
+  assert.equal(after?.seq, records.length + 1);
+  const now = await device(b, 'm');
+  assert.deepEqual([now?.role, now?.mirror, now?.epoch], ['primary', 'degraded', 2]);
+  const metrics = await (await fetch(`${b.url}/metrics`)).text();
+  assert.match(metrics, /memstrata_nvram_degraded 1/);
+  assert.match(metrics, /memstrata_mirror_link_up 0/);
+
+  // The old primary comes back: it finds a newer epoch on the partner and becomes its replica.
+  const back = await nodes.a();
+  t.after(() => back.stop('SIGKILL'));
+  await until('new primary in sync again', () => device(b, 'm'), (d) => d?.mirror === 'in-sync');
+  const replica = await until('old primary is a replica', () => device(back, 'm'), (d) => d?.role === 'replica' && d.state === 'ready');
+  assert.deepEqual([replica?.lastSeq, replica?.epoch], [after?.seq, 2]);
+  const dump = (await (await fetch(`${back.url}/v1/nvram/m/records?from=${after.seq}&max=1`)).json()) as { records: { payload: string }[] };
+  assert.equal(Buffer.from(dump.records[0]!.payload, 'base64').toString(), 'after failover');
+  // The stale writer's epoch is fenced on both nodes.
+  const zombie = await client(t, back, 'zombie');
+  await assert.rejects(zombie.journalOpen('m', 1), { code: 'MS_NVRAM_FENCED' });
+});
+
+test('partner down: mirrored devices degrade (the default) or refuse, and a returning partner is brought up to date', async (t) => {
+  const [dirA, dirB, dirC] = [await tempDir(t), await tempDir(t), await tempDir(t)];
+  const [portA, portB] = [await freePort(), await freePort()];
+  const degrade = pair(dirA, dirB, portA, portB);
+  const a = await degrade.a();
+  t.after(() => a.stop('SIGKILL'));
+  await createDevice(a, 'd', 'mirrored');
+  await createDevice(a, 'dl', 'mirrored+local');
+  assert.equal((await device(a, 'd'))?.mirror, 'degraded');
+  const c = await client(t, a, 'app');
+  const jd = await c.journalOpen('d', 1);
+  const jdl = await c.journalOpen('dl', 1);
+  for (let i = 0; i < 20; i++) await c.journalAppend(jd, [{ payload: Buffer.from(`alone ${i}`) }]);
+  await c.journalAppend(jdl, [{ payload: Buffer.from('alone, local') }]);
+  assert.ok(a.logs.some((l) => l.msg === 'mirrored NVRAM device waits for its partner' && l.mode === 'degraded'));
+  const info = (await (await fetch(`${a.url}/v1/node`)).json()) as { mirror: { link: string; onPartnerDown: string } };
+  assert.deepEqual([info.mirror.link, info.mirror.onPartnerDown], ['down', 'degrade']);
+
+  // The partner starts: both devices are resynced, and appends are mirrored again.
+  const b = await degrade.b();
+  t.after(() => b.stop('SIGKILL'));
+  await until('resynced', () => device(a, 'd'), (d) => d?.mirror === 'in-sync');
+  await until('resynced', () => device(a, 'dl'), (d) => d?.mirror === 'in-sync');
+  await c.journalAppend(jd, [{ payload: Buffer.from('mirrored') }]);
+  const replica = await device(b, 'd');
+  assert.deepEqual([replica?.role, replica?.lastSeq, replica?.records], ['replica', 21, 21]);
+  assert.equal((await device(b, 'dl'))?.lastSeq, 1);
+
+  // The partner goes away again: the next appends still succeed, degraded, and it is logged.
+  await b.stop('SIGKILL');
+  await c.journalAppend(jd, [{ payload: Buffer.from('degraded again') }]);
+  await until('degraded', () => device(a, 'd'), (d) => d?.mirror === 'degraded');
+  assert.ok(a.logs.some((l) => typeof l.msg === 'string' && l.msg.startsWith('mirror link down')));
+
+  // A node configured to refuse: appends fail with a coded error while the partner is away.
+  const refuse = pair(dirC, dirB, await freePort(), await freePort(), ['--set', 'mirror.onPartnerDown=refuse']);
+  const r = await refuse.a();
+  t.after(() => r.stop('SIGKILL'));
+  await createDevice(r, 'r', 'mirrored');
+  assert.equal((await device(r, 'r'))?.mirror, 'refusing');
+  const rc = await client(t, r, 'app');
+  const jr = await rc.journalOpen('r', 1);
+  await assert.rejects(rc.journalAppend(jr, [{ payload: Buffer.from('no partner') }]), (error: Error & { code?: string }) => {
+    assert.equal(error.code, 'MS_NVRAM_PARTNER_DOWN');
+    assert.match(error.message, /partner is unreachable/);
+    return true;
+  });
+  assert.equal((await device(r, 'r'))?.lastSeq, null, 'a refused append leaves nothing behind');
+});
