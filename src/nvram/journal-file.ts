@@ -175,7 +175,7 @@ export class JournalFile {
   append(record: Buffer, sync = true): Promise<void> {
     return new Promise<void>((resolve, reject) => {
       this.queue.push({ buf: record, sync, resolve, reject });
-      this.running ??= this.drain();
+      this.kick();
     });
   }
 
@@ -199,7 +199,7 @@ export class JournalFile {
   compact(trimmedTo: number): Promise<void> {
     return new Promise<void>((resolve, reject) => {
       this.queue.push({ buf: Buffer.alloc(0), sync: true, resolve, reject, compactAfter: trimmedTo });
-      this.running ??= this.drain();
+      this.kick();
     });
   }
 
@@ -237,6 +237,11 @@ export class JournalFile {
     this.sink = this.wrap(fileSink(await open(this.path, 'r+')));
     this.length = body.length;
     this.allocated = body.length;
+  }
+
+  /** Starts the writer unless it runs; always from a later tick, so its `finally` runs after this assignment. */
+  private kick(): void {
+    this.running ??= Promise.resolve().then(() => this.drain());
   }
 
   /** Writes zeros from the allocated end to past `needed`, and makes them durable. */

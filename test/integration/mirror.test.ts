@@ -5,8 +5,15 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
+import { readFile, writeFile } from 'node:fs/promises';
+import { connect } from 'node:net';
+import { join } from 'node:path';
 import { RmemClient, type Journal } from '../../src/client/rmem-client.js';
 import type { DeviceInfo } from '../../src/nvram/device.js';
+import { FILE_HEADER, parseJournal } from '../../src/nvram/journal-file.js';
+import { encodeRecord } from '../../src/nvram/record.js';
+import * as m from '../../src/protocol/mirror/codec.js';
+import { FrameParser, type Frame } from '../../src/protocol/rmem/parser.js';
 import { freePort, startNode, tempDir, type NodeProcess } from '../support/node-process.js';
 
 type Ctx = { after(fn: () => Promise<unknown>): void };
@@ -172,4 +179,100 @@ test('partner down: mirrored devices degrade (the default) or refuse, and a retu
     return true;
   });
   assert.equal((await device(r, 'r'))?.lastSeq, null, 'a refused append leaves nothing behind');
+});
+
+test('a mirrored primary that lost records in a crash waits for its partner, then takes the records back', async (t) => {
+  const [dirA, dirB] = [await tempDir(t), await tempDir(t)];
+  const nodes = pair(dirA, dirB, await freePort(), await freePort());
+  const a = await nodes.a();
+  t.after(() => a.stop('SIGKILL'));
+  const b = await nodes.b();
+  t.after(() => b.stop('SIGKILL'));
+  await createDevice(a, 'm', 'mirrored');
+  await until('in sync', () => device(a, 'm'), (d) => d?.mirror === 'in-sync');
+  const c = await RmemClient.connect({ ...a.rmem, serverId: 'app', reconnect: false, timeoutMs: 5000 });
+  const journal = await c.journalOpen('m', 1);
+  for (let i = 1; i <= 100; i++) await c.journalAppend(journal, [{ payload: Buffer.from(`record ${i}`) }]);
+  c.close();
+  await a.stop('SIGKILL');
+  // The OS lost the file's unsynced tail (as after a power cut): keep its first 60 records.
+  const path = join(dirA, 'memstrata-data', 'nvram', 'm.journal');
+  const image = await readFile(path);
+  const kept = parseJournal(image).records.filter((r) => r.flags !== 0 || r.seq <= 60);
+  await writeFile(path, Buffer.concat([image.subarray(0, FILE_HEADER), ...kept.map((r) => encodeRecord(r))]));
+  // The partner stops cleanly meanwhile; its replica goes to the vault.
+  assert.equal(await b.stop('SIGTERM'), 0);
+
+  const again = await nodes.a();
+  t.after(() => again.stop('SIGKILL'));
+  assert.equal((await device(again, 'm'))?.state, 'recovering');
+  const early = await client(t, again, 'early');
+  await assert.rejects(early.journalOpen('m', 2), { code: 'MS_NVRAM_RECOVERING' });
+
+  const partner = await nodes.b();
+  t.after(() => partner.stop('SIGKILL'));
+  const recovered = await until('recovered from the partner', () => device(again, 'm'), (d) => d?.state === 'ready' && d.mirror === 'in-sync');
+  assert.equal(recovered?.lastSeq, 100);
+  const w = await client(t, again, 'writer');
+  const j = await w.journalOpen('m', 2);
+  const records = await readAll(w, j);
+  assert.deepEqual(records.map((r) => r.payload.toString()), Array.from({ length: 100 }, (_, i) => `record ${i + 1}`));
+  const [next] = await w.journalAppend(j, [{ payload: Buffer.from('next') }]);
+  assert.equal(next?.seq, 101);
+  assert.ok(again.logs.some((l) => l.msg === 'took records from the mirror partner that this node lost in a crash'));
+});
+
+test('the mirror service refuses bad input with coded statuses and keeps serving', async (t) => {
+  const dir = await tempDir(t);
+  const n = await startNode({ cwd: dir, args: ['--set', 'mirror.token=s3cret'] });
+  t.after(() => n.stop('SIGKILL'));
+  await createDevice(n, 'own', 'local');
+  const open = async () => {
+    const socket = connect(n.mirror.port, n.mirror.host);
+    const replies: Frame[] = [];
+    let closed = false;
+    const parser = new FrameParser({ magic: m.MIRROR_RESPONSE_MAGIC }, { onFrame: (f) => replies.push({ ...f, body: Buffer.from(f.body) }), onFatal: () => socket.destroy() });
+    socket.on('data', (chunk: Buffer) => parser.feed(chunk));
+    socket.on('close', () => (closed = true));
+    socket.on('error', () => undefined);
+    await new Promise<void>((resolve) => socket.once('connect', resolve));
+    t.after(async () => socket.destroy());
+    const ask = async (op: number, tag: number, body: Buffer): Promise<Frame> => {
+      socket.write(m.request(op, tag, body));
+      return until(`reply ${tag}`, () => Promise.resolve(replies.find((r) => r.tagLo === tag)), (r) => r !== undefined) as Promise<Frame>;
+    };
+    return { socket, ask, isClosed: () => closed };
+  };
+
+  const first = await open();
+  assert.equal((await first.ask(m.MOP.STATE, 1, m.encodeName('own'))).word, m.MSTATUS.PROTOCOL, 'HELLO comes first');
+  const wrong = await open();
+  assert.equal((await wrong.ask(m.MOP.HELLO, 1, m.encodeHello({ version: 1, nodeId: 'x', token: 'guess' }))).word, m.MSTATUS.AUTH);
+  await until('closed after a bad token', () => Promise.resolve(wrong.isClosed()), (v) => v);
+  const old = await open();
+  assert.equal((await old.ask(m.MOP.HELLO, 1, m.encodeHello({ version: 9, nodeId: 'x', token: 's3cret' }))).word, m.MSTATUS.PROTOCOL);
+
+  const p = await open();
+  assert.equal((await p.ask(m.MOP.HELLO, 1, m.encodeHello({ version: 1, nodeId: 'partner', token: 's3cret' }))).word, m.MSTATUS.OK);
+  const reset = { name: 'rep', policy: 'mirrored', medium: 'dram', size: 1 << 20, epoch: 1, trimmedTo: 0, firstSeq: 1 } as const;
+  assert.equal((await p.ask(m.MOP.RESET, 2, m.encodeReset(reset))).word, m.MSTATUS.OK);
+  const rec = (seq: number) => encodeRecord({ seq, timestamp: seq, epoch: 1, flags: 0, target: undefined, payload: Buffer.from(`p${seq}`) });
+  const corrupt = m.encodeAppend('rep', 1, rec(1));
+  corrupt[corrupt.length - 1] = (corrupt[corrupt.length - 1] ?? 0) ^ 1;
+  assert.equal((await p.ask(m.MOP.APPEND, 3, corrupt)).word, m.MSTATUS.PROTOCOL, 'a record failing its checksum');
+  assert.equal((await p.ask(m.MOP.APPEND, 4, m.encodeAppend('rep', 1, rec(2)))).word, m.MSTATUS.GAP);
+  assert.equal((await p.ask(m.MOP.APPEND, 5, m.encodeAppend('nope', 1, rec(1)))).word, m.MSTATUS.NOT_FOUND);
+  assert.equal((await p.ask(m.MOP.RESET, 6, m.encodeReset({ ...reset, name: 'own' }))).word, m.MSTATUS.CONFLICT, 'a local device is not a replica');
+  assert.equal((await p.ask(m.MOP.APPEND, 7, m.encodeAppend('own', 1, rec(1)))).word, m.MSTATUS.CONFLICT);
+  assert.equal((await p.ask(99, 8, Buffer.alloc(3))).word, m.MSTATUS.PROTOCOL);
+  assert.equal((await p.ask(m.MOP.APPEND, 9, m.encodeAppend('rep', 1, Buffer.concat([rec(1), rec(2)])))).word, m.MSTATUS.OK, 'the replica still takes good records');
+  const state = m.decodeState((await p.ask(m.MOP.STATE, 10, m.encodeName('rep'))).body);
+  assert.deepEqual([state?.role, state?.lastSeq], ['replica', 2]);
+
+  // Garbage that breaks the framing closes that connection only.
+  const junk = await open();
+  junk.socket.write(Buffer.from('GET / HTTP/1.1\r\nHost: memstrata\r\nAccept: */*\r\n\r\n'));
+  await until('closed after garbage', () => Promise.resolve(junk.isClosed()), (v) => v);
+  assert.equal((await p.ask(m.MOP.STATE, 11, m.encodeName('own'))).word, m.MSTATUS.OK);
+  assert.equal((await fetch(`${n.url}/healthz`)).status, 200);
 });

@@ -171,3 +171,65 @@ test('local journal files are compacted after trims, and stay readable across a 
     assert.equal(next?.seq, last + 1);
     await again.devices.close();
   }));
+
+test('a replica takes records only in sequence, follows epochs, and a newer open takes it over', () =>
+  withDir(async (dir) => {
+    const primary = await manager(join(dir, 'a').replace(/$/, ''));
+    const replica = await manager(join(dir, 'b'));
+    await primary.devices.create('m', 2 * E, 'mirrored');
+    const source = primary.devices.get('m');
+    await source.open(3);
+    await source.append(3, [{ payload: Buffer.from('one') }, { payload: Buffer.from('two') }]);
+    await source.append(3, [{ payload: Buffer.from('three') }]);
+    const encoded = await source.collect(0, 100, 1 << 20);
+    const decoded = encoded.map((b) => decodeOne(b));
+
+    await replica.devices.resetReplica({ name: 'm', policy: 'mirrored', medium: 'dram', size: 2 * E, epoch: 3, trimmedTo: 0, firstSeq: 1 });
+    const copy = replica.devices.get('m');
+    assert.equal(copy.role, 'replica');
+    await assert.rejects(copy.replicate(3, decoded.slice(1, 2), encoded.slice(1, 2)), { code: 'MS_MIRROR_GAP' });
+    await assert.rejects(copy.replicate(2, decoded.slice(0, 1), encoded.slice(0, 1)), { code: 'MS_NVRAM_FENCED' });
+    await copy.replicate(3, decoded.slice(0, 2), encoded.slice(0, 2));
+    await copy.replicate(3, decoded.slice(2), encoded.slice(2));
+    assert.deepEqual(await payloads(replica.devices, 'm'), ['one', 'two', 'three']);
+    assert.deepEqual((await copy.collect(0, 100, 1 << 20)).map((b) => b.toString('hex')), encoded.map((b) => b.toString('hex')), 'records are kept byte for byte');
+
+    // Writers cannot use a replica; an older or equal epoch is refused, a newer one takes it over.
+    await assert.rejects(copy.append(3, [{ payload: Buffer.from('x') }]), { code: 'MS_NVRAM_REPLICA' });
+    await assert.rejects(replica.devices.openJournal('m', 3), { code: 'MS_NVRAM_REPLICA' });
+    await assert.rejects(replica.devices.openJournal('m', 2), { code: 'MS_NVRAM_FENCED' });
+    const info = await replica.devices.openJournal('m', 4);
+    assert.deepEqual([info.role, info.epoch, info.lastSeq], ['primary', 4, 3]);
+    const [next] = await copy.append(4, [{ payload: Buffer.from('four') }]);
+    assert.equal(next?.seq, 4);
+    // The promoted device has a journal file of its own: a crash keeps what it had and took.
+    const file = parseJournal(await readFile(join(dir, 'b', 'nvram', 'm.journal')));
+    assert.deepEqual(file.records.filter((r) => r.flags === 0).map((r) => r.payload.toString()), ['one', 'two', 'three', 'four']);
+    // A RESET from the old primary at its old epoch is refused now.
+    await assert.rejects(replica.devices.resetReplica({ name: 'm', policy: 'mirrored', medium: 'dram', size: 2 * E, epoch: 3, trimmedTo: 0, firstSeq: 1 }), { code: 'MS_NVRAM_FENCED' });
+    await assert.rejects(replica.devices.resetReplica({ name: 'm', policy: 'mirrored', medium: 'dram', size: 2 * E, epoch: 4, trimmedTo: 0, firstSeq: 1 }), { code: 'MS_MIRROR_CONFLICT' });
+    await assert.rejects(replica.devices.resetReplica({ name: 'm', policy: 'local', medium: 'dram', size: 2 * E, epoch: 9, trimmedTo: 0, firstSeq: 1 }), { code: 'MS_MIRROR_CONFLICT' });
+    await primary.devices.close();
+    await replica.devices.close();
+  }));
+
+test('a mirrored primary after a crash is recovering; after a clean stop it is ready from its vault', () =>
+  withDir(async (dir) => {
+    const first = await manager(dir);
+    await first.devices.create('m', E, 'mirrored');
+    await first.devices.get('m').open(1);
+    await first.devices.get('m').append(1, [{ payload: Buffer.from('kept') }]);
+    await first.devices.get('m').quiesce();
+    // A crash: no close. The file may lack records only the partner holds.
+    const second = await manager(dir);
+    const device = second.devices.get('m');
+    assert.equal(device.info().state, 'recovering');
+    await assert.rejects(device.append(1, [{ payload: Buffer.from('x') }]), { code: 'MS_NVRAM_RECOVERING' });
+    // Once the partner has confirmed (mirroring clears the flag), a clean stop vaults it.
+    device.recovering = false;
+    await second.devices.close();
+    const third = await manager(dir);
+    assert.equal(third.devices.get('m').info().state, 'ready');
+    assert.deepEqual(await payloads(third.devices, 'm'), ['kept']);
+    await third.devices.close();
+  }));

@@ -140,3 +140,44 @@ test('a failed sync rejects its appenders, and the journal keeps working after',
   const parsed = parseJournal(await readFile(join(dir, 'j.journal')));
   assert.deepEqual(parsed.records.map((r) => r.payload.toString()), ['r1', 'r2']);
 });
+
+test('appends without sync are released once written; flush and the next synced append cover them', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-journal-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const written = new Set<number>();
+  const synced = new Set<number>();
+  const watch = (sink: JournalSink): JournalSink => ({
+    write: async (buf, position) => {
+      await sink.write(buf, position);
+      for (let at = 0; at < buf.length; ) {
+        const r = decodeRecord(buf, at);
+        if (!('record' in r)) break;
+        written.add(r.record.seq);
+        at += r.size;
+      }
+    },
+    datasync: async () => {
+      const covers = [...written];
+      await sink.datasync();
+      for (const seq of covers) synced.add(seq);
+    },
+    truncate: (n) => sink.truncate(n),
+    close: () => sink.close(),
+  });
+  const journal = await JournalFile.create(join(dir, 'j.journal'), 1 << 20, watch);
+  const record = (seq: number) => encodeRecord({ seq, timestamp: seq, epoch: 0, flags: 0, target: undefined, payload: Buffer.alloc(100, seq) });
+  const syncs = journal.syncs;
+  await Promise.all([1, 2, 3].map((seq) => journal.append(record(seq), false)));
+  assert.deepEqual([...written].sort(), [1, 2, 3]);
+  assert.equal(journal.syncs, syncs, 'no sync for appends that do not ask for one');
+  await journal.flush();
+  assert.deepEqual([...synced].sort(), [1, 2, 3]);
+  await journal.flush();
+  assert.equal(journal.syncs, syncs + 1, 'a flush with nothing unsynced costs no sync');
+  await journal.append(record(4), false);
+  await journal.append(record(5));
+  assert.ok(synced.has(4) && synced.has(5), 'a synced append covers the lazy one before it');
+  await journal.append(record(6), false);
+  await journal.close();
+  assert.deepEqual(parseJournal(await readFile(join(dir, 'j.journal'))).records.map((r) => r.seq), [1, 2, 3, 4, 5, 6]);
+});
