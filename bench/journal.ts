@@ -1,18 +1,18 @@
 // NVRAM appends against fdatasync-per-write on the same machine in the same run
-// (DESIGN section 8): 4 KiB appends at one and at 32 in flight, for each policy this
-// node has (volatile, local), over rmem from one client. Baseline: fio writing 4 KiB
-// sequentially with --fdatasync=1 in the node's data directory, at iodepth 1 (psync),
-// which is what a commit costs without NVRAM.
+// (DESIGN section 8): 4 KiB appends at one and at 32 in flight, for each policy
+// (volatile, local, mirrored, mirrored+local; mirrored to a second node on loopback),
+// over rmem from one client. Baseline: fio writing 4 KiB sequentially with
+// --fdatasync=1 in the node's data directory, at iodepth 1 (psync), which is what a
+// commit costs without NVRAM. Then NBD commits with and without an NVRAM write log.
 //
-//   npm run bench -- journal        BENCH_MS=5000 for longer runs
-// The mirrored policies and the NBD write-log comparison come with those features.
+//   npm run bench -- journal        BENCH_MS=5000 for longer runs; BENCH_POLICIES=mirrored for one policy
 
 import { spawnSync } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { RmemClient } from '../src/client/rmem-client.js';
-import { startNode } from '../test/support/node-process.js';
+import { freePort, startNode } from '../test/support/node-process.js';
 import { measure, report, type CaseResult } from './support/harness.js';
 import { have } from './support/ports.js';
 
@@ -34,12 +34,24 @@ function fioFdatasync(dir: string, seconds: number): CaseResult | undefined {
   return { name: 'fio write+fdatasync, 4 KiB (baseline)', ops: job.write.iops * seconds, seconds, p50us: p('50.000000'), p99us: p('99.000000'), bytesPerOp: KB4 };
 }
 
+const POLICIES = (process.env.BENCH_POLICIES ?? 'volatile,local,mirrored,mirrored+local').split(',');
+const deviceName = (policy: string) => policy.replace('+', '-');
 const dir = await mkdtemp(join(tmpdir(), 'memstrata-bench-journal-'));
-const node = await startNode({ cwd: dir, args: ['--dram-size', '512MiB', '--set', 'partition.dram.nvram.initial=256MiB', '--set', 'partition.dram.cache.initial=64MiB'] });
+const partnerDir = await mkdtemp(join(tmpdir(), 'memstrata-bench-partner-'));
+const [own, partnerPort] = [await freePort(), await freePort()];
+const media = ['--dram-size', '512MiB', '--set', 'partition.dram.nvram.initial=256MiB', '--set', 'partition.dram.cache.initial=64MiB'];
+const node = await startNode({ cwd: dir, args: [...media, '--mirror-listen', `127.0.0.1:${own}`, '--mirror-partner', `127.0.0.1:${partnerPort}`] });
+const partner = await startNode({ cwd: partnerDir, args: [...media, '--mirror-listen', `127.0.0.1:${partnerPort}`, '--mirror-partner', `127.0.0.1:${own}`] });
 try {
-  for (const policy of ['volatile', 'local']) {
-    const response = await fetch(`${node.url}/v1/nvram`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name: policy, size: '96MiB', policy }) });
+  for (const policy of POLICIES) {
+    const response = await fetch(`${node.url}/v1/nvram`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name: deviceName(policy), size: '48MiB', policy }) });
     if (response.status !== 201) throw new Error(await response.text());
+  }
+  // Mirrored devices are measured once their replicas are in sync.
+  for (let i = 0; i < 200; i++) {
+    const { devices } = (await (await fetch(`${node.url}/v1/nvram`)).json()) as { devices: { mirror: string | null }[] };
+    if (devices.every((d) => d.mirror === null || d.mirror === 'in-sync')) break;
+    await new Promise((r) => setTimeout(r, 50));
   }
   const client = await RmemClient.connect({ ...node.rmem, serverId: 'bench' });
   const payload = Buffer.alloc(KB4, 0x42);
@@ -48,13 +60,13 @@ try {
   const results: CaseResult[] = [];
   if (baseline !== undefined) results.push(baseline);
   else console.log('fio not found: the fdatasync baseline is skipped (Debian: apt-get install fio)');
-  for (const policy of ['volatile', 'local']) {
-    const journal = await client.journalOpen(policy, 1);
+  for (const policy of POLICIES) {
+    const journal = await client.journalOpen(deviceName(policy), 1);
     let appended = 0;
     const append = async (): Promise<void> => {
       const [ack] = await client.journalAppend(journal, [{ payload }]);
       appended++;
-      // Keep the 96 MiB device from filling: trim behind the writers now and then.
+      // Keep the 48 MiB device from filling: trim behind the writers now and then.
       if (ack !== undefined && appended % 4096 === 0) await client.journalTrim(journal, ack.seq - 64);
     };
     results.push(await measure({ name: `append ${policy}, QD1`, bytesPerOp: KB4, run: append }));
@@ -89,5 +101,7 @@ try {
   }
 } finally {
   await node.stop('SIGTERM');
+  await partner.stop('SIGTERM');
   await rm(dir, { recursive: true, force: true });
+  await rm(partnerDir, { recursive: true, force: true });
 }

@@ -8,8 +8,8 @@
 //   volatile        acknowledged once in memory; kept across a clean stop by the vault
 //   local           acknowledged once also in the device's journal file, by group commit
 //   mirrored        acknowledged once the partner node holds the record in memory; the
-//                   journal file is written too, without waiting for its sync, so a
-//                   partner loss costs one fdatasync and no copy (mirroring.ts)
+//                   journal file is written too, in the background, so a partner loss
+//                   costs one fdatasync and no copy (mirroring.ts)
 //   mirrored+local  acknowledged once the partner holds it and the journal file is synced
 //
 // A mirrored device is a `primary` on one node and a `replica` on its partner. A replica
@@ -257,9 +257,17 @@ export class NvramDevice {
     this.nextSeq += entries.length;
     const work: Promise<void>[] = encoded.map((buf, i) => this.place(buf, first + i, timestamp));
     const all = encoded.length === 1 ? (encoded[0] ?? Buffer.alloc(0)) : Buffer.concat(encoded);
-    // The journal file is synced before the acknowledgement unless the partner holds the record.
+    // The journal file is synced before the acknowledgement, unless the partner holds the
+    // record (`mirrored`, in sync): then the file is written in the background, in order,
+    // so that losing the partner later costs one sync that covers it.
     const journal = this.journal;
-    if (journal !== undefined) work.push(journal.append(all, this.policy !== 'mirrored' || mode !== 'in-sync'));
+    if (journal !== undefined && this.policy === 'mirrored' && mode === 'in-sync') {
+      journal.append(all, false).catch((error: unknown) => {
+        this.failure ??= error instanceof Error ? error : new Error(String(error));
+      });
+    } else if (journal !== undefined) {
+      work.push(journal.append(all));
+    }
     // Acknowledge in order: a record becomes readable only after every one before it.
     const previous = this.ackChain;
     const stored = Promise.all(work).then(async () => {
