@@ -140,7 +140,12 @@ export class AdminServer {
     app.post('/v1/volumes', async (request, reply): Promise<VolumeJson> => {
       const { name, size, readOnly, writeLog } = parseBody(volumeBody, request.body, 'volume');
       if (writeLog !== undefined) {
-        context.nvram.get(writeLog);
+        const device = context.nvram.get(writeLog);
+        // A volume's log is replayed before the node serves anything, before the mirror
+        // partner is reached: its journal file must hold every acknowledged record.
+        if (device.policy === 'mirrored' || device.role === 'replica') {
+          throw new MisuseError('MS_VOLUME_INVALID', `NVRAM device ${writeLog} (${device.role === 'replica' ? 'a mirror replica' : 'mirrored'}) cannot be a write log: its local file may lack records only the partner holds; use a local or mirrored+local device`);
+        }
         const user = context.volumes.list().find((v) => v.writeLog === writeLog);
         if (user !== undefined) throw new MisuseError('MS_VOLUME_INVALID', `NVRAM device ${writeLog} is already the write log of volume ${user.name}`);
       }

@@ -167,6 +167,10 @@ test('a device that is a volume\'s write log is not open to rmem clients', async
   assert.equal(volume.status, 201, await volume.text());
   const again = await fetch(`${n.url}/v1/volumes`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name: 'jv2', size: '4MiB', writeLog: 'wl' }) });
   assert.equal(again.status, 400, 'one volume per write log');
+  await createDevice(n, 'mwl', '1MiB', 'mirrored');
+  const mirrored = await fetch(`${n.url}/v1/volumes`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name: 'jv3', size: '4MiB', writeLog: 'mwl' }) });
+  assert.equal(mirrored.status, 400);
+  assert.match(await mirrored.text(), /use a local or mirrored\+local device/);
   const c = await client(t, n, 'intruder');
   await assert.rejects(c.journalOpen('wl', 99), (error: Error & { code?: string }) => {
     assert.equal(error.code, 'MS_RMEM_INVALID');
