@@ -325,6 +325,10 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
   if (config.mirror.timeoutMs < 10 || config.mirror.timeoutMs > 600_000) {
     throw invalid('mirror.timeout', raw, origin, 'expected a duration from 10ms to 10m');
   }
+  const partner = config.mirror.partner;
+  if (partner !== undefined && partner.host === config.mirror.listen.host && partner.port === config.mirror.listen.port && partner.port !== 0) {
+    throw invalid('mirror.partner', raw, origin, 'expected another node\'s mirror service, not this node\'s own mirror.listen');
+  }
   for (const medium of MEDIA) {
     config.partition[medium] = resolvePartition(medium, parsed.partition[medium], config, raw, origin);
   }

@@ -131,7 +131,7 @@ export class Mirroring {
   private attach(device: NvramDevice): void {
     device.port = this.portFor(device.name);
     if (this.link?.up === true) void this.resync(device);
-    else if (this.link !== undefined) this.options.log.info({ device: device.name, mode: this.downMode() }, 'mirrored NVRAM device waits for its partner');
+    else if (this.link !== undefined) this.options.log.warn({ device: device.name, mode: this.downMode() }, 'mirrored NVRAM device waits for its partner');
   }
 
   private dropped(device: NvramDevice): void {
