@@ -217,7 +217,7 @@ export class NvramDevice {
   async open(epoch: number): Promise<DeviceInfo> {
     this.check();
     if (!Number.isSafeInteger(epoch) || epoch < 0) throw new MisuseError('MS_NVRAM_INVALID', `epoch must be a non-negative integer, got ${epoch}`);
-    await this.settle();
+    if (this.port?.mode() === 'syncing') await this.settle();
     if (epoch < this.epochValue) throw fenced(this.name, epoch, this.epochValue);
     if (this.roleValue === 'replica') throw replicaError(this.name);
     if (epoch > this.epochValue) {
@@ -230,7 +230,7 @@ export class NvramDevice {
   /** Appends records; resolves with their sequence numbers once durable under the policy. */
   async append(epoch: number, entries: readonly AppendEntry[]): Promise<Appended[]> {
     this.check();
-    await this.settle();
+    if (this.port?.mode() === 'syncing') await this.settle();
     if (this.roleValue === 'replica') throw replicaError(this.name);
     if (epoch < this.epochValue) throw fenced(this.name, epoch, this.epochValue);
     const mode = this.port?.mode();
@@ -314,7 +314,7 @@ export class NvramDevice {
   /** Frees every record up to and including `upToSeq` (a checkpoint the writer has applied). */
   async trim(epoch: number, upToSeq: number): Promise<void> {
     this.check();
-    await this.settle();
+    if (this.port?.mode() === 'syncing') await this.settle();
     if (epoch < this.epochValue) throw fenced(this.name, epoch, this.epochValue);
     const limit = Math.min(upToSeq, this.ackedSeq);
     if (limit <= this.trimmedTo) return;
