@@ -35,6 +35,7 @@ export class DataStore {
   /** One bit per chunk: set means the chunk reads as zeros. */
   private zero: Uint8Array;
   private mapDirty: boolean;
+  private mapWrites: Promise<void> = Promise.resolve();
   /** Zero chunks being filled with zeros in the file before a partial write. */
   private readonly filling: Map<number, Promise<void>>;
 
@@ -275,7 +276,18 @@ export class DataStore {
     return bitmap;
   }
 
-  private async persistMap(): Promise<void> {
+  /**
+   * Writes the zero map if it changed. Calls run one after another: two at once would
+   * race on the same temporary file, and a caller must not return while an earlier
+   * write of the map, one that covers its change, is still on its way.
+   */
+  private persistMap(): Promise<void> {
+    const run = this.mapWrites.then(() => this.writeMapNow());
+    this.mapWrites = run.catch(() => undefined);
+    return run;
+  }
+
+  private async writeMapNow(): Promise<void> {
     if (!this.mapDirty) return;
     this.mapDirty = false;
     const bitmap = Buffer.from(this.zero);

@@ -82,3 +82,32 @@ test('resize grows with zero chunks and shrinks the file', async (t) => {
   assert.ok(back.every((b) => b === 9));
   await store.close();
 });
+
+test('concurrent syncs between writes to fresh chunks all succeed, and each leaves its change on disk', async (t) => {
+  const dir = await tempDir(t);
+  const path = join(dir, 'v.img');
+  const store = new DataStore(path, 64 * ZERO_CHUNK);
+  await store.open(true);
+  const onDiskIsData = async (chunk: number): Promise<boolean> => {
+    const map = await readFile(join(dir, 'v.zmap'));
+    return ((map[24 + (chunk >> 3)] ?? 0) & (1 << (chunk & 7))) === 0;
+  };
+  // Each write turns a zero chunk into data (the map changes) and is followed by a sync,
+  // as FUA writes are; they start at staggered moments so writes and map writes interleave.
+  const late: number[] = [];
+  await Promise.all(Array.from({ length: 64 }, async (_, i) => {
+    await new Promise((resolve) => setTimeout(resolve, (i % 8) * 2));
+    await store.write(i * ZERO_CHUNK, Buffer.from([i + 1]));
+    await store.sync();
+    if (!(await onDiskIsData(i))) late.push(i);
+  }));
+  assert.deepEqual(late, [], 'a sync returned before the map holding its write was on disk');
+  await store.close();
+  const reopened = new DataStore(path, 64 * ZERO_CHUNK);
+  await reopened.open(false);
+  assert.deepEqual(reopened.blockStatus(0, 64 * ZERO_CHUNK), [{ length: 64 * ZERO_CHUNK, flags: 0 }], 'every chunk is data in the persisted map');
+  const one = Buffer.alloc(1);
+  await reopened.read(63 * ZERO_CHUNK, one);
+  assert.equal(one[0], 64);
+  await reopened.close();
+});
