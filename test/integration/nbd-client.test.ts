@@ -1,0 +1,85 @@
+// memstrata's own NBD client against memstrata's NBD service.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { createServer } from 'node:net';
+import { NbdClient } from '../../src/client/nbd-client.js';
+import { startNode, tempDir, type NodeProcess } from '../support/node-process.js';
+
+type Ctx = { after(fn: () => Promise<unknown>): void };
+
+async function node(t: Ctx): Promise<NodeProcess> {
+  const n = await startNode({ cwd: await tempDir(t) });
+  t.after(() => n.stop('SIGKILL'));
+  return n;
+}
+
+test('NBD client: handshake, pipelined reads and writes against a model, FUA, flush, trim', async (t) => {
+  const n = await node(t);
+  const client = await NbdClient.connect({ uri: `nbd://${n.nbd.host}:${n.nbd.port}/` });
+  t.after(() => client.close());
+  assert.equal(client.exportName, '');
+  assert.equal(client.size, 64 * 2 ** 20);
+  assert.deepEqual([client.readOnly, client.canFlush, client.canFua, client.canTrim], [false, true, true, true]);
+  assert.equal(client.blockSizes.preferred, 4096);
+
+  // 128 writes in flight at once, at unaligned offsets and lengths, checked against a model.
+  // Writes in flight together are not ordered (NBD), so each has a 64 KiB slot of its own.
+  const model = Buffer.alloc(8 * 2 ** 20);
+  const ops: Promise<void>[] = [];
+  for (let i = 0; i < 128; i++) {
+    const within = Math.floor(Math.random() * 60000);
+    const data = randomBytes(1 + Math.floor(Math.random() * (65536 - within)));
+    data.copy(model, i * 65536 + within);
+    ops.push(client.write(i * 65536 + within, data, { fua: i % 4 === 0 }));
+  }
+  await Promise.all(ops);
+  await client.flush();
+  const reads = await Promise.all(Array.from({ length: 64 }, (_, i) => client.read(i * 131072, 131072)));
+  assert.ok(Buffer.concat(reads).equals(model), 'what was written reads back');
+  await client.trim(0, 1 << 20);
+  assert.ok((await client.read(0, 1 << 20)).every((b) => b === 0), 'trimmed space reads as zeros here');
+
+  await assert.rejects(client.read(client.size - 10, 11), { code: 'MS_VOLUME_RANGE' });
+  await assert.rejects(client.write(-1, Buffer.alloc(1)), { code: 'MS_VOLUME_RANGE' });
+});
+
+test('NBD client: read-only exports, unknown exports, a server that is not NBD, and a lost connection give coded errors', async (t) => {
+  const n = await node(t);
+  const response = await fetch(`${n.url}/v1/volumes`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name: 'ro', size: '1MiB', readOnly: true }) });
+  assert.equal(response.status, 201);
+  const ro = await NbdClient.connect({ host: n.nbd.host, port: n.nbd.port, export: 'ro' });
+  t.after(() => ro.close());
+  assert.equal(ro.readOnly, true);
+  await assert.rejects(ro.write(0, Buffer.alloc(512)), { code: 'MS_VOLUME_READ_ONLY' });
+  assert.equal((await ro.read(0, 4096)).length, 4096);
+
+  await assert.rejects(NbdClient.connect({ uri: `nbd://${n.nbd.host}:${n.nbd.port}/missing` }), (error: Error & { code?: string }) => {
+    assert.equal(error.code, 'MS_VOLUME_NOT_FOUND');
+    assert.match(error.message, /no export "missing"/);
+    return true;
+  });
+  await assert.rejects(NbdClient.connect({ uri: 'http://example/x' }), { code: 'MS_CONFIG_INVALID' });
+  // The admin API speaks HTTP, not NBD.
+  const admin = new URL(n.url);
+  await assert.rejects(NbdClient.connect({ host: admin.hostname, port: Number(admin.port), connectTimeoutMs: 2000 }), (error: Error & { code?: string }) => {
+    assert.ok(['MS_NBD_HANDSHAKE', 'MS_NBD_DISCONNECTED'].includes(error.code ?? ''), error.message);
+    return true;
+  });
+  // Nothing listening.
+  const closed = createServer();
+  await new Promise<void>((resolve) => closed.listen(0, '127.0.0.1', resolve));
+  const port = (closed.address() as { port: number }).port;
+  await new Promise<void>((resolve) => closed.close(() => resolve()));
+  await assert.rejects(NbdClient.connect({ host: '127.0.0.1', port }), { code: 'MS_NBD_DISCONNECTED' });
+
+  // The server dies with requests in flight: they fail, and so does everything after.
+  const client = await NbdClient.connect({ host: n.nbd.host, port: n.nbd.port });
+  const inFlight = Array.from({ length: 32 }, (_, i) => client.write(i * 65536, randomBytes(65536)).then(() => 'ok', (e: unknown) => (e as { code?: string }).code));
+  await n.stop('SIGKILL');
+  const outcomes = await Promise.all(inFlight);
+  assert.ok(outcomes.every((o) => o === 'ok' || o === 'MS_NBD_DISCONNECTED'), outcomes.join(','));
+  await assert.rejects(client.read(0, 512), { code: 'MS_NBD_DISCONNECTED' });
+  await client.close();
+});
