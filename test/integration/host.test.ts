@@ -1,0 +1,225 @@
+// HierarchyMemory against real nodes: tier order (FIG. 16), growth before fallback
+// (FIG. 14), spanning nodes, a model check of reads and writes, violations (FIG. 17),
+// and the loss of a node.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import fc from 'fast-check';
+import { HierarchyMemory, VIRTUAL_BASE } from '../../src/host/hierarchy-memory.js';
+import { startNode, tempDir, type NodeProcess } from '../support/node-process.js';
+
+type Ctx = { after(fn: () => Promise<unknown>): void };
+const KiB = 1024;
+const MiB = 1024 * KiB;
+
+/**
+ * Cleanups that run last-in, first-out (t.after runs hooks in the order they were
+ * added): a hierarchy is closed while its nodes still run, then the nodes stop.
+ */
+function stack(t: Ctx): (fn: () => Promise<unknown>) => void {
+  const fns: (() => Promise<unknown>)[] = [];
+  t.after(async () => {
+    for (const fn of fns.reverse()) await fn().catch(() => undefined);
+  });
+  return (fn) => fns.push(fn);
+}
+
+async function node(t: Ctx, later: (fn: () => Promise<unknown>) => void, args: string[] = []): Promise<NodeProcess> {
+  const n = await startNode({ cwd: await tempDir(t), args });
+  later(() => n.stop('SIGKILL'));
+  return n;
+}
+
+const placeOf = (m: HierarchyMemory, address: number) =>
+  [...new Set(m.mapping().filter((r) => r.virtualStart >= address && r.virtualStart < address + 1).map((r) => `${r.device}/${r.medium}`))].join(',');
+
+test('alloc follows FIG. 16 for each class, asks a node to grow before falling back, and ends in the swap volume', async (t) => {
+  const later = stack(t);
+  const n = await node(t, later);
+  const dir = await tempDir(t);
+  const memory = await HierarchyMemory.open({
+    serverId: 'host-a',
+    localDram: 64 * KiB,
+    localFlash: { path: join(dir, 'flash.bin'), size: 128 * KiB },
+    nodes: [{ name: 'n1', host: n.rmem.host, port: n.rmem.port }],
+    swap: `nbd://${n.nbd.host}:${n.nbd.port}/default`,
+  });
+  later(() => memory.close());
+  const where = async (size: number, options: Parameters<HierarchyMemory['alloc']>[1]) => {
+    const s = await memory.alloc(size, options);
+    return placeOf(memory, s.address);
+  };
+  assert.equal(await where(16 * KiB, { class: 'highest' }), 'local/dram');
+  assert.equal(await where(60 * KiB, { class: 'highest' }), 'local/flash', 'local DRAM has 48 KiB left: the next tier');
+  assert.equal(await where(16 * KiB, { class: 'standard' }), 'local/flash', 'standard never takes local DRAM');
+  assert.equal(await where(64 * KiB, { class: 'standard' }), 'n1/dram', 'local flash is full for it: remote DRAM');
+  assert.equal(await where(64 * KiB, { class: 'capacity' }), 'n1/flash', 'capacity prefers remote flash');
+  assert.equal(await where(4 * KiB, { class: 'capacity', device: 'local' }), 'local/flash');
+  assert.equal(await where(4 * KiB, { medium: 'volume' }), 'swap/volume');
+  assert.equal(await where(4 * KiB, { class: 'highest', device: 'n1' }), 'n1/dram');
+
+  // The node's server partition holds 16 MiB of DRAM; 24 MiB more is there only if it grows.
+  const before = memory.discovery().find((r) => r.device === 'n1' && r.medium === 'dram');
+  assert.ok(before !== undefined && before.offered > 24 * MiB);
+  const big = await memory.alloc(24 * MiB, { class: 'standard', medium: 'dram' });
+  assert.equal(placeOf(memory, big.address), 'n1/dram', 'the node grew its server partition for the bind');
+  const partition = (await (await fetch(`${n.url}/v1/tables/partition`)).json()) as { rows: { medium: string; kind: string; length: number }[] };
+  const serverDram = partition.rows.filter((r) => r.medium === 'dram' && r.kind === 'server').reduce((s, r) => s + r.length, 0);
+  assert.ok(serverDram > 16 * MiB, `server partition on dram is now ${serverDram}`);
+
+  // More than every tier holds: a coded error, and no table changed.
+  const rowsBefore = memory.mapping().length;
+  await assert.rejects(memory.alloc(2048 * MiB), { code: 'MS_HOST_NO_CAPACITY' });
+  assert.equal(memory.mapping().length, rowsBefore);
+  await assert.rejects(memory.alloc(4096, { device: 'elsewhere' }), { code: 'MS_HOST_INVALID' });
+  await assert.rejects(memory.alloc(0), { code: 'MS_HOST_INVALID' });
+
+  assert.match(memory.formatDiscovery(), /DEVICE +MEDIUM +OFFERED +ASSIGNED +STATE\nlocal +dram/);
+  assert.match(memory.formatMapping(), /VIRTUAL ADDRESS +DEVICE +MEDIUM +PHYSICAL ADDRESS\n0x10000000 to 0x10003fff +local +dram +0x00000000 to 0x00003fff/);
+});
+
+test('an allocation larger than any one node spans nodes, and reads back what was written', async (t) => {
+  const bounded = ['--set', 'partition.dram.server.max=16MiB'];
+  const later = stack(t);
+  const [a, b] = [await node(t, later, bounded), await node(t, later, bounded)];
+  const memory = await HierarchyMemory.open({ serverId: 'host-b', localDram: 0, nodes: [{ name: 'a', host: a.rmem.host, port: a.rmem.port }, { name: 'b', host: b.rmem.host, port: b.rmem.port }] });
+  later(() => memory.close());
+  const segment = await memory.alloc(24 * MiB, { medium: 'dram' });
+  const devices = new Set(segment.mapping().map((r) => r.device));
+  assert.deepEqual([...devices].sort(), ['a', 'b']);
+  const data = Buffer.alloc(24 * MiB);
+  for (let i = 0; i < data.length; i += 4096) data.writeUInt32BE(i, i);
+  await segment.write(0, data);
+  assert.ok((await segment.read(0, data.length)).equals(data));
+  // A write across the seam between the two nodes.
+  const seam = segment.pieces[0]!.length;
+  await segment.write(seam - 3, Buffer.from('across'));
+  assert.equal((await segment.read(seam - 3, 6)).toString(), 'across');
+});
+
+test('reads and writes at virtual addresses match a buffer model across segments and tiers', async (t) => {
+  const later = stack(t);
+  const n = await node(t, later);
+  const dir = await tempDir(t);
+  const memory = await HierarchyMemory.open({
+    serverId: 'host-c',
+    localDram: 48 * KiB,
+    localFlash: { path: join(dir, 'flash.bin'), size: 64 * KiB },
+    nodes: [{ name: 'n1', host: n.rmem.host, port: n.rmem.port }],
+    swap: `nbd://${n.nbd.host}:${n.nbd.port}/default`,
+  });
+  later(() => memory.close());
+  const model = new Map<number, Buffer>(); // segment address -> contents
+  const op = fc.oneof(
+    fc.record({ kind: fc.constant('alloc' as const), size: fc.integer({ min: 1, max: 40 * KiB }), cls: fc.constantFrom('highest', 'standard', 'capacity' as const), medium: fc.constantFrom(undefined, 'volume' as const) }),
+    fc.record({ kind: fc.constant('write' as const), pick: fc.nat(), at: fc.nat(), length: fc.integer({ min: 1, max: 20 * KiB }), seed: fc.nat(255) }),
+    fc.record({ kind: fc.constant('read' as const), pick: fc.nat(), at: fc.nat(), length: fc.integer({ min: 1, max: 20 * KiB }) }),
+    fc.record({ kind: fc.constant('free' as const), pick: fc.nat() }),
+  );
+  // Virtual memory as the model sees it: contiguous runs of live segments.
+  const flat = (address: number, length: number): Buffer | undefined => {
+    const out = Buffer.alloc(length);
+    let at = address;
+    while (at < address + length) {
+      const entry = [...model.entries()].find(([start, buf]) => at >= start && at < start + buf.length);
+      if (entry === undefined) return undefined;
+      const [start, buf] = entry;
+      const n = Math.min(start + buf.length - at, address + length - at);
+      buf.copy(out, at - address, at - start, at - start + n);
+      at += n;
+    }
+    return out;
+  };
+  await fc.assert(
+    fc.asyncProperty(fc.array(op, { minLength: 10, maxLength: 40 }), async (ops) => {
+      for (const o of ops) {
+        const live = [...model.keys()].sort((x, y) => x - y);
+        if (o.kind === 'alloc') {
+          const segment = await memory.alloc(o.size, { class: o.cls, ...(o.medium === undefined ? {} : { medium: o.medium }) }).catch((e: unknown) => {
+            if ((e as { code?: string }).code === 'MS_HOST_NO_CAPACITY') return undefined;
+            throw e;
+          });
+          if (segment !== undefined) model.set(segment.address, Buffer.alloc(segment.size));
+          continue;
+        }
+        if (live.length === 0) continue;
+        const start = live[o.pick % live.length]!;
+        if (o.kind === 'free') {
+          await memory.free(start);
+          model.delete(start);
+          continue;
+        }
+        // Start inside one segment; the range may run on into the next one if they touch.
+        const address = start + (o.at % model.get(start)!.length);
+        const expected = flat(address, o.length);
+        if (o.kind === 'write') {
+          const data = Buffer.alloc(o.length, o.seed);
+          if (expected === undefined) {
+            await assert.rejects(memory.write(address, data), { code: 'MS_HOST_VIOLATION' });
+            continue;
+          }
+          await memory.write(address, data);
+          let at = address;
+          while (at < address + o.length) {
+            const [s, buf] = [...model.entries()].find(([st, b]) => at >= st && at < st + b.length)!;
+            const k = Math.min(s + buf.length - at, address + o.length - at);
+            buf.fill(o.seed, at - s, at - s + k);
+            at += k;
+          }
+        } else if (expected === undefined) {
+          await assert.rejects(memory.read(address, o.length), { code: 'MS_HOST_VIOLATION' });
+        } else {
+          assert.ok((await memory.read(address, o.length)).equals(expected), `read at 0x${address.toString(16)} for ${o.length}`);
+        }
+      }
+    }),
+    { numRuns: 12 },
+  );
+  // Every tier was used at some point is not guaranteed by chance; the placement test covers order.
+  assert.ok(memory.mapping().every((r) => r.virtualStart >= VIRTUAL_BASE));
+});
+
+test('free violations: unknown address, double free, use after free, and access past a segment', async (t) => {
+  const memory = await HierarchyMemory.open({ serverId: 'host-d', localDram: 64 * KiB });
+  t.after(() => memory.close());
+  const a = await memory.alloc(8 * KiB, { class: 'highest' });
+  const b = await memory.alloc(8 * KiB, { class: 'highest' });
+  await a.write(0, Buffer.from('live'));
+  await assert.rejects(memory.free(a.address + 4096), { code: 'MS_HOST_VIOLATION' });
+  await assert.rejects(memory.free(0xdead000), { code: 'MS_HOST_VIOLATION' });
+  await a.free();
+  await assert.rejects(a.free(), { code: 'MS_HOST_VIOLATION' });
+  await assert.rejects(a.read(0, 4), { code: 'MS_HOST_VIOLATION' });
+  await assert.rejects(memory.write(a.address, Buffer.from('x')), { code: 'MS_HOST_VIOLATION' });
+  await assert.rejects(b.read(8 * KiB - 2, 4), { code: 'MS_HOST_VIOLATION' });
+  await assert.rejects(memory.read(b.address + 8 * KiB - 2, 4), { code: 'MS_HOST_VIOLATION' }, 'nothing is mapped after b');
+  // Freed memory is zeroed before it is handed out again.
+  const c = await memory.alloc(8 * KiB, { class: 'highest' });
+  assert.ok((await c.read(0, 8 * KiB)).every((x) => x === 0));
+  assert.notEqual(c.address, a.address, 'virtual addresses are not reused');
+});
+
+test('node loss: operations on its segments fail naming it, the rest keep working, discovery shows it lost', async (t) => {
+  const later = stack(t);
+  const [a, b] = [await node(t, later), await node(t, later)];
+  const memory = await HierarchyMemory.open({ serverId: 'host-e', localDram: 0, timeoutMs: 1000, nodes: [{ name: 'a', host: a.rmem.host, port: a.rmem.port }, { name: 'b', host: b.rmem.host, port: b.rmem.port }] });
+  later(() => memory.close());
+  const onA = await memory.alloc(64 * KiB, { device: 'a' });
+  const onB = await memory.alloc(64 * KiB, { device: 'b' });
+  await onA.write(0, Buffer.from('on a'));
+  await onB.write(0, Buffer.from('on b'));
+  await a.stop('SIGKILL');
+  await assert.rejects(onA.read(0, 4), (error: Error & { code?: string }) => {
+    assert.equal(error.code, 'MS_HOST_NODE_LOST');
+    assert.match(error.message, /node a \(/);
+    return true;
+  });
+  assert.equal((await onB.read(0, 4)).toString(), 'on b');
+  const rows = memory.discovery().filter((r) => r.device === 'a');
+  assert.ok(rows.length > 0 && rows.every((r) => r.state === 'lost' && r.offered === 0));
+  const next = await memory.alloc(64 * KiB);
+  assert.equal(next.mapping()[0]?.device, 'b', 'new allocations go to the nodes that answer');
+  await onA.free(); // the node frees it itself after the lease; the host forgets it
+  assert.match(memory.formatDiscovery(), /\na +dram .* lost/);
+});
