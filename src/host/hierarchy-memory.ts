@@ -20,12 +20,17 @@
 // Virtual addresses are handed out upward in 4 KiB pages and never reused, so a stale
 // address is always caught as a violation (FIG. 17) rather than reaching someone else's
 // memory.
+//
+// Segments on nodes or the swap volume are read and written through a page cache in a
+// share of the local DRAM budget (page-cache.ts): hot pages are promoted into it, cold
+// ones demoted (written back when dirty).
 
 import { NbdClient } from '../client/nbd-client.js';
 import { RmemClient, type CapacityEntry } from '../client/rmem-client.js';
 import { MisuseError, RuntimeError, isMemstrataError } from '../errors.js';
 import { textTable } from '../cli/text-table.js';
 import { formatSize, hexRange } from '../units.js';
+import { PageCache, type PageCacheStats } from './page-cache.js';
 import { LocalDramTier, LocalFlashTier, RemoteNode, SwapTier, remotePiece, type Piece, type TierMedium } from './tiers.js';
 
 export const PAGE = 4096;
@@ -48,8 +53,13 @@ export interface NodeAddress {
 export interface HierarchyOptions {
   /** This host's id on every node (its sessions and regions belong to it). */
   serverId: string;
-  /** Bytes of local memory the hierarchy may use. */
+  /** Bytes of local memory the hierarchy may use, the page cache included. */
   localDram: number;
+  /**
+   * Bytes of `localDram` kept for the page cache of remote and swap-backed segments;
+   * default a quarter of it. 0 turns the cache off.
+   */
+  pageCache?: number;
   /** An optional local flash tier: a file and its size. */
   localFlash?: { path: string; size: number };
   nodes?: readonly NodeAddress[];
@@ -88,6 +98,13 @@ export interface MappingRow {
   physicalStart: number;
 }
 
+/** Counters of the hierarchy: the page cache, and bytes moved to and from each tier. */
+export interface HierarchyStats {
+  cache: PageCacheStats;
+  /** Bytes read from and written to each device and medium, page cache traffic included. */
+  moved: { device: string; medium: TierMedium; readBytes: number; writtenBytes: number }[];
+}
+
 /** One allocation: a range of virtual addresses and the pieces behind it. */
 export class Segment {
   readonly address: number;
@@ -110,6 +127,11 @@ export class Segment {
 
   get isFreed(): boolean {
     return this.freed;
+  }
+
+  /** True when some of it lives off this host (a node or the swap volume): it goes through the page cache. */
+  get far(): boolean {
+    return this.pieces.some((p) => p.device !== 'local');
   }
 
   /** Reads `length` bytes at `offset` within the segment. */
@@ -148,12 +170,18 @@ export class Segment {
 
   /** @internal Serves [offset, offset + target.length) of the segment from its pieces. */
   async readPieces(offset: number, target: Buffer): Promise<void> {
-    await this.eachPiece(offset, target.length, (piece, at, from, n) => piece.read(at, target.subarray(from, from + n)));
+    await this.eachPiece(offset, target.length, (piece, at, from, n) => {
+      this.owner.count(piece, 'read', n);
+      return piece.read(at, target.subarray(from, from + n));
+    });
   }
 
   /** @internal */
   async writePieces(offset: number, data: Buffer): Promise<void> {
-    await this.eachPiece(offset, data.length, (piece, at, from, n) => piece.write(at, data.subarray(from, from + n)));
+    await this.eachPiece(offset, data.length, (piece, at, from, n) => {
+      this.owner.count(piece, 'write', n);
+      return piece.write(at, data.subarray(from, from + n));
+    });
   }
 
   private async eachPiece(offset: number, length: number, fn: (piece: Piece, at: number, from: number, n: number) => Promise<void>): Promise<void> {
@@ -190,10 +218,12 @@ export class HierarchyMemory {
   private readonly capacity: Map<string, CapacityEntry[]>;
   /** Live segments, sorted by address. */
   private readonly segments: Segment[];
+  private readonly cache: PageCache;
+  private readonly traffic: Map<string, { device: string; medium: TierMedium; readBytes: number; writtenBytes: number }>;
   private nextAddress: number;
   private closed: boolean;
 
-  private constructor(serverId: string, dram: LocalDramTier, flash: LocalFlashTier | undefined, nodes: RemoteNode[], swap: SwapTier | undefined) {
+  private constructor(serverId: string, dram: LocalDramTier, flash: LocalFlashTier | undefined, nodes: RemoteNode[], swap: SwapTier | undefined, cache: PageCache) {
     this.serverId = serverId;
     this.dram = dram;
     this.flash = flash;
@@ -201,6 +231,8 @@ export class HierarchyMemory {
     this.swap = swap;
     this.capacity = new Map();
     this.segments = [];
+    this.cache = cache;
+    this.traffic = new Map();
     this.nextAddress = VIRTUAL_BASE;
     this.closed = false;
   }
@@ -212,7 +244,12 @@ export class HierarchyMemory {
    */
   static async open(options: HierarchyOptions): Promise<HierarchyMemory> {
     if (!Number.isSafeInteger(options.localDram) || options.localDram < 0) throw new MisuseError('MS_HOST_INVALID', `localDram must be a byte count, got ${options.localDram}`);
-    const dram = new LocalDramTier(options.localDram - (options.localDram % PAGE));
+    const budget = options.localDram - (options.localDram % PAGE);
+    const cacheBytes = options.pageCache ?? Math.floor(budget / 4 / PAGE) * PAGE;
+    if (!Number.isSafeInteger(cacheBytes) || cacheBytes < 0 || cacheBytes > budget) {
+      throw new MisuseError('MS_HOST_INVALID', `pageCache must be a byte count within localDram (${budget}), got ${cacheBytes}`);
+    }
+    const dram = new LocalDramTier(budget - (cacheBytes - (cacheBytes % PAGE)));
     let flash: LocalFlashTier | undefined;
     if (options.localFlash !== undefined) {
       const { path, size } = options.localFlash;
@@ -238,7 +275,7 @@ export class HierarchyMemory {
       await flash?.close();
       throw error;
     }
-    const memory = new HierarchyMemory(options.serverId, dram, flash, nodes, swap);
+    const memory = new HierarchyMemory(options.serverId, dram, flash, nodes, swap, new PageCache(cacheBytes));
     await memory.refresh();
     return memory;
   }
@@ -286,6 +323,7 @@ export class HierarchyMemory {
     }
     this.segments.splice(i, 1);
     segment.markFreed();
+    if (segment.far) await this.cache.drop(segment, segment.size);
     const failures: unknown[] = [];
     for (const piece of segment.pieces) await piece.release().catch((error: unknown) => failures.push(error));
     if (failures.length > 0) throw failures[0];
@@ -295,7 +333,11 @@ export class HierarchyMemory {
   async read(address: number, length: number): Promise<Buffer> {
     this.checkOpen();
     const out = Buffer.alloc(length);
-    await Promise.all(this.spans(address, length).map(({ segment, offset, from, n }) => segment.readPieces(offset, out.subarray(from, from + n))));
+    await Promise.all(
+      this.spans(address, length).map(({ segment, offset, from, n }) =>
+        segment.far ? this.cache.read(segment, offset, out.subarray(from, from + n)) : segment.readPieces(offset, out.subarray(from, from + n)),
+      ),
+    );
     return out;
   }
 
@@ -303,7 +345,34 @@ export class HierarchyMemory {
   async write(address: number, data: Uint8Array): Promise<void> {
     this.checkOpen();
     const buf = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
-    await Promise.all(this.spans(address, buf.length).map(({ segment, offset, from, n }) => segment.writePieces(offset, buf.subarray(from, from + n))));
+    await Promise.all(
+      this.spans(address, buf.length).map(({ segment, offset, from, n }) =>
+        segment.far ? this.cache.write(segment, offset, buf.subarray(from, from + n)) : segment.writePieces(offset, buf.subarray(from, from + n)),
+      ),
+    );
+  }
+
+  /** Writes every dirty page of the page cache back to its tier. */
+  async flush(): Promise<void> {
+    this.checkOpen();
+    await this.cache.flush();
+  }
+
+  /** Page cache counters and bytes moved per tier. */
+  stats(): HierarchyStats {
+    return { cache: this.cache.stats(), moved: [...this.traffic.values()].map((t) => ({ ...t })) };
+  }
+
+  /** @internal Counts bytes moved to or from a piece's tier. */
+  count(piece: Piece, direction: 'read' | 'write', bytes: number): void {
+    const key = `${piece.device}/${piece.medium}`;
+    let row = this.traffic.get(key);
+    if (row === undefined) {
+      row = { device: piece.device, medium: piece.medium, readBytes: 0, writtenBytes: 0 };
+      this.traffic.set(key, row);
+    }
+    if (direction === 'read') row.readBytes += bytes;
+    else row.writtenBytes += bytes;
   }
 
   /** The discovery table (FIG. 10), as data. */

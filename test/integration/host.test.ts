@@ -41,6 +41,7 @@ test('alloc follows FIG. 16 for each class, asks a node to grow before falling b
   const memory = await HierarchyMemory.open({
     serverId: 'host-a',
     localDram: 64 * KiB,
+    pageCache: 0,
     localFlash: { path: join(dir, 'flash.bin'), size: 128 * KiB },
     nodes: [{ name: 'n1', host: n.rmem.host, port: n.rmem.port }],
     swap: `nbd://${n.nbd.host}:${n.nbd.port}/default`,
@@ -104,7 +105,8 @@ test('reads and writes at virtual addresses match a buffer model across segments
   const dir = await tempDir(t);
   const memory = await HierarchyMemory.open({
     serverId: 'host-c',
-    localDram: 48 * KiB,
+    localDram: 64 * KiB,
+    pageCache: 16 * KiB,
     localFlash: { path: join(dir, 'flash.bin'), size: 64 * KiB },
     nodes: [{ name: 'n1', host: n.rmem.host, port: n.rmem.port }],
     swap: `nbd://${n.nbd.host}:${n.nbd.port}/default`,
@@ -176,8 +178,9 @@ test('reads and writes at virtual addresses match a buffer model across segments
     }),
     { numRuns: 12 },
   );
-  // Every tier was used at some point is not guaranteed by chance; the placement test covers order.
   assert.ok(memory.mapping().every((r) => r.virtualStart >= VIRTUAL_BASE));
+  const { cache } = memory.stats();
+  assert.ok(cache.promotions > 0 && cache.demotions > 0 && cache.hits > 0, `the page cache was exercised: ${JSON.stringify(cache)}`);
 });
 
 test('free violations: unknown address, double free, use after free, and access past a segment', async (t) => {
@@ -222,4 +225,62 @@ test('node loss: operations on its segments fail naming it, the rest keep workin
   assert.equal(next.mapping()[0]?.device, 'b', 'new allocations go to the nodes that answer');
   await onA.free(); // the node frees it itself after the lease; the host forgets it
   assert.match(memory.formatDiscovery(), /\na +dram .* lost/);
+});
+
+test('the page cache promotes hot pages, resists a scan, writes back what it demotes, and counts it all', async (t) => {
+  const later = stack(t);
+  const n = await node(t, later);
+  const memory = await HierarchyMemory.open({ serverId: 'host-f', localDram: 32 * KiB, pageCache: 32 * KiB, nodes: [{ name: 'n1', host: n.rmem.host, port: n.rmem.port }] });
+  later(() => memory.close());
+  const far = await memory.alloc(1 * MiB);
+  assert.equal(far.mapping()[0]?.device, 'n1');
+  const page = (i: number, fill: number) => Buffer.alloc(4096, fill);
+  const cache = () => memory.stats().cache;
+
+  await far.write(0, page(0, 7)); // cold: straight to the node
+  assert.equal(cache().promotions, 0);
+  assert.ok((await far.read(0, 4096)).equals(page(0, 7))); // second touch: promoted
+  assert.equal(cache().promotions, 1);
+  const hits = cache().hits;
+  assert.ok((await far.read(100, 10)).equals(Buffer.alloc(10, 7)));
+  assert.equal(cache().hits, hits + 1, 'a hot page is served locally');
+
+  await far.write(4096, page(1, 1));
+  await far.write(4096, page(1, 2)); // promoted from a whole-page write: dirty, not on the node yet
+  assert.equal(cache().dirtyPages, 1);
+  const writtenBefore = memory.stats().moved.find((m) => m.device === 'n1')?.writtenBytes ?? 0;
+
+  // A one-pass scan of 200 pages: none is promoted, and page 0 stays.
+  for (let i = 10; i < 210; i++) await far.read(i * 4096, 4096);
+  assert.equal(cache().promotions, 2);
+  const hitsBefore = cache().hits;
+  await far.read(0, 1);
+  assert.equal(cache().hits, hitsBefore + 1, 'the scan did not push the hot page out');
+
+  // Twenty pages touched twice: the 8-page cache demotes, and the dirty page is written back.
+  for (let round = 0; round < 2; round++) for (let i = 20; i < 40; i++) await far.write(i * 4096, page(i, i));
+  const after = cache();
+  assert.ok(after.demotions >= 12, `demotions ${after.demotions}`);
+  assert.ok(after.writeBacks >= 1);
+  assert.ok(after.cachedPages <= 8);
+  assert.ok((memory.stats().moved.find((m) => m.device === 'n1')?.writtenBytes ?? 0) > writtenBefore);
+  assert.ok((await far.read(4096, 4096)).equals(page(1, 2)), 'the demoted dirty page was written back');
+  for (let i = 20; i < 40; i++) assert.ok((await far.read(i * 4096, 4096)).equals(page(i, i)));
+
+  // Requests in flight together on overlapping pages, with the cache full: each page ends
+  // with one of the values written to it, whole, and reads agree with each other.
+  const concurrent = Array.from({ length: 96 }, (_, i) => far.write(((i * 7) % 48) * 4096 + 512, Buffer.alloc(6000, i)));
+  await Promise.all(concurrent);
+  const [x, y] = await Promise.all([far.read(0, 52 * 4096), far.read(0, 52 * 4096)]);
+  assert.ok(x.equals(y));
+
+  await memory.flush();
+  assert.equal(cache().dirtyPages, 0);
+  // After the flush the node holds exactly what the cache shows.
+  const direct = Buffer.alloc(52 * 4096);
+  await far.readPieces(0, direct);
+  assert.ok(direct.equals(await far.read(0, 52 * 4096)));
+  assert.ok(direct.equals(x));
+  const moved = memory.stats().moved.find((m) => m.device === 'n1');
+  assert.ok(moved !== undefined && moved.readBytes > 0 && moved.writtenBytes > 0);
 });
