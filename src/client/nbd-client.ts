@@ -44,6 +44,11 @@ const ERRNO_NAME: Readonly<Record<number, string>> = Object.fromEntries(Object.e
 /** Largest single request this client sends; larger reads and writes are split. */
 const MAX_REQUEST = 32 * 1024 * 1024;
 
+/**
+ * A connection to one NBD export. Open it with {@link NbdClient.connect}; requests may be
+ * issued concurrently and are pipelined. Writes in flight together are not ordered with
+ * respect to each other, as in NBD itself; wait for one before an overlapping one.
+ */
 export class NbdClient {
   readonly exportName: string;
   /** Export size in bytes. */

@@ -209,6 +209,13 @@ export class Segment {
   }
 }
 
+/**
+ * A host's memory hierarchy: one virtual address space over local DRAM, local flash,
+ * memory borrowed from memstrata nodes, and a swap volume. Open it with
+ * {@link HierarchyMemory.open}, allocate with {@link HierarchyMemory.alloc}, and read
+ * and write through the returned {@link Segment} or by virtual address. Errors are coded:
+ * MS_HOST_INVALID, MS_HOST_VIOLATION, MS_HOST_NO_CAPACITY and MS_HOST_NODE_LOST.
+ */
 export class HierarchyMemory {
   readonly serverId: string;
   private readonly dram: LocalDramTier;

@@ -27,4 +27,11 @@ test('memstrata/host resolves and shares the error registry with the node', asyn
   const root = await import('memstrata');
   assert.equal(host.MemstrataError, root.MemstrataError);
   assert.equal(host.parseSize('4KiB'), 4096);
+  assert.equal(typeof host.HierarchyMemory.open, 'function');
+  assert.equal(typeof host.NbdClient.connect, 'function');
+  const memory = await host.HierarchyMemory.open({ serverId: 'exports', localDram: 64 * 1024 });
+  const segment = await memory.alloc(4096, { class: 'highest' });
+  await segment.write(0, Buffer.from('ok'));
+  assert.equal((await segment.read(0, 2)).toString(), 'ok');
+  await memory.close();
 });
