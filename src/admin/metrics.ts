@@ -201,18 +201,22 @@ export class NodeMetrics {
         for (const v of sources.volumes.list()) this.set({ volume: v.name }, v.size);
       },
     });
-    const cacheCounter = (name: string, help: string, pick: (s: CacheStats) => number): void => {
-      new Counter({
-        name,
-        help,
-        registers: [registry],
-        collect() {
-          this.reset();
-          const stats = sources.cache();
-          if (stats !== undefined) this.inc(pick(stats));
-        },
-      });
-    };
+    /** Counters read at scrape time from a source that may be absent (no cache, no mirroring). */
+    const counterOf =
+      <T>(read: () => T | undefined) =>
+      (name: string, help: string, pick: (value: T) => number): void => {
+        new Counter({
+          name,
+          help,
+          registers: [registry],
+          collect() {
+            this.reset();
+            const value = read();
+            if (value !== undefined) this.inc(pick(value));
+          },
+        });
+      };
+    const cacheCounter = counterOf(() => sources.cache());
     cacheCounter('memstrata_cache_hits_total', 'Cache line lookups that found every sector they needed.', (s) => s.hits);
     cacheCounter('memstrata_cache_misses_total', 'Cache line lookups that had to stage sectors from the data store.', (s) => s.misses);
     cacheCounter('memstrata_cache_staged_bytes_total', 'Bytes read from data stores into the cache.', (s) => s.stagedBytes);
@@ -292,18 +296,7 @@ export class NodeMetrics {
         if (info !== undefined && info.link !== 'none') this.set(info.link === 'up' ? 1 : 0);
       },
     });
-    const mirrorCounter = (name: string, help: string, pick: (m: MirroringInfo) => number): void => {
-      new Counter({
-        name,
-        help,
-        registers: [registry],
-        collect() {
-          this.reset();
-          const info = sources.mirror();
-          if (info !== undefined) this.inc(pick(info));
-        },
-      });
-    };
+    const mirrorCounter = counterOf(() => sources.mirror());
     mirrorCounter('memstrata_mirror_degradations_total', 'Times a mirrored device lost its partner and degraded or began refusing.', (m) => m.degradations);
     mirrorCounter('memstrata_mirror_resyncs_total', 'Replicas brought up to date on the partner.', (m) => m.resyncs);
     mirrorCounter('memstrata_mirror_records_total', 'Records the partner acknowledged holding.', (m) => m.mirroredRecords);

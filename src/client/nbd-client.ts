@@ -14,7 +14,8 @@
 import { connect, type Socket } from 'node:net';
 import { MemstrataError, MisuseError, NetworkError } from '../errors.js';
 import { CorkedWriter } from '../net/corked-writer.js';
-import { CLIENT, CMD, CMD_FLAG, ERRNO, FLAG, HANDSHAKE, IHAVEOPT, INFO, NBDMAGIC, OPT, OPTION_REPLY_MAGIC, REP, REQUEST_MAGIC, REQUEST_SIZE, SIMPLE_REPLY_MAGIC } from '../protocol/nbd/spec.js';
+import { encodeOption, encodeRequestHeader } from '../protocol/nbd/codec.js';
+import { CLIENT, CMD, CMD_FLAG, ERRNO, FLAG, HANDSHAKE, IHAVEOPT, INFO, NBDMAGIC, OPT, OPTION_REPLY_MAGIC, REP, SIMPLE_REPLY_MAGIC } from '../protocol/nbd/spec.js';
 
 export interface NbdClientOptions {
   /** `nbd://host:port/export`; or give host, port and export. */
@@ -170,7 +171,7 @@ export class NbdClient {
     await Promise.allSettled([...this.inFlight]);
     if (!this.socket.destroyed && this.failure === undefined) {
       this.failure = disconnected(this.address, 'the client closed the connection');
-      this.writer.write(requestHeader(CMD.DISC, 0, 0, 0, 0));
+      this.writer.write(encodeRequestHeader(CMD.DISC, 0, { hi: 0, lo: 0 }, 0, 0));
       await new Promise<void>((resolve) => {
         this.socket.end(resolve);
       });
@@ -184,7 +185,7 @@ export class NbdClient {
     this.nextCookie = this.nextCookie >= 0xffffffff ? 1 : this.nextCookie + 1;
     const done = new Promise<Buffer | undefined>((resolve, reject) => {
       this.pending.set(cookie, { type, length, resolve, reject });
-      this.writer.write(requestHeader(type, flags, cookie, offset, length));
+      this.writer.write(encodeRequestHeader(type, flags, { hi: 0, lo: cookie }, offset, length));
       if (data !== undefined && data.length > 0) this.writer.write(Buffer.from(data.buffer, data.byteOffset, data.byteLength));
     });
     this.inFlight.add(done);
@@ -253,7 +254,7 @@ async function handshake(socket: Socket, input: ByteQueue, address: string, expo
   name.copy(data, 4);
   data.writeUInt16BE(1, 4 + name.length);
   data.writeUInt16BE(INFO.BLOCK_SIZE, 6 + name.length);
-  socket.write(option(OPT.GO, data));
+  socket.write(encodeOption(OPT.GO, data));
 
   let size: number | undefined;
   let flags = 0;
@@ -287,26 +288,6 @@ async function handshake(socket: Socket, input: ByteQueue, address: string, expo
   }
   if (size === undefined) throw handshakeError(address, exportName, 'the server did not send the export size');
   return { size, flags, blockSizes };
-}
-
-function option(code: number, data: Buffer): Buffer {
-  const header = Buffer.alloc(16);
-  header.writeBigUInt64BE(IHAVEOPT, 0);
-  header.writeUInt32BE(code, 8);
-  header.writeUInt32BE(data.length, 12);
-  return Buffer.concat([header, data]);
-}
-
-function requestHeader(type: number, flags: number, cookie: number, offset: number, length: number): Buffer {
-  const buf = Buffer.allocUnsafe(REQUEST_SIZE);
-  buf.writeUInt32BE(REQUEST_MAGIC, 0);
-  buf.writeUInt16BE(flags, 4);
-  buf.writeUInt16BE(type, 6);
-  buf.writeUInt32BE(0, 8);
-  buf.writeUInt32BE(cookie, 12);
-  buf.writeBigUInt64BE(BigInt(offset), 16);
-  buf.writeUInt32BE(length, 24);
-  return buf;
 }
 
 function target(options: NbdClientOptions): { host: string; port: number; exportName: string } {

@@ -541,11 +541,6 @@ export class HierarchyMemory {
   private checkOpen(): void {
     if (this.closed) throw new MisuseError('MS_HOST_INVALID', 'the hierarchy memory is closed');
   }
-
-  /** @internal For tests: the node object of a name. */
-  nodeNamed(name: string): RemoteNode | undefined {
-    return this.nodes.find((n) => n.name === name);
-  }
 }
 
 function hex(n: number): string {

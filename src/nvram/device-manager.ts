@@ -162,11 +162,12 @@ export class DeviceManager {
     const records = await device.snapshot();
     const journal = await JournalFile.create(join(this.dir, `${device.name}.journal.new`), device.size);
     await journal.append(Buffer.concat(records));
+    const length = journal.size;
     await journal.close();
     const path = join(this.dir, `${device.name}.journal`);
     await rename(join(this.dir, `${device.name}.journal.new`), path);
     await syncDir(path);
-    return JournalFile.openExisting(path, parseJournal(await readFile(path)).validLength);
+    return JournalFile.openExisting(path, length);
   }
 
   /** This node's copy is older than the partner's: it becomes a replica, filled by the partner's resync. */
@@ -174,12 +175,16 @@ export class DeviceManager {
     return this.serialized(async () => {
       const entry = this.devices.get(name);
       if (entry === undefined || entry.device.role === 'replica') return;
-      await entry.device.demote();
-      await rm(join(this.dir, `${name}.journal`), { force: true });
-      entry.meta.role = 'replica';
-      await this.writeMeta(entry.meta);
-      this.log.warn({ device: name, why }, 'NVRAM device is now a replica of the mirror partner');
+      await this.demoteEntry(entry, why);
     });
+  }
+
+  private async demoteEntry(entry: Entry, why: string): Promise<void> {
+    await entry.device.demote();
+    await rm(join(this.dir, `${entry.meta.name}.journal`), { force: true });
+    entry.meta.role = 'replica';
+    await this.writeMeta(entry.meta);
+    this.log.warn({ device: entry.meta.name, why }, 'NVRAM device is now a replica of the mirror partner');
   }
 
   /**
@@ -205,11 +210,7 @@ export class DeviceManager {
           await this.drop(entry);
           entry = undefined;
         } else if (device.role === 'primary') {
-          await device.demote();
-          await rm(join(this.dir, `${reset.name}.journal`), { force: true });
-          entry.meta.role = 'replica';
-          await this.writeMeta(entry.meta);
-          this.log.warn({ device: reset.name, epoch: reset.epoch }, 'NVRAM device is now a replica: the partner holds it with a newer epoch');
+          await this.demoteEntry(entry, `the partner resyncs it with epoch ${reset.epoch}`);
         }
       }
       if (entry === undefined) {

@@ -186,11 +186,6 @@ export class NvramDevice {
     return this.ackedSeq;
   }
 
-  /** The file this device journals to, if any. */
-  get journalFile(): JournalFile | undefined {
-    return this.journal;
-  }
-
   /** Loads recovered state: records after the trim point, the epoch, the next sequence number. */
   async restore(records: readonly JournalRecord[]): Promise<void> {
     for (const r of records) {
@@ -256,7 +251,8 @@ export class NvramDevice {
     const last = first + entries.length - 1;
     this.nextSeq += entries.length;
     const work: Promise<void>[] = encoded.map((buf, i) => this.place(buf, first + i, timestamp));
-    const all = encoded.length === 1 ? (encoded[0] ?? Buffer.alloc(0)) : Buffer.concat(encoded);
+    // One buffer for the journal file and the partner; a volatile device needs neither.
+    const all = this.journal === undefined && this.port === undefined ? Buffer.alloc(0) : encoded.length === 1 ? (encoded[0] ?? Buffer.alloc(0)) : Buffer.concat(encoded);
     // The journal file is synced before the acknowledgement, unless the partner holds the
     // record (`mirrored`, in sync): then the file is written in the background, in order,
     // so that losing the partner later costs one sync that covers it.

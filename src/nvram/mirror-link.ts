@@ -23,6 +23,7 @@ import {
   MOP_NAME,
   MSTATUS,
   MSTATUS_NAME,
+  decodeName,
   encodeHello,
   errorMessage,
   request,
@@ -147,8 +148,7 @@ export class MirrorLink {
         socket.destroy();
         return;
       }
-      const n = reply.body.readUInt8(0);
-      this.partnerNode = reply.body.toString('utf8', 1, 1 + n);
+      this.partnerNode = decodeName(reply.body, 'HELLO reply');
       this.upValue = true;
       this.options.onUp(this.partnerNode);
     } catch {

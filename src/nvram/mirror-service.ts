@@ -28,6 +28,7 @@ import {
   decodeName,
   decodeReset,
   decodeTrim,
+  encodeName,
   encodeState,
   errorReply,
   reply,
@@ -208,7 +209,6 @@ class MirrorConnection {
     }
     this.partner = hello.nodeId;
     this.options.log.info({ partner: hello.nodeId, remote: this.socket.remoteAddress }, 'mirror partner connected');
-    const id = Buffer.from(this.options.nodeId);
-    return Buffer.concat([Buffer.from([id.length]), id]);
+    return encodeName(this.options.nodeId);
   }
 }

@@ -35,6 +35,7 @@ import {
 import type { DeviceManager } from './device-manager.js';
 import { isMirrored, type MirrorMode, type MirrorPort, type NvramDevice } from './device.js';
 import { MirrorLink, type LinkReply } from './mirror-link.js';
+import type { JournalRecord } from './record.js';
 
 export type OnPartnerDown = 'degrade' | 'refuse';
 
@@ -284,17 +285,18 @@ export class Mirroring {
   private async adopt(device: NvramDevice, theirs: DeviceState): Promise<void> {
     const name = device.name;
     const records: Buffer[] = [];
+    const decoded: JournalRecord[] = [];
     let from = 0;
     for (;;) {
       const bytes = await this.call(MOP.FETCH, encodeFetch(name, from, MIRROR_CHUNK));
       if (bytes.length === 0) break;
       const split = splitRecords(bytes, 'FETCH reply');
       records.push(...split.encoded);
+      decoded.push(...split.records);
       const last = split.records.at(-1);
       if (last === undefined) break;
       from = last.seq + 1;
     }
-    const { records: decoded } = splitRecords(Buffer.concat(records), 'FETCH reply');
     const firstSeq = decoded[0]?.seq ?? theirs.lastSeq + 1;
     device.resetReplica(theirs.epoch, theirs.trimmedTo, firstSeq);
     await device.replicate(theirs.epoch, decoded, records);

@@ -63,7 +63,8 @@ async function client(t: Ctx, n: NodeProcess, id: string): Promise<RmemClient> {
   return c;
 }
 
-test('mirror failover: kill -9 the primary mid-stream; the partner, opened with a newer epoch, has every acknowledged record and goes on', async (t) => {
+/** Two partnered nodes with a `mirrored` device `m` created on the first, its replica in sync. */
+async function mirroredPair(t: Ctx) {
   const [dirA, dirB] = [await tempDir(t), await tempDir(t)];
   const nodes = pair(dirA, dirB, await freePort(), await freePort());
   const a = await nodes.a();
@@ -72,6 +73,11 @@ test('mirror failover: kill -9 the primary mid-stream; the partner, opened with 
   t.after(() => b.stop('SIGKILL'));
   await createDevice(a, 'm', 'mirrored');
   await until('primary in sync', () => device(a, 'm'), (d) => d?.mirror === 'in-sync');
+  return { nodes, dirA, a, b };
+}
+
+test('mirror failover: kill -9 the primary mid-stream; the partner, opened with a newer epoch, has every acknowledged record and goes on', async (t) => {
+  const { nodes, a, b } = await mirroredPair(t);
   assert.equal((await device(b, 'm'))?.role, 'replica');
 
   const writer = await RmemClient.connect({ ...a.rmem, serverId: 'app', reconnect: false, timeoutMs: 5000 });
@@ -182,14 +188,7 @@ test('partner down: mirrored devices degrade (the default) or refuse, and a retu
 });
 
 test('a mirrored primary that lost records in a crash waits for its partner, then takes the records back', async (t) => {
-  const [dirA, dirB] = [await tempDir(t), await tempDir(t)];
-  const nodes = pair(dirA, dirB, await freePort(), await freePort());
-  const a = await nodes.a();
-  t.after(() => a.stop('SIGKILL'));
-  const b = await nodes.b();
-  t.after(() => b.stop('SIGKILL'));
-  await createDevice(a, 'm', 'mirrored');
-  await until('in sync', () => device(a, 'm'), (d) => d?.mirror === 'in-sync');
+  const { nodes, dirA, a, b } = await mirroredPair(t);
   const c = await RmemClient.connect({ ...a.rmem, serverId: 'app', reconnect: false, timeoutMs: 5000 });
   const journal = await c.journalOpen('m', 1);
   for (let i = 1; i <= 100; i++) await c.journalAppend(journal, [{ payload: Buffer.from(`record ${i}`) }]);

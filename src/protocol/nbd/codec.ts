@@ -9,6 +9,8 @@ import { MisuseError } from '../../errors.js';
 import {
   IHAVEOPT,
   INFO,
+  REQUEST_MAGIC,
+  REQUEST_SIZE,
   MAX_STRING,
   NBDMAGIC,
   OPTION_REPLY_HEADER_SIZE,
@@ -41,6 +43,31 @@ function writeU64(buf: Buffer, value: number, at: number): void {
 
 export function readU64(buf: Buffer, at: number): number {
   return buf.readUInt32BE(at) * TWO_32 + buf.readUInt32BE(at + 4);
+}
+
+// ---- the client's side (NbdClient) ----
+
+/** An option request: IHAVEOPT, option, length, data. */
+export function encodeOption(option: number, data: Buffer): Buffer {
+  const buf = Buffer.allocUnsafe(16 + data.length);
+  buf.writeBigUInt64BE(IHAVEOPT, 0);
+  buf.writeUInt32BE(option, 8);
+  buf.writeUInt32BE(data.length, 12);
+  data.copy(buf, 16);
+  return buf;
+}
+
+/** A transmission request header; a WRITE's data follows it as a buffer of its own. */
+export function encodeRequestHeader(type: number, flags: number, cookie: Cookie, offset: number, length: number): Buffer {
+  const buf = Buffer.allocUnsafe(REQUEST_SIZE);
+  buf.writeUInt32BE(REQUEST_MAGIC, 0);
+  buf.writeUInt16BE(flags, 4);
+  buf.writeUInt16BE(type, 6);
+  buf.writeUInt32BE(cookie.hi, 8);
+  buf.writeUInt32BE(cookie.lo, 12);
+  writeU64(buf, offset, 16);
+  buf.writeUInt32BE(length, 24);
+  return buf;
 }
 
 // ---- handshake ----

@@ -68,15 +68,18 @@ test('a record that breaks the sequence ends recovery there', () => {
   assert.match(parsed.stoppedBecause ?? '', /sequence jumps from 5 to 7/);
 });
 
-test('group commit: no appender is released by a sync that did not cover its record', async (t) => {
-  const dir = await mkdtemp(join(tmpdir(), 'memstrata-journal-'));
-  t.after(() => rm(dir, { recursive: true, force: true }));
-  // The sink notes which records each write carried, and which of them each sync covered.
+/**
+ * A sink wrapper that notes which records each write carried and which of them each
+ * sync covered (those written before the sync began), after a delay of `delay()` ms per
+ * write and 2 more per sync.
+ */
+function watching(delay: () => number): { written: Set<number>; synced: Set<number>; watch: (sink: JournalSink) => JournalSink } {
   const written = new Set<number>();
   const synced = new Set<number>();
+  const pause = (ms: number) => (ms > 0 ? new Promise((resolve) => setTimeout(resolve, ms)) : Promise.resolve());
   const watch = (sink: JournalSink): JournalSink => ({
     write: async (buf, position) => {
-      await new Promise((resolve) => setTimeout(resolve, Math.random() * 3));
+      await pause(delay());
       await sink.write(buf, position);
       for (let at = 0; at < buf.length; ) {
         const r = decodeRecord(buf, at);
@@ -87,13 +90,22 @@ test('group commit: no appender is released by a sync that did not cover its rec
     },
     datasync: async () => {
       const covers = [...written];
-      await new Promise((resolve) => setTimeout(resolve, 2 + Math.random() * 3));
+      const ms = delay();
+      await pause(ms > 0 ? 2 + ms : 0);
       await sink.datasync();
       for (const seq of covers) synced.add(seq);
     },
     truncate: (n) => sink.truncate(n),
     close: () => sink.close(),
   });
+  return { written, synced, watch };
+}
+
+test('group commit: no appender is released by a sync that did not cover its record', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-journal-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  // Random delays, so writes and syncs of different batches interleave.
+  const { synced, watch } = watching(() => Math.random() * 3);
   const journal = await JournalFile.create(join(dir, 'j.journal'), 1 << 20, watch);
   const syncsBefore = journal.syncs;
   let nextSeq = 1;
@@ -144,26 +156,7 @@ test('a failed sync rejects its appenders, and the journal keeps working after',
 test('appends without sync are released once written; flush and the next synced append cover them', async (t) => {
   const dir = await mkdtemp(join(tmpdir(), 'memstrata-journal-'));
   t.after(() => rm(dir, { recursive: true, force: true }));
-  const written = new Set<number>();
-  const synced = new Set<number>();
-  const watch = (sink: JournalSink): JournalSink => ({
-    write: async (buf, position) => {
-      await sink.write(buf, position);
-      for (let at = 0; at < buf.length; ) {
-        const r = decodeRecord(buf, at);
-        if (!('record' in r)) break;
-        written.add(r.record.seq);
-        at += r.size;
-      }
-    },
-    datasync: async () => {
-      const covers = [...written];
-      await sink.datasync();
-      for (const seq of covers) synced.add(seq);
-    },
-    truncate: (n) => sink.truncate(n),
-    close: () => sink.close(),
-  });
+  const { written, synced, watch } = watching(() => 0);
   const journal = await JournalFile.create(join(dir, 'j.journal'), 1 << 20, watch);
   const record = (seq: number) => encodeRecord({ seq, timestamp: seq, epoch: 0, flags: 0, target: undefined, payload: Buffer.alloc(100, seq) });
   const syncs = journal.syncs;
