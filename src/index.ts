@@ -15,7 +15,7 @@ export type { AllocationRow, PhysicalRange, Region } from './memory/allocation-t
 export type { Medium, MediumCapabilities } from './memory/medium.js';
 export { DramMedium } from './memory/dram-medium.js';
 export { FlashMedium } from './memory/flash-medium.js';
-export { KINDS, MEDIA, type Kind, type MediumName, type UsedKind } from './memory/kinds.js';
+export { KINDS, MEDIA, type Kind, type MediumName, type UsedKind } from './kinds.js';
 export * from './errors.js';
 export { formatSize, parseSize } from './units.js';
 export { VERSION } from './version.js';

@@ -8,16 +8,16 @@
 import Fastify, { type FastifyError, type FastifyInstance } from 'fastify';
 import { z } from 'zod';
 import { MisuseError, NetworkError, isMemstrataError, toMemstrataError } from '../errors.js';
-import { MEDIA, USED_KINDS } from '../memory/kinds.js';
+import { MEDIA, USED_KINDS } from '../kinds.js';
 import type { AllocationTable } from '../memory/allocation-table.js';
 import type { PartitionTable } from '../memory/partition-table.js';
 import { SIZE_FORM, formatAddress, hexRange, hexWidth, parseSize, type ListenAddress } from '../units.js';
-import type { Logger } from '../node/logger.js';
-import type { AllocationTableJson, ErrorResponse, NodeInfo, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson } from './api.js';
+import type { Logger } from '../logger.js';
+import type { AllocationTableJson, ErrorResponse, NodeInfo, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson } from '../protocol/admin/api.js';
 import type { VolumeManager } from '../storage/volume-manager.js';
 import type { DeviceManager } from '../nvram/device-manager.js';
 import { POLICIES } from '../nvram/device.js';
-import { decodeOne } from '../nvram/record.js';
+import { decodeOne } from '../protocol/journal/record.js';
 import type { NodeMetrics } from './metrics.js';
 
 export interface AdminContext {

@@ -3,7 +3,7 @@
 // control plane (resizes) only.
 
 import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
-import { KINDS } from '../memory/kinds.js';
+import { KINDS } from '../kinds.js';
 import type { Medium } from '../memory/medium.js';
 import type { KindUsage, PartitionTable } from '../memory/partition-table.js';
 import type { AllocationTable } from '../memory/allocation-table.js';

@@ -4,16 +4,16 @@
 
 import { Command, CommanderError, Option } from 'commander';
 import { MisuseError, isMemstrataError } from '../errors.js';
-import type { AllocationTableJson, NodeInfo, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson } from '../admin/api.js';
+import type { AllocationTableJson, NodeInfo, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson } from '../protocol/admin/api.js';
 import { POLICIES, type DeviceInfo } from '../nvram/device.js';
 import { RmemClient } from '../client/rmem-client.js';
-import { KINDS, MEDIA, USED_KINDS } from '../memory/kinds.js';
+import { KINDS, MEDIA, USED_KINDS } from '../kinds.js';
 import { SETTINGS } from '../node/config.js';
 import { formatSize, humanSize, parseAddress } from '../units.js';
 import { VERSION } from '../version.js';
 import { AdminClient, DEFAULT_ADMIN_URL } from '../client/admin-client.js';
 import { startNodeCommand } from './node-start.js';
-import { textTable } from './text-table.js';
+import { textTable } from '../text-table.js';
 
 export interface Output {
   out(text: string): void;

@@ -21,6 +21,6 @@ export type {
   ResizeResponse,
   RmemSessionJson,
   ServersJson,
-} from '../admin/api.js';
+} from '../protocol/admin/api.js';
 export { ERRORS, MemstrataError, MisuseError, NetworkError, RuntimeError, StorageError, isMemstrataError } from '../errors.js';
 export type { Category, ErrorCode } from '../errors.js';

@@ -42,7 +42,7 @@ import {
   encodeHandleRequest,
   decodeJinfoReply,
 } from '../protocol/rmem/codec.js';
-import { decodeRecord, type JournalRecord } from '../nvram/record.js';
+import { decodeRecord, type JournalRecord } from '../protocol/journal/record.js';
 import { errorOf } from '../protocol/rmem/errors.js';
 import { CorkedWriter } from '../net/corked-writer.js';
 import { FrameParser, type Frame } from '../protocol/rmem/parser.js';

@@ -28,7 +28,7 @@
 import { NbdClient } from '../client/nbd-client.js';
 import { RmemClient, type CapacityEntry } from '../client/rmem-client.js';
 import { MisuseError, RuntimeError, isMemstrataError } from '../errors.js';
-import { textTable } from '../cli/text-table.js';
+import { textTable } from '../text-table.js';
 import { formatSize, hexRange } from '../units.js';
 import { PageCache, type PageCacheStats } from './page-cache.js';
 import { LocalDramTier, LocalFlashTier, RemoteNode, SwapTier, remotePiece, type Piece, type TierMedium } from './tiers.js';

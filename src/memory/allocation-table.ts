@@ -13,7 +13,9 @@
 // Known limit: the overlap check scans the ranges of the medium, O(regions) per add.
 
 import { MisuseError } from '../errors.js';
-import type { MediumName } from './kinds.js';
+import type { MediumName } from '../kinds.js';
+import type { ServerSummary } from '../protocol/admin/api.js';
+export type { ServerSummary };
 
 export interface PhysicalRange {
   medium: MediumName;
@@ -35,12 +37,6 @@ export interface AllocationRow {
   medium: MediumName;
   start: number;
   length: number;
-}
-
-export interface ServerSummary {
-  serverId: string;
-  regions: number;
-  bytes: Partial<Record<MediumName, number>>;
 }
 
 export class AllocationTable {

@@ -8,7 +8,7 @@
 // process when extents return to `free` or a server's region is released.
 
 import { RuntimeError } from '../errors.js';
-import type { MediumName } from './kinds.js';
+import type { MediumName } from '../kinds.js';
 import { checkRange, type Medium, type MediumCapabilities } from './medium.js';
 
 export class DramMedium implements Medium {

@@ -12,7 +12,7 @@
 // Known limit: picking extents scans the map, O(extents). With the default 1 MiB extents
 // that is 1024 slots per GiB, and allocation here is a control-plane operation.
 
-import { KINDS, KIND_CODE, type Kind } from './kinds.js';
+import { KINDS, KIND_CODE, type Kind } from '../kinds.js';
 import { MisuseError, RuntimeError } from '../errors.js';
 
 export interface ExtentRun {

@@ -13,7 +13,7 @@ import { dirname } from 'node:path';
 import { RuntimeError, StorageError, isMemstrataError } from '../errors.js';
 import { formatSize } from '../units.js';
 import { writeAll, writeZeros } from '../fs/positional-io.js';
-import type { MediumName } from './kinds.js';
+import type { MediumName } from '../kinds.js';
 import { checkRange, type Medium, type MediumCapabilities } from './medium.js';
 
 export class FlashMedium implements Medium {

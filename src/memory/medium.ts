@@ -7,7 +7,7 @@
 // stray offset into a coded error instead of a corrupted neighbour.
 
 import { MisuseError } from '../errors.js';
-import type { MediumName } from './kinds.js';
+import type { MediumName } from '../kinds.js';
 
 export interface MediumCapabilities {
   /** Contents survive a restart of the process. */

@@ -20,7 +20,9 @@
 import { MisuseError, RuntimeError } from '../errors.js';
 import { formatSize } from '../units.js';
 import { ExtentMap } from './extent-map.js';
-import { MEDIA, USED_KINDS, type Kind, type MediumName, type UsedKind } from './kinds.js';
+import { MEDIA, USED_KINDS, type Kind, type MediumName, type UsedKind } from '../kinds.js';
+import type { KindUsage, MediumUsage, ResizeResult } from '../protocol/admin/api.js';
+export type { KindUsage, MediumUsage, ResizeResult };
 
 export interface PartitionBounds {
   min: number;
@@ -52,32 +54,6 @@ export interface PartitionRow {
   length: number;
   kind: Kind;
   owner: string | null;
-}
-
-export interface KindUsage {
-  bytes: number;
-  /** Bytes in this kind that no owner holds. */
-  idleBytes: number;
-  min: number;
-  max: number;
-}
-
-export interface MediumUsage {
-  medium: MediumName;
-  capacity: number;
-  extentSize: number;
-  kinds: Record<Kind, KindUsage>;
-}
-
-export interface ResizeResult {
-  medium: MediumName;
-  kind: UsedKind;
-  fromBytes: number;
-  toBytes: number;
-  /** Bytes taken from (negative: given to) each other kind. */
-  moved: Partial<Record<Kind, number>>;
-  /** Bytes owners handed back when asked. */
-  reclaimedBytes: number;
 }
 
 interface MediumState {

@@ -28,7 +28,7 @@ import { MisuseError, RuntimeError, isMemstrataError } from '../errors.js';
 import { formatSize } from '../units.js';
 import type { AllocationTable, PhysicalRange } from './allocation-table.js';
 import { FreeRanges, type ByteRange } from './free-ranges.js';
-import { MEDIA, type MediumName } from './kinds.js';
+import { MEDIA, type MediumName } from '../kinds.js';
 import type { Medium } from './medium.js';
 import type { PartitionTable } from './partition-table.js';
 

@@ -2,7 +2,7 @@
 
 import type { Server } from 'node:net';
 import { NetworkError } from '../errors.js';
-import type { Logger } from '../node/logger.js';
+import type { Logger } from '../logger.js';
 import { formatAddress, type ListenAddress } from '../units.js';
 
 /** Listens on `address`; resolves with the bound address (port 0 resolved) or throws MS_LISTEN_FAILED. */

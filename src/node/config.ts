@@ -15,7 +15,7 @@ import { resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
 import { MisuseError, isMemstrataError } from '../errors.js';
-import { MEDIA, USED_KINDS, type MediumName, type UsedKind } from '../memory/kinds.js';
+import { MEDIA, USED_KINDS, type MediumName, type UsedKind } from '../kinds.js';
 import type { MediumLayout } from '../memory/partition-table.js';
 import { ADDRESS_FORM, DURATION_FORM, GiB, KiB, SIZE_FORM, formatSize, parseAddress, parseDuration, parseSize, type ListenAddress } from '../units.js';
 

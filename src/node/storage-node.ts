@@ -13,7 +13,7 @@ import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { StorageError } from '../errors.js';
 import { AdminServer, adminUrl } from '../admin/admin-server.js';
-import type { MediumInfo, NodeInfo } from '../admin/api.js';
+import type { MediumInfo, NodeInfo } from '../protocol/admin/api.js';
 import { NodeMetrics } from '../admin/metrics.js';
 import { AllocationTable } from '../memory/allocation-table.js';
 import { DramMedium } from '../memory/dram-medium.js';

@@ -25,14 +25,14 @@
 import { mkdir, readFile, readdir, rename, rm, writeFile, open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { MisuseError, RuntimeError, isMemstrataError } from '../errors.js';
-import type { MediumName } from '../memory/kinds.js';
+import type { MediumName } from '../kinds.js';
 import type { Medium } from '../memory/medium.js';
 import type { PartitionTable } from '../memory/partition-table.js';
-import type { Logger } from '../node/logger.js';
+import type { Logger } from '../logger.js';
 import { formatSize } from '../units.js';
 import { NvramDevice, POLICIES, isMirrored, type DeviceInfo, type Policy, type Role } from './device.js';
 import { JournalFile, encodeFileHeader, parseJournal, syncDir } from './journal-file.js';
-import type { JournalRecord } from './record.js';
+import type { JournalRecord } from '../protocol/journal/record.js';
 
 const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 

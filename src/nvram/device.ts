@@ -30,27 +30,14 @@
 import { MisuseError, RuntimeError, StorageError } from '../errors.js';
 import type { Medium } from '../memory/medium.js';
 import { JournalFile } from './journal-file.js';
-import { RECORD_FLAG, encodeRecord, nowMicros, recordSize, type JournalRecord, type RecordTarget } from './record.js';
-
-export const POLICIES = ['volatile', 'local', 'mirrored', 'mirrored+local'] as const;
+import { POLICIES, isMirrored, type Policy, type Role } from '../protocol/journal/policy.js';
+import { RECORD_FLAG, encodeRecord, nowMicros, recordSize, type JournalRecord, type RecordTarget } from '../protocol/journal/record.js';
+import type { MirrorMode, DeviceInfo } from '../protocol/admin/api.js';
+export type { MirrorMode, DeviceInfo };
 
 /** A journal file is rewritten after a trim once it is this long (or twice the device size). */
 export const COMPACT_AT = 16 * 1024 * 1024;
-export type Policy = (typeof POLICIES)[number];
-export type Role = 'primary' | 'replica';
-
-export function isMirrored(policy: Policy): boolean {
-  return policy === 'mirrored' || policy === 'mirrored+local';
-}
-
-/**
- * How a mirrored primary's appends are protected right now:
- *   in-sync   sent to the partner, acknowledged once it holds them
- *   syncing   the partner is being brought up to date; appends wait
- *   degraded  no partner; acknowledged once the journal file is synced
- *   refusing  no partner, and the node is configured to refuse rather than degrade
- */
-export type MirrorMode = 'in-sync' | 'syncing' | 'degraded' | 'refusing';
+export { POLICIES, isMirrored, type Policy, type Role };
 
 /** What a mirrored primary needs from the node's mirroring (mirroring.ts). */
 export interface MirrorPort {
@@ -78,25 +65,6 @@ export interface AppendEntry {
 export interface Appended {
   seq: number;
   timestamp: number;
-}
-
-export interface DeviceInfo {
-  name: string;
-  size: number;
-  used: number;
-  policy: Policy;
-  medium: string;
-  epoch: number;
-  /** First live sequence number, or null when the journal is empty. */
-  firstSeq: number | null;
-  /** Last acknowledged sequence number, or null before the first append. */
-  lastSeq: number | null;
-  records: number;
-  /** `recovering`: after a crash, until the partner confirms what it holds (mirrored). */
-  state: 'ready' | 'recovering' | 'closed' | 'failed';
-  role: Role;
-  /** How appends are protected now; null for devices that are not mirrored, and for replicas. */
-  mirror: MirrorMode | null;
 }
 
 interface IndexEntry {

@@ -26,7 +26,7 @@ import { dirname } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { StorageError } from '../errors.js';
 import { writeAll } from '../fs/positional-io.js';
-import { RECORD_FLAG, decodeRecord, encodeRecord, type JournalRecord } from './record.js';
+import { RECORD_FLAG, decodeRecord, encodeRecord, type JournalRecord } from '../protocol/journal/record.js';
 
 export const FILE_MAGIC = Buffer.from('MSJOURN1');
 export const FILE_HEADER = 64;

@@ -11,7 +11,7 @@
 
 import { connect, type Socket } from 'node:net';
 import { MemstrataError, NetworkError } from '../errors.js';
-import type { Logger } from '../node/logger.js';
+import type { Logger } from '../logger.js';
 import { FrameParser, type Frame } from '../protocol/rmem/parser.js';
 import { CorkedWriter } from '../net/corked-writer.js';
 import { formatAddress, type ListenAddress } from '../units.js';

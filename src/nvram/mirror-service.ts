@@ -10,7 +10,7 @@
 import { createServer, type Server, type Socket } from 'node:net';
 import { timingSafeEqual } from 'node:crypto';
 import { MemstrataError, MisuseError, RuntimeError } from '../errors.js';
-import type { Logger } from '../node/logger.js';
+import type { Logger } from '../logger.js';
 import { closeServer, listenOn } from '../net/listen.js';
 import { CorkedWriter } from '../net/corked-writer.js';
 import { FrameParser, type Frame } from '../protocol/rmem/parser.js';
@@ -34,7 +34,7 @@ import {
   reply,
 } from '../protocol/mirror/codec.js';
 import type { DeviceManager } from './device-manager.js';
-import { RECORD_FLAG } from './record.js';
+import { RECORD_FLAG } from '../protocol/journal/record.js';
 
 const STATUS_OF: Partial<Record<string, number>> = {
   MS_MIRROR_PROTOCOL: MSTATUS.PROTOCOL,

@@ -14,7 +14,7 @@
 // snapshot holds every record taken before it.
 
 import { RuntimeError, isMemstrataError } from '../errors.js';
-import type { Logger } from '../node/logger.js';
+import type { Logger } from '../logger.js';
 import { formatAddress, type ListenAddress } from '../units.js';
 import {
   MIRROR_CHUNK,
@@ -35,9 +35,9 @@ import {
 import type { DeviceManager } from './device-manager.js';
 import { isMirrored, type MirrorMode, type MirrorPort, type NvramDevice } from './device.js';
 import { MirrorLink, type LinkReply } from './mirror-link.js';
-import type { JournalRecord } from './record.js';
-
-export type OnPartnerDown = 'degrade' | 'refuse';
+import type { JournalRecord } from '../protocol/journal/record.js';
+import type { OnPartnerDown, MirroringInfo } from '../protocol/admin/api.js';
+export type { OnPartnerDown, MirroringInfo };
 
 export interface MirroringOptions {
   nvram: DeviceManager;
@@ -48,19 +48,6 @@ export interface MirroringOptions {
   timeoutMs: number;
   retryMs: number;
   log: Logger;
-}
-
-export interface MirroringInfo {
-  partner: string | null;
-  partnerNode: string | null;
-  link: 'up' | 'down' | 'none';
-  onPartnerDown: OnPartnerDown;
-  /** Times a mirrored device lost its partner and degraded or began refusing. */
-  degradations: number;
-  /** Resyncs that completed. */
-  resyncs: number;
-  /** Records the partner acknowledged. */
-  mirroredRecords: number;
 }
 
 export class Mirroring {

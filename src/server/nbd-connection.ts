@@ -13,7 +13,7 @@
 
 import type { Socket } from 'node:net';
 import { isMemstrataError } from '../errors.js';
-import type { Logger } from '../node/logger.js';
+import type { Logger } from '../logger.js';
 import {
   decodeInfoRequest,
   decodeMetaContextRequest,

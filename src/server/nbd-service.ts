@@ -4,7 +4,7 @@
 // to one export see each other's completed writes and a FLUSH on any covers them all.
 
 import { createServer, type Server } from 'node:net';
-import type { Logger } from '../node/logger.js';
+import type { Logger } from '../logger.js';
 import type { VolumeIo } from '../storage/volume-io.js';
 import type { VolumeManager } from '../storage/volume-manager.js';
 import { closeServer, listenOn } from '../net/listen.js';

@@ -17,7 +17,7 @@ import { MisuseError, RuntimeError, isMemstrataError } from '../errors.js';
 import type { ServerMemory, ServerRegion } from '../memory/server-memory.js';
 import type { DeviceManager } from '../nvram/device-manager.js';
 import type { NvramDevice } from '../nvram/device.js';
-import { MAX_TARGET_NAME } from '../nvram/record.js';
+import { MAX_TARGET_NAME } from '../protocol/journal/record.js';
 import {
   decodeBindRequest,
   decodeEmpty,
@@ -47,7 +47,7 @@ import {
 import { statusOf } from '../protocol/rmem/errors.js';
 import { FrameParser, type Frame } from '../protocol/rmem/parser.js';
 import { HEADER_SIZE, MAX_BODY, MAX_DATA, OP, OP_NAME, STATUS, VERSION } from '../protocol/rmem/spec.js';
-import type { Logger } from '../node/logger.js';
+import type { Logger } from '../logger.js';
 import type { BufferPool } from './buffer-pool.js';
 import { CorkedWriter } from '../net/corked-writer.js';
 

@@ -19,11 +19,13 @@ import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { MisuseError } from '../errors.js';
 import type { ServerMemory } from '../memory/server-memory.js';
 import type { DeviceManager } from '../nvram/device-manager.js';
-import type { Logger } from '../node/logger.js';
+import type { Logger } from '../logger.js';
 import { closeServer, listenOn } from '../net/listen.js';
 import type { ListenAddress } from '../units.js';
 import { BufferPool } from './buffer-pool.js';
 import { RmemConnection, type ConnectionHost, type RmemStats } from './rmem-connection.js';
+import type { SessionInfo } from '../protocol/admin/api.js';
+export type { SessionInfo };
 
 export interface RmemServiceOptions {
   memory: ServerMemory;
@@ -34,16 +36,6 @@ export interface RmemServiceOptions {
   leaseMs: number;
   token: string | undefined;
   maxInFlight: number;
-}
-
-export interface SessionInfo {
-  serverId: string;
-  sessionId: string;
-  state: 'connected' | 'disconnected';
-  remote: string | undefined;
-  since: string;
-  /** While disconnected: milliseconds until the regions are freed. */
-  expiresInMs: number | undefined;
 }
 
 interface Session {

@@ -23,13 +23,15 @@
 // eviction of one line never interleave. The partition table can take extents back:
 // the reclaimer evicts (destaging first) every line in the extents it hands over.
 
-import type { Logger } from '../node/logger.js';
+import type { Logger } from '../logger.js';
 import type { Extent } from '../protocol/nbd/codec.js';
-import type { MediumName } from '../memory/kinds.js';
+import type { MediumName } from '../kinds.js';
 import type { Medium } from '../memory/medium.js';
 import type { PartitionTable } from '../memory/partition-table.js';
 import type { VolumeIo } from './volume-io.js';
 import type { Volume } from './volume-manager.js';
+import type { CacheStats } from '../protocol/admin/api.js';
+export type { CacheStats };
 
 export const LINE_SIZE = 64 * 1024;
 export const SECTOR_SIZE = 4096;
@@ -46,19 +48,6 @@ export interface CacheOptions {
   /** Start destaging when dirty bytes pass this share of the DRAM level, down to the low mark. */
   highWatermark?: number;
   lowWatermark?: number;
-}
-
-export interface CacheStats {
-  hits: number;
-  misses: number;
-  stagedBytes: number;
-  destagedBytes: number;
-  evictions: number;
-  promotions: number;
-  demotions: number;
-  dirtyBytes: number;
-  lines: { dram: number; flash: number };
-  slots: { dram: number; flash: number };
 }
 
 type Queue = 'a1in' | 'am' | 'flash';

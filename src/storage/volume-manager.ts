@@ -13,22 +13,14 @@ import { join } from 'node:path';
 import { MisuseError, RuntimeError, StorageError } from '../errors.js';
 import { formatSize } from '../units.js';
 import { DataStore } from './data-store.js';
+import type { VolumeInfo } from '../protocol/admin/api.js';
+export type { VolumeInfo };
 
 export const DEFAULT_VOLUME = 'default';
 const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 export const VOLUME_NAME_FORM = '1 to 64 letters, digits, ".", "_" or "-", starting with a letter or digit';
 export const SECTOR = 4096;
 export const MAX_VOLUME_SIZE = 2 ** 50; // 1 PiB: far past anything a sparse file here should hold
-
-export interface VolumeInfo {
-  name: string;
-  size: number;
-  readOnly: boolean;
-  createdAt: string;
-  connections: number;
-  /** The NVRAM device that is this volume's write log, if any. */
-  writeLog: string | null;
-}
 
 export class Volume {
   readonly name: string;

@@ -16,11 +16,11 @@
 // trims has been written back by the cache flush that precedes the trim.
 
 import { isMemstrataError } from '../errors.js';
-import type { Logger } from '../node/logger.js';
+import type { Logger } from '../logger.js';
 import type { Extent } from '../protocol/nbd/codec.js';
 import type { DeviceManager } from '../nvram/device-manager.js';
 import type { NvramDevice } from '../nvram/device.js';
-import { RECORD_FLAG, decodeOne } from '../nvram/record.js';
+import { RECORD_FLAG, decodeOne } from '../protocol/journal/record.js';
 import type { VolumeIo } from './volume-io.js';
 import type { Volume } from './volume-manager.js';
 

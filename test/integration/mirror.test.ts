@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { RmemClient, type Journal } from '../../src/client/rmem-client.js';
 import type { DeviceInfo } from '../../src/nvram/device.js';
 import { FILE_HEADER, parseJournal } from '../../src/nvram/journal-file.js';
-import { encodeRecord } from '../../src/nvram/record.js';
+import { encodeRecord } from '../../src/protocol/journal/record.js';
 import * as m from '../../src/protocol/mirror/codec.js';
 import { FrameParser, type Frame } from '../../src/protocol/rmem/parser.js';
 import { freePort, startNode, tempDir, type NodeProcess } from '../support/node-process.js';

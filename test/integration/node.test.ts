@@ -5,7 +5,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { access, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import type { NodeInfo, PartitionTableJson, AllocationTableJson, ResizeResponse } from '../../src/admin/api.js';
+import type { NodeInfo, PartitionTableJson, AllocationTableJson, ResizeResponse } from '../../src/protocol/admin/api.js';
 import { runCli, startNode, tempDir } from '../support/node-process.js';
 
 async function getJson<T>(url: string): Promise<{ status: number; body: T }> {

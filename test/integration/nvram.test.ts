@@ -2,7 +2,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import type { NvramDumpJson, NvramListJson, PartitionTableJson } from '../../src/admin/api.js';
+import type { NvramDumpJson, NvramListJson, PartitionTableJson } from '../../src/protocol/admin/api.js';
 import { runCli, startNode, tempDir } from '../support/node-process.js';
 
 test('memstrata nvram create, list, dump and rm, with --json, coded errors and status', async (t) => {

@@ -7,7 +7,7 @@ import { connect, createServer, type Socket } from 'node:net';
 import { randomBytes } from 'node:crypto';
 import fc from 'fast-check';
 import { RmemClient, type Region } from '../../src/client/rmem-client.js';
-import type { ServersJson, PartitionTableJson } from '../../src/admin/api.js';
+import type { ServersJson, PartitionTableJson } from '../../src/protocol/admin/api.js';
 import * as codec from '../../src/protocol/rmem/codec.js';
 import { OP, STATUS } from '../../src/protocol/rmem/spec.js';
 import { runCli, startNode, tempDir, type NodeProcess } from '../support/node-process.js';

@@ -4,7 +4,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { access } from 'node:fs/promises';
 import { join } from 'node:path';
-import type { VolumesJson } from '../../src/admin/api.js';
+import type { VolumesJson } from '../../src/protocol/admin/api.js';
 import { runCli, startNode, tempDir } from '../support/node-process.js';
 
 test('memstrata volume create, list, resize and rm, with --json and coded errors', async (t) => {

@@ -13,8 +13,8 @@
 // integer is big-endian; a device name is a u8 length and that many bytes of UTF-8.
 
 import { MisuseError } from '../../errors.js';
-import { decodeRecord, MAX_PAYLOAD, type JournalRecord } from '../../nvram/record.js';
-import { POLICIES, type Policy, type Role } from '../../nvram/device.js';
+import { decodeRecord, MAX_PAYLOAD, type JournalRecord } from '../journal/record.js';
+import { POLICIES, type Policy, type Role } from '../journal/policy.js';
 
 export const MIRROR_VERSION = 1;
 export const MIRROR_REQUEST_MAGIC = 0x4d534d51;

@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { ExtentMap } from '../../../src/memory/extent-map.js';
-import { KINDS, type Kind } from '../../../src/memory/kinds.js';
+import { KINDS, type Kind } from '../../../src/kinds.js';
 
 type Op =
   | { op: 'convert'; from: Kind; to: Kind; n: number }

@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { PartitionTable, type MediumLayout } from '../../../src/memory/partition-table.js';
-import { KINDS, USED_KINDS, type MediumName, type UsedKind } from '../../../src/memory/kinds.js';
+import { KINDS, USED_KINDS, type MediumName, type UsedKind } from '../../../src/kinds.js';
 
 const E = 4096; // small extents keep the tables small
 

@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { AllocationTable } from '../../../src/memory/allocation-table.js';
 import { DramMedium } from '../../../src/memory/dram-medium.js';
-import type { MediumName } from '../../../src/memory/kinds.js';
+import type { MediumName } from '../../../src/kinds.js';
 import type { Medium } from '../../../src/memory/medium.js';
 import { PartitionTable, type MediumLayout } from '../../../src/memory/partition-table.js';
 import { PAGE_SIZE, ServerMemory } from '../../../src/memory/server-memory.js';

@@ -7,7 +7,7 @@ import pino from 'pino';
 import { DramMedium } from '../../../src/memory/dram-medium.js';
 import { PartitionTable } from '../../../src/memory/partition-table.js';
 import { DeviceManager } from '../../../src/nvram/device-manager.js';
-import { decodeOne } from '../../../src/nvram/record.js';
+import { decodeOne } from '../../../src/protocol/journal/record.js';
 import { parseJournal } from '../../../src/nvram/journal-file.js';
 
 const E = 64 * 1024;

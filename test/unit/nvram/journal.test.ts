@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import fc from 'fast-check';
 import { JournalFile, encodeFileHeader, parseJournal, type JournalSink } from '../../../src/nvram/journal-file.js';
-import { RECORD_FLAG, decodeOne, decodeRecord, encodeRecord } from '../../../src/nvram/record.js';
+import { RECORD_FLAG, decodeOne, decodeRecord, encodeRecord } from '../../../src/protocol/journal/record.js';
 
 const FIXTURES = new URL('../../../../test/fixtures/journal/', import.meta.url);
 

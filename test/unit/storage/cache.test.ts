@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import fc from 'fast-check';
 import pino from 'pino';
 import { DramMedium } from '../../../src/memory/dram-medium.js';
-import type { MediumName } from '../../../src/memory/kinds.js';
+import type { MediumName } from '../../../src/kinds.js';
 import { PartitionTable, type MediumLayout } from '../../../src/memory/partition-table.js';
 import { LINE_SIZE, StorageCache } from '../../../src/storage/cache.js';
 import { DataStore } from '../../../src/storage/data-store.js';

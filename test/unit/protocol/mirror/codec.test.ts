@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { encodeRecord } from '../../../../src/nvram/record.js';
+import { encodeRecord } from '../../../../src/protocol/journal/record.js';
 import * as m from '../../../../src/protocol/mirror/codec.js';
 import { FrameParser, type Frame } from '../../../../src/protocol/rmem/parser.js';
 

@@ -20,7 +20,7 @@
 // frozen files that every later version must keep reading.
 
 import { crc32 } from 'node:zlib';
-import { MisuseError } from '../errors.js';
+import { MisuseError } from '../../errors.js';
 
 export const RECORD_MAGIC = 0x4d534a52;
 export const RECORD_VERSION = 1;

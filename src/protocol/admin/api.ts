@@ -1,0 +1,223 @@
+// Shapes of the admin API's JSON, shared by the server, the CLI and AdminClient: the
+// spec of the admin protocol. Versioned by the `/v1` prefix: fields may be added, never
+// renamed or removed within v1. The subsystems report in these shapes (they import them
+// from here), so the client's public types never reach into server internals.
+
+import type { ErrorCode } from '../../errors.js';
+import type { Kind, MediumName, UsedKind } from '../../kinds.js';
+import type { Policy, Role } from '../journal/policy.js';
+
+// ---- what the subsystems report ----
+
+export interface CacheStats {
+  hits: number;
+  misses: number;
+  stagedBytes: number;
+  destagedBytes: number;
+  evictions: number;
+  promotions: number;
+  demotions: number;
+  dirtyBytes: number;
+  lines: { dram: number; flash: number };
+  slots: { dram: number; flash: number };
+}
+
+export interface VolumeInfo {
+  name: string;
+  size: number;
+  readOnly: boolean;
+  createdAt: string;
+  connections: number;
+  /** The NVRAM device that is this volume's write log, if any. */
+  writeLog: string | null;
+}
+
+/**
+ * How a mirrored primary's appends are protected right now:
+ *   in-sync   sent to the partner, acknowledged once it holds them
+ *   syncing   the partner is being brought up to date; appends wait
+ *   degraded  no partner; acknowledged once the journal file is synced
+ *   refusing  no partner, and the node is configured to refuse rather than degrade
+ */
+export type MirrorMode = 'in-sync' | 'syncing' | 'degraded' | 'refusing';
+
+export interface DeviceInfo {
+  name: string;
+  size: number;
+  used: number;
+  policy: Policy;
+  medium: string;
+  epoch: number;
+  /** First live sequence number, or null when the journal is empty. */
+  firstSeq: number | null;
+  /** Last acknowledged sequence number, or null before the first append. */
+  lastSeq: number | null;
+  records: number;
+  /** `recovering`: after a crash, until the partner confirms what it holds (mirrored). */
+  state: 'ready' | 'recovering' | 'closed' | 'failed';
+  role: Role;
+  /** How appends are protected now; null for devices that are not mirrored, and for replicas. */
+  mirror: MirrorMode | null;
+}
+
+export type OnPartnerDown = 'degrade' | 'refuse';
+
+export interface MirroringInfo {
+  partner: string | null;
+  partnerNode: string | null;
+  link: 'up' | 'down' | 'none';
+  onPartnerDown: OnPartnerDown;
+  /** Times a mirrored device lost its partner and degraded or began refusing. */
+  degradations: number;
+  /** Resyncs that completed. */
+  resyncs: number;
+  /** Records the partner acknowledged. */
+  mirroredRecords: number;
+}
+
+export interface SessionInfo {
+  serverId: string;
+  sessionId: string;
+  state: 'connected' | 'disconnected';
+  remote: string | undefined;
+  since: string;
+  /** While disconnected: milliseconds until the regions are freed. */
+  expiresInMs: number | undefined;
+}
+
+export interface KindUsage {
+  bytes: number;
+  /** Bytes in this kind that no owner holds. */
+  idleBytes: number;
+  min: number;
+  max: number;
+}
+
+export interface MediumUsage {
+  medium: MediumName;
+  capacity: number;
+  extentSize: number;
+  kinds: Record<Kind, KindUsage>;
+}
+
+export interface ResizeResult {
+  medium: MediumName;
+  kind: UsedKind;
+  fromBytes: number;
+  toBytes: number;
+  /** Bytes taken from (negative: given to) each other kind. */
+  moved: Partial<Record<Kind, number>>;
+  /** Bytes owners handed back when asked. */
+  reclaimedBytes: number;
+}
+
+export interface ServerSummary {
+  serverId: string;
+  regions: number;
+  bytes: Partial<Record<MediumName, number>>;
+}
+
+export interface MediumInfo {
+  name: MediumName;
+  capacity: number;
+  extentSize: number;
+  persistent: boolean;
+  residentBytes: number;
+  path?: string;
+}
+
+export interface NodeInfo {
+  id: string;
+  version: string;
+  pid: number;
+  startedAt: string;
+  uptimeSeconds: number;
+  dataDir: string;
+  listen: { admin: string; rmem: string; nbd: string; mirror: string };
+  media: MediumInfo[];
+  usage: MediumUsage[];
+  /** Storage cache counters, or null when the cache is disabled. */
+  cache: CacheStats | null;
+  nvram: DeviceInfo[];
+  /** The mirror link to the partner node. */
+  mirror: MirroringInfo;
+}
+
+export interface NvramListJson {
+  devices: DeviceInfo[];
+}
+
+export interface NvramRecordJson {
+  seq: number;
+  timestamp: number;
+  epoch: number;
+  target: { volume: string; offset: number } | null;
+  length: number;
+  /** The payload, base64. */
+  payload: string;
+}
+
+export interface NvramDumpJson {
+  device: DeviceInfo;
+  records: NvramRecordJson[];
+}
+
+export interface PartitionRowJson {
+  medium: MediumName;
+  start: number;
+  length: number;
+  /** Inclusive hex range as in the patent's FIG. 12: `0x00000000 to 0x1fffffff`. */
+  range: string;
+  kind: Kind;
+  owner: string | null;
+}
+
+export interface PartitionTableJson {
+  rows: PartitionRowJson[];
+  usage: MediumUsage[];
+}
+
+export interface AllocationRowJson {
+  serverId: string;
+  regionId: number;
+  medium: MediumName;
+  start: number;
+  length: number;
+  range: string;
+}
+
+export interface AllocationTableJson {
+  rows: AllocationRowJson[];
+  servers: ServerSummary[];
+}
+
+export interface ResizeRequest {
+  medium: MediumName;
+  kind: UsedKind;
+  /** Bytes, or a size string such as `256MiB`. */
+  bytes: number | string;
+}
+
+export interface ResizeResponse {
+  result: ResizeResult;
+  partition: PartitionTableJson;
+}
+
+/** An rmem session as the service reports it. */
+export type RmemSessionJson = SessionInfo;
+
+export interface ServersJson {
+  sessions: RmemSessionJson[];
+  allocation: AllocationTableJson;
+}
+
+/** A volume as the volume manager reports it. */
+export type VolumeJson = VolumeInfo;
+
+export interface VolumesJson {
+  volumes: VolumeJson[];
+}
+
+export interface ErrorResponse {
+  error: { code: ErrorCode; message: string; details?: Record<string, unknown> };
+}

@@ -1,0 +1,12 @@
+// Names shared by every layer that speaks of NVRAM devices: the durability policies and
+// the roles of a mirrored pair. They sit with the journal codec, below the devices that
+// implement them, so wire codecs (rmem, mirror) and clients can name them without
+// importing the NVRAM subsystem.
+
+export const POLICIES = ['volatile', 'local', 'mirrored', 'mirrored+local'] as const;
+export type Policy = (typeof POLICIES)[number];
+export type Role = 'primary' | 'replica';
+
+export function isMirrored(policy: Policy): boolean {
+  return policy === 'mirrored' || policy === 'mirrored+local';
+}
