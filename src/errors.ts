@@ -37,6 +37,7 @@ export const ERRORS = {
   MS_VOLUME_READ_ONLY: { category: 'misuse', status: 403, summary: 'a write, trim or zero was sent to a read-only volume (wire EPERM)' },
   MS_VOLUME_RANGE: { category: 'misuse', status: 400, summary: 'an I/O request reaches past the end of the volume (wire EINVAL)' },
   MS_VOLUME_BUSY: { category: 'runtime', status: 409, summary: 'the volume has clients connected; disconnect them first' },
+  MS_VOLUME_FENCED: { category: 'storage', status: 503, summary: 'a sync of the volume failed, so data may be lost; it is read-only until the node restarts (wire EIO)' },
   MS_NVRAM_NOT_FOUND: { category: 'misuse', status: 404, summary: 'no NVRAM device has that name' },
   MS_NVRAM_EXISTS: { category: 'misuse', status: 409, summary: 'an NVRAM device with that name already exists' },
   MS_NVRAM_INVALID: { category: 'misuse', status: 400, summary: 'an NVRAM request or record is invalid: bad name, size, policy, checksum or length' },
@@ -157,4 +158,9 @@ export function toMemstrataError(value: unknown): MemstrataError {
   if (value instanceof MemstrataError) return value;
   const message = value instanceof Error ? value.message : String(value);
   return new RuntimeError('MS_INTERNAL', message, { cause: value });
+}
+
+/** `error` as an Error: thrown values that are not Errors are wrapped, so they can be thrown again and logged. */
+export function asError(error: unknown): Error {
+  return error instanceof Error ? error : new Error(String(error));
 }

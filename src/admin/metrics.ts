@@ -11,7 +11,7 @@ import { VERSION } from '../version.js';
 import type { RmemService } from '../server/rmem-service.js';
 import type { NbdService } from '../server/nbd-service.js';
 import type { VolumeManager } from '../storage/volume-manager.js';
-import type { CacheStats } from '../storage/cache.js';
+import type { CacheStats } from '../storage/cache/storage-cache.js';
 import type { DeviceInfo } from '../nvram/device.js';
 import type { MirroringInfo } from '../nvram/mirroring.js';
 
@@ -201,6 +201,16 @@ export class NodeMetrics {
         for (const v of sources.volumes.list()) this.set({ volume: v.name }, v.size);
       },
     });
+    new Gauge({
+      name: 'memstrata_volume_fenced',
+      help: '1 while a volume is fenced: a sync failed, so it is read-only until the node restarts.',
+      labelNames: ['volume'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        for (const v of sources.volumes.list()) this.set({ volume: v.name }, v.failure === undefined ? 0 : 1);
+      },
+    });
     /** Counters read at scrape time from a source that may be absent (no cache, no mirroring). */
     const counterOf =
       <T>(read: () => T | undefined) =>
@@ -221,6 +231,7 @@ export class NodeMetrics {
     cacheCounter('memstrata_cache_misses_total', 'Cache line lookups that had to stage sectors from the data store.', (s) => s.misses);
     cacheCounter('memstrata_cache_staged_bytes_total', 'Bytes read from data stores into the cache.', (s) => s.stagedBytes);
     cacheCounter('memstrata_cache_destaged_bytes_total', 'Dirty bytes written back to data stores.', (s) => s.destagedBytes);
+    cacheCounter('memstrata_cache_write_back_failures_total', 'Write-backs to a data store that failed; the data stayed dirty and FLUSH reports the error.', (s) => s.writeBackFailures);
     cacheCounter('memstrata_cache_evictions_total', 'Lines evicted from a cache level.', (s) => s.evictions);
     cacheCounter('memstrata_cache_promotions_total', 'Lines moved from the flash level back to DRAM.', (s) => s.promotions);
     cacheCounter('memstrata_cache_demotions_total', 'Clean lines moved from DRAM to the flash level.', (s) => s.demotions);

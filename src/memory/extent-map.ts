@@ -142,6 +142,30 @@ export class ExtentMap {
     this.idle[code] = (this.idle[code] ?? 0) - unique.length;
   }
 
+  /** Hands the named extents from one owner to another without their passing through idle. */
+  transfer(indexes: readonly number[], from: string, to: string): void {
+    for (const i of indexes) {
+      if (!Number.isInteger(i) || i < 0 || i >= this.count || this.owners[i] !== from) {
+        throw new MisuseError('MS_EXTENT_NOT_OWNED', `extent ${i} is not held by ${from}`, { details: { extent: i, owner: from } });
+      }
+    }
+    for (const i of indexes) this.owners[i] = to;
+  }
+
+  /** Moves the named extents, each idle in `from`, to kind `to`. All or nothing. */
+  convertExact(indexes: readonly number[], from: Kind, to: Kind): void {
+    const fromCode = KIND_CODE[from];
+    const unique = [...new Set(indexes)];
+    for (const i of unique) {
+      if (!Number.isInteger(i) || i < 0 || i >= this.count || this.kinds[i] !== fromCode || this.owners[i] !== null) {
+        throw new RuntimeError('MS_EXTENTS_EXHAUSTED', `extent ${i} is not an idle ${from} extent`, { details: { extent: i, kind: from } });
+      }
+    }
+    if (from === to) return;
+    for (const i of unique) this.kinds[i] = KIND_CODE[to];
+    this.shift(fromCode, KIND_CODE[to], unique.length);
+  }
+
   /** Takes extents back from `owner`; they stay in their kind, idle. */
   release(indexes: readonly number[], owner: string): void {
     for (const i of indexes) {

@@ -12,6 +12,10 @@
 // Resizes run one at a time in a queue, since they may wait on reclaimers. A resize is all
 // or nothing: either the kind reaches the requested size or nothing changes kind (extents
 // an owner handed back in a failed attempt stay idle in their kind, which is harmless).
+// Extents being moved are reserved from the moment they are found or handed back until
+// they change kind, so an owner cannot take back what it just gave (the cache adopts
+// idle cache extents whenever it runs out of slots), and exactly the extents an owner
+// drained are the ones that change kind.
 //
 // Growth takes `free` extents first, then idle and reclaimable `cache` extents above the
 // cache minimum. `server` and `nvram` extents hold data that cannot be evicted, so they
@@ -60,6 +64,9 @@ interface MediumState {
   layout: MediumLayout;
   map: ExtentMap;
 }
+
+/** The owner of extents taken out of reach during a resize (never a real owner: not a valid name). */
+const RESERVED = '\u0000resize';
 
 /** Kinds that give up extents when another kind grows, in the order asked. */
 const DONORS: readonly ('free' | 'cache')[] = ['free', 'cache'];
@@ -218,24 +225,64 @@ export class PartitionTable {
         { details: { medium, kind, needed: need * size, available } },
       );
     }
-    for (const step of plan) {
-      const short = step.extents - map.idleOf(step.donor);
-      if (short > 0) result.reclaimedBytes += (await this.reclaim(medium, step.donor, short)) * size;
-      if (map.idleOf(step.donor) < step.extents) throw this.busy(medium, step.donor, step.extents, map.idleOf(step.donor));
+    // Extents of an owned kind (cache) are reserved as they are found, idle or handed
+    // back, so that no owner can take them again while the others are being asked.
+    const reserved = new Map<Kind, number[]>();
+    try {
+      for (const step of plan) {
+        if (step.donor === 'free') {
+          if (map.idleOf('free') < step.extents) throw this.busy(medium, 'free', step.extents, map.idleOf('free'));
+          continue;
+        }
+        const held = this.reserve(medium, step.donor, Math.min(step.extents, map.idleOf(step.donor)));
+        reserved.set(step.donor, held);
+        const short = step.extents - held.length;
+        if (short > 0) {
+          const returned = await this.reclaim(medium, step.donor, short);
+          held.push(...returned);
+          result.reclaimedBytes += returned.length * size;
+        }
+        if (held.length < step.extents) throw this.busy(medium, step.donor, step.extents, held.length);
+      }
+    } catch (error) {
+      for (const held of reserved.values()) map.release(held, RESERVED);
+      throw error;
     }
     for (const step of plan) {
-      map.convert(step.donor, kind, step.extents);
+      const held = reserved.get(step.donor);
+      if (held === undefined) {
+        map.convert(step.donor, kind, step.extents);
+      } else {
+        map.release(held, RESERVED);
+        map.convertExact(held, step.donor, kind);
+      }
       result.moved[step.donor] = step.extents * size;
     }
   }
 
   private async shrink(medium: MediumName, kind: UsedKind, excess: number, result: ResizeResult): Promise<void> {
     const { layout, map } = this.state(medium);
-    const short = excess - map.idleOf(kind);
-    if (short > 0) result.reclaimedBytes += (await this.reclaim(medium, kind, short)) * layout.extentSize;
-    if (map.idleOf(kind) < excess) throw this.busy(medium, kind, excess, map.idleOf(kind));
-    map.convert(kind, 'free', excess);
+    const held = this.reserve(medium, kind, Math.min(excess, map.idleOf(kind)));
+    try {
+      const short = excess - held.length;
+      if (short > 0) {
+        const returned = await this.reclaim(medium, kind, short);
+        held.push(...returned);
+        result.reclaimedBytes += returned.length * layout.extentSize;
+      }
+      if (held.length < excess) throw this.busy(medium, kind, excess, held.length);
+    } catch (error) {
+      map.release(held, RESERVED);
+      throw error;
+    }
+    map.release(held, RESERVED);
+    map.convertExact(held, kind, 'free');
     result.moved.free = -excess * layout.extentSize;
+  }
+
+  /** Takes `count` idle extents of `kind` out of reach of every owner until released. */
+  private reserve(medium: MediumName, kind: Kind, count: number): number[] {
+    return count > 0 ? this.state(medium).map.assign(kind, RESERVED, count) : [];
   }
 
   /** How many extents each donor may give towards `need`, without dropping below its own minimum. */
@@ -253,18 +300,21 @@ export class PartitionTable {
     return plan;
   }
 
-  /** Asks the owners of `kind`, largest holder first, for `wanted` extents. Returns how many came back. */
-  private async reclaim(medium: MediumName, kind: Kind, wanted: number): Promise<number> {
+  /**
+   * Asks the owners of `kind`, largest holder first, for `wanted` extents. What they hand
+   * back is reserved at once (see grow) and returned.
+   */
+  private async reclaim(medium: MediumName, kind: Kind, wanted: number): Promise<number[]> {
     const { map } = this.state(medium);
-    let got = 0;
+    const got: number[] = [];
     for (const { owner, extents } of map.ownersOf(kind)) {
-      if (got >= wanted) break;
+      if (got.length >= wanted || owner === RESERVED) continue;
       const reclaimer = this.reclaimers.get(owner);
       if (reclaimer === undefined) continue;
       try {
-        const returned = await reclaimer({ medium, kind, extents: Math.min(extents, wanted - got) });
-        map.release(returned, owner);
-        got += new Set(returned).size;
+        const returned = [...new Set(await reclaimer({ medium, kind, extents: Math.min(extents, wanted - got.length) }))];
+        map.transfer(returned, owner, RESERVED);
+        got.push(...returned);
       } catch {
         // An owner that cannot give back counts as having given nothing; the caller
         // reports the shortfall as MS_PARTITION_BUSY.

@@ -25,7 +25,7 @@ import { RmemService } from '../server/rmem-service.js';
 import { NbdService } from '../server/nbd-service.js';
 import { DirectVolumeIo, type VolumeIo } from '../storage/volume-io.js';
 import { VolumeManager } from '../storage/volume-manager.js';
-import { StorageCache } from '../storage/cache.js';
+import { StorageCache } from '../storage/cache/storage-cache.js';
 import { WriteLogIo } from '../storage/write-log.js';
 import { DeviceManager } from '../nvram/device-manager.js';
 import { MirrorService } from '../nvram/mirror-service.js';

@@ -27,7 +27,7 @@
 // Markers (epoch, trim) go to the journal file too, so a restart knows the epoch and what
 // was trimmed; they carry no sequence number of their own.
 
-import { MisuseError, RuntimeError, StorageError } from '../errors.js';
+import { MisuseError, RuntimeError, StorageError, asError } from '../errors.js';
 import type { Medium } from '../memory/medium.js';
 import { JournalFile } from './journal-file.js';
 import { POLICIES, isMirrored, type Policy, type Role } from '../protocol/journal/policy.js';
@@ -227,7 +227,7 @@ export class NvramDevice {
     const journal = this.journal;
     if (journal !== undefined && this.policy === 'mirrored' && mode === 'in-sync') {
       journal.append(all, false).catch((error: unknown) => {
-        this.failure ??= error instanceof Error ? error : new Error(String(error));
+        this.failure ??= asError(error);
       });
     } else if (journal !== undefined) {
       work.push(journal.append(all));
@@ -240,7 +240,7 @@ export class NvramDevice {
     });
     this.ackChain = stored.catch((error: unknown) => {
       // A journal that failed under us cannot promise anything more: stop taking appends.
-      this.failure ??= error instanceof Error ? error : new Error(String(error));
+      this.failure ??= asError(error);
     });
     if (mode === 'in-sync' && this.port !== undefined) {
       const held = this.port.append(this.name, this.epochValue, all, encoded.length);

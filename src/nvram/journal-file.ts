@@ -24,7 +24,7 @@
 import { open, readFile, rename, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { crc32 } from 'node:zlib';
-import { StorageError } from '../errors.js';
+import { StorageError, asError } from '../errors.js';
 import { writeAll } from '../fs/positional-io.js';
 import { RECORD_FLAG, decodeRecord, encodeRecord, type JournalRecord } from '../protocol/journal/record.js';
 
@@ -266,7 +266,7 @@ export class JournalFile {
             await this.rewrite(next.compactAfter);
             next.resolve();
           } catch (error) {
-            next.reject(error instanceof Error ? error : new Error(String(error)));
+            next.reject(asError(error));
           }
           continue;
         }

@@ -14,20 +14,29 @@
 // the map file atomically (write, fsync, rename, fsync of the directory). Data reaches
 // the disk before any map that points at it, so after a crash a chunk reads either as it
 // was at the last sync or as zeros it was told to be, never as bytes from an older life.
+// A sync that fails fences the store (volume-store.ts): the kernel may have dropped the
+// pages it could not write and would report the next fsync as clean, so nothing written
+// since the last good sync can be promised any more.
+//
+// Concurrency: a chunk's zero bit and its bytes in the file change together under that
+// chunk's lock (writes into zero chunks, every zeroRange); writes to chunks that hold
+// data take no lock. Every operation checks its range: nothing grows the file but resize.
 
 import { open, readFile, rename, rm, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { crc32 } from 'node:zlib';
-import { StorageError } from '../errors.js';
+import { MisuseError, StorageError, asError } from '../errors.js';
 import { writeAll, writeZeros } from '../fs/positional-io.js';
 import type { Extent } from '../protocol/nbd/codec.js';
 import { STATE } from '../protocol/nbd/spec.js';
+import { KeyedLock } from './keyed-lock.js';
+import type { VolumeStore } from './volume-store.js';
 
 export const ZERO_CHUNK = 64 * 1024;
 const MAP_MAGIC = Buffer.from('MSZMAP01');
 const MAP_HEADER = 24;
 
-export class DataStore {
+export class DataStore implements VolumeStore {
   readonly path: string;
   private readonly mapPath: string;
   private handle: FileHandle | undefined;
@@ -36,8 +45,9 @@ export class DataStore {
   private zero: Uint8Array;
   private mapDirty: boolean;
   private mapWrites: Promise<void> = Promise.resolve();
-  /** Zero chunks being filled with zeros in the file before a partial write. */
-  private readonly filling: Map<number, Promise<void>>;
+  /** Held while a chunk's zero bit and its bytes in the file change together. */
+  private readonly chunks: KeyedLock<number>;
+  private fenced: Error | undefined;
 
   constructor(path: string, size: number) {
     this.path = path;
@@ -46,11 +56,16 @@ export class DataStore {
     this.sizeBytes = size;
     this.zero = new Uint8Array(0);
     this.mapDirty = false;
-    this.filling = new Map();
+    this.chunks = new KeyedLock();
+    this.fenced = undefined;
   }
 
   get size(): number {
     return this.sizeBytes;
+  }
+
+  get failure(): Error | undefined {
+    return this.fenced;
   }
 
   /** Opens (creating if need be) the data file and loads the zero map. */
@@ -61,6 +76,7 @@ export class DataStore {
     } catch (error) {
       throw new StorageError('MS_DATA_DIR', `cannot open volume file ${this.path}: ${(error as Error).message}`, { cause: error });
     }
+    this.fenced = undefined;
     const chunks = this.chunkCount(this.sizeBytes);
     this.zero = new Uint8Array(Math.ceil(chunks / 8));
     if (create) {
@@ -78,13 +94,20 @@ export class DataStore {
     const handle = this.handle;
     this.handle = undefined;
     if (handle === undefined) return;
-    // A clean stop leaves data and map durable, like a FLUSH.
-    await handle.datasync();
-    await this.persistMap();
-    await handle.close();
+    try {
+      // A clean stop leaves data and map durable, like a FLUSH; a fenced store has
+      // nothing it could promise, and says so through `failure` until then.
+      if (this.fenced === undefined) {
+        await handle.datasync();
+        await this.persistMap();
+      }
+    } finally {
+      await handle.close();
+    }
   }
 
   async read(offset: number, target: Buffer): Promise<void> {
+    this.checkRange(offset, target.length);
     const handle = this.file();
     let done = 0;
     while (done < target.length) {
@@ -108,55 +131,46 @@ export class DataStore {
     }
   }
 
+  /**
+   * Writes outside zero chunks go straight to the file. A write that touches zero
+   * chunks holds those chunks' locks (ascending) for its whole length: a chunk it covers
+   * in part is first filled with zeros in the file, and the bits of every zero chunk it
+   * touches are cleared only once the data has landed, so a reader sees either zeros or
+   * the new bytes, never older bytes from the file, and no fill can wipe a neighbour's
+   * landed data.
+   */
   async write(offset: number, data: Buffer): Promise<void> {
+    this.checkRange(offset, data.length);
+    this.writable();
+    if (data.length === 0) return;
     const handle = this.file();
-    // Writes into a zero chunk are serialised per chunk:
-    //   - covering the whole chunk: hold the chunk until the data has landed, then clear
-    //     its bit (until then reads still see zeros, never older bytes in the file);
-    //   - covering part of it: fill the chunk with zeros in the file first, clear the bit,
-    //     then write. Writers arriving meanwhile wait, so no fill can wipe landed data.
-    const owned: { chunk: number; release: () => void }[] = [];
     const first = Math.floor(offset / ZERO_CHUNK);
     const last = Math.floor((offset + data.length - 1) / ZERO_CHUNK);
-    try {
-      for (let chunk = first; chunk <= last && data.length > 0; chunk++) {
-        for (let busy = this.filling.get(chunk); busy !== undefined; busy = this.filling.get(chunk)) await busy;
+    const zeroChunks: number[] = [];
+    for (let chunk = first; chunk <= last; chunk++) if (this.isZero(chunk) || this.chunks.held(chunk)) zeroChunks.push(chunk);
+    if (zeroChunks.length === 0) return writeAll(handle, data, offset);
+    return this.withChunks(zeroChunks, async () => {
+      const cleared: number[] = [];
+      for (const chunk of zeroChunks) {
         if (!this.isZero(chunk)) continue;
         const start = chunk * ZERO_CHUNK;
         const end = Math.min(start + ZERO_CHUNK, this.sizeBytes);
-        if (offset <= start && offset + data.length >= end) {
-          let release: () => void = () => undefined;
-          this.filling.set(chunk, new Promise<void>((resolve) => (release = resolve)));
-          owned.push({ chunk, release });
-        } else {
-          await this.fill(handle, chunk, start, end);
-        }
+        if (offset > start || offset + data.length < end) await writeZeros(handle, start, end - start);
+        cleared.push(chunk);
       }
       await writeAll(handle, data, offset);
-      for (const { chunk } of owned) this.setZero(chunk, false);
-    } finally {
-      for (const { chunk, release } of owned) {
-        this.filling.delete(chunk);
-        release();
-      }
-    }
-  }
-
-  private fill(handle: FileHandle, chunk: number, start: number, end: number): Promise<void> {
-    const filled = writeZeros(handle, start, end - start)
-      .then(() => {
-        this.setZero(chunk, false);
-      })
-      .finally(() => this.filling.delete(chunk));
-    this.filling.set(chunk, filled);
-    return filled;
+      for (const chunk of cleared) this.setZero(chunk, false);
+    });
   }
 
   /**
    * Makes the range read as zeros. Whole chunks only change the map, unless `allocate`
    * (NBD_CMD_FLAG_NO_HOLE) asks for zeros to be written; partial chunks get zeros written.
+   * Each chunk is changed under its lock, like a write that touches a zero chunk.
    */
   async zeroRange(offset: number, length: number, allocate = false): Promise<void> {
+    this.checkRange(offset, length);
+    this.writable();
     const handle = this.file();
     let at = offset;
     const end = offset + length;
@@ -164,20 +178,20 @@ export class DataStore {
       const chunk = Math.floor(at / ZERO_CHUNK);
       const chunkStart = chunk * ZERO_CHUNK;
       const chunkEnd = Math.min(chunkStart + ZERO_CHUNK, this.sizeBytes);
+      const from = at;
       const n = Math.min(chunkEnd, end) - at;
-      if (this.isZero(chunk) && !allocate) {
-        // already zero
-      } else if (at === chunkStart && n === chunkEnd - chunkStart && !allocate) {
-        this.setZero(chunk, true);
-      } else {
+      await this.chunks.run(chunk, async () => {
         if (this.isZero(chunk)) {
+          if (!allocate) return;
           // NO_HOLE over a zero chunk: it becomes allocated zeros.
           await writeZeros(handle, chunkStart, chunkEnd - chunkStart);
           this.setZero(chunk, false);
+        } else if (from === chunkStart && n === chunkEnd - chunkStart && !allocate) {
+          this.setZero(chunk, true);
         } else {
-          await writeZeros(handle, at, n);
+          await writeZeros(handle, from, n);
         }
-      }
+      });
       at += n;
     }
   }
@@ -199,15 +213,22 @@ export class DataStore {
     return extents;
   }
 
-  /** Durable: data first, then the zero map. */
+  /** Durable: data first, then the zero map. A failure fences the store (see volume-store.ts). */
   async sync(): Promise<void> {
+    this.writable();
     const handle = this.file();
-    await handle.datasync();
-    await this.persistMap();
+    try {
+      await handle.datasync();
+      await this.persistMap();
+    } catch (error) {
+      this.fence(error);
+      throw this.fencedError();
+    }
   }
 
   /** Grows or shrinks the volume; new space reads as zeros. */
   async resize(size: number): Promise<void> {
+    this.writable();
     const handle = this.file();
     const old = this.sizeBytes;
     const map = new Uint8Array(Math.ceil(this.chunkCount(size) / 8));
@@ -234,6 +255,37 @@ export class DataStore {
   private file(): FileHandle {
     if (this.handle === undefined) throw new StorageError('MS_MEDIUM_IO', `volume file ${this.path} is not open`);
     return this.handle;
+  }
+
+  private checkRange(offset: number, length: number): void {
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.sizeBytes) {
+      throw new MisuseError('MS_VOLUME_RANGE', `offset ${offset} length ${length} lies outside the volume (${this.sizeBytes} bytes)`, {
+        details: { offset, length, size: this.sizeBytes },
+      });
+    }
+  }
+
+  private writable(): void {
+    if (this.fenced !== undefined) throw this.fencedError();
+  }
+
+  private fence(error: unknown): void {
+    if (this.fenced !== undefined) return;
+    this.fenced = asError(error);
+  }
+
+  private fencedError(): StorageError {
+    const reason = this.fenced?.message ?? 'unknown';
+    return new StorageError('MS_VOLUME_FENCED', `volume file ${this.path} is fenced: a sync failed (${reason}), so writes since the last good sync may be lost`, {
+      cause: this.fenced,
+    });
+  }
+
+  /** Runs `fn` holding the locks of `chunks` (ascending, so holders never wait in a cycle). */
+  private withChunks<T>(chunks: readonly number[], fn: () => Promise<T>, from = 0): Promise<T> {
+    const chunk = chunks[from];
+    if (chunk === undefined) return fn();
+    return this.chunks.run(chunk, () => this.withChunks(chunks, fn, from + 1));
   }
 
   private chunkCount(size: number): number {

@@ -13,6 +13,7 @@ import { join } from 'node:path';
 import { MisuseError, RuntimeError, StorageError } from '../errors.js';
 import { formatSize } from '../units.js';
 import { DataStore } from './data-store.js';
+import type { VolumeStore } from './volume-store.js';
 import type { VolumeInfo } from '../protocol/admin/api.js';
 export type { VolumeInfo };
 
@@ -26,12 +27,12 @@ export class Volume {
   readonly name: string;
   readonly readOnly: boolean;
   readonly createdAt: string;
-  readonly store: DataStore;
+  readonly store: VolumeStore;
   /** The NVRAM device that journals this volume's writes (FUA and FLUSH then cost a journal append). */
   readonly writeLog: string | undefined;
   connections: number;
 
-  constructor(name: string, readOnly: boolean, createdAt: string, store: DataStore, writeLog?: string) {
+  constructor(name: string, readOnly: boolean, createdAt: string, store: VolumeStore, writeLog?: string) {
     this.name = name;
     this.readOnly = readOnly;
     this.writeLog = writeLog;
@@ -44,8 +45,22 @@ export class Volume {
     return this.store.size;
   }
 
+  /** Why the volume is fenced (read-only until the node restarts), or undefined. */
+  get failure(): Error | undefined {
+    return this.store.failure;
+  }
+
   info(): VolumeInfo {
-    return { name: this.name, size: this.size, readOnly: this.readOnly, createdAt: this.createdAt, connections: this.connections, writeLog: this.writeLog ?? null };
+    return {
+      name: this.name,
+      size: this.size,
+      readOnly: this.readOnly,
+      createdAt: this.createdAt,
+      connections: this.connections,
+      writeLog: this.writeLog ?? null,
+      state: this.store.failure === undefined ? 'ready' : 'fenced',
+      failure: this.store.failure?.message ?? null,
+    };
   }
 }
 

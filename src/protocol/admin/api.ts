@@ -14,6 +14,8 @@ export interface CacheStats {
   misses: number;
   stagedBytes: number;
   destagedBytes: number;
+  /** Write-backs to a data store that failed; their data stayed dirty in the cache. */
+  writeBackFailures: number;
   evictions: number;
   promotions: number;
   demotions: number;
@@ -30,6 +32,9 @@ export interface VolumeInfo {
   connections: number;
   /** The NVRAM device that is this volume's write log, if any. */
   writeLog: string | null;
+  /** `fenced`: a sync failed, so the volume is read-only until the node restarts (`failure` says why). */
+  state: 'ready' | 'fenced';
+  failure: string | null;
 }
 
 /**

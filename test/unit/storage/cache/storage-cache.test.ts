@@ -3,16 +3,18 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import fc from 'fast-check';
 import pino from 'pino';
-import { DramMedium } from '../../../src/memory/dram-medium.js';
-import type { MediumName } from '../../../src/kinds.js';
-import { PartitionTable, type MediumLayout } from '../../../src/memory/partition-table.js';
-import { LINE_SIZE, StorageCache } from '../../../src/storage/cache.js';
-import { DataStore } from '../../../src/storage/data-store.js';
-import { Volume } from '../../../src/storage/volume-manager.js';
+import { DramMedium } from '../../../../src/memory/dram-medium.js';
+import type { MediumName } from '../../../../src/kinds.js';
+import { PartitionTable, type MediumLayout } from '../../../../src/memory/partition-table.js';
+import { LINE_SIZE } from '../../../../src/storage/cache/line.js';
+import { StorageCache } from '../../../../src/storage/cache/storage-cache.js';
+import { DataStore } from '../../../../src/storage/data-store.js';
+import { Volume } from '../../../../src/storage/volume-manager.js';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 
 const E = 256 * 1024; // 4 lines per extent
+const SECTOR = 4096;
 const log = pino({ level: 'silent' });
 
 class TestMedium extends DramMedium {
@@ -23,7 +25,7 @@ class TestMedium extends DramMedium {
   }
 }
 
-async function setup(t: { after(fn: () => Promise<void>): void }, options: { dramLines: number; flashLines: number; volumeSize: number }) {
+async function setup(t: { after(fn: () => Promise<void>): void }, options: { dramLines: number; flashLines: number; volumeSize: number; correlationWindow?: number }) {
   const layout = (name: MediumName, lines: number): MediumLayout => {
     const capacity = Math.max(E, Math.ceil((lines * LINE_SIZE) / E) * E) * 2;
     return {
@@ -43,7 +45,7 @@ async function setup(t: { after(fn: () => Promise<void>): void }, options: { dra
   const store = new DataStore(join(dir, 'v.img'), options.volumeSize);
   await store.open(true);
   const volume = new Volume('v', false, new Date().toISOString(), store);
-  const cache = new StorageCache({ partition, media, log, maxDirtyAgeMs: 60_000 });
+  const cache = new StorageCache({ partition, media, log, maxDirtyAgeMs: 60_000, correlationWindow: options.correlationWindow });
   cache.start();
   t.after(async () => {
     await cache.stop();
@@ -114,13 +116,19 @@ test('concurrent writes and reads of disjoint ranges all land', async (t) => {
   back.forEach((got, i) => assert.ok(got.equals(blocks[i]!), `block ${i}`));
 });
 
+/** Touches the hot lines in rounds, with the accesses of `between` other lines in between, so 2Q sees reuse. */
+async function warm(cache: StorageCache, volume: Volume, hot: readonly number[], rounds: number): Promise<void> {
+  const buf = Buffer.alloc(4096);
+  for (let round = 0; round < rounds; round++) for (const offset of hot) await cache.read(volume, offset, buf);
+}
+
 test('scan resistance: a one-pass sequential read does not evict the hot set', async (t) => {
   const size = 16 * 1024 * 1024;
-  const { cache, volume } = await setup(t, { dramLines: 16, flashLines: 0, volumeSize: size });
+  const { cache, volume } = await setup(t, { dramLines: 16, flashLines: 0, volumeSize: size, correlationWindow: 4 });
   const hot = [0, 1, 2, 3, 4, 5].map((i) => i * LINE_SIZE);
   const buf = Buffer.alloc(4096);
-  // Touch the hot lines twice so 2Q promotes them to Am.
-  for (let round = 0; round < 3; round++) for (const offset of hot) await cache.read(volume, offset, buf);
+  // Touch the hot lines in rounds longer than the correlation window so 2Q promotes them to Am.
+  await warm(cache, volume, hot, 3);
   const before = cache.stats();
   for (let offset = 64 * LINE_SIZE; offset < size; offset += LINE_SIZE) await cache.read(volume, offset, buf);
   const afterScan = cache.stats();
@@ -128,6 +136,27 @@ test('scan resistance: a one-pass sequential read does not evict the hot set', a
   const after = cache.stats();
   assert.ok(afterScan.misses - before.misses >= 190, 'the scan missed');
   assert.equal(after.misses, afterScan.misses, 'every hot line is still cached after the scan');
+});
+
+test('scan resistance holds for requests smaller than a line: a sequential 4 KiB scan counts each line once', async (t) => {
+  // Issue 10 item 8: the second 4 KiB access to the same 64 KiB line used to promote it,
+  // so a sequential 4 KiB scan pushed the hot set out of Am.
+  const size = 16 * 1024 * 1024;
+  const { cache, volume } = await setup(t, { dramLines: 16, flashLines: 0, volumeSize: size, correlationWindow: 32 });
+  const hot = [0, 1, 2, 3, 4, 5].map((i) => i * LINE_SIZE);
+  const buf = Buffer.alloc(4096);
+  // Rounds of the hot set with 40 other accesses between the touches of each hot line.
+  for (let round = 0; round < 3; round++) {
+    for (const offset of hot) await cache.read(volume, offset, buf);
+    for (let k = 0; k < 40; k++) await cache.read(volume, 8 * LINE_SIZE + (k % 4) * SECTOR, buf);
+  }
+  const before = cache.stats();
+  for (let offset = 64 * LINE_SIZE; offset < size; offset += SECTOR) await cache.read(volume, offset, buf);
+  const afterScan = cache.stats();
+  for (const offset of hot) await cache.read(volume, offset, buf);
+  const after = cache.stats();
+  assert.ok(afterScan.misses - before.misses >= 190, 'the scan missed');
+  assert.equal(after.misses, afterScan.misses, 'every hot line is still cached after a 4 KiB scan');
 });
 
 test('shrinking the cache partition under load destages and keeps every byte', async (t) => {

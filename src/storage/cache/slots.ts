@@ -1,0 +1,170 @@
+// Slot allocation of one cache level: the line-sized slots of the `cache` extents the
+// level holds on its medium, and the draining of extents the partition table takes back.
+//
+//   extent e:  [slot][slot][slot][slot]...   (extentSize / LINE_SIZE slots)
+//   state of a slot:  free (on the free list) | taken (by a caller, until give())
+//   state of an extent: active | draining (none of its slots is handed out again)
+//
+// A slot is taken before any I/O touches it and given back after the last; the cache
+// holds a taken slot either as a line's home or briefly between its taker and the line
+// (admission, demotion, promotion). So `used[e] == 0` means no line lives in extent e,
+// no slot of it is between a taker and a line, and no I/O is in flight on it.
+//
+// Invariants (test/unit/storage/cache/slots.test.ts):
+//   - take() never returns a slot of a draining extent, nor a slot already taken;
+//   - drain(E) resolves only once every slot of every extent in E is free, and from
+//     then until remove(E) or undrain(E) none of them can be taken;
+//   - free + taken = slots of the extents held, at every step.
+
+import type { MediumName } from '../../kinds.js';
+import { LINE_SIZE } from './line.js';
+
+export class SlotPool<L> {
+  readonly medium: MediumName;
+  private readonly extentSize: number;
+  private readonly perExtent: number;
+  private readonly free: number[];
+  /** Taken slots per extent held. */
+  private readonly used: Map<number, number>;
+  private readonly draining: Set<number>;
+  private readonly taken: Set<number>;
+  /** The line living in each taken slot that has one (the slot's home). */
+  private readonly homes: Map<number, L>;
+  private waiters: (() => void)[];
+
+  constructor(medium: MediumName, extentSize: number) {
+    this.medium = medium;
+    this.extentSize = extentSize;
+    this.perExtent = Math.floor(extentSize / LINE_SIZE);
+    this.free = [];
+    this.used = new Map();
+    this.draining = new Set();
+    this.taken = new Set();
+    this.homes = new Map();
+    this.waiters = [];
+  }
+
+  /** Slots of the extents held, draining ones included. */
+  get slots(): number {
+    return this.used.size * this.perExtent;
+  }
+
+  /** Slots that can be taken now. */
+  get freeSlots(): number {
+    return this.free.length;
+  }
+
+  /** Extents held, in ascending order. */
+  extents(): number[] {
+    return [...this.used.keys()].sort((a, b) => a - b);
+  }
+
+  /** Adds extents newly assigned to the cache; their slots become free. */
+  add(extents: readonly number[]): number {
+    for (const e of extents) {
+      if (this.used.has(e)) continue;
+      this.used.set(e, 0);
+      for (let k = this.perExtent - 1; k >= 0; k--) this.free.push(e * this.extentSize + k * LINE_SIZE);
+    }
+    this.wake();
+    return extents.length * this.perExtent;
+  }
+
+  /** A free slot, or undefined when there is none. */
+  take(): number | undefined {
+    const slot = this.free.pop();
+    if (slot === undefined) return undefined;
+    const e = this.extentOf(slot);
+    this.used.set(e, (this.used.get(e) ?? 0) + 1);
+    this.taken.add(slot);
+    return slot;
+  }
+
+  /** Records the line that lives in a taken slot. */
+  home(slot: number, line: L): void {
+    this.homes.set(slot, line);
+    this.wake();
+  }
+
+  /** Gives a taken slot back; a slot of a draining extent is not handed out again. */
+  give(slot: number): void {
+    if (!this.taken.delete(slot)) throw new Error(`cache slot ${slot} on ${this.medium} was given back but not taken`);
+    this.homes.delete(slot);
+    const e = this.extentOf(slot);
+    const used = this.used.get(e) ?? 0;
+    this.used.set(e, used - 1);
+    if (!this.draining.has(e)) this.free.push(slot);
+    this.wake();
+  }
+
+  /** Resolves at the next give() or add(): a slot may be free, or a drain may be over. */
+  changed(): Promise<void> {
+    return new Promise((resolve) => this.waiters.push(resolve));
+  }
+
+  /** Picks up to `count` extents to give back: the emptiest first, then the highest. */
+  pick(count: number): number[] {
+    return [...this.used.entries()]
+      .filter(([e]) => !this.draining.has(e))
+      .sort((a, b) => a[1] - b[1] || b[0] - a[0])
+      .slice(0, count)
+      .map(([e]) => e);
+  }
+
+  /** Stops handing out slots of `extents`; their free slots leave the free list. */
+  startDrain(extents: readonly number[]): void {
+    for (const e of extents) this.draining.add(e);
+    const keep = this.free.filter((slot) => !this.draining.has(this.extentOf(slot)));
+    this.free.length = 0;
+    this.free.push(...keep);
+  }
+
+  /** Lines living in the draining extents now. */
+  linesIn(extents: readonly number[]): L[] {
+    const wanted = new Set(extents);
+    const lines: L[] = [];
+    for (const [slot, line] of this.homes) if (wanted.has(this.extentOf(slot))) lines.push(line);
+    return lines;
+  }
+
+  /** True once no slot of `extents` is taken. */
+  drained(extents: readonly number[]): boolean {
+    return extents.every((e) => (this.used.get(e) ?? 0) === 0);
+  }
+
+  /** A drain that could not finish: the extents' free slots are handed out again. */
+  undrain(extents: readonly number[]): void {
+    for (const e of extents) {
+      if (!this.draining.delete(e)) continue;
+      // Slots of e are free unless taken; taken ones come back through give().
+      for (let k = this.perExtent - 1; k >= 0; k--) {
+        const slot = e * this.extentSize + k * LINE_SIZE;
+        if (!this.taken.has(slot)) this.free.push(slot);
+      }
+    }
+    this.wake();
+  }
+
+  /** Forgets drained extents: they are no longer the cache's. */
+  remove(extents: readonly number[]): void {
+    for (const e of extents) {
+      if ((this.used.get(e) ?? 0) !== 0) throw new Error(`cache extent ${e} on ${this.medium} still has slots in use`);
+      this.draining.delete(e);
+      this.used.delete(e);
+    }
+    const keep = this.free.filter((slot) => this.used.has(this.extentOf(slot)));
+    this.free.length = 0;
+    this.free.push(...keep);
+  }
+
+  extentOf(slot: number): number {
+    return Math.floor(slot / this.extentSize);
+  }
+
+  private wake(): void {
+    const waiters = this.waiters;
+    if (waiters.length === 0) return;
+    this.waiters = [];
+    for (const w of waiters) w();
+  }
+}

@@ -1,0 +1,567 @@
+// The storage cache (DESIGN 4.2, patent FIG. 20-21): write-back caching of volumes in
+// the `cache` partition, DRAM first, flash second. This module joins four mechanisms,
+// each in its own module with its invariants and tests:
+//
+//   line.ts         a line: 64 KiB of one volume, 16 sectors with valid and dirty bits
+//   replacement.ts  whom to evict: 2Q with a correlated-reference window (DRAM), LRU (flash)
+//   slots.ts        where lines live: slots of the cache's extents; draining extents
+//   write-back.ts   dirty lines to the data store: destage, FLUSH, the destager
+//
+// The seams, explicitly:
+//   - every operation on a line holds that line's lock (a KeyedLock on the line's key,
+//     held whether or not the line is cached), so staging, writing, destaging, demotion
+//     and eviction of one line never interleave. Nothing waits for a DRAM line's lock
+//     while holding another DRAM line's lock; an eviction that demotes holds its DRAM
+//     line's lock while it takes a flash slot (which may evict flash lines, under their
+//     locks), and flash work never waits for a DRAM line's lock, so locks cannot cycle;
+//   - a slot is taken before a line is put in it and given back only after the line's
+//     last I/O; slot numbers never leave this module except as medium offsets;
+//   - reclaim (the partition table wants extents back): the slot pool stops handing out
+//     slots of the chosen extents, then every line living there is evicted under its lock
+//     (a dirty line is destaged first), and only once no slot of them is taken (no line,
+//     no taker, no I/O) are they zeroed and handed over. A line admitted into such an
+//     extent just before the drain began is evicted like the others: memory changes owner
+//     only when the cache has provably stopped using it (DESIGN 4.1, issue 10 item 1);
+//   - reads stage only the sectors they miss from the data store (FIG. 21); writes land
+//     in the DRAM slot and are acknowledged (FIG. 20), staging a sector first only when
+//     they cover part of it. Clean DRAM lines are demoted to flash when evicted; a DRAM
+//     miss that finds its line in flash promotes it.
+//
+// A request's pieces (one per line) run concurrently; the request reports only after
+// every piece has settled (settle.ts), so no piece still uses its buffer when the caller
+// hears of a failure. When the DRAM level has no slot at all (its extents were all taken
+// back), requests go to the data store directly, under the same line locks, dropping any
+// flash copy a write makes stale.
+
+import { asError } from '../../errors.js';
+import type { Logger } from '../../logger.js';
+import type { MediumName } from '../../kinds.js';
+import type { Medium } from '../../memory/medium.js';
+import type { PartitionTable } from '../../memory/partition-table.js';
+import type { CacheStats } from '../../protocol/admin/api.js';
+import type { Extent } from '../../protocol/nbd/codec.js';
+import { KeyedLock } from '../keyed-lock.js';
+import { settleAll } from '../settle.js';
+import type { VolumeIo } from '../volume-io.js';
+import type { Volume } from '../volume-manager.js';
+import { ALL_SECTORS, LINE_SIZE, Line, SECTOR_SIZE, fullSectorMask, highestBit, lowestBit, pieces, sectorMask } from './line.js';
+import { Replacement } from './replacement.js';
+import { SlotPool } from './slots.js';
+import { WriteBack } from './write-back.js';
+
+export type { CacheStats };
+export const CACHE_OWNER = 'cache';
+
+export interface CacheOptions {
+  partition: PartitionTable;
+  media: readonly Medium[];
+  log: Logger;
+  /** Dirty data older than this is destaged (ms). */
+  maxDirtyAgeMs: number;
+  /** Start destaging when dirty bytes pass this share of the DRAM level, down to the low mark. */
+  highWatermark?: number;
+  lowWatermark?: number;
+  /** Accesses within which repeated hits on a line count as one reference (replacement.ts). */
+  correlationWindow?: number;
+  /** How often the destager looks for due lines (ms); 0 leaves it to explicit destage() calls. */
+  destageIntervalMs?: number;
+}
+
+interface Level {
+  medium: Medium;
+  slots: SlotPool<Line>;
+}
+
+/** A piece's work on its cached line, and the same work when no DRAM slot exists. */
+type OnLine = (line: Line) => Promise<void>;
+type Direct = () => Promise<void>;
+
+export class StorageCache implements VolumeIo {
+  private readonly options: CacheOptions;
+  private readonly levels: Map<MediumName, Level>;
+  private readonly lines: Map<string, Line>;
+  private readonly policy: Replacement<Line>;
+  private readonly writeBack: WriteBack;
+  private readonly locks: KeyedLock<string>;
+  private readonly ids: WeakMap<Volume, number>;
+  private nextId: number;
+  private readonly counters: { hits: number; misses: number; stagedBytes: number; evictions: number; promotions: number; demotions: number };
+  private timer: NodeJS.Timeout | undefined;
+
+  constructor(options: CacheOptions) {
+    this.options = options;
+    this.levels = new Map();
+    this.lines = new Map();
+    this.policy = new Replacement(options.correlationWindow ?? 64);
+    this.locks = new KeyedLock();
+    this.ids = new WeakMap();
+    this.nextId = 1;
+    this.counters = { hits: 0, misses: 0, stagedBytes: 0, evictions: 0, promotions: 0, demotions: 0 };
+    this.timer = undefined;
+    this.writeBack = new WriteBack({
+      log: options.log,
+      maxDirtyAgeMs: options.maxDirtyAgeMs,
+      highWatermark: options.highWatermark ?? 0.5,
+      lowWatermark: options.lowWatermark ?? 0.25,
+      capacity: () => (this.levels.get('dram')?.slots.slots ?? 0) * LINE_SIZE,
+      mediumOf: (line) => this.level(line.medium).medium,
+      lock: (line, fn) => this.locks.run(line.key, fn),
+      live: (line) => this.live(line),
+    });
+  }
+
+  /** Takes the idle cache extents of each medium as line slots, registers the reclaimer, starts the destager. */
+  start(): void {
+    for (const medium of this.options.media) {
+      this.levels.set(medium.name, { medium, slots: new SlotPool(medium.name, this.options.partition.extentSize(medium.name)) });
+      this.adopt(medium.name);
+    }
+    this.options.partition.setReclaimer(CACHE_OWNER, (request) => this.reclaim(request.medium, request.extents));
+    const interval = this.options.destageIntervalMs ?? 200;
+    if (interval > 0) {
+      this.timer = setInterval(() => {
+        void this.destage();
+      }, interval);
+      this.timer.unref();
+    }
+  }
+
+  /** Destages everything it can and hands every extent back. */
+  async stop(): Promise<void> {
+    if (this.timer !== undefined) clearInterval(this.timer);
+    this.timer = undefined;
+    this.options.partition.removeReclaimer(CACHE_OWNER);
+    await this.writeBack.idle();
+    for (const volume of this.writeBack.volumes()) {
+      try {
+        await this.writeBack.flush(volume);
+      } catch (error) {
+        this.options.log.error({ volume: volume.name, err: error }, 'dirty cache data of the volume could not be written back at stop; it is lost');
+      }
+    }
+    for (const [name, level] of this.levels) {
+      const extents = level.slots.extents();
+      if (extents.length > 0) this.options.partition.release(name, extents, CACHE_OWNER);
+    }
+    this.levels.clear();
+    this.lines.clear();
+    this.policy.clear();
+  }
+
+  /** Runs the destager once now (the timer does this every destageIntervalMs). */
+  destage(now = Date.now()): Promise<void> {
+    return this.writeBack.destageDue(now);
+  }
+
+  stats(): CacheStats {
+    return {
+      ...this.counters,
+      destagedBytes: this.writeBack.bytesDestaged,
+      writeBackFailures: this.writeBack.failedWriteBacks,
+      dirtyBytes: this.writeBack.dirtyBytes(),
+      lines: { dram: this.policy.dramLines, flash: this.policy.flashLines },
+      slots: { dram: this.levels.get('dram')?.slots.slots ?? 0, flash: this.levels.get('flash')?.slots.slots ?? 0 },
+    };
+  }
+
+  /** Where each cached line lives (tests and diagnostics): medium and slot offset. */
+  residents(): { volume: string; index: number; medium: MediumName; slot: number; dirty: boolean }[] {
+    return [...this.lines.values()].map((l) => ({ volume: l.volume.name, index: l.index, medium: l.medium, slot: l.slot, dirty: l.dirty !== 0 }));
+  }
+
+  // ---- VolumeIo ----
+
+  read(volume: Volume, offset: number, target: Buffer): Promise<void> {
+    return settleAll(
+      pieces(offset, target.length).map(({ index, within, length, at }) => {
+        const part = target.subarray(at, at + length);
+        return this.withLine(
+          volume,
+          index,
+          (line) => this.readLine(line, within, part),
+          () => volume.store.read(index * LINE_SIZE + within, part),
+        );
+      }),
+    );
+  }
+
+  async write(volume: Volume, offset: number, data: Buffer, fua: boolean): Promise<void> {
+    const parts = pieces(offset, data.length);
+    await settleAll(
+      parts.map(({ index, within, length, at }) => {
+        const part = data.subarray(at, at + length);
+        return this.withLine(
+          volume,
+          index,
+          (line) => this.writeLine(line, within, part),
+          () => volume.store.write(index * LINE_SIZE + within, part),
+        );
+      }),
+    );
+    if (!fua) return;
+    let failure: Error | undefined;
+    for (const { index } of parts) {
+      const line = this.lines.get(this.keyOf(volume, index));
+      if (line === undefined) continue;
+      try {
+        await this.locks.run(line.key, () => this.writeBack.destage(line));
+      } catch (error) {
+        failure ??= asError(error);
+      }
+    }
+    if (failure !== undefined) throw failure;
+    await volume.store.sync();
+  }
+
+  flush(volume: Volume): Promise<void> {
+    return this.writeBack.flush(volume);
+  }
+
+  async zero(volume: Volume, offset: number, length: number, options: { fua: boolean; allocate: boolean }): Promise<void> {
+    // Cached sectors wholly inside the range are dropped (clean and dirty alike: the
+    // zeros supersede them); sectors covered in part get zeros written like any write.
+    const head = Math.min(length, (SECTOR_SIZE - (offset % SECTOR_SIZE)) % SECTOR_SIZE);
+    const innerStart = offset + head;
+    const innerEnd = Math.max(innerStart, offset + length - ((offset + length) % SECTOR_SIZE));
+    const work: Promise<void>[] = [];
+    if (head > 0) work.push(this.write(volume, offset, Buffer.alloc(head), false));
+    if (offset + length > innerEnd && innerEnd >= innerStart) work.push(this.write(volume, innerEnd, Buffer.alloc(offset + length - innerEnd), false));
+    // Each line's part is dropped and zeroed in the store under that line's lock, so a
+    // read cannot stage the old bytes in between and keep them after the zeroing.
+    for (const { index, within, length: n } of pieces(innerStart, innerEnd - innerStart)) {
+      work.push(
+        this.locks.run(this.keyOf(volume, index), async () => {
+          const line = this.lines.get(this.keyOf(volume, index));
+          if (line !== undefined) this.clearSectors(line, sectorMask(within, n));
+          await volume.store.zeroRange(index * LINE_SIZE + within, n, options.allocate);
+        }),
+      );
+    }
+    await settleAll(work);
+    if (options.fua) await this.flush(volume);
+  }
+
+  async prefetch(volume: Volume, offset: number, length: number): Promise<void> {
+    for (const { index, within, length: n } of pieces(offset, length)) {
+      await this.withLine(volume, index, (line) => this.stage(line, sectorMask(within, n)), () => Promise.resolve());
+    }
+  }
+
+  blockStatus(volume: Volume, offset: number, length: number): Extent[] {
+    // Dirty cached data makes a hole in the store data: report those chunks as data.
+    const extents = volume.store.blockStatus(offset, length);
+    if (!this.writeBack.hasDirty(volume)) return extents;
+    const result: Extent[] = [];
+    let at = offset;
+    for (const extent of extents) {
+      let pos = at;
+      const end = at + extent.length;
+      while (pos < end) {
+        const index = Math.floor(pos / LINE_SIZE);
+        const n = Math.min((index + 1) * LINE_SIZE, end) - pos;
+        const line = this.lines.get(this.keyOf(volume, index));
+        const flags = line !== undefined && line.dirty !== 0 ? 0 : extent.flags;
+        const last = result[result.length - 1];
+        if (last !== undefined && last.flags === flags) last.length += n;
+        else result.push({ length: n, flags });
+        pos += n;
+      }
+      at = end;
+    }
+    return result;
+  }
+
+  /**
+   * Drops a volume's cached data from `fromOffset` on without writing it back (the volume
+   * is removed, or shrunk to `fromOffset`). A line that straddles the new end keeps its
+   * sectors below it, dirty ones included.
+   */
+  async forget(volume: Volume, fromOffset = 0): Promise<void> {
+    const firstSector = Math.ceil(fromOffset / SECTOR_SIZE);
+    for (const line of [...this.lines.values()]) {
+      if (line.volume !== volume || (line.index + 1) * LINE_SIZE <= fromOffset) continue;
+      await this.locks.run(line.key, () => {
+        if (!this.live(line)) return Promise.resolve();
+        const keep = Math.max(0, firstSector - line.index * (LINE_SIZE / SECTOR_SIZE));
+        this.clearSectors(line, ALL_SECTORS & ~((1 << keep) - 1));
+        return Promise.resolve();
+      });
+    }
+  }
+
+  // ---- lines ----
+
+  private keyOf(volume: Volume, index: number): string {
+    let id = this.ids.get(volume);
+    if (id === undefined) {
+      id = this.nextId++;
+      this.ids.set(volume, id);
+    }
+    return `${id}:${index}`;
+  }
+
+  private live(line: Line): boolean {
+    return this.lines.get(line.key) === line;
+  }
+
+  /**
+   * Runs `onLine` on the DRAM line of (volume, index) under its lock, admitting or
+   * promoting the line first; or `direct` under the same lock when DRAM has no slot.
+   */
+  private async withLine(volume: Volume, index: number, onLine: OnLine, direct: Direct): Promise<void> {
+    const key = this.keyOf(volume, index);
+    for (;;) {
+      let line = this.lines.get(key);
+      if (line === undefined || line.queue === 'flash') {
+        // Take the DRAM slot before any line lock: evicting for it takes other locks.
+        const slot = await this.takeSlot('dram');
+        if (slot === undefined) return this.locks.run(key, () => this.directly(key, direct));
+        line = this.lines.get(key);
+        if (line === undefined) {
+          line = new Line(volume, index, key, 'dram', slot);
+          this.lines.set(key, line);
+          this.level('dram').slots.home(slot, line);
+          this.policy.admitted(line);
+        } else if (line.queue === 'flash') {
+          const flashLine = line;
+          await this.locks.run(key, () => this.promote(flashLine, slot));
+        } else {
+          this.level('dram').slots.give(slot);
+          this.policy.hit(line);
+        }
+      } else {
+        this.policy.hit(line);
+      }
+      const current = line;
+      const ran = await this.locks.run(key, async () => {
+        // The line may have been evicted or demoted while we waited for its lock.
+        if (!this.live(current) || current.queue === 'flash') return false;
+        await onLine(current);
+        return true;
+      });
+      if (ran) return;
+    }
+  }
+
+  /** The data-store path, under the line's lock: a flash copy the work may make stale is dropped first. */
+  private async directly(key: string, direct: Direct): Promise<void> {
+    const line = this.lines.get(key);
+    if (line !== undefined && line.dirty === 0) this.drop(line);
+    await direct();
+  }
+
+  private async readLine(line: Line, within: number, target: Buffer): Promise<void> {
+    const mask = sectorMask(within, target.length);
+    if ((line.valid & mask) === mask) this.counters.hits++;
+    else {
+      this.counters.misses++;
+      await this.stage(line, mask);
+    }
+    await this.level(line.medium).medium.read(line.slot + within, target);
+  }
+
+  private async writeLine(line: Line, within: number, data: Buffer): Promise<void> {
+    const mask = sectorMask(within, data.length);
+    // Sectors the write covers only in part must hold their other bytes first.
+    const partial = mask & ~fullSectorMask(within, data.length) & ~line.valid;
+    if (partial !== 0) await this.stage(line, partial);
+    await this.level(line.medium).medium.write(line.slot + within, data);
+    line.valid |= mask;
+    if (line.dirty === 0) line.dirtySince = Date.now();
+    line.dirty |= mask;
+    this.writeBack.marked(line);
+  }
+
+  /** Reads the sectors of `mask` that are not valid from the data store into the slot (FIG. 21). */
+  private async stage(line: Line, mask: number): Promise<void> {
+    const missing = mask & ~line.valid;
+    if (missing === 0) return;
+    const first = lowestBit(missing);
+    const last = highestBit(missing);
+    const start = line.index * LINE_SIZE + first * SECTOR_SIZE;
+    const length = Math.min((last - first + 1) * SECTOR_SIZE, Math.max(0, line.volume.size - start));
+    if (length <= 0) return;
+    const buf = Buffer.allocUnsafe(length);
+    await line.volume.store.read(start, buf);
+    // Sectors already valid inside the span (possibly dirty) keep their cached bytes.
+    const medium = this.level(line.medium).medium;
+    for (let s = first; s <= last; s++) {
+      if ((missing & (1 << s)) === 0) continue;
+      const from = (s - first) * SECTOR_SIZE;
+      if (from >= length) break;
+      await medium.write(line.slot + s * SECTOR_SIZE, buf.subarray(from, Math.min(from + SECTOR_SIZE, length)));
+    }
+    line.valid |= missing;
+    this.counters.stagedBytes += length;
+  }
+
+  /** Drops sectors of a line without writing them back; a line left with none is dropped (caller holds its lock). */
+  private clearSectors(line: Line, mask: number): void {
+    line.valid &= ~mask;
+    line.dirty &= ~mask;
+    this.writeBack.updated(line);
+    if (line.valid === 0) this.drop(line);
+  }
+
+  // ---- slots, eviction, levels ----
+
+  /**
+   * A free slot of a level, evicting lines until one is free; undefined when the level
+   * has no slots at all. Every eviction frees a slot for someone, so concurrent callers
+   * all make progress. A victim whose dirty data cannot be written back stays, and is
+   * skipped; when nothing else can be evicted the write-back error is the caller's.
+   */
+  private async takeSlot(medium: MediumName): Promise<number | undefined> {
+    const level = this.levels.get(medium);
+    if (level === undefined) return undefined;
+    let stuck: Set<Line> | undefined;
+    let failure: Error | undefined;
+    for (;;) {
+      const slot = level.slots.take();
+      if (slot !== undefined) return slot;
+      if (this.adopt(medium) > 0) continue;
+      if (level.slots.slots === 0) return undefined;
+      const skip = stuck === undefined ? undefined : (line: Line): boolean => stuck?.has(line) === true;
+      const victim = medium === 'dram' ? this.policy.dramVictim(skip) : this.policy.flashVictim(skip);
+      if (victim !== undefined) {
+        try {
+          await this.locks.run(victim.key, () => this.evict(victim));
+        } catch (error) {
+          failure ??= asError(error);
+          (stuck ??= new Set()).add(victim);
+        }
+        continue;
+      }
+      if (failure !== undefined) throw failure;
+      // Every slot is between its taker and its line: wait for one to come back.
+      await level.slots.changed();
+    }
+  }
+
+  /** Evicts a line (caller holds its lock): destage if dirty; a clean DRAM line moves to flash where there is room. */
+  private async evict(line: Line): Promise<void> {
+    if (!this.live(line)) return;
+    await this.writeBack.destage(line);
+    if (line.medium === 'dram' && line.valid !== 0 && (this.levels.get('flash')?.slots.slots ?? 0) > 0) {
+      const slot = await this.takeSlot('flash');
+      if (slot !== undefined) {
+        if (this.live(line) && line.dirty === 0) {
+          const dram = this.level('dram');
+          const flash = this.level('flash');
+          await copySlot(dram.medium, line.slot, flash.medium, slot);
+          this.policy.demoted(line);
+          dram.slots.give(line.slot);
+          line.medium = 'flash';
+          line.slot = slot;
+          flash.slots.home(slot, line);
+          this.counters.demotions++;
+          this.counters.evictions++;
+          return;
+        }
+        this.level('flash').slots.give(slot);
+      }
+    }
+    if (!this.live(line)) return;
+    if (line.medium === 'dram') this.policy.evictedFromDram(line);
+    else this.policy.removed(line);
+    this.forgetLine(line);
+    this.counters.evictions++;
+  }
+
+  /** Brings a flash line back to DRAM into `slot`, as a line known to be reused (caller holds its lock). */
+  private async promote(line: Line, slot: number): Promise<void> {
+    const dram = this.level('dram');
+    if (!this.live(line) || line.queue !== 'flash') {
+      dram.slots.give(slot);
+      return;
+    }
+    const flash = this.level('flash');
+    await copySlot(flash.medium, line.slot, dram.medium, slot);
+    flash.slots.give(line.slot);
+    line.medium = 'dram';
+    line.slot = slot;
+    dram.slots.home(slot, line);
+    this.policy.promoted(line);
+    this.counters.promotions++;
+  }
+
+  /** Removes a line from the cache without a trace; its dirty data is discarded (caller holds its lock). */
+  private drop(line: Line): void {
+    if (!this.live(line)) return;
+    line.dirty = 0;
+    this.writeBack.updated(line);
+    this.policy.removed(line);
+    this.forgetLine(line);
+  }
+
+  private forgetLine(line: Line): void {
+    this.lines.delete(line.key);
+    this.level(line.medium).slots.give(line.slot);
+  }
+
+  private level(medium: MediumName): Level {
+    const level = this.levels.get(medium);
+    if (level === undefined) throw new Error(`no ${medium} cache level`);
+    return level;
+  }
+
+  /** Takes every idle cache extent of a medium as slots; returns how many slots were added. */
+  private adopt(medium: MediumName): number {
+    const level = this.levels.get(medium);
+    const idle = this.options.partition.extents(medium).idleOf('cache');
+    if (level === undefined || idle === 0) return 0;
+    const extentSize = this.options.partition.extentSize(medium);
+    const extents = this.options.partition.assign(medium, 'cache', CACHE_OWNER, idle * extentSize);
+    const added = level.slots.add(extents);
+    if (medium === 'dram') this.policy.resize(level.slots.slots);
+    return added;
+  }
+
+  /**
+   * The partition table wants `count` extents of `medium` back. The chosen extents are
+   * drained (see the top of this file), zeroed, and only then handed over. A dirty line
+   * that cannot be written back fails the reclaim, and the extents stay the cache's.
+   */
+  private async reclaim(medium: MediumName, count: number): Promise<number[]> {
+    const level = this.levels.get(medium);
+    if (level === undefined) return [];
+    const chosen = level.slots.pick(count);
+    if (chosen.length === 0) return [];
+    const inChosen = new Set(chosen);
+    level.slots.startDrain(chosen);
+    try {
+      while (!level.slots.drained(chosen)) {
+        const resident = level.slots.linesIn(chosen);
+        for (const line of resident) {
+          await this.locks.run(line.key, async () => {
+            if (!this.live(line) || line.medium !== medium || !inChosen.has(level.slots.extentOf(line.slot))) return;
+            if (medium === 'dram') {
+              await this.evict(line);
+            } else {
+              this.policy.removed(line);
+              this.forgetLine(line);
+              this.counters.evictions++;
+            }
+          });
+        }
+        // Slots taken but not yet home to a line: wait until they are homed or given back.
+        if (resident.length === 0 && !level.slots.drained(chosen)) await level.slots.changed();
+      }
+      const extentSize = this.options.partition.extentSize(medium);
+      for (const e of chosen) await level.medium.zero(e * extentSize, extentSize);
+    } catch (error) {
+      level.slots.undrain(chosen);
+      throw error;
+    }
+    level.slots.remove(chosen);
+    if (medium === 'dram') this.policy.resize(level.slots.slots);
+    this.options.log.info({ medium, extents: chosen.length }, 'cache gave extents back to the partition table');
+    return chosen;
+  }
+}
+
+async function copySlot(from: Medium, fromSlot: number, to: Medium, toSlot: number): Promise<void> {
+  const buf = Buffer.allocUnsafe(LINE_SIZE);
+  await from.read(fromSlot, buf);
+  await to.write(toSlot, buf);
+}
