@@ -6,8 +6,11 @@ import type { FileHandle } from 'node:fs/promises';
 
 const ZEROS = Buffer.alloc(1024 * 1024);
 
+/** What positional writes need of a file: node's FileHandle, or a wrapper of one. */
+export type PositionalFile = Pick<FileHandle, 'write'>;
+
 /** Writes all of `buf` at `position`. */
-export async function writeAll(handle: FileHandle, buf: Uint8Array, position: number): Promise<void> {
+export async function writeAll(handle: PositionalFile, buf: Uint8Array, position: number): Promise<void> {
   let done = 0;
   while (done < buf.length) {
     const { bytesWritten } = await handle.write(buf, done, buf.length - done, position + done);
@@ -16,7 +19,7 @@ export async function writeAll(handle: FileHandle, buf: Uint8Array, position: nu
 }
 
 /** Writes `length` zero bytes at `offset`, a megabyte at a time. */
-export async function writeZeros(handle: FileHandle, offset: number, length: number): Promise<void> {
+export async function writeZeros(handle: PositionalFile, offset: number, length: number): Promise<void> {
   for (let done = 0; done < length; ) {
     const n = Math.min(ZEROS.length, length - done);
     await writeAll(handle, ZEROS.subarray(0, n), offset + done);

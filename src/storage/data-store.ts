@@ -36,10 +36,17 @@ export const ZERO_CHUNK = 64 * 1024;
 const MAP_MAGIC = Buffer.from('MSZMAP01');
 const MAP_HEADER = 24;
 
+/** The calls the data store makes on its data file: node's FileHandle, or a wrapper (fault injection). */
+export type StoreFile = Pick<FileHandle, 'read' | 'write' | 'datasync' | 'truncate' | 'close'>;
+
+/** Opens the data file; the default is node's `open`. */
+export type StoreFileOpener = (path: string, flags: string, mode: number) => Promise<StoreFile>;
+
 export class DataStore implements VolumeStore {
   readonly path: string;
   private readonly mapPath: string;
-  private handle: FileHandle | undefined;
+  private readonly openFile: StoreFileOpener;
+  private handle: StoreFile | undefined;
   private sizeBytes: number;
   /** One bit per chunk: set means the chunk reads as zeros. */
   private zero: Uint8Array;
@@ -49,9 +56,10 @@ export class DataStore implements VolumeStore {
   private readonly chunks: KeyedLock<number>;
   private fenced: Error | undefined;
 
-  constructor(path: string, size: number) {
+  constructor(path: string, size: number, openFile: StoreFileOpener = open) {
     this.path = path;
     this.mapPath = path.replace(/\.img$/, '') + '.zmap';
+    this.openFile = openFile;
     this.handle = undefined;
     this.sizeBytes = size;
     this.zero = new Uint8Array(0);
@@ -71,7 +79,7 @@ export class DataStore implements VolumeStore {
   /** Opens (creating if need be) the data file and loads the zero map. */
   async open(create: boolean): Promise<void> {
     try {
-      this.handle = await open(this.path, create ? 'wx+' : 'r+', 0o600);
+      this.handle = await this.openFile(this.path, create ? 'wx+' : 'r+', 0o600);
       if (create) await this.handle.truncate(this.sizeBytes);
     } catch (error) {
       throw new StorageError('MS_DATA_DIR', `cannot open volume file ${this.path}: ${(error as Error).message}`, { cause: error });
@@ -252,7 +260,7 @@ export class DataStore implements VolumeStore {
     await rm(this.mapPath, { force: true });
   }
 
-  private file(): FileHandle {
+  private file(): StoreFile {
     if (this.handle === undefined) throw new StorageError('MS_MEDIUM_IO', `volume file ${this.path} is not open`);
     return this.handle;
   }

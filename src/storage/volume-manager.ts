@@ -50,6 +50,16 @@ export class Volume {
     return this.store.failure;
   }
 
+  /** Throws MS_VOLUME_FENCED once a sync of the volume has failed: nothing written now could be made durable. */
+  checkWritable(): void {
+    const failure = this.store.failure;
+    if (failure === undefined) return;
+    throw new StorageError('MS_VOLUME_FENCED', `volume "${this.name}" is fenced since a sync failed (${failure.message}); it is read-only until the node restarts`, {
+      cause: failure,
+      details: { volume: this.name },
+    });
+  }
+
   info(): VolumeInfo {
     return {
       name: this.name,

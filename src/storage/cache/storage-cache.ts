@@ -29,9 +29,10 @@
 //
 // A request's pieces (one per line) run concurrently; the request reports only after
 // every piece has settled (settle.ts), so no piece still uses its buffer when the caller
-// hears of a failure. When the DRAM level has no slot at all (its extents were all taken
-// back), requests go to the data store directly, under the same line locks, dropping any
-// flash copy a write makes stale.
+// hears of a failure. When the DRAM level cannot give a slot (its extents were all taken
+// back, or every line it could evict holds dirty data the data store refuses), a piece
+// goes to the data store directly, under the same line lock, dropping any flash copy a
+// write makes stale.
 
 import { asError } from '../../errors.js';
 import type { Logger } from '../../logger.js';
@@ -186,6 +187,7 @@ export class StorageCache implements VolumeIo {
   }
 
   async write(volume: Volume, offset: number, data: Buffer, fua: boolean): Promise<void> {
+    volume.checkWritable();
     const parts = pieces(offset, data.length);
     await settleAll(
       parts.map(({ index, within, length, at }) => {
@@ -218,6 +220,7 @@ export class StorageCache implements VolumeIo {
   }
 
   async zero(volume: Volume, offset: number, length: number, options: { fua: boolean; allocate: boolean }): Promise<void> {
+    volume.checkWritable();
     // Cached sectors wholly inside the range are dropped (clean and dirty alike: the
     // zeros supersede them); sectors covered in part get zeros written like any write.
     const head = Math.min(length, (SECTOR_SIZE - (offset % SECTOR_SIZE)) % SECTOR_SIZE);
@@ -314,8 +317,15 @@ export class StorageCache implements VolumeIo {
       let line = this.lines.get(key);
       if (line === undefined || line.queue === 'flash') {
         // Take the DRAM slot before any line lock: evicting for it takes other locks.
-        const slot = await this.takeSlot('dram');
-        if (slot === undefined) return this.locks.run(key, () => this.directly(key, direct));
+        // Without one (no DRAM level, or every line it could evict holds dirty data the
+        // store refuses), the piece goes to the data store, whose error is then the caller's.
+        let slot: number | undefined;
+        try {
+          slot = await this.takeSlot('dram');
+        } catch {
+          slot = undefined;
+        }
+        if (slot === undefined) return this.locks.run(key, () => this.directly(key, onLine, direct));
         line = this.lines.get(key);
         if (line === undefined) {
           line = new Line(volume, index, key, 'dram', slot);
@@ -343,10 +353,14 @@ export class StorageCache implements VolumeIo {
     }
   }
 
-  /** The data-store path, under the line's lock: a flash copy the work may make stale is dropped first. */
-  private async directly(key: string, direct: Direct): Promise<void> {
+  /**
+   * The data-store path, under the line's lock. A DRAM line admitted meanwhile by another
+   * request takes the work instead; a flash copy the work may make stale is dropped.
+   */
+  private async directly(key: string, onLine: OnLine, direct: Direct): Promise<void> {
     const line = this.lines.get(key);
-    if (line !== undefined && line.dirty === 0) this.drop(line);
+    if (line !== undefined && line.queue !== 'flash') return onLine(line);
+    if (line !== undefined) this.drop(line);
     await direct();
   }
 

@@ -1,0 +1,173 @@
+// Fault injection for the storage interfaces, in the manner of nbdkit's `error` and
+// `delay` filters: wrappers that implement the same interface as what they wrap and,
+// per a plan, fail chosen calls (EIO, ENOSPC, a short write), or hold them until a gate
+// opens (a delay, a hang, or fast-check's scheduler deciding the order).
+//
+//   faultyFiles(plan)        a data-file opener for DataStore: read, write, datasync
+//   FaultyMedium(inner, plan) a Medium: read, write, zero
+//
+// Ops are named `<prefix>.<call>` (e.g. `store.write`, `store.datasync`, `dram.read`);
+// a rule matches by name and by the call's number (1-based, counted per name).
+
+import { open } from 'node:fs/promises';
+import type { MediumName } from '../../src/kinds.js';
+import type { Medium, MediumCapabilities } from '../../src/memory/medium.js';
+import type { StoreFile, StoreFileOpener } from '../../src/storage/data-store.js';
+
+export type FaultKind = 'EIO' | 'ENOSPC' | 'short';
+
+export interface FaultRule {
+  op: string;
+  /** First call (1-based) that fails; default: the next one. */
+  from?: number;
+  /** How many calls fail from there; default 1; Infinity: until healed. */
+  count?: number;
+  fault: FaultKind;
+}
+
+export class FaultPlan {
+  private rules: { op: string; from: number; to: number; fault: FaultKind }[];
+  private readonly calls: Map<string, number>;
+  /** Calls that were failed. */
+  injected: number;
+  /** Every call awaits this first, if set: a delay, a hang, or a scheduler's decision. */
+  gate: ((op: string) => Promise<void> | undefined) | undefined;
+
+  constructor() {
+    this.rules = [];
+    this.calls = new Map();
+    this.injected = 0;
+    this.gate = undefined;
+  }
+
+  /** Fails calls of `op` per the rule. `from` counts from calls made so far. */
+  fail(rule: FaultRule): this {
+    const made = this.calls.get(rule.op) ?? 0;
+    const from = made + (rule.from ?? 1);
+    this.rules.push({ op: rule.op, from, to: from + (rule.count ?? 1) - 1, fault: rule.fault });
+    return this;
+  }
+
+  /** Removes every rule: calls succeed from now on. */
+  heal(): void {
+    this.rules = [];
+  }
+
+  /** Counts a call of `op` and says whether and how it fails. */
+  next(op: string): FaultKind | undefined {
+    const n = (this.calls.get(op) ?? 0) + 1;
+    this.calls.set(op, n);
+    const rule = this.rules.find((r) => r.op === op && n >= r.from && n <= r.to);
+    if (rule === undefined) return undefined;
+    this.injected++;
+    return rule.fault;
+  }
+
+  count(op: string): number {
+    return this.calls.get(op) ?? 0;
+  }
+
+  async enter(op: string): Promise<FaultKind | undefined> {
+    const gate = this.gate?.(op);
+    if (gate !== undefined) await gate;
+    return this.next(op);
+  }
+}
+
+export function errnoError(code: 'EIO' | 'ENOSPC', op: string): NodeJS.ErrnoException {
+  const error: NodeJS.ErrnoException = new Error(`${code}: injected fault in ${op}`);
+  error.code = code;
+  error.errno = code === 'EIO' ? -5 : -28;
+  error.syscall = op;
+  return error;
+}
+
+/**
+ * An opener for DataStore whose files fail per the plan. A short write writes the first
+ * half of what it was asked and then fails with EIO, as a torn write would.
+ */
+export function faultyFiles(plan: FaultPlan, prefix = 'store'): StoreFileOpener {
+  return async (path, flags, mode) => {
+    const inner = await open(path, flags, mode);
+    const file: StoreFile = {
+      read: inner.read.bind(inner),
+      truncate: inner.truncate.bind(inner),
+      close: inner.close.bind(inner),
+      async datasync() {
+        const fault = await plan.enter(`${prefix}.datasync`);
+        if (fault !== undefined) throw errnoError(fault === 'ENOSPC' ? 'ENOSPC' : 'EIO', 'fdatasync');
+        return inner.datasync();
+      },
+      write: (async (buffer: Uint8Array, offset?: number | null, length?: number | null, position?: number | null) => {
+        const fault = await plan.enter(`${prefix}.write`);
+        const off = offset ?? 0;
+        const len = length ?? buffer.length - off;
+        if (fault === 'short') {
+          const half = Math.floor(len / 2);
+          if (half > 0) await inner.write(buffer, off, half, position);
+          throw errnoError('EIO', 'pwrite');
+        }
+        if (fault !== undefined) throw errnoError(fault, 'pwrite');
+        return inner.write(buffer, off, len, position);
+      }) as StoreFile['write'],
+    };
+    return file;
+  };
+}
+
+/** A medium whose calls fail or wait per the plan (ops `<name>.read`, `<name>.write`, `<name>.zero`). */
+export class FaultyMedium implements Medium {
+  readonly name: MediumName;
+  readonly capacity: number;
+  readonly extentSize: number;
+  readonly capabilities: MediumCapabilities;
+  private readonly inner: Medium;
+  private readonly plan: FaultPlan;
+
+  constructor(inner: Medium, plan: FaultPlan) {
+    this.inner = inner;
+    this.plan = plan;
+    this.name = inner.name;
+    this.capacity = inner.capacity;
+    this.extentSize = inner.extentSize;
+    this.capabilities = inner.capabilities;
+  }
+
+  open(): Promise<void> {
+    return this.inner.open();
+  }
+
+  async read(offset: number, target: Uint8Array): Promise<void> {
+    const fault = await this.plan.enter(`${this.name}.read`);
+    if (fault !== undefined) throw errnoError('EIO', `${this.name} read`);
+    return this.inner.read(offset, target);
+  }
+
+  async write(offset: number, source: Uint8Array): Promise<void> {
+    const fault = await this.plan.enter(`${this.name}.write`);
+    if (fault === 'short') {
+      await this.inner.write(offset, source.subarray(0, Math.floor(source.length / 2)));
+      throw errnoError('EIO', `${this.name} write`);
+    }
+    if (fault !== undefined) throw errnoError(fault, `${this.name} write`);
+    return this.inner.write(offset, source);
+  }
+
+  async zero(offset: number, length: number): Promise<void> {
+    const fault = await this.plan.enter(`${this.name}.zero`);
+    if (fault !== undefined) throw errnoError('EIO', `${this.name} zero`);
+    return this.inner.zero(offset, length);
+  }
+
+  sync(): Promise<void> {
+    return this.inner.sync();
+  }
+
+  close(): Promise<void> {
+    return this.inner.close();
+  }
+
+  resident(): Promise<number> {
+    return this.inner.resident();
+  }
+}
