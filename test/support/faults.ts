@@ -3,7 +3,7 @@
 // per a plan, fail chosen calls (EIO, ENOSPC, a short write), or hold them until a gate
 // opens (a delay, a hang, or fast-check's scheduler deciding the order).
 //
-//   faultyFiles(plan)        a data-file opener for DataStore: read, write, datasync
+//   faultyFiles(plan)         a data-file opener for DataStore: read, write, datasync
 //   FaultyMedium(inner, plan) a Medium: read, write, zero
 //
 // Ops are named `<prefix>.<call>` (e.g. `store.write`, `store.datasync`, `dram.read`);
@@ -90,7 +90,11 @@ export function faultyFiles(plan: FaultPlan, prefix = 'store'): StoreFileOpener 
   return async (path, flags, mode) => {
     const inner = await open(path, flags, mode);
     const file: StoreFile = {
-      read: inner.read.bind(inner),
+      read: (async (buffer: Uint8Array, offset?: number | null, length?: number | null, position?: number | null) => {
+        const fault = await plan.enter(`${prefix}.read`);
+        if (fault !== undefined) throw errnoError('EIO', 'pread');
+        return inner.read(buffer, offset ?? 0, length ?? buffer.length - (offset ?? 0), position);
+      }) as StoreFile['read'],
       truncate: inner.truncate.bind(inner),
       close: inner.close.bind(inner),
       async datasync() {

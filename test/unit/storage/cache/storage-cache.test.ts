@@ -12,6 +12,7 @@ import { DataStore } from '../../../../src/storage/data-store.js';
 import { Volume } from '../../../../src/storage/volume-manager.js';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
+import { FaultPlan, faultyFiles } from '../../../support/faults.js';
 
 const E = 256 * 1024; // 4 lines per extent
 const SECTOR = 4096;
@@ -25,7 +26,7 @@ class TestMedium extends DramMedium {
   }
 }
 
-async function setup(t: { after(fn: () => Promise<void>): void }, options: { dramLines: number; flashLines: number; volumeSize: number; correlationWindow?: number }) {
+async function setup(t: { after(fn: () => Promise<void>): void }, options: { dramLines: number; flashLines: number; volumeSize: number; correlationWindow?: number; plan?: FaultPlan }) {
   const layout = (name: MediumName, lines: number): MediumLayout => {
     const capacity = Math.max(E, Math.ceil((lines * LINE_SIZE) / E) * E) * 2;
     return {
@@ -42,7 +43,7 @@ async function setup(t: { after(fn: () => Promise<void>): void }, options: { dra
   for (const m of media) await m.open();
   const partition = new PartitionTable(layouts);
   const dir = await mkdtemp(join(tmpdir(), 'memstrata-cache-'));
-  const store = new DataStore(join(dir, 'v.img'), options.volumeSize);
+  const store = new DataStore(join(dir, 'v.img'), options.volumeSize, options.plan === undefined ? undefined : faultyFiles(options.plan));
   await store.open(true);
   const volume = new Volume('v', false, new Date().toISOString(), store);
   const cache = new StorageCache({ partition, media, log, maxDirtyAgeMs: 60_000, correlationWindow: options.correlationWindow });
@@ -187,4 +188,41 @@ test('shrinking the cache partition under load destages and keeps every byte', a
   await partition.resize('dram', 'cache', 8 * E);
   await cache.read(volume, 0, whole); // grows back into the new extents
   assert.ok(whole.equals(model));
+});
+
+test('shrinking a volume to a size inside a line keeps the acknowledged, unflushed writes below the new end', async (t) => {
+  // Issue 10 item 4: forget() dropped the whole 64 KiB line that straddles the new end.
+  const { cache, volume, store } = await setup(t, { dramLines: 4, flashLines: 0, volumeSize: 2 * LINE_SIZE });
+  const data = Buffer.alloc(LINE_SIZE);
+  for (let i = 0; i < data.length; i++) data[i] = (i * 7 + 3) & 0xff;
+  await cache.write(volume, 0, data, false);
+  const end = 9 * SECTOR; // not a multiple of 64 KiB
+  await cache.forget(volume, end);
+  await store.resize(end);
+  await cache.flush(volume);
+  const onDisk = Buffer.alloc(end);
+  await store.read(0, onDisk);
+  assert.ok(onDisk.equals(data.subarray(0, end)), 'the sectors below the new end reached the store');
+  const back = Buffer.alloc(end);
+  await cache.read(volume, 0, back);
+  assert.ok(back.equals(data.subarray(0, end)));
+});
+
+test('a request reports a failed piece only after every other piece has stopped using its buffer', async (t) => {
+  // Issue 10 item 6: Promise.all rejected at the first failed piece while a sibling still
+  // copied into the (pooled) buffer, which the NBD service then reused.
+  const plan = new FaultPlan();
+  const { cache, volume, store } = await setup(t, { dramLines: 8, flashLines: 0, volumeSize: 4 * LINE_SIZE, plan });
+  await store.write(0, Buffer.alloc(4 * LINE_SIZE, 1)); // data chunks: staging reads the file
+  let release: () => void = () => undefined;
+  const held = new Promise<void>((resolve) => (release = resolve));
+  plan.fail({ op: 'store.read', from: 1, fault: 'EIO' });
+  plan.gate = (op) => (op === 'store.read' && plan.count('store.read') >= 1 ? held : undefined);
+  let settled = false;
+  const target = Buffer.alloc(2 * LINE_SIZE);
+  const read = cache.read(volume, 0, target).finally(() => (settled = true));
+  for (let i = 0; i < 50; i++) await new Promise((resolve) => setImmediate(resolve));
+  assert.equal(settled, false, 'the read waits for its held piece although the other one failed');
+  release();
+  await assert.rejects(read, (error: { code?: string }) => error.code === 'EIO');
 });

@@ -1,0 +1,94 @@
+// The replacement policy alone: 2Q's queues, ghosts, and the correlated-reference window.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import type { Queue } from '../../../../src/storage/cache/line.js';
+import { Replacement } from '../../../../src/storage/cache/replacement.js';
+
+interface L {
+  key: string;
+  queue: Queue;
+  firstRef: number;
+}
+
+const line = (key: string): L => ({ key, queue: 'a1in', firstRef: 0 });
+
+test('hits within the correlation window count as one reference; a hit after it promotes to Am', () => {
+  const policy = new Replacement<L>(8);
+  policy.resize(16);
+  const a = line('a');
+  policy.admitted(a);
+  for (let i = 0; i < 8; i++) policy.hit(a); // 16 sub-line accesses of a scan: the same reference
+  assert.equal(a.queue, 'a1in');
+  const others = Array.from({ length: 8 }, (_, i) => line(`o${i}`));
+  for (const o of others) policy.admitted(o);
+  policy.hit(a); // a genuine second reference, after eight other accesses
+  assert.equal(a.queue, 'am');
+});
+
+test('a line evicted from A1in leaves a ghost, and a miss that finds it goes straight to Am; Am leaves none', () => {
+  const policy = new Replacement<L>(0);
+  policy.resize(8);
+  const a = line('a');
+  policy.admitted(a);
+  policy.evictedFromDram(a);
+  assert.equal(policy.where('a'), 'ghost');
+  const again = line('a');
+  policy.admitted(again);
+  assert.equal(again.queue, 'am');
+  policy.evictedFromDram(again);
+  assert.equal(policy.where('a'), undefined);
+});
+
+test('replacement invariants under random admissions, hits, evictions, demotions and promotions', () => {
+  fc.assert(
+    fc.property(
+      fc.integer({ min: 0, max: 20 }),
+      fc.integer({ min: 4, max: 32 }),
+      fc.array(fc.record({ op: fc.constantFrom('admit', 'hit', 'evict', 'demote', 'promote', 'flashEvict', 'remove'), key: fc.integer({ min: 0, max: 40 }) }), { maxLength: 300 }),
+      (window, slots, steps) => {
+        const policy = new Replacement<L>(window);
+        policy.resize(slots);
+        const live = new Map<string, L>();
+        for (const s of steps) {
+          const key = `k${s.key}`;
+          const l = live.get(key);
+          const inDram = l !== undefined && l.queue !== 'flash';
+          const dramCount = [...live.values()].filter((x) => x.queue !== 'flash').length;
+          if (s.op === 'admit' && l === undefined && dramCount < slots) {
+            const fresh = line(key);
+            policy.admitted(fresh);
+            live.set(key, fresh);
+          } else if (s.op === 'hit' && inDram) policy.hit(l);
+          else if (s.op === 'evict' && dramCount > 0) {
+            const victim = policy.dramVictim();
+            assert.ok(victim !== undefined && live.get(victim.key) === victim, 'the victim is a live DRAM line');
+            policy.evictedFromDram(victim);
+            live.delete(victim.key);
+          } else if (s.op === 'demote' && inDram) policy.demoted(l);
+          else if (s.op === 'promote' && l?.queue === 'flash' && dramCount < slots) policy.promoted(l);
+          else if (s.op === 'flashEvict') {
+            const victim = policy.flashVictim();
+            if (victim !== undefined) {
+              policy.removed(victim);
+              live.delete(victim.key);
+            }
+          } else if (s.op === 'remove' && l !== undefined) {
+            policy.removed(l);
+            live.delete(key);
+          }
+          // Each live line is in exactly the queue its field names; ghosts are never live.
+          for (const [k, x] of live) assert.equal(policy.where(k), x.queue);
+          assert.equal(policy.dramLines + policy.flashLines, live.size);
+          let ghosts = 0;
+          for (let k = 0; k <= 40; k++) if (policy.where(`k${k}`) === 'ghost') ghosts++;
+          assert.ok(ghosts <= Math.floor(slots / 2), `${ghosts} ghosts for ${slots} slots`);
+          if (policy.dramLines === 0) assert.equal(policy.dramVictim(), undefined);
+          else assert.ok(policy.dramVictim() !== undefined);
+        }
+      },
+    ),
+    { numRuns: 300 },
+  );
+});
