@@ -36,3 +36,23 @@ test('README documents every CLI command', async () => {
     });
   for (const name of names(buildProgram(), 'memstrata')) assert.ok(text.includes(name), `README lacks ${name}`);
 });
+
+test('docs/guarantees.md: every test it names exists and has that phrase in its name', async () => {
+  const text = await readFile(new URL('../../../docs/guarantees.md', import.meta.url), 'utf8');
+  // References look like: `test/unit/x.test.ts` › "a phrase of the test's name"
+  const refs = [...text.replace(/\s*\n\s*/g, ' ').matchAll(/`(test\/[^`]+\.test\.ts)` › "([^"]+)"/g)];
+  assert.ok(refs.length >= 10, `only ${refs.length} test references found`);
+  const missingRefs: string[] = [];
+  for (const [, file, phrase] of refs) {
+    let source: string;
+    try {
+      source = await readFile(new URL(`../../../${file ?? ''}`, import.meta.url), 'utf8');
+    } catch {
+      missingRefs.push(`${file ?? ''} does not exist`);
+      continue;
+    }
+    const names = [...source.matchAll(/\btest\(\s*(?:'((?:[^'\\]|\\.)*)'|`((?:[^`\\]|\\.)*)`|"((?:[^"\\]|\\.)*)")/g)].map((m) => (m[1] ?? m[2] ?? m[3] ?? '').replace(/\\'/g, "'"));
+    if (!names.some((name) => name.includes(phrase ?? '') || name.replace(/\$\{[^}]*\}/g, '').includes(phrase ?? ''))) missingRefs.push(`${file ?? ''} has no test named with "${phrase ?? ''}"`);
+  }
+  assert.deepEqual(missingRefs, []);
+});
