@@ -83,7 +83,14 @@ export class WriteLogIo implements VolumeIo {
         const record = decodeOne(buf);
         last = record.seq;
         if (record.target?.volume !== volume.name) continue;
-        if ((record.flags & RECORD_FLAG.ZERO) !== 0) await volume.store.zeroRange(record.target.offset, Number(record.payload.readBigUInt64BE(0)));
+        const zero = (record.flags & RECORD_FLAG.ZERO) !== 0;
+        const length = zero ? Number(record.payload.readBigUInt64BE(0)) : record.payload.length;
+        if (record.target.offset + length > volume.size) {
+          // Journaled before the volume was shrunk: the blocks it names are gone.
+          this.log.warn({ volume: volume.name, device: device.name, seq: record.seq, offset: record.target.offset, length, size: volume.size }, 'write log record lies past the end of the volume; skipped');
+          continue;
+        }
+        if (zero) await volume.store.zeroRange(record.target.offset, length);
         else await volume.store.write(record.target.offset, record.payload);
         applied++;
       }
