@@ -59,6 +59,9 @@ export interface NodeLossPolicy {
   probeMs: number;
 }
 
+/** How long close() waits for a node to close its side of the connection. */
+const CLOSE_WAIT_MS = 1000;
+
 export const DEFAULT_NODE_LOSS: Readonly<NodeLossPolicy> = { retries: 3, backoffMs: 100, graceMs: 10_000, probeMs: 1000 };
 
 /**
@@ -245,7 +248,11 @@ export class RemoteNode {
     this.stopGrace();
     this.wake();
     this.detach(this.session);
-    await this.session.close().catch(() => undefined);
+    // RmemClient.close waits for the node to close its side too, which a stopped node never
+    // does: the wait is bounded, and the socket goes once the node wakes or its host resets it.
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([this.session.close().catch(() => undefined), new Promise<void>((resolve) => (timer = setTimeout(resolve, CLOSE_WAIT_MS)))]);
+    clearTimeout(timer);
   }
 
   // ---- internals ----
