@@ -412,7 +412,12 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
         await flashStore?.close();
       },
     });
-    await memory.refresh();
+    try {
+      await memory.refresh();
+    } catch (error) {
+      await memory.close();
+      throw error;
+    }
     return memory;
   }
 
