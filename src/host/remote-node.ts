@@ -155,11 +155,6 @@ export class RemoteNode {
     return this.current;
   }
 
-  /** Regions of this host the node holds, as far as the host knows (the lost ones included until reclaimed). */
-  get boundRegions(): number {
-    return this.bound.size;
-  }
-
   /** Per medium capacity, with retries. */
   capacity(): Promise<CapacityEntry[]> {
     return this.call('CAPACITY', (s) => s.capacity(), this.generation);

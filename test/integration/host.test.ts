@@ -206,7 +206,8 @@ test('free violations: unknown address, double free, use after free, and access 
 test('node loss: operations on its segments fail naming it, the rest keep working, discovery shows it lost', async (t) => {
   const later = stack(t);
   const [a, b] = [await node(t, later), await node(t, later)];
-  const memory = await HierarchyMemory.open({ serverId: 'host-e', localDram: 0, timeoutMs: 1000, nodes: [{ name: 'a', host: a.rmem.host, port: a.rmem.port }, { name: 'b', host: b.rmem.host, port: b.rmem.port }] });
+  // A killed node's connection is down: it is lost once the grace period is over.
+  const memory = await HierarchyMemory.open({ serverId: 'host-e', localDram: 0, timeoutMs: 1000, nodeLoss: { graceMs: 300 }, nodes: [{ name: 'a', host: a.rmem.host, port: a.rmem.port }, { name: 'b', host: b.rmem.host, port: b.rmem.port }] });
   later(() => memory.close());
   const onA = await memory.alloc(64 * KiB, { device: 'a' });
   const onB = await memory.alloc(64 * KiB, { device: 'b' });
