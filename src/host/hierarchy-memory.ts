@@ -175,6 +175,7 @@ export class Segment {
     this.lostDirty = 0;
   }
 
+  /** True once {@link HierarchyMemory.free} has begun for it: no new read or write is taken. */
   get isFreed(): boolean {
     return this.gate.closed;
   }
