@@ -57,7 +57,7 @@ export const ERRORS = {
   MS_HOST_INVALID: { category: 'misuse', status: 400, summary: 'a host library option or argument is invalid: a size, class, medium, node name, or the local flash file' },
   MS_HOST_VIOLATION: { category: 'misuse', status: 403, summary: 'memory violation in the host library: the address is not allocated, already freed, or the access reaches past its segment (FIG. 17)' },
   MS_HOST_NO_CAPACITY: { category: 'runtime', status: 409, summary: 'no tier can hold the allocation: local memory, every node and the swap volume are full or excluded' },
-  MS_HOST_NODE_LOST: { category: 'network', status: 502, summary: 'the node that holds this memory stopped answering or lost this host\'s session; the message names it' },
+  MS_HOST_NODE_LOST: { category: 'network', status: 502, summary: 'the node that holds this memory is lost: it did not answer within the retries, its connection stayed down past the grace period, or it lost this host\'s session; the message names it, and from flush() `details.lostBytes` counts the dirty bytes that never reached it' },
   MS_MIRROR_UNREACHABLE: { category: 'network', status: 503, summary: 'the mirror partner cannot be reached or did not answer in time' },
   MS_RMEM_NO_CAPACITY: { category: 'runtime', status: 409, summary: 'lack of capacity: the node cannot bind that much memory, even after growing its server partition (wire status NO_CAPACITY, FIG. 14)' },
   MS_RMEM_TIMEOUT: { category: 'network', status: 504, summary: 'an rmem request got no reply within its timeout' },

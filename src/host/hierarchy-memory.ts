@@ -24,14 +24,36 @@
 // Segments on nodes or the swap volume are read and written through a page cache in a
 // share of the local DRAM budget (page-cache.ts): hot pages are promoted into it, cold
 // ones demoted (written back when dirty).
+//
+// Invariants:
+//   - every read and write enters the IoGate of each segment it touches in the tick it
+//     finds them, and leaves only once all of its I/O has settled; free takes the segment
+//     out of the address space and closes its gate in one tick, then waits for the gate
+//     to drain, drops its cached pages, and only then zeroes and releases its pieces. So
+//     a read started before a free never returns the next owner's bytes, and a write
+//     started before a free never lands in the next owner's range;
+//   - a segment with a piece on a node that was lost is lost as a whole, for good: every
+//     read and write of it fails with MS_HOST_NODE_LOST, and the page cache drops its
+//     pages (dirty ones counted in the segment's lostDirtyBytes) and serves none of them;
+//   - flush() rejects while a live segment is lost, naming the nodes and the dirty bytes
+//     the cache could not write back; freeing the lost segment is how the application
+//     acknowledges the loss.
+//
+// When a node is slow or unreachable, remote-node.ts decides when it is lost (retries
+// with backoff, a grace period for the connection) and frees the host's old regions on
+// it once it is back.
 
+import { EventEmitter } from 'node:events';
 import { NbdClient } from '../client/nbd-client.js';
 import { RmemClient, type CapacityEntry } from '../client/rmem-client.js';
-import { MisuseError, RuntimeError, isMemstrataError } from '../errors.js';
+import { MisuseError, NetworkError, RuntimeError, isMemstrataError, type MemstrataError } from '../errors.js';
 import { textTable } from '../text-table.js';
 import { formatSize, hexRange } from '../units.js';
+import { IoGate } from './io-gate.js';
 import { PageCache, type PageCacheStats } from './page-cache.js';
-import { LocalDramTier, LocalFlashTier, RemoteNode, SwapTier, remotePiece, type Piece, type TierMedium } from './tiers.js';
+import { DEFAULT_NODE_LOSS, RemoteNode, type NodeLossPolicy, type NodeState, type NodeTransition, type RmemSession } from './remote-node.js';
+import { settleAll } from './settle.js';
+import { BufferStore, FileStore, RangeTier, VolumeStore, type Piece, type TierMedium } from './tiers.js';
 
 export const PAGE = 4096;
 /** The first virtual address handed out. */
@@ -65,8 +87,19 @@ export interface HierarchyOptions {
   nodes?: readonly NodeAddress[];
   /** An optional swap volume, `nbd://host:port/export`. */
   swap?: string;
-  /** rmem request timeout, ms (default 5000); a node that does not answer in time is lost. */
+  /**
+   * rmem request timeout, ms (default 5000). A request with no answer in this time is
+   * sent again under `nodeLoss`; the node is lost only when the retries run out.
+   */
   timeoutMs?: number;
+  /**
+   * When a node that does not answer is declared lost (see {@link NodeLossPolicy}):
+   * `retries` (default 3) attempts after the first, `backoffMs` (default 100) before the
+   * first retry and doubled for each next one, `graceMs` (default 10000) for a connection
+   * that is down, and `probeMs` (default 1000) between tries of a lost node. A stall
+   * shorter than about `(retries + 1) * timeoutMs` plus the backoffs loses nothing.
+   */
+  nodeLoss?: Partial<NodeLossPolicy>;
 }
 
 export interface AllocOptions {
@@ -84,9 +117,20 @@ export interface DiscoveryRow {
   medium: TierMedium;
   /** Bytes the device offers this host: free now, plus what a node can still grow by. */
   offered: number;
-  /** Bytes this host holds there. */
+  /** Bytes this host holds there (for a node: as it last answered, old regions included until reclaimed). */
   assigned: number;
-  state: 'ok' | 'lost';
+  /**
+   * `ok`; for a node also `suspect` (retrying a request or reconnecting), `lost` (its
+   * segments fail with MS_HOST_NODE_LOST) and `reclaiming` (back, its old regions being
+   * freed; then `ok` again for new allocations).
+   */
+  state: NodeState;
+}
+
+/** Events of a HierarchyMemory. */
+export interface HierarchyEvents {
+  /** A node changed state (the discovery table's STATE column). */
+  node: [transition: NodeTransition];
 }
 
 /** A row of the mapping table (FIG. 11). */
@@ -113,7 +157,11 @@ export class Segment {
   private readonly owner: HierarchyMemory;
   /** @internal */
   readonly pieces: readonly Piece[];
-  private freed: boolean;
+  /** @internal Requests in flight on it; closed when it is freed. */
+  readonly gate: IoGate;
+  /** @internal The page cache dropping its pages after its node was lost. */
+  purge: Promise<void> | undefined;
+  private lostDirty: number;
 
   /** @internal */
   constructor(owner: HierarchyMemory, address: number, size: number, cls: PerformanceClass, pieces: readonly Piece[]) {
@@ -122,16 +170,33 @@ export class Segment {
     this.size = size;
     this.class = cls;
     this.pieces = pieces;
-    this.freed = false;
+    this.gate = new IoGate();
+    this.purge = undefined;
+    this.lostDirty = 0;
   }
 
+  /** True once {@link HierarchyMemory.free} has begun for it: no new read or write is taken. */
   get isFreed(): boolean {
-    return this.freed;
+    return this.gate.closed;
   }
 
   /** True when some of it lives off this host (a node or the swap volume): it goes through the page cache. */
   get far(): boolean {
     return this.pieces.some((p) => p.device !== 'local');
+  }
+
+  /**
+   * True once a node holding part of it was lost: its contents are gone, and every read
+   * and write fails with MS_HOST_NODE_LOST until it is freed. Lost segments never come
+   * back, even when the node does.
+   */
+  get lost(): boolean {
+    return this.failure() !== undefined;
+  }
+
+  /** Bytes of dirty data (whole 4 KiB pages) the page cache held for it and could not write back because its node was lost. */
+  get lostDirtyBytes(): number {
+    return this.lostDirty;
   }
 
   /** Reads `length` bytes at `offset` within the segment. */
@@ -146,6 +211,7 @@ export class Segment {
     return this.owner.write(this.address + offset, data);
   }
 
+  /** Frees it (see {@link HierarchyMemory.free}). */
   free(): Promise<void> {
     return this.owner.free(this.address);
   }
@@ -163,9 +229,18 @@ export class Segment {
     return rows;
   }
 
+  /** @internal Why its memory is gone, or undefined. */
+  failure(): MemstrataError | undefined {
+    for (const piece of this.pieces) {
+      const failure = piece.failure();
+      if (failure !== undefined) return failure;
+    }
+    return undefined;
+  }
+
   /** @internal */
-  markFreed(): void {
-    this.freed = true;
+  noteLost(bytes: number): void {
+    this.lostDirty += bytes;
   }
 
   /** @internal Serves [offset, offset + target.length) of the segment from its pieces. */
@@ -199,7 +274,7 @@ export class Segment {
       done += n;
       skip = 0;
     }
-    await Promise.all(work);
+    await settleAll(work);
   }
 
   private check(offset: number, length: number): void {
@@ -209,39 +284,76 @@ export class Segment {
   }
 }
 
+/** @internal What a hierarchy is made of: `open` builds it from options; tests from wrapped stores and fake sessions. */
+export interface HierarchyParts {
+  serverId: string;
+  dram: RangeTier;
+  flash?: RangeTier;
+  swap?: RangeTier;
+  /** Each node with its first session and a way to open another once that one gave up. */
+  nodes?: readonly { name: string; address: string; session: RmemSession; connect: () => Promise<RmemSession> }[];
+  pageCacheBytes: number;
+  nodeLoss?: Partial<NodeLossPolicy>;
+  /** Closes what the tiers hold open (the flash file, the swap connection); runs last in close(). */
+  closeTiers?: () => Promise<void>;
+}
+
 /**
  * A host's memory hierarchy: one virtual address space over local DRAM, local flash,
  * memory borrowed from memstrata nodes, and a swap volume. Open it with
  * {@link HierarchyMemory.open}, allocate with {@link HierarchyMemory.alloc}, and read
  * and write through the returned {@link Segment} or by virtual address. Errors are coded:
  * MS_HOST_INVALID, MS_HOST_VIOLATION, MS_HOST_NO_CAPACITY and MS_HOST_NODE_LOST.
+ *
+ * Node loss: a request a node does not answer in time is retried with backoff
+ * (`nodeLoss`); the node is lost when the retries run out, when its connection stays
+ * down past the grace period, or when it no longer has this host's session. Then every
+ * segment with memory there is lost for good (reads and writes fail with
+ * MS_HOST_NODE_LOST, the page cache drops its pages), {@link HierarchyMemory.flush}
+ * rejects until those segments are freed, and new allocations go elsewhere. The lost
+ * node is tried again every `probeMs`; once it answers, the host frees every region it
+ * held there and the node takes new allocations again. Each change of state is a `node`
+ * event and shows in the discovery table.
  */
-export class HierarchyMemory {
+export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
   readonly serverId: string;
-  private readonly dram: LocalDramTier;
-  private readonly flash: LocalFlashTier | undefined;
+  private readonly dram: RangeTier;
+  private readonly flash: RangeTier | undefined;
   private readonly nodes: RemoteNode[];
-  private readonly swap: SwapTier | undefined;
+  private readonly swap: RangeTier | undefined;
   private readonly capacity: Map<string, CapacityEntry[]>;
   /** Live segments, sorted by address. */
   private readonly segments: Segment[];
   private readonly cache: PageCache;
   private readonly traffic: Map<string, { device: string; medium: TierMedium; readBytes: number; writtenBytes: number }>;
+  private readonly closeTiers: () => Promise<void>;
   private nextAddress: number;
   private closed: boolean;
 
-  private constructor(serverId: string, dram: LocalDramTier, flash: LocalFlashTier | undefined, nodes: RemoteNode[], swap: SwapTier | undefined, cache: PageCache) {
-    this.serverId = serverId;
-    this.dram = dram;
-    this.flash = flash;
-    this.nodes = nodes;
-    this.swap = swap;
+  private constructor(parts: HierarchyParts) {
+    super();
+    this.serverId = parts.serverId;
+    this.dram = parts.dram;
+    this.flash = parts.flash;
+    this.swap = parts.swap;
     this.capacity = new Map();
     this.segments = [];
-    this.cache = cache;
+    this.cache = new PageCache(parts.pageCacheBytes);
     this.traffic = new Map();
+    this.closeTiers = parts.closeTiers ?? (() => Promise.resolve());
     this.nextAddress = VIRTUAL_BASE;
     this.closed = false;
+    const policy = nodeLossPolicy(parts.nodeLoss);
+    this.nodes = (parts.nodes ?? []).map(
+      (n) =>
+        new RemoteNode({
+          ...n,
+          policy,
+          notify: (transition) => {
+            this.onNode(transition);
+          },
+        }),
+    );
   }
 
   /**
@@ -256,16 +368,20 @@ export class HierarchyMemory {
     if (!Number.isSafeInteger(cacheBytes) || cacheBytes < 0 || cacheBytes > budget) {
       throw new MisuseError('MS_HOST_INVALID', `pageCache must be a byte count within localDram (${budget}), got ${cacheBytes}`);
     }
-    const dram = new LocalDramTier(budget - (cacheBytes - (cacheBytes % PAGE)));
-    let flash: LocalFlashTier | undefined;
+    const nodeLoss = nodeLossPolicy(options.nodeLoss);
+    const dramBytes = budget - (cacheBytes - (cacheBytes % PAGE));
+    const dram = new RangeTier('local', 'dram', dramBytes, new BufferStore(dramBytes));
+    let flashStore: FileStore | undefined;
+    let flash: RangeTier | undefined;
     if (options.localFlash !== undefined) {
       const { path, size } = options.localFlash;
       if (!Number.isSafeInteger(size) || size < PAGE) throw new MisuseError('MS_HOST_INVALID', `localFlash.size must be at least ${PAGE} bytes, got ${size}`);
-      flash = new LocalFlashTier(path, size - (size % PAGE));
-      await flash.open();
+      const capacity = size - (size % PAGE);
+      flashStore = await FileStore.create(path, capacity);
+      flash = new RangeTier('local', 'flash', capacity, flashStore);
     }
-    const nodes: RemoteNode[] = [];
-    let swap: SwapTier | undefined;
+    const nodes: { name: string; address: string; session: RmemSession; connect: () => Promise<RmemSession> }[] = [];
+    let swapClient: NbdClient | undefined;
     try {
       const names = new Set<string>();
       for (const address of options.nodes ?? []) {
@@ -273,23 +389,47 @@ export class HierarchyMemory {
         const name = address.name ?? `${address.host}:${port}`;
         if (names.has(name) || name === 'local' || name === 'swap') throw new MisuseError('MS_HOST_INVALID', `node name "${name}" is used twice or is reserved`);
         names.add(name);
-        const client = await RmemClient.connect({ host: address.host, port, serverId: options.serverId, timeoutMs: options.timeoutMs ?? 5000, ...(address.token === undefined ? {} : { token: address.token }) });
-        nodes.push(new RemoteNode(name, `${address.host}:${port}`, client));
+        const connect = (): Promise<RmemSession> =>
+          RmemClient.connect({ host: address.host, port, serverId: options.serverId, timeoutMs: options.timeoutMs ?? 5000, ...(address.token === undefined ? {} : { token: address.token }) });
+        nodes.push({ name, address: `${address.host}:${port}`, session: await connect(), connect });
       }
-      if (options.swap !== undefined) swap = new SwapTier(await NbdClient.connect({ uri: options.swap }));
+      if (options.swap !== undefined) swapClient = await NbdClient.connect({ uri: options.swap });
     } catch (error) {
-      for (const n of nodes) await n.client.close().catch(() => undefined);
-      await flash?.close();
+      for (const n of nodes) await n.session.close().catch(() => undefined);
+      await flashStore?.close();
       throw error;
     }
-    const memory = new HierarchyMemory(options.serverId, dram, flash, nodes, swap, new PageCache(cacheBytes));
-    await memory.refresh();
+    const client = swapClient;
+    const memory = new HierarchyMemory({
+      serverId: options.serverId,
+      dram,
+      ...(flash === undefined ? {} : { flash }),
+      ...(client === undefined ? {} : { swap: new RangeTier('swap', 'volume', client.size - (client.size % PAGE), new VolumeStore(client)) }),
+      nodes,
+      pageCacheBytes: cacheBytes,
+      nodeLoss,
+      closeTiers: async () => {
+        await client?.close().catch(() => undefined);
+        await flashStore?.close();
+      },
+    });
+    try {
+      await memory.refresh();
+    } catch (error) {
+      await memory.close();
+      throw error;
+    }
     return memory;
+  }
+
+  /** @internal A hierarchy over given tiers and node sessions (tests wrap them to delay or fail chosen calls). */
+  static assemble(parts: HierarchyParts): HierarchyMemory {
+    return new HierarchyMemory(parts);
   }
 
   /** Asks every node that is not lost for its capacity again (FIG. 14). */
   async refresh(): Promise<void> {
-    await Promise.all(this.nodes.map((n) => this.refreshNode(n)));
+    await settleAll(this.nodes.map((n) => this.refreshNode(n)));
   }
 
   /**
@@ -320,7 +460,13 @@ export class HierarchyMemory {
     });
   }
 
-  /** Frees the segment that starts at `address` (FIG. 17); anything else is a violation. */
+  /**
+   * Frees the segment that starts at `address` (FIG. 17); anything else is a violation.
+   * Reads and writes of the segment already in flight finish first (they may still fail
+   * or succeed); only then is its memory zeroed and given back, so they can never reach
+   * the next owner's memory. The regions of a lost segment are freed on its node when the
+   * node is back.
+   */
   async free(address: number): Promise<void> {
     this.checkOpen();
     const i = this.segments.findIndex((s) => s.address === address);
@@ -329,21 +475,15 @@ export class HierarchyMemory {
       throw new MisuseError('MS_HOST_VIOLATION', `free of ${hex(address)}: no segment starts there (never allocated, or already freed)`, { details: { address } });
     }
     this.segments.splice(i, 1);
-    segment.markFreed();
-    if (segment.far) await this.cache.drop(segment, segment.size);
-    const failures: unknown[] = [];
-    for (const piece of segment.pieces) await piece.release().catch((error: unknown) => failures.push(error));
-    if (failures.length > 0) throw failures[0];
+    await this.release(segment);
   }
 
   /** Reads `length` bytes at a virtual address; the range may cross segments that touch. */
   async read(address: number, length: number): Promise<Buffer> {
     this.checkOpen();
     const out = Buffer.alloc(length);
-    await Promise.all(
-      this.spans(address, length).map(({ segment, offset, from, n }) =>
-        segment.far ? this.cache.read(segment, offset, out.subarray(from, from + n)) : segment.readPieces(offset, out.subarray(from, from + n)),
-      ),
+    await this.run(this.spans(address, length), ({ segment, offset, from, n }) =>
+      segment.far ? this.cache.read(segment, offset, out.subarray(from, from + n)) : segment.readPieces(offset, out.subarray(from, from + n)),
     );
     return out;
   }
@@ -352,17 +492,32 @@ export class HierarchyMemory {
   async write(address: number, data: Uint8Array): Promise<void> {
     this.checkOpen();
     const buf = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
-    await Promise.all(
-      this.spans(address, buf.length).map(({ segment, offset, from, n }) =>
-        segment.far ? this.cache.write(segment, offset, buf.subarray(from, from + n)) : segment.writePieces(offset, buf.subarray(from, from + n)),
-      ),
+    await this.run(this.spans(address, buf.length), ({ segment, offset, from, n }) =>
+      segment.far ? this.cache.write(segment, offset, buf.subarray(from, from + n)) : segment.writePieces(offset, buf.subarray(from, from + n)),
     );
   }
 
-  /** Writes every dirty page of the page cache back to its tier. */
+  /**
+   * Writes every dirty page of the page cache back to its tier. Rejects with
+   * MS_HOST_NODE_LOST while a live segment is lost: the message and `details` name the
+   * nodes, the lost segments, and `lostBytes`, the dirty bytes the cache held for them
+   * that never reached their node (whole 4 KiB pages). Later flushes keep rejecting until
+   * the lost segments are freed. Another write-back failure leaves its page dirty and
+   * rejects too.
+   */
   async flush(): Promise<void> {
     this.checkOpen();
-    await this.cache.flush();
+    let failure: { error: unknown } | undefined;
+    try {
+      await this.cache.flush();
+    } catch (error) {
+      failure = { error };
+    }
+    // A loss drops pages in the background; the count is final once those drops are done.
+    await Promise.all(this.segments.flatMap((s) => (s.purge === undefined ? [] : [s.purge])));
+    const lost = this.segments.filter((s) => s.lost);
+    if (lost.length > 0) throw lostOnFlush(lost, failure?.error);
+    if (failure !== undefined) throw failure.error;
   }
 
   /** Page cache counters and bytes moved per tier. */
@@ -388,7 +543,7 @@ export class HierarchyMemory {
     if (this.flash !== undefined) rows.push({ device: 'local', medium: 'flash', offered: this.flash.available, assigned: this.flash.assigned, state: 'ok' });
     for (const node of this.nodes) {
       for (const entry of this.capacity.get(node.name) ?? []) {
-        rows.push({ device: node.name, medium: entry.medium, offered: node.lost ? 0 : entry.available + entry.growable, assigned: entry.used, state: node.lost ? 'lost' : 'ok' });
+        rows.push({ device: node.name, medium: entry.medium, offered: node.state === 'ok' ? entry.available + entry.growable : 0, assigned: entry.used, state: node.state });
       }
     }
     if (this.swap !== undefined) rows.push({ device: 'swap', medium: 'volume', offered: this.swap.available, assigned: this.swap.assigned, state: 'ok' });
@@ -412,14 +567,17 @@ export class HierarchyMemory {
     return textTable(['VIRTUAL ADDRESS', 'DEVICE', 'MEDIUM', 'PHYSICAL ADDRESS'], rows);
   }
 
-  /** Frees everything, closes the node connections and the swap volume, and removes nothing on disk but the flash file's contents. */
+  /**
+   * Frees everything, closes the node connections and the swap volume, and removes
+   * nothing on disk but the flash file's contents. Regions on a node that is lost at that
+   * moment are freed by the node itself when this host's session lease runs out.
+   */
   async close(): Promise<void> {
     if (this.closed) return;
-    for (const segment of [...this.segments]) await this.free(segment.address).catch(() => undefined);
     this.closed = true;
-    for (const node of this.nodes) await node.client.close().catch(() => undefined);
-    await this.swap?.client.close().catch(() => undefined);
-    await this.flash?.close();
+    for (const segment of this.segments.splice(0)) await this.release(segment).catch(() => undefined);
+    for (const node of this.nodes) await node.close();
+    await this.closeTiers();
   }
 
   // ---- internals ----
@@ -446,7 +604,7 @@ export class HierarchyMemory {
       return piece === undefined ? undefined : [piece];
     }
     const medium = step.medium === 'flash' ? 'flash' : 'dram';
-    const candidates = this.nodes.filter((n) => !n.lost && (device === undefined || n.name === device));
+    const candidates = this.nodes.filter((n) => n.state === 'ok' && (device === undefined || n.name === device));
     if (candidates.length === 0) return undefined;
     // The node with the most room first; one that can hold it all before spanning.
     const offered = (n: RemoteNode): number => {
@@ -467,7 +625,7 @@ export class HierarchyMemory {
     for (const node of ranked) {
       if (left === 0) break;
       const n = Math.min(left, offered(node) - (offered(node) % PAGE));
-      if (n <= 0) continue;
+      if (n <= 0 || node.state !== 'ok') continue; // a node that just failed a bind is not asked again
       const piece = await this.bindOn(node, medium, n);
       if (piece === undefined) continue;
       pieces.push(piece);
@@ -478,35 +636,80 @@ export class HierarchyMemory {
     return undefined;
   }
 
-  /** Binds on a node; a refusal for capacity refreshes its row and gives undefined. */
+  /** Binds on a node; a refusal for capacity, a timeout or a loss gives undefined (try elsewhere). */
   private async bindOn(node: RemoteNode, medium: 'dram' | 'flash', length: number): Promise<Piece | undefined> {
     try {
-      const region = await node.guard(() => node.client.bind(length, { medium }));
-      await this.refreshNode(node);
-      return remotePiece(node, medium, region);
+      const piece = await node.bind(length, medium);
+      await this.refreshNode(node).catch(() => undefined);
+      return piece;
     } catch (error) {
       if (isMemstrataError(error) && error.code === 'MS_RMEM_NO_CAPACITY') {
         await this.refreshNode(node);
         return undefined;
       }
-      if (isMemstrataError(error) && error.code === 'MS_HOST_NODE_LOST') return undefined;
+      if (isMemstrataError(error) && (error.code === 'MS_HOST_NODE_LOST' || error.code === 'MS_RMEM_TIMEOUT' || error.code === 'MS_RMEM_DISCONNECTED')) return undefined;
       throw error;
     }
   }
 
   private async refreshNode(node: RemoteNode): Promise<void> {
-    if (node.lost) return;
+    if (node.state === 'lost' || node.state === 'reclaiming') return;
     try {
-      this.capacity.set(node.name, await node.guard(() => node.client.capacity()));
+      this.capacity.set(node.name, await node.capacity());
     } catch (error) {
       if (!(isMemstrataError(error) && error.code === 'MS_HOST_NODE_LOST')) throw error;
     }
   }
 
+  /**
+   * Runs one request over the segments it spans: refused at once if one is lost; each
+   * segment's gate is entered in this tick and left once every part has settled.
+   */
+  private async run(spans: readonly Span[], fn: (span: Span) => Promise<void>): Promise<void> {
+    for (const { segment } of spans) {
+      const failure = segment.failure();
+      if (failure !== undefined) throw failure;
+    }
+    const entered: Segment[] = [];
+    try {
+      for (const { segment } of spans) {
+        // spans() found it live in this same tick, and free closes the gate in the tick it unlinks it.
+        if (!segment.gate.enter()) throw new MisuseError('MS_HOST_VIOLATION', `segment at ${hex(segment.address)} is being freed`);
+        entered.push(segment);
+      }
+      await settleAll(spans.map(fn));
+    } finally {
+      for (const segment of entered) segment.gate.leave();
+    }
+  }
+
+  /** Frees an unlinked segment: waits for its I/O, drops its cached pages, then gives its pieces back. */
+  private async release(segment: Segment): Promise<void> {
+    await segment.gate.close();
+    if (segment.far) await this.cache.drop(segment, segment.size);
+    const failures: unknown[] = [];
+    for (const piece of segment.pieces) await piece.release().catch((error: unknown) => failures.push(error));
+    if (failures.length > 0) throw failures[0];
+  }
+
+  /** A node changed state: a loss drops the cached pages of its segments; a return refreshes its capacity. */
+  private onNode(transition: NodeTransition): void {
+    if (transition.to === 'lost') {
+      for (const segment of this.segments) {
+        if (segment.far && segment.purge === undefined && segment.lost) segment.purge = this.cache.drop(segment, segment.size);
+      }
+    }
+    if (transition.to === 'ok' && transition.from === 'reclaiming') {
+      const node = this.nodes.find((n) => n.name === transition.node);
+      if (node !== undefined) this.refreshNode(node).catch(() => undefined);
+    }
+    this.emit('node', transition);
+  }
+
   /** The segments a virtual range covers; a gap or an end outside them is a violation. */
-  private spans(address: number, length: number): { segment: Segment; offset: number; from: number; n: number }[] {
+  private spans(address: number, length: number): Span[] {
     if (!Number.isSafeInteger(address) || !Number.isSafeInteger(length) || length < 0) throw new MisuseError('MS_HOST_VIOLATION', `invalid access at ${String(address)} for ${String(length)} bytes`);
-    const out: { segment: Segment; offset: number; from: number; n: number }[] = [];
+    const out: Span[] = [];
     let at = address;
     let done = 0;
     let i = this.find(address);
@@ -547,4 +750,39 @@ function hex(n: number): string {
   return `0x${n.toString(16)}`;
 }
 
+/** A part of a request that falls in one segment: `n` bytes at `offset` of it, `from` bytes into the request. */
+interface Span {
+  segment: Segment;
+  offset: number;
+  from: number;
+  n: number;
+}
 
+/** Defaults filled in and values checked. */
+function nodeLossPolicy(given: Partial<NodeLossPolicy> | undefined): NodeLossPolicy {
+  const policy = { ...DEFAULT_NODE_LOSS, ...given };
+  for (const [field, value] of Object.entries(policy)) {
+    const least = field === 'retries' || field === 'backoffMs' ? 0 : 1;
+    if (!Number.isSafeInteger(value) || value < least) throw new MisuseError('MS_HOST_INVALID', `nodeLoss.${field} must be an integer of at least ${least}, got ${String(value)}`);
+  }
+  return policy;
+}
+
+/** The error of a flush while segments are lost: which nodes, which segments, how many dirty bytes never reached them. */
+function lostOnFlush(lost: readonly Segment[], cause: unknown): NetworkError {
+  const segments = lost.map((s) => {
+    const failure = s.failure();
+    const node = typeof failure?.details?.node === 'string' ? failure.details.node : 'unknown';
+    return { address: s.address, size: s.size, node, lostBytes: s.lostDirtyBytes };
+  });
+  const nodes = [...new Set(segments.map((s) => s.node))];
+  const lostBytes = segments.reduce((sum, s) => sum + s.lostBytes, 0);
+  const held = segments.reduce((sum, s) => sum + s.size, 0);
+  const message =
+    `flush: node${nodes.length > 1 ? 's' : ''} ${nodes.join(', ')} lost ${segments.length} segment${segments.length > 1 ? 's' : ''} (${formatSize(held)}) of this host; ` +
+    `${lostBytes} bytes of dirty data in the page cache never reached ${nodes.length > 1 ? 'them' : 'it'} and are gone; free the lost segments to acknowledge the loss`;
+  return new NetworkError('MS_HOST_NODE_LOST', message, {
+    details: { node: nodes[0], nodes, lostBytes, segments },
+    ...(cause === undefined ? {} : { cause }),
+  });
+}

@@ -7,7 +7,8 @@
 // drives a volume itself.
 
 export { HierarchyMemory, Segment, PERFORMANCE_CLASSES, PAGE, VIRTUAL_BASE } from './hierarchy-memory.js';
-export type { AllocOptions, DiscoveryRow, HierarchyOptions, HierarchyStats, MappingRow, NodeAddress, PerformanceClass } from './hierarchy-memory.js';
+export type { AllocOptions, DiscoveryRow, HierarchyEvents, HierarchyOptions, HierarchyStats, MappingRow, NodeAddress, PerformanceClass } from './hierarchy-memory.js';
+export type { NodeLossPolicy, NodeState, NodeTransition } from './remote-node.js';
 export type { PageCacheStats } from './page-cache.js';
 export type { TierMedium } from './tiers.js';
 export { NbdClient } from '../client/nbd-client.js';

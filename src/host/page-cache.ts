@@ -14,8 +14,23 @@
 // being demoted is locked too. So a read never sees a page half written back, and two
 // requests on the same page take turns. A victim is only taken when no request holds it,
 // so eviction never waits on a lock and cannot deadlock.
+//
+// Seams with the segment (PageSource):
+//   - lost source (its node was lost): a request that gets its locks after the loss fails
+//     with the source's error, no page of it is admitted after the loss, and every page of
+//     it leaves the cache without a write-back; dirty ones are counted as lost on the
+//     source (`noteLost`), each exactly once, when it leaves. The cache never serves a lost
+//     page to a request that started after the loss.
+//   - freed source: the caller waits on the source's gate for its requests first, then
+//     drops its pages; a write-back enters the gate too, so none starts after the free
+//     began and none is still running when the gate has drained. A dirty page of a freed
+//     source is dropped, never written into memory that may have a new owner.
+//   - a request waits for all of its page operations before it lets its locks go, even
+//     when one of them failed (settleAll).
 
-import { isMemstrataError } from '../errors.js';
+import type { MemstrataError } from '../errors.js';
+import type { IoGate } from './io-gate.js';
+import { settleAll } from './settle.js';
 
 export const CACHE_PAGE = 4096;
 /** Pages remembered as seen once, as a multiple of the pages cached. */
@@ -23,10 +38,16 @@ const SEEN_FACTOR = 4;
 
 /** Where a cached page lives: the segment's own tiers. */
 export interface PageSource {
+  readonly address: number;
+  /** Counts the segment's I/O; closed once it is being freed. */
+  readonly gate: IoGate;
   /** Reads [offset, offset + target.length) of the segment from its tiers. */
   readPieces(offset: number, target: Buffer): Promise<void>;
   writePieces(offset: number, data: Buffer): Promise<void>;
-  readonly address: number;
+  /** Why the segment's memory is gone (its node was lost), or undefined. */
+  failure(): MemstrataError | undefined;
+  /** Takes note of dirty bytes the cache dropped because the segment's memory is gone. */
+  noteLost(bytes: number): void;
 }
 
 export interface PageCacheStats {
@@ -42,7 +63,7 @@ export interface PageCacheStats {
   demotions: number;
   /** Dirty pages written back to their tier. */
   writeBacks: number;
-  /** Dirty pages dropped because their node was lost. */
+  /** Dirty pages dropped because their node was lost (never written back). */
   lostPages: number;
 }
 
@@ -82,7 +103,8 @@ export class PageCache {
   async read(source: PageSource, offset: number, target: Buffer): Promise<void> {
     const release = await this.lock(source, offset, target.length);
     try {
-      await Promise.all(this.pagesOf(source, offset, target.length).map(async ({ page, pageOffset, from, n }) => {
+      assertServable(source);
+      await settleAll(this.pagesOf(source, offset, target.length).map(async ({ page, pageOffset, from, n }) => {
         const entry = await this.lookup(source, page, pageOffset, null);
         if (entry !== undefined) {
           entry.data.copy(target, from, pageOffset % CACHE_PAGE, (pageOffset % CACHE_PAGE) + n);
@@ -99,7 +121,8 @@ export class PageCache {
   async write(source: PageSource, offset: number, data: Buffer): Promise<void> {
     const release = await this.lock(source, offset, data.length);
     try {
-      await Promise.all(this.pagesOf(source, offset, data.length).map(async ({ page, pageOffset, from, n }) => {
+      assertServable(source);
+      await settleAll(this.pagesOf(source, offset, data.length).map(async ({ page, pageOffset, from, n }) => {
         const whole = n === CACHE_PAGE ? data.subarray(from, from + n) : undefined;
         const entry = await this.lookup(source, page, pageOffset, whole ?? null);
         if (entry !== undefined) {
@@ -114,27 +137,44 @@ export class PageCache {
     }
   }
 
-  /** Writes every dirty page back to its tier. */
+  /**
+   * Writes every dirty page back to its tier. A page of a lost source is dropped and
+   * counted as lost instead; a page whose write-back fails otherwise stays dirty, the
+   * others are still tried, and the first such failure is thrown at the end.
+   */
   async flush(): Promise<void> {
+    let failure: { error: unknown } | undefined;
     for (const [page, entry] of [...this.entries]) {
       if (!entry.dirty) continue;
       const release = await this.lockPages([page]);
       try {
-        if (entry.dirty && this.entries.get(page) === entry) await this.writeBack(page, entry);
+        if (entry.dirty && this.entries.get(page) === entry) {
+          await this.writeBack(page, entry);
+          if (entry.dirty) this.remove(page, entry); // its source is lost or freed
+        }
+      } catch (error) {
+        failure ??= { error };
       } finally {
         release();
       }
     }
+    if (failure !== undefined) throw failure.error;
   }
 
-  /** Forgets a freed segment's pages without writing them back. */
+  /**
+   * Drops every cached page of a source without writing it back: for a freed segment
+   * (after its gate has drained), or a lost one (its dirty pages are counted as lost).
+   */
   async drop(source: PageSource, size: number): Promise<void> {
     const first = source.address / CACHE_PAGE;
     const last = first + size / CACHE_PAGE;
     const pages = [...this.entries.keys()].filter((p) => p >= first && p < last);
     const release = await this.lockPages(pages);
     try {
-      for (const p of pages) this.entries.delete(p);
+      for (const p of pages) {
+        const entry = this.entries.get(p);
+        if (entry !== undefined) this.remove(p, entry);
+      }
     } finally {
       release();
     }
@@ -172,6 +212,8 @@ export class PageCache {
     else await source.readPieces(base, data);
     if (!(await this.makeRoom())) return undefined;
     this.reserved--;
+    // Lost while this request waited: admit nothing of it (a drop may be past this page).
+    assertServable(source);
     const entry: Entry = { data, dirty: false, source };
     this.entries.set(page, entry);
     this.counters.promotions++;
@@ -197,7 +239,7 @@ export class PageCache {
       const release = this.lockFree(page);
       try {
         if (entry.dirty) await this.writeBack(page, entry);
-        this.entries.delete(page);
+        this.remove(page, entry);
         this.counters.demotions++;
       } finally {
         release();
@@ -207,19 +249,32 @@ export class PageCache {
     return true;
   }
 
+  /**
+   * Writes a dirty page back to its source. Leaves it dirty, without I/O, when the source
+   * is lost or being freed: `remove` then drops it (counting it lost for a lost source).
+   */
   private async writeBack(page: number, entry: Entry): Promise<void> {
+    const { source } = entry;
+    if (source.failure() !== undefined || !source.gate.enter()) return;
     try {
-      await entry.source.writePieces(page * CACHE_PAGE - entry.source.address, entry.data);
+      await source.writePieces(page * CACHE_PAGE - source.address, entry.data);
       entry.dirty = false;
       this.counters.writeBacks++;
     } catch (error) {
-      // The node that held it is gone, and its memory with it: nothing to write back to.
-      if (isMemstrataError(error) && error.code === 'MS_HOST_NODE_LOST') {
-        entry.dirty = false;
-        this.counters.lostPages++;
-        return;
-      }
+      if (source.failure() !== undefined) return; // its node was lost meanwhile: nothing to write back to
       throw error;
+    } finally {
+      source.gate.leave();
+    }
+  }
+
+  /** Takes a page out of the cache; a dirty page of a lost source is counted as lost, once. */
+  private remove(page: number, entry: Entry): void {
+    if (this.entries.get(page) !== entry) return;
+    this.entries.delete(page);
+    if (entry.dirty && entry.source.failure() !== undefined) {
+      entry.source.noteLost(CACHE_PAGE);
+      this.counters.lostPages++;
     }
   }
 
@@ -260,4 +315,9 @@ export class PageCache {
       release();
     };
   }
+}
+
+function assertServable(source: PageSource): void {
+  const failure = source.failure();
+  if (failure !== undefined) throw failure;
 }

@@ -1,19 +1,25 @@
 // The places a host's memory can live (Hitachi US 9,304,828, FIG. 16), each handing out
 // byte ranges and serving reads and writes of what it handed out:
 //
-//   local dram    one Buffer of the configured budget
-//   local flash   a file of the configured size, positional I/O
-//   node <name>   regions bound on a memstrata node over rmem (dram or flash)
-//   swap          a block volume over NBD, the last resort
+//   local dram    a RangeTier over one Buffer of the configured budget   (BufferStore)
+//   local flash   a RangeTier over a file of the configured size          (FileStore)
+//   swap          a RangeTier over a block volume over NBD, the last resort (VolumeStore)
+//   node <name>   regions bound on a memstrata node over rmem (remote-node.ts)
 //
 // A `Piece` is one part of a segment on one device; a segment is one or more pieces
 // (an allocation spans nodes when no single node has room). Memory handed out reads as
 // zeros: local and swap space is zeroed when it is freed, and nodes zero what they bind.
+//
+// A RangeTier trusts its caller to have stopped every I/O on a piece before releasing
+// it (HierarchyMemory.free waits on the segment's IoGate first): release zeroes the
+// ranges and hands them straight back to the free list, where the next `take` finds them.
+//
+// The stores sit behind one narrow interface (RangeStore) so that a test can wrap any of
+// them to delay, reorder or fail chosen calls.
 
 import { open, type FileHandle } from 'node:fs/promises';
 import type { NbdClient } from '../client/nbd-client.js';
-import type { Region, RmemClient } from '../client/rmem-client.js';
-import { MisuseError, NetworkError, isMemstrataError } from '../errors.js';
+import { MisuseError, type MemstrataError } from '../errors.js';
 import { writeAll, writeZeros } from '../fs/positional-io.js';
 import { FreeRanges, type ByteRange } from '../memory/free-ranges.js';
 
@@ -28,22 +34,34 @@ export interface Piece {
   readonly physical: readonly ByteRange[];
   read(offset: number, target: Buffer): Promise<void>;
   write(offset: number, data: Buffer): Promise<void>;
+  /** Gives the space back; the caller has stopped all I/O on the piece first. */
   release(): Promise<void>;
+  /** Why the piece's memory is gone (its node was lost), or undefined while it is there. */
+  failure(): MemstrataError | undefined;
 }
 
-/** Space a tier takes from a FreeRanges and serves by physical offset. */
-abstract class RangeTier {
+/** Where a range tier keeps its bytes: positional reads and writes, and zeroing. */
+export interface RangeStore {
+  read(at: number, target: Buffer): Promise<void>;
+  write(at: number, data: Buffer): Promise<void>;
+  zero(at: number, length: number): Promise<void>;
+}
+
+/** Space a tier takes from a FreeRanges and serves by physical offset through its store. */
+export class RangeTier {
   readonly device: string;
   readonly medium: TierMedium;
   readonly capacity: number;
-  protected readonly free: FreeRanges;
+  private readonly store: RangeStore;
+  private readonly free: FreeRanges;
 
-  constructor(device: string, medium: TierMedium, capacity: number) {
+  constructor(device: string, medium: TierMedium, capacity: number, store: RangeStore) {
     this.device = device;
     this.medium = medium;
     this.capacity = capacity;
+    this.store = store;
     this.free = new FreeRanges();
-    this.free.add(0, capacity);
+    if (capacity > 0) this.free.add(0, capacity);
   }
 
   get available(): number {
@@ -64,22 +82,19 @@ abstract class RangeTier {
       medium: this.medium,
       length,
       physical: ranges,
-      read: (offset, target) => this.each(ranges, offset, target.length, (at, from, n) => this.readAt(at, target.subarray(from, from + n))),
-      write: (offset, data) => this.each(ranges, offset, data.length, (at, from, n) => this.writeAt(at, data.subarray(from, from + n))),
+      read: (offset, target) => this.each(ranges, offset, target.length, (at, from, n) => this.store.read(at, target.subarray(from, from + n))),
+      write: (offset, data) => this.each(ranges, offset, data.length, (at, from, n) => this.store.write(at, data.subarray(from, from + n))),
       release: async () => {
         if (released) return;
         released = true;
-        for (const r of ranges) await this.zero(r.start, r.length);
+        for (const r of ranges) await this.store.zero(r.start, r.length);
         for (const r of ranges) this.free.add(r.start, r.length);
       },
+      failure: () => undefined,
     };
   }
 
-  protected abstract readAt(at: number, target: Buffer): Promise<void>;
-  protected abstract writeAt(at: number, data: Buffer): Promise<void>;
-  protected abstract zero(at: number, length: number): Promise<void>;
-
-  /** Calls `fn` for each physical stretch of [offset, offset + length) of a piece. */
+  /** Calls `fn` for each physical stretch of [offset, offset + length) of a piece, one after another. */
   private async each(ranges: readonly ByteRange[], offset: number, length: number, fn: (at: number, from: number, n: number) => Promise<void>): Promise<void> {
     let skip = offset;
     let done = 0;
@@ -97,48 +112,50 @@ abstract class RangeTier {
   }
 }
 
-export class LocalDramTier extends RangeTier {
+/** Local DRAM: one zero-filled Buffer (the kernel commits pages only as they are touched). */
+export class BufferStore implements RangeStore {
   private readonly memory: Buffer;
 
   constructor(capacity: number) {
-    super('local', 'dram', capacity);
-    // Zero-filled; the kernel commits pages only as they are touched.
     this.memory = Buffer.alloc(capacity);
   }
 
-  protected readAt(at: number, target: Buffer): Promise<void> {
+  read(at: number, target: Buffer): Promise<void> {
     this.memory.copy(target, 0, at, at + target.length);
     return Promise.resolve();
   }
 
-  protected writeAt(at: number, data: Buffer): Promise<void> {
+  write(at: number, data: Buffer): Promise<void> {
     data.copy(this.memory, at);
     return Promise.resolve();
   }
 
-  protected zero(at: number, length: number): Promise<void> {
+  zero(at: number, length: number): Promise<void> {
     this.memory.fill(0, at, at + length);
     return Promise.resolve();
   }
 }
 
-export class LocalFlashTier extends RangeTier {
+/** Local flash: a file of fixed size, positional I/O. */
+export class FileStore implements RangeStore {
   readonly path: string;
   private handle: FileHandle | undefined;
 
-  constructor(path: string, capacity: number) {
-    super('local', 'flash', capacity);
+  private constructor(path: string, handle: FileHandle) {
     this.path = path;
-    this.handle = undefined;
+    this.handle = handle;
   }
 
   /** Creates (or empties) the file: what a previous run left there is not this run's memory. */
-  async open(): Promise<void> {
+  static async create(path: string, size: number): Promise<FileStore> {
+    let handle: FileHandle | undefined;
     try {
-      this.handle = await open(this.path, 'w+', 0o600);
-      await this.handle.truncate(this.capacity);
+      handle = await open(path, 'w+', 0o600);
+      await handle.truncate(size);
+      return new FileStore(path, handle);
     } catch (error) {
-      throw new MisuseError('MS_HOST_INVALID', `cannot create the local flash file ${this.path}: ${(error as Error).message}`, { cause: error });
+      await handle?.close();
+      throw new MisuseError('MS_HOST_INVALID', `cannot create the local flash file ${path}: ${(error as Error).message}`, { cause: error });
     }
   }
 
@@ -147,7 +164,7 @@ export class LocalFlashTier extends RangeTier {
     this.handle = undefined;
   }
 
-  protected async readAt(at: number, target: Buffer): Promise<void> {
+  async read(at: number, target: Buffer): Promise<void> {
     let done = 0;
     while (done < target.length) {
       const { bytesRead } = await this.file().read(target, done, target.length - done, at + done);
@@ -159,12 +176,12 @@ export class LocalFlashTier extends RangeTier {
     }
   }
 
-  protected writeAt(at: number, data: Buffer): Promise<void> {
-    return writeAll(this.file(), data, at);
+  async write(at: number, data: Buffer): Promise<void> {
+    await writeAll(this.file(), data, at);
   }
 
-  protected zero(at: number, length: number): Promise<void> {
-    return writeZeros(this.file(), at, length);
+  async zero(at: number, length: number): Promise<void> {
+    await writeZeros(this.file(), at, length);
   }
 
   private file(): FileHandle {
@@ -173,99 +190,27 @@ export class LocalFlashTier extends RangeTier {
   }
 }
 
-export class SwapTier extends RangeTier {
+/** The swap volume: a block device over NBD. */
+export class VolumeStore implements RangeStore {
   readonly client: NbdClient;
   private readonly zeros: Buffer;
 
   constructor(client: NbdClient) {
-    super('swap', 'volume', client.size - (client.size % 4096));
     this.client = client;
     this.zeros = Buffer.alloc(1024 * 1024);
   }
 
-  protected async readAt(at: number, target: Buffer): Promise<void> {
+  async read(at: number, target: Buffer): Promise<void> {
     (await this.client.read(at, target.length)).copy(target);
   }
 
-  protected writeAt(at: number, data: Buffer): Promise<void> {
+  write(at: number, data: Buffer): Promise<void> {
     return this.client.write(at, data);
   }
 
-  protected async zero(at: number, length: number): Promise<void> {
+  async zero(at: number, length: number): Promise<void> {
     for (let done = 0; done < length; done += this.zeros.length) {
       await this.client.write(at + done, this.zeros.subarray(0, Math.min(this.zeros.length, length - done)));
     }
   }
-}
-
-/** A region on a node, as a piece. Errors that mean the node is gone name the node. */
-export function remotePiece(node: RemoteNode, medium: 'dram' | 'flash', region: Region): Piece {
-  let released = false;
-  return {
-    device: node.name,
-    medium,
-    length: region.size,
-    physical: region.ranges.map((r) => ({ start: r.start, length: r.length })),
-    read: async (offset, target) => {
-      node.check();
-      await node.guard(() => node.client.readInto(region, offset, target));
-    },
-    write: async (offset, data) => {
-      node.check();
-      await node.guard(() => node.client.write(region, offset, data));
-    },
-    release: async () => {
-      if (released) return;
-      released = true;
-      if (node.lost) return; // the node frees it itself after the lease
-      await node.guard(() => node.client.free(region));
-    },
-  };
-}
-
-/** A memstrata node the host borrows memory from. */
-export class RemoteNode {
-  readonly name: string;
-  readonly address: string;
-  readonly client: RmemClient;
-  lost: boolean;
-  lostReason: string | undefined;
-
-  constructor(name: string, address: string, client: RmemClient) {
-    this.name = name;
-    this.address = address;
-    this.client = client;
-    this.lost = false;
-    this.lostReason = undefined;
-    client.on('sessionLost', () => {
-      this.markLost('the node no longer holds this host\'s session; its regions are gone');
-    });
-  }
-
-  markLost(why: string): void {
-    if (this.lost) return;
-    this.lost = true;
-    this.lostReason = why;
-  }
-
-  check(): void {
-    if (this.lost) throw nodeLost(this, this.lostReason ?? 'lost');
-  }
-
-  /** Runs a request; a network failure marks the node lost and names it. */
-  async guard<T>(fn: () => Promise<T>): Promise<T> {
-    try {
-      return await fn();
-    } catch (error) {
-      if (isMemstrataError(error) && error.category === 'network') {
-        this.markLost(error.message);
-        throw nodeLost(this, error.message);
-      }
-      throw error;
-    }
-  }
-}
-
-export function nodeLost(node: RemoteNode, why: string): NetworkError {
-  return new NetworkError('MS_HOST_NODE_LOST', `node ${node.name} (${node.address}) is lost: ${why}`, { details: { node: node.name, address: node.address } });
 }

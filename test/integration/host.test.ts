@@ -179,6 +179,14 @@ test('reads and writes at virtual addresses match a buffer model across segments
     { numRuns: 12 },
   );
   assert.ok(memory.mapping().every((r) => r.virtualStart >= VIRTUAL_BASE));
+  // A random program may free its far pages before any is demoted (free drops them, which
+  // is no demotion): a fixed tail makes sure every cache path ran, against the same model.
+  const far = await memory.alloc(8 * 4096, { medium: 'volume' });
+  for (let i = 0; i < 8; i++) {
+    for (let k = 0; k < 2; k++) await far.write(i * 4096, Buffer.alloc(4096, 0x40 + i)); // cold, then promoted: 8 pages through a 4-page cache
+    assert.ok((await far.read(i * 4096, 4096)).equals(Buffer.alloc(4096, 0x40 + i)));
+  }
+  for (let i = 0; i < 8; i++) assert.ok((await far.read(i * 4096, 4096)).equals(Buffer.alloc(4096, 0x40 + i)), `page ${i} after demotion`);
   const { cache } = memory.stats();
   assert.ok(cache.promotions > 0 && cache.demotions > 0 && cache.hits > 0, `the page cache was exercised: ${JSON.stringify(cache)}`);
 });
@@ -206,7 +214,8 @@ test('free violations: unknown address, double free, use after free, and access 
 test('node loss: operations on its segments fail naming it, the rest keep working, discovery shows it lost', async (t) => {
   const later = stack(t);
   const [a, b] = [await node(t, later), await node(t, later)];
-  const memory = await HierarchyMemory.open({ serverId: 'host-e', localDram: 0, timeoutMs: 1000, nodes: [{ name: 'a', host: a.rmem.host, port: a.rmem.port }, { name: 'b', host: b.rmem.host, port: b.rmem.port }] });
+  // A killed node's connection is down: it is lost once the grace period is over.
+  const memory = await HierarchyMemory.open({ serverId: 'host-e', localDram: 0, timeoutMs: 1000, nodeLoss: { graceMs: 300 }, nodes: [{ name: 'a', host: a.rmem.host, port: a.rmem.port }, { name: 'b', host: b.rmem.host, port: b.rmem.port }] });
   later(() => memory.close());
   const onA = await memory.alloc(64 * KiB, { device: 'a' });
   const onB = await memory.alloc(64 * KiB, { device: 'b' });
