@@ -52,7 +52,7 @@ import { formatSize, hexRange } from '../units.js';
 import { IoGate } from './io-gate.js';
 import { PageCache, type PageCacheStats } from './page-cache.js';
 import { DEFAULT_NODE_LOSS, RemoteNode, type NodeLossPolicy, type NodeState, type NodeTransition, type RmemSession } from './remote-node.js';
-import { settleAll } from './settle.js';
+import { settleAll } from '../settle.js';
 import { BufferStore, FileStore, RangeTier, VolumeStore, type Piece, type TierMedium } from './tiers.js';
 
 export const PAGE = 4096;

@@ -30,7 +30,7 @@
 
 import type { MemstrataError } from '../errors.js';
 import type { IoGate } from './io-gate.js';
-import { settleAll } from './settle.js';
+import { settleAll } from '../settle.js';
 
 export const CACHE_PAGE = 4096;
 /** Pages remembered as seen once, as a multiple of the pages cached. */

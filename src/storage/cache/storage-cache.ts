@@ -42,7 +42,7 @@ import type { PartitionTable } from '../../memory/partition-table.js';
 import type { CacheStats } from '../../protocol/admin/api.js';
 import type { Extent } from '../../protocol/nbd/codec.js';
 import { KeyedLock } from '../keyed-lock.js';
-import { settleAll } from '../settle.js';
+import { settleAll } from '../../settle.js';
 import type { VolumeIo } from '../volume-io.js';
 import type { Volume } from '../volume-manager.js';
 import { ALL_SECTORS, LINE_SIZE, Line, SECTOR_SIZE, fullSectorMask, highestBit, lowestBit, pieces, sectorMask } from './line.js';
