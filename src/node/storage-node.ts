@@ -222,6 +222,7 @@ export class StorageNode {
           cache: () => this.cache?.stats(),
           nvram: () => this.nvram.list(),
           mirror: () => this.mirroring?.info(),
+          admin: () => this.admin?.stats,
         });
         const admin = new AdminServer({
           info: () => this.info(),
@@ -233,10 +234,10 @@ export class StorageNode {
           metrics,
           log,
           isStopping: () => this.stopping,
-        });
+        }, config.admin);
         const bound = await admin.listen(config.admin.listen);
         this.admin = admin;
-        log.info({ url: adminUrl(bound) }, 'admin API listening');
+        log.info({ url: adminUrl(bound), token: config.admin.token !== undefined, metricsPublic: config.admin.metricsPublic }, 'admin API listening');
       },
       stop: async () => {
         await this.admin?.close();
