@@ -295,7 +295,7 @@ export class AdminServer {
       allocation: allocationJson(context.allocation, context.partition),
     }));
 
-    app.get('/v1/volumes', (): VolumesJson => ({ volumes: context.volumes.list().map((v) => v.info()) }));
+    app.get('/v1/volumes', (): VolumesJson => ({ volumes: context.volumes.list().map((v) => v.info()), damaged: context.volumes.damaged() }));
 
     app.post('/v1/volumes', async (request, reply): Promise<VolumeJson> => {
       const { name, size, readOnly, writeLog } = parseBody(volumeBody, request.body, 'volume');
@@ -330,7 +330,7 @@ export class AdminServer {
       return reply.code(204).send();
     });
 
-    app.get('/v1/nvram', (): NvramListJson => ({ devices: context.nvram.list() }));
+    app.get('/v1/nvram', (): NvramListJson => ({ devices: context.nvram.list(), damaged: context.nvram.damaged() }));
 
     app.post('/v1/nvram', async (request, reply) => {
       const { name, size, policy, medium } = parseBody(nvramBody, request.body, 'NVRAM device');

@@ -28,6 +28,8 @@ export interface MetricsSources {
   nvram(): DeviceInfo[];
   mirror(): MirroringInfo | undefined;
   admin?(): AdminStats | undefined;
+  /** Volumes and NVRAM devices not loaded at start. */
+  damaged?(): { volumes: number; nvram: number };
 }
 
 export class NodeMetrics {
@@ -315,6 +317,17 @@ export class NodeMetrics {
         const stats = sources.admin?.();
         this.inc({ limit: 'service' }, stats?.refusedMaxConnections ?? 0);
         this.inc({ limit: 'client' }, stats?.refusedPerClient ?? 0);
+      },
+    });
+    new Gauge({
+      name: 'memstrata_metadata_damaged',
+      help: 'Volumes (what=volume) and NVRAM devices (what=nvram) found on disk but not loaded at start (MS_META_INVALID and the like); they are not served.',
+      labelNames: ['what'],
+      registers: [registry],
+      collect() {
+        const damaged = sources.damaged?.();
+        this.set({ what: 'volume' }, damaged?.volumes ?? 0);
+        this.set({ what: 'nvram' }, damaged?.nvram ?? 0);
       },
     });
     new Gauge({

@@ -72,7 +72,7 @@ export class StorageNode {
     this.media = this.createMedia();
     this.serverMemory = new ServerMemory({ partition: this.partition, allocation: this.allocation, media: this.media });
     this.nvram = new DeviceManager({ dataDir: config.dataDir, partition: this.partition, media: this.media, log });
-    this.volumes = new VolumeManager(config.dataDir);
+    this.volumes = new VolumeManager(config.dataDir, { log });
     this.cache = config.cache.enabled
       ? new StorageCache({ partition: this.partition, media: this.media, log, maxDirtyAgeMs: config.cache.maxDirtyAgeMs })
       : undefined;
@@ -223,6 +223,7 @@ export class StorageNode {
           nvram: () => this.nvram.list(),
           mirror: () => this.mirroring?.info(),
           admin: () => this.admin?.stats,
+          damaged: () => ({ volumes: this.volumes.damaged().length, nvram: this.nvram.damaged().length }),
         });
         const admin = new AdminServer({
           info: () => this.info(),
@@ -307,6 +308,7 @@ export class StorageNode {
       usage: this.partition.usage(),
       cache: this.cache?.stats() ?? null,
       nvram: this.nvram.list(),
+      damaged: { volumes: this.volumes.damaged(), nvram: this.nvram.damaged() },
       mirror: this.mirroring?.info() ?? {
         partner: null,
         partnerNode: null,
