@@ -4,14 +4,37 @@
 // Every request body is validated with zod before it reaches a table; every failure is
 // answered as `{ "error": { "code", "message", "details"? } }` with the status from the
 // error registry, so scripts can branch on the code. Closing drains requests in flight.
+//
+// Who may ask (admin.token):
+//   - with a token, every request but GET/HEAD /healthz (and /metrics with
+//     admin.metricsPublic) must carry `Authorization: Bearer <token>`. The check is the
+//     first hook (onRequest), before routing to a handler and before any body byte is
+//     read, so unknown routes (404) and bodies are refused alike and reveal nothing;
+//   - a refusal is 401 MS_ADMIN_UNAUTHORIZED with WWW-Authenticate, and `Connection:
+//     close`, so a refused client cannot stream a body into the node;
+//   - without a token the API is open; config.ts allows that only on a loopback address.
+//
+// What one client may cost (hostile clients):
+//   - sockets: admin.maxConnections for the service (the HTTP server's maxConnections),
+//     admin.maxConnectionsPerClient per remote address (client-limit.ts); more are
+//     closed at once;
+//   - time: headers within admin.headersTimeout, the whole request within
+//     admin.requestTimeout, or 408 MS_ADMIN_REQUEST_TIMEOUT and the socket is closed
+//     (a slowloris client that trickles header lines is cut off); an idle keep-alive
+//     socket is closed after KEEP_ALIVE_MS;
+//   - bytes: headers up to Node's 16 KiB, a body up to admin.bodyLimit, or 413
+//     MS_ADMIN_BODY_TOO_LARGE (a declared Content-Length over the limit is refused
+//     before the body is read).
+// So the service's memory is bounded by about maxConnections x (16 KiB + bodyLimit).
 
-import Fastify, { type FastifyError, type FastifyInstance } from 'fastify';
+import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
+import type { Socket } from 'node:net';
 import { z } from 'zod';
-import { MisuseError, NetworkError, isMemstrataError, toMemstrataError } from '../errors.js';
+import { MisuseError, NetworkError, isMemstrataError, toMemstrataError, type MemstrataError } from '../errors.js';
 import { MEDIA, USED_KINDS } from '../kinds.js';
 import type { AllocationTable } from '../memory/allocation-table.js';
 import type { PartitionTable } from '../memory/partition-table.js';
-import { SIZE_FORM, formatAddress, hexRange, hexWidth, parseSize, type ListenAddress } from '../units.js';
+import { SIZE_FORM, formatAddress, formatSize, hexRange, hexWidth, parseSize, type ListenAddress } from '../units.js';
 import type { Logger } from '../logger.js';
 import type { AllocationTableJson, ErrorResponse, NodeInfo, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson } from '../protocol/admin/api.js';
 import type { VolumeManager } from '../storage/volume-manager.js';
@@ -19,6 +42,8 @@ import type { DeviceManager } from '../nvram/device-manager.js';
 import { POLICIES } from '../nvram/device.js';
 import { decodeOne } from '../protocol/journal/record.js';
 import type { NodeMetrics } from './metrics.js';
+import { BearerAuth } from './bearer-auth.js';
+import { ClientLimit } from './client-limit.js';
 
 export interface AdminContext {
   info(): Promise<NodeInfo>;
@@ -31,6 +56,38 @@ export interface AdminContext {
   log: Logger;
   isStopping(): boolean;
 }
+
+/** Who may use the API and what one client may cost it; config.ts validates these (AdminConfig). */
+export interface AdminServerOptions {
+  token: string | undefined;
+  metricsPublic: boolean;
+  maxConnections: number;
+  maxConnectionsPerClient: number;
+  headersTimeoutMs: number;
+  requestTimeoutMs: number;
+  bodyLimit: number;
+}
+
+/** Counters for /metrics (read at scrape time). */
+export interface AdminStats {
+  /** Connections open now. */
+  connections: number;
+  /** Connections closed at once: the service had admin.maxConnections open. */
+  refusedMaxConnections: number;
+  /** Connections closed at once: their address had admin.maxConnectionsPerClient open. */
+  refusedPerClient: number;
+  /** Requests refused with MS_ADMIN_UNAUTHORIZED. */
+  authFailures: number;
+  /** Connections closed with MS_ADMIN_REQUEST_TIMEOUT (headers or request too slow). */
+  requestTimeouts: number;
+}
+
+// An idle keep-alive socket holds a slot of admin.maxConnectionsPerClient; the CLI
+// opens one request per command, so a short wait loses nothing.
+const KEEP_ALIVE_MS = 5000;
+const REALM = 'Bearer realm="memstrata admin"';
+// Failed logins are counted always, logged at most this often (a flood must not flood the log).
+const AUTH_WARN_EVERY_MS = 60_000;
 
 const size = z.unknown().transform((value, ctx) => {
   try {
@@ -66,14 +123,62 @@ function parseBody<T>(schema: z.ZodType<T>, body: unknown, what: string): T {
 }
 
 export class AdminServer {
+  readonly stats: AdminStats;
+  /** Every route served, as fastify registered it (HEAD twins included), so tests can try each one. */
+  readonly routeList: { method: string; url: string }[];
   private readonly app: FastifyInstance;
   private readonly context: AdminContext;
+  private readonly auth: BearerAuth | undefined;
+  private readonly publicRoutes: ReadonlySet<string>;
+  private readonly clients: ClientLimit;
+  private readonly bodyLimit: number;
   private bound: ListenAddress | undefined;
+  private authWarnedAt: number;
+  private authFailuresUnlogged: number;
 
-  constructor(context: AdminContext) {
+  constructor(context: AdminContext, options: AdminServerOptions) {
     this.context = context;
     this.bound = undefined;
-    this.app = Fastify({ logger: false, bodyLimit: 64 * 1024, return503OnClosing: true, forceCloseConnections: 'idle' });
+    this.routeList = [];
+    this.stats = { connections: 0, refusedMaxConnections: 0, refusedPerClient: 0, authFailures: 0, requestTimeouts: 0 };
+    this.auth = options.token === undefined ? undefined : new BearerAuth(options.token);
+    this.publicRoutes = new Set(['/healthz', ...(options.metricsPublic ? ['/metrics'] : [])]);
+    this.clients = new ClientLimit(options.maxConnectionsPerClient);
+    this.bodyLimit = options.bodyLimit;
+    this.authWarnedAt = -Infinity;
+    this.authFailuresUnlogged = 0;
+    this.app = Fastify({
+      logger: false,
+      bodyLimit: options.bodyLimit,
+      return503OnClosing: true,
+      forceCloseConnections: 'idle',
+      keepAliveTimeout: KEEP_ALIVE_MS,
+      requestTimeout: options.requestTimeoutMs,
+      // Node checks both deadlines on a timer of this period; its default (30 s) would let
+      // a slow client stay that much longer than admin.headersTimeout.
+      http: { headersTimeout: options.headersTimeoutMs, connectionsCheckingInterval: Math.max(10, Math.min(1000, Math.floor(options.headersTimeoutMs / 4))) },
+      clientErrorHandler: (error, socket) => {
+        this.clientError(error, socket);
+      },
+    });
+    const server = this.app.server;
+    server.maxConnections = options.maxConnections;
+    server.on('drop', () => {
+      this.stats.refusedMaxConnections++;
+    });
+    server.on('connection', (socket: Socket) => {
+      if (!this.clients.admit(socket)) {
+        this.stats.refusedPerClient++;
+        return;
+      }
+      this.stats.connections++;
+      socket.once('close', () => {
+        this.stats.connections--;
+      });
+    });
+    this.app.addHook('onRoute', (route) => {
+      for (const method of [route.method].flat()) this.routeList.push({ method, url: route.url });
+    });
     this.routes();
   }
 
@@ -100,18 +205,73 @@ export class AdminServer {
     await this.app.close();
   }
 
+  /**
+   * Lets the request through, or answers 401 and returns false. Public routes are told
+   * by the route that matched (never by the raw URL, which a client can dress up).
+   */
+  private authorized(request: FastifyRequest, reply: FastifyReply): boolean {
+    if (this.auth === undefined) return true;
+    const route = request.routeOptions.url;
+    if (route !== undefined && this.publicRoutes.has(route)) return true;
+    const verdict = this.auth.check(request.headers.authorization);
+    if (verdict === 'ok') return true;
+    this.stats.authFailures++;
+    this.noteAuthFailure(request.ip);
+    const error = new MisuseError(
+      'MS_ADMIN_UNAUTHORIZED',
+      verdict === 'missing'
+        ? 'this admin API requires a token: send Authorization: Bearer <admin.token> (the CLI takes --token or MEMSTRATA_ADMIN_TOKEN)'
+        : 'the admin token was refused',
+    );
+    void reply
+      .code(error.status)
+      .header('www-authenticate', verdict === 'missing' ? REALM : `${REALM}, error="invalid_token"`)
+      .header('connection', 'close')
+      .send(errorBody(error));
+    return false;
+  }
+
+  private noteAuthFailure(remote: string): void {
+    this.authFailuresUnlogged++;
+    const now = Date.now();
+    if (now - this.authWarnedAt < AUTH_WARN_EVERY_MS) return;
+    this.context.log.warn({ remote, failures: this.authFailuresUnlogged }, 'admin API request refused: missing or wrong token');
+    this.authWarnedAt = now;
+    this.authFailuresUnlogged = 0;
+  }
+
+  /** Errors Node's HTTP parser raises before fastify sees a request: timeouts, malformed or oversized headers. */
+  private clientError(error: Error & { code?: string }, socket: Socket): void {
+    if (error.code === 'ECONNRESET' || socket.destroyed) return;
+    const timeout = error.code === 'ERR_HTTP_REQUEST_TIMEOUT';
+    if (timeout) this.stats.requestTimeouts++;
+    const coded = timeout
+      ? new MisuseError('MS_ADMIN_REQUEST_TIMEOUT', 'request not received in time (admin.headersTimeout, admin.requestTimeout)')
+      : new MisuseError('MS_BAD_REQUEST', error.code === 'HPE_HEADER_OVERFLOW' ? 'request headers larger than 16 KiB' : 'malformed HTTP request');
+    const body = JSON.stringify(errorBody(coded));
+    if (socket.writable) {
+      socket.write(`HTTP/1.1 ${coded.status} ${coded.status === 408 ? 'Request Timeout' : 'Bad Request'}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
+    }
+    socket.destroy();
+  }
+
   private routes(): void {
     const { app, context } = this;
+
+    app.addHook('onRequest', (request, reply, done) => {
+      if (this.authorized(request, reply)) done();
+    });
 
     app.setErrorHandler((error: FastifyError, request, reply) => {
       const coded = isMemstrataError(error)
         ? error
-        : error.statusCode !== undefined && error.statusCode < 500
-          ? new MisuseError('MS_BAD_REQUEST', error.message, { cause: error })
-          : toMemstrataError(error);
+        : error.code === 'FST_ERR_CTP_BODY_TOO_LARGE'
+          ? new MisuseError('MS_ADMIN_BODY_TOO_LARGE', `request body larger than admin.bodyLimit (${formatSize(this.bodyLimit)})`, { cause: error })
+          : error.statusCode !== undefined && error.statusCode < 500
+            ? new MisuseError('MS_BAD_REQUEST', error.message, { cause: error })
+            : toMemstrataError(error);
       if (coded.status >= 500) context.log.error({ err: error, url: request.url }, 'admin request failed');
-      const body: ErrorResponse = { error: coded.toJSON() };
-      void reply.code(coded.status).send(body);
+      void reply.code(coded.status).send(errorBody(coded));
     });
 
     app.setNotFoundHandler((request, reply) => {
@@ -135,7 +295,7 @@ export class AdminServer {
       allocation: allocationJson(context.allocation, context.partition),
     }));
 
-    app.get('/v1/volumes', (): VolumesJson => ({ volumes: context.volumes.list().map((v) => v.info()) }));
+    app.get('/v1/volumes', (): VolumesJson => ({ volumes: context.volumes.list().map((v) => v.info()), damaged: context.volumes.damaged() }));
 
     app.post('/v1/volumes', async (request, reply): Promise<VolumeJson> => {
       const { name, size, readOnly, writeLog } = parseBody(volumeBody, request.body, 'volume');
@@ -170,7 +330,7 @@ export class AdminServer {
       return reply.code(204).send();
     });
 
-    app.get('/v1/nvram', (): NvramListJson => ({ devices: context.nvram.list() }));
+    app.get('/v1/nvram', (): NvramListJson => ({ devices: context.nvram.list(), damaged: context.nvram.damaged() }));
 
     app.post('/v1/nvram', async (request, reply) => {
       const { name, size, policy, medium } = parseBody(nvramBody, request.body, 'NVRAM device');
@@ -224,6 +384,10 @@ export class AdminServer {
       return reply.type(context.metrics.registry.contentType).send(text);
     });
   }
+}
+
+function errorBody(error: MemstrataError): ErrorResponse {
+  return { error: error.toJSON() };
 }
 
 export function partitionJson(partition: PartitionTable): PartitionTableJson {

@@ -14,6 +14,7 @@ import type { VolumeManager } from '../storage/volume-manager.js';
 import type { CacheStats } from '../storage/cache/storage-cache.js';
 import type { DeviceInfo } from '../nvram/device.js';
 import type { MirroringInfo } from '../nvram/mirroring.js';
+import type { AdminStats } from './admin-server.js';
 
 export interface MetricsSources {
   nodeId: string;
@@ -26,6 +27,9 @@ export interface MetricsSources {
   cache(): CacheStats | undefined;
   nvram(): DeviceInfo[];
   mirror(): MirroringInfo | undefined;
+  admin?(): AdminStats | undefined;
+  /** Volumes and NVRAM devices not loaded at start. */
+  damaged?(): { volumes: number; nvram: number };
 }
 
 export class NodeMetrics {
@@ -311,6 +315,40 @@ export class NodeMetrics {
     mirrorCounter('memstrata_mirror_degradations_total', 'Times a mirrored device lost its partner and degraded or began refusing.', (m) => m.degradations);
     mirrorCounter('memstrata_mirror_resyncs_total', 'Replicas brought up to date on the partner.', (m) => m.resyncs);
     mirrorCounter('memstrata_mirror_records_total', 'Records the partner acknowledged holding.', (m) => m.mirroredRecords);
+    const adminCounter = counterOf(() => sources.admin?.());
+    adminCounter('memstrata_admin_auth_failures_total', 'Admin API requests refused for a missing or wrong token (MS_ADMIN_UNAUTHORIZED).', (a) => a.authFailures);
+    adminCounter('memstrata_admin_request_timeouts_total', 'Admin API connections closed because headers or body came too slowly (MS_ADMIN_REQUEST_TIMEOUT).', (a) => a.requestTimeouts);
+    new Counter({
+      name: 'memstrata_admin_connections_refused_total',
+      help: 'Admin API connections closed at once: the service had admin.maxConnections open (limit=service) or the address had admin.maxConnectionsPerClient (limit=client).',
+      labelNames: ['limit'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        const stats = sources.admin?.();
+        this.inc({ limit: 'service' }, stats?.refusedMaxConnections ?? 0);
+        this.inc({ limit: 'client' }, stats?.refusedPerClient ?? 0);
+      },
+    });
+    new Gauge({
+      name: 'memstrata_metadata_damaged',
+      help: 'Volumes (what=volume) and NVRAM devices (what=nvram) found on disk but not loaded at start (MS_META_INVALID and the like); they are not served.',
+      labelNames: ['what'],
+      registers: [registry],
+      collect() {
+        const damaged = sources.damaged?.();
+        this.set({ what: 'volume' }, damaged?.volumes ?? 0);
+        this.set({ what: 'nvram' }, damaged?.nvram ?? 0);
+      },
+    });
+    new Gauge({
+      name: 'memstrata_admin_connections',
+      help: 'Admin API connections open now.',
+      registers: [registry],
+      collect() {
+        this.set(sources.admin?.()?.connections ?? 0);
+      },
+    });
     this.resizes = new Counter({
       name: 'memstrata_partition_resizes_total',
       help: 'Partition resizes asked for, by outcome (ok, or the error code).',

@@ -1,10 +1,11 @@
 // The `memstrata` command line. Read commands print aligned text tables, or JSON with
-// `--json`; every command that talks to a node takes `--admin URL`. Errors print one
+// `--json`; every command that talks to a node takes `--admin URL` and `--token` (or
+// MEMSTRATA_ADMIN_TOKEN) for a node with admin.token. Errors print one
 // line, `memstrata: CODE: message`, and exit 2 for misuse, 1 for everything else.
 
 import { Command, CommanderError, Option } from 'commander';
 import { MisuseError, isMemstrataError } from '../errors.js';
-import type { AllocationTableJson, NodeInfo, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson } from '../protocol/admin/api.js';
+import type { AllocationTableJson, DamagedJson, NodeInfo, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson } from '../protocol/admin/api.js';
 import { POLICIES, type DeviceInfo } from '../nvram/device.js';
 import { RmemClient } from '../client/rmem-client.js';
 import { KINDS, MEDIA, USED_KINDS } from '../kinds.js';
@@ -41,6 +42,8 @@ export function buildProgram(output: Output = processOutput): Command {
 
   const adminOption = () =>
     new Option('--admin <url>', 'admin API of the node').env('MEMSTRATA_ADMIN').default(DEFAULT_ADMIN_URL);
+  // The environment keeps the token out of `ps` and shell history; the flag is for scripts that hold it.
+  const tokenOption = () => new Option('--token <token>', 'admin API token (the node\'s admin.token); prefer MEMSTRATA_ADMIN_TOKEN').env('MEMSTRATA_ADMIN_TOKEN');
   const jsonOption = () => new Option('--json', 'print JSON instead of tables');
 
   // ---- node ----
@@ -75,9 +78,10 @@ export function buildProgram(output: Output = processOutput): Command {
     .command('status')
     .description('node information, media, and the partition and allocation tables (patent FIG. 12, 13)')
     .addOption(adminOption())
+    .addOption(tokenOption())
     .addOption(jsonOption())
-    .action(async (options: { admin: string; json?: boolean }) => {
-      const client = new AdminClient(options.admin);
+    .action(async (options: { admin: string; token?: string; json?: boolean }) => {
+      const client = adminClient(options);
       const [info, partition, allocation] = await Promise.all([
         client.get<NodeInfo>('/v1/node'),
         client.get<PartitionTableJson>('/v1/tables/partition'),
@@ -96,10 +100,11 @@ export function buildProgram(output: Output = processOutput): Command {
     .command('list')
     .description('volumes with size, read-only flag and connected clients')
     .addOption(adminOption())
+    .addOption(tokenOption())
     .addOption(jsonOption())
-    .action(async (options: { admin: string; json?: boolean }) => {
-      const list = await new AdminClient(options.admin).get<VolumesJson>('/v1/volumes');
-      output.out(options.json === true ? JSON.stringify(list, null, 2) : renderVolumes(list.volumes));
+    .action(async (options: { admin: string; token?: string; json?: boolean }) => {
+      const list = await adminClient(options).get<VolumesJson>('/v1/volumes');
+      output.out(options.json === true ? JSON.stringify(list, null, 2) : [renderVolumes(list.volumes), ...renderDamaged('volumes', list.damaged)].join('\n\n'));
     });
   volume
     .command('create <name>')
@@ -108,10 +113,11 @@ export function buildProgram(output: Output = processOutput): Command {
     .option('--read-only', 'refuse writes, trims and zeroes (EPERM)')
     .option('--write-log <device>', 'an NVRAM device that journals every write; FUA and FLUSH then cost a journal append')
     .addOption(adminOption())
+    .addOption(tokenOption())
     .addOption(jsonOption())
-    .action(async (name: string, options: { size: string; readOnly?: boolean; writeLog?: string; admin: string; json?: boolean }) => {
+    .action(async (name: string, options: { size: string; readOnly?: boolean; writeLog?: string; admin: string; token?: string; json?: boolean }) => {
       const body = { name, size: options.size, readOnly: options.readOnly === true, ...(options.writeLog === undefined ? {} : { writeLog: options.writeLog }) };
-      const created = await new AdminClient(options.admin).post<VolumeJson>('/v1/volumes', body);
+      const created = await adminClient(options).post<VolumeJson>('/v1/volumes', body);
       output.out(
         options.json === true
           ? JSON.stringify(created, null, 2)
@@ -123,17 +129,19 @@ export function buildProgram(output: Output = processOutput): Command {
     .description('grow or shrink a volume (shrinking only while no client is connected)')
     .requiredOption('--size <size>', 'new size, a multiple of 4KiB')
     .addOption(adminOption())
+    .addOption(tokenOption())
     .addOption(jsonOption())
-    .action(async (name: string, options: { size: string; admin: string; json?: boolean }) => {
-      const resized = await new AdminClient(options.admin).post<VolumeJson>(`/v1/volumes/${encodeURIComponent(name)}/resize`, { size: options.size });
+    .action(async (name: string, options: { size: string; admin: string; token?: string; json?: boolean }) => {
+      const resized = await adminClient(options).post<VolumeJson>(`/v1/volumes/${encodeURIComponent(name)}/resize`, { size: options.size });
       output.out(options.json === true ? JSON.stringify(resized, null, 2) : `volume ${resized.name} is now ${formatSize(resized.size)}`);
     });
   volume
     .command('rm <name>')
     .description('delete a volume and its data (refused while clients are connected)')
     .addOption(adminOption())
-    .action(async (name: string, options: { admin: string }) => {
-      await new AdminClient(options.admin).delete(`/v1/volumes/${encodeURIComponent(name)}`);
+    .addOption(tokenOption())
+    .action(async (name: string, options: { admin: string; token?: string }) => {
+      await adminClient(options).delete(`/v1/volumes/${encodeURIComponent(name)}`);
       output.out(`volume ${name} removed`);
     });
 
@@ -143,10 +151,11 @@ export function buildProgram(output: Output = processOutput): Command {
     .command('list')
     .description('devices with size, used space, first and last sequence number, epoch, policy and state')
     .addOption(adminOption())
+    .addOption(tokenOption())
     .addOption(jsonOption())
-    .action(async (options: { admin: string; json?: boolean }) => {
-      const list = await new AdminClient(options.admin).get<NvramListJson>('/v1/nvram');
-      output.out(options.json === true ? JSON.stringify(list, null, 2) : renderNvram(list.devices));
+    .action(async (options: { admin: string; token?: string; json?: boolean }) => {
+      const list = await adminClient(options).get<NvramListJson>('/v1/nvram');
+      output.out(options.json === true ? JSON.stringify(list, null, 2) : [renderNvram(list.devices), ...renderDamaged('NVRAM devices', list.damaged)].join('\n\n'));
     });
   nvram
     .command('create <name>')
@@ -155,17 +164,19 @@ export function buildProgram(output: Output = processOutput): Command {
     .addOption(new Option('--policy <policy>', 'durability: volatile (memory; vaulted on a clean stop), local (journal file, group commit), mirrored (held by the partner node set in mirror.partner) or mirrored+local (both)').choices(POLICIES).default('local'))
     .addOption(new Option('--medium <medium>', 'medium of the nvram extents').choices(MEDIA).default('dram'))
     .addOption(adminOption())
+    .addOption(tokenOption())
     .addOption(jsonOption())
-    .action(async (name: string, options: { size: string; policy: string; medium: string; admin: string; json?: boolean }) => {
-      const info = await new AdminClient(options.admin).post<DeviceInfo>('/v1/nvram', { name, size: options.size, policy: options.policy, medium: options.medium });
+    .action(async (name: string, options: { size: string; policy: string; medium: string; admin: string; token?: string; json?: boolean }) => {
+      const info = await adminClient(options).post<DeviceInfo>('/v1/nvram', { name, size: options.size, policy: options.policy, medium: options.medium });
       output.out(options.json === true ? JSON.stringify(info, null, 2) : `NVRAM device ${info.name} created: ${formatSize(info.size)}, ${info.policy}, on ${info.medium}`);
     });
   nvram
     .command('rm <name>')
     .description('delete a device, its records and its journal; its memory is zeroed')
     .addOption(adminOption())
-    .action(async (name: string, options: { admin: string }) => {
-      await new AdminClient(options.admin).delete(`/v1/nvram/${encodeURIComponent(name)}`);
+    .addOption(tokenOption())
+    .action(async (name: string, options: { admin: string; token?: string }) => {
+      await adminClient(options).delete(`/v1/nvram/${encodeURIComponent(name)}`);
       output.out(`NVRAM device ${name} removed`);
     });
   nvram
@@ -174,9 +185,10 @@ export function buildProgram(output: Output = processOutput): Command {
     .option('--from <seq>', 'first sequence number', '0')
     .option('--max <count>', 'most records to print', '100')
     .addOption(adminOption())
+    .addOption(tokenOption())
     .addOption(jsonOption())
-    .action(async (name: string, options: { from: string; max: string; admin: string; json?: boolean }) => {
-      const dump = await new AdminClient(options.admin).get<NvramDumpJson>(
+    .action(async (name: string, options: { from: string; max: string; admin: string; token?: string; json?: boolean }) => {
+      const dump = await adminClient(options).get<NvramDumpJson>(
         `/v1/nvram/${encodeURIComponent(name)}/records?from=${encodeURIComponent(options.from)}&max=${encodeURIComponent(options.max)}`,
       );
       if (options.json === true) {
@@ -199,9 +211,10 @@ export function buildProgram(output: Output = processOutput): Command {
     .command('servers')
     .description('rmem sessions and the server memory allocate table (patent FIG. 13) of a node')
     .addOption(adminOption())
+    .addOption(tokenOption())
     .addOption(jsonOption())
-    .action(async (options: { admin: string; json?: boolean }) => {
-      const servers = await new AdminClient(options.admin).get<ServersJson>('/v1/servers');
+    .action(async (options: { admin: string; token?: string; json?: boolean }) => {
+      const servers = await adminClient(options).get<ServersJson>('/v1/servers');
       output.out(options.json === true ? JSON.stringify(servers, null, 2) : `${renderSessions(servers.sessions)}\n\n${renderAllocation(servers.allocation)}`);
     });
 
@@ -236,9 +249,10 @@ export function buildProgram(output: Output = processOutput): Command {
     .command('show')
     .description('the memory partition table (patent FIG. 12)')
     .addOption(adminOption())
+    .addOption(tokenOption())
     .addOption(jsonOption())
-    .action(async (options: { admin: string; json?: boolean }) => {
-      const table = await new AdminClient(options.admin).get<PartitionTableJson>('/v1/tables/partition');
+    .action(async (options: { admin: string; token?: string; json?: boolean }) => {
+      const table = await adminClient(options).get<PartitionTableJson>('/v1/tables/partition');
       output.out(options.json === true ? JSON.stringify(table, null, 2) : renderPartition(table));
     });
   partition
@@ -248,9 +262,10 @@ export function buildProgram(output: Output = processOutput): Command {
     .addOption(new Option('--kind <kind>', 'partition kind').choices(USED_KINDS).makeOptionMandatory())
     .requiredOption('--bytes <size>', 'new size, e.g. 256MiB')
     .addOption(adminOption())
+    .addOption(tokenOption())
     .addOption(jsonOption())
-    .action(async (options: { medium: string; kind: string; bytes: string; admin: string; json?: boolean }) => {
-      const response = await new AdminClient(options.admin).post<ResizeResponse>('/v1/partition/resize', {
+    .action(async (options: { medium: string; kind: string; bytes: string; admin: string; token?: string; json?: boolean }) => {
+      const response = await adminClient(options).post<ResizeResponse>('/v1/partition/resize', {
         medium: options.medium,
         kind: options.kind,
         bytes: options.bytes,
@@ -295,6 +310,11 @@ export async function runCli(argv: readonly string[], output: Output = processOu
   }
 }
 
+/** The admin client for a command's --admin and --token (or MEMSTRATA_ADMIN_TOKEN). */
+function adminClient(options: { admin: string; token?: string }): AdminClient {
+  return new AdminClient(options.admin, options.token === undefined ? {} : { token: options.token });
+}
+
 function allCommands(command: Command): Command[] {
   return command.commands.flatMap((c) => [c, ...allCommands(c)]);
 }
@@ -330,7 +350,15 @@ export function renderNode(info: NodeInfo): string {
     ];
   });
   const media = `Media\n${textTable(['MEDIUM', 'CAPACITY', 'EXTENT', 'RESIDENT', 'CACHE', 'SERVER', 'NVRAM', 'FREE'], rows, [1, 2, 3, 4, 5, 6, 7])}`;
-  return `${head}\n\n${media}\n\n${renderCache(info.cache)}\n\n${renderNvram(info.nvram)}`;
+  const damaged = [...renderDamaged('volumes', info.damaged.volumes), ...renderDamaged('NVRAM devices', info.damaged.nvram)];
+  return [head, media, renderCache(info.cache), renderNvram(info.nvram), ...damaged].join('\n\n');
+}
+
+/** Volumes or devices that were not loaded at start; nothing when there are none. */
+export function renderDamaged(what: string, damaged: readonly DamagedJson[] | undefined): string[] {
+  if (damaged === undefined || damaged.length === 0) return [];
+  const rows = damaged.map((d) => [d.name, d.file, `${d.error.code}: ${d.error.message}`]);
+  return [`Damaged ${what} (not loaded; their files are left as they are)\n${textTable(['NAME', 'FILE', 'ERROR'], rows)}`];
 }
 
 export function renderCache(cache: NodeInfo['cache']): string {
@@ -385,8 +413,11 @@ export function renderNvram(devices: readonly DeviceInfo[]): string {
 }
 
 export function renderVolumes(volumes: readonly VolumeJson[]): string {
-  const rows = volumes.map((v) => [v.name, formatSize(v.size), v.readOnly ? 'yes' : 'no', v.writeLog ?? '-', String(v.connections), v.createdAt]);
-  return `Volumes\n${textTable(['NAME', 'SIZE', 'READ-ONLY', 'WRITE LOG', 'CLIENTS', 'CREATED'], rows, [1, 4])}`;
+  const rows = volumes.map((v) => [v.name, formatSize(v.size), v.readOnly ? 'yes' : 'no', v.writeLog ?? '-', String(v.connections), v.state, v.createdAt]);
+  const table = textTable(['NAME', 'SIZE', 'READ-ONLY', 'WRITE LOG', 'CLIENTS', 'STATE', 'CREATED'], rows, [1, 4]);
+  // A fenced volume says why, below the table: a sync failed and it is read-only until a restart.
+  const fenced = volumes.filter((v) => v.failure !== null).map((v) => `${v.name} is fenced: ${v.failure ?? ''}`);
+  return `Volumes\n${table}${fenced.length > 0 ? `\n${fenced.join('\n')}` : ''}`;
 }
 
 export function renderSessions(sessions: readonly RmemSessionJson[]): string {

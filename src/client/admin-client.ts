@@ -1,18 +1,36 @@
 // The CLI's client for a node's admin API. Errors come back as the coded errors the
 // node raised (the code travels in the JSON body), or as MS_ADMIN_UNREACHABLE /
-// MS_ADMIN_RESPONSE when the node could not be reached or answered nonsense.
+// MS_ADMIN_RESPONSE when the node could not be reached or answered nonsense. With a
+// token, every request carries `Authorization: Bearer <token>`; the token never
+// appears in an error message.
 
 import { ERRORS, MemstrataError, NetworkError, type ErrorCode } from '../errors.js';
 
 export const DEFAULT_ADMIN_URL = 'http://127.0.0.1:10880';
 
+/** Options of {@link AdminClient}. */
+export interface AdminClientOptions {
+  /** The node's admin.token, sent as `Authorization: Bearer <token>`. */
+  token?: string;
+  /** Per request, in milliseconds; default 10 s. */
+  timeoutMs?: number;
+}
+
+/** A client of a node's admin API (`admin.listen`). */
 export class AdminClient {
   readonly baseUrl: string;
   private readonly timeoutMs: number;
+  private readonly authorization: string | undefined;
 
-  constructor(baseUrl: string, timeoutMs = 10_000) {
+  /**
+   * @param baseUrl such as `http://127.0.0.1:10880`
+   * @param options a token and a timeout; a bare number is the timeout in milliseconds
+   */
+  constructor(baseUrl: string, options: AdminClientOptions | number = {}) {
+    const { token, timeoutMs = 10_000 } = typeof options === 'number' ? { timeoutMs: options } : options;
     this.baseUrl = baseUrl.replace(/\/+$/, '');
     this.timeoutMs = timeoutMs;
+    this.authorization = token === undefined || token === '' ? undefined : `Bearer ${token}`;
   }
 
   get<T>(path: string): Promise<T> {
@@ -51,10 +69,12 @@ export class AdminClient {
   private async fetch(method: string, path: string, body?: unknown): Promise<Response> {
     const url = `${this.baseUrl}${path}`;
     try {
-      const init: RequestInit = { method, signal: AbortSignal.timeout(this.timeoutMs) };
+      const headers: Record<string, string> = {};
+      if (this.authorization !== undefined) headers.authorization = this.authorization;
+      const init: RequestInit = { method, headers, signal: AbortSignal.timeout(this.timeoutMs) };
       if (body !== undefined) {
         init.body = JSON.stringify(body);
-        init.headers = { 'content-type': 'application/json' };
+        headers['content-type'] = 'application/json';
       }
       return await fetch(url, init);
     } catch (error) {

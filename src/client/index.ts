@@ -7,6 +7,7 @@
 export { RmemClient } from './rmem-client.js';
 export type { BindWhere, CapacityEntry, Journal, JournalInfo, JournalRecord, MediumName, PerformanceClass, Region, RmemClientEvents, RmemClientOptions, WireRange } from './rmem-client.js';
 export { AdminClient, DEFAULT_ADMIN_URL } from './admin-client.js';
+export type { AdminClientOptions } from './admin-client.js';
 export { NbdClient } from './nbd-client.js';
 export type { BlockSizes, NbdClientOptions } from './nbd-client.js';
 export type {

@@ -10,7 +10,8 @@
 //   invalid configuration: media.dram.size is "12XB" (from environment variable
 //   MEMSTRATA_MEDIA_DRAM_SIZE): expected a size in bytes such as 4096, 64KiB, ...
 
-import { readFile } from 'node:fs/promises';
+import { readFile, stat } from 'node:fs/promises';
+import { BlockList, isIP } from 'node:net';
 import { resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
@@ -24,6 +25,20 @@ export type LogLevel = (typeof LOG_LEVELS)[number];
 export const LOG_FORMATS = ['auto', 'json', 'pretty'] as const;
 export type LogFormat = (typeof LOG_FORMATS)[number];
 
+/** The admin HTTP API: where it listens, who may use it, and what one client may cost it. */
+export interface AdminConfig {
+  listen: ListenAddress;
+  /** Bearer token every route but /healthz requires (from admin.token or admin.tokenFile); undefined: none. */
+  token: string | undefined;
+  /** /metrics answers without the token. */
+  metricsPublic: boolean;
+  maxConnections: number;
+  maxConnectionsPerClient: number;
+  headersTimeoutMs: number;
+  requestTimeoutMs: number;
+  bodyLimit: number;
+}
+
 /** A partition size: bytes, or a share of the medium. */
 export type Share = { bytes: number } | { percent: number };
 
@@ -36,7 +51,7 @@ export interface KindSetting {
 export interface NodeConfig {
   node: { id: string | undefined };
   dataDir: string;
-  admin: { listen: ListenAddress };
+  admin: AdminConfig;
   rmem: { listen: ListenAddress; leaseMs: number; token: string | undefined; maxInFlight: number };
   nbd: { listen: ListenAddress };
   mirror: { listen: ListenAddress; partner: ListenAddress | undefined; onPartnerDown: 'degrade' | 'refuse'; timeoutMs: number; token: string | undefined };
@@ -94,6 +109,12 @@ const booleanLeaf = leaf<boolean>('true or false', (v) => (v === true || v === '
 const TOKEN_FORM = 'a string of 1 to 1024 bytes';
 const tokenLeaf = leaf<string>(TOKEN_FORM, (v) => (typeof v === 'string' && v.length > 0 && Buffer.byteLength(v) <= 1024 ? v : undefined));
 
+// A bearer token travels in an HTTP header (RFC 6750 b64token is a subset of visible
+// ASCII); 16 characters at least, so a guessable word is refused.
+const ADMIN_TOKEN_FORM = '16 to 1024 visible ASCII characters without spaces, such as the output of `openssl rand -hex 32`';
+const ADMIN_TOKEN_PATTERN = /^[\x21-\x7e]{16,1024}$/;
+const adminTokenLeaf = leaf<string>(ADMIN_TOKEN_FORM, (v) => (typeof v === 'string' && ADMIN_TOKEN_PATTERN.test(v) ? v : undefined));
+
 function intLeaf(min: number, max: number) {
   const form = `a whole number from ${min} to ${max}`;
   return leaf<number>(form, (v) => {
@@ -133,7 +154,19 @@ const mediumPartitionSchema = z
 const rawSchema = z.strictObject({
   node: z.strictObject({ id: nodeIdLeaf.optional() }).prefault({}),
   dataDir: pathLeaf.prefault('./memstrata-data'),
-  admin: z.strictObject({ listen: addressLeaf.prefault('127.0.0.1:10880') }).prefault({}),
+  admin: z
+    .strictObject({
+      listen: addressLeaf.prefault('127.0.0.1:10880'),
+      token: adminTokenLeaf.optional(),
+      tokenFile: pathLeaf.optional(),
+      metricsPublic: booleanLeaf.prefault('false'),
+      maxConnections: intLeaf(1, 65536).prefault(256),
+      maxConnectionsPerClient: intLeaf(1, 65536).prefault(32),
+      headersTimeout: durationLeaf.prefault('10s'),
+      requestTimeout: durationLeaf.prefault('30s'),
+      bodyLimit: sizeLeaf.prefault('64KiB'),
+    })
+    .prefault({}),
   nbd: z.strictObject({ listen: addressLeaf.prefault('127.0.0.1:10809') }).prefault({}),
   volumes: z.strictObject({ defaultSize: sizeLeaf.prefault('1GiB') }).prefault({}),
   cache: z.strictObject({ enabled: booleanLeaf.prefault('true'), maxDirtyAge: durationLeaf.prefault('5s') }).prefault({}),
@@ -188,7 +221,15 @@ const partitionSettings: Setting[] = MEDIA.flatMap((medium) =>
 export const SETTINGS: readonly Setting[] = [
   { path: 'node.id', flag: '--node-id', default: '(generated, kept in the data directory)', doc: 'name of this node in tables, logs and the cluster' },
   { path: 'dataDir', flag: '--data-dir', default: './memstrata-data', doc: 'the flash file, volumes, NVRAM journals, the node id and the lock' },
-  { path: 'admin.listen', flag: '--admin-listen', default: '127.0.0.1:10880', doc: 'admin HTTP API, /metrics and /healthz; port 0 picks a free port' },
+  { path: 'admin.listen', flag: '--admin-listen', default: '127.0.0.1:10880', doc: 'admin HTTP API, /metrics and /healthz; port 0 picks a free port; an address that is not loopback needs admin.token or admin.tokenFile' },
+  { path: 'admin.token', default: '(none)', doc: 'bearer token every admin route but /healthz requires (16 to 1024 visible ASCII characters); set it in the environment or use admin.tokenFile, not a command line' },
+  { path: 'admin.tokenFile', default: '(none)', doc: 'file holding admin.token (surrounding whitespace ignored); read once at start' },
+  { path: 'admin.metricsPublic', default: 'false', doc: 'true lets /metrics answer without the token' },
+  { path: 'admin.maxConnections', default: '256', doc: 'admin connections open at once; more are closed at once' },
+  { path: 'admin.maxConnectionsPerClient', default: '32', doc: 'admin connections open at once from one remote address; more are closed at once' },
+  { path: 'admin.headersTimeout', default: '10s', doc: 'a client must send a request\'s headers within this, or gets 408 and is disconnected' },
+  { path: 'admin.requestTimeout', default: '30s', doc: 'a client must send a whole request, body included, within this; at least admin.headersTimeout' },
+  { path: 'admin.bodyLimit', default: '64KiB', doc: 'largest admin request body; a larger one is refused with MS_ADMIN_BODY_TOO_LARGE' },
   { path: 'nbd.listen', flag: '--nbd-listen', default: '127.0.0.1:10809', doc: 'NBD block service; port 0 picks a free port' },
   { path: 'volumes.defaultSize', default: '1GiB', doc: 'size of the `default` volume made on first start' },
   { path: 'cache.enabled', default: 'true', doc: 'write-back storage cache for volumes in the cache partition; false writes straight to the data store' },
@@ -301,7 +342,16 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
   const config: NodeConfig = {
     node: { id: parsed.node.id },
     dataDir,
-    admin: { listen: parsed.admin.listen },
+    admin: {
+      listen: parsed.admin.listen,
+      token: parsed.admin.token,
+      metricsPublic: parsed.admin.metricsPublic,
+      maxConnections: parsed.admin.maxConnections,
+      maxConnectionsPerClient: parsed.admin.maxConnectionsPerClient,
+      headersTimeoutMs: parsed.admin.headersTimeout,
+      requestTimeoutMs: parsed.admin.requestTimeout,
+      bodyLimit: parsed.admin.bodyLimit,
+    },
     nbd: { listen: parsed.nbd.listen },
     volumes: { defaultSize: parsed.volumes.defaultSize },
     cache: { enabled: parsed.cache.enabled, maxDirtyAgeMs: parsed.cache.maxDirtyAge },
@@ -316,6 +366,7 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
     partition: { dram: emptyPartition(), flash: emptyPartition() },
   };
   checkMedia(config, raw, origin);
+  await checkAdmin(config, parsed.admin.tokenFile, cwd, raw, origin, warnings);
   if (config.volumes.defaultSize <= 0 || config.volumes.defaultSize % 4096 !== 0) {
     throw invalid('volumes.defaultSize', raw, origin, 'expected a positive multiple of 4096 bytes');
   }
@@ -354,6 +405,50 @@ export function mediumLayouts(config: NodeConfig): MediumLayout[] {
 }
 
 // ---- cross-field checks ----
+
+/**
+ * Resolves admin.tokenFile into the token, and refuses an admin API that anyone on the
+ * network could reach without one: every route but /healthz can delete volumes.
+ */
+async function checkAdmin(config: NodeConfig, tokenFile: string | undefined, cwd: string, raw: Record<string, unknown>, origin: Map<string, string>, warnings: string[]): Promise<void> {
+  const admin = config.admin;
+  if (tokenFile !== undefined) {
+    if (admin.token !== undefined) throw invalid('admin.tokenFile', raw, origin, 'expected admin.token or admin.tokenFile, not both');
+    const file = resolve(cwd, tokenFile);
+    let text: string;
+    try {
+      text = await readFile(file, 'utf8');
+    } catch (error) {
+      throw invalid('admin.tokenFile', raw, origin, `expected a readable file (${(error as NodeJS.ErrnoException).code ?? (error as Error).message})`);
+    }
+    const token = text.trim();
+    if (!ADMIN_TOKEN_PATTERN.test(token)) throw invalid('admin.tokenFile', raw, origin, `expected the file to hold ${ADMIN_TOKEN_FORM}`);
+    admin.token = token;
+    const mode = (await stat(file)).mode;
+    if ((mode & 0o077) !== 0) warnings.push(`admin.tokenFile ${file} can be read by other users (mode ${(mode & 0o777).toString(8)}); chmod 600 it`);
+  }
+  if (admin.token === undefined && !isLoopback(admin.listen.host)) {
+    throw invalid('admin.listen', raw, origin, 'expected a loopback address (127.0.0.1, ::1, localhost) unless admin.token or admin.tokenFile is set: anyone who reaches this address could change the node');
+  }
+  if (admin.requestTimeoutMs < admin.headersTimeoutMs) {
+    throw invalid('admin.requestTimeout', raw, origin, `expected at least admin.headersTimeout (${admin.headersTimeoutMs} ms)`);
+  }
+  if (admin.headersTimeoutMs < 10 || admin.requestTimeoutMs > 3_600_000) {
+    throw invalid(admin.headersTimeoutMs < 10 ? 'admin.headersTimeout' : 'admin.requestTimeout', raw, origin, 'expected a duration from 10ms to 1h');
+  }
+  if (admin.bodyLimit < 1024 || admin.bodyLimit > 64 * 1024 * 1024) throw invalid('admin.bodyLimit', raw, origin, 'expected a size from 1KiB to 64MiB');
+}
+
+const LOOPBACK = new BlockList();
+LOOPBACK.addSubnet('127.0.0.0', 8, 'ipv4');
+LOOPBACK.addAddress('::1', 'ipv6');
+
+/** Loopback hosts: 127.0.0.0/8, ::1 (also IPv4-mapped, ::ffff:127.0.0.1) and localhost (RFC 6761). */
+export function isLoopback(host: string): boolean {
+  if (host.toLowerCase() === 'localhost') return true;
+  const family = isIP(host);
+  return family !== 0 && LOOPBACK.check(host, family === 4 ? 'ipv4' : 'ipv6');
+}
 
 function checkMedia(config: NodeConfig, raw: Record<string, unknown>, origin: Map<string, string>): void {
   const extent = config.media.extentSize;
@@ -430,14 +525,23 @@ function describeIssue(issue: z.core.$ZodIssue, raw: Record<string, unknown>, or
   const value = getPath(raw, path);
   const from = origin.get(path);
   const form = issue.code === 'custom' ? issue.message : `expected ${SETTING_BY_PATH.has(path) ? 'a single value' : 'a mapping of settings'}`;
-  return `${path} is ${JSON.stringify(value) ?? 'missing'}${from === undefined ? '' : ` (from ${from})`}: ${form}`;
+  return `${path} is ${shown(path, value) ?? 'missing'}${from === undefined ? '' : ` (from ${from})`}: ${form}`;
+}
+
+/** A value as a message shows it; tokens never reach a message, a log or a terminal. */
+function shown(path: string, value: unknown): string | undefined {
+  return value !== undefined && isSecret(path) ? '(hidden)' : JSON.stringify(value);
+}
+
+function isSecret(path: string): boolean {
+  return /(^|\.)token$/.test(path);
 }
 
 function invalid(path: string, raw: Record<string, unknown>, origin: Map<string, string>, form: string): MisuseError {
   const value = getPath(raw, path);
   const from = origin.get(path) ?? 'default';
-  return new MisuseError('MS_CONFIG_INVALID', `invalid configuration: ${path} is ${JSON.stringify(value ?? SETTING_BY_PATH.get(path)?.default)} (from ${from}): ${form}`, {
-    details: { field: path, value },
+  return new MisuseError('MS_CONFIG_INVALID', `invalid configuration: ${path} is ${shown(path, value ?? SETTING_BY_PATH.get(path)?.default)} (from ${from}): ${form}`, {
+    details: { field: path, value: isSecret(path) ? '(hidden)' : value },
   });
 }
 

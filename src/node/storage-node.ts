@@ -72,7 +72,7 @@ export class StorageNode {
     this.media = this.createMedia();
     this.serverMemory = new ServerMemory({ partition: this.partition, allocation: this.allocation, media: this.media });
     this.nvram = new DeviceManager({ dataDir: config.dataDir, partition: this.partition, media: this.media, log });
-    this.volumes = new VolumeManager(config.dataDir);
+    this.volumes = new VolumeManager(config.dataDir, { log });
     this.cache = config.cache.enabled
       ? new StorageCache({ partition: this.partition, media: this.media, log, maxDirtyAgeMs: config.cache.maxDirtyAgeMs })
       : undefined;
@@ -136,6 +136,8 @@ export class StorageNode {
       start: async () => {
         // Journaled writes of a crash reach their volumes before anyone is served.
         for (const volume of this.volumes.list()) await this.writeLog.replay(volume);
+        this.volumes.beforeResize = (volume) => this.writeLog.checkpointNow(volume);
+        this.volumes.beforeRemove = (volume) => this.writeLog.discard(volume);
       },
       stop: () => Promise.resolve(),
     });
@@ -222,6 +224,8 @@ export class StorageNode {
           cache: () => this.cache?.stats(),
           nvram: () => this.nvram.list(),
           mirror: () => this.mirroring?.info(),
+          admin: () => this.admin?.stats,
+          damaged: () => ({ volumes: this.volumes.damaged().length, nvram: this.nvram.damaged().length }),
         });
         const admin = new AdminServer({
           info: () => this.info(),
@@ -233,10 +237,10 @@ export class StorageNode {
           metrics,
           log,
           isStopping: () => this.stopping,
-        });
+        }, config.admin);
         const bound = await admin.listen(config.admin.listen);
         this.admin = admin;
-        log.info({ url: adminUrl(bound) }, 'admin API listening');
+        log.info({ url: adminUrl(bound), token: config.admin.token !== undefined, metricsPublic: config.admin.metricsPublic }, 'admin API listening');
       },
       stop: async () => {
         await this.admin?.close();
@@ -306,6 +310,7 @@ export class StorageNode {
       usage: this.partition.usage(),
       cache: this.cache?.stats() ?? null,
       nvram: this.nvram.list(),
+      damaged: { volumes: this.volumes.damaged(), nvram: this.nvram.damaged() },
       mirror: this.mirroring?.info() ?? {
         partner: null,
         partnerNode: null,

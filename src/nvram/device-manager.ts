@@ -1,7 +1,7 @@
 // NVRAM devices of a node: their extents in the `nvram` partition, their files, and
 // what happens to their contents across stops.
 //
-//   nvram/<name>.json      {"name","size","policy","medium","role","createdAt","version":1}
+//   nvram/<name>.json      metadata (device-meta.ts), validated on load, replaced durably
 //   nvram/<name>.journal   the journal file of a `local` or mirrored primary (journal-file.ts)
 //   nvram/<name>.vault     every live record of a device, written on a clean stop
 //
@@ -14,6 +14,10 @@
 //   - else empty (`volatile` after a crash, as its policy says; a replica after a crash is
 //     `recovering` until its primary resyncs it).
 // The vault is removed once read.
+// A device that cannot be restored (metadata that fails validation, MS_META_INVALID; or
+// no room for it) is not loaded: its files stay as they are, the log says why at error,
+// damaged() lists it, and its name is refused to create, remove and the mirror's RESET
+// (MS_META_DAMAGED), so nothing writes over a journal an operator may repair.
 // Stop: every device but a `local` one is vaulted (write, fsync, rename, fsync of the
 // directory); every device is closed and its extents go back to the partition table.
 //
@@ -22,29 +26,22 @@
 // link (mirroring.ts, mirror-service.ts). A client that opens a replica with a newer
 // epoch takes it over: it is promoted, gets a journal file, and mirrors back.
 
-import { mkdir, readFile, readdir, rename, rm, writeFile, open } from 'node:fs/promises';
+import { mkdir, readFile, readdir, rename, rm, open } from 'node:fs/promises';
 import { join } from 'node:path';
-import { MisuseError, RuntimeError, isMemstrataError } from '../errors.js';
+import { MisuseError, RuntimeError, isMemstrataError, toMemstrataError } from '../errors.js';
+import type { MetaFs } from '../fs/meta-file.js';
+import type { DamagedJson } from '../protocol/admin/api.js';
+import { DEVICE_NAME_PATTERN, readDeviceMeta, writeDeviceMeta, type DeviceMeta } from './device-meta.js';
 import type { MediumName } from '../kinds.js';
 import type { Medium } from '../memory/medium.js';
 import type { PartitionTable } from '../memory/partition-table.js';
 import type { Logger } from '../logger.js';
 import { formatSize } from '../units.js';
-import { NvramDevice, POLICIES, isMirrored, type DeviceInfo, type Policy, type Role } from './device.js';
+import { NvramDevice, POLICIES, isMirrored, type DeviceInfo, type Policy } from './device.js';
 import { JournalFile, encodeFileHeader, parseJournal, syncDir } from './journal-file.js';
 import type { JournalRecord } from '../protocol/journal/record.js';
 
-const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
-
-interface DeviceMeta {
-  name: string;
-  size: number;
-  policy: Policy;
-  medium: MediumName;
-  /** Absent in files written before mirroring: primary. */
-  role?: Role;
-  createdAt: string;
-}
+const NAME_PATTERN = DEVICE_NAME_PATTERN;
 
 interface Entry {
   meta: DeviceMeta;
@@ -58,6 +55,9 @@ export class DeviceManager {
   private readonly media: ReadonlyMap<MediumName, Medium>;
   private readonly log: Logger;
   private readonly devices: Map<string, Entry>;
+  /** Devices found on disk but not restored, by the name their files carry. */
+  private readonly damagedDevices: Map<string, DamagedJson>;
+  private readonly fs: MetaFs | undefined;
   private queue: Promise<unknown>;
 
   private readonly compactAt: number | undefined;
@@ -65,13 +65,15 @@ export class DeviceManager {
   onPrimary: ((device: NvramDevice) => void) | undefined;
   onRemoved: ((device: NvramDevice) => void) | undefined;
 
-  constructor(options: { dataDir: string; partition: PartitionTable; media: readonly Medium[]; log: Logger; compactAt?: number }) {
+  constructor(options: { dataDir: string; partition: PartitionTable; media: readonly Medium[]; log: Logger; compactAt?: number; fs?: MetaFs }) {
     this.compactAt = options.compactAt;
     this.dir = join(options.dataDir, 'nvram');
     this.partition = options.partition;
     this.media = new Map(options.media.map((m) => [m.name, m]));
     this.log = options.log;
     this.devices = new Map();
+    this.damagedDevices = new Map();
+    this.fs = options.fs;
     this.queue = Promise.resolve();
     this.onPrimary = undefined;
     this.onRemoved = undefined;
@@ -80,13 +82,28 @@ export class DeviceManager {
   async open(): Promise<void> {
     await mkdir(this.dir, { recursive: true });
     for (const file of (await readdir(this.dir)).filter((f) => f.endsWith('.json')).sort()) {
-      const meta = JSON.parse(await readFile(join(this.dir, file), 'utf8')) as DeviceMeta;
+      const name = file.slice(0, -'.json'.length);
       try {
-        await this.load(meta, false);
+        await this.load(await readDeviceMeta(this.dir, name, this.fs), false);
       } catch (error) {
-        this.log.error({ device: meta.name, err: error }, 'NVRAM device could not be restored; it stays on disk and offline');
+        const coded = toMemstrataError(error);
+        this.damagedDevices.set(name, { name, file: join(this.dir, file), error: coded.toJSON() });
+        this.log.error({ device: name, file: join(this.dir, file), code: coded.code, err: error }, `NVRAM device ${name} could not be restored: ${coded.message}; its files stay on disk as they are and it is offline`);
       }
     }
+  }
+
+  /** Devices that were not restored at start, with the reason. */
+  damaged(): DamagedJson[] {
+    return [...this.damagedDevices.values()];
+  }
+
+  private refuseDamaged(name: string): void {
+    const damaged = this.damagedDevices.get(name);
+    if (damaged === undefined) return;
+    throw new RuntimeError('MS_META_DAMAGED', `NVRAM device "${name}" was not restored at start (${damaged.error.code}: ${damaged.error.message}); repair or move away its files in ${this.dir}, then restart the node`, {
+      details: { name, file: damaged.file },
+    });
   }
 
   /** Vaults every device but `local` ones (they have their journal), closes all, gives their extents back. */
@@ -194,6 +211,7 @@ export class DeviceManager {
    */
   resetReplica(reset: { name: string; policy: Policy; medium: MediumName; size: number; epoch: number; trimmedTo: number; firstSeq: number }): Promise<void> {
     return this.serialized(async () => {
+      this.refuseDamaged(reset.name);
       let entry = this.devices.get(reset.name);
       if (entry !== undefined) {
         const device = entry.device;
@@ -230,6 +248,7 @@ export class DeviceManager {
       if (!this.media.has(medium)) throw new MisuseError('MS_NVRAM_INVALID', `this node has no ${medium} medium`);
       if (!Number.isSafeInteger(size) || size < 4096) throw new MisuseError('MS_NVRAM_INVALID', `invalid device size ${size}: expected at least 4096 bytes`);
       if (this.devices.has(name)) throw new MisuseError('MS_NVRAM_EXISTS', `NVRAM device "${name}" already exists`);
+      this.refuseDamaged(name);
       const extentSize = this.partition.extentSize(medium);
       const rounded = Math.ceil(size / extentSize) * extentSize;
       const meta: DeviceMeta = { name, size: rounded, policy, medium, role: 'primary', createdAt: new Date().toISOString() };
@@ -244,6 +263,7 @@ export class DeviceManager {
   remove(name: string): Promise<void> {
     return this.serialized(async () => {
       const entry = this.devices.get(name);
+      if (entry === undefined) this.refuseDamaged(name);
       if (entry === undefined) throw new MisuseError('MS_NVRAM_NOT_FOUND', `no NVRAM device named "${name}"`);
       await this.drop(entry);
       if (isMirrored(entry.meta.policy) && entry.device.role === 'primary') this.onRemoved?.(entry.device);
@@ -361,11 +381,8 @@ export class DeviceManager {
     await syncDir(path);
   }
 
-  private async writeMeta(meta: DeviceMeta): Promise<void> {
-    const path = join(this.dir, `${meta.name}.json`);
-    await writeFile(`${path}.tmp`, `${JSON.stringify({ ...meta, version: 1 })}\n`);
-    await rename(`${path}.tmp`, path);
-    await syncDir(path);
+  private writeMeta(meta: DeviceMeta): Promise<void> {
+    return writeDeviceMeta(this.dir, meta, this.fs);
   }
 
   private medium(name: MediumName): Medium {

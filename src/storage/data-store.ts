@@ -22,8 +22,8 @@
 // chunk's lock (writes into zero chunks, every zeroRange); writes to chunks that hold
 // data take no lock. Every operation checks its range: nothing grows the file but resize.
 
-import { open, readFile, rename, rm, type FileHandle } from 'node:fs/promises';
-import { dirname } from 'node:path';
+import { open, readFile, rm, type FileHandle } from 'node:fs/promises';
+import { replaceFile } from '../fs/meta-file.js';
 import { crc32 } from 'node:zlib';
 import { MisuseError, StorageError, asError } from '../errors.js';
 import { writeAll, writeZeros } from '../fs/positional-io.js';
@@ -50,7 +50,9 @@ export class DataStore implements VolumeStore {
   private sizeBytes: number;
   /** One bit per chunk: set means the chunk reads as zeros. */
   private zero: Uint8Array;
-  private mapDirty: boolean;
+  /** Bumped at every change of the zero map; the map on disk is as of `persistedGen`. */
+  private mapGen: number;
+  private persistedGen: number;
   private mapWrites: Promise<void> = Promise.resolve();
   /** Held while a chunk's zero bit and its bytes in the file change together. */
   private readonly chunks: KeyedLock<number>;
@@ -63,7 +65,8 @@ export class DataStore implements VolumeStore {
     this.handle = undefined;
     this.sizeBytes = size;
     this.zero = new Uint8Array(0);
-    this.mapDirty = false;
+    this.mapGen = 0;
+    this.persistedGen = 0;
     this.chunks = new KeyedLock();
     this.fenced = undefined;
   }
@@ -89,7 +92,7 @@ export class DataStore implements VolumeStore {
     this.zero = new Uint8Array(Math.ceil(chunks / 8));
     if (create) {
       this.markZero(0, this.sizeBytes);
-      this.mapDirty = true;
+      this.mapGen++;
       await this.sync();
       return;
     }
@@ -105,10 +108,7 @@ export class DataStore implements VolumeStore {
     try {
       // A clean stop leaves data and map durable, like a FLUSH; a fenced store has
       // nothing it could promise, and says so through `failure` until then.
-      if (this.fenced === undefined) {
-        await handle.datasync();
-        await this.persistMap();
-      }
+      if (this.fenced === undefined) await this.syncWith(handle);
     } finally {
       await handle.close();
     }
@@ -221,17 +221,34 @@ export class DataStore implements VolumeStore {
     return extents;
   }
 
-  /** Durable: data first, then the zero map. A failure fences the store (see volume-store.ts). */
+  /**
+   * Durable: data first, then the zero map as it was when the sync began. A failure
+   * fences the store (see volume-store.ts), and so does a failure of any sync this one
+   * overlapped: the kernel reports a lost write-back to one fsync caller only, so the
+   * other one's success proves nothing.
+   */
   async sync(): Promise<void> {
     this.writable();
-    const handle = this.file();
     try {
-      await handle.datasync();
-      await this.persistMap();
+      await this.syncWith(this.file());
     } catch (error) {
       this.fence(error);
       throw this.fencedError();
     }
+    if (this.fenced !== undefined) throw this.fencedError();
+  }
+
+  /**
+   * The map is taken before the fdatasync: a chunk's bit clears only after its data
+   * landed, so every "data" bit in the snapshot points at bytes the fdatasync covers. A
+   * bit that changes during the fdatasync waits for the next sync.
+   */
+  private async syncWith(handle: StoreFile): Promise<void> {
+    const gen = this.mapGen;
+    const snapshot = Buffer.from(this.zero);
+    const size = this.sizeBytes;
+    await handle.datasync();
+    await this.persistMap(snapshot, size, gen);
   }
 
   /** Grows or shrinks the volume; new space reads as zeros. */
@@ -239,18 +256,19 @@ export class DataStore implements VolumeStore {
     this.writable();
     const handle = this.file();
     const old = this.sizeBytes;
+    // The file first: a failed truncate leaves the store as it was.
+    await handle.truncate(size);
     const map = new Uint8Array(Math.ceil(this.chunkCount(size) / 8));
     map.set(this.zero.subarray(0, Math.min(map.length, this.zero.length)));
     this.zero = map;
     this.sizeBytes = size;
-    await handle.truncate(size);
     if (size > old) {
       // The old last chunk may have been partial; its new tail is zero in the file (truncate
       // extends with zeros), so only whole new chunks need their bit.
       const firstNew = Math.ceil(old / ZERO_CHUNK);
       for (let c = firstNew; c < this.chunkCount(size); c++) this.setZero(c, true);
     }
-    this.mapDirty = true;
+    this.mapGen++;
     await this.sync();
   }
 
@@ -309,7 +327,7 @@ export class DataStore implements VolumeStore {
     const next = zero ? byte | (1 << (chunk & 7)) : byte & ~(1 << (chunk & 7));
     if (next !== byte) {
       this.zero[chunk >> 3] = next;
-      this.mapDirty = true;
+      this.mapGen++;
     }
   }
 
@@ -337,45 +355,28 @@ export class DataStore implements VolumeStore {
   }
 
   /**
-   * Writes the zero map if it changed. Calls run one after another: two at once would
-   * race on the same temporary file, and a caller must not return while an earlier
-   * write of the map, one that covers its change, is still on its way.
+   * Writes a snapshot of the zero map if it is newer than the one on disk. Calls run one
+   * after another: a caller must not return while an earlier write of the map, one that
+   * covers its change, is still on its way, and an older snapshot never replaces a newer.
    */
-  private persistMap(): Promise<void> {
-    const run = this.mapWrites.then(() => this.writeMapNow());
+  private persistMap(bitmap: Buffer, size: number, gen: number): Promise<void> {
+    const run = this.mapWrites.then(() => (gen > this.persistedGen ? this.writeMap(bitmap, size, gen) : undefined));
     this.mapWrites = run.catch(() => undefined);
     return run;
   }
 
-  private async writeMapNow(): Promise<void> {
-    if (!this.mapDirty) return;
-    this.mapDirty = false;
-    const bitmap = Buffer.from(this.zero);
+  private async writeMap(bitmap: Buffer, size: number, gen: number): Promise<void> {
     const file = Buffer.allocUnsafe(MAP_HEADER + bitmap.length);
     MAP_MAGIC.copy(file, 0);
-    file.writeBigUInt64BE(BigInt(this.sizeBytes), 8);
+    file.writeBigUInt64BE(BigInt(size), 8);
     file.writeUInt32BE(ZERO_CHUNK, 16);
     file.writeUInt32BE(crc32(bitmap), 20);
     bitmap.copy(file, MAP_HEADER);
-    const tmp = `${this.mapPath}.tmp`;
     try {
-      const out = await open(tmp, 'w', 0o600);
-      try {
-        await out.writeFile(file);
-        await out.sync();
-      } finally {
-        await out.close();
-      }
-      await rename(tmp, this.mapPath);
-      const dir = await open(dirname(this.mapPath), 'r');
-      try {
-        await dir.sync();
-      } finally {
-        await dir.close();
-      }
+      await replaceFile(this.mapPath, file);
     } catch (error) {
-      this.mapDirty = true;
       throw new StorageError('MS_MEDIUM_IO', `cannot write zero map ${this.mapPath}: ${(error as Error).message}`, { cause: error });
     }
+    this.persistedGen = gen;
   }
 }

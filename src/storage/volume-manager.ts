@@ -1,27 +1,35 @@
 // Volumes: named, sized, optionally read-only block devices, each an NBD export, each
 // backed by a DataStore in <dataDir>/volumes.
 //
-//   volumes/<name>.json   {"name","size","readOnly","createdAt","writeLog"?,"version":1}, replaced atomically
+//   volumes/<name>.json   metadata (volume-meta.ts), validated on load, replaced durably
 //   volumes/<name>.img    data (DataStore)
 //   volumes/<name>.zmap   zero map (DataStore)
 //
 // The `default` volume (1 GiB unless configured) is made on first start; the empty NBD
 // export name selects it. A volume with clients connected cannot be removed or shrunk.
+//
+// Damaged volumes: a volume whose metadata fails to load (MS_META_INVALID) or whose data
+// store cannot be opened is not served, and its files are left exactly as they are; the
+// node logs it at error and starts the rest. It is listed by damaged() (volume list,
+// status) with its error, and its name stays taken: create, resize and remove answer
+// MS_META_DAMAGED, and the default volume is not made again over a damaged one, so
+// nothing ever writes over the files an operator may repair. A repaired volume comes
+// back at the next start.
 
-import { mkdir, open, readdir, readFile, rename, rm } from 'node:fs/promises';
+import { mkdir, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { MisuseError, RuntimeError, StorageError } from '../errors.js';
+import { MisuseError, RuntimeError, StorageError, toMemstrataError, type MemstrataError } from '../errors.js';
+import type { MetaFs } from '../fs/meta-file.js';
+import type { Logger } from '../logger.js';
 import { formatSize } from '../units.js';
 import { DataStore } from './data-store.js';
+import { MAX_VOLUME_SIZE, NAME_PATTERN, SECTOR, VOLUME_NAME_FORM, readVolumeMeta, writeVolumeMeta } from './volume-meta.js';
 import type { VolumeStore } from './volume-store.js';
-import type { VolumeInfo } from '../protocol/admin/api.js';
+import type { DamagedJson, VolumeInfo } from '../protocol/admin/api.js';
 export type { VolumeInfo };
+export { MAX_VOLUME_SIZE, SECTOR, VOLUME_NAME_FORM };
 
 export const DEFAULT_VOLUME = 'default';
-const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
-export const VOLUME_NAME_FORM = '1 to 64 letters, digits, ".", "_" or "-", starting with a letter or digit';
-export const SECTOR = 4096;
-export const MAX_VOLUME_SIZE = 2 ** 50; // 1 PiB: far past anything a sparse file here should hold
 
 export class Volume {
   readonly name: string;
@@ -78,26 +86,62 @@ export class VolumeManager {
   readonly dir: string;
   /** Called before a volume loses data (removed, or shrunk from `fromOffset`): the cache drops its lines. */
   onDrop: (volume: Volume, fromOffset: number) => Promise<void>;
+  /** Called before a volume's size changes: its write log is checkpointed (write-log.ts). */
+  beforeResize: (volume: Volume) => Promise<void>;
+  /** Called before a volume is removed: its write log is emptied, so no record of it is replayed into another. */
+  beforeRemove: (volume: Volume) => Promise<void>;
   private readonly volumes: Map<string, Volume>;
+  /** Volumes found on disk but not loaded, by the name their files carry. */
+  private readonly damagedVolumes: Map<string, DamagedJson>;
+  private readonly log: Logger | undefined;
+  private readonly fs: MetaFs | undefined;
   private queue: Promise<unknown>;
 
-  constructor(dataDir: string) {
+  constructor(dataDir: string, options: { log?: Logger; fs?: MetaFs } = {}) {
     this.dir = join(dataDir, 'volumes');
     this.onDrop = () => Promise.resolve();
+    this.beforeResize = () => Promise.resolve();
+    this.beforeRemove = () => Promise.resolve();
     this.volumes = new Map();
+    this.damagedVolumes = new Map();
+    this.log = options.log;
+    this.fs = options.fs;
     this.queue = Promise.resolve();
   }
 
-  /** Opens every volume in the directory, and makes the default volume if there is none. */
+  /** Opens every volume in the directory (a damaged one is set aside), and makes the default volume if there is none. */
   async open(defaultSize: number): Promise<void> {
     await mkdir(this.dir, { recursive: true });
     for (const entry of (await readdir(this.dir)).filter((f) => f.endsWith('.json')).sort()) {
-      const meta = JSON.parse(await readFile(join(this.dir, entry), 'utf8')) as { name: string; size: number; readOnly: boolean; createdAt: string; writeLog?: string };
-      const store = new DataStore(join(this.dir, `${meta.name}.img`), meta.size);
-      await store.open(false);
-      this.volumes.set(meta.name, new Volume(meta.name, meta.readOnly, meta.createdAt, store, meta.writeLog));
+      const name = entry.slice(0, -'.json'.length);
+      try {
+        const meta = await readVolumeMeta(this.dir, name, this.fs);
+        const store = new DataStore(join(this.dir, `${name}.img`), meta.size);
+        await store.open(false);
+        this.volumes.set(name, new Volume(name, meta.readOnly, meta.createdAt, store, meta.writeLog));
+      } catch (error) {
+        this.setAside(name, join(this.dir, entry), toMemstrataError(error));
+      }
     }
-    if (!this.volumes.has(DEFAULT_VOLUME)) await this.create(DEFAULT_VOLUME, defaultSize, false);
+    if (!this.volumes.has(DEFAULT_VOLUME) && !this.damagedVolumes.has(DEFAULT_VOLUME)) await this.create(DEFAULT_VOLUME, defaultSize, false);
+  }
+
+  /** Volumes that were not loaded at start, with the reason. */
+  damaged(): DamagedJson[] {
+    return [...this.damagedVolumes.values()];
+  }
+
+  private setAside(name: string, file: string, error: MemstrataError): void {
+    this.damagedVolumes.set(name, { name, file, error: error.toJSON() });
+    this.log?.error({ volume: name, file, code: error.code, err: error }, `volume ${name} is not served: ${error.message}; its files are left as they are`);
+  }
+
+  private refuseDamaged(name: string): void {
+    const damaged = this.damagedVolumes.get(name);
+    if (damaged === undefined) return;
+    throw new RuntimeError('MS_META_DAMAGED', `volume "${name}" was not loaded at start (${damaged.error.code}: ${damaged.error.message}); repair or move away its files in ${this.dir}, then restart the node`, {
+      details: { name, file: damaged.file },
+    });
   }
 
   async close(): Promise<void> {
@@ -112,6 +156,7 @@ export class VolumeManager {
   /** The volume an NBD export name selects; the empty name selects `default`. */
   get(name: string): Volume {
     const volume = this.volumes.get(name === '' ? DEFAULT_VOLUME : name);
+    if (volume === undefined) this.refuseDamaged(name === '' ? DEFAULT_VOLUME : name);
     if (volume === undefined) throw new MisuseError('MS_VOLUME_NOT_FOUND', `no volume named "${name}"`, { details: { name } });
     return volume;
   }
@@ -124,6 +169,7 @@ export class VolumeManager {
     return this.serialized(async () => {
       checkName(name);
       checkSize(size);
+      this.refuseDamaged(name);
       if (this.volumes.has(name)) throw new MisuseError('MS_VOLUME_EXISTS', `volume "${name}" already exists`, { details: { name } });
       const store = new DataStore(join(this.dir, `${name}.img`), size);
       try {
@@ -132,7 +178,14 @@ export class VolumeManager {
         throw new StorageError('MS_DATA_DIR', `cannot create volume "${name}": ${(error as Error).message}`, { cause: error });
       }
       const volume = new Volume(name, readOnly, new Date().toISOString(), store, writeLog);
-      await this.writeMeta(volume);
+      try {
+        await this.writeMeta(volume);
+      } catch (error) {
+        // Without its metadata the new, empty store would be an orphan that blocks the name.
+        await store.close().catch(() => undefined);
+        await store.destroy().catch(() => undefined);
+        throw error;
+      }
       this.volumes.set(name, volume);
       return volume;
     });
@@ -145,8 +198,13 @@ export class VolumeManager {
       if (size < volume.size && volume.connections > 0) {
         throw new RuntimeError('MS_VOLUME_BUSY', `volume "${name}" has ${volume.connections} client(s) connected; it can only grow while in use`);
       }
-      if (size < volume.size) await this.onDrop(volume, size);
+      // The write log is settled first, so that no record from before the resize can be
+      // replayed over it; the store is resized before the cache lets go of what lies past
+      // the new end, so a failed resize loses nothing.
+      await this.beforeResize(volume);
+      const shrink = size < volume.size;
       await volume.store.resize(size);
+      if (shrink) await this.onDrop(volume, size);
       await this.writeMeta(volume);
       return volume;
     });
@@ -158,6 +216,7 @@ export class VolumeManager {
       if (volume.connections > 0) {
         throw new RuntimeError('MS_VOLUME_BUSY', `volume "${name}" has ${volume.connections} client(s) connected; disconnect them first`);
       }
+      await this.beforeRemove(volume);
       await this.onDrop(volume, 0);
       this.volumes.delete(name);
       await volume.store.close();
@@ -166,17 +225,9 @@ export class VolumeManager {
     });
   }
 
-  private async writeMeta(volume: Volume): Promise<void> {
-    const path = join(this.dir, `${volume.name}.json`);
-    const tmp = `${path}.tmp`;
-    const out = await open(tmp, 'w', 0o600);
-    try {
-      await out.writeFile(`${JSON.stringify({ name: volume.name, size: volume.size, readOnly: volume.readOnly, createdAt: volume.createdAt, writeLog: volume.writeLog, version: 1 })}\n`);
-      await out.sync();
-    } finally {
-      await out.close();
-    }
-    await rename(tmp, path);
+  private writeMeta(volume: Volume): Promise<void> {
+    const { name, size, readOnly, createdAt, writeLog } = volume;
+    return writeVolumeMeta(this.dir, writeLog === undefined ? { name, size, readOnly, createdAt } : { name, size, readOnly, createdAt, writeLog }, this.fs);
   }
 
   private serialized<T>(fn: () => Promise<T>): Promise<T> {

@@ -49,8 +49,10 @@ export class WriteLogIo implements VolumeIo {
   }
 
   async flush(volume: Volume): Promise<void> {
-    // With a write log, every acknowledged write is durable already.
-    if (this.device(volume) === undefined) await this.inner.flush(volume);
+    // With a write log, every acknowledged write is durable already; but a fenced volume
+    // answers every FLUSH with its failure, as without one (volume-store.ts).
+    if (this.device(volume) === undefined) return this.inner.flush(volume);
+    volume.checkWritable();
   }
 
   async zero(volume: Volume, offset: number, length: number, options: { fua: boolean; allocate: boolean }): Promise<void> {
@@ -84,14 +86,18 @@ export class WriteLogIo implements VolumeIo {
         last = record.seq;
         if (record.target?.volume !== volume.name) continue;
         const zero = (record.flags & RECORD_FLAG.ZERO) !== 0;
+        const offset = record.target.offset;
         const length = zero ? Number(record.payload.readBigUInt64BE(0)) : record.payload.length;
-        if (record.target.offset + length > volume.size) {
-          // Journaled before the volume was shrunk: the blocks it names are gone.
-          this.log.warn({ volume: volume.name, device: device.name, seq: record.seq, offset: record.target.offset, length, size: volume.size }, 'write log record lies past the end of the volume; skipped');
-          continue;
+        // A resize checkpoints the log first, so a record past the end is one the volume
+        // no longer has room for (its metadata or file changed under it): what lies
+        // inside is replayed, the rest is reported and dropped.
+        const inside = Math.max(0, Math.min(length, volume.size - offset));
+        if (inside < length) {
+          this.log.warn({ volume: volume.name, device: device.name, seq: record.seq, offset, length, size: volume.size }, 'write log record reaches past the end of the volume; the part outside is skipped');
         }
-        if (zero) await volume.store.zeroRange(record.target.offset, length);
-        else await volume.store.write(record.target.offset, record.payload);
+        if (inside === 0) continue;
+        if (zero) await volume.store.zeroRange(offset, inside);
+        else await volume.store.write(offset, record.payload.subarray(0, inside));
         applied++;
       }
       from = last + 1;
@@ -100,6 +106,24 @@ export class WriteLogIo implements VolumeIo {
     if (last > 0) await device.trim(device.epoch, last);
     if (applied > 0) this.log.info({ volume: volume.name, device: device.name, records: applied }, 'write log replayed into the volume');
     return applied;
+  }
+
+  /**
+   * Writes the volume's cached data back and trims its log up to what was acknowledged
+   * before: after this, no record older than now can be replayed. Used before a resize.
+   */
+  async checkpointNow(volume: Volume): Promise<void> {
+    const device = this.device(volume);
+    if (device === undefined) return;
+    await this.checkpoint(volume, device); // one already running covers less: run a fresh one
+    await this.checkpoint(volume, device);
+  }
+
+  /** Trims the volume's whole log without writing anything back: the volume is being removed. */
+  async discard(volume: Volume): Promise<void> {
+    const device = this.device(volume);
+    const last = device?.info().lastSeq ?? 0;
+    if (device !== undefined && last > 0) await device.trim(device.epoch, last);
   }
 
   private device(volume: Volume): NvramDevice | undefined {

@@ -21,7 +21,7 @@ test('memstrata volume create, list, resize and rm, with --json and coded errors
   await access(join(dir, 'memstrata-data', 'volumes', 'vm1.img'));
 
   const list = await cli('volume', 'list');
-  assert.match(list.stdout, /Volumes\nNAME +SIZE +READ-ONLY +WRITE LOG +CLIENTS +CREATED\ndefault +64MiB +no +- +0 /);
+  assert.match(list.stdout, /Volumes\nNAME +SIZE +READ-ONLY +WRITE LOG +CLIENTS +STATE +CREATED\ndefault +64MiB +no +- +0 +ready /);
   assert.match(list.stdout, /golden +4MiB +yes +- +0 /);
   const json = JSON.parse((await cli('volume', 'list', '--json')).stdout) as VolumesJson;
   assert.deepEqual(json.volumes.map((v) => [v.name, v.size]), [['default', 64 * 2 ** 20], ['golden', 4 * 2 ** 20], ['vm1', 16 * 2 ** 20]]);

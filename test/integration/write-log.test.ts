@@ -1,36 +1,90 @@
-// A volume's NVRAM write log across a shrink and a crash: records that name blocks past
-// the new end are skipped at replay with a warning; the node starts and serves the rest.
+// A volume's NVRAM write log across resizes and crashes: a resize checkpoints the log, so
+// nothing from before it is replayed over it (a shrink then a grow reads zeros past the
+// old end; a write that crossed the new end keeps its part below it), and a record that
+// still reaches past the end at replay is cut at the end with a warning, never replayed
+// outside the volume and never a hang.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { NbdClient } from '../../src/client/nbd-client.js';
-import { startNode, tempDir } from '../support/node-process.js';
+import { startNode, tempDir, type NodeProcess } from '../support/node-process.js';
 
 const json = { 'content-type': 'application/json' };
+const KiB = 1024;
 
-test('write-log records past the end of a shrunk volume are skipped at replay; the node starts and the rest is replayed', async (t) => {
+async function setup(n: NodeProcess): Promise<void> {
+  assert.equal((await fetch(`${n.url}/v1/nvram`, { method: 'POST', headers: json, body: JSON.stringify({ name: 'wl', size: '4MiB', policy: 'local' }) })).status, 201);
+  const created = await fetch(`${n.url}/v1/volumes`, { method: 'POST', headers: json, body: JSON.stringify({ name: 'w', size: '2MiB', writeLog: 'wl' }) });
+  assert.equal(created.status, 201, await created.text());
+}
+
+/** Waits until the node has seen every NBD client of the volume go (close() returns before it does). */
+async function idle(n: NodeProcess, volume: string): Promise<void> {
+  for (;;) {
+    const list = (await (await fetch(`${n.url}/v1/volumes`)).json()) as { volumes: { name: string; connections: number }[] };
+    if (list.volumes.find((v) => v.name === volume)?.connections === 0) return;
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+async function resize(n: NodeProcess, size: string): Promise<void> {
+  await idle(n, 'w');
+  const response = await fetch(`${n.url}/v1/volumes/w/resize`, { method: 'POST', headers: json, body: JSON.stringify({ size }) });
+  assert.equal(response.status, 200, await response.text());
+}
+
+test('a shrink, a grow and a crash: nothing from before the resize is replayed over it, and data below the end survives', async (t) => {
   const dir = await tempDir(t);
-  const KiB = 1024;
   const first = await startNode({ cwd: dir });
   t.after(() => first.stop('SIGKILL').then(() => undefined));
-  assert.equal((await fetch(`${first.url}/v1/nvram`, { method: 'POST', headers: json, body: JSON.stringify({ name: 'wl', size: '4MiB', policy: 'local' }) })).status, 201);
-  const created = await fetch(`${first.url}/v1/volumes`, { method: 'POST', headers: json, body: JSON.stringify({ name: 'w', size: '2MiB', writeLog: 'wl' }) });
-  assert.equal(created.status, 201, await created.text());
+  await setup(first);
   const client = await NbdClient.connect({ host: first.nbd.host, port: first.nbd.port, export: 'w' });
-  await client.write(64 * KiB, Buffer.alloc(4 * KiB, 0x11)); // below the new end: replayed
+  await client.write(64 * KiB, Buffer.alloc(4 * KiB, 0x11)); // below the new end
+  await client.write(1024 * KiB - 4 * KiB, Buffer.alloc(8 * KiB, 0x33)); // crosses it
   await client.write(1536 * KiB, Buffer.alloc(4 * KiB, 0x22)); // past it
   await client.trim(1800 * KiB, 64 * KiB); // a zero record past it
   await client.close();
-  const shrunk = await fetch(`${first.url}/v1/volumes/w/resize`, { method: 'POST', headers: json, body: JSON.stringify({ size: '1MiB' }) });
-  assert.equal(shrunk.status, 200, await shrunk.text());
+  await resize(first, '1MiB');
+  await resize(first, '2MiB'); // grown back: what was past the old end must read as zeros
   assert.equal(await first.stop('SIGKILL'), 'SIGKILL');
 
   const second = await startNode({ cwd: dir });
   t.after(() => second.stop('SIGKILL').then(() => undefined));
-  const skipped = second.logs.filter((l) => l.msg === 'write log record lies past the end of the volume; skipped');
-  assert.equal(skipped.length, 2, 'the write and the zero record past the end are skipped, each with a warning');
+  const back = await NbdClient.connect({ host: second.nbd.host, port: second.nbd.port, export: 'w' });
+  assert.equal(back.size, 2048 * KiB);
+  assert.ok((await back.read(64 * KiB, 4 * KiB)).equals(Buffer.alloc(4 * KiB, 0x11)), 'a write below the new end survives');
+  assert.ok((await back.read(1024 * KiB - 4 * KiB, 4 * KiB)).equals(Buffer.alloc(4 * KiB, 0x33)), 'the part of a crossing write below the end survives');
+  assert.ok((await back.read(1024 * KiB, 1024 * KiB)).equals(Buffer.alloc(1024 * KiB)), 'nothing from before the shrink comes back past the old end');
+  await back.close();
+});
+
+test('write-log records that reach past the end at replay are cut at the end with a warning; the node starts', async (t) => {
+  const dir = await tempDir(t);
+  const first = await startNode({ cwd: dir });
+  t.after(() => first.stop('SIGKILL').then(() => undefined));
+  await setup(first);
+  const client = await NbdClient.connect({ host: first.nbd.host, port: first.nbd.port, export: 'w' });
+  await client.write(64 * KiB, Buffer.alloc(4 * KiB, 0x11));
+  await client.write(1024 * KiB - 4 * KiB, Buffer.alloc(8 * KiB, 0x33));
+  await client.write(1536 * KiB, Buffer.alloc(4 * KiB, 0x22));
+  await client.trim(1800 * KiB, 64 * KiB);
+  await client.close();
+  assert.equal(await first.stop('SIGKILL'), 'SIGKILL');
+  // The volume's size changes behind the log's back (an operator edited the metadata).
+  const metaPath = join(dir, 'memstrata-data', 'volumes', 'w.json');
+  const meta = JSON.parse(await readFile(metaPath, 'utf8')) as { size: number };
+  meta.size = 1024 * KiB;
+  await writeFile(metaPath, JSON.stringify(meta));
+
+  const second = await startNode({ cwd: dir });
+  t.after(() => second.stop('SIGKILL').then(() => undefined));
+  const warned = second.logs.filter((l) => l.msg === 'write log record reaches past the end of the volume; the part outside is skipped');
+  assert.equal(warned.length, 3, 'the crossing write, the write past the end and the zero record past it are reported');
   const back = await NbdClient.connect({ host: second.nbd.host, port: second.nbd.port, export: 'w' });
   assert.equal(back.size, 1024 * KiB);
   assert.ok((await back.read(64 * KiB, 4 * KiB)).equals(Buffer.alloc(4 * KiB, 0x11)), 'the record inside the volume was replayed');
+  assert.ok((await back.read(1024 * KiB - 4 * KiB, 4 * KiB)).equals(Buffer.alloc(4 * KiB, 0x33)), 'the part of the crossing record inside was replayed');
   await back.close();
 });

@@ -3,8 +3,9 @@
 // per a plan, fail chosen calls (EIO, ENOSPC, a short write), or hold them until a gate
 // opens (a delay, a hang, or fast-check's scheduler deciding the order).
 //
-//   faultyFiles(plan)         a data-file opener for DataStore: read, write, datasync
+//   faultyFiles(plan)         a data-file opener for DataStore: read, write, datasync, truncate
 //   FaultyMedium(inner, plan) a Medium: read, write, zero
+//   PowerCut                  a data-file opener that knows what a power cut would keep
 //
 // Ops are named `<prefix>.<call>` (e.g. `store.write`, `store.datasync`, `dram.read`);
 // a rule matches by name and by the call's number (1-based, counted per name).
@@ -95,7 +96,11 @@ export function faultyFiles(plan: FaultPlan, prefix = 'store'): StoreFileOpener 
         if (fault !== undefined) throw errnoError('EIO', 'pread');
         return inner.read(buffer, offset ?? 0, length ?? buffer.length - (offset ?? 0), position);
       }) as StoreFile['read'],
-      truncate: inner.truncate.bind(inner),
+      async truncate(length?: number) {
+        const fault = await plan.enter(`${prefix}.truncate`);
+        if (fault !== undefined) throw errnoError('EIO', 'ftruncate');
+        return inner.truncate(length);
+      },
       close: inner.close.bind(inner),
       async datasync() {
         const fault = await plan.enter(`${prefix}.datasync`);
@@ -174,4 +179,56 @@ export class FaultyMedium implements Medium {
   resident(): Promise<number> {
     return this.inner.resident();
   }
+}
+
+/**
+ * A data-file opener that keeps, beside the real file, the image a power cut would leave:
+ * a write becomes durable only through an fdatasync called after the write completed (what
+ * POSIX promises, no more). `hold` makes the next fdatasync wait after it has taken what
+ * it covers, so writes can land while it runs.
+ */
+export class PowerCut {
+  readonly durable: Buffer;
+  private pending: { position: number; bytes: Buffer }[];
+  private held: Promise<void> | undefined;
+
+  constructor(size: number) {
+    this.durable = Buffer.alloc(size);
+    this.pending = [];
+    this.held = undefined;
+  }
+
+  /** The next fdatasync waits, after taking what it covers, until the returned function is called. */
+  hold(): () => void {
+    let release: () => void = () => undefined;
+    this.held = new Promise<void>((resolve) => (release = resolve));
+    return () => {
+      this.held = undefined;
+      release();
+    };
+  }
+
+  readonly opener: StoreFileOpener = async (path, flags, mode) => {
+    const inner = await open(path, flags, mode);
+    const file: StoreFile = {
+      read: inner.read.bind(inner),
+      truncate: inner.truncate.bind(inner),
+      close: inner.close.bind(inner),
+      datasync: async () => {
+        const covered = this.pending;
+        this.pending = [];
+        const held = this.held;
+        await inner.datasync();
+        if (held !== undefined) await held;
+        for (const w of covered) w.bytes.copy(this.durable, w.position);
+      },
+      write: (async (buffer: Uint8Array, offset?: number | null, length?: number | null, position?: number | null) => {
+        const off = offset ?? 0;
+        const result = await inner.write(buffer, off, length ?? buffer.length - off, position);
+        this.pending.push({ position: position ?? 0, bytes: Buffer.from(buffer.subarray(off, off + result.bytesWritten)) });
+        return result;
+      }) as StoreFile['write'],
+    };
+    return file;
+  };
 }

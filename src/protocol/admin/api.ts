@@ -146,10 +146,27 @@ export interface NodeInfo {
   nvram: DeviceInfo[];
   /** The mirror link to the partner node. */
   mirror: MirroringInfo;
+  /** Volumes and NVRAM devices found on disk but not loaded at start. */
+  damaged: { volumes: DamagedJson[]; nvram: DamagedJson[] };
+}
+
+/**
+ * A volume or NVRAM device whose files are on disk but that was not loaded at start
+ * (metadata that fails validation, a data file that cannot be opened). It is not served,
+ * its files are left untouched, and its name is refused to create and remove.
+ */
+export interface DamagedJson {
+  /** The name its file carries (`<name>.json`). */
+  name: string;
+  /** The metadata file. */
+  file: string;
+  error: { code: ErrorCode; message: string; details?: Record<string, unknown> };
 }
 
 export interface NvramListJson {
   devices: DeviceInfo[];
+  /** Devices not loaded at start (damaged metadata, or no room to restore them), with the error. */
+  damaged: DamagedJson[];
 }
 
 export interface NvramRecordJson {
@@ -221,6 +238,8 @@ export type VolumeJson = VolumeInfo;
 
 export interface VolumesJson {
   volumes: VolumeJson[];
+  /** Volumes not loaded at start (damaged metadata or data file), with the error. */
+  damaged: DamagedJson[];
 }
 
 export interface ErrorResponse {

@@ -49,6 +49,11 @@ export class SlotPool<L> {
     return this.used.size * this.perExtent;
   }
 
+  /** Slots of extents that are not draining: what the level can still hand out. */
+  get activeSlots(): number {
+    return (this.used.size - this.draining.size) * this.perExtent;
+  }
+
   /** Slots that can be taken now. */
   get freeSlots(): number {
     return this.free.length;
@@ -117,6 +122,7 @@ export class SlotPool<L> {
     const keep = this.free.filter((slot) => !this.draining.has(this.extentOf(slot)));
     this.free.length = 0;
     this.free.push(...keep);
+    this.wake();
   }
 
   /** Lines living in the draining extents now. */
@@ -155,6 +161,8 @@ export class SlotPool<L> {
     const keep = this.free.filter((slot) => this.used.has(this.extentOf(slot)));
     this.free.length = 0;
     this.free.push(...keep);
+    // Whoever waits for a slot must look again: the level may have none left at all.
+    this.wake();
   }
 
   extentOf(slot: number): number {

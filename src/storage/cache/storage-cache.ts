@@ -10,10 +10,11 @@
 // The seams, explicitly:
 //   - every operation on a line holds that line's lock (a KeyedLock on the line's key,
 //     held whether or not the line is cached), so staging, writing, destaging, demotion
-//     and eviction of one line never interleave. Nothing waits for a DRAM line's lock
-//     while holding another DRAM line's lock; an eviction that demotes holds its DRAM
-//     line's lock while it takes a flash slot (which may evict flash lines, under their
-//     locks), and flash work never waits for a DRAM line's lock, so locks cannot cycle;
+//     and eviction of one line never interleave. A holder of a line's lock waits only
+//     for I/O: never for another line's lock that someone holds, never for a slot. Slots
+//     are taken before a lock; a demotion (under its DRAM line's lock) takes a flash slot
+//     only if one is free or a flash line nobody holds gives it up on the spot. So no
+//     wait can close a cycle;
 //   - a slot is taken before a line is put in it and given back only after the line's
 //     last I/O; slot numbers never leave this module except as medium offsets;
 //   - reclaim (the partition table wants extents back): the slot pool stops handing out
@@ -309,47 +310,54 @@ export class StorageCache implements VolumeIo {
 
   /**
    * Runs `onLine` on the DRAM line of (volume, index) under its lock, admitting or
-   * promoting the line first; or `direct` under the same lock when DRAM has no slot.
+   * promoting the line first in the same hold of the lock (so no other request can evict
+   * it between its arrival in DRAM and this request's work); or `direct` under the same
+   * lock when DRAM has no slot to give.
    */
   private async withLine(volume: Volume, index: number, onLine: OnLine, direct: Direct): Promise<void> {
     const key = this.keyOf(volume, index);
     for (;;) {
-      let line = this.lines.get(key);
-      if (line === undefined || line.queue === 'flash') {
-        // Take the DRAM slot before any line lock: evicting for it takes other locks.
-        // Without one (no DRAM level, or every line it could evict holds dirty data the
-        // store refuses), the piece goes to the data store, whose error is then the caller's.
-        let slot: number | undefined;
-        try {
-          slot = await this.takeSlot('dram');
-        } catch {
-          slot = undefined;
-        }
-        if (slot === undefined) return this.locks.run(key, () => this.directly(key, onLine, direct));
-        line = this.lines.get(key);
-        if (line === undefined) {
-          line = new Line(volume, index, key, 'dram', slot);
-          this.lines.set(key, line);
-          this.level('dram').slots.home(slot, line);
-          this.policy.admitted(line);
-        } else if (line.queue === 'flash') {
-          const flashLine = line;
-          await this.locks.run(key, () => this.promote(flashLine, slot));
-        } else {
-          this.level('dram').slots.give(slot);
-          this.policy.hit(line);
-        }
-      } else {
+      const line = this.lines.get(key);
+      if (line !== undefined && line.queue !== 'flash') {
         this.policy.hit(line);
+        const ran = await this.locks.run(key, async () => {
+          // The line may have been evicted or demoted while we waited for its lock.
+          if (!this.live(line) || line.queue === 'flash') return false;
+          await onLine(line);
+          return true;
+        });
+        if (ran) return;
+        continue;
       }
-      const current = line;
-      const ran = await this.locks.run(key, async () => {
-        // The line may have been evicted or demoted while we waited for its lock.
-        if (!this.live(current) || current.queue === 'flash') return false;
-        await onLine(current);
-        return true;
+      // Take the DRAM slot before any line lock: evicting for it takes other locks.
+      // Without one (no DRAM level, or every line it could evict holds dirty data the
+      // store refuses), the piece goes to the data store, whose error is then the caller's.
+      let slot: number | undefined;
+      try {
+        slot = await this.takeSlot('dram');
+      } catch {
+        slot = undefined;
+      }
+      if (slot === undefined) return this.locks.run(key, () => this.directly(key, onLine, direct));
+      const taken = slot;
+      return this.locks.run(key, async () => {
+        const current = this.lines.get(key);
+        if (current === undefined) {
+          const fresh = new Line(volume, index, key, 'dram', taken);
+          this.lines.set(key, fresh);
+          this.level('dram').slots.home(taken, fresh);
+          this.policy.admitted(fresh);
+          return onLine(fresh);
+        }
+        if (current.queue === 'flash') {
+          await this.promote(current, taken);
+          return onLine(current);
+        }
+        // Another request brought the line to DRAM while this one waited.
+        this.level('dram').slots.give(taken);
+        this.policy.hit(current);
+        return onLine(current);
       });
-      if (ran) return;
     }
   }
 
@@ -434,7 +442,8 @@ export class StorageCache implements VolumeIo {
       const slot = level.slots.take();
       if (slot !== undefined) return slot;
       if (this.adopt(medium) > 0) continue;
-      if (level.slots.slots === 0) return undefined;
+      // Extents being drained hand out nothing: a level with only those has no slot.
+      if (level.slots.activeSlots === 0) return undefined;
       const skip = stuck === undefined ? undefined : (line: Line): boolean => stuck?.has(line) === true;
       const victim = medium === 'dram' ? this.policy.dramVictim(skip) : this.policy.flashVictim(skip);
       if (victim !== undefined) {
@@ -452,34 +461,63 @@ export class StorageCache implements VolumeIo {
     }
   }
 
-  /** Evicts a line (caller holds its lock): destage if dirty; a clean DRAM line moves to flash where there is room. */
+  /**
+   * Evicts a line (caller holds its lock): destage if dirty; a clean DRAM line moves to
+   * flash if a flash slot can be had at once, and is dropped otherwise. The holder of a
+   * DRAM line's lock never waits on the flash level (a flash reclaim may be waiting for
+   * that very lock), so demotion takes only a free slot or one a flash line whose lock
+   * is free gives up on the spot.
+   */
   private async evict(line: Line): Promise<void> {
     if (!this.live(line)) return;
     await this.writeBack.destage(line);
-    if (line.medium === 'dram' && line.valid !== 0 && (this.levels.get('flash')?.slots.slots ?? 0) > 0) {
-      const slot = await this.takeSlot('flash');
+    if (line.medium === 'dram' && line.valid !== 0 && this.live(line)) {
+      const slot = await this.flashSlotNow();
       if (slot !== undefined) {
-        if (this.live(line) && line.dirty === 0) {
-          const dram = this.level('dram');
-          const flash = this.level('flash');
+        const dram = this.level('dram');
+        const flash = this.level('flash');
+        try {
           await copySlot(dram.medium, line.slot, flash.medium, slot);
-          this.policy.demoted(line);
-          dram.slots.give(line.slot);
-          line.medium = 'flash';
-          line.slot = slot;
-          flash.slots.home(slot, line);
-          this.counters.demotions++;
-          this.counters.evictions++;
-          return;
+        } catch (error) {
+          flash.slots.give(slot);
+          throw error;
         }
-        this.level('flash').slots.give(slot);
+        this.policy.demoted(line);
+        dram.slots.give(line.slot);
+        line.medium = 'flash';
+        line.slot = slot;
+        flash.slots.home(slot, line);
+        this.counters.demotions++;
+        this.counters.evictions++;
+        return;
       }
     }
-    if (!this.live(line)) return;
     if (line.medium === 'dram') this.policy.evictedFromDram(line);
     else this.policy.removed(line);
     this.forgetLine(line);
     this.counters.evictions++;
+  }
+
+  /** A flash slot without waiting: a free one, an adopted one, or the slot of a flash line nobody holds. */
+  private async flashSlotNow(): Promise<number | undefined> {
+    const level = this.levels.get('flash');
+    if (level === undefined || level.slots.activeSlots === 0) return undefined;
+    for (;;) {
+      const slot = level.slots.take();
+      if (slot !== undefined) return slot;
+      if (this.adopt('flash') > 0) continue;
+      const victim = this.policy.flashVictim((l) => this.locks.held(l.key));
+      if (victim === undefined) return undefined;
+      // Nobody holds the victim's lock, so this run starts at once; dropping a clean flash line does no I/O.
+      await this.locks.run(victim.key, () => {
+        if (this.live(victim) && victim.queue === 'flash') {
+          this.policy.removed(victim);
+          this.forgetLine(victim);
+          this.counters.evictions++;
+        }
+        return Promise.resolve();
+      });
+    }
   }
 
   /** Brings a flash line back to DRAM into `slot`, as a line known to be reused (caller holds its lock). */
@@ -490,7 +528,12 @@ export class StorageCache implements VolumeIo {
       return;
     }
     const flash = this.level('flash');
-    await copySlot(flash.medium, line.slot, dram.medium, slot);
+    try {
+      await copySlot(flash.medium, line.slot, dram.medium, slot);
+    } catch (error) {
+      dram.slots.give(slot);
+      throw error;
+    }
     flash.slots.give(line.slot);
     line.medium = 'dram';
     line.slot = slot;
@@ -547,6 +590,8 @@ export class StorageCache implements VolumeIo {
       while (!level.slots.drained(chosen)) {
         const resident = level.slots.linesIn(chosen);
         for (const line of resident) {
+          // A line that has moved since the list was made is not this reclaim's to wait for.
+          if (!this.live(line) || line.medium !== medium || !inChosen.has(level.slots.extentOf(line.slot))) continue;
           await this.locks.run(line.key, async () => {
             if (!this.live(line) || line.medium !== medium || !inChosen.has(level.slots.extentOf(line.slot))) return;
             if (medium === 'dram') {

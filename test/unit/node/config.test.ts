@@ -86,6 +86,15 @@ const badValues: [string, Record<string, string>, RegExp][] = [
   ['min above max', { MEMSTRATA_PARTITION_DRAM_SERVER_MIN: '512MiB', MEMSTRATA_PARTITION_DRAM_SERVER_MAX: '256MiB' }, /partition\.dram\.server\.min is "512MiB".*at most partition\.dram\.server\.max/],
   ['initial outside bounds', { MEMSTRATA_PARTITION_DRAM_SERVER_MAX: '128MiB' }, /partition\.dram\.server\.initial is "25%" \(from default\).*between/],
   ['initials exceed medium', { MEMSTRATA_PARTITION_DRAM_CACHE_INITIAL: '90%' }, /partition\.dram\.\*\.initial add up to 1241MiB but media\.dram\.size is 1GiB/],
+  ['admin on every address without a token', { MEMSTRATA_ADMIN_LISTEN: '0.0.0.0:10880' }, /admin\.listen is "0\.0\.0\.0:10880" \(from environment variable MEMSTRATA_ADMIN_LISTEN\): expected a loopback address .* unless admin\.token or admin\.tokenFile is set/],
+  ['admin on IPv6 any without a token', { MEMSTRATA_ADMIN_LISTEN: '[::]:10880' }, /admin\.listen is "\[::\]:10880".*unless admin\.token/],
+  ['admin on a LAN address without a token', { MEMSTRATA_ADMIN_LISTEN: '10.1.2.3:10880' }, /admin\.listen is "10\.1\.2\.3:10880".*unless admin\.token/],
+  ['admin on a host name without a token', { MEMSTRATA_ADMIN_LISTEN: 'node-a.example:10880' }, /admin\.listen is "node-a\.example:10880".*unless admin\.token/],
+  ['admin token too short', { MEMSTRATA_ADMIN_TOKEN: 'short' }, /admin\.token is \(hidden\) \(from environment variable MEMSTRATA_ADMIN_TOKEN\): expected 16 to 1024 visible ASCII characters/],
+  ['admin token with a space', { MEMSTRATA_ADMIN_TOKEN: 'sixteen chars and more' }, /admin\.token is \(hidden\).*without spaces/],
+  ['request timeout below headers timeout', { MEMSTRATA_ADMIN_HEADERS_TIMEOUT: '20s', MEMSTRATA_ADMIN_REQUEST_TIMEOUT: '5s' }, /admin\.requestTimeout is "5s".*at least admin\.headersTimeout/],
+  ['admin body limit', { MEMSTRATA_ADMIN_BODY_LIMIT: '100' }, /admin\.bodyLimit is "100".*from 1KiB to 64MiB/],
+  ['admin connections', { MEMSTRATA_ADMIN_MAX_CONNECTIONS_PER_CLIENT: '0' }, /admin\.maxConnectionsPerClient is "0".*whole number from 1/],
 ];
 
 for (const [kind, env, message] of badValues) {
@@ -148,10 +157,12 @@ test('every setting has an environment variable derived from its path', () => {
   assert.equal(new Set(SETTINGS.map((s) => envName(s.path))).size, SETTINGS.length);
 });
 
-test('every setting in the catalogue can be set from the command line', async () => {
+test('every setting in the catalogue can be set from the command line', async (t) => {
+  const tokenFile = join(await tempDir(t), 'token');
+  await writeFile(tokenFile, 'a-token-of-24-characters\n', { mode: 0o600 });
   for (const setting of SETTINGS) {
     // A value the leaf accepts: settings differ in type, so try a few.
-    const candidates = ['ms-node1', '64MiB', '1MiB', '100%', '127.0.0.1:0', 'info', 'json', './data', '0', '30s', '8', 'false', 'degrade'];
+    const candidates = ['ms-node1', '64MiB', '1MiB', '100%', '127.0.0.1:0', 'info', 'json', './data', '0', '30s', '8', 'false', 'degrade', 'a-token-of-24-characters', tokenFile];
     let accepted = false;
     for (const value of candidates) {
       try {
@@ -163,5 +174,61 @@ test('every setting in the catalogue can be set from the command line', async ()
       }
     }
     assert.ok(accepted, `${setting.path} accepts none of the candidate values`);
+  }
+});
+
+const TOKEN = 'f3a9c2e4b7d1a8c6e0f2b4d6a8c0e2f4';
+
+test('admin.token comes from the environment; a non-loopback admin address is then accepted', async () => {
+  const { config } = await loadConfig({ env: { MEMSTRATA_ADMIN_TOKEN: TOKEN, MEMSTRATA_ADMIN_LISTEN: '0.0.0.0:10880' } });
+  assert.equal(config.admin.token, TOKEN);
+  assert.deepEqual(config.admin.listen, { host: '0.0.0.0', port: 10880 });
+  assert.equal(config.admin.metricsPublic, false);
+  const open = await loadConfig({ env: {} });
+  assert.equal(open.config.admin.token, undefined, 'no token by default');
+});
+
+test('loopback admin addresses need no token', async () => {
+  for (const listen of ['127.0.0.1:0', '127.8.9.10:10880', '[::1]:10880', 'localhost:10880', 'LOCALHOST:1', '[::ffff:127.0.0.1]:1']) {
+    const { config } = await loadConfig({ env: { MEMSTRATA_ADMIN_LISTEN: listen } });
+    assert.equal(config.admin.token, undefined, listen);
+  }
+});
+
+test('admin.tokenFile is read and trimmed, refused with admin.token, and never shown', async (t) => {
+  const dir = await tempDir(t);
+  await writeFile(join(dir, 'token'), `  ${TOKEN}\n`, { mode: 0o600 });
+  const { config, warnings } = await loadConfig({ cwd: dir, env: { MEMSTRATA_ADMIN_TOKEN_FILE: 'token', MEMSTRATA_ADMIN_LISTEN: '0.0.0.0:1' } });
+  assert.equal(config.admin.token, TOKEN);
+  assert.deepEqual(warnings, []);
+
+  const both = await configError({ cwd: dir, env: { MEMSTRATA_ADMIN_TOKEN_FILE: 'token', MEMSTRATA_ADMIN_TOKEN: TOKEN } });
+  assert.match(both.message, /admin\.tokenFile is "token" \(from environment variable MEMSTRATA_ADMIN_TOKEN_FILE\): expected admin\.token or admin\.tokenFile, not both/);
+  assert.ok(!both.message.includes(TOKEN));
+
+  const missing = await configError({ cwd: dir, env: {}, flags: [['admin.tokenFile', 'nope']] });
+  assert.equal(missing.code, 'MS_CONFIG_INVALID');
+  assert.match(missing.message, /admin\.tokenFile is "nope" \(from flag --set admin\.tokenFile=\): expected a readable file \(ENOENT\)/);
+
+  const secret = 'bad token with spaces in it';
+  await writeFile(join(dir, 'bad'), secret, { mode: 0o600 });
+  const bad = await configError({ cwd: dir, env: { MEMSTRATA_ADMIN_TOKEN_FILE: 'bad' } });
+  assert.match(bad.message, /admin\.tokenFile is "bad".*expected the file to hold 16 to 1024 visible ASCII characters/);
+  assert.ok(!bad.message.includes(secret), 'the file content is not shown');
+
+  await writeFile(join(dir, 'loose'), TOKEN, { mode: 0o644 });
+  const loose = await loadConfig({ cwd: dir, env: { MEMSTRATA_ADMIN_TOKEN_FILE: 'loose' } });
+  assert.equal(loose.config.admin.token, TOKEN);
+  assert.match(loose.warnings.join('\n'), /admin\.tokenFile .*loose can be read by other users \(mode 644\); chmod 600 it/);
+});
+
+test('no token of any service appears in a configuration error', async () => {
+  const long = `x${'y'.repeat(1100)}`;
+  for (const [name, value] of [['MEMSTRATA_ADMIN_TOKEN', long], ['MEMSTRATA_RMEM_TOKEN', long], ['MEMSTRATA_MIRROR_TOKEN', long]] as const) {
+    const error = await configError({ env: { [name]: value } });
+    assert.equal(error.code, 'MS_CONFIG_INVALID');
+    assert.match(error.message, /token is \(hidden\)/);
+    assert.ok(!error.message.includes('yyyy'), `${name} leaked into: ${error.message.slice(0, 120)}`);
+    assert.ok(!JSON.stringify((error as unknown as { details?: unknown }).details ?? {}).includes('yyyy'));
   }
 });

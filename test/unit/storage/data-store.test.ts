@@ -1,10 +1,10 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFile, stat, writeFile } from 'node:fs/promises';
+import { copyFile, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { DataStore, ZERO_CHUNK } from '../../../src/storage/data-store.js';
 import fc from 'fast-check';
-import { FaultPlan, faultyFiles } from '../../support/faults.js';
+import { FaultPlan, PowerCut, faultyFiles } from '../../support/faults.js';
 import { tempDir } from '../../support/node-process.js';
 
 test('a new store reads as zeros and is one hole; writes make data chunks', async (t) => {
@@ -184,4 +184,77 @@ test('concurrent writes and zeroing of disjoint ranges of the same chunks all la
     }),
     { numRuns: 300 },
   );
+});
+
+test('after a power cut, a chunk reads as it was at the last sync or as zeros it was told to be, never older bytes', async (t) => {
+  // Review finding: the zero map was taken after fdatasync returned, so a write into a
+  // zero chunk that landed during the fdatasync made the map say "data" for bytes the
+  // fdatasync did not cover; after a power cut, bytes from before a flushed TRIM came back.
+  const dir = await tempDir(t);
+  const size = 2 * ZERO_CHUNK;
+  const power = new PowerCut(size);
+  const store = new DataStore(join(dir, 'v.img'), size, power.opener);
+  await store.open(true);
+  await store.write(0, Buffer.alloc(ZERO_CHUNK, 0xaa));
+  await store.sync();
+  await store.zeroRange(0, ZERO_CHUNK); // TRIM, then FLUSH: chunk 0 reads zeros from now on
+  await store.sync();
+  const release = power.hold();
+  const flush = store.sync();
+  await new Promise((resolve) => setImmediate(resolve));
+  await store.write(0, Buffer.alloc(4096, 0xbb)); // lands while the fdatasync runs
+  release();
+  await flush;
+  // The power cut: the file holds what an fdatasync covered; the map is what was renamed in.
+  const crashed = await tempDir(t);
+  await writeFile(join(crashed, 'v.img'), power.durable);
+  await copyFile(join(dir, 'v.zmap'), join(crashed, 'v.zmap'));
+  const after = new DataStore(join(crashed, 'v.img'), size);
+  await after.open(false);
+  const back = Buffer.alloc(ZERO_CHUNK);
+  await after.read(0, back);
+  await after.close();
+  await store.close();
+  const first = back.subarray(0, 4096);
+  assert.ok(first.every((b) => b === 0) || first.every((b) => b === 0xbb), `block 0 reads ${first.subarray(0, 4).toString('hex')}...: neither the trim nor the write`);
+  assert.ok(back.subarray(4096).every((b) => b === 0), 'the rest of the trimmed chunk reads as bytes from before the trim');
+});
+
+test('a sync that overlaps a failed one fails too: no FLUSH succeeds once a sync of the store has failed', async (t) => {
+  // Review finding: the kernel reports a lost write-back to one fsync caller only; the
+  // second, overlapping fdatasync returned clean and its FLUSH succeeded.
+  const dir = await tempDir(t);
+  const plan = new FaultPlan();
+  const store = new DataStore(join(dir, 'v.img'), 1 << 20, faultyFiles(plan));
+  await store.open(true);
+  await store.write(0, Buffer.alloc(4096, 1));
+  let openSecond: () => void = () => undefined;
+  const second = new Promise<void>((resolve) => (openSecond = resolve));
+  let n = 0;
+  plan.gate = (op) => (op === 'store.datasync' && ++n === 2 ? second : undefined);
+  plan.fail({ op: 'store.datasync', fault: 'EIO' });
+  const one = store.sync();
+  const two = store.sync();
+  await assert.rejects(one, (error: { code?: string }) => error.code === 'MS_VOLUME_FENCED');
+  openSecond();
+  await assert.rejects(two, (error: { code?: string }) => error.code === 'MS_VOLUME_FENCED', 'the overlapping sync succeeded after the failed one');
+  await store.close();
+});
+
+test('a resize whose ftruncate fails leaves the store as it was', async (t) => {
+  // Review finding: the size and the map changed before ftruncate, so a failed truncate
+  // left the store reporting the new size over the old file.
+  const dir = await tempDir(t);
+  const plan = new FaultPlan();
+  const store = new DataStore(join(dir, 'v.img'), 4 * ZERO_CHUNK, faultyFiles(plan));
+  await store.open(true);
+  await store.write(3 * ZERO_CHUNK, Buffer.alloc(4096, 7));
+  plan.fail({ op: 'store.truncate', fault: 'EIO' });
+  await assert.rejects(store.resize(2 * ZERO_CHUNK));
+  assert.equal(store.size, 4 * ZERO_CHUNK);
+  const back = Buffer.alloc(4096);
+  await store.read(3 * ZERO_CHUNK, back);
+  assert.ok(back.every((b) => b === 7));
+  await store.write(3 * ZERO_CHUNK, Buffer.alloc(1, 8));
+  await store.close();
 });

@@ -1,0 +1,152 @@
+// The volume metadata file (volumes/<name>.json) and what the volume manager does with
+// one that is damaged: the volume is set aside, its files are never touched, its name
+// stays taken, and everything else starts.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { copyFile, mkdir, readFile, readdir, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import pino from 'pino';
+import { readVolumeMeta } from '../../../src/storage/volume-meta.js';
+import { VolumeManager } from '../../../src/storage/volume-manager.js';
+import { recordingFs } from '../../support/recording-fs.js';
+import { tempDir } from '../../support/node-process.js';
+
+const FIXTURES = new URL('../../../../test/fixtures/meta/', import.meta.url);
+const MiB = 1024 * 1024;
+
+test('a version 1 file written by an earlier node still loads (frozen fixture)', async (t) => {
+  const dir = await tempDir(t);
+  await copyFile(new URL('volume-v1.json', FIXTURES), join(dir, 'vm1.json'));
+  assert.deepEqual(await readVolumeMeta(dir, 'vm1'), { name: 'vm1', size: 10 * 1024 * MiB, readOnly: false, createdAt: '2025-01-02T03:04:05.678Z', writeLog: 'j1' });
+});
+
+const GOOD = { name: 'vm1', size: 4 * MiB, readOnly: false, createdAt: '2025-01-02T03:04:05.678Z', version: 1 };
+const damaged: [string, string, RegExp][] = [
+  ['truncated JSON', JSON.stringify(GOOD).slice(0, 30), /volume metadata .*vm1\.json is not valid JSON/],
+  ['size of the wrong type', JSON.stringify({ ...GOOD, size: '4MiB' }), /vm1\.json field size: .*expected number/],
+  ['negative size', JSON.stringify({ ...GOOD, size: -4096 }), /vm1\.json field size: /],
+  ['size not whole sectors', JSON.stringify({ ...GOOD, size: 4097 }), /field size: expected a multiple of 4096/],
+  ['readOnly of the wrong type', JSON.stringify({ ...GOOD, readOnly: 'no' }), /field readOnly: /],
+  ['a name that is not the file', JSON.stringify({ ...GOOD, name: 'vm2' }), /field name: "vm2" is not the file's name "vm1"/],
+  ['an unknown version', JSON.stringify({ ...GOOD, version: 2 }), /field version: expected version 1/],
+  ['an unknown field', JSON.stringify({ ...GOOD, encrypted: true }), /has unknown field encrypted/],
+  ['a missing field', JSON.stringify({ ...GOOD, createdAt: undefined }), /field createdAt: /],
+  ['a bad write log name', JSON.stringify({ ...GOOD, writeLog: '../etc' }), /field writeLog: expected an NVRAM device name/],
+];
+
+for (const [what, text, message] of damaged) {
+  test(`${what}: the volume is set aside with MS_META_INVALID naming file and field; its files and the other volumes are untouched`, async (t) => {
+    const dataDir = await tempDir(t);
+    const first = new VolumeManager(dataDir);
+    await first.open(4 * MiB);
+    await first.create('vm1', 4 * MiB, false);
+    await first.create('vm3', 4 * MiB, true);
+    await first.close();
+
+    const volumes = join(dataDir, 'volumes');
+    await writeFile(join(volumes, 'vm1.json'), text);
+    const before = new Map(await Promise.all((await readdir(volumes)).map(async (f) => [f, await readFile(join(volumes, f))] as const)));
+
+    const logged: Record<string, unknown>[] = [];
+    const log = pino({ level: 'error' }, { write: (line: string) => logged.push(JSON.parse(line) as Record<string, unknown>) });
+    const manager = new VolumeManager(dataDir, { log });
+    await manager.open(4 * MiB);
+    t.after(() => manager.close());
+
+    assert.deepEqual(manager.list().map((v) => v.name), ['default', 'vm3'], 'the rest is served');
+    assert.equal(manager.find('vm1'), undefined, 'not an NBD export');
+    const [entry, ...more] = manager.damaged();
+    assert.equal(more.length, 0);
+    assert.equal(entry?.name, 'vm1');
+    assert.equal(entry.file, join(volumes, 'vm1.json'));
+    assert.equal(entry.error.code, 'MS_META_INVALID');
+    assert.match(entry.error.message, message);
+    assert.equal(logged.length, 1);
+    assert.equal(logged[0]?.level, 50, 'logged at error');
+    assert.equal(logged[0]?.code, 'MS_META_INVALID');
+    assert.match(String(logged[0]?.msg), /volume vm1 is not served: .*its files are left as they are/);
+
+    // The name stays taken: nothing may write over the files an operator will repair.
+    for (const attempt of [() => manager.create('vm1', 8 * MiB, false), () => manager.remove('vm1'), () => manager.resize('vm1', 8 * MiB)]) {
+      await assert.rejects(attempt(), (error: { code?: string; message: string }) => {
+        assert.equal(error.code, 'MS_META_DAMAGED');
+        assert.match(error.message, /volume "vm1" was not loaded at start \(MS_META_INVALID: /);
+        return true;
+      });
+    }
+    await manager.close();
+    for (const [file, bytes] of before) assert.ok((await readFile(join(volumes, file))).equals(bytes), `${file} untouched`);
+  });
+}
+
+test('a damaged default volume is not made again over its files; a repaired one comes back', async (t) => {
+  const dataDir = await tempDir(t);
+  const first = new VolumeManager(dataDir);
+  await first.open(4 * MiB);
+  const good = await readFile(join(dataDir, 'volumes', 'default.json'));
+  await first.close();
+  await writeFile(join(dataDir, 'volumes', 'default.json'), '{"name":"default","si');
+
+  const second = new VolumeManager(dataDir);
+  await second.open(8 * MiB);
+  assert.deepEqual(second.list(), []);
+  assert.deepEqual(second.damaged().map((d) => d.name), ['default']);
+  await assert.rejects(async () => second.get(''), { code: 'MS_META_DAMAGED' });
+  await second.close();
+  assert.equal((await readFile(join(dataDir, 'volumes', 'default.json'), 'utf8')), '{"name":"default","si');
+
+  await writeFile(join(dataDir, 'volumes', 'default.json'), good);
+  const third = new VolumeManager(dataDir);
+  await third.open(8 * MiB);
+  t.after(() => third.close());
+  assert.deepEqual(third.list().map((v) => [v.name, v.size]), [['default', 4 * MiB]]);
+  assert.deepEqual(third.damaged(), []);
+});
+
+test('a volume whose data file is missing is set aside the same way', async (t) => {
+  const dataDir = await tempDir(t);
+  const first = new VolumeManager(dataDir);
+  await first.open(4 * MiB);
+  await first.create('vm1', 4 * MiB, false);
+  await first.close();
+  await rm(join(dataDir, 'volumes', 'vm1.img'));
+  const second = new VolumeManager(dataDir);
+  await second.open(4 * MiB);
+  t.after(() => second.close());
+  assert.deepEqual(second.damaged().map((d) => [d.name, d.error.code]), [['vm1', 'MS_DATA_DIR']]);
+  assert.deepEqual(second.list().map((v) => v.name), ['default']);
+});
+
+test('create and resize replace the metadata durably: fsync of the file before the rename, fsync of the directory after', async (t) => {
+  const dataDir = await tempDir(t);
+  await mkdir(join(dataDir, 'volumes'));
+  const fs = recordingFs(join(dataDir, 'volumes'));
+  const manager = new VolumeManager(dataDir, { fs });
+  await manager.open(4 * MiB);
+  t.after(() => manager.close());
+  const durable = (name: string) => [`open ${name}.json.tmp w`, `write ${name}.json.tmp`, `sync ${name}.json.tmp`, `close ${name}.json.tmp`, `rename ${name}.json.tmp ${name}.json`, 'open . r', 'sync .', 'close .'];
+  assert.deepEqual(fs.calls, durable('default'));
+  fs.calls.length = 0;
+  await manager.create('vm1', 4 * MiB, false);
+  assert.deepEqual(fs.calls, durable('vm1'));
+  fs.calls.length = 0;
+  await manager.resize('vm1', 8 * MiB);
+  assert.deepEqual(fs.calls, durable('vm1'));
+  assert.equal((await readVolumeMeta(join(dataDir, 'volumes'), 'vm1')).size, 8 * MiB);
+});
+
+test('a create whose metadata cannot be written fails with MS_DATA_DIR and leaves no orphan files', async (t) => {
+  const dataDir = await tempDir(t);
+  await mkdir(join(dataDir, 'volumes'));
+  const fs = recordingFs(join(dataDir, 'volumes'));
+  const manager = new VolumeManager(dataDir, { fs });
+  await manager.open(4 * MiB);
+  t.after(() => manager.close());
+  fs.failNext('sync vm1.json.tmp');
+  await assert.rejects(manager.create('vm1', 4 * MiB, false), { code: 'MS_DATA_DIR' });
+  assert.deepEqual((await readdir(join(dataDir, 'volumes'))).sort(), ['default.img', 'default.json', 'default.zmap']);
+  assert.equal(manager.find('vm1'), undefined);
+  await manager.create('vm1', 4 * MiB, false);
+  assert.deepEqual(manager.list().map((v) => v.name), ['default', 'vm1'], 'the name is free again');
+});
