@@ -14,9 +14,14 @@
 //     what a client can make the node hold is the budget, plus one chunk and one frame
 //     being assembled by the parser, plus the parsed requests of that chunk (a few
 //     dozen bytes each, and no payload buffer is allocated before dispatch);
-//   - requests are dispatched in the order they were parsed.
+//   - requests are dispatched in the order they were parsed;
+//   - with a ServiceBudget shared by the service's connections, a request is dispatched
+//     only when that budget admits it too (see service-budget.ts); a flow blocked by it
+//     waits there and is woken when another connection gives bytes back.
 //
-// `dispatch` runs synchronously from push() or done(), never after close().
+// `dispatch` runs synchronously from push(), done() or a wake-up, never after close().
+
+import type { BudgetWaiter, ServiceBudget } from './service-budget.js';
 
 /** What the flow needs of a socket; node's net.Socket has it. */
 export interface FlowSocket {
@@ -51,7 +56,7 @@ interface Waiting<R> {
   cost: number;
 }
 
-export class RequestFlow<R> {
+export class RequestFlow<R> implements BudgetWaiter {
   private readonly socket: FlowSocket;
   private readonly limits: FlowLimits;
   private readonly stats: FlowStats;
@@ -64,8 +69,11 @@ export class RequestFlow<R> {
   private bytes: number;
   private paused: boolean;
   private closed: boolean;
+  private readonly shared: ServiceBudget | undefined;
+  /** The head of the queue waits for the shared budget (set by fits()). */
+  private blockedByShared: boolean;
 
-  constructor(socket: FlowSocket, limits: FlowLimits, stats: FlowStats, dispatch: (request: R) => void) {
+  constructor(socket: FlowSocket, limits: FlowLimits, stats: FlowStats, dispatch: (request: R) => void, shared?: ServiceBudget) {
     this.socket = socket;
     this.limits = limits;
     this.stats = stats;
@@ -77,6 +85,8 @@ export class RequestFlow<R> {
     this.bytes = 0;
     this.paused = false;
     this.closed = false;
+    this.shared = shared;
+    this.blockedByShared = false;
     socket.on('drain', () => {
       this.pump();
     });
@@ -116,7 +126,15 @@ export class RequestFlow<R> {
   done(cost: number): void {
     this.requests--;
     this.bytes -= cost;
+    this.shared?.give(cost);
     this.pump();
+  }
+
+  /** The shared budget has room again: dispatch what fits; true while still blocked by it. */
+  retry(): boolean {
+    this.blockedByShared = false;
+    this.pump();
+    return this.blockedByShared;
   }
 
   /** Drops what waits and stops dispatching; the connection is going away. Returns the dropped requests. */
@@ -124,6 +142,7 @@ export class RequestFlow<R> {
     this.closed = true;
     const dropped: R[] = [];
     for (let w = this.dequeue(); w !== undefined; w = this.dequeue()) dropped.push(w.request);
+    this.shared?.leave(this);
     this.setPaused(false);
     return dropped;
   }
@@ -143,12 +162,17 @@ export class RequestFlow<R> {
   private start(request: R, cost: number): void {
     this.requests++;
     this.bytes += cost;
+    this.shared?.take(cost);
     this.dispatch(request);
   }
 
   private fits(cost: number): boolean {
-    if (this.requests === 0) return true;
-    return this.requests < this.limits.maxRequests && this.bytes + cost <= this.limits.maxBytes;
+    const own = this.requests === 0 || (this.requests < this.limits.maxRequests && this.bytes + cost <= this.limits.maxBytes);
+    if (!own || this.shared === undefined) return own;
+    if (this.shared.admits(cost, this.requests === 0)) return true;
+    this.blockedByShared = true;
+    this.shared.wait(this);
+    return false;
   }
 
   private updatePause(): void {
