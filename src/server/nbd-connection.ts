@@ -73,17 +73,26 @@ export interface NbdStats {
   protocolErrors: number;
 }
 
-/** Which command flags each command accepts. */
+/**
+ * Which command flags each command accepts. FUA is valid on every command once
+ * NBD_FLAG_SEND_FUA is advertised, which it always is here: "the server MUST accept all
+ * commands with this bit set (even by ignoring the bit)" (proto.md, Command flags).
+ */
 const ALLOWED_FLAGS: Readonly<Record<number, number>> = {
-  [CMD.READ]: CMD_FLAG.DF,
+  [CMD.READ]: CMD_FLAG.FUA | CMD_FLAG.DF,
   [CMD.WRITE]: CMD_FLAG.FUA,
-  [CMD.DISC]: 0,
-  [CMD.FLUSH]: 0,
+  [CMD.DISC]: CMD_FLAG.FUA,
+  [CMD.FLUSH]: CMD_FLAG.FUA,
   [CMD.TRIM]: CMD_FLAG.FUA,
-  [CMD.CACHE]: 0,
+  [CMD.CACHE]: CMD_FLAG.FUA,
   [CMD.WRITE_ZEROES]: CMD_FLAG.FUA | CMD_FLAG.NO_HOLE | CMD_FLAG.FAST_ZERO,
-  [CMD.BLOCK_STATUS]: CMD_FLAG.REQ_ONE,
+  [CMD.BLOCK_STATUS]: CMD_FLAG.FUA | CMD_FLAG.REQ_ONE,
 };
+
+/** The description of an export for people, the same in NBD_REP_SERVER and NBD_INFO_DESCRIPTION. */
+function describe(volume: Volume): string {
+  return `memstrata volume ${volume.name}, ${volume.size} bytes${volume.readOnly ? ', read-only' : ''}`;
+}
 
 class NbdError extends Error {
   readonly errno: number;
@@ -100,8 +109,8 @@ export class NbdConnection {
   private readonly parser: NbdServerParser;
   private noZeroes: boolean;
   private structured: boolean;
-  /** Export the meta context was set for, and whether base:allocation was selected. */
-  private metaExport: string | undefined;
+  /** The export the last SET_META_CONTEXT named, if it selected base:allocation. */
+  private metaVolume: Volume | undefined;
   private baseAllocation: boolean;
   private volume: Volume | undefined;
   private readonly writer: CorkedWriter;
@@ -115,7 +124,7 @@ export class NbdConnection {
     this.host = host;
     this.noZeroes = false;
     this.structured = false;
-    this.metaExport = undefined;
+    this.metaVolume = undefined;
     this.baseAllocation = false;
     this.volume = undefined;
     this.writer = new CorkedWriter(socket);
@@ -181,7 +190,8 @@ export class NbdConnection {
 
   private onOption(option: number, data: Buffer): void {
     try {
-      if (this.host.isStopping()) {
+      // ABORT is answered even while stopping (proto.md: "error further options ... other than NBD_OPT_ABORT").
+      if (this.host.isStopping() && option !== OPT.ABORT) {
         this.optionError(option, REP.ERR_SHUTDOWN, 'the node is stopping');
         return;
       }
@@ -198,7 +208,7 @@ export class NbdConnection {
             break;
           }
           for (const v of this.host.volumes.list()) {
-            this.send(encodeOptionReply(option, REP.SERVER, serverPayload(v.name, `${v.size} bytes${v.readOnly ? ', read-only' : ''}`)));
+            this.send(encodeOptionReply(option, REP.SERVER, serverPayload(v.name, describe(v))));
           }
           this.optionAck(option);
           break;
@@ -255,7 +265,7 @@ export class NbdConnection {
     this.send(encodeOptionReply(option, REP.INFO, infoExportPayload(volume.size, flags)));
     for (const info of new Set(infos)) {
       if (info === INFO.NAME) this.send(encodeOptionReply(option, REP.INFO, infoStringPayload(INFO.NAME, volume.name)));
-      if (info === INFO.DESCRIPTION) this.send(encodeOptionReply(option, REP.INFO, infoStringPayload(INFO.DESCRIPTION, `memstrata volume ${volume.name}`)));
+      if (info === INFO.DESCRIPTION) this.send(encodeOptionReply(option, REP.INFO, infoStringPayload(INFO.DESCRIPTION, describe(volume))));
       if (info === INFO.BLOCK_SIZE) this.send(encodeOptionReply(option, REP.INFO, infoBlockSizePayload(BLOCK.MIN, BLOCK.PREFERRED, BLOCK.MAX)));
     }
     this.send(encodeOptionReply(option, REP.ACK));
@@ -263,33 +273,44 @@ export class NbdConnection {
       this.parser.resume();
       return;
     }
-    // Meta contexts chosen for another export do not carry over.
-    if (this.metaExport !== undefined && this.host.volumes.find(this.metaExport) !== volume) this.baseAllocation = false;
     this.attach(volume);
     this.parser.startTransmission();
   }
 
   private metaContext(option: number, data: Buffer): void {
-    if (option === OPT.SET_META_CONTEXT && !this.structured) {
+    const set = option === OPT.SET_META_CONTEXT;
+    // "Issuing this command replaces all previously-set metadata contexts (including when
+    // this command fails)" (proto.md, NBD_OPT_SET_META_CONTEXT).
+    if (set) {
+      this.metaVolume = undefined;
+      this.baseAllocation = false;
+    }
+    if (set && !this.structured) {
       this.optionError(option, REP.ERR_INVALID, 'NBD_OPT_SET_META_CONTEXT needs structured replies first');
       return;
     }
     const { name, queries } = decodeMetaContextRequest(data);
-    if (this.host.volumes.find(name) === undefined) {
+    const volume = this.host.volumes.find(name);
+    if (volume === undefined) {
       this.optionError(option, REP.ERR_UNKNOWN, `no export named "${name}"`);
       return;
     }
-    const matches = (q: string): boolean => q === BASE_ALLOCATION || q === 'base:';
-    const wanted = option === OPT.LIST_META_CONTEXT && queries.length === 0 ? true : queries.some(matches);
-    if (option === OPT.SET_META_CONTEXT) {
-      this.metaExport = name;
-      this.baseAllocation = wanted;
+    // `base:` is a wildcard for LIST only: SET "MUST ignore this form". Queries of other
+    // namespaces and unknown leaves are ignored, not errors.
+    const wanted = set
+      ? queries.includes(BASE_ALLOCATION)
+      : queries.length === 0 || queries.some((q) => q === BASE_ALLOCATION || q === 'base:');
+    if (set && wanted) {
+      this.metaVolume = volume;
+      this.baseAllocation = true;
     }
-    if (wanted) this.send(encodeOptionReply(option, REP.META_CONTEXT, metaContextPayload(option === OPT.SET_META_CONTEXT ? BASE_ALLOCATION_ID : 0, BASE_ALLOCATION)));
+    if (wanted) this.send(encodeOptionReply(option, REP.META_CONTEXT, metaContextPayload(set ? BASE_ALLOCATION_ID : 0, BASE_ALLOCATION)));
     this.optionAck(option);
   }
 
   private attach(volume: Volume): void {
+    // Meta contexts chosen for another export do not carry over.
+    if (this.metaVolume !== volume) this.baseAllocation = false;
     volume.connections++;
     this.volume = volume;
     this.host.stats.handshakes++;
@@ -407,11 +428,16 @@ export class NbdConnection {
     if (request.type === CMD.FLUSH) return volume;
     if (request.type === CMD.BLOCK_STATUS && !this.baseAllocation) throw new NbdError(ERRNO.EINVAL, 'BLOCK_STATUS needs the base:allocation meta context');
     if (request.length === 0) throw new NbdError(ERRNO.EINVAL, 'zero-length request');
-    if (request.offset + request.length > volume.size) {
-      throw new NbdError(ERRNO.EINVAL, `offset ${request.offset} length ${request.length} reaches past the end of the export (${volume.size} bytes)`);
-    }
     if ((request.type === CMD.READ || request.type === CMD.CACHE) && request.length > BLOCK.MAX) {
-      throw new NbdError(ERRNO.EINVAL, `${request.length} bytes is more than the maximum block size ${BLOCK.MAX}`);
+      // With structured replies EOVERFLOW tells the client to retry smaller (proto.md,
+      // NBD_CMD_READ); a simple-reply client must not ask for more than the maximum at all.
+      const errno = request.type === CMD.CACHE || this.structured ? ERRNO.EOVERFLOW : ERRNO.EINVAL;
+      throw new NbdError(errno, `${request.length} bytes is more than the maximum payload ${BLOCK.MAX}`);
+    }
+    if (request.offset + request.length > volume.size) {
+      // proto.md, Error values: a write beyond the end SHOULD get ENOSPC, a read or trim EINVAL.
+      const errno = request.type === CMD.WRITE || request.type === CMD.WRITE_ZEROES ? ERRNO.ENOSPC : ERRNO.EINVAL;
+      throw new NbdError(errno, `offset ${request.offset} length ${request.length} reaches past the end of the export (${volume.size} bytes)`);
     }
     if (volume.readOnly && (request.type === CMD.WRITE || request.type === CMD.TRIM || request.type === CMD.WRITE_ZEROES)) {
       throw new NbdError(ERRNO.EPERM, `export ${volume.name} is read-only`);
@@ -452,7 +478,7 @@ export function errnoOf(error: unknown): number {
     }
   }
   const code = (error as NodeJS.ErrnoException | undefined)?.code;
-  if (code === 'ENOSPC' || code === 'EDQUOT') return ERRNO.ENOSPC;
+  if (code === 'ENOSPC' || code === 'EDQUOT' || code === 'EFBIG') return ERRNO.ENOSPC;
   return ERRNO.EIO;
 }
 
