@@ -523,4 +523,42 @@ describe('NBD conformance (doc/proto.md)', () => {
     assert.ok(!seen.has(ERRNO.ENOTSUP));
     assert.ok(!seen.has(ERRNO.EOVERFLOW));
   });
+
+  // ---- Disconnect ----
+
+  test('disconnect: NBD_CMD_DISC: the server MUST handle all outstanding requests, and there is no reply to the DISC', async (t) => {
+    const { nbd } = await attach(t, { structured: true });
+    const cookies = new Set<bigint>();
+    for (let i = 0; i < 24; i++) cookies.add(nbd.request(CMD.READ, { offset: i * MiB, length: MiB }));
+    // Writes with FUA and FLUSHes wait for fdatasync, so their replies come well after the
+    // client's FIN has arrived.
+    for (let i = 0; i < 8; i++) cookies.add(nbd.request(CMD.WRITE, { offset: 40 * MiB + i * 65536, data: Buffer.alloc(65536, i), flags: CMD_FLAG.FUA }));
+    for (let i = 0; i < 4; i++) cookies.add(nbd.request(CMD.FLUSH));
+    nbd.request(CMD.DISC, { cookie: 0xd15cn });
+    nbd.socket.end(); // half-close, as libnbd does after DISC
+    const got = new Set<bigint>();
+    const replies = await (async () => {
+      const all: Reply[] = [];
+      for (let i = 0; i < cookies.size; i++) all.push(await nbd.next());
+      return all;
+    })();
+    for (const r of replies) {
+      assert.equal(r.error, 0);
+      got.add(r.cookie);
+    }
+    assert.deepEqual(got, cookies);
+    assert.equal((await nbd.untilEnd()).length, 0, 'nothing after the last reply: no reply to DISC');
+  });
+
+  test('disconnect: a client that half-closes without DISC still gets the replies to what it sent', async (t) => {
+    const { nbd } = await attach(t);
+    const cookies: bigint[] = [];
+    for (let i = 0; i < 16; i++) cookies.push(nbd.request(CMD.READ, { offset: i * 65536, length: 65536 }));
+    for (let i = 0; i < 4; i++) cookies.push(nbd.request(CMD.FLUSH));
+    nbd.socket.end();
+    const got: bigint[] = [];
+    for (let i = 0; i < cookies.length; i++) got.push((await nbd.next()).cookie);
+    assert.deepEqual(got.sort(), [...cookies].sort());
+    await nbd.untilEnd();
+  });
 });
