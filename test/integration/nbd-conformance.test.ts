@@ -19,6 +19,8 @@ const EINVAL = ERRNO.EINVAL;
 function errnoOf(reply: Reply): number {
   for (const chunk of reply.chunks) {
     if ((chunk.type & 0x8000) === 0) continue;
+    assert.ok(chunk.payload.length >= 6, 'an error chunk is at least 6 bytes');
+    assert.notEqual(chunk.payload.readUInt32BE(0), 0, 'the error of an error chunk MUST be nonzero');
     const length = chunk.payload.readUInt16BE(4);
     assert.ok(length <= 4096, 'error message within 4096 bytes');
     assert.ok(6 + length <= chunk.payload.length, 'message length within the chunk');
@@ -145,6 +147,14 @@ describe('NBD conformance (doc/proto.md)', () => {
     assert.ok(!infos.includes(4242));
     const exportInfo = replies.find((r) => r.type === REP.INFO && r.data.readUInt16BE(0) === INFO.EXPORT);
     assert.equal(exportInfo?.data.length, 12, 'NBD_INFO_EXPORT length MUST be 12');
+  });
+
+  test('handshake: an information type SHOULD only appear once for an export, even when asked twice', async (t) => {
+    const { nbd } = await handshake(t);
+    nbd.option(OPT.INFO, infoPayload('', [INFO.NAME, INFO.NAME, INFO.EXPORT]));
+    const types = (await nbd.replies()).filter((r) => r.type === REP.INFO).map((r) => r.data.readUInt16BE(0));
+    assert.equal(types.filter((x) => x === INFO.NAME).length, 1);
+    assert.equal(types.filter((x) => x === INFO.EXPORT).length, 1);
   });
 
   test('handshake: NBD_OPT_INFO/GO for an unknown export: NBD_REP_ERR_UNKNOWN, and the server SHOULD NOT send NBD_REP_INFO', async (t) => {
@@ -309,7 +319,7 @@ describe('NBD conformance (doc/proto.md)', () => {
     const status = reply.chunks.filter((c) => c.type === REPLY_TYPE.BLOCK_STATUS);
     assert.equal(status.length, 1);
     const payload = status[0]!.payload;
-    assert.equal((payload.length - 4) % 8, 0);
+    assert.ok(payload.length > 4 && (payload.length - 4) % 8 === 0, 'length MUST be 4 + a positive multiple of 8');
     const lengths: number[] = [];
     for (let at = 4; at < payload.length; at += 8) lengths.push(payload.readUInt32BE(at));
     assert.ok(lengths.every((l) => l > 0));
@@ -462,12 +472,18 @@ describe('NBD conformance (doc/proto.md)', () => {
 
   // ---- Size constraints and error values ----
 
-  test('size: default constraints SHOULD be minimum 1, preferred 4096, maximum payload at least 2^25', async (t) => {
+  test('size: default constraints SHOULD be minimum 1, preferred 4096, maximum payload at least 2^25; NBD_INFO_BLOCK_SIZE is 14 bytes, the sizes as the spec constrains them', async (t) => {
     const { nbd } = await handshake(t);
     nbd.option(OPT.INFO, infoPayload('', [INFO.BLOCK_SIZE]));
     const block = (await nbd.replies()).find((r) => r.type === REP.INFO && r.data.readUInt16BE(0) === INFO.BLOCK_SIZE)!;
-    assert.deepEqual([block.data.readUInt32BE(2), block.data.readUInt32BE(6)], [1, 4096]);
-    assert.ok(block.data.readUInt32BE(10) >= 2 ** 25);
+    assert.equal(block.data.length, 14);
+    const [min, preferred, max] = [block.data.readUInt32BE(2), block.data.readUInt32BE(6), block.data.readUInt32BE(10)];
+    assert.deepEqual([min, preferred], [1, 4096]);
+    assert.ok(max >= 2 ** 25);
+    const powerOfTwo = (v: number): boolean => v > 0 && (v & (v - 1)) === 0;
+    assert.ok(powerOfTwo(min) && min <= 65536, 'minimum: a power of 2, at most 2^16');
+    assert.ok(powerOfTwo(preferred) && preferred >= Math.max(min, 512), 'preferred: a power of 2, at least max(minimum, 512)');
+    assert.ok(max >= preferred, 'maximum at least the preferred size');
   });
 
   test('size: a payload of 2^25 bytes SHOULD NOT be taken as a denial of service: a 32 MiB WRITE is served', async (t) => {
@@ -561,4 +577,36 @@ describe('NBD conformance (doc/proto.md)', () => {
     assert.deepEqual(got.sort(), [...cookies].sort());
     await nbd.untilEnd();
   });
+});
+
+test('shutdown: the server SHOULD wait for requests in flight to be serviced, and answer the others and any received afterwards with NBD_ESHUTDOWN', async (t) => {
+  const dir = await tempDir(t);
+  const n = await startNode({ cwd: dir });
+  t.after(() => n.stop('SIGKILL'));
+  const { nbd } = await RawNbd.attach(n.nbd, { structured: true });
+  t.after(() => nbd.destroy());
+  // Far more than one connection's budget, not read for now: most of them wait.
+  nbd.stopReading();
+  const cookies = new Set<bigint>();
+  for (let i = 0; i < 64; i++) cookies.add(nbd.request(CMD.READ, { offset: (i % 32) * MiB, length: MiB }));
+  // Wait (a bound on the test) until the node has stopped reading the connection.
+  for (let paused = 0, deadline = Date.now() + 5000; paused < 1 && Date.now() < deadline; ) {
+    const text = await (await fetch(`${n.url}/metrics`)).text();
+    paused = Number(/^memstrata_nbd_paused_connections (\S+)$/m.exec(text)?.[1] ?? 0);
+    if (paused < 1) await new Promise((r) => setTimeout(r, 10));
+  }
+  const stopped = n.stop('SIGTERM');
+  nbd.startReading();
+  const errors = new Map<bigint, number>();
+  for (let i = 0; i < cookies.size; i++) {
+    const r = await nbd.next();
+    errors.set(r.cookie, errnoOf(r));
+  }
+  assert.deepEqual(new Set(errors.keys()), cookies, 'every request is answered before the connection ends');
+  const values = [...errors.values()];
+  assert.ok(values.every((e) => e === 0 || e === ERRNO.ESHUTDOWN), `errnos ${[...new Set(values)].join(',')}`);
+  assert.ok(values.includes(0), 'requests in flight were serviced');
+  assert.ok(values.includes(ERRNO.ESHUTDOWN), 'requests not yet serviced got ESHUTDOWN');
+  assert.equal((await nbd.untilEnd()).length, 0);
+  assert.equal(await stopped, 0, 'the node stops cleanly');
 });

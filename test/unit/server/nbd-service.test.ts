@@ -12,6 +12,8 @@ import { join } from 'node:path';
 import fc from 'fast-check';
 import { pino } from 'pino';
 import { NbdService, IDLE_RESERVE, type NbdLimits } from '../../../src/server/nbd-service.js';
+import { errnoOf } from '../../../src/server/nbd-connection.js';
+import { StorageError } from '../../../src/errors.js';
 import type { VolumeIo } from '../../../src/storage/volume-io.js';
 import { VolumeManager, type Volume } from '../../../src/storage/volume-manager.js';
 import type { Extent } from '../../../src/protocol/nbd/codec.js';
@@ -385,4 +387,13 @@ test('shutdown: requests in flight finish; those waiting and those sent afterwar
   assert.equal((await nbd.untilEnd()).length, 0);
   await closing;
   assert.equal(h.io.calls.read, 2, 'nothing new reached storage after the shutdown began');
+});
+
+test('errnoOf: EDQUOT and EFBIG map to ENOSPC (proto.md, Error values), other storage failures to EIO', () => {
+  const sys = (code: string): NodeJS.ErrnoException => Object.assign(new Error(code), { code });
+  assert.equal(errnoOf(sys('ENOSPC')), ERRNO.ENOSPC);
+  assert.equal(errnoOf(sys('EDQUOT')), ERRNO.ENOSPC);
+  assert.equal(errnoOf(sys('EFBIG')), ERRNO.ENOSPC);
+  assert.equal(errnoOf(sys('EIO')), ERRNO.EIO);
+  assert.equal(errnoOf(new StorageError('MS_DATA_DIR', 'x')), ERRNO.EIO);
 });
