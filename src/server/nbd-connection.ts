@@ -3,20 +3,22 @@
 //   greeting -> client flags -> options (LIST, INFO, GO, EXPORT_NAME, STRUCTURED_REPLY,
 //   LIST/SET_META_CONTEXT, ABORT; others NBD_REP_ERR_UNSUP) -> requests -> end
 //
-//   socket 'data' -> parser -> header -> RequestFlow (connection + service budget)
-//                                         | dispatch: READ/... served; WRITE: payload read
-//                    parser held <--------+ while a request waits for budget
+//   socket 'data' -> parser -> READ/FLUSH/... header -> flow.push --> dispatch: served
+//                           -> WRITE header -> flow.reserve -> payload read -> flow.push
+//                    parser held <-- while a request or a reservation waits for budget
 //   reply handed to the kernel (write callback) -> flow.done(cost) -> next request
 //
 // Invariants:
-//   - bounded memory: every request is admitted by the flow at its header, before any
-//     memory is taken for it. A WRITE's payload is read only once admitted, into a buffer
-//     of its own; a READ's reply buffer is allocated when it is dispatched. A request's
-//     cost (its payload, its reply, a fixed overhead) is given back only when its reply
-//     has been handed to the kernel. While a request waits for budget the parser holds
-//     and the socket is not read, so a client can make one connection hold its budget,
-//     plus one socket chunk kept unparsed, plus the one request waiting; and all its
-//     connections together the service budget, plus a small reserve each (net/).
+//   - bounded memory: every request is admitted by the RequestFlow (its connection's
+//     budget and the service's SharedBudget) before any memory is taken for it. A
+//     WRITE's payload is reserved at its header and read only once the reservation is
+//     granted, into a buffer of its own; a READ's reply buffer is allocated when it is
+//     dispatched. A request's cost (its payload, its reply, a fixed overhead) is given
+//     back only when its reply has been handed to the kernel. While a request waits for
+//     budget the parser holds and the socket is not read, so a client can make one
+//     connection hold its budget, plus one socket chunk kept unparsed, plus the header
+//     waiting; and all its connections together the service budget, plus a small
+//     reserve each (net/request-flow.ts).
 //   - every request admitted gets exactly one reply, unless the socket is gone; replies
 //     go out as requests complete, batched per tick in one corked write.
 //   - ending: after NBD_CMD_DISC, after the client's EOF (libnbd half-closes after
@@ -36,8 +38,7 @@ import type { Socket } from 'node:net';
 import { isMemstrataError } from '../errors.js';
 import type { Logger } from '../logger.js';
 import type { Admission } from '../net/connection-gate.js';
-import { RequestFlow, type FlowLimits, type FlowSocket, type FlowStats } from '../net/request-flow.js';
-import type { ServiceBudget } from '../net/service-budget.js';
+import { RequestFlow, type FlowLimits, type FlowSocket, type FlowStats, type SharedBudget } from '../net/request-flow.js';
 import {
   decodeInfoRequest,
   decodeMetaContextRequest,
@@ -87,7 +88,7 @@ export interface NbdHost {
   /** Requests and bytes in flight per connection. */
   readonly limits: FlowLimits;
   /** Bytes in flight across the service's connections. */
-  readonly budget: ServiceBudget;
+  readonly budget: SharedBudget;
   readonly flowStats: FlowStats;
   isStopping(): boolean;
   closed(connection: NbdConnection): void;
@@ -175,9 +176,9 @@ export class NbdConnection {
   private metaVolume: Volume | undefined;
   private baseAllocation: boolean;
   private volume: Volume | undefined;
-  /** An admitted WRITE whose payload is being read. */
-  private assembling: NbdRequest | undefined;
-  /** What the flow asks of the socket; an admitted payload is read regardless. */
+  /** A WRITE whose header has been parsed and whose payload has not: waiting for its reservation, or arriving. */
+  private receiving: NbdRequest | undefined;
+  /** What the flow asks of the socket. */
   private flowPaused: boolean;
   /** Option replies back up in the socket: stop reading options until they drain. */
   private optionsBackedUp: boolean;
@@ -204,7 +205,7 @@ export class NbdConnection {
     this.metaVolume = undefined;
     this.baseAllocation = false;
     this.volume = undefined;
-    this.assembling = undefined;
+    this.receiving = undefined;
     this.flowPaused = false;
     this.optionsBackedUp = false;
     this.readingPaused = false;
@@ -303,14 +304,13 @@ export class NbdConnection {
   // ---- reading and ending ----
 
   /**
-   * The socket is read unless the flow is over budget (or replies back up) with no
-   * admitted payload still to read, or option replies back up. An admitted WRITE's
-   * payload is read even then: its bytes are already counted, and not reading them would
-   * keep its budget forever. Once this side has ended, input is read and dropped, so
-   * that unread bytes never turn our close into a reset that would lose replies.
+   * The socket is read unless the flow asks otherwise (over budget, replies backing up;
+   * it keeps reading a reserved payload itself), or option replies back up. Once this
+   * side has ended, input is read and dropped, so that unread bytes never turn our close
+   * into a reset that would lose replies.
    */
   private applyReading(): void {
-    const pause = !this.finished && ((this.flowPaused && this.assembling === undefined) || this.optionsBackedUp);
+    const pause = !this.finished && (this.flowPaused || this.optionsBackedUp);
     if (pause === this.readingPaused || this.socket.destroyed) return;
     this.readingPaused = pause;
     if (pause) this.socket.pause();
@@ -319,8 +319,8 @@ export class NbdConnection {
 
   private onEnd(): void {
     this.inputEnded = true;
-    // A WRITE whose payload was cut short by the EOF can never be served.
-    if (this.assembling !== undefined) this.abandon(this.assembling);
+    // A WRITE whose payload was arriving when the input ended can never be served.
+    if (this.receiving !== undefined && !this.parser.holding) this.abandon(this.receiving);
     this.maybeFinish();
   }
 
@@ -328,8 +328,9 @@ export class NbdConnection {
     if (this.linger !== undefined) clearTimeout(this.linger);
     this.finished = true;
     this.parser.stop();
+    // Gives back what waits and what is reserved; requests in flight give theirs when answered.
     this.flow.close();
-    if (this.assembling !== undefined) this.abandon(this.assembling);
+    if (this.receiving !== undefined) this.abandon(this.receiving);
     if (this.volume !== undefined) this.volume.connections--;
     this.volume = undefined;
     this.host.closed(this);
@@ -339,7 +340,7 @@ export class NbdConnection {
   private maybeFinish(): void {
     if (this.finished || this.socket.destroyed) return;
     if (!this.discReceived && !this.inputEnded && !this.stopRequested) return;
-    if (this.flow.inFlight > 0 || this.flow.queued > 0) return;
+    if (this.flow.inFlight > 0 || this.flow.queued > 0 || this.receiving !== undefined) return;
     if (this.stopRequested && !this.discReceived && !this.inputEnded) {
       // Requests the client sent before it heard of the shutdown may still sit in the
       // kernel: they get ESHUTDOWN rather than a reset. Two check phases with no input
@@ -373,13 +374,15 @@ export class NbdConnection {
     this.linger.unref();
   }
 
-  /** Gives back an admitted WRITE that will never be served: its payload was cut short by the end of the input. */
+  /**
+   * Drops a WRITE whose payload will never arrive whole (the input ended, or the
+   * connection closed); its reservation goes back when the flow closes.
+   */
   private abandon(request: NbdRequest): void {
-    this.assembling = undefined;
+    this.receiving = undefined;
     this.parser.stop();
     if (request.pooled !== undefined) this.host.payloadBuffers.release(request.pooled);
     request.pooled = undefined;
-    this.flow.done(costOf(request));
     this.maybeFinish();
   }
 
@@ -569,28 +572,37 @@ export class NbdConnection {
       this.maybeFinish();
       return;
     }
+    if (request.type === CMD.WRITE) {
+      // The payload is budgeted before a byte of it is read; until then nothing is parsed.
+      this.receiving = request;
+      const granted = this.flow.reserve(costOf(request), () => {
+        this.release();
+      });
+      if (!granted) this.parser.hold();
+      return;
+    }
     this.flow.push(request, costOf(request));
     if (this.flow.queued > 0) this.parser.hold();
   }
 
-  /** The flow admitted a request: serve it, or for a WRITE start reading its payload. */
+  private onPayload(request: NbdRequest): void {
+    this.receiving = undefined;
+    this.flow.push(request, costOf(request), costOf(request));
+    if (this.flow.queued > 0) this.parser.hold();
+  }
+
+  /** The flow admitted a request: serve it, and parse on if the parser held for it. */
   private dispatch(request: NbdRequest): void {
-    if (request.type === CMD.WRITE) {
-      this.assembling = request;
-      this.applyReading();
-    } else {
-      this.run(request);
-    }
+    this.run(request);
+    this.release();
+  }
+
+  /** Lets the parser go on after it held for budget. */
+  private release(): void {
     this.parser.release();
     // After EOF, once the parser has taken in all there is (not from inside one of its
     // callbacks), a WRITE still short of its payload will never get it.
-    if (this.inputEnded && !this.parser.busy && this.assembling !== undefined) this.abandon(this.assembling);
-  }
-
-  private onPayload(request: NbdRequest): void {
-    this.assembling = undefined;
-    this.applyReading();
-    this.run(request);
+    if (this.inputEnded && !this.parser.busy && !this.parser.holding && this.receiving !== undefined) this.abandon(this.receiving);
   }
 
   private run(request: NbdRequest): void {

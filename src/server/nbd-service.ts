@@ -18,8 +18,7 @@
 import { createServer, type Server } from 'node:net';
 import type { Logger } from '../logger.js';
 import { ConnectionGate } from '../net/connection-gate.js';
-import { newFlowStats, type FlowLimits, type FlowStats } from '../net/request-flow.js';
-import { ServiceBudget } from '../net/service-budget.js';
+import { SharedBudget, newFlowStats, type FlowLimits, type FlowStats } from '../net/request-flow.js';
 import type { VolumeIo } from '../storage/volume-io.js';
 import type { VolumeManager } from '../storage/volume-manager.js';
 import { closeServer, listenOn } from '../net/listen.js';
@@ -51,7 +50,7 @@ export class NbdService implements NbdHost {
   readonly stats: NbdStats;
   readonly payloadBuffers: BufferPool;
   readonly limits: FlowLimits;
-  readonly budget: ServiceBudget;
+  readonly budget: SharedBudget;
   readonly flowStats: FlowStats;
   readonly gate: ConnectionGate;
   private readonly connections: Set<NbdConnection>;
@@ -67,7 +66,7 @@ export class NbdService implements NbdHost {
     this.payloadBuffers = new BufferPool(POOL_PER_CLASS, POOL_MAX_SIZE);
     const { limits } = options;
     this.limits = { maxRequests: limits.maxInFlight, maxBytes: limits.maxInFlightBytes };
-    this.budget = new ServiceBudget({ maxBytes: limits.maxTotalInFlightBytes, reserveBytes: IDLE_RESERVE });
+    this.budget = new SharedBudget(limits.maxTotalInFlightBytes, IDLE_RESERVE);
     this.flowStats = newFlowStats();
     this.gate = new ConnectionGate('NBD', { maxConnections: limits.maxConnections, handshakeTimeoutMs: limits.handshakeTimeoutMs }, options.log);
     this.connections = new Set();

@@ -230,7 +230,8 @@ test('a READ reply buffer is taken only when the READ is dispatched', async (t) 
 });
 
 test('a WRITE payload is read only once the WRITE is admitted: the rest waits in the kernel, not in the node', async (t) => {
-  const h = await harness(t, { maxInFlight: 1 });
+  // One 1 MiB WRITE fills the connection's budget; the next one's payload must wait.
+  const h = await harness(t, { maxInFlight: 1, maxInFlightBytes: MiB });
   h.io.hold = true;
   const nbd = await h.attach();
   const payloads: Buffer[] = [];
