@@ -13,7 +13,7 @@
 //     whole budget (say, by never reading replies) cannot stall another's small requests.
 // What one client can make the node hold is therefore about maxTotalInFlightBytes +
 // maxConnections x (IDLE_RESERVE + a socket chunk + an option payload), plus the pool
-// of reusable buffers (POOL_PER_CLASS up to POOL_MAX_SIZE each).
+// of reusable buffers (at most POOL_MAX_BYTES kept).
 
 import { createServer, type Server } from 'node:net';
 import type { Logger } from '../logger.js';
@@ -39,9 +39,9 @@ export interface NbdLimits {
 
 /** What a connection with nothing in flight may always take for one request, beyond the service budget. */
 export const IDLE_RESERVE = 256 * 1024;
-/** Reusable payload buffers kept per size class, and the largest size kept (larger ones go to the GC). */
+/** Reusable payload buffers kept per size class, and in all. */
 const POOL_PER_CLASS = 4;
-const POOL_MAX_SIZE = 4 * 1024 * 1024;
+const POOL_MAX_BYTES = 32 * 1024 * 1024;
 
 export class NbdService implements NbdHost {
   readonly volumes: VolumeManager;
@@ -63,7 +63,7 @@ export class NbdService implements NbdHost {
     this.io = options.io;
     this.log = options.log;
     this.stats = { commands: {}, errors: {}, bytesRead: 0, bytesWritten: 0, handshakes: 0, protocolErrors: 0 };
-    this.payloadBuffers = new BufferPool(POOL_PER_CLASS, POOL_MAX_SIZE);
+    this.payloadBuffers = new BufferPool(POOL_PER_CLASS, POOL_MAX_BYTES);
     const { limits } = options;
     this.limits = { maxRequests: limits.maxInFlight, maxBytes: limits.maxInFlightBytes };
     this.budget = new SharedBudget(limits.maxTotalInFlightBytes, IDLE_RESERVE);
