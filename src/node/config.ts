@@ -44,7 +44,7 @@ export interface NodeConfig {
     handshakeTimeoutMs: number;
     maxInFlight: number;
     maxInFlightBytes: number;
-    maxTotalInFlightBytes: number;
+    maxInFlightBytesTotal: number;
   };
   mirror: { listen: ListenAddress; partner: ListenAddress | undefined; onPartnerDown: 'degrade' | 'refuse'; timeoutMs: number; token: string | undefined };
   volumes: { defaultSize: number };
@@ -148,7 +148,7 @@ const rawSchema = z.strictObject({
       handshakeTimeout: durationLeaf.prefault('10s'),
       maxInFlight: intLeaf(1, 65536).prefault(128),
       maxInFlightBytes: sizeLeaf.prefault('32MiB'),
-      maxTotalInFlightBytes: sizeLeaf.prefault('96MiB'),
+      maxInFlightBytesTotal: sizeLeaf.prefault('96MiB'),
     })
     .prefault({}),
   volumes: z.strictObject({ defaultSize: sizeLeaf.prefault('1GiB') }).prefault({}),
@@ -210,7 +210,7 @@ export const SETTINGS: readonly Setting[] = [
   { path: 'nbd.handshakeTimeout', default: '10s', doc: 'an NBD client that has not entered transmission (or sent ABORT) in this time is disconnected' },
   { path: 'nbd.maxInFlight', default: '128', doc: 'NBD requests served at once per connection before the node stops reading it' },
   { path: 'nbd.maxInFlightBytes', default: '32MiB', doc: 'bytes of NBD payloads and replies in flight per connection before the node stops reading it' },
-  { path: 'nbd.maxTotalInFlightBytes', default: '96MiB', doc: 'bytes of NBD payloads and replies in flight across all connections' },
+  { path: 'nbd.maxInFlightBytesTotal', default: '96MiB', doc: 'bytes of NBD payloads and replies in flight across all connections; a connection waits, unread, while the service is at this cap' },
   { path: 'volumes.defaultSize', default: '1GiB', doc: 'size of the `default` volume made on first start' },
   { path: 'cache.enabled', default: 'true', doc: 'write-back storage cache for volumes in the cache partition; false writes straight to the data store' },
   { path: 'cache.maxDirtyAge', default: '5s', doc: 'dirty cache data older than this is written back to the data store' },
@@ -329,7 +329,7 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
       handshakeTimeoutMs: parsed.nbd.handshakeTimeout,
       maxInFlight: parsed.nbd.maxInFlight,
       maxInFlightBytes: parsed.nbd.maxInFlightBytes,
-      maxTotalInFlightBytes: parsed.nbd.maxTotalInFlightBytes,
+      maxInFlightBytesTotal: parsed.nbd.maxInFlightBytesTotal,
     },
     volumes: { defaultSize: parsed.volumes.defaultSize },
     cache: { enabled: parsed.cache.enabled, maxDirtyAgeMs: parsed.cache.maxDirtyAge },
@@ -350,12 +350,12 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
   if (config.rmem.leaseMs < 100 || config.rmem.leaseMs > 86_400_000) {
     throw invalid('rmem.lease', raw, origin, 'expected a duration from 100ms to 24h');
   }
-  if (config.nbd.handshakeTimeoutMs < 100 || config.nbd.handshakeTimeoutMs > 600_000) {
-    throw invalid('nbd.handshakeTimeout', raw, origin, 'expected a duration from 100ms to 10m');
+  if (config.nbd.maxInFlightBytes < 64 * KiB) throw invalid('nbd.maxInFlightBytes', raw, origin, 'expected at least 64KiB');
+  if (config.nbd.maxInFlightBytesTotal < config.nbd.maxInFlightBytes) {
+    throw invalid('nbd.maxInFlightBytesTotal', raw, origin, `expected at least nbd.maxInFlightBytes (${formatSize(config.nbd.maxInFlightBytes)})`);
   }
-  for (const field of ['maxInFlightBytes', 'maxTotalInFlightBytes'] as const) {
-    const bytes = config.nbd[field];
-    if (bytes < 64 * KiB || bytes > 64 * GiB) throw invalid(`nbd.${field}`, raw, origin, 'expected a size from 64KiB to 64GiB');
+  if (config.nbd.handshakeTimeoutMs < 10 || config.nbd.handshakeTimeoutMs > 600_000) {
+    throw invalid('nbd.handshakeTimeout', raw, origin, 'expected a duration from 10ms to 10m');
   }
   if (config.mirror.timeoutMs < 10 || config.mirror.timeoutMs > 600_000) {
     throw invalid('mirror.timeout', raw, origin, 'expected a duration from 10ms to 10m');

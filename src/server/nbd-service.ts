@@ -8,10 +8,10 @@
 //   - connections: at most maxConnections open; one more is closed at once. A client
 //     that has not entered transmission (or sent ABORT) within handshakeTimeoutMs is cut;
 //   - per connection: maxInFlight requests and maxInFlightBytes of payloads and replies;
-//   - per service: maxTotalInFlightBytes across every connection, plus IDLE_RESERVE for
+//   - per service: maxInFlightBytesTotal across every connection, plus IDLE_RESERVE for
 //     each connection with nothing in flight, so a client whose connections hold the
 //     whole budget (say, by never reading replies) cannot stall another's small requests.
-// What one client can make the node hold is therefore about maxTotalInFlightBytes +
+// What one client can make the node hold is therefore about maxInFlightBytesTotal +
 // maxConnections x (IDLE_RESERVE + a socket chunk + an option payload), plus the pool
 // of reusable buffers (at most POOL_MAX_BYTES kept).
 
@@ -34,7 +34,7 @@ export interface NbdLimits {
   /** Bytes in flight per connection. */
   maxInFlightBytes: number;
   /** Bytes in flight across all connections. */
-  maxTotalInFlightBytes: number;
+  maxInFlightBytesTotal: number;
 }
 
 /** What a connection with nothing in flight may always take for one request, beyond the service budget. */
@@ -66,7 +66,7 @@ export class NbdService implements NbdHost {
     this.payloadBuffers = new BufferPool(POOL_PER_CLASS, POOL_MAX_BYTES);
     const { limits } = options;
     this.limits = { maxRequests: limits.maxInFlight, maxBytes: limits.maxInFlightBytes };
-    this.budget = new SharedBudget(limits.maxTotalInFlightBytes, IDLE_RESERVE);
+    this.budget = new SharedBudget(limits.maxInFlightBytesTotal, IDLE_RESERVE);
     this.flowStats = newFlowStats();
     this.gate = new ConnectionGate('NBD', { maxConnections: limits.maxConnections, handshakeTimeoutMs: limits.handshakeTimeoutMs }, options.log);
     this.connections = new Set();

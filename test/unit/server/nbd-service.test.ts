@@ -123,7 +123,7 @@ interface Harness {
   attach(options?: { structured?: boolean }): Promise<RawNbd>;
 }
 
-const DEFAULT_LIMITS: NbdLimits = { maxConnections: 32, handshakeTimeoutMs: 10_000, maxInFlight: 64, maxInFlightBytes: 4 * MiB, maxTotalInFlightBytes: 64 * MiB };
+const DEFAULT_LIMITS: NbdLimits = { maxConnections: 32, handshakeTimeoutMs: 10_000, maxInFlight: 64, maxInFlightBytes: 4 * MiB, maxInFlightBytesTotal: 64 * MiB };
 
 async function harness(t: { after(fn: () => Promise<void>): void }, limits: Partial<NbdLimits> = {}): Promise<Harness> {
   const dir = await mkdtemp(join(tmpdir(), 'memstrata-nbd-'));
@@ -254,7 +254,7 @@ test('a WRITE payload is read only once the WRITE is admitted: the rest waits in
 });
 
 test('the service budget bounds many connections together; an idle connection still gets a small request through', async (t) => {
-  const h = await harness(t, { maxInFlightBytes: 8 * MiB, maxTotalInFlightBytes: 6 * MiB });
+  const h = await harness(t, { maxInFlightBytes: 8 * MiB, maxInFlightBytesTotal: 6 * MiB });
   const hogs: RawNbd[] = [];
   for (let c = 0; c < 6; c++) {
     const hog = await h.attach();
