@@ -196,6 +196,49 @@ export class NodeMetrics {
       },
     });
     new Gauge({
+      name: 'memstrata_nbd_paused_connections',
+      help: 'NBD connections not being read now: over their budget, or their client not reading replies.',
+      registers: [registry],
+      collect() {
+        this.set(sources.nbd()?.flowStats.pausedNow ?? 0);
+      },
+    });
+    new Counter({
+      name: 'memstrata_nbd_pauses_total',
+      help: 'Times an NBD connection stopped being read because it was over its budget.',
+      registers: [registry],
+      collect() {
+        this.reset();
+        this.inc(sources.nbd()?.flowStats.pauses ?? 0);
+      },
+    });
+    new Gauge({
+      name: 'memstrata_nbd_in_flight_bytes',
+      help: 'Bytes held by NBD requests in flight (payloads and replies not yet handed to the kernel), all connections.',
+      registers: [registry],
+      collect() {
+        this.set(sources.nbd()?.budget.bytes ?? 0);
+      },
+    });
+    new Counter({
+      name: 'memstrata_nbd_refused_connections_total',
+      help: 'NBD connections closed at once because nbd.maxConnections were open.',
+      registers: [registry],
+      collect() {
+        this.reset();
+        this.inc(sources.nbd()?.gate.stats.refused ?? 0);
+      },
+    });
+    new Counter({
+      name: 'memstrata_nbd_handshake_timeouts_total',
+      help: 'NBD connections closed because their handshake did not finish within nbd.handshakeTimeout.',
+      registers: [registry],
+      collect() {
+        this.reset();
+        this.inc(sources.nbd()?.gate.stats.handshakeTimeouts ?? 0);
+      },
+    });
+    new Gauge({
       name: 'memstrata_volume_size_bytes',
       help: 'Size of each volume.',
       labelNames: ['volume'],

@@ -53,7 +53,14 @@ export interface NodeConfig {
   dataDir: string;
   admin: AdminConfig;
   rmem: { listen: ListenAddress; leaseMs: number; token: string | undefined; maxInFlight: number };
-  nbd: { listen: ListenAddress };
+  nbd: {
+    listen: ListenAddress;
+    maxConnections: number;
+    handshakeTimeoutMs: number;
+    maxInFlight: number;
+    maxInFlightBytes: number;
+    maxInFlightBytesTotal: number;
+  };
   mirror: { listen: ListenAddress; partner: ListenAddress | undefined; onPartnerDown: 'degrade' | 'refuse'; timeoutMs: number; token: string | undefined };
   volumes: { defaultSize: number };
   cache: { enabled: boolean; maxDirtyAgeMs: number };
@@ -167,7 +174,16 @@ const rawSchema = z.strictObject({
       bodyLimit: sizeLeaf.prefault('64KiB'),
     })
     .prefault({}),
-  nbd: z.strictObject({ listen: addressLeaf.prefault('127.0.0.1:10809') }).prefault({}),
+  nbd: z
+    .strictObject({
+      listen: addressLeaf.prefault('127.0.0.1:10809'),
+      maxConnections: intLeaf(1, 65536).prefault(128),
+      handshakeTimeout: durationLeaf.prefault('10s'),
+      maxInFlight: intLeaf(1, 65536).prefault(128),
+      maxInFlightBytes: sizeLeaf.prefault('32MiB'),
+      maxInFlightBytesTotal: sizeLeaf.prefault('96MiB'),
+    })
+    .prefault({}),
   volumes: z.strictObject({ defaultSize: sizeLeaf.prefault('1GiB') }).prefault({}),
   cache: z.strictObject({ enabled: booleanLeaf.prefault('true'), maxDirtyAge: durationLeaf.prefault('5s') }).prefault({}),
   rmem: z
@@ -231,6 +247,11 @@ export const SETTINGS: readonly Setting[] = [
   { path: 'admin.requestTimeout', default: '30s', doc: 'a client must send a whole request, body included, within this; at least admin.headersTimeout' },
   { path: 'admin.bodyLimit', default: '64KiB', doc: 'largest admin request body; a larger one is refused with MS_ADMIN_BODY_TOO_LARGE' },
   { path: 'nbd.listen', flag: '--nbd-listen', default: '127.0.0.1:10809', doc: 'NBD block service; port 0 picks a free port' },
+  { path: 'nbd.maxConnections', default: '128', doc: 'NBD connections open at once; one more is closed at once' },
+  { path: 'nbd.handshakeTimeout', default: '10s', doc: 'an NBD client that has not entered transmission (or sent ABORT) in this time is disconnected' },
+  { path: 'nbd.maxInFlight', default: '128', doc: 'NBD requests served at once per connection before the node stops reading it' },
+  { path: 'nbd.maxInFlightBytes', default: '32MiB', doc: 'bytes of NBD payloads and replies in flight per connection before the node stops reading it' },
+  { path: 'nbd.maxInFlightBytesTotal', default: '96MiB', doc: 'bytes of NBD payloads and replies in flight across all connections; a connection waits, unread, while the service is at this cap' },
   { path: 'volumes.defaultSize', default: '1GiB', doc: 'size of the `default` volume made on first start' },
   { path: 'cache.enabled', default: 'true', doc: 'write-back storage cache for volumes in the cache partition; false writes straight to the data store' },
   { path: 'cache.maxDirtyAge', default: '5s', doc: 'dirty cache data older than this is written back to the data store' },
@@ -352,7 +373,14 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
       requestTimeoutMs: parsed.admin.requestTimeout,
       bodyLimit: parsed.admin.bodyLimit,
     },
-    nbd: { listen: parsed.nbd.listen },
+    nbd: {
+      listen: parsed.nbd.listen,
+      maxConnections: parsed.nbd.maxConnections,
+      handshakeTimeoutMs: parsed.nbd.handshakeTimeout,
+      maxInFlight: parsed.nbd.maxInFlight,
+      maxInFlightBytes: parsed.nbd.maxInFlightBytes,
+      maxInFlightBytesTotal: parsed.nbd.maxInFlightBytesTotal,
+    },
     volumes: { defaultSize: parsed.volumes.defaultSize },
     cache: { enabled: parsed.cache.enabled, maxDirtyAgeMs: parsed.cache.maxDirtyAge },
     rmem: { listen: parsed.rmem.listen, leaseMs: parsed.rmem.lease, token: parsed.rmem.token, maxInFlight: parsed.rmem.maxInFlight },
@@ -372,6 +400,13 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
   }
   if (config.rmem.leaseMs < 100 || config.rmem.leaseMs > 86_400_000) {
     throw invalid('rmem.lease', raw, origin, 'expected a duration from 100ms to 24h');
+  }
+  if (config.nbd.maxInFlightBytes < 64 * KiB) throw invalid('nbd.maxInFlightBytes', raw, origin, 'expected at least 64KiB');
+  if (config.nbd.maxInFlightBytesTotal < config.nbd.maxInFlightBytes) {
+    throw invalid('nbd.maxInFlightBytesTotal', raw, origin, `expected at least nbd.maxInFlightBytes (${formatSize(config.nbd.maxInFlightBytes)})`);
+  }
+  if (config.nbd.handshakeTimeoutMs < 10 || config.nbd.handshakeTimeoutMs > 600_000) {
+    throw invalid('nbd.handshakeTimeout', raw, origin, 'expected a duration from 10ms to 10m');
   }
   if (config.mirror.timeoutMs < 10 || config.mirror.timeoutMs > 600_000) {
     throw invalid('mirror.timeout', raw, origin, 'expected a duration from 10ms to 10m');

@@ -200,7 +200,7 @@ export class StorageNode {
     this.lifecycle.add({
       name: 'nbd',
       start: async () => {
-        const nbd = new NbdService({ volumes: this.volumes, io: this.volumeIo, log });
+        const nbd = new NbdService({ volumes: this.volumes, io: this.volumeIo, log, limits: config.nbd });
         const bound = await nbd.listen(config.nbd.listen);
         this.nbd = nbd;
         log.info({ address: formatAddress(bound), volumes: this.volumes.list().map((v) => v.name) }, 'NBD service listening');

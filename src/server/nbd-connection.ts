@@ -1,19 +1,44 @@
 // One NBD connection: fixed newstyle handshake, option haggling, then transmission.
 //
 //   greeting -> client flags -> options (LIST, INFO, GO, EXPORT_NAME, STRUCTURED_REPLY,
-//   LIST/SET_META_CONTEXT, ABORT; others NBD_REP_ERR_UNSUP) -> requests
+//   LIST/SET_META_CONTEXT, ABORT; others NBD_REP_ERR_UNSUP) -> requests -> end
 //
-// Every request passes one validator (command, flags, range, read-only, negotiated
-// features) before it reaches the volume, and one function maps coded errors to NBD
-// errnos. Requests run concurrently and replies go out as each completes, batched per
-// tick in one corked write. Structured replies are used for READ and BLOCK_STATUS once
-// negotiated, simple replies otherwise. A client that breaks the framing, or sets
-// client flags we did not offer, is disconnected; nothing it sends can disturb another
-// connection.
+//   socket 'data' -> parser -> READ/FLUSH/... header -> flow.push --> dispatch: served
+//                           -> WRITE header -> flow.reserve -> payload read -> flow.push
+//                    parser held <-- while a request or a reservation waits for budget
+//   reply handed to the kernel (write callback) -> flow.done(cost) -> next request
+//
+// Invariants:
+//   - bounded memory: every request is admitted by the RequestFlow (its connection's
+//     budget and the service's SharedBudget) before any memory is taken for it. A
+//     WRITE's payload is reserved at its header and read only once the reservation is
+//     granted, into a buffer of its own; a READ's reply buffer is allocated when it is
+//     dispatched. A request's cost (its payload, its reply, a fixed overhead) is given
+//     back only when its reply has been handed to the kernel. While a request waits for
+//     budget the parser holds and the socket is not read, so a client can make one
+//     connection hold its budget, plus one socket chunk kept unparsed, plus the header
+//     waiting; and all its connections together the service budget, plus a small
+//     reserve each (net/request-flow.ts).
+//   - every request admitted gets exactly one reply, unless the socket is gone; replies
+//     go out as requests complete, batched per tick in one corked write.
+//   - ending: after NBD_CMD_DISC, after the client's EOF (libnbd half-closes after
+//     DISC), or at shutdown, the requests already received are all answered before this
+//     side ends; the socket is half-open capable so the client's FIN does not end it
+//     first (proto.md: "The server MUST handle all outstanding requests"). At shutdown,
+//     requests not yet served and any that arrive meanwhile get NBD_ESHUTDOWN.
+//   - one validator (validate) runs before any backend; one function (errnoOf) maps
+//     errors to NBD errnos. A client that breaks the framing, or sets client flags we
+//     did not offer, is disconnected; nothing it sends can disturb another connection.
+//
+// Known limits: a connection that never reads its replies keeps its budget until it
+// closes (its requests stop being read, others go on); structured replies carry each
+// READ in one chunk; base:allocation is the only meta context.
 
 import type { Socket } from 'node:net';
 import { isMemstrataError } from '../errors.js';
 import type { Logger } from '../logger.js';
+import type { Admission } from '../net/connection-gate.js';
+import { RequestFlow, type FlowLimits, type FlowSocket, type FlowStats, type SharedBudget } from '../net/request-flow.js';
 import {
   decodeInfoRequest,
   decodeMetaContextRequest,
@@ -60,6 +85,11 @@ export interface NbdHost {
   readonly payloadBuffers: BufferPool;
   readonly log: Logger;
   readonly stats: NbdStats;
+  /** Requests and bytes in flight per connection. */
+  readonly limits: FlowLimits;
+  /** Bytes in flight across the service's connections. */
+  readonly budget: SharedBudget;
+  readonly flowStats: FlowStats;
   isStopping(): boolean;
   closed(connection: NbdConnection): void;
 }
@@ -73,17 +103,56 @@ export interface NbdStats {
   protocolErrors: number;
 }
 
-/** Which command flags each command accepts. */
+/**
+ * Which command flags each command accepts. FUA is valid on every command once
+ * NBD_FLAG_SEND_FUA is advertised, which it always is here: "the server MUST accept all
+ * commands with this bit set (even by ignoring the bit)" (proto.md, Command flags).
+ */
 const ALLOWED_FLAGS: Readonly<Record<number, number>> = {
-  [CMD.READ]: CMD_FLAG.DF,
+  [CMD.READ]: CMD_FLAG.FUA | CMD_FLAG.DF,
   [CMD.WRITE]: CMD_FLAG.FUA,
-  [CMD.DISC]: 0,
-  [CMD.FLUSH]: 0,
+  [CMD.DISC]: CMD_FLAG.FUA,
+  [CMD.FLUSH]: CMD_FLAG.FUA,
   [CMD.TRIM]: CMD_FLAG.FUA,
-  [CMD.CACHE]: 0,
+  [CMD.CACHE]: CMD_FLAG.FUA,
   [CMD.WRITE_ZEROES]: CMD_FLAG.FUA | CMD_FLAG.NO_HOLE | CMD_FLAG.FAST_ZERO,
-  [CMD.BLOCK_STATUS]: CMD_FLAG.REQ_ONE,
+  [CMD.BLOCK_STATUS]: CMD_FLAG.FUA | CMD_FLAG.REQ_ONE,
 };
+
+/** What a request holds besides its data: the parsed request, its promise, reply headers, an error text. */
+const REQUEST_OVERHEAD = 512;
+/** BLOCK_STATUS looks at no more than this much of the export per request (the spec lets a reply cover less). */
+const BLOCK_STATUS_SPAN = 2 ** 30;
+/** Descriptors in one BLOCK_STATUS reply at most (the spec asks for no more than 2^20). */
+const MAX_EXTENTS = 8192;
+/** TRIM and WRITE_ZEROES longer than this go to storage in pieces, one after another. */
+const ZERO_SPAN = 64 * 1024 * 1024;
+/** After this side has ended, how long the client has to close its side before the socket is destroyed. */
+const LINGER_MS = 2000;
+/** At shutdown, how long requests in flight may take before the connection is cut. */
+const DRAIN_DEADLINE_MS = 10_000;
+/** Event-loop turns without input a connection waits at shutdown before it ends its side. */
+const QUIET_ROUNDS = 2;
+
+/** The bytes a request holds from admission until its reply is in the kernel's hands. */
+function costOf(request: NbdRequest): number {
+  switch (request.type) {
+    case CMD.WRITE:
+      return REQUEST_OVERHEAD + request.length;
+    case CMD.READ:
+      // A READ over the maximum is refused without a reply buffer.
+      return REQUEST_OVERHEAD + (request.length <= BLOCK.MAX ? request.length : 0);
+    case CMD.BLOCK_STATUS:
+      return REQUEST_OVERHEAD + 4 + 8 * MAX_EXTENTS;
+    default:
+      return REQUEST_OVERHEAD;
+  }
+}
+
+/** The description of an export for people, the same in NBD_REP_SERVER and NBD_INFO_DESCRIPTION. */
+function describe(volume: Volume): string {
+  return `memstrata volume ${volume.name}, ${volume.size} bytes${volume.readOnly ? ', read-only' : ''}`;
+}
 
 class NbdError extends Error {
   readonly errno: number;
@@ -97,31 +166,79 @@ export class NbdConnection {
   readonly socket: Socket;
   readonly remote: string;
   private readonly host: NbdHost;
+  private readonly admission: Admission;
   private readonly parser: NbdServerParser;
+  private readonly writer: CorkedWriter;
+  private readonly flow: RequestFlow<NbdRequest>;
   private noZeroes: boolean;
   private structured: boolean;
-  /** Export the meta context was set for, and whether base:allocation was selected. */
-  private metaExport: string | undefined;
+  /** The export the last SET_META_CONTEXT named, if it selected base:allocation. */
+  private metaVolume: Volume | undefined;
   private baseAllocation: boolean;
   private volume: Volume | undefined;
-  private readonly writer: CorkedWriter;
-  private inFlight: number;
-  private closing: boolean;
-  private idle: (() => void) | undefined;
+  /** A WRITE whose header has been parsed and whose payload has not: waiting for its reservation, or arriving. */
+  private receiving: NbdRequest | undefined;
+  /** What the flow asks of the socket. */
+  private flowPaused: boolean;
+  /** Option replies back up in the socket: stop reading options until they drain. */
+  private optionsBackedUp: boolean;
+  private readingPaused: boolean;
+  private discReceived: boolean;
+  private inputEnded: boolean;
+  private stopRequested: boolean;
+  /** Input arrived since the last look: at shutdown, this side ends only after QUIET_ROUNDS turns without any. */
+  private sawInput: boolean;
+  private quietRounds: number;
+  private quietCheck: boolean;
+  /** This side has ended (or is ending): nothing more is parsed or answered. */
+  private finished: boolean;
+  private linger: NodeJS.Timeout | undefined;
+  private readonly closedPromise: Promise<void>;
 
-  constructor(socket: Socket, host: NbdHost) {
+  constructor(socket: Socket, host: NbdHost, admission: Admission) {
     this.socket = socket;
     this.remote = `${socket.remoteAddress ?? '?'}:${socket.remotePort ?? 0}`;
     this.host = host;
+    this.admission = admission;
     this.noZeroes = false;
     this.structured = false;
-    this.metaExport = undefined;
+    this.metaVolume = undefined;
     this.baseAllocation = false;
     this.volume = undefined;
+    this.receiving = undefined;
+    this.flowPaused = false;
+    this.optionsBackedUp = false;
+    this.readingPaused = false;
+    this.discReceived = false;
+    this.inputEnded = false;
+    this.stopRequested = false;
+    this.sawInput = false;
+    this.quietRounds = 0;
+    this.quietCheck = false;
+    this.finished = false;
+    this.linger = undefined;
     this.writer = new CorkedWriter(socket);
-    this.inFlight = 0;
-    this.closing = false;
-    this.idle = undefined;
+    // The flow pauses and resumes reading through this; see applyReading().
+    const flowSocket: FlowSocket = {
+      pause: () => {
+        this.flowPaused = true;
+        this.applyReading();
+      },
+      resume: () => {
+        this.flowPaused = false;
+        this.applyReading();
+      },
+      get writableLength() {
+        return socket.writableLength;
+      },
+      get writableHighWaterMark() {
+        return socket.writableHighWaterMark;
+      },
+      on: (event, listener) => socket.on(event, listener),
+    };
+    this.flow = new RequestFlow<NbdRequest>(flowSocket, host.limits, host.flowStats, (request) => {
+      this.dispatch(request);
+    }, host.budget);
     this.parser = new NbdServerParser({
       onClientFlags: (flags) => {
         this.onClientFlags(flags);
@@ -132,6 +249,9 @@ export class NbdConnection {
       onRequest: (request) => {
         this.onRequest(request);
       },
+      onPayload: (request) => {
+        this.onPayload(request);
+      },
       allocate: (length) => this.host.payloadBuffers.acquire(length),
       onFatal: (error) => {
         this.host.stats.protocolErrors++;
@@ -139,18 +259,22 @@ export class NbdConnection {
         this.socket.destroy();
       },
     });
+    let closed: () => void = () => undefined;
+    this.closedPromise = new Promise<void>((resolve) => (closed = resolve));
     socket.setNoDelay(true);
     socket.on('data', (chunk: Buffer) => {
+      this.sawInput = true;
       this.parser.feed(chunk);
+    });
+    socket.on('end', () => {
+      this.onEnd();
     });
     socket.on('error', (error) => {
       host.log.debug({ remote: this.remote, err: error }, 'NBD connection error');
     });
     socket.on('close', () => {
-      this.closing = true;
-      if (this.volume !== undefined) this.volume.connections--;
-      this.volume = undefined;
-      host.closed(this);
+      this.onClose();
+      closed();
     });
     socket.write(encodeGreeting(HANDSHAKE.FIXED_NEWSTYLE | HANDSHAKE.NO_ZEROES));
   }
@@ -160,12 +284,106 @@ export class NbdConnection {
     return this.volume?.name;
   }
 
-  /** Stops reading, lets requests in flight finish, then closes. */
+  /**
+   * Shutdown: requests already admitted finish; those waiting and any that arrive get
+   * NBD_ESHUTDOWN; once nothing is in flight and a turn passes with no input, this side
+   * ends. Resolves when the socket has closed, at the latest after DRAIN_DEADLINE_MS.
+   */
   async drainAndClose(): Promise<void> {
-    this.closing = true;
-    this.socket.pause();
-    if (this.inFlight > 0) await new Promise<void>((resolve) => (this.idle = resolve));
+    if (this.socket.destroyed) return;
+    this.stopRequested = true;
+    this.sawInput = true; // bytes already in the kernel are read before this side ends
+    this.applyReading();
+    this.maybeFinish();
+    const deadline = setTimeout(() => this.socket.destroy(), DRAIN_DEADLINE_MS);
+    deadline.unref();
+    await this.closedPromise;
+    clearTimeout(deadline);
+  }
+
+  // ---- reading and ending ----
+
+  /**
+   * The socket is read unless the flow asks otherwise (over budget, replies backing up;
+   * it keeps reading a reserved payload itself), or option replies back up. Once this
+   * side has ended, input is read and dropped, so that unread bytes never turn our close
+   * into a reset that would lose replies.
+   */
+  private applyReading(): void {
+    const pause = !this.finished && (this.flowPaused || this.optionsBackedUp);
+    if (pause === this.readingPaused || this.socket.destroyed) return;
+    this.readingPaused = pause;
+    if (pause) this.socket.pause();
+    else this.socket.resume();
+  }
+
+  private onEnd(): void {
+    this.inputEnded = true;
+    // A WRITE whose payload was arriving when the input ended can never be served.
+    if (this.receiving !== undefined && !this.parser.holding) this.abandon(this.receiving);
+    this.maybeFinish();
+  }
+
+  private onClose(): void {
+    if (this.linger !== undefined) clearTimeout(this.linger);
+    this.finished = true;
+    this.parser.stop();
+    // Gives back what waits and what is reserved; requests in flight give theirs when answered.
+    this.flow.close();
+    if (this.receiving !== undefined) this.abandon(this.receiving);
+    if (this.volume !== undefined) this.volume.connections--;
+    this.volume = undefined;
+    this.host.closed(this);
+  }
+
+  /** Ends this side once whatever ended the conversation (DISC, EOF, shutdown) has been answered. */
+  private maybeFinish(): void {
+    if (this.finished || this.socket.destroyed) return;
+    if (!this.discReceived && !this.inputEnded && !this.stopRequested) return;
+    if (this.flow.inFlight > 0 || this.flow.queued > 0 || this.receiving !== undefined) return;
+    if (this.stopRequested && !this.discReceived && !this.inputEnded) {
+      // Requests the client sent before it heard of the shutdown may still sit in the
+      // kernel: they get ESHUTDOWN rather than a reset. Two check phases with no input
+      // between them mean a whole poll phase found nothing to read.
+      if (this.sawInput) {
+        this.sawInput = false;
+        this.quietRounds = 0;
+      }
+      if (this.quietRounds < QUIET_ROUNDS) {
+        if (!this.quietCheck) {
+          this.quietCheck = true;
+          setImmediate(() => {
+            this.quietCheck = false;
+            this.quietRounds++;
+            this.maybeFinish();
+          });
+        }
+        return;
+      }
+    }
+    this.finish();
+  }
+
+  private finish(): void {
+    this.finished = true;
+    this.parser.stop();
+    this.admission.handshakeDone();
+    this.applyReading();
     this.socket.end();
+    this.linger = setTimeout(() => this.socket.destroy(), LINGER_MS);
+    this.linger.unref();
+  }
+
+  /**
+   * Drops a WRITE whose payload will never arrive whole (the input ended, or the
+   * connection closed); its reservation goes back when the flow closes.
+   */
+  private abandon(request: NbdRequest): void {
+    this.receiving = undefined;
+    this.parser.stop();
+    if (request.pooled !== undefined) this.host.payloadBuffers.release(request.pooled);
+    request.pooled = undefined;
+    this.maybeFinish();
   }
 
   // ---- handshake ----
@@ -181,7 +399,8 @@ export class NbdConnection {
 
   private onOption(option: number, data: Buffer): void {
     try {
-      if (this.host.isStopping()) {
+      // ABORT is answered even while stopping (proto.md: "error further options ... other than NBD_OPT_ABORT").
+      if (this.host.isStopping() && option !== OPT.ABORT) {
         this.optionError(option, REP.ERR_SHUTDOWN, 'the node is stopping');
         return;
       }
@@ -190,16 +409,15 @@ export class NbdConnection {
           this.selectByExportName(data);
           break;
         case OPT.ABORT:
-          this.socket.end(encodeOptionReply(option, REP.ACK));
+          this.send(encodeOptionReply(option, REP.ACK));
+          this.finish();
           break;
         case OPT.LIST:
           if (data.length !== 0) {
             this.optionError(option, REP.ERR_INVALID, 'NBD_OPT_LIST takes no data');
             break;
           }
-          for (const v of this.host.volumes.list()) {
-            this.send(encodeOptionReply(option, REP.SERVER, serverPayload(v.name, `${v.size} bytes${v.readOnly ? ', read-only' : ''}`)));
-          }
+          for (const v of this.host.volumes.list()) this.send(encodeOptionReply(option, REP.SERVER, serverPayload(v.name, describe(v))));
           this.optionAck(option);
           break;
         case OPT.INFO:
@@ -234,7 +452,7 @@ export class NbdConnection {
     const name = data.toString('utf8');
     const volume = this.host.volumes.find(name);
     if (volume === undefined) {
-      // EXPORT_NAME cannot answer an error: the spec says to close.
+      // EXPORT_NAME cannot answer an error: the spec says to terminate the session.
       this.host.log.info({ remote: this.remote, export: name }, 'NBD client asked for an unknown export');
       this.socket.destroy();
       return;
@@ -251,47 +469,59 @@ export class NbdConnection {
       this.optionError(option, REP.ERR_UNKNOWN, `no export named "${name}"`);
       return;
     }
-    const flags = this.transmissionFlags(volume);
-    this.send(encodeOptionReply(option, REP.INFO, infoExportPayload(volume.size, flags)));
+    this.send(encodeOptionReply(option, REP.INFO, infoExportPayload(volume.size, this.transmissionFlags(volume))));
     for (const info of new Set(infos)) {
       if (info === INFO.NAME) this.send(encodeOptionReply(option, REP.INFO, infoStringPayload(INFO.NAME, volume.name)));
-      if (info === INFO.DESCRIPTION) this.send(encodeOptionReply(option, REP.INFO, infoStringPayload(INFO.DESCRIPTION, `memstrata volume ${volume.name}`)));
+      if (info === INFO.DESCRIPTION) this.send(encodeOptionReply(option, REP.INFO, infoStringPayload(INFO.DESCRIPTION, describe(volume))));
       if (info === INFO.BLOCK_SIZE) this.send(encodeOptionReply(option, REP.INFO, infoBlockSizePayload(BLOCK.MIN, BLOCK.PREFERRED, BLOCK.MAX)));
     }
-    this.send(encodeOptionReply(option, REP.ACK));
     if (option === OPT.INFO) {
-      this.parser.resume();
+      this.optionAck(option);
       return;
     }
-    // Meta contexts chosen for another export do not carry over.
-    if (this.metaExport !== undefined && this.host.volumes.find(this.metaExport) !== volume) this.baseAllocation = false;
+    this.send(encodeOptionReply(option, REP.ACK));
     this.attach(volume);
     this.parser.startTransmission();
   }
 
   private metaContext(option: number, data: Buffer): void {
-    if (option === OPT.SET_META_CONTEXT && !this.structured) {
+    const set = option === OPT.SET_META_CONTEXT;
+    // "Issuing this command replaces all previously-set metadata contexts (including when
+    // this command fails)" (proto.md, NBD_OPT_SET_META_CONTEXT).
+    if (set) {
+      this.metaVolume = undefined;
+      this.baseAllocation = false;
+    }
+    if (set && !this.structured) {
       this.optionError(option, REP.ERR_INVALID, 'NBD_OPT_SET_META_CONTEXT needs structured replies first');
       return;
     }
     const { name, queries } = decodeMetaContextRequest(data);
-    if (this.host.volumes.find(name) === undefined) {
+    const volume = this.host.volumes.find(name);
+    if (volume === undefined) {
       this.optionError(option, REP.ERR_UNKNOWN, `no export named "${name}"`);
       return;
     }
-    const matches = (q: string): boolean => q === BASE_ALLOCATION || q === 'base:';
-    const wanted = option === OPT.LIST_META_CONTEXT && queries.length === 0 ? true : queries.some(matches);
-    if (option === OPT.SET_META_CONTEXT) {
-      this.metaExport = name;
-      this.baseAllocation = wanted;
+    // `base:` is a wildcard for LIST only: SET "MUST ignore this form". Queries of other
+    // namespaces and unknown leaves are ignored, not errors.
+    const wanted = set
+      ? queries.includes(BASE_ALLOCATION)
+      : queries.length === 0 || queries.some((q) => q === BASE_ALLOCATION || q === 'base:');
+    if (set && wanted) {
+      this.metaVolume = volume;
+      this.baseAllocation = true;
     }
-    if (wanted) this.send(encodeOptionReply(option, REP.META_CONTEXT, metaContextPayload(option === OPT.SET_META_CONTEXT ? BASE_ALLOCATION_ID : 0, BASE_ALLOCATION)));
+    if (wanted) this.send(encodeOptionReply(option, REP.META_CONTEXT, metaContextPayload(set ? BASE_ALLOCATION_ID : 0, BASE_ALLOCATION)));
     this.optionAck(option);
   }
 
+  /** Enters transmission on `volume`: the handshake is over. */
   private attach(volume: Volume): void {
+    // Meta contexts chosen for another export do not carry over.
+    if (this.metaVolume !== volume) this.baseAllocation = false;
     volume.connections++;
     this.volume = volume;
+    this.admission.handshakeDone();
     this.host.stats.handshakes++;
     this.host.log.debug({ remote: this.remote, export: volume.name, structured: this.structured }, 'NBD client attached');
   }
@@ -306,26 +536,77 @@ export class NbdConnection {
 
   private optionAck(option: number): void {
     this.send(encodeOptionReply(option, REP.ACK));
-    this.parser.resume();
+    this.nextOption();
   }
 
   private optionError(option: number, type: number, message: string): void {
     this.send(encodeOptionError(option, type, message));
-    this.parser.resume();
+    this.nextOption();
+  }
+
+  /** Parses the next option, once the replies so far have drained if they back up (a client that never reads them). */
+  private nextOption(): void {
+    if (this.socket.writableLength <= this.socket.writableHighWaterMark) {
+      this.parser.resume();
+      return;
+    }
+    this.optionsBackedUp = true;
+    this.applyReading();
+    this.socket.once('drain', () => {
+      this.optionsBackedUp = false;
+      this.applyReading();
+      this.parser.resume();
+    });
   }
 
   // ---- transmission ----
 
   private onRequest(request: NbdRequest): void {
-    if (this.closing) return;
     const name = CMD_NAME[request.type] ?? 'UNKNOWN';
     this.host.stats.commands[name] = (this.host.stats.commands[name] ?? 0) + 1;
     if (request.type === CMD.DISC) {
-      if (request.pooled !== undefined) this.host.payloadBuffers.release(request.pooled);
-      void this.drainAndClose();
+      // Nothing waits in the flow here (the parser holds while anything does); what is in
+      // flight is answered, then this side ends. The client sends nothing after DISC.
+      this.discReceived = true;
+      this.parser.stop();
+      this.maybeFinish();
       return;
     }
-    this.inFlight++;
+    if (request.type === CMD.WRITE) {
+      // The payload is budgeted before a byte of it is read; until then nothing is parsed.
+      this.receiving = request;
+      const granted = this.flow.reserve(costOf(request), () => {
+        this.release();
+      });
+      if (!granted) this.parser.hold();
+      return;
+    }
+    this.flow.push(request, costOf(request));
+    if (this.flow.queued > 0) this.parser.hold();
+  }
+
+  private onPayload(request: NbdRequest): void {
+    this.receiving = undefined;
+    this.flow.push(request, costOf(request), costOf(request));
+    if (this.flow.queued > 0) this.parser.hold();
+  }
+
+  /** The flow admitted a request: serve it, and parse on if the parser held for it. */
+  private dispatch(request: NbdRequest): void {
+    this.run(request);
+    this.release();
+  }
+
+  /** Lets the parser go on after it held for budget. */
+  private release(): void {
+    this.parser.release();
+    // After EOF, once the parser has taken in all there is (not from inside one of its
+    // callbacks), a WRITE still short of its payload will never get it.
+    if (this.inputEnded && !this.parser.busy && !this.parser.holding && this.receiving !== undefined) this.abandon(this.receiving);
+  }
+
+  private run(request: NbdRequest): void {
+    const name = CMD_NAME[request.type] ?? 'UNKNOWN';
     this.serve(request)
       .catch((error: unknown) => {
         this.host.stats.errors[name] = (this.host.stats.errors[name] ?? 0) + 1;
@@ -334,13 +615,13 @@ export class NbdConnection {
         this.replyError(request, errno, error instanceof Error ? error.message : String(error));
       })
       .finally(() => {
-        // The payload has been copied into the cache or written to the store by now.
+        // The storage call has settled: the payload has been copied into the cache or written.
         if (request.pooled !== undefined) this.host.payloadBuffers.release(request.pooled);
-        this.inFlight--;
-        if (this.inFlight === 0 && this.idle !== undefined) this.idle();
+        request.pooled = undefined;
       });
   }
 
+  /** Serves a request and sends its reply; throws (before any reply) to answer an error. */
   private async serve(request: NbdRequest): Promise<void> {
     const volume = this.validate(request);
     const { io } = this.host;
@@ -359,6 +640,7 @@ export class NbdConnection {
         this.send(this.structured ? encodeOffsetDataHead(request.cookie, request.offset, data.length, true) : encodeSimpleReply(request.cookie, 0));
         this.send(data, () => {
           this.host.payloadBuffers.release(pooled);
+          this.complete(request);
         });
         return;
       }
@@ -370,35 +652,51 @@ export class NbdConnection {
         await io.flush(volume);
         break;
       case CMD.TRIM:
-        await io.zero(volume, request.offset, request.length, { fua, allocate: false });
-        break;
       case CMD.WRITE_ZEROES: {
-        const allocate = (request.flags & CMD_FLAG.NO_HOLE) !== 0;
+        const allocate = request.type === CMD.WRITE_ZEROES && (request.flags & CMD_FLAG.NO_HOLE) !== 0;
         // Zeroing with NO_HOLE writes every byte, which is not fast; FAST_ZERO asks us to
         // refuse rather than be slow.
         if (allocate && (request.flags & CMD_FLAG.FAST_ZERO) !== 0) throw new NbdError(ERRNO.ENOTSUP, 'zeroing with NO_HOLE is not fast on this export');
-        await io.zero(volume, request.offset, request.length, { fua, allocate });
+        // Pieces one after another, so one request of up to 4 GiB never has storage work
+        // for all of it in flight at once.
+        const end = request.offset + request.length;
+        for (let at = request.offset; at < end; at += ZERO_SPAN) {
+          await io.zero(volume, at, Math.min(ZERO_SPAN, end - at), { fua, allocate });
+        }
         break;
       }
       case CMD.CACHE:
         await io.prefetch(volume, request.offset, request.length);
         break;
       case CMD.BLOCK_STATUS: {
-        let extents = io.blockStatus(volume, request.offset, request.length);
-        if ((request.flags & CMD_FLAG.REQ_ONE) !== 0) extents = extents.slice(0, 1);
-        this.send(encodeBlockStatus(request.cookie, BASE_ALLOCATION_ID, extents, true));
+        // The reply may cover less than asked (proto.md, NBD_CMD_BLOCK_STATUS); the
+        // client asks again from where it ends.
+        let extents = io.blockStatus(volume, request.offset, Math.min(request.length, BLOCK_STATUS_SPAN));
+        extents = extents.slice(0, (request.flags & CMD_FLAG.REQ_ONE) !== 0 ? 1 : MAX_EXTENTS);
+        this.send(encodeBlockStatus(request.cookie, BASE_ALLOCATION_ID, extents, true), () => {
+          this.complete(request);
+        });
         return;
       }
       default:
         throw new NbdError(ERRNO.EINVAL, `unknown command ${request.type}`);
     }
-    this.send(encodeSimpleReply(request.cookie, 0));
+    this.send(encodeSimpleReply(request.cookie, 0), () => {
+      this.complete(request);
+    });
+  }
+
+  /** The reply is in the kernel's hands: the request gives its budget back. */
+  private complete(request: NbdRequest): void {
+    this.flow.done(costOf(request));
+    this.maybeFinish();
   }
 
   /** The one request validator: everything a backend may then trust. */
   private validate(request: NbdRequest): Volume {
     const volume = this.volume;
     if (volume === undefined) throw new NbdError(ERRNO.EINVAL, 'no export attached');
+    // proto.md: at shutdown, requests not yet serviced and any received afterwards SHOULD get ESHUTDOWN.
     if (this.host.isStopping()) throw new NbdError(ERRNO.ESHUTDOWN, 'the node is stopping');
     const allowed = ALLOWED_FLAGS[request.type];
     if (allowed === undefined) throw new NbdError(ERRNO.EINVAL, `unknown command ${request.type}`);
@@ -407,11 +705,16 @@ export class NbdConnection {
     if (request.type === CMD.FLUSH) return volume;
     if (request.type === CMD.BLOCK_STATUS && !this.baseAllocation) throw new NbdError(ERRNO.EINVAL, 'BLOCK_STATUS needs the base:allocation meta context');
     if (request.length === 0) throw new NbdError(ERRNO.EINVAL, 'zero-length request');
-    if (request.offset + request.length > volume.size) {
-      throw new NbdError(ERRNO.EINVAL, `offset ${request.offset} length ${request.length} reaches past the end of the export (${volume.size} bytes)`);
-    }
     if ((request.type === CMD.READ || request.type === CMD.CACHE) && request.length > BLOCK.MAX) {
-      throw new NbdError(ERRNO.EINVAL, `${request.length} bytes is more than the maximum block size ${BLOCK.MAX}`);
+      // With structured replies EOVERFLOW tells the client to retry smaller (proto.md,
+      // NBD_CMD_READ); a simple-reply client must not ask for more than the maximum at all.
+      const errno = request.type === CMD.CACHE || this.structured ? ERRNO.EOVERFLOW : ERRNO.EINVAL;
+      throw new NbdError(errno, `${request.length} bytes is more than the maximum payload ${BLOCK.MAX}`);
+    }
+    if (request.offset + request.length > volume.size) {
+      // proto.md, Error values: a write beyond the end SHOULD get ENOSPC, a read or trim EINVAL.
+      const errno = request.type === CMD.WRITE || request.type === CMD.WRITE_ZEROES ? ERRNO.ENOSPC : ERRNO.EINVAL;
+      throw new NbdError(errno, `offset ${request.offset} length ${request.length} reaches past the end of the export (${volume.size} bytes)`);
     }
     if (volume.readOnly && (request.type === CMD.WRITE || request.type === CMD.TRIM || request.type === CMD.WRITE_ZEROES)) {
       throw new NbdError(ERRNO.EPERM, `export ${volume.name} is read-only`);
@@ -421,8 +724,10 @@ export class NbdConnection {
 
   private replyError(request: NbdRequest, errno: number, message: string): void {
     // Structured replies carry a message; a READ must get one once they are negotiated.
-    if (this.structured) this.send(encodeStructuredError(request.cookie, errno, message));
-    else this.send(encodeSimpleReply(request.cookie, errno));
+    const reply = this.structured ? encodeStructuredError(request.cookie, errno, message) : encodeSimpleReply(request.cookie, errno);
+    this.send(reply, () => {
+      this.complete(request);
+    });
   }
 
   /** Queues bytes; everything sent in one tick leaves in one corked write. */
@@ -452,7 +757,6 @@ export function errnoOf(error: unknown): number {
     }
   }
   const code = (error as NodeJS.ErrnoException | undefined)?.code;
-  if (code === 'ENOSPC' || code === 'EDQUOT') return ERRNO.ENOSPC;
+  if (code === 'ENOSPC' || code === 'EDQUOT' || code === 'EFBIG') return ERRNO.ENOSPC;
   return ERRNO.EIO;
 }
-

@@ -1,10 +1,24 @@
 // The NBD service: the node's second type interface (DESIGN 4.2), on TCP 10809. It
-// owns the listener and the set of connections; each connection runs its own handshake
-// and requests (nbd-connection.ts) against the shared volumes, so several connections
-// to one export see each other's completed writes and a FLUSH on any covers them all.
+// owns the listener, the admission of connections and the resources they share; each
+// connection runs its own handshake and requests (nbd-connection.ts) against the shared
+// volumes, so several connections to one export see each other's completed writes and a
+// FLUSH on any covers them all.
+//
+// Bounds (all from the nbd.* settings):
+//   - connections: at most maxConnections open; one more is closed at once. A client
+//     that has not entered transmission (or sent ABORT) within handshakeTimeoutMs is cut;
+//   - per connection: maxInFlight requests and maxInFlightBytes of payloads and replies;
+//   - per service: maxInFlightBytesTotal across every connection, plus IDLE_RESERVE for
+//     each connection with nothing in flight, so a client whose connections hold the
+//     whole budget (say, by never reading replies) cannot stall another's small requests.
+// What one client can make the node hold is therefore about maxInFlightBytesTotal +
+// maxConnections x (IDLE_RESERVE + a socket chunk + an option payload), plus the pool
+// of reusable buffers (at most POOL_MAX_BYTES kept).
 
 import { createServer, type Server } from 'node:net';
 import type { Logger } from '../logger.js';
+import { ConnectionGate } from '../net/connection-gate.js';
+import { SharedBudget, newFlowStats, type FlowLimits, type FlowStats } from '../net/request-flow.js';
 import type { VolumeIo } from '../storage/volume-io.js';
 import type { VolumeManager } from '../storage/volume-manager.js';
 import { closeServer, listenOn } from '../net/listen.js';
@@ -12,23 +26,49 @@ import type { ListenAddress } from '../units.js';
 import { BufferPool } from './buffer-pool.js';
 import { NbdConnection, type NbdHost, type NbdStats } from './nbd-connection.js';
 
+export interface NbdLimits {
+  maxConnections: number;
+  handshakeTimeoutMs: number;
+  /** Requests in flight per connection. */
+  maxInFlight: number;
+  /** Bytes in flight per connection. */
+  maxInFlightBytes: number;
+  /** Bytes in flight across all connections. */
+  maxInFlightBytesTotal: number;
+}
+
+/** What a connection with nothing in flight may always take for one request, beyond the service budget. */
+export const IDLE_RESERVE = 256 * 1024;
+/** Reusable payload buffers kept per size class, and in all. */
+const POOL_PER_CLASS = 4;
+const POOL_MAX_BYTES = 32 * 1024 * 1024;
+
 export class NbdService implements NbdHost {
   readonly volumes: VolumeManager;
   readonly io: VolumeIo;
   readonly log: Logger;
   readonly stats: NbdStats;
   readonly payloadBuffers: BufferPool;
+  readonly limits: FlowLimits;
+  readonly budget: SharedBudget;
+  readonly flowStats: FlowStats;
+  readonly gate: ConnectionGate;
   private readonly connections: Set<NbdConnection>;
   private server: Server | undefined;
   private stopping: boolean;
   private bound: ListenAddress | undefined;
 
-  constructor(options: { volumes: VolumeManager; io: VolumeIo; log: Logger }) {
+  constructor(options: { volumes: VolumeManager; io: VolumeIo; log: Logger; limits: NbdLimits }) {
     this.volumes = options.volumes;
     this.io = options.io;
     this.log = options.log;
     this.stats = { commands: {}, errors: {}, bytesRead: 0, bytesWritten: 0, handshakes: 0, protocolErrors: 0 };
-    this.payloadBuffers = new BufferPool();
+    this.payloadBuffers = new BufferPool(POOL_PER_CLASS, POOL_MAX_BYTES);
+    const { limits } = options;
+    this.limits = { maxRequests: limits.maxInFlight, maxBytes: limits.maxInFlightBytes };
+    this.budget = new SharedBudget(limits.maxInFlightBytesTotal, IDLE_RESERVE);
+    this.flowStats = newFlowStats();
+    this.gate = new ConnectionGate('NBD', { maxConnections: limits.maxConnections, handshakeTimeoutMs: limits.handshakeTimeoutMs }, options.log);
     this.connections = new Set();
     this.server = undefined;
     this.stopping = false;
@@ -44,19 +84,23 @@ export class NbdService implements NbdHost {
   }
 
   async listen(address: ListenAddress): Promise<ListenAddress> {
-    const server = createServer((socket) => {
+    // Half-open: a client that sends NBD_CMD_DISC and shuts its side (libnbd does) must
+    // still get the replies to what it sent before; the connection ends this side itself.
+    const server = createServer({ allowHalfOpen: true }, (socket) => {
       if (this.stopping) {
         socket.destroy();
         return;
       }
-      this.connections.add(new NbdConnection(socket, this));
+      const admission = this.gate.admit(socket);
+      if (admission === undefined) return;
+      this.connections.add(new NbdConnection(socket, this, admission));
     });
     this.bound = await listenOn(server, address, 'NBD', this.log);
     this.server = server;
     return this.bound;
   }
 
-  /** Stops accepting, lets requests in flight finish, then closes every connection. */
+  /** Stops accepting, answers what connections sent (ESHUTDOWN for what is not yet served), then closes them. */
   async close(): Promise<void> {
     this.stopping = true;
     const server = this.server;

@@ -267,3 +267,54 @@ print("ok")
   const devices = (await (await fetch(`${second.url}/v1/nvram`)).json()) as { devices: { name: string; records: number }[] };
   assert.equal(devices.devices.find((d) => d.name === 'wl')?.records, 0, 'the replay trimmed the journal');
 });
+
+test('libnbd asynchronous API: commands pipelined, then disconnect while they are in flight: every one completes', async (t) => {
+  if (missing('nbdsh') !== undefined) return;
+  const n = await node(t);
+  // libnbd sends NBD_CMD_DISC right behind the commands and shuts down its sending side;
+  // the server must still answer all of them (proto.md, NBD_CMD_DISC), READs whole.
+  const script = `
+M = 1 << 20
+h.connect_uri(${JSON.stringify(uri(n))})
+for i in range(8):
+    h.pwrite(bytes([i + 1]) * M, i * M)
+for round in range(3):
+    cookies = []
+    bufs = {}
+    for i in range(24):
+        kind = i % 4
+        if kind == 0 or kind == 1:
+            buf = nbd.Buffer(M)
+            c = h.aio_pread(buf, (i % 8) * M)
+            bufs[c] = (buf, i % 8)
+        elif kind == 2:
+            c = h.aio_pwrite(bytes([100 + i]) * 65536, 32 * M + i * 65536, flags=nbd.CMD_FLAG_FUA)
+        else:
+            c = h.aio_flush()
+        cookies.append(c)
+    if round < 2:
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        for c in cookies:
+            assert h.aio_command_completed(c)
+        continue
+    h.aio_disconnect(0)
+    while not h.aio_is_closed():
+        if h.aio_is_dead():
+            raise Exception("connection died with %d commands in flight" % h.aio_in_flight())
+        h.poll(-1)
+    failed = 0
+    for c in cookies:
+        try:
+            assert h.aio_command_completed(c)
+        except nbd.Error as e:
+            failed += 1
+    assert failed == 0, "%d of %d commands failed" % (failed, len(cookies))
+    for c, (buf, block) in bufs.items():
+        assert buf.to_bytearray() == bytes([block + 1]) * M, "READ of block %d came back whole" % block
+print("ok")
+`;
+  const result = await nbdsh(['-c', script], { timeoutMs: 60_000 });
+  assert.equal(result.code, 0, result.stderr + result.stdout);
+  assert.match(result.stdout, /ok/);
+});

@@ -11,6 +11,7 @@ import {
   INFO,
   REQUEST_MAGIC,
   REQUEST_SIZE,
+  MAX_MESSAGE,
   MAX_STRING,
   NBDMAGIC,
   OPTION_REPLY_HEADER_SIZE,
@@ -91,8 +92,23 @@ export function encodeOptionReply(option: number, type: number, data: Buffer = B
   return buf;
 }
 
+/**
+ * The longest prefix of `text` that fits in `maxBytes` bytes of UTF-8, cut between
+ * characters: a string on the wire is measured in bytes, and a cut inside a character
+ * would leave invalid UTF-8.
+ */
+export function utf8Prefix(text: string, maxBytes: number): Buffer {
+  const bytes = Buffer.from(text, 'utf8');
+  if (bytes.length <= maxBytes) return bytes;
+  let end = maxBytes;
+  // Back up over continuation bytes (10xxxxxx) to the start of the character cut in two.
+  while (end > 0 && (bytes.readUInt8(end) & 0xc0) === 0x80) end--;
+  return bytes.subarray(0, end);
+}
+
+/** An option error reply with a message for people (at most MAX_MESSAGE bytes). */
 export function encodeOptionError(option: number, type: number, message: string): Buffer {
-  return encodeOptionReply(option, type, Buffer.from(message.slice(0, MAX_STRING), 'utf8'));
+  return encodeOptionReply(option, type, utf8Prefix(message, MAX_MESSAGE));
 }
 
 /** NBD_REP_SERVER payload: name, then a description for people. */
@@ -249,9 +265,9 @@ export function encodeBlockStatus(cookie: Cookie, contextId: number, extents: re
   return buf;
 }
 
-/** NBD_REPLY_TYPE_ERROR chunk (always final here): errno and a message for people. */
+/** NBD_REPLY_TYPE_ERROR chunk (always final here): errno and a message for people (at most MAX_MESSAGE bytes). */
 export function encodeStructuredError(cookie: Cookie, errno: number, message: string): Buffer {
-  const text = Buffer.from(message.slice(0, MAX_STRING), 'utf8').subarray(0, MAX_STRING);
+  const text = utf8Prefix(message, MAX_MESSAGE);
   const buf = Buffer.allocUnsafe(STRUCTURED_HEADER_SIZE + 6 + text.length);
   structuredHeader(buf, cookie, REPLY_FLAG_DONE, REPLY_TYPE.ERROR, 6 + text.length);
   buf.writeUInt32BE(errno, STRUCTURED_HEADER_SIZE);

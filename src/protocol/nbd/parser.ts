@@ -4,12 +4,20 @@
 //   option       16-byte option header (IHAVEOPT, option, length) + payload; the parser
 //                then waits until the session calls resume() or startTransmission(),
 //                because what follows depends on the answer (GO switches the protocol)
-//   transmission 28-byte request header (+ payload for WRITE)
+//   transmission 28-byte request header, reported at once through onRequest; a WRITE's
+//                payload follows and is reported through onPayload once it is complete
 //
-// Bytes that arrive while the parser waits are kept and parsed on resume. A request
-// payload wholly inside one chunk is passed on as a subarray of it; one that spans
-// chunks is assembled once into its own buffer. A wrong magic or an oversized payload
-// cannot be skipped safely and is reported once through onFatal; later input is ignored.
+// Holding: in transmission the session may call hold() from any callback; the parser
+// then stops right after the message just reported (before a WRITE's payload, when that
+// was its header) and keeps what follows unparsed, until release(). A session uses this
+// to admit a request, and the memory its payload will take, before reading any more.
+//
+// Memory: bytes not parsed yet are kept as given (a subarray of the last chunk, no copy)
+// while the parser waits or holds. A WRITE payload is always copied into a buffer of its
+// own from `allocate`, so a request in flight never keeps a socket chunk alive. An option
+// payload lies within MAX_OPTION_LENGTH. A wrong magic or an oversized payload cannot be
+// skipped safely and is reported once through onFatal; later input is ignored, as it is
+// after stop().
 
 import { MisuseError } from '../../errors.js';
 import { readU64, type Cookie } from './codec.js';
@@ -21,40 +29,53 @@ export interface NbdRequest {
   cookie: Cookie;
   offset: number;
   length: number;
-  /** WRITE payload; empty for other commands. */
+  /** WRITE payload once onPayload has reported it; empty for other commands. */
   data: Buffer;
-  /** The buffer `data` was assembled in when it came from `allocate`; give it back when done. */
+  /** The buffer `data` lives in, from `allocate`; give it back when done. */
   pooled: Buffer | undefined;
 }
 
 export interface NbdParserHandlers {
   onClientFlags(flags: number): void;
   onOption(option: number, data: Buffer): void;
+  /** A request header; for a WRITE, its payload is read next unless the session holds. */
   onRequest(request: NbdRequest): void;
+  /** A WRITE's payload has arrived whole, in `request.data`. */
+  onPayload(request: NbdRequest): void;
   onFatal(error: MisuseError): void;
-  /** Optional: a buffer of at least `length` bytes for a WRITE payload that spans chunks. */
+  /** A buffer of at least `length` bytes for a WRITE payload (default: a fresh one). */
   allocate?(length: number): Buffer;
 }
 
-type Mode = 'flags' | 'option' | 'waiting' | 'transmission' | 'failed';
+type Mode = 'flags' | 'option' | 'waiting' | 'transmission' | 'stopped';
+/** Where transmission stands: in a header, past a WRITE header (payload not begun), in a payload. */
+type Stage = 'header' | 'admit' | 'body';
 
 const EMPTY = Buffer.alloc(0);
 
 export class NbdServerParser {
   private readonly handlers: NbdParserHandlers;
   private mode: Mode;
+  private stage: Stage;
+  private held: boolean;
+  private parsing: boolean;
+  /** Input not parsed yet: kept while waiting or holding. */
   private pending: Buffer;
-  private header: Buffer;
+  private readonly header: Buffer;
   private headerHave: number;
   private headerSize: number;
   private body: Buffer | undefined;
   private bodyHave: number;
+  /** The WRITE whose payload comes next or is being read. */
   private request: NbdRequest | undefined;
   private option: number;
 
   constructor(handlers: NbdParserHandlers) {
     this.handlers = handlers;
     this.mode = 'flags';
+    this.stage = 'header';
+    this.held = false;
+    this.parsing = false;
     this.pending = EMPTY;
     this.header = Buffer.alloc(REQUEST_SIZE);
     this.headerHave = 0;
@@ -69,9 +90,24 @@ export class NbdServerParser {
     return this.mode === 'transmission';
   }
 
+  /** The session holds the parser (see hold()). */
+  get holding(): boolean {
+    return this.held;
+  }
+
+  /** Inside feed() or release(), that is, inside one of the handlers. */
+  get busy(): boolean {
+    return this.parsing;
+  }
+
+  /** No message is partly received and nothing waits to be parsed: the input ends cleanly here. */
+  get atBoundary(): boolean {
+    return this.pending.length === 0 && this.headerHave === 0 && this.stage === 'header' && this.body === undefined;
+  }
+
   feed(chunk: Buffer): void {
-    if (this.mode === 'failed') return;
-    if (this.mode === 'waiting') {
+    if (this.mode === 'stopped' || chunk.length === 0) return;
+    if (this.mode === 'waiting' || this.held || this.parsing) {
       this.pending = this.pending.length === 0 ? chunk : Buffer.concat([this.pending, chunk]);
       return;
     }
@@ -94,123 +130,186 @@ export class NbdServerParser {
     this.drainPending();
   }
 
+  /** Stops after the message being reported; what follows waits for release(). */
+  hold(): void {
+    if (this.mode === 'transmission') this.held = true;
+  }
+
+  /** Parses what waited since hold(). Safe to call from a callback of this parser. */
+  release(): void {
+    if (!this.held) return;
+    this.held = false;
+    // From inside parse(), the running loop sees the flag and carries on itself.
+    if (!this.parsing) this.drainPending();
+  }
+
+  /** Ignores all further input (after NBD_CMD_DISC, or when the connection is going away). */
+  stop(): void {
+    this.mode = 'stopped';
+    this.pending = EMPTY;
+    this.body = undefined;
+  }
+
   private drainPending(): void {
+    // Called from inside parse() (an option answered in its callback): the running loop
+    // goes on by itself.
+    if (this.parsing) return;
     const pending = this.pending;
     this.pending = EMPTY;
-    if (pending.length > 0) this.parse(pending);
+    if (pending.length > 0 || this.stage === 'admit') this.parse(pending);
   }
 
   private parse(chunk: Buffer): void {
+    this.parsing = true;
     let at = 0;
-    while (at < chunk.length) {
-      if (this.mode === 'waiting') {
-        this.pending = chunk.subarray(at);
-        return;
-      }
-      if (this.mode === 'failed') return;
-      if (this.body === undefined) {
-        // Collect a header, straight from the chunk when it is all there.
-        let head: Buffer;
-        let headAt: number;
-        if (this.headerHave === 0 && chunk.length - at >= this.headerSize) {
-          head = chunk;
-          headAt = at;
-          at += this.headerSize;
-        } else {
-          const n = Math.min(this.headerSize - this.headerHave, chunk.length - at);
-          chunk.copy(this.header, this.headerHave, at, at + n);
-          this.headerHave += n;
-          at += n;
-          if (this.headerHave < this.headerSize) return;
-          this.headerHave = 0;
-          head = this.header;
-          headAt = 0;
+    try {
+      for (;;) {
+        if (this.mode === 'stopped') return;
+        if (this.mode === 'waiting' || this.held) {
+          // Keep the rest, ahead of anything fed while this loop ran.
+          const rest = chunk.subarray(at);
+          this.pending = this.pending.length === 0 ? rest : rest.length === 0 ? this.pending : Buffer.concat([rest, this.pending]);
+          return;
         }
-        const length = this.onHeader(head, headAt);
-        if (length === null) continue;
-        if (length < 0) return;
-        if (length === 0) {
-          this.complete(EMPTY);
+        if (this.stage === 'admit') this.beginPayload();
+        if (at === chunk.length) {
+          // Input fed while this loop ran (only from a callback) is parsed before returning.
+          if (this.pending.length === 0) return;
+          chunk = this.pending;
+          this.pending = EMPTY;
+          at = 0;
           continue;
         }
-        if (chunk.length - at >= length) {
-          this.complete(chunk.subarray(at, at + length));
-          at += length;
-          continue;
-        }
-        if (this.mode === 'transmission' && this.request !== undefined && this.handlers.allocate !== undefined) {
-          const pooled = this.handlers.allocate(length);
-          this.request.pooled = pooled;
-          this.body = pooled.subarray(0, length);
-        } else {
-          this.body = Buffer.allocUnsafe(length);
-        }
-        this.bodyHave = 0;
+        at = this.body === undefined ? this.parseHeader(chunk, at) : this.fillBody(chunk, at);
       }
-      const body = this.body;
-      const n = Math.min(body.length - this.bodyHave, chunk.length - at);
-      chunk.copy(body, this.bodyHave, at, at + n);
-      this.bodyHave += n;
-      at += n;
-      if (this.bodyHave === body.length) {
-        this.body = undefined;
-        this.complete(body);
-      }
+    } finally {
+      this.parsing = false;
     }
   }
 
-  /**
-   * Reads a header; returns the payload length to collect, -1 after a fatal error, or
-   * null when the header was the whole message (the client flags).
-   */
-  private onHeader(buf: Buffer, at: number): number | null {
+  /** Collects a header (straight from the chunk when it is all there); returns the new position. */
+  private parseHeader(chunk: Buffer, at: number): number {
+    let head: Buffer;
+    let headAt: number;
+    if (this.headerHave === 0 && chunk.length - at >= this.headerSize) {
+      head = chunk;
+      headAt = at;
+      at += this.headerSize;
+    } else {
+      const n = Math.min(this.headerSize - this.headerHave, chunk.length - at);
+      chunk.copy(this.header, this.headerHave, at, at + n);
+      this.headerHave += n;
+      at += n;
+      if (this.headerHave < this.headerSize) return at;
+      this.headerHave = 0;
+      head = this.header;
+      headAt = 0;
+    }
     if (this.mode === 'flags') {
       this.mode = 'option';
       this.headerSize = OPTION_HEADER_SIZE;
-      this.handlers.onClientFlags(buf.readUInt32BE(at));
-      return null;
+      this.handlers.onClientFlags(head.readUInt32BE(headAt));
+      return at;
     }
-    if (this.mode === 'option') {
-      if (buf.readBigUInt64BE(at) !== IHAVEOPT) return this.fail('option does not start with IHAVEOPT');
-      this.option = buf.readUInt32BE(at + 8);
-      const length = buf.readUInt32BE(at + 12);
-      if (length > MAX_OPTION_LENGTH) return this.fail(`option payload of ${length} bytes is larger than ${MAX_OPTION_LENGTH}`);
-      return length;
+    if (this.mode === 'option') return this.onOptionHeader(chunk, at, head, headAt);
+    this.onRequestHeader(head, headAt);
+    return at;
+  }
+
+  private onOptionHeader(chunk: Buffer, at: number, head: Buffer, headAt: number): number {
+    if (head.readBigUInt64BE(headAt) !== IHAVEOPT) {
+      this.fail('option does not start with IHAVEOPT');
+      return at;
     }
-    if (buf.readUInt32BE(at) !== REQUEST_MAGIC) return this.fail(`bad request magic 0x${buf.readUInt32BE(at).toString(16)}`);
+    this.option = head.readUInt32BE(headAt + 8);
+    const length = head.readUInt32BE(headAt + 12);
+    if (length > MAX_OPTION_LENGTH) {
+      this.fail(`option payload of ${length} bytes is larger than ${MAX_OPTION_LENGTH}`);
+      return at;
+    }
+    if (chunk.length - at >= length) {
+      // Options are answered before the parser goes on, so a view of the chunk will do.
+      this.completeOption(chunk.subarray(at, at + length));
+      return at + length;
+    }
+    this.body = Buffer.allocUnsafe(length);
+    this.bodyHave = 0;
+    return at;
+  }
+
+  private onRequestHeader(head: Buffer, headAt: number): void {
+    if (head.readUInt32BE(headAt) !== REQUEST_MAGIC) {
+      this.fail(`bad request magic 0x${head.readUInt32BE(headAt).toString(16)}`);
+      return;
+    }
     const request: NbdRequest = {
-      flags: buf.readUInt16BE(at + 4),
-      type: buf.readUInt16BE(at + 6),
-      cookie: { hi: buf.readUInt32BE(at + 8), lo: buf.readUInt32BE(at + 12) },
-      offset: readU64(buf, at + 16),
-      length: buf.readUInt32BE(at + 24),
+      flags: head.readUInt16BE(headAt + 4),
+      type: head.readUInt16BE(headAt + 6),
+      cookie: { hi: head.readUInt32BE(headAt + 8), lo: head.readUInt32BE(headAt + 12) },
+      offset: readU64(head, headAt + 16),
+      length: head.readUInt32BE(headAt + 24),
       data: EMPTY,
       pooled: undefined,
     };
-    this.request = request;
-    if (request.type !== CMD.WRITE) return 0;
-    // A WRITE's payload must be read to stay in step; one larger than any block we accept
-    // is treated as a broken stream rather than buffered.
-    if (request.length > BLOCK.MAX) return this.fail(`WRITE of ${request.length} bytes is larger than the maximum block size ${BLOCK.MAX}`);
-    return request.length;
-  }
-
-  private complete(payload: Buffer): void {
-    if (this.mode === 'option') {
-      this.mode = 'waiting';
-      this.handlers.onOption(this.option, payload);
-      return;
+    if (request.type === CMD.WRITE) {
+      // A WRITE's payload must be read to stay in step; one larger than any block we accept
+      // is treated as a broken stream rather than buffered.
+      if (request.length > BLOCK.MAX) {
+        this.fail(`WRITE of ${request.length} bytes is larger than the maximum block size ${BLOCK.MAX}`);
+        return;
+      }
+      this.request = request;
+      this.stage = 'admit';
     }
-    const request = this.request;
-    if (request === undefined) return;
-    this.request = undefined;
-    request.data = payload;
     this.handlers.onRequest(request);
   }
 
-  private fail(message: string): number {
-    this.mode = 'failed';
+  /** The session let a WRITE's payload in: give it a buffer of its own. */
+  private beginPayload(): void {
+    const request = this.request;
+    if (request === undefined) return;
+    if (request.length === 0) {
+      this.stage = 'header';
+      this.request = undefined;
+      this.handlers.onPayload(request);
+      return;
+    }
+    const pooled = this.handlers.allocate?.(request.length) ?? Buffer.allocUnsafe(request.length);
+    request.pooled = pooled;
+    this.body = pooled.subarray(0, request.length);
+    this.bodyHave = 0;
+    this.stage = 'body';
+  }
+
+  private fillBody(chunk: Buffer, at: number): number {
+    const body = this.body;
+    if (body === undefined) return at;
+    const n = Math.min(body.length - this.bodyHave, chunk.length - at);
+    chunk.copy(body, this.bodyHave, at, at + n);
+    this.bodyHave += n;
+    if (this.bodyHave < body.length) return at + n;
+    this.body = undefined;
+    if (this.mode === 'option') {
+      this.completeOption(body);
+      return at + n;
+    }
+    const request = this.request;
+    this.request = undefined;
+    this.stage = 'header';
+    if (request !== undefined) {
+      request.data = body;
+      this.handlers.onPayload(request);
+    }
+    return at + n;
+  }
+
+  private completeOption(payload: Buffer): void {
+    this.mode = 'waiting';
+    this.handlers.onOption(this.option, payload);
+  }
+
+  private fail(message: string): void {
+    this.stop();
     this.handlers.onFatal(new MisuseError('MS_NBD_PROTOCOL', message));
-    return -1;
   }
 }

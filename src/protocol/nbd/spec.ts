@@ -124,4 +124,7 @@ export const BLOCK = { MIN: 1, PREFERRED: 4096, MAX: 32 * 1024 * 1024 } as const
 
 /** Longest option payload accepted during the handshake; names are at most 4096 bytes. */
 export const MAX_OPTION_LENGTH = 64 * 1024;
+/** Strings (names, error messages) MUST be no longer than this many bytes of UTF-8 (proto.md, Conventions)... */
 export const MAX_STRING = 4096;
+/** ...and SHOULD be no longer than this: the bound for the messages and descriptions this server writes. */
+export const MAX_MESSAGE = 256;

@@ -35,10 +35,17 @@ function goPayload(name: string, infos: number[] = []): Buffer {
   return buf;
 }
 
-/** A session stand-in: answers every option by resuming, GO by starting transmission. */
+/**
+ * A session stand-in: answers every option by resuming, GO by starting transmission;
+ * records a request when it is whole (a WRITE once its payload is in).
+ */
 function session() {
   const events: string[] = [];
   const requests: NbdRequest[] = [];
+  const record = (r: NbdRequest): void => {
+    requests.push({ ...r, data: Buffer.from(r.data) });
+    events.push(`request ${r.type} ${r.offset} ${r.length}`);
+  };
   const parser: NbdServerParser = new NbdServerParser({
     onClientFlags: (flags) => events.push(`flags ${flags}`),
     onOption: (opt, data) => {
@@ -47,9 +54,9 @@ function session() {
       else parser.resume();
     },
     onRequest: (r) => {
-      requests.push({ ...r, data: Buffer.from(r.data) });
-      events.push(`request ${r.type} ${r.offset} ${r.length}`);
+      if (r.type !== CMD.WRITE) record(r);
     },
+    onPayload: record,
     onFatal: (e) => events.push(`fatal ${e.message}`),
   });
   return { parser, events, requests };
@@ -102,6 +109,7 @@ test('bytes sent before an option is answered wait for the answer', () => {
     onClientFlags: () => events.push('flags'),
     onOption: (opt) => events.push(`option ${opt}`),
     onRequest: (r) => events.push(`request ${r.type}`),
+    onPayload: () => events.push('payload'),
     onFatal: (e) => events.push(`fatal ${e.message}`),
   });
   parser.feed(Buffer.concat([flags, option(OPT.GO, goPayload('')), request(CMD.READ, 0, 1, 1)]));
@@ -151,4 +159,120 @@ test('option payload decoders check every length', () => {
   assert.deepEqual(decodeMetaContextRequest(meta), { name: 'd', queries: ['base:allocation'] });
   assert.throws(() => decodeMetaContextRequest(meta.subarray(0, meta.length - 1)), { code: 'MS_NBD_PROTOCOL' });
   assert.throws(() => decodeMetaContextRequest(Buffer.concat([meta, Buffer.from([1])])), { code: 'MS_NBD_PROTOCOL' });
+});
+
+// ---- holding: the session admits each request before the parser reads on ----
+
+const transmission = Buffer.concat([flags, option(OPT.GO, goPayload(''))]);
+
+/** A session that holds after every request header and records what the parser did when. */
+function holdingSession() {
+  const events: string[] = [];
+  const allocated: number[] = [];
+  const parser: NbdServerParser = new NbdServerParser({
+    onClientFlags: () => undefined,
+    onOption: () => parser.startTransmission(),
+    onRequest: (r) => {
+      events.push(`header ${r.type} ${r.cookie.lo}`);
+      parser.hold();
+    },
+    onPayload: (r) => events.push(`payload ${r.cookie.lo} ${r.data.toString()}`),
+    onFatal: (e) => events.push(`fatal ${e.message}`),
+    allocate: (length) => {
+      allocated.push(length);
+      return Buffer.alloc(length + 7); // larger than asked, as a pool's size class is
+    },
+  });
+  return { parser, events, allocated };
+}
+
+test('holding: nothing after a request header is read until release, not even its WRITE payload', () => {
+  const s = holdingSession();
+  s.parser.feed(Buffer.concat([transmission, request(CMD.WRITE, 0, 5, 1, Buffer.from('hello')), request(CMD.READ, 0, 1, 2)]));
+  assert.deepEqual(s.events, ['header 1 1']);
+  assert.deepEqual(s.allocated, [], 'no payload buffer before the session admits the WRITE');
+  assert.equal(s.parser.holding, true);
+  assert.equal(s.parser.atBoundary, false);
+  s.parser.release();
+  assert.deepEqual(s.events, ['header 1 1', 'payload 1 hello', 'header 0 2']);
+  assert.deepEqual(s.allocated, [5]);
+  s.parser.release();
+  assert.equal(s.parser.atBoundary, true);
+});
+
+test('holding: input fed while held waits behind what was held, in order', () => {
+  const s = holdingSession();
+  s.parser.feed(Buffer.concat([transmission, request(CMD.READ, 0, 1, 1), request(CMD.READ, 0, 1, 2)]));
+  s.parser.feed(request(CMD.WRITE, 0, 2, 3, Buffer.from('ab')));
+  assert.deepEqual(s.events, ['header 0 1']);
+  for (let i = 0; i < 4; i++) s.parser.release();
+  assert.deepEqual(s.events, ['header 0 1', 'header 0 2', 'header 1 3', 'payload 3 ab']);
+});
+
+test('holding: any chunking and any release schedule yield the same requests, payloads copied out of the chunks', () => {
+  const body = Buffer.concat([
+    request(CMD.WRITE, 4096, 10, 1, Buffer.from('0123456789')),
+    request(CMD.READ, 0, 512, 2),
+    request(CMD.WRITE, 0, 0, 3),
+    request(CMD.FLUSH, 0, 0, 4),
+    request(CMD.WRITE, 2 ** 40, 3, 5, Buffer.from('abc'), 1),
+  ]);
+  const expected = ['header 1 1', 'payload 1 0123456789', 'header 0 2', 'header 1 3', 'payload 3 ', 'header 3 4', 'header 1 5', 'payload 5 abc'];
+  fc.assert(
+    fc.property(fc.array(fc.integer({ min: 1, max: body.length }), { maxLength: 12 }), fc.array(fc.boolean(), { minLength: 40, maxLength: 40 }), (cuts, releaseAfter) => {
+      const s = holdingSession();
+      const chunks: Buffer[] = [];
+      const points = [...new Set(cuts)].sort((a, b) => a - b);
+      let from = 0;
+      for (const p of points) {
+        chunks.push(Buffer.from(body.subarray(from, p)));
+        from = p;
+      }
+      chunks.push(Buffer.from(body.subarray(from)));
+      s.parser.feed(transmission);
+      let i = 0;
+      for (const c of chunks) {
+        s.parser.feed(c);
+        if (releaseAfter[i++ % releaseAfter.length] === true) s.parser.release();
+      }
+      for (let k = 0; k < 20; k++) s.parser.release();
+      assert.deepEqual(s.events, expected);
+      assert.ok(s.parser.atBoundary);
+    }),
+    { numRuns: 300 },
+  );
+});
+
+test('a WRITE payload never shares memory with the chunk it came in', () => {
+  const seen: Buffer[] = [];
+  const chunk = Buffer.concat([transmission, request(CMD.WRITE, 0, 4, 1, Buffer.from('data'))]);
+  const parser: NbdServerParser = new NbdServerParser({
+    onClientFlags: () => undefined,
+    onOption: () => parser.startTransmission(),
+    onRequest: () => undefined,
+    onPayload: (r) => seen.push(r.data),
+    onFatal: () => assert.fail('fatal'),
+  });
+  parser.feed(chunk);
+  chunk.fill(0); // the socket's chunk is gone (or reused): the payload must not change
+  assert.equal(seen[0]?.toString(), 'data');
+});
+
+test('release from inside a callback carries on in the same pass; stop() ignores the rest', () => {
+  const events: string[] = [];
+  const parser: NbdServerParser = new NbdServerParser({
+    onClientFlags: () => undefined,
+    onOption: () => parser.startTransmission(),
+    onRequest: (r) => {
+      events.push(`header ${r.cookie.lo}`);
+      parser.hold();
+      parser.release();
+      if (r.type === CMD.DISC) parser.stop();
+    },
+    onPayload: () => events.push('payload'),
+    onFatal: () => events.push('fatal'),
+  });
+  parser.feed(Buffer.concat([transmission, request(CMD.READ, 0, 1, 1), request(CMD.DISC, 0, 0, 2), request(CMD.READ, 0, 1, 3)]));
+  parser.feed(Buffer.alloc(40, 0xee));
+  assert.deepEqual(events, ['header 1', 'header 2']);
 });
