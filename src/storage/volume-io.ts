@@ -20,6 +20,8 @@ export interface VolumeIo {
   blockStatus(volume: Volume, offset: number, length: number): Extent[];
 }
 
+const SCRATCH = Buffer.allocUnsafe(1024 * 1024);
+
 /** Straight to the data store: every write goes to the file, FLUSH and FUA fdatasync it. */
 export class DirectVolumeIo implements VolumeIo {
   read(volume: Volume, offset: number, target: Buffer): Promise<void> {
@@ -42,9 +44,10 @@ export class DirectVolumeIo implements VolumeIo {
 
   async prefetch(volume: Volume, offset: number, length: number): Promise<void> {
     // Reading pulls the range into the kernel's page cache, the nearest cache there is.
-    const chunk = Buffer.allocUnsafe(Math.min(length, 1024 * 1024));
-    for (let at = offset; at < offset + length; at += chunk.length) {
-      await volume.store.read(at, chunk.subarray(0, Math.min(chunk.length, offset + length - at)));
+    // The bytes are thrown away, so every prefetch reads into one shared scratch buffer:
+    // CACHE requests cost no memory of their own, however many are in flight.
+    for (let at = offset; at < offset + length; at += SCRATCH.length) {
+      await volume.store.read(at, SCRATCH.subarray(0, Math.min(SCRATCH.length, offset + length - at)));
     }
   }
 

@@ -53,6 +53,8 @@ import { WriteBack } from './write-back.js';
 
 export type { CacheStats };
 export const CACHE_OWNER = 'cache';
+/** Lines a zeroing works on at once. */
+const ZERO_BATCH = 64;
 
 export interface CacheOptions {
   partition: PartitionTable;
@@ -231,17 +233,30 @@ export class StorageCache implements VolumeIo {
     if (head > 0) work.push(this.write(volume, offset, Buffer.alloc(head), false));
     if (offset + length > innerEnd && innerEnd >= innerStart) work.push(this.write(volume, innerEnd, Buffer.alloc(offset + length - innerEnd), false));
     // Each line's part is dropped and zeroed in the store under that line's lock, so a
-    // read cannot stage the old bytes in between and keep them after the zeroing.
-    for (const { index, within, length: n } of pieces(innerStart, innerEnd - innerStart)) {
-      work.push(
-        this.locks.run(this.keyOf(volume, index), async () => {
-          const line = this.lines.get(this.keyOf(volume, index));
-          if (line !== undefined) this.clearSectors(line, sectorMask(within, n));
-          await volume.store.zeroRange(index * LINE_SIZE + within, n, options.allocate);
-        }),
-      );
+    // read cannot stage the old bytes in between and keep them after the zeroing. Lines
+    // go ZERO_BATCH at a time, with a turn of the event loop between batches: a zeroing
+    // of a whole volume neither holds a closure per line at once nor starves other work.
+    const parts = pieces(innerStart, innerEnd - innerStart);
+    let failure: Error | undefined;
+    for (let first = 0; first < parts.length; first += ZERO_BATCH) {
+      if (first > 0) await new Promise((resolve) => setImmediate(resolve));
+      try {
+        await settleAll(
+          parts.slice(first, first + ZERO_BATCH).map(({ index, within, length: n }) =>
+            this.locks.run(this.keyOf(volume, index), async () => {
+              const line = this.lines.get(this.keyOf(volume, index));
+              if (line !== undefined) this.clearSectors(line, sectorMask(within, n));
+              await volume.store.zeroRange(index * LINE_SIZE + within, n, options.allocate);
+            }),
+          ),
+        );
+      } catch (error) {
+        failure = asError(error);
+        break;
+      }
     }
     await settleAll(work);
+    if (failure !== undefined) throw failure;
     if (options.fua) await this.flush(volume);
   }
 
@@ -252,23 +267,36 @@ export class StorageCache implements VolumeIo {
   }
 
   blockStatus(volume: Volume, offset: number, length: number): Extent[] {
-    // Dirty cached data makes a hole in the store data: report those chunks as data.
+    // Dirty cached data makes a hole in the store data: report those lines as data. The
+    // volume's dirty lines are few (they fit in the cache), so they are listed, not looked up.
     const extents = volume.store.blockStatus(offset, length);
-    if (!this.writeBack.hasDirty(volume)) return extents;
+    const dirty = this.writeBack.dirtyIndexes(volume, Math.floor(offset / LINE_SIZE), Math.ceil((offset + length) / LINE_SIZE));
+    if (dirty.length === 0) return extents;
     const result: Extent[] = [];
+    const push = (n: number, flags: number): void => {
+      const last = result[result.length - 1];
+      if (last !== undefined && last.flags === flags) last.length += n;
+      else result.push({ length: n, flags });
+    };
     let at = offset;
+    let d = 0;
     for (const extent of extents) {
       let pos = at;
       const end = at + extent.length;
       while (pos < end) {
-        const index = Math.floor(pos / LINE_SIZE);
-        const n = Math.min((index + 1) * LINE_SIZE, end) - pos;
-        const line = this.lines.get(this.keyOf(volume, index));
-        const flags = line !== undefined && line.dirty !== 0 ? 0 : extent.flags;
-        const last = result[result.length - 1];
-        if (last !== undefined && last.flags === flags) last.length += n;
-        else result.push({ length: n, flags });
-        pos += n;
+        while (d < dirty.length && ((dirty[d] ?? 0) + 1) * LINE_SIZE <= pos) d++;
+        const next = dirty[d];
+        if (next === undefined || next * LINE_SIZE >= end) {
+          push(end - pos, extent.flags);
+          pos = end;
+        } else if (next * LINE_SIZE > pos) {
+          push(next * LINE_SIZE - pos, extent.flags);
+          pos = next * LINE_SIZE;
+        } else {
+          const n = Math.min((next + 1) * LINE_SIZE, end) - pos;
+          push(n, 0);
+          pos += n;
+        }
       }
       at = end;
     }

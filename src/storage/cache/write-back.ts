@@ -82,6 +82,13 @@ export class WriteBack {
     else this.marked(line);
   }
 
+  /** Indexes of the volume's dirty lines in [from, to), ascending. */
+  dirtyIndexes(volume: Volume, from: number, to: number): number[] {
+    const indexes: number[] = [];
+    for (const line of this.dirty.get(volume) ?? []) if (line.index >= from && line.index < to && line.dirty !== 0) indexes.push(line.index);
+    return indexes.sort((a, b) => a - b);
+  }
+
   hasDirty(volume: Volume): boolean {
     return (this.dirty.get(volume)?.size ?? 0) > 0;
   }

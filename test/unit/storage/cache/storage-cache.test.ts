@@ -226,3 +226,59 @@ test('a request reports a failed piece only after every other piece has stopped 
   release();
   await assert.rejects(read, (error: { code?: string }) => error.code === 'EIO');
 });
+
+test('block status through the cache: dirty lines read as data, the rest as the store says, for any range', async (t) => {
+  const size = 64 * LINE_SIZE;
+  const { cache, volume, store } = await setup(t, { dramLines: 16, flashLines: 0, volumeSize: size });
+  await fc.assert(
+    fc.asyncProperty(
+      fc.uniqueArray(fc.nat({ max: 63 }), { maxLength: 10 }),
+      fc.uniqueArray(fc.nat({ max: 63 }), { maxLength: 20 }),
+      fc.nat({ max: size - 1 }),
+      fc.integer({ min: 1, max: size }),
+      async (dirtyLines, dataChunks, offset, want) => {
+        await cache.flush(volume);
+        await cache.zero(volume, 0, size, { fua: true, allocate: false });
+        for (const c of dataChunks) await store.write(c * LINE_SIZE, Buffer.alloc(512, 1));
+        for (const l of dirtyLines) await cache.write(volume, l * LINE_SIZE + 4096, Buffer.alloc(512, 2), false);
+        const length = Math.min(want, size - offset);
+        const got = cache.blockStatus(volume, offset, length);
+        // The reference: one extent per line piece, merged.
+        const expect: { length: number; flags: number }[] = [];
+        for (let at = offset; at < offset + length; ) {
+          const line = Math.floor(at / LINE_SIZE);
+          const n = Math.min((line + 1) * LINE_SIZE, offset + length) - at;
+          const flags = dirtyLines.includes(line) || dataChunks.includes(line) ? 0 : 3;
+          const last = expect[expect.length - 1];
+          if (last !== undefined && last.flags === flags) last.length += n;
+          else expect.push({ length: n, flags });
+          at += n;
+        }
+        assert.deepEqual(got, expect);
+      },
+    ),
+    { numRuns: 60 },
+  );
+});
+
+test('zeroing a large range gives the event loop turns and never holds a lock per line at once', async (t) => {
+  // Review finding: a whole-volume TRIM started one lock and closure per 64 KiB line at
+  // once and resolved in microtasks only, freezing every other client of the node.
+  const { cache, volume } = await setup(t, { dramLines: 4, flashLines: 0, volumeSize: 64 * 1024 * 1024 });
+  let turns = 0;
+  let done = false;
+  const spin = (): void => {
+    if (done) return;
+    turns++;
+    setImmediate(spin);
+  };
+  setImmediate(spin);
+  const locks = (cache as unknown as { locks: { size: number } }).locks;
+  let most = 0;
+  const watch = setInterval(() => (most = Math.max(most, locks.size)), 0);
+  await cache.zero(volume, 0, 64 * 1024 * 1024, { fua: false, allocate: false });
+  done = true;
+  clearInterval(watch);
+  assert.ok(turns > 4, `the event loop had ${turns} turns during the zeroing`);
+  assert.ok(most <= 64, `${most} line locks held at once`);
+});
