@@ -10,6 +10,13 @@
 // has lost its framing), so the parser reports it once through `onFatal` and ignores
 // all further input. Bodies passed to `onFrame` may be subarrays of a chunk: a consumer
 // that keeps one past the request must copy it.
+//
+// Admission (server side): a body that spans chunks is the only memory the parser
+// allocates, and a header alone can ask for MAX_BODY. With `admitBody`, the parser asks
+// before it allocates; a refusal holds the parser (the rest of the chunk is kept, later
+// chunks are queued behind it) until the owner calls resume(). So a peer makes the node
+// hold a body only once the owner has budgeted for it, and `maxBody` may be lowered
+// (before a handshake) or raised at any time between frames.
 
 import { MisuseError } from '../../errors.js';
 import { HEADER_SIZE, MAX_BODY, REQUEST_MAGIC, RESPONSE_MAGIC } from './spec.js';
@@ -32,11 +39,17 @@ export interface FrameHandlers {
    * allocates one.
    */
   bodyTarget?(op: number, word: number, tagHi: number, tagLo: number, length: number): Buffer | undefined;
+  /**
+   * Optional: asked before a body of `length` bytes that spans chunks is allocated.
+   * False holds the parser until resume(); true (or no handler) goes on at once.
+   */
+  admitBody?(op: number, length: number): boolean;
 }
 
 export class FrameParser {
+  /** Longest body accepted; a longer one loses the framing. May change between frames. */
+  maxBody: number;
   private readonly magic: number;
-  private readonly maxBody: number;
   private readonly handlers: FrameHandlers;
   private readonly header: Buffer;
   private headerHave: number;
@@ -47,6 +60,10 @@ export class FrameParser {
   private tagHi: number;
   private tagLo: number;
   private failed: boolean;
+  /** Length of a body waiting for admission, or -1. */
+  private held: number;
+  /** Input that arrived while held, in order. */
+  private backlog: Buffer[];
 
   /** `direction` picks the rmem magic; another protocol with the same header passes its own magic. */
   constructor(direction: 'request' | 'response' | { magic: number }, handlers: FrameHandlers, maxBody = MAX_BODY) {
@@ -62,6 +79,13 @@ export class FrameParser {
     this.tagHi = 0;
     this.tagLo = 0;
     this.failed = false;
+    this.held = -1;
+    this.backlog = [];
+  }
+
+  /** True while a body waits for admission (see admitBody). */
+  get holding(): boolean {
+    return this.held >= 0;
   }
 
   /** True once the stream lost its framing; nothing more will be parsed. */
@@ -81,10 +105,32 @@ export class FrameParser {
     this.body = own;
   }
 
+  /** The body that waited for admission may now be read: allocates it and goes on with the input kept meanwhile. */
+  resume(): void {
+    if (this.held < 0 || this.failed) return;
+    this.startBody(this.held);
+    this.held = -1;
+    const backlog = this.backlog;
+    this.backlog = [];
+    for (const [i, chunk] of backlog.entries()) {
+      this.feed(chunk);
+      // Held again: what is left waits in order.
+      if (this.held >= 0) {
+        this.backlog.push(...backlog.slice(i + 1));
+        return;
+      }
+    }
+  }
+
   feed(chunk: Buffer): void {
+    if (this.held >= 0) {
+      if (!this.failed && chunk.length > 0) this.backlog.push(chunk);
+      return;
+    }
     let at = 0;
     while (at < chunk.length && !this.failed) {
-      if (this.body === undefined) {
+      let body = this.body;
+      if (body === undefined) {
         let length: number;
         if (this.headerHave === 0 && chunk.length - at >= HEADER_SIZE) {
           length = this.readHeader(chunk, at);
@@ -104,11 +150,13 @@ export class FrameParser {
           at += length;
           continue;
         }
-        const target = this.handlers.bodyTarget?.(this.op, this.word, this.tagHi, this.tagLo, length);
-        this.body = target !== undefined && target.length === length ? target : Buffer.allocUnsafe(length);
-        this.bodyHave = 0;
+        if (this.handlers.admitBody?.(this.op, length) === false) {
+          this.held = length;
+          if (at < chunk.length) this.backlog.push(chunk.subarray(at));
+          return;
+        }
+        body = this.startBody(length);
       }
-      const body = this.body;
       const n = Math.min(body.length - this.bodyHave, chunk.length - at);
       chunk.copy(body, this.bodyHave, at, at + n);
       this.bodyHave += n;
@@ -118,6 +166,14 @@ export class FrameParser {
         this.emit(body);
       }
     }
+  }
+
+  private startBody(length: number): Buffer {
+    const target = this.handlers.bodyTarget?.(this.op, this.word, this.tagHi, this.tagLo, length);
+    const body = target !== undefined && target.length === length ? target : Buffer.allocUnsafe(length);
+    this.body = body;
+    this.bodyHave = 0;
+    return body;
   }
 
   /** Reads a header; returns the body length, or -1 after reporting a fatal error. */
