@@ -14,9 +14,64 @@
 //     what a client can make the node hold is the budget, plus one chunk and one frame
 //     being assembled by the parser, plus the parsed requests of that chunk (a few
 //     dozen bytes each, and no payload buffer is allocated before dispatch);
-//   - requests are dispatched in the order they were parsed.
+//   - requests are dispatched in the order they were parsed;
+//   - with a SharedBudget (a service-wide cap), the bytes of all its flows together stay
+//     within its `maxBytes` as well, except for a single request while nothing else is
+//     in flight anywhere in it; a flow whose next request does not fit waits, paused,
+//     until another flow gives bytes back;
+//   - reserve(): a body that is still arriving (one that spans socket chunks) is budgeted
+//     before the parser allocates it, for its length and the largest reply it can ask
+//     for; the request it becomes is pushed with that reservation and dispatched at once.
+//     While a reserved body arrives the socket is read, so a reservation always ends.
 //
-// `dispatch` runs synchronously from push() or done(), never after close().
+// `dispatch` and `granted` run synchronously from push(), reserve(), done() or a drain,
+// never after close().
+
+/** Bytes several flows share: the cap of one service across all its connections. */
+export class SharedBudget {
+  readonly maxBytes: number;
+  private used: number;
+  /** Flows waiting for room, oldest first. */
+  private readonly waiting: Set<() => void>;
+
+  constructor(maxBytes: number) {
+    this.maxBytes = maxBytes;
+    this.used = 0;
+    this.waiting = new Set();
+  }
+
+  /** Bytes held now by every flow of the service. */
+  get bytes(): number {
+    return this.used;
+  }
+
+  /** True when `cost` more fits, counting `own` bytes already held for it as free. */
+  fits(cost: number, own = 0): boolean {
+    const others = this.used - own;
+    return others === 0 || others + cost <= this.maxBytes;
+  }
+
+  add(delta: number): void {
+    this.used += delta;
+    if (delta < 0) this.wake();
+  }
+
+  wait(wake: () => void): void {
+    this.waiting.add(wake);
+  }
+
+  cancel(wake: () => void): void {
+    this.waiting.delete(wake);
+  }
+
+  /** Lets every waiting flow try again, oldest first; those that still do not fit wait again. */
+  private wake(): void {
+    if (this.waiting.size === 0) return;
+    const waiting = [...this.waiting];
+    this.waiting.clear();
+    for (const wake of waiting) wake();
+  }
+}
 
 /** What the flow needs of a socket; node's net.Socket has it. */
 export interface FlowSocket {
@@ -49,6 +104,8 @@ export function newFlowStats(): FlowStats {
 interface Waiting<R> {
   request: R;
   cost: number;
+  /** Bytes reserved for it while its body arrived, counted until it starts. */
+  reserved: number;
 }
 
 export class RequestFlow<R> {
@@ -56,6 +113,8 @@ export class RequestFlow<R> {
   private readonly limits: FlowLimits;
   private readonly stats: FlowStats;
   private readonly dispatch: (request: R) => void;
+  private readonly shared: SharedBudget | undefined;
+  private readonly wakeFn: () => void;
   /** FIFO ring of parsed requests waiting for budget. */
   private ring: (Waiting<R> | undefined)[];
   private head: number;
@@ -64,12 +123,22 @@ export class RequestFlow<R> {
   private bytes: number;
   private paused: boolean;
   private closed: boolean;
+  /** A reservation waiting for budget: its size and who to tell. */
+  private pendingReserve: { bytes: number; granted: () => void } | undefined;
+  /** Bytes of a granted reservation whose body is still arriving (0: none). */
+  private receiving: number;
 
-  constructor(socket: FlowSocket, limits: FlowLimits, stats: FlowStats, dispatch: (request: R) => void) {
+  constructor(socket: FlowSocket, limits: FlowLimits, stats: FlowStats, dispatch: (request: R) => void, shared?: SharedBudget) {
     this.socket = socket;
     this.limits = limits;
     this.stats = stats;
     this.dispatch = dispatch;
+    this.shared = shared;
+    this.wakeFn = () => {
+      this.pump();
+    };
+    this.pendingReserve = undefined;
+    this.receiving = 0;
     this.ring = new Array<Waiting<R> | undefined>(16);
     this.head = 0;
     this.size = 0;
@@ -102,29 +171,63 @@ export class RequestFlow<R> {
    * for) from dispatch until done(cost). Dispatched now if the budget allows and
    * nothing waits before it; queued otherwise.
    */
-  push(request: R, cost: number): void {
-    if (this.closed) return;
-    if (this.size === 0 && this.fits(cost)) {
-      this.start(request, cost);
+  push(request: R, cost: number, reserved = 0): void {
+    if (this.closed) {
+      this.give(reserved);
+      return;
+    }
+    if (reserved > 0) this.receiving = 0;
+    if (this.size === 0 && this.fits(cost, reserved)) {
+      this.start(request, cost, reserved);
     } else {
-      this.enqueue({ request, cost });
+      this.enqueue({ request, cost, reserved });
+      // The new head may wait on the service rather than on this flow's own requests.
+      if (this.size === 1) this.shared?.wait(this.wakeFn);
     }
     this.updatePause();
+  }
+
+  /**
+   * Budgets `bytes` for a body that is still arriving (see the invariants). True: taken
+   * now. False: the socket is paused and `granted` runs once the bytes are taken; until
+   * then the caller parses nothing more. The request the body becomes is pushed with
+   * `reserved` = `bytes`.
+   */
+  reserve(bytes: number, granted: () => void): boolean {
+    if (this.closed) return false;
+    if (this.size === 0 && this.pendingReserve === undefined && this.fitsReserve(bytes)) {
+      this.take(bytes);
+      this.receiving = bytes;
+      this.updatePause();
+      return true;
+    }
+    this.pendingReserve = { bytes, granted };
+    this.updatePause();
+    if (this.size === 0) this.shared?.wait(this.wakeFn);
+    return false;
   }
 
   /** A dispatched request is over and its reply is in the kernel's hands: give back its budget. */
   done(cost: number): void {
     this.requests--;
-    this.bytes -= cost;
+    this.give(cost);
     this.pump();
   }
 
   /** Drops what waits and stops dispatching; the connection is going away. Returns the dropped requests. */
   close(): R[] {
     this.closed = true;
+    this.shared?.cancel(this.wakeFn);
     const dropped: R[] = [];
-    for (let w = this.dequeue(); w !== undefined; w = this.dequeue()) dropped.push(w.request);
+    let unreserved = this.receiving;
+    this.receiving = 0;
+    this.pendingReserve = undefined;
+    for (let w = this.dequeue(); w !== undefined; w = this.dequeue()) {
+      dropped.push(w.request);
+      unreserved += w.reserved;
+    }
     this.setPaused(false);
+    this.give(unreserved);
     return dropped;
   }
 
@@ -132,29 +235,69 @@ export class RequestFlow<R> {
     if (this.closed) return;
     for (;;) {
       const next = this.peek();
-      if (next === undefined || !this.fits(next.cost)) break;
+      if (next === undefined) break;
+      if (!this.fits(next.cost, next.reserved)) {
+        this.shared?.wait(this.wakeFn);
+        break;
+      }
       this.dequeue();
-      this.start(next.request, next.cost);
+      this.start(next.request, next.cost, next.reserved);
       if (this.closed) return;
+    }
+    const pending = this.pendingReserve;
+    if (this.size === 0 && pending !== undefined) {
+      if (this.fitsReserve(pending.bytes)) {
+        this.pendingReserve = undefined;
+        this.take(pending.bytes);
+        this.receiving = pending.bytes;
+        this.updatePause();
+        pending.granted();
+        return;
+      }
+      this.shared?.wait(this.wakeFn);
     }
     this.updatePause();
   }
 
-  private start(request: R, cost: number): void {
+  private start(request: R, cost: number, reserved: number): void {
     this.requests++;
-    this.bytes += cost;
+    this.take(cost - reserved);
     this.dispatch(request);
   }
 
-  private fits(cost: number): boolean {
-    if (this.requests === 0) return true;
-    return this.requests < this.limits.maxRequests && this.bytes + cost <= this.limits.maxBytes;
+  private take(bytes: number): void {
+    this.bytes += bytes;
+    this.shared?.add(bytes);
+  }
+
+  private give(bytes: number): void {
+    if (bytes === 0) return;
+    this.bytes -= bytes;
+    this.shared?.add(-bytes);
+  }
+
+  /** A request fits if the flow and the service have room, counting its own reservation as free; alone, anything fits. */
+  private fits(cost: number, reserved: number): boolean {
+    const alone = this.requests === 0 && this.bytes === reserved;
+    const own = alone || (this.requests < this.limits.maxRequests && this.bytes - reserved + cost <= this.limits.maxBytes);
+    return own && (this.shared === undefined || this.shared.fits(cost, reserved));
+  }
+
+  private fitsReserve(bytes: number): boolean {
+    const own = (this.requests === 0 && this.bytes === 0) || this.bytes + bytes <= this.limits.maxBytes;
+    return own && (this.shared === undefined || this.shared.fits(bytes));
   }
 
   private updatePause(): void {
     if (this.closed) return;
+    // A reserved body is read to its end whatever else holds: it is budgeted already.
+    if (this.receiving > 0) {
+      this.setPaused(false);
+      return;
+    }
     const backedUp = this.socket.writableLength > this.socket.writableHighWaterMark;
-    this.setPaused(this.size > 0 || backedUp || this.requests >= this.limits.maxRequests || this.bytes >= this.limits.maxBytes);
+    const waiting = this.size > 0 || this.pendingReserve !== undefined;
+    this.setPaused(waiting || backedUp || this.requests >= this.limits.maxRequests || this.bytes >= this.limits.maxBytes);
   }
 
   private setPaused(paused: boolean): void {

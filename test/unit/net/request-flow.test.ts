@@ -6,7 +6,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { EventEmitter } from 'node:events';
 import fc from 'fast-check';
-import { RequestFlow, newFlowStats } from '../../../src/net/request-flow.js';
+import { RequestFlow, SharedBudget, newFlowStats } from '../../../src/net/request-flow.js';
 
 class FakeSocket extends EventEmitter {
   paused = false;
@@ -98,4 +98,146 @@ test('RequestFlow.close drops what waits, dispatches nothing more, and lets the 
   flow.push(4, 10);
   assert.deepEqual(started, [1]);
   assert.equal(stats.pausedNow, 0);
+});
+
+// Several flows under one SharedBudget, with bodies reserved while they arrive (what a
+// parser with admission does): the service-wide cap holds, each flow stays in order,
+// a reserved body is always read to its end, and nothing waits for ever.
+type SharedStep =
+  | { op: 'push'; flow: number; cost: number }
+  | { op: 'reserve'; flow: number; bytes: number; cost: number }
+  | { op: 'complete'; flow: number }
+  | { op: 'done'; flow: number; pick: number }
+  | { op: 'buffer'; flow: number; length: number };
+
+test('RequestFlow with a SharedBudget: the service cap holds across flows, reservations end, and every flow progresses', () => {
+  const flowIndex = fc.integer({ min: 0, max: 3 });
+  const sharedStep: fc.Arbitrary<SharedStep> = fc.oneof(
+    fc.record({ op: fc.constant('push' as const), flow: flowIndex, cost: fc.integer({ min: 0, max: 3000 }) }),
+    fc.record({ op: fc.constant('reserve' as const), flow: flowIndex, bytes: fc.integer({ min: 1, max: 3000 }), cost: fc.integer({ min: 0, max: 3000 }) }),
+    fc.record({ op: fc.constant('complete' as const), flow: flowIndex }),
+    fc.record({ op: fc.constant('done' as const), flow: flowIndex, pick: fc.nat() }),
+    fc.record({ op: fc.constant('buffer' as const), flow: flowIndex, length: fc.integer({ min: 0, max: 2000 }) }),
+  );
+  fc.assert(
+    fc.property(fc.integer({ min: 1, max: 6 }), fc.integer({ min: 1, max: 4000 }), fc.integer({ min: 1, max: 8000 }), fc.array(sharedStep, { maxLength: 250 }), (maxRequests, maxBytes, serviceBytes, steps) => {
+      const shared = new SharedBudget(serviceBytes);
+      const stats = newFlowStats();
+      interface Model {
+        socket: FakeSocket;
+        flow: RequestFlow<number>;
+        running: { id: number; cost: number }[];
+        started: number[];
+        pushed: number;
+        /** A reservation: asked (not yet granted), or granted and its body arriving. */
+        reservation: { bytes: number; cost: number; granted: boolean } | undefined;
+        queuedReserved: number;
+      }
+      const costs = new Map<number, number>();
+      let next = 0;
+      const models: Model[] = [0, 1, 2, 3].map(() => {
+        const socket = new FakeSocket();
+        const m: Model = { socket, flow: undefined as unknown as RequestFlow<number>, running: [], started: [], pushed: 0, reservation: undefined, queuedReserved: 0 };
+        m.flow = new RequestFlow<number>(socket, { maxRequests, maxBytes }, stats, (id) => {
+          m.started.push(id);
+          m.running.push({ id, cost: costs.get(id) ?? 0 });
+        }, shared);
+        return m;
+      });
+      const check = (): void => {
+        let total = 0;
+        let holders = 0;
+        for (const m of models) {
+          const receiving = m.reservation?.granted === true ? m.reservation.bytes : 0;
+          const queued = m.flow.queued;
+          // Bytes a queued completed body still holds are its reservation; the model knows them only in sum.
+          const own = m.running.reduce((s, r) => s + r.cost, 0) + receiving;
+          assert.ok(m.flow.bytesInFlight >= own, 'the flow counts at least what runs and what is reserved');
+          total += m.flow.bytesInFlight;
+          holders += m.running.filter((r) => r.cost > 0).length + (receiving > 0 ? 1 : 0) + (queued > 0 && m.flow.bytesInFlight > own ? 1 : 0);
+          if (m.running.length > 1) assert.ok(m.running.length <= maxRequests);
+          const flowHolders = m.running.filter((r) => r.cost > 0).length + (receiving > 0 ? 1 : 0);
+          if (m.flow.bytesInFlight > maxBytes) assert.equal(flowHolders, 1, 'a flow is over its own budget only with one request');
+          assert.deepEqual(m.started, [...m.started].sort((a, b) => a - b), 'each flow dispatches in arrival order');
+          // A reserved body is read to its end; anything waiting pauses the socket.
+          if (receiving > 0) assert.equal(m.socket.paused, false, 'a reserved body is read to its end');
+          else if (queued > 0 || m.reservation !== undefined) assert.equal(m.socket.paused, true);
+        }
+        assert.equal(shared.bytes, total, 'the shared budget counts exactly what its flows hold');
+        // Over the cap only while one request (or reservation) holds every byte in flight.
+        if (total > serviceBytes) assert.equal(holders, 1, `${total} bytes over the service cap ${serviceBytes} with ${holders} holders`);
+      };
+      for (const s of steps) {
+        const m = models[s.flow]!;
+        if (s.op === 'push') {
+          if (m.reservation !== undefined) continue; // a parser pushes nothing while a body is reserved
+          costs.set(next, s.cost);
+          m.flow.push(next++, s.cost);
+        } else if (s.op === 'reserve') {
+          if (m.reservation !== undefined) continue;
+          const reservation = { bytes: s.bytes, cost: Math.min(s.cost, s.bytes), granted: false };
+          m.reservation = reservation;
+          reservation.granted = m.flow.reserve(s.bytes, () => {
+            reservation.granted = true;
+          });
+        } else if (s.op === 'complete') {
+          const r = m.reservation;
+          if (r === undefined || !r.granted) continue;
+          m.reservation = undefined;
+          costs.set(next, r.cost);
+          m.flow.push(next++, r.cost, r.bytes);
+        } else if (s.op === 'done') {
+          if (m.running.length === 0) continue;
+          const [r] = m.running.splice(s.pick % m.running.length, 1);
+          if (r !== undefined) m.flow.done(r.cost);
+        } else {
+          m.socket.writableLength = s.length;
+          m.socket.emit('drain');
+        }
+        check();
+      }
+      // Complete everything: every request runs, every reservation is granted, all bytes come back.
+      for (let round = 0; round < 10_000; round++) {
+        let moved = false;
+        for (const m of models) {
+          m.socket.writableLength = 0;
+          const r = m.reservation;
+          if (r?.granted === true) {
+            m.reservation = undefined;
+            costs.set(next, r.cost);
+            m.flow.push(next++, r.cost, r.bytes);
+            moved = true;
+          }
+          const run = m.running.shift();
+          if (run !== undefined) {
+            m.flow.done(run.cost);
+            moved = true;
+          }
+          check();
+        }
+        if (!moved) break;
+      }
+      for (const m of models) {
+        assert.equal(m.reservation, undefined, 'every reservation was granted');
+        assert.equal(m.flow.queued, 0);
+        assert.equal(m.flow.bytesInFlight, 0);
+      }
+      assert.equal(shared.bytes, 0);
+      const started = models.reduce((n, m) => n + m.started.length, 0);
+      assert.equal(started, next, 'every request pushed was dispatched');
+    }),
+    { numRuns: 400 },
+  );
+});
+
+test('RequestFlow.close gives back what a connection reserved or queued to the shared budget', () => {
+  const shared = new SharedBudget(100);
+  const a = new RequestFlow<number>(new FakeSocket(), { maxRequests: 4, maxBytes: 100 }, newFlowStats(), () => undefined, shared);
+  const b = new RequestFlow<number>(new FakeSocket(), { maxRequests: 4, maxBytes: 100 }, newFlowStats(), () => undefined, shared);
+  assert.equal(a.reserve(80, () => undefined), true);
+  let granted = false;
+  assert.equal(b.reserve(50, () => (granted = true)), false, 'the service has no room for B');
+  a.close();
+  assert.equal(granted, true, 'closing A let B in');
+  assert.equal(shared.bytes, 50);
 });
