@@ -37,7 +37,16 @@ export interface NodeConfig {
   node: { id: string | undefined };
   dataDir: string;
   admin: { listen: ListenAddress };
-  rmem: { listen: ListenAddress; leaseMs: number; token: string | undefined; maxInFlight: number };
+  rmem: {
+    listen: ListenAddress;
+    leaseMs: number;
+    token: string | undefined;
+    maxInFlight: number;
+    maxInFlightBytes: number;
+    maxInFlightBytesTotal: number;
+    maxConnections: number;
+    handshakeTimeoutMs: number;
+  };
   nbd: { listen: ListenAddress };
   mirror: { listen: ListenAddress; partner: ListenAddress | undefined; onPartnerDown: 'degrade' | 'refuse'; timeoutMs: number; token: string | undefined };
   volumes: { defaultSize: number };
@@ -143,6 +152,10 @@ const rawSchema = z.strictObject({
       lease: durationLeaf.prefault('30s'),
       token: tokenLeaf.optional(),
       maxInFlight: intLeaf(1, 65536).prefault(256),
+      maxInFlightBytes: sizeLeaf.prefault('32MiB'),
+      maxInFlightBytesTotal: sizeLeaf.prefault('128MiB'),
+      maxConnections: intLeaf(1, 65536).prefault(256),
+      handshakeTimeout: durationLeaf.prefault('5s'),
     })
     .prefault({}),
   mirror: z
@@ -197,6 +210,10 @@ export const SETTINGS: readonly Setting[] = [
   { path: 'rmem.lease', flag: '--rmem-lease', default: '30s', doc: 'how long a lost server keeps its regions, and how long a silent connection lives' },
   { path: 'rmem.token', default: '(none)', doc: 'shared token every server must present at HELLO; set it in the file or environment, not on the command line' },
   { path: 'rmem.maxInFlight', default: '256', doc: 'requests served at once per connection before the node stops reading it' },
+  { path: 'rmem.maxInFlightBytes', default: '32MiB', doc: 'bytes one connection may hold in flight (request bodies and replies not yet written) before the node stops reading it' },
+  { path: 'rmem.maxInFlightBytesTotal', default: '128MiB', doc: 'bytes all rmem connections together may hold in flight; a connection waits, unread, while the service is at this cap' },
+  { path: 'rmem.maxConnections', default: '256', doc: 'rmem connections open at once; more are closed as they arrive' },
+  { path: 'rmem.handshakeTimeout', default: '5s', doc: 'a connection whose HELLO has not succeeded in this time is closed' },
   { path: 'mirror.listen', flag: '--mirror-listen', default: '127.0.0.1:10811', doc: 'mirror service, where a partner node keeps replicas of its mirrored NVRAM devices here; port 0 picks a free port' },
   { path: 'mirror.partner', flag: '--mirror-partner', default: '(none)', doc: 'mirror service of the partner node that holds replicas of this node\'s mirrored NVRAM devices, such as 10.0.0.2:10811' },
   { path: 'mirror.onPartnerDown', default: 'degrade', doc: 'when the partner is unreachable, mirrored devices degrade (acknowledge once the local journal is synced) or refuse appends' },
@@ -305,7 +322,16 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
     nbd: { listen: parsed.nbd.listen },
     volumes: { defaultSize: parsed.volumes.defaultSize },
     cache: { enabled: parsed.cache.enabled, maxDirtyAgeMs: parsed.cache.maxDirtyAge },
-    rmem: { listen: parsed.rmem.listen, leaseMs: parsed.rmem.lease, token: parsed.rmem.token, maxInFlight: parsed.rmem.maxInFlight },
+    rmem: {
+      listen: parsed.rmem.listen,
+      leaseMs: parsed.rmem.lease,
+      token: parsed.rmem.token,
+      maxInFlight: parsed.rmem.maxInFlight,
+      maxInFlightBytes: parsed.rmem.maxInFlightBytes,
+      maxInFlightBytesTotal: parsed.rmem.maxInFlightBytesTotal,
+      maxConnections: parsed.rmem.maxConnections,
+      handshakeTimeoutMs: parsed.rmem.handshakeTimeout,
+    },
     mirror: { listen: parsed.mirror.listen, partner: parsed.mirror.partner, onPartnerDown: parsed.mirror.onPartnerDown, timeoutMs: parsed.mirror.timeout, token: parsed.mirror.token },
     log: { level: parsed.log.level, format: parsed.log.format },
     media: {
@@ -321,6 +347,13 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
   }
   if (config.rmem.leaseMs < 100 || config.rmem.leaseMs > 86_400_000) {
     throw invalid('rmem.lease', raw, origin, 'expected a duration from 100ms to 24h');
+  }
+  if (config.rmem.maxInFlightBytes < 64 * KiB) throw invalid('rmem.maxInFlightBytes', raw, origin, 'expected at least 64KiB');
+  if (config.rmem.maxInFlightBytesTotal < config.rmem.maxInFlightBytes) {
+    throw invalid('rmem.maxInFlightBytesTotal', raw, origin, `expected at least rmem.maxInFlightBytes (${formatSize(config.rmem.maxInFlightBytes)})`);
+  }
+  if (config.rmem.handshakeTimeoutMs < 10 || config.rmem.handshakeTimeoutMs > 600_000) {
+    throw invalid('rmem.handshakeTimeout', raw, origin, 'expected a duration from 10ms to 10m');
   }
   if (config.mirror.timeoutMs < 10 || config.mirror.timeoutMs > 600_000) {
     throw invalid('mirror.timeout', raw, origin, 'expected a duration from 10ms to 10m');

@@ -185,6 +185,10 @@ export class StorageNode {
           leaseMs: config.rmem.leaseMs,
           token: config.rmem.token,
           maxInFlight: config.rmem.maxInFlight,
+          maxInFlightBytes: config.rmem.maxInFlightBytes,
+          maxInFlightBytesTotal: config.rmem.maxInFlightBytesTotal,
+          maxConnections: config.rmem.maxConnections,
+          handshakeTimeoutMs: config.rmem.handshakeTimeoutMs,
         });
         const bound = await rmem.listen(config.rmem.listen);
         this.rmem = rmem;

@@ -5,7 +5,9 @@
 // most of the node's CPU time. Buffers of 64 KiB and up are taken from here instead and
 // given back once the socket has handed them to the kernel (the write callback).
 //
-//   size classes: 64 KiB, 128 KiB, ... up to the largest frame; `perClass` kept each
+//   size classes: 64 KiB, 128 KiB, ... up to the largest frame; `perClass` kept each,
+//   and at most `maxBytes` kept in all (what the pool holds is outside any request's
+//   budget, so it is bounded on its own)
 //
 // Smaller replies come from Node's own slab allocator, which is cheaper than any pool.
 
@@ -14,17 +16,29 @@ export const POOL_MIN = 64 * 1024;
 export class BufferPool {
   private readonly free: Map<number, Buffer[]>;
   private readonly perClass: number;
+  private readonly maxBytes: number;
+  private kept: number;
 
-  constructor(perClass = 8) {
+  constructor(perClass = 8, maxBytes = Number.POSITIVE_INFINITY) {
     this.free = new Map();
     this.perClass = perClass;
+    this.maxBytes = maxBytes;
+    this.kept = 0;
+  }
+
+  /** Bytes held in the pool now. */
+  get retained(): number {
+    return this.kept;
   }
 
   /** A buffer of at least `size` bytes; below POOL_MIN a fresh one, else a pooled one. */
   acquire(size: number): Buffer {
     if (size < POOL_MIN) return Buffer.allocUnsafe(size);
     const cls = sizeClass(size);
-    return this.free.get(cls)?.pop() ?? Buffer.allocUnsafeSlow(cls);
+    const buf = this.free.get(cls)?.pop();
+    if (buf === undefined) return Buffer.allocUnsafeSlow(cls);
+    this.kept -= buf.length;
+    return buf;
   }
 
   /** Gives back a buffer that came from acquire; small ones are left to the GC. */
@@ -35,7 +49,10 @@ export class BufferPool {
       list = [];
       this.free.set(buf.length, list);
     }
-    if (list.length < this.perClass) list.push(buf);
+    if (list.length < this.perClass && this.kept + buf.length <= this.maxBytes) {
+      list.push(buf);
+      this.kept += buf.length;
+    }
   }
 }
 

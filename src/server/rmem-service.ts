@@ -13,6 +13,11 @@
 // elsewhere takes the session over and closes the older connection, which is what a
 // client that noticed a dead link before the node did needs. With a token configured,
 // HELLO must present it (compared in constant time).
+//
+// Bounded resources: a ConnectionGate caps connections and closes one whose HELLO does
+// not succeed within `handshakeTimeoutMs`; each connection's RequestFlow caps its
+// requests and bytes in flight, and one SharedBudget caps the bytes of all connections
+// together (see rmem-connection.ts).
 
 import { createServer, type Server, type Socket } from 'node:net';
 import { randomBytes, timingSafeEqual } from 'node:crypto';
@@ -21,6 +26,9 @@ import type { ServerMemory } from '../memory/server-memory.js';
 import type { DeviceManager } from '../nvram/device-manager.js';
 import type { Logger } from '../logger.js';
 import { closeServer, listenOn } from '../net/listen.js';
+import { ConnectionGate } from '../net/connection-gate.js';
+import { SharedBudget, newFlowStats, type FlowLimits, type FlowStats } from '../net/request-flow.js';
+import { serviceLoad, type ServiceLoad } from '../net/service-load.js';
 import type { ListenAddress } from '../units.js';
 import { BufferPool } from './buffer-pool.js';
 import { RmemConnection, type ConnectionHost, type RmemStats } from './rmem-connection.js';
@@ -35,8 +43,19 @@ export interface RmemServiceOptions {
   nodeId: string;
   leaseMs: number;
   token: string | undefined;
+  /** Requests in flight per connection. */
   maxInFlight: number;
+  /** Bytes in flight per connection: request bodies and replies not yet written. */
+  maxInFlightBytes: number;
+  /** Bytes in flight on all connections together. */
+  maxInFlightBytesTotal: number;
+  maxConnections: number;
+  /** A connection whose HELLO has not succeeded in this time is closed. */
+  handshakeTimeoutMs: number;
 }
+
+/** Large reply buffers kept for reuse, at most this many bytes (outside any budget). */
+const REPLY_POOL_BYTES = 32 * 1024 * 1024;
 
 interface Session {
   serverId: string;
@@ -51,7 +70,10 @@ export class RmemService implements ConnectionHost {
   readonly memory: ServerMemory;
   readonly nvram: DeviceManager;
   readonly log: Logger;
-  readonly maxInFlight: number;
+  readonly flowLimits: FlowLimits;
+  readonly flowStats: FlowStats;
+  readonly budget: SharedBudget;
+  readonly gate: ConnectionGate;
   readonly stats: RmemStats;
   readonly replyBuffers: BufferPool;
   private readonly options: RmemServiceOptions;
@@ -67,9 +89,12 @@ export class RmemService implements ConnectionHost {
     this.memory = options.memory;
     this.nvram = options.nvram;
     this.log = options.log;
-    this.maxInFlight = options.maxInFlight;
+    this.flowLimits = { maxRequests: options.maxInFlight, maxBytes: options.maxInFlightBytes };
+    this.flowStats = newFlowStats();
+    this.budget = new SharedBudget(options.maxInFlightBytesTotal);
+    this.gate = new ConnectionGate('rmem', { maxConnections: options.maxConnections, handshakeTimeoutMs: options.handshakeTimeoutMs }, options.log);
     this.stats = { requests: {}, errors: {}, bytesRead: 0, bytesWritten: 0, connectionsAccepted: 0, protocolErrors: 0 };
-    this.replyBuffers = new BufferPool();
+    this.replyBuffers = new BufferPool(8, REPLY_POOL_BYTES);
     this.sessions = new Map();
     this.connections = new Set();
     this.server = undefined;
@@ -107,6 +132,11 @@ export class RmemService implements ConnectionHost {
     const server = this.server;
     this.server = undefined;
     await closeServer(server, this.connections);
+  }
+
+  /** Connections, pauses and bytes in flight, for metrics. */
+  load(): ServiceLoad {
+    return serviceLoad(this.gate.stats, this.flowStats, this.budget);
   }
 
   isStopping(): boolean {
@@ -180,8 +210,10 @@ export class RmemService implements ConnectionHost {
       socket.destroy();
       return;
     }
+    const admission = this.gate.admit(socket);
+    if (admission === undefined) return;
     this.stats.connectionsAccepted++;
-    this.connections.add(new RmemConnection(socket, this));
+    this.connections.add(new RmemConnection(socket, this, admission));
   }
 
   private checkLeases(now = Date.now()): void {

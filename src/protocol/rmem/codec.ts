@@ -15,6 +15,8 @@ import {
   BODY,
   HEADER_SIZE,
   HELLO_RESUMED,
+  MAX_BODY,
+  MAX_DATA,
   MAX_ERROR_MESSAGE,
   MAX_SERVER_ID,
   MAX_TOKEN,
@@ -640,4 +642,51 @@ export function encodeJreadReply(tag: Tag, records: readonly Buffer[]): Buffer[]
   writeResponseHeader(head, OP.JREAD, STATUS.OK, tag, length);
   head.writeUInt32BE(records.length, HEADER_SIZE);
   return [head, ...records];
+}
+
+// ---- reply sizes: what a request may make the node hold, before it is served ----
+
+/** An error reply: header and the longest message. */
+export const ERROR_REPLY_SIZE = HEADER_SIZE + MAX_ERROR_MESSAGE;
+
+/**
+ * The largest reply any request of `op` can get, known from the op alone (before its
+ * body has arrived): for budgeting a body that spans socket chunks.
+ */
+export function maxReplySize(op: number): number {
+  switch (op) {
+    case OP.READ:
+    case OP.READV:
+      return HEADER_SIZE + MAX_DATA;
+    case OP.JREAD:
+      // One record is returned even when it is larger than maxBytes.
+      return HEADER_SIZE + 4 + MAX_BODY;
+    case OP.BIND:
+      return HEADER_SIZE + 8 + 8 + 8 + 2 + 0xffff * BODY.RANGE;
+    case OP.JAPPEND:
+      return Math.max(ERROR_REPLY_SIZE, HEADER_SIZE + 2 + MAX_VECTOR * 16);
+    default:
+      return ERROR_REPLY_SIZE;
+  }
+}
+
+/**
+ * The largest reply this request can get, read from its body where the body names it
+ * (READ, READV); a body too malformed to say gets an error reply at most.
+ */
+export function replySize(op: number, body: Buffer): number {
+  if (op === OP.READ) {
+    if (body.length !== BODY.READ) return ERROR_REPLY_SIZE;
+    const length = body.readUInt32BE(24);
+    return length > MAX_DATA ? ERROR_REPLY_SIZE : Math.max(ERROR_REPLY_SIZE, HEADER_SIZE + length);
+  }
+  if (op === OP.READV) {
+    if (body.length < 2) return ERROR_REPLY_SIZE;
+    const count = body.readUInt16BE(0);
+    if (body.length !== 2 + count * BODY.VECTOR_ENTRY) return ERROR_REPLY_SIZE;
+    let total = 0;
+    for (let i = 0; i < count; i++) total += body.readUInt32BE(2 + i * BODY.VECTOR_ENTRY + 24);
+    return total > MAX_DATA ? ERROR_REPLY_SIZE : Math.max(ERROR_REPLY_SIZE, HEADER_SIZE + total);
+  }
+  return maxReplySize(op);
 }

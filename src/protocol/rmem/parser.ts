@@ -16,7 +16,10 @@
 // before it allocates; a refusal holds the parser (the rest of the chunk is kept, later
 // chunks are queued behind it) until the owner calls resume(). So a peer makes the node
 // hold a body only once the owner has budgeted for it, and `maxBody` may be lowered
-// (before a handshake) or raised at any time between frames.
+// (before a handshake) or raised at any time between frames. With `accepting`, the
+// parser stops after a frame the owner could not take at once (it is queued), keeping
+// the rest of the chunk as bytes: a chunk of thousands of tiny frames never becomes
+// thousands of objects waiting in a queue.
 
 import { MisuseError } from '../../errors.js';
 import { HEADER_SIZE, MAX_BODY, REQUEST_MAGIC, RESPONSE_MAGIC } from './spec.js';
@@ -44,6 +47,8 @@ export interface FrameHandlers {
    * False holds the parser until resume(); true (or no handler) goes on at once.
    */
   admitBody?(op: number, length: number): boolean;
+  /** Optional: asked after each frame; false stops parsing until resume(). */
+  accepting?(): boolean;
 }
 
 export class FrameParser {
@@ -62,7 +67,9 @@ export class FrameParser {
   private failed: boolean;
   /** Length of a body waiting for admission, or -1. */
   private held: number;
-  /** Input that arrived while held, in order. */
+  /** Stopped between frames because the owner was not accepting. */
+  private stopped: boolean;
+  /** Input that arrived while held or stopped, in order. */
   private backlog: Buffer[];
 
   /** `direction` picks the rmem magic; another protocol with the same header passes its own magic. */
@@ -80,12 +87,18 @@ export class FrameParser {
     this.tagLo = 0;
     this.failed = false;
     this.held = -1;
+    this.stopped = false;
     this.backlog = [];
   }
 
   /** True while a body waits for admission (see admitBody). */
   get holding(): boolean {
     return this.held >= 0;
+  }
+
+  /** True while parsing is stopped between frames (see accepting). */
+  get waiting(): boolean {
+    return this.stopped;
   }
 
   /** True once the stream lost its framing; nothing more will be parsed. */
@@ -105,17 +118,26 @@ export class FrameParser {
     this.body = own;
   }
 
-  /** The body that waited for admission may now be read: allocates it and goes on with the input kept meanwhile. */
+  /**
+   * Goes on after a hold: the body that waited for admission may now be allocated, or
+   * the owner accepts frames again. Input kept meanwhile is parsed in order.
+   */
   resume(): void {
-    if (this.held < 0 || this.failed) return;
-    this.startBody(this.held);
-    this.held = -1;
+    if (this.failed) return;
+    if (this.held >= 0) {
+      this.startBody(this.held);
+      this.held = -1;
+    } else if (this.stopped) {
+      this.stopped = false;
+    } else {
+      return;
+    }
     const backlog = this.backlog;
     this.backlog = [];
     for (const [i, chunk] of backlog.entries()) {
       this.feed(chunk);
-      // Held again: what is left waits in order.
-      if (this.held >= 0) {
+      // Held or stopped again: what is left waits in order.
+      if (this.held >= 0 || this.stopped) {
         this.backlog.push(...backlog.slice(i + 1));
         return;
       }
@@ -123,7 +145,7 @@ export class FrameParser {
   }
 
   feed(chunk: Buffer): void {
-    if (this.held >= 0) {
+    if (this.held >= 0 || this.stopped) {
       if (!this.failed && chunk.length > 0) this.backlog.push(chunk);
       return;
     }
@@ -148,6 +170,7 @@ export class FrameParser {
         if (chunk.length - at >= length) {
           this.emit(chunk.subarray(at, at + length));
           at += length;
+          if (this.stopAfterFrame(chunk, at)) return;
           continue;
         }
         if (this.handlers.admitBody?.(this.op, length) === false) {
@@ -164,8 +187,17 @@ export class FrameParser {
       if (this.bodyHave === body.length) {
         this.body = undefined;
         this.emit(body);
+        if (this.stopAfterFrame(chunk, at)) return;
       }
     }
+  }
+
+  /** After a frame: stops, keeping the rest of the chunk, if the owner takes no more now. */
+  private stopAfterFrame(chunk: Buffer, at: number): boolean {
+    if (this.failed || this.handlers.accepting?.() !== false) return false;
+    this.stopped = true;
+    if (at < chunk.length) this.backlog.push(chunk.subarray(at));
+    return true;
   }
 
   private startBody(length: number): Buffer {

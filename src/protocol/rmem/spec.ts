@@ -20,6 +20,11 @@ export const HEADER_SIZE = 20;
 export const MAX_DATA = 16 * 1024 * 1024;
 /** Largest body either side accepts: the data plus room for the fields in front of it. */
 export const MAX_BODY = MAX_DATA + 64 * 1024;
+/**
+ * Largest body a node accepts before HELLO has succeeded (a HELLO is about 1.1 KiB): a
+ * peer that has not been admitted cannot make the node hold more.
+ */
+export const HANDSHAKE_MAX_BODY = 4096;
 /** Largest number of entries in one READV or WRITEV. */
 export const MAX_VECTOR = 1024;
 /** Bind sizes and address binds are in pages of this size. */

@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import * as codec from '../../../../src/protocol/rmem/codec.js';
 import { FrameParser, type Frame } from '../../../../src/protocol/rmem/parser.js';
-import { HEADER_SIZE, OP, STATUS } from '../../../../src/protocol/rmem/spec.js';
+import { HEADER_SIZE, MAX_DATA, OP, STATUS } from '../../../../src/protocol/rmem/spec.js';
 
 const tag = { hi: 0x01020304, lo: 0xfffffffe };
 
@@ -141,4 +141,25 @@ test('64-bit fields at or above 2^53 never decode as a small number', () => {
   assert.ok(read.regionId > Number.MAX_SAFE_INTEGER);
   assert.ok(read.offset > Number.MAX_SAFE_INTEGER);
   assert.equal(read.key, 2n ** 64n - 1n);
+});
+
+test('replySize bounds the reply a request can get, and never exceeds what its op alone allows', () => {
+  const body = (frame: Buffer) => frame.subarray(20);
+  const read = body(codec.encodeReadRequest({ hi: 0, lo: 1 }, { regionId: 1, key: 2n, offset: 0, length: 5000 }));
+  assert.equal(codec.replySize(OP.READ, read), 20 + 5000);
+  const readv = body(codec.encodeReadvRequest({ hi: 0, lo: 1 }, [{ regionId: 1, key: 2n, offset: 0, length: 70_000 }, { regionId: 1, key: 2n, offset: 0, length: 30_000 }]));
+  assert.equal(codec.replySize(OP.READV, readv), 20 + 100_000);
+  const tooBig = body(codec.encodeReadRequest({ hi: 0, lo: 1 }, { regionId: 1, key: 2n, offset: 0, length: MAX_DATA + 1 }));
+  assert.equal(codec.replySize(OP.READ, tooBig), codec.ERROR_REPLY_SIZE, 'refused with TOO_BIG: an error reply');
+  assert.equal(codec.replySize(OP.READ, Buffer.alloc(3)), codec.ERROR_REPLY_SIZE, 'malformed: an error reply');
+  fc.assert(
+    fc.property(fc.integer({ min: 0, max: 20 }), fc.uint8Array({ maxLength: 64 }), (op, bytes) => {
+      const size = codec.replySize(op, Buffer.from(bytes));
+      assert.ok(size >= codec.ERROR_REPLY_SIZE);
+      assert.ok(size <= codec.maxReplySize(op));
+    }),
+  );
+  // A BIND reply of the most ranges the wire can carry fits its op's bound.
+  const ranges = Array.from({ length: 0xffff }, (_, i) => ({ medium: 'dram' as const, start: i * 4096, length: 4096 }));
+  assert.ok(codec.encodeBindReply({ hi: 0, lo: 1 }, { regionId: 1, key: 1n, size: 4096, ranges }).length <= codec.maxReplySize(OP.BIND));
 });

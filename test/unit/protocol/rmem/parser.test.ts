@@ -198,3 +198,49 @@ test('maxBody can be raised between frames (after a handshake)', () => {
   parser.feed(write);
   assert.equal(fatal.length, 1);
 });
+
+test('accepting: the parser stops after a frame the owner cannot take, keeps the rest as bytes, and parses it on resume', () => {
+  const stream = Buffer.concat(sample());
+  const whole = collect();
+  whole.parser.feed(stream);
+  fc.assert(
+    fc.property(fc.array(fc.integer({ min: 1, max: stream.length }), { maxLength: 8 }), fc.array(fc.boolean(), { minLength: 1, maxLength: 20 }), (cuts, answers) => {
+      const frames: Frame[] = [];
+      let turn = 0;
+      let stops = 0;
+      let resumes = 0;
+      const parser = new FrameParser('request', {
+        onFrame: (f) => {
+          assert.equal(parser.waiting, false, 'no frame comes out while stopped');
+          frames.push({ ...f, body: Buffer.from(f.body) });
+        },
+        onFatal: (e) => {
+          throw e;
+        },
+        accepting: () => {
+          const yes = answers[turn++ % answers.length] ?? true;
+          if (!yes) stops++;
+          return yes;
+        },
+      });
+      const points = [...new Set(cuts)].sort((a, b) => a - b);
+      let at = 0;
+      for (const p of [...points, stream.length]) {
+        parser.feed(stream.subarray(at, p));
+        at = p;
+        if (parser.waiting && turn % 3 === 0) {
+          resumes++;
+          parser.resume();
+        }
+      }
+      while (parser.waiting) {
+        resumes++;
+        parser.resume();
+      }
+      assert.deepEqual(frames, whole.frames);
+      // Stopped exactly once per refusal, and resumed each time.
+      assert.equal(resumes, stops);
+    }),
+    { numRuns: 300 },
+  );
+});
