@@ -24,7 +24,7 @@
 
 import type { Socket } from 'node:net';
 import { MisuseError, RuntimeError, isMemstrataError } from '../errors.js';
-import type { ServerMemory, ServerRegion } from '../memory/server-memory.js';
+import type { ServerMemory, ServerRegion, Tenancy } from '../memory/server-memory.js';
 import type { DeviceManager } from '../nvram/device-manager.js';
 import type { NvramDevice } from '../nvram/device.js';
 import { MAX_TARGET_NAME } from '../protocol/journal/record.js';
@@ -81,8 +81,8 @@ export interface ConnectionHost {
   /** Large reply buffers, reused across requests and connections. */
   readonly replyBuffers: BufferPool;
   isStopping(): boolean;
-  /** Admits a HELLO; returns the session's reply fields or throws a coded error. */
-  hello(connection: RmemConnection, serverId: string, token: string): { resumed: boolean; sessionId: bigint; leaseMs: number; nodeId: string };
+  /** Admits a HELLO; returns the session's tenancy and reply fields, or throws a coded error. */
+  hello(connection: RmemConnection, serverId: string, token: string): { tenancy: Tenancy; resumed: boolean; sessionId: bigint; leaseMs: number; nodeId: string };
   /** Notes traffic for the lease. */
   touch(serverId: string): void;
   closed(connection: RmemConnection): void;
@@ -113,6 +113,8 @@ export class RmemConnection {
   readonly socket: Socket;
   readonly remote: string;
   serverId: string | undefined;
+  /** The session this connection serves, once HELLO succeeded; every memory request is checked against it. */
+  private tenancy: Tenancy | undefined;
   private readonly host: ConnectionHost;
   private readonly admission: Admission;
   private readonly parser: FrameParser;
@@ -131,6 +133,7 @@ export class RmemConnection {
     this.socket = socket;
     this.remote = `${socket.remoteAddress ?? '?'}:${socket.remotePort ?? 0}`;
     this.serverId = undefined;
+    this.tenancy = undefined;
     this.host = host;
     this.admission = admission;
     this.writer = new CorkedWriter(socket);
@@ -268,7 +271,8 @@ export class RmemConnection {
     const { op, body } = frame;
     if (op === OP.HELLO) return this.onHello(body, tag);
     const serverId = this.serverId;
-    if (serverId === undefined) {
+    const tenancy = this.tenancy;
+    if (serverId === undefined || tenancy === undefined) {
       if (OP_NAME[op] === undefined) throw new MisuseError('MS_RMEM_UNSUPPORTED', `unknown operation ${op}`);
       throw new MisuseError('MS_RMEM_NO_SESSION', `${OP_NAME[op] ?? op} before HELLO`);
     }
@@ -280,17 +284,17 @@ export class RmemConnection {
         return one(encodeEmptyReply(OP.KEEPALIVE, tag));
       case OP.CAPACITY:
         decodeEmpty(body, 'CAPACITY');
-        return one(encodeCapacityReply(tag, memory.capacity(serverId)));
+        return one(encodeCapacityReply(tag, memory.capacity(tenancy)));
       case OP.BIND:
-        return this.onBind(serverId, body, tag);
+        return this.onBind(tenancy, body, tag);
       case OP.READ:
-        return this.onRead(serverId, body, tag);
+        return this.onRead(tenancy, body, tag);
       case OP.WRITE:
-        return this.onWrite(serverId, body, tag);
+        return this.onWrite(tenancy, body, tag);
       case OP.READV:
-        return this.onReadv(serverId, body, tag);
+        return this.onReadv(tenancy, body, tag);
       case OP.WRITEV:
-        return this.onWritev(serverId, body, tag);
+        return this.onWritev(tenancy, body, tag);
       case OP.JOPEN: {
         const { name, epoch } = decodeJopenRequest(body);
         if (this.journals.size >= MAX_JOURNALS) throw new MisuseError('MS_NVRAM_INVALID', `at most ${MAX_JOURNALS} journals may be open on one connection`);
@@ -332,7 +336,7 @@ export class RmemConnection {
       }
       case OP.FREE: {
         const request = decodeFreeRequest(body);
-        await memory.free(serverId, request.regionId, request.key);
+        await memory.free(tenancy, request.regionId, request.key);
         return one(encodeEmptyReply(OP.FREE, tag));
       }
       default:
@@ -346,24 +350,25 @@ export class RmemConnection {
     if (hello.version !== VERSION) {
       throw new MisuseError('MS_RMEM_VERSION', `protocol version ${hello.version} is not supported; this node speaks version ${VERSION}`);
     }
-    const session = this.host.hello(this, hello.serverId, hello.token);
+    const { tenancy, ...session } = this.host.hello(this, hello.serverId, hello.token);
     this.serverId = hello.serverId;
+    this.tenancy = tenancy;
     // Admitted: full-size frames from here on, and the handshake deadline no longer applies.
     this.parser.maxBody = MAX_BODY;
     this.admission.handshakeDone();
     return Promise.resolve(one(encodeHelloReply(tag, { version: VERSION, maxBody: MAX_BODY, ...session })));
   }
 
-  private async onBind(serverId: string, body: Buffer, tag: Tag): Promise<Reply> {
+  private async onBind(tenancy: Tenancy, body: Buffer, tag: Tag): Promise<Reply> {
     const request = decodeBindRequest(body);
-    const region = await this.host.memory.bind(serverId, request.size, request.placement);
+    const region = await this.host.memory.bind(tenancy, request.size, request.placement);
     return one(encodeBindReply(tag, { regionId: region.id, key: region.key, size: region.size, ranges: [...region.ranges] }));
   }
 
-  private async onRead(serverId: string, body: Buffer, tag: Tag): Promise<Reply> {
+  private async onRead(tenancy: Tenancy, body: Buffer, tag: Tag): Promise<Reply> {
     const request = decodeReadRequest(body);
     if (request.length > MAX_DATA) throw tooBig(request.length);
-    const region = this.host.memory.lookup(serverId, request.regionId, request.key);
+    const region = this.host.memory.lookup(tenancy, request.regionId, request.key);
     const reply = this.dataReply(OP.READ, tag, request.length);
     try {
       await this.host.memory.read(region, request.offset, reply.subarray(HEADER_SIZE, HEADER_SIZE + request.length));
@@ -375,20 +380,20 @@ export class RmemConnection {
     return this.pooled(reply, HEADER_SIZE + request.length);
   }
 
-  private async onWrite(serverId: string, body: Buffer, tag: Tag): Promise<Reply> {
+  private async onWrite(tenancy: Tenancy, body: Buffer, tag: Tag): Promise<Reply> {
     const request = decodeWriteRequest(body);
-    const region = this.host.memory.lookup(serverId, request.regionId, request.key);
+    const region = this.host.memory.lookup(tenancy, request.regionId, request.key);
     await this.host.memory.write(region, request.offset, request.data);
     this.host.stats.bytesWritten += request.data.length;
     return one(encodeEmptyReply(OP.WRITE, tag));
   }
 
-  private async onReadv(serverId: string, body: Buffer, tag: Tag): Promise<Reply> {
+  private async onReadv(tenancy: Tenancy, body: Buffer, tag: Tag): Promise<Reply> {
     const entries = decodeReadvRequest(body);
     const total = entries.reduce((sum, e) => sum + e.length, 0);
     if (total > MAX_DATA) throw tooBig(total);
     // Every entry is checked before any is read: a READV is served whole or not at all.
-    const regions = entries.map((e) => this.checkedRegion(serverId, e.regionId, e.key, e.offset, e.length));
+    const regions = entries.map((e) => this.checkedRegion(tenancy, e.regionId, e.key, e.offset, e.length));
     const reply = this.dataReply(OP.READV, tag, total);
     let at = HEADER_SIZE;
     const reads: Promise<void>[] = [];
@@ -407,9 +412,9 @@ export class RmemConnection {
     return this.pooled(reply, HEADER_SIZE + total);
   }
 
-  private async onWritev(serverId: string, body: Buffer, tag: Tag): Promise<Reply> {
+  private async onWritev(tenancy: Tenancy, body: Buffer, tag: Tag): Promise<Reply> {
     const { entries, data } = decodeWritevRequest(body);
-    const regions = entries.map((e) => this.checkedRegion(serverId, e.regionId, e.key, e.offset, e.length));
+    const regions = entries.map((e) => this.checkedRegion(tenancy, e.regionId, e.key, e.offset, e.length));
     let at = 0;
     const writes: Promise<void>[] = [];
     for (const [i, e] of entries.entries()) {
@@ -430,8 +435,8 @@ export class RmemConnection {
     return journal;
   }
 
-  private checkedRegion(serverId: string, regionId: number, key: bigint, offset: number, length: number): ServerRegion {
-    const region = this.host.memory.lookup(serverId, regionId, key);
+  private checkedRegion(tenancy: Tenancy, regionId: number, key: bigint, offset: number, length: number): ServerRegion {
+    const region = this.host.memory.lookup(tenancy, regionId, key);
     if (offset < 0 || offset + length > region.size) {
       throw new MisuseError('MS_RMEM_RANGE', `offset ${offset} length ${length} lies outside region ${regionId} of ${region.size} bytes`);
     }

@@ -22,7 +22,7 @@
 import { createServer, type Server, type Socket } from 'node:net';
 import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { MisuseError } from '../errors.js';
-import type { ServerMemory } from '../memory/server-memory.js';
+import type { ServerMemory, Tenancy } from '../memory/server-memory.js';
 import type { DeviceManager } from '../nvram/device-manager.js';
 import type { Logger } from '../logger.js';
 import { closeServer, listenOn } from '../net/listen.js';
@@ -59,6 +59,8 @@ const REPLY_POOL_BYTES = 32 * 1024 * 1024;
 
 interface Session {
   serverId: string;
+  /** What the session's regions belong to; a new session of the same id is a new tenancy. */
+  tenancy: Tenancy;
   sessionId: bigint;
   connection: RmemConnection | undefined;
   lastSeen: number;
@@ -160,7 +162,7 @@ export class RmemService implements ConnectionHost {
       }));
   }
 
-  hello(connection: RmemConnection, serverId: string, token: string): { resumed: boolean; sessionId: bigint; leaseMs: number; nodeId: string } {
+  hello(connection: RmemConnection, serverId: string, token: string): { tenancy: Tenancy; resumed: boolean; sessionId: bigint; leaseMs: number; nodeId: string } {
     const expected = this.options.token;
     if (expected !== undefined && !sameToken(expected, token)) {
       this.log.warn({ remote: connection.remote, server: serverId }, 'rmem HELLO with a wrong token refused');
@@ -174,12 +176,13 @@ export class RmemService implements ConnectionHost {
       existing.lastSeen = now;
       if (previous !== undefined && previous !== connection) previous.destroy(`server ${serverId} connected again from ${connection.remote}`);
       this.log.info({ server: serverId, remote: connection.remote }, 'rmem session resumed');
-      return { resumed: true, sessionId: existing.sessionId, leaseMs: this.options.leaseMs, nodeId: this.options.nodeId };
+      return { tenancy: existing.tenancy, resumed: true, sessionId: existing.sessionId, leaseMs: this.options.leaseMs, nodeId: this.options.nodeId };
     }
-    const session: Session = { serverId, sessionId: randomBytes(8).readBigUInt64BE(0), connection, lastSeen: now, since: now, disconnectedAt: 0 };
+    const tenancy = this.memory.open(serverId);
+    const session: Session = { serverId, tenancy, sessionId: randomBytes(8).readBigUInt64BE(0), connection, lastSeen: now, since: now, disconnectedAt: 0 };
     this.sessions.set(serverId, session);
     this.log.info({ server: serverId, remote: connection.remote }, 'rmem session opened');
-    return { resumed: false, sessionId: session.sessionId, leaseMs: this.options.leaseMs, nodeId: this.options.nodeId };
+    return { tenancy, resumed: false, sessionId: session.sessionId, leaseMs: this.options.leaseMs, nodeId: this.options.nodeId };
   }
 
   touch(serverId: string): void {
@@ -195,11 +198,9 @@ export class RmemService implements ConnectionHost {
     if (session === undefined || session.connection !== connection) return;
     session.connection = undefined;
     session.disconnectedAt = Date.now();
-    const holds = this.memory.capacity(serverId).some((c) => c.used > 0);
-    if (!holds && !connection.busy) {
-      // Nothing to keep for a reconnect (and no bind still running): forget the session now.
-      this.sessions.delete(serverId);
-      this.log.info({ server: serverId }, 'rmem session closed');
+    if (!this.memory.holds(session.tenancy)) {
+      // Nothing to keep for a reconnect: the session ends now (a BIND still running is undone).
+      this.endSession(session, 'rmem session closed');
       return;
     }
     this.log.info({ server: serverId, leaseMs: this.options.leaseMs }, 'rmem connection lost; regions kept for the lease');
@@ -224,17 +225,22 @@ export class RmemService implements ConnectionHost {
         continue;
       }
       if (now - session.disconnectedAt <= lease) continue;
-      this.sessions.delete(session.serverId);
-      const serverId = session.serverId;
-      this.memory.releaseServer(serverId).then(
-        (regions) => {
-          this.log.info({ server: serverId, regions }, 'rmem lease expired; regions freed and zeroed');
-        },
-        (error: unknown) => {
-          this.log.error({ server: serverId, err: error }, 'rmem lease expired but freeing its regions failed');
-        },
-      );
+      this.endSession(session, 'rmem lease expired; regions freed and zeroed');
     }
+  }
+
+  /** Forgets a session: its regions are unreachable at once, then freed and zeroed in turn. */
+  private endSession(session: Session, message: string): void {
+    this.sessions.delete(session.serverId);
+    const serverId = session.serverId;
+    this.memory.end(session.tenancy).then(
+      (regions) => {
+        this.log.info({ server: serverId, regions }, message);
+      },
+      (error: unknown) => {
+        this.log.error({ server: serverId, err: error }, 'rmem session ended but freeing its regions failed');
+      },
+    );
   }
 }
 

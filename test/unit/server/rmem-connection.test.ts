@@ -27,6 +27,14 @@ class ScriptedMedium extends DramMedium {
   readonly failAt = new Set<number>();
   readonly holdAt = new Map<number, { target: Uint8Array; go: (fill: number) => void }>();
   readonly holding = new Set<number>();
+  /** While set, zeroing waits until the test lets it go (heldZeroes). */
+  holdZeroes = false;
+  readonly heldZeroes: (() => void)[] = [];
+
+  override async zero(offset: number, length: number): Promise<void> {
+    if (this.holdZeroes) await new Promise<void>((resolve) => this.heldZeroes.push(resolve));
+    return super.zero(offset, length);
+  }
 
   override async read(offset: number, target: Uint8Array): Promise<void> {
     if (this.failAt.has(offset)) throw new StorageError('MS_MEDIUM_IO', `scripted failure at ${offset}`);
@@ -47,7 +55,7 @@ class ScriptedMedium extends DramMedium {
   }
 }
 
-async function service(t: { after(fn: () => Promise<void>): void }) {
+async function service(t: { after(fn: () => Promise<void>): void }, leaseMs = 30_000) {
   const dir = await mkdtemp(join(tmpdir(), 'memstrata-rmemconn-'));
   t.after(() => rm(dir, { recursive: true, force: true }));
   const medium = new ScriptedMedium({ capacity: 32 * E, extentSize: E });
@@ -55,14 +63,15 @@ async function service(t: { after(fn: () => Promise<void>): void }) {
   const partition = new PartitionTable([
     { name: 'dram', capacity: 32 * E, extentSize: E, initial: { cache: 0, server: 16 * E, nvram: 0 }, bounds: { cache: { min: 0, max: 32 * E }, server: { min: 0, max: 32 * E }, nvram: { min: 0, max: 0 } } },
   ]);
-  const memory = new ServerMemory({ partition, allocation: new AllocationTable(), media: [medium] });
+  const allocation = new AllocationTable();
+  const memory = new ServerMemory({ partition, allocation, media: [medium] });
   const nvram = new DeviceManager({ dataDir: dir, partition, media: [medium], log });
   const rmem = new RmemService({
     memory,
     nvram,
     log,
     nodeId: 'unit',
-    leaseMs: 30_000,
+    leaseMs,
     token: undefined,
     maxInFlight: 64,
     maxInFlightBytes: 32 * E,
@@ -71,8 +80,14 @@ async function service(t: { after(fn: () => Promise<void>): void }) {
     handshakeTimeoutMs: 5000,
   });
   const address = await rmem.listen({ host: '127.0.0.1', port: 0 });
-  t.after(() => rmem.close());
-  return { rmem, medium, address };
+  t.after(async () => {
+    // Whatever a failed test left held goes on, so the service can drain and close.
+    medium.holdZeroes = false;
+    for (const go of medium.heldZeroes.splice(0)) go();
+    for (const held of medium.holdAt.values()) held.go(0);
+    await rmem.close();
+  });
+  return { rmem, medium, address, memory, allocation, partition };
 }
 
 test('a READV with a failed entry keeps its reply buffer until every entry has stopped writing into it', async (t) => {
@@ -110,4 +125,65 @@ test('a READV with a failed entry keeps its reply buffer until every entry has s
 
 async function until(probe: () => boolean): Promise<void> {
   while (!probe()) await new Promise((resolve) => setImmediate(resolve));
+}
+
+test('a BIND still running when its lease expires is undone: nothing of it stays bound', async (t) => {
+  const { rmem, medium, address, allocation, partition, memory } = await service(t, 100);
+  const client = await RmemClient.connect({ ...address, serverId: 'srv', keepalive: false, reconnect: false });
+  medium.holdZeroes = true;
+  const bind = client.bind(3 * E, { medium: 'dram' }).catch(() => undefined);
+  await until(() => medium.heldZeroes.length > 0);
+  // The server goes away while its BIND zeroes the extents it takes.
+  await client.close();
+  await bind;
+  await untilAsync(async () => rmem.sessionsInfo().length === 0);
+  medium.holdZeroes = false;
+  for (const go of medium.heldZeroes.splice(0)) go();
+  // Binds, frees and releases take turns: once another server's FREE is answered, the BIND and the release are over.
+  await barrier(address);
+  assert.equal(memory.regionCount(), 0);
+  assert.deepEqual(allocation.rows(), [], 'no region left in the allocation table');
+  assert.deepEqual(partition.rows().filter((r) => r.owner !== null), [], 'no extent left held');
+});
+
+test('a new session of the same server id (resumed=false) cannot reach the old session\'s regions, even before they are zeroed', async (t) => {
+  const { rmem, medium, address } = await service(t, 100);
+  const first = await RmemClient.connect({ ...address, serverId: 'srv', keepalive: false, reconnect: false });
+  const region = await first.bind(64 * 1024, { medium: 'dram' });
+  await first.write(region, 0, Buffer.from('old session data'));
+  // Another server's BIND holds the queue of binds, frees and releases (it zeroes what it takes), so
+  // the release at srv's lease expiry has not reached srv's region yet.
+  const other = await RmemClient.connect({ ...address, serverId: 'other', reconnect: false });
+  t.after(() => other.close());
+  medium.holdZeroes = true;
+  const otherBind = other.bind(2 * E, { medium: 'dram' });
+  await until(() => medium.heldZeroes.length > 0);
+  await first.close();
+  await untilAsync(async () => rmem.sessionsInfo().every((s) => s.serverId !== 'srv'));
+  const second = await RmemClient.connect({ ...address, serverId: 'srv', reconnect: false });
+  t.after(() => second.close());
+  assert.equal(second.session.resumed, false);
+  await assert.rejects(second.read(region, 0, 16), { code: 'MS_RMEM_VIOLATION' }, 'read with the old key');
+  await assert.rejects(second.write(region, 0, Buffer.from('x')), { code: 'MS_RMEM_VIOLATION' }, 'write with the old key');
+  await assert.rejects(second.free(region), { code: 'MS_RMEM_VIOLATION' }, 'free with the old key');
+  medium.holdZeroes = false;
+  for (const go of medium.heldZeroes.splice(0)) go();
+  await otherBind;
+  await barrier(address);
+  await assert.rejects(second.read(region, 0, 16), { code: 'MS_RMEM_VIOLATION' }, 'and after the release');
+});
+
+/** Resolves once everything queued in server memory before it (binds, frees, releases) is done. */
+async function barrier(address: { host: string; port: number }): Promise<void> {
+  const probe = await RmemClient.connect({ ...address, serverId: 'barrier', keepalive: false, reconnect: false });
+  await assert.rejects(probe.free({ regionId: 999_999, key: 0n, size: 4096, ranges: [] }), { code: 'MS_RMEM_VIOLATION' });
+  await probe.close();
+}
+
+async function untilAsync(probe: () => Promise<boolean>): Promise<void> {
+  for (let i = 0; i < 2000; i++) {
+    if (await probe()) return;
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+  throw new Error('condition not reached');
 }
