@@ -82,7 +82,7 @@ export interface ConnectionHost {
   readonly replyBuffers: BufferPool;
   isStopping(): boolean;
   /** Admits a HELLO; returns the session's tenancy and reply fields, or throws a coded error. */
-  hello(connection: RmemConnection, serverId: string, token: string): { tenancy: Tenancy; resumed: boolean; sessionId: bigint; leaseMs: number; nodeId: string };
+  hello(connection: RmemConnection, serverId: string, token: string, secret: Buffer | undefined): { tenancy: Tenancy; resumed: boolean; sessionId: bigint; leaseMs: number; nodeId: string; secret: Buffer };
   /** Notes traffic for the lease. */
   touch(serverId: string): void;
   closed(connection: RmemConnection): void;
@@ -345,12 +345,10 @@ export class RmemConnection {
   }
 
   private onHello(body: Buffer, tag: Tag): Promise<Reply> {
+    // Another version is refused by the decoder (MS_RMEM_VERSION) before its body is read.
     const hello = decodeHelloRequest(body);
     if (this.serverId !== undefined) throw new MisuseError('MS_RMEM_NO_SESSION', `HELLO on a connection that already belongs to server ${this.serverId}`);
-    if (hello.version !== VERSION) {
-      throw new MisuseError('MS_RMEM_VERSION', `protocol version ${hello.version} is not supported; this node speaks version ${VERSION}`);
-    }
-    const { tenancy, ...session } = this.host.hello(this, hello.serverId, hello.token);
+    const { tenancy, ...session } = this.host.hello(this, hello.serverId, hello.token, hello.secret);
     this.serverId = hello.serverId;
     this.tenancy = tenancy;
     // Admitted: full-size frames from here on, and the handshake deadline no longer applies.
@@ -451,8 +449,8 @@ export class RmemConnection {
     if (!isMemstrataError(error) || status === STATUS.IO) {
       this.host.log.error({ remote: this.remote, server: this.serverId, op: name, err: error }, 'rmem request failed');
     }
-    // A refused HELLO (token, version) ends the connection; the client has nothing more to say.
-    const refused = op === OP.HELLO && this.serverId === undefined && (status === STATUS.AUTH || status === STATUS.VERSION);
+    // A refused HELLO (token, version, secret) ends the connection; the client has nothing more to say.
+    const refused = op === OP.HELLO && this.serverId === undefined && (status === STATUS.AUTH || status === STATUS.VERSION || status === STATUS.SECRET);
     if (refused) this.closing = true;
     return {
       parts: [encodeErrorReply(op, status, tag, message)],

@@ -2,17 +2,23 @@
 //
 // Sessions belong to server ids, not to connections:
 //
-//   HELLO(server id, token) -> session (new, or resumed if one is within its lease)
-//   connection lost         -> session kept for the lease; regions untouched
-//   HELLO again in time     -> same session, same regions (resumed flag set)
-//   lease runs out          -> every region freed and zeroed, server removed (FIG. 15)
+//   HELLO(server id, token)          -> new session, and its secret in the reply
+//   connection lost                  -> session kept for the lease; regions untouched
+//   HELLO(id, token, secret) in time -> same session, same regions (resumed flag set)
+//   lease runs out                   -> session ended: its regions unreachable at once,
+//                                       then freed and zeroed, server removed (FIG. 15)
 //
 // A connected session that sends nothing (not even KEEPALIVE) for a lease is treated as
 // lost: its connection is closed and the grace period starts. One coarse timer, a
-// quarter of the lease, drives both. A second HELLO for a server that is connected
-// elsewhere takes the session over and closes the older connection, which is what a
-// client that noticed a dead link before the node did needs. With a token configured,
-// HELLO must present it (compared in constant time).
+// quarter of the lease, drives both. A HELLO with the session's secret for a server that
+// is connected elsewhere takes the session over and closes the older connection, which
+// is what a client that noticed a dead link before the node did needs.
+//
+// Who may do what: with a token configured, HELLO must present it (the way in, shared by
+// every server). A server id that has a session (connected or within its lease) is
+// resumed or taken over only with that session's secret, 32 random bytes the node gave
+// the HELLO that opened it; without it, or with a wrong one, the HELLO is refused with
+// SECRET and the session is untouched. Token and secret are compared in constant time.
 //
 // Bounded resources: a ConnectionGate caps connections and closes one whose HELLO does
 // not succeed within `handshakeTimeoutMs`; each connection's RequestFlow caps its
@@ -33,6 +39,7 @@ import type { ListenAddress } from '../units.js';
 import { BufferPool } from './buffer-pool.js';
 import { RmemConnection, type ConnectionHost, type RmemStats } from './rmem-connection.js';
 import type { SessionInfo } from '../protocol/admin/api.js';
+import { SESSION_SECRET_SIZE } from '../protocol/rmem/spec.js';
 export type { SessionInfo };
 
 export interface RmemServiceOptions {
@@ -59,6 +66,8 @@ const REPLY_POOL_BYTES = 32 * 1024 * 1024;
 
 interface Session {
   serverId: string;
+  /** Proof of having opened the session: a HELLO that resumes it must present it. */
+  secret: Buffer;
   /** What the session's regions belong to; a new session of the same id is a new tenancy. */
   tenancy: Tenancy;
   sessionId: bigint;
@@ -162,27 +171,36 @@ export class RmemService implements ConnectionHost {
       }));
   }
 
-  hello(connection: RmemConnection, serverId: string, token: string): { tenancy: Tenancy; resumed: boolean; sessionId: bigint; leaseMs: number; nodeId: string } {
+  hello(connection: RmemConnection, serverId: string, token: string, secret: Buffer | undefined): { tenancy: Tenancy; resumed: boolean; sessionId: bigint; leaseMs: number; nodeId: string; secret: Buffer } {
     const expected = this.options.token;
-    if (expected !== undefined && !sameToken(expected, token)) {
+    if (expected !== undefined && !sameBytes(Buffer.from(expected, 'utf8'), Buffer.from(token, 'utf8'))) {
       this.log.warn({ remote: connection.remote, server: serverId }, 'rmem HELLO with a wrong token refused');
       throw new MisuseError('MS_RMEM_AUTH', `server ${serverId} presented no valid token`);
     }
     const now = Date.now();
+    const reply = { leaseMs: this.options.leaseMs, nodeId: this.options.nodeId };
     const existing = this.sessions.get(serverId);
     if (existing !== undefined) {
+      // The id alone names the session; only its secret shows the HELLO comes from whoever opened it.
+      if (secret === undefined || !sameBytes(existing.secret, secret)) {
+        this.log.warn({ remote: connection.remote, server: serverId, presented: secret !== undefined }, 'rmem HELLO for a live session without its secret refused');
+        throw new MisuseError('MS_RMEM_SECRET', secret === undefined
+          ? `server ${serverId} has a session; only a HELLO with that session's secret resumes it`
+          : `server ${serverId} has a session and that is not its secret`);
+      }
       const previous = existing.connection;
       existing.connection = connection;
       existing.lastSeen = now;
       if (previous !== undefined && previous !== connection) previous.destroy(`server ${serverId} connected again from ${connection.remote}`);
       this.log.info({ server: serverId, remote: connection.remote }, 'rmem session resumed');
-      return { tenancy: existing.tenancy, resumed: true, sessionId: existing.sessionId, leaseMs: this.options.leaseMs, nodeId: this.options.nodeId };
+      return { ...reply, tenancy: existing.tenancy, resumed: true, sessionId: existing.sessionId, secret: existing.secret };
     }
+    // No session (or its lease ran out): a new one, whatever secret was presented.
     const tenancy = this.memory.open(serverId);
-    const session: Session = { serverId, tenancy, sessionId: randomBytes(8).readBigUInt64BE(0), connection, lastSeen: now, since: now, disconnectedAt: 0 };
+    const session: Session = { serverId, secret: randomBytes(SESSION_SECRET_SIZE), tenancy, sessionId: randomBytes(8).readBigUInt64BE(0), connection, lastSeen: now, since: now, disconnectedAt: 0 };
     this.sessions.set(serverId, session);
     this.log.info({ server: serverId, remote: connection.remote }, 'rmem session opened');
-    return { tenancy, resumed: false, sessionId: session.sessionId, leaseMs: this.options.leaseMs, nodeId: this.options.nodeId };
+    return { ...reply, tenancy, resumed: false, sessionId: session.sessionId, secret: session.secret };
   }
 
   touch(serverId: string): void {
@@ -244,8 +262,7 @@ export class RmemService implements ConnectionHost {
   }
 }
 
-function sameToken(expected: string, given: string): boolean {
-  const a = Buffer.from(expected, 'utf8');
-  const b = Buffer.from(given, 'utf8');
+/** Constant-time comparison (the length is not secret). */
+function sameBytes(a: Buffer, b: Buffer): boolean {
   return a.length === b.length && timingSafeEqual(a, b);
 }

@@ -169,15 +169,19 @@ test('hostile: thousands of connections are refused beyond rmem.maxConnections; 
   t.after(() => {
     for (const s of sockets) s.destroy();
   });
-  let closedByNode = 0;
+  let closed = 0;
+  let connected = 0;
   await Promise.all(
     Array.from({ length: 2000 }, () =>
       new Promise<void>((resolve) => {
         const s = connect(n.rmem.port, n.rmem.host);
         sockets.push(s);
         s.on('error', () => undefined);
-        s.once('close', () => closedByNode++);
-        s.once('connect', () => resolve());
+        s.once('close', () => closed++);
+        s.once('connect', () => {
+          connected++;
+          resolve();
+        });
         s.once('close', () => resolve());
       }),
     ),
@@ -186,10 +190,11 @@ test('hostile: thousands of connections are refused beyond rmem.maxConnections; 
   assert.ok((await metric(n, 'memstrata_rmem_connections')) <= 64);
   assert.ok((await metric(n, 'memstrata_rmem_refused_connections_total')) >= 1);
   // The idle ones never say HELLO: the node closes them at the handshake deadline, and a new client gets in.
-  await until('the idle connections to be closed by the node', async () => (closedByNode === 2000 ? true : undefined));
+  await until('the idle connections to be closed by the node', async () => (closed === 2000 ? true : undefined), 60_000);
   const refused = await metric(n, 'memstrata_rmem_refused_connections_total');
   const timedOut = await metric(n, 'memstrata_rmem_handshake_timeouts_total');
-  assert.equal(refused + timedOut, 2000, 'each hostile connection was refused on arrival or timed out in its handshake');
+  assert.ok(connected > 1000, `${connected} of 2000 connected`);
+  assert.equal(refused + timedOut, connected, 'each hostile connection was refused on arrival or timed out in its handshake');
   const late = await RmemClient.connect({ ...n.rmem, serverId: 'late', reconnect: false });
   t.after(() => late.close());
   assert.equal((await late.capacity()).length, 2);

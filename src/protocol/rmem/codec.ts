@@ -27,7 +27,9 @@ import {
   PLACEMENT,
   REQUEST_MAGIC,
   RESPONSE_MAGIC,
+  SESSION_SECRET_SIZE,
   STATUS,
+  VERSION,
   WIRE_MEDIUM,
   WIRE_MEDIUM_NAME,
   WIRE_POLICY,
@@ -49,6 +51,8 @@ export interface HelloRequest {
   version: number;
   serverId: string;
   token: string;
+  /** The secret of the session to resume (SESSION_SECRET_SIZE bytes); absent to open a new one. */
+  secret?: Buffer;
 }
 
 export interface HelloReply {
@@ -58,6 +62,8 @@ export interface HelloReply {
   maxBody: number;
   sessionId: bigint;
   nodeId: string;
+  /** The session's secret: a later HELLO that resumes the session must present it. */
+  secret: Buffer;
 }
 
 export interface CapacityEntry {
@@ -173,10 +179,12 @@ function exact(body: Buffer, n: number, what: string): void {
 
 // ---- HELLO ----
 
+/** HELLO (version 2): u16 version, u16 flags, u8 + server id, u16 + token, u8 + session secret (0 or 32 bytes). */
 export function encodeHelloRequest(tag: Tag, hello: HelloRequest): Buffer {
   const id = Buffer.from(hello.serverId, 'utf8');
   const token = Buffer.from(hello.token, 'utf8');
-  const length = 2 + 2 + 1 + id.length + 2 + token.length;
+  const secret = hello.secret ?? Buffer.alloc(0);
+  const length = 2 + 2 + 1 + id.length + 2 + token.length + 1 + secret.length;
   const buf = Buffer.allocUnsafe(HEADER_SIZE + length);
   writeRequestHeader(buf, OP.HELLO, tag, length);
   let at = HEADER_SIZE;
@@ -185,26 +193,38 @@ export function encodeHelloRequest(tag: Tag, hello: HelloRequest): Buffer {
   at = buf.writeUInt8(id.length, at);
   at += id.copy(buf, at);
   at = buf.writeUInt16BE(token.length, at);
-  token.copy(buf, at);
+  at += token.copy(buf, at);
+  at = buf.writeUInt8(secret.length, at);
+  secret.copy(buf, at);
   return buf;
 }
 
+/** Decodes a HELLO of this protocol version; another version is MS_RMEM_VERSION, whatever follows it. */
 export function decodeHelloRequest(body: Buffer): HelloRequest {
-  need(body, 0, 5, 'HELLO');
+  need(body, 0, 2, 'HELLO');
   const version = body.readUInt16BE(0);
+  if (version !== VERSION) throw new MisuseError('MS_RMEM_VERSION', `protocol version ${version} is not supported; this node speaks version ${VERSION}`);
+  need(body, 0, 5, 'HELLO');
   const idLength = body.readUInt8(4);
   if (idLength === 0 || idLength > MAX_SERVER_ID) throw malformed(`HELLO: server id length ${idLength} (1 to ${MAX_SERVER_ID})`);
   need(body, 5, idLength + 2, 'HELLO');
   const serverId = body.toString('utf8', 5, 5 + idLength);
   const tokenLength = body.readUInt16BE(5 + idLength);
   if (tokenLength > MAX_TOKEN) throw malformed(`HELLO: token length ${tokenLength} (at most ${MAX_TOKEN})`);
-  exact(body, 7 + idLength + tokenLength, 'HELLO');
-  return { version, serverId, token: body.toString('utf8', 7 + idLength) };
+  const secretAt = 7 + idLength + tokenLength;
+  need(body, secretAt, 1, 'HELLO');
+  const secretLength = body.readUInt8(secretAt);
+  if (secretLength !== 0 && secretLength !== SESSION_SECRET_SIZE) throw malformed(`HELLO: session secret of ${secretLength} bytes (0 or ${SESSION_SECRET_SIZE})`);
+  exact(body, secretAt + 1 + secretLength, 'HELLO');
+  const token = body.toString('utf8', 7 + idLength, secretAt);
+  if (secretLength === 0) return { version, serverId, token };
+  return { version, serverId, token, secret: Buffer.from(body.subarray(secretAt + 1)) };
 }
 
+/** HELLO reply (version 2): u16 version, u16 flags, u32 lease, u32 max body, u64 session id, u8 + node id, u8 + session secret. */
 export function encodeHelloReply(tag: Tag, reply: HelloReply): Buffer {
   const node = Buffer.from(reply.nodeId, 'utf8');
-  const length = 2 + 2 + 4 + 4 + 8 + 1 + node.length;
+  const length = 2 + 2 + 4 + 4 + 8 + 1 + node.length + 1 + reply.secret.length;
   const buf = Buffer.allocUnsafe(HEADER_SIZE + length);
   writeResponseHeader(buf, OP.HELLO, STATUS.OK, tag, length);
   let at = HEADER_SIZE;
@@ -214,21 +234,27 @@ export function encodeHelloReply(tag: Tag, reply: HelloReply): Buffer {
   at = buf.writeUInt32BE(reply.maxBody, at);
   at = buf.writeBigUInt64BE(reply.sessionId, at);
   at = buf.writeUInt8(node.length, at);
-  node.copy(buf, at);
+  at += node.copy(buf, at);
+  at = buf.writeUInt8(reply.secret.length, at);
+  reply.secret.copy(buf, at);
   return buf;
 }
 
 export function decodeHelloReply(body: Buffer): HelloReply {
   need(body, 0, 21, 'HELLO reply');
   const nodeLength = body.readUInt8(20);
-  exact(body, 21 + nodeLength, 'HELLO reply');
+  need(body, 21 + nodeLength, 1, 'HELLO reply');
+  const secretLength = body.readUInt8(21 + nodeLength);
+  if (secretLength !== SESSION_SECRET_SIZE) throw malformed(`HELLO reply: session secret of ${secretLength} bytes (${SESSION_SECRET_SIZE})`);
+  exact(body, 22 + nodeLength + secretLength, 'HELLO reply');
   return {
     version: body.readUInt16BE(0),
     resumed: (body.readUInt16BE(2) & HELLO_RESUMED) !== 0,
     leaseMs: body.readUInt32BE(4),
     maxBody: body.readUInt32BE(8),
     sessionId: body.readBigUInt64BE(12),
-    nodeId: body.toString('utf8', 21),
+    nodeId: body.toString('utf8', 21, 21 + nodeLength),
+    secret: Buffer.from(body.subarray(22 + nodeLength)),
   };
 }
 
