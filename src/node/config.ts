@@ -48,7 +48,18 @@ export interface NodeConfig {
     handshakeTimeoutMs: number;
   };
   nbd: { listen: ListenAddress };
-  mirror: { listen: ListenAddress; partner: ListenAddress | undefined; onPartnerDown: 'degrade' | 'refuse'; timeoutMs: number; token: string | undefined };
+  mirror: {
+    listen: ListenAddress;
+    partner: ListenAddress | undefined;
+    onPartnerDown: 'degrade' | 'refuse';
+    timeoutMs: number;
+    token: string | undefined;
+    maxInFlight: number;
+    maxInFlightBytes: number;
+    maxInFlightBytesTotal: number;
+    maxConnections: number;
+    handshakeTimeoutMs: number;
+  };
   volumes: { defaultSize: number };
   cache: { enabled: boolean; maxDirtyAgeMs: number };
   log: { level: LogLevel; format: LogFormat };
@@ -165,6 +176,11 @@ const rawSchema = z.strictObject({
       onPartnerDown: enumLeaf(['degrade', 'refuse'] as const).prefault('degrade'),
       timeout: durationLeaf.prefault('1s'),
       token: tokenLeaf.optional(),
+      maxInFlight: intLeaf(1, 65536).prefault(64),
+      maxInFlightBytes: sizeLeaf.prefault('64MiB'),
+      maxInFlightBytesTotal: sizeLeaf.prefault('128MiB'),
+      maxConnections: intLeaf(1, 65536).prefault(16),
+      handshakeTimeout: durationLeaf.prefault('5s'),
     })
     .prefault({}),
   log: z
@@ -219,6 +235,11 @@ export const SETTINGS: readonly Setting[] = [
   { path: 'mirror.onPartnerDown', default: 'degrade', doc: 'when the partner is unreachable, mirrored devices degrade (acknowledge once the local journal is synced) or refuse appends' },
   { path: 'mirror.timeout', default: '1s', doc: 'a partner that has not answered a mirror request in this time is taken as lost' },
   { path: 'mirror.token', default: '(none)', doc: 'shared token both partners present on the mirror link; set it in the file or environment' },
+  { path: 'mirror.maxInFlight', default: '64', doc: 'requests taken in at once per mirror connection (applied in order) before the node stops reading it' },
+  { path: 'mirror.maxInFlightBytes', default: '64MiB', doc: 'bytes one mirror connection may hold in flight (request bodies and replies not yet written) before the node stops reading it' },
+  { path: 'mirror.maxInFlightBytesTotal', default: '128MiB', doc: 'bytes all mirror connections together may hold in flight' },
+  { path: 'mirror.maxConnections', default: '16', doc: 'mirror connections open at once; more are closed as they arrive' },
+  { path: 'mirror.handshakeTimeout', default: '5s', doc: 'a mirror connection whose HELLO has not succeeded in this time is closed' },
   { path: 'log.level', flag: '--log-level', default: 'info', doc: LOG_LEVELS.join(', ') },
   { path: 'log.format', flag: '--log-format', default: 'auto', doc: 'json, pretty, or auto (pretty when stdout is a terminal)' },
   { path: 'media.extentSize', flag: '--extent-size', default: '1MiB', doc: 'unit of the partition table; a power of two from 4KiB to 1GiB' },
@@ -332,7 +353,18 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
       maxConnections: parsed.rmem.maxConnections,
       handshakeTimeoutMs: parsed.rmem.handshakeTimeout,
     },
-    mirror: { listen: parsed.mirror.listen, partner: parsed.mirror.partner, onPartnerDown: parsed.mirror.onPartnerDown, timeoutMs: parsed.mirror.timeout, token: parsed.mirror.token },
+    mirror: {
+      listen: parsed.mirror.listen,
+      partner: parsed.mirror.partner,
+      onPartnerDown: parsed.mirror.onPartnerDown,
+      timeoutMs: parsed.mirror.timeout,
+      token: parsed.mirror.token,
+      maxInFlight: parsed.mirror.maxInFlight,
+      maxInFlightBytes: parsed.mirror.maxInFlightBytes,
+      maxInFlightBytesTotal: parsed.mirror.maxInFlightBytesTotal,
+      maxConnections: parsed.mirror.maxConnections,
+      handshakeTimeoutMs: parsed.mirror.handshakeTimeout,
+    },
     log: { level: parsed.log.level, format: parsed.log.format },
     media: {
       extentSize: parsed.media.extentSize,
@@ -348,12 +380,15 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
   if (config.rmem.leaseMs < 100 || config.rmem.leaseMs > 86_400_000) {
     throw invalid('rmem.lease', raw, origin, 'expected a duration from 100ms to 24h');
   }
-  if (config.rmem.maxInFlightBytes < 64 * KiB) throw invalid('rmem.maxInFlightBytes', raw, origin, 'expected at least 64KiB');
-  if (config.rmem.maxInFlightBytesTotal < config.rmem.maxInFlightBytes) {
-    throw invalid('rmem.maxInFlightBytesTotal', raw, origin, `expected at least rmem.maxInFlightBytes (${formatSize(config.rmem.maxInFlightBytes)})`);
-  }
-  if (config.rmem.handshakeTimeoutMs < 10 || config.rmem.handshakeTimeoutMs > 600_000) {
-    throw invalid('rmem.handshakeTimeout', raw, origin, 'expected a duration from 10ms to 10m');
+  for (const service of ['rmem', 'mirror'] as const) {
+    const limits = config[service];
+    if (limits.maxInFlightBytes < 64 * KiB) throw invalid(`${service}.maxInFlightBytes`, raw, origin, 'expected at least 64KiB');
+    if (limits.maxInFlightBytesTotal < limits.maxInFlightBytes) {
+      throw invalid(`${service}.maxInFlightBytesTotal`, raw, origin, `expected at least ${service}.maxInFlightBytes (${formatSize(limits.maxInFlightBytes)})`);
+    }
+    if (limits.handshakeTimeoutMs < 10 || limits.handshakeTimeoutMs > 600_000) {
+      throw invalid(`${service}.handshakeTimeout`, raw, origin, 'expected a duration from 10ms to 10m');
+    }
   }
   if (config.mirror.timeoutMs < 10 || config.mirror.timeoutMs > 600_000) {
     throw invalid('mirror.timeout', raw, origin, 'expected a duration from 10ms to 10m');

@@ -142,7 +142,17 @@ export class StorageNode {
     this.lifecycle.add({
       name: 'mirror service',
       start: async () => {
-        const service = new MirrorService({ nvram: this.nvram, nodeId: this.nodeId, token: config.mirror.token, log });
+        const service = new MirrorService({
+          nvram: this.nvram,
+          nodeId: this.nodeId,
+          token: config.mirror.token,
+          log,
+          maxInFlight: config.mirror.maxInFlight,
+          maxInFlightBytes: config.mirror.maxInFlightBytes,
+          maxInFlightBytesTotal: config.mirror.maxInFlightBytesTotal,
+          maxConnections: config.mirror.maxConnections,
+          handshakeTimeoutMs: config.mirror.handshakeTimeoutMs,
+        });
         const bound = await service.listen(config.mirror.listen);
         this.mirrorService = service;
         log.info({ address: formatAddress(bound), token: config.mirror.token !== undefined }, 'mirror service listening');
@@ -226,6 +236,7 @@ export class StorageNode {
           cache: () => this.cache?.stats(),
           nvram: () => this.nvram.list(),
           mirror: () => this.mirroring?.info(),
+          mirrorLoad: () => this.mirrorService?.load(),
         });
         const admin = new AdminServer({
           info: () => this.info(),
