@@ -238,7 +238,7 @@ export class RmemConnection {
       });
     }
     if (this.closing) {
-      this.flow.done(request.cost);
+      this.done(request);
       return;
     }
     this.serve(frame, tag).then(
@@ -260,10 +260,15 @@ export class RmemConnection {
       }
       this.writer.write(part, () => {
         reply.written?.();
-        this.flow.done(request.cost);
-        if (this.flow.inFlight === 0 && this.idle !== undefined) this.idle();
+        this.done(request);
       });
     });
+  }
+
+  /** Gives a request's budget back; the last one out lets a drain finish. */
+  private done(request: Request): void {
+    this.flow.done(request.cost);
+    if (this.flow.inFlight === 0 && this.idle !== undefined) this.idle();
   }
 
   private async serve(frame: Frame, tag: Tag): Promise<Reply> {
