@@ -180,6 +180,7 @@ class MirrorConnection {
         socket.destroy();
       },
       admitBody: (op, length) => {
+        // The body and the largest reply its op can get: the request then starts at once.
         const bytes = length + maxMirrorReplySize(op);
         const granted = this.flow.reserve(bytes, () => {
           this.reserved = bytes;

@@ -11,8 +11,10 @@
 //     reply is in the kernel's hands: its cost is its body plus the largest reply it can
 //     get (codec replySize). The connection's RequestFlow caps requests and bytes, and
 //     the service's SharedBudget caps the bytes of all connections together;
-//   - a body that spans socket chunks is reserved (its length plus the op's largest
-//     reply) before the parser allocates it, so no body is assembled outside the budget;
+//   - a body that spans socket chunks is reserved before the parser allocates it, for
+//     its length plus the largest reply its op can get, so no body is assembled outside
+//     the budget and the request it becomes starts at once (never holding budget while
+//     waiting for more);
 //   - until HELLO succeeds, bodies are at most HANDSHAKE_MAX_BODY: a peer that has not
 //     been admitted makes the node hold a few KiB at most, for handshakeTimeout at most;
 //   - reading stops while anything waits for budget or the socket's write buffer is above
@@ -202,7 +204,7 @@ export class RmemConnection {
     this.socket.end();
   }
 
-  /** Budgets a body that spans chunks before the parser allocates it. */
+  /** Budgets a body that spans chunks, and the largest reply its op can get, before the parser allocates it. */
   private admitBody(op: number, length: number): boolean {
     const bytes = length + maxReplySize(op);
     const granted = this.flow.reserve(bytes, () => {
