@@ -216,8 +216,8 @@ export class RmemService implements ConnectionHost {
     if (session === undefined || session.connection !== connection) return;
     session.connection = undefined;
     session.disconnectedAt = Date.now();
-    if (!this.memory.holds(session.tenancy)) {
-      // Nothing to keep for a reconnect: the session ends now (a BIND still running is undone).
+    if (!this.memory.holds(session.tenancy) && !connection.busy) {
+      // Nothing to keep for a reconnect, and no BIND still running: the session ends now.
       this.endSession(session, 'rmem session closed');
       return;
     }
