@@ -139,7 +139,7 @@ test('hostile: many connections each send all but the last byte of a MAX_BODY WR
   assert.equal((await fetch(`${n.url}/healthz`)).status, 200);
 });
 
-test('hostile: a frame trickled one byte at a time holds its own reservation only, and others are served meanwhile', async (t) => {
+test('hostile: a frame trickled one byte at a time; others are served meanwhile, and the frame is served once whole', async (t) => {
   const n = await node(t);
   const good = await wellBehaved(t, n, 'good');
   const before = await rssBytes(n);
