@@ -27,6 +27,7 @@ export const ERRORS = {
   MS_RMEM_VERSION: { category: 'misuse', status: 400, summary: 'the rmem protocol version is not supported (wire status VERSION)' },
   MS_RMEM_NO_SESSION: { category: 'misuse', status: 400, summary: 'an rmem request came before HELLO, or HELLO came twice (wire status NO_SESSION)' },
   MS_RMEM_AUTH: { category: 'misuse', status: 403, summary: 'the rmem token was refused at HELLO (wire status AUTH)' },
+  MS_RMEM_SECRET: { category: 'misuse', status: 403, summary: 'a HELLO named a server id that has a session but did not present that session\'s secret, or a wrong one; the session is untouched (wire status SECRET)' },
   MS_RMEM_VIOLATION: { category: 'misuse', status: 403, summary: 'memory violation: the region is not allocated to this server or the key is wrong (wire status VIOLATION, FIG. 17 S164)' },
   MS_RMEM_RANGE: { category: 'misuse', status: 400, summary: 'an rmem read or write reaches outside its region (wire status RANGE)' },
   MS_RMEM_INVALID: { category: 'misuse', status: 400, summary: 'an rmem argument is invalid: unknown medium or class, zero size, unaligned or busy address (wire status INVALID)' },

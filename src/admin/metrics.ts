@@ -15,6 +15,7 @@ import type { CacheStats } from '../storage/cache/storage-cache.js';
 import type { DeviceInfo } from '../nvram/device.js';
 import type { MirroringInfo } from '../nvram/mirroring.js';
 import type { AdminStats } from './admin-server.js';
+import type { ServiceLoad } from '../net/service-load.js';
 
 export interface MetricsSources {
   nodeId: string;
@@ -30,6 +31,8 @@ export interface MetricsSources {
   admin?(): AdminStats | undefined;
   /** Volumes and NVRAM devices not loaded at start. */
   damaged?(): { volumes: number; nvram: number };
+  /** The mirror service's connections and budget; absent before it listens. */
+  mirrorLoad?(): ServiceLoad | undefined;
 }
 
 export class NodeMetrics {
@@ -213,7 +216,7 @@ export class NodeMetrics {
       },
     });
     new Gauge({
-      name: 'memstrata_nbd_in_flight_bytes',
+      name: 'memstrata_nbd_inflight_bytes',
       help: 'Bytes held by NBD requests in flight (payloads and replies not yet handed to the kernel), all connections.',
       registers: [registry],
       collect() {
@@ -392,6 +395,20 @@ export class NodeMetrics {
         this.set(sources.admin?.()?.connections ?? 0);
       },
     });
+    // Bounded resources of the rmem and mirror services: connections, pauses, bytes in flight.
+    const loads: [string, () => ServiceLoad | undefined][] = [['rmem', () => sources.rmem()?.load()], ['mirror', () => sources.mirrorLoad?.()]];
+    for (const [service, load] of loads) {
+      const gauge = (name: string, help: string, pick: (l: ServiceLoad) => number): void => {
+        new Gauge({ name: `memstrata_${service}_${name}`, help, registers: [registry], collect() { const l = load(); this.set(l === undefined ? 0 : pick(l)); } });
+      };
+      gauge('connections', `Open ${service} connections.`, (l) => l.connections);
+      gauge('paused_connections', `${service} connections not being read now (over their budget, the service at its cap, or replies not read).`, (l) => l.paused);
+      gauge('inflight_bytes', `Bytes held by ${service} requests in flight (bodies and replies not yet written), all connections together.`, (l) => l.bytesInFlight);
+      const counter = counterOf(load);
+      counter(`memstrata_${service}_pauses_total`, `Times a ${service} connection stopped being read for backpressure.`, (l) => l.pauses);
+      counter(`memstrata_${service}_refused_connections_total`, `${service} connections closed on arrival because the service had its maximum open.`, (l) => l.refused);
+      counter(`memstrata_${service}_handshake_timeouts_total`, `${service} connections closed because their HELLO did not succeed in time.`, (l) => l.handshakeTimeouts);
+    }
     this.resizes = new Counter({
       name: 'memstrata_partition_resizes_total',
       help: 'Partition resizes asked for, by outcome (ok, or the error code).',

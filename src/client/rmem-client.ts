@@ -11,6 +11,11 @@
 // lease resumes the session with its regions; requests issued meanwhile wait for it. If
 // the node no longer knows the session (the lease ran out) the client emits
 // `sessionLost` and every region it held is gone.
+//
+// Resuming takes the session's secret, which the node returned to the HELLO that opened
+// the session (protocol version 2): the client keeps it in `session.secret` and presents
+// it on every reconnect, so nobody else who knows the server id can take the session
+// over. A refused resume (MS_RMEM_SECRET, MS_RMEM_AUTH) is not retried.
 
 import { EventEmitter } from 'node:events';
 import { connect as netConnect, type Socket } from 'node:net';
@@ -91,6 +96,12 @@ export interface RmemClientOptions {
   keepalive?: boolean;
   /** Reconnect and resume the session after a lost connection; default true. */
   reconnect?: boolean;
+  /**
+   * The secret of a session this server opened earlier (`session.secret` of that client),
+   * to resume it from a new client, for instance after a restart. Without it, connect
+   * opens a new session, and fails with MS_RMEM_SECRET while the server id still has one.
+   */
+  sessionSecret?: Uint8Array;
 }
 
 interface Pending {
@@ -116,9 +127,9 @@ export interface RmemClientEvents {
 }
 
 export class RmemClient extends EventEmitter<RmemClientEvents> {
-  /** The node's HELLO answer: lease, session id, node id, limits. */
+  /** The node's HELLO answer: lease, session id, node id, limits, and the session's secret (keep it private). */
   session: HelloReply;
-  private readonly options: Required<Omit<RmemClientOptions, 'token'>> & { token: string };
+  private readonly options: Required<Omit<RmemClientOptions, 'token' | 'sessionSecret'>> & { token: string };
   private socket: Socket;
   private parser: FrameParser;
   private state: State;
@@ -163,7 +174,8 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
     };
     const id = Buffer.byteLength(full.serverId, 'utf8');
     if (id === 0 || id > 64) throw new MisuseError('MS_RMEM_INVALID', `serverId must be 1 to 64 bytes, got ${id}`);
-    return new RmemClient(full, await handshake(full));
+    const secret = options.sessionSecret === undefined ? undefined : Buffer.from(options.sessionSecret);
+    return new RmemClient(full, await handshake(full, secret));
   }
 
   /** Per medium: capacity, server partition, what can be bound now and by growing, and this server's use. */
@@ -438,9 +450,10 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
 
   private async resume(giveUpAt: number): Promise<void> {
     let delay = 50;
+    let refused: Error | undefined;
     while (this.state === 'reconnecting' && Date.now() < giveUpAt) {
       try {
-        const connection = await handshake(this.options);
+        const connection = await handshake(this.options, this.session.secret);
         if (this.state !== 'reconnecting') {
           connection.socket.destroy();
           return;
@@ -457,7 +470,12 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
           if (frames !== undefined && this.pending.get(pending.tag) === pending) this.send(frames);
         }
         return;
-      } catch {
+      } catch (error) {
+        // Refused, not unreachable: trying again cannot help.
+        if (isRefusal(error)) {
+          refused = error as Error;
+          break;
+        }
         await new Promise((resolve) => setTimeout(resolve, delay).unref());
         delay = Math.min(delay * 2, 1000);
       }
@@ -465,7 +483,8 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
     if (this.state === 'reconnecting') {
       this.state = 'closed';
       clearInterval(this.timer);
-      this.failAll(new NetworkError('MS_RMEM_DISCONNECTED', `could not reconnect to ${this.options.host}:${this.options.port} within the lease; the session and its regions are gone`));
+      const why = refused === undefined ? 'could not reconnect within the lease' : `the node refused to resume the session (${refused.message})`;
+      this.failAll(new NetworkError('MS_RMEM_DISCONNECTED', `${this.options.host}:${this.options.port}: ${why}; the session and its regions are gone`));
       this.emit('sessionLost');
     }
   }
@@ -495,8 +514,13 @@ interface Connection {
   session: HelloReply;
 }
 
-/** Opens a socket, sends HELLO, and waits for its reply. */
-async function handshake(options: RmemClient['options']): Promise<Connection> {
+function isRefusal(error: unknown): boolean {
+  const code = (error as { code?: unknown }).code;
+  return code === 'MS_RMEM_SECRET' || code === 'MS_RMEM_AUTH' || code === 'MS_RMEM_VERSION';
+}
+
+/** Opens a socket, sends HELLO (with the secret of the session to resume, if any), and waits for its reply. */
+async function handshake(options: RmemClient['options'], secret: Buffer | undefined): Promise<Connection> {
   const socket = netConnect({ host: options.host, port: options.port });
   socket.setNoDelay(true);
   let resolveHello: (frame: Frame) => void = () => undefined;
@@ -536,7 +560,7 @@ async function handshake(options: RmemClient['options']): Promise<Connection> {
   const timer = setTimeout(() => {
     rejectHello(new NetworkError('MS_RMEM_UNREACHABLE', `no HELLO reply from ${options.host}:${options.port} within ${options.connectTimeoutMs} ms`));
   }, options.connectTimeoutMs);
-  socket.write(encodeHelloRequest({ hi: 0, lo: 0 }, { version: VERSION, serverId: options.serverId, token: options.token }));
+  socket.write(encodeHelloRequest({ hi: 0, lo: 0 }, { version: VERSION, serverId: options.serverId, token: options.token, ...(secret === undefined ? {} : { secret }) }));
   try {
     const frame = await hello;
     if (frame.word !== STATUS.OK) throw errorOf(frame.word, frame.body.toString('utf8'), 'HELLO');

@@ -13,12 +13,21 @@
 //     freed, so memory is zero-filled before it is handed over and no tenant reads
 //     another's data;
 //   - an extent with no bound page is handed back to the partition table at once;
-//   - a region is served only to the server that holds it and only with its key; a
-//     region being freed refuses new I/O and waits for the I/O already in flight before
-//     its pages are zeroed, so a late read can never see the next tenant's data.
+//   - a region belongs to one tenancy: one session of one server (a server id and a
+//     generation). It is served only to that tenancy, only with its key, and only while
+//     the tenancy is live; a new session of the same server id is another tenancy and
+//     reaches none of it. end() makes every region of a tenancy unreachable at once, before
+//     any of it is zeroed;
+//   - a region being freed refuses new I/O and waits for the I/O already in flight before
+//     its pages are zeroed, so a late read or write can never touch the next tenant's
+//     memory;
+//   - nothing of an ended tenancy outlives its release, by construction: binds, frees and
+//     releases take turns in one queue; end() queues the release behind every bind that
+//     was asked for before it (those binds complete, then the release frees what they
+//     made) and a bind that reaches its turn after its tenancy ended takes nothing.
 //
-// Binds, frees and server releases run one at a time (they move extents and zero
-// memory); reads and writes run concurrently with each other and with them.
+// Binds, frees and releases run one at a time (they move extents and zero memory); reads
+// and writes run concurrently with each other and with them.
 //
 // Known limit: flash extents are zeroed by writing zeros, so binding a large flash
 // region costs a write of its size.
@@ -41,8 +50,24 @@ export type BindPlacement =
   | { kind: 'class'; class: PerformanceClass }
   | { kind: 'address'; medium: MediumName; address: number };
 
+/**
+ * One session of a server: what its regions belong to. A new session of the same server
+ * id (after the old one's lease ran out) is a new tenancy and reaches nothing of the old.
+ */
+export class Tenancy {
+  readonly serverId: string;
+  /** Counts the node's tenancies; for logs and tables. */
+  readonly generation: number;
+
+  constructor(serverId: string, generation: number) {
+    this.serverId = serverId;
+    this.generation = generation;
+  }
+}
+
 export class ServerRegion {
   readonly id: number;
+  readonly tenancy: Tenancy;
   readonly serverId: string;
   readonly key: bigint;
   readonly size: number;
@@ -53,9 +78,10 @@ export class ServerRegion {
   freeing: boolean;
   drained: (() => void) | undefined;
 
-  constructor(id: number, serverId: string, key: bigint, ranges: readonly PhysicalRange[]) {
+  constructor(id: number, tenancy: Tenancy, key: bigint, ranges: readonly PhysicalRange[]) {
     this.id = id;
-    this.serverId = serverId;
+    this.tenancy = tenancy;
+    this.serverId = tenancy.serverId;
     this.key = key;
     this.ranges = ranges;
     const offsets: number[] = [];
@@ -93,6 +119,9 @@ export class ServerMemory {
   private readonly regions: Map<number, ServerRegion>;
   private readonly holdings: Map<string, Map<MediumName, Holding>>;
   private queue: Promise<unknown>;
+  private generations: number;
+  /** Tenancies end() was called for: nothing of theirs is reachable. */
+  private readonly ended: WeakSet<Tenancy>;
 
   constructor(options: { partition: PartitionTable; allocation: AllocationTable; media: readonly Medium[] }) {
     this.partition = options.partition;
@@ -101,35 +130,56 @@ export class ServerMemory {
     this.regions = new Map();
     this.holdings = new Map();
     this.queue = Promise.resolve();
+    this.generations = 0;
+    this.ended = new WeakSet();
   }
 
-  /** Binds a region of at least `size` bytes (whole pages) for `serverId` (FIG. 16 S154-S155). */
-  bind(serverId: string, size: number, placement: BindPlacement): Promise<ServerRegion> {
-    return this.serialized(() => this.bindNow(serverId, size, placement));
+  /** A new tenancy (session) for `serverId`; what it binds belongs to it alone. */
+  open(serverId: string): Tenancy {
+    return new Tenancy(serverId, ++this.generations);
   }
 
-  /** Frees a region; one the server does not hold, or a wrong key, is a memory violation (FIG. 17 S164). */
-  free(serverId: string, regionId: number, key: bigint): Promise<void> {
+  /** False once end() was called for the tenancy. */
+  isLive(tenancy: Tenancy): boolean {
+    return !this.ended.has(tenancy);
+  }
+
+  /** Binds a region of at least `size` bytes (whole pages) for the tenancy (FIG. 16 S154-S155). */
+  bind(tenancy: Tenancy, size: number, placement: BindPlacement): Promise<ServerRegion> {
+    return this.serialized(() => {
+      // Its release is queued ahead of this bind: taking memory now would outlive it.
+      if (this.ended.has(tenancy)) throw sessionEnded(tenancy);
+      return this.bindNow(tenancy, size, placement);
+    });
+  }
+
+  /** Frees a region; one the tenancy does not hold, or a wrong key, is a memory violation (FIG. 17 S164). */
+  async free(tenancy: Tenancy, regionId: number, key: bigint): Promise<void> {
+    // A violation is answered at once, not after the binds queued ahead.
+    this.lookup(tenancy, regionId, key);
     return this.serialized(async () => {
-      const region = this.lookup(serverId, regionId, key);
+      const region = this.lookup(tenancy, regionId, key);
       await this.dropRegion(region);
     });
   }
 
   /**
-   * Frees every region the server holds now, zeroes them, and removes the server from
-   * the tables (FIG. 15 S143). Regions are chosen when this is called, so a region the
-   * same server binds afterwards (a new session) is left alone. Returns the regions freed.
+   * Ends a tenancy (its lease ran out, or its server left holding nothing): from now on
+   * none of its regions is reachable. Then, in turn behind every bind asked for before,
+   * frees and zeroes every region it holds and hands back extents its server no longer
+   * uses (FIG. 15 S143). Resolves with the number of regions freed.
    */
-  releaseServer(serverId: string): Promise<number> {
-    const regions = [...this.regions.values()].filter((r) => r.serverId === serverId);
+  end(tenancy: Tenancy): Promise<number> {
+    this.ended.add(tenancy);
     return this.serialized(async () => {
       let freed = 0;
-      for (const region of regions) {
-        if (this.regions.get(region.id) !== region) continue;
+      // Chosen in turn, not when end() was called: regions of binds that were running are included.
+      for (const region of [...this.regions.values()]) {
+        if (region.tenancy !== tenancy || this.regions.get(region.id) !== region) continue;
         await this.dropRegion(region);
         freed++;
       }
+      const serverId = tenancy.serverId;
       if (![...this.regions.values()].some((r) => r.serverId === serverId)) {
         for (const [medium, holding] of this.holdings.get(serverId) ?? []) {
           if (holding.extents.size > 0) this.partition.release(medium, [...holding.extents], serverId);
@@ -140,13 +190,19 @@ export class ServerMemory {
     });
   }
 
-  /** The region, if `serverId` holds it and the key matches; else a violation that says no more than that. */
-  lookup(serverId: string, regionId: number, key: bigint): ServerRegion {
+  /** The region, if the tenancy is live, holds it, and the key matches; else a violation that says no more than that. */
+  lookup(tenancy: Tenancy, regionId: number, key: bigint): ServerRegion {
     const region = this.regions.get(regionId);
-    if (region === undefined || region.serverId !== serverId || region.key !== key || region.freeing) {
-      throw new MisuseError('MS_RMEM_VIOLATION', `region ${regionId} is not allocated to server ${serverId} with that key`);
+    if (region === undefined || region.tenancy !== tenancy || this.ended.has(tenancy) || region.key !== key || region.freeing) {
+      throw new MisuseError('MS_RMEM_VIOLATION', `region ${regionId} is not allocated to server ${tenancy.serverId} with that key`);
     }
     return region;
+  }
+
+  /** True while the tenancy holds a region (a session worth keeping for its lease). */
+  holds(tenancy: Tenancy): boolean {
+    for (const region of this.regions.values()) if (region.tenancy === tenancy) return true;
+    return false;
   }
 
   /** Reads `target.length` bytes at `offset` of the region (FIG. 18). */
@@ -171,13 +227,14 @@ export class ServerMemory {
     }
   }
 
-  /** Per medium: capacity, the server partition, what a bind can have now and by growing, and this server's use (FIG. 14 S132/S136). */
-  capacity(serverId: string): MediumCapacity[] {
+  /** Per medium: capacity, the server partition, what a bind can have now and by growing, and this tenancy's use (FIG. 14 S132/S136). */
+  capacity(tenancy: Tenancy): MediumCapacity[] {
+    const serverId = tenancy.serverId;
     return this.partition.usage().map((usage) => {
       const holding = this.holdings.get(serverId)?.get(usage.medium);
       let used = 0;
       for (const region of this.regions.values()) {
-        if (region.serverId !== serverId) continue;
+        if (region.tenancy !== tenancy) continue;
         for (const r of region.ranges) if (r.medium === usage.medium) used += r.length;
       }
       return {
@@ -198,7 +255,8 @@ export class ServerMemory {
 
   // ---- binding ----
 
-  private async bindNow(serverId: string, size: number, placement: BindPlacement): Promise<ServerRegion> {
+  private async bindNow(tenancy: Tenancy, size: number, placement: BindPlacement): Promise<ServerRegion> {
+    const serverId = tenancy.serverId;
     if (!Number.isSafeInteger(size) || size <= 0) {
       throw new MisuseError('MS_RMEM_INVALID', `bind size must be a positive number of bytes, got ${size}`);
     }
@@ -220,7 +278,7 @@ export class ServerMemory {
       this.giveBack(serverId, ranges);
       throw error;
     }
-    const region = new ServerRegion(recorded.id, serverId, key, ranges);
+    const region = new ServerRegion(recorded.id, tenancy, key, ranges);
     this.regions.set(region.id, region);
     return region;
   }
@@ -437,6 +495,10 @@ function checkBounds(region: ServerRegion, offset: number, length: number): void
       details: { regionId: region.id, offset, length, size: region.size },
     });
   }
+}
+
+function sessionEnded(tenancy: Tenancy): MisuseError {
+  return new MisuseError('MS_RMEM_NO_SESSION', `the session of server ${tenancy.serverId} has ended`);
 }
 
 function noCapacity(message: string, cause?: unknown): RuntimeError {

@@ -22,9 +22,11 @@
 //     budget cannot stall another's modest requests); a flow whose next request does
 //     not fit waits, paused, until another flow gives bytes back;
 //   - reserve(): a body that is still arriving (one that spans socket chunks) is budgeted
-//     before the parser allocates it, for its length and the largest reply it can ask
-//     for; the request it becomes is pushed with that reservation and dispatched at once.
-//     While a reserved body arrives the socket is read, so a reservation always ends.
+//     before the parser allocates it, for the whole cost of the request it can become
+//     (its length and the largest reply its operation can get); that request starts at
+//     once, giving back what it does not need. A flow never holds budget while it waits
+//     for more, so flows that share a budget cannot deadlock each other. While a reserved
+//     body arrives the socket is read, so a reservation always ends.
 //
 // `dispatch` and `granted` run synchronously from push(), reserve(), done() or a drain,
 // never after close().
@@ -50,10 +52,9 @@ export class SharedBudget {
     return this.used;
   }
 
-  /** True when `cost` more fits, counting `own` bytes already held for it as free; an `idle` connection has its reserve. */
-  fits(cost: number, own = 0, idle = false): boolean {
-    const others = this.used - own;
-    return others === 0 || others + cost <= this.maxBytes || (idle && cost <= this.reserveBytes);
+  /** True when `cost` more fits; with nothing in flight, anything does; an `idle` connection has its reserve. */
+  fits(cost: number, idle = false): boolean {
+    return this.used === 0 || this.used + cost <= this.maxBytes || (idle && cost <= this.reserveBytes);
   }
 
   add(delta: number): void {
@@ -109,8 +110,6 @@ export function newFlowStats(): FlowStats {
 interface Waiting<R> {
   request: R;
   cost: number;
-  /** Bytes reserved for it while its body arrived, counted until it starts. */
-  reserved: number;
 }
 
 export class RequestFlow<R> {
@@ -174,18 +173,25 @@ export class RequestFlow<R> {
   /**
    * A parsed request that will hold `cost` bytes (its payload and the reply it asks
    * for) from dispatch until done(cost). Dispatched now if the budget allows and
-   * nothing waits before it; queued otherwise.
+   * nothing waits before it; queued otherwise. With `reserved` (the body came through
+   * reserve()), it is dispatched at once and gives back what it does not need.
    */
   push(request: R, cost: number, reserved = 0): void {
     if (this.closed) {
       this.give(reserved);
       return;
     }
-    if (reserved > 0) this.receiving = 0;
-    if (this.size === 0 && this.fits(cost, reserved)) {
+    if (reserved > 0) {
+      // Its reservation covered it whole (the caller's promise): it starts now, whatever else waits.
+      this.receiving = 0;
       this.start(request, cost, reserved);
+      this.updatePause();
+      return;
+    }
+    if (this.size === 0 && this.fits(cost)) {
+      this.start(request, cost, 0);
     } else {
-      this.enqueue({ request, cost, reserved });
+      this.enqueue({ request, cost });
       // The new head may wait on the service rather than on this flow's own requests.
       if (this.size === 1) this.shared?.wait(this.wakeFn);
     }
@@ -193,10 +199,11 @@ export class RequestFlow<R> {
   }
 
   /**
-   * Budgets `bytes` for a body that is still arriving (see the invariants). True: taken
-   * now. False: the socket is paused and `granted` runs once the bytes are taken; until
-   * then the caller parses nothing more. The request the body becomes is pushed with
-   * `reserved` = `bytes`.
+   * Budgets `bytes` for a body that is still arriving (see the invariants): its length
+   * and the largest reply its request can get. True: taken now. False: the socket is
+   * paused and `granted` runs once the bytes are taken; until then the caller parses
+   * nothing more. The request the body becomes is pushed with `reserved` = `bytes` and
+   * a cost of at most `bytes`.
    */
   reserve(bytes: number, granted: () => void): boolean {
     if (this.closed) return false;
@@ -224,13 +231,10 @@ export class RequestFlow<R> {
     this.closed = true;
     this.shared?.cancel(this.wakeFn);
     const dropped: R[] = [];
-    let unreserved = this.receiving;
+    const unreserved = this.receiving;
     this.receiving = 0;
     this.pendingReserve = undefined;
-    for (let w = this.dequeue(); w !== undefined; w = this.dequeue()) {
-      dropped.push(w.request);
-      unreserved += w.reserved;
-    }
+    for (let w = this.dequeue(); w !== undefined; w = this.dequeue()) dropped.push(w.request);
     this.setPaused(false);
     this.give(unreserved);
     return dropped;
@@ -241,12 +245,12 @@ export class RequestFlow<R> {
     for (;;) {
       const next = this.peek();
       if (next === undefined) break;
-      if (!this.fits(next.cost, next.reserved)) {
+      if (!this.fits(next.cost)) {
         this.shared?.wait(this.wakeFn);
         break;
       }
       this.dequeue();
-      this.start(next.request, next.cost, next.reserved);
+      this.start(next.request, next.cost, 0);
       if (this.closed) return;
     }
     const pending = this.pendingReserve;
@@ -281,18 +285,18 @@ export class RequestFlow<R> {
     this.shared?.add(-bytes);
   }
 
-  /** A request fits if the flow and the service have room, counting its own reservation as free; alone, anything fits. */
-  private fits(cost: number, reserved: number): boolean {
-    const alone = this.requests === 0 && this.bytes === reserved;
-    const own = alone || (this.requests < this.limits.maxRequests && this.bytes - reserved + cost <= this.limits.maxBytes);
-    // A body whose bytes are reserved already takes nothing more from the service.
-    return own && (this.shared === undefined || cost <= reserved || this.shared.fits(cost, reserved, alone));
+  /** A request fits if the flow and the service have room; alone, anything fits. */
+  private fits(cost: number): boolean {
+    const idle = this.requests === 0 && this.bytes === 0;
+    const own = this.requests === 0 || (this.requests < this.limits.maxRequests && this.bytes + cost <= this.limits.maxBytes);
+    return own && (this.shared === undefined || this.shared.fits(cost, idle));
   }
 
+  /** As fits() for the request the body will become: nothing dispatched meanwhile, so it will start within both limits. */
   private fitsReserve(bytes: number): boolean {
     const idle = this.requests === 0 && this.bytes === 0;
-    const own = idle || this.bytes + bytes <= this.limits.maxBytes;
-    return own && (this.shared === undefined || this.shared.fits(bytes, 0, idle));
+    const own = idle || (this.requests < this.limits.maxRequests && this.bytes + bytes <= this.limits.maxBytes);
+    return own && (this.shared === undefined || this.shared.fits(bytes, idle));
   }
 
   private updatePause(): void {

@@ -52,7 +52,16 @@ export interface NodeConfig {
   node: { id: string | undefined };
   dataDir: string;
   admin: AdminConfig;
-  rmem: { listen: ListenAddress; leaseMs: number; token: string | undefined; maxInFlight: number };
+  rmem: {
+    listen: ListenAddress;
+    leaseMs: number;
+    token: string | undefined;
+    maxInFlight: number;
+    maxInFlightBytes: number;
+    maxInFlightBytesTotal: number;
+    maxConnections: number;
+    handshakeTimeoutMs: number;
+  };
   nbd: {
     listen: ListenAddress;
     maxConnections: number;
@@ -61,7 +70,18 @@ export interface NodeConfig {
     maxInFlightBytes: number;
     maxInFlightBytesTotal: number;
   };
-  mirror: { listen: ListenAddress; partner: ListenAddress | undefined; onPartnerDown: 'degrade' | 'refuse'; timeoutMs: number; token: string | undefined };
+  mirror: {
+    listen: ListenAddress;
+    partner: ListenAddress | undefined;
+    onPartnerDown: 'degrade' | 'refuse';
+    timeoutMs: number;
+    token: string | undefined;
+    maxInFlight: number;
+    maxInFlightBytes: number;
+    maxInFlightBytesTotal: number;
+    maxConnections: number;
+    handshakeTimeoutMs: number;
+  };
   volumes: { defaultSize: number };
   cache: { enabled: boolean; maxDirtyAgeMs: number };
   log: { level: LogLevel; format: LogFormat };
@@ -192,6 +212,10 @@ const rawSchema = z.strictObject({
       lease: durationLeaf.prefault('30s'),
       token: tokenLeaf.optional(),
       maxInFlight: intLeaf(1, 65536).prefault(256),
+      maxInFlightBytes: sizeLeaf.prefault('32MiB'),
+      maxInFlightBytesTotal: sizeLeaf.prefault('128MiB'),
+      maxConnections: intLeaf(1, 65536).prefault(256),
+      handshakeTimeout: durationLeaf.prefault('5s'),
     })
     .prefault({}),
   mirror: z
@@ -201,6 +225,11 @@ const rawSchema = z.strictObject({
       onPartnerDown: enumLeaf(['degrade', 'refuse'] as const).prefault('degrade'),
       timeout: durationLeaf.prefault('1s'),
       token: tokenLeaf.optional(),
+      maxInFlight: intLeaf(1, 65536).prefault(64),
+      maxInFlightBytes: sizeLeaf.prefault('64MiB'),
+      maxInFlightBytesTotal: sizeLeaf.prefault('128MiB'),
+      maxConnections: intLeaf(1, 65536).prefault(16),
+      handshakeTimeout: durationLeaf.prefault('5s'),
     })
     .prefault({}),
   log: z
@@ -259,11 +288,20 @@ export const SETTINGS: readonly Setting[] = [
   { path: 'rmem.lease', flag: '--rmem-lease', default: '30s', doc: 'how long a lost server keeps its regions, and how long a silent connection lives' },
   { path: 'rmem.token', default: '(none)', doc: 'shared token every server must present at HELLO; set it in the file or environment, not on the command line' },
   { path: 'rmem.maxInFlight', default: '256', doc: 'requests served at once per connection before the node stops reading it' },
+  { path: 'rmem.maxInFlightBytes', default: '32MiB', doc: 'bytes one connection may hold in flight (request bodies and replies not yet written) before the node stops reading it' },
+  { path: 'rmem.maxInFlightBytesTotal', default: '128MiB', doc: 'bytes all rmem connections together may hold in flight; a connection waits, unread, while the service is at this cap' },
+  { path: 'rmem.maxConnections', default: '256', doc: 'rmem connections open at once; more are closed as they arrive' },
+  { path: 'rmem.handshakeTimeout', default: '5s', doc: 'a connection whose HELLO has not succeeded in this time is closed' },
   { path: 'mirror.listen', flag: '--mirror-listen', default: '127.0.0.1:10811', doc: 'mirror service, where a partner node keeps replicas of its mirrored NVRAM devices here; port 0 picks a free port' },
   { path: 'mirror.partner', flag: '--mirror-partner', default: '(none)', doc: 'mirror service of the partner node that holds replicas of this node\'s mirrored NVRAM devices, such as 10.0.0.2:10811' },
   { path: 'mirror.onPartnerDown', default: 'degrade', doc: 'when the partner is unreachable, mirrored devices degrade (acknowledge once the local journal is synced) or refuse appends' },
   { path: 'mirror.timeout', default: '1s', doc: 'a partner that has not answered a mirror request in this time is taken as lost' },
   { path: 'mirror.token', default: '(none)', doc: 'shared token both partners present on the mirror link; set it in the file or environment' },
+  { path: 'mirror.maxInFlight', default: '64', doc: 'requests taken in at once per mirror connection (applied in order) before the node stops reading it' },
+  { path: 'mirror.maxInFlightBytes', default: '64MiB', doc: 'bytes one mirror connection may hold in flight (request bodies and replies not yet written) before the node stops reading it' },
+  { path: 'mirror.maxInFlightBytesTotal', default: '128MiB', doc: 'bytes all mirror connections together may hold in flight' },
+  { path: 'mirror.maxConnections', default: '16', doc: 'mirror connections open at once; more are closed as they arrive' },
+  { path: 'mirror.handshakeTimeout', default: '5s', doc: 'a mirror connection whose HELLO has not succeeded in this time is closed' },
   { path: 'log.level', flag: '--log-level', default: 'info', doc: LOG_LEVELS.join(', ') },
   { path: 'log.format', flag: '--log-format', default: 'auto', doc: 'json, pretty, or auto (pretty when stdout is a terminal)' },
   { path: 'media.extentSize', flag: '--extent-size', default: '1MiB', doc: 'unit of the partition table; a power of two from 4KiB to 1GiB' },
@@ -383,8 +421,28 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
     },
     volumes: { defaultSize: parsed.volumes.defaultSize },
     cache: { enabled: parsed.cache.enabled, maxDirtyAgeMs: parsed.cache.maxDirtyAge },
-    rmem: { listen: parsed.rmem.listen, leaseMs: parsed.rmem.lease, token: parsed.rmem.token, maxInFlight: parsed.rmem.maxInFlight },
-    mirror: { listen: parsed.mirror.listen, partner: parsed.mirror.partner, onPartnerDown: parsed.mirror.onPartnerDown, timeoutMs: parsed.mirror.timeout, token: parsed.mirror.token },
+    rmem: {
+      listen: parsed.rmem.listen,
+      leaseMs: parsed.rmem.lease,
+      token: parsed.rmem.token,
+      maxInFlight: parsed.rmem.maxInFlight,
+      maxInFlightBytes: parsed.rmem.maxInFlightBytes,
+      maxInFlightBytesTotal: parsed.rmem.maxInFlightBytesTotal,
+      maxConnections: parsed.rmem.maxConnections,
+      handshakeTimeoutMs: parsed.rmem.handshakeTimeout,
+    },
+    mirror: {
+      listen: parsed.mirror.listen,
+      partner: parsed.mirror.partner,
+      onPartnerDown: parsed.mirror.onPartnerDown,
+      timeoutMs: parsed.mirror.timeout,
+      token: parsed.mirror.token,
+      maxInFlight: parsed.mirror.maxInFlight,
+      maxInFlightBytes: parsed.mirror.maxInFlightBytes,
+      maxInFlightBytesTotal: parsed.mirror.maxInFlightBytesTotal,
+      maxConnections: parsed.mirror.maxConnections,
+      handshakeTimeoutMs: parsed.mirror.handshakeTimeout,
+    },
     log: { level: parsed.log.level, format: parsed.log.format },
     media: {
       extentSize: parsed.media.extentSize,
@@ -401,12 +459,15 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
   if (config.rmem.leaseMs < 100 || config.rmem.leaseMs > 86_400_000) {
     throw invalid('rmem.lease', raw, origin, 'expected a duration from 100ms to 24h');
   }
-  if (config.nbd.maxInFlightBytes < 64 * KiB) throw invalid('nbd.maxInFlightBytes', raw, origin, 'expected at least 64KiB');
-  if (config.nbd.maxInFlightBytesTotal < config.nbd.maxInFlightBytes) {
-    throw invalid('nbd.maxInFlightBytesTotal', raw, origin, `expected at least nbd.maxInFlightBytes (${formatSize(config.nbd.maxInFlightBytes)})`);
-  }
-  if (config.nbd.handshakeTimeoutMs < 10 || config.nbd.handshakeTimeoutMs > 600_000) {
-    throw invalid('nbd.handshakeTimeout', raw, origin, 'expected a duration from 10ms to 10m');
+  for (const service of ['nbd', 'rmem', 'mirror'] as const) {
+    const limits = config[service];
+    if (limits.maxInFlightBytes < 64 * KiB) throw invalid(`${service}.maxInFlightBytes`, raw, origin, 'expected at least 64KiB');
+    if (limits.maxInFlightBytesTotal < limits.maxInFlightBytes) {
+      throw invalid(`${service}.maxInFlightBytesTotal`, raw, origin, `expected at least ${service}.maxInFlightBytes (${formatSize(limits.maxInFlightBytes)})`);
+    }
+    if (limits.handshakeTimeoutMs < 10 || limits.handshakeTimeoutMs > 600_000) {
+      throw invalid(`${service}.handshakeTimeout`, raw, origin, 'expected a duration from 10ms to 10m');
+    }
   }
   if (config.mirror.timeoutMs < 10 || config.mirror.timeoutMs > 600_000) {
     throw invalid('mirror.timeout', raw, origin, 'expected a duration from 10ms to 10m');

@@ -144,7 +144,17 @@ export class StorageNode {
     this.lifecycle.add({
       name: 'mirror service',
       start: async () => {
-        const service = new MirrorService({ nvram: this.nvram, nodeId: this.nodeId, token: config.mirror.token, log });
+        const service = new MirrorService({
+          nvram: this.nvram,
+          nodeId: this.nodeId,
+          token: config.mirror.token,
+          log,
+          maxInFlight: config.mirror.maxInFlight,
+          maxInFlightBytes: config.mirror.maxInFlightBytes,
+          maxInFlightBytesTotal: config.mirror.maxInFlightBytesTotal,
+          maxConnections: config.mirror.maxConnections,
+          handshakeTimeoutMs: config.mirror.handshakeTimeoutMs,
+        });
         const bound = await service.listen(config.mirror.listen);
         this.mirrorService = service;
         log.info({ address: formatAddress(bound), token: config.mirror.token !== undefined }, 'mirror service listening');
@@ -187,6 +197,10 @@ export class StorageNode {
           leaseMs: config.rmem.leaseMs,
           token: config.rmem.token,
           maxInFlight: config.rmem.maxInFlight,
+          maxInFlightBytes: config.rmem.maxInFlightBytes,
+          maxInFlightBytesTotal: config.rmem.maxInFlightBytesTotal,
+          maxConnections: config.rmem.maxConnections,
+          handshakeTimeoutMs: config.rmem.handshakeTimeoutMs,
         });
         const bound = await rmem.listen(config.rmem.listen);
         this.rmem = rmem;
@@ -226,6 +240,7 @@ export class StorageNode {
           mirror: () => this.mirroring?.info(),
           admin: () => this.admin?.stats,
           damaged: () => ({ volumes: this.volumes.damaged().length, nvram: this.nvram.damaged().length }),
+          mirrorLoad: () => this.mirrorService?.load(),
         });
         const admin = new AdminServer({
           info: () => this.info(),

@@ -6,6 +6,15 @@
 // a RESET and the APPENDs sent after it land in that order. A connection must say HELLO
 // (version, node id, token) first. A malformed frame ends the connection (its framing is
 // lost); a malformed body gets a PROTOCOL reply and the connection goes on.
+//
+// Bounded resources, as for rmem (src/server/rmem-connection.ts): a ConnectionGate caps
+// connections and closes one whose HELLO has not succeeded in time; until then bodies
+// are at most MIRROR_HANDSHAKE_MAX_BODY. Each connection's RequestFlow admits requests
+// into the in-order chain only within its budget of requests and bytes (a request holds
+// its body and the largest reply it can get until that reply is in the kernel's hands),
+// one SharedBudget caps all connections together, a body that spans chunks is reserved
+// before it is allocated, and the socket is not read while anything waits or the
+// replies are not being read.
 
 import { createServer, type Server, type Socket } from 'node:net';
 import { timingSafeEqual } from 'node:crypto';
@@ -13,9 +22,13 @@ import { MemstrataError, MisuseError, RuntimeError } from '../errors.js';
 import type { Logger } from '../logger.js';
 import { closeServer, listenOn } from '../net/listen.js';
 import { CorkedWriter } from '../net/corked-writer.js';
+import { ConnectionGate, type Admission } from '../net/connection-gate.js';
+import { RequestFlow, SharedBudget, newFlowStats, type FlowLimits, type FlowStats } from '../net/request-flow.js';
+import { serviceLoad, type ServiceLoad } from '../net/service-load.js';
 import { FrameParser, type Frame } from '../protocol/rmem/parser.js';
 import type { ListenAddress } from '../units.js';
 import {
+  MIRROR_HANDSHAKE_MAX_BODY,
   MIRROR_MAX_BODY,
   MIRROR_REQUEST_MAGIC,
   MIRROR_VERSION,
@@ -31,6 +44,7 @@ import {
   encodeName,
   encodeState,
   errorReply,
+  maxMirrorReplySize,
   reply,
 } from '../protocol/mirror/codec.js';
 import type { DeviceManager } from './device-manager.js';
@@ -57,12 +71,25 @@ export interface MirrorServiceOptions {
   nodeId: string;
   token: string | undefined;
   log: Logger;
+  /** Requests admitted per connection (applied in order, one at a time). */
+  maxInFlight: number;
+  /** Bytes in flight per connection: request bodies and replies not yet written. */
+  maxInFlightBytes: number;
+  /** Bytes in flight on all connections together. */
+  maxInFlightBytesTotal: number;
+  maxConnections: number;
+  /** A connection whose HELLO has not succeeded in this time is closed. */
+  handshakeTimeoutMs: number;
 }
 
 export class MirrorService {
   private readonly options: MirrorServiceOptions;
   private server: Server | undefined;
   private readonly connections: Set<MirrorConnection>;
+  readonly flowLimits: FlowLimits;
+  readonly flowStats: FlowStats;
+  readonly budget: SharedBudget;
+  readonly gate: ConnectionGate;
   address: ListenAddress | undefined;
   /** Requests served, for metrics. */
   served: number;
@@ -71,13 +98,24 @@ export class MirrorService {
     this.options = options;
     this.server = undefined;
     this.connections = new Set();
+    this.flowLimits = { maxRequests: options.maxInFlight, maxBytes: options.maxInFlightBytes };
+    this.flowStats = newFlowStats();
+    this.budget = new SharedBudget(options.maxInFlightBytesTotal);
+    this.gate = new ConnectionGate('mirror', { maxConnections: options.maxConnections, handshakeTimeoutMs: options.handshakeTimeoutMs }, options.log);
     this.address = undefined;
     this.served = 0;
   }
 
+  /** Connections, pauses and bytes in flight, for metrics. */
+  load(): ServiceLoad {
+    return serviceLoad(this.gate.stats, this.flowStats, this.budget);
+  }
+
   async listen(address: ListenAddress): Promise<ListenAddress> {
     const server = createServer({ noDelay: true }, (socket) => {
-      const connection = new MirrorConnection(socket, this.options, this);
+      const admission = this.gate.admit(socket);
+      if (admission === undefined) return;
+      const connection = new MirrorConnection(socket, this.options, this, admission);
       this.connections.add(connection);
       socket.once('close', () => this.connections.delete(connection));
     });
@@ -92,53 +130,124 @@ export class MirrorService {
   }
 }
 
+/** A parsed request and what it holds of the budget. */
+interface Request {
+  frame: Frame;
+  cost: number;
+}
+
 class MirrorConnection {
   readonly socket: Socket;
   private readonly options: MirrorServiceOptions;
   private readonly service: MirrorService;
+  private readonly admission: Admission;
   private readonly writer: CorkedWriter;
+  private readonly parser: FrameParser;
+  private readonly flow: RequestFlow<Request>;
+  /** Requests admitted by the flow, applied strictly in order. */
   private chain: Promise<void>;
   private partner: string | undefined;
+  /** Bytes reserved for the body the parser is assembling (0: none). */
+  private reserved: number;
+  private resumeScheduled: boolean;
+  private closing: boolean;
 
-  constructor(socket: Socket, options: MirrorServiceOptions, service: MirrorService) {
+  constructor(socket: Socket, options: MirrorServiceOptions, service: MirrorService, admission: Admission) {
     this.socket = socket;
     this.options = options;
     this.service = service;
+    this.admission = admission;
     this.writer = new CorkedWriter(socket);
     this.chain = Promise.resolve();
     this.partner = undefined;
-    const parser = new FrameParser({ magic: MIRROR_REQUEST_MAGIC }, {
+    this.reserved = 0;
+    this.resumeScheduled = false;
+    this.closing = false;
+    this.flow = new RequestFlow<Request>(socket, service.flowLimits, service.flowStats, (request) => {
+      this.admit(request);
+    }, service.budget);
+    this.parser = new FrameParser({ magic: MIRROR_REQUEST_MAGIC }, {
       onFrame: (f) => {
-        // Applied strictly in order; socket chunks are fresh buffers, so holding a view is safe.
-        const frame = { ...f, body: f.body };
-        this.chain = this.chain.then(() => this.serve(frame));
+        const reserved = this.reserved;
+        this.reserved = 0;
+        // Socket chunks are fresh buffers, so holding a view of one until the request is applied is safe.
+        const cost = f.body.length + maxMirrorReplySize(f.op);
+        this.flow.push({ frame: f, cost }, cost, reserved);
       },
       onFatal: (error) => {
         options.log.warn({ err: error, remote: socket.remoteAddress }, 'mirror connection sent a malformed frame; closing it');
+        this.closing = true;
         socket.destroy();
       },
-    }, MIRROR_MAX_BODY);
-    socket.on('data', (chunk: Buffer) => { parser.feed(chunk); });
+      admitBody: (op, length) => {
+        // The body and the largest reply its op can get: the request then starts at once.
+        const bytes = length + maxMirrorReplySize(op);
+        const granted = this.flow.reserve(bytes, () => {
+          this.reserved = bytes;
+          this.parser.resume();
+        });
+        if (granted) this.reserved = bytes;
+        return granted;
+      },
+      // A frame that had to queue stops the parser: the rest of the chunk waits as bytes.
+      accepting: () => this.flow.queued === 0,
+    }, MIRROR_HANDSHAKE_MAX_BODY);
+    socket.on('data', (chunk: Buffer) => {
+      this.parser.feed(chunk);
+    });
     socket.on('error', () => undefined);
+    socket.once('close', () => {
+      this.closing = true;
+      this.flow.close();
+    });
   }
 
   async drainAndClose(): Promise<void> {
+    this.closing = true;
+    this.flow.close();
+    this.socket.pause();
     await this.chain;
     this.socket.end();
   }
 
-  private async serve(f: Frame): Promise<void> {
+  /** A request the flow admitted joins the chain; its budget comes back once its reply is written. */
+  private admit(request: Request): void {
+    if (this.parser.waiting && this.flow.queued === 0 && !this.resumeScheduled) {
+      // The queue has drained: parse the rest, outside the flow's dispatch loop.
+      this.resumeScheduled = true;
+      queueMicrotask(() => {
+        this.resumeScheduled = false;
+        if (!this.closing) this.parser.resume();
+      });
+    }
+    this.chain = this.chain.then(async () => {
+      if (this.closing) {
+        this.flow.done(request.cost);
+        return;
+      }
+      const { buf, last } = await this.serve(request.frame);
+      this.writer.write(buf, () => {
+        this.flow.done(request.cost);
+      });
+      if (last) this.socket.end();
+    });
+  }
+
+  /** The reply to one request, and whether it is the last this connection gets. */
+  private async serve(f: Frame): Promise<{ buf: Buffer; last: boolean }> {
     const tag = f.tagLo;
     try {
       const body = await this.handle(f.op, f.body);
       this.service.served++;
-      this.writer.write(reply(f.op, MSTATUS.OK, tag, body));
+      return { buf: reply(f.op, MSTATUS.OK, tag, body), last: false };
     } catch (error) {
       const status = error instanceof MemstrataError ? (STATUS_OF[error.code] ?? MSTATUS.IO) : MSTATUS.IO;
       const message = error instanceof Error ? error.message : String(error);
       if (status === MSTATUS.IO) this.options.log.error({ err: error, partner: this.partner }, 'mirror request failed');
-      this.writer.write(errorReply(f.op, status, tag, message));
-      if (status === MSTATUS.AUTH || (status === MSTATUS.PROTOCOL && this.partner === undefined)) this.socket.end();
+      // A refused HELLO, or anything before one, ends the connection.
+      const last = status === MSTATUS.AUTH || (status === MSTATUS.PROTOCOL && this.partner === undefined);
+      if (last) this.closing = true;
+      return { buf: errorReply(f.op, status, tag, message), last };
     }
   }
 
@@ -208,6 +317,9 @@ class MirrorConnection {
       if (a.length !== b.length || !timingSafeEqual(a, b)) throw new MisuseError('MS_MIRROR_AUTH', `mirror partner ${hello.nodeId} presented the wrong token`);
     }
     this.partner = hello.nodeId;
+    // Admitted: full-size frames from here on, and the handshake deadline no longer applies.
+    this.parser.maxBody = MIRROR_MAX_BODY;
+    this.admission.handshakeDone();
     this.options.log.info({ partner: hello.nodeId, remote: this.socket.remoteAddress }, 'mirror partner connected');
     return encodeName(this.options.nodeId);
   }

@@ -1,12 +1,24 @@
 // One rmem connection: frames in, requests validated and served, replies out.
 //
-//   socket -> FrameParser -> dispatch(op) -> ServerMemory -> reply -> corked socket
+//   socket -> FrameParser -> RequestFlow (budget) -> serve(op) -> ServerMemory -> reply -> corked socket
 //
 // Requests on one connection run concurrently and their replies go out as they are
 // ready, in any order; each carries its tag back. Replies made in one tick leave in one
-// corked write. Reading pauses while `maxInFlight` requests are in progress or while the
-// socket's write buffer is full (a client that does not read its replies stops being
-// read), so one connection cannot make the node buffer without bound.
+// corked write.
+//
+// Invariants (bounded resources, docs/rmem-protocol.md section 1):
+//   - a request holds budget from the moment the node commits memory to it until its
+//     reply is in the kernel's hands: its cost is its body plus the largest reply it can
+//     get (codec replySize). The connection's RequestFlow caps requests and bytes, and
+//     the service's SharedBudget caps the bytes of all connections together;
+//   - a body that spans socket chunks is reserved before the parser allocates it, for
+//     its length plus the largest reply its op can get, so no body is assembled outside
+//     the budget and the request it becomes starts at once (never holding budget while
+//     waiting for more);
+//   - until HELLO succeeds, bodies are at most HANDSHAKE_MAX_BODY: a peer that has not
+//     been admitted makes the node hold a few KiB at most, for handshakeTimeout at most;
+//   - reading stops while anything waits for budget or the socket's write buffer is above
+//     its high-water mark (a client that does not read its replies stops being read).
 //
 // A malformed request gets an error reply and the connection carries on; a frame that
 // breaks the framing (bad magic, oversized body) gets one PROTOCOL error with tag 0 and
@@ -14,7 +26,7 @@
 
 import type { Socket } from 'node:net';
 import { MisuseError, RuntimeError, isMemstrataError } from '../errors.js';
-import type { ServerMemory, ServerRegion } from '../memory/server-memory.js';
+import type { ServerMemory, ServerRegion, Tenancy } from '../memory/server-memory.js';
 import type { DeviceManager } from '../nvram/device-manager.js';
 import type { NvramDevice } from '../nvram/device.js';
 import { MAX_TARGET_NAME } from '../protocol/journal/record.js';
@@ -32,6 +44,8 @@ import {
   encodeEmptyReply,
   encodeErrorReply,
   encodeHelloReply,
+  maxReplySize,
+  replySize,
   writeResponseHeader,
   decodeJopenRequest,
   decodeJappendRequest,
@@ -46,10 +60,12 @@ import {
 } from '../protocol/rmem/codec.js';
 import { statusOf } from '../protocol/rmem/errors.js';
 import { FrameParser, type Frame } from '../protocol/rmem/parser.js';
-import { HEADER_SIZE, MAX_BODY, MAX_DATA, OP, OP_NAME, STATUS, VERSION } from '../protocol/rmem/spec.js';
+import { HANDSHAKE_MAX_BODY, HEADER_SIZE, MAX_BODY, MAX_DATA, OP, OP_NAME, STATUS, VERSION } from '../protocol/rmem/spec.js';
 import type { Logger } from '../logger.js';
 import type { BufferPool } from './buffer-pool.js';
 import { CorkedWriter } from '../net/corked-writer.js';
+import { RequestFlow, type FlowLimits, type FlowStats, type SharedBudget } from '../net/request-flow.js';
+import type { Admission } from '../net/connection-gate.js';
 
 /** What a connection needs from the service that owns it. */
 export interface ConnectionHost {
@@ -58,13 +74,17 @@ export interface ConnectionHost {
   /** The volume whose write log the device is, if any; such devices are not open to clients. */
   writeLogOf(device: string): string | undefined;
   readonly log: Logger;
-  readonly maxInFlight: number;
+  /** Per connection: requests and bytes in flight. */
+  readonly flowLimits: FlowLimits;
+  readonly flowStats: FlowStats;
+  /** Bytes in flight on all connections together. */
+  readonly budget: SharedBudget;
   readonly stats: RmemStats;
   /** Large reply buffers, reused across requests and connections. */
   readonly replyBuffers: BufferPool;
   isStopping(): boolean;
-  /** Admits a HELLO; returns the session's reply fields or throws a coded error. */
-  hello(connection: RmemConnection, serverId: string, token: string): { resumed: boolean; sessionId: bigint; leaseMs: number; nodeId: string };
+  /** Admits a HELLO; returns the session's tenancy and reply fields, or throws a coded error. */
+  hello(connection: RmemConnection, serverId: string, token: string, secret: Buffer | undefined): { tenancy: Tenancy; resumed: boolean; sessionId: bigint; leaseMs: number; nodeId: string; secret: Buffer };
   /** Notes traffic for the lease. */
   touch(serverId: string): void;
   closed(connection: RmemConnection): void;
@@ -79,35 +99,55 @@ export interface RmemStats {
   protocolErrors: number;
 }
 
+/** A parsed request and what it holds of the budget. */
+interface Request {
+  frame: Frame;
+  cost: number;
+}
+
+/** A reply ready to go: its buffers, and what to do once the kernel has them. */
+interface Reply {
+  parts: readonly Buffer[];
+  written: (() => void) | undefined;
+}
+
 export class RmemConnection {
   readonly socket: Socket;
   readonly remote: string;
   serverId: string | undefined;
+  /** The session this connection serves, once HELLO succeeded; every memory request is checked against it. */
+  private tenancy: Tenancy | undefined;
   private readonly host: ConnectionHost;
+  private readonly admission: Admission;
   private readonly parser: FrameParser;
+  private readonly flow: RequestFlow<Request>;
   private readonly writer: CorkedWriter;
   /** Journals opened on this connection: handle -> device and the epoch it was opened with. */
   private readonly journals: Map<number, { device: NvramDevice; epoch: number }>;
   private nextHandle: number;
-  private inFlight: number;
-  private pausedForInFlight: boolean;
-  private pausedForDrain: boolean;
+  /** Bytes reserved for the body the parser is assembling (0: none). */
+  private reserved: number;
+  private resumeScheduled: boolean;
   private closing: boolean;
   private idle: (() => void) | undefined;
 
-  constructor(socket: Socket, host: ConnectionHost) {
+  constructor(socket: Socket, host: ConnectionHost, admission: Admission) {
     this.socket = socket;
     this.remote = `${socket.remoteAddress ?? '?'}:${socket.remotePort ?? 0}`;
     this.serverId = undefined;
+    this.tenancy = undefined;
     this.host = host;
+    this.admission = admission;
     this.writer = new CorkedWriter(socket);
     this.journals = new Map();
     this.nextHandle = 1;
-    this.inFlight = 0;
-    this.pausedForInFlight = false;
-    this.pausedForDrain = false;
+    this.reserved = 0;
+    this.resumeScheduled = false;
     this.closing = false;
     this.idle = undefined;
+    this.flow = new RequestFlow<Request>(socket, host.flowLimits, host.flowStats, (request) => {
+      this.start(request);
+    }, host.budget);
     this.parser = new FrameParser('request', {
       onFrame: (frame) => {
         this.onFrame(frame);
@@ -115,34 +155,38 @@ export class RmemConnection {
       onFatal: (error) => {
         this.onFatal(error);
       },
-    }, MAX_BODY);
+      admitBody: (op, length) => this.admitBody(op, length),
+      // A frame that had to queue stops the parser: the rest of the chunk waits as bytes.
+      accepting: () => this.flow.queued === 0,
+    }, HANDSHAKE_MAX_BODY);
     socket.setNoDelay(true);
     socket.on('data', (chunk: Buffer) => {
       this.parser.feed(chunk);
-    });
-    socket.on('drain', () => {
-      this.pausedForDrain = false;
-      this.updateFlow();
     });
     socket.on('error', (error) => {
       host.log.debug({ remote: this.remote, err: error }, 'rmem connection error');
     });
     socket.on('close', () => {
       this.closing = true;
+      this.flow.close();
       host.closed(this);
     });
   }
 
-  /** True while requests of this connection are still being served. */
+  /** True while requests of this connection are still being served or their replies written. */
   get busy(): boolean {
-    return this.inFlight > 0;
+    return this.flow.inFlight > 0;
   }
 
-  /** Stops reading, lets requests in flight finish, then closes. */
+  /** Stops reading, answers what was parsed but not started with SHUTDOWN, lets requests in flight finish, then closes. */
   async drainAndClose(): Promise<void> {
     this.closing = true;
+    for (const request of this.flow.close()) {
+      const tag: Tag = { hi: request.frame.tagHi, lo: request.frame.tagLo };
+      this.writer.write(encodeErrorReply(request.frame.op, STATUS.SHUTDOWN, tag, 'the node is stopping'));
+    }
     this.socket.pause();
-    if (this.inFlight > 0) await new Promise<void>((resolve) => (this.idle = resolve));
+    if (this.flow.inFlight > 0) await new Promise<void>((resolve) => (this.idle = resolve));
     this.socket.end();
   }
 
@@ -155,35 +199,87 @@ export class RmemConnection {
   private onFatal(error: MisuseError): void {
     this.host.stats.protocolErrors++;
     this.host.log.warn({ remote: this.remote, server: this.serverId, err: error.message }, 'rmem stream lost its framing; closing the connection');
-    this.send(encodeErrorReply(0, STATUS.PROTOCOL, { hi: 0, lo: 0 }, error.message));
+    this.writer.write(encodeErrorReply(0, STATUS.PROTOCOL, { hi: 0, lo: 0 }, error.message));
     this.closing = true;
     this.socket.end();
   }
 
-  private onFrame(frame: Frame): void {
-    if (this.closing) return;
-    const tag: Tag = { hi: frame.tagHi, lo: frame.tagLo };
-    const name = OP_NAME[frame.op] ?? 'UNKNOWN';
-    this.host.stats.requests[name] = (this.host.stats.requests[name] ?? 0) + 1;
-    this.inFlight++;
-    this.updateFlow();
-    this.dispatch(frame, tag)
-      .catch((error: unknown) => {
-        this.replyError(frame.op, tag, error);
-      })
-      .finally(() => {
-        this.inFlight--;
-        if (this.inFlight === 0 && this.idle !== undefined) this.idle();
-        this.updateFlow();
-      });
+  /** Budgets a body that spans chunks, and the largest reply its op can get, before the parser allocates it. */
+  private admitBody(op: number, length: number): boolean {
+    const bytes = length + maxReplySize(op);
+    const granted = this.flow.reserve(bytes, () => {
+      this.reserved = bytes;
+      this.parser.resume();
+    });
+    if (granted) this.reserved = bytes;
+    return granted;
   }
 
-  private async dispatch(frame: Frame, tag: Tag): Promise<void> {
+  private onFrame(frame: Frame): void {
+    const reserved = this.reserved;
+    this.reserved = 0;
+    if (!this.closing) {
+      const name = OP_NAME[frame.op] ?? 'UNKNOWN';
+      this.host.stats.requests[name] = (this.host.stats.requests[name] ?? 0) + 1;
+    }
+    // Pushed even while closing, so that a reservation goes back through the flow.
+    const cost = frame.body.length + replySize(frame.op, frame.body);
+    this.flow.push({ frame, cost }, cost, reserved);
+  }
+
+  /** Runs a request the flow dispatched; its budget comes back once its reply is written. */
+  private start(request: Request): void {
+    const { frame } = request;
+    const tag: Tag = { hi: frame.tagHi, lo: frame.tagLo };
+    if (this.parser.waiting && this.flow.queued === 0 && !this.resumeScheduled) {
+      // The queue has drained: parse the rest, outside the flow's dispatch loop.
+      this.resumeScheduled = true;
+      queueMicrotask(() => {
+        this.resumeScheduled = false;
+        if (!this.closing) this.parser.resume();
+      });
+    }
+    if (this.closing) {
+      this.done(request);
+      return;
+    }
+    this.serve(frame, tag).then(
+      (reply) => {
+        this.finish(request, reply);
+      },
+      (error: unknown) => {
+        this.finish(request, this.errorReply(frame.op, tag, error));
+      },
+    );
+  }
+
+  private finish(request: Request, reply: Reply): void {
+    const last = reply.parts.length - 1;
+    reply.parts.forEach((part, i) => {
+      if (i < last) {
+        this.writer.write(part);
+        return;
+      }
+      this.writer.write(part, () => {
+        reply.written?.();
+        this.done(request);
+      });
+    });
+  }
+
+  /** Gives a request's budget back; the last one out lets a drain finish. */
+  private done(request: Request): void {
+    this.flow.done(request.cost);
+    if (this.flow.inFlight === 0 && this.idle !== undefined) this.idle();
+  }
+
+  private async serve(frame: Frame, tag: Tag): Promise<Reply> {
     if (this.host.isStopping()) throw new RuntimeError('MS_SHUTTING_DOWN', 'the node is stopping');
     const { op, body } = frame;
     if (op === OP.HELLO) return this.onHello(body, tag);
     const serverId = this.serverId;
-    if (serverId === undefined) {
+    const tenancy = this.tenancy;
+    if (serverId === undefined || tenancy === undefined) {
       if (OP_NAME[op] === undefined) throw new MisuseError('MS_RMEM_UNSUPPORTED', `unknown operation ${op}`);
       throw new MisuseError('MS_RMEM_NO_SESSION', `${OP_NAME[op] ?? op} before HELLO`);
     }
@@ -192,22 +288,20 @@ export class RmemConnection {
     switch (op) {
       case OP.KEEPALIVE:
         decodeEmpty(body, 'KEEPALIVE');
-        this.send(encodeEmptyReply(OP.KEEPALIVE, tag));
-        return;
+        return one(encodeEmptyReply(OP.KEEPALIVE, tag));
       case OP.CAPACITY:
         decodeEmpty(body, 'CAPACITY');
-        this.send(encodeCapacityReply(tag, memory.capacity(serverId)));
-        return;
+        return one(encodeCapacityReply(tag, memory.capacity(tenancy)));
       case OP.BIND:
-        return this.onBind(serverId, body, tag);
+        return this.onBind(tenancy, body, tag);
       case OP.READ:
-        return this.onRead(serverId, body, tag);
+        return this.onRead(tenancy, body, tag);
       case OP.WRITE:
-        return this.onWrite(serverId, body, tag);
+        return this.onWrite(tenancy, body, tag);
       case OP.READV:
-        return this.onReadv(serverId, body, tag);
+        return this.onReadv(tenancy, body, tag);
       case OP.WRITEV:
-        return this.onWritev(serverId, body, tag);
+        return this.onWritev(tenancy, body, tag);
       case OP.JOPEN: {
         const { name, epoch } = decodeJopenRequest(body);
         if (this.journals.size >= MAX_JOURNALS) throw new MisuseError('MS_NVRAM_INVALID', `at most ${MAX_JOURNALS} journals may be open on one connection`);
@@ -219,8 +313,7 @@ export class RmemConnection {
         await this.host.nvram.openJournal(name, epoch);
         const handle = this.nextHandle++;
         this.journals.set(handle, { device, epoch });
-        this.send(encodeJopenReply(tag, handle, journalInfo(device)));
-        return;
+        return one(encodeJopenReply(tag, handle, journalInfo(device)));
       }
       case OP.JAPPEND: {
         const { handle, entries } = decodeJappendRequest(body);
@@ -231,60 +324,56 @@ export class RmemConnection {
           }
         }
         const appended = await journal.device.append(journal.epoch, entries);
-        this.send(encodeJappendReply(tag, appended));
-        return;
+        return one(encodeJappendReply(tag, appended));
       }
       case OP.JREAD: {
         const request = decodeJreadRequest(body);
         const records = await this.journal(request.handle).device.read(request.fromSeq, Math.min(request.maxRecords, 4096), Math.min(request.maxBytes, MAX_DATA));
-        for (const part of encodeJreadReply(tag, records)) this.send(part);
-        return;
+        return { parts: encodeJreadReply(tag, records), written: undefined };
       }
       case OP.JTRIM: {
         const { handle, value } = decodeHandleRequest(body, true, 'JTRIM');
         const journal = this.journal(handle);
         await journal.device.trim(journal.epoch, value);
-        this.send(encodeEmptyReply(OP.JTRIM, tag));
-        return;
+        return one(encodeEmptyReply(OP.JTRIM, tag));
       }
       case OP.JINFO: {
         const { handle } = decodeHandleRequest(body, false, 'JINFO');
-        this.send(encodeJinfoReply(tag, journalInfo(this.journal(handle).device)));
-        return;
+        return one(encodeJinfoReply(tag, journalInfo(this.journal(handle).device)));
       }
       case OP.FREE: {
         const request = decodeFreeRequest(body);
-        await memory.free(serverId, request.regionId, request.key);
-        this.send(encodeEmptyReply(OP.FREE, tag));
-        return;
+        await memory.free(tenancy, request.regionId, request.key);
+        return one(encodeEmptyReply(OP.FREE, tag));
       }
       default:
         throw new MisuseError('MS_RMEM_UNSUPPORTED', `unknown operation ${op}`);
     }
   }
 
-  private async onHello(body: Buffer, tag: Tag): Promise<void> {
+  private onHello(body: Buffer, tag: Tag): Promise<Reply> {
+    // Another version is refused by the decoder (MS_RMEM_VERSION) before its body is read.
     const hello = decodeHelloRequest(body);
     if (this.serverId !== undefined) throw new MisuseError('MS_RMEM_NO_SESSION', `HELLO on a connection that already belongs to server ${this.serverId}`);
-    if (hello.version !== VERSION) {
-      throw new MisuseError('MS_RMEM_VERSION', `protocol version ${hello.version} is not supported; this node speaks version ${VERSION}`);
-    }
-    const session = this.host.hello(this, hello.serverId, hello.token);
+    const { tenancy, ...session } = this.host.hello(this, hello.serverId, hello.token, hello.secret);
     this.serverId = hello.serverId;
-    this.send(encodeHelloReply(tag, { version: VERSION, maxBody: MAX_BODY, ...session }));
-    return Promise.resolve();
+    this.tenancy = tenancy;
+    // Admitted: full-size frames from here on, and the handshake deadline no longer applies.
+    this.parser.maxBody = MAX_BODY;
+    this.admission.handshakeDone();
+    return Promise.resolve(one(encodeHelloReply(tag, { version: VERSION, maxBody: MAX_BODY, ...session })));
   }
 
-  private async onBind(serverId: string, body: Buffer, tag: Tag): Promise<void> {
+  private async onBind(tenancy: Tenancy, body: Buffer, tag: Tag): Promise<Reply> {
     const request = decodeBindRequest(body);
-    const region = await this.host.memory.bind(serverId, request.size, request.placement);
-    this.send(encodeBindReply(tag, { regionId: region.id, key: region.key, size: region.size, ranges: [...region.ranges] }));
+    const region = await this.host.memory.bind(tenancy, request.size, request.placement);
+    return one(encodeBindReply(tag, { regionId: region.id, key: region.key, size: region.size, ranges: [...region.ranges] }));
   }
 
-  private async onRead(serverId: string, body: Buffer, tag: Tag): Promise<void> {
+  private async onRead(tenancy: Tenancy, body: Buffer, tag: Tag): Promise<Reply> {
     const request = decodeReadRequest(body);
     if (request.length > MAX_DATA) throw tooBig(request.length);
-    const region = this.host.memory.lookup(serverId, request.regionId, request.key);
+    const region = this.host.memory.lookup(tenancy, request.regionId, request.key);
     const reply = this.dataReply(OP.READ, tag, request.length);
     try {
       await this.host.memory.read(region, request.offset, reply.subarray(HEADER_SIZE, HEADER_SIZE + request.length));
@@ -293,23 +382,23 @@ export class RmemConnection {
       throw error;
     }
     this.host.stats.bytesRead += request.length;
-    this.sendPooled(reply, HEADER_SIZE + request.length);
+    return this.pooled(reply, HEADER_SIZE + request.length);
   }
 
-  private async onWrite(serverId: string, body: Buffer, tag: Tag): Promise<void> {
+  private async onWrite(tenancy: Tenancy, body: Buffer, tag: Tag): Promise<Reply> {
     const request = decodeWriteRequest(body);
-    const region = this.host.memory.lookup(serverId, request.regionId, request.key);
+    const region = this.host.memory.lookup(tenancy, request.regionId, request.key);
     await this.host.memory.write(region, request.offset, request.data);
     this.host.stats.bytesWritten += request.data.length;
-    this.send(encodeEmptyReply(OP.WRITE, tag));
+    return one(encodeEmptyReply(OP.WRITE, tag));
   }
 
-  private async onReadv(serverId: string, body: Buffer, tag: Tag): Promise<void> {
+  private async onReadv(tenancy: Tenancy, body: Buffer, tag: Tag): Promise<Reply> {
     const entries = decodeReadvRequest(body);
     const total = entries.reduce((sum, e) => sum + e.length, 0);
     if (total > MAX_DATA) throw tooBig(total);
     // Every entry is checked before any is read: a READV is served whole or not at all.
-    const regions = entries.map((e) => this.checkedRegion(serverId, e.regionId, e.key, e.offset, e.length));
+    const regions = entries.map((e) => this.checkedRegion(tenancy, e.regionId, e.key, e.offset, e.length));
     const reply = this.dataReply(OP.READV, tag, total);
     let at = HEADER_SIZE;
     const reads: Promise<void>[] = [];
@@ -318,19 +407,19 @@ export class RmemConnection {
       if (region !== undefined) reads.push(this.host.memory.read(region, e.offset, reply.subarray(at, at + e.length)));
       at += e.length;
     }
-    try {
-      await Promise.all(reads);
-    } catch (error) {
+    // The buffer goes back to the pool only once no entry's read can still write into it.
+    const failure = firstFailure(await Promise.allSettled(reads));
+    if (failure !== undefined) {
       this.host.replyBuffers.release(reply);
-      throw error;
+      throw failure.reason;
     }
     this.host.stats.bytesRead += total;
-    this.sendPooled(reply, HEADER_SIZE + total);
+    return this.pooled(reply, HEADER_SIZE + total);
   }
 
-  private async onWritev(serverId: string, body: Buffer, tag: Tag): Promise<void> {
+  private async onWritev(tenancy: Tenancy, body: Buffer, tag: Tag): Promise<Reply> {
     const { entries, data } = decodeWritevRequest(body);
-    const regions = entries.map((e) => this.checkedRegion(serverId, e.regionId, e.key, e.offset, e.length));
+    const regions = entries.map((e) => this.checkedRegion(tenancy, e.regionId, e.key, e.offset, e.length));
     let at = 0;
     const writes: Promise<void>[] = [];
     for (const [i, e] of entries.entries()) {
@@ -338,9 +427,11 @@ export class RmemConnection {
       if (region !== undefined) writes.push(this.host.memory.write(region, e.offset, data.subarray(at, at + e.length)));
       at += e.length;
     }
-    await Promise.all(writes);
+    // The reply (and the budget held by the body) waits for every entry, failed or not.
+    const failure = firstFailure(await Promise.allSettled(writes));
+    if (failure !== undefined) throw failure.reason;
     this.host.stats.bytesWritten += data.length;
-    this.send(encodeEmptyReply(OP.WRITEV, tag));
+    return one(encodeEmptyReply(OP.WRITEV, tag));
   }
 
   private journal(handle: number): { device: NvramDevice; epoch: number } {
@@ -349,15 +440,15 @@ export class RmemConnection {
     return journal;
   }
 
-  private checkedRegion(serverId: string, regionId: number, key: bigint, offset: number, length: number): ServerRegion {
-    const region = this.host.memory.lookup(serverId, regionId, key);
+  private checkedRegion(tenancy: Tenancy, regionId: number, key: bigint, offset: number, length: number): ServerRegion {
+    const region = this.host.memory.lookup(tenancy, regionId, key);
     if (offset < 0 || offset + length > region.size) {
       throw new MisuseError('MS_RMEM_RANGE', `offset ${offset} length ${length} lies outside region ${regionId} of ${region.size} bytes`);
     }
     return region;
   }
 
-  private replyError(op: number, tag: Tag, error: unknown): void {
+  private errorReply(op: number, tag: Tag, error: unknown): Reply {
     const status = statusOf(error);
     const name = OP_NAME[op] ?? 'UNKNOWN';
     this.host.stats.errors[name] = (this.host.stats.errors[name] ?? 0) + 1;
@@ -365,12 +456,17 @@ export class RmemConnection {
     if (!isMemstrataError(error) || status === STATUS.IO) {
       this.host.log.error({ remote: this.remote, server: this.serverId, op: name, err: error }, 'rmem request failed');
     }
-    this.send(encodeErrorReply(op, status, tag, message));
-    // A refused HELLO (token, version) ends the connection; the client has nothing more to say.
-    if (op === OP.HELLO && this.serverId === undefined && (status === STATUS.AUTH || status === STATUS.VERSION)) {
-      this.closing = true;
-      this.socket.end();
-    }
+    // A refused HELLO (token, version, secret) ends the connection; the client has nothing more to say.
+    const refused = op === OP.HELLO && this.serverId === undefined && (status === STATUS.AUTH || status === STATUS.VERSION || status === STATUS.SECRET);
+    if (refused) this.closing = true;
+    return {
+      parts: [encodeErrorReply(op, status, tag, message)],
+      written: refused
+        ? () => {
+            this.socket.end();
+          }
+        : undefined,
+    };
   }
 
   /** A data reply's buffer with its header written; the caller fills in the data. */
@@ -380,33 +476,28 @@ export class RmemConnection {
     return buf;
   }
 
-  /** Sends the first `length` bytes of a pooled buffer and gives it back once the kernel has it. */
-  private sendPooled(buf: Buffer, length: number): void {
-    this.send(buf.subarray(0, length), () => {
-      this.host.replyBuffers.release(buf);
-    });
-  }
-
-  /** Queues a reply (batched per tick by the writer); stops reading while the socket is full. */
-  private send(buf: Buffer, written?: () => void): void {
-    if (!this.writer.write(buf, written)) {
-      this.pausedForDrain = true;
-      this.updateFlow();
-    }
-  }
-
-  private updateFlow(): void {
-    const limit = this.host.maxInFlight;
-    if (this.inFlight >= limit) this.pausedForInFlight = true;
-    else if (this.inFlight <= limit >> 1) this.pausedForInFlight = false;
-    if (this.closing) return;
-    if (this.pausedForInFlight || this.pausedForDrain) this.socket.pause();
-    else this.socket.resume();
+  /** The first `length` bytes of a pooled buffer, given back once the kernel has them. */
+  private pooled(buf: Buffer, length: number): Reply {
+    return {
+      parts: [buf.subarray(0, length)],
+      written: () => {
+        this.host.replyBuffers.release(buf);
+      },
+    };
   }
 }
 
 /** Open journal handles one connection may hold. */
 const MAX_JOURNALS = 1024;
+
+function one(buf: Buffer): Reply {
+  return { parts: [buf], written: undefined };
+}
+
+function firstFailure(results: readonly PromiseSettledResult<void>[]): PromiseRejectedResult | undefined {
+  for (const r of results) if (r.status === 'rejected') return r;
+  return undefined;
+}
 
 function journalInfo(device: NvramDevice): JournalInfo {
   const info = device.info();

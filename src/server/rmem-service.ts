@@ -2,29 +2,44 @@
 //
 // Sessions belong to server ids, not to connections:
 //
-//   HELLO(server id, token) -> session (new, or resumed if one is within its lease)
-//   connection lost         -> session kept for the lease; regions untouched
-//   HELLO again in time     -> same session, same regions (resumed flag set)
-//   lease runs out          -> every region freed and zeroed, server removed (FIG. 15)
+//   HELLO(server id, token)          -> new session, and its secret in the reply
+//   connection lost                  -> session kept for the lease; regions untouched
+//   HELLO(id, token, secret) in time -> same session, same regions (resumed flag set)
+//   lease runs out                   -> session ended: its regions unreachable at once,
+//                                       then freed and zeroed, server removed (FIG. 15)
 //
 // A connected session that sends nothing (not even KEEPALIVE) for a lease is treated as
 // lost: its connection is closed and the grace period starts. One coarse timer, a
-// quarter of the lease, drives both. A second HELLO for a server that is connected
-// elsewhere takes the session over and closes the older connection, which is what a
-// client that noticed a dead link before the node did needs. With a token configured,
-// HELLO must present it (compared in constant time).
+// quarter of the lease, drives both. A HELLO with the session's secret for a server that
+// is connected elsewhere takes the session over and closes the older connection, which
+// is what a client that noticed a dead link before the node did needs.
+//
+// Who may do what: with a token configured, HELLO must present it (the way in, shared by
+// every server). A server id that has a session (connected or within its lease) is
+// resumed or taken over only with that session's secret, 32 random bytes the node gave
+// the HELLO that opened it; without it, or with a wrong one, the HELLO is refused with
+// SECRET and the session is untouched. Token and secret are compared in constant time.
+//
+// Bounded resources: a ConnectionGate caps connections and closes one whose HELLO does
+// not succeed within `handshakeTimeoutMs`; each connection's RequestFlow caps its
+// requests and bytes in flight, and one SharedBudget caps the bytes of all connections
+// together (see rmem-connection.ts).
 
 import { createServer, type Server, type Socket } from 'node:net';
 import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { MisuseError } from '../errors.js';
-import type { ServerMemory } from '../memory/server-memory.js';
+import type { ServerMemory, Tenancy } from '../memory/server-memory.js';
 import type { DeviceManager } from '../nvram/device-manager.js';
 import type { Logger } from '../logger.js';
 import { closeServer, listenOn } from '../net/listen.js';
+import { ConnectionGate } from '../net/connection-gate.js';
+import { SharedBudget, newFlowStats, type FlowLimits, type FlowStats } from '../net/request-flow.js';
+import { serviceLoad, type ServiceLoad } from '../net/service-load.js';
 import type { ListenAddress } from '../units.js';
 import { BufferPool } from './buffer-pool.js';
 import { RmemConnection, type ConnectionHost, type RmemStats } from './rmem-connection.js';
 import type { SessionInfo } from '../protocol/admin/api.js';
+import { SESSION_SECRET_SIZE } from '../protocol/rmem/spec.js';
 export type { SessionInfo };
 
 export interface RmemServiceOptions {
@@ -35,11 +50,26 @@ export interface RmemServiceOptions {
   nodeId: string;
   leaseMs: number;
   token: string | undefined;
+  /** Requests in flight per connection. */
   maxInFlight: number;
+  /** Bytes in flight per connection: request bodies and replies not yet written. */
+  maxInFlightBytes: number;
+  /** Bytes in flight on all connections together. */
+  maxInFlightBytesTotal: number;
+  maxConnections: number;
+  /** A connection whose HELLO has not succeeded in this time is closed. */
+  handshakeTimeoutMs: number;
 }
+
+/** Large reply buffers kept for reuse, at most this many bytes (outside any budget). */
+const REPLY_POOL_BYTES = 32 * 1024 * 1024;
 
 interface Session {
   serverId: string;
+  /** Proof of having opened the session: a HELLO that resumes it must present it. */
+  secret: Buffer;
+  /** What the session's regions belong to; a new session of the same id is a new tenancy. */
+  tenancy: Tenancy;
   sessionId: bigint;
   connection: RmemConnection | undefined;
   lastSeen: number;
@@ -51,7 +81,10 @@ export class RmemService implements ConnectionHost {
   readonly memory: ServerMemory;
   readonly nvram: DeviceManager;
   readonly log: Logger;
-  readonly maxInFlight: number;
+  readonly flowLimits: FlowLimits;
+  readonly flowStats: FlowStats;
+  readonly budget: SharedBudget;
+  readonly gate: ConnectionGate;
   readonly stats: RmemStats;
   readonly replyBuffers: BufferPool;
   private readonly options: RmemServiceOptions;
@@ -67,9 +100,12 @@ export class RmemService implements ConnectionHost {
     this.memory = options.memory;
     this.nvram = options.nvram;
     this.log = options.log;
-    this.maxInFlight = options.maxInFlight;
+    this.flowLimits = { maxRequests: options.maxInFlight, maxBytes: options.maxInFlightBytes };
+    this.flowStats = newFlowStats();
+    this.budget = new SharedBudget(options.maxInFlightBytesTotal);
+    this.gate = new ConnectionGate('rmem', { maxConnections: options.maxConnections, handshakeTimeoutMs: options.handshakeTimeoutMs }, options.log);
     this.stats = { requests: {}, errors: {}, bytesRead: 0, bytesWritten: 0, connectionsAccepted: 0, protocolErrors: 0 };
-    this.replyBuffers = new BufferPool();
+    this.replyBuffers = new BufferPool(8, REPLY_POOL_BYTES);
     this.sessions = new Map();
     this.connections = new Set();
     this.server = undefined;
@@ -109,6 +145,11 @@ export class RmemService implements ConnectionHost {
     await closeServer(server, this.connections);
   }
 
+  /** Connections, pauses and bytes in flight, for metrics. */
+  load(): ServiceLoad {
+    return serviceLoad(this.gate.stats, this.flowStats, this.budget);
+  }
+
   isStopping(): boolean {
     return this.stopping;
   }
@@ -130,26 +171,36 @@ export class RmemService implements ConnectionHost {
       }));
   }
 
-  hello(connection: RmemConnection, serverId: string, token: string): { resumed: boolean; sessionId: bigint; leaseMs: number; nodeId: string } {
+  hello(connection: RmemConnection, serverId: string, token: string, secret: Buffer | undefined): { tenancy: Tenancy; resumed: boolean; sessionId: bigint; leaseMs: number; nodeId: string; secret: Buffer } {
     const expected = this.options.token;
-    if (expected !== undefined && !sameToken(expected, token)) {
+    if (expected !== undefined && !sameBytes(Buffer.from(expected, 'utf8'), Buffer.from(token, 'utf8'))) {
       this.log.warn({ remote: connection.remote, server: serverId }, 'rmem HELLO with a wrong token refused');
       throw new MisuseError('MS_RMEM_AUTH', `server ${serverId} presented no valid token`);
     }
     const now = Date.now();
+    const reply = { leaseMs: this.options.leaseMs, nodeId: this.options.nodeId };
     const existing = this.sessions.get(serverId);
     if (existing !== undefined) {
+      // The id alone names the session; only its secret shows the HELLO comes from whoever opened it.
+      if (secret === undefined || !sameBytes(existing.secret, secret)) {
+        this.log.warn({ remote: connection.remote, server: serverId, presented: secret !== undefined }, 'rmem HELLO for a live session without its secret refused');
+        throw new MisuseError('MS_RMEM_SECRET', secret === undefined
+          ? `server ${serverId} has a session; only a HELLO with that session's secret resumes it`
+          : `server ${serverId} has a session and that is not its secret`);
+      }
       const previous = existing.connection;
       existing.connection = connection;
       existing.lastSeen = now;
       if (previous !== undefined && previous !== connection) previous.destroy(`server ${serverId} connected again from ${connection.remote}`);
       this.log.info({ server: serverId, remote: connection.remote }, 'rmem session resumed');
-      return { resumed: true, sessionId: existing.sessionId, leaseMs: this.options.leaseMs, nodeId: this.options.nodeId };
+      return { ...reply, tenancy: existing.tenancy, resumed: true, sessionId: existing.sessionId, secret: existing.secret };
     }
-    const session: Session = { serverId, sessionId: randomBytes(8).readBigUInt64BE(0), connection, lastSeen: now, since: now, disconnectedAt: 0 };
+    // No session (or its lease ran out): a new one, whatever secret was presented.
+    const tenancy = this.memory.open(serverId);
+    const session: Session = { serverId, secret: randomBytes(SESSION_SECRET_SIZE), tenancy, sessionId: randomBytes(8).readBigUInt64BE(0), connection, lastSeen: now, since: now, disconnectedAt: 0 };
     this.sessions.set(serverId, session);
     this.log.info({ server: serverId, remote: connection.remote }, 'rmem session opened');
-    return { resumed: false, sessionId: session.sessionId, leaseMs: this.options.leaseMs, nodeId: this.options.nodeId };
+    return { ...reply, tenancy, resumed: false, sessionId: session.sessionId, secret: session.secret };
   }
 
   touch(serverId: string): void {
@@ -165,11 +216,9 @@ export class RmemService implements ConnectionHost {
     if (session === undefined || session.connection !== connection) return;
     session.connection = undefined;
     session.disconnectedAt = Date.now();
-    const holds = this.memory.capacity(serverId).some((c) => c.used > 0);
-    if (!holds && !connection.busy) {
-      // Nothing to keep for a reconnect (and no bind still running): forget the session now.
-      this.sessions.delete(serverId);
-      this.log.info({ server: serverId }, 'rmem session closed');
+    if (!this.memory.holds(session.tenancy) && !connection.busy) {
+      // Nothing to keep for a reconnect, and no BIND still running: the session ends now.
+      this.endSession(session, 'rmem session closed');
       return;
     }
     this.log.info({ server: serverId, leaseMs: this.options.leaseMs }, 'rmem connection lost; regions kept for the lease');
@@ -180,8 +229,10 @@ export class RmemService implements ConnectionHost {
       socket.destroy();
       return;
     }
+    const admission = this.gate.admit(socket);
+    if (admission === undefined) return;
     this.stats.connectionsAccepted++;
-    this.connections.add(new RmemConnection(socket, this));
+    this.connections.add(new RmemConnection(socket, this, admission));
   }
 
   private checkLeases(now = Date.now()): void {
@@ -192,22 +243,26 @@ export class RmemService implements ConnectionHost {
         continue;
       }
       if (now - session.disconnectedAt <= lease) continue;
-      this.sessions.delete(session.serverId);
-      const serverId = session.serverId;
-      this.memory.releaseServer(serverId).then(
-        (regions) => {
-          this.log.info({ server: serverId, regions }, 'rmem lease expired; regions freed and zeroed');
-        },
-        (error: unknown) => {
-          this.log.error({ server: serverId, err: error }, 'rmem lease expired but freeing its regions failed');
-        },
-      );
+      this.endSession(session, 'rmem lease expired; regions freed and zeroed');
     }
+  }
+
+  /** Forgets a session: its regions are unreachable at once, then freed and zeroed in turn. */
+  private endSession(session: Session, message: string): void {
+    this.sessions.delete(session.serverId);
+    const serverId = session.serverId;
+    this.memory.end(session.tenancy).then(
+      (regions) => {
+        this.log.info({ server: serverId, regions }, message);
+      },
+      (error: unknown) => {
+        this.log.error({ server: serverId, err: error }, 'rmem session ended but freeing its regions failed');
+      },
+    );
   }
 }
 
-function sameToken(expected: string, given: string): boolean {
-  const a = Buffer.from(expected, 'utf8');
-  const b = Buffer.from(given, 'utf8');
+/** Constant-time comparison (the length is not secret). */
+function sameBytes(a: Buffer, b: Buffer): boolean {
   return a.length === b.length && timingSafeEqual(a, b);
 }

@@ -7,7 +7,7 @@ import { createHash } from 'node:crypto';
 import { connect } from 'node:net';
 import { RmemClient } from '../../src/client/rmem-client.js';
 import * as codec from '../../src/protocol/rmem/codec.js';
-import { OP, STATUS } from '../../src/protocol/rmem/spec.js';
+import { OP, STATUS, VERSION } from '../../src/protocol/rmem/spec.js';
 import { FrameParser } from '../../src/protocol/rmem/parser.js';
 import { startNode, tempDir, type NodeProcess } from '../support/node-process.js';
 
@@ -83,7 +83,7 @@ test('bad journal input is refused with errors and the device stays usable', asy
   socket.on('data', (c: Buffer) => parser.feed(c));
   await new Promise<void>((resolve) => socket.once('connect', resolve));
   t.after(async () => socket.destroy());
-  socket.write(codec.encodeHelloRequest({ hi: 0, lo: 1 }, { version: 1, serverId: 'raw', token: '' }));
+  socket.write(codec.encodeHelloRequest({ hi: 0, lo: 1 }, { version: VERSION, serverId: 'raw', token: '' }));
   socket.write(codec.encodeJopenRequest({ hi: 0, lo: 2 }, 'b', 1));
   // The handle exists once JOPEN is answered (requests in flight are not ordered).
   for (let i = 0; i < 100 && !replies.some((r) => r.lo === 2); i++) await new Promise((r) => setTimeout(r, 20));

@@ -109,7 +109,7 @@ test('hostile: a client that pipelines large READs on several connections and ne
   t.diagnostic(`RSS ${(before / MiB).toFixed(0)} MiB before, peak ${(peak / MiB).toFixed(0)} MiB`);
   assert.ok(peak - before < BOUND, `the node grew by ${((peak - before) / MiB).toFixed(0)} MiB`);
   assert.ok((await metric(n, 'memstrata_nbd_paused_connections')) >= 1, 'the hogs are not being read');
-  const held = await metric(n, 'memstrata_nbd_in_flight_bytes');
+  const held = await metric(n, 'memstrata_nbd_inflight_bytes');
   assert.ok(held > 0 && held <= 96 * MiB + 5 * 256 * KiB, `${held} bytes in flight`);
   // The hogs are answered once they read.
   for (const hog of hogs) hog.startReading();

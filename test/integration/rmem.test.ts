@@ -9,7 +9,7 @@ import fc from 'fast-check';
 import { RmemClient, type Region } from '../../src/client/rmem-client.js';
 import type { ServersJson, PartitionTableJson } from '../../src/protocol/admin/api.js';
 import * as codec from '../../src/protocol/rmem/codec.js';
-import { OP, STATUS } from '../../src/protocol/rmem/spec.js';
+import { OP, STATUS, VERSION } from '../../src/protocol/rmem/spec.js';
 import { runCli, startNode, tempDir, type NodeProcess } from '../support/node-process.js';
 
 async function node(t: { after(fn: () => Promise<unknown>): void }, args: string[] = [], env: NodeJS.ProcessEnv = {}): Promise<NodeProcess> {
@@ -161,16 +161,60 @@ test('leases: a killed client loses its regions after the lease; a reconnect wit
   await until('the killed server to be removed', async () => ((await servers(n)).sessions.length === 0 && (await servers(n)).allocation.rows.length === 0 ? true : undefined));
   assert.ok(n.logs.some((l) => l.msg === 'rmem lease expired; regions freed and zeroed' && l.server === 'doomed'));
 
-  // Within the lease: a new connection with the same server id resumes the session.
+  // Within the lease: a new connection with the same server id and the session's secret resumes the session.
   const first = await RmemClient.connect({ ...n.rmem, serverId: 'srv-a', reconnect: false });
   const region = await first.bind(8192, { medium: 'dram' });
   await first.write(region, 0, Buffer.from('kept across reconnect'));
   await first.close();
-  const disconnected = await servers(n);
-  assert.equal(disconnected.sessions[0]?.state, 'disconnected');
-  const second = await client(t, n, 'srv-a');
+  await until('the node to see the connection closed', async () => ((await servers(n)).sessions[0]?.state === 'disconnected' ? true : undefined));
+  const second = await client(t, n, 'srv-a', { sessionSecret: first.session.secret });
   assert.equal(second.session.resumed, true);
   assert.equal((await second.read(region, 0, 21)).toString(), 'kept across reconnect');
+});
+
+test('sessions are named by more than their id: resuming or taking one over needs its secret, and a refusal leaves it untouched', async (t) => {
+  const n = await node(t, ['--rmem-lease', '5s']);
+  // No reconnecting by itself: the takeover below would otherwise be taken back.
+  const owner = await client(t, n, 'tenant-a', { reconnect: false });
+  const region = await owner.bind(8192, { medium: 'dram' });
+  await owner.write(region, 0, Buffer.from('mine'));
+  // Another tenant who knows the id (and the shared way in) but not the secret.
+  await assert.rejects(RmemClient.connect({ ...n.rmem, serverId: 'tenant-a', reconnect: false }), { code: 'MS_RMEM_SECRET' }, 'no secret');
+  assert.equal(owner.session.secret.length, 32);
+  const guess = Buffer.from(owner.session.secret);
+  guess[0] = (guess[0] ?? 0) ^ 1;
+  await assert.rejects(RmemClient.connect({ ...n.rmem, serverId: 'tenant-a', reconnect: false, sessionSecret: guess }), { code: 'MS_RMEM_SECRET' }, 'a wrong secret');
+  // The session was not touched: same connection, same regions.
+  assert.equal(owner.connected, true);
+  assert.equal((await owner.read(region, 0, 4)).toString(), 'mine');
+  assert.equal((await servers(n)).sessions.find((s) => s.serverId === 'tenant-a')?.state, 'connected');
+  // Also while it is disconnected within its lease.
+  const lost = new Promise<void>((resolve) => owner.once('disconnected', () => resolve()));
+  const raw = await rawExchange(n, [codec.encodeHelloRequest({ hi: 0, lo: 1 }, { version: VERSION, serverId: 'tenant-a', token: '' })]);
+  assert.deepEqual(raw.map((r) => r.word), [STATUS.SECRET]);
+  // Whoever holds the secret takes the session over, regions and all; the older connection is closed.
+  const again = await client(t, n, 'tenant-a', { sessionSecret: owner.session.secret, reconnect: false });
+  assert.equal(again.session.resumed, true);
+  assert.deepEqual(again.session.secret, owner.session.secret);
+  assert.equal((await again.read(region, 0, 4)).toString(), 'mine');
+  await lost;
+  const metrics = await (await fetch(`${n.url}/metrics`)).text();
+  assert.match(metrics, /memstrata_rmem_errors_total\{op="HELLO"\} 3/);
+});
+
+test('the client presents its secret when it reconnects by itself', async (t) => {
+  const n = await node(t, ['--rmem-lease', '5s']);
+  const c = await client(t, n, 'srv-s');
+  const region = await c.bind(4096, { medium: 'dram' });
+  await c.write(region, 0, Buffer.from('ok'));
+  const reconnected = new Promise<void>((resolve) => c.once('reconnected', resolve));
+  // The node closes the connection when another HELLO with the secret takes the session over;
+  // that one then leaves, and the client resumes by itself with the secret it kept.
+  const thief = await RmemClient.connect({ ...n.rmem, serverId: 'srv-s', sessionSecret: c.session.secret, reconnect: false, keepalive: false });
+  await thief.close();
+  await reconnected;
+  assert.equal(c.session.resumed, true);
+  assert.equal((await c.read(region, 0, 2)).toString(), 'ok');
 });
 
 test('the client reconnects by itself after a cut connection and resumes its session', async (t) => {
@@ -237,7 +281,7 @@ test('a request the node never answers fails with MS_RMEM_TIMEOUT, and the clien
       onFrame: (f) => {
         const tag = { hi: f.tagHi, lo: f.tagLo };
         if (f.op === OP.HELLO) {
-          socket.write(codec.encodeHelloReply(tag, { version: 1, resumed: false, leaseMs: 30000, maxBody: 1 << 24, sessionId: 1n, nodeId: 'fake' }));
+          socket.write(codec.encodeHelloReply(tag, { version: VERSION, resumed: false, leaseMs: 30000, maxBody: 1 << 24, sessionId: 1n, nodeId: 'fake', secret: Buffer.alloc(32) }));
         } else if (count++ % 2 === 1) {
           socket.write(codec.encodeEmptyReply(f.op, tag));
         }
@@ -259,6 +303,45 @@ test('a request the node never answers fails with MS_RMEM_TIMEOUT, and the clien
   assert.equal(c.inFlight, 0);
 });
 
+test('a resume the node refuses (SECRET) is not retried: the client reports the session lost at once', async (t) => {
+  // A stand-in node: the first HELLO opens a session, then the connection drops and every later HELLO is refused.
+  const hellos: (Buffer | undefined)[] = [];
+  const sockets = new Set<Socket>();
+  const { FrameParser } = await import('../../src/protocol/rmem/parser.js');
+  const fake = createServer((socket) => {
+    sockets.add(socket);
+    const parser = new FrameParser('request', {
+      onFrame: (f) => {
+        const tag = { hi: f.tagHi, lo: f.tagLo };
+        if (f.op !== OP.HELLO) return;
+        hellos.push(codec.decodeHelloRequest(f.body).secret);
+        if (hellos.length === 1) {
+          socket.write(codec.encodeHelloReply(tag, { version: VERSION, resumed: false, leaseMs: 30000, maxBody: 1 << 24, sessionId: 1n, nodeId: 'fake', secret: Buffer.alloc(32, 5) }));
+          setImmediate(() => socket.destroy());
+        } else {
+          socket.end(codec.encodeErrorReply(OP.HELLO, STATUS.SECRET, tag, 'not yours'));
+        }
+      },
+      onFatal: () => socket.destroy(),
+    });
+    socket.on('data', (chunk: Buffer) => parser.feed(chunk));
+    socket.on('error', () => undefined);
+  });
+  await new Promise<void>((resolve) => fake.listen(0, '127.0.0.1', resolve));
+  t.after(() => {
+    for (const s of sockets) s.destroy();
+    return new Promise<void>((resolve) => fake.close(() => resolve()));
+  });
+  const c = await RmemClient.connect({ host: '127.0.0.1', port: (fake.address() as { port: number }).port, serverId: 's', keepalive: false });
+  t.after(() => c.close());
+  await new Promise<void>((resolve) => c.once('sessionLost', resolve));
+  assert.equal(c.connected, false);
+  assert.equal(hellos.length, 2, 'one resume attempt, not retried');
+  assert.equal(hellos[0], undefined, 'the first HELLO opens a session');
+  assert.deepEqual(hellos[1], Buffer.alloc(32, 5), 'the resume presents the secret the node gave');
+  await assert.rejects(c.keepalive(), { code: 'MS_RMEM_DISCONNECTED' });
+});
+
 test('a token is required when configured; version and order of HELLO are checked', async (t) => {
   const n = await node(t, [], { MEMSTRATA_RMEM_TOKEN: 's3cret' });
   await assert.rejects(RmemClient.connect({ ...n.rmem, serverId: 'x', reconnect: false }), { code: 'MS_RMEM_AUTH' });
@@ -269,7 +352,7 @@ test('a token is required when configured; version and order of HELLO are checke
   const replies = await rawExchange(n, [
     codec.encodeEmptyRequest(OP.CAPACITY, { hi: 0, lo: 1 }),
     codec.encodeEmptyRequest(99, { hi: 0, lo: 2 }),
-    codec.encodeHelloRequest({ hi: 0, lo: 3 }, { version: 2, serverId: 'y', token: 's3cret' }),
+    codec.encodeHelloRequest({ hi: 0, lo: 3 }, { version: 1, serverId: 'y', token: 's3cret' }),
   ]);
   assert.deepEqual(replies.map((r) => [r.tagLo, r.word]), [[1, STATUS.NO_SESSION], [2, STATUS.UNSUPPORTED], [3, STATUS.VERSION]]);
 });
@@ -335,7 +418,7 @@ test('fuzz: thousands of random and mutated frames never disturb the node or a w
   })();
 
   const templates = (i: number): Buffer[] => [
-    codec.encodeHelloRequest({ hi: 0, lo: i }, { version: 1, serverId: `fuzz-${i % 7}`, token: '' }),
+    codec.encodeHelloRequest({ hi: 0, lo: i }, { version: VERSION, serverId: `fuzz-${i % 7}`, token: '' }),
     codec.encodeBindRequest({ hi: 0, lo: i }, { size: (i % 50) * 4096, placement: { kind: 'medium', medium: 'dram' } }),
     codec.encodeReadRequest({ hi: 0, lo: i }, { regionId: region.regionId, key: region.key, offset: i, length: 64 }),
     Buffer.concat([codec.encodeWriteHead({ hi: 0, lo: i }, { regionId: region.regionId, key: region.key, offset: 0 }, 16), Buffer.alloc(16, 1)]),

@@ -365,3 +365,23 @@ export function decodeFetch(body: Buffer): { name: string; fromSeq: number; maxB
   r.end();
   return v;
 }
+
+// ---- limits: what a request may make the node hold, before it is served ----
+
+/**
+ * Largest body the mirror service accepts before HELLO has succeeded (a HELLO is about
+ * 1.1 KiB): a peer that has not been admitted cannot make the node hold more.
+ */
+export const MIRROR_HANDSHAKE_MAX_BODY = 4096;
+
+/** An error reply: header, length and the longest message (1024 characters of UTF-8). */
+export const MIRROR_ERROR_REPLY_SIZE = MIRROR_HEADER + 2 + 4 * 1024;
+
+/**
+ * The largest reply any request of `op` can get, from the op alone: FETCH returns up to
+ * its maxBytes of records, and at least one record however large; the rest answer a
+ * few fields or an error.
+ */
+export function maxMirrorReplySize(op: number): number {
+  return op === MOP.FETCH ? MIRROR_HEADER + MIRROR_MAX_BODY : MIRROR_ERROR_REPLY_SIZE;
+}

@@ -15,6 +15,8 @@ import {
   BODY,
   HEADER_SIZE,
   HELLO_RESUMED,
+  MAX_BODY,
+  MAX_DATA,
   MAX_ERROR_MESSAGE,
   MAX_SERVER_ID,
   MAX_TOKEN,
@@ -25,7 +27,9 @@ import {
   PLACEMENT,
   REQUEST_MAGIC,
   RESPONSE_MAGIC,
+  SESSION_SECRET_SIZE,
   STATUS,
+  VERSION,
   WIRE_MEDIUM,
   WIRE_MEDIUM_NAME,
   WIRE_POLICY,
@@ -47,6 +51,8 @@ export interface HelloRequest {
   version: number;
   serverId: string;
   token: string;
+  /** The secret of the session to resume (SESSION_SECRET_SIZE bytes); absent to open a new one. */
+  secret?: Buffer;
 }
 
 export interface HelloReply {
@@ -56,6 +62,8 @@ export interface HelloReply {
   maxBody: number;
   sessionId: bigint;
   nodeId: string;
+  /** The session's secret: a later HELLO that resumes the session must present it. */
+  secret: Buffer;
 }
 
 export interface CapacityEntry {
@@ -171,10 +179,12 @@ function exact(body: Buffer, n: number, what: string): void {
 
 // ---- HELLO ----
 
+/** HELLO (version 2): u16 version, u16 flags, u8 + server id, u16 + token, u8 + session secret (0 or 32 bytes). */
 export function encodeHelloRequest(tag: Tag, hello: HelloRequest): Buffer {
   const id = Buffer.from(hello.serverId, 'utf8');
   const token = Buffer.from(hello.token, 'utf8');
-  const length = 2 + 2 + 1 + id.length + 2 + token.length;
+  const secret = hello.secret ?? Buffer.alloc(0);
+  const length = 2 + 2 + 1 + id.length + 2 + token.length + 1 + secret.length;
   const buf = Buffer.allocUnsafe(HEADER_SIZE + length);
   writeRequestHeader(buf, OP.HELLO, tag, length);
   let at = HEADER_SIZE;
@@ -183,26 +193,38 @@ export function encodeHelloRequest(tag: Tag, hello: HelloRequest): Buffer {
   at = buf.writeUInt8(id.length, at);
   at += id.copy(buf, at);
   at = buf.writeUInt16BE(token.length, at);
-  token.copy(buf, at);
+  at += token.copy(buf, at);
+  at = buf.writeUInt8(secret.length, at);
+  secret.copy(buf, at);
   return buf;
 }
 
+/** Decodes a HELLO of this protocol version; another version is MS_RMEM_VERSION, whatever follows it. */
 export function decodeHelloRequest(body: Buffer): HelloRequest {
-  need(body, 0, 5, 'HELLO');
+  need(body, 0, 2, 'HELLO');
   const version = body.readUInt16BE(0);
+  if (version !== VERSION) throw new MisuseError('MS_RMEM_VERSION', `protocol version ${version} is not supported; this node speaks version ${VERSION}`);
+  need(body, 0, 5, 'HELLO');
   const idLength = body.readUInt8(4);
   if (idLength === 0 || idLength > MAX_SERVER_ID) throw malformed(`HELLO: server id length ${idLength} (1 to ${MAX_SERVER_ID})`);
   need(body, 5, idLength + 2, 'HELLO');
   const serverId = body.toString('utf8', 5, 5 + idLength);
   const tokenLength = body.readUInt16BE(5 + idLength);
   if (tokenLength > MAX_TOKEN) throw malformed(`HELLO: token length ${tokenLength} (at most ${MAX_TOKEN})`);
-  exact(body, 7 + idLength + tokenLength, 'HELLO');
-  return { version, serverId, token: body.toString('utf8', 7 + idLength) };
+  const secretAt = 7 + idLength + tokenLength;
+  need(body, secretAt, 1, 'HELLO');
+  const secretLength = body.readUInt8(secretAt);
+  if (secretLength !== 0 && secretLength !== SESSION_SECRET_SIZE) throw malformed(`HELLO: session secret of ${secretLength} bytes (0 or ${SESSION_SECRET_SIZE})`);
+  exact(body, secretAt + 1 + secretLength, 'HELLO');
+  const token = body.toString('utf8', 7 + idLength, secretAt);
+  if (secretLength === 0) return { version, serverId, token };
+  return { version, serverId, token, secret: Buffer.from(body.subarray(secretAt + 1)) };
 }
 
+/** HELLO reply (version 2): u16 version, u16 flags, u32 lease, u32 max body, u64 session id, u8 + node id, u8 + session secret. */
 export function encodeHelloReply(tag: Tag, reply: HelloReply): Buffer {
   const node = Buffer.from(reply.nodeId, 'utf8');
-  const length = 2 + 2 + 4 + 4 + 8 + 1 + node.length;
+  const length = 2 + 2 + 4 + 4 + 8 + 1 + node.length + 1 + reply.secret.length;
   const buf = Buffer.allocUnsafe(HEADER_SIZE + length);
   writeResponseHeader(buf, OP.HELLO, STATUS.OK, tag, length);
   let at = HEADER_SIZE;
@@ -212,21 +234,27 @@ export function encodeHelloReply(tag: Tag, reply: HelloReply): Buffer {
   at = buf.writeUInt32BE(reply.maxBody, at);
   at = buf.writeBigUInt64BE(reply.sessionId, at);
   at = buf.writeUInt8(node.length, at);
-  node.copy(buf, at);
+  at += node.copy(buf, at);
+  at = buf.writeUInt8(reply.secret.length, at);
+  reply.secret.copy(buf, at);
   return buf;
 }
 
 export function decodeHelloReply(body: Buffer): HelloReply {
   need(body, 0, 21, 'HELLO reply');
   const nodeLength = body.readUInt8(20);
-  exact(body, 21 + nodeLength, 'HELLO reply');
+  need(body, 21 + nodeLength, 1, 'HELLO reply');
+  const secretLength = body.readUInt8(21 + nodeLength);
+  if (secretLength !== SESSION_SECRET_SIZE) throw malformed(`HELLO reply: session secret of ${secretLength} bytes (${SESSION_SECRET_SIZE})`);
+  exact(body, 22 + nodeLength + secretLength, 'HELLO reply');
   return {
     version: body.readUInt16BE(0),
     resumed: (body.readUInt16BE(2) & HELLO_RESUMED) !== 0,
     leaseMs: body.readUInt32BE(4),
     maxBody: body.readUInt32BE(8),
     sessionId: body.readBigUInt64BE(12),
-    nodeId: body.toString('utf8', 21),
+    nodeId: body.toString('utf8', 21, 21 + nodeLength),
+    secret: Buffer.from(body.subarray(22 + nodeLength)),
   };
 }
 
@@ -640,4 +668,51 @@ export function encodeJreadReply(tag: Tag, records: readonly Buffer[]): Buffer[]
   writeResponseHeader(head, OP.JREAD, STATUS.OK, tag, length);
   head.writeUInt32BE(records.length, HEADER_SIZE);
   return [head, ...records];
+}
+
+// ---- reply sizes: what a request may make the node hold, before it is served ----
+
+/** An error reply: header and the longest message. */
+export const ERROR_REPLY_SIZE = HEADER_SIZE + MAX_ERROR_MESSAGE;
+
+/**
+ * The largest reply any request of `op` can get, known from the op alone (before its
+ * body has arrived): for budgeting a body that spans socket chunks.
+ */
+export function maxReplySize(op: number): number {
+  switch (op) {
+    case OP.READ:
+    case OP.READV:
+      return HEADER_SIZE + MAX_DATA;
+    case OP.JREAD:
+      // One record is returned even when it is larger than maxBytes.
+      return HEADER_SIZE + 4 + MAX_BODY;
+    case OP.BIND:
+      return HEADER_SIZE + 8 + 8 + 8 + 2 + 0xffff * BODY.RANGE;
+    case OP.JAPPEND:
+      return Math.max(ERROR_REPLY_SIZE, HEADER_SIZE + 2 + MAX_VECTOR * 16);
+    default:
+      return ERROR_REPLY_SIZE;
+  }
+}
+
+/**
+ * The largest reply this request can get, read from its body where the body names it
+ * (READ, READV); a body too malformed to say gets an error reply at most.
+ */
+export function replySize(op: number, body: Buffer): number {
+  if (op === OP.READ) {
+    if (body.length !== BODY.READ) return ERROR_REPLY_SIZE;
+    const length = body.readUInt32BE(24);
+    return length > MAX_DATA ? ERROR_REPLY_SIZE : Math.max(ERROR_REPLY_SIZE, HEADER_SIZE + length);
+  }
+  if (op === OP.READV) {
+    if (body.length < 2) return ERROR_REPLY_SIZE;
+    const count = body.readUInt16BE(0);
+    if (body.length !== 2 + count * BODY.VECTOR_ENTRY) return ERROR_REPLY_SIZE;
+    let total = 0;
+    for (let i = 0; i < count; i++) total += body.readUInt32BE(2 + i * BODY.VECTOR_ENTRY + 24);
+    return total > MAX_DATA ? ERROR_REPLY_SIZE : Math.max(ERROR_REPLY_SIZE, HEADER_SIZE + total);
+  }
+  return maxReplySize(op);
 }

@@ -10,6 +10,16 @@
 // has lost its framing), so the parser reports it once through `onFatal` and ignores
 // all further input. Bodies passed to `onFrame` may be subarrays of a chunk: a consumer
 // that keeps one past the request must copy it.
+//
+// Admission (server side): a body that spans chunks is the only memory the parser
+// allocates, and a header alone can ask for MAX_BODY. With `admitBody`, the parser asks
+// before it allocates; a refusal holds the parser (the rest of the chunk is kept, later
+// chunks are queued behind it) until the owner calls resume(). So a peer makes the node
+// hold a body only once the owner has budgeted for it, and `maxBody` may be lowered
+// (before a handshake) or raised at any time between frames. With `accepting`, the
+// parser stops after a frame the owner could not take at once (it is queued), keeping
+// the rest of the chunk as bytes: a chunk of thousands of tiny frames never becomes
+// thousands of objects waiting in a queue.
 
 import { MisuseError } from '../../errors.js';
 import { HEADER_SIZE, MAX_BODY, REQUEST_MAGIC, RESPONSE_MAGIC } from './spec.js';
@@ -32,11 +42,19 @@ export interface FrameHandlers {
    * allocates one.
    */
   bodyTarget?(op: number, word: number, tagHi: number, tagLo: number, length: number): Buffer | undefined;
+  /**
+   * Optional: asked before a body of `length` bytes that spans chunks is allocated.
+   * False holds the parser until resume(); true (or no handler) goes on at once.
+   */
+  admitBody?(op: number, length: number): boolean;
+  /** Optional: asked after each frame; false stops parsing until resume(). */
+  accepting?(): boolean;
 }
 
 export class FrameParser {
+  /** Longest body accepted; a longer one loses the framing. May change between frames. */
+  maxBody: number;
   private readonly magic: number;
-  private readonly maxBody: number;
   private readonly handlers: FrameHandlers;
   private readonly header: Buffer;
   private headerHave: number;
@@ -47,6 +65,12 @@ export class FrameParser {
   private tagHi: number;
   private tagLo: number;
   private failed: boolean;
+  /** Length of a body waiting for admission, or -1. */
+  private held: number;
+  /** Stopped between frames because the owner was not accepting. */
+  private stopped: boolean;
+  /** Input that arrived while held or stopped, in order. */
+  private backlog: Buffer[];
 
   /** `direction` picks the rmem magic; another protocol with the same header passes its own magic. */
   constructor(direction: 'request' | 'response' | { magic: number }, handlers: FrameHandlers, maxBody = MAX_BODY) {
@@ -62,6 +86,19 @@ export class FrameParser {
     this.tagHi = 0;
     this.tagLo = 0;
     this.failed = false;
+    this.held = -1;
+    this.stopped = false;
+    this.backlog = [];
+  }
+
+  /** True while a body waits for admission (see admitBody). */
+  get holding(): boolean {
+    return this.held >= 0;
+  }
+
+  /** True while parsing is stopped between frames (see accepting). */
+  get waiting(): boolean {
+    return this.stopped;
   }
 
   /** True once the stream lost its framing; nothing more will be parsed. */
@@ -81,10 +118,41 @@ export class FrameParser {
     this.body = own;
   }
 
+  /**
+   * Goes on after a hold: the body that waited for admission may now be allocated, or
+   * the owner accepts frames again. Input kept meanwhile is parsed in order.
+   */
+  resume(): void {
+    if (this.failed) return;
+    if (this.held >= 0) {
+      this.startBody(this.held);
+      this.held = -1;
+    } else if (this.stopped) {
+      this.stopped = false;
+    } else {
+      return;
+    }
+    const backlog = this.backlog;
+    this.backlog = [];
+    for (const [i, chunk] of backlog.entries()) {
+      this.feed(chunk);
+      // Held or stopped again: what is left waits in order.
+      if (this.held >= 0 || this.stopped) {
+        this.backlog.push(...backlog.slice(i + 1));
+        return;
+      }
+    }
+  }
+
   feed(chunk: Buffer): void {
+    if (this.held >= 0 || this.stopped) {
+      if (!this.failed && chunk.length > 0) this.backlog.push(chunk);
+      return;
+    }
     let at = 0;
     while (at < chunk.length && !this.failed) {
-      if (this.body === undefined) {
+      let body = this.body;
+      if (body === undefined) {
         let length: number;
         if (this.headerHave === 0 && chunk.length - at >= HEADER_SIZE) {
           length = this.readHeader(chunk, at);
@@ -102,13 +170,16 @@ export class FrameParser {
         if (chunk.length - at >= length) {
           this.emit(chunk.subarray(at, at + length));
           at += length;
+          if (this.stopAfterFrame(chunk, at)) return;
           continue;
         }
-        const target = this.handlers.bodyTarget?.(this.op, this.word, this.tagHi, this.tagLo, length);
-        this.body = target !== undefined && target.length === length ? target : Buffer.allocUnsafe(length);
-        this.bodyHave = 0;
+        if (this.handlers.admitBody?.(this.op, length) === false) {
+          this.held = length;
+          if (at < chunk.length) this.backlog.push(chunk.subarray(at));
+          return;
+        }
+        body = this.startBody(length);
       }
-      const body = this.body;
       const n = Math.min(body.length - this.bodyHave, chunk.length - at);
       chunk.copy(body, this.bodyHave, at, at + n);
       this.bodyHave += n;
@@ -116,8 +187,25 @@ export class FrameParser {
       if (this.bodyHave === body.length) {
         this.body = undefined;
         this.emit(body);
+        if (this.stopAfterFrame(chunk, at)) return;
       }
     }
+  }
+
+  /** After a frame: stops, keeping the rest of the chunk, if the owner takes no more now. */
+  private stopAfterFrame(chunk: Buffer, at: number): boolean {
+    if (this.failed || this.handlers.accepting?.() !== false) return false;
+    this.stopped = true;
+    if (at < chunk.length) this.backlog.push(chunk.subarray(at));
+    return true;
+  }
+
+  private startBody(length: number): Buffer {
+    const target = this.handlers.bodyTarget?.(this.op, this.word, this.tagHi, this.tagLo, length);
+    const body = target !== undefined && target.length === length ? target : Buffer.allocUnsafe(length);
+    this.body = body;
+    this.bodyHave = 0;
+    return body;
   }
 
   /** Reads a header; returns the body length, or -1 after reporting a fatal error. */

@@ -1,4 +1,4 @@
-// rmem protocol, version 1: every constant of the wire format in one place. The
+// rmem protocol, version 2: every constant of the wire format in one place. The
 // normative description is docs/rmem-protocol.md; names here follow it.
 //
 //   request header, 20 bytes               response header, 20 bytes
@@ -10,7 +10,8 @@
 //
 // All integers are big-endian.
 
-export const VERSION = 1;
+/** Version 2 added the session secret to HELLO and its reply (docs/rmem-protocol.md, section 2). */
+export const VERSION = 2;
 
 export const REQUEST_MAGIC = 0x524d5131;
 export const RESPONSE_MAGIC = 0x524d5031;
@@ -20,6 +21,11 @@ export const HEADER_SIZE = 20;
 export const MAX_DATA = 16 * 1024 * 1024;
 /** Largest body either side accepts: the data plus room for the fields in front of it. */
 export const MAX_BODY = MAX_DATA + 64 * 1024;
+/**
+ * Largest body a node accepts before HELLO has succeeded (a HELLO is about 1.1 KiB): a
+ * peer that has not been admitted cannot make the node hold more.
+ */
+export const HANDSHAKE_MAX_BODY = 4096;
 /** Largest number of entries in one READV or WRITEV. */
 export const MAX_VECTOR = 1024;
 /** Bind sizes and address binds are in pages of this size. */
@@ -27,6 +33,8 @@ export const PAGE_SIZE = 4096;
 export const MAX_SERVER_ID = 64;
 export const MAX_TOKEN = 1024;
 export const MAX_ERROR_MESSAGE = 1024;
+/** Bytes of a session secret: returned by HELLO, presented by a HELLO that resumes. */
+export const SESSION_SECRET_SIZE = 32;
 
 export const OP = {
   HELLO: 1,
@@ -68,6 +76,7 @@ export const STATUS = {
   UNAVAILABLE: 16,
   RECOVERING: 17,
   REPLICA: 18,
+  SECRET: 19,
 } as const;
 export type StatusName = keyof typeof STATUS;
 export type Status = (typeof STATUS)[StatusName];

@@ -3,18 +3,25 @@ import assert from 'node:assert/strict';
 import { AllocationTable } from '../../../src/memory/allocation-table.js';
 import { DramMedium } from '../../../src/memory/dram-medium.js';
 import type { MediumName } from '../../../src/kinds.js';
-import type { Medium } from '../../../src/memory/medium.js';
 import { PartitionTable, type MediumLayout } from '../../../src/memory/partition-table.js';
-import { PAGE_SIZE, ServerMemory } from '../../../src/memory/server-memory.js';
+import { PAGE_SIZE, ServerMemory, type Tenancy } from '../../../src/memory/server-memory.js';
 
 const E = 64 * 1024; // 16 pages per extent
 
 /** A DRAM medium standing in for either medium, so tests stay in memory. */
 class TestMedium extends DramMedium {
   override readonly name: MediumName;
+  /** Zeroing waits for this while it is set, as a slow medium would. */
+  zeroGate: Promise<void> | undefined;
+  zeroes = 0;
   constructor(name: MediumName, capacity: number) {
     super({ capacity, extentSize: E });
     this.name = name;
+  }
+  override async zero(offset: number, length: number): Promise<void> {
+    this.zeroes++;
+    if (this.zeroGate !== undefined) await this.zeroGate;
+    return super.zero(offset, length);
   }
 }
 
@@ -29,17 +36,27 @@ async function setup(options: { dram?: Partial<MediumLayout>; flash?: Partial<Me
   });
   const layouts = [layout('dram', 16, options.dram)];
   if (options.flash !== false) layouts.push(layout('flash', 16, options.flash));
-  const media: Medium[] = layouts.map((l) => new TestMedium(l.name, l.capacity));
+  const media: TestMedium[] = layouts.map((l) => new TestMedium(l.name, l.capacity));
   for (const m of media) await m.open();
   const partition = new PartitionTable(layouts);
   const allocation = new AllocationTable();
   const memory = new ServerMemory({ partition, allocation, media });
-  return { partition, allocation, memory, media };
+  // One session per server id unless a test opens another.
+  const sessions = new Map<string, Tenancy>();
+  const tenant = (serverId: string): Tenancy => {
+    let t = sessions.get(serverId);
+    if (t === undefined) {
+      t = memory.open(serverId);
+      sessions.set(serverId, t);
+    }
+    return t;
+  };
+  return { partition, allocation, memory, media, tenant };
 }
 
 test('bind rounds up to pages, records the region, and reads back what was written', async () => {
-  const { memory, allocation, partition } = await setup();
-  const region = await memory.bind('srv-a', 5000, { kind: 'medium', medium: 'dram' });
+  const { memory, allocation, partition, tenant } = await setup();
+  const region = await memory.bind(tenant('srv-a'), 5000, { kind: 'medium', medium: 'dram' });
   assert.equal(region.size, 2 * PAGE_SIZE);
   assert.deepEqual(allocation.rows().map((r) => [r.serverId, r.regionId, r.medium, r.length]), [['srv-a', region.id, 'dram', 2 * PAGE_SIZE]]);
   const owned = partition.rows().filter((r) => r.owner === 'srv-a');
@@ -49,42 +66,42 @@ test('bind rounds up to pages, records the region, and reads back what was writt
   await memory.read(region, 4000, back);
   assert.equal(back.toString(), 'across a page');
   await assert.rejects(memory.read(region, 2 * PAGE_SIZE - 1, Buffer.alloc(2)), { code: 'MS_RMEM_RANGE' });
-  await assert.rejects(memory.bind('srv-a', 0, { kind: 'medium', medium: 'dram' }), { code: 'MS_RMEM_INVALID' });
+  await assert.rejects(memory.bind(tenant('srv-a'), 0, { kind: 'medium', medium: 'dram' }), { code: 'MS_RMEM_INVALID' });
 });
 
 test('memory is zero-filled when handed over, even after another server or another kind used it', async () => {
-  const { memory, partition, media } = await setup();
+  const { memory, partition, media, tenant } = await setup();
   // Dirty the whole dram medium, as the cache or a previous tenant would have.
   await media[0]!.write(0, Buffer.alloc(16 * E, 0xee));
-  const a = await memory.bind('srv-a', 4 * E, { kind: 'medium', medium: 'dram' });
+  const a = await memory.bind(tenant('srv-a'), 4 * E, { kind: 'medium', medium: 'dram' });
   const seen = Buffer.alloc(a.size);
   await memory.read(a, 0, seen);
   assert.ok(seen.every((b) => b === 0), 'fresh extents are zeroed');
   await memory.write(a, 0, Buffer.alloc(a.size, 0xaa));
-  await memory.free('srv-a', a.id, a.key);
+  await memory.free(tenant('srv-a'), a.id, a.key);
   assert.equal(partition.rows().filter((r) => r.owner !== null).length, 0, 'whole free extents go back to the partition');
-  const b = await memory.bind('srv-b', 4 * E, { kind: 'medium', medium: 'dram' });
+  const b = await memory.bind(tenant('srv-b'), 4 * E, { kind: 'medium', medium: 'dram' });
   await memory.read(b, 0, seen);
   assert.ok(seen.every((x) => x === 0), 'what A freed, B reads as zeros');
 });
 
 test('isolation: another server, a wrong key, or a freed region is a memory violation', async () => {
-  const { memory } = await setup();
-  const a = await memory.bind('srv-a', PAGE_SIZE, { kind: 'medium', medium: 'dram' });
-  assert.throws(() => memory.lookup('srv-b', a.id, a.key), { code: 'MS_RMEM_VIOLATION' });
-  assert.throws(() => memory.lookup('srv-a', a.id, a.key ^ 1n), { code: 'MS_RMEM_VIOLATION' });
-  assert.throws(() => memory.lookup('srv-a', a.id + 1, a.key), { code: 'MS_RMEM_VIOLATION' });
-  await assert.rejects(memory.free('srv-b', a.id, a.key), { code: 'MS_RMEM_VIOLATION' });
-  await memory.free('srv-a', a.id, a.key);
-  await assert.rejects(memory.free('srv-a', a.id, a.key), { code: 'MS_RMEM_VIOLATION' }, 'double free');
-  assert.throws(() => memory.lookup('srv-a', a.id, a.key), { code: 'MS_RMEM_VIOLATION' }, 'use after free');
+  const { memory, tenant } = await setup();
+  const a = await memory.bind(tenant('srv-a'), PAGE_SIZE, { kind: 'medium', medium: 'dram' });
+  assert.throws(() => memory.lookup(tenant('srv-b'), a.id, a.key), { code: 'MS_RMEM_VIOLATION' });
+  assert.throws(() => memory.lookup(tenant('srv-a'), a.id, a.key ^ 1n), { code: 'MS_RMEM_VIOLATION' });
+  assert.throws(() => memory.lookup(tenant('srv-a'), a.id + 1, a.key), { code: 'MS_RMEM_VIOLATION' });
+  await assert.rejects(memory.free(tenant('srv-b'), a.id, a.key), { code: 'MS_RMEM_VIOLATION' });
+  await memory.free(tenant('srv-a'), a.id, a.key);
+  await assert.rejects(memory.free(tenant('srv-a'), a.id, a.key), { code: 'MS_RMEM_VIOLATION' }, 'double free');
+  assert.throws(() => memory.lookup(tenant('srv-a'), a.id, a.key), { code: 'MS_RMEM_VIOLATION' }, 'use after free');
 });
 
 test('servers never share an extent, and small binds of one server share its extents', async () => {
-  const { memory, partition } = await setup();
-  const a1 = await memory.bind('srv-a', PAGE_SIZE, { kind: 'medium', medium: 'dram' });
-  const b1 = await memory.bind('srv-b', PAGE_SIZE, { kind: 'medium', medium: 'dram' });
-  const a2 = await memory.bind('srv-a', PAGE_SIZE, { kind: 'medium', medium: 'dram' });
+  const { memory, partition, tenant } = await setup();
+  const a1 = await memory.bind(tenant('srv-a'), PAGE_SIZE, { kind: 'medium', medium: 'dram' });
+  const b1 = await memory.bind(tenant('srv-b'), PAGE_SIZE, { kind: 'medium', medium: 'dram' });
+  const a2 = await memory.bind(tenant('srv-a'), PAGE_SIZE, { kind: 'medium', medium: 'dram' });
   const extent = (r: typeof a1) => Math.floor(r.ranges[0]!.start / E);
   assert.equal(extent(a1), extent(a2));
   assert.notEqual(extent(a1), extent(b1));
@@ -92,19 +109,19 @@ test('servers never share an extent, and small binds of one server share its ext
 });
 
 test('performance classes try their medium first, and span both when neither alone fits', async () => {
-  const { memory } = await setup({ dram: { bounds: { cache: { min: 4 * E, max: 16 * E }, server: { min: 0, max: 6 * E }, nvram: { min: 0, max: 0 } } } });
-  const fast = await memory.bind('srv-a', E, { kind: 'class', class: 'highest' });
+  const { memory, tenant } = await setup({ dram: { bounds: { cache: { min: 4 * E, max: 16 * E }, server: { min: 0, max: 6 * E }, nvram: { min: 0, max: 0 } } } });
+  const fast = await memory.bind(tenant('srv-a'), E, { kind: 'class', class: 'highest' });
   assert.equal(fast.ranges[0]!.medium, 'dram');
-  const slow = await memory.bind('srv-a', E, { kind: 'class', class: 'capacity' });
+  const slow = await memory.bind(tenant('srv-a'), E, { kind: 'class', class: 'capacity' });
   assert.equal(slow.ranges[0]!.medium, 'flash');
   // dram may reach 6 extents (5 left); flash has 15 left: 8 extents fit only on flash.
-  const big = await memory.bind('srv-a', 8 * E, { kind: 'class', class: 'highest' });
+  const big = await memory.bind(tenant('srv-a'), 8 * E, { kind: 'class', class: 'highest' });
   assert.deepEqual([...new Set(big.ranges.map((r) => r.medium))], ['flash']);
   // 5 dram + 7 flash left: 10 extents fit on neither alone and span both, dram first.
-  const span = await memory.bind('srv-a', 10 * E, { kind: 'class', class: 'highest' });
+  const span = await memory.bind(tenant('srv-a'), 10 * E, { kind: 'class', class: 'highest' });
   assert.deepEqual([...new Set(span.ranges.map((r) => r.medium))], ['dram', 'flash']);
   assert.equal(span.ranges.filter((r) => r.medium === 'dram').reduce((s, r) => s + r.length, 0), 5 * E);
-  await assert.rejects(memory.bind('srv-a', 3 * E, { kind: 'class', class: 'highest' }), { code: 'MS_RMEM_NO_CAPACITY' });
+  await assert.rejects(memory.bind(tenant('srv-a'), 3 * E, { kind: 'class', class: 'highest' }), { code: 'MS_RMEM_NO_CAPACITY' });
   const data = Buffer.alloc(span.size);
   for (let i = 0; i < data.length; i += 4) data.writeUInt32BE(i, i);
   await memory.write(span, 0, data);
@@ -114,60 +131,88 @@ test('performance classes try their medium first, and span both when neither alo
 });
 
 test('the server partition grows from free, then cache, and lack of capacity leaks nothing', async () => {
-  const { memory, partition, allocation } = await setup({
+  const { memory, partition, allocation, tenant } = await setup({
     flash: false,
     dram: { bounds: { cache: { min: 2 * E, max: 16 * E }, server: { min: 0, max: 16 * E }, nvram: { min: 0, max: 0 } } },
   });
   // 4 server + 8 free + 2 reclaimable cache = 14 extents obtainable.
   const regions = [];
-  regions.push(await memory.bind('srv-a', 10 * E, { kind: 'medium', medium: 'dram' }));
+  regions.push(await memory.bind(tenant('srv-a'), 10 * E, { kind: 'medium', medium: 'dram' }));
   const usage = () => partition.usage()[0]!.kinds;
   assert.equal(usage().free.bytes, 2 * E, 'grew from free first');
   assert.equal(usage().cache.bytes, 4 * E);
-  regions.push(await memory.bind('srv-a', 4 * E, { kind: 'medium', medium: 'dram' }));
+  regions.push(await memory.bind(tenant('srv-a'), 4 * E, { kind: 'medium', medium: 'dram' }));
   assert.equal(usage().cache.bytes, 2 * E, 'then from the cache, down to its minimum');
   const before = JSON.stringify([partition.rows(), allocation.rows()]);
-  await assert.rejects(memory.bind('srv-b', PAGE_SIZE, { kind: 'medium', medium: 'dram' }), { code: 'MS_RMEM_NO_CAPACITY' });
-  await assert.rejects(memory.bind('srv-a', PAGE_SIZE, { kind: 'class', class: 'highest' }), { code: 'MS_RMEM_NO_CAPACITY' });
+  await assert.rejects(memory.bind(tenant('srv-b'), PAGE_SIZE, { kind: 'medium', medium: 'dram' }), { code: 'MS_RMEM_NO_CAPACITY' });
+  await assert.rejects(memory.bind(tenant('srv-a'), PAGE_SIZE, { kind: 'class', class: 'highest' }), { code: 'MS_RMEM_NO_CAPACITY' });
   assert.equal(JSON.stringify([partition.rows(), allocation.rows()]), before, 'a refused bind changes no table');
-  for (const r of regions) await memory.free('srv-a', r.id, r.key);
+  for (const r of regions) await memory.free(tenant('srv-a'), r.id, r.key);
   assert.equal(allocation.rows().length, 0);
   assert.equal(partition.rows().filter((r) => r.owner !== null).length, 0);
 });
 
 test('address binds take exactly the pages asked for, or are refused', async () => {
-  const { memory, partition } = await setup();
+  const { memory, partition, tenant } = await setup();
   const serverStart = partition.rows().find((r) => r.medium === 'dram' && r.kind === 'server')!.start;
   const at = serverStart + 3 * PAGE_SIZE;
-  const region = await memory.bind('srv-a', 2 * PAGE_SIZE, { kind: 'address', medium: 'dram', address: at });
+  const region = await memory.bind(tenant('srv-a'), 2 * PAGE_SIZE, { kind: 'address', medium: 'dram', address: at });
   assert.deepEqual(region.ranges, [{ medium: 'dram', start: at, length: 2 * PAGE_SIZE }]);
-  await assert.rejects(memory.bind('srv-a', PAGE_SIZE, { kind: 'address', medium: 'dram', address: at + PAGE_SIZE }), { code: 'MS_RMEM_INVALID' }, 'already bound');
-  await assert.rejects(memory.bind('srv-b', PAGE_SIZE, { kind: 'address', medium: 'dram', address: at + 5 * PAGE_SIZE }), { code: 'MS_RMEM_INVALID' }, "another server's extent");
-  await assert.rejects(memory.bind('srv-a', PAGE_SIZE, { kind: 'address', medium: 'dram', address: at + 1 }), { code: 'MS_RMEM_INVALID' }, 'unaligned');
-  await assert.rejects(memory.bind('srv-a', PAGE_SIZE, { kind: 'address', medium: 'dram', address: 0 }), { code: 'MS_RMEM_INVALID' }, 'cache extent');
-  const next = await memory.bind('srv-a', PAGE_SIZE, { kind: 'address', medium: 'dram', address: at + 2 * PAGE_SIZE });
+  await assert.rejects(memory.bind(tenant('srv-a'), PAGE_SIZE, { kind: 'address', medium: 'dram', address: at + PAGE_SIZE }), { code: 'MS_RMEM_INVALID' }, 'already bound');
+  await assert.rejects(memory.bind(tenant('srv-b'), PAGE_SIZE, { kind: 'address', medium: 'dram', address: at + 5 * PAGE_SIZE }), { code: 'MS_RMEM_INVALID' }, "another server's extent");
+  await assert.rejects(memory.bind(tenant('srv-a'), PAGE_SIZE, { kind: 'address', medium: 'dram', address: at + 1 }), { code: 'MS_RMEM_INVALID' }, 'unaligned');
+  await assert.rejects(memory.bind(tenant('srv-a'), PAGE_SIZE, { kind: 'address', medium: 'dram', address: 0 }), { code: 'MS_RMEM_INVALID' }, 'cache extent');
+  const next = await memory.bind(tenant('srv-a'), PAGE_SIZE, { kind: 'address', medium: 'dram', address: at + 2 * PAGE_SIZE });
   assert.equal(next.ranges[0]!.start, at + 2 * PAGE_SIZE);
 });
 
-test('releasing a server frees and zeroes all it holds, but not what it binds afterwards', async () => {
-  const { memory, allocation, partition } = await setup();
-  const old = await memory.bind('srv-a', E, { kind: 'medium', medium: 'flash' });
+test('ending a session frees and zeroes all it holds, but not what a new session of the same server binds', async () => {
+  const { memory, allocation, partition, media } = await setup();
+  const first = memory.open('srv-a');
+  const old = await memory.bind(first, E, { kind: 'medium', medium: 'flash' });
   await memory.write(old, 0, Buffer.alloc(E, 1));
-  const release = memory.releaseServer('srv-a');
-  const fresh = memory.bind('srv-a', PAGE_SIZE, { kind: 'medium', medium: 'dram' });
+  const release = memory.end(first);
+  assert.throws(() => memory.lookup(first, old.id, old.key), { code: 'MS_RMEM_VIOLATION' }, 'unreachable at once, before the zeroing');
+  const second = memory.open('srv-a');
+  assert.throws(() => memory.lookup(second, old.id, old.key), { code: 'MS_RMEM_VIOLATION' }, 'a new session does not inherit the old keys');
+  const fresh = memory.bind(second, PAGE_SIZE, { kind: 'medium', medium: 'dram' });
+  await assert.rejects(memory.bind(first, PAGE_SIZE, { kind: 'medium', medium: 'dram' }), { code: 'MS_RMEM_NO_SESSION' }, 'an ended session binds nothing');
   assert.equal(await release, 1);
   const region = await fresh;
   assert.deepEqual(allocation.rows().map((r) => r.regionId), [region.id]);
   assert.deepEqual(partition.rows().filter((r) => r.owner === 'srv-a').map((r) => r.medium), ['dram']);
+  const flash = media.find((m) => m.name === 'flash')!;
+  const back = Buffer.alloc(E);
+  await flash.read(old.ranges[0]!.start, back);
+  assert.ok(back.every((b) => b === 0), 'the old region was zeroed');
+});
+
+test('ending a session while its BIND runs: the bind completes, then the release frees it', async () => {
+  const { memory, allocation, partition, media } = await setup();
+  const dram = media[0]!;
+  let open: () => void = () => undefined;
+  dram.zeroGate = new Promise<void>((resolve) => (open = resolve));
+  const session = memory.open('srv-a');
+  const bind = memory.bind(session, 3 * E, { kind: 'medium', medium: 'dram' });
+  // The bind is zeroing the extents it took when the session ends.
+  while (dram.zeroes === 0) await new Promise((resolve) => setImmediate(resolve));
+  const released = memory.end(session);
+  dram.zeroGate = undefined;
+  open();
+  const region = await bind;
+  assert.throws(() => memory.lookup(session, region.id, region.key), { code: 'MS_RMEM_VIOLATION' });
+  assert.equal(await released, 1);
+  assert.deepEqual(allocation.rows(), []);
+  assert.deepEqual(partition.rows().filter((r) => r.owner !== null), []);
 });
 
 test('a free waits for I/O in flight on the region before zeroing it', async () => {
-  const { memory } = await setup();
-  const region = await memory.bind('srv-a', PAGE_SIZE, { kind: 'medium', medium: 'dram' });
+  const { memory, tenant } = await setup();
+  const region = await memory.bind(tenant('srv-a'), PAGE_SIZE, { kind: 'medium', medium: 'dram' });
   await memory.write(region, 0, Buffer.alloc(PAGE_SIZE, 7));
   const target = Buffer.alloc(PAGE_SIZE);
   const read = memory.read(region, 0, target);
-  const freed = memory.free('srv-a', region.id, region.key);
+  const freed = memory.free(tenant('srv-a'), region.id, region.key);
   await Promise.all([read, freed]);
   assert.ok(target.every((b) => b === 7), 'the read saw the data, not the zeroing');
 });

@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import * as codec from '../../../../src/protocol/rmem/codec.js';
 import { FrameParser, type Frame } from '../../../../src/protocol/rmem/parser.js';
-import { HEADER_SIZE, OP, STATUS } from '../../../../src/protocol/rmem/spec.js';
+import { HEADER_SIZE, MAX_DATA, OP, SESSION_SECRET_SIZE, STATUS, VERSION } from '../../../../src/protocol/rmem/spec.js';
 
 const tag = { hi: 0x01020304, lo: 0xfffffffe };
 
@@ -33,16 +33,31 @@ const key = fc.bigInt({ min: 0n, max: 2n ** 64n - 1n });
 const medium = fc.constantFrom('dram' as const, 'flash' as const);
 const access = fc.record({ regionId: u64, key, offset: u64, length: fc.nat({ max: 0xffffffff }) });
 
-test('HELLO round-trips both ways', () => {
+test('HELLO round-trips both ways, with and without a session secret', () => {
+  const secret = fc.option(fc.uint8Array({ minLength: SESSION_SECRET_SIZE, maxLength: SESSION_SECRET_SIZE }), { nil: undefined });
   fc.assert(
-    fc.property(fc.string({ minLength: 1, maxLength: 20 }), fc.string({ maxLength: 40 }), fc.nat({ max: 0xffff }), (serverId, token, version) => {
-      const frame = one('request', codec.encodeHelloRequest(tag, { version, serverId, token }));
+    fc.property(fc.string({ minLength: 1, maxLength: 20 }), fc.string({ maxLength: 40 }), secret, (serverId, token, bytes) => {
+      const hello = { version: VERSION, serverId, token, ...(bytes === undefined ? {} : { secret: Buffer.from(bytes) }) };
+      const frame = one('request', codec.encodeHelloRequest(tag, hello));
       assert.equal(frame.op, OP.HELLO);
-      assert.deepEqual(codec.decodeHelloRequest(frame.body), { version, serverId, token });
+      assert.deepEqual(codec.decodeHelloRequest(frame.body), hello);
     }),
   );
-  const reply = { version: 1, resumed: true, leaseMs: 30000, maxBody: 1 << 24, sessionId: 2n ** 63n + 5n, nodeId: 'ms-12345678' };
+  const reply = { version: VERSION, resumed: true, leaseMs: 30000, maxBody: 1 << 24, sessionId: 2n ** 63n + 5n, nodeId: 'ms-12345678', secret: Buffer.alloc(SESSION_SECRET_SIZE, 7) };
   assert.deepEqual(codec.decodeHelloReply(one('response', codec.encodeHelloReply(tag, reply)).body), reply);
+});
+
+test('a HELLO of another version is refused as VERSION whatever its body, and secrets are 0 or 32 bytes', () => {
+  for (const version of [0, 1, 3, 0xffff]) {
+    const frame = one('request', codec.encodeHelloRequest(tag, { version, serverId: 'x', token: '' }));
+    assert.throws(() => codec.decodeHelloRequest(frame.body), { code: 'MS_RMEM_VERSION' });
+    // A version 1 HELLO has no secret field at all.
+    assert.throws(() => codec.decodeHelloRequest(frame.body.subarray(0, frame.body.length - 1)), { code: 'MS_RMEM_VERSION' });
+  }
+  const short = one('request', codec.encodeHelloRequest(tag, { version: VERSION, serverId: 'x', token: '', secret: Buffer.alloc(31) }));
+  assert.throws(() => codec.decodeHelloRequest(short.body), { code: 'MS_RMEM_PROTOCOL' });
+  const reply = codec.encodeHelloReply(tag, { version: VERSION, resumed: false, leaseMs: 1, maxBody: 1, sessionId: 1n, nodeId: 'n', secret: Buffer.alloc(0) });
+  assert.throws(() => codec.decodeHelloReply(one('response', reply).body), { code: 'MS_RMEM_PROTOCOL' }, 'a reply always carries a secret');
 });
 
 test('CAPACITY round-trips', () => {
@@ -112,11 +127,13 @@ test('replies: empty, data and error frames carry op, status and tag', () => {
 
 test('decoders refuse malformed bodies with coded errors', () => {
   const bad: [() => unknown, string][] = [
-    [() => codec.decodeHelloRequest(Buffer.alloc(3)), 'MS_RMEM_PROTOCOL'],
-    [() => codec.decodeHelloRequest(Buffer.from([0, 1, 0, 0, 0, 0, 0])), 'MS_RMEM_PROTOCOL'], // empty server id
-    [() => codec.decodeHelloRequest(Buffer.from([0, 1, 0, 0, 65, ...Buffer.alloc(67)])), 'MS_RMEM_PROTOCOL'], // id too long
-    [() => codec.decodeHelloRequest(Buffer.from([0, 1, 0, 0, 1, 97, 0, 5, 1])), 'MS_RMEM_PROTOCOL'], // token shorter than said
-    [() => codec.decodeHelloRequest(Buffer.from([0, 1, 0, 0, 1, 97, 0, 0, 9])), 'MS_RMEM_PROTOCOL'], // trailing byte
+    [() => codec.decodeHelloRequest(Buffer.alloc(1)), 'MS_RMEM_PROTOCOL'],
+    [() => codec.decodeHelloRequest(Buffer.from([0, 2, 0])), 'MS_RMEM_PROTOCOL'],
+    [() => codec.decodeHelloRequest(Buffer.from([0, 2, 0, 0, 0, 0, 0, 0])), 'MS_RMEM_PROTOCOL'], // empty server id
+    [() => codec.decodeHelloRequest(Buffer.from([0, 2, 0, 0, 65, ...Buffer.alloc(68)])), 'MS_RMEM_PROTOCOL'], // id too long
+    [() => codec.decodeHelloRequest(Buffer.from([0, 2, 0, 0, 1, 97, 0, 5, 1])), 'MS_RMEM_PROTOCOL'], // token shorter than said
+    [() => codec.decodeHelloRequest(Buffer.from([0, 2, 0, 0, 1, 97, 0, 0])), 'MS_RMEM_PROTOCOL'], // no secret length
+    [() => codec.decodeHelloRequest(Buffer.from([0, 2, 0, 0, 1, 97, 0, 0, 0, 9])), 'MS_RMEM_PROTOCOL'], // trailing byte
     [() => codec.decodeBindRequest(Buffer.alloc(17)), 'MS_RMEM_PROTOCOL'],
     [() => codec.decodeBindRequest(Buffer.from([...Buffer.alloc(8), 0, 7, ...Buffer.alloc(8)])), 'MS_RMEM_INVALID'], // medium 7
     [() => codec.decodeBindRequest(Buffer.from([...Buffer.alloc(8), 1, 9, ...Buffer.alloc(8)])), 'MS_RMEM_INVALID'], // class 9
@@ -141,4 +158,25 @@ test('64-bit fields at or above 2^53 never decode as a small number', () => {
   assert.ok(read.regionId > Number.MAX_SAFE_INTEGER);
   assert.ok(read.offset > Number.MAX_SAFE_INTEGER);
   assert.equal(read.key, 2n ** 64n - 1n);
+});
+
+test('replySize bounds the reply a request can get, and never exceeds what its op alone allows', () => {
+  const body = (frame: Buffer) => frame.subarray(20);
+  const read = body(codec.encodeReadRequest({ hi: 0, lo: 1 }, { regionId: 1, key: 2n, offset: 0, length: 5000 }));
+  assert.equal(codec.replySize(OP.READ, read), 20 + 5000);
+  const readv = body(codec.encodeReadvRequest({ hi: 0, lo: 1 }, [{ regionId: 1, key: 2n, offset: 0, length: 70_000 }, { regionId: 1, key: 2n, offset: 0, length: 30_000 }]));
+  assert.equal(codec.replySize(OP.READV, readv), 20 + 100_000);
+  const tooBig = body(codec.encodeReadRequest({ hi: 0, lo: 1 }, { regionId: 1, key: 2n, offset: 0, length: MAX_DATA + 1 }));
+  assert.equal(codec.replySize(OP.READ, tooBig), codec.ERROR_REPLY_SIZE, 'refused with TOO_BIG: an error reply');
+  assert.equal(codec.replySize(OP.READ, Buffer.alloc(3)), codec.ERROR_REPLY_SIZE, 'malformed: an error reply');
+  fc.assert(
+    fc.property(fc.integer({ min: 0, max: 20 }), fc.uint8Array({ maxLength: 64 }), (op, bytes) => {
+      const size = codec.replySize(op, Buffer.from(bytes));
+      assert.ok(size >= codec.ERROR_REPLY_SIZE);
+      assert.ok(size <= codec.maxReplySize(op));
+    }),
+  );
+  // A BIND reply of the most ranges the wire can carry fits its op's bound.
+  const ranges = Array.from({ length: 0xffff }, (_, i) => ({ medium: 'dram' as const, start: i * 4096, length: 4096 }));
+  assert.ok(codec.encodeBindReply({ hi: 0, lo: 1 }, { regionId: 1, key: 1n, size: 4096, ranges }).length <= codec.maxReplySize(OP.BIND));
 });

@@ -126,3 +126,121 @@ test('a body that spans chunks is assembled into the buffer bodyTarget offers, a
   assert.notEqual(frames[1]!.body, target);
   assert.equal(target.subarray(3).every((b) => b === 0), true, 'nothing written after detach');
 });
+
+test('admission: a body that spans chunks is not allocated until admitted, and input held meanwhile parses the same', () => {
+  const stream = Buffer.concat([...sample(), Buffer.concat([codec.encodeWriteHead({ hi: 0, lo: 6 }, { regionId: 1, key: 1n, offset: 0 }, 5000), Buffer.alloc(5000, 7)]), ...sample()]);
+  const whole = collect();
+  whole.parser.feed(stream);
+  fc.assert(
+    fc.property(fc.array(fc.integer({ min: 1, max: stream.length }), { maxLength: 12 }), fc.array(fc.boolean(), { minLength: 1, maxLength: 30 }), (cuts, answers) => {
+      const frames: Frame[] = [];
+      const asked: number[] = [];
+      let turn = 0;
+      const parser = new FrameParser('request', {
+        onFrame: (f) => frames.push({ ...f, body: Buffer.from(f.body) }),
+        onFatal: (e) => {
+          throw e;
+        },
+        admitBody: (_op, length) => {
+          asked.push(length);
+          return answers[turn++ % answers.length] ?? true;
+        },
+      });
+      const points = [...new Set(cuts)].sort((a, b) => a - b);
+      let at = 0;
+      for (const p of [...points, stream.length]) {
+        parser.feed(stream.subarray(at, p));
+        at = p;
+        // Admission comes later, between chunks, as a budget frees up.
+        if (parser.holding && turn % 2 === 0) parser.resume();
+      }
+      while (parser.holding) parser.resume();
+      assert.deepEqual(frames, whole.frames);
+      assert.ok(asked.every((n) => n > 0));
+    }),
+    { numRuns: 300 },
+  );
+});
+
+test('admission: a held parser allocates nothing and parses nothing more until resume()', () => {
+  const frames: Frame[] = [];
+  let admit = false;
+  const parser = new FrameParser('request', {
+    onFrame: (f) => frames.push(f),
+    onFatal: (e) => {
+      throw e;
+    },
+    admitBody: () => admit,
+  });
+  const write = Buffer.concat([codec.encodeWriteHead({ hi: 0, lo: 1 }, { regionId: 1, key: 1n, offset: 0 }, 100), Buffer.alloc(100, 1)]);
+  const keepalive = codec.encodeEmptyRequest(OP.KEEPALIVE, { hi: 0, lo: 2 });
+  parser.feed(write.subarray(0, 30));
+  assert.ok(parser.holding);
+  parser.feed(write.subarray(30));
+  parser.feed(keepalive);
+  assert.equal(frames.length, 0, 'nothing after the held body is parsed');
+  admit = true;
+  parser.resume();
+  assert.deepEqual(frames.map((f) => f.tagLo), [1, 2]);
+  assert.equal(parser.holding, false);
+});
+
+test('maxBody can be raised between frames (after a handshake)', () => {
+  const { parser, frames, fatal } = collect('request', 64);
+  const hello = codec.encodeHelloRequest({ hi: 0, lo: 1 }, { version: 1, serverId: 'srv-a', token: 't' });
+  const write = Buffer.concat([codec.encodeWriteHead({ hi: 0, lo: 2 }, { regionId: 1, key: 1n, offset: 0 }, 100), Buffer.alloc(100)]);
+  parser.feed(hello);
+  parser.maxBody = 1024;
+  parser.feed(write);
+  assert.deepEqual(fatal, []);
+  assert.equal(frames.length, 2);
+  parser.maxBody = 64;
+  parser.feed(write);
+  assert.equal(fatal.length, 1);
+});
+
+test('accepting: the parser stops after a frame the owner cannot take, keeps the rest as bytes, and parses it on resume', () => {
+  const stream = Buffer.concat(sample());
+  const whole = collect();
+  whole.parser.feed(stream);
+  fc.assert(
+    fc.property(fc.array(fc.integer({ min: 1, max: stream.length }), { maxLength: 8 }), fc.array(fc.boolean(), { minLength: 1, maxLength: 20 }), (cuts, answers) => {
+      const frames: Frame[] = [];
+      let turn = 0;
+      let stops = 0;
+      let resumes = 0;
+      const parser = new FrameParser('request', {
+        onFrame: (f) => {
+          assert.equal(parser.waiting, false, 'no frame comes out while stopped');
+          frames.push({ ...f, body: Buffer.from(f.body) });
+        },
+        onFatal: (e) => {
+          throw e;
+        },
+        accepting: () => {
+          const yes = answers[turn++ % answers.length] ?? true;
+          if (!yes) stops++;
+          return yes;
+        },
+      });
+      const points = [...new Set(cuts)].sort((a, b) => a - b);
+      let at = 0;
+      for (const p of [...points, stream.length]) {
+        parser.feed(stream.subarray(at, p));
+        at = p;
+        if (parser.waiting && turn % 3 === 0) {
+          resumes++;
+          parser.resume();
+        }
+      }
+      while (parser.waiting) {
+        resumes++;
+        parser.resume();
+      }
+      assert.deepEqual(frames, whole.frames);
+      // Stopped exactly once per refusal, and resumed each time.
+      assert.equal(resumes, stops);
+    }),
+    { numRuns: 300 },
+  );
+});

@@ -22,7 +22,7 @@ import type { MediumName } from '../../../../src/kinds.js';
 import { AllocationTable } from '../../../../src/memory/allocation-table.js';
 import { DramMedium } from '../../../../src/memory/dram-medium.js';
 import { PartitionTable, type MediumLayout } from '../../../../src/memory/partition-table.js';
-import { ServerMemory, type ServerRegion } from '../../../../src/memory/server-memory.js';
+import { ServerMemory, Tenancy, type ServerRegion } from '../../../../src/memory/server-memory.js';
 import { LINE_SIZE } from '../../../../src/storage/cache/line.js';
 import { StorageCache } from '../../../../src/storage/cache/storage-cache.js';
 import { Volume } from '../../../../src/storage/volume-manager.js';
@@ -104,6 +104,7 @@ test('cache lines and server regions never share memory, whatever the interleavi
 
         // Writes go to disjoint blocks among 0..63 so their outcome is known.
         const claimed = new Set<number>();
+        const tenancies = [1, 2, 3].map((n) => new Tenancy(`srv-${n}`, n));
         const regions: { server: string; region: ServerRegion; data: Buffer; freed: boolean }[] = [];
         let shrunkTo = VOLUME;
         const checkHomes = (): void => {
@@ -160,9 +161,10 @@ test('cache lines and server regions never share memory, whatever the interleavi
               return;
             case 'bind': {
               const server = `srv-${o.server}`;
+              const tenancy = tenancies[o.server - 1] ?? new Tenancy(server, o.server);
               let region: ServerRegion;
               try {
-                region = await memory.bind(server, o.extents * E, { kind: 'medium', medium: 'dram' });
+                region = await memory.bind(tenancy, o.extents * E, { kind: 'medium', medium: 'dram' });
               } catch (error) {
                 if ((error as { code?: string }).code === 'MS_RMEM_NO_CAPACITY') return;
                 throw error;
@@ -176,7 +178,7 @@ test('cache lines and server regions never share memory, whatever the interleavi
               await memory.write(region, 0, entry.data);
               if (o.free) {
                 entry.freed = true;
-                await memory.free(server, region.id, region.key);
+                await memory.free(tenancy, region.id, region.key);
               }
               return;
             }

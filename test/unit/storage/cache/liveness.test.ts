@@ -17,7 +17,7 @@ import type { MediumName } from '../../../../src/kinds.js';
 import { AllocationTable } from '../../../../src/memory/allocation-table.js';
 import { DramMedium } from '../../../../src/memory/dram-medium.js';
 import { PartitionTable, type MediumLayout } from '../../../../src/memory/partition-table.js';
-import { ServerMemory } from '../../../../src/memory/server-memory.js';
+import { ServerMemory, Tenancy } from '../../../../src/memory/server-memory.js';
 import { LINE_SIZE } from '../../../../src/storage/cache/line.js';
 import { StorageCache } from '../../../../src/storage/cache/storage-cache.js';
 import { Volume } from '../../../../src/storage/volume-manager.js';
@@ -131,7 +131,7 @@ test('a demotion while the flash level is being taken away neither waits forever
   assert.equal(await settles(resize, 'the flash resize'), 'settled');
   assert.equal(await settles(read, 'the read that evicts'), 'settled');
   assert.equal(await settles(cache.read(volume, 0, block()), 'a read of the evicted line'), 'settled');
-  assert.equal(await settles(memory.bind('srv', 2 * E, { kind: 'medium', medium: 'dram' }), 'an rmem bind that reclaims DRAM'), 'settled');
+  assert.equal(await settles(memory.bind(new Tenancy('srv', 1), 2 * E, { kind: 'medium', medium: 'dram' }), 'an rmem bind that reclaims DRAM'), 'settled');
   assert.equal(await settles(partition.resize('flash', 'server', 0), 'a later resize'), 'settled');
 });
 
@@ -199,5 +199,5 @@ test('a flash reclaim and a DRAM eviction that needs a flash slot do not wait fo
   assert.equal(await settles(zeroing, 'the zeroing'), 'settled');
   assert.equal(await settles(resize, 'the flash resize'), 'settled');
   assert.equal(await settles(read7, 'the read that evicts'), 'settled');
-  assert.equal(await settles(memory.bind('srv', 3 * E, { kind: 'medium', medium: 'dram' }), 'an rmem bind queued behind the resize'), 'settled');
+  assert.equal(await settles(memory.bind(new Tenancy('srv', 1), 3 * E, { kind: 'medium', medium: 'dram' }), 'an rmem bind queued behind the resize'), 'settled');
 });

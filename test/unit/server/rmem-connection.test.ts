@@ -1,0 +1,189 @@
+// The rmem service in this process, over a medium whose reads the test holds or fails,
+// driven by RmemClient over loopback: what the connection does with buffers and budget
+// when pieces of one request finish at different times.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import pino from 'pino';
+import { RmemClient } from '../../../src/client/rmem-client.js';
+import { StorageError } from '../../../src/errors.js';
+import type { MediumName } from '../../../src/kinds.js';
+import { AllocationTable } from '../../../src/memory/allocation-table.js';
+import { DramMedium } from '../../../src/memory/dram-medium.js';
+import { PartitionTable } from '../../../src/memory/partition-table.js';
+import { ServerMemory } from '../../../src/memory/server-memory.js';
+import { DeviceManager } from '../../../src/nvram/device-manager.js';
+import { RmemService } from '../../../src/server/rmem-service.js';
+
+const E = 1024 * 1024;
+const log = pino({ level: 'silent' });
+
+/** DRAM whose reads at chosen addresses fail at once, or wait until the test lets them go. */
+class ScriptedMedium extends DramMedium {
+  override readonly name: MediumName = 'dram';
+  readonly failAt = new Set<number>();
+  readonly holdAt = new Map<number, { target: Uint8Array; go: (fill: number) => void }>();
+  readonly holding = new Set<number>();
+  /** While set, zeroing waits until the test lets it go (heldZeroes). */
+  holdZeroes = false;
+  readonly heldZeroes: (() => void)[] = [];
+
+  override async zero(offset: number, length: number): Promise<void> {
+    if (this.holdZeroes) await new Promise<void>((resolve) => this.heldZeroes.push(resolve));
+    return super.zero(offset, length);
+  }
+
+  override async read(offset: number, target: Uint8Array): Promise<void> {
+    if (this.failAt.has(offset)) throw new StorageError('MS_MEDIUM_IO', `scripted failure at ${offset}`);
+    if (this.holding.has(offset)) {
+      // Held: when let go, the read lands in `target` (filled with `fill`), as a slow device would.
+      await new Promise<void>((resolve) => {
+        this.holdAt.set(offset, {
+          target,
+          go: (fill) => {
+            target.fill(fill);
+            resolve();
+          },
+        });
+      });
+      return;
+    }
+    return super.read(offset, target);
+  }
+}
+
+async function service(t: { after(fn: () => Promise<void>): void }, leaseMs = 30_000) {
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-rmemconn-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const medium = new ScriptedMedium({ capacity: 32 * E, extentSize: E });
+  await medium.open();
+  const partition = new PartitionTable([
+    { name: 'dram', capacity: 32 * E, extentSize: E, initial: { cache: 0, server: 16 * E, nvram: 0 }, bounds: { cache: { min: 0, max: 32 * E }, server: { min: 0, max: 32 * E }, nvram: { min: 0, max: 0 } } },
+  ]);
+  const allocation = new AllocationTable();
+  const memory = new ServerMemory({ partition, allocation, media: [medium] });
+  const nvram = new DeviceManager({ dataDir: dir, partition, media: [medium], log });
+  const rmem = new RmemService({
+    memory,
+    nvram,
+    log,
+    nodeId: 'unit',
+    leaseMs,
+    token: undefined,
+    maxInFlight: 64,
+    maxInFlightBytes: 32 * E,
+    maxInFlightBytesTotal: 64 * E,
+    maxConnections: 16,
+    handshakeTimeoutMs: 5000,
+  });
+  const address = await rmem.listen({ host: '127.0.0.1', port: 0 });
+  t.after(async () => {
+    // Whatever a failed test left held goes on, so the service can drain and close.
+    medium.holdZeroes = false;
+    for (const go of medium.heldZeroes.splice(0)) go();
+    for (const held of medium.holdAt.values()) held.go(0);
+    await rmem.close();
+  });
+  return { rmem, medium, address, memory, allocation, partition };
+}
+
+test('a READV with a failed entry keeps its reply buffer until every entry has stopped writing into it', async (t) => {
+  const { medium, address } = await service(t);
+  const client = await RmemClient.connect({ ...address, serverId: 'srv', keepalive: false });
+  t.after(() => client.close());
+  const failing = await client.bind(4096, { medium: 'dram' });
+  const slow = await client.bind(64 * 1024, { medium: 'dram' });
+  const other = await client.bind(100 * 1024, { medium: 'dram' });
+  await client.write(other, 0, Buffer.alloc(other.size, 0x11));
+  medium.failAt.add(failing.ranges[0]!.start);
+  medium.holding.add(slow.ranges[0]!.start);
+  medium.holding.add(other.ranges[0]!.start);
+
+  // The slow entry is still reading into the reply buffer when its sibling fails.
+  const readv = client.readv([
+    { region: failing, offset: 0, length: 4096 },
+    { region: slow, offset: 0, length: 64 * 1024 },
+  ]);
+  const failed = readv.then(
+    () => assert.fail('the READV should fail'),
+    (error: unknown) => (error as { code?: string }).code,
+  );
+  await until(() => medium.holdAt.has(slow.ranges[0]!.start));
+  // A READ of the same size class, served while the READV's slow entry still writes.
+  const read = client.read(other, 0, other.size);
+  await until(() => medium.holdAt.has(other.ranges[0]!.start));
+  // Both land in the same tick: a buffer shared between them would carry the slow entry's bytes.
+  medium.holdAt.get(other.ranges[0]!.start)?.go(0x11);
+  medium.holdAt.get(slow.ranges[0]!.start)?.go(0xee);
+  const data = await read;
+  assert.equal(await failed, 'MS_MEDIUM_IO');
+  assert.ok(data.every((b) => b === 0x11), 'the READ carries only its own data');
+});
+
+async function until(probe: () => boolean): Promise<void> {
+  while (!probe()) await new Promise((resolve) => setImmediate(resolve));
+}
+
+test('a BIND still running when its lease expires is undone: nothing of it stays bound', async (t) => {
+  const { rmem, medium, address, allocation, partition, memory } = await service(t, 100);
+  const client = await RmemClient.connect({ ...address, serverId: 'srv', keepalive: false, reconnect: false });
+  medium.holdZeroes = true;
+  const bind = client.bind(3 * E, { medium: 'dram' }).catch(() => undefined);
+  await until(() => medium.heldZeroes.length > 0);
+  // The server goes away while its BIND zeroes the extents it takes.
+  await client.close();
+  await bind;
+  await untilAsync(async () => rmem.sessionsInfo().length === 0);
+  medium.holdZeroes = false;
+  for (const go of medium.heldZeroes.splice(0)) go();
+  // Binds, frees and releases take turns: once another server's FREE is answered, the BIND and the release are over.
+  await barrier(address);
+  assert.equal(memory.regionCount(), 0);
+  assert.deepEqual(allocation.rows(), [], 'no region left in the allocation table');
+  assert.deepEqual(partition.rows().filter((r) => r.owner !== null), [], 'no extent left held');
+});
+
+test('a new session of the same server id (resumed=false) cannot reach the old session\'s regions, even before they are zeroed', async (t) => {
+  const { rmem, medium, address } = await service(t, 100);
+  const first = await RmemClient.connect({ ...address, serverId: 'srv', keepalive: false, reconnect: false });
+  const region = await first.bind(64 * 1024, { medium: 'dram' });
+  await first.write(region, 0, Buffer.from('old session data'));
+  // Another server's BIND holds the queue of binds, frees and releases (it zeroes what it takes), so
+  // the release at srv's lease expiry has not reached srv's region yet.
+  const other = await RmemClient.connect({ ...address, serverId: 'other', reconnect: false });
+  t.after(() => other.close());
+  medium.holdZeroes = true;
+  const otherBind = other.bind(2 * E, { medium: 'dram' });
+  await until(() => medium.heldZeroes.length > 0);
+  await first.close();
+  await untilAsync(async () => rmem.sessionsInfo().every((s) => s.serverId !== 'srv'));
+  const second = await RmemClient.connect({ ...address, serverId: 'srv', reconnect: false });
+  t.after(() => second.close());
+  assert.equal(second.session.resumed, false);
+  await assert.rejects(second.read(region, 0, 16), { code: 'MS_RMEM_VIOLATION' }, 'read with the old key');
+  await assert.rejects(second.write(region, 0, Buffer.from('x')), { code: 'MS_RMEM_VIOLATION' }, 'write with the old key');
+  await assert.rejects(second.free(region), { code: 'MS_RMEM_VIOLATION' }, 'free with the old key');
+  medium.holdZeroes = false;
+  for (const go of medium.heldZeroes.splice(0)) go();
+  await otherBind;
+  await barrier(address);
+  await assert.rejects(second.read(region, 0, 16), { code: 'MS_RMEM_VIOLATION' }, 'and after the release');
+});
+
+/** Resolves once everything queued in server memory before it (binds, frees, releases) is done. */
+async function barrier(address: { host: string; port: number }): Promise<void> {
+  const probe = await RmemClient.connect({ ...address, serverId: 'barrier', keepalive: false, reconnect: false });
+  await assert.rejects(probe.free({ regionId: 999_999, key: 0n, size: 4096, ranges: [] }), { code: 'MS_RMEM_VIOLATION' });
+  await probe.close();
+}
+
+async function untilAsync(probe: () => Promise<boolean>): Promise<void> {
+  for (let i = 0; i < 2000; i++) {
+    if (await probe()) return;
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+  throw new Error('condition not reached');
+}
