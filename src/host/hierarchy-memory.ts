@@ -207,6 +207,7 @@ export class Segment {
 
   /** Writes `data` at `offset` within the segment. */
   async write(offset: number, data: Uint8Array): Promise<void> {
+    assertBytes(data);
     this.check(offset, data.length);
     return this.owner.write(this.address + offset, data);
   }
@@ -481,8 +482,10 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
   /** Reads `length` bytes at a virtual address; the range may cross segments that touch. */
   async read(address: number, length: number): Promise<Buffer> {
     this.checkOpen();
+    // Validated before anything is allocated: a negative or huge length is a coded violation, not a RangeError or a large allocation.
+    const spans = this.spans(address, length);
     const out = Buffer.alloc(length);
-    await this.run(this.spans(address, length), ({ segment, offset, from, n }) =>
+    await this.run(spans, ({ segment, offset, from, n }) =>
       segment.far ? this.cache.read(segment, offset, out.subarray(from, from + n)) : segment.readPieces(offset, out.subarray(from, from + n)),
     );
     return out;
@@ -491,6 +494,7 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
   /** Writes `data` at a virtual address; the range may cross segments that touch. */
   async write(address: number, data: Uint8Array): Promise<void> {
     this.checkOpen();
+    assertBytes(data);
     const buf = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
     await this.run(this.spans(address, buf.length), ({ segment, offset, from, n }) =>
       segment.far ? this.cache.write(segment, offset, buf.subarray(from, from + n)) : segment.writePieces(offset, buf.subarray(from, from + n)),
@@ -744,6 +748,11 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
   private checkOpen(): void {
     if (this.closed) throw new MisuseError('MS_HOST_INVALID', 'the hierarchy memory is closed');
   }
+}
+
+/** A JavaScript caller may pass anything: refuse what is not bytes before touching it. */
+function assertBytes(data: unknown): asserts data is Uint8Array {
+  if (!(data instanceof Uint8Array)) throw new MisuseError('MS_HOST_INVALID', `data to write must be a Uint8Array or a Buffer, got ${data === null ? 'null' : typeof data}`);
 }
 
 function hex(n: number): string {
