@@ -466,7 +466,9 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
    * Reads and writes of the segment already in flight finish first (they may still fail
    * or succeed); only then is its memory zeroed and given back, so they can never reach
    * the next owner's memory. The regions of a lost segment are freed on its node when the
-   * node is back.
+   * node is back. When zeroing a local flash or swap range fails, free rejects with that
+   * failure, but the segment is freed all the same: the range is zeroed again before its
+   * tier hands out space, and given back once that succeeds.
    */
   async free(address: number): Promise<void> {
     this.checkOpen();
@@ -597,14 +599,13 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
   }
 
   private async tryStep(step: { kind: 'local' | 'remote' | 'swap'; medium: TierMedium }, length: number, device: string | undefined): Promise<Piece[] | undefined> {
-    if (step.kind === 'local') {
-      if (device !== undefined && device !== 'local') return undefined;
-      const piece = (step.medium === 'dram' ? this.dram : this.flash)?.take(length);
-      return piece === undefined ? undefined : [piece];
-    }
-    if (step.kind === 'swap') {
-      if (device !== undefined && device !== 'swap') return undefined;
-      const piece = this.swap?.take(length);
+    if (step.kind === 'local' || step.kind === 'swap') {
+      if (device !== undefined && device !== step.kind) return undefined;
+      const tier = step.kind === 'swap' ? this.swap : step.medium === 'dram' ? this.dram : this.flash;
+      if (tier === undefined) return undefined;
+      // Space whose zeroing failed at a free comes back once the store works again; a free already reported the failure.
+      await tier.rezero().catch(() => undefined);
+      const piece = tier.take(length);
       return piece === undefined ? undefined : [piece];
     }
     const medium = step.medium === 'flash' ? 'flash' : 'dram';

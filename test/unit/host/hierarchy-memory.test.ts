@@ -29,3 +29,48 @@ test('read and write refuse a bad length or non-bytes with a coded error before 
   await memory.write(seg.address, new Uint8Array([1, 2, 3]));
   assert.deepEqual([...(await seg.read(0, 3))], [1, 2, 3]);
 });
+
+/** Local memory whose zeroing fails while `failing` is set. */
+class FlakyZeroStore extends BufferStore {
+  failing = false;
+  zeroCalls = 0;
+
+  override zero(at: number, length: number): Promise<void> {
+    this.zeroCalls++;
+    if (this.failing) return Promise.reject(new Error('injected EIO on zero'));
+    return super.zero(at, length);
+  }
+}
+
+test('a free whose zeroing fails rejects, but the space is not lost: it is zeroed again before the tier hands out space', async (t) => {
+  const store = new FlakyZeroStore(2 * PAGE);
+  const memory = HierarchyMemory.assemble({
+    serverId: 'unit',
+    dram: new RangeTier('local', 'dram', 0, new BufferStore(0)),
+    flash: new RangeTier('local', 'flash', 2 * PAGE, store),
+    pageCacheBytes: 0,
+  });
+  t.after(() => memory.close());
+  const where = { device: 'local', medium: 'flash' } as const;
+  const flashRow = () => memory.discovery().find((r) => r.medium === 'flash');
+  const old = await memory.alloc(2 * PAGE, where);
+  await old.write(0, Buffer.alloc(2 * PAGE, 0xee));
+
+  store.failing = true;
+  await assert.rejects(old.free(), /injected EIO on zero/);
+  await assert.rejects(old.free(), { code: 'MS_HOST_VIOLATION' }, 'the segment is freed all the same');
+  await assert.rejects(old.read(0, 1), { code: 'MS_HOST_VIOLATION' });
+  assert.deepEqual({ offered: flashRow()?.offered, assigned: flashRow()?.assigned }, { offered: 0, assigned: 2 * PAGE }, 'the unzeroed range is not offered');
+  const calls = store.zeroCalls;
+  await assert.rejects(memory.alloc(PAGE, where), { code: 'MS_HOST_NO_CAPACITY' }, 'never handed out with the old bytes');
+  assert.equal(store.zeroCalls, calls + 1, 'the allocation tried to zero it again');
+
+  store.failing = false;
+  const next = await memory.alloc(2 * PAGE, where);
+  assert.ok((await next.read(0, 2 * PAGE)).equals(Buffer.alloc(2 * PAGE)), 'the next owner reads zeros');
+  const raw = Buffer.alloc(2 * PAGE);
+  await store.read(0, raw);
+  assert.ok(raw.equals(Buffer.alloc(2 * PAGE)), 'and the store holds none of the old bytes');
+  await next.free();
+  assert.deepEqual({ offered: flashRow()?.offered, assigned: flashRow()?.assigned }, { offered: 2 * PAGE, assigned: 0 });
+});
