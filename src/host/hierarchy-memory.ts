@@ -575,14 +575,18 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
 
   /**
    * Frees everything, closes the node connections and the swap volume, and removes
-   * nothing on disk but the flash file's contents. Regions on a node that is lost at that
-   * moment are freed by the node itself when this host's session lease runs out.
+   * nothing on disk but the flash file's contents. Segments are freed side by side, and
+   * each request to a node gets one attempt (no retries, no wait for a connection that is
+   * down): a node that does not answer costs about one `timeoutMs`, whatever the number
+   * of nodes and segments. Regions a FREE did not reach, and those on a node that is lost
+   * at that moment, are freed by the node itself when this host's session lease runs out.
    */
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    for (const segment of this.segments.splice(0)) await this.release(segment).catch(() => undefined);
-    for (const node of this.nodes) await node.close();
+    for (const node of this.nodes) node.shutdown();
+    await Promise.allSettled(this.segments.splice(0).map((segment) => this.release(segment)));
+    await Promise.all(this.nodes.map((node) => node.close()));
     await this.closeTiers();
   }
 
@@ -692,9 +696,8 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
   private async release(segment: Segment): Promise<void> {
     await segment.gate.close();
     if (segment.far) await this.cache.drop(segment, segment.size);
-    const failures: unknown[] = [];
-    for (const piece of segment.pieces) await piece.release().catch((error: unknown) => failures.push(error));
-    if (failures.length > 0) throw failures[0];
+    // Side by side: a segment spanning nodes waits for the slowest one, not for their sum.
+    await settleAll(segment.pieces.map((piece) => piece.release()));
   }
 
   /** A node changed state: a loss drops the cached pages of its segments; a return refreshes its capacity. */
