@@ -235,8 +235,8 @@ export class PageCache {
 
   /**
    * Demotes least recently used pages no request holds until a slot is free, and reserves
-   * it (promotions of one request run side by side). False when every page is in use, or
-   * its write-back failed: the caller then serves its page directly. Never throws.
+   * it (promotions of one request run side by side). False when every page is in use or
+   * failed its write-back again: the caller then serves its page directly. Never throws.
    */
   private async makeRoom(): Promise<boolean> {
     // Failed pages this call has tried already: each once at most.
