@@ -207,6 +207,7 @@ export class Segment {
 
   /** Writes `data` at `offset` within the segment. */
   async write(offset: number, data: Uint8Array): Promise<void> {
+    assertBytes(data);
     this.check(offset, data.length);
     return this.owner.write(this.address + offset, data);
   }
@@ -465,7 +466,9 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
    * Reads and writes of the segment already in flight finish first (they may still fail
    * or succeed); only then is its memory zeroed and given back, so they can never reach
    * the next owner's memory. The regions of a lost segment are freed on its node when the
-   * node is back.
+   * node is back. When zeroing a local flash or swap range fails, free rejects with that
+   * failure, but the segment is freed all the same: the range is zeroed again before its
+   * tier hands out space, and given back once that succeeds.
    */
   async free(address: number): Promise<void> {
     this.checkOpen();
@@ -481,8 +484,10 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
   /** Reads `length` bytes at a virtual address; the range may cross segments that touch. */
   async read(address: number, length: number): Promise<Buffer> {
     this.checkOpen();
+    // Validated before anything is allocated: a negative or huge length is a coded violation, not a RangeError or a large allocation.
+    const spans = this.spans(address, length);
     const out = Buffer.alloc(length);
-    await this.run(this.spans(address, length), ({ segment, offset, from, n }) =>
+    await this.run(spans, ({ segment, offset, from, n }) =>
       segment.far ? this.cache.read(segment, offset, out.subarray(from, from + n)) : segment.readPieces(offset, out.subarray(from, from + n)),
     );
     return out;
@@ -491,6 +496,7 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
   /** Writes `data` at a virtual address; the range may cross segments that touch. */
   async write(address: number, data: Uint8Array): Promise<void> {
     this.checkOpen();
+    assertBytes(data);
     const buf = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
     await this.run(this.spans(address, buf.length), ({ segment, offset, from, n }) =>
       segment.far ? this.cache.write(segment, offset, buf.subarray(from, from + n)) : segment.writePieces(offset, buf.subarray(from, from + n)),
@@ -569,14 +575,18 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
 
   /**
    * Frees everything, closes the node connections and the swap volume, and removes
-   * nothing on disk but the flash file's contents. Regions on a node that is lost at that
-   * moment are freed by the node itself when this host's session lease runs out.
+   * nothing on disk but the flash file's contents. Segments are freed side by side, and
+   * each request to a node gets one attempt (no retries, no wait for a connection that is
+   * down): a node that does not answer costs about one `timeoutMs`, whatever the number
+   * of nodes and segments. Regions a FREE did not reach, and those on a node that is lost
+   * at that moment, are freed by the node itself when this host's session lease runs out.
    */
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    for (const segment of this.segments.splice(0)) await this.release(segment).catch(() => undefined);
-    for (const node of this.nodes) await node.close();
+    for (const node of this.nodes) node.shutdown();
+    await Promise.allSettled(this.segments.splice(0).map((segment) => this.release(segment)));
+    await Promise.all(this.nodes.map((node) => node.close()));
     await this.closeTiers();
   }
 
@@ -593,14 +603,13 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
   }
 
   private async tryStep(step: { kind: 'local' | 'remote' | 'swap'; medium: TierMedium }, length: number, device: string | undefined): Promise<Piece[] | undefined> {
-    if (step.kind === 'local') {
-      if (device !== undefined && device !== 'local') return undefined;
-      const piece = (step.medium === 'dram' ? this.dram : this.flash)?.take(length);
-      return piece === undefined ? undefined : [piece];
-    }
-    if (step.kind === 'swap') {
-      if (device !== undefined && device !== 'swap') return undefined;
-      const piece = this.swap?.take(length);
+    if (step.kind === 'local' || step.kind === 'swap') {
+      if (device !== undefined && device !== step.kind) return undefined;
+      const tier = step.kind === 'swap' ? this.swap : step.medium === 'dram' ? this.dram : this.flash;
+      if (tier === undefined) return undefined;
+      // Space whose zeroing failed at a free comes back once the store works again; a free already reported the failure.
+      await tier.rezero().catch(() => undefined);
+      const piece = tier.take(length);
       return piece === undefined ? undefined : [piece];
     }
     const medium = step.medium === 'flash' ? 'flash' : 'dram';
@@ -687,9 +696,8 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
   private async release(segment: Segment): Promise<void> {
     await segment.gate.close();
     if (segment.far) await this.cache.drop(segment, segment.size);
-    const failures: unknown[] = [];
-    for (const piece of segment.pieces) await piece.release().catch((error: unknown) => failures.push(error));
-    if (failures.length > 0) throw failures[0];
+    // Side by side: a segment spanning nodes waits for the slowest one, not for their sum.
+    await settleAll(segment.pieces.map((piece) => piece.release()));
   }
 
   /** A node changed state: a loss drops the cached pages of its segments; a return refreshes its capacity. */
@@ -744,6 +752,11 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
   private checkOpen(): void {
     if (this.closed) throw new MisuseError('MS_HOST_INVALID', 'the hierarchy memory is closed');
   }
+}
+
+/** A JavaScript caller may pass anything: refuse what is not bytes before touching it. */
+function assertBytes(data: unknown): asserts data is Uint8Array {
+  if (!(data instanceof Uint8Array)) throw new MisuseError('MS_HOST_INVALID', `data to write must be a Uint8Array or a Buffer, got ${data === null ? 'null' : typeof data}`);
 }
 
 function hex(n: number): string {

@@ -7,6 +7,15 @@
 //   cache full            the least recently used page that no request holds is demoted:
 //                         written back if dirty, then dropped
 //
+// A write-back that fails (not a lost node: the swap volume's I/O error, a dropped NBD
+// connection) belongs to the page, not to the request that needed the slot, which may be
+// on another segment and another tier: the page stays cached and dirty, marked failed,
+// and the next victim is tried. Eviction passes failed pages over while it has another
+// victim, so a broken tier does not slow the others; only when every page it may take
+// is a failed one does it try each of those once (a tier that works again gets its pages
+// back), and with none left the request is served from its tier directly. flush() tries
+// every dirty page again and reports the failure.
+//
 // So a one-pass scan over far memory never pushes the hot set out: pages enter only on
 // their second access within the memory of the "seen once" list (four times the cache).
 //
@@ -65,11 +74,15 @@ export interface PageCacheStats {
   writeBacks: number;
   /** Dirty pages dropped because their node was lost (never written back). */
   lostPages: number;
+  /** Write-backs that failed otherwise; each page stays dirty, and flush() reports it while it still fails. */
+  failedWriteBacks: number;
 }
 
 interface Entry {
   data: Buffer;
   dirty: boolean;
+  /** Its last write-back failed (it is dirty); cleared when one succeeds. */
+  failed: boolean;
   source: PageSource;
 }
 
@@ -90,7 +103,7 @@ export class PageCache {
     this.seen = new Set();
     this.locks = new Map();
     this.reserved = 0;
-    this.counters = { hits: 0, misses: 0, promotions: 0, demotions: 0, writeBacks: 0, lostPages: 0 };
+    this.counters = { hits: 0, misses: 0, promotions: 0, demotions: 0, writeBacks: 0, lostPages: 0, failedWriteBacks: 0 };
   }
 
   stats(): PageCacheStats {
@@ -214,7 +227,7 @@ export class PageCache {
     this.reserved--;
     // Lost while this request waited: admit nothing of it (a drop may be past this page).
     assertServable(source);
-    const entry: Entry = { data, dirty: false, source };
+    const entry: Entry = { data, dirty: false, failed: false, source };
     this.entries.set(page, entry);
     this.counters.promotions++;
     return entry;
@@ -222,18 +235,26 @@ export class PageCache {
 
   /**
    * Demotes least recently used pages no request holds until a slot is free, and reserves
-   * it (promotions of one request run side by side). False when every page is in use.
+   * it (promotions of one request run side by side). False when every page is in use or
+   * failed its write-back again: the caller then serves its page directly. Never throws.
    */
   private async makeRoom(): Promise<boolean> {
+    // Failed pages this call has tried already: each once at most.
+    const tried = new Set<number>();
     while (this.entries.size + this.reserved >= this.capacityPages) {
+      // The least recently used page no request holds, passing over failed pages while there is another.
       let victim: [number, Entry] | undefined;
+      let fallback: [number, Entry] | undefined;
       for (const e of this.entries) {
-        if (!this.locks.has(e[0])) {
+        if (this.locks.has(e[0])) continue;
+        if (!e[1].failed) {
           victim = e;
           break;
         }
+        if (fallback === undefined && !tried.has(e[0])) fallback = e;
       }
-      if (victim === undefined) return false; // every page is in use: serve this one directly
+      victim ??= fallback;
+      if (victim === undefined) return false; // every page is in use, or failed again: serve this one directly
       // Take it out of reach of other evictions before the write-back yields.
       const [page, entry] = victim;
       const release = this.lockFree(page);
@@ -241,6 +262,10 @@ export class PageCache {
         if (entry.dirty) await this.writeBack(page, entry);
         this.remove(page, entry);
         this.counters.demotions++;
+      } catch {
+        // Its tier refused the bytes (writeBack marked it failed): they stay here, dirty,
+        // for flush() to try again and report; this request goes on with another victim.
+        tried.add(page);
       } finally {
         release();
       }
@@ -259,9 +284,12 @@ export class PageCache {
     try {
       await source.writePieces(page * CACHE_PAGE - source.address, entry.data);
       entry.dirty = false;
+      entry.failed = false;
       this.counters.writeBacks++;
     } catch (error) {
       if (source.failure() !== undefined) return; // its node was lost meanwhile: nothing to write back to
+      entry.failed = true;
+      this.counters.failedWriteBacks++;
       throw error;
     } finally {
       source.gate.leave();

@@ -26,7 +26,10 @@
 //     BIND is never repeated;
 //   - while the connection is down and within the grace period, a request waits for it
 //     instead of spending its retries; the grace period (or the end of the session's
-//     lease, whichever comes first) bounds that wait.
+//     lease, whichever comes first) bounds that wait;
+//   - once the hierarchy is closing (`shutdown`), nothing is retried or waited for: a
+//     request gets one attempt, so closing costs a stalled node one request timeout, not
+//     its retry budget; what a FREE does not reach, the node frees when the lease ends.
 //
 // Known limits: a BIND that times out may have bound a region the host never learns of;
 // the node frees it when the host's session ends (close, then the node's lease). A WRITE
@@ -118,6 +121,8 @@ export class RemoteNode {
   /** The session gave up reconnecting: a new one is needed to reach the node. */
   private stale: boolean;
   private probing: boolean;
+  /** The hierarchy is closing: one attempt per request, no waiting for the connection. */
+  private closing: boolean;
   private closed: boolean;
   private readonly handlers: { disconnected: () => void; reconnected: () => void; sessionLost: () => void };
 
@@ -136,6 +141,7 @@ export class RemoteNode {
     this.waiters = [];
     this.stale = false;
     this.probing = false;
+    this.closing = false;
     this.closed = false;
     this.handlers = {
       disconnected: () => {
@@ -210,7 +216,7 @@ export class RemoteNode {
       } catch (error) {
         // Lost meanwhile: whatever the node answered, this memory is gone.
         this.assertAlive(generation);
-        if (!transient(error)) throw error;
+        if (!transient(error) || this.closing) throw error;
         failures++;
         if (failures > this.policy.retries) {
           this.lose(`${what} got no answer in ${failures} attempts (last: ${error.message})`);
@@ -219,6 +225,7 @@ export class RemoteNode {
         }
         this.suspect(`${what}: ${error.message}; retry ${failures} of ${this.policy.retries}`);
         await sleep(this.policy.backoffMs * 2 ** (failures - 1), true);
+        if (this.closing) throw error; // closing began during the backoff
       }
     }
   }
@@ -234,6 +241,15 @@ export class RemoteNode {
       // VIOLATION: the node holds no such region (an earlier attempt freed it).
     }
     this.bound.delete(region);
+  }
+
+  /**
+   * The hierarchy is closing: from now on a request gets one attempt, and one that needs
+   * the connection while it is down fails at once instead of waiting for it.
+   */
+  shutdown(): void {
+    this.closing = true;
+    this.wake();
   }
 
   /** Stops probing and closes the session; the node frees what is left after its lease. */
@@ -276,6 +292,7 @@ export class RemoteNode {
   private async usable(generation: number): Promise<void> {
     this.assertAlive(generation);
     while (!this.session.connected) {
+      if (this.closing) throw new NetworkError('MS_RMEM_DISCONNECTED', `node ${this.name} (${this.address}): the connection is down and the hierarchy memory is closing`);
       await new Promise<void>((resolve) => this.waiters.push(resolve));
       this.assertAlive(generation);
     }

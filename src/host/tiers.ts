@@ -13,6 +13,9 @@
 // A RangeTier trusts its caller to have stopped every I/O on a piece before releasing
 // it (HierarchyMemory.free waits on the segment's IoGate first): release zeroes the
 // ranges and hands them straight back to the free list, where the next `take` finds them.
+// A range whose zeroing fails is neither free nor anyone's: it waits in `unzeroed`, still
+// counted as assigned, and `rezero` (run before the tier is asked for space) tries again,
+// so a transient failure costs the space only until the store works again.
 //
 // The stores sit behind one narrow interface (RangeStore) so that a test can wrap any of
 // them to delay, reorder or fail chosen calls.
@@ -54,6 +57,8 @@ export class RangeTier {
   readonly capacity: number;
   private readonly store: RangeStore;
   private readonly free: FreeRanges;
+  /** Ranges of released pieces whose zeroing failed: not free until zeroed. */
+  private unzeroed: ByteRange[];
 
   constructor(device: string, medium: TierMedium, capacity: number, store: RangeStore) {
     this.device = device;
@@ -61,6 +66,7 @@ export class RangeTier {
     this.capacity = capacity;
     this.store = store;
     this.free = new FreeRanges();
+    this.unzeroed = [];
     if (capacity > 0) this.free.add(0, capacity);
   }
 
@@ -70,6 +76,22 @@ export class RangeTier {
 
   get assigned(): number {
     return this.capacity - this.free.total;
+  }
+
+  /** Bytes given back whose zeroing failed, waiting for `rezero`. */
+  get unzeroedBytes(): number {
+    return this.unzeroed.reduce((sum, r) => sum + r.length, 0);
+  }
+
+  /**
+   * Zeroes again the ranges whose zeroing failed when they were released, and frees those
+   * that succeed; the others wait for the next call. Rejects with the first failure.
+   */
+  async rezero(): Promise<void> {
+    const pending = this.unzeroed;
+    if (pending.length === 0) return;
+    this.unzeroed = []; // taken as a whole, so two calls never zero and free one range twice
+    await this.zeroAndFree(pending);
   }
 
   /** A piece of `length` bytes, or undefined when the tier has not that much free. */
@@ -87,11 +109,29 @@ export class RangeTier {
       release: async () => {
         if (released) return;
         released = true;
-        for (const r of ranges) await this.store.zero(r.start, r.length);
-        for (const r of ranges) this.free.add(r.start, r.length);
+        await this.zeroAndFree(ranges);
       },
       failure: () => undefined,
     };
+  }
+
+  /**
+   * Zeroes each range and frees it; a range whose zeroing fails is kept in `unzeroed`
+   * (never lost, never handed out with old bytes). Rejects with the first failure.
+   */
+  private async zeroAndFree(ranges: readonly ByteRange[]): Promise<void> {
+    let failure: { error: unknown } | undefined;
+    for (const r of ranges) {
+      try {
+        await this.store.zero(r.start, r.length);
+      } catch (error) {
+        this.unzeroed.push(r);
+        failure ??= { error };
+        continue;
+      }
+      this.free.add(r.start, r.length);
+    }
+    if (failure !== undefined) throw failure.error;
   }
 
   /** Calls `fn` for each physical stretch of [offset, offset + length) of a piece, one after another. */

@@ -236,6 +236,42 @@ test('node loss: operations on its segments fail naming it, the rest keep workin
   assert.match(memory.formatDiscovery(), /\na +dram .* lost/);
 });
 
+test('a swap volume whose node dies fails no request on another node: its dirty page stays in the cache, and flush() reports it', async (t) => {
+  const later = stack(t);
+  const [swapNode, b] = [await node(t, later), await node(t, later)];
+  const memory = await HierarchyMemory.open({
+    serverId: 'host-g',
+    localDram: 16 * KiB,
+    pageCache: 16 * KiB,
+    nodes: [{ name: 'b', host: b.rmem.host, port: b.rmem.port }],
+    swap: `nbd://${swapNode.nbd.host}:${swapNode.nbd.port}/default`,
+  });
+  later(() => memory.close());
+  const onSwap = await memory.alloc(4 * KiB, { device: 'swap' });
+  const onB = await memory.alloc(64 * KiB, { device: 'b' });
+  for (let i = 0; i < 2; i++) await onSwap.write(0, Buffer.alloc(4 * KiB, 0x51 + i)); // promoted: dirty in the cache
+  assert.equal(memory.stats().cache.dirtyPages, 1);
+  await swapNode.stop('SIGKILL');
+
+  // Every page of b touched twice, so each promotion needs a slot; the dirty swap page is the least recently used.
+  for (let p = 0; p < 16; p++) {
+    const data = Buffer.alloc(4 * KiB, 0x10 + p);
+    await onB.write(p * 4 * KiB, data);
+    assert.ok((await onB.read(p * 4 * KiB, 4 * KiB)).equals(data), `page ${p} of the segment on b`);
+  }
+  const cache = memory.stats().cache;
+  assert.ok(cache.failedWriteBacks >= 1, 'the swap page was tried');
+  assert.ok(cache.promotions >= 16, 'the segment on b still gets slots of the cache');
+  assert.equal(cache.dirtyPages, 1, 'the swap page stays dirty (the pages of b were promoted clean, by a read)');
+  assert.ok((await onSwap.read(0, 4 * KiB)).equals(Buffer.alloc(4 * KiB, 0x52)), 'still served from the cache');
+  await assert.rejects(memory.flush(), (error: Error & { code?: string }) => {
+    assert.match(error.code ?? '', /^MS_NBD_/, String(error));
+    return true;
+  });
+  assert.equal(memory.discovery().find((r) => r.device === 'b')?.state, 'ok');
+  assert.ok((await onB.read(0, 4 * KiB)).equals(Buffer.alloc(4 * KiB, 0x10)));
+});
+
 test('the page cache promotes hot pages, resists a scan, writes back what it demotes, and counts it all', async (t) => {
   const later = stack(t);
   const n = await node(t, later);

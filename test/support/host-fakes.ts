@@ -64,12 +64,18 @@ interface FakeRegion {
  * A memstrata node in memory. `mode` decides how it answers: `up` serves; `silent`
  * answers nothing (every request times out, with no effect on the node), like a stalled
  * or partitioned node. With a scheduler, every request waits for it before it takes effect.
+ * `stall()` holds every request until `resume()`, as a stopped process does until its
+ * client's timeout (pair it with `silent` for the timeout).
  */
 export class FakeNode {
   readonly regions: Map<number, FakeRegion>;
   mode: 'up' | 'silent';
   /** Requests served, by operation. */
   readonly served: Map<string, number>;
+  /** Requests sent, answered or not, by operation. */
+  readonly attempts: Map<string, number>;
+  /** Requests held by `stall()`, waiting for `resume()`. */
+  private held: (() => void)[] | undefined;
   /** The next this many requests time out with no effect, whatever the mode. */
   timeouts: number;
   private nextId: number;
@@ -81,6 +87,8 @@ export class FakeNode {
     this.regions = new Map();
     this.mode = 'up';
     this.served = new Map();
+    this.attempts = new Map();
+    this.held = undefined;
     this.timeouts = 0;
     this.nextId = 1;
   }
@@ -94,6 +102,30 @@ export class FakeNode {
   /** A connected session, as RmemClient.connect gives one. */
   session(): FakeSession {
     return new FakeSession(this);
+  }
+
+  /** Holds every request from now on until `resume()`. */
+  stall(): void {
+    this.held ??= [];
+  }
+
+  /** Lets the held requests go on (and answer as `mode` says). */
+  resume(): void {
+    const held = this.held ?? [];
+    this.held = undefined;
+    for (const go of held) go();
+  }
+
+  /** Requests held now. */
+  get holding(): number {
+    return this.held?.length ?? 0;
+  }
+
+  /** @internal Resolves when the node lets a request go on. */
+  gate(): Promise<void> {
+    const held = this.held;
+    if (held === undefined) return Promise.resolve();
+    return new Promise((resolve) => held.push(resolve));
   }
 
   /** Forgets every region, as a node that restarted would. */
@@ -198,8 +230,10 @@ export class FakeSession extends EventEmitter<RmemClientEvents> implements RmemS
   }
 
   private async op<T>(name: string, fn: () => T): Promise<T> {
+    this.node.attempts.set(name, (this.node.attempts.get(name) ?? 0) + 1);
     if (this.node.s !== undefined) await this.node.s.schedule(Promise.resolve(), `node ${name}`);
     else await Promise.resolve();
+    await this.node.gate();
     if (!this.connected) throw new NetworkError('MS_RMEM_DISCONNECTED', `${name}: connection lost (fake)`);
     if (this.node.timeouts > 0) {
       this.node.timeouts--;

@@ -50,7 +50,7 @@ test('free waits for reads and writes in flight: none sees or reaches the next o
       const tasks: Promise<void>[] = [];
       const unexpected = (what: string) => (error: unknown) => {
         const c = code(error);
-        // A freed segment refuses (VIOLATION); an injected EIO fails its request, or an unrelated request whose eviction hit it.
+        // A freed segment refuses (VIOLATION); an injected EIO fails the request whose own store call it hit (an eviction's failed write-back fails no request).
         if (c === 'MS_HOST_VIOLATION' || (error instanceof Error && error.message.includes('injected EIO'))) return;
         problems.push(`${what}: ${String(error)}`);
       };

@@ -211,6 +211,44 @@ test('a bind that times out is not repeated: the allocation goes to another node
   assert.deepEqual(transitions, ['a:suspect', 'a:ok']);
 });
 
+test('close spends no retries and frees segments side by side: one FREE per region, all in flight at once; what a stalled node misses, its lease frees', async () => {
+  const [a, b, c] = [new FakeNode(MiB), new FakeNode(MiB), new FakeNode(MiB)];
+  const { memory, transitions } = hierarchy({ a, b, c }, { nodeLoss: { retries: 3 } });
+  await memory.refresh();
+  for (const name of ['a', 'b', 'a', 'b', 'c']) await memory.alloc(PAGE, { device: name });
+  // a and b stop (SIGSTOP): their requests hang, then time out.
+  for (const n of [a, b]) {
+    n.mode = 'silent';
+    n.stall();
+  }
+  let closed = false;
+  const closing = memory.close().then(() => (closed = true));
+  await until(() => a.holding + b.holding === 4, 'every FREE to the stalled nodes is in flight');
+  assert.deepEqual([a.holding, b.holding], [2, 2], 'not one node, nor one segment, after another');
+  await until(() => c.regions.size === 0, 'the node that answers has its region freed meanwhile');
+  assert.equal(closed, false);
+  a.resume();
+  b.resume(); // each FREE times out
+  await closing;
+  assert.deepEqual([a.attempts.get('FREE'), b.attempts.get('FREE')], [2, 2], 'one attempt per region: no retries');
+  assert.deepEqual([a.regions.size, b.regions.size], [2, 2], 'left for the node to free when the lease ends');
+  assert.deepEqual(transitions, [], 'closing declares no node suspect or lost');
+});
+
+test('close does not wait for a connection that is down, nor spend its grace period', async () => {
+  const a = new FakeNode(MiB);
+  const { memory, session } = hierarchy({ a }, { nodeLoss: { graceMs: 60_000 } });
+  await memory.refresh();
+  await memory.alloc(PAGE, { device: 'a' });
+  session('a').drop();
+  let closed = false;
+  const closing = memory.close().then(() => (closed = true));
+  await until(() => closed, 'close is done');
+  await closing;
+  assert.equal(a.attempts.get('FREE') ?? 0, 0, 'no FREE could be sent');
+  assert.equal(a.regions.size, 1, 'the node frees it when the lease ends');
+});
+
 type Op = { kind: 'write'; seg: 'a' | 'b'; page: number } | { kind: 'read'; seg: 'a' | 'b'; page: number } | { kind: 'flush' } | { kind: 'lose'; how: 'silent' | 'session' };
 
 test('under any interleaving of a node loss with reads, writes, write-backs and flushes: nothing is served after the loss, and flush counts every dirty byte lost (fc.scheduler)', async () => {

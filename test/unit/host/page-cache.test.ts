@@ -1,0 +1,201 @@
+// The page cache when a tier refuses a write-back that is not a node loss (the swap
+// volume's I/O error, a dropped NBD connection): the failure stays with the page, which
+// stays dirty and is reported by flush(); requests on other segments, on other tiers, go
+// on. The last test lets fast-check's scheduler interleave requests on a healthy node
+// with failing write-backs to the swap volume.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import { HierarchyMemory } from '../../../src/host/hierarchy-memory.js';
+import { BufferStore, RangeTier, type RangeStore } from '../../../src/host/tiers.js';
+import { FakeNode } from '../../support/host-fakes.js';
+
+const PAGE = 4096;
+const MiB = 1024 * 1024;
+
+/** The swap volume in memory; its writes fail while `broken` is set. */
+class BreakableStore implements RangeStore {
+  readonly bytes: Buffer;
+  broken = false;
+  writes = 0;
+
+  constructor(size: number) {
+    this.bytes = Buffer.alloc(size);
+  }
+
+  async read(at: number, target: Buffer): Promise<void> {
+    this.bytes.copy(target, 0, at, at + target.length);
+  }
+
+  async write(at: number, data: Buffer): Promise<void> {
+    this.writes++;
+    if (this.broken) throw new Error('swap volume: injected EIO');
+    data.copy(this.bytes, at);
+  }
+
+  async zero(at: number, length: number): Promise<void> {
+    this.bytes.fill(0, at, at + length);
+  }
+}
+
+/** BreakableStore whose calls take effect when fast-check's scheduler lets them. */
+class ScheduledBreakableStore extends BreakableStore {
+  constructor(
+    private readonly s: fc.Scheduler,
+    size: number,
+  ) {
+    super(size);
+  }
+
+  override async read(at: number, target: Buffer): Promise<void> {
+    await this.s.schedule(Promise.resolve(), `swap read ${at}`);
+    return super.read(at, target);
+  }
+
+  override async write(at: number, data: Buffer): Promise<void> {
+    const copy = Buffer.from(data);
+    await this.s.schedule(Promise.resolve(), `swap write ${at}`);
+    return super.write(at, copy);
+  }
+}
+
+async function setup(cachePages: number) {
+  const swap = new BreakableStore(16 * PAGE);
+  const node = new FakeNode(MiB);
+  const memory = HierarchyMemory.assemble({
+    serverId: 'unit',
+    dram: new RangeTier('local', 'dram', 0, new BufferStore(0)),
+    swap: new RangeTier('swap', 'volume', 16 * PAGE, swap),
+    nodes: [{ name: 'a', address: 'fake-a', session: node.session(), connect: () => Promise.resolve(node.session()) }],
+    pageCacheBytes: cachePages * PAGE,
+  });
+  await memory.refresh();
+  const onSwap = await memory.alloc(PAGE, { device: 'swap' });
+  const onNode = await memory.alloc(8 * PAGE, { device: 'a' });
+  for (let i = 0; i < 2; i++) await onSwap.write(0, Buffer.alloc(PAGE, 0x51 + i)); // promoted on the second write: dirty in the cache
+  assert.equal(memory.stats().cache.dirtyPages, 1);
+  return { memory, swap, onSwap, onNode };
+}
+
+const page = (fill: number) => Buffer.alloc(PAGE, fill);
+
+test('a dirty page whose write-back fails breaks no request on another segment; it stays dirty and flush() reports the failure until the tier works again', async (t) => {
+  const { memory, swap, onSwap, onNode } = await setup(2);
+  t.after(() => memory.close());
+  swap.broken = true;
+  const before = memory.stats().cache;
+  // Each node page touched twice: the second touch promotes it, which needs a slot.
+  for (let round = 0; round < 3; round++) {
+    for (let p = 0; p < 8; p++) {
+      await onNode.write(p * PAGE, page(0x10 + p));
+      assert.ok((await onNode.read(p * PAGE, PAGE)).equals(page(0x10 + p)), `node page ${p}`);
+    }
+  }
+  const after = memory.stats().cache;
+  assert.ok(after.promotions - before.promotions >= 8, 'the node segment still gets a slot of the cache');
+  assert.equal(after.failedWriteBacks, 1, 'the failed page is passed over while there is another victim');
+  assert.equal(after.dirtyPages, 1);
+  assert.ok((await onSwap.read(0, PAGE)).equals(page(0x52)), 'the swap page is still served, from the cache');
+  assert.ok(swap.bytes.subarray(0, PAGE).equals(page(0x51)), 'it never reached the swap volume (which holds the first, cold write)');
+
+  await assert.rejects(memory.flush(), /swap volume: injected EIO/);
+  await assert.rejects(memory.flush(), /swap volume: injected EIO/, 'a later flush does not pretend');
+  swap.broken = false;
+  await memory.flush();
+  assert.ok(swap.bytes.subarray(0, PAGE).equals(page(0x52)), 'the flush wrote it back');
+  assert.equal(memory.stats().cache.dirtyPages, 0);
+  assert.equal((await onNode.read(0, 1))[0], 0x10);
+});
+
+test('with every slot held by a failed page, requests are served from their tier directly, and a later demotion writes the page back once the tier works', async (t) => {
+  const { memory, swap, onSwap, onNode } = await setup(1);
+  t.after(() => memory.close());
+  swap.broken = true;
+  for (let p = 0; p < 4; p++) {
+    await onNode.write(p * PAGE, page(0x20 + p));
+    assert.ok((await onNode.read(p * PAGE, PAGE)).equals(page(0x20 + p)), `node page ${p}`);
+  }
+  const stats = memory.stats().cache;
+  assert.equal(stats.cachedPages, 1);
+  assert.equal(stats.dirtyPages, 1, 'the failed page is kept, dirty');
+  assert.equal(stats.failedWriteBacks, 4, 'each promotion tried it once, then served its page directly');
+  assert.ok((await onSwap.read(0, PAGE)).equals(page(0x52)));
+
+  swap.broken = false;
+  await onNode.read(5 * PAGE, PAGE);
+  await onNode.read(5 * PAGE, PAGE); // promoted: demotes the swap page, written back this time
+  assert.ok(swap.bytes.subarray(0, PAGE).equals(page(0x52)));
+  assert.equal(memory.stats().cache.dirtyPages, 0);
+  await memory.flush();
+});
+
+type Op = { kind: 'write' | 'read'; seg: 'node' | 'swap'; page: number } | { kind: 'flush' } | { kind: 'break' };
+
+test('under any interleaving of failing swap write-backs with requests: no request on the node segment fails, and after the swap heals a flush writes back every acknowledged write (fc.scheduler)', async () => {
+  const op: fc.Arbitrary<Op> = fc.oneof(
+    fc.record({ kind: fc.constantFrom('write' as const, 'read' as const), seg: fc.constantFrom('node' as const, 'swap' as const), page: fc.nat(3) }),
+    fc.record({ kind: fc.constant('flush' as const) }),
+  );
+  await fc.assert(
+    fc.asyncProperty(fc.scheduler(), fc.array(op, { minLength: 4, maxLength: 24 }), fc.nat(24), async (s, ops, at) => {
+      // From the 'break' on, every write to the swap volume fails, write-backs included, until it heals at the end.
+      const program: Op[] = [...ops.slice(0, at), { kind: 'break' }, ...ops.slice(at)];
+      const swap = new ScheduledBreakableStore(s, 4 * PAGE);
+      const node = new FakeNode(MiB, s);
+      const memory = HierarchyMemory.assemble({
+        serverId: 'unit',
+        dram: new RangeTier('local', 'dram', 0, new BufferStore(0)),
+        swap: new RangeTier('swap', 'volume', 4 * PAGE, swap),
+        nodes: [{ name: 'a', address: 'fake-a', session: node.session(), connect: () => Promise.resolve(node.session()) }],
+        pageCacheBytes: 2 * PAGE,
+      });
+      await s.waitFor(memory.refresh());
+      const segs = { node: await s.waitFor(memory.alloc(4 * PAGE, { device: 'a' })), swap: await s.waitFor(memory.alloc(4 * PAGE, { device: 'swap' })) };
+      // A page is always written with the same bytes, unique to it, so what it may hold is known.
+      const value = (seg: 'node' | 'swap', p: number) => (seg === 'node' ? 0x10 : 0x20) + p;
+      const acked = new Set<string>();
+      const problems: string[] = [];
+      const tasks = program.map((o) =>
+        s.schedule(Promise.resolve(), JSON.stringify(o)).then(async () => {
+          if (o.kind === 'break') {
+            swap.broken = true;
+            return;
+          }
+          if (o.kind === 'flush') {
+            await memory.flush().catch((error: unknown) => {
+              if (!String(error).includes('injected EIO')) problems.push(`flush: ${String(error)}`);
+            });
+            return;
+          }
+          const key = `${o.seg}:${o.page}`;
+          const fail = (error: unknown) => {
+            // Only a request on the swap segment may fail, and only with the swap's own error.
+            if (o.seg === 'node' || !String(error).includes('injected EIO')) problems.push(`${o.kind} ${key}: ${String(error)}`);
+          };
+          const seg = segs[o.seg];
+          if (o.kind === 'write') {
+            await seg.write(o.page * PAGE, page(value(o.seg, o.page))).then(() => void acked.add(key), fail);
+            return;
+          }
+          await seg.read(o.page * PAGE, PAGE).then((got) => {
+            if (!got.equals(page(0)) && !got.equals(page(value(o.seg, o.page)))) problems.push(`read ${key} saw bytes never written there`);
+          }, fail);
+        }),
+      );
+      await s.waitFor(Promise.all(tasks));
+      swap.broken = false;
+      await s.waitFor(memory.flush()).catch((error: unknown) => problems.push(`flush after healing: ${String(error)}`));
+      const region = [...node.regions.values()][0]!;
+      for (const key of acked) {
+        const [seg, p] = key.split(':') as ['node' | 'swap', string];
+        const at = Number(p) * PAGE;
+        const stored = seg === 'node' ? region.data.subarray(at, at + PAGE) : swap.bytes.subarray(at, at + PAGE);
+        if (!stored.equals(page(value(seg, Number(p))))) problems.push(`acknowledged write ${key} is not on its tier after the flush`);
+      }
+      await s.waitFor(memory.close());
+      assert.deepEqual(problems, []);
+    }),
+    { numRuns: 300 },
+  );
+});
