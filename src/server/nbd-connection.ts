@@ -28,7 +28,9 @@
 //     requests not yet served and any that arrive meanwhile get NBD_ESHUTDOWN.
 //   - one validator (validate) runs before any backend; one function (errnoOf) maps
 //     errors to NBD errnos. A client that breaks the framing, or sets client flags we
-//     did not offer, is disconnected; nothing it sends can disturb another connection.
+//     did not offer, is disconnected (hangUp: nothing more of its input is parsed, not
+//     even the rest of the chunk at hand); nothing it sends can disturb another
+//     connection.
 //
 // Known limits: a connection that never reads its replies keeps its budget until it
 // closes (its requests stop being read, others go on); structured replies carry each
@@ -256,7 +258,7 @@ export class NbdConnection {
       onFatal: (error) => {
         this.host.stats.protocolErrors++;
         this.host.log.warn({ remote: this.remote, err: error.message }, 'NBD client broke the protocol; disconnecting');
-        this.socket.destroy();
+        this.hangUp();
       },
     });
     let closed: () => void = () => undefined;
@@ -295,7 +297,9 @@ export class NbdConnection {
     this.sawInput = true; // bytes already in the kernel are read before this side ends
     this.applyReading();
     this.maybeFinish();
-    const deadline = setTimeout(() => this.socket.destroy(), DRAIN_DEADLINE_MS);
+    const deadline = setTimeout(() => {
+      this.hangUp();
+    }, DRAIN_DEADLINE_MS);
     deadline.unref();
     await this.closedPromise;
     clearTimeout(deadline);
@@ -375,6 +379,18 @@ export class NbdConnection {
   }
 
   /**
+   * Drops the connection (a hard disconnect, proto.md "Terminating the session"): nothing
+   * more is parsed, not even the rest of the chunk being parsed, and nothing waiting is
+   * dispatched; requests already in storage finish unanswered.
+   */
+  private hangUp(): void {
+    this.finished = true;
+    this.parser.stop();
+    this.flow.close();
+    this.socket.destroy();
+  }
+
+  /**
    * Drops a WRITE whose payload will never arrive whole (the input ended, or the
    * connection closed); its reservation goes back when the flow closes.
    */
@@ -390,8 +406,10 @@ export class NbdConnection {
 
   private onClientFlags(flags: number): void {
     if ((flags & ~(CLIENT.FIXED_NEWSTYLE | CLIENT.NO_ZEROES)) !== 0) {
+      // "the server MUST drop the TCP connection" (proto.md, Client flags): whatever came
+      // with the flags is not looked at.
       this.host.log.warn({ remote: this.remote, flags }, 'NBD client set unknown client flags; disconnecting');
-      this.socket.destroy();
+      this.hangUp();
       return;
     }
     this.noZeroes = (flags & CLIENT.NO_ZEROES) !== 0;

@@ -18,7 +18,7 @@ import type { VolumeIo } from '../../../src/storage/volume-io.js';
 import { VolumeManager, type Volume } from '../../../src/storage/volume-manager.js';
 import type { Extent } from '../../../src/protocol/nbd/codec.js';
 import { CMD, ERRNO, OPT, REP } from '../../../src/protocol/nbd/spec.js';
-import { RawNbd, type Reply } from '../../support/nbd-raw.js';
+import { RawNbd, optionBytes, requestBytes, type Reply } from '../../support/nbd-raw.js';
 
 const MiB = 2 ** 20;
 const KiB = 1024;
@@ -388,6 +388,20 @@ test('shutdown: requests in flight finish; those waiting and those sent afterwar
   assert.equal((await nbd.untilEnd()).length, 0);
   await closing;
   assert.equal(h.io.calls.read, 2, 'nothing new reached storage after the shutdown began');
+});
+
+test('unknown client flags: the connection is dropped, and an EXPORT_NAME and a WRITE sent in the same segment are not acted on', async (t) => {
+  const h = await harness(t);
+  const client = await RawNbd.open(h.address);
+  t.after(async () => client.destroy());
+  await client.read(18);
+  const flags = Buffer.alloc(4);
+  flags.writeUInt32BE(3 | 0x80, 0);
+  client.socket.write(Buffer.concat([flags, optionBytes(OPT.EXPORT_NAME), requestBytes(CMD.WRITE, { cookie: 1n, offset: 0, data: Buffer.alloc(4096, 0xee) }), requestBytes(CMD.FLUSH, { cookie: 2n })]));
+  assert.equal((await client.untilEnd()).length, 0, 'nothing is answered');
+  await until(() => h.service.connectionCount === 0, 'the connection to close');
+  assert.equal(h.service.stats.handshakes, 0, 'the client never entered transmission');
+  assert.deepEqual([h.io.calls.write, h.io.calls.flush], [0, 0]);
 });
 
 test('errnoOf: EDQUOT and EFBIG map to ENOSPC (proto.md, Error values), other storage failures to EIO', () => {
