@@ -417,6 +417,10 @@ export class NbdConnection {
 
   private onOption(option: number, data: Buffer): void {
     try {
+      if (this.host.isStopping() && option === OPT.EXPORT_NAME) {
+        this.refuseExportName('the node is stopping');
+        return;
+      }
       // ABORT is answered even while stopping (proto.md: "error further options ... other than NBD_OPT_ABORT").
       if (this.host.isStopping() && option !== OPT.ABORT) {
         this.optionError(option, REP.ERR_SHUTDOWN, 'the node is stopping');
@@ -466,13 +470,21 @@ export class NbdConnection {
     }
   }
 
+  /**
+   * NBD_OPT_EXPORT_NAME has no error reply: a server unwilling to serve it "MUST terminate
+   * the session" (proto.md, NBD_OPT_EXPORT_NAME). Nothing after it is parsed; the replies
+   * to earlier options still go out before the connection closes.
+   */
+  private refuseExportName(reason: string): void {
+    this.host.log.info({ remote: this.remote, reason }, 'NBD_OPT_EXPORT_NAME refused; ending the session');
+    this.finish();
+  }
+
   private selectByExportName(data: Buffer): void {
     const name = data.toString('utf8');
     const volume = this.host.volumes.find(name);
     if (volume === undefined) {
-      // EXPORT_NAME cannot answer an error: the spec says to terminate the session.
-      this.host.log.info({ remote: this.remote, export: name }, 'NBD client asked for an unknown export');
-      this.socket.destroy();
+      this.refuseExportName(`no export named "${name}"`);
       return;
     }
     this.attach(volume);

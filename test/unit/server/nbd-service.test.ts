@@ -390,6 +390,21 @@ test('shutdown: requests in flight finish; those waiting and those sent afterwar
   assert.equal(h.io.calls.read, 2, 'nothing new reached storage after the shutdown began');
 });
 
+test('shutdown: NBD_OPT_EXPORT_NAME, which has no error reply, terminates the session instead of getting an option reply', async (t) => {
+  const h = await harness(t);
+  const client = await RawNbd.open(h.address);
+  t.after(async () => client.destroy());
+  await client.greet();
+  const closing = h.service.close();
+  // LIST shows the node still reads this connection; EXPORT_NAME comes in the same segment.
+  client.socket.write(Buffer.concat([optionBytes(OPT.LIST), optionBytes(OPT.EXPORT_NAME)]));
+  assert.equal((await client.reply()).type, REP.ERR_SHUTDOWN);
+  const rest = await client.untilEnd();
+  assert.equal(rest.length, 0, `${rest.length} bytes sent after NBD_OPT_EXPORT_NAME`);
+  await closing;
+  assert.equal(h.service.stats.handshakes, 0);
+});
+
 test('unknown client flags: the connection is dropped, and an EXPORT_NAME and a WRITE sent in the same segment are not acted on', async (t) => {
   const h = await harness(t);
   const client = await RawNbd.open(h.address);
