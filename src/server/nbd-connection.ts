@@ -18,7 +18,8 @@
 //     budget the parser holds and the socket is not read, so a client can make one
 //     connection hold its budget, plus one socket chunk kept unparsed, plus the header
 //     waiting; and all its connections together the service budget, plus a small
-//     reserve each (net/request-flow.ts).
+//     reserve each (net/request-flow.ts). An option longer than the parser keeps is
+//     dropped as it arrives and answered NBD_REP_ERR_TOO_BIG.
 //   - every request admitted gets exactly one reply, unless the socket is gone; replies
 //     go out as requests complete, batched per tick in one corked write.
 //   - ending: after NBD_CMD_DISC, after the client's EOF (libnbd half-closes after
@@ -71,6 +72,7 @@ import {
   FLAG,
   HANDSHAKE,
   INFO,
+  MAX_OPTION_LENGTH,
   OPT,
   OPT_NAME,
   REP,
@@ -247,6 +249,9 @@ export class NbdConnection {
       },
       onOption: (option, data) => {
         this.onOption(option, data);
+      },
+      onOversizedOption: (option, length) => {
+        this.onOversizedOption(option, length);
       },
       onRequest: (request) => {
         this.onRequest(request);
@@ -468,6 +473,21 @@ export class NbdConnection {
       const message = error instanceof Error ? error.message : String(error);
       this.optionError(option, REP.ERR_INVALID, message);
     }
+  }
+
+  /** An option too long to keep: its payload is dropped as it arrives. */
+  private onOversizedOption(option: number, length: number): void {
+    // ABORT ignores its data, and while the node stops every option gets the same answer.
+    if (option === OPT.ABORT || this.host.isStopping()) {
+      this.onOption(option, Buffer.alloc(0));
+      return;
+    }
+    if (option === OPT.EXPORT_NAME) {
+      // Names are at most 4096 bytes (proto.md, Conventions).
+      this.refuseExportName(`an export name of ${length} bytes`);
+      return;
+    }
+    this.optionError(option, REP.ERR_TOO_BIG, `option data of ${length} bytes is more than the ${MAX_OPTION_LENGTH} this server takes`);
   }
 
   /**

@@ -12,12 +12,17 @@
 // was its header) and keeps what follows unparsed, until release(). A session uses this
 // to admit a request, and the memory its payload will take, before reading any more.
 //
+// Skipping: an option longer than MAX_OPTION_LENGTH is reported through onOversizedOption
+// at its header and its payload is then read and dropped (the answer, NBD_REP_ERR_TOO_BIG,
+// needs none of it).
+//
 // Memory: bytes not parsed yet are kept as given (a subarray of the last chunk, no copy)
 // while the parser waits or holds. A WRITE payload is always copied into a buffer of its
 // own from `allocate`, so a request in flight never keeps a socket chunk alive. An option
-// payload lies within MAX_OPTION_LENGTH. A wrong magic or an oversized payload cannot be
-// skipped safely and is reported once through onFatal; later input is ignored, as it is
-// after stop().
+// payload kept is within MAX_OPTION_LENGTH; a skipped one takes no memory. A wrong magic
+// or a WRITE larger than BLOCK.MAX cannot be skipped safely (the length of a WRITE says
+// how far the stream goes, and a client that sends more than the maximum has broken it)
+// and is reported once through onFatal; later input is ignored, as it is after stop().
 
 import { MisuseError } from '../../errors.js';
 import { readU64, type Cookie } from './codec.js';
@@ -38,6 +43,11 @@ export interface NbdRequest {
 export interface NbdParserHandlers {
   onClientFlags(flags: number): void;
   onOption(option: number, data: Buffer): void;
+  /**
+   * An option whose payload is longer than MAX_OPTION_LENGTH: reported at its header, as
+   * onOption would be (the parser waits for resume()); its payload is then dropped.
+   */
+  onOversizedOption(option: number, length: number): void;
   /** A request header; for a WRITE, its payload is read next unless the session holds. */
   onRequest(request: NbdRequest): void;
   /** A WRITE's payload has arrived whole, in `request.data`. */
@@ -48,8 +58,8 @@ export interface NbdParserHandlers {
 }
 
 type Mode = 'flags' | 'option' | 'waiting' | 'transmission' | 'stopped';
-/** Where transmission stands: in a header, past a WRITE header (payload not begun), in a payload. */
-type Stage = 'header' | 'admit' | 'body';
+/** Where the input stands: in a header, past a WRITE header (payload not begun), in a payload, in a payload being dropped. */
+type Stage = 'header' | 'admit' | 'body' | 'skip';
 
 const EMPTY = Buffer.alloc(0);
 
@@ -66,6 +76,8 @@ export class NbdServerParser {
   private headerSize: number;
   private body: Buffer | undefined;
   private bodyHave: number;
+  /** Bytes of the payload being dropped still to come (stage 'skip'). */
+  private skipLeft: number;
   /** The WRITE whose payload comes next or is being read. */
   private request: NbdRequest | undefined;
   private option: number;
@@ -82,6 +94,7 @@ export class NbdServerParser {
     this.headerSize = 4;
     this.body = undefined;
     this.bodyHave = 0;
+    this.skipLeft = 0;
     this.request = undefined;
     this.option = 0;
   }
@@ -180,7 +193,8 @@ export class NbdServerParser {
           at = 0;
           continue;
         }
-        at = this.body === undefined ? this.parseHeader(chunk, at) : this.fillBody(chunk, at);
+        if (this.stage === 'skip') at = this.skipBytes(chunk, at);
+        else at = this.body === undefined ? this.parseHeader(chunk, at) : this.fillBody(chunk, at);
       }
     } finally {
       this.parsing = false;
@@ -224,7 +238,11 @@ export class NbdServerParser {
     this.option = head.readUInt32BE(headAt + 8);
     const length = head.readUInt32BE(headAt + 12);
     if (length > MAX_OPTION_LENGTH) {
-      this.fail(`option payload of ${length} bytes is larger than ${MAX_OPTION_LENGTH}`);
+      // Dropped as it arrives, once the session has answered (it waits like any option).
+      this.stage = 'skip';
+      this.skipLeft = length;
+      this.mode = 'waiting';
+      this.handlers.onOversizedOption(this.option, length);
       return at;
     }
     if (chunk.length - at >= length) {
@@ -300,6 +318,14 @@ export class NbdServerParser {
       request.data = body;
       this.handlers.onPayload(request);
     }
+    return at + n;
+  }
+
+  /** Drops payload bytes. */
+  private skipBytes(chunk: Buffer, at: number): number {
+    const n = Math.min(this.skipLeft, chunk.length - at);
+    this.skipLeft -= n;
+    if (this.skipLeft === 0) this.stage = 'header';
     return at + n;
   }
 
