@@ -13,8 +13,9 @@
 //     budget and the service's SharedBudget) before any memory is taken for it. A
 //     WRITE's payload is reserved at its header and read only once the reservation is
 //     granted, into a buffer of its own; a READ's reply buffer is allocated when it is
-//     dispatched. A request's cost (its payload, its reply, a fixed overhead) is given
-//     back only when its reply has been handed to the kernel. While a request waits for
+//     dispatched. A request's cost (costOf: its payload, its reply, a fixed overhead) is
+//     kept in request.cost and given back only when its reply has been handed to the
+//     kernel. While a request waits for
 //     budget the parser holds and the socket is not read, so a client can make one
 //     connection hold its budget, plus one socket chunk kept unparsed, plus the header
 //     waiting; and all its connections together the service budget, plus a small
@@ -26,7 +27,8 @@
 //     DISC), or at shutdown, the requests already received are all answered before this
 //     side ends; the socket is half-open capable so the client's FIN does not end it
 //     first (proto.md: "The server MUST handle all outstanding requests"). At shutdown,
-//     requests not yet served and any that arrive meanwhile get NBD_ESHUTDOWN.
+//     requests not yet served (waiting for budget included: they are charged their
+//     header only from then on) and any that arrive meanwhile get NBD_ESHUTDOWN.
 //   - one validator (validate) runs before any backend; one function (errnoOf) maps
 //     errors to NBD errnos. A client that breaks the framing, or sets client flags we
 //     did not offer, is disconnected (hangUp: nothing more of its input is parsed, not
@@ -153,6 +155,11 @@ function costOf(request: NbdRequest): number {
   }
 }
 
+/** What a request costs once it is only to be refused (at shutdown): its header, and a WRITE payload already read. */
+function refusedCostOf(request: NbdRequest): number {
+  return REQUEST_OVERHEAD + request.data.length;
+}
+
 /** The description of an export for people, the same in NBD_REP_SERVER and NBD_INFO_DESCRIPTION. */
 function describe(volume: Volume): string {
   return `memstrata volume ${volume.name}, ${volume.size} bytes${volume.readOnly ? ', read-only' : ''}`;
@@ -180,8 +187,10 @@ export class NbdConnection {
   private metaVolume: Volume | undefined;
   private baseAllocation: boolean;
   private volume: Volume | undefined;
-  /** A WRITE whose header has been parsed and whose payload has not: waiting for its reservation, or arriving. */
+  /** A WRITE whose header has been parsed and whose payload has not: waiting for its reservation, arriving, or being dropped. */
   private receiving: NbdRequest | undefined;
+  /** Bytes the flow has reserved, or is to reserve, for `receiving` (0 for a refused WRITE whose payload is dropped). */
+  private receivingReserved: number;
   /** What the flow asks of the socket. */
   private flowPaused: boolean;
   /** Option replies back up in the socket: stop reading options until they drain. */
@@ -210,6 +219,7 @@ export class NbdConnection {
     this.baseAllocation = false;
     this.volume = undefined;
     this.receiving = undefined;
+    this.receivingReserved = 0;
     this.flowPaused = false;
     this.optionsBackedUp = false;
     this.readingPaused = false;
@@ -292,14 +302,17 @@ export class NbdConnection {
   }
 
   /**
-   * Shutdown: requests already admitted finish; those waiting and any that arrive get
-   * NBD_ESHUTDOWN; once nothing is in flight and a turn passes with no input, this side
-   * ends. Resolves when the socket has closed, at the latest after DRAIN_DEADLINE_MS.
+   * Shutdown: requests already admitted finish; those waiting for budget and any that
+   * arrive get NBD_ESHUTDOWN, each charged its header only (a WRITE whose payload had not
+   * been admitted has it read and dropped); once nothing is in flight and a turn passes
+   * with no input, this side ends. Resolves when the socket has closed, at the latest
+   * after DRAIN_DEADLINE_MS (a client that does not read its replies is cut then).
    */
   async drainAndClose(): Promise<void> {
     if (this.socket.destroyed) return;
     this.stopRequested = true;
     this.sawInput = true; // bytes already in the kernel are read before this side ends
+    this.refuseWaiting();
     this.applyReading();
     this.maybeFinish();
     const deadline = setTimeout(() => {
@@ -308,6 +321,22 @@ export class NbdConnection {
     deadline.unref();
     await this.closedPromise;
     clearTimeout(deadline);
+  }
+
+  /**
+   * At shutdown, what waits for budget will only get NBD_ESHUTDOWN: it costs its header
+   * from now on, so it is answered as soon as this connection's own requests allow, not
+   * when other connections give budget back (they may never: a client that does not read).
+   */
+  private refuseWaiting(): void {
+    this.flow.reprice((request) => (request.cost = refusedCostOf(request)));
+    const writing = this.receiving;
+    if (writing !== undefined && this.flow.cancelReserve()) {
+      writing.cost = refusedCostOf(writing);
+      this.receivingReserved = 0;
+      this.parser.discardPayload();
+      this.release();
+    }
   }
 
   // ---- reading and ending ----
@@ -401,6 +430,7 @@ export class NbdConnection {
    */
   private abandon(request: NbdRequest): void {
     this.receiving = undefined;
+    this.receivingReserved = 0;
     this.parser.stop();
     if (request.pooled !== undefined) this.host.payloadBuffers.release(request.pooled);
     request.pooled = undefined;
@@ -622,22 +652,36 @@ export class NbdConnection {
       this.maybeFinish();
       return;
     }
+    const refused = this.host.isStopping();
     if (request.type === CMD.WRITE) {
-      // The payload is budgeted before a byte of it is read; until then nothing is parsed.
       this.receiving = request;
-      const granted = this.flow.reserve(costOf(request), () => {
+      if (refused) {
+        // It will get ESHUTDOWN: its payload is read and dropped, not budgeted.
+        request.cost = refusedCostOf(request);
+        this.receivingReserved = 0;
+        this.parser.discardPayload();
+        return;
+      }
+      // The payload is budgeted before a byte of it is read; until then nothing is parsed.
+      request.cost = costOf(request);
+      this.receivingReserved = request.cost;
+      const granted = this.flow.reserve(request.cost, () => {
         this.release();
       });
       if (!granted) this.parser.hold();
       return;
     }
-    this.flow.push(request, costOf(request));
+    request.cost = refused ? refusedCostOf(request) : costOf(request);
+    this.flow.push(request, request.cost);
     if (this.flow.queued > 0) this.parser.hold();
   }
 
+  /** A WRITE's payload is in (reserved at its header), or was dropped (refused: nothing reserved). */
   private onPayload(request: NbdRequest): void {
+    const reserved = this.receivingReserved;
     this.receiving = undefined;
-    this.flow.push(request, costOf(request), costOf(request));
+    this.receivingReserved = 0;
+    this.flow.push(request, request.cost, reserved);
     if (this.flow.queued > 0) this.parser.hold();
   }
 
@@ -738,7 +782,7 @@ export class NbdConnection {
 
   /** The reply is in the kernel's hands: the request gives its budget back. */
   private complete(request: NbdRequest): void {
-    this.flow.done(costOf(request));
+    this.flow.done(request.cost);
     this.maybeFinish();
   }
 

@@ -14,7 +14,8 @@
 //
 // Skipping: an option longer than MAX_OPTION_LENGTH is reported through onOversizedOption
 // at its header and its payload is then read and dropped (the answer, NBD_REP_ERR_TOO_BIG,
-// needs none of it).
+// needs none of it); a WRITE the session refuses before its payload (discardPayload())
+// has its payload dropped the same way and is reported through onPayload with empty data.
 //
 // Memory: bytes not parsed yet are kept as given (a subarray of the last chunk, no copy)
 // while the parser waits or holds. A WRITE payload is always copied into a buffer of its
@@ -38,6 +39,8 @@ export interface NbdRequest {
   data: Buffer;
   /** The buffer `data` lives in, from `allocate`; give it back when done. */
   pooled: Buffer | undefined;
+  /** Bytes the session has budgeted for this request; the parser sets 0. */
+  cost: number;
 }
 
 export interface NbdParserHandlers {
@@ -50,7 +53,7 @@ export interface NbdParserHandlers {
   onOversizedOption(option: number, length: number): void;
   /** A request header; for a WRITE, its payload is read next unless the session holds. */
   onRequest(request: NbdRequest): void;
-  /** A WRITE's payload has arrived whole, in `request.data`. */
+  /** A WRITE's payload has arrived whole, in `request.data` (empty when discardPayload() dropped it). */
   onPayload(request: NbdRequest): void;
   onFatal(error: MisuseError): void;
   /** A buffer of at least `length` bytes for a WRITE payload (default: a fresh one). */
@@ -78,8 +81,10 @@ export class NbdServerParser {
   private bodyHave: number;
   /** Bytes of the payload being dropped still to come (stage 'skip'). */
   private skipLeft: number;
-  /** The WRITE whose payload comes next or is being read. */
+  /** The WRITE whose payload comes next or is being read or dropped. */
   private request: NbdRequest | undefined;
+  /** The session refused the WRITE just reported: its payload is dropped. */
+  private discard: boolean;
   private option: number;
 
   constructor(handlers: NbdParserHandlers) {
@@ -96,6 +101,7 @@ export class NbdServerParser {
     this.bodyHave = 0;
     this.skipLeft = 0;
     this.request = undefined;
+    this.discard = false;
     this.option = 0;
   }
 
@@ -148,6 +154,16 @@ export class NbdServerParser {
     if (this.mode === 'transmission') this.held = true;
   }
 
+  /**
+   * The WRITE whose header was just reported is refused: its payload is read and dropped
+   * instead of given a buffer, then the WRITE is reported through onPayload with empty
+   * data. Only between a WRITE header and its payload (from onRequest, or while holding
+   * there).
+   */
+  discardPayload(): void {
+    if (this.stage === 'admit') this.discard = true;
+  }
+
   /** Parses what waited since hold(). Safe to call from a callback of this parser. */
   release(): void {
     if (!this.held) return;
@@ -161,6 +177,7 @@ export class NbdServerParser {
     this.mode = 'stopped';
     this.pending = EMPTY;
     this.body = undefined;
+    this.request = undefined;
   }
 
   private drainPending(): void {
@@ -268,6 +285,7 @@ export class NbdServerParser {
       length: head.readUInt32BE(headAt + 24),
       data: EMPTY,
       pooled: undefined,
+      cost: 0,
     };
     if (request.type === CMD.WRITE) {
       // A WRITE's payload must be read to stay in step; one larger than any block we accept
@@ -282,10 +300,17 @@ export class NbdServerParser {
     this.handlers.onRequest(request);
   }
 
-  /** The session let a WRITE's payload in: give it a buffer of its own. */
+  /** The session let a WRITE's payload in: give it a buffer of its own, or drop it if refused. */
   private beginPayload(): void {
     const request = this.request;
     if (request === undefined) return;
+    if (this.discard && request.length > 0) {
+      this.discard = false;
+      this.stage = 'skip';
+      this.skipLeft = request.length;
+      return;
+    }
+    this.discard = false;
     if (request.length === 0) {
       this.stage = 'header';
       this.request = undefined;
@@ -321,11 +346,15 @@ export class NbdServerParser {
     return at + n;
   }
 
-  /** Drops payload bytes. */
+  /** Drops payload bytes; at the end of a refused WRITE's payload, reports the WRITE. */
   private skipBytes(chunk: Buffer, at: number): number {
     const n = Math.min(this.skipLeft, chunk.length - at);
     this.skipLeft -= n;
-    if (this.skipLeft === 0) this.stage = 'header';
+    if (this.skipLeft > 0) return at + n;
+    this.stage = 'header';
+    const request = this.request;
+    this.request = undefined;
+    if (request !== undefined) this.handlers.onPayload(request);
     return at + n;
   }
 

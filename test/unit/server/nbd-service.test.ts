@@ -390,6 +390,43 @@ test('shutdown: requests in flight finish; those waiting and those sent afterwar
   assert.equal(h.io.calls.read, 2, 'nothing new reached storage after the shutdown began');
 });
 
+test('shutdown: requests waiting for budget get ESHUTDOWN without waiting for it: a READ queued, a WRITE whose payload was not admitted (read and dropped), and what follows', async (t) => {
+  // Hogs that never read their replies hold the whole service budget; a 1 MiB READ and a
+  // 1 MiB WRITE of other clients wait for it, as long as the hogs like.
+  const h = await harness(t, { maxInFlightBytes: 8 * MiB, maxInFlightBytesTotal: 6 * MiB });
+  const hogs: RawNbd[] = [];
+  for (let c = 0; c < 6; c++) {
+    const hog = await h.attach();
+    hog.stopReading();
+    hogs.push(hog);
+    for (let i = 0; i < 16; i++) hog.request(CMD.READ, { offset: i * MiB, length: MiB });
+  }
+  await settled(() => h.io.calls.read);
+  const reads = h.io.calls.read;
+  const reader = await h.attach({ structured: true });
+  assert.equal((await reader.call(CMD.READ, { offset: 0, length: 4096 })).error, 0, 'a small READ goes through on the reserve');
+  const bigRead = reader.request(CMD.READ, { offset: MiB, length: MiB });
+  const writer = await h.attach();
+  const bigWrite = writer.request(CMD.WRITE, { offset: 0, data: Buffer.alloc(MiB, 7) });
+  const flush = writer.request(CMD.FLUSH);
+  await settled(() => h.service.flowStats.pausedNow);
+  assert.equal(h.io.calls.read, reads + 1, 'the 1 MiB READ waits');
+  assert.equal(h.io.calls.write, 0, 'the WRITE waits');
+
+  const closing = h.service.close();
+  const read = await reader.next();
+  assert.deepEqual([read.cookie, read.error], [bigRead, ERRNO.ESHUTDOWN]);
+  assert.equal((await reader.untilEnd()).length, 0, 'then the connection ends cleanly');
+  const written = await replies(writer, 2);
+  assert.deepEqual(written.map((r) => [r.cookie, r.error]), [[bigWrite, ERRNO.ESHUTDOWN], [flush, ERRNO.ESHUTDOWN]]);
+  assert.equal((await writer.untilEnd()).length, 0);
+  assert.equal(h.io.calls.write, 0, 'the refused WRITE never reached storage');
+  assert.equal(h.io.calls.read, reads + 1);
+  // The hogs' replies never drain: they are cut at the deadline, or when they go.
+  for (const hog of hogs) hog.destroy();
+  await closing;
+});
+
 test('shutdown: NBD_OPT_EXPORT_NAME, which has no error reply, terminates the session instead of getting an option reply', async (t) => {
   const h = await harness(t);
   const client = await RawNbd.open(h.address);

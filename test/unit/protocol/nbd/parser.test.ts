@@ -307,3 +307,38 @@ test('release from inside a callback carries on in the same pass; stop() ignores
   parser.feed(Buffer.alloc(40, 0xee));
   assert.deepEqual(events, ['header 1', 'header 2']);
 });
+
+test('discardPayload: a refused WRITE has its payload read and dropped, then is reported with empty data; what follows parses', () => {
+  const events: string[] = [];
+  const allocated: number[] = [];
+  const parser: NbdServerParser = new NbdServerParser({
+    onClientFlags: () => undefined,
+    onOption: () => parser.startTransmission(),
+    onOversizedOption: () => assert.fail('oversized'),
+    onRequest: (r) => {
+      events.push(`header ${r.cookie.lo}`);
+      if (r.cookie.lo === 1) parser.discardPayload();
+      if (r.cookie.lo === 3) parser.hold();
+    },
+    onPayload: (r) => events.push(`payload ${r.cookie.lo} ${r.data.length}`),
+    onFatal: (e) => events.push(`fatal ${e.message}`),
+    allocate: (length) => {
+      allocated.push(length);
+      return Buffer.alloc(length);
+    },
+  });
+  parser.feed(transmission);
+  const refused = request(CMD.WRITE, 0, 100_000, 1, Buffer.alloc(100_000, 1));
+  parser.feed(refused.subarray(0, 5000));
+  assert.deepEqual(events, ['header 1']);
+  parser.feed(refused.subarray(5000));
+  assert.deepEqual(events, ['header 1', 'payload 1 0']);
+  parser.feed(Buffer.concat([request(CMD.WRITE, 0, 3, 2, Buffer.from('abc')), request(CMD.WRITE, 0, 2, 3, Buffer.from('de'))]));
+  assert.deepEqual(events, ['header 1', 'payload 1 0', 'header 2', 'payload 2 3', 'header 3']);
+  // Held at a WRITE header, the session may still refuse it before releasing.
+  parser.discardPayload();
+  parser.release();
+  assert.deepEqual(events, ['header 1', 'payload 1 0', 'header 2', 'payload 2 3', 'header 3', 'payload 3 0']);
+  assert.deepEqual(allocated, [3], 'no buffer for a dropped payload');
+  assert.ok(parser.atBoundary);
+});
