@@ -21,6 +21,10 @@
 //     waiting; and all its connections together the service budget, plus a small
 //     reserve each (net/request-flow.ts). An option longer than the parser keeps is
 //     dropped as it arrives and answered NBD_REP_ERR_TOO_BIG.
+//   - a responsive event loop: storage work that can complete without I/O (long
+//     TRIM/WRITE_ZEROES in 64 MiB pieces, BLOCK_STATUS walks of at most 128 MiB, CACHE)
+//     waits for a turn of its own (TurnQueue), and at most the service's zeroSlots
+//     zeroing pieces are in storage at once.
 //   - every request admitted gets exactly one reply, unless the socket is gone; replies
 //     go out as requests complete, batched per tick in one corked write.
 //   - ending: after NBD_CMD_DISC, after the client's EOF (libnbd half-closes after
@@ -83,6 +87,8 @@ import type { Volume, VolumeManager } from '../storage/volume-manager.js';
 import type { VolumeIo } from '../storage/volume-io.js';
 import type { BufferPool } from './buffer-pool.js';
 import { CorkedWriter } from '../net/corked-writer.js';
+import type { Semaphore } from './semaphore.js';
+import type { TurnQueue } from './turn-queue.js';
 
 export interface NbdHost {
   readonly volumes: VolumeManager;
@@ -96,6 +102,10 @@ export interface NbdHost {
   /** Bytes in flight across the service's connections. */
   readonly budget: SharedBudget;
   readonly flowStats: FlowStats;
+  /** Turns of the event loop for CPU-bound storage steps (zeroing pieces, BLOCK_STATUS walks, CACHE), one per iteration. */
+  readonly turns: TurnQueue;
+  /** Pieces of long TRIMs and WRITE_ZEROES in storage at once, across the service. */
+  readonly zeroSlots: Semaphore;
   isStopping(): boolean;
   closed(connection: NbdConnection): void;
 }
@@ -127,12 +137,17 @@ const ALLOWED_FLAGS: Readonly<Record<number, number>> = {
 
 /** What a request holds besides its data: the parsed request, its promise, reply headers, an error text. */
 const REQUEST_OVERHEAD = 512;
-/** BLOCK_STATUS looks at no more than this much of the export per request (the spec lets a reply cover less). */
-const BLOCK_STATUS_SPAN = 2 ** 30;
+/**
+ * BLOCK_STATUS looks at no more than this much of the export per request (the spec lets a
+ * reply cover less; the client asks again from where it ends): storage walks it at once.
+ */
+export const BLOCK_STATUS_SPAN = 128 * 1024 * 1024;
 /** Descriptors in one BLOCK_STATUS reply at most (the spec asks for no more than 2^20). */
 const MAX_EXTENTS = 8192;
-/** TRIM and WRITE_ZEROES longer than this go to storage in pieces, one after another. */
-const ZERO_SPAN = 64 * 1024 * 1024;
+/** A TRIM or WRITE_ZEROES up to this long goes to storage in one call, at once. */
+const ZERO_DIRECT = 1024 * 1024;
+/** A longer one goes in pieces of this size, one after another, each in one of the service's zeroing slots. */
+const ZERO_PIECE = 64 * 1024 * 1024;
 /** After this side has ended, how long the client has to close its side before the socket is destroyed. */
 const LINGER_MS = 2000;
 /** At shutdown, how long requests in flight may take before the connection is cut. */
@@ -751,20 +766,20 @@ export class NbdConnection {
         // Zeroing with NO_HOLE writes every byte, which is not fast; FAST_ZERO asks us to
         // refuse rather than be slow.
         if (allocate && (request.flags & CMD_FLAG.FAST_ZERO) !== 0) throw new NbdError(ERRNO.ENOTSUP, 'zeroing with NO_HOLE is not fast on this export');
-        // Pieces one after another, so one request of up to 4 GiB never has storage work
-        // for all of it in flight at once.
-        const end = request.offset + request.length;
-        for (let at = request.offset; at < end; at += ZERO_SPAN) {
-          await io.zero(volume, at, Math.min(ZERO_SPAN, end - at), { fua, allocate });
-        }
+        if (request.length <= ZERO_DIRECT) await io.zero(volume, request.offset, request.length, { fua, allocate });
+        else await this.zeroInPieces(volume, request.offset, request.length, { fua, allocate });
         break;
       }
       case CMD.CACHE:
+        // Staging lines the cache holds already completes without I/O: a turn of its own.
+        await this.host.turns.wait();
         await io.prefetch(volume, request.offset, request.length);
         break;
       case CMD.BLOCK_STATUS: {
-        // The reply may cover less than asked (proto.md, NBD_CMD_BLOCK_STATUS); the
-        // client asks again from where it ends.
+        // Storage walks the range at once, without I/O: a turn of its own. The reply may
+        // cover less than asked (proto.md, NBD_CMD_BLOCK_STATUS); the client asks again
+        // from where it ends.
+        await this.host.turns.wait();
         let extents = io.blockStatus(volume, request.offset, Math.min(request.length, BLOCK_STATUS_SPAN));
         extents = extents.slice(0, (request.flags & CMD_FLAG.REQ_ONE) !== 0 ? 1 : MAX_EXTENTS);
         this.send(encodeBlockStatus(request.cookie, BASE_ALLOCATION_ID, extents, true), () => {
@@ -778,6 +793,31 @@ export class NbdConnection {
     this.send(encodeSimpleReply(request.cookie, 0), () => {
       this.complete(request);
     });
+  }
+
+  /**
+   * A long TRIM or WRITE_ZEROES: pieces of ZERO_PIECE one after another, each in one of
+   * the service's zeroing slots (so storage never holds the work of more than a few
+   * pieces, whatever is pipelined) and started at a turn of its own (zeroing chunks that
+   * are zero already completes without I/O, and would otherwise keep the event loop from
+   * polling other clients). At shutdown it stops between pieces with ESHUTDOWN; the
+   * pieces done stay zeroed.
+   */
+  private async zeroInPieces(volume: Volume, offset: number, length: number, options: { fua: boolean; allocate: boolean }): Promise<void> {
+    const { io, turns, zeroSlots } = this.host;
+    const end = offset + length;
+    for (let at = offset; at < end; at += ZERO_PIECE) {
+      // The slot first, then the turn: a slot handed over on release would otherwise start
+      // the next piece in the same macrotask.
+      await zeroSlots.acquire();
+      try {
+        await turns.wait();
+        if (this.host.isStopping()) throw new NbdError(ERRNO.ESHUTDOWN, `the node is stopping (${at - offset} of ${length} bytes zeroed)`);
+        await io.zero(volume, at, Math.min(ZERO_PIECE, end - at), options);
+      } finally {
+        zeroSlots.release();
+      }
+    }
   }
 
   /** The reply is in the kernel's hands: the request gives its budget back. */

@@ -11,8 +11,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import fc from 'fast-check';
 import { pino } from 'pino';
-import { NbdService, IDLE_RESERVE, type NbdLimits } from '../../../src/server/nbd-service.js';
-import { errnoOf } from '../../../src/server/nbd-connection.js';
+import { NbdService, IDLE_RESERVE, ZERO_SLOTS, type NbdLimits } from '../../../src/server/nbd-service.js';
+import { BLOCK_STATUS_SPAN, errnoOf } from '../../../src/server/nbd-connection.js';
 import { StorageError } from '../../../src/errors.js';
 import type { VolumeIo } from '../../../src/storage/volume-io.js';
 import { VolumeManager, type Volume } from '../../../src/storage/volume-manager.js';
@@ -20,6 +20,7 @@ import type { Extent } from '../../../src/protocol/nbd/codec.js';
 import { CMD, ERRNO, OPT, REP } from '../../../src/protocol/nbd/spec.js';
 import { RawNbd, optionBytes, requestBytes, type Reply } from '../../support/nbd-raw.js';
 
+const GiB = 2 ** 30;
 const MiB = 2 ** 20;
 const KiB = 1024;
 const VOLUME_SIZE = 64 * MiB;
@@ -31,26 +32,37 @@ function pattern(offset: number, length: number): Buffer {
   return b;
 }
 
-type Kind = 'read' | 'write' | 'flush' | 'zero' | 'prefetch';
+type Kind = 'read' | 'write' | 'flush' | 'zero' | 'prefetch' | 'blockStatus';
 
 /** A VolumeIo whose calls the test holds and releases, or hands to fast-check's scheduler. */
 class ControlledIo implements VolumeIo {
   hold = false;
   scheduler: fc.Scheduler | undefined = undefined;
-  readonly calls: Record<Kind, number> = { read: 0, write: 0, flush: 0, zero: 0, prefetch: 0 };
+  readonly calls: Record<Kind, number> = { read: 0, write: 0, flush: 0, zero: 0, prefetch: 0, blockStatus: 0 };
   readonly held: (() => void)[] = [];
   readonly written = new Map<number, Buffer>();
+  /** Ranges asked of zero() and blockStatus(), in call order. */
+  readonly zeroed: { offset: number; length: number }[] = [];
+  readonly statusAsked: number[] = [];
+  /** Runs at every call, before it is held or served (a test's probe). */
+  onCall: (kind: Kind) => void = () => undefined;
   inFlight = 0;
+  readonly inFlightOf: Record<Kind, number> = { read: 0, write: 0, flush: 0, zero: 0, prefetch: 0, blockStatus: 0 };
+  readonly peakOf: Record<Kind, number> = { read: 0, write: 0, flush: 0, zero: 0, prefetch: 0, blockStatus: 0 };
 
   private call(kind: Kind, run: () => void): Promise<void> {
     this.calls[kind]++;
     this.inFlight++;
+    this.inFlightOf[kind]++;
+    this.peakOf[kind] = Math.max(this.peakOf[kind], this.inFlightOf[kind]);
+    this.onCall(kind);
     let started: Promise<unknown>;
     if (this.scheduler !== undefined) started = this.scheduler.schedule(Promise.resolve(), kind);
     else if (this.hold) started = new Promise<void>((resolve) => this.held.push(resolve));
     else started = Promise.resolve();
     return started.then(run).finally(() => {
       this.inFlight--;
+      this.inFlightOf[kind]--;
     });
   }
 
@@ -74,13 +86,17 @@ class ControlledIo implements VolumeIo {
   flush(): Promise<void> {
     return this.call('flush', () => undefined);
   }
-  zero(): Promise<void> {
+  zero(_v: Volume, offset: number, length: number): Promise<void> {
+    this.zeroed.push({ offset, length });
     return this.call('zero', () => undefined);
   }
   prefetch(): Promise<void> {
     return this.call('prefetch', () => undefined);
   }
   blockStatus(_v: Volume, _offset: number, length: number): Extent[] {
+    this.calls.blockStatus++;
+    this.statusAsked.push(length);
+    this.onCall('blockStatus');
     return [{ length, flags: 0 }];
   }
 }
@@ -120,15 +136,15 @@ interface Harness {
   address: { host: string; port: number };
   pool: PoolWatch;
   /** Connects and enters transmission; closed when the test ends. */
-  attach(options?: { structured?: boolean }): Promise<RawNbd>;
+  attach(options?: { structured?: boolean; meta?: string[] }): Promise<RawNbd>;
 }
 
 const DEFAULT_LIMITS: NbdLimits = { maxConnections: 32, handshakeTimeoutMs: 10_000, maxInFlight: 64, maxInFlightBytes: 4 * MiB, maxInFlightBytesTotal: 64 * MiB };
 
-async function harness(t: { after(fn: () => Promise<void>): void }, limits: Partial<NbdLimits> = {}): Promise<Harness> {
+async function harness(t: { after(fn: () => Promise<void>): void }, limits: Partial<NbdLimits> = {}, volumeSize = VOLUME_SIZE): Promise<Harness> {
   const dir = await mkdtemp(join(tmpdir(), 'memstrata-nbd-'));
   const volumes = new VolumeManager(dir);
-  await volumes.open(VOLUME_SIZE);
+  await volumes.open(volumeSize);
   const io = new ControlledIo();
   const service = new NbdService({ volumes, io, log: pino({ level: 'silent' }), limits: { ...DEFAULT_LIMITS, ...limits } });
   const pool = new PoolWatch(service);
@@ -282,6 +298,74 @@ test('the service budget bounds many connections together; an idle connection st
   await until(() => h.service.budget.bytes === 0, 'the budget to be given back');
 });
 
+// ---- what storage does for a request ----
+
+test('zeroing: long TRIMs and WRITE_ZEROES go to storage in 64 MiB pieces, no more than ZERO_SLOTS pieces at once across all connections', async (t) => {
+  const h = await harness(t, {}, GiB);
+  h.io.hold = true;
+  const clients = [await h.attach(), await h.attach()];
+  for (const c of clients) for (let i = 0; i < 16; i++) c.request(i % 2 === 0 ? CMD.TRIM : CMD.WRITE_ZEROES, { offset: 0, length: GiB });
+  await settled(() => h.io.calls.zero);
+  // 32 requests in flight; their pieces wait for a slot (each took its first piece at once before).
+  assert.equal(h.io.inFlightOf.zero, ZERO_SLOTS, `${h.io.inFlightOf.zero} zeroing pieces in storage at once`);
+  h.io.hold = false;
+  h.io.release();
+  const got = await Promise.all(clients.map((c) => replies(c, 16)));
+  assert.ok(got.flat().every((r) => r.error === 0));
+  assert.equal(h.io.peakOf.zero, ZERO_SLOTS);
+  assert.equal(h.io.calls.zero, 32 * 16, 'each request in 16 pieces');
+  assert.ok(h.io.zeroed.every((z) => z.length === 64 * MiB && z.offset % (64 * MiB) === 0));
+  await until(() => h.service.budget.bytes === 0, 'the budget to be given back');
+});
+
+test('zeroing: the event loop turns between two pieces, so another client is answered while zeroing that needs no I/O goes on', async (t) => {
+  // Zeroing chunks that are zero already completes without I/O (storage answers in
+  // microtasks), as this io does: without a turn between pieces, 1024 of them would run
+  // back to back before any socket is read again.
+  const h = await harness(t, {}, 4 * GiB);
+  const hog = await h.attach();
+  const other = await h.attach();
+  const length = 4 * GiB - 64 * KiB;
+  let zeroedWhenRead = -1;
+  h.io.onCall = (kind) => {
+    if (kind === 'zero' && h.io.calls.zero === 10) other.request(CMD.READ, { offset: 0, length: 4096 });
+    if (kind === 'read') zeroedWhenRead = h.io.calls.zero;
+  };
+  for (let i = 0; i < 16; i++) hog.request(CMD.TRIM, { offset: 0, length });
+  const answer = await other.next();
+  assert.equal(answer.error, 0);
+  const total = 16 * Math.ceil(length / (64 * MiB));
+  t.diagnostic(`the other client's READ reached storage after ${zeroedWhenRead} of ${total} pieces`);
+  assert.ok(zeroedWhenRead > 0 && zeroedWhenRead < total / 2, `the other client's READ reached storage after ${zeroedWhenRead} of ${total} pieces`);
+  const got = await replies(hog, 16);
+  assert.ok(got.every((r) => r.error === 0));
+  assert.equal(h.io.calls.zero, total);
+});
+
+test('BLOCK_STATUS: storage is asked about 128 MiB at most, and each walk takes a turn of its own, so another client is answered meanwhile', async (t) => {
+  const h = await harness(t, {}, 4 * GiB);
+  const hog = await h.attach({ meta: ['base:allocation'] });
+  const other = await h.attach();
+  let walksWhenRead = -1;
+  h.io.onCall = (kind) => {
+    if (kind === 'blockStatus' && h.io.calls.blockStatus === 5) other.request(CMD.READ, { offset: 0, length: 4096 });
+    if (kind === 'read') walksWhenRead = h.io.calls.blockStatus;
+  };
+  for (let i = 0; i < 64; i++) hog.request(CMD.BLOCK_STATUS, { offset: i * MiB, length: GiB });
+  assert.equal((await other.next()).error, 0);
+  t.diagnostic(`the other client's READ reached storage after ${walksWhenRead} of 64 walks`);
+  assert.ok(walksWhenRead >= 5 && walksWhenRead < 32, `the other client's READ reached storage after ${walksWhenRead} of 64 walks`);
+  const got = await replies(hog, 64);
+  assert.ok(got.every((r) => r.error === 0));
+  assert.ok(h.io.statusAsked.every((length) => length === BLOCK_STATUS_SPAN), 'each walk covers 128 MiB');
+  assert.equal(BLOCK_STATUS_SPAN, 128 * MiB);
+  for (const r of got) {
+    // One descriptor (this io reports one): the reply covers the 128 MiB looked at.
+    const extents = r.chunks[0]?.payload;
+    assert.equal(extents?.readUInt32BE(4), 128 * MiB);
+  }
+});
+
 // ---- the end of a conversation ----
 
 type Op = { type: 'read' | 'write' | 'flush' | 'trim'; slot: number; size: number };
@@ -424,6 +508,22 @@ test('shutdown: requests waiting for budget get ESHUTDOWN without waiting for it
   assert.equal(h.io.calls.read, reads + 1);
   // The hogs' replies never drain: they are cut at the deadline, or when they go.
   for (const hog of hogs) hog.destroy();
+  await closing;
+});
+
+test('shutdown: a long TRIM stops between two 64 MiB pieces with ESHUTDOWN', async (t) => {
+  const h = await harness(t, {}, GiB);
+  h.io.hold = true;
+  const nbd = await h.attach();
+  const trim = nbd.request(CMD.TRIM, { offset: 0, length: GiB });
+  await until(() => h.io.calls.zero === 1, 'the first piece in storage');
+  const closing = h.service.close();
+  h.io.hold = false;
+  h.io.release();
+  const reply = await nbd.next();
+  assert.deepEqual([reply.cookie, reply.error], [trim, ERRNO.ESHUTDOWN]);
+  assert.equal(h.io.calls.zero, 1, 'no piece started after the shutdown began');
+  assert.equal((await nbd.untilEnd()).length, 0);
   await closing;
 });
 
