@@ -145,6 +145,29 @@ test('hostile: clients that pipeline long TRIMs, WRITE_ZEROES and BLOCK_STATUS o
   assert.ok(peak - before < BOUND / 2, `the node grew by ${((peak - before) / MiB).toFixed(0)} MiB`);
 });
 
+test('hostile: a client that pipelines 32 MiB CACHEs on several connections of a node without a cache', async (t) => {
+  const n = await node(t, { MEMSTRATA_CACHE_ENABLED: 'false' });
+  // Data everywhere, so that every CACHE reads the file (zero chunks read without I/O).
+  const { nbd: filler } = await RawNbd.attach(n.nbd);
+  for (let at = 0; at < 64 * MiB; at += 4 * MiB) assert.equal((await filler.call(CMD.WRITE, { offset: at, data: randomBytes(4 * MiB) })).error, 0);
+  filler.destroy();
+  const before = await baseline(n);
+  const watch = new RssWatch(n.proc.pid ?? 0);
+  const hogs: RawNbd[] = [];
+  for (let c = 0; c < 4; c++) {
+    const { nbd } = await RawNbd.attach(n.nbd);
+    t.after(() => nbd.destroy());
+    for (let i = 0; i < 128; i++) nbd.request(CMD.CACHE, { offset: (i % 2) * 32 * MiB, length: 32 * MiB });
+    hogs.push(nbd);
+  }
+  await wellBehaved(n, 40);
+  await healthy(n);
+  for (const hog of hogs) for (let i = 0; i < 128; i++) assert.equal((await hog.next()).error, 0);
+  const peak = await watch.stop();
+  t.diagnostic(`RSS ${(before / MiB).toFixed(0)} MiB before, peak ${(peak / MiB).toFixed(0)} MiB`);
+  assert.ok(peak - before < BOUND, `the node grew by ${((peak - before) / MiB).toFixed(0)} MiB`);
+});
+
 test('hostile: a client that floods options and never reads the answers', async (t) => {
   const n = await node(t);
   const before = await baseline(n);

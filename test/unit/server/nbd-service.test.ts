@@ -300,6 +300,38 @@ test('the service budget bounds many connections together; an idle connection st
 
 // ---- what storage does for a request ----
 
+test('budget: a CACHE is charged for the buffer storage reads it through (up to 1 MiB), so pipelined CACHEs hold no more than the budget', async (t) => {
+  const h = await harness(t, { maxInFlightBytes: 4 * MiB });
+  h.io.hold = true;
+  const nbd = await h.attach();
+  for (let i = 0; i < 64; i++) nbd.request(CMD.CACHE, { offset: 0, length: 32 * MiB });
+  await settled(() => h.io.calls.prefetch);
+  // 4 MiB of budget at 1 MiB and a header each: three at once (a 512-byte charge let 64 in).
+  assert.equal(h.io.calls.prefetch, 3, `${h.io.calls.prefetch} CACHEs in storage at once`);
+  assert.equal(h.service.budget.bytes, 3 * (MiB + 512));
+  h.io.hold = false;
+  h.io.release();
+  const got = await replies(nbd, 64);
+  assert.ok(got.every((r) => r.error === 0));
+  await until(() => h.service.budget.bytes === 0, 'the budget to be given back');
+});
+
+test('budget: a TRIM or WRITE_ZEROES is charged for what storage keeps while zeroing (4 KiB per 64 KiB, for 1 MiB at most)', async (t) => {
+  const h = await harness(t, { maxInFlightBytes: MiB });
+  h.io.hold = true;
+  const nbd = await h.attach();
+  for (let i = 0; i < 32; i++) nbd.request(i % 2 === 0 ? CMD.TRIM : CMD.WRITE_ZEROES, { offset: i * MiB, length: MiB });
+  await settled(() => h.io.calls.zero);
+  // 1 MiB of budget at 64 KiB and a header each: fifteen at once (a 512-byte charge let all 32 in).
+  assert.equal(h.io.calls.zero, 15, `${h.io.calls.zero} zeroing requests in storage at once`);
+  assert.equal(h.service.budget.bytes, 15 * (64 * KiB + 512));
+  h.io.hold = false;
+  h.io.release();
+  const got = await replies(nbd, 32);
+  assert.ok(got.every((r) => r.error === 0));
+  await until(() => h.service.budget.bytes === 0, 'the budget to be given back');
+});
+
 test('zeroing: long TRIMs and WRITE_ZEROES go to storage in 64 MiB pieces, no more than ZERO_SLOTS pieces at once across all connections', async (t) => {
   const h = await harness(t, {}, GiB);
   h.io.hold = true;
