@@ -27,6 +27,10 @@
 //     once, giving back what it does not need. A flow never holds budget while it waits
 //     for more, so flows that share a budget cannot deadlock each other. While a reserved
 //     body arrives the socket is read, so a reservation always ends.
+//     A reservation still waiting may be withdrawn (cancelReserve: the body will be
+//     dropped as it arrives instead of kept);
+//   - reprice(): the requests waiting may be given new costs (at shutdown, when all they
+//     will get is an error reply), and are dispatched as those fit.
 //
 // `dispatch` and `granted` run synchronously from push(), reserve(), done() or a drain,
 // never after close().
@@ -217,6 +221,31 @@ export class RequestFlow<R> {
     this.updatePause();
     if (this.size === 0) this.shared?.wait(this.wakeFn);
     return false;
+  }
+
+  /**
+   * Withdraws a reservation that is still waiting for budget: its body will not be kept.
+   * False when there is none (no reservation, or one granted already).
+   */
+  cancelReserve(): boolean {
+    if (this.closed || this.pendingReserve === undefined) return false;
+    this.pendingReserve = undefined;
+    this.updatePause();
+    return true;
+  }
+
+  /**
+   * Gives every waiting request the cost `costOf` returns for it now, and dispatches what
+   * then fits. A request keeps its reservation; a cost below it gives the rest back at
+   * dispatch.
+   */
+  reprice(costOf: (request: R) => number): void {
+    if (this.closed) return;
+    for (let i = 0; i < this.size; i++) {
+      const w = this.ring[(this.head + i) % this.ring.length];
+      if (w !== undefined) w.cost = costOf(w.request);
+    }
+    this.pump();
   }
 
   /** A dispatched request is over and its reply is in the kernel's hands: give back its budget. */

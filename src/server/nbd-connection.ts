@@ -13,22 +13,31 @@
 //     budget and the service's SharedBudget) before any memory is taken for it. A
 //     WRITE's payload is reserved at its header and read only once the reservation is
 //     granted, into a buffer of its own; a READ's reply buffer is allocated when it is
-//     dispatched. A request's cost (its payload, its reply, a fixed overhead) is given
-//     back only when its reply has been handed to the kernel. While a request waits for
+//     dispatched. A request's cost (costOf: its payload, its reply, what storage keeps
+//     while working on it, a fixed overhead) is kept in request.cost and given back
+//     only when its reply has been handed to the kernel. While a request waits for
 //     budget the parser holds and the socket is not read, so a client can make one
 //     connection hold its budget, plus one socket chunk kept unparsed, plus the header
 //     waiting; and all its connections together the service budget, plus a small
-//     reserve each (net/request-flow.ts).
+//     reserve each (net/request-flow.ts). An option longer than the parser keeps is
+//     dropped as it arrives and answered NBD_REP_ERR_TOO_BIG.
+//   - a responsive event loop: storage work that can complete without I/O (long
+//     TRIM/WRITE_ZEROES in 64 MiB pieces, BLOCK_STATUS walks of at most 128 MiB, CACHE)
+//     waits for a turn of its own (TurnQueue), and at most the service's zeroSlots
+//     zeroing pieces are in storage at once.
 //   - every request admitted gets exactly one reply, unless the socket is gone; replies
 //     go out as requests complete, batched per tick in one corked write.
 //   - ending: after NBD_CMD_DISC, after the client's EOF (libnbd half-closes after
 //     DISC), or at shutdown, the requests already received are all answered before this
 //     side ends; the socket is half-open capable so the client's FIN does not end it
 //     first (proto.md: "The server MUST handle all outstanding requests"). At shutdown,
-//     requests not yet served and any that arrive meanwhile get NBD_ESHUTDOWN.
+//     requests not yet served (waiting for budget included: they are charged their
+//     header only from then on) and any that arrive meanwhile get NBD_ESHUTDOWN.
 //   - one validator (validate) runs before any backend; one function (errnoOf) maps
 //     errors to NBD errnos. A client that breaks the framing, or sets client flags we
-//     did not offer, is disconnected; nothing it sends can disturb another connection.
+//     did not offer, is disconnected (hangUp: nothing more of its input is parsed, not
+//     even the rest of the chunk at hand); nothing it sends can disturb another
+//     connection.
 //
 // Known limits: a connection that never reads its replies keeps its budget until it
 // closes (its requests stop being read, others go on); structured replies carry each
@@ -69,6 +78,7 @@ import {
   FLAG,
   HANDSHAKE,
   INFO,
+  MAX_OPTION_LENGTH,
   OPT,
   OPT_NAME,
   REP,
@@ -77,6 +87,8 @@ import type { Volume, VolumeManager } from '../storage/volume-manager.js';
 import type { VolumeIo } from '../storage/volume-io.js';
 import type { BufferPool } from './buffer-pool.js';
 import { CorkedWriter } from '../net/corked-writer.js';
+import type { Semaphore } from './semaphore.js';
+import type { TurnQueue } from './turn-queue.js';
 
 export interface NbdHost {
   readonly volumes: VolumeManager;
@@ -90,6 +102,10 @@ export interface NbdHost {
   /** Bytes in flight across the service's connections. */
   readonly budget: SharedBudget;
   readonly flowStats: FlowStats;
+  /** Turns of the event loop for CPU-bound storage steps (zeroing pieces, BLOCK_STATUS walks, CACHE), one per iteration. */
+  readonly turns: TurnQueue;
+  /** Pieces of long TRIMs and WRITE_ZEROES in storage at once, across the service. */
+  readonly zeroSlots: Semaphore;
   isStopping(): boolean;
   closed(connection: NbdConnection): void;
 }
@@ -121,12 +137,26 @@ const ALLOWED_FLAGS: Readonly<Record<number, number>> = {
 
 /** What a request holds besides its data: the parsed request, its promise, reply headers, an error text. */
 const REQUEST_OVERHEAD = 512;
-/** BLOCK_STATUS looks at no more than this much of the export per request (the spec lets a reply cover less). */
-const BLOCK_STATUS_SPAN = 2 ** 30;
+/**
+ * BLOCK_STATUS looks at no more than this much of the export per request (the spec lets a
+ * reply cover less; the client asks again from where it ends): storage walks it at once.
+ */
+export const BLOCK_STATUS_SPAN = 128 * 1024 * 1024;
 /** Descriptors in one BLOCK_STATUS reply at most (the spec asks for no more than 2^20). */
 const MAX_EXTENTS = 8192;
-/** TRIM and WRITE_ZEROES longer than this go to storage in pieces, one after another. */
-const ZERO_SPAN = 64 * 1024 * 1024;
+/** A TRIM or WRITE_ZEROES up to this long goes to storage in one call, at once. */
+const ZERO_DIRECT = 1024 * 1024;
+/** A longer one goes in pieces of this size, one after another, each in one of the service's zeroing slots. */
+const ZERO_PIECE = 64 * 1024 * 1024;
+/**
+ * What storage holds while it zeroes, per 64 KiB line or chunk of the range it has at once
+ * (a lock, its closure, promises): about 4 KiB, measured (128 pieces of 64 MiB in storage
+ * at once grew the node by 572 MiB). A zeroing request is charged for ZERO_DIRECT at most:
+ * a longer one has no more than one piece in storage, and only in a zeroing slot.
+ */
+const ZERO_BOOKKEEPING_PER_64K = 4096;
+/** What storage may hold for one CACHE request: DirectVolumeIo reads the range through a buffer of up to 1 MiB. */
+const PREFETCH_WORKING_SET = 1024 * 1024;
 /** After this side has ended, how long the client has to close its side before the socket is destroyed. */
 const LINGER_MS = 2000;
 /** At shutdown, how long requests in flight may take before the connection is cut. */
@@ -134,7 +164,10 @@ const DRAIN_DEADLINE_MS = 10_000;
 /** Event-loop turns without input a connection waits at shutdown before it ends its side. */
 const QUIET_ROUNDS = 2;
 
-/** The bytes a request holds from admission until its reply is in the kernel's hands. */
+/**
+ * The bytes a request makes the node hold from admission until its reply is in the
+ * kernel's hands: its payload or reply, and what storage keeps while it works on it.
+ */
 function costOf(request: NbdRequest): number {
   switch (request.type) {
     case CMD.WRITE:
@@ -144,9 +177,19 @@ function costOf(request: NbdRequest): number {
       return REQUEST_OVERHEAD + (request.length <= BLOCK.MAX ? request.length : 0);
     case CMD.BLOCK_STATUS:
       return REQUEST_OVERHEAD + 4 + 8 * MAX_EXTENTS;
+    case CMD.CACHE:
+      return REQUEST_OVERHEAD + Math.min(request.length, PREFETCH_WORKING_SET);
+    case CMD.TRIM:
+    case CMD.WRITE_ZEROES:
+      return REQUEST_OVERHEAD + Math.ceil(Math.min(request.length, ZERO_DIRECT) / 65536) * ZERO_BOOKKEEPING_PER_64K;
     default:
       return REQUEST_OVERHEAD;
   }
+}
+
+/** What a request costs once it is only to be refused (at shutdown): its header, and a WRITE payload already read. */
+function refusedCostOf(request: NbdRequest): number {
+  return REQUEST_OVERHEAD + request.data.length;
 }
 
 /** The description of an export for people, the same in NBD_REP_SERVER and NBD_INFO_DESCRIPTION. */
@@ -176,8 +219,10 @@ export class NbdConnection {
   private metaVolume: Volume | undefined;
   private baseAllocation: boolean;
   private volume: Volume | undefined;
-  /** A WRITE whose header has been parsed and whose payload has not: waiting for its reservation, or arriving. */
+  /** A WRITE whose header has been parsed and whose payload has not: waiting for its reservation, arriving, or being dropped. */
   private receiving: NbdRequest | undefined;
+  /** Bytes the flow has reserved, or is to reserve, for `receiving` (0 for a refused WRITE whose payload is dropped). */
+  private receivingReserved: number;
   /** What the flow asks of the socket. */
   private flowPaused: boolean;
   /** Option replies back up in the socket: stop reading options until they drain. */
@@ -206,6 +251,7 @@ export class NbdConnection {
     this.baseAllocation = false;
     this.volume = undefined;
     this.receiving = undefined;
+    this.receivingReserved = 0;
     this.flowPaused = false;
     this.optionsBackedUp = false;
     this.readingPaused = false;
@@ -246,6 +292,9 @@ export class NbdConnection {
       onOption: (option, data) => {
         this.onOption(option, data);
       },
+      onOversizedOption: (option, length) => {
+        this.onOversizedOption(option, length);
+      },
       onRequest: (request) => {
         this.onRequest(request);
       },
@@ -256,7 +305,7 @@ export class NbdConnection {
       onFatal: (error) => {
         this.host.stats.protocolErrors++;
         this.host.log.warn({ remote: this.remote, err: error.message }, 'NBD client broke the protocol; disconnecting');
-        this.socket.destroy();
+        this.hangUp();
       },
     });
     let closed: () => void = () => undefined;
@@ -285,20 +334,41 @@ export class NbdConnection {
   }
 
   /**
-   * Shutdown: requests already admitted finish; those waiting and any that arrive get
-   * NBD_ESHUTDOWN; once nothing is in flight and a turn passes with no input, this side
-   * ends. Resolves when the socket has closed, at the latest after DRAIN_DEADLINE_MS.
+   * Shutdown: requests already admitted finish; those waiting for budget and any that
+   * arrive get NBD_ESHUTDOWN, each charged its header only (a WRITE whose payload had not
+   * been admitted has it read and dropped); once nothing is in flight and a turn passes
+   * with no input, this side ends. Resolves when the socket has closed, at the latest
+   * after DRAIN_DEADLINE_MS (a client that does not read its replies is cut then).
    */
   async drainAndClose(): Promise<void> {
     if (this.socket.destroyed) return;
     this.stopRequested = true;
     this.sawInput = true; // bytes already in the kernel are read before this side ends
+    this.refuseWaiting();
     this.applyReading();
     this.maybeFinish();
-    const deadline = setTimeout(() => this.socket.destroy(), DRAIN_DEADLINE_MS);
+    const deadline = setTimeout(() => {
+      this.hangUp();
+    }, DRAIN_DEADLINE_MS);
     deadline.unref();
     await this.closedPromise;
     clearTimeout(deadline);
+  }
+
+  /**
+   * At shutdown, what waits for budget will only get NBD_ESHUTDOWN: it costs its header
+   * from now on, so it is answered as soon as this connection's own requests allow, not
+   * when other connections give budget back (they may never: a client that does not read).
+   */
+  private refuseWaiting(): void {
+    this.flow.reprice((request) => (request.cost = refusedCostOf(request)));
+    const writing = this.receiving;
+    if (writing !== undefined && this.flow.cancelReserve()) {
+      writing.cost = refusedCostOf(writing);
+      this.receivingReserved = 0;
+      this.parser.discardPayload();
+      this.release();
+    }
   }
 
   // ---- reading and ending ----
@@ -375,11 +445,24 @@ export class NbdConnection {
   }
 
   /**
+   * Drops the connection (a hard disconnect, proto.md "Terminating the session"): nothing
+   * more is parsed, not even the rest of the chunk being parsed, and nothing waiting is
+   * dispatched; requests already in storage finish unanswered.
+   */
+  private hangUp(): void {
+    this.finished = true;
+    this.parser.stop();
+    this.flow.close();
+    this.socket.destroy();
+  }
+
+  /**
    * Drops a WRITE whose payload will never arrive whole (the input ended, or the
    * connection closed); its reservation goes back when the flow closes.
    */
   private abandon(request: NbdRequest): void {
     this.receiving = undefined;
+    this.receivingReserved = 0;
     this.parser.stop();
     if (request.pooled !== undefined) this.host.payloadBuffers.release(request.pooled);
     request.pooled = undefined;
@@ -390,8 +473,10 @@ export class NbdConnection {
 
   private onClientFlags(flags: number): void {
     if ((flags & ~(CLIENT.FIXED_NEWSTYLE | CLIENT.NO_ZEROES)) !== 0) {
+      // "the server MUST drop the TCP connection" (proto.md, Client flags): whatever came
+      // with the flags is not looked at.
       this.host.log.warn({ remote: this.remote, flags }, 'NBD client set unknown client flags; disconnecting');
-      this.socket.destroy();
+      this.hangUp();
       return;
     }
     this.noZeroes = (flags & CLIENT.NO_ZEROES) !== 0;
@@ -399,6 +484,10 @@ export class NbdConnection {
 
   private onOption(option: number, data: Buffer): void {
     try {
+      if (this.host.isStopping() && option === OPT.EXPORT_NAME) {
+        this.refuseExportName('the node is stopping');
+        return;
+      }
       // ABORT is answered even while stopping (proto.md: "error further options ... other than NBD_OPT_ABORT").
       if (this.host.isStopping() && option !== OPT.ABORT) {
         this.optionError(option, REP.ERR_SHUTDOWN, 'the node is stopping');
@@ -448,13 +537,36 @@ export class NbdConnection {
     }
   }
 
+  /** An option too long to keep: its payload is dropped as it arrives. */
+  private onOversizedOption(option: number, length: number): void {
+    // ABORT ignores its data, and while the node stops every option gets the same answer.
+    if (option === OPT.ABORT || this.host.isStopping()) {
+      this.onOption(option, Buffer.alloc(0));
+      return;
+    }
+    if (option === OPT.EXPORT_NAME) {
+      // Names are at most 4096 bytes (proto.md, Conventions).
+      this.refuseExportName(`an export name of ${length} bytes`);
+      return;
+    }
+    this.optionError(option, REP.ERR_TOO_BIG, `option data of ${length} bytes is more than the ${MAX_OPTION_LENGTH} this server takes`);
+  }
+
+  /**
+   * NBD_OPT_EXPORT_NAME has no error reply: a server unwilling to serve it "MUST terminate
+   * the session" (proto.md, NBD_OPT_EXPORT_NAME). Nothing after it is parsed; the replies
+   * to earlier options still go out before the connection closes.
+   */
+  private refuseExportName(reason: string): void {
+    this.host.log.info({ remote: this.remote, reason }, 'NBD_OPT_EXPORT_NAME refused; ending the session');
+    this.finish();
+  }
+
   private selectByExportName(data: Buffer): void {
     const name = data.toString('utf8');
     const volume = this.host.volumes.find(name);
     if (volume === undefined) {
-      // EXPORT_NAME cannot answer an error: the spec says to terminate the session.
-      this.host.log.info({ remote: this.remote, export: name }, 'NBD client asked for an unknown export');
-      this.socket.destroy();
+      this.refuseExportName(`no export named "${name}"`);
       return;
     }
     this.attach(volume);
@@ -572,22 +684,36 @@ export class NbdConnection {
       this.maybeFinish();
       return;
     }
+    const refused = this.host.isStopping();
     if (request.type === CMD.WRITE) {
-      // The payload is budgeted before a byte of it is read; until then nothing is parsed.
       this.receiving = request;
-      const granted = this.flow.reserve(costOf(request), () => {
+      if (refused) {
+        // It will get ESHUTDOWN: its payload is read and dropped, not budgeted.
+        request.cost = refusedCostOf(request);
+        this.receivingReserved = 0;
+        this.parser.discardPayload();
+        return;
+      }
+      // The payload is budgeted before a byte of it is read; until then nothing is parsed.
+      request.cost = costOf(request);
+      this.receivingReserved = request.cost;
+      const granted = this.flow.reserve(request.cost, () => {
         this.release();
       });
       if (!granted) this.parser.hold();
       return;
     }
-    this.flow.push(request, costOf(request));
+    request.cost = refused ? refusedCostOf(request) : costOf(request);
+    this.flow.push(request, request.cost);
     if (this.flow.queued > 0) this.parser.hold();
   }
 
+  /** A WRITE's payload is in (reserved at its header), or was dropped (refused: nothing reserved). */
   private onPayload(request: NbdRequest): void {
+    const reserved = this.receivingReserved;
     this.receiving = undefined;
-    this.flow.push(request, costOf(request), costOf(request));
+    this.receivingReserved = 0;
+    this.flow.push(request, request.cost, reserved);
     if (this.flow.queued > 0) this.parser.hold();
   }
 
@@ -657,20 +783,20 @@ export class NbdConnection {
         // Zeroing with NO_HOLE writes every byte, which is not fast; FAST_ZERO asks us to
         // refuse rather than be slow.
         if (allocate && (request.flags & CMD_FLAG.FAST_ZERO) !== 0) throw new NbdError(ERRNO.ENOTSUP, 'zeroing with NO_HOLE is not fast on this export');
-        // Pieces one after another, so one request of up to 4 GiB never has storage work
-        // for all of it in flight at once.
-        const end = request.offset + request.length;
-        for (let at = request.offset; at < end; at += ZERO_SPAN) {
-          await io.zero(volume, at, Math.min(ZERO_SPAN, end - at), { fua, allocate });
-        }
+        if (request.length <= ZERO_DIRECT) await io.zero(volume, request.offset, request.length, { fua, allocate });
+        else await this.zeroInPieces(volume, request.offset, request.length, { fua, allocate });
         break;
       }
       case CMD.CACHE:
+        // Staging lines the cache holds already completes without I/O: a turn of its own.
+        await this.host.turns.wait();
         await io.prefetch(volume, request.offset, request.length);
         break;
       case CMD.BLOCK_STATUS: {
-        // The reply may cover less than asked (proto.md, NBD_CMD_BLOCK_STATUS); the
-        // client asks again from where it ends.
+        // Storage walks the range at once, without I/O: a turn of its own. The reply may
+        // cover less than asked (proto.md, NBD_CMD_BLOCK_STATUS); the client asks again
+        // from where it ends.
+        await this.host.turns.wait();
         let extents = io.blockStatus(volume, request.offset, Math.min(request.length, BLOCK_STATUS_SPAN));
         extents = extents.slice(0, (request.flags & CMD_FLAG.REQ_ONE) !== 0 ? 1 : MAX_EXTENTS);
         this.send(encodeBlockStatus(request.cookie, BASE_ALLOCATION_ID, extents, true), () => {
@@ -686,9 +812,34 @@ export class NbdConnection {
     });
   }
 
+  /**
+   * A long TRIM or WRITE_ZEROES: pieces of ZERO_PIECE one after another, each in one of
+   * the service's zeroing slots (so storage never holds the work of more than a few
+   * pieces, whatever is pipelined) and started at a turn of its own (zeroing chunks that
+   * are zero already completes without I/O, and would otherwise keep the event loop from
+   * polling other clients). At shutdown it stops between pieces with ESHUTDOWN; the
+   * pieces done stay zeroed.
+   */
+  private async zeroInPieces(volume: Volume, offset: number, length: number, options: { fua: boolean; allocate: boolean }): Promise<void> {
+    const { io, turns, zeroSlots } = this.host;
+    const end = offset + length;
+    for (let at = offset; at < end; at += ZERO_PIECE) {
+      // The slot first, then the turn: a slot handed over on release would otherwise start
+      // the next piece in the same macrotask.
+      await zeroSlots.acquire();
+      try {
+        await turns.wait();
+        if (this.host.isStopping()) throw new NbdError(ERRNO.ESHUTDOWN, `the node is stopping (${at - offset} of ${length} bytes zeroed)`);
+        await io.zero(volume, at, Math.min(ZERO_PIECE, end - at), options);
+      } finally {
+        zeroSlots.release();
+      }
+    }
+  }
+
   /** The reply is in the kernel's hands: the request gives its budget back. */
   private complete(request: NbdRequest): void {
-    this.flow.done(costOf(request));
+    this.flow.done(request.cost);
     this.maybeFinish();
   }
 

@@ -10,10 +10,15 @@
 //   - per connection: maxInFlight requests and maxInFlightBytes of payloads and replies;
 //   - per service: maxInFlightBytesTotal across every connection, plus IDLE_RESERVE for
 //     each connection with nothing in flight, so a client whose connections hold the
-//     whole budget (say, by never reading replies) cannot stall another's small requests.
+//     whole budget (say, by never reading replies) cannot stall another's small requests;
+//   - storage work the budget cannot see: at most ZERO_SLOTS pieces of long TRIMs and
+//     WRITE_ZEROES in storage at once, and CPU-bound steps (those pieces, BLOCK_STATUS
+//     walks, CACHE) one per event-loop turn (TurnQueue), so other clients' sockets are
+//     polled between any two.
 // What one client can make the node hold is therefore about maxInFlightBytesTotal +
 // maxConnections x (IDLE_RESERVE + a socket chunk + an option payload), plus the pool
-// of reusable buffers (at most POOL_MAX_BYTES kept).
+// of reusable buffers (at most POOL_MAX_BYTES kept), plus storage's bookkeeping for
+// ZERO_SLOTS zeroing pieces.
 
 import { createServer, type Server } from 'node:net';
 import type { Logger } from '../logger.js';
@@ -25,6 +30,8 @@ import { closeServer, listenOn } from '../net/listen.js';
 import type { ListenAddress } from '../units.js';
 import { BufferPool } from './buffer-pool.js';
 import { NbdConnection, type NbdHost, type NbdStats } from './nbd-connection.js';
+import { Semaphore } from './semaphore.js';
+import { TurnQueue } from './turn-queue.js';
 
 export interface NbdLimits {
   maxConnections: number;
@@ -42,6 +49,8 @@ export const IDLE_RESERVE = 256 * 1024;
 /** Reusable payload buffers kept per size class, and in all. */
 const POOL_PER_CLASS = 4;
 const POOL_MAX_BYTES = 32 * 1024 * 1024;
+/** Pieces (64 MiB each) of long TRIMs and WRITE_ZEROES in storage at once, across the service. */
+export const ZERO_SLOTS = 2;
 
 export class NbdService implements NbdHost {
   readonly volumes: VolumeManager;
@@ -53,6 +62,8 @@ export class NbdService implements NbdHost {
   readonly budget: SharedBudget;
   readonly flowStats: FlowStats;
   readonly gate: ConnectionGate;
+  readonly turns: TurnQueue;
+  readonly zeroSlots: Semaphore;
   private readonly connections: Set<NbdConnection>;
   private server: Server | undefined;
   private stopping: boolean;
@@ -69,6 +80,8 @@ export class NbdService implements NbdHost {
     this.budget = new SharedBudget(limits.maxInFlightBytesTotal, IDLE_RESERVE);
     this.flowStats = newFlowStats();
     this.gate = new ConnectionGate('NBD', { maxConnections: limits.maxConnections, handshakeTimeoutMs: limits.handshakeTimeoutMs }, options.log);
+    this.turns = new TurnQueue();
+    this.zeroSlots = new Semaphore(ZERO_SLOTS);
     this.connections = new Set();
     this.server = undefined;
     this.stopping = false;

@@ -109,6 +109,22 @@ describe('NBD conformance (doc/proto.md)', () => {
     assert.ok(await nbd.closedWithin());
   });
 
+  test('handshake: an option with more data than the server takes gets NBD_REP_ERR_TOO_BIG (the request is too large to process), its data is skipped and the next option still parses', async (t) => {
+    const { nbd } = await handshake(t);
+    nbd.option(OPT.GO, Buffer.concat([infoPayload(''), Buffer.alloc(MiB, 0x61)]));
+    const tooBig = await nbd.reply();
+    assert.deepEqual([tooBig.option, tooBig.type], [OPT.GO, REP.ERR_TOO_BIG]);
+    const { size } = await nbd.go('');
+    assert.equal(size, SIZE);
+    assert.equal((await nbd.call(CMD.READ, { length: 512 })).error, 0);
+  });
+
+  test('handshake: NBD_OPT_EXPORT_NAME with a name longer than the server takes: it cannot error, so the session is terminated', async (t) => {
+    const { nbd } = await handshake(t);
+    nbd.option(OPT.EXPORT_NAME, Buffer.alloc(100_000, 0x61));
+    assert.ok(await nbd.closedWithin());
+  });
+
   test('handshake: NBD_OPT_LIST with data SHOULD be rejected with NBD_REP_ERR_INVALID', async (t) => {
     const { nbd } = await handshake(t);
     nbd.option(OPT.LIST, Buffer.from('x'));

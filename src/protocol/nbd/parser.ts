@@ -12,12 +12,18 @@
 // was its header) and keeps what follows unparsed, until release(). A session uses this
 // to admit a request, and the memory its payload will take, before reading any more.
 //
+// Skipping: an option longer than MAX_OPTION_LENGTH is reported through onOversizedOption
+// at its header and its payload is then read and dropped (the answer, NBD_REP_ERR_TOO_BIG,
+// needs none of it); a WRITE the session refuses before its payload (discardPayload())
+// has its payload dropped the same way and is reported through onPayload with empty data.
+//
 // Memory: bytes not parsed yet are kept as given (a subarray of the last chunk, no copy)
 // while the parser waits or holds. A WRITE payload is always copied into a buffer of its
 // own from `allocate`, so a request in flight never keeps a socket chunk alive. An option
-// payload lies within MAX_OPTION_LENGTH. A wrong magic or an oversized payload cannot be
-// skipped safely and is reported once through onFatal; later input is ignored, as it is
-// after stop().
+// payload kept is within MAX_OPTION_LENGTH; a skipped one takes no memory. A wrong magic
+// or a WRITE larger than BLOCK.MAX cannot be skipped safely (the length of a WRITE says
+// how far the stream goes, and a client that sends more than the maximum has broken it)
+// and is reported once through onFatal; later input is ignored, as it is after stop().
 
 import { MisuseError } from '../../errors.js';
 import { readU64, type Cookie } from './codec.js';
@@ -33,14 +39,21 @@ export interface NbdRequest {
   data: Buffer;
   /** The buffer `data` lives in, from `allocate`; give it back when done. */
   pooled: Buffer | undefined;
+  /** Bytes the session has budgeted for this request; the parser sets 0. */
+  cost: number;
 }
 
 export interface NbdParserHandlers {
   onClientFlags(flags: number): void;
   onOption(option: number, data: Buffer): void;
+  /**
+   * An option whose payload is longer than MAX_OPTION_LENGTH: reported at its header, as
+   * onOption would be (the parser waits for resume()); its payload is then dropped.
+   */
+  onOversizedOption(option: number, length: number): void;
   /** A request header; for a WRITE, its payload is read next unless the session holds. */
   onRequest(request: NbdRequest): void;
-  /** A WRITE's payload has arrived whole, in `request.data`. */
+  /** A WRITE's payload has arrived whole, in `request.data` (empty when discardPayload() dropped it). */
   onPayload(request: NbdRequest): void;
   onFatal(error: MisuseError): void;
   /** A buffer of at least `length` bytes for a WRITE payload (default: a fresh one). */
@@ -48,8 +61,8 @@ export interface NbdParserHandlers {
 }
 
 type Mode = 'flags' | 'option' | 'waiting' | 'transmission' | 'stopped';
-/** Where transmission stands: in a header, past a WRITE header (payload not begun), in a payload. */
-type Stage = 'header' | 'admit' | 'body';
+/** Where the input stands: in a header, past a WRITE header (payload not begun), in a payload, in a payload being dropped. */
+type Stage = 'header' | 'admit' | 'body' | 'skip';
 
 const EMPTY = Buffer.alloc(0);
 
@@ -66,8 +79,12 @@ export class NbdServerParser {
   private headerSize: number;
   private body: Buffer | undefined;
   private bodyHave: number;
-  /** The WRITE whose payload comes next or is being read. */
+  /** Bytes of the payload being dropped still to come (stage 'skip'). */
+  private skipLeft: number;
+  /** The WRITE whose payload comes next or is being read or dropped. */
   private request: NbdRequest | undefined;
+  /** The session refused the WRITE just reported: its payload is dropped. */
+  private discard: boolean;
   private option: number;
 
   constructor(handlers: NbdParserHandlers) {
@@ -82,7 +99,9 @@ export class NbdServerParser {
     this.headerSize = 4;
     this.body = undefined;
     this.bodyHave = 0;
+    this.skipLeft = 0;
     this.request = undefined;
+    this.discard = false;
     this.option = 0;
   }
 
@@ -135,6 +154,16 @@ export class NbdServerParser {
     if (this.mode === 'transmission') this.held = true;
   }
 
+  /**
+   * The WRITE whose header was just reported is refused: its payload is read and dropped
+   * instead of given a buffer, then the WRITE is reported through onPayload with empty
+   * data. Only between a WRITE header and its payload (from onRequest, or while holding
+   * there).
+   */
+  discardPayload(): void {
+    if (this.stage === 'admit') this.discard = true;
+  }
+
   /** Parses what waited since hold(). Safe to call from a callback of this parser. */
   release(): void {
     if (!this.held) return;
@@ -148,6 +177,7 @@ export class NbdServerParser {
     this.mode = 'stopped';
     this.pending = EMPTY;
     this.body = undefined;
+    this.request = undefined;
   }
 
   private drainPending(): void {
@@ -180,7 +210,8 @@ export class NbdServerParser {
           at = 0;
           continue;
         }
-        at = this.body === undefined ? this.parseHeader(chunk, at) : this.fillBody(chunk, at);
+        if (this.stage === 'skip') at = this.skipBytes(chunk, at);
+        else at = this.body === undefined ? this.parseHeader(chunk, at) : this.fillBody(chunk, at);
       }
     } finally {
       this.parsing = false;
@@ -224,7 +255,11 @@ export class NbdServerParser {
     this.option = head.readUInt32BE(headAt + 8);
     const length = head.readUInt32BE(headAt + 12);
     if (length > MAX_OPTION_LENGTH) {
-      this.fail(`option payload of ${length} bytes is larger than ${MAX_OPTION_LENGTH}`);
+      // Dropped as it arrives, once the session has answered (it waits like any option).
+      this.stage = 'skip';
+      this.skipLeft = length;
+      this.mode = 'waiting';
+      this.handlers.onOversizedOption(this.option, length);
       return at;
     }
     if (chunk.length - at >= length) {
@@ -250,6 +285,7 @@ export class NbdServerParser {
       length: head.readUInt32BE(headAt + 24),
       data: EMPTY,
       pooled: undefined,
+      cost: 0,
     };
     if (request.type === CMD.WRITE) {
       // A WRITE's payload must be read to stay in step; one larger than any block we accept
@@ -264,10 +300,17 @@ export class NbdServerParser {
     this.handlers.onRequest(request);
   }
 
-  /** The session let a WRITE's payload in: give it a buffer of its own. */
+  /** The session let a WRITE's payload in: give it a buffer of its own, or drop it if refused. */
   private beginPayload(): void {
     const request = this.request;
     if (request === undefined) return;
+    if (this.discard && request.length > 0) {
+      this.discard = false;
+      this.stage = 'skip';
+      this.skipLeft = request.length;
+      return;
+    }
+    this.discard = false;
     if (request.length === 0) {
       this.stage = 'header';
       this.request = undefined;
@@ -300,6 +343,18 @@ export class NbdServerParser {
       request.data = body;
       this.handlers.onPayload(request);
     }
+    return at + n;
+  }
+
+  /** Drops payload bytes; at the end of a refused WRITE's payload, reports the WRITE. */
+  private skipBytes(chunk: Buffer, at: number): number {
+    const n = Math.min(this.skipLeft, chunk.length - at);
+    this.skipLeft -= n;
+    if (this.skipLeft > 0) return at + n;
+    this.stage = 'header';
+    const request = this.request;
+    this.request = undefined;
+    if (request !== undefined) this.handlers.onPayload(request);
     return at + n;
   }
 

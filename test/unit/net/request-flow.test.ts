@@ -245,3 +245,46 @@ test('RequestFlow.close gives back what a connection reserved or queued to the s
   assert.equal(granted, true, 'closing A let B in');
   assert.equal(shared.bytes, 50);
 });
+
+test('RequestFlow.reprice gives waiting requests new costs and dispatches what then fits, the shared budget counting the new costs', () => {
+  const shared = new SharedBudget(100);
+  const hog = new RequestFlow<number>(new FakeSocket(), { maxRequests: 4, maxBytes: 100 }, newFlowStats(), () => undefined, shared);
+  hog.push(0, 90);
+  const socket = new FakeSocket();
+  const started: number[] = [];
+  const flow = new RequestFlow<number>(socket, { maxRequests: 4, maxBytes: 100 }, newFlowStats(), (id) => started.push(id), shared);
+  flow.push(1, 50);
+  flow.push(2, 60);
+  assert.deepEqual(started, [], 'neither fits while the hog holds 90 of 100');
+  assert.equal(socket.paused, true);
+  flow.reprice((id) => (id === 1 ? 5 : 4));
+  assert.deepEqual(started, [1, 2]);
+  assert.equal(shared.bytes, 99);
+  assert.equal(socket.paused, false);
+  flow.done(5);
+  flow.done(4);
+  assert.equal(shared.bytes, 90);
+});
+
+test('RequestFlow.cancelReserve withdraws a reservation still waiting: nothing is taken, the socket is read again, and a granted one cannot be withdrawn', () => {
+  const shared = new SharedBudget(100);
+  const hog = new RequestFlow<number>(new FakeSocket(), { maxRequests: 4, maxBytes: 100 }, newFlowStats(), () => undefined, shared);
+  hog.push(0, 90);
+  const socket = new FakeSocket();
+  const started: number[] = [];
+  const flow = new RequestFlow<number>(socket, { maxRequests: 4, maxBytes: 100 }, newFlowStats(), (id) => started.push(id), shared);
+  flow.push(1, 5);
+  let granted = false;
+  assert.equal(flow.reserve(50, () => (granted = true)), false);
+  assert.equal(socket.paused, true);
+  assert.equal(flow.cancelReserve(), true);
+  assert.equal(socket.paused, false);
+  hog.done(90);
+  assert.equal(granted, false, 'a withdrawn reservation is never granted');
+  assert.equal(shared.bytes, 5);
+  flow.push(2, 5);
+  assert.deepEqual(started, [1, 2], 'the body, dropped, becomes a request of its own cost');
+  assert.equal(flow.reserve(50, () => undefined), true);
+  assert.equal(flow.cancelReserve(), false, 'granted: its body is arriving');
+  assert.equal(shared.bytes, 60);
+});

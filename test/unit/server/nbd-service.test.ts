@@ -11,15 +11,16 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import fc from 'fast-check';
 import { pino } from 'pino';
-import { NbdService, IDLE_RESERVE, type NbdLimits } from '../../../src/server/nbd-service.js';
-import { errnoOf } from '../../../src/server/nbd-connection.js';
+import { NbdService, IDLE_RESERVE, ZERO_SLOTS, type NbdLimits } from '../../../src/server/nbd-service.js';
+import { BLOCK_STATUS_SPAN, errnoOf } from '../../../src/server/nbd-connection.js';
 import { StorageError } from '../../../src/errors.js';
 import type { VolumeIo } from '../../../src/storage/volume-io.js';
 import { VolumeManager, type Volume } from '../../../src/storage/volume-manager.js';
 import type { Extent } from '../../../src/protocol/nbd/codec.js';
 import { CMD, ERRNO, OPT, REP } from '../../../src/protocol/nbd/spec.js';
-import { RawNbd, type Reply } from '../../support/nbd-raw.js';
+import { RawNbd, optionBytes, requestBytes, type Reply } from '../../support/nbd-raw.js';
 
+const GiB = 2 ** 30;
 const MiB = 2 ** 20;
 const KiB = 1024;
 const VOLUME_SIZE = 64 * MiB;
@@ -31,26 +32,37 @@ function pattern(offset: number, length: number): Buffer {
   return b;
 }
 
-type Kind = 'read' | 'write' | 'flush' | 'zero' | 'prefetch';
+type Kind = 'read' | 'write' | 'flush' | 'zero' | 'prefetch' | 'blockStatus';
 
 /** A VolumeIo whose calls the test holds and releases, or hands to fast-check's scheduler. */
 class ControlledIo implements VolumeIo {
   hold = false;
   scheduler: fc.Scheduler | undefined = undefined;
-  readonly calls: Record<Kind, number> = { read: 0, write: 0, flush: 0, zero: 0, prefetch: 0 };
+  readonly calls: Record<Kind, number> = { read: 0, write: 0, flush: 0, zero: 0, prefetch: 0, blockStatus: 0 };
   readonly held: (() => void)[] = [];
   readonly written = new Map<number, Buffer>();
+  /** Ranges asked of zero() and blockStatus(), in call order. */
+  readonly zeroed: { offset: number; length: number }[] = [];
+  readonly statusAsked: number[] = [];
+  /** Runs at every call, before it is held or served (a test's probe). */
+  onCall: (kind: Kind) => void = () => undefined;
   inFlight = 0;
+  readonly inFlightOf: Record<Kind, number> = { read: 0, write: 0, flush: 0, zero: 0, prefetch: 0, blockStatus: 0 };
+  readonly peakOf: Record<Kind, number> = { read: 0, write: 0, flush: 0, zero: 0, prefetch: 0, blockStatus: 0 };
 
   private call(kind: Kind, run: () => void): Promise<void> {
     this.calls[kind]++;
     this.inFlight++;
+    this.inFlightOf[kind]++;
+    this.peakOf[kind] = Math.max(this.peakOf[kind], this.inFlightOf[kind]);
+    this.onCall(kind);
     let started: Promise<unknown>;
     if (this.scheduler !== undefined) started = this.scheduler.schedule(Promise.resolve(), kind);
     else if (this.hold) started = new Promise<void>((resolve) => this.held.push(resolve));
     else started = Promise.resolve();
     return started.then(run).finally(() => {
       this.inFlight--;
+      this.inFlightOf[kind]--;
     });
   }
 
@@ -74,13 +86,17 @@ class ControlledIo implements VolumeIo {
   flush(): Promise<void> {
     return this.call('flush', () => undefined);
   }
-  zero(): Promise<void> {
+  zero(_v: Volume, offset: number, length: number): Promise<void> {
+    this.zeroed.push({ offset, length });
     return this.call('zero', () => undefined);
   }
   prefetch(): Promise<void> {
     return this.call('prefetch', () => undefined);
   }
   blockStatus(_v: Volume, _offset: number, length: number): Extent[] {
+    this.calls.blockStatus++;
+    this.statusAsked.push(length);
+    this.onCall('blockStatus');
     return [{ length, flags: 0 }];
   }
 }
@@ -120,15 +136,15 @@ interface Harness {
   address: { host: string; port: number };
   pool: PoolWatch;
   /** Connects and enters transmission; closed when the test ends. */
-  attach(options?: { structured?: boolean }): Promise<RawNbd>;
+  attach(options?: { structured?: boolean; meta?: string[] }): Promise<RawNbd>;
 }
 
 const DEFAULT_LIMITS: NbdLimits = { maxConnections: 32, handshakeTimeoutMs: 10_000, maxInFlight: 64, maxInFlightBytes: 4 * MiB, maxInFlightBytesTotal: 64 * MiB };
 
-async function harness(t: { after(fn: () => Promise<void>): void }, limits: Partial<NbdLimits> = {}): Promise<Harness> {
+async function harness(t: { after(fn: () => Promise<void>): void }, limits: Partial<NbdLimits> = {}, volumeSize = VOLUME_SIZE): Promise<Harness> {
   const dir = await mkdtemp(join(tmpdir(), 'memstrata-nbd-'));
   const volumes = new VolumeManager(dir);
-  await volumes.open(VOLUME_SIZE);
+  await volumes.open(volumeSize);
   const io = new ControlledIo();
   const service = new NbdService({ volumes, io, log: pino({ level: 'silent' }), limits: { ...DEFAULT_LIMITS, ...limits } });
   const pool = new PoolWatch(service);
@@ -282,6 +298,106 @@ test('the service budget bounds many connections together; an idle connection st
   await until(() => h.service.budget.bytes === 0, 'the budget to be given back');
 });
 
+// ---- what storage does for a request ----
+
+test('budget: a CACHE is charged for the buffer storage reads it through (up to 1 MiB), so pipelined CACHEs hold no more than the budget', async (t) => {
+  const h = await harness(t, { maxInFlightBytes: 4 * MiB });
+  h.io.hold = true;
+  const nbd = await h.attach();
+  for (let i = 0; i < 64; i++) nbd.request(CMD.CACHE, { offset: 0, length: 32 * MiB });
+  await settled(() => h.io.calls.prefetch);
+  // 4 MiB of budget at 1 MiB and a header each: three at once (a 512-byte charge let 64 in).
+  assert.equal(h.io.calls.prefetch, 3, `${h.io.calls.prefetch} CACHEs in storage at once`);
+  assert.equal(h.service.budget.bytes, 3 * (MiB + 512));
+  h.io.hold = false;
+  h.io.release();
+  const got = await replies(nbd, 64);
+  assert.ok(got.every((r) => r.error === 0));
+  await until(() => h.service.budget.bytes === 0, 'the budget to be given back');
+});
+
+test('budget: a TRIM or WRITE_ZEROES is charged for what storage keeps while zeroing (4 KiB per 64 KiB, for 1 MiB at most)', async (t) => {
+  const h = await harness(t, { maxInFlightBytes: MiB });
+  h.io.hold = true;
+  const nbd = await h.attach();
+  for (let i = 0; i < 32; i++) nbd.request(i % 2 === 0 ? CMD.TRIM : CMD.WRITE_ZEROES, { offset: i * MiB, length: MiB });
+  await settled(() => h.io.calls.zero);
+  // 1 MiB of budget at 64 KiB and a header each: fifteen at once (a 512-byte charge let all 32 in).
+  assert.equal(h.io.calls.zero, 15, `${h.io.calls.zero} zeroing requests in storage at once`);
+  assert.equal(h.service.budget.bytes, 15 * (64 * KiB + 512));
+  h.io.hold = false;
+  h.io.release();
+  const got = await replies(nbd, 32);
+  assert.ok(got.every((r) => r.error === 0));
+  await until(() => h.service.budget.bytes === 0, 'the budget to be given back');
+});
+
+test('zeroing: long TRIMs and WRITE_ZEROES go to storage in 64 MiB pieces, no more than ZERO_SLOTS pieces at once across all connections', async (t) => {
+  const h = await harness(t, {}, GiB);
+  h.io.hold = true;
+  const clients = [await h.attach(), await h.attach()];
+  for (const c of clients) for (let i = 0; i < 16; i++) c.request(i % 2 === 0 ? CMD.TRIM : CMD.WRITE_ZEROES, { offset: 0, length: GiB });
+  await settled(() => h.io.calls.zero);
+  // 32 requests in flight; their pieces wait for a slot (each took its first piece at once before).
+  assert.equal(h.io.inFlightOf.zero, ZERO_SLOTS, `${h.io.inFlightOf.zero} zeroing pieces in storage at once`);
+  h.io.hold = false;
+  h.io.release();
+  const got = await Promise.all(clients.map((c) => replies(c, 16)));
+  assert.ok(got.flat().every((r) => r.error === 0));
+  assert.equal(h.io.peakOf.zero, ZERO_SLOTS);
+  assert.equal(h.io.calls.zero, 32 * 16, 'each request in 16 pieces');
+  assert.ok(h.io.zeroed.every((z) => z.length === 64 * MiB && z.offset % (64 * MiB) === 0));
+  await until(() => h.service.budget.bytes === 0, 'the budget to be given back');
+});
+
+test('zeroing: the event loop turns between two pieces, so another client is answered while zeroing that needs no I/O goes on', async (t) => {
+  // Zeroing chunks that are zero already completes without I/O (storage answers in
+  // microtasks), as this io does: without a turn between pieces, 1024 of them would run
+  // back to back before any socket is read again.
+  const h = await harness(t, {}, 4 * GiB);
+  const hog = await h.attach();
+  const other = await h.attach();
+  const length = 4 * GiB - 64 * KiB;
+  let zeroedWhenRead = -1;
+  h.io.onCall = (kind) => {
+    if (kind === 'zero' && h.io.calls.zero === 10) other.request(CMD.READ, { offset: 0, length: 4096 });
+    if (kind === 'read') zeroedWhenRead = h.io.calls.zero;
+  };
+  for (let i = 0; i < 16; i++) hog.request(CMD.TRIM, { offset: 0, length });
+  const answer = await other.next();
+  assert.equal(answer.error, 0);
+  const total = 16 * Math.ceil(length / (64 * MiB));
+  t.diagnostic(`the other client's READ reached storage after ${zeroedWhenRead} of ${total} pieces`);
+  assert.ok(zeroedWhenRead > 0 && zeroedWhenRead < total / 2, `the other client's READ reached storage after ${zeroedWhenRead} of ${total} pieces`);
+  const got = await replies(hog, 16);
+  assert.ok(got.every((r) => r.error === 0));
+  assert.equal(h.io.calls.zero, total);
+});
+
+test('BLOCK_STATUS: storage is asked about 128 MiB at most, and each walk takes a turn of its own, so another client is answered meanwhile', async (t) => {
+  const h = await harness(t, {}, 4 * GiB);
+  const hog = await h.attach({ meta: ['base:allocation'] });
+  const other = await h.attach();
+  let walksWhenRead = -1;
+  h.io.onCall = (kind) => {
+    if (kind === 'blockStatus' && h.io.calls.blockStatus === 5) other.request(CMD.READ, { offset: 0, length: 4096 });
+    if (kind === 'read') walksWhenRead = h.io.calls.blockStatus;
+  };
+  for (let i = 0; i < 64; i++) hog.request(CMD.BLOCK_STATUS, { offset: i * MiB, length: GiB });
+  assert.equal((await other.next()).error, 0);
+  t.diagnostic(`the other client's READ reached storage after ${walksWhenRead} of 64 walks`);
+  assert.ok(walksWhenRead >= 5 && walksWhenRead < 32, `the other client's READ reached storage after ${walksWhenRead} of 64 walks`);
+  const got = await replies(hog, 64);
+  assert.ok(got.every((r) => r.error === 0));
+  assert.ok(h.io.statusAsked.every((length) => length === BLOCK_STATUS_SPAN), 'each walk covers 128 MiB');
+  assert.equal(BLOCK_STATUS_SPAN, 128 * MiB);
+  for (const r of got) {
+    // One descriptor (this io reports one): the reply covers the 128 MiB looked at.
+    const extents = r.chunks[0]?.payload;
+    assert.equal(extents?.readUInt32BE(4), 128 * MiB);
+  }
+});
+
 // ---- the end of a conversation ----
 
 type Op = { type: 'read' | 'write' | 'flush' | 'trim'; slot: number; size: number };
@@ -388,6 +504,88 @@ test('shutdown: requests in flight finish; those waiting and those sent afterwar
   assert.equal((await nbd.untilEnd()).length, 0);
   await closing;
   assert.equal(h.io.calls.read, 2, 'nothing new reached storage after the shutdown began');
+});
+
+test('shutdown: requests waiting for budget get ESHUTDOWN without waiting for it: a READ queued, a WRITE whose payload was not admitted (read and dropped), and what follows', async (t) => {
+  // Hogs that never read their replies hold the whole service budget; a 1 MiB READ and a
+  // 1 MiB WRITE of other clients wait for it, as long as the hogs like.
+  const h = await harness(t, { maxInFlightBytes: 8 * MiB, maxInFlightBytesTotal: 6 * MiB });
+  const hogs: RawNbd[] = [];
+  for (let c = 0; c < 6; c++) {
+    const hog = await h.attach();
+    hog.stopReading();
+    hogs.push(hog);
+    for (let i = 0; i < 16; i++) hog.request(CMD.READ, { offset: i * MiB, length: MiB });
+  }
+  await settled(() => h.io.calls.read);
+  const reads = h.io.calls.read;
+  const reader = await h.attach({ structured: true });
+  assert.equal((await reader.call(CMD.READ, { offset: 0, length: 4096 })).error, 0, 'a small READ goes through on the reserve');
+  const bigRead = reader.request(CMD.READ, { offset: MiB, length: MiB });
+  const writer = await h.attach();
+  const bigWrite = writer.request(CMD.WRITE, { offset: 0, data: Buffer.alloc(MiB, 7) });
+  const flush = writer.request(CMD.FLUSH);
+  await settled(() => h.service.flowStats.pausedNow);
+  assert.equal(h.io.calls.read, reads + 1, 'the 1 MiB READ waits');
+  assert.equal(h.io.calls.write, 0, 'the WRITE waits');
+
+  const closing = h.service.close();
+  const read = await reader.next();
+  assert.deepEqual([read.cookie, read.error], [bigRead, ERRNO.ESHUTDOWN]);
+  assert.equal((await reader.untilEnd()).length, 0, 'then the connection ends cleanly');
+  const written = await replies(writer, 2);
+  assert.deepEqual(written.map((r) => [r.cookie, r.error]), [[bigWrite, ERRNO.ESHUTDOWN], [flush, ERRNO.ESHUTDOWN]]);
+  assert.equal((await writer.untilEnd()).length, 0);
+  assert.equal(h.io.calls.write, 0, 'the refused WRITE never reached storage');
+  assert.equal(h.io.calls.read, reads + 1);
+  // The hogs' replies never drain: they are cut at the deadline, or when they go.
+  for (const hog of hogs) hog.destroy();
+  await closing;
+});
+
+test('shutdown: a long TRIM stops between two 64 MiB pieces with ESHUTDOWN', async (t) => {
+  const h = await harness(t, {}, GiB);
+  h.io.hold = true;
+  const nbd = await h.attach();
+  const trim = nbd.request(CMD.TRIM, { offset: 0, length: GiB });
+  await until(() => h.io.calls.zero === 1, 'the first piece in storage');
+  const closing = h.service.close();
+  h.io.hold = false;
+  h.io.release();
+  const reply = await nbd.next();
+  assert.deepEqual([reply.cookie, reply.error], [trim, ERRNO.ESHUTDOWN]);
+  assert.equal(h.io.calls.zero, 1, 'no piece started after the shutdown began');
+  assert.equal((await nbd.untilEnd()).length, 0);
+  await closing;
+});
+
+test('shutdown: NBD_OPT_EXPORT_NAME, which has no error reply, terminates the session instead of getting an option reply', async (t) => {
+  const h = await harness(t);
+  const client = await RawNbd.open(h.address);
+  t.after(async () => client.destroy());
+  await client.greet();
+  const closing = h.service.close();
+  // LIST shows the node still reads this connection; EXPORT_NAME comes in the same segment.
+  client.socket.write(Buffer.concat([optionBytes(OPT.LIST), optionBytes(OPT.EXPORT_NAME)]));
+  assert.equal((await client.reply()).type, REP.ERR_SHUTDOWN);
+  const rest = await client.untilEnd();
+  assert.equal(rest.length, 0, `${rest.length} bytes sent after NBD_OPT_EXPORT_NAME`);
+  await closing;
+  assert.equal(h.service.stats.handshakes, 0);
+});
+
+test('unknown client flags: the connection is dropped, and an EXPORT_NAME and a WRITE sent in the same segment are not acted on', async (t) => {
+  const h = await harness(t);
+  const client = await RawNbd.open(h.address);
+  t.after(async () => client.destroy());
+  await client.read(18);
+  const flags = Buffer.alloc(4);
+  flags.writeUInt32BE(3 | 0x80, 0);
+  client.socket.write(Buffer.concat([flags, optionBytes(OPT.EXPORT_NAME), requestBytes(CMD.WRITE, { cookie: 1n, offset: 0, data: Buffer.alloc(4096, 0xee) }), requestBytes(CMD.FLUSH, { cookie: 2n })]));
+  assert.equal((await client.untilEnd()).length, 0, 'nothing is answered');
+  await until(() => h.service.connectionCount === 0, 'the connection to close');
+  assert.equal(h.service.stats.handshakes, 0, 'the client never entered transmission');
+  assert.deepEqual([h.io.calls.write, h.io.calls.flush], [0, 0]);
 });
 
 test('errnoOf: EDQUOT and EFBIG map to ENOSPC (proto.md, Error values), other storage failures to EIO', () => {

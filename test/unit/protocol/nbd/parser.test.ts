@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { NbdServerParser, type NbdRequest } from '../../../../src/protocol/nbd/parser.js';
 import { decodeInfoRequest, decodeMetaContextRequest } from '../../../../src/protocol/nbd/codec.js';
-import { CMD, IHAVEOPT, OPT, REQUEST_MAGIC } from '../../../../src/protocol/nbd/spec.js';
+import { CMD, IHAVEOPT, MAX_OPTION_LENGTH, OPT, REQUEST_MAGIC } from '../../../../src/protocol/nbd/spec.js';
 
 function option(opt: number, data: Buffer = Buffer.alloc(0)): Buffer {
   const head = Buffer.alloc(16);
@@ -52,6 +52,10 @@ function session() {
       events.push(`option ${opt} ${data.length}`);
       if (opt === OPT.GO) parser.startTransmission();
       else parser.resume();
+    },
+    onOversizedOption: (opt, length) => {
+      events.push(`oversized ${opt} ${length}`);
+      parser.resume();
     },
     onRequest: (r) => {
       if (r.type !== CMD.WRITE) record(r);
@@ -108,6 +112,7 @@ test('bytes sent before an option is answered wait for the answer', () => {
   const parser = new NbdServerParser({
     onClientFlags: () => events.push('flags'),
     onOption: (opt) => events.push(`option ${opt}`),
+    onOversizedOption: (opt) => events.push(`oversized ${opt}`),
     onRequest: (r) => events.push(`request ${r.type}`),
     onPayload: () => events.push('payload'),
     onFatal: (e) => events.push(`fatal ${e.message}`),
@@ -118,7 +123,7 @@ test('bytes sent before an option is answered wait for the answer', () => {
   assert.deepEqual(events, ['flags', `option ${OPT.GO}`, 'request 0']);
 });
 
-test('garbage is fatal once: a wrong option magic, a wrong request magic, an oversized WRITE or option', () => {
+test('garbage is fatal once: a wrong option magic, a wrong request magic, an oversized WRITE', () => {
   const badOption = session();
   badOption.parser.feed(Buffer.concat([flags, Buffer.from('GET / HTTP/1.1\r\nHost: x\r\n\r\n')]));
   assert.deepEqual(badOption.events, ['flags 3', 'fatal option does not start with IHAVEOPT']);
@@ -131,12 +136,35 @@ test('garbage is fatal once: a wrong option magic, a wrong request magic, an ove
   const hugeWrite = session();
   hugeWrite.parser.feed(Buffer.concat([flags, option(OPT.GO, goPayload('')), request(CMD.WRITE, 0, 64 * 1024 * 1024, 1)]));
   assert.match(hugeWrite.events.at(-1)!, /^fatal WRITE of 67108864 bytes/);
+});
 
-  const hugeOption = session();
-  const head = option(OPT.LIST);
-  head.writeUInt32BE(1 << 30, 12);
-  hugeOption.parser.feed(Buffer.concat([flags, head]));
-  assert.match(hugeOption.events.at(-1)!, /^fatal option payload of 1073741824 bytes/);
+test('an option longer than MAX_OPTION_LENGTH is reported at its header and its payload dropped, split anywhere; the next option parses', () => {
+  const big = Buffer.alloc(MAX_OPTION_LENGTH + 5, 0xab);
+  const input = Buffer.concat([flags, option(OPT.LIST, big), option(OPT.GO, goPayload('vol')), request(CMD.READ, 0, 512, 1)]);
+  const whole = session();
+  whole.parser.feed(input);
+  assert.deepEqual(whole.events, ['flags 3', `oversized ${OPT.LIST} ${big.length}`, `option ${OPT.GO} 9`, 'request 0 0 512']);
+  fc.assert(
+    fc.property(fc.array(fc.integer({ min: 1, max: input.length - 1 }), { maxLength: 6 }), (cuts) => {
+      const s = session();
+      let from = 0;
+      for (const at of [...new Set(cuts)].sort((a, b) => a - b)) {
+        s.parser.feed(Buffer.from(input.subarray(from, at)));
+        from = at;
+      }
+      s.parser.feed(Buffer.from(input.subarray(from)));
+      assert.deepEqual(s.events, whole.events);
+    }),
+    { numRuns: 100 },
+  );
+  // A header declaring 4 GiB: nothing is kept of what follows, however much comes.
+  const huge = session();
+  const head = option(OPT.INFO);
+  head.writeUInt32BE(0xffffffff, 12);
+  huge.parser.feed(Buffer.concat([flags, head]));
+  for (let i = 0; i < 64; i++) huge.parser.feed(Buffer.alloc(65536, 7));
+  assert.deepEqual(huge.events, ['flags 3', `oversized ${OPT.INFO} 4294967295`]);
+  assert.equal(huge.parser.atBoundary, false);
 });
 
 test('fuzz: random bytes after the flags never throw out of the parser', () => {
@@ -172,6 +200,7 @@ function holdingSession() {
   const parser: NbdServerParser = new NbdServerParser({
     onClientFlags: () => undefined,
     onOption: () => parser.startTransmission(),
+    onOversizedOption: () => assert.fail('oversized'),
     onRequest: (r) => {
       events.push(`header ${r.type} ${r.cookie.lo}`);
       parser.hold();
@@ -249,6 +278,7 @@ test('a WRITE payload never shares memory with the chunk it came in', () => {
   const parser: NbdServerParser = new NbdServerParser({
     onClientFlags: () => undefined,
     onOption: () => parser.startTransmission(),
+    onOversizedOption: () => assert.fail('oversized'),
     onRequest: () => undefined,
     onPayload: (r) => seen.push(r.data),
     onFatal: () => assert.fail('fatal'),
@@ -263,6 +293,7 @@ test('release from inside a callback carries on in the same pass; stop() ignores
   const parser: NbdServerParser = new NbdServerParser({
     onClientFlags: () => undefined,
     onOption: () => parser.startTransmission(),
+    onOversizedOption: () => assert.fail('oversized'),
     onRequest: (r) => {
       events.push(`header ${r.cookie.lo}`);
       parser.hold();
@@ -275,4 +306,39 @@ test('release from inside a callback carries on in the same pass; stop() ignores
   parser.feed(Buffer.concat([transmission, request(CMD.READ, 0, 1, 1), request(CMD.DISC, 0, 0, 2), request(CMD.READ, 0, 1, 3)]));
   parser.feed(Buffer.alloc(40, 0xee));
   assert.deepEqual(events, ['header 1', 'header 2']);
+});
+
+test('discardPayload: a refused WRITE has its payload read and dropped, then is reported with empty data; what follows parses', () => {
+  const events: string[] = [];
+  const allocated: number[] = [];
+  const parser: NbdServerParser = new NbdServerParser({
+    onClientFlags: () => undefined,
+    onOption: () => parser.startTransmission(),
+    onOversizedOption: () => assert.fail('oversized'),
+    onRequest: (r) => {
+      events.push(`header ${r.cookie.lo}`);
+      if (r.cookie.lo === 1) parser.discardPayload();
+      if (r.cookie.lo === 3) parser.hold();
+    },
+    onPayload: (r) => events.push(`payload ${r.cookie.lo} ${r.data.length}`),
+    onFatal: (e) => events.push(`fatal ${e.message}`),
+    allocate: (length) => {
+      allocated.push(length);
+      return Buffer.alloc(length);
+    },
+  });
+  parser.feed(transmission);
+  const refused = request(CMD.WRITE, 0, 100_000, 1, Buffer.alloc(100_000, 1));
+  parser.feed(refused.subarray(0, 5000));
+  assert.deepEqual(events, ['header 1']);
+  parser.feed(refused.subarray(5000));
+  assert.deepEqual(events, ['header 1', 'payload 1 0']);
+  parser.feed(Buffer.concat([request(CMD.WRITE, 0, 3, 2, Buffer.from('abc')), request(CMD.WRITE, 0, 2, 3, Buffer.from('de'))]));
+  assert.deepEqual(events, ['header 1', 'payload 1 0', 'header 2', 'payload 2 3', 'header 3']);
+  // Held at a WRITE header, the session may still refuse it before releasing.
+  parser.discardPayload();
+  parser.release();
+  assert.deepEqual(events, ['header 1', 'payload 1 0', 'header 2', 'payload 2 3', 'header 3', 'payload 3 0']);
+  assert.deepEqual(allocated, [3], 'no buffer for a dropped payload');
+  assert.ok(parser.atBoundary);
 });
