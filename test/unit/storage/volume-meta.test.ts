@@ -125,7 +125,7 @@ test('create and resize replace the metadata durably: fsync of the file before t
   const manager = new VolumeManager(dataDir, { fs });
   await manager.open(4 * MiB);
   t.after(() => manager.close());
-  const durable = (name: string) => [`open ${name}.json.tmp w`, `write ${name}.json.tmp`, `sync ${name}.json.tmp`, `close ${name}.json.tmp`, `rename ${name}.json.tmp ${name}.json`, 'open . r', 'sync .', 'close .'];
+  const durable = (name: string) => [`rm ${name}.json.tmp`, `open ${name}.json.tmp WRONLY|CREAT|EXCL|NOFOLLOW`, `write ${name}.json.tmp`, `sync ${name}.json.tmp`, `close ${name}.json.tmp`, `rename ${name}.json.tmp ${name}.json`, 'open . r', 'sync .', 'close .'];
   assert.deepEqual(fs.calls, durable('default'));
   fs.calls.length = 0;
   await manager.create('vm1', 4 * MiB, false);
