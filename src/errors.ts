@@ -79,6 +79,7 @@ export const ERRORS = {
   MS_LISTEN_FAILED: { category: 'network', status: 500, summary: 'a service could not listen on its configured address' },
   MS_DATA_DIR: { category: 'storage', status: 500, summary: 'the data directory cannot be created, read or written' },
   MS_META_INVALID: { category: 'storage', status: 500, summary: 'a volume or NVRAM metadata file is malformed or fails validation; the message names the file and the field' },
+  MS_NODE_ID_INVALID: { category: 'storage', status: 500, summary: 'the node-id file in the data directory does not hold a valid node id, or is not a regular file; the node does not start' },
   MS_FLASH_SIZE: { category: 'storage', status: 500, summary: 'the flash file is larger than the configured flash size; shrinking it would lose data' },
   MS_MEDIUM_IO: { category: 'storage', status: 500, summary: 'a read or write on a medium failed' },
 } as const satisfies Record<string, { category: Category; status: number; summary: string }>;

@@ -133,8 +133,8 @@ function intLeaf(min: number, max: number) {
 const PATH_FORM = 'a non-empty file system path';
 const pathLeaf = leaf<string>(PATH_FORM, (v) => (typeof v === 'string' && v.trim() !== '' ? v : undefined));
 
-const NODE_ID_FORM = '1 to 64 letters, digits, ".", "_" or "-", starting with a letter or digit';
-const NODE_ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+export const NODE_ID_FORM = '1 to 64 letters, digits, ".", "_" or "-", starting with a letter or digit';
+export const NODE_ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const nodeIdLeaf = leaf<string>(NODE_ID_FORM, (v) => (typeof v === 'string' && NODE_ID_PATTERN.test(v) ? v : undefined));
 
 function enumLeaf<const T extends readonly string[]>(values: T) {
