@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { copyFile, mkdir, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import pino from 'pino';
-import { readVolumeMeta } from '../../../src/storage/volume-meta.js';
+import { MAX_VOLUME_SIZE, readVolumeMeta } from '../../../src/storage/volume-meta.js';
 import { VolumeManager } from '../../../src/storage/volume-manager.js';
 import { recordingFs } from '../../support/recording-fs.js';
 import { tempDir } from '../../support/node-process.js';
@@ -149,4 +149,25 @@ test('a create whose metadata cannot be written fails with MS_DATA_DIR and leave
   assert.equal(manager.find('vm1'), undefined);
   await manager.create('vm1', 4 * MiB, false);
   assert.deepEqual(manager.list().map((v) => v.name), ['default', 'vm1'], 'the name is free again');
+});
+
+test('volume sizes stop at 16 TiB: a larger create is refused, a larger metadata size sets the volume aside', async (t) => {
+  // Review finding: 1 PiB was accepted, more than the design handles (its zero map alone is 2 GiB).
+  assert.equal(MAX_VOLUME_SIZE, 16 * 1024 * 1024 * MiB);
+  const dataDir = await tempDir(t);
+  const manager = new VolumeManager(dataDir);
+  await manager.open(4 * MiB);
+  await assert.rejects(manager.create('big', MAX_VOLUME_SIZE + 4096, false), (error: { code?: string; message: string }) => {
+    assert.equal(error.code, 'MS_VOLUME_INVALID');
+    assert.match(error.message, /up to 16TiB/);
+    return true;
+  });
+  await manager.create('vm1', 4 * MiB, false);
+  await manager.close();
+  const path = join(dataDir, 'volumes', 'vm1.json');
+  await writeFile(path, JSON.stringify({ ...(JSON.parse(await readFile(path, 'utf8')) as object), size: 2 ** 50 }));
+  const again = new VolumeManager(dataDir);
+  await again.open(4 * MiB);
+  t.after(() => again.close());
+  assert.deepEqual(again.damaged().map((d) => [d.name, d.error.code, d.error.details?.field]), [['vm1', 'MS_META_INVALID', 'size']]);
 });
