@@ -295,7 +295,7 @@ export class AdminServer {
       allocation: allocationJson(context.allocation, context.partition),
     }));
 
-    app.get('/v1/volumes', (): VolumesJson => ({ volumes: context.volumes.list().map((v) => v.info()), damaged: context.volumes.damaged() }));
+    app.get('/v1/volumes', (): VolumesJson => ({ volumes: context.volumes.list().map((v) => v.info()), damaged: context.volumes.damaged(), orphans: context.volumes.orphans() }));
 
     app.post('/v1/volumes', async (request, reply): Promise<VolumeJson> => {
       const { name, size, readOnly, writeLog } = parseBody(volumeBody, request.body, 'volume');

@@ -233,7 +233,7 @@ export class StorageNode {
           nvram: () => this.nvram.list(),
           mirror: () => this.mirroring?.info(),
           admin: () => this.admin?.stats,
-          damaged: () => ({ volumes: this.volumes.damaged().length, nvram: this.nvram.damaged().length }),
+          damaged: () => ({ volumes: this.volumes.damaged().length, nvram: this.nvram.damaged().length, orphans: this.volumes.orphans().length }),
         });
         const admin = new AdminServer({
           info: () => this.info(),
@@ -319,6 +319,7 @@ export class StorageNode {
       cache: this.cache?.stats() ?? null,
       nvram: this.nvram.list(),
       damaged: { volumes: this.volumes.damaged(), nvram: this.nvram.damaged() },
+      orphans: this.volumes.orphans(),
       mirror: this.mirroring?.info() ?? {
         partner: null,
         partnerNode: null,
