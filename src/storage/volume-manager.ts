@@ -24,11 +24,17 @@
 // orphans() (volume list, status) for as long as it stays in the directory, and the
 // name is free again, so a crash in the middle of creating `default` cannot keep the
 // node from starting.
+//
+// Size: the data file's length is the volume's size. A resize truncates the file first
+// and writes the metadata last, so after a crash in between the two disagree; the file
+// wins, the metadata is rewritten durably, and the log says so at warn. A data file whose
+// length is no volume size (zero, not whole 4 KiB pages, over MAX_VOLUME_SIZE), or that
+// is not a regular file, sets the volume aside as damaged.
 
 import { lstat, mkdir, readdir, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { MisuseError, RuntimeError, StorageError, toMemstrataError, type MemstrataError } from '../errors.js';
-import { syncDirectory, type MetaFs } from '../fs/meta-file.js';
+import { metaInvalid, syncDirectory, type MetaFs } from '../fs/meta-file.js';
 import type { Logger } from '../logger.js';
 import { formatSize } from '../units.js';
 import { DataStore } from './data-store.js';
@@ -153,12 +159,35 @@ export class VolumeManager {
     if (!this.volumes.has(DEFAULT_VOLUME) && !this.damagedVolumes.has(DEFAULT_VOLUME)) await this.create(DEFAULT_VOLUME, defaultSize, false);
   }
 
-  /** Loads one volume from its metadata and its data store. */
+  /**
+   * Loads one volume. The data file must be a regular file (and the zero map, if any),
+   * and its length is the size: a metadata size that disagrees (a resize cut short) is
+   * rewritten to match.
+   */
   private async load(name: string): Promise<Volume> {
     const meta = await readVolumeMeta(this.dir, name, this.fs);
-    const store = new DataStore(join(this.dir, `${name}.img`), meta.size);
+    const img = join(this.dir, `${name}.img`);
+    const fileSize = await regularFileSize(img, 'data file', false);
+    await regularFileSize(join(this.dir, `${name}.zmap`), 'zero map', true);
+    const path = volumeMetaPath(this.dir, name);
+    if (fileSize !== meta.size && !validSize(fileSize)) {
+      throw metaInvalid(path, 'volume metadata', 'size', `field size: ${meta.size} bytes, but the data file ${img} holds ${fileSize} bytes, which is no volume size (${SIZE_FORM}); the two cannot be reconciled`);
+    }
+    const store = new DataStore(img, fileSize);
     await store.open(false);
-    return new Volume(name, meta.readOnly, meta.createdAt, store, meta.writeLog);
+    const volume = new Volume(name, meta.readOnly, meta.createdAt, store, meta.writeLog);
+    if (fileSize === meta.size) return volume;
+    this.log?.warn(
+      { volume: name, file: path, field: 'size', metaSize: meta.size, fileSize },
+      `volume ${name}: field size of ${path} is ${meta.size} bytes but its data file ${img} holds ${fileSize} (a resize cut short by a crash); serving ${fileSize} bytes and rewriting the metadata`,
+    );
+    try {
+      await this.writeMeta(volume);
+    } catch (error) {
+      await store.close().catch(() => undefined);
+      throw error;
+    }
+    return volume;
   }
 
   /**
@@ -307,12 +336,14 @@ function checkName(name: string): void {
   if (!NAME_PATTERN.test(name)) throw new MisuseError('MS_VOLUME_INVALID', `invalid volume name "${name}": expected ${VOLUME_NAME_FORM}`, { details: { name } });
 }
 
+const SIZE_FORM = `a positive multiple of ${SECTOR} bytes up to ${formatSize(MAX_VOLUME_SIZE)}`;
+
+function validSize(size: number): boolean {
+  return Number.isSafeInteger(size) && size > 0 && size % SECTOR === 0 && size <= MAX_VOLUME_SIZE;
+}
+
 function checkSize(size: number): void {
-  if (!Number.isSafeInteger(size) || size <= 0 || size % SECTOR !== 0 || size > MAX_VOLUME_SIZE) {
-    throw new MisuseError('MS_VOLUME_INVALID', `invalid volume size ${size}: expected a positive multiple of ${SECTOR} bytes up to ${formatSize(MAX_VOLUME_SIZE)}`, {
-      details: { size },
-    });
-  }
+  if (!validSize(size)) throw new MisuseError('MS_VOLUME_INVALID', `invalid volume size ${size}: expected ${SIZE_FORM}`, { details: { size } });
 }
 
 async function exists(path: string): Promise<boolean> {
@@ -323,4 +354,23 @@ async function exists(path: string): Promise<boolean> {
     if ((error as NodeJS.ErrnoException).code === 'ENOENT') return false;
     throw new StorageError('MS_DATA_DIR', `cannot look at ${path}: ${(error as Error).message}`, { cause: error, details: { file: path } });
   }
+}
+
+/**
+ * The length of a volume file, which must be a regular file: a FIFO would hang the
+ * open, a symlink would lead out of the directory. `optional`: an absent file is fine
+ * (undefined).
+ */
+async function regularFileSize(path: string, what: string, optional: true): Promise<number | undefined>;
+async function regularFileSize(path: string, what: string, optional: false): Promise<number>;
+async function regularFileSize(path: string, what: string, optional: boolean): Promise<number | undefined> {
+  let stats;
+  try {
+    stats = await lstat(path);
+  } catch (error) {
+    if (optional && (error as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw new StorageError('MS_DATA_DIR', `cannot open volume ${what} ${path}: ${(error as Error).message}`, { cause: error, details: { file: path } });
+  }
+  if (!stats.isFile()) throw new StorageError('MS_DATA_DIR', `volume ${what} ${path} is not a regular file (${stats.isSymbolicLink() ? 'a symbolic link' : stats.isDirectory() ? 'a directory' : stats.isFIFO() ? 'a FIFO' : 'a device or socket'}); it is not opened`, { details: { file: path } });
+  return stats.size;
 }
