@@ -12,6 +12,10 @@
 //     read, so unknown routes (404) and bodies are refused alike and reveal nothing;
 //   - a refusal is 401 MS_ADMIN_UNAUTHORIZED with WWW-Authenticate, and `Connection:
 //     close`, so a refused client cannot stream a body into the node;
+//   - the framework's own refusals (a URL that does not decode, a path parameter over
+//     fastify's length limit) come before routing, so fastify answers them before any
+//     hook: they go through the same check first (frameworkErrors), so a stranger gets
+//     401 whether the route exists or not, and the rest get the coded error shape;
 //   - without a token the API is open; config.ts allows that only on a loopback address.
 //
 // What one client may cost (hostile clients):
@@ -160,6 +164,9 @@ export class AdminServer {
       clientErrorHandler: (error, socket) => {
         this.clientError(error, socket);
       },
+      frameworkErrors: (error, request, reply) => {
+        this.frameworkError(error, request, reply);
+      },
     });
     const server = this.app.server;
     server.maxConnections = options.maxConnections;
@@ -207,11 +214,11 @@ export class AdminServer {
 
   /**
    * Lets the request through, or answers 401 and returns false. Public routes are told
-   * by the route that matched (never by the raw URL, which a client can dress up).
+   * by the route that matched (never by the raw URL, which a client can dress up);
+   * undefined when none did.
    */
-  private authorized(request: FastifyRequest, reply: FastifyReply): boolean {
+  private authorized(request: FastifyRequest, reply: FastifyReply, route: string | undefined): boolean {
     if (this.auth === undefined) return true;
-    const route = request.routeOptions.url;
     if (route !== undefined && this.publicRoutes.has(route)) return true;
     const verdict = this.auth.check(request.headers.authorization);
     if (verdict === 'ok') return true;
@@ -240,6 +247,23 @@ export class AdminServer {
     this.authFailuresUnlogged = 0;
   }
 
+  /**
+   * What fastify's router refuses before any hook: a URL that does not decode, a path
+   * parameter over its length limit. No route matched, so the token is required first;
+   * then the refusal in the coded shape, without echoing the URL.
+   */
+  private frameworkError(error: FastifyError, request: FastifyRequest, reply: FastifyReply): void {
+    if (!this.authorized(request, reply, undefined)) return;
+    const coded =
+      error.code === 'FST_ERR_BAD_URL'
+        ? new MisuseError('MS_BAD_REQUEST', 'the request URL is not valid (a malformed percent-encoding)')
+        : error.code === 'FST_ERR_MAX_PARAM_LENGTH'
+          ? new MisuseError('MS_BAD_REQUEST', 'a name in the request URL is too long (names are at most 64 characters)')
+          : toMemstrataError(error);
+    if (coded.status >= 500) this.context.log.error({ err: error }, 'admin request failed in routing');
+    void reply.code(coded.status).send(errorBody(coded));
+  }
+
   /** Errors Node's HTTP parser raises before fastify sees a request: timeouts, malformed or oversized headers. */
   private clientError(error: Error & { code?: string }, socket: Socket): void {
     if (error.code === 'ECONNRESET' || socket.destroyed) return;
@@ -259,7 +283,7 @@ export class AdminServer {
     const { app, context } = this;
 
     app.addHook('onRequest', (request, reply, done) => {
-      if (this.authorized(request, reply)) done();
+      if (this.authorized(request, reply, request.routeOptions.url)) done();
     });
 
     app.setErrorHandler((error: FastifyError, request, reply) => {
