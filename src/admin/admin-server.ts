@@ -16,6 +16,9 @@
 //     fastify's length limit) come before routing, so fastify answers them before any
 //     hook: they go through the same check first (frameworkErrors), so a stranger gets
 //     401 whether the route exists or not, and the rest get the coded error shape;
+//   - `Expect: 100-continue`: Node would answer "100 Continue" by itself before any of
+//     this runs, inviting the body; only a client with the token is told to go on
+//     (checkContinue), the others get the 401 without it;
 //   - without a token the API is open; config.ts allows that only on a loopback address.
 //
 // What one client may cost (hostile clients):
@@ -32,6 +35,7 @@
 // So the service's memory is bounded by about maxConnections x (16 KiB + bodyLimit).
 
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import { z } from 'zod';
 import { MisuseError, NetworkError, isMemstrataError, toMemstrataError, type MemstrataError } from '../errors.js';
@@ -169,6 +173,11 @@ export class AdminServer {
       },
     });
     const server = this.app.server;
+    server.on('checkContinue', (request: IncomingMessage, response: ServerResponse) => {
+      if (this.auth === undefined || this.auth.check(request.headers.authorization) === 'ok') response.writeContinue();
+      // Handled here, so Node no longer passes the request on by itself.
+      server.emit('request', request, response);
+    });
     server.maxConnections = options.maxConnections;
     server.on('drop', () => {
       this.stats.refusedMaxConnections++;

@@ -6,6 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { request as httpRequest } from 'node:http';
+import { connect } from 'node:net';
 import pino from 'pino';
 import { AdminServer, type AdminContext, type AdminServerOptions, type AdminStats } from '../../../src/admin/admin-server.js';
 import { NodeMetrics } from '../../../src/admin/metrics.js';
@@ -196,4 +197,38 @@ test('the router\'s own refusals (a URL that does not decode, a long name) need 
   }
   assert.deepEqual(reached, [], 'no handler ran');
   assert.ok(server.stats.authFailures >= paths.length);
+});
+
+/** Sends raw bytes and resolves with the first status line the server sends back. */
+function firstStatusLine(port: number, bytes: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const socket = connect({ host: '127.0.0.1', port }, () => socket.write(bytes));
+    let text = '';
+    socket.setEncoding('latin1');
+    socket.on('data', (chunk: string) => {
+      text += chunk;
+      const end = text.indexOf('\r\n');
+      if (end >= 0) {
+        socket.destroy();
+        resolve(text.slice(0, end));
+      }
+    });
+    socket.on('error', reject);
+    socket.on('close', () => resolve(text));
+  });
+}
+
+test('Expect: 100-continue: only a client with the token is told to send its body', async (t) => {
+  // Review finding: Node answered "100 Continue" to an unauthenticated POST before the 401.
+  const reached: string[] = [];
+  const { port } = await started(t, OPTIONS, reached);
+  const request = (auth: string) =>
+    `POST /v1/partition/resize HTTP/1.1\r\nHost: x\r\n${auth}Content-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: 50\r\n\r\n`;
+  assert.match(await firstStatusLine(port, request('')), /^HTTP\/1\.1 401 /);
+  assert.match(await firstStatusLine(port, request('Authorization: Bearer not-the-token-at-all\r\n')), /^HTTP\/1\.1 401 /);
+  assert.match(await firstStatusLine(port, request(`Authorization: Bearer ${TOKEN}\r\n`)), /^HTTP\/1\.1 100 Continue/);
+  assert.deepEqual(reached, []);
+
+  const open = await started(t, { ...OPTIONS, token: undefined }, []);
+  assert.match(await firstStatusLine(open.port, request('')), /^HTTP\/1\.1 100 Continue/, 'without a token configured, everyone may go on');
 });
