@@ -79,7 +79,7 @@ export const ERRORS = {
   MS_ADMIN_RESPONSE: { category: 'network', status: 502, summary: 'the admin API answered with something that is not a valid response' },
   MS_LISTEN_FAILED: { category: 'network', status: 500, summary: 'a service could not listen on its configured address' },
   MS_DATA_DIR: { category: 'storage', status: 500, summary: 'the data directory cannot be created, read or written' },
-  MS_META_INVALID: { category: 'storage', status: 500, summary: 'a volume or NVRAM metadata file is malformed or fails validation; the message names the file and the field' },
+  MS_META_INVALID: { category: 'storage', status: 500, summary: 'a volume or NVRAM metadata file is malformed, fails validation, is not a regular file or is larger than 64 KiB; the message names the file and the field' },
   MS_NODE_ID_INVALID: { category: 'storage', status: 500, summary: 'the node-id file in the data directory does not hold a valid node id, or is not a regular file; the node does not start' },
   MS_FLASH_SIZE: { category: 'storage', status: 500, summary: 'the flash file is larger than the configured flash size; shrinking it would lose data' },
   MS_MEDIUM_IO: { category: 'storage', status: 500, summary: 'a read or write on a medium failed' },
