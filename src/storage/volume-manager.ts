@@ -155,7 +155,13 @@ export class VolumeManager {
       this.log?.warn({ files: [...this.orphanFiles.keys()] }, `${this.orphanFiles.size} volume file(s) set aside earlier without metadata are still in ${this.dir}; remove them once they are not needed`);
     }
     const orphaned = new Set(entries.flatMap((f) => DATA_SUFFIXES.filter((suffix) => f.endsWith(suffix)).map((suffix) => f.slice(0, -suffix.length))).filter((name) => !metaNames.has(name)));
-    for (const name of orphaned) await this.moveOrphansAside(name);
+    for (const name of orphaned) {
+      // One file that cannot be moved keeps its name blocked (a create of it retries),
+      // not the node from starting.
+      await this.moveOrphansAside(name).catch((error: unknown) => {
+        this.log?.error({ volume: name, err: error }, `volume files of ${name} without metadata could not be moved aside: ${(error as Error).message}`);
+      });
+    }
     if (!this.volumes.has(DEFAULT_VOLUME) && !this.damagedVolumes.has(DEFAULT_VOLUME)) await this.create(DEFAULT_VOLUME, defaultSize, false);
   }
 
