@@ -15,6 +15,7 @@ export const ERRORS = {
   MS_BAD_REQUEST: { category: 'misuse', status: 400, summary: 'an admin API request body or query is invalid' },
   MS_NOT_FOUND: { category: 'misuse', status: 404, summary: 'the admin API has no such route' },
   MS_ADMIN_UNAUTHORIZED: { category: 'misuse', status: 401, summary: 'the admin API requires Authorization: Bearer <admin.token>; the token was missing or wrong' },
+  MS_ADMIN_TOKEN_INVALID: { category: 'misuse', status: 400, summary: 'the admin token given to the CLI or AdminClient is not visible ASCII without spaces, so it cannot be sent; it is not shown' },
   MS_ADMIN_BODY_TOO_LARGE: { category: 'misuse', status: 413, summary: 'an admin API request body is larger than admin.bodyLimit' },
   MS_ADMIN_REQUEST_TIMEOUT: { category: 'misuse', status: 408, summary: 'an admin client did not send its request headers within admin.headersTimeout, or the whole request within admin.requestTimeout; the connection is closed' },
   MS_MEDIUM_RANGE: { category: 'misuse', status: 400, summary: 'an I/O request lies outside the capacity of a medium' },
@@ -79,7 +80,8 @@ export const ERRORS = {
   MS_ADMIN_RESPONSE: { category: 'network', status: 502, summary: 'the admin API answered with something that is not a valid response' },
   MS_LISTEN_FAILED: { category: 'network', status: 500, summary: 'a service could not listen on its configured address' },
   MS_DATA_DIR: { category: 'storage', status: 500, summary: 'the data directory cannot be created, read or written' },
-  MS_META_INVALID: { category: 'storage', status: 500, summary: 'a volume or NVRAM metadata file is malformed or fails validation; the message names the file and the field' },
+  MS_META_INVALID: { category: 'storage', status: 500, summary: 'a volume or NVRAM metadata file is malformed, fails validation, is not a regular file or is larger than 64 KiB; the message names the file and the field' },
+  MS_NODE_ID_INVALID: { category: 'storage', status: 500, summary: 'the node-id file in the data directory does not hold a valid node id, or is not a regular file; the node does not start' },
   MS_FLASH_SIZE: { category: 'storage', status: 500, summary: 'the flash file is larger than the configured flash size; shrinking it would lose data' },
   MS_MEDIUM_IO: { category: 'storage', status: 500, summary: 'a read or write on a medium failed' },
 } as const satisfies Record<string, { category: Category; status: number; summary: string }>;

@@ -12,6 +12,13 @@
 //     read, so unknown routes (404) and bodies are refused alike and reveal nothing;
 //   - a refusal is 401 MS_ADMIN_UNAUTHORIZED with WWW-Authenticate, and `Connection:
 //     close`, so a refused client cannot stream a body into the node;
+//   - the framework's own refusals (a URL that does not decode, a path parameter over
+//     fastify's length limit) come before routing, so fastify answers them before any
+//     hook: they go through the same check first (frameworkErrors), so a stranger gets
+//     401 whether the route exists or not, and the rest get the coded error shape;
+//   - `Expect: 100-continue`: Node would answer "100 Continue" by itself before any of
+//     this runs, inviting the body; only a client with the token is told to go on
+//     (checkContinue), the others get the 401 without it;
 //   - without a token the API is open; config.ts allows that only on a loopback address.
 //
 // What one client may cost (hostile clients):
@@ -28,6 +35,7 @@
 // So the service's memory is bounded by about maxConnections x (16 KiB + bodyLimit).
 
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import { z } from 'zod';
 import { MisuseError, NetworkError, isMemstrataError, toMemstrataError, type MemstrataError } from '../errors.js';
@@ -160,8 +168,16 @@ export class AdminServer {
       clientErrorHandler: (error, socket) => {
         this.clientError(error, socket);
       },
+      frameworkErrors: (error, request, reply) => {
+        this.frameworkError(error, request, reply);
+      },
     });
     const server = this.app.server;
+    server.on('checkContinue', (request: IncomingMessage, response: ServerResponse) => {
+      if (this.auth === undefined || this.auth.check(request.headers.authorization) === 'ok') response.writeContinue();
+      // Handled here, so Node no longer passes the request on by itself.
+      server.emit('request', request, response);
+    });
     server.maxConnections = options.maxConnections;
     server.on('drop', () => {
       this.stats.refusedMaxConnections++;
@@ -207,11 +223,11 @@ export class AdminServer {
 
   /**
    * Lets the request through, or answers 401 and returns false. Public routes are told
-   * by the route that matched (never by the raw URL, which a client can dress up).
+   * by the route that matched (never by the raw URL, which a client can dress up);
+   * undefined when none did.
    */
-  private authorized(request: FastifyRequest, reply: FastifyReply): boolean {
+  private authorized(request: FastifyRequest, reply: FastifyReply, route: string | undefined): boolean {
     if (this.auth === undefined) return true;
-    const route = request.routeOptions.url;
     if (route !== undefined && this.publicRoutes.has(route)) return true;
     const verdict = this.auth.check(request.headers.authorization);
     if (verdict === 'ok') return true;
@@ -240,6 +256,23 @@ export class AdminServer {
     this.authFailuresUnlogged = 0;
   }
 
+  /**
+   * What fastify's router refuses before any hook: a URL that does not decode, a path
+   * parameter over its length limit. No route matched, so the token is required first;
+   * then the refusal in the coded shape, without echoing the URL.
+   */
+  private frameworkError(error: FastifyError, request: FastifyRequest, reply: FastifyReply): void {
+    if (!this.authorized(request, reply, undefined)) return;
+    const coded =
+      error.code === 'FST_ERR_BAD_URL'
+        ? new MisuseError('MS_BAD_REQUEST', 'the request URL is not valid (a malformed percent-encoding)')
+        : error.code === 'FST_ERR_MAX_PARAM_LENGTH'
+          ? new MisuseError('MS_BAD_REQUEST', 'a name in the request URL is too long (names are at most 64 characters)')
+          : toMemstrataError(error);
+    if (coded.status >= 500) this.context.log.error({ err: error }, 'admin request failed in routing');
+    void reply.code(coded.status).send(errorBody(coded));
+  }
+
   /** Errors Node's HTTP parser raises before fastify sees a request: timeouts, malformed or oversized headers. */
   private clientError(error: Error & { code?: string }, socket: Socket): void {
     if (error.code === 'ECONNRESET' || socket.destroyed) return;
@@ -259,7 +292,7 @@ export class AdminServer {
     const { app, context } = this;
 
     app.addHook('onRequest', (request, reply, done) => {
-      if (this.authorized(request, reply)) done();
+      if (this.authorized(request, reply, request.routeOptions.url)) done();
     });
 
     app.setErrorHandler((error: FastifyError, request, reply) => {
@@ -295,7 +328,7 @@ export class AdminServer {
       allocation: allocationJson(context.allocation, context.partition),
     }));
 
-    app.get('/v1/volumes', (): VolumesJson => ({ volumes: context.volumes.list().map((v) => v.info()), damaged: context.volumes.damaged() }));
+    app.get('/v1/volumes', (): VolumesJson => ({ volumes: context.volumes.list().map((v) => v.info()), damaged: context.volumes.damaged(), orphans: context.volumes.orphans() }));
 
     app.post('/v1/volumes', async (request, reply): Promise<VolumeJson> => {
       const { name, size, readOnly, writeLog } = parseBody(volumeBody, request.body, 'volume');

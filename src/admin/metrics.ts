@@ -30,7 +30,7 @@ export interface MetricsSources {
   mirror(): MirroringInfo | undefined;
   admin?(): AdminStats | undefined;
   /** Volumes and NVRAM devices not loaded at start. */
-  damaged?(): { volumes: number; nvram: number };
+  damaged?(): { volumes: number; nvram: number; orphans: number };
   /** The mirror service's connections and budget; absent before it listens. */
   mirrorLoad?(): ServiceLoad | undefined;
 }
@@ -385,6 +385,14 @@ export class NodeMetrics {
         const damaged = sources.damaged?.();
         this.set({ what: 'volume' }, damaged?.volumes ?? 0);
         this.set({ what: 'nvram' }, damaged?.nvram ?? 0);
+      },
+    });
+    new Gauge({
+      name: 'memstrata_volume_orphan_files',
+      help: 'Volume data files found without their metadata (a create or removal cut short) and moved aside to <file>.orphan-<time>; they stay until removed by hand.',
+      registers: [registry],
+      collect() {
+        this.set(sources.damaged?.().orphans ?? 0);
       },
     });
     new Gauge({

@@ -5,7 +5,7 @@
 
 import { Command, CommanderError, Option } from 'commander';
 import { MisuseError, isMemstrataError } from '../errors.js';
-import type { AllocationTableJson, DamagedJson, NodeInfo, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson } from '../protocol/admin/api.js';
+import type { AllocationTableJson, DamagedJson, NodeInfo, OrphanJson, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson } from '../protocol/admin/api.js';
 import { POLICIES, type DeviceInfo } from '../nvram/device.js';
 import { RmemClient } from '../client/rmem-client.js';
 import { KINDS, MEDIA, USED_KINDS } from '../kinds.js';
@@ -104,7 +104,7 @@ export function buildProgram(output: Output = processOutput): Command {
     .addOption(jsonOption())
     .action(async (options: { admin: string; token?: string; json?: boolean }) => {
       const list = await adminClient(options).get<VolumesJson>('/v1/volumes');
-      output.out(options.json === true ? JSON.stringify(list, null, 2) : [renderVolumes(list.volumes), ...renderDamaged('volumes', list.damaged)].join('\n\n'));
+      output.out(options.json === true ? JSON.stringify(list, null, 2) : [renderVolumes(list.volumes), ...renderDamaged('volumes', list.damaged), ...renderOrphans(list.orphans)].join('\n\n'));
     });
   volume
     .command('create <name>')
@@ -350,7 +350,7 @@ export function renderNode(info: NodeInfo): string {
     ];
   });
   const media = `Media\n${textTable(['MEDIUM', 'CAPACITY', 'EXTENT', 'RESIDENT', 'CACHE', 'SERVER', 'NVRAM', 'FREE'], rows, [1, 2, 3, 4, 5, 6, 7])}`;
-  const damaged = [...renderDamaged('volumes', info.damaged.volumes), ...renderDamaged('NVRAM devices', info.damaged.nvram)];
+  const damaged = [...renderDamaged('volumes', info.damaged.volumes), ...renderDamaged('NVRAM devices', info.damaged.nvram), ...renderOrphans(info.orphans)];
   return [head, media, renderCache(info.cache), renderNvram(info.nvram), ...damaged].join('\n\n');
 }
 
@@ -359,6 +359,13 @@ export function renderDamaged(what: string, damaged: readonly DamagedJson[] | un
   if (damaged === undefined || damaged.length === 0) return [];
   const rows = damaged.map((d) => [d.name, d.file, `${d.error.code}: ${d.error.message}`]);
   return [`Damaged ${what} (not loaded; their files are left as they are)\n${textTable(['NAME', 'FILE', 'ERROR'], rows)}`];
+}
+
+/** Volume files found without metadata and moved aside; nothing when there are none. */
+export function renderOrphans(orphans: readonly OrphanJson[] | undefined): string[] {
+  if (orphans === undefined || orphans.length === 0) return [];
+  const rows = orphans.map((o) => [o.name, o.file]);
+  return [`Orphaned volume files (no metadata: a create or removal was cut short; moved aside, remove them once not needed)\n${textTable(['VOLUME', 'FILE'], rows)}`];
 }
 
 export function renderCache(cache: NodeInfo['cache']): string {

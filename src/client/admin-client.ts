@@ -2,15 +2,20 @@
 // node raised (the code travels in the JSON body), or as MS_ADMIN_UNREACHABLE /
 // MS_ADMIN_RESPONSE when the node could not be reached or answered nonsense. With a
 // token, every request carries `Authorization: Bearer <token>`; the token never
-// appears in an error message.
+// appears in an error message: it is checked when the client is made (visible ASCII,
+// as the node requires; MS_ADMIN_TOKEN_INVALID), and an error building the request's
+// headers, whose message would quote the header, is never passed on.
 
-import { ERRORS, MemstrataError, NetworkError, type ErrorCode } from '../errors.js';
+import { ERRORS, MemstrataError, MisuseError, NetworkError, type ErrorCode } from '../errors.js';
 
 export const DEFAULT_ADMIN_URL = 'http://127.0.0.1:10880';
 
+// What an Authorization header can carry (RFC 6750 b64token is a subset of it).
+const TOKEN_PATTERN = /^[\x21-\x7e]+$/;
+
 /** Options of {@link AdminClient}. */
 export interface AdminClientOptions {
-  /** The node's admin.token, sent as `Authorization: Bearer <token>`. */
+  /** The node's admin.token, sent as `Authorization: Bearer <token>`; surrounding whitespace is ignored. */
   token?: string;
   /** Per request, in milliseconds; default 10 s. */
   timeoutMs?: number;
@@ -25,12 +30,17 @@ export class AdminClient {
   /**
    * @param baseUrl such as `http://127.0.0.1:10880`
    * @param options a token and a timeout; a bare number is the timeout in milliseconds
+   * @throws MS_ADMIN_TOKEN_INVALID when the token holds a character a header cannot carry
    */
   constructor(baseUrl: string, options: AdminClientOptions | number = {}) {
     const { token, timeoutMs = 10_000 } = typeof options === 'number' ? { timeoutMs: options } : options;
     this.baseUrl = baseUrl.replace(/\/+$/, '');
     this.timeoutMs = timeoutMs;
-    this.authorization = token === undefined || token === '' ? undefined : `Bearer ${token}`;
+    const trimmed = token?.trim() ?? '';
+    if (trimmed !== '' && !TOKEN_PATTERN.test(trimmed)) {
+      throw new MisuseError('MS_ADMIN_TOKEN_INVALID', 'the admin token (--token or MEMSTRATA_ADMIN_TOKEN) holds a space, a control character or a non-ASCII character, which no HTTP header can carry; it is not shown');
+    }
+    this.authorization = trimmed === '' ? undefined : `Bearer ${trimmed}`;
   }
 
   get<T>(path: string): Promise<T> {
@@ -68,14 +78,17 @@ export class AdminClient {
 
   private async fetch(method: string, path: string, body?: unknown): Promise<Response> {
     const url = `${this.baseUrl}${path}`;
+    const headers = new Headers();
     try {
-      const headers: Record<string, string> = {};
-      if (this.authorization !== undefined) headers.authorization = this.authorization;
+      if (this.authorization !== undefined) headers.set('authorization', this.authorization);
+      if (body !== undefined) headers.set('content-type', 'application/json');
+    } catch {
+      // The message of a refused header value quotes it: the token.
+      throw new MisuseError('MS_ADMIN_TOKEN_INVALID', 'the admin token cannot be sent in an HTTP header; it is not shown');
+    }
+    try {
       const init: RequestInit = { method, headers, signal: AbortSignal.timeout(this.timeoutMs) };
-      if (body !== undefined) {
-        init.body = JSON.stringify(body);
-        headers['content-type'] = 'application/json';
-      }
+      if (body !== undefined) init.body = JSON.stringify(body);
       return await fetch(url, init);
     } catch (error) {
       const cause = error instanceof Error && error.cause instanceof Error ? error.cause.message : (error as Error).message;

@@ -13,7 +13,7 @@
 import { readFile, stat } from 'node:fs/promises';
 import { BlockList, isIP } from 'node:net';
 import { resolve } from 'node:path';
-import { parse as parseYaml } from 'yaml';
+import { YAMLParseError, parse as parseYaml } from 'yaml';
 import { z } from 'zod';
 import { MisuseError, isMemstrataError } from '../errors.js';
 import { MEDIA, USED_KINDS, type MediumName, type UsedKind } from '../kinds.js';
@@ -153,8 +153,8 @@ function intLeaf(min: number, max: number) {
 const PATH_FORM = 'a non-empty file system path';
 const pathLeaf = leaf<string>(PATH_FORM, (v) => (typeof v === 'string' && v.trim() !== '' ? v : undefined));
 
-const NODE_ID_FORM = '1 to 64 letters, digits, ".", "_" or "-", starting with a letter or digit';
-const NODE_ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+export const NODE_ID_FORM = '1 to 64 letters, digits, ".", "_" or "-", starting with a letter or digit';
+export const NODE_ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const nodeIdLeaf = leaf<string>(NODE_ID_FORM, (v) => (typeof v === 'string' && NODE_ID_PATTERN.test(v) ? v : undefined));
 
 function enumLeaf<const T extends readonly string[]>(values: T) {
@@ -354,9 +354,11 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
     }
     let parsed: unknown;
     try {
-      parsed = parseYaml(text);
+      // No pretty errors (their code frame quotes the file) and no warnings on stderr
+      // (they quote tags): the file may hold a token, and none of its text is shown.
+      parsed = parseYaml(text, { prettyErrors: false, logLevel: 'error' });
     } catch (error) {
-      throw new MisuseError('MS_CONFIG_FILE', `configuration file ${file} is not valid YAML: ${(error as Error).message}`, { cause: error });
+      throw new MisuseError('MS_CONFIG_FILE', `configuration file ${file} is not valid YAML: ${yamlProblem(error, text)} (the file's text is not shown: it may hold a token)`);
     }
     if (parsed !== null && parsed !== undefined) {
       if (typeof parsed !== 'object' || Array.isArray(parsed)) {
@@ -608,6 +610,20 @@ function emptyPartition(): Record<UsedKind, KindSetting> {
 }
 
 // ---- messages ----
+
+/**
+ * Where and what a YAML error is, without a word of the file: the yaml library's messages
+ * may quote the text (an escape, a tag, an alias), so only its error code and the line
+ * and column are kept, and the error itself is not kept as a cause.
+ */
+function yamlProblem(error: unknown, text: string): string {
+  if (!(error instanceof YAMLParseError)) return 'the document cannot be resolved (an alias without its anchor, or too many aliases)';
+  const at = Math.max(0, Math.min(error.pos[0], text.length));
+  const before = text.slice(0, at).split('\n');
+  const line = before.length;
+  const column = (before.at(-1)?.length ?? 0) + 1;
+  return `${error.code} at line ${line}, column ${column}`;
+}
 
 function describeIssue(issue: z.core.$ZodIssue, raw: Record<string, unknown>, origin: Map<string, string>): string {
   const path = issue.path.map(String).join('.');

@@ -8,10 +8,11 @@
 // the API comes up only once everything it reports on is there, and goes first on the
 // way down.
 
-import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { mkdir } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { StorageError } from '../errors.js';
+import { readSmallFile, replaceFile } from '../fs/meta-file.js';
 import { AdminServer, adminUrl } from '../admin/admin-server.js';
 import type { MediumInfo, NodeInfo } from '../protocol/admin/api.js';
 import { NodeMetrics } from '../admin/metrics.js';
@@ -32,12 +33,14 @@ import { MirrorService } from '../nvram/mirror-service.js';
 import { Mirroring } from '../nvram/mirroring.js';
 import { formatAddress, type ListenAddress } from '../units.js';
 import { VERSION } from '../version.js';
-import { mediumLayouts, type NodeConfig } from './config.js';
+import { NODE_ID_FORM, NODE_ID_PATTERN, mediumLayouts, type NodeConfig } from './config.js';
 import { Lifecycle } from './lifecycle.js';
 import { DataDirLock } from './lock.js';
 import type { Logger } from './logger.js';
 
 const NODE_ID_FILE = 'node-id';
+// An id is at most 64 characters; anything much larger is not a node-id file.
+const NODE_ID_MAX_BYTES = 4096;
 
 export class StorageNode {
   readonly config: NodeConfig;
@@ -95,7 +98,12 @@ export class StorageNode {
         });
         const { stalePid } = await this.lock.acquire();
         if (stalePid !== undefined) log.warn({ stalePid }, 'took over the lock of a node that did not stop cleanly');
-        this.nodeId = config.node.id ?? (await this.loadNodeId());
+        try {
+          this.nodeId = config.node.id ?? (await this.loadNodeId());
+        } catch (error) {
+          await this.lock.release();
+          throw error;
+        }
       },
       stop: () => this.lock.release(),
     });
@@ -239,7 +247,7 @@ export class StorageNode {
           nvram: () => this.nvram.list(),
           mirror: () => this.mirroring?.info(),
           admin: () => this.admin?.stats,
-          damaged: () => ({ volumes: this.volumes.damaged().length, nvram: this.nvram.damaged().length }),
+          damaged: () => ({ volumes: this.volumes.damaged().length, nvram: this.nvram.damaged().length, orphans: this.volumes.orphans().length }),
           mirrorLoad: () => this.mirrorService?.load(),
         });
         const admin = new AdminServer({
@@ -326,6 +334,7 @@ export class StorageNode {
       cache: this.cache?.stats() ?? null,
       nvram: this.nvram.list(),
       damaged: { volumes: this.volumes.damaged(), nvram: this.nvram.damaged() },
+      orphans: this.volumes.orphans(),
       mirror: this.mirroring?.info() ?? {
         partner: null,
         partnerNode: null,
@@ -346,19 +355,36 @@ export class StorageNode {
     return result;
   }
 
-  /** The node's id, made on first start and kept in the data directory. */
+  /**
+   * The node's id, made on first start and kept in the data directory. The file is read
+   * only if it is a small regular file, and its id is checked like node.id: a wrong id
+   * would go into every table, log and HELLO (where one over 255 bytes cannot even be
+   * encoded), so a damaged file stops the start-up (MS_NODE_ID_INVALID, naming the file)
+   * rather than run under it. A new id is written durably (replaceFile).
+   */
   private async loadNodeId(): Promise<string> {
     const file = join(this.config.dataDir, NODE_ID_FILE);
+    const repair = `write this node's id back into it, or set node.id`;
+    let stored = '';
+    let existed = true;
     try {
-      const stored = (await readFile(file, 'utf8')).trim();
-      if (stored !== '') return stored;
+      stored = (await readSmallFile(file, NODE_ID_MAX_BYTES)).trim();
     } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== 'ENOENT') {
-        throw new StorageError('MS_DATA_DIR', `cannot read ${file}: ${(error as Error).message}`, { cause: error });
+      const errno = (error as NodeJS.ErrnoException).code;
+      if (errno === undefined) throw new StorageError('MS_NODE_ID_INVALID', `node id file ${file} ${(error as Error).message}; ${repair}`, { details: { file } });
+      if (errno !== 'ENOENT') throw new StorageError('MS_DATA_DIR', `cannot read ${file}: ${(error as Error).message}`, { cause: error, details: { file } });
+      existed = false;
+    }
+    if (stored !== '') {
+      // The content is not shown: it is not an id, and may be anything.
+      if (!NODE_ID_PATTERN.test(stored)) {
+        throw new StorageError('MS_NODE_ID_INVALID', `node id file ${file} does not hold a node id (${stored.length} characters, expected ${NODE_ID_FORM}); ${repair}`, { details: { file } });
       }
+      return stored;
     }
     const id = `ms-${randomBytes(4).toString('hex')}`;
-    await writeFile(file, `${id}\n`);
+    if (existed) this.log.warn({ file, node: id }, `node id file ${file} was empty (an earlier node may have crashed while writing it); it now holds a new id`);
+    await replaceFile(file, `${id}\n`);
     return id;
   }
 }

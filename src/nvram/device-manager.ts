@@ -26,7 +26,7 @@
 // link (mirroring.ts, mirror-service.ts). A client that opens a replica with a newer
 // epoch takes it over: it is promoted, gets a journal file, and mirrors back.
 
-import { mkdir, readFile, readdir, rename, rm, open } from 'node:fs/promises';
+import { mkdir, readFile, readdir, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { MisuseError, RuntimeError, isMemstrataError, toMemstrataError } from '../errors.js';
 import type { MetaFs } from '../fs/meta-file.js';
@@ -38,7 +38,7 @@ import type { PartitionTable } from '../memory/partition-table.js';
 import type { Logger } from '../logger.js';
 import { formatSize } from '../units.js';
 import { NvramDevice, POLICIES, isMirrored, type DeviceInfo, type Policy } from './device.js';
-import { JournalFile, encodeFileHeader, parseJournal, syncDir } from './journal-file.js';
+import { JournalFile, encodeFileHeader, openTempFile, parseJournal, syncDir } from './journal-file.js';
 import type { JournalRecord } from '../protocol/journal/record.js';
 
 const NAME_PATTERN = DEVICE_NAME_PATTERN;
@@ -370,7 +370,7 @@ export class DeviceManager {
     const records = await entry.device.snapshot();
     const path = join(this.dir, `${entry.meta.name}.vault`);
     const tmp = `${path}.tmp`;
-    const out = await open(tmp, 'w', 0o600);
+    const out = await openTempFile(tmp);
     try {
       await out.writeFile(Buffer.concat([encodeFileHeader(entry.meta.size, Date.now()), ...records]));
       await out.datasync();

@@ -21,10 +21,11 @@
 // are appended, never rewritten), so what is kept is every record whose append was
 // acknowledged, in order.
 
-import { open, readFile, rename, type FileHandle } from 'node:fs/promises';
+import { open, readFile, rename, rm, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { StorageError, asError } from '../errors.js';
+import { CREATE_NEW_FLAGS } from '../fs/meta-file.js';
 import { writeAll } from '../fs/positional-io.js';
 import { RECORD_FLAG, decodeRecord, encodeRecord, type JournalRecord } from '../protocol/journal/record.js';
 
@@ -149,7 +150,7 @@ export class JournalFile {
   /** Creates a new, empty journal file (replacing any at `path`) and syncs it. */
   static async create(path: string, deviceSize: number, wrap: (sink: JournalSink) => JournalSink = (s) => s): Promise<JournalFile> {
     const tmp = `${path}.tmp`;
-    const handle = await open(tmp, 'w', 0o600);
+    const handle = await openTempFile(tmp);
     await handle.writeFile(encodeFileHeader(deviceSize, Date.now()));
     await handle.datasync();
     await handle.close();
@@ -224,7 +225,7 @@ export class JournalFile {
     const markers = [epoch, trim].filter((r): r is JournalRecord => r !== undefined).map((r) => encodeRecord(r));
     const body = Buffer.concat([encodeFileHeader(image.length >= 24 ? Number(image.readBigUInt64BE(16)) : 0, Date.now()), ...markers, ...keep]);
     const tmp = `${this.path}.compact`;
-    const out = await open(tmp, 'w', 0o600);
+    const out = await openTempFile(tmp);
     try {
       await out.writeFile(body);
       await out.datasync();
@@ -302,6 +303,16 @@ export class JournalFile {
       this.running = undefined;
     }
   }
+}
+
+/**
+ * Opens a temporary file to be renamed over a journal or vault: whatever holds the name
+ * (a leftover of a crash, or a symlink planted there) is removed first, and the open
+ * makes a new file or fails, so nothing is ever written through a symlink.
+ */
+export async function openTempFile(path: string): Promise<FileHandle> {
+  await rm(path, { force: true });
+  return open(path, CREATE_NEW_FLAGS, 0o600);
 }
 
 export async function syncDir(path: string): Promise<void> {

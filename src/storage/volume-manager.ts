@@ -15,21 +15,41 @@
 // MS_META_DAMAGED, and the default volume is not made again over a damaged one, so
 // nothing ever writes over the files an operator may repair. A repaired volume comes
 // back at the next start.
+//
+// Orphans: create makes the data files before the metadata, and remove deletes the
+// metadata before the data files, so a crash in between leaves <name>.img or
+// <name>.zmap without <name>.json: a volume that was never acknowledged, or one being
+// removed. Such a file is never deleted and never reused: at start (and at a create of
+// that name) it is renamed to <file>.orphan-<time>, logged at warn and listed by
+// orphans() (volume list, status) for as long as it stays in the directory, and the
+// name is free again, so a crash in the middle of creating `default` cannot keep the
+// node from starting.
+//
+// Size: the data file's length is the volume's size. A resize truncates the file first
+// and writes the metadata last, so after a crash in between the two disagree; the file
+// wins, the metadata is rewritten durably, and the log says so at warn. A data file whose
+// length is no volume size (zero, not whole 4 KiB pages, over MAX_VOLUME_SIZE), or that
+// is not a regular file, sets the volume aside as damaged.
 
-import { mkdir, readdir, rm } from 'node:fs/promises';
+import { lstat, mkdir, readdir, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { MisuseError, RuntimeError, StorageError, toMemstrataError, type MemstrataError } from '../errors.js';
-import type { MetaFs } from '../fs/meta-file.js';
+import { metaInvalid, syncDirectory, type MetaFs } from '../fs/meta-file.js';
 import type { Logger } from '../logger.js';
 import { formatSize } from '../units.js';
 import { DataStore } from './data-store.js';
-import { MAX_VOLUME_SIZE, NAME_PATTERN, SECTOR, VOLUME_NAME_FORM, readVolumeMeta, writeVolumeMeta } from './volume-meta.js';
+import { MAX_VOLUME_SIZE, NAME_PATTERN, SECTOR, VOLUME_NAME_FORM, readVolumeMeta, volumeMetaPath, writeVolumeMeta } from './volume-meta.js';
 import type { VolumeStore } from './volume-store.js';
-import type { DamagedJson, VolumeInfo } from '../protocol/admin/api.js';
+import type { DamagedJson, OrphanJson, VolumeInfo } from '../protocol/admin/api.js';
 export type { VolumeInfo };
 export { MAX_VOLUME_SIZE, SECTOR, VOLUME_NAME_FORM };
 
 export const DEFAULT_VOLUME = 'default';
+
+/** The files of a volume besides its metadata; without the metadata they are orphans. */
+const DATA_SUFFIXES = ['.img', '.zmap'] as const;
+/** An orphan moved aside: `<name>.img.orphan-<time>` or `<name>.zmap.orphan-<time>`. */
+const ORPHAN_PATTERN = /^(.+)\.(?:img|zmap)\.orphan-\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d-\d{3}Z(?:-\d+)?$/;
 
 export class Volume {
   readonly name: string;
@@ -93,6 +113,8 @@ export class VolumeManager {
   private readonly volumes: Map<string, Volume>;
   /** Volumes found on disk but not loaded, by the name their files carry. */
   private readonly damagedVolumes: Map<string, DamagedJson>;
+  /** Data files found without metadata and moved aside, by their new path. */
+  private readonly orphanFiles: Map<string, OrphanJson>;
   private readonly log: Logger | undefined;
   private readonly fs: MetaFs | undefined;
   private queue: Promise<unknown>;
@@ -104,31 +126,109 @@ export class VolumeManager {
     this.beforeRemove = () => Promise.resolve();
     this.volumes = new Map();
     this.damagedVolumes = new Map();
+    this.orphanFiles = new Map();
     this.log = options.log;
     this.fs = options.fs;
     this.queue = Promise.resolve();
   }
 
-  /** Opens every volume in the directory (a damaged one is set aside), and makes the default volume if there is none. */
+  /**
+   * Opens every volume in the directory (a damaged one is set aside), moves data files
+   * without metadata aside, and makes the default volume if there is none.
+   */
   async open(defaultSize: number): Promise<void> {
     await mkdir(this.dir, { recursive: true });
-    for (const entry of (await readdir(this.dir)).filter((f) => f.endsWith('.json')).sort()) {
-      const name = entry.slice(0, -'.json'.length);
+    const entries = (await readdir(this.dir)).sort();
+    const metaNames = new Set(entries.filter((f) => f.endsWith('.json')).map((f) => f.slice(0, -'.json'.length)));
+    for (const name of metaNames) {
       try {
-        const meta = await readVolumeMeta(this.dir, name, this.fs);
-        const store = new DataStore(join(this.dir, `${name}.img`), meta.size);
-        await store.open(false);
-        this.volumes.set(name, new Volume(name, meta.readOnly, meta.createdAt, store, meta.writeLog));
+        this.volumes.set(name, await this.load(name));
       } catch (error) {
-        this.setAside(name, join(this.dir, entry), toMemstrataError(error));
+        this.setAside(name, volumeMetaPath(this.dir, name), toMemstrataError(error));
       }
     }
+    for (const entry of entries) {
+      const orphan = ORPHAN_PATTERN.exec(entry);
+      if (orphan !== null) this.orphanFiles.set(join(this.dir, entry), { name: orphan[1] ?? entry, file: join(this.dir, entry) });
+    }
+    if (this.orphanFiles.size > 0) {
+      this.log?.warn({ files: [...this.orphanFiles.keys()] }, `${this.orphanFiles.size} volume file(s) set aside earlier without metadata are still in ${this.dir}; remove them once they are not needed`);
+    }
+    const orphaned = new Set(entries.flatMap((f) => DATA_SUFFIXES.filter((suffix) => f.endsWith(suffix)).map((suffix) => f.slice(0, -suffix.length))).filter((name) => !metaNames.has(name)));
+    for (const name of orphaned) {
+      // One file that cannot be moved keeps its name blocked (a create of it retries),
+      // not the node from starting.
+      await this.moveOrphansAside(name).catch((error: unknown) => {
+        this.log?.error({ volume: name, err: error }, `volume files of ${name} without metadata could not be moved aside: ${(error as Error).message}`);
+      });
+    }
     if (!this.volumes.has(DEFAULT_VOLUME) && !this.damagedVolumes.has(DEFAULT_VOLUME)) await this.create(DEFAULT_VOLUME, defaultSize, false);
+  }
+
+  /**
+   * Loads one volume. The data file must be a regular file (and the zero map, if any),
+   * and its length is the size: a metadata size that disagrees (a resize cut short) is
+   * rewritten to match.
+   */
+  private async load(name: string): Promise<Volume> {
+    const meta = await readVolumeMeta(this.dir, name, this.fs);
+    const img = join(this.dir, `${name}.img`);
+    const fileSize = await regularFileSize(img, 'data file', false);
+    await regularFileSize(join(this.dir, `${name}.zmap`), 'zero map', true);
+    const path = volumeMetaPath(this.dir, name);
+    if (fileSize !== meta.size && !validSize(fileSize)) {
+      throw metaInvalid(path, 'volume metadata', 'size', `field size: ${meta.size} bytes, but the data file ${img} holds ${fileSize} bytes, which is no volume size (${SIZE_FORM}); the two cannot be reconciled`);
+    }
+    const store = new DataStore(img, fileSize);
+    await store.open(false);
+    const volume = new Volume(name, meta.readOnly, meta.createdAt, store, meta.writeLog);
+    if (fileSize === meta.size) return volume;
+    this.log?.warn(
+      { volume: name, file: path, field: 'size', metaSize: meta.size, fileSize },
+      `volume ${name}: field size of ${path} is ${meta.size} bytes but its data file ${img} holds ${fileSize} (a resize cut short by a crash); serving ${fileSize} bytes and rewriting the metadata`,
+    );
+    try {
+      await this.writeMeta(volume);
+    } catch (error) {
+      await store.close().catch(() => undefined);
+      throw error;
+    }
+    return volume;
+  }
+
+  /**
+   * Renames `<name>.img` and `<name>.zmap`, which have no metadata, to a dated name
+   * nothing else uses, durably, and lists them: the name is free again, and nothing is
+   * deleted.
+   */
+  private async moveOrphansAside(name: string): Promise<void> {
+    let moved = false;
+    for (const suffix of DATA_SUFFIXES) {
+      const from = join(this.dir, `${name}${suffix}`);
+      if (!(await exists(from))) continue;
+      const stamp = new Date().toISOString().replace(/[:.]/g, '-');
+      let to = `${from}.orphan-${stamp}`;
+      for (let n = 1; await exists(to); n++) to = `${from}.orphan-${stamp}-${n}`;
+      try {
+        await rename(from, to);
+      } catch (error) {
+        throw new StorageError('MS_DATA_DIR', `cannot move ${from}, a volume file without metadata, aside: ${(error as Error).message}`, { cause: error, details: { file: from } });
+      }
+      moved = true;
+      this.orphanFiles.set(to, { name, file: to });
+      this.log?.warn({ volume: name, file: from, movedTo: to }, `${from} has no metadata (${name}.json): a create or removal of volume ${name} was cut short; moved aside to ${to}, nothing is deleted`);
+    }
+    if (moved) await syncDirectory(this.dir, this.fs);
   }
 
   /** Volumes that were not loaded at start, with the reason. */
   damaged(): DamagedJson[] {
     return [...this.damagedVolumes.values()];
+  }
+
+  /** Volume files found without metadata and moved aside (at this start or an earlier one). */
+  orphans(): OrphanJson[] {
+    return [...this.orphanFiles.values()].sort((a, b) => a.file.localeCompare(b.file));
   }
 
   private setAside(name: string, file: string, error: MemstrataError): void {
@@ -171,6 +271,7 @@ export class VolumeManager {
       checkSize(size);
       this.refuseDamaged(name);
       if (this.volumes.has(name)) throw new MisuseError('MS_VOLUME_EXISTS', `volume "${name}" already exists`, { details: { name } });
+      await this.moveOrphansAside(name);
       const store = new DataStore(join(this.dir, `${name}.img`), size);
       try {
         await store.open(true);
@@ -241,10 +342,41 @@ function checkName(name: string): void {
   if (!NAME_PATTERN.test(name)) throw new MisuseError('MS_VOLUME_INVALID', `invalid volume name "${name}": expected ${VOLUME_NAME_FORM}`, { details: { name } });
 }
 
+const SIZE_FORM = `a positive multiple of ${SECTOR} bytes up to ${formatSize(MAX_VOLUME_SIZE)}`;
+
+function validSize(size: number): boolean {
+  return Number.isSafeInteger(size) && size > 0 && size % SECTOR === 0 && size <= MAX_VOLUME_SIZE;
+}
+
 function checkSize(size: number): void {
-  if (!Number.isSafeInteger(size) || size <= 0 || size % SECTOR !== 0 || size > MAX_VOLUME_SIZE) {
-    throw new MisuseError('MS_VOLUME_INVALID', `invalid volume size ${size}: expected a positive multiple of ${SECTOR} bytes up to ${formatSize(MAX_VOLUME_SIZE)}`, {
-      details: { size },
-    });
+  if (!validSize(size)) throw new MisuseError('MS_VOLUME_INVALID', `invalid volume size ${size}: expected ${SIZE_FORM}`, { details: { size } });
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await lstat(path);
+    return true;
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return false;
+    throw new StorageError('MS_DATA_DIR', `cannot look at ${path}: ${(error as Error).message}`, { cause: error, details: { file: path } });
   }
+}
+
+/**
+ * The length of a volume file, which must be a regular file: a FIFO would hang the
+ * open, a symlink would lead out of the directory. `optional`: an absent file is fine
+ * (undefined).
+ */
+async function regularFileSize(path: string, what: string, optional: true): Promise<number | undefined>;
+async function regularFileSize(path: string, what: string, optional: false): Promise<number>;
+async function regularFileSize(path: string, what: string, optional: boolean): Promise<number | undefined> {
+  let stats;
+  try {
+    stats = await lstat(path);
+  } catch (error) {
+    if (optional && (error as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw new StorageError('MS_DATA_DIR', `cannot open volume ${what} ${path}: ${(error as Error).message}`, { cause: error, details: { file: path } });
+  }
+  if (!stats.isFile()) throw new StorageError('MS_DATA_DIR', `volume ${what} ${path} is not a regular file (${stats.isSymbolicLink() ? 'a symbolic link' : stats.isDirectory() ? 'a directory' : stats.isFIFO() ? 'a FIFO' : 'a device or socket'}); it is not opened`, { details: { file: path } });
+  return stats.size;
 }

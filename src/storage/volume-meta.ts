@@ -20,7 +20,9 @@ import { metaInvalid, readMetaFile, replaceFile, type MetaFs } from '../fs/meta-
 export const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 export const VOLUME_NAME_FORM = '1 to 64 letters, digits, ".", "_" or "-", starting with a letter or digit';
 export const SECTOR = 4096;
-export const MAX_VOLUME_SIZE = 2 ** 50; // 1 PiB: far past anything a sparse file here should hold
+// 16 TiB. The data store keeps one bit per 64 KiB chunk in memory (32 MiB at this size)
+// and makes it at create and at every start; ext4 with 4 KiB blocks ends about here too.
+export const MAX_VOLUME_SIZE = 2 ** 44;
 
 const VOLUME_META_VERSION = 1;
 

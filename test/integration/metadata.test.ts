@@ -4,7 +4,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFile, writeFile } from 'node:fs/promises';
+import { readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { NodeInfo, NvramListJson, VolumesJson } from '../../src/protocol/admin/api.js';
 import { runCli, startNode, tempDir } from '../support/node-process.js';
@@ -64,4 +64,30 @@ test('a node with a damaged volume and a damaged NVRAM device starts, serves the
   assert.equal(await node.stop(), 0);
   assert.equal(await readFile(join(data, 'volumes', 'vm1.json'), 'utf8'), brokenVolume, 'left as it was');
   assert.ok((await readFile(join(data, 'nvram', 'j1.journal'))).equals(journal), 'the journal is left as it was');
+});
+
+test('a node whose default volume lost its metadata in a crash starts, and lists the orphaned files it moved aside', async (t) => {
+  // Review finding: a crash between the data files and the metadata of a create left
+  // default.img without default.json, and the node never started again.
+  const dir = await tempDir(t);
+  const first = await startNode({ cwd: dir });
+  t.after(() => first.stop('SIGKILL'));
+  assert.equal(await first.stop(), 0);
+  const volumes = join(dir, 'memstrata-data', 'volumes');
+  await rm(join(volumes, 'default.json'));
+
+  const node = await startNode({ cwd: dir });
+  t.after(() => node.stop('SIGKILL'));
+  const list = (await (await fetch(`${node.url}/v1/volumes`)).json()) as VolumesJson;
+  assert.deepEqual(list.volumes.map((v) => v.name), ['default']);
+  assert.deepEqual(list.orphans.map((o) => o.name), ['default', 'default']);
+  assert.deepEqual((await readdir(volumes)).filter((f) => f.includes('.orphan-')).length, 2, 'moved aside, not deleted');
+  assert.ok(node.logs.some((l) => l.level === 40 && typeof l.msg === 'string' && /default\.img has no metadata .*moved aside/.test(l.msg)));
+  const cli = await runCli(['volume', 'list', '--admin', node.url]);
+  assert.equal(cli.code, 0, cli.stderr);
+  assert.match(cli.stdout, /Orphaned volume files \(no metadata: .*\)\nVOLUME +FILE\ndefault +\S+default\.img\.orphan-\S+\ndefault +\S+default\.zmap\.orphan-/);
+  const info = (await (await fetch(`${node.url}/v1/node`)).json()) as NodeInfo;
+  assert.equal(info.orphans.length, 2);
+  assert.match(await (await fetch(`${node.url}/metrics`)).text(), /^memstrata_volume_orphan_files 2$/m);
+  assert.equal(await node.stop(), 0);
 });

@@ -3,10 +3,10 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { access, writeFile } from 'node:fs/promises';
+import { access, mkdir, readFile, readdir, rm, symlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { NodeInfo, PartitionTableJson, AllocationTableJson, ResizeResponse } from '../../src/protocol/admin/api.js';
-import { runCli, startNode, tempDir } from '../support/node-process.js';
+import { SMALL_MEDIA, runCli, startNode, tempDir } from '../support/node-process.js';
 
 async function getJson<T>(url: string): Promise<{ status: number; body: T }> {
   const response = await fetch(url);
@@ -129,6 +129,37 @@ test('a second node on the same data directory is refused; a restart after kill 
   assert.ok(restarted.logs.some((l) => l.msg === 'took over the lock of a node that did not stop cleanly'));
   assert.equal(((await getJson<NodeInfo>(`${restarted.url}/v1/node`)).body).id, id, 'the node id is kept in the data directory');
   assert.equal(await restarted.stop('SIGINT'), 0);
+});
+
+test('a damaged node-id file stops start-up with MS_NODE_ID_INVALID naming the file, and nothing is written through a node-id symlink', async (t) => {
+  // Review finding: a 300-character id was accepted (and then no rmem HELLO could be
+  // encoded), and the file was written with a plain writeFile that follows a symlink.
+  const dir = await tempDir(t);
+  const data = join(dir, 'memstrata-data');
+  await mkdir(data);
+  const start = ['node', 'start', '--admin-listen', '127.0.0.1:0', '--nbd-listen', '127.0.0.1:0', '--rmem-listen', '127.0.0.1:0', '--mirror-listen', '127.0.0.1:0', '--log-format', 'json', ...SMALL_MEDIA];
+  await writeFile(join(data, 'node-id'), `${'x'.repeat(300)}\n`);
+  const tooLong = await runCli(start, { cwd: dir });
+  assert.equal(tooLong.code, 1, tooLong.stderr);
+  assert.match(tooLong.stderr, /^memstrata: MS_NODE_ID_INVALID: node id file \S+memstrata-data\/node-id does not hold a node id \(300 characters, expected 1 to 64 letters/m);
+  assert.ok(!tooLong.stderr.includes('x'.repeat(65)), 'the content is not echoed');
+  await assert.rejects(access(join(data, 'node.lock')), 'the lock is released');
+
+  const outside = join(await tempDir(t), 'elsewhere');
+  await rm(join(data, 'node-id'));
+  await symlink(outside, join(data, 'node-id'));
+  const linked = await runCli(start, { cwd: dir });
+  assert.equal(linked.code, 1, linked.stderr);
+  assert.match(linked.stderr, /^memstrata: MS_NODE_ID_INVALID: node id file \S+node-id is a symbolic link, not a regular file/m);
+  await assert.rejects(access(outside), 'nothing was written where the link points');
+
+  await rm(join(data, 'node-id'));
+  const fresh = await startNode({ cwd: dir });
+  t.after(() => fresh.stop('SIGKILL'));
+  const id = ((await getJson<NodeInfo>(`${fresh.url}/v1/node`)).body).id;
+  assert.equal(await readFile(join(data, 'node-id'), 'utf8'), `${id}\n`, 'a new id is written to a regular file');
+  assert.deepEqual((await readdir(data)).filter((f) => f.startsWith('node-id')), ['node-id'], 'no temporary file left');
+  assert.equal(await fresh.stop(), 0);
 });
 
 test('defaults start a node with no configuration file; a YAML file is read', async (t) => {

@@ -6,7 +6,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFile, writeFile } from 'node:fs/promises';
+import { readFile, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { NbdClient } from '../../src/client/nbd-client.js';
 import { startNode, tempDir, type NodeProcess } from '../support/node-process.js';
@@ -72,11 +72,13 @@ test('write-log records that reach past the end at replay are cut at the end wit
   await client.trim(1800 * KiB, 64 * KiB);
   await client.close();
   assert.equal(await first.stop('SIGKILL'), 'SIGKILL');
-  // The volume's size changes behind the log's back (an operator edited the metadata).
+  // The volume's size changes behind the log's back (an operator cut the data file and
+  // edited the metadata; the data file's length is the size, so both are changed).
   const metaPath = join(dir, 'memstrata-data', 'volumes', 'w.json');
   const meta = JSON.parse(await readFile(metaPath, 'utf8')) as { size: number };
   meta.size = 1024 * KiB;
   await writeFile(metaPath, JSON.stringify(meta));
+  await truncate(join(dir, 'memstrata-data', 'volumes', 'w.img'), 1024 * KiB);
 
   const second = await startNode({ cwd: dir });
   t.after(() => second.stop('SIGKILL').then(() => undefined));

@@ -2,12 +2,13 @@
 // and can fail a chosen one, in the style of nbdkit's error filter: the tests see the
 // order of writes, fsyncs and renames, and what a failure at each step leaves behind.
 
-import { open, readFile, rename, rm } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import { lstat, open, rename, rm } from 'node:fs/promises';
 import { relative } from 'node:path';
 import type { MetaFs, MetaHandle } from '../../src/fs/meta-file.js';
 
 export interface RecordingFs extends MetaFs {
-  /** Calls so far, such as `open volumes/vm1.json.tmp w`, `sync volumes/vm1.json.tmp`, `rename ...`. */
+  /** Calls so far, such as `open volumes/vm1.json.tmp WRONLY|CREAT|EXCL|NOFOLLOW`, `sync volumes/vm1.json.tmp`, `rename ...`. */
   readonly calls: string[];
   /** Makes the next call whose record starts with `prefix` fail with EIO (once). */
   failNext(prefix: string): void;
@@ -31,7 +32,7 @@ export function recordingFs(root: string): RecordingFs {
       failures.push(prefix);
     },
     async open(path, flags, mode) {
-      step(`open ${name(path)} ${flags}`);
+      step(`open ${name(path)} ${typeof flags === 'number' ? flagNames(flags) : flags}`);
       const handle = await open(path, flags, mode);
       const wrapped: MetaHandle = {
         async writeFile(data) {
@@ -46,6 +47,14 @@ export function recordingFs(root: string): RecordingFs {
           calls.push(`close ${name(path)}`);
           await handle.close();
         },
+        async stat() {
+          step(`fstat ${name(path)}`);
+          return handle.stat();
+        },
+        async read(buffer, offset, length, position) {
+          step(`read ${name(path)}`);
+          return handle.read(buffer, offset, length, position);
+        },
       };
       return wrapped;
     },
@@ -57,9 +66,19 @@ export function recordingFs(root: string): RecordingFs {
       calls.push(`rm ${name(path)}`);
       await rm(path, options);
     },
-    async readFile(path, encoding) {
-      step(`read ${name(path)}`);
-      return readFile(path, encoding);
+    async lstat(path) {
+      step(`lstat ${name(path)}`);
+      return lstat(path);
     },
   };
+}
+
+/** Numeric open flags as a record shows them, such as `WRONLY|CREAT|EXCL|NOFOLLOW`. */
+function flagNames(flags: number): string {
+  const access = flags & (constants.O_RDONLY | constants.O_WRONLY | constants.O_RDWR);
+  const names: string[] = [access === constants.O_RDWR ? 'RDWR' : access === constants.O_WRONLY ? 'WRONLY' : 'RDONLY'];
+  for (const flag of ['O_CREAT', 'O_EXCL', 'O_TRUNC', 'O_APPEND', 'O_NOFOLLOW', 'O_NONBLOCK'] as const) {
+    if ((flags & constants[flag]) !== 0) names.push(flag.slice(2));
+  }
+  return names.join('|');
 }

@@ -148,6 +148,8 @@ export interface NodeInfo {
   mirror: MirroringInfo;
   /** Volumes and NVRAM devices found on disk but not loaded at start. */
   damaged: { volumes: DamagedJson[]; nvram: DamagedJson[] };
+  /** Volume data files without metadata, moved aside (never removed); see VolumesJson. */
+  orphans: OrphanJson[];
 }
 
 /**
@@ -240,6 +242,21 @@ export interface VolumesJson {
   volumes: VolumeJson[];
   /** Volumes not loaded at start (damaged metadata or data file), with the error. */
   damaged: DamagedJson[];
+  /** Data files of volumes that have no metadata, moved aside; they stay listed until removed by hand. */
+  orphans: OrphanJson[];
+}
+
+/**
+ * A volume's data file (`<name>.img`) or zero map (`<name>.zmap`) found without its
+ * metadata (`<name>.json`): left by a crash in the middle of a create (never
+ * acknowledged) or a removal. It is renamed to `<file>.orphan-<time>` so the name can be
+ * used again, and kept there until an operator removes it.
+ */
+export interface OrphanJson {
+  /** The volume name the file belonged to. */
+  name: string;
+  /** Where the file is now. */
+  file: string;
 }
 
 export interface ErrorResponse {

@@ -146,6 +146,39 @@ test('a missing, malformed or non-mapping file is MS_CONFIG_FILE', async (t) => 
   assert.equal((await configError({ cwd: dir, file: 'list.yaml', env: {} })).code, 'MS_CONFIG_FILE');
 });
 
+test('a YAML syntax error names the line and column and never shows the file\'s text, which may hold the token', async (t) => {
+  // Review finding: the yaml library's pretty error put a code frame of the file, token
+  // included, into the message that node start prints.
+  const dir = await tempDir(t);
+  const secret = 'c0ffee5ecret0123456789abcdef';
+  const warnings: string[] = [];
+  const onWarning = (warning: Error): void => {
+    warnings.push(warning.message);
+  };
+  process.on('warning', onWarning);
+  t.after(() => process.off('warning', onWarning));
+  const cases: [string, string, RegExp][] = [
+    ['unclosed quote', `admin:\n  listen: 0.0.0.0:10880\n  token: "${secret}\n`, /MISSING_CHAR at line 4, column 1/],
+    ['bad indentation', `admin:\n  token: ${secret}\n   listen: [oops ${secret}\n`, /at line [23], column \d+/],
+    ['bad escape', `admin:\n  token: "\\q${secret}"\n`, /BAD_DQ_ESCAPE at line 2, column \d+/],
+    ['nested mapping on one line', `admin:\n  token: ${secret}: x\n`, /at line 2, column \d+/],
+    ['an alias without its anchor', `admin:\n  token: *${secret}\n`, /cannot be resolved/],
+    ['unknown tag', `admin:\n  token: !${secret} ${secret}\n  listen: [1\n`, /at line \d+, column \d+/],
+  ];
+  for (const [what, text, where] of cases) {
+    await writeFile(join(dir, 'c.yaml'), text);
+    const error = await configError({ cwd: dir, file: 'c.yaml', env: {} });
+    assert.equal(error.code, 'MS_CONFIG_FILE', what);
+    assert.match(error.message, /is not valid YAML: /, what);
+    assert.match(error.message, where, `${what}: ${error.message}`);
+    assert.ok(!error.message.includes(secret.slice(0, 12)), `${what}: ${error.message}`);
+    assert.ok(!error.message.includes('\n'), `${what}: one line`);
+    assert.equal((error as { cause?: unknown }).cause, undefined, `${what}: the yaml error, which quotes the file, is not kept`);
+  }
+  await new Promise((resolve) => setImmediate(resolve));
+  assert.ok(!warnings.some((w) => w.includes(secret.slice(0, 12))), `no warning quotes the file: ${warnings.join('; ')}`);
+});
+
 test('an empty file is the defaults, and unknown MEMSTRATA_* variables are warned about, not fatal', async (t) => {
   const dir = await tempDir(t);
   await writeFile(join(dir, 'empty.yaml'), '# nothing\n');

@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { lstat, mkdtemp, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pino from 'pino';
@@ -128,6 +128,25 @@ test('volatile: vaulted on a clean stop and restored; gone after a crash', () =>
     assert.deepEqual(await payloads(third.devices, 'v'), []);
     await third.devices.close();
   }));
+
+test('the vault of a volatile device is written to a new file, never through a symlink planted at its temporary name', () =>
+  // Review finding: the vault's open(tmp, 'w') at a clean stop followed a symlink out of the data directory.
+  withDir(async (dir) =>
+    withDir(async (elsewhere) => {
+      const outside = join(elsewhere, 'precious.txt');
+      await writeFile(outside, 'not memstrata\'s\n');
+      const first = await manager(dir);
+      await first.devices.create('v', E, 'volatile');
+      await first.devices.get('v').open(4);
+      await first.devices.get('v').append(4, [{ payload: Buffer.from('kept') }]);
+      await symlink(outside, join(dir, 'nvram', 'v.vault.tmp'));
+      await first.devices.close();
+      assert.equal(await readFile(outside, 'utf8'), 'not memstrata\'s\n', 'the file outside is untouched');
+      assert.ok((await lstat(join(dir, 'nvram', 'v.vault'))).isFile());
+      const second = await manager(dir);
+      assert.deepEqual(await payloads(second.devices, 'v'), ['kept']);
+      await second.devices.close();
+    })));
 
 test('create, remove and bad input give coded errors; removal frees the extents', () =>
   withDir(async (dir) => {

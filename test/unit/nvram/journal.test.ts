@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFile, mkdtemp, rm } from 'node:fs/promises';
+import { lstat, readFile, readdir, mkdtemp, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import fc from 'fast-check';
@@ -173,4 +173,25 @@ test('appends without sync are released once written; flush and the next synced 
   await journal.append(record(6), false);
   await journal.close();
   assert.deepEqual(parseJournal(await readFile(join(dir, 'j.journal'))).records.map((r) => r.seq), [1, 2, 3, 4, 5, 6]);
+});
+
+test('a journal\'s temporary files are always new: a symlink planted at their names is removed, never written through', async (t) => {
+  // Review finding: open(tmp, 'w') at create and at compaction followed a symlink out of the data directory.
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-journal-'));
+  const elsewhere = await mkdtemp(join(tmpdir(), 'memstrata-outside-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  t.after(() => rm(elsewhere, { recursive: true, force: true }));
+  const outside = join(elsewhere, 'precious.txt');
+  await writeFile(outside, 'not memstrata\'s\n');
+  const path = join(dir, 'j.journal');
+  await symlink(outside, `${path}.tmp`);
+  const journal = await JournalFile.create(path, 1 << 20);
+  await journal.append(encodeRecord({ seq: 1, timestamp: 1, epoch: 0, flags: 0, target: undefined, payload: Buffer.from('one') }));
+  await symlink(outside, `${path}.compact`);
+  await journal.compact(0);
+  await journal.close();
+  assert.equal(await readFile(outside, 'utf8'), 'not memstrata\'s\n', 'the file outside is untouched');
+  assert.ok((await lstat(path)).isFile());
+  assert.deepEqual(await readdir(dir), ['j.journal']);
+  assert.deepEqual(parseJournal(await readFile(path)).records.map((r) => r.seq), [1]);
 });
