@@ -181,10 +181,8 @@ export class RequestFlow<R> {
    * reserve()), it is dispatched at once and gives back what it does not need.
    */
   push(request: R, cost: number, reserved = 0): void {
-    if (this.closed) {
-      this.give(reserved);
-      return;
-    }
+    // Closed: close() gave back every reservation already, so there is nothing to give here.
+    if (this.closed) return;
     if (reserved > 0) {
       // Its reservation covered it whole (the caller's promise): it starts now, whatever else waits.
       this.receiving = 0;

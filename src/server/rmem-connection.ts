@@ -222,7 +222,8 @@ export class RmemConnection {
       const name = OP_NAME[frame.op] ?? 'UNKNOWN';
       this.host.stats.requests[name] = (this.host.stats.requests[name] ?? 0) + 1;
     }
-    // Pushed even while closing, so that a reservation goes back through the flow.
+    // Pushed even while closing: until the flow is closed a reservation goes back through it
+    // (start() ends the request at once); once closed, close() has given it back already.
     const cost = frame.body.length + replySize(frame.op, frame.body);
     this.flow.push({ frame, cost }, cost, reserved);
   }

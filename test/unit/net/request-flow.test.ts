@@ -288,3 +288,20 @@ test('RequestFlow.cancelReserve withdraws a reservation still waiting: nothing i
   assert.equal(flow.cancelReserve(), false, 'granted: its body is arriving');
   assert.equal(shared.bytes, 60);
 });
+
+test('RequestFlow.push after close gives nothing back: a granted reservation comes back once, in close()', () => {
+  const shared = new SharedBudget(1000);
+  const other = new RequestFlow<number>(new FakeSocket(), { maxRequests: 4, maxBytes: 1000 }, newFlowStats(), () => undefined, shared);
+  other.push(0, 300);
+  const started: number[] = [];
+  const flow = new RequestFlow<number>(new FakeSocket(), { maxRequests: 4, maxBytes: 1000 }, newFlowStats(), (id) => started.push(id), shared);
+  assert.equal(flow.reserve(500, () => undefined), true);
+  assert.equal(shared.bytes, 800);
+  flow.close();
+  assert.equal(shared.bytes, 300, 'close() gave the reservation back');
+  // The body that was arriving completes after the connection closed (rmem and the mirror push it anyway).
+  flow.push(1, 400, 500);
+  assert.deepEqual(started, []);
+  assert.equal(flow.bytesInFlight, 0);
+  assert.equal(shared.bytes, 300, 'the reservation is not given back a second time');
+});
