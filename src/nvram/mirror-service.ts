@@ -20,7 +20,7 @@ import { createServer, type Server, type Socket } from 'node:net';
 import { timingSafeEqual } from 'node:crypto';
 import { MemstrataError, MisuseError, RuntimeError } from '../errors.js';
 import type { Logger } from '../logger.js';
-import { closeServer, listenOn } from '../net/listen.js';
+import { DRAIN_DEADLINE_MS, closeServer, listenOn } from '../net/listen.js';
 import { CorkedWriter } from '../net/corked-writer.js';
 import { ConnectionGate, type Admission } from '../net/connection-gate.js';
 import { RequestFlow, SharedBudget, newFlowStats, type FlowLimits, type FlowStats } from '../net/request-flow.js';
@@ -80,6 +80,8 @@ export interface MirrorServiceOptions {
   maxConnections: number;
   /** A connection whose HELLO has not succeeded in this time is closed. */
   handshakeTimeoutMs: number;
+  /** At shutdown, how long the request being applied may take before its connection is cut (default DRAIN_DEADLINE_MS). */
+  drainDeadlineMs?: number;
 }
 
 export class MirrorService {
@@ -202,11 +204,29 @@ class MirrorConnection {
     });
   }
 
+  /**
+   * Shutdown: stops reading, lets the request being applied finish (those admitted after
+   * it are dropped unanswered), then ends this side. Resolves once the chain is idle or
+   * the socket has closed, at the latest after drainDeadlineMs: a request stuck in
+   * storage must not keep the node from stopping.
+   */
   async drainAndClose(): Promise<void> {
     this.closing = true;
     this.flow.close();
     this.socket.pause();
-    await this.chain;
+    if (!this.socket.destroyed) {
+      const deadlineMs = this.options.drainDeadlineMs ?? DRAIN_DEADLINE_MS;
+      const deadline = setTimeout(() => {
+        this.options.log.warn({ partner: this.partner, remote: this.socket.remoteAddress, deadlineMs }, 'mirror connection still busy at the shutdown deadline; cutting it');
+        this.socket.destroy();
+      }, deadlineMs);
+      deadline.unref();
+      await new Promise<void>((resolve) => {
+        this.chain.then(resolve, resolve);
+        this.socket.once('close', resolve);
+      });
+      clearTimeout(deadline);
+    }
     this.socket.end();
   }
 

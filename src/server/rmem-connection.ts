@@ -83,6 +83,8 @@ export interface ConnectionHost {
   /** Large reply buffers, reused across requests and connections. */
   readonly replyBuffers: BufferPool;
   isStopping(): boolean;
+  /** At shutdown, how long requests in flight may take before the connection is cut. */
+  readonly drainDeadlineMs: number;
   /** Admits a HELLO; returns the session's tenancy and reply fields, or throws a coded error. */
   hello(connection: RmemConnection, serverId: string, token: string, secret: Buffer | undefined): { tenancy: Tenancy; resumed: boolean; sessionId: bigint; leaseMs: number; nodeId: string; secret: Buffer };
   /** Notes traffic for the lease. */
@@ -178,7 +180,13 @@ export class RmemConnection {
     return this.flow.inFlight > 0;
   }
 
-  /** Stops reading, answers what was parsed but not started with SHUTDOWN, lets requests in flight finish, then closes. */
+  /**
+   * Shutdown: stops reading, answers what was parsed but not started with SHUTDOWN, lets
+   * requests in flight finish, then ends this side. Resolves once nothing is in flight or
+   * the socket has closed, at the latest after the host's drainDeadlineMs: a client that
+   * does not read its replies (or storage that does not answer) is cut then, and the
+   * replies not yet sent are lost.
+   */
   async drainAndClose(): Promise<void> {
     this.closing = true;
     for (const request of this.flow.close()) {
@@ -186,7 +194,18 @@ export class RmemConnection {
       this.writer.write(encodeErrorReply(request.frame.op, STATUS.SHUTDOWN, tag, 'the node is stopping'));
     }
     this.socket.pause();
-    if (this.flow.inFlight > 0) await new Promise<void>((resolve) => (this.idle = resolve));
+    if (this.flow.inFlight > 0 && !this.socket.destroyed) {
+      const deadlineMs = this.host.drainDeadlineMs;
+      const deadline = setTimeout(() => {
+        this.destroy(`requests still in flight ${deadlineMs} ms after the shutdown began`);
+      }, deadlineMs);
+      deadline.unref();
+      await new Promise<void>((resolve) => {
+        this.idle = resolve;
+        this.socket.once('close', resolve);
+      });
+      clearTimeout(deadline);
+    }
     this.socket.end();
   }
 

@@ -31,7 +31,7 @@ import { MisuseError } from '../errors.js';
 import type { ServerMemory, Tenancy } from '../memory/server-memory.js';
 import type { DeviceManager } from '../nvram/device-manager.js';
 import type { Logger } from '../logger.js';
-import { closeServer, listenOn } from '../net/listen.js';
+import { DRAIN_DEADLINE_MS, closeServer, listenOn } from '../net/listen.js';
 import { ConnectionGate } from '../net/connection-gate.js';
 import { SharedBudget, newFlowStats, type FlowLimits, type FlowStats } from '../net/request-flow.js';
 import { serviceLoad, type ServiceLoad } from '../net/service-load.js';
@@ -59,6 +59,8 @@ export interface RmemServiceOptions {
   maxConnections: number;
   /** A connection whose HELLO has not succeeded in this time is closed. */
   handshakeTimeoutMs: number;
+  /** At shutdown, how long requests in flight may take before their connection is cut (default DRAIN_DEADLINE_MS). */
+  drainDeadlineMs?: number;
 }
 
 /** Large reply buffers kept for reuse, at most this many bytes (outside any budget). */
@@ -87,6 +89,7 @@ export class RmemService implements ConnectionHost {
   readonly gate: ConnectionGate;
   readonly stats: RmemStats;
   readonly replyBuffers: BufferPool;
+  readonly drainDeadlineMs: number;
   private readonly options: RmemServiceOptions;
   private readonly sessions: Map<string, Session>;
   private readonly connections: Set<RmemConnection>;
@@ -106,6 +109,7 @@ export class RmemService implements ConnectionHost {
     this.gate = new ConnectionGate('rmem', { maxConnections: options.maxConnections, handshakeTimeoutMs: options.handshakeTimeoutMs }, options.log);
     this.stats = { requests: {}, errors: {}, bytesRead: 0, bytesWritten: 0, connectionsAccepted: 0, protocolErrors: 0 };
     this.replyBuffers = new BufferPool(8, REPLY_POOL_BYTES);
+    this.drainDeadlineMs = options.drainDeadlineMs ?? DRAIN_DEADLINE_MS;
     this.sessions = new Map();
     this.connections = new Set();
     this.server = undefined;
@@ -136,7 +140,11 @@ export class RmemService implements ConnectionHost {
     return this.bound;
   }
 
-  /** Stops accepting, lets requests in flight finish, closes every connection. Regions are volatile and go with the node. */
+  /**
+   * Stops accepting, lets requests in flight finish (for drainDeadlineMs at most: a
+   * connection still busy then is cut), closes every connection. Regions are volatile
+   * and go with the node.
+   */
   async close(): Promise<void> {
     this.stopping = true;
     if (this.timer !== undefined) clearInterval(this.timer);

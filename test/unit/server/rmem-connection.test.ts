@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { connect } from 'node:net';
 import pino from 'pino';
 import { RmemClient } from '../../../src/client/rmem-client.js';
 import { StorageError } from '../../../src/errors.js';
@@ -17,6 +18,9 @@ import { PartitionTable } from '../../../src/memory/partition-table.js';
 import { ServerMemory } from '../../../src/memory/server-memory.js';
 import { DeviceManager } from '../../../src/nvram/device-manager.js';
 import { RmemService } from '../../../src/server/rmem-service.js';
+import * as codec from '../../../src/protocol/rmem/codec.js';
+import { FrameParser, type Frame } from '../../../src/protocol/rmem/parser.js';
+import { STATUS, VERSION } from '../../../src/protocol/rmem/spec.js';
 
 const E = 1024 * 1024;
 const log = pino({ level: 'silent' });
@@ -55,7 +59,16 @@ class ScriptedMedium extends DramMedium {
   }
 }
 
-async function service(t: { after(fn: () => Promise<void>): void }, leaseMs = 30_000) {
+interface ServiceOptions {
+  leaseMs?: number;
+  token?: string;
+  maxInFlightBytes?: number;
+  maxInFlightBytesTotal?: number;
+  drainDeadlineMs?: number;
+}
+
+async function service(t: { after(fn: () => Promise<void>): void }, leaseOrOptions: number | ServiceOptions = 30_000) {
+  const options: ServiceOptions = typeof leaseOrOptions === 'number' ? { leaseMs: leaseOrOptions } : leaseOrOptions;
   const dir = await mkdtemp(join(tmpdir(), 'memstrata-rmemconn-'));
   t.after(() => rm(dir, { recursive: true, force: true }));
   const medium = new ScriptedMedium({ capacity: 32 * E, extentSize: E });
@@ -71,13 +84,14 @@ async function service(t: { after(fn: () => Promise<void>): void }, leaseMs = 30
     nvram,
     log,
     nodeId: 'unit',
-    leaseMs,
-    token: undefined,
+    leaseMs: options.leaseMs ?? 30_000,
+    token: options.token,
     maxInFlight: 64,
-    maxInFlightBytes: 32 * E,
-    maxInFlightBytesTotal: 64 * E,
-    maxConnections: 16,
+    maxInFlightBytes: options.maxInFlightBytes ?? 32 * E,
+    maxInFlightBytesTotal: options.maxInFlightBytesTotal ?? 64 * E,
+    maxConnections: 64,
     handshakeTimeoutMs: 5000,
+    ...(options.drainDeadlineMs === undefined ? {} : { drainDeadlineMs: options.drainDeadlineMs }),
   });
   const address = await rmem.listen({ host: '127.0.0.1', port: 0 });
   t.after(async () => {
@@ -187,3 +201,80 @@ async function untilAsync(probe: () => Promise<boolean>): Promise<void> {
   }
   throw new Error('condition not reached');
 }
+
+/** A raw rmem connection: frames out as the test writes them, replies collected by tag. */
+async function raw(t: { after(fn: () => void): void }, address: { host: string; port: number }) {
+  const socket = connect(address.port, address.host);
+  socket.on('error', () => undefined);
+  t.after(() => socket.destroy());
+  const replies = new Map<number, Frame>();
+  let closed = false;
+  const parser = new FrameParser('response', {
+    onFrame: (f) => replies.set(f.tagLo, { ...f, body: Buffer.from(f.body) }),
+    onFatal: () => socket.destroy(),
+  });
+  socket.on('data', (chunk: Buffer) => parser.feed(chunk));
+  socket.on('close', () => (closed = true));
+  await new Promise<void>((resolve) => socket.once('connect', resolve));
+  const reply = async (tag: number): Promise<Frame> => {
+    await untilAsync(async () => replies.has(tag) || closed);
+    const f = replies.get(tag);
+    assert.ok(f !== undefined, `reply ${tag} before the connection closed`);
+    return f;
+  };
+  return {
+    socket,
+    replies,
+    closed: () => closed,
+    reply,
+    async hello(serverId: string, token = ''): Promise<void> {
+      socket.write(codec.encodeHelloRequest({ hi: 0, lo: 1 }, { version: VERSION, serverId, token }));
+      assert.equal((await reply(1)).word, STATUS.OK);
+    },
+    async bind(size: number): Promise<{ regionId: number; key: bigint }> {
+      socket.write(codec.encodeBindRequest({ hi: 0, lo: 2 }, { size, placement: { kind: 'medium', medium: 'dram' } }));
+      const f = await reply(2);
+      assert.equal(f.word, STATUS.OK);
+      return codec.decodeBindReply(f.body);
+    },
+  };
+}
+
+/** Resolves with what `promise` resolves with, or fails if it has not settled within `ms` (a hang, not a slow machine). */
+async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const hang = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: still waiting after ${ms} ms`)), ms);
+  });
+  try {
+    return await Promise.race([promise, hang]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+test('shutdown: a client that never reads its replies is cut at the drain deadline, and close() finishes', async (t) => {
+  const { rmem, address, medium } = await service(t, { drainDeadlineMs: 100 });
+  const reader = await RmemClient.connect({ ...address, serverId: 'reader', keepalive: false, reconnect: false });
+  const nonreader = await raw(t, address);
+  await nonreader.hello('nonreader');
+  const region = await nonreader.bind(4 * E);
+  nonreader.socket.removeAllListeners('data');
+  nonreader.socket.pause();
+  const frames: Buffer[] = [];
+  for (let i = 0; i < 8; i++) frames.push(codec.encodeReadRequest({ hi: 0, lo: 10 + i }, { ...region, offset: 0, length: 4 * E }));
+  nonreader.socket.write(Buffer.concat(frames));
+  // Its replies fill the socket buffers: READs stay in flight, their budget held.
+  await untilAsync(async () => rmem.load().bytesInFlight >= 16 * E);
+  // A request in flight (held in storage) on a client that reads is answered before its connection ends.
+  const small = await reader.bind(4096, { medium: 'dram' });
+  medium.holding.add(small.ranges[0]!.start);
+  const read = reader.read(small, 0, 4096);
+  await until(() => medium.holdAt.has(small.ranges[0]!.start));
+  const closing = rmem.close();
+  medium.holdAt.get(small.ranges[0]!.start)?.go(7);
+  await within(closing, 20_000, 'rmem.close() with a client that does not read');
+  assert.ok((await read).every((b) => b === 7));
+  await untilAsync(async () => rmem.load().connections === 0);
+  await reader.close();
+});

@@ -1,0 +1,129 @@
+// The mirror service in this process, driven by raw mirror connections over loopback:
+// what its limits do at shutdown, before HELLO, and against peers that stall.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { connect, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import pino from 'pino';
+import { DramMedium } from '../../../src/memory/dram-medium.js';
+import { PartitionTable } from '../../../src/memory/partition-table.js';
+import { DeviceManager } from '../../../src/nvram/device-manager.js';
+import { MirrorService, type MirrorServiceOptions } from '../../../src/nvram/mirror-service.js';
+import * as m from '../../../src/protocol/mirror/codec.js';
+import { FrameParser, type Frame } from '../../../src/protocol/rmem/parser.js';
+
+const MiB = 1024 * 1024;
+const log = pino({ level: 'silent' });
+
+/** A device manager whose RESET never finishes: a request stuck in storage. */
+class StuckResets extends DeviceManager {
+  resets = 0;
+  override resetReplica(): Promise<void> {
+    this.resets++;
+    return new Promise<void>(() => undefined);
+  }
+}
+
+async function service(t: { after(fn: () => Promise<void>): void }, options: Partial<MirrorServiceOptions> = {}) {
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-mirrorsvc-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const medium = new DramMedium({ capacity: 16 * MiB, extentSize: MiB });
+  await medium.open();
+  const partition = new PartitionTable([
+    { name: 'dram', capacity: 16 * MiB, extentSize: MiB, initial: { cache: 0, server: 0, nvram: 8 * MiB }, bounds: { cache: { min: 0, max: 16 * MiB }, server: { min: 0, max: 0 }, nvram: { min: 0, max: 16 * MiB } } },
+  ]);
+  const nvram = new StuckResets({ dataDir: dir, partition, media: [medium], log });
+  await nvram.open();
+  const mirror = new MirrorService({
+    nvram,
+    nodeId: 'unit',
+    token: undefined,
+    log,
+    maxInFlight: 64,
+    maxInFlightBytes: 64 * MiB,
+    maxInFlightBytesTotal: 128 * MiB,
+    maxConnections: 64,
+    handshakeTimeoutMs: 5000,
+    ...options,
+  });
+  const address = await mirror.listen({ host: '127.0.0.1', port: 0 });
+  t.after(() => mirror.close());
+  return { mirror, nvram, address };
+}
+
+interface Peer {
+  socket: Socket;
+  closed(): boolean;
+  /** Sends a request and waits for its reply; undefined if the connection closes first. */
+  ask(op: number, tag: number, body: Buffer): Promise<Frame | undefined>;
+}
+
+async function peer(t: { after(fn: () => void): void }, address: { host: string; port: number }, hello = true): Promise<Peer> {
+  const socket = connect(address.port, address.host);
+  socket.on('error', () => undefined);
+  t.after(() => socket.destroy());
+  const replies = new Map<number, Frame>();
+  let closed = false;
+  let wake: () => void = () => undefined;
+  const parser = new FrameParser({ magic: m.MIRROR_RESPONSE_MAGIC }, {
+    onFrame: (f) => {
+      replies.set(f.tagLo, { ...f, body: Buffer.from(f.body) });
+      wake();
+    },
+    onFatal: () => socket.destroy(),
+  });
+  socket.on('data', (chunk: Buffer) => parser.feed(chunk));
+  socket.on('close', () => {
+    closed = true;
+    wake();
+  });
+  await new Promise<void>((resolve, reject) => {
+    socket.once('connect', resolve);
+    socket.once('error', reject);
+  });
+  const ask = async (op: number, tag: number, body: Buffer): Promise<Frame | undefined> => {
+    socket.write(m.request(op, tag, body));
+    for (;;) {
+      const found = replies.get(tag);
+      if (found !== undefined || closed) return found;
+      await new Promise<void>((resolve) => (wake = resolve));
+    }
+  };
+  if (hello) assert.equal((await ask(m.MOP.HELLO, 1, m.encodeHello({ version: m.MIRROR_VERSION, nodeId: 'peer', token: '' })))?.word, m.MSTATUS.OK);
+  return { socket, closed: () => closed, ask };
+}
+
+async function until(probe: () => boolean): Promise<void> {
+  for (let i = 0; i < 4000; i++) {
+    if (probe()) return;
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+  throw new Error('condition not reached');
+}
+
+/** Resolves with what `promise` resolves with, or fails if it has not settled within `ms` (a hang, not a slow machine). */
+async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const hang = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: still waiting after ${ms} ms`)), ms);
+  });
+  try {
+    return await Promise.race([promise, hang]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+test('shutdown: a request stuck in storage is cut at the drain deadline, and close() finishes', async (t) => {
+  const { mirror, nvram, address } = await service(t, { drainDeadlineMs: 100 });
+  const p = await peer(t, address);
+  const reset = { name: 'rep', policy: 'mirrored', medium: 'dram', size: MiB, epoch: 1, trimmedTo: 0, firstSeq: 1 } as const;
+  const answer = p.ask(m.MOP.RESET, 2, m.encodeReset(reset));
+  await until(() => nvram.resets === 1);
+  await within(mirror.close(), 20_000, 'mirror.close() with a RESET stuck in storage');
+  assert.equal(await answer, undefined, 'the connection was cut before the stuck RESET was answered');
+  await until(() => mirror.load().connections === 0);
+});
