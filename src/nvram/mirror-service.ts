@@ -9,12 +9,16 @@
 //
 // Bounded resources, as for rmem (src/server/rmem-connection.ts): a ConnectionGate caps
 // connections and closes one whose HELLO has not succeeded in time; until then bodies
-// are at most MIRROR_HANDSHAKE_MAX_BODY. Each connection's RequestFlow admits requests
-// into the in-order chain only within its budget of requests and bytes (a request holds
-// its body and the largest reply it can get until that reply is in the kernel's hands),
-// one SharedBudget caps all connections together, a body that spans chunks is reserved
-// before it is allocated, and the socket is not read while anything waits or the
-// replies are not being read.
+// are at most MIRROR_HANDSHAKE_MAX_BODY and each frame is priced for an error reply at
+// most (MIRROR_HANDSHAKE_REPLY_SIZE), whatever its op; a frame is priced once, at its
+// header, and served as it was priced (one read before HELLO was applied is refused).
+// Each connection's RequestFlow admits requests into the in-order chain only within its
+// budget of requests and bytes (a request holds its body and the largest reply it can
+// get until that reply is in the kernel's hands), one SharedBudget caps all connections
+// together, plus IDLE_RESERVE for a connection with nothing in flight (so the partner's
+// requests one at a time still move while others hold the budget), a body that spans
+// chunks is reserved before it is allocated, and the socket is not read while anything
+// waits or the replies are not being read.
 
 import { createServer, type Server, type Socket } from 'node:net';
 import { timingSafeEqual } from 'node:crypto';
@@ -29,6 +33,7 @@ import { FrameParser, type Frame } from '../protocol/rmem/parser.js';
 import type { ListenAddress } from '../units.js';
 import {
   MIRROR_HANDSHAKE_MAX_BODY,
+  MIRROR_HANDSHAKE_REPLY_SIZE,
   MIRROR_MAX_BODY,
   MIRROR_REQUEST_MAGIC,
   MIRROR_VERSION,
@@ -84,6 +89,9 @@ export interface MirrorServiceOptions {
   drainDeadlineMs?: number;
 }
 
+/** What a connection with nothing in flight may always take for one request, beyond the service budget. */
+export const IDLE_RESERVE = 256 * 1024;
+
 export class MirrorService {
   private readonly options: MirrorServiceOptions;
   private server: Server | undefined;
@@ -102,7 +110,7 @@ export class MirrorService {
     this.connections = new Set();
     this.flowLimits = { maxRequests: options.maxInFlight, maxBytes: options.maxInFlightBytes };
     this.flowStats = newFlowStats();
-    this.budget = new SharedBudget(options.maxInFlightBytesTotal);
+    this.budget = new SharedBudget(options.maxInFlightBytesTotal, IDLE_RESERVE);
     this.gate = new ConnectionGate('mirror', { maxConnections: options.maxConnections, handshakeTimeoutMs: options.handshakeTimeoutMs }, options.log);
     this.address = undefined;
     this.served = 0;
@@ -132,10 +140,11 @@ export class MirrorService {
   }
 }
 
-/** A parsed request and what it holds of the budget. */
+/** A parsed request, what it holds of the budget, and whether HELLO had been applied when it was priced. */
 interface Request {
   frame: Frame;
   cost: number;
+  admitted: boolean;
 }
 
 class MirrorConnection {
@@ -151,6 +160,8 @@ class MirrorConnection {
   private partner: string | undefined;
   /** Bytes reserved for the body the parser is assembling (0: none). */
   private reserved: number;
+  /** Whether that body was priced as a request of an admitted peer. */
+  private reservedAdmitted: boolean;
   private resumeScheduled: boolean;
   private closing: boolean;
 
@@ -163,6 +174,7 @@ class MirrorConnection {
     this.chain = Promise.resolve();
     this.partner = undefined;
     this.reserved = 0;
+    this.reservedAdmitted = false;
     this.resumeScheduled = false;
     this.closing = false;
     this.flow = new RequestFlow<Request>(socket, service.flowLimits, service.flowStats, (request) => {
@@ -172,9 +184,11 @@ class MirrorConnection {
       onFrame: (f) => {
         const reserved = this.reserved;
         this.reserved = 0;
+        // Priced at its header: a reserved body as it was reserved, any other frame now.
+        const admitted = reserved > 0 ? this.reservedAdmitted : this.partner !== undefined;
         // Socket chunks are fresh buffers, so holding a view of one until the request is applied is safe.
-        const cost = f.body.length + maxMirrorReplySize(f.op);
-        this.flow.push({ frame: f, cost }, cost, reserved);
+        const cost = f.body.length + (admitted ? maxMirrorReplySize(f.op) : MIRROR_HANDSHAKE_REPLY_SIZE);
+        this.flow.push({ frame: f, cost, admitted }, cost, reserved);
       },
       onFatal: (error) => {
         options.log.warn({ err: error, remote: socket.remoteAddress }, 'mirror connection sent a malformed frame; closing it');
@@ -183,12 +197,17 @@ class MirrorConnection {
       },
       admitBody: (op, length) => {
         // The body and the largest reply its op can get: the request then starts at once.
-        const bytes = length + maxMirrorReplySize(op);
+        const admitted = this.partner !== undefined;
+        const bytes = length + (admitted ? maxMirrorReplySize(op) : MIRROR_HANDSHAKE_REPLY_SIZE);
         const granted = this.flow.reserve(bytes, () => {
           this.reserved = bytes;
+          this.reservedAdmitted = admitted;
           this.parser.resume();
         });
-        if (granted) this.reserved = bytes;
+        if (granted) {
+          this.reserved = bytes;
+          this.reservedAdmitted = admitted;
+        }
         return granted;
       },
       // A frame that had to queue stops the parser: the rest of the chunk waits as bytes.
@@ -245,7 +264,7 @@ class MirrorConnection {
         this.flow.done(request.cost);
         return;
       }
-      const { buf, last } = await this.serve(request.frame);
+      const { buf, last } = await this.serve(request.frame, request.admitted);
       this.writer.write(buf, () => {
         this.flow.done(request.cost);
       });
@@ -254,27 +273,28 @@ class MirrorConnection {
   }
 
   /** The reply to one request, and whether it is the last this connection gets. */
-  private async serve(f: Frame): Promise<{ buf: Buffer; last: boolean }> {
+  private async serve(f: Frame, admitted: boolean): Promise<{ buf: Buffer; last: boolean }> {
     const tag = f.tagLo;
     try {
-      const body = await this.handle(f.op, f.body);
+      const body = await this.handle(f.op, f.body, admitted);
       this.service.served++;
       return { buf: reply(f.op, MSTATUS.OK, tag, body), last: false };
     } catch (error) {
       const status = error instanceof MemstrataError ? (STATUS_OF[error.code] ?? MSTATUS.IO) : MSTATUS.IO;
       const message = error instanceof Error ? error.message : String(error);
       if (status === MSTATUS.IO) this.options.log.error({ err: error, partner: this.partner }, 'mirror request failed');
-      // A refused HELLO, or anything before one, ends the connection.
-      const last = status === MSTATUS.AUTH || (status === MSTATUS.PROTOCOL && this.partner === undefined);
+      // A refused HELLO, or anything read before one succeeded, ends the connection.
+      const last = status === MSTATUS.AUTH || (status === MSTATUS.PROTOCOL && (!admitted || this.partner === undefined));
       if (last) this.closing = true;
       return { buf: errorReply(f.op, status, tag, message), last };
     }
   }
 
-  private async handle(op: number, body: Buffer): Promise<Buffer | undefined> {
+  private async handle(op: number, body: Buffer, admitted: boolean): Promise<Buffer | undefined> {
     const { nvram } = this.options;
     if (op === MOP.HELLO) return this.hello(body);
-    if (this.partner === undefined) throw new MisuseError('MS_MIRROR_PROTOCOL', 'HELLO must come first on a mirror connection');
+    // Priced before HELLO was applied (for an error reply at most): served as such.
+    if (!admitted || this.partner === undefined) throw new MisuseError('MS_MIRROR_PROTOCOL', 'HELLO must come first on a mirror connection, and nothing may follow it before its reply');
     switch (op) {
       case MOP.STATE: {
         const device = nvram.find(decodeName(body, 'STATE'));

@@ -15,8 +15,12 @@
 //     its length plus the largest reply its op can get, so no body is assembled outside
 //     the budget and the request it becomes starts at once (never holding budget while
 //     waiting for more);
-//   - until HELLO succeeds, bodies are at most HANDSHAKE_MAX_BODY: a peer that has not
-//     been admitted makes the node hold a few KiB at most, for handshakeTimeout at most;
+//   - until HELLO succeeds, bodies are at most HANDSHAKE_MAX_BODY and every frame is
+//     priced at its body plus HANDSHAKE_REPLY_SIZE (a HELLO reply or an error, all it
+//     can get), not at what its op could get in a session: a peer that has not been
+//     admitted makes the node hold about 5 KiB at most, for handshakeTimeout at most. A
+//     frame is priced once, at its header, and served as it was priced: one priced
+//     before HELLO gets NO_SESSION even if HELLO succeeded meanwhile;
 //   - reading stops while anything waits for budget or the socket's write buffer is above
 //     its high-water mark (a client that does not read its replies stops being read).
 //
@@ -44,6 +48,7 @@ import {
   encodeEmptyReply,
   encodeErrorReply,
   encodeHelloReply,
+  HANDSHAKE_REPLY_SIZE,
   maxReplySize,
   replySize,
   writeResponseHeader,
@@ -101,10 +106,11 @@ export interface RmemStats {
   protocolErrors: number;
 }
 
-/** A parsed request and what it holds of the budget. */
+/** A parsed request, what it holds of the budget, and whether HELLO had succeeded when it was priced. */
 interface Request {
   frame: Frame;
   cost: number;
+  admitted: boolean;
 }
 
 /** A reply ready to go: its buffers, and what to do once the kernel has them. */
@@ -129,6 +135,8 @@ export class RmemConnection {
   private nextHandle: number;
   /** Bytes reserved for the body the parser is assembling (0: none). */
   private reserved: number;
+  /** Whether that body was priced as a request of an admitted connection. */
+  private reservedAdmitted: boolean;
   private resumeScheduled: boolean;
   private closing: boolean;
   private idle: (() => void) | undefined;
@@ -144,6 +152,7 @@ export class RmemConnection {
     this.journals = new Map();
     this.nextHandle = 1;
     this.reserved = 0;
+    this.reservedAdmitted = false;
     this.resumeScheduled = false;
     this.closing = false;
     this.idle = undefined;
@@ -225,26 +234,33 @@ export class RmemConnection {
 
   /** Budgets a body that spans chunks, and the largest reply its op can get, before the parser allocates it. */
   private admitBody(op: number, length: number): boolean {
-    const bytes = length + maxReplySize(op);
+    const admitted = this.tenancy !== undefined;
+    const bytes = length + (admitted ? maxReplySize(op) : HANDSHAKE_REPLY_SIZE);
     const granted = this.flow.reserve(bytes, () => {
       this.reserved = bytes;
+      this.reservedAdmitted = admitted;
       this.parser.resume();
     });
-    if (granted) this.reserved = bytes;
+    if (granted) {
+      this.reserved = bytes;
+      this.reservedAdmitted = admitted;
+    }
     return granted;
   }
 
   private onFrame(frame: Frame): void {
     const reserved = this.reserved;
     this.reserved = 0;
+    // Priced at its header: a reserved body as it was reserved, any other frame now.
+    const admitted = reserved > 0 ? this.reservedAdmitted : this.tenancy !== undefined;
     if (!this.closing) {
       const name = OP_NAME[frame.op] ?? 'UNKNOWN';
       this.host.stats.requests[name] = (this.host.stats.requests[name] ?? 0) + 1;
     }
     // Pushed even while closing: until the flow is closed a reservation goes back through it
     // (start() ends the request at once); once closed, close() has given it back already.
-    const cost = frame.body.length + replySize(frame.op, frame.body);
-    this.flow.push({ frame, cost }, cost, reserved);
+    const cost = frame.body.length + (admitted ? replySize(frame.op, frame.body) : HANDSHAKE_REPLY_SIZE);
+    this.flow.push({ frame, cost, admitted }, cost, reserved);
   }
 
   /** Runs a request the flow dispatched; its budget comes back once its reply is written. */
@@ -263,7 +279,7 @@ export class RmemConnection {
       this.done(request);
       return;
     }
-    this.serve(frame, tag).then(
+    this.serve(frame, tag, request.admitted).then(
       (reply) => {
         this.finish(request, reply);
       },
@@ -293,13 +309,14 @@ export class RmemConnection {
     if (this.flow.inFlight === 0 && this.idle !== undefined) this.idle();
   }
 
-  private async serve(frame: Frame, tag: Tag): Promise<Reply> {
+  private async serve(frame: Frame, tag: Tag, admitted: boolean): Promise<Reply> {
     if (this.host.isStopping()) throw new RuntimeError('MS_SHUTTING_DOWN', 'the node is stopping');
     const { op, body } = frame;
     if (op === OP.HELLO) return this.onHello(body, tag);
     const serverId = this.serverId;
     const tenancy = this.tenancy;
-    if (serverId === undefined || tenancy === undefined) {
+    // Priced before HELLO (for an error reply at most): served as such.
+    if (!admitted || serverId === undefined || tenancy === undefined) {
       if (OP_NAME[op] === undefined) throw new MisuseError('MS_RMEM_UNSUPPORTED', `unknown operation ${op}`);
       throw new MisuseError('MS_RMEM_NO_SESSION', `${OP_NAME[op] ?? op} before HELLO`);
     }

@@ -23,7 +23,10 @@
 // Bounded resources: a ConnectionGate caps connections and closes one whose HELLO does
 // not succeed within `handshakeTimeoutMs`; each connection's RequestFlow caps its
 // requests and bytes in flight, and one SharedBudget caps the bytes of all connections
-// together (see rmem-connection.ts).
+// together, plus IDLE_RESERVE for each connection with nothing in flight, so that
+// connections holding the whole budget (clients that do not read their replies, say)
+// cannot keep another's HELLO, KEEPALIVE or modest request waiting (see
+// rmem-connection.ts).
 
 import { createServer, type Server, type Socket } from 'node:net';
 import { randomBytes, timingSafeEqual } from 'node:crypto';
@@ -62,6 +65,12 @@ export interface RmemServiceOptions {
   /** At shutdown, how long requests in flight may take before their connection is cut (default DRAIN_DEADLINE_MS). */
   drainDeadlineMs?: number;
 }
+
+/**
+ * What a connection with nothing in flight may always take for one request, beyond the
+ * service budget. Times the default 256 connections it is 32 MiB, as NBD's reserve is.
+ */
+export const IDLE_RESERVE = 128 * 1024;
 
 /** Large reply buffers kept for reuse, at most this many bytes (outside any budget). */
 const REPLY_POOL_BYTES = 32 * 1024 * 1024;
@@ -105,7 +114,7 @@ export class RmemService implements ConnectionHost {
     this.log = options.log;
     this.flowLimits = { maxRequests: options.maxInFlight, maxBytes: options.maxInFlightBytes };
     this.flowStats = newFlowStats();
-    this.budget = new SharedBudget(options.maxInFlightBytesTotal);
+    this.budget = new SharedBudget(options.maxInFlightBytesTotal, IDLE_RESERVE);
     this.gate = new ConnectionGate('rmem', { maxConnections: options.maxConnections, handshakeTimeoutMs: options.handshakeTimeoutMs }, options.log);
     this.stats = { requests: {}, errors: {}, bytesRead: 0, bytesWritten: 0, connectionsAccepted: 0, protocolErrors: 0 };
     this.replyBuffers = new BufferPool(8, REPLY_POOL_BYTES);

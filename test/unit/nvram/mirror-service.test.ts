@@ -92,7 +92,7 @@ async function peer(t: { after(fn: () => void): void }, address: { host: string;
       await new Promise<void>((resolve) => (wake = resolve));
     }
   };
-  if (hello) assert.equal((await ask(m.MOP.HELLO, 1, m.encodeHello({ version: m.MIRROR_VERSION, nodeId: 'peer', token: '' })))?.word, m.MSTATUS.OK);
+  if (hello) assert.equal((await within(ask(m.MOP.HELLO, 1, m.encodeHello({ version: m.MIRROR_VERSION, nodeId: 'peer', token: '' })), 20_000, 'HELLO'))?.word, m.MSTATUS.OK);
   return { socket, closed: () => closed, ask };
 }
 
@@ -126,4 +126,46 @@ test('shutdown: a request stuck in storage is cut at the drain deadline, and clo
   await within(mirror.close(), 20_000, 'mirror.close() with a RESET stuck in storage');
   assert.equal(await answer, undefined, 'the connection was cut before the stuck RESET was answered');
   await until(() => mirror.load().connections === 0);
+});
+
+test('before HELLO a frame is priced for an error reply at most: unadmitted FETCH headers hold a few KiB each', async (t) => {
+  const { mirror, address } = await service(t);
+  const squatters = await Promise.all(Array.from({ length: 10 }, () => peer(t, address, false)));
+  for (const s of squatters) {
+    const header = Buffer.alloc(m.MIRROR_HEADER);
+    header.writeUInt32BE(m.MIRROR_REQUEST_MAGIC, 0);
+    header.writeUInt16BE(m.MOP.FETCH, 4);
+    header.writeUInt32BE(9, 12);
+    header.writeUInt32BE(4096, 16);
+    s.socket.write(header); // the body never follows
+  }
+  const each = 4096 + m.MIRROR_HANDSHAKE_REPLY_SIZE;
+  await until(() => mirror.load().bytesInFlight === 10 * each);
+  assert.ok(each < 12 * 1024, `${each} bytes for an unadmitted frame`);
+  // The partner is served meanwhile.
+  const partner = await peer(t, address);
+  assert.equal((await partner.ask(m.MOP.STATE, 2, m.encodeName('rep')))?.word, m.MSTATUS.OK);
+});
+
+test('a request sent behind HELLO, before its reply, was priced before HELLO and is refused, not served', async (t) => {
+  const { address } = await service(t);
+  const p = await peer(t, address, false);
+  p.socket.write(Buffer.concat([
+    m.request(m.MOP.HELLO, 1, m.encodeHello({ version: m.MIRROR_VERSION, nodeId: 'eager', token: '' })),
+    m.request(m.MOP.FETCH, 2, m.encodeFetch('j', 1, 8 * MiB)),
+  ]));
+  const answer = await p.ask(m.MOP.STATE, 3, m.encodeName('j'));
+  assert.equal(answer, undefined, 'the connection ends after the refusal');
+  await until(() => p.closed());
+});
+
+test('while one peer holds the whole service budget, another peer\'s requests one at a time are served from the idle reserve', async (t) => {
+  const { mirror, nvram, address } = await service(t, { maxInFlightBytes: 16 * 1024, maxInFlightBytesTotal: 16 * 1024 });
+  const hog = await peer(t, address);
+  const reset = { name: 'rep', policy: 'mirrored', medium: 'dram', size: MiB, epoch: 1, trimmedTo: 0, firstSeq: 1 } as const;
+  // RESETs stuck in storage: the first is being applied, the next ones wait in the chain, holding their budget.
+  for (let i = 0; i < 4; i++) hog.socket.write(m.request(m.MOP.RESET, 10 + i, m.encodeReset(reset)));
+  await until(() => nvram.resets === 1 && mirror.load().paused >= 1);
+  const partner = await peer(t, address);
+  assert.equal((await within(partner.ask(m.MOP.STATE, 2, m.encodeName('rep')), 20_000, 'STATE while the budget is full'))?.word, m.MSTATUS.OK);
 });

@@ -20,7 +20,7 @@ import { DeviceManager } from '../../../src/nvram/device-manager.js';
 import { RmemService } from '../../../src/server/rmem-service.js';
 import * as codec from '../../../src/protocol/rmem/codec.js';
 import { FrameParser, type Frame } from '../../../src/protocol/rmem/parser.js';
-import { STATUS, VERSION } from '../../../src/protocol/rmem/spec.js';
+import { OP, STATUS, VERSION } from '../../../src/protocol/rmem/spec.js';
 
 const E = 1024 * 1024;
 const log = pino({ level: 'silent' });
@@ -231,7 +231,7 @@ async function raw(t: { after(fn: () => void): void }, address: { host: string; 
       socket.write(codec.encodeHelloRequest({ hi: 0, lo: 1 }, { version: VERSION, serverId, token }));
       assert.equal((await reply(1)).word, STATUS.OK);
     },
-    async bind(size: number): Promise<{ regionId: number; key: bigint }> {
+    async bind(size: number): Promise<codec.BindReply> {
       socket.write(codec.encodeBindRequest({ hi: 0, lo: 2 }, { size, placement: { kind: 'medium', medium: 'dram' } }));
       const f = await reply(2);
       assert.equal(f.word, STATUS.OK);
@@ -277,4 +277,47 @@ test('shutdown: a client that never reads its replies is cut at the drain deadli
   assert.ok((await read).every((b) => b === 7));
   await untilAsync(async () => rmem.load().connections === 0);
   await reader.close();
+});
+
+test('before HELLO a frame is priced for an error reply at most, whatever its op: unadmitted headers hold a few KiB each, and a tenant with the token is served', async (t) => {
+  const { rmem, address } = await service(t, { token: 'the-token' });
+  // Each declares a 4 KiB body and sends none of it: a JREAD could get 16 MiB, a BIND 1 MiB, in a session.
+  const ops = [OP.JREAD, OP.BIND, OP.KEEPALIVE, OP.READV];
+  const squatters = await Promise.all(Array.from({ length: 20 }, () => raw(t, address)));
+  for (const [i, s] of squatters.entries()) {
+    const header = Buffer.alloc(20);
+    codec.writeRequestHeader(header, ops[i % ops.length] ?? OP.JREAD, { hi: 0, lo: 1 }, 4096);
+    s.socket.write(header);
+  }
+  const each = 4096 + codec.HANDSHAKE_REPLY_SIZE;
+  await untilAsync(async () => rmem.load().bytesInFlight === 20 * each);
+  assert.ok(each < 6 * 1024, `${each} bytes for an unadmitted frame`);
+  const tenant = await RmemClient.connect({ ...address, serverId: 'tenant', token: 'the-token', keepalive: false, reconnect: false });
+  t.after(() => tenant.close());
+  const region = await tenant.bind(64 * 1024, { medium: 'dram' });
+  await tenant.write(region, 0, Buffer.from('served'));
+  assert.equal((await tenant.read(region, 0, 6)).toString(), 'served');
+  // A whole frame before HELLO is answered NO_SESSION, and costs no more than its price meanwhile.
+  const early = await raw(t, address);
+  early.socket.write(codec.encodeHandleRequest(OP.JINFO, { hi: 0, lo: 5 }, 1));
+  assert.equal((await early.reply(5)).word, STATUS.NO_SESSION);
+});
+
+test('while one client holds the whole service budget, another client\'s HELLO and modest requests are served from the idle reserve', async (t) => {
+  const { rmem, medium, address } = await service(t, { maxInFlightBytes: 8 * E, maxInFlightBytesTotal: 8 * E });
+  const other = await RmemClient.connect({ ...address, serverId: 'other', keepalive: false, reconnect: false });
+  t.after(() => other.close());
+  const small = await other.bind(4096, { medium: 'dram' });
+  const hog = await raw(t, address);
+  await hog.hello('hog');
+  const region = await hog.bind(4 * E);
+  // Two READs held in storage hold all but a few bytes of the 8 MiB the service allows.
+  medium.holding.add(region.ranges[0]!.start);
+  const read = { regionId: region.regionId, key: region.key, offset: 0, length: 4 * E - 64 };
+  hog.socket.write(Buffer.concat([codec.encodeReadRequest({ hi: 0, lo: 10 }, read), codec.encodeReadRequest({ hi: 0, lo: 11 }, read)]));
+  await untilAsync(async () => rmem.load().bytesInFlight > 8 * E - 1024);
+  const late = await within(RmemClient.connect({ ...address, serverId: 'late', keepalive: false, reconnect: false }), 20_000, 'HELLO while the budget is full');
+  t.after(() => late.close());
+  await within(other.write(small, 0, Buffer.alloc(4096, 9)), 20_000, 'WRITE while the budget is full');
+  assert.ok((await within(other.read(small, 0, 4096), 20_000, 'READ while the budget is full')).every((b) => b === 9));
 });
