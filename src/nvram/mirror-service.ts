@@ -110,7 +110,7 @@ export class MirrorService {
     this.connections = new Set();
     this.flowLimits = { maxRequests: options.maxInFlight, maxBytes: options.maxInFlightBytes };
     this.flowStats = newFlowStats();
-    this.budget = new SharedBudget(options.maxInFlightBytesTotal, IDLE_RESERVE);
+    this.budget = new SharedBudget(options.maxInFlightBytesTotal, { reserveBytes: IDLE_RESERVE, waitersFirst: true });
     this.gate = new ConnectionGate('mirror', { maxConnections: options.maxConnections, handshakeTimeoutMs: options.handshakeTimeoutMs }, options.log);
     this.address = undefined;
     this.served = 0;

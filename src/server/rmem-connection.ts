@@ -190,6 +190,15 @@ export class RmemConnection {
   }
 
   /**
+   * True while this connection holds nothing and its next request waits only for room
+   * in the service's budget: other connections hold it back, not its own client (which
+   * may well be sending KEEPALIVEs the node does not read meanwhile).
+   */
+  get waitingOnService(): boolean {
+    return this.flow.inFlight === 0 && this.flow.waitingOnService;
+  }
+
+  /**
    * Shutdown: stops reading, answers what was parsed but not started with SHUTDOWN, lets
    * requests in flight finish, then ends this side. Resolves once nothing is in flight or
    * the socket has closed, at the latest after the host's drainDeadlineMs: a client that
@@ -239,6 +248,8 @@ export class RmemConnection {
     const granted = this.flow.reserve(bytes, () => {
       this.reserved = bytes;
       this.reservedAdmitted = admitted;
+      // The node reads this connection again after a wait its client could do nothing about.
+      if (admitted && this.serverId !== undefined) this.host.touch(this.serverId);
       this.parser.resume();
     });
     if (granted) {
@@ -256,6 +267,8 @@ export class RmemConnection {
     if (!this.closing) {
       const name = OP_NAME[frame.op] ?? 'UNKNOWN';
       this.host.stats.requests[name] = (this.host.stats.requests[name] ?? 0) + 1;
+      // A frame read is traffic for the lease, whether it runs now or waits for budget.
+      if (admitted && this.serverId !== undefined) this.host.touch(this.serverId);
     }
     // Pushed even while closing: until the flow is closed a reservation goes back through it
     // (start() ends the request at once); once closed, close() has given it back already.

@@ -8,8 +8,11 @@
 //   lease runs out                   -> session ended: its regions unreachable at once,
 //                                       then freed and zeroed, server removed (FIG. 15)
 //
-// A connected session that sends nothing (not even KEEPALIVE) for a lease is treated as
-// lost: its connection is closed and the grace period starts. One coarse timer, a
+// A connected session from which the node reads no frame (not even KEEPALIVE) for a lease
+// is treated as lost: its connection is closed and the grace period starts. That covers
+// a client that does not read its replies (the node stops reading it) or sends a frame
+// too slowly; it spares a connection that holds nothing and whose next request waits
+// for room in the service budget, which other connections hold. One coarse timer, a
 // quarter of the lease, drives both. A HELLO with the session's secret for a server that
 // is connected elsewhere takes the session over and closes the older connection, which
 // is what a client that noticed a dead link before the node did needs.
@@ -114,7 +117,7 @@ export class RmemService implements ConnectionHost {
     this.log = options.log;
     this.flowLimits = { maxRequests: options.maxInFlight, maxBytes: options.maxInFlightBytes };
     this.flowStats = newFlowStats();
-    this.budget = new SharedBudget(options.maxInFlightBytesTotal, IDLE_RESERVE);
+    this.budget = new SharedBudget(options.maxInFlightBytesTotal, { reserveBytes: IDLE_RESERVE, waitersFirst: true });
     this.gate = new ConnectionGate('rmem', { maxConnections: options.maxConnections, handshakeTimeoutMs: options.handshakeTimeoutMs }, options.log);
     this.stats = { requests: {}, errors: {}, bytesRead: 0, bytesWritten: 0, connectionsAccepted: 0, protocolErrors: 0 };
     this.replyBuffers = new BufferPool(8, REPLY_POOL_BYTES);
@@ -256,7 +259,8 @@ export class RmemService implements ConnectionHost {
     const lease = this.options.leaseMs;
     for (const session of this.sessions.values()) {
       if (session.connection !== undefined) {
-        if (now - session.lastSeen > lease) session.connection.destroy(`no request or keepalive for ${lease} ms`);
+        // Not read because others hold the budget is not lost: its turn comes as they give it back.
+        if (now - session.lastSeen > lease && !session.connection.waitingOnService) session.connection.destroy(`no request or keepalive for ${lease} ms`);
         continue;
       }
       if (now - session.disconnectedAt <= lease) continue;

@@ -23,7 +23,7 @@ import { FrameParser, type Frame } from '../../../src/protocol/rmem/parser.js';
 import { OP, STATUS, VERSION } from '../../../src/protocol/rmem/spec.js';
 
 const E = 1024 * 1024;
-const log = pino({ level: 'silent' });
+const log = pino({ level: process.env.TEST_LOG ?? 'silent' });
 
 /** DRAM whose reads at chosen addresses fail at once, or wait until the test lets them go. */
 class ScriptedMedium extends DramMedium {
@@ -240,6 +240,15 @@ async function raw(t: { after(fn: () => void): void }, address: { host: string; 
   };
 }
 
+/** Two READs of 4 MiB less 64 bytes on an 8 MiB region, each held in storage until the test lets it go. */
+function hogReads(socket: NodeJS.WritableStream, medium: ScriptedMedium, region: codec.BindReply): void {
+  const start = region.ranges[0]!.start;
+  medium.holding.add(start);
+  medium.holding.add(start + 4 * E);
+  const read = (lo: number, offset: number): Buffer => codec.encodeReadRequest({ hi: 0, lo }, { regionId: region.regionId, key: region.key, offset, length: 4 * E - 64 });
+  socket.write(Buffer.concat([read(10, 0), read(11, 4 * E)]));
+}
+
 /** Resolves with what `promise` resolves with, or fails if it has not settled within `ms` (a hang, not a slow machine). */
 async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
   let timer: NodeJS.Timeout | undefined;
@@ -310,14 +319,41 @@ test('while one client holds the whole service budget, another client\'s HELLO a
   const small = await other.bind(4096, { medium: 'dram' });
   const hog = await raw(t, address);
   await hog.hello('hog');
-  const region = await hog.bind(4 * E);
   // Two READs held in storage hold all but a few bytes of the 8 MiB the service allows.
-  medium.holding.add(region.ranges[0]!.start);
-  const read = { regionId: region.regionId, key: region.key, offset: 0, length: 4 * E - 64 };
-  hog.socket.write(Buffer.concat([codec.encodeReadRequest({ hi: 0, lo: 10 }, read), codec.encodeReadRequest({ hi: 0, lo: 11 }, read)]));
+  hogReads(hog.socket, medium, await hog.bind(8 * E));
   await untilAsync(async () => rmem.load().bytesInFlight > 8 * E - 1024);
   const late = await within(RmemClient.connect({ ...address, serverId: 'late', keepalive: false, reconnect: false }), 20_000, 'HELLO while the budget is full');
   t.after(() => late.close());
   await within(other.write(small, 0, Buffer.alloc(4096, 9)), 20_000, 'WRITE while the budget is full');
   assert.ok((await within(other.read(small, 0, 4096), 20_000, 'READ while the budget is full')).every((b) => b === 9));
+});
+
+test('a connection whose request waits for the service budget longer than a lease is not treated as lost, and is served once the budget frees', async (t) => {
+  const leaseMs = 200;
+  const { rmem, medium, address } = await service(t, { leaseMs, maxInFlightBytes: 8 * E, maxInFlightBytesTotal: 8 * E });
+  const victim = await RmemClient.connect({ ...address, serverId: 'victim', keepalive: false, reconnect: false });
+  t.after(() => victim.close());
+  const region = await victim.bind(2 * E, { medium: 'dram' });
+  let lost = false;
+  victim.on('disconnected', () => (lost = true));
+  // The hog's two READs are held in storage: the service budget is full, and stays full after the
+  // node cuts the hog (it sends nothing more) at its lease.
+  const hog = await raw(t, address);
+  await hog.hello('hog');
+  hogReads(hog.socket, medium, await hog.bind(8 * E));
+  await untilAsync(async () => rmem.load().bytesInFlight > 8 * E - 1024);
+  // 1 MiB is more than the idle reserve: the victim's WRITE waits for the budget.
+  const write = victim.write(region, 0, Buffer.alloc(E, 5));
+  let settled = false;
+  write.then(() => (settled = true), () => (settled = true));
+  await untilAsync(async () => rmem.budget.waiters === 1);
+  await untilAsync(async () => hog.closed());
+  // Several lease checks pass while the victim waits.
+  await new Promise((resolve) => setTimeout(resolve, 4 * leaseMs));
+  assert.equal(settled, false, 'the WRITE still waits for the budget');
+  assert.equal(lost, false, 'the waiting connection was not treated as lost');
+  for (const h of medium.holdAt.values()) h.go(0);
+  await write;
+  assert.ok((await victim.read(region, 0, E)).every((b) => b === 5));
+  assert.equal(lost, false);
 });
