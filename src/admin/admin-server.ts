@@ -23,7 +23,7 @@
 //
 // What one client may cost (hostile clients):
 //   - sockets: admin.maxConnections for the service (the HTTP server's maxConnections),
-//     admin.maxConnectionsPerClient per remote address (client-limit.ts); more are
+//     admin.maxConnectionsPerClient per remote address (net/client-limit.ts); more are
 //     closed at once;
 //   - time: headers within admin.headersTimeout, the whole request within
 //     admin.requestTimeout, or 408 MS_ADMIN_REQUEST_TIMEOUT and the socket is closed
@@ -51,7 +51,7 @@ import { POLICIES } from '../nvram/device.js';
 import { decodeOne } from '../protocol/journal/record.js';
 import type { NodeMetrics } from './metrics.js';
 import { BearerAuth } from './bearer-auth.js';
-import { ClientLimit } from './client-limit.js';
+import { ClientLimit } from '../net/client-limit.js';
 
 export interface AdminContext {
   info(): Promise<NodeInfo>;

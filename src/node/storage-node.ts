@@ -161,7 +161,9 @@ export class StorageNode {
           maxInFlightBytes: config.mirror.maxInFlightBytes,
           maxInFlightBytesTotal: config.mirror.maxInFlightBytesTotal,
           maxConnections: config.mirror.maxConnections,
+          maxConnectionsPerClient: config.mirror.maxConnectionsPerClient,
           handshakeTimeoutMs: config.mirror.handshakeTimeoutMs,
+          stallTimeoutMs: config.mirror.stallTimeoutMs,
         });
         const bound = await service.listen(config.mirror.listen);
         this.mirrorService = service;
@@ -208,6 +210,7 @@ export class StorageNode {
           maxInFlightBytes: config.rmem.maxInFlightBytes,
           maxInFlightBytesTotal: config.rmem.maxInFlightBytesTotal,
           maxConnections: config.rmem.maxConnections,
+          maxConnectionsPerClient: config.rmem.maxConnectionsPerClient,
           handshakeTimeoutMs: config.rmem.handshakeTimeoutMs,
         });
         const bound = await rmem.listen(config.rmem.listen);

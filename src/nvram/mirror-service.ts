@@ -19,6 +19,13 @@
 // requests one at a time still move while others hold the budget), a body that spans
 // chunks is reserved before it is allocated, and the socket is not read while anything
 // waits or the replies are not being read.
+//
+// After HELLO a connection may be idle for as long as it likes (the partner's link is,
+// between requests), but not stalled: one whose frame has begun and whose next byte does
+// not come, or whose replies sit unread in its socket, for `stallTimeoutMs` is closed,
+// so it cannot keep what it holds of the budget (a reserved body, unwritten replies)
+// for longer. A remote address may hold at most `maxConnectionsPerClient` connections.
+// One coarse timer, a quarter of the stall timeout, checks every connection.
 
 import { createServer, type Server, type Socket } from 'node:net';
 import { timingSafeEqual } from 'node:crypto';
@@ -83,8 +90,12 @@ export interface MirrorServiceOptions {
   /** Bytes in flight on all connections together. */
   maxInFlightBytesTotal: number;
   maxConnections: number;
+  /** Connections open at once from one remote address. */
+  maxConnectionsPerClient: number;
   /** A connection whose HELLO has not succeeded in this time is closed. */
   handshakeTimeoutMs: number;
+  /** After HELLO, a connection whose frame or replies do not move for this long is closed. */
+  stallTimeoutMs: number;
   /** At shutdown, how long the request being applied may take before its connection is cut (default DRAIN_DEADLINE_MS). */
   drainDeadlineMs?: number;
 }
@@ -103,6 +114,9 @@ export class MirrorService {
   address: ListenAddress | undefined;
   /** Requests served, for metrics. */
   served: number;
+  /** Connections closed because they stalled, for metrics. */
+  stalled: number;
+  private timer: NodeJS.Timeout | undefined;
 
   constructor(options: MirrorServiceOptions) {
     this.options = options;
@@ -111,14 +125,16 @@ export class MirrorService {
     this.flowLimits = { maxRequests: options.maxInFlight, maxBytes: options.maxInFlightBytes };
     this.flowStats = newFlowStats();
     this.budget = new SharedBudget(options.maxInFlightBytesTotal, { reserveBytes: IDLE_RESERVE, waitersFirst: true });
-    this.gate = new ConnectionGate('mirror', { maxConnections: options.maxConnections, handshakeTimeoutMs: options.handshakeTimeoutMs }, options.log);
+    this.gate = new ConnectionGate('mirror', { maxConnections: options.maxConnections, maxConnectionsPerClient: options.maxConnectionsPerClient, handshakeTimeoutMs: options.handshakeTimeoutMs }, options.log);
     this.address = undefined;
     this.served = 0;
+    this.stalled = 0;
+    this.timer = undefined;
   }
 
   /** Connections, pauses and bytes in flight, for metrics. */
   load(): ServiceLoad {
-    return serviceLoad(this.gate.stats, this.flowStats, this.budget);
+    return serviceLoad(this.gate.stats, this.flowStats, this.budget, this.stalled);
   }
 
   async listen(address: ListenAddress): Promise<ListenAddress> {
@@ -131,10 +147,17 @@ export class MirrorService {
     });
     this.server = server;
     this.address = await listenOn(server, address, 'mirror', this.options.log);
+    const timeoutMs = this.options.stallTimeoutMs;
+    this.timer = setInterval(() => {
+      const now = performance.now();
+      for (const connection of this.connections) if (connection.cutIfStalled(now, timeoutMs)) this.stalled++;
+    }, Math.max(5, Math.floor(timeoutMs / 4)));
+    this.timer.unref();
     return this.address;
   }
 
   async close(): Promise<void> {
+    clearInterval(this.timer);
     await closeServer(this.server, this.connections);
     this.server = undefined;
   }
@@ -164,6 +187,10 @@ class MirrorConnection {
   private reservedAdmitted: boolean;
   private resumeScheduled: boolean;
   private closing: boolean;
+  /** When a byte last arrived, or the node last resumed reading (performance.now()). */
+  private lastInput: number;
+  /** When a reply was last handed to the socket or taken from it by the kernel. */
+  private lastOutput: number;
 
   constructor(socket: Socket, options: MirrorServiceOptions, service: MirrorService, admission: Admission) {
     this.socket = socket;
@@ -177,6 +204,8 @@ class MirrorConnection {
     this.reservedAdmitted = false;
     this.resumeScheduled = false;
     this.closing = false;
+    this.lastInput = performance.now();
+    this.lastOutput = this.lastInput;
     this.flow = new RequestFlow<Request>(socket, service.flowLimits, service.flowStats, (request) => {
       this.admit(request);
     }, service.budget);
@@ -214,6 +243,7 @@ class MirrorConnection {
       accepting: () => this.flow.queued === 0,
     }, MIRROR_HANDSHAKE_MAX_BODY);
     socket.on('data', (chunk: Buffer) => {
+      this.lastInput = performance.now();
       this.parser.feed(chunk);
     });
     socket.on('error', () => undefined);
@@ -249,6 +279,25 @@ class MirrorConnection {
     this.socket.end();
   }
 
+  /**
+   * Closes the connection if it stalled after HELLO: a frame begun whose next byte has
+   * not come, or replies its peer has not taken, for `timeoutMs`. Time the node itself
+   * spends not reading (waiting for budget) does not count. True if it was closed.
+   */
+  cutIfStalled(now: number, timeoutMs: number): boolean {
+    if (this.closing || this.partner === undefined || this.socket.destroyed) return false;
+    if (this.socket.isPaused()) this.lastInput = now;
+    const frame = this.parser.midFrame && now - this.lastInput > timeoutMs;
+    const replies = this.socket.writableLength > 0 && now - this.lastOutput > timeoutMs;
+    if (!frame && !replies) return false;
+    this.options.log.warn({ partner: this.partner, remote: this.socket.remoteAddress, timeoutMs, stalled: frame ? 'frame' : 'replies' }, frame
+      ? 'mirror connection began a frame and sent nothing more; closing it'
+      : 'mirror connection does not read its replies; closing it');
+    this.closing = true;
+    this.socket.destroy();
+    return true;
+  }
+
   /** A request the flow admitted joins the chain; its budget comes back once its reply is written. */
   private admit(request: Request): void {
     if (this.parser.waiting && this.flow.queued === 0 && !this.resumeScheduled) {
@@ -265,7 +314,9 @@ class MirrorConnection {
         return;
       }
       const { buf, last } = await this.serve(request.frame, request.admitted);
+      this.lastOutput = performance.now();
       this.writer.write(buf, () => {
+        this.lastOutput = performance.now();
         this.flow.done(request.cost);
       });
       if (last) this.socket.end();

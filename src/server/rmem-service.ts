@@ -63,6 +63,8 @@ export interface RmemServiceOptions {
   /** Bytes in flight on all connections together. */
   maxInFlightBytesTotal: number;
   maxConnections: number;
+  /** Connections open at once from one remote address. */
+  maxConnectionsPerClient: number;
   /** A connection whose HELLO has not succeeded in this time is closed. */
   handshakeTimeoutMs: number;
   /** At shutdown, how long requests in flight may take before their connection is cut (default DRAIN_DEADLINE_MS). */
@@ -109,6 +111,8 @@ export class RmemService implements ConnectionHost {
   private timer: NodeJS.Timeout | undefined;
   private stopping: boolean;
   private bound: ListenAddress | undefined;
+  /** Connections closed as lost (no frame read for a lease). */
+  private stalled: number;
 
   constructor(options: RmemServiceOptions) {
     this.options = options;
@@ -118,7 +122,7 @@ export class RmemService implements ConnectionHost {
     this.flowLimits = { maxRequests: options.maxInFlight, maxBytes: options.maxInFlightBytes };
     this.flowStats = newFlowStats();
     this.budget = new SharedBudget(options.maxInFlightBytesTotal, { reserveBytes: IDLE_RESERVE, waitersFirst: true });
-    this.gate = new ConnectionGate('rmem', { maxConnections: options.maxConnections, handshakeTimeoutMs: options.handshakeTimeoutMs }, options.log);
+    this.gate = new ConnectionGate('rmem', { maxConnections: options.maxConnections, maxConnectionsPerClient: options.maxConnectionsPerClient, handshakeTimeoutMs: options.handshakeTimeoutMs }, options.log);
     this.stats = { requests: {}, errors: {}, bytesRead: 0, bytesWritten: 0, connectionsAccepted: 0, protocolErrors: 0 };
     this.replyBuffers = new BufferPool(8, REPLY_POOL_BYTES);
     this.drainDeadlineMs = options.drainDeadlineMs ?? DRAIN_DEADLINE_MS;
@@ -128,6 +132,7 @@ export class RmemService implements ConnectionHost {
     this.timer = undefined;
     this.stopping = false;
     this.bound = undefined;
+    this.stalled = 0;
   }
 
   get address(): ListenAddress | undefined {
@@ -167,7 +172,7 @@ export class RmemService implements ConnectionHost {
 
   /** Connections, pauses and bytes in flight, for metrics. */
   load(): ServiceLoad {
-    return serviceLoad(this.gate.stats, this.flowStats, this.budget);
+    return serviceLoad(this.gate.stats, this.flowStats, this.budget, this.stalled);
   }
 
   isStopping(): boolean {
@@ -260,7 +265,10 @@ export class RmemService implements ConnectionHost {
     for (const session of this.sessions.values()) {
       if (session.connection !== undefined) {
         // Not read because others hold the budget is not lost: its turn comes as they give it back.
-        if (now - session.lastSeen > lease && !session.connection.waitingOnService) session.connection.destroy(`no request or keepalive for ${lease} ms`);
+        if (now - session.lastSeen > lease && !session.connection.waitingOnService) {
+          this.stalled++;
+          session.connection.destroy(`no request or keepalive for ${lease} ms`);
+        }
         continue;
       }
       if (now - session.disconnectedAt <= lease) continue;

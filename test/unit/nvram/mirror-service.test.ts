@@ -46,7 +46,9 @@ async function service(t: { after(fn: () => Promise<void>): void }, options: Par
     maxInFlightBytes: 64 * MiB,
     maxInFlightBytesTotal: 128 * MiB,
     maxConnections: 64,
+    maxConnectionsPerClient: 64,
     handshakeTimeoutMs: 5000,
+    stallTimeoutMs: 30_000,
     ...options,
   });
   const address = await mirror.listen({ host: '127.0.0.1', port: 0 });
@@ -168,4 +170,53 @@ test('while one peer holds the whole service budget, another peer\'s requests on
   await until(() => nvram.resets === 1 && mirror.load().paused >= 1);
   const partner = await peer(t, address);
   assert.equal((await within(partner.ask(m.MOP.STATE, 2, m.encodeName('rep')), 20_000, 'STATE while the budget is full'))?.word, m.MSTATUS.OK);
+});
+
+test('after HELLO, a peer that begins a frame and sends no more of it is closed at the stall timeout, and its reservation comes back; an idle peer is left alone', async (t) => {
+  const { mirror, address } = await service(t, { stallTimeoutMs: 100 });
+  const idle = await peer(t, address);
+  const stuck = await peer(t, address);
+  const header = Buffer.alloc(m.MIRROR_HEADER);
+  header.writeUInt32BE(m.MIRROR_REQUEST_MAGIC, 0);
+  header.writeUInt16BE(m.MOP.FETCH, 4);
+  header.writeUInt32BE(9, 12);
+  header.writeUInt32BE(4096, 16);
+  stuck.socket.write(Buffer.concat([header, Buffer.alloc(100)])); // the rest of the body never follows
+  await until(() => mirror.load().bytesInFlight > 0);
+  await until(() => stuck.closed());
+  await until(() => mirror.load().bytesInFlight === 0);
+  assert.equal(mirror.load().stalled, 1);
+  // Several stall periods later, the idle peer (nothing begun, nothing unread) is still served.
+  await new Promise((resolve) => setTimeout(resolve, 400));
+  assert.equal(idle.closed(), false);
+  assert.equal((await idle.ask(m.MOP.STATE, 2, m.encodeName('j')))?.word, m.MSTATUS.OK);
+});
+
+test('after HELLO, a peer that does not read its replies is closed at the stall timeout, and what its requests held comes back', async (t) => {
+  const { mirror, nvram, address } = await service(t, { stallTimeoutMs: 100 });
+  await nvram.create('j', 6 * MiB, 'volatile');
+  const device = nvram.get('j');
+  await device.open(1);
+  for (let i = 0; i < 4; i++) await device.append(1, [{ payload: Buffer.alloc(MiB - 1024, i), target: undefined }]);
+  const nonreader = await peer(t, address);
+  nonreader.socket.removeAllListeners('data');
+  nonreader.socket.pause();
+  const frames: Buffer[] = [];
+  for (let i = 0; i < 16; i++) frames.push(m.request(m.MOP.FETCH, 10 + i, m.encodeFetch('j', 1, 8 * MiB)));
+  nonreader.socket.write(Buffer.concat(frames));
+  await until(() => mirror.load().bytesInFlight > 0);
+  await until(() => mirror.load().stalled === 1);
+  await until(() => mirror.load().bytesInFlight === 0 && mirror.load().connections === 0);
+});
+
+test('one remote address holds at most mirror.maxConnectionsPerClient connections; one more is closed on arrival', async (t) => {
+  const { mirror, address } = await service(t, { maxConnectionsPerClient: 2 });
+  const a = await peer(t, address);
+  await peer(t, address);
+  const third = await peer(t, address, false);
+  await until(() => third.closed());
+  assert.equal(mirror.load().refusedPerClient, 1);
+  a.socket.destroy();
+  await until(() => mirror.load().connections === 1);
+  await peer(t, address);
 });

@@ -65,6 +65,7 @@ interface ServiceOptions {
   maxInFlightBytes?: number;
   maxInFlightBytesTotal?: number;
   drainDeadlineMs?: number;
+  maxConnectionsPerClient?: number;
 }
 
 async function service(t: { after(fn: () => Promise<void>): void }, leaseOrOptions: number | ServiceOptions = 30_000) {
@@ -90,6 +91,7 @@ async function service(t: { after(fn: () => Promise<void>): void }, leaseOrOptio
     maxInFlightBytes: options.maxInFlightBytes ?? 32 * E,
     maxInFlightBytesTotal: options.maxInFlightBytesTotal ?? 64 * E,
     maxConnections: 64,
+    maxConnectionsPerClient: options.maxConnectionsPerClient ?? 64,
     handshakeTimeoutMs: 5000,
     ...(options.drainDeadlineMs === undefined ? {} : { drainDeadlineMs: options.drainDeadlineMs }),
   });
@@ -356,4 +358,18 @@ test('a connection whose request waits for the service budget longer than a leas
   await write;
   assert.ok((await victim.read(region, 0, E)).every((b) => b === 5));
   assert.equal(lost, false);
+});
+
+test('one remote address holds at most rmem.maxConnectionsPerClient connections; one more is closed on arrival, before HELLO', async (t) => {
+  const { rmem, address } = await service(t, { maxConnectionsPerClient: 2 });
+  const first = await RmemClient.connect({ ...address, serverId: 'a', keepalive: false, reconnect: false });
+  const second = await raw(t, address);
+  const third = await raw(t, address);
+  await untilAsync(async () => third.closed());
+  assert.equal(rmem.load().refusedPerClient, 1);
+  assert.equal(second.closed(), false);
+  await first.close();
+  await untilAsync(async () => rmem.load().connections === 1);
+  const again = await RmemClient.connect({ ...address, serverId: 'b', keepalive: false, reconnect: false });
+  await again.close();
 });
