@@ -99,6 +99,18 @@ export class NodeMetrics {
       },
     });
     new Gauge({
+      name: 'memstrata_server_memory_kept_aside_bytes',
+      help: 'Bytes of server memory whose zeroing failed when a region was freed or a session ended: handed to no one until a later session end zeroes them, per medium.',
+      labelNames: ['medium'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        const totals = new Map<string, number>();
+        for (const k of sources.rmem()?.memory.keptAside() ?? []) totals.set(k.medium, (totals.get(k.medium) ?? 0) + k.length);
+        for (const medium of sources.media) this.set({ medium: medium.name }, totals.get(medium.name) ?? 0);
+      },
+    });
+    new Gauge({
       name: 'memstrata_servers',
       help: 'Servers holding memory on this node.',
       registers: [registry],

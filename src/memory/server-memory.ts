@@ -24,7 +24,13 @@
 //   - nothing of an ended tenancy outlives its release, by construction: binds, frees and
 //     releases take turns in one queue; end() queues the release behind every bind that
 //     was asked for before it (those binds complete, then the release frees what they
-//     made) and a bind that reaches its turn after its tenancy ended takes nothing.
+//     made) and a bind that reaches its turn after its tenancy ended takes nothing;
+//   - pages whose zeroing failed (a FREE's or a release's: EIO, ENOSPC on a sparse flash
+//     file) are kept aside: out of every region and every free list, their extents held
+//     by their server in the partition table, so they are handed to no one. Each end()
+//     first tries to zero them again and gives back those it can. A release goes on past
+//     a region whose zeroing fails, and hands back every extent of the server that no
+//     live region and no kept-aside page uses.
 //
 // Binds, frees and releases run one at a time (they move extents and zero memory); reads
 // and writes run concurrently with each other and with them.
@@ -33,7 +39,7 @@
 // region costs a write of its size.
 
 import { randomBytes } from 'node:crypto';
-import { MisuseError, RuntimeError, isMemstrataError } from '../errors.js';
+import { MisuseError, RuntimeError, asError, isMemstrataError } from '../errors.js';
 import { formatSize } from '../units.js';
 import type { AllocationTable, PhysicalRange } from './allocation-table.js';
 import { FreeRanges, type ByteRange } from './free-ranges.js';
@@ -112,6 +118,22 @@ interface Holding {
   free: FreeRanges;
 }
 
+/** Pages a FREE or a release could not zero: handed to no one until a later attempt zeroes them. */
+export interface KeptAside {
+  serverId: string;
+  medium: MediumName;
+  start: number;
+  length: number;
+  /** Why the zeroing failed, the last time it was tried. */
+  error: string;
+}
+
+/** What end() did: regions freed, and bytes of theirs kept aside because they could not be zeroed. */
+export interface EndResult {
+  regions: number;
+  keptAsideBytes: number;
+}
+
 export class ServerMemory {
   private readonly partition: PartitionTable;
   private readonly allocation: AllocationTable;
@@ -122,6 +144,7 @@ export class ServerMemory {
   private generations: number;
   /** Tenancies end() was called for: nothing of theirs is reachable. */
   private readonly ended: WeakSet<Tenancy>;
+  private readonly aside: KeptAside[];
 
   constructor(options: { partition: PartitionTable; allocation: AllocationTable; media: readonly Medium[] }) {
     this.partition = options.partition;
@@ -132,6 +155,7 @@ export class ServerMemory {
     this.queue = Promise.resolve();
     this.generations = 0;
     this.ended = new WeakSet();
+    this.aside = [];
   }
 
   /** A new tenancy (session) for `serverId`; what it binds belongs to it alone. */
@@ -153,41 +177,49 @@ export class ServerMemory {
     });
   }
 
-  /** Frees a region; one the tenancy does not hold, or a wrong key, is a memory violation (FIG. 17 S164). */
+  /**
+   * Frees a region; one the tenancy does not hold, or a wrong key, is a memory violation
+   * (FIG. 17 S164). If its zeroing fails the region is gone all the same, its unzeroed
+   * pages kept aside, and the failure is thrown.
+   */
   async free(tenancy: Tenancy, regionId: number, key: bigint): Promise<void> {
     // A violation is answered at once, not after the binds queued ahead.
     this.lookup(tenancy, regionId, key);
     return this.serialized(async () => {
       const region = this.lookup(tenancy, regionId, key);
-      await this.dropRegion(region);
+      const { failure } = await this.dropRegion(region);
+      if (failure !== undefined) throw failure;
     });
   }
 
   /**
    * Ends a tenancy (its lease ran out, or its server left holding nothing): from now on
    * none of its regions is reachable. Then, in turn behind every bind asked for before,
-   * frees and zeroes every region it holds and hands back extents its server no longer
-   * uses (FIG. 15 S143). Resolves with the number of regions freed.
+   * tries again to zero the pages kept aside so far, frees and zeroes every region the
+   * tenancy holds (a region whose zeroing fails is freed all the same, its unzeroed
+   * pages kept aside), and hands back every extent its server no longer uses (FIG. 15
+   * S143). Resolves with the regions freed and the bytes of theirs kept aside.
    */
-  end(tenancy: Tenancy): Promise<number> {
+  end(tenancy: Tenancy): Promise<EndResult> {
     this.ended.add(tenancy);
     return this.serialized(async () => {
-      let freed = 0;
+      await this.retryKeptAside();
+      let regions = 0;
+      let keptAsideBytes = 0;
       // Chosen in turn, not when end() was called: regions of binds that were running are included.
       for (const region of [...this.regions.values()]) {
         if (region.tenancy !== tenancy || this.regions.get(region.id) !== region) continue;
-        await this.dropRegion(region);
-        freed++;
+        keptAsideBytes += (await this.dropRegion(region)).keptAside;
+        regions++;
       }
-      const serverId = tenancy.serverId;
-      if (![...this.regions.values()].some((r) => r.serverId === serverId)) {
-        for (const [medium, holding] of this.holdings.get(serverId) ?? []) {
-          if (holding.extents.size > 0) this.partition.release(medium, [...holding.extents], serverId);
-        }
-        this.holdings.delete(serverId);
-      }
-      return freed;
+      this.releaseUnused(tenancy.serverId);
+      return { regions, keptAsideBytes };
     });
+  }
+
+  /** Pages kept aside because their zeroing failed, with the server whose extents hold them. */
+  keptAside(): readonly KeptAside[] {
+    return this.aside;
   }
 
   /** The region, if the tenancy is live, holds it, and the key matches; else a violation that says no more than that. */
@@ -394,13 +426,63 @@ export class ServerMemory {
 
   // ---- freeing ----
 
-  private async dropRegion(region: ServerRegion): Promise<void> {
+  /**
+   * Takes a region out of every table once its I/O in flight is over, zeroes its pages
+   * and gives them back; pages whose zeroing fails are kept aside instead. Returns the
+   * bytes kept aside and the first failure.
+   */
+  private async dropRegion(region: ServerRegion): Promise<{ keptAside: number; failure: Error | undefined }> {
     region.freeing = true;
     if (region.inflight > 0) await new Promise<void>((resolve) => (region.drained = resolve));
     this.regions.delete(region.id);
     this.allocation.remove(region.serverId, region.id);
-    for (const r of region.ranges) await this.medium(r.medium).zero(r.start, r.length);
-    this.giveBack(region.serverId, region.ranges);
+    const zeroed: PhysicalRange[] = [];
+    let keptAside = 0;
+    let failure: Error | undefined;
+    for (const r of region.ranges) {
+      try {
+        await this.medium(r.medium).zero(r.start, r.length);
+        zeroed.push(r);
+      } catch (error) {
+        failure ??= asError(error);
+        keptAside += r.length;
+        this.aside.push({ serverId: region.serverId, medium: r.medium, start: r.start, length: r.length, error: messageOf(error) });
+      }
+    }
+    this.giveBack(region.serverId, zeroed);
+    return { keptAside, failure };
+  }
+
+  /** Zeroes again the pages kept aside; those that are zero now go back to their server's free pages (and whole extents to the partition). */
+  private async retryKeptAside(): Promise<void> {
+    for (const entry of [...this.aside]) {
+      try {
+        await this.medium(entry.medium).zero(entry.start, entry.length);
+      } catch (error) {
+        entry.error = messageOf(error);
+        continue;
+      }
+      this.aside.splice(this.aside.indexOf(entry), 1);
+      this.giveBack(entry.serverId, [{ medium: entry.medium, start: entry.start, length: entry.length }]);
+      this.releaseUnused(entry.serverId);
+    }
+  }
+
+  /** Hands back every extent of the server that holds no page of a live region and none kept aside; forgets an empty holding. */
+  private releaseUnused(serverId: string): void {
+    const byMedium = this.holdings.get(serverId);
+    if (byMedium === undefined) return;
+    for (const [medium, holding] of byMedium) {
+      const extentSize = this.partition.extentSize(medium);
+      const unused = [...holding.extents].filter((e) => holding.free.contains(e * extentSize, extentSize));
+      for (const e of unused) {
+        holding.free.remove(e * extentSize, extentSize);
+        holding.extents.delete(e);
+      }
+      if (unused.length > 0) this.partition.release(medium, unused, serverId);
+      if (holding.extents.size === 0) byMedium.delete(medium);
+    }
+    if (byMedium.size === 0) this.holdings.delete(serverId);
   }
 
   /** Returns zeroed pages to the server's free list, and whole free extents to the partition. */
@@ -495,6 +577,10 @@ function checkBounds(region: ServerRegion, offset: number, length: number): void
       details: { regionId: region.id, offset, length, size: region.size },
     });
   }
+}
+
+function messageOf(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
 }
 
 function sessionEnded(tenancy: Tenancy): MisuseError {

@@ -258,6 +258,7 @@ export class StorageNode {
           partition: this.partition,
           allocation: this.allocation,
           rmemSessions: () => this.rmem?.sessionsInfo() ?? [],
+          keptAside: () => this.rmem?.memory.keptAside() ?? [],
           volumes: this.volumes,
           nvram: this.nvram,
           metrics,

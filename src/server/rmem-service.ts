@@ -281,8 +281,10 @@ export class RmemService implements ConnectionHost {
     this.sessions.delete(session.serverId);
     const serverId = session.serverId;
     this.memory.end(session.tenancy).then(
-      (regions) => {
+      ({ regions, keptAsideBytes }) => {
         this.log.info({ server: serverId, regions }, message);
+        // Handed to no one until a later release zeroes them (memstrata_server_memory_kept_aside_bytes).
+        if (keptAsideBytes > 0) this.log.error({ server: serverId, keptAsideBytes, keptAside: this.memory.keptAside().filter((k) => k.serverId === serverId) }, 'rmem session ended but zeroing some of its memory failed; those pages are kept aside');
       },
       (error: unknown) => {
         this.log.error({ server: serverId, err: error }, 'rmem session ended but freeing its regions failed');
