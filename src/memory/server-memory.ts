@@ -35,6 +35,12 @@
 // Binds, frees and releases run one at a time (they move extents and zero memory); reads
 // and writes run concurrently with each other and with them.
 //
+// A region is made of at most `maxRanges` physical ranges (the rmem BIND reply lists
+// them all): a bind that free memory can satisfy only in more pieces fails with
+// NO_CAPACITY before anything is bound. A read or write finds its first range by binary
+// search over the region's offsets, so its cost grows with the ranges it touches, not
+// with the ranges before them.
+//
 // Known limit: flash extents are zeroed by writing zeros, so binding a large flash
 // region costs a write of its size.
 
@@ -48,6 +54,9 @@ import type { Medium } from './medium.js';
 import type { PartitionTable } from './partition-table.js';
 
 export const PAGE_SIZE = 4096;
+
+/** Physical ranges one region may have, unless the owner says otherwise (rmem: MAX_RANGES). */
+export const MAX_REGION_RANGES = 4096;
 
 export type PerformanceClass = 'highest' | 'capacity';
 
@@ -145,8 +154,9 @@ export class ServerMemory {
   /** Tenancies end() was called for: nothing of theirs is reachable. */
   private readonly ended: WeakSet<Tenancy>;
   private readonly aside: KeptAside[];
+  private readonly maxRanges: number;
 
-  constructor(options: { partition: PartitionTable; allocation: AllocationTable; media: readonly Medium[] }) {
+  constructor(options: { partition: PartitionTable; allocation: AllocationTable; media: readonly Medium[]; maxRanges?: number }) {
     this.partition = options.partition;
     this.allocation = options.allocation;
     this.media = new Map(options.media.map((m) => [m.name, m]));
@@ -156,6 +166,7 @@ export class ServerMemory {
     this.generations = 0;
     this.ended = new WeakSet();
     this.aside = [];
+    this.maxRanges = options.maxRanges ?? MAX_REGION_RANGES;
   }
 
   /** A new tenancy (session) for `serverId`; what it binds belongs to it alone. */
@@ -298,7 +309,7 @@ export class ServerMemory {
       ranges = await this.takeAddress(serverId, placement.medium, placement.address, bytes);
     } else if (placement.kind === 'medium') {
       this.medium(placement.medium);
-      ranges = await this.take(serverId, placement.medium, bytes);
+      ranges = await this.take(serverId, placement.medium, bytes, this.maxRanges);
     } else {
       ranges = await this.takeByClass(serverId, placement.class, bytes);
     }
@@ -321,7 +332,7 @@ export class ServerMemory {
     const obtainable = order.map((m) => this.obtainable(serverId, m));
     // One medium whole if one can hold it, in the class's order; else both, preferred first.
     for (const [i, medium] of order.entries()) {
-      if ((obtainable[i] ?? 0) >= bytes) return this.take(serverId, medium, bytes);
+      if ((obtainable[i] ?? 0) >= bytes) return this.take(serverId, medium, bytes, this.maxRanges);
     }
     const total = obtainable.reduce((sum, n) => sum + n, 0);
     const [first, second] = order;
@@ -329,9 +340,9 @@ export class ServerMemory {
       throw noCapacity(`cannot bind ${formatSize(bytes)} of class ${cls}: ${formatSize(total)} can be had across ${order.join(' and ')}`);
     }
     const head = Math.floor((obtainable[0] ?? 0) / PAGE_SIZE) * PAGE_SIZE;
-    const part = await this.take(serverId, first, head);
+    const part = await this.take(serverId, first, head, this.maxRanges);
     try {
-      return [...part, ...(await this.take(serverId, second, bytes - head))];
+      return [...part, ...(await this.take(serverId, second, bytes - head, this.maxRanges - part.length))];
     } catch (error) {
       this.giveBack(serverId, part);
       throw error;
@@ -346,14 +357,21 @@ export class ServerMemory {
     return (holding?.free.total ?? 0) + idle + this.partition.headroom(medium, 'server');
   }
 
-  /** Takes `bytes` of free pages for the server on one medium, taking more extents first if needed. */
-  private async take(serverId: string, medium: MediumName, bytes: number): Promise<PhysicalRange[]> {
+  /**
+   * Takes `bytes` of free pages for the server on one medium, in at most `maxPieces`
+   * ranges, taking more extents first if needed.
+   */
+  private async take(serverId: string, medium: MediumName, bytes: number, maxPieces: number): Promise<PhysicalRange[]> {
     if (bytes === 0) return [];
     const holding = this.holding(serverId, medium);
     const shortfall = bytes - holding.free.total;
     if (shortfall > 0) await this.acquireExtents(serverId, medium, Math.ceil(shortfall / this.partition.extentSize(medium)));
-    const pieces = holding.free.take(bytes);
-    if (pieces === undefined) throw noCapacity(`cannot bind ${formatSize(bytes)} on ${medium}`);
+    const pieces = maxPieces > 0 ? holding.free.take(bytes, maxPieces) : undefined;
+    if (pieces === undefined) {
+      // Extents taken for this bind go back.
+      this.releaseUnused(serverId);
+      throw noCapacity(`cannot bind ${formatSize(bytes)} on ${medium}: the free memory of server ${serverId} there is in pieces too small to make a region of at most ${this.maxRanges} ranges; free regions or bind less`);
+    }
     return pieces.map((p) => ({ medium, start: p.start, length: p.length }));
   }
 
@@ -533,7 +551,7 @@ export class ServerMemory {
     io: (medium: Medium, at: number, done: number, n: number) => Promise<void>,
   ): Promise<void> {
     let done = 0;
-    for (let i = 0; i < region.ranges.length && done < length; i++) {
+    for (let i = rangeAt(region.offsets, offset); i < region.ranges.length && done < length; i++) {
       const r = region.ranges[i];
       const base = region.offsets[i];
       if (r === undefined || base === undefined || base + r.length <= offset + done) continue;
@@ -577,6 +595,18 @@ function checkBounds(region: ServerRegion, offset: number, length: number): void
       details: { regionId: region.id, offset, length, size: region.size },
     });
   }
+}
+
+/** Index of the range holding `offset`: the last whose starting offset is at most it (binary search). */
+function rangeAt(offsets: readonly number[], offset: number): number {
+  let lo = 0;
+  let hi = offsets.length - 1;
+  while (lo < hi) {
+    const mid = (lo + hi + 1) >>> 1;
+    if ((offsets[mid] ?? Infinity) <= offset) lo = mid;
+    else hi = mid - 1;
+  }
+  return Math.max(0, lo);
 }
 
 function messageOf(error: unknown): string {

@@ -18,6 +18,7 @@ import {
   MAX_BODY,
   MAX_DATA,
   MAX_ERROR_MESSAGE,
+  MAX_RANGES,
   MAX_SERVER_ID,
   MAX_TOKEN,
   MAX_VECTOR,
@@ -698,7 +699,7 @@ export function maxReplySize(op: number): number {
       // One record is returned even when it is larger than maxBytes.
       return HEADER_SIZE + 4 + MAX_BODY;
     case OP.BIND:
-      return HEADER_SIZE + 8 + 8 + 8 + 2 + 0xffff * BODY.RANGE;
+      return HEADER_SIZE + 8 + 8 + 8 + 2 + MAX_RANGES * BODY.RANGE;
     case OP.JAPPEND:
       return Math.max(ERROR_REPLY_SIZE, HEADER_SIZE + 2 + MAX_VECTOR * 16);
     default:

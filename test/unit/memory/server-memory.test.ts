@@ -29,7 +29,7 @@ class TestMedium extends DramMedium {
   }
 }
 
-async function setup(options: { dram?: Partial<MediumLayout>; flash?: Partial<MediumLayout> | false } = {}) {
+async function setup(options: { dram?: Partial<MediumLayout>; flash?: Partial<MediumLayout> | false; maxRanges?: number } = {}) {
   const layout = (name: MediumName, extents: number, extra?: Partial<MediumLayout>): MediumLayout => ({
     name,
     capacity: extents * E,
@@ -44,7 +44,7 @@ async function setup(options: { dram?: Partial<MediumLayout>; flash?: Partial<Me
   for (const m of media) await m.open();
   const partition = new PartitionTable(layouts);
   const allocation = new AllocationTable();
-  const memory = new ServerMemory({ partition, allocation, media });
+  const memory = new ServerMemory({ partition, allocation, media, ...(options.maxRanges === undefined ? {} : { maxRanges: options.maxRanges }) });
   // One session per server id unless a test opens another.
   const sessions = new Map<string, Tenancy>();
   const tenant = (serverId: string): Tenancy => {
@@ -267,4 +267,49 @@ test('a FREE whose zeroing fails rejects, but the region is gone and its pages a
   assert.deepEqual(memory.keptAside().map((k) => [k.start, k.length]), [[region.ranges[0]!.start, 2 * PAGE_SIZE]]);
   const again = await memory.bind(tenant('srv-a'), 2 * PAGE_SIZE, { kind: 'medium', medium: 'dram' });
   assert.notEqual(again.ranges[0]!.start, region.ranges[0]!.start, 'the kept-aside pages are not handed out again');
+});
+
+/** Binds `pages` one-page regions on DRAM and frees every other one: a holding of one-page holes. */
+async function fragment(memory: ServerMemory, session: Tenancy, pages: number): Promise<void> {
+  const small = [];
+  for (let i = 0; i < pages; i++) small.push(await memory.bind(session, PAGE_SIZE, { kind: 'medium', medium: 'dram' }));
+  for (let i = 0; i < pages; i += 2) await memory.free(session, small[i]!.id, small[i]!.key);
+}
+
+test('a bind free memory can satisfy only in more than maxRanges ranges fails with NO_CAPACITY before anything is bound; with fewer pieces it binds', async () => {
+  const { memory, allocation } = await setup({ maxRanges: 8 });
+  const session = memory.open('srv-a');
+  // Two whole extents of one-page regions, every other one freed: 16 one-page holes and nothing else free.
+  await fragment(memory, session, 2 * (E / PAGE_SIZE));
+  const rows = allocation.rows().length;
+  await assert.rejects(memory.bind(session, 16 * PAGE_SIZE, { kind: 'medium', medium: 'dram' }), { code: 'MS_RMEM_NO_CAPACITY', message: /at most 8 ranges/ });
+  assert.equal(allocation.rows().length, rows, 'nothing was bound');
+  const eight = await memory.bind(session, 8 * PAGE_SIZE, { kind: 'medium', medium: 'dram' });
+  assert.equal(eight.ranges.length, 8);
+  // Past the holes a new extent is taken: its one range and the holes that remain make 9 pages in 2 ranges.
+  const more = await memory.bind(session, (E / PAGE_SIZE + 1) * PAGE_SIZE, { kind: 'medium', medium: 'dram' });
+  assert.equal(more.ranges.length, 2);
+});
+
+test('a read or write finds its range by binary search: a byte at the end of a region of many ranges looks at a few of them, not all', async () => {
+  const { memory } = await setup();
+  const session = memory.open('srv-a');
+  await fragment(memory, session, 4 * (E / PAGE_SIZE));
+  const region = await memory.bind(session, 2 * E, { kind: 'medium', medium: 'dram' });
+  assert.equal(region.ranges.length, 2 * (E / PAGE_SIZE));
+  await memory.write(region, region.size - 1, Buffer.from([7]));
+  let looked = 0;
+  const count = <T,>(target: readonly T[]): readonly T[] =>
+    new Proxy(target, {
+      get(t, key, receiver) {
+        if (typeof key === 'string' && /^\d+$/.test(key)) looked++;
+        return Reflect.get(t, key, receiver) as unknown;
+      },
+    });
+  Object.defineProperty(region, 'ranges', { value: count(region.ranges) });
+  Object.defineProperty(region, 'offsets', { value: count(region.offsets) });
+  const byte = Buffer.alloc(1);
+  await memory.read(region, region.size - 1, byte);
+  assert.equal(byte[0], 7);
+  assert.ok(looked <= 16, `${looked} ranges and offsets looked at for one byte of a region of ${region.ranges.length} ranges`);
 });

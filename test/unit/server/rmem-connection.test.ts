@@ -17,7 +17,7 @@ import { DramMedium } from '../../../src/memory/dram-medium.js';
 import { PartitionTable } from '../../../src/memory/partition-table.js';
 import { ServerMemory } from '../../../src/memory/server-memory.js';
 import { DeviceManager } from '../../../src/nvram/device-manager.js';
-import { RmemService } from '../../../src/server/rmem-service.js';
+import { IDLE_RESERVE, RmemService } from '../../../src/server/rmem-service.js';
 import * as codec from '../../../src/protocol/rmem/codec.js';
 import { FrameParser, type Frame } from '../../../src/protocol/rmem/parser.js';
 import { OP, STATUS, VERSION } from '../../../src/protocol/rmem/spec.js';
@@ -326,6 +326,10 @@ test('while one client holds the whole service budget, another client\'s HELLO a
   await untilAsync(async () => rmem.load().bytesInFlight > 8 * E - 1024);
   const late = await within(RmemClient.connect({ ...address, serverId: 'late', keepalive: false, reconnect: false }), 20_000, 'HELLO while the budget is full');
   t.after(() => late.close());
+  // A BIND's reply lists at most MAX_RANGES ranges: it is priced within the reserve too.
+  assert.ok(codec.maxReplySize(OP.BIND) + 18 <= IDLE_RESERVE);
+  const bound = await within(late.bind(4096, { medium: 'dram' }), 20_000, 'BIND while the budget is full');
+  await within(late.write(bound, 0, Buffer.alloc(16, 1)), 20_000, 'a new client\'s WRITE while the budget is full');
   await within(other.write(small, 0, Buffer.alloc(4096, 9)), 20_000, 'WRITE while the budget is full');
   assert.ok((await within(other.read(small, 0, 4096), 20_000, 'READ while the budget is full')).every((b) => b === 9));
 });
