@@ -23,7 +23,7 @@
 //
 // What one client may cost (hostile clients):
 //   - sockets: admin.maxConnections for the service (the HTTP server's maxConnections),
-//     admin.maxConnectionsPerClient per remote address (client-limit.ts); more are
+//     admin.maxConnectionsPerClient per remote address (net/client-limit.ts); more are
 //     closed at once;
 //   - time: headers within admin.headersTimeout, the whole request within
 //     admin.requestTimeout, or 408 MS_ADMIN_REQUEST_TIMEOUT and the socket is closed
@@ -42,6 +42,7 @@ import { MisuseError, NetworkError, isMemstrataError, toMemstrataError, type Mem
 import { MEDIA, USED_KINDS } from '../kinds.js';
 import type { AllocationTable } from '../memory/allocation-table.js';
 import type { PartitionTable } from '../memory/partition-table.js';
+import type { KeptAside } from '../memory/server-memory.js';
 import { SIZE_FORM, formatAddress, formatSize, hexRange, hexWidth, parseSize, type ListenAddress } from '../units.js';
 import type { Logger } from '../logger.js';
 import type { AllocationTableJson, ErrorResponse, NodeInfo, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson } from '../protocol/admin/api.js';
@@ -51,13 +52,15 @@ import { POLICIES } from '../nvram/device.js';
 import { decodeOne } from '../protocol/journal/record.js';
 import type { NodeMetrics } from './metrics.js';
 import { BearerAuth } from './bearer-auth.js';
-import { ClientLimit } from './client-limit.js';
+import { ClientLimit } from '../net/client-limit.js';
 
 export interface AdminContext {
   info(): Promise<NodeInfo>;
   partition: PartitionTable;
   allocation: AllocationTable;
   rmemSessions(): RmemSessionJson[];
+  /** Server memory kept aside because its zeroing failed (ServerMemory.keptAside). */
+  keptAside(): readonly KeptAside[];
   volumes: VolumeManager;
   nvram: DeviceManager;
   metrics: NodeMetrics;
@@ -323,10 +326,14 @@ export class AdminServer {
 
     app.get('/v1/tables/allocation', (): AllocationTableJson => allocationJson(context.allocation, context.partition));
 
-    app.get('/v1/servers', (): ServersJson => ({
-      sessions: context.rmemSessions(),
-      allocation: allocationJson(context.allocation, context.partition),
-    }));
+    app.get('/v1/servers', (): ServersJson => {
+      const width = Math.max(...context.partition.usage().map((u) => hexWidth(u.capacity)), 8);
+      return {
+        sessions: context.rmemSessions(),
+        allocation: allocationJson(context.allocation, context.partition),
+        keptAside: context.keptAside().map((k) => ({ ...k, range: hexRange(k.start, k.length, width) })),
+      };
+    });
 
     app.get('/v1/volumes', (): VolumesJson => ({ volumes: context.volumes.list().map((v) => v.info()), damaged: context.volumes.damaged(), orphans: context.volumes.orphans() }));
 

@@ -99,6 +99,18 @@ export class NodeMetrics {
       },
     });
     new Gauge({
+      name: 'memstrata_server_memory_kept_aside_bytes',
+      help: 'Bytes of server memory whose zeroing failed when a region was freed or a session ended: handed to no one until a later session end zeroes them, per medium.',
+      labelNames: ['medium'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        const totals = new Map<string, number>();
+        for (const k of sources.rmem()?.memory.keptAside() ?? []) totals.set(k.medium, (totals.get(k.medium) ?? 0) + k.length);
+        for (const medium of sources.media) this.set({ medium: medium.name }, totals.get(medium.name) ?? 0);
+      },
+    });
+    new Gauge({
       name: 'memstrata_servers',
       help: 'Servers holding memory on this node.',
       registers: [registry],
@@ -415,6 +427,10 @@ export class NodeMetrics {
       const counter = counterOf(load);
       counter(`memstrata_${service}_pauses_total`, `Times a ${service} connection stopped being read for backpressure.`, (l) => l.pauses);
       counter(`memstrata_${service}_refused_connections_total`, `${service} connections closed on arrival because the service had its maximum open.`, (l) => l.refused);
+      counter(`memstrata_${service}_refused_per_client_total`, `${service} connections closed on arrival because their remote address had ${service}.maxConnectionsPerClient open.`, (l) => l.refusedPerClient);
+      counter(`memstrata_${service}_stalled_connections_total`, service === 'rmem'
+        ? 'rmem connections closed by the node as lost: no frame read from them for a lease (rmem.lease), and not waiting for the service budget.'
+        : 'mirror connections closed by the node because a frame they began, or the replies they were sent, did not move for mirror.stallTimeout.', (l) => l.stalled);
       counter(`memstrata_${service}_handshake_timeouts_total`, `${service} connections closed because their HELLO did not succeed in time.`, (l) => l.handshakeTimeouts);
     }
     this.resizes = new Counter({

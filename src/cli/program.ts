@@ -5,7 +5,7 @@
 
 import { Command, CommanderError, Option } from 'commander';
 import { MisuseError, isMemstrataError } from '../errors.js';
-import type { AllocationTableJson, DamagedJson, NodeInfo, OrphanJson, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson } from '../protocol/admin/api.js';
+import type { AllocationTableJson, DamagedJson, KeptAsideJson, NodeInfo, OrphanJson, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson } from '../protocol/admin/api.js';
 import { POLICIES, type DeviceInfo } from '../nvram/device.js';
 import { RmemClient } from '../client/rmem-client.js';
 import { KINDS, MEDIA, USED_KINDS } from '../kinds.js';
@@ -215,7 +215,8 @@ export function buildProgram(output: Output = processOutput): Command {
     .addOption(jsonOption())
     .action(async (options: { admin: string; token?: string; json?: boolean }) => {
       const servers = await adminClient(options).get<ServersJson>('/v1/servers');
-      output.out(options.json === true ? JSON.stringify(servers, null, 2) : `${renderSessions(servers.sessions)}\n\n${renderAllocation(servers.allocation)}`);
+      const keptAside = servers.keptAside.length === 0 ? '' : `\n\n${renderKeptAside(servers.keptAside)}`;
+      output.out(options.json === true ? JSON.stringify(servers, null, 2) : `${renderSessions(servers.sessions)}\n\n${renderAllocation(servers.allocation)}${keptAside}`);
     });
 
   // ---- rmem ----
@@ -393,6 +394,11 @@ export function renderAllocation(table: AllocationTableJson): string {
   if (table.rows.length === 0) return 'Server memory allocate table\n(no server holds memory on this node)';
   const rows = table.rows.map((r) => [r.serverId, String(r.regionId), r.medium, r.range, formatSize(r.length)]);
   return `Server memory allocate table\n${textTable(['SERVER ID', 'REGION', 'MEDIUM', 'PHYSICAL ADDRESS', 'SIZE'], rows, [1, 4])}`;
+}
+
+export function renderKeptAside(rows: readonly KeptAsideJson[]): string {
+  const table = rows.map((k) => [k.serverId, k.medium, k.range, formatSize(k.length), k.error]);
+  return `Server memory kept aside (zeroing failed; handed to no one until a later session end zeroes it)\n${textTable(['SERVER ID', 'MEDIUM', 'PHYSICAL ADDRESS', 'SIZE', 'LAST ERROR'], table, [3])}`;
 }
 
 function renderMirror(m: NodeInfo['mirror']): string {

@@ -57,10 +57,13 @@ export class FreeRanges {
   }
 
   /**
-   * Takes `length` bytes: from the first range that holds them all, or else from the
-   * lowest ranges in address order. Returns the pieces, or undefined if not enough is free.
+   * Takes `length` bytes in at most `maxPieces` pieces: from the first range that holds
+   * them all, or else from the lowest ranges in address order, or, if that takes too
+   * many pieces, from the largest ranges (the fewest pieces there can be). Returns the
+   * pieces in address order, or undefined (nothing taken) if not enough is free in that
+   * many pieces.
    */
-  take(length: number): ByteRange[] | undefined {
+  take(length: number, maxPieces = Infinity): ByteRange[] | undefined {
     if (length > this.bytes) return undefined;
     if (length === 0) return [];
     const fit = this.ranges.find((r) => r.length >= length);
@@ -69,13 +72,11 @@ export class FreeRanges {
       this.remove(start, length);
       return [{ start, length }];
     }
-    const pieces: ByteRange[] = [];
-    let left = length;
-    for (const r of this.ranges) {
-      if (left === 0) break;
-      const n = Math.min(r.length, left);
-      pieces.push({ start: r.start, length: n });
-      left -= n;
+    let pieces = piecesOf(this.ranges, length, maxPieces);
+    if (pieces === undefined) {
+      pieces = piecesOf([...this.ranges].sort((a, b) => b.length - a.length), length, maxPieces);
+      if (pieces === undefined) return undefined;
+      pieces.sort((a, b) => a.start - b.start);
     }
     for (const p of pieces) this.remove(p.start, p.length);
     return pieces;
@@ -123,4 +124,18 @@ export class FreeRanges {
     }
     return lo;
   }
+}
+
+/** `length` bytes from `ranges` in their order, or undefined if that takes more than `maxPieces` pieces. */
+function piecesOf(ranges: readonly ByteRange[], length: number, maxPieces: number): ByteRange[] | undefined {
+  const pieces: ByteRange[] = [];
+  let left = length;
+  for (const r of ranges) {
+    if (left === 0) break;
+    if (pieces.length === maxPieces) return undefined;
+    const n = Math.min(r.length, left);
+    pieces.push({ start: r.start, length: n });
+    left -= n;
+  }
+  return left === 0 ? pieces : undefined;
 }

@@ -24,16 +24,28 @@
 //   - nothing of an ended tenancy outlives its release, by construction: binds, frees and
 //     releases take turns in one queue; end() queues the release behind every bind that
 //     was asked for before it (those binds complete, then the release frees what they
-//     made) and a bind that reaches its turn after its tenancy ended takes nothing.
+//     made) and a bind that reaches its turn after its tenancy ended takes nothing;
+//   - pages whose zeroing failed (a FREE's or a release's: EIO, ENOSPC on a sparse flash
+//     file) are kept aside: out of every region and every free list, their extents held
+//     by their server in the partition table, so they are handed to no one. Each end()
+//     first tries to zero them again and gives back those it can. A release goes on past
+//     a region whose zeroing fails, and hands back every extent of the server that no
+//     live region and no kept-aside page uses.
 //
 // Binds, frees and releases run one at a time (they move extents and zero memory); reads
 // and writes run concurrently with each other and with them.
+//
+// A region is made of at most `maxRanges` physical ranges (the rmem BIND reply lists
+// them all): a bind that free memory can satisfy only in more pieces fails with
+// NO_CAPACITY before anything is bound. A read or write finds its first range by binary
+// search over the region's offsets, so its cost grows with the ranges it touches, not
+// with the ranges before them.
 //
 // Known limit: flash extents are zeroed by writing zeros, so binding a large flash
 // region costs a write of its size.
 
 import { randomBytes } from 'node:crypto';
-import { MisuseError, RuntimeError, isMemstrataError } from '../errors.js';
+import { MisuseError, RuntimeError, asError, isMemstrataError } from '../errors.js';
 import { formatSize } from '../units.js';
 import type { AllocationTable, PhysicalRange } from './allocation-table.js';
 import { FreeRanges, type ByteRange } from './free-ranges.js';
@@ -42,6 +54,9 @@ import type { Medium } from './medium.js';
 import type { PartitionTable } from './partition-table.js';
 
 export const PAGE_SIZE = 4096;
+
+/** Physical ranges one region may have, unless the owner says otherwise (rmem: MAX_RANGES). */
+export const MAX_REGION_RANGES = 4096;
 
 export type PerformanceClass = 'highest' | 'capacity';
 
@@ -112,6 +127,22 @@ interface Holding {
   free: FreeRanges;
 }
 
+/** Pages a FREE or a release could not zero: handed to no one until a later attempt zeroes them. */
+export interface KeptAside {
+  serverId: string;
+  medium: MediumName;
+  start: number;
+  length: number;
+  /** Why the zeroing failed, the last time it was tried. */
+  error: string;
+}
+
+/** What end() did: regions freed, and bytes of theirs kept aside because they could not be zeroed. */
+export interface EndResult {
+  regions: number;
+  keptAsideBytes: number;
+}
+
 export class ServerMemory {
   private readonly partition: PartitionTable;
   private readonly allocation: AllocationTable;
@@ -122,8 +153,10 @@ export class ServerMemory {
   private generations: number;
   /** Tenancies end() was called for: nothing of theirs is reachable. */
   private readonly ended: WeakSet<Tenancy>;
+  private readonly aside: KeptAside[];
+  private readonly maxRanges: number;
 
-  constructor(options: { partition: PartitionTable; allocation: AllocationTable; media: readonly Medium[] }) {
+  constructor(options: { partition: PartitionTable; allocation: AllocationTable; media: readonly Medium[]; maxRanges?: number }) {
     this.partition = options.partition;
     this.allocation = options.allocation;
     this.media = new Map(options.media.map((m) => [m.name, m]));
@@ -132,6 +165,8 @@ export class ServerMemory {
     this.queue = Promise.resolve();
     this.generations = 0;
     this.ended = new WeakSet();
+    this.aside = [];
+    this.maxRanges = options.maxRanges ?? MAX_REGION_RANGES;
   }
 
   /** A new tenancy (session) for `serverId`; what it binds belongs to it alone. */
@@ -153,41 +188,49 @@ export class ServerMemory {
     });
   }
 
-  /** Frees a region; one the tenancy does not hold, or a wrong key, is a memory violation (FIG. 17 S164). */
+  /**
+   * Frees a region; one the tenancy does not hold, or a wrong key, is a memory violation
+   * (FIG. 17 S164). If its zeroing fails the region is gone all the same, its unzeroed
+   * pages kept aside, and the failure is thrown.
+   */
   async free(tenancy: Tenancy, regionId: number, key: bigint): Promise<void> {
     // A violation is answered at once, not after the binds queued ahead.
     this.lookup(tenancy, regionId, key);
     return this.serialized(async () => {
       const region = this.lookup(tenancy, regionId, key);
-      await this.dropRegion(region);
+      const { failure } = await this.dropRegion(region);
+      if (failure !== undefined) throw failure;
     });
   }
 
   /**
    * Ends a tenancy (its lease ran out, or its server left holding nothing): from now on
    * none of its regions is reachable. Then, in turn behind every bind asked for before,
-   * frees and zeroes every region it holds and hands back extents its server no longer
-   * uses (FIG. 15 S143). Resolves with the number of regions freed.
+   * tries again to zero the pages kept aside so far, frees and zeroes every region the
+   * tenancy holds (a region whose zeroing fails is freed all the same, its unzeroed
+   * pages kept aside), and hands back every extent its server no longer uses (FIG. 15
+   * S143). Resolves with the regions freed and the bytes of theirs kept aside.
    */
-  end(tenancy: Tenancy): Promise<number> {
+  end(tenancy: Tenancy): Promise<EndResult> {
     this.ended.add(tenancy);
     return this.serialized(async () => {
-      let freed = 0;
+      await this.retryKeptAside();
+      let regions = 0;
+      let keptAsideBytes = 0;
       // Chosen in turn, not when end() was called: regions of binds that were running are included.
       for (const region of [...this.regions.values()]) {
         if (region.tenancy !== tenancy || this.regions.get(region.id) !== region) continue;
-        await this.dropRegion(region);
-        freed++;
+        keptAsideBytes += (await this.dropRegion(region)).keptAside;
+        regions++;
       }
-      const serverId = tenancy.serverId;
-      if (![...this.regions.values()].some((r) => r.serverId === serverId)) {
-        for (const [medium, holding] of this.holdings.get(serverId) ?? []) {
-          if (holding.extents.size > 0) this.partition.release(medium, [...holding.extents], serverId);
-        }
-        this.holdings.delete(serverId);
-      }
-      return freed;
+      this.releaseUnused(tenancy.serverId);
+      return { regions, keptAsideBytes };
     });
+  }
+
+  /** Pages kept aside because their zeroing failed, with the server whose extents hold them. */
+  keptAside(): readonly KeptAside[] {
+    return this.aside;
   }
 
   /** The region, if the tenancy is live, holds it, and the key matches; else a violation that says no more than that. */
@@ -266,7 +309,7 @@ export class ServerMemory {
       ranges = await this.takeAddress(serverId, placement.medium, placement.address, bytes);
     } else if (placement.kind === 'medium') {
       this.medium(placement.medium);
-      ranges = await this.take(serverId, placement.medium, bytes);
+      ranges = await this.take(serverId, placement.medium, bytes, this.maxRanges);
     } else {
       ranges = await this.takeByClass(serverId, placement.class, bytes);
     }
@@ -289,7 +332,7 @@ export class ServerMemory {
     const obtainable = order.map((m) => this.obtainable(serverId, m));
     // One medium whole if one can hold it, in the class's order; else both, preferred first.
     for (const [i, medium] of order.entries()) {
-      if ((obtainable[i] ?? 0) >= bytes) return this.take(serverId, medium, bytes);
+      if ((obtainable[i] ?? 0) >= bytes) return this.take(serverId, medium, bytes, this.maxRanges);
     }
     const total = obtainable.reduce((sum, n) => sum + n, 0);
     const [first, second] = order;
@@ -297,9 +340,9 @@ export class ServerMemory {
       throw noCapacity(`cannot bind ${formatSize(bytes)} of class ${cls}: ${formatSize(total)} can be had across ${order.join(' and ')}`);
     }
     const head = Math.floor((obtainable[0] ?? 0) / PAGE_SIZE) * PAGE_SIZE;
-    const part = await this.take(serverId, first, head);
+    const part = await this.take(serverId, first, head, this.maxRanges);
     try {
-      return [...part, ...(await this.take(serverId, second, bytes - head))];
+      return [...part, ...(await this.take(serverId, second, bytes - head, this.maxRanges - part.length))];
     } catch (error) {
       this.giveBack(serverId, part);
       throw error;
@@ -314,14 +357,21 @@ export class ServerMemory {
     return (holding?.free.total ?? 0) + idle + this.partition.headroom(medium, 'server');
   }
 
-  /** Takes `bytes` of free pages for the server on one medium, taking more extents first if needed. */
-  private async take(serverId: string, medium: MediumName, bytes: number): Promise<PhysicalRange[]> {
+  /**
+   * Takes `bytes` of free pages for the server on one medium, in at most `maxPieces`
+   * ranges, taking more extents first if needed.
+   */
+  private async take(serverId: string, medium: MediumName, bytes: number, maxPieces: number): Promise<PhysicalRange[]> {
     if (bytes === 0) return [];
     const holding = this.holding(serverId, medium);
     const shortfall = bytes - holding.free.total;
     if (shortfall > 0) await this.acquireExtents(serverId, medium, Math.ceil(shortfall / this.partition.extentSize(medium)));
-    const pieces = holding.free.take(bytes);
-    if (pieces === undefined) throw noCapacity(`cannot bind ${formatSize(bytes)} on ${medium}`);
+    const pieces = maxPieces > 0 ? holding.free.take(bytes, maxPieces) : undefined;
+    if (pieces === undefined) {
+      // Extents taken for this bind go back.
+      this.releaseUnused(serverId);
+      throw noCapacity(`cannot bind ${formatSize(bytes)} on ${medium}: the free memory of server ${serverId} there is in pieces too small to make a region of at most ${this.maxRanges} ranges; free regions or bind less`);
+    }
     return pieces.map((p) => ({ medium, start: p.start, length: p.length }));
   }
 
@@ -394,13 +444,63 @@ export class ServerMemory {
 
   // ---- freeing ----
 
-  private async dropRegion(region: ServerRegion): Promise<void> {
+  /**
+   * Takes a region out of every table once its I/O in flight is over, zeroes its pages
+   * and gives them back; pages whose zeroing fails are kept aside instead. Returns the
+   * bytes kept aside and the first failure.
+   */
+  private async dropRegion(region: ServerRegion): Promise<{ keptAside: number; failure: Error | undefined }> {
     region.freeing = true;
     if (region.inflight > 0) await new Promise<void>((resolve) => (region.drained = resolve));
     this.regions.delete(region.id);
     this.allocation.remove(region.serverId, region.id);
-    for (const r of region.ranges) await this.medium(r.medium).zero(r.start, r.length);
-    this.giveBack(region.serverId, region.ranges);
+    const zeroed: PhysicalRange[] = [];
+    let keptAside = 0;
+    let failure: Error | undefined;
+    for (const r of region.ranges) {
+      try {
+        await this.medium(r.medium).zero(r.start, r.length);
+        zeroed.push(r);
+      } catch (error) {
+        failure ??= asError(error);
+        keptAside += r.length;
+        this.aside.push({ serverId: region.serverId, medium: r.medium, start: r.start, length: r.length, error: messageOf(error) });
+      }
+    }
+    this.giveBack(region.serverId, zeroed);
+    return { keptAside, failure };
+  }
+
+  /** Zeroes again the pages kept aside; those that are zero now go back to their server's free pages (and whole extents to the partition). */
+  private async retryKeptAside(): Promise<void> {
+    for (const entry of [...this.aside]) {
+      try {
+        await this.medium(entry.medium).zero(entry.start, entry.length);
+      } catch (error) {
+        entry.error = messageOf(error);
+        continue;
+      }
+      this.aside.splice(this.aside.indexOf(entry), 1);
+      this.giveBack(entry.serverId, [{ medium: entry.medium, start: entry.start, length: entry.length }]);
+      this.releaseUnused(entry.serverId);
+    }
+  }
+
+  /** Hands back every extent of the server that holds no page of a live region and none kept aside; forgets an empty holding. */
+  private releaseUnused(serverId: string): void {
+    const byMedium = this.holdings.get(serverId);
+    if (byMedium === undefined) return;
+    for (const [medium, holding] of byMedium) {
+      const extentSize = this.partition.extentSize(medium);
+      const unused = [...holding.extents].filter((e) => holding.free.contains(e * extentSize, extentSize));
+      for (const e of unused) {
+        holding.free.remove(e * extentSize, extentSize);
+        holding.extents.delete(e);
+      }
+      if (unused.length > 0) this.partition.release(medium, unused, serverId);
+      if (holding.extents.size === 0) byMedium.delete(medium);
+    }
+    if (byMedium.size === 0) this.holdings.delete(serverId);
   }
 
   /** Returns zeroed pages to the server's free list, and whole free extents to the partition. */
@@ -451,7 +551,7 @@ export class ServerMemory {
     io: (medium: Medium, at: number, done: number, n: number) => Promise<void>,
   ): Promise<void> {
     let done = 0;
-    for (let i = 0; i < region.ranges.length && done < length; i++) {
+    for (let i = rangeAt(region.offsets, offset); i < region.ranges.length && done < length; i++) {
       const r = region.ranges[i];
       const base = region.offsets[i];
       if (r === undefined || base === undefined || base + r.length <= offset + done) continue;
@@ -495,6 +595,22 @@ function checkBounds(region: ServerRegion, offset: number, length: number): void
       details: { regionId: region.id, offset, length, size: region.size },
     });
   }
+}
+
+/** Index of the range holding `offset`: the last whose starting offset is at most it (binary search). */
+function rangeAt(offsets: readonly number[], offset: number): number {
+  let lo = 0;
+  let hi = offsets.length - 1;
+  while (lo < hi) {
+    const mid = (lo + hi + 1) >>> 1;
+    if ((offsets[mid] ?? Infinity) <= offset) lo = mid;
+    else hi = mid - 1;
+  }
+  return Math.max(0, lo);
+}
+
+function messageOf(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
 }
 
 function sessionEnded(tenancy: Tenancy): MisuseError {

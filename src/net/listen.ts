@@ -28,6 +28,13 @@ export async function listenOn(server: Server, address: ListenAddress, service: 
   return typeof info === 'object' && info !== null ? { host: address.host, port: info.port } : address;
 }
 
+/**
+ * At shutdown, how long a connection's requests in flight may take before it is cut: a
+ * client that does not read its replies, or storage that does not answer, must not keep
+ * the node from stopping. Each service's connections apply it in drainAndClose().
+ */
+export const DRAIN_DEADLINE_MS = 10_000;
+
 /** Stops accepting, drains every connection, destroys what is left, and waits for the listener to close. */
 export async function closeServer<C extends { drainAndClose(): Promise<void>; socket: { destroy(): void } }>(
   server: Server | undefined,

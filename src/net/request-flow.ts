@@ -21,6 +21,15 @@
 //     connection with nothing in flight (so a client whose connections hold the whole
 //     budget cannot stall another's modest requests); a flow whose next request does
 //     not fit waits, paused, until another flow gives bytes back;
+//   - a flow is in the SharedBudget's waiting list exactly while its next request (or
+//     its body's reservation) fits its own limits but not the service's
+//     (`waitingOnService`): one held back by its own requests in flight is not, and is
+//     pumped again when those give their bytes back. The list is kept oldest first, and
+//     a flow keeps its place in it until it is served, stops waiting on the service, or
+//     closes. With `waitersFirst`, no flow takes budget past a waiting flow older than
+//     it (except through the idle reserve), so a large request is not starved by a
+//     stream of small ones on other connections; the price is that, while the oldest
+//     waiter does not fit, smaller requests that would fit wait behind it;
 //   - reserve(): a body that is still arriving (one that spans socket chunks) is budgeted
 //     before the parser allocates it, for the whole cost of the request it can become
 //     (its length and the largest reply its operation can get); that request starts at
@@ -35,20 +44,34 @@
 // `dispatch` and `granted` run synchronously from push(), reserve(), done() or a drain,
 // never after close().
 
+export interface SharedBudgetOptions {
+  /** What a connection with nothing in flight may take beyond maxBytes, for one request (default 0). */
+  reserveBytes?: number;
+  /** Serve waiting flows oldest first: no flow takes budget past an older waiter, except through the reserve (default false). */
+  waitersFirst?: boolean;
+}
+
 /** Bytes several flows share: the cap of one service across all its connections. */
 export class SharedBudget {
   readonly maxBytes: number;
   /** What a connection with nothing in flight may take beyond maxBytes, for one request. */
   readonly reserveBytes: number;
+  readonly waitersFirst: boolean;
   private used: number;
-  /** Flows waiting for room, oldest first. */
+  /** Flows waiting for room in this budget, oldest first; each keeps its place until it leaves. */
   private readonly waiting: Set<() => void>;
+  /** A wake-up round is running; `again` asks it for one more pass. */
+  private waking: boolean;
+  private again: boolean;
 
-  constructor(maxBytes: number, reserveBytes = 0) {
+  constructor(maxBytes: number, options: SharedBudgetOptions = {}) {
     this.maxBytes = maxBytes;
-    this.reserveBytes = reserveBytes;
+    this.reserveBytes = options.reserveBytes ?? 0;
+    this.waitersFirst = options.waitersFirst ?? false;
     this.used = 0;
     this.waiting = new Set();
+    this.waking = false;
+    this.again = false;
   }
 
   /** Bytes held now by every flow of the service. */
@@ -56,9 +79,20 @@ export class SharedBudget {
     return this.used;
   }
 
-  /** True when `cost` more fits; with nothing in flight, anything does; an `idle` connection has its reserve. */
-  fits(cost: number, idle = false): boolean {
-    return this.used === 0 || this.used + cost <= this.maxBytes || (idle && cost <= this.reserveBytes);
+  /** Flows waiting for room now. */
+  get waiters(): number {
+    return this.waiting.size;
+  }
+
+  /**
+   * True when `cost` more fits: an `idle` connection has its reserve; otherwise, with
+   * waitersFirst, only the oldest waiter (or anyone while none waits) may take budget;
+   * with nothing in flight anything fits, else what stays within maxBytes.
+   */
+  fits(cost: number, idle = false, waiter?: () => void): boolean {
+    if (idle && cost <= this.reserveBytes) return true;
+    if (this.waitersFirst && !this.isOldest(waiter)) return false;
+    return this.used === 0 || this.used + cost <= this.maxBytes;
   }
 
   add(delta: number): void {
@@ -66,20 +100,50 @@ export class SharedBudget {
     if (delta < 0) this.wake();
   }
 
+  /** The flow waits for room; one already waiting keeps its place. */
   wait(wake: () => void): void {
     this.waiting.add(wake);
   }
 
+  /** The flow no longer waits for room (served, held back by its own limits now, or closed). */
   cancel(wake: () => void): void {
+    if (!this.waiting.has(wake)) return;
+    const oldest = this.isOldest(wake);
     this.waiting.delete(wake);
+    // The next waiter may have been held back only by its place behind this one.
+    if (oldest && this.waitersFirst) this.wake();
   }
 
-  /** Lets every waiting flow try again, oldest first; those that still do not fit wait again. */
+  /** True while the flow waits for room. */
+  isWaiting(wake: () => void): boolean {
+    return this.waiting.has(wake);
+  }
+
+  /** True when no flow waits, or `waiter` is the one that has waited longest. */
+  private isOldest(waiter: (() => void) | undefined): boolean {
+    for (const first of this.waiting) return first === waiter;
+    return true;
+  }
+
+  /**
+   * Lets every waiting flow try again, oldest first; those that still do not fit keep
+   * their place. A flow served or leaving meanwhile asks for one more pass.
+   */
   private wake(): void {
     if (this.waiting.size === 0) return;
-    const waiting = [...this.waiting];
-    this.waiting.clear();
-    for (const wake of waiting) wake();
+    if (this.waking) {
+      this.again = true;
+      return;
+    }
+    this.waking = true;
+    try {
+      do {
+        this.again = false;
+        for (const wake of [...this.waiting]) if (this.waiting.has(wake)) wake();
+      } while (this.again && this.waiting.size > 0);
+    } finally {
+      this.waking = false;
+    }
   }
 }
 
@@ -175,16 +239,23 @@ export class RequestFlow<R> {
   }
 
   /**
+   * True while the next request, or the reservation of a body, fits this connection's
+   * own limits and waits only for room in the service's budget: it is held back by
+   * other connections, not by its own.
+   */
+  get waitingOnService(): boolean {
+    return this.shared?.isWaiting(this.wakeFn) ?? false;
+  }
+
+  /**
    * A parsed request that will hold `cost` bytes (its payload and the reply it asks
    * for) from dispatch until done(cost). Dispatched now if the budget allows and
    * nothing waits before it; queued otherwise. With `reserved` (the body came through
    * reserve()), it is dispatched at once and gives back what it does not need.
    */
   push(request: R, cost: number, reserved = 0): void {
-    if (this.closed) {
-      this.give(reserved);
-      return;
-    }
+    // Closed: close() gave back every reservation already, so there is nothing to give here.
+    if (this.closed) return;
     if (reserved > 0) {
       // Its reservation covered it whole (the caller's promise): it starts now, whatever else waits.
       this.receiving = 0;
@@ -192,12 +263,17 @@ export class RequestFlow<R> {
       this.updatePause();
       return;
     }
-    if (this.size === 0 && this.fits(cost)) {
-      this.start(request, cost, 0);
-    } else {
+    if (this.size > 0) {
+      // Behind the head, which decides whether and on what this flow waits.
       this.enqueue({ request, cost });
-      // The new head may wait on the service rather than on this flow's own requests.
-      if (this.size === 1) this.shared?.wait(this.wakeFn);
+    } else {
+      const blocked = this.blockedBy(cost, false);
+      if (blocked === 'none') {
+        this.start(request, cost, 0);
+      } else {
+        this.enqueue({ request, cost });
+        this.waitOn(blocked);
+      }
     }
     this.updatePause();
   }
@@ -211,15 +287,22 @@ export class RequestFlow<R> {
    */
   reserve(bytes: number, granted: () => void): boolean {
     if (this.closed) return false;
-    if (this.size === 0 && this.pendingReserve === undefined && this.fitsReserve(bytes)) {
+    if (this.size > 0 || this.pendingReserve !== undefined) {
+      // Behind queued requests: the head decides whether and on what this flow waits.
+      this.pendingReserve = { bytes, granted };
+      this.updatePause();
+      return false;
+    }
+    const blocked = this.blockedBy(bytes, true);
+    if (blocked === 'none') {
       this.take(bytes);
       this.receiving = bytes;
       this.updatePause();
       return true;
     }
     this.pendingReserve = { bytes, granted };
+    this.waitOn(blocked);
     this.updatePause();
-    if (this.size === 0) this.shared?.wait(this.wakeFn);
     return false;
   }
 
@@ -230,6 +313,7 @@ export class RequestFlow<R> {
   cancelReserve(): boolean {
     if (this.closed || this.pendingReserve === undefined) return false;
     this.pendingReserve = undefined;
+    if (this.size === 0) this.shared?.cancel(this.wakeFn);
     this.updatePause();
     return true;
   }
@@ -274,25 +358,31 @@ export class RequestFlow<R> {
     for (;;) {
       const next = this.peek();
       if (next === undefined) break;
-      if (!this.fits(next.cost)) {
-        this.shared?.wait(this.wakeFn);
-        break;
+      const blocked = this.blockedBy(next.cost, false);
+      if (blocked !== 'none') {
+        this.waitOn(blocked);
+        this.updatePause();
+        return;
       }
       this.dequeue();
       this.start(next.request, next.cost, 0);
       if (this.closed) return;
     }
     const pending = this.pendingReserve;
-    if (this.size === 0 && pending !== undefined) {
-      if (this.fitsReserve(pending.bytes)) {
+    if (pending === undefined) {
+      this.shared?.cancel(this.wakeFn);
+    } else {
+      const blocked = this.blockedBy(pending.bytes, true);
+      if (blocked === 'none') {
         this.pendingReserve = undefined;
+        this.shared?.cancel(this.wakeFn);
         this.take(pending.bytes);
         this.receiving = pending.bytes;
         this.updatePause();
         pending.granted();
         return;
       }
-      this.shared?.wait(this.wakeFn);
+      this.waitOn(blocked);
     }
     this.updatePause();
   }
@@ -314,18 +404,23 @@ export class RequestFlow<R> {
     this.shared?.add(-bytes);
   }
 
-  /** A request fits if the flow and the service have room; alone, anything fits. */
-  private fits(cost: number): boolean {
+  /**
+   * What holds back a request of `cost` (or, `reserve`, a body of that many bytes: the
+   * request it becomes starts without another check): this flow's own limits, the
+   * service's budget, or nothing. Alone on its flow, any request fits the flow.
+   */
+  private blockedBy(cost: number, reserve: boolean): 'none' | 'own' | 'service' {
     const idle = this.requests === 0 && this.bytes === 0;
-    const own = this.requests === 0 || (this.requests < this.limits.maxRequests && this.bytes + cost <= this.limits.maxBytes);
-    return own && (this.shared === undefined || this.shared.fits(cost, idle));
+    const roomy = this.requests < this.limits.maxRequests && this.bytes + cost <= this.limits.maxBytes;
+    if (!(reserve ? idle : this.requests === 0) && !roomy) return 'own';
+    if (this.shared !== undefined && !this.shared.fits(cost, idle, this.wakeFn)) return 'service';
+    return 'none';
   }
 
-  /** As fits() for the request the body will become: nothing dispatched meanwhile, so it will start within both limits. */
-  private fitsReserve(bytes: number): boolean {
-    const idle = this.requests === 0 && this.bytes === 0;
-    const own = idle || (this.requests < this.limits.maxRequests && this.bytes + bytes <= this.limits.maxBytes);
-    return own && (this.shared === undefined || this.shared.fits(bytes, idle));
+  /** Joins (or keeps its place in) the service's waiting list when the service holds it back; leaves it otherwise. */
+  private waitOn(blocked: 'none' | 'own' | 'service'): void {
+    if (blocked === 'service') this.shared?.wait(this.wakeFn);
+    else this.shared?.cancel(this.wakeFn);
   }
 
   private updatePause(): void {

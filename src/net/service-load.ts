@@ -9,6 +9,8 @@ export interface ServiceLoad {
   connections: number;
   /** Connections closed at once because the service was full. */
   refused: number;
+  /** Connections closed at once because their address had its maximum open. */
+  refusedPerClient: number;
   /** Connections closed because their handshake did not finish in time. */
   handshakeTimeouts: number;
   /** Times a connection stopped being read because it was over its budget. */
@@ -17,8 +19,19 @@ export interface ServiceLoad {
   paused: number;
   /** Bytes held by requests in flight on all connections. */
   bytesInFlight: number;
+  /** Connections the node closed because they stalled after their handshake (rmem: the lease; mirror: mirror.stallTimeout). */
+  stalled: number;
 }
 
-export function serviceLoad(gate: GateStats, flows: FlowStats, budget: SharedBudget): ServiceLoad {
-  return { connections: gate.open, refused: gate.refused, handshakeTimeouts: gate.handshakeTimeouts, pauses: flows.pauses, paused: flows.pausedNow, bytesInFlight: budget.bytes };
+export function serviceLoad(gate: GateStats, flows: FlowStats, budget: SharedBudget, stalled: number): ServiceLoad {
+  return {
+    connections: gate.open,
+    refused: gate.refused,
+    refusedPerClient: gate.refusedPerClient,
+    handshakeTimeouts: gate.handshakeTimeouts,
+    pauses: flows.pauses,
+    paused: flows.pausedNow,
+    bytesInFlight: budget.bytes,
+    stalled,
+  };
 }

@@ -60,6 +60,7 @@ export interface NodeConfig {
     maxInFlightBytes: number;
     maxInFlightBytesTotal: number;
     maxConnections: number;
+    maxConnectionsPerClient: number;
     handshakeTimeoutMs: number;
   };
   nbd: {
@@ -80,7 +81,9 @@ export interface NodeConfig {
     maxInFlightBytes: number;
     maxInFlightBytesTotal: number;
     maxConnections: number;
+    maxConnectionsPerClient: number;
     handshakeTimeoutMs: number;
+    stallTimeoutMs: number;
   };
   volumes: { defaultSize: number };
   cache: { enabled: boolean; maxDirtyAgeMs: number };
@@ -215,6 +218,7 @@ const rawSchema = z.strictObject({
       maxInFlightBytes: sizeLeaf.prefault('32MiB'),
       maxInFlightBytesTotal: sizeLeaf.prefault('128MiB'),
       maxConnections: intLeaf(1, 65536).prefault(256),
+      maxConnectionsPerClient: intLeaf(1, 65536).prefault(64),
       handshakeTimeout: durationLeaf.prefault('5s'),
     })
     .prefault({}),
@@ -229,7 +233,9 @@ const rawSchema = z.strictObject({
       maxInFlightBytes: sizeLeaf.prefault('64MiB'),
       maxInFlightBytesTotal: sizeLeaf.prefault('128MiB'),
       maxConnections: intLeaf(1, 65536).prefault(16),
+      maxConnectionsPerClient: intLeaf(1, 65536).prefault(4),
       handshakeTimeout: durationLeaf.prefault('5s'),
+      stallTimeout: durationLeaf.prefault('5s'),
     })
     .prefault({}),
   log: z
@@ -291,6 +297,7 @@ export const SETTINGS: readonly Setting[] = [
   { path: 'rmem.maxInFlightBytes', default: '32MiB', doc: 'bytes one connection may hold in flight (request bodies and replies not yet written) before the node stops reading it' },
   { path: 'rmem.maxInFlightBytesTotal', default: '128MiB', doc: 'bytes all rmem connections together may hold in flight; a connection waits, unread, while the service is at this cap' },
   { path: 'rmem.maxConnections', default: '256', doc: 'rmem connections open at once; more are closed as they arrive' },
+  { path: 'rmem.maxConnectionsPerClient', default: '64', doc: 'rmem connections open at once from one remote address; more are closed as they arrive' },
   { path: 'rmem.handshakeTimeout', default: '5s', doc: 'a connection whose HELLO has not succeeded in this time is closed' },
   { path: 'mirror.listen', flag: '--mirror-listen', default: '127.0.0.1:10811', doc: 'mirror service, where a partner node keeps replicas of its mirrored NVRAM devices here; port 0 picks a free port' },
   { path: 'mirror.partner', flag: '--mirror-partner', default: '(none)', doc: 'mirror service of the partner node that holds replicas of this node\'s mirrored NVRAM devices, such as 10.0.0.2:10811' },
@@ -301,7 +308,9 @@ export const SETTINGS: readonly Setting[] = [
   { path: 'mirror.maxInFlightBytes', default: '64MiB', doc: 'bytes one mirror connection may hold in flight (request bodies and replies not yet written) before the node stops reading it' },
   { path: 'mirror.maxInFlightBytesTotal', default: '128MiB', doc: 'bytes all mirror connections together may hold in flight' },
   { path: 'mirror.maxConnections', default: '16', doc: 'mirror connections open at once; more are closed as they arrive' },
+  { path: 'mirror.maxConnectionsPerClient', default: '4', doc: 'mirror connections open at once from one remote address; more are closed as they arrive' },
   { path: 'mirror.handshakeTimeout', default: '5s', doc: 'a mirror connection whose HELLO has not succeeded in this time is closed' },
+  { path: 'mirror.stallTimeout', default: '5s', doc: 'after HELLO, a mirror connection that began a frame and sent no more of it, or does not read its replies, for this long is closed' },
   { path: 'log.level', flag: '--log-level', default: 'info', doc: LOG_LEVELS.join(', ') },
   { path: 'log.format', flag: '--log-format', default: 'auto', doc: 'json, pretty, or auto (pretty when stdout is a terminal)' },
   { path: 'media.extentSize', flag: '--extent-size', default: '1MiB', doc: 'unit of the partition table; a power of two from 4KiB to 1GiB' },
@@ -431,6 +440,7 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
       maxInFlightBytes: parsed.rmem.maxInFlightBytes,
       maxInFlightBytesTotal: parsed.rmem.maxInFlightBytesTotal,
       maxConnections: parsed.rmem.maxConnections,
+      maxConnectionsPerClient: parsed.rmem.maxConnectionsPerClient,
       handshakeTimeoutMs: parsed.rmem.handshakeTimeout,
     },
     mirror: {
@@ -443,7 +453,9 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
       maxInFlightBytes: parsed.mirror.maxInFlightBytes,
       maxInFlightBytesTotal: parsed.mirror.maxInFlightBytesTotal,
       maxConnections: parsed.mirror.maxConnections,
+      maxConnectionsPerClient: parsed.mirror.maxConnectionsPerClient,
       handshakeTimeoutMs: parsed.mirror.handshakeTimeout,
+      stallTimeoutMs: parsed.mirror.stallTimeout,
     },
     log: { level: parsed.log.level, format: parsed.log.format },
     media: {
@@ -473,6 +485,9 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
   }
   if (config.mirror.timeoutMs < 10 || config.mirror.timeoutMs > 600_000) {
     throw invalid('mirror.timeout', raw, origin, 'expected a duration from 10ms to 10m');
+  }
+  if (config.mirror.stallTimeoutMs < 10 || config.mirror.stallTimeoutMs > 600_000) {
+    throw invalid('mirror.stallTimeout', raw, origin, 'expected a duration from 10ms to 10m');
   }
   const partner = config.mirror.partner;
   if (partner !== undefined && partner.host === config.mirror.listen.host && partner.port === config.mirror.listen.port && partner.port !== 0) {

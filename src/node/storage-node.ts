@@ -23,6 +23,7 @@ import type { Medium } from '../memory/medium.js';
 import { PartitionTable } from '../memory/partition-table.js';
 import { ServerMemory } from '../memory/server-memory.js';
 import { RmemService } from '../server/rmem-service.js';
+import { MAX_RANGES } from '../protocol/rmem/spec.js';
 import { NbdService } from '../server/nbd-service.js';
 import { DirectVolumeIo, type VolumeIo } from '../storage/volume-io.js';
 import { VolumeManager } from '../storage/volume-manager.js';
@@ -73,7 +74,8 @@ export class StorageNode {
     this.partition = new PartitionTable(mediumLayouts(config));
     this.allocation = new AllocationTable();
     this.media = this.createMedia();
-    this.serverMemory = new ServerMemory({ partition: this.partition, allocation: this.allocation, media: this.media });
+    // A region has no more ranges than a BIND reply may list.
+    this.serverMemory = new ServerMemory({ partition: this.partition, allocation: this.allocation, media: this.media, maxRanges: MAX_RANGES });
     this.nvram = new DeviceManager({ dataDir: config.dataDir, partition: this.partition, media: this.media, log });
     this.volumes = new VolumeManager(config.dataDir, { log });
     this.cache = config.cache.enabled
@@ -161,7 +163,9 @@ export class StorageNode {
           maxInFlightBytes: config.mirror.maxInFlightBytes,
           maxInFlightBytesTotal: config.mirror.maxInFlightBytesTotal,
           maxConnections: config.mirror.maxConnections,
+          maxConnectionsPerClient: config.mirror.maxConnectionsPerClient,
           handshakeTimeoutMs: config.mirror.handshakeTimeoutMs,
+          stallTimeoutMs: config.mirror.stallTimeoutMs,
         });
         const bound = await service.listen(config.mirror.listen);
         this.mirrorService = service;
@@ -208,6 +212,7 @@ export class StorageNode {
           maxInFlightBytes: config.rmem.maxInFlightBytes,
           maxInFlightBytesTotal: config.rmem.maxInFlightBytesTotal,
           maxConnections: config.rmem.maxConnections,
+          maxConnectionsPerClient: config.rmem.maxConnectionsPerClient,
           handshakeTimeoutMs: config.rmem.handshakeTimeoutMs,
         });
         const bound = await rmem.listen(config.rmem.listen);
@@ -255,6 +260,7 @@ export class StorageNode {
           partition: this.partition,
           allocation: this.allocation,
           rmemSessions: () => this.rmem?.sessionsInfo() ?? [],
+          keptAside: () => this.rmem?.memory.keptAside() ?? [],
           volumes: this.volumes,
           nvram: this.nvram,
           metrics,

@@ -9,18 +9,29 @@
 //
 // Bounded resources, as for rmem (src/server/rmem-connection.ts): a ConnectionGate caps
 // connections and closes one whose HELLO has not succeeded in time; until then bodies
-// are at most MIRROR_HANDSHAKE_MAX_BODY. Each connection's RequestFlow admits requests
-// into the in-order chain only within its budget of requests and bytes (a request holds
-// its body and the largest reply it can get until that reply is in the kernel's hands),
-// one SharedBudget caps all connections together, a body that spans chunks is reserved
-// before it is allocated, and the socket is not read while anything waits or the
-// replies are not being read.
+// are at most MIRROR_HANDSHAKE_MAX_BODY and each frame is priced for an error reply at
+// most (MIRROR_HANDSHAKE_REPLY_SIZE), whatever its op; a frame is priced once, at its
+// header, and served as it was priced (one read before HELLO was applied is refused).
+// Each connection's RequestFlow admits requests into the in-order chain only within its
+// budget of requests and bytes (a request holds its body and the largest reply it can
+// get until that reply is in the kernel's hands), one SharedBudget caps all connections
+// together, plus IDLE_RESERVE for a connection with nothing in flight (so the partner's
+// requests one at a time still move while others hold the budget), a body that spans
+// chunks is reserved before it is allocated, and the socket is not read while anything
+// waits or the replies are not being read.
+//
+// After HELLO a connection may be idle for as long as it likes (the partner's link is,
+// between requests), but not stalled: one whose frame has begun and whose next byte does
+// not come, or whose replies sit unread in its socket, for `stallTimeoutMs` is closed,
+// so it cannot keep what it holds of the budget (a reserved body, unwritten replies)
+// for longer. A remote address may hold at most `maxConnectionsPerClient` connections.
+// One coarse timer, a quarter of the stall timeout, checks every connection.
 
 import { createServer, type Server, type Socket } from 'node:net';
 import { timingSafeEqual } from 'node:crypto';
 import { MemstrataError, MisuseError, RuntimeError } from '../errors.js';
 import type { Logger } from '../logger.js';
-import { closeServer, listenOn } from '../net/listen.js';
+import { DRAIN_DEADLINE_MS, closeServer, listenOn } from '../net/listen.js';
 import { CorkedWriter } from '../net/corked-writer.js';
 import { ConnectionGate, type Admission } from '../net/connection-gate.js';
 import { RequestFlow, SharedBudget, newFlowStats, type FlowLimits, type FlowStats } from '../net/request-flow.js';
@@ -29,6 +40,7 @@ import { FrameParser, type Frame } from '../protocol/rmem/parser.js';
 import type { ListenAddress } from '../units.js';
 import {
   MIRROR_HANDSHAKE_MAX_BODY,
+  MIRROR_HANDSHAKE_REPLY_SIZE,
   MIRROR_MAX_BODY,
   MIRROR_REQUEST_MAGIC,
   MIRROR_VERSION,
@@ -78,9 +90,18 @@ export interface MirrorServiceOptions {
   /** Bytes in flight on all connections together. */
   maxInFlightBytesTotal: number;
   maxConnections: number;
+  /** Connections open at once from one remote address. */
+  maxConnectionsPerClient: number;
   /** A connection whose HELLO has not succeeded in this time is closed. */
   handshakeTimeoutMs: number;
+  /** After HELLO, a connection whose frame or replies do not move for this long is closed. */
+  stallTimeoutMs: number;
+  /** At shutdown, how long the request being applied may take before its connection is cut (default DRAIN_DEADLINE_MS). */
+  drainDeadlineMs?: number;
 }
+
+/** What a connection with nothing in flight may always take for one request, beyond the service budget. */
+export const IDLE_RESERVE = 256 * 1024;
 
 export class MirrorService {
   private readonly options: MirrorServiceOptions;
@@ -93,6 +114,9 @@ export class MirrorService {
   address: ListenAddress | undefined;
   /** Requests served, for metrics. */
   served: number;
+  /** Connections closed because they stalled, for metrics. */
+  stalled: number;
+  private timer: NodeJS.Timeout | undefined;
 
   constructor(options: MirrorServiceOptions) {
     this.options = options;
@@ -100,15 +124,17 @@ export class MirrorService {
     this.connections = new Set();
     this.flowLimits = { maxRequests: options.maxInFlight, maxBytes: options.maxInFlightBytes };
     this.flowStats = newFlowStats();
-    this.budget = new SharedBudget(options.maxInFlightBytesTotal);
-    this.gate = new ConnectionGate('mirror', { maxConnections: options.maxConnections, handshakeTimeoutMs: options.handshakeTimeoutMs }, options.log);
+    this.budget = new SharedBudget(options.maxInFlightBytesTotal, { reserveBytes: IDLE_RESERVE, waitersFirst: true });
+    this.gate = new ConnectionGate('mirror', { maxConnections: options.maxConnections, maxConnectionsPerClient: options.maxConnectionsPerClient, handshakeTimeoutMs: options.handshakeTimeoutMs }, options.log);
     this.address = undefined;
     this.served = 0;
+    this.stalled = 0;
+    this.timer = undefined;
   }
 
   /** Connections, pauses and bytes in flight, for metrics. */
   load(): ServiceLoad {
-    return serviceLoad(this.gate.stats, this.flowStats, this.budget);
+    return serviceLoad(this.gate.stats, this.flowStats, this.budget, this.stalled);
   }
 
   async listen(address: ListenAddress): Promise<ListenAddress> {
@@ -121,19 +147,27 @@ export class MirrorService {
     });
     this.server = server;
     this.address = await listenOn(server, address, 'mirror', this.options.log);
+    const timeoutMs = this.options.stallTimeoutMs;
+    this.timer = setInterval(() => {
+      const now = performance.now();
+      for (const connection of this.connections) if (connection.cutIfStalled(now, timeoutMs)) this.stalled++;
+    }, Math.max(5, Math.floor(timeoutMs / 4)));
+    this.timer.unref();
     return this.address;
   }
 
   async close(): Promise<void> {
+    clearInterval(this.timer);
     await closeServer(this.server, this.connections);
     this.server = undefined;
   }
 }
 
-/** A parsed request and what it holds of the budget. */
+/** A parsed request, what it holds of the budget, and whether HELLO had been applied when it was priced. */
 interface Request {
   frame: Frame;
   cost: number;
+  admitted: boolean;
 }
 
 class MirrorConnection {
@@ -149,8 +183,14 @@ class MirrorConnection {
   private partner: string | undefined;
   /** Bytes reserved for the body the parser is assembling (0: none). */
   private reserved: number;
+  /** Whether that body was priced as a request of an admitted peer. */
+  private reservedAdmitted: boolean;
   private resumeScheduled: boolean;
   private closing: boolean;
+  /** When a byte last arrived, or the node last resumed reading (performance.now()). */
+  private lastInput: number;
+  /** When a reply was last handed to the socket or taken from it by the kernel. */
+  private lastOutput: number;
 
   constructor(socket: Socket, options: MirrorServiceOptions, service: MirrorService, admission: Admission) {
     this.socket = socket;
@@ -161,8 +201,11 @@ class MirrorConnection {
     this.chain = Promise.resolve();
     this.partner = undefined;
     this.reserved = 0;
+    this.reservedAdmitted = false;
     this.resumeScheduled = false;
     this.closing = false;
+    this.lastInput = performance.now();
+    this.lastOutput = this.lastInput;
     this.flow = new RequestFlow<Request>(socket, service.flowLimits, service.flowStats, (request) => {
       this.admit(request);
     }, service.budget);
@@ -170,9 +213,11 @@ class MirrorConnection {
       onFrame: (f) => {
         const reserved = this.reserved;
         this.reserved = 0;
+        // Priced at its header: a reserved body as it was reserved, any other frame now.
+        const admitted = reserved > 0 ? this.reservedAdmitted : this.partner !== undefined;
         // Socket chunks are fresh buffers, so holding a view of one until the request is applied is safe.
-        const cost = f.body.length + maxMirrorReplySize(f.op);
-        this.flow.push({ frame: f, cost }, cost, reserved);
+        const cost = f.body.length + (admitted ? maxMirrorReplySize(f.op) : MIRROR_HANDSHAKE_REPLY_SIZE);
+        this.flow.push({ frame: f, cost, admitted }, cost, reserved);
       },
       onFatal: (error) => {
         options.log.warn({ err: error, remote: socket.remoteAddress }, 'mirror connection sent a malformed frame; closing it');
@@ -181,18 +226,24 @@ class MirrorConnection {
       },
       admitBody: (op, length) => {
         // The body and the largest reply its op can get: the request then starts at once.
-        const bytes = length + maxMirrorReplySize(op);
+        const admitted = this.partner !== undefined;
+        const bytes = length + (admitted ? maxMirrorReplySize(op) : MIRROR_HANDSHAKE_REPLY_SIZE);
         const granted = this.flow.reserve(bytes, () => {
           this.reserved = bytes;
+          this.reservedAdmitted = admitted;
           this.parser.resume();
         });
-        if (granted) this.reserved = bytes;
+        if (granted) {
+          this.reserved = bytes;
+          this.reservedAdmitted = admitted;
+        }
         return granted;
       },
       // A frame that had to queue stops the parser: the rest of the chunk waits as bytes.
       accepting: () => this.flow.queued === 0,
     }, MIRROR_HANDSHAKE_MAX_BODY);
     socket.on('data', (chunk: Buffer) => {
+      this.lastInput = performance.now();
       this.parser.feed(chunk);
     });
     socket.on('error', () => undefined);
@@ -202,12 +253,49 @@ class MirrorConnection {
     });
   }
 
+  /**
+   * Shutdown: stops reading, lets the request being applied finish (those admitted after
+   * it are dropped unanswered), then ends this side. Resolves once the chain is idle or
+   * the socket has closed, at the latest after drainDeadlineMs: a request stuck in
+   * storage must not keep the node from stopping.
+   */
   async drainAndClose(): Promise<void> {
     this.closing = true;
     this.flow.close();
     this.socket.pause();
-    await this.chain;
+    if (!this.socket.destroyed) {
+      const deadlineMs = this.options.drainDeadlineMs ?? DRAIN_DEADLINE_MS;
+      const deadline = setTimeout(() => {
+        this.options.log.warn({ partner: this.partner, remote: this.socket.remoteAddress, deadlineMs }, 'mirror connection still busy at the shutdown deadline; cutting it');
+        this.socket.destroy();
+      }, deadlineMs);
+      deadline.unref();
+      await new Promise<void>((resolve) => {
+        this.chain.then(resolve, resolve);
+        this.socket.once('close', resolve);
+      });
+      clearTimeout(deadline);
+    }
     this.socket.end();
+  }
+
+  /**
+   * Closes the connection if it stalled after HELLO: a frame begun whose next byte has
+   * not come, or replies its peer has not taken, for `timeoutMs`. Time the node itself
+   * spends not reading (waiting for budget) does not count. True if it was closed.
+   */
+  cutIfStalled(now: number, timeoutMs: number): boolean {
+    if (this.closing || this.partner === undefined || this.socket.destroyed) return false;
+    if (this.socket.isPaused()) this.lastInput = now;
+    const frame = this.parser.midFrame && now - this.lastInput > timeoutMs;
+    const replies = this.socket.writableLength > 0 && now - this.lastOutput > timeoutMs;
+    if (!frame && !replies) return false;
+    this.options.log.warn({ partner: this.partner, remote: this.socket.remoteAddress, timeoutMs, stalled: frame ? 'frame' : 'replies' }, frame
+      ? 'mirror connection began a frame and sent nothing more; closing it'
+      : 'mirror connection does not read its replies; closing it');
+    this.closing = true;
+    this.socket.destroy();
+    return true;
   }
 
   /** A request the flow admitted joins the chain; its budget comes back once its reply is written. */
@@ -225,8 +313,10 @@ class MirrorConnection {
         this.flow.done(request.cost);
         return;
       }
-      const { buf, last } = await this.serve(request.frame);
+      const { buf, last } = await this.serve(request.frame, request.admitted);
+      this.lastOutput = performance.now();
       this.writer.write(buf, () => {
+        this.lastOutput = performance.now();
         this.flow.done(request.cost);
       });
       if (last) this.socket.end();
@@ -234,27 +324,28 @@ class MirrorConnection {
   }
 
   /** The reply to one request, and whether it is the last this connection gets. */
-  private async serve(f: Frame): Promise<{ buf: Buffer; last: boolean }> {
+  private async serve(f: Frame, admitted: boolean): Promise<{ buf: Buffer; last: boolean }> {
     const tag = f.tagLo;
     try {
-      const body = await this.handle(f.op, f.body);
+      const body = await this.handle(f.op, f.body, admitted);
       this.service.served++;
       return { buf: reply(f.op, MSTATUS.OK, tag, body), last: false };
     } catch (error) {
       const status = error instanceof MemstrataError ? (STATUS_OF[error.code] ?? MSTATUS.IO) : MSTATUS.IO;
       const message = error instanceof Error ? error.message : String(error);
       if (status === MSTATUS.IO) this.options.log.error({ err: error, partner: this.partner }, 'mirror request failed');
-      // A refused HELLO, or anything before one, ends the connection.
-      const last = status === MSTATUS.AUTH || (status === MSTATUS.PROTOCOL && this.partner === undefined);
+      // A refused HELLO, or anything read before one succeeded, ends the connection.
+      const last = status === MSTATUS.AUTH || (status === MSTATUS.PROTOCOL && (!admitted || this.partner === undefined));
       if (last) this.closing = true;
       return { buf: errorReply(f.op, status, tag, message), last };
     }
   }
 
-  private async handle(op: number, body: Buffer): Promise<Buffer | undefined> {
+  private async handle(op: number, body: Buffer, admitted: boolean): Promise<Buffer | undefined> {
     const { nvram } = this.options;
     if (op === MOP.HELLO) return this.hello(body);
-    if (this.partner === undefined) throw new MisuseError('MS_MIRROR_PROTOCOL', 'HELLO must come first on a mirror connection');
+    // Priced before HELLO was applied (for an error reply at most): served as such.
+    if (!admitted || this.partner === undefined) throw new MisuseError('MS_MIRROR_PROTOCOL', 'HELLO must come first on a mirror connection, and nothing may follow it before its reply');
     switch (op) {
       case MOP.STATE: {
         const device = nvram.find(decodeName(body, 'STATE'));

@@ -47,6 +47,7 @@ import type { Socket } from 'node:net';
 import { isMemstrataError } from '../errors.js';
 import type { Logger } from '../logger.js';
 import type { Admission } from '../net/connection-gate.js';
+import { DRAIN_DEADLINE_MS } from '../net/listen.js';
 import { RequestFlow, type FlowLimits, type FlowSocket, type FlowStats, type SharedBudget } from '../net/request-flow.js';
 import {
   decodeInfoRequest,
@@ -159,8 +160,6 @@ const ZERO_BOOKKEEPING_PER_64K = 4096;
 const PREFETCH_WORKING_SET = 1024 * 1024;
 /** After this side has ended, how long the client has to close its side before the socket is destroyed. */
 const LINGER_MS = 2000;
-/** At shutdown, how long requests in flight may take before the connection is cut. */
-const DRAIN_DEADLINE_MS = 10_000;
 /** Event-loop turns without input a connection waits at shutdown before it ends its side. */
 const QUIET_ROUNDS = 2;
 

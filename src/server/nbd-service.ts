@@ -77,7 +77,7 @@ export class NbdService implements NbdHost {
     this.payloadBuffers = new BufferPool(POOL_PER_CLASS, POOL_MAX_BYTES);
     const { limits } = options;
     this.limits = { maxRequests: limits.maxInFlight, maxBytes: limits.maxInFlightBytes };
-    this.budget = new SharedBudget(limits.maxInFlightBytesTotal, IDLE_RESERVE);
+    this.budget = new SharedBudget(limits.maxInFlightBytesTotal, { reserveBytes: IDLE_RESERVE });
     this.flowStats = newFlowStats();
     this.gate = new ConnectionGate('NBD', { maxConnections: limits.maxConnections, handshakeTimeoutMs: limits.handshakeTimeoutMs }, options.log);
     this.turns = new TurnQueue();

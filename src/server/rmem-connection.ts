@@ -15,8 +15,12 @@
 //     its length plus the largest reply its op can get, so no body is assembled outside
 //     the budget and the request it becomes starts at once (never holding budget while
 //     waiting for more);
-//   - until HELLO succeeds, bodies are at most HANDSHAKE_MAX_BODY: a peer that has not
-//     been admitted makes the node hold a few KiB at most, for handshakeTimeout at most;
+//   - until HELLO succeeds, bodies are at most HANDSHAKE_MAX_BODY and every frame is
+//     priced at its body plus HANDSHAKE_REPLY_SIZE (a HELLO reply or an error, all it
+//     can get), not at what its op could get in a session: a peer that has not been
+//     admitted makes the node hold about 5 KiB at most, for handshakeTimeout at most. A
+//     frame is priced once, at its header, and served as it was priced: one priced
+//     before HELLO gets NO_SESSION even if HELLO succeeded meanwhile;
 //   - reading stops while anything waits for budget or the socket's write buffer is above
 //     its high-water mark (a client that does not read its replies stops being read).
 //
@@ -44,6 +48,7 @@ import {
   encodeEmptyReply,
   encodeErrorReply,
   encodeHelloReply,
+  HANDSHAKE_REPLY_SIZE,
   maxReplySize,
   replySize,
   writeResponseHeader,
@@ -83,6 +88,8 @@ export interface ConnectionHost {
   /** Large reply buffers, reused across requests and connections. */
   readonly replyBuffers: BufferPool;
   isStopping(): boolean;
+  /** At shutdown, how long requests in flight may take before the connection is cut. */
+  readonly drainDeadlineMs: number;
   /** Admits a HELLO; returns the session's tenancy and reply fields, or throws a coded error. */
   hello(connection: RmemConnection, serverId: string, token: string, secret: Buffer | undefined): { tenancy: Tenancy; resumed: boolean; sessionId: bigint; leaseMs: number; nodeId: string; secret: Buffer };
   /** Notes traffic for the lease. */
@@ -99,10 +106,11 @@ export interface RmemStats {
   protocolErrors: number;
 }
 
-/** A parsed request and what it holds of the budget. */
+/** A parsed request, what it holds of the budget, and whether HELLO had succeeded when it was priced. */
 interface Request {
   frame: Frame;
   cost: number;
+  admitted: boolean;
 }
 
 /** A reply ready to go: its buffers, and what to do once the kernel has them. */
@@ -127,6 +135,8 @@ export class RmemConnection {
   private nextHandle: number;
   /** Bytes reserved for the body the parser is assembling (0: none). */
   private reserved: number;
+  /** Whether that body was priced as a request of an admitted connection. */
+  private reservedAdmitted: boolean;
   private resumeScheduled: boolean;
   private closing: boolean;
   private idle: (() => void) | undefined;
@@ -142,6 +152,7 @@ export class RmemConnection {
     this.journals = new Map();
     this.nextHandle = 1;
     this.reserved = 0;
+    this.reservedAdmitted = false;
     this.resumeScheduled = false;
     this.closing = false;
     this.idle = undefined;
@@ -178,7 +189,22 @@ export class RmemConnection {
     return this.flow.inFlight > 0;
   }
 
-  /** Stops reading, answers what was parsed but not started with SHUTDOWN, lets requests in flight finish, then closes. */
+  /**
+   * True while this connection holds nothing and its next request waits only for room
+   * in the service's budget: other connections hold it back, not its own client (which
+   * may well be sending KEEPALIVEs the node does not read meanwhile).
+   */
+  get waitingOnService(): boolean {
+    return this.flow.inFlight === 0 && this.flow.waitingOnService;
+  }
+
+  /**
+   * Shutdown: stops reading, answers what was parsed but not started with SHUTDOWN, lets
+   * requests in flight finish, then ends this side. Resolves once nothing is in flight or
+   * the socket has closed, at the latest after the host's drainDeadlineMs: a client that
+   * does not read its replies (or storage that does not answer) is cut then, and the
+   * replies not yet sent are lost.
+   */
   async drainAndClose(): Promise<void> {
     this.closing = true;
     for (const request of this.flow.close()) {
@@ -186,7 +212,18 @@ export class RmemConnection {
       this.writer.write(encodeErrorReply(request.frame.op, STATUS.SHUTDOWN, tag, 'the node is stopping'));
     }
     this.socket.pause();
-    if (this.flow.inFlight > 0) await new Promise<void>((resolve) => (this.idle = resolve));
+    if (this.flow.inFlight > 0 && !this.socket.destroyed) {
+      const deadlineMs = this.host.drainDeadlineMs;
+      const deadline = setTimeout(() => {
+        this.destroy(`requests still in flight ${deadlineMs} ms after the shutdown began`);
+      }, deadlineMs);
+      deadline.unref();
+      await new Promise<void>((resolve) => {
+        this.idle = resolve;
+        this.socket.once('close', resolve);
+      });
+      clearTimeout(deadline);
+    }
     this.socket.end();
   }
 
@@ -206,25 +243,37 @@ export class RmemConnection {
 
   /** Budgets a body that spans chunks, and the largest reply its op can get, before the parser allocates it. */
   private admitBody(op: number, length: number): boolean {
-    const bytes = length + maxReplySize(op);
+    const admitted = this.tenancy !== undefined;
+    const bytes = length + (admitted ? maxReplySize(op) : HANDSHAKE_REPLY_SIZE);
     const granted = this.flow.reserve(bytes, () => {
       this.reserved = bytes;
+      this.reservedAdmitted = admitted;
+      // The node reads this connection again after a wait its client could do nothing about.
+      if (admitted && this.serverId !== undefined) this.host.touch(this.serverId);
       this.parser.resume();
     });
-    if (granted) this.reserved = bytes;
+    if (granted) {
+      this.reserved = bytes;
+      this.reservedAdmitted = admitted;
+    }
     return granted;
   }
 
   private onFrame(frame: Frame): void {
     const reserved = this.reserved;
     this.reserved = 0;
+    // Priced at its header: a reserved body as it was reserved, any other frame now.
+    const admitted = reserved > 0 ? this.reservedAdmitted : this.tenancy !== undefined;
     if (!this.closing) {
       const name = OP_NAME[frame.op] ?? 'UNKNOWN';
       this.host.stats.requests[name] = (this.host.stats.requests[name] ?? 0) + 1;
+      // A frame read is traffic for the lease, whether it runs now or waits for budget.
+      if (admitted && this.serverId !== undefined) this.host.touch(this.serverId);
     }
-    // Pushed even while closing, so that a reservation goes back through the flow.
-    const cost = frame.body.length + replySize(frame.op, frame.body);
-    this.flow.push({ frame, cost }, cost, reserved);
+    // Pushed even while closing: until the flow is closed a reservation goes back through it
+    // (start() ends the request at once); once closed, close() has given it back already.
+    const cost = frame.body.length + (admitted ? replySize(frame.op, frame.body) : HANDSHAKE_REPLY_SIZE);
+    this.flow.push({ frame, cost, admitted }, cost, reserved);
   }
 
   /** Runs a request the flow dispatched; its budget comes back once its reply is written. */
@@ -243,7 +292,7 @@ export class RmemConnection {
       this.done(request);
       return;
     }
-    this.serve(frame, tag).then(
+    this.serve(frame, tag, request.admitted).then(
       (reply) => {
         this.finish(request, reply);
       },
@@ -273,13 +322,14 @@ export class RmemConnection {
     if (this.flow.inFlight === 0 && this.idle !== undefined) this.idle();
   }
 
-  private async serve(frame: Frame, tag: Tag): Promise<Reply> {
+  private async serve(frame: Frame, tag: Tag, admitted: boolean): Promise<Reply> {
     if (this.host.isStopping()) throw new RuntimeError('MS_SHUTTING_DOWN', 'the node is stopping');
     const { op, body } = frame;
     if (op === OP.HELLO) return this.onHello(body, tag);
     const serverId = this.serverId;
     const tenancy = this.tenancy;
-    if (serverId === undefined || tenancy === undefined) {
+    // Priced before HELLO (for an error reply at most): served as such.
+    if (!admitted || serverId === undefined || tenancy === undefined) {
       if (OP_NAME[op] === undefined) throw new MisuseError('MS_RMEM_UNSUPPORTED', `unknown operation ${op}`);
       throw new MisuseError('MS_RMEM_NO_SESSION', `${OP_NAME[op] ?? op} before HELLO`);
     }

@@ -8,8 +8,11 @@
 //   lease runs out                   -> session ended: its regions unreachable at once,
 //                                       then freed and zeroed, server removed (FIG. 15)
 //
-// A connected session that sends nothing (not even KEEPALIVE) for a lease is treated as
-// lost: its connection is closed and the grace period starts. One coarse timer, a
+// A connected session from which the node reads no frame (not even KEEPALIVE) for a lease
+// is treated as lost: its connection is closed and the grace period starts. That covers
+// a client that does not read its replies (the node stops reading it) or sends a frame
+// too slowly; it spares a connection that holds nothing and whose next request waits
+// for room in the service budget, which other connections hold. One coarse timer, a
 // quarter of the lease, drives both. A HELLO with the session's secret for a server that
 // is connected elsewhere takes the session over and closes the older connection, which
 // is what a client that noticed a dead link before the node did needs.
@@ -23,7 +26,10 @@
 // Bounded resources: a ConnectionGate caps connections and closes one whose HELLO does
 // not succeed within `handshakeTimeoutMs`; each connection's RequestFlow caps its
 // requests and bytes in flight, and one SharedBudget caps the bytes of all connections
-// together (see rmem-connection.ts).
+// together, plus IDLE_RESERVE for each connection with nothing in flight, so that
+// connections holding the whole budget (clients that do not read their replies, say)
+// cannot keep another's HELLO, KEEPALIVE or modest request waiting (see
+// rmem-connection.ts).
 
 import { createServer, type Server, type Socket } from 'node:net';
 import { randomBytes, timingSafeEqual } from 'node:crypto';
@@ -31,7 +37,7 @@ import { MisuseError } from '../errors.js';
 import type { ServerMemory, Tenancy } from '../memory/server-memory.js';
 import type { DeviceManager } from '../nvram/device-manager.js';
 import type { Logger } from '../logger.js';
-import { closeServer, listenOn } from '../net/listen.js';
+import { DRAIN_DEADLINE_MS, closeServer, listenOn } from '../net/listen.js';
 import { ConnectionGate } from '../net/connection-gate.js';
 import { SharedBudget, newFlowStats, type FlowLimits, type FlowStats } from '../net/request-flow.js';
 import { serviceLoad, type ServiceLoad } from '../net/service-load.js';
@@ -57,9 +63,19 @@ export interface RmemServiceOptions {
   /** Bytes in flight on all connections together. */
   maxInFlightBytesTotal: number;
   maxConnections: number;
+  /** Connections open at once from one remote address. */
+  maxConnectionsPerClient: number;
   /** A connection whose HELLO has not succeeded in this time is closed. */
   handshakeTimeoutMs: number;
+  /** At shutdown, how long requests in flight may take before their connection is cut (default DRAIN_DEADLINE_MS). */
+  drainDeadlineMs?: number;
 }
+
+/**
+ * What a connection with nothing in flight may always take for one request, beyond the
+ * service budget. Times the default 256 connections it is 32 MiB, as NBD's reserve is.
+ */
+export const IDLE_RESERVE = 128 * 1024;
 
 /** Large reply buffers kept for reuse, at most this many bytes (outside any budget). */
 const REPLY_POOL_BYTES = 32 * 1024 * 1024;
@@ -87,6 +103,7 @@ export class RmemService implements ConnectionHost {
   readonly gate: ConnectionGate;
   readonly stats: RmemStats;
   readonly replyBuffers: BufferPool;
+  readonly drainDeadlineMs: number;
   private readonly options: RmemServiceOptions;
   private readonly sessions: Map<string, Session>;
   private readonly connections: Set<RmemConnection>;
@@ -94,6 +111,8 @@ export class RmemService implements ConnectionHost {
   private timer: NodeJS.Timeout | undefined;
   private stopping: boolean;
   private bound: ListenAddress | undefined;
+  /** Connections closed as lost (no frame read for a lease). */
+  private stalled: number;
 
   constructor(options: RmemServiceOptions) {
     this.options = options;
@@ -102,16 +121,18 @@ export class RmemService implements ConnectionHost {
     this.log = options.log;
     this.flowLimits = { maxRequests: options.maxInFlight, maxBytes: options.maxInFlightBytes };
     this.flowStats = newFlowStats();
-    this.budget = new SharedBudget(options.maxInFlightBytesTotal);
-    this.gate = new ConnectionGate('rmem', { maxConnections: options.maxConnections, handshakeTimeoutMs: options.handshakeTimeoutMs }, options.log);
+    this.budget = new SharedBudget(options.maxInFlightBytesTotal, { reserveBytes: IDLE_RESERVE, waitersFirst: true });
+    this.gate = new ConnectionGate('rmem', { maxConnections: options.maxConnections, maxConnectionsPerClient: options.maxConnectionsPerClient, handshakeTimeoutMs: options.handshakeTimeoutMs }, options.log);
     this.stats = { requests: {}, errors: {}, bytesRead: 0, bytesWritten: 0, connectionsAccepted: 0, protocolErrors: 0 };
     this.replyBuffers = new BufferPool(8, REPLY_POOL_BYTES);
+    this.drainDeadlineMs = options.drainDeadlineMs ?? DRAIN_DEADLINE_MS;
     this.sessions = new Map();
     this.connections = new Set();
     this.server = undefined;
     this.timer = undefined;
     this.stopping = false;
     this.bound = undefined;
+    this.stalled = 0;
   }
 
   get address(): ListenAddress | undefined {
@@ -136,7 +157,11 @@ export class RmemService implements ConnectionHost {
     return this.bound;
   }
 
-  /** Stops accepting, lets requests in flight finish, closes every connection. Regions are volatile and go with the node. */
+  /**
+   * Stops accepting, lets requests in flight finish (for drainDeadlineMs at most: a
+   * connection still busy then is cut), closes every connection. Regions are volatile
+   * and go with the node.
+   */
   async close(): Promise<void> {
     this.stopping = true;
     if (this.timer !== undefined) clearInterval(this.timer);
@@ -147,7 +172,7 @@ export class RmemService implements ConnectionHost {
 
   /** Connections, pauses and bytes in flight, for metrics. */
   load(): ServiceLoad {
-    return serviceLoad(this.gate.stats, this.flowStats, this.budget);
+    return serviceLoad(this.gate.stats, this.flowStats, this.budget, this.stalled);
   }
 
   isStopping(): boolean {
@@ -239,7 +264,11 @@ export class RmemService implements ConnectionHost {
     const lease = this.options.leaseMs;
     for (const session of this.sessions.values()) {
       if (session.connection !== undefined) {
-        if (now - session.lastSeen > lease) session.connection.destroy(`no request or keepalive for ${lease} ms`);
+        // Not read because others hold the budget is not lost: its turn comes as they give it back.
+        if (now - session.lastSeen > lease && !session.connection.waitingOnService) {
+          this.stalled++;
+          session.connection.destroy(`no request or keepalive for ${lease} ms`);
+        }
         continue;
       }
       if (now - session.disconnectedAt <= lease) continue;
@@ -252,8 +281,10 @@ export class RmemService implements ConnectionHost {
     this.sessions.delete(session.serverId);
     const serverId = session.serverId;
     this.memory.end(session.tenancy).then(
-      (regions) => {
+      ({ regions, keptAsideBytes }) => {
         this.log.info({ server: serverId, regions }, message);
+        // Handed to no one until a later release zeroes them (memstrata_server_memory_kept_aside_bytes).
+        if (keptAsideBytes > 0) this.log.error({ server: serverId, keptAsideBytes, keptAside: this.memory.keptAside().filter((k) => k.serverId === serverId) }, 'rmem session ended but zeroing some of its memory failed; those pages are kept aside');
       },
       (error: unknown) => {
         this.log.error({ server: serverId, err: error }, 'rmem session ended but freeing its regions failed');

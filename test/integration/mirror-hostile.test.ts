@@ -105,7 +105,8 @@ async function until<T>(what: string, probe: () => Promise<T | undefined>, timeo
 }
 
 test('mirror hostile: pipelines 60 FETCHes of 8 MiB and never reads a reply; the node holds its budget, not 480 MiB', async (t) => {
-  const n = await node(t);
+  // The bound while the node keeps the connection: the stall timeout, which would cut it, is lifted.
+  const n = await node(t, { MEMSTRATA_MIRROR_STALL_TIMEOUT: '10m' });
   const good = await wellBehaved(t, n);
   const before = await rssBytes(n);
   const hostile = await peer(n);
@@ -136,7 +137,7 @@ test('mirror hostile: pipelines 60 FETCHes of 8 MiB and never reads a reply; the
 });
 
 test('mirror hostile: connections that each send all but the last byte of a maximal APPEND stay within the service cap', async (t) => {
-  const n = await node(t, { MEMSTRATA_MIRROR_MAX_CONNECTIONS: '64' });
+  const n = await node(t, { MEMSTRATA_MIRROR_MAX_CONNECTIONS: '64', MEMSTRATA_MIRROR_MAX_CONNECTIONS_PER_CLIENT: '64', MEMSTRATA_MIRROR_STALL_TIMEOUT: '10m' });
   const good = await wellBehaved(t, n);
   const before = await rssBytes(n);
   const chunk = randomBytes(MiB);
@@ -173,6 +174,31 @@ test('mirror hostile: connections that each send all but the last byte of a maxi
   assert.ok((await metric(n, 'memstrata_mirror_inflight_bytes')) <= 128 * MiB + 2 * m.MIRROR_MAX_BODY);
 });
 
+test('mirror hostile: peers that say HELLO and begin a frame they never finish are closed at mirror.stallTimeout; the partner is served meanwhile', async (t) => {
+  const n = await node(t, { MEMSTRATA_MIRROR_STALL_TIMEOUT: '1s', MEMSTRATA_MIRROR_MAX_CONNECTIONS_PER_CLIENT: '16' });
+  const good = await wellBehaved(t, n);
+  const hogs: MirrorPeer[] = [];
+  t.after(async () => {
+    for (const h of hogs) h.socket.destroy();
+  });
+  // Each declares a FETCH body of 32 MiB less its reply and sends none of it: together, the whole 128 MiB budget.
+  for (let i = 0; i < 4; i++) {
+    const hog = await peer(n);
+    hogs.push(hog);
+    const head = Buffer.alloc(m.MIRROR_HEADER);
+    head.writeUInt32BE(m.MIRROR_REQUEST_MAGIC, 0);
+    head.writeUInt16BE(m.MOP.FETCH, 4);
+    head.writeUInt32BE(9, 12);
+    head.writeUInt32BE(32 * MiB - m.maxMirrorReplySize(m.MOP.FETCH), 16);
+    hog.socket.write(head);
+  }
+  await good.check();
+  await until('the hogs to be closed by the node', async () => (hogs.every((h) => h.closed()) ? true : undefined));
+  assert.equal(await metric(n, 'memstrata_mirror_stalled_connections_total'), 4);
+  await until('their reservations to come back', async () => ((await metric(n, 'memstrata_mirror_inflight_bytes')) === 0 ? true : undefined));
+  await good.check();
+});
+
 test('mirror hostile: a frame trickled one byte at a time; the other peer is served meanwhile', async (t) => {
   const n = await node(t);
   const good = await wellBehaved(t, n);
@@ -193,7 +219,8 @@ test('mirror hostile: a frame trickled one byte at a time; the other peer is ser
 });
 
 test('mirror hostile: thousands of connections are refused beyond mirror.maxConnections, idle ones time out, the partner is served', async (t) => {
-  const n = await node(t, { MEMSTRATA_MIRROR_HANDSHAKE_TIMEOUT: '1s' });
+  // All from one address: the per-client cap is lifted to the service's, which is what this test is about.
+  const n = await node(t, { MEMSTRATA_MIRROR_HANDSHAKE_TIMEOUT: '1s', MEMSTRATA_MIRROR_MAX_CONNECTIONS_PER_CLIENT: '16' });
   const good = await wellBehaved(t, n);
   const before = await rssBytes(n);
   const sockets: Socket[] = [];
@@ -259,7 +286,7 @@ test('mirror hostile: huge declared lengths end the connection; before HELLO any
 });
 
 test('mirror hostile: connections that stop mid-HELLO are closed at mirror.handshakeTimeout', async (t) => {
-  const n = await node(t, { MEMSTRATA_MIRROR_HANDSHAKE_TIMEOUT: '500ms' });
+  const n = await node(t, { MEMSTRATA_MIRROR_HANDSHAKE_TIMEOUT: '500ms', MEMSTRATA_MIRROR_MAX_CONNECTIONS_PER_CLIENT: '16' });
   const good = await wellBehaved(t, n);
   const hello = m.request(m.MOP.HELLO, 1, m.encodeHello({ version: m.MIRROR_VERSION, nodeId: 'half', token: '' }));
   const peers = await Promise.all(Array.from({ length: 10 }, () => peer(n, false)));

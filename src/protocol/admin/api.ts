@@ -230,9 +230,21 @@ export interface ResizeResponse {
 /** An rmem session as the service reports it. */
 export type RmemSessionJson = SessionInfo;
 
+/** Server memory whose zeroing failed: held by its server's extents, handed to no one until a later session end zeroes it. */
+export interface KeptAsideJson {
+  serverId: string;
+  medium: MediumName;
+  start: number;
+  length: number;
+  range: string;
+  /** Why the last zeroing failed. */
+  error: string;
+}
+
 export interface ServersJson {
   sessions: RmemSessionJson[];
   allocation: AllocationTableJson;
+  keptAside: KeptAsideJson[];
 }
 
 /** A volume as the volume manager reports it. */

@@ -378,6 +378,13 @@ export const MIRROR_HANDSHAKE_MAX_BODY = 4096;
 export const MIRROR_ERROR_REPLY_SIZE = MIRROR_HEADER + 2 + 4 * 1024;
 
 /**
+ * The largest reply a request read before HELLO has succeeded can get, whatever its op:
+ * a HELLO reply (a node id of at most 64 bytes) or an error. Such a request is priced at
+ * its body plus this, never at what its op could get once the peer is admitted.
+ */
+export const MIRROR_HANDSHAKE_REPLY_SIZE = Math.max(MIRROR_ERROR_REPLY_SIZE, MIRROR_HEADER + 1 + 64);
+
+/**
  * The largest reply any request of `op` can get, from the op alone: FETCH returns up to
  * its maxBytes of records, and at least one record however large; the rest answer a
  * few fields or an error.

@@ -18,6 +18,7 @@ import {
   MAX_BODY,
   MAX_DATA,
   MAX_ERROR_MESSAGE,
+  MAX_RANGES,
   MAX_SERVER_ID,
   MAX_TOKEN,
   MAX_VECTOR,
@@ -675,6 +676,16 @@ export function encodeJreadReply(tag: Tag, records: readonly Buffer[]): Buffer[]
 /** An error reply: header and the longest message. */
 export const ERROR_REPLY_SIZE = HEADER_SIZE + MAX_ERROR_MESSAGE;
 
+/** The longest HELLO reply: fixed fields, a node id of at most 64 bytes, the session secret. */
+const HELLO_REPLY_SIZE = HEADER_SIZE + 2 + 2 + 4 + 4 + 8 + 1 + 64 + 1 + SESSION_SECRET_SIZE;
+
+/**
+ * The largest reply a request read before HELLO has succeeded can get, whatever its op:
+ * a HELLO reply or an error (anything but HELLO is refused with NO_SESSION). Such a
+ * request is priced at its body plus this, never at what its op could get in a session.
+ */
+export const HANDSHAKE_REPLY_SIZE = Math.max(ERROR_REPLY_SIZE, HELLO_REPLY_SIZE);
+
 /**
  * The largest reply any request of `op` can get, known from the op alone (before its
  * body has arrived): for budgeting a body that spans socket chunks.
@@ -688,7 +699,7 @@ export function maxReplySize(op: number): number {
       // One record is returned even when it is larger than maxBytes.
       return HEADER_SIZE + 4 + MAX_BODY;
     case OP.BIND:
-      return HEADER_SIZE + 8 + 8 + 8 + 2 + 0xffff * BODY.RANGE;
+      return HEADER_SIZE + 8 + 8 + 8 + 2 + MAX_RANGES * BODY.RANGE;
     case OP.JAPPEND:
       return Math.max(ERROR_REPLY_SIZE, HEADER_SIZE + 2 + MAX_VECTOR * 16);
     default:

@@ -101,6 +101,14 @@ export class FrameParser {
     return this.stopped;
   }
 
+  /**
+   * True while a frame has begun and is not whole: part of its header, or its header and
+   * part of its body, has arrived (not while a body waits for admission, nor between frames).
+   */
+  get midFrame(): boolean {
+    return this.headerHave > 0 || this.body !== undefined;
+  }
+
   /** True once the stream lost its framing; nothing more will be parsed. */
   get broken(): boolean {
     return this.failed;

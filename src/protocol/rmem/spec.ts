@@ -30,6 +30,11 @@ export const HANDSHAKE_MAX_BODY = 4096;
 export const MAX_VECTOR = 1024;
 /** Bind sizes and address binds are in pages of this size. */
 export const PAGE_SIZE = 4096;
+/**
+ * Most physical ranges in one region, so in one BIND reply (about 68 KiB of ranges): a
+ * bind that free memory can satisfy only in more pieces fails with NO_CAPACITY.
+ */
+export const MAX_RANGES = 4096;
 export const MAX_SERVER_ID = 64;
 export const MAX_TOKEN = 1024;
 export const MAX_ERROR_MESSAGE = 1024;

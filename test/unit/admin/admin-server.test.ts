@@ -56,6 +56,10 @@ function guardedContext(reached: string[], stats: () => AdminStats | undefined):
       reached.push('rmemSessions');
       return [];
     },
+    keptAside: () => {
+      reached.push('keptAside');
+      return [];
+    },
     volumes: trap('volumes'),
     nvram: trap('nvram'),
     metrics,

@@ -69,3 +69,16 @@ test('take prefers one range that fits, then gathers from the lowest', () => {
   assert.deepEqual(ranges.take(6), [{ start: 0, length: 2 }, { start: 10, length: 3 }, { start: 25, length: 1 }]);
   assert.deepEqual(ranges.list(), [{ start: 26, length: 2 }]);
 });
+
+test('take in at most maxPieces pieces: from the largest ranges when the lowest take too many, nothing when no way fits', () => {
+  const ranges = new FreeRanges();
+  ranges.add(0, 1);
+  ranges.add(10, 1);
+  ranges.add(20, 1);
+  ranges.add(30, 4);
+  assert.deepEqual(ranges.take(6, 2), undefined, 'six bytes need three pieces at least');
+  assert.equal(ranges.total, 7, 'nothing was taken');
+  assert.deepEqual(ranges.take(5, 2), [{ start: 0, length: 1 }, { start: 30, length: 4 }], 'the largest first, in address order');
+  assert.deepEqual(ranges.take(2, 2), [{ start: 10, length: 1 }, { start: 20, length: 1 }]);
+  assert.equal(ranges.total, 0);
+});

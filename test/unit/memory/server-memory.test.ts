@@ -1,5 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { StorageError } from '../../../src/errors.js';
 import { AllocationTable } from '../../../src/memory/allocation-table.js';
 import { DramMedium } from '../../../src/memory/dram-medium.js';
 import type { MediumName } from '../../../src/kinds.js';
@@ -14,6 +15,8 @@ class TestMedium extends DramMedium {
   /** Zeroing waits for this while it is set, as a slow medium would. */
   zeroGate: Promise<void> | undefined;
   zeroes = 0;
+  /** Zeroing at these offsets fails (EIO, as a full sparse file would with ENOSPC). */
+  readonly failZeroAt = new Set<number>();
   constructor(name: MediumName, capacity: number) {
     super({ capacity, extentSize: E });
     this.name = name;
@@ -21,11 +24,12 @@ class TestMedium extends DramMedium {
   override async zero(offset: number, length: number): Promise<void> {
     this.zeroes++;
     if (this.zeroGate !== undefined) await this.zeroGate;
+    if (this.failZeroAt.has(offset)) throw new StorageError('MS_MEDIUM_IO', `injected zeroing failure at ${offset}`);
     return super.zero(offset, length);
   }
 }
 
-async function setup(options: { dram?: Partial<MediumLayout>; flash?: Partial<MediumLayout> | false } = {}) {
+async function setup(options: { dram?: Partial<MediumLayout>; flash?: Partial<MediumLayout> | false; maxRanges?: number } = {}) {
   const layout = (name: MediumName, extents: number, extra?: Partial<MediumLayout>): MediumLayout => ({
     name,
     capacity: extents * E,
@@ -40,7 +44,7 @@ async function setup(options: { dram?: Partial<MediumLayout>; flash?: Partial<Me
   for (const m of media) await m.open();
   const partition = new PartitionTable(layouts);
   const allocation = new AllocationTable();
-  const memory = new ServerMemory({ partition, allocation, media });
+  const memory = new ServerMemory({ partition, allocation, media, ...(options.maxRanges === undefined ? {} : { maxRanges: options.maxRanges }) });
   // One session per server id unless a test opens another.
   const sessions = new Map<string, Tenancy>();
   const tenant = (serverId: string): Tenancy => {
@@ -177,7 +181,7 @@ test('ending a session frees and zeroes all it holds, but not what a new session
   assert.throws(() => memory.lookup(second, old.id, old.key), { code: 'MS_RMEM_VIOLATION' }, 'a new session does not inherit the old keys');
   const fresh = memory.bind(second, PAGE_SIZE, { kind: 'medium', medium: 'dram' });
   await assert.rejects(memory.bind(first, PAGE_SIZE, { kind: 'medium', medium: 'dram' }), { code: 'MS_RMEM_NO_SESSION' }, 'an ended session binds nothing');
-  assert.equal(await release, 1);
+  assert.deepEqual(await release, { regions: 1, keptAsideBytes: 0 });
   const region = await fresh;
   assert.deepEqual(allocation.rows().map((r) => r.regionId), [region.id]);
   assert.deepEqual(partition.rows().filter((r) => r.owner === 'srv-a').map((r) => r.medium), ['dram']);
@@ -201,7 +205,7 @@ test('ending a session while its BIND runs: the bind completes, then the release
   open();
   const region = await bind;
   assert.throws(() => memory.lookup(session, region.id, region.key), { code: 'MS_RMEM_VIOLATION' });
-  assert.equal(await released, 1);
+  assert.deepEqual(await released, { regions: 1, keptAsideBytes: 0 });
   assert.deepEqual(allocation.rows(), []);
   assert.deepEqual(partition.rows().filter((r) => r.owner !== null), []);
 });
@@ -215,4 +219,97 @@ test('a free waits for I/O in flight on the region before zeroing it', async () 
   const freed = memory.free(tenant('srv-a'), region.id, region.key);
   await Promise.all([read, freed]);
   assert.ok(target.every((b) => b === 7), 'the read saw the data, not the zeroing');
+});
+
+test('a release goes on past a region whose zeroing fails: the others are freed, the unzeroed pages are kept aside and handed to no one, and a later release gives them back', async () => {
+  const { memory, allocation, partition, media } = await setup();
+  const dram = media[0]!;
+  const session = memory.open('srv-a');
+  const regions = [];
+  for (let i = 0; i < 3; i++) regions.push(await memory.bind(session, E, { kind: 'medium', medium: 'dram' }));
+  for (const r of regions) await memory.write(r, 0, Buffer.alloc(E, 0xaa));
+  const failing = regions[0]!.ranges[0]!.start;
+  dram.failZeroAt.add(failing);
+  assert.deepEqual(await memory.end(session), { regions: 3, keptAsideBytes: E });
+  assert.equal(memory.regionCount(), 0);
+  assert.deepEqual(allocation.rows(), [], 'no region is left in the allocation table');
+  assert.deepEqual(memory.keptAside().map((k) => [k.serverId, k.medium, k.start, k.length]), [['srv-a', 'dram', failing, E]]);
+  assert.match(memory.keptAside()[0]!.error, /injected/);
+  // Only the extent with the unzeroed pages stays held, by srv-a; the others went back.
+  assert.deepEqual(partition.rows().filter((r) => r.owner !== null).map((r) => [r.owner, r.start]), [['srv-a', failing]]);
+  // Nobody gets those pages meanwhile: not a new session of srv-a, not another server.
+  const next = memory.open('srv-a');
+  const other = memory.open('srv-b');
+  const taken = [
+    await memory.bind(next, E, { kind: 'medium', medium: 'dram' }),
+    await memory.bind(other, E, { kind: 'medium', medium: 'dram' }),
+    await memory.bind(other, PAGE_SIZE, { kind: 'medium', medium: 'dram' }),
+  ];
+  for (const r of taken) for (const range of r.ranges) assert.ok(range.medium !== 'dram' || range.start + range.length <= failing || range.start >= failing + E, 'kept-aside pages are handed out');
+  // The medium recovers: the next release zeroes them and gives them back.
+  dram.failZeroAt.clear();
+  await memory.end(other);
+  assert.deepEqual(memory.keptAside(), []);
+  const back = Buffer.alloc(E);
+  await dram.read(failing, back);
+  assert.ok(back.every((b) => b === 0), 'zeroed before anyone can have them');
+  await memory.end(next);
+  assert.deepEqual(partition.rows().filter((r) => r.owner !== null), [], 'every extent went back');
+});
+
+test('a FREE whose zeroing fails rejects, but the region is gone and its pages are kept aside', async () => {
+  const { memory, allocation, media, tenant } = await setup();
+  const region = await memory.bind(tenant('srv-a'), 2 * PAGE_SIZE, { kind: 'medium', medium: 'dram' });
+  media[0]!.failZeroAt.add(region.ranges[0]!.start);
+  await assert.rejects(memory.free(tenant('srv-a'), region.id, region.key), { code: 'MS_MEDIUM_IO' });
+  assert.throws(() => memory.lookup(tenant('srv-a'), region.id, region.key), { code: 'MS_RMEM_VIOLATION' });
+  assert.deepEqual(allocation.rows(), []);
+  assert.deepEqual(memory.keptAside().map((k) => [k.start, k.length]), [[region.ranges[0]!.start, 2 * PAGE_SIZE]]);
+  const again = await memory.bind(tenant('srv-a'), 2 * PAGE_SIZE, { kind: 'medium', medium: 'dram' });
+  assert.notEqual(again.ranges[0]!.start, region.ranges[0]!.start, 'the kept-aside pages are not handed out again');
+});
+
+/** Binds `pages` one-page regions on DRAM and frees every other one: a holding of one-page holes. */
+async function fragment(memory: ServerMemory, session: Tenancy, pages: number): Promise<void> {
+  const small = [];
+  for (let i = 0; i < pages; i++) small.push(await memory.bind(session, PAGE_SIZE, { kind: 'medium', medium: 'dram' }));
+  for (let i = 0; i < pages; i += 2) await memory.free(session, small[i]!.id, small[i]!.key);
+}
+
+test('a bind free memory can satisfy only in more than maxRanges ranges fails with NO_CAPACITY before anything is bound; with fewer pieces it binds', async () => {
+  const { memory, allocation } = await setup({ maxRanges: 8 });
+  const session = memory.open('srv-a');
+  // Two whole extents of one-page regions, every other one freed: 16 one-page holes and nothing else free.
+  await fragment(memory, session, 2 * (E / PAGE_SIZE));
+  const rows = allocation.rows().length;
+  await assert.rejects(memory.bind(session, 16 * PAGE_SIZE, { kind: 'medium', medium: 'dram' }), { code: 'MS_RMEM_NO_CAPACITY', message: /at most 8 ranges/ });
+  assert.equal(allocation.rows().length, rows, 'nothing was bound');
+  const eight = await memory.bind(session, 8 * PAGE_SIZE, { kind: 'medium', medium: 'dram' });
+  assert.equal(eight.ranges.length, 8);
+  // Past the holes a new extent is taken: its one range and the holes that remain make 9 pages in 2 ranges.
+  const more = await memory.bind(session, (E / PAGE_SIZE + 1) * PAGE_SIZE, { kind: 'medium', medium: 'dram' });
+  assert.equal(more.ranges.length, 2);
+});
+
+test('a read or write finds its range by binary search: a byte at the end of a region of many ranges looks at a few of them, not all', async () => {
+  const { memory } = await setup();
+  const session = memory.open('srv-a');
+  await fragment(memory, session, 4 * (E / PAGE_SIZE));
+  const region = await memory.bind(session, 2 * E, { kind: 'medium', medium: 'dram' });
+  assert.equal(region.ranges.length, 2 * (E / PAGE_SIZE));
+  await memory.write(region, region.size - 1, Buffer.from([7]));
+  let looked = 0;
+  const count = <T,>(target: readonly T[]): readonly T[] =>
+    new Proxy(target, {
+      get(t, key, receiver) {
+        if (typeof key === 'string' && /^\d+$/.test(key)) looked++;
+        return Reflect.get(t, key, receiver) as unknown;
+      },
+    });
+  Object.defineProperty(region, 'ranges', { value: count(region.ranges) });
+  Object.defineProperty(region, 'offsets', { value: count(region.offsets) });
+  const byte = Buffer.alloc(1);
+  await memory.read(region, region.size - 1, byte);
+  assert.equal(byte[0], 7);
+  assert.ok(looked <= 16, `${looked} ranges and offsets looked at for one byte of a region of ${region.ranges.length} ranges`);
 });

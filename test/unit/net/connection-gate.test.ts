@@ -8,7 +8,11 @@ import { ConnectionGate } from '../../../src/net/connection-gate.js';
 
 class FakeSocket extends EventEmitter {
   destroyed = false;
-  readonly remoteAddress = '127.0.0.1';
+  readonly remoteAddress: string;
+  constructor(remoteAddress = '127.0.0.1') {
+    super();
+    this.remoteAddress = remoteAddress;
+  }
   destroy(): this {
     if (!this.destroyed) {
       this.destroyed = true;
@@ -55,4 +59,20 @@ test('a connection that does not finish its handshake in time is closed; one tha
   assert.equal(quick.destroyed, false);
   assert.equal(gate.stats.handshakeTimeouts, 1);
   assert.equal(gate.stats.open, 1);
+});
+
+test('with a per-client cap, one address gets no more than its share; other addresses are admitted, and a slot comes back when one closes', () => {
+  const gate = new ConnectionGate('test', { maxConnections: 10, maxConnectionsPerClient: 2, handshakeTimeoutMs: 60_000 }, log);
+  const a1 = new FakeSocket('10.0.0.1');
+  const a2 = new FakeSocket('10.0.0.1');
+  const a3 = new FakeSocket('10.0.0.1');
+  assert.ok(gate.admit(a1));
+  assert.ok(gate.admit(a2));
+  assert.equal(gate.admit(a3), undefined);
+  assert.equal(a3.destroyed, true);
+  assert.deepEqual([gate.stats.refusedPerClient, gate.stats.refused, gate.stats.open], [1, 0, 2]);
+  assert.ok(gate.admit(new FakeSocket('10.0.0.2')), 'another address is admitted');
+  a1.destroy();
+  assert.ok(gate.admit(new FakeSocket('10.0.0.1')), 'a slot of the address came back');
+  assert.equal(gate.stats.open, 3);
 });

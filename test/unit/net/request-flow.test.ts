@@ -110,7 +110,7 @@ type SharedStep =
   | { op: 'done'; flow: number; pick: number }
   | { op: 'buffer'; flow: number; length: number };
 
-test('RequestFlow with a SharedBudget: the service cap holds across flows, reservations end, and every flow progresses', () => {
+test('RequestFlow with a SharedBudget: the service cap holds across flows, reservations end, and every flow progresses, waiters first or not', () => {
   const flowIndex = fc.integer({ min: 0, max: 3 });
   const sharedStep: fc.Arbitrary<SharedStep> = fc.oneof(
     fc.record({ op: fc.constant('push' as const), flow: flowIndex, cost: fc.integer({ min: 0, max: 3000 }) }),
@@ -120,8 +120,8 @@ test('RequestFlow with a SharedBudget: the service cap holds across flows, reser
     fc.record({ op: fc.constant('buffer' as const), flow: flowIndex, length: fc.integer({ min: 0, max: 2000 }) }),
   );
   fc.assert(
-    fc.property(fc.integer({ min: 1, max: 6 }), fc.integer({ min: 1, max: 4000 }), fc.integer({ min: 1, max: 8000 }), fc.array(sharedStep, { maxLength: 250 }), (maxRequests, maxBytes, serviceBytes, steps) => {
-      const shared = new SharedBudget(serviceBytes);
+    fc.property(fc.integer({ min: 1, max: 6 }), fc.integer({ min: 1, max: 4000 }), fc.integer({ min: 1, max: 8000 }), fc.boolean(), fc.array(sharedStep, { maxLength: 250 }), (maxRequests, maxBytes, serviceBytes, waitersFirst, steps) => {
+      const shared = new SharedBudget(serviceBytes, { waitersFirst });
       const stats = newFlowStats();
       interface Model {
         socket: FakeSocket;
@@ -163,7 +163,12 @@ test('RequestFlow with a SharedBudget: the service cap holds across flows, reser
           // A reserved body is read to its end; anything waiting pauses the socket.
           if (receiving > 0) assert.equal(m.socket.paused, false, 'a reserved body is read to its end');
           else if (queued > 0 || m.reservation !== undefined) assert.equal(m.socket.paused, true);
+          // Only a flow with something waiting can wait on the service, and one that waits is listed.
+          const waiting = queued > 0 || (m.reservation !== undefined && !m.reservation.granted);
+          if (m.flow.waitingOnService) assert.ok(waiting, 'a flow with nothing waiting is not on the service\'s waiting list');
         }
+        // Nothing waits on the service while the service holds nothing: the oldest waiter would fit.
+        if (shared.bytes === 0) assert.equal(shared.waiters, 0, 'no flow waits on an empty service budget');
         assert.equal(shared.bytes, total, 'the shared budget counts exactly what its flows hold');
         // Over the cap only while one request (or reservation) holds every byte in flight.
         if (total > serviceBytes) assert.equal(holders, 1, `${total} bytes over the service cap ${serviceBytes} with ${holders} holders`);
@@ -287,4 +292,21 @@ test('RequestFlow.cancelReserve withdraws a reservation still waiting: nothing i
   assert.equal(flow.reserve(50, () => undefined), true);
   assert.equal(flow.cancelReserve(), false, 'granted: its body is arriving');
   assert.equal(shared.bytes, 60);
+});
+
+test('RequestFlow.push after close gives nothing back: a granted reservation comes back once, in close()', () => {
+  const shared = new SharedBudget(1000);
+  const other = new RequestFlow<number>(new FakeSocket(), { maxRequests: 4, maxBytes: 1000 }, newFlowStats(), () => undefined, shared);
+  other.push(0, 300);
+  const started: number[] = [];
+  const flow = new RequestFlow<number>(new FakeSocket(), { maxRequests: 4, maxBytes: 1000 }, newFlowStats(), (id) => started.push(id), shared);
+  assert.equal(flow.reserve(500, () => undefined), true);
+  assert.equal(shared.bytes, 800);
+  flow.close();
+  assert.equal(shared.bytes, 300, 'close() gave the reservation back');
+  // The body that was arriving completes after the connection closed (rmem and the mirror push it anyway).
+  flow.push(1, 400, 500);
+  assert.deepEqual(started, []);
+  assert.equal(flow.bytesInFlight, 0);
+  assert.equal(shared.bytes, 300, 'the reservation is not given back a second time');
 });

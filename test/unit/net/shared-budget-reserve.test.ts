@@ -41,8 +41,8 @@ const step: fc.Arbitrary<Step> = fc.oneof(
 
 test('with a reserve, all flows together hold at most the cap plus one reserve per connection (or one request alone)', () => {
   fc.assert(
-    fc.property(fc.integer({ min: 1, max: 6000 }), fc.integer({ min: 1, max: 12000 }), fc.integer({ min: 0, max: 1500 }), fc.array(step, { maxLength: 200 }), (maxBytes, serviceBytes, reserveBytes, steps) => {
-      const budget = new SharedBudget(serviceBytes, reserveBytes);
+    fc.property(fc.integer({ min: 1, max: 6000 }), fc.integer({ min: 1, max: 12000 }), fc.integer({ min: 0, max: 1500 }), fc.boolean(), fc.array(step, { maxLength: 200 }), (maxBytes, serviceBytes, reserveBytes, waitersFirst, steps) => {
+      const budget = new SharedBudget(serviceBytes, { reserveBytes, waitersFirst });
       const running: { flow: number; cost: number }[] = [];
       const flows: RequestFlow<number>[] = [];
       const closed: boolean[] = [];
@@ -106,7 +106,7 @@ test('with a reserve, all flows together hold at most the cap plus one reserve p
 });
 
 test('an idle connection gets one reserve-sized request through while others hold the whole service budget', () => {
-  const budget = new SharedBudget(1000, 100);
+  const budget = new SharedBudget(1000, { reserveBytes: 100 });
   const runs: string[] = [];
   const flow = (name: string): RequestFlow<string> => new RequestFlow<string>(new FakeSocket(), { maxRequests: 8, maxBytes: 10_000 }, newFlowStats(), (r) => runs.push(`${name}:${r}`), budget);
   const hog = flow('hog');
@@ -137,4 +137,59 @@ test('without a reserve (the default) an idle connection waits like any other', 
   assert.deepEqual(runs, ['hog:a']);
   hog.done(1000);
   assert.deepEqual(runs, ['hog:a', 'good:x']);
+});
+
+test('waiters first: a large request waiting for the service budget is not passed by smaller ones of other connections, except through the idle reserve', () => {
+  const budget = new SharedBudget(1000, { reserveBytes: 50, waitersFirst: true });
+  const runs: string[] = [];
+  const flow = (name: string): RequestFlow<string> => new RequestFlow<string>(new FakeSocket(), { maxRequests: 8, maxBytes: 10_000 }, newFlowStats(), (r) => runs.push(`${name}:${r}`), budget);
+  const hog = flow('hog');
+  const big = flow('big');
+  const small = flow('small');
+  const idle = flow('idle');
+  hog.push('a', 600);
+  hog.push('b', 10);
+  big.push('x', 600); // 1210 would be over the cap: waits
+  assert.equal(big.waitingOnService, true);
+  small.push('y', 100); // would fit (710) but an older waiter comes first
+  assert.equal(small.waitingOnService, true);
+  idle.push('z', 40); // an idle connection's request within the reserve goes past the waiters
+  assert.deepEqual(runs, ['hog:a', 'hog:b', 'idle:z']);
+  hog.done(10); // 1200 with big's 600: still waits, and small behind it
+  assert.deepEqual(runs, ['hog:a', 'hog:b', 'idle:z']);
+  hog.done(600);
+  assert.deepEqual(runs, ['hog:a', 'hog:b', 'idle:z', 'big:x', 'small:y'], 'the oldest waiter first, then the next');
+  assert.equal(budget.waiters, 0);
+});
+
+test('without waiters first (NBD), a smaller request that fits goes past a larger one waiting', () => {
+  const budget = new SharedBudget(1000);
+  const runs: string[] = [];
+  const flow = (name: string): RequestFlow<string> => new RequestFlow<string>(new FakeSocket(), { maxRequests: 8, maxBytes: 10_000 }, newFlowStats(), (r) => runs.push(`${name}:${r}`), budget);
+  const hog = flow('hog');
+  const big = flow('big');
+  const small = flow('small');
+  hog.push('a', 600);
+  big.push('x', 600);
+  small.push('y', 100);
+  assert.deepEqual(runs, ['hog:a', 'small:y']);
+  hog.done(600);
+  assert.deepEqual(runs, ['hog:a', 'small:y', 'big:x']);
+});
+
+test('a connection held back by its own requests is not waiting on the service, and does not hold back others', () => {
+  const budget = new SharedBudget(1000, { waitersFirst: true });
+  const runs: string[] = [];
+  const own = new RequestFlow<string>(new FakeSocket(), { maxRequests: 1, maxBytes: 10_000 }, newFlowStats(), (r) => runs.push(`own:${r}`), budget);
+  const other = new RequestFlow<string>(new FakeSocket(), { maxRequests: 8, maxBytes: 10_000 }, newFlowStats(), (r) => runs.push(`other:${r}`), budget);
+  own.push('a', 900);
+  own.push('b', 50); // its own limit of one request holds it back
+  assert.equal(own.waitingOnService, false);
+  other.push('x', 50);
+  assert.deepEqual(runs, ['own:a', 'other:x']);
+  other.push('y', 200); // the service holds this one back
+  assert.equal(other.waitingOnService, true);
+  own.done(900); // own's b goes (its turn: other's y fits too)
+  assert.deepEqual(runs, ['own:a', 'other:x', 'other:y', 'own:b']);
+  assert.equal(budget.waiters, 0);
 });

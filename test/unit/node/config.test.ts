@@ -76,6 +76,8 @@ const badValues: [string, Record<string, string>, RegExp][] = [
   ['duration', { MEMSTRATA_RMEM_LEASE: '30 seconds' }, /rmem\.lease is "30 seconds".*expected a duration such as 500ms, 30s/],
   ['lease too short', { MEMSTRATA_RMEM_LEASE: '10ms' }, /rmem\.lease is "10ms".*from 100ms to 24h/],
   ['mirror timeout', { MEMSTRATA_MIRROR_TIMEOUT: '1ms' }, /mirror\.timeout is "1ms".*from 10ms to 10m/],
+  ['mirror stall timeout', { MEMSTRATA_MIRROR_STALL_TIMEOUT: '1h' }, /mirror\.stallTimeout is "1h".*from 10ms to 10m/],
+  ['connections per client', { MEMSTRATA_RMEM_MAX_CONNECTIONS_PER_CLIENT: '0' }, /rmem\.maxConnectionsPerClient is "0".*expected a whole number from 1 to 65536/],
   ['NBD handshake timeout', { MEMSTRATA_NBD_HANDSHAKE_TIMEOUT: '20m' }, /nbd\.handshakeTimeout is "20m".*from 10ms to 10m/],
   ['NBD connection budget', { MEMSTRATA_NBD_MAX_IN_FLIGHT_BYTES: '4KiB' }, /nbd\.maxInFlightBytes is "4KiB".*at least 64KiB/],
   ['NBD service budget', { MEMSTRATA_NBD_MAX_IN_FLIGHT_BYTES_TOTAL: '16MiB' }, /nbd\.maxInFlightBytesTotal is "16MiB".*at least nbd\.maxInFlightBytes \(32MiB\)/],

@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { connect } from 'node:net';
 import pino from 'pino';
 import { RmemClient } from '../../../src/client/rmem-client.js';
 import { StorageError } from '../../../src/errors.js';
@@ -16,10 +17,13 @@ import { DramMedium } from '../../../src/memory/dram-medium.js';
 import { PartitionTable } from '../../../src/memory/partition-table.js';
 import { ServerMemory } from '../../../src/memory/server-memory.js';
 import { DeviceManager } from '../../../src/nvram/device-manager.js';
-import { RmemService } from '../../../src/server/rmem-service.js';
+import { IDLE_RESERVE, RmemService } from '../../../src/server/rmem-service.js';
+import * as codec from '../../../src/protocol/rmem/codec.js';
+import { FrameParser, type Frame } from '../../../src/protocol/rmem/parser.js';
+import { OP, STATUS, VERSION } from '../../../src/protocol/rmem/spec.js';
 
 const E = 1024 * 1024;
-const log = pino({ level: 'silent' });
+const log = pino({ level: process.env.TEST_LOG ?? 'silent' });
 
 /** DRAM whose reads at chosen addresses fail at once, or wait until the test lets them go. */
 class ScriptedMedium extends DramMedium {
@@ -55,7 +59,17 @@ class ScriptedMedium extends DramMedium {
   }
 }
 
-async function service(t: { after(fn: () => Promise<void>): void }, leaseMs = 30_000) {
+interface ServiceOptions {
+  leaseMs?: number;
+  token?: string;
+  maxInFlightBytes?: number;
+  maxInFlightBytesTotal?: number;
+  drainDeadlineMs?: number;
+  maxConnectionsPerClient?: number;
+}
+
+async function service(t: { after(fn: () => Promise<void>): void }, leaseOrOptions: number | ServiceOptions = 30_000) {
+  const options: ServiceOptions = typeof leaseOrOptions === 'number' ? { leaseMs: leaseOrOptions } : leaseOrOptions;
   const dir = await mkdtemp(join(tmpdir(), 'memstrata-rmemconn-'));
   t.after(() => rm(dir, { recursive: true, force: true }));
   const medium = new ScriptedMedium({ capacity: 32 * E, extentSize: E });
@@ -71,13 +85,15 @@ async function service(t: { after(fn: () => Promise<void>): void }, leaseMs = 30
     nvram,
     log,
     nodeId: 'unit',
-    leaseMs,
-    token: undefined,
+    leaseMs: options.leaseMs ?? 30_000,
+    token: options.token,
     maxInFlight: 64,
-    maxInFlightBytes: 32 * E,
-    maxInFlightBytesTotal: 64 * E,
-    maxConnections: 16,
+    maxInFlightBytes: options.maxInFlightBytes ?? 32 * E,
+    maxInFlightBytesTotal: options.maxInFlightBytesTotal ?? 64 * E,
+    maxConnections: 64,
+    maxConnectionsPerClient: options.maxConnectionsPerClient ?? 64,
     handshakeTimeoutMs: 5000,
+    ...(options.drainDeadlineMs === undefined ? {} : { drainDeadlineMs: options.drainDeadlineMs }),
   });
   const address = await rmem.listen({ host: '127.0.0.1', port: 0 });
   t.after(async () => {
@@ -187,3 +203,177 @@ async function untilAsync(probe: () => Promise<boolean>): Promise<void> {
   }
   throw new Error('condition not reached');
 }
+
+/** A raw rmem connection: frames out as the test writes them, replies collected by tag. */
+async function raw(t: { after(fn: () => void): void }, address: { host: string; port: number }) {
+  const socket = connect(address.port, address.host);
+  socket.on('error', () => undefined);
+  t.after(() => socket.destroy());
+  const replies = new Map<number, Frame>();
+  let closed = false;
+  const parser = new FrameParser('response', {
+    onFrame: (f) => replies.set(f.tagLo, { ...f, body: Buffer.from(f.body) }),
+    onFatal: () => socket.destroy(),
+  });
+  socket.on('data', (chunk: Buffer) => parser.feed(chunk));
+  socket.on('close', () => (closed = true));
+  await new Promise<void>((resolve) => socket.once('connect', resolve));
+  const reply = async (tag: number): Promise<Frame> => {
+    await untilAsync(async () => replies.has(tag) || closed);
+    const f = replies.get(tag);
+    assert.ok(f !== undefined, `reply ${tag} before the connection closed`);
+    return f;
+  };
+  return {
+    socket,
+    replies,
+    closed: () => closed,
+    reply,
+    async hello(serverId: string, token = ''): Promise<void> {
+      socket.write(codec.encodeHelloRequest({ hi: 0, lo: 1 }, { version: VERSION, serverId, token }));
+      assert.equal((await reply(1)).word, STATUS.OK);
+    },
+    async bind(size: number): Promise<codec.BindReply> {
+      socket.write(codec.encodeBindRequest({ hi: 0, lo: 2 }, { size, placement: { kind: 'medium', medium: 'dram' } }));
+      const f = await reply(2);
+      assert.equal(f.word, STATUS.OK);
+      return codec.decodeBindReply(f.body);
+    },
+  };
+}
+
+/** Two READs of 4 MiB less 64 bytes on an 8 MiB region, each held in storage until the test lets it go. */
+function hogReads(socket: NodeJS.WritableStream, medium: ScriptedMedium, region: codec.BindReply): void {
+  const start = region.ranges[0]!.start;
+  medium.holding.add(start);
+  medium.holding.add(start + 4 * E);
+  const read = (lo: number, offset: number): Buffer => codec.encodeReadRequest({ hi: 0, lo }, { regionId: region.regionId, key: region.key, offset, length: 4 * E - 64 });
+  socket.write(Buffer.concat([read(10, 0), read(11, 4 * E)]));
+}
+
+/** Resolves with what `promise` resolves with, or fails if it has not settled within `ms` (a hang, not a slow machine). */
+async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const hang = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: still waiting after ${ms} ms`)), ms);
+  });
+  try {
+    return await Promise.race([promise, hang]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+test('shutdown: a client that never reads its replies is cut at the drain deadline, and close() finishes', async (t) => {
+  const { rmem, address, medium } = await service(t, { drainDeadlineMs: 100 });
+  const reader = await RmemClient.connect({ ...address, serverId: 'reader', keepalive: false, reconnect: false });
+  const nonreader = await raw(t, address);
+  await nonreader.hello('nonreader');
+  const region = await nonreader.bind(4 * E);
+  nonreader.socket.removeAllListeners('data');
+  nonreader.socket.pause();
+  const frames: Buffer[] = [];
+  for (let i = 0; i < 8; i++) frames.push(codec.encodeReadRequest({ hi: 0, lo: 10 + i }, { ...region, offset: 0, length: 4 * E }));
+  nonreader.socket.write(Buffer.concat(frames));
+  // Its replies fill the socket buffers: READs stay in flight, their budget held.
+  await untilAsync(async () => rmem.load().bytesInFlight >= 16 * E);
+  // A request in flight (held in storage) on a client that reads is answered before its connection ends.
+  const small = await reader.bind(4096, { medium: 'dram' });
+  medium.holding.add(small.ranges[0]!.start);
+  const read = reader.read(small, 0, 4096);
+  await until(() => medium.holdAt.has(small.ranges[0]!.start));
+  const closing = rmem.close();
+  medium.holdAt.get(small.ranges[0]!.start)?.go(7);
+  await within(closing, 20_000, 'rmem.close() with a client that does not read');
+  assert.ok((await read).every((b) => b === 7));
+  await untilAsync(async () => rmem.load().connections === 0);
+  await reader.close();
+});
+
+test('before HELLO a frame is priced for an error reply at most, whatever its op: unadmitted headers hold a few KiB each, and a tenant with the token is served', async (t) => {
+  const { rmem, address } = await service(t, { token: 'the-token' });
+  // Each declares a 4 KiB body and sends none of it: a JREAD could get 16 MiB, a BIND 1 MiB, in a session.
+  const ops = [OP.JREAD, OP.BIND, OP.KEEPALIVE, OP.READV];
+  const squatters = await Promise.all(Array.from({ length: 20 }, () => raw(t, address)));
+  for (const [i, s] of squatters.entries()) {
+    const header = Buffer.alloc(20);
+    codec.writeRequestHeader(header, ops[i % ops.length] ?? OP.JREAD, { hi: 0, lo: 1 }, 4096);
+    s.socket.write(header);
+  }
+  const each = 4096 + codec.HANDSHAKE_REPLY_SIZE;
+  await untilAsync(async () => rmem.load().bytesInFlight === 20 * each);
+  assert.ok(each < 6 * 1024, `${each} bytes for an unadmitted frame`);
+  const tenant = await RmemClient.connect({ ...address, serverId: 'tenant', token: 'the-token', keepalive: false, reconnect: false });
+  t.after(() => tenant.close());
+  const region = await tenant.bind(64 * 1024, { medium: 'dram' });
+  await tenant.write(region, 0, Buffer.from('served'));
+  assert.equal((await tenant.read(region, 0, 6)).toString(), 'served');
+  // A whole frame before HELLO is answered NO_SESSION, and costs no more than its price meanwhile.
+  const early = await raw(t, address);
+  early.socket.write(codec.encodeHandleRequest(OP.JINFO, { hi: 0, lo: 5 }, 1));
+  assert.equal((await early.reply(5)).word, STATUS.NO_SESSION);
+});
+
+test('while one client holds the whole service budget, another client\'s HELLO and modest requests are served from the idle reserve', async (t) => {
+  const { rmem, medium, address } = await service(t, { maxInFlightBytes: 8 * E, maxInFlightBytesTotal: 8 * E });
+  const other = await RmemClient.connect({ ...address, serverId: 'other', keepalive: false, reconnect: false });
+  t.after(() => other.close());
+  const small = await other.bind(4096, { medium: 'dram' });
+  const hog = await raw(t, address);
+  await hog.hello('hog');
+  // Two READs held in storage hold all but a few bytes of the 8 MiB the service allows.
+  hogReads(hog.socket, medium, await hog.bind(8 * E));
+  await untilAsync(async () => rmem.load().bytesInFlight > 8 * E - 1024);
+  const late = await within(RmemClient.connect({ ...address, serverId: 'late', keepalive: false, reconnect: false }), 20_000, 'HELLO while the budget is full');
+  t.after(() => late.close());
+  // A BIND's reply lists at most MAX_RANGES ranges: it is priced within the reserve too.
+  assert.ok(codec.maxReplySize(OP.BIND) + 18 <= IDLE_RESERVE);
+  const bound = await within(late.bind(4096, { medium: 'dram' }), 20_000, 'BIND while the budget is full');
+  await within(late.write(bound, 0, Buffer.alloc(16, 1)), 20_000, 'a new client\'s WRITE while the budget is full');
+  await within(other.write(small, 0, Buffer.alloc(4096, 9)), 20_000, 'WRITE while the budget is full');
+  assert.ok((await within(other.read(small, 0, 4096), 20_000, 'READ while the budget is full')).every((b) => b === 9));
+});
+
+test('a connection whose request waits for the service budget longer than a lease is not treated as lost, and is served once the budget frees', async (t) => {
+  const leaseMs = 200;
+  const { rmem, medium, address } = await service(t, { leaseMs, maxInFlightBytes: 8 * E, maxInFlightBytesTotal: 8 * E });
+  const victim = await RmemClient.connect({ ...address, serverId: 'victim', keepalive: false, reconnect: false });
+  t.after(() => victim.close());
+  const region = await victim.bind(2 * E, { medium: 'dram' });
+  let lost = false;
+  victim.on('disconnected', () => (lost = true));
+  // The hog's two READs are held in storage: the service budget is full, and stays full after the
+  // node cuts the hog (it sends nothing more) at its lease.
+  const hog = await raw(t, address);
+  await hog.hello('hog');
+  hogReads(hog.socket, medium, await hog.bind(8 * E));
+  await untilAsync(async () => rmem.load().bytesInFlight > 8 * E - 1024);
+  // 1 MiB is more than the idle reserve: the victim's WRITE waits for the budget.
+  const write = victim.write(region, 0, Buffer.alloc(E, 5));
+  let settled = false;
+  write.then(() => (settled = true), () => (settled = true));
+  await untilAsync(async () => rmem.budget.waiters === 1);
+  await untilAsync(async () => hog.closed());
+  // Several lease checks pass while the victim waits.
+  await new Promise((resolve) => setTimeout(resolve, 4 * leaseMs));
+  assert.equal(settled, false, 'the WRITE still waits for the budget');
+  assert.equal(lost, false, 'the waiting connection was not treated as lost');
+  for (const h of medium.holdAt.values()) h.go(0);
+  await write;
+  assert.ok((await victim.read(region, 0, E)).every((b) => b === 5));
+  assert.equal(lost, false);
+});
+
+test('one remote address holds at most rmem.maxConnectionsPerClient connections; one more is closed on arrival, before HELLO', async (t) => {
+  const { rmem, address } = await service(t, { maxConnectionsPerClient: 2 });
+  const first = await RmemClient.connect({ ...address, serverId: 'a', keepalive: false, reconnect: false });
+  const second = await raw(t, address);
+  const third = await raw(t, address);
+  await untilAsync(async () => third.closed());
+  assert.equal(rmem.load().refusedPerClient, 1);
+  assert.equal(second.closed(), false);
+  await first.close();
+  await untilAsync(async () => rmem.load().connections === 1);
+  const again = await RmemClient.connect({ ...address, serverId: 'b', keepalive: false, reconnect: false });
+  await again.close();
+});

@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import * as codec from '../../../../src/protocol/rmem/codec.js';
 import { FrameParser, type Frame } from '../../../../src/protocol/rmem/parser.js';
-import { HEADER_SIZE, MAX_DATA, OP, SESSION_SECRET_SIZE, STATUS, VERSION } from '../../../../src/protocol/rmem/spec.js';
+import { HEADER_SIZE, MAX_DATA, MAX_RANGES, OP, SESSION_SECRET_SIZE, STATUS, VERSION } from '../../../../src/protocol/rmem/spec.js';
 
 const tag = { hi: 0x01020304, lo: 0xfffffffe };
 
@@ -176,7 +176,7 @@ test('replySize bounds the reply a request can get, and never exceeds what its o
       assert.ok(size <= codec.maxReplySize(op));
     }),
   );
-  // A BIND reply of the most ranges the wire can carry fits its op's bound.
-  const ranges = Array.from({ length: 0xffff }, (_, i) => ({ medium: 'dram' as const, start: i * 4096, length: 4096 }));
+  // A BIND reply of the most ranges a region may have fits its op's bound.
+  const ranges = Array.from({ length: MAX_RANGES }, (_, i) => ({ medium: 'dram' as const, start: i * 4096, length: 4096 }));
   assert.ok(codec.encodeBindReply({ hi: 0, lo: 1 }, { regionId: 1, key: 1n, size: 4096, ranges }).length <= codec.maxReplySize(OP.BIND));
 });

@@ -1,9 +1,9 @@
-// Admission of admin API connections by remote address.
+// Admission of a service's connections by remote address (admin API, rmem, mirror).
 //
-// The HTTP server's own `maxConnections` bounds the sockets of the whole service (and so
-// its memory: each holds at most the 16 KiB header buffer and admin.bodyLimit). That
-// alone lets one client take every slot and lock the operators out until its
-// connections time out; this cap per remote address keeps room for everyone else.
+// A service-wide cap on connections bounds the node's memory, but alone it lets one
+// client take every slot and lock everyone else out until its connections time out;
+// this cap per remote address keeps room for the others (admin: admin.maxConnections
+// and admin.maxConnectionsPerClient; rmem and mirror through their ConnectionGate).
 //
 // Invariants:
 //   - open.get(a) is the number of admitted sockets from address a not yet closed; an

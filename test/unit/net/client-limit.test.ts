@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { EventEmitter } from 'node:events';
 import fc from 'fast-check';
-import { ClientLimit } from '../../../src/admin/client-limit.js';
+import { ClientLimit } from '../../../src/net/client-limit.js';
 
 class FakeSocket extends EventEmitter {
   destroyed = false;

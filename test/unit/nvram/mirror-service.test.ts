@@ -1,0 +1,222 @@
+// The mirror service in this process, driven by raw mirror connections over loopback:
+// what its limits do at shutdown, before HELLO, and against peers that stall.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { connect, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import pino from 'pino';
+import { DramMedium } from '../../../src/memory/dram-medium.js';
+import { PartitionTable } from '../../../src/memory/partition-table.js';
+import { DeviceManager } from '../../../src/nvram/device-manager.js';
+import { MirrorService, type MirrorServiceOptions } from '../../../src/nvram/mirror-service.js';
+import * as m from '../../../src/protocol/mirror/codec.js';
+import { FrameParser, type Frame } from '../../../src/protocol/rmem/parser.js';
+
+const MiB = 1024 * 1024;
+const log = pino({ level: 'silent' });
+
+/** A device manager whose RESET never finishes: a request stuck in storage. */
+class StuckResets extends DeviceManager {
+  resets = 0;
+  override resetReplica(): Promise<void> {
+    this.resets++;
+    return new Promise<void>(() => undefined);
+  }
+}
+
+async function service(t: { after(fn: () => Promise<void>): void }, options: Partial<MirrorServiceOptions> = {}) {
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-mirrorsvc-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const medium = new DramMedium({ capacity: 16 * MiB, extentSize: MiB });
+  await medium.open();
+  const partition = new PartitionTable([
+    { name: 'dram', capacity: 16 * MiB, extentSize: MiB, initial: { cache: 0, server: 0, nvram: 8 * MiB }, bounds: { cache: { min: 0, max: 16 * MiB }, server: { min: 0, max: 0 }, nvram: { min: 0, max: 16 * MiB } } },
+  ]);
+  const nvram = new StuckResets({ dataDir: dir, partition, media: [medium], log });
+  await nvram.open();
+  const mirror = new MirrorService({
+    nvram,
+    nodeId: 'unit',
+    token: undefined,
+    log,
+    maxInFlight: 64,
+    maxInFlightBytes: 64 * MiB,
+    maxInFlightBytesTotal: 128 * MiB,
+    maxConnections: 64,
+    maxConnectionsPerClient: 64,
+    handshakeTimeoutMs: 5000,
+    stallTimeoutMs: 30_000,
+    ...options,
+  });
+  const address = await mirror.listen({ host: '127.0.0.1', port: 0 });
+  t.after(() => mirror.close());
+  return { mirror, nvram, address };
+}
+
+interface Peer {
+  socket: Socket;
+  closed(): boolean;
+  /** Sends a request and waits for its reply; undefined if the connection closes first. */
+  ask(op: number, tag: number, body: Buffer): Promise<Frame | undefined>;
+}
+
+async function peer(t: { after(fn: () => void): void }, address: { host: string; port: number }, hello = true): Promise<Peer> {
+  const socket = connect(address.port, address.host);
+  socket.on('error', () => undefined);
+  t.after(() => socket.destroy());
+  const replies = new Map<number, Frame>();
+  let closed = false;
+  let wake: () => void = () => undefined;
+  const parser = new FrameParser({ magic: m.MIRROR_RESPONSE_MAGIC }, {
+    onFrame: (f) => {
+      replies.set(f.tagLo, { ...f, body: Buffer.from(f.body) });
+      wake();
+    },
+    onFatal: () => socket.destroy(),
+  });
+  socket.on('data', (chunk: Buffer) => parser.feed(chunk));
+  socket.on('close', () => {
+    closed = true;
+    wake();
+  });
+  await new Promise<void>((resolve, reject) => {
+    socket.once('connect', resolve);
+    socket.once('error', reject);
+  });
+  const ask = async (op: number, tag: number, body: Buffer): Promise<Frame | undefined> => {
+    socket.write(m.request(op, tag, body));
+    for (;;) {
+      const found = replies.get(tag);
+      if (found !== undefined || closed) return found;
+      await new Promise<void>((resolve) => (wake = resolve));
+    }
+  };
+  if (hello) assert.equal((await within(ask(m.MOP.HELLO, 1, m.encodeHello({ version: m.MIRROR_VERSION, nodeId: 'peer', token: '' })), 20_000, 'HELLO'))?.word, m.MSTATUS.OK);
+  return { socket, closed: () => closed, ask };
+}
+
+async function until(probe: () => boolean): Promise<void> {
+  for (let i = 0; i < 4000; i++) {
+    if (probe()) return;
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+  throw new Error('condition not reached');
+}
+
+/** Resolves with what `promise` resolves with, or fails if it has not settled within `ms` (a hang, not a slow machine). */
+async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const hang = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: still waiting after ${ms} ms`)), ms);
+  });
+  try {
+    return await Promise.race([promise, hang]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+test('shutdown: a request stuck in storage is cut at the drain deadline, and close() finishes', async (t) => {
+  const { mirror, nvram, address } = await service(t, { drainDeadlineMs: 100 });
+  const p = await peer(t, address);
+  const reset = { name: 'rep', policy: 'mirrored', medium: 'dram', size: MiB, epoch: 1, trimmedTo: 0, firstSeq: 1 } as const;
+  const answer = p.ask(m.MOP.RESET, 2, m.encodeReset(reset));
+  await until(() => nvram.resets === 1);
+  await within(mirror.close(), 20_000, 'mirror.close() with a RESET stuck in storage');
+  assert.equal(await answer, undefined, 'the connection was cut before the stuck RESET was answered');
+  await until(() => mirror.load().connections === 0);
+});
+
+test('before HELLO a frame is priced for an error reply at most: unadmitted FETCH headers hold a few KiB each', async (t) => {
+  const { mirror, address } = await service(t);
+  const squatters = await Promise.all(Array.from({ length: 10 }, () => peer(t, address, false)));
+  for (const s of squatters) {
+    const header = Buffer.alloc(m.MIRROR_HEADER);
+    header.writeUInt32BE(m.MIRROR_REQUEST_MAGIC, 0);
+    header.writeUInt16BE(m.MOP.FETCH, 4);
+    header.writeUInt32BE(9, 12);
+    header.writeUInt32BE(4096, 16);
+    s.socket.write(header); // the body never follows
+  }
+  const each = 4096 + m.MIRROR_HANDSHAKE_REPLY_SIZE;
+  await until(() => mirror.load().bytesInFlight === 10 * each);
+  assert.ok(each < 12 * 1024, `${each} bytes for an unadmitted frame`);
+  // The partner is served meanwhile.
+  const partner = await peer(t, address);
+  assert.equal((await partner.ask(m.MOP.STATE, 2, m.encodeName('rep')))?.word, m.MSTATUS.OK);
+});
+
+test('a request sent behind HELLO, before its reply, was priced before HELLO and is refused, not served', async (t) => {
+  const { address } = await service(t);
+  const p = await peer(t, address, false);
+  p.socket.write(Buffer.concat([
+    m.request(m.MOP.HELLO, 1, m.encodeHello({ version: m.MIRROR_VERSION, nodeId: 'eager', token: '' })),
+    m.request(m.MOP.FETCH, 2, m.encodeFetch('j', 1, 8 * MiB)),
+  ]));
+  const answer = await p.ask(m.MOP.STATE, 3, m.encodeName('j'));
+  assert.equal(answer, undefined, 'the connection ends after the refusal');
+  await until(() => p.closed());
+});
+
+test('while one peer holds the whole service budget, another peer\'s requests one at a time are served from the idle reserve', async (t) => {
+  const { mirror, nvram, address } = await service(t, { maxInFlightBytes: 16 * 1024, maxInFlightBytesTotal: 16 * 1024 });
+  const hog = await peer(t, address);
+  const reset = { name: 'rep', policy: 'mirrored', medium: 'dram', size: MiB, epoch: 1, trimmedTo: 0, firstSeq: 1 } as const;
+  // RESETs stuck in storage: the first is being applied, the next ones wait in the chain, holding their budget.
+  for (let i = 0; i < 4; i++) hog.socket.write(m.request(m.MOP.RESET, 10 + i, m.encodeReset(reset)));
+  await until(() => nvram.resets === 1 && mirror.load().paused >= 1);
+  const partner = await peer(t, address);
+  assert.equal((await within(partner.ask(m.MOP.STATE, 2, m.encodeName('rep')), 20_000, 'STATE while the budget is full'))?.word, m.MSTATUS.OK);
+});
+
+test('after HELLO, a peer that begins a frame and sends no more of it is closed at the stall timeout, and its reservation comes back; an idle peer is left alone', async (t) => {
+  const { mirror, address } = await service(t, { stallTimeoutMs: 100 });
+  const idle = await peer(t, address);
+  const stuck = await peer(t, address);
+  const header = Buffer.alloc(m.MIRROR_HEADER);
+  header.writeUInt32BE(m.MIRROR_REQUEST_MAGIC, 0);
+  header.writeUInt16BE(m.MOP.FETCH, 4);
+  header.writeUInt32BE(9, 12);
+  header.writeUInt32BE(4096, 16);
+  stuck.socket.write(Buffer.concat([header, Buffer.alloc(100)])); // the rest of the body never follows
+  await until(() => mirror.load().bytesInFlight > 0);
+  await until(() => stuck.closed());
+  await until(() => mirror.load().bytesInFlight === 0);
+  assert.equal(mirror.load().stalled, 1);
+  // Several stall periods later, the idle peer (nothing begun, nothing unread) is still served.
+  await new Promise((resolve) => setTimeout(resolve, 400));
+  assert.equal(idle.closed(), false);
+  assert.equal((await idle.ask(m.MOP.STATE, 2, m.encodeName('j')))?.word, m.MSTATUS.OK);
+});
+
+test('after HELLO, a peer that does not read its replies is closed at the stall timeout, and what its requests held comes back', async (t) => {
+  const { mirror, nvram, address } = await service(t, { stallTimeoutMs: 100 });
+  await nvram.create('j', 6 * MiB, 'volatile');
+  const device = nvram.get('j');
+  await device.open(1);
+  for (let i = 0; i < 4; i++) await device.append(1, [{ payload: Buffer.alloc(MiB - 1024, i), target: undefined }]);
+  const nonreader = await peer(t, address);
+  nonreader.socket.removeAllListeners('data');
+  nonreader.socket.pause();
+  const frames: Buffer[] = [];
+  for (let i = 0; i < 16; i++) frames.push(m.request(m.MOP.FETCH, 10 + i, m.encodeFetch('j', 1, 8 * MiB)));
+  nonreader.socket.write(Buffer.concat(frames));
+  await until(() => mirror.load().bytesInFlight > 0);
+  await until(() => mirror.load().stalled === 1);
+  await until(() => mirror.load().bytesInFlight === 0 && mirror.load().connections === 0);
+});
+
+test('one remote address holds at most mirror.maxConnectionsPerClient connections; one more is closed on arrival', async (t) => {
+  const { mirror, address } = await service(t, { maxConnectionsPerClient: 2 });
+  const a = await peer(t, address);
+  await peer(t, address);
+  const third = await peer(t, address, false);
+  await until(() => third.closed());
+  assert.equal(mirror.load().refusedPerClient, 1);
+  a.socket.destroy();
+  await until(() => mirror.load().connections === 1);
+  await peer(t, address);
+});
