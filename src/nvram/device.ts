@@ -22,7 +22,17 @@
 //     it arrives, so nothing a fenced writer sends afterwards becomes visible;
 //   - a record that does not fit in the space not yet trimmed is refused (full); nothing
 //     untrimmed is ever overwritten;
-//   - reads return acknowledged records only, in order.
+//   - reads return acknowledged records only, in order;
+//   - a record is acknowledged once everything its policy asks for holds it (memory,
+//     the synced journal file, the partner) and every record before it is acknowledged;
+//     when one append fails, every append taken after it fails too;
+//   - a failure (a journal write or sync, the medium, the partner under `refuse`) puts
+//     the device in repair: every request waits while the numbers of the appends that
+//     failed become void records (no target, no payload), the journal file is rewritten
+//     from memory and synced, and a mirrored replica is reset; then it serves again. If
+//     the repair fails, requests fail and the next one tries again;
+//   - after a newer open returns, no append of an older epoch is acknowledged: the open
+//     waits for the appends taken before it.
 //
 // Markers (epoch, trim) go to the journal file too, so a restart knows the epoch and what
 // was trimmed; they carry no sequence number of their own.
@@ -53,6 +63,8 @@ export interface MirrorPort {
   /** Best effort: a resync carries the epoch and trim point anyway. */
   epoch(device: string, epoch: number): Promise<void>;
   trim(device: string, epoch: number, upTo: number): void;
+  /** Records the replica may hold were voided here: bring it up to date again. */
+  rolledBack(device: string): void;
 }
 
 export interface AppendEntry {
@@ -109,6 +121,7 @@ export class NvramDevice {
   private closed: boolean;
   private ackChain: Promise<void>;
   private failure: Error | undefined;
+  private repairing: Promise<void> | undefined;
   private roleValue: Role;
   /** Set after a crash until the partner has confirmed or supplied the contents. */
   recovering: boolean;
@@ -136,6 +149,7 @@ export class NvramDevice {
     this.closed = false;
     this.ackChain = Promise.resolve();
     this.failure = undefined;
+    this.repairing = undefined;
     this.roleValue = options.role ?? 'primary';
     this.recovering = false;
     this.port = undefined;
@@ -180,20 +194,30 @@ export class NvramDevice {
   async open(epoch: number): Promise<DeviceInfo> {
     this.check();
     if (!Number.isSafeInteger(epoch) || epoch < 0) throw new MisuseError('MS_NVRAM_INVALID', `epoch must be a non-negative integer, got ${epoch}`);
-    if (this.port?.mode() === 'syncing') await this.settle();
+    await this.ready();
     if (epoch < this.epochValue) throw fenced(this.name, epoch, this.epochValue);
     if (this.roleValue === 'replica') throw replicaError(this.name);
     if (epoch > this.epochValue) {
+      // From here every append of an older epoch is refused as it arrives; those taken
+      // before are acknowledged or failed before this open returns, so the lastSeq it
+      // reports covers every record an older writer will ever have acknowledged.
       this.epochValue = epoch;
-      await Promise.all([this.journal?.append(this.marker(RECORD_FLAG.EPOCH, epoch)), this.port?.epoch(this.name, epoch)]);
+      const journal = this.journal;
+      await Promise.all([
+        journal?.append(this.marker(RECORD_FLAG.EPOCH, epoch)).catch((error: unknown) => {
+          this.failed(error);
+          throw error;
+        }),
+        this.port?.epoch(this.name, epoch),
+        this.quiesce(),
+      ]);
     }
     return this.info();
   }
 
   /** Appends records; resolves with their sequence numbers once durable under the policy. */
   async append(epoch: number, entries: readonly AppendEntry[]): Promise<Appended[]> {
-    this.check();
-    if (this.port?.mode() === 'syncing') await this.settle();
+    await this.ready();
     if (this.roleValue === 'replica') throw replicaError(this.name);
     if (epoch < this.epochValue) throw fenced(this.name, epoch, this.epochValue);
     const mode = this.port?.mode();
@@ -226,30 +250,40 @@ export class NvramDevice {
     // so that losing the partner later costs one sync that covers it.
     const journal = this.journal;
     if (journal !== undefined && this.policy === 'mirrored' && mode === 'in-sync') {
-      journal.append(all, false).catch((error: unknown) => {
-        this.failure ??= asError(error);
-      });
+      // The partner's copy is what acknowledges; a failure here still needs a repair.
+      journal.append(all, false).catch((error: unknown) => { this.failed(error); });
     } else if (journal !== undefined) {
       work.push(journal.append(all));
     }
-    // Acknowledge in order: a record becomes readable only after every one before it.
-    const previous = this.ackChain;
-    const stored = Promise.all(work).then(async () => {
-      await previous;
-      this.ackedSeq = Math.max(this.ackedSeq, last);
-    });
-    this.ackChain = stored.catch((error: unknown) => {
-      // A journal that failed under us cannot promise anything more: stop taking appends.
-      this.failure ??= asError(error);
-    });
     if (mode === 'in-sync' && this.port !== undefined) {
-      const held = this.port.append(this.name, this.epochValue, all, encoded.length);
-      const [, partnerHolds] = await Promise.all([stored, held]);
-      // The partner was lost on the way: the record is this node's alone, so sync it here.
-      if (!partnerHolds && this.policy === 'mirrored') await journal?.flush();
-    } else {
-      await stored;
+      const port = this.port;
+      work.push(
+        port.append(this.name, this.epochValue, all, encoded.length).then(async (partnerHolds) => {
+          // The partner was lost on the way: the record is this node's alone, so sync it here.
+          if (!partnerHolds && this.policy === 'mirrored') await journal?.flush();
+        }),
+      );
     }
+    // Acknowledge in order: a record becomes readable only once everything its policy
+    // asks for holds it and every record before it is acknowledged. Each link of the
+    // chain settles only after the one before it, so the chain's end settles last.
+    const previous = this.ackChain;
+    const stored = (async () => {
+      const results = await Promise.allSettled(work);
+      let earlier = false;
+      await previous.catch(() => { earlier = true; });
+      const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failed !== undefined) throw asError(failed.reason);
+      if (earlier) {
+        throw new StorageError('MS_MEDIUM_IO', `device ${this.name}: an append taken before this one failed, so records ${first} to ${last} are not acknowledged; their numbers become void`, {
+          details: { device: this.name, firstSeq: first, lastSeq: last },
+        });
+      }
+      this.ackedSeq = Math.max(this.ackedSeq, last);
+    })();
+    this.ackChain = stored;
+    stored.catch((error: unknown) => { this.failed(error); });
+    await stored;
     return entries.map((_, i) => ({ seq: first + i, timestamp }));
   }
 
@@ -260,12 +294,12 @@ export class NvramDevice {
   }
 
   /** `read` without the state check: for the vault, dumps and resyncs. */
-  async collect(fromSeq: number, maxRecords: number, maxBytes: number): Promise<Buffer[]> {
+  async collect(fromSeq: number, maxRecords: number, maxBytes: number, upTo = this.ackedSeq): Promise<Buffer[]> {
     const out: Buffer[] = [];
     let bytes = 0;
     for (let i = this.locate(fromSeq); i < this.index.length && out.length < maxRecords; i++) {
       const entry = this.index[i];
-      if (entry === undefined || entry.seq > this.ackedSeq) break;
+      if (entry === undefined || entry.seq > upTo) break;
       if (out.length > 0 && bytes + entry.bytes > maxBytes) break;
       const buf = Buffer.allocUnsafe(entry.bytes);
       await this.readLogical(entry.at, buf);
@@ -277,8 +311,7 @@ export class NvramDevice {
 
   /** Frees every record up to and including `upToSeq` (a checkpoint the writer has applied). */
   async trim(epoch: number, upToSeq: number): Promise<void> {
-    this.check();
-    if (this.port?.mode() === 'syncing') await this.settle();
+    await this.ready();
     if (epoch < this.epochValue) throw fenced(this.name, epoch, this.epochValue);
     const limit = Math.min(upToSeq, this.ackedSeq);
     if (limit <= this.trimmedTo) return;
@@ -302,9 +335,14 @@ export class NvramDevice {
     if (this.port?.mode() === 'in-sync') this.port.trim(this.name, epoch, limit);
     const journal = this.journal;
     if (journal === undefined) return;
-    await journal.append(this.marker(RECORD_FLAG.TRIM, limit));
-    // The file only grows; once it holds much more than the device can, rewrite it.
-    if (journal.size > Math.max(this.compactAt, 2 * this.size)) await journal.compact(limit);
+    try {
+      await journal.append(this.marker(RECORD_FLAG.TRIM, limit));
+      // The file only grows; once it holds much more than the device can, rewrite it.
+      if (journal.size > Math.max(this.compactAt, 2 * this.size)) await journal.compact(limit);
+    } catch (error) {
+      this.failed(error);
+      throw error;
+    }
   }
 
   info(): DeviceInfo {
@@ -328,7 +366,7 @@ export class NvramDevice {
 
   /** Resolves once every append taken so far has been acknowledged or has failed. */
   async quiesce(): Promise<void> {
-    await this.ackChain;
+    await this.ackChain.catch(() => undefined);
   }
 
   /** Sequence number the first record after the live ones would get, for a resync. */
@@ -354,6 +392,8 @@ export class NvramDevice {
     this.nextSeq = firstSeq;
     this.ackedSeq = firstSeq - 1;
     this.recovering = false;
+    this.failure = undefined;
+    this.ackChain = Promise.resolve();
   }
 
   /**
@@ -400,6 +440,7 @@ export class NvramDevice {
   async demote(): Promise<void> {
     this.port = undefined;
     await this.quiesce();
+    await this.repairing?.catch(() => undefined);
     const journal = this.journal;
     this.journal = undefined;
     await journal?.close();
@@ -469,6 +510,75 @@ export class NvramDevice {
     return { physical: extent + within, room: Math.min(this.extentSize - within, this.size - logical) };
   }
 
+  /**
+   * Waits until the device can take a request: repaired after a failure, and not
+   * resyncing its partner. Throws when it is closed, recovering, or its repair failed.
+   */
+  private async ready(): Promise<void> {
+    for (;;) {
+      this.check();
+      if (this.failure !== undefined) {
+        // A repair that began before this request came may fail on a fault since gone:
+        // wait for it, and if it failed, this request tries one of its own.
+        const running = this.repairing;
+        if (running !== undefined) await running.catch(() => undefined);
+        else await this.repair();
+      } else if (this.port?.mode() === 'syncing') await this.settle();
+      else return;
+    }
+  }
+
+  /** Notes a failure that leaves records unacknowledged or the journal file fenced, and starts a repair. */
+  private failed(error: unknown): void {
+    this.failure ??= asError(error);
+    if (this.repairing === undefined) setImmediate(() => { this.repair().catch(() => undefined); });
+  }
+
+  private repair(): Promise<void> {
+    this.repairing ??= this.rebuild().finally(() => {
+      this.repairing = undefined;
+    });
+    return this.repairing;
+  }
+
+  /**
+   * After a failure: once every append taken has settled, the numbers of those that were
+   * not acknowledged become void records (so no number is used twice, and the sequence
+   * stays whole for readers, the replica and recovery), the journal file is rewritten
+   * from memory and synced, and the replica is reset. Only then is the device ready.
+   */
+  private async rebuild(): Promise<void> {
+    await this.quiesce();
+    if (this.failure === undefined || this.closed) return;
+    if (this.roleValue === 'replica') {
+      this.failure = undefined; // demoted meanwhile: the partner's resync fills it
+      return;
+    }
+    while (this.index.length > this.indexStart) {
+      const entry = this.index[this.index.length - 1];
+      if (entry === undefined || entry.seq <= this.ackedSeq) break;
+      this.index.pop();
+      this.tail = entry.at;
+      this.used -= entry.bytes;
+    }
+    const timestamp = nowMicros();
+    const voids: Promise<void>[] = [];
+    for (let seq = this.ackedSeq + 1; seq < this.nextSeq; seq++) {
+      const record = encodeRecord({ seq, timestamp, epoch: this.epochValue, flags: RECORD_FLAG.VOID, target: undefined, payload: Buffer.alloc(0) });
+      voids.push(this.place(record, seq, timestamp));
+    }
+    await Promise.all(voids);
+    const upTo = this.nextSeq - 1;
+    if (this.journal !== undefined) {
+      const records = await this.collect(0, Number.MAX_SAFE_INTEGER, Number.MAX_SAFE_INTEGER, upTo);
+      await this.journal.replace(this.size, Buffer.concat([this.marker(RECORD_FLAG.EPOCH, this.epochValue), this.marker(RECORD_FLAG.TRIM, this.trimmedTo), ...records]));
+    }
+    this.ackedSeq = upTo;
+    this.ackChain = Promise.resolve();
+    this.failure = undefined;
+    this.port?.rolledBack(this.name);
+  }
+
   /** Waits while the partner is being brought up to date. */
   private async settle(): Promise<void> {
     while (this.port?.mode() === 'syncing') {
@@ -484,7 +594,6 @@ export class NvramDevice {
         details: { device: this.name },
       });
     }
-    if (this.failure !== undefined) throw new StorageError('MS_MEDIUM_IO', `device ${this.name} failed and takes no more requests: ${this.failure.message}`, { cause: this.failure });
   }
 }
 

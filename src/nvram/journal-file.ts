@@ -15,6 +15,13 @@
 // append overwrites blocks that already exist and its fdatasync has data to flush but no
 // block allocation or file size to journal; that made syncs several times cheaper here.
 //
+// A failed write or sync fences the file: the batch that failed and every append queued
+// after it are refused, and so is every later one, until `replace` has rewritten the
+// whole file from what the device holds in memory and synced it. Nothing is cut back:
+// after a failed fdatasync the kernel may have dropped the pages it could not write, so
+// neither the failed batch nor anything before it in the file can be trusted until the
+// file is written anew (PostgreSQL's "fsyncgate").
+//
 // Recovery reads records from the start and stops at the first one that is incomplete,
 // fails its checksum, or does not continue the sequence (zeros of the preallocated tail
 // end it the same way); the file is cut there. A crash can only tear the tail (records
@@ -117,6 +124,8 @@ interface Waiter {
   reject: (error: Error) => void;
   /** A compaction instead of an append: keep user records after this sequence number. */
   compactAfter?: number;
+  /** A rewrite instead of an append: the file becomes this header and these records. */
+  replaceWith?: { deviceSize: number; records: Buffer };
 }
 
 export class JournalFile {
@@ -133,6 +142,8 @@ export class JournalFile {
   private unsynced: boolean;
   /** Syncs done; for tests and metrics. */
   syncs: number;
+  /** Why the file is fenced (a write or sync failed), until `replace` rewrites it. */
+  private fencedBy: Error | undefined;
 
   constructor(path: string, sink: JournalSink, length: number, wrap: (sink: JournalSink) => JournalSink = (x) => x) {
     this.path = path;
@@ -145,6 +156,7 @@ export class JournalFile {
     this.running = undefined;
     this.unsynced = false;
     this.syncs = 0;
+    this.fencedBy = undefined;
   }
 
   /** Creates a new, empty journal file (replacing any at `path`) and syncs it. */
@@ -185,6 +197,23 @@ export class JournalFile {
     return this.append(Buffer.alloc(0), true);
   }
 
+  /** The failure that fenced the file, or undefined while it takes appends. */
+  get fenced(): Error | undefined {
+    return this.fencedBy;
+  }
+
+  /**
+   * Rewrites the whole file as `records` (encoded, back to back) behind a new header, by
+   * a new file synced and renamed over this one, and lifts a fence. It takes its turn in
+   * the queue: appends queued before it are written (or refused) first.
+   */
+  replace(deviceSize: number, records: Buffer): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      this.queue.push({ buf: Buffer.alloc(0), sync: true, resolve, reject, replaceWith: { deviceSize, records } });
+      this.kick();
+    });
+  }
+
   /** Bytes of journal in the file (header and records; preallocated zeros not counted). */
   get size(): number {
     return this.length;
@@ -207,8 +236,8 @@ export class JournalFile {
   /** Waits for queued appends, makes everything written durable, and closes the file. */
   async close(): Promise<void> {
     await this.running;
-    if (this.unsynced) await this.sink.datasync().catch(() => undefined);
-    await this.sink.close();
+    if (this.unsynced && this.fencedBy === undefined) await this.sink.datasync().catch(() => undefined);
+    await this.sink.close().catch(() => undefined);
   }
 
   private async rewrite(trimmedTo: number): Promise<void> {
@@ -223,21 +252,35 @@ export class JournalFile {
       else if (r.seq > trimmedTo) keep.push(encodeRecord(r));
     }
     const markers = [epoch, trim].filter((r): r is JournalRecord => r !== undefined).map((r) => encodeRecord(r));
-    const body = Buffer.concat([encodeFileHeader(image.length >= 24 ? Number(image.readBigUInt64BE(16)) : 0, Date.now()), ...markers, ...keep]);
-    const tmp = `${this.path}.compact`;
-    const out = await openTempFile(tmp);
+    await this.install(`${this.path}.compact`, Buffer.concat([encodeFileHeader(image.length >= 24 ? Number(image.readBigUInt64BE(16)) : 0, Date.now()), ...markers, ...keep]));
+  }
+
+  /**
+   * Writes `body` to a new file at `tmp` and syncs it, then renames it over the journal,
+   * syncs the directory and continues on it. Every write and sync goes through the sink
+   * wrapper, so tests can fail them as they fail appends.
+   */
+  private async install(tmp: string, body: Buffer): Promise<void> {
+    const out = this.wrap(fileSink(await openTempFile(tmp)));
     try {
-      await out.writeFile(body);
+      await out.write(body, 0);
       await out.datasync();
     } finally {
       await out.close();
     }
-    await this.sink.close();
+    await this.sink.close().catch(() => undefined); // a fenced file's handle may be broken
     await rename(tmp, this.path);
     await syncDir(this.path);
     this.sink = this.wrap(fileSink(await open(this.path, 'r+')));
     this.length = body.length;
     this.allocated = body.length;
+    this.unsynced = false;
+  }
+
+  private fenceError(): StorageError {
+    return new StorageError('MS_MEDIUM_IO', `journal ${this.path} is fenced since a write or sync failed (${this.fencedBy?.message ?? 'unknown'}); it takes no appends until it is rewritten`, {
+      cause: this.fencedBy,
+    });
   }
 
   /** Starts the writer unless it runs; always from a later tick, so its `finally` runs after this assignment. */
@@ -261,18 +304,38 @@ export class JournalFile {
     try {
       while (this.queue.length > 0) {
         const next = this.queue[0];
+        if (next?.replaceWith !== undefined) {
+          this.queue.shift();
+          try {
+            await this.install(`${this.path}.rebuild`, Buffer.concat([encodeFileHeader(next.replaceWith.deviceSize, Date.now()), next.replaceWith.records]));
+            this.fencedBy = undefined;
+            next.resolve();
+          } catch (error) {
+            this.fencedBy ??= asError(error);
+            next.reject(new StorageError('MS_MEDIUM_IO', `journal ${this.path}: rewriting it failed: ${(error as Error).message}`, { cause: error }));
+          }
+          continue;
+        }
+        if (next !== undefined && this.fencedBy !== undefined) {
+          // Fenced: refuse everything up to the next rewrite.
+          this.queue.shift();
+          next.reject(this.fenceError());
+          continue;
+        }
         if (next?.compactAfter !== undefined) {
           this.queue.shift();
           try {
             await this.rewrite(next.compactAfter);
             next.resolve();
           } catch (error) {
+            // The old file may be closed or replaced half way: trust neither until rewritten.
+            this.fencedBy ??= asError(error);
             next.reject(asError(error));
           }
           continue;
         }
-        // Appends up to the next compaction go out as one batch.
-        const cut = this.queue.findIndex((w) => w.compactAfter !== undefined);
+        // Appends up to the next compaction or rewrite go out as one batch.
+        const cut = this.queue.findIndex((w) => w.compactAfter !== undefined || w.replaceWith !== undefined);
         const batch = cut < 0 ? this.queue : this.queue.slice(0, cut);
         this.queue = cut < 0 ? [] : this.queue.slice(cut);
         const buf = batch.length === 1 ? (batch[0]?.buf ?? Buffer.alloc(0)) : Buffer.concat(batch.map((w) => w.buf));
@@ -290,10 +353,10 @@ export class JournalFile {
           }
         } catch (error) {
           const failure = new StorageError('MS_MEDIUM_IO', `journal ${this.path}: write or sync failed: ${(error as Error).message}`, { cause: error });
-          // The file may now hold part of the batch; cut it back so a retry appends cleanly.
+          // Fence: what the file holds from here (and, after a failed sync, before) is
+          // unknown until the device rewrites it from memory.
+          this.fencedBy = failure;
           this.length = start;
-          await this.sink.truncate(start).catch(() => undefined);
-          this.allocated = start;
           for (const w of batch) w.reject(failure);
           continue;
         }

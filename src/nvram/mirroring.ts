@@ -149,6 +149,11 @@ export class Mirroring {
       trim: (device, epoch, upTo) => {
         void this.link?.send(MOP.TRIM, encodeTrim(device, epoch, upTo)).catch(() => undefined);
       },
+      rolledBack: (device) => {
+        // The replica may hold records that were voided here: RESET it and send them again.
+        const found = this.options.nvram.find(device);
+        if (this.inSync.delete(device) && found !== undefined) void this.resync(found);
+      },
     };
   }
 

@@ -6,6 +6,7 @@
 //   faultyFiles(plan)         a data-file opener for DataStore: read, write, datasync, truncate
 //   FaultyMedium(inner, plan) a Medium: read, write, zero
 //   PowerCut                  a data-file opener that knows what a power cut would keep
+//   faultyJournal(plan)       a JournalSink wrapper: write, datasync, truncate
 //
 // Ops are named `<prefix>.<call>` (e.g. `store.write`, `store.datasync`, `dram.read`);
 // a rule matches by name and by the call's number (1-based, counted per name).
@@ -14,6 +15,7 @@ import { open } from 'node:fs/promises';
 import type { MediumName } from '../../src/kinds.js';
 import type { Medium, MediumCapabilities } from '../../src/memory/medium.js';
 import type { StoreFile, StoreFileOpener } from '../../src/storage/data-store.js';
+import type { JournalSink } from '../../src/nvram/journal-file.js';
 
 export type FaultKind = 'EIO' | 'ENOSPC' | 'short';
 
@@ -122,6 +124,37 @@ export function faultyFiles(plan: FaultPlan, prefix = 'store'): StoreFileOpener 
     };
     return file;
   };
+}
+
+/**
+ * Wraps a journal file's sink (JournalFile's `wrap` argument) so that its calls fail or
+ * wait per the plan: ops `<prefix>.write`, `<prefix>.datasync`, `<prefix>.truncate`. A
+ * short write writes the first half and fails with ENOSPC, as a disk that filled up.
+ */
+export function faultyJournal(plan: FaultPlan, prefix = 'journal'): (sink: JournalSink) => JournalSink {
+  return (sink) => ({
+    async write(buf, position) {
+      const fault = await plan.enter(`${prefix}.write`);
+      if (fault === 'short') {
+        const half = Math.floor(buf.length / 2);
+        if (half > 0) await sink.write(buf.subarray(0, half), position);
+        throw errnoError('ENOSPC', 'pwrite');
+      }
+      if (fault !== undefined) throw errnoError(fault, 'pwrite');
+      return sink.write(buf, position);
+    },
+    async datasync() {
+      const fault = await plan.enter(`${prefix}.datasync`);
+      if (fault !== undefined) throw errnoError(fault === 'ENOSPC' ? 'ENOSPC' : 'EIO', 'fdatasync');
+      return sink.datasync();
+    },
+    async truncate(length) {
+      const fault = await plan.enter(`${prefix}.truncate`);
+      if (fault !== undefined) throw errnoError('EIO', 'ftruncate');
+      return sink.truncate(length);
+    },
+    close: () => sink.close(),
+  });
 }
 
 /** A medium whose calls fail or wait per the plan (ops `<name>.read`, `<name>.write`, `<name>.zero`). */

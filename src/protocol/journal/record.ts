@@ -4,7 +4,8 @@
 //   0      4     magic 0x4d534a52 ("MSJR")
 //   4      2     version (1)
 //   6      2     flags: bit 0 target present, bit 1 epoch marker, bit 2 trim marker,
-//                bit 3 zero (a journaled TRIM or WRITE_ZEROES: payload is the u64 length)
+//                bit 3 zero (a journaled TRIM or WRITE_ZEROES: payload is the u64 length),
+//                bit 4 void (the number of an append that failed: no target, no payload)
 //   8      8     sequence number
 //   16     8     timestamp, microseconds since the Unix epoch
 //   24     8     epoch of the writer
@@ -28,7 +29,7 @@ export const RECORD_HEADER = 56;
 export const MAX_PAYLOAD = 16 * 1024 * 1024;
 export const MAX_TARGET_NAME = 64;
 
-export const RECORD_FLAG = { TARGET: 1 << 0, EPOCH: 1 << 1, TRIM: 1 << 2, ZERO: 1 << 3 } as const;
+export const RECORD_FLAG = { TARGET: 1 << 0, EPOCH: 1 << 1, TRIM: 1 << 2, ZERO: 1 << 3, VOID: 1 << 4 } as const;
 
 export interface RecordTarget {
   volume: string;

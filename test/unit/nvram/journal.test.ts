@@ -5,6 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import fc from 'fast-check';
 import { JournalFile, encodeFileHeader, parseJournal, type JournalSink } from '../../../src/nvram/journal-file.js';
+import { FaultPlan, faultyJournal } from '../../support/faults.js';
 import { RECORD_FLAG, decodeOne, decodeRecord, encodeRecord } from '../../../src/protocol/journal/record.js';
 
 const FIXTURES = new URL('../../../../test/fixtures/journal/', import.meta.url);
@@ -127,30 +128,33 @@ test('group commit: no appender is released by a sync that did not cover its rec
   assert.deepEqual(parsed.records.map((r) => r.seq), Array.from({ length: 60 }, (_, i) => i + 1));
 });
 
-test('a failed sync rejects its appenders, and the journal keeps working after', async (t) => {
+test('a failed sync fences the journal: the batch and every later append are refused until replace() rewrites the file; a failed rewrite keeps the fence', async (t) => {
   const dir = await mkdtemp(join(tmpdir(), 'memstrata-journal-'));
   t.after(() => rm(dir, { recursive: true, force: true }));
-  let fail = false;
-  const flaky = (sink: JournalSink): JournalSink => ({
-    ...sink,
-    write: (b, p) => sink.write(b, p),
-    datasync: async () => {
-      if (fail) throw new Error('EIO');
-      await sink.datasync();
-    },
-    truncate: (n) => sink.truncate(n),
-    close: () => sink.close(),
-  });
-  const journal = await JournalFile.create(join(dir, 'j.journal'), 1 << 20, flaky);
+  const plan = new FaultPlan();
+  const journal = await JournalFile.create(join(dir, 'j.journal'), 1 << 20, faultyJournal(plan));
   const rec = (seq: number) => encodeRecord({ seq, timestamp: seq, epoch: 0, flags: 0, target: undefined, payload: Buffer.from(`r${seq}`) });
   await journal.append(rec(1));
-  fail = true;
-  await assert.rejects(journal.append(rec(2)), { code: 'MS_MEDIUM_IO' });
-  fail = false;
+  plan.fail({ op: 'journal.datasync', fault: 'EIO' });
+  const failed = journal.append(rec(2));
+  const queued = journal.append(rec(3));
+  await assert.rejects(failed, { code: 'MS_MEDIUM_IO', message: /write or sync failed/ });
+  await assert.rejects(queued, { code: 'MS_MEDIUM_IO' }); // in the same batch, or refused by the fence
+  await assert.rejects(journal.append(rec(2)), { code: 'MS_MEDIUM_IO', message: /fenced/ }, 'no append goes through a fenced file, though the disk is well again');
+  assert.ok(journal.fenced !== undefined);
+  // A rewrite that fails too leaves the fence up.
+  plan.fail({ op: 'journal.datasync', fault: 'EIO' });
+  await assert.rejects(journal.replace(1 << 20, rec(1)), { code: 'MS_MEDIUM_IO' });
+  await assert.rejects(journal.append(rec(2)), { message: /fenced/ });
+  // A rewrite from what the device holds lifts it.
+  await journal.replace(1 << 20, rec(1));
+  assert.equal(journal.fenced, undefined);
   await journal.append(rec(2));
   await journal.close();
   const parsed = parseJournal(await readFile(join(dir, 'j.journal')));
+  assert.equal(parsed.stoppedBecause, undefined);
   assert.deepEqual(parsed.records.map((r) => r.payload.toString()), ['r1', 'r2']);
+  assert.deepEqual(await readdir(dir), ['j.journal'], 'no temporary file is left behind');
 });
 
 test('appends without sync are released once written; flush and the next synced append cover them', async (t) => {

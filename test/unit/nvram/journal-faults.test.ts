@@ -1,0 +1,238 @@
+// An NVRAM device over a journal file whose writes and syncs fail (EIO, ENOSPC, short
+// writes) while appends are in flight (issue 11, item 1). What must hold whatever fails:
+// an acknowledged record is never lost (in memory, in the file as a crash would find it,
+// after a restart from that file); no sequence number is handed out twice; a failed
+// append gets an error and its number becomes a void record, never another record's;
+// the device repairs itself (file rewritten from memory) and serves again.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import fc from 'fast-check';
+import { DramMedium } from '../../../src/memory/dram-medium.js';
+import { NvramDevice, type MirrorPort } from '../../../src/nvram/device.js';
+import { JournalFile, parseJournal } from '../../../src/nvram/journal-file.js';
+import { RECORD_FLAG, decodeOne, type JournalRecord } from '../../../src/protocol/journal/record.js';
+import type { MirrorMode } from '../../../src/protocol/admin/api.js';
+import { FaultPlan, faultyJournal, type FaultKind } from '../../support/faults.js';
+
+const E = 64 * 1024;
+const SIZE = 4 * E;
+const SOAK = process.env.MEMSTRATA_SOAK === '1';
+
+async function medium(): Promise<DramMedium> {
+  const m = new DramMedium({ capacity: SIZE, extentSize: E });
+  await m.open();
+  return m;
+}
+
+async function device(path: string, plan: FaultPlan, policy: 'local' | 'mirrored+local' = 'local'): Promise<NvramDevice> {
+  const journal = await JournalFile.create(path, SIZE, faultyJournal(plan));
+  return new NvramDevice({ name: 'j', size: SIZE, policy, medium: await medium(), extents: [0, E, 2 * E, 3 * E], extentSize: E, journal });
+}
+
+const userRecords = (records: readonly JournalRecord[]): JournalRecord[] => records.filter((r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) === 0);
+
+const isVoid = (r: JournalRecord): boolean => (r.flags & RECORD_FLAG.VOID) !== 0;
+
+test('journal faults under concurrent appends: no acknowledged record lost, no number used twice, failed numbers void, the device repairs itself', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-jfaults-'));
+  try {
+    let run = 0;
+    await fc.assert(
+      fc.asyncProperty(
+        fc.array(
+          fc.record({
+            batch: fc.integer({ min: 1, max: 6 }),
+            fault: fc.option(
+              fc.record({
+                op: fc.constantFrom('journal.write', 'journal.datasync'),
+                fault: fc.constantFrom<FaultKind>('EIO', 'ENOSPC', 'short'),
+                from: fc.integer({ min: 1, max: 3 }),
+                count: fc.integer({ min: 1, max: 2 }),
+              }),
+              { nil: undefined },
+            ),
+          }),
+          { minLength: 1, maxLength: 8 },
+        ),
+        async (rounds) => {
+          const path = join(dir, `j${run++}.journal`);
+          const plan = new FaultPlan();
+          const dev = await device(path, plan);
+          const acked = new Map<number, string>();
+          let n = 0;
+          for (const round of rounds) {
+            if (round.fault !== undefined) plan.fail(round.fault);
+            const results = await Promise.allSettled(
+              Array.from({ length: round.batch }, async () => {
+                const payload = `p${n++}`;
+                const [appended] = await dev.append(0, [{ payload: Buffer.from(payload) }]);
+                return { seq: appended?.seq ?? 0, payload };
+              }),
+            );
+            for (const r of results) {
+              if (r.status === 'fulfilled') {
+                assert.ok(!acked.has(r.value.seq), `sequence number ${r.value.seq} acknowledged twice`);
+                acked.set(r.value.seq, r.value.payload);
+              } else {
+                assert.equal((r.reason as { code?: string }).code, 'MS_MEDIUM_IO', String(r.reason));
+              }
+            }
+            // The file as a crash would find it now holds every acknowledged record.
+            const onDisk = new Map(userRecords(parseJournal(await readFile(path)).records).map((r) => [r.seq, r]));
+            for (const [seq, payload] of acked) assert.equal(onDisk.get(seq)?.payload.toString(), payload, `acknowledged record ${seq} missing from the file`);
+          }
+          plan.heal();
+          const [final] = await dev.append(0, [{ payload: Buffer.from('final') }]);
+          const last = final?.seq ?? 0;
+          assert.ok(!acked.has(last) && last > Math.max(0, ...acked.keys()));
+          acked.set(last, 'final');
+          // Every number up to the last is either an acknowledged record or void.
+          const check = (records: readonly JournalRecord[], where: string): void => {
+            assert.deepEqual(records.map((r) => r.seq), Array.from({ length: last }, (_, i) => i + 1), `${where}: numbers 1 to ${last}, each once`);
+            for (const r of records) {
+              const payload = acked.get(r.seq);
+              if (payload !== undefined) assert.equal(r.payload.toString(), payload, `${where}: record ${r.seq}`);
+              else assert.ok(isVoid(r) && r.payload.length === 0 && r.target === undefined, `${where}: record ${r.seq} was never acknowledged, so it must be void`);
+            }
+          };
+          check((await dev.read(0, 100_000)).map((b) => decodeOne(b)), 'memory');
+          await dev.close();
+          // A restart from the file alone gives the same, and goes on with a new number.
+          const recovered = parseJournal(await readFile(path));
+          assert.equal(recovered.stoppedBecause, undefined);
+          check(userRecords(recovered.records), 'file');
+          const again = new NvramDevice({ name: 'j', size: SIZE, policy: 'local', medium: await medium(), extents: [0, E, 2 * E, 3 * E], extentSize: E, journal: undefined });
+          await again.restore(recovered.records);
+          const [next] = await again.append(0, [{ payload: Buffer.from('next') }]);
+          assert.equal(next?.seq, last + 1);
+          await again.close();
+          await rm(path, { force: true });
+        },
+      ),
+      { numRuns: SOAK ? 2000 : 60 },
+    );
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('a failed journal sync: the appends after it fail too, the device is failed until repaired, and reads never show a failed record', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-jfaults-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const plan = new FaultPlan();
+  const dev = await device(join(dir, 'j.journal'), plan);
+  await dev.append(0, [{ payload: Buffer.from('one') }]);
+  // Hold the next sync, so a second append queues behind the one that will fail.
+  let release = (): void => undefined;
+  const held = new Promise<void>((resolve) => (release = resolve));
+  plan.gate = (op) => (op === 'journal.datasync' ? held : undefined);
+  plan.fail({ op: 'journal.datasync', fault: 'EIO' });
+  const second = dev.append(0, [{ payload: Buffer.from('two') }]);
+  await new Promise((r) => setImmediate(r));
+  const third = dev.append(0, [{ payload: Buffer.from('three') }]);
+  assert.deepEqual((await dev.read(0)).map((b) => decodeOne(b).payload.toString()), ['one'], 'nothing unacknowledged is readable');
+  plan.gate = undefined;
+  release();
+  await assert.rejects(second, { code: 'MS_MEDIUM_IO' });
+  await assert.rejects(third, { code: 'MS_MEDIUM_IO' });
+  // The next request waits for the repair and goes on after the void numbers.
+  const [fourth] = await dev.append(0, [{ payload: Buffer.from('four') }]);
+  assert.equal(fourth?.seq, 4);
+  const records = (await dev.read(0)).map((b) => decodeOne(b));
+  assert.deepEqual(records.map((r) => [r.seq, isVoid(r) ? 'void' : r.payload.toString()]), [[1, 'one'], [2, 'void'], [3, 'void'], [4, 'four']]);
+  assert.equal(dev.info().state, 'ready');
+  await dev.close();
+});
+
+test('a failed repair keeps the device failed: requests fail with MS_MEDIUM_IO until a repair succeeds', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-jfaults-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const plan = new FaultPlan();
+  const dev = await device(join(dir, 'j.journal'), plan);
+  await dev.append(0, [{ payload: Buffer.from('one') }]);
+  plan.fail({ op: 'journal.datasync', fault: 'EIO', count: Infinity });
+  await assert.rejects(dev.append(0, [{ payload: Buffer.from('two') }]), { code: 'MS_MEDIUM_IO' });
+  await assert.rejects(dev.append(0, [{ payload: Buffer.from('three') }]), { code: 'MS_MEDIUM_IO' });
+  await assert.rejects(dev.trim(0, 1), { code: 'MS_MEDIUM_IO' });
+  assert.equal(dev.info().state, 'failed');
+  assert.deepEqual((await dev.read(0)).map((b) => decodeOne(b).payload.toString()), ['one'], 'acknowledged records stay readable');
+  plan.heal();
+  const [next] = await dev.append(0, [{ payload: Buffer.from('four') }]);
+  assert.equal(next?.seq, 3, 'number 2 is void; number 3 was never handed out (that append waited for the repair)');
+  assert.equal(dev.info().state, 'ready');
+  await dev.close();
+});
+
+/** A partner that holds records only when told to. */
+function partner(): { port: MirrorPort; answer: (outcome: boolean | Error) => void; rolledBack: string[] } {
+  const waiting: ((outcome: boolean | Error) => void)[] = [];
+  const rolledBack: string[] = [];
+  const mode: MirrorMode = 'in-sync';
+  const port: MirrorPort = {
+    mode: () => mode,
+    settled: () => Promise.resolve(),
+    append: () =>
+      new Promise<boolean>((resolve, reject) => {
+        waiting.push((outcome) => (outcome instanceof Error ? reject(outcome) : resolve(outcome)));
+      }),
+    epoch: () => Promise.resolve(),
+    trim: () => undefined,
+    rolledBack: (name) => { rolledBack.push(name); },
+  };
+  return { port, answer: (outcome) => waiting.shift()?.(outcome), rolledBack };
+}
+
+test('mirrored: a record is readable only once the partner holds it; one the partner refused is void, and the replica is reset', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-jfaults-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const dev = await device(join(dir, 'j.journal'), new FaultPlan(), 'mirrored+local');
+  const { port, answer, rolledBack } = partner();
+  dev.port = port;
+  const first = dev.append(0, [{ payload: Buffer.from('one') }]);
+  await new Promise((r) => setTimeout(r, 20)); // the journal file has synced by now
+  assert.deepEqual(await dev.read(0), [], 'not readable before the partner holds it');
+  assert.equal(dev.info().lastSeq, null);
+  answer(true);
+  await first;
+  assert.equal(dev.info().lastSeq, 1);
+  const refused = dev.append(0, [{ payload: Buffer.from('two') }]);
+  await new Promise((r) => setTimeout(r, 20));
+  answer(Object.assign(new Error('the partner does not hold the record'), { code: 'MS_NVRAM_PARTNER_DOWN' }));
+  await assert.rejects(refused, { code: 'MS_NVRAM_PARTNER_DOWN' });
+  const third = dev.append(0, [{ payload: Buffer.from('three') }]);
+  await new Promise((r) => setTimeout(r, 20));
+  answer(true);
+  const [appended] = await third;
+  assert.equal(appended?.seq, 3);
+  assert.deepEqual(rolledBack, ['j'], 'the replica, which may hold record 2, is reset');
+  const records = (await dev.read(0)).map((b) => decodeOne(b));
+  assert.deepEqual(records.map((r) => [r.seq, isVoid(r) ? 'void' : r.payload.toString()]), [[1, 'one'], [2, 'void'], [3, 'three']]);
+  await dev.close();
+});
+
+test('a newer open returns only once the appends of the older epoch taken before it are acknowledged or failed', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-jfaults-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const dev = await device(join(dir, 'j.journal'), new FaultPlan(), 'mirrored+local');
+  const { port, answer } = partner();
+  dev.port = port;
+  await dev.open(1);
+  let settled = false;
+  const old = dev.append(1, [{ payload: Buffer.from('old epoch') }]).finally(() => { settled = true; });
+  await new Promise((r) => setTimeout(r, 20)); // in the journal file; the partner has not answered
+  let opened = false;
+  const opening = dev.open(2).finally(() => { opened = true; });
+  await new Promise((r) => setTimeout(r, 20));
+  assert.ok(!opened, 'open(2) returned while an append of epoch 1 was still in flight');
+  answer(true);
+  const info = await opening;
+  assert.ok(settled);
+  const [appended] = await old;
+  assert.equal(info.lastSeq, appended?.seq, 'the lastSeq open(2) reports covers what epoch 1 had acknowledged');
+  await assert.rejects(dev.append(1, [{ payload: Buffer.from('late') }]), { code: 'MS_NVRAM_FENCED' });
+  await dev.close();
+});
