@@ -31,6 +31,7 @@ import { join } from 'node:path';
 import { MisuseError, RuntimeError, isMemstrataError, toMemstrataError } from '../errors.js';
 import type { MetaFs } from '../fs/meta-file.js';
 import type { DamagedJson } from '../protocol/admin/api.js';
+import { deviceFile } from './device-files.js';
 import { DEVICE_NAME_PATTERN, readDeviceMeta, writeDeviceMeta, type DeviceMeta } from './device-meta.js';
 import type { MediumName } from '../kinds.js';
 import type { Medium } from '../memory/medium.js';
@@ -177,12 +178,12 @@ export class DeviceManager {
   async rebuildJournal(device: NvramDevice): Promise<JournalFile | undefined> {
     if (device.policy === 'volatile') return undefined;
     const records = await device.snapshot();
-    const journal = await JournalFile.create(join(this.dir, `${device.name}.journal.new`), device.size);
+    const journal = await JournalFile.create(deviceFile(this.dir, device.name, '.journal.new'), device.size);
     await journal.append(Buffer.concat(records));
     const length = journal.size;
     await journal.close();
-    const path = join(this.dir, `${device.name}.journal`);
-    await rename(join(this.dir, `${device.name}.journal.new`), path);
+    const path = deviceFile(this.dir, device.name, '.journal');
+    await rename(deviceFile(this.dir, device.name, '.journal.new'), path);
     await syncDir(path);
     return JournalFile.openExisting(path, length);
   }
@@ -198,7 +199,7 @@ export class DeviceManager {
 
   private async demoteEntry(entry: Entry, why: string): Promise<void> {
     await entry.device.demote();
-    await rm(join(this.dir, `${entry.meta.name}.journal`), { force: true });
+    await rm(deviceFile(this.dir, entry.meta.name, '.journal'), { force: true });
     entry.meta.role = 'replica';
     await this.writeMeta(entry.meta);
     this.log.warn({ device: entry.meta.name, why }, 'NVRAM device is now a replica of the mirror partner');
@@ -211,6 +212,7 @@ export class DeviceManager {
    */
   resetReplica(reset: { name: string; policy: Policy; medium: MediumName; size: number; epoch: number; trimmedTo: number; firstSeq: number }): Promise<void> {
     return this.serialized(async () => {
+      deviceFile(this.dir, reset.name, '.json'); // refuses a name that is not a device name
       this.refuseDamaged(reset.name);
       let entry = this.devices.get(reset.name);
       if (entry !== undefined) {
@@ -281,7 +283,7 @@ export class DeviceManager {
       const extentSize = this.partition.extentSize(entry.meta.medium);
       for (const e of entry.extents) await medium.zero(e * extentSize, extentSize);
       this.partition.release(entry.meta.medium, entry.extents, owner(name));
-      for (const suffix of ['.json', '.journal', '.vault']) await rm(join(this.dir, `${name}${suffix}`), { force: true });
+      for (const suffix of ['.json', '.journal', '.vault'] as const) await rm(deviceFile(this.dir, name, suffix), { force: true });
     }
   }
 
@@ -290,8 +292,8 @@ export class DeviceManager {
     const extentSize = this.partition.extentSize(meta.medium);
     const extents = await this.takeExtents(meta, extentSize);
     try {
-      const journalPath = join(this.dir, `${meta.name}.journal`);
-      const vaultPath = join(this.dir, `${meta.name}.vault`);
+      const journalPath = deviceFile(this.dir, meta.name, '.journal');
+      const vaultPath = deviceFile(this.dir, meta.name, '.vault');
       const role = meta.role ?? 'primary';
       const hasFile = meta.policy !== 'volatile' && role === 'primary';
       let journal: JournalFile | undefined;
@@ -368,7 +370,7 @@ export class DeviceManager {
 
   private async vault(entry: Entry): Promise<void> {
     const records = await entry.device.snapshot();
-    const path = join(this.dir, `${entry.meta.name}.vault`);
+    const path = deviceFile(this.dir, entry.meta.name, '.vault');
     const tmp = `${path}.tmp`;
     const out = await openTempFile(tmp);
     try {

@@ -12,13 +12,13 @@
 // Whether the size is a whole number of extents is the partition table's to say, at load.
 // A frozen copy of a version 1 file is in test/fixtures/meta.
 
-import { join } from 'node:path';
 import { z } from 'zod';
 import { metaInvalid, readMetaFile, replaceFile, type MetaFs } from '../fs/meta-file.js';
 import { MEDIA, type MediumName } from '../kinds.js';
-import { POLICIES, type Policy, type Role } from '../protocol/journal/policy.js';
+import { DEVICE_NAME_PATTERN, POLICIES, type Policy, type Role } from '../protocol/journal/policy.js';
+import { deviceFile } from './device-files.js';
 
-export const DEVICE_NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+export { DEVICE_NAME_PATTERN };
 
 const DEVICE_META_VERSION = 1;
 
@@ -43,7 +43,7 @@ export interface DeviceMeta {
 }
 
 export function deviceMetaPath(dir: string, name: string): string {
-  return join(dir, `${name}.json`);
+  return deviceFile(dir, name, '.json');
 }
 
 /** Reads and checks nvram/<name>.json; MS_META_INVALID names the file and the field. */

@@ -10,3 +10,10 @@ export type Role = 'primary' | 'replica';
 export function isMirrored(policy: Policy): boolean {
   return policy === 'mirrored' || policy === 'mirrored+local';
 }
+
+/** A device name: 1 to 64 letters, digits, ".", "_" or "-", starting with a letter or digit; never a path. */
+export const DEVICE_NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+
+export function isDeviceName(name: string): boolean {
+  return DEVICE_NAME_PATTERN.test(name);
+}

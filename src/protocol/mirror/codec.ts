@@ -14,7 +14,7 @@
 
 import { MisuseError } from '../../errors.js';
 import { decodeRecord, MAX_PAYLOAD, type JournalRecord } from '../journal/record.js';
-import { POLICIES, type Policy, type Role } from '../journal/policy.js';
+import { POLICIES, isDeviceName, type Policy, type Role } from '../journal/policy.js';
 
 export const MIRROR_VERSION = 1;
 export const MIRROR_REQUEST_MAGIC = 0x4d534d51;
@@ -184,6 +184,13 @@ export class Reader {
     if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw malformed(`${this.what}: value too large`);
     return Number(v);
   }
+  /** A device name; anything else (a path, a slash, "..") makes the body malformed. */
+  deviceName(): string {
+    const name = this.str8();
+    if (!isDeviceName(name)) throw malformed(`${this.what}: invalid device name ${JSON.stringify(name.slice(0, 80))}`);
+    return name;
+  }
+
   str8(): string {
     const n = this.u8();
     this.need(n);
@@ -280,7 +287,7 @@ export function encodeReset(reset: Reset): Buffer {
 export function decodeReset(body: Buffer): Reset {
   const r = new Reader(body, 'RESET');
   const reset: Reset = {
-    name: r.str8(),
+    name: r.deviceName(),
     policy: pick(POLICIES, r.u8(), 'policy'),
     medium: pick(MEDIA, r.u8(), 'medium'),
     size: r.u64(),
@@ -301,7 +308,7 @@ export function encodeAppend(name: string, epoch: number, records: Buffer): Buff
 /** Device name, the primary's epoch, and the records, each checked (magic, length, checksum). */
 export function decodeAppend(body: Buffer): { name: string; epoch: number; records: JournalRecord[]; encoded: Buffer[] } {
   const r = new Reader(body, 'APPEND');
-  const name = r.str8();
+  const name = r.deviceName();
   const epoch = r.u64();
   const { records, encoded } = splitRecords(r.rest(), 'APPEND');
   if (records.length === 0) throw malformed('APPEND: no records');
@@ -332,7 +339,7 @@ export function encodeTrim(name: string, epoch: number, upTo: number): Buffer {
 
 export function decodeTrim(body: Buffer): { name: string; epoch: number; upTo: number } {
   const r = new Reader(body, 'TRIM');
-  const v = { name: r.str8(), epoch: r.u64(), upTo: r.u64() };
+  const v = { name: r.deviceName(), epoch: r.u64(), upTo: r.u64() };
   r.end();
   return v;
 }
@@ -343,14 +350,14 @@ export function encodeEpoch(name: string, epoch: number): Buffer {
 
 export function decodeEpoch(body: Buffer): { name: string; epoch: number } {
   const r = new Reader(body, 'EPOCH');
-  const v = { name: r.str8(), epoch: r.u64() };
+  const v = { name: r.deviceName(), epoch: r.u64() };
   r.end();
   return v;
 }
 
 export function decodeName(body: Buffer, what: string): string {
   const r = new Reader(body, what);
-  const name = r.str8();
+  const name = r.deviceName();
   r.end();
   return name;
 }
@@ -361,7 +368,7 @@ export function encodeFetch(name: string, fromSeq: number, maxBytes: number): Bu
 
 export function decodeFetch(body: Buffer): { name: string; fromSeq: number; maxBytes: number } {
   const r = new Reader(body, 'FETCH');
-  const v = { name: r.str8(), fromSeq: r.u64(), maxBytes: r.u32() };
+  const v = { name: r.deviceName(), fromSeq: r.u64(), maxBytes: r.u32() };
   r.end();
   return v;
 }

@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { lstat, mkdtemp, readFile, rm, symlink, writeFile } from 'node:fs/promises';
+import { lstat, mkdtemp, readdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pino from 'pino';
@@ -251,4 +251,16 @@ test('a mirrored primary after a crash is recovering; after a clean stop it is r
     assert.equal(third.devices.get('m').info().state, 'ready');
     assert.deepEqual(await payloads(third.devices, 'm'), ['kept']);
     await third.devices.close();
+  }));
+
+test('a replica named by a path is refused by the device manager itself, and no file is made outside nvram/', () =>
+  withDir(async (dir) => {
+    const { devices } = await manager(dir);
+    for (const name of ['../volumes/x', '../../escape', 'a/b']) {
+      await assert.rejects(devices.resetReplica({ name, policy: 'mirrored', medium: 'dram', size: E, epoch: 1, trimmedTo: 0, firstSeq: 1 }), { code: 'MS_NVRAM_INVALID' });
+    }
+    assert.deepEqual(await readdir(dir), ['nvram']);
+    assert.deepEqual(await readdir(join(dir, 'nvram')), []);
+    assert.deepEqual(devices.list(), []);
+    await devices.close();
   }));

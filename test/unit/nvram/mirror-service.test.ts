@@ -220,3 +220,29 @@ test('one remote address holds at most mirror.maxConnectionsPerClient connection
   await until(() => mirror.load().connections === 1);
   await peer(t, address);
 });
+
+test('a device name that is a path is refused on every mirror request that names a device, before it reaches the device manager', async (t) => {
+  // Issue 11 item 10: RESET's name was not validated, so `../volumes/x` made files outside nvram/.
+  const { nvram, address } = await service(t);
+  const p = await peer(t, address);
+  const bad = ['../volumes/x', '..', 'a/b', '/etc/passwd', '.hidden', ''];
+  let tag = 10;
+  for (const name of bad) {
+    const bodies: [number, Buffer][] = [
+      [m.MOP.RESET, m.encodeReset({ name, policy: 'mirrored', medium: 'dram', size: MiB, epoch: 1, trimmedTo: 0, firstSeq: 1 })],
+      [m.MOP.APPEND, m.encodeAppend(name, 1, Buffer.alloc(0))],
+      [m.MOP.TRIM, m.encodeTrim(name, 1, 1)],
+      [m.MOP.EPOCH, m.encodeEpoch(name, 1)],
+      [m.MOP.STATE, m.encodeName(name)],
+      [m.MOP.DROP, m.encodeName(name)],
+      [m.MOP.FETCH, m.encodeFetch(name, 0, 1024)],
+    ];
+    for (const [op, body] of bodies) {
+      const reply = await within(p.ask(op, tag++, body), 20_000, `op ${op} ${name}`);
+      assert.equal(reply?.word, m.MSTATUS.PROTOCOL, `op ${op} with name ${JSON.stringify(name)}`);
+      assert.match(m.errorMessage(reply?.body ?? Buffer.alloc(0)), /invalid device name/);
+    }
+  }
+  assert.equal(nvram.resets, 0, 'no RESET reached the device manager');
+  assert.ok(!p.closed(), 'a malformed body is answered; the connection goes on');
+});
