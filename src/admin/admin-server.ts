@@ -339,16 +339,7 @@ export class AdminServer {
 
     app.post('/v1/volumes', async (request, reply): Promise<VolumeJson> => {
       const { name, size, readOnly, writeLog } = parseBody(volumeBody, request.body, 'volume');
-      if (writeLog !== undefined) {
-        const device = context.nvram.get(writeLog);
-        // A volume's log is replayed before the node serves anything, before the mirror
-        // partner is reached: its journal file must hold every acknowledged record.
-        if (device.policy === 'mirrored' || device.role === 'replica') {
-          throw new MisuseError('MS_VOLUME_INVALID', `NVRAM device ${writeLog} (${device.role === 'replica' ? 'a mirror replica' : 'mirrored'}) cannot be a write log: its local file may lack records only the partner holds; use a local or mirrored+local device`);
-        }
-        const user = context.volumes.list().find((v) => v.writeLog === writeLog);
-        if (user !== undefined) throw new MisuseError('MS_VOLUME_INVALID', `NVRAM device ${writeLog} is already the write log of volume ${user.name}`);
-      }
+      // The volume layer decides whether the device may be its write log (write-log.ts).
       const volume = await context.volumes.create(name, size, readOnly ?? false, writeLog);
       context.log.info({ volume: volume.info() }, `volume ${name} created`);
       void reply.code(201);
@@ -381,8 +372,6 @@ export class AdminServer {
 
     app.delete('/v1/nvram/:name', async (request, reply) => {
       const name = (request.params as { name: string }).name;
-      const user = context.volumes.list().find((v) => v.writeLog === name);
-      if (user !== undefined) throw new MisuseError('MS_NVRAM_INVALID', `NVRAM device ${name} is the write log of volume ${user.name}; remove the volume first`);
       await context.nvram.remove(name);
       context.log.info({ device: name }, `NVRAM device ${name} removed`);
       return reply.code(204).send();

@@ -148,6 +148,9 @@ export class StorageNode {
         for (const volume of this.volumes.list()) await this.writeLog.replay(volume);
         this.volumes.beforeResize = (volume) => this.writeLog.checkpointNow(volume);
         this.volumes.beforeRemove = (volume) => this.writeLog.discard(volume);
+        this.volumes.claimWriteLog = (volume, device) => this.writeLog.claim(volume, device);
+        this.volumes.releaseWriteLog = (device) => { this.writeLog.release(device); };
+        this.nvram.claimedBy = (device) => this.writeLog.owner(device);
       },
       stop: () => Promise.resolve(),
     });
@@ -203,7 +206,7 @@ export class StorageNode {
         const rmem = new RmemService({
           memory: this.serverMemory,
           nvram: this.nvram,
-          writeLogOf: (device) => this.volumes.list().find((v) => v.writeLog === device)?.name,
+          writeLogOf: (device) => this.writeLog.owner(device) ?? this.volumes.list().find((v) => v.writeLog === device)?.name,
           log,
           nodeId: this.nodeId,
           leaseMs: config.rmem.leaseMs,

@@ -65,6 +65,8 @@ export class DeviceManager {
   /** Mirroring hooks: a mirrored primary appeared (created, restored, promoted), or one went away. */
   onPrimary: ((device: NvramDevice) => void) | undefined;
   onRemoved: ((device: NvramDevice) => void) | undefined;
+  /** The volume whose write log a device is (write-log.ts): such a device cannot be removed. */
+  claimedBy: ((device: string) => string | undefined) | undefined;
 
   constructor(options: { dataDir: string; partition: PartitionTable; media: readonly Medium[]; log: Logger; compactAt?: number; fs?: MetaFs }) {
     this.compactAt = options.compactAt;
@@ -78,6 +80,7 @@ export class DeviceManager {
     this.queue = Promise.resolve();
     this.onPrimary = undefined;
     this.onRemoved = undefined;
+    this.claimedBy = undefined;
   }
 
   async open(): Promise<void> {
@@ -267,6 +270,8 @@ export class DeviceManager {
       const entry = this.devices.get(name);
       if (entry === undefined) this.refuseDamaged(name);
       if (entry === undefined) throw new MisuseError('MS_NVRAM_NOT_FOUND', `no NVRAM device named "${name}"`);
+      const volume = this.claimedBy?.(name);
+      if (volume !== undefined) throw new MisuseError('MS_NVRAM_INVALID', `NVRAM device ${name} is the write log of volume ${volume}; remove the volume first`, { details: { name, volume } });
       await this.drop(entry);
       if (isMirrored(entry.meta.policy) && entry.device.role === 'primary') this.onRemoved?.(entry.device);
     });

@@ -487,6 +487,10 @@ export class RmemConnection {
   private journal(handle: number): { device: NvramDevice; epoch: number } {
     const journal = this.journals.get(handle);
     if (journal === undefined) throw new MisuseError('MS_NVRAM_INVALID', `journal handle ${handle} was not opened on this connection`);
+    // Checked on every use, not only at JOPEN: a device that became a volume's write log
+    // after this handle was opened belongs to the node from then on.
+    const volume = this.host.writeLogOf(journal.device.name);
+    if (volume !== undefined) throw new MisuseError('MS_NVRAM_INVALID', `NVRAM device ${journal.device.name} is the write log of volume ${volume} and is not open to clients`);
     return journal;
   }
 

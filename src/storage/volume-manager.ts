@@ -110,6 +110,13 @@ export class VolumeManager {
   beforeResize: (volume: Volume) => Promise<void>;
   /** Called before a volume is removed: its write log is emptied, so no record of it is replayed into another. */
   beforeRemove: (volume: Volume) => Promise<void>;
+  /**
+   * Makes an NVRAM device the write log of a new volume, or refuses it with a coded error
+   * (write-log.ts `claim`); `releaseWriteLog` gives it back. Without them (no NVRAM on
+   * this node) a volume with a write log is refused.
+   */
+  claimWriteLog: ((volume: string, device: string) => Promise<void>) | undefined;
+  releaseWriteLog: (device: string) => void;
   private readonly volumes: Map<string, Volume>;
   /** Volumes found on disk but not loaded, by the name their files carry. */
   private readonly damagedVolumes: Map<string, DamagedJson>;
@@ -124,6 +131,8 @@ export class VolumeManager {
     this.onDrop = () => Promise.resolve();
     this.beforeResize = () => Promise.resolve();
     this.beforeRemove = () => Promise.resolve();
+    this.claimWriteLog = undefined;
+    this.releaseWriteLog = () => undefined;
     this.volumes = new Map();
     this.damagedVolumes = new Map();
     this.orphanFiles = new Map();
@@ -271,24 +280,33 @@ export class VolumeManager {
       checkSize(size);
       this.refuseDamaged(name);
       if (this.volumes.has(name)) throw new MisuseError('MS_VOLUME_EXISTS', `volume "${name}" already exists`, { details: { name } });
-      await this.moveOrphansAside(name);
-      const store = new DataStore(join(this.dir, `${name}.img`), size);
-      try {
-        await store.open(true);
-      } catch (error) {
-        throw new StorageError('MS_DATA_DIR', `cannot create volume "${name}": ${(error as Error).message}`, { cause: error });
+      if (writeLog !== undefined) {
+        if (this.claimWriteLog === undefined) throw new MisuseError('MS_VOLUME_INVALID', `this node cannot give volume "${name}" a write log: it has no NVRAM devices`);
+        await this.claimWriteLog(name, writeLog);
       }
-      const volume = new Volume(name, readOnly, new Date().toISOString(), store, writeLog);
       try {
-        await this.writeMeta(volume);
+        await this.moveOrphansAside(name);
+        const store = new DataStore(join(this.dir, `${name}.img`), size);
+        try {
+          await store.open(true);
+        } catch (error) {
+          throw new StorageError('MS_DATA_DIR', `cannot create volume "${name}": ${(error as Error).message}`, { cause: error });
+        }
+        const volume = new Volume(name, readOnly, new Date().toISOString(), store, writeLog);
+        try {
+          await this.writeMeta(volume);
+        } catch (error) {
+          // Without its metadata the new, empty store would be an orphan that blocks the name.
+          await store.close().catch(() => undefined);
+          await store.destroy().catch(() => undefined);
+          throw error;
+        }
+        this.volumes.set(name, volume);
+        return volume;
       } catch (error) {
-        // Without its metadata the new, empty store would be an orphan that blocks the name.
-        await store.close().catch(() => undefined);
-        await store.destroy().catch(() => undefined);
+        if (writeLog !== undefined) this.releaseWriteLog(writeLog);
         throw error;
       }
-      this.volumes.set(name, volume);
-      return volume;
     });
   }
 
@@ -322,6 +340,7 @@ export class VolumeManager {
       this.volumes.delete(name);
       await volume.store.close();
       await rm(join(this.dir, `${name}.json`), { force: true });
+      if (volume.writeLog !== undefined) this.releaseWriteLog(volume.writeLog);
       await volume.store.destroy();
     });
   }

@@ -14,8 +14,15 @@
 //
 // A record is appended only after its data is in the cache, so whatever the checkpoint
 // trims has been written back by the cache flush that precedes the trim.
+//
+// A device that is a write log belongs to the node (`claim`): only a `local` or
+// `mirrored+local` primary may be one (a FLUSH must be durable, and replay runs before
+// the mirror partner is reached); rmem clients are refused on every request, and the
+// claim opens the device with a newer epoch, which fences their handles and waits for
+// their appends in flight, then trims every record, so nothing written before the claim
+// (by a client, or for a removed volume of the same name) is ever replayed.
 
-import { isMemstrataError } from '../errors.js';
+import { MisuseError, isMemstrataError } from '../errors.js';
 import type { Logger } from '../logger.js';
 import type { Extent } from '../protocol/nbd/codec.js';
 import type { DeviceManager } from '../nvram/device-manager.js';
@@ -29,12 +36,49 @@ export class WriteLogIo implements VolumeIo {
   private readonly nvram: DeviceManager;
   private readonly log: Logger;
   private readonly checkpoints: Map<string, Promise<void>>;
+  /** Devices that are write logs, and their volumes. */
+  private readonly claims: Map<string, string>;
 
   constructor(inner: VolumeIo, nvram: DeviceManager, log: Logger) {
     this.inner = inner;
     this.nvram = nvram;
     this.log = log;
     this.checkpoints = new Map();
+    this.claims = new Map();
+  }
+
+  /** The volume whose write log `device` is, if it is one. */
+  owner(device: string): string | undefined {
+    return this.claims.get(device);
+  }
+
+  /**
+   * Makes `device` the write log of the new volume `volume`, or refuses it
+   * (MS_VOLUME_INVALID) when its policy cannot keep the promise or it logs another volume.
+   */
+  async claim(volume: string, name: string): Promise<void> {
+    const device = this.nvram.get(name);
+    if (device.policy === 'volatile') {
+      throw new MisuseError('MS_VOLUME_INVALID', `NVRAM device ${name} is volatile and cannot be a write log: a FLUSH through it would not survive a crash; use a local or mirrored+local device`, { details: { device: name } });
+    }
+    if (device.policy === 'mirrored' || device.role === 'replica') {
+      throw new MisuseError('MS_VOLUME_INVALID', `NVRAM device ${name} (${device.role === 'replica' ? 'a mirror replica' : 'mirrored'}) cannot be a write log: its local file may lack records only the partner holds, and replay runs before the partner is reached; use a local or mirrored+local device`, { details: { device: name } });
+    }
+    const other = this.claims.get(name);
+    if (other !== undefined) throw new MisuseError('MS_VOLUME_INVALID', `NVRAM device ${name} is already the write log of volume ${other}`, { details: { device: name, volume: other } });
+    this.claims.set(name, volume);
+    try {
+      await device.open(device.epoch + 1);
+      const last = device.lastSeq;
+      if (last > device.trimPoint) await device.trim(device.epoch, last);
+    } catch (error) {
+      this.claims.delete(name);
+      throw error;
+    }
+  }
+
+  release(device: string): void {
+    this.claims.delete(device);
   }
 
   read(volume: Volume, offset: number, target: Buffer): Promise<void> {
@@ -76,6 +120,7 @@ export class WriteLogIo implements VolumeIo {
   async replay(volume: Volume): Promise<number> {
     const device = this.device(volume);
     if (device === undefined) return 0;
+    if (volume.writeLog !== undefined) this.claims.set(volume.writeLog, volume.name);
     let applied = 0;
     let last = 0;
     for (let from = 0; ; ) {

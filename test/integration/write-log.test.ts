@@ -90,3 +90,51 @@ test('write-log records that reach past the end at replay are cut at the end wit
   assert.ok((await back.read(1024 * KiB - 4 * KiB, 4 * KiB)).equals(Buffer.alloc(4 * KiB, 0x33)), 'the part of the crossing record inside was replayed');
   await back.close();
 });
+
+test('a write log belongs to the node: volatile and mirrored devices are refused by the volume layer, and a client handle opened before the claim can do nothing after it; what it appended is never replayed', async (t) => {
+  // Issue 11 items 2, 4 and 5.
+  const { RmemClient } = await import('../../src/client/rmem-client.js');
+  const dir = await tempDir(t);
+  const first = await startNode({ cwd: dir });
+  t.after(() => first.stop('SIGKILL').then(() => undefined));
+  const post = (path: string, body: unknown) => fetch(`${first.url}${path}`, { method: 'POST', headers: json, body: JSON.stringify(body) });
+  for (const [name, policy] of [['vol', 'volatile'], ['mir', 'mirrored'], ['wl', 'local']] as const) {
+    assert.equal((await post('/v1/nvram', { name, size: '4MiB', policy })).status, 201);
+  }
+  for (const device of ['vol', 'mir']) {
+    const refused = await post('/v1/volumes', { name: 'x', size: '2MiB', writeLog: device });
+    assert.equal(refused.status, 400);
+    assert.equal(((await refused.json()) as { error: { code: string } }).error.code, 'MS_VOLUME_INVALID');
+  }
+  assert.equal(((await (await fetch(`${first.url}/v1/volumes`)).json()) as { volumes: { name: string }[] }).volumes.some((v) => v.name === 'x'), false, 'nothing was created');
+
+  // A tenant opens `wl` while it is nobody's write log and plants a record for volume w.
+  const tenant = await RmemClient.connect({ ...first.rmem, serverId: 'tenant', reconnect: false });
+  t.after(() => tenant.close());
+  const handle = await tenant.journalOpen('wl', 1);
+  await tenant.journalAppend(handle, [{ payload: Buffer.alloc(4096, 0x66), target: { volume: 'w', offset: 0 } }]);
+  await setup2(first);
+  for (const attempt of [
+    () => tenant.journalAppend(handle, [{ payload: Buffer.alloc(4096, 0x77), target: { volume: 'w', offset: 4096 } }]),
+    () => tenant.journalRead(handle, 0),
+    () => tenant.journalTrim(handle, 1),
+    () => tenant.journalInfo(handle),
+    () => tenant.journalOpen('wl', 100),
+  ]) {
+    await assert.rejects(attempt(), { code: 'MS_RMEM_INVALID', message: /write log of volume w/ });
+  }
+  const removeDevice = await fetch(`${first.url}/v1/nvram/wl`, { method: 'DELETE' });
+  assert.equal(removeDevice.status, 400, 'a write log cannot be removed');
+  // A crash: replay must not write the tenant's record into w.
+  assert.equal(await first.stop('SIGKILL'), 'SIGKILL');
+  const second = await startNode({ cwd: dir });
+  t.after(() => second.stop('SIGKILL').then(() => undefined));
+  const nbd = await NbdClient.connect({ host: second.nbd.host, port: second.nbd.port, export: 'w' });
+  assert.ok((await nbd.read(0, 8192)).every((b) => b === 0), 'the volume holds nothing the tenant appended');
+  await nbd.close();
+});
+
+async function setup2(n: NodeProcess): Promise<void> {
+  const created = await fetch(`${n.url}/v1/volumes`, { method: 'POST', headers: json, body: JSON.stringify({ name: 'w', size: '2MiB', writeLog: 'wl' }) });
+  assert.equal(created.status, 201, await created.text());
+}

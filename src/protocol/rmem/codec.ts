@@ -159,8 +159,11 @@ function need(body: Buffer, at: number, n: number, what: string): void {
   if (at + n > body.length) throw malformed(`${what}: body too short`);
 }
 
+/** A u64 field as a number; one beyond 2^53 - 1 (no offset, size, id or number here is) is an invalid argument. */
 function u64(body: Buffer, at: number): number {
-  return body.readUInt32BE(at) * TWO_32 + body.readUInt32BE(at + 4);
+  const high = body.readUInt32BE(at);
+  if (high > 0x1fffff) throw new MisuseError('MS_RMEM_INVALID', `a 64-bit field at byte ${at} is ${body.readBigUInt64BE(at)}, beyond 2^53 - 1`);
+  return high * TWO_32 + body.readUInt32BE(at + 4);
 }
 
 function writeU64(buf: Buffer, value: number, at: number): void {

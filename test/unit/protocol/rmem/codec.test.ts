@@ -152,12 +152,10 @@ test('decoders refuse malformed bodies with coded errors', () => {
   for (const [fn, code] of bad) assert.throws(fn, { code }, fn.toString());
 });
 
-test('64-bit fields at or above 2^53 never decode as a small number', () => {
+test('64-bit fields at or above 2^53 never decode as a small number: they are refused as invalid', () => {
   const body = Buffer.alloc(28, 0xff);
-  const read = codec.decodeReadRequest(body);
-  assert.ok(read.regionId > Number.MAX_SAFE_INTEGER);
-  assert.ok(read.offset > Number.MAX_SAFE_INTEGER);
-  assert.equal(read.key, 2n ** 64n - 1n);
+  assert.throws(() => codec.decodeReadRequest(body), { code: 'MS_RMEM_INVALID' });
+  assert.equal(codec.replySize(OP.READ, body), codec.ERROR_REPLY_SIZE, 'priced as the error reply it gets');
 });
 
 test('replySize bounds the reply a request can get, and never exceeds what its op alone allows', () => {
@@ -179,4 +177,24 @@ test('replySize bounds the reply a request can get, and never exceeds what its o
   // A BIND reply of the most ranges a region may have fits its op's bound.
   const ranges = Array.from({ length: MAX_RANGES }, (_, i) => ({ medium: 'dram' as const, start: i * 4096, length: 4096 }));
   assert.ok(codec.encodeBindReply({ hi: 0, lo: 1 }, { regionId: 1, key: 1n, size: 4096, ranges }).length <= codec.maxReplySize(OP.BIND));
+});
+
+test('a 64-bit field beyond 2^53 - 1 (a JAPPEND target offset of 2^64 - 1) is an invalid argument, answered INVALID, never IO', async () => {
+  // Issue 11 item 13: the offset was read as a lossy number and failed later, as IO.
+  const { statusOf } = await import('../../../../src/protocol/rmem/errors.js');
+  const name = Buffer.from('vol');
+  const body = Buffer.alloc(6 + 5 + name.length + 8 + 4);
+  body.writeUInt32BE(1, 0);
+  body.writeUInt16BE(1, 4);
+  body.writeUInt32BE(4, 6);
+  body.writeUInt8(name.length, 10);
+  name.copy(body, 11);
+  body.writeBigUInt64BE(2n ** 64n - 1n, 11 + name.length);
+  assert.throws(() => codec.decodeJappendRequest(body), (error: unknown) => {
+    assert.equal((error as { code?: string }).code, 'MS_RMEM_INVALID');
+    assert.equal(statusOf(error), STATUS.INVALID);
+    return true;
+  });
+  body.writeBigUInt64BE(2n ** 53n - 1n, 11 + name.length);
+  assert.equal(codec.decodeJappendRequest(body).entries[0]?.target?.offset, Number.MAX_SAFE_INTEGER);
 });
