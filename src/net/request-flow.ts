@@ -182,7 +182,7 @@ interface Waiting<R> {
 
 export class RequestFlow<R> {
   private readonly socket: FlowSocket;
-  private readonly limits: FlowLimits;
+  private limits: FlowLimits;
   private readonly stats: FlowStats;
   private readonly dispatch: (request: R) => void;
   private readonly shared: SharedBudget | undefined;
@@ -221,6 +221,15 @@ export class RequestFlow<R> {
     socket.on('drain', () => {
       this.pump();
     });
+  }
+
+  /**
+   * Changes this flow's own limits (a connection admitted by its handshake gets the
+   * service's; before, one small request at a time), and serves what they now let through.
+   */
+  setLimits(limits: FlowLimits): void {
+    this.limits = limits;
+    this.pump();
   }
 
   /** Requests dispatched and not yet done. */

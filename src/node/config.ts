@@ -18,7 +18,9 @@ import { z } from 'zod';
 import { MisuseError, isMemstrataError } from '../errors.js';
 import { MEDIA, USED_KINDS, type MediumName, type UsedKind } from '../kinds.js';
 import type { MediumLayout } from '../memory/partition-table.js';
-import { ADDRESS_FORM, DURATION_FORM, GiB, KiB, SIZE_FORM, formatSize, parseAddress, parseDuration, parseSize, type ListenAddress } from '../units.js';
+import { ADDRESS_FORM, DURATION_FORM, GiB, KiB, MiB, SIZE_FORM, formatSize, parseAddress, parseDuration, parseSize, type ListenAddress } from '../units.js';
+import { LARGEST_REQUEST_COST } from '../protocol/rmem/codec.js';
+import { MIRROR_LARGEST_REQUEST_COST } from '../protocol/mirror/codec.js';
 
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 export type LogLevel = (typeof LOG_LEVELS)[number];
@@ -478,6 +480,13 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
     if (limits.maxInFlightBytes < 64 * KiB) throw invalid(`${service}.maxInFlightBytes`, raw, origin, 'expected at least 64KiB');
     if (limits.maxInFlightBytesTotal < limits.maxInFlightBytes) {
       throw invalid(`${service}.maxInFlightBytesTotal`, raw, origin, `expected at least ${service}.maxInFlightBytes (${formatSize(limits.maxInFlightBytes)})`);
+    }
+    // rmem and the mirror serve the oldest waiter first: a request that could never fit
+    // the service budget would hold up every other connection's for good.
+    const cost = service === 'rmem' ? LARGEST_REQUEST_COST : service === 'mirror' ? MIRROR_LARGEST_REQUEST_COST : 0;
+    const largest = Math.ceil(cost / MiB) * MiB;
+    if (limits.maxInFlightBytesTotal < largest) {
+      throw invalid(`${service}.maxInFlightBytesTotal`, raw, origin, `expected at least ${formatSize(largest)}, what the largest ${service} request can hold (its body and its reply)`);
     }
     if (limits.handshakeTimeoutMs < 10 || limits.handshakeTimeoutMs > 600_000) {
       throw invalid(`${service}.handshakeTimeout`, raw, origin, 'expected a duration from 10ms to 10m');

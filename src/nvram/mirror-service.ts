@@ -24,8 +24,14 @@
 // between requests), but not stalled: one whose frame has begun and whose next byte does
 // not come, or whose replies sit unread in its socket, for `stallTimeoutMs` is closed,
 // so it cannot keep what it holds of the budget (a reserved body, unwritten replies)
-// for longer. A remote address may hold at most `maxConnectionsPerClient` connections.
-// One coarse timer, a quarter of the stall timeout, checks every connection.
+// for longer. Replies leave in pieces of REPLY_PIECE, one after another, so a peer that
+// reads a large reply slowly is seen to read it; a body must arrive at MIN_RATE at least
+// after a grace of the stall timeout, so one that trickles a byte now and then cannot
+// hold a large reservation for ever. A remote
+// address may hold at most `maxConnectionsPerClient` connections, and a HELLO from a node
+// id closes that node's older connections (what a partner left behind a partition, half
+// open, would otherwise fill its share for good). One coarse timer, a quarter of the
+// stall timeout, checks every connection.
 
 import { createServer, type Server, type Socket } from 'node:net';
 import { timingSafeEqual } from 'node:crypto';
@@ -156,12 +162,27 @@ export class MirrorService {
     return this.address;
   }
 
+  /** Closes every connection of `nodeId` but `newest` (a HELLO from that node just succeeded on it). */
+  replaced(newest: MirrorConnection, nodeId: string): void {
+    for (const connection of this.connections) {
+      if (connection !== newest && connection.partnerNode === nodeId) {
+        this.options.log.warn({ partner: nodeId, remote: connection.socket.remoteAddress }, 'mirror partner connected again; closing its older connection');
+        connection.socket.destroy();
+      }
+    }
+  }
+
   async close(): Promise<void> {
     clearInterval(this.timer);
     await closeServer(this.server, this.connections);
     this.server = undefined;
   }
 }
+
+/** The slowest a body may arrive after the stall timeout's grace: 256 KiB/s. */
+export const MIN_RATE = 256 * 1024;
+/** Replies are handed to the socket in pieces of this size, each once the one before is taken. */
+const REPLY_PIECE = 256 * 1024;
 
 /** A parsed request, what it holds of the budget, and whether HELLO had been applied when it was priced. */
 interface Request {
@@ -180,6 +201,8 @@ class MirrorConnection {
   private readonly flow: RequestFlow<Request>;
   /** Requests admitted by the flow, applied strictly in order. */
   private chain: Promise<void>;
+  /** Replies being written, in order, piece after piece. */
+  private output: Promise<void>;
   private partner: string | undefined;
   /** Bytes reserved for the body the parser is assembling (0: none). */
   private reserved: number;
@@ -191,6 +214,9 @@ class MirrorConnection {
   private lastInput: number;
   /** When a reply was last handed to the socket or taken from it by the kernel. */
   private lastOutput: number;
+  /** When the node began reading the reserved body of the frame being received (undefined: none), and its length. */
+  private bodySince: number | undefined;
+  private bodyLength: number;
 
   constructor(socket: Socket, options: MirrorServiceOptions, service: MirrorService, admission: Admission) {
     this.socket = socket;
@@ -199,6 +225,7 @@ class MirrorConnection {
     this.admission = admission;
     this.writer = new CorkedWriter(socket);
     this.chain = Promise.resolve();
+    this.output = Promise.resolve();
     this.partner = undefined;
     this.reserved = 0;
     this.reservedAdmitted = false;
@@ -206,13 +233,17 @@ class MirrorConnection {
     this.closing = false;
     this.lastInput = performance.now();
     this.lastOutput = this.lastInput;
-    this.flow = new RequestFlow<Request>(socket, service.flowLimits, service.flowStats, (request) => {
+    this.bodySince = undefined;
+    this.bodyLength = 0;
+    // One small request at a time until HELLO succeeds; the service's limits after.
+    this.flow = new RequestFlow<Request>(socket, { maxRequests: 1, maxBytes: MIRROR_HANDSHAKE_MAX_BODY + MIRROR_HANDSHAKE_REPLY_SIZE }, service.flowStats, (request) => {
       this.admit(request);
     }, service.budget);
     this.parser = new FrameParser({ magic: MIRROR_REQUEST_MAGIC }, {
       onFrame: (f) => {
         const reserved = this.reserved;
         this.reserved = 0;
+        this.bodySince = undefined;
         // Priced at its header: a reserved body as it was reserved, any other frame now.
         const admitted = reserved > 0 ? this.reservedAdmitted : this.partner !== undefined;
         // Socket chunks are fresh buffers, so holding a view of one until the request is applied is safe.
@@ -231,11 +262,15 @@ class MirrorConnection {
         const granted = this.flow.reserve(bytes, () => {
           this.reserved = bytes;
           this.reservedAdmitted = admitted;
+          this.bodySince = performance.now();
+          this.bodyLength = length;
           this.parser.resume();
         });
         if (granted) {
           this.reserved = bytes;
           this.reservedAdmitted = admitted;
+          this.bodySince = performance.now();
+          this.bodyLength = length;
         }
         return granted;
       },
@@ -279,6 +314,10 @@ class MirrorConnection {
     this.socket.end();
   }
 
+  get partnerNode(): string | undefined {
+    return this.partner;
+  }
+
   /**
    * Closes the connection if it stalled after HELLO: a frame begun whose next byte has
    * not come, or replies its peer has not taken, for `timeoutMs`. Time the node itself
@@ -289,10 +328,14 @@ class MirrorConnection {
     if (this.socket.isPaused()) this.lastInput = now;
     const frame = this.parser.midFrame && now - this.lastInput > timeoutMs;
     const replies = this.socket.writableLength > 0 && now - this.lastOutput > timeoutMs;
-    if (!frame && !replies) return false;
-    this.options.log.warn({ partner: this.partner, remote: this.socket.remoteAddress, timeoutMs, stalled: frame ? 'frame' : 'replies' }, frame
-      ? 'mirror connection began a frame and sent nothing more; closing it'
-      : 'mirror connection does not read its replies; closing it');
+    const slow = this.bodySince !== undefined && now - this.bodySince > timeoutMs + (this.bodyLength / MIN_RATE) * 1000;
+    if (!frame && !replies && !slow) return false;
+    const stalled = frame ? 'frame' : replies ? 'replies' : 'slow body';
+    this.options.log.warn({ partner: this.partner, remote: this.socket.remoteAddress, timeoutMs, stalled }, {
+      frame: 'mirror connection began a frame and sent nothing more; closing it',
+      replies: 'mirror connection does not read its replies; closing it',
+      'slow body': `mirror connection sends a frame slower than ${MIN_RATE / 1024} KiB/s; closing it`,
+    }[stalled]);
     this.closing = true;
     this.socket.destroy();
     return true;
@@ -315,11 +358,27 @@ class MirrorConnection {
       }
       const { buf, last } = await this.serve(request.frame, request.admitted);
       this.lastOutput = performance.now();
-      this.writer.write(buf, () => {
-        this.lastOutput = performance.now();
-        this.flow.done(request.cost);
+      this.send(buf, () => { this.flow.done(request.cost); });
+      if (last) void this.output.then(() => this.socket.end());
+    });
+  }
+
+  /**
+   * Writes a reply after those before it, REPLY_PIECE at a time, each piece once the
+   * kernel took the one before, so that a reply read slowly shows progress; `done` runs
+   * once the whole reply is in the kernel's hands (or the socket is gone).
+   */
+  private send(buf: Buffer, done: () => void): void {
+    const piece = (part: Buffer): Promise<void> =>
+      new Promise<void>((resolve) => {
+        this.writer.write(part, () => {
+          this.lastOutput = performance.now();
+          resolve();
+        });
       });
-      if (last) this.socket.end();
+    this.output = this.output.then(async () => {
+      for (let at = 0; at < buf.length; at += REPLY_PIECE) await piece(buf.subarray(at, at + REPLY_PIECE));
+      done();
     });
   }
 
@@ -408,8 +467,11 @@ class MirrorConnection {
       if (a.length !== b.length || !timingSafeEqual(a, b)) throw new MisuseError('MS_MIRROR_AUTH', `mirror partner ${hello.nodeId} presented the wrong token`);
     }
     this.partner = hello.nodeId;
+    // A node has one link: its older connections are what a partition or a crash left.
+    this.service.replaced(this, hello.nodeId);
     // Admitted: full-size frames from here on, and the handshake deadline no longer applies.
     this.parser.maxBody = MIRROR_MAX_BODY;
+    this.flow.setLimits(this.service.flowLimits);
     this.admission.handshakeDone();
     this.options.log.info({ partner: hello.nodeId, remote: this.socket.remoteAddress }, 'mirror partner connected');
     return encodeName(this.options.nodeId);

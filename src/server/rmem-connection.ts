@@ -17,8 +17,9 @@
 //     waiting for more);
 //   - until HELLO succeeds, bodies are at most HANDSHAKE_MAX_BODY and every frame is
 //     priced at its body plus HANDSHAKE_REPLY_SIZE (a HELLO reply or an error, all it
-//     can get), not at what its op could get in a session: a peer that has not been
-//     admitted makes the node hold about 5 KiB at most, for handshakeTimeout at most. A
+//     can get), not at what its op could get in a session, and the connection has one
+//     request in flight at most: a peer that has not been admitted makes the node hold
+//     about 5 KiB at most, for handshakeTimeout at most. A
 //     frame is priced once, at its header, and served as it was priced: one priced
 //     before HELLO gets NO_SESSION even if HELLO succeeded meanwhile;
 //   - reading stops while anything waits for budget or the socket's write buffer is above
@@ -156,7 +157,8 @@ export class RmemConnection {
     this.resumeScheduled = false;
     this.closing = false;
     this.idle = undefined;
-    this.flow = new RequestFlow<Request>(socket, host.flowLimits, host.flowStats, (request) => {
+    // One small request at a time until HELLO succeeds; the service's limits after.
+    this.flow = new RequestFlow<Request>(socket, { maxRequests: 1, maxBytes: HANDSHAKE_MAX_BODY + HANDSHAKE_REPLY_SIZE }, host.flowStats, (request) => {
       this.start(request);
     }, host.budget);
     this.parser = new FrameParser('request', {
@@ -190,12 +192,13 @@ export class RmemConnection {
   }
 
   /**
-   * True while this connection holds nothing and its next request waits only for room
-   * in the service's budget: other connections hold it back, not its own client (which
-   * may well be sending KEEPALIVEs the node does not read meanwhile).
+   * True while this connection's next request waits only for room in the service's
+   * budget and its client reads every reply it was sent: other connections hold it
+   * back, not its own client (which may well be sending KEEPALIVEs the node does not
+   * read meanwhile). Requests of its own still in flight (a slow BIND) do not change that.
    */
   get waitingOnService(): boolean {
-    return this.flow.inFlight === 0 && this.flow.waitingOnService;
+    return this.socket.writableLength === 0 && this.flow.waitingOnService;
   }
 
   /**
@@ -410,6 +413,7 @@ export class RmemConnection {
     this.tenancy = tenancy;
     // Admitted: full-size frames from here on, and the handshake deadline no longer applies.
     this.parser.maxBody = MAX_BODY;
+    this.flow.setLimits(this.host.flowLimits);
     this.admission.handshakeDone();
     return Promise.resolve(one(encodeHelloReply(tag, { version: VERSION, maxBody: MAX_BODY, ...session })));
   }

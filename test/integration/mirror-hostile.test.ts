@@ -39,7 +39,11 @@ interface MirrorPeer {
   ask(op: number, tag: number, body: Buffer): Promise<Frame>;
 }
 
+let peers = 0;
+
+/** A mirror peer; each has its own node id (a HELLO from a node id closes that node's older connections). */
 async function peer(n: NodeProcess, hello = true): Promise<MirrorPeer> {
+  const nodeId = `peer${++peers}`;
   const socket = connect(n.mirror.port, n.mirror.host);
   const replies: Frame[] = [];
   let isClosed = false;
@@ -68,7 +72,7 @@ async function peer(n: NodeProcess, hello = true): Promise<MirrorPeer> {
     }
   };
   const p = { socket, replies, closed: () => isClosed, ask };
-  if (hello) assert.equal((await ask(m.MOP.HELLO, 1, m.encodeHello({ version: m.MIRROR_VERSION, nodeId: 'peer', token: '' }))).word, m.MSTATUS.OK);
+  if (hello) assert.equal((await ask(m.MOP.HELLO, 1, m.encodeHello({ version: m.MIRROR_VERSION, nodeId, token: '' }))).word, m.MSTATUS.OK);
   return p;
 }
 

@@ -399,3 +399,6 @@ export const MIRROR_HANDSHAKE_REPLY_SIZE = Math.max(MIRROR_ERROR_REPLY_SIZE, MIR
 export function maxMirrorReplySize(op: number): number {
   return op === MOP.FETCH ? MIRROR_HEADER + MIRROR_MAX_BODY : MIRROR_ERROR_REPLY_SIZE;
 }
+
+/** The most of a service budget one request can hold: the largest body and the largest reply. */
+export const MIRROR_LARGEST_REQUEST_COST = MIRROR_HEADER + MIRROR_MAX_BODY + MIRROR_HEADER + MIRROR_MAX_BODY;

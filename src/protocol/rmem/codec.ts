@@ -710,6 +710,9 @@ export function maxReplySize(op: number): number {
   }
 }
 
+/** The most of a service budget one request can hold: the largest body and the largest reply. */
+export const LARGEST_REQUEST_COST = HEADER_SIZE + MAX_BODY + Math.max(...Array.from({ length: 256 }, (_, op) => maxReplySize(op)));
+
 /**
  * The largest reply this request can get, read from its body where the body names it
  * (READ, READV); a body too malformed to say gets an error reply at most.

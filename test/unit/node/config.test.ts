@@ -81,6 +81,8 @@ const badValues: [string, Record<string, string>, RegExp][] = [
   ['NBD handshake timeout', { MEMSTRATA_NBD_HANDSHAKE_TIMEOUT: '20m' }, /nbd\.handshakeTimeout is "20m".*from 10ms to 10m/],
   ['NBD connection budget', { MEMSTRATA_NBD_MAX_IN_FLIGHT_BYTES: '4KiB' }, /nbd\.maxInFlightBytes is "4KiB".*at least 64KiB/],
   ['NBD service budget', { MEMSTRATA_NBD_MAX_IN_FLIGHT_BYTES_TOTAL: '16MiB' }, /nbd\.maxInFlightBytesTotal is "16MiB".*at least nbd\.maxInFlightBytes \(32MiB\)/],
+  ['rmem service budget below the largest request', { MEMSTRATA_RMEM_MAX_IN_FLIGHT_BYTES: '16MiB', MEMSTRATA_RMEM_MAX_IN_FLIGHT_BYTES_TOTAL: '16MiB' }, /rmem\.maxInFlightBytesTotal is "16MiB".*at least 33MiB, what the largest rmem request can hold/],
+  ['mirror service budget below the largest request', { MEMSTRATA_MIRROR_MAX_IN_FLIGHT_BYTES: '16MiB', MEMSTRATA_MIRROR_MAX_IN_FLIGHT_BYTES_TOTAL: '34MiB' }, /mirror\.maxInFlightBytesTotal is "34MiB".*at least 35MiB, what the largest mirror request can hold/],
   ['NBD connections', { MEMSTRATA_NBD_MAX_CONNECTIONS: '0' }, /nbd\.maxConnections is "0".*expected a whole number from 1 to 65536/],
   ['mirror to itself', { MEMSTRATA_MIRROR_PARTNER: '127.0.0.1:10811' }, /mirror\.partner is "127\.0\.0\.1:10811".*not this node's own mirror\.listen/],
   ['mirror policy', { MEMSTRATA_MIRROR_ON_PARTNER_DOWN: 'ignore' }, /mirror\.onPartnerDown is "ignore".*expected one of degrade, refuse/],

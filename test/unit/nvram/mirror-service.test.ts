@@ -63,7 +63,9 @@ interface Peer {
   ask(op: number, tag: number, body: Buffer): Promise<Frame | undefined>;
 }
 
-async function peer(t: { after(fn: () => void): void }, address: { host: string; port: number }, hello = true): Promise<Peer> {
+let peers = 0;
+
+async function peer(t: { after(fn: () => void): void }, address: { host: string; port: number }, hello = true, nodeId = `peer${++peers}`): Promise<Peer> {
   const socket = connect(address.port, address.host);
   socket.on('error', () => undefined);
   t.after(() => socket.destroy());
@@ -94,7 +96,7 @@ async function peer(t: { after(fn: () => void): void }, address: { host: string;
       await new Promise<void>((resolve) => (wake = resolve));
     }
   };
-  if (hello) assert.equal((await within(ask(m.MOP.HELLO, 1, m.encodeHello({ version: m.MIRROR_VERSION, nodeId: 'peer', token: '' })), 20_000, 'HELLO'))?.word, m.MSTATUS.OK);
+  if (hello) assert.equal((await within(ask(m.MOP.HELLO, 1, m.encodeHello({ version: m.MIRROR_VERSION, nodeId, token: '' })), 20_000, 'HELLO'))?.word, m.MSTATUS.OK);
   return { socket, closed: () => closed, ask };
 }
 
@@ -245,4 +247,81 @@ test('a device name that is a path is refused on every mirror request that names
   }
   assert.equal(nvram.resets, 0, 'no RESET reached the device manager');
   assert.ok(!p.closed(), 'a malformed body is answered; the connection goes on');
+});
+
+test('a HELLO from a node id closes that node\'s older connections, so what a partition left half open cannot fill its share for good; other nodes\' connections stay', async (t) => {
+  // Review finding: four dead connections of the partner filled mirror.maxConnectionsPerClient for good.
+  const { address } = await service(t, { maxConnectionsPerClient: 4 });
+  const ghosts = await Promise.all([1, 2, 3].map(() => peer(t, address, true, 'partner')));
+  const other = await peer(t, address, true, 'other');
+  const fresh = await peer(t, address, true, 'partner');
+  await until(() => ghosts.every((g) => g.closed()));
+  assert.ok(!other.closed() && !fresh.closed());
+  assert.equal((await within(fresh.ask(m.MOP.STATE, 50, m.encodeName('none')), 20_000, 'STATE'))?.word, m.MSTATUS.OK);
+});
+
+test('replies that drain slowly are being read: a peer reading two 8 MiB replies at a steady 4 MiB/s is not cut at a 500 ms stall timeout', async (t) => {
+  // Review finding: only a whole reply reaching the kernel counted as progress.
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-mirrorsvc-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const medium = new DramMedium({ capacity: 16 * MiB, extentSize: MiB });
+  await medium.open();
+  const partition = new PartitionTable([
+    { name: 'dram', capacity: 16 * MiB, extentSize: MiB, initial: { cache: 0, server: 0, nvram: 12 * MiB }, bounds: { cache: { min: 0, max: 16 * MiB }, server: { min: 0, max: 0 }, nvram: { min: 0, max: 16 * MiB } } },
+  ]);
+  const nvram = new DeviceManager({ dataDir: dir, partition, media: [medium], log });
+  await nvram.open();
+  t.after(() => nvram.close());
+  await nvram.create('j', 10 * MiB, 'volatile');
+  const device = nvram.get('j');
+  for (let i = 0; i < 8; i++) await device.append(0, [{ payload: Buffer.alloc(MiB - 1024, i) }]);
+  const mirror = new MirrorService({ nvram, nodeId: 'unit', token: undefined, log, maxInFlight: 64, maxInFlightBytes: 64 * MiB, maxInFlightBytesTotal: 128 * MiB, maxConnections: 16, maxConnectionsPerClient: 4, handshakeTimeoutMs: 5000, stallTimeoutMs: 500 });
+  const address = await mirror.listen({ host: '127.0.0.1', port: 0 });
+  t.after(() => mirror.close());
+  const socket = connect(address.port, address.host);
+  socket.on('error', () => undefined);
+  t.after(() => socket.destroy());
+  let replies = 0;
+  let received = 0;
+  let allowed = 64 * 1024;
+  const parser = new FrameParser({ magic: m.MIRROR_RESPONSE_MAGIC }, { onFrame: () => { replies++; }, onFatal: () => socket.destroy() }, m.MIRROR_MAX_BODY);
+  socket.on('data', (chunk: Buffer) => {
+    received += chunk.length;
+    parser.feed(chunk);
+    if (received >= allowed) socket.pause();
+  });
+  const tick = setInterval(() => {
+    allowed += (4 * MiB) / 50;
+    if (received < allowed && socket.isPaused()) socket.resume();
+  }, 20);
+  t.after(() => clearInterval(tick));
+  await new Promise((resolve) => socket.once('connect', resolve));
+  socket.write(m.request(m.MOP.HELLO, 1, m.encodeHello({ version: m.MIRROR_VERSION, nodeId: 'slow', token: '' })));
+  await until(() => replies === 1);
+  for (let i = 0; i < 2; i++) socket.write(m.request(m.MOP.FETCH, 10 + i, m.encodeFetch('j', 1, 8 * MiB)));
+  await until(() => replies === 3 || socket.destroyed);
+  assert.equal(replies, 3, 'HELLO and both FETCH replies arrived whole');
+  assert.equal(mirror.load().stalled, 0);
+});
+
+test('a peer that trickles a body, a byte now and then inside the stall timeout, is closed once the body falls behind MIN_RATE after the grace', async (t) => {
+  // Review finding: one byte per stall period kept a large reservation for ever.
+  const { mirror, address } = await service(t, { stallTimeoutMs: 100 });
+  const trickler = await peer(t, address);
+  const header = Buffer.alloc(m.MIRROR_HEADER);
+  header.writeUInt32BE(m.MIRROR_REQUEST_MAGIC, 0);
+  header.writeUInt16BE(m.MOP.FETCH, 4);
+  header.writeUInt32BE(9, 12);
+  header.writeUInt32BE(64 * 1024, 16);
+  trickler.socket.write(header);
+  const drip = setInterval(() => trickler.socket.write(Buffer.alloc(1)), 40);
+  t.after(() => clearInterval(drip));
+  const started = performance.now();
+  await until(() => trickler.closed());
+  clearInterval(drip);
+  const took = performance.now() - started;
+  assert.equal(mirror.load().stalled, 1);
+  await until(() => mirror.load().bytesInFlight === 0);
+  // 100 ms of grace and the body plus its error reply at 256 KiB/s: about 0.4 s; never the 1.6 hours a byte per 40 ms would take.
+  assert.ok(took < 10_000, `closed after ${Math.round(took)} ms`);
 });

@@ -314,6 +314,19 @@ test('before HELLO a frame is priced for an error reply at most, whatever its op
   assert.equal((await early.reply(5)).word, STATUS.NO_SESSION);
 });
 
+test('before HELLO a connection has one request in flight: one that pipelines thousands of frames and reads no reply holds about 5 KiB of the budget', async (t) => {
+  // Review finding: unadmitted connections could hold maxInFlight error replies each (261 KiB).
+  const { rmem, address } = await service(t, { token: 'the-token' });
+  const pipeliner = await raw(t, address);
+  pipeliner.socket.pause();
+  // Enough that the replies fill the socket buffers both ways, so they are held unwritten.
+  const frame = codec.encodeHandleRequest(OP.JINFO, { hi: 0, lo: 10 }, 1);
+  pipeliner.socket.write(Buffer.concat(Array.from({ length: 300_000 }, () => frame)));
+  await untilAsync(async () => rmem.load().paused === 1 && rmem.load().bytesInFlight > 0);
+  const held = rmem.load().bytesInFlight;
+  assert.ok(held > 0 && held <= 6 * 1024, `an unadmitted connection holds ${held} bytes of the service budget`);
+});
+
 test('while one client holds the whole service budget, another client\'s HELLO and modest requests are served from the idle reserve', async (t) => {
   const { rmem, medium, address } = await service(t, { maxInFlightBytes: 8 * E, maxInFlightBytesTotal: 8 * E });
   const other = await RmemClient.connect({ ...address, serverId: 'other', keepalive: false, reconnect: false });
