@@ -39,7 +39,7 @@ import type { PartitionTable } from '../memory/partition-table.js';
 import type { Logger } from '../logger.js';
 import { formatSize } from '../units.js';
 import { NvramDevice, POLICIES, isMirrored, type DeviceInfo, type Policy } from './device.js';
-import { JournalFile, encodeFileHeader, openTempFile, parseJournal, syncDir } from './journal-file.js';
+import { JournalFile, encodeFileHeader, openTempFile, parseJournal, syncDir, type JournalSink } from './journal-file.js';
 import type { JournalRecord } from '../protocol/journal/record.js';
 
 const NAME_PATTERN = DEVICE_NAME_PATTERN;
@@ -68,8 +68,12 @@ export class DeviceManager {
   /** The volume whose write log a device is (write-log.ts): such a device cannot be removed. */
   claimedBy: ((device: string) => string | undefined) | undefined;
 
-  constructor(options: { dataDir: string; partition: PartitionTable; media: readonly Medium[]; log: Logger; compactAt?: number; fs?: MetaFs }) {
+  /** Wraps every journal file's sink: the fault-injection seam for tests. */
+  private readonly journalWrap: (sink: JournalSink) => JournalSink;
+
+  constructor(options: { dataDir: string; partition: PartitionTable; media: readonly Medium[]; log: Logger; compactAt?: number; fs?: MetaFs; journalWrap?: (sink: JournalSink) => JournalSink }) {
     this.compactAt = options.compactAt;
+    this.journalWrap = options.journalWrap ?? ((sink) => sink);
     this.dir = join(options.dataDir, 'nvram');
     this.partition = options.partition;
     this.media = new Map(options.media.map((m) => [m.name, m]));
@@ -181,14 +185,14 @@ export class DeviceManager {
   async rebuildJournal(device: NvramDevice): Promise<JournalFile | undefined> {
     if (device.policy === 'volatile') return undefined;
     const records = await device.snapshot();
-    const journal = await JournalFile.create(deviceFile(this.dir, device.name, '.journal.new'), device.size);
+    const journal = await JournalFile.create(deviceFile(this.dir, device.name, '.journal.new'), device.size, this.journalWrap);
     await journal.append(Buffer.concat(records));
     const length = journal.size;
     await journal.close();
     const path = deviceFile(this.dir, device.name, '.journal');
     await rename(deviceFile(this.dir, device.name, '.journal.new'), path);
     await syncDir(path);
-    return JournalFile.openExisting(path, length);
+    return JournalFile.openExisting(path, length, this.journalWrap);
   }
 
   /** This node's copy is older than the partner's: it becomes a replica, filled by the partner's resync. */
@@ -213,7 +217,7 @@ export class DeviceManager {
    * creating it when this node has none. Refuses when a device of that name here is not
    * the same mirrored device, or knows a newer epoch.
    */
-  resetReplica(reset: { name: string; policy: Policy; medium: MediumName; size: number; epoch: number; trimmedTo: number; firstSeq: number }): Promise<void> {
+  resetReplica(reset: { name: string; policy: Policy; medium: MediumName; size: number; epoch: number; trimmedTo: number; firstSeq: number }, feeder?: object): Promise<void> {
     return this.serialized(async () => {
       deviceFile(this.dir, reset.name, '.json'); // refuses a name that is not a device name
       this.refuseDamaged(reset.name);
@@ -243,7 +247,9 @@ export class DeviceManager {
         await this.writeMeta(meta);
         entry = this.devices.get(reset.name);
       }
-      entry?.device.resetReplica(reset.epoch, reset.trimmedTo, reset.firstSeq);
+      // Records an older connection is still applying land before the reset, never after it.
+      await entry?.device.settleReplication();
+      entry?.device.resetReplica(reset.epoch, reset.trimmedTo, reset.firstSeq, feeder);
     });
   }
   create(name: string, size: number, policy: Policy, medium: MediumName = 'dram'): Promise<DeviceInfo> {
@@ -306,7 +312,7 @@ export class DeviceManager {
       let recovering = false;
       let vaulted = false;
       if (fresh) {
-        if (hasFile) journal = await JournalFile.create(journalPath, meta.size);
+        if (hasFile) journal = await JournalFile.create(journalPath, meta.size, this.journalWrap);
       } else {
         const vault = isVaulted(meta) ? await readFile(vaultPath).catch(() => undefined) : undefined;
         if (vault !== undefined) {
@@ -315,8 +321,8 @@ export class DeviceManager {
         } else if (hasFile) {
           const image = await readFile(journalPath).catch(() => Buffer.alloc(0));
           const recovered = parseJournal(image);
-          if (recovered.validLength === 0) journal = await JournalFile.create(journalPath, meta.size);
-          else journal = await JournalFile.openExisting(journalPath, recovered.validLength);
+          if (recovered.validLength === 0) journal = await JournalFile.create(journalPath, meta.size, this.journalWrap);
+          else journal = await JournalFile.openExisting(journalPath, recovered.validLength, this.journalWrap);
           if (recovered.stoppedBecause !== undefined && recovered.validLength < image.length) {
             this.log.warn({ device: meta.name, cutAt: recovered.validLength, reason: recovered.stoppedBecause }, 'NVRAM journal tail cut at recovery');
           }
@@ -345,6 +351,9 @@ export class DeviceManager {
       if (vaulted && hasFile) device.promote(await this.rebuildJournal(device));
       device.recovering = recovering;
       await rm(vaultPath, { force: true });
+      // Durably, before the device serves: a vault that came back after a crash would be
+      // preferred to the journal written since, and hand out its numbers again.
+      if (vaulted) await syncDir(vaultPath);
       this.devices.set(meta.name, { meta, device, extents });
       const info = device.info();
       this.log.info(

@@ -122,6 +122,10 @@ export class NvramDevice {
   private ackChain: Promise<void>;
   private failure: Error | undefined;
   private repairing: Promise<void> | undefined;
+  /** Replica: the mirror connection whose RESET made it what it is; APPENDs come from it only. */
+  private feeder: object | undefined;
+  /** Replica: records being applied; a RESET waits for them. */
+  private replicating: Promise<void>;
   private roleValue: Role;
   /** Set after a crash until the partner has confirmed or supplied the contents. */
   recovering: boolean;
@@ -150,6 +154,8 @@ export class NvramDevice {
     this.ackChain = Promise.resolve();
     this.failure = undefined;
     this.repairing = undefined;
+    this.feeder = undefined;
+    this.replicating = Promise.resolve();
     this.roleValue = options.role ?? 'primary';
     this.recovering = false;
     this.port = undefined;
@@ -364,6 +370,19 @@ export class NvramDevice {
     };
   }
 
+  /**
+   * Makes everything written to the journal file durable: for a `mirrored` device whose
+   * partner was lost, whose records the partner alone held until now.
+   */
+  async syncJournal(): Promise<void> {
+    try {
+      await this.journal?.flush();
+    } catch (error) {
+      this.failed(error);
+      throw error;
+    }
+  }
+
   /** Resolves once every append taken so far has been acknowledged or has failed. */
   async quiesce(): Promise<void> {
     await this.ackChain.catch(() => undefined);
@@ -380,7 +399,8 @@ export class NvramDevice {
    * Makes this device an empty replica at the primary's epoch and trim point, expecting
    * `firstSeq` next; the primary's records follow with `replicate`.
    */
-  resetReplica(epoch: number, trimmedTo: number, firstSeq: number): void {
+  resetReplica(epoch: number, trimmedTo: number, firstSeq: number, feeder?: object): void {
+    this.feeder = feeder;
     this.roleValue = 'replica';
     this.index = [];
     this.indexStart = 0;
@@ -400,7 +420,26 @@ export class NvramDevice {
    * Applies encoded records from a primary at `epoch`; they must continue the sequence
    * exactly. A primary older than this replica's epoch is fenced.
    */
-  async replicate(epoch: number, records: readonly JournalRecord[], encoded: readonly Buffer[]): Promise<void> {
+  replicate(epoch: number, records: readonly JournalRecord[], encoded: readonly Buffer[], feeder?: object): Promise<void> {
+    if (this.feeder !== undefined && feeder !== this.feeder) {
+      return Promise.reject(new RuntimeError('MS_MIRROR_CONFLICT', `replica ${this.name} was reset from a newer mirror connection; records from an older one are refused`, { details: { device: this.name } }));
+    }
+    const run = this.replicating.then(() => this.apply(epoch, records, encoded));
+    this.replicating = run.catch(() => undefined);
+    return run;
+  }
+
+  /** Whether this replica takes records and trims from `feeder` (the connection of its last RESET). */
+  acceptsFrom(feeder: object): boolean {
+    return this.feeder === undefined || this.feeder === feeder;
+  }
+
+  /** Resolves once records being applied to this replica are in place: before a RESET. */
+  async settleReplication(): Promise<void> {
+    await this.replicating;
+  }
+
+  private async apply(epoch: number, records: readonly JournalRecord[], encoded: readonly Buffer[]): Promise<void> {
     if (this.roleValue !== 'replica') throw replicaError(this.name, 'is a primary here and takes no mirrored records');
     if (epoch < this.epochValue) throw fenced(this.name, epoch, this.epochValue);
     const bytes = encoded.reduce((sum, b) => sum + b.length, 0);

@@ -414,7 +414,8 @@ class MirrorConnection {
       }
       case MOP.RESET: {
         const reset = decodeReset(body);
-        await nvram.resetReplica(reset);
+        // This connection feeds the replica from now on; APPENDs of older ones are refused.
+        await nvram.resetReplica(reset, this);
         this.options.log.info({ device: reset.name, partner: this.partner, epoch: reset.epoch, firstSeq: reset.firstSeq }, 'mirror resync of a replica started');
         return undefined;
       }
@@ -423,13 +424,14 @@ class MirrorConnection {
         if (records.some((r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) !== 0)) {
           throw new MisuseError('MS_MIRROR_PROTOCOL', 'malformed mirror frame: APPEND carries an epoch or trim marker');
         }
-        await nvram.get(name).replicate(epoch, records, encoded);
+        await nvram.get(name).replicate(epoch, records, encoded, this);
         return undefined;
       }
       case MOP.TRIM: {
         const { name, epoch, upTo } = decodeTrim(body);
         const device = nvram.get(name);
         if (device.role !== 'replica') throw new RuntimeError('MS_MIRROR_CONFLICT', `device ${name} is a primary here`);
+        if (!device.acceptsFrom(this)) throw new RuntimeError('MS_MIRROR_CONFLICT', `replica ${name} was reset from a newer mirror connection; trims from an older one are refused`);
         await device.trim(epoch, upTo);
         return undefined;
       }

@@ -201,6 +201,15 @@ export class Mirroring {
 
   private linkDown(why: string): void {
     const lost = [...this.inSync];
+    // A `mirrored` device's records were durable in the partner's memory; its journal
+    // file has them, written but maybe not synced: sync it now.
+    for (const name of lost) {
+      const device = this.options.nvram.find(name);
+      if (device?.policy !== 'mirrored') continue;
+      device.syncJournal().catch((error: unknown) => {
+        this.options.log.error({ device: name, err: error }, 'syncing the journal of a mirrored device after losing its partner failed; records acknowledged by the partner may not survive a power loss here');
+      });
+    }
     this.inSync.clear();
     this.degradations += lost.length;
     const level = lost.length > 0 ? 'warn' : 'info';

@@ -1,0 +1,129 @@
+// A mirrored pair in one process: node A's DeviceManager and Mirroring, node B's
+// DeviceManager and MirrorService, on loopback. What the pair promises when the link
+// goes (issue 11 items 8 and 10).
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import pino from 'pino';
+import { DramMedium } from '../../../src/memory/dram-medium.js';
+import { PartitionTable } from '../../../src/memory/partition-table.js';
+import { DeviceManager } from '../../../src/nvram/device-manager.js';
+import { parseJournal, type JournalSink } from '../../../src/nvram/journal-file.js';
+import { MirrorService } from '../../../src/nvram/mirror-service.js';
+import { Mirroring } from '../../../src/nvram/mirroring.js';
+import { RECORD_FLAG } from '../../../src/protocol/journal/record.js';
+
+const MiB = 1024 * 1024;
+const log = pino({ level: 'silent' });
+
+type Ctx = { after(fn: () => Promise<void> | void): void };
+
+async function manager(t: Ctx, journalWrap?: (sink: JournalSink) => JournalSink): Promise<DeviceManager> {
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-pair-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const medium = new DramMedium({ capacity: 16 * MiB, extentSize: MiB });
+  await medium.open();
+  const partition = new PartitionTable([
+    { name: 'dram', capacity: 16 * MiB, extentSize: MiB, initial: { cache: 0, server: 0, nvram: 8 * MiB }, bounds: { cache: { min: 0, max: 16 * MiB }, server: { min: 0, max: 0 }, nvram: { min: 0, max: 16 * MiB } } },
+  ]);
+  const nvram = new DeviceManager({ dataDir: dir, partition, media: [medium], log, ...(journalWrap === undefined ? {} : { journalWrap }) });
+  await nvram.open();
+  t.after(() => nvram.close());
+  return nvram;
+}
+
+async function partnerB(t: Ctx): Promise<{ nvram: DeviceManager; mirror: MirrorService; address: { host: string; port: number } }> {
+  const nvram = await manager(t);
+  const mirror = new MirrorService({
+    nvram, nodeId: 'b', token: undefined, log,
+    maxInFlight: 64, maxInFlightBytes: 64 * MiB, maxInFlightBytesTotal: 128 * MiB, maxConnections: 16, maxConnectionsPerClient: 4, handshakeTimeoutMs: 5000, stallTimeoutMs: 5000,
+  });
+  const address = await mirror.listen({ host: '127.0.0.1', port: 0 });
+  t.after(() => mirror.close());
+  return { nvram, mirror, address };
+}
+
+async function until(probe: () => boolean, what: string): Promise<void> {
+  for (let i = 0; i < 2000; i++) {
+    if (probe()) return;
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+  throw new Error(`${what}: not reached in 10 s`);
+}
+
+test('losing the partner syncs a mirrored device\'s journal: records only the partner held become durable here', async (t) => {
+  let syncs = 0;
+  const counting = (sink: JournalSink): JournalSink => ({
+    ...sink,
+    datasync: async () => {
+      await sink.datasync();
+      syncs++;
+    },
+  });
+  const b = await partnerB(t);
+  const a = await manager(t, counting);
+  const mirroring = new Mirroring({ nvram: a, partner: b.address, onPartnerDown: 'degrade', nodeId: 'a', token: undefined, timeoutMs: 1000, retryMs: 50, log });
+  mirroring.start();
+  t.after(() => mirroring.close());
+  await a.create('m', MiB, 'mirrored');
+  const device = a.get('m');
+  await until(() => device.info().mirror === 'in-sync', 'in sync');
+  await device.open(1);
+  const before = syncs;
+  for (let i = 0; i < 5; i++) await device.append(1, [{ payload: Buffer.from(`held by the partner ${i}`) }]);
+  assert.equal(syncs, before, 'in sync, a mirrored append does not wait for a local sync');
+  await b.mirror.close();
+  await until(() => device.info().mirror === 'degraded', 'degraded');
+  await until(() => syncs > before, 'the journal is synced after the partner is lost');
+  const records = parseJournal(await readFile(join(a.dir, 'm.journal'))).records.filter((r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) === 0);
+  assert.deepEqual(records.map((r) => r.payload.toString()), Array.from({ length: 5 }, (_, i) => `held by the partner ${i}`));
+});
+
+/** A raw mirror connection that has said HELLO as `nodeId`. */
+async function rawPeer(t: Ctx, address: { host: string; port: number }, nodeId: string): Promise<(op: number, body: Buffer) => Promise<{ status: number; body: Buffer }>> {
+  const { connect } = await import('node:net');
+  const m = await import('../../../src/protocol/mirror/codec.js');
+  const { FrameParser } = await import('../../../src/protocol/rmem/parser.js');
+  const socket = connect(address.port, address.host);
+  socket.on('error', () => undefined);
+  t.after(() => { socket.destroy(); });
+  const waiting = new Map<number, (reply: { status: number; body: Buffer }) => void>();
+  const parser = new FrameParser({ magic: m.MIRROR_RESPONSE_MAGIC }, {
+    onFrame: (f) => waiting.get(f.tagLo)?.({ status: f.word, body: Buffer.from(f.body) }),
+    onFatal: () => socket.destroy(),
+  }, m.MIRROR_MAX_BODY);
+  socket.on('data', (chunk: Buffer) => parser.feed(chunk));
+  await new Promise((resolve) => socket.once('connect', resolve));
+  let tag = 1;
+  const ask = (op: number, body: Buffer) =>
+    new Promise<{ status: number; body: Buffer }>((resolve) => {
+      const mine = tag++;
+      waiting.set(mine, resolve);
+      socket.write(m.request(op, mine, body));
+    });
+  assert.equal((await ask(m.MOP.HELLO, m.encodeHello({ version: m.MIRROR_VERSION, nodeId, token: '' }))).status, m.MSTATUS.OK);
+  return ask;
+}
+
+test('a replica takes APPENDs and TRIMs only from the connection of its last RESET: an older connection cannot add records after a newer RESET', async (t) => {
+  const m = await import('../../../src/protocol/mirror/codec.js');
+  const { encodeRecord } = await import('../../../src/protocol/journal/record.js');
+  const b = await partnerB(t);
+  const reset = m.encodeReset({ name: 'r', policy: 'mirrored', medium: 'dram', size: MiB, epoch: 1, trimmedTo: 0, firstSeq: 1 });
+  const record = (seq: number) => encodeRecord({ seq, timestamp: seq, epoch: 1, flags: 0, target: undefined, payload: Buffer.from(`r${seq}`) });
+  const old = await rawPeer(t, b.address, 'primary-before');
+  assert.equal((await old(m.MOP.RESET, reset)).status, m.MSTATUS.OK);
+  assert.equal((await old(m.MOP.APPEND, m.encodeAppend('r', 1, record(1)))).status, m.MSTATUS.OK);
+  const fresh = await rawPeer(t, b.address, 'primary-after');
+  assert.equal((await fresh(m.MOP.RESET, reset)).status, m.MSTATUS.OK);
+  const stale = await old(m.MOP.APPEND, m.encodeAppend('r', 1, record(1)));
+  assert.notEqual(stale.status, m.MSTATUS.OK, 'the older connection is refused');
+  assert.match(m.errorMessage(stale.body), /newer mirror connection/);
+  assert.notEqual((await old(m.MOP.TRIM, m.encodeTrim('r', 1, 1))).status, m.MSTATUS.OK);
+  assert.equal(b.nvram.get('r').info().lastSeq, null, 'nothing of the older connection shows after the newer RESET');
+  assert.equal((await fresh(m.MOP.APPEND, m.encodeAppend('r', 1, record(1)))).status, m.MSTATUS.OK);
+  assert.equal(b.nvram.get('r').info().lastSeq, 1);
+});
