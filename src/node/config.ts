@@ -76,6 +76,7 @@ export interface NodeConfig {
   mirror: {
     listen: ListenAddress;
     partner: ListenAddress | undefined;
+    partnerId: string | undefined;
     onPartnerDown: 'degrade' | 'refuse';
     timeoutMs: number;
     token: string | undefined;
@@ -228,6 +229,7 @@ const rawSchema = z.strictObject({
     .strictObject({
       listen: addressLeaf.prefault('127.0.0.1:10811'),
       partner: addressLeaf.optional(),
+      partnerId: nodeIdLeaf.optional(),
       onPartnerDown: enumLeaf(['degrade', 'refuse'] as const).prefault('degrade'),
       timeout: durationLeaf.prefault('1s'),
       token: tokenLeaf.optional(),
@@ -303,6 +305,7 @@ export const SETTINGS: readonly Setting[] = [
   { path: 'rmem.handshakeTimeout', default: '5s', doc: 'a connection whose HELLO has not succeeded in this time is closed' },
   { path: 'mirror.listen', flag: '--mirror-listen', default: '127.0.0.1:10811', doc: 'mirror service, where a partner node keeps replicas of its mirrored NVRAM devices here; port 0 picks a free port' },
   { path: 'mirror.partner', flag: '--mirror-partner', default: '(none)', doc: 'mirror service of the partner node that holds replicas of this node\'s mirrored NVRAM devices, such as 10.0.0.2:10811' },
+  { path: 'mirror.partnerId', default: '(any)', doc: 'node id of the mirror partner: the mirror service admits only that node, and the link mirrors only to a node that answers with it' },
   { path: 'mirror.onPartnerDown', default: 'degrade', doc: 'when the partner is unreachable, mirrored devices degrade (acknowledge once the local journal is synced) or refuse appends' },
   { path: 'mirror.timeout', default: '1s', doc: 'a partner that has not answered a mirror request in this time is taken as lost' },
   { path: 'mirror.token', default: '(none)', doc: 'shared token both partners present on the mirror link; set it in the file or environment' },
@@ -448,6 +451,7 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
     mirror: {
       listen: parsed.mirror.listen,
       partner: parsed.mirror.partner,
+      partnerId: parsed.mirror.partnerId,
       onPartnerDown: parsed.mirror.onPartnerDown,
       timeoutMs: parsed.mirror.timeout,
       token: parsed.mirror.token,

@@ -163,6 +163,11 @@ export class DeviceManager {
     if (device.role === 'primary' || !Number.isSafeInteger(epoch) || epoch <= device.epoch || device.recovering) return device.open(epoch);
     return this.serialized(async () => {
       if (device.role === 'replica' && epoch > device.epoch && !device.recovering) {
+        // Fence the old primary first: its APPENDs in flight land before the snapshot, and
+        // later ones are refused, so the new journal file holds every record the replica
+        // took. (If the promotion fails, the client opens again with a newer epoch.)
+        device.raiseEpoch(epoch);
+        await device.settleReplication();
         const old = device.promote(await this.rebuildJournal(device));
         await old?.close();
         const entry = this.devices.get(name);

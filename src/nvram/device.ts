@@ -203,22 +203,42 @@ export class NvramDevice {
     await this.ready();
     if (epoch < this.epochValue) throw fenced(this.name, epoch, this.epochValue);
     if (this.roleValue === 'replica') throw replicaError(this.name);
-    if (epoch > this.epochValue) {
-      // From here every append of an older epoch is refused as it arrives; those taken
-      // before are acknowledged or failed before this open returns, so the lastSeq it
-      // reports covers every record an older writer will ever have acknowledged.
-      this.epochValue = epoch;
-      const journal = this.journal;
-      await Promise.all([
-        journal?.append(this.marker(RECORD_FLAG.EPOCH, epoch)).catch((error: unknown) => {
-          this.failed(error);
-          throw error;
-        }),
-        this.port?.epoch(this.name, epoch),
-        this.quiesce(),
-      ]);
-    }
+    await this.raise(epoch);
     return this.info();
+  }
+
+  /**
+   * Opens the device with an epoch newer than any it has seen, chosen here once the
+   * device is ready, so no writer can have opened it with that epoch first: every handle
+   * of an older epoch is fenced. For the node taking a device for itself (a write log).
+   */
+  async fence(): Promise<number> {
+    this.check();
+    await this.ready();
+    if (this.roleValue === 'replica') throw replicaError(this.name);
+    const epoch = this.epochValue + 1;
+    await this.raise(epoch);
+    return epoch;
+  }
+
+  /**
+   * Raises the epoch (no await before it: nothing else is taken meanwhile), then waits
+   * until every append taken before is acknowledged or failed, whether it raised the
+   * epoch or resumed it: the lastSeq reported then covers every record an older writer,
+   * or a writer that opened the same epoch first, will ever have acknowledged.
+   */
+  private async raise(epoch: number): Promise<void> {
+    let marker: Promise<void> | undefined;
+    let partner: Promise<void> | undefined;
+    if (epoch > this.epochValue) {
+      this.epochValue = epoch;
+      marker = this.journal?.append(this.marker(RECORD_FLAG.EPOCH, epoch)).catch((error: unknown) => {
+        this.failed(error);
+        throw error;
+      });
+      partner = this.port?.epoch(this.name, epoch);
+    }
+    await Promise.all([marker, partner, this.quiesce()]);
   }
 
   /** Appends records; resolves with their sequence numbers once durable under the policy. */
@@ -490,12 +510,19 @@ export class NvramDevice {
   /** Every live record, for the vault and for dump; markers first so a reader knows the epoch and trim point. */
   async snapshot(): Promise<Buffer[]> {
     const records = await this.collect(0, Number.MAX_SAFE_INTEGER, Number.MAX_SAFE_INTEGER);
+    // Numbers given to appends that were not acknowledged (a repair that has not run or
+    // failed) go in as void records, so whoever reads this never hands them out again.
+    const timestamp = nowMicros();
+    for (let seq = Math.max(this.ackedSeq, this.trimmedTo) + 1; seq < this.nextSeq; seq++) {
+      records.push(encodeRecord({ seq, timestamp, epoch: this.epochValue, flags: RECORD_FLAG.VOID, target: undefined, payload: Buffer.alloc(0) }));
+    }
     return [this.marker(RECORD_FLAG.EPOCH, this.epochValue), this.marker(RECORD_FLAG.TRIM, this.trimmedTo), ...records];
   }
 
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    await this.repairing?.catch(() => undefined);
     await this.journal?.close();
     this.journal = undefined;
   }

@@ -45,6 +45,8 @@ export interface MirrorLinkOptions {
   partner: ListenAddress;
   nodeId: string;
   token: string | undefined;
+  /** The node id the partner must answer HELLO with; any when undefined. */
+  partnerId?: string | undefined;
   timeoutMs: number;
   retryMs: number;
   log: Logger;
@@ -148,7 +150,14 @@ export class MirrorLink {
         socket.destroy();
         return;
       }
-      this.partnerNode = decodeName(reply.body, 'HELLO reply');
+      const partnerNode = decodeName(reply.body, 'HELLO reply');
+      const expected = this.options.partnerId;
+      if (expected !== undefined && partnerNode !== expected) {
+        log.error({ partner: this.address, partnerNode, expected }, `the node at the mirror partner's address is ${partnerNode}, not the configured mirror.partnerId ${expected}; not mirroring to it`);
+        socket.destroy();
+        return;
+      }
+      this.partnerNode = partnerNode;
       this.upValue = true;
       this.options.onUp(this.partnerNode);
     } catch {

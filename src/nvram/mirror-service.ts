@@ -88,6 +88,8 @@ export interface MirrorServiceOptions {
   nvram: DeviceManager;
   nodeId: string;
   token: string | undefined;
+  /** The only node id a HELLO is accepted from (the configured partner); any when undefined. */
+  partnerId?: string | undefined;
   log: Logger;
   /** Requests admitted per connection (applied in order, one at a time). */
   maxInFlight: number;
@@ -467,6 +469,10 @@ class MirrorConnection {
       const a = Buffer.from(hello.token);
       const b = Buffer.from(expected);
       if (a.length !== b.length || !timingSafeEqual(a, b)) throw new MisuseError('MS_MIRROR_AUTH', `mirror partner ${hello.nodeId} presented the wrong token`);
+    }
+    const partnerId = this.options.partnerId;
+    if (partnerId !== undefined && hello.nodeId !== partnerId) {
+      throw new MisuseError('MS_MIRROR_AUTH', `mirror peer says it is node ${hello.nodeId}; only the configured partner ${partnerId} (mirror.partnerId) is accepted`);
     }
     this.partner = hello.nodeId;
     // A node has one link: its older connections are what a partition or a crash left.

@@ -45,6 +45,8 @@ export interface MirroringOptions {
   onPartnerDown: OnPartnerDown;
   nodeId: string;
   token: string | undefined;
+  /** The partner's node id, checked both ways at HELLO; any when undefined. */
+  partnerId?: string | undefined;
   timeoutMs: number;
   retryMs: number;
   log: Logger;
@@ -55,6 +57,8 @@ export class Mirroring {
   private readonly link: MirrorLink | undefined;
   private readonly inSync: Set<string>;
   private readonly syncing: Map<string, Promise<void>>;
+  /** Devices whose running resync may have sent the replica records voided since: resync again. */
+  private readonly again: Set<string>;
   private degradations: number;
   private resyncs: number;
   private mirroredRecords: number;
@@ -63,6 +67,7 @@ export class Mirroring {
     this.options = options;
     this.inSync = new Set();
     this.syncing = new Map();
+    this.again = new Set();
     this.degradations = 0;
     this.resyncs = 0;
     this.mirroredRecords = 0;
@@ -73,6 +78,7 @@ export class Mirroring {
             partner: options.partner,
             nodeId: options.nodeId,
             token: options.token,
+            partnerId: options.partnerId,
             timeoutMs: options.timeoutMs,
             retryMs: options.retryMs,
             log: options.log,
@@ -152,7 +158,8 @@ export class Mirroring {
       rolledBack: (device) => {
         // The replica may hold records that were voided here: RESET it and send them again.
         const found = this.options.nvram.find(device);
-        if (this.inSync.delete(device) && found !== undefined) void this.resync(found);
+        if (this.syncing.has(device)) this.again.add(device);
+        else if (this.inSync.delete(device) && found !== undefined) void this.resync(found);
       },
     };
   }
@@ -257,6 +264,10 @@ export class Mirroring {
     } finally {
       this.syncing.delete(name);
       release();
+      if (this.again.delete(name)) {
+        this.inSync.delete(name);
+        if (this.link?.up === true) void this.resync(device);
+      }
     }
   }
 

@@ -364,6 +364,9 @@ export class RmemConnection {
         if (volume !== undefined) throw new MisuseError('MS_NVRAM_INVALID', `NVRAM device ${name} is the write log of volume ${volume} and is not open to clients`);
         // On a mirror replica, a newer epoch takes the device over (failover).
         await this.host.nvram.openJournal(name, epoch);
+        // It may have become a write log while this open waited.
+        const claimed = this.host.writeLogOf(name);
+        if (claimed !== undefined) throw new MisuseError('MS_NVRAM_INVALID', `NVRAM device ${name} is the write log of volume ${claimed} and is not open to clients`);
         const handle = this.nextHandle++;
         this.journals.set(handle, { device, epoch });
         return one(encodeJopenReply(tag, handle, journalInfo(device)));

@@ -68,7 +68,7 @@ export class WriteLogIo implements VolumeIo {
     if (other !== undefined) throw new MisuseError('MS_VOLUME_INVALID', `NVRAM device ${name} is already the write log of volume ${other}`, { details: { device: name, volume: other } });
     this.claims.set(name, volume);
     try {
-      await device.open(device.epoch + 1);
+      await device.fence();
       const last = device.lastSeq;
       if (last > device.trimPoint) await device.trim(device.epoch, last);
     } catch (error) {

@@ -264,3 +264,34 @@ test('a replica named by a path is refused by the device manager itself, and no 
     assert.deepEqual(devices.list(), []);
     await devices.close();
   }));
+
+test('a replica taken over while its old primary still mirrors: the old primary is fenced first, so the new journal file has every record and nothing is lost at restart', () =>
+  withDir(async (dir) => {
+    // Review finding: records replicated while the new journal file was written were in memory only; the next append left a gap that recovery cut.
+    const { encodeRecord, decodeRecord } = await import('../../../src/protocol/journal/record.js');
+    const { devices } = await manager(dir);
+    await devices.resetReplica({ name: 'm', policy: 'mirrored+local', medium: 'dram', size: 4 * E, epoch: 1, trimmedTo: 0, firstSeq: 1 });
+    const replica = devices.get('m');
+    let seq = 1;
+    const push = async (): Promise<void> => {
+      const buf = encodeRecord({ seq, timestamp: seq, epoch: 1, flags: 0, target: undefined, payload: Buffer.from(`old primary ${seq}`) });
+      const decoded = decodeRecord(buf);
+      if (!('record' in decoded)) throw new Error('bad record');
+      await replica.replicate(1, [decoded.record], [buf]);
+      seq++;
+    };
+    for (let i = 0; i < 3; i++) await push();
+    const takeover = devices.openJournal('m', 2);
+    await assert.rejects(push(), { code: 'MS_NVRAM_FENCED' }, 'the old primary is fenced as the takeover begins');
+    const info = await takeover;
+    assert.equal(info.lastSeq, 3);
+    const [acked] = await replica.append(2, [{ payload: Buffer.from('new primary') }]);
+    assert.equal(acked?.seq, 4);
+    const file = parseJournal(await readFile(join(dir, 'nvram', 'm.journal')));
+    assert.equal(file.stoppedBecause, undefined);
+    await devices.close();
+    const again = await manager(dir);
+    assert.equal(again.devices.get('m').lastSeq, 4, 'every acknowledged record survives the restart');
+    assert.deepEqual(await payloads(again.devices, 'm'), ['old primary 1', 'old primary 2', 'old primary 3', 'new primary']);
+    await again.devices.close();
+  }));

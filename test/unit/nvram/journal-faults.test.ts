@@ -236,3 +236,34 @@ test('a newer open returns only once the appends of the older epoch taken before
   await assert.rejects(dev.append(1, [{ payload: Buffer.from('late') }]), { code: 'MS_NVRAM_FENCED' });
   await dev.close();
 });
+
+test('a tenant that opened the epoch a write-log claim would pick cannot get a record past the claim: the claim picks a newer epoch itself and waits for appends in flight', async (t) => {
+  // Review finding: claim chose epoch + 1 before open() waited; a tenant's open of that epoch came first and its append was acknowledged after the trim.
+  const { WriteLogIo } = await import('../../../src/storage/write-log.js');
+  const pino = (await import('pino')).default;
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-jfaults-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const plan = new FaultPlan();
+  const dev = await device(join(dir, 'j.journal'), plan);
+  await dev.open(1);
+  let release = (): void => undefined;
+  const held = new Promise<void>((resolve) => (release = resolve));
+  plan.gate = (op) => (op === 'journal.datasync' ? held : undefined);
+  const planted = dev.append(1, [{ payload: Buffer.from('EVIL'), target: { volume: 'vol', offset: 0 } }]);
+  await new Promise((r) => setImmediate(r));
+  const tenantOpen = dev.open(2);
+  const writeLog = new WriteLogIo({} as never, { get: () => dev } as never, pino({ level: 'silent' }));
+  const claim = writeLog.claim('vol', 'j');
+  await new Promise((r) => setTimeout(r, 20));
+  plan.gate = undefined;
+  release();
+  await Promise.allSettled([planted, tenantOpen]);
+  await claim;
+  assert.ok(dev.epoch > 2, `the claim opened with epoch ${dev.epoch}, newer than the tenant's`);
+  await assert.rejects(dev.append(2, [{ payload: Buffer.from('late'), target: { volume: 'vol', offset: 0 } }]), { code: 'MS_NVRAM_FENCED' });
+  const writes: string[] = [];
+  const volume = { name: 'vol', size: 1 << 20, writeLog: 'j', store: { write: async (_o: number, b: Buffer) => { writes.push(b.toString()); }, zeroRange: async () => undefined, sync: async () => undefined } };
+  assert.equal(await writeLog.replay(volume as never), 0);
+  assert.deepEqual(writes, [], 'nothing the tenant appended is replayed into the volume');
+  await dev.close();
+});

@@ -35,10 +35,10 @@ async function manager(t: Ctx, journalWrap?: (sink: JournalSink) => JournalSink)
   return nvram;
 }
 
-async function partnerB(t: Ctx): Promise<{ nvram: DeviceManager; mirror: MirrorService; address: { host: string; port: number } }> {
+async function partnerB(t: Ctx, partnerId?: string): Promise<{ nvram: DeviceManager; mirror: MirrorService; address: { host: string; port: number } }> {
   const nvram = await manager(t);
   const mirror = new MirrorService({
-    nvram, nodeId: 'b', token: undefined, log,
+    nvram, nodeId: 'b', token: undefined, log, partnerId,
     maxInFlight: 64, maxInFlightBytes: 64 * MiB, maxInFlightBytesTotal: 128 * MiB, maxConnections: 16, maxConnectionsPerClient: 4, handshakeTimeoutMs: 5000, stallTimeoutMs: 5000,
   });
   const address = await mirror.listen({ host: '127.0.0.1', port: 0 });
@@ -83,7 +83,7 @@ test('losing the partner syncs a mirrored device\'s journal: records only the pa
 });
 
 /** A raw mirror connection that has said HELLO as `nodeId`. */
-async function rawPeer(t: Ctx, address: { host: string; port: number }, nodeId: string): Promise<(op: number, body: Buffer) => Promise<{ status: number; body: Buffer }>> {
+async function rawPeer(t: Ctx, address: { host: string; port: number }, nodeId: string, expectHello = 0): Promise<(op: number, body: Buffer) => Promise<{ status: number; body: Buffer }>> {
   const { connect } = await import('node:net');
   const m = await import('../../../src/protocol/mirror/codec.js');
   const { FrameParser } = await import('../../../src/protocol/rmem/parser.js');
@@ -104,7 +104,7 @@ async function rawPeer(t: Ctx, address: { host: string; port: number }, nodeId: 
       waiting.set(mine, resolve);
       socket.write(m.request(op, mine, body));
     });
-  assert.equal((await ask(m.MOP.HELLO, m.encodeHello({ version: m.MIRROR_VERSION, nodeId, token: '' }))).status, m.MSTATUS.OK);
+  assert.equal((await ask(m.MOP.HELLO, m.encodeHello({ version: m.MIRROR_VERSION, nodeId, token: '' }))).status, expectHello);
   return ask;
 }
 
@@ -126,4 +126,21 @@ test('a replica takes APPENDs and TRIMs only from the connection of its last RES
   assert.equal(b.nvram.get('r').info().lastSeq, null, 'nothing of the older connection shows after the newer RESET');
   assert.equal((await fresh(m.MOP.APPEND, m.encodeAppend('r', 1, record(1)))).status, m.MSTATUS.OK);
   assert.equal(b.nvram.get('r').info().lastSeq, 1);
+});
+
+test('with mirror.partnerId, the mirror service admits only that node, and the link mirrors only to a node that answers with it', async (t) => {
+  const m = await import('../../../src/protocol/mirror/codec.js');
+  const b = await partnerB(t, 'a');
+  await rawPeer(t, b.address, 'intruder', m.MSTATUS.AUTH);
+  await rawPeer(t, b.address, 'a', m.MSTATUS.OK);
+  // Node a expects its partner to be `c`: the node at that address is `b`, so a does not mirror to it.
+  const a = await manager(t);
+  const mirroring = new Mirroring({ nvram: a, partner: b.address, onPartnerDown: 'degrade', nodeId: 'a', token: undefined, partnerId: 'c', timeoutMs: 1000, retryMs: 50, log });
+  mirroring.start();
+  t.after(() => mirroring.close());
+  await a.create('m', MiB, 'mirrored');
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  assert.equal(mirroring.info().link, 'down');
+  assert.equal(a.get('m').info().mirror, 'degraded');
+  assert.equal(b.nvram.find('m'), undefined, 'no replica was made on the wrong node');
 });
