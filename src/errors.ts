@@ -51,6 +51,7 @@ export const ERRORS = {
   MS_NVRAM_NO_CAPACITY: { category: 'runtime', status: 409, summary: 'the nvram partition has no room for a device of that size' },
   MS_NVRAM_PARTNER_DOWN: { category: 'runtime', status: 503, summary: 'a mirrored device refuses appends: its mirror partner is unreachable and mirror.onPartnerDown is refuse (wire status UNAVAILABLE)' },
   MS_NVRAM_RECOVERING: { category: 'runtime', status: 503, summary: 'a mirrored device is recovering after a crash and waits for its partner, which may hold records this node lost (wire status RECOVERING)' },
+  MS_NVRAM_DAMAGED: { category: 'runtime', status: 409, summary: 'an NVRAM journal or vault file has a record that fails its checks, or a gap in its numbers, with valid records after it: the device is offline and the file is kept as it is' },
   MS_NVRAM_REPLICA: { category: 'runtime', status: 409, summary: 'the device is a replica of the mirror partner; open it there, or here with a newer epoch to take it over (wire status REPLICA)' },
   MS_MIRROR_PROTOCOL: { category: 'misuse', status: 400, summary: 'a mirror frame or body is malformed, or its version is not supported' },
   MS_MIRROR_AUTH: { category: 'misuse', status: 403, summary: 'the mirror partner presented the wrong token' },

@@ -39,7 +39,7 @@ import type { PartitionTable } from '../memory/partition-table.js';
 import type { Logger } from '../logger.js';
 import { formatSize } from '../units.js';
 import { NvramDevice, POLICIES, isMirrored, type DeviceInfo, type Policy } from './device.js';
-import { JournalFile, encodeFileHeader, openTempFile, parseJournal, syncDir, type JournalSink } from './journal-file.js';
+import { JournalFile, encodeFileHeader, openTempFile, parseJournal, syncDir, type JournalSink, type Recovered } from './journal-file.js';
 import type { JournalRecord } from '../protocol/journal/record.js';
 
 const NAME_PATTERN = DEVICE_NAME_PATTERN;
@@ -321,11 +321,14 @@ export class DeviceManager {
       } else {
         const vault = isVaulted(meta) ? await readFile(vaultPath).catch(() => undefined) : undefined;
         if (vault !== undefined) {
-          records = parseJournal(vault).records;
+          const recovered = parseJournal(vault);
+          refuseDamage(meta.name, vaultPath, recovered);
+          records = recovered.records;
           vaulted = true;
         } else if (hasFile) {
           const image = await readFile(journalPath).catch(() => Buffer.alloc(0));
           const recovered = parseJournal(image);
+          refuseDamage(meta.name, journalPath, recovered);
           if (recovered.validLength === 0) journal = await JournalFile.create(journalPath, meta.size, this.journalWrap);
           else journal = await JournalFile.openExisting(journalPath, recovered.validLength, this.journalWrap);
           if (recovered.stoppedBecause !== undefined && recovered.validLength < image.length) {
@@ -417,6 +420,20 @@ export class DeviceManager {
     this.queue = run.catch(() => undefined);
     return run;
   }
+}
+
+/**
+ * A file damaged in the middle (a record that fails its checks, or a gap in the numbers,
+ * with valid records after it) is not cut: cutting would drop acknowledged records
+ * without a word. The device stays offline and the file as it is (MS_NVRAM_DAMAGED).
+ */
+function refuseDamage(name: string, file: string, recovered: Recovered): void {
+  if (recovered.validAfter === undefined) return;
+  throw new RuntimeError(
+    'MS_NVRAM_DAMAGED',
+    `NVRAM device ${name}: ${file} is damaged at byte ${recovered.validLength} (${recovered.stoppedBecause ?? 'unreadable'}), and valid records follow at byte ${recovered.validAfter}; the device is offline and the file is kept as it is. Records before byte ${recovered.validLength} are intact: to serve them and drop the rest, cut the file there (truncate -s ${recovered.validLength}) and restart the node`,
+    { details: { device: name, file, damagedAt: recovered.validLength, validAfter: recovered.validAfter } },
+  );
 }
 
 /** Devices whose contents a clean stop writes to a vault: all but those with a synced journal file. */

@@ -24,9 +24,11 @@
 //
 // Recovery reads records from the start and stops at the first one that is incomplete,
 // fails its checksum, or does not continue the sequence (zeros of the preallocated tail
-// end it the same way); the file is cut there. A crash can only tear the tail (records
-// are appended, never rewritten), so what is kept is every record whose append was
-// acknowledged, in order.
+// end it the same way). When nothing valid follows, that is a torn tail: a crash can
+// only tear what was written last (records are appended, never rewritten), and the file
+// is cut there, keeping every record whose append was acknowledged, in order. When a
+// valid record follows (`validAfter`), the damage is in the middle of the file: nothing
+// is cut, and the device manager takes the device offline (MS_NVRAM_DAMAGED).
 
 import { open, readFile, rename, rm, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
@@ -75,12 +77,19 @@ export interface Recovered {
   validLength: number;
   /** Why reading stopped before the end of the file, if it did. */
   stoppedBecause: string | undefined;
+  /**
+   * Set when reading stopped at a record that fails its checks or breaks the sequence
+   * and a valid record lies further on: damage in the middle of the file, not a torn
+   * tail. Where the first such record begins.
+   */
+  validAfter: number | undefined;
 }
 
 /** Parses a whole journal file image. */
 export function parseJournal(image: Buffer): Recovered {
   if (image.length < FILE_HEADER || !image.subarray(0, 8).equals(FILE_MAGIC) || image.readUInt32BE(32) !== crc32(image.subarray(0, 32))) {
-    return { records: [], validLength: 0, stoppedBecause: 'no valid journal header' };
+    // An empty file is no journal; a damaged header with records after it is damage.
+    return { records: [], validLength: 0, stoppedBecause: 'no valid journal header', validAfter: image.length === 0 ? undefined : nextValidRecord(image, -1) };
   }
   const records: JournalRecord[] = [];
   let at = FILE_HEADER;
@@ -113,7 +122,19 @@ export function parseJournal(image: Buffer): Recovered {
     records.push({ ...result.record, payload: Buffer.from(result.record.payload) });
     at += result.size;
   }
-  return { records, validLength: at, stoppedBecause };
+  // A record out of sequence is itself a valid record after the stop.
+  const jumped = stoppedBecause?.startsWith('sequence jumps') === true;
+  return { records, validLength: at, stoppedBecause, validAfter: stoppedBecause === undefined ? undefined : jumped ? at : nextValidRecord(image, at) };
+}
+
+const RECORD_MAGIC_BYTES = Buffer.from([0x4d, 0x53, 0x4a, 0x52]);
+
+/** Where the first record that passes its checks begins after `from`, if one does. */
+function nextValidRecord(image: Buffer, from: number): number | undefined {
+  for (let i = image.indexOf(RECORD_MAGIC_BYTES, from + 1); i >= 0; i = image.indexOf(RECORD_MAGIC_BYTES, i + 1)) {
+    if ('record' in decodeRecord(image, i)) return i;
+  }
+  return undefined;
 }
 
 interface Waiter {

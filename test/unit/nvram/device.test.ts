@@ -295,3 +295,31 @@ test('a replica taken over while its old primary still mirrors: the old primary 
     assert.deepEqual(await payloads(again.devices, 'm'), ['old primary 1', 'old primary 2', 'old primary 3', 'new primary']);
     await again.devices.close();
   }));
+
+test('a journal damaged in the middle is not cut: the device stays offline with MS_NVRAM_DAMAGED, the file untouched, until the operator cuts it where the message says', () =>
+  withDir(async (dir) => {
+    // Issue 11 item 1: recovery cut a bad record in the middle of a file, and every acknowledged record after it, silently.
+    const { devices } = await manager(dir);
+    await devices.create('l', 4 * E, 'local');
+    for (let i = 1; i <= 10; i++) await devices.get('l').append(0, [{ payload: Buffer.from(`record ${i}`) }]);
+    // No close: as after kill -9. Flip a byte inside record 5's payload.
+    const path = join(dir, 'nvram', 'l.journal');
+    const image = await readFile(path);
+    const at = image.indexOf(Buffer.from('record 5'));
+    image[at] = 0x58;
+    await writeFile(path, image);
+    const again = await manager(dir);
+    assert.equal(again.devices.find('l'), undefined, 'offline');
+    const [damaged] = again.devices.damaged();
+    assert.equal(damaged?.error.code, 'MS_NVRAM_DAMAGED');
+    assert.match(damaged?.error.message ?? '', /valid records follow/);
+    assert.ok((await readFile(path)).equals(image), 'the file is kept as it was');
+    await assert.rejects(again.devices.create('l', 4 * E, 'local'), { code: 'MS_META_DAMAGED' });
+    await again.devices.close();
+    // The operator cuts the file where the message says, and the records before it serve.
+    const cutAt = Number((damaged?.error.details as { damagedAt?: number } | undefined)?.damagedAt);
+    await writeFile(path, image.subarray(0, cutAt));
+    const cut = await manager(dir);
+    assert.deepEqual(await payloads(cut.devices, 'l'), ['record 1', 'record 2', 'record 3', 'record 4']);
+    await cut.devices.close();
+  }));
