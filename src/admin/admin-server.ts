@@ -123,7 +123,7 @@ const count = (fallback: number) => z.union([z.number(), z.string()]).optional()
   }
   return n;
 });
-const dumpQuery = z.strictObject({ from: count(0), max: count(100) });
+const dumpQuery = z.strictObject({ from: count(0), max: count(100), diverged: z.enum(['0', '1', 'true', 'false']).optional() });
 
 /** Validates a request body once, at the edge, into a coded error naming each bad field. */
 function parseBody<T>(schema: z.ZodType<T>, body: unknown, what: string): T {
@@ -379,11 +379,18 @@ export class AdminServer {
 
     app.get('/v1/nvram/:name/records', async (request): Promise<NvramDumpJson> => {
       const name = (request.params as { name: string }).name;
-      const { from, max } = parseBody(dumpQuery, request.query, 'dump');
+      const { from, max, diverged } = parseBody(dumpQuery, request.query, 'dump');
       const device = context.nvram.get(name);
-      const records = (await device.collect(from, max, 16 * 1024 * 1024)).map((buf) => decodeOne(buf));
+      let file: string | undefined;
+      let records;
+      if (diverged === '1' || diverged === 'true') {
+        ({ file, records } = await context.nvram.divergedRecords(name, from, max));
+      } else {
+        records = (await device.collect(from, max, 16 * 1024 * 1024)).map((buf) => decodeOne(buf));
+      }
       return {
-        device: device.info(),
+        ...(file === undefined ? {} : { file }),
+        device: context.nvram.info(device),
         records: records.map((r) => ({
           seq: r.seq,
           timestamp: r.timestamp,

@@ -352,6 +352,16 @@ export class NodeMetrics {
       },
     });
     new Gauge({
+      name: 'memstrata_nvram_diverged_journals',
+      help: 'Journals of an NVRAM device this node kept aside when its mirror partner\'s copy replaced them; they may hold records acknowledged here that the partner never had.',
+      labelNames: ['device'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        for (const d of sources.nvram()) this.set({ device: d.name }, d.diverged ?? 0);
+      },
+    });
+    new Gauge({
       name: 'memstrata_nvram_degraded',
       help: 'Mirrored NVRAM primaries whose partner does not hold their records now (degraded or refusing).',
       registers: [registry],

@@ -184,12 +184,13 @@ export function buildProgram(output: Output = processOutput): Command {
     .description('print records: sequence number, timestamp, epoch, target, length, and the payload start')
     .option('--from <seq>', 'first sequence number', '0')
     .option('--max <count>', 'most records to print', '100')
+    .option('--diverged', 'print the newest journal this node kept aside when its mirror partner\'s copy replaced it')
     .addOption(adminOption())
     .addOption(tokenOption())
     .addOption(jsonOption())
-    .action(async (name: string, options: { from: string; max: string; admin: string; token?: string; json?: boolean }) => {
+    .action(async (name: string, options: { from: string; max: string; diverged?: boolean; admin: string; token?: string; json?: boolean }) => {
       const dump = await adminClient(options).get<NvramDumpJson>(
-        `/v1/nvram/${encodeURIComponent(name)}/records?from=${encodeURIComponent(options.from)}&max=${encodeURIComponent(options.max)}`,
+        `/v1/nvram/${encodeURIComponent(name)}/records?from=${encodeURIComponent(options.from)}&max=${encodeURIComponent(options.max)}${options.diverged === true ? '&diverged=1' : ''}`,
       );
       if (options.json === true) {
         output.out(JSON.stringify(dump, null, 2));
@@ -203,7 +204,8 @@ export function buildProgram(output: Output = processOutput): Command {
         String(r.length),
         Buffer.from(r.payload, 'base64').subarray(0, 16).toString('hex'),
       ]);
-      output.out(`${renderNvram([dump.device])}\n\n${textTable(['SEQ', 'TIMESTAMP', 'EPOCH', 'TARGET', 'LENGTH', 'PAYLOAD (first 16 bytes)'], rows, [0, 2, 4])}`);
+      const from = dump.file === undefined ? '' : `records kept aside in ${dump.file}\n`;
+      output.out(`${renderNvram([dump.device])}\n\n${from}${textTable(['SEQ', 'TIMESTAMP', 'EPOCH', 'TARGET', 'LENGTH', 'PAYLOAD (first 16 bytes)'], rows, [0, 2, 4])}`);
     });
 
   // ---- servers ----
@@ -420,7 +422,7 @@ export function renderNvram(devices: readonly DeviceInfo[]): string {
     d.firstSeq === null ? '-' : String(d.firstSeq),
     d.lastSeq === null ? '-' : String(d.lastSeq),
     String(d.epoch),
-    d.state,
+    d.diverged === undefined || d.diverged === 0 ? d.state : `${d.state}, diverged (${d.diverged})`,
   ]);
   return `NVRAM devices\n${textTable(['NAME', 'POLICY', 'ROLE', 'MIRROR', 'MEDIUM', 'SIZE', 'USED', 'FIRST SEQ', 'LAST SEQ', 'EPOCH', 'STATE'], rows, [5, 6, 7, 8, 9])}`;
 }

@@ -6,7 +6,13 @@ import { join } from 'node:path';
 import { MisuseError } from '../errors.js';
 import { isDeviceName } from '../protocol/journal/policy.js';
 
-export type DeviceFileSuffix = '.json' | '.journal' | '.journal.new' | '.vault';
+export type DeviceFileSuffix = '.json' | '.journal' | '.journal.new' | '.vault' | `.diverged-${number}`;
+
+/** Quarantined journals of `name` in `files` (a listing of nvram/), oldest first. */
+export function divergedFiles(files: readonly string[], name: string): string[] {
+  const prefix = `${name}.diverged-`;
+  return files.filter((f) => f.startsWith(prefix) && /^\d+$/.test(f.slice(prefix.length))).sort();
+}
 
 export function deviceFile(dir: string, name: string, suffix: DeviceFileSuffix): string {
   if (!isDeviceName(name)) {

@@ -31,7 +31,7 @@ import { join } from 'node:path';
 import { MisuseError, RuntimeError, isMemstrataError, toMemstrataError } from '../errors.js';
 import type { MetaFs } from '../fs/meta-file.js';
 import type { DamagedJson } from '../protocol/admin/api.js';
-import { deviceFile } from './device-files.js';
+import { deviceFile, divergedFiles } from './device-files.js';
 import { DEVICE_NAME_PATTERN, readDeviceMeta, writeDeviceMeta, type DeviceMeta } from './device-meta.js';
 import type { MediumName } from '../kinds.js';
 import type { Medium } from '../memory/medium.js';
@@ -40,7 +40,7 @@ import type { Logger } from '../logger.js';
 import { formatSize } from '../units.js';
 import { NvramDevice, POLICIES, isMirrored, type DeviceInfo, type Policy } from './device.js';
 import { JournalFile, encodeFileHeader, openTempFile, parseJournal, syncDir, type JournalSink, type Recovered } from './journal-file.js';
-import type { JournalRecord } from '../protocol/journal/record.js';
+import { RECORD_FLAG, type JournalRecord } from '../protocol/journal/record.js';
 
 const NAME_PATTERN = DEVICE_NAME_PATTERN;
 
@@ -58,6 +58,8 @@ export class DeviceManager {
   private readonly devices: Map<string, Entry>;
   /** Devices found on disk but not restored, by the name their files carry. */
   private readonly damagedDevices: Map<string, DamagedJson>;
+  /** Journals kept aside per device name (quarantine). */
+  private readonly divergedCount: Map<string, number>;
   private readonly fs: MetaFs | undefined;
   private queue: Promise<unknown>;
 
@@ -80,6 +82,7 @@ export class DeviceManager {
     this.log = options.log;
     this.devices = new Map();
     this.damagedDevices = new Map();
+    this.divergedCount = new Map();
     this.fs = options.fs;
     this.queue = Promise.resolve();
     this.onPrimary = undefined;
@@ -89,7 +92,13 @@ export class DeviceManager {
 
   async open(): Promise<void> {
     await mkdir(this.dir, { recursive: true });
-    for (const file of (await readdir(this.dir)).filter((f) => f.endsWith('.json')).sort()) {
+    const files = await readdir(this.dir);
+    for (const file of files.filter((f) => f.endsWith('.json'))) {
+      const name = file.slice(0, -'.json'.length);
+      const kept = divergedFiles(files, name).length;
+      if (kept > 0) this.divergedCount.set(name, kept);
+    }
+    for (const file of files.filter((f) => f.endsWith('.json')).sort()) {
       const name = file.slice(0, -'.json'.length);
       try {
         await this.load(await readDeviceMeta(this.dir, name, this.fs), false);
@@ -133,7 +142,12 @@ export class DeviceManager {
   }
 
   list(): DeviceInfo[] {
-    return [...this.devices.values()].map((e) => e.device.info()).sort((a, b) => a.name.localeCompare(b.name));
+    return [...this.devices.values()].map((e) => this.info(e.device)).sort((a, b) => a.name.localeCompare(b.name));
+  }
+
+  /** A device's info, with the journals kept aside for it. */
+  info(device: NvramDevice): DeviceInfo {
+    return { ...device.info(), diverged: this.divergedCount.get(device.name) ?? 0 };
   }
 
   get(name: string): NvramDevice {
@@ -210,8 +224,9 @@ export class DeviceManager {
   }
 
   private async demoteEntry(entry: Entry, why: string): Promise<void> {
+    const info = entry.device.info();
     await entry.device.demote();
-    await rm(deviceFile(this.dir, entry.meta.name, '.journal'), { force: true });
+    await this.quarantine(entry.meta.name, info, why);
     entry.meta.role = 'replica';
     await this.writeMeta(entry.meta);
     this.log.warn({ device: entry.meta.name, why }, 'NVRAM device is now a replica of the mirror partner');
@@ -239,6 +254,7 @@ export class DeviceManager {
           throw new RuntimeError('MS_MIRROR_CONFLICT', `device ${reset.name} is a primary here at the same epoch ${device.epoch}; open one of them with a newer epoch to decide`);
         }
         if (entry.meta.size !== reset.size) {
+          if (device.role === 'primary') await this.quarantine(reset.name, device.info(), `the partner resyncs it with another size (${reset.size})`);
           await this.drop(entry);
           entry = undefined;
         } else if (device.role === 'primary') {
@@ -286,6 +302,43 @@ export class DeviceManager {
       await this.drop(entry);
       if (isMirrored(entry.meta.policy) && entry.device.role === 'primary') this.onRemoved?.(entry.device);
     });
+  }
+
+  /**
+   * Keeps a primary's journal file when the partner's copy replaces it: it may hold
+   * records this node acknowledged that the partner never had (a partition under
+   * `degrade`). Renamed to nvram/<name>.diverged-<ms>, never removed by the node; logged
+   * at error; listed by `divergedOf`, `memstrata nvram list` and the metrics, and read by
+   * `memstrata nvram dump --diverged`.
+   */
+  private async quarantine(name: string, info: DeviceInfo, why: string): Promise<void> {
+    const journal = deviceFile(this.dir, name, '.journal');
+    const kept = deviceFile(this.dir, name, `.diverged-${Date.now()}`);
+    try {
+      await rename(journal, kept);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === 'ENOENT') return; // no file: nothing it alone held
+      throw error;
+    }
+    await syncDir(kept);
+    this.divergedCount.set(name, (this.divergedCount.get(name) ?? 0) + 1);
+    this.log.error(
+      { device: name, file: kept, lastSeq: info.lastSeq, epoch: info.epoch, why },
+      `NVRAM device ${name}: this node's journal is replaced by the partner's copy (${why}); it may hold records acknowledged here that the partner never had. Kept as ${kept}; see memstrata nvram dump --diverged ${name}`,
+    );
+  }
+
+  /** Quarantined journals of a device (newest last), as kept by `quarantine`. */
+  async divergedOf(name: string): Promise<string[]> {
+    return divergedFiles(await readdir(this.dir), name).map((f) => join(this.dir, f));
+  }
+
+  /** User records of the newest quarantined journal of `name`, from `fromSeq`, at most `max`. */
+  async divergedRecords(name: string, fromSeq: number, max: number): Promise<{ file: string; records: JournalRecord[] }> {
+    const file = (await this.divergedOf(name)).at(-1);
+    if (file === undefined) throw new MisuseError('MS_NVRAM_NOT_FOUND', `NVRAM device ${name} has no diverged journal kept aside`, { details: { name } });
+    const records = parseJournal(await readFile(file)).records.filter((r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) === 0 && r.seq >= fromSeq);
+    return { file, records: records.slice(0, max) };
   }
 
   /** Closes a device, zeroes and returns its extents, and removes its files. */

@@ -63,6 +63,12 @@ export interface DeviceInfo {
   role: Role;
   /** How appends are protected now; null for devices that are not mirrored, and for replicas. */
   mirror: MirrorMode | null;
+  /**
+   * Journals of this node kept aside when the partner's copy replaced them
+   * (nvram/<name>.diverged-*): they may hold records acknowledged here that the partner
+   * never had. Set by the device list.
+   */
+  diverged?: number;
 }
 
 export type OnPartnerDown = 'degrade' | 'refuse';
@@ -184,6 +190,8 @@ export interface NvramRecordJson {
 export interface NvramDumpJson {
   device: DeviceInfo;
   records: NvramRecordJson[];
+  /** With `diverged`: the kept-aside journal the records come from. */
+  file?: string;
 }
 
 export interface PartitionRowJson {

@@ -144,3 +144,34 @@ test('with mirror.partnerId, the mirror service admits only that node, and the l
   assert.equal(a.get('m').info().mirror, 'degraded');
   assert.equal(b.nvram.find('m'), undefined, 'no replica was made on the wrong node');
 });
+
+test('split brain under degrade: the demoted old primary keeps its journal aside (diverged), with the records it acknowledged alone, and says so', async (t) => {
+  // Issue 11 item 11: the demoted primary deleted its journal, and 30 acknowledged records with it.
+  const b = await partnerB(t);
+  const a = await manager(t);
+  const mirroring = new Mirroring({ nvram: a, partner: b.address, onPartnerDown: 'degrade', nodeId: 'a', token: undefined, timeoutMs: 1000, retryMs: 50, log });
+  mirroring.start();
+  t.after(() => mirroring.close());
+  await a.create('m', MiB, 'mirrored');
+  const device = a.get('m');
+  await until(() => device.info().mirror === 'in-sync', 'in sync');
+  await device.open(1);
+  for (let i = 1; i <= 3; i++) await device.append(1, [{ payload: Buffer.from(`both ${i}`) }]);
+  // A partition: the link goes; A goes on alone (degrade), B's replica is taken over.
+  await b.mirror.close();
+  await until(() => device.info().mirror === 'degraded', 'degraded');
+  for (let i = 4; i <= 6; i++) await device.append(1, [{ payload: Buffer.from(`a alone ${i}`) }]);
+  await b.nvram.openJournal('m', 2);
+  // The partition heals: A finds B newer and becomes its replica.
+  const healed = new MirrorService({
+    nvram: b.nvram, nodeId: 'b', token: undefined, log,
+    maxInFlight: 64, maxInFlightBytes: 64 * MiB, maxInFlightBytesTotal: 128 * MiB, maxConnections: 16, maxConnectionsPerClient: 4, handshakeTimeoutMs: 5000, stallTimeoutMs: 5000,
+  });
+  await healed.listen(b.address);
+  t.after(() => healed.close());
+  await until(() => a.list()[0]?.diverged === 1, 'the list says a journal was kept aside');
+  assert.equal(device.role, 'replica');
+  const { records, file } = await a.divergedRecords('m', 0, 100);
+  assert.match(file, /m\.diverged-\d+$/);
+  assert.deepEqual(records.map((r) => r.payload.toString()), ['both 1', 'both 2', 'both 3', 'a alone 4', 'a alone 5', 'a alone 6']);
+});
