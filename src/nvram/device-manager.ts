@@ -174,6 +174,10 @@ export class DeviceManager {
    */
   openJournal(name: string, epoch: number): Promise<DeviceInfo> {
     const device = this.get(name);
+    if (device.role === 'replica' && device.nodeOwned) {
+      // The partner's volume replays this journal: a client taking it over would fence the node's own writes.
+      return Promise.reject(new MisuseError('MS_NVRAM_INVALID', `NVRAM device ${name} is the replica of a write log of the mirror partner's volume and is not open to clients`, { details: { name } }));
+    }
     if (device.role === 'primary' || !Number.isSafeInteger(epoch) || epoch <= device.epoch || device.recovering) return device.open(epoch);
     return this.serialized(async () => {
       if (device.role === 'replica' && epoch > device.epoch && !device.recovering) {
@@ -237,7 +241,7 @@ export class DeviceManager {
    * creating it when this node has none. Refuses when a device of that name here is not
    * the same mirrored device, or knows a newer epoch.
    */
-  resetReplica(reset: { name: string; policy: Policy; medium: MediumName; size: number; epoch: number; trimmedTo: number; firstSeq: number }, feeder?: object): Promise<void> {
+  resetReplica(reset: { name: string; policy: Policy; medium: MediumName; size: number; epoch: number; trimmedTo: number; firstSeq: number; nodeOwned?: boolean }, feeder?: object): Promise<void> {
     return this.serialized(async () => {
       deviceFile(this.dir, reset.name, '.json'); // refuses a name that is not a device name
       this.refuseDamaged(reset.name);
@@ -270,7 +274,7 @@ export class DeviceManager {
       }
       // Records an older connection is still applying land before the reset, never after it.
       await entry?.device.settleReplication();
-      entry?.device.resetReplica(reset.epoch, reset.trimmedTo, reset.firstSeq, feeder);
+      entry?.device.resetReplica(reset.epoch, reset.trimmedTo, reset.firstSeq, feeder, reset.nodeOwned === true);
     });
   }
   create(name: string, size: number, policy: Policy, medium: MediumName = 'dram'): Promise<DeviceInfo> {

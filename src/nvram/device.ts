@@ -129,6 +129,8 @@ export class NvramDevice {
   private roleValue: Role;
   /** Set after a crash until the partner has confirmed or supplied the contents. */
   recovering: boolean;
+  /** Replica: the device is a volume's write log on the primary node; no client may take it over. */
+  nodeOwned: boolean;
   /** The node's mirroring, for a mirrored primary. */
   port: MirrorPort | undefined;
 
@@ -158,6 +160,7 @@ export class NvramDevice {
     this.replicating = Promise.resolve();
     this.roleValue = options.role ?? 'primary';
     this.recovering = false;
+    this.nodeOwned = false;
     this.port = undefined;
   }
 
@@ -419,8 +422,9 @@ export class NvramDevice {
    * Makes this device an empty replica at the primary's epoch and trim point, expecting
    * `firstSeq` next; the primary's records follow with `replicate`.
    */
-  resetReplica(epoch: number, trimmedTo: number, firstSeq: number, feeder?: object): void {
+  resetReplica(epoch: number, trimmedTo: number, firstSeq: number, feeder?: object, nodeOwned = false): void {
     this.feeder = feeder;
+    this.nodeOwned = nodeOwned;
     this.roleValue = 'replica';
     this.index = [];
     this.indexStart = 0;
@@ -447,6 +451,14 @@ export class NvramDevice {
     const run = this.replicating.then(() => this.apply(epoch, records, encoded));
     this.replicating = run.catch(() => undefined);
     return run;
+  }
+
+  /**
+   * Sends the mirror partner a fresh RESET and every record (a mirrored primary): after
+   * something the RESET carries changed, such as the device becoming a write log.
+   */
+  refreshReplica(): void {
+    this.port?.rolledBack(this.name);
   }
 
   /** Whether this replica takes records and trims from `feeder` (the connection of its last RESET). */

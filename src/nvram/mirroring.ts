@@ -277,7 +277,16 @@ export class Mirroring {
     const epoch = device.epoch;
     await this.call(
       MOP.RESET,
-      encodeReset({ name: device.name, policy: device.policy, medium: this.options.nvram.mediumOf(device.name), size: device.size, epoch, trimmedTo: device.trimPoint, firstSeq: first }),
+      encodeReset({
+        name: device.name,
+        policy: device.policy,
+        medium: this.options.nvram.mediumOf(device.name),
+        size: device.size,
+        epoch,
+        trimmedTo: device.trimPoint,
+        firstSeq: first,
+        nodeOwned: this.options.nvram.claimedBy?.(device.name) !== undefined,
+      }),
     );
     let from = first;
     for (;;) {

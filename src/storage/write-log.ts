@@ -75,10 +75,13 @@ export class WriteLogIo implements VolumeIo {
       this.claims.delete(name);
       throw error;
     }
+    // The partner's replica learns it belongs to the node (no client may take it over).
+    device.refreshReplica();
   }
 
   release(device: string): void {
     this.claims.delete(device);
+    this.nvram.find(device)?.refreshReplica();
   }
 
   read(volume: Volume, offset: number, target: Buffer): Promise<void> {

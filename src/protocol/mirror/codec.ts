@@ -73,7 +73,12 @@ export interface Reset {
   epoch: number;
   trimmedTo: number;
   firstSeq: number;
+  /** The device is a write log on the primary node: no client may open the replica. */
+  nodeOwned?: boolean;
 }
+
+/** RESET flag bits (an optional trailing byte; absent means 0). */
+export const RESET_FLAG = { NODE_OWNED: 1 << 0 } as const;
 
 // ---- framing ----
 
@@ -281,6 +286,7 @@ export function encodeReset(reset: Reset): Buffer {
     .u64(reset.epoch)
     .u64(reset.trimmedTo)
     .u64(reset.firstSeq)
+    .u8(reset.nodeOwned === true ? RESET_FLAG.NODE_OWNED : 0)
     .done();
 }
 
@@ -295,7 +301,10 @@ export function decodeReset(body: Buffer): Reset {
     trimmedTo: r.u64(),
     firstSeq: r.u64(),
   };
-  r.end();
+  // The flags byte came later: a RESET without it has none.
+  const flags = r.rest();
+  if (flags.length > 1) throw malformed(`RESET: ${flags.length - 1} bytes left over`);
+  if ((flags[0] ?? 0) & RESET_FLAG.NODE_OWNED) reset.nodeOwned = true;
   if (reset.firstSeq < 1) throw malformed('RESET: first sequence number must be at least 1');
   return reset;
 }

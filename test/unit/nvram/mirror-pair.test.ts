@@ -175,3 +175,28 @@ test('split brain under degrade: the demoted old primary keeps its journal aside
   assert.match(file, /m\.diverged-\d+$/);
   assert.deepEqual(records.map((r) => r.payload.toString()), ['both 1', 'both 2', 'both 3', 'a alone 4', 'a alone 5', 'a alone 6']);
 });
+
+test('the replica of a write log belongs to the node too: no client of the partner node can take it over', async (t) => {
+  // Issue 11 item 5, partner side: any rmem client could open the replica with a newer epoch and demote the owner's device.
+  const b = await partnerB(t);
+  const a = await manager(t);
+  const mirroring = new Mirroring({ nvram: a, partner: b.address, onPartnerDown: 'degrade', nodeId: 'a', token: undefined, timeoutMs: 1000, retryMs: 50, log });
+  mirroring.start();
+  t.after(() => mirroring.close());
+  await a.create('wl', MiB, 'mirrored+local');
+  const device = a.get('wl');
+  await until(() => device.info().mirror === 'in-sync', 'in sync');
+  // The volume layer claims it (as WriteLogIo.claim does): the replica is reset as node-owned.
+  a.claimedBy = (name) => (name === 'wl' ? 'vol' : undefined);
+  device.refreshReplica();
+  await until(() => b.nvram.find('wl')?.nodeOwned === true && device.info().mirror === 'in-sync', 'replica reset as node-owned');
+  await assert.rejects(b.nvram.openJournal('wl', 99), { code: 'MS_NVRAM_INVALID', message: /write log of the mirror partner/ });
+  assert.equal(b.nvram.get('wl').role, 'replica');
+  await device.open(device.epoch);
+  const [appended] = await device.append(device.epoch, [{ payload: Buffer.from('still mirrored') }]);
+  assert.equal(appended?.seq, 1, 'the owner keeps writing and mirroring');
+  // Released (the volume removed): clients may take the replica over again.
+  a.claimedBy = () => undefined;
+  device.refreshReplica();
+  await until(() => b.nvram.find('wl')?.nodeOwned === false && device.info().mirror === 'in-sync', 'replica reset as free');
+});

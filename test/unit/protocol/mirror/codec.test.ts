@@ -68,3 +68,12 @@ test('mirror frames parse with the shared frame parser, split anywhere', () => {
   new FrameParser({ magic: m.MIRROR_REQUEST_MAGIC }, { onFrame: () => assert.fail('no frame'), onFatal: () => (fatal = true) }).feed(m.reply(m.MOP.HELLO, 0, 1));
   assert.ok(fatal, 'a response magic on the request side loses the framing');
 });
+
+test('RESET carries a node-owned flag in a trailing byte; a RESET without that byte has no flags, one with more is malformed', () => {
+  const base = { name: 'wl', policy: 'mirrored+local' as const, medium: 'dram' as const, size: 1 << 20, epoch: 3, trimmedTo: 0, firstSeq: 1 };
+  assert.equal(m.decodeReset(m.encodeReset({ ...base, nodeOwned: true })).nodeOwned, true);
+  assert.equal(m.decodeReset(m.encodeReset(base)).nodeOwned, undefined);
+  const withFlag = m.encodeReset(base);
+  assert.deepEqual(m.decodeReset(withFlag.subarray(0, withFlag.length - 1)), base, 'an older RESET without the flags byte');
+  assert.throws(() => m.decodeReset(Buffer.concat([withFlag, Buffer.alloc(1)])), { code: 'MS_MIRROR_PROTOCOL' });
+});
