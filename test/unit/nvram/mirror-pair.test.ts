@@ -14,7 +14,7 @@ import { DeviceManager } from '../../../src/nvram/device-manager.js';
 import { parseJournal, type JournalSink } from '../../../src/nvram/journal-file.js';
 import { MirrorService } from '../../../src/nvram/mirror-service.js';
 import { Mirroring } from '../../../src/nvram/mirroring.js';
-import { RECORD_FLAG } from '../../../src/protocol/journal/record.js';
+import { RECORD_FLAG, decodeOne } from '../../../src/protocol/journal/record.js';
 
 const MiB = 1024 * 1024;
 const log = pino({ level: 'silent' });
@@ -199,4 +199,82 @@ test('the replica of a write log belongs to the node too: no client of the partn
   a.claimedBy = () => undefined;
   device.refreshReplica();
   await until(() => b.nvram.find('wl')?.nodeOwned === false && device.info().mirror === 'in-sync', 'replica reset as free');
+});
+
+test('a mirrored pair under random partitions, heals and takeovers: every acknowledged record is served by the node that serves the device, or kept aside and shown; nothing else is readable; epochs fence', async () => {
+  // Issue 11: "A mirrored pair under partitions". Node A is the primary and mirrors to B
+  // (degrade when cut); B's replica may be taken over while cut. Appends go one at a time.
+  const fc = (await import('fast-check')).default;
+  const { readFile: read } = await import('node:fs/promises');
+  let run = 0;
+  await fc.assert(
+    fc.asyncProperty(fc.array(fc.constantFrom('appendA', 'appendA', 'appendB', 'cut', 'heal', 'takeover'), { minLength: 4, maxLength: 14 }), async (events) => {
+      const name = `m${run++}`;
+      const inner: (() => Promise<void> | void)[] = [];
+      const ctx: Ctx = { after: (fn) => { inner.push(fn); } };
+      try {
+        const b = await partnerB(ctx);
+        const a = await manager(ctx);
+        const mirroring = new Mirroring({ nvram: a, partner: b.address, onPartnerDown: 'degrade', nodeId: 'a', token: undefined, timeoutMs: 500, retryMs: 20, log });
+        mirroring.start();
+        ctx.after(() => mirroring.close());
+        await a.create(name, MiB, 'mirrored+local');
+        const devA = a.get(name);
+        await until(() => devA.info().mirror === 'in-sync', 'in sync');
+        await devA.open(1);
+        let service: MirrorService | undefined = b.mirror;
+        let epochB = 0;
+        const acked = new Set<string>();
+        const tried = new Set<string>();
+        let k = 0;
+        // The schedule ends healed, so the pair has settled who serves.
+        for (const event of [...events, 'heal']) {
+          const devB = b.nvram.find(name);
+          if (event === 'appendA' && devA.role === 'primary') {
+            const payload = `a${k++}`;
+            tried.add(payload);
+            await devA.append(1, [{ payload: Buffer.from(payload) }]).then(() => acked.add(payload), () => undefined);
+          } else if (event === 'appendB' && devB?.role === 'primary') {
+            const payload = `b${k++}`;
+            tried.add(payload);
+            await devB.append(epochB, [{ payload: Buffer.from(payload) }]).then(() => acked.add(payload), () => undefined);
+          } else if (event === 'cut' && service !== undefined) {
+            await service.close();
+            service = undefined;
+            await until(() => devA.role !== 'primary' || devA.info().mirror !== 'in-sync', 'cut seen');
+          } else if (event === 'heal' && service === undefined) {
+            service = new MirrorService({
+              nvram: b.nvram, nodeId: 'b', token: undefined, log,
+              maxInFlight: 64, maxInFlightBytes: 64 * MiB, maxInFlightBytesTotal: 128 * MiB, maxConnections: 16, maxConnectionsPerClient: 4, handshakeTimeoutMs: 5000, stallTimeoutMs: 5000,
+            });
+            await service.listen(b.address);
+            const healed = service;
+            ctx.after(() => healed.close());
+            // Back in sync, or A found B newer and became its replica (its journal kept aside).
+            await until(() => devA.role === 'replica' || devA.info().mirror === 'in-sync', 'healed');
+          } else if (event === 'takeover' && service === undefined && devB?.role === 'replica' && !devB.recovering) {
+            epochB = devB.epoch + 1;
+            await b.nvram.openJournal(name, epochB);
+          }
+        }
+        // Who serves the device now, and what A kept aside.
+        const devB = b.nvram.find(name);
+        const serving = devB?.role === 'primary' ? devB : devA;
+        const served = (await serving.collect(0, 1e6, 1e9)).map((buf) => decodeOne(buf)).filter((r) => (r.flags & RECORD_FLAG.VOID) === 0).map((r) => r.payload.toString());
+        const kept: string[] = [];
+        for (const file of await a.divergedOf(name)) {
+          kept.push(...parseJournal(await read(file)).records.filter((r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM | RECORD_FLAG.VOID)) === 0).map((r) => r.payload.toString()));
+        }
+        for (const payload of acked) assert.ok(served.includes(payload) || kept.includes(payload), `${events.join(' ')}: acknowledged ${payload} is neither served nor kept aside`);
+        for (const payload of served) assert.ok(acked.has(payload), `${events.join(' ')}: ${payload} is served but was never acknowledged`);
+        assert.equal(new Set(served).size, served.length, 'no record served twice');
+        if (kept.length > 0) assert.ok((a.list().find((d) => d.name === name)?.diverged ?? 0) > 0, 'what was kept aside is shown');
+        // Epochs fence: once A knows B took over, A's writer of epoch 1 cannot append.
+        if (devA.role === 'replica') await assert.rejects(devA.append(1, [{ payload: Buffer.from('late') }]));
+      } finally {
+        for (const fn of inner.reverse()) await fn();
+      }
+    }),
+    { numRuns: process.env.MEMSTRATA_SOAK === '1' ? 200 : 25 },
+  );
 });
