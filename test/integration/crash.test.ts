@@ -16,20 +16,10 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { NbdClient } from '../../src/client/nbd-client.js';
 import { startNode, tempDir, type NodeProcess } from '../support/node-process.js';
+import { rng } from '../support/rng.js';
 
 const SOAK = process.env.MEMSTRATA_SOAK === '1';
 const BLOCK = 4096;
-
-/** A small deterministic generator, so a failing cycle can be replayed from its seed. */
-function rng(seed: number): () => number {
-  let x = seed >>> 0 || 1;
-  return () => {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    return (x >>> 0) / 4294967296;
-  };
-}
 
 function blockData(block: number, version: number): Buffer {
   const buf = Buffer.alloc(BLOCK);

@@ -15,6 +15,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { startNode, tempDir, type NodeProcess } from '../support/node-process.js';
 import { missing, run } from '../support/tools.js';
+import { rng } from '../support/rng.js';
 
 const SOAK = process.env.MEMSTRATA_SOAK === '1';
 const MiB = 2 ** 20;
@@ -25,16 +26,6 @@ const NODE_ARGS = [
   '--set', 'partition.flash.cache.initial=4MiB', '--set', 'partition.flash.server.initial=0', '--set', 'partition.flash.nvram.initial=0',
   '--set', 'volumes.defaultSize=32MiB', '--set', 'cache.maxDirtyAge=2s',
 ];
-
-function rng(seed: number): () => number {
-  let x = seed >>> 0 || 1;
-  return () => {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    return (x >>> 0) / 4294967296;
-  };
-}
 
 const uri = (n: NodeProcess): string => `nbd://${n.nbd.host}:${n.nbd.port}/default`;
 

@@ -35,15 +35,33 @@ async function manager(t: Ctx, journalWrap?: (sink: JournalSink) => JournalSink)
   return nvram;
 }
 
-async function partnerB(t: Ctx, partnerId?: string): Promise<{ nvram: DeviceManager; mirror: MirrorService; address: { host: string; port: number } }> {
-  const nvram = await manager(t);
+/** Node B's mirror service on its DeviceManager, on `address` (port 0: any). */
+async function serveB(t: Ctx, nvram: DeviceManager, at: { host: string; port: number }, partnerId?: string): Promise<{ mirror: MirrorService; address: { host: string; port: number } }> {
   const mirror = new MirrorService({
     nvram, nodeId: 'b', token: undefined, log, partnerId,
     maxInFlight: 64, maxInFlightBytes: 64 * MiB, maxInFlightBytesTotal: 128 * MiB, maxConnections: 16, maxConnectionsPerClient: 4, handshakeTimeoutMs: 5000, stallTimeoutMs: 5000,
   });
-  const address = await mirror.listen({ host: '127.0.0.1', port: 0 });
+  const address = await mirror.listen(at);
   t.after(() => mirror.close());
-  return { nvram, mirror, address };
+  return { mirror, address };
+}
+
+async function partnerB(t: Ctx, partnerId?: string): Promise<{ nvram: DeviceManager; mirror: MirrorService; address: { host: string; port: number } }> {
+  const nvram = await manager(t);
+  return { nvram, ...(await serveB(t, nvram, { host: '127.0.0.1', port: 0 }, partnerId)) };
+}
+
+/** Node A mirroring to B (degrade when the link goes), with a mirrored device `name` in sync. */
+async function pair(t: Ctx, name: string, policy: 'mirrored' | 'mirrored+local', journalWrap?: (sink: JournalSink) => JournalSink) {
+  const b = await partnerB(t);
+  const a = await manager(t, journalWrap);
+  const mirroring = new Mirroring({ nvram: a, partner: b.address, onPartnerDown: 'degrade', nodeId: 'a', token: undefined, timeoutMs: 500, retryMs: 20, log });
+  mirroring.start();
+  t.after(() => mirroring.close());
+  await a.create(name, MiB, policy);
+  const device = a.get(name);
+  await until(() => device.info().mirror === 'in-sync', 'in sync');
+  return { a, b, device, mirroring };
 }
 
 async function until(probe: () => boolean, what: string): Promise<void> {
@@ -63,14 +81,7 @@ test('losing the partner syncs a mirrored device\'s journal: records only the pa
       syncs++;
     },
   });
-  const b = await partnerB(t);
-  const a = await manager(t, counting);
-  const mirroring = new Mirroring({ nvram: a, partner: b.address, onPartnerDown: 'degrade', nodeId: 'a', token: undefined, timeoutMs: 1000, retryMs: 50, log });
-  mirroring.start();
-  t.after(() => mirroring.close());
-  await a.create('m', MiB, 'mirrored');
-  const device = a.get('m');
-  await until(() => device.info().mirror === 'in-sync', 'in sync');
+  const { a, b, device } = await pair(t, 'm', 'mirrored', counting);
   await device.open(1);
   const before = syncs;
   for (let i = 0; i < 5; i++) await device.append(1, [{ payload: Buffer.from(`held by the partner ${i}`) }]);
@@ -147,14 +158,7 @@ test('with mirror.partnerId, the mirror service admits only that node, and the l
 
 test('split brain under degrade: the demoted old primary keeps its journal aside (diverged), with the records it acknowledged alone, and says so', async (t) => {
   // Issue 11 item 11: the demoted primary deleted its journal, and 30 acknowledged records with it.
-  const b = await partnerB(t);
-  const a = await manager(t);
-  const mirroring = new Mirroring({ nvram: a, partner: b.address, onPartnerDown: 'degrade', nodeId: 'a', token: undefined, timeoutMs: 1000, retryMs: 50, log });
-  mirroring.start();
-  t.after(() => mirroring.close());
-  await a.create('m', MiB, 'mirrored');
-  const device = a.get('m');
-  await until(() => device.info().mirror === 'in-sync', 'in sync');
+  const { a, b, device } = await pair(t, 'm', 'mirrored');
   await device.open(1);
   for (let i = 1; i <= 3; i++) await device.append(1, [{ payload: Buffer.from(`both ${i}`) }]);
   // A partition: the link goes; A goes on alone (degrade), B's replica is taken over.
@@ -163,12 +167,7 @@ test('split brain under degrade: the demoted old primary keeps its journal aside
   for (let i = 4; i <= 6; i++) await device.append(1, [{ payload: Buffer.from(`a alone ${i}`) }]);
   await b.nvram.openJournal('m', 2);
   // The partition heals: A finds B newer and becomes its replica.
-  const healed = new MirrorService({
-    nvram: b.nvram, nodeId: 'b', token: undefined, log,
-    maxInFlight: 64, maxInFlightBytes: 64 * MiB, maxInFlightBytesTotal: 128 * MiB, maxConnections: 16, maxConnectionsPerClient: 4, handshakeTimeoutMs: 5000, stallTimeoutMs: 5000,
-  });
-  await healed.listen(b.address);
-  t.after(() => healed.close());
+  await serveB(t, b.nvram, b.address);
   await until(() => a.list()[0]?.diverged === 1, 'the list says a journal was kept aside');
   assert.equal(device.role, 'replica');
   const { records, file } = await a.divergedRecords('m', 0, 100);
@@ -178,14 +177,7 @@ test('split brain under degrade: the demoted old primary keeps its journal aside
 
 test('the replica of a write log belongs to the node too: no client of the partner node can take it over', async (t) => {
   // Issue 11 item 5, partner side: any rmem client could open the replica with a newer epoch and demote the owner's device.
-  const b = await partnerB(t);
-  const a = await manager(t);
-  const mirroring = new Mirroring({ nvram: a, partner: b.address, onPartnerDown: 'degrade', nodeId: 'a', token: undefined, timeoutMs: 1000, retryMs: 50, log });
-  mirroring.start();
-  t.after(() => mirroring.close());
-  await a.create('wl', MiB, 'mirrored+local');
-  const device = a.get('wl');
-  await until(() => device.info().mirror === 'in-sync', 'in sync');
+  const { a, b, device } = await pair(t, 'wl', 'mirrored+local');
   // The volume layer claims it (as WriteLogIo.claim does): the replica is reset as node-owned.
   a.claimedBy = (name) => (name === 'wl' ? 'vol' : undefined);
   device.refreshReplica();
@@ -213,14 +205,7 @@ test('a mirrored pair under random partitions, heals and takeovers: every acknow
       const inner: (() => Promise<void> | void)[] = [];
       const ctx: Ctx = { after: (fn) => { inner.push(fn); } };
       try {
-        const b = await partnerB(ctx);
-        const a = await manager(ctx);
-        const mirroring = new Mirroring({ nvram: a, partner: b.address, onPartnerDown: 'degrade', nodeId: 'a', token: undefined, timeoutMs: 500, retryMs: 20, log });
-        mirroring.start();
-        ctx.after(() => mirroring.close());
-        await a.create(name, MiB, 'mirrored+local');
-        const devA = a.get(name);
-        await until(() => devA.info().mirror === 'in-sync', 'in sync');
+        const { a, b, device: devA } = await pair(ctx, name, 'mirrored+local');
         await devA.open(1);
         let service: MirrorService | undefined = b.mirror;
         let epochB = 0;
@@ -243,13 +228,7 @@ test('a mirrored pair under random partitions, heals and takeovers: every acknow
             service = undefined;
             await until(() => devA.role !== 'primary' || devA.info().mirror !== 'in-sync', 'cut seen');
           } else if (event === 'heal' && service === undefined) {
-            service = new MirrorService({
-              nvram: b.nvram, nodeId: 'b', token: undefined, log,
-              maxInFlight: 64, maxInFlightBytes: 64 * MiB, maxInFlightBytesTotal: 128 * MiB, maxConnections: 16, maxConnectionsPerClient: 4, handshakeTimeoutMs: 5000, stallTimeoutMs: 5000,
-            });
-            await service.listen(b.address);
-            const healed = service;
-            ctx.after(() => healed.close());
+            service = (await serveB(ctx, b.nvram, b.address)).mirror;
             // Back in sync, or A found B newer and became its replica (its journal kept aside).
             await until(() => devA.role === 'replica' || devA.info().mirror === 'in-sync', 'healed');
           } else if (event === 'takeover' && service === undefined && devB?.role === 'replica' && !devB.recovering) {
