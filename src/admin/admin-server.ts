@@ -361,7 +361,7 @@ export class AdminServer {
       return reply.code(204).send();
     });
 
-    app.get('/v1/nvram', (): NvramListJson => ({ devices: context.nvram.list(), damaged: context.nvram.damaged() }));
+    app.get('/v1/nvram', async (): Promise<NvramListJson> => ({ devices: context.nvram.list(), damaged: context.nvram.damaged(), diverged: await context.nvram.divergedJournals() }));
 
     app.post('/v1/nvram', async (request, reply) => {
       const { name, size, policy, medium } = parseBody(nvramBody, request.body, 'NVRAM device');
@@ -380,17 +380,22 @@ export class AdminServer {
     app.get('/v1/nvram/:name/records', async (request): Promise<NvramDumpJson> => {
       const name = (request.params as { name: string }).name;
       const { from, max, diverged } = parseBody(dumpQuery, request.query, 'dump');
-      const device = context.nvram.get(name);
       let file: string | undefined;
       let records;
+      let info = null;
       if (diverged === '1' || diverged === 'true') {
+        // Kept-aside journals outlive their device: no device is needed to read them.
         ({ file, records } = await context.nvram.divergedRecords(name, from, max));
+        const device = context.nvram.find(name);
+        info = device === undefined ? null : context.nvram.info(device);
       } else {
+        const device = context.nvram.get(name);
         records = (await device.collect(from, max, 16 * 1024 * 1024)).map((buf) => decodeOne(buf));
+        info = context.nvram.info(device);
       }
       return {
         ...(file === undefined ? {} : { file }),
-        device: context.nvram.info(device),
+        device: info,
         records: records.map((r) => ({
           seq: r.seq,
           timestamp: r.timestamp,

@@ -29,6 +29,8 @@ export interface MetricsSources {
   nvram(): DeviceInfo[];
   mirror(): MirroringInfo | undefined;
   admin?(): AdminStats | undefined;
+  /** Journals kept aside per NVRAM device name, removed devices included. */
+  divergedJournals?(): ReadonlyMap<string, number>;
   /** Volumes and NVRAM devices not loaded at start. */
   damaged?(): { volumes: number; nvram: number; orphans: number };
   /** The mirror service's connections and budget; absent before it listens. */
@@ -358,7 +360,7 @@ export class NodeMetrics {
       registers: [registry],
       collect() {
         this.reset();
-        for (const d of sources.nvram()) this.set({ device: d.name }, d.diverged ?? 0);
+        for (const [device, count] of sources.divergedJournals?.() ?? []) this.set({ device }, count);
       },
     });
     new Gauge({

@@ -5,7 +5,7 @@
 
 import { Command, CommanderError, Option } from 'commander';
 import { MisuseError, isMemstrataError } from '../errors.js';
-import type { AllocationTableJson, DamagedJson, KeptAsideJson, NodeInfo, OrphanJson, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson } from '../protocol/admin/api.js';
+import type { AllocationTableJson, DamagedJson, DivergedJson, KeptAsideJson, NodeInfo, OrphanJson, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson } from '../protocol/admin/api.js';
 import { POLICIES, type DeviceInfo } from '../nvram/device.js';
 import { RmemClient } from '../client/rmem-client.js';
 import { KINDS, MEDIA, USED_KINDS } from '../kinds.js';
@@ -155,7 +155,7 @@ export function buildProgram(output: Output = processOutput): Command {
     .addOption(jsonOption())
     .action(async (options: { admin: string; token?: string; json?: boolean }) => {
       const list = await adminClient(options).get<NvramListJson>('/v1/nvram');
-      output.out(options.json === true ? JSON.stringify(list, null, 2) : [renderNvram(list.devices), ...renderDamaged('NVRAM devices', list.damaged)].join('\n\n'));
+      output.out(options.json === true ? JSON.stringify(list, null, 2) : [renderNvram(list.devices), ...renderDamaged('NVRAM devices', list.damaged), ...renderDiverged(list.diverged)].join('\n\n'));
     });
   nvram
     .command('create <name>')
@@ -205,7 +205,8 @@ export function buildProgram(output: Output = processOutput): Command {
         Buffer.from(r.payload, 'base64').subarray(0, 16).toString('hex'),
       ]);
       const from = dump.file === undefined ? '' : `records kept aside in ${dump.file}\n`;
-      output.out(`${renderNvram([dump.device])}\n\n${from}${textTable(['SEQ', 'TIMESTAMP', 'EPOCH', 'TARGET', 'LENGTH', 'PAYLOAD (first 16 bytes)'], rows, [0, 2, 4])}`);
+      const head = dump.device === null ? `NVRAM device ${name}: removed; its journal kept aside remains` : renderNvram([dump.device]);
+      output.out(`${head}\n\n${from}${textTable(['SEQ', 'TIMESTAMP', 'EPOCH', 'TARGET', 'LENGTH', 'PAYLOAD (first 16 bytes)'], rows, [0, 2, 4])}`);
     });
 
   // ---- servers ----
@@ -358,6 +359,13 @@ export function renderNode(info: NodeInfo): string {
 }
 
 /** Volumes or devices that were not loaded at start; nothing when there are none. */
+/** Journals kept aside when a mirror partner's copy replaced this node's; empty when none. */
+export function renderDiverged(diverged: readonly DivergedJson[] | undefined): string[] {
+  if (diverged === undefined || diverged.length === 0) return [];
+  const rows = diverged.flatMap((d) => d.files.map((f) => [d.name, f]));
+  return [`Journals kept aside (may hold records acknowledged here that the partner never had; memstrata nvram dump --diverged NAME)\n${textTable(['DEVICE', 'FILE'], rows, [])}`];
+}
+
 export function renderDamaged(what: string, damaged: readonly DamagedJson[] | undefined): string[] {
   if (damaged === undefined || damaged.length === 0) return [];
   const rows = damaged.map((d) => [d.name, d.file, `${d.error.code}: ${d.error.message}`]);

@@ -255,6 +255,7 @@ export class StorageNode {
           volumes: this.volumes,
           cache: () => this.cache?.stats(),
           nvram: () => this.nvram.list(),
+          divergedJournals: () => this.nvram.divergedCounts(),
           mirror: () => this.mirroring?.info(),
           admin: () => this.admin?.stats,
           damaged: () => ({ volumes: this.volumes.damaged().length, nvram: this.nvram.damaged().length, orphans: this.volumes.orphans().length }),

@@ -26,11 +26,11 @@
 // link (mirroring.ts, mirror-service.ts). A client that opens a replica with a newer
 // epoch takes it over: it is promoted, gets a journal file, and mirrors back.
 
-import { mkdir, readFile, readdir, rename, rm } from 'node:fs/promises';
+import { copyFile, mkdir, readFile, readdir, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { MisuseError, RuntimeError, isMemstrataError, toMemstrataError } from '../errors.js';
+import { MisuseError, RuntimeError, StorageError, isMemstrataError, toMemstrataError } from '../errors.js';
 import type { MetaFs } from '../fs/meta-file.js';
-import type { DamagedJson } from '../protocol/admin/api.js';
+import type { DamagedJson, DivergedJson } from '../protocol/admin/api.js';
 import { deviceFile, divergedFiles } from './device-files.js';
 import { DEVICE_NAME_PATTERN, readDeviceMeta, writeDeviceMeta, type DeviceMeta } from './device-meta.js';
 import type { MediumName } from '../kinds.js';
@@ -93,10 +93,9 @@ export class DeviceManager {
   async open(): Promise<void> {
     await mkdir(this.dir, { recursive: true });
     const files = await readdir(this.dir);
-    for (const file of files.filter((f) => f.endsWith('.json'))) {
-      const name = file.slice(0, -'.json'.length);
-      const kept = divergedFiles(files, name).length;
-      if (kept > 0) this.divergedCount.set(name, kept);
+    for (const file of files) {
+      const name = /^(.+)\.diverged-\d+$/.exec(file)?.[1];
+      if (name !== undefined) this.divergedCount.set(name, (this.divergedCount.get(name) ?? 0) + 1);
     }
     for (const file of files.filter((f) => f.endsWith('.json')).sort()) {
       const name = file.slice(0, -'.json'.length);
@@ -274,7 +273,14 @@ export class DeviceManager {
       }
       // Records an older connection is still applying land before the reset, never after it.
       await entry?.device.settleReplication();
-      entry?.device.resetReplica(reset.epoch, reset.trimmedTo, reset.firstSeq, feeder, reset.nodeOwned === true);
+      const nodeOwned = reset.nodeOwned === true;
+      if (entry !== undefined && (entry.meta.nodeOwned === true) !== nodeOwned) {
+        // Kept in the metadata: a restart must not let a client take over a write log's replica.
+        if (nodeOwned) entry.meta.nodeOwned = true;
+        else delete entry.meta.nodeOwned;
+        await this.writeMeta(entry.meta);
+      }
+      entry?.device.resetReplica(reset.epoch, reset.trimmedTo, reset.firstSeq, feeder, nodeOwned);
     });
   }
   create(name: string, size: number, policy: Policy, medium: MediumName = 'dram'): Promise<DeviceInfo> {
@@ -317,7 +323,7 @@ export class DeviceManager {
    */
   private async quarantine(name: string, info: DeviceInfo, why: string): Promise<void> {
     const journal = deviceFile(this.dir, name, '.journal');
-    const kept = deviceFile(this.dir, name, `.diverged-${Date.now()}`);
+    const kept = await this.asideName(name);
     try {
       await rename(journal, kept);
     } catch (error) {
@@ -330,6 +336,25 @@ export class DeviceManager {
       { device: name, file: kept, lastSeq: info.lastSeq, epoch: info.epoch, why },
       `NVRAM device ${name}: this node's journal is replaced by the partner's copy (${why}); it may hold records acknowledged here that the partner never had. Kept as ${kept}; see memstrata nvram dump --diverged ${name}`,
     );
+  }
+
+  /** A name for a journal kept aside that no file has yet (two in one millisecond, or a clock stepped back, do not collide). */
+  private async asideName(name: string): Promise<string> {
+    const taken = new Set(await readdir(this.dir));
+    let stamp = Date.now();
+    while (taken.has(`${name}.diverged-${stamp}`)) stamp++;
+    return deviceFile(this.dir, name, `.diverged-${stamp}`);
+  }
+
+  /** Every journal kept aside, by device name (existing or removed), oldest first. */
+  async divergedJournals(): Promise<DivergedJson[]> {
+    const files = await readdir(this.dir);
+    return [...this.divergedCount.keys()].sort().map((name) => ({ name, files: divergedFiles(files, name).map((f) => join(this.dir, f)) })).filter((d) => d.files.length > 0);
+  }
+
+  /** How many journals are kept aside per device name; for the metrics. */
+  divergedCounts(): ReadonlyMap<string, number> {
+    return this.divergedCount;
   }
 
   /** Quarantined journals of a device (newest last), as kept by `quarantine`. */
@@ -376,16 +401,27 @@ export class DeviceManager {
       if (fresh) {
         if (hasFile) journal = await JournalFile.create(journalPath, meta.size, this.journalWrap);
       } else {
-        const vault = isVaulted(meta) ? await readFile(vaultPath).catch(() => undefined) : undefined;
+        const vault = isVaulted(meta) ? await readIfThere(vaultPath) : undefined;
         if (vault !== undefined) {
           const recovered = parseJournal(vault);
           refuseDamage(meta.name, vaultPath, recovered);
           records = recovered.records;
           vaulted = true;
         } else if (hasFile) {
-          const image = await readFile(journalPath).catch(() => Buffer.alloc(0));
+          const image = (await readIfThere(journalPath)) ?? Buffer.alloc(0);
           const recovered = parseJournal(image);
-          refuseDamage(meta.name, journalPath, recovered);
+          if (recovered.validAfter !== undefined && meta.policy === 'mirrored') {
+            // A `mirrored` file is written without a sync (the partner held each record
+            // when it was acknowledged), so a power cut may leave it with holes. Keep the
+            // file as it was, cut it, and take the records from the partner (recovering).
+            const kept = await this.asideName(meta.name);
+            await copyFile(journalPath, kept);
+            await syncDir(kept);
+            this.divergedCount.set(meta.name, (this.divergedCount.get(meta.name) ?? 0) + 1);
+            this.log.warn({ device: meta.name, file: journalPath, damagedAt: recovered.validLength, validAfter: recovered.validAfter, keptAs: kept }, 'mirrored NVRAM journal damaged in the middle (an unsynced write lost to a power cut?); a copy is kept aside, the file is cut there, and the partner supplies the rest');
+          } else {
+            refuseDamage(meta.name, journalPath, recovered);
+          }
           if (recovered.validLength === 0) journal = await JournalFile.create(journalPath, meta.size, this.journalWrap);
           else journal = await JournalFile.openExisting(journalPath, recovered.validLength, this.journalWrap);
           if (recovered.stoppedBecause !== undefined && recovered.validLength < image.length) {
@@ -415,6 +451,7 @@ export class DeviceManager {
       // After a clean stop the vault is the truth; a primary's journal file is rewritten from it.
       if (vaulted && hasFile) device.promote(await this.rebuildJournal(device));
       device.recovering = recovering;
+      device.nodeOwned = role === 'replica' && meta.nodeOwned === true;
       await rm(vaultPath, { force: true });
       // Durably, before the device serves: a vault that came back after a crash would be
       // preferred to the journal written since, and hand out its numbers again.
@@ -476,6 +513,16 @@ export class DeviceManager {
     const run = this.queue.then(fn);
     this.queue = run.catch(() => undefined);
     return run;
+  }
+}
+
+/** A file's bytes, or undefined when there is none; any other failure to read it is an error (never "empty"). */
+async function readIfThere(path: string): Promise<Buffer | undefined> {
+  try {
+    return await readFile(path);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw new StorageError('MS_MEDIUM_IO', `cannot read ${path}: ${(error as Error).message}; the device stays offline and its files as they are`, { cause: error });
   }
 }
 

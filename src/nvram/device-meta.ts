@@ -29,6 +29,8 @@ const deviceMetaSchema = z.strictObject({
   policy: z.enum(POLICIES),
   medium: z.enum(MEDIA),
   role: z.enum(['primary', 'replica']).optional(),
+  /** A replica whose primary is a volume's write log on the partner (RESET flag): no client may take it over. */
+  nodeOwned: z.boolean().optional(),
   createdAt: z.iso.datetime(),
 });
 
@@ -39,6 +41,7 @@ export interface DeviceMeta {
   medium: MediumName;
   /** Absent in files written before mirroring: primary. */
   role?: Role;
+  nodeOwned?: boolean;
   createdAt: string;
 }
 
@@ -49,14 +52,14 @@ export function deviceMetaPath(dir: string, name: string): string {
 /** Reads and checks nvram/<name>.json; MS_META_INVALID names the file and the field. */
 export async function readDeviceMeta(dir: string, name: string, fs?: MetaFs): Promise<DeviceMeta> {
   const path = deviceMetaPath(dir, name);
-  const { name: stored, size, policy, medium, role, createdAt } = await readMetaFile(path, deviceMetaSchema, 'NVRAM device metadata', fs);
-  const meta: DeviceMeta = { name: stored, size, policy, medium, createdAt, ...(role === undefined ? {} : { role }) };
+  const { name: stored, size, policy, medium, role, nodeOwned, createdAt } = await readMetaFile(path, deviceMetaSchema, 'NVRAM device metadata', fs);
+  const meta: DeviceMeta = { name: stored, size, policy, medium, createdAt, ...(role === undefined ? {} : { role }), ...(nodeOwned === true ? { nodeOwned } : {}) };
   if (meta.name !== name) throw metaInvalid(path, 'NVRAM device metadata', 'name', `field name: "${meta.name}" is not the file's name "${name}"`);
   return meta;
 }
 
 /** Replaces nvram/<name>.json durably (see fs/meta-file.ts). */
 export function writeDeviceMeta(dir: string, meta: DeviceMeta, fs?: MetaFs): Promise<void> {
-  const { name, size, policy, medium, role, createdAt } = meta;
-  return replaceFile(deviceMetaPath(dir, name), `${JSON.stringify({ name, size, policy, medium, role, createdAt, version: DEVICE_META_VERSION })}\n`, fs);
+  const { name, size, policy, medium, role, nodeOwned, createdAt } = meta;
+  return replaceFile(deviceMetaPath(dir, name), `${JSON.stringify({ name, size, policy, medium, role, ...(nodeOwned === true ? { nodeOwned } : {}), createdAt, version: DEVICE_META_VERSION })}\n`, fs);
 }

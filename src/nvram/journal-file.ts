@@ -36,7 +36,7 @@ import { crc32 } from 'node:zlib';
 import { StorageError, asError } from '../errors.js';
 import { CREATE_NEW_FLAGS } from '../fs/meta-file.js';
 import { writeAll } from '../fs/positional-io.js';
-import { RECORD_FLAG, decodeRecord, encodeRecord, type JournalRecord } from '../protocol/journal/record.js';
+import { MAX_PAYLOAD, MAX_TARGET_NAME, RECORD_FLAG, RECORD_HEADER, RECORD_MAGIC, decodeRecord, encodeRecord, recordSize, type JournalRecord } from '../protocol/journal/record.js';
 
 export const FILE_MAGIC = Buffer.from('MSJOURN1');
 export const FILE_HEADER = 64;
@@ -124,10 +124,27 @@ export function parseJournal(image: Buffer): Recovered {
   }
   // A record out of sequence is itself a valid record after the stop.
   const jumped = stoppedBecause?.startsWith('sequence jumps') === true;
-  return { records, validLength: at, stoppedBecause, validAfter: stoppedBecause === undefined ? undefined : jumped ? at : nextValidRecord(image, at) };
+  return { records, validLength: at, stoppedBecause, validAfter: stoppedBecause === undefined ? undefined : jumped ? at : nextValidRecord(image, past(image, at)) };
 }
 
 const RECORD_MAGIC_BYTES = Buffer.from([0x4d, 0x53, 0x4a, 0x52]);
+
+/**
+ * Where to look for valid records after the one at `at` that failed: past its declared
+ * end when its header is whole, its lengths are in range and that end is inside the
+ * file, so a record embedded in its payload (a client may journal anything) is not taken
+ * for one of the journal's own. (A torn tail is followed by preallocated zeros, so its
+ * declared end is inside the file; an end past the file may be a damaged length field,
+ * and then every later byte is searched.)
+ */
+function past(image: Buffer, at: number): number {
+  if (image.length - at < RECORD_HEADER || image.readUInt32BE(at) !== RECORD_MAGIC) return at;
+  const length = image.readUInt32BE(at + 32);
+  const nameLength = image.readUInt16BE(at + 36);
+  if (length > MAX_PAYLOAD || nameLength > MAX_TARGET_NAME) return at;
+  const end = at + recordSize(length, nameLength);
+  return end > image.length ? at : end - 1;
+}
 
 /** Where the first record that passes its checks begins after `from`, if one does. */
 function nextValidRecord(image: Buffer, from: number): number | undefined {
@@ -263,7 +280,13 @@ export class JournalFile {
 
   private async rewrite(trimmedTo: number): Promise<void> {
     const image = await readFile(this.path);
-    const { records } = parseJournal(image.subarray(0, this.length));
+    const parsed = parseJournal(image.subarray(0, this.length));
+    // Everything up to this.length was written whole: a record that does not read back is
+    // damage. Refuse, which fences the file, and the device rewrites it from memory.
+    if (parsed.stoppedBecause !== undefined) {
+      throw new StorageError('MS_MEDIUM_IO', `journal ${this.path}: compaction found the file damaged at byte ${parsed.validLength} (${parsed.stoppedBecause})`);
+    }
+    const { records } = parsed;
     let epoch: JournalRecord | undefined;
     let trim: JournalRecord | undefined;
     const keep: Buffer[] = [];

@@ -100,6 +100,8 @@ export interface MirrorServiceOptions {
   maxConnections: number;
   /** Connections open at once from one remote address. */
   maxConnectionsPerClient: number;
+  /** The slowest a body may arrive, or a reply be read, after the stall grace (bytes/s); default MIN_RATE. */
+  minRate?: number;
   /** A connection whose HELLO has not succeeded in this time is closed. */
   handshakeTimeoutMs: number;
   /** After HELLO, a connection whose frame or replies do not move for this long is closed. */
@@ -181,7 +183,7 @@ export class MirrorService {
   }
 }
 
-/** The slowest a body may arrive after the stall timeout's grace: 256 KiB/s. */
+/** The slowest a body may arrive, or a reply be read, after the stall timeout's grace: 256 KiB/s. */
 export const MIN_RATE = 256 * 1024;
 /** Replies are handed to the socket in pieces of this size, each once the one before is taken. */
 const REPLY_PIECE = 256 * 1024;
@@ -205,6 +207,9 @@ class MirrorConnection {
   private chain: Promise<void>;
   /** Replies being written, in order, piece after piece. */
   private output: Promise<void>;
+  /** When the reply being written began to be written (undefined: none), and its length. */
+  private replySince: number | undefined;
+  private replyLength: number;
   private partner: string | undefined;
   /** Bytes reserved for the body the parser is assembling (0: none). */
   private reserved: number;
@@ -228,6 +233,8 @@ class MirrorConnection {
     this.writer = new CorkedWriter(socket);
     this.chain = Promise.resolve();
     this.output = Promise.resolve();
+    this.replySince = undefined;
+    this.replyLength = 0;
     this.partner = undefined;
     this.reserved = 0;
     this.reservedAdmitted = false;
@@ -330,13 +337,16 @@ class MirrorConnection {
     if (this.socket.isPaused()) this.lastInput = now;
     const frame = this.parser.midFrame && now - this.lastInput > timeoutMs;
     const replies = this.socket.writableLength > 0 && now - this.lastOutput > timeoutMs;
-    const slow = this.bodySince !== undefined && now - this.bodySince > timeoutMs + (this.bodyLength / MIN_RATE) * 1000;
-    if (!frame && !replies && !slow) return false;
-    const stalled = frame ? 'frame' : replies ? 'replies' : 'slow body';
+    const rate = this.options.minRate ?? MIN_RATE;
+    const slow = this.bodySince !== undefined && now - this.bodySince > timeoutMs + (this.bodyLength / rate) * 1000;
+    const slowReply = this.replySince !== undefined && now - this.replySince > timeoutMs + (this.replyLength / rate) * 1000;
+    if (!frame && !replies && !slow && !slowReply) return false;
+    const stalled = frame ? 'frame' : replies ? 'replies' : slow ? 'slow body' : 'slow reader';
     this.options.log.warn({ partner: this.partner, remote: this.socket.remoteAddress, timeoutMs, stalled }, {
       frame: 'mirror connection began a frame and sent nothing more; closing it',
       replies: 'mirror connection does not read its replies; closing it',
-      'slow body': `mirror connection sends a frame slower than ${MIN_RATE / 1024} KiB/s; closing it`,
+      'slow body': `mirror connection sends a frame slower than ${rate / 1024} KiB/s; closing it`,
+      'slow reader': `mirror connection reads a reply slower than ${rate / 1024} KiB/s; closing it`,
     }[stalled]);
     this.closing = true;
     this.socket.destroy();
@@ -379,7 +389,10 @@ class MirrorConnection {
         });
       });
     this.output = this.output.then(async () => {
+      this.replySince = performance.now();
+      this.replyLength = buf.length;
       for (let at = 0; at < buf.length; at += REPLY_PIECE) await piece(buf.subarray(at, at + REPLY_PIECE));
+      this.replySince = undefined;
       done();
     });
   }

@@ -26,7 +26,7 @@ test('memstrata nvram create, list, dump and rm, with --json, coded errors and s
 
   const dump = JSON.parse((await cli('nvram', 'dump', 'j1', '--json')).stdout) as NvramDumpJson;
   assert.deepEqual(dump.records, []);
-  assert.equal(dump.device.name, 'j1');
+  assert.equal(dump.device?.name, 'j1');
 
   assert.match((await cli('nvram', 'create', 'j1', '--size', '1MiB')).stderr, /^memstrata: MS_NVRAM_EXISTS/);
   assert.match((await cli('nvram', 'create', 'big', '--size', '1GiB')).stderr, /^memstrata: MS_NVRAM_NO_CAPACITY: no room for NVRAM device big/);

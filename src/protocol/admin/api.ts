@@ -175,6 +175,14 @@ export interface NvramListJson {
   devices: DeviceInfo[];
   /** Devices not loaded at start (damaged metadata, or no room to restore them), with the error. */
   damaged: DamagedJson[];
+  /** Journals kept aside (nvram/NAME.diverged-MS), by device name, whether the device still exists or not. */
+  diverged: DivergedJson[];
+}
+
+export interface DivergedJson {
+  name: string;
+  /** Oldest first. */
+  files: string[];
 }
 
 export interface NvramRecordJson {
@@ -188,7 +196,8 @@ export interface NvramRecordJson {
 }
 
 export interface NvramDumpJson {
-  device: DeviceInfo;
+  /** Null when dumping a journal kept aside for a device that no longer exists. */
+  device: DeviceInfo | null;
   records: NvramRecordJson[];
   /** With `diverged`: the kept-aside journal the records come from. */
   file?: string;

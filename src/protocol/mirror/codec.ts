@@ -286,7 +286,8 @@ export function encodeReset(reset: Reset): Buffer {
     .u64(reset.epoch)
     .u64(reset.trimmedTo)
     .u64(reset.firstSeq)
-    .u8(reset.nodeOwned === true ? RESET_FLAG.NODE_OWNED : 0)
+    // The flags byte only when a flag is set: a RESET without flags is what older nodes read.
+    .raw(reset.nodeOwned === true ? Buffer.from([RESET_FLAG.NODE_OWNED]) : Buffer.alloc(0))
     .done();
 }
 
@@ -304,7 +305,9 @@ export function decodeReset(body: Buffer): Reset {
   // The flags byte came later: a RESET without it has none.
   const flags = r.rest();
   if (flags.length > 1) throw malformed(`RESET: ${flags.length - 1} bytes left over`);
-  if ((flags[0] ?? 0) & RESET_FLAG.NODE_OWNED) reset.nodeOwned = true;
+  const bits = flags[0] ?? 0;
+  if ((bits & ~RESET_FLAG.NODE_OWNED) !== 0) throw malformed(`RESET: unknown flags 0x${bits.toString(16)}`);
+  if ((bits & RESET_FLAG.NODE_OWNED) !== 0) reset.nodeOwned = true;
   if (reset.firstSeq < 1) throw malformed('RESET: first sequence number must be at least 1');
   return reset;
 }

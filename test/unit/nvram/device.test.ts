@@ -7,7 +7,7 @@ import pino from 'pino';
 import { DramMedium } from '../../../src/memory/dram-medium.js';
 import { PartitionTable } from '../../../src/memory/partition-table.js';
 import { DeviceManager } from '../../../src/nvram/device-manager.js';
-import { decodeOne } from '../../../src/protocol/journal/record.js';
+import { RECORD_FLAG, decodeOne } from '../../../src/protocol/journal/record.js';
 import { parseJournal } from '../../../src/nvram/journal-file.js';
 
 const E = 64 * 1024;
@@ -322,4 +322,100 @@ test('a journal damaged in the middle is not cut: the device stays offline with 
     const cut = await manager(dir);
     assert.deepEqual(await payloads(cut.devices, 'l'), ['record 1', 'record 2', 'record 3', 'record 4']);
     await cut.devices.close();
+  }));
+
+test('a torn last record whose payload holds an encoded record is a torn tail, not damage: the device comes back with the records before it', () =>
+  withDir(async (dir) => {
+    // A client may journal anything, journal records included; one embedded in a torn record must not take the device offline.
+    const { encodeRecord } = await import('../../../src/protocol/journal/record.js');
+    const { devices } = await manager(dir);
+    await devices.create('l', 4 * E, 'local');
+    for (let i = 1; i <= 4; i++) await devices.get('l').append(0, [{ payload: Buffer.from(`record ${i}`) }]);
+    const embedded = encodeRecord({ seq: 99, timestamp: 1, epoch: 0, flags: 0, target: undefined, payload: Buffer.from('inside a payload') });
+    await devices.get('l').append(0, [{ payload: Buffer.concat([Buffer.alloc(100, 1), embedded, Buffer.alloc(3000, 2)]) }]);
+    // No close: as after kill -9. Tear the last record after its embedded one; the rest of the file stays preallocated zeros.
+    const path = join(dir, 'nvram', 'l.journal');
+    const image = await readFile(path);
+    const cut = image.indexOf(embedded) + embedded.length + 500;
+    image.fill(0, cut, parseJournal(image).validLength);
+    await writeFile(path, image);
+    const again = await manager(dir);
+    assert.deepEqual(again.devices.damaged(), []);
+    assert.deepEqual(await payloads(again.devices, 'l'), ['record 1', 'record 2', 'record 3', 'record 4']);
+    await again.devices.close();
+  }));
+
+test('a journal that cannot be read at start (not missing: unreadable) keeps its device offline and the file as it is; it is never replaced by an empty journal', () =>
+  withDir(async (dir) => {
+    // Review finding: any read error was taken for "no file", and an empty journal was renamed over the real one.
+    const { mkdir: makeDir, stat } = await import('node:fs/promises');
+    const { devices } = await manager(dir);
+    await devices.create('l', 4 * E, 'local');
+    await devices.get('l').append(0, [{ payload: Buffer.from('kept') }]);
+    await devices.close();
+    const path = join(dir, 'nvram', 'l.journal');
+    const image = await readFile(path);
+    await rm(path);
+    await makeDir(path); // reading it fails with EISDIR, not ENOENT
+    const again = await manager(dir);
+    assert.equal(again.devices.find('l'), undefined);
+    assert.equal(again.devices.damaged()[0]?.error.code, 'MS_MEDIUM_IO');
+    assert.ok((await stat(path)).isDirectory(), 'nothing was written over it');
+    await again.devices.close();
+    await rm(path, { recursive: true });
+    await writeFile(path, image);
+    const repaired = await manager(dir);
+    assert.deepEqual(await payloads(repaired.devices, 'l'), ['kept']);
+    await repaired.devices.close();
+  }));
+
+test('a mirrored journal damaged in the middle (a power cut can leave holes in its unsynced file) is kept aside, cut, and left for the partner to fill: not taken offline', () =>
+  withDir(async (dir) => {
+    const { devices } = await manager(dir);
+    await devices.create('m', 4 * E, 'mirrored');
+    for (let i = 1; i <= 6; i++) await devices.get('m').append(0, [{ payload: Buffer.from(`record ${i}`) }]);
+    await devices.get('m').syncJournal();
+    const path = join(dir, 'nvram', 'm.journal');
+    const image = await readFile(path);
+    image[image.indexOf(Buffer.from('record 3'))] = 0x58;
+    await writeFile(path, image);
+    const again = await manager(dir);
+    assert.deepEqual(again.devices.damaged(), []);
+    const info = again.devices.list()[0];
+    assert.equal(info?.state, 'recovering', 'waits for the partner');
+    assert.equal(info?.lastSeq, 2);
+    assert.equal(info?.diverged, 1, 'the file as it was is kept aside');
+    const kept = await again.devices.divergedOf('m');
+    assert.ok((await readFile(kept[0] ?? '')).equals(image));
+    await again.devices.close();
+  }));
+
+test('compaction that finds its file damaged refuses; the device rewrites the file from memory and goes on, every live record kept', () =>
+  withDir(async (dir) => {
+    const { devices } = await manager(dir, 16 * 1024);
+    await devices.create('l', E, 'local'); // compacted once the file passes 2 x 64 KiB
+    const device = devices.get('l');
+    const append = async (n: number) => {
+      for (let i = 0; i < n; i++) await device.append(0, [{ payload: Buffer.alloc(1000, device.lastSeq % 250) }]);
+    };
+    for (let round = 0; round < 3; round++) {
+      await append(30);
+      await device.trim(0, device.lastSeq - 5);
+    }
+    await append(30); // records 91 to 120: the file is just under the compaction size
+    // Damage a record in the file under the device (as a failing disk might).
+    const path = join(dir, 'nvram', 'l.journal');
+    const image = await readFile(path);
+    const at = parseJournal(image).validLength - 3 * 1056 + 100;
+    image[at] = (image[at] ?? 0) ^ 0xff;
+    await writeFile(path, image);
+    await append(10);
+    await assert.rejects(device.trim(0, 125), { code: 'MS_MEDIUM_IO', message: /compaction found the file damaged/ });
+    const [next] = await device.append(0, [{ payload: Buffer.from('after the repair') }]);
+    assert.equal(next?.seq, 131);
+    const recovered = parseJournal(await readFile(path));
+    assert.equal(recovered.stoppedBecause, undefined);
+    const live = recovered.records.filter((r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) === 0).map((r) => r.seq);
+    assert.deepEqual(live, [126, 127, 128, 129, 130, 131], 'the live records, rewritten from memory');
+    await devices.close();
   }));

@@ -21,9 +21,9 @@ const log = pino({ level: 'silent' });
 
 type Ctx = { after(fn: () => Promise<void> | void): void };
 
-async function manager(t: Ctx, journalWrap?: (sink: JournalSink) => JournalSink): Promise<DeviceManager> {
-  const dir = await mkdtemp(join(tmpdir(), 'memstrata-pair-'));
-  t.after(() => rm(dir, { recursive: true, force: true }));
+async function manager(t: Ctx, journalWrap?: (sink: JournalSink) => JournalSink, dataDir?: string): Promise<DeviceManager> {
+  const dir = dataDir ?? (await mkdtemp(join(tmpdir(), 'memstrata-pair-')));
+  if (dataDir === undefined) t.after(() => rm(dir, { recursive: true, force: true }));
   const medium = new DramMedium({ capacity: 16 * MiB, extentSize: MiB });
   await medium.open();
   const partition = new PartitionTable([
@@ -173,6 +173,10 @@ test('split brain under degrade: the demoted old primary keeps its journal aside
   const { records, file } = await a.divergedRecords('m', 0, 100);
   assert.match(file, /m\.diverged-\d+$/);
   assert.deepEqual(records.map((r) => r.payload.toString()), ['both 1', 'both 2', 'both 3', 'a alone 4', 'a alone 5', 'a alone 6']);
+  // Kept aside even once the device is gone here: listed and readable.
+  await a.remove('m');
+  assert.deepEqual((await a.divergedJournals()).map((d) => [d.name, d.files.length]), [['m', 1]]);
+  assert.equal((await a.divergedRecords('m', 4, 100)).records.length, 3);
 });
 
 test('the replica of a write log belongs to the node too: no client of the partner node can take it over', async (t) => {
@@ -187,10 +191,19 @@ test('the replica of a write log belongs to the node too: no client of the partn
   await device.open(device.epoch);
   const [appended] = await device.append(device.epoch, [{ payload: Buffer.from('still mirrored') }]);
   assert.equal(appended?.seq, 1, 'the owner keeps writing and mirroring');
+  // The mark survives a clean restart of the partner node.
+  const { dirname } = await import('node:path');
+  await b.mirror.close();
+  await b.nvram.close();
+  const restarted = await manager(t, undefined, dirname(b.nvram.dir));
+  assert.equal(restarted.find('wl')?.nodeOwned, true);
+  await assert.rejects(restarted.openJournal('wl', 100), { code: 'MS_NVRAM_INVALID' });
+  await serveB(t, restarted, b.address);
+  await until(() => device.info().mirror === 'in-sync', 'in sync with the restarted partner');
   // Released (the volume removed): clients may take the replica over again.
   a.claimedBy = () => undefined;
   device.refreshReplica();
-  await until(() => b.nvram.find('wl')?.nodeOwned === false && device.info().mirror === 'in-sync', 'replica reset as free');
+  await until(() => restarted.find('wl')?.nodeOwned === false && device.info().mirror === 'in-sync', 'replica reset as free');
 });
 
 test('a mirrored pair under random partitions, heals and takeovers: every acknowledged record is served by the node that serves the device, or kept aside and shown; nothing else is readable; epochs fence', async () => {

@@ -304,6 +304,50 @@ test('replies that drain slowly are being read: a peer reading two 8 MiB replies
   assert.equal(mirror.load().stalled, 0);
 });
 
+test('a peer that reads replies, but slower than the minimum rate, is cut once a reply has taken longer than the grace and its size at that rate', async (t) => {
+  // Review finding: one piece per stall timeout kept a reply's budget for hours; replies have a minimum rate, as bodies do.
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-mirrorsvc-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const medium = new DramMedium({ capacity: 16 * MiB, extentSize: MiB });
+  await medium.open();
+  const partition = new PartitionTable([
+    { name: 'dram', capacity: 16 * MiB, extentSize: MiB, initial: { cache: 0, server: 0, nvram: 12 * MiB }, bounds: { cache: { min: 0, max: 16 * MiB }, server: { min: 0, max: 0 }, nvram: { min: 0, max: 16 * MiB } } },
+  ]);
+  const nvram = new DeviceManager({ dataDir: dir, partition, media: [medium], log });
+  await nvram.open();
+  t.after(() => nvram.close());
+  await nvram.create('j', 10 * MiB, 'volatile');
+  const device = nvram.get('j');
+  for (let i = 0; i < 8; i++) await device.append(0, [{ payload: Buffer.alloc(MiB - 1024, i) }]);
+  const mirror = new MirrorService({ nvram, nodeId: 'unit', token: undefined, log, maxInFlight: 64, maxInFlightBytes: 64 * MiB, maxInFlightBytesTotal: 128 * MiB, maxConnections: 16, maxConnectionsPerClient: 4, handshakeTimeoutMs: 5000, stallTimeoutMs: 1000, minRate: 4 * MiB });
+  const address = await mirror.listen({ host: '127.0.0.1', port: 0 });
+  t.after(() => mirror.close());
+  const socket = connect(address.port, address.host);
+  socket.on('error', () => undefined);
+  t.after(() => socket.destroy());
+  let replies = 0;
+  let received = 0;
+  let allowed = 64 * 1024;
+  const parser = new FrameParser({ magic: m.MIRROR_RESPONSE_MAGIC }, { onFrame: () => { replies++; }, onFatal: () => socket.destroy() }, m.MIRROR_MAX_BODY);
+  socket.on('data', (chunk: Buffer) => {
+    received += chunk.length;
+    parser.feed(chunk);
+    if (received >= allowed) socket.pause();
+  });
+  const tick = setInterval(() => {
+    allowed += (512 * 1024) / 50;
+    if (received < allowed && socket.isPaused()) socket.resume();
+  }, 20);
+  t.after(() => clearInterval(tick));
+  await new Promise((resolve) => socket.once('connect', resolve));
+  socket.write(m.request(m.MOP.HELLO, 1, m.encodeHello({ version: m.MIRROR_VERSION, nodeId: 'slow', token: '' })));
+  await until(() => replies === 1);
+  for (let i = 0; i < 2; i++) socket.write(m.request(m.MOP.FETCH, 10 + i, m.encodeFetch('j', 1, 8 * MiB)));
+  await until(() => socket.destroyed || mirror.load().stalled > 0);
+  assert.equal(mirror.load().stalled, 1, 'cut as a slow reader');
+  assert.ok(replies < 3, 'before the replies were read whole');
+});
+
 test('a peer that trickles a body, a byte now and then inside the stall timeout, is closed once the body falls behind MIN_RATE after the grace', async (t) => {
   // Review finding: one byte per stall period kept a large reservation for ever.
   const { mirror, address } = await service(t, { stallTimeoutMs: 100 });

@@ -69,11 +69,13 @@ test('mirror frames parse with the shared frame parser, split anywhere', () => {
   assert.ok(fatal, 'a response magic on the request side loses the framing');
 });
 
-test('RESET carries a node-owned flag in a trailing byte; a RESET without that byte has no flags, one with more is malformed', () => {
+test('RESET carries a node-owned flag in a trailing byte, sent only when set (what older nodes read); unknown flags or more bytes are malformed', () => {
   const base = { name: 'wl', policy: 'mirrored+local' as const, medium: 'dram' as const, size: 1 << 20, epoch: 3, trimmedTo: 0, firstSeq: 1 };
-  assert.equal(m.decodeReset(m.encodeReset({ ...base, nodeOwned: true })).nodeOwned, true);
-  assert.equal(m.decodeReset(m.encodeReset(base)).nodeOwned, undefined);
-  const withFlag = m.encodeReset(base);
-  assert.deepEqual(m.decodeReset(withFlag.subarray(0, withFlag.length - 1)), base, 'an older RESET without the flags byte');
-  assert.throws(() => m.decodeReset(Buffer.concat([withFlag, Buffer.alloc(1)])), { code: 'MS_MIRROR_PROTOCOL' });
+  const owned = m.encodeReset({ ...base, nodeOwned: true });
+  const plain = m.encodeReset(base);
+  assert.equal(owned.length, plain.length + 1, 'no flags byte without a flag');
+  assert.equal(m.decodeReset(owned).nodeOwned, true);
+  assert.deepEqual(m.decodeReset(plain), base);
+  assert.throws(() => m.decodeReset(Buffer.concat([plain, Buffer.from([0x02])])), { code: 'MS_MIRROR_PROTOCOL', message: /unknown flags/ });
+  assert.throws(() => m.decodeReset(Buffer.concat([owned, Buffer.alloc(1)])), { code: 'MS_MIRROR_PROTOCOL' });
 });
