@@ -99,7 +99,10 @@ export class Mirroring {
       if (mirrored.length > 0) log.warn({ devices: mirrored, mode: this.downMode() }, 'mirrored NVRAM devices but no mirror.partner configured');
       return;
     }
-    log.info({ partner: this.link.address, onPartnerDown: this.options.onPartnerDown }, 'mirroring to partner');
+    log.info({ partner: this.link.address, partnerId: this.options.partnerId ?? null, onPartnerDown: this.options.onPartnerDown }, 'mirroring to partner');
+    if (this.options.partnerId === undefined) {
+      log.warn({ partner: this.link.address }, 'mirror.partnerId is not set: this node mirrors to whatever node answers at the partner address, and its mirror service admits any node id; set mirror.partnerId on both nodes');
+    }
     this.link.start();
   }
 
