@@ -256,6 +256,10 @@ export class NvramDevice {
       });
     }
     if (entries.length === 0) return [];
+    if (this.policy !== 'volatile' && this.journal === undefined) {
+      // Never acknowledge a record that neither a journal file nor a partner will hold.
+      throw new StorageError('MS_MEDIUM_IO', `device ${this.name} has no journal file now and takes no appends`, { details: { device: this.name } });
+    }
     const timestamp = nowMicros();
     const encoded = entries.map((e, i) =>
       encodeRecord({ seq: this.nextSeq + i, timestamp, epoch, flags: e.flags ?? 0, target: e.target, payload: e.payload }),
@@ -509,6 +513,10 @@ export class NvramDevice {
 
   /** Turns a primary into a stale replica: the partner's resync will fill it. */
   async demote(): Promise<void> {
+    // A replica from this moment: nothing more is taken (appends already taken finish,
+    // journaled as before, and stay in the file that is kept aside).
+    this.roleValue = 'replica';
+    this.recovering = true;
     this.port = undefined;
     await this.quiesce();
     await this.repairing?.catch(() => undefined);

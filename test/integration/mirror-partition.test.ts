@@ -123,7 +123,7 @@ test('primary frozen (SIGSTOP) mid-stream, the replica taken over: every acknowl
   await new Promise((r) => setTimeout(r, 300));
   a.proc.kill('SIGCONT');
   // The old primary finds its partner newer, keeps its journal aside and becomes a replica.
-  await until('old primary demoted', () => device(a, 'm'), (d) => d?.role === 'replica', 30_000);
+  await until('old primary demoted, its journal kept aside', () => device(a, 'm'), (d) => d?.role === 'replica' && (d.diverged ?? 0) > 0, 30_000);
   await w1.stop();
   await w2.stop();
   await assert.rejects(c1.journalAppend(j1, [{ payload: Buffer.from('late') }]), 'the old writer is fenced');

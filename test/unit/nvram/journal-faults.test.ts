@@ -126,7 +126,8 @@ test('journal faults under concurrent appends: no acknowledged record lost, no n
           const recovered = parseJournal(await readFile(path));
           assert.equal(recovered.stoppedBecause, undefined);
           check(userRecords(recovered.records), 'file');
-          const again = new NvramDevice({ name: 'j', size: SIZE, policy: 'local', medium: await medium(), extents: [0, E, 2 * E, 3 * E], extentSize: E, journal: undefined });
+          // Only the numbering is checked here: a device without a file (volatile) will do.
+          const again = new NvramDevice({ name: 'j', size: SIZE, policy: 'volatile', medium: await medium(), extents: [0, E, 2 * E, 3 * E], extentSize: E, journal: undefined });
           await again.restore(recovered.records);
           const [next] = await again.append(0, [{ payload: Buffer.from('next') }]);
           assert.equal(next?.seq, last + 1);
@@ -287,4 +288,23 @@ test('a tenant that opened the epoch a write-log claim would pick cannot get a r
   assert.equal(await writeLog.replay(volume as never), 0);
   assert.deepEqual(writes, [], 'nothing the tenant appended is replayed into the volume');
   await dev.close();
+});
+
+test('a primary being demoted takes no more appends from the moment the demotion begins; those taken before are journaled and kept', async (t) => {
+  // Found by the SIGSTOP test: an append that came while the journal was being closed was acknowledged with neither a journal file nor a partner.
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-jfaults-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const path = join(dir, 'j.journal');
+  const dev = await device(path, new FaultPlan(), 'mirrored+local');
+  await dev.append(0, [{ payload: Buffer.from('before') }]);
+  const taken = dev.append(0, [{ payload: Buffer.from('in flight') }]);
+  await Promise.resolve(); // it has its number and waits for its journal sync
+  await Promise.resolve();
+  const demoting = dev.demote();
+  const late = await Promise.allSettled(Array.from({ length: 5 }, () => dev.append(0, [{ payload: Buffer.from('during the demotion') }])));
+  await demoting;
+  await taken;
+  assert.ok(late.every((r) => r.status === 'rejected'), 'nothing is acknowledged once the demotion began');
+  const inFile = userRecords(parseJournal(await readFile(path)).records).map((r) => r.payload.toString());
+  assert.deepEqual(inFile, ['before', 'in flight'], 'the appends taken before are in the journal file');
 });

@@ -241,9 +241,10 @@ test('a mirrored pair under random partitions, heals and takeovers: every acknow
             service = undefined;
             await until(() => devA.role !== 'primary' || devA.info().mirror !== 'in-sync', 'cut seen');
           } else if (event === 'heal' && service === undefined) {
+            const keptBefore = a.divergedCounts().get(name) ?? 0;
             service = (await serveB(ctx, b.nvram, b.address)).mirror;
             // Back in sync, or A found B newer and became its replica (its journal kept aside).
-            await until(() => devA.role === 'replica' || devA.info().mirror === 'in-sync', 'healed');
+            await until(() => (devA.role === 'primary' && devA.info().mirror === 'in-sync') || (a.divergedCounts().get(name) ?? 0) > keptBefore || (devA.role === 'replica' && keptBefore > 0), 'healed');
           } else if (event === 'takeover' && service === undefined && devB?.role === 'replica' && !devB.recovering) {
             epochB = devB.epoch + 1;
             await b.nvram.openJournal(name, epochB);
@@ -263,6 +264,10 @@ test('a mirrored pair under random partitions, heals and takeovers: every acknow
         if (kept.length > 0) assert.ok((a.list().find((d) => d.name === name)?.diverged ?? 0) > 0, 'what was kept aside is shown');
         // Epochs fence: once A knows B took over, A's writer of epoch 1 cannot append.
         if (devA.role === 'replica') await assert.rejects(devA.append(1, [{ payload: Buffer.from('late') }]));
+      } catch (error) {
+        // fast-check reports the schedule; say what broke too.
+        console.log(`# schedule ${events.join(' ')}: ${(error as Error).message}`);
+        throw error;
       } finally {
         for (const fn of inner.reverse()) await fn();
       }
