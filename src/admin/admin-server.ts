@@ -45,7 +45,7 @@ import type { PartitionTable } from '../memory/partition-table.js';
 import type { KeptAside } from '../memory/server-memory.js';
 import { SIZE_FORM, formatAddress, formatSize, hexRange, hexWidth, parseSize, type ListenAddress } from '../units.js';
 import type { Logger } from '../logger.js';
-import type { AllocationTableJson, ErrorResponse, NodeInfo, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson } from '../protocol/admin/api.js';
+import type { AllocationTableJson, ErrorResponse, NodeInfo, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson, GuestsJson } from '../protocol/admin/api.js';
 import type { VolumeManager } from '../storage/volume-manager.js';
 import type { DeviceManager } from '../nvram/device-manager.js';
 import { POLICIES } from '../nvram/device.js';
@@ -53,6 +53,8 @@ import { decodeOne } from '../protocol/journal/record.js';
 import type { NodeMetrics } from './metrics.js';
 import { BearerAuth } from './bearer-auth.js';
 import { ClientLimit } from '../net/client-limit.js';
+import { GuestSupervisor, type GuestInfo } from '../guest/supervisor.js';
+import { RESTART_POLICIES } from '../guest/guest-meta.js';
 
 export interface AdminContext {
   info(): Promise<NodeInfo>;
@@ -63,6 +65,7 @@ export interface AdminContext {
   keptAside(): readonly KeptAside[];
   volumes: VolumeManager;
   nvram: DeviceManager;
+  guests: GuestSupervisor;
   metrics: NodeMetrics;
   log: Logger;
   isStopping(): boolean;
@@ -122,6 +125,13 @@ const count = (fallback: number) => z.union([z.number(), z.string()]).optional()
     return z.NEVER;
   }
   return n;
+});
+const guestBody = z.strictObject({
+  name: z.string(),
+  command: z.array(z.string()).min(1),
+  env: z.record(z.string(), z.string()).optional(),
+  restart: z.enum(RESTART_POLICIES).optional(),
+  start: z.boolean().optional(),
 });
 const dumpQuery = z.strictObject({ from: count(0), max: count(100), diverged: z.enum(['0', '1', 'true', 'false']).optional() });
 
@@ -359,6 +369,37 @@ export class AdminServer {
       await context.volumes.remove(name);
       context.log.info({ volume: name }, `volume ${name} removed`);
       return reply.code(204).send();
+    });
+
+    app.get('/v1/guests', (): GuestsJson => ({ guests: context.guests.list(), damaged: context.guests.damaged() }));
+
+    app.post('/v1/guests', async (request, reply): Promise<GuestInfo> => {
+      const { name, command, env, restart, start } = parseBody(guestBody, request.body, 'guest');
+      const info = await context.guests.create({ name, command, ...(env === undefined ? {} : { env }), ...(restart === undefined ? {} : { restart }) }, start ?? true);
+      context.log.info({ guest: name, command }, `guest ${name} created`);
+      void reply.code(201);
+      return info;
+    });
+
+    app.post('/v1/guests/:name/:action', async (request): Promise<GuestInfo> => {
+      const { name, action } = request.params as { name: string; action: string };
+      if (action === 'start') return context.guests.start(name);
+      if (action === 'stop') return context.guests.stop(name);
+      if (action === 'reset') return context.guests.reset(name);
+      throw new MisuseError('MS_GUEST_INVALID', `unknown guest action ${JSON.stringify(action.slice(0, 40))}: expected start, stop or reset`);
+    });
+
+    app.delete('/v1/guests/:name', async (request, reply) => {
+      const name = (request.params as { name: string }).name;
+      await context.guests.remove(name);
+      context.log.info({ guest: name }, `guest ${name} removed`);
+      return reply.code(204).send();
+    });
+
+    app.get('/v1/guests/:name/logs', async (request, reply) => {
+      const name = (request.params as { name: string }).name;
+      const text = await context.guests.logs(name, 64 * 1024);
+      return reply.type('text/plain; charset=utf-8').send(text);
     });
 
     app.get('/v1/nvram', async (): Promise<NvramListJson> => ({ devices: context.nvram.list(), damaged: context.nvram.damaged(), diverged: await context.nvram.divergedJournals() }));

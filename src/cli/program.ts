@@ -5,7 +5,7 @@
 
 import { Command, CommanderError, Option } from 'commander';
 import { MisuseError, isMemstrataError } from '../errors.js';
-import type { AllocationTableJson, DamagedJson, DivergedJson, KeptAsideJson, NodeInfo, OrphanJson, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson } from '../protocol/admin/api.js';
+import type { AllocationTableJson, DamagedJson, DivergedJson, GuestInfoJson, GuestsJson, KeptAsideJson, NodeInfo, OrphanJson, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson } from '../protocol/admin/api.js';
 import { POLICIES, type DeviceInfo } from '../nvram/device.js';
 import { RmemClient } from '../client/rmem-client.js';
 import { KINDS, MEDIA, USED_KINDS } from '../kinds.js';
@@ -209,6 +209,68 @@ export function buildProgram(output: Output = processOutput): Command {
       output.out(`${head}\n\n${from}${textTable(['SEQ', 'TIMESTAMP', 'EPOCH', 'TARGET', 'LENGTH', 'PAYLOAD (first 16 bytes)'], rows, [0, 2, 4])}`);
     });
 
+  // ---- guests ----
+  const guest = program.command('guest').description('programs the node runs and keeps running (issue 12: lifecycle so far)');
+  guest
+    .command('create <name>')
+    .description('define a guest and start it: memstrata guest create NAME [options] -- COMMAND [ARGS...]')
+    .argument('<command...>', 'the program and its arguments (after --)')
+    .addOption(new Option('--restart <policy>', 'restart policy').choices(['never', 'on-failure', 'always']).default('on-failure'))
+    .option('--env <K=V...>', 'environment variables for the guest')
+    .option('--no-start', 'only define it')
+    .addOption(adminOption())
+    .addOption(tokenOption())
+    .addOption(jsonOption())
+    .action(async (name: string, command: string[], options: { restart: string; env?: string[]; start: boolean; admin: string; token?: string; json?: boolean }) => {
+      const env: Record<string, string> = {};
+      for (const pair of options.env ?? []) {
+        const at = pair.indexOf('=');
+        if (at <= 0) throw new MisuseError('MS_GUEST_INVALID', `--env ${JSON.stringify(pair)}: expected NAME=VALUE`);
+        env[pair.slice(0, at)] = pair.slice(at + 1);
+      }
+      const info = await adminClient(options).post<GuestInfoJson>('/v1/guests', { name, command, env, restart: options.restart, start: options.start });
+      output.out(options.json === true ? JSON.stringify(info, null, 2) : `guest ${info.name} created: ${info.state}`);
+    });
+  guest
+    .command('list')
+    .description('guests with state, pid, restarts and command')
+    .addOption(adminOption())
+    .addOption(tokenOption())
+    .addOption(jsonOption())
+    .action(async (options: { admin: string; token?: string; json?: boolean }) => {
+      const list = await adminClient(options).get<GuestsJson>('/v1/guests');
+      output.out(options.json === true ? JSON.stringify(list.guests, null, 2) : [renderGuests(list.guests), ...renderDamaged('guests', list.damaged)].join('\n\n'));
+    });
+  for (const action of ['start', 'stop', 'reset'] as const) {
+    guest
+      .command(`${action} <name>`)
+      .description(action === 'reset' ? 'kill the guest\'s process tree and boot it again' : action === 'stop' ? 'stop the guest\'s process tree (SIGTERM, then SIGKILL after 5 s); it stays stopped across node restarts' : 'start a stopped or failed guest')
+      .addOption(adminOption())
+      .addOption(tokenOption())
+      .addOption(jsonOption())
+      .action(async (name: string, options: { admin: string; token?: string; json?: boolean }) => {
+        const info = await adminClient(options).post<GuestInfoJson>(`/v1/guests/${encodeURIComponent(name)}/${action}`, {});
+        output.out(options.json === true ? JSON.stringify(info, null, 2) : `guest ${info.name}: ${info.state}${info.pid === null ? '' : `, pid ${info.pid}`}`);
+      });
+  }
+  guest
+    .command('rm <name>')
+    .description('remove a stopped guest, its directory and its log')
+    .addOption(adminOption())
+    .addOption(tokenOption())
+    .action(async (name: string, options: { admin: string; token?: string }) => {
+      await adminClient(options).delete(`/v1/guests/${encodeURIComponent(name)}`);
+      output.out(`guest ${name} removed`);
+    });
+  guest
+    .command('logs <name>')
+    .description('the last 64 KiB of the guest\'s output')
+    .addOption(adminOption())
+    .addOption(tokenOption())
+    .action(async (name: string, options: { admin: string; token?: string }) => {
+      output.out(await adminClient(options).text(`/v1/guests/${encodeURIComponent(name)}/logs`));
+    });
+
   // ---- servers ----
   program
     .command('servers')
@@ -364,6 +426,12 @@ export function renderDiverged(diverged: readonly DivergedJson[] | undefined): s
   if (diverged === undefined || diverged.length === 0) return [];
   const rows = diverged.flatMap((d) => d.files.map((f) => [d.name, f]));
   return [`Journals kept aside (may hold records acknowledged here that the partner never had; memstrata nvram dump --diverged NAME)\n${textTable(['DEVICE', 'FILE'], rows, [])}`];
+}
+
+export function renderGuests(guests: readonly GuestInfoJson[]): string {
+  if (guests.length === 0) return 'Guests\n(none)';
+  const rows = guests.map((g) => [g.name, g.state, g.pid === null ? '-' : String(g.pid), String(g.restarts), String(g.resets), g.restart, g.command.join(' ').slice(0, 60)]);
+  return `Guests\n${textTable(['NAME', 'STATE', 'PID', 'RESTARTS', 'RESETS', 'POLICY', 'COMMAND'], rows, [2, 3, 4])}`;
 }
 
 export function renderDamaged(what: string, damaged: readonly DamagedJson[] | undefined): string[] {

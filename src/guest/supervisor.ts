@@ -21,29 +21,18 @@
 
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createWriteStream, renameSync, type WriteStream } from 'node:fs';
-import { mkdir, readdir, rm } from 'node:fs/promises';
+import { mkdir, readFile, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { MisuseError, RuntimeError, toMemstrataError } from '../errors.js';
 import type { MetaFs } from '../fs/meta-file.js';
 import type { Logger } from '../logger.js';
-import type { DamagedJson } from '../protocol/admin/api.js';
+import type { DamagedJson, GuestInfoJson } from '../protocol/admin/api.js';
 import { GUEST_NAME_FORM, GUEST_NAME_PATTERN, RESTART_POLICIES, readGuestMeta, writeGuestMeta, type GuestDefinition, type RestartPolicy } from './guest-meta.js';
 
-export type GuestState = 'stopped' | 'booting' | 'running' | 'failed';
+export type GuestState = GuestInfoJson['state'];
 
-export interface GuestInfo {
-  name: string;
-  state: GuestState;
-  pid: number | null;
-  command: string[];
-  restart: RestartPolicy;
-  /** Boots after an exit, by the restart policy. */
-  restarts: number;
-  resets: number;
-  lastExit: { code: number | null; signal: string | null } | null;
-  /** Why the guest failed to start, if it did. */
-  error: string | null;
-}
+/** What the supervisor says of a guest (the admin API's shape). */
+export type GuestInfo = GuestInfoJson;
 
 export interface SupervisorOptions {
   dataDir: string;
@@ -188,6 +177,15 @@ export class GuestSupervisor {
     guest.backoffMs = BACKOFF_MIN_MS;
     await this.boot(guest);
     return guest.info();
+  }
+
+  /** The last `maxBytes` of the guest's output (log.1, then log). */
+  async logs(name: string, maxBytes: number): Promise<string> {
+    this.get(name);
+    const dir = join(this.dir, name);
+    const parts = await Promise.all(['log.1', 'log'].map((f) => readFile(join(dir, f)).catch(() => Buffer.alloc(0))));
+    const all = Buffer.concat(parts);
+    return all.subarray(Math.max(0, all.length - maxBytes)).toString('utf8');
   }
 
   /** Removes a stopped guest's definition, working directory and log. */

@@ -38,6 +38,7 @@ import { NODE_ID_FORM, NODE_ID_PATTERN, mediumLayouts, type NodeConfig } from '.
 import { Lifecycle } from './lifecycle.js';
 import { DataDirLock } from './lock.js';
 import type { Logger } from './logger.js';
+import { GuestSupervisor } from '../guest/supervisor.js';
 
 const NODE_ID_FILE = 'node-id';
 // An id is at most 64 characters; anything much larger is not a node-id file.
@@ -52,6 +53,7 @@ export class StorageNode {
   readonly serverMemory: ServerMemory;
   readonly nvram: DeviceManager;
   readonly volumes: VolumeManager;
+  readonly guests: GuestSupervisor;
   readonly volumeIo: VolumeIo;
   readonly cache: StorageCache | undefined;
   readonly writeLog: WriteLogIo;
@@ -78,6 +80,7 @@ export class StorageNode {
     this.serverMemory = new ServerMemory({ partition: this.partition, allocation: this.allocation, media: this.media, maxRanges: MAX_RANGES });
     this.nvram = new DeviceManager({ dataDir: config.dataDir, partition: this.partition, media: this.media, log });
     this.volumes = new VolumeManager(config.dataDir, { log });
+    this.guests = new GuestSupervisor({ dataDir: config.dataDir, log });
     this.cache = config.cache.enabled
       ? new StorageCache({ partition: this.partition, media: this.media, log, maxDirtyAgeMs: config.cache.maxDirtyAgeMs })
       : undefined;
@@ -269,6 +272,7 @@ export class StorageNode {
           keptAside: () => this.rmem?.memory.keptAside() ?? [],
           volumes: this.volumes,
           nvram: this.nvram,
+          guests: this.guests,
           metrics,
           log,
           isStopping: () => this.stopping,
@@ -281,6 +285,12 @@ export class StorageNode {
         await this.admin?.close();
         this.admin = undefined;
       },
+    });
+    // Last to start, first to stop: guests go before the services they use.
+    this.lifecycle.add({
+      name: 'guests',
+      start: () => this.guests.open(),
+      stop: () => this.guests.close(),
     });
   }
 

@@ -171,6 +171,24 @@ export interface DamagedJson {
   error: { code: ErrorCode; message: string; details?: Record<string, unknown> };
 }
 
+export interface GuestsJson {
+  guests: GuestInfoJson[];
+  /** Definitions that failed validation at start, with the error. */
+  damaged: DamagedJson[];
+}
+
+export interface GuestInfoJson {
+  name: string;
+  state: 'stopped' | 'booting' | 'running' | 'failed';
+  pid: number | null;
+  command: string[];
+  restart: 'never' | 'on-failure' | 'always';
+  restarts: number;
+  resets: number;
+  lastExit: { code: number | null; signal: string | null } | null;
+  error: string | null;
+}
+
 export interface NvramListJson {
   devices: DeviceInfo[];
   /** Devices not loaded at start (damaged metadata, or no room to restore them), with the error. */

@@ -62,6 +62,7 @@ function guardedContext(reached: string[], stats: () => AdminStats | undefined):
     },
     volumes: trap('volumes'),
     nvram: trap('nvram'),
+    guests: trap('guests'),
     metrics,
     log: pino({ level: 'silent' }),
     isStopping: () => false,
