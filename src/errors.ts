@@ -15,6 +15,7 @@ export const ERRORS = {
   MS_BAD_REQUEST: { category: 'misuse', status: 400, summary: 'an admin API request body or query is invalid' },
   MS_NOT_FOUND: { category: 'misuse', status: 404, summary: 'the admin API has no such route' },
   MS_ADMIN_UNAUTHORIZED: { category: 'misuse', status: 401, summary: 'the admin API requires Authorization: Bearer <admin.token>; the token was missing or wrong' },
+  MS_ADMIN_TOKEN_REQUIRED: { category: 'misuse', status: 403, summary: 'running programs through the node (guests) needs admin.token: without one, any local user who reaches the admin API could run commands as the node\'s user' },
   MS_ADMIN_TOKEN_INVALID: { category: 'misuse', status: 400, summary: 'the admin token given to the CLI or AdminClient is not visible ASCII without spaces, so it cannot be sent; it is not shown' },
   MS_ADMIN_BODY_TOO_LARGE: { category: 'misuse', status: 413, summary: 'an admin API request body is larger than admin.bodyLimit' },
   MS_ADMIN_REQUEST_TIMEOUT: { category: 'misuse', status: 408, summary: 'an admin client did not send its request headers within admin.headersTimeout, or the whole request within admin.requestTimeout; the connection is closed' },

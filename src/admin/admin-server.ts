@@ -373,7 +373,15 @@ export class AdminServer {
 
     app.get('/v1/guests', (): GuestsJson => ({ guests: context.guests.list(), damaged: context.guests.damaged() }));
 
+    // Guests run programs as the node's user: only a client that proved it holds the token may.
+    const tokenRequired = (): void => {
+      if (this.auth === undefined) {
+        throw new MisuseError('MS_ADMIN_TOKEN_REQUIRED', 'running programs through the node needs admin.token (or admin.tokenFile) set on the node: without one, any local user could run commands as the node\'s user');
+      }
+    };
+
     app.post('/v1/guests', async (request, reply): Promise<GuestInfo> => {
+      tokenRequired();
       const { name, command, env, restart, start } = parseBody(guestBody, request.body, 'guest');
       const info = await context.guests.create({ name, command, ...(env === undefined ? {} : { env }), ...(restart === undefined ? {} : { restart }) }, start ?? true);
       context.log.info({ guest: name, command }, `guest ${name} created`);
@@ -383,8 +391,9 @@ export class AdminServer {
 
     app.post('/v1/guests/:name/:action', async (request): Promise<GuestInfo> => {
       const { name, action } = request.params as { name: string; action: string };
-      if (action === 'start') return context.guests.start(name);
       if (action === 'stop') return context.guests.stop(name);
+      tokenRequired();
+      if (action === 'start') return context.guests.start(name);
       if (action === 'reset') return context.guests.reset(name);
       throw new MisuseError('MS_GUEST_INVALID', `unknown guest action ${JSON.stringify(action.slice(0, 40))}: expected start, stop or reset`);
     });
