@@ -17,7 +17,8 @@
 // (ENOENT, EACCES) fails at once and is not restarted until started again.
 //
 // Output goes to a bounded log: once `log` passes logBytes it becomes `log.1` (replacing
-// the older one), so a guest keeps at most twice logBytes on disk.
+// the older one), so a guest keeps at most twice logBytes on disk; while the disk is
+// behind, the guest's output is not read (it blocks), so it costs the node no memory.
 
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createWriteStream, renameSync, type WriteStream } from 'node:fs';
@@ -330,7 +331,17 @@ export class GuestSupervisor {
         guest.outBytes = 0;
       }
       guest.outBytes += chunk.length;
-      guest.out?.write(chunk);
+      const out = guest.out;
+      if (out !== undefined && !out.write(chunk)) {
+        // The disk is behind: stop reading the guest's output until it catches up, so a
+        // guest that floods its output costs the node no memory (the guest then blocks).
+        child.stdout?.pause();
+        child.stderr?.pause();
+        out.once('drain', () => {
+          child.stdout?.resume();
+          child.stderr?.resume();
+        });
+      }
     };
     child.stdout?.on('data', write);
     child.stderr?.on('data', write);
