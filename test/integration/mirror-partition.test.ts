@@ -16,28 +16,15 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { RmemClient } from '../../src/client/rmem-client.js';
-import type { DeviceInfo, NvramDumpJson } from '../../src/protocol/admin/api.js';
+import type { NvramDumpJson } from '../../src/protocol/admin/api.js';
 import { RECORD_FLAG } from '../../src/protocol/journal/record.js';
 import { freePort, startNode, tempDir, type NodeProcess } from '../support/node-process.js';
+import { nvramDevice, until } from '../support/nvram-probe.js';
 
 type Ctx = { after(fn: () => Promise<unknown>): void };
 type Journal = Awaited<ReturnType<RmemClient['journalOpen']>>;
 
-async function device(n: NodeProcess, name: string): Promise<DeviceInfo | undefined> {
-  const list = (await (await fetch(`${n.url}/v1/nvram`)).json()) as { devices: DeviceInfo[] };
-  return list.devices.find((d) => d.name === name);
-}
 
-async function until<T>(what: string, probe: () => Promise<T>, check: (v: T) => boolean, ms = 20_000): Promise<T> {
-  const deadline = Date.now() + ms;
-  let last: T = await probe();
-  while (!check(last)) {
-    if (Date.now() > deadline) assert.fail(`${what}: still ${JSON.stringify(last)}`);
-    await new Promise((r) => setTimeout(r, 50));
-    last = await probe();
-  }
-  return last;
-}
 
 async function twoNodes(t: Ctx): Promise<{ a: NodeProcess; b: NodeProcess }> {
   const [dirA, dirB, portA, portB] = [await tempDir(t), await tempDir(t), await freePort(), await freePort()];
@@ -51,7 +38,7 @@ async function twoNodes(t: Ctx): Promise<{ a: NodeProcess; b: NodeProcess }> {
   t.after(() => { b.proc.kill('SIGCONT'); return b.stop('SIGKILL'); });
   const created = await fetch(`${a.url}/v1/nvram`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name: 'm', size: '8MiB', policy: 'mirrored' }) });
   assert.equal(created.status, 201, await created.text());
-  await until('in sync', () => device(a, 'm'), (d) => d?.mirror === 'in-sync');
+  await until('in sync', () => nvramDevice(a, 'm'), (d) => d?.mirror === 'in-sync');
   return { a, b };
 }
 
@@ -92,15 +79,15 @@ test('partner frozen (SIGSTOP): the primary degrades and keeps acknowledging; th
   const w = writer(c, journal, 'r');
   await new Promise((r) => setTimeout(r, 300));
   b.proc.kill('SIGSTOP');
-  await until('degraded', () => device(a, 'm'), (d) => d?.mirror === 'degraded');
+  await until('degraded', () => nvramDevice(a, 'm'), (d) => d?.mirror === 'degraded');
   const during = w.acked.size;
   await new Promise((r) => setTimeout(r, 500));
   assert.ok(w.acked.size > during, 'the primary acknowledges while its partner is frozen');
   b.proc.kill('SIGCONT');
-  await until('in sync again', () => device(a, 'm'), (d) => d?.mirror === 'in-sync');
+  await until('in sync again', () => nvramDevice(a, 'm'), (d) => d?.mirror === 'in-sync');
   await w.stop();
-  const primary = await device(a, 'm');
-  const replica = await until('replica caught up', () => device(b, 'm'), (d) => d?.lastSeq === primary?.lastSeq);
+  const primary = await nvramDevice(a, 'm');
+  const replica = await until('replica caught up', () => nvramDevice(b, 'm'), (d) => d?.lastSeq === primary?.lastSeq);
   assert.equal(replica?.role, 'replica');
   const served = (await readAll(c, journal)).map((r) => r.payload.toString());
   for (const p of w.acked) assert.ok(served.includes(p), `acknowledged ${p} is served`);
@@ -123,7 +110,7 @@ test('primary frozen (SIGSTOP) mid-stream, the replica taken over: every acknowl
   await new Promise((r) => setTimeout(r, 300));
   a.proc.kill('SIGCONT');
   // The old primary finds its partner newer, keeps its journal aside and becomes a replica.
-  await until('old primary demoted, its journal kept aside', () => device(a, 'm'), (d) => d?.role === 'replica' && (d.diverged ?? 0) > 0, 30_000);
+  await until('old primary demoted, its journal kept aside', () => nvramDevice(a, 'm'), (d) => d?.role === 'replica' && (d.diverged ?? 0) > 0, 30_000);
   await w1.stop();
   await w2.stop();
   await assert.rejects(c1.journalAppend(j1, [{ payload: Buffer.from('late') }]), 'the old writer is fenced');

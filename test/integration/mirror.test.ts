@@ -9,12 +9,12 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { connect } from 'node:net';
 import { join } from 'node:path';
 import { RmemClient, type Journal } from '../../src/client/rmem-client.js';
-import type { DeviceInfo } from '../../src/nvram/device.js';
 import { FILE_HEADER, parseJournal } from '../../src/nvram/journal-file.js';
 import { encodeRecord } from '../../src/protocol/journal/record.js';
 import * as m from '../../src/protocol/mirror/codec.js';
 import { FrameParser, type Frame } from '../../src/protocol/rmem/parser.js';
 import { freePort, startNode, tempDir, type NodeProcess } from '../support/node-process.js';
+import { nvramDevice, until } from '../support/nvram-probe.js';
 
 type Ctx = { after(fn: () => Promise<unknown>): void };
 
@@ -23,22 +23,7 @@ async function createDevice(n: NodeProcess, name: string, policy: string): Promi
   assert.equal(response.status, 201, await response.text());
 }
 
-async function device(n: NodeProcess, name: string): Promise<DeviceInfo | undefined> {
-  const list = (await (await fetch(`${n.url}/v1/nvram`)).json()) as { devices: DeviceInfo[] };
-  return list.devices.find((d) => d.name === name);
-}
 
-/** Polls until `check` holds; fails with the last state seen. */
-async function until<T>(what: string, probe: () => Promise<T>, check: (v: T) => boolean, ms = 15000): Promise<T> {
-  const deadline = Date.now() + ms;
-  let last: T = await probe();
-  while (!check(last)) {
-    if (Date.now() > deadline) assert.fail(`${what}: still ${JSON.stringify(last)}`);
-    await new Promise((r) => setTimeout(r, 50));
-    last = await probe();
-  }
-  return last;
-}
 
 function pair(dirA: string, dirB: string, portA: number, portB: number, extra: readonly string[] = []) {
   const args = (own: number, partner: number) => ['--mirror-listen', `127.0.0.1:${own}`, '--mirror-partner', `127.0.0.1:${partner}`, '--set', 'mirror.timeout=500ms', ...extra];
@@ -72,13 +57,13 @@ async function mirroredPair(t: Ctx) {
   const b = await nodes.b();
   t.after(() => b.stop('SIGKILL'));
   await createDevice(a, 'm', 'mirrored');
-  await until('primary in sync', () => device(a, 'm'), (d) => d?.mirror === 'in-sync');
+  await until('primary in sync', () => nvramDevice(a, 'm'), (d) => d?.mirror === 'in-sync');
   return { nodes, dirA, a, b };
 }
 
 test('mirror failover: kill -9 the primary mid-stream; the partner, opened with a newer epoch, has every acknowledged record and goes on', async (t) => {
   const { nodes, a, b } = await mirroredPair(t);
-  assert.equal((await device(b, 'm'))?.role, 'replica');
+  assert.equal((await nvramDevice(b, 'm'))?.role, 'replica');
 
   const writer = await RmemClient.connect({ ...a.rmem, serverId: 'app', reconnect: false, timeoutMs: 5000 });
   const journal = await writer.journalOpen('m', 1);
@@ -118,7 +103,7 @@ test('mirror failover: kill -9 the primary mid-stream; the partner, opened with 
   // The partner is the primary now; its own partner (the old primary) is down, so it degrades.
   const [after] = await standby.journalAppend(taken, [{ payload: Buffer.from('after failover') }]);
   assert.equal(after?.seq, records.length + 1);
-  const now = await device(b, 'm');
+  const now = await nvramDevice(b, 'm');
   assert.deepEqual([now?.role, now?.mirror, now?.epoch], ['primary', 'degraded', 2]);
   const metrics = await (await fetch(`${b.url}/metrics`)).text();
   assert.match(metrics, /memstrata_nvram_degraded 1/);
@@ -127,8 +112,8 @@ test('mirror failover: kill -9 the primary mid-stream; the partner, opened with 
   // The old primary comes back: it finds a newer epoch on the partner and becomes its replica.
   const back = await nodes.a();
   t.after(() => back.stop('SIGKILL'));
-  await until('new primary in sync again', () => device(b, 'm'), (d) => d?.mirror === 'in-sync');
-  const replica = await until('old primary is a replica', () => device(back, 'm'), (d) => d?.role === 'replica' && d.state === 'ready');
+  await until('new primary in sync again', () => nvramDevice(b, 'm'), (d) => d?.mirror === 'in-sync');
+  const replica = await until('old primary is a replica', () => nvramDevice(back, 'm'), (d) => d?.role === 'replica' && d.state === 'ready');
   assert.deepEqual([replica?.lastSeq, replica?.epoch], [after?.seq, 2]);
   const dump = (await (await fetch(`${back.url}/v1/nvram/m/records?from=${after.seq}&max=1`)).json()) as { records: { payload: string }[] };
   assert.equal(Buffer.from(dump.records[0]!.payload, 'base64').toString(), 'after failover');
@@ -145,7 +130,7 @@ test('partner down: mirrored devices degrade (the default) or refuse, and a retu
   t.after(() => a.stop('SIGKILL'));
   await createDevice(a, 'd', 'mirrored');
   await createDevice(a, 'dl', 'mirrored+local');
-  assert.equal((await device(a, 'd'))?.mirror, 'degraded');
+  assert.equal((await nvramDevice(a, 'd'))?.mirror, 'degraded');
   const c = await client(t, a, 'app');
   const jd = await c.journalOpen('d', 1);
   const jdl = await c.journalOpen('dl', 1);
@@ -158,17 +143,17 @@ test('partner down: mirrored devices degrade (the default) or refuse, and a retu
   // The partner starts: both devices are resynced, and appends are mirrored again.
   const b = await degrade.b();
   t.after(() => b.stop('SIGKILL'));
-  await until('resynced', () => device(a, 'd'), (d) => d?.mirror === 'in-sync');
-  await until('resynced', () => device(a, 'dl'), (d) => d?.mirror === 'in-sync');
+  await until('resynced', () => nvramDevice(a, 'd'), (d) => d?.mirror === 'in-sync');
+  await until('resynced', () => nvramDevice(a, 'dl'), (d) => d?.mirror === 'in-sync');
   await c.journalAppend(jd, [{ payload: Buffer.from('mirrored') }]);
-  const replica = await device(b, 'd');
+  const replica = await nvramDevice(b, 'd');
   assert.deepEqual([replica?.role, replica?.lastSeq, replica?.records], ['replica', 21, 21]);
-  assert.equal((await device(b, 'dl'))?.lastSeq, 1);
+  assert.equal((await nvramDevice(b, 'dl'))?.lastSeq, 1);
 
   // The partner goes away again: the next appends still succeed, degraded, and it is logged.
   await b.stop('SIGKILL');
   await c.journalAppend(jd, [{ payload: Buffer.from('degraded again') }]);
-  await until('degraded', () => device(a, 'd'), (d) => d?.mirror === 'degraded');
+  await until('degraded', () => nvramDevice(a, 'd'), (d) => d?.mirror === 'degraded');
   assert.ok(a.logs.some((l) => typeof l.msg === 'string' && l.msg.startsWith('mirror link down')));
 
   // A node configured to refuse: appends fail with a coded error while the partner is away.
@@ -176,7 +161,7 @@ test('partner down: mirrored devices degrade (the default) or refuse, and a retu
   const r = await refuse.a();
   t.after(() => r.stop('SIGKILL'));
   await createDevice(r, 'r', 'mirrored');
-  assert.equal((await device(r, 'r'))?.mirror, 'refusing');
+  assert.equal((await nvramDevice(r, 'r'))?.mirror, 'refusing');
   const rc = await client(t, r, 'app');
   const jr = await rc.journalOpen('r', 1);
   await assert.rejects(rc.journalAppend(jr, [{ payload: Buffer.from('no partner') }]), (error: Error & { code?: string }) => {
@@ -184,7 +169,7 @@ test('partner down: mirrored devices degrade (the default) or refuse, and a retu
     assert.match(error.message, /partner is unreachable/);
     return true;
   });
-  assert.equal((await device(r, 'r'))?.lastSeq, null, 'a refused append leaves nothing behind');
+  assert.equal((await nvramDevice(r, 'r'))?.lastSeq, null, 'a refused append leaves nothing behind');
 });
 
 test('a mirrored primary that lost records in a crash waits for its partner, then takes the records back', async (t) => {
@@ -204,13 +189,13 @@ test('a mirrored primary that lost records in a crash waits for its partner, the
 
   const again = await nodes.a();
   t.after(() => again.stop('SIGKILL'));
-  assert.equal((await device(again, 'm'))?.state, 'recovering');
+  assert.equal((await nvramDevice(again, 'm'))?.state, 'recovering');
   const early = await client(t, again, 'early');
   await assert.rejects(early.journalOpen('m', 2), { code: 'MS_NVRAM_RECOVERING' });
 
   const partner = await nodes.b();
   t.after(() => partner.stop('SIGKILL'));
-  const recovered = await until('recovered from the partner', () => device(again, 'm'), (d) => d?.state === 'ready' && d.mirror === 'in-sync');
+  const recovered = await until('recovered from the partner', () => nvramDevice(again, 'm'), (d) => d?.state === 'ready' && d.mirror === 'in-sync');
   assert.equal(recovered?.lastSeq, 100);
   const w = await client(t, again, 'writer');
   const j = await w.journalOpen('m', 2);

@@ -260,8 +260,12 @@ test('a HELLO from a node id closes that node\'s older connections, so what a pa
   assert.equal((await within(fresh.ask(m.MOP.STATE, 50, m.encodeName('none')), 20_000, 'STATE'))?.word, m.MSTATUS.OK);
 });
 
-test('replies that drain slowly are being read: a peer reading two 8 MiB replies at a steady 4 MiB/s is not cut at a 500 ms stall timeout', async (t) => {
-  // Review finding: only a whole reply reaching the kernel counted as progress.
+/**
+ * A real device of 8 records of about 1 MiB behind a mirror service with `options`, and a
+ * peer that says HELLO, asks for two 8 MiB FETCHes and reads at `rate` bytes a second.
+ * Resolves with how many replies arrived whole once it is cut or all three came.
+ */
+async function slowReader(t: { after(fn: () => Promise<void> | void): void }, options: Partial<MirrorServiceOptions>, rate: number): Promise<{ replies: number; mirror: MirrorService }> {
   const dir = await mkdtemp(join(tmpdir(), 'memstrata-mirrorsvc-'));
   t.after(() => rm(dir, { recursive: true, force: true }));
   const medium = new DramMedium({ capacity: 16 * MiB, extentSize: MiB });
@@ -275,12 +279,12 @@ test('replies that drain slowly are being read: a peer reading two 8 MiB replies
   await nvram.create('j', 10 * MiB, 'volatile');
   const device = nvram.get('j');
   for (let i = 0; i < 8; i++) await device.append(0, [{ payload: Buffer.alloc(MiB - 1024, i) }]);
-  const mirror = new MirrorService({ nvram, nodeId: 'unit', token: undefined, log, maxInFlight: 64, maxInFlightBytes: 64 * MiB, maxInFlightBytesTotal: 128 * MiB, maxConnections: 16, maxConnectionsPerClient: 4, handshakeTimeoutMs: 5000, stallTimeoutMs: 500 });
+  const mirror = new MirrorService({ nvram, nodeId: 'unit', token: undefined, log, maxInFlight: 64, maxInFlightBytes: 64 * MiB, maxInFlightBytesTotal: 128 * MiB, maxConnections: 16, maxConnectionsPerClient: 4, handshakeTimeoutMs: 5000, stallTimeoutMs: 500, ...options });
   const address = await mirror.listen({ host: '127.0.0.1', port: 0 });
   t.after(() => mirror.close());
   const socket = connect(address.port, address.host);
   socket.on('error', () => undefined);
-  t.after(() => socket.destroy());
+  t.after(() => { socket.destroy(); });
   let replies = 0;
   let received = 0;
   let allowed = 64 * 1024;
@@ -291,7 +295,7 @@ test('replies that drain slowly are being read: a peer reading two 8 MiB replies
     if (received >= allowed) socket.pause();
   });
   const tick = setInterval(() => {
-    allowed += (4 * MiB) / 50;
+    allowed += rate / 50;
     if (received < allowed && socket.isPaused()) socket.resume();
   }, 20);
   t.after(() => clearInterval(tick));
@@ -299,51 +303,20 @@ test('replies that drain slowly are being read: a peer reading two 8 MiB replies
   socket.write(m.request(m.MOP.HELLO, 1, m.encodeHello({ version: m.MIRROR_VERSION, nodeId: 'slow', token: '' })));
   await until(() => replies === 1);
   for (let i = 0; i < 2; i++) socket.write(m.request(m.MOP.FETCH, 10 + i, m.encodeFetch('j', 1, 8 * MiB)));
-  await until(() => replies === 3 || socket.destroyed);
+  await until(() => replies === 3 || socket.destroyed || mirror.load().stalled > 0);
+  return { replies, mirror };
+}
+
+test('replies that drain slowly are being read: a peer reading two 8 MiB replies at a steady 4 MiB/s is not cut at a 500 ms stall timeout', async (t) => {
+  // Review finding: only a whole reply reaching the kernel counted as progress.
+  const { replies, mirror } = await slowReader(t, { stallTimeoutMs: 500 }, 4 * MiB);
   assert.equal(replies, 3, 'HELLO and both FETCH replies arrived whole');
   assert.equal(mirror.load().stalled, 0);
 });
 
 test('a peer that reads replies, but slower than the minimum rate, is cut once a reply has taken longer than the grace and its size at that rate', async (t) => {
   // Review finding: one piece per stall timeout kept a reply's budget for hours; replies have a minimum rate, as bodies do.
-  const dir = await mkdtemp(join(tmpdir(), 'memstrata-mirrorsvc-'));
-  t.after(() => rm(dir, { recursive: true, force: true }));
-  const medium = new DramMedium({ capacity: 16 * MiB, extentSize: MiB });
-  await medium.open();
-  const partition = new PartitionTable([
-    { name: 'dram', capacity: 16 * MiB, extentSize: MiB, initial: { cache: 0, server: 0, nvram: 12 * MiB }, bounds: { cache: { min: 0, max: 16 * MiB }, server: { min: 0, max: 0 }, nvram: { min: 0, max: 16 * MiB } } },
-  ]);
-  const nvram = new DeviceManager({ dataDir: dir, partition, media: [medium], log });
-  await nvram.open();
-  t.after(() => nvram.close());
-  await nvram.create('j', 10 * MiB, 'volatile');
-  const device = nvram.get('j');
-  for (let i = 0; i < 8; i++) await device.append(0, [{ payload: Buffer.alloc(MiB - 1024, i) }]);
-  const mirror = new MirrorService({ nvram, nodeId: 'unit', token: undefined, log, maxInFlight: 64, maxInFlightBytes: 64 * MiB, maxInFlightBytesTotal: 128 * MiB, maxConnections: 16, maxConnectionsPerClient: 4, handshakeTimeoutMs: 5000, stallTimeoutMs: 1000, minRate: 4 * MiB });
-  const address = await mirror.listen({ host: '127.0.0.1', port: 0 });
-  t.after(() => mirror.close());
-  const socket = connect(address.port, address.host);
-  socket.on('error', () => undefined);
-  t.after(() => socket.destroy());
-  let replies = 0;
-  let received = 0;
-  let allowed = 64 * 1024;
-  const parser = new FrameParser({ magic: m.MIRROR_RESPONSE_MAGIC }, { onFrame: () => { replies++; }, onFatal: () => socket.destroy() }, m.MIRROR_MAX_BODY);
-  socket.on('data', (chunk: Buffer) => {
-    received += chunk.length;
-    parser.feed(chunk);
-    if (received >= allowed) socket.pause();
-  });
-  const tick = setInterval(() => {
-    allowed += (512 * 1024) / 50;
-    if (received < allowed && socket.isPaused()) socket.resume();
-  }, 20);
-  t.after(() => clearInterval(tick));
-  await new Promise((resolve) => socket.once('connect', resolve));
-  socket.write(m.request(m.MOP.HELLO, 1, m.encodeHello({ version: m.MIRROR_VERSION, nodeId: 'slow', token: '' })));
-  await until(() => replies === 1);
-  for (let i = 0; i < 2; i++) socket.write(m.request(m.MOP.FETCH, 10 + i, m.encodeFetch('j', 1, 8 * MiB)));
-  await until(() => socket.destroyed || mirror.load().stalled > 0);
+  const { replies, mirror } = await slowReader(t, { stallTimeoutMs: 1000, minRate: 4 * MiB }, 512 * 1024);
   assert.equal(mirror.load().stalled, 1, 'cut as a slow reader');
   assert.ok(replies < 3, 'before the replies were read whole');
 });
