@@ -126,14 +126,27 @@ const count = (fallback: number) => z.union([z.number(), z.string()]).optional()
   }
   return n;
 });
+// Limits: a number (or null to remove it); the supervisor checks the ranges.
+const guestLimits = {
+  cpu: z.union([z.number(), z.null()]).optional(),
+  cores: z.union([z.number(), z.null()]).optional(),
+  memory: z.union([size, z.null()]).optional(),
+};
 const guestBody = z.strictObject({
   name: z.string(),
   command: z.array(z.string()).min(1),
   env: z.record(z.string(), z.string()).optional(),
   restart: z.enum(RESTART_POLICIES).optional(),
   start: z.boolean().optional(),
+  ...guestLimits,
 });
+const guestLimitsBody = z.strictObject(guestLimits);
 const dumpQuery = z.strictObject({ from: count(0), max: count(100), diverged: z.enum(['0', '1', 'true', 'false']).optional() });
+
+/** The fields that were given (exactOptionalPropertyTypes: absent, not undefined). */
+function definedOnly<T extends Record<string, unknown>>(fields: T): { [K in keyof T]?: Exclude<T[K], undefined> } {
+  return Object.fromEntries(Object.entries(fields).filter(([, v]) => v !== undefined)) as { [K in keyof T]?: Exclude<T[K], undefined> };
+}
 
 /** Validates a request body once, at the edge, into a coded error naming each bad field. */
 function parseBody<T>(schema: z.ZodType<T>, body: unknown, what: string): T {
@@ -382,11 +395,19 @@ export class AdminServer {
 
     app.post('/v1/guests', async (request, reply): Promise<GuestInfo> => {
       tokenRequired();
-      const { name, command, env, restart, start } = parseBody(guestBody, request.body, 'guest');
-      const info = await context.guests.create({ name, command, ...(env === undefined ? {} : { env }), ...(restart === undefined ? {} : { restart }) }, start ?? true);
+      const { name, command, env, restart, start, cpu, cores, memory } = parseBody(guestBody, request.body, 'guest');
+      const info = await context.guests.create({ name, command, ...definedOnly({ env, restart, cpu, cores, memory }) }, start ?? true);
       context.log.info({ guest: name, command }, `guest ${name} created`);
       void reply.code(201);
       return info;
+    });
+
+    // Limits change while the guest runs; like start, this needs the token (a share buys CPU).
+    app.patch('/v1/guests/:name', async (request): Promise<GuestInfo> => {
+      tokenRequired();
+      const name = (request.params as { name: string }).name;
+      const { cpu, cores, memory } = parseBody(guestLimitsBody, request.body, 'guest limits');
+      return context.guests.set(name, definedOnly({ cpu, cores, memory }));
     });
 
     app.post('/v1/guests/:name/:action', async (request): Promise<GuestInfo> => {

@@ -16,6 +16,7 @@ import type { DeviceInfo } from '../nvram/device.js';
 import type { MirroringInfo } from '../nvram/mirroring.js';
 import type { AdminStats } from './admin-server.js';
 import type { ServiceLoad } from '../net/service-load.js';
+import type { GuestInfoJson } from '../protocol/admin/api.js';
 
 export interface MetricsSources {
   nodeId: string;
@@ -35,7 +36,11 @@ export interface MetricsSources {
   damaged?(): { volumes: number; nvram: number; orphans: number };
   /** The mirror service's connections and budget; absent before it listens. */
   mirrorLoad?(): ServiceLoad | undefined;
+  /** Every guest and its figures (read once a second by the supervisor). */
+  guests?(): GuestInfoJson[];
 }
+
+const GUEST_STATES = ['stopped', 'booting', 'running', 'failed'] as const;
 
 export class NodeMetrics {
   readonly registry: Registry;
@@ -445,6 +450,29 @@ export class NodeMetrics {
         : 'mirror connections closed by the node because a frame they began, or the replies they were sent, did not move for mirror.stallTimeout.', (l) => l.stalled);
       counter(`memstrata_${service}_handshake_timeouts_total`, `${service} connections closed because their HELLO did not succeed in time.`, (l) => l.handshakeTimeouts);
     }
+    // Guests, labelled by guest (issue 12).
+    const perGuest = (kind: 'counter' | 'gauge', name: string, help: string, pick: (g: GuestInfoJson) => number | null): void => {
+      if (kind === 'counter') {
+        new Counter({ name, help, labelNames: ['guest'], registers: [registry], collect() { this.reset(); for (const g of sources.guests?.() ?? []) this.inc({ guest: g.name }, pick(g) ?? 0); } });
+      } else {
+        new Gauge({ name, help, labelNames: ['guest'], registers: [registry], collect() { this.reset(); for (const g of sources.guests?.() ?? []) { const v = pick(g); if (v !== null) this.set({ guest: g.name }, v); } } });
+      }
+    };
+    perGuest('counter', 'memstrata_guest_cpu_seconds_total', 'CPU time the guest\'s processes used, all its runs.', (g) => g.cpuSeconds);
+    perGuest('counter', 'memstrata_guest_throttled_seconds_total', 'Time the guest was held back from running by its CPU share (cgroup throttling, or stopped by the duty cycle).', (g) => g.throttledSeconds);
+    perGuest('counter', 'memstrata_guest_restarts_total', 'Times the guest was booted again by its restart policy.', (g) => g.restarts);
+    perGuest('gauge', 'memstrata_guest_cpu_share', 'The guest\'s CPU share in cores (absent: no share of its own).', (g) => g.cpu);
+    perGuest('gauge', 'memstrata_guest_memory_bytes', 'Memory the guest\'s processes use (its cgroup\'s charge, or the sum of their RSS).', (g) => g.memoryBytes);
+    new Gauge({
+      name: 'memstrata_guest_state',
+      help: 'The guest\'s state: 1 for the state it is in, 0 for the others.',
+      labelNames: ['guest', 'state'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        for (const g of sources.guests?.() ?? []) for (const state of GUEST_STATES) this.set({ guest: g.name, state }, g.state === state ? 1 : 0);
+      },
+    });
     this.resizes = new Counter({
       name: 'memstrata_partition_resizes_total',
       help: 'Partition resizes asked for, by outcome (ok, or the error code).',

@@ -210,30 +210,48 @@ export function buildProgram(output: Output = processOutput): Command {
     });
 
   // ---- guests ----
-  const guest = program.command('guest').description('programs the node runs and keeps running (issue 12: lifecycle so far)');
+  const guest = program.command('guest').description('programs the node runs and keeps running, each with a share of its CPU');
   guest
     .command('create <name>')
     .description('define a guest and start it: memstrata guest create NAME [options] -- COMMAND [ARGS...]')
     .argument('<command...>', 'the program and its arguments (after --)')
+    .option('--cpu <cores>', 'CPU share, a fraction of one core such as 0.25 (up to the machine\'s cores)')
+    .option('--cores <n>', 'how many CPUs it may run on, fewer than the machine has')
+    .option('--memory <size>', 'memory limit, such as 256MiB')
     .addOption(new Option('--restart <policy>', 'restart policy').choices(['never', 'on-failure', 'always']).default('on-failure'))
     .option('--env <K=V...>', 'environment variables for the guest')
     .option('--no-start', 'only define it')
     .addOption(adminOption())
     .addOption(tokenOption())
     .addOption(jsonOption())
-    .action(async (name: string, command: string[], options: { restart: string; env?: string[]; start: boolean; admin: string; token?: string; json?: boolean }) => {
+    .action(async (name: string, command: string[], options: GuestLimitOptions & { restart: string; env?: string[]; start: boolean; admin: string; token?: string; json?: boolean }) => {
       const env: Record<string, string> = {};
       for (const pair of options.env ?? []) {
         const at = pair.indexOf('=');
         if (at <= 0) throw new MisuseError('MS_GUEST_INVALID', `--env ${JSON.stringify(pair)}: expected NAME=VALUE`);
         env[pair.slice(0, at)] = pair.slice(at + 1);
       }
-      const info = await adminClient(options).post<GuestInfoJson>('/v1/guests', { name, command, env, restart: options.restart, start: options.start });
-      output.out(options.json === true ? JSON.stringify(info, null, 2) : `guest ${info.name} created: ${info.state}`);
+      const info = await adminClient(options).post<GuestInfoJson>('/v1/guests', { name, command, env, restart: options.restart, start: options.start, ...guestLimits(options) });
+      output.out(options.json === true ? JSON.stringify(info, null, 2) : `guest ${info.name} created: ${info.state}${renderLimits(info)}`);
+    });
+  guest
+    .command('set <name>')
+    .description('change a guest\'s CPU share, cores or memory limit, while it runs too ("none" removes one)')
+    .option('--cpu <cores>', 'CPU share, a fraction of one core such as 0.6, or none')
+    .option('--cores <n>', 'how many CPUs it may run on, or none')
+    .option('--memory <size>', 'memory limit such as 256MiB, or none')
+    .addOption(adminOption())
+    .addOption(tokenOption())
+    .addOption(jsonOption())
+    .action(async (name: string, options: GuestLimitOptions & { admin: string; token?: string; json?: boolean }) => {
+      const change = guestLimits(options);
+      if (Object.keys(change).length === 0) throw new MisuseError('MS_GUEST_INVALID', 'guest set: expected --cpu, --cores or --memory');
+      const info = await adminClient(options).patch<GuestInfoJson>(`/v1/guests/${encodeURIComponent(name)}`, change);
+      output.out(options.json === true ? JSON.stringify(info, null, 2) : `guest ${info.name}: ${info.state}${renderLimits(info)}`);
     });
   guest
     .command('list')
-    .description('guests with state, pid, restarts and command')
+    .description('guests with state, pid, CPU share and use, throttled time, memory, restarts, enforcement and command')
     .addOption(adminOption())
     .addOption(tokenOption())
     .addOption(jsonOption())
@@ -417,7 +435,9 @@ export function renderNode(info: NodeInfo): string {
   });
   const media = `Media\n${textTable(['MEDIUM', 'CAPACITY', 'EXTENT', 'RESIDENT', 'CACHE', 'SERVER', 'NVRAM', 'FREE'], rows, [1, 2, 3, 4, 5, 6, 7])}`;
   const damaged = [...renderDamaged('volumes', info.damaged.volumes), ...renderDamaged('NVRAM devices', info.damaged.nvram), ...renderOrphans(info.orphans)];
-  return [head, media, renderCache(info.cache), renderNvram(info.nvram), ...damaged].join('\n\n');
+  const g = info.guests;
+  const guests = renderGuests(g.list, `Guests (limits by ${g.enforcement}; shares may add up to ${g.budget} of ${g.cpus} cores, ${g.reserveCpu} kept for the node; period ${g.periodMs} ms)`);
+  return [head, media, renderCache(info.cache), renderNvram(info.nvram), guests, ...damaged].join('\n\n');
 }
 
 /** Volumes or devices that were not loaded at start; nothing when there are none. */
@@ -428,10 +448,51 @@ export function renderDiverged(diverged: readonly DivergedJson[] | undefined): s
   return [`Journals kept aside (may hold records acknowledged here that the partner never had; memstrata nvram dump --diverged NAME)\n${textTable(['DEVICE', 'FILE'], rows, [])}`];
 }
 
-export function renderGuests(guests: readonly GuestInfoJson[]): string {
-  if (guests.length === 0) return 'Guests\n(none)';
-  const rows = guests.map((g) => [g.name, g.state, g.pid === null ? '-' : String(g.pid), String(g.restarts), String(g.resets), g.restart, g.command.join(' ').slice(0, 60)]);
-  return `Guests\n${textTable(['NAME', 'STATE', 'PID', 'RESTARTS', 'RESETS', 'POLICY', 'COMMAND'], rows, [2, 3, 4])}`;
+export function renderGuests(guests: readonly GuestInfoJson[], head = 'Guests'): string {
+  if (guests.length === 0) return `${head}\n(none)`;
+  const rows = guests.map((g) => [
+    g.name,
+    g.state,
+    g.pid === null ? '-' : String(g.pid),
+    g.cpu === null ? '-' : String(g.cpu),
+    g.cpuUsed === null ? '-' : g.cpuUsed.toFixed(2),
+    g.cores === null ? 'all' : String(g.cores),
+    `${g.throttledSeconds.toFixed(1)}s`,
+    `${humanSize(g.memoryBytes)}/${g.memoryLimit === null ? '-' : humanSize(g.memoryLimit)}`,
+    String(g.restarts),
+    g.enforcement,
+    g.command.join(' ').slice(0, 50),
+  ]);
+  const table = textTable(['NAME', 'STATE', 'PID', 'CPU', 'USED', 'CORES', 'THROTTLED', 'MEMORY/LIMIT', 'RESTARTS', 'ENFORCEMENT', 'COMMAND'], rows, [2, 3, 4, 6, 8]);
+  const errors = guests.filter((g) => g.error !== null).map((g) => `${g.name}: ${g.error ?? ''}`);
+  return [`${head}\n${table}`, ...errors].join('\n');
+}
+
+interface GuestLimitOptions {
+  cpu?: string;
+  cores?: string;
+  memory?: string;
+}
+
+/** --cpu/--cores/--memory as the API takes them: numbers, a size string, or null for "none". */
+function guestLimits(options: GuestLimitOptions): { cpu?: number | null; cores?: number | null; memory?: string | null } {
+  const number = (flag: string, value: string): number | null => {
+    if (value === 'none') return null;
+    const n = Number(value);
+    if (value.trim() === '' || !Number.isFinite(n)) throw new MisuseError('MS_GUEST_INVALID', `--${flag} ${JSON.stringify(value)}: expected a number or none`);
+    return n;
+  };
+  return {
+    ...(options.cpu === undefined ? {} : { cpu: number('cpu', options.cpu) }),
+    ...(options.cores === undefined ? {} : { cores: number('cores', options.cores) }),
+    ...(options.memory === undefined ? {} : { memory: options.memory === 'none' ? null : options.memory }),
+  };
+}
+
+function renderLimits(g: GuestInfoJson): string {
+  const parts = [g.cpu === null ? undefined : `cpu ${g.cpu}`, g.cores === null ? undefined : `cores ${g.cores}`, g.memoryLimit === null ? undefined : `memory ${humanSize(g.memoryLimit)}`];
+  const set = parts.filter((p) => p !== undefined);
+  return `${set.length === 0 ? '' : `, ${set.join(', ')}`} (${g.enforcement})`;
 }
 
 export function renderDamaged(what: string, damaged: readonly DamagedJson[] | undefined): string[] {

@@ -51,6 +51,10 @@ export class AdminClient {
     return this.request<T>('POST', path, body);
   }
 
+  patch<T>(path: string, body: unknown): Promise<T> {
+    return this.request<T>('PATCH', path, body);
+  }
+
   /** DELETE; resolves when the node answered 2xx. */
   async delete(path: string): Promise<void> {
     const response = await this.fetch('DELETE', path);

@@ -4,8 +4,9 @@
 //    "running":true,"createdAt":"2026-11-29T00:00:00.000Z","version":1}
 //
 // `running` is what the operator asked for last (start or stop): a node that starts boots
-// again the guests that were running. The rest of issue 12 (CPU share, cores, memory,
-// devices) adds fields here.
+// again the guests that were running. `cpu` (a fraction of one core), `cores` (how many
+// CPUs it may run on) and `memory` (bytes) are its limits, null for none; files written
+// before they existed have none.
 
 import { join } from 'node:path';
 import { z } from 'zod';
@@ -26,6 +27,9 @@ const guestMetaSchema = z.strictObject({
   restart: z.enum(RESTART_POLICIES),
   running: z.boolean(),
   createdAt: z.iso.datetime(),
+  cpu: z.number().min(0.01).max(4096).nullable().default(null),
+  cores: z.number().int().min(1).max(4096).nullable().default(null),
+  memory: z.number().int().min(1024 * 1024).max(Number.MAX_SAFE_INTEGER).nullable().default(null),
 });
 
 export interface GuestDefinition {
@@ -35,6 +39,9 @@ export interface GuestDefinition {
   restart: RestartPolicy;
   running: boolean;
   createdAt: string;
+  cpu: number | null;
+  cores: number | null;
+  memory: number | null;
 }
 
 export function guestMetaPath(dir: string, name: string): string {
@@ -44,9 +51,9 @@ export function guestMetaPath(dir: string, name: string): string {
 /** Reads and checks guests/<name>.json; MS_META_INVALID names the file and the field. */
 export async function readGuestMeta(dir: string, name: string, fs?: MetaFs): Promise<GuestDefinition> {
   const path = guestMetaPath(dir, name);
-  const { name: stored, command, env, restart, running, createdAt } = await readMetaFile(path, guestMetaSchema, 'guest definition', fs);
+  const { name: stored, command, env, restart, running, createdAt, cpu, cores, memory } = await readMetaFile(path, guestMetaSchema, 'guest definition', fs);
   if (stored !== name) throw metaInvalid(path, 'guest definition', 'name', `field name: "${stored}" is not the file's name "${name}"`);
-  return { name: stored, command, env, restart, running, createdAt };
+  return { name: stored, command, env, restart, running, createdAt, cpu, cores, memory };
 }
 
 export function writeGuestMeta(dir: string, definition: GuestDefinition, fs?: MetaFs): Promise<void> {

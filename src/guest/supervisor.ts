@@ -1,6 +1,6 @@
-// The guest supervisor (DESIGN 4.6, issue 12): programs the node boots as child processes
-// and keeps running. This is the first part of issue 12: lifecycle only. CPU shares,
-// cores, memory limits, cut-through devices and the CLI/API come next.
+// The guest supervisor (DESIGN 4.6, issue 12): programs the node boots as child processes,
+// keeps running, and holds to a share of the node's CPU, a set of cores and a memory
+// limit. Cut-through devices come next.
 //
 //   guests/<name>.json   the definition (guest-meta.ts), validated on load
 //   guests/<name>/       the guest's working directory; log and log.1 hold its output
@@ -16,19 +16,41 @@
 // to 10 s and starts over once a run lasted 10 s. A guest whose command cannot be run
 // (ENOENT, EACCES) fails at once and is not restarted until started again.
 //
+// Limits (cgroup.ts, duty-cycle.ts): the enforcement is chosen once at open, the first of
+// cgroup v2, cgroup v1 and the signal fallback that works (or the one guests.enforcement
+// names). Every guest gets a cgroup where there is one; the node's guests together are
+// capped at (cores - guests.reserveCpu), and the shares of the guests that are to run may
+// not add up to more than that either (MS_GUEST_CPU_BUDGET). Without a cgroup: the CPU
+// share is a SIGSTOP/SIGCONT duty cycle, cores are pinned with taskset, and the memory
+// limit is watched: a guest whose process group's RSS passes it is killed and left
+// `failed` (not restarted), as the kernel's OOM killer would in a cgroup. Figures (CPU
+// time, CPU used over the last second, throttled time, memory) are read every second.
+//
 // Output goes to a bounded log: once `log` passes logBytes it becomes `log.1` (replacing
 // the older one), so a guest keeps at most twice logBytes on disk; while the disk is
 // behind, the guest's output is not read (it blocks), so it costs the node no memory.
 
-import { spawn, type ChildProcess } from 'node:child_process';
-import { createWriteStream, renameSync, type WriteStream } from 'node:fs';
-import { mkdir, readFile, readdir, rm } from 'node:fs/promises';
-import { join } from 'node:path';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { constants, createWriteStream, renameSync, type WriteStream } from 'node:fs';
+import { access, mkdir, readFile, readdir, rm, stat } from 'node:fs/promises';
+import { availableParallelism } from 'node:os';
+import { delimiter, isAbsolute, join } from 'node:path';
+import { promisify } from 'node:util';
 import { MisuseError, RuntimeError, toMemstrataError } from '../errors.js';
 import type { MetaFs } from '../fs/meta-file.js';
 import type { Logger } from '../logger.js';
 import type { DamagedJson, GuestInfoJson } from '../protocol/admin/api.js';
 import { GUEST_NAME_FORM, GUEST_NAME_PATTERN, RESTART_POLICIES, readGuestMeta, writeGuestMeta, type GuestDefinition, type RestartPolicy } from './guest-meta.js';
+import { JOIN_SCRIPT, openCgroupV1, openCgroupV2, readCgroupLayout, type CgroupHost, type GuestCgroup, type GuestLimits } from './cgroup.js';
+import { DutyCycle } from './duty-cycle.js';
+import { GroupCpu, byGroup, rssBytes, scanProcesses, type ProcSample } from './proc-stat.js';
+
+const execFileAsync = promisify(execFile);
+
+export const ENFORCEMENTS = ['auto', 'cgroup2', 'cgroup1', 'signal'] as const;
+export type EnforcementSetting = (typeof ENFORCEMENTS)[number];
+export type Enforcement = GuestInfoJson['enforcement'];
 
 export type GuestState = GuestInfoJson['state'];
 
@@ -43,7 +65,26 @@ export interface SupervisorOptions {
   /** A guest's log becomes log.1 past this size; default 1 MiB. */
   logBytes?: number;
   fs?: MetaFs;
+  /** The node's id: its guests' cgroups are memstrata-<id>. Asked at open. */
+  nodeId?: () => string;
+  /** How CPU and memory limits are enforced; default auto (cgroup v2, v1, then signals). */
+  enforcement?: EnforcementSetting;
+  /** Cores the node keeps for itself; default 0.5. */
+  reserveCpu?: number;
+  /** The CPU period in milliseconds (cgroup quota period, duty cycle); default 100. */
+  periodMs?: number;
+  /** Cores of the machine; default os.availableParallelism(). */
+  cpus?: number;
 }
+
+/** A change of limits: undefined keeps the current value, null removes the limit. */
+export interface LimitChange {
+  cpu?: number | null;
+  cores?: number | null;
+  memory?: number | null;
+}
+
+const STATS_INTERVAL_MS = 1000;
 
 const BACKOFF_MIN_MS = 100;
 const BACKOFF_MAX_MS = 10_000;
@@ -64,6 +105,19 @@ class Guest {
   error: string | null;
   out: WriteStream | undefined;
   outBytes: number;
+  cgroup: GuestCgroup | undefined;
+  duty: DutyCycle | undefined;
+  /** CPU time of this run by /proc accounting, and of the runs before it. */
+  runCpu: GroupCpu;
+  cpuBefore: number;
+  throttledBefore: number;
+  cpuSeconds: number;
+  throttledSeconds: number;
+  memoryBytes: number;
+  cpuUsed: number | null;
+  sampledAt: number;
+  /** Set when the memory watchdog killed it: it stays failed. */
+  overMemory: string | null;
 
   constructor(definition: GuestDefinition) {
     this.definition = definition;
@@ -80,11 +134,30 @@ class Guest {
     this.error = null;
     this.out = undefined;
     this.outBytes = 0;
+    this.cgroup = undefined;
+    this.duty = undefined;
+    this.runCpu = new GroupCpu();
+    this.cpuBefore = 0;
+    this.throttledBefore = 0;
+    this.cpuSeconds = 0;
+    this.throttledSeconds = 0;
+    this.memoryBytes = 0;
+    this.cpuUsed = null;
+    this.sampledAt = 0;
+    this.overMemory = null;
   }
 
-  info(): GuestInfo {
-    const { name, command, restart } = this.definition;
-    return { name, state: this.state, pid: this.child?.pid ?? null, command, restart, restarts: this.restarts, resets: this.resets, lastExit: this.lastExit, error: this.error };
+  info(enforcement: Enforcement): GuestInfo {
+    const { name, command, restart, cpu, cores, memory } = this.definition;
+    const live = this.child !== undefined;
+    return {
+      name, state: this.state, pid: this.child?.pid ?? null, command, restart, restarts: this.restarts, resets: this.resets, lastExit: this.lastExit, error: this.error,
+      cpu, cores, memoryLimit: memory, enforcement,
+      cpuUsed: live ? this.cpuUsed : null,
+      cpuSeconds: this.cpuSeconds,
+      throttledSeconds: this.throttledSeconds,
+      memoryBytes: live ? this.memoryBytes : 0,
+    };
   }
 }
 
@@ -94,6 +167,14 @@ export class GuestSupervisor {
   private readonly guests: Map<string, Guest>;
   private readonly damagedGuests: Map<string, DamagedJson>;
   private closing: boolean;
+  /** Where the kernel enforces limits; undefined for the signal fallback. */
+  private cgroups: CgroupHost | undefined;
+  private taskset: string | undefined;
+  private statsTimer: NodeJS.Timeout | undefined;
+  private sampling: boolean;
+  readonly cpus: number;
+  readonly reserveCpu: number;
+  readonly periodMs: number;
 
   constructor(options: SupervisorOptions) {
     this.options = options;
@@ -101,16 +182,36 @@ export class GuestSupervisor {
     this.guests = new Map();
     this.damagedGuests = new Map();
     this.closing = false;
+    this.cgroups = undefined;
+    this.taskset = undefined;
+    this.statsTimer = undefined;
+    this.sampling = false;
+    this.cpus = options.cpus ?? availableParallelism();
+    this.reserveCpu = options.reserveCpu ?? 0.5;
+    this.periodMs = options.periodMs ?? 100;
+  }
+
+  /** How limits are enforced on this node: cgroup2, cgroup1 or signal. */
+  get mode(): 'cgroup2' | 'cgroup1' | 'signal' {
+    return this.cgroups?.mode ?? 'signal';
+  }
+
+  /** Cores guests together may have: the machine's less the node's reserve. */
+  get cpuBudget(): number {
+    return Math.max(0, this.cpus - this.reserveCpu);
   }
 
   /** Loads every definition; boots the guests that were running. A bad definition is listed, not loaded. */
   async open(): Promise<void> {
     await mkdir(this.dir, { recursive: true });
+    await this.openEnforcement();
+    this.taskset = await findCommand('taskset', process.env.PATH);
     for (const file of (await readdir(this.dir)).filter((f) => f.endsWith('.json')).sort()) {
       const name = file.slice(0, -'.json'.length);
       try {
         const guest = new Guest(await readGuestMeta(this.dir, name, this.options.fs));
         this.guests.set(name, guest);
+        await this.killLeftovers(guest);
         if (guest.definition.running) await this.boot(guest);
       } catch (error) {
         const coded = toMemstrataError(error);
@@ -118,10 +219,12 @@ export class GuestSupervisor {
         this.options.log.error({ guest: name, code: coded.code, err: error }, `guest ${name} could not be loaded: ${coded.message}; its files stay as they are`);
       }
     }
+    this.statsTimer = setInterval(() => { void this.sample(); }, STATS_INTERVAL_MS);
+    this.statsTimer.unref();
   }
 
   list(): GuestInfo[] {
-    return [...this.guests.values()].map((g) => g.info()).sort((a, b) => a.name.localeCompare(b.name));
+    return [...this.guests.values()].map((g) => this.describe(g)).sort((a, b) => a.name.localeCompare(b.name));
   }
 
   damaged(): DamagedJson[] {
@@ -129,11 +232,11 @@ export class GuestSupervisor {
   }
 
   info(name: string): GuestInfo {
-    return this.get(name).info();
+    return this.describe(this.get(name));
   }
 
   /** Defines a guest and, unless `start` is false, boots it. */
-  async create(request: { name: string; command: readonly string[]; env?: Record<string, string>; restart?: RestartPolicy }, start = true): Promise<GuestInfo> {
+  async create(request: { name: string; command: readonly string[]; env?: Record<string, string>; restart?: RestartPolicy } & LimitChange, start = true): Promise<GuestInfo> {
     const { name, command } = request;
     if (!GUEST_NAME_PATTERN.test(name)) throw new MisuseError('MS_GUEST_INVALID', `invalid guest name ${JSON.stringify(name.slice(0, 80))}: expected ${GUEST_NAME_FORM}`, { details: { name } });
     if (command.length === 0 || command.some((arg) => arg.length === 0)) throw new MisuseError('MS_GUEST_INVALID', `guest ${name}: expected a command and its arguments, none of them empty`, { details: { name } });
@@ -143,23 +246,47 @@ export class GuestSupervisor {
       if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(key)) throw new MisuseError('MS_GUEST_INVALID', `guest ${name}: ${JSON.stringify(key)} is not an environment variable name`, { details: { name } });
     }
     if (this.guests.has(name) || this.damagedGuests.has(name)) throw new MisuseError('MS_GUEST_EXISTS', `a guest named ${name} already exists`, { details: { name } });
-    const definition: GuestDefinition = { name, command: [...command], env: { ...request.env }, restart, running: start, createdAt: new Date().toISOString() };
+    const limits = this.checkLimits(name, { cpu: null, cores: null, memory: null }, request);
+    if (start) this.checkBudget(name, limits.cpu);
+    const definition: GuestDefinition = { name, command: [...command], env: { ...request.env }, restart, running: start, createdAt: new Date().toISOString(), ...limits };
     await writeGuestMeta(this.dir, definition, this.options.fs);
     const guest = new Guest(definition);
     this.guests.set(name, guest);
     if (start) await this.boot(guest);
-    return guest.info();
+    return this.describe(guest);
+  }
+
+  /** Changes a guest's CPU share, cores or memory limit, while it runs too. */
+  async set(name: string, change: LimitChange): Promise<GuestInfo> {
+    const guest = this.get(name);
+    const limits = this.checkLimits(name, guest.definition, change);
+    if (guest.definition.running) this.checkBudget(name, limits.cpu);
+    const pid = guest.child?.pid;
+    if (pid !== undefined) {
+      try {
+        await this.enforce(guest, limits, pid);
+      } catch (error) {
+        // Back to the limits it had, so what is enforced is what the definition says.
+        await this.enforce(guest, guest.definition, pid).catch(() => undefined);
+        throw error;
+      }
+    }
+    Object.assign(guest.definition, limits);
+    await writeGuestMeta(this.dir, guest.definition, this.options.fs);
+    this.options.log.info({ guest: name, ...limits }, `guest ${name} limits set`);
+    return this.describe(guest);
   }
 
   /** Boots a stopped or failed guest, and keeps it running across node restarts. */
   async start(name: string): Promise<GuestInfo> {
     const guest = this.get(name);
+    if (!guest.definition.running) this.checkBudget(name, guest.definition.cpu);
     await this.setRunning(guest, true);
     if (guest.state === 'stopped' || guest.state === 'failed') {
       guest.backoffMs = BACKOFF_MIN_MS;
       await this.boot(guest);
     }
-    return guest.info();
+    return this.describe(guest);
   }
 
   /** Stops the guest's whole process tree (SIGTERM, then SIGKILL after the grace period). */
@@ -167,7 +294,7 @@ export class GuestSupervisor {
     const guest = this.get(name);
     await this.setRunning(guest, false);
     await this.halt(guest, this.options.graceMs ?? 5000);
-    return guest.info();
+    return this.describe(guest);
   }
 
   /** Kills the guest's tree at once and boots it again; nothing else is touched. */
@@ -177,7 +304,7 @@ export class GuestSupervisor {
     guest.resets++;
     guest.backoffMs = BACKOFF_MIN_MS;
     await this.boot(guest);
-    return guest.info();
+    return this.describe(guest);
   }
 
   /** The last `maxBytes` of the guest's output (log.1, then log). */
@@ -198,13 +325,175 @@ export class GuestSupervisor {
     guest.out = undefined;
     await rm(join(this.dir, `${name}.json`), { force: true });
     await rm(join(this.dir, name), { recursive: true, force: true });
+    await this.cgroups?.guest(name).remove();
   }
 
   /** Node shutdown: every guest's tree stopped; their definitions say whether they boot at the next start. */
   async close(): Promise<void> {
     this.closing = true;
+    clearInterval(this.statsTimer);
     await Promise.all([...this.guests.values()].map((g) => this.halt(g, this.options.graceMs ?? 5000)));
-    for (const guest of this.guests.values()) guest.out?.end();
+    for (const guest of this.guests.values()) {
+      guest.out?.end();
+      await guest.cgroup?.remove();
+    }
+    await this.cgroups?.remove();
+  }
+
+  private describe(guest: Guest): GuestInfo {
+    const { cpu, cores, memory } = guest.definition;
+    const enforcement: Enforcement = this.cgroups !== undefined ? this.cgroups.mode : cpu !== null || cores !== null || memory !== null ? 'signal' : 'none';
+    return guest.info(enforcement);
+  }
+
+  /** Validates a change of limits against the machine; returns the limits it makes. */
+  private checkLimits(name: string, current: Pick<GuestDefinition, 'cpu' | 'cores' | 'memory'>, change: LimitChange): Pick<GuestDefinition, 'cpu' | 'cores' | 'memory'> {
+    const limits = {
+      cpu: change.cpu === undefined ? current.cpu : change.cpu,
+      cores: change.cores === undefined ? current.cores : change.cores,
+      memory: change.memory === undefined ? current.memory : change.memory,
+    };
+    const invalid = (message: string): MisuseError => new MisuseError('MS_GUEST_INVALID', `guest ${name}: ${message}`, { details: { name } });
+    const { cpu, cores, memory } = limits;
+    if (cpu !== null && (typeof cpu !== 'number' || !Number.isFinite(cpu) || cpu < 0.01 || cpu > this.cpus)) {
+      throw invalid(`CPU share ${String(cpu)} is not a fraction of a core from 0.01 to ${this.cpus} (this machine's cores)`);
+    }
+    if (cores !== null && (!Number.isInteger(cores) || cores < 1 || cores >= this.cpus)) {
+      throw invalid(this.cpus === 1 ? 'cores cannot be set on a machine with one core' : `cores ${String(cores)} is not a whole number from 1 to ${this.cpus - 1} (fewer than this machine's ${this.cpus})`);
+    }
+    if (cpu !== null && cores !== null && cpu > cores) throw invalid(`CPU share ${cpu} is more than its ${cores} core${cores === 1 ? '' : 's'} can give`);
+    if (memory !== null && (!Number.isSafeInteger(memory) || memory < 1024 * 1024)) throw invalid(`memory limit ${String(memory)} is not a whole number of bytes of at least 1 MiB`);
+    if (cores !== null && this.cgroups?.cpuset !== true && this.taskset === undefined) {
+      throw invalid('cores cannot be enforced here: no cpuset cgroup is writable and taskset (util-linux) is not installed');
+    }
+    return limits;
+  }
+
+  /** The shares of the guests that are to run may not pass the node's budget. */
+  private checkBudget(name: string, cpu: number | null): void {
+    if (cpu === null) return;
+    const others = [...this.guests.values()].filter((g) => g.definition.name !== name && g.definition.running).reduce((sum, g) => sum + (g.definition.cpu ?? 0), 0);
+    // Rounded to a thousandth of a core, so 0.1 + 0.2 fits in 0.3.
+    if (Math.round((others + cpu) * 1000) > Math.round(this.cpuBudget * 1000)) {
+      throw new MisuseError('MS_GUEST_CPU_BUDGET', `guest ${name}: a CPU share of ${cpu} would bring the guests' shares to ${round3(others + cpu)} cores, more than the ${round3(this.cpuBudget)} left after guests.reserveCpu (${this.reserveCpu}) of this machine's ${this.cpus}`, {
+        details: { name, cpu, others: round3(others), budget: round3(this.cpuBudget) },
+      });
+    }
+  }
+
+  private limitsOf(definition: Pick<GuestDefinition, 'cpu' | 'cores' | 'memory'>): GuestLimits {
+    return { cpu: definition.cpu, cpus: coreList(definition.cores, this.cpus), memory: definition.memory };
+  }
+
+  /** Applies limits to a running guest. */
+  private async enforce(guest: Guest, definition: Pick<GuestDefinition, 'cpu' | 'cores' | 'memory'>, pid: number): Promise<void> {
+    const limits = this.limitsOf(definition);
+    try {
+      if (guest.cgroup !== undefined) await guest.cgroup.apply(limits, this.periodMs * 1000);
+      if (this.cgroups?.cpuset !== true && this.taskset !== undefined) {
+        const pids = guest.cgroup !== undefined ? await guest.cgroup.procs() : groupMembers(await scanProcesses(), pid).map((s) => s.pid);
+        const list = (limits.cpus ?? allCores(this.cpus)).join(',');
+        await Promise.all(pids.map((p) => execFileAsync(this.taskset ?? 'taskset', ['-a', '-p', '-c', list, String(p)]).catch(() => undefined)));
+      }
+    } catch (error) {
+      throw new RuntimeError('MS_GUEST_LIMIT_FAILED', `guest ${guest.definition.name}: the kernel refused its limits: ${(error as Error).message}`, { cause: error, details: { name: guest.definition.name } });
+    }
+    if (guest.cgroup === undefined) {
+      if (limits.cpu === null) {
+        guest.duty?.stop();
+        if (guest.duty !== undefined) guest.throttledBefore += guest.duty.throttledSeconds;
+        guest.duty = undefined;
+      } else if (guest.duty === undefined) {
+        guest.duty = new DutyCycle(pid, limits.cpu, this.periodMs);
+        guest.duty.start();
+      } else {
+        guest.duty.set(limits.cpu, this.periodMs);
+      }
+    }
+  }
+
+  private async openEnforcement(): Promise<void> {
+    const wanted = this.options.enforcement ?? 'auto';
+    // Named by node id and data directory: stable across restarts (so leftovers are found),
+    // distinct for two nodes on one machine.
+    const nodeId = `${this.options.nodeId?.() ?? 'node'}-${createHash('sha256').update(this.options.dataDir).digest('hex').slice(0, 8)}`;
+    const reasons: string[] = [];
+    if (wanted !== 'signal') {
+      const layout = await readCgroupLayout().catch(() => ({ v2: undefined, v1: {} }));
+      const attempts: ['cgroup2' | 'cgroup1', () => Promise<CgroupHost>][] = [
+        ['cgroup2', () => (layout.v2 === undefined ? Promise.reject(new Error('no cgroup v2 hierarchy is mounted')) : openCgroupV2(layout.v2, nodeId))],
+        ['cgroup1', () => openCgroupV1(layout.v1, nodeId)],
+      ];
+      for (const [mode, open] of attempts) {
+        if (wanted !== 'auto' && wanted !== mode) continue;
+        try {
+          const host = await open();
+          await host.setTotal(this.cpuBudget, this.periodMs * 1000);
+          this.cgroups = host;
+          this.options.log.info({ enforcement: mode, where: host.where, memory: host.memory, cpuset: host.cpuset, budget: this.cpuBudget }, `guests: limits enforced by ${mode} under ${host.where}`);
+          return;
+        } catch (error) {
+          reasons.push(`${mode}: ${(error as Error).message}`);
+        }
+      }
+      if (wanted !== 'auto') {
+        throw new MisuseError('MS_CONFIG_INVALID', `invalid configuration: guests.enforcement is ${wanted}, which this machine cannot give (${reasons.join('; ')})`, { details: { field: 'guests.enforcement' } });
+      }
+    }
+    this.options.log[wanted === 'signal' ? 'info' : 'warn']({ enforcement: 'signal', reasons }, `guests: limits enforced by signals (SIGSTOP/SIGCONT duty cycle, RSS watch)${reasons.length > 0 ? `; no cgroup: ${reasons.join('; ')}` : ''}`);
+  }
+
+  /** Processes left in a guest's cgroup by a node that was killed: they go before it boots. */
+  private async killLeftovers(guest: Guest): Promise<void> {
+    if (this.cgroups === undefined) return;
+    const pids = await this.cgroups.guest(guest.definition.name).procs();
+    if (pids.length === 0) return;
+    this.options.log.warn({ guest: guest.definition.name, pids }, `guest ${guest.definition.name}: killing ${pids.length} process(es) left from before the node restarted`);
+    for (const pid of pids) killPid(pid, 'SIGKILL');
+  }
+
+  /** Reads every running guest's figures; stops a guest past its memory limit where no cgroup does. */
+  private async sample(): Promise<void> {
+    if (this.sampling || this.closing) return;
+    this.sampling = true;
+    try {
+      const running = [...this.guests.values()].filter((g) => g.child?.pid !== undefined);
+      if (running.length === 0) return;
+      const needProc = this.cgroups === undefined || !this.cgroups.memory || running.some((g) => g.cgroup === undefined);
+      const groups = needProc || this.cgroups?.mode === 'cgroup1' ? byGroup(await scanProcesses()) : new Map<number, ProcSample[]>();
+      const now = performance.now();
+      for (const guest of running) {
+        const pid = guest.child?.pid;
+        if (pid === undefined) continue;
+        const members = groups.get(pid);
+        const procCpu = guest.cpuBefore + guest.runCpu.update(members);
+        let cpuSeconds = procCpu;
+        let throttled = guest.throttledBefore + (guest.duty?.throttledSeconds ?? 0);
+        let memory = rssBytes(members);
+        if (guest.cgroup !== undefined) {
+          const usage = await guest.cgroup.usage().catch(() => undefined);
+          if (usage !== undefined) {
+            cpuSeconds = usage.cpuSeconds ?? procCpu;
+            throttled = usage.throttledSeconds;
+            if (this.cgroups?.memory === true) memory = usage.memoryBytes;
+          }
+        }
+        if (guest.sampledAt > 0) guest.cpuUsed = Math.max(0, (cpuSeconds - guest.cpuSeconds) / ((now - guest.sampledAt) / 1000));
+        guest.sampledAt = now;
+        guest.cpuSeconds = Math.max(guest.cpuSeconds, cpuSeconds);
+        guest.throttledSeconds = Math.max(guest.throttledSeconds, throttled);
+        guest.memoryBytes = memory;
+        const limit = guest.definition.memory;
+        if (limit !== null && this.cgroups?.memory !== true && memory > limit && guest.overMemory === null) {
+          guest.overMemory = `killed: its processes used ${memory} bytes of memory, more than its limit of ${limit}`;
+          this.options.log.error({ guest: guest.definition.name, memory, limit }, `guest ${guest.definition.name} ${guest.overMemory}`);
+          killGroup(pid, 'SIGKILL');
+          guest.duty?.stop();
+        }
+      }
+    } finally {
+      this.sampling = false;
+    }
   }
 
   private get(name: string): Guest {
@@ -229,15 +518,50 @@ export class GuestSupervisor {
     guest.state = 'booting';
     guest.error = null;
     guest.halting = false;
+    guest.overMemory = null;
+    const guestEnv = { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: process.env.HOME ?? cwd, ...env, MEMSTRATA_GUEST: name };
     const [file = '', ...args] = command;
-    const child = spawn(file, args, {
+    // Through a wrapper (sh, taskset) the command's own ENOENT would be an exit code:
+    // looked up first, so a command that does not exist still fails at once.
+    const found = await findCommand(file, guestEnv.PATH, cwd);
+    if (found === undefined) {
+      guest.state = 'failed';
+      guest.error = `cannot run ${file}: ENOENT, no such executable file${file.includes('/') ? '' : ' on PATH'}`;
+      this.options.log.error({ guest: name }, `guest ${name} cannot be started: ${guest.error}`);
+      return;
+    }
+    const limits = this.limitsOf(guest.definition);
+    let argv = [file, ...args];
+    if (limits.cpus !== null && this.cgroups?.cpuset !== true && this.taskset !== undefined) argv = [this.taskset, '-c', limits.cpus.join(','), ...argv];
+    if (this.cgroups !== undefined) {
+      guest.cgroup = this.cgroups.guest(name);
+      try {
+        await guest.cgroup.prepare(limits, this.periodMs * 1000);
+      } catch (error) {
+        guest.state = 'failed';
+        guest.error = `cannot set up its cgroup: ${(error as Error).message}`;
+        this.options.log.error({ guest: name, err: error }, `guest ${name} cannot be started: ${guest.error}`);
+        return;
+      }
+      const files = guest.cgroup.joinFiles();
+      argv = ['/bin/sh', '-c', JOIN_SCRIPT, 'memstrata-guest', String(files.length), ...files, ...argv];
+    }
+    const [program = '', ...programArgs] = argv;
+    const child = spawn(program, programArgs, {
       cwd,
       detached: true, // its own process group: stop and reset reach the whole tree
       stdio: ['ignore', 'pipe', 'pipe'],
-      env: { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: process.env.HOME ?? cwd, ...env, MEMSTRATA_GUEST: name },
+      env: guestEnv,
     });
     guest.child = child;
     guest.startedAt = Date.now();
+    guest.runCpu = new GroupCpu();
+    guest.sampledAt = 0;
+    guest.cpuUsed = null;
+    if (child.pid !== undefined && guest.cgroup === undefined && limits.cpu !== null) {
+      guest.duty = new DutyCycle(child.pid, limits.cpu, this.periodMs);
+      guest.duty.start();
+    }
     this.logTo(guest, child);
     guest.exited = new Promise<void>((resolve) => {
       child.once('error', (error: NodeJS.ErrnoException) => {
@@ -255,8 +579,15 @@ export class GuestSupervisor {
       });
       child.once('exit', (code, signal) => {
         guest.lastExit = { code, signal };
-        // Children that outlived the leader go with it.
+        // Children that outlived the leader go with it (and, in a cgroup, those that left its group).
         killGroup(child.pid, 'SIGKILL');
+        void guest.cgroup?.procs().then((pids) => { for (const pid of pids) killPid(pid, 'SIGKILL'); });
+        if (guest.duty !== undefined) {
+          guest.duty.stop();
+          guest.throttledBefore += guest.duty.throttledSeconds;
+          guest.duty = undefined;
+        }
+        guest.cpuBefore = guest.cpuSeconds;
         if (guest.child === child) guest.child = undefined;
         this.exited(guest, code, signal);
         resolve();
@@ -268,6 +599,11 @@ export class GuestSupervisor {
     const { name, restart } = guest.definition;
     if (guest.halting || this.closing) {
       guest.state = 'stopped';
+      return;
+    }
+    if (guest.overMemory !== null) {
+      guest.state = 'failed';
+      guest.error = guest.overMemory;
       return;
     }
     const failed = code !== 0;
@@ -306,10 +642,14 @@ export class GuestSupervisor {
       return;
     }
     killGroup(child.pid, graceMs > 0 ? 'SIGTERM' : 'SIGKILL');
+    // A group the duty cycle stopped must run to take its SIGTERM.
+    guest.duty?.stop();
+    if (graceMs > 0) killGroup(child.pid, 'SIGCONT');
     let timer: NodeJS.Timeout | undefined;
     if (graceMs > 0) timer = setTimeout(() => { killGroup(child.pid, 'SIGKILL'); }, graceMs);
     await guest.exited;
     clearTimeout(timer);
+    await emptyCgroup(guest.cgroup);
     guest.state = 'stopped';
   }
 
@@ -346,6 +686,57 @@ export class GuestSupervisor {
     child.stdout?.on('data', write);
     child.stderr?.on('data', write);
   }
+}
+
+function killPid(pid: number, signal: NodeJS.Signals): void {
+  try {
+    process.kill(pid, signal);
+  } catch {
+    // Gone.
+  }
+}
+
+/** Kills what is left in a guest's cgroup (processes that left its group) and waits, up to 2 s, for it to empty. */
+async function emptyCgroup(cgroup: GuestCgroup | undefined): Promise<void> {
+  if (cgroup === undefined) return;
+  const deadline = Date.now() + 2000;
+  for (;;) {
+    const pids = await cgroup.procs();
+    if (pids.length === 0 || Date.now() > deadline) return;
+    for (const pid of pids) killPid(pid, 'SIGKILL');
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}
+
+function groupMembers(samples: readonly ProcSample[], pgid: number): ProcSample[] {
+  return samples.filter((s) => s.pgrp === pgid);
+}
+
+function round3(n: number): number {
+  return Math.round(n * 1000) / 1000;
+}
+
+function allCores(cpus: number): number[] {
+  return Array.from({ length: cpus }, (_, i) => i);
+}
+
+/** A guest's N cores: the machine's last N, so CPU 0, where much of the system's own work lands, is the last any guest gets. */
+export function coreList(cores: number | null, cpus: number): number[] | null {
+  return cores === null ? null : allCores(cpus).slice(cpus - cores);
+}
+
+/** Finds an executable as execvp would: a path with a slash as it is (from cwd), else on PATH. */
+async function findCommand(file: string, path: string | undefined, cwd = process.cwd()): Promise<string | undefined> {
+  const candidates = file.includes('/') ? [isAbsolute(file) ? file : join(cwd, file)] : (path ?? '').split(delimiter).filter((d) => d !== '').map((d) => join(d, file));
+  for (const candidate of candidates) {
+    try {
+      await access(candidate, constants.X_OK);
+      if ((await stat(candidate)).isFile()) return candidate;
+    } catch {
+      // Next.
+    }
+  }
+  return undefined;
 }
 
 function killGroup(pid: number | undefined, signal: NodeJS.Signals): void {

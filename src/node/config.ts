@@ -21,6 +21,7 @@ import type { MediumLayout } from '../memory/partition-table.js';
 import { ADDRESS_FORM, DURATION_FORM, GiB, KiB, MiB, SIZE_FORM, formatSize, parseAddress, parseDuration, parseSize, type ListenAddress } from '../units.js';
 import { LARGEST_REQUEST_COST } from '../protocol/rmem/codec.js';
 import { MIRROR_LARGEST_REQUEST_COST } from '../protocol/mirror/codec.js';
+import { ENFORCEMENTS, type EnforcementSetting } from '../guest/supervisor.js';
 
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 export type LogLevel = (typeof LOG_LEVELS)[number];
@@ -90,6 +91,7 @@ export interface NodeConfig {
   };
   volumes: { defaultSize: number };
   cache: { enabled: boolean; maxDirtyAgeMs: number };
+  guests: { enforcement: EnforcementSetting; reserveCpu: number; periodMs: number };
   log: { level: LogLevel; format: LogFormat };
   media: {
     extentSize: number;
@@ -162,6 +164,12 @@ const pathLeaf = leaf<string>(PATH_FORM, (v) => (typeof v === 'string' && v.trim
 export const NODE_ID_FORM = '1 to 64 letters, digits, ".", "_" or "-", starting with a letter or digit';
 export const NODE_ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const nodeIdLeaf = leaf<string>(NODE_ID_FORM, (v) => (typeof v === 'string' && NODE_ID_PATTERN.test(v) ? v : undefined));
+
+const CORES_FORM = 'a number of cores such as 0.5 or 1';
+const coresLeaf = leaf<number>(CORES_FORM, (v) => {
+  const n = typeof v === 'string' && /^\s*\d+(\.\d+)?\s*$/.test(v) ? Number(v) : v;
+  return typeof n === 'number' && Number.isFinite(n) && n >= 0 ? n : undefined;
+});
 
 function enumLeaf<const T extends readonly string[]>(values: T) {
   return leaf<T[number]>(`one of ${values.join(', ')}`, (v) => (typeof v === 'string' && values.includes(v) ? v : undefined));
@@ -242,6 +250,13 @@ const rawSchema = z.strictObject({
       stallTimeout: durationLeaf.prefault('5s'),
     })
     .prefault({}),
+  guests: z
+    .strictObject({
+      enforcement: enumLeaf(ENFORCEMENTS).prefault('auto'),
+      reserveCpu: coresLeaf.prefault('0.5'),
+      period: durationLeaf.prefault('100ms'),
+    })
+    .prefault({}),
   log: z
     .strictObject({ level: enumLeaf(LOG_LEVELS).prefault('info'), format: enumLeaf(LOG_FORMATS).prefault('auto') })
     .prefault({}),
@@ -316,6 +331,9 @@ export const SETTINGS: readonly Setting[] = [
   { path: 'mirror.maxConnectionsPerClient', default: '4', doc: 'mirror connections open at once from one remote address; more are closed as they arrive' },
   { path: 'mirror.handshakeTimeout', default: '5s', doc: 'a mirror connection whose HELLO has not succeeded in this time is closed' },
   { path: 'mirror.stallTimeout', default: '5s', doc: 'after HELLO, a mirror connection that began a frame and sent no more of it, or does not read its replies, for this long is closed' },
+  { path: 'guests.enforcement', default: 'auto', doc: 'how guests\' CPU shares, cores and memory limits are enforced: cgroup2, cgroup1, signal (SIGSTOP/SIGCONT duty cycle, taskset, RSS watch), or auto, the first of these the machine allows' },
+  { path: 'guests.reserveCpu', default: '0.5', doc: 'cores the node keeps for itself: guests\' CPU shares may add up to the machine\'s cores less this, and in a cgroup all guests together are held to it' },
+  { path: 'guests.period', default: '100ms', doc: 'the period a guest\'s CPU share is enforced over (cgroup quota period or duty cycle), from 1ms to 1s; shorter is smoother and costs more' },
   { path: 'log.level', flag: '--log-level', default: 'info', doc: LOG_LEVELS.join(', ') },
   { path: 'log.format', flag: '--log-format', default: 'auto', doc: 'json, pretty, or auto (pretty when stdout is a terminal)' },
   { path: 'media.extentSize', flag: '--extent-size', default: '1MiB', doc: 'unit of the partition table; a power of two from 4KiB to 1GiB' },
@@ -437,6 +455,7 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
     },
     volumes: { defaultSize: parsed.volumes.defaultSize },
     cache: { enabled: parsed.cache.enabled, maxDirtyAgeMs: parsed.cache.maxDirtyAge },
+    guests: { enforcement: parsed.guests.enforcement, reserveCpu: parsed.guests.reserveCpu, periodMs: parsed.guests.period },
     rmem: {
       listen: parsed.rmem.listen,
       leaseMs: parsed.rmem.lease,
@@ -501,6 +520,9 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
   }
   if (config.mirror.stallTimeoutMs < 10 || config.mirror.stallTimeoutMs > 600_000) {
     throw invalid('mirror.stallTimeout', raw, origin, 'expected a duration from 10ms to 10m');
+  }
+  if (config.guests.periodMs < 1 || config.guests.periodMs > 1000) {
+    throw invalid('guests.period', raw, origin, 'expected a duration from 1ms to 1s (the kernel\'s CFS period range)');
   }
   const partner = config.mirror.partner;
   if (partner !== undefined && partner.host === config.mirror.listen.host && partner.port === config.mirror.listen.port && partner.port !== 0) {

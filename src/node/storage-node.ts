@@ -80,7 +80,14 @@ export class StorageNode {
     this.serverMemory = new ServerMemory({ partition: this.partition, allocation: this.allocation, media: this.media, maxRanges: MAX_RANGES });
     this.nvram = new DeviceManager({ dataDir: config.dataDir, partition: this.partition, media: this.media, log });
     this.volumes = new VolumeManager(config.dataDir, { log });
-    this.guests = new GuestSupervisor({ dataDir: config.dataDir, log });
+    this.guests = new GuestSupervisor({
+      dataDir: config.dataDir,
+      log,
+      nodeId: () => this.nodeId,
+      enforcement: config.guests.enforcement,
+      reserveCpu: config.guests.reserveCpu,
+      periodMs: config.guests.periodMs,
+    });
     this.cache = config.cache.enabled
       ? new StorageCache({ partition: this.partition, media: this.media, log, maxDirtyAgeMs: config.cache.maxDirtyAgeMs })
       : undefined;
@@ -263,6 +270,7 @@ export class StorageNode {
           admin: () => this.admin?.stats,
           damaged: () => ({ volumes: this.volumes.damaged().length, nvram: this.nvram.damaged().length, orphans: this.volumes.orphans().length }),
           mirrorLoad: () => this.mirrorService?.load(),
+          guests: () => this.guests.list(),
         });
         const admin = new AdminServer({
           info: () => this.info(),
@@ -356,6 +364,14 @@ export class StorageNode {
       cache: this.cache?.stats() ?? null,
       nvram: this.nvram.list(),
       damaged: { volumes: this.volumes.damaged(), nvram: this.nvram.damaged() },
+      guests: {
+        enforcement: this.guests.mode,
+        cpus: this.guests.cpus,
+        reserveCpu: this.guests.reserveCpu,
+        budget: this.guests.cpuBudget,
+        periodMs: this.guests.periodMs,
+        list: this.guests.list(),
+      },
       orphans: this.volumes.orphans(),
       mirror: this.mirroring?.info() ?? {
         partner: null,

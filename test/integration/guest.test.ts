@@ -1,4 +1,5 @@
-// Guests through the CLI and admin API of a real node (issue 12, lifecycle so far).
+// Guests through the CLI and admin API of a real node (issue 12): lifecycle, limits,
+// status and metrics.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -44,7 +45,7 @@ test('memstrata guest create, list, reset, logs, stop and rm against a real node
   assert.match(created.stdout, /guest hello created/);
   await until('running', async () => (await info('hello'))?.state === 'running');
   const list = await cli('guest', 'list');
-  assert.match(list.stdout, /NAME +STATE +PID +RESTARTS +RESETS +POLICY +COMMAND\nhello +running +\d+ +0 +0 +on-failure +sh -c/);
+  assert.match(list.stdout, /NAME +STATE +PID +CPU +USED +CORES +THROTTLED +MEMORY\/LIMIT +RESTARTS +ENFORCEMENT +COMMAND\nhello +running +\d+ +- /);
   await until('its output in the log', async () => (await cli('guest', 'logs', 'hello')).stdout.includes('hi from hello'));
 
   const before = (await info('hello'))?.pid;
@@ -73,4 +74,52 @@ test('memstrata guest create, list, reset, logs, stop and rm against a real node
   assert.match(stopped.stdout, /guest hello: stopped/);
   assert.equal((await run(['guest', 'rm', 'hello', '--admin', again.url])).code, 0);
   assert.deepEqual((await list2()).guests, []);
+});
+
+test('limits through a real node: guest create --cpu, guest set while it runs, the budget, status and /metrics', async (t) => {
+  const env = { MEMSTRATA_ADMIN_TOKEN: 'guest-test-token-0123456789' };
+  // signal enforcement: works on any machine, and the node's own figures are what is checked here.
+  const n = await startNode({ cwd: await tempDir(t), env, args: ['--set', 'guests.enforcement=signal', '--set', 'guests.reserveCpu=0.5'] });
+  t.after(() => n.stop('SIGKILL'));
+  const cli = (...args: string[]) => runCli([...args, '--admin', n.url], { env });
+  const info = async (name: string) => ((JSON.parse((await cli('guest', 'list', '--json')).stdout) as GuestInfoJson[]).find((g) => g.name === name));
+
+  const create = (...args: string[]) => runCli(['guest', 'create', '--admin', n.url, ...args], { env });
+  const created = await create('busy', '--cpu', '0.25', '--memory', '64MiB', '--', 'sh', '-c', 'while :; do :; done');
+  assert.equal(created.code, 0, created.stderr);
+  assert.match(created.stdout, /guest busy created: \w+, cpu 0\.25, memory 64 ?MiB \(signal\)/);
+  await until('measured', async () => (await info('busy'))?.cpuUsed !== null);
+  const first = await info('busy');
+  assert.equal(first?.cpu, 0.25);
+  assert.equal(first?.enforcement, 'signal');
+  assert.equal(first?.memoryLimit, 64 * 1024 * 1024);
+
+  const set = await cli('guest', 'set', 'busy', '--cpu', '0.5');
+  assert.equal(set.code, 0, set.stderr);
+  assert.equal((await info('busy'))?.cpu, 0.5);
+  assert.equal((await info('busy'))?.pid, first?.pid, 'set does not restart it');
+
+  // The budget: the machine's cores less 0.5.
+  const cores = (await import('node:os')).availableParallelism();
+  const over = await create('greedy', '--cpu', String(cores - 0.5), '--', 'sleep', '60');
+  assert.equal(over.code, 2);
+  assert.match(over.stderr, /^memstrata: MS_GUEST_CPU_BUDGET/);
+  assert.match((await cli('guest', 'set', 'busy', '--cpu', 'lots')).stderr, /^memstrata: MS_GUEST_INVALID/);
+  assert.match((await cli('guest', 'set', 'busy')).stderr, /^memstrata: MS_GUEST_INVALID/);
+  assert.match((await cli('guest', 'set', 'busy', '--memory', '12XB')).stderr, /^memstrata: MS_BAD_REQUEST.*memory/);
+
+  const status = await cli('status');
+  assert.match(status.stdout, /Guests \(limits by signal; shares may add up to [\d.]+ of \d+ cores, 0\.5 kept for the node; period 100 ms\)\nNAME .*\nbusy +running +\d+ +0\.5 /);
+  const metrics = await (await fetch(`${n.url}/metrics`, { headers: { authorization: `Bearer ${env.MEMSTRATA_ADMIN_TOKEN}` } })).text();
+  assert.match(metrics, /memstrata_guest_cpu_share\{guest="busy"\} 0\.5/);
+  assert.match(metrics, /memstrata_guest_state\{guest="busy",state="running"\} 1/);
+  assert.match(metrics, /memstrata_guest_cpu_seconds_total\{guest="busy"\} [\d.]+/);
+  assert.match(metrics, /memstrata_guest_throttled_seconds_total\{guest="busy"\} [\d.]+/);
+  assert.match(metrics, /memstrata_guest_memory_bytes\{guest="busy"\} \d+/);
+  assert.match(metrics, /memstrata_guest_restarts_total\{guest="busy"\} 0/);
+
+  const none = await cli('guest', 'set', 'busy', '--cpu', 'none', '--memory', 'none');
+  assert.equal(none.code, 0, none.stderr);
+  assert.equal((await info('busy'))?.cpu, null);
+  assert.equal((await info('busy'))?.enforcement, 'none');
 });

@@ -156,6 +156,16 @@ export interface NodeInfo {
   damaged: { volumes: DamagedJson[]; nvram: DamagedJson[] };
   /** Volume data files without metadata, moved aside (never removed); see VolumesJson. */
   orphans: OrphanJson[];
+  guests: {
+    /** How guests' limits are enforced on this node. */
+    enforcement: 'cgroup2' | 'cgroup1' | 'signal';
+    /** The machine's cores, what the node keeps, and what guests' shares may add up to. */
+    cpus: number;
+    reserveCpu: number;
+    budget: number;
+    periodMs: number;
+    list: GuestInfoJson[];
+  };
 }
 
 /**
@@ -187,6 +197,22 @@ export interface GuestInfoJson {
   resets: number;
   lastExit: { code: number | null; signal: string | null } | null;
   error: string | null;
+  /** Its CPU share in cores (0.25 is a quarter of one core); null: no share of its own. */
+  cpu: number | null;
+  /** How many CPUs it may run on; null: all. */
+  cores: number | null;
+  /** Its memory limit in bytes; null: none. */
+  memoryLimit: number | null;
+  /** Who enforces its limits: a cgroup, the signal fallback, or nothing (no limits, no cgroup). */
+  enforcement: 'cgroup2' | 'cgroup1' | 'signal' | 'none';
+  /** Cores it used over the last second; null when not running or not yet measured. */
+  cpuUsed: number | null;
+  /** CPU time used, all runs. */
+  cpuSeconds: number;
+  /** Time it was held back from running by its CPU share. */
+  throttledSeconds: number;
+  /** Memory its processes use now (the cgroup's charge, or the sum of their RSS). */
+  memoryBytes: number;
 }
 
 export interface NvramListJson {

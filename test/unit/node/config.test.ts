@@ -203,7 +203,7 @@ test('every setting in the catalogue can be set from the command line', async (t
   await writeFile(tokenFile, 'a-token-of-24-characters\n', { mode: 0o600 });
   for (const setting of SETTINGS) {
     // A value the leaf accepts: settings differ in type, so try a few.
-    const candidates = ['ms-node1', '64MiB', '1MiB', '100%', '127.0.0.1:0', 'info', 'json', './data', '0', '30s', '8', 'false', 'degrade', 'a-token-of-24-characters', tokenFile];
+    const candidates = ['ms-node1', '64MiB', '1MiB', '100%', '127.0.0.1:0', 'info', 'json', './data', '0', '30s', '8', 'false', 'degrade', 'signal', 'a-token-of-24-characters', tokenFile];
     let accepted = false;
     for (const value of candidates) {
       try {
