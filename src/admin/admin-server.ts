@@ -38,7 +38,7 @@ import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, ty
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import { z } from 'zod';
-import { MisuseError, NetworkError, isMemstrataError, toMemstrataError, type MemstrataError } from '../errors.js';
+import { MisuseError, NetworkError, RuntimeError, isMemstrataError, toMemstrataError, type MemstrataError } from '../errors.js';
 import { MEDIA, USED_KINDS } from '../kinds.js';
 import type { AllocationTable } from '../memory/allocation-table.js';
 import type { PartitionTable } from '../memory/partition-table.js';
@@ -138,8 +138,11 @@ const guestBody = z.strictObject({
   env: z.record(z.string(), z.string()).optional(),
   restart: z.enum(RESTART_POLICIES).optional(),
   start: z.boolean().optional(),
+  volumes: z.array(z.string()).max(256).optional(),
+  nvram: z.array(z.string()).max(256).optional(),
   ...guestLimits,
 });
+const guestDeviceBody = z.union([z.strictObject({ volume: z.string() }), z.strictObject({ nvram: z.string() })]);
 const guestLimitsBody = z.strictObject(guestLimits);
 const dumpQuery = z.strictObject({ from: count(0), max: count(100), diverged: z.enum(['0', '1', 'true', 'false']).optional() });
 
@@ -362,6 +365,7 @@ export class AdminServer {
 
     app.post('/v1/volumes', async (request, reply): Promise<VolumeJson> => {
       const { name, size, readOnly, writeLog } = parseBody(volumeBody, request.body, 'volume');
+      if (writeLog !== undefined) refuseAttached('nvram', writeLog, 'made a write log');
       // The volume layer decides whether the device may be its write log (write-log.ts).
       const volume = await context.volumes.create(name, size, readOnly ?? false, writeLog);
       context.log.info({ volume: volume.info() }, `volume ${name} created`);
@@ -379,10 +383,19 @@ export class AdminServer {
 
     app.delete('/v1/volumes/:name', async (request, reply) => {
       const name = (request.params as { name: string }).name;
+      refuseAttached('volume', name, 'removed');
       await context.volumes.remove(name);
       context.log.info({ volume: name }, `volume ${name} removed`);
       return reply.code(204).send();
     });
+
+    // A volume or device a guest's cut-through socket serves stays until it is detached.
+    const refuseAttached = (kind: 'volume' | 'nvram', name: string, what: string): void => {
+      const guest = context.guests.holder(kind, name);
+      if (guest !== undefined) {
+        throw new RuntimeError('MS_GUEST_ATTACHED', `${kind === 'volume' ? 'volume' : 'NVRAM device'} ${name} is attached to guest ${guest} and cannot be ${what}; detach it first (memstrata guest detach ${guest} --${kind} ${name})`, { details: { [kind]: name, guest } });
+      }
+    };
 
     app.get('/v1/guests', (): GuestsJson => ({ guests: context.guests.list(), damaged: context.guests.damaged() }));
 
@@ -395,8 +408,8 @@ export class AdminServer {
 
     app.post('/v1/guests', async (request, reply): Promise<GuestInfo> => {
       tokenRequired();
-      const { name, command, env, restart, start, cpu, cores, memory } = parseBody(guestBody, request.body, 'guest');
-      const info = await context.guests.create({ name, command, ...definedOnly({ env, restart, cpu, cores, memory }) }, start ?? true);
+      const { name, command, env, restart, start, cpu, cores, memory, volumes, nvram } = parseBody(guestBody, request.body, 'guest');
+      const info = await context.guests.create({ name, command, ...definedOnly({ env, restart, cpu, cores, memory, volumes, nvram }) }, start ?? true);
       context.log.info({ guest: name, command }, `guest ${name} created`);
       void reply.code(201);
       return info;
@@ -410,13 +423,23 @@ export class AdminServer {
       return context.guests.set(name, definedOnly({ cpu, cores, memory }));
     });
 
+    for (const action of ['attach', 'detach'] as const) {
+      app.post(`/v1/guests/:name/${action}`, async (request): Promise<GuestInfo> => {
+        tokenRequired();
+        const name = (request.params as { name: string }).name;
+        const body = parseBody(guestDeviceBody, request.body, `guest ${action}`);
+        const [kind, device] = 'volume' in body ? (['volume', body.volume] as const) : (['nvram', body.nvram] as const);
+        return action === 'attach' ? context.guests.attach(name, kind, device) : context.guests.detach(name, kind, device);
+      });
+    }
+
     app.post('/v1/guests/:name/:action', async (request): Promise<GuestInfo> => {
       const { name, action } = request.params as { name: string; action: string };
       if (action === 'stop') return context.guests.stop(name);
       tokenRequired();
       if (action === 'start') return context.guests.start(name);
       if (action === 'reset') return context.guests.reset(name);
-      throw new MisuseError('MS_GUEST_INVALID', `unknown guest action ${JSON.stringify(action.slice(0, 40))}: expected start, stop or reset`);
+      throw new MisuseError('MS_GUEST_INVALID', `unknown guest action ${JSON.stringify(action.slice(0, 40))}: expected start, stop, reset, attach or detach`);
     });
 
     app.delete('/v1/guests/:name', async (request, reply) => {
@@ -443,6 +466,7 @@ export class AdminServer {
 
     app.delete('/v1/nvram/:name', async (request, reply) => {
       const name = (request.params as { name: string }).name;
+      refuseAttached('nvram', name, 'removed');
       await context.nvram.remove(name);
       context.log.info({ device: name }, `NVRAM device ${name} removed`);
       return reply.code(204).send();

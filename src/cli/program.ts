@@ -218,20 +218,23 @@ export function buildProgram(output: Output = processOutput): Command {
     .option('--cpu <cores>', 'CPU share, a fraction of one core such as 0.25 (up to the machine\'s cores)')
     .option('--cores <n>', 'how many CPUs it may run on, fewer than the machine has')
     .option('--memory <size>', 'memory limit, such as 256MiB')
+    .option('--volume <name...>', 'a volume its cut-through NBD socket serves (repeatable)')
+    .option('--nvram <name...>', 'an NVRAM device its cut-through rmem socket serves (repeatable)')
     .addOption(new Option('--restart <policy>', 'restart policy').choices(['never', 'on-failure', 'always']).default('on-failure'))
     .option('--env <K=V...>', 'environment variables for the guest')
     .option('--no-start', 'only define it')
     .addOption(adminOption())
     .addOption(tokenOption())
     .addOption(jsonOption())
-    .action(async (name: string, command: string[], options: GuestLimitOptions & { restart: string; env?: string[]; start: boolean; admin: string; token?: string; json?: boolean }) => {
+    .action(async (name: string, command: string[], options: GuestLimitOptions & { volume?: string[]; nvram?: string[]; restart: string; env?: string[]; start: boolean; admin: string; token?: string; json?: boolean }) => {
       const env: Record<string, string> = {};
       for (const pair of options.env ?? []) {
         const at = pair.indexOf('=');
         if (at <= 0) throw new MisuseError('MS_GUEST_INVALID', `--env ${JSON.stringify(pair)}: expected NAME=VALUE`);
         env[pair.slice(0, at)] = pair.slice(at + 1);
       }
-      const info = await adminClient(options).post<GuestInfoJson>('/v1/guests', { name, command, env, restart: options.restart, start: options.start, ...guestLimits(options) });
+      const devices = { ...(options.volume === undefined ? {} : { volumes: options.volume }), ...(options.nvram === undefined ? {} : { nvram: options.nvram }) };
+      const info = await adminClient(options).post<GuestInfoJson>('/v1/guests', { name, command, env, restart: options.restart, start: options.start, ...guestLimits(options), ...devices });
       output.out(options.json === true ? JSON.stringify(info, null, 2) : `guest ${info.name} created: ${info.state}${renderLimits(info)}`);
     });
   guest
@@ -249,6 +252,24 @@ export function buildProgram(output: Output = processOutput): Command {
       const info = await adminClient(options).patch<GuestInfoJson>(`/v1/guests/${encodeURIComponent(name)}`, change);
       output.out(options.json === true ? JSON.stringify(info, null, 2) : `guest ${info.name}: ${info.state}${renderLimits(info)}`);
     });
+  for (const action of ['attach', 'detach'] as const) {
+    guest
+      .command(`${action} <name>`)
+      .description(action === 'attach'
+        ? 'give a guest a volume (served on its nbd.sock) or an NVRAM device (on its rmem.sock), while it runs too'
+        : 'take a volume or NVRAM device from a guest; a volume it has an NBD connection to is refused')
+      .option('--volume <name>', 'the volume')
+      .option('--nvram <name>', 'the NVRAM device')
+      .addOption(adminOption())
+      .addOption(tokenOption())
+      .addOption(jsonOption())
+      .action(async (name: string, options: { volume?: string; nvram?: string; admin: string; token?: string; json?: boolean }) => {
+        if ((options.volume === undefined) === (options.nvram === undefined)) throw new MisuseError('MS_GUEST_INVALID', `guest ${action}: expected one of --volume or --nvram`);
+        const body = options.volume === undefined ? { nvram: options.nvram } : { volume: options.volume };
+        const info = await adminClient(options).post<GuestInfoJson>(`/v1/guests/${encodeURIComponent(name)}/${action}`, body);
+        output.out(options.json === true ? JSON.stringify(info, null, 2) : `guest ${info.name}: volumes ${info.volumes.join(', ') || '-'}; NVRAM ${info.nvram.join(', ') || '-'}`);
+      });
+  }
   guest
     .command('list')
     .description('guests with state, pid, CPU share and use, throttled time, memory, restarts, enforcement and command')
@@ -464,8 +485,16 @@ export function renderGuests(guests: readonly GuestInfoJson[], head = 'Guests'):
     g.command.join(' ').slice(0, 50),
   ]);
   const table = textTable(['NAME', 'STATE', 'PID', 'CPU', 'USED', 'CORES', 'THROTTLED', 'MEMORY/LIMIT', 'RESTARTS', 'ENFORCEMENT', 'COMMAND'], rows, [2, 3, 4, 6, 8]);
+  const deviceRows = guests.filter((g) => g.volumes.length + g.nvram.length > 0 || g.sockets !== null).map((g) => [
+    g.name,
+    g.volumes.join(',') || '-',
+    g.nvram.join(',') || '-',
+    g.sockets === null ? '-' : `${g.sockets.nbdConnections}/${g.sockets.rmemConnections}`,
+    g.sockets === null ? '-' : g.sockets.nbd.replace(/nbd\.sock$/, '{nbd,rmem}.sock'),
+  ]);
+  const devices = deviceRows.length === 0 ? [] : [`\nCut-through devices\n${textTable(['GUEST', 'VOLUMES', 'NVRAM', 'CONNECTIONS (NBD/RMEM)', 'SOCKETS'], deviceRows, [3])}`];
   const errors = guests.filter((g) => g.error !== null).map((g) => `${g.name}: ${g.error ?? ''}`);
-  return [`${head}\n${table}`, ...errors].join('\n');
+  return [`${head}\n${table}`, ...errors, ...devices].join('\n');
 }
 
 interface GuestLimitOptions {

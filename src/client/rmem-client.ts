@@ -84,6 +84,11 @@ export interface RmemClientOptions {
   host?: string;
   /** rmem port; default 10810. */
   port?: number;
+  /**
+   * A Unix socket instead of host and port: a guest's cut-through socket
+   * (`MEMSTRATA_NVRAM_SOCKET`), which reaches that guest's own NVRAM devices.
+   */
+  path?: string;
   /** This server's id, 1 to 64 bytes; sessions and regions belong to it. */
   serverId: string;
   /** Shared token, when the node is configured with one. */
@@ -129,7 +134,7 @@ export interface RmemClientEvents {
 export class RmemClient extends EventEmitter<RmemClientEvents> {
   /** The node's HELLO answer: lease, session id, node id, limits, and the session's secret (keep it private). */
   session: HelloReply;
-  private readonly options: Required<Omit<RmemClientOptions, 'token' | 'sessionSecret'>> & { token: string };
+  private readonly options: Required<Omit<RmemClientOptions, 'token' | 'sessionSecret' | 'path'>> & { token: string; path: string | undefined };
   private socket: Socket;
   private parser: FrameParser;
   private state: State;
@@ -165,6 +170,7 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
     const full = {
       host: options.host ?? '127.0.0.1',
       port: options.port ?? 10810,
+      path: options.path,
       serverId: options.serverId,
       token: options.token ?? '',
       timeoutMs: options.timeoutMs ?? 10_000,
@@ -430,7 +436,7 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
 
   private lost(error: Error | undefined): void {
     if (this.state !== 'connected') return;
-    const reason = new NetworkError('MS_RMEM_DISCONNECTED', `connection to ${this.options.host}:${this.options.port} lost${error === undefined ? '' : `: ${error.message}`}`);
+    const reason = new NetworkError('MS_RMEM_DISCONNECTED', `connection to ${where(this.options)} lost${error === undefined ? '' : `: ${error.message}`}`);
     for (const [tag, pending] of this.pending) {
       if (pending.frames !== undefined) continue;
       this.pending.delete(tag);
@@ -484,7 +490,7 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
       this.state = 'closed';
       clearInterval(this.timer);
       const why = refused === undefined ? 'could not reconnect within the lease' : `the node refused to resume the session (${refused.message})`;
-      this.failAll(new NetworkError('MS_RMEM_DISCONNECTED', `${this.options.host}:${this.options.port}: ${why}; the session and its regions are gone`));
+      this.failAll(new NetworkError('MS_RMEM_DISCONNECTED', `${where(this.options)}: ${why}; the session and its regions are gone`));
       this.emit('sessionLost');
     }
   }
@@ -514,6 +520,10 @@ interface Connection {
   session: HelloReply;
 }
 
+function where(options: { host: string; port: number; path: string | undefined }): string {
+  return options.path ?? `${options.host}:${options.port}`;
+}
+
 function isRefusal(error: unknown): boolean {
   const code = (error as { code?: unknown }).code;
   return code === 'MS_RMEM_SECRET' || code === 'MS_RMEM_AUTH' || code === 'MS_RMEM_VERSION';
@@ -521,8 +531,8 @@ function isRefusal(error: unknown): boolean {
 
 /** Opens a socket, sends HELLO (with the secret of the session to resume, if any), and waits for its reply. */
 async function handshake(options: RmemClient['options'], secret: Buffer | undefined): Promise<Connection> {
-  const socket = netConnect({ host: options.host, port: options.port });
-  socket.setNoDelay(true);
+  const socket = options.path === undefined ? netConnect({ host: options.host, port: options.port }) : netConnect({ path: options.path });
+  if (options.path === undefined) socket.setNoDelay(true);
   let resolveHello: (frame: Frame) => void = () => undefined;
   let rejectHello: (error: Error) => void = () => undefined;
   const hello = new Promise<Frame>((resolve, reject) => {
@@ -547,10 +557,10 @@ async function handshake(options: RmemClient['options'], secret: Buffer | undefi
     bodyTarget: (op, word, tagHi, tagLo, length) => handlers.bodyTarget?.(op, word, tagHi, tagLo, length),
   });
   const onError = (error: Error): void => {
-    rejectHello(new NetworkError('MS_RMEM_UNREACHABLE', `cannot reach rmem at ${options.host}:${options.port}: ${error.message}`, { cause: error }));
+    rejectHello(new NetworkError('MS_RMEM_UNREACHABLE', `cannot reach rmem at ${where(options)}: ${error.message}`, { cause: error }));
   };
   const onClose = (): void => {
-    rejectHello(new NetworkError('MS_RMEM_UNREACHABLE', `rmem at ${options.host}:${options.port} closed the connection during HELLO`));
+    rejectHello(new NetworkError('MS_RMEM_UNREACHABLE', `rmem at ${where(options)} closed the connection during HELLO`));
   };
   socket.on('data', (chunk: Buffer) => {
     parser.feed(chunk);
@@ -558,7 +568,7 @@ async function handshake(options: RmemClient['options'], secret: Buffer | undefi
   socket.on('error', onError);
   socket.on('close', onClose);
   const timer = setTimeout(() => {
-    rejectHello(new NetworkError('MS_RMEM_UNREACHABLE', `no HELLO reply from ${options.host}:${options.port} within ${options.connectTimeoutMs} ms`));
+    rejectHello(new NetworkError('MS_RMEM_UNREACHABLE', `no HELLO reply from ${where(options)} within ${options.connectTimeoutMs} ms`));
   }, options.connectTimeoutMs);
   socket.write(encodeHelloRequest({ hi: 0, lo: 0 }, { version: VERSION, serverId: options.serverId, token: options.token, ...(secret === undefined ? {} : { secret }) }));
   try {

@@ -6,7 +6,7 @@
 // `running` is what the operator asked for last (start or stop): a node that starts boots
 // again the guests that were running. `cpu` (a fraction of one core), `cores` (how many
 // CPUs it may run on) and `memory` (bytes) are its limits, null for none; files written
-// before they existed have none.
+// before they existed have none. `volumes` and `nvram` are what is attached to it.
 
 import { join } from 'node:path';
 import { z } from 'zod';
@@ -30,6 +30,8 @@ const guestMetaSchema = z.strictObject({
   cpu: z.number().min(0.01).max(4096).nullable().default(null),
   cores: z.number().int().min(1).max(4096).nullable().default(null),
   memory: z.number().int().min(1024 * 1024).max(Number.MAX_SAFE_INTEGER).nullable().default(null),
+  volumes: z.array(z.string().min(1).max(255)).max(256).default([]),
+  nvram: z.array(z.string().min(1).max(255)).max(256).default([]),
 });
 
 export interface GuestDefinition {
@@ -42,6 +44,9 @@ export interface GuestDefinition {
   cpu: number | null;
   cores: number | null;
   memory: number | null;
+  /** Volumes and NVRAM devices attached to it: what its cut-through sockets serve. */
+  volumes: string[];
+  nvram: string[];
 }
 
 export function guestMetaPath(dir: string, name: string): string {
@@ -51,9 +56,9 @@ export function guestMetaPath(dir: string, name: string): string {
 /** Reads and checks guests/<name>.json; MS_META_INVALID names the file and the field. */
 export async function readGuestMeta(dir: string, name: string, fs?: MetaFs): Promise<GuestDefinition> {
   const path = guestMetaPath(dir, name);
-  const { name: stored, command, env, restart, running, createdAt, cpu, cores, memory } = await readMetaFile(path, guestMetaSchema, 'guest definition', fs);
+  const { name: stored, command, env, restart, running, createdAt, cpu, cores, memory, volumes, nvram } = await readMetaFile(path, guestMetaSchema, 'guest definition', fs);
   if (stored !== name) throw metaInvalid(path, 'guest definition', 'name', `field name: "${stored}" is not the file's name "${name}"`);
-  return { name: stored, command, env, restart, running, createdAt, cpu, cores, memory };
+  return { name: stored, command, env, restart, running, createdAt, cpu, cores, memory, volumes, nvram };
 }
 
 export function writeGuestMeta(dir: string, definition: GuestDefinition, fs?: MetaFs): Promise<void> {

@@ -44,6 +44,10 @@ import type { DamagedJson, GuestInfoJson } from '../protocol/admin/api.js';
 import { GUEST_NAME_FORM, GUEST_NAME_PATTERN, RESTART_POLICIES, readGuestMeta, writeGuestMeta, type GuestDefinition, type RestartPolicy } from './guest-meta.js';
 import { JOIN_SCRIPT, openCgroupV1, openCgroupV2, readCgroupLayout, type CgroupHost, type GuestCgroup, type GuestLimits } from './cgroup.js';
 import { DutyCycle } from './duty-cycle.js';
+import type { ScopedListener } from '../net/listen.js';
+import type { ExportCatalog } from '../server/nbd-connection.js';
+import type { RmemScope } from '../server/rmem-connection.js';
+import type { Volume } from '../storage/volume-manager.js';
 import { GroupCpu, byGroup, rssBytes, scanProcesses, type ProcSample } from './proc-stat.js';
 
 const execFileAsync = promisify(execFile);
@@ -75,7 +79,28 @@ export interface SupervisorOptions {
   periodMs?: number;
   /** Cores of the machine; default os.availableParallelism(). */
   cpus?: number;
+  /** Cut-through devices; without it guests get no sockets and nothing can be attached. */
+  cutThrough?: CutThroughHost;
 }
+
+export type DeviceKind = 'volume' | 'nvram';
+
+/**
+ * What the node gives the supervisor for guests' cut-through devices (issue 12): its NBD
+ * and rmem services listening on a guest's Unix sockets, scoped to what is attached.
+ */
+export interface CutThroughHost {
+  /** Throws the coded not-found (or invalid) error unless `name` exists and may be attached. */
+  check(kind: DeviceKind, name: string): void;
+  findVolume(name: string): Volume | undefined;
+  listenNbd(path: string, catalog: ExportCatalog, client: string): Promise<ScopedListener>;
+  listenRmem(path: string, scope: RmemScope): Promise<ScopedListener>;
+  /** The node's own TCP addresses, for MEMSTRATA_NVRAM_PATHS. */
+  tcp(): { nbd: string; rmem: string };
+}
+
+/** Unix socket paths are limited to 108 bytes with the terminating NUL (sockaddr_un). */
+const MAX_SOCKET_PATH = 107;
 
 /** A change of limits: undefined keeps the current value, null removes the limit. */
 export interface LimitChange {
@@ -118,6 +143,11 @@ class Guest {
   sampledAt: number;
   /** Set when the memory watchdog killed it: it stays failed. */
   overMemory: string | null;
+  /** Its cut-through sockets, open from its first boot until it is removed or the node stops. */
+  nbdSocket: ScopedListener | undefined;
+  rmemSocket: ScopedListener | undefined;
+  /** The devices its rmem socket serves; follows attach and detach. */
+  readonly devices: Set<string>;
 
   constructor(definition: GuestDefinition) {
     this.definition = definition;
@@ -145,6 +175,9 @@ class Guest {
     this.cpuUsed = null;
     this.sampledAt = 0;
     this.overMemory = null;
+    this.nbdSocket = undefined;
+    this.rmemSocket = undefined;
+    this.devices = new Set(definition.nvram);
   }
 
   info(enforcement: Enforcement): GuestInfo {
@@ -157,6 +190,14 @@ class Guest {
       cpuSeconds: this.cpuSeconds,
       throttledSeconds: this.throttledSeconds,
       memoryBytes: live ? this.memoryBytes : 0,
+      volumes: [...this.definition.volumes],
+      nvram: [...this.definition.nvram],
+      sockets: this.nbdSocket === undefined || this.rmemSocket === undefined ? null : {
+        nbd: this.nbdSocket.path,
+        rmem: this.rmemSocket.path,
+        nbdConnections: this.nbdSocket.connections(),
+        rmemConnections: this.rmemSocket.connections(),
+      },
     };
   }
 }
@@ -236,7 +277,7 @@ export class GuestSupervisor {
   }
 
   /** Defines a guest and, unless `start` is false, boots it. */
-  async create(request: { name: string; command: readonly string[]; env?: Record<string, string>; restart?: RestartPolicy } & LimitChange, start = true): Promise<GuestInfo> {
+  async create(request: { name: string; command: readonly string[]; env?: Record<string, string>; restart?: RestartPolicy; volumes?: readonly string[]; nvram?: readonly string[] } & LimitChange, start = true): Promise<GuestInfo> {
     const { name, command } = request;
     if (!GUEST_NAME_PATTERN.test(name)) throw new MisuseError('MS_GUEST_INVALID', `invalid guest name ${JSON.stringify(name.slice(0, 80))}: expected ${GUEST_NAME_FORM}`, { details: { name } });
     if (command.length === 0 || command.some((arg) => arg.length === 0)) throw new MisuseError('MS_GUEST_INVALID', `guest ${name}: expected a command and its arguments, none of them empty`, { details: { name } });
@@ -248,7 +289,12 @@ export class GuestSupervisor {
     if (this.guests.has(name) || this.damagedGuests.has(name)) throw new MisuseError('MS_GUEST_EXISTS', `a guest named ${name} already exists`, { details: { name } });
     const limits = this.checkLimits(name, { cpu: null, cores: null, memory: null }, request);
     if (start) this.checkBudget(name, limits.cpu);
-    const definition: GuestDefinition = { name, command: [...command], env: { ...request.env }, restart, running: start, createdAt: new Date().toISOString(), ...limits };
+    const volumes = [...new Set(request.volumes ?? [])];
+    const nvram = [...new Set(request.nvram ?? [])];
+    for (const volume of volumes) this.checkAttach(name, 'volume', volume);
+    for (const device of nvram) this.checkAttach(name, 'nvram', device);
+    this.checkSocketPath(name);
+    const definition: GuestDefinition = { name, command: [...command], env: { ...request.env }, restart, running: start, createdAt: new Date().toISOString(), ...limits, volumes, nvram };
     await writeGuestMeta(this.dir, definition, this.options.fs);
     const guest = new Guest(definition);
     this.guests.set(name, guest);
@@ -275,6 +321,48 @@ export class GuestSupervisor {
     await writeGuestMeta(this.dir, guest.definition, this.options.fs);
     this.options.log.info({ guest: name, ...limits }, `guest ${name} limits set`);
     return this.describe(guest);
+  }
+
+  /** Attaches a volume or NVRAM device: its cut-through sockets serve it from now on, while it runs too. */
+  async attach(name: string, kind: DeviceKind, device: string): Promise<GuestInfo> {
+    const guest = this.get(name);
+    const list = kind === 'volume' ? guest.definition.volumes : guest.definition.nvram;
+    if (!list.includes(device)) {
+      this.checkAttach(name, kind, device);
+      list.push(device);
+      if (kind === 'nvram') guest.devices.add(device);
+      await writeGuestMeta(this.dir, guest.definition, this.options.fs);
+      this.options.log.info({ guest: name, [kind]: device }, `${kind === 'volume' ? 'volume' : 'NVRAM device'} ${device} attached to guest ${name}`);
+    }
+    return this.describe(guest);
+  }
+
+  /**
+   * Detaches a volume or NVRAM device. A volume the guest has an NBD connection to is
+   * refused (MS_VOLUME_BUSY), as removing a volume with clients is; journals the guest
+   * has open on a device fail with not-found from then on.
+   */
+  async detach(name: string, kind: DeviceKind, device: string): Promise<GuestInfo> {
+    const guest = this.get(name);
+    const list = kind === 'volume' ? guest.definition.volumes : guest.definition.nvram;
+    const at = list.indexOf(device);
+    if (at < 0) throw new MisuseError(kind === 'volume' ? 'MS_VOLUME_NOT_FOUND' : 'MS_NVRAM_NOT_FOUND', `guest ${name} has no ${kind === 'volume' ? 'volume' : 'NVRAM device'} named ${JSON.stringify(device)} attached`, { details: { name, [kind]: device } });
+    if (kind === 'volume' && guest.nbdSocket?.holding().includes(device) === true) {
+      throw new RuntimeError('MS_VOLUME_BUSY', `guest ${name} has an NBD connection to volume ${device}; close it or stop the guest first`, { details: { name, volume: device } });
+    }
+    list.splice(at, 1);
+    if (kind === 'nvram') guest.devices.delete(device);
+    await writeGuestMeta(this.dir, guest.definition, this.options.fs);
+    this.options.log.info({ guest: name, [kind]: device }, `${kind === 'volume' ? 'volume' : 'NVRAM device'} ${device} detached from guest ${name}`);
+    return this.describe(guest);
+  }
+
+  /** The guest a volume or NVRAM device is attached to, if any (such a one may not be removed). */
+  holder(kind: DeviceKind, device: string): string | undefined {
+    for (const guest of this.guests.values()) {
+      if ((kind === 'volume' ? guest.definition.volumes : guest.definition.nvram).includes(device)) return guest.definition.name;
+    }
+    return undefined;
   }
 
   /** Boots a stopped or failed guest, and keeps it running across node restarts. */
@@ -323,6 +411,7 @@ export class GuestSupervisor {
     this.guests.delete(name);
     guest.out?.end();
     guest.out = undefined;
+    await this.closeSockets(guest);
     await rm(join(this.dir, `${name}.json`), { force: true });
     await rm(join(this.dir, name), { recursive: true, force: true });
     await this.cgroups?.guest(name).remove();
@@ -336,6 +425,7 @@ export class GuestSupervisor {
     for (const guest of this.guests.values()) {
       guest.out?.end();
       await guest.cgroup?.remove();
+      await this.closeSockets(guest);
     }
     await this.cgroups?.remove();
   }
@@ -344,6 +434,65 @@ export class GuestSupervisor {
     const { cpu, cores, memory } = guest.definition;
     const enforcement: Enforcement = this.cgroups !== undefined ? this.cgroups.mode : cpu !== null || cores !== null || memory !== null ? 'signal' : 'none';
     return guest.info(enforcement);
+  }
+
+  private checkAttach(name: string, kind: DeviceKind, device: string): void {
+    const host = this.options.cutThrough;
+    if (host === undefined) throw new MisuseError('MS_GUEST_INVALID', `guest ${name}: this node serves no cut-through devices`, { details: { name } });
+    host.check(kind, device);
+    const holder = this.holder(kind, device);
+    if (holder !== undefined && holder !== name) {
+      throw new RuntimeError('MS_GUEST_ATTACHED', `${kind === 'volume' ? 'volume' : 'NVRAM device'} ${device} is attached to guest ${holder}; detach it there first`, { details: { name, [kind]: device, guest: holder } });
+    }
+  }
+
+  private checkSocketPath(name: string): void {
+    const longest = Buffer.byteLength(join(this.dir, name, 'rmem.sock'));
+    if (longest > MAX_SOCKET_PATH) {
+      throw new MisuseError('MS_GUEST_INVALID', `guest ${name}: its cut-through socket ${join(this.dir, name, 'rmem.sock')} would be ${longest} bytes long, more than the ${MAX_SOCKET_PATH} a Unix socket path may have; use a shorter name or data directory`, { details: { name } });
+    }
+  }
+
+  /** Opens the guest's cut-through sockets (once; they stay open across its restarts). */
+  private async openSockets(guest: Guest, dir: string): Promise<void> {
+    const host = this.options.cutThrough;
+    if (host === undefined) return;
+    const { name } = guest.definition;
+    if (guest.nbdSocket === undefined) {
+      const catalog: ExportCatalog = {
+        list: () => guest.definition.volumes.map((v) => host.findVolume(v)).filter((v): v is Volume => v !== undefined),
+        find: (wanted) => {
+          const volumes = guest.definition.volumes;
+          // The empty export name selects the guest's volume when it has exactly one.
+          const volume = wanted === '' && volumes.length === 1 ? volumes[0] : wanted;
+          return volume !== undefined && volume !== '' && volumes.includes(volume) ? host.findVolume(volume) : undefined;
+        },
+      };
+      guest.nbdSocket = await host.listenNbd(join(dir, 'nbd.sock'), catalog, `guest:${name}`);
+    }
+    guest.rmemSocket ??= await host.listenRmem(join(dir, 'rmem.sock'), { client: `guest:${name}`, serverPrefix: `guest:${name}/`, devices: () => guest.devices });
+  }
+
+  private async closeSockets(guest: Guest): Promise<void> {
+    const sockets = [guest.nbdSocket, guest.rmemSocket];
+    guest.nbdSocket = undefined;
+    guest.rmemSocket = undefined;
+    await Promise.all(sockets.map((s) => s?.close() ?? Promise.resolve()));
+  }
+
+  /** What a guest's environment says of its cut-through devices. */
+  private deviceEnv(guest: Guest): Record<string, string> {
+    const host = this.options.cutThrough;
+    if (host === undefined || guest.nbdSocket === undefined || guest.rmemSocket === undefined) return {};
+    const tcp = host.tcp();
+    return {
+      MEMSTRATA_CTD_SOCKET: guest.nbdSocket.path,
+      MEMSTRATA_CTD_VOLUMES: guest.definition.volumes.join(','),
+      MEMSTRATA_NVRAM_SOCKET: guest.rmemSocket.path,
+      MEMSTRATA_NVRAM_DEVICES: guest.definition.nvram.join(','),
+      MEMSTRATA_NVRAM_PATHS: [`unix:${guest.rmemSocket.path}`, `tcp:${tcp.rmem}`].join(','),
+      MEMSTRATA_NBD_TCP: tcp.nbd,
+    };
   }
 
   /** Validates a change of limits against the machine; returns the limits it makes. */
@@ -514,12 +663,21 @@ export class GuestSupervisor {
     guest.timer = undefined;
     const { name, command, env } = guest.definition;
     const cwd = join(this.dir, name);
-    await mkdir(cwd, { recursive: true });
+    // Private: its sockets are in it.
+    await mkdir(cwd, { recursive: true, mode: 0o700 });
     guest.state = 'booting';
     guest.error = null;
     guest.halting = false;
     guest.overMemory = null;
-    const guestEnv = { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: process.env.HOME ?? cwd, ...env, MEMSTRATA_GUEST: name };
+    try {
+      await this.openSockets(guest, cwd);
+    } catch (error) {
+      guest.state = 'failed';
+      guest.error = `cannot open its cut-through sockets: ${(error as Error).message}`;
+      this.options.log.error({ guest: name, err: error }, `guest ${name} cannot be started: ${guest.error}`);
+      return;
+    }
+    const guestEnv = { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: process.env.HOME ?? cwd, ...env, ...this.deviceEnv(guest), MEMSTRATA_GUEST: name };
     const [file = '', ...args] = command;
     // Through a wrapper (sh, taskset) the command's own ENOENT would be an exit code:
     // looked up first, so a command that does not exist still fails at once.

@@ -1,6 +1,7 @@
 // Listening and closing for the node's TCP services, with one error shape.
 
-import type { Server } from 'node:net';
+import { chmod, unlink } from 'node:fs/promises';
+import type { Server, Socket } from 'node:net';
 import { NetworkError } from '../errors.js';
 import type { Logger } from '../logger.js';
 import { formatAddress, type ListenAddress } from '../units.js';
@@ -47,4 +48,38 @@ export async function closeServer<C extends { drainAndClose(): Promise<void>; so
   await Promise.all(all.map((c) => c.drainAndClose()));
   for (const c of all) c.socket.destroy();
   await closed;
+}
+
+/** Listens on a Unix socket only the node's user may use; a stale socket file from an earlier run is replaced. */
+export async function listenUnix(server: Server, path: string, service: string, log: Logger): Promise<void> {
+  try {
+    await unlink(path).catch(() => undefined);
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen({ path }, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+    await chmod(path, 0o600);
+  } catch (error) {
+    throw new NetworkError('MS_LISTEN_FAILED', `${service} cannot listen on ${path}: ${(error as Error).message}`, { cause: error, details: { service, address: path } });
+  }
+  server.on('error', (error) => {
+    log.error({ err: error, service, path }, 'listener error');
+  });
+}
+
+/** A Unix socket as a connection gate sees it: one client, named (a guest), whatever process connects. */
+export function asClient(socket: Socket, client: string): { destroy(): unknown; once(event: 'close', listener: () => void): unknown; remoteAddress: string; remotePort: number } {
+  return { destroy: () => socket.destroy(), once: (event, listener) => socket.once(event, listener), remoteAddress: client, remotePort: 0 };
+}
+
+/** A cut-through socket a service listens on for one guest (issue 12). */
+export interface ScopedListener {
+  readonly path: string;
+  connections(): number;
+  /** What each connection holds: the NBD export it is attached to, the NVRAM devices it has open. */
+  holding(): string[];
+  close(): Promise<void>;
 }

@@ -11,7 +11,7 @@
 import { mkdir } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
-import { StorageError } from '../errors.js';
+import { MisuseError, RuntimeError, StorageError } from '../errors.js';
 import { readSmallFile, replaceFile } from '../fs/meta-file.js';
 import { AdminServer, adminUrl } from '../admin/admin-server.js';
 import type { MediumInfo, NodeInfo } from '../protocol/admin/api.js';
@@ -87,6 +87,21 @@ export class StorageNode {
       enforcement: config.guests.enforcement,
       reserveCpu: config.guests.reserveCpu,
       periodMs: config.guests.periodMs,
+      cutThrough: {
+        check: (kind, name) => {
+          if (kind === 'volume') {
+            if (this.volumes.find(name) === undefined || name === '') throw new MisuseError('MS_VOLUME_NOT_FOUND', `no volume named ${JSON.stringify(name)}`, { details: { name } });
+            return;
+          }
+          this.nvram.get(name);
+          const volume = this.writeLogOwner(name);
+          if (volume !== undefined) throw new MisuseError('MS_NVRAM_INVALID', `NVRAM device ${name} is the write log of volume ${volume} and is not open to clients`, { details: { name } });
+        },
+        findVolume: (name) => this.volumes.find(name),
+        listenNbd: (path, catalog, client) => this.service(this.nbd, 'NBD').listenScoped(path, catalog, client),
+        listenRmem: (path, scope) => this.service(this.rmem, 'rmem').listenScoped(path, scope),
+        tcp: () => ({ nbd: formatAddress(this.nbd?.address ?? config.nbd.listen), rmem: formatAddress(this.rmemAddress ?? config.rmem.listen) }),
+      },
     });
     this.cache = config.cache.enabled
       ? new StorageCache({ partition: this.partition, media: this.media, log, maxDirtyAgeMs: config.cache.maxDirtyAgeMs })
@@ -218,7 +233,7 @@ export class StorageNode {
         const rmem = new RmemService({
           memory: this.serverMemory,
           nvram: this.nvram,
-          writeLogOf: (device) => this.writeLog.owner(device) ?? this.volumes.list().find((v) => v.writeLog === device)?.name,
+          writeLogOf: (device) => this.writeLogOwner(device),
           log,
           nodeId: this.nodeId,
           leaseMs: config.rmem.leaseMs,
@@ -330,6 +345,16 @@ export class StorageNode {
     this.stopping = true;
     await this.lifecycle.stop();
     this.log.info({ node: this.nodeId }, 'node stopped');
+  }
+
+  /** The volume whose write log an NVRAM device is, if any. */
+  private writeLogOwner(device: string): string | undefined {
+    return this.writeLog.owner(device) ?? this.volumes.list().find((v) => v.writeLog === device)?.name;
+  }
+
+  private service<T>(service: T | undefined, name: string): T {
+    if (service === undefined) throw new RuntimeError('MS_SHUTTING_DOWN', `the ${name} service is not running`);
+    return service;
   }
 
   async info(): Promise<NodeInfo> {

@@ -84,15 +84,22 @@ import {
   OPT_NAME,
   REP,
 } from '../protocol/nbd/spec.js';
-import type { Volume, VolumeManager } from '../storage/volume-manager.js';
+import type { Volume } from '../storage/volume-manager.js';
 import type { VolumeIo } from '../storage/volume-io.js';
 import type { BufferPool } from './buffer-pool.js';
 import { CorkedWriter } from '../net/corked-writer.js';
 import type { Semaphore } from './semaphore.js';
 import type { TurnQueue } from './turn-queue.js';
 
+/** The exports a connection may see: every volume (the TCP service), or a guest's own (its cut-through socket). */
+export interface ExportCatalog {
+  list(): Volume[];
+  /** The volume an export name selects ("" the default), or undefined: an unknown export. */
+  find(name: string): Volume | undefined;
+}
+
 export interface NbdHost {
-  readonly volumes: VolumeManager;
+  readonly volumes: ExportCatalog;
   readonly io: VolumeIo;
   /** Large READ and WRITE payload buffers, reused once the socket has written them or the request is done. */
   readonly payloadBuffers: BufferPool;

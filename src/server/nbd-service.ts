@@ -26,10 +26,10 @@ import { ConnectionGate } from '../net/connection-gate.js';
 import { SharedBudget, newFlowStats, type FlowLimits, type FlowStats } from '../net/request-flow.js';
 import type { VolumeIo } from '../storage/volume-io.js';
 import type { VolumeManager } from '../storage/volume-manager.js';
-import { closeServer, listenOn } from '../net/listen.js';
+import { asClient, closeServer, listenOn, listenUnix, type ScopedListener } from '../net/listen.js';
 import type { ListenAddress } from '../units.js';
 import { BufferPool } from './buffer-pool.js';
-import { NbdConnection, type NbdHost, type NbdStats } from './nbd-connection.js';
+import { NbdConnection, type ExportCatalog, type NbdHost, type NbdStats } from './nbd-connection.js';
 import { Semaphore } from './semaphore.js';
 import { TurnQueue } from './turn-queue.js';
 
@@ -128,4 +128,49 @@ export class NbdService implements NbdHost {
   closed(connection: NbdConnection): void {
     this.connections.delete(connection);
   }
+
+  /**
+   * A cut-through listener (issue 12): a Unix socket at `path` serving only the exports
+   * `catalog` shows, with the service's own limits and budget. Its connections count as
+   * one client (`client`) for the connection gate. Closing it drains and closes them.
+   */
+  async listenScoped(path: string, catalog: ExportCatalog, client: string): Promise<ScopedListener> {
+    const own = new Set<NbdConnection>();
+    const host: NbdHost = {
+      volumes: catalog,
+      io: this.io,
+      payloadBuffers: this.payloadBuffers,
+      log: this.log,
+      stats: this.stats,
+      limits: this.limits,
+      budget: this.budget,
+      flowStats: this.flowStats,
+      turns: this.turns,
+      zeroSlots: this.zeroSlots,
+      isStopping: () => this.stopping,
+      closed: (connection) => {
+        own.delete(connection);
+        this.connections.delete(connection);
+      },
+    };
+    const server = createServer({ allowHalfOpen: true }, (socket) => {
+      if (this.stopping) {
+        socket.destroy();
+        return;
+      }
+      const admission = this.gate.admit(asClient(socket, client));
+      if (admission === undefined) return;
+      const connection = new NbdConnection(socket, host, admission);
+      own.add(connection);
+      this.connections.add(connection);
+    });
+    await listenUnix(server, path, 'NBD cut-through', this.log);
+    return {
+      path,
+      connections: () => own.size,
+      holding: () => [...own].map((c) => c.exportName).filter((name): name is string => name !== undefined),
+      close: () => closeServer(server, own),
+    };
+  }
 }
+

@@ -74,6 +74,18 @@ import { RequestFlow, type FlowLimits, type FlowStats, type SharedBudget } from 
 import type { Admission } from '../net/connection-gate.js';
 
 /** What a connection needs from the service that owns it. */
+/**
+ * What a guest's cut-through socket may reach (issue 12): its own NVRAM devices, and
+ * server memory under server ids of its own (serverPrefix + the id it presents). The
+ * socket is the credential: no token is asked.
+ */
+export interface RmemScope {
+  /** Names the guest's connections for the connection gate and logs. */
+  readonly client: string;
+  readonly serverPrefix: string;
+  devices(): ReadonlySet<string>;
+}
+
 export interface ConnectionHost {
   readonly memory: ServerMemory;
   readonly nvram: DeviceManager;
@@ -92,7 +104,7 @@ export interface ConnectionHost {
   /** At shutdown, how long requests in flight may take before the connection is cut. */
   readonly drainDeadlineMs: number;
   /** Admits a HELLO; returns the session's tenancy and reply fields, or throws a coded error. */
-  hello(connection: RmemConnection, serverId: string, token: string, secret: Buffer | undefined): { tenancy: Tenancy; resumed: boolean; sessionId: bigint; leaseMs: number; nodeId: string; secret: Buffer };
+  hello(connection: RmemConnection, serverId: string, token: string, secret: Buffer | undefined, scope: RmemScope | undefined): { serverId: string; tenancy: Tenancy; resumed: boolean; sessionId: bigint; leaseMs: number; nodeId: string; secret: Buffer };
   /** Notes traffic for the lease. */
   touch(serverId: string): void;
   closed(connection: RmemConnection): void;
@@ -141,10 +153,13 @@ export class RmemConnection {
   private resumeScheduled: boolean;
   private closing: boolean;
   private idle: (() => void) | undefined;
+  /** A guest's cut-through connection: what it may reach. */
+  readonly scope: RmemScope | undefined;
 
-  constructor(socket: Socket, host: ConnectionHost, admission: Admission) {
+  constructor(socket: Socket, host: ConnectionHost, admission: Admission, scope?: RmemScope) {
     this.socket = socket;
-    this.remote = `${socket.remoteAddress ?? '?'}:${socket.remotePort ?? 0}`;
+    this.scope = scope;
+    this.remote = scope === undefined ? `${socket.remoteAddress ?? '?'}:${socket.remotePort ?? 0}` : scope.client;
     this.serverId = undefined;
     this.tenancy = undefined;
     this.host = host;
@@ -358,6 +373,8 @@ export class RmemConnection {
       case OP.JOPEN: {
         const { name, epoch } = decodeJopenRequest(body);
         if (this.journals.size >= MAX_JOURNALS) throw new MisuseError('MS_NVRAM_INVALID', `at most ${MAX_JOURNALS} journals may be open on one connection`);
+        // A guest's socket shows its own devices only; another's is as unknown as none.
+        if (this.scope !== undefined && !this.scope.devices().has(name)) throw notFound(name);
         const device = this.host.nvram.get(name);
         const volume = this.host.writeLogOf(name);
         // Records there are replayed into the volume: only the node itself may write them.
@@ -411,8 +428,8 @@ export class RmemConnection {
     // Another version is refused by the decoder (MS_RMEM_VERSION) before its body is read.
     const hello = decodeHelloRequest(body);
     if (this.serverId !== undefined) throw new MisuseError('MS_RMEM_NO_SESSION', `HELLO on a connection that already belongs to server ${this.serverId}`);
-    const { tenancy, ...session } = this.host.hello(this, hello.serverId, hello.token, hello.secret);
-    this.serverId = hello.serverId;
+    const { tenancy, serverId, ...session } = this.host.hello(this, hello.serverId, hello.token, hello.secret, this.scope);
+    this.serverId = serverId;
     this.tenancy = tenancy;
     // Admitted: full-size frames from here on, and the handshake deadline no longer applies.
     this.parser.maxBody = MAX_BODY;
@@ -491,9 +508,16 @@ export class RmemConnection {
     return one(encodeEmptyReply(OP.WRITEV, tag));
   }
 
+  /** The devices this connection has journals open on. */
+  openDevices(): string[] {
+    return [...new Set([...this.journals.values()].map((j) => j.device.name))];
+  }
+
   private journal(handle: number): { device: NvramDevice; epoch: number } {
     const journal = this.journals.get(handle);
     if (journal === undefined) throw new MisuseError('MS_NVRAM_INVALID', `journal handle ${handle} was not opened on this connection`);
+    // Detached from the guest since it was opened: gone for this connection.
+    if (this.scope !== undefined && !this.scope.devices().has(journal.device.name)) throw notFound(journal.device.name);
     // Checked on every use, not only at JOPEN: a device that became a volume's write log
     // after this handle was opened belongs to the node from then on.
     const volume = this.host.writeLogOf(journal.device.name);
@@ -567,4 +591,8 @@ function journalInfo(device: NvramDevice): JournalInfo {
 
 function tooBig(length: number): MisuseError {
   return new MisuseError('MS_RMEM_TOO_BIG', `${length} bytes of data in one request exceeds the limit of ${MAX_DATA}`);
+}
+
+function notFound(name: string): MisuseError {
+  return new MisuseError('MS_NVRAM_NOT_FOUND', `no NVRAM device named "${name}"`, { details: { name } });
 }

@@ -37,16 +37,19 @@ import { MisuseError } from '../errors.js';
 import type { ServerMemory, Tenancy } from '../memory/server-memory.js';
 import type { DeviceManager } from '../nvram/device-manager.js';
 import type { Logger } from '../logger.js';
-import { DRAIN_DEADLINE_MS, closeServer, listenOn } from '../net/listen.js';
+import { DRAIN_DEADLINE_MS, asClient, closeServer, listenOn, listenUnix, type ScopedListener } from '../net/listen.js';
 import { ConnectionGate } from '../net/connection-gate.js';
 import { SharedBudget, newFlowStats, type FlowLimits, type FlowStats } from '../net/request-flow.js';
 import { serviceLoad, type ServiceLoad } from '../net/service-load.js';
 import type { ListenAddress } from '../units.js';
 import { BufferPool } from './buffer-pool.js';
-import { RmemConnection, type ConnectionHost, type RmemStats } from './rmem-connection.js';
+import { RmemConnection, type ConnectionHost, type RmemScope, type RmemStats } from './rmem-connection.js';
 import type { SessionInfo } from '../protocol/admin/api.js';
 import { SESSION_SECRET_SIZE } from '../protocol/rmem/spec.js';
 export type { SessionInfo };
+
+/** Server ids of guests' cut-through sessions begin with this (guest:NAME/ID); TCP clients may not use it. */
+export const GUEST_SERVER_PREFIX = 'guest:';
 
 export interface RmemServiceOptions {
   memory: ServerMemory;
@@ -196,11 +199,20 @@ export class RmemService implements ConnectionHost {
       }));
   }
 
-  hello(connection: RmemConnection, serverId: string, token: string, secret: Buffer | undefined): { tenancy: Tenancy; resumed: boolean; sessionId: bigint; leaseMs: number; nodeId: string; secret: Buffer } {
-    const expected = this.options.token;
-    if (expected !== undefined && !sameBytes(Buffer.from(expected, 'utf8'), Buffer.from(token, 'utf8'))) {
-      this.log.warn({ remote: connection.remote, server: serverId }, 'rmem HELLO with a wrong token refused');
-      throw new MisuseError('MS_RMEM_AUTH', `server ${serverId} presented no valid token`);
+  hello(connection: RmemConnection, presented: string, token: string, secret: Buffer | undefined, scope: RmemScope | undefined): { serverId: string; tenancy: Tenancy; resumed: boolean; sessionId: bigint; leaseMs: number; nodeId: string; secret: Buffer } {
+    let serverId = presented;
+    if (scope !== undefined) {
+      // A guest's socket is its credential; its server ids live in a namespace of its own.
+      serverId = `${scope.serverPrefix}${presented}`;
+    } else {
+      if (presented.startsWith(GUEST_SERVER_PREFIX)) {
+        throw new MisuseError('MS_RMEM_INVALID', `server ids beginning with "${GUEST_SERVER_PREFIX}" belong to guests' cut-through sockets`);
+      }
+      const expected = this.options.token;
+      if (expected !== undefined && !sameBytes(Buffer.from(expected, 'utf8'), Buffer.from(token, 'utf8'))) {
+        this.log.warn({ remote: connection.remote, server: serverId }, 'rmem HELLO with a wrong token refused');
+        throw new MisuseError('MS_RMEM_AUTH', `server ${serverId} presented no valid token`);
+      }
     }
     const now = Date.now();
     const reply = { leaseMs: this.options.leaseMs, nodeId: this.options.nodeId };
@@ -218,14 +230,14 @@ export class RmemService implements ConnectionHost {
       existing.lastSeen = now;
       if (previous !== undefined && previous !== connection) previous.destroy(`server ${serverId} connected again from ${connection.remote}`);
       this.log.info({ server: serverId, remote: connection.remote }, 'rmem session resumed');
-      return { ...reply, tenancy: existing.tenancy, resumed: true, sessionId: existing.sessionId, secret: existing.secret };
+      return { ...reply, serverId, tenancy: existing.tenancy, resumed: true, sessionId: existing.sessionId, secret: existing.secret };
     }
     // No session (or its lease ran out): a new one, whatever secret was presented.
     const tenancy = this.memory.open(serverId);
     const session: Session = { serverId, secret: randomBytes(SESSION_SECRET_SIZE), tenancy, sessionId: randomBytes(8).readBigUInt64BE(0), connection, lastSeen: now, since: now, disconnectedAt: 0 };
     this.sessions.set(serverId, session);
     this.log.info({ server: serverId, remote: connection.remote }, 'rmem session opened');
-    return { ...reply, tenancy, resumed: false, sessionId: session.sessionId, secret: session.secret };
+    return { ...reply, serverId, tenancy, resumed: false, sessionId: session.sessionId, secret: session.secret };
   }
 
   touch(serverId: string): void {
@@ -247,6 +259,35 @@ export class RmemService implements ConnectionHost {
       return;
     }
     this.log.info({ server: serverId, leaseMs: this.options.leaseMs }, 'rmem connection lost; regions kept for the lease');
+  }
+
+  /**
+   * A guest's cut-through listener (issue 12): a Unix socket at `path` whose connections
+   * reach only `scope`'s devices and server ids, with the service's own limits and budget;
+   * they count as one client (the guest) for rmem.maxConnectionsPerClient.
+   */
+  async listenScoped(path: string, scope: RmemScope): Promise<ScopedListener> {
+    const own = new Set<RmemConnection>();
+    const server = createServer((socket) => {
+      if (this.stopping) {
+        socket.destroy();
+        return;
+      }
+      const admission = this.gate.admit(asClient(socket, scope.client));
+      if (admission === undefined) return;
+      this.stats.connectionsAccepted++;
+      const connection = new RmemConnection(socket, this, admission, scope);
+      own.add(connection);
+      this.connections.add(connection);
+      socket.once('close', () => own.delete(connection));
+    });
+    await listenUnix(server, path, 'rmem cut-through', this.log);
+    return {
+      path,
+      connections: () => own.size,
+      holding: () => [...own].flatMap((c) => c.openDevices()),
+      close: () => closeServer(server, own),
+    };
   }
 
   private accept(socket: Socket): void {

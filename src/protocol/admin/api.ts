@@ -213,6 +213,11 @@ export interface GuestInfoJson {
   throttledSeconds: number;
   /** Memory its processes use now (the cgroup's charge, or the sum of their RSS). */
   memoryBytes: number;
+  /** Volumes and NVRAM devices attached: what its cut-through sockets serve. */
+  volumes: string[];
+  nvram: string[];
+  /** Its cut-through sockets and the connections on each; null before its first boot. */
+  sockets: { nbd: string; rmem: string; nbdConnections: number; rmemConnections: number } | null;
 }
 
 export interface NvramListJson {
