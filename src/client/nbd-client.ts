@@ -18,10 +18,12 @@ import { encodeOption, encodeRequestHeader } from '../protocol/nbd/codec.js';
 import { CLIENT, CMD, CMD_FLAG, ERRNO, FLAG, HANDSHAKE, IHAVEOPT, INFO, NBDMAGIC, OPT, OPTION_REPLY_MAGIC, REP, SIMPLE_REPLY_MAGIC } from '../protocol/nbd/spec.js';
 
 export interface NbdClientOptions {
-  /** `nbd://host:port/export`; or give host, port and export. */
+  /** `nbd://host:port/export` or `nbd+unix:///export?socket=PATH`; or give host, port (or path) and export. */
   uri?: string;
   host?: string;
   port?: number;
+  /** A Unix socket instead of host and port, such as a guest's `MEMSTRATA_CTD_SOCKET`. */
+  path?: string;
   export?: string;
   /** Connect and handshake time limit, ms (default 10000). */
   connectTimeoutMs?: number;
@@ -84,9 +86,9 @@ export class NbdClient {
 
   /** Connects, negotiates the export with NBD_OPT_GO, and is ready for I/O. */
   static async connect(options: NbdClientOptions): Promise<NbdClient> {
-    const { host, port, exportName } = target(options);
-    const address = `${host}:${port}`;
-    const socket = connect({ host, port, noDelay: true });
+    const { host, port, path, exportName } = target(options);
+    const address = path ?? `${host}:${port}`;
+    const socket = path === undefined ? connect({ host, port, noDelay: true }) : connect({ path });
     const input = new ByteQueue();
     socket.on('data', (chunk: Buffer) => {
       input.push(chunk);
@@ -290,18 +292,25 @@ async function handshake(socket: Socket, input: ByteQueue, address: string, expo
   return { size, flags, blockSizes };
 }
 
-function target(options: NbdClientOptions): { host: string; port: number; exportName: string } {
+function target(options: NbdClientOptions): { host: string; port: number; path: string | undefined; exportName: string } {
   if (options.uri !== undefined) {
+    const form = 'expected nbd://host[:port]/export or nbd+unix:///export?socket=PATH';
     let url: URL;
     try {
       url = new URL(options.uri);
     } catch {
-      throw new MisuseError('MS_CONFIG_INVALID', `invalid NBD URI "${options.uri}": expected nbd://host[:port]/export`);
+      throw new MisuseError('MS_CONFIG_INVALID', `invalid NBD URI "${options.uri}": ${form}`);
     }
-    if (url.protocol !== 'nbd:') throw new MisuseError('MS_CONFIG_INVALID', `invalid NBD URI "${options.uri}": expected nbd://host[:port]/export`);
-    return { host: url.hostname.replace(/^\[|\]$/g, ''), port: url.port === '' ? 10809 : Number(url.port), exportName: decodeURIComponent(url.pathname.replace(/^\//, '')) };
+    const exportName = decodeURIComponent(url.pathname.replace(/^\//, ''));
+    if (url.protocol === 'nbd+unix:') {
+      const socket = url.searchParams.get('socket');
+      if (socket === null || socket === '') throw new MisuseError('MS_CONFIG_INVALID', `invalid NBD URI "${options.uri}": ${form}`);
+      return { host: '', port: 0, path: socket, exportName };
+    }
+    if (url.protocol !== 'nbd:') throw new MisuseError('MS_CONFIG_INVALID', `invalid NBD URI "${options.uri}": ${form}`);
+    return { host: url.hostname.replace(/^\[|\]$/g, ''), port: url.port === '' ? 10809 : Number(url.port), path: undefined, exportName };
   }
-  return { host: options.host ?? '127.0.0.1', port: options.port ?? 10809, exportName: options.export ?? '' };
+  return { host: options.host ?? '127.0.0.1', port: options.port ?? 10809, path: options.path, exportName: options.export ?? '' };
 }
 
 function handshakeError(address: string, exportName: string, why: string): MemstrataError {

@@ -22,7 +22,7 @@
 // writes its own pid to each cgroup.procs and then execs the command (joinScript), so no
 // child it forks can start outside.
 
-import { mkdir, readFile, rmdir, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, readdir, rmdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 
 export type CgroupMode = 'cgroup2' | 'cgroup1';
@@ -105,17 +105,27 @@ export function guestCgroupName(name: string): string {
   return `g-${name}`;
 }
 
-/** The node's guests' cgroups in one hierarchy version. */
+/**
+ * The node's guests' cgroups in one hierarchy version. Nothing is created until `open`:
+ * a node with no guests leaves no directory behind, even when it is killed.
+ */
 export interface CgroupHost {
   readonly mode: CgroupMode;
   /** Where, for logs and `guest list`. */
   readonly where: string;
-  /** Whether memory limits are the kernel's (else the supervisor watches RSS). */
+  /** Whether memory limits are the kernel's (else the supervisor watches memory). */
   readonly memory: boolean;
   /** Whether cores are a cpuset (else the guest is pinned with sched_setaffinity). */
   readonly cpuset: boolean;
-  /** Sets the CPU all guests together may use (cores; null for no cap). */
-  setTotal(cpu: number | null, periodUs: number): Promise<void>;
+  /**
+   * Creates the node's cgroups (kept if they exist, as after a node that was killed) and
+   * caps all guests together at `cpu` cores (null: no cap). Guests' cgroups left from
+   * before lose their own CPU quota first (each gets it again when it boots), since v1
+   * refuses a parent quota below a child's.
+   */
+  open(cpu: number | null, periodUs: number): Promise<void>;
+  /** The guests' cgroups found under the node's: names (without the g- prefix). */
+  children(): Promise<string[]>;
   guest(name: string): GuestCgroup;
   /** Removes the node's cgroups once its guests' are gone (kept where some are left). */
   remove(): Promise<void>;
@@ -184,13 +194,7 @@ export async function openCgroupV2(own: string, nodeId: string): Promise<CgroupH
   const available = (await readValue(join(own, 'cgroup.controllers'))).split(' ');
   if (!available.includes('cpu')) throw new Error(`the cpu controller is not available in ${own} (cgroup.controllers: ${available.join(' ') || 'none'})`);
   const wanted = ['cpu', 'memory', 'cpuset'].filter((c) => available.includes(c));
-  const enabled = (await readValue(join(own, 'cgroup.subtree_control'))).split(' ');
-  const missing = wanted.filter((c) => !enabled.includes(c));
-  // EBUSY where the node's cgroup holds processes and is not the root: v2 lets only leaves hold them.
-  if (missing.length > 0) await writeValue(join(own, 'cgroup.subtree_control'), missing.map((c) => `+${c}`).join(' '));
   const base = join(own, `memstrata-${nodeId}`);
-  await mkdir(base, { recursive: true });
-  await writeValue(join(base, 'cgroup.subtree_control'), wanted.map((c) => `+${c}`).join(' '));
   const memory = wanted.includes('memory');
   const cpuset = wanted.includes('cpuset');
   return {
@@ -198,10 +202,29 @@ export async function openCgroupV2(own: string, nodeId: string): Promise<CgroupH
     where: base,
     memory,
     cpuset,
-    setTotal: (cpu, periodUs) => writeValue(join(base, 'cpu.max'), cpuMax(cpu, periodUs)),
+    async open(cpu, periodUs) {
+      const enabled = (await readValue(join(own, 'cgroup.subtree_control'))).split(' ');
+      const missing = wanted.filter((c) => !enabled.includes(c));
+      // EBUSY where the node's cgroup holds processes and is not the root: v2 lets only leaves hold them.
+      if (missing.length > 0) await writeValue(join(own, 'cgroup.subtree_control'), missing.map((c) => `+${c}`).join(' '));
+      await mkdir(base, { recursive: true });
+      await writeValue(join(base, 'cgroup.subtree_control'), wanted.map((c) => `+${c}`).join(' '));
+      // v2 lets a child's cpu.max be above its parent's (the parent's still binds).
+      await writeValue(join(base, 'cpu.max'), cpuMax(cpu, periodUs));
+    },
+    children: () => guestChildren(base),
     guest: (name) => v2Guest(join(base, guestCgroupName(name)), memory, cpuset),
     remove: async () => { await removeDir(base); },
   };
+}
+
+/** The g-* directories under a node's cgroup. */
+async function guestChildren(base: string): Promise<string[]> {
+  try {
+    return (await readdir(base, { withFileTypes: true })).filter((e) => e.isDirectory() && e.name.startsWith('g-')).map((e) => e.name.slice(2));
+  } catch {
+    return [];
+  }
 }
 
 function cpuMax(cpu: number | null, periodUs: number): string {
@@ -212,8 +235,8 @@ function v2Guest(dir: string, memory: boolean, cpuset: boolean): GuestCgroup {
   const apply = async (limits: GuestLimits, periodUs: number): Promise<void> => {
     await writeValue(join(dir, 'cpu.max'), cpuMax(limits.cpu, periodUs));
     if (memory) await writeValue(join(dir, 'memory.max'), limits.memory === null ? 'max' : String(limits.memory));
-    // An empty cpuset.cpus in v2 means "the parent's".
-    if (cpuset) await writeValue(join(dir, 'cpuset.cpus'), limits.cpus === null ? '' : cpuList(limits.cpus));
+    // An empty cpuset.cpus in v2 means "the parent's"; a write of nothing is no write(2) at all.
+    if (cpuset) await writeValue(join(dir, 'cpuset.cpus'), limits.cpus === null ? '\n' : cpuList(limits.cpus));
   };
   return {
     async prepare(limits, periodUs) {
@@ -237,38 +260,50 @@ function v2Guest(dir: string, memory: boolean, cpuset: boolean): GuestCgroup {
 
 // ---- cgroup v1 ----
 
-/** The v1 host under the node's own cgroup in each hierarchy; needs at least cpu. */
-export async function openCgroupV1(own: CgroupLayout['v1'], nodeId: string): Promise<CgroupHost> {
-  if (own.cpu === undefined) throw new Error('no cgroup v1 cpu hierarchy is mounted');
+/** The v1 host under the node's own cgroup in each hierarchy; needs at least cpu, uses the others where they are writable. */
+export function openCgroupV1(own: CgroupLayout['v1'], nodeId: string): Promise<CgroupHost> {
+  const cpuDir = own.cpu;
+  if (cpuDir === undefined) return Promise.reject(new Error('no cgroup v1 cpu hierarchy is mounted'));
   const bases: Partial<Record<V1Controller, string>> = {};
   for (const c of V1_CONTROLLERS) {
     const dir = own[c];
-    if (dir === undefined) continue;
-    const base = join(dir, `memstrata-${nodeId}`);
-    try {
-      await mkdir(base, { recursive: true });
-      if (c === 'cpuset') {
-        // A v1 cpuset takes no process until it has CPUs and memory nodes of its own.
-        await writeValue(join(base, 'cpuset.cpus'), await readValue(join(dir, 'cpuset.cpus')));
-        await writeValue(join(base, 'cpuset.mems'), await readValue(join(dir, 'cpuset.mems')));
-      }
-      bases[c] = base;
-    } catch (error) {
-      // cpu is needed; the others are used where they can be.
-      if (c === 'cpu') throw error;
-    }
+    if (dir !== undefined) bases[c] = join(dir, `memstrata-${nodeId}`);
   }
-  const cpuBase = bases.cpu;
-  if (cpuBase === undefined) throw new Error('no cgroup v1 cpu hierarchy');
-  return {
+  const cpuBase = join(cpuDir, `memstrata-${nodeId}`);
+  const host: CgroupHost = {
     mode: 'cgroup1',
     where: cpuBase,
     memory: bases.memory !== undefined,
     cpuset: bases.cpuset !== undefined,
-    setTotal: (cpu, periodUs) => setCfs(cpuBase, cpu, periodUs),
-    guest: (name) => v1Guest(Object.fromEntries(Object.entries(bases).map(([c, base]) => [c, join(base, guestCgroupName(name))])), bases.cpuset),
-    remove: async () => { await Promise.all(Object.values(bases).map(removeDir)); },
+    async open(cpu, periodUs) {
+      for (const c of V1_CONTROLLERS) {
+        const base = bases[c];
+        const dir = own[c];
+        if (base === undefined || dir === undefined) continue;
+        try {
+          await mkdir(base, { recursive: true });
+          if (c === 'cpuset') {
+            // A v1 cpuset takes no process until it has CPUs and memory nodes of its own.
+            await writeValue(join(base, 'cpuset.cpus'), await readValue(join(dir, 'cpuset.cpus')));
+            await writeValue(join(base, 'cpuset.mems'), await readValue(join(dir, 'cpuset.mems')));
+          }
+        } catch (error) {
+          // cpu is needed; the others are used where they can be.
+          if (c === 'cpu') throw error;
+          await removeDir(base);
+          bases[c] = undefined;
+        }
+      }
+      (host as { memory: boolean }).memory = bases.memory !== undefined;
+      (host as { cpuset: boolean }).cpuset = bases.cpuset !== undefined;
+      for (const child of await guestChildren(cpuBase)) await writeValue(join(cpuBase, guestCgroupName(child), 'cpu.cfs_quota_us'), '-1').catch(() => undefined);
+      await setCfs(cpuBase, cpu, periodUs);
+    },
+    children: () => guestChildren(cpuBase),
+    guest: (name) => v1Guest(Object.fromEntries(Object.entries(bases).filter(([, base]) => base !== undefined).map(([c, base]) => [c, join(base, guestCgroupName(name))])), bases.cpuset),
+    remove: async () => { await Promise.all(Object.values(bases).filter((b) => b !== undefined).map(removeDir)); },
   };
+  return Promise.resolve(host);
 }
 
 async function setCfs(dir: string, cpu: number | null, periodUs: number): Promise<void> {

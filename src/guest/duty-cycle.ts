@@ -12,10 +12,13 @@
 //
 // Credit a guest did not use is kept for one period at most, so an idle guest cannot save
 // up a burst. Readings are in clock ticks (10 ms), but the debt is computed from running
-// totals, so rounding does not accumulate. Known limits: a process that leaves the group
-// (setsid) escapes, and a node killed while the group is stopped leaves it stopped.
+// totals, so rounding does not accumulate. The group is read by walking the tree from its
+// leader (proc-stat.ts treeMembers), which costs a few file reads per process per cycle.
+// Known limits: a process that leaves the group (setsid) or the tree (a daemon whose
+// parent exited) is not counted, though SIGSTOP still reaches it while it is in the
+// group; and a node killed while the group is stopped leaves it stopped.
 
-import { GroupCpu, scanProcesses } from './proc-stat.js';
+import { GroupCpu, scanProcesses, treeMembers } from './proc-stat.js';
 
 const MIN_SLICE_MS = 2;
 const MAX_STOP_MS = 5000;
@@ -104,7 +107,8 @@ export class DutyCycle {
   }
 
   private async read(): Promise<number> {
-    const members = (await scanProcesses()).filter((s) => s.pgrp === this.pgid);
+    // The tree from the leader: a few files per process, not all of /proc every period.
+    const members = (await treeMembers(this.pgid, this.pgid)) ?? (await scanProcesses()).filter((s) => s.pgrp === this.pgid);
     return this.cpu.update(members);
   }
 

@@ -49,6 +49,63 @@ export async function scanProcesses(procDir = '/proc'): Promise<ProcSample[]> {
   return samples.filter((s): s is ProcSample => s !== undefined);
 }
 
+/**
+ * The processes of a guest's tree still in its process group: the leader and its
+ * descendants, found through /proc/<pid>/task/<tid>/children (cheap: a few files per
+ * process, however many processes the machine runs). A process reparented away from the
+ * tree (a daemon whose parent exited) is not found; scanProcesses finds it. Undefined
+ * where the kernel has no children files (CONFIG_PROC_CHILDREN).
+ */
+export async function treeMembers(leader: number, pgid: number, procDir = '/proc'): Promise<ProcSample[] | undefined> {
+  const members: ProcSample[] = [];
+  const queue = [leader];
+  const seen = new Set<number>();
+  for (let pid = queue.pop(); pid !== undefined; pid = queue.pop()) {
+    if (seen.has(pid)) continue;
+    seen.add(pid);
+    let sample: ProcSample | undefined;
+    let tasks: string[];
+    try {
+      sample = parseProcStat(await readFile(`${procDir}/${pid}/stat`, 'utf8'));
+      tasks = await readdir(`${procDir}/${pid}/task`);
+    } catch {
+      continue; // gone
+    }
+    if (sample === undefined || sample.pgrp !== pgid) continue;
+    members.push(sample);
+    for (const tid of tasks) {
+      let children: string;
+      try {
+        children = await readFile(`${procDir}/${pid}/task/${tid}/children`, 'utf8');
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code === 'ENOENT' && pid === leader && tid === String(leader)) return undefined;
+        continue;
+      }
+      for (const child of children.split(' ')) if (child.trim() !== '') queue.push(Number(child));
+    }
+  }
+  return members;
+}
+
+/**
+ * Memory the processes use, counting each page once: the sum of their proportional set
+ * sizes (Pss in /proc/<pid>/smaps_rollup, where a page shared by n processes counts 1/n
+ * in each), so copy-on-write children do not count the parent's memory again. Falls back
+ * to RSS for a process without smaps_rollup (kernels before 4.14).
+ */
+export async function memoryBytes(members: readonly ProcSample[], procDir = '/proc'): Promise<number> {
+  const sizes = await Promise.all(members.map(async (s) => {
+    try {
+      const m = /^Pss:\s+(\d+) kB/m.exec(await readFile(`${procDir}/${s.pid}/smaps_rollup`, 'utf8'));
+      if (m !== null) return Number(m[1]) * 1024;
+    } catch {
+      // gone, or no smaps_rollup
+    }
+    return s.rssPages * systemUnits().pageSize;
+  }));
+  return sizes.reduce((a, b) => a + b, 0);
+}
+
 /** Groups samples by process group. */
 export function byGroup(samples: readonly ProcSample[]): Map<number, ProcSample[]> {
   const groups = new Map<number, ProcSample[]>();
@@ -110,6 +167,3 @@ export class GroupCpu {
   }
 }
 
-export function rssBytes(members: readonly ProcSample[] | undefined): number {
-  return (members ?? []).reduce((sum, s) => sum + s.rssPages, 0) * systemUnits().pageSize;
-}

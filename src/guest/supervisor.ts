@@ -48,7 +48,7 @@ import type { ScopedListener } from '../net/listen.js';
 import type { ExportCatalog } from '../server/nbd-connection.js';
 import type { RmemScope } from '../server/rmem-connection.js';
 import type { Volume } from '../storage/volume-manager.js';
-import { GroupCpu, byGroup, rssBytes, scanProcesses, type ProcSample } from './proc-stat.js';
+import { GroupCpu, byGroup, memoryBytes, scanProcesses, treeMembers, type ProcSample } from './proc-stat.js';
 
 const execFileAsync = promisify(execFile);
 
@@ -110,6 +110,8 @@ export interface LimitChange {
 }
 
 const STATS_INTERVAL_MS = 1000;
+/** How often the memory of guests without a memory cgroup is checked against their limit. */
+const MEMORY_WATCH_MS = 200;
 
 const BACKOFF_MIN_MS = 100;
 const BACKOFF_MAX_MS = 10_000;
@@ -148,6 +150,8 @@ class Guest {
   rmemSocket: ScopedListener | undefined;
   /** The devices its rmem socket serves; follows attach and detach. */
   readonly devices: Set<string>;
+  /** Operations on the guest (start, stop, reset, set, attach, detach, remove, restarts) run one at a time, in order. */
+  queue: Promise<unknown>;
 
   constructor(definition: GuestDefinition) {
     this.definition = definition;
@@ -178,6 +182,12 @@ class Guest {
     this.nbdSocket = undefined;
     this.rmemSocket = undefined;
     this.devices = new Set(definition.nvram);
+    this.queue = Promise.resolve();
+  }
+
+  /** Running or about to (booting, or waiting out a restart backoff): it holds its CPU share. */
+  get live(): boolean {
+    return this.state === 'running' || this.state === 'booting';
   }
 
   info(enforcement: Enforcement): GuestInfo {
@@ -210,6 +220,9 @@ export class GuestSupervisor {
   private closing: boolean;
   /** Where the kernel enforces limits; undefined for the signal fallback. */
   private cgroups: CgroupHost | undefined;
+  /** Whether the node's cgroups exist now (made at the first boot, removed with the last guest). */
+  private cgroupsOpen: boolean;
+  private memoryTimer: NodeJS.Timeout | undefined;
   private taskset: string | undefined;
   private statsTimer: NodeJS.Timeout | undefined;
   private sampling: boolean;
@@ -224,6 +237,8 @@ export class GuestSupervisor {
     this.damagedGuests = new Map();
     this.closing = false;
     this.cgroups = undefined;
+    this.cgroupsOpen = false;
+    this.memoryTimer = undefined;
     this.taskset = undefined;
     this.statsTimer = undefined;
     this.sampling = false;
@@ -246,22 +261,37 @@ export class GuestSupervisor {
   async open(): Promise<void> {
     await mkdir(this.dir, { recursive: true });
     await this.openEnforcement();
-    this.taskset = await findCommand('taskset', process.env.PATH);
+    const taskset = await findCommand('taskset', process.env.PATH);
+    this.taskset = typeof taskset === 'string' ? taskset : undefined;
     for (const file of (await readdir(this.dir)).filter((f) => f.endsWith('.json')).sort()) {
       const name = file.slice(0, -'.json'.length);
       try {
         const guest = new Guest(await readGuestMeta(this.dir, name, this.options.fs));
         this.guests.set(name, guest);
-        await this.killLeftovers(guest);
-        if (guest.definition.running) await this.boot(guest);
       } catch (error) {
         const coded = toMemstrataError(error);
         this.damagedGuests.set(name, { name, file: join(this.dir, file), error: coded.toJSON() });
         this.options.log.error({ guest: name, code: coded.code, err: error }, `guest ${name} could not be loaded: ${coded.message}; its files stay as they are`);
       }
     }
+    await this.cleanLeftovers();
+    for (const guest of this.guests.values()) {
+      if (!guest.definition.running) continue;
+      try {
+        // guests.reserveCpu may have grown since it ran: what no longer fits stays down, saying why.
+        this.checkBudget(guest.definition.name, guest.definition.cpu);
+      } catch (error) {
+        guest.state = 'failed';
+        guest.error = (error as Error).message;
+        this.options.log.error({ guest: guest.definition.name }, `guest ${guest.definition.name} not started: ${guest.error}`);
+        continue;
+      }
+      await this.serial(guest, () => this.boot(guest));
+    }
     this.statsTimer = setInterval(() => { void this.sample(); }, STATS_INTERVAL_MS);
     this.statsTimer.unref();
+    this.memoryTimer = setInterval(() => { void this.watchMemory(); }, MEMORY_WATCH_MS);
+    this.memoryTimer.unref();
   }
 
   list(): GuestInfo[] {
@@ -298,40 +328,53 @@ export class GuestSupervisor {
     await writeGuestMeta(this.dir, definition, this.options.fs);
     const guest = new Guest(definition);
     this.guests.set(name, guest);
-    if (start) await this.boot(guest);
+    if (start) await this.serial(guest, () => this.boot(guest));
     return this.describe(guest);
   }
 
   /** Changes a guest's CPU share, cores or memory limit, while it runs too. */
   async set(name: string, change: LimitChange): Promise<GuestInfo> {
     const guest = this.get(name);
-    const limits = this.checkLimits(name, guest.definition, change);
-    if (guest.definition.running) this.checkBudget(name, limits.cpu);
-    const pid = guest.child?.pid;
-    if (pid !== undefined) {
+    return this.serial(guest, async () => {
+      const limits = this.checkLimits(name, guest.definition, change);
+      if (guest.live) this.checkBudget(name, limits.cpu);
+      const before = { cpu: guest.definition.cpu, cores: guest.definition.cores, memory: guest.definition.memory };
+      const pid = guest.child?.pid;
+      // Enforced and persisted together, or neither: on a failure the old limits go back.
       try {
-        await this.enforce(guest, limits, pid);
+        if (pid !== undefined) await this.enforce(guest, limits, pid);
+        Object.assign(guest.definition, limits);
+        await writeGuestMeta(this.dir, guest.definition, this.options.fs);
       } catch (error) {
-        // Back to the limits it had, so what is enforced is what the definition says.
-        await this.enforce(guest, guest.definition, pid).catch(() => undefined);
+        Object.assign(guest.definition, before);
+        if (pid !== undefined) await this.enforce(guest, before, pid).catch(() => undefined);
         throw error;
       }
-    }
-    Object.assign(guest.definition, limits);
-    await writeGuestMeta(this.dir, guest.definition, this.options.fs);
-    this.options.log.info({ guest: name, ...limits }, `guest ${name} limits set`);
-    return this.describe(guest);
+      this.options.log.info({ guest: name, ...limits }, `guest ${name} limits set`);
+      return this.describe(guest);
+    });
   }
 
   /** Attaches a volume or NVRAM device: its cut-through sockets serve it from now on, while it runs too. */
   async attach(name: string, kind: DeviceKind, device: string): Promise<GuestInfo> {
     const guest = this.get(name);
+    return this.serial(guest, () => this.attachNow(guest, kind, device));
+  }
+
+  private async attachNow(guest: Guest, kind: DeviceKind, device: string): Promise<GuestInfo> {
+    const { name } = guest.definition;
     const list = kind === 'volume' ? guest.definition.volumes : guest.definition.nvram;
     if (!list.includes(device)) {
       this.checkAttach(name, kind, device);
       list.push(device);
       if (kind === 'nvram') guest.devices.add(device);
-      await writeGuestMeta(this.dir, guest.definition, this.options.fs);
+      try {
+        await writeGuestMeta(this.dir, guest.definition, this.options.fs);
+      } catch (error) {
+        list.splice(list.indexOf(device), 1);
+        guest.devices.delete(device);
+        throw error;
+      }
       this.options.log.info({ guest: name, [kind]: device }, `${kind === 'volume' ? 'volume' : 'NVRAM device'} ${device} attached to guest ${name}`);
     }
     return this.describe(guest);
@@ -344,6 +387,11 @@ export class GuestSupervisor {
    */
   async detach(name: string, kind: DeviceKind, device: string): Promise<GuestInfo> {
     const guest = this.get(name);
+    return this.serial(guest, () => this.detachNow(guest, kind, device));
+  }
+
+  private async detachNow(guest: Guest, kind: DeviceKind, device: string): Promise<GuestInfo> {
+    const { name } = guest.definition;
     const list = kind === 'volume' ? guest.definition.volumes : guest.definition.nvram;
     const at = list.indexOf(device);
     if (at < 0) throw new MisuseError(kind === 'volume' ? 'MS_VOLUME_NOT_FOUND' : 'MS_NVRAM_NOT_FOUND', `guest ${name} has no ${kind === 'volume' ? 'volume' : 'NVRAM device'} named ${JSON.stringify(device)} attached`, { details: { name, [kind]: device } });
@@ -352,7 +400,13 @@ export class GuestSupervisor {
     }
     list.splice(at, 1);
     if (kind === 'nvram') guest.devices.delete(device);
-    await writeGuestMeta(this.dir, guest.definition, this.options.fs);
+    try {
+      await writeGuestMeta(this.dir, guest.definition, this.options.fs);
+    } catch (error) {
+      list.splice(at, 0, device);
+      if (kind === 'nvram') guest.devices.add(device);
+      throw error;
+    }
     this.options.log.info({ guest: name, [kind]: device }, `${kind === 'volume' ? 'volume' : 'NVRAM device'} ${device} detached from guest ${name}`);
     return this.describe(guest);
   }
@@ -368,31 +422,40 @@ export class GuestSupervisor {
   /** Boots a stopped or failed guest, and keeps it running across node restarts. */
   async start(name: string): Promise<GuestInfo> {
     const guest = this.get(name);
-    if (!guest.definition.running) this.checkBudget(name, guest.definition.cpu);
-    await this.setRunning(guest, true);
-    if (guest.state === 'stopped' || guest.state === 'failed') {
-      guest.backoffMs = BACKOFF_MIN_MS;
-      await this.boot(guest);
-    }
-    return this.describe(guest);
+    return this.serial(guest, async () => {
+      if (!guest.live) this.checkBudget(name, guest.definition.cpu);
+      await this.setRunning(guest, true);
+      if (!guest.live) {
+        guest.backoffMs = BACKOFF_MIN_MS;
+        await this.boot(guest);
+      }
+      return this.describe(guest);
+    });
   }
 
   /** Stops the guest's whole process tree (SIGTERM, then SIGKILL after the grace period). */
   async stop(name: string): Promise<GuestInfo> {
     const guest = this.get(name);
-    await this.setRunning(guest, false);
-    await this.halt(guest, this.options.graceMs ?? 5000);
-    return this.describe(guest);
+    return this.serial(guest, async () => {
+      await this.setRunning(guest, false);
+      await this.halt(guest, this.options.graceMs ?? 5000);
+      return this.describe(guest);
+    });
   }
 
   /** Kills the guest's tree at once and boots it again; nothing else is touched. */
   async reset(name: string): Promise<GuestInfo> {
     const guest = this.get(name);
-    await this.halt(guest, 0);
-    guest.resets++;
-    guest.backoffMs = BACKOFF_MIN_MS;
-    await this.boot(guest);
-    return this.describe(guest);
+    return this.serial(guest, async () => {
+      // A guest that was not running starts by its reset: its share must fit, as for start.
+      if (!guest.live) this.checkBudget(name, guest.definition.cpu);
+      await this.setRunning(guest, true);
+      await this.halt(guest, 0);
+      guest.resets++;
+      guest.backoffMs = BACKOFF_MIN_MS;
+      await this.boot(guest);
+      return this.describe(guest);
+    });
   }
 
   /** The last `maxBytes` of the guest's output (log.1, then log). */
@@ -407,27 +470,72 @@ export class GuestSupervisor {
   /** Removes a stopped guest's definition, working directory and log. */
   async remove(name: string): Promise<void> {
     const guest = this.get(name);
-    if (guest.state === 'running' || guest.state === 'booting') throw new RuntimeError('MS_GUEST_BUSY', `guest ${name} is ${guest.state}; stop it first`, { details: { name } });
-    this.guests.delete(name);
-    guest.out?.end();
-    guest.out = undefined;
-    await this.closeSockets(guest);
-    await rm(join(this.dir, `${name}.json`), { force: true });
-    await rm(join(this.dir, name), { recursive: true, force: true });
-    await this.cgroups?.guest(name).remove();
+    await this.serial(guest, async () => {
+      if (guest.live) throw new RuntimeError('MS_GUEST_BUSY', `guest ${name} is ${guest.state}; stop it first`, { details: { name } });
+      if (this.guests.get(name) !== guest) return;
+      this.guests.delete(name);
+      guest.out?.end();
+      guest.out = undefined;
+      await this.closeSockets(guest);
+      await rm(join(this.dir, `${name}.json`), { force: true });
+      await rm(join(this.dir, name), { recursive: true, force: true });
+      if (this.cgroups !== undefined && this.cgroupsOpen) {
+        await this.cgroups.guest(name).remove();
+        if (this.guests.size === 0) await this.closeCgroups();
+      }
+    });
   }
 
   /** Node shutdown: every guest's tree stopped; their definitions say whether they boot at the next start. */
   async close(): Promise<void> {
     this.closing = true;
     clearInterval(this.statsTimer);
-    await Promise.all([...this.guests.values()].map((g) => this.halt(g, this.options.graceMs ?? 5000)));
+    clearInterval(this.memoryTimer);
+    // In each guest's queue, so an operation under way finishes first (boot refuses once closing).
+    await Promise.all([...this.guests.values()].map((g) => this.serial(g, () => this.halt(g, this.options.graceMs ?? 5000)).catch(() => undefined)));
     for (const guest of this.guests.values()) {
       guest.out?.end();
-      await guest.cgroup?.remove();
       await this.closeSockets(guest);
     }
-    await this.cgroups?.remove();
+    await this.closeCgroups();
+  }
+
+  /** Runs `fn` after every operation queued on the guest before it. */
+  private serial<T>(guest: Guest, fn: () => Promise<T>): Promise<T> {
+    const run = guest.queue.then(fn, fn);
+    guest.queue = run.catch(() => undefined);
+    return run;
+  }
+
+  /** The node's cgroups exist from the first boot of a guest. */
+  private async openCgroups(): Promise<void> {
+    if (this.cgroups === undefined || this.cgroupsOpen) return;
+    await this.cgroups.open(this.cpuBudget, this.periodMs * 1000);
+    this.cgroupsOpen = true;
+  }
+
+  /** Removes every guest's cgroup and the node's (those with processes left stay). */
+  private async closeCgroups(): Promise<void> {
+    if (this.cgroups === undefined || !this.cgroupsOpen) return;
+    for (const name of await this.cgroups.children()) await this.cgroups.guest(name).remove();
+    await this.cgroups.remove();
+    this.cgroupsOpen = false;
+  }
+
+  /**
+   * After a node was killed: processes left in its guests' cgroups are killed (each guest
+   * boots again from scratch), and cgroups of guests that no longer exist are removed.
+   */
+  private async cleanLeftovers(): Promise<void> {
+    if (this.cgroups === undefined || !this.cgroupsOpen) return;
+    for (const name of await this.cgroups.children()) {
+      const cgroup = this.cgroups.guest(name);
+      const pids = await cgroup.procs();
+      if (pids.length > 0) this.options.log.warn({ guest: name, pids }, `guest ${name}: killing ${pids.length} process(es) left from before the node restarted`);
+      await emptyCgroup(cgroup);
+      if (!this.guests.has(name)) await cgroup.remove();
+    }
+    if (this.guests.size === 0) await this.closeCgroups();
   }
 
   private describe(guest: Guest): GuestInfo {
@@ -510,6 +618,9 @@ export class GuestSupervisor {
     if (cores !== null && (!Number.isInteger(cores) || cores < 1 || cores >= this.cpus)) {
       throw invalid(this.cpus === 1 ? 'cores cannot be set on a machine with one core' : `cores ${String(cores)} is not a whole number from 1 to ${this.cpus - 1} (fewer than this machine's ${this.cpus})`);
     }
+    if (cpu !== null && cpu * this.periodMs < 1) {
+      throw invalid(`CPU share ${cpu} is less than 1 ms in each ${this.periodMs} ms period (guests.period), the least the kernel schedules; the smallest share here is ${round3(1 / this.periodMs)}`);
+    }
     if (cpu !== null && cores !== null && cpu > cores) throw invalid(`CPU share ${cpu} is more than its ${cores} core${cores === 1 ? '' : 's'} can give`);
     if (memory !== null && (!Number.isSafeInteger(memory) || memory < 1024 * 1024)) throw invalid(`memory limit ${String(memory)} is not a whole number of bytes of at least 1 MiB`);
     if (cores !== null && this.cgroups?.cpuset !== true && this.taskset === undefined) {
@@ -521,10 +632,12 @@ export class GuestSupervisor {
   /** The shares of the guests that are to run may not pass the node's budget. */
   private checkBudget(name: string, cpu: number | null): void {
     if (cpu === null) return;
-    const others = [...this.guests.values()].filter((g) => g.definition.name !== name && g.definition.running).reduce((sum, g) => sum + (g.definition.cpu ?? 0), 0);
+    const holders = [...this.guests.values()].filter((g) => g.definition.name !== name && g.live && g.definition.cpu !== null);
+    const others = holders.reduce((sum, g) => sum + (g.definition.cpu ?? 0), 0);
     // Rounded to a thousandth of a core, so 0.1 + 0.2 fits in 0.3.
     if (Math.round((others + cpu) * 1000) > Math.round(this.cpuBudget * 1000)) {
-      throw new MisuseError('MS_GUEST_CPU_BUDGET', `guest ${name}: a CPU share of ${cpu} would bring the guests' shares to ${round3(others + cpu)} cores, more than the ${round3(this.cpuBudget)} left after guests.reserveCpu (${this.reserveCpu}) of this machine's ${this.cpus}`, {
+      const held = holders.map((g) => `${g.definition.name} ${g.definition.cpu ?? 0}`).join(', ');
+      throw new MisuseError('MS_GUEST_CPU_BUDGET', `guest ${name}: a CPU share of ${cpu} would bring the running guests' shares to ${round3(others + cpu)} cores, more than the ${round3(this.cpuBudget)} left after guests.reserveCpu (${this.reserveCpu}) of this machine's ${this.cpus}${held === '' ? '' : ` (held: ${held})`}`, {
         details: { name, cpu, others: round3(others), budget: round3(this.cpuBudget) },
       });
     }
@@ -547,6 +660,8 @@ export class GuestSupervisor {
     } catch (error) {
       throw new RuntimeError('MS_GUEST_LIMIT_FAILED', `guest ${guest.definition.name}: the kernel refused its limits: ${(error as Error).message}`, { cause: error, details: { name: guest.definition.name } });
     }
+    // The guest may have exited (and booted again) while the kernel was being told.
+    if (guest.child?.pid !== pid) return;
     if (guest.cgroup === undefined) {
       if (limits.cpu === null) {
         guest.duty?.stop();
@@ -577,8 +692,10 @@ export class GuestSupervisor {
         if (wanted !== 'auto' && wanted !== mode) continue;
         try {
           const host = await open();
-          await host.setTotal(this.cpuBudget, this.periodMs * 1000);
+          // A probe that also finds what a killed node left: made now, removed once no guest needs it.
+          await host.open(this.cpuBudget, this.periodMs * 1000);
           this.cgroups = host;
+          this.cgroupsOpen = true;
           this.options.log.info({ enforcement: mode, where: host.where, memory: host.memory, cpuset: host.cpuset, budget: this.cpuBudget }, `guests: limits enforced by ${mode} under ${host.where}`);
           return;
         } catch (error) {
@@ -592,13 +709,25 @@ export class GuestSupervisor {
     this.options.log[wanted === 'signal' ? 'info' : 'warn']({ enforcement: 'signal', reasons }, `guests: limits enforced by signals (SIGSTOP/SIGCONT duty cycle, RSS watch)${reasons.length > 0 ? `; no cgroup: ${reasons.join('; ')}` : ''}`);
   }
 
-  /** Processes left in a guest's cgroup by a node that was killed: they go before it boots. */
-  private async killLeftovers(guest: Guest): Promise<void> {
-    if (this.cgroups === undefined) return;
-    const pids = await this.cgroups.guest(guest.definition.name).procs();
-    if (pids.length === 0) return;
-    this.options.log.warn({ guest: guest.definition.name, pids }, `guest ${guest.definition.name}: killing ${pids.length} process(es) left from before the node restarted`);
-    for (const pid of pids) killPid(pid, 'SIGKILL');
+  /**
+   * Where no memory cgroup holds a guest: its tree's memory (Pss) is checked against its
+   * limit five times a second; past it, the group is killed and the guest left failed.
+   */
+  private async watchMemory(): Promise<void> {
+    if (this.closing || this.cgroups?.memory === true) return;
+    for (const guest of this.guests.values()) {
+      const pid = guest.child?.pid;
+      const limit = guest.definition.memory;
+      if (pid === undefined || limit === null || guest.overMemory !== null) continue;
+      const members = (await treeMembers(pid, pid)) ?? (await scanProcesses()).filter((s) => s.pgrp === pid);
+      const used = await memoryBytes(members);
+      if (used <= limit || guest.child?.pid !== pid) continue;
+      guest.memoryBytes = used;
+      guest.overMemory = `killed: its processes used ${used} bytes of memory, more than its limit of ${limit}`;
+      this.options.log.error({ guest: guest.definition.name, memory: used, limit }, `guest ${guest.definition.name} ${guest.overMemory}`);
+      killGroup(pid, 'SIGKILL');
+      guest.duty?.stop();
+    }
   }
 
   /** Reads every running guest's figures; stops a guest past its memory limit where no cgroup does. */
@@ -618,7 +747,7 @@ export class GuestSupervisor {
         const procCpu = guest.cpuBefore + guest.runCpu.update(members);
         let cpuSeconds = procCpu;
         let throttled = guest.throttledBefore + (guest.duty?.throttledSeconds ?? 0);
-        let memory = rssBytes(members);
+        let memory = guest.memoryBytes;
         if (guest.cgroup !== undefined) {
           const usage = await guest.cgroup.usage().catch(() => undefined);
           if (usage !== undefined) {
@@ -631,14 +760,7 @@ export class GuestSupervisor {
         guest.sampledAt = now;
         guest.cpuSeconds = Math.max(guest.cpuSeconds, cpuSeconds);
         guest.throttledSeconds = Math.max(guest.throttledSeconds, throttled);
-        guest.memoryBytes = memory;
-        const limit = guest.definition.memory;
-        if (limit !== null && this.cgroups?.memory !== true && memory > limit && guest.overMemory === null) {
-          guest.overMemory = `killed: its processes used ${memory} bytes of memory, more than its limit of ${limit}`;
-          this.options.log.error({ guest: guest.definition.name, memory, limit }, `guest ${guest.definition.name} ${guest.overMemory}`);
-          killGroup(pid, 'SIGKILL');
-          guest.duty?.stop();
-        }
+        guest.memoryBytes = this.cgroups?.memory === true ? memory : await memoryBytes(members ?? []);
       }
     } finally {
       this.sampling = false;
@@ -682,9 +804,9 @@ export class GuestSupervisor {
     // Through a wrapper (sh, taskset) the command's own ENOENT would be an exit code:
     // looked up first, so a command that does not exist still fails at once.
     const found = await findCommand(file, guestEnv.PATH, cwd);
-    if (found === undefined) {
+    if (typeof found !== 'string') {
       guest.state = 'failed';
-      guest.error = `cannot run ${file}: ENOENT, no such executable file${file.includes('/') ? '' : ' on PATH'}`;
+      guest.error = `cannot run ${file}: ${found.error}`;
       this.options.log.error({ guest: name }, `guest ${name} cannot be started: ${guest.error}`);
       return;
     }
@@ -692,8 +814,9 @@ export class GuestSupervisor {
     let argv = [file, ...args];
     if (limits.cpus !== null && this.cgroups?.cpuset !== true && this.taskset !== undefined) argv = [this.taskset, '-c', limits.cpus.join(','), ...argv];
     if (this.cgroups !== undefined) {
-      guest.cgroup = this.cgroups.guest(name);
       try {
+        await this.openCgroups();
+        guest.cgroup = this.cgroups.guest(name);
         await guest.cgroup.prepare(limits, this.periodMs * 1000);
       } catch (error) {
         guest.state = 'failed';
@@ -701,7 +824,7 @@ export class GuestSupervisor {
         this.options.log.error({ guest: name, err: error }, `guest ${name} cannot be started: ${guest.error}`);
         return;
       }
-      const files = guest.cgroup.joinFiles();
+      const files = guest.cgroup?.joinFiles() ?? [];
       argv = ['/bin/sh', '-c', JOIN_SCRIPT, 'memstrata-guest', String(files.length), ...files, ...argv];
     }
     const [program = '', ...programArgs] = argv;
@@ -716,6 +839,8 @@ export class GuestSupervisor {
     guest.runCpu = new GroupCpu();
     guest.sampledAt = 0;
     guest.cpuUsed = null;
+    guest.duty?.stop();
+    guest.duty = undefined;
     if (child.pid !== undefined && guest.cgroup === undefined && limits.cpu !== null) {
       guest.duty = new DutyCycle(child.pid, limits.cpu, this.periodMs);
       guest.duty.start();
@@ -746,6 +871,15 @@ export class GuestSupervisor {
           guest.duty = undefined;
         }
         guest.cpuBefore = guest.cpuSeconds;
+        // The cgroup's counter outlives the run: read it once more for what the last second used.
+        const cgroup = guest.cgroup;
+        if (cgroup !== undefined) {
+          void cgroup.usage().then((usage) => {
+            if (usage.cpuSeconds !== null) guest.cpuSeconds = Math.max(guest.cpuSeconds, usage.cpuSeconds);
+            guest.throttledSeconds = Math.max(guest.throttledSeconds, usage.throttledSeconds);
+            guest.cpuBefore = guest.cpuSeconds;
+          }, () => undefined);
+        }
         if (guest.child === child) guest.child = undefined;
         this.exited(guest, code, signal);
         resolve();
@@ -760,8 +894,10 @@ export class GuestSupervisor {
       return;
     }
     if (guest.overMemory !== null) {
+      // Stopped for good, as if asked to: it does not boot again at the next node start either.
       guest.state = 'failed';
       guest.error = guest.overMemory;
+      void this.setRunning(guest, false).catch(() => undefined);
       return;
     }
     const failed = code !== 0;
@@ -779,12 +915,12 @@ export class GuestSupervisor {
     guest.restarts++;
     guest.timer = setTimeout(() => {
       guest.timer = undefined;
-      if (guest.state === 'booting' && guest.child === undefined && !guest.halting) {
-        this.boot(guest).catch((error: unknown) => {
-          guest.state = 'failed';
-          guest.error = String(error);
-        });
-      }
+      void this.serial(guest, async () => {
+        if (guest.state === 'booting' && guest.child === undefined && !guest.halting) await this.boot(guest);
+      }).catch((error: unknown) => {
+        guest.state = 'failed';
+        guest.error = String(error);
+      });
     }, wait);
     guest.timer.unref();
   }
@@ -883,18 +1019,25 @@ export function coreList(cores: number | null, cpus: number): number[] | null {
   return cores === null ? null : allCores(cpus).slice(cpus - cores);
 }
 
-/** Finds an executable as execvp would: a path with a slash as it is (from cwd), else on PATH. */
-async function findCommand(file: string, path: string | undefined, cwd = process.cwd()): Promise<string | undefined> {
+/** Finds an executable as execvp would: a path with a slash as it is (from cwd), else on PATH; or says why there is none. */
+async function findCommand(file: string, path: string | undefined, cwd = process.cwd()): Promise<string | { error: string }> {
   const candidates = file.includes('/') ? [isAbsolute(file) ? file : join(cwd, file)] : (path ?? '').split(delimiter).filter((d) => d !== '').map((d) => join(d, file));
+  let why = `ENOENT, no such file${file.includes('/') ? '' : ' on PATH'}`;
   for (const candidate of candidates) {
     try {
+      const info = await stat(candidate);
+      if (info.isDirectory()) {
+        why = `EACCES, ${candidate} is a directory`;
+        continue;
+      }
       await access(candidate, constants.X_OK);
-      if ((await stat(candidate)).isFile()) return candidate;
-    } catch {
-      // Next.
+      return candidate;
+    } catch (error) {
+      const code = (error as NodeJS.ErrnoException).code;
+      if (code === 'EACCES') why = `EACCES, ${candidate} is not executable`;
     }
   }
-  return undefined;
+  return { error: why };
 }
 
 function killGroup(pid: number | undefined, signal: NodeJS.Signals): void {

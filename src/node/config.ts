@@ -11,6 +11,7 @@
 //   MEMSTRATA_MEDIA_DRAM_SIZE): expected a size in bytes such as 4096, 64KiB, ...
 
 import { readFile, stat } from 'node:fs/promises';
+import { availableParallelism } from 'node:os';
 import { BlockList, isIP } from 'node:net';
 import { resolve } from 'node:path';
 import { YAMLParseError, parse as parseYaml } from 'yaml';
@@ -520,6 +521,10 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
   }
   if (config.mirror.stallTimeoutMs < 10 || config.mirror.stallTimeoutMs > 600_000) {
     throw invalid('mirror.stallTimeout', raw, origin, 'expected a duration from 10ms to 10m');
+  }
+  const cores = availableParallelism();
+  if (config.guests.reserveCpu >= cores) {
+    throw invalid('guests.reserveCpu', raw, origin, `expected less than this machine's ${cores} cores, so guests can have a share`);
   }
   if (config.guests.periodMs < 1 || config.guests.periodMs > 1000) {
     throw invalid('guests.period', raw, origin, 'expected a duration from 1ms to 1s (the kernel\'s CFS period range)');

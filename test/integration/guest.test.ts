@@ -35,7 +35,7 @@ test('memstrata guest create, list, reset, logs, stop and rm against a real node
 
   const env = { MEMSTRATA_ADMIN_TOKEN: 'guest-test-token-0123456789' };
   const n = await startNode({ cwd: dir, env });
-  t.after(() => n.stop('SIGKILL'));
+  t.after(() => n.stop('SIGTERM'));
   const run = (args: string[]) => runCli(args, { env });
   const cli = (...args: string[]) => run([...args, '--admin', n.url]);
   const info = async (name: string) => ((JSON.parse((await cli('guest', 'list', '--json')).stdout) as GuestInfoJson[]).find((g) => g.name === name));
@@ -66,7 +66,7 @@ test('memstrata guest create, list, reset, logs, stop and rm against a real node
   assert.equal(await n.stop('SIGTERM'), 0);
   assert.ok(!alive(pid), 'a clean stop of the node stops its guests');
   const again = await startNode({ cwd: dir, env });
-  t.after(() => again.stop('SIGKILL'));
+  t.after(() => again.stop('SIGTERM'));
   const list2 = async () => (await (await fetch(`${again.url}/v1/guests`, { headers: { authorization: `Bearer ${env.MEMSTRATA_ADMIN_TOKEN}` } })).json()) as GuestsJson;
   await until('booted again', async () => (await list2()).guests.find((g) => g.name === 'hello')?.state === 'running');
   const stopped = await run(['guest', 'stop', 'hello', '--admin', again.url]);
@@ -80,7 +80,8 @@ test('limits through a real node: guest create --cpu, guest set while it runs, t
   const env = { MEMSTRATA_ADMIN_TOKEN: 'guest-test-token-0123456789' };
   // signal enforcement: works on any machine, and the node's own figures are what is checked here.
   const n = await startNode({ cwd: await tempDir(t), env, args: ['--set', 'guests.enforcement=signal', '--set', 'guests.reserveCpu=0.5'] });
-  t.after(() => n.stop('SIGKILL'));
+  // SIGTERM: a node stopped cleanly stops its guests; one killed would leave them running.
+  t.after(() => n.stop('SIGTERM'));
   const cli = (...args: string[]) => runCli([...args, '--admin', n.url], { env });
   const info = async (name: string) => ((JSON.parse((await cli('guest', 'list', '--json')).stdout) as GuestInfoJson[]).find((g) => g.name === name));
 

@@ -55,7 +55,8 @@ test('guests reach exactly their own volumes and NVRAM devices through their cut
   const scripts = await tempDir(t);
   const env = { MEMSTRATA_ADMIN_TOKEN: TOKEN };
   const node = await startNode({ cwd: dir, env });
-  t.after(() => node.stop('SIGKILL'));
+  // SIGTERM: a node stopped cleanly stops its guests; one killed would leave them running.
+  t.after(() => node.stop('SIGTERM'));
   const cli = async (...args: string[]): Promise<string> => {
     const result = await runCli([...args.slice(0, 3), '--admin', node.url, ...args.slice(3)], { env });
     assert.equal(result.code, 0, `${args.join(' ')}: ${result.stderr}`);

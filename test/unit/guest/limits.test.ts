@@ -231,3 +231,134 @@ test('cgroup1: processes a killed node left in a guest\'s cgroup are killed befo
   await until('the leftover is gone', () => !alive(escaped));
   assert.equal(second.info('kv').state === 'running' || second.info('kv').state === 'booting', true);
 });
+
+// ---- found by review: races, budget holes, leaks ----
+
+test('two resets at once leave one guest process; stop during a reset waits for it', async (t) => {
+  const guests = await supervisor(t, 'signal');
+  // A marker no other process has, to count the guest's processes by.
+  const marker = `${60 + Math.random()}`;
+  const ours = async (): Promise<number[]> => {
+    const found: number[] = [];
+    for (const entry of await (await import('node:fs/promises')).readdir('/proc')) {
+      if (!/^\d+$/.test(entry)) continue;
+      const cmdline = await readFile(`/proc/${entry}/cmdline`, 'utf8').catch(() => '');
+      if (cmdline === `sleep\0${marker}\0`) found.push(Number(entry));
+    }
+    return found;
+  };
+  await guests.create({ name: 'd', command: ['sleep', marker] });
+  await runningPid(guests, 'd');
+  await Promise.all([guests.reset('d'), guests.reset('d'), guests.reset('d')]);
+  const pid = await runningPid(guests, 'd');
+  await until('one process, the one the supervisor knows', async () => JSON.stringify(await ours()) === JSON.stringify([pid]));
+  await Promise.all([guests.reset('d'), guests.stop('d')]);
+  assert.equal(guests.info('d').state, 'stopped');
+  await until('none left', async () => (await ours()).length === 0);
+});
+
+test('a share change racing the guest\'s exits leaves no duty cycle behind', async (t) => {
+  const guests = await supervisor(t, 'signal');
+  await guests.create({ name: 'flap', command: ['sh', '-c', 'sleep 0.03'], restart: 'always', cpu: 0.5 });
+  const deadline = Date.now() + 1500;
+  for (let i = 0; Date.now() < deadline; i++) await guests.set('flap', { cpu: i % 2 === 0 ? 0.3 : 0.5 });
+  await guests.stop('flap');
+  // No duty cycle stays running: the node's own CPU use falls to nearly nothing.
+  const before = process.cpuUsage();
+  await sleep(1000);
+  const used = process.cpuUsage(before);
+  assert.ok((used.user + used.system) / 1e6 < 0.15, `the node used ${((used.user + used.system) / 1e6).toFixed(2)} s of CPU in 1 s with no guest running`);
+});
+
+test('reset of a guest that is not running is held to the CPU budget, as start is', async (t) => {
+  const guests = await supervisor(t, 'signal', { cpus: 2, reserveCpu: 0.5 });
+  await guests.create({ name: 'a', command: ['sleep', '60'], cpu: 1.2 });
+  await guests.create({ name: 'b', command: ['sleep', '60'], cpu: 1.2 }, false);
+  await assert.rejects(guests.reset('b'), (e) => codeOf(e) === 'MS_GUEST_CPU_BUDGET');
+  assert.equal(guests.info('b').state, 'stopped');
+  // And a guest that exited holds no share: a finished one, and one that cannot run.
+  await guests.create({ name: 'done', command: ['true'], restart: 'never', cpu: 0.2 });
+  await guests.create({ name: 'broken', command: ['/nonexistent'], cpu: 0.1 });
+  await until('both ended', () => guests.info('done').state === 'stopped' && guests.info('broken').state === 'failed');
+  await guests.create({ name: 'c', command: ['sleep', '60'], cpu: 0.3 });
+  await assert.rejects(guests.create({ name: 'e', command: ['sleep', '60'], cpu: 0.1 }), (e) => codeOf(e) === 'MS_GUEST_CPU_BUDGET' && /held: a 1\.2, c 0\.3/.test((e as Error).message));
+});
+
+test('a share smaller than 1 ms per period is refused rather than rounded up', async (t) => {
+  const dataDir = await mkdtemp(join(tmpdir(), 'memstrata-limits-'));
+  t.after(() => rm(dataDir, { recursive: true, force: true }));
+  const guests = new GuestSupervisor({ dataDir, log, enforcement: 'signal', periodMs: 10, nodeId: () => 'limits-test' });
+  await guests.open();
+  t.after(() => guests.close());
+  await assert.rejects(guests.create({ name: 'tiny', command: ['sleep', '60'], cpu: 0.05 }), (e) => codeOf(e) === 'MS_GUEST_INVALID' && /1 ms/.test((e as Error).message));
+  await guests.create({ name: 'tiny', command: ['sleep', '60'], cpu: 0.1 });
+});
+
+test('signal fallback: forked children sharing their parent\'s memory are counted once, not once each', async (t) => {
+  const guests = await supervisor(t, 'signal');
+  // 64 MiB touched by the parent, then three forks that only read it: copy-on-write pages
+  // are shared, so the tree uses about 64 MiB, well under the 160 MiB limit (RSS would say 256).
+  const script = "$x = 'a' x (64 << 20); for (1..3) { if (fork() == 0) { sleep 60; exit } } sleep 60;";
+  await guests.create({ name: 'forks', command: ['perl', '-e', script], memory: 160 * 1024 * 1024 });
+  await runningPid(guests, 'forks');
+  await sleep(1500);
+  assert.equal(guests.info('forks').state, 'running', guests.info('forks').error ?? '');
+  assert.ok(guests.info('forks').memoryBytes < 160 * 1024 * 1024, `memory ${guests.info('forks').memoryBytes}`);
+});
+
+test('cgroup1: a limit set while the guest boots reaches the kernel; leftovers of a killed node with a larger quota do not stop the next start', async (t) => {
+  if (!(await cgroupV1Writable())) {
+    t.skip('no writable cgroup v1 cpu controller on this machine');
+    return;
+  }
+  const dataDir = await mkdtemp(join(tmpdir(), 'memstrata-limits-'));
+  t.after(() => rm(dataDir, { recursive: true, force: true }));
+  const first = await supervisor(t, 'cgroup1', { dataDir });
+  await first.create({ name: 'g', command: ['sleep', '60'], cpu: 0.2 }, false);
+  const started = first.start('g');
+  await first.set('g', { cpu: 1.2 });
+  await started;
+  const pid = await runningPid(first, 'g');
+  const cgroupOf = async (p: number): Promise<string> => /^\d+:cpu:(.*)$/m.exec(await readFile(`/proc/${p}/cgroup`, 'utf8'))?.[1] ?? '';
+  // The guest joins its cgroup just after it starts (its wrapper writes cgroup.procs, then execs).
+  await until('in its cgroup', async () => (await cgroupOf(pid)).endsWith('/g-g'));
+  const quota = async (): Promise<string> => (await readFile(join('/sys/fs/cgroup/cpu', await cgroupOf(pid), 'cpu.cfs_quota_us'), 'utf8')).trim();
+  assert.equal(await quota(), '120000', 'the kernel has the share set last');
+  // A second supervisor stands for the node started again after a kill, with a larger
+  // reserve: the parent's quota (0.5 cores) is below the leftover child's (1.2).
+  const second = new GuestSupervisor({ dataDir, log, graceMs: 1000, enforcement: 'cgroup1', nodeId: () => 'limits-test', cpus: 2, reserveCpu: 1.5 });
+  await second.open();
+  t.after(() => second.close());
+  assert.equal(second.mode, 'cgroup1');
+  await until('the leftover is gone', () => {
+    try {
+      process.kill(pid, 0);
+      return false;
+    } catch {
+      return true;
+    }
+  });
+  // Its share no longer fits the node's budget: it stays down and says why, until given one that does.
+  assert.equal(second.info('g').state, 'failed');
+  assert.match(second.info('g').error ?? '', /1\.2.*more than the 0\.5 left after guests\.reserveCpu/);
+  await second.set('g', { cpu: 0.5 });
+  await second.start('g');
+  await runningPid(second, 'g');
+});
+
+test('cgroup1: a node without guests makes no cgroup; the last guest removed takes the node\'s cgroups with it', async (t) => {
+  if (!(await cgroupV1Writable())) {
+    t.skip('no writable cgroup v1 cpu controller on this machine');
+    return;
+  }
+  const mine = async (): Promise<string[]> => (await import('node:fs/promises')).readdir('/sys/fs/cgroup/cpu').then((names) => names.filter((n) => n.startsWith('memstrata-limits-test-')));
+  const before = await mine();
+  const guests = await supervisor(t, 'cgroup1');
+  assert.deepEqual(await mine(), before, 'opening makes nothing that stays');
+  await guests.create({ name: 'g', command: ['sleep', '60'] });
+  await runningPid(guests, 'g');
+  assert.equal((await mine()).length, before.length + 1);
+  await guests.stop('g');
+  await guests.remove('g');
+  assert.deepEqual(await mine(), before);
+});
