@@ -14,7 +14,7 @@ export function have(command: string): boolean {
 export function missing(...commands: string[]): string | undefined {
   const absent = commands.filter((c) => !have(c));
   if (absent.length === 0) return undefined;
-  const reason = `needs ${absent.join(', ')} (Debian: libnbd-bin, python3-libnbd, qemu-utils, fio, nbdkit)`;
+  const reason = `needs ${absent.join(', ')} (Debian: libnbd-bin, python3-libnbd, qemu-utils, fio, nbdkit, qemu-system-x86, busybox-static)`;
   if (REQUIRE_INTEROP) throw new Error(`MEMSTRATA_REQUIRE_INTEROP=1 but ${reason}`);
   console.log(`# skipped: ${reason}`);
   return reason;
