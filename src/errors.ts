@@ -74,6 +74,7 @@ export const ERRORS = {
   MS_HOST_NODE_LOST: { category: 'network', status: 502, summary: 'the node that holds this memory is lost: it did not answer within the retries, its connection stayed down past the grace period, or it lost this host\'s session; the message names it, and from flush() `details.lostBytes` counts the dirty bytes that never reached it' },
   MS_MIRROR_UNREACHABLE: { category: 'network', status: 503, summary: 'the mirror partner cannot be reached or did not answer in time' },
   MS_RMEM_NO_CAPACITY: { category: 'runtime', status: 409, summary: 'lack of capacity: the node cannot bind that much memory, even after growing its server partition (wire status NO_CAPACITY, FIG. 14)' },
+  MS_NVRAM_NO_PATH: { category: 'network', status: 502, summary: 'a multipath journal found no path to its NVRAM device that worked within its failover time; its pending appends fail' },
   MS_RMEM_TIMEOUT: { category: 'network', status: 504, summary: 'an rmem request got no reply within its timeout' },
   MS_RMEM_DISCONNECTED: { category: 'network', status: 502, summary: 'the rmem connection closed with the request in flight, or the session could not be resumed within the lease' },
   MS_RMEM_UNREACHABLE: { category: 'network', status: 502, summary: 'the rmem service of a node could not be reached' },

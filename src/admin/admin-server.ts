@@ -45,7 +45,7 @@ import type { PartitionTable } from '../memory/partition-table.js';
 import type { KeptAside } from '../memory/server-memory.js';
 import { SIZE_FORM, formatAddress, formatSize, hexRange, hexWidth, parseSize, type ListenAddress } from '../units.js';
 import type { Logger } from '../logger.js';
-import type { AllocationTableJson, ErrorResponse, NodeInfo, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson, GuestsJson } from '../protocol/admin/api.js';
+import type { AllocationTableJson, ErrorResponse, NodeInfo, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson, GuestsJson, JournalHolderJson } from '../protocol/admin/api.js';
 import type { VolumeManager } from '../storage/volume-manager.js';
 import type { DeviceManager } from '../nvram/device-manager.js';
 import { POLICIES } from '../nvram/device.js';
@@ -61,6 +61,8 @@ export interface AdminContext {
   partition: PartitionTable;
   allocation: AllocationTable;
   rmemSessions(): RmemSessionJson[];
+  /** Journals open over rmem, with the path each came in by. */
+  journalHolders?(): JournalHolderJson[];
   /** Server memory kept aside because its zeroing failed (ServerMemory.keptAside). */
   keptAside(): readonly KeptAside[];
   volumes: VolumeManager;
@@ -455,7 +457,7 @@ export class AdminServer {
       return reply.type('text/plain; charset=utf-8').send(text);
     });
 
-    app.get('/v1/nvram', async (): Promise<NvramListJson> => ({ devices: context.nvram.list(), damaged: context.nvram.damaged(), diverged: await context.nvram.divergedJournals() }));
+    app.get('/v1/nvram', async (): Promise<NvramListJson> => ({ devices: context.nvram.list(), damaged: context.nvram.damaged(), diverged: await context.nvram.divergedJournals(), holders: context.journalHolders?.() ?? [] }));
 
     app.post('/v1/nvram', async (request, reply) => {
       const { name, size, policy, medium } = parseBody(nvramBody, request.body, 'NVRAM device');

@@ -5,7 +5,7 @@
 
 import { Command, CommanderError, Option } from 'commander';
 import { MisuseError, isMemstrataError } from '../errors.js';
-import type { AllocationTableJson, DamagedJson, DivergedJson, GuestInfoJson, GuestsJson, KeptAsideJson, NodeInfo, OrphanJson, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson } from '../protocol/admin/api.js';
+import type { AllocationTableJson, DamagedJson, DivergedJson, GuestInfoJson, GuestsJson, JournalHolderJson, KeptAsideJson, NodeInfo, OrphanJson, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson } from '../protocol/admin/api.js';
 import { POLICIES, type DeviceInfo } from '../nvram/device.js';
 import { RmemClient } from '../client/rmem-client.js';
 import { KINDS, MEDIA, USED_KINDS } from '../kinds.js';
@@ -155,7 +155,7 @@ export function buildProgram(output: Output = processOutput): Command {
     .addOption(jsonOption())
     .action(async (options: { admin: string; token?: string; json?: boolean }) => {
       const list = await adminClient(options).get<NvramListJson>('/v1/nvram');
-      output.out(options.json === true ? JSON.stringify(list, null, 2) : [renderNvram(list.devices), ...renderDamaged('NVRAM devices', list.damaged), ...renderDiverged(list.diverged)].join('\n\n'));
+      output.out(options.json === true ? JSON.stringify(list, null, 2) : [renderNvram(list.devices), ...renderHolders(list.holders), ...renderDamaged('NVRAM devices', list.damaged), ...renderDiverged(list.diverged)].join('\n\n'));
     });
   nvram
     .command('create <name>')
@@ -573,6 +573,13 @@ function renderMirror(m: NodeInfo['mirror']): string {
   if (m.link === 'none') return 'no partner';
   const who = m.partnerNode === null ? m.partner : `${m.partnerNode} at ${m.partner}`;
   return `partner ${who ?? '-'}, link ${m.link}, on partner down: ${m.onPartnerDown}`;
+}
+
+/** Who has each device open, and through which path (a multipath client shows on each path it used). */
+export function renderHolders(holders: readonly JournalHolderJson[] | undefined): string[] {
+  if (holders === undefined || holders.length === 0) return [];
+  const rows = holders.map((h) => [h.device, h.serverId, h.via, h.remote, String(h.epoch)]);
+  return [`Journals open\n${textTable(['DEVICE', 'SESSION', 'PATH', 'FROM', 'EPOCH'], rows, [4])}`];
 }
 
 export function renderNvram(devices: readonly DeviceInfo[]): string {

@@ -6,6 +6,8 @@
 
 export { RmemClient } from './rmem-client.js';
 export type { BindWhere, CapacityEntry, Journal, JournalInfo, JournalRecord, MediumName, PerformanceClass, Region, RmemClientEvents, RmemClientOptions, WireRange } from './rmem-client.js';
+export { MultipathJournal } from './multipath-journal.js';
+export type { JournalPath, MultipathJournalEvents, MultipathJournalOptions, PathState, PathStatus } from './multipath-journal.js';
 export { AdminClient, DEFAULT_ADMIN_URL } from './admin-client.js';
 export type { AdminClientOptions } from './admin-client.js';
 export { NbdClient } from './nbd-client.js';

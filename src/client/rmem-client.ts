@@ -282,14 +282,21 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
    * Appends records; resolves with their sequence numbers and timestamps once they are
    * durable under the device's policy. A full device fails with MS_NVRAM_FULL.
    */
-  async journalAppend(journal: Journal, entries: readonly { payload: Uint8Array; target?: { volume: string; offset: number } }[]): Promise<{ seq: number; timestamp: number }[]> {
+  /**
+   * Appends records. With `writer` (16 hex digits and the writer's number for the first
+   * entry; entry i gets firstSeq + i), a retry of numbers the device already took is
+   * answered with the first append's sequence numbers and appends nothing: what a
+   * multipath client re-sends after a failover lands once (MultipathJournal does this).
+   */
+  async journalAppend(journal: Journal, entries: readonly { payload: Uint8Array; target?: { volume: string; offset: number } }[], writer?: { id: string; firstSeq: number }): Promise<{ seq: number; timestamp: number }[]> {
     const tag = this.tag();
     const parts = encodeJappendRequest(
       tag,
       journal.handle,
       entries.map((e) => ({ payload: Buffer.from(e.payload.buffer, e.payload.byteOffset, e.payload.byteLength), target: e.target })),
+      writer,
     );
-    const frame = await this.request(OP.JAPPEND, tag, parts);
+    const frame = await this.request(writer === undefined ? OP.JAPPEND : OP.JAPPENDW, tag, parts);
     return decodeJappendReply(frame.body);
   }
 

@@ -292,6 +292,7 @@ export class StorageNode {
           partition: this.partition,
           allocation: this.allocation,
           rmemSessions: () => this.rmem?.sessionsInfo() ?? [],
+          journalHolders: () => this.rmem?.holders() ?? [],
           keptAside: () => this.rmem?.memory.keptAside() ?? [],
           volumes: this.volumes,
           nvram: this.nvram,

@@ -36,12 +36,25 @@
 //
 // Markers (epoch, trim) go to the journal file too, so a restart knows the epoch and what
 // was trimmed; they carry no sequence number of their own.
+//
+// Writers (multipath clients, issue 12): an append may carry a writer id and the writer's
+// own sequence number per record (stored in the record, flag WRITER). A retry of a number
+// the device already took gets the first append's answer (its sequence number and
+// timestamp) and appends nothing; so a client that re-sends what was not acknowledged
+// after a failover, to this node or to a promoted replica, has each record exactly once.
+// The writers index is in memory, rebuilt from the live records after a restart or a
+// replica's records (restore, replicate): per writer the highest number taken and the
+// answers of its last WRITER_WINDOW numbers. A number at or below the highest that is not
+// in the window (too old, or its append failed and was voided) is refused, except a
+// failed one, which may be appended again. At most MAX_WRITERS writers are remembered
+// per device (least recently used first out): a writer forgotten that way and retrying
+// could append a record twice.
 
 import { MisuseError, RuntimeError, StorageError, asError } from '../errors.js';
 import type { Medium } from '../memory/medium.js';
 import { JournalFile } from './journal-file.js';
 import { POLICIES, isMirrored, type Policy, type Role } from '../protocol/journal/policy.js';
-import { RECORD_FLAG, encodeRecord, nowMicros, recordSize, type JournalRecord, type RecordTarget } from '../protocol/journal/record.js';
+import { RECORD_FLAG, WRITER_ID_PATTERN, decodeRecord, encodeRecord, nowMicros, recordSize, type JournalRecord, type RecordTarget, type RecordWriter } from '../protocol/journal/record.js';
 import type { MirrorMode, DeviceInfo } from '../protocol/admin/api.js';
 export type { MirrorMode, DeviceInfo };
 
@@ -72,6 +85,22 @@ export interface AppendEntry {
   target?: RecordTarget;
   /** Record flags to set (RECORD_FLAG.ZERO for a journaled zeroing); default none. */
   flags?: number;
+  /** The writer and its number for this record: a retry of the same is not appended twice. */
+  writer?: RecordWriter;
+}
+
+/** Per writer, how many recent numbers' answers are kept for retries. */
+export const WRITER_WINDOW = 4096;
+/** Writers remembered per device. */
+export const MAX_WRITERS = 1024;
+
+interface WriterState {
+  /** The highest number taken. */
+  last: number;
+  /** Answers of recent numbers (insertion order: oldest first). */
+  acks: Map<number, Promise<Appended>>;
+  /** Numbers whose append failed: they may be appended again. */
+  failed: Set<number>;
 }
 
 export interface Appended {
@@ -133,6 +162,10 @@ export class NvramDevice {
   nodeOwned: boolean;
   /** The node's mirroring, for a mirrored primary. */
   port: MirrorPort | undefined;
+  private readonly writers: Map<string, WriterState>;
+  /** Records came in other than by append (restore, replication): the writers index is rebuilt before the next writer append. */
+  private writersStale: boolean;
+  private writersRebuild: Promise<void> | undefined;
 
   constructor(options: DeviceOptions) {
     this.name = options.name;
@@ -162,6 +195,9 @@ export class NvramDevice {
     this.recovering = false;
     this.nodeOwned = false;
     this.port = undefined;
+    this.writers = new Map();
+    this.writersStale = false;
+    this.writersRebuild = undefined;
   }
 
   get epoch(): number {
@@ -179,6 +215,7 @@ export class NvramDevice {
 
   /** Loads recovered state: records after the trim point, the epoch, the next sequence number. */
   async restore(records: readonly JournalRecord[]): Promise<void> {
+    if (records.length > 0) this.writersStale = true;
     for (const r of records) {
       if ((r.flags & RECORD_FLAG.EPOCH) !== 0) this.epochValue = Math.max(this.epochValue, Number(r.payload.readBigUInt64BE(0)));
       if ((r.flags & RECORD_FLAG.TRIM) !== 0) this.trimmedTo = Math.max(this.trimmedTo, Number(r.payload.readBigUInt64BE(0)));
@@ -244,8 +281,108 @@ export class NvramDevice {
     await Promise.all([marker, partner, this.quiesce()]);
   }
 
-  /** Appends records; resolves with their sequence numbers once durable under the policy. */
+  /**
+   * Appends records; resolves with their sequence numbers once durable under the policy.
+   * Entries with a writer that this device already took are not appended again: they get
+   * the first append's answer.
+   */
   async append(epoch: number, entries: readonly AppendEntry[]): Promise<Appended[]> {
+    if (!entries.some((e) => e.writer !== undefined)) return this.appendRecords(epoch, entries);
+    for (const e of entries) {
+      if (e.writer !== undefined && (!WRITER_ID_PATTERN.test(e.writer.id) || !Number.isSafeInteger(e.writer.seq) || e.writer.seq < 1)) {
+        throw new MisuseError('MS_NVRAM_INVALID', 'a writer is a 16-hex-digit id and a sequence number from 1');
+      }
+    }
+    // Every writer append waits for a rebuild under way, in arrival order (one promise).
+    if (this.writersStale && this.writersRebuild === undefined) {
+      this.writersStale = false;
+      this.writersRebuild = this.rebuildWriters().finally(() => { this.writersRebuild = undefined; });
+    }
+    if (this.writersRebuild !== undefined) await this.writersRebuild;
+    // From here to appendRecords' own first step nothing awaits: a retry arriving meanwhile
+    // finds this append's numbers taken and waits for its answer.
+    for (const e of entries) {
+      const w = e.writer === undefined ? undefined : this.writers.get(e.writer.id);
+      if (e.writer !== undefined && w !== undefined && e.writer.seq <= w.last && !w.acks.has(e.writer.seq) && !w.failed.has(e.writer.seq)) {
+        throw new MisuseError('MS_NVRAM_INVALID', `device ${this.name}: writer ${e.writer.id} number ${e.writer.seq} is older than the last ${WRITER_WINDOW} this device remembers (its highest is ${w.last})`, {
+          details: { device: this.name, writer: e.writer.id, seq: e.writer.seq },
+        });
+      }
+    }
+    const fresh: AppendEntry[] = [];
+    const answers: Promise<Appended>[] = [];
+    const taken: [WriterState, number][] = [];
+    let settle: { resolve(a: Appended[]): void; reject(e: unknown): void } = { resolve: () => undefined, reject: () => undefined };
+    const freshDone = new Promise<Appended[]>((resolve, reject) => { settle = { resolve, reject }; });
+    for (const e of entries) {
+      const writer = e.writer;
+      const w = writer === undefined ? undefined : this.writerState(writer.id);
+      const known = writer === undefined ? undefined : w?.acks.get(writer.seq);
+      if (known !== undefined) {
+        answers.push(known);
+        continue;
+      }
+      const k = fresh.length;
+      fresh.push(e);
+      const answer = freshDone.then((all) => all[k] ?? Promise.reject(new Error('append answered short')));
+      answers.push(answer);
+      if (writer !== undefined && w !== undefined) {
+        w.failed.delete(writer.seq);
+        w.acks.set(writer.seq, answer);
+        w.last = Math.max(w.last, writer.seq);
+        taken.push([w, writer.seq]);
+        if (w.acks.size > WRITER_WINDOW) w.acks.delete(w.acks.keys().next().value ?? 0);
+      }
+    }
+    // Unhandled only when nothing asks (all answers are awaited below).
+    answers.forEach((a) => { a.catch(() => undefined); });
+    if (fresh.length === 0) settle.resolve([]);
+    else {
+      this.appendRecords(epoch, fresh).then((appended) => { settle.resolve(appended); }, (error: unknown) => {
+        for (const [w, seq] of taken) {
+          w.acks.delete(seq);
+          w.failed.add(seq);
+        }
+        settle.reject(error);
+      });
+    }
+    return Promise.all(answers);
+  }
+
+  private writerState(id: string): WriterState {
+    let w = this.writers.get(id);
+    if (w === undefined) {
+      w = { last: 0, acks: new Map(), failed: new Set() };
+      if (this.writers.size >= MAX_WRITERS) this.writers.delete(this.writers.keys().next().value ?? '');
+    } else {
+      this.writers.delete(id); // most recently used last
+    }
+    this.writers.set(id, w);
+    return w;
+  }
+
+  /** Rebuilds the writers index from the live records (after a restore or replication). */
+  private async rebuildWriters(): Promise<void> {
+    for (let from = this.trimmedTo + 1; ;) {
+      const batch = await this.collect(from, 1024, 16 * 1024 * 1024);
+      const before = from;
+      if (batch.length === 0) return;
+      for (const bytes of batch) {
+        const decoded = decodeRecord(bytes);
+        if (!('record' in decoded)) continue;
+        const { record } = decoded;
+        from = record.seq + 1;
+        if (record.writer === undefined) continue;
+        const w = this.writerState(record.writer.id);
+        w.acks.set(record.writer.seq, Promise.resolve({ seq: record.seq, timestamp: record.timestamp }));
+        w.last = Math.max(w.last, record.writer.seq);
+        if (w.acks.size > WRITER_WINDOW) w.acks.delete(w.acks.keys().next().value ?? 0);
+      }
+      if (from === before) return;
+    }
+  }
+
+  private async appendRecords(epoch: number, entries: readonly AppendEntry[]): Promise<Appended[]> {
     await this.ready();
     if (this.roleValue === 'replica') throw replicaError(this.name);
     if (epoch < this.epochValue) throw fenced(this.name, epoch, this.epochValue);
@@ -262,7 +399,7 @@ export class NvramDevice {
     }
     const timestamp = nowMicros();
     const encoded = entries.map((e, i) =>
-      encodeRecord({ seq: this.nextSeq + i, timestamp, epoch, flags: e.flags ?? 0, target: e.target, payload: e.payload }),
+      encodeRecord({ seq: this.nextSeq + i, timestamp, epoch, flags: e.flags ?? 0, target: e.target, payload: e.payload, writer: e.writer }),
     );
     const bytes = encoded.reduce((sum, b) => sum + b.length, 0);
     if (this.used + bytes > this.size) {
@@ -427,6 +564,7 @@ export class NvramDevice {
    * `firstSeq` next; the primary's records follow with `replicate`.
    */
   resetReplica(epoch: number, trimmedTo: number, firstSeq: number, feeder?: object, nodeOwned = false): void {
+    this.writersStale = true;
     this.feeder = feeder;
     this.nodeOwned = nodeOwned;
     this.roleValue = 'replica';
@@ -452,6 +590,7 @@ export class NvramDevice {
     if (this.feeder !== undefined && feeder !== this.feeder) {
       return Promise.reject(new RuntimeError('MS_MIRROR_CONFLICT', `replica ${this.name} was reset from a newer mirror connection; records from an older one are refused`, { details: { device: this.name } }));
     }
+    this.writersStale = true;
     const run = this.replicating.then(() => this.apply(epoch, records, encoded));
     this.replicating = run.catch(() => undefined);
     return run;

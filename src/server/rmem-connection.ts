@@ -388,16 +388,18 @@ export class RmemConnection {
         this.journals.set(handle, { device, epoch });
         return one(encodeJopenReply(tag, handle, journalInfo(device)));
       }
-      case OP.JAPPEND: {
-        const { handle, entries } = decodeJappendRequest(body);
+      case OP.JAPPEND:
+      case OP.JAPPENDW: {
+        const { handle, entries, writer } = decodeJappendRequest(body, op === OP.JAPPENDW);
         const journal = this.journal(handle);
         for (const e of entries) {
           if (e.target !== undefined && Buffer.byteLength(e.target.volume) > MAX_TARGET_NAME) {
             throw new MisuseError('MS_NVRAM_INVALID', `target volume name longer than ${MAX_TARGET_NAME} bytes`);
           }
         }
-        const appended = await journal.device.append(journal.epoch, entries);
-        return one(encodeJappendReply(tag, appended));
+        // JAPPENDW: entry i is the writer's number firstSeq + i; a number the device already took is answered, not appended.
+        const appended = await journal.device.append(journal.epoch, writer === undefined ? entries : entries.map((e, i) => ({ ...e, writer: { id: writer.id, seq: writer.firstSeq + i } })));
+        return one(encodeJappendReply(tag, appended, op));
       }
       case OP.JREAD: {
         const request = decodeJreadRequest(body);
@@ -508,9 +510,11 @@ export class RmemConnection {
     return one(encodeEmptyReply(OP.WRITEV, tag));
   }
 
-  /** The devices this connection has journals open on. */
-  openDevices(): string[] {
-    return [...new Set([...this.journals.values()].map((j) => j.device.name))];
+  /** The devices this connection has journals open on, with the epoch of each. */
+  openDevices(): { device: string; epoch: number }[] {
+    const latest = new Map<string, number>();
+    for (const j of this.journals.values()) latest.set(j.device.name, Math.max(latest.get(j.device.name) ?? 0, j.epoch));
+    return [...latest].map(([device, epoch]) => ({ device, epoch }));
   }
 
   private journal(handle: number): { device: NvramDevice; epoch: number } {

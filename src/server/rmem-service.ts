@@ -44,7 +44,7 @@ import { serviceLoad, type ServiceLoad } from '../net/service-load.js';
 import type { ListenAddress } from '../units.js';
 import { BufferPool } from './buffer-pool.js';
 import { RmemConnection, type ConnectionHost, type RmemScope, type RmemStats } from './rmem-connection.js';
-import type { SessionInfo } from '../protocol/admin/api.js';
+import type { JournalHolderJson, SessionInfo } from '../protocol/admin/api.js';
 import { SESSION_SECRET_SIZE } from '../protocol/rmem/spec.js';
 export type { SessionInfo };
 
@@ -186,6 +186,17 @@ export class RmemService implements ConnectionHost {
     return this.options.writeLogOf?.(device);
   }
 
+  /** Every journal open on a connection: which device, which session, and the path it came in by. */
+  holders(): JournalHolderJson[] {
+    return [...this.connections].flatMap((c) => c.openDevices().map(({ device, epoch }) => ({
+      device,
+      serverId: c.serverId ?? '?',
+      via: c.scope === undefined ? ('tcp' as const) : ('unix' as const),
+      remote: c.remote,
+      epoch,
+    }))).sort((x, y) => x.device.localeCompare(y.device) || x.serverId.localeCompare(y.serverId));
+  }
+
   sessionsInfo(now = Date.now()): SessionInfo[] {
     return [...this.sessions.values()]
       .sort((a, b) => a.serverId.localeCompare(b.serverId))
@@ -285,7 +296,7 @@ export class RmemService implements ConnectionHost {
     return {
       path,
       connections: () => own.size,
-      holding: () => [...own].flatMap((c) => c.openDevices()),
+      holding: () => [...own].flatMap((c) => c.openDevices().map((j) => j.device)),
       close: () => closeServer(server, own),
     };
   }

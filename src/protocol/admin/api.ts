@@ -226,6 +226,19 @@ export interface NvramListJson {
   damaged: DamagedJson[];
   /** Journals kept aside (nvram/NAME.diverged-MS), by device name, whether the device still exists or not. */
   diverged: DivergedJson[];
+  /** rmem sessions that have a journal open on a device, and the path each came in by. */
+  holders: JournalHolderJson[];
+}
+
+export interface JournalHolderJson {
+  device: string;
+  serverId: string;
+  /** `tcp` (the node's rmem port) or `unix` (a guest's cut-through socket). */
+  via: 'tcp' | 'unix';
+  /** The client's address (tcp), or the guest (unix: guest:NAME). */
+  remote: string;
+  /** The epoch the journal was opened with. */
+  epoch: number;
 }
 
 export interface DivergedJson {

@@ -5,7 +5,9 @@
 //   4      2     version (1)
 //   6      2     flags: bit 0 target present, bit 1 epoch marker, bit 2 trim marker,
 //                bit 3 zero (a journaled TRIM or WRITE_ZEROES: payload is the u64 length),
-//                bit 4 void (the number of an append that failed: no target, no payload)
+//                bit 4 void (the number of an append that failed: no target, no payload),
+//                bit 5 writer (the payload begins with 16 bytes: the writer's 8-byte id and
+//                its u64 sequence number, which a retried append is recognised by)
 //   8      8     sequence number
 //   16     8     timestamp, microseconds since the Unix epoch
 //   24     8     epoch of the writer
@@ -29,7 +31,19 @@ export const RECORD_HEADER = 56;
 export const MAX_PAYLOAD = 16 * 1024 * 1024;
 export const MAX_TARGET_NAME = 64;
 
-export const RECORD_FLAG = { TARGET: 1 << 0, EPOCH: 1 << 1, TRIM: 1 << 2, ZERO: 1 << 3, VOID: 1 << 4 } as const;
+export const RECORD_FLAG = { TARGET: 1 << 0, EPOCH: 1 << 1, TRIM: 1 << 2, ZERO: 1 << 3, VOID: 1 << 4, WRITER: 1 << 5 } as const;
+
+/** Bytes of the writer fields at the start of a WRITER record's stored payload. */
+export const WRITER_FIELDS = 16;
+/** A writer id on the wire and in records: 8 bytes, shown as 16 hex digits. */
+export const WRITER_ID_PATTERN = /^[0-9a-f]{16}$/;
+
+/** Who appended a record and its number in that writer's own sequence (multipath retries). */
+export interface RecordWriter {
+  /** 16 lowercase hex digits. */
+  id: string;
+  seq: number;
+}
 
 export interface RecordTarget {
   volume: string;
@@ -44,6 +58,8 @@ export interface JournalRecord {
   flags: number;
   target: RecordTarget | undefined;
   payload: Buffer;
+  /** Set on records appended with a writer id (flag WRITER). */
+  writer?: RecordWriter | undefined;
 }
 
 const TWO_32 = 4294967296;
@@ -64,21 +80,29 @@ export function recordSize(payloadLength: number, targetNameLength: number): num
 /** Encodes a record into one buffer (size first, written in place). */
 export function encodeRecord(record: JournalRecord): Buffer {
   const name = record.target === undefined ? Buffer.alloc(0) : Buffer.from(record.target.volume, 'utf8');
-  const buf = Buffer.allocUnsafe(recordSize(record.payload.length, name.length));
+  const writer = record.writer;
+  const stored = record.payload.length + (writer === undefined ? 0 : WRITER_FIELDS);
+  const buf = Buffer.allocUnsafe(recordSize(stored, name.length));
   buf.writeUInt32BE(RECORD_MAGIC, 0);
   buf.writeUInt16BE(RECORD_VERSION, 4);
-  buf.writeUInt16BE(record.flags | (record.target === undefined ? 0 : RECORD_FLAG.TARGET), 6);
+  buf.writeUInt16BE((record.flags & ~RECORD_FLAG.WRITER) | (record.target === undefined ? 0 : RECORD_FLAG.TARGET) | (writer === undefined ? 0 : RECORD_FLAG.WRITER), 6);
   writeU64(buf, record.seq, 8);
   writeU64(buf, record.timestamp, 16);
   writeU64(buf, record.epoch, 24);
-  buf.writeUInt32BE(record.payload.length, 32);
+  buf.writeUInt32BE(stored, 32);
   buf.writeUInt16BE(name.length, 36);
   buf.writeUInt16BE(0, 38);
   writeU64(buf, record.target?.offset ?? 0, 40);
   buf.writeUInt32BE(0, 48);
   buf.writeUInt32BE(0, 52);
   name.copy(buf, RECORD_HEADER);
-  record.payload.copy(buf, RECORD_HEADER + name.length);
+  let at = RECORD_HEADER + name.length;
+  if (writer !== undefined) {
+    buf.write(writer.id, at, 8, 'hex');
+    writeU64(buf, writer.seq, at + 8);
+    at += WRITER_FIELDS;
+  }
+  record.payload.copy(buf, at);
   buf.writeUInt32BE(checksum(buf), 48);
   return buf;
 }
@@ -106,15 +130,20 @@ export function decodeRecord(buf: Buffer, at = 0): DecodeResult {
   const view = buf.subarray(at, at + size);
   if (view.readUInt32BE(48) !== checksum(view)) return { corrupt: 'record checksum mismatch' };
   const flags = view.readUInt16BE(6);
+  const body = RECORD_HEADER + nameLength;
+  const hasWriter = (flags & RECORD_FLAG.WRITER) !== 0;
+  if (hasWriter && length < WRITER_FIELDS) return { corrupt: 'writer record shorter than its writer fields' };
   return {
     size,
     record: {
       seq: readU64(view, 8),
       timestamp: readU64(view, 16),
       epoch: readU64(view, 24),
-      flags: flags & ~RECORD_FLAG.TARGET,
-      target: (flags & RECORD_FLAG.TARGET) !== 0 ? { volume: view.toString('utf8', RECORD_HEADER, RECORD_HEADER + nameLength), offset: readU64(view, 40) } : undefined,
-      payload: view.subarray(RECORD_HEADER + nameLength),
+      flags: flags & ~(RECORD_FLAG.TARGET | RECORD_FLAG.WRITER),
+      target: (flags & RECORD_FLAG.TARGET) !== 0 ? { volume: view.toString('utf8', RECORD_HEADER, body), offset: readU64(view, 40) } : undefined,
+      payload: view.subarray(hasWriter ? body + WRITER_FIELDS : body),
+      // Present only on writer records, so records without one compare as before.
+      ...(hasWriter ? { writer: { id: view.toString('hex', body, body + 8), seq: readU64(view, body + 8) } } : {}),
     },
   };
 }

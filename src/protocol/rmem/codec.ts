@@ -586,15 +586,34 @@ export function decodeHandleRequest(body: Buffer, withValue: boolean, what: stri
   return { handle: body.readUInt32BE(0), value: withValue ? u64(body, 4) : 0 };
 }
 
-/** JAPPEND: u32 handle, u16 count, then per entry u32 length, u8 target name length, name, u64 target offset, payload. */
-export function encodeJappendRequest(tag: Tag, handle: number, entries: readonly JournalEntry[]): Buffer[] {
-  let length = 6;
+/** The writer of a JAPPENDW: its 8-byte id (16 hex digits) and the writer sequence number of the first entry. */
+export interface JournalWriter {
+  id: string;
+  firstSeq: number;
+}
+
+/** Bytes a JAPPENDW adds before the count: the 8-byte writer id and the u64 first writer sequence number. */
+const WRITER_PREFIX = 16;
+
+/**
+ * JAPPEND: u32 handle, u16 count, then per entry u32 length, u8 target name length, name,
+ * u64 target offset, payload. JAPPENDW: u32 handle, 8-byte writer id, u64 first writer
+ * sequence number, then as JAPPEND from the count; entry i carries writer seq first + i.
+ */
+export function encodeJappendRequest(tag: Tag, handle: number, entries: readonly JournalEntry[], writer?: JournalWriter): Buffer[] {
+  const prefix = writer === undefined ? 0 : WRITER_PREFIX;
+  let length = 6 + prefix;
   const names = entries.map((e) => Buffer.from(e.target?.volume ?? '', 'utf8'));
   entries.forEach((e, i) => (length += 4 + 1 + (names[i]?.length ?? 0) + 8 + e.payload.length));
-  const head = Buffer.allocUnsafe(HEADER_SIZE + 6);
-  writeRequestHeader(head, OP.JAPPEND, tag, length);
+  const head = Buffer.allocUnsafe(HEADER_SIZE + 6 + prefix);
+  writeRequestHeader(head, writer === undefined ? OP.JAPPEND : OP.JAPPENDW, tag, length);
   head.writeUInt32BE(handle, HEADER_SIZE);
-  head.writeUInt16BE(entries.length, HEADER_SIZE + 4);
+  if (writer !== undefined) {
+    if (!/^[0-9a-f]{16}$/.test(writer.id)) throw new MisuseError('MS_RMEM_INVALID', 'a writer id is 16 lowercase hex digits');
+    head.write(writer.id, HEADER_SIZE + 4, 8, 'hex');
+    writeU64(head, writer.firstSeq, HEADER_SIZE + 12);
+  }
+  head.writeUInt16BE(entries.length, HEADER_SIZE + 4 + prefix);
   const parts: Buffer[] = [head];
   entries.forEach((e, i) => {
     const name = names[i] ?? Buffer.alloc(0);
@@ -608,13 +627,15 @@ export function encodeJappendRequest(tag: Tag, handle: number, entries: readonly
   return parts;
 }
 
-export function decodeJappendRequest(body: Buffer): { handle: number; entries: JournalEntry[] } {
-  need(body, 0, 6, 'JAPPEND');
+export function decodeJappendRequest(body: Buffer, withWriter = false): { handle: number; entries: JournalEntry[]; writer: JournalWriter | undefined } {
+  const prefix = withWriter ? WRITER_PREFIX : 0;
+  need(body, 0, 6 + prefix, 'JAPPEND');
   const handle = body.readUInt32BE(0);
-  const count = body.readUInt16BE(4);
+  const writer = withWriter ? { id: body.toString('hex', 4, 12), firstSeq: u64(body, 12) } : undefined;
+  const count = body.readUInt16BE(4 + prefix);
   if (count === 0 || count > MAX_VECTOR) throw malformed(`JAPPEND: ${count} entries (1 to ${MAX_VECTOR})`);
   const entries: JournalEntry[] = [];
-  let at = 6;
+  let at = 6 + prefix;
   for (let i = 0; i < count; i++) {
     need(body, at, 5, 'JAPPEND');
     const length = body.readUInt32BE(at);
@@ -627,13 +648,13 @@ export function decodeJappendRequest(body: Buffer): { handle: number; entries: J
     at += 5 + nameLength + 8 + length;
   }
   exact(body, at, 'JAPPEND');
-  return { handle, entries };
+  return { handle, entries, writer };
 }
 
-export function encodeJappendReply(tag: Tag, appended: readonly { seq: number; timestamp: number }[]): Buffer {
+export function encodeJappendReply(tag: Tag, appended: readonly { seq: number; timestamp: number }[], op: number = OP.JAPPEND): Buffer {
   const length = 2 + appended.length * 16;
   const buf = Buffer.allocUnsafe(HEADER_SIZE + length);
-  writeResponseHeader(buf, OP.JAPPEND, STATUS.OK, tag, length);
+  writeResponseHeader(buf, op, STATUS.OK, tag, length);
   buf.writeUInt16BE(appended.length, HEADER_SIZE);
   appended.forEach((a, i) => {
     writeU64(buf, a.seq, HEADER_SIZE + 2 + i * 16);
@@ -704,6 +725,7 @@ export function maxReplySize(op: number): number {
     case OP.BIND:
       return HEADER_SIZE + 8 + 8 + 8 + 2 + MAX_RANGES * BODY.RANGE;
     case OP.JAPPEND:
+    case OP.JAPPENDW:
       return Math.max(ERROR_REPLY_SIZE, HEADER_SIZE + 2 + MAX_VECTOR * 16);
     default:
       return ERROR_REPLY_SIZE;

@@ -56,6 +56,8 @@ export const OP = {
   JREAD: 12,
   JTRIM: 13,
   JINFO: 14,
+  /** JAPPEND with a writer id and the writer's own sequence numbers: a retry is recognised, not appended twice. */
+  JAPPENDW: 15,
 } as const;
 export type OpName = keyof typeof OP;
 export type Op = (typeof OP)[OpName];

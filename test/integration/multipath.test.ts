@@ -1,0 +1,163 @@
+// Multipath NVRAM (issue 12, item 4) against real nodes: a MultipathJournal appending from
+// many lanes while (1) its active path is closed under load, and (2) the node of its active
+// path is killed with kill -9 and it promotes the mirror partner. Afterwards every
+// acknowledged record is on the device exactly once, no record is there twice (re-sent
+// appends the device already had are answered, not appended), and the records of this
+// writer are in the order the appends were made.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createServer, connect, type Socket } from 'node:net';
+import { MultipathJournal, RmemClient, type Journal, type JournalRecord } from '../../src/client/index.js';
+import { freePort, startNode, tempDir, type NodeProcess } from '../support/node-process.js';
+import { nvramDevice, until } from '../support/nvram-probe.js';
+
+type Ctx = { after(fn: () => Promise<unknown> | void): void };
+
+async function createDevice(n: NodeProcess, name: string, policy: string): Promise<void> {
+  const response = await fetch(`${n.url}/v1/nvram`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name, size: '8MiB', policy }) });
+  assert.equal(response.status, 201, await response.text());
+}
+
+/** A TCP proxy in front of a node's rmem port: a path the test can cut. */
+async function proxy(t: Ctx, target: { host: string; port: number }): Promise<{ port: number; cut(): void }> {
+  const sockets = new Set<Socket>();
+  const server = createServer((inbound) => {
+    const outbound = connect(target);
+    sockets.add(inbound).add(outbound);
+    inbound.pipe(outbound).pipe(inbound);
+    const drop = (): void => { inbound.destroy(); outbound.destroy(); };
+    inbound.on('error', drop).on('close', drop);
+    outbound.on('error', drop).on('close', drop);
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const address = server.address();
+  const port = typeof address === 'object' && address !== null ? address.port : 0;
+  const cut = (): void => {
+    server.close();
+    for (const s of sockets) s.destroy();
+  };
+  t.after(cut);
+  return { port, cut };
+}
+
+async function readAll(c: RmemClient, journal: Journal): Promise<JournalRecord[]> {
+  const out: JournalRecord[] = [];
+  for (;;) {
+    const batch = await c.journalRead(journal, (out.at(-1)?.seq ?? 0) + 1);
+    if (batch.length === 0) return out;
+    out.push(...batch);
+  }
+}
+
+/** Lanes appending unique payloads until stopped; what was acknowledged, by payload. */
+function appenders(journal: MultipathJournal, lanes: number) {
+  const acked = new Map<string, number>();
+  const failures: string[] = [];
+  let next = 0;
+  let stop = false;
+  const lane = async (): Promise<void> => {
+    while (!stop) {
+      const payload = `r${next++}`;
+      try {
+        const [ack] = await journal.append([{ payload: Buffer.from(payload) }]);
+        if (ack !== undefined) acked.set(payload, ack.seq);
+      } catch (error) {
+        failures.push(`${payload}: ${(error as Error).message}`);
+        return;
+      }
+    }
+  };
+  const running = Array.from({ length: lanes }, () => lane());
+  return {
+    acked,
+    failures,
+    count: () => acked.size,
+    stop: async () => {
+      stop = true;
+      await Promise.all(running);
+    },
+  };
+}
+
+/** Every acknowledged payload once, no payload twice, this writer's numbers in increasing order. */
+function checkExactlyOnce(records: readonly JournalRecord[], acked: ReadonlyMap<string, number>, writerId: string): void {
+  const seen = new Map<string, number>();
+  for (const r of records) {
+    const text = Buffer.from(r.payload).toString();
+    assert.ok(!seen.has(text), `record ${text} is on the device twice (seq ${seen.get(text)} and ${r.seq})`);
+    seen.set(text, r.seq);
+  }
+  for (const [payload, seq] of acked) assert.equal(seen.get(payload), seq, `acknowledged ${payload} (seq ${seq}) is not where its acknowledgement said`);
+  const numbers = records.filter((r) => r.writer?.id === writerId).map((r) => r.writer?.seq ?? 0);
+  for (let i = 1; i < numbers.length; i++) assert.ok((numbers[i] ?? 0) > (numbers[i - 1] ?? 0), `writer numbers out of order at ${i}: ${numbers[i - 1]} then ${numbers[i]}`);
+  assert.deepEqual(records.map((r) => r.seq), records.map((_, i) => (records[0]?.seq ?? 1) + i), 'sequence numbers without a gap');
+}
+
+test('multipath: the active path closed under load; the journal moves to the next path, re-sends, and every acknowledged record is there exactly once', async (t) => {
+  const node = await startNode({ cwd: await tempDir(t) });
+  t.after(() => node.stop('SIGKILL'));
+  await createDevice(node, 'mp', 'local');
+  const front = await proxy(t, node.rmem);
+  const journal = await MultipathJournal.open({
+    device: 'mp',
+    serverId: 'multipath',
+    epoch: 1,
+    paths: [{ name: 'proxied', host: '127.0.0.1', port: front.port }, { name: 'direct', ...node.rmem }],
+    timeoutMs: 2000,
+  });
+  t.after(() => journal.close());
+  assert.deepEqual(journal.paths().map((p) => [p.name, p.state]), [['proxied', 'active'], ['direct', 'standby']]);
+  const load = appenders(journal, 16);
+  await until('appends through the first path', () => Promise.resolve(load.count()), (n) => n >= 800, 30_000);
+  front.cut();
+  const at = load.count();
+  await until('appends through the second path', () => Promise.resolve(load.count()), (n) => n >= at + 800, 30_000);
+  await load.stop();
+  assert.deepEqual(load.failures, [], 'no append failed: the failover was the client\'s business');
+  assert.deepEqual(journal.paths().map((p) => [p.name, p.state]), [['proxied', 'failed'], ['direct', 'active']]);
+  assert.equal(journal.paths()[0]?.failures, 1);
+
+  const reader = await RmemClient.connect({ ...node.rmem, serverId: 'reader', reconnect: false });
+  t.after(() => reader.close());
+  checkExactlyOnce(await readAll(reader, await reader.journalOpen('mp', 1)), load.acked, journal.writerId);
+});
+
+test('multipath: kill -9 of the active path\'s node mid-stream; with failover "promote" the journal takes the device over on the partner, and every acknowledged record is there exactly once', async (t) => {
+  const [dirA, dirB] = [await tempDir(t), await tempDir(t)];
+  const [portA, portB] = [await freePort(), await freePort()];
+  const args = (own: number, partner: number) => ['--mirror-listen', `127.0.0.1:${own}`, '--mirror-partner', `127.0.0.1:${partner}`, '--set', 'mirror.timeout=500ms'];
+  const a = await startNode({ cwd: dirA, args: args(portA, portB) });
+  t.after(() => a.stop('SIGKILL'));
+  const b = await startNode({ cwd: dirB, args: args(portB, portA) });
+  t.after(() => b.stop('SIGKILL'));
+  await createDevice(a, 'm', 'mirrored');
+  await until('primary in sync', () => nvramDevice(a, 'm'), (d) => d?.mirror === 'in-sync');
+
+  const journal = await MultipathJournal.open({
+    device: 'm',
+    serverId: 'multipath',
+    epoch: 1,
+    paths: [{ name: 'primary', ...a.rmem }, { name: 'partner', ...b.rmem, partner: true }],
+    failover: 'promote',
+    timeoutMs: 1000,
+  });
+  t.after(() => journal.close());
+  const promoted: number[] = [];
+  journal.on('promoted', (epoch) => promoted.push(epoch));
+  const load = appenders(journal, 16);
+  await until('appends on the primary', () => Promise.resolve(load.count()), (n) => n >= 800, 30_000);
+  await a.stop('SIGKILL');
+  const at = load.count();
+  await until('appends on the promoted partner', () => Promise.resolve(load.count()), (n) => n >= at + 800, 30_000);
+  await load.stop();
+  assert.deepEqual(load.failures, []);
+  assert.deepEqual(promoted, [2]);
+  assert.equal(journal.epoch, 2);
+  assert.deepEqual(journal.paths().map((p) => [p.name, p.state]), [['primary', 'failed'], ['partner', 'active']]);
+  assert.equal((await nvramDevice(b, 'm'))?.role, 'primary');
+
+  const reader = await RmemClient.connect({ ...b.rmem, serverId: 'reader', reconnect: false });
+  t.after(() => reader.close());
+  checkExactlyOnce(await readAll(reader, await reader.journalOpen('m', 2)), load.acked, journal.writerId);
+});
