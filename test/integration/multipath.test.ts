@@ -12,7 +12,7 @@ import { MultipathJournal, RmemClient, type Journal, type JournalRecord } from '
 import { freePort, startNode, tempDir, type NodeProcess } from '../support/node-process.js';
 import { nvramDevice, until } from '../support/nvram-probe.js';
 
-type Ctx = { after(fn: () => Promise<unknown> | void): void };
+type Ctx = { after(fn: () => unknown): void };
 
 async function createDevice(n: NodeProcess, name: string, policy: string): Promise<void> {
   const response = await fetch(`${n.url}/v1/nvram`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name, size: '8MiB', policy }) });

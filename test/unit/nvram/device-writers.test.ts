@@ -108,7 +108,7 @@ test('any interleaving of appends and retries from several writers leaves each n
         // Each send is a writer's number (retries are sends of a number again); the
         // scheduler decides the order in which they reach the device.
         const sent = Promise.allSettled(sends.map(([id, seq]) => s.schedule(Promise.resolve(), `${id.slice(0, 2)}#${seq}`).then(() => device.append(1, [entry(`${id}:${seq}`, id, seq)]))));
-        await s.waitAll();
+        await s.waitIdle();
         const results = await sent;
         const records = (await device.read(0)).map((b) => decodeOne(b));
         const keys = records.map((r) => `${r.writer?.id ?? ''}:${r.writer?.seq ?? 0}`);
