@@ -8,7 +8,8 @@
 //
 // Where things live (all reached through the guest's cut-through sockets):
 //
-//   NVRAM device (MEMSTRATA_NVRAM_DEVICES, first)   one timestamped record per put:
+//   NVRAM device (MEMSTRATA_NVRAM_DEVICES, first,   one timestamped record per put:
+//     or one it allocates itself: --nvram-quota)
 //                                                   {k, v}, target = {volume, page offset}
 //   volume (MEMSTRATA_CTD_VOLUMES, first)           one 4 KiB page per key:
 //                                                   "KVP1" | u32 length | f64 seq | {k, v}
@@ -35,10 +36,10 @@ const CHECKPOINT_MS = 1000;
 
 const env = process.env;
 const port = Number(env.KV_PORT ?? 7379);
-const device = (env.MEMSTRATA_NVRAM_DEVICES ?? '').split(',')[0];
+const attached = (env.MEMSTRATA_NVRAM_DEVICES ?? '').split(',')[0];
 const volume = (env.MEMSTRATA_CTD_VOLUMES ?? '').split(',')[0];
-if (!device || !volume || !env.MEMSTRATA_NVRAM_SOCKET || !env.MEMSTRATA_CTD_SOCKET) {
-  console.error('journaled-kv: run it as a guest with one NVRAM device and one volume attached (--nvram D --volume V)');
+if (!volume || !env.MEMSTRATA_NVRAM_SOCKET || !env.MEMSTRATA_CTD_SOCKET) {
+  console.error('journaled-kv: run it as a guest with a volume attached (--volume V) and an NVRAM device (--nvram D) or a quota to allocate one (--nvram-quota SIZE)');
   process.exit(2);
 }
 
@@ -106,6 +107,10 @@ function writePage(slot, seq, key, value) {
 // ---- the journal: one record per put ----
 
 const rmem = await RmemClient.connect({ path: env.MEMSTRATA_NVRAM_SOCKET, serverId: 'journaled-kv', keepalive: true });
+// No device attached: allocate one of its own, within the guest's NVRAM quota (it stays
+// attached, so the next boot finds it in MEMSTRATA_NVRAM_DEVICES).
+const device = attached || `${env.MEMSTRATA_GUEST}-journal`;
+if (!attached) await rmem.journalCreate(device, Number(env.KV_JOURNAL_BYTES ?? 4 << 20), 'local');
 const journal = await rmem.journalOpen(device, Date.now());
 let replayed = 0;
 for (let from = journal.info.firstSeq; from !== 0 && from <= journal.info.lastSeq;) {

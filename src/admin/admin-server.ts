@@ -142,6 +142,7 @@ const guestBody = z.strictObject({
   start: z.boolean().optional(),
   volumes: z.array(z.string()).max(256).optional(),
   nvram: z.array(z.string()).max(256).optional(),
+  nvramQuota: size.optional(),
   ...guestLimits,
 });
 const guestDeviceBody = z.union([z.strictObject({ volume: z.string() }), z.strictObject({ nvram: z.string() })]);
@@ -410,8 +411,8 @@ export class AdminServer {
 
     app.post('/v1/guests', async (request, reply): Promise<GuestInfo> => {
       tokenRequired();
-      const { name, command, env, restart, start, cpu, cores, memory, volumes, nvram } = parseBody(guestBody, request.body, 'guest');
-      const info = await context.guests.create({ name, command, ...definedOnly({ env, restart, cpu, cores, memory, volumes, nvram }) }, start ?? true);
+      const { name, command, env, restart, start, cpu, cores, memory, volumes, nvram, nvramQuota } = parseBody(guestBody, request.body, 'guest');
+      const info = await context.guests.create({ name, command, ...definedOnly({ env, restart, cpu, cores, memory, volumes, nvram, nvramQuota }) }, start ?? true);
       context.log.info({ guest: name, command }, `guest ${name} created`);
       void reply.code(201);
       return info;

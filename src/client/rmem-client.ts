@@ -39,7 +39,9 @@ import {
   type Tag,
   type WireRange,
   type JournalInfo,
+  encodeJcreateRequest,
   encodeJopenRequest,
+  encodeJremoveRequest,
   decodeJopenReply,
   encodeJappendRequest,
   decodeJappendReply,
@@ -298,6 +300,21 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
     );
     const frame = await this.request(writer === undefined ? OP.JAPPEND : OP.JAPPENDW, tag, parts);
     return decodeJappendReply(frame.body);
+  }
+
+  /**
+   * Allocates an NVRAM device (from inside a guest, on its rmem socket): it is attached to
+   * the guest and counts against its --nvram-quota (MS_RMEM_NO_CAPACITY past it).
+   */
+  async journalCreate(device: string, size: number, policy: JournalInfo['policy'] = 'local'): Promise<void> {
+    const tag = this.tag();
+    await this.request(OP.JCREATE, tag, [encodeJcreateRequest(tag, device, size, policy)]);
+  }
+
+  /** Removes an NVRAM device the guest allocated itself (on its rmem socket). */
+  async journalRemove(device: string): Promise<void> {
+    const tag = this.tag();
+    await this.request(OP.JREMOVE, tag, [encodeJremoveRequest(tag, device)]);
   }
 
   /** Reads acknowledged records from `fromSeq` on, in order. */

@@ -32,6 +32,8 @@ const guestMetaSchema = z.strictObject({
   memory: z.number().int().min(1024 * 1024).max(Number.MAX_SAFE_INTEGER).nullable().default(null),
   volumes: z.array(z.string().min(1).max(255)).max(256).default([]),
   nvram: z.array(z.string().min(1).max(255)).max(256).default([]),
+  nvramQuota: z.number().int().min(0).max(Number.MAX_SAFE_INTEGER).nullable().default(null),
+  ownNvram: z.array(z.string().min(1).max(255)).max(256).default([]),
 });
 
 export interface GuestDefinition {
@@ -47,6 +49,10 @@ export interface GuestDefinition {
   /** Volumes and NVRAM devices attached to it: what its cut-through sockets serve. */
   volumes: string[];
   nvram: string[];
+  /** Bytes of NVRAM the guest may allocate itself (JCREATE); null: none. */
+  nvramQuota: number | null;
+  /** The devices it allocated itself (also in `nvram`): they count against the quota. */
+  ownNvram: string[];
 }
 
 export function guestMetaPath(dir: string, name: string): string {
@@ -56,9 +62,9 @@ export function guestMetaPath(dir: string, name: string): string {
 /** Reads and checks guests/<name>.json; MS_META_INVALID names the file and the field. */
 export async function readGuestMeta(dir: string, name: string, fs?: MetaFs): Promise<GuestDefinition> {
   const path = guestMetaPath(dir, name);
-  const { name: stored, command, env, restart, running, createdAt, cpu, cores, memory, volumes, nvram } = await readMetaFile(path, guestMetaSchema, 'guest definition', fs);
+  const { name: stored, command, env, restart, running, createdAt, cpu, cores, memory, volumes, nvram, nvramQuota, ownNvram } = await readMetaFile(path, guestMetaSchema, 'guest definition', fs);
   if (stored !== name) throw metaInvalid(path, 'guest definition', 'name', `field name: "${stored}" is not the file's name "${name}"`);
-  return { name: stored, command, env, restart, running, createdAt, cpu, cores, memory, volumes, nvram };
+  return { name: stored, command, env, restart, running, createdAt, cpu, cores, memory, volumes, nvram, nvramQuota, ownNvram };
 }
 
 export function writeGuestMeta(dir: string, definition: GuestDefinition, fs?: MetaFs): Promise<void> {

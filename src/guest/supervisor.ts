@@ -48,6 +48,7 @@ import type { ScopedListener } from '../net/listen.js';
 import type { ExportCatalog } from '../server/nbd-connection.js';
 import type { RmemScope } from '../server/rmem-connection.js';
 import type { Volume } from '../storage/volume-manager.js';
+import type { Policy } from '../protocol/journal/policy.js';
 import { GroupCpu, byGroup, memoryBytes, scanProcesses, treeMembers, type ProcSample } from './proc-stat.js';
 
 const execFileAsync = promisify(execFile);
@@ -95,6 +96,13 @@ export interface CutThroughHost {
   findVolume(name: string): Volume | undefined;
   listenNbd(path: string, catalog: ExportCatalog, client: string): Promise<ScopedListener>;
   listenRmem(path: string, scope: RmemScope): Promise<ScopedListener>;
+  /** Creates an NVRAM device (a guest's own); resolves with the size it takes. */
+  createNvram(name: string, size: number, policy: Policy): Promise<number>;
+  removeNvram(name: string): Promise<void>;
+  /** A device's size, or undefined when there is none of that name. */
+  nvramSize(name: string): number | undefined;
+  /** The guest's processes are gone: the sessions they held on its rmem socket end now. */
+  guestEnded(name: string): void;
   /** The node's own TCP addresses, for MEMSTRATA_NVRAM_PATHS. */
   tcp(): { nbd: string; rmem: string };
 }
@@ -190,7 +198,7 @@ class Guest {
     return this.state === 'running' || this.state === 'booting';
   }
 
-  info(enforcement: Enforcement): GuestInfo {
+  info(enforcement: Enforcement, nvramOwned = 0): GuestInfo {
     const { name, command, restart, cpu, cores, memory } = this.definition;
     const live = this.child !== undefined;
     return {
@@ -202,6 +210,8 @@ class Guest {
       memoryBytes: live ? this.memoryBytes : 0,
       volumes: [...this.definition.volumes],
       nvram: [...this.definition.nvram],
+      nvramQuota: this.definition.nvramQuota,
+      nvramOwned,
       sockets: this.nbdSocket === undefined || this.rmemSocket === undefined ? null : {
         nbd: this.nbdSocket.path,
         rmem: this.rmemSocket.path,
@@ -307,7 +317,7 @@ export class GuestSupervisor {
   }
 
   /** Defines a guest and, unless `start` is false, boots it. */
-  async create(request: { name: string; command: readonly string[]; env?: Record<string, string>; restart?: RestartPolicy; volumes?: readonly string[]; nvram?: readonly string[] } & LimitChange, start = true): Promise<GuestInfo> {
+  async create(request: { name: string; command: readonly string[]; env?: Record<string, string>; restart?: RestartPolicy; volumes?: readonly string[]; nvram?: readonly string[]; nvramQuota?: number | null } & LimitChange, start = true): Promise<GuestInfo> {
     const { name, command } = request;
     if (!GUEST_NAME_PATTERN.test(name)) throw new MisuseError('MS_GUEST_INVALID', `invalid guest name ${JSON.stringify(name.slice(0, 80))}: expected ${GUEST_NAME_FORM}`, { details: { name } });
     if (command.length === 0 || command.some((arg) => arg.length === 0)) throw new MisuseError('MS_GUEST_INVALID', `guest ${name}: expected a command and its arguments, none of them empty`, { details: { name } });
@@ -324,7 +334,9 @@ export class GuestSupervisor {
     for (const volume of volumes) this.checkAttach(name, 'volume', volume);
     for (const device of nvram) this.checkAttach(name, 'nvram', device);
     this.checkSocketPath(name);
-    const definition: GuestDefinition = { name, command: [...command], env: { ...request.env }, restart, running: start, createdAt: new Date().toISOString(), ...limits, volumes, nvram };
+    const nvramQuota = request.nvramQuota ?? null;
+    if (nvramQuota !== null && (!Number.isSafeInteger(nvramQuota) || nvramQuota < 0)) throw new MisuseError('MS_GUEST_INVALID', `guest ${name}: NVRAM quota ${String(nvramQuota)} is not a number of bytes`, { details: { name } });
+    const definition: GuestDefinition = { name, command: [...command], env: { ...request.env }, restart, running: start, createdAt: new Date().toISOString(), ...limits, volumes, nvram, nvramQuota, ownNvram: [] };
     await writeGuestMeta(this.dir, definition, this.options.fs);
     const guest = new Guest(definition);
     this.guests.set(name, guest);
@@ -541,7 +553,7 @@ export class GuestSupervisor {
   private describe(guest: Guest): GuestInfo {
     const { cpu, cores, memory } = guest.definition;
     const enforcement: Enforcement = this.cgroups !== undefined ? this.cgroups.mode : cpu !== null || cores !== null || memory !== null ? 'signal' : 'none';
-    return guest.info(enforcement);
+    return guest.info(enforcement, this.nvramOwned(guest));
   }
 
   private checkAttach(name: string, kind: DeviceKind, device: string): void {
@@ -578,7 +590,63 @@ export class GuestSupervisor {
       };
       guest.nbdSocket = await host.listenNbd(join(dir, 'nbd.sock'), catalog, `guest:${name}`);
     }
-    guest.rmemSocket ??= await host.listenRmem(join(dir, 'rmem.sock'), { client: `guest:${name}`, serverPrefix: `guest:${name}/`, devices: () => guest.devices });
+    guest.rmemSocket ??= await host.listenRmem(join(dir, 'rmem.sock'), {
+      client: `guest:${name}`,
+      serverPrefix: `guest:${name}/`,
+      devices: () => guest.devices,
+      createDevice: (device, size, policy) => this.serial(guest, () => this.createOwnDevice(guest, device, size, policy)),
+      removeDevice: (device) => this.serial(guest, () => this.removeOwnDevice(guest, device)),
+    });
+  }
+
+  /** What the guest's own devices take (their sizes as created, whole extents). */
+  private nvramOwned(guest: Guest): number {
+    const host = this.options.cutThrough;
+    return host === undefined ? 0 : guest.definition.ownNvram.reduce((sum, d) => sum + (host.nvramSize(d) ?? 0), 0);
+  }
+
+  /**
+   * JCREATE from the guest's socket: a device of its own, attached to it, within its
+   * quota. Made first and removed again if its size (rounded up to whole extents) does
+   * not fit, so the quota holds for the size the device really takes.
+   */
+  private async createOwnDevice(guest: Guest, device: string, size: number, policy: Policy): Promise<void> {
+    const host = this.options.cutThrough;
+    const { name, nvramQuota } = guest.definition;
+    if (host === undefined) throw new MisuseError('MS_RMEM_UNSUPPORTED', 'this node serves no cut-through devices');
+    const quotaError = (wanted: number): RuntimeError => new RuntimeError('MS_GUEST_NVRAM_QUOTA', `guest ${name}: a ${wanted}-byte NVRAM device would bring its own devices to ${this.nvramOwned(guest) + wanted} bytes, more than its quota of ${nvramQuota ?? 0}`, { details: { name, device, quota: nvramQuota ?? 0 } });
+    if (nvramQuota === null || this.nvramOwned(guest) + size > nvramQuota) throw quotaError(size);
+    const created = await host.createNvram(device, size, policy);
+    if (this.nvramOwned(guest) + created > nvramQuota) {
+      await host.removeNvram(device).catch(() => undefined);
+      throw quotaError(created);
+    }
+    guest.definition.nvram.push(device);
+    guest.definition.ownNvram.push(device);
+    guest.devices.add(device);
+    try {
+      await writeGuestMeta(this.dir, guest.definition, this.options.fs);
+    } catch (error) {
+      guest.definition.nvram.splice(guest.definition.nvram.indexOf(device), 1);
+      guest.definition.ownNvram.splice(guest.definition.ownNvram.indexOf(device), 1);
+      guest.devices.delete(device);
+      await host.removeNvram(device).catch(() => undefined);
+      throw error;
+    }
+    this.options.log.info({ guest: name, device, size: created, policy }, `guest ${name} allocated NVRAM device ${device}`);
+  }
+
+  /** JREMOVE from the guest's socket: one of the devices it allocated itself goes. */
+  private async removeOwnDevice(guest: Guest, device: string): Promise<void> {
+    const host = this.options.cutThrough;
+    const { name } = guest.definition;
+    if (host === undefined || !guest.definition.ownNvram.includes(device)) throw new MisuseError('MS_NVRAM_NOT_FOUND', `no NVRAM device named "${device}"`, { details: { name: device } });
+    await host.removeNvram(device);
+    guest.definition.nvram = guest.definition.nvram.filter((d) => d !== device);
+    guest.definition.ownNvram = guest.definition.ownNvram.filter((d) => d !== device);
+    guest.devices.delete(device);
+    await writeGuestMeta(this.dir, guest.definition, this.options.fs);
+    this.options.log.info({ guest: name, device }, `guest ${name} removed its NVRAM device ${device}`);
   }
 
   private async closeSockets(guest: Guest): Promise<void> {
@@ -871,6 +939,8 @@ export class GuestSupervisor {
           guest.duty = undefined;
         }
         guest.cpuBefore = guest.cpuSeconds;
+        // Its rmem sessions die with it, so the next boot can open the same server ids.
+        this.options.cutThrough?.guestEnded(name);
         // The cgroup's counter outlives the run: read it once more for what the last second used.
         const cgroup = guest.cgroup;
         if (cgroup !== undefined) {

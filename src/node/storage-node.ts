@@ -101,6 +101,10 @@ export class StorageNode {
         listenNbd: (path, catalog, client) => this.service(this.nbd, 'NBD').listenScoped(path, catalog, client),
         listenRmem: (path, scope) => this.service(this.rmem, 'rmem').listenScoped(path, scope),
         tcp: () => ({ nbd: formatAddress(this.nbd?.address ?? config.nbd.listen), rmem: formatAddress(this.rmemAddress ?? config.rmem.listen) }),
+        createNvram: async (name, size, policy) => (await this.nvram.create(name, size, policy)).size,
+        removeNvram: (name) => this.nvram.remove(name),
+        nvramSize: (name) => this.nvram.list().find((d) => d.name === name)?.size,
+        guestEnded: (name) => this.rmem?.endSessionsOf(`guest:${name}/`),
       },
     });
     this.cache = config.cache.enabled

@@ -29,6 +29,7 @@
 // breaks the framing (bad magic, oversized body) gets one PROTOCOL error with tag 0 and
 // the connection is closed. Either way nothing outside this connection is disturbed.
 
+import type { Policy } from '../protocol/journal/policy.js';
 import type { Socket } from 'node:net';
 import { MisuseError, RuntimeError, isMemstrataError } from '../errors.js';
 import type { ServerMemory, ServerRegion, Tenancy } from '../memory/server-memory.js';
@@ -62,8 +63,7 @@ import {
   encodeJreadReply,
   encodeJinfoReply,
   type JournalInfo,
-  type Tag,
-} from '../protocol/rmem/codec.js';
+  type Tag, decodeJcreateRequest, decodeJremoveRequest } from '../protocol/rmem/codec.js';
 import { statusOf } from '../protocol/rmem/errors.js';
 import { FrameParser, type Frame } from '../protocol/rmem/parser.js';
 import { HANDSHAKE_MAX_BODY, HEADER_SIZE, MAX_BODY, MAX_DATA, OP, OP_NAME, STATUS, VERSION } from '../protocol/rmem/spec.js';
@@ -84,6 +84,10 @@ export interface RmemScope {
   readonly client: string;
   readonly serverPrefix: string;
   devices(): ReadonlySet<string>;
+  /** JCREATE: allocates a device for the guest within its quota, attached to it. */
+  createDevice?: (name: string, size: number, policy: Policy) => Promise<void>;
+  /** JREMOVE: removes a device the guest allocated itself. */
+  removeDevice?: (name: string) => Promise<void>;
 }
 
 export interface ConnectionHost {
@@ -415,6 +419,18 @@ export class RmemConnection {
       case OP.JINFO: {
         const { handle } = decodeHandleRequest(body, false, 'JINFO');
         return one(encodeJinfoReply(tag, journalInfo(this.journal(handle).device)));
+      }
+      case OP.JCREATE: {
+        const { name, size, policy } = decodeJcreateRequest(body);
+        if (this.scope?.createDevice === undefined) throw new MisuseError('MS_RMEM_UNSUPPORTED', 'JCREATE is for guests\' cut-through sockets; create devices with the admin API');
+        await this.scope.createDevice(name, size, policy);
+        return one(encodeEmptyReply(OP.JCREATE, tag));
+      }
+      case OP.JREMOVE: {
+        const { name } = decodeJremoveRequest(body);
+        if (this.scope?.removeDevice === undefined) throw new MisuseError('MS_RMEM_UNSUPPORTED', 'JREMOVE is for guests\' cut-through sockets; remove devices with the admin API');
+        await this.scope.removeDevice(name);
+        return one(encodeEmptyReply(OP.JREMOVE, tag));
       }
       case OP.FREE: {
         const request = decodeFreeRequest(body);

@@ -186,6 +186,19 @@ export class RmemService implements ConnectionHost {
     return this.options.writeLogOf?.(device);
   }
 
+  /**
+   * Ends every session whose server id begins with `prefix` (a guest's namespace, when its
+   * processes are gone): their connections are closed and their regions freed at once,
+   * not after a lease, so the guest's next boot can open its server ids again.
+   */
+  endSessionsOf(prefix: string): void {
+    for (const session of [...this.sessions.values()]) {
+      if (!session.serverId.startsWith(prefix)) continue;
+      session.connection?.destroy('its guest ended');
+      this.endSession(session, 'rmem session of a guest that ended closed; regions freed and zeroed');
+    }
+  }
+
   /** Every journal open on a connection: which device, which session, and the path it came in by. */
   holders(): JournalHolderJson[] {
     return [...this.connections].flatMap((c) => c.openDevices().map(({ device, epoch }) => ({

@@ -3,7 +3,11 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import type { GuestInfoJson, GuestsJson } from '../../src/protocol/admin/api.js';
+import { RmemClient } from '../../src/client/index.js';
 import { runCli, startNode, tempDir } from '../support/node-process.js';
 
 function alive(pid: number | null | undefined): boolean {
@@ -123,4 +127,60 @@ test('limits through a real node: guest create --cpu, guest set while it runs, t
   assert.equal(none.code, 0, none.stderr);
   assert.equal((await info('busy'))?.cpu, null);
   assert.equal((await info('busy'))?.enforcement, 'none');
+});
+
+test('a guest allocates NVRAM devices of its own within its quota, uses the journal operations on them, and removes them; TCP clients cannot allocate', async (t) => {
+  const env = { MEMSTRATA_ADMIN_TOKEN: 'guest-test-token-0123456789' };
+  const dir = await tempDir(t);
+  const n = await startNode({ cwd: dir, env, args: ['--set', 'guests.enforcement=signal'] });
+  t.after(() => n.stop('SIGTERM'));
+  const cli = (...args: string[]) => runCli([...args, '--admin', n.url], { env });
+  const script = join(await tempDir(t), 'alloc.mjs');
+  const client = fileURLToPath(new URL('../../src/client/index.js', import.meta.url));
+  await writeFile(script, `import { RmemClient } from ${JSON.stringify(client)};
+const c = await RmemClient.connect({ path: process.env.MEMSTRATA_NVRAM_SOCKET, serverId: 'alloc', keepalive: false });
+const out = {};
+const code = async (fn) => { try { await fn(); return 'ok'; } catch (e) { return e.code; } };
+out.first = await code(() => c.journalCreate('own-a', 2 << 20, 'local'));
+out.again = await code(() => c.journalCreate('own-a', 1 << 20, 'local'));
+out.second = await code(() => c.journalCreate('own-b', 2 << 20, 'volatile'));
+out.over = await code(() => c.journalCreate('own-c', 1 << 20, 'local'));
+const j = await c.journalOpen('own-a', 1);
+const [ack] = await c.journalAppend(j, [{ payload: Buffer.from('entry'), target: { volume: 'v', offset: 4096 } }]);
+const [rec] = await c.journalRead(j, ack.seq);
+out.read = rec.payload.toString() + '@' + rec.target.volume + ':' + rec.target.offset + ' t=' + (rec.timestamp > 0);
+await c.journalTrim(j, ack.seq);
+out.info = (await c.journalInfo(j)).firstSeq;
+out.removeOther = await code(() => c.journalRemove('given'));
+out.removeOwn = await code(() => c.journalRemove('own-b'));
+out.afterRemove = await code(() => c.journalCreate('own-c', 1 << 20, 'local'));
+await c.close();
+process.stdout.write(JSON.stringify(out) + '\\n');
+`);
+  assert.equal((await cli('nvram', 'create', 'given', '--size', '1MiB')).code, 0);
+  const created = await runCli(['guest', 'create', 'alloc', '--admin', n.url, '--nvram', 'given', '--nvram-quota', '4MiB', '--restart', 'never', '--', process.execPath, script], { env });
+  assert.equal(created.code, 0, created.stderr);
+  await until('it ran', async () => JSON.parse((await cli('guest', 'list', '--json')).stdout).find((g: GuestInfoJson) => g.name === 'alloc')?.state === 'stopped');
+  const result = JSON.parse((await cli('guest', 'logs', 'alloc')).stdout.trim().split('\n').at(-1) ?? '{}') as Record<string, unknown>;
+  assert.deepEqual(result, {
+    first: 'ok',
+    again: 'MS_RMEM_INVALID', // the name exists (wire INVALID)
+    second: 'ok',
+    over: 'MS_RMEM_NO_CAPACITY', // 5 MiB would pass the 4 MiB quota
+    read: 'entry@v:4096 t=true',
+    info: 0,
+    removeOther: 'MS_NVRAM_NOT_FOUND', // attached by the operator, not its own
+    removeOwn: 'ok',
+    afterRemove: 'ok',
+  });
+  const info = (JSON.parse((await cli('guest', 'list', '--json')).stdout) as GuestInfoJson[]).find((g) => g.name === 'alloc');
+  assert.deepEqual(info?.nvram, ['given', 'own-a', 'own-c']);
+  assert.equal(info?.nvramOwned, 3 * 1024 * 1024);
+  // Its devices are attached to it: not removable until detached.
+  assert.match((await cli('nvram', 'rm', 'own-a')).stderr, /^memstrata: MS_GUEST_ATTACHED/);
+  // Over TCP, allocation is the admin API's.
+  const node = JSON.parse((await cli('status', '--json')).stdout) as { node: { listen: { rmem: string } } };
+  const tcp = await RmemClient.connect({ host: '127.0.0.1', port: Number(node.node.listen.rmem.split(':').pop()), serverId: 'tcp', keepalive: false, reconnect: false });
+  t.after(() => tcp.close());
+  await assert.rejects(tcp.journalCreate('sneaky', 1 << 20), { code: 'MS_RMEM_UNSUPPORTED' });
 });

@@ -1,4 +1,5 @@
-// examples/journaled-kv as a guest of a real node (issue 12, item 5): writers put keys
+// examples/journaled-kv as a guest of a real node (issue 12, item 5), allocating its own
+// journal within its NVRAM quota: writers put keys
 // while the guest is killed with kill -9 and reset in the middle; after it boots again,
 // every acknowledged put is there (a later unacknowledged one may be too, never an older
 // value), read back through the service and checked on its volume over TCP NBD.
@@ -23,8 +24,8 @@ test('examples/journaled-kv: kill -9 and guest reset in the middle of puts lose 
   };
   const port = await freePort();
   await cli('volume', 'create', 'kvdata', '--size', '16MiB');
-  await cli('nvram', 'create', 'kvlog', '--size', '4MiB', '--policy', 'local');
-  await cli('guest', 'create', 'kv', '--volume', 'kvdata', '--nvram', 'kvlog', '--env', `KV_PORT=${port}`, '--', process.execPath, KV);
+  // No device given: the guest allocates its journal itself, within its quota.
+  await cli('guest', 'create', 'kv', '--volume', 'kvdata', '--nvram-quota', '8MiB', '--env', `KV_PORT=${port}`, '--', process.execPath, KV);
   const base = `http://127.0.0.1:${port}`;
   const ready = async (): Promise<void> => {
     const deadline = Date.now() + 30_000;
@@ -80,4 +81,7 @@ test('examples/journaled-kv: kill -9 and guest reset in the middle of puts lose 
   const info = (JSON.parse(await cli('guest', 'list', '--json')) as GuestInfoJson[]).find((g) => g.name === 'kv');
   assert.ok((info?.restarts ?? 0) >= 1, 'the kill -9 was followed by a restart');
   assert.equal(info?.resets, 1);
+  assert.deepEqual(info?.nvram, ['kv-journal'], 'the journal it allocated is attached to it');
+  assert.equal(info?.nvramQuota, 8 * 1024 * 1024);
+  assert.ok((info?.nvramOwned ?? 0) >= 4 * 1024 * 1024);
 });

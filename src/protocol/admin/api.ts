@@ -216,6 +216,9 @@ export interface GuestInfoJson {
   /** Volumes and NVRAM devices attached: what its cut-through sockets serve. */
   volumes: string[];
   nvram: string[];
+  /** Bytes of NVRAM it may allocate itself, and what its own devices take now. */
+  nvramQuota: number | null;
+  nvramOwned: number;
   /** Its cut-through sockets and the connections on each; null before its first boot. */
   sockets: { nbd: string; rmem: string; nbdConnections: number; rmemConnections: number } | null;
 }

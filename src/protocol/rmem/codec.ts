@@ -523,6 +523,47 @@ export function encodeJopenRequest(tag: Tag, name: string, epoch: number): Buffe
   return buf;
 }
 
+/** JCREATE: u8 name length, name, u64 size, u8 policy (WIRE_POLICY). The reply is empty. */
+export function encodeJcreateRequest(tag: Tag, name: string, size: number, policy: keyof typeof WIRE_POLICY): Buffer {
+  const n = Buffer.from(name, 'utf8');
+  if (n.length > 255) throw new MisuseError('MS_RMEM_INVALID', 'device name longer than 255 bytes');
+  const length = 1 + n.length + 8 + 1;
+  const buf = Buffer.allocUnsafe(HEADER_SIZE + length);
+  writeRequestHeader(buf, OP.JCREATE, tag, length);
+  buf.writeUInt8(n.length, HEADER_SIZE);
+  n.copy(buf, HEADER_SIZE + 1);
+  writeU64(buf, size, HEADER_SIZE + 1 + n.length);
+  buf.writeUInt8(WIRE_POLICY[policy], HEADER_SIZE + 1 + n.length + 8);
+  return buf;
+}
+
+export function decodeJcreateRequest(body: Buffer): { name: string; size: number; policy: keyof typeof WIRE_POLICY } {
+  need(body, 0, 1, 'JCREATE');
+  const n = body.readUInt8(0);
+  exact(body, 1 + n + 8 + 1, 'JCREATE');
+  const policy = WIRE_POLICY_NAME[body.readUInt8(1 + n + 8)];
+  if (policy === undefined) throw malformed(`JCREATE: unknown policy ${body.readUInt8(1 + n + 8)}`);
+  return { name: body.toString('utf8', 1, 1 + n), size: u64(body, 1 + n), policy };
+}
+
+/** JREMOVE: u8 name length, name. The reply is empty. */
+export function encodeJremoveRequest(tag: Tag, name: string): Buffer {
+  const n = Buffer.from(name, 'utf8');
+  if (n.length > 255) throw new MisuseError('MS_RMEM_INVALID', 'device name longer than 255 bytes');
+  const buf = Buffer.allocUnsafe(HEADER_SIZE + 1 + n.length);
+  writeRequestHeader(buf, OP.JREMOVE, tag, 1 + n.length);
+  buf.writeUInt8(n.length, HEADER_SIZE);
+  n.copy(buf, HEADER_SIZE + 1);
+  return buf;
+}
+
+export function decodeJremoveRequest(body: Buffer): { name: string } {
+  need(body, 0, 1, 'JREMOVE');
+  const n = body.readUInt8(0);
+  exact(body, 1 + n, 'JREMOVE');
+  return { name: body.toString('utf8', 1, 1 + n) };
+}
+
 export function decodeJopenRequest(body: Buffer): { name: string; epoch: number } {
   need(body, 0, 1, 'JOPEN');
   const n = body.readUInt8(0);

@@ -23,6 +23,10 @@ const CODE_TO_STATUS: Partial<Record<ErrorCode, Status>> = {
   MS_NVRAM_PARTNER_DOWN: STATUS.UNAVAILABLE,
   MS_NVRAM_RECOVERING: STATUS.RECOVERING,
   MS_NVRAM_REPLICA: STATUS.REPLICA,
+  // Guests' JCREATE: after the codes above, so a status still maps back to those.
+  MS_NVRAM_NO_CAPACITY: STATUS.NO_CAPACITY,
+  MS_GUEST_NVRAM_QUOTA: STATUS.NO_CAPACITY,
+  MS_NVRAM_EXISTS: STATUS.INVALID,
 };
 
 /** Status -> code; where several codes share a status, the first listed above wins. */

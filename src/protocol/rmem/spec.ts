@@ -58,6 +58,10 @@ export const OP = {
   JINFO: 14,
   /** JAPPEND with a writer id and the writer's own sequence numbers: a retry is recognised, not appended twice. */
   JAPPENDW: 15,
+  /** A guest allocates an NVRAM device of its own, within its quota (cut-through sockets only). */
+  JCREATE: 16,
+  /** A guest removes an NVRAM device it allocated (cut-through sockets only). */
+  JREMOVE: 17,
 } as const;
 export type OpName = keyof typeof OP;
 export type Op = (typeof OP)[OpName];
