@@ -160,7 +160,7 @@ process.stdout.write(JSON.stringify(out) + '\\n');
   assert.equal((await cli('nvram', 'create', 'given', '--size', '1MiB')).code, 0);
   const created = await runCli(['guest', 'create', 'alloc', '--admin', n.url, '--nvram', 'given', '--nvram-quota', '4MiB', '--restart', 'never', '--', process.execPath, script], { env });
   assert.equal(created.code, 0, created.stderr);
-  await until('it ran', async () => JSON.parse((await cli('guest', 'list', '--json')).stdout).find((g: GuestInfoJson) => g.name === 'alloc')?.state === 'stopped');
+  await until('it ran', async () => (JSON.parse((await cli('guest', 'list', '--json')).stdout) as GuestInfoJson[]).find((g) => g.name === 'alloc')?.state === 'stopped');
   const result = JSON.parse((await cli('guest', 'logs', 'alloc')).stdout.trim().split('\n').at(-1) ?? '{}') as Record<string, unknown>;
   assert.deepEqual(result, {
     first: 'ok',
