@@ -147,6 +147,7 @@ const guestBody = z.strictObject({
 });
 const guestDeviceBody = z.union([z.strictObject({ volume: z.string() }), z.strictObject({ nvram: z.string() })]);
 const guestLimitsBody = z.strictObject(guestLimits);
+const logsQuery = z.strictObject({ follow: z.enum(['0', '1', 'true', 'false']).optional() });
 const dumpQuery = z.strictObject({ from: count(0), max: count(100), diverged: z.enum(['0', '1', 'true', 'false']).optional() });
 
 /** The fields that were given (exactOptionalPropertyTypes: absent, not undefined). */
@@ -454,6 +455,13 @@ export class AdminServer {
 
     app.get('/v1/guests/:name/logs', async (request, reply) => {
       const name = (request.params as { name: string }).name;
+      const { follow } = parseBody(logsQuery, request.query, 'logs query');
+      if (follow === '1' || follow === 'true') {
+        // The last 64 KiB, then what the guest writes, until the client goes away.
+        const stream = context.guests.followLogs(name);
+        request.raw.once('close', () => stream.destroy());
+        return reply.type('text/plain; charset=utf-8').send(stream);
+      }
       const text = await context.guests.logs(name, 64 * 1024);
       return reply.type('text/plain; charset=utf-8').send(text);
     });

@@ -304,11 +304,19 @@ export function buildProgram(output: Output = processOutput): Command {
     });
   guest
     .command('logs <name>')
-    .description('the last 64 KiB of the guest\'s output')
+    .description('the last 64 KiB of the guest\'s output; --follow goes on printing what it writes until Ctrl-C')
+    .option('--follow', 'keep printing the guest\'s output as it comes')
     .addOption(adminOption())
     .addOption(tokenOption())
-    .action(async (name: string, options: { admin: string; token?: string }) => {
-      output.out(await adminClient(options).text(`/v1/guests/${encodeURIComponent(name)}/logs`));
+    .action(async (name: string, options: { admin: string; token?: string; follow?: boolean }) => {
+      const path = `/v1/guests/${encodeURIComponent(name)}/logs`;
+      if (options.follow !== true) {
+        output.out(await adminClient(options).text(path));
+        return;
+      }
+      const stop = new AbortController();
+      process.once('SIGINT', () => { stop.abort(); });
+      await adminClient(options).follow(`${path}?follow=1`, (chunk) => { process.stdout.write(chunk); }, stop.signal);
     });
 
   // ---- servers ----

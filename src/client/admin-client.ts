@@ -69,6 +69,21 @@ export class AdminClient {
     return text;
   }
 
+  /**
+   * GET of a body that does not end (a followed log): each chunk as it comes, until the
+   * node ends it or `signal` aborts. No request timeout applies once the answer began.
+   */
+  async follow(path: string, onChunk: (chunk: Uint8Array) => void, signal?: AbortSignal): Promise<void> {
+    const response = await this.fetch('GET', path, undefined, signal ?? null);
+    if (!response.ok) throw this.errorFrom(response.status, await response.text());
+    if (response.body === null) return;
+    try {
+      for await (const chunk of response.body as AsyncIterable<Uint8Array>) onChunk(chunk);
+    } catch (error) {
+      if (signal?.aborted !== true) throw error;
+    }
+  }
+
   private async request<T>(method: string, path: string, body?: unknown): Promise<T> {
     const response = await this.fetch(method, path, body);
     const text = await response.text();
@@ -80,7 +95,8 @@ export class AdminClient {
     }
   }
 
-  private async fetch(method: string, path: string, body?: unknown): Promise<Response> {
+  /** `signal` null: no timeout (a followed stream); undefined: the client's request timeout. */
+  private async fetch(method: string, path: string, body?: unknown, signal?: AbortSignal | null): Promise<Response> {
     const url = `${this.baseUrl}${path}`;
     const headers = new Headers();
     try {
@@ -91,7 +107,7 @@ export class AdminClient {
       throw new MisuseError('MS_ADMIN_TOKEN_INVALID', 'the admin token cannot be sent in an HTTP header; it is not shown');
     }
     try {
-      const init: RequestInit = { method, headers, signal: AbortSignal.timeout(this.timeoutMs) };
+      const init: RequestInit = { method, headers, signal: signal === undefined ? AbortSignal.timeout(this.timeoutMs) : signal };
       if (body !== undefined) init.body = JSON.stringify(body);
       return await fetch(url, init);
     } catch (error) {

@@ -33,9 +33,10 @@
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { constants, createWriteStream, renameSync, type WriteStream } from 'node:fs';
-import { access, mkdir, readFile, readdir, rm, stat } from 'node:fs/promises';
+import { access, mkdir, open, readFile, readdir, rm, stat } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import { delimiter, isAbsolute, join } from 'node:path';
+import { Readable } from 'node:stream';
 import { promisify } from 'node:util';
 import { MisuseError, RuntimeError, toMemstrataError } from '../errors.js';
 import type { MetaFs } from '../fs/meta-file.js';
@@ -477,6 +478,75 @@ export class GuestSupervisor {
     const parts = await Promise.all(['log.1', 'log'].map((f) => readFile(join(dir, f)).catch(() => Buffer.alloc(0))));
     const all = Buffer.concat(parts);
     return all.subarray(Math.max(0, all.length - maxBytes)).toString('utf8');
+  }
+
+  /**
+   * The guest's output as it is written: the last `backlog` bytes of its log, then what
+   * follows, read every 250 ms (through a rotation: the rest of the old file from log.1,
+   * then the new log), until the stream is destroyed or the guest removed. A reader that
+   * does not keep up is not read for: at most one 1 MiB piece waits in the stream.
+   */
+  followLogs(name: string, backlog = 64 * 1024): Readable {
+    this.get(name);
+    const dir = join(this.dir, name);
+    let position = -1;
+    let ino = -1;
+    let busy = false;
+    let wanted = true;
+    const readFrom = async (path: string, from: number, to: number): Promise<Buffer> => {
+      const handle = await open(path, 'r');
+      try {
+        const length = Math.min(to - from, 1024 * 1024);
+        const buffer = Buffer.alloc(length);
+        const { bytesRead } = await handle.read(buffer, 0, length, from);
+        return buffer.subarray(0, bytesRead);
+      } finally {
+        await handle.close();
+      }
+    };
+    const poll = async (): Promise<void> => {
+      if (busy || !wanted || stream.destroyed) return;
+      busy = true;
+      try {
+        if (!this.guests.has(name)) {
+          stream.push(null);
+          return;
+        }
+        const current = await stat(join(dir, 'log')).catch(() => undefined);
+        if (current === undefined) return;
+        if (position < 0) {
+          position = Math.max(0, current.size - backlog);
+          ino = current.ino;
+        } else if (current.ino !== ino) {
+          // Rotated: what the old file got after the last read is in log.1 now.
+          const old = await stat(join(dir, 'log.1')).catch(() => undefined);
+          if (old?.ino === ino && old.size > position) wanted = stream.push(await readFrom(join(dir, 'log.1'), position, old.size));
+          position = 0;
+          ino = current.ino;
+        }
+        if (current.size > position) {
+          const chunk = await readFrom(join(dir, 'log'), position, current.size);
+          position += chunk.length;
+          if (chunk.length > 0) wanted = stream.push(chunk) && wanted;
+        }
+      } catch (error) {
+        stream.destroy(error instanceof Error ? error : new Error(String(error)));
+      } finally {
+        busy = false;
+      }
+    };
+    const timer = setInterval(() => { void poll(); }, 250);
+    const stream = new Readable({
+      read: () => {
+        wanted = true;
+      },
+      destroy: (error, callback) => {
+        clearInterval(timer);
+        callback(error);
+      },
+    });
+    void poll();
+    return stream;
   }
 
   /** Removes a stopped guest's definition, working directory and log. */

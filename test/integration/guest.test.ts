@@ -8,7 +8,8 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { GuestInfoJson, GuestsJson } from '../../src/protocol/admin/api.js';
 import { RmemClient } from '../../src/client/index.js';
-import { runCli, startNode, tempDir } from '../support/node-process.js';
+import { spawn } from 'node:child_process';
+import { CLI, runCli, startNode, tempDir } from '../support/node-process.js';
 
 function alive(pid: number | null | undefined): boolean {
   if (pid === null || pid === undefined) return false;
@@ -51,6 +52,13 @@ test('memstrata guest create, list, reset, logs, stop and rm against a real node
   const list = await cli('guest', 'list');
   assert.match(list.stdout, /NAME +STATE +PID +CPU +USED +CORES +THROTTLED +MEMORY\/LIMIT +RESTARTS +ENFORCEMENT +COMMAND\nhello +running +\d+ +- /);
   await until('its output in the log', async () => (await cli('guest', 'logs', 'hello')).stdout.includes('hi from hello'));
+  // --follow prints the log, then what comes, until Ctrl-C (SIGINT), and exits 0.
+  const follower = spawn(process.execPath, [CLI, 'guest', 'logs', 'hello', '--follow', '--admin', n.url], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let followed = '';
+  follower.stdout.on('data', (chunk: Buffer) => { followed += chunk.toString(); });
+  await until('followed output', () => Promise.resolve(followed.includes('hi from hello')));
+  follower.kill('SIGINT');
+  assert.equal(await new Promise((resolve) => follower.once('exit', (code) => resolve(code))), 0);
 
   const before = (await info('hello'))?.pid;
   const reset = await cli('guest', 'reset', 'hello');

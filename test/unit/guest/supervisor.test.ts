@@ -145,3 +145,23 @@ test('a guest\'s output goes to a bounded log: past the limit, log becomes log.1
   assert.ok(current.size <= 64 * 1024 && older.size <= 64 * 1024, `log ${current.size} bytes, log.1 ${older.size} bytes`);
   assert.match(await readFile(join(dir, 'log'), 'utf8'), /line 3999 of a guest/);
 });
+
+test('followLogs streams the guest\'s output as it is written, through rotations, without a gap', async (t) => {
+  const { guests } = await supervisor(t, undefined, { logBytes: 300 });
+  await guests.create({ name: 'talker', command: ['sh', '-c', 'i=0; while :; do echo "line $i"; i=$((i + 1)); sleep 0.01; done'] });
+  const stream = guests.followLogs('talker', 0);
+  let text = '';
+  stream.on('data', (chunk: Buffer) => { text += chunk.toString(); });
+  await until('several rotations of output', () => text.split('\n').length > 120, 20_000);
+  stream.destroy();
+  const numbers = text.split('\n').filter((l) => /^line \d+$/.test(l)).map((l) => Number(l.slice(5)));
+  assert.ok(numbers.length > 100);
+  for (let i = 1; i < numbers.length; i++) assert.equal(numbers[i], (numbers[i - 1] ?? 0) + 1, `a gap or a repeat after line ${numbers[i - 1]}`);
+  // A removed guest ends the stream.
+  const ended = guests.followLogs('talker');
+  const done = new Promise((resolve) => ended.once('end', resolve));
+  ended.resume();
+  await guests.stop('talker');
+  await guests.remove('talker');
+  await done;
+});
