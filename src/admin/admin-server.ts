@@ -143,6 +143,7 @@ const guestBody = z.strictObject({
   volumes: z.array(z.string()).max(256).optional(),
   nvram: z.array(z.string()).max(256).optional(),
   nvramQuota: size.optional(),
+  user: z.string().optional(),
   ...guestLimits,
 });
 const guestDeviceBody = z.union([z.strictObject({ volume: z.string() }), z.strictObject({ nvram: z.string() })]);
@@ -412,8 +413,8 @@ export class AdminServer {
 
     app.post('/v1/guests', async (request, reply): Promise<GuestInfo> => {
       tokenRequired();
-      const { name, command, env, restart, start, cpu, cores, memory, volumes, nvram, nvramQuota } = parseBody(guestBody, request.body, 'guest');
-      const info = await context.guests.create({ name, command, ...definedOnly({ env, restart, cpu, cores, memory, volumes, nvram, nvramQuota }) }, start ?? true);
+      const { name, command, env, restart, start, cpu, cores, memory, volumes, nvram, nvramQuota, user } = parseBody(guestBody, request.body, 'guest');
+      const info = await context.guests.create({ name, command, ...definedOnly({ env, restart, cpu, cores, memory, volumes, nvram, nvramQuota, user }) }, start ?? true);
       context.log.info({ guest: name, command }, `guest ${name} created`);
       void reply.code(201);
       return info;

@@ -221,20 +221,21 @@ export function buildProgram(output: Output = processOutput): Command {
     .option('--volume <name...>', 'a volume its cut-through NBD socket serves (repeatable)')
     .option('--nvram <name...>', 'an NVRAM device its cut-through rmem socket serves (repeatable)')
     .option('--nvram-quota <size>', 'NVRAM the guest may allocate itself through its rmem socket, such as 64MiB')
+    .option('--user <user>', 'run it as this user (a node running as root; setpriv from util-linux)')
     .addOption(new Option('--restart <policy>', 'restart policy').choices(['never', 'on-failure', 'always']).default('on-failure'))
     .option('--env <K=V...>', 'environment variables for the guest')
     .option('--no-start', 'only define it')
     .addOption(adminOption())
     .addOption(tokenOption())
     .addOption(jsonOption())
-    .action(async (name: string, command: string[], options: GuestLimitOptions & { volume?: string[]; nvram?: string[]; nvramQuota?: string; restart: string; env?: string[]; start: boolean; admin: string; token?: string; json?: boolean }) => {
+    .action(async (name: string, command: string[], options: GuestLimitOptions & { volume?: string[]; nvram?: string[]; nvramQuota?: string; user?: string; restart: string; env?: string[]; start: boolean; admin: string; token?: string; json?: boolean }) => {
       const env: Record<string, string> = {};
       for (const pair of options.env ?? []) {
         const at = pair.indexOf('=');
         if (at <= 0) throw new MisuseError('MS_GUEST_INVALID', `--env ${JSON.stringify(pair)}: expected NAME=VALUE`);
         env[pair.slice(0, at)] = pair.slice(at + 1);
       }
-      const devices = { ...(options.volume === undefined ? {} : { volumes: options.volume }), ...(options.nvram === undefined ? {} : { nvram: options.nvram }), ...(options.nvramQuota === undefined ? {} : { nvramQuota: options.nvramQuota }) };
+      const devices = { ...(options.volume === undefined ? {} : { volumes: options.volume }), ...(options.nvram === undefined ? {} : { nvram: options.nvram }), ...(options.nvramQuota === undefined ? {} : { nvramQuota: options.nvramQuota }), ...(options.user === undefined ? {} : { user: options.user }) };
       const info = await adminClient(options).post<GuestInfoJson>('/v1/guests', { name, command, env, restart: options.restart, start: options.start, ...guestLimits(options), ...devices });
       output.out(options.json === true ? JSON.stringify(info, null, 2) : `guest ${info.name} created: ${info.state}${renderLimits(info)}`);
     });

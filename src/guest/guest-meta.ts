@@ -34,6 +34,7 @@ const guestMetaSchema = z.strictObject({
   nvram: z.array(z.string().min(1).max(255)).max(256).default([]),
   nvramQuota: z.number().int().min(0).max(Number.MAX_SAFE_INTEGER).nullable().default(null),
   ownNvram: z.array(z.string().min(1).max(255)).max(256).default([]),
+  user: z.string().regex(/^[a-z_][a-z0-9_.-]{0,31}\$?$/i).nullable().default(null),
 });
 
 export interface GuestDefinition {
@@ -53,6 +54,8 @@ export interface GuestDefinition {
   nvramQuota: number | null;
   /** The devices it allocated itself (also in `nvram`): they count against the quota. */
   ownNvram: string[];
+  /** The user it runs as; null: the node's own. */
+  user: string | null;
 }
 
 export function guestMetaPath(dir: string, name: string): string {
@@ -62,9 +65,9 @@ export function guestMetaPath(dir: string, name: string): string {
 /** Reads and checks guests/<name>.json; MS_META_INVALID names the file and the field. */
 export async function readGuestMeta(dir: string, name: string, fs?: MetaFs): Promise<GuestDefinition> {
   const path = guestMetaPath(dir, name);
-  const { name: stored, command, env, restart, running, createdAt, cpu, cores, memory, volumes, nvram, nvramQuota, ownNvram } = await readMetaFile(path, guestMetaSchema, 'guest definition', fs);
+  const { name: stored, command, env, restart, running, createdAt, cpu, cores, memory, volumes, nvram, nvramQuota, ownNvram, user } = await readMetaFile(path, guestMetaSchema, 'guest definition', fs);
   if (stored !== name) throw metaInvalid(path, 'guest definition', 'name', `field name: "${stored}" is not the file's name "${name}"`);
-  return { name: stored, command, env, restart, running, createdAt, cpu, cores, memory, volumes, nvram, nvramQuota, ownNvram };
+  return { name: stored, command, env, restart, running, createdAt, cpu, cores, memory, volumes, nvram, nvramQuota, ownNvram, user };
 }
 
 export function writeGuestMeta(dir: string, definition: GuestDefinition, fs?: MetaFs): Promise<void> {

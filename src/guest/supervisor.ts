@@ -33,7 +33,7 @@
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { constants, createWriteStream, renameSync, type WriteStream } from 'node:fs';
-import { access, mkdir, open, readFile, readdir, rm, stat } from 'node:fs/promises';
+import { access, chown, mkdir, open, readFile, readdir, rm, stat } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import { delimiter, isAbsolute, join } from 'node:path';
 import { Readable } from 'node:stream';
@@ -211,6 +211,7 @@ class Guest {
       memoryBytes: live ? this.memoryBytes : 0,
       volumes: [...this.definition.volumes],
       nvram: [...this.definition.nvram],
+      user: this.definition.user,
       nvramQuota: this.definition.nvramQuota,
       nvramOwned,
       sockets: this.nbdSocket === undefined || this.rmemSocket === undefined ? null : {
@@ -235,6 +236,7 @@ export class GuestSupervisor {
   private cgroupsOpen: boolean;
   private memoryTimer: NodeJS.Timeout | undefined;
   private taskset: string | undefined;
+  private setpriv: string | undefined;
   private statsTimer: NodeJS.Timeout | undefined;
   private sampling: boolean;
   readonly cpus: number;
@@ -251,6 +253,7 @@ export class GuestSupervisor {
     this.cgroupsOpen = false;
     this.memoryTimer = undefined;
     this.taskset = undefined;
+    this.setpriv = undefined;
     this.statsTimer = undefined;
     this.sampling = false;
     this.cpus = options.cpus ?? availableParallelism();
@@ -274,6 +277,8 @@ export class GuestSupervisor {
     await this.openEnforcement();
     const taskset = await findCommand('taskset', process.env.PATH);
     this.taskset = typeof taskset === 'string' ? taskset : undefined;
+    const setpriv = await findCommand('setpriv', process.env.PATH);
+    this.setpriv = typeof setpriv === 'string' ? setpriv : undefined;
     for (const file of (await readdir(this.dir)).filter((f) => f.endsWith('.json')).sort()) {
       const name = file.slice(0, -'.json'.length);
       try {
@@ -318,7 +323,7 @@ export class GuestSupervisor {
   }
 
   /** Defines a guest and, unless `start` is false, boots it. */
-  async create(request: { name: string; command: readonly string[]; env?: Record<string, string>; restart?: RestartPolicy; volumes?: readonly string[]; nvram?: readonly string[]; nvramQuota?: number | null } & LimitChange, start = true): Promise<GuestInfo> {
+  async create(request: { name: string; command: readonly string[]; env?: Record<string, string>; restart?: RestartPolicy; volumes?: readonly string[]; nvram?: readonly string[]; nvramQuota?: number | null; user?: string | null } & LimitChange, start = true): Promise<GuestInfo> {
     const { name, command } = request;
     if (!GUEST_NAME_PATTERN.test(name)) throw new MisuseError('MS_GUEST_INVALID', `invalid guest name ${JSON.stringify(name.slice(0, 80))}: expected ${GUEST_NAME_FORM}`, { details: { name } });
     if (command.length === 0 || command.some((arg) => arg.length === 0)) throw new MisuseError('MS_GUEST_INVALID', `guest ${name}: expected a command and its arguments, none of them empty`, { details: { name } });
@@ -335,9 +340,11 @@ export class GuestSupervisor {
     for (const volume of volumes) this.checkAttach(name, 'volume', volume);
     for (const device of nvram) this.checkAttach(name, 'nvram', device);
     this.checkSocketPath(name);
+    const user = request.user ?? null;
+    if (user !== null) await this.account(name, user);
     const nvramQuota = request.nvramQuota ?? null;
     if (nvramQuota !== null && (!Number.isSafeInteger(nvramQuota) || nvramQuota < 0)) throw new MisuseError('MS_GUEST_INVALID', `guest ${name}: NVRAM quota ${String(nvramQuota)} is not a number of bytes`, { details: { name } });
-    const definition: GuestDefinition = { name, command: [...command], env: { ...request.env }, restart, running: start, createdAt: new Date().toISOString(), ...limits, volumes, nvram, nvramQuota, ownNvram: [] };
+    const definition: GuestDefinition = { name, command: [...command], env: { ...request.env }, restart, running: start, createdAt: new Date().toISOString(), ...limits, volumes, nvram, nvramQuota, ownNvram: [], user };
     await writeGuestMeta(this.dir, definition, this.options.fs);
     const guest = new Guest(definition);
     this.guests.set(name, guest);
@@ -669,6 +676,28 @@ export class GuestSupervisor {
     });
   }
 
+  /**
+   * The account a guest runs as: its uid, gid and home (getent passwd). Another user than
+   * the node's own needs a node running as root, and setpriv (util-linux) to become it.
+   */
+  private async account(name: string, user: string): Promise<{ uid: number; gid: number; home: string }> {
+    const invalid = (why: string): MisuseError => new MisuseError('MS_GUEST_INVALID', `guest ${name}: cannot run as user ${JSON.stringify(user)}: ${why}`, { details: { name, user } });
+    let entry: string;
+    try {
+      entry = (await execFileAsync('getent', ['passwd', user], { timeout: 5000 })).stdout.trim();
+    } catch {
+      throw invalid('no such user');
+    }
+    const [, , uid = '', gid = '', , home = '/'] = entry.split(':');
+    const account = { uid: Number(uid), gid: Number(gid), home };
+    if (!Number.isInteger(account.uid) || !Number.isInteger(account.gid)) throw invalid('its passwd entry cannot be read');
+    if (account.uid !== process.getuid?.()) {
+      if (process.getuid?.() !== 0) throw invalid('only a node running as root can run a guest as another user');
+      if (this.setpriv === undefined) throw invalid('setpriv (util-linux) is not installed');
+    }
+    return account;
+  }
+
   /** What the guest's own devices take (their sizes as created, whole extents). */
   private nvramOwned(guest: Guest): number {
     const host = this.options.cutThrough;
@@ -937,7 +966,23 @@ export class GuestSupervisor {
       this.options.log.error({ guest: name, err: error }, `guest ${name} cannot be started: ${guest.error}`);
       return;
     }
-    const guestEnv = { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: process.env.HOME ?? cwd, ...env, ...this.deviceEnv(guest), MEMSTRATA_GUEST: name };
+    // Another user: its directory and sockets become its own, its home and name in the environment.
+    let account: { uid: number; gid: number; home: string } | undefined;
+    const user = guest.definition.user;
+    if (user !== null) {
+      try {
+        account = await this.account(name, user);
+        await chown(cwd, account.uid, account.gid);
+        for (const socket of [guest.nbdSocket, guest.rmemSocket]) if (socket !== undefined) await chown(socket.path, account.uid, account.gid);
+      } catch (error) {
+        guest.state = 'failed';
+        guest.error = (error as Error).message;
+        this.options.log.error({ guest: name, err: error }, `guest ${name} cannot be started: ${guest.error}`);
+        return;
+      }
+    }
+    const who = user === null || account === undefined ? {} : { HOME: account.home, USER: user, LOGNAME: user };
+    const guestEnv = { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: process.env.HOME ?? cwd, ...who, ...env, ...this.deviceEnv(guest), MEMSTRATA_GUEST: name };
     const [file = '', ...args] = command;
     // Through a wrapper (sh, taskset) the command's own ENOENT would be an exit code:
     // looked up first, so a command that does not exist still fails at once.
@@ -950,6 +995,10 @@ export class GuestSupervisor {
     }
     const limits = this.limitsOf(guest.definition);
     let argv = [file, ...args];
+    // Last before the command: the wrappers before it (cgroup join, taskset) need the node's rights.
+    if (account !== undefined && account.uid !== process.getuid?.() && this.setpriv !== undefined) {
+      argv = [this.setpriv, `--reuid=${account.uid}`, `--regid=${account.gid}`, '--init-groups', '--', ...argv];
+    }
     if (limits.cpus !== null && this.cgroups?.cpuset !== true && this.taskset !== undefined) argv = [this.taskset, '-c', limits.cpus.join(','), ...argv];
     if (this.cgroups !== undefined) {
       try {

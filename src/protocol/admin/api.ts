@@ -216,6 +216,8 @@ export interface GuestInfoJson {
   /** Volumes and NVRAM devices attached: what its cut-through sockets serve. */
   volumes: string[];
   nvram: string[];
+  /** The user it runs as; null: the node's own. */
+  user: string | null;
   /** Bytes of NVRAM it may allocate itself, and what its own devices take now. */
   nvramQuota: number | null;
   nvramOwned: number;

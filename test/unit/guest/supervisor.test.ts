@@ -165,3 +165,24 @@ test('followLogs streams the guest\'s output as it is written, through rotations
   await guests.remove('talker');
   await done;
 });
+
+test('--user: the guest runs as that user, owns its directory, and an unknown user is refused', async (t) => {
+  if (process.getuid?.() !== 0) {
+    t.skip('running a guest as another user needs root');
+    return;
+  }
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-guest-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  // The user must be able to reach its directory: the data directory is traversable.
+  await (await import('node:fs/promises')).chmod(dir, 0o711);
+  const { guests } = await supervisor(t, dir);
+  await assert.rejects(guests.create({ name: 'ghost', command: ['true'], user: 'no-such-user-here' }), { code: 'MS_GUEST_INVALID' });
+  await guests.create({ name: 'low', command: ['sh', '-c', 'id -u > whoami; exec sleep 60'], user: 'nobody' });
+  await until('running', () => guests.info('low').state === 'running');
+  const pid = guests.info('low').pid ?? 0;
+  await until('it wrote who it is', async () => (await readFile(join(guests.dir, 'low', 'whoami'), 'utf8').catch(() => '')).trim() !== '');
+  assert.equal((await readFile(join(guests.dir, 'low', 'whoami'), 'utf8')).trim(), '65534');
+  assert.match(await readFile(`/proc/${pid}/status`, 'utf8'), /^Uid:\s+65534\s/m);
+  assert.equal((await stat(join(guests.dir, 'low'))).uid, 65534);
+  assert.equal(guests.info('low').user, 'nobody');
+});
