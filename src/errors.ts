@@ -50,6 +50,7 @@ export const ERRORS = {
   MS_GUEST_BUSY: { category: 'runtime', status: 409, summary: 'the guest is running or booting; stop it first' },
   MS_GUEST_ATTACHED: { category: 'runtime', status: 409, summary: 'the volume or NVRAM device is attached to a guest: it cannot be removed, attached to another guest or made a write log until it is detached' },
   MS_GUEST_NVRAM_QUOTA: { category: 'runtime', status: 409, summary: 'an NVRAM device a guest allocates would bring its own devices past its --nvram-quota (wire status NO_CAPACITY)' },
+  MS_GUEST_ATTACH_BUSY: { category: 'runtime', status: 409, summary: 'the volume or NVRAM device is being removed or claimed as a write log, so it cannot be attached to a guest now' },
   MS_GUEST_CPU_BUDGET: { category: 'misuse', status: 409, summary: 'the CPU shares of the guests that are to run would add up to more than the machine\'s cores less guests.reserveCpu' },
   MS_GUEST_LIMIT_FAILED: { category: 'runtime', status: 409, summary: 'the kernel refused a guest\'s new limit (such as a memory limit below what it uses now); its limits are as they were' },
   MS_NVRAM_NOT_FOUND: { category: 'misuse', status: 404, summary: 'no NVRAM device has that name' },

@@ -77,15 +77,20 @@ for (let first = 0; first < slots; first += 256) {
   for (let i = 0; i < count; i++) {
     const page = decodePage(chunk.subarray(i * PAGE, (i + 1) * PAGE));
     if (page === undefined) continue;
-    index.set(page.key, { slot: first + i, seq: page.seq, value: page.value });
     used.set(first + i, page.key);
+    // A key in two pages (an older build could do that): the newer record wins.
+    const known = index.get(page.key);
+    if (known === undefined || known.seq < page.seq) index.set(page.key, { slot: first + i, seq: page.seq, value: page.value });
   }
 }
 
-/** The key's slot: its own, or a free one found by linear probing from its hash. */
+/** Slots given to keys whose first put is not acknowledged yet: a second put waits for none. */
+const assigned = new Map();
+
+/** The key's slot: its own (or the one its first put took), else a free one by linear probing from its hash. */
 function slotFor(key) {
-  const known = index.get(key);
-  if (known !== undefined) return known.slot;
+  const known = index.get(key) ?? assigned.get(key);
+  if (known !== undefined) return typeof known === 'number' ? known : known.slot;
   let h = 2166136261;
   for (const c of Buffer.from(key)) h = Math.imul(h ^ c, 16777619) >>> 0;
   for (let i = 0; i < slots; i++) {
@@ -160,6 +165,7 @@ const unapplied = new Set();
 async function put(key, value) {
   const slot = slotFor(key);
   used.set(slot, key);
+  assigned.set(key, slot);
   const [ack] = await rmem.journalAppend(journal, [{ payload: Buffer.from(JSON.stringify({ k: key, v: value })), target: { volume, offset: slot * PAGE } }]);
   // Acknowledged: it is in NVRAM. What follows only makes the page catch up.
   const known = index.get(key);

@@ -38,7 +38,7 @@ import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, ty
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import { z } from 'zod';
-import { MisuseError, NetworkError, RuntimeError, isMemstrataError, toMemstrataError, type MemstrataError } from '../errors.js';
+import { MisuseError, NetworkError, isMemstrataError, toMemstrataError, type MemstrataError } from '../errors.js';
 import { MEDIA, USED_KINDS } from '../kinds.js';
 import type { AllocationTable } from '../memory/allocation-table.js';
 import type { PartitionTable } from '../memory/partition-table.js';
@@ -370,9 +370,11 @@ export class AdminServer {
 
     app.post('/v1/volumes', async (request, reply): Promise<VolumeJson> => {
       const { name, size, readOnly, writeLog } = parseBody(volumeBody, request.body, 'volume');
-      if (writeLog !== undefined) refuseAttached('nvram', writeLog, 'made a write log');
-      // The volume layer decides whether the device may be its write log (write-log.ts).
-      const volume = await context.volumes.create(name, size, readOnly ?? false, writeLog);
+      // The volume layer decides whether the device may be its write log (write-log.ts);
+      // one attached to a guest may not be, and none can be attached while it is claimed.
+      const volume = writeLog === undefined
+        ? await context.volumes.create(name, size, readOnly ?? false)
+        : await context.guests.exclusive('nvram', writeLog, 'made a write log', () => context.volumes.create(name, size, readOnly ?? false, writeLog));
       context.log.info({ volume: volume.info() }, `volume ${name} created`);
       void reply.code(201);
       return volume.info();
@@ -388,19 +390,10 @@ export class AdminServer {
 
     app.delete('/v1/volumes/:name', async (request, reply) => {
       const name = (request.params as { name: string }).name;
-      refuseAttached('volume', name, 'removed');
-      await context.volumes.remove(name);
+      await context.guests.exclusive('volume', name, 'removed', () => context.volumes.remove(name));
       context.log.info({ volume: name }, `volume ${name} removed`);
       return reply.code(204).send();
     });
-
-    // A volume or device a guest's cut-through socket serves stays until it is detached.
-    const refuseAttached = (kind: 'volume' | 'nvram', name: string, what: string): void => {
-      const guest = context.guests.holder(kind, name);
-      if (guest !== undefined) {
-        throw new RuntimeError('MS_GUEST_ATTACHED', `${kind === 'volume' ? 'volume' : 'NVRAM device'} ${name} is attached to guest ${guest} and cannot be ${what}; detach it first (memstrata guest detach ${guest} --${kind} ${name})`, { details: { [kind]: name, guest } });
-      }
-    };
 
     app.get('/v1/guests', (): GuestsJson => ({ guests: context.guests.list(), damaged: context.guests.damaged() }));
 
@@ -478,8 +471,7 @@ export class AdminServer {
 
     app.delete('/v1/nvram/:name', async (request, reply) => {
       const name = (request.params as { name: string }).name;
-      refuseAttached('nvram', name, 'removed');
-      await context.nvram.remove(name);
+      await context.guests.exclusive('nvram', name, 'removed', () => context.nvram.remove(name));
       context.log.info({ device: name }, `NVRAM device ${name} removed`);
       return reply.code(204).send();
     });
@@ -510,6 +502,7 @@ export class AdminServer {
           target: r.target ?? null,
           length: r.payload.length,
           payload: r.payload.toString('base64'),
+          writer: r.writer ?? null,
         })),
       };
     });

@@ -201,12 +201,13 @@ export function buildProgram(output: Output = processOutput): Command {
         new Date(r.timestamp / 1000).toISOString(),
         String(r.epoch),
         r.target === null ? '-' : `${r.target.volume}@${r.target.offset}`,
+        r.writer === null ? '-' : `${r.writer.id}#${r.writer.seq}`,
         String(r.length),
         Buffer.from(r.payload, 'base64').subarray(0, 16).toString('hex'),
       ]);
       const from = dump.file === undefined ? '' : `records kept aside in ${dump.file}\n`;
       const head = dump.device === null ? `NVRAM device ${name}: removed; its journal kept aside remains` : renderNvram([dump.device]);
-      output.out(`${head}\n\n${from}${textTable(['SEQ', 'TIMESTAMP', 'EPOCH', 'TARGET', 'LENGTH', 'PAYLOAD (first 16 bytes)'], rows, [0, 2, 4])}`);
+      output.out(`${head}\n\n${from}${textTable(['SEQ', 'TIMESTAMP', 'EPOCH', 'TARGET', 'WRITER', 'LENGTH', 'PAYLOAD (first 16 bytes)'], rows, [0, 2, 5])}`);
     });
 
   // ---- guests ----

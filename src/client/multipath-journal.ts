@@ -65,8 +65,14 @@ export interface MultipathJournalOptions {
   epoch: number;
   /** 'promote': when no path to the primary works, take the device over on a partner path. Default 'paths' (never promote). */
   failover?: 'paths' | 'promote';
-  /** This writer's id (16 hex digits); default random. A writer that restarts should keep its id and numbers only if it knows them. */
+  /**
+   * This writer's id (16 hex digits); default random. A writer that restarts may keep its
+   * id only with its numbers (firstWriterSeq past the last it used): a number appended
+   * again with another payload is refused (MS_NVRAM_INVALID).
+   */
   writerId?: string;
+  /** The writer number of the first append; default 1. */
+  firstWriterSeq?: number;
   /** A request without an answer for this long fails its path; default 2000 ms. */
   timeoutMs?: number;
   /** How long a failover may try paths before pending appends fail; default 10000 ms. */
@@ -95,6 +101,13 @@ interface Path {
   spec: JournalPath;
   client: RmemClient | undefined;
   journal: Journal | undefined;
+}
+
+/** Connecting a path failed (unreachable, HELLO refused): try the next path. */
+class PathError extends Error {
+  constructor(cause: unknown) {
+    super(cause instanceof Error ? cause.message : String(cause), { cause });
+  }
 }
 
 /** A network failure (the path's), as opposed to the device's answer. */
@@ -128,7 +141,7 @@ export class MultipathJournal extends EventEmitter<MultipathJournalEvents> {
       journal: undefined,
     }));
     this.active = undefined;
-    this.nextWriterSeq = 1;
+    this.nextWriterSeq = options.firstWriterSeq ?? 1;
     this.pending = [];
     this.failing = undefined;
     this.closed = false;
@@ -183,6 +196,8 @@ export class MultipathJournal extends EventEmitter<MultipathJournalEvents> {
     if (this.closed) return Promise.reject(new NetworkError('MS_NVRAM_NO_PATH', `the multipath journal for ${this.device} is closed`));
     if (entries.length === 0) return Promise.resolve([]);
     return new Promise((resolve, reject) => {
+      // After a failover gave up, the next append tries the paths again.
+      if (this.active === undefined && this.failing === undefined) void this.failover(undefined);
       const item: Pending = {
         entries: entries.map((e) => ({ payload: Buffer.from(e.payload), ...(e.target === undefined ? {} : { target: e.target }) })),
         firstSeq: this.nextWriterSeq,
@@ -214,22 +229,28 @@ export class MultipathJournal extends EventEmitter<MultipathJournalEvents> {
   }
 
   private async onActive<T>(fn: (client: RmemClient, journal: Journal) => Promise<T>): Promise<T> {
-    for (;;) {
+    for (let attempt = 0; ; attempt++) {
+      if (this.active === undefined && this.failing === undefined && !this.closed) void this.failover(undefined);
       if (this.failing !== undefined) await this.failing;
       const path = this.active;
       if (path?.client === undefined || path.journal === undefined) throw new NetworkError('MS_NVRAM_NO_PATH', `no working path to NVRAM device ${this.device}`);
       try {
         return await fn(path.client, path.journal);
       } catch (error) {
-        if (!pathFailure(error) || this.closed) throw error;
-        await this.failover(path, error);
+        if (!pathFailure(error) || this.closed || attempt >= this.pathList.length) throw error;
+        // Only the active path fails over; one that was replaced meanwhile just waits for it.
+        if (this.active === path) await this.failover(path, error);
       }
     }
   }
 
   private send(item: Pending): void {
     const path = this.active;
-    if (path?.client === undefined || path.journal === undefined) return;
+    if (path?.client === undefined || path.journal === undefined) {
+      // Sent by the failover that finds a path (started here if none is under way).
+      if (this.failing === undefined && !this.closed) void this.failover(undefined);
+      return;
+    }
     item.sent = true;
     path.client.journalAppend(path.journal, item.entries, { id: this.writerId, firstSeq: item.firstSeq }).then(
       (appended) => {
@@ -279,6 +300,14 @@ export class MultipathJournal extends EventEmitter<MultipathJournalEvents> {
         if (Date.now() > deadline || this.closed) break;
         try {
           await this.openOn(path);
+          if (this.closed) {
+            // Closed while this path was being opened: nothing may stay open behind close().
+            const client = path.client;
+            path.client = undefined;
+            path.journal = undefined;
+            await client?.close().catch(() => undefined);
+            return;
+          }
           this.active = path;
           path.status.state = 'active';
           path.status.error = null;
@@ -290,9 +319,11 @@ export class MultipathJournal extends EventEmitter<MultipathJournalEvents> {
           lastError = error;
           path.status.state = 'failed';
           path.status.error = error instanceof Error ? error.message : String(error);
-          // The device's own refusal (fenced, not found) is final; a replica or a device still
-          // recovering on that node is a reason to try the next path.
-          if (!pathFailure(error) && !(isMemstrataError(error) && (error.code === 'MS_NVRAM_REPLICA' || error.code === 'MS_NVRAM_RECOVERING'))) {
+          // The device's own refusal when opened (fenced, not found) is final; a path that
+          // cannot be connected (refused, a HELLO refused: no token on that path), a replica or
+          // a device still recovering on that node is a reason to try the next path.
+          const retryable = error instanceof PathError || pathFailure(error) || (isMemstrataError(error) && (error.code === 'MS_NVRAM_REPLICA' || error.code === 'MS_NVRAM_RECOVERING'));
+          if (!retryable) {
             this.failAll(error);
             return;
           }
@@ -315,14 +346,19 @@ export class MultipathJournal extends EventEmitter<MultipathJournalEvents> {
     const spec = path.spec;
     const timeoutMs = this.options.timeoutMs ?? 2000;
     const where = 'path' in spec ? { path: spec.path } : { host: spec.host, port: spec.port };
+    // A server id of its own per connection (within the 64 bytes allowed): the session of a
+    // stalled connection the node still holds must not refuse the next one's HELLO.
+    const serverId = `${this.options.serverId.slice(0, 55)}.${randomBytes(4).toString('hex')}`;
     const client = await RmemClient.connect({
       ...where,
-      serverId: this.options.serverId,
+      serverId,
       ...(this.options.token === undefined ? {} : { token: this.options.token }),
       timeoutMs,
       connectTimeoutMs: timeoutMs,
       reconnect: false,
       keepalive: true,
+    }).catch((error: unknown) => {
+      throw new PathError(error);
     });
     try {
       const promote = path.status.partner;
@@ -351,7 +387,7 @@ export class MultipathJournal extends EventEmitter<MultipathJournalEvents> {
       try {
         const client = await RmemClient.connect({
           ...('path' in spec ? { path: spec.path } : { host: spec.host, port: spec.port }),
-          serverId: `${this.options.serverId}-probe`,
+          serverId: `${this.options.serverId.slice(0, 55)}.${randomBytes(4).toString('hex')}`,
           ...(this.options.token === undefined ? {} : { token: this.options.token }),
           connectTimeoutMs: this.options.timeoutMs ?? 2000,
           reconnect: false,

@@ -83,6 +83,8 @@ export interface SupervisorOptions {
   cpus?: number;
   /** Cut-through devices; without it guests get no sockets and nothing can be attached. */
   cutThrough?: CutThroughHost;
+  /** Connections each of a guest's sockets admits at once; default 32. */
+  maxSocketConnections?: number;
 }
 
 export type DeviceKind = 'volume' | 'nvram';
@@ -95,8 +97,8 @@ export interface CutThroughHost {
   /** Throws the coded not-found (or invalid) error unless `name` exists and may be attached. */
   check(kind: DeviceKind, name: string): void;
   findVolume(name: string): Volume | undefined;
-  listenNbd(path: string, catalog: ExportCatalog, client: string): Promise<ScopedListener>;
-  listenRmem(path: string, scope: RmemScope): Promise<ScopedListener>;
+  listenNbd(path: string, catalog: ExportCatalog, client: string, maxConnections: number): Promise<ScopedListener>;
+  listenRmem(path: string, scope: RmemScope, maxConnections: number): Promise<ScopedListener>;
   /** Creates an NVRAM device (a guest's own); resolves with the size it takes. */
   createNvram(name: string, size: number, policy: Policy): Promise<number>;
   removeNvram(name: string): Promise<void>;
@@ -238,10 +240,13 @@ export class GuestSupervisor {
   private taskset: string | undefined;
   private setpriv: string | undefined;
   private statsTimer: NodeJS.Timeout | undefined;
+  /** Volumes and devices being removed or claimed (exclusive): not to be attached meanwhile. */
+  private readonly held: Map<string, number>;
   private sampling: boolean;
   readonly cpus: number;
   readonly reserveCpu: number;
   readonly periodMs: number;
+  private readonly maxSocketConnections: number;
 
   constructor(options: SupervisorOptions) {
     this.options = options;
@@ -255,10 +260,12 @@ export class GuestSupervisor {
     this.taskset = undefined;
     this.setpriv = undefined;
     this.statsTimer = undefined;
+    this.held = new Map();
     this.sampling = false;
     this.cpus = options.cpus ?? availableParallelism();
     this.reserveCpu = options.reserveCpu ?? 0.5;
     this.periodMs = options.periodMs ?? 100;
+    this.maxSocketConnections = options.maxSocketConnections ?? 32;
   }
 
   /** How limits are enforced on this node: cgroup2, cgroup1 or signal. */
@@ -332,6 +339,10 @@ export class GuestSupervisor {
     for (const key of Object.keys(request.env ?? {})) {
       if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(key)) throw new MisuseError('MS_GUEST_INVALID', `guest ${name}: ${JSON.stringify(key)} is not an environment variable name`, { details: { name } });
     }
+    const user = request.user ?? null;
+    if (user !== null) await this.account(name, user);
+    // From here to the guest's registration nothing awaits: a create or attach running at
+    // the same time sees its name, share and devices taken (or takes them first).
     if (this.guests.has(name) || this.damagedGuests.has(name)) throw new MisuseError('MS_GUEST_EXISTS', `a guest named ${name} already exists`, { details: { name } });
     const limits = this.checkLimits(name, { cpu: null, cores: null, memory: null }, request);
     if (start) this.checkBudget(name, limits.cpu);
@@ -340,14 +351,19 @@ export class GuestSupervisor {
     for (const volume of volumes) this.checkAttach(name, 'volume', volume);
     for (const device of nvram) this.checkAttach(name, 'nvram', device);
     this.checkSocketPath(name);
-    const user = request.user ?? null;
-    if (user !== null) await this.account(name, user);
     const nvramQuota = request.nvramQuota ?? null;
     if (nvramQuota !== null && (!Number.isSafeInteger(nvramQuota) || nvramQuota < 0)) throw new MisuseError('MS_GUEST_INVALID', `guest ${name}: NVRAM quota ${String(nvramQuota)} is not a number of bytes`, { details: { name } });
     const definition: GuestDefinition = { name, command: [...command], env: { ...request.env }, restart, running: start, createdAt: new Date().toISOString(), ...limits, volumes, nvram, nvramQuota, ownNvram: [], user };
-    await writeGuestMeta(this.dir, definition, this.options.fs);
     const guest = new Guest(definition);
+    // Starting: live at once, so its share counts for a create racing it.
+    if (start) guest.state = 'booting';
     this.guests.set(name, guest);
+    try {
+      await writeGuestMeta(this.dir, definition, this.options.fs);
+    } catch (error) {
+      this.guests.delete(name);
+      throw error;
+    }
     if (start) await this.serial(guest, () => this.boot(guest));
     return this.describe(guest);
   }
@@ -429,6 +445,28 @@ export class GuestSupervisor {
     }
     this.options.log.info({ guest: name, [kind]: device }, `${kind === 'volume' ? 'volume' : 'NVRAM device'} ${device} detached from guest ${name}`);
     return this.describe(guest);
+  }
+
+  /**
+   * Runs `fn` (the removal of a volume or device, or its claim as a write log) with the
+   * name held: refused with MS_GUEST_ATTACHED if a guest has it, and no guest can attach
+   * it until `fn` is done. The check and the hold are one synchronous step, as attach's
+   * check and take are, so neither can slip between the other's.
+   */
+  async exclusive<T>(kind: DeviceKind, device: string, what: string, fn: () => Promise<T>): Promise<T> {
+    const holder = this.holder(kind, device);
+    if (holder !== undefined) {
+      throw new RuntimeError('MS_GUEST_ATTACHED', `${kind === 'volume' ? 'volume' : 'NVRAM device'} ${device} is attached to guest ${holder} and cannot be ${what}; detach it first (memstrata guest detach ${holder} --${kind} ${device})`, { details: { [kind]: device, guest: holder } });
+    }
+    const key = `${kind}:${device}`;
+    this.held.set(key, (this.held.get(key) ?? 0) + 1);
+    try {
+      return await fn();
+    } finally {
+      const left = (this.held.get(key) ?? 1) - 1;
+      if (left === 0) this.held.delete(key);
+      else this.held.set(key, left);
+    }
   }
 
   /** The guest a volume or NVRAM device is attached to, if any (such a one may not be removed). */
@@ -636,6 +674,9 @@ export class GuestSupervisor {
   private checkAttach(name: string, kind: DeviceKind, device: string): void {
     const host = this.options.cutThrough;
     if (host === undefined) throw new MisuseError('MS_GUEST_INVALID', `guest ${name}: this node serves no cut-through devices`, { details: { name } });
+    if (this.held.has(`${kind}:${device}`)) {
+      throw new RuntimeError('MS_GUEST_ATTACH_BUSY', `${kind === 'volume' ? 'volume' : 'NVRAM device'} ${device} is being removed or claimed as a write log and cannot be attached now`, { details: { name, [kind]: device } });
+    }
     host.check(kind, device);
     const holder = this.holder(kind, device);
     if (holder !== undefined && holder !== name) {
@@ -665,7 +706,7 @@ export class GuestSupervisor {
           return volume !== undefined && volume !== '' && volumes.includes(volume) ? host.findVolume(volume) : undefined;
         },
       };
-      guest.nbdSocket = await host.listenNbd(join(dir, 'nbd.sock'), catalog, `guest:${name}`);
+      guest.nbdSocket = await host.listenNbd(join(dir, 'nbd.sock'), catalog, `guest:${name}`, this.maxSocketConnections);
     }
     guest.rmemSocket ??= await host.listenRmem(join(dir, 'rmem.sock'), {
       client: `guest:${name}`,
@@ -673,7 +714,7 @@ export class GuestSupervisor {
       devices: () => guest.devices,
       createDevice: (device, size, policy) => this.serial(guest, () => this.createOwnDevice(guest, device, size, policy)),
       removeDevice: (device) => this.serial(guest, () => this.removeOwnDevice(guest, device)),
-    });
+    }, this.maxSocketConnections);
   }
 
   /**
@@ -714,7 +755,16 @@ export class GuestSupervisor {
     const { name, nvramQuota } = guest.definition;
     if (host === undefined) throw new MisuseError('MS_RMEM_UNSUPPORTED', 'this node serves no cut-through devices');
     const quotaError = (wanted: number): RuntimeError => new RuntimeError('MS_GUEST_NVRAM_QUOTA', `guest ${name}: a ${wanted}-byte NVRAM device would bring its own devices to ${this.nvramOwned(guest) + wanted} bytes, more than its quota of ${nvramQuota ?? 0}`, { details: { name, device, quota: nvramQuota ?? 0 } });
+    if (host.nvramSize(device) !== undefined) throw new MisuseError('MS_NVRAM_EXISTS', `an NVRAM device named ${device} already exists`, { details: { name: device } });
     if (nvramQuota === null || this.nvramOwned(guest) + size > nvramQuota) throw quotaError(size);
+    // Held from its creation to its attachment here, so no other guest can attach it between.
+    await this.exclusive('nvram', device, 'allocated', () => this.allocate(guest, device, size, policy, quotaError));
+  }
+
+  private async allocate(guest: Guest, device: string, size: number, policy: Policy, quotaError: (wanted: number) => RuntimeError): Promise<void> {
+    const host = this.options.cutThrough;
+    const { name, nvramQuota } = guest.definition;
+    if (host === undefined || nvramQuota === null) return;
     const created = await host.createNvram(device, size, policy);
     if (this.nvramOwned(guest) + created > nvramQuota) {
       await host.removeNvram(device).catch(() => undefined);

@@ -92,7 +92,7 @@ export interface NodeConfig {
   };
   volumes: { defaultSize: number };
   cache: { enabled: boolean; maxDirtyAgeMs: number };
-  guests: { enforcement: EnforcementSetting; reserveCpu: number; periodMs: number };
+  guests: { enforcement: EnforcementSetting; reserveCpu: number; periodMs: number; maxConnections: number };
   log: { level: LogLevel; format: LogFormat };
   media: {
     extentSize: number;
@@ -256,6 +256,7 @@ const rawSchema = z.strictObject({
       enforcement: enumLeaf(ENFORCEMENTS).prefault('auto'),
       reserveCpu: coresLeaf.prefault('0.5'),
       period: durationLeaf.prefault('100ms'),
+      maxConnections: intLeaf(1, 65536).prefault(32),
     })
     .prefault({}),
   log: z
@@ -335,6 +336,7 @@ export const SETTINGS: readonly Setting[] = [
   { path: 'guests.enforcement', default: 'auto', doc: 'how guests\' CPU shares, cores and memory limits are enforced: cgroup2, cgroup1, signal (SIGSTOP/SIGCONT duty cycle, taskset, RSS watch), or auto, the first of these the machine allows' },
   { path: 'guests.reserveCpu', default: '0.5', doc: 'cores the node keeps for itself: guests\' CPU shares may add up to the machine\'s cores less this, and in a cgroup all guests together are held to it' },
   { path: 'guests.period', default: '100ms', doc: 'the period a guest\'s CPU share is enforced over (cgroup quota period or duty cycle), from 1ms to 1s; shorter is smoother and costs more' },
+  { path: 'guests.maxConnections', default: '32', doc: 'connections each guest\'s cut-through socket (nbd.sock, rmem.sock) admits at once; they count against nbd.maxConnections and rmem.maxConnections too' },
   { path: 'log.level', flag: '--log-level', default: 'info', doc: LOG_LEVELS.join(', ') },
   { path: 'log.format', flag: '--log-format', default: 'auto', doc: 'json, pretty, or auto (pretty when stdout is a terminal)' },
   { path: 'media.extentSize', flag: '--extent-size', default: '1MiB', doc: 'unit of the partition table; a power of two from 4KiB to 1GiB' },
@@ -456,7 +458,7 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
     },
     volumes: { defaultSize: parsed.volumes.defaultSize },
     cache: { enabled: parsed.cache.enabled, maxDirtyAgeMs: parsed.cache.maxDirtyAge },
-    guests: { enforcement: parsed.guests.enforcement, reserveCpu: parsed.guests.reserveCpu, periodMs: parsed.guests.period },
+    guests: { enforcement: parsed.guests.enforcement, reserveCpu: parsed.guests.reserveCpu, periodMs: parsed.guests.period, maxConnections: parsed.guests.maxConnections },
     rmem: {
       listen: parsed.rmem.listen,
       leaseMs: parsed.rmem.lease,

@@ -87,6 +87,7 @@ export class StorageNode {
       enforcement: config.guests.enforcement,
       reserveCpu: config.guests.reserveCpu,
       periodMs: config.guests.periodMs,
+      maxSocketConnections: config.guests.maxConnections,
       cutThrough: {
         check: (kind, name) => {
           if (kind === 'volume') {
@@ -98,8 +99,8 @@ export class StorageNode {
           if (volume !== undefined) throw new MisuseError('MS_NVRAM_INVALID', `NVRAM device ${name} is the write log of volume ${volume} and is not open to clients`, { details: { name } });
         },
         findVolume: (name) => this.volumes.find(name),
-        listenNbd: (path, catalog, client) => this.service(this.nbd, 'NBD').listenScoped(path, catalog, client),
-        listenRmem: (path, scope) => this.service(this.rmem, 'rmem').listenScoped(path, scope),
+        listenNbd: (path, catalog, client, max) => this.service(this.nbd, 'NBD').listenScoped(path, catalog, client, max),
+        listenRmem: (path, scope, max) => this.service(this.rmem, 'rmem').listenScoped(path, scope, max),
         tcp: () => ({ nbd: formatAddress(this.nbd?.address ?? config.nbd.listen), rmem: formatAddress(this.rmemAddress ?? config.rmem.listen) }),
         createNvram: async (name, size, policy) => (await this.nvram.create(name, size, policy)).size,
         removeNvram: (name) => this.nvram.remove(name),

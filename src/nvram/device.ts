@@ -43,19 +43,20 @@
 // timestamp) and appends nothing; so a client that re-sends what was not acknowledged
 // after a failover, to this node or to a promoted replica, has each record exactly once.
 // The writers index is in memory, rebuilt from the live records after a restart or a
-// replica's records (restore, replicate): per writer the highest number taken and the
-// answers of its last WRITER_WINDOW numbers. A number at or below the highest that is not
-// in the window (too old, or its append failed and was voided) is refused, except a
-// failed one, which may be appended again. At most MAX_WRITERS writers are remembered
-// per device (least recently used first out): a writer forgotten that way and retrying
-// could append a record twice.
+// replica's records (restore, replicate), of fixed size (writers.ts): per writer the
+// highest number taken and the answers of its last WRITER_WINDOW numbers. A number at or
+// below the highest that is not in the window is refused, except one whose append failed,
+// which may be appended again; a retry with another payload is refused. At most
+// MAX_WRITERS writers are remembered per device (least recently used first out): a writer
+// forgotten that way and retrying could append a record twice.
 
 import { MisuseError, RuntimeError, StorageError, asError } from '../errors.js';
 import type { Medium } from '../memory/medium.js';
 import { JournalFile } from './journal-file.js';
 import { POLICIES, isMirrored, type Policy, type Role } from '../protocol/journal/policy.js';
-import { RECORD_FLAG, WRITER_ID_PATTERN, decodeRecord, encodeRecord, nowMicros, recordSize, type JournalRecord, type RecordTarget, type RecordWriter } from '../protocol/journal/record.js';
+import { MAX_PAYLOAD, RECORD_FLAG, WRITER_FIELDS, WRITER_ID_PATTERN, decodeRecord, encodeRecord, nowMicros, recordSize, type JournalRecord, type RecordTarget, type RecordWriter } from '../protocol/journal/record.js';
 import type { MirrorMode, DeviceInfo } from '../protocol/admin/api.js';
+import { WRITER_WINDOW, WritersIndex, payloadCrc } from './writers.js';
 export type { MirrorMode, DeviceInfo };
 
 /** A journal file is rewritten after a trim once it is this long (or twice the device size). */
@@ -87,20 +88,6 @@ export interface AppendEntry {
   flags?: number;
   /** The writer and its number for this record: a retry of the same is not appended twice. */
   writer?: RecordWriter;
-}
-
-/** Per writer, how many recent numbers' answers are kept for retries. */
-export const WRITER_WINDOW = 4096;
-/** Writers remembered per device. */
-export const MAX_WRITERS = 1024;
-
-interface WriterState {
-  /** The highest number taken. */
-  last: number;
-  /** Answers of recent numbers (insertion order: oldest first). */
-  acks: Map<number, Promise<Appended>>;
-  /** Numbers whose append failed: they may be appended again. */
-  failed: Set<number>;
 }
 
 export interface Appended {
@@ -162,7 +149,7 @@ export class NvramDevice {
   nodeOwned: boolean;
   /** The node's mirroring, for a mirrored primary. */
   port: MirrorPort | undefined;
-  private readonly writers: Map<string, WriterState>;
+  private readonly writers: WritersIndex;
   /** Records came in other than by append (restore, replication): the writers index is rebuilt before the next writer append. */
   private writersStale: boolean;
   private writersRebuild: Promise<void> | undefined;
@@ -195,7 +182,7 @@ export class NvramDevice {
     this.recovering = false;
     this.nodeOwned = false;
     this.port = undefined;
-    this.writers = new Map();
+    this.writers = new WritersIndex();
     this.writersStale = false;
     this.writersRebuild = undefined;
   }
@@ -287,8 +274,14 @@ export class NvramDevice {
    * the first append's answer.
    */
   async append(epoch: number, entries: readonly AppendEntry[]): Promise<Appended[]> {
-    if (!entries.some((e) => e.writer !== undefined)) return this.appendRecords(epoch, entries);
+    if (!entries.some((e) => e.writer !== undefined)) {
+      // A record larger than a reader takes would be acknowledged and then be unreadable.
+      for (const e of entries) if (e.payload.length > MAX_PAYLOAD) throw payloadTooLarge(this.name, e.payload.length);
+      return this.appendRecords(epoch, entries);
+    }
     for (const e of entries) {
+      const stored = e.payload.length + (e.writer === undefined ? 0 : WRITER_FIELDS);
+      if (stored > MAX_PAYLOAD) throw payloadTooLarge(this.name, stored);
       if (e.writer !== undefined && (!WRITER_ID_PATTERN.test(e.writer.id) || !Number.isSafeInteger(e.writer.seq) || e.writer.seq < 1)) {
         throw new MisuseError('MS_NVRAM_INVALID', 'a writer is a 16-hex-digit id and a sequence number from 1');
       }
@@ -301,24 +294,38 @@ export class NvramDevice {
     if (this.writersRebuild !== undefined) await this.writersRebuild;
     // From here to appendRecords' own first step nothing awaits: a retry arriving meanwhile
     // finds this append's numbers taken and waits for its answer.
-    for (const e of entries) {
-      const w = e.writer === undefined ? undefined : this.writers.get(e.writer.id);
-      if (e.writer !== undefined && w !== undefined && e.writer.seq <= w.last && !w.acks.has(e.writer.seq) && !w.failed.has(e.writer.seq)) {
-        throw new MisuseError('MS_NVRAM_INVALID', `device ${this.name}: writer ${e.writer.id} number ${e.writer.seq} is older than the last ${WRITER_WINDOW} this device remembers (its highest is ${w.last})`, {
-          details: { device: this.name, writer: e.writer.id, seq: e.writer.seq },
+    const crcs = entries.map((e) => (e.writer === undefined ? 0 : payloadCrc(e.payload)));
+    const lookups = entries.map((e, i) => (e.writer === undefined ? undefined : this.writers.lookup(e.writer.id, e.writer.seq, crcs[i] ?? 0)));
+    const inBatch = new Map<string, number>();
+    for (const [i, found] of lookups.entries()) {
+      const writer = entries[i]?.writer;
+      if (writer === undefined || found === undefined) continue;
+      const key = `${writer.id}:${writer.seq}`;
+      if (inBatch.has(key) && inBatch.get(key) !== crcs[i]) {
+        throw new MisuseError('MS_NVRAM_INVALID', `device ${this.name}: writer ${writer.id} number ${writer.seq} appears twice in one append with different payloads`, { details: { device: this.name, writer: writer.id, seq: writer.seq } });
+      }
+      inBatch.set(key, crcs[i] ?? 0);
+      if (found.kind === 'too-old') {
+        throw new MisuseError('MS_NVRAM_INVALID', `device ${this.name}: writer ${writer.id} number ${writer.seq} is older than the last ${WRITER_WINDOW} this device remembers (its highest is ${found.last})`, {
+          details: { device: this.name, writer: writer.id, seq: writer.seq },
+        });
+      }
+      if (found.kind === 'mismatch') {
+        throw new MisuseError('MS_NVRAM_INVALID', `device ${this.name}: writer ${writer.id} number ${writer.seq} was appended with another payload; a writer id kept across a restart must keep its numbers too`, {
+          details: { device: this.name, writer: writer.id, seq: writer.seq },
         });
       }
     }
     const fresh: AppendEntry[] = [];
     const answers: Promise<Appended>[] = [];
-    const taken: [WriterState, number][] = [];
     let settle: { resolve(a: Appended[]): void; reject(e: unknown): void } = { resolve: () => undefined, reject: () => undefined };
     const freshDone = new Promise<Appended[]>((resolve, reject) => { settle = { resolve, reject }; });
-    for (const e of entries) {
-      const writer = e.writer;
-      const w = writer === undefined ? undefined : this.writerState(writer.id);
-      const known = writer === undefined ? undefined : w?.acks.get(writer.seq);
-      if (known !== undefined) {
+    for (const [i, e] of entries.entries()) {
+      const found = lookups[i];
+      // Taken by an earlier entry of this same batch?
+      const again = e.writer === undefined ? undefined : this.writers.lookup(e.writer.id, e.writer.seq, crcs[i] ?? 0);
+      if (found?.kind === 'known' || again?.kind === 'known') {
+        const known = found?.kind === 'known' ? found.answer : again?.kind === 'known' ? again.answer : Promise.reject(new Error('unreachable'));
         answers.push(known);
         continue;
       }
@@ -326,39 +333,18 @@ export class NvramDevice {
       fresh.push(e);
       const answer = freshDone.then((all) => all[k] ?? Promise.reject(new Error('append answered short')));
       answers.push(answer);
-      if (writer !== undefined && w !== undefined) {
-        w.failed.delete(writer.seq);
-        w.acks.set(writer.seq, answer);
-        w.last = Math.max(w.last, writer.seq);
-        taken.push([w, writer.seq]);
-        if (w.acks.size > WRITER_WINDOW) w.acks.delete(w.acks.keys().next().value ?? 0);
-      }
+      if (e.writer !== undefined) this.writers.taking(e.writer.id, e.writer.seq, crcs[i] ?? 0, answer);
     }
     // Unhandled only when nothing asks (all answers are awaited below).
     answers.forEach((a) => { a.catch(() => undefined); });
     if (fresh.length === 0) settle.resolve([]);
-    else {
-      this.appendRecords(epoch, fresh).then((appended) => { settle.resolve(appended); }, (error: unknown) => {
-        for (const [w, seq] of taken) {
-          w.acks.delete(seq);
-          w.failed.add(seq);
-        }
-        settle.reject(error);
-      });
-    }
+    else this.appendRecords(epoch, fresh).then((appended) => { settle.resolve(appended); }, (error: unknown) => { settle.reject(error); });
     return Promise.all(answers);
   }
 
-  private writerState(id: string): WriterState {
-    let w = this.writers.get(id);
-    if (w === undefined) {
-      w = { last: 0, acks: new Map(), failed: new Set() };
-      if (this.writers.size >= MAX_WRITERS) this.writers.delete(this.writers.keys().next().value ?? '');
-    } else {
-      this.writers.delete(id); // most recently used last
-    }
-    this.writers.set(id, w);
-    return w;
+  /** The writers index's size (writers, numbers in flight, failed numbers kept). */
+  writerStats(): { writers: number; inflight: number; failed: number } {
+    return this.writers.stats();
   }
 
   /** Rebuilds the writers index from the live records (after a restore or replication). */
@@ -372,11 +358,7 @@ export class NvramDevice {
         if (!('record' in decoded)) continue;
         const { record } = decoded;
         from = record.seq + 1;
-        if (record.writer === undefined) continue;
-        const w = this.writerState(record.writer.id);
-        w.acks.set(record.writer.seq, Promise.resolve({ seq: record.seq, timestamp: record.timestamp }));
-        w.last = Math.max(w.last, record.writer.seq);
-        if (w.acks.size > WRITER_WINDOW) w.acks.delete(w.acks.keys().next().value ?? 0);
+        if (record.writer !== undefined) this.writers.known(record.writer.id, record.writer.seq, { seq: record.seq, timestamp: record.timestamp }, payloadCrc(record.payload));
       }
       if (from === before) return;
     }
@@ -824,6 +806,10 @@ export class NvramDevice {
 
 function replicaError(name: string, why = 'is a replica of the mirror partner: open it there, or open it here with a newer epoch to take it over'): RuntimeError {
   return new RuntimeError('MS_NVRAM_REPLICA', `device ${name} ${why}`, { details: { device: name } });
+}
+
+function payloadTooLarge(name: string, stored: number): MisuseError {
+  return new MisuseError('MS_NVRAM_INVALID', `device ${name}: a record of ${stored} payload bytes (writer fields included) is larger than the ${MAX_PAYLOAD} a record may hold`, { details: { device: name, bytes: stored } });
 }
 
 function fenced(name: string, epoch: number, current: number): RuntimeError {

@@ -134,7 +134,7 @@ export class NbdService implements NbdHost {
    * `catalog` shows, with the service's own limits and budget. Its connections count as
    * one client (`client`) for the connection gate. Closing it drains and closes them.
    */
-  async listenScoped(path: string, catalog: ExportCatalog, client: string): Promise<ScopedListener> {
+  async listenScoped(path: string, catalog: ExportCatalog, client: string, maxConnections = Infinity): Promise<ScopedListener> {
     const own = new Set<NbdConnection>();
     const host: NbdHost = {
       volumes: catalog,
@@ -155,6 +155,12 @@ export class NbdService implements NbdHost {
     };
     const server = createServer({ allowHalfOpen: true }, (socket) => {
       if (this.stopping) {
+        socket.destroy();
+        return;
+      }
+      // One guest may not take the service's connections: its socket admits maxConnections.
+      if (own.size >= maxConnections) {
+        this.gate.stats.refusedPerClient++;
         socket.destroy();
         return;
       }

@@ -201,7 +201,8 @@ export class RmemService implements ConnectionHost {
 
   /** Every journal open on a connection: which device, which session, and the path it came in by. */
   holders(): JournalHolderJson[] {
-    return [...this.connections].flatMap((c) => c.openDevices().map(({ device, epoch }) => ({
+    // A guest's handle on a device detached from it since is no longer a hold (it answers not found).
+    return [...this.connections].flatMap((c) => c.openDevices().filter(({ device }) => c.scope?.devices().has(device) ?? true).map(({ device, epoch }) => ({
       device,
       serverId: c.serverId ?? '?',
       via: c.scope === undefined ? ('tcp' as const) : ('unix' as const),
@@ -290,10 +291,15 @@ export class RmemService implements ConnectionHost {
    * reach only `scope`'s devices and server ids, with the service's own limits and budget;
    * they count as one client (the guest) for rmem.maxConnectionsPerClient.
    */
-  async listenScoped(path: string, scope: RmemScope): Promise<ScopedListener> {
+  async listenScoped(path: string, scope: RmemScope, maxConnections = Infinity): Promise<ScopedListener> {
     const own = new Set<RmemConnection>();
     const server = createServer((socket) => {
       if (this.stopping) {
+        socket.destroy();
+        return;
+      }
+      if (own.size >= maxConnections) {
+        this.gate.stats.refusedPerClient++;
         socket.destroy();
         return;
       }

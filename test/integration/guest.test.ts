@@ -192,3 +192,50 @@ process.stdout.write(JSON.stringify(out) + '\\n');
   t.after(() => tcp.close());
   await assert.rejects(tcp.journalCreate('sneaky', 1 << 20), { code: 'MS_RMEM_UNSUPPORTED' });
 });
+
+test('attachments hold under races: two guests created with one volume at once, attach against removal; a guest\'s socket admits guests.maxConnections', async (t) => {
+  const env = { MEMSTRATA_ADMIN_TOKEN: 'guest-test-token-0123456789' };
+  const n = await startNode({ cwd: await tempDir(t), env, args: ['--set', 'guests.enforcement=signal', '--set', 'guests.maxConnections=4'] });
+  t.after(() => n.stop('SIGTERM'));
+  const api = async (method: string, path: string, body?: unknown): Promise<{ status: number; json: Record<string, unknown> }> => {
+    const response = await fetch(`${n.url}${path}`, { method, headers: { authorization: `Bearer ${env.MEMSTRATA_ADMIN_TOKEN}`, ...(body === undefined ? {} : { 'content-type': 'application/json' }) }, ...(body === undefined ? {} : { body: JSON.stringify(body) }) });
+    const text = await response.text();
+    return { status: response.status, json: text === '' ? {} : (JSON.parse(text) as Record<string, unknown>) };
+  };
+  assert.equal((await api('POST', '/v1/volumes', { name: 'shared', size: '1MiB' })).status, 201);
+  const [one, two] = await Promise.all(['g1', 'g2'].map((name) => api('POST', '/v1/guests', { name, command: ['sleep', '60'], volumes: ['shared'] })));
+  assert.deepEqual([one?.status, two?.status].sort(), [201, 409], 'one create wins, the other is MS_GUEST_ATTACHED');
+  const holders = ((await api('GET', '/v1/guests')).json.guests as GuestInfoJson[]).filter((g) => g.volumes.includes('shared'));
+  assert.equal(holders.length, 1);
+
+  // Attach against removal, many times: afterwards a volume attached to a guest exists.
+  await api('POST', '/v1/guests', { name: 'taker', command: ['sleep', '60'] });
+  for (let i = 0; i < 20; i++) {
+    const name = `v${i}`;
+    assert.equal((await api('POST', '/v1/volumes', { name, size: '1MiB' })).status, 201);
+    await Promise.all([api('DELETE', `/v1/volumes/${name}`), api('POST', '/v1/guests/taker/attach', { volume: name })]);
+    const attached = ((await api('GET', '/v1/guests')).json.guests as GuestInfoJson[]).find((g) => g.name === 'taker')?.volumes.includes(name) === true;
+    const exists = ((await api('GET', '/v1/volumes')).json.volumes as { name: string }[]).some((v) => v.name === name);
+    assert.ok(!attached || exists, `volume ${name} is attached to the guest but was removed`);
+    if (attached) await api('POST', '/v1/guests/taker/detach', { volume: name });
+  }
+
+  // A guest's NBD socket admits 4 connections; more are closed at once, and TCP clients go on.
+  const sockets = ((await api('GET', '/v1/guests')).json.guests as GuestInfoJson[]).find((g) => g.volumes.includes('shared'))?.sockets;
+  assert.ok(sockets !== null && sockets !== undefined);
+  const { connect } = await import('node:net');
+  const opened = await Promise.all(Array.from({ length: 12 }, () => new Promise<boolean>((resolve) => {
+    const s = connect({ path: sockets.nbd });
+    let greeted = false;
+    s.once('data', () => { greeted = true; });
+    s.on('error', () => resolve(false));
+    s.on('close', () => resolve(greeted));
+    setTimeout(() => { resolve(greeted); }, 1000);
+    t.after(() => s.destroy());
+  })));
+  assert.equal(opened.filter(Boolean).length, 4, 'the NBD greeting reached 4 connections, no more');
+  const { NbdClient } = await import('../../src/client/index.js');
+  const info = (await api('GET', '/v1/node')).json as { listen: { nbd: string } };
+  const tcp = await NbdClient.connect({ uri: `nbd://${info.listen.nbd}/default` });
+  await tcp.close();
+});

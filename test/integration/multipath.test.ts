@@ -19,8 +19,8 @@ async function createDevice(n: NodeProcess, name: string, policy: string): Promi
   assert.equal(response.status, 201, await response.text());
 }
 
-/** A TCP proxy in front of a node's rmem port: a path the test can cut. */
-async function proxy(t: Ctx, target: { host: string; port: number }): Promise<{ port: number; cut(): void }> {
+/** A TCP proxy in front of a node's rmem port: a path the test can cut, or stall (open, silent). */
+async function proxy(t: Ctx, target: { host: string; port: number }, port = 0): Promise<{ port: number; cut(): void; stall(): void }> {
   const sockets = new Set<Socket>();
   const server = createServer((inbound) => {
     const outbound = connect(target);
@@ -30,15 +30,22 @@ async function proxy(t: Ctx, target: { host: string; port: number }): Promise<{ 
     inbound.on('error', drop).on('close', drop);
     outbound.on('error', drop).on('close', drop);
   });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  await new Promise<void>((resolve) => server.listen(port, '127.0.0.1', resolve));
   const address = server.address();
-  const port = typeof address === 'object' && address !== null ? address.port : 0;
+  const bound = typeof address === 'object' && address !== null ? address.port : 0;
   const cut = (): void => {
     server.close();
     for (const s of sockets) s.destroy();
   };
+  const stall = (): void => {
+    // Connections stay open and nothing moves: the node still holds their sessions.
+    for (const s of sockets) {
+      s.unpipe();
+      s.pause();
+    }
+  };
   t.after(cut);
-  return { port, cut };
+  return { port: bound, cut, stall };
 }
 
 async function readAll(c: RmemClient, journal: Journal): Promise<JournalRecord[]> {
@@ -160,4 +167,34 @@ test('multipath: kill -9 of the active path\'s node mid-stream; with failover "p
   const reader = await RmemClient.connect({ ...b.rmem, serverId: 'reader', reconnect: false });
   t.after(() => reader.close());
   checkExactlyOnce(await readAll(reader, await reader.journalOpen('m', 2)), load.acked, journal.writerId);
+});
+
+test('multipath: a stalled path (open, no answers) fails over on its request timeout; a journal whose only path died comes back with it', async (t) => {
+  const node = await startNode({ cwd: await tempDir(t) });
+  t.after(() => node.stop('SIGKILL'));
+  await createDevice(node, 'st', 'volatile');
+  const front = await proxy(t, node.rmem);
+  const journal = await MultipathJournal.open({ device: 'st', serverId: 'stall', epoch: 1, timeoutMs: 500, paths: [{ name: 'stalls', host: '127.0.0.1', port: front.port }, { name: 'direct', ...node.rmem }] });
+  t.after(() => journal.close());
+  const load = appenders(journal, 8);
+  await until('appends through the first path', () => Promise.resolve(load.count()), (n) => n >= 300, 30_000);
+  // The node keeps the stalled connection's session: reconnecting must not need its secret.
+  front.stall();
+  const at = load.count();
+  await until('appends after the stall', () => Promise.resolve(load.count()), (n) => n >= at + 300, 30_000);
+  await load.stop();
+  assert.deepEqual(load.failures, []);
+  assert.deepEqual(journal.paths().map((p) => p.state), ['failed', 'active']);
+
+  // One path only: cut, pending appends fail after the failover time; back, the next append works.
+  const lone = await proxy(t, node.rmem);
+  const single = await MultipathJournal.open({ device: 'st', serverId: 'lone', epoch: 1, timeoutMs: 300, failoverTimeoutMs: 800, probeMs: 100, paths: [{ name: 'only', host: '127.0.0.1', port: lone.port }] });
+  t.after(() => single.close());
+  await single.append([{ payload: Buffer.from('before') }]);
+  lone.cut();
+  await assert.rejects(single.append([{ payload: Buffer.from('while down') }]), { code: 'MS_NVRAM_NO_PATH' });
+  await proxy(t, node.rmem, lone.port);
+  const [ack] = await single.append([{ payload: Buffer.from('after') }]);
+  assert.ok(ack !== undefined && ack.seq > 0);
+  assert.equal((await single.read(ack.seq))[0]?.payload.toString(), 'after');
 });

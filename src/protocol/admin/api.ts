@@ -260,6 +260,8 @@ export interface NvramRecordJson {
   length: number;
   /** The payload, base64. */
   payload: string;
+  /** The writer id and its number, for records appended by a multipath writer (JAPPENDW). */
+  writer: { id: string; seq: number } | null;
 }
 
 export interface NvramDumpJson {

@@ -670,25 +670,26 @@ export function encodeJappendRequest(tag: Tag, handle: number, entries: readonly
 
 export function decodeJappendRequest(body: Buffer, withWriter = false): { handle: number; entries: JournalEntry[]; writer: JournalWriter | undefined } {
   const prefix = withWriter ? WRITER_PREFIX : 0;
-  need(body, 0, 6 + prefix, 'JAPPEND');
+  const op = withWriter ? 'JAPPENDW' : 'JAPPEND';
+  need(body, 0, 6 + prefix, op);
   const handle = body.readUInt32BE(0);
   const writer = withWriter ? { id: body.toString('hex', 4, 12), firstSeq: u64(body, 12) } : undefined;
   const count = body.readUInt16BE(4 + prefix);
-  if (count === 0 || count > MAX_VECTOR) throw malformed(`JAPPEND: ${count} entries (1 to ${MAX_VECTOR})`);
+  if (count === 0 || count > MAX_VECTOR) throw malformed(`${op}: ${count} entries (1 to ${MAX_VECTOR})`);
   const entries: JournalEntry[] = [];
   let at = 6 + prefix;
   for (let i = 0; i < count; i++) {
-    need(body, at, 5, 'JAPPEND');
+    need(body, at, 5, op);
     const length = body.readUInt32BE(at);
     const nameLength = body.readUInt8(at + 4);
-    need(body, at + 5, nameLength + 8 + length, 'JAPPEND');
+    need(body, at + 5, nameLength + 8 + length, op);
     const volume = body.toString('utf8', at + 5, at + 5 + nameLength);
     const offset = u64(body, at + 5 + nameLength);
     const payload = body.subarray(at + 5 + nameLength + 8, at + 5 + nameLength + 8 + length);
     entries.push({ payload, target: nameLength > 0 ? { volume, offset } : undefined });
     at += 5 + nameLength + 8 + length;
   }
-  exact(body, at, 'JAPPEND');
+  exact(body, at, op);
   return { handle, entries, writer };
 }
 

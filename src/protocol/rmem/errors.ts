@@ -27,6 +27,8 @@ const CODE_TO_STATUS: Partial<Record<ErrorCode, Status>> = {
   MS_NVRAM_NO_CAPACITY: STATUS.NO_CAPACITY,
   MS_GUEST_NVRAM_QUOTA: STATUS.NO_CAPACITY,
   MS_NVRAM_EXISTS: STATUS.INVALID,
+  MS_GUEST_ATTACHED: STATUS.INVALID,
+  MS_GUEST_ATTACH_BUSY: STATUS.INVALID,
 };
 
 /** Status -> code; where several codes share a status, the first listed above wins. */

@@ -15,6 +15,7 @@ import { DramMedium } from '../../../src/memory/dram-medium.js';
 import { PartitionTable } from '../../../src/memory/partition-table.js';
 import { DeviceManager } from '../../../src/nvram/device-manager.js';
 import { decodeOne, decodeRecord, encodeRecord } from '../../../src/protocol/journal/record.js';
+import { MAX_WRITERS, WRITER_WINDOW } from '../../../src/nvram/writers.js';
 
 const E = 64 * 1024;
 const log = pino({ level: 'silent' });
@@ -59,8 +60,10 @@ test('a retried append is answered, not appended: after its acknowledgement, in 
     const device = devices.get('j');
     await device.open(1);
     const [first] = await device.append(1, [entry('a1', W, 1)]);
-    const [again] = await device.append(1, [entry('a1 again', W, 1)]);
+    const [again] = await device.append(1, [entry('a1', W, 1)]);
     assert.deepEqual(again, first, 'the retry gets the first answer');
+    // The same number with another payload is a writer that lost its numbers: refused, not answered.
+    await assert.rejects(device.append(1, [entry('something else', W, 1)]), (e: Error & { code?: string }) => e.code === 'MS_NVRAM_INVALID' && /another payload/.test(e.message));
     // In flight: both at once.
     const [x, y] = await Promise.all([device.append(1, [entry('a2', W, 2)]), device.append(1, [entry('a2', W, 2)])]);
     assert.deepEqual(x, y);
@@ -150,4 +153,46 @@ test('after a restart, many appends of one writer at once are taken in the order
     const answers = await Promise.all(Array.from({ length: 32 }, (_, i) => device.append(1, [entry(`w${i + 2}`, W, i + 2)])));
     assert.deepEqual(answers.map((a) => a[0]?.seq), Array.from({ length: 32 }, (_, i) => i + 2));
     await restarted.close();
+  }));
+
+test('the writers index has a fixed size: many writers and many numbers, failed ones included, stay bounded in writers and failed numbers', () =>
+  withDir(async (dir) => {
+    const devices = await manager(dir);
+    await devices.create('j', 4 * E, 'volatile');
+    const device = devices.get('j');
+    await device.open(1);
+    // 200 writers (more than the MAX_WRITERS remembered) x 300 numbers, trimming behind.
+    let last = 0;
+    for (let round = 0; round < 300; round++) {
+      const batch = Array.from({ length: 200 }, (_, w) => entry('x', w.toString(16).padStart(16, '0'), round + 1));
+      const acks = await device.append(1, batch);
+      last = acks.at(-1)?.seq ?? last;
+      await device.trim(1, last);
+    }
+    // A full device: every append fails, and failed numbers are not kept beyond the window.
+    await devices.create('small', E, 'volatile');
+    const small = devices.get('small');
+    await small.open(1);
+    const big = Buffer.alloc(E);
+    for (let n = 1; n <= 3000; n++) await small.append(1, [{ payload: big, writer: { id: W, seq: n } }]).catch(() => undefined);
+    assert.deepEqual(device.writerStats(), { writers: MAX_WRITERS, inflight: 0, failed: 0 });
+    const { failed, inflight, writers } = small.writerStats();
+    assert.equal(writers, 1);
+    assert.equal(inflight, 0);
+    assert.ok(failed <= WRITER_WINDOW, `${failed} failed numbers kept, more than the window of ${WRITER_WINDOW}`);
+    await devices.close();
+  }));
+
+test('a record larger than a reader takes is refused at append, with or without a writer', () =>
+  withDir(async (dir) => {
+    const devices = await manager(dir);
+    await devices.create('j', 4 * E, 'volatile');
+    const device = devices.get('j');
+    await device.open(1);
+    const { MAX_PAYLOAD } = await import('../../../src/protocol/journal/record.js');
+    await assert.rejects(device.append(1, [{ payload: Buffer.alloc(MAX_PAYLOAD + 1) }]), { code: 'MS_NVRAM_INVALID' });
+    // Exactly the limit is fine without a writer, too large with its 16 writer bytes.
+    await assert.rejects(device.append(1, [{ payload: Buffer.alloc(MAX_PAYLOAD), writer: { id: W, seq: 1 } }]), { code: 'MS_NVRAM_INVALID' });
+    assert.equal((await device.read(0)).length, 0);
+    await devices.close();
   }));
