@@ -79,6 +79,12 @@ export interface MultipathJournalOptions {
   failoverTimeoutMs?: number;
   /** How often failed paths are tried again in the background; default 1000 ms. */
   probeMs?: number;
+  /**
+   * Records sent and not yet acknowledged, at most (default 512); more wait here. Kept
+   * below the number of answers a device remembers per writer (1024), so whatever a
+   * failover re-sends is still answered, never refused as too old.
+   */
+  maxOutstanding?: number;
 }
 
 export interface MultipathJournalEvents {
@@ -207,8 +213,27 @@ export class MultipathJournal extends EventEmitter<MultipathJournalEvents> {
       };
       this.nextWriterSeq += entries.length;
       this.pending.push(item);
-      if (this.failing === undefined) this.send(item);
+      if (this.failing === undefined) this.pump();
     });
+  }
+
+  /** Sends, in order, the pending appends that fit under maxOutstanding (one at least). */
+  private pump(): void {
+    const cap = this.options.maxOutstanding ?? 512;
+    let outstanding = 0;
+    for (const item of this.pending) {
+      if (item.sent) {
+        outstanding += item.entries.length;
+        continue;
+      }
+      if (outstanding > 0 && outstanding + item.entries.length > cap) return;
+      if (this.active === undefined) {
+        if (this.failing === undefined && !this.closed) void this.failover(undefined);
+        return;
+      }
+      this.send(item);
+      outstanding += item.entries.length;
+    }
   }
 
   /** Reads acknowledged records from `fromSeq` on, through the active path. */
@@ -258,6 +283,7 @@ export class MultipathJournal extends EventEmitter<MultipathJournalEvents> {
         if (at < 0) return;
         this.pending.splice(at, 1);
         item.resolve(appended);
+        if (this.failing === undefined) this.pump();
       },
       (error: unknown) => {
         if (this.pending.indexOf(item) < 0) return;
@@ -268,6 +294,7 @@ export class MultipathJournal extends EventEmitter<MultipathJournalEvents> {
         }
         this.pending.splice(this.pending.indexOf(item), 1);
         item.reject(error instanceof Error ? error : new Error(String(error)));
+        if (this.failing === undefined) this.pump();
       },
     );
   }
@@ -312,8 +339,9 @@ export class MultipathJournal extends EventEmitter<MultipathJournalEvents> {
           path.status.state = 'active';
           path.status.error = null;
           this.emit('path', { ...path.status });
-          // Everything not acknowledged, in order, on the new path.
-          for (const item of this.pending) this.send(item);
+          // Everything not acknowledged, in order, on the new path (within maxOutstanding).
+          for (const item of this.pending) item.sent = false;
+          this.pump();
           return;
         } catch (error) {
           lastError = error;

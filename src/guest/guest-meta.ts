@@ -22,8 +22,8 @@ const GUEST_META_VERSION = 1;
 const guestMetaSchema = z.strictObject({
   version: z.literal(GUEST_META_VERSION, { error: `expected version ${GUEST_META_VERSION}; this node reads no other` }),
   name: z.string().regex(GUEST_NAME_PATTERN, `expected ${GUEST_NAME_FORM}`),
-  command: z.array(z.string().min(1).max(4096)).min(1).max(1024),
-  env: z.record(z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, 'expected an environment variable name'), z.string().max(65536)),
+  command: z.array(z.string().min(1).max(4096).regex(/^[^\0]*$/, 'expected no NUL')).min(1).max(1024),
+  env: z.record(z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, 'expected an environment variable name'), z.string().max(65536).regex(/^[^\0]*$/, 'expected no NUL')),
   restart: z.enum(RESTART_POLICIES),
   running: z.boolean(),
   createdAt: z.iso.datetime(),

@@ -32,8 +32,8 @@
 
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { constants, createWriteStream, renameSync, type WriteStream } from 'node:fs';
-import { access, chown, mkdir, open, readFile, readdir, rm, stat } from 'node:fs/promises';
+import { closeSync, constants, createWriteStream, fstatSync, openSync, renameSync, type WriteStream } from 'node:fs';
+import { access, chmod, lchown, mkdir, open, readFile, readdir, rm, stat } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import { delimiter, isAbsolute, join } from 'node:path';
 import { Readable } from 'node:stream';
@@ -110,6 +110,9 @@ export interface CutThroughHost {
   tcp(): { nbd: string; rmem: string };
 }
 
+/** Volumes, and NVRAM devices, a guest may have attached (what its definition file holds). */
+const MAX_ATTACHED = 256;
+
 /** Unix socket paths are limited to 108 bytes with the terminating NUL (sockaddr_un). */
 const MAX_SOCKET_PATH = 107;
 
@@ -163,6 +166,8 @@ class Guest {
   readonly devices: Set<string>;
   /** Operations on the guest (start, stop, reset, set, attach, detach, remove, restarts) run one at a time, in order. */
   queue: Promise<unknown>;
+  /** Streams following its log: ended when it is removed or the node stops. */
+  readonly followers: Set<Readable>;
 
   constructor(definition: GuestDefinition) {
     this.definition = definition;
@@ -194,6 +199,7 @@ class Guest {
     this.rmemSocket = undefined;
     this.devices = new Set(definition.nvram);
     this.queue = Promise.resolve();
+    this.followers = new Set();
   }
 
   /** Running or about to (booting, or waiting out a restart backoff): it holds its CPU share. */
@@ -241,7 +247,7 @@ export class GuestSupervisor {
   private setpriv: string | undefined;
   private statsTimer: NodeJS.Timeout | undefined;
   /** Volumes and devices being removed or claimed (exclusive): not to be attached meanwhile. */
-  private readonly held: Map<string, number>;
+  private readonly held: Map<string, 1>;
   private sampling: boolean;
   readonly cpus: number;
   readonly reserveCpu: number;
@@ -309,7 +315,12 @@ export class GuestSupervisor {
         this.options.log.error({ guest: guest.definition.name }, `guest ${guest.definition.name} not started: ${guest.error}`);
         continue;
       }
-      await this.serial(guest, () => this.boot(guest));
+      // A guest that cannot boot is failed, with the reason; it never keeps the node from starting.
+      await this.serial(guest, () => this.boot(guest)).catch((error: unknown) => {
+        guest.state = 'failed';
+        guest.error = error instanceof Error ? error.message : String(error);
+        this.options.log.error({ guest: guest.definition.name, err: error }, `guest ${guest.definition.name} cannot be started: ${guest.error}`);
+      });
     }
     this.statsTimer = setInterval(() => { void this.sample(); }, STATS_INTERVAL_MS);
     this.statsTimer.unref();
@@ -334,6 +345,12 @@ export class GuestSupervisor {
     const { name, command } = request;
     if (!GUEST_NAME_PATTERN.test(name)) throw new MisuseError('MS_GUEST_INVALID', `invalid guest name ${JSON.stringify(name.slice(0, 80))}: expected ${GUEST_NAME_FORM}`, { details: { name } });
     if (command.length === 0 || command.some((arg) => arg.length === 0)) throw new MisuseError('MS_GUEST_INVALID', `guest ${name}: expected a command and its arguments, none of them empty`, { details: { name } });
+    // What the definition file may hold (guest-meta.ts), so a guest defined is one that loads.
+    if (command.length > 1024 || command.some((arg) => arg.length > 4096 || arg.includes('\0'))) throw new MisuseError('MS_GUEST_INVALID', `guest ${name}: at most 1024 arguments of at most 4096 characters, without NUL`, { details: { name } });
+    for (const [key, value] of Object.entries(request.env ?? {})) {
+      if (value.length > 65536 || value.includes('\0')) throw new MisuseError('MS_GUEST_INVALID', `guest ${name}: environment variable ${key}: at most 65536 characters, without NUL`, { details: { name } });
+    }
+    if ((request.volumes?.length ?? 0) > MAX_ATTACHED || (request.nvram?.length ?? 0) > MAX_ATTACHED) throw new MisuseError('MS_GUEST_INVALID', `guest ${name}: at most ${MAX_ATTACHED} volumes and ${MAX_ATTACHED} NVRAM devices`, { details: { name } });
     const restart = request.restart ?? 'on-failure';
     if (!RESTART_POLICIES.includes(restart)) throw new MisuseError('MS_GUEST_INVALID', `guest ${name}: restart policy ${JSON.stringify(restart)} is not one of ${RESTART_POLICIES.join(', ')}`, { details: { name } });
     for (const key of Object.keys(request.env ?? {})) {
@@ -358,13 +375,16 @@ export class GuestSupervisor {
     // Starting: live at once, so its share counts for a create racing it.
     if (start) guest.state = 'booting';
     this.guests.set(name, guest);
-    try {
-      await writeGuestMeta(this.dir, definition, this.options.fs);
-    } catch (error) {
-      this.guests.delete(name);
-      throw error;
-    }
-    if (start) await this.serial(guest, () => this.boot(guest));
+    // In its queue from the start: a stop or set that arrives while it is saved waits.
+    await this.serial(guest, async () => {
+      try {
+        await writeGuestMeta(this.dir, definition, this.options.fs);
+      } catch (error) {
+        this.guests.delete(name);
+        throw error;
+      }
+      if (start) await this.boot(guest);
+    });
     return this.describe(guest);
   }
 
@@ -376,10 +396,11 @@ export class GuestSupervisor {
       if (guest.live) this.checkBudget(name, limits.cpu);
       const before = { cpu: guest.definition.cpu, cores: guest.definition.cores, memory: guest.definition.memory };
       const pid = guest.child?.pid;
-      // Enforced and persisted together, or neither: on a failure the old limits go back.
+      // The new share counts for other guests' budget checks from here (no await before);
+      // enforced and persisted together, or neither: on a failure the old limits go back.
+      Object.assign(guest.definition, limits);
       try {
         if (pid !== undefined) await this.enforce(guest, limits, pid);
-        Object.assign(guest.definition, limits);
         await writeGuestMeta(this.dir, guest.definition, this.options.fs);
       } catch (error) {
         Object.assign(guest.definition, before);
@@ -401,6 +422,7 @@ export class GuestSupervisor {
     const { name } = guest.definition;
     const list = kind === 'volume' ? guest.definition.volumes : guest.definition.nvram;
     if (!list.includes(device)) {
+      if (list.length >= MAX_ATTACHED) throw new MisuseError('MS_GUEST_INVALID', `guest ${name} has ${MAX_ATTACHED} ${kind === 'volume' ? 'volumes' : 'NVRAM devices'}, the most a guest may have`, { details: { name } });
       this.checkAttach(name, kind, device);
       list.push(device);
       if (kind === 'nvram') guest.devices.add(device);
@@ -435,11 +457,16 @@ export class GuestSupervisor {
       throw new RuntimeError('MS_VOLUME_BUSY', `guest ${name} has an NBD connection to volume ${device}; close it or stop the guest first`, { details: { name, volume: device } });
     }
     list.splice(at, 1);
+    // Detached, a device the guest allocated is no longer its own: it may not remove it,
+    // and it no longer counts against its quota.
+    const owned = kind === 'nvram' ? guest.definition.ownNvram.indexOf(device) : -1;
+    if (owned >= 0) guest.definition.ownNvram.splice(owned, 1);
     if (kind === 'nvram') guest.devices.delete(device);
     try {
       await writeGuestMeta(this.dir, guest.definition, this.options.fs);
     } catch (error) {
       list.splice(at, 0, device);
+      if (owned >= 0) guest.definition.ownNvram.splice(owned, 0, device);
       if (kind === 'nvram') guest.devices.add(device);
       throw error;
     }
@@ -459,13 +486,14 @@ export class GuestSupervisor {
       throw new RuntimeError('MS_GUEST_ATTACHED', `${kind === 'volume' ? 'volume' : 'NVRAM device'} ${device} is attached to guest ${holder} and cannot be ${what}; detach it first (memstrata guest detach ${holder} --${kind} ${device})`, { details: { [kind]: device, guest: holder } });
     }
     const key = `${kind}:${device}`;
-    this.held.set(key, (this.held.get(key) ?? 0) + 1);
+    if (this.held.has(key)) {
+      throw new RuntimeError('MS_GUEST_ATTACH_BUSY', `${kind === 'volume' ? 'volume' : 'NVRAM device'} ${device} is being removed, claimed or allocated; try again`, { details: { [kind]: device } });
+    }
+    this.held.set(key, 1);
     try {
       return await fn();
     } finally {
-      const left = (this.held.get(key) ?? 1) - 1;
-      if (left === 0) this.held.delete(key);
-      else this.held.set(key, left);
+      this.held.delete(key);
     }
   }
 
@@ -481,11 +509,21 @@ export class GuestSupervisor {
   async start(name: string): Promise<GuestInfo> {
     const guest = this.get(name);
     return this.serial(guest, async () => {
-      if (!guest.live) this.checkBudget(name, guest.definition.cpu);
-      await this.setRunning(guest, true);
       if (!guest.live) {
+        this.checkBudget(name, guest.definition.cpu);
+        // Live from here (no await before): a start of another guest counts this share.
+        const was = guest.state;
+        guest.state = 'booting';
+        try {
+          await this.setRunning(guest, true);
+        } catch (error) {
+          guest.state = was;
+          throw error;
+        }
         guest.backoffMs = BACKOFF_MIN_MS;
         await this.boot(guest);
+      } else {
+        await this.setRunning(guest, true);
       }
       return this.describe(guest);
     });
@@ -505,8 +543,12 @@ export class GuestSupervisor {
   async reset(name: string): Promise<GuestInfo> {
     const guest = this.get(name);
     return this.serial(guest, async () => {
-      // A guest that was not running starts by its reset: its share must fit, as for start.
-      if (!guest.live) this.checkBudget(name, guest.definition.cpu);
+      // A guest that was not running starts by its reset: its share must fit, as for start,
+      // and counts from here (no await before).
+      if (!guest.live) {
+        this.checkBudget(name, guest.definition.cpu);
+        guest.state = 'booting';
+      }
       await this.setRunning(guest, true);
       await this.halt(guest, 0);
       guest.resets++;
@@ -532,7 +574,7 @@ export class GuestSupervisor {
    * does not keep up is not read for: at most one 1 MiB piece waits in the stream.
    */
   followLogs(name: string, backlog = 64 * 1024): Readable {
-    this.get(name);
+    const guest = this.get(name);
     const dir = join(this.dir, name);
     let position = -1;
     let ino = -1;
@@ -587,9 +629,15 @@ export class GuestSupervisor {
       },
       destroy: (error, callback) => {
         clearInterval(timer);
+        guest.followers.delete(stream);
         callback(error);
       },
     });
+    stream.once('end', () => {
+      clearInterval(timer);
+      guest.followers.delete(stream);
+    });
+    guest.followers.add(stream);
     void poll();
     return stream;
   }
@@ -603,7 +651,6 @@ export class GuestSupervisor {
       this.guests.delete(name);
       guest.out?.end();
       guest.out = undefined;
-      await this.closeSockets(guest);
       await rm(join(this.dir, `${name}.json`), { force: true });
       await rm(join(this.dir, name), { recursive: true, force: true });
       if (this.cgroups !== undefined && this.cgroupsOpen) {
@@ -611,6 +658,10 @@ export class GuestSupervisor {
         if (this.guests.size === 0) await this.closeCgroups();
       }
     });
+    // Outside the guest's queue: closing drains its connections, and a request on them
+    // (a JCREATE) waits in that queue; it finds the guest gone and is refused.
+    await this.closeSockets(guest);
+    for (const follower of guest.followers) follower.push(null);
   }
 
   /** Node shutdown: every guest's tree stopped; their definitions say whether they boot at the next start. */
@@ -622,6 +673,8 @@ export class GuestSupervisor {
     await Promise.all([...this.guests.values()].map((g) => this.serial(g, () => this.halt(g, this.options.graceMs ?? 5000)).catch(() => undefined)));
     for (const guest of this.guests.values()) {
       guest.out?.end();
+      // A follower would keep its response, and so the admin server, open.
+      for (const follower of guest.followers) follower.push(null);
       await this.closeSockets(guest);
     }
     await this.closeCgroups();
@@ -753,7 +806,8 @@ export class GuestSupervisor {
   private async createOwnDevice(guest: Guest, device: string, size: number, policy: Policy): Promise<void> {
     const host = this.options.cutThrough;
     const { name, nvramQuota } = guest.definition;
-    if (host === undefined) throw new MisuseError('MS_RMEM_UNSUPPORTED', 'this node serves no cut-through devices');
+    if (host === undefined || this.guests.get(name) !== guest) throw new MisuseError('MS_RMEM_UNSUPPORTED', `guest ${name} is removed or this node serves no cut-through devices`);
+    if (guest.definition.nvram.length >= MAX_ATTACHED) throw new RuntimeError('MS_GUEST_NVRAM_QUOTA', `guest ${name} has ${MAX_ATTACHED} NVRAM devices, the most a guest may have`, { details: { name } });
     const quotaError = (wanted: number): RuntimeError => new RuntimeError('MS_GUEST_NVRAM_QUOTA', `guest ${name}: a ${wanted}-byte NVRAM device would bring its own devices to ${this.nvramOwned(guest) + wanted} bytes, more than its quota of ${nvramQuota ?? 0}`, { details: { name, device, quota: nvramQuota ?? 0 } });
     if (host.nvramSize(device) !== undefined) throw new MisuseError('MS_NVRAM_EXISTS', `an NVRAM device named ${device} already exists`, { details: { name: device } });
     if (nvramQuota === null || this.nvramOwned(guest) + size > nvramQuota) throw quotaError(size);
@@ -789,7 +843,7 @@ export class GuestSupervisor {
   private async removeOwnDevice(guest: Guest, device: string): Promise<void> {
     const host = this.options.cutThrough;
     const { name } = guest.definition;
-    if (host === undefined || !guest.definition.ownNvram.includes(device)) throw new MisuseError('MS_NVRAM_NOT_FOUND', `no NVRAM device named "${device}"`, { details: { name: device } });
+    if (host === undefined || this.guests.get(name) !== guest || !guest.definition.ownNvram.includes(device) || !guest.devices.has(device)) throw new MisuseError('MS_NVRAM_NOT_FOUND', `no NVRAM device named "${device}"`, { details: { name: device } });
     await host.removeNvram(device);
     guest.definition.nvram = guest.definition.nvram.filter((d) => d !== device);
     guest.definition.ownNvram = guest.definition.ownNvram.filter((d) => d !== device);
@@ -1002,9 +1056,10 @@ export class GuestSupervisor {
     guest.timer = undefined;
     const { name, command, env } = guest.definition;
     const cwd = join(this.dir, name);
+    // Booting from here, before any await: its share counts for other guests' checks.
+    guest.state = 'booting';
     // Private: its sockets are in it.
     await mkdir(cwd, { recursive: true, mode: 0o700 });
-    guest.state = 'booting';
     guest.error = null;
     guest.halting = false;
     guest.overMemory = null;
@@ -1019,11 +1074,24 @@ export class GuestSupervisor {
     // Another user: its directory and sockets become its own, its home and name in the environment.
     let account: { uid: number; gid: number; home: string } | undefined;
     const user = guest.definition.user;
+    let workdir = cwd;
     if (user !== null) {
       try {
         account = await this.account(name, user);
-        await chown(cwd, account.uid, account.gid);
-        for (const socket of [guest.nbdSocket, guest.rmemSocket]) if (socket !== undefined) await chown(socket.path, account.uid, account.gid);
+        // The guest's directory stays the node's (mode 0711: reachable, not writable), so the
+        // node's own files there (log, sockets) are never the guest's to replace with a link
+        // or a FIFO; the guest works in home/, which is its own. Nothing here follows links.
+        await chmod(cwd, 0o711);
+        workdir = join(cwd, 'home');
+        await mkdir(workdir, { recursive: true, mode: 0o700 });
+        await lchown(workdir, account.uid, account.gid);
+        for (const socket of [guest.nbdSocket, guest.rmemSocket]) if (socket !== undefined) await lchown(socket.path, account.uid, account.gid);
+        if (account.uid !== process.getuid?.() && this.setpriv !== undefined && guest.rmemSocket !== undefined) {
+          // Its sockets are reached by absolute path: every directory above must let it through.
+          await execFileAsync(this.setpriv, [`--reuid=${account.uid}`, `--regid=${account.gid}`, '--init-groups', '--', 'test', '-w', guest.rmemSocket.path], { timeout: 5000 }).catch(() => {
+            throw new Error(`user ${user} cannot reach ${guest.rmemSocket?.path ?? 'its sockets'}: every directory above the data directory's guests/ must be traversable by it (chmod o+x)`);
+          });
+        }
       } catch (error) {
         guest.state = 'failed';
         guest.error = (error as Error).message;
@@ -1036,7 +1104,7 @@ export class GuestSupervisor {
     const [file = '', ...args] = command;
     // Through a wrapper (sh, taskset) the command's own ENOENT would be an exit code:
     // looked up first, so a command that does not exist still fails at once.
-    const found = await findCommand(file, guestEnv.PATH, cwd);
+    const found = await findCommand(file, guestEnv.PATH, workdir);
     if (typeof found !== 'string') {
       guest.state = 'failed';
       guest.error = `cannot run ${file}: ${found.error}`;
@@ -1065,12 +1133,21 @@ export class GuestSupervisor {
       argv = ['/bin/sh', '-c', JOIN_SCRIPT, 'memstrata-guest', String(files.length), ...files, ...argv];
     }
     const [program = '', ...programArgs] = argv;
-    const child = spawn(program, programArgs, {
-      cwd,
-      detached: true, // its own process group: stop and reset reach the whole tree
-      stdio: ['ignore', 'pipe', 'pipe'],
-      env: guestEnv,
-    });
+    let child: ChildProcess;
+    try {
+      child = spawn(program, programArgs, {
+        cwd: workdir,
+        detached: true, // its own process group: stop and reset reach the whole tree
+        stdio: ['ignore', 'pipe', 'pipe'],
+        env: guestEnv,
+      });
+    } catch (error) {
+      // Refused before any process exists (an argument the kernel cannot take).
+      guest.state = 'failed';
+      guest.error = `cannot run ${file}: ${(error as Error).message}`;
+      this.options.log.error({ guest: name, err: error }, `guest ${name} cannot be started: ${guest.error}`);
+      return;
+    }
     guest.child = child;
     guest.startedAt = Date.now();
     guest.runCpu = new GroupCpu();
@@ -1189,7 +1266,32 @@ export class GuestSupervisor {
   private logTo(guest: Guest, child: ChildProcess): void {
     const limit = this.options.logBytes ?? 1024 * 1024;
     const path = join(this.dir, guest.definition.name, 'log');
-    guest.out ??= createWriteStream(path, { flags: 'a' });
+    // Never through a link: a guest that put one where its log goes gets no log, not a
+    // write by the node somewhere else.
+    const open = (append: boolean): WriteStream | undefined => {
+      const flags = constants.O_WRONLY | constants.O_CREAT | constants.O_NOFOLLOW | constants.O_NONBLOCK | (append ? constants.O_APPEND : constants.O_TRUNC);
+      let fd: number;
+      try {
+        // O_NONBLOCK: a FIFO put there does not hold the open (nor a thread of the pool).
+        fd = openSync(path, flags, 0o644);
+        if (!fstatSync(fd).isFile()) {
+          closeSync(fd);
+          throw new Error('not a regular file');
+        }
+      } catch (error) {
+        this.options.log.warn({ guest: guest.definition.name, err: error }, `guest ${guest.definition.name}: its log cannot be opened; its output is dropped`);
+        return undefined;
+      }
+      const stream = createWriteStream('', { fd });
+      stream.on('error', (error) => {
+        this.options.log.warn({ guest: guest.definition.name, err: error }, `guest ${guest.definition.name}: its log cannot be written; its output is dropped`);
+        if (guest.out === stream) guest.out = undefined;
+        child.stdout?.resume();
+        child.stderr?.resume();
+      });
+      return stream;
+    };
+    guest.out ??= open(true);
     const write = (chunk: Buffer): void => {
       if (guest.outBytes > 0 && guest.outBytes + chunk.length > limit) {
         // Rotate: log -> log.1 (the older one goes); writes still queued on the old stream
@@ -1200,7 +1302,7 @@ export class GuestSupervisor {
           // Not created yet: nothing to keep.
         }
         guest.out?.end();
-        guest.out = createWriteStream(path, { flags: 'w' });
+        guest.out = open(false);
         guest.outBytes = 0;
       }
       guest.outBytes += chunk.length;

@@ -198,3 +198,24 @@ test('multipath: a stalled path (open, no answers) fails over on its request tim
   assert.ok(ack !== undefined && ack.seq > 0);
   assert.equal((await single.read(ack.seq))[0]?.payload.toString(), 'after');
 });
+
+test('multipath: with more than the device remembers in flight when a path stalls, the client holds the rest back, and every append lands once', async (t) => {
+  const node = await startNode({ cwd: await tempDir(t) });
+  t.after(() => node.stop('SIGKILL'));
+  await createDevice(node, 'many', 'volatile');
+  const front = await proxy(t, node.rmem);
+  const journal = await MultipathJournal.open({ device: 'many', serverId: 'many', epoch: 1, timeoutMs: 500, paths: [{ name: 'stalls', host: '127.0.0.1', port: front.port }, { name: 'direct', ...node.rmem }] });
+  t.after(() => journal.close());
+  await journal.append([{ payload: Buffer.from('first') }]);
+  front.stall();
+  // 12 appends of 100 records each at once: 1200 outstanding, more than the 1024 answers a device keeps per writer.
+  const batches = Array.from({ length: 12 }, (_, b) => journal.append(Array.from({ length: 100 }, (_, i) => ({ payload: Buffer.from(`b${b}-${i}`) }))));
+  const acks = (await Promise.all(batches)).flat();
+  assert.equal(acks.length, 1200);
+  const reader = await RmemClient.connect({ ...node.rmem, serverId: 'reader', reconnect: false });
+  t.after(() => reader.close());
+  const records = await readAll(reader, await reader.journalOpen('many', 1));
+  const texts = records.map((r) => Buffer.from(r.payload).toString());
+  assert.equal(new Set(texts).size, texts.length, 'no record twice');
+  assert.equal(texts.length, 1201);
+});

@@ -362,3 +362,16 @@ test('cgroup1: a node without guests makes no cgroup; the last guest removed tak
   await guests.remove('g');
   assert.deepEqual(await mine(), before);
 });
+
+test('starts of two stopped guests at once cannot together pass the CPU budget; a NUL in a command or its environment is refused', async (t) => {
+  const guests = await supervisor(t, 'signal', { cpus: 2, reserveCpu: 0.5 });
+  await guests.create({ name: 'ba', command: ['sleep', '60'], cpu: 1 }, false);
+  await guests.create({ name: 'bb', command: ['sleep', '60'], cpu: 1 }, false);
+  const results = await Promise.allSettled([guests.start('ba'), guests.start('bb')]);
+  assert.deepEqual(results.map((r) => r.status).sort(), ['fulfilled', 'rejected'], 'one start wins, the other is over the budget');
+  const resets = await Promise.allSettled([guests.stop('ba').then(() => guests.stop('bb')).then(() => Promise.all([guests.reset('ba'), guests.start('bb')]))]);
+  assert.equal(resets[0]?.status, 'rejected', 'a reset and a start at once: one of them over the budget');
+  await assert.rejects(guests.create({ name: 'nul', command: ['sleep', '100\0'] }), (e) => codeOf(e) === 'MS_GUEST_INVALID');
+  await assert.rejects(guests.create({ name: 'nul', command: ['sleep', '1'], env: { X: 'a\0b' } }), (e) => codeOf(e) === 'MS_GUEST_INVALID');
+  assert.throws(() => guests.info('nul'), (e) => codeOf(e) === 'MS_GUEST_NOT_FOUND');
+});

@@ -4,7 +4,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { lstat, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pino from 'pino';
@@ -166,7 +166,7 @@ test('followLogs streams the guest\'s output as it is written, through rotations
   await done;
 });
 
-test('--user: the guest runs as that user, owns its directory, and an unknown user is refused', async (t) => {
+test('--user: the guest runs as that user in a home of its own, cannot touch the node\'s files for it, and an unknown user is refused', async (t) => {
   if (process.getuid?.() !== 0) {
     t.skip('running a guest as another user needs root');
     return;
@@ -177,12 +177,17 @@ test('--user: the guest runs as that user, owns its directory, and an unknown us
   await (await import('node:fs/promises')).chmod(dir, 0o711);
   const { guests } = await supervisor(t, dir);
   await assert.rejects(guests.create({ name: 'ghost', command: ['true'], user: 'no-such-user-here' }), { code: 'MS_GUEST_INVALID' });
-  await guests.create({ name: 'low', command: ['sh', '-c', 'id -u > whoami; exec sleep 60'], user: 'nobody' });
+  // It tries to replace the node's files next to its home (its log, its socket) with links.
+  await guests.create({ name: 'low', command: ['sh', '-c', 'id -u > whoami; ln -sf /etc/passwd ../log 2> link.err; rm -f ../rmem.sock 2>> link.err; exec sleep 60'], user: 'nobody' });
   await until('running', () => guests.info('low').state === 'running');
   const pid = guests.info('low').pid ?? 0;
-  await until('it wrote who it is', async () => (await readFile(join(guests.dir, 'low', 'whoami'), 'utf8').catch(() => '')).trim() !== '');
-  assert.equal((await readFile(join(guests.dir, 'low', 'whoami'), 'utf8')).trim(), '65534');
+  const home = join(guests.dir, 'low', 'home');
+  await until('it wrote who it is', async () => (await readFile(join(home, 'whoami'), 'utf8').catch(() => '')).trim() !== '');
+  assert.equal((await readFile(join(home, 'whoami'), 'utf8')).trim(), '65534');
   assert.match(await readFile(`/proc/${pid}/status`, 'utf8'), /^Uid:\s+65534\s/m);
-  assert.equal((await stat(join(guests.dir, 'low'))).uid, 65534);
+  assert.equal((await stat(home)).uid, 65534, 'its home is its own');
+  assert.equal((await stat(join(guests.dir, 'low'))).uid, 0, 'the directory holding the node\'s files is not');
+  await until('its attempts failed', async () => (await readFile(join(home, 'link.err'), 'utf8').catch(() => '')).split('\n').filter(Boolean).length >= 1);
+  assert.ok(!(await lstat(join(guests.dir, 'low', 'log')).then((st) => st.isSymbolicLink(), () => false)), 'no link where the node writes');
   assert.equal(guests.info('low').user, 'nobody');
 });
