@@ -6,7 +6,9 @@
 // `running` is what the operator asked for last (start or stop): a node that starts boots
 // again the guests that were running. `cpu` (a fraction of one core), `cores` (how many
 // CPUs it may run on) and `memory` (bytes) are its limits, null for none; files written
-// before they existed have none. `volumes` and `nvram` are what is attached to it.
+// before they existed have none. `volumes` and `nvram` are what is attached to it,
+// `nvramQuota` what it may allocate itself and `ownNvram` what it did, `user` who it runs
+// as (null: the node's user).
 
 import { join } from 'node:path';
 import { z } from 'zod';

@@ -1,30 +1,33 @@
 // The guest supervisor (DESIGN 4.6, issue 12): programs the node boots as child processes,
-// keeps running, and holds to a share of the node's CPU, a set of cores and a memory
-// limit. Cut-through devices come next.
+// keeps running, holds to a share of the node's CPU, a set of cores and a memory limit,
+// and serves through cut-through sockets of their own (docs/guests.md).
 //
 //   guests/<name>.json   the definition (guest-meta.ts), validated on load
-//   guests/<name>/       the guest's working directory; log and log.1 hold its output
+//   guests/<name>/       the guest's directory: log, log.1, nbd.sock, rmem.sock; its
+//                        working directory, or (--user) home/ below it, its own
 //
 // A guest runs in its own process group (spawned detached), so stop and reset reach its
 // whole tree: SIGTERM to the group, SIGKILL after the grace period, and SIGKILL again to
-// the group once the leader is gone, for children that outlived it.
+// the group (and to what is left in its cgroup) once the leader is gone.
 //
 // States: booting (spawned, or waiting out a restart backoff), running, stopped (asked
 // to, or exited 0 with no restart due), failed (could not be started, or exited non-zero
 // with no restart due). Restart policies: never, on-failure (exit code not 0, or killed by
 // a signal it was not sent by the supervisor), always; the backoff doubles from 100 ms
 // to 10 s and starts over once a run lasted 10 s. A guest whose command cannot be run
-// (ENOENT, EACCES) fails at once and is not restarted until started again.
+// (ENOENT, EACCES) fails at once and is not restarted until started again. Operations on
+// one guest (start, stop, reset, set, attach, detach, remove, its restarts and its own
+// NVRAM allocations) run one at a time, in order (`serial`).
 //
 // Limits (cgroup.ts, duty-cycle.ts): the enforcement is chosen once at open, the first of
 // cgroup v2, cgroup v1 and the signal fallback that works (or the one guests.enforcement
 // names). Every guest gets a cgroup where there is one; the node's guests together are
-// capped at (cores - guests.reserveCpu), and the shares of the guests that are to run may
-// not add up to more than that either (MS_GUEST_CPU_BUDGET). Without a cgroup: the CPU
-// share is a SIGSTOP/SIGCONT duty cycle, cores are pinned with taskset, and the memory
-// limit is watched: a guest whose process group's RSS passes it is killed and left
-// `failed` (not restarted), as the kernel's OOM killer would in a cgroup. Figures (CPU
-// time, CPU used over the last second, throttled time, memory) are read every second.
+// capped at (cores - guests.reserveCpu), and the shares of the live guests may not add up
+// to more than that either (MS_GUEST_CPU_BUDGET). Without a cgroup: the CPU share is a
+// SIGSTOP/SIGCONT duty cycle, cores are pinned with taskset, and the memory limit is
+// watched: a guest whose tree's Pss passes it is killed and left `failed` (not
+// restarted), as the kernel's OOM killer would in a cgroup. Figures (CPU time, CPU used
+// over the last second, throttled time, memory) are read every second.
 //
 // Output goes to a bounded log: once `log` passes logBytes it becomes `log.1` (replacing
 // the older one), so a guest keeps at most twice logBytes on disk; while the disk is
