@@ -30,9 +30,25 @@ export interface NodeProcess {
 }
 
 /** A temporary directory removed when the test ends. */
+/** Nodes running now, by the directory they run in: a temporary directory waits for them. */
+const running = new Map<string, Set<Promise<unknown>>>();
+
+/**
+ * A temporary directory, removed after the test. Hooks run in the order they were added,
+ * so this one comes before the hook that stops a node started in the directory later:
+ * the removal waits (up to a minute) for every node running in it to exit, so it never
+ * races a node still writing there (which made `rm` fail with ENOTEMPTY).
+ */
 export async function tempDir(t: { after(fn: () => Promise<void>): void }, prefix = 'memstrata-test-'): Promise<string> {
   const path = await mkdtemp(join(tmpdir(), prefix));
-  t.after(() => rm(path, { recursive: true, force: true }));
+  t.after(async () => {
+    const nodes = [...running.entries()].filter(([dir]) => dir === path || dir.startsWith(`${path}/`)).flatMap(([, exits]) => [...exits]);
+    const idle = Promise.race([Promise.all(nodes), new Promise((r) => setTimeout(r, 60_000).unref())]);
+    // Not awaited: the hooks that stop those nodes come after this one. The pending
+    // removal keeps the test file's process alive until it is done.
+    void idle.then(() => rm(path, { recursive: true, force: true, maxRetries: 5, retryDelay: 100 })).catch(() => undefined);
+    await Promise.resolve();
+  });
   return path;
 }
 
@@ -60,6 +76,14 @@ export function startNode(options: StartOptions): Promise<NodeProcess> {
   let stderr = '';
   proc.stderr?.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
   const exited = new Promise<number | string>((resolve) => proc.once('exit', (code, signal) => resolve(code ?? signal ?? -1)));
+  const cwd = options.cwd;
+  const exits = running.get(cwd) ?? new Set();
+  running.set(cwd, exits);
+  exits.add(exited);
+  void exited.then(() => {
+    exits.delete(exited);
+    if (exits.size === 0) running.delete(cwd);
+  });
 
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => {

@@ -16,6 +16,11 @@ import { parseProcStat } from '../../../src/guest/proc-stat.js';
 import { isMemstrataError } from '../../../src/errors.js';
 
 const log = pino({ level: 'silent' });
+
+/** Removes a test directory; retried, and never failing the test, since a guest may still be writing its log as it goes. */
+async function removeDir(dir: string): Promise<void> {
+  await rm(dir, { recursive: true, force: true, maxRetries: 10, retryDelay: 50 }).catch(() => undefined);
+}
 type Ctx = { after(fn: () => Promise<void> | void): void; skip(message?: string): void };
 
 const busy = ['sh', '-c', 'while :; do :; done'];
@@ -32,14 +37,18 @@ async function cgroupV1Writable(): Promise<boolean> {
 
 async function supervisor(t: Ctx, enforcement: EnforcementSetting, options: { cpus?: number; reserveCpu?: number; dataDir?: string } = {}): Promise<GuestSupervisor> {
   const dir = options.dataDir ?? (await mkdtemp(join(tmpdir(), 'memstrata-limits-')));
-  if (options.dataDir === undefined) t.after(() => rm(dir, { recursive: true, force: true }));
+
   const guests = new GuestSupervisor({
     dataDir: dir, log, graceMs: 1000, enforcement, nodeId: () => 'limits-test',
     ...(options.cpus === undefined ? {} : { cpus: options.cpus }),
     ...(options.reserveCpu === undefined ? {} : { reserveCpu: options.reserveCpu }),
   });
   await guests.open();
-  t.after(() => guests.close());
+  // One hook, in this order: the guests stop before their directory goes.
+  t.after(async () => {
+    await guests.close();
+    if (options.dataDir === undefined) await removeDir(dir);
+  });
   return guests;
 }
 
@@ -210,7 +219,7 @@ test('cgroup1: processes a killed node left in a guest\'s cgroup are killed befo
     return;
   }
   const dataDir = await mkdtemp(join(tmpdir(), 'memstrata-limits-'));
-  t.after(() => rm(dataDir, { recursive: true, force: true }));
+  t.after(() => removeDir(dataDir));
   // The first supervisor stands for a node killed with -9: it is never closed before the
   // second opens the same data directory. Its guest leaves a child in another process group.
   const first = await supervisor(t, 'cgroup1', { dataDir });
@@ -286,7 +295,7 @@ test('reset of a guest that is not running is held to the CPU budget, as start i
 
 test('a share smaller than 1 ms per period is refused rather than rounded up', async (t) => {
   const dataDir = await mkdtemp(join(tmpdir(), 'memstrata-limits-'));
-  t.after(() => rm(dataDir, { recursive: true, force: true }));
+  t.after(() => removeDir(dataDir));
   const guests = new GuestSupervisor({ dataDir, log, enforcement: 'signal', periodMs: 10, nodeId: () => 'limits-test' });
   await guests.open();
   t.after(() => guests.close());
@@ -312,7 +321,7 @@ test('cgroup1: a limit set while the guest boots reaches the kernel; leftovers o
     return;
   }
   const dataDir = await mkdtemp(join(tmpdir(), 'memstrata-limits-'));
-  t.after(() => rm(dataDir, { recursive: true, force: true }));
+  t.after(() => removeDir(dataDir));
   const first = await supervisor(t, 'cgroup1', { dataDir });
   await first.create({ name: 'g', command: ['sleep', '60'], cpu: 0.2 }, false);
   const started = first.start('g');

@@ -11,14 +11,23 @@ import pino from 'pino';
 import { GuestSupervisor, type GuestInfo } from '../../../src/guest/supervisor.js';
 
 const log = pino({ level: 'silent' });
+
+/** Removes a test directory; retried, and never failing the test, since a guest may still be writing its log as it goes. */
+async function removeDir(dir: string): Promise<void> {
+  await rm(dir, { recursive: true, force: true, maxRetries: 10, retryDelay: 50 }).catch(() => undefined);
+}
 type Ctx = { after(fn: () => Promise<void> | void): void };
 
 async function supervisor(t: Ctx, dataDir?: string, options: { logBytes?: number; graceMs?: number } = {}): Promise<{ guests: GuestSupervisor; dataDir: string }> {
   const dir = dataDir ?? (await mkdtemp(join(tmpdir(), 'memstrata-guest-')));
-  if (dataDir === undefined) t.after(() => rm(dir, { recursive: true, force: true }));
+
   const guests = new GuestSupervisor({ dataDir: dir, log, graceMs: options.graceMs ?? 2000, ...(options.logBytes === undefined ? {} : { logBytes: options.logBytes }) });
   await guests.open();
-  t.after(() => guests.close());
+  // One hook, in this order: the guests stop before their directory goes.
+  t.after(async () => {
+    await guests.close();
+    if (dataDir === undefined) await removeDir(dir);
+  });
   return { guests, dataDir: dir };
 }
 
@@ -172,7 +181,7 @@ test('--user: the guest runs as that user in a home of its own, cannot touch the
     return;
   }
   const dir = await mkdtemp(join(tmpdir(), 'memstrata-guest-'));
-  t.after(() => rm(dir, { recursive: true, force: true }));
+  t.after(() => removeDir(dir));
   // The user must be able to reach its directory: the data directory is traversable.
   await (await import('node:fs/promises')).chmod(dir, 0o711);
   const { guests } = await supervisor(t, dir);
