@@ -22,7 +22,8 @@
 // writes its own pid to each cgroup.procs and then execs the command (joinScript), so no
 // child it forks can start outside.
 
-import { mkdir, readFile, readdir, rmdir, writeFile } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import { access, mkdir, readFile, readdir, rmdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 
 export type CgroupMode = 'cgroup2' | 'cgroup1';
@@ -124,6 +125,8 @@ export interface CgroupHost {
    * refuses a parent quota below a child's.
    */
   open(cpu: number | null, periodUs: number): Promise<void>;
+  /** Whether the node's cgroups exist now (left by a node that was killed, or open). */
+  exists(): Promise<boolean>;
   /** The guests' cgroups found under the node's: names (without the g- prefix). */
   children(): Promise<string[]>;
   guest(name: string): GuestCgroup;
@@ -197,6 +200,14 @@ export async function openCgroupV2(own: string, nodeId: string): Promise<CgroupH
   const base = join(own, `memstrata-${nodeId}`);
   const memory = wanted.includes('memory');
   const cpuset = wanted.includes('cpuset');
+  // Checked without making anything: a node killed before its first guest leaves nothing.
+  await access(join(own, 'cgroup.subtree_control'), constants.W_OK);
+  const enabled = (await readValue(join(own, 'cgroup.subtree_control'))).split(' ');
+  // The root cgroup has no cgroup.type; any other with processes cannot enable controllers for children.
+  const root = !(await access(join(own, 'cgroup.type')).then(() => true, () => false));
+  if (!enabled.includes('cpu') && !root && (await readValue(join(own, 'cgroup.procs'))).trim() !== '') {
+    throw new Error(`${own} holds processes and does not delegate the cpu controller (cgroup v2 enables controllers only for cgroups without processes); run the node in a delegated cgroup of its own`);
+  }
   return {
     mode: 'cgroup2',
     where: base,
@@ -212,6 +223,7 @@ export async function openCgroupV2(own: string, nodeId: string): Promise<CgroupH
       // v2 lets a child's cpu.max be above its parent's (the parent's still binds).
       await writeValue(join(base, 'cpu.max'), cpuMax(cpu, periodUs));
     },
+    exists: () => isDir(base),
     children: () => guestChildren(base),
     guest: (name) => v2Guest(join(base, guestCgroupName(name)), memory, cpuset),
     remove: async () => { await removeDir(base); },
@@ -270,6 +282,8 @@ export function openCgroupV1(own: CgroupLayout['v1'], nodeId: string): Promise<C
     if (dir !== undefined) bases[c] = join(dir, `memstrata-${nodeId}`);
   }
   const cpuBase = join(cpuDir, `memstrata-${nodeId}`);
+  // Checked without making anything: a node killed before its first guest leaves nothing.
+  const writable = Promise.all([access(cpuDir, constants.W_OK), access(join(cpuDir, 'cpu.cfs_quota_us'), constants.R_OK)]);
   const host: CgroupHost = {
     mode: 'cgroup1',
     where: cpuBase,
@@ -299,11 +313,20 @@ export function openCgroupV1(own: CgroupLayout['v1'], nodeId: string): Promise<C
       for (const child of await guestChildren(cpuBase)) await writeValue(join(cpuBase, guestCgroupName(child), 'cpu.cfs_quota_us'), '-1').catch(() => undefined);
       await setCfs(cpuBase, cpu, periodUs);
     },
+    exists: () => isDir(cpuBase),
     children: () => guestChildren(cpuBase),
     guest: (name) => v1Guest(Object.fromEntries(Object.entries(bases).filter(([, base]) => base !== undefined).map(([c, base]) => [c, join(base, guestCgroupName(name))])), bases.cpuset),
     remove: async () => { await Promise.all(Object.values(bases).filter((b) => b !== undefined).map(removeDir)); },
   };
-  return Promise.resolve(host);
+  return writable.then(() => host);
+}
+
+async function isDir(path: string): Promise<boolean> {
+  try {
+    return (await stat(path)).isDirectory();
+  } catch {
+    return false;
+  }
 }
 
 async function setCfs(dir: string, cpu: number | null, periodUs: number): Promise<void> {

@@ -718,7 +718,16 @@ export class GuestSupervisor {
       await emptyCgroup(cgroup);
       if (!this.guests.has(name)) await cgroup.remove();
     }
-    if (this.guests.size === 0) await this.closeCgroups();
+    if (this.guests.size === 0) {
+      await this.closeCgroups();
+      return;
+    }
+    // Kept for the guests: the total and the guests' quotas set again (the reserve may
+    // have changed; v1 refuses a parent quota below a child's, open clears those first).
+    await this.cgroups.open(this.cpuBudget, this.periodMs * 1000).catch((error: unknown) => {
+      this.cgroupsOpen = false;
+      this.options.log.warn({ err: error }, 'guests: the cgroups a killed node left could not be set again; the first guest to boot will try');
+    });
   }
 
   private describe(guest: Guest): GuestInfo {
@@ -966,10 +975,9 @@ export class GuestSupervisor {
         if (wanted !== 'auto' && wanted !== mode) continue;
         try {
           const host = await open();
-          // A probe that also finds what a killed node left: made now, removed once no guest needs it.
-          await host.open(this.cpuBudget, this.periodMs * 1000);
           this.cgroups = host;
-          this.cgroupsOpen = true;
+          // Made at the first boot; there now only if a node that was killed left them.
+          this.cgroupsOpen = await host.exists();
           this.options.log.info({ enforcement: mode, where: host.where, memory: host.memory, cpuset: host.cpuset, budget: this.cpuBudget }, `guests: limits enforced by ${mode} under ${host.where}`);
           return;
         } catch (error) {
