@@ -250,7 +250,7 @@ export class GuestSupervisor {
   private setpriv: string | undefined;
   private statsTimer: NodeJS.Timeout | undefined;
   /** Volumes and devices being removed or claimed (exclusive): not to be attached meanwhile. */
-  private readonly held: Map<string, 1>;
+  private readonly held: Set<string>;
   private sampling: boolean;
   readonly cpus: number;
   readonly reserveCpu: number;
@@ -269,7 +269,7 @@ export class GuestSupervisor {
     this.taskset = undefined;
     this.setpriv = undefined;
     this.statsTimer = undefined;
-    this.held = new Map();
+    this.held = new Set();
     this.sampling = false;
     this.cpus = options.cpus ?? availableParallelism();
     this.reserveCpu = options.reserveCpu ?? 0.5;
@@ -492,7 +492,7 @@ export class GuestSupervisor {
     if (this.held.has(key)) {
       throw new RuntimeError('MS_GUEST_ATTACH_BUSY', `${kind === 'volume' ? 'volume' : 'NVRAM device'} ${device} is being removed, claimed or allocated; try again`, { details: { [kind]: device } });
     }
-    this.held.set(key, 1);
+    this.held.add(key);
     try {
       return await fn();
     } finally {

@@ -71,6 +71,20 @@ export class ConnectionGate {
     this.warnedClients = new Set();
   }
 
+  /**
+   * Admits a connection on a guest's own socket (issue 12): closed at once when that socket
+   * has `max` open already (`open`), so one guest cannot take the service's connections;
+   * otherwise admitted as one client named `client` (a Unix socket has no address).
+   */
+  admitScoped(socket: GateSocket, client: string, open: number, max: number): Admission | undefined {
+    if (open >= max) {
+      this.stats.refusedPerClient++;
+      socket.destroy();
+      return undefined;
+    }
+    return this.admit({ destroy: () => socket.destroy(), once: (event, listener) => socket.once(event, listener), remoteAddress: client, remotePort: 0 });
+  }
+
   /** Admits a new socket, or closes it and returns undefined when the service is full. */
   admit(socket: GateSocket): Admission | undefined {
     if (this.stats.open >= this.limits.maxConnections) {

@@ -1,7 +1,7 @@
 // Listening and closing for the node's TCP services, with one error shape.
 
 import { chmod, unlink } from 'node:fs/promises';
-import type { Server, Socket } from 'node:net';
+import type { Server } from 'node:net';
 import { NetworkError } from '../errors.js';
 import type { Logger } from '../logger.js';
 import { formatAddress, type ListenAddress } from '../units.js';
@@ -70,10 +70,6 @@ export async function listenUnix(server: Server, path: string, service: string, 
   });
 }
 
-/** A Unix socket as a connection gate sees it: one client, named (a guest), whatever process connects. */
-export function asClient(socket: Socket, client: string): { destroy(): unknown; once(event: 'close', listener: () => void): unknown; remoteAddress: string; remotePort: number } {
-  return { destroy: () => socket.destroy(), once: (event, listener) => socket.once(event, listener), remoteAddress: client, remotePort: 0 };
-}
 
 /** A cut-through socket a service listens on for one guest (issue 12). */
 export interface ScopedListener {

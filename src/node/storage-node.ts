@@ -104,7 +104,7 @@ export class StorageNode {
         tcp: () => ({ nbd: formatAddress(this.nbd?.address ?? config.nbd.listen), rmem: formatAddress(this.rmemAddress ?? config.rmem.listen) }),
         createNvram: async (name, size, policy) => (await this.nvram.create(name, size, policy)).size,
         removeNvram: (name) => this.nvram.remove(name),
-        nvramSize: (name) => this.nvram.list().find((d) => d.name === name)?.size,
+        nvramSize: (name) => this.nvram.find(name)?.size,
         guestEnded: (name) => this.rmem?.endSessionsOf(`guest:${name}/`),
       },
     });

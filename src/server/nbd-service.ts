@@ -26,7 +26,7 @@ import { ConnectionGate } from '../net/connection-gate.js';
 import { SharedBudget, newFlowStats, type FlowLimits, type FlowStats } from '../net/request-flow.js';
 import type { VolumeIo } from '../storage/volume-io.js';
 import type { VolumeManager } from '../storage/volume-manager.js';
-import { asClient, closeServer, listenOn, listenUnix, type ScopedListener } from '../net/listen.js';
+import { closeServer, listenOn, listenUnix, type ScopedListener } from '../net/listen.js';
 import type { ListenAddress } from '../units.js';
 import { BufferPool } from './buffer-pool.js';
 import { NbdConnection, type ExportCatalog, type NbdHost, type NbdStats } from './nbd-connection.js';
@@ -158,13 +158,7 @@ export class NbdService implements NbdHost {
         socket.destroy();
         return;
       }
-      // One guest may not take the service's connections: its socket admits maxConnections.
-      if (own.size >= maxConnections) {
-        this.gate.stats.refusedPerClient++;
-        socket.destroy();
-        return;
-      }
-      const admission = this.gate.admit(asClient(socket, client));
+      const admission = this.gate.admitScoped(socket, client, own.size, maxConnections);
       if (admission === undefined) return;
       const connection = new NbdConnection(socket, host, admission);
       own.add(connection);

@@ -37,7 +37,7 @@ import { MisuseError } from '../errors.js';
 import type { ServerMemory, Tenancy } from '../memory/server-memory.js';
 import type { DeviceManager } from '../nvram/device-manager.js';
 import type { Logger } from '../logger.js';
-import { DRAIN_DEADLINE_MS, asClient, closeServer, listenOn, listenUnix, type ScopedListener } from '../net/listen.js';
+import { DRAIN_DEADLINE_MS, closeServer, listenOn, listenUnix, type ScopedListener } from '../net/listen.js';
 import { ConnectionGate } from '../net/connection-gate.js';
 import { SharedBudget, newFlowStats, type FlowLimits, type FlowStats } from '../net/request-flow.js';
 import { serviceLoad, type ServiceLoad } from '../net/service-load.js';
@@ -298,12 +298,7 @@ export class RmemService implements ConnectionHost {
         socket.destroy();
         return;
       }
-      if (own.size >= maxConnections) {
-        this.gate.stats.refusedPerClient++;
-        socket.destroy();
-        return;
-      }
-      const admission = this.gate.admit(asClient(socket, scope.client));
+      const admission = this.gate.admitScoped(socket, scope.client, own.size, maxConnections);
       if (admission === undefined) return;
       this.stats.connectionsAccepted++;
       const connection = new RmemConnection(socket, this, admission, scope);

@@ -9,17 +9,7 @@ import { fileURLToPath } from 'node:url';
 import type { GuestInfoJson, GuestsJson } from '../../src/protocol/admin/api.js';
 import { RmemClient } from '../../src/client/index.js';
 import { spawn } from 'node:child_process';
-import { CLI, runCli, startNode, tempDir } from '../support/node-process.js';
-
-function alive(pid: number | null | undefined): boolean {
-  if (pid === null || pid === undefined) return false;
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
+import { CLI, alive, runCli, startNode, tempDir } from '../support/node-process.js';
 
 async function until(what: string, probe: () => Promise<boolean>, ms = 10_000): Promise<void> {
   const deadline = Date.now() + ms;

@@ -30,6 +30,17 @@ export interface NodeProcess {
 }
 
 /** A temporary directory removed when the test ends. */
+/** Whether a process with this pid exists (signal 0). */
+export function alive(pid: number | null | undefined): boolean {
+  if (pid === null || pid === undefined) return false;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 /** Nodes running now, by the directory they run in: a temporary directory waits for them. */
 const running = new Map<string, Set<Promise<unknown>>>();
 

@@ -14,6 +14,7 @@ import pino from 'pino';
 import { GuestSupervisor, type EnforcementSetting } from '../../../src/guest/supervisor.js';
 import { parseProcStat } from '../../../src/guest/proc-stat.js';
 import { isMemstrataError } from '../../../src/errors.js';
+import { alive } from '../../support/node-process.js';
 
 const log = pino({ level: 'silent' });
 
@@ -227,14 +228,6 @@ test('cgroup1: processes a killed node left in a guest\'s cgroup are killed befo
   const escapedFile = join(first.dir, 'kv', 'escaped.pid');
   await until('the child started', async () => (await readFile(escapedFile, 'utf8').catch(() => '')).trim() !== '');
   const escaped = Number((await readFile(escapedFile, 'utf8')).trim());
-  const alive = (pid: number): boolean => {
-    try {
-      process.kill(pid, 0);
-      return true;
-    } catch {
-      return false;
-    }
-  };
   assert.ok(alive(escaped));
   const second = await supervisor(t, 'cgroup1', { dataDir });
   await until('the leftover is gone', () => !alive(escaped));
@@ -339,14 +332,7 @@ test('cgroup1: a limit set while the guest boots reaches the kernel; leftovers o
   await second.open();
   t.after(() => second.close());
   assert.equal(second.mode, 'cgroup1');
-  await until('the leftover is gone', () => {
-    try {
-      process.kill(pid, 0);
-      return false;
-    } catch {
-      return true;
-    }
-  });
+  await until('the leftover is gone', () => !alive(pid));
   // Its share no longer fits the node's budget: it stays down and says why, until given one that does.
   assert.equal(second.info('g').state, 'failed');
   assert.match(second.info('g').error ?? '', /1\.2.*more than the 0\.5 left after guests\.reserveCpu/);

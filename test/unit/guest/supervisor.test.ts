@@ -8,6 +8,7 @@ import { lstat, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pino from 'pino';
+import { alive } from '../../support/node-process.js';
 import { GuestSupervisor, type GuestInfo } from '../../../src/guest/supervisor.js';
 
 const log = pino({ level: 'silent' });
@@ -36,16 +37,6 @@ async function until(what: string, probe: () => boolean | Promise<boolean>, ms =
   while (!(await probe())) {
     if (Date.now() > deadline) throw new Error(`${what}: not reached in ${ms} ms`);
     await new Promise((r) => setTimeout(r, 20));
-  }
-}
-
-function alive(pid: number | null | undefined): boolean {
-  if (pid === null || pid === undefined) return false;
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
   }
 }
 
