@@ -1,21 +1,31 @@
-// NBD against `nbdkit memory` on the same machine in the same run (DESIGN section 8),
-// driven by fio with its nbd engine:
-//   4k randrw 70/30 at iodepth 32 (cached), 4k randread at iodepth 1,
-//   1M sequential read and write at iodepth 8.
+// NBD against nbdkit on the same machine in the same run (DESIGN section 8), driven by
+// fio with its nbd engine (libnbd, one connection per job).
+//
+// Part 1, a working set that fits in memstrata's DRAM cache (256 MiB): against
+// `nbdkit memory` (the ceiling of the protocol path) and `nbdkit file` on a file on the
+// same disk as memstrata's data directory (the same durability promise as memstrata:
+// durable after FLUSH, the page cache in between):
+//   4k randread QD1, 1M sequential read QD8, 4k randrw 70/30 QD32, 4k randwrite QD32,
+//   1M sequential write QD8.
+// Part 2, a working set four times memstrata's DRAM cache level and within DRAM plus
+// flash (a second node: 128 MiB DRAM cache, 512 MiB flash cache, 512 MiB working set),
+// against `nbdkit file`: a warm-up pass, the hit ratio after it, then 4k randread QD16
+// and QD1, and the flash level's lines.
 // Needs fio and nbdkit (Debian: fio, nbdkit).
 //
-//   npm run bench -- nbd        BENCH_SECONDS=20 for longer runs (default 8 per workload)
+//   npm run bench -- nbd        BENCH_SECONDS=20 for longer runs (default 8 per workload);
+//                               BENCH_NBD_PART=cached or large runs one part
 
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
+import { openSync, closeSync, ftruncateSync } from 'node:fs';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { startNode } from '../test/support/node-process.js';
+import { startNode, type NodeProcess } from '../test/support/node-process.js';
 import { freePort, have } from './support/ports.js';
 
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 8);
-const SIZE = '256M';
 
 interface Workload {
   name: string;
@@ -28,6 +38,7 @@ const WORKLOADS: Workload[] = [
   { name: '4k randread QD1', args: ['--rw=randread', '--bs=4k', '--iodepth=1'] },
   { name: '1M seq read QD8', args: ['--rw=read', '--bs=1M', '--iodepth=8'] },
   { name: '4k randrw 70/30 QD32', args: ['--rw=randrw', '--rwmixread=70', '--bs=4k', '--iodepth=32'] },
+  { name: '4k randwrite QD32', args: ['--rw=randwrite', '--bs=4k', '--iodepth=32'] },
   { name: '1M seq write QD8', args: ['--rw=write', '--bs=1M', '--iodepth=8'] },
 ];
 
@@ -36,25 +47,6 @@ interface Result {
   mbps: number;
   p50us: number;
   p99us: number;
-}
-
-
-function fio(uri: string, workload: Workload, seconds: number): Result {
-  const out = spawnSync(
-    'fio',
-    ['--name=bench', '--ioengine=nbd', `--uri=${uri}`, `--size=${SIZE}`, '--time_based', `--runtime=${seconds}`, '--ramp_time=1', '--output-format=json', ...workload.args],
-    { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 },
-  );
-  if (out.status !== 0) throw new Error(`fio failed: ${out.stderr}`);
-  const job = (JSON.parse(out.stdout.slice(out.stdout.indexOf('{'))) as { jobs: FioJob[] }).jobs[0];
-  if (job === undefined) throw new Error('fio printed no job');
-  const sides = [job.read, job.write].filter((s) => s.io_bytes > 0);
-  const iops = sides.reduce((sum, s) => sum + s.iops, 0);
-  const mbps = sides.reduce((sum, s) => sum + s.bw_bytes, 0) / 1e6;
-  // Latency of the dominant side (reads for the mixed workload).
-  const main = sides.sort((a, b) => b.io_bytes - a.io_bytes)[0];
-  const percentile = (p: string): number => (main?.clat_ns.percentile?.[p] ?? 0) / 1000;
-  return { iops, mbps, p50us: percentile('50.000000'), p99us: percentile('99.000000') };
 }
 
 interface FioSide {
@@ -69,9 +61,27 @@ interface FioJob {
   write: FioSide;
 }
 
-async function startNbdkit(): Promise<{ port: number; proc: ChildProcess }> {
+function fio(uri: string, size: string, workload: Workload, seconds: number): Result {
+  const timed = seconds > 0 ? ['--time_based', `--runtime=${seconds}`, '--ramp_time=1'] : [];
+  const out = spawnSync('fio', ['--name=bench', '--ioengine=nbd', `--uri=${uri}`, `--size=${size}`, '--output-format=json', ...timed, ...workload.args], {
+    encoding: 'utf8',
+    maxBuffer: 64 * 1024 * 1024,
+  });
+  if (out.status !== 0) throw new Error(`fio failed: ${out.stderr}`);
+  const job = (JSON.parse(out.stdout.slice(out.stdout.indexOf('{'))) as { jobs: FioJob[] }).jobs[0];
+  if (job === undefined) throw new Error('fio printed no job');
+  const sides = [job.read, job.write].filter((s) => s.io_bytes > 0);
+  const iops = sides.reduce((sum, s) => sum + s.iops, 0);
+  const mbps = sides.reduce((sum, s) => sum + s.bw_bytes, 0) / 1e6;
+  // Latency of the dominant side (reads for the mixed workload).
+  const main = sides.sort((a, b) => b.io_bytes - a.io_bytes)[0];
+  const percentile = (p: string): number => (main?.clat_ns.percentile?.[p] ?? 0) / 1000;
+  return { iops, mbps, p50us: percentile('50.000000'), p99us: percentile('99.000000') };
+}
+
+async function startNbdkit(plugin: string[]): Promise<{ uri: string; proc: ChildProcess }> {
   const port = await freePort();
-  const proc = spawn('nbdkit', ['-f', '-i', '127.0.0.1', '-p', String(port), 'memory', '1G'], { stdio: 'ignore' });
+  const proc = spawn('nbdkit', ['-f', '-i', '127.0.0.1', '-p', String(port), ...plugin], { stdio: 'ignore' });
   for (let i = 0; i < 100; i++) {
     const up = await new Promise<boolean>((resolve) => {
       const socket = connect(port, '127.0.0.1');
@@ -81,10 +91,131 @@ async function startNbdkit(): Promise<{ port: number; proc: ChildProcess }> {
       });
       socket.once('error', () => resolve(false));
     });
-    if (up) return { port, proc };
+    if (up) return { uri: `nbd://127.0.0.1:${port}/`, proc };
     await new Promise((resolve) => setTimeout(resolve, 50));
   }
-  throw new Error('nbdkit did not start');
+  throw new Error(`nbdkit ${plugin.join(' ')} did not start`);
+}
+
+interface CacheInfo {
+  hits: number;
+  misses: number;
+  flashHits: number;
+  dirtyBytes: number;
+  lines: { dram: number; flash: number };
+  slots: { dram: number; flash: number };
+}
+
+async function cacheOf(node: NodeProcess): Promise<CacheInfo> {
+  const info = (await (await fetch(`${node.url}/v1/node`, { headers: { connection: 'close' } })).json()) as { cache: CacheInfo | null };
+  if (info.cache === null) throw new Error('the node has no cache');
+  return info.cache;
+}
+
+/** Waits until the node's destager has written back every dirty byte. */
+async function settle(node: NodeProcess): Promise<void> {
+  for (let i = 0; i < 600; i++) {
+    if ((await cacheOf(node)).dirtyBytes === 0) return;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
+const ratio = (ours: number, base: number): string => (base > 0 ? `${(ours / base).toFixed(2)}x` : '-');
+
+function printTable(title: string, header: string[], rows: string[][]): void {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
+  const line = (cells: string[]): string => cells.map((c, i) => (i < 2 ? c.padEnd(widths[i] ?? 0) : c.padStart(widths[i] ?? 0))).join('  ');
+  console.log(`\n${title}\n${line(header)}\n${rows.map(line).join('\n')}`);
+}
+
+/** A sparse file for nbdkit's file plugin in `dir` (the same disk as the node's data directory). */
+function sparseFile(path: string, bytes: number): string {
+  const fd = openSync(path, 'w');
+  ftruncateSync(fd, bytes);
+  closeSync(fd);
+  return path;
+}
+
+async function cachedSet(dir: string): Promise<void> {
+  const size = '256M';
+  const node = await startNode({ cwd: dir, small: false, args: ['--dram-size', '1GiB', '--flash-size', '1GiB', '--set', 'volumes.defaultSize=512MiB'] });
+  const memory = await startNbdkit(['memory', '1G']);
+  const file = await startNbdkit(['file', sparseFile(join(dir, 'nbdkit-file.img'), 512 * 1024 * 1024)]);
+  try {
+    const ours = `nbd://${node.nbd.host}:${node.nbd.port}/`;
+    const fill: Workload = { name: 'fill', args: ['--rw=write', '--bs=1M', '--iodepth=8'] };
+    for (const uri of [ours, memory.uri, file.uri]) fio(uri, size, fill, 0);
+    const rows: string[][] = [];
+    for (const workload of WORKLOADS) {
+      await settle(node);
+      const mem = fio(memory.uri, size, workload, SECONDS);
+      const fil = fio(file.uri, size, workload, SECONDS);
+      const us = fio(ours, size, workload, SECONDS);
+      const cells = (r: Result): string[] => [r.iops.toFixed(0), r.mbps.toFixed(1), r.p50us.toFixed(1), r.p99us.toFixed(1)];
+      rows.push([workload.name, 'nbdkit memory', ...cells(mem), '1.00x', '', '1.00x', '']);
+      rows.push([workload.name, 'nbdkit file', ...cells(fil), ratio(fil.iops, mem.iops), '1.00x', ratio(fil.p50us, mem.p50us), '1.00x']);
+      rows.push([workload.name, 'memstrata', ...cells(us), ratio(us.iops, mem.iops), ratio(us.iops, fil.iops), ratio(us.p50us, mem.p50us), ratio(us.p50us, fil.p50us)]);
+    }
+    printTable(
+      `NBD, fio nbd engine, ${SECONDS} s per workload, ${size} working set (fits in memstrata's DRAM cache)`,
+      ['workload', 'server', 'IOPS', 'MB/s', 'p50 us', 'p99 us', 'IOPS vs memory', 'IOPS vs file', 'p50 vs memory', 'p50 vs file'],
+      rows,
+    );
+    const cache = await cacheOf(node);
+    const lookups = cache.hits + cache.misses;
+    console.log(`memstrata cache hit ratio over the run: ${((cache.hits / Math.max(1, lookups)) * 100).toFixed(1)}% (${cache.hits} hits, ${cache.misses} misses)`);
+  } finally {
+    memory.proc.kill('SIGTERM');
+    file.proc.kill('SIGTERM');
+    await node.stop('SIGTERM');
+  }
+}
+
+async function largeSet(dir: string): Promise<void> {
+  // DRAM cache level 128 MiB (2,048 lines), flash cache level 512 MiB (8,192 lines): a
+  // 512 MiB working set is four times the DRAM level and fits in the two together.
+  const size = '512M';
+  const node = await startNode({
+    cwd: dir,
+    small: false,
+    args: ['--dram-size', '256MiB', '--flash-size', '1GiB', '--set', 'partition.flash.cache.initial=50%', '--set', 'volumes.defaultSize=1GiB'],
+  });
+  const file = await startNbdkit(['file', sparseFile(join(dir, 'nbdkit-large.img'), 1024 * 1024 * 1024)]);
+  try {
+    const ours = `nbd://${node.nbd.host}:${node.nbd.port}/`;
+    for (const uri of [ours, file.uri]) fio(uri, size, { name: 'fill', args: ['--rw=write', '--bs=1M', '--iodepth=8'] }, 0);
+    await settle(node);
+    // Warm-up: one random read pass over the set on each server.
+    const warm: Workload = { name: 'warm-up', args: ['--rw=randread', '--bs=64k', '--iodepth=16'] };
+    fio(file.uri, size, warm, 0);
+    fio(ours, size, warm, 0);
+    const before = await cacheOf(node);
+    const rows: string[][] = [];
+    for (const workload of [
+      { name: '4k randread QD16', args: ['--rw=randread', '--bs=4k', '--iodepth=16'] },
+      { name: '4k randread QD1', args: ['--rw=randread', '--bs=4k', '--iodepth=1'] },
+    ]) {
+      const fil = fio(file.uri, size, workload, SECONDS);
+      const us = fio(ours, size, workload, SECONDS);
+      rows.push([workload.name, 'nbdkit file', fil.iops.toFixed(0), fil.p50us.toFixed(1), fil.p99us.toFixed(1), '1.00x', '1.00x']);
+      rows.push([workload.name, 'memstrata', us.iops.toFixed(0), us.p50us.toFixed(1), us.p99us.toFixed(1), ratio(us.iops, fil.iops), ratio(us.p50us, fil.p50us)]);
+    }
+    const after = await cacheOf(node);
+    printTable(
+      `NBD, ${size} working set: four times memstrata's DRAM cache level (${before.slots.dram} lines), within DRAM plus flash (${before.slots.flash} lines)`,
+      ['workload', 'server', 'IOPS', 'p50 us', 'p99 us', 'IOPS ratio', 'p50 ratio'],
+      rows,
+    );
+    const hits = after.hits - before.hits;
+    const lookups = hits + after.misses - before.misses;
+    console.log(
+      `after the warm-up: hit ratio ${((hits / Math.max(1, lookups)) * 100).toFixed(1)}% (${hits} hits, ${after.flashHits - before.flashHits} of them from flash, ${after.misses - before.misses} misses); ` +
+        `lines in DRAM ${after.lines.dram}/${after.slots.dram}, in flash ${after.lines.flash}/${after.slots.flash}`,
+    );
+  } finally {
+    file.proc.kill('SIGTERM');
+    await node.stop('SIGTERM');
+  }
 }
 
 if (!have('fio') || !have('nbdkit')) {
@@ -93,40 +224,10 @@ if (!have('fio') || !have('nbdkit')) {
 }
 
 const dir = await mkdtemp(join(tmpdir(), 'memstrata-bench-nbd-'));
-const node = await startNode({ cwd: dir, small: false, args: ['--dram-size', '1GiB', '--flash-size', '1GiB', '--set', 'volumes.defaultSize=512MiB'] });
-const nbdkit = await startNbdkit();
 try {
-  const memstrataUri = `nbd://${node.nbd.host}:${node.nbd.port}/`;
-  const nbdkitUri = `nbd://127.0.0.1:${nbdkit.port}/`;
-  // Fill both so reads are of written data, and memstrata's working set is in its cache.
-  for (const uri of [memstrataUri, nbdkitUri]) fio(uri, { name: 'fill', args: ['--rw=write', '--bs=1M', '--iodepth=8', '--time_based=0', '--runtime=0'] }, 30);
-
-  const header = ['workload', 'server', 'IOPS', 'MB/s', 'p50 us', 'p99 us', 'IOPS ratio', 'p50 ratio'];
-  const rows: string[][] = [];
-  const settle = async (): Promise<void> => {
-    for (let i = 0; i < 600; i++) {
-      const info = (await (await fetch(`${node.url}/v1/node`)).json()) as { cache: { dirtyBytes: number } | null };
-      if ((info.cache?.dirtyBytes ?? 0) === 0) return;
-      await new Promise((resolve) => setTimeout(resolve, 100));
-    }
-  };
-  for (const workload of WORKLOADS) {
-    await settle();
-    const base = fio(nbdkitUri, workload, SECONDS);
-    const ours = fio(memstrataUri, workload, SECONDS);
-    rows.push([workload.name, 'nbdkit memory (baseline)', base.iops.toFixed(0), base.mbps.toFixed(1), base.p50us.toFixed(1), base.p99us.toFixed(1), '1.00x', '1.00x']);
-    rows.push([workload.name, 'memstrata', ours.iops.toFixed(0), ours.mbps.toFixed(1), ours.p50us.toFixed(1), ours.p99us.toFixed(1), `${(ours.iops / base.iops).toFixed(2)}x`, `${(ours.p50us / base.p50us).toFixed(2)}x`]);
-  }
-  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
-  const line = (cells: string[]) => cells.map((c, i) => (i < 2 ? c.padEnd(widths[i] ?? 0) : c.padStart(widths[i] ?? 0))).join('  ');
-  console.log(`\nNBD, fio nbd engine, ${SECONDS} s per workload, ${SIZE} working set\n${line(header)}\n${rows.map(line).join('\n')}`);
-  const info = (await (await fetch(`${node.url}/v1/node`)).json()) as { cache: { hits: number; misses: number } | null };
-  if (info.cache !== null) {
-    const lookups = info.cache.hits + info.cache.misses;
-    console.log(`memstrata cache hit ratio over the run: ${((info.cache.hits / Math.max(1, lookups)) * 100).toFixed(1)}% (${info.cache.hits} hits, ${info.cache.misses} misses)`);
-  }
+  const part = process.env.BENCH_NBD_PART;
+  if (part === undefined || part === 'cached') await cachedSet(await mkdtemp(join(dir, 'cached-')));
+  if (part === undefined || part === 'large') await largeSet(await mkdtemp(join(dir, 'large-')));
 } finally {
-  nbdkit.proc.kill('SIGTERM');
-  await node.stop('SIGTERM');
   await rm(dir, { recursive: true, force: true });
 }

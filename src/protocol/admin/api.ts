@@ -11,6 +11,8 @@ import type { Policy, Role } from '../journal/policy.js';
 
 export interface CacheStats {
   hits: number;
+  /** Hits served by the flash level where the line lives (counted in hits too). */
+  flashHits: number;
   misses: number;
   stagedBytes: number;
   destagedBytes: number;

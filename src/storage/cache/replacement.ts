@@ -127,6 +127,12 @@ export class Replacement<L extends Replaceable> {
     this.flashLru.set(line.key, line);
   }
 
+  /** A read served by a flash line where it is: it becomes the most recent of the flash LRU. */
+  flashHit(line: L): void {
+    this.clock++;
+    if (this.flashLru.delete(line.key)) this.flashLru.set(line.key, line);
+  }
+
   /** A hit on a flash line, which comes back to DRAM as a line known to be reused. */
   promoted(line: L): void {
     this.clock++;

@@ -25,8 +25,11 @@
 //     only when the cache has provably stopped using it (DESIGN 4.1, issue 10 item 1);
 //   - reads stage only the sectors they miss from the data store (FIG. 21); writes land
 //     in the DRAM slot and are acknowledged (FIG. 20), staging a sector first only when
-//     they cover part of it. Clean DRAM lines are demoted to flash when evicted; a DRAM
-//     miss that finds its line in flash promotes it.
+//     they cover part of it. Clean DRAM lines are demoted to flash when evicted; a read
+//     whose sectors a flash line holds is served from flash, while a write or a read of
+//     sectors the flash line lacks promotes it;
+//   - the DRAM level keeps a few slots free by evicting in the background (refill), so
+//     a miss seldom waits for the eviction, write-back and demotion its slot costs.
 //
 // A request's pieces (one per line) run concurrently; the request reports only after
 // every piece has settled (settle.ts), so no piece still uses its buffer when the caller
@@ -89,8 +92,12 @@ export class StorageCache implements VolumeIo {
   private readonly locks: KeyedLock<string>;
   private readonly ids: WeakMap<Volume, number>;
   private nextId: number;
-  private readonly counters: { hits: number; misses: number; stagedBytes: number; evictions: number; promotions: number; demotions: number };
+  private readonly counters: { hits: number; flashHits: number; misses: number; stagedBytes: number; evictions: number; promotions: number; demotions: number };
   private timer: NodeJS.Timeout | undefined;
+  /** The background eviction that keeps DRAM slots free ahead of misses, while it runs. */
+  private refilling: Promise<void> | undefined;
+  /** No background eviction before this time (Date.now()), after one failed. */
+  private refillAfter: number;
 
   constructor(options: CacheOptions) {
     this.options = options;
@@ -100,8 +107,10 @@ export class StorageCache implements VolumeIo {
     this.locks = new KeyedLock();
     this.ids = new WeakMap();
     this.nextId = 1;
-    this.counters = { hits: 0, misses: 0, stagedBytes: 0, evictions: 0, promotions: 0, demotions: 0 };
+    this.counters = { hits: 0, flashHits: 0, misses: 0, stagedBytes: 0, evictions: 0, promotions: 0, demotions: 0 };
     this.timer = undefined;
+    this.refilling = undefined;
+    this.refillAfter = 0;
     this.writeBack = new WriteBack({
       log: options.log,
       maxDirtyAgeMs: options.maxDirtyAgeMs,
@@ -135,6 +144,7 @@ export class StorageCache implements VolumeIo {
     if (this.timer !== undefined) clearInterval(this.timer);
     this.timer = undefined;
     this.options.partition.removeReclaimer(CACHE_OWNER);
+    await this.refilling;
     await this.writeBack.idle();
     for (const volume of this.writeBack.volumes()) {
       try {
@@ -177,8 +187,9 @@ export class StorageCache implements VolumeIo {
 
   read(volume: Volume, offset: number, target: Buffer): Promise<void> {
     return settleAll(
-      pieces(offset, target.length).map(({ index, within, length, at }) => {
+      pieces(offset, target.length).map(async ({ index, within, length, at }) => {
         const part = target.subarray(at, at + length);
+        if (await this.readFromFlash(volume, index, within, part)) return;
         return this.withLine(
           volume,
           index,
@@ -187,6 +198,29 @@ export class StorageCache implements VolumeIo {
         );
       }),
     );
+  }
+
+  /**
+   * A read whose sectors a flash line holds is served from flash, without bringing the
+   * line back to DRAM: a promotion costs a DRAM slot (an eviction, and a demotion of its
+   * victim: 128 KiB of copies for a 4 KiB read), which pays off only for a line read
+   * again and again, and such a line, once in DRAM, stays there in Am. Writes and reads
+   * of sectors the flash line lacks promote it (withLine). False: not served here.
+   */
+  private async readFromFlash(volume: Volume, index: number, within: number, target: Buffer): Promise<boolean> {
+    const key = this.keyOf(volume, index);
+    const line = this.lines.get(key);
+    const mask = sectorMask(within, target.length);
+    if (line === undefined || line.queue !== 'flash' || (line.valid & mask) !== mask) return false;
+    return this.locks.run(key, async () => {
+      // The line may have been promoted, dropped or cut while we waited for its lock.
+      if (!this.live(line) || line.queue !== 'flash' || (line.valid & mask) !== mask) return false;
+      await this.level('flash').medium.read(line.slot + within, target);
+      this.policy.flashHit(line);
+      this.counters.hits++;
+      this.counters.flashHits++;
+      return true;
+    });
   }
 
   async write(volume: Volume, offset: number, data: Buffer, fua: boolean): Promise<void> {
@@ -468,7 +502,10 @@ export class StorageCache implements VolumeIo {
     let failure: Error | undefined;
     for (;;) {
       const slot = level.slots.take();
-      if (slot !== undefined) return slot;
+      if (slot !== undefined) {
+        if (medium === 'dram') this.refill(level);
+        return slot;
+      }
       if (this.adopt(medium) > 0) continue;
       // Extents being drained hand out nothing: a level with only those has no slot.
       if (level.slots.activeSlots === 0) return undefined;
@@ -476,7 +513,7 @@ export class StorageCache implements VolumeIo {
       const victim = medium === 'dram' ? this.policy.dramVictim(skip) : this.policy.flashVictim(skip);
       if (victim !== undefined) {
         try {
-          await this.locks.run(victim.key, () => this.evict(victim));
+          await this.locks.run(victim.key, () => this.evict(victim, medium));
         } catch (error) {
           failure ??= asError(error);
           (stuck ??= new Set()).add(victim);
@@ -490,14 +527,48 @@ export class StorageCache implements VolumeIo {
   }
 
   /**
+   * Keeps a few DRAM slots free ahead of the misses that will need them: when the free
+   * slots fall below a low mark, evicts (destaging and demoting, as takeSlot would) in
+   * the background up to a high mark, so a miss does not wait behind the eviction its
+   * slot costs. One refill runs at a time; a cache of fewer than 256 slots keeps none
+   * (its every line counts). A victim that cannot be evicted (its write-back fails) ends
+   * the refill, and none starts for a second: takeSlot then evicts inline and reports
+   * the error to its caller.
+   */
+  private refill(level: Level): void {
+    const high = Math.min(64, level.slots.slots >> 6);
+    if (high < 4 || this.refilling !== undefined || level.slots.freeSlots >= high >> 1 || Date.now() < this.refillAfter) return;
+    this.refilling = (async () => {
+      while (level.slots.freeSlots < high && this.levels.get('dram') === level) {
+        const victim = this.policy.dramVictim((line) => this.locks.held(line.key));
+        if (victim === undefined) return;
+        await this.locks.run(victim.key, () => this.evict(victim, 'dram'));
+      }
+    })()
+      .catch((error: unknown) => {
+        // Most likely a write-back the store refuses: let misses evict (and report) for a second.
+        this.refillAfter = Date.now() + 1000;
+        this.options.log.debug({ err: error }, 'background eviction stopped; misses evict for themselves');
+      })
+      .finally(() => {
+        this.refilling = undefined;
+      });
+  }
+
+  /**
    * Evicts a line (caller holds its lock): destage if dirty; a clean DRAM line moves to
    * flash if a flash slot can be had at once, and is dropped otherwise. The holder of a
    * DRAM line's lock never waits on the flash level (a flash reclaim may be waiting for
    * that very lock), so demotion takes only a free slot or one a flash line whose lock
    * is free gives up on the spot.
+   *
+   * `from` is the level the caller evicts from. Takers racing for a slot often pick the
+   * same victim; the first demotes it, and by the time the others hold its lock it lives
+   * in flash, which is not theirs to empty (dropping it there emptied the flash level as
+   * fast as it filled).
    */
-  private async evict(line: Line): Promise<void> {
-    if (!this.live(line)) return;
+  private async evict(line: Line, from: MediumName): Promise<void> {
+    if (!this.live(line) || line.medium !== from) return;
     await this.writeBack.destage(line);
     if (line.medium === 'dram' && line.valid !== 0 && this.live(line)) {
       const slot = await this.flashSlotNow();
@@ -623,7 +694,7 @@ export class StorageCache implements VolumeIo {
           await this.locks.run(line.key, async () => {
             if (!this.live(line) || line.medium !== medium || !inChosen.has(level.slots.extentOf(line.slot))) return;
             if (medium === 'dram') {
-              await this.evict(line);
+              await this.evict(line, medium);
             } else {
               this.policy.removed(line);
               this.forgetLine(line);

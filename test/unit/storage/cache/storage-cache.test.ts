@@ -117,6 +117,79 @@ test('concurrent writes and reads of disjoint ranges all land', async (t) => {
   back.forEach((got, i) => assert.ok(got.equals(blocks[i]!), `block ${i}`));
 });
 
+test('lines demoted from DRAM are served from flash, with many misses racing for DRAM slots', async (t) => {
+  // 16 DRAM lines, 64 flash lines, a volume of 64 lines: everything fits in DRAM plus
+  // flash. Requests run 16 at a time, so takers of DRAM slots race for the same victims
+  // (a second taker used to drop the line the first had just demoted, and the flash
+  // level stayed all but empty).
+  const lines = 64;
+  const { cache, volume, store } = await setup(t, { dramLines: 16, flashLines: 64, volumeSize: lines * LINE_SIZE });
+  const content = (i: number): Buffer => Buffer.alloc(LINE_SIZE, (i * 7 + 1) & 0xff);
+  const inBatches = async (fn: (i: number) => Promise<void>): Promise<void> => {
+    for (let first = 0; first < lines; first += 16) await Promise.all(Array.from({ length: 16 }, (_, k) => fn(first + k)));
+  };
+  await inBatches((i) => cache.write(volume, i * LINE_SIZE, content(i), false));
+  await cache.flush(volume);
+  assert.equal(cache.stats().lines.dram + cache.stats().lines.flash, lines, JSON.stringify(cache.stats()));
+  // The store is not read again: every line is in DRAM or flash, and reads are hits.
+  let storeReads = 0;
+  const read = store.read.bind(store);
+  store.read = (offset, target) => {
+    storeReads++;
+    return read(offset, target);
+  };
+  const before = cache.stats();
+  for (let pass = 0; pass < 2; pass++) {
+    await inBatches(async (i) => {
+      const got = Buffer.alloc(LINE_SIZE);
+      await cache.read(volume, i * LINE_SIZE, got);
+      assert.ok(got.equals(content(i)), `line ${i}, pass ${pass}`);
+    });
+  }
+  const after = cache.stats();
+  assert.equal(storeReads, 0);
+  assert.equal(after.misses - before.misses, 0, JSON.stringify(after));
+  // Lines in flash are read where they lie (two passes over the 48 lines DRAM cannot hold).
+  assert.ok(after.flashHits - before.flashHits >= 2 * (lines - 16), JSON.stringify(after));
+  assert.equal(after.lines.dram + after.lines.flash, lines, JSON.stringify(after));
+  // A write to a line in flash brings it back to DRAM, and reads see the new bytes.
+  const inFlash = cache.residents().filter((r) => r.medium === 'flash').map((r) => r.index);
+  assert.ok(inFlash.length > 0);
+  const updated = Buffer.alloc(4096, 0xee);
+  await Promise.all(inFlash.map((i) => cache.write(volume, i * LINE_SIZE + 8192, updated, false)));
+  await inBatches(async (i) => {
+    const got = Buffer.alloc(LINE_SIZE);
+    await cache.read(volume, i * LINE_SIZE, got);
+    const want = content(i);
+    if (inFlash.includes(i)) updated.copy(want, 8192);
+    assert.ok(got.equals(want), `line ${i} after the writes`);
+  });
+  assert.ok(cache.stats().promotions > after.promotions, JSON.stringify(cache.stats()));
+});
+
+test('the DRAM level keeps a few slots free by evicting in the background, and loses nothing doing so', async (t) => {
+  // 512 DRAM lines, 256 flash lines, a volume of 1024 lines written once with 8 requests
+  // in flight: misses race the background eviction for the same victims.
+  const lines = 1024;
+  const { cache, volume } = await setup(t, { dramLines: 512, flashLines: 256, volumeSize: lines * LINE_SIZE });
+  const content = (i: number): Buffer => Buffer.alloc(8192, (i * 13 + 5) & 0xff);
+  for (let first = 0; first < lines; first += 8) {
+    await Promise.all(Array.from({ length: 8 }, (_, k) => cache.write(volume, (first + k) * LINE_SIZE + 4096, content(first + k), false)));
+  }
+  // The refill runs after the request that started it: wait for it to leave slots free.
+  const deadline = Date.now() + 10_000;
+  while (cache.stats().lines.dram >= cache.stats().slots.dram && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 5));
+  const stats = cache.stats();
+  assert.ok(stats.lines.dram < stats.slots.dram, `no DRAM slot was freed ahead of misses: ${JSON.stringify(stats)}`);
+  for (let i = 0; i < lines; i++) {
+    const got = Buffer.alloc(LINE_SIZE);
+    await cache.read(volume, i * LINE_SIZE, got);
+    const want = Buffer.alloc(LINE_SIZE);
+    content(i).copy(want, 4096);
+    assert.ok(got.equals(want), `line ${i}`);
+  }
+});
+
 /** Touches the hot lines in rounds, with the accesses of `between` other lines in between, so 2Q sees reuse. */
 async function warm(cache: StorageCache, volume: Volume, hot: readonly number[], rounds: number): Promise<void> {
   const buf = Buffer.alloc(4096);
