@@ -272,12 +272,18 @@ export class NvramDevice {
    * Appends records; resolves with their sequence numbers once durable under the policy.
    * Entries with a writer that this device already took are not appended again: they get
    * the first append's answer.
+   *
+   * `sync: false` (the node's own write logs, for writes without FUA): resolves once the
+   * records are in the device's memory, with their journal write queued (in order) but
+   * neither done nor synced; `commit` makes them durable. A partner, where there is one,
+   * holds them first as always.
    */
-  async append(epoch: number, entries: readonly AppendEntry[]): Promise<Appended[]> {
+  async append(epoch: number, entries: readonly AppendEntry[], options?: { sync?: boolean }): Promise<Appended[]> {
+    const sync = options?.sync ?? true;
     if (!entries.some((e) => e.writer !== undefined)) {
       // A record larger than a reader takes would be acknowledged and then be unreadable.
       for (const e of entries) if (e.payload.length > MAX_PAYLOAD) throw payloadTooLarge(this.name, e.payload.length);
-      return this.appendRecords(epoch, entries);
+      return this.appendRecords(epoch, entries, sync);
     }
     for (const e of entries) {
       const stored = e.payload.length + (e.writer === undefined ? 0 : WRITER_FIELDS);
@@ -338,7 +344,7 @@ export class NvramDevice {
     // Unhandled only when nothing asks (all answers are awaited below).
     answers.forEach((a) => { a.catch(() => undefined); });
     if (fresh.length === 0) settle.resolve([]);
-    else this.appendRecords(epoch, fresh).then((appended) => { settle.resolve(appended); }, (error: unknown) => { settle.reject(error); });
+    else this.appendRecords(epoch, fresh, sync).then((appended) => { settle.resolve(appended); }, (error: unknown) => { settle.reject(error); });
     return Promise.all(answers);
   }
 
@@ -364,7 +370,7 @@ export class NvramDevice {
     }
   }
 
-  private async appendRecords(epoch: number, entries: readonly AppendEntry[]): Promise<Appended[]> {
+  private async appendRecords(epoch: number, entries: readonly AppendEntry[], sync: boolean): Promise<Appended[]> {
     await this.ready();
     if (this.roleValue === 'replica') throw replicaError(this.name);
     if (epoch < this.epochValue) throw fenced(this.name, epoch, this.epochValue);
@@ -399,11 +405,19 @@ export class NvramDevice {
     const all = this.journal === undefined && this.port === undefined ? Buffer.alloc(0) : encoded.length === 1 ? (encoded[0] ?? Buffer.alloc(0)) : Buffer.concat(encoded);
     // The journal file is synced before the acknowledgement, unless the partner holds the
     // record (`mirrored`, in sync): then the file is written in the background, in order,
-    // so that losing the partner later costs one sync that covers it.
+    // so that losing the partner later costs one sync that covers it. An append without
+    // sync (a write log's plain WRITE) is queued for the journal's next batch: its record
+    // is in memory, and `commit` writes and syncs it. Waiting for a write would cost a
+    // round trip through libuv's thread pool per WRITE for no promise NBD makes.
     const journal = this.journal;
     if (journal !== undefined && this.policy === 'mirrored' && mode === 'in-sync') {
       // The partner's copy is what acknowledges; a failure here still needs a repair.
       journal.append(all, false).catch((error: unknown) => { this.failed(error); });
+    } else if (journal !== undefined && !sync) {
+      // Written with the next batch that syncs (a commit, a synced append, a marker), so
+      // a power cut tears no more of the file than it could before; a failure there puts
+      // the device in repair, and the commit waiting for that batch reports it.
+      journal.defer(all).catch((error: unknown) => { this.failed(error); });
     } else if (journal !== undefined) {
       work.push(journal.append(all));
     }
@@ -523,6 +537,26 @@ export class NvramDevice {
   async syncJournal(): Promise<void> {
     try {
       await this.journal?.flush();
+    } catch (error) {
+      this.failed(error);
+      throw error;
+    }
+  }
+
+  /**
+   * Makes every record acknowledged so far durable under the policy, those appended with
+   * `sync: false` included: one fdatasync of the journal file, shared by every commit and
+   * synced append that comes while it runs (the journal's group commit). Waits for a
+   * repair in progress; a failed sync puts the device in repair and rejects.
+   */
+  async commit(): Promise<void> {
+    await this.ready();
+    await this.quiesce();
+    const journal = this.journal;
+    // A volatile device promises memory only; an in-sync mirrored one, the partner's copy.
+    if (journal === undefined || (this.policy === 'mirrored' && this.port?.mode() === 'in-sync')) return;
+    try {
+      await journal.flush();
     } catch (error) {
       this.failed(error);
       throw error;

@@ -6,6 +6,7 @@
 //
 // Group commit: appends queue up; one writer takes everything queued, writes it with one
 // positional write and one fdatasync, and only then releases each of those appenders.
+// Deferred records (a write log's plain WRITEs) wait in the queue for the next batch.
 // An append that arrives during a sync waits for the next one, so no appender is ever
 // released by a sync that did not cover its record. A `mirrored` device appends without
 // waiting for a sync (its partner holds the record); the file is written in order, so the
@@ -158,6 +159,8 @@ interface Waiter {
   buf: Buffer;
   /** Released only after an fdatasync that covers the record (false: once written). */
   sync: boolean;
+  /** Not written until something else needs the writer (see `defer`). */
+  deferred?: boolean;
   resolve: () => void;
   reject: (error: Error) => void;
   /** A compaction instead of an append: keep user records after this sequence number. */
@@ -230,6 +233,19 @@ export class JournalFile {
     });
   }
 
+  /**
+   * Queues a record that is written only together with the next append, flush, trim
+   * marker, compaction or close, and synced with it: a write log's plain WRITE, whose
+   * record the device already holds in memory. So unsynced bytes are in the file only
+   * while a batch is being written and synced, as for synced appends, and a power cut
+   * tears at most that batch. Resolves once written.
+   */
+  defer(record: Buffer): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      this.queue.push({ buf: record, sync: false, deferred: true, resolve, reject });
+    });
+  }
+
   /** Resolves once everything appended so far is covered by an fdatasync. */
   flush(): Promise<void> {
     return this.append(Buffer.alloc(0), true);
@@ -273,6 +289,8 @@ export class JournalFile {
 
   /** Waits for queued appends, makes everything written durable, and closes the file. */
   async close(): Promise<void> {
+    // Deferred records still queued go out with a last sync.
+    if (this.queue.length > 0) await this.flush().catch(() => undefined);
     await this.running;
     if (this.unsynced && this.fencedBy === undefined) await this.sink.datasync().catch(() => undefined);
     await this.sink.close().catch(() => undefined);
@@ -381,6 +399,8 @@ export class JournalFile {
         // Appends up to the next compaction or rewrite go out as one batch.
         const cut = this.queue.findIndex((w) => w.compactAfter !== undefined || w.replaceWith !== undefined);
         const batch = cut < 0 ? this.queue : this.queue.slice(0, cut);
+        // Only deferred records are queued: they wait for whatever comes next.
+        if (cut < 0 && batch.every((w) => w.deferred === true)) break;
         this.queue = cut < 0 ? [] : this.queue.slice(cut);
         const buf = batch.length === 1 ? (batch[0]?.buf ?? Buffer.alloc(0)) : Buffer.concat(batch.map((w) => w.buf));
         const start = this.length;

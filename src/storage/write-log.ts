@@ -2,10 +2,20 @@
 // US 8,990,520): a volume configured with an NVRAM device journals every write there.
 //
 //   WRITE     cache write, then a journal record (target = volume, offset; payload = data);
-//             acknowledged once the record is durable under the device's policy, so FUA
-//             costs one journal append instead of a destage and an fdatasync
+//             acknowledged once the record is in the device (and held by the partner,
+//             for a mirrored+local device) with its journal write queued, not synced:
+//             NBD promises durability at FLUSH and FUA only, so a commit of several
+//             writes and a FLUSH costs one sync, not one per write. Like a write still
+//             in the cache of a volume without a log, it may be lost if the node dies
+//             before the next FLUSH; replay then applies the records the file holds,
+//             which are the first ones in order
+//   FUA       the same, acknowledged once the record is durable under the device's
+//             policy: one journal append, group-committed, instead of a destage and an
+//             fdatasync of the data store
 //   ZEROES    the same, with a zero record (payload = the length)
-//   FLUSH     nothing left to do: every acknowledged write is already in the journal
+//   FLUSH     one commit of the device (device.commit): an fdatasync of the journal file
+//             that covers every record acknowledged before, shared with every FLUSH and
+//             FUA that comes while it runs
 //   checkpoint when the journal is half full (or when full): note the last acknowledged
 //             sequence number, flush the volume's cache to its data store, trim the
 //             journal up to the noted number
@@ -92,14 +102,15 @@ export class WriteLogIo implements VolumeIo {
     const device = this.device(volume);
     if (device === undefined) return this.inner.write(volume, offset, data, fua);
     await this.inner.write(volume, offset, data, false);
-    await this.journal(volume, device, { payload: data, target: { volume: volume.name, offset } });
+    await this.journal(volume, device, { payload: data, target: { volume: volume.name, offset } }, fua);
   }
 
   async flush(volume: Volume): Promise<void> {
-    // With a write log, every acknowledged write is durable already; but a fenced volume
-    // answers every FLUSH with its failure, as without one (volume-store.ts).
-    if (this.device(volume) === undefined) return this.inner.flush(volume);
+    const device = this.device(volume);
+    if (device === undefined) return this.inner.flush(volume);
+    // A fenced volume answers every FLUSH with its failure, as without a log (volume-store.ts).
     volume.checkWritable();
+    await device.commit();
   }
 
   async zero(volume: Volume, offset: number, length: number, options: { fua: boolean; allocate: boolean }): Promise<void> {
@@ -108,7 +119,7 @@ export class WriteLogIo implements VolumeIo {
     await this.inner.zero(volume, offset, length, { fua: false, allocate: options.allocate });
     const payload = Buffer.alloc(8);
     payload.writeBigUInt64BE(BigInt(length), 0);
-    await this.journal(volume, device, { payload, target: { volume: volume.name, offset }, flags: RECORD_FLAG.ZERO });
+    await this.journal(volume, device, { payload, target: { volume: volume.name, offset }, flags: RECORD_FLAG.ZERO }, options.fua);
   }
 
   prefetch(volume: Volume, offset: number, length: number): Promise<void> {
@@ -178,12 +189,12 @@ export class WriteLogIo implements VolumeIo {
     return volume.writeLog === undefined ? undefined : this.nvram.get(volume.writeLog);
   }
 
-  private async journal(volume: Volume, device: NvramDevice, entry: { payload: Buffer; target: { volume: string; offset: number }; flags?: number }): Promise<void> {
+  private async journal(volume: Volume, device: NvramDevice, entry: { payload: Buffer; target: { volume: string; offset: number }; flags?: number }, durable: boolean): Promise<void> {
     // Every acknowledged write must be in the journal: a write made durable some other
     // way could be overwritten at replay by an older record for the same blocks.
     for (let attempt = 0; ; attempt++) {
       try {
-        await device.append(device.epoch, [entry]);
+        await device.append(device.epoch, [entry], { sync: durable });
         break;
       } catch (error) {
         if (!isMemstrataError(error) || error.code !== 'MS_NVRAM_FULL') throw error;

@@ -15,8 +15,8 @@ test('a FLUSH through a write log fails once the volume is fenced', async () => 
   // Review finding: WriteLogIo.flush answered success without looking at the volume.
   const plan = new FaultPlan();
   const volume = new Volume('v', false, new Date().toISOString(), new MemoryStore(1 << 20, plan), 'wl');
-  // Only the device lookup is needed: FLUSH through a write log appends nothing.
-  const nvram = { get: () => ({ name: 'wl' }) } as unknown as DeviceManager;
+  // Only the device lookup and its commit are needed: FLUSH through a write log appends nothing.
+  const nvram = { get: () => ({ name: 'wl', commit: () => Promise.resolve() }) } as unknown as DeviceManager;
   const io = new WriteLogIo(new DirectVolumeIo(), nvram, pino({ level: 'silent' }));
   await io.flush(volume);
   plan.fail({ op: 'mem.sync', fault: 'EIO' });

@@ -1,0 +1,166 @@
+// A real application on a volume (issue 13, "commits at memory speed"): SQLite in WAL
+// mode with synchronous=FULL, one 512-byte insert per transaction, on ext4 on an NBD
+// export reached through nbdfuse and a loop device, against the same stack on nbdkit's
+// memory plugin (not durable: the ceiling of this path) and file plugin (a file on the
+// same disk as the node's data directory: the same promise as memstrata, durable after
+// FLUSH), in one run. memstrata serves a plain volume and a volume whose write log is a
+// `local` NVRAM device.
+//
+// Each commit is a few writes and a FLUSH from ext4 (the loop device turns SQLite's
+// fdatasync into a FLUSH through nbdfuse), so the write log's promise shows here: a
+// commit costs one journal sync, not one per write.
+//
+// Needs root (losetup, mount), nbdfuse, mkfs.ext4, nbdkit, and Debian's /usr/bin/python3
+// (its sqlite3 module); skips with the reason otherwise.
+//
+//   npm run bench -- app        BENCH_COMMITS=3000 (default)
+
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { closeSync, existsSync, ftruncateSync, openSync, writeFileSync } from 'node:fs';
+import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { connect } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { AdminClient } from '../src/client/admin-client.js';
+import { startNode } from '../test/support/node-process.js';
+import { freePort, have } from './support/ports.js';
+
+const COMMITS = Number(process.env.BENCH_COMMITS ?? 3000);
+const PYTHON = '/usr/bin/python3';
+const TOKEN = 'bench-app-token-0123456789';
+
+// The application: one row per transaction, timed over the commits only.
+const SQLITE = `
+import os, sqlite3, sys, time
+path, n = sys.argv[1], int(sys.argv[2])
+db = sqlite3.connect(path, isolation_level=None)
+db.execute('PRAGMA journal_mode=WAL')
+db.execute('PRAGMA synchronous=FULL')
+db.execute('CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)')
+payload = os.urandom(512)
+t0 = time.perf_counter()
+for _ in range(n):
+    db.execute('BEGIN')
+    db.execute('INSERT INTO t (v) VALUES (?)', (payload,))
+    db.execute('COMMIT')
+print(n / (time.perf_counter() - t0))
+`;
+
+function missing(): string | undefined {
+  if (process.getuid?.() !== 0) return 'it needs root (losetup, mount)';
+  for (const tool of ['nbdfuse', 'losetup', 'mkfs.ext4', 'nbdkit']) if (!have(tool)) return `${tool} is not installed`;
+  if (!existsSync('/dev/fuse')) return '/dev/fuse is missing';
+  if (spawnSync(PYTHON, ['-c', 'import sqlite3']).status !== 0) return `${PYTHON} has no sqlite3 module`;
+  return undefined;
+}
+
+function run(cmd: string, args: string[]): string {
+  const out = spawnSync(cmd, args, { encoding: 'utf8' });
+  if (out.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed: ${out.stderr || out.stdout}`);
+  return out.stdout.trim();
+}
+
+async function waitForPort(port: number): Promise<void> {
+  for (let i = 0; i < 100; i++) {
+    const up = await new Promise<boolean>((resolve) => {
+      const socket = connect(port, '127.0.0.1');
+      socket.once('connect', () => {
+        socket.destroy();
+        resolve(true);
+      });
+      socket.once('error', () => resolve(false));
+    });
+    if (up) return;
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  throw new Error(`nothing listens on port ${port}`);
+}
+
+/** ext4 on `uri` through nbdfuse and a loop device; runs the SQLite program there; undoes it all. */
+async function commitsPerSecond(uri: string, work: string, script: string): Promise<number> {
+  const fuseDir = await mkdtemp(join(work, 'fuse-'));
+  const mnt = await mkdtemp(join(work, 'mnt-'));
+  const disk = join(fuseDir, 'disk');
+  const fuse: ChildProcess = spawn('nbdfuse', [disk, uri], { stdio: 'ignore' });
+  let loop: string | undefined;
+  let mounted = false;
+  try {
+    for (let i = 0; i < 100 && !existsSync(disk); i++) await new Promise((resolve) => setTimeout(resolve, 50));
+    loop = run('losetup', ['-f', '--show', disk]);
+    run('mkfs.ext4', ['-q', '-F', '-E', 'lazy_itable_init=0,lazy_journal_init=0', loop]);
+    run('mount', [loop, mnt]);
+    mounted = true;
+    return Number(run(PYTHON, [script, join(mnt, 'bench.sqlite'), String(COMMITS)]));
+  } finally {
+    if (mounted) spawnSync('umount', [mnt]);
+    if (loop !== undefined) spawnSync('losetup', ['-d', loop]);
+    spawnSync('umount', [fuseDir]);
+    if (fuse.exitCode === null) {
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(() => {
+          fuse.kill('SIGKILL');
+          resolve();
+        }, 5000);
+        fuse.once('exit', () => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+    }
+  }
+}
+
+async function withNbdkit<T>(plugin: string[], fn: (uri: string) => Promise<T>): Promise<T> {
+  const port = await freePort();
+  const proc = spawn('nbdkit', ['-f', '-i', '127.0.0.1', '-p', String(port), ...plugin], { stdio: 'ignore' });
+  try {
+    await waitForPort(port);
+    return await fn(`nbd://127.0.0.1:${port}/`);
+  } finally {
+    proc.kill('SIGTERM');
+  }
+}
+
+const why = missing();
+if (why !== undefined) {
+  console.log(`bench/app skipped: ${why}`);
+  process.exit(0);
+}
+
+const work = await mkdtemp(join(tmpdir(), 'memstrata-bench-app-'));
+try {
+  const script = join(work, 'commits.py');
+  writeFileSync(script, SQLITE);
+  const rows: [string, number][] = [];
+  rows.push(['nbdkit memory (not durable: the ceiling)', await withNbdkit(['memory', '1G'], (uri) => commitsPerSecond(uri, work, script))]);
+  const file = join(work, 'nbdkit-file.img');
+  const fd = openSync(file, 'w');
+  ftruncateSync(fd, 1024 * 1024 * 1024);
+  closeSync(fd);
+  rows.push(['nbdkit file', await withNbdkit(['file', file], (uri) => commitsPerSecond(uri, work, script))]);
+  const nodeDir = join(work, 'node');
+  await mkdir(nodeDir);
+  const node = await startNode({ cwd: nodeDir, small: false, env: { MEMSTRATA_ADMIN_TOKEN: TOKEN }, args: ['--dram-size', '1GiB', '--flash-size', '1GiB'] });
+  try {
+    const admin = new AdminClient(node.url, { token: TOKEN });
+    await admin.post('/v1/volumes', { name: 'plain', size: '1GiB' });
+    await admin.post('/v1/nvram', { name: 'wl', size: '32MiB', policy: 'local' });
+    await admin.post('/v1/volumes', { name: 'logged', size: '1GiB', writeLog: 'wl' });
+    const base = `nbd://${node.nbd.host}:${node.nbd.port}`;
+    rows.push(['memstrata, plain volume', await commitsPerSecond(`${base}/plain`, work, script)]);
+    rows.push(['memstrata, `local` write log', await commitsPerSecond(`${base}/logged`, work, script)]);
+  } finally {
+    await node.stop('SIGTERM');
+  }
+  rows.push(['the machine\'s own ext4, no NBD', Number(run(PYTHON, [script, join(work, 'local.sqlite'), String(COMMITS)]))]);
+  const memory = rows[0]?.[1] ?? 0;
+  const fileRate = rows[1]?.[1] ?? 0;
+  const width = Math.max(...rows.map(([name]) => name.length));
+  console.log(`\nSQLite (WAL, synchronous=FULL, one 512-byte insert per transaction), ${COMMITS} commits, ext4 over nbdfuse and a loop device`);
+  console.log(`${'under ext4'.padEnd(width)}  commits/s  vs nbdkit file  vs nbdkit memory`);
+  for (const [name, rate] of rows) {
+    console.log(`${name.padEnd(width)}  ${rate.toFixed(0).padStart(9)}  ${`${(rate / fileRate).toFixed(2)}x`.padStart(13)}  ${`${(rate / memory).toFixed(2)}x`.padStart(15)}`);
+  }
+} finally {
+  await rm(work, { recursive: true, force: true });
+}
