@@ -134,7 +134,11 @@ export class DeviceManager {
       } catch (error) {
         this.log.error({ device: entry.meta.name, err: error }, 'vaulting an NVRAM device failed');
       }
-      await entry.device.close();
+      try {
+        await entry.device.close();
+      } catch (error) {
+        this.log.error({ device: entry.meta.name, err: error }, 'closing an NVRAM device failed: records acknowledged without a sync (a write log\'s plain writes) may be missing from its journal');
+      }
       this.partition.release(entry.meta.medium, entry.extents, owner(entry.meta.name));
     }
     this.devices.clear();
@@ -375,7 +379,8 @@ export class DeviceManager {
     const name = entry.meta.name;
     {
       this.devices.delete(name);
-      await entry.device.close();
+      // Its records are being removed with it: a failure to write the last of them is moot.
+      await entry.device.close().catch(() => undefined);
       // Zero the memory before it goes back: the next owner must not read these records.
       const medium = this.medium(entry.meta.medium);
       const extentSize = this.partition.extentSize(entry.meta.medium);

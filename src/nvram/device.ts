@@ -61,6 +61,8 @@ export type { MirrorMode, DeviceInfo };
 
 /** A journal file is rewritten after a trim once it is this long (or twice the device size). */
 export const COMPACT_AT = 16 * 1024 * 1024;
+/** Bytes of records appended without sync after which a commit starts by itself. */
+export const DEFER_LIMIT = 4 * 1024 * 1024;
 export { POLICIES, isMirrored, type Policy, type Role };
 
 /** What a mirrored primary needs from the node's mirroring (mirroring.ts). */
@@ -125,6 +127,8 @@ export class NvramDevice {
   private readonly extentSize: number;
   private journal: JournalFile | undefined;
   private readonly compactAt: number;
+  /** Bytes appended without sync since the last commit began (write logs; see append). */
+  private deferredBytes: number;
   private index: IndexEntry[];
   private indexStart: number;
   private head: number;
@@ -163,6 +167,7 @@ export class NvramDevice {
     this.extentSize = options.extentSize;
     this.journal = options.journal;
     this.compactAt = options.compactAt ?? COMPACT_AT;
+    this.deferredBytes = 0;
     this.index = [];
     this.indexStart = 0;
     this.head = 0;
@@ -273,13 +278,16 @@ export class NvramDevice {
    * Entries with a writer that this device already took are not appended again: they get
    * the first append's answer.
    *
-   * `sync: false` (the node's own write logs, for writes without FUA): resolves once the
-   * records are in the device's memory, with their journal write queued (in order) but
-   * neither done nor synced; `commit` makes them durable. A partner, where there is one,
-   * holds them first as always.
+   * `sync: false` (the node's own write logs, for writes without FUA; `local` devices
+   * only, others ignore it): resolves once the records are in the device's memory, with
+   * their journal write queued (in order) but neither done nor synced; `commit` makes
+   * them durable, and so does any synced append or marker after them. More than
+   * DEFER_LIMIT bytes waiting start a commit in the background.
    */
   async append(epoch: number, entries: readonly AppendEntry[], options?: { sync?: boolean }): Promise<Appended[]> {
-    const sync = options?.sync ?? true;
+    // Only a `local` device defers: a mirrored+local one comes back from a crash `ready`
+    // from its file, on the promise that the file holds every acknowledged record.
+    const sync = (options?.sync ?? true) || this.policy !== 'local';
     if (!entries.some((e) => e.writer !== undefined)) {
       // A record larger than a reader takes would be acknowledged and then be unreadable.
       for (const e of entries) if (e.payload.length > MAX_PAYLOAD) throw payloadTooLarge(this.name, e.payload.length);
@@ -417,7 +425,9 @@ export class NvramDevice {
       // Written with the next batch that syncs (a commit, a synced append, a marker), so
       // a power cut tears no more of the file than it could before; a failure there puts
       // the device in repair, and the commit waiting for that batch reports it.
+      this.deferredBytes += all.length;
       journal.defer(all).catch((error: unknown) => { this.failed(error); });
+      if (this.deferredBytes > DEFER_LIMIT) void this.commit().catch(() => undefined);
     } else if (journal !== undefined) {
       work.push(journal.append(all));
     }
@@ -555,12 +565,19 @@ export class NvramDevice {
     const journal = this.journal;
     // A volatile device promises memory only; an in-sync mirrored one, the partner's copy.
     if (journal === undefined || (this.policy === 'mirrored' && this.port?.mode() === 'in-sync')) return;
+    const covered = this.deferredBytes;
     try {
       await journal.flush();
     } catch (error) {
       this.failed(error);
       throw error;
     }
+    this.deferredBytes = Math.max(0, this.deferredBytes - covered);
+  }
+
+  /** Bytes of records appended without sync that no commit has covered yet. */
+  get uncommittedBytes(): number {
+    return this.deferredBytes;
   }
 
   /** Resolves once every append taken so far has been acknowledged or has failed. */
@@ -694,12 +711,25 @@ export class NvramDevice {
     return [this.marker(RECORD_FLAG.EPOCH, this.epochValue), this.marker(RECORD_FLAG.TRIM, this.trimmedTo), ...records];
   }
 
+  /**
+   * Closes the device. Records a write log acknowledged without a sync are committed
+   * first; if that fails, the journal is rewritten from memory (the repair), so what was
+   * acknowledged is in the file. Rejects if even that fails: the caller logs it.
+   */
   async close(): Promise<void> {
     if (this.closed) return;
+    if (this.journal !== undefined && (this.deferredBytes > 0 || this.failure !== undefined)) {
+      try {
+        await this.commit();
+      } catch {
+        await this.repair().catch(() => undefined);
+      }
+    }
     this.closed = true;
     await this.repairing?.catch(() => undefined);
-    await this.journal?.close();
+    const journal = this.journal;
     this.journal = undefined;
+    await journal?.close();
   }
 
   private marker(flag: number, value: number): Buffer {
@@ -813,6 +843,7 @@ export class NvramDevice {
     if (this.journal !== undefined) {
       const records = await this.collect(0, Number.MAX_SAFE_INTEGER, Number.MAX_SAFE_INTEGER, upTo);
       await this.journal.replace(this.size, Buffer.concat([this.marker(RECORD_FLAG.EPOCH, this.epochValue), this.marker(RECORD_FLAG.TRIM, this.trimmedTo), ...records]));
+      this.deferredBytes = 0; // the new file holds, synced, every record kept in memory
     }
     this.ackedSeq = upTo;
     this.ackChain = Promise.resolve();

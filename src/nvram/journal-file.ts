@@ -287,13 +287,22 @@ export class JournalFile {
     });
   }
 
-  /** Waits for queued appends, makes everything written durable, and closes the file. */
+  /**
+   * Waits for queued appends, makes everything written durable, and closes the file.
+   * Rejects when deferred records still queued could not be written and synced (the
+   * file is closed all the same): they were acknowledged, so the caller must know.
+   */
   async close(): Promise<void> {
-    // Deferred records still queued go out with a last sync.
-    if (this.queue.length > 0) await this.flush().catch(() => undefined);
+    let failure: Error | undefined;
+    if (this.queue.some((w) => w.deferred === true)) {
+      await this.flush().catch((error: unknown) => {
+        failure = asError(error);
+      });
+    }
     await this.running;
     if (this.unsynced && this.fencedBy === undefined) await this.sink.datasync().catch(() => undefined);
     await this.sink.close().catch(() => undefined);
+    if (failure !== undefined) throw failure;
   }
 
   private async rewrite(trimmedTo: number): Promise<void> {

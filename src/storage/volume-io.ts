@@ -7,6 +7,12 @@ import type { Extent } from '../protocol/nbd/codec.js';
 import type { Volume } from './volume-manager.js';
 
 export interface VolumeIo {
+  /**
+   * True when written data reaches the data store only through a write-back that first
+   * calls Volume.logBarrier (the cache): a write log may then acknowledge a plain WRITE
+   * before its record is durable. False (straight to the store): it may not.
+   */
+  readonly writeAhead?: boolean;
   read(volume: Volume, offset: number, target: Buffer): Promise<void>;
   /** With `fua`, resolves only once the data is durable in the data store. */
   write(volume: Volume, offset: number, data: Buffer, fua: boolean): Promise<void>;

@@ -59,6 +59,13 @@ export class Volume {
   /** The NVRAM device that journals this volume's writes (FUA and FLUSH then cost a journal append). */
   readonly writeLog: string | undefined;
   connections: number;
+  /**
+   * Set by the write log (write-log.ts): makes durable the journal records of writes
+   * acknowledged so far. The cache calls it before it writes dirty data back to the
+   * store, so a record never reaches the disk after the data it describes (write-ahead):
+   * otherwise a replay after a crash could put an older record over newer data.
+   */
+  logBarrier: (() => Promise<void>) | undefined;
 
   constructor(name: string, readOnly: boolean, createdAt: string, store: VolumeStore, writeLog?: string) {
     this.name = name;
@@ -67,6 +74,7 @@ export class Volume {
     this.createdAt = createdAt;
     this.store = store;
     this.connections = 0;
+    this.logBarrier = undefined;
   }
 
   get size(): number {

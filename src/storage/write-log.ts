@@ -12,7 +12,16 @@
 //   FUA       the same, acknowledged once the record is durable under the device's
 //             policy: one journal append, group-committed, instead of a destage and an
 //             fdatasync of the data store
-//   ZEROES    the same, with a zero record (payload = the length)
+//   ZEROES    the zeroing reaches the data store at once, so its zero record (payload =
+//             the length) is synced before it is acknowledged, as a FUA write's
+//   write-ahead  a record is made durable before the cache writes the data it describes
+//             back to the store (Volume.logBarrier, called by the destage): a replay never
+//             puts an older record over newer data. Without the cache (cache.enabled
+//             false), data reaches the store at once, and every write's record is synced.
+//             Known limit: a write the cache sends straight to the store because its DRAM
+//             level has no slot at all reaches the store before its record; a crash before
+//             the next FLUSH may then replay an older record over it (NBD allows that for
+//             a write not flushed)
 //   FLUSH     one commit of the device (device.commit): an fdatasync of the journal file
 //             that covers every record acknowledged before, shared with every FLUSH and
 //             FUA that comes while it runs
@@ -101,8 +110,11 @@ export class WriteLogIo implements VolumeIo {
   async write(volume: Volume, offset: number, data: Buffer, fua: boolean): Promise<void> {
     const device = this.device(volume);
     if (device === undefined) return this.inner.write(volume, offset, data, fua);
+    this.guard(volume, device);
     await this.inner.write(volume, offset, data, false);
-    await this.journal(volume, device, { payload: data, target: { volume: volume.name, offset } }, fua);
+    // Without a write-back cache that honours the barrier, the data is in the store now:
+    // its record must be durable before the WRITE is acknowledged.
+    await this.journal(volume, device, { payload: data, target: { volume: volume.name, offset } }, fua || this.inner.writeAhead !== true);
   }
 
   async flush(volume: Volume): Promise<void> {
@@ -119,7 +131,9 @@ export class WriteLogIo implements VolumeIo {
     await this.inner.zero(volume, offset, length, { fua: false, allocate: options.allocate });
     const payload = Buffer.alloc(8);
     payload.writeBigUInt64BE(BigInt(length), 0);
-    await this.journal(volume, device, { payload, target: { volume: volume.name, offset }, flags: RECORD_FLAG.ZERO }, options.fua);
+    // A zeroing reaches the data store at once, ahead of its record: the record is synced
+    // before the zeroing is acknowledged, so no older record can be replayed over it.
+    await this.journal(volume, device, { payload, target: { volume: volume.name, offset }, flags: RECORD_FLAG.ZERO }, true);
   }
 
   prefetch(volume: Volume, offset: number, length: number): Promise<void> {
@@ -185,6 +199,11 @@ export class WriteLogIo implements VolumeIo {
     if (device !== undefined && last > 0) await device.trim(device.epoch, last);
   }
 
+  /** Write-ahead: the cache commits the log before it writes the volume's data back. */
+  private guard(volume: Volume, device: NvramDevice): void {
+    volume.logBarrier ??= () => (device.uncommittedBytes > 0 ? device.commit() : Promise.resolve());
+  }
+
   private device(volume: Volume): NvramDevice | undefined {
     return volume.writeLog === undefined ? undefined : this.nvram.get(volume.writeLog);
   }
@@ -199,10 +218,12 @@ export class WriteLogIo implements VolumeIo {
       } catch (error) {
         if (!isMemstrataError(error) || error.code !== 'MS_NVRAM_FULL') throw error;
         if (attempt >= 2) {
-          // Larger than the journal can ever hold: write everything back, trim the whole
-          // journal (nothing older is left to replay), and rely on the data store.
+          // Larger than the journal can ever hold: write everything back, trim the journal
+          // up to what was acknowledged before the flush began (a write acknowledged during
+          // it may have missed it, and keeps its record), and rely on the data store.
+          const upTo = device.info().lastSeq ?? 0;
           await this.inner.flush(volume);
-          await device.trim(device.epoch, device.info().lastSeq ?? 0);
+          if (upTo > 0) await device.trim(device.epoch, upTo);
           break;
         }
         // Full: wait for a checkpoint already running, then run a fresh one, and retry.

@@ -84,6 +84,8 @@ type OnLine = (line: Line) => Promise<void>;
 type Direct = () => Promise<void>;
 
 export class StorageCache implements VolumeIo {
+  /** Dirty data reaches a store only through WriteBack.destage, which calls Volume.logBarrier first. */
+  readonly writeAhead = true;
   private readonly options: CacheOptions;
   private readonly levels: Map<MediumName, Level>;
   private readonly lines: Map<string, Line>;
@@ -98,6 +100,8 @@ export class StorageCache implements VolumeIo {
   private refilling: Promise<void> | undefined;
   /** No background eviction before this time (Date.now()), after one failed. */
   private refillAfter: number;
+  /** stop() has begun: no background eviction any more. */
+  private stopping: boolean;
 
   constructor(options: CacheOptions) {
     this.options = options;
@@ -111,6 +115,7 @@ export class StorageCache implements VolumeIo {
     this.timer = undefined;
     this.refilling = undefined;
     this.refillAfter = 0;
+    this.stopping = false;
     this.writeBack = new WriteBack({
       log: options.log,
       maxDirtyAgeMs: options.maxDirtyAgeMs,
@@ -125,6 +130,7 @@ export class StorageCache implements VolumeIo {
 
   /** Takes the idle cache extents of each medium as line slots, registers the reclaimer, starts the destager. */
   start(): void {
+    this.stopping = false;
     for (const medium of this.options.media) {
       this.levels.set(medium.name, { medium, slots: new SlotPool(medium.name, this.options.partition.extentSize(medium.name)) });
       this.adopt(medium.name);
@@ -144,6 +150,8 @@ export class StorageCache implements VolumeIo {
     if (this.timer !== undefined) clearInterval(this.timer);
     this.timer = undefined;
     this.options.partition.removeReclaimer(CACHE_OWNER);
+    // No background eviction starts from here on (a request still running may take a slot).
+    this.stopping = true;
     await this.refilling;
     await this.writeBack.idle();
     for (const volume of this.writeBack.volumes()) {
@@ -537,9 +545,9 @@ export class StorageCache implements VolumeIo {
    */
   private refill(level: Level): void {
     const high = Math.min(64, level.slots.slots >> 6);
-    if (high < 4 || this.refilling !== undefined || level.slots.freeSlots >= high >> 1 || Date.now() < this.refillAfter) return;
+    if (high < 4 || this.stopping || this.refilling !== undefined || level.slots.freeSlots >= high >> 1 || Date.now() < this.refillAfter) return;
     this.refilling = (async () => {
-      while (level.slots.freeSlots < high && this.levels.get('dram') === level) {
+      while (level.slots.freeSlots < high && !this.stopping && this.levels.get('dram') === level) {
         const victim = this.policy.dramVictim((line) => this.locks.held(line.key));
         if (victim === undefined) return;
         await this.locks.run(victim.key, () => this.evict(victim, 'dram'));

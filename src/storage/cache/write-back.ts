@@ -106,6 +106,10 @@ export class WriteBack {
   /** Writes the dirty sectors of a line to its volume's store (caller holds the line's lock). */
   async destage(line: Line): Promise<void> {
     if (line.dirty === 0 || !this.options.live(line)) return;
+    // A volume with a write log: its records first (Volume.logBarrier). Waits for I/O only.
+    const barrier = line.volume.logBarrier;
+    if (barrier !== undefined) await barrier();
+    if (line.dirty === 0 || !this.options.live(line)) return;
     const medium = this.options.mediumOf(line);
     const base = line.index * LINE_SIZE;
     const size = line.volume.size;

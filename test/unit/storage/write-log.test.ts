@@ -1,14 +1,28 @@
 // The write log keeps the volume layer's promises: a fenced volume fails every FLUSH,
-// with a write log as without one.
+// with a write log as without one; plain WRITEs acknowledged before their record is
+// synced never let a replay put an older record over newer data, and are not lost at
+// a clean stop or by a checkpoint.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import pino from 'pino';
+import { readFileSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { MediumName } from '../../../src/kinds.js';
+import { DramMedium } from '../../../src/memory/dram-medium.js';
+import { PartitionTable, type MediumLayout } from '../../../src/memory/partition-table.js';
 import type { DeviceManager } from '../../../src/nvram/device-manager.js';
+import { NvramDevice } from '../../../src/nvram/device.js';
+import { JournalFile, parseJournal } from '../../../src/nvram/journal-file.js';
+import { RECORD_FLAG } from '../../../src/protocol/journal/record.js';
+import { LINE_SIZE } from '../../../src/storage/cache/line.js';
+import { StorageCache } from '../../../src/storage/cache/storage-cache.js';
 import { DirectVolumeIo } from '../../../src/storage/volume-io.js';
 import { Volume } from '../../../src/storage/volume-manager.js';
 import { WriteLogIo } from '../../../src/storage/write-log.js';
-import { FaultPlan } from '../../support/faults.js';
+import { FaultPlan, faultyJournal } from '../../support/faults.js';
 import { MemoryStore } from '../../support/memory-store.js';
 
 test('a FLUSH through a write log fails once the volume is fenced', async () => {
@@ -53,4 +67,136 @@ test('a checkpoint trims only what was acknowledged before its flush began: a wr
   release();
   await checkpoint;
   assert.equal(device.info().firstSeq, 2, 'record 2, appended while the flush ran, is still in the log');
+});
+
+// ---- plain WRITEs deferred in the journal (issue 13) and what must still hold ----
+
+const E = 64 * 1024;
+const DEVICE = 4 * E;
+const silent = pino({ level: 'silent' });
+
+async function localDevice(path: string, plan = new FaultPlan()): Promise<NvramDevice> {
+  const journal = await JournalFile.create(path, DEVICE, faultyJournal(plan));
+  const medium = new DramMedium({ capacity: DEVICE, extentSize: E });
+  await medium.open();
+  return new NvramDevice({ name: 'wl', size: DEVICE, policy: 'local', medium, extents: [0, E, 2 * E, 3 * E], extentSize: E, journal });
+}
+
+class Named extends DramMedium {
+  override readonly name: MediumName;
+  constructor(name: MediumName, capacity: number) {
+    super({ capacity, extentSize: 4 * LINE_SIZE });
+    this.name = name;
+  }
+}
+
+/** A DRAM-only cache of 32 lines, destaging only when asked. */
+async function smallCache(): Promise<StorageCache> {
+  const capacity = 64 * LINE_SIZE;
+  const layout: MediumLayout = { name: 'dram', capacity, extentSize: 4 * LINE_SIZE, initial: { cache: 32 * LINE_SIZE, server: 0, nvram: 0 }, bounds: { cache: { min: 0, max: capacity }, server: { min: 0, max: capacity }, nvram: { min: 0, max: capacity } } };
+  const medium = new Named('dram', capacity);
+  await medium.open();
+  const cache = new StorageCache({ partition: new PartitionTable([layout]), media: [medium], log: silent, maxDirtyAgeMs: 600_000, destageIntervalMs: 0 });
+  cache.start();
+  return cache;
+}
+
+/** What a restart after kill -9 finds (the page cache survives): the store as written, the journal replayed over it. */
+async function afterKill(store: MemoryStore, journalPath: string): Promise<Buffer> {
+  const image = Buffer.alloc(store.size);
+  await store.read(0, image);
+  const records = parseJournal(readFileSync(journalPath)).records;
+  let trimmed = 0;
+  for (const r of records) if ((r.flags & RECORD_FLAG.TRIM) !== 0) trimmed = Math.max(trimmed, Number(r.payload.readBigUInt64BE(0)));
+  for (const r of records) {
+    if ((r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM | RECORD_FLAG.VOID)) !== 0 || r.seq <= trimmed || r.target === undefined) continue;
+    if ((r.flags & RECORD_FLAG.ZERO) !== 0) image.fill(0, r.target.offset, r.target.offset + Number(r.payload.readBigUInt64BE(0)));
+    else r.payload.copy(image, r.target.offset);
+  }
+  return image;
+}
+
+test('write-ahead: the cache makes a plain write\'s record durable before it writes the data back, so a kill -9 after the write-back replays no older record over it; without the cache every record is synced', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-wl-'));
+  try {
+    for (const withCache of [true, false]) {
+      const path = join(dir, `wl-${withCache}.journal`);
+      const device = await localDevice(path);
+      const nvram = { get: () => device } as unknown as DeviceManager;
+      const cache = withCache ? await smallCache() : undefined;
+      const io = new WriteLogIo(cache ?? new DirectVolumeIo(), nvram, silent);
+      const store = new MemoryStore(1 << 20, new FaultPlan());
+      const volume = new Volume('v', false, new Date().toISOString(), store, 'wl');
+      await io.write(volume, 0, Buffer.alloc(4096, 0xaa), true); // A, FUA: its record durable
+      await io.write(volume, 0, Buffer.alloc(4096, 0xbb), false); // B, plain
+      if (cache !== undefined) {
+        assert.ok(device.uncommittedBytes > 0, 'B\'s record waits for a commit');
+        await cache.destage(Date.now() + 3_600_000); // the destager writes B back
+      }
+      const image = await afterKill(store, path);
+      assert.equal(image[0], 0xbb, `${withCache ? 'cache' : 'no cache'}: replay put an older record over B (0x${(image[0] ?? 0).toString(16)})`);
+      await cache?.stop();
+      await device.close();
+    }
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('a clean stop whose last journal write fails rewrites the journal from memory: plain writes acknowledged before it are in the file', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-wl-'));
+  try {
+    const path = join(dir, 'wl.journal');
+    const plan = new FaultPlan();
+    const device = await localDevice(path, plan);
+    const nvram = { get: () => device } as unknown as DeviceManager;
+    const cache = await smallCache();
+    const io = new WriteLogIo(cache, nvram, silent);
+    const volume = new Volume('v', false, new Date().toISOString(), new MemoryStore(1 << 20, new FaultPlan()), 'wl');
+    await io.write(volume, 0, Buffer.alloc(4096, 0xaa), true);
+    await io.write(volume, 0, Buffer.alloc(4096, 0xbb), false);
+    plan.fail({ op: 'journal.write', fault: 'EIO' });
+    await device.close();
+    const records = parseJournal(readFileSync(path)).records.filter((r) => r.target !== undefined);
+    assert.deepEqual(records.map((r) => r.payload[0]), [0xaa, 0xbb], 'both acknowledged records are in the journal after the stop');
+    await cache.stop();
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('the "larger than the journal" fallback trims only what was acknowledged before its flush: a write acknowledged during it keeps its record', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-wl-'));
+  try {
+    const path = join(dir, 'wl.journal');
+    const device = await localDevice(path);
+    const nvram = { get: () => device } as unknown as DeviceManager;
+    const cache = await smallCache();
+    const store = new MemoryStore(2 * 1024 * 1024, new FaultPlan());
+    const volume = new Volume('v', false, new Date().toISOString(), store, 'wl');
+    let flushes = 0;
+    const late: { io?: WriteLogIo } = {};
+    const C = Buffer.alloc(4096, 0xcc);
+    const X = 1024 * 1024 + 65536; // a line the big write does not touch
+    const inner = Object.assign(Object.create(cache) as StorageCache, {
+      flush: async (v: Volume) => {
+        flushes++;
+        const flushing = cache.flush(v); // takes its list of dirty lines now
+        // The fifth flush is the fallback's: a client's plain WRITE lands while it runs.
+        if (flushes === 5 && late.io !== undefined) await late.io.write(volume, X, C, false);
+        await flushing;
+      },
+    });
+    const io = new WriteLogIo(inner, nvram, silent);
+    late.io = io;
+    await io.write(volume, 0, Buffer.alloc(DEVICE + 64 * 1024, 0xbb), false); // larger than the device
+    assert.equal(flushes, 5, 'the big write went through the fallback');
+    await io.flush(volume); // the client's FLUSH, after both writes were acknowledged
+    const image = await afterKill(store, path);
+    assert.ok(image.subarray(X, X + 4096).equals(C), 'a write acknowledged before a FLUSH that returned is lost after kill -9');
+    await cache.stop();
+    await device.close();
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
 });
