@@ -36,12 +36,16 @@ export class DramMedium implements Medium {
   }
 
   async read(offset: number, target: Uint8Array): Promise<void> {
+    this.readSync(offset, target);
+    return Promise.resolve();
+  }
+
+  readSync(offset: number, target: Uint8Array): void {
     this.check(offset, target.length);
     this.walk(offset, target.length, (extent, within, n, done) => {
       if (extent === undefined) target.fill(0, done, done + n);
       else target.set(extent.subarray(within, within + n), done);
     });
-    return Promise.resolve();
   }
 
   async write(offset: number, source: Uint8Array): Promise<void> {

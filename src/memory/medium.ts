@@ -2,7 +2,8 @@
 //
 // A medium is a flat byte-addressed space of `capacity` bytes cut into extents of
 // `extentSize`; physical addresses in the partition and allocation tables are offsets
-// into it. I/O is always asynchronous, also for DRAM, so callers see one behaviour.
+// into it. I/O is asynchronous, also for DRAM, so callers see one behaviour; DRAM also
+// offers a synchronous read (readSync) for the one path that needs it.
 // Backends trust their callers except for the range, which is cheap to check and turns a
 // stray offset into a coded error instead of a corrupted neighbour.
 
@@ -24,6 +25,11 @@ export interface Medium {
   open(): Promise<void>;
   /** Fills `target` with the bytes at `offset`. */
   read(offset: number, target: Uint8Array): Promise<void>;
+  /**
+   * The same, synchronously, for a medium in memory (DRAM): the storage cache's read-hit
+   * path uses it to answer without a promise. Absent where I/O has to wait.
+   */
+  readSync?(offset: number, target: Uint8Array): void;
   write(offset: number, source: Uint8Array): Promise<void>;
   /** Makes the range read as zeros, handing back backing storage of whole extents where the medium can. */
   zero(offset: number, length: number): Promise<void>;

@@ -14,6 +14,12 @@ export interface VolumeIo {
    */
   readonly writeAhead?: boolean;
   read(volume: Volume, offset: number, target: Buffer): Promise<void>;
+  /**
+   * Reads at once, without a promise, when the layer can (a read the cache's DRAM level
+   * holds, valid, in one line nobody is changing); false means nothing was read and
+   * `read` must be used. Optional: layers without a fast path leave it out.
+   */
+  readNow?(volume: Volume, offset: number, target: Buffer): boolean;
   /** With `fua`, resolves only once the data is durable in the data store. */
   write(volume: Volume, offset: number, data: Buffer, fua: boolean): Promise<void>;
   /** Makes every write completed before it, on any connection, durable (FIG. 20, FLUSH). */

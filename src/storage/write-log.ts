@@ -107,6 +107,10 @@ export class WriteLogIo implements VolumeIo {
     return this.inner.read(volume, offset, target);
   }
 
+  readNow(volume: Volume, offset: number, target: Buffer): boolean {
+    return this.inner.readNow?.(volume, offset, target) ?? false;
+  }
+
   async write(volume: Volume, offset: number, data: Buffer, fua: boolean): Promise<void> {
     const device = this.device(volume);
     if (device === undefined) return this.inner.write(volume, offset, data, fua);

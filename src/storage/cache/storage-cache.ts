@@ -58,6 +58,8 @@ export type { CacheStats };
 export const CACHE_OWNER = 'cache';
 /** Lines a zeroing works on at once. */
 const ZERO_BATCH = 64;
+/** Lines a read may span and still take the synchronous hit path (readNow): 1 MiB. */
+const READ_NOW_LINES = 16;
 
 export interface CacheOptions {
   partition: PartitionTable;
@@ -98,6 +100,8 @@ export class StorageCache implements VolumeIo {
   private timer: NodeJS.Timeout | undefined;
   /** The background eviction that keeps DRAM slots free ahead of misses, while it runs. */
   private refilling: Promise<void> | undefined;
+  /** Scratch list of readNow (kept to avoid an allocation per read). */
+  private readonly hitLines: Line[];
   /** No background eviction before this time (Date.now()), after one failed. */
   private refillAfter: number;
   /** stop() has begun: no background eviction any more. */
@@ -116,6 +120,7 @@ export class StorageCache implements VolumeIo {
     this.refilling = undefined;
     this.refillAfter = 0;
     this.stopping = false;
+    this.hitLines = [];
     this.writeBack = new WriteBack({
       log: options.log,
       maxDirtyAgeMs: options.maxDirtyAgeMs,
@@ -206,6 +211,45 @@ export class StorageCache implements VolumeIo {
         );
       }),
     );
+  }
+
+  /**
+   * The read-hit path without a promise or a lock: a read within one line whose DRAM copy
+   * holds every sector it needs, valid, while nobody holds the line's lock. Every change
+   * of a line's bytes, bits or slot (write, stage, destage, eviction, demotion,
+   * promotion, zeroing, reclaim) runs under that lock and DRAM copies are synchronous, so
+   * with the lock free the slot holds the line's current bytes for the whole copy. False:
+   * nothing was read; use read().
+   */
+  readNow(volume: Volume, offset: number, target: Buffer): boolean {
+    const medium = this.levels.get('dram')?.medium;
+    if (medium?.readSync === undefined || target.length === 0) return false;
+    // Every line first (nothing is copied unless all of them qualify), then the copies:
+    // all synchronous, so nothing can change in between.
+    const first = Math.floor(offset / LINE_SIZE);
+    const last = Math.floor((offset + target.length - 1) / LINE_SIZE);
+    if (last - first >= READ_NOW_LINES) return false;
+    const found = this.hitLines;
+    found.length = 0;
+    for (let index = first; index <= last; index++) {
+      const key = this.keyOf(volume, index);
+      const line = this.lines.get(key);
+      if (line === undefined || line.medium !== 'dram' || this.locks.held(key)) return false;
+      const from = Math.max(offset, index * LINE_SIZE) - index * LINE_SIZE;
+      const to = Math.min(offset + target.length, (index + 1) * LINE_SIZE) - index * LINE_SIZE;
+      const mask = sectorMask(from, to - from);
+      if ((line.valid & mask) !== mask) return false;
+      found.push(line);
+    }
+    for (const line of found) {
+      const start = Math.max(offset, line.index * LINE_SIZE);
+      const end = Math.min(offset + target.length, (line.index + 1) * LINE_SIZE);
+      medium.readSync(line.slot + (start - line.index * LINE_SIZE), target.subarray(start - offset, end - offset));
+      this.policy.hit(line);
+      this.counters.hits++;
+    }
+    found.length = 0;
+    return true;
   }
 
   /**
