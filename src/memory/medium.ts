@@ -26,8 +26,9 @@ export interface Medium {
   /** Fills `target` with the bytes at `offset`. */
   read(offset: number, target: Uint8Array): Promise<void>;
   /**
-   * The same, synchronously, for a medium in memory (DRAM): the storage cache's read-hit
-   * path uses it to answer without a promise. Absent where I/O has to wait.
+   * The same, synchronously, for a medium in memory (DRAM): the storage cache's and the
+   * rmem service's read paths use it to answer without a promise. Absent where I/O has to
+   * wait. It may throw to decline: callers then read with `read`, which reports errors.
    */
   readSync?(offset: number, target: Uint8Array): void;
   write(offset: number, source: Uint8Array): Promise<void>;

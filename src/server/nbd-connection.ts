@@ -771,7 +771,13 @@ export class NbdConnection {
     }
     const pooled = this.host.payloadBuffers.acquire(request.length);
     const data = pooled.subarray(0, request.length);
-    if (!io.readNow(volume, request.offset, data)) {
+    let read = false;
+    try {
+      read = io.readNow(volume, request.offset, data);
+    } catch {
+      read = false; // declined (Medium.readSync may throw): the ordinary path reports errors
+    }
+    if (!read) {
       this.host.payloadBuffers.release(pooled);
       return false;
     }

@@ -313,3 +313,22 @@ test('a read or write finds its range by binary search: a byte at the end of a r
   assert.equal(byte[0], 7);
   assert.ok(looked <= 16, `${looked} ranges and offsets looked at for one byte of a region of ${region.ranges.length} ranges`);
 });
+
+test('readNow reads what read reads, across the ranges of a fragmented region, and checks bounds the same way', async () => {
+  const { memory } = await setup();
+  const session = memory.open('srv-a');
+  await fragment(memory, session, 4 * (E / PAGE_SIZE));
+  const region = await memory.bind(session, E, { kind: 'medium', medium: 'dram' });
+  assert.ok(region.ranges.length > 1);
+  const data = Buffer.alloc(region.size);
+  for (let i = 0; i < data.length; i++) data[i] = (i * 31 + 7) & 0xff;
+  await memory.write(region, 0, data);
+  for (const [offset, length] of [[0, 1], [PAGE_SIZE - 3, 9], [100, 3 * PAGE_SIZE + 5], [0, region.size]] as const) {
+    const slow = Buffer.alloc(length);
+    const fast = Buffer.alloc(length);
+    await memory.read(region, offset, slow);
+    assert.equal(memory.readNow(region, offset, fast), true);
+    assert.ok(fast.equals(slow) && fast.equals(data.subarray(offset, offset + length)), `offset ${offset} length ${length}`);
+  }
+  assert.throws(() => memory.readNow(region, region.size - 1, Buffer.alloc(2)), { code: 'MS_RMEM_RANGE' });
+});

@@ -40,6 +40,12 @@ class ScriptedMedium extends DramMedium {
     return super.zero(offset, length);
   }
 
+  /** Scripted addresses decline the synchronous path (it cannot wait): the read goes async. */
+  override readSync(offset: number, target: Uint8Array): void {
+    if (this.failAt.has(offset) || this.holding.has(offset)) throw new StorageError('MS_MEDIUM_IO', `scripted address ${offset}: read it asynchronously`);
+    super.readSync(offset, target);
+  }
+
   override async read(offset: number, target: Uint8Array): Promise<void> {
     if (this.failAt.has(offset)) throw new StorageError('MS_MEDIUM_IO', `scripted failure at ${offset}`);
     if (this.holding.has(offset)) {
