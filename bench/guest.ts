@@ -9,7 +9,12 @@
 //      busy processes, measured with the kernel's accounting (/proc/<pid>/stat of every
 //      process in its group), for the node's enforcement and for the signal fallback.
 //
-//   npm run bench -- guest        BENCH_MS=5000 for longer runs
+//   0. The floor under part 1: a bare echo between two Node.js processes (a 4 KiB
+//      request, a 32-byte answer, one in flight) over a Unix socket against loopback
+//      TCP, with no memstrata code in between: what the cut-through socket can save.
+//
+//   npm run bench -- guest        BENCH_MS=5000 for longer runs; BENCH_GUEST_PART=floor
+//                                 runs part 0 only
 
 import { spawnSync } from 'node:child_process';
 import { mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
@@ -20,7 +25,7 @@ import { AdminClient } from '../src/client/admin-client.js';
 import type { GuestInfoJson } from '../src/protocol/admin/api.js';
 import { parseProcStat } from '../src/guest/proc-stat.js';
 import { startNode, type NodeProcess } from '../test/support/node-process.js';
-import { report, type CaseResult } from './support/harness.js';
+import { measure, report, type CaseResult } from './support/harness.js';
 import { have } from './support/ports.js';
 
 const KB4 = 4096;
@@ -160,7 +165,62 @@ async function shares(admin: AdminClient, mode: string): Promise<void> {
   for (const r of rows) console.log(r.map((c) => c.padStart(10)).join(''));
 }
 
+/** A bare echo server in a child process, on a Unix socket and a TCP port. */
+const ECHO_SERVER = `import { createServer } from 'node:net';
+const serve = (s) => { s.setNoDelay?.(true); s.on('data', (d) => { s.write(d.subarray(0, 32)); }); s.on('error', () => {}); };
+const unix = createServer(serve); const tcp = createServer(serve);
+await new Promise((r) => unix.listen(process.argv[2], r));
+await new Promise((r) => tcp.listen(0, '127.0.0.1', r));
+console.log(JSON.stringify({ port: tcp.address().port }));
+`;
+
+async function transportFloor(work: string): Promise<void> {
+  const script = join(work, 'echo.mjs');
+  await writeFile(script, ECHO_SERVER);
+  const socketPath = join(work, 'echo.sock');
+  const { spawn } = await import('node:child_process');
+  const { connect } = await import('node:net');
+  const server = spawn(process.execPath, [script, socketPath], { stdio: ['ignore', 'pipe', 'inherit'] });
+  try {
+    const port = await new Promise<number>((resolve, reject) => {
+      server.stdout.once('data', (d: Buffer) => resolve((JSON.parse(d.toString()) as { port: number }).port));
+      server.once('exit', () => reject(new Error('the echo server exited')));
+    });
+    const request = Buffer.alloc(KB4 + 32, 0x42);
+    const results: CaseResult[] = [];
+    for (const [name, where] of [['echo over TCP loopback (baseline)', { port, host: '127.0.0.1' }], ['echo over a Unix socket', { path: socketPath }]] as const) {
+      const socket = connect(where);
+      socket.setNoDelay(true);
+      await new Promise<void>((resolve) => socket.once('connect', () => resolve()));
+      let pending: (() => void) | undefined;
+      let got = 0;
+      socket.on('data', (d: Buffer) => {
+        got += d.length;
+        if (got >= 32) {
+          got = 0;
+          pending?.();
+        }
+      });
+      results.push(await measure({ name, bytesPerOp: KB4, run: () => new Promise<void>((resolve) => { pending = resolve; socket.write(request); }) }));
+      socket.destroy();
+    }
+    report('The transport alone: a 4 KiB request and a 32-byte answer between two Node.js processes, one in flight', results);
+    const [tcp, unix] = results;
+    if (tcp !== undefined && unix !== undefined) console.log(`Unix socket QD1 p50 is ${(unix.p50us / tcp.p50us).toFixed(2)}x TCP's: the most the cut-through socket can save on this machine`);
+  } finally {
+    server.kill('SIGTERM');
+  }
+}
+
 const work = await mkdtemp(join(tmpdir(), 'memstrata-bench-guest-'));
+if (process.env.BENCH_GUEST_PART === 'floor') {
+  try {
+    await transportFloor(work);
+  } finally {
+    await rm(work, { recursive: true, force: true });
+  }
+  process.exit(0);
+}
 const env = { MEMSTRATA_ADMIN_TOKEN: TOKEN };
 const media = ['--dram-size', '512MiB', '--set', 'partition.dram.nvram.initial=256MiB', '--set', 'partition.dram.cache.initial=64MiB'];
 try {
@@ -168,6 +228,7 @@ try {
   const admin = new AdminClient(node.url, { token: TOKEN });
   try {
     const info = await admin.get<{ guests: { enforcement: string } }>('/v1/node');
+    await transportFloor(work);
     await appendsFromGuest(node, admin, work);
     await fioShares(admin);
     await shares(admin, info.guests.enforcement);

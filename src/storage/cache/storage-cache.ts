@@ -245,6 +245,9 @@ export class StorageCache implements VolumeIo {
       const start = Math.max(offset, line.index * LINE_SIZE);
       const end = Math.min(offset + target.length, (line.index + 1) * LINE_SIZE);
       medium.readSync(line.slot + (start - line.index * LINE_SIZE), target.subarray(start - offset, end - offset));
+    }
+    // Counted once every copy is done (a medium may decline by throwing).
+    for (const line of found) {
       this.policy.hit(line);
       this.counters.hits++;
     }
@@ -515,17 +518,21 @@ export class StorageCache implements VolumeIo {
     const first = lowestBit(missing);
     const last = highestBit(missing);
     const start = line.index * LINE_SIZE + first * SECTOR_SIZE;
-    const length = Math.min((last - first + 1) * SECTOR_SIZE, Math.max(0, line.volume.size - start));
-    if (length <= 0) return;
-    const buf = Buffer.allocUnsafe(length);
-    await line.volume.store.read(start, buf);
+    const span = (last - first + 1) * SECTOR_SIZE;
+    const length = Math.min(span, Math.max(0, line.volume.size - start));
+    // What lies past the end of the volume (its last partial sector, or a whole span when
+    // the volume shrank while this request waited for a slot) is written as zeros, as the
+    // store reads it after a grow: a sector marked valid never keeps what the slot held
+    // before, another volume's bytes perhaps.
+    const buf = Buffer.allocUnsafe(span);
+    if (length > 0) await line.volume.store.read(start, buf.subarray(0, length));
+    buf.fill(0, length);
     // Sectors already valid inside the span (possibly dirty) keep their cached bytes.
     const medium = this.level(line.medium).medium;
     for (let s = first; s <= last; s++) {
       if ((missing & (1 << s)) === 0) continue;
       const from = (s - first) * SECTOR_SIZE;
-      if (from >= length) break;
-      await medium.write(line.slot + s * SECTOR_SIZE, buf.subarray(from, Math.min(from + SECTOR_SIZE, length)));
+      await medium.write(line.slot + s * SECTOR_SIZE, buf.subarray(from, from + SECTOR_SIZE));
     }
     line.valid |= missing;
     this.counters.stagedBytes += length;

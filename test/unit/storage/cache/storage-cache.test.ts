@@ -13,6 +13,7 @@ import { Volume } from '../../../../src/storage/volume-manager.js';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { FaultPlan, faultyFiles } from '../../../support/faults.js';
+import { MemoryStore } from '../../../support/memory-store.js';
 
 const E = 256 * 1024; // 4 lines per extent
 const SECTOR = 4096;
@@ -152,7 +153,10 @@ test('the read-hit path without a lock (readNow) never returns bytes a write has
     ),
     { numRuns: 100 },
   );
-  // The path answers at all: a line just written lives in DRAM, valid.
+});
+
+test('readNow answers a read the DRAM level holds, across lines too, and declines what it does not hold', async (t) => {
+  const { cache, volume } = await setup(t, { dramLines: 16, flashLines: 0, volumeSize: 4 * LINE_SIZE });
   await cache.write(volume, 0, Buffer.alloc(SECTOR, 7), false);
   const got = Buffer.alloc(SECTOR);
   assert.equal(cache.readNow(volume, 0, got), true);
@@ -162,6 +166,11 @@ test('the read-hit path without a lock (readNow) never returns bytes a write has
   const across = Buffer.alloc(2 * SECTOR);
   assert.equal(cache.readNow(volume, LINE_SIZE - SECTOR, across), true);
   assert.ok(across.every((b) => b === 9));
+  // A sector never staged, a line never cached: declined, nothing read.
+  const untouched = Buffer.alloc(SECTOR, 0x55);
+  assert.equal(cache.readNow(volume, 4 * SECTOR, untouched), false);
+  assert.equal(cache.readNow(volume, 3 * LINE_SIZE, untouched), false);
+  assert.ok(untouched.every((b) => b === 0x55));
 });
 
 test('concurrent writes and reads of disjoint ranges all land', async (t) => {
@@ -248,6 +257,43 @@ test('the DRAM level keeps a few slots free by evicting in the background, and l
     content(i).copy(want, 4096);
     assert.ok(got.equals(want), `line ${i}`);
   }
+});
+
+test('a READ admitted across a shrink never leaves another volume\'s bytes valid past the end: after a grow they read as zeros, by both read paths', async (t) => {
+  // Review finding (issue 13): stage() clipped its store read at the end of the volume but
+  // marked every sector it was asked for valid, so the slot's previous bytes stayed.
+  const E = 4 * LINE_SIZE;
+  const dram = new DramMedium({ capacity: 2 * E, extentSize: E });
+  await dram.open();
+  const partition = new PartitionTable([{ name: 'dram', capacity: 2 * E, extentSize: E, initial: { cache: E, server: 0, nvram: 0 }, bounds: { cache: { min: 0, max: 2 * E }, server: { min: 0, max: 2 * E }, nvram: { min: 0, max: 0 } } }]);
+  const plan = new FaultPlan();
+  const other = new Volume('tenant-w', false, new Date().toISOString(), new MemoryStore(4 * LINE_SIZE, plan));
+  const vStore = new MemoryStore(2 * LINE_SIZE, plan);
+  const v = new Volume('tenant-v', false, new Date().toISOString(), vStore);
+  const cache = new StorageCache({ partition, media: [dram], log, maxDirtyAgeMs: 60_000, destageIntervalMs: 0 });
+  cache.start();
+  t.after(() => cache.stop());
+  // Another tenant fills every DRAM slot (4 lines), dirty.
+  await cache.write(other, 0, Buffer.alloc(4 * LINE_SIZE, 0xaa), false);
+  // Its write-back is slow: a READ of v's line 1 (valid while v is 2 lines) waits for a slot.
+  const held: (() => void)[] = [];
+  plan.gate = (op) => (op === 'mem.write' ? new Promise<void>((r) => held.push(r)) : undefined);
+  const reading = cache.read(v, LINE_SIZE, Buffer.alloc(LINE_SIZE));
+  while (held.length === 0) await new Promise((r) => setImmediate(r));
+  // Meanwhile v shrinks to one line and 4 KiB (VolumeManager.resize: the store, then forget).
+  await vStore.resize(LINE_SIZE + 4096);
+  await cache.forget(v, LINE_SIZE + 4096);
+  plan.gate = undefined;
+  for (const go of held.splice(0)) go();
+  const got = Buffer.alloc(LINE_SIZE);
+  await reading.catch(() => undefined);
+  // ... and grows again: the bytes past the old end read as zeros.
+  await vStore.resize(2 * LINE_SIZE);
+  const fast = Buffer.alloc(4096);
+  const served = cache.readNow(v, LINE_SIZE + 4096, fast);
+  await cache.read(v, LINE_SIZE, got);
+  assert.ok(got.subarray(4096).every((b) => b === 0), `the ordinary read returns 0x${(got[4096] ?? 0).toString(16)}, another volume's bytes`);
+  if (served) assert.ok(fast.every((b) => b === 0), `readNow returns 0x${(fast[0] ?? 0).toString(16)}, another volume's bytes`);
 });
 
 /** Touches the hot lines in rounds, with the accesses of `between` other lines in between, so 2Q sees reuse. */

@@ -1,0 +1,247 @@
+// Isolation between the storage cache and server memory for the synchronous read paths
+// (issue 13): the same concurrent runs as isolation.test.ts, with DRAM media that keep
+// their synchronous read (readSync) and wait for fast-check's scheduler on every
+// asynchronous call, and after every scheduled step: StorageCache.readNow of every block
+// returns the volume's own bytes (or zeros for blocks being written), and
+// ServerMemory.readNow of every reachable region returns zeros or its own server's bytes,
+// never another tenant's or memory handed over.
+//
+// A failing run prints fast-check's seed and path; pass them to fc.assert to replay it.
+// MEMSTRATA_SOAK=1 runs many more interleavings (npm run soak).
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import pino from 'pino';
+import type { MediumName } from '../../../../src/kinds.js';
+import { AllocationTable } from '../../../../src/memory/allocation-table.js';
+import { DramMedium } from '../../../../src/memory/dram-medium.js';
+import { PartitionTable, type MediumLayout } from '../../../../src/memory/partition-table.js';
+import { ServerMemory, Tenancy, type ServerRegion } from '../../../../src/memory/server-memory.js';
+import { LINE_SIZE } from '../../../../src/storage/cache/line.js';
+import { StorageCache } from '../../../../src/storage/cache/storage-cache.js';
+import { Volume } from '../../../../src/storage/volume-manager.js';
+import { FaultPlan } from '../../../support/faults.js';
+import { MemoryStore } from '../../../support/memory-store.js';
+
+const log = pino({ level: 'silent' });
+const E = 4 * LINE_SIZE; // four lines per extent
+const BLOCK = 4096;
+const VOLUME = 32 * LINE_SIZE;
+const SOAK = process.env.MEMSTRATA_SOAK === '1';
+
+class NamedDram extends DramMedium {
+  override readonly name: MediumName;
+  gate: ((op: string) => Promise<void> | undefined) | undefined = undefined;
+  constructor(name: MediumName, capacity: number) {
+    super({ capacity, extentSize: E });
+    this.name = name;
+  }
+  override async read(offset: number, target: Uint8Array): Promise<void> {
+    const g = this.gate?.(`${this.name}.read`); if (g !== undefined) await g;
+    return super.read(offset, target);
+  }
+  override async write(offset: number, source: Uint8Array): Promise<void> {
+    const g = this.gate?.(`${this.name}.write`); if (g !== undefined) await g;
+    return super.write(offset, source);
+  }
+  override async zero(offset: number, length: number): Promise<void> {
+    const g = this.gate?.(`${this.name}.zero`); if (g !== undefined) await g;
+    return super.zero(offset, length);
+  }
+}
+
+function layout(name: MediumName, extents: number, cache: number, server: number): MediumLayout {
+  const capacity = extents * E;
+  return {
+    name,
+    capacity,
+    extentSize: E,
+    initial: { cache: cache * E, server: server * E, nvram: 0 },
+    bounds: { cache: { min: 0, max: capacity }, server: { min: 0, max: capacity }, nvram: { min: 0, max: capacity } },
+  };
+}
+
+/** Bytes of `who`'s pattern at absolute position `at`: tenants never share a byte value sequence. */
+function pattern(who: number, at: number, length: number): Buffer {
+  const buf = Buffer.alloc(length);
+  const period = Math.min(length, 251 * 4); // the bytes repeat every 251 words
+  for (let i = 0; i < period; i++) buf[i] = ((who * 131 + ((at + i) >> 2) * 7) % 251) + 1;
+  for (let filled = period; filled < length; filled *= 2) buf.copyWithin(filled, 0, Math.min(filled, length - filled));
+  return buf;
+}
+
+type Op =
+  | { kind: 'write'; block: number; blocks: number; fua: boolean }
+  | { kind: 'read'; block: number }
+  | { kind: 'flush' }
+  | { kind: 'destage' }
+  | { kind: 'shrink'; sectors: number }
+  | { kind: 'resize'; extents: number }
+  | { kind: 'bind'; server: number; extents: number; free: boolean };
+
+const opArb: fc.Arbitrary<Op> = fc.oneof(
+  { arbitrary: fc.record({ kind: fc.constant('write' as const), block: fc.nat({ max: 63 }), blocks: fc.integer({ min: 1, max: 20 }), fua: fc.boolean() }), weight: 5 },
+  { arbitrary: fc.record({ kind: fc.constant('read' as const), block: fc.integer({ min: 64, max: 127 }) }), weight: 3 },
+  { arbitrary: fc.constant({ kind: 'flush' as const }), weight: 1 },
+  { arbitrary: fc.constant({ kind: 'destage' as const }), weight: 1 },
+  { arbitrary: fc.record({ kind: fc.constant('shrink' as const), sectors: fc.integer({ min: 0, max: 100 }) }), weight: 1 },
+  { arbitrary: fc.record({ kind: fc.constant('resize' as const), extents: fc.integer({ min: 1, max: 8 }) }), weight: 1 },
+  { arbitrary: fc.record({ kind: fc.constant('bind' as const), server: fc.integer({ min: 1, max: 3 }), extents: fc.integer({ min: 1, max: 3 }), free: fc.boolean() }), weight: 3 },
+);
+
+const totals = { fast: 0, region: 0 };
+test('the synchronous read paths (cache and server memory) never return another tenant\'s or handed-over bytes, at every scheduled step', async () => {
+  await fc.assert(
+    fc.asyncProperty(fc.scheduler(), fc.array(opArb, { minLength: 2, maxLength: 12 }), async (s, ops) => {
+      const plan = new FaultPlan();
+      const layouts = [layout('dram', 12, 8, 2), layout('flash', 4, 4, 0)];
+      const media = layouts.map((l) => new NamedDram(l.name, l.capacity));
+      for (const m of media) await m.open();
+      const partition = new PartitionTable(layouts);
+      const memory = new ServerMemory({ partition, allocation: new AllocationTable(), media });
+      const store = new MemoryStore(VOLUME, plan);
+      const volume = new Volume('v', false, new Date().toISOString(), store);
+      const cache = new StorageCache({ partition, media, log, maxDirtyAgeMs: 0, destageIntervalMs: 0 });
+      cache.start();
+      const model = Buffer.alloc(VOLUME);
+      try {
+        // Before the run: blocks 64..127 hold the volume's pattern, some of them cached.
+        const before = pattern(0, 64 * BLOCK, 64 * BLOCK);
+        await cache.write(volume, 64 * BLOCK, before, false);
+        before.copy(model, 64 * BLOCK);
+
+        // Writes go to disjoint blocks among 0..63 so their outcome is known.
+        const claimed = new Set<number>();
+        const tenancies = [1, 2, 3].map((n) => new Tenancy(`srv-${n}`, n));
+        const regions: { server: string; region: ServerRegion; data: Buffer; freed: boolean }[] = [];
+        let shrunkTo = VOLUME;
+        const checkHomes = (): void => {
+          for (const r of cache.residents()) {
+            const map = partition.extents(r.medium);
+            const e = Math.floor(r.slot / E);
+            if (map.kindOf(e) !== 'cache' || map.ownerOf(e) !== 'cache') {
+              assert.fail(`line ${r.index} lives in ${r.medium} extent ${e}, which is ${map.kindOf(e)} owned by ${map.ownerOf(e) ?? 'nobody'}`);
+            }
+          }
+        };
+        let fastHits = 0;
+        let regionFast = 0;
+        const probe = (): void => {
+          checkHomes();
+          // readNow of every block: blocks 64..127 are not written in the run (model);
+          // blocks 0..63 are zero or the volume's pattern (a write may be in flight).
+          for (let b = 0; b < 128; b++) {
+            const got = Buffer.alloc(BLOCK);
+            if (!cache.readNow(volume, b * BLOCK, got)) continue;
+            fastHits++;
+            const want = pattern(0, b * BLOCK, BLOCK);
+            if (b >= 64) assert.ok(got.equals(model.subarray(b * BLOCK, (b + 1) * BLOCK)), `readNow of block ${b}: not the volume's bytes`);
+            else for (let i = 0; i < BLOCK; i++) if (got[i] !== 0 && got[i] !== want[i]) assert.fail(`readNow of block ${b} byte ${i}: ${got[i]} is neither zero nor the volume's`);
+          }
+          // ServerMemory.readNow of every reachable region: zero or its own server's pattern.
+          for (const r of regions) {
+            let region;
+            try { region = memory.lookup(tenancies[Number(r.server.slice(4)) - 1]!, r.region.id, r.region.key); } catch { continue; }
+            const got = Buffer.alloc(region.size);
+            if (!memory.readNow(region, 0, got)) continue;
+            regionFast++;
+            for (let i = 0; i < got.length; i++) if (got[i] !== 0 && got[i] !== r.data[i]) assert.fail(`region ${region.id} of ${r.server}: byte ${i} = ${got[i]}, neither zero nor its server's`);
+          }
+        };
+        const gate = (op: string) => s.schedule(Promise.resolve(), op).then(probe);
+        plan.gate = gate;
+        for (const m of media) m.gate = gate;
+
+        const run = async (o: Op): Promise<void> => {
+          await s.schedule(Promise.resolve(), o.kind);
+          switch (o.kind) {
+            case 'write': {
+              const blocks: number[] = [];
+              for (let b = o.block; b < Math.min(64, o.block + o.blocks) && !claimed.has(b); b++) blocks.push(b);
+              if (blocks.length === 0) return;
+              for (const b of blocks) claimed.add(b);
+              const at = (blocks[0] ?? 0) * BLOCK;
+              const data = pattern(0, at, blocks.length * BLOCK);
+              await cache.write(volume, at, data, o.fua);
+              data.copy(model, at);
+              return;
+            }
+            case 'read': {
+              const got = Buffer.alloc(BLOCK);
+              await cache.read(volume, o.block * BLOCK, got);
+              assert.ok(got.equals(model.subarray(o.block * BLOCK, (o.block + 1) * BLOCK)), `read of block ${o.block} returned someone else's bytes`);
+              return;
+            }
+            case 'flush':
+              return cache.flush(volume);
+            case 'destage':
+              return cache.destage(Date.now() + 60_000);
+            case 'shrink': {
+              // A shrink never cuts below the blocks this run reads or writes (0..127).
+              const size = Math.min(shrunkTo, 128 * BLOCK + o.sectors * BLOCK);
+              if (size >= shrunkTo) return;
+              shrunkTo = size;
+              await cache.forget(volume, size);
+              await store.resize(size);
+              return;
+            }
+            case 'resize':
+              try {
+                await partition.resize('dram', 'cache', o.extents * E);
+              } catch (error) {
+                const code = (error as { code?: string }).code;
+                if (code !== 'MS_PARTITION_BUSY' && code !== 'MS_PARTITION_NO_CAPACITY') throw error;
+              }
+              return;
+            case 'bind': {
+              const server = `srv-${o.server}`;
+              const tenancy = tenancies[o.server - 1] ?? new Tenancy(server, o.server);
+              let region: ServerRegion;
+              try {
+                region = await memory.bind(tenancy, o.extents * E, { kind: 'medium', medium: 'dram' });
+              } catch (error) {
+                if ((error as { code?: string }).code === 'MS_RMEM_NO_CAPACITY') return;
+                throw error;
+              }
+              const entry = { server, region, data: pattern(o.server, region.id * E, region.size), freed: false };
+              regions.push(entry);
+              // The region reads as zeros before its server writes (memory handed over is zeroed).
+              const fresh = Buffer.alloc(region.size);
+              await memory.read(region, 0, fresh);
+              assert.ok(fresh.equals(Buffer.alloc(fresh.length)), 'a new region holds a former owner\'s bytes');
+              await memory.write(region, 0, entry.data);
+              if (o.free) {
+                entry.freed = true;
+                await memory.free(tenancy, region.id, region.key);
+              }
+              return;
+            }
+          }
+        };
+
+        await s.waitFor(Promise.all(ops.map(run)));
+        plan.gate = undefined;
+        for (const m of media) m.gate = undefined;
+        checkHomes();
+        totals.fast += fastHits; totals.region += regionFast;
+        for (const r of regions) {
+          if (r.freed) continue;
+          const got = Buffer.alloc(r.region.size);
+          await memory.read(r.region, 0, got);
+          assert.ok(got.equals(r.data), `region ${r.region.id} of ${r.server} no longer holds what its server wrote`);
+        }
+        await cache.flush(volume);
+        const onDisk = Buffer.alloc(shrunkTo);
+        await store.read(0, onDisk);
+        assert.ok(onDisk.equals(model.subarray(0, shrunkTo)), 'the flushed volume differs from what was written to it');
+      } finally {
+        plan.gate = undefined;
+        for (const m of media) m.gate = undefined;
+        await cache.stop();
+      }
+    }),
+    { numRuns: SOAK ? 5_000 : 150 },
+  );
+  assert.ok(totals.fast > 0 && totals.region > 0);
+});
