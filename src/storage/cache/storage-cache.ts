@@ -60,6 +60,8 @@ export const CACHE_OWNER = 'cache';
 const ZERO_BATCH = 64;
 /** Lines a read may span and still take the synchronous hit path (readNow): 1 MiB. */
 const READ_NOW_LINES = 16;
+/** Contiguous bytes written before a run counts as a sequential stream (see streaming). */
+const STREAM_MIN = 8 * 1024 * 1024;
 
 export interface CacheOptions {
   partition: PartitionTable;
@@ -74,6 +76,8 @@ export interface CacheOptions {
   correlationWindow?: number;
   /** How often the destager looks for due lines (ms); 0 leaves it to explicit destage() calls. */
   destageIntervalMs?: number;
+  /** Contiguous bytes written before a run counts as a sequential stream (default 8 MiB; see streaming). */
+  streamMinBytes?: number;
 }
 
 interface Level {
@@ -102,6 +106,8 @@ export class StorageCache implements VolumeIo {
   private refilling: Promise<void> | undefined;
   /** Scratch list of readNow (kept to avoid an allocation per read). */
   private readonly hitLines: Line[];
+  /** Per volume, the end of its last write and the contiguous bytes that led up to it. */
+  private readonly streams: WeakMap<Volume, { end: number; bytes: number }>;
   /** No background eviction before this time (Date.now()), after one failed. */
   private refillAfter: number;
   /** stop() has begun: no background eviction any more. */
@@ -121,6 +127,7 @@ export class StorageCache implements VolumeIo {
     this.refillAfter = 0;
     this.stopping = false;
     this.hitLines = [];
+    this.streams = new WeakMap();
     this.writeBack = new WriteBack({
       log: options.log,
       maxDirtyAgeMs: options.maxDirtyAgeMs,
@@ -281,6 +288,7 @@ export class StorageCache implements VolumeIo {
   async write(volume: Volume, offset: number, data: Buffer, fua: boolean): Promise<void> {
     volume.checkWritable();
     const parts = pieces(offset, data.length);
+    const streaming = this.streaming(volume, offset, data.length);
     await settleAll(
       parts.map(({ index, within, length, at }) => {
         const part = data.subarray(at, at + length);
@@ -289,6 +297,7 @@ export class StorageCache implements VolumeIo {
           index,
           (line) => this.writeLine(line, within, part),
           () => volume.store.write(index * LINE_SIZE + within, part),
+          streaming,
         );
       }),
     );
@@ -431,10 +440,13 @@ export class StorageCache implements VolumeIo {
    * it between its arrival in DRAM and this request's work); or `direct` under the same
    * lock when DRAM has no slot to give.
    */
-  private async withLine(volume: Volume, index: number, onLine: OnLine, direct: Direct): Promise<void> {
+  private async withLine(volume: Volume, index: number, onLine: OnLine, direct: Direct, stream = false): Promise<void> {
     const key = this.keyOf(volume, index);
     for (;;) {
       const line = this.lines.get(key);
+      // A write of a sequential stream that would only churn the cache: straight to the
+      // store, unless DRAM holds the line (then the cached copy takes the write).
+      if (stream && (line === undefined || line.queue === 'flash')) return this.locks.run(key, () => this.directly(key, onLine, direct));
       if (line !== undefined && line.queue !== 'flash') {
         this.policy.hit(line);
         const ran = await this.locks.run(key, async () => {
@@ -476,6 +488,30 @@ export class StorageCache implements VolumeIo {
         return onLine(current);
       });
     }
+  }
+
+  /**
+   * Whether a write continues a sequential stream on a volume the DRAM level cannot hold
+   * more of (its lines take every slot but the few the refill keeps free): such a stream
+   * would evict, destage and demote a line for every line it writes, and never be read
+   * from the cache. Its writes go to the data store instead (the page cache bounds the
+   * dirty data; FLUSH and FUA sync the store as for any write), at the cost of a miss
+   * if it is read back soon. A run counts once STREAM_MIN contiguous bytes were written.
+   * Volumes with a write log keep every write in the cache (their records must reach
+   * the journal before their data reaches the store).
+   */
+  private streaming(volume: Volume, offset: number, length: number): boolean {
+    let run = this.streams.get(volume);
+    if (run === undefined) {
+      run = { end: -1, bytes: 0 };
+      this.streams.set(volume, run);
+    }
+    run.bytes = offset === run.end ? run.bytes + length : length;
+    run.end = offset + length;
+    if (run.bytes < (this.options.streamMinBytes ?? STREAM_MIN) || volume.writeLog !== undefined) return false;
+    const dram = this.levels.get('dram');
+    if (dram === undefined) return false;
+    return this.policy.dramLines + Math.min(64, dram.slots.slots >> 6) >= dram.slots.slots;
   }
 
   /**
