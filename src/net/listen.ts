@@ -6,12 +6,21 @@ import { NetworkError } from '../errors.js';
 import type { Logger } from '../logger.js';
 import { formatAddress, type ListenAddress } from '../units.js';
 
+/**
+ * Connections the kernel queues before the node accepts them (capped by the kernel's
+ * somaxconn). Node.js's default, 511, overflows under a flood of connects, and the kernel
+ * then drops connections the node never saw, so a client gets a reset or a timeout
+ * instead of the node's own refusal (the connection limits close what is over them at
+ * once). nbdkit listens with SOMAXCONN too.
+ */
+const LISTEN_BACKLOG = 4096;
+
 /** Listens on `address`; resolves with the bound address (port 0 resolved) or throws MS_LISTEN_FAILED. */
 export async function listenOn(server: Server, address: ListenAddress, service: string, log: Logger): Promise<ListenAddress> {
   try {
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
-      server.listen({ host: address.host, port: address.port }, () => {
+      server.listen({ host: address.host, port: address.port, backlog: LISTEN_BACKLOG }, () => {
         server.off('error', reject);
         resolve();
       });
@@ -56,7 +65,7 @@ export async function listenUnix(server: Server, path: string, service: string, 
     await unlink(path).catch(() => undefined);
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
-      server.listen({ path }, () => {
+      server.listen({ path, backlog: LISTEN_BACKLOG }, () => {
         server.off('error', reject);
         resolve();
       });
