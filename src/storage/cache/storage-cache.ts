@@ -342,9 +342,13 @@ export class StorageCache implements VolumeIo {
         await settleAll(
           parts.slice(first, first + ZERO_BATCH).map(({ index, within, length: n }) =>
             this.locks.run(this.keyOf(volume, index), async () => {
-              const line = this.lines.get(this.keyOf(volume, index));
-              if (line !== undefined) this.clearSectors(line, sectorMask(within, n));
+              // The store first, then the cached sectors: dropped before, a dirty sector
+              // would be neither in the cache nor zeroed in the store while the zeroing
+              // ran, and a FLUSH meanwhile would sync a store holding older bytes than a
+              // write it covers. A failed zeroing keeps the dirty data.
               await volume.store.zeroRange(index * LINE_SIZE + within, n, options.allocate);
+              const line = this.lines.get(this.keyOf(volume, index));
+              if (line !== undefined && this.live(line)) this.clearSectors(line, sectorMask(within, n));
             }),
           ),
         );
@@ -491,10 +495,10 @@ export class StorageCache implements VolumeIo {
   }
 
   /**
-   * Whether a write continues a sequential stream on a volume the DRAM level cannot hold
-   * more of (its lines take every slot but the few the refill keeps free): such a stream
-   * would evict, destage and demote a line for every line it writes, and never be read
-   * from the cache. Its writes go to the data store instead (the page cache bounds the
+   * Whether a write continues a sequential stream longer than the DRAM level (and at
+   * least STREAM_MIN) while that level is full (its lines take every slot but the few the
+   * refill keeps free): such a stream would evict, destage and demote a line for every
+   * line it writes, its own earlier lines first, and never be read from the cache. Its writes go to the data store instead (the page cache bounds the
    * dirty data; FLUSH and FUA sync the store as for any write), at the cost of a miss
    * if it is read back soon. A run counts once STREAM_MIN contiguous bytes were written.
    * Volumes with a write log keep every write in the cache (their records must reach
@@ -508,9 +512,12 @@ export class StorageCache implements VolumeIo {
     }
     run.bytes = offset === run.end ? run.bytes + length : length;
     run.end = offset + length;
-    if (run.bytes < (this.options.streamMinBytes ?? STREAM_MIN) || volume.writeLog !== undefined) return false;
     const dram = this.levels.get('dram');
-    if (dram === undefined) return false;
+    if (dram === undefined || volume.writeLog !== undefined) return false;
+    // Longer than the whole DRAM level: caching it would only evict itself. A shorter run
+    // (a ring log rewritten in place, say) stays in the cache, however full.
+    const level = dram.slots.slots * LINE_SIZE;
+    if (run.bytes < Math.max(this.options.streamMinBytes ?? STREAM_MIN, level)) return false;
     return this.policy.dramLines + Math.min(64, dram.slots.slots >> 6) >= dram.slots.slots;
   }
 

@@ -328,6 +328,54 @@ test('a sequential stream on a full DRAM level goes to the data store instead of
   assert.ok(onDisk.equals(model), 'after FLUSH the store holds what was written');
 });
 
+/** A store in memory that keeps what a crash would leave: its bytes as of the last sync. */
+class DurableStore extends MemoryStore {
+  durable: Buffer;
+  constructor(size: number, plan: FaultPlan) {
+    super(size, plan);
+    this.durable = Buffer.alloc(size);
+  }
+
+  override async sync(): Promise<void> {
+    const snapshot = Buffer.alloc(this.size);
+    await this.read(0, snapshot);
+    await super.sync();
+    this.durable = snapshot;
+  }
+}
+
+test('a FLUSH while an overlapping zeroing runs never syncs a store older than a write it covers', async (t) => {
+  // Review finding (issue 13): zero() dropped the cached (dirty) sectors before its store
+  // zeroing landed; a FLUSH in between synced a store holding neither the write nor zeros.
+  const E = 4 * LINE_SIZE;
+  const dram = new DramMedium({ capacity: 2 * E, extentSize: E });
+  await dram.open();
+  const partition = new PartitionTable([{ name: 'dram', capacity: 2 * E, extentSize: E, initial: { cache: E, server: 0, nvram: 0 }, bounds: { cache: { min: 0, max: 2 * E }, server: { min: 0, max: 2 * E }, nvram: { min: 0, max: 0 } } }]);
+  const plan = new FaultPlan();
+  const store = new DurableStore(8 * LINE_SIZE, plan);
+  const volume = new Volume('v', false, new Date().toISOString(), store);
+  const cache = new StorageCache({ partition, media: [dram], log, maxDirtyAgeMs: 60_000, destageIntervalMs: 0 });
+  cache.start();
+  t.after(() => cache.stop());
+  await cache.write(volume, 0, Buffer.alloc(LINE_SIZE, 0x55), false);
+  await cache.flush(volume);
+  await cache.write(volume, 0, Buffer.alloc(LINE_SIZE, 0xaa), false); // completed, dirty in DRAM
+  const held: (() => void)[] = [];
+  plan.gate = (op) => (op === 'mem.zero' ? new Promise<void>((r) => held.push(r)) : undefined);
+  const zeroing = cache.zero(volume, 0, LINE_SIZE, { fua: false, allocate: false });
+  while (held.length === 0) await new Promise((r) => setImmediate(r));
+  let durable: number | undefined;
+  const flushed = cache.flush(volume).then(() => {
+    durable = store.durable[0];
+  });
+  for (let i = 0; i < 20; i++) await new Promise((r) => setImmediate(r));
+  plan.gate = undefined;
+  for (const go of held.splice(0)) go();
+  await flushed;
+  await zeroing;
+  assert.ok(durable === 0xaa || durable === 0, `the FLUSH returned with 0x${(durable ?? 0).toString(16)} durable: older than the write it covers`);
+});
+
 /** Touches the hot lines in rounds, with the accesses of `between` other lines in between, so 2Q sees reuse. */
 async function warm(cache: StorageCache, volume: Volume, hot: readonly number[], rounds: number): Promise<void> {
   const buf = Buffer.alloc(4096);
