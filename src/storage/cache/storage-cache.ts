@@ -221,12 +221,12 @@ export class StorageCache implements VolumeIo {
   }
 
   /**
-   * The read-hit path without a promise or a lock: a read within one line whose DRAM copy
-   * holds every sector it needs, valid, while nobody holds the line's lock. Every change
-   * of a line's bytes, bits or slot (write, stage, destage, eviction, demotion,
-   * promotion, zeroing, reclaim) runs under that lock and DRAM copies are synchronous, so
-   * with the lock free the slot holds the line's current bytes for the whole copy. False:
-   * nothing was read; use read().
+   * The read-hit path without a promise or a lock: a read of up to READ_NOW_LINES lines
+   * whose DRAM copies hold every sector it needs, valid, while nobody holds their locks.
+   * Every change of a line's bytes, bits or slot (write, stage, destage, eviction,
+   * demotion, promotion, zeroing, reclaim) runs under its lock and DRAM copies are
+   * synchronous, so with the locks free the slots hold the lines' current bytes for the
+   * whole copy. False: nothing was read; use read().
    */
   readNow(volume: Volume, offset: number, target: Buffer): boolean {
     const medium = this.levels.get('dram')?.medium;
@@ -498,9 +498,9 @@ export class StorageCache implements VolumeIo {
    * Whether a write continues a sequential stream longer than the DRAM level (and at
    * least STREAM_MIN) while that level is full (its lines take every slot but the few the
    * refill keeps free): such a stream would evict, destage and demote a line for every
-   * line it writes, its own earlier lines first, and never be read from the cache. Its writes go to the data store instead (the page cache bounds the
-   * dirty data; FLUSH and FUA sync the store as for any write), at the cost of a miss
-   * if it is read back soon. A run counts once STREAM_MIN contiguous bytes were written.
+   * line it writes, its own earlier lines first, and never be read from the cache. Its
+   * writes go to the data store instead (the page cache bounds the dirty data; FLUSH and
+   * FUA sync the store as for any write), at the cost of a miss if it is read back soon.
    * Volumes with a write log keep every write in the cache (their records must reach
    * the journal before their data reaches the store).
    */
