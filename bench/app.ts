@@ -18,12 +18,11 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { closeSync, existsSync, ftruncateSync, openSync, writeFileSync } from 'node:fs';
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
-import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { AdminClient } from '../src/client/admin-client.js';
 import { startNode } from '../test/support/node-process.js';
-import { freePort, have } from './support/ports.js';
+import { freePort, have, waitForPort } from './support/ports.js';
 
 const COMMITS = Number(process.env.BENCH_COMMITS ?? 3000);
 const PYTHON = '/usr/bin/python3';
@@ -58,22 +57,6 @@ function run(cmd: string, args: string[]): string {
   const out = spawnSync(cmd, args, { encoding: 'utf8' });
   if (out.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed: ${out.stderr || out.stdout}`);
   return out.stdout.trim();
-}
-
-async function waitForPort(port: number): Promise<void> {
-  for (let i = 0; i < 100; i++) {
-    const up = await new Promise<boolean>((resolve) => {
-      const socket = connect(port, '127.0.0.1');
-      socket.once('connect', () => {
-        socket.destroy();
-        resolve(true);
-      });
-      socket.once('error', () => resolve(false));
-    });
-    if (up) return;
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
-  throw new Error(`nothing listens on port ${port}`);
 }
 
 /** ext4 on `uri` through nbdfuse and a loop device; runs the SQLite program there; undoes it all. */

@@ -20,11 +20,10 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { openSync, closeSync, ftruncateSync } from 'node:fs';
-import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startNode, type NodeProcess } from '../test/support/node-process.js';
-import { freePort, have } from './support/ports.js';
+import { freePort, have, waitForPort } from './support/ports.js';
 
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 8);
 
@@ -83,19 +82,8 @@ function fio(uri: string, size: string, workload: Workload, seconds: number): Re
 async function startNbdkit(plugin: string[]): Promise<{ uri: string; proc: ChildProcess }> {
   const port = await freePort();
   const proc = spawn('nbdkit', ['-f', '-i', '127.0.0.1', '-p', String(port), ...plugin], { stdio: 'ignore' });
-  for (let i = 0; i < 100; i++) {
-    const up = await new Promise<boolean>((resolve) => {
-      const socket = connect(port, '127.0.0.1');
-      socket.once('connect', () => {
-        socket.destroy();
-        resolve(true);
-      });
-      socket.once('error', () => resolve(false));
-    });
-    if (up) return { uri: `nbd://127.0.0.1:${port}/`, proc };
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
-  throw new Error(`nbdkit ${plugin.join(' ')} did not start`);
+  await waitForPort(port);
+  return { uri: `nbd://127.0.0.1:${port}/`, proc };
 }
 
 interface CacheInfo {

@@ -781,13 +781,18 @@ export class NbdConnection {
       this.host.payloadBuffers.release(pooled);
       return false;
     }
+    this.replyRead(request, pooled, data);
+    return true;
+  }
+
+  /** A READ's reply: its header and data in one corked write; the pooled buffer goes back once sent. */
+  private replyRead(request: NbdRequest, pooled: Buffer, data: Buffer): void {
     this.host.stats.bytesRead += request.length;
     this.send(this.structured ? encodeOffsetDataHead(request.cookie, request.offset, data.length, true) : encodeSimpleReply(request.cookie, 0));
     this.send(data, () => {
       this.host.payloadBuffers.release(pooled);
       this.complete(request);
     });
-    return true;
   }
 
   /** Serves a request and sends its reply; throws (before any reply) to answer an error. */
@@ -805,12 +810,7 @@ export class NbdConnection {
           this.host.payloadBuffers.release(pooled);
           throw error;
         }
-        this.host.stats.bytesRead += request.length;
-        this.send(this.structured ? encodeOffsetDataHead(request.cookie, request.offset, data.length, true) : encodeSimpleReply(request.cookie, 0));
-        this.send(data, () => {
-          this.host.payloadBuffers.release(pooled);
-          this.complete(request);
-        });
+        this.replyRead(request, pooled, data);
         return;
       }
       case CMD.WRITE:

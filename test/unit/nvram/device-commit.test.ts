@@ -15,14 +15,11 @@ import { NvramDevice } from '../../../src/nvram/device.js';
 import { JournalFile, parseJournal, type JournalSink } from '../../../src/nvram/journal-file.js';
 import { RECORD_FLAG } from '../../../src/protocol/journal/record.js';
 import type { DeviceManager } from '../../../src/nvram/device-manager.js';
-import type { MediumName } from '../../../src/kinds.js';
-import { PartitionTable, type MediumLayout } from '../../../src/memory/partition-table.js';
-import { LINE_SIZE } from '../../../src/storage/cache/line.js';
-import { StorageCache } from '../../../src/storage/cache/storage-cache.js';
 import { Volume } from '../../../src/storage/volume-manager.js';
 import { WriteLogIo } from '../../../src/storage/write-log.js';
 import { FaultPlan } from '../../support/faults.js';
 import { MemoryStore } from '../../support/memory-store.js';
+import { smallCache } from '../../support/small-cache.js';
 
 const E = 64 * 1024;
 const SIZE = 16 * E;
@@ -60,24 +57,6 @@ class JournalPowerCut {
     truncate: (length) => sink.truncate(length),
     close: () => sink.close(),
   });
-}
-
-class Named extends DramMedium {
-  override readonly name: MediumName;
-  constructor(name: MediumName, capacity: number) {
-    super({ capacity, extentSize: 4 * LINE_SIZE });
-    this.name = name;
-  }
-}
-
-async function smallCache(): Promise<StorageCache> {
-  const capacity = 64 * LINE_SIZE;
-  const layout: MediumLayout = { name: 'dram', capacity, extentSize: 4 * LINE_SIZE, initial: { cache: 32 * LINE_SIZE, server: 0, nvram: 0 }, bounds: { cache: { min: 0, max: capacity }, server: { min: 0, max: capacity }, nvram: { min: 0, max: capacity } } };
-  const medium = new Named('dram', capacity);
-  await medium.open();
-  const cache = new StorageCache({ partition: new PartitionTable([layout]), media: [medium], log: pino({ level: 'silent' }), maxDirtyAgeMs: 600_000, destageIntervalMs: 0 });
-  cache.start();
-  return cache;
 }
 
 async function localDevice(path: string, policy: 'local' | 'mirrored+local' = 'local'): Promise<{ device: NvramDevice; power: JournalPowerCut }> {

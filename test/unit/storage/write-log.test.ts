@@ -10,20 +10,18 @@ import { readFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { MediumName } from '../../../src/kinds.js';
 import { DramMedium } from '../../../src/memory/dram-medium.js';
-import { PartitionTable, type MediumLayout } from '../../../src/memory/partition-table.js';
 import type { DeviceManager } from '../../../src/nvram/device-manager.js';
 import { NvramDevice } from '../../../src/nvram/device.js';
 import { JournalFile, parseJournal } from '../../../src/nvram/journal-file.js';
 import { RECORD_FLAG } from '../../../src/protocol/journal/record.js';
-import { LINE_SIZE } from '../../../src/storage/cache/line.js';
 import { StorageCache } from '../../../src/storage/cache/storage-cache.js';
 import { DirectVolumeIo } from '../../../src/storage/volume-io.js';
 import { Volume } from '../../../src/storage/volume-manager.js';
 import { WriteLogIo } from '../../../src/storage/write-log.js';
 import { FaultPlan, faultyJournal } from '../../support/faults.js';
 import { MemoryStore } from '../../support/memory-store.js';
+import { smallCache } from '../../support/small-cache.js';
 
 test('a FLUSH through a write log fails once the volume is fenced', async () => {
   // Review finding: WriteLogIo.flush answered success without looking at the volume.
@@ -80,25 +78,6 @@ async function localDevice(path: string, plan = new FaultPlan()): Promise<NvramD
   const medium = new DramMedium({ capacity: DEVICE, extentSize: E });
   await medium.open();
   return new NvramDevice({ name: 'wl', size: DEVICE, policy: 'local', medium, extents: [0, E, 2 * E, 3 * E], extentSize: E, journal });
-}
-
-class Named extends DramMedium {
-  override readonly name: MediumName;
-  constructor(name: MediumName, capacity: number) {
-    super({ capacity, extentSize: 4 * LINE_SIZE });
-    this.name = name;
-  }
-}
-
-/** A DRAM-only cache of 32 lines, destaging only when asked. */
-async function smallCache(): Promise<StorageCache> {
-  const capacity = 64 * LINE_SIZE;
-  const layout: MediumLayout = { name: 'dram', capacity, extentSize: 4 * LINE_SIZE, initial: { cache: 32 * LINE_SIZE, server: 0, nvram: 0 }, bounds: { cache: { min: 0, max: capacity }, server: { min: 0, max: capacity }, nvram: { min: 0, max: capacity } } };
-  const medium = new Named('dram', capacity);
-  await medium.open();
-  const cache = new StorageCache({ partition: new PartitionTable([layout]), media: [medium], log: silent, maxDirtyAgeMs: 600_000, destageIntervalMs: 0 });
-  cache.start();
-  return cache;
 }
 
 /** What a restart after kill -9 finds (the page cache survives): the store as written, the journal replayed over it. */

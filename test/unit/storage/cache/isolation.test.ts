@@ -11,6 +11,12 @@
 // line lives in an extent the cache owns. After the run: the volume, flushed, equals the
 // model, and every region holds exactly what its server wrote.
 //
+// The second test runs the same with DRAM media that keep their synchronous read (the
+// paths that answer without a promise: StorageCache.readNow, ServerMemory.readNow) and
+// after every scheduled step reads every block and every reachable region through them:
+// the volume's own bytes (or zeros for blocks being written), a region's own server's
+// bytes or zeros, never another tenant's or memory handed over.
+//
 // A failing run prints fast-check's seed and path; pass them to fc.assert to replay it.
 // MEMSTRATA_SOAK=1 runs many more interleavings (npm run soak).
 
@@ -40,6 +46,26 @@ class NamedDram extends DramMedium {
   constructor(name: MediumName, capacity: number) {
     super({ capacity, extentSize: E });
     this.name = name;
+  }
+}
+
+/** DRAM whose asynchronous calls wait for the scheduler; readSync stays synchronous. */
+class GatedDram extends NamedDram {
+  gate: ((op: string) => Promise<void>) | undefined = undefined;
+
+  override async read(offset: number, target: Uint8Array): Promise<void> {
+    await this.gate?.(`${this.name}.read`);
+    return super.read(offset, target);
+  }
+
+  override async write(offset: number, source: Uint8Array): Promise<void> {
+    await this.gate?.(`${this.name}.write`);
+    return super.write(offset, source);
+  }
+
+  override async zero(offset: number, length: number): Promise<void> {
+    await this.gate?.(`${this.name}.zero`);
+    return super.zero(offset, length);
   }
 }
 
@@ -82,12 +108,19 @@ const opArb: fc.Arbitrary<Op> = fc.oneof(
   { arbitrary: fc.record({ kind: fc.constant('bind' as const), server: fc.integer({ min: 1, max: 3 }), extents: fc.integer({ min: 1, max: 3 }), free: fc.boolean() }), weight: 3 },
 );
 
-test('cache lines and server regions never share memory, whatever the interleaving of writes, reclaims, binds and frees', async () => {
+/**
+ * The concurrent runs described at the top. `syncReads`: gated DRAM media that keep
+ * readSync, and the synchronous read paths probed after every step. Returns how often
+ * those paths answered (so a test can tell they were exercised).
+ */
+async function isolationRuns(syncReads: boolean, numRuns: number): Promise<{ blocks: number; regions: number }> {
+  const answered = { blocks: 0, regions: 0 };
   await fc.assert(
     fc.asyncProperty(fc.scheduler(), fc.array(opArb, { minLength: 2, maxLength: 12 }), async (s, ops) => {
       const plan = new FaultPlan();
       const layouts = [layout('dram', 12, 8, 2), layout('flash', 4, 4, 0)];
-      const media = layouts.map((l) => new FaultyMedium(new NamedDram(l.name, l.capacity), plan));
+      const gated = syncReads ? layouts.map((l) => new GatedDram(l.name, l.capacity)) : [];
+      const media = syncReads ? gated : layouts.map((l) => new FaultyMedium(new NamedDram(l.name, l.capacity), plan));
       for (const m of media) await m.open();
       const partition = new PartitionTable(layouts);
       const memory = new ServerMemory({ partition, allocation: new AllocationTable(), media });
@@ -116,7 +149,43 @@ test('cache lines and server regions never share memory, whatever the interleavi
             }
           }
         };
-        plan.gate = (op) => s.schedule(Promise.resolve(), op).then(checkHomes);
+        // The synchronous read paths, after every step: blocks 64..127 are not written in
+        // the run (the model holds them), blocks 0..63 are zero or the volume's pattern (a
+        // write may be in flight); a reachable region is zero or its own server's bytes.
+        const probeSyncReads = (): void => {
+          for (let b = 0; b < 128; b++) {
+            const got = Buffer.alloc(BLOCK);
+            if (!cache.readNow(volume, b * BLOCK, got)) continue;
+            answered.blocks++;
+            if (b >= 64) {
+              assert.ok(got.equals(model.subarray(b * BLOCK, (b + 1) * BLOCK)), `readNow of block ${b}: not the volume's bytes`);
+              continue;
+            }
+            const want = pattern(0, b * BLOCK, BLOCK);
+            for (let i = 0; i < BLOCK; i++) if (got[i] !== 0 && got[i] !== want[i]) assert.fail(`readNow of block ${b} byte ${i}: ${got[i]} is neither zero nor the volume's`);
+          }
+          for (const r of regions) {
+            const tenancy = tenancies[Number(r.server.slice(4)) - 1];
+            if (tenancy === undefined) continue;
+            let region: ServerRegion;
+            try {
+              region = memory.lookup(tenancy, r.region.id, r.region.key);
+            } catch {
+              continue; // freed
+            }
+            const got = Buffer.alloc(region.size);
+            if (!memory.readNow(region, 0, got)) continue;
+            answered.regions++;
+            for (let i = 0; i < got.length; i++) if (got[i] !== 0 && got[i] !== r.data[i]) assert.fail(`region ${region.id} of ${r.server}: byte ${i} = ${got[i]}, neither zero nor its server's`);
+          }
+        };
+        const gate = (op: string): Promise<void> =>
+          s.schedule(Promise.resolve(), op).then(() => {
+            checkHomes();
+            if (syncReads) probeSyncReads();
+          });
+        plan.gate = gate;
+        for (const m of gated) m.gate = gate;
 
         const run = async (o: Op): Promise<void> => {
           await s.schedule(Promise.resolve(), o.kind);
@@ -187,6 +256,7 @@ test('cache lines and server regions never share memory, whatever the interleavi
 
         await s.waitFor(Promise.all(ops.map(run)));
         plan.gate = undefined;
+        for (const m of gated) m.gate = undefined;
         checkHomes();
         for (const r of regions) {
           if (r.freed) continue;
@@ -200,9 +270,20 @@ test('cache lines and server regions never share memory, whatever the interleavi
         assert.ok(onDisk.equals(model.subarray(0, shrunkTo)), 'the flushed volume differs from what was written to it');
       } finally {
         plan.gate = undefined;
+        for (const m of gated) m.gate = undefined;
         await cache.stop();
       }
     }),
-    { numRuns: SOAK ? 20_000 : 300 },
+    { numRuns },
   );
+  return answered;
+}
+
+test('cache lines and server regions never share memory, whatever the interleaving of writes, reclaims, binds and frees', async () => {
+  await isolationRuns(false, SOAK ? 20_000 : 300);
+});
+
+test('the synchronous read paths (cache and server memory) never return another tenant\'s or handed-over bytes, at every scheduled step', async () => {
+  const answered = await isolationRuns(true, SOAK ? 5_000 : 150);
+  assert.ok(answered.blocks > 0 && answered.regions > 0, `the synchronous paths answered ${answered.blocks} block and ${answered.regions} region reads`);
 });
