@@ -43,6 +43,7 @@ export const ERRORS = {
   MS_VOLUME_READ_ONLY: { category: 'misuse', status: 403, summary: 'a write, trim or zero was sent to a read-only volume (wire EPERM)' },
   MS_VOLUME_RANGE: { category: 'misuse', status: 400, summary: 'an I/O request reaches past the end of the volume (wire EINVAL)' },
   MS_VOLUME_BUSY: { category: 'runtime', status: 409, summary: 'the volume has clients connected; disconnect them first' },
+  MS_VOLUME_RECOVERING: { category: 'runtime', status: 503, summary: 'the volume waits for its mirrored write log to get back from the mirror partner what this node lost in a crash, then replays it; it is not served, resized or removed until then' },
   MS_VOLUME_FENCED: { category: 'storage', status: 503, summary: 'a sync of the volume failed, so data may be lost; it is read-only until the node restarts (wire EIO)' },
   MS_GUEST_INVALID: { category: 'misuse', status: 400, summary: 'a guest definition is invalid: its name, command, restart policy or environment' },
   MS_GUEST_EXISTS: { category: 'misuse', status: 409, summary: 'a guest with that name already exists' },

@@ -280,6 +280,16 @@ export class NodeMetrics {
         for (const v of sources.volumes.list()) this.set({ volume: v.name }, v.failure === undefined ? 0 : 1);
       },
     });
+    new Gauge({
+      name: 'memstrata_volume_recovering',
+      help: '1 while a volume is not served because its mirrored write log waits for the mirror partner after a crash (or its replay failed).',
+      labelNames: ['volume'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        for (const v of sources.volumes.list()) this.set({ volume: v.name }, v.recovering === undefined ? 0 : 1);
+      },
+    });
     /** Counters read at scrape time from a source that may be absent (no cache, no mirroring). */
     const counterOf =
       <T>(read: () => T | undefined) =>

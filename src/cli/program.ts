@@ -614,8 +614,9 @@ export function renderNvram(devices: readonly DeviceInfo[]): string {
 export function renderVolumes(volumes: readonly VolumeJson[]): string {
   const rows = volumes.map((v) => [v.name, formatSize(v.size), v.readOnly ? 'yes' : 'no', v.writeLog ?? '-', String(v.connections), v.state, v.createdAt]);
   const table = textTable(['NAME', 'SIZE', 'READ-ONLY', 'WRITE LOG', 'CLIENTS', 'STATE', 'CREATED'], rows, [1, 4]);
-  // A fenced volume says why, below the table: a sync failed and it is read-only until a restart.
-  const fenced = volumes.filter((v) => v.failure !== null).map((v) => `${v.name} is fenced: ${v.failure ?? ''}`);
+  // A fenced or recovering volume says why, below the table: a sync failed and it is
+  // read-only until a restart, or its mirrored write log waits for the mirror partner.
+  const fenced = volumes.filter((v) => v.failure !== null).map((v) => `${v.name} is ${v.state}: ${v.failure ?? ''}`);
   return `Volumes\n${table}${fenced.length > 0 ? `\n${fenced.join('\n')}` : ''}`;
 }
 

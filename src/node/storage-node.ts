@@ -174,15 +174,16 @@ export class StorageNode {
     this.lifecycle.add({
       name: 'write-log replay',
       start: async () => {
-        // Journaled writes of a crash reach their volumes before anyone is served.
-        for (const volume of this.volumes.list()) await this.writeLog.replay(volume);
+        // Journaled writes of a crash reach their volumes before anyone is served; a volume
+        // whose mirrored write log waits for the partner is `recovering` until it has them.
+        for (const volume of this.volumes.list()) await this.writeLog.recover(volume);
         this.volumes.beforeResize = (volume) => this.writeLog.checkpointNow(volume);
         this.volumes.beforeRemove = (volume) => this.writeLog.discard(volume);
         this.volumes.claimWriteLog = (volume, device) => this.writeLog.claim(volume, device);
         this.volumes.releaseWriteLog = (device) => { this.writeLog.release(device); };
         this.nvram.claimedBy = (device) => this.writeLog.owner(device);
       },
-      stop: () => Promise.resolve(),
+      stop: () => this.writeLog.stop(),
     });
     this.lifecycle.add({
       name: 'mirror service',

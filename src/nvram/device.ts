@@ -147,8 +147,9 @@ export class NvramDevice {
   /** Replica: records being applied; a RESET waits for them. */
   private replicating: Promise<void>;
   private roleValue: Role;
-  /** Set after a crash until the partner has confirmed or supplied the contents. */
-  recovering: boolean;
+  private recoveringValue: boolean;
+  /** Waiting for the device to leave `recovering` (whenRecovered). */
+  private recoveredWaiters: (() => void)[];
   /** Replica: the device is a volume's write log on the primary node; no client may take it over. */
   nodeOwned: boolean;
   /** The node's mirroring, for a mirrored primary. */
@@ -184,7 +185,8 @@ export class NvramDevice {
     this.feeder = undefined;
     this.replicating = Promise.resolve();
     this.roleValue = options.role ?? 'primary';
-    this.recovering = false;
+    this.recoveringValue = false;
+    this.recoveredWaiters = [];
     this.nodeOwned = false;
     this.port = undefined;
     this.writers = new WritersIndex();
@@ -194,6 +196,44 @@ export class NvramDevice {
 
   get epoch(): number {
     return this.epochValue;
+  }
+
+  /** Set after a crash until the partner has confirmed or supplied the contents. */
+  get recovering(): boolean {
+    return this.recoveringValue;
+  }
+
+  set recovering(value: boolean) {
+    this.recoveringValue = value;
+    if (value || this.recoveredWaiters.length === 0) return;
+    const waiters = this.recoveredWaiters;
+    this.recoveredWaiters = [];
+    for (const wake of waiters) wake();
+  }
+
+  /**
+   * Resolves once the device is not recovering (at once if it is not): a write log's
+   * replay waits for the partner to give back what this node lost. Rejects with the
+   * signal's reason when it aborts first.
+   */
+  whenRecovered(signal?: AbortSignal): Promise<void> {
+    if (!this.recoveringValue) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const wake = (): void => {
+        signal?.removeEventListener('abort', abort);
+        resolve();
+      };
+      const abort = (): void => {
+        this.recoveredWaiters = this.recoveredWaiters.filter((w) => w !== wake);
+        reject(asError(signal?.reason));
+      };
+      if (signal?.aborted === true) {
+        abort();
+        return;
+      }
+      signal?.addEventListener('abort', abort, { once: true });
+      this.recoveredWaiters.push(wake);
+    });
   }
 
   get role(): Role {
@@ -610,7 +650,9 @@ export class NvramDevice {
     this.trimmedTo = trimmedTo;
     this.nextSeq = firstSeq;
     this.ackedSeq = firstSeq - 1;
-    this.recovering = false;
+    // Not through the setter: a replica is no primary back from recovery (a primary that
+    // adopts its partner's records passes through here on its way to `promote`).
+    this.recoveringValue = false;
     this.failure = undefined;
     this.ackChain = Promise.resolve();
   }

@@ -571,8 +571,9 @@ export class NbdConnection {
   private selectByExportName(data: Buffer): void {
     const name = data.toString('utf8');
     const volume = this.host.volumes.find(name);
-    if (volume === undefined) {
-      this.refuseExportName(`no export named "${name}"`);
+    const unavailable = whyUnavailable(name, volume);
+    if (volume === undefined || unavailable !== undefined) {
+      this.refuseExportName(unavailable ?? `no export named "${name}"`);
       return;
     }
     this.attach(volume);
@@ -583,8 +584,10 @@ export class NbdConnection {
   private infoOrGo(option: number, data: Buffer): void {
     const { name, infos } = decodeInfoRequest(data);
     const volume = this.host.volumes.find(name);
-    if (volume === undefined) {
-      this.optionError(option, REP.ERR_UNKNOWN, `no export named "${name}"`);
+    const unavailable = whyUnavailable(name, volume);
+    if (volume === undefined || unavailable !== undefined) {
+      // "The requested export is not available" (proto.md, NBD_REP_ERR_UNKNOWN).
+      this.optionError(option, REP.ERR_UNKNOWN, unavailable ?? `no export named "${name}"`);
       return;
     }
     this.send(encodeOptionReply(option, REP.INFO, infoExportPayload(volume.size, this.transmissionFlags(volume))));
@@ -616,8 +619,10 @@ export class NbdConnection {
     }
     const { name, queries } = decodeMetaContextRequest(data);
     const volume = this.host.volumes.find(name);
-    if (volume === undefined) {
-      this.optionError(option, REP.ERR_UNKNOWN, `no export named "${name}"`);
+    const unavailable = whyUnavailable(name, volume);
+    if (volume === undefined || unavailable !== undefined) {
+      // "The requested export is not available" (proto.md, NBD_REP_ERR_UNKNOWN).
+      this.optionError(option, REP.ERR_UNKNOWN, unavailable ?? `no export named "${name}"`);
       return;
     }
     // `base:` is a wildcard for LIST only: SET "MUST ignore this form". Queries of other
@@ -953,4 +958,9 @@ export function errnoOf(error: unknown): number {
   const code = (error as NodeJS.ErrnoException | undefined)?.code;
   if (code === 'ENOSPC' || code === 'EDQUOT' || code === 'EFBIG') return ERRNO.ENOSPC;
   return ERRNO.EIO;
+}
+
+/** Why a volume that exists cannot be served now (its write log is recovering), or undefined. */
+function whyUnavailable(name: string, volume: Volume | undefined): string | undefined {
+  return volume?.recovering === undefined ? undefined : `export "${name}" is recovering: ${volume.recovering.why}`;
 }

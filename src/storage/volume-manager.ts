@@ -66,6 +66,13 @@ export class Volume {
    * otherwise a replay after a crash could put an older record over newer data.
    */
   logBarrier: (() => Promise<void>) | undefined;
+  /**
+   * Set while the volume waits for its write log (a `mirrored` device after a crash) to
+   * get back from the mirror partner what this node lost, and while the log is replayed:
+   * the volume is not served (NBD answers that the export is unavailable) and cannot be
+   * resized or removed. `why` says what it waits for, or what failed.
+   */
+  recovering: { why: string } | undefined;
 
   constructor(name: string, readOnly: boolean, createdAt: string, store: VolumeStore, writeLog?: string) {
     this.name = name;
@@ -75,6 +82,7 @@ export class Volume {
     this.store = store;
     this.connections = 0;
     this.logBarrier = undefined;
+    this.recovering = undefined;
   }
 
   get size(): number {
@@ -96,6 +104,12 @@ export class Volume {
     });
   }
 
+  /** Throws MS_VOLUME_RECOVERING while the volume waits for its write log (see `recovering`). */
+  checkRecovered(): void {
+    if (this.recovering === undefined) return;
+    throw new RuntimeError('MS_VOLUME_RECOVERING', `volume "${this.name}" is recovering: ${this.recovering.why}`, { details: { volume: this.name } });
+  }
+
   info(): VolumeInfo {
     return {
       name: this.name,
@@ -104,8 +118,8 @@ export class Volume {
       createdAt: this.createdAt,
       connections: this.connections,
       writeLog: this.writeLog ?? null,
-      state: this.store.failure === undefined ? 'ready' : 'fenced',
-      failure: this.store.failure?.message ?? null,
+      state: this.recovering !== undefined ? 'recovering' : this.store.failure === undefined ? 'ready' : 'fenced',
+      failure: this.store.failure?.message ?? (this.recovering === undefined ? null : this.recovering.why),
     };
   }
 }
@@ -322,6 +336,7 @@ export class VolumeManager {
     return this.serialized(async () => {
       const volume = this.get(name);
       checkSize(size);
+      volume.checkRecovered();
       if (size < volume.size && volume.connections > 0) {
         throw new RuntimeError('MS_VOLUME_BUSY', `volume "${name}" has ${volume.connections} client(s) connected; it can only grow while in use`);
       }
@@ -343,6 +358,8 @@ export class VolumeManager {
       if (volume.connections > 0) {
         throw new RuntimeError('MS_VOLUME_BUSY', `volume "${name}" has ${volume.connections} client(s) connected; disconnect them first`);
       }
+      // Its records are still to come back from the mirror partner and be replayed.
+      volume.checkRecovered();
       await this.beforeRemove(volume);
       await this.onDrop(volume, 0);
       this.volumes.delete(name);

@@ -3,7 +3,7 @@
 //
 //   WRITE     cache write, then a journal record (target = volume, offset; payload = data);
 //             acknowledged once the record is in the device (and held by the partner,
-//             for a mirrored+local device) with its journal write queued, not synced:
+//             for a mirrored device) with its journal write queued, not synced:
 //             NBD promises durability at FLUSH and FUA only, so a commit of several
 //             writes and a FLUSH costs one sync, not one per write. Like a write still
 //             in the cache of a volume without a log, it may be lost if the node dies
@@ -24,24 +24,34 @@
 //             a write not flushed)
 //   FLUSH     one commit of the device (device.commit): an fdatasync of the journal file
 //             that covers every record acknowledged before, shared with every FLUSH and
-//             FUA that comes while it runs
+//             FUA that comes while it runs; for a `mirrored` device in sync, nothing to
+//             wait for (the partner held each record before its WRITE was acknowledged)
 //   checkpoint when the journal is half full (or when full): note the last acknowledged
 //             sequence number, flush the volume's cache to its data store, trim the
 //             journal up to the noted number
 //   replay    at start, before the volume is served: apply every record in order to the
-//             data store, sync it, trim
+//             data store, sync it, trim. A `mirrored` device back from a crash may lack
+//             records only its partner held: the volume stays `recovering` (not served,
+//             not resized, not removed) until the mirror partner has given them back,
+//             then is replayed (recover)
 //
 // A record is appended only after its data is in the cache, so whatever the checkpoint
 // trims has been written back by the cache flush that precedes the trim.
 //
-// A device that is a write log belongs to the node (`claim`): only a `local` or
-// `mirrored+local` primary may be one (a FLUSH must be durable, and replay runs before
-// the mirror partner is reached); rmem clients are refused on every request, and the
+// Policies: `local` (a FLUSH costs one fdatasync of the journal), `mirrored` (every
+// record is acknowledged once the partner node holds it in memory, so a FLUSH costs
+// nothing more: durability on two nodes at the cost of a round trip per write; with the
+// partner down, under `degrade`, each record is synced here instead) and
+// `mirrored+local` (both, every record synced). Not `volatile` (a FLUSH would not
+// survive a crash), and not a replica (it belongs to the partner node).
+//
+// A device that is a write log belongs to the node (`claim`): only a primary of this
+// node may be one; rmem clients are refused on every request, and the
 // claim opens the device with a newer epoch, which fences their handles and waits for
 // their appends in flight, then trims every record, so nothing written before the claim
 // (by a client, or for a removed volume of the same name) is ever replayed.
 
-import { MisuseError, isMemstrataError } from '../errors.js';
+import { MisuseError, RuntimeError, asError, isMemstrataError } from '../errors.js';
 import type { Logger } from '../logger.js';
 import type { Extent } from '../protocol/nbd/codec.js';
 import type { DeviceManager } from '../nvram/device-manager.js';
@@ -57,6 +67,9 @@ export class WriteLogIo implements VolumeIo {
   private readonly checkpoints: Map<string, Promise<void>>;
   /** Devices that are write logs, and their volumes. */
   private readonly claims: Map<string, string>;
+  /** Replays waiting for a mirrored write log to recover (recover), and the node's stop. */
+  private readonly recoveries: Set<Promise<void>>;
+  private readonly stopping: AbortController;
 
   constructor(inner: VolumeIo, nvram: DeviceManager, log: Logger) {
     this.inner = inner;
@@ -64,6 +77,8 @@ export class WriteLogIo implements VolumeIo {
     this.log = log;
     this.checkpoints = new Map();
     this.claims = new Map();
+    this.recoveries = new Set();
+    this.stopping = new AbortController();
   }
 
   /** The volume whose write log `device` is, if it is one. */
@@ -78,10 +93,10 @@ export class WriteLogIo implements VolumeIo {
   async claim(volume: string, name: string): Promise<void> {
     const device = this.nvram.get(name);
     if (device.policy === 'volatile') {
-      throw new MisuseError('MS_VOLUME_INVALID', `NVRAM device ${name} is volatile and cannot be a write log: a FLUSH through it would not survive a crash; use a local or mirrored+local device`, { details: { device: name } });
+      throw new MisuseError('MS_VOLUME_INVALID', `NVRAM device ${name} is volatile and cannot be a write log: a FLUSH through it would not survive a crash; use a local, mirrored or mirrored+local device`, { details: { device: name } });
     }
-    if (device.policy === 'mirrored' || device.role === 'replica') {
-      throw new MisuseError('MS_VOLUME_INVALID', `NVRAM device ${name} (${device.role === 'replica' ? 'a mirror replica' : 'mirrored'}) cannot be a write log: its local file may lack records only the partner holds, and replay runs before the partner is reached; use a local or mirrored+local device`, { details: { device: name } });
+    if (device.role === 'replica') {
+      throw new MisuseError('MS_VOLUME_INVALID', `NVRAM device ${name} is a mirror replica and cannot be a write log here: it belongs to the partner node, whose primary takes its records; use a local or mirrored device of this node`, { details: { device: name } });
     }
     const other = this.claims.get(name);
     if (other !== undefined) throw new MisuseError('MS_VOLUME_INVALID', `NVRAM device ${name} is already the write log of volume ${other}`, { details: { device: name, volume: other } });
@@ -146,6 +161,60 @@ export class WriteLogIo implements VolumeIo {
 
   blockStatus(volume: Volume, offset: number, length: number): Extent[] {
     return this.inner.blockStatus(volume, offset, length);
+  }
+
+  /**
+   * At start, before anything is served: replays the volume's write log. A `mirrored`
+   * device back from a crash is `recovering` (its file may lack records only the partner
+   * holds): the volume is then `recovering` too, not served, and is replayed in the
+   * background once the partner has given back what it holds (mirroring.ts); `stop` ends
+   * that wait.
+   */
+  async recover(volume: Volume): Promise<void> {
+    const device = this.device(volume);
+    if (device === undefined) return;
+    this.claims.set(device.name, volume.name);
+    if (!device.recovering) {
+      await this.replay(volume);
+      return;
+    }
+    volume.recovering = { why: `its write log, mirrored NVRAM device ${device.name}, waits for the mirror partner to give back the records this node may have lost in a crash` };
+    this.log.warn({ volume: volume.name, device: device.name }, 'volume recovering: its mirrored write log waits for the mirror partner; the volume is not served until the log is replayed');
+    const run = (async () => {
+      try {
+        await this.whenPrimary(device, this.stopping.signal);
+        await this.replay(volume);
+        volume.recovering = undefined;
+        this.log.info({ volume: volume.name, device: device.name }, 'volume recovered from its mirrored write log and served again');
+      } catch (error) {
+        if (this.stopping.signal.aborted) return;
+        volume.recovering = { why: `the replay of its write log ${device.name} failed (${(error as Error).message}); restart the node to try again` };
+        this.log.error({ volume: volume.name, device: device.name, err: error }, 'write log replay failed; the volume stays recovering and is not served');
+      }
+    })();
+    this.recoveries.add(run);
+    void run.finally(() => this.recoveries.delete(run));
+  }
+
+  /** Ends the waits of volumes still recovering (node stop), and waits for replays under way. */
+  async stop(): Promise<void> {
+    this.stopping.abort(new RuntimeError('MS_SHUTTING_DOWN', 'the node is stopping'));
+    await Promise.allSettled([...this.recoveries]);
+  }
+
+  /** Resolves once `device` is a primary that is not recovering; a demoted one (its partner took it over) never is. */
+  private async whenPrimary(device: NvramDevice, signal: AbortSignal): Promise<void> {
+    await device.whenRecovered(signal);
+    if (device.role === 'primary' && !device.recovering) return;
+    if (device.role === 'replica') {
+      this.log.error({ device: device.name }, 'the write log device became a replica of the mirror partner; its volume stays recovering');
+      await new Promise<never>((_, reject) => {
+        const abort = (): void => { reject(asError(signal.reason)); };
+        if (signal.aborted) abort();
+        else signal.addEventListener('abort', abort, { once: true });
+      });
+    }
+    await this.whenPrimary(device, signal);
   }
 
   /** Applies a volume's journaled writes to its data store after a restart, then trims. Returns how many. */

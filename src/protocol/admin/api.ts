@@ -34,8 +34,13 @@ export interface VolumeInfo {
   connections: number;
   /** The NVRAM device that is this volume's write log, if any. */
   writeLog: string | null;
-  /** `fenced`: a sync failed, so the volume is read-only until the node restarts (`failure` says why). */
-  state: 'ready' | 'fenced';
+  /**
+   * `fenced`: a sync failed, so the volume is read-only until the node restarts (`failure`
+   * says why). `recovering`: its mirrored write log waits for the mirror partner after a
+   * crash, or is being replayed; not served until it is `ready` (`failure` says what it
+   * waits for, or why the replay failed).
+   */
+  state: 'ready' | 'fenced' | 'recovering';
   failure: string | null;
 }
 

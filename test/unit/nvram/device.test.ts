@@ -253,6 +253,36 @@ test('a mirrored primary after a crash is recovering; after a clean stop it is r
     await third.devices.close();
   }));
 
+test('whenRecovered: a write log waiting for its mirrored device wakes when the partner has confirmed it, not while the device passes through a replica on its way to adopting the partner\'s records; a stop ends the wait', () =>
+  withDir(async (dir) => {
+    const first = await manager(dir);
+    await first.devices.create('m', E, 'mirrored');
+    await first.devices.get('m').open(1);
+    await first.devices.get('m').append(1, [{ payload: Buffer.from('kept') }]);
+    await first.devices.get('m').quiesce();
+    const second = await manager(dir); // a crash: recovering
+    const device = second.devices.get('m');
+    let woke = 0;
+    const waiting = device.whenRecovered().then(() => { woke++; });
+    // Adoption (mirroring.ts): reset as a replica, take the partner's records, promote.
+    device.resetReplica(1, 0, 1);
+    await new Promise((resolve) => setImmediate(resolve));
+    assert.equal(woke, 0, 'a replica reset is no recovery');
+    device.promote(undefined);
+    await waiting;
+    assert.equal(woke, 1);
+    assert.equal(device.role, 'primary');
+    await device.whenRecovered(); // at once when not recovering
+    device.recovering = true;
+    const stopping = new AbortController();
+    const cut = device.whenRecovered(stopping.signal);
+    stopping.abort(new Error('stopping'));
+    await assert.rejects(cut, /stopping/);
+    await assert.rejects(device.whenRecovered(stopping.signal), /stopping/, 'an aborted signal ends the wait at once');
+    device.recovering = false;
+    await second.devices.close();
+  }));
+
 test('a replica named by a path is refused by the device manager itself, and no file is made outside nvram/', () =>
   withDir(async (dir) => {
     const { devices } = await manager(dir);

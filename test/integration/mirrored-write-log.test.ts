@@ -1,0 +1,171 @@
+// A volume whose write log is a `mirrored` NVRAM device, between two real nodes: a WRITE
+// is acknowledged once the partner holds its record, so a FLUSH costs no sync, and what
+// was acknowledged durable survives a kill -9 of the node even when the node's own
+// journal file lost everything it had not synced: the volume stays `recovering` (not
+// served, not resized, not removed) until the partner has given the records back, then
+// replays them.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { NbdClient } from '../../src/client/nbd-client.js';
+import { FILE_HEADER, parseJournal } from '../../src/nvram/journal-file.js';
+import { RECORD_FLAG, encodeRecord } from '../../src/protocol/journal/record.js';
+import type { VolumeInfo } from '../../src/protocol/admin/api.js';
+import { freePort, startNode, tempDir, type NodeProcess } from '../support/node-process.js';
+import { nvramDevice, until } from '../support/nvram-probe.js';
+import { rng } from '../support/rng.js';
+
+const json = { 'content-type': 'application/json' };
+const BLOCK = 4096;
+const BLOCKS = 8192; // a 32 MiB volume; every write goes to a block of its own
+
+const post = (n: NodeProcess, path: string, body: unknown) => fetch(`${n.url}${path}`, { method: 'POST', headers: json, body: JSON.stringify(body) });
+
+async function volume(n: NodeProcess, name: string): Promise<VolumeInfo | undefined> {
+  const list = (await (await fetch(`${n.url}/v1/volumes`)).json()) as { volumes: VolumeInfo[] };
+  return list.volumes.find((v) => v.name === name);
+}
+
+function contentOf(block: number): Buffer {
+  const digest = createHash('sha256').update(`block ${block}`).digest();
+  return Buffer.concat(Array.from({ length: BLOCK / digest.length }, () => digest));
+}
+
+type Ctx = Parameters<typeof tempDir>[0];
+
+/**
+ * Two partnered nodes, a `policy` device `mwl` on A in sync with its replica on B, and a
+ * 32 MiB volume `v` on A whose write log it is. Eight lanes on two connections write
+ * blocks of their own, every third with FUA, and flush after every eighth; A is killed
+ * with -9 at a random moment. Returns what was sent, acknowledged and made durable.
+ */
+async function crashUnderWriters(t: Ctx, policy: 'mirrored' | 'mirrored+local') {
+  const [dirA, dirB] = [await tempDir(t), await tempDir(t)];
+  const [portA, portB] = [await freePort(), await freePort()];
+  const args = (own: number, partner: number) => ['--mirror-listen', `127.0.0.1:${own}`, '--mirror-partner', `127.0.0.1:${partner}`, '--set', 'mirror.timeout=500ms'];
+  const startA = async () => {
+    const n = await startNode({ cwd: dirA, args: args(portA, portB) });
+    t.after(() => n.stop('SIGKILL').then(() => undefined));
+    return n;
+  };
+  const startB = async () => {
+    const n = await startNode({ cwd: dirB, args: args(portB, portA) });
+    t.after(() => n.stop('SIGKILL').then(() => undefined));
+    return n;
+  };
+  const a = await startA();
+  const b = await startB();
+  assert.equal((await post(a, '/v1/nvram', { name: 'mwl', size: '4MiB', policy })).status, 201);
+  await until('primary in sync', () => nvramDevice(a, 'mwl'), (d) => d?.mirror === 'in-sync');
+  const created = await post(a, '/v1/volumes', { name: 'v', size: `${(BLOCKS * BLOCK) / 1024 / 1024}MiB`, writeLog: 'mwl' });
+  assert.equal(created.status, 201, await created.text());
+  // The partner's replica is the partner's to keep, never a write log there.
+  await until('replica on the partner', () => nvramDevice(b, 'mwl'), (d) => d?.role === 'replica');
+  const onReplica = await post(b, '/v1/volumes', { name: 'x', size: '1MiB', writeLog: 'mwl' });
+  assert.equal(onReplica.status, 400);
+  assert.equal(((await onReplica.json()) as { error: { code: string } }).error.code, 'MS_VOLUME_INVALID');
+
+  const seed = Number(process.env.TEST_SEED ?? Date.now() % 100_000);
+  console.log(`# ${policy}: seed ${seed} (TEST_SEED replays it)`);
+  const random = rng(seed);
+  const clients = [
+    await NbdClient.connect({ host: a.nbd.host, port: a.nbd.port, export: 'v' }),
+    await NbdClient.connect({ host: a.nbd.host, port: a.nbd.port, export: 'v' }),
+  ];
+  const written = new Set<number>();
+  const acked = new Set<number>();
+  const durable = new Set<number>();
+  let next = 0;
+  let stop = false;
+  const lane = async (client: NbdClient) => {
+    try {
+      for (let n = 1; !stop && next < BLOCKS; n++) {
+        const block = next++;
+        const fua = n % 3 === 0;
+        written.add(block);
+        await client.write(block * BLOCK, contentOf(block), { fua });
+        acked.add(block);
+        if (fua) durable.add(block);
+        if (n % 8 === 0) {
+          const covered = [...acked];
+          await client.flush();
+          for (const b of covered) durable.add(b);
+        }
+      }
+    } catch {
+      // The node was killed under it.
+    }
+  };
+  const lanes = Array.from({ length: 8 }, (_, i) => lane(clients[i % 2] as NbdClient));
+  await new Promise((resolve) => setTimeout(resolve, 300 + Math.floor(random() * 700)));
+  assert.equal(await a.stop('SIGKILL'), 'SIGKILL');
+  stop = true;
+  await Promise.all(lanes);
+  for (const c of clients) await c.close().catch(() => undefined);
+  console.log(`# ${written.size} writes sent, ${acked.size} acknowledged, ${durable.size} durable when killed`);
+  assert.ok(durable.size > 0, 'the workload made something durable before the kill');
+  return { dirA, b, startA, startB, written, durable };
+}
+
+/** Every durable block holds its write; every other block its write or zeros; the log is trimmed. */
+async function check(n: NodeProcess, written: ReadonlySet<number>, durable: ReadonlySet<number>): Promise<void> {
+  const reader = await NbdClient.connect({ host: n.nbd.host, port: n.nbd.port, export: 'v' });
+  const image = await reader.read(0, BLOCKS * BLOCK);
+  await reader.close();
+  const zeros = Buffer.alloc(BLOCK);
+  for (let block = 0; block < BLOCKS; block++) {
+    const got = image.subarray(block * BLOCK, (block + 1) * BLOCK);
+    if (durable.has(block)) assert.ok(got.equals(contentOf(block)), `block ${block} was acknowledged durable and is lost`);
+    else if (written.has(block)) assert.ok(got.equals(contentOf(block)) || got.equals(zeros), `block ${block} holds neither its write nor zeros`);
+    else assert.ok(got.equals(zeros), `block ${block} was never written and is not zeros`);
+  }
+  assert.equal((await nvramDevice(n, 'mwl'))?.records, 0, 'the replay trimmed the log');
+}
+
+test('mirrored write log: FUA writes and writes before a FLUSH survive kill -9 at a random moment and the loss of the unsynced journal; the volume is recovering until the partner gives the records back', async (t) => {
+  const { dirA, b, startA, startB, written, durable } = await crashUnderWriters(t, 'mirrored');
+  // The OS lost what the node had not synced (as after a power cut): a mirrored journal
+  // syncs its markers (epoch, trim) but not its records, so cut it after the last marker.
+  const path = join(dirA, 'memstrata-data', 'nvram', 'mwl.journal');
+  const image = await readFile(path);
+  const { records } = parseJournal(image);
+  const lastMarker = records.findLastIndex((r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) !== 0);
+  const kept = records.slice(0, lastMarker + 1);
+  console.log(`# journal cut after its last marker: ${records.length - kept.length} records only the partner holds`);
+  await writeFile(path, Buffer.concat([image.subarray(0, FILE_HEADER), ...kept.map((r) => encodeRecord(r))]));
+  // The partner stops cleanly meanwhile; its replica goes to its vault.
+  assert.equal(await b.stop('SIGTERM'), 0);
+
+  let again = await startA();
+  const waiting = await volume(again, 'v');
+  assert.equal(waiting?.state, 'recovering');
+  assert.match(waiting.failure ?? '', /waits for the mirror partner/);
+  await assert.rejects(NbdClient.connect({ host: again.nbd.host, port: again.nbd.port, export: 'v' }), /recovering/);
+  const resized = await post(again, '/v1/volumes/v/resize', { size: '64MiB' });
+  assert.equal(resized.status, 503);
+  assert.equal(((await resized.json()) as { error: { code: string } }).error.code, 'MS_VOLUME_RECOVERING');
+  const removed = await fetch(`${again.url}/v1/volumes/v`, { method: 'DELETE' });
+  assert.equal(removed.status, 503);
+  assert.equal(((await removed.json()) as { error: { code: string } }).error.code, 'MS_VOLUME_RECOVERING');
+  // A clean stop while it waits keeps the journal as it is (no vault from a device that
+  // knows less than its partner), and the next start waits again.
+  assert.equal(await again.stop('SIGTERM'), 0);
+  again = await startA();
+  assert.equal((await volume(again, 'v'))?.state, 'recovering');
+
+  await startB();
+  await until('volume recovered', () => volume(again, 'v'), (v) => v?.state === 'ready', 30_000);
+  await check(again, written, durable);
+  assert.ok(again.logs.some((l) => l.msg === 'volume recovered from its mirrored write log and served again'));
+});
+
+test('mirrored+local write log: FUA writes and writes before a FLUSH survive kill -9 at a random moment; the volume is replayed from its own synced journal', async (t) => {
+  const { startA, written, durable } = await crashUnderWriters(t, 'mirrored+local');
+  const again = await startA();
+  // Every record was synced before it was acknowledged: nothing to wait for.
+  assert.equal((await volume(again, 'v'))?.state, 'ready');
+  await check(again, written, durable);
+});
