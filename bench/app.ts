@@ -3,8 +3,9 @@
 // export reached through nbdfuse and a loop device, against the same stack on nbdkit's
 // memory plugin (not durable: the ceiling of this path) and file plugin (a file on the
 // same disk as the node's data directory: the same promise as memstrata, durable after
-// FLUSH), in one run. memstrata serves a plain volume and a volume whose write log is a
-// `local` NVRAM device.
+// FLUSH), in one run. memstrata serves a plain volume, a volume whose write log is a
+// `local` NVRAM device, and one whose write log is a `mirrored` device, its partner a
+// second node on this machine (a FLUSH then waits for no disk).
 //
 // Each commit is a few writes and a FLUSH from ext4 (the loop device turns SQLite's
 // fdatasync into a FLUSH through nbdfuse), so the write log's promise shows here: a
@@ -122,18 +123,35 @@ try {
   closeSync(fd);
   rows.push(['nbdkit file', await withNbdkit(['file', file], (uri) => commitsPerSecond(uri, work, script))]);
   const nodeDir = join(work, 'node');
+  const partnerDir = join(work, 'partner');
   await mkdir(nodeDir);
-  const node = await startNode({ cwd: nodeDir, small: false, env: { MEMSTRATA_ADMIN_TOKEN: TOKEN }, args: ['--dram-size', '1GiB', '--flash-size', '1GiB'] });
+  await mkdir(partnerDir);
+  // The partner of the `mirrored` write log: a second node on this machine (sharing its
+  // two cores), as the mirror's other half would be on another machine.
+  const [nodeMirror, partnerMirror] = [await freePort(), await freePort()];
+  const mirrorArgs = (own: number, other: number) => ['--mirror-listen', `127.0.0.1:${own}`, '--mirror-partner', `127.0.0.1:${other}`];
+  const node = await startNode({ cwd: nodeDir, small: false, env: { MEMSTRATA_ADMIN_TOKEN: TOKEN }, args: ['--dram-size', '1GiB', '--flash-size', '1GiB', ...mirrorArgs(nodeMirror, partnerMirror)] });
+  const partner = await startNode({ cwd: partnerDir, env: { MEMSTRATA_ADMIN_TOKEN: TOKEN }, args: ['--dram-size', '256MiB', ...mirrorArgs(partnerMirror, nodeMirror)] });
   try {
     const admin = new AdminClient(node.url, { token: TOKEN });
     await admin.post('/v1/volumes', { name: 'plain', size: '1GiB' });
     await admin.post('/v1/nvram', { name: 'wl', size: '32MiB', policy: 'local' });
     await admin.post('/v1/volumes', { name: 'logged', size: '1GiB', writeLog: 'wl' });
+    await admin.post('/v1/nvram', { name: 'mwl', size: '32MiB', policy: 'mirrored' });
+    for (let i = 0; ; i++) {
+      const { devices } = await admin.get<{ devices: { name: string; mirror: string | null }[] }>('/v1/nvram');
+      if (devices.find((d) => d.name === 'mwl')?.mirror === 'in-sync') break;
+      if (i > 200) throw new Error('the mirrored device did not get in sync with its partner');
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    await admin.post('/v1/volumes', { name: 'mirrored', size: '1GiB', writeLog: 'mwl' });
     const base = `nbd://${node.nbd.host}:${node.nbd.port}`;
     rows.push(['memstrata, plain volume', await commitsPerSecond(`${base}/plain`, work, script)]);
     rows.push(['memstrata, `local` write log', await commitsPerSecond(`${base}/logged`, work, script)]);
+    rows.push(['memstrata, `mirrored` write log (partner on this machine)', await commitsPerSecond(`${base}/mirrored`, work, script)]);
   } finally {
     await node.stop('SIGTERM');
+    await partner.stop('SIGTERM');
   }
   rows.push(['the machine\'s own ext4, no NBD', Number(run(PYTHON, [script, join(work, 'local.sqlite'), String(COMMITS)]))]);
   const memory = rows[0]?.[1] ?? 0;

@@ -252,11 +252,22 @@ export class Mirroring {
       if (theirs !== undefined && theirs.role === 'primary' && !theirs.recovering && theirs.epoch === device.epoch) {
         throw new RuntimeError('MS_MIRROR_CONFLICT', `the partner is also primary of ${name} at epoch ${device.epoch}; open one of them with a newer epoch to decide`);
       }
-      if (theirs !== undefined && !theirs.recovering && theirs.epoch === device.epoch && theirs.lastSeq > device.lastSeq) {
+      // A volume's `mirrored+local` write log synced every record it acknowledged, and its
+      // volume was replayed from that file at start: records only the partner holds were
+      // never acknowledged, and taking them (with the partner's older trim point) would
+      // bring back records already replayed. The partner gets this node's copy instead.
+      const ownLog = device.policy === 'mirrored+local' && nvram.claimedBy?.(name) !== undefined;
+      if (theirs !== undefined && !theirs.recovering && theirs.epoch === device.epoch && theirs.lastSeq > device.lastSeq && !ownLog) {
         await this.adopt(device, theirs);
+      } else if (ownLog && theirs !== undefined && theirs.lastSeq > device.lastSeq) {
+        log.info({ device: name, lastSeq: device.lastSeq, partnerLastSeq: theirs.lastSeq }, 'the mirror partner holds records of this write log that were never acknowledged here; the replica is reset to what this node holds');
       } else if (device.recovering) {
         log.warn({ device: name, partnerHas: theirs === undefined ? 'nothing' : theirs.recovering ? 'a stale copy' : `up to ${theirs.lastSeq}` }, 'mirror partner holds nothing newer; serving what the journal file holds');
       }
+      // The RESET empties the replica, which may hold records this node's journal has
+      // written but not synced (mirrored, in sync until the link dropped): make them
+      // durable here first, so no acknowledged record is on neither node's stable copy.
+      if (device.policy === 'mirrored') await device.syncJournal();
       device.recovering = false;
       await this.push(device);
       this.inSync.add(name);

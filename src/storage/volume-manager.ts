@@ -119,7 +119,7 @@ export class Volume {
       connections: this.connections,
       writeLog: this.writeLog ?? null,
       state: this.recovering !== undefined ? 'recovering' : this.store.failure === undefined ? 'ready' : 'fenced',
-      failure: this.store.failure?.message ?? (this.recovering === undefined ? null : this.recovering.why),
+      failure: this.recovering?.why ?? this.store.failure?.message ?? null,
     };
   }
 }

@@ -57,6 +57,7 @@ import type { Extent } from '../protocol/nbd/codec.js';
 import type { DeviceManager } from '../nvram/device-manager.js';
 import type { NvramDevice } from '../nvram/device.js';
 import { RECORD_FLAG, decodeOne } from '../protocol/journal/record.js';
+import { isMirrored } from '../protocol/journal/policy.js';
 import type { VolumeIo } from './volume-io.js';
 import type { Volume } from './volume-manager.js';
 
@@ -105,12 +106,21 @@ export class WriteLogIo implements VolumeIo {
       await device.fence();
       const last = device.lastSeq;
       if (last > device.trimPoint) await device.trim(device.epoch, last);
+      // The partner's replica learns it belongs to the node, so no client of the partner
+      // may take it over (and demote this device under the volume). Until it has, that
+      // could happen: a mirrored write log waits for the resync that tells it.
+      device.refreshReplica();
+      if (isMirrored(device.policy)) {
+        await device.commit(); // waits for the resync under way
+        if (device.info().mirror !== 'in-sync') {
+          throw new RuntimeError('MS_NVRAM_PARTNER_DOWN', `NVRAM device ${name} is not in sync with its mirror partner (${device.info().mirror ?? 'no partner'}): a mirrored write log needs the partner to hold its replica as the node's own first; try again once the partner is up`, { details: { device: name } });
+        }
+      }
     } catch (error) {
       this.claims.delete(name);
+      device.refreshReplica();
       throw error;
     }
-    // The partner's replica learns it belongs to the node (no client may take it over).
-    device.refreshReplica();
   }
 
   release(device: string): void {
@@ -174,6 +184,13 @@ export class WriteLogIo implements VolumeIo {
     const device = this.device(volume);
     if (device === undefined) return;
     this.claims.set(device.name, volume.name);
+    if (device.role === 'replica') {
+      // The partner holds the device with a newer epoch (it was taken over): what this
+      // node has is a copy of someone else's records, never to be replayed into the volume.
+      volume.recovering = { why: `its write log ${device.name} is now a replica of the mirror partner's device, which was taken over; this node's copy is not replayed. Remove the volume, or make the device primary here again` };
+      this.log.error({ volume: volume.name, device: device.name }, 'the write log device is a replica of the mirror partner; the volume is not served');
+      return;
+    }
     if (!device.recovering) {
       await this.replay(volume);
       return;

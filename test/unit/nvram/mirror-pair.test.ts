@@ -275,3 +275,87 @@ test('a mirrored pair under random partitions, heals and takeovers: every acknow
     { numRuns: process.env.MEMSTRATA_SOAK === '1' ? 200 : 25 },
   );
 });
+
+// ---- a mirrored device as a volume's write log ----
+
+async function writeLogOn(nvram: DeviceManager) {
+  const { WriteLogIo } = await import('../../../src/storage/write-log.js');
+  const { DirectVolumeIo } = await import('../../../src/storage/volume-io.js');
+  const { Volume } = await import('../../../src/storage/volume-manager.js');
+  const { MemoryStore } = await import('../../support/memory-store.js');
+  const io = new WriteLogIo(new DirectVolumeIo(), nvram, log);
+  nvram.claimedBy = (d) => io.owner(d);
+  const store = new MemoryStore(MiB);
+  const volume = new Volume('v', false, new Date().toISOString(), store, 'wl');
+  return { io, store, volume };
+}
+
+test('a mirrored write log is claimed only once the partner holds its replica as the node\'s own: with the link down the claim is refused, and a claim that returns has made the replica node-owned', async (t) => {
+  const { a, b, device } = await pair(t, 'wl', 'mirrored');
+  const { io } = await writeLogOn(a);
+  // Claimed while the link is down, the replica would stay free on the partner, and a
+  // client there could take it over and demote the volume's log.
+  await b.mirror.close();
+  await until(() => device.info().mirror === 'degraded', 'link down');
+  await assert.rejects(io.claim('v', 'wl'), { code: 'MS_NVRAM_PARTNER_DOWN' });
+  assert.equal(io.owner('wl'), undefined, 'a refused claim leaves the device free');
+  await serveB(t, b.nvram, b.address);
+  await until(() => device.info().mirror === 'in-sync', 'in sync again');
+  await io.claim('v', 'wl');
+  assert.equal(b.nvram.get('wl').nodeOwned, true, 'the replica is node-owned when the claim returns');
+  await assert.rejects(b.nvram.openJournal('wl', 99), { code: 'MS_NVRAM_INVALID' });
+});
+
+test('a write log that is a replica of the partner\'s device is never replayed into the volume: the volume stays recovering', async (t) => {
+  const { b, device } = await pair(t, 'wl', 'mirrored');
+  await device.open(1);
+  // The partner's copy holds a record aimed at a volume v of the partner node.
+  await device.append(1, [{ target: { volume: 'v', offset: 0 }, payload: Buffer.alloc(4096, 0x42) }]);
+  await until(() => (b.nvram.get('wl').info().lastSeq ?? 0) >= 1, 'the replica holds it');
+  const { io, store, volume } = await writeLogOn(b.nvram);
+  await io.recover(volume);
+  assert.match(volume.recovering?.why ?? '', /replica/);
+  const block = Buffer.alloc(4096);
+  await store.read(0, block);
+  assert.ok(block.every((x) => x === 0), 'nothing of the replica reached the volume');
+  assert.equal(b.nvram.get('wl').info().records, 1, 'and nothing was trimmed');
+});
+
+test('a resync syncs a mirrored journal before it resets the replica: acknowledged records are never on neither node\'s stable copy', async (t) => {
+  const gate: { hold?: Promise<void> } = {};
+  let release = (): void => undefined;
+  let syncsDone = 0;
+  const gated = (sink: JournalSink): JournalSink => ({
+    ...sink,
+    datasync: async () => {
+      if (gate.hold !== undefined) await gate.hold; // a slow disk
+      await sink.datasync();
+      syncsDone++;
+    },
+  });
+  const { a, b, device } = await pair(t, 'wl', 'mirrored', gated);
+  const { io, volume } = await writeLogOn(a);
+  await io.claim('v', 'wl');
+  gate.hold = new Promise<void>((resolve) => (release = resolve));
+  const before = syncsDone;
+  for (let i = 0; i < 5; i++) await io.write(volume, i * 4096, Buffer.alloc(4096, 0x61 + i), true); // FUA: B holds them
+  await io.flush(volume); // in sync: no sync here
+  const acked = device.lastSeq;
+  await until(() => (b.nvram.get('wl').info().lastSeq ?? 0) >= acked, 'B holds every acknowledged record');
+  const seen: { atReset?: { synced: number } } = {};
+  const original = b.nvram.resetReplica.bind(b.nvram);
+  b.nvram.resetReplica = async (reset, feeder) => {
+    seen.atReset ??= { synced: syncsDone - before };
+    await original(reset, feeder);
+  };
+  // The link drops for a moment; B keeps its replica in memory.
+  await b.mirror.close();
+  await until(() => device.info().mirror !== 'in-sync', 'link down');
+  await serveB(t, b.nvram, b.address);
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  const atReset = (): { synced: number } | undefined => seen.atReset;
+  assert.equal(atReset(), undefined, 'no RESET while the records the replica holds are not synced here');
+  release();
+  await until(() => device.info().mirror === 'in-sync', 'in sync again');
+  assert.ok((atReset()?.synced ?? 0) > 0, 'the journal was synced before the RESET');
+});
