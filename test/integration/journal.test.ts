@@ -169,8 +169,9 @@ test('a device that is a volume\'s write log is not open to rmem clients', async
   assert.equal(again.status, 400, 'one volume per write log');
   await createDevice(n, 'mwl', '1MiB', 'mirrored');
   const mirrored = await fetch(`${n.url}/v1/volumes`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name: 'jv3', size: '4MiB', writeLog: 'mwl' }) });
-  assert.equal(mirrored.status, 400);
-  assert.match(await mirrored.text(), /use a local or mirrored\+local device/);
+  // A mirrored write log needs its partner to hold the replica as the node's own first.
+  assert.equal(mirrored.status, 503);
+  assert.match(await mirrored.text(), /MS_NVRAM_PARTNER_DOWN.*not in sync with its mirror partner/);
   const c = await client(t, n, 'intruder');
   await assert.rejects(c.journalOpen('wl', 99), (error: Error & { code?: string }) => {
     assert.equal(error.code, 'MS_RMEM_INVALID');
