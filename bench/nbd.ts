@@ -5,8 +5,8 @@
 // `nbdkit memory` (the ceiling of the protocol path) and `nbdkit file` on a file on the
 // same disk as memstrata's data directory (the same durability promise as memstrata:
 // durable after FLUSH, the page cache in between):
-//   4k randread QD1, 1M sequential read QD8, 4k randrw 70/30 QD32, 4k randwrite QD32,
-//   1M sequential write QD8.
+//   4k randread QD1, 1M sequential read QD8, 4k randread QD8 on one connection and on
+//   two (multi-conn), 4k randrw 70/30 QD32, 4k randwrite QD32, 1M sequential write QD8.
 // Part 2, a working set four times memstrata's DRAM cache level and within DRAM plus
 // flash (a second node: 128 MiB DRAM cache, 512 MiB flash cache, 512 MiB working set),
 // against `nbdkit file`: a 1M sequential write of the whole 1 GiB volume (a stream eight
@@ -37,6 +37,10 @@ interface Workload {
 const WORKLOADS: Workload[] = [
   { name: '4k randread QD1', args: ['--rw=randread', '--bs=4k', '--iodepth=1'] },
   { name: '1M seq read QD8', args: ['--rw=read', '--bs=1M', '--iodepth=8'] },
+  // Multi-conn (the export says CAN_MULTI_CONN): the same load on one connection and
+  // split over two (two fio jobs, each its own connection), to see that two scale over one.
+  { name: '4k randread QD8, 1 conn', args: ['--rw=randread', '--bs=4k', '--iodepth=8'] },
+  { name: '4k randread QD8, 2 conns', args: ['--rw=randread', '--bs=4k', '--iodepth=8', '--numjobs=2', '--group_reporting'] },
   { name: '4k randrw 70/30 QD32', args: ['--rw=randrw', '--rwmixread=70', '--bs=4k', '--iodepth=32'] },
   { name: '4k randwrite QD32', args: ['--rw=randwrite', '--bs=4k', '--iodepth=32'] },
   { name: '1M seq write QD8', args: ['--rw=write', '--bs=1M', '--iodepth=8'] },
@@ -135,11 +139,13 @@ async function cachedSet(dir: string): Promise<void> {
     const fill: Workload = { name: 'fill', args: ['--rw=write', '--bs=1M', '--iodepth=8'] };
     for (const uri of [ours, memory.uri, file.uri]) fio(uri, size, fill, 0);
     const rows: string[][] = [];
+    const iops = new Map<string, number>();
     for (const workload of WORKLOADS) {
       await settle(node);
       const mem = fio(memory.uri, size, workload, SECONDS);
       const fil = fio(file.uri, size, workload, SECONDS);
       const us = fio(ours, size, workload, SECONDS);
+      for (const [server, r] of [['nbdkit memory', mem], ['nbdkit file', fil], ['memstrata', us]] as const) iops.set(`${server}|${workload.name}`, r.iops);
       const cells = (r: Result): string[] => [r.iops.toFixed(0), r.mbps.toFixed(1), r.p50us.toFixed(1), r.p99us.toFixed(1)];
       rows.push([workload.name, 'nbdkit memory', ...cells(mem), '1.00x', '', '1.00x', '']);
       rows.push([workload.name, 'nbdkit file', ...cells(fil), ratio(fil.iops, mem.iops), '1.00x', ratio(fil.p50us, mem.p50us), '1.00x']);
@@ -150,6 +156,11 @@ async function cachedSet(dir: string): Promise<void> {
       ['workload', 'server', 'IOPS', 'MB/s', 'p50 us', 'p99 us', 'IOPS vs memory', 'IOPS vs file', 'p50 vs memory', 'p50 vs file'],
       rows,
     );
+    for (const server of ['nbdkit memory', 'nbdkit file', 'memstrata']) {
+      const one = iops.get(`${server}|4k randread QD8, 1 conn`) ?? 0;
+      const two = iops.get(`${server}|4k randread QD8, 2 conns`) ?? 0;
+      console.log(`multi-conn, ${server}: 4k randread QD8 on two connections ${two.toFixed(0)} IOPS against ${one.toFixed(0)} on one: ${ratio(two, one)}`);
+    }
     const cache = await cacheOf(node);
     const lookups = cache.hits + cache.misses;
     console.log(`memstrata cache hit ratio over the run: ${((cache.hits / Math.max(1, lookups)) * 100).toFixed(1)}% (${cache.hits} hits, ${cache.misses} misses)`);
