@@ -359,3 +359,32 @@ test('a resync syncs a mirrored journal before it resets the replica: acknowledg
   await until(() => device.info().mirror === 'in-sync', 'in sync again');
   assert.ok((atReset()?.synced ?? 0) > 0, 'the journal was synced before the RESET');
 });
+
+test('a mirrored+local write log keeps its own records at a resync: the partner\'s extra records, never acknowledged here, and its older trim point are not taken back', async (t) => {
+  const m = await import('../../../src/protocol/mirror/codec.js');
+  const { encodeRecord } = await import('../../../src/protocol/journal/record.js');
+  const { a, b, device, mirroring } = await pair(t, 'wl', 'mirrored+local');
+  const { io, volume } = await writeLogOn(a);
+  await io.claim('v', 'wl');
+  for (let i = 0; i < 4; i++) await io.write(volume, i * 4096, Buffer.alloc(4096, 0x61 + i), false);
+  const last = device.lastSeq;
+  const written = await device.collect(0, 100, MiB);
+  await device.trim(device.epoch, last); // a checkpoint: the data is in the store
+  mirroring.close();
+  // The partner is left with the records from before the trim and one more that this
+  // node never acknowledged (as after a crash with an append in flight).
+  const extra = encodeRecord({ seq: last + 1, timestamp: 1, epoch: device.epoch, flags: 0, target: { volume: 'v', offset: 0 }, payload: Buffer.alloc(4096, 0x7a) });
+  const peer = await rawPeer(t, b.address, 'a-before-its-crash');
+  const reset = m.encodeReset({ name: 'wl', policy: 'mirrored+local', medium: a.mediumOf('wl'), size: MiB, epoch: device.epoch, trimmedTo: 0, firstSeq: 1, nodeOwned: true });
+  assert.equal((await peer(m.MOP.RESET, reset)).status, m.MSTATUS.OK);
+  assert.equal((await peer(m.MOP.APPEND, m.encodeAppend('wl', device.epoch, Buffer.concat([...written, extra])))).status, m.MSTATUS.OK);
+  assert.equal(b.nvram.get('wl').info().lastSeq, last + 1);
+  const again = new Mirroring({ nvram: a, partner: b.address, onPartnerDown: 'degrade', nodeId: 'a', token: undefined, timeoutMs: 500, retryMs: 20, log });
+  again.start();
+  t.after(() => again.close());
+  await until(() => device.info().mirror === 'in-sync', 'in sync again');
+  assert.equal(device.lastSeq, last, 'the partner\'s extra record was not taken');
+  assert.equal(device.trimPoint, last, 'the trim point stayed');
+  assert.equal(device.info().records, 0, 'no record already replayed came back');
+  await until(() => b.nvram.get('wl').info().records === 0 && b.nvram.get('wl').trimPoint === last, 'the replica was reset to this node\'s copy');
+});
