@@ -554,7 +554,9 @@ export class NvramDevice {
     try {
       await journal.append(this.marker(RECORD_FLAG.TRIM, limit));
       // The file only grows; once it holds much more than the device can, rewrite it.
-      if (journal.size > Math.max(this.compactAt, 2 * this.size)) await journal.compact(limit);
+      // Not once the device is closing (its journal takes nothing more; the next start
+      // reads the file as it is).
+      if (!this.closed && journal.size > Math.max(this.compactAt, 2 * this.size)) await journal.compact(limit);
     } catch (error) {
       this.failed(error);
       throw error;

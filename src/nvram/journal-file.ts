@@ -38,7 +38,7 @@ import { constants, fdatasync as fsFdatasync, write as fsWrite } from 'node:fs';
 import { open, readFile, rename, rm, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { crc32 } from 'node:zlib';
-import { StorageError, asError } from '../errors.js';
+import { RuntimeError, StorageError, asError } from '../errors.js';
 import { CREATE_NEW_FLAGS } from '../fs/meta-file.js';
 import { MAX_PAYLOAD, MAX_TARGET_NAME, RECORD_FLAG, RECORD_HEADER, RECORD_MAGIC, decodeRecord, encodeRecord, recordSize, type JournalRecord } from '../protocol/journal/record.js';
 
@@ -75,12 +75,41 @@ function writeFd(fd: number, buf: Buffer, position: number): Promise<void> {
   });
 }
 
+/**
+ * Counts operations handed to libuv on raw descriptors: a FileHandle's own promises keep
+ * it open until they finish, raw `fs.write`/`fs.fdatasync` on its `fd` do not, so a close
+ * waits for them here (a late write must never reach a descriptor number reused since).
+ */
+class InFlight {
+  private count = 0;
+  private idle: (() => void)[] = [];
+
+  track<T>(op: Promise<T>): Promise<T> {
+    this.count++;
+    return op.finally(() => {
+      this.count--;
+      if (this.count === 0) for (const wake of this.idle.splice(0)) wake();
+    });
+  }
+
+  settled(): Promise<void> {
+    return this.count === 0 ? Promise.resolve() : new Promise((resolve) => this.idle.push(resolve));
+  }
+}
+
 export function fileSink(handle: FileHandle): JournalSink {
+  return sinkOn(handle, new InFlight());
+}
+
+function sinkOn(handle: FileHandle, inflight: InFlight): JournalSink {
   return {
-    write: (buf, position) => writeFd(handle.fd, buf, position),
-    datasync: () => new Promise<void>((resolve, reject) => { fsFdatasync(handle.fd, (error) => { if (error === null) resolve(); else reject(error); }); }),
+    write: (buf, position) => inflight.track(writeFd(handle.fd, buf, position)),
+    datasync: () => inflight.track(new Promise<void>((resolve, reject) => { fsFdatasync(handle.fd, (error) => { if (error === null) resolve(); else reject(error); }); })),
     truncate: (length) => handle.truncate(length),
-    close: () => handle.close(),
+    close: async () => {
+      await inflight.settled();
+      await handle.close();
+    },
   };
 }
 
@@ -92,14 +121,22 @@ export function fileSink(handle: FileHandle): JournalSink {
  */
 async function openSink(path: string, wrap: (sink: JournalSink) => JournalSink): Promise<{ sink: JournalSink; durable: DurableWrite | undefined }> {
   const handle = await open(path, 'r+');
-  const base = fileSink(handle);
+  const inflight = new InFlight();
+  const base = sinkOn(handle, inflight);
   const sink = wrap(base);
   if (sink !== base) return { sink, durable: undefined };
   const dsync = await open(path, constants.O_RDWR | constants.O_DSYNC).catch(() => undefined);
   if (dsync === undefined) return { sink, durable: undefined };
   return {
-    sink: { ...base, close: async () => { await dsync.close().catch(() => undefined); await base.close(); } },
-    durable: (buf, position) => writeFd(dsync.fd, buf, position),
+    sink: {
+      ...base,
+      close: async () => {
+        await inflight.settled();
+        await dsync.close().catch(() => undefined);
+        await handle.close();
+      },
+    },
+    durable: (buf, position) => inflight.track(writeFd(dsync.fd, buf, position)),
   };
 }
 
@@ -229,6 +266,8 @@ export class JournalFile {
   syncs: number;
   /** Why the file is fenced (a write or sync failed), until `replace` rewrites it. */
   private fencedBy: Error | undefined;
+  /** Set once `close` began: nothing more is queued. */
+  private closing: boolean;
 
   constructor(path: string, sink: JournalSink, length: number, wrap: (sink: JournalSink) => JournalSink = (x) => x, durable?: DurableWrite) {
     this.path = path;
@@ -243,6 +282,7 @@ export class JournalFile {
     this.unsynced = false;
     this.syncs = 0;
     this.fencedBy = undefined;
+    this.closing = false;
   }
 
   /** Creates a new, empty journal file (replacing any at `path`) and syncs it. */
@@ -260,8 +300,13 @@ export class JournalFile {
   /** Opens a journal whose first `validLength` bytes are known good, cutting the rest. */
   static async openExisting(path: string, validLength: number, wrap: (sink: JournalSink) => JournalSink = (s) => s): Promise<JournalFile> {
     const { sink, durable } = await openSink(path, wrap);
-    await sink.truncate(validLength);
-    await sink.datasync();
+    try {
+      await sink.truncate(validLength);
+      await sink.datasync();
+    } catch (error) {
+      await sink.close().catch(() => undefined);
+      throw error;
+    }
     return new JournalFile(path, sink, validLength, wrap, durable);
   }
 
@@ -271,9 +316,15 @@ export class JournalFile {
    * record); a later sync, or `flush`, makes it durable, since the file is written in order.
    */
   append(record: Buffer, sync = true): Promise<void> {
+    return this.enqueue({ buf: record, sync });
+  }
+
+  /** Queues a waiter and starts the writer (unless `start` is false); refused once `close` began. */
+  private enqueue(w: Omit<Waiter, 'resolve' | 'reject'>, start = true): Promise<void> {
+    if (this.closing) return Promise.reject(new RuntimeError('MS_SHUTTING_DOWN', `journal ${this.path} is closing`));
     return new Promise<void>((resolve, reject) => {
-      this.queue.push({ buf: record, sync, resolve, reject });
-      this.kick();
+      this.queue.push({ ...w, resolve, reject });
+      if (start) this.kick();
     });
   }
 
@@ -285,9 +336,7 @@ export class JournalFile {
    * tears at most that batch. Resolves once written.
    */
   defer(record: Buffer): Promise<void> {
-    return new Promise<void>((resolve, reject) => {
-      this.queue.push({ buf: record, sync: false, deferred: true, resolve, reject });
-    });
+    return this.enqueue({ buf: record, sync: false, deferred: true }, false);
   }
 
   /** Resolves once everything appended so far is covered by an fdatasync. */
@@ -306,10 +355,7 @@ export class JournalFile {
    * the queue: appends queued before it are written (or refused) first.
    */
   replace(deviceSize: number, records: Buffer): Promise<void> {
-    return new Promise<void>((resolve, reject) => {
-      this.queue.push({ buf: Buffer.alloc(0), sync: true, resolve, reject, replaceWith: { deviceSize, records } });
-      this.kick();
-    });
+    return this.enqueue({ buf: Buffer.alloc(0), sync: true, replaceWith: { deviceSize, records } });
   }
 
   /** Bytes of journal in the file (header and records; preallocated zeros not counted). */
@@ -325,10 +371,7 @@ export class JournalFile {
    * rename, so a crash leaves one or the other, both whole.
    */
   compact(trimmedTo: number): Promise<void> {
-    return new Promise<void>((resolve, reject) => {
-      this.queue.push({ buf: Buffer.alloc(0), sync: true, resolve, reject, compactAfter: trimmedTo });
-      this.kick();
-    });
+    return this.enqueue({ buf: Buffer.alloc(0), sync: true, compactAfter: trimmedTo });
   }
 
   /**
@@ -338,12 +381,15 @@ export class JournalFile {
    */
   async close(): Promise<void> {
     let failure: Error | undefined;
-    if (this.queue.some((w) => w.deferred === true)) {
-      await this.flush().catch((error: unknown) => {
+    // Deferred records go out with one last synced batch, queued before the door shuts.
+    const last = this.queue.some((w) => w.deferred === true) ? this.flush() : undefined;
+    this.closing = true;
+    if (last !== undefined) {
+      await last.catch((error: unknown) => {
         failure = asError(error);
       });
     }
-    await this.running;
+    while (this.running !== undefined) await this.running;
     if (this.unsynced && this.fencedBy === undefined) await this.sink.datasync().catch(() => undefined);
     await this.sink.close().catch(() => undefined);
     if (failure !== undefined) throw failure;

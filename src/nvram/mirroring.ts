@@ -162,7 +162,9 @@ export class Mirroring {
         // The replica may hold records that were voided here: RESET it and send them again.
         const found = this.options.nvram.find(device);
         if (this.syncing.has(device)) this.again.add(device);
-        else if (this.inSync.delete(device) && found !== undefined) void this.resync(found);
+        // Also when it was not in sync: a resync that failed on the fenced journal this
+        // repair just rewrote is not retried by anything else while the link stays up.
+        else if ((this.inSync.delete(device) || this.link?.up === true) && found !== undefined && found.role === 'primary') void this.resync(found);
       },
     };
   }

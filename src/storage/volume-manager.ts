@@ -72,7 +72,7 @@ export class Volume {
    * the volume is not served (NBD answers that the export is unavailable) and cannot be
    * resized or removed. `why` says what it waits for, or what failed.
    */
-  recovering: { why: string } | undefined;
+  recovering: { why: string; removable?: boolean } | undefined;
 
   constructor(name: string, readOnly: boolean, createdAt: string, store: VolumeStore, writeLog?: string) {
     this.name = name;
@@ -358,8 +358,9 @@ export class VolumeManager {
       if (volume.connections > 0) {
         throw new RuntimeError('MS_VOLUME_BUSY', `volume "${name}" has ${volume.connections} client(s) connected; disconnect them first`);
       }
-      // Its records are still to come back from the mirror partner and be replayed.
-      volume.checkRecovered();
+      // Its records are still to come back from the mirror partner and be replayed
+      // (unless its log will never be this node's again).
+      if (volume.recovering?.removable !== true) volume.checkRecovered();
       await this.beforeRemove(volume);
       await this.onDrop(volume, 0);
       this.volumes.delete(name);

@@ -187,7 +187,7 @@ export class WriteLogIo implements VolumeIo {
     if (device.role === 'replica') {
       // The partner holds the device with a newer epoch (it was taken over): what this
       // node has is a copy of someone else's records, never to be replayed into the volume.
-      volume.recovering = { why: `its write log ${device.name} is now a replica of the mirror partner's device, which was taken over; this node's copy is not replayed. Remove the volume, or make the device primary here again` };
+      volume.recovering = { why: `its write log ${device.name} is now a replica of the mirror partner's device, which was taken over there; this node's copy is not replayed. The volume can only be removed`, removable: true };
       this.log.error({ volume: volume.name, device: device.name }, 'the write log device is a replica of the mirror partner; the volume is not served');
       return;
     }
@@ -285,6 +285,7 @@ export class WriteLogIo implements VolumeIo {
   /** Trims the volume's whole log without writing anything back: the volume is being removed. */
   async discard(volume: Volume): Promise<void> {
     const device = this.device(volume);
+    if (device?.role === 'replica') return; // the partner's records: not this node's to trim
     const last = device?.info().lastSeq ?? 0;
     if (device !== undefined && last > 0) await device.trim(device.epoch, last);
   }

@@ -199,3 +199,53 @@ test('a journal\'s temporary files are always new: a symlink planted at their na
   assert.deepEqual(await readdir(dir), ['j.journal']);
   assert.deepEqual(parseJournal(await readFile(path)).records.map((r) => r.seq), [1]);
 });
+
+test('once close began, the journal takes nothing more: a record deferred then is refused, never left pending; and a trim racing the close of its device leaves no descriptor open', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-journal-close-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const rec = (seq: number) => encodeRecord({ seq, timestamp: seq, epoch: 1, flags: 0, target: undefined, payload: Buffer.alloc(100, seq & 0xff) });
+  const path = join(dir, 'x.journal');
+  const j = await JournalFile.create(path, 1 << 20);
+  await j.append(rec(1));
+  const kept = j.defer(rec(2)); // before close: goes out with close's last batch
+  const closing = j.close();
+  await assert.rejects(j.defer(rec(3)), { code: 'MS_SHUTTING_DOWN' });
+  await assert.rejects(j.append(rec(3)), { code: 'MS_SHUTTING_DOWN' });
+  await closing;
+  await kept;
+  assert.deepEqual(parseJournal(await readFile(path)).records.map((r) => r.seq), [1, 2]);
+
+  // A device whose trim would compact its journal, closed while the trim runs.
+  const pino = (await import('pino')).default;
+  const { DramMedium } = await import('../../../src/memory/dram-medium.js');
+  const { PartitionTable } = await import('../../../src/memory/partition-table.js');
+  const { DeviceManager } = await import('../../../src/nvram/device-manager.js');
+  const { readlink } = await import('node:fs/promises');
+  const MiB = 1024 * 1024;
+  const medium = new DramMedium({ capacity: 16 * MiB, extentSize: MiB });
+  await medium.open();
+  const partition = new PartitionTable([
+    { name: 'dram', capacity: 16 * MiB, extentSize: MiB, initial: { cache: 0, server: 0, nvram: 8 * MiB }, bounds: { cache: { min: 0, max: 16 * MiB }, server: { min: 0, max: 0 }, nvram: { min: 0, max: 16 * MiB } } },
+  ]);
+  const devicesDir = join(dir, 'node');
+  const nvram = new DeviceManager({ dataDir: devicesDir, partition, media: [medium], log: pino({ level: 'silent' }), compactAt: 64 * 1024 });
+  await nvram.open();
+  await nvram.create('d', MiB, 'local');
+  const device = nvram.get('d');
+  await device.open(1);
+  for (let round = 0; round < 2; round++) {
+    for (let i = 0; i < 9; i++) await device.append(1, [{ payload: Buffer.alloc(100 * 1024, i) }]);
+    await device.trim(1, device.lastSeq);
+  }
+  for (let i = 0; i < 3; i++) await device.append(1, [{ payload: Buffer.alloc(100 * 1024, i) }]);
+  const trimming = device.trim(1, device.lastSeq).catch(() => undefined);
+  await new Promise((resolve) => setImmediate(resolve));
+  await nvram.close();
+  await trimming;
+  const open: string[] = [];
+  for (const fd of await readdir('/proc/self/fd')) {
+    const target = await readlink(`/proc/self/fd/${fd}`).catch(() => '');
+    if (target.startsWith(devicesDir)) open.push(target);
+  }
+  assert.deepEqual(open, [], 'no descriptor of the closed device stays open');
+});

@@ -319,6 +319,10 @@ test('a write log that is a replica of the partner\'s device is never replayed i
   await store.read(0, block);
   assert.ok(block.every((x) => x === 0), 'nothing of the replica reached the volume');
   assert.equal(b.nvram.get('wl').info().records, 1, 'and nothing was trimmed');
+  // The volume may only be removed, which trims nothing of the partner's.
+  assert.equal(volume.recovering?.removable, true);
+  await io.discard(volume);
+  assert.equal(b.nvram.get('wl').info().records, 1);
 });
 
 test('a resync syncs a mirrored journal before it resets the replica: acknowledged records are never on neither node\'s stable copy', async (t) => {
@@ -387,4 +391,31 @@ test('a mirrored+local write log keeps its own records at a resync: the partner\
   assert.equal(device.trimPoint, last, 'the trim point stayed');
   assert.equal(device.info().records, 0, 'no record already replayed came back');
   await until(() => b.nvram.get('wl').info().records === 0 && b.nvram.get('wl').trimPoint === last, 'the replica was reset to this node\'s copy');
+});
+
+test('a resync that meets a fenced journal is tried again once the repair has rewritten it: the device is mirrored again while the link stays up', async (t) => {
+  const { FaultPlan, faultyJournal } = await import('../../support/faults.js');
+  const plan = new FaultPlan();
+  const b = await partnerB(t);
+  const a = await manager(t, faultyJournal(plan));
+  const mirroring = new Mirroring({ nvram: a, partner: b.address, onPartnerDown: 'refuse', nodeId: 'a', token: undefined, timeoutMs: 500, retryMs: 20, log });
+  mirroring.start();
+  t.after(() => mirroring.close());
+  await a.create('m', MiB, 'mirrored');
+  const device = a.get('m');
+  await until(() => device.info().mirror === 'in-sync', 'in sync');
+  await device.open(1);
+  for (let i = 0; i < 3; i++) await device.append(1, [{ payload: Buffer.from(`r${i}`) }]);
+  // A passing disk error: the sync when the link drops fails, and so does the first rewrite.
+  plan.fail({ op: 'journal.datasync', fault: 'EIO' });
+  plan.fail({ op: 'journal.write', fault: 'EIO' });
+  await b.mirror.close();
+  await until(() => device.info().mirror === 'refusing', 'link down');
+  await until(() => plan.injected === 2, 'both faults hit');
+  // The partner comes back while the journal is fenced; the next repair succeeds.
+  await serveB(t, b.nvram, b.address);
+  await until(() => device.info().mirror === 'in-sync', 'mirrored again');
+  const [appended] = await device.append(1, [{ payload: Buffer.from('after the heal') }]);
+  assert.equal(appended?.seq, 4);
+  await until(() => b.nvram.get('m').info().lastSeq === 4, 'the replica has it');
 });
