@@ -249,3 +249,33 @@ test('once close began, the journal takes nothing more: a record deferred then i
   }
   assert.deepEqual(open, [], 'no descriptor of the closed device stays open');
 });
+
+test('the O_DSYNC write of an unwrapped journal: a batch that must be durable goes through it; when it fails, the batch is refused and the file fenced until replace(), as with a failed fdatasync', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-journal-dsync-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const path = join(dir, 'j.journal');
+  const journal = await JournalFile.create(path, 1 << 20);
+  const rec = (seq: number) => encodeRecord({ seq, timestamp: seq, epoch: 0, flags: 0, target: undefined, payload: Buffer.from(`r${seq}`) });
+  // The durable write is a private seam: watch it, then break it once.
+  const seam = journal as unknown as { durable: ((buf: Buffer, at: number) => Promise<void>) | undefined };
+  const real = seam.durable;
+  assert.ok(real !== undefined, 'an unwrapped journal writes durable batches through an O_DSYNC descriptor');
+  let durableWrites = 0;
+  let fail = false;
+  seam.durable = (buf, at) => {
+    durableWrites++;
+    return fail ? Promise.reject(Object.assign(new Error('EIO: injected'), { code: 'EIO' })) : real(buf, at);
+  };
+  await journal.append(rec(1));
+  assert.equal(durableWrites, 1);
+  const syncsBefore = journal.syncs;
+  fail = true;
+  await assert.rejects(journal.append(rec(2)), { code: 'MS_MEDIUM_IO', message: /write or sync failed/ });
+  assert.equal(journal.syncs, syncsBefore, 'a failed durable write counts as no sync');
+  fail = false;
+  await assert.rejects(journal.append(rec(2)), { message: /fenced/ }, 'fenced until rewritten');
+  await journal.replace(1 << 20, rec(1));
+  await journal.append(rec(2));
+  await journal.close();
+  assert.deepEqual(parseJournal(await readFile(path)).records.map((r) => r.payload.toString()), ['r1', 'r2']);
+});
