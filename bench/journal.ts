@@ -3,7 +3,8 @@
 // (volatile, local, mirrored, mirrored+local; mirrored to a second node on loopback),
 // over rmem from one client. Baseline: fio writing 4 KiB sequentially with
 // --fdatasync=1 in the node's data directory, at iodepth 1 (psync), which is what a
-// commit costs without NVRAM. Then NBD commits with and without an NVRAM write log.
+// commit costs without NVRAM. Then NBD commits without a write log and with a local and
+// a mirrored one.
 //
 //   npm run bench -- journal        BENCH_MS=5000 for longer runs; BENCH_POLICIES=mirrored for one policy
 
@@ -39,7 +40,7 @@ const deviceName = (policy: string) => policy.replace('+', '-');
 const dir = await mkdtemp(join(tmpdir(), 'memstrata-bench-journal-'));
 const partnerDir = await mkdtemp(join(tmpdir(), 'memstrata-bench-partner-'));
 const [own, partnerPort] = [await freePort(), await freePort()];
-const media = ['--dram-size', '512MiB', '--set', 'partition.dram.nvram.initial=256MiB', '--set', 'partition.dram.cache.initial=64MiB'];
+const media = ['--dram-size', '512MiB', '--set', 'partition.dram.nvram.initial=320MiB', '--set', 'partition.dram.cache.initial=64MiB'];
 const node = await startNode({ cwd: dir, args: [...media, '--mirror-listen', `127.0.0.1:${own}`, '--mirror-partner', `127.0.0.1:${partnerPort}`] });
 const partner = await startNode({ cwd: partnerDir, args: [...media, '--mirror-listen', `127.0.0.1:${partnerPort}`, '--mirror-partner', `127.0.0.1:${own}`] });
 try {
@@ -75,14 +76,24 @@ try {
   report('NVRAM 4 KiB appends (ratios against fio write+fdatasync)', results);
   await client.close();
 
-  // NBD commits: 4 KiB write + FLUSH at QD1, on a plain volume and on one whose write log
-  // is a local NVRAM device. (fio's nbd engine sends FLUSH for --fsync=1; it has no FUA.)
+  // NBD commits: 4 KiB write + FLUSH at QD1, on a plain volume and on volumes whose write
+  // log is a local and a mirrored NVRAM device (the partner is the second node).
+  // (fio's nbd engine sends FLUSH for --fsync=1; it has no FUA.)
   if (have('fio')) {
-    const post = (path: string, body: unknown) =>
-      fetch(`${node.url}${path}`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+    const post = async (path: string, body: unknown): Promise<void> => {
+      const response = await fetch(`${node.url}${path}`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+      if (response.status !== 201) throw new Error(`${path}: ${await response.text()}`);
+    };
     await post('/v1/nvram', { name: 'wl', size: '64MiB', policy: 'local' });
+    await post('/v1/nvram', { name: 'mwl', size: '64MiB', policy: 'mirrored' });
+    for (let i = 0; i < 200; i++) {
+      const { devices } = (await (await fetch(`${node.url}/v1/nvram`)).json()) as { devices: { name: string; mirror: string | null }[] };
+      if (devices.find((d) => d.name === 'mwl')?.mirror === 'in-sync') break;
+      await new Promise((r) => setTimeout(r, 50));
+    }
     await post('/v1/volumes', { name: 'plain', size: '256MiB' });
     await post('/v1/volumes', { name: 'logged', size: '256MiB', writeLog: 'wl' });
+    await post('/v1/volumes', { name: 'mirrored', size: '256MiB', writeLog: 'mwl' });
     const commits = (volume: string): CaseResult | undefined => {
       const secs = Math.max(2, Math.round(seconds));
       const out = spawnSync(
@@ -94,9 +105,10 @@ try {
       const job = (JSON.parse(out.stdout.slice(out.stdout.indexOf('{'))) as { jobs: { write: { iops: number; clat_ns: { percentile?: Record<string, number> } }; sync: { lat_ns: { percentile?: Record<string, number> } } }[] }).jobs[0];
       if (job === undefined) return undefined;
       const p = (q: string) => ((job.write.clat_ns.percentile?.[q] ?? 0) + (job.sync.lat_ns.percentile?.[q] ?? 0)) / 1000;
-      return { name: `NBD 4k write+FLUSH QD1, ${volume === 'plain' ? 'no write log (baseline)' : 'NVRAM write log (local)'}`, ops: job.write.iops * secs, seconds: secs, p50us: p('50.000000'), p99us: p('99.000000'), bytesPerOp: KB4 };
+      const what = { plain: 'no write log (baseline)', logged: 'NVRAM write log (local)', mirrored: 'NVRAM write log (mirrored)' }[volume] ?? volume;
+      return { name: `NBD 4k write+FLUSH QD1, ${what}`, ops: job.write.iops * secs, seconds: secs, p50us: p('50.000000'), p99us: p('99.000000'), bytesPerOp: KB4 };
     };
-    const rows = [commits('plain'), commits('logged')].filter((r): r is CaseResult => r !== undefined);
+    const rows = [commits('plain'), commits('logged'), commits('mirrored')].filter((r): r is CaseResult => r !== undefined);
     report('NBD commit latency, with and without the NVRAM write log', rows);
   }
 } finally {
