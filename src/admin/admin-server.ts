@@ -469,6 +469,11 @@ export class AdminServer {
       return info;
     });
 
+    app.post('/v1/nvram/:name/accept-local', async (request) => {
+      const name = (request.params as { name: string }).name;
+      return context.nvram.acceptLocal(name);
+    });
+
     app.delete('/v1/nvram/:name', async (request, reply) => {
       const name = (request.params as { name: string }).name;
       await context.guests.exclusive('nvram', name, 'removed', () => context.nvram.remove(name));

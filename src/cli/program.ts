@@ -171,6 +171,16 @@ export function buildProgram(output: Output = processOutput): Command {
       output.out(options.json === true ? JSON.stringify(info, null, 2) : `NVRAM device ${info.name} created: ${formatSize(info.size)}, ${info.policy}, on ${info.medium}`);
     });
   nvram
+    .command('accept-local <name>')
+    .description('end the wait of a mirrored device back from a crash without its partner (gone for good): it serves its own journal file under a newer epoch; records only the partner held are given up')
+    .addOption(adminOption())
+    .addOption(tokenOption())
+    .addOption(jsonOption())
+    .action(async (name: string, options: { admin: string; token?: string; json?: boolean }) => {
+      const info = await adminClient(options).post<DeviceInfo>(`/v1/nvram/${encodeURIComponent(name)}/accept-local`, {});
+      output.out(options.json === true ? JSON.stringify(info, null, 2) : `NVRAM device ${info.name} serves its own journal file: epoch ${info.epoch}, last sequence number ${info.lastSeq ?? '-'}`);
+    });
+  nvram
     .command('rm <name>')
     .description('delete a device, its records and its journal; its memory is zeroed')
     .addOption(adminOption())

@@ -222,6 +222,21 @@ export class DeviceManager {
   }
 
   /** This node's copy is older than the partner's: it becomes a replica, filled by the partner's resync. */
+  /**
+   * An operator ends a mirrored primary's wait for its partner (device.acceptLocal): it
+   * serves its own journal file under a newer epoch. Logged at warn: records only the
+   * partner held are given up.
+   */
+  acceptLocal(name: string): Promise<DeviceInfo> {
+    return this.serialized(async () => {
+      const device = this.get(name);
+      const before = device.info();
+      const epoch = await device.acceptLocal();
+      this.log.warn({ device: name, epoch, lastSeq: before.lastSeq }, 'NVRAM device accepted without its mirror partner: it serves its own journal file, and records only the partner held are given up');
+      return this.info(device);
+    });
+  }
+
   demote(name: string, why: string): Promise<void> {
     return this.serialized(async () => {
       const entry = this.devices.get(name);

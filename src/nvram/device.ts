@@ -294,6 +294,33 @@ export class NvramDevice {
   }
 
   /**
+   * Ends the recovery of a mirrored primary without its partner: an operator's decision
+   * when the partner is gone for good. The device serves what its own journal file holds,
+   * under a newer epoch (its marker synced first), so that the partner's copy, should it
+   * come back, is reset from this one and never taken back over records written since.
+   * Returns the new epoch.
+   */
+  async acceptLocal(): Promise<number> {
+    if (this.closed) throw new RuntimeError('MS_SHUTTING_DOWN', `device ${this.name} is closed`);
+    if (!this.recoveringValue || this.roleValue !== 'primary') {
+      throw new MisuseError('MS_NVRAM_INVALID', `device ${this.name} is not a mirrored primary waiting for its partner after a crash; there is nothing to accept`, { details: { device: this.name } });
+    }
+    if (this.port?.mode() === 'syncing') {
+      throw new RuntimeError('MS_NVRAM_RECOVERING', `device ${this.name} is being brought back from its mirror partner right now`, { details: { device: this.name } });
+    }
+    const epoch = this.epochValue + 1;
+    try {
+      await this.journal?.append(this.marker(RECORD_FLAG.EPOCH, epoch));
+    } catch (error) {
+      this.failed(error);
+      throw error;
+    }
+    this.epochValue = Math.max(this.epochValue, epoch);
+    this.recovering = false;
+    return epoch;
+  }
+
+  /**
    * Raises the epoch (no await before it: nothing else is taken meanwhile), then waits
    * until every append taken before is acknowledged or failed, whether it raised the
    * epoch or resumed it: the lastSeq reported then covers every record an older writer,

@@ -186,3 +186,49 @@ test('mirrored+local write log: FUA writes and writes before a FLUSH survive kil
   assert.equal((await volume(again, 'v'))?.state, 'ready');
   await check(again, history);
 });
+
+test('a mirrored write log whose partner is gone for good: the volume waits, until an operator accepts the local journal; the partner, back later, is reset from this node', async (t) => {
+  const [dirA, dirB] = [await tempDir(t), await tempDir(t)];
+  const [portA, portB] = [await freePort(), await freePort()];
+  const args = (own: number, partner: number) => ['--mirror-listen', `127.0.0.1:${own}`, '--mirror-partner', `127.0.0.1:${partner}`, '--set', 'mirror.timeout=500ms'];
+  const a = await startNode({ cwd: dirA, args: args(portA, portB) });
+  t.after(() => a.stop('SIGKILL').then(() => undefined));
+  const b = await startNode({ cwd: dirB, args: args(portB, portA) });
+  t.after(() => b.stop('SIGKILL').then(() => undefined));
+  assert.equal((await post(a, '/v1/nvram', { name: 'mwl', size: '4MiB', policy: 'mirrored' })).status, 201);
+  await until('primary in sync', () => nvramDevice(a, 'mwl'), (d) => d?.mirror === 'in-sync');
+  assert.equal((await post(a, '/v1/volumes', { name: 'v', size: '1MiB', writeLog: 'mwl' })).status, 201);
+  const client = await NbdClient.connect({ host: a.nbd.host, port: a.nbd.port, export: 'v' });
+  for (let i = 0; i < 16; i++) await client.write(i * BLOCK, contentOf(i, 1), { fua: true });
+  // A moment for the journal writes behind the acknowledgements (the partner's copy is what acknowledged).
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  assert.equal(await a.stop('SIGKILL'), 'SIGKILL');
+  await client.close().catch(() => undefined);
+  assert.equal(await b.stop('SIGKILL'), 'SIGKILL'); // the partner is lost too
+
+  const again = await startNode({ cwd: dirA, args: args(portA, portB) });
+  t.after(() => again.stop('SIGKILL').then(() => undefined));
+  assert.equal((await volume(again, 'v'))?.state, 'recovering');
+  const notRecovering = await post(again, '/v1/nvram/nope/accept-local', {});
+  assert.equal(notRecovering.status, 404);
+  const epochBefore = (await nvramDevice(again, 'mwl'))?.epoch ?? 0;
+  const accepted = await post(again, '/v1/nvram/mwl/accept-local', {});
+  assert.equal(accepted.status, 200, await accepted.text());
+  await until('volume served from the local journal', () => volume(again, 'v'), (v) => v?.state === 'ready');
+  assert.ok(((await nvramDevice(again, 'mwl'))?.epoch ?? 0) > epochBefore, 'under a newer epoch');
+  const twice = await post(again, '/v1/nvram/mwl/accept-local', {});
+  assert.equal(twice.status, 400, 'nothing left to accept');
+  assert.ok(again.logs.some((l) => l.msg === 'NVRAM device accepted without its mirror partner: it serves its own journal file, and records only the partner held are given up'));
+  const reader = await NbdClient.connect({ host: again.nbd.host, port: again.nbd.port, export: 'v' });
+  for (let i = 0; i < 16; i++) assert.ok((await reader.read(i * BLOCK, BLOCK)).equals(contentOf(i, 1)), `block ${i}`);
+  await reader.write(0, contentOf(0, 2), { fua: true });
+  await reader.close();
+  // The old partner comes back with its older copy: it is reset from this node, not taken back.
+  const back = await startNode({ cwd: dirB, args: args(portB, portA) });
+  t.after(() => back.stop('SIGKILL').then(() => undefined));
+  await until('in sync again', () => nvramDevice(again, 'mwl'), (d) => d?.mirror === 'in-sync');
+  const check = await NbdClient.connect({ host: again.nbd.host, port: again.nbd.port, export: 'v' });
+  assert.ok((await check.read(0, BLOCK)).equals(contentOf(0, 2)));
+  await check.close();
+  assert.equal(again.logs.some((l) => l.msg === 'took records from the mirror partner that this node lost in a crash'), false);
+});
