@@ -221,7 +221,6 @@ export class DeviceManager {
     return JournalFile.openExisting(path, length, this.journalWrap);
   }
 
-  /** This node's copy is older than the partner's: it becomes a replica, filled by the partner's resync. */
   /**
    * An operator ends a mirrored primary's wait for its partner (device.acceptLocal): it
    * serves its own journal file under a newer epoch. Logged at warn: records only the
@@ -237,6 +236,7 @@ export class DeviceManager {
     });
   }
 
+  /** This node's copy is older than the partner's: it becomes a replica, filled by the partner's resync. */
   demote(name: string, why: string): Promise<void> {
     return this.serialized(async () => {
       const entry = this.devices.get(name);

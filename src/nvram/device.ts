@@ -81,6 +81,11 @@ export interface MirrorPort {
   trim(device: string, epoch: number, upTo: number): void;
   /** Records the replica may hold were voided here: bring it up to date again. */
   rolledBack(device: string): void;
+  /**
+   * Runs `fn` while no resync of the device runs (it waits for one under way, and appends
+   * wait as during a resync); a resync follows if the partner is reachable.
+   */
+  exclusive<T>(fn: () => Promise<T>): Promise<T>;
 }
 
 export interface AppendEntry {
@@ -301,23 +306,25 @@ export class NvramDevice {
    * Returns the new epoch.
    */
   async acceptLocal(): Promise<number> {
-    if (this.closed) throw new RuntimeError('MS_SHUTTING_DOWN', `device ${this.name} is closed`);
-    if (!this.recoveringValue || this.roleValue !== 'primary') {
-      throw new MisuseError('MS_NVRAM_INVALID', `device ${this.name} is not a mirrored primary waiting for its partner after a crash; there is nothing to accept`, { details: { device: this.name } });
-    }
-    if (this.port?.mode() === 'syncing') {
-      throw new RuntimeError('MS_NVRAM_RECOVERING', `device ${this.name} is being brought back from its mirror partner right now`, { details: { device: this.name } });
-    }
-    const epoch = this.epochValue + 1;
-    try {
-      await this.journal?.append(this.marker(RECORD_FLAG.EPOCH, epoch));
-    } catch (error) {
-      this.failed(error);
-      throw error;
-    }
-    this.epochValue = Math.max(this.epochValue, epoch);
-    this.recovering = false;
-    return epoch;
+    const accept = async (): Promise<number> => {
+      if (this.closed) throw new RuntimeError('MS_SHUTTING_DOWN', `device ${this.name} is closed`);
+      if (!this.recoveringValue || this.roleValue !== 'primary') {
+        throw new MisuseError('MS_NVRAM_INVALID', `device ${this.name} is not a mirrored primary waiting for its partner after a crash; there is nothing to accept`, { details: { device: this.name } });
+      }
+      const epoch = this.epochValue + 1;
+      try {
+        await this.journal?.append(this.marker(RECORD_FLAG.EPOCH, epoch));
+      } catch (error) {
+        this.failed(error);
+        throw error;
+      }
+      this.epochValue = Math.max(this.epochValue, epoch);
+      this.recovering = false; // the marker is durable: a write log waiting may replay now
+      return epoch;
+    };
+    // No resync may run meanwhile: one that read this device's older epoch could take the
+    // partner's copy back over what the operator accepted.
+    return this.port === undefined ? accept() : this.port.exclusive(accept);
   }
 
   /**

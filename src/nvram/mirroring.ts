@@ -158,6 +158,7 @@ export class Mirroring {
       trim: (device, epoch, upTo) => {
         void this.link?.send(MOP.TRIM, encodeTrim(device, epoch, upTo)).catch(() => undefined);
       },
+      exclusive: (fn) => this.exclusive(name, fn),
       rolledBack: (device) => {
         // The replica may hold records that were voided here: RESET it and send them again.
         const found = this.options.nvram.find(device);
@@ -234,6 +235,21 @@ export class Mirroring {
     }
   }
 
+  /** Runs `fn` holding the device's resync slot (MirrorPort.exclusive). */
+  private async exclusive<T>(name: string, fn: () => Promise<T>): Promise<T> {
+    for (let running = this.syncing.get(name); running !== undefined; running = this.syncing.get(name)) await running;
+    let release = (): void => undefined;
+    this.syncing.set(name, new Promise<void>((resolve) => (release = resolve)));
+    try {
+      return await fn();
+    } finally {
+      this.syncing.delete(name);
+      release();
+      const device = this.options.nvram.find(name);
+      if (this.link?.up === true && device !== undefined && device.role === 'primary' && isMirrored(device.policy)) void this.resync(device);
+    }
+  }
+
   /** Brings the partner's replica of `device` up to date; appends wait meanwhile. */
   private async resync(device: NvramDevice): Promise<void> {
     const { log, nvram } = this.options;
@@ -258,11 +274,16 @@ export class Mirroring {
       // volume was replayed from that file at start: records only the partner holds were
       // never acknowledged, and taking them (with the partner's older trim point) would
       // bring back records already replayed. The partner gets this node's copy instead.
+      //
+      // Only a device back from a crash (`recovering`) takes the partner's records: one that
+      // served since (a `mirrored+local` one, whose file held every record it acknowledged;
+      // one an operator accepted without its partner) never has its copy replaced.
+      const partnerHasMore = theirs !== undefined && !theirs.recovering && theirs.epoch === device.epoch && theirs.lastSeq > device.lastSeq;
       const ownLog = device.policy === 'mirrored+local' && nvram.claimedBy?.(name) !== undefined;
-      if (theirs !== undefined && !theirs.recovering && theirs.epoch === device.epoch && theirs.lastSeq > device.lastSeq && !ownLog) {
+      if (partnerHasMore && device.recovering && !ownLog) {
         await this.adopt(device, theirs);
-      } else if (ownLog && theirs !== undefined && theirs.lastSeq > device.lastSeq) {
-        log.info({ device: name, lastSeq: device.lastSeq, partnerLastSeq: theirs.lastSeq }, 'the mirror partner holds records of this write log that were never acknowledged here; the replica is reset to what this node holds');
+      } else if (partnerHasMore) {
+        log.info({ device: name, lastSeq: device.lastSeq, partnerLastSeq: theirs.lastSeq }, 'the mirror partner holds records this node never acknowledged or gave up; the replica is reset to what this node holds');
       } else if (device.recovering) {
         log.warn({ device: name, partnerHas: theirs === undefined ? 'nothing' : theirs.recovering ? 'a stale copy' : `up to ${theirs.lastSeq}` }, 'mirror partner holds nothing newer; serving what the journal file holds');
       }

@@ -195,8 +195,8 @@ export class WriteLogIo implements VolumeIo {
       await this.replay(volume);
       return;
     }
-    volume.recovering = { why: `its write log, mirrored NVRAM device ${device.name}, waits for the mirror partner to give back the records this node may have lost in a crash` };
-    this.log.warn({ volume: volume.name, device: device.name }, 'volume recovering: its mirrored write log waits for the mirror partner; the volume is not served until the log is replayed');
+    volume.recovering = { why: `its write log, mirrored NVRAM device ${device.name}, waits for the mirror partner to give back the records this node may have lost in a crash (if the partner is gone for good: memstrata nvram accept-local ${device.name})` };
+    this.log.warn({ volume: volume.name, device: device.name }, 'volume recovering: its mirrored write log waits for the mirror partner; the volume is not served until the log is replayed (memstrata nvram accept-local ends the wait if the partner is gone for good)');
     const run = (async () => {
       try {
         await this.whenPrimary(device, this.stopping.signal);

@@ -204,6 +204,7 @@ function partner(): { port: MirrorPort; answer: (outcome: boolean | Error) => vo
     epoch: () => Promise.resolve(),
     trim: () => undefined,
     rolledBack: (name) => { rolledBack.push(name); },
+    exclusive: (fn) => fn(),
   };
   return { port, answer: (outcome) => waiting.shift()?.(outcome), rolledBack };
 }

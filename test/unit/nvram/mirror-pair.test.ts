@@ -419,3 +419,96 @@ test('a resync that meets a fenced journal is tried again once the repair has re
   assert.equal(appended?.seq, 4);
   await until(() => b.nvram.get('m').info().lastSeq === 4, 'the replica has it');
 });
+
+// ---- accept-local: a mirrored write log's partner gone for good ----
+
+const BLOCK = 4096;
+
+/**
+ * Node A back from a crash with a `mirrored` write log `wl` (epoch `epochA`, records 1..localCount
+ * for volume v, block i = 0x61 + i), recovering; its old partner B holding a node-owned
+ * replica at `epochB` with the `partner` records, unreachable for now. A's first journal
+ * sink can be held (`gate.hold`) to stand for a slow disk.
+ */
+async function backFromCrash(t: Ctx, opts: { epochA: number; epochB: number; localCount: number; partner: Buffer[] }) {
+  const { copyFile, mkdir } = await import('node:fs/promises');
+  const { encodeRecord } = await import('../../../src/protocol/journal/record.js');
+  const m = await import('../../../src/protocol/mirror/codec.js');
+  const before = await mkdtemp(join(tmpdir(), 'memstrata-pair-before-'));
+  t.after(() => rm(before, { recursive: true, force: true }));
+  const src = await manager(t, undefined, before);
+  await src.create('wl', MiB, 'mirrored');
+  const d = src.get('wl');
+  await d.open(opts.epochA);
+  for (let i = 0; i < opts.localCount; i++) await d.append(opts.epochA, [{ target: { volume: 'v', offset: i * BLOCK }, payload: Buffer.alloc(BLOCK, 0x61 + i) }]);
+  const dirA = await mkdtemp(join(tmpdir(), 'memstrata-pair-crashed-'));
+  t.after(() => rm(dirA, { recursive: true, force: true }));
+  await mkdir(join(dirA, 'nvram'), { recursive: true });
+  for (const f of ['wl.json', 'wl.journal']) await copyFile(join(before, 'nvram', f), join(dirA, 'nvram', f)); // no vault: a crash
+  const b = await partnerB(t);
+  const peer = await rawPeer(t, b.address, 'a-before-its-crash');
+  const reset = m.encodeReset({ name: 'wl', policy: 'mirrored', medium: 'dram', size: MiB, epoch: opts.epochB, trimmedTo: 0, firstSeq: 1, nodeOwned: true });
+  assert.equal((await peer(m.MOP.RESET, reset)).status, m.MSTATUS.OK);
+  const records = opts.partner.map((payload, i) => encodeRecord({ seq: i + 1, timestamp: 1, epoch: opts.epochB, flags: 0, target: { volume: 'v', offset: i * BLOCK }, payload }));
+  assert.equal((await peer(m.MOP.APPEND, m.encodeAppend('wl', opts.epochB, Buffer.concat(records)))).status, m.MSTATUS.OK);
+  await b.mirror.close(); // unreachable, its replica kept
+  const gate: { hold?: Promise<void> } = {};
+  let sinks = 0;
+  const gatedFirst = (sink: JournalSink): JournalSink => (sinks++ > 0 ? sink : { ...sink, datasync: async () => { if (gate.hold !== undefined) await gate.hold; await sink.datasync(); } });
+  const a = await manager(t, gatedFirst, dirA);
+  const device = a.get('wl');
+  assert.equal(device.recovering, true);
+  const { io, store, volume } = await writeLogOn(a);
+  await io.recover(volume);
+  assert.ok(volume.recovering !== undefined, 'the volume waits');
+  const mirroring = new Mirroring({ nvram: a, partner: b.address, onPartnerDown: 'degrade', nodeId: 'a', token: undefined, timeoutMs: 500, retryMs: 20, log });
+  mirroring.start();
+  t.after(() => mirroring.close());
+  return { a, b, device, io, store, volume, gate };
+}
+
+async function blocksOf(store: { read(at: number, target: Buffer): Promise<void> }, count: number): Promise<number[]> {
+  const out: number[] = [];
+  for (let i = 0; i < count; i++) {
+    const block = Buffer.alloc(BLOCK);
+    await store.read(i * BLOCK, block);
+    out.push(block[0] ?? 0);
+  }
+  return out;
+}
+
+test('accept-local while the old partner comes back: no resync runs until the newer epoch is durable, nothing of the partner\'s is taken back, and the volume is served from the local journal', async (t) => {
+  const partner = [0, 1, 2, 3].map((i) => Buffer.alloc(BLOCK, 0x61 + i));
+  const s = await backFromCrash(t, { epochA: 5, epochB: 5, localCount: 2, partner });
+  let release = (): void => undefined;
+  s.gate.hold = new Promise<void>((resolve) => (release = resolve)); // the marker's sync is slow
+  const accepted = s.a.acceptLocal('wl');
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  await serveB(t, s.b.nvram, s.b.address); // the old partner is back right then
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  assert.equal(s.device.lastSeq, 2, 'no resync took the partner\'s records while the acceptance ran');
+  release();
+  assert.equal((await accepted).epoch, 6);
+  await until(() => s.volume.recovering === undefined && s.device.info().mirror === 'in-sync', 'served and mirrored');
+  assert.equal(s.device.epoch, 6, 'the epoch never goes back');
+  assert.equal(s.device.lastSeq, 2);
+  assert.deepEqual(await blocksOf(s.store, 4), [0x61, 0x62, 0, 0], 'the local records replayed, the partner\'s given up');
+  await until(() => s.b.nvram.get('wl').info().epoch === 6 && s.b.nvram.get('wl').info().lastSeq === 2, 'the replica reset from this node');
+});
+
+test('a device that served since (accepted without its partner) never takes the partner\'s copy back, even at the same epoch with more records', async (t) => {
+  // The partner is one epoch ahead of this node's file (its epoch reached the partner, the
+  // marker was lost here): after the acceptance both say 6.
+  const partner = [0, 1, 2, 3].map(() => Buffer.alloc(BLOCK, 0xee));
+  const s = await backFromCrash(t, { epochA: 5, epochB: 6, localCount: 2, partner });
+  await s.a.acceptLocal('wl');
+  await until(() => s.volume.recovering === undefined, 'served');
+  assert.equal(s.device.epoch, 6);
+  await s.io.write(s.volume, 2 * BLOCK, Buffer.alloc(BLOCK, 0x99), true); // acknowledged after the acceptance
+  await serveB(t, s.b.nvram, s.b.address);
+  await until(() => s.device.info().mirror === 'in-sync', 'mirrored again');
+  assert.equal(s.device.lastSeq, 3);
+  const records = (await s.device.read(0)).map((r) => decodeOne(r).payload[0]);
+  assert.deepEqual(records, [0x99], 'this node\'s record (the replay trimmed the others), not the partner\'s');
+  assert.deepEqual(await blocksOf(s.store, 3), [0x61, 0x62, 0x99]);
+});
