@@ -226,14 +226,13 @@ export class DeviceManager {
    * serves its own journal file under a newer epoch. Logged at warn: records only the
    * partner held are given up.
    */
-  acceptLocal(name: string): Promise<DeviceInfo> {
-    return this.serialized(async () => {
-      const device = this.get(name);
-      const before = device.info();
-      const epoch = await device.acceptLocal();
-      this.log.warn({ device: name, epoch, lastSeq: before.lastSeq }, 'NVRAM device accepted without its mirror partner: it serves its own journal file, and records only the partner held are given up');
-      return this.info(device);
-    });
+  async acceptLocal(name: string): Promise<DeviceInfo> {
+    // Not in this manager's queue: the acceptance waits for a resync under way, which may
+    // itself need the queue (a demotion).
+    const device = this.get(name);
+    const epoch = await device.acceptLocal();
+    this.log.warn({ device: name, epoch, lastSeq: device.info().lastSeq }, 'NVRAM device accepted without its mirror partner: it serves its own journal file, and records only the partner held are given up');
+    return this.info(device);
   }
 
   /** This node's copy is older than the partner's: it becomes a replica, filled by the partner's resync. */

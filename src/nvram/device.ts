@@ -153,6 +153,8 @@ export class NvramDevice {
   private replicating: Promise<void>;
   private roleValue: Role;
   private recoveringValue: boolean;
+  /** acceptLocal calls, one after another. */
+  private accepting: Promise<unknown>;
   /** Waiting for the device to leave `recovering` (whenRecovered). */
   private recoveredWaiters: (() => void)[];
   /** Replica: the device is a volume's write log on the primary node; no client may take it over. */
@@ -191,6 +193,7 @@ export class NvramDevice {
     this.replicating = Promise.resolve();
     this.roleValue = options.role ?? 'primary';
     this.recoveringValue = false;
+    this.accepting = Promise.resolve();
     this.recoveredWaiters = [];
     this.nodeOwned = false;
     this.port = undefined;
@@ -323,8 +326,10 @@ export class NvramDevice {
       return epoch;
     };
     // No resync may run meanwhile: one that read this device's older epoch could take the
-    // partner's copy back over what the operator accepted.
-    return this.port === undefined ? accept() : this.port.exclusive(accept);
+    // partner's copy back over what the operator accepted. Two acceptances take turns.
+    const run = this.accepting.then(() => (this.port === undefined ? accept() : this.port.exclusive(accept)));
+    this.accepting = run.catch(() => undefined);
+    return run;
   }
 
   /**

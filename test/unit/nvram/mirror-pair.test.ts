@@ -512,3 +512,22 @@ test('a device that served since (accepted without its partner) never takes the 
   assert.deepEqual(records, [0x99], 'this node\'s record (the replay trimmed the others), not the partner\'s');
   assert.deepEqual(await blocksOf(s.store, 3), [0x61, 0x62, 0x99]);
 });
+
+test('accept-local racing a resync that demotes the device (the partner holds a newer epoch): neither waits for the other forever', async (t) => {
+  const s = await backFromCrash(t, { epochA: 5, epochB: 7, localCount: 2, partner: [Buffer.alloc(BLOCK, 0x77)] });
+  // The resync has decided to demote and is about to ask the device manager for it.
+  const demote = s.a.demote.bind(s.a);
+  let demoting = false;
+  s.a.demote = async (name, why) => {
+    demoting = true;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    return demote(name, why);
+  };
+  await serveB(t, s.b.nvram, s.b.address);
+  await until(() => demoting, 'the resync demotes');
+  const accepted = s.a.acceptLocal('wl').then(() => 'accepted', (error: unknown) => (error as { code?: string }).code ?? String(error));
+  const outcome = await Promise.race([accepted, new Promise((resolve) => setTimeout(() => resolve('hung'), 5000))]);
+  assert.equal(outcome, 'MS_NVRAM_INVALID', 'the device was demoted first: nothing to accept');
+  await until(() => s.device.role === 'replica', 'the newer epoch wins: this node\'s copy is a replica');
+  await s.a.create('other', MiB, 'local'); // the manager's queue is free
+});
