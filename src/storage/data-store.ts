@@ -57,6 +57,11 @@ export class DataStore implements VolumeStore {
   /** Held while a chunk's zero bit and its bytes in the file change together. */
   private readonly chunks: KeyedLock<number>;
   private fenced: Error | undefined;
+  /** Writes and zeroings under way; a resize waits for them (`changing`). */
+  private changes: number;
+  private changesDone: (() => void)[];
+  /** Set while a resize runs: writes and zeroings that come meanwhile wait for it. */
+  private resizing: Promise<void> | undefined;
 
   constructor(path: string, size: number, openFile: StoreFileOpener = open) {
     this.path = path;
@@ -69,6 +74,24 @@ export class DataStore implements VolumeStore {
     this.persistedGen = 0;
     this.chunks = new KeyedLock();
     this.fenced = undefined;
+    this.changes = 0;
+    this.changesDone = [];
+    this.resizing = undefined;
+  }
+
+  /**
+   * Runs a write or zeroing once no resize runs, counted so a resize can wait for it: a
+   * write that landed after a shrink's truncate would grow the file past the new end.
+   */
+  private async changing<T>(fn: () => Promise<T>): Promise<T> {
+    while (this.resizing !== undefined) await this.resizing;
+    this.changes++;
+    try {
+      return await fn();
+    } finally {
+      this.changes--;
+      if (this.changes === 0) for (const wake of this.changesDone.splice(0)) wake();
+    }
   }
 
   get size(): number {
@@ -147,7 +170,11 @@ export class DataStore implements VolumeStore {
    * the new bytes, never older bytes from the file, and no fill can wipe a neighbour's
    * landed data.
    */
-  async write(offset: number, data: Buffer): Promise<void> {
+  write(offset: number, data: Buffer): Promise<void> {
+    return this.changing(() => this.writeNow(offset, data));
+  }
+
+  private async writeNow(offset: number, data: Buffer): Promise<void> {
     this.checkRange(offset, data.length);
     this.writable();
     if (data.length === 0) return;
@@ -176,7 +203,11 @@ export class DataStore implements VolumeStore {
    * (NBD_CMD_FLAG_NO_HOLE) asks for zeros to be written; partial chunks get zeros written.
    * Each chunk is changed under its lock, like a write that touches a zero chunk.
    */
-  async zeroRange(offset: number, length: number, allocate = false): Promise<void> {
+  zeroRange(offset: number, length: number, allocate = false): Promise<void> {
+    return this.changing(() => this.zeroRangeNow(offset, length, allocate));
+  }
+
+  private async zeroRangeNow(offset: number, length: number, allocate: boolean): Promise<void> {
     this.checkRange(offset, length);
     this.writable();
     const handle = this.file();
@@ -262,8 +293,25 @@ export class DataStore implements VolumeStore {
     await this.persistMap(snapshot, size, gen);
   }
 
-  /** Grows or shrinks the volume; new space reads as zeros. */
+  /**
+   * Grows or shrinks the volume; new space reads as zeros. Waits for the writes and
+   * zeroings under way (those that come meanwhile wait for it, and are then checked
+   * against the new size), so none lands past a shrink's new end.
+   */
   async resize(size: number): Promise<void> {
+    while (this.resizing !== undefined) await this.resizing;
+    let done = (): void => undefined;
+    this.resizing = new Promise<void>((resolve) => (done = resolve));
+    try {
+      if (this.changes > 0) await new Promise<void>((resolve) => this.changesDone.push(resolve));
+      await this.resizeNow(size);
+    } finally {
+      this.resizing = undefined;
+      done();
+    }
+  }
+
+  private async resizeNow(size: number): Promise<void> {
     this.writable();
     const handle = this.file();
     const old = this.sizeBytes;

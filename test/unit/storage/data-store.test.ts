@@ -85,6 +85,37 @@ test('resize grows with zero chunks and shrinks the file', async (t) => {
   await store.close();
 });
 
+test('a shrink waits for writes under way: none lands past the new end and grows the file back; writes that come during it are checked against the new size', async (t) => {
+  const dir = await tempDir(t);
+  const { open } = await import('node:fs/promises');
+  // A data file whose writes take a while (a busy disk).
+  const slow = async (path: string, flags: string, mode: number) => {
+    const handle = await open(path, flags, mode);
+    return {
+      read: handle.read.bind(handle),
+      datasync: handle.datasync.bind(handle),
+      truncate: handle.truncate.bind(handle),
+      close: handle.close.bind(handle),
+      write: (async (buf: Buffer, offset: number, length: number, position: number) => {
+        await new Promise((resolve) => setTimeout(resolve, 100));
+        return handle.write(buf, offset, length, position);
+      }) as unknown as typeof handle.write,
+    };
+  };
+  const store = new DataStore(join(dir, 'v.img'), 4 * ZERO_CHUNK, slow);
+  await store.open(true);
+  await store.write(3 * ZERO_CHUNK, Buffer.alloc(ZERO_CHUNK, 1)); // data, not a zero chunk
+  const inFlight = store.write(3 * ZERO_CHUNK, Buffer.alloc(4096, 7)); // past the new end, under way
+  await new Promise((resolve) => setTimeout(resolve, 10));
+  const shrinking = store.resize(ZERO_CHUNK);
+  const during = store.write(2 * ZERO_CHUNK, Buffer.alloc(4096, 8)); // comes while the shrink runs
+  await inFlight;
+  await shrinking;
+  await assert.rejects(during, { code: 'MS_VOLUME_RANGE' });
+  assert.equal((await stat(join(dir, 'v.img'))).size, ZERO_CHUNK, 'the file is as long as the volume');
+  await store.close();
+});
+
 test('concurrent syncs between writes to fresh chunks all succeed, and each leaves its change on disk', async (t) => {
   const dir = await tempDir(t);
   const path = join(dir, 'v.img');
