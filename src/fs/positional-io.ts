@@ -2,6 +2,7 @@
 // until every byte is down. Shared by the flash medium, volume data stores and journal
 // files.
 
+import { write as fsWrite } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 
 const ZEROS = Buffer.alloc(1024 * 1024);
@@ -16,6 +17,23 @@ export async function writeAll(handle: PositionalFile, buf: Uint8Array, position
     const { bytesWritten } = await handle.write(buf, done, buf.length - done, position + done);
     done += bytesWritten;
   }
+}
+
+/** Writes all of `buf` at `position` on the raw descriptor `fd`, through libuv's callback API. */
+export function writeAllFd(fd: number, buf: Uint8Array, position: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const step = (done: number): void => {
+      if (done >= buf.length) {
+        resolve();
+        return;
+      }
+      fsWrite(fd, buf, done, buf.length - done, position + done, (error, written) => {
+        if (error !== null) reject(error);
+        else step(done + written);
+      });
+    };
+    step(0);
+  });
 }
 
 /** Writes `length` zero bytes at `offset`, a megabyte at a time. */

@@ -34,12 +34,14 @@
 // valid record follows (`validAfter`), the damage is in the middle of the file: nothing
 // is cut, and the device manager takes the device offline (MS_NVRAM_DAMAGED).
 
-import { constants, fdatasync as fsFdatasync, write as fsWrite } from 'node:fs';
+import { constants, fdatasync as fsFdatasync } from 'node:fs';
 import { open, readFile, rename, rm, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { RuntimeError, StorageError, asError } from '../errors.js';
 import { CREATE_NEW_FLAGS } from '../fs/meta-file.js';
+import { writeAllFd } from '../fs/positional-io.js';
+import { InFlight } from '../settle.js';
 import { MAX_PAYLOAD, MAX_TARGET_NAME, RECORD_FLAG, RECORD_HEADER, RECORD_MAGIC, decodeRecord, encodeRecord, recordSize, type JournalRecord } from '../protocol/journal/record.js';
 
 export const FILE_MAGIC = Buffer.from('MSJOURN1');
@@ -58,52 +60,19 @@ export interface JournalSink {
 /** Writes `buf` at `position` and returns once it is durable: a write and a datasync in one. */
 type DurableWrite = (buf: Buffer, position: number) => Promise<void>;
 
-/** All of `buf` at `position` on descriptor `fd`, through libuv's callback API (cheaper than FileHandle's promises). */
-function writeFd(fd: number, buf: Buffer, position: number): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const step = (done: number): void => {
-      if (done >= buf.length) {
-        resolve();
-        return;
-      }
-      fsWrite(fd, buf, done, buf.length - done, position + done, (error, written) => {
-        if (error !== null) reject(error);
-        else step(done + written);
-      });
-    };
-    step(0);
-  });
-}
-
 /**
- * Counts operations handed to libuv on raw descriptors: a FileHandle's own promises keep
- * it open until they finish, raw `fs.write`/`fs.fdatasync` on its `fd` do not, so a close
- * waits for them here (a late write must never reach a descriptor number reused since).
+ * A sink on `handle` through libuv's callback API on its descriptor (cheaper than
+ * FileHandle's promises). A FileHandle keeps itself open until its own promises finish,
+ * not raw I/O on its `fd`: `inflight` makes close wait for those, so a late write never
+ * reaches a descriptor number reused since.
  */
-class InFlight {
-  private count = 0;
-  private idle: (() => void)[] = [];
-
-  track<T>(op: Promise<T>): Promise<T> {
-    this.count++;
-    return op.finally(() => {
-      this.count--;
-      if (this.count === 0) for (const wake of this.idle.splice(0)) wake();
-    });
-  }
-
-  settled(): Promise<void> {
-    return this.count === 0 ? Promise.resolve() : new Promise((resolve) => this.idle.push(resolve));
-  }
-}
-
 export function fileSink(handle: FileHandle): JournalSink {
   return sinkOn(handle, new InFlight());
 }
 
 function sinkOn(handle: FileHandle, inflight: InFlight): JournalSink {
   return {
-    write: (buf, position) => inflight.track(writeFd(handle.fd, buf, position)),
+    write: (buf, position) => inflight.track(writeAllFd(handle.fd, buf, position)),
     datasync: () => inflight.track(new Promise<void>((resolve, reject) => { fsFdatasync(handle.fd, (error) => { if (error === null) resolve(); else reject(error); }); })),
     truncate: (length) => handle.truncate(length),
     close: async () => {
@@ -136,7 +105,7 @@ async function openSink(path: string, wrap: (sink: JournalSink) => JournalSink):
         await handle.close();
       },
     },
-    durable: (buf, position) => inflight.track(writeFd(dsync.fd, buf, position)),
+    durable: (buf, position) => inflight.track(writeAllFd(dsync.fd, buf, position)),
   };
 }
 

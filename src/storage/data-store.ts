@@ -27,6 +27,7 @@ import { replaceFile } from '../fs/meta-file.js';
 import { crc32 } from 'node:zlib';
 import { MisuseError, StorageError, asError } from '../errors.js';
 import { writeAll, writeZeros } from '../fs/positional-io.js';
+import { InFlight } from '../settle.js';
 import type { Extent } from '../protocol/nbd/codec.js';
 import { STATE } from '../protocol/nbd/spec.js';
 import { KeyedLock } from './keyed-lock.js';
@@ -58,8 +59,7 @@ export class DataStore implements VolumeStore {
   private readonly chunks: KeyedLock<number>;
   private fenced: Error | undefined;
   /** Writes and zeroings under way; a resize waits for them (`changing`). */
-  private changes: number;
-  private changesDone: (() => void)[];
+  private readonly changes: InFlight;
   /** Set while a resize runs: writes and zeroings that come meanwhile wait for it. */
   private resizing: Promise<void> | undefined;
 
@@ -74,8 +74,7 @@ export class DataStore implements VolumeStore {
     this.persistedGen = 0;
     this.chunks = new KeyedLock();
     this.fenced = undefined;
-    this.changes = 0;
-    this.changesDone = [];
+    this.changes = new InFlight();
     this.resizing = undefined;
   }
 
@@ -85,13 +84,7 @@ export class DataStore implements VolumeStore {
    */
   private async changing<T>(fn: () => Promise<T>): Promise<T> {
     while (this.resizing !== undefined) await this.resizing;
-    this.changes++;
-    try {
-      return await fn();
-    } finally {
-      this.changes--;
-      if (this.changes === 0) for (const wake of this.changesDone.splice(0)) wake();
-    }
+    return this.changes.track(fn());
   }
 
   get size(): number {
@@ -303,7 +296,7 @@ export class DataStore implements VolumeStore {
     let done = (): void => undefined;
     this.resizing = new Promise<void>((resolve) => (done = resolve));
     try {
-      if (this.changes > 0) await new Promise<void>((resolve) => this.changesDone.push(resolve));
+      await this.changes.settled();
       await this.resizeNow(size);
     } finally {
       this.resizing = undefined;

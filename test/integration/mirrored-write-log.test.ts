@@ -43,6 +43,18 @@ interface History {
 
 type Ctx = Parameters<typeof tempDir>[0];
 
+/** Two nodes that are each other's mirror partner, each started (again) by its function and killed at the end. */
+async function partners(t: Ctx) {
+  const [dirA, dirB] = [await tempDir(t), await tempDir(t)];
+  const [portA, portB] = [await freePort(), await freePort()];
+  const start = async (dir: string, own: number, partner: number): Promise<NodeProcess> => {
+    const n = await startNode({ cwd: dir, args: ['--mirror-listen', `127.0.0.1:${own}`, '--mirror-partner', `127.0.0.1:${partner}`, '--set', 'mirror.timeout=500ms'] });
+    t.after(() => n.stop('SIGKILL').then(() => undefined));
+    return n;
+  };
+  return { dirA, startA: () => start(dirA, portA, portB), startB: () => start(dirB, portB, portA) };
+}
+
 /**
  * Two partnered nodes, a `policy` device `mwl` on A in sync with its replica on B, and a
  * 4 MiB volume `v` on A whose write log it is. Eight lanes on two connections write
@@ -50,19 +62,7 @@ type Ctx = Parameters<typeof tempDir>[0];
  * with FUA, and flush after every eighth; A is killed with -9 at a random moment.
  */
 async function crashUnderWriters(t: Ctx, policy: 'mirrored' | 'mirrored+local') {
-  const [dirA, dirB] = [await tempDir(t), await tempDir(t)];
-  const [portA, portB] = [await freePort(), await freePort()];
-  const args = (own: number, partner: number) => ['--mirror-listen', `127.0.0.1:${own}`, '--mirror-partner', `127.0.0.1:${partner}`, '--set', 'mirror.timeout=500ms'];
-  const startA = async () => {
-    const n = await startNode({ cwd: dirA, args: args(portA, portB) });
-    t.after(() => n.stop('SIGKILL').then(() => undefined));
-    return n;
-  };
-  const startB = async () => {
-    const n = await startNode({ cwd: dirB, args: args(portB, portA) });
-    t.after(() => n.stop('SIGKILL').then(() => undefined));
-    return n;
-  };
+  const { dirA, startA, startB } = await partners(t);
   const a = await startA();
   const b = await startB();
   assert.equal((await post(a, '/v1/nvram', { name: 'mwl', size: '4MiB', policy })).status, 201);
@@ -188,16 +188,9 @@ test('mirrored+local write log: FUA writes and writes before a FLUSH survive kil
 });
 
 test('a mirrored write log whose partner is gone for good: the volume waits, until an operator accepts the local journal; the partner, back later with more records at the older epoch, is reset from this node', async (t) => {
-  const [dirA, dirB] = [await tempDir(t), await tempDir(t)];
-  const [portA, portB] = [await freePort(), await freePort()];
-  const args = (own: number, partner: number) => ['--mirror-listen', `127.0.0.1:${own}`, '--mirror-partner', `127.0.0.1:${partner}`, '--set', 'mirror.timeout=500ms'];
-  const start = async (dir: string, own: number, other: number) => {
-    const n = await startNode({ cwd: dir, args: args(own, other) });
-    t.after(() => n.stop('SIGKILL').then(() => undefined));
-    return n;
-  };
-  const a = await start(dirA, portA, portB);
-  const b = await start(dirB, portB, portA);
+  const { dirA, startA, startB } = await partners(t);
+  const a = await startA();
+  const b = await startB();
   assert.equal((await post(a, '/v1/nvram', { name: 'mwl', size: '4MiB', policy: 'mirrored' })).status, 201);
   await until('primary in sync', () => nvramDevice(a, 'mwl'), (d) => d?.mirror === 'in-sync');
   assert.equal((await post(a, '/v1/volumes', { name: 'v', size: '1MiB', writeLog: 'mwl' })).status, 201);
@@ -217,7 +210,7 @@ test('a mirrored write log whose partner is gone for good: the volume waits, unt
   await writeFile(path, Buffer.concat([image.subarray(0, FILE_HEADER), ...keep.map((r) => encodeRecord(r))]));
   assert.equal(await b.stop('SIGTERM'), 0);
 
-  let again = await start(dirA, portA, portB);
+  let again = await startA();
   assert.equal((await volume(again, 'v'))?.state, 'recovering');
   assert.match((await volume(again, 'v'))?.failure ?? '', /accept-local/);
   assert.equal((await post(again, '/v1/nvram/nope/accept-local', {})).status, 404);
@@ -236,13 +229,13 @@ test('a mirrored write log whose partner is gone for good: the volume waits, unt
 
   // The old partner comes back with all 16 records at the older epoch: it is reset from
   // this node, never taken back.
-  await start(dirB, portB, portA);
+  await startB();
   await until('in sync again', () => nvramDevice(again, 'mwl'), (d) => d?.mirror === 'in-sync' && d.epoch === epoch);
   assert.equal(again.logs.some((l) => l.msg === 'took records from the mirror partner that this node lost in a crash'), false);
   // And what was acknowledged since survives a crash of this node, the partner up.
   await new Promise((resolve) => setTimeout(resolve, 300));
   assert.equal(await again.stop('SIGKILL'), 'SIGKILL');
-  again = await start(dirA, portA, portB);
+  again = await startA();
   await until('volume served', () => volume(again, 'v'), (v) => v?.state === 'ready');
   const reader = await NbdClient.connect({ host: again.nbd.host, port: again.nbd.port, export: 'v' });
   const zeros = Buffer.alloc(BLOCK);

@@ -232,15 +232,23 @@ test('a replica takes records only in sequence, follows epochs, and a newer open
     await replica.devices.close();
   }));
 
+/**
+ * A `mirrored` device `m` holding one record ('kept'), then a crash (no close): the
+ * manager started again, whose device is recovering (its file may lack records only the
+ * partner holds).
+ */
+async function crashedMirrored(dir: string): Promise<{ devices: DeviceManager; partition: PartitionTable }> {
+  const first = await manager(dir);
+  await first.devices.create('m', E, 'mirrored');
+  await first.devices.get('m').open(1);
+  await first.devices.get('m').append(1, [{ payload: Buffer.from('kept') }]);
+  await first.devices.get('m').quiesce();
+  return manager(dir);
+}
+
 test('a mirrored primary after a crash is recovering; after a clean stop it is ready from its vault', () =>
   withDir(async (dir) => {
-    const first = await manager(dir);
-    await first.devices.create('m', E, 'mirrored');
-    await first.devices.get('m').open(1);
-    await first.devices.get('m').append(1, [{ payload: Buffer.from('kept') }]);
-    await first.devices.get('m').quiesce();
-    // A crash: no close. The file may lack records only the partner holds.
-    const second = await manager(dir);
+    const second = await crashedMirrored(dir);
     const device = second.devices.get('m');
     assert.equal(device.info().state, 'recovering');
     await assert.rejects(device.append(1, [{ payload: Buffer.from('x') }]), { code: 'MS_NVRAM_RECOVERING' });
@@ -255,12 +263,7 @@ test('a mirrored primary after a crash is recovering; after a clean stop it is r
 
 test('whenRecovered: a write log waiting for its mirrored device wakes when the partner has confirmed it, not while the device passes through a replica on its way to adopting the partner\'s records; a stop ends the wait', () =>
   withDir(async (dir) => {
-    const first = await manager(dir);
-    await first.devices.create('m', E, 'mirrored');
-    await first.devices.get('m').open(1);
-    await first.devices.get('m').append(1, [{ payload: Buffer.from('kept') }]);
-    await first.devices.get('m').quiesce();
-    const second = await manager(dir); // a crash: recovering
+    const second = await crashedMirrored(dir);
     const device = second.devices.get('m');
     let woke = 0;
     const waiting = device.whenRecovered().then(() => { woke++; });

@@ -7,8 +7,6 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import pino from 'pino';
 import { readFileSync } from 'node:fs';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { DramMedium } from '../../../src/memory/dram-medium.js';
 import type { DeviceManager } from '../../../src/nvram/device-manager.js';
@@ -21,6 +19,7 @@ import { Volume } from '../../../src/storage/volume-manager.js';
 import { WriteLogIo } from '../../../src/storage/write-log.js';
 import { FaultPlan, faultyJournal } from '../../support/faults.js';
 import { MemoryStore } from '../../support/memory-store.js';
+import { tempDir } from '../../support/node-process.js';
 import { smallCache } from '../../support/small-cache.js';
 
 test('a FLUSH through a write log fails once the volume is fenced', async () => {
@@ -95,87 +94,75 @@ async function afterKill(store: MemoryStore, journalPath: string): Promise<Buffe
   return image;
 }
 
-test('write-ahead: the cache makes a plain write\'s record durable before it writes the data back, so a kill -9 after the write-back replays no older record over it; without the cache every record is synced', async () => {
-  const dir = await mkdtemp(join(tmpdir(), 'memstrata-wl-'));
-  try {
-    for (const withCache of [true, false]) {
-      const path = join(dir, `wl-${withCache}.journal`);
-      const device = await localDevice(path);
-      const nvram = { get: () => device } as unknown as DeviceManager;
-      const cache = withCache ? await smallCache() : undefined;
-      const io = new WriteLogIo(cache ?? new DirectVolumeIo(), nvram, silent);
-      const store = new MemoryStore(1 << 20, new FaultPlan());
-      const volume = new Volume('v', false, new Date().toISOString(), store, 'wl');
-      await io.write(volume, 0, Buffer.alloc(4096, 0xaa), true); // A, FUA: its record durable
-      await io.write(volume, 0, Buffer.alloc(4096, 0xbb), false); // B, plain
-      if (cache !== undefined) {
-        assert.ok(device.uncommittedBytes > 0, 'B\'s record waits for a commit');
-        await cache.destage(Date.now() + 3_600_000); // the destager writes B back
-      }
-      const image = await afterKill(store, path);
-      assert.equal(image[0], 0xbb, `${withCache ? 'cache' : 'no cache'}: replay put an older record over B (0x${(image[0] ?? 0).toString(16)})`);
-      await cache?.stop();
-      await device.close();
-    }
-  } finally {
-    await rm(dir, { recursive: true, force: true });
-  }
-});
-
-test('a clean stop whose last journal write fails rewrites the journal from memory: plain writes acknowledged before it are in the file', async () => {
-  const dir = await mkdtemp(join(tmpdir(), 'memstrata-wl-'));
-  try {
-    const path = join(dir, 'wl.journal');
-    const plan = new FaultPlan();
-    const device = await localDevice(path, plan);
-    const nvram = { get: () => device } as unknown as DeviceManager;
-    const cache = await smallCache();
-    const io = new WriteLogIo(cache, nvram, silent);
-    const volume = new Volume('v', false, new Date().toISOString(), new MemoryStore(1 << 20, new FaultPlan()), 'wl');
-    await io.write(volume, 0, Buffer.alloc(4096, 0xaa), true);
-    await io.write(volume, 0, Buffer.alloc(4096, 0xbb), false);
-    plan.fail({ op: 'journal.write', fault: 'EIO' });
-    await device.close();
-    const records = parseJournal(readFileSync(path)).records.filter((r) => r.target !== undefined);
-    assert.deepEqual(records.map((r) => r.payload[0]), [0xaa, 0xbb], 'both acknowledged records are in the journal after the stop');
-    await cache.stop();
-  } finally {
-    await rm(dir, { recursive: true, force: true });
-  }
-});
-
-test('the "larger than the journal" fallback trims only what was acknowledged before its flush: a write acknowledged during it keeps its record', async () => {
-  const dir = await mkdtemp(join(tmpdir(), 'memstrata-wl-'));
-  try {
-    const path = join(dir, 'wl.journal');
+test('write-ahead: the cache makes a plain write\'s record durable before it writes the data back, so a kill -9 after the write-back replays no older record over it; without the cache every record is synced', async (t) => {
+  const dir = await tempDir(t, 'memstrata-wl-');
+  for (const withCache of [true, false]) {
+    const path = join(dir, `wl-${withCache}.journal`);
     const device = await localDevice(path);
     const nvram = { get: () => device } as unknown as DeviceManager;
-    const cache = await smallCache();
-    const store = new MemoryStore(2 * 1024 * 1024, new FaultPlan());
+    const cache = withCache ? await smallCache() : undefined;
+    const io = new WriteLogIo(cache ?? new DirectVolumeIo(), nvram, silent);
+    const store = new MemoryStore(1 << 20, new FaultPlan());
     const volume = new Volume('v', false, new Date().toISOString(), store, 'wl');
-    let flushes = 0;
-    const late: { io?: WriteLogIo } = {};
-    const C = Buffer.alloc(4096, 0xcc);
-    const X = 1024 * 1024 + 65536; // a line the big write does not touch
-    const inner = Object.assign(Object.create(cache) as StorageCache, {
-      flush: async (v: Volume) => {
-        flushes++;
-        const flushing = cache.flush(v); // takes its list of dirty lines now
-        // The fifth flush is the fallback's: a client's plain WRITE lands while it runs.
-        if (flushes === 5 && late.io !== undefined) await late.io.write(volume, X, C, false);
-        await flushing;
-      },
-    });
-    const io = new WriteLogIo(inner, nvram, silent);
-    late.io = io;
-    await io.write(volume, 0, Buffer.alloc(DEVICE + 64 * 1024, 0xbb), false); // larger than the device
-    assert.equal(flushes, 5, 'the big write went through the fallback');
-    await io.flush(volume); // the client's FLUSH, after both writes were acknowledged
+    await io.write(volume, 0, Buffer.alloc(4096, 0xaa), true); // A, FUA: its record durable
+    await io.write(volume, 0, Buffer.alloc(4096, 0xbb), false); // B, plain
+    if (cache !== undefined) {
+      assert.ok(device.uncommittedBytes > 0, 'B\'s record waits for a commit');
+      await cache.destage(Date.now() + 3_600_000); // the destager writes B back
+    }
     const image = await afterKill(store, path);
-    assert.ok(image.subarray(X, X + 4096).equals(C), 'a write acknowledged before a FLUSH that returned is lost after kill -9');
-    await cache.stop();
+    assert.equal(image[0], 0xbb, `${withCache ? 'cache' : 'no cache'}: replay put an older record over B (0x${(image[0] ?? 0).toString(16)})`);
+    await cache?.stop();
     await device.close();
-  } finally {
-    await rm(dir, { recursive: true, force: true });
   }
+});
+
+test('a clean stop whose last journal write fails rewrites the journal from memory: plain writes acknowledged before it are in the file', async (t) => {
+  const dir = await tempDir(t, 'memstrata-wl-');
+  const path = join(dir, 'wl.journal');
+  const plan = new FaultPlan();
+  const device = await localDevice(path, plan);
+  const nvram = { get: () => device } as unknown as DeviceManager;
+  const cache = await smallCache();
+  const io = new WriteLogIo(cache, nvram, silent);
+  const volume = new Volume('v', false, new Date().toISOString(), new MemoryStore(1 << 20, new FaultPlan()), 'wl');
+  await io.write(volume, 0, Buffer.alloc(4096, 0xaa), true);
+  await io.write(volume, 0, Buffer.alloc(4096, 0xbb), false);
+  plan.fail({ op: 'journal.write', fault: 'EIO' });
+  await device.close();
+  const records = parseJournal(readFileSync(path)).records.filter((r) => r.target !== undefined);
+  assert.deepEqual(records.map((r) => r.payload[0]), [0xaa, 0xbb], 'both acknowledged records are in the journal after the stop');
+  await cache.stop();
+});
+
+test('the "larger than the journal" fallback trims only what was acknowledged before its flush: a write acknowledged during it keeps its record', async (t) => {
+  const dir = await tempDir(t, 'memstrata-wl-');
+  const path = join(dir, 'wl.journal');
+  const device = await localDevice(path);
+  const nvram = { get: () => device } as unknown as DeviceManager;
+  const cache = await smallCache();
+  const store = new MemoryStore(2 * 1024 * 1024, new FaultPlan());
+  const volume = new Volume('v', false, new Date().toISOString(), store, 'wl');
+  let flushes = 0;
+  const late: { io?: WriteLogIo } = {};
+  const C = Buffer.alloc(4096, 0xcc);
+  const X = 1024 * 1024 + 65536; // a line the big write does not touch
+  const inner = Object.assign(Object.create(cache) as StorageCache, {
+    flush: async (v: Volume) => {
+      flushes++;
+      const flushing = cache.flush(v); // takes its list of dirty lines now
+      // The fifth flush is the fallback's: a client's plain WRITE lands while it runs.
+      if (flushes === 5 && late.io !== undefined) await late.io.write(volume, X, C, false);
+      await flushing;
+    },
+  });
+  const io = new WriteLogIo(inner, nvram, silent);
+  late.io = io;
+  await io.write(volume, 0, Buffer.alloc(DEVICE + 64 * 1024, 0xbb), false); // larger than the device
+  assert.equal(flushes, 5, 'the big write went through the fallback');
+  await io.flush(volume); // the client's FLUSH, after both writes were acknowledged
+  const image = await afterKill(store, path);
+  assert.ok(image.subarray(X, X + 4096).equals(C), 'a write acknowledged before a FLUSH that returned is lost after kill -9');
+  await cache.stop();
+  await device.close();
 });

@@ -259,20 +259,26 @@ test('the DRAM level keeps a few slots free by evicting in the background, and l
   }
 });
 
+/** A cache of one 4-line DRAM extent, in real DRAM, that destages only when asked. */
+async function fourLineCache(t: { after(fn: () => Promise<void>): void }): Promise<StorageCache> {
+  const extent = 4 * LINE_SIZE;
+  const dram = new DramMedium({ capacity: 2 * extent, extentSize: extent });
+  await dram.open();
+  const partition = new PartitionTable([{ name: 'dram', capacity: 2 * extent, extentSize: extent, initial: { cache: extent, server: 0, nvram: 0 }, bounds: { cache: { min: 0, max: 2 * extent }, server: { min: 0, max: 2 * extent }, nvram: { min: 0, max: 0 } } }]);
+  const cache = new StorageCache({ partition, media: [dram], log, maxDirtyAgeMs: 60_000, destageIntervalMs: 0 });
+  cache.start();
+  t.after(() => cache.stop());
+  return cache;
+}
+
 test('a READ admitted across a shrink never leaves another volume\'s bytes valid past the end: after a grow they read as zeros, by both read paths', async (t) => {
   // Review finding (issue 13): stage() clipped its store read at the end of the volume but
   // marked every sector it was asked for valid, so the slot's previous bytes stayed.
-  const E = 4 * LINE_SIZE;
-  const dram = new DramMedium({ capacity: 2 * E, extentSize: E });
-  await dram.open();
-  const partition = new PartitionTable([{ name: 'dram', capacity: 2 * E, extentSize: E, initial: { cache: E, server: 0, nvram: 0 }, bounds: { cache: { min: 0, max: 2 * E }, server: { min: 0, max: 2 * E }, nvram: { min: 0, max: 0 } } }]);
   const plan = new FaultPlan();
   const other = new Volume('tenant-w', false, new Date().toISOString(), new MemoryStore(4 * LINE_SIZE, plan));
   const vStore = new MemoryStore(2 * LINE_SIZE, plan);
   const v = new Volume('tenant-v', false, new Date().toISOString(), vStore);
-  const cache = new StorageCache({ partition, media: [dram], log, maxDirtyAgeMs: 60_000, destageIntervalMs: 0 });
-  cache.start();
-  t.after(() => cache.stop());
+  const cache = await fourLineCache(t);
   // Another tenant fills every DRAM slot (4 lines), dirty.
   await cache.write(other, 0, Buffer.alloc(4 * LINE_SIZE, 0xaa), false);
   // Its write-back is slow: a READ of v's line 1 (valid while v is 2 lines) waits for a slot.
@@ -347,16 +353,10 @@ class DurableStore extends MemoryStore {
 test('a FLUSH while an overlapping zeroing runs never syncs a store older than a write it covers', async (t) => {
   // Review finding (issue 13): zero() dropped the cached (dirty) sectors before its store
   // zeroing landed; a FLUSH in between synced a store holding neither the write nor zeros.
-  const E = 4 * LINE_SIZE;
-  const dram = new DramMedium({ capacity: 2 * E, extentSize: E });
-  await dram.open();
-  const partition = new PartitionTable([{ name: 'dram', capacity: 2 * E, extentSize: E, initial: { cache: E, server: 0, nvram: 0 }, bounds: { cache: { min: 0, max: 2 * E }, server: { min: 0, max: 2 * E }, nvram: { min: 0, max: 0 } } }]);
   const plan = new FaultPlan();
   const store = new DurableStore(8 * LINE_SIZE, plan);
   const volume = new Volume('v', false, new Date().toISOString(), store);
-  const cache = new StorageCache({ partition, media: [dram], log, maxDirtyAgeMs: 60_000, destageIntervalMs: 0 });
-  cache.start();
-  t.after(() => cache.stop());
+  const cache = await fourLineCache(t);
   await cache.write(volume, 0, Buffer.alloc(LINE_SIZE, 0x55), false);
   await cache.flush(volume);
   await cache.write(volume, 0, Buffer.alloc(LINE_SIZE, 0xaa), false); // completed, dirty in DRAM
