@@ -7,6 +7,7 @@ import { Command, CommanderError, Option } from 'commander';
 import { MisuseError, isMemstrataError } from '../errors.js';
 import type { AllocationTableJson, DamagedJson, DivergedJson, GuestInfoJson, GuestsJson, JournalHolderJson, KeptAsideJson, NodeInfo, OrphanJson, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson } from '../protocol/admin/api.js';
 import { POLICIES, type DeviceInfo } from '../nvram/device.js';
+import { cutJournal } from '../nvram/journal-file.js';
 import { RmemClient } from '../client/rmem-client.js';
 import { KINDS, MEDIA, USED_KINDS } from '../kinds.js';
 import { SETTINGS } from '../node/config.js';
@@ -179,6 +180,14 @@ export function buildProgram(output: Output = processOutput): Command {
     .action(async (name: string, options: { admin: string; token?: string; json?: boolean }) => {
       const info = await adminClient(options).post<DeviceInfo>(`/v1/nvram/${encodeURIComponent(name)}/accept-local`, {});
       output.out(options.json === true ? JSON.stringify(info, null, 2) : `NVRAM device ${info.name} serves its own journal file: epoch ${info.epoch}, last sequence number ${info.lastSeq ?? '-'}`);
+    });
+  nvram
+    .command('cut-journal <file>')
+    .description('with the node stopped: drop what a damaged journal file holds beyond where reading stops (MS_NVRAM_DAMAGED names the file), so the node loads the records before it; copy the file aside first to keep what is dropped')
+    .addOption(jsonOption())
+    .action(async (file: string, options: { json?: boolean }) => {
+      const result = await cutJournal(file);
+      output.out(options.json === true ? JSON.stringify(result, null, 2) : `${file}: ${result.dropped} record(s) beyond the damage dropped; ${result.kept} record(s) kept, the last numbered ${result.lastSeq ?? '-'}`);
     });
   nvram
     .command('rm <name>')

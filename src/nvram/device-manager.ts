@@ -39,7 +39,7 @@ import type { PartitionTable } from '../memory/partition-table.js';
 import type { Logger } from '../logger.js';
 import { formatSize } from '../units.js';
 import { NvramDevice, POLICIES, isMirrored, type DeviceInfo, type Policy } from './device.js';
-import { JournalFile, encodeFileHeader, openTempFile, parseJournal, syncDir, type JournalSink, type Recovered } from './journal-file.js';
+import { JournalFile, encodeFileHeader, openTempFile, parseJournal, syncDir, type JournalOptions, type JournalSink, type Recovered } from './journal-file.js';
 import { RECORD_FLAG, type JournalRecord } from '../protocol/journal/record.js';
 
 const NAME_PATTERN = DEVICE_NAME_PATTERN;
@@ -63,19 +63,17 @@ export class DeviceManager {
   private readonly fs: MetaFs | undefined;
   private queue: Promise<unknown>;
 
-  private readonly compactAt: number | undefined;
   /** Mirroring hooks: a mirrored primary appeared (created, restored, promoted), or one went away. */
   onPrimary: ((device: NvramDevice) => void) | undefined;
   onRemoved: ((device: NvramDevice) => void) | undefined;
   /** The volume whose write log a device is (write-log.ts): such a device cannot be removed. */
   claimedBy: ((device: string) => string | undefined) | undefined;
 
-  /** Wraps every journal file's sink: the fault-injection seam for tests. */
-  private readonly journalWrap: (sink: JournalSink) => JournalSink;
+  /** For every journal file: the sink wrapper (the fault-injection seam for tests) and the least ring. */
+  private readonly journalOptions: JournalOptions;
 
-  constructor(options: { dataDir: string; partition: PartitionTable; media: readonly Medium[]; log: Logger; compactAt?: number; fs?: MetaFs; journalWrap?: (sink: JournalSink) => JournalSink }) {
-    this.compactAt = options.compactAt;
-    this.journalWrap = options.journalWrap ?? ((sink) => sink);
+  constructor(options: { dataDir: string; partition: PartitionTable; media: readonly Medium[]; log: Logger; journalRing?: number; fs?: MetaFs; journalWrap?: (sink: JournalSink) => JournalSink }) {
+    this.journalOptions = { ...(options.journalWrap === undefined ? {} : { wrap: options.journalWrap }), ...(options.journalRing === undefined ? {} : { ring: options.journalRing }) };
     this.dir = join(options.dataDir, 'nvram');
     this.partition = options.partition;
     this.media = new Map(options.media.map((m) => [m.name, m]));
@@ -211,14 +209,7 @@ export class DeviceManager {
   async rebuildJournal(device: NvramDevice): Promise<JournalFile | undefined> {
     if (device.policy === 'volatile') return undefined;
     const records = await device.snapshot();
-    const journal = await JournalFile.create(deviceFile(this.dir, device.name, '.journal.new'), device.size, this.journalWrap);
-    await journal.append(Buffer.concat(records));
-    const length = journal.size;
-    await journal.close();
-    const path = deviceFile(this.dir, device.name, '.journal');
-    await rename(deviceFile(this.dir, device.name, '.journal.new'), path);
-    await syncDir(path);
-    return JournalFile.openExisting(path, length, this.journalWrap);
+    return JournalFile.create(deviceFile(this.dir, device.name, '.journal'), device.size, { ...this.journalOptions, records: Buffer.concat(records) });
   }
 
   /**
@@ -415,10 +406,11 @@ export class DeviceManager {
       const hasFile = meta.policy !== 'volatile' && role === 'primary';
       let journal: JournalFile | undefined;
       let records: JournalRecord[] = [];
+      let base = { epoch: 0, trimmedTo: 0 };
       let recovering = false;
       let vaulted = false;
       if (fresh) {
-        if (hasFile) journal = await JournalFile.create(journalPath, meta.size, this.journalWrap);
+        if (hasFile) journal = await JournalFile.create(journalPath, meta.size, this.journalOptions);
       } else {
         const vault = isVaulted(meta) ? await readIfThere(vaultPath) : undefined;
         if (vault !== undefined) {
@@ -441,12 +433,13 @@ export class DeviceManager {
           } else {
             refuseDamage(meta.name, journalPath, recovered);
           }
-          if (recovered.validLength === 0) journal = await JournalFile.create(journalPath, meta.size, this.journalWrap);
-          else journal = await JournalFile.openExisting(journalPath, recovered.validLength, this.journalWrap);
-          if (recovered.stoppedBecause !== undefined && recovered.validLength < image.length) {
-            this.log.warn({ device: meta.name, cutAt: recovered.validLength, reason: recovered.stoppedBecause }, 'NVRAM journal tail cut at recovery');
+          journal = await JournalFile.open(journalPath, recovered, meta.size, this.journalOptions);
+          if (recovered.version === 1) {
+            if (recovered.stoppedBecause !== undefined) this.log.warn({ device: meta.name, cutAt: recovered.validLength, reason: recovered.stoppedBecause }, 'NVRAM journal tail cut at recovery');
+            this.log.info({ device: meta.name, file: journalPath }, 'NVRAM journal of format version 1 rewritten as version 2');
           }
           records = recovered.records;
+          base = recovered.base;
           // `mirrored` acknowledges before its file is synced: the partner may hold more.
           recovering = meta.policy === 'mirrored';
         } else {
@@ -464,9 +457,8 @@ export class DeviceManager {
         extentSize,
         journal,
         role,
-        ...(this.compactAt === undefined ? {} : { compactAt: this.compactAt }),
       });
-      await device.restore(records);
+      await device.restore(records, base);
       // After a clean stop the vault is the truth; a primary's journal file is rewritten from it.
       if (vaulted && hasFile) device.promote(await this.rebuildJournal(device));
       device.recovering = recovering;
@@ -554,7 +546,7 @@ function refuseDamage(name: string, file: string, recovered: Recovered): void {
   if (recovered.validAfter === undefined) return;
   throw new RuntimeError(
     'MS_NVRAM_DAMAGED',
-    `NVRAM device ${name}: ${file} is damaged at byte ${recovered.validLength} (${recovered.stoppedBecause ?? 'unreadable'}), and valid records follow at byte ${recovered.validAfter}; the device is offline and the file is kept as it is. Records before byte ${recovered.validLength} are intact: to serve them and drop the rest, cut the file there (truncate -s ${recovered.validLength}) and restart the node`,
+    `NVRAM device ${name}: ${file} is damaged at byte ${recovered.validLength} (${recovered.stoppedBecause ?? 'unreadable'}), and valid records follow at byte ${recovered.validAfter}; the device is offline and the file is kept as it is. The records read before the damage are intact: to serve them and drop the rest, stop the node, run memstrata nvram cut-journal ${file} (copy the file aside first to keep what is dropped) and start it again`,
     { details: { device: name, file, damagedAt: recovered.validLength, validAfter: recovered.validAfter } },
   );
 }

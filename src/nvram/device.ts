@@ -59,8 +59,6 @@ import type { MirrorMode, DeviceInfo } from '../protocol/admin/api.js';
 import { WRITER_WINDOW, WritersIndex, payloadCrc } from './writers.js';
 export type { MirrorMode, DeviceInfo };
 
-/** A journal file is rewritten after a trim once it is this long (or twice the device size). */
-export const COMPACT_AT = 16 * 1024 * 1024;
 /** Bytes of records appended without sync after which a commit starts by itself. */
 export const DEFER_LIMIT = 4 * 1024 * 1024;
 export { POLICIES, isMirrored, type Policy, type Role };
@@ -118,8 +116,6 @@ export interface DeviceOptions {
   extents: readonly number[];
   extentSize: number;
   journal: JournalFile | undefined;
-  /** Rewrite the journal file after a trim once it is this long; default COMPACT_AT. */
-  compactAt?: number;
   role?: Role;
 }
 
@@ -131,7 +127,6 @@ export class NvramDevice {
   private readonly extents: readonly number[];
   private readonly extentSize: number;
   private journal: JournalFile | undefined;
-  private readonly compactAt: number;
   /** Bytes appended without sync since the last commit began (write logs; see append). */
   private deferredBytes: number;
   private index: IndexEntry[];
@@ -174,7 +169,6 @@ export class NvramDevice {
     this.extents = options.extents;
     this.extentSize = options.extentSize;
     this.journal = options.journal;
-    this.compactAt = options.compactAt ?? COMPACT_AT;
     this.deferredBytes = 0;
     this.index = [];
     this.indexStart = 0;
@@ -253,9 +247,15 @@ export class NvramDevice {
     return this.ackedSeq;
   }
 
-  /** Loads recovered state: records after the trim point, the epoch, the next sequence number. */
-  async restore(records: readonly JournalRecord[]): Promise<void> {
+  /**
+   * Loads recovered state: records after the trim point, the epoch, the next sequence
+   * number. `base` is the epoch and trim point of markers no longer among `records` (a
+   * journal ring's pointer stands for them).
+   */
+  async restore(records: readonly JournalRecord[], base = { epoch: 0, trimmedTo: 0 }): Promise<void> {
     if (records.length > 0) this.writersStale = true;
+    this.epochValue = Math.max(this.epochValue, base.epoch);
+    this.trimmedTo = Math.max(this.trimmedTo, base.trimmedTo);
     for (const r of records) {
       if ((r.flags & RECORD_FLAG.EPOCH) !== 0) this.epochValue = Math.max(this.epochValue, Number(r.payload.readBigUInt64BE(0)));
       if ((r.flags & RECORD_FLAG.TRIM) !== 0) this.trimmedTo = Math.max(this.trimmedTo, Number(r.payload.readBigUInt64BE(0)));
@@ -591,11 +591,8 @@ export class NvramDevice {
     const journal = this.journal;
     if (journal === undefined) return;
     try {
+      // The ring reuses what this frees once its writer comes round to it.
       await journal.append(this.marker(RECORD_FLAG.TRIM, limit));
-      // The file only grows; once it holds much more than the device can, rewrite it.
-      // Not once the device is closing (its journal takes nothing more; the next start
-      // reads the file as it is).
-      if (!this.closed && journal.size > Math.max(this.compactAt, 2 * this.size)) await journal.compact(limit);
     } catch (error) {
       this.failed(error);
       throw error;
@@ -925,7 +922,7 @@ export class NvramDevice {
     const upTo = this.nextSeq - 1;
     if (this.journal !== undefined) {
       const records = await this.collect(0, Number.MAX_SAFE_INTEGER, Number.MAX_SAFE_INTEGER, upTo);
-      await this.journal.replace(this.size, Buffer.concat([this.marker(RECORD_FLAG.EPOCH, this.epochValue), this.marker(RECORD_FLAG.TRIM, this.trimmedTo), ...records]));
+      await this.journal.replace(Buffer.concat([this.marker(RECORD_FLAG.EPOCH, this.epochValue), this.marker(RECORD_FLAG.TRIM, this.trimmedTo), ...records]));
       this.deferredBytes = 0; // the new file holds, synced, every record kept in memory
     }
     this.ackedSeq = upTo;

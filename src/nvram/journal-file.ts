@@ -1,23 +1,39 @@
-// A journal file: the `local` persistence of an NVRAM device, and the vault format.
+// A journal file: the persistence of a `local` (or mirrored primary's) NVRAM device, and
+// the vault format.
 //
-//   header (64 bytes): "MSJOURN1", u32 version 1, u32 header size 64, u64 device size,
-//                      u64 created (ms), u32 CRC-32 of bytes 0..35, zero padding
-//   records back to back (record.ts), appended only
+//   version 2 (journals): a ring that reuses trimmed space
+//     block 0     header: "MSJOURN1", u32 version 2, u32 ring start 12288, u64 device
+//                 size, u64 created (ms), u64 ring size, u32 CRC-32 of bytes 0..39
+//     blocks 1-2  two pointer slots (the valid one of the higher generation counts):
+//                 where reading starts, the number of the first user record there, and
+//                 the epoch and trim point of every marker before it
+//     12288...    the ring: records back to back (record.ts); where the next one would
+//                 not leave room for a wrap marker before the ring's end, a wrap marker,
+//                 and on from the ring's start, over records that were trimmed
+//   version 1 (vaults, and journals of earlier versions, read and rewritten as version 2):
+//     a 64-byte header, then records back to back
+//
+// A place in the ring is a logical offset that only grows (ring offset = logical mod ring
+// size). The writer never writes past the pointer plus the ring size, so everything from
+// the pointer to the head is intact. When a batch would, the pointer moves first, to the
+// oldest record not trimmed, written to the other slot and made durable; so a torn slot
+// write leaves the older slot, whose records are all still there. When even that leaves
+// no room (the ring holds too much that is not trimmed), the file is rewritten with the
+// live records into a ring with room, by a new file renamed over it (a compaction). Zeros
+// are written ahead of the head in the first lap only (PREALLOCATE at a time), so an
+// append overwrites blocks that exist and its fdatasync has no block allocation or file
+// size to journal; after the first lap nothing is written but records and pointers.
 //
 // Group commit: appends queue up; one writer takes everything queued, writes it with one
-// positional write and one fdatasync, and only then releases each of those appenders.
-// When nothing unsynced precedes the batch, the write goes through a second descriptor
-// opened O_DSYNC instead: written and durable in one trip to libuv's thread pool, not two
-// (a test wrapping the sink to watch or break syncs sees write and fdatasync as before).
-// Deferred records (a write log's plain WRITEs) wait in the queue for the next batch.
-// An append that arrives during a sync waits for the next one, so no appender is ever
-// released by a sync that did not cover its record. A `mirrored` device appends without
-// waiting for a sync (its partner holds the record); the file is written in order, so the
-// next sync, or `flush`, covers those records as well.
-//
-// Space ahead of the tail is written with zeros in advance (PREALLOCATE at a time), so an
-// append overwrites blocks that already exist and its fdatasync has data to flush but no
-// block allocation or file size to journal; that made syncs several times cheaper here.
+// positional write (two across a wrap) and one fdatasync, and only then releases each of
+// those appenders. When nothing unsynced precedes the batch, the write goes through a
+// second descriptor opened O_DSYNC instead: written and durable in one trip to libuv's
+// thread pool, not two (a test wrapping the sink to watch or break syncs sees write and
+// fdatasync as before). Deferred records (a write log's plain WRITEs) wait in the queue
+// for the next batch. An append that arrives during a sync waits for the next one, so no
+// appender is ever released by a sync that did not cover its record. A `mirrored` device
+// appends without waiting for a sync (its partner holds the record); the file is written
+// in order, so the next sync, or `flush`, covers those records as well.
 //
 // A failed write or sync fences the file: the batch that failed and every append queued
 // after it are refused, and so is every later one, until `replace` has rewritten the
@@ -26,13 +42,13 @@
 // neither the failed batch nor anything before it in the file can be trusted until the
 // file is written anew (PostgreSQL's "fsyncgate").
 //
-// Recovery reads records from the start and stops at the first one that is incomplete,
-// fails its checksum, or does not continue the sequence (zeros of the preallocated tail
-// end it the same way). When nothing valid follows, that is a torn tail: a crash can
-// only tear what was written last (records are appended, never rewritten), and the file
-// is cut there, keeping every record whose append was acknowledged, in order. When a
-// valid record follows (`validAfter`), the damage is in the middle of the file: nothing
-// is cut, and the device manager takes the device offline (MS_NVRAM_DAMAGED).
+// Recovery reads records from the pointer and stops at the first one that is not whole,
+// fails its checksum, does not continue the numbers, or is a wrap marker of another lap.
+// What lies beyond is records of earlier laps (numbered lower) or a torn tail: a crash
+// can only tear what was written last. A user record elsewhere in the ring numbered
+// beyond the last one read (`validAfter`) means damage in the middle: nothing is cut, and
+// the device manager takes the device offline (MS_NVRAM_DAMAGED). docs/journal-format.md
+// is the normative description.
 
 import { constants, fdatasync as fsFdatasync } from 'node:fs';
 import { open, readFile, rename, rm, type FileHandle } from 'node:fs/promises';
@@ -42,23 +58,47 @@ import { RuntimeError, StorageError, asError } from '../errors.js';
 import { CREATE_NEW_FLAGS } from '../fs/meta-file.js';
 import { writeAllFd } from '../fs/positional-io.js';
 import { InFlight } from '../settle.js';
-import { MAX_PAYLOAD, MAX_TARGET_NAME, RECORD_FLAG, RECORD_HEADER, RECORD_MAGIC, decodeRecord, encodeRecord, recordSize, type JournalRecord } from '../protocol/journal/record.js';
+import { MAX_PAYLOAD, MAX_TARGET_NAME, RECORD_FLAG, RECORD_HEADER, RECORD_MAGIC, decodeRecord, encodeRecord, nowMicros, recordSize, type JournalRecord } from '../protocol/journal/record.js';
 
 export const FILE_MAGIC = Buffer.from('MSJOURN1');
+/** The header of a version 1 file: vaults, and journals written before version 2. */
 export const FILE_HEADER = 64;
-/** Zeros written ahead of the tail at a time. */
+/** Where a version 2 file's ring begins: a block for the header, then one per pointer slot. */
+export const RING_START = 3 * 4096;
+const SLOTS = [4096, 8192] as const;
+const SLOT_BYTES = 48;
+/** The least ring a journal gets; a device's ring holds at least twice its size. */
+export const RING_MIN = 16 * 1024 * 1024;
+/** Zeros written ahead of the tail at a time, during a ring's first lap. */
 export const PREALLOCATE = 4 * 1024 * 1024;
+/** A wrap marker: a record header and the u64 lap it ends. */
+const WRAP_BYTES = recordSize(8, 0);
+/** Where the pointer may move to is noted once per run of about this many bytes of records (a 16th of a smaller ring). */
+const RUN = 64 * 1024;
+const MARKERS = RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM | RECORD_FLAG.WRAP;
+const EMPTY = Buffer.alloc(0);
+
+/** The ring a new journal gets: at least `least`, and twice the device's size. */
+export function ringCapacity(deviceSize: number, least = RING_MIN): number {
+  return Math.ceil(Math.max(least, 2 * deviceSize) / 4096) * 4096;
+}
 
 /** What a journal file needs from the file system; tests wrap it to watch or break syncs. */
 export interface JournalSink {
   write(buf: Buffer, position: number): Promise<void>;
   datasync(): Promise<void>;
-  truncate(length: number): Promise<void>;
   close(): Promise<void>;
 }
 
 /** Writes `buf` at `position` and returns once it is durable: a write and a datasync in one. */
 type DurableWrite = (buf: Buffer, position: number) => Promise<void>;
+
+export interface JournalOptions {
+  /** Wraps every sink of the file: the fault-injection seam for tests. */
+  wrap?: (sink: JournalSink) => JournalSink;
+  /** The least ring of a new file (RING_MIN); tests make it small so that it wraps often. */
+  ring?: number;
+}
 
 /**
  * A sink on `handle` through libuv's callback API on its descriptor (cheaper than
@@ -74,7 +114,6 @@ function sinkOn(handle: FileHandle, inflight: InFlight): JournalSink {
   return {
     write: (buf, position) => inflight.track(writeAllFd(handle.fd, buf, position)),
     datasync: () => inflight.track(new Promise<void>((resolve, reject) => { fsFdatasync(handle.fd, (error) => { if (error === null) resolve(); else reject(error); }); })),
-    truncate: (length) => handle.truncate(length),
     close: async () => {
       await inflight.settled();
       await handle.close();
@@ -86,7 +125,7 @@ function sinkOn(handle: FileHandle, inflight: InFlight): JournalSink {
  * Opens the journal at `path` for appends. Unwrapped (no test watching its writes and
  * syncs), it also gets a second descriptor opened O_DSYNC: a batch that must be durable
  * and follows nothing unsynced is written through it, one trip to the thread pool
- * instead of a write and an fdatasync (the space is preallocated, so no metadata waits).
+ * instead of a write and an fdatasync (the space exists, so no metadata waits).
  */
 async function openSink(path: string, wrap: (sink: JournalSink) => JournalSink): Promise<{ sink: JournalSink; durable: DurableWrite | undefined }> {
   const handle = await open(path, 'r+');
@@ -109,36 +148,137 @@ async function openSink(path: string, wrap: (sink: JournalSink) => JournalSink):
   };
 }
 
+/** The header of a version 1 file (vaults). */
 export function encodeFileHeader(deviceSize: number, created: number): Buffer {
   const buf = Buffer.alloc(FILE_HEADER);
   FILE_MAGIC.copy(buf, 0);
   buf.writeUInt32BE(1, 8);
   buf.writeUInt32BE(FILE_HEADER, 12);
-  buf.writeBigUInt64BE(BigInt(deviceSize), 16);
-  buf.writeBigUInt64BE(BigInt(created), 24);
+  writeU64(buf, deviceSize, 16);
+  writeU64(buf, created, 24);
   buf.writeUInt32BE(crc32(buf.subarray(0, 32)), 32);
   return buf;
 }
 
-export interface Recovered {
-  records: JournalRecord[];
-  /** Bytes of valid journal (header included); anything after was cut. */
-  validLength: number;
-  /** Why reading stopped before the end of the file, if it did. */
-  stoppedBecause: string | undefined;
-  /**
-   * Set when reading stopped at a record that fails its checks or breaks the sequence
-   * and a valid record lies further on: damage in the middle of the file, not a torn
-   * tail. Where the first such record begins.
-   */
-  validAfter: number | undefined;
+function encodeRingHeader(deviceSize: number, created: number, capacity: number): Buffer {
+  const buf = Buffer.alloc(FILE_HEADER);
+  FILE_MAGIC.copy(buf, 0);
+  buf.writeUInt32BE(2, 8);
+  buf.writeUInt32BE(RING_START, 12);
+  writeU64(buf, deviceSize, 16);
+  writeU64(buf, created, 24);
+  writeU64(buf, capacity, 32);
+  buf.writeUInt32BE(crc32(buf.subarray(0, 40)), 40);
+  return buf;
 }
 
-/** Parses a whole journal file image. */
+/**
+ * A pointer slot of a version 2 file: reading starts at logical offset `at`, where the
+ * first user record has number `seq` (0: any); `epoch` and `trimmedTo` stand for every
+ * epoch and trim marker written before `at`. `gen` orders the two slots.
+ */
+interface Pointer {
+  gen: number;
+  at: number;
+  seq: number;
+  epoch: number;
+  trimmedTo: number;
+}
+
+function encodePointer(p: Pointer): Buffer {
+  const buf = Buffer.alloc(SLOT_BYTES);
+  writeU64(buf, p.gen, 0);
+  writeU64(buf, p.at, 8);
+  writeU64(buf, p.seq, 16);
+  writeU64(buf, p.epoch, 24);
+  writeU64(buf, p.trimmedTo, 32);
+  buf.writeUInt32BE(crc32(buf.subarray(0, 40)), 40);
+  return buf;
+}
+
+function decodePointer(image: Buffer, at: number): Pointer | undefined {
+  if (image.length < at + SLOT_BYTES) return undefined;
+  const view = image.subarray(at, at + SLOT_BYTES);
+  if (view.readUInt32BE(40) !== crc32(view.subarray(0, 40))) return undefined;
+  const [gen, ptr, seq, epoch, trimmedTo] = [0, 8, 16, 24, 32].map((o) => readU64(view, o)) as [number, number, number, number, number];
+  return gen >= 1 ? { gen, at: ptr, seq, epoch, trimmedTo } : undefined;
+}
+
+/** Where records are, by runs: the pointer may move to a run's start. */
+interface Run {
+  at: number;
+  /** Number of the run's first user record (0: none yet). */
+  first: number;
+  /** Number of its last user record (0: none). */
+  last: number;
+}
+
+function noteRun(runs: Run[], capacity: number, at: number, seq: number): void {
+  const run = runs.at(-1);
+  if (run === undefined || at - run.at >= Math.min(RUN, capacity >> 4)) {
+    runs.push({ at, first: seq, last: seq });
+    return;
+  }
+  if (seq === 0) return;
+  if (run.first === 0) run.first = seq;
+  run.last = seq;
+}
+
+/** What a writer needs to go on with a version 2 file. */
+export interface RingState {
+  deviceSize: number;
+  capacity: number;
+  pointer: Pointer;
+  /** Which slot holds `pointer`. */
+  slot: number;
+  /** Logical offset where the next record goes. */
+  head: number;
+  /** Number of the next user record (0: not known, any). */
+  expect: number;
+  epoch: number;
+  trimmedTo: number;
+  runs: Run[];
+  /** Bytes of file that exist. */
+  allocated: number;
+  /** File offsets of records beyond the last one read (damage): made unreadable before writing. */
+  ahead: number[];
+}
+
+export interface Recovered {
+  /** The file's format version; 0 without a valid header. */
+  version: number;
+  records: JournalRecord[];
+  /** The epoch and trim point of the markers a version 2 file's pointer stands for (zero otherwise). */
+  base: { epoch: number; trimmedTo: number };
+  /** Version 1: bytes of valid journal (header included). Version 2: where reading stopped. */
+  validLength: number;
+  /** Why reading stopped before the end (version 2: only when it is damage). */
+  stoppedBecause: string | undefined;
+  /**
+   * Set when a valid record lies beyond where reading stopped: damage in the middle of
+   * the file, not a torn tail. Where the first such record begins.
+   */
+  validAfter: number | undefined;
+  /** Version 2: where a writer goes on. */
+  ring: RingState | undefined;
+}
+
+/** Parses a whole journal or vault file image, of either version. */
 export function parseJournal(image: Buffer): Recovered {
+  if (image.length >= 12 && image.subarray(0, 8).equals(FILE_MAGIC)) {
+    const version = image.readUInt32BE(8);
+    if (version === 2) return parseRing(image);
+    if (version !== 1) return { version, records: [], base: { epoch: 0, trimmedTo: 0 }, validLength: 0, stoppedBecause: `journal format version ${version} is newer than this node reads`, validAfter: 0, ring: undefined };
+  }
+  return parseLinear(image);
+}
+
+/** Version 1: records back to back from offset 64. */
+function parseLinear(image: Buffer): Recovered {
+  const base = { epoch: 0, trimmedTo: 0 };
   if (image.length < FILE_HEADER || !image.subarray(0, 8).equals(FILE_MAGIC) || image.readUInt32BE(32) !== crc32(image.subarray(0, 32))) {
     // An empty file is no journal; a damaged header with records after it is damage.
-    return { records: [], validLength: 0, stoppedBecause: 'no valid journal header', validAfter: image.length === 0 ? undefined : nextValidRecord(image, -1) };
+    return { version: 0, records: [], base, validLength: 0, stoppedBecause: 'no valid journal header', validAfter: image.length === 0 ? undefined : nextValidRecord(image, -1), ring: undefined };
   }
   const records: JournalRecord[] = [];
   let at = FILE_HEADER;
@@ -159,7 +299,7 @@ export function parseJournal(image: Buffer): Recovered {
       break;
     }
     // Markers (epoch, trim) carry no sequence number of their own; user records must follow on.
-    const marker = (result.record.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) !== 0;
+    const marker = (result.record.flags & MARKERS) !== 0;
     if (!marker) {
       if (lastSeq !== undefined && result.record.seq !== lastSeq + 1) {
         stoppedBecause = `sequence jumps from ${lastSeq} to ${result.record.seq}`;
@@ -173,7 +313,129 @@ export function parseJournal(image: Buffer): Recovered {
   }
   // A record out of sequence is itself a valid record after the stop.
   const jumped = stoppedBecause?.startsWith('sequence jumps') === true;
-  return { records, validLength: at, stoppedBecause, validAfter: stoppedBecause === undefined ? undefined : jumped ? at : nextValidRecord(image, past(image, at)) };
+  const validAfter = stoppedBecause === undefined ? undefined : jumped ? at : nextValidRecord(image, past(image, at));
+  return { version: 1, records, base, validLength: at, stoppedBecause, validAfter, ring: undefined };
+}
+
+/**
+ * Version 2: from the newer valid pointer slot, records in order (across wrap markers)
+ * until one is not whole, fails its checks, does not continue the numbers, or is a wrap
+ * marker of another lap. What lies beyond is records of earlier laps (lower numbers,
+ * trimmed) or a torn tail; a user record anywhere else in the ring numbered beyond the
+ * last one read is damage.
+ */
+function parseRing(image: Buffer): Recovered {
+  const base = { epoch: 0, trimmedTo: 0 };
+  const capacity = image.length >= FILE_HEADER ? readU64(image, 32) : 0;
+  if (image.length < FILE_HEADER || image.readUInt32BE(40) !== crc32(image.subarray(0, 40)) || image.readUInt32BE(12) !== RING_START || capacity < 4 * WRAP_BYTES) {
+    return { version: 2, records: [], base, validLength: 0, stoppedBecause: 'no valid journal header', validAfter: nextValidRecord(image, -1), ring: undefined };
+  }
+  const slots = SLOTS.map((at) => decodePointer(image, at));
+  const slot = (slots[1]?.gen ?? 0) > (slots[0]?.gen ?? 0) ? 1 : 0;
+  const pointer = slots[slot];
+  if (pointer === undefined) {
+    return { version: 2, records: [], base, validLength: 0, stoppedBecause: 'no valid ring pointer', validAfter: nextValidRecord(image, RING_START - 1), ring: undefined };
+  }
+  const ring = image.subarray(RING_START, RING_START + capacity);
+  const records: JournalRecord[] = [];
+  const runs: Run[] = [];
+  // Ring offsets read, [from, to): a wrap leaves the rest of its lap unread.
+  const read: [number, number][] = [];
+  let at = pointer.at;
+  let from = at % capacity;
+  let to = from;
+  let expect = pointer.seq;
+  let epoch = pointer.epoch;
+  let trimmedTo = pointer.trimmedTo;
+  let stop: string | undefined;
+  while (at < pointer.at + capacity) {
+    const x = at % capacity;
+    const lap = Math.floor(at / capacity);
+    // Zeros written ahead in the first lap, or the end of the file: nothing more was written.
+    if (ring.length - x < 4 || ring.readUInt32BE(x) === 0) break;
+    const result = decodeRecord(ring, x);
+    if (!('record' in result)) {
+      stop = 'incomplete' in result ? 'torn record' : result.corrupt;
+      break;
+    }
+    const { record, size } = result;
+    if ((record.flags & RECORD_FLAG.WRAP) !== 0) {
+      if (record.payload.length !== 8 || readU64(record.payload, 0) !== lap) {
+        stop = 'a wrap marker of an earlier lap';
+        break;
+      }
+      read.push([from, x + size]);
+      at = (lap + 1) * capacity;
+      from = 0;
+      to = 0;
+      continue;
+    }
+    const user = (record.flags & MARKERS) === 0;
+    if (user) {
+      if (expect !== 0 && record.seq !== expect) {
+        stop = record.seq < expect ? `a record of an earlier lap (${record.seq} where ${expect} was next)` : `sequence jumps from ${expect - 1} to ${record.seq}`;
+        break;
+      }
+      expect = record.seq + 1;
+    } else if ((record.flags & RECORD_FLAG.EPOCH) !== 0) {
+      epoch = Math.max(epoch, markerValue(record));
+    } else {
+      trimmedTo = Math.max(trimmedTo, markerValue(record));
+    }
+    records.push({ ...record, payload: Buffer.from(record.payload) });
+    noteRun(runs, capacity, at, user ? record.seq : 0);
+    at += size;
+    to = x + size;
+  }
+  if (to > from) read.push([from, to]);
+  // Records beyond the last one read: user records there are damage; every record there
+  // (markers too) is made unreadable before a writer goes on, so none is ever read as new.
+  const damage = recordsBeyond(ring, read, expect, true).filter((b) => b.user).map((b) => RING_START + b.at);
+  const ahead = recordsBeyond(ring, read, expect, false).map((b) => RING_START + b.at);
+  return {
+    version: 2,
+    records,
+    base: { epoch: pointer.epoch, trimmedTo: pointer.trimmedTo },
+    validLength: RING_START + (at % capacity),
+    stoppedBecause: damage.length === 0 ? undefined : (stop ?? 'a gap of zeros'),
+    validAfter: damage.length === 0 ? undefined : Math.min(...damage),
+    ring: { deviceSize: readU64(image, 16), capacity, pointer, slot, head: at, expect, epoch, trimmedTo, runs, allocated: image.length, ahead },
+  };
+}
+
+/**
+ * Ring offsets of the records outside `read` numbered from `next` on (any, when `next` is
+ * 0): what a batch left when a later part of it reached the disk and an earlier part did
+ * not. Records of earlier laps are numbered lower. With `stepOver`, valid records and
+ * torn ones whose header is whole are stepped over, so that a record inside another's
+ * payload (a client may journal anything) is not taken for one of the ring's own (for
+ * telling damage from a torn tail); without, every place a record could begin is tried
+ * (for making them all unreadable, which costs nothing where one was not).
+ */
+function recordsBeyond(ring: Buffer, read: readonly [number, number][], next: number, stepOver: boolean): { at: number; user: boolean }[] {
+  const found: { at: number; user: boolean }[] = [];
+  let y = ring.indexOf(RECORD_MAGIC_BYTES);
+  while (y >= 0) {
+    const span = read.find(([a, b]) => y >= a && y < b);
+    let after = y + 1;
+    if (span !== undefined) {
+      after = span[1];
+    } else {
+      const result = decodeRecord(ring, y);
+      if ('record' in result) {
+        if (result.record.seq >= next) found.push({ at: y, user: (result.record.flags & MARKERS) === 0 });
+        if (stepOver) after = y + result.size;
+      } else if (stepOver) {
+        after = past(ring, y) + 1;
+      }
+    }
+    y = after >= ring.length ? -1 : ring.indexOf(RECORD_MAGIC_BYTES, after);
+  }
+  return found;
+}
+
+function markerValue(record: JournalRecord): number {
+  return record.payload.length >= 8 ? readU64(record.payload, 0) : 0;
 }
 
 const RECORD_MAGIC_BYTES = Buffer.from([0x4d, 0x53, 0x4a, 0x52]);
@@ -203,6 +465,57 @@ function nextValidRecord(image: Buffer, from: number): number | undefined {
   return undefined;
 }
 
+/**
+ * A new version 2 file holding `records` (encoded, back to back): epoch and trim markers
+ * go into the pointer, user records not trimmed into the ring, at its start. `carried`
+ * is what the markers may not say (a v1 file's trim point is in its markers).
+ */
+function ringFile(deviceSize: number, least: number, records: Buffer, extra = 0): { image: Buffer; state: RingState } {
+  let epoch = 0;
+  let trimmedTo = 0;
+  let next = 0;
+  const users: { seq: number; bytes: Buffer }[] = [];
+  for (let at = 0; at < records.length; ) {
+    const result = decodeRecord(records, at);
+    if (!('record' in result)) throw new RuntimeError('MS_INTERNAL', `journal rewrite: record at ${at} does not decode (${'corrupt' in result ? result.corrupt : 'incomplete'})`);
+    const { record, size } = result;
+    if ((record.flags & RECORD_FLAG.EPOCH) !== 0) epoch = Math.max(epoch, markerValue(record));
+    else if ((record.flags & RECORD_FLAG.TRIM) !== 0) trimmedTo = Math.max(trimmedTo, markerValue(record));
+    if ((record.flags & MARKERS) !== 0) {
+      // A marker's number is the next user record's when it was written.
+      next = Math.max(next, record.seq);
+    } else {
+      next = Math.max(next, record.seq + 1);
+      users.push({ seq: record.seq, bytes: records.subarray(at, at + size) });
+    }
+    at += size;
+  }
+  const kept = users.filter((u) => u.seq > trimmedTo);
+  const body = Buffer.concat(kept.map((u) => u.bytes));
+  const capacity = ringCapacity(Math.max(deviceSize, body.length + extra + WRAP_BYTES), least);
+  const pointer: Pointer = { gen: 1, at: 0, seq: kept[0]?.seq ?? (next === 0 ? 0 : Math.max(next, trimmedTo + 1)), epoch, trimmedTo };
+  const image = Buffer.alloc(RING_START + body.length);
+  encodeRingHeader(deviceSize, Date.now(), capacity).copy(image, 0);
+  encodePointer(pointer).copy(image, SLOTS[0]);
+  body.copy(image, RING_START);
+  const runs: Run[] = [];
+  let at = 0;
+  for (const u of kept) {
+    noteRun(runs, capacity, at, u.seq);
+    at += u.bytes.length;
+  }
+  const expect = kept.length > 0 ? (kept.at(-1)?.seq ?? 0) + 1 : pointer.seq;
+  return { image, state: { deviceSize, capacity, pointer, slot: 0, head: body.length, expect, epoch, trimmedTo, runs, allocated: image.length, ahead: [] } };
+}
+
+/** Where each record of a batch goes: contiguous pieces of the ring, with wrap markers. */
+interface Layout {
+  pieces: { at: number; parts: Buffer[]; length: number }[];
+  end: number;
+  /** Every record, for the runs, the numbers and the markers once written. */
+  notes: { at: number; flags: number; seq: number; value: number }[];
+}
+
 interface Waiter {
   buf: Buffer;
   /** Released only after an fdatasync that covers the record (false: once written). */
@@ -213,8 +526,8 @@ interface Waiter {
   reject: (error: Error) => void;
   /** A compaction instead of an append: keep user records after this sequence number. */
   compactAfter?: number;
-  /** A rewrite instead of an append: the file becomes this header and these records. */
-  replaceWith?: { deviceSize: number; records: Buffer };
+  /** A rewrite instead of an append: the file becomes these records (markers into its pointer). */
+  replaceWith?: Buffer;
 }
 
 export class JournalFile {
@@ -223,9 +536,10 @@ export class JournalFile {
   /** Write-and-sync in one (O_DSYNC), when the sink is not wrapped (openSink). */
   private durable: DurableWrite | undefined;
   private readonly wrap: (sink: JournalSink) => JournalSink;
-  private length: number;
-  /** Bytes of file that exist (header, records, and zeros written ahead). */
-  private allocated: number;
+  private readonly least: number;
+  private ring: RingState;
+  /** First run in `ring.runs` still needed. */
+  private runsFrom: number;
   private zeros: Buffer | undefined;
   private queue: Waiter[];
   private running: Promise<void> | undefined;
@@ -233,50 +547,68 @@ export class JournalFile {
   private unsynced: boolean;
   /** Syncs done; for tests and metrics. */
   syncs: number;
+  /** Times the pointer moved on (the ring reused trimmed space); for tests and metrics. */
+  pointerMoves: number;
+  /** Times the file was rewritten into a new ring; for tests and metrics. */
+  rewrites: number;
   /** Why the file is fenced (a write or sync failed), until `replace` rewrites it. */
   private fencedBy: Error | undefined;
   /** Set once `close` began: nothing more is queued. */
   private closing: boolean;
 
-  constructor(path: string, sink: JournalSink, length: number, wrap: (sink: JournalSink) => JournalSink = (x) => x, durable?: DurableWrite) {
+  private constructor(path: string, sink: JournalSink, durable: DurableWrite | undefined, options: JournalOptions, ring: RingState) {
     this.path = path;
     this.sink = sink;
     this.durable = durable;
-    this.wrap = wrap;
-    this.length = length;
-    this.allocated = length;
+    this.wrap = options.wrap ?? ((s) => s);
+    this.least = options.ring ?? RING_MIN;
+    this.ring = ring;
+    this.runsFrom = 0;
     this.zeros = undefined;
     this.queue = [];
     this.running = undefined;
     this.unsynced = false;
     this.syncs = 0;
+    this.pointerMoves = 0;
+    this.rewrites = 0;
     this.fencedBy = undefined;
     this.closing = false;
   }
 
-  /** Creates a new, empty journal file (replacing any at `path`) and syncs it. */
-  static async create(path: string, deviceSize: number, wrap: (sink: JournalSink) => JournalSink = (s) => s): Promise<JournalFile> {
-    const tmp = `${path}.tmp`;
-    const handle = await openTempFile(tmp);
-    await handle.writeFile(encodeFileHeader(deviceSize, Date.now()));
-    await handle.datasync();
-    await handle.close();
-    await rename(tmp, path);
+  /**
+   * Creates a new journal file (replacing any at `path`, by rename) holding `records`
+   * (encoded, back to back; epoch and trim markers go into its pointer), synced.
+   */
+  static async create(path: string, deviceSize: number, options: JournalOptions & { records?: Buffer } = {}): Promise<JournalFile> {
+    const wrap = options.wrap ?? ((s) => s);
+    const { image, state } = ringFile(deviceSize, options.ring ?? RING_MIN, options.records ?? EMPTY);
+    await writeNew(`${path}.tmp`, image, wrap);
+    await rename(`${path}.tmp`, path);
     await syncDir(path);
-    return JournalFile.openExisting(path, FILE_HEADER, wrap);
+    const { sink, durable } = await openSink(path, wrap);
+    return new JournalFile(path, sink, durable, options, state);
   }
 
-  /** Opens a journal whose first `validLength` bytes are known good, cutting the rest. */
-  static async openExisting(path: string, validLength: number, wrap: (sink: JournalSink) => JournalSink = (s) => s): Promise<JournalFile> {
-    const { sink, durable } = await openSink(path, wrap);
+  /**
+   * Goes on with the journal at `path` after recovery (`recovered` is parseJournal of its
+   * contents). A version 2 file goes on where reading stopped; records beyond it (damage
+   * the caller accepted) are made unreadable first, so they never pass for new ones. Any
+   * other file (version 1, or none) is rewritten as version 2 holding what was recovered.
+   */
+  static async open(path: string, recovered: Recovered, deviceSize: number, options: JournalOptions = {}): Promise<JournalFile> {
+    const ring = recovered.ring;
+    if (ring === undefined) return JournalFile.create(path, deviceSize, { ...options, records: Buffer.concat(recovered.records.map((r) => encodeRecord(r))) });
+    const { sink, durable } = await openSink(path, options.wrap ?? ((s) => s));
     try {
-      await sink.truncate(validLength);
-      await sink.datasync();
+      if (ring.ahead.length > 0) {
+        for (const at of ring.ahead) await sink.write(Buffer.alloc(4), at);
+        await sink.datasync();
+      }
     } catch (error) {
       await sink.close().catch(() => undefined);
       throw error;
     }
-    return new JournalFile(path, sink, validLength, wrap, durable);
+    return new JournalFile(path, sink, durable, options, { ...ring, ahead: [] });
   }
 
   /**
@@ -310,7 +642,7 @@ export class JournalFile {
 
   /** Resolves once everything appended so far is covered by an fdatasync. */
   flush(): Promise<void> {
-    return this.append(Buffer.alloc(0), true);
+    return this.append(EMPTY, true);
   }
 
   /** The failure that fenced the file, or undefined while it takes appends. */
@@ -318,29 +650,35 @@ export class JournalFile {
     return this.fencedBy;
   }
 
+  /** Bytes of ring the file's readers go through now (from the pointer to the head). */
+  get span(): number {
+    return this.ring.head - this.ring.pointer.at;
+  }
+
+  /** The ring's size in bytes. */
+  get capacity(): number {
+    return this.ring.capacity;
+  }
+
   /**
-   * Rewrites the whole file as `records` (encoded, back to back) behind a new header, by
-   * a new file synced and renamed over this one, and lifts a fence. It takes its turn in
-   * the queue: appends queued before it are written (or refused) first.
+   * Rewrites the whole file as `records` (encoded, back to back; markers go into the
+   * pointer), by a new file synced and renamed over this one, and lifts a fence. It takes
+   * its turn in the queue: appends queued before it are written (or refused) first.
    */
-  replace(deviceSize: number, records: Buffer): Promise<void> {
-    return this.enqueue({ buf: Buffer.alloc(0), sync: true, replaceWith: { deviceSize, records } });
-  }
-
-  /** Bytes of journal in the file (header and records; preallocated zeros not counted). */
-  get size(): number {
-    return this.length;
+  replace(records: Buffer): Promise<void> {
+    return this.enqueue({ buf: EMPTY, sync: true, replaceWith: records });
   }
 
   /**
-   * Rewrites the file with only what is still needed: the latest epoch and trim markers
-   * and the user records after `trimmedTo`. It takes its turn in the append queue, so
-   * every append queued before it is in the old file (and so in the new one), and every
-   * append queued after it goes to the new file. The new file replaces the old one by
-   * rename, so a crash leaves one or the other, both whole.
+   * Rewrites the file with only what is still needed: the user records after
+   * `trimmedTo`, the epoch and trim point in the pointer. The ring does this by itself
+   * when it holds too much that is not trimmed to take a batch; it takes its turn in the
+   * append queue, so every append queued before it is in the old file (and so in the new
+   * one), and every append queued after it goes to the new file. The new file replaces
+   * the old one by rename, so a crash leaves one or the other, both whole.
    */
   compact(trimmedTo: number): Promise<void> {
-    return this.enqueue({ buf: Buffer.alloc(0), sync: true, compactAfter: trimmedTo });
+    return this.enqueue({ buf: EMPTY, sync: true, compactAfter: trimmedTo });
   }
 
   /**
@@ -364,47 +702,46 @@ export class JournalFile {
     if (failure !== undefined) throw failure;
   }
 
-  private async rewrite(trimmedTo: number): Promise<void> {
-    const image = await readFile(this.path);
-    const parsed = parseJournal(image.subarray(0, this.length));
-    // Everything up to this.length was written whole: a record that does not read back is
+  /** Reads the file back and rewrites it with the user records after `trimmedTo`, in a ring with room for `extra` more bytes. */
+  private async rewrite(trimmedTo: number, extra = 0): Promise<void> {
+    const parsed = parseJournal(await readFile(this.path));
+    // Everything up to the head was written whole: a record that does not read back is
     // damage. Refuse, which fences the file, and the device rewrites it from memory.
-    if (parsed.stoppedBecause !== undefined) {
-      throw new StorageError('MS_MEDIUM_IO', `journal ${this.path}: compaction found the file damaged at byte ${parsed.validLength} (${parsed.stoppedBecause})`);
+    // (Reading may go on past the head over an epoch or trim marker of an earlier lap, which
+    // markers' numbers are not checked for: its value is one the pointer already stands for.)
+    if (parsed.ring === undefined || parsed.ring.head < this.ring.head || parsed.validAfter !== undefined) {
+      throw new StorageError('MS_MEDIUM_IO', `journal ${this.path}: compaction found the file damaged at byte ${parsed.validLength} (${parsed.stoppedBecause ?? 'records end before the head'})`);
     }
-    const { records } = parsed;
-    let epoch: JournalRecord | undefined;
-    let trim: JournalRecord | undefined;
-    const keep: Buffer[] = [];
-    for (const r of records) {
-      if ((r.flags & RECORD_FLAG.EPOCH) !== 0) epoch = r;
-      else if ((r.flags & RECORD_FLAG.TRIM) !== 0) trim = r;
-      else if (r.seq > trimmedTo) keep.push(encodeRecord(r));
-    }
-    const markers = [epoch, trim].filter((r): r is JournalRecord => r !== undefined).map((r) => encodeRecord(r));
-    await this.install(`${this.path}.compact`, Buffer.concat([encodeFileHeader(image.length >= 24 ? Number(image.readBigUInt64BE(16)) : 0, Date.now()), ...markers, ...keep]));
+    const trim = Math.max(trimmedTo, this.ring.trimmedTo, parsed.ring.trimmedTo);
+    const keep = parsed.records.filter((r) => (r.flags & MARKERS) === 0 && r.seq > trim).map((r) => encodeRecord(r));
+    const markers = [this.marker(RECORD_FLAG.EPOCH, Math.max(this.ring.epoch, parsed.ring.epoch)), this.marker(RECORD_FLAG.TRIM, trim)];
+    await this.install(`${this.path}.compact`, Buffer.concat([...markers, ...keep]), extra);
+  }
+
+  /** A marker record for a rewrite, numbered as the next user record. */
+  private marker(flag: number, value: number): Buffer {
+    const payload = Buffer.alloc(8);
+    writeU64(payload, value, 0);
+    return encodeRecord({ seq: this.ring.expect, timestamp: nowMicros(), epoch: this.ring.epoch, flags: flag, target: undefined, payload });
   }
 
   /**
-   * Writes `body` to a new file at `tmp` and syncs it, then renames it over the journal,
-   * syncs the directory and continues on it. Every write and sync goes through the sink
-   * wrapper, so tests can fail them as they fail appends.
+   * Writes `records` as a new file at `tmp` and syncs it, then renames it over the
+   * journal, syncs the directory and continues on it. Every write and sync goes through
+   * the sink wrapper, so tests can fail them as they fail appends.
    */
-  private async install(tmp: string, body: Buffer): Promise<void> {
-    const out = this.wrap(fileSink(await openTempFile(tmp)));
-    try {
-      await out.write(body, 0);
-      await out.datasync();
-    } finally {
-      await out.close();
-    }
+  private async install(tmp: string, records: Buffer, extra = 0): Promise<void> {
+    const { image, state } = ringFile(this.ring.deviceSize, Math.max(this.least, this.ring.capacity), records, extra);
+    await writeNew(tmp, image, this.wrap);
     await this.sink.close().catch(() => undefined); // a fenced file's handle may be broken
     await rename(tmp, this.path);
     await syncDir(this.path);
     ({ sink: this.sink, durable: this.durable } = await openSink(this.path, this.wrap));
-    this.length = body.length;
-    this.allocated = body.length;
+    // A record without a number of its own (the file had none yet) keeps what was known.
+    this.ring = { ...state, expect: state.expect === 0 ? this.ring.expect : state.expect };
+    this.runsFrom = 0;
     this.unsynced = false;
+    this.rewrites++;
   }
 
   private fenceError(): StorageError {
@@ -418,36 +755,133 @@ export class JournalFile {
     this.running ??= Promise.resolve().then(() => this.drain());
   }
 
-  /** Writes zeros from the allocated end to past `needed`, and makes them durable. */
+  /** Where the records of `bufs` go from the head on; undefined if one could never fit in the ring. */
+  private layout(bufs: readonly Buffer[]): Layout | undefined {
+    const { capacity } = this.ring;
+    const pieces: Layout['pieces'] = [];
+    const notes: Layout['notes'] = [];
+    let at = this.ring.head;
+    let expect = this.ring.expect;
+    const put = (buf: Buffer): void => {
+      const piece = pieces.at(-1);
+      // A piece never runs past the ring's end: what follows a wrap is a piece of its own.
+      if (piece !== undefined && piece.at + piece.length === at && at % capacity !== 0) {
+        piece.parts.push(buf);
+        piece.length += buf.length;
+      } else {
+        pieces.push({ at, parts: [buf], length: buf.length });
+      }
+      at += buf.length;
+    };
+    for (const buf of bufs) {
+      for (let o = 0; o < buf.length; ) {
+        const size = recordSize(buf.readUInt32BE(o + 32), buf.readUInt16BE(o + 36));
+        if (size + WRAP_BYTES > capacity) return undefined;
+        const lap = Math.floor(at / capacity);
+        if ((at % capacity) + size + WRAP_BYTES > capacity) {
+          // Not room for the record and a wrap marker after it: go on at the ring's start.
+          const payload = Buffer.alloc(8);
+          writeU64(payload, lap, 0);
+          put(encodeRecord({ seq: expect, timestamp: nowMicros(), epoch: this.ring.epoch, flags: RECORD_FLAG.WRAP, target: undefined, payload }));
+          at = (lap + 1) * capacity;
+        }
+        const flags = buf.readUInt16BE(o + 6);
+        const seq = readU64(buf, o + 8);
+        const marker = (flags & MARKERS) !== 0;
+        notes.push({ at, flags, seq, value: marker && size >= RECORD_HEADER + 8 ? readU64(buf, o + RECORD_HEADER) : 0 });
+        if (!marker) expect = seq + 1;
+        put(buf.subarray(o, o + size));
+        o += size;
+      }
+    }
+    return { pieces, end: at, notes };
+  }
+
+  /** Moves the pointer to the oldest record not trimmed, if that makes room up to `end`. */
+  private async makeRoom(end: number): Promise<boolean> {
+    const { runs } = this.ring;
+    while (this.runsFrom < runs.length && (runs[this.runsFrom]?.last ?? 0) <= this.ring.trimmedTo) this.runsFrom++;
+    if (this.runsFrom === runs.length) {
+      // Every run let go of: the next record starts a new one (none may join a run let go of).
+      this.ring.runs = [];
+      this.runsFrom = 0;
+    } else if (this.runsFrom > 1024 && this.runsFrom * 2 > runs.length) {
+      this.ring.runs = runs.slice(this.runsFrom);
+      this.runsFrom = 0;
+    }
+    const run = this.ring.runs[this.runsFrom];
+    const at = run?.at ?? this.ring.head;
+    if (end > at + this.ring.capacity) return false;
+    const pointer: Pointer = { gen: this.ring.pointer.gen + 1, at, seq: run?.first ?? this.ring.expect, epoch: this.ring.epoch, trimmedTo: this.ring.trimmedTo };
+    const slot = this.ring.slot === 0 ? 1 : 0;
+    const buf = encodePointer(pointer);
+    // Durable before any byte of what it lets go of is written over.
+    if (this.durable !== undefined) {
+      await this.durable(buf, SLOTS[slot]);
+    } else {
+      await this.sink.write(buf, SLOTS[slot]);
+      await this.sink.datasync();
+      this.unsynced = false;
+    }
+    this.ring.pointer = pointer;
+    this.ring.slot = slot;
+    this.pointerMoves++;
+    return true;
+  }
+
+  /** Writes zeros from the allocated end to past `needed` (within the ring), and makes them durable. */
   private async preallocate(needed: number): Promise<void> {
-    const target = needed + PREALLOCATE;
+    const target = Math.min(RING_START + this.ring.capacity, needed + PREALLOCATE);
     this.zeros ??= Buffer.alloc(1024 * 1024);
-    while (this.allocated < target) {
-      const n = Math.min(this.zeros.length, target - this.allocated);
-      await this.sink.write(this.zeros.subarray(0, n), this.allocated);
-      this.allocated += n;
+    while (this.ring.allocated < target) {
+      const n = Math.min(this.zeros.length, target - this.ring.allocated);
+      await this.sink.write(this.zeros.subarray(0, n), this.ring.allocated);
+      this.ring.allocated += n;
     }
     await this.sink.datasync();
   }
 
-  /** Writes a batch at the end, and makes it and everything before it durable when `sync`. */
-  private async writeBatch(buf: Buffer, sync: boolean): Promise<void> {
-    if (sync && buf.length > 0 && !this.unsynced && this.durable !== undefined) {
+  /** Writes a batch at the head, and makes it and everything before it durable when `sync`. */
+  private async writeBatch(bufs: readonly Buffer[], sync: boolean): Promise<void> {
+    let layout = this.layout(bufs);
+    if (layout === undefined || layout.end > this.ring.pointer.at + this.ring.capacity) {
+      if (layout === undefined || !(await this.makeRoom(layout.end))) {
+        // The ring holds too much that is not trimmed: a new file, with room.
+        await this.rewrite(this.ring.trimmedTo, bufs.reduce((n, b) => n + b.length, 0) * 2);
+      }
+      layout = this.layout(bufs);
+      if (layout === undefined || layout.end > this.ring.pointer.at + this.ring.capacity) throw new RuntimeError('MS_INTERNAL', `journal ${this.path}: no room in the ring after a rewrite`);
+    }
+    const { capacity } = this.ring;
+    const physical = (at: number) => RING_START + (at % capacity);
+    const reach = Math.max(0, ...layout.pieces.map((p) => physical(p.at) + p.length));
+    if (reach > this.ring.allocated) await this.preallocate(reach);
+    const one = layout.pieces.length === 1 ? layout.pieces[0] : undefined;
+    if (sync && one !== undefined && !this.unsynced && this.durable !== undefined) {
       // Nothing unsynced before it: the batch written durably covers all there is.
-      await this.durable(buf, this.length);
-      this.length += buf.length;
+      await this.durable(one.parts.length === 1 ? (one.parts[0] ?? EMPTY) : Buffer.concat(one.parts, one.length), physical(one.at));
       this.syncs++;
-      return;
+    } else {
+      for (const p of layout.pieces) await this.sink.write(p.parts.length === 1 ? (p.parts[0] ?? EMPTY) : Buffer.concat(p.parts, p.length), physical(p.at));
+      if (layout.pieces.length > 0) this.unsynced = true;
+      if (sync && this.unsynced) {
+        await this.sink.datasync();
+        this.syncs++;
+        this.unsynced = false;
+      }
     }
-    if (buf.length > 0) await this.sink.write(buf, this.length);
-    this.length += buf.length;
-    if (sync && (buf.length > 0 || this.unsynced)) {
-      await this.sink.datasync();
-      this.syncs++;
-      this.unsynced = false;
-    } else if (buf.length > 0) {
-      this.unsynced = true;
+    for (const n of layout.notes) {
+      if ((n.flags & MARKERS) === 0) {
+        this.ring.expect = n.seq + 1;
+      } else {
+        // A marker's number is the next user record's when it was written.
+        this.ring.expect = Math.max(this.ring.expect, n.seq);
+        if ((n.flags & RECORD_FLAG.EPOCH) !== 0) this.ring.epoch = Math.max(this.ring.epoch, n.value);
+        else this.ring.trimmedTo = Math.max(this.ring.trimmedTo, n.value);
+      }
+      noteRun(this.ring.runs, this.ring.capacity, n.at, (n.flags & MARKERS) === 0 ? n.seq : 0);
     }
+    this.ring.head = layout.end;
   }
 
   private async drain(): Promise<void> {
@@ -457,7 +891,7 @@ export class JournalFile {
         if (next?.replaceWith !== undefined) {
           this.queue.shift();
           try {
-            await this.install(`${this.path}.rebuild`, Buffer.concat([encodeFileHeader(next.replaceWith.deviceSize, Date.now()), next.replaceWith.records]));
+            await this.install(`${this.path}.rebuild`, next.replaceWith);
             this.fencedBy = undefined;
             next.resolve();
           } catch (error) {
@@ -490,17 +924,13 @@ export class JournalFile {
         // Only deferred records are queued: they wait for whatever comes next.
         if (cut < 0 && batch.every((w) => w.deferred === true)) break;
         this.queue = cut < 0 ? [] : this.queue.slice(cut);
-        const buf = batch.length === 1 ? (batch[0]?.buf ?? Buffer.alloc(0)) : Buffer.concat(batch.map((w) => w.buf));
-        const start = this.length;
         try {
-          if (this.length + buf.length > this.allocated) await this.preallocate(this.length + buf.length);
-          await this.writeBatch(buf, batch.some((w) => w.sync));
+          await this.writeBatch(batch.map((w) => w.buf), batch.some((w) => w.sync));
         } catch (error) {
           const failure = new StorageError('MS_MEDIUM_IO', `journal ${this.path}: write or sync failed: ${(error as Error).message}`, { cause: error });
           // Fence: what the file holds from here (and, after a failed sync, before) is
           // unknown until the device rewrites it from memory.
           this.fencedBy = failure;
-          this.length = start;
           for (const w of batch) w.reject(failure);
           continue;
         }
@@ -515,6 +945,56 @@ export class JournalFile {
       this.running = undefined;
     }
   }
+}
+
+/** Writes `image` to a new file at `path` (see openTempFile) and makes it durable. */
+async function writeNew(path: string, image: Buffer, wrap: (sink: JournalSink) => JournalSink): Promise<void> {
+  const out = wrap(fileSink(await openTempFile(path)));
+  try {
+    await out.write(image, 0);
+    await out.datasync();
+  } finally {
+    await out.close();
+  }
+}
+
+function writeU64(buf: Buffer, value: number, at: number): void {
+  buf.writeBigUInt64BE(BigInt(value), at);
+}
+
+function readU64(buf: Buffer, at: number): number {
+  return Number(buf.readBigUInt64BE(at));
+}
+
+/**
+ * Drops what a damaged journal holds beyond where reading stops (what MS_NVRAM_DAMAGED
+ * reports), so that a node loads the records before it: an operator's decision, with the
+ * node stopped. Version 1 is cut there; version 2 has the magic of every record beyond
+ * the last one read written over with zeros. Returns what reading keeps and how many
+ * records were dropped; throws when the file has no valid header (nothing to keep).
+ */
+export async function cutJournal(path: string): Promise<{ version: number; kept: number; lastSeq: number | undefined; dropped: number }> {
+  const recovered = parseJournal(await readFile(path));
+  if (recovered.version !== 1 && recovered.ring === undefined) {
+    throw new RuntimeError('MS_NVRAM_DAMAGED', `${path}: ${recovered.stoppedBecause ?? 'not a journal file'}; there is nothing before the damage to keep`);
+  }
+  const users = recovered.records.filter((r) => (r.flags & MARKERS) === 0);
+  const handle = await open(path, 'r+');
+  let dropped = 0;
+  try {
+    if (recovered.ring !== undefined) {
+      for (const at of recovered.ring.ahead) await handle.write(Buffer.alloc(4), 0, 4, at);
+      dropped = recovered.ring.ahead.length;
+    } else {
+      const image = await handle.readFile();
+      for (let at = image.indexOf(RECORD_MAGIC_BYTES, recovered.validLength); at >= 0; at = image.indexOf(RECORD_MAGIC_BYTES, at + 1)) if ('record' in decodeRecord(image, at)) dropped++;
+      await handle.truncate(recovered.validLength);
+    }
+    await handle.datasync();
+  } finally {
+    await handle.close();
+  }
+  return { version: recovered.version, kept: users.length, lastSeq: users.at(-1)?.seq, dropped };
 }
 
 /**

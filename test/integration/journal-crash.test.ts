@@ -1,8 +1,8 @@
 // Crash loops of NVRAM journals around the file rewrites (issue 11):
 //
-//   compaction  a `local` device whose writers append and trim all the time, so its
-//               journal file passes 16 MiB and is rewritten again and again; kill -9 at
-//               random moments. Every acknowledged record not covered by a trim
+//   ring        a `local` device whose writers append and trim all the time, so its
+//               journal's ring (16 MiB) wraps again and again, its pointer moving on over
+//               trimmed records; kill -9 at random moments. Every acknowledged record not covered by a trim
 //               (one sent but unanswered at the kill may have taken effect) comes back
 //               intact, in order, and nothing never written.
 //   vault       a `volatile` device stopped cleanly (SIGTERM writes its vault) and killed
@@ -38,7 +38,7 @@ async function readAll(c: RmemClient, journal: Journal): Promise<Awaited<ReturnT
   }
 }
 
-test('kill -9 while a local journal is appended, trimmed and compacted: every acknowledged, untrimmed record comes back', async (t) => {
+test('kill -9 while a local journal is appended and trimmed, its ring wrapping: every acknowledged, untrimmed record comes back', async (t) => {
   const dir = await tempDir(t);
   const acked = new Map<number, string>();
   const attempted = new Set<string>();
@@ -48,7 +48,7 @@ test('kill -9 while a local journal is appended, trimmed and compacted: every ac
   const cycles = SOAK ? 20 : 3;
   for (let cycle = 0; cycle < cycles; cycle++) {
     const seed = (Date.now() ^ (cycle * 7919)) >>> 0;
-    console.log(`# journal compaction crash cycle ${cycle}: seed ${seed}`);
+    console.log(`# journal ring crash cycle ${cycle}: seed ${seed}`);
     const n = await startNode({ cwd: dir });
     t.after(() => n.stop('SIGKILL'));
     if (cycle === 0) await createDevice(n, 'c', '2MiB', 'local');
@@ -63,7 +63,7 @@ test('kill -9 while a local journal is appended, trimmed and compacted: every ac
     for (const [seq, hex] of acked) {
       if (seq > trimSent) assert.equal(bySeq.get(seq), hex, `cycle ${cycle} (seed ${seed}): acknowledged record ${seq} lost or changed (trimmed to ${trimmedTo}, trim sent to ${trimSent})`);
     }
-    // Appenders and a trimmer, so the file grows past 16 MiB and is compacted, until killed.
+    // Appenders and a trimmer, so the ring wraps and its pointer moves on, until killed.
     let stop = false;
     let k = 0;
     const writers = Array.from({ length: 16 }, async () => {

@@ -9,7 +9,7 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { connect } from 'node:net';
 import { join } from 'node:path';
 import { RmemClient, type Journal } from '../../src/client/rmem-client.js';
-import { FILE_HEADER, parseJournal } from '../../src/nvram/journal-file.js';
+import { journalKeeping } from '../support/faults.js';
 import { encodeRecord } from '../../src/protocol/journal/record.js';
 import * as m from '../../src/protocol/mirror/codec.js';
 import { FrameParser, type Frame } from '../../src/protocol/rmem/parser.js';
@@ -181,9 +181,7 @@ test('a mirrored primary that lost records in a crash waits for its partner, the
   await a.stop('SIGKILL');
   // The OS lost the file's unsynced tail (as after a power cut): keep its first 60 records.
   const path = join(dirA, 'memstrata-data', 'nvram', 'm.journal');
-  const image = await readFile(path);
-  const kept = parseJournal(image).records.filter((r) => r.flags !== 0 || r.seq <= 60);
-  await writeFile(path, Buffer.concat([image.subarray(0, FILE_HEADER), ...kept.map((r) => encodeRecord(r))]));
+  await writeFile(path, journalKeeping(await readFile(path), (r) => r.flags !== 0 || r.seq <= 60));
   // The partner stops cleanly meanwhile; its replica goes to the vault.
   assert.equal(await b.stop('SIGTERM'), 0);
 

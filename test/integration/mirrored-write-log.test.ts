@@ -11,8 +11,9 @@ import { createHash } from 'node:crypto';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { NbdClient } from '../../src/client/nbd-client.js';
-import { FILE_HEADER, parseJournal } from '../../src/nvram/journal-file.js';
-import { RECORD_FLAG, encodeRecord } from '../../src/protocol/journal/record.js';
+import { parseJournal } from '../../src/nvram/journal-file.js';
+import { journalKeeping } from '../support/faults.js';
+import { RECORD_FLAG } from '../../src/protocol/journal/record.js';
 import type { VolumeInfo } from '../../src/protocol/admin/api.js';
 import { freePort, startNode, tempDir, type NodeProcess } from '../support/node-process.js';
 import { nvramDevice, until } from '../support/nvram-probe.js';
@@ -150,9 +151,8 @@ test('mirrored write log: FUA writes and writes before a FLUSH survive kill -9 a
   const image = await readFile(path);
   const { records } = parseJournal(image);
   const lastMarker = records.findLastIndex((r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) !== 0);
-  const kept = records.slice(0, lastMarker + 1);
-  console.log(`# journal cut after its last marker: ${records.length - kept.length} records only the partner holds`);
-  await writeFile(path, Buffer.concat([image.subarray(0, FILE_HEADER), ...kept.map((r) => encodeRecord(r))]));
+  console.log(`# journal cut after its last marker: ${records.length - lastMarker - 1} records only the partner holds`);
+  await writeFile(path, journalKeeping(image, (_, i) => i <= lastMarker));
   // The partner stops cleanly meanwhile; its replica goes to its vault.
   assert.equal(await b.stop('SIGTERM'), 0);
 
@@ -206,8 +206,7 @@ test('a mirrored write log whose partner is gone for good: the volume waits, unt
   const { records } = parseJournal(image);
   const user = records.filter((r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) === 0);
   assert.equal(user.length, 16);
-  const keep = records.filter((r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) !== 0 || r.seq <= (user[7]?.seq ?? 0));
-  await writeFile(path, Buffer.concat([image.subarray(0, FILE_HEADER), ...keep.map((r) => encodeRecord(r))]));
+  await writeFile(path, journalKeeping(image, (r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) !== 0 || r.seq <= (user[7]?.seq ?? 0)));
   assert.equal(await b.stop('SIGTERM'), 0);
 
   let again = await startA();

@@ -6,7 +6,7 @@
 //   faultyFiles(plan)         a data-file opener for DataStore: read, write, datasync, truncate
 //   FaultyMedium(inner, plan) a Medium: read, write, zero
 //   PowerCut                  a data-file opener that knows what a power cut would keep
-//   faultyJournal(plan)       a JournalSink wrapper: write, datasync, truncate
+//   faultyJournal(plan)       a JournalSink wrapper: write, datasync
 //
 // Ops are named `<prefix>.<call>` (e.g. `store.write`, `store.datasync`, `dram.read`);
 // a rule matches by name and by the call's number (1-based, counted per name).
@@ -15,7 +15,8 @@ import { open } from 'node:fs/promises';
 import type { MediumName } from '../../src/kinds.js';
 import type { Medium, MediumCapabilities } from '../../src/memory/medium.js';
 import type { StoreFile, StoreFileOpener } from '../../src/storage/data-store.js';
-import type { JournalSink } from '../../src/nvram/journal-file.js';
+import { encodeFileHeader, parseJournal, type JournalSink } from '../../src/nvram/journal-file.js';
+import { RECORD_FLAG, encodeRecord, type JournalRecord } from '../../src/protocol/journal/record.js';
 
 export type FaultKind = 'EIO' | 'ENOSPC' | 'short';
 
@@ -128,7 +129,7 @@ export function faultyFiles(plan: FaultPlan, prefix = 'store'): StoreFileOpener 
 
 /**
  * Wraps a journal file's sink (JournalFile's `wrap` argument) so that its calls fail or
- * wait per the plan: ops `<prefix>.write`, `<prefix>.datasync`, `<prefix>.truncate`. A
+ * wait per the plan: ops `<prefix>.write` and `<prefix>.datasync`. A
  * short write writes the first half and fails with ENOSPC, as a disk that filled up.
  */
 export function faultyJournal(plan: FaultPlan, prefix = 'journal'): (sink: JournalSink) => JournalSink {
@@ -147,11 +148,6 @@ export function faultyJournal(plan: FaultPlan, prefix = 'journal'): (sink: Journ
       const fault = await plan.enter(`${prefix}.datasync`);
       if (fault !== undefined) throw errnoError(fault === 'ENOSPC' ? 'ENOSPC' : 'EIO', 'fdatasync');
       return sink.datasync();
-    },
-    async truncate(length) {
-      const fault = await plan.enter(`${prefix}.truncate`);
-      if (fault !== undefined) throw errnoError('EIO', 'ftruncate');
-      return sink.truncate(length);
     },
     close: () => sink.close(),
   });
@@ -264,4 +260,19 @@ export class PowerCut {
     };
     return file;
   };
+}
+
+/**
+ * A journal file image as a power cut may leave it: the records of `image` for which
+ * `keep` holds, after the epoch and trim point its pointer stands for. Written as a
+ * version 1 file, which a node reads and rewrites as version 2 at start.
+ */
+export function journalKeeping(image: Buffer, keep: (record: JournalRecord, index: number, records: readonly JournalRecord[]) => boolean): Buffer {
+  const { records, base } = parseJournal(image);
+  const marker = (flags: number, value: number): Buffer => {
+    const payload = Buffer.alloc(8);
+    payload.writeBigUInt64BE(BigInt(value));
+    return encodeRecord({ seq: 0, timestamp: 0, epoch: base.epoch, flags, target: undefined, payload });
+  };
+  return Buffer.concat([encodeFileHeader(0, 0), marker(RECORD_FLAG.EPOCH, base.epoch), marker(RECORD_FLAG.TRIM, base.trimmedTo), ...records.filter(keep).map((r) => encodeRecord(r))]);
 }

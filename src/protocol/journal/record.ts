@@ -7,7 +7,9 @@
 //                bit 3 zero (a journaled TRIM or WRITE_ZEROES: payload is the u64 length),
 //                bit 4 void (the number of an append that failed: no target, no payload),
 //                bit 5 writer (the payload begins with 16 bytes: the writer's 8-byte id and
-//                its u64 sequence number, which a retried append is recognised by)
+//                its u64 sequence number, which a retried append is recognised by),
+//                bit 6 wrap (journal files of version 2 only: the ring goes on at its
+//                start; payload is the u64 lap it ends)
 //   8      8     sequence number
 //   16     8     timestamp, microseconds since the Unix epoch
 //   24     8     epoch of the writer
@@ -31,7 +33,7 @@ export const RECORD_HEADER = 56;
 export const MAX_PAYLOAD = 16 * 1024 * 1024;
 export const MAX_TARGET_NAME = 64;
 
-export const RECORD_FLAG = { TARGET: 1 << 0, EPOCH: 1 << 1, TRIM: 1 << 2, ZERO: 1 << 3, VOID: 1 << 4, WRITER: 1 << 5 } as const;
+export const RECORD_FLAG = { TARGET: 1 << 0, EPOCH: 1 << 1, TRIM: 1 << 2, ZERO: 1 << 3, VOID: 1 << 4, WRITER: 1 << 5, WRAP: 1 << 6 } as const;
 
 /** Bytes of the writer fields at the start of a WRITER record's stored payload. */
 export const WRITER_FIELDS = 16;

@@ -53,7 +53,6 @@ class JournalPowerCut {
         w.bytes.copy(this.durable, w.position);
       }
     },
-    truncate: (length) => sink.truncate(length),
     close: () => sink.close(),
   });
 }
@@ -62,7 +61,7 @@ async function localDevice(path: string, policy: 'local' | 'mirrored+local' = 'l
   const created = await JournalFile.create(path, SIZE);
   await created.close();
   const power = new JournalPowerCut(path);
-  const journal = await JournalFile.openExisting(path, power.durable.length, power.wrap);
+  const journal = await JournalFile.open(path, parseJournal(power.durable), SIZE, { wrap: power.wrap });
   const medium = new DramMedium({ capacity: SIZE, extentSize: E });
   await medium.open();
   const device = new NvramDevice({ name: 'wl', size: SIZE, policy, medium, extents: Array.from({ length: 16 }, (_, i) => i * E), extentSize: E, journal });

@@ -1,25 +1,25 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { lstat, mkdtemp, readdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
+import { lstat, mkdtemp, readdir, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pino from 'pino';
 import { DramMedium } from '../../../src/memory/dram-medium.js';
 import { PartitionTable } from '../../../src/memory/partition-table.js';
 import { DeviceManager } from '../../../src/nvram/device-manager.js';
-import { RECORD_FLAG, decodeOne } from '../../../src/protocol/journal/record.js';
-import { parseJournal } from '../../../src/nvram/journal-file.js';
+import { decodeOne } from '../../../src/protocol/journal/record.js';
+import { RING_START, cutJournal, parseJournal } from '../../../src/nvram/journal-file.js';
 
 const E = 64 * 1024;
 const log = pino({ level: 'silent' });
 
-async function manager(dir: string, compactAt?: number): Promise<{ devices: DeviceManager; partition: PartitionTable }> {
+async function manager(dir: string, journalRing?: number): Promise<{ devices: DeviceManager; partition: PartitionTable }> {
   const medium = new DramMedium({ capacity: 32 * E, extentSize: E });
   await medium.open();
   const partition = new PartitionTable([
     { name: 'dram', capacity: 32 * E, extentSize: E, initial: { cache: 0, server: 0, nvram: 8 * E }, bounds: { cache: { min: 0, max: 32 * E }, server: { min: 0, max: 32 * E }, nvram: { min: 0, max: 16 * E } } },
   ]);
-  const devices = new DeviceManager({ dataDir: dir, partition, media: [medium], log, ...(compactAt === undefined ? {} : { compactAt }) });
+  const devices = new DeviceManager({ dataDir: dir, partition, media: [medium], log, ...(journalRing === undefined ? {} : { journalRing }) });
   await devices.open();
   return { devices, partition };
 }
@@ -164,7 +164,7 @@ test('create, remove and bad input give coded errors; removal frees the extents'
     await devices.close();
   }));
 
-test('local journal files are compacted after trims, and stay readable across a crash', () =>
+test('a local journal\'s ring reuses trimmed space: the file stays its ring\'s size over many laps, and a crash reads back exactly the live records', () =>
   withDir(async (dir) => {
     const { devices } = await manager(dir, 256 * 1024);
     await devices.create('c', E, 'local');
@@ -177,9 +177,9 @@ test('local journal files are compacted after trims, and stay readable across a 
       last = acks.at(-1)!.seq;
       if (round < 59) await device.trim(3, last - 2); // keep the two newest of each round
     }
-    const journalBytes = parseJournal(await readFile(path)).validLength;
-    assert.ok(journalBytes < 300 * 1024, `the journal holds ${journalBytes} bytes, not ~2 MB`);
-    // No clean stop: the compacted file must stand on its own.
+    const { size } = await stat(path);
+    assert.equal(size, RING_START + 256 * 1024, `the journal file is ${size} bytes: its ring, not the ~2 MB appended`);
+    // No clean stop: the ring must stand on its own.
     const again = await manager(dir, 256 * 1024);
     const restored = again.devices.get('c');
     assert.equal(restored.epoch, 3);
@@ -329,7 +329,7 @@ test('a replica taken over while its old primary still mirrors: the old primary 
     await again.devices.close();
   }));
 
-test('a journal damaged in the middle is not cut: the device stays offline with MS_NVRAM_DAMAGED, the file untouched, until the operator cuts it where the message says', () =>
+test('a journal damaged in the middle is not cut: the device stays offline with MS_NVRAM_DAMAGED, the file untouched, until the operator cuts it as the message says', () =>
   withDir(async (dir) => {
     // Issue 11 item 1: recovery cut a bad record in the middle of a file, and every acknowledged record after it, silently.
     const { devices } = await manager(dir);
@@ -349,9 +349,9 @@ test('a journal damaged in the middle is not cut: the device stays offline with 
     assert.ok((await readFile(path)).equals(image), 'the file is kept as it was');
     await assert.rejects(again.devices.create('l', 4 * E, 'local'), { code: 'MS_META_DAMAGED' });
     await again.devices.close();
-    // The operator cuts the file where the message says, and the records before it serve.
-    const cutAt = Number((damaged?.error.details as { damagedAt?: number } | undefined)?.damagedAt);
-    await writeFile(path, image.subarray(0, cutAt));
+    // The operator cuts the file as the message says, and the records before it serve.
+    assert.match(damaged?.error.message ?? '', /memstrata nvram cut-journal /);
+    assert.deepEqual(await cutJournal(path), { version: 2, kept: 4, lastSeq: 4, dropped: 5 }, 'records 6 to 10 are dropped (5, damaged, no longer reads)');
     const cut = await manager(dir);
     assert.deepEqual(await payloads(cut.devices, 'l'), ['record 1', 'record 2', 'record 3', 'record 4']);
     await cut.devices.close();
@@ -423,32 +423,3 @@ test('a mirrored journal damaged in the middle (a power cut can leave holes in i
     await again.devices.close();
   }));
 
-test('compaction that finds its file damaged refuses; the device rewrites the file from memory and goes on, every live record kept', () =>
-  withDir(async (dir) => {
-    const { devices } = await manager(dir, 16 * 1024);
-    await devices.create('l', E, 'local'); // compacted once the file passes 2 x 64 KiB
-    const device = devices.get('l');
-    const append = async (n: number) => {
-      for (let i = 0; i < n; i++) await device.append(0, [{ payload: Buffer.alloc(1000, device.lastSeq % 250) }]);
-    };
-    for (let round = 0; round < 3; round++) {
-      await append(30);
-      await device.trim(0, device.lastSeq - 5);
-    }
-    await append(30); // records 91 to 120: the file is just under the compaction size
-    // Damage a record in the file under the device (as a failing disk might).
-    const path = join(dir, 'nvram', 'l.journal');
-    const image = await readFile(path);
-    const at = parseJournal(image).validLength - 3 * 1056 + 100;
-    image[at] = (image[at] ?? 0) ^ 0xff;
-    await writeFile(path, image);
-    await append(10);
-    await assert.rejects(device.trim(0, 125), { code: 'MS_MEDIUM_IO', message: /compaction found the file damaged/ });
-    const [next] = await device.append(0, [{ payload: Buffer.from('after the repair') }]);
-    assert.equal(next?.seq, 131);
-    const recovered = parseJournal(await readFile(path));
-    assert.equal(recovered.stoppedBecause, undefined);
-    const live = recovered.records.filter((r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) === 0).map((r) => r.seq);
-    assert.deepEqual(live, [126, 127, 128, 129, 130, 131], 'the live records, rewritten from memory');
-    await devices.close();
-  }));

@@ -30,7 +30,7 @@ async function medium(): Promise<DramMedium> {
 }
 
 async function device(path: string, plan: FaultPlan, policy: 'local' | 'mirrored+local' = 'local'): Promise<NvramDevice> {
-  const journal = await JournalFile.create(path, SIZE, faultyJournal(plan));
+  const journal = await JournalFile.create(path, SIZE, { wrap: faultyJournal(plan) });
   return new NvramDevice({ name: 'j', size: SIZE, policy, medium: await medium(), extents: [0, E, 2 * E, 3 * E], extentSize: E, journal });
 }
 

@@ -58,6 +58,39 @@ test('frozen fixture: a torn tail is cut at the last whole record', async () => 
   assert.deepEqual(parsed.records.map((r) => r.seq), [1, 1, 2]);
 });
 
+test('frozen fixture: v2-ring.journal (format version 2, a ring in its third lap, its pointer moved three times) reads back exactly', async () => {
+  const parsed = parseJournal(await readFile(new URL('v2-ring.journal', FIXTURES)));
+  assert.equal(parsed.version, 2);
+  assert.equal(parsed.validAfter, undefined);
+  assert.deepEqual(parsed.base, { epoch: 4, trimmedTo: 32 });
+  assert.deepEqual(parsed.ring?.pointer, { gen: 4, at: 15498, seq: 33, epoch: 4, trimmedTo: 32 });
+  assert.equal(parsed.ring?.head, 19187);
+  assert.equal(parsed.ring?.capacity, 8192);
+  const summary = parsed.records.map((r) => [r.seq, r.timestamp, r.epoch, r.flags, r.target?.volume ?? null, r.target?.offset ?? null, r.payload.length]);
+  const T = 1795000000000000;
+  assert.deepEqual(summary, [
+    [33, T + 33, 4, 0, 'default', 33 * 4096, 321],
+    [34, T + 34, 4, 0, null, null, 358],
+    [35, T + 35, 4, 0, null, null, 395],
+    [36, T + 36, 4, RECORD_FLAG.TRIM, null, null, 8],
+    [36, T + 36, 4, 0, 'default', 36 * 4096, 432],
+    [37, T + 37, 4, 0, null, null, 469],
+    [38, T + 38, 4, 0, null, null, 306],
+    [39, T + 39, 4, 0, 'default', 39 * 4096, 343],
+    [40, T + 40, 4, 0, null, null, 380],
+    [41, T + 41, 4, RECORD_FLAG.TRIM, null, null, 8],
+  ]);
+  assert.equal(parsed.records[3]?.payload.readBigUInt64BE(0), 32n);
+  assert.ok(parsed.records[4]?.payload.every((b) => b === 36));
+});
+
+test('frozen fixture: v2-torn.journal, the same ring with its last record torn, reads back to the record before it, with no damage', async () => {
+  const parsed = parseJournal(await readFile(new URL('v2-torn.journal', FIXTURES)));
+  assert.equal(parsed.validAfter, undefined);
+  assert.deepEqual(parsed.records.filter((r) => r.flags === 0).map((r) => r.seq), [33, 34, 35, 36, 37, 38, 39]);
+  assert.equal(parsed.ring?.head, 18687);
+});
+
 test('a record that breaks the sequence ends recovery there', () => {
   const image = Buffer.concat([
     encodeFileHeader(1 << 20, 0),
@@ -96,7 +129,6 @@ function watching(delay: () => number): { written: Set<number>; synced: Set<numb
       await sink.datasync();
       for (const seq of covers) synced.add(seq);
     },
-    truncate: (n) => sink.truncate(n),
     close: () => sink.close(),
   });
   return { written, synced, watch };
@@ -107,7 +139,7 @@ test('group commit: no appender is released by a sync that did not cover its rec
   t.after(() => rm(dir, { recursive: true, force: true }));
   // Random delays, so writes and syncs of different batches interleave.
   const { synced, watch } = watching(() => Math.random() * 3);
-  const journal = await JournalFile.create(join(dir, 'j.journal'), 1 << 20, watch);
+  const journal = await JournalFile.create(join(dir, 'j.journal'), 1 << 20, { wrap: watch });
   const syncsBefore = journal.syncs;
   let nextSeq = 1;
   const appends = Array.from({ length: 60 }, (_, i) =>
@@ -132,7 +164,7 @@ test('a failed sync fences the journal: the batch and every later append are ref
   const dir = await mkdtemp(join(tmpdir(), 'memstrata-journal-'));
   t.after(() => rm(dir, { recursive: true, force: true }));
   const plan = new FaultPlan();
-  const journal = await JournalFile.create(join(dir, 'j.journal'), 1 << 20, faultyJournal(plan));
+  const journal = await JournalFile.create(join(dir, 'j.journal'), 1 << 20, { wrap: faultyJournal(plan) });
   const rec = (seq: number) => encodeRecord({ seq, timestamp: seq, epoch: 0, flags: 0, target: undefined, payload: Buffer.from(`r${seq}`) });
   await journal.append(rec(1));
   plan.fail({ op: 'journal.datasync', fault: 'EIO' });
@@ -144,10 +176,10 @@ test('a failed sync fences the journal: the batch and every later append are ref
   assert.ok(journal.fenced !== undefined);
   // A rewrite that fails too leaves the fence up.
   plan.fail({ op: 'journal.datasync', fault: 'EIO' });
-  await assert.rejects(journal.replace(1 << 20, rec(1)), { code: 'MS_MEDIUM_IO' });
+  await assert.rejects(journal.replace(rec(1)), { code: 'MS_MEDIUM_IO' });
   await assert.rejects(journal.append(rec(2)), { message: /fenced/ });
   // A rewrite from what the device holds lifts it.
-  await journal.replace(1 << 20, rec(1));
+  await journal.replace(rec(1));
   assert.equal(journal.fenced, undefined);
   await journal.append(rec(2));
   await journal.close();
@@ -161,7 +193,7 @@ test('appends without sync are released once written; flush and the next synced 
   const dir = await mkdtemp(join(tmpdir(), 'memstrata-journal-'));
   t.after(() => rm(dir, { recursive: true, force: true }));
   const { written, synced, watch } = watching(() => 0);
-  const journal = await JournalFile.create(join(dir, 'j.journal'), 1 << 20, watch);
+  const journal = await JournalFile.create(join(dir, 'j.journal'), 1 << 20, { wrap: watch });
   const record = (seq: number) => encodeRecord({ seq, timestamp: seq, epoch: 0, flags: 0, target: undefined, payload: Buffer.alloc(100, seq) });
   const syncs = journal.syncs;
   await Promise.all([1, 2, 3].map((seq) => journal.append(record(seq), false)));
@@ -215,7 +247,7 @@ test('once close began, the journal takes nothing more: a record deferred then i
   await kept;
   assert.deepEqual(parseJournal(await readFile(path)).records.map((r) => r.seq), [1, 2]);
 
-  // A device whose trim would compact its journal, closed while the trim runs.
+  // A device whose small ring wraps (its pointer moving on), closed while a trim runs.
   const pino = (await import('pino')).default;
   const { DramMedium } = await import('../../../src/memory/dram-medium.js');
   const { PartitionTable } = await import('../../../src/memory/partition-table.js');
@@ -228,7 +260,7 @@ test('once close began, the journal takes nothing more: a record deferred then i
     { name: 'dram', capacity: 16 * MiB, extentSize: MiB, initial: { cache: 0, server: 0, nvram: 8 * MiB }, bounds: { cache: { min: 0, max: 16 * MiB }, server: { min: 0, max: 0 }, nvram: { min: 0, max: 16 * MiB } } },
   ]);
   const devicesDir = join(dir, 'node');
-  const nvram = new DeviceManager({ dataDir: devicesDir, partition, media: [medium], log: pino({ level: 'silent' }), compactAt: 64 * 1024 });
+  const nvram = new DeviceManager({ dataDir: devicesDir, partition, media: [medium], log: pino({ level: 'silent' }), journalRing: 64 * 1024 });
   await nvram.open();
   await nvram.create('d', MiB, 'local');
   const device = nvram.get('d');
@@ -274,7 +306,7 @@ test('the O_DSYNC write of an unwrapped journal: a batch that must be durable go
   assert.equal(journal.syncs, syncsBefore, 'a failed durable write counts as no sync');
   fail = false;
   await assert.rejects(journal.append(rec(2)), { message: /fenced/ }, 'fenced until rewritten');
-  await journal.replace(1 << 20, rec(1));
+  await journal.replace(rec(1));
   await journal.append(rec(2));
   await journal.close();
   assert.deepEqual(parseJournal(await readFile(path)).records.map((r) => r.payload.toString()), ['r1', 'r2']);

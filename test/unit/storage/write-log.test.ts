@@ -73,7 +73,7 @@ const DEVICE = 4 * E;
 const silent = pino({ level: 'silent' });
 
 async function localDevice(path: string, plan = new FaultPlan()): Promise<NvramDevice> {
-  const journal = await JournalFile.create(path, DEVICE, faultyJournal(plan));
+  const journal = await JournalFile.create(path, DEVICE, { wrap: faultyJournal(plan) });
   const medium = new DramMedium({ capacity: DEVICE, extentSize: E });
   await medium.open();
   return new NvramDevice({ name: 'wl', size: DEVICE, policy: 'local', medium, extents: [0, E, 2 * E, 3 * E], extentSize: E, journal });
