@@ -350,6 +350,35 @@ export class NodeMetrics {
       },
     });
     new Gauge({
+      name: 'memstrata_nvram_journal_bytes',
+      help: 'Each NVRAM journal file\'s ring (what=ring) and the part of it a restart reads, from its pointer to its head (what=span).',
+      labelNames: ['device', 'what'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        for (const d of sources.nvram()) {
+          if (d.journal === null) continue;
+          this.set({ device: d.name, what: 'ring' }, d.journal.ringBytes);
+          this.set({ device: d.name, what: 'span' }, d.journal.spanBytes);
+        }
+      },
+    });
+    new Gauge({
+      name: 'memstrata_nvram_journal_events',
+      help: 'Per NVRAM journal file, since it was opened (at start, or when a replica became primary): durable batch writes (what=syncs), moves of its pointer over trimmed records (what=pointer_moves), rewrites into a new ring (what=rewrites).',
+      labelNames: ['device', 'what'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        for (const d of sources.nvram()) {
+          if (d.journal === null) continue;
+          this.set({ device: d.name, what: 'syncs' }, d.journal.syncs);
+          this.set({ device: d.name, what: 'pointer_moves' }, d.journal.pointerMoves);
+          this.set({ device: d.name, what: 'rewrites' }, d.journal.rewrites);
+        }
+      },
+    });
+    new Gauge({
       name: 'memstrata_nvram_last_seq',
       help: 'Last acknowledged sequence number of each NVRAM device.',
       labelNames: ['device'],

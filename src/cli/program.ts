@@ -625,9 +625,10 @@ export function renderNvram(devices: readonly DeviceInfo[]): string {
     d.firstSeq === null ? '-' : String(d.firstSeq),
     d.lastSeq === null ? '-' : String(d.lastSeq),
     String(d.epoch),
+    d.journal === null ? '-' : `${humanSize(d.journal.spanBytes)} of ${formatSize(d.journal.ringBytes)}`,
     d.diverged === undefined || d.diverged === 0 ? d.state : `${d.state}, diverged (${d.diverged})`,
   ]);
-  return `NVRAM devices\n${textTable(['NAME', 'POLICY', 'ROLE', 'MIRROR', 'MEDIUM', 'SIZE', 'USED', 'FIRST SEQ', 'LAST SEQ', 'EPOCH', 'STATE'], rows, [5, 6, 7, 8, 9])}`;
+  return `NVRAM devices\n${textTable(['NAME', 'POLICY', 'ROLE', 'MIRROR', 'MEDIUM', 'SIZE', 'USED', 'FIRST SEQ', 'LAST SEQ', 'EPOCH', 'JOURNAL', 'STATE'], rows, [5, 6, 7, 8, 9])}`;
 }
 
 export function renderVolumes(volumes: readonly VolumeJson[]): string {

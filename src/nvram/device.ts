@@ -615,6 +615,7 @@ export class NvramDevice {
       state: this.closed ? 'closed' : this.failure !== undefined ? 'failed' : this.recovering ? 'recovering' : 'ready',
       role: this.roleValue,
       mirror: this.roleValue === 'primary' ? (this.port?.mode() ?? null) : null,
+      journal: this.journal?.info() ?? null,
     };
   }
 

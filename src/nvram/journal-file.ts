@@ -58,6 +58,7 @@ import { RuntimeError, StorageError, asError } from '../errors.js';
 import { CREATE_NEW_FLAGS } from '../fs/meta-file.js';
 import { writeAllFd } from '../fs/positional-io.js';
 import { InFlight } from '../settle.js';
+import type { JournalFileInfo } from '../protocol/admin/api.js';
 import { MAX_PAYLOAD, MAX_TARGET_NAME, RECORD_FLAG, RECORD_HEADER, RECORD_MAGIC, decodeRecord, encodeRecord, nowMicros, recordSize, type JournalRecord } from '../protocol/journal/record.js';
 
 export const FILE_MAGIC = Buffer.from('MSJOURN1');
@@ -650,14 +651,14 @@ export class JournalFile {
     return this.fencedBy;
   }
 
-  /** Bytes of ring the file's readers go through now (from the pointer to the head). */
-  get span(): number {
-    return this.ring.head - this.ring.pointer.at;
-  }
-
   /** The ring's size in bytes. */
   get capacity(): number {
     return this.ring.capacity;
+  }
+
+  /** What the file has done, for `memstrata nvram list` and the metrics. */
+  info(): JournalFileInfo {
+    return { ringBytes: this.ring.capacity, spanBytes: this.ring.head - this.ring.pointer.at, syncs: this.syncs, pointerMoves: this.pointerMoves, rewrites: this.rewrites };
   }
 
   /**

@@ -52,6 +52,11 @@ test('journal over rmem: open, append with targets, read, trim, info; a full dev
   const dump = (await (await fetch(`${n.url}/v1/nvram/j/records?from=11&max=2`)).json()) as { records: { seq: number; payload: string }[] };
   // The 32 appends left in order on one connection, so record 3 + i carries r{i}.
   assert.deepEqual(dump.records.map((r) => [r.seq, Buffer.from(r.payload, 'base64').toString()]), [[11, 'r8'], [12, 'r9']]);
+  // The journal file shows in the metrics: a 16 MiB ring (the least), and its syncs.
+  const metrics = await (await fetch(`${n.url}/metrics`)).text();
+  assert.match(metrics, /memstrata_nvram_journal_bytes\{device="j",what="ring"\} 16777216/);
+  const syncs = Number(/memstrata_nvram_journal_events\{device="j",what="syncs"\} (\d+)/.exec(metrics)?.[1]);
+  assert.ok(syncs >= 2 && syncs <= 36, `${syncs} journal syncs for 35 appends, a trim and the open`);
 });
 
 test('fencing between clients: after a newer open, the older one cannot append, and nothing it sent shows', async (t) => {

@@ -70,12 +70,27 @@ export interface DeviceInfo {
   role: Role;
   /** How appends are protected now; null for devices that are not mirrored, and for replicas. */
   mirror: MirrorMode | null;
+  /** The device's journal file (format version 2, a ring); null for a device without one. */
+  journal: JournalFileInfo | null;
   /**
    * Journals of this node kept aside when the partner's copy replaced them
    * (nvram/<name>.diverged-*): they may hold records acknowledged here that the partner
    * never had. Set by the device list.
    */
   diverged?: number;
+}
+
+export interface JournalFileInfo {
+  /** Bytes of the ring. */
+  ringBytes: number;
+  /** Bytes of ring from the pointer to the head: what a restart reads. */
+  spanBytes: number;
+  /** Group-committed writes made durable (fdatasync, or a write through O_DSYNC). */
+  syncs: number;
+  /** Times the pointer moved on over trimmed records. */
+  pointerMoves: number;
+  /** Times the file was rewritten into a new ring (too full of records not trimmed). */
+  rewrites: number;
 }
 
 export type OnPartnerDown = 'degrade' | 'refuse';

@@ -179,6 +179,8 @@ test('a local journal\'s ring reuses trimmed space: the file stays its ring\'s s
     }
     const { size } = await stat(path);
     assert.equal(size, RING_START + 256 * 1024, `the journal file is ${size} bytes: its ring, not the ~2 MB appended`);
+    const journal = device.info().journal;
+    assert.ok(journal !== null && journal.ringBytes === 256 * 1024 && journal.pointerMoves >= 6 && journal.rewrites === 0, JSON.stringify(journal));
     // No clean stop: the ring must stand on its own.
     const again = await manager(dir, 256 * 1024);
     const restored = again.devices.get('c');
