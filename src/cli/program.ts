@@ -3,6 +3,7 @@
 // MEMSTRATA_ADMIN_TOKEN) for a node with admin.token. Errors print one
 // line, `memstrata: CODE: message`, and exit 2 for misuse, 1 for everything else.
 
+import { basename, dirname, resolve } from 'node:path';
 import { Command, CommanderError, Option } from 'commander';
 import { MisuseError, isMemstrataError } from '../errors.js';
 import type { AllocationTableJson, DamagedJson, DivergedJson, GuestInfoJson, GuestsJson, JournalHolderJson, KeptAsideJson, NodeInfo, OrphanJson, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson } from '../protocol/admin/api.js';
@@ -15,6 +16,7 @@ import { formatSize, humanSize, parseAddress } from '../units.js';
 import { VERSION } from '../version.js';
 import { AdminClient, DEFAULT_ADMIN_URL } from '../client/admin-client.js';
 import { startNodeCommand } from './node-start.js';
+import { DataDirLock } from '../node/lock.js';
 import { textTable } from '../text-table.js';
 
 export interface Output {
@@ -184,10 +186,21 @@ export function buildProgram(output: Output = processOutput): Command {
   nvram
     .command('cut-journal <file>')
     .description('with the node stopped: drop what a damaged journal file holds beyond where reading stops (MS_NVRAM_DAMAGED names the file), so the node loads the records before it; copy the file aside first to keep what is dropped')
+    .option('--dry-run', 'say what would be dropped, change nothing')
     .addOption(jsonOption())
-    .action(async (file: string, options: { json?: boolean }) => {
-      const result = await cutJournal(file);
-      output.out(options.json === true ? JSON.stringify(result, null, 2) : `${file}: ${result.dropped} record(s) beyond the damage dropped; ${result.kept} record(s) kept, the last numbered ${result.lastSeq ?? '-'}`);
+    .action(async (file: string, options: { dryRun?: boolean; json?: boolean }) => {
+      // A journal in a data directory (<dataDir>/nvram/NAME.journal) is cut only while no
+      // node runs there: the node's lock is taken for the while (MS_NODE_LOCKED otherwise).
+      const dir = dirname(resolve(file));
+      const lock = basename(dir) === 'nvram' ? new DataDirLock(dirname(dir)) : undefined;
+      await lock?.acquire();
+      try {
+        const result = await cutJournal(file, options.dryRun === true);
+        const verb = options.dryRun === true ? 'would be dropped (dry run: nothing changed)' : 'dropped';
+        output.out(options.json === true ? JSON.stringify({ ...result, dryRun: options.dryRun === true }, null, 2) : `${file}: ${result.dropped} record(s) beyond the damage ${verb}; ${result.kept} record(s) kept, the last numbered ${result.lastSeq ?? '-'}`);
+      } finally {
+        await lock?.release();
+      }
     });
   nvram
     .command('rm <name>')

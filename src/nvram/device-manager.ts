@@ -26,7 +26,7 @@
 // link (mirroring.ts, mirror-service.ts). A client that opens a replica with a newer
 // epoch takes it over: it is promoted, gets a journal file, and mirrors back.
 
-import { copyFile, mkdir, readFile, readdir, rename, rm } from 'node:fs/promises';
+import { copyFile, mkdir, readdir, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { MisuseError, RuntimeError, StorageError, isMemstrataError, toMemstrataError } from '../errors.js';
 import type { MetaFs } from '../fs/meta-file.js';
@@ -39,7 +39,7 @@ import type { PartitionTable } from '../memory/partition-table.js';
 import type { Logger } from '../logger.js';
 import { formatSize } from '../units.js';
 import { NvramDevice, POLICIES, isMirrored, type DeviceInfo, type Policy } from './device.js';
-import { JournalFile, encodeFileHeader, openTempFile, parseJournal, syncDir, type JournalOptions, type JournalSink, type Recovered } from './journal-file.js';
+import { JournalFile, MAX_JOURNALED_DEVICE, encodeFileHeader, openTempFile, parseJournal, readJournalFile, syncDir, type JournalOptions, type JournalSink, type Recovered } from './journal-file.js';
 import { RECORD_FLAG, type JournalRecord } from '../protocol/journal/record.js';
 
 const NAME_PATTERN = DEVICE_NAME_PATTERN;
@@ -298,6 +298,9 @@ export class DeviceManager {
       if (!POLICIES.includes(policy)) throw new MisuseError('MS_NVRAM_INVALID', `invalid policy "${policy}": expected one of ${POLICIES.join(', ')}`);
       if (!this.media.has(medium)) throw new MisuseError('MS_NVRAM_INVALID', `this node has no ${medium} medium`);
       if (!Number.isSafeInteger(size) || size < 4096) throw new MisuseError('MS_NVRAM_INVALID', `invalid device size ${size}: expected at least 4096 bytes`);
+      if (policy !== 'volatile' && size > MAX_JOURNALED_DEVICE) {
+        throw new MisuseError('MS_NVRAM_INVALID', `invalid device size ${size}: a ${policy} device keeps a journal file and holds at most ${MAX_JOURNALED_DEVICE} bytes (1 GiB)`);
+      }
       if (this.devices.has(name)) throw new MisuseError('MS_NVRAM_EXISTS', `NVRAM device "${name}" already exists`);
       this.refuseDamaged(name);
       const extentSize = this.partition.extentSize(medium);
@@ -375,7 +378,7 @@ export class DeviceManager {
   async divergedRecords(name: string, fromSeq: number, max: number): Promise<{ file: string; records: JournalRecord[] }> {
     const file = (await this.divergedOf(name)).at(-1);
     if (file === undefined) throw new MisuseError('MS_NVRAM_NOT_FOUND', `NVRAM device ${name} has no diverged journal kept aside`, { details: { name } });
-    const records = parseJournal(await readFile(file)).records.filter((r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) === 0 && r.seq >= fromSeq);
+    const records = parseJournal((await readJournalFile(file)) ?? Buffer.alloc(0)).records.filter((r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) === 0 && r.seq >= fromSeq);
     return { file, records: records.slice(0, max) };
   }
 
@@ -399,12 +402,12 @@ export class DeviceManager {
     const medium = this.medium(meta.medium);
     const extentSize = this.partition.extentSize(meta.medium);
     const extents = await this.takeExtents(meta, extentSize);
+    let journal: JournalFile | undefined;
     try {
       const journalPath = deviceFile(this.dir, meta.name, '.journal');
       const vaultPath = deviceFile(this.dir, meta.name, '.vault');
       const role = meta.role ?? 'primary';
       const hasFile = meta.policy !== 'volatile' && role === 'primary';
-      let journal: JournalFile | undefined;
       let records: JournalRecord[] = [];
       let base = { epoch: 0, trimmedTo: 0 };
       let recovering = false;
@@ -460,7 +463,10 @@ export class DeviceManager {
       });
       await device.restore(records, base);
       // After a clean stop the vault is the truth; a primary's journal file is rewritten from it.
-      if (vaulted && hasFile) device.promote(await this.rebuildJournal(device));
+      if (vaulted && hasFile) {
+        journal = await this.rebuildJournal(device);
+        device.promote(journal);
+      }
       device.recovering = recovering;
       device.nodeOwned = role === 'replica' && meta.nodeOwned === true;
       await rm(vaultPath, { force: true });
@@ -475,6 +481,8 @@ export class DeviceManager {
       );
       return info;
     } catch (error) {
+      // The journal opened before the failure (a restore refused, say) is closed: no descriptor is left behind.
+      await journal?.close().catch(() => undefined);
       this.partition.release(meta.medium, extents, owner(meta.name));
       throw error;
     }
@@ -530,9 +538,8 @@ export class DeviceManager {
 /** A file's bytes, or undefined when there is none; any other failure to read it is an error (never "empty"). */
 async function readIfThere(path: string): Promise<Buffer | undefined> {
   try {
-    return await readFile(path);
+    return await readJournalFile(path);
   } catch (error) {
-    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
     throw new StorageError('MS_MEDIUM_IO', `cannot read ${path}: ${(error as Error).message}; the device stays offline and its files as they are`, { cause: error });
   }
 }

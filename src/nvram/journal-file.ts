@@ -51,10 +51,11 @@
 // is the normative description.
 
 import { constants, fdatasync as fsFdatasync } from 'node:fs';
-import { open, readFile, rename, rm, type FileHandle } from 'node:fs/promises';
+import { open, rename, rm, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
+import { randomBytes } from 'node:crypto';
 import { crc32 } from 'node:zlib';
-import { RuntimeError, StorageError, asError } from '../errors.js';
+import { MisuseError, RuntimeError, StorageError, asError } from '../errors.js';
 import { CREATE_NEW_FLAGS } from '../fs/meta-file.js';
 import { writeAllFd } from '../fs/positional-io.js';
 import { InFlight } from '../settle.js';
@@ -70,6 +71,8 @@ const SLOTS = [4096, 8192] as const;
 const SLOT_BYTES = 48;
 /** The least ring a journal gets; a device's ring holds at least twice its size. */
 export const RING_MIN = 16 * 1024 * 1024;
+/** The largest ring a file may declare (a journal is read into memory whole). */
+const MAX_RING = 4 * 1024 * 1024 * 1024 - 2 * RING_START;
 /** Zeros written ahead of the tail at a time, during a ring's first lap. */
 export const PREALLOCATE = 4 * 1024 * 1024;
 /** A wrap marker: a record header and the u64 lap it ends. */
@@ -83,6 +86,9 @@ const EMPTY = Buffer.alloc(0);
 export function ringCapacity(deviceSize: number, least = RING_MIN): number {
   return Math.ceil(Math.max(least, 2 * deviceSize) / 4096) * 4096;
 }
+
+/** The largest device with a journal file: its ring (twice its size) stays readable whole. */
+export const MAX_JOURNALED_DEVICE = 1024 * 1024 * 1024;
 
 /** What a journal file needs from the file system; tests wrap it to watch or break syncs. */
 export interface JournalSink {
@@ -161,7 +167,7 @@ export function encodeFileHeader(deviceSize: number, created: number): Buffer {
   return buf;
 }
 
-function encodeRingHeader(deviceSize: number, created: number, capacity: number): Buffer {
+function encodeRingHeader(deviceSize: number, created: number, capacity: number, key: number): Buffer {
   const buf = Buffer.alloc(FILE_HEADER);
   FILE_MAGIC.copy(buf, 0);
   buf.writeUInt32BE(2, 8);
@@ -169,8 +175,26 @@ function encodeRingHeader(deviceSize: number, created: number, capacity: number)
   writeU64(buf, deviceSize, 16);
   writeU64(buf, created, 24);
   writeU64(buf, capacity, 32);
-  buf.writeUInt32BE(crc32(buf.subarray(0, 40)), 40);
+  buf.writeUInt32BE(key, 40);
+  buf.writeUInt32BE(crc32(buf.subarray(0, 44)), 44);
   return buf;
+}
+
+/**
+ * What a version 2 file writes in a record's reserved bytes 52..55 (outside its
+ * checksum): the file's random key mixed with the record's offset in the ring. A record
+ * is read from the ring only with its own place's tag, so bytes a client journaled (a
+ * record image in a payload, a copy of a journal file) are never taken for one of the
+ * ring's records when reading runs into stale payloads of earlier laps: a client knows
+ * neither the key nor, for a copy, where it will lie.
+ */
+function ringTag(key: number, at: number): number {
+  return (key ^ Math.imul(at, 0x9e3779b1)) >>> 0;
+}
+
+/** Whether the record at ring offset `at` carries its place's tag (cheap: no checksum). */
+function tagged(ring: Buffer, key: number, at: number): boolean {
+  return ring.length - at >= RECORD_HEADER && ring.readUInt32BE(at) === RECORD_MAGIC && ring.readUInt32BE(at + 52) === ringTag(key, at);
 }
 
 /**
@@ -201,7 +225,10 @@ function decodePointer(image: Buffer, at: number): Pointer | undefined {
   if (image.length < at + SLOT_BYTES) return undefined;
   const view = image.subarray(at, at + SLOT_BYTES);
   if (view.readUInt32BE(40) !== crc32(view.subarray(0, 40))) return undefined;
-  const [gen, ptr, seq, epoch, trimmedTo] = [0, 8, 16, 24, 32].map((o) => readU64(view, o)) as [number, number, number, number, number];
+  const fields = [0, 8, 16, 24, 32].map((o) => view.readBigUInt64BE(o));
+  // Every field must be an exact number (a slot that checks but says 2^60 is no pointer).
+  if (fields.some((f) => f > BigInt(Number.MAX_SAFE_INTEGER))) return undefined;
+  const [gen, ptr, seq, epoch, trimmedTo] = fields.map(Number) as [number, number, number, number, number];
   return gen >= 1 ? { gen, at: ptr, seq, epoch, trimmedTo } : undefined;
 }
 
@@ -229,6 +256,8 @@ function noteRun(runs: Run[], capacity: number, at: number, seq: number): void {
 export interface RingState {
   deviceSize: number;
   capacity: number;
+  /** The file's key (see ringTag). */
+  key: number;
   pointer: Pointer;
   /** Which slot holds `pointer`. */
   slot: number;
@@ -327,8 +356,9 @@ function parseLinear(image: Buffer): Recovered {
  */
 function parseRing(image: Buffer): Recovered {
   const base = { epoch: 0, trimmedTo: 0 };
-  const capacity = image.length >= FILE_HEADER ? readU64(image, 32) : 0;
-  if (image.length < FILE_HEADER || image.readUInt32BE(40) !== crc32(image.subarray(0, 40)) || image.readUInt32BE(12) !== RING_START || capacity < 4 * WRAP_BYTES) {
+  const whole = image.length >= FILE_HEADER && image.readUInt32BE(44) === crc32(image.subarray(0, 44));
+  const capacity = whole ? Number(image.readBigUInt64BE(32)) : 0;
+  if (!whole || image.readUInt32BE(12) !== RING_START || capacity < 2 * 4096 || capacity % 4096 !== 0 || capacity > MAX_RING) {
     return { version: 2, records: [], base, validLength: 0, stoppedBecause: 'no valid journal header', validAfter: nextValidRecord(image, -1), ring: undefined };
   }
   const slots = SLOTS.map((at) => decodePointer(image, at));
@@ -337,6 +367,7 @@ function parseRing(image: Buffer): Recovered {
   if (pointer === undefined) {
     return { version: 2, records: [], base, validLength: 0, stoppedBecause: 'no valid ring pointer', validAfter: nextValidRecord(image, RING_START - 1), ring: undefined };
   }
+  const key = image.readUInt32BE(40);
   const ring = image.subarray(RING_START, RING_START + capacity);
   const records: JournalRecord[] = [];
   const runs: Run[] = [];
@@ -354,6 +385,10 @@ function parseRing(image: Buffer): Recovered {
     const lap = Math.floor(at / capacity);
     // Zeros written ahead in the first lap, or the end of the file: nothing more was written.
     if (ring.length - x < 4 || ring.readUInt32BE(x) === 0) break;
+    if (ring.length - x >= RECORD_HEADER && ring.readUInt32BE(x) === RECORD_MAGIC && !tagged(ring, key, x)) {
+      stop = 'a record image without its place\'s tag (payload bytes of an earlier lap)';
+      break;
+    }
     const result = decodeRecord(ring, x);
     if (!('record' in result)) {
       stop = 'incomplete' in result ? 'torn record' : result.corrupt;
@@ -391,8 +426,9 @@ function parseRing(image: Buffer): Recovered {
   if (to > from) read.push([from, to]);
   // Records beyond the last one read: user records there are damage; every record there
   // (markers too) is made unreadable before a writer goes on, so none is ever read as new.
-  const damage = recordsBeyond(ring, read, expect, true).filter((b) => b.user).map((b) => RING_START + b.at);
-  const ahead = recordsBeyond(ring, read, expect, false).map((b) => RING_START + b.at);
+  const beyond = recordsBeyond(ring, key, read, expect);
+  const damage = beyond.filter((b) => b.user).map((b) => RING_START + b.at);
+  const ahead = beyond.map((b) => RING_START + b.at);
   return {
     version: 2,
     records,
@@ -400,20 +436,18 @@ function parseRing(image: Buffer): Recovered {
     validLength: RING_START + (at % capacity),
     stoppedBecause: damage.length === 0 ? undefined : (stop ?? 'a gap of zeros'),
     validAfter: damage.length === 0 ? undefined : Math.min(...damage),
-    ring: { deviceSize: readU64(image, 16), capacity, pointer, slot, head: at, expect, epoch, trimmedTo, runs, allocated: image.length, ahead },
+    ring: { deviceSize: readU64(image, 16), capacity, key, pointer, slot, head: at, expect, epoch, trimmedTo, runs, allocated: image.length, ahead },
   };
 }
 
 /**
  * Ring offsets of the records outside `read` numbered from `next` on (any, when `next` is
  * 0): what a batch left when a later part of it reached the disk and an earlier part did
- * not. Records of earlier laps are numbered lower. With `stepOver`, valid records and
- * torn ones whose header is whole are stepped over, so that a record inside another's
- * payload (a client may journal anything) is not taken for one of the ring's own (for
- * telling damage from a torn tail); without, every place a record could begin is tried
- * (for making them all unreadable, which costs nothing where one was not).
+ * not. Records of earlier laps are numbered lower. Only records with their place's tag
+ * are looked at (no checksum is computed for anything else), and a valid one is stepped
+ * over whole: none of the ring's own can begin inside it.
  */
-function recordsBeyond(ring: Buffer, read: readonly [number, number][], next: number, stepOver: boolean): { at: number; user: boolean }[] {
+function recordsBeyond(ring: Buffer, key: number, read: readonly [number, number][], next: number): { at: number; user: boolean }[] {
   const found: { at: number; user: boolean }[] = [];
   let y = ring.indexOf(RECORD_MAGIC_BYTES);
   while (y >= 0) {
@@ -421,13 +455,11 @@ function recordsBeyond(ring: Buffer, read: readonly [number, number][], next: nu
     let after = y + 1;
     if (span !== undefined) {
       after = span[1];
-    } else {
+    } else if (tagged(ring, key, y)) {
       const result = decodeRecord(ring, y);
       if ('record' in result) {
         if (result.record.seq >= next) found.push({ at: y, user: (result.record.flags & MARKERS) === 0 });
-        if (stepOver) after = y + result.size;
-      } else if (stepOver) {
-        after = past(ring, y) + 1;
+        after = y + result.size;
       }
     }
     y = after >= ring.length ? -1 : ring.indexOf(RECORD_MAGIC_BYTES, after);
@@ -492,26 +524,30 @@ function ringFile(deviceSize: number, least: number, records: Buffer, extra = 0)
     at += size;
   }
   const kept = users.filter((u) => u.seq > trimmedTo);
-  const body = Buffer.concat(kept.map((u) => u.bytes));
-  const capacity = ringCapacity(Math.max(deviceSize, body.length + extra + WRAP_BYTES), least);
+  const bodyLength = kept.reduce((n, u) => n + u.bytes.length, 0);
+  const capacity = ringCapacity(Math.max(deviceSize, bodyLength + extra + WRAP_BYTES), least);
+  if (capacity > MAX_RING) throw new RuntimeError('MS_NVRAM_FULL', `journal rewrite: ${bodyLength} bytes of records not trimmed need a ring larger than ${MAX_RING} bytes`);
+  const key = randomBytes(4).readUInt32BE(0);
   const pointer: Pointer = { gen: 1, at: 0, seq: kept[0]?.seq ?? (next === 0 ? 0 : Math.max(next, trimmedTo + 1)), epoch, trimmedTo };
-  const image = Buffer.alloc(RING_START + body.length);
-  encodeRingHeader(deviceSize, Date.now(), capacity).copy(image, 0);
+  const image = Buffer.alloc(RING_START + bodyLength);
+  encodeRingHeader(deviceSize, Date.now(), capacity, key).copy(image, 0);
   encodePointer(pointer).copy(image, SLOTS[0]);
-  body.copy(image, RING_START);
   const runs: Run[] = [];
   let at = 0;
   for (const u of kept) {
+    u.bytes.copy(image, RING_START + at);
+    image.writeUInt32BE(ringTag(key, at), RING_START + at + 52);
     noteRun(runs, capacity, at, u.seq);
     at += u.bytes.length;
   }
   const expect = kept.length > 0 ? (kept.at(-1)?.seq ?? 0) + 1 : pointer.seq;
-  return { image, state: { deviceSize, capacity, pointer, slot: 0, head: body.length, expect, epoch, trimmedTo, runs, allocated: image.length, ahead: [] } };
+  return { image, state: { deviceSize, capacity, key, pointer, slot: 0, head: bodyLength, expect, epoch, trimmedTo, runs, allocated: image.length, ahead: [] } };
 }
 
 /** Where each record of a batch goes: contiguous pieces of the ring, with wrap markers. */
 interface Layout {
-  pieces: { at: number; parts: Buffer[]; length: number }[];
+  /** `records`: where each record begins in the piece (its tag goes at 52 from there). */
+  pieces: { at: number; parts: Buffer[]; length: number; records: number[] }[];
   end: number;
   /** Every record, for the runs, the numbers and the markers once written. */
   notes: { at: number; flags: number; seq: number; value: number }[];
@@ -705,7 +741,7 @@ export class JournalFile {
 
   /** Reads the file back and rewrites it with the user records after `trimmedTo`, in a ring with room for `extra` more bytes. */
   private async rewrite(trimmedTo: number, extra = 0): Promise<void> {
-    const parsed = parseJournal(await readFile(this.path));
+    const parsed = parseJournal((await readJournalFile(this.path)) ?? EMPTY);
     // Everything up to the head was written whole: a record that does not read back is
     // damage. Refuse, which fences the file, and the device rewrites it from memory.
     // (Reading may go on past the head over an epoch or trim marker of an earlier lap, which
@@ -767,10 +803,11 @@ export class JournalFile {
       const piece = pieces.at(-1);
       // A piece never runs past the ring's end: what follows a wrap is a piece of its own.
       if (piece !== undefined && piece.at + piece.length === at && at % capacity !== 0) {
+        piece.records.push(piece.length);
         piece.parts.push(buf);
         piece.length += buf.length;
       } else {
-        pieces.push({ at, parts: [buf], length: buf.length });
+        pieces.push({ at, parts: [buf], length: buf.length, records: [0] });
       }
       at += buf.length;
     };
@@ -853,17 +890,24 @@ export class JournalFile {
       layout = this.layout(bufs);
       if (layout === undefined || layout.end > this.ring.pointer.at + this.ring.capacity) throw new RuntimeError('MS_INTERNAL', `journal ${this.path}: no room in the ring after a rewrite`);
     }
-    const { capacity } = this.ring;
+    const { capacity, key } = this.ring;
     const physical = (at: number) => RING_START + (at % capacity);
     const reach = Math.max(0, ...layout.pieces.map((p) => physical(p.at) + p.length));
     if (reach > this.ring.allocated) await this.preallocate(reach);
-    const one = layout.pieces.length === 1 ? layout.pieces[0] : undefined;
+    // Each piece as one buffer of its own (the records' buffers are the device's and the
+    // partner's too), every record tagged with its place.
+    const bytes = layout.pieces.map((p) => {
+      const buf = Buffer.concat(p.parts, p.length);
+      for (const r of p.records) buf.writeUInt32BE(ringTag(key, (p.at + r) % capacity), r + 52);
+      return buf;
+    });
+    const one = bytes.length === 1 ? bytes[0] : undefined;
     if (sync && one !== undefined && !this.unsynced && this.durable !== undefined) {
       // Nothing unsynced before it: the batch written durably covers all there is.
-      await this.durable(one.parts.length === 1 ? (one.parts[0] ?? EMPTY) : Buffer.concat(one.parts, one.length), physical(one.at));
+      await this.durable(one, physical(layout.pieces[0]?.at ?? 0));
       this.syncs++;
     } else {
-      for (const p of layout.pieces) await this.sink.write(p.parts.length === 1 ? (p.parts[0] ?? EMPTY) : Buffer.concat(p.parts, p.length), physical(p.at));
+      for (const [i, p] of layout.pieces.entries()) await this.sink.write(bytes[i] ?? EMPTY, physical(p.at));
       if (layout.pieces.length > 0) this.unsynced = true;
       if (sync && this.unsynced) {
         await this.sink.datasync();
@@ -971,31 +1015,72 @@ function readU64(buf: Buffer, at: number): number {
  * Drops what a damaged journal holds beyond where reading stops (what MS_NVRAM_DAMAGED
  * reports), so that a node loads the records before it: an operator's decision, with the
  * node stopped. Version 1 is cut there; version 2 has the magic of every record beyond
- * the last one read written over with zeros. Returns what reading keeps and how many
- * records were dropped; throws when the file has no valid header (nothing to keep).
+ * the last one read written over with zeros. With `dryRun`, only says what it would do.
+ * Refuses a file with no valid header, and a version 2 file one of whose pointer slots is
+ * damaged: then the newest pointer may be the damaged one, and what lies beyond the older
+ * one's records would be live records, not damage.
  */
-export async function cutJournal(path: string): Promise<{ version: number; kept: number; lastSeq: number | undefined; dropped: number }> {
-  const recovered = parseJournal(await readFile(path));
+export async function cutJournal(path: string, dryRun = false): Promise<{ version: number; kept: number; lastSeq: number | undefined; dropped: number }> {
+  const image = await readJournalFile(path);
+  if (image === undefined) throw new MisuseError('MS_NVRAM_NOT_FOUND', `${path}: no such file`);
+  const recovered = parseJournal(image);
   if (recovered.version !== 1 && recovered.ring === undefined) {
     throw new RuntimeError('MS_NVRAM_DAMAGED', `${path}: ${recovered.stoppedBecause ?? 'not a journal file'}; there is nothing before the damage to keep`);
   }
+  if (recovered.ring !== undefined && recovered.validAfter !== undefined && SLOTS.some((at) => decodePointer(image, at) === undefined) && image.subarray(SLOTS[1], SLOTS[1] + SLOT_BYTES).some((b) => b !== 0)) {
+    throw new RuntimeError('MS_NVRAM_DAMAGED', `${path}: a pointer slot is damaged, so the records past the damage may be the live ones; not cut (keep the file and its device offline)`);
+  }
   const users = recovered.records.filter((r) => (r.flags & MARKERS) === 0);
-  const handle = await open(path, 'r+');
-  let dropped = 0;
-  try {
-    if (recovered.ring !== undefined) {
-      for (const at of recovered.ring.ahead) await handle.write(Buffer.alloc(4), 0, 4, at);
-      dropped = recovered.ring.ahead.length;
-    } else {
-      const image = await handle.readFile();
-      for (let at = image.indexOf(RECORD_MAGIC_BYTES, recovered.validLength); at >= 0; at = image.indexOf(RECORD_MAGIC_BYTES, at + 1)) if ('record' in decodeRecord(image, at)) dropped++;
-      await handle.truncate(recovered.validLength);
+  const dropped = recovered.ring !== undefined ? recovered.ring.ahead.length : countRecords(image, recovered.validLength);
+  if (!dryRun && (dropped > 0 || image.length > recovered.validLength || recovered.ring !== undefined)) {
+    const handle = await open(path, 'r+');
+    try {
+      if (recovered.ring !== undefined) {
+        for (const at of recovered.ring.ahead) await handle.write(Buffer.alloc(4), 0, 4, at);
+      } else {
+        await handle.truncate(recovered.validLength);
+      }
+      await handle.datasync();
+    } finally {
+      await handle.close();
     }
-    await handle.datasync();
+  }
+  return { version: recovered.version, kept: users.length, lastSeq: users.at(-1)?.seq, dropped };
+}
+
+/** Valid records from `from` on (what cutting a version 1 file there drops). */
+function countRecords(image: Buffer, from: number): number {
+  let n = 0;
+  for (let at = image.indexOf(RECORD_MAGIC_BYTES, from); at >= 0; at = image.indexOf(RECORD_MAGIC_BYTES, at + 1)) if ('record' in decodeRecord(image, at)) n++;
+  return n;
+}
+
+/**
+ * Reads a whole journal or vault file (up to 4 GiB, where fs.readFile stops at 2 GiB).
+ * Undefined when there is none; any other error is thrown (an unreadable file is not a
+ * missing one).
+ */
+export async function readJournalFile(path: string): Promise<Buffer | undefined> {
+  let handle: FileHandle;
+  try {
+    handle = await open(path, 'r');
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw error;
+  }
+  try {
+    const { size } = await handle.stat();
+    if (size > RING_START + MAX_RING) throw new StorageError('MS_MEDIUM_IO', `${path} is ${size} bytes, larger than any journal this node writes`);
+    const image = Buffer.allocUnsafe(size);
+    for (let done = 0; done < size; ) {
+      const { bytesRead } = await handle.read(image, done, Math.min(size - done, 64 * 1024 * 1024), done);
+      if (bytesRead === 0) return image.subarray(0, done);
+      done += bytesRead;
+    }
+    return image;
   } finally {
     await handle.close();
   }
-  return { version: recovered.version, kept: users.length, lastSeq: users.at(-1)?.seq, dropped };
 }
 
 /**

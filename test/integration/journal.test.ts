@@ -5,11 +5,12 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { connect } from 'node:net';
+import { join } from 'node:path';
 import { RmemClient } from '../../src/client/rmem-client.js';
 import * as codec from '../../src/protocol/rmem/codec.js';
 import { OP, STATUS, VERSION } from '../../src/protocol/rmem/spec.js';
 import { FrameParser } from '../../src/protocol/rmem/parser.js';
-import { startNode, tempDir, type NodeProcess } from '../support/node-process.js';
+import { runCli, startNode, tempDir, type NodeProcess } from '../support/node-process.js';
 
 type Ctx = { after(fn: () => Promise<unknown>): void };
 
@@ -52,6 +53,10 @@ test('journal over rmem: open, append with targets, read, trim, info; a full dev
   const dump = (await (await fetch(`${n.url}/v1/nvram/j/records?from=11&max=2`)).json()) as { records: { seq: number; payload: string }[] };
   // The 32 appends left in order on one connection, so record 3 + i carries r{i}.
   assert.deepEqual(dump.records.map((r) => [r.seq, Buffer.from(r.payload, 'base64').toString()]), [[11, 'r8'], [12, 'r9']]);
+  // cut-journal refuses a journal of a data directory a node runs in (it holds the lock).
+  const cut = await runCli(['nvram', 'cut-journal', join(dir, 'memstrata-data', 'nvram', 'j.journal'), '--dry-run']);
+  assert.equal(cut.code, 1, cut.stdout);
+  assert.match(cut.stderr, /MS_NODE_LOCKED/);
   // The journal file shows in the metrics: a 16 MiB ring (the least), and its syncs.
   const metrics = await (await fetch(`${n.url}/metrics`)).text();
   assert.match(metrics, /memstrata_nvram_journal_bytes\{device="j",what="ring"\} 16777216/);

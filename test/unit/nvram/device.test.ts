@@ -156,6 +156,7 @@ test('create, remove and bad input give coded errors; removal frees the extents'
     await assert.rejects(devices.create('b/c', E, 'local'), { code: 'MS_NVRAM_INVALID' });
     await assert.rejects(devices.create('b', E, 'replicated' as 'local'), { code: 'MS_NVRAM_INVALID' });
     await assert.rejects(devices.create('b', 1, 'local'), { code: 'MS_NVRAM_INVALID' });
+    await assert.rejects(devices.create('b', 2 * 1024 * 1024 * 1024, 'local'), { code: 'MS_NVRAM_INVALID', message: /at most 1073741824 bytes/ }, 'a journal file\'s ring must stay readable whole');
     await assert.rejects(devices.create('huge', 64 * E, 'local'), { code: 'MS_NVRAM_NO_CAPACITY' });
     assert.throws(() => devices.get('nope'), { code: 'MS_NVRAM_NOT_FOUND' });
     assert.equal(partition.rows().filter((r) => r.owner === 'nvram:a').reduce((s, r) => s + r.length, 0), 3 * E);

@@ -82,15 +82,47 @@ const marker = (flag: number, seq: number, value: number): Buffer => {
 
 const users = (records: readonly JournalRecord[]): JournalRecord[] => records.filter((r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) === 0);
 
+/**
+ * Bytes a client puts in its payloads that look like the ring's own records: a trim or
+ * epoch marker of a huge value, a user record numbered a little ahead, or a piece of a
+ * real version 2 journal file. Once trimmed and left stale, reading may run into them.
+ */
+interface Forgery {
+  kind: 'trim' | 'epoch' | 'user' | 'file';
+  at: number;
+  ahead: number;
+}
+
+const FIXTURE = new URL('../../../../test/fixtures/journal/v2-ring.journal', import.meta.url);
+
+function forge(payload: Buffer, f: Forgery, next: number, file: Buffer): void {
+  const image =
+    f.kind === 'trim' ? marker(RECORD_FLAG.TRIM, next + f.ahead, 2 ** 40)
+    : f.kind === 'epoch' ? marker(RECORD_FLAG.EPOCH, next + f.ahead, 2 ** 40)
+    : f.kind === 'user' ? encodeRecord({ seq: next + f.ahead, timestamp: 0, epoch: 0, flags: 0, target: undefined, payload: Buffer.from('never appended') })
+    : file.subarray(RING_START + (f.at % (file.length - RING_START - 64)), RING_START + (f.at % (file.length - RING_START - 64)) + 600);
+  if (payload.length < 64) return;
+  const at = f.at % Math.max(1, payload.length - Math.min(image.length, payload.length) + 1);
+  image.copy(payload, at, 0, Math.min(image.length, payload.length - at));
+}
+
 type Op =
-  | { t: 'append'; sizes: number[]; sync: boolean }
+  | { t: 'append'; sizes: number[]; sync: boolean; forged: Forgery | undefined }
   | { t: 'trim'; at: number }
   | { t: 'epoch' }
   | { t: 'flush' }
   | { t: 'crash'; keep: number; scramble: number | undefined };
 
 const op: fc.Arbitrary<Op> = fc.oneof(
-  { weight: 6, arbitrary: fc.record({ t: fc.constant('append' as const), sizes: fc.array(fc.nat({ max: 700 }), { minLength: 1, maxLength: 5 }), sync: fc.boolean() }) },
+  {
+    weight: 6,
+    arbitrary: fc.record({
+      t: fc.constant('append' as const),
+      sizes: fc.array(fc.nat({ max: 700 }), { minLength: 1, maxLength: 5 }),
+      sync: fc.boolean(),
+      forged: fc.option(fc.record({ kind: fc.constantFrom('trim' as const, 'epoch' as const, 'user' as const, 'file' as const), at: fc.nat(), ahead: fc.nat({ max: 40 }) }), { nil: undefined }),
+    }),
+  },
   { weight: 2, arbitrary: fc.record({ t: fc.constant('trim' as const), at: fc.double({ min: 0, max: 1, noNaN: true }) }) },
   { weight: 1, arbitrary: fc.record({ t: fc.constant('epoch' as const) }) },
   { weight: 1, arbitrary: fc.record({ t: fc.constant('flush' as const) }) },
@@ -104,6 +136,7 @@ test('the ring under laps, pointer moves, power cuts and torn tails: recovery ho
   // so the ring now and then holds too much to take a batch and is rewritten into a bigger one.
   const DEVICE = 1024;
   const budget = (j: JournalFile) => j.capacity * 0.9;
+  const fixture = await readFile(FIXTURE);
   let run = 0;
   let moves = 0;
   let rewrites = 0;
@@ -153,7 +186,9 @@ test('the ring under laps, pointer moves, power cuts and torn tails: recovery ho
           await Promise.all(
             o.sizes.map(async (size) => {
               const seq = next++;
-              const buf = encodeRecord({ seq, timestamp: seq, epoch, flags: 0, target: undefined, payload: Buffer.alloc(size, seq & 0xff) });
+              const payload = Buffer.alloc(size, seq & 0xff);
+              if (o.forged !== undefined) forge(payload, o.forged, seq + 1, fixture);
+              const buf = encodeRecord({ seq, timestamp: seq, epoch, flags: 0, target: undefined, payload });
               appended.set(seq, buf);
               await journal.append(buf, o.sync);
               if (o.sync) for (const s of appended.keys()) if (s <= seq) durable.add(s);
@@ -249,6 +284,30 @@ test('records that follow a trim of everything stay where the pointer can reach 
   assert.deepEqual(users(parsed.records).filter((r) => r.seq > 14).map((r) => r.seq), Array.from({ length: 16 }, (_, i) => 15 + i));
 });
 
+test('a client\'s payload that holds a record image is never read as one of the ring\'s records, though reading runs into it where the head stops in a later lap', async (t) => {
+  // Review finding: a trim marker (2^40) journaled inside a payload, trimmed, then met at
+  // the head of the next lap was taken for a live marker, and every record was dropped.
+  const dir = await tempDir(t, 'memstrata-ring-');
+  for (const kind of ['trim', 'epoch', 'user'] as const) {
+    const path = join(dir, `${kind}.journal`);
+    const journal = await JournalFile.create(path, 1024, { ring: 8192 });
+    const payload = Buffer.alloc(4000);
+    // The image lies at ring offset 56 + 200 = 256: where record 6 ends in the next lap.
+    (kind === 'trim' ? marker(RECORD_FLAG.TRIM, 7, 2 ** 40) : kind === 'epoch' ? marker(RECORD_FLAG.EPOCH, 7, 2 ** 40) : encodeRecord({ seq: 7, timestamp: 0, epoch: 0, flags: 0, target: undefined, payload: Buffer.from('never appended') })).copy(payload, 200);
+    await journal.append(encodeRecord({ seq: 1, timestamp: 1, epoch: 0, flags: 0, target: undefined, payload }));
+    await journal.append(marker(RECORD_FLAG.TRIM, 2, 1));
+    for (let seq = 2; seq <= 5; seq++) await journal.append(encodeRecord({ seq, timestamp: seq, epoch: 0, flags: 0, target: undefined, payload: Buffer.alloc(900, seq) }));
+    await journal.append(marker(RECORD_FLAG.TRIM, 6, 5));
+    await journal.append(encodeRecord({ seq: 6, timestamp: 6, epoch: 0, flags: 0, target: undefined, payload: Buffer.alloc(200, 6) })); // wraps: [8192, 8448)
+    assert.equal(journal.pointerMoves, 1);
+    await journal.close();
+    const parsed = parseJournal(await readFile(path));
+    assert.equal(parsed.ring?.head, 8448, `${kind}: reading stops at the head`);
+    assert.deepEqual(users(parsed.records).map((r) => r.seq), [6], `${kind}: record 6 and nothing else`);
+    assert.deepEqual([parsed.ring?.trimmedTo, parsed.ring?.epoch, parsed.validAfter], [5, 0, undefined], kind);
+  }
+});
+
 test('a ring holding more than it can of records not trimmed is rewritten into a bigger ring, every record kept; a rewrite that finds the file damaged refuses, which fences it until replace()', async (t) => {
   const dir = await tempDir(t, 'memstrata-ring-');
   const path = join(dir, 'j.journal');
@@ -274,6 +333,36 @@ test('a ring holding more than it can of records not trimmed is rewritten into a
   const parsed = parseJournal(await readFile(path));
   assert.equal(parsed.base.trimmedTo, 45);
   assert.deepEqual(users(parsed.records).map((r) => r.seq), [46, 47, 48, 49, 50]);
+});
+
+test('cut-journal drops what lies beyond the damage of a version 2 ring (a dry run changes nothing), and refuses when a pointer slot is damaged', async (t) => {
+  const dir = await tempDir(t, 'memstrata-ring-');
+  const path = join(dir, 'j.journal');
+  const journal = await JournalFile.create(path, 1024, { ring: 8192 });
+  for (let seq = 1; seq <= 8; seq++) await journal.append(encodeRecord({ seq, timestamp: seq, epoch: 0, flags: 0, target: undefined, payload: Buffer.alloc(300, seq) }));
+  await journal.close();
+  // Record 5 lost (as a write the disk never made), 6 to 8 there: damage in the middle.
+  const image = await readFile(path);
+  image.fill(0, RING_START + 4 * 356, RING_START + 4 * 356 + 4);
+  await writeFile(path, image);
+  assert.equal(parseJournal(image).validAfter, RING_START + 5 * 356);
+  assert.deepEqual(await cutJournal(path, true), { version: 2, kept: 4, lastSeq: 4, dropped: 3 });
+  assert.ok((await readFile(path)).equals(image), 'a dry run changes nothing');
+  // A damaged pointer slot: the records beyond may be the live ones.
+  const slotted = Buffer.from(image);
+  slotted.fill(0xaa, 8192, 8192 + 48);
+  await writeFile(path, slotted);
+  await assert.rejects(cutJournal(path), { code: 'MS_NVRAM_DAMAGED', message: /pointer slot is damaged/ });
+  await writeFile(path, image);
+  assert.deepEqual(await cutJournal(path), { version: 2, kept: 4, lastSeq: 4, dropped: 3 });
+  const cut = parseJournal(await readFile(path));
+  assert.equal(cut.validAfter, undefined);
+  assert.deepEqual(users(cut.records).map((r) => r.seq), [1, 2, 3, 4]);
+  // The writer goes on from there: numbers 5 on are handed out again.
+  const again = await JournalFile.open(path, cut, 1024);
+  await again.append(encodeRecord({ seq: 5, timestamp: 5, epoch: 0, flags: 0, target: undefined, payload: Buffer.from('new 5') }));
+  await again.close();
+  assert.deepEqual(users(parseJournal(await readFile(path)).records).map((r) => [r.seq, r.payload.length]), [[1, 300], [2, 300], [3, 300], [4, 300], [5, 5]]);
 });
 
 test('version 1 journals still read, and a writer opening one rewrites it as version 2 with the same records, epoch and trim point; a damaged one is cut by cut-journal', async (t) => {
