@@ -17,7 +17,7 @@ test('memstrata nvram create, list, dump and rm, with --json, coded errors and s
   assert.equal((await cli('nvram', 'create', 'j2', '--size', '100000', '--policy', 'volatile')).code, 0);
 
   const list = await cli('nvram', 'list');
-  assert.match(list.stdout, /NAME +POLICY +ROLE +MIRROR +MEDIUM +SIZE +USED +FIRST SEQ +LAST SEQ +EPOCH +STATE\nj1 +local +primary +- +dram +2MiB +0 +- +- +0 +ready\nj2 +volatile +primary +- +dram +1MiB/);
+  assert.match(list.stdout, /NAME +POLICY +ROLE +MIRROR +MEDIUM +SIZE +USED +FIRST SEQ +LAST SEQ +EPOCH +JOURNAL +STATE\nj1 +local +primary +- +dram +2MiB +0 +- +- +0 +0 of 16MiB +ready\nj2 +volatile +primary +- +dram +1MiB +0 +- +- +0 +- +ready/);
   const json = JSON.parse((await cli('nvram', 'list', '--json')).stdout) as NvramListJson;
   assert.deepEqual(json.devices.map((d) => [d.name, d.size, d.policy]), [['j1', 2 * 2 ** 20, 'local'], ['j2', 2 ** 20, 'volatile']]);
 
