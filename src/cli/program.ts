@@ -3,6 +3,7 @@
 // MEMSTRATA_ADMIN_TOKEN) for a node with admin.token. Errors print one
 // line, `memstrata: CODE: message`, and exit 2 for misuse, 1 for everything else.
 
+import { realpath } from 'node:fs/promises';
 import { basename, dirname, resolve } from 'node:path';
 import { Command, CommanderError, Option } from 'commander';
 import { MisuseError, isMemstrataError } from '../errors.js';
@@ -191,7 +192,7 @@ export function buildProgram(output: Output = processOutput): Command {
     .action(async (file: string, options: { dryRun?: boolean; json?: boolean }) => {
       // A journal in a data directory (<dataDir>/nvram/NAME.journal) is cut only while no
       // node runs there: the node's lock is taken for the while (MS_NODE_LOCKED otherwise).
-      const dir = dirname(resolve(file));
+      const dir = dirname(await realpath(resolve(file)));
       const lock = basename(dir) === 'nvram' ? new DataDirLock(dirname(dir)) : undefined;
       await lock?.acquire();
       try {

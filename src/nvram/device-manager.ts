@@ -253,6 +253,10 @@ export class DeviceManager {
     return this.serialized(async () => {
       deviceFile(this.dir, reset.name, '.json'); // refuses a name that is not a device name
       this.refuseDamaged(reset.name);
+      if (reset.size > MAX_JOURNALED_DEVICE) {
+        // A replica may become the primary and then keeps a journal file: the same bound.
+        throw new MisuseError('MS_NVRAM_INVALID', `device ${reset.name}: a replica of ${reset.size} bytes could not keep a journal file if promoted (at most ${MAX_JOURNALED_DEVICE} bytes)`);
+      }
       let entry = this.devices.get(reset.name);
       if (entry !== undefined) {
         const device = entry.device;

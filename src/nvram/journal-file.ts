@@ -3,13 +3,14 @@
 //
 //   version 2 (journals): a ring that reuses trimmed space
 //     block 0     header: "MSJOURN1", u32 version 2, u32 ring start 12288, u64 device
-//                 size, u64 created (ms), u64 ring size, u32 CRC-32 of bytes 0..39
+//                 size, u64 created (ms), u64 ring size, u32 key, u32 CRC-32 of bytes 0..43
 //     blocks 1-2  two pointer slots (the valid one of the higher generation counts):
 //                 where reading starts, the number of the first user record there, and
 //                 the epoch and trim point of every marker before it
-//     12288...    the ring: records back to back (record.ts); where the next one would
-//                 not leave room for a wrap marker before the ring's end, a wrap marker,
-//                 and on from the ring's start, over records that were trimmed
+//     12288...    the ring: records back to back (record.ts), each tagged in its reserved
+//                 bytes 52..55 with the key and its place (ringTag); where the next one
+//                 would not leave room for a wrap marker before the ring's end, a wrap
+//                 marker, and on from the ring's start, over records that were trimmed
 //   version 1 (vaults, and journals of earlier versions, read and rewritten as version 2):
 //     a 64-byte header, then records back to back
 //
@@ -364,11 +365,12 @@ function parseRing(image: Buffer): Recovered {
   const slots = SLOTS.map((at) => decodePointer(image, at));
   const slot = (slots[1]?.gen ?? 0) > (slots[0]?.gen ?? 0) ? 1 : 0;
   const pointer = slots[slot];
-  if (pointer === undefined) {
-    return { version: 2, records: [], base, validLength: 0, stoppedBecause: 'no valid ring pointer', validAfter: nextValidRecord(image, RING_START - 1), ring: undefined };
-  }
   const key = image.readUInt32BE(40);
   const ring = image.subarray(RING_START, RING_START + capacity);
+  if (pointer === undefined) {
+    const first = recordsBeyond(ring, key, [], 0).find((b) => b.valid);
+    return { version: 2, records: [], base, validLength: 0, stoppedBecause: 'no valid ring pointer', validAfter: first === undefined ? undefined : RING_START + first.at, ring: undefined };
+  }
   const records: JournalRecord[] = [];
   const runs: Run[] = [];
   // Ring offsets read, [from, to): a wrap leaves the rest of its lap unread.
@@ -426,8 +428,12 @@ function parseRing(image: Buffer): Recovered {
   if (to > from) read.push([from, to]);
   // Records beyond the last one read: user records there are damage; every record there
   // (markers too) is made unreadable before a writer goes on, so none is ever read as new.
-  const beyond = recordsBeyond(ring, key, read, expect);
-  const damage = beyond.filter((b) => b.user).map((b) => RING_START + b.at);
+  // A pointer that takes any first number (a new file's first slot) gives no floor for
+  // what lies beyond: then any record there is beyond what was read. (Reading from it
+  // after the newer slot was lost, the records of the lap before, numbered lower, are
+  // damage, not stale: they are the ones that would be lost.)
+  const beyond = recordsBeyond(ring, key, read, pointer.seq === 0 ? 0 : expect);
+  const damage = beyond.filter((b) => b.user && b.valid).map((b) => RING_START + b.at);
   const ahead = beyond.map((b) => RING_START + b.at);
   return {
     version: 2,
@@ -443,12 +449,15 @@ function parseRing(image: Buffer): Recovered {
 /**
  * Ring offsets of the records outside `read` numbered from `next` on (any, when `next` is
  * 0): what a batch left when a later part of it reached the disk and an earlier part did
- * not. Records of earlier laps are numbered lower. Only records with their place's tag
- * are looked at (no checksum is computed for anything else), and a valid one is stepped
- * over whole: none of the ring's own can begin inside it.
+ * not. Records of earlier laps are numbered lower. Only places with their tag are looked
+ * at (no checksum is computed for anything else), and a valid record is stepped over
+ * whole. A torn record (its tag and header whole, its checksum not) numbered from `next`
+ * on is found too, as not `valid`: it is no damage, but it is made unreadable with the
+ * rest, or a later power cut that kept its payload and lost a new header over it could
+ * bring it back whole.
  */
-function recordsBeyond(ring: Buffer, key: number, read: readonly [number, number][], next: number): { at: number; user: boolean }[] {
-  const found: { at: number; user: boolean }[] = [];
+function recordsBeyond(ring: Buffer, key: number, read: readonly [number, number][], next: number): { at: number; user: boolean; valid: boolean }[] {
+  const found: { at: number; user: boolean; valid: boolean }[] = [];
   let y = ring.indexOf(RECORD_MAGIC_BYTES);
   while (y >= 0) {
     const span = read.find(([a, b]) => y >= a && y < b);
@@ -458,8 +467,10 @@ function recordsBeyond(ring: Buffer, key: number, read: readonly [number, number
     } else if (tagged(ring, key, y)) {
       const result = decodeRecord(ring, y);
       if ('record' in result) {
-        if (result.record.seq >= next) found.push({ at: y, user: (result.record.flags & MARKERS) === 0 });
+        if (result.record.seq >= next) found.push({ at: y, user: (result.record.flags & MARKERS) === 0, valid: true });
         after = y + result.size;
+      } else if (readU64(ring, y + 8) >= next) {
+        found.push({ at: y, user: (ring.readUInt16BE(y + 6) & MARKERS) === 0, valid: false });
       }
     }
     y = after >= ring.length ? -1 : ring.indexOf(RECORD_MAGIC_BYTES, after);

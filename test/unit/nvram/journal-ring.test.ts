@@ -365,6 +365,54 @@ test('cut-journal drops what lies beyond the damage of a version 2 ring (a dry r
   assert.deepEqual(users(parseJournal(await readFile(path)).records).map((r) => [r.seq, r.payload.length]), [[1, 300], [2, 300], [3, 300], [4, 300], [5, 5]]);
 });
 
+test('a pointer slot gone bad is reported as damage, not read short: from a new file\'s first slot, which takes any number, records numbered lower beyond what was read are the live ones', async (t) => {
+  // Review finding: slot B (the newest) gone bad sent reading to slot A {at 0, seq 0}; it
+  // took the next lap's records there for the start, and the live records after them for
+  // an earlier lap's: acknowledged records and the epoch lost without a word.
+  const dir = await tempDir(t, 'memstrata-ring-');
+  const path = join(dir, 'j.journal');
+  const journal = await JournalFile.create(path, 1024, { ring: 8192 });
+  await journal.append(marker(RECORD_FLAG.EPOCH, 1, 5));
+  let seq = 1;
+  while (journal.pointerMoves < 1 || journal.info().spanBytes < 6000) {
+    await journal.append(encodeRecord({ seq, timestamp: seq, epoch: 5, flags: 0, target: undefined, payload: Buffer.alloc(700, seq & 0xff) }));
+    if (seq > 5) await journal.append(marker(RECORD_FLAG.TRIM, seq + 1, seq - 5));
+    seq++;
+  }
+  await journal.close();
+  const image = await readFile(path);
+  const good = parseJournal(image);
+  assert.equal(good.validAfter, undefined);
+  assert.equal(good.ring?.pointer.gen, 2);
+  image[8192 + 20] = (image[8192 + 20] ?? 0) ^ 0x01; // slot B: one bad bit
+  await writeFile(path, image);
+  const bad = parseJournal(image);
+  assert.equal(bad.ring?.pointer.gen, 1, 'reading falls back to slot A');
+  assert.ok(bad.validAfter !== undefined, `reported as damage (${bad.stoppedBecause ?? ''})`);
+  await assert.rejects(cutJournal(path), { code: 'MS_NVRAM_DAMAGED', message: /pointer slot is damaged/ });
+});
+
+test('a torn record beyond what was read, its tag and header whole, is made unreadable before the writer goes on, so a later power cut cannot bring it back whole', async (t) => {
+  // Review finding: only valid records beyond were zeroed; a torn one whose number came
+  // back to the same place (so the same tag) could be reassembled by a second power cut.
+  const dir = await tempDir(t, 'memstrata-ring-');
+  const path = join(dir, 'j.journal');
+  const journal = await JournalFile.create(path, 1024, { ring: 65536 });
+  for (let seq = 1; seq <= 4; seq++) await journal.append(encodeRecord({ seq, timestamp: seq, epoch: 0, flags: 0, target: undefined, payload: Buffer.alloc(456, seq) }));
+  await journal.close();
+  const image = await readFile(path);
+  const at = RING_START + 3 * 512;
+  image[at + 300] = (image[at + 300] ?? 0) ^ 0xff; // record 4's payload lost: torn
+  await writeFile(path, image);
+  const parsed = parseJournal(image);
+  assert.deepEqual(users(parsed.records).map((r) => r.seq), [1, 2, 3]);
+  assert.equal(parsed.validAfter, undefined, 'a torn tail, no damage');
+  assert.deepEqual(parsed.ring?.ahead, [at]);
+  const again = await JournalFile.open(path, parsed, 1024);
+  await again.close();
+  assert.equal((await readFile(path)).readUInt32BE(at), 0, 'its magic is zeroed');
+});
+
 test('version 1 journals still read, and a writer opening one rewrites it as version 2 with the same records, epoch and trim point; a damaged one is cut by cut-journal', async (t) => {
   const dir = await tempDir(t, 'memstrata-ring-');
   const path = join(dir, 'v1.journal');
