@@ -441,7 +441,7 @@ function parseRing(image: Buffer): Recovered {
     base: { epoch: pointer.epoch, trimmedTo: pointer.trimmedTo },
     validLength: RING_START + (at % capacity),
     stoppedBecause: damage.length === 0 ? undefined : (stop ?? 'a gap of zeros'),
-    validAfter: damage.length === 0 ? undefined : Math.min(...damage),
+    validAfter: damage[0], // found in increasing order
     ring: { deviceSize: readU64(image, 16), capacity, key, pointer, slot, head: at, expect, epoch, trimmedTo, runs, allocated: image.length, ahead },
   };
 }
