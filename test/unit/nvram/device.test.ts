@@ -13,6 +13,9 @@ import { RING_START, cutJournal, parseJournal } from '../../../src/nvram/journal
 const E = 64 * 1024;
 const log = pino({ level: 'silent' });
 
+/** Managers made by the test running; those it abandons (a crash) are closed once it is done. */
+const made: DeviceManager[] = [];
+
 async function manager(dir: string, journalRing?: number): Promise<{ devices: DeviceManager; partition: PartitionTable }> {
   const medium = new DramMedium({ capacity: 32 * E, extentSize: E });
   await medium.open();
@@ -21,6 +24,7 @@ async function manager(dir: string, journalRing?: number): Promise<{ devices: De
   ]);
   const devices = new DeviceManager({ dataDir: dir, partition, media: [medium], log, ...(journalRing === undefined ? {} : { journalRing }) });
   await devices.open();
+  made.push(devices);
   return { devices, partition };
 }
 
@@ -29,6 +33,9 @@ async function withDir<T>(fn: (dir: string) => Promise<T>): Promise<T> {
   try {
     return await fn(dir);
   } finally {
+    // A manager left open stood for a node killed mid-test: its descriptors are closed
+    // now, after the test, not left to the garbage collector.
+    for (const devices of made.splice(0)) await devices.close().catch(() => undefined);
     await rm(dir, { recursive: true, force: true });
   }
 }
@@ -274,7 +281,7 @@ test('whenRecovered: a write log waiting for its mirrored device wakes when the 
     device.resetReplica(1, 0, 1);
     await new Promise((resolve) => setImmediate(resolve));
     assert.equal(woke, 0, 'a replica reset is no recovery');
-    device.promote(undefined);
+    await device.promote(undefined)?.close(); // the journal it had goes, as mirroring.ts closes it
     await waiting;
     assert.equal(woke, 1);
     assert.equal(device.role, 'primary');
