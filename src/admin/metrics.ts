@@ -336,48 +336,30 @@ export class NodeMetrics {
         }
       },
     });
-    new Gauge({
-      name: 'memstrata_nvram_used_bytes',
-      help: 'Bytes of records each NVRAM device holds, against its size.',
-      labelNames: ['device', 'what'],
-      registers: [registry],
-      collect() {
-        this.reset();
-        for (const d of sources.nvram()) {
-          this.set({ device: d.name, what: 'used' }, d.used);
-          this.set({ device: d.name, what: 'size' }, d.size);
-        }
-      },
-    });
-    new Gauge({
-      name: 'memstrata_nvram_journal_bytes',
-      help: 'Each NVRAM journal file\'s ring (what=ring) and the part of it a restart reads, from its pointer to its head (what=span).',
-      labelNames: ['device', 'what'],
-      registers: [registry],
-      collect() {
-        this.reset();
-        for (const d of sources.nvram()) {
-          if (d.journal === null) continue;
-          this.set({ device: d.name, what: 'ring' }, d.journal.ringBytes);
-          this.set({ device: d.name, what: 'span' }, d.journal.spanBytes);
-        }
-      },
-    });
-    new Gauge({
-      name: 'memstrata_nvram_journal_events',
-      help: 'Per NVRAM journal file, since it was opened (at start, or when a replica became primary): durable batch writes (what=syncs), moves of its pointer over trimmed records (what=pointer_moves), rewrites into a new ring (what=rewrites).',
-      labelNames: ['device', 'what'],
-      registers: [registry],
-      collect() {
-        this.reset();
-        for (const d of sources.nvram()) {
-          if (d.journal === null) continue;
-          this.set({ device: d.name, what: 'syncs' }, d.journal.syncs);
-          this.set({ device: d.name, what: 'pointer_moves' }, d.journal.pointerMoves);
-          this.set({ device: d.name, what: 'rewrites' }, d.journal.rewrites);
-        }
-      },
-    });
+    // Per NVRAM device, one value per `what`; a device without them (no journal file) is left out.
+    const perDevice = (name: string, help: string, values: (d: DeviceInfo) => Record<string, number> | undefined): void => {
+      new Gauge({
+        name,
+        help,
+        labelNames: ['device', 'what'],
+        registers: [registry],
+        collect() {
+          this.reset();
+          for (const d of sources.nvram()) {
+            for (const [what, value] of Object.entries(values(d) ?? {})) this.set({ device: d.name, what }, value);
+          }
+        },
+      });
+    };
+    perDevice('memstrata_nvram_used_bytes', 'Bytes of records each NVRAM device holds, against its size.', (d) => ({ used: d.used, size: d.size }));
+    perDevice('memstrata_nvram_journal_bytes', 'Each NVRAM journal file\'s ring (what=ring) and the part of it a restart reads, from its pointer to its head (what=span).', (d) =>
+      d.journal === null ? undefined : { ring: d.journal.ringBytes, span: d.journal.spanBytes },
+    );
+    perDevice(
+      'memstrata_nvram_journal_events',
+      'Per NVRAM journal file, since it was opened (at start, or when a replica became primary): durable batch writes (what=syncs), moves of its pointer over trimmed records (what=pointer_moves), rewrites into a new ring (what=rewrites).',
+      (d) => (d.journal === null ? undefined : { syncs: d.journal.syncs, pointer_moves: d.journal.pointerMoves, rewrites: d.journal.rewrites }),
+    );
     new Gauge({
       name: 'memstrata_nvram_last_seq',
       help: 'Last acknowledged sequence number of each NVRAM device.',

@@ -156,25 +156,26 @@ async function openSink(path: string, wrap: (sink: JournalSink) => JournalSink):
   };
 }
 
-/** The header of a version 1 file (vaults). */
-export function encodeFileHeader(deviceSize: number, created: number): Buffer {
+/** The fields both versions' headers begin with: magic, version, the u32 at 12, device size, created. */
+function headerStart(version: number, at12: number, deviceSize: number, created: number): Buffer {
   const buf = Buffer.alloc(FILE_HEADER);
   FILE_MAGIC.copy(buf, 0);
-  buf.writeUInt32BE(1, 8);
-  buf.writeUInt32BE(FILE_HEADER, 12);
+  buf.writeUInt32BE(version, 8);
+  buf.writeUInt32BE(at12, 12);
   writeU64(buf, deviceSize, 16);
   writeU64(buf, created, 24);
+  return buf;
+}
+
+/** The header of a version 1 file (vaults). */
+export function encodeFileHeader(deviceSize: number, created: number): Buffer {
+  const buf = headerStart(1, FILE_HEADER, deviceSize, created);
   buf.writeUInt32BE(crc32(buf.subarray(0, 32)), 32);
   return buf;
 }
 
 function encodeRingHeader(deviceSize: number, created: number, capacity: number, key: number): Buffer {
-  const buf = Buffer.alloc(FILE_HEADER);
-  FILE_MAGIC.copy(buf, 0);
-  buf.writeUInt32BE(2, 8);
-  buf.writeUInt32BE(RING_START, 12);
-  writeU64(buf, deviceSize, 16);
-  writeU64(buf, created, 24);
+  const buf = headerStart(2, RING_START, deviceSize, created);
   writeU64(buf, capacity, 32);
   buf.writeUInt32BE(key, 40);
   buf.writeUInt32BE(crc32(buf.subarray(0, 44)), 44);

@@ -80,6 +80,9 @@ const marker = (flag: number, seq: number, value: number): Buffer => {
   return encodeRecord({ seq, timestamp: seq, epoch: 0, flags: flag, target: undefined, payload });
 };
 
+/** A user record numbered `seq`, stamped with its number. */
+const record = (seq: number, payload: Buffer, epoch = 0): Buffer => encodeRecord({ seq, timestamp: seq, epoch, flags: 0, target: undefined, payload });
+
 const users = (records: readonly JournalRecord[]): JournalRecord[] => records.filter((r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) === 0);
 
 /**
@@ -188,7 +191,7 @@ test('the ring under laps, pointer moves, power cuts and torn tails: recovery ho
               const seq = next++;
               const payload = Buffer.alloc(size, seq & 0xff);
               if (o.forged !== undefined) forge(payload, o.forged, seq + 1, fixture);
-              const buf = encodeRecord({ seq, timestamp: seq, epoch, flags: 0, target: undefined, payload });
+              const buf = record(seq, payload, epoch);
               appended.set(seq, buf);
               await journal.append(buf, o.sync);
               if (o.sync) for (const s of appended.keys()) if (s <= seq) durable.add(s);
@@ -251,7 +254,7 @@ test('the ring wraps and reuses its space: a long run of appends and trims stays
   const journal = await JournalFile.create(path, 16 * 1024, { ring: 64 * 1024 });
   let next = 1;
   for (let round = 0; round < 200; round++) {
-    await Promise.all(Array.from({ length: 8 }, () => { const seq = next++; return journal.append(encodeRecord({ seq, timestamp: seq, epoch: 1, flags: 0, target: undefined, payload: Buffer.alloc(900, seq & 0xff) })); }));
+    await Promise.all(Array.from({ length: 8 }, () => { const seq = next++; return journal.append(record(seq, Buffer.alloc(900, seq & 0xff), 1)); }));
     await journal.append(marker(RECORD_FLAG.TRIM, next, next - 5)); // keep the four newest
   }
   assert.ok(journal.pointerMoves > 20, `the pointer moved ${journal.pointerMoves} times`);
@@ -273,7 +276,7 @@ test('records that follow a trim of everything stay where the pointer can reach 
   const dir = await tempDir(t, 'memstrata-ring-');
   const path = join(dir, 'j.journal');
   const journal = await JournalFile.create(path, 1024, { ring: 8192 });
-  const rec = (seq: number) => encodeRecord({ seq, timestamp: seq, epoch: 0, flags: 0, target: undefined, payload: Buffer.alloc(500, seq & 0xff) });
+  const rec = (seq: number) => record(seq, Buffer.alloc(500, seq & 0xff));
   for (let seq = 1; seq <= 14; seq++) await journal.append(rec(seq)); // 14 x 556 bytes: almost a lap
   await journal.append(marker(RECORD_FLAG.TRIM, 15, 14)); // everything trimmed
   await journal.append(rec(15)); // wraps; the pointer moves to the head, past every run
@@ -294,11 +297,11 @@ test('a client\'s payload that holds a record image is never read as one of the 
     const payload = Buffer.alloc(4000);
     // The image lies at ring offset 56 + 200 = 256: where record 6 ends in the next lap.
     (kind === 'trim' ? marker(RECORD_FLAG.TRIM, 7, 2 ** 40) : kind === 'epoch' ? marker(RECORD_FLAG.EPOCH, 7, 2 ** 40) : encodeRecord({ seq: 7, timestamp: 0, epoch: 0, flags: 0, target: undefined, payload: Buffer.from('never appended') })).copy(payload, 200);
-    await journal.append(encodeRecord({ seq: 1, timestamp: 1, epoch: 0, flags: 0, target: undefined, payload }));
+    await journal.append(record(1, payload));
     await journal.append(marker(RECORD_FLAG.TRIM, 2, 1));
-    for (let seq = 2; seq <= 5; seq++) await journal.append(encodeRecord({ seq, timestamp: seq, epoch: 0, flags: 0, target: undefined, payload: Buffer.alloc(900, seq) }));
+    for (let seq = 2; seq <= 5; seq++) await journal.append(record(seq, Buffer.alloc(900, seq)));
     await journal.append(marker(RECORD_FLAG.TRIM, 6, 5));
-    await journal.append(encodeRecord({ seq: 6, timestamp: 6, epoch: 0, flags: 0, target: undefined, payload: Buffer.alloc(200, 6) })); // wraps: [8192, 8448)
+    await journal.append(record(6, Buffer.alloc(200, 6))); // wraps: [8192, 8448)
     assert.equal(journal.pointerMoves, 1);
     await journal.close();
     const parsed = parseJournal(await readFile(path));
@@ -312,7 +315,7 @@ test('a ring holding more than it can of records not trimmed is rewritten into a
   const dir = await tempDir(t, 'memstrata-ring-');
   const path = join(dir, 'j.journal');
   const journal = await JournalFile.create(path, 1024, { ring: 8192 });
-  const rec = (seq: number) => encodeRecord({ seq, timestamp: seq, epoch: 0, flags: 0, target: undefined, payload: Buffer.alloc(500, seq & 0xff) });
+  const rec = (seq: number) => record(seq, Buffer.alloc(500, seq & 0xff));
   for (let seq = 1; seq <= 40; seq++) await journal.append(rec(seq)); // 40 x 556 bytes: more than the 8 KiB ring
   assert.ok(journal.rewrites >= 1, 'rewritten into a bigger ring');
   assert.ok(journal.capacity > 8192);
@@ -339,7 +342,7 @@ test('cut-journal drops what lies beyond the damage of a version 2 ring (a dry r
   const dir = await tempDir(t, 'memstrata-ring-');
   const path = join(dir, 'j.journal');
   const journal = await JournalFile.create(path, 1024, { ring: 8192 });
-  for (let seq = 1; seq <= 8; seq++) await journal.append(encodeRecord({ seq, timestamp: seq, epoch: 0, flags: 0, target: undefined, payload: Buffer.alloc(300, seq) }));
+  for (let seq = 1; seq <= 8; seq++) await journal.append(record(seq, Buffer.alloc(300, seq)));
   await journal.close();
   // Record 5 lost (as a write the disk never made), 6 to 8 there: damage in the middle.
   const image = await readFile(path);
@@ -360,7 +363,7 @@ test('cut-journal drops what lies beyond the damage of a version 2 ring (a dry r
   assert.deepEqual(users(cut.records).map((r) => r.seq), [1, 2, 3, 4]);
   // The writer goes on from there: numbers 5 on are handed out again.
   const again = await JournalFile.open(path, cut, 1024);
-  await again.append(encodeRecord({ seq: 5, timestamp: 5, epoch: 0, flags: 0, target: undefined, payload: Buffer.from('new 5') }));
+  await again.append(record(5, Buffer.from('new 5')));
   await again.close();
   assert.deepEqual(users(parseJournal(await readFile(path)).records).map((r) => [r.seq, r.payload.length]), [[1, 300], [2, 300], [3, 300], [4, 300], [5, 5]]);
 });
@@ -375,7 +378,7 @@ test('a pointer slot gone bad is reported as damage, not read short: from a new 
   await journal.append(marker(RECORD_FLAG.EPOCH, 1, 5));
   let seq = 1;
   while (journal.pointerMoves < 1 || journal.info().spanBytes < 6000) {
-    await journal.append(encodeRecord({ seq, timestamp: seq, epoch: 5, flags: 0, target: undefined, payload: Buffer.alloc(700, seq & 0xff) }));
+    await journal.append(record(seq, Buffer.alloc(700, seq & 0xff), 5));
     if (seq > 5) await journal.append(marker(RECORD_FLAG.TRIM, seq + 1, seq - 5));
     seq++;
   }
@@ -398,7 +401,7 @@ test('a torn record beyond what was read, its tag and header whole, is made unre
   const dir = await tempDir(t, 'memstrata-ring-');
   const path = join(dir, 'j.journal');
   const journal = await JournalFile.create(path, 1024, { ring: 65536 });
-  for (let seq = 1; seq <= 4; seq++) await journal.append(encodeRecord({ seq, timestamp: seq, epoch: 0, flags: 0, target: undefined, payload: Buffer.alloc(456, seq) }));
+  for (let seq = 1; seq <= 4; seq++) await journal.append(record(seq, Buffer.alloc(456, seq)));
   await journal.close();
   const image = await readFile(path);
   const at = RING_START + 3 * 512;
@@ -421,7 +424,7 @@ test('version 1 journals still read, and a writer opening one rewrites it as ver
   const v1 = parseJournal(fixture);
   assert.equal(v1.version, 1);
   const journal = await JournalFile.open(path, v1, 1 << 20);
-  await journal.append(encodeRecord({ seq: 4, timestamp: 4, epoch: 3, flags: 0, target: undefined, payload: Buffer.from('after') }));
+  await journal.append(record(4, Buffer.from('after'), 3));
   await journal.close();
   const image = await readFile(path);
   assert.ok(image.subarray(0, 8).equals(FILE_MAGIC));
@@ -435,7 +438,7 @@ test('version 1 journals still read, and a writer opening one rewrites it as ver
   // A vault is still written as version 1.
   assert.equal(parseJournal(Buffer.concat([encodeFileHeader(1, 0), marker(RECORD_FLAG.EPOCH, 1, 7)])).version, 1);
   // A damaged version 1 file is cut where reading stops, as MS_NVRAM_DAMAGED says.
-  const rec = (seq: number) => encodeRecord({ seq, timestamp: seq, epoch: 0, flags: 0, target: undefined, payload: Buffer.from(`r${seq}`) });
+  const rec = (seq: number) => record(seq, Buffer.from(`r${seq}`));
   const bad = rec(3);
   bad[57] = (bad[57] ?? 0) ^ 0xff;
   const damaged = join(dir, 'damaged.journal');
