@@ -45,7 +45,7 @@ import type { PartitionTable } from '../memory/partition-table.js';
 import type { KeptAside } from '../memory/server-memory.js';
 import { SIZE_FORM, formatAddress, formatSize, hexRange, hexWidth, parseSize, type ListenAddress } from '../units.js';
 import type { Logger } from '../logger.js';
-import type { AllocationTableJson, ErrorResponse, NodeInfo, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson, GuestsJson, JournalHolderJson } from '../protocol/admin/api.js';
+import type { AllocationTableJson, ClusterJson, ErrorResponse, NodeInfo, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson, GuestsJson, JournalHolderJson } from '../protocol/admin/api.js';
 import type { VolumeManager } from '../storage/volume-manager.js';
 import type { DeviceManager } from '../nvram/device-manager.js';
 import { POLICIES } from '../nvram/device.js';
@@ -68,6 +68,8 @@ export interface AdminContext {
   volumes: VolumeManager;
   nvram: DeviceManager;
   guests: GuestSupervisor;
+  /** GET /v1/cluster. */
+  cluster?(): Promise<ClusterJson>;
   metrics: NodeMetrics;
   log: Logger;
   isStopping(): boolean;
@@ -352,6 +354,8 @@ export class AdminServer {
     });
 
     app.get('/v1/node', () => context.info());
+
+    app.get('/v1/cluster', async (): Promise<ClusterJson> => context.cluster?.() ?? { enabled: false, node: (await context.info()).id, self: null, members: [], devices: [], unreadable: [], problem: null });
 
     app.get('/v1/tables/partition', (): PartitionTableJson => partitionJson(context.partition));
 

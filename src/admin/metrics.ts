@@ -16,7 +16,7 @@ import type { DeviceInfo } from '../nvram/device.js';
 import type { MirroringInfo } from '../nvram/mirroring.js';
 import type { AdminStats } from './admin-server.js';
 import type { ServiceLoad } from '../net/service-load.js';
-import type { GuestInfoJson } from '../protocol/admin/api.js';
+import type { ClusterSelfJson, GuestInfoJson } from '../protocol/admin/api.js';
 
 export interface MetricsSources {
   nodeId: string;
@@ -38,6 +38,8 @@ export interface MetricsSources {
   mirrorLoad?(): ServiceLoad | undefined;
   /** Every guest and its figures (read once a second by the supervisor). */
   guests?(): GuestInfoJson[];
+  /** This node's cluster membership; undefined for a node on its own. */
+  cluster?(): ClusterSelfJson | undefined;
 }
 
 const GUEST_STATES = ['stopped', 'booting', 'running', 'failed'] as const;
@@ -493,6 +495,29 @@ export class NodeMetrics {
       collect() {
         this.reset();
         for (const g of sources.guests?.() ?? []) for (const state of GUEST_STATES) this.set({ guest: g.name, state }, g.state === state ? 1 : 0);
+      },
+    });
+    // Cluster membership (issue 14); absent for a node on its own.
+    new Gauge({
+      name: 'memstrata_cluster_member',
+      help: 'Whether this node is a member of its cluster now: 1 for the membership state it is in (joining, member, conflict, left), 0 for the others. Absent for a node without cluster.etcd.',
+      labelNames: ['cluster', 'state'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        const self = sources.cluster?.();
+        if (self !== undefined) for (const state of ['joining', 'member', 'conflict', 'left'] as const) this.set({ cluster: self.cluster, state }, self.state === state ? 1 : 0);
+      },
+    });
+    new Gauge({
+      name: 'memstrata_cluster_lease_remaining_seconds',
+      help: 'How long this node certainly still holds its etcd lease, by its own clock (0: not held).',
+      labelNames: ['cluster'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        const self = sources.cluster?.();
+        if (self !== undefined) this.set({ cluster: self.cluster }, self.leaseRemainingMs / 1000);
       },
     });
     this.resizes = new Counter({

@@ -7,7 +7,7 @@ import { realpath } from 'node:fs/promises';
 import { basename, dirname, resolve } from 'node:path';
 import { Command, CommanderError, Option } from 'commander';
 import { MisuseError, isMemstrataError } from '../errors.js';
-import type { AllocationTableJson, DamagedJson, DivergedJson, GuestInfoJson, GuestsJson, JournalHolderJson, KeptAsideJson, NodeInfo, OrphanJson, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson } from '../protocol/admin/api.js';
+import type { AllocationTableJson, ClusterJson, DamagedJson, DivergedJson, GuestInfoJson, GuestsJson, JournalHolderJson, KeptAsideJson, NodeInfo, OrphanJson, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson } from '../protocol/admin/api.js';
 import { POLICIES, type DeviceInfo } from '../nvram/device.js';
 import { cutJournal } from '../nvram/journal-file.js';
 import { RmemClient } from '../client/rmem-client.js';
@@ -392,6 +392,19 @@ export function buildProgram(output: Output = processOutput): Command {
       }
     });
 
+  // ---- cluster ----
+  const cluster = program.command('cluster').description('the cluster a node belongs to through etcd (cluster.etcd)');
+  cluster
+    .command('status')
+    .description('members with their lease time left, zones, services and free memory; partners and the role of each mirrored device')
+    .addOption(adminOption())
+    .addOption(tokenOption())
+    .addOption(jsonOption())
+    .action(async (options: { admin: string; token?: string; json?: boolean }) => {
+      const view = await adminClient(options).get<ClusterJson>('/v1/cluster');
+      output.out(options.json === true ? JSON.stringify(view, null, 2) : renderCluster(view));
+    });
+
   // ---- partition ----
   const partition = program.command('partition').description('show or change the memory partition table');
   partition
@@ -617,6 +630,40 @@ function renderMirror(m: NodeInfo['mirror']): string {
   if (m.link === 'none') return 'no partner';
   const who = m.partnerNode === null ? m.partner : `${m.partnerNode} at ${m.partner}`;
   return `partner ${who ?? '-'}, link ${m.link}, on partner down: ${m.onPartnerDown}`;
+}
+
+export function renderCluster(view: ClusterJson): string {
+  const self = view.self;
+  if (!view.enabled || self === null) return `node ${view.node} is on its own (no cluster.etcd)`;
+  const lease = self.lease === null ? 'no lease' : `lease ${(self.leaseRemainingMs / 1000).toFixed(1)} s left of ${self.leaseTtlMs / 1000} s`;
+  const state = { member: 'a member', joining: 'joining', conflict: 'waiting for its id to be free', left: 'gone' }[self.state];
+  const parts = [`Cluster ${self.cluster} (etcd ${self.endpoints.join(', ')}): node ${view.node} is ${state}, ${lease}${self.problem === null ? '' : `; ${self.problem}`}`];
+  if (view.problem !== null) parts.push(view.problem);
+  const free = (m: ClusterJson['members'][number], medium: string): string => {
+    const c = m.capacity.find((x) => x.medium === medium);
+    return c === undefined ? '-' : humanSize(c.kinds.free.bytes + c.kinds.server.idleBytes);
+  };
+  const nvram = (m: ClusterJson['members'][number]): string => humanSize(m.capacity.reduce((sum, c) => sum + c.kinds.nvram.idleBytes, 0));
+  const rows = view.members.map((m) => [
+    m.self ? `${m.id} *` : m.id,
+    m.zone ?? '-',
+    m.version,
+    m.leaseSeconds === null ? '?' : `${m.leaseSeconds}s`,
+    m.services.rmem,
+    m.services.nbd,
+    m.services.admin,
+    free(m, 'dram'),
+    free(m, 'flash'),
+    nvram(m),
+    m.partner ?? '-',
+  ]);
+  parts.push(view.members.length === 0 ? 'Members\n(none)' : `Members (* this node)\n${textTable(['NODE', 'ZONE', 'VERSION', 'LEASE', 'RMEM', 'NBD', 'ADMIN', 'DRAM FREE', 'FLASH FREE', 'NVRAM FREE', 'PARTNER'], rows, [3, 7, 8, 9])}`);
+  if (view.devices.length > 0) {
+    const devices = view.devices.map((d) => [d.device, d.node, d.role, d.policy, String(d.epoch), d.state, d.partner ?? '-']);
+    parts.push(`Mirrored NVRAM devices\n${textTable(['DEVICE', 'NODE', 'ROLE', 'POLICY', 'EPOCH', 'STATE', 'PARTNER'], devices, [4])}`);
+  }
+  if (view.unreadable.length > 0) parts.push(`Records skipped\n${view.unreadable.join('\n')}`);
+  return parts.join('\n\n');
 }
 
 /** Who has each device open, and through which path (a multipath client shows on each path it used). */

@@ -42,9 +42,18 @@
 // When a node is slow or unreachable, remote-node.ts decides when it is lost (retries
 // with backoff, a grace period for the connection) and frees the host's old regions on
 // it once it is back.
+//
+// With `cluster`, the nodes are the members of a memstrata cluster (DESIGN 4.7, FIG. 14):
+// the host lists them in etcd and watches their records. A node that joins is connected
+// and takes new allocations as soon as its capacity is known; a node whose lease ends
+// (it stopped, or was silent for a lease) is lost at once, whatever its connection says,
+// and takes no new allocation until it is a member again. A slow request alone never
+// loses a node: that takes the retries of `nodeLoss`, or the end of its lease.
 
 import { EventEmitter } from 'node:events';
 import { NbdClient } from '../client/nbd-client.js';
+import { ClusterMembers } from '../client/cluster-members.js';
+import type { MemberRecord } from '../protocol/cluster/member.js';
 import { RmemClient, type CapacityEntry } from '../client/rmem-client.js';
 import { MisuseError, NetworkError, RuntimeError, isMemstrataError, type MemstrataError } from '../errors.js';
 import { textTable } from '../text-table.js';
@@ -87,6 +96,13 @@ export interface HierarchyOptions {
   nodes?: readonly NodeAddress[];
   /** An optional swap volume, `nbd://host:port/export`. */
   swap?: string;
+  /**
+   * Find nodes through a memstrata cluster instead of (or besides) `nodes`: etcd's
+   * client URLs, the cluster's name (default `default`) and the rmem token its nodes
+   * want, if any. Members are watched: a node that joins takes new allocations; one
+   * whose lease ends is lost.
+   */
+  cluster?: { etcd: string | readonly string[]; name?: string; token?: string };
   /**
    * rmem request timeout, ms (default 5000). A request with no answer in this time is
    * sent again under `nodeLoss`; the node is lost only when the retries run out.
@@ -131,6 +147,17 @@ export interface DiscoveryRow {
 export interface HierarchyEvents {
   /** A node changed state (the discovery table's STATE column). */
   node: [transition: NodeTransition];
+  /** A cluster member joined (and was connected) or left; or a member could not be used. */
+  member: [change: MemberChange];
+}
+
+/** A change in the cluster's membership, as the host saw it. */
+export interface MemberChange {
+  node: string;
+  change: 'joined' | 'left' | 'unusable';
+  /** Its rmem service. */
+  address: string | undefined;
+  reason: string;
 }
 
 /** A row of the mapping table (FIG. 11). */
@@ -328,6 +355,10 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
   private readonly cache: PageCache;
   private readonly traffic: Map<string, { device: string; medium: TierMedium; readBytes: number; writtenBytes: number }>;
   private readonly closeTiers: () => Promise<void>;
+  private readonly policy: NodeLossPolicy;
+  private members: ClusterMembers | undefined;
+  /** Cluster nodes by name: the rmem address of their latest record, and whether they are members now. */
+  private readonly clustered: Map<string, { address: string; member: boolean }>;
   private nextAddress: number;
   private closed: boolean;
 
@@ -344,17 +375,10 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
     this.closeTiers = parts.closeTiers ?? (() => Promise.resolve());
     this.nextAddress = VIRTUAL_BASE;
     this.closed = false;
-    const policy = nodeLossPolicy(parts.nodeLoss);
-    this.nodes = (parts.nodes ?? []).map(
-      (n) =>
-        new RemoteNode({
-          ...n,
-          policy,
-          notify: (transition) => {
-            this.onNode(transition);
-          },
-        }),
-    );
+    this.members = undefined;
+    this.clustered = new Map();
+    this.policy = nodeLossPolicy(parts.nodeLoss);
+    this.nodes = (parts.nodes ?? []).map((n) => this.remoteNode(n));
   }
 
   /**
@@ -415,6 +439,7 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
       },
     });
     try {
+      if (options.cluster !== undefined) await memory.follow(options.cluster, options);
       await memory.refresh();
     } catch (error) {
       await memory.close();
@@ -426,6 +451,113 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
   /** @internal A hierarchy over given tiers and node sessions (tests wrap them to delay or fail chosen calls). */
   static assemble(parts: HierarchyParts): HierarchyMemory {
     return new HierarchyMemory(parts);
+  }
+
+  /**
+   * Follows the cluster's members: connects to each one listed now (open waits for them),
+   * then to each that joins; loses each whose lease ends.
+   */
+  private async follow(cluster: NonNullable<HierarchyOptions['cluster']>, options: HierarchyOptions): Promise<void> {
+    const etcd = typeof cluster.etcd === 'string' ? cluster.etcd.split(',').map((u) => u.trim()) : [...cluster.etcd];
+    if (etcd.length === 0 || etcd.some((u) => !/^https?:\/\/[^/]+\/?$/.test(u))) throw new MisuseError('MS_HOST_INVALID', `cluster.etcd must be etcd client URLs such as http://10.0.0.1:2379, got ${JSON.stringify(cluster.etcd)}`);
+    const members = new ClusterMembers({ etcd, cluster: cluster.name ?? 'default' });
+    this.members = members;
+    const connect = (name: string): Promise<RmemSession> => {
+      const { host, port } = splitAddress(this.clustered.get(name)?.address ?? '');
+      return RmemClient.connect({ host, port, serverId: options.serverId, timeoutMs: options.timeoutMs ?? 5000, ...(cluster.token === undefined ? {} : { token: cluster.token }) });
+    };
+    // Open waits for the members listed at the start; later ones join in the background.
+    let initial: Promise<void>[] | undefined = [];
+    members.on('joined', (record) => {
+      const joining = this.join(record, connect);
+      initial?.push(joining);
+    });
+    members.on('updated', (record, previous) => {
+      const entry = this.clustered.get(record.id);
+      if (entry === undefined) return;
+      const node = this.nodes.find((n) => n.name === record.id);
+      if (record.services.rmem !== previous.services.rmem) {
+        entry.address = record.services.rmem;
+        node?.moved(`it came back at ${record.services.rmem}`);
+      } else if (node !== undefined) {
+        this.refreshNode(node).catch(() => undefined);
+      }
+    });
+    members.on('left', (id) => {
+      const entry = this.clustered.get(id);
+      if (entry === undefined) return;
+      entry.member = false;
+      this.nodes.find((n) => n.name === id)?.expire('its cluster lease ended: it stopped, or was silent for a lease');
+      this.emit('member', { node: id, change: 'left', address: entry.address, reason: 'its lease ended' });
+    });
+    members.on('unreadable', (problem) => {
+      this.emit('member', { node: '', change: 'unusable', address: undefined, reason: problem });
+    });
+    await members.start();
+    const listed = initial;
+    initial = undefined;
+    await Promise.all(listed);
+  }
+
+  /** A member joined: connect to it (again, when it was one before) and take it into use. */
+  private async join(record: MemberRecord, connect: (name: string) => Promise<RmemSession>): Promise<void> {
+    const name = record.id;
+    const address = record.services.rmem;
+    const known = this.clustered.get(name);
+    if (known === undefined && (this.nodes.some((n) => n.name === name) || name === 'local' || name === 'swap')) {
+      this.emit('member', { node: name, change: 'unusable', address, reason: `a node named ${name} is already in the tables` });
+      return;
+    }
+    const moved = known !== undefined && known.address !== address;
+    this.clustered.set(name, { address, member: true });
+    const existing = this.nodes.find((n) => n.name === name);
+    if (existing !== undefined) {
+      // A member again: its old session is probed (or renewed at the new address) and reclaimed.
+      if (moved) existing.moved(`it came back at ${address}`);
+      this.emit('member', { node: name, change: 'joined', address, reason: 'a member again' });
+      return;
+    }
+    // The first try is awaited (open waits for the members it listed); a member that cannot be reached is tried again in the background.
+    if (await this.connectMember(name, address, connect)) return;
+    void (async () => {
+      do await new Promise((resolve) => setTimeout(resolve, this.policy.probeMs).unref());
+      while (!(await this.connectMember(name, address, connect)));
+    })();
+  }
+
+  /** One try to connect to a member and take it into use; true when done (or no longer wanted). */
+  private async connectMember(name: string, address: string, connect: (name: string) => Promise<RmemSession>): Promise<boolean> {
+    if (this.closed || this.clustered.get(name)?.member !== true) return true;
+    try {
+      const session = await connect(name);
+      if (this.closed || this.clustered.get(name)?.member !== true) {
+        await session.close().catch(() => undefined);
+        return true;
+      }
+      const node = this.remoteNode({ name, address: this.clustered.get(name)?.address ?? address, session, connect: () => connect(name) });
+      this.nodes.push(node);
+      await this.refreshNode(node).catch(() => undefined);
+      this.emit('member', { node: name, change: 'joined', address, reason: 'joined the cluster' });
+      return true;
+    } catch (error) {
+      this.emit('member', { node: name, change: 'unusable', address, reason: `cannot reach it yet: ${error instanceof Error ? error.message : String(error)}` });
+      return false;
+    }
+  }
+
+  private remoteNode(n: { name: string; address: string; session: RmemSession; connect: () => Promise<RmemSession> }): RemoteNode {
+    return new RemoteNode({
+      ...n,
+      policy: this.policy,
+      notify: (transition) => {
+        this.onNode(transition);
+      },
+    });
+  }
+
+  /** A node that may take new allocations: answering, and a member when it came from the cluster. */
+  private usable(node: RemoteNode): boolean {
+    return node.state === 'ok' && this.clustered.get(node.name)?.member !== false;
   }
 
   /** Asks every node that is not lost for its capacity again (FIG. 14). */
@@ -549,7 +681,7 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
     if (this.flash !== undefined) rows.push({ device: 'local', medium: 'flash', offered: this.flash.available, assigned: this.flash.assigned, state: 'ok' });
     for (const node of this.nodes) {
       for (const entry of this.capacity.get(node.name) ?? []) {
-        rows.push({ device: node.name, medium: entry.medium, offered: node.state === 'ok' ? entry.available + entry.growable : 0, assigned: entry.used, state: node.state });
+        rows.push({ device: node.name, medium: entry.medium, offered: this.usable(node) ? entry.available + entry.growable : 0, assigned: entry.used, state: node.state });
       }
     }
     if (this.swap !== undefined) rows.push({ device: 'swap', medium: 'volume', offered: this.swap.available, assigned: this.swap.assigned, state: 'ok' });
@@ -584,6 +716,7 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    await this.members?.close();
     for (const node of this.nodes) node.shutdown();
     await Promise.allSettled(this.segments.splice(0).map((segment) => this.release(segment)));
     await Promise.all(this.nodes.map((node) => node.close()));
@@ -613,7 +746,7 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
       return piece === undefined ? undefined : [piece];
     }
     const medium = step.medium === 'flash' ? 'flash' : 'dram';
-    const candidates = this.nodes.filter((n) => n.state === 'ok' && (device === undefined || n.name === device));
+    const candidates = this.nodes.filter((n) => this.usable(n) && (device === undefined || n.name === device));
     if (candidates.length === 0) return undefined;
     // The node with the most room first; one that can hold it all before spanning.
     const offered = (n: RemoteNode): number => {
@@ -634,7 +767,7 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
     for (const node of ranked) {
       if (left === 0) break;
       const n = Math.min(left, offered(node) - (offered(node) % PAGE));
-      if (n <= 0 || node.state !== 'ok') continue; // a node that just failed a bind is not asked again
+      if (n <= 0 || !this.usable(node)) continue; // a node that just failed a bind is not asked again
       const piece = await this.bindOn(node, medium, n);
       if (piece === undefined) continue;
       pieces.push(piece);
@@ -757,6 +890,13 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
 /** A JavaScript caller may pass anything: refuse what is not bytes before touching it. */
 function assertBytes(data: unknown): asserts data is Uint8Array {
   if (!(data instanceof Uint8Array)) throw new MisuseError('MS_HOST_INVALID', `data to write must be a Uint8Array or a Buffer, got ${data === null ? 'null' : typeof data}`);
+}
+
+/** `host:port` (or `[v6]:port`) of a member record. */
+function splitAddress(address: string): { host: string; port: number } {
+  const at = address.lastIndexOf(':');
+  const host = address.slice(0, at).replace(/^\[(.*)\]$/, '$1');
+  return { host, port: Number(address.slice(at + 1)) };
 }
 
 function hex(n: number): string {

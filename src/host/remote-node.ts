@@ -319,6 +319,20 @@ export class RemoteNode {
     if (this.current === 'ok') this.transition('suspect', why);
   }
 
+  /** The cluster says the node is gone (its lease ended): lost, whatever its connection says. */
+  expire(why: string): void {
+    this.lose(why);
+  }
+
+  /**
+   * The node came back at another address: whatever it held of this host is gone, and
+   * the next session is opened by `connect`, which knows the new address.
+   */
+  moved(why: string): void {
+    this.lose(why);
+    this.stale = true;
+  }
+
   private lose(why: string): void {
     if (this.closed || this.current === 'lost') return;
     this.stopGrace();

@@ -53,7 +53,9 @@ export interface KindSetting {
 }
 
 export interface NodeConfig {
-  node: { id: string | undefined };
+  node: { id: string | undefined; zone: string | undefined };
+  /** Membership and ownership through etcd; `etcd` undefined: a node on its own (the default). */
+  cluster: { etcd: string[] | undefined; name: string; leaseMs: number; advertise: string | undefined };
   dataDir: string;
   admin: AdminConfig;
   rmem: {
@@ -166,6 +168,26 @@ export const NODE_ID_FORM = '1 to 64 letters, digits, ".", "_" or "-", starting 
 export const NODE_ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const nodeIdLeaf = leaf<string>(NODE_ID_FORM, (v) => (typeof v === 'string' && NODE_ID_PATTERN.test(v) ? v : undefined));
 
+export const ZONE_FORM = NODE_ID_FORM;
+const zoneLeaf = leaf<string>(ZONE_FORM, (v) => (typeof v === 'string' && NODE_ID_PATTERN.test(v) ? v : undefined));
+
+export const ETCD_FORM = 'etcd client URLs such as http://10.0.0.1:2379, separated by commas';
+const etcdLeaf = leaf<string[]>(ETCD_FORM, (v) => {
+  const items = typeof v === 'string' ? v.split(',').map((u) => u.trim()) : Array.isArray(v) ? v : undefined;
+  if (items === undefined || items.length === 0) return undefined;
+  const urls: string[] = [];
+  for (const item of items) {
+    if (typeof item !== 'string') return undefined;
+    const url = new URL(item);
+    if ((url.protocol !== 'http:' && url.protocol !== 'https:') || url.port === '' || url.pathname !== '/' || url.search !== '' || url.username !== '') return undefined;
+    urls.push(`${url.protocol}//${url.host}`);
+  }
+  return urls;
+});
+
+const HOST_FORM = 'a host name or IP address other nodes and hosts can reach';
+const hostLeaf = leaf<string>(HOST_FORM, (v) => (typeof v === 'string' && /^[A-Za-z0-9.:_-]{1,253}$/.test(v) ? v : undefined));
+
 const CORES_FORM = 'a number of cores such as 0.5 or 1';
 const coresLeaf = leaf<number>(CORES_FORM, (v) => {
   const n = typeof v === 'string' && /^\s*\d+(\.\d+)?\s*$/.test(v) ? Number(v) : v;
@@ -194,7 +216,15 @@ const mediumPartitionSchema = z
   .prefault({});
 
 const rawSchema = z.strictObject({
-  node: z.strictObject({ id: nodeIdLeaf.optional() }).prefault({}),
+  node: z.strictObject({ id: nodeIdLeaf.optional(), zone: zoneLeaf.optional() }).prefault({}),
+  cluster: z
+    .strictObject({
+      etcd: etcdLeaf.optional(),
+      name: nodeIdLeaf.prefault('default'),
+      lease: durationLeaf.prefault('5s'),
+      advertise: hostLeaf.optional(),
+    })
+    .prefault({}),
   dataDir: pathLeaf.prefault('./memstrata-data'),
   admin: z
     .strictObject({
@@ -292,6 +322,11 @@ const partitionSettings: Setting[] = MEDIA.flatMap((medium) =>
 
 export const SETTINGS: readonly Setting[] = [
   { path: 'node.id', flag: '--node-id', default: '(generated, kept in the data directory)', doc: 'name of this node in tables, logs and the cluster' },
+  { path: 'node.zone', flag: '--zone', default: '(none)', doc: 'failure zone of this node (a rack, a room, a site), shown in its cluster record' },
+  { path: 'cluster.etcd', flag: '--etcd', default: '(none: a node on its own)', doc: 'etcd client URLs, separated by commas; set, the node registers in the cluster under its lease' },
+  { path: 'cluster.name', default: 'default', doc: 'name of the cluster: nodes and hosts of one cluster share the etcd prefix /memstrata/<name>/' },
+  { path: 'cluster.lease', default: '5s', doc: 'the node\'s etcd lease, whole seconds from 2s to 1h: a node silent for this long leaves the cluster' },
+  { path: 'cluster.advertise', default: '(each service\'s listen host; the machine\'s host name where that is 0.0.0.0 or ::)', doc: 'host name or address other nodes and hosts reach this node\'s services at' },
   { path: 'dataDir', flag: '--data-dir', default: './memstrata-data', doc: 'the flash file, volumes, NVRAM journals, the node id and the lock' },
   { path: 'admin.listen', flag: '--admin-listen', default: '127.0.0.1:10880', doc: 'admin HTTP API, /metrics and /healthz; port 0 picks a free port; an address that is not loopback needs admin.token or admin.tokenFile' },
   { path: 'admin.token', default: '(none)', doc: 'bearer token every admin route but /healthz requires (16 to 1024 visible ASCII characters); set it in the environment or use admin.tokenFile, not a command line' },
@@ -436,7 +471,8 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
   const parsed = result.data;
   const dataDir = resolve(cwd, parsed.dataDir);
   const config: NodeConfig = {
-    node: { id: parsed.node.id },
+    node: { id: parsed.node.id, zone: parsed.node.zone },
+    cluster: { etcd: parsed.cluster.etcd, name: parsed.cluster.name, leaseMs: parsed.cluster.lease, advertise: parsed.cluster.advertise },
     dataDir,
     admin: {
       listen: parsed.admin.listen,
@@ -523,6 +559,9 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
   }
   if (config.mirror.stallTimeoutMs < 10 || config.mirror.stallTimeoutMs > 600_000) {
     throw invalid('mirror.stallTimeout', raw, origin, 'expected a duration from 10ms to 10m');
+  }
+  if (config.cluster.leaseMs < 2000 || config.cluster.leaseMs > 3_600_000 || config.cluster.leaseMs % 1000 !== 0) {
+    throw invalid('cluster.lease', raw, origin, 'expected whole seconds from 2s to 1h (an etcd lease counts in seconds)');
   }
   const cores = availableParallelism();
   if (config.guests.reserveCpu >= cores) {

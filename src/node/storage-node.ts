@@ -1,8 +1,11 @@
 // The daemon wiring of one node: which subsystems exist and the order they start in.
 //
 //   start:  data directory + lock -> node id -> media -> NVRAM -> volumes -> cache ->
-//           write-log replay -> mirror service -> mirroring -> rmem -> NBD -> admin
-//   stop:   the reverse; admin first (no new requests, in-flight ones drain), the lock last
+//           write-log replay -> mirror service -> mirroring -> rmem -> NBD -> admin ->
+//           cluster (with cluster.etcd) -> guests
+//   stop:   the reverse; guests first, then the node leaves the cluster (hosts stop
+//           allocating on it), then admin (no new requests, in-flight ones drain); the
+//           lock last
 //
 // The tables are built with the node; services slot in between the media and admin, so
 // the API comes up only once everything it reports on is there, and goes first on the
@@ -10,11 +13,14 @@
 
 import { mkdir } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
+import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { MisuseError, RuntimeError, StorageError } from '../errors.js';
 import { readSmallFile, replaceFile } from '../fs/meta-file.js';
 import { AdminServer, adminUrl } from '../admin/admin-server.js';
-import type { MediumInfo, NodeInfo } from '../protocol/admin/api.js';
+import type { ClusterJson, MediumInfo, NodeInfo } from '../protocol/admin/api.js';
+import { MEMBER_FORMAT, type MemberRecord } from '../protocol/cluster/member.js';
+import { Membership } from '../cluster/membership.js';
 import { NodeMetrics } from '../admin/metrics.js';
 import { AllocationTable } from '../memory/allocation-table.js';
 import { DramMedium } from '../memory/dram-medium.js';
@@ -32,7 +38,7 @@ import { WriteLogIo } from '../storage/write-log.js';
 import { DeviceManager } from '../nvram/device-manager.js';
 import { MirrorService } from '../nvram/mirror-service.js';
 import { Mirroring } from '../nvram/mirroring.js';
-import { formatAddress, type ListenAddress } from '../units.js';
+import { formatAddress, parseAddress, type ListenAddress } from '../units.js';
 import { VERSION } from '../version.js';
 import { NODE_ID_FORM, NODE_ID_PATTERN, mediumLayouts, type NodeConfig } from './config.js';
 import { Lifecycle } from './lifecycle.js';
@@ -67,6 +73,7 @@ export class StorageNode {
   private nbd: NbdService | undefined;
   private mirrorService: MirrorService | undefined;
   private mirroring: Mirroring | undefined;
+  private membership: Membership | undefined;
 
   constructor(config: NodeConfig, log: Logger) {
     this.config = config;
@@ -291,6 +298,7 @@ export class StorageNode {
           admin: () => this.admin?.stats,
           damaged: () => ({ volumes: this.volumes.damaged().length, nvram: this.nvram.damaged().length, orphans: this.volumes.orphans().length }),
           mirrorLoad: () => this.mirrorService?.load(),
+          cluster: () => this.membership?.status(),
           guests: () => this.guests.list(),
         });
         const admin = new AdminServer({
@@ -303,6 +311,7 @@ export class StorageNode {
           volumes: this.volumes,
           nvram: this.nvram,
           guests: this.guests,
+          cluster: () => this.cluster(),
           metrics,
           log,
           isStopping: () => this.stopping,
@@ -314,6 +323,21 @@ export class StorageNode {
       stop: async () => {
         await this.admin?.close();
         this.admin = undefined;
+      },
+    });
+    this.lifecycle.add({
+      name: 'cluster',
+      start: async () => {
+        const endpoints = config.cluster.etcd;
+        if (endpoints === undefined) return;
+        const membership = new Membership({ endpoints, cluster: config.cluster.name, ttlMs: config.cluster.leaseMs, nodeId: this.nodeId, describe: () => this.memberRecord(), log });
+        this.membership = membership;
+        // A node whose etcd is away still serves; it joins once etcd answers.
+        await membership.start(config.cluster.leaseMs);
+      },
+      stop: async () => {
+        await this.membership?.close();
+        this.membership = undefined;
       },
     });
     // Last to start, first to stop: guests go before the services they use.
@@ -357,6 +381,45 @@ export class StorageNode {
   /** The volume whose write log an NVRAM device is, if any. */
   private writeLogOwner(device: string): string | undefined {
     return this.writeLog.owner(device) ?? this.volumes.list().find((v) => v.writeLog === device)?.name;
+  }
+
+  /** GET /v1/cluster. */
+  async cluster(): Promise<ClusterJson> {
+    if (this.membership === undefined) return { enabled: false, node: this.nodeId, self: null, members: [], devices: [], unreadable: [], problem: null };
+    return this.membership.view();
+  }
+
+  /** What this node says of itself in the cluster (its member record). */
+  private async memberRecord(): Promise<MemberRecord> {
+    const info = await this.info();
+    const advertise = (listen: string): string => {
+      const { host, port } = parseAddress(listen);
+      const reachable = this.config.cluster.advertise ?? (host === '0.0.0.0' || host === '::' ? hostname() : host);
+      return formatAddress({ host: reachable, port });
+    };
+    const partner = info.mirror.partnerNode ?? info.mirror.partner;
+    return {
+      format: MEMBER_FORMAT,
+      id: this.nodeId,
+      zone: this.config.node.zone ?? null,
+      version: VERSION,
+      startedAt: info.startedAt,
+      services: { nbd: advertise(info.listen.nbd), rmem: advertise(info.listen.rmem), mirror: advertise(info.listen.mirror), admin: advertise(info.listen.admin) },
+      capacity: info.usage.map((u) => ({
+        medium: u.medium,
+        capacity: u.capacity,
+        kinds: {
+          free: { bytes: u.kinds.free.bytes, idleBytes: u.kinds.free.idleBytes },
+          cache: { bytes: u.kinds.cache.bytes, idleBytes: u.kinds.cache.idleBytes },
+          server: { bytes: u.kinds.server.bytes, idleBytes: u.kinds.server.idleBytes },
+          nvram: { bytes: u.kinds.nvram.bytes, idleBytes: u.kinds.nvram.idleBytes },
+        },
+      })),
+      partner,
+      mirrored: info.nvram
+        .filter((d) => d.policy === 'mirrored' || d.policy === 'mirrored+local')
+        .map((d) => ({ name: d.name, policy: d.policy, size: d.size, role: d.role, epoch: d.epoch, state: d.state })),
+    };
   }
 
   private service<T>(service: T | undefined, name: string): T {

@@ -6,6 +6,7 @@
 import type { ErrorCode } from '../../errors.js';
 import type { Kind, MediumName, UsedKind } from '../../kinds.js';
 import type { Policy, Role } from '../journal/policy.js';
+import type { MemberRecord } from '../cluster/member.js';
 
 // ---- what the subsystems report ----
 
@@ -157,6 +158,53 @@ export interface MediumInfo {
   persistent: boolean;
   residentBytes: number;
   path?: string;
+}
+
+/** This node's own view of its cluster membership. */
+export interface ClusterSelfJson {
+  cluster: string;
+  endpoints: string[];
+  /** `joining` (no lease or record yet), `member`, `conflict` (its id is held by another lease), `left`. */
+  state: 'joining' | 'member' | 'conflict' | 'left';
+  lease: string | null;
+  /** How long this node certainly still holds its lease, by its own clock. */
+  leaseRemainingMs: number;
+  leaseTtlMs: number;
+  /** Why the node is not a member now. */
+  problem: string | null;
+}
+
+/** A member of the cluster, as its record in etcd says, with its lease's time left. */
+export interface ClusterMemberJson extends MemberRecord {
+  /** Seconds left on its lease, as etcd says; null when etcd would not say. */
+  leaseSeconds: number | null;
+  /** The node that answered. */
+  self: boolean;
+}
+
+/** A mirrored NVRAM device somewhere in the cluster, as its node reports it. */
+export interface ClusterDeviceJson {
+  device: string;
+  node: string;
+  role: string;
+  epoch: number;
+  state: string;
+  policy: string;
+  partner: string | null;
+}
+
+/** GET /v1/cluster. */
+export interface ClusterJson {
+  /** False for a node on its own (no cluster.etcd). */
+  enabled: boolean;
+  node: string;
+  self: ClusterSelfJson | null;
+  members: ClusterMemberJson[];
+  devices: ClusterDeviceJson[];
+  /** Member records that could not be read (skipped). */
+  unreadable: string[];
+  /** Why the members could not be listed (etcd unreachable); null when they were. */
+  problem: string | null;
 }
 
 export interface NodeInfo {

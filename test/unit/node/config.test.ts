@@ -203,7 +203,7 @@ test('every setting in the catalogue can be set from the command line', async (t
   await writeFile(tokenFile, 'a-token-of-24-characters\n', { mode: 0o600 });
   for (const setting of SETTINGS) {
     // A value the leaf accepts: settings differ in type, so try a few.
-    const candidates = ['ms-node1', '64MiB', '1MiB', '100%', '127.0.0.1:0', 'info', 'json', './data', '0', '30s', '8', 'false', 'degrade', 'signal', 'a-token-of-24-characters', tokenFile];
+    const candidates = ['ms-node1', '64MiB', '1MiB', '100%', '127.0.0.1:0', 'info', 'json', './data', '0', '30s', '8', 'false', 'degrade', 'signal', 'a-token-of-24-characters', 'http://127.0.0.1:2379', tokenFile];
     let accepted = false;
     for (const value of candidates) {
       try {
@@ -215,6 +215,33 @@ test('every setting in the catalogue can be set from the command line', async (t
       }
     }
     assert.ok(accepted, `${setting.path} accepts none of the candidate values`);
+  }
+});
+
+test('the cluster is off by default; its settings are checked and named when wrong', async () => {
+  const { config } = await loadConfig({ env: {} });
+  assert.deepEqual(config.cluster, { etcd: undefined, name: 'default', leaseMs: 5000, advertise: undefined });
+  assert.equal(config.node.zone, undefined);
+  const set = await loadConfig({
+    env: { MEMSTRATA_CLUSTER_ETCD: 'http://10.0.0.1:2379, https://etcd-2.example:2379/' },
+    flags: [['cluster.name', 'prod'], ['cluster.lease', '3s'], ['node.zone', 'rack-1'], ['cluster.advertise', '10.0.0.5']],
+  });
+  assert.deepEqual(set.config.cluster, { etcd: ['http://10.0.0.1:2379', 'https://etcd-2.example:2379'], name: 'prod', leaseMs: 3000, advertise: '10.0.0.5' });
+  assert.equal(set.config.node.zone, 'rack-1');
+  for (const [path, value, field] of [
+    ['cluster.etcd', '10.0.0.1:2379', /cluster\.etcd is "10\.0\.0\.1:2379".*expected etcd client URLs/],
+    ['cluster.etcd', 'http://10.0.0.1', /cluster\.etcd/],
+    ['cluster.etcd', 'http://10.0.0.1:2379/v3/path', /cluster\.etcd/],
+    ['cluster.etcd', 'ftp://10.0.0.1:2379', /cluster\.etcd/],
+    ['cluster.lease', '1s', /cluster\.lease.*whole seconds from 2s to 1h/],
+    ['cluster.lease', '2500ms', /cluster\.lease.*whole seconds/],
+    ['cluster.name', 'a/b', /cluster\.name/],
+    ['node.zone', '', /node\.zone/],
+    ['cluster.advertise', 'a b', /cluster\.advertise/],
+  ] as const) {
+    const error = await configError({ env: {}, flags: [[path, value]] });
+    assert.equal(error.code, 'MS_CONFIG_INVALID', `${path}=${value}`);
+    assert.match(error.message, field);
   }
 });
 
