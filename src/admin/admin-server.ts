@@ -45,6 +45,7 @@ import type { PartitionTable } from '../memory/partition-table.js';
 import type { KeptAside } from '../memory/server-memory.js';
 import { SIZE_FORM, formatAddress, formatSize, hexRange, hexWidth, parseSize, type ListenAddress } from '../units.js';
 import type { Logger } from '../logger.js';
+import { MIN_TLS_VERSION, type TlsFiles } from '../net/tls.js';
 import type { AllocationTableJson, ClusterJson, ErrorResponse, NodeInfo, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson, GuestsJson, JournalHolderJson } from '../protocol/admin/api.js';
 import type { VolumeManager } from '../storage/volume-manager.js';
 import type { DeviceManager } from '../nvram/device-manager.js';
@@ -77,6 +78,8 @@ export interface AdminContext {
 
 /** Who may use the API and what one client may cost it; config.ts validates these (AdminConfig). */
 export interface AdminServerOptions {
+  /** HTTPS with the node's certificate (admin.tls); clients are not asked for certificates: the token is the admin API's authentication. */
+  tls?: TlsFiles | undefined;
   token: string | undefined;
   metricsPublic: boolean;
   maxConnections: number;
@@ -191,16 +194,20 @@ export class AdminServer {
     this.bodyLimit = options.bodyLimit;
     this.authWarnedAt = -Infinity;
     this.authFailuresUnlogged = 0;
+    // Node checks both deadlines on a timer of this period; its default (30 s) would let
+    // a slow client stay that much longer than admin.headersTimeout.
+    const timeouts = { headersTimeout: options.headersTimeoutMs, connectionsCheckingInterval: Math.max(10, Math.min(1000, Math.floor(options.headersTimeoutMs / 4))) };
+    const transport = options.tls === undefined
+      ? { http: timeouts }
+      : { https: { ...timeouts, cert: options.tls.cert, key: options.tls.key, minVersion: MIN_TLS_VERSION } };
     this.app = Fastify({
+      ...(transport as { http: typeof timeouts }),
       logger: false,
       bodyLimit: options.bodyLimit,
       return503OnClosing: true,
       forceCloseConnections: 'idle',
       keepAliveTimeout: KEEP_ALIVE_MS,
       requestTimeout: options.requestTimeoutMs,
-      // Node checks both deadlines on a timer of this period; its default (30 s) would let
-      // a slow client stay that much longer than admin.headersTimeout.
-      http: { headersTimeout: options.headersTimeoutMs, connectionsCheckingInterval: Math.max(10, Math.min(1000, Math.floor(options.headersTimeoutMs / 4))) },
       clientErrorHandler: (error, socket) => {
         this.clientError(error, socket);
       },
@@ -557,6 +564,6 @@ export function allocationJson(allocation: AllocationTable, partition: Partition
   };
 }
 
-export function adminUrl(address: ListenAddress): string {
-  return `http://${formatAddress(address)}`;
+export function adminUrl(address: ListenAddress, tls = false): string {
+  return `${tls ? 'https' : 'http'}://${formatAddress(address)}`;
 }

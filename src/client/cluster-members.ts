@@ -14,7 +14,7 @@
 import { EventEmitter } from 'node:events';
 import type { Etcd3, IKeyValue, Watcher } from 'etcd3';
 import { decodeMember, membersPrefix, type MemberRecord } from '../protocol/cluster/member.js';
-import { etcdProblem, openEtcd } from './etcd.js';
+import { etcdProblem, openEtcd, type EtcdTls } from './etcd.js';
 
 export interface ClusterMembersEvents {
   joined: [record: MemberRecord];
@@ -27,6 +27,8 @@ export interface ClusterMembersEvents {
 export interface ClusterMembersOptions {
   etcd: readonly string[];
   cluster: string;
+  /** For https endpoints. */
+  tls?: EtcdTls;
 }
 
 export class ClusterMembers extends EventEmitter<ClusterMembersEvents> {
@@ -38,7 +40,7 @@ export class ClusterMembers extends EventEmitter<ClusterMembersEvents> {
 
   constructor(options: ClusterMembersOptions) {
     super();
-    this.client = openEtcd({ endpoints: options.etcd });
+    this.client = openEtcd({ endpoints: options.etcd, tls: options.tls });
     this.prefix = membersPrefix(options.cluster);
     this.known = new Map();
     this.watcher = undefined;

@@ -14,12 +14,25 @@ export interface EtcdOptions {
   endpoints: readonly string[];
   /** Per-call deadline; default {@link ETCD_CALL_TIMEOUT_MS}. */
   callTimeoutMs?: number;
+  /** For https endpoints: the CA of etcd's certificate, and a client certificate and key when etcd asks for one (--client-cert-auth). */
+  tls?: EtcdTls | undefined;
+}
+
+export interface EtcdTls {
+  ca: Buffer;
+  cert?: Buffer | undefined;
+  key?: Buffer | undefined;
 }
 
 export function openEtcd(options: EtcdOptions): Etcd3 {
   const timeout = options.callTimeoutMs ?? ETCD_CALL_TIMEOUT_MS;
+  const tls = options.tls;
+  const https = options.endpoints.some((e) => e.startsWith('https:'));
   return new Etcd3({
     hosts: [...options.endpoints],
+    ...(https && tls !== undefined
+      ? { credentials: { rootCertificate: tls.ca, ...(tls.cert === undefined || tls.key === undefined || tls.cert.length === 0 ? {} : { certChain: tls.cert, privateKey: tls.key }) } }
+      : {}),
     dialTimeout: timeout,
     defaultCallOptions: (context) => (context.isStream ? {} : { deadline: Date.now() + timeout }),
     faultHandling: {

@@ -18,7 +18,8 @@
 // over. A refused resume (MS_RMEM_SECRET, MS_RMEM_AUTH) is not retried.
 
 import { EventEmitter } from 'node:events';
-import { connect as netConnect, type Socket } from 'node:net';
+import { connect as netConnect, isIP, type Socket } from 'node:net';
+import { connect as tlsConnect, type ConnectionOptions } from 'node:tls';
 import { MisuseError, NetworkError, type MemstrataError } from '../errors.js';
 import {
   decodeBindReply,
@@ -109,6 +110,13 @@ export interface RmemClientOptions {
    * opens a new session, and fails with MS_RMEM_SECRET while the server id still has one.
    */
   sessionSecret?: Uint8Array;
+  /**
+   * TLS to a node with rmem.tls=require: node:tls connection options, such as `ca` (the
+   * CA that signed the node's certificate) and `cert`/`key` (this server's, when the node
+   * has tls.ca). The node's certificate is checked against `ca` (or the system's CAs),
+   * for the host name given (or `servername`).
+   */
+  tls?: ConnectionOptions;
 }
 
 interface Pending {
@@ -136,7 +144,7 @@ export interface RmemClientEvents {
 export class RmemClient extends EventEmitter<RmemClientEvents> {
   /** The node's HELLO answer: lease, session id, node id, limits, and the session's secret (keep it private). */
   session: HelloReply;
-  private readonly options: Required<Omit<RmemClientOptions, 'token' | 'sessionSecret' | 'path'>> & { token: string; path: string | undefined };
+  private readonly options: Required<Omit<RmemClientOptions, 'token' | 'sessionSecret' | 'path' | 'tls'>> & { token: string; path: string | undefined; tls: ConnectionOptions | undefined };
   private socket: Socket;
   private parser: FrameParser;
   private state: State;
@@ -179,7 +187,9 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
       connectTimeoutMs: options.connectTimeoutMs ?? 5_000,
       keepalive: options.keepalive ?? true,
       reconnect: options.reconnect ?? true,
+      tls: options.tls,
     };
+    if (full.tls !== undefined && full.path !== undefined) throw new MisuseError('MS_RMEM_INVALID', 'tls is for TCP connections to a node, not for a cut-through socket (path)');
     const id = Buffer.byteLength(full.serverId, 'utf8');
     if (id === 0 || id > 64) throw new MisuseError('MS_RMEM_INVALID', `serverId must be 1 to 64 bytes, got ${id}`);
     const secret = options.sessionSecret === undefined ? undefined : Buffer.from(options.sessionSecret);
@@ -555,7 +565,12 @@ function isRefusal(error: unknown): boolean {
 
 /** Opens a socket, sends HELLO (with the secret of the session to resume, if any), and waits for its reply. */
 async function handshake(options: RmemClient['options'], secret: Buffer | undefined): Promise<Connection> {
-  const socket = options.path === undefined ? netConnect({ host: options.host, port: options.port }) : netConnect({ path: options.path });
+  const socket: Socket =
+    options.path !== undefined
+      ? netConnect({ path: options.path })
+      : options.tls !== undefined
+        ? tlsConnect({ ...options.tls, host: options.host, port: options.port, ...(options.tls.servername === undefined && isIP(options.host) === 0 ? { servername: options.host } : {}) })
+        : netConnect({ host: options.host, port: options.port });
   if (options.path === undefined) socket.setNoDelay(true);
   let resolveHello: (frame: Frame) => void = () => undefined;
   let rejectHello: (error: Error) => void = () => undefined;

@@ -22,7 +22,7 @@
 import type { Etcd3 } from 'etcd3';
 import { EtcdLeaseInvalidError } from 'etcd3';
 import type { Logger } from '../logger.js';
-import { etcdProblem, openEtcd } from '../client/etcd.js';
+import { etcdProblem, openEtcd, type EtcdTls } from '../client/etcd.js';
 import { decodeMember, encodeMember, memberKey, membersPrefix, type MemberRecord } from '../protocol/cluster/member.js';
 import type { ClusterJson, ClusterSelfJson } from '../protocol/admin/api.js';
 import { LeaseKeeper, type LeaseApi } from './lease-keeper.js';
@@ -40,6 +40,8 @@ export interface MembershipOptions {
   /** The record as the node would write it now. */
   describe: () => Promise<MemberRecord>;
   log: Logger;
+  /** For https endpoints. */
+  tls?: EtcdTls | undefined;
 }
 
 /** A member as the cluster shows it, with its lease. */
@@ -68,7 +70,7 @@ export class Membership {
   constructor(options: MembershipOptions) {
     this.options = options;
     this.log = options.log;
-    this.client = openEtcd({ endpoints: options.endpoints });
+    this.client = openEtcd({ endpoints: options.endpoints, tls: options.tls });
     this.key = memberKey(options.cluster, options.nodeId);
     this.keeper = new LeaseKeeper({ api: etcdLeases(this.client), ttlMs: options.ttlMs, log: options.log });
     this.written = undefined;

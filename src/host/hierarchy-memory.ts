@@ -102,7 +102,17 @@ export interface HierarchyOptions {
    * want, if any. Members are watched: a node that joins takes new allocations; one
    * whose lease ends is lost.
    */
-  cluster?: { etcd: string | readonly string[]; name?: string; token?: string };
+  cluster?: {
+    etcd: string | readonly string[];
+    name?: string;
+    token?: string;
+    /**
+     * TLS: `ca` checks etcd (https endpoints) and the nodes whose rmem service requires
+     * TLS (their record says so); `cert` and `key` are presented where a certificate is
+     * asked for (etcd's --client-cert-auth, a node's tls.ca).
+     */
+    tls?: { ca: Buffer | string; cert?: Buffer | string; key?: Buffer | string };
+  };
   /**
    * rmem request timeout, ms (default 5000). A request with no answer in this time is
    * sent again under `nodeLoss`; the node is lost only when the retries run out.
@@ -357,8 +367,8 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
   private readonly closeTiers: () => Promise<void>;
   private readonly policy: NodeLossPolicy;
   private members: ClusterMembers | undefined;
-  /** Cluster nodes by name: the rmem address of their latest record, and whether they are members now. */
-  private readonly clustered: Map<string, { address: string; member: boolean }>;
+  /** Cluster nodes by name: the rmem address of their latest record, whether their rmem speaks TLS, and whether they are members now. */
+  private readonly clustered: Map<string, { address: string; tls: boolean; member: boolean }>;
   private nextAddress: number;
   private closed: boolean;
 
@@ -460,11 +470,15 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
   private async follow(cluster: NonNullable<HierarchyOptions['cluster']>, options: HierarchyOptions): Promise<void> {
     const etcd = typeof cluster.etcd === 'string' ? cluster.etcd.split(',').map((u) => u.trim()) : [...cluster.etcd];
     if (etcd.length === 0 || etcd.some((u) => !/^https?:\/\/[^/]+\/?$/.test(u))) throw new MisuseError('MS_HOST_INVALID', `cluster.etcd must be etcd client URLs such as http://10.0.0.1:2379, got ${JSON.stringify(cluster.etcd)}`);
-    const members = new ClusterMembers({ etcd, cluster: cluster.name ?? 'default' });
+    const tls = cluster.tls;
+    const pem = (value: Buffer | string | undefined): Buffer | undefined => (value === undefined ? undefined : Buffer.from(value));
+    const members = new ClusterMembers({ etcd, cluster: cluster.name ?? 'default', ...(tls === undefined ? {} : { tls: { ca: Buffer.from(tls.ca), cert: pem(tls.cert), key: pem(tls.key) } }) });
     this.members = members;
     const connect = (name: string): Promise<RmemSession> => {
-      const { host, port } = splitAddress(this.clustered.get(name)?.address ?? '');
-      return RmemClient.connect({ host, port, serverId: options.serverId, timeoutMs: options.timeoutMs ?? 5000, ...(cluster.token === undefined ? {} : { token: cluster.token }) });
+      const entry = this.clustered.get(name);
+      const { host, port } = splitAddress(entry?.address ?? '');
+      const secure = entry?.tls === true ? { tls: { ...(tls === undefined ? {} : { ca: tls.ca, ...(tls.cert === undefined || tls.key === undefined ? {} : { cert: tls.cert, key: tls.key }) }) } } : {};
+      return RmemClient.connect({ host, port, serverId: options.serverId, timeoutMs: options.timeoutMs ?? 5000, ...(cluster.token === undefined ? {} : { token: cluster.token }), ...secure });
     };
     // Open waits for the members listed at the start; later ones join in the background.
     let initial: Promise<void>[] | undefined = [];
@@ -476,6 +490,7 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
       const entry = this.clustered.get(record.id);
       if (entry === undefined) return;
       const node = this.nodes.find((n) => n.name === record.id);
+      entry.tls = record.tls?.rmem === true;
       if (record.services.rmem !== previous.services.rmem) {
         entry.address = record.services.rmem;
         node?.moved(`it came back at ${record.services.rmem}`);
@@ -509,7 +524,7 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
       return;
     }
     const moved = known !== undefined && known.address !== address;
-    this.clustered.set(name, { address, member: true });
+    this.clustered.set(name, { address, tls: record.tls?.rmem === true, member: true });
     const existing = this.nodes.find((n) => n.name === name);
     if (existing !== undefined) {
       // A member again: its old session is probed (or renewed at the new address) and reclaimed.

@@ -13,6 +13,8 @@
 import { readFile, stat } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import { BlockList, isIP } from 'node:net';
+import { createSecureContext } from 'node:tls';
+import type { TlsFiles } from '../net/tls.js';
 import { resolve } from 'node:path';
 import { YAMLParseError, parse as parseYaml } from 'yaml';
 import { z } from 'zod';
@@ -32,6 +34,8 @@ export type LogFormat = (typeof LOG_FORMATS)[number];
 /** The admin HTTP API: where it listens, who may use it, and what one client may cost it. */
 export interface AdminConfig {
   listen: ListenAddress;
+  /** HTTPS with the node's certificate. */
+  tls: boolean;
   /** Bearer token every route but /healthz requires (from admin.token or admin.tokenFile); undefined: none. */
   token: string | undefined;
   /** /metrics answers without the token. */
@@ -52,13 +56,21 @@ export interface KindSetting {
   max: number;
 }
 
+export const NBD_TLS_MODES = ['off', 'on', 'require'] as const;
+export type NbdTlsMode = (typeof NBD_TLS_MODES)[number];
+export const TLS_MODES = ['off', 'require'] as const;
+export type TlsMode = (typeof TLS_MODES)[number];
+
 export interface NodeConfig {
   node: { id: string | undefined; zone: string | undefined };
+  /** Loaded from tls.cert, tls.key and tls.ca; undefined when no service uses TLS. */
+  tls: TlsFiles | undefined;
   /** Membership and ownership through etcd; `etcd` undefined: a node on its own (the default). */
   cluster: { etcd: string[] | undefined; name: string; leaseMs: number; advertise: string | undefined };
   dataDir: string;
   admin: AdminConfig;
   rmem: {
+    tls: TlsMode;
     listen: ListenAddress;
     leaseMs: number;
     token: string | undefined;
@@ -71,6 +83,8 @@ export interface NodeConfig {
   };
   nbd: {
     listen: ListenAddress;
+    /** off: NBD_OPT_STARTTLS refused; on: offered; require: every option but STARTTLS and ABORT waits for it (FORCEDTLS). */
+    tls: NbdTlsMode;
     maxConnections: number;
     handshakeTimeoutMs: number;
     maxInFlight: number;
@@ -79,6 +93,7 @@ export interface NodeConfig {
   };
   mirror: {
     listen: ListenAddress;
+    tls: TlsMode;
     partner: ListenAddress | undefined;
     partnerId: string | undefined;
     onPartnerDown: 'degrade' | 'refuse';
@@ -226,9 +241,11 @@ const rawSchema = z.strictObject({
     })
     .prefault({}),
   dataDir: pathLeaf.prefault('./memstrata-data'),
+  tls: z.strictObject({ cert: pathLeaf.optional(), key: pathLeaf.optional(), ca: pathLeaf.optional() }).prefault({}),
   admin: z
     .strictObject({
       listen: addressLeaf.prefault('127.0.0.1:10880'),
+      tls: booleanLeaf.prefault('false'),
       token: adminTokenLeaf.optional(),
       tokenFile: pathLeaf.optional(),
       metricsPublic: booleanLeaf.prefault('false'),
@@ -242,6 +259,7 @@ const rawSchema = z.strictObject({
   nbd: z
     .strictObject({
       listen: addressLeaf.prefault('127.0.0.1:10809'),
+      tls: enumLeaf(NBD_TLS_MODES).prefault('off'),
       maxConnections: intLeaf(1, 65536).prefault(128),
       handshakeTimeout: durationLeaf.prefault('10s'),
       maxInFlight: intLeaf(1, 65536).prefault(128),
@@ -254,6 +272,7 @@ const rawSchema = z.strictObject({
   rmem: z
     .strictObject({
       listen: addressLeaf.prefault('127.0.0.1:10810'),
+      tls: enumLeaf(TLS_MODES).prefault('off'),
       lease: durationLeaf.prefault('30s'),
       token: tokenLeaf.optional(),
       maxInFlight: intLeaf(1, 65536).prefault(256),
@@ -267,6 +286,7 @@ const rawSchema = z.strictObject({
   mirror: z
     .strictObject({
       listen: addressLeaf.prefault('127.0.0.1:10811'),
+      tls: enumLeaf(TLS_MODES).prefault('off'),
       partner: addressLeaf.optional(),
       partnerId: nodeIdLeaf.optional(),
       onPartnerDown: enumLeaf(['degrade', 'refuse'] as const).prefault('degrade'),
@@ -328,7 +348,11 @@ export const SETTINGS: readonly Setting[] = [
   { path: 'cluster.lease', default: '5s', doc: 'the node\'s etcd lease, whole seconds from 2s to 1h: a node silent for this long leaves the cluster' },
   { path: 'cluster.advertise', default: '(each service\'s listen host; the machine\'s host name where that is 0.0.0.0 or ::)', doc: 'host name or address other nodes and hosts reach this node\'s services at' },
   { path: 'dataDir', flag: '--data-dir', default: './memstrata-data', doc: 'the flash file, volumes, NVRAM journals, the node id and the lock' },
+  { path: 'tls.cert', flag: '--tls-cert', default: '(none)', doc: 'PEM certificate (chain) the node presents on every service with TLS' },
+  { path: 'tls.key', flag: '--tls-key', default: '(none)', doc: 'PEM private key of tls.cert; keep it mode 600' },
+  { path: 'tls.ca', flag: '--tls-ca', default: '(none: clients need no certificate)', doc: 'PEM CA certificate(s): clients and peers of every TLS service must present a certificate it signed, and the node checks its mirror partner and etcd against it' },
   { path: 'admin.listen', flag: '--admin-listen', default: '127.0.0.1:10880', doc: 'admin HTTP API, /metrics and /healthz; port 0 picks a free port; an address that is not loopback needs admin.token or admin.tokenFile' },
+  { path: 'admin.tls', default: 'false', doc: 'true serves the admin API over HTTPS with tls.cert' },
   { path: 'admin.token', default: '(none)', doc: 'bearer token every admin route but /healthz requires (16 to 1024 visible ASCII characters); set it in the environment or use admin.tokenFile, not a command line' },
   { path: 'admin.tokenFile', default: '(none)', doc: 'file holding admin.token (surrounding whitespace ignored); read once at start' },
   { path: 'admin.metricsPublic', default: 'false', doc: 'true lets /metrics answer without the token' },
@@ -338,6 +362,7 @@ export const SETTINGS: readonly Setting[] = [
   { path: 'admin.requestTimeout', default: '30s', doc: 'a client must send a whole request, body included, within this; at least admin.headersTimeout' },
   { path: 'admin.bodyLimit', default: '64KiB', doc: 'largest admin request body; a larger one is refused with MS_ADMIN_BODY_TOO_LARGE' },
   { path: 'nbd.listen', flag: '--nbd-listen', default: '127.0.0.1:10809', doc: 'NBD block service; port 0 picks a free port' },
+  { path: 'nbd.tls', flag: '--nbd-tls', default: 'off', doc: 'off (NBD_OPT_STARTTLS refused), on (offered; clients choose), or require (nothing but STARTTLS and ABORT before TLS: FORCEDTLS)' },
   { path: 'nbd.maxConnections', default: '128', doc: 'NBD connections open at once; one more is closed at once' },
   { path: 'nbd.handshakeTimeout', default: '10s', doc: 'an NBD client that has not entered transmission (or sent ABORT) in this time is disconnected' },
   { path: 'nbd.maxInFlight', default: '128', doc: 'NBD requests served at once per connection before the node stops reading it' },
@@ -347,6 +372,7 @@ export const SETTINGS: readonly Setting[] = [
   { path: 'cache.enabled', default: 'true', doc: 'write-back storage cache for volumes in the cache partition; false writes straight to the data store' },
   { path: 'cache.maxDirtyAge', default: '5s', doc: 'dirty cache data older than this is written back to the data store' },
   { path: 'rmem.listen', flag: '--rmem-listen', default: '127.0.0.1:10810', doc: 'rmem remote-memory service; port 0 picks a free port' },
+  { path: 'rmem.tls', default: 'off', doc: 'off, or require: the rmem service speaks TLS only, from the first byte' },
   { path: 'rmem.lease', flag: '--rmem-lease', default: '30s', doc: 'how long a lost server keeps its regions, and how long a silent connection lives' },
   { path: 'rmem.token', default: '(none)', doc: 'shared token every server must present at HELLO; set it in the file or environment, not on the command line' },
   { path: 'rmem.maxInFlight', default: '256', doc: 'requests served at once per connection before the node stops reading it' },
@@ -356,6 +382,7 @@ export const SETTINGS: readonly Setting[] = [
   { path: 'rmem.maxConnectionsPerClient', default: '64', doc: 'rmem connections open at once from one remote address; more are closed as they arrive' },
   { path: 'rmem.handshakeTimeout', default: '5s', doc: 'a connection whose HELLO has not succeeded in this time is closed' },
   { path: 'mirror.listen', flag: '--mirror-listen', default: '127.0.0.1:10811', doc: 'mirror service, where a partner node keeps replicas of its mirrored NVRAM devices here; port 0 picks a free port' },
+  { path: 'mirror.tls', default: 'off', doc: 'off, or require: the mirror service speaks TLS only, and the link to the partner is TLS (the partner\'s certificate checked against tls.ca)' },
   { path: 'mirror.partner', flag: '--mirror-partner', default: '(none)', doc: 'mirror service of the partner node that holds replicas of this node\'s mirrored NVRAM devices, such as 10.0.0.2:10811' },
   { path: 'mirror.partnerId', default: '(any)', doc: 'node id of the mirror partner: the mirror service admits only that node, and the link mirrors only to a node that answers with it' },
   { path: 'mirror.onPartnerDown', default: 'degrade', doc: 'when the partner is unreachable, mirrored devices degrade (acknowledge once the local journal is synced) or refuse appends' },
@@ -473,9 +500,11 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
   const config: NodeConfig = {
     node: { id: parsed.node.id, zone: parsed.node.zone },
     cluster: { etcd: parsed.cluster.etcd, name: parsed.cluster.name, leaseMs: parsed.cluster.lease, advertise: parsed.cluster.advertise },
+    tls: undefined,
     dataDir,
     admin: {
       listen: parsed.admin.listen,
+      tls: parsed.admin.tls,
       token: parsed.admin.token,
       metricsPublic: parsed.admin.metricsPublic,
       maxConnections: parsed.admin.maxConnections,
@@ -486,6 +515,7 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
     },
     nbd: {
       listen: parsed.nbd.listen,
+      tls: parsed.nbd.tls,
       maxConnections: parsed.nbd.maxConnections,
       handshakeTimeoutMs: parsed.nbd.handshakeTimeout,
       maxInFlight: parsed.nbd.maxInFlight,
@@ -496,6 +526,7 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
     cache: { enabled: parsed.cache.enabled, maxDirtyAgeMs: parsed.cache.maxDirtyAge },
     guests: { enforcement: parsed.guests.enforcement, reserveCpu: parsed.guests.reserveCpu, periodMs: parsed.guests.period, maxConnections: parsed.guests.maxConnections },
     rmem: {
+      tls: parsed.rmem.tls,
       listen: parsed.rmem.listen,
       leaseMs: parsed.rmem.lease,
       token: parsed.rmem.token,
@@ -508,6 +539,7 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
     },
     mirror: {
       listen: parsed.mirror.listen,
+      tls: parsed.mirror.tls,
       partner: parsed.mirror.partner,
       partnerId: parsed.mirror.partnerId,
       onPartnerDown: parsed.mirror.onPartnerDown,
@@ -530,6 +562,7 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
     partition: { dram: emptyPartition(), flash: emptyPartition() },
   };
   checkMedia(config, raw, origin);
+  config.tls = await loadTls(config, parsed.tls, cwd, raw, origin, warnings);
   await checkAdmin(config, parsed.admin.tokenFile, cwd, raw, origin, warnings);
   if (config.volumes.defaultSize <= 0 || config.volumes.defaultSize % 4096 !== 0) {
     throw invalid('volumes.defaultSize', raw, origin, 'expected a positive multiple of 4096 bytes');
@@ -631,6 +664,53 @@ async function checkAdmin(config: NodeConfig, tokenFile: string | undefined, cwd
     throw invalid(admin.headersTimeoutMs < 10 ? 'admin.headersTimeout' : 'admin.requestTimeout', raw, origin, 'expected a duration from 10ms to 1h');
   }
   if (admin.bodyLimit < 1024 || admin.bodyLimit > 64 * 1024 * 1024) throw invalid('admin.bodyLimit', raw, origin, 'expected a size from 1KiB to 64MiB');
+}
+
+/** Reads tls.cert, tls.key and tls.ca when a service (or an https etcd) needs them; each problem names its field. */
+async function loadTls(config: NodeConfig, files: { cert?: string | undefined; key?: string | undefined; ca?: string | undefined }, cwd: string, raw: Record<string, unknown>, origin: Map<string, string>, warnings: string[]): Promise<TlsFiles | undefined> {
+  const users = [
+    ...(config.nbd.tls !== 'off' ? ['nbd.tls'] : []),
+    ...(config.rmem.tls !== 'off' ? ['rmem.tls'] : []),
+    ...(config.mirror.tls !== 'off' ? ['mirror.tls'] : []),
+    ...(config.admin.tls ? ['admin.tls'] : []),
+  ];
+  const etcdTls = config.cluster.etcd?.some((u) => u.startsWith('https:')) === true;
+  if (users.length === 0 && !etcdTls) {
+    for (const field of ['cert', 'key', 'ca'] as const) if (files[field] !== undefined) warnings.push(`tls.${field} is set but no service uses TLS (nbd.tls, rmem.tls, mirror.tls, admin.tls, or an https cluster.etcd)`);
+    return undefined;
+  }
+  const read = async (field: 'cert' | 'key' | 'ca', what: string): Promise<Buffer> => {
+    const file = resolve(cwd, files[field] ?? '');
+    let text: Buffer;
+    try {
+      text = await readFile(file);
+    } catch (error) {
+      throw invalid(`tls.${field}`, raw, origin, `expected a readable file (${(error as NodeJS.ErrnoException).code ?? (error as Error).message})`);
+    }
+    if (!text.includes('-----BEGIN ')) throw invalid(`tls.${field}`, raw, origin, `expected a PEM file holding ${what}`);
+    if (field === 'key' && ((await stat(file)).mode & 0o077) !== 0) warnings.push(`tls.key ${file} can be read by other users; chmod 600 it`);
+    return text;
+  };
+  if (users.length > 0 && (files.cert === undefined || files.key === undefined)) {
+    throw invalid(files.cert === undefined ? 'tls.cert' : 'tls.key', raw, origin, `expected a PEM file: ${users.join(', ')} ${users.length > 1 ? 'use' : 'uses'} TLS`);
+  }
+  if (etcdTls && files.ca === undefined) throw invalid('tls.ca', raw, origin, 'expected a PEM file with the CA of etcd\'s certificate: cluster.etcd uses https');
+  if (users.length === 0 && (files.cert === undefined) !== (files.key === undefined)) {
+    throw invalid(files.cert === undefined ? 'tls.cert' : 'tls.key', raw, origin, 'expected tls.cert and tls.key together (a client certificate for etcd), or neither');
+  }
+  const tls: TlsFiles = {
+    cert: files.cert === undefined ? Buffer.alloc(0) : await read('cert', 'a certificate'),
+    key: files.key === undefined ? Buffer.alloc(0) : await read('key', 'a private key'),
+    ca: files.ca === undefined ? undefined : await read('ca', 'CA certificates'),
+  };
+  if (tls.cert.length > 0) {
+    try {
+      createSecureContext({ cert: tls.cert, key: tls.key, ...(tls.ca === undefined ? {} : { ca: tls.ca }) });
+    } catch (error) {
+      throw invalid('tls.key', raw, origin, `expected the key of tls.cert, and PEM files node:tls can load (${(error as Error).message})`);
+    }
+  }
+  return tls;
 }
 
 const LOOPBACK = new BlockList();

@@ -42,6 +42,7 @@ import { formatAddress, parseAddress, type ListenAddress } from '../units.js';
 import { VERSION } from '../version.js';
 import { NODE_ID_FORM, NODE_ID_PATTERN, mediumLayouts, type NodeConfig } from './config.js';
 import { Lifecycle } from './lifecycle.js';
+import { clientTls } from '../net/tls.js';
 import { DataDirLock } from './lock.js';
 import type { Logger } from './logger.js';
 import { GuestSupervisor } from '../guest/supervisor.js';
@@ -208,10 +209,11 @@ export class StorageNode {
           maxConnectionsPerClient: config.mirror.maxConnectionsPerClient,
           handshakeTimeoutMs: config.mirror.handshakeTimeoutMs,
           stallTimeoutMs: config.mirror.stallTimeoutMs,
+          ...(config.mirror.tls === 'require' && config.tls !== undefined ? { tls: config.tls } : {}),
         });
         const bound = await service.listen(config.mirror.listen);
         this.mirrorService = service;
-        log.info({ address: formatAddress(bound), token: config.mirror.token !== undefined }, 'mirror service listening');
+        log.info({ address: formatAddress(bound), token: config.mirror.token !== undefined, tls: config.mirror.tls }, 'mirror service listening');
       },
       stop: async () => {
         await this.mirrorService?.close();
@@ -231,6 +233,7 @@ export class StorageNode {
           timeoutMs: config.mirror.timeoutMs,
           retryMs: Math.min(1000, config.mirror.timeoutMs),
           log,
+          tls: config.mirror.tls === 'require' && config.tls !== undefined ? clientTls(config.tls) : undefined,
         });
         this.mirroring.start();
         return Promise.resolve();
@@ -257,10 +260,11 @@ export class StorageNode {
           maxConnections: config.rmem.maxConnections,
           maxConnectionsPerClient: config.rmem.maxConnectionsPerClient,
           handshakeTimeoutMs: config.rmem.handshakeTimeoutMs,
+          ...(config.rmem.tls === 'require' && config.tls !== undefined ? { tls: config.tls } : {}),
         });
         const bound = await rmem.listen(config.rmem.listen);
         this.rmem = rmem;
-        log.info({ address: formatAddress(bound), leaseMs: config.rmem.leaseMs, token: config.rmem.token !== undefined }, 'rmem service listening');
+        log.info({ address: formatAddress(bound), leaseMs: config.rmem.leaseMs, token: config.rmem.token !== undefined, tls: config.rmem.tls }, 'rmem service listening');
       },
       stop: async () => {
         await this.rmem?.close();
@@ -270,10 +274,11 @@ export class StorageNode {
     this.lifecycle.add({
       name: 'nbd',
       start: async () => {
-        const nbd = new NbdService({ volumes: this.volumes, io: this.volumeIo, log, limits: config.nbd });
+        const tls = config.nbd.tls === 'off' || config.tls === undefined ? {} : { tls: { mode: config.nbd.tls, files: config.tls } };
+        const nbd = new NbdService({ volumes: this.volumes, io: this.volumeIo, log, limits: config.nbd, ...tls });
         const bound = await nbd.listen(config.nbd.listen);
         this.nbd = nbd;
-        log.info({ address: formatAddress(bound), volumes: this.volumes.list().map((v) => v.name) }, 'NBD service listening');
+        log.info({ address: formatAddress(bound), volumes: this.volumes.list().map((v) => v.name), tls: config.nbd.tls }, 'NBD service listening');
       },
       stop: async () => {
         await this.nbd?.close();
@@ -315,10 +320,10 @@ export class StorageNode {
           metrics,
           log,
           isStopping: () => this.stopping,
-        }, config.admin);
+        }, { ...config.admin, tls: config.admin.tls ? config.tls : undefined });
         const bound = await admin.listen(config.admin.listen);
         this.admin = admin;
-        log.info({ url: adminUrl(bound), token: config.admin.token !== undefined, metricsPublic: config.admin.metricsPublic }, 'admin API listening');
+        log.info({ url: adminUrl(bound, config.admin.tls), token: config.admin.token !== undefined, metricsPublic: config.admin.metricsPublic }, 'admin API listening');
       },
       stop: async () => {
         await this.admin?.close();
@@ -330,7 +335,8 @@ export class StorageNode {
       start: async () => {
         const endpoints = config.cluster.etcd;
         if (endpoints === undefined) return;
-        const membership = new Membership({ endpoints, cluster: config.cluster.name, ttlMs: config.cluster.leaseMs, nodeId: this.nodeId, describe: () => this.memberRecord(), log });
+        const tls = config.tls?.ca === undefined ? undefined : { ca: config.tls.ca, cert: config.tls.cert, key: config.tls.key };
+        const membership = new Membership({ endpoints, cluster: config.cluster.name, ttlMs: config.cluster.leaseMs, nodeId: this.nodeId, describe: () => this.memberRecord(), log, tls });
         this.membership = membership;
         // A node whose etcd is away still serves; it joins once etcd answers.
         await membership.start(config.cluster.leaseMs);
@@ -405,6 +411,7 @@ export class StorageNode {
       version: VERSION,
       startedAt: info.startedAt,
       services: { nbd: advertise(info.listen.nbd), rmem: advertise(info.listen.rmem), mirror: advertise(info.listen.mirror), admin: advertise(info.listen.admin) },
+      tls: { nbd: this.config.nbd.tls, rmem: this.config.rmem.tls === 'require', mirror: this.config.mirror.tls === 'require', admin: this.config.admin.tls },
       capacity: info.usage.map((u) => ({
         medium: u.medium,
         capacity: u.capacity,

@@ -9,7 +9,8 @@
 // owner (mirroring.ts) hears `onDown` first, so it has already decided whether devices
 // degrade or refuse by the time those failures reach them.
 
-import { connect, type Socket } from 'node:net';
+import { connect, isIP, type Socket } from 'node:net';
+import { connect as tlsConnect, type ConnectionOptions } from 'node:tls';
 import { MemstrataError, NetworkError } from '../errors.js';
 import type { Logger } from '../logger.js';
 import { FrameParser, type Frame } from '../protocol/rmem/parser.js';
@@ -52,6 +53,8 @@ export interface MirrorLinkOptions {
   log: Logger;
   onUp: (partnerNode: string) => void;
   onDown: (why: string) => void;
+  /** TLS to the partner (mirror.tls=require): its certificate checked against the CA, this node's presented. */
+  tls?: ConnectionOptions | undefined;
 }
 
 export class MirrorLink {
@@ -121,7 +124,10 @@ export class MirrorLink {
   private connect(): void {
     if (this.closed) return;
     const { partner, log } = this.options;
-    const socket = connect({ host: partner.host, port: partner.port, noDelay: true });
+    const tls = this.options.tls;
+    const socket: Socket = tls === undefined
+      ? connect({ host: partner.host, port: partner.port, noDelay: true })
+      : tlsConnect({ ...tls, host: partner.host, port: partner.port, ...(isIP(partner.host) === 0 ? { servername: partner.host } : {}) }).setNoDelay(true);
     this.socket = socket;
     const parser = new FrameParser({ magic: MIRROR_RESPONSE_MAGIC }, {
       onFrame: (f) => { this.onReply(f); },
@@ -135,7 +141,7 @@ export class MirrorLink {
     socket.once('close', () => {
       if (this.socket === socket) this.drop('connection closed');
     });
-    socket.once('connect', () => {
+    socket.once(tls === undefined ? 'connect' : 'secureConnect', () => {
       this.writer = new CorkedWriter(socket);
       void this.hello(socket);
     });

@@ -34,6 +34,7 @@
 // stall timeout, checks every connection.
 
 import { createServer, type Server, type Socket } from 'node:net';
+import { tlsUpgrader, type TlsFiles } from '../net/tls.js';
 import { timingSafeEqual } from 'node:crypto';
 import { MemstrataError, MisuseError, RuntimeError } from '../errors.js';
 import type { Logger } from '../logger.js';
@@ -108,6 +109,8 @@ export interface MirrorServiceOptions {
   stallTimeoutMs: number;
   /** At shutdown, how long the request being applied may take before its connection is cut (default DRAIN_DEADLINE_MS). */
   drainDeadlineMs?: number;
+  /** TLS on every connection from the first byte (mirror.tls=require). */
+  tls?: TlsFiles;
 }
 
 /** What a connection with nothing in flight may always take for one request, beyond the service budget. */
@@ -148,12 +151,23 @@ export class MirrorService {
   }
 
   async listen(address: ListenAddress): Promise<ListenAddress> {
-    const server = createServer({ noDelay: true }, (socket) => {
-      const admission = this.gate.admit(socket);
-      if (admission === undefined) return;
+    const serve = (socket: Socket, admission: Admission): void => {
       const connection = new MirrorConnection(socket, this.options, this, admission);
       this.connections.add(connection);
       socket.once('close', () => this.connections.delete(connection));
+    };
+    const tls = this.options.tls;
+    // With TLS, an admitted socket goes through the handshake first (within the HELLO deadline).
+    const secure = tls === undefined
+      ? undefined
+      : tlsUpgrader<Admission>(tls, this.options.handshakeTimeoutMs, serve, (error, remote) => {
+          this.options.log.warn({ remote, err: error.message }, 'mirror client failed the TLS handshake; disconnecting');
+        });
+    const server = createServer({ noDelay: true }, (socket) => {
+      const admission = this.gate.admit(socket);
+      if (admission === undefined) return;
+      if (secure !== undefined) secure(socket, admission);
+      else serve(socket, admission);
     });
     this.server = server;
     this.address = await listenOn(server, address, 'mirror', this.options.log);

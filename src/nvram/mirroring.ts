@@ -13,6 +13,7 @@
 // snapshot reach the replica after it; appends wait for the resync to end, so the
 // snapshot holds every record taken before it.
 
+import type { ConnectionOptions } from 'node:tls';
 import { RuntimeError, isMemstrataError } from '../errors.js';
 import type { Logger } from '../logger.js';
 import { formatAddress, type ListenAddress } from '../units.js';
@@ -50,6 +51,8 @@ export interface MirroringOptions {
   timeoutMs: number;
   retryMs: number;
   log: Logger;
+  /** TLS to the partner (mirror.tls=require). */
+  tls?: ConnectionOptions | undefined;
 }
 
 export class Mirroring {
@@ -84,6 +87,7 @@ export class Mirroring {
             log: options.log,
             onUp: (partnerNode) => { this.linkUp(partnerNode); },
             onDown: (why) => { this.linkDown(why); },
+            tls: options.tls,
           });
   }
 

@@ -1,7 +1,16 @@
 // One NBD connection: fixed newstyle handshake, option haggling, then transmission.
 //
 //   greeting -> client flags -> options (LIST, INFO, GO, EXPORT_NAME, STRUCTURED_REPLY,
-//   LIST/SET_META_CONTEXT, ABORT; others NBD_REP_ERR_UNSUP) -> requests -> end
+//   LIST/SET_META_CONTEXT, STARTTLS, ABORT; others NBD_REP_ERR_UNSUP) -> requests -> end
+//
+// TLS (nbd.tls, proto.md "TLS support"): `off` answers STARTTLS with NBD_REP_ERR_POLICY
+// (NOTLS); `on` upgrades when the client asks; `require` (FORCEDTLS) answers every option
+// but STARTTLS and ABORT with NBD_REP_ERR_TLS_REQD, and drops a client that sends
+// EXPORT_NAME, until TLS is up. STARTTLS is answered with NBD_REP_ACK; once the ACK has
+// reached the kernel, this connection lets go of the socket (its listeners removed,
+// nothing more parsed: a client must wait for the ACK before its TLS hello) and the host
+// wraps it in TLS and starts a new connection on it, in option haggling, with no state of
+// this one but the client flags (the spec asks that no negotiation state survive).
 //
 //   socket 'data' -> parser -> READ/FLUSH/... header -> flow.push --> dispatch: served
 //                           -> WRITE header -> flow.reserve -> payload read -> flow.push
@@ -100,6 +109,8 @@ export interface ExportCatalog {
 
 export interface NbdHost {
   readonly volumes: ExportCatalog;
+  /** TLS on this service: undefined answers STARTTLS with NBD_REP_ERR_POLICY. */
+  readonly tls: { require: boolean; upgrade(socket: Socket, state: { noZeroes: boolean }, admission: Admission): void } | undefined;
   readonly io: VolumeIo;
   /** Large READ and WRITE payload buffers, reused once the socket has written them or the request is done. */
   readonly payloadBuffers: BufferPool;
@@ -211,9 +222,21 @@ class NbdError extends Error {
   }
 }
 
+/** How a connection starts: on a fresh socket (greeting first), or on a socket upgraded to TLS (in option haggling). */
+export interface NbdStart {
+  secure: boolean;
+  /** The client flags of the session before the upgrade. */
+  noZeroes?: boolean;
+}
+
 export class NbdConnection {
   readonly socket: Socket;
   readonly remote: string;
+  /** The session runs over TLS. */
+  readonly secure: boolean;
+  /** STARTTLS was answered: the socket belongs to the TLS connection that follows. */
+  private handedOver: boolean;
+  private readonly listeners: { data: (chunk: Buffer) => void; end: () => void; error: (error: Error) => void; close: () => void };
   private readonly host: NbdHost;
   private readonly admission: Admission;
   private readonly parser: NbdServerParser;
@@ -246,12 +269,14 @@ export class NbdConnection {
   private linger: NodeJS.Timeout | undefined;
   private readonly closedPromise: Promise<void>;
 
-  constructor(socket: Socket, host: NbdHost, admission: Admission) {
+  constructor(socket: Socket, host: NbdHost, admission: Admission, start: NbdStart = { secure: false }) {
     this.socket = socket;
     this.remote = `${socket.remoteAddress ?? '?'}:${socket.remotePort ?? 0}`;
     this.host = host;
     this.admission = admission;
-    this.noZeroes = false;
+    this.secure = start.secure;
+    this.handedOver = false;
+    this.noZeroes = start.noZeroes ?? false;
     this.structured = false;
     this.metaVolume = undefined;
     this.baseAllocation = false;
@@ -313,25 +338,31 @@ export class NbdConnection {
         this.host.log.warn({ remote: this.remote, err: error.message }, 'NBD client broke the protocol; disconnecting');
         this.hangUp();
       },
-    });
+    }, { afterFlags: start.secure });
     let closed: () => void = () => undefined;
     this.closedPromise = new Promise<void>((resolve) => (closed = resolve));
     socket.setNoDelay(true);
-    socket.on('data', (chunk: Buffer) => {
-      this.sawInput = true;
-      this.parser.feed(chunk);
-    });
-    socket.on('end', () => {
-      this.onEnd();
-    });
-    socket.on('error', (error) => {
-      host.log.debug({ remote: this.remote, err: error }, 'NBD connection error');
-    });
-    socket.on('close', () => {
-      this.onClose();
-      closed();
-    });
-    socket.write(encodeGreeting(HANDSHAKE.FIXED_NEWSTYLE | HANDSHAKE.NO_ZEROES));
+    this.listeners = {
+      data: (chunk: Buffer) => {
+        this.sawInput = true;
+        this.parser.feed(chunk);
+      },
+      end: () => {
+        this.onEnd();
+      },
+      error: (error: Error) => {
+        host.log.debug({ remote: this.remote, err: error }, 'NBD connection error');
+      },
+      close: () => {
+        this.onClose();
+        closed();
+      },
+    };
+    socket.on('data', this.listeners.data);
+    socket.on('end', this.listeners.end);
+    socket.on('error', this.listeners.error);
+    socket.on('close', this.listeners.close);
+    if (!start.secure) socket.write(encodeGreeting(HANDSHAKE.FIXED_NEWSTYLE | HANDSHAKE.NO_ZEROES));
   }
 
   /** The export this connection is attached to, once in transmission. */
@@ -347,7 +378,7 @@ export class NbdConnection {
    * after DRAIN_DEADLINE_MS (a client that does not read its replies is cut then).
    */
   async drainAndClose(): Promise<void> {
-    if (this.socket.destroyed) return;
+    if (this.socket.destroyed || this.handedOver) return;
     this.stopRequested = true;
     this.sawInput = true; // bytes already in the kernel are read before this side ends
     this.refuseWaiting();
@@ -499,6 +530,17 @@ export class NbdConnection {
         this.optionError(option, REP.ERR_SHUTDOWN, 'the node is stopping');
         return;
       }
+      // FORCEDTLS: nothing but STARTTLS and ABORT before TLS (proto.md, "FORCEDTLS mode").
+      if (this.host.tls?.require === true && !this.secure && option !== OPT.STARTTLS && option !== OPT.ABORT) {
+        if (option === OPT.EXPORT_NAME) {
+          // It cannot be answered with an error: the session ends.
+          this.host.log.info({ remote: this.remote }, 'NBD client asked for an export without TLS, which this node requires; disconnecting');
+          this.hangUp();
+          return;
+        }
+        this.optionError(option, REP.ERR_TLS_REQD, 'this node requires TLS: send NBD_OPT_STARTTLS first');
+        return;
+      }
       switch (option) {
         case OPT.EXPORT_NAME:
           this.selectByExportName(data);
@@ -532,7 +574,10 @@ export class NbdConnection {
           this.metaContext(option, data);
           break;
         case OPT.STARTTLS:
-          this.optionError(option, REP.ERR_POLICY, 'TLS is not offered by this node');
+          if (this.host.tls === undefined) this.optionError(option, REP.ERR_POLICY, 'TLS is not offered here');
+          else if (this.secure) this.optionError(option, REP.ERR_INVALID, 'TLS is already negotiated');
+          else if (data.length !== 0) this.optionError(option, REP.ERR_INVALID, 'NBD_OPT_STARTTLS takes no data');
+          else this.startTls(this.host.tls);
           break;
         default:
           this.optionError(option, REP.ERR_UNSUP, `option ${OPT_NAME[option] ?? option} is not supported`);
@@ -541,6 +586,34 @@ export class NbdConnection {
       const message = error instanceof Error ? error.message : String(error);
       this.optionError(option, REP.ERR_INVALID, message);
     }
+  }
+
+  /**
+   * Answers STARTTLS and hands the socket over to TLS: nothing more is parsed here (input
+   * after STARTTLS and before our ACK breaks the protocol and would only fail the TLS
+   * handshake), this connection's listeners leave the socket, and once the ACK is in the
+   * kernel the host starts the TLS session on it.
+   */
+  private startTls(tls: NonNullable<NbdHost['tls']>): void {
+    const socket = this.socket;
+    this.handedOver = true;
+    this.finished = true;
+    this.parser.stop();
+    this.flow.close();
+    socket.pause();
+    socket.removeListener('data', this.listeners.data);
+    socket.removeListener('end', this.listeners.end);
+    socket.removeListener('close', this.listeners.close);
+    this.host.closed(this);
+    const state = { noZeroes: this.noZeroes };
+    socket.write(encodeOptionReply(OPT.STARTTLS, REP.ACK), (error) => {
+      socket.removeListener('error', this.listeners.error);
+      if (error !== undefined && error !== null) {
+        socket.destroy();
+        return;
+      }
+      tls.upgrade(socket, state, this.admission);
+    });
   }
 
   /** An option too long to keep: its payload is dropped as it arrives. */

@@ -20,7 +20,9 @@
 // of reusable buffers (at most POOL_MAX_BYTES kept), plus storage's bookkeeping for
 // ZERO_SLOTS zeroing pieces.
 
-import { createServer, type Server } from 'node:net';
+import { createServer, type Server, type Socket } from 'node:net';
+import type { Admission } from '../net/connection-gate.js';
+import { tlsUpgrader, type TlsFiles } from '../net/tls.js';
 import type { Logger } from '../logger.js';
 import { ConnectionGate } from '../net/connection-gate.js';
 import { SharedBudget, newFlowStats, type FlowLimits, type FlowStats } from '../net/request-flow.js';
@@ -64,12 +66,14 @@ export class NbdService implements NbdHost {
   readonly gate: ConnectionGate;
   readonly turns: TurnQueue;
   readonly zeroSlots: Semaphore;
+  readonly tls: NbdHost['tls'];
   private readonly connections: Set<NbdConnection>;
   private server: Server | undefined;
   private stopping: boolean;
   private bound: ListenAddress | undefined;
 
-  constructor(options: { volumes: VolumeManager; io: VolumeIo; log: Logger; limits: NbdLimits }) {
+  /** `tls`: NBD_OPT_STARTTLS offered (`on`) or required (`require`, FORCEDTLS) on the TCP service; cut-through sockets never offer it. */
+  constructor(options: { volumes: VolumeManager; io: VolumeIo; log: Logger; limits: NbdLimits; tls?: { mode: 'on' | 'require'; files: TlsFiles } }) {
     this.volumes = options.volumes;
     this.io = options.io;
     this.log = options.log;
@@ -86,6 +90,31 @@ export class NbdService implements NbdHost {
     this.server = undefined;
     this.stopping = false;
     this.bound = undefined;
+    const tls = options.tls;
+    this.tls = tls === undefined ? undefined : { require: tls.mode === 'require', upgrade: this.upgradeFn(tls.files, limits.handshakeTimeoutMs) };
+  }
+
+  /** Starts the TLS session on a socket whose STARTTLS was answered: a new connection, in option haggling. */
+  private upgradeFn(files: TlsFiles, handshakeTimeoutMs: number): (socket: Socket, state: { noZeroes: boolean }, admission: Admission) => void {
+    const upgrade = tlsUpgrader<{ state: { noZeroes: boolean }; admission: Admission }>(
+      files,
+      handshakeTimeoutMs,
+      (secure, { state, admission }) => {
+        if (this.stopping) {
+          secure.destroy();
+          return;
+        }
+        this.log.debug({ remote: `${secure.remoteAddress ?? '?'}:${secure.remotePort ?? 0}`, protocol: secure.getProtocol(), authorized: secure.authorized }, 'NBD session upgraded to TLS');
+        this.connections.add(new NbdConnection(secure, this, admission, { secure: true, noZeroes: state.noZeroes }));
+      },
+      (error, remote) => {
+        this.log.info({ remote, err: error.message }, 'NBD client failed the TLS handshake; disconnecting');
+      },
+    );
+    return (socket, state, admission) => {
+      if (this.stopping) socket.destroy();
+      else upgrade(socket, { state, admission });
+    };
   }
 
   get address(): ListenAddress | undefined {
@@ -147,6 +176,7 @@ export class NbdService implements NbdHost {
       flowStats: this.flowStats,
       turns: this.turns,
       zeroSlots: this.zeroSlots,
+      tls: undefined,
       isStopping: () => this.stopping,
       closed: (connection) => {
         own.delete(connection);

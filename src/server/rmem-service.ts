@@ -32,6 +32,8 @@
 // rmem-connection.ts).
 
 import { createServer, type Server, type Socket } from 'node:net';
+import { tlsUpgrader, type TlsFiles } from '../net/tls.js';
+import type { Admission } from '../net/connection-gate.js';
 import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { MisuseError } from '../errors.js';
 import type { ServerMemory, Tenancy } from '../memory/server-memory.js';
@@ -72,6 +74,8 @@ export interface RmemServiceOptions {
   handshakeTimeoutMs: number;
   /** At shutdown, how long requests in flight may take before their connection is cut (default DRAIN_DEADLINE_MS). */
   drainDeadlineMs?: number;
+  /** TLS on every TCP connection, from the first byte (rmem.tls=require); cut-through sockets stay plain. */
+  tls?: TlsFiles;
 }
 
 /**
@@ -97,6 +101,8 @@ interface Session {
 }
 
 export class RmemService implements ConnectionHost {
+  /** With rmem.tls: admitted plain sockets go through the TLS handshake first (within the HELLO deadline). */
+  private readonly secure: ((socket: Socket, admission: Admission) => void) | undefined;
   readonly memory: ServerMemory;
   readonly nvram: DeviceManager;
   readonly log: Logger;
@@ -122,6 +128,19 @@ export class RmemService implements ConnectionHost {
     this.memory = options.memory;
     this.nvram = options.nvram;
     this.log = options.log;
+    this.secure = options.tls === undefined
+      ? undefined
+      : tlsUpgrader<Admission>(
+          options.tls,
+          options.handshakeTimeoutMs,
+          (secure, admission) => {
+            if (this.stopping) secure.destroy();
+            else this.connections.add(new RmemConnection(secure, this, admission));
+          },
+          (error, remote) => {
+            this.log.info({ remote, err: error.message }, 'rmem client failed the TLS handshake; disconnecting');
+          },
+        );
     this.flowLimits = { maxRequests: options.maxInFlight, maxBytes: options.maxInFlightBytes };
     this.flowStats = newFlowStats();
     this.budget = new SharedBudget(options.maxInFlightBytesTotal, { reserveBytes: IDLE_RESERVE, waitersFirst: true });
@@ -323,8 +342,10 @@ export class RmemService implements ConnectionHost {
     const admission = this.gate.admit(socket);
     if (admission === undefined) return;
     this.stats.connectionsAccepted++;
-    this.connections.add(new RmemConnection(socket, this, admission));
+    if (this.secure !== undefined) this.secure(socket, admission);
+    else this.connections.add(new RmemConnection(socket, this, admission));
   }
+
 
   private checkLeases(now = Date.now()): void {
     const lease = this.options.leaseMs;

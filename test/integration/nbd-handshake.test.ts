@@ -3,77 +3,10 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { connect, type Socket } from 'node:net';
-import { CMD, IHAVEOPT, OPT, OPTION_REPLY_MAGIC, REP, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC } from '../../src/protocol/nbd/spec.js';
-import { startNode, tempDir, type NodeProcess } from '../support/node-process.js';
+import { CMD, OPT, REP, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC } from '../../src/protocol/nbd/spec.js';
+import { Raw, named } from '../support/raw-nbd.js';
+import { startNode, tempDir } from '../support/node-process.js';
 
-/** A socket with a byte queue: read(n) resolves with exactly n bytes, or rejects on close. */
-class Raw {
-  private buffered = Buffer.alloc(0);
-  private waiter: (() => void) | undefined;
-  closed = false;
-  constructor(readonly socket: Socket) {
-    socket.on('data', (c: Buffer) => {
-      this.buffered = Buffer.concat([this.buffered, c]);
-      this.waiter?.();
-    });
-    socket.on('close', () => {
-      this.closed = true;
-      this.waiter?.();
-    });
-    socket.on('error', () => undefined);
-  }
-  static async open(n: NodeProcess): Promise<Raw> {
-    const socket = connect(n.nbd.port, n.nbd.host);
-    await new Promise<void>((resolve) => socket.once('connect', resolve));
-    return new Raw(socket);
-  }
-  async read(count: number): Promise<Buffer> {
-    while (this.buffered.length < count) {
-      if (this.closed) throw new Error('closed');
-      await new Promise<void>((resolve) => (this.waiter = resolve));
-    }
-    const out = this.buffered.subarray(0, count);
-    this.buffered = this.buffered.subarray(count);
-    return out;
-  }
-  async closedByPeer(): Promise<boolean> {
-    for (let i = 0; i < 100 && !this.closed; i++) await new Promise((r) => setTimeout(r, 20));
-    return this.closed;
-  }
-  async greet(clientFlags = 3): Promise<number> {
-    const greeting = await this.read(18);
-    assert.equal(greeting.toString('latin1', 0, 8), 'NBDMAGIC');
-    assert.equal(greeting.toString('latin1', 8, 16), 'IHAVEOPT');
-    const flags = Buffer.alloc(4);
-    flags.writeUInt32BE(clientFlags, 0);
-    this.socket.write(flags);
-    return greeting.readUInt16BE(16);
-  }
-  option(opt: number, data: Buffer = Buffer.alloc(0)): void {
-    const head = Buffer.alloc(16);
-    head.writeBigUInt64BE(IHAVEOPT, 0);
-    head.writeUInt32BE(opt, 8);
-    head.writeUInt32BE(data.length, 12);
-    this.socket.write(Buffer.concat([head, data]));
-  }
-  async reply(): Promise<{ option: number; type: number; data: Buffer }> {
-    const head = await this.read(20);
-    assert.equal(head.readBigUInt64BE(0), OPTION_REPLY_MAGIC);
-    const length = head.readUInt32BE(16);
-    return { option: head.readUInt32BE(8), type: head.readUInt32BE(12), data: await this.read(length) };
-  }
-}
-
-function named(name: string, infos: number[] = []): Buffer {
-  const n = Buffer.from(name);
-  const buf = Buffer.alloc(6 + n.length + infos.length * 2);
-  buf.writeUInt32BE(n.length, 0);
-  n.copy(buf, 4);
-  buf.writeUInt16BE(infos.length, 4 + n.length);
-  infos.forEach((info, i) => buf.writeUInt16BE(info, 6 + n.length + i * 2));
-  return buf;
-}
 
 function meta(name: string, queries: string[]): Buffer {
   const parts = [Buffer.alloc(4), Buffer.from(name), Buffer.alloc(4)];

@@ -3,10 +3,12 @@
 // the test skips with a reason, or fails under MEMSTRATA_REQUIRE_INTEROP=1.
 
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { get as httpsGet } from 'node:https';
 import { freePort } from './node-process.js';
+import type { TestCerts } from './certs.js';
 import { REQUIRE_INTEROP, have } from './tools.js';
 
 export interface EtcdProcess {
@@ -31,12 +33,16 @@ export function missingEtcd(): string | undefined {
   return reason;
 }
 
-/** Starts a one-member etcd; `t.after` stops it and removes its directory. */
-export async function startEtcd(t: { after(fn: () => Promise<void>): void }): Promise<EtcdProcess> {
+/**
+ * Starts a one-member etcd; `t.after` stops it and removes its directory. With `tls`,
+ * clients reach it over https with the server certificate, and must present a
+ * certificate the CA signed (--client-cert-auth).
+ */
+export async function startEtcd(t: { after(fn: () => Promise<void>): void }, tls?: TestCerts): Promise<EtcdProcess> {
   const dir = await mkdtemp(join(tmpdir(), 'memstrata-etcd-'));
   const clientPort = await freePort();
   const peerPort = await freePort();
-  const url = `http://127.0.0.1:${clientPort}`;
+  const url = `${tls === undefined ? 'http' : 'https'}://127.0.0.1:${clientPort}`;
   const peer = `http://127.0.0.1:${peerPort}`;
   const args = [
     '--name', 'test', '--data-dir', join(dir, 'data'),
@@ -44,7 +50,9 @@ export async function startEtcd(t: { after(fn: () => Promise<void>): void }): Pr
     '--listen-peer-urls', peer, '--initial-advertise-peer-urls', peer,
     '--initial-cluster', `test=${peer}`, '--initial-cluster-state', 'new',
     '--log-level', 'error', '--logger', 'zap',
+    ...(tls === undefined ? [] : ['--cert-file', tls.cert, '--key-file', tls.key, '--trusted-ca-file', tls.ca, '--client-cert-auth']),
   ];
+  const health = tls === undefined ? undefined : { ca: await readFile(tls.ca), cert: await readFile(join(tls.dir, 'client-cert.pem')), key: await readFile(join(tls.dir, 'client-key.pem')) };
   let proc: ChildProcess | undefined;
   let exited: Promise<void> = Promise.resolve();
   let output = '';
@@ -60,9 +68,7 @@ export async function startEtcd(t: { after(fn: () => Promise<void>): void }): Pr
     for (;;) {
       if (child.exitCode !== null || child.signalCode !== null) throw new Error(`etcd exited before it was healthy: ${output}`);
       try {
-        const res = await fetch(`${url}/health`, { signal: AbortSignal.timeout(1000) });
-        const body = (await res.json()) as { health?: string };
-        if (body.health === 'true') return;
+        if (await healthy(url, health)) return;
       } catch {
         // not listening yet
       }
@@ -98,4 +104,22 @@ export async function startEtcd(t: { after(fn: () => Promise<void>): void }): Pr
     pause: () => proc?.kill('SIGSTOP'),
     resume: () => proc?.kill('SIGCONT'),
   };
+}
+
+/** etcd's /health, over http or (with certificates) https. */
+async function healthy(url: string, tls: { ca: Buffer; cert: Buffer; key: Buffer } | undefined): Promise<boolean> {
+  if (tls === undefined) {
+    const res = await fetch(`${url}/health`, { signal: AbortSignal.timeout(1000) });
+    return ((await res.json()) as { health?: string }).health === 'true';
+  }
+  const body = await new Promise<string>((resolve, reject) => {
+    const req = httpsGet(`${url}/health`, { ...tls, timeout: 1000 }, (res) => {
+      let text = '';
+      res.on('data', (c: Buffer) => (text += c.toString()));
+      res.on('end', () => resolve(text));
+    });
+    req.on('error', reject);
+    req.on('timeout', () => req.destroy(new Error('timeout')));
+  });
+  return (JSON.parse(body) as { health?: string }).health === 'true';
 }

@@ -54,6 +54,8 @@ const memberSchema = z.object({
   startedAt: z.string().max(64),
   /** Where each service is reached, host:port. */
   services: z.object({ nbd: address, rmem: address, mirror: address, admin: address }),
+  /** Which services speak TLS: NBD's mode (STARTTLS offered or required), and whether rmem, the mirror and admin do. */
+  tls: z.object({ nbd: z.enum(['off', 'on', 'require']), rmem: z.boolean(), mirror: z.boolean(), admin: z.boolean() }).optional(),
   capacity: z.array(mediumSchema).max(16),
   /** The mirror partner this node replicates to, as configured or chosen; null: none. */
   partner: z.string().max(300).nullable(),

@@ -87,16 +87,17 @@ export class NbdServerParser {
   private discard: boolean;
   private option: number;
 
-  constructor(handlers: NbdParserHandlers) {
+  /** `afterFlags`: the client flags were read on another parser (a session upgraded to TLS goes on with options). */
+  constructor(handlers: NbdParserHandlers, options: { afterFlags?: boolean } = {}) {
     this.handlers = handlers;
-    this.mode = 'flags';
+    this.mode = options.afterFlags === true ? 'option' : 'flags';
     this.stage = 'header';
     this.held = false;
     this.parsing = false;
     this.pending = EMPTY;
     this.header = Buffer.alloc(REQUEST_SIZE);
     this.headerHave = 0;
-    this.headerSize = 4;
+    this.headerSize = options.afterFlags === true ? OPTION_HEADER_SIZE : 4;
     this.body = undefined;
     this.bodyHave = 0;
     this.skipLeft = 0;

@@ -203,7 +203,7 @@ test('every setting in the catalogue can be set from the command line', async (t
   await writeFile(tokenFile, 'a-token-of-24-characters\n', { mode: 0o600 });
   for (const setting of SETTINGS) {
     // A value the leaf accepts: settings differ in type, so try a few.
-    const candidates = ['ms-node1', '64MiB', '1MiB', '100%', '127.0.0.1:0', 'info', 'json', './data', '0', '30s', '8', 'false', 'degrade', 'signal', 'a-token-of-24-characters', 'http://127.0.0.1:2379', tokenFile];
+    const candidates = ['ms-node1', '64MiB', '1MiB', '100%', '127.0.0.1:0', 'info', 'json', './data', '0', '30s', '8', 'false', 'degrade', 'signal', 'a-token-of-24-characters', 'http://127.0.0.1:2379', 'off', tokenFile];
     let accepted = false;
     for (const value of candidates) {
       try {
@@ -243,6 +243,31 @@ test('the cluster is off by default; its settings are checked and named when wro
     assert.equal(error.code, 'MS_CONFIG_INVALID', `${path}=${value}`);
     assert.match(error.message, field);
   }
+});
+
+test('TLS settings: a service with TLS needs tls.cert and tls.key, each a readable PEM file, the key the certificate\'s', async (t) => {
+  const dir = await tempDir(t);
+  const pem = (label: string) => `-----BEGIN ${label}-----\nAAAA\n-----END ${label}-----\n`;
+  await writeFile(join(dir, 'not-pem'), 'hello');
+  await writeFile(join(dir, 'bad-cert.pem'), pem('CERTIFICATE'));
+  await writeFile(join(dir, 'bad-key.pem'), pem('PRIVATE KEY'), { mode: 0o600 });
+  const cases: [[string, string][], RegExp][] = [
+    [[['nbd.tls', 'require']], /tls\.cert .*expected a PEM file: nbd\.tls uses TLS/],
+    [[['rmem.tls', 'require'], ['tls.cert', join(dir, 'bad-cert.pem')]], /tls\.key .*rmem\.tls uses TLS/],
+    [[['admin.tls', 'true'], ['tls.cert', join(dir, 'missing.pem')], ['tls.key', join(dir, 'bad-key.pem')]], /tls\.cert .*expected a readable file \(ENOENT\)/],
+    [[['mirror.tls', 'require'], ['tls.cert', join(dir, 'not-pem')], ['tls.key', join(dir, 'bad-key.pem')]], /tls\.cert .*expected a PEM file holding a certificate/],
+    [[['nbd.tls', 'on'], ['tls.cert', join(dir, 'bad-cert.pem')], ['tls.key', join(dir, 'bad-key.pem')]], /tls\.key .*expected the key of tls\.cert/],
+    [[['nbd.tls', 'maybe']], /nbd\.tls is "maybe".*one of off, on, require/],
+    [[['rmem.tls', 'on']], /rmem\.tls is "on".*one of off, require/],
+  ];
+  for (const [flags, message] of cases) {
+    const error = await configError({ env: {}, flags });
+    assert.equal(error.code, 'MS_CONFIG_INVALID', JSON.stringify(flags));
+    assert.match(error.message, message);
+  }
+  const { config, warnings } = await loadConfig({ env: {}, flags: [['tls.cert', join(dir, 'bad-cert.pem')]] });
+  assert.equal(config.tls, undefined, 'no service uses TLS: nothing is loaded');
+  assert.match(warnings.join('\n'), /tls\.cert is set but no service uses TLS/);
 });
 
 const TOKEN = 'f3a9c2e4b7d1a8c6e0f2b4d6a8c0e2f4';

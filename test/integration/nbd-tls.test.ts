@@ -1,0 +1,162 @@
+// NBD over TLS (issue 14, item 6; proto.md "TLS support"), driven byte by byte: the
+// FORCEDTLS rules of nbd.tls=require, the upgrade itself, that no negotiation state
+// survives it, certificates from another CA or none refused, and clients that stall in
+// or after the TLS handshake cut by the handshake timeout.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { ConnectionOptions } from 'node:tls';
+import { CMD, OPT, REP, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC } from '../../src/protocol/nbd/spec.js';
+import { makeCerts, missingOpenssl, type TestCerts } from '../support/certs.js';
+import { Raw, named } from '../support/raw-nbd.js';
+import { startNode, tempDir, type NodeProcess } from '../support/node-process.js';
+
+type Ctx = { after(fn: () => Promise<void>): void };
+
+async function tlsNode(t: Ctx, certs: TestCerts, mode: 'on' | 'require', extra: string[] = []): Promise<NodeProcess> {
+  const node = await startNode({ cwd: await tempDir(t), args: ['--nbd-tls', mode, '--tls-cert', certs.cert, '--tls-key', certs.key, '--tls-ca', certs.ca, ...extra] });
+  t.after(async () => {
+    await node.stop('SIGKILL');
+  });
+  return node;
+}
+
+async function client(dir: string): Promise<ConnectionOptions> {
+  const read = (name: string) => readFile(join(dir, name)).catch(() => undefined);
+  const [ca, cert, key] = await Promise.all([read('ca-cert.pem'), read('client-cert.pem'), read('client-key.pem')]);
+  return { ...(ca === undefined ? {} : { ca }), ...(cert === undefined || key === undefined ? {} : { cert, key }) };
+}
+
+/** Reads option replies up to the final one (ACK or an error; not SERVER or INFO) and returns its type. */
+async function finalReply(raw: Raw, option: number): Promise<number> {
+  for (;;) {
+    const reply = await raw.reply();
+    assert.equal(reply.option, option);
+    if (reply.type !== REP.INFO && reply.type !== REP.SERVER) return reply.type;
+  }
+}
+
+function request(type: number, cookie: number, offset: number, length: number): Buffer {
+  const req = Buffer.alloc(28);
+  req.writeUInt32BE(REQUEST_MAGIC, 0);
+  req.writeUInt16BE(type, 6);
+  req.writeUInt32BE(cookie, 12);
+  req.writeBigUInt64BE(BigInt(offset), 16);
+  req.writeUInt32BE(length, 24);
+  return req;
+}
+
+test('nbd.tls=require (FORCEDTLS): every option but STARTTLS gets NBD_REP_ERR_TLS_REQD; after STARTTLS the session starts afresh over TLS and serves data', async (t) => {
+  if (missingOpenssl() !== undefined) return t.skip('openssl is not installed');
+  const certs = await makeCerts(t);
+  const node = await tlsNode(t, certs, 'require');
+  const raw = await Raw.open(node);
+  await raw.greet();
+  for (const [option, data] of [[OPT.LIST, Buffer.alloc(0)], [OPT.INFO, named('default')], [OPT.GO, named('default')], [OPT.STRUCTURED_REPLY, Buffer.alloc(0)], [OPT.SET_META_CONTEXT, Buffer.alloc(8)], [999, Buffer.alloc(0)]] as const) {
+    raw.option(option, data);
+    const reply = await raw.reply();
+    assert.deepEqual([reply.option, reply.type], [option, REP.ERR_TLS_REQD], `option ${option} before TLS`);
+  }
+  raw.option(OPT.STARTTLS, Buffer.from('x'));
+  assert.equal((await raw.reply()).type, REP.ERR_INVALID, 'STARTTLS carries no data');
+  raw.option(OPT.STARTTLS);
+  assert.equal((await raw.reply()).type, REP.ACK);
+  const secure = await raw.startTls(await client(certs.dir));
+  assert.ok(secure.authorized, 'the node\'s certificate checks against the CA');
+  raw.option(OPT.STARTTLS);
+  assert.equal((await raw.reply()).type, REP.ERR_INVALID, 'TLS is already negotiated');
+  raw.option(OPT.LIST);
+  assert.equal(await finalReply(raw, OPT.LIST), REP.ACK);
+  raw.option(OPT.GO, named('default'));
+  assert.equal(await finalReply(raw, OPT.GO), REP.ACK);
+  const data = Buffer.alloc(4096, 0x6b);
+  raw.socket.write(Buffer.concat([request(CMD.WRITE, 1, 8192, 4096), data, request(CMD.READ, 2, 8192, 4096)]));
+  const written = await raw.read(16);
+  assert.deepEqual([written.readUInt32BE(0), written.readUInt32BE(4), written.readUInt32BE(12)], [SIMPLE_REPLY_MAGIC, 0, 1]);
+  const read = await raw.read(16);
+  assert.deepEqual([read.readUInt32BE(0), read.readUInt32BE(4), read.readUInt32BE(12)], [SIMPLE_REPLY_MAGIC, 0, 2]);
+  assert.ok((await raw.read(4096)).equals(data));
+  raw.socket.end(request(CMD.DISC, 3, 0, 0));
+  assert.ok(await raw.closedByPeer());
+});
+
+test('nbd.tls=require: EXPORT_NAME without TLS ends the session; certificates of another CA, or none, fail the handshake; the node serves TLS clients meanwhile', async (t) => {
+  if (missingOpenssl() !== undefined) return t.skip('openssl is not installed');
+  const certs = await makeCerts(t);
+  const node = await tlsNode(t, certs, 'require');
+  const plain = await Raw.open(node);
+  await plain.greet();
+  plain.option(OPT.EXPORT_NAME, Buffer.from('default'));
+  assert.ok(await plain.closedByPeer(), 'EXPORT_NAME cannot be refused with an error: the session ends');
+  for (const dir of [certs.rogueDir, certs.anonymousDir]) {
+    const raw = await Raw.open(node);
+    await raw.greet();
+    raw.option(OPT.STARTTLS);
+    assert.equal((await raw.reply()).type, REP.ACK);
+    // TLS 1.3 checks the client certificate after the client's side of the handshake is done: the refusal may come on first use.
+    const refused = await raw
+      .startTls(await client(dir))
+      .then(async () => {
+        raw.option(OPT.LIST);
+        await raw.reply();
+        return false;
+      })
+      .catch(() => true);
+    assert.ok(refused, `a client from ${dir} is refused`);
+  }
+  const good = await Raw.open(node);
+  await good.greet();
+  good.option(OPT.STARTTLS);
+  assert.equal((await good.reply()).type, REP.ACK);
+  await good.startTls(await client(certs.dir));
+  good.option(OPT.LIST);
+  assert.equal(await finalReply(good, OPT.LIST), REP.ACK);
+  good.socket.destroy();
+  const metrics = await (await fetch(`${node.url}/healthz`)).json() as { status: string };
+  assert.equal(metrics.status, 'ok');
+});
+
+test('nbd.tls: a client that stalls before or after its TLS handshake is cut after nbd.handshakeTimeout', async (t) => {
+  if (missingOpenssl() !== undefined) return t.skip('openssl is not installed');
+  const certs = await makeCerts(t);
+  const node = await tlsNode(t, certs, 'on', ['--set', 'nbd.handshakeTimeout=1s']);
+  // STARTTLS answered, then no TLS hello at all.
+  const silent = await Raw.open(node);
+  await silent.greet();
+  silent.option(OPT.STARTTLS);
+  assert.equal((await silent.reply()).type, REP.ACK);
+  silent.socket.removeAllListeners('data');
+  const silentClosed = new Promise<void>((resolve) => silent.socket.once('close', () => resolve()));
+  // TLS up, then no option.
+  const idle = await Raw.open(node);
+  await idle.greet();
+  idle.option(OPT.STARTTLS);
+  assert.equal((await idle.reply()).type, REP.ACK);
+  await idle.startTls(await client(certs.dir));
+  const started = Date.now();
+  await silentClosed;
+  assert.ok(await idle.closedByPeer(), 'a TLS client that never enters transmission is cut');
+  assert.ok(Date.now() - started < 10_000);
+});
+
+test('nbd.tls=on: plaintext clients are served, STARTTLS upgrades, and what was negotiated before it does not survive it', async (t) => {
+  if (missingOpenssl() !== undefined) return t.skip('openssl is not installed');
+  const certs = await makeCerts(t);
+  const node = await tlsNode(t, certs, 'on');
+  const plain = await Raw.open(node);
+  await plain.greet();
+  plain.option(OPT.LIST);
+  assert.equal(await finalReply(plain, OPT.LIST), REP.ACK, 'plaintext options are answered');
+  plain.option(OPT.STRUCTURED_REPLY);
+  assert.equal((await plain.reply()).type, REP.ACK);
+  plain.option(OPT.STRUCTURED_REPLY);
+  assert.equal((await plain.reply()).type, REP.ERR_INVALID, 'negotiated once already');
+  plain.option(OPT.STARTTLS);
+  assert.equal((await plain.reply()).type, REP.ACK);
+  await plain.startTls(await client(certs.dir));
+  plain.option(OPT.STRUCTURED_REPLY);
+  assert.equal((await plain.reply()).type, REP.ACK, 'structured replies are negotiated afresh after STARTTLS');
+  plain.socket.destroy();
+});
