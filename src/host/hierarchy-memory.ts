@@ -63,6 +63,7 @@ import { PageCache, type PageCacheStats } from './page-cache.js';
 import { DEFAULT_NODE_LOSS, RemoteNode, type NodeLossPolicy, type NodeState, type NodeTransition, type RmemSession } from './remote-node.js';
 import { settleAll } from '../settle.js';
 import { BufferStore, FileStore, RangeTier, VolumeStore, type Piece, type TierMedium } from './tiers.js';
+import { RedundantPiece, type RedundancyHost } from './redundant-piece.js';
 
 export const PAGE = 4096;
 /** The first virtual address handed out. */
@@ -79,6 +80,8 @@ export interface NodeAddress {
   /** rmem port; default 10810. */
   port?: number;
   token?: string;
+  /** Its failure zone: the two copies of a `redundancy: 2` segment go to different zones when there are two. */
+  zone?: string;
 }
 
 export interface HierarchyOptions {
@@ -135,6 +138,13 @@ export interface AllocOptions {
   medium?: TierMedium;
   /** Only this device: `local`, a node name, or `swap`. */
   device?: string;
+  /**
+   * 2: the segment's bytes live on two nodes (in two zones when there are two); every
+   * write goes to both before it is acknowledged, reads go to either, and when one node
+   * is lost the host copies the bytes to a third node in the background. Remote memory
+   * only. Default 1.
+   */
+  redundancy?: 1 | 2;
 }
 
 /** A row of the discovery table (FIG. 10). */
@@ -159,6 +169,8 @@ export interface HierarchyEvents {
   node: [transition: NodeTransition];
   /** A cluster member joined (and was connected) or left; or a member could not be used. */
   member: [change: MemberChange];
+  /** A `redundancy: 2` segment got its second copy back, or could not (yet). */
+  rebuild: [event: { address: number; ok: boolean; reason: string }];
 }
 
 /** A change in the cluster's membership, as the host saw it. */
@@ -177,6 +189,10 @@ export interface MappingRow {
   device: string;
   medium: TierMedium;
   physicalStart: number;
+  /** For a `redundancy: 2` segment: which copy (1, 2, ...), its state, and for a copy being rebuilt how much is copied. */
+  copy?: number;
+  state?: 'ok' | 'lost' | 'rebuilding';
+  copiedBytes?: number;
 }
 
 /** Counters of the hierarchy: the page cache, and bytes moved to and from each tier. */
@@ -254,17 +270,33 @@ export class Segment {
     return this.owner.free(this.address);
   }
 
-  /** This segment's rows of the mapping table. */
+  /** This segment's rows of the mapping table: for a redundant piece, one set of rows per copy. */
   mapping(): MappingRow[] {
     const rows: MappingRow[] = [];
-    let at = this.address;
+    let base = this.address;
     for (const piece of this.pieces) {
-      for (const r of piece.physical) {
-        rows.push({ virtualStart: at, length: r.length, device: piece.device, medium: piece.medium, physicalStart: r.start });
-        at += r.length;
+      const copies = piece instanceof RedundantPiece ? piece.copyInfo() : [{ device: piece.device, medium: piece.medium, physical: piece.physical, state: undefined, copied: 0 }];
+      for (const [i, copy] of copies.entries()) {
+        let at = base;
+        for (const r of copy.physical) {
+          const row: MappingRow = { virtualStart: at, length: r.length, device: copy.device, medium: copy.medium, physicalStart: r.start };
+          if (copy.state !== undefined) {
+            row.copy = i + 1;
+            row.state = copy.state;
+            if (copy.state === 'rebuilding') row.copiedBytes = copy.copied;
+          }
+          rows.push(row);
+          at += r.length;
+        }
       }
+      base += piece.length;
     }
     return rows;
+  }
+
+  /** Waits for rebuilds of its redundant pieces under way. */
+  async rebuilt(): Promise<void> {
+    for (const piece of this.pieces) if (piece instanceof RedundantPiece) await piece.settled();
   }
 
   /** @internal Why its memory is gone, or undefined. */
@@ -329,7 +361,7 @@ export interface HierarchyParts {
   flash?: RangeTier;
   swap?: RangeTier;
   /** Each node with its first session and a way to open another once that one gave up. */
-  nodes?: readonly { name: string; address: string; session: RmemSession; connect: () => Promise<RmemSession> }[];
+  nodes?: readonly { name: string; address: string; session: RmemSession; connect: () => Promise<RmemSession>; zone?: string | undefined }[];
   pageCacheBytes: number;
   nodeLoss?: Partial<NodeLossPolicy>;
   /** Closes what the tiers hold open (the flash file, the swap connection); runs last in close(). */
@@ -367,6 +399,10 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
   private readonly closeTiers: () => Promise<void>;
   private readonly policy: NodeLossPolicy;
   private members: ClusterMembers | undefined;
+  /** Each node's failure zone, when known (NodeAddress.zone, or its cluster record). */
+  private readonly zones: Map<string, string>;
+  /** When redundant pieces last refreshed every node's capacity (Date.now()). */
+  private refreshedAt: number;
   /** Cluster nodes by name: the rmem address of their latest record, whether their rmem speaks TLS, and whether they are members now. */
   private readonly clustered: Map<string, { address: string; tls: boolean; member: boolean }>;
   private nextAddress: number;
@@ -387,8 +423,11 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
     this.closed = false;
     this.members = undefined;
     this.clustered = new Map();
+    this.zones = new Map();
+    this.refreshedAt = 0;
     this.policy = nodeLossPolicy(parts.nodeLoss);
     this.nodes = (parts.nodes ?? []).map((n) => this.remoteNode(n));
+    for (const n of parts.nodes ?? []) if (n.zone !== undefined) this.zones.set(n.name, n.zone);
   }
 
   /**
@@ -415,7 +454,7 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
       flashStore = await FileStore.create(path, capacity);
       flash = new RangeTier('local', 'flash', capacity, flashStore);
     }
-    const nodes: { name: string; address: string; session: RmemSession; connect: () => Promise<RmemSession> }[] = [];
+    const nodes: { name: string; address: string; session: RmemSession; connect: () => Promise<RmemSession>; zone?: string | undefined }[] = [];
     let swapClient: NbdClient | undefined;
     try {
       const names = new Set<string>();
@@ -426,7 +465,7 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
         names.add(name);
         const connect = (): Promise<RmemSession> =>
           RmemClient.connect({ host: address.host, port, serverId: options.serverId, timeoutMs: options.timeoutMs ?? 5000, ...(address.token === undefined ? {} : { token: address.token }) });
-        nodes.push({ name, address: `${address.host}:${port}`, session: await connect(), connect });
+        nodes.push({ name, address: `${address.host}:${port}`, session: await connect(), connect, zone: address.zone });
       }
       if (options.swap !== undefined) swapClient = await NbdClient.connect({ uri: options.swap });
     } catch (error) {
@@ -525,6 +564,8 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
     }
     const moved = known !== undefined && known.address !== address;
     this.clustered.set(name, { address, tls: record.tls?.rmem === true, member: true });
+    if (record.zone !== null) this.zones.set(name, record.zone);
+    else this.zones.delete(name);
     const existing = this.nodes.find((n) => n.name === name);
     if (existing !== undefined) {
       // A member again: its old session is probed (or renewed at the new address) and reclaimed.
@@ -592,10 +633,14 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
     if (options.device !== undefined && options.device !== 'local' && options.device !== 'swap' && !this.nodes.some((n) => n.name === options.device)) {
       throw new MisuseError('MS_HOST_INVALID', `unknown device "${options.device}": expected local, swap or one of the nodes ${this.nodes.map((n) => n.name).join(', ') || '(none)'}`);
     }
+    const redundancy = options.redundancy ?? 1;
+    if (redundancy !== 1 && redundancy !== 2) throw new MisuseError('MS_HOST_INVALID', `redundancy must be 1 or 2, got ${String(redundancy)}`);
+    if (redundancy === 2 && options.device !== undefined) throw new MisuseError('MS_HOST_INVALID', 'a redundancy: 2 segment lives on two nodes the host chooses: it takes no device');
     const length = Math.ceil(size / PAGE) * PAGE;
     for (const step of this.order(cls)) {
       if (options.medium !== undefined && options.medium !== step.medium) continue;
-      const pieces = await this.tryStep(step, length, options.device);
+      if (redundancy === 2 && step.kind !== 'remote') continue;
+      const pieces = redundancy === 2 ? await this.tryRedundant(step.medium === 'flash' ? 'flash' : 'dram', length) : await this.tryStep(step, length, options.device);
       if (pieces !== undefined) {
         const segment = new Segment(this, this.nextAddress, length, cls, pieces);
         this.nextAddress += length;
@@ -603,8 +648,8 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
         return segment;
       }
     }
-    throw new RuntimeError('MS_HOST_NO_CAPACITY', `no tier can hold ${formatSize(length)} for class ${cls}${options.medium === undefined ? '' : ` on ${options.medium}`}${options.device === undefined ? '' : ` on ${options.device}`}`, {
-      details: { size: length, class: cls, discovery: this.discovery() },
+    throw new RuntimeError('MS_HOST_NO_CAPACITY', `no tier can hold ${formatSize(length)} for class ${cls}${options.medium === undefined ? '' : ` on ${options.medium}`}${options.device === undefined ? '' : ` on ${options.device}`}${redundancy === 2 ? ' on two nodes' : ''}`, {
+      details: { size: length, class: cls, redundancy, discovery: this.discovery() },
     });
   }
 
@@ -716,7 +761,20 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
 
   /** The mapping table as text, with ranges written the way FIG. 11 writes them. */
   formatMapping(): string {
-    const rows = this.mapping().map((r) => [hexRange(r.virtualStart, r.length), r.device, r.medium, hexRange(r.physicalStart, r.length)]);
+    const mapping = this.mapping();
+    // Copies of redundant segments add a COPY and a STATE column (with a rebuild's progress).
+    if (mapping.some((r) => r.copy !== undefined)) {
+      const rows = mapping.map((r) => [
+        hexRange(r.virtualStart, r.length),
+        r.copy === undefined ? '-' : String(r.copy),
+        r.device,
+        r.medium,
+        hexRange(r.physicalStart, r.length),
+        r.state === undefined ? '-' : r.state === 'rebuilding' ? `rebuilding ${Math.floor((100 * (r.copiedBytes ?? 0)) / r.length)}%` : r.state,
+      ]);
+      return textTable(['VIRTUAL ADDRESS', 'COPY', 'DEVICE', 'MEDIUM', 'PHYSICAL ADDRESS', 'STATE'], rows);
+    }
+    const rows = mapping.map((r) => [hexRange(r.virtualStart, r.length), r.device, r.medium, hexRange(r.physicalStart, r.length)]);
     return textTable(['VIRTUAL ADDRESS', 'DEVICE', 'MEDIUM', 'PHYSICAL ADDRESS'], rows);
   }
 
@@ -793,6 +851,63 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
     return undefined;
   }
 
+  /**
+   * Two copies of `length` bytes on two nodes, in two zones when the nodes' zones allow:
+   * the node with the most room first, then the one with the most room in another zone
+   * (or, with no such node, any other). Undefined when no two nodes can hold it.
+   */
+  private async tryRedundant(medium: 'dram' | 'flash', length: number): Promise<Piece[] | undefined> {
+    const first = await this.bindBest(medium, length, []);
+    if (first === undefined) return undefined;
+    const second = await this.bindBest(medium, length, [first.device]);
+    if (second === undefined) {
+      await first.release().catch(() => undefined);
+      return undefined;
+    }
+    return [new RedundantPiece([first, second], this.redundancyHost())];
+  }
+
+  /**
+   * Binds `length` bytes on the usable node with the most room that is none of `avoid`,
+   * preferring a zone none of `avoid` is in; undefined when no node can.
+   */
+  private async bindBest(medium: 'dram' | 'flash', length: number, avoid: readonly string[]): Promise<Piece | undefined> {
+    const offered = (n: RemoteNode): number => {
+      const entry = this.capacity.get(n.name)?.find((e) => e.medium === medium);
+      return entry === undefined ? 0 : entry.available + entry.growable;
+    };
+    const taken = new Set(avoid.map((d) => this.zones.get(d)).filter((z): z is string => z !== undefined));
+    const otherZone = (n: RemoteNode): number => (taken.size > 0 && !taken.has(this.zones.get(n.name) ?? '') ? 1 : 0);
+    const ranked = this.nodes
+      .filter((n) => this.usable(n) && !avoid.includes(n.name) && offered(n) >= length)
+      .sort((a, b) => otherZone(b) - otherZone(a) || offered(b) - offered(a));
+    for (const node of ranked) {
+      const piece = await this.bindOn(node, medium, length);
+      if (piece !== undefined) return piece;
+    }
+    return undefined;
+  }
+
+  /** What redundant pieces ask of the hierarchy: replacement copies, which nodes answer, and where to report rebuilds. */
+  private redundancyHost(): RedundancyHost {
+    return {
+      replacement: async (length, medium, avoid) => {
+        if (this.closed) return undefined;
+        // Fresh capacities, at most once a second however many pieces rebuild.
+        if (Date.now() - this.refreshedAt > 1000) {
+          this.refreshedAt = Date.now();
+          await this.refresh().catch(() => undefined);
+        }
+        return this.bindBest(medium === 'flash' ? 'flash' : 'dram', length, avoid);
+      },
+      answering: (piece) => this.nodes.find((n) => n.name === piece.device)?.state === 'ok',
+      rebuilt: (piece, outcome) => {
+        const segment = this.segments.find((s) => s.pieces.includes(piece));
+        if (segment !== undefined) this.emit('rebuild', { address: segment.address, ...outcome });
+      },
+    };
+  }
+
   /** Binds on a node; a refusal for capacity, a timeout or a loss gives undefined (try elsewhere). */
   private async bindOn(node: RemoteNode, medium: 'dram' | 'flash', length: number): Promise<Piece | undefined> {
     try {
@@ -851,6 +966,8 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
   /** A node changed state: a loss drops the cached pages of its segments; a return refreshes its capacity. */
   private onNode(transition: NodeTransition): void {
     if (transition.to === 'lost') {
+      // A redundant piece with a copy there drops it and starts its rebuild.
+      for (const segment of this.segments) for (const piece of segment.pieces) if (piece instanceof RedundantPiece) piece.notice();
       for (const segment of this.segments) {
         if (segment.far && segment.purge === undefined && segment.lost) segment.purge = this.cache.drop(segment, segment.size);
       }
