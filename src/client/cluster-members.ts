@@ -14,7 +14,7 @@
 import { EventEmitter } from 'node:events';
 import type { Etcd3, IKeyValue, Watcher } from 'etcd3';
 import { decodeMember, membersPrefix, type MemberRecord } from '../protocol/cluster/member.js';
-import { etcdProblem, openEtcd, type EtcdTls } from './etcd.js';
+import { cancelWatcher, etcdProblem, openEtcd, type EtcdTls } from './etcd.js';
 
 export interface ClusterMembersEvents {
   joined: [record: MemberRecord];
@@ -61,7 +61,7 @@ export class ClusterMembers extends EventEmitter<ClusterMembersEvents> {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    await this.watcher?.cancel().catch(() => undefined);
+    await cancelWatcher(this.watcher);
     this.client.close();
   }
 
@@ -73,6 +73,7 @@ export class ClusterMembers extends EventEmitter<ClusterMembersEvents> {
       const id = this.apply(kv);
       if (id !== undefined) seen.add(id);
     }
+    // Members whose record no longer reads are gone too.
     for (const id of [...this.known.keys()]) {
       if (!seen.has(id)) {
         this.known.delete(id);
@@ -98,7 +99,7 @@ export class ClusterMembers extends EventEmitter<ClusterMembersEvents> {
     });
     watcher.on('delete', (kv) => {
       const id = kv.key.toString().slice(this.prefix.length);
-      if (this.known.delete(id)) this.emit('left', id);
+      if (!id.includes('/') && this.known.delete(id)) this.emit('left', id);
     });
     watcher.on('error', (error) => {
       // Compacted past our revision (or another end of the stream): list again, then watch anew.
@@ -110,7 +111,8 @@ export class ClusterMembers extends EventEmitter<ClusterMembersEvents> {
   private async restart(): Promise<void> {
     const old = this.watcher;
     this.watcher = undefined;
-    await old?.cancel().catch(() => undefined);
+    // Not awaited for long: etcd may have cancelled it already and never confirm.
+    await cancelWatcher(old);
     while (!this.closed) {
       try {
         await this.watch(await this.relist());
@@ -125,9 +127,17 @@ export class ClusterMembers extends EventEmitter<ClusterMembersEvents> {
   /** A record put: joined or updated; returns its id, or undefined when it does not read. */
   private apply(kv: IKeyValue): string | undefined {
     const key = kv.key.toString();
+    const name = key.slice(this.prefix.length);
+    // Only /nodes/<id>: deeper keys are nobody's record.
+    if (name.includes('/')) {
+      this.emit('unreadable', `member record ${key}: not a member key (nested under ${this.prefix})`);
+      return undefined;
+    }
     const record = decodeMember(kv.value, key);
     if (typeof record === 'string') {
       this.emit('unreadable', record);
+      // A member whose record no longer reads is not one a host should go on using.
+      if (this.known.delete(name)) this.emit('left', name);
       return undefined;
     }
     const previous = this.known.get(record.id);

@@ -48,3 +48,15 @@ export function etcdProblem(error: unknown): string {
   const message = error instanceof Error ? error.message : String(error);
   return message.replace(/[.\s]*Resolution note:\s*$/, '');
 }
+
+/**
+ * Cancels a watcher without waiting for etcd to confirm for long: a watcher etcd already
+ * cancelled (compacted past its revision), or an etcd that is frozen, never confirms, and
+ * an await on that would hang whoever asked (a relist, a close).
+ */
+export async function cancelWatcher(watcher: { cancel(): Promise<void> } | undefined, waitMs = 1000): Promise<void> {
+  if (watcher === undefined) return;
+  let timer: NodeJS.Timeout | undefined;
+  await Promise.race([watcher.cancel().catch(() => undefined), new Promise<void>((resolve) => (timer = setTimeout(resolve, waitMs)))]);
+  clearTimeout(timer);
+}

@@ -29,6 +29,8 @@ import { LeaseKeeper, type LeaseApi } from './lease-keeper.js';
 
 /** How often the record is compared with what the node would say now. */
 const UPDATE_MS = 1000;
+/** How often the node reads its record back: one deleted or replaced by hand (or by a node with the same id) is written again, through the transaction that refuses another lease. */
+const VERIFY_MS = 3000;
 
 export type MembershipState = ClusterSelfJson['state'];
 
@@ -59,6 +61,7 @@ export class Membership {
   private readonly key: string;
   private readonly log: Logger;
   private written: { lease: string; text: string } | undefined;
+  private verifiedAt: number;
   private state: MembershipState;
   private problem: string | undefined;
   private timer: NodeJS.Timeout | undefined;
@@ -74,6 +77,7 @@ export class Membership {
     this.key = memberKey(options.cluster, options.nodeId);
     this.keeper = new LeaseKeeper({ api: etcdLeases(this.client), ttlMs: options.ttlMs, log: options.log });
     this.written = undefined;
+    this.verifiedAt = 0;
     this.state = 'joining';
     this.problem = undefined;
     this.timer = undefined;
@@ -126,6 +130,10 @@ export class Membership {
     await Promise.all(
       response.kvs.map(async (kv) => {
         const key = kv.key.toString();
+        if (key.slice(membersPrefix(this.options.cluster).length).includes('/')) {
+          unreadable.push(`member record ${key}: not a member key (nested)`);
+          return;
+        }
         const record = decodeMember(kv.value, key);
         if (typeof record === 'string') {
           unreadable.push(record);
@@ -195,7 +203,15 @@ export class Membership {
     const lease = this.keeper.id;
     if (lease === undefined) return;
     const text = encodeMember(await this.options.describe());
-    if (this.written?.lease === lease && this.written.text === text) return;
+    if (this.written?.lease === lease && this.written.text === text) {
+      if (Date.now() - this.verifiedAt < VERIFY_MS) return;
+      this.verifiedAt = Date.now();
+      const kv = (await this.client.get(this.key).exec()).kvs[0];
+      if (kv !== undefined && kv.lease === lease && kv.value.toString() === text) return;
+      this.log.warn({ key: this.key }, 'the member record was removed or replaced in etcd; writing it again');
+      this.written = undefined;
+      if (this.state === 'member') this.state = 'joining';
+    }
     const put = this.client.put(this.key).value(text).lease(lease);
     const result = await this.client.if(this.key, 'Create', '==', 0).then(put).else(this.client.get(this.key)).commit();
     let stored = result.succeeded;

@@ -401,6 +401,8 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
   private members: ClusterMembers | undefined;
   /** Each node's failure zone, when known (NodeAddress.zone, or its cluster record). */
   private readonly zones: Map<string, string>;
+  /** Cluster members being connected (one loop each). */
+  private readonly joining: Set<string>;
   /** When redundant pieces last refreshed every node's capacity (Date.now()). */
   private refreshedAt: number;
   /** Cluster nodes by name: the rmem address of their latest record, whether their rmem speaks TLS, and whether they are members now. */
@@ -424,6 +426,7 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
     this.members = undefined;
     this.clustered = new Map();
     this.zones = new Map();
+    this.joining = new Set();
     this.refreshedAt = 0;
     this.policy = nodeLossPolicy(parts.nodeLoss);
     this.nodes = (parts.nodes ?? []).map((n) => this.remoteNode(n));
@@ -573,11 +576,18 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
       this.emit('member', { node: name, change: 'joined', address, reason: 'a member again' });
       return;
     }
+    // One connect loop per member: a record put again while it runs only changes the address it uses.
+    if (this.joining.has(name)) return;
+    this.joining.add(name);
     // The first try is awaited (open waits for the members it listed); a member that cannot be reached is tried again in the background.
-    if (await this.connectMember(name, address, connect)) return;
+    if (await this.connectMember(name, address, connect)) {
+      this.joining.delete(name);
+      return;
+    }
     void (async () => {
       do await new Promise((resolve) => setTimeout(resolve, this.policy.probeMs).unref());
       while (!(await this.connectMember(name, address, connect)));
+      this.joining.delete(name);
     })();
   }
 
@@ -586,7 +596,7 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
     if (this.closed || this.clustered.get(name)?.member !== true) return true;
     try {
       const session = await connect(name);
-      if (this.closed || this.clustered.get(name)?.member !== true) {
+      if (this.closed || this.clustered.get(name)?.member !== true || this.nodes.some((n) => n.name === name)) {
         await session.close().catch(() => undefined);
         return true;
       }

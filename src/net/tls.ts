@@ -51,8 +51,9 @@ export function tlsUpgrader<T>(
   handshakeTimeoutMs: number,
   secured: (secure: TLSSocket, kept: T) => void,
   failed: (error: Error, remote: string) => void,
-): (socket: Socket, kept: T) => void {
+): { upgrade: (socket: Socket, kept: T) => void; close: () => void } {
   const waiting = new Map<string, { socket: Socket; kept: T }>();
+  let closed = false;
   // A TCP connection is named by its two ends; the TLS socket reports the same ones.
   const key = (s: Socket): string => `${s.remoteAddress ?? '?'}|${s.remotePort ?? 0}|${s.localAddress ?? '?'}|${s.localPort ?? 0}`;
   const server = createTlsServer({ ...serverTls(files), handshakeTimeout: handshakeTimeoutMs }, (secure) => {
@@ -71,11 +72,19 @@ export function tlsUpgrader<T>(
     failed(error, `${secure.remoteAddress ?? '?'}:${secure.remotePort ?? 0}`);
     secure.destroy();
   });
-  return (socket, kept) => {
-    if (socket.destroyed) return;
-    const k = key(socket);
-    waiting.set(k, { socket, kept });
-    socket.once('close', () => waiting.delete(k));
-    server.emit('connection', socket);
+  return {
+    upgrade: (socket, kept) => {
+      if (closed) socket.destroy();
+      if (socket.destroyed) return;
+      const k = key(socket);
+      waiting.set(k, { socket, kept });
+      socket.once('close', () => waiting.delete(k));
+      server.emit('connection', socket);
+    },
+    close: () => {
+      closed = true;
+      for (const { socket } of waiting.values()) socket.destroy();
+      waiting.clear();
+    },
   };
 }

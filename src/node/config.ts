@@ -683,6 +683,10 @@ async function loadTls(config: NodeConfig, files: { cert?: string | undefined; k
     const file = resolve(cwd, files[field] ?? '');
     let text: Buffer;
     try {
+      // A regular file (symlinks followed: certificate stores use them), read whole: never a FIFO or a device that could hang the start.
+      const kind = await stat(file);
+      if (!kind.isFile()) throw Object.assign(new Error('not a regular file'), { code: 'not a regular file' });
+      if (kind.size > 1024 * 1024) throw Object.assign(new Error('larger than 1 MiB'), { code: 'larger than 1 MiB' });
       text = await readFile(file);
     } catch (error) {
       throw invalid(`tls.${field}`, raw, origin, `expected a readable file (${(error as NodeJS.ErrnoException).code ?? (error as Error).message})`);

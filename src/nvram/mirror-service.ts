@@ -117,6 +117,8 @@ export interface MirrorServiceOptions {
 export const IDLE_RESERVE = 256 * 1024;
 
 export class MirrorService {
+  /** Destroys sockets still in their TLS handshake (at close). */
+  private closeTls: () => void = () => undefined;
   private readonly options: MirrorServiceOptions;
   private server: Server | undefined;
   private readonly connections: Set<MirrorConnection>;
@@ -163,10 +165,11 @@ export class MirrorService {
       : tlsUpgrader<Admission>(tls, this.options.handshakeTimeoutMs, serve, (error, remote) => {
           this.options.log.warn({ remote, err: error.message }, 'mirror client failed the TLS handshake; disconnecting');
         });
+    this.closeTls = secure?.close ?? (() => undefined);
     const server = createServer({ noDelay: true }, (socket) => {
       const admission = this.gate.admit(socket);
       if (admission === undefined) return;
-      if (secure !== undefined) secure(socket, admission);
+      if (secure !== undefined) secure.upgrade(socket, admission);
       else serve(socket, admission);
     });
     this.server = server;
@@ -192,6 +195,7 @@ export class MirrorService {
 
   async close(): Promise<void> {
     clearInterval(this.timer);
+    this.closeTls();
     await closeServer(this.server, this.connections);
     this.server = undefined;
   }

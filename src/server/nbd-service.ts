@@ -67,6 +67,8 @@ export class NbdService implements NbdHost {
   readonly turns: TurnQueue;
   readonly zeroSlots: Semaphore;
   readonly tls: NbdHost['tls'];
+  /** Destroys sockets still in their TLS handshake (at close). */
+  private closeTls: () => void = () => undefined;
   private readonly connections: Set<NbdConnection>;
   private server: Server | undefined;
   private stopping: boolean;
@@ -96,7 +98,7 @@ export class NbdService implements NbdHost {
 
   /** Starts the TLS session on a socket whose STARTTLS was answered: a new connection, in option haggling. */
   private upgradeFn(files: TlsFiles, handshakeTimeoutMs: number): (socket: Socket, state: { noZeroes: boolean }, admission: Admission) => void {
-    const upgrade = tlsUpgrader<{ state: { noZeroes: boolean }; admission: Admission }>(
+    const upgrader = tlsUpgrader<{ state: { noZeroes: boolean }; admission: Admission }>(
       files,
       handshakeTimeoutMs,
       (secure, { state, admission }) => {
@@ -111,9 +113,10 @@ export class NbdService implements NbdHost {
         this.log.info({ remote, err: error.message }, 'NBD client failed the TLS handshake; disconnecting');
       },
     );
+    this.closeTls = upgrader.close;
     return (socket, state, admission) => {
       if (this.stopping) socket.destroy();
-      else upgrade(socket, { state, admission });
+      else upgrader.upgrade(socket, { state, admission });
     };
   }
 
@@ -145,6 +148,7 @@ export class NbdService implements NbdHost {
   /** Stops accepting, answers what connections sent (ESHUTDOWN for what is not yet served), then closes them. */
   async close(): Promise<void> {
     this.stopping = true;
+    this.closeTls();
     const server = this.server;
     this.server = undefined;
     await closeServer(server, this.connections);

@@ -102,7 +102,7 @@ interface Session {
 
 export class RmemService implements ConnectionHost {
   /** With rmem.tls: admitted plain sockets go through the TLS handshake first (within the HELLO deadline). */
-  private readonly secure: ((socket: Socket, admission: Admission) => void) | undefined;
+  private readonly secure: { upgrade: (socket: Socket, admission: Admission) => void; close: () => void } | undefined;
   readonly memory: ServerMemory;
   readonly nvram: DeviceManager;
   readonly log: Logger;
@@ -186,6 +186,7 @@ export class RmemService implements ConnectionHost {
    */
   async close(): Promise<void> {
     this.stopping = true;
+    this.secure?.close();
     if (this.timer !== undefined) clearInterval(this.timer);
     const server = this.server;
     this.server = undefined;
@@ -342,7 +343,7 @@ export class RmemService implements ConnectionHost {
     const admission = this.gate.admit(socket);
     if (admission === undefined) return;
     this.stats.connectionsAccepted++;
-    if (this.secure !== undefined) this.secure(socket, admission);
+    if (this.secure !== undefined) this.secure.upgrade(socket, admission);
     else this.connections.add(new RmemConnection(socket, this, admission));
   }
 

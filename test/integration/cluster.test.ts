@@ -9,6 +9,7 @@ import type { MemstrataError } from '../../src/errors.js';
 import { HierarchyMemory, type MemberChange } from '../../src/host/hierarchy-memory.js';
 import type { ClusterJson } from '../../src/protocol/admin/api.js';
 import { RmemClient } from '../../src/client/rmem-client.js';
+import { openEtcd } from '../../src/client/etcd.js';
 import { missingEtcd, startEtcd, type EtcdProcess } from '../support/etcd.js';
 import { runCli, startNode, tempDir, type NodeProcess } from '../support/node-process.js';
 
@@ -182,4 +183,56 @@ test('etcd stopped and started again: nodes keep serving while it is away, resum
   await segment.write(0, Buffer.alloc(4096, 0x6d));
   await memory.flush();
   assert.ok((await segment.read(0, 4096)).equals(Buffer.alloc(4096, 0x6d)));
+});
+
+test('hostile etcd contents and history: a compacted history, records deleted, nested or garbled by hand, a frozen etcd; the host and the nodes carry on', async (t) => {
+  if (missingEtcd() !== undefined) return t.skip('etcd-server is not installed');
+  const etcd = await startEtcd(t);
+  const a = await clusterNode(t, etcd, 'a');
+  await until(async () => ((await view(a)).self?.state === 'member' ? true : undefined), 'node a joined', 5000);
+  const aId = idOf(a);
+  const memory = await HierarchyMemory.open({ serverId: 'host-hostile', localDram: 64 * 1024, cluster: { etcd: etcd.url, name: 'test' } });
+  let closed = false;
+  t.after(async () => {
+    if (!closed) await memory.close();
+  });
+  const changes: MemberChange[] = [];
+  memory.on('member', (c) => changes.push(c));
+  const client = openEtcd({ endpoints: [etcd.url] });
+  t.after(() => Promise.resolve(client.close()));
+
+  // History compacted, then etcd restarted: the host's watch cannot resume from its revision; it lists the members again.
+  await client.put('/unrelated/1').value('x').exec();
+  const put = await client.put('/unrelated/2').value('y').exec();
+  await client.kv.compact({ revision: put.header.revision, physical: true });
+  await etcd.stop('SIGKILL');
+  await etcd.restart();
+  const b = await clusterNode(t, etcd, 'b');
+  await until(async () => ((await view(b)).self?.state === 'member' ? true : undefined), 'node b joined', 8000);
+  const bId = idOf(b);
+  await until(() => (memory.discovery().some((r) => r.device === bId && r.state === 'ok') ? true : undefined), 'the host follows membership after the compaction', 5000);
+
+  // A record deleted by hand comes back: the node reads its own record back and writes it again.
+  await client.delete().key(`/memstrata/test/nodes/${aId}`).exec();
+  await until(async () => ((await client.get(`/memstrata/test/nodes/${aId}`).string()) !== null ? true : undefined), 'node a wrote its record again', 6000);
+
+  // A nested key is nobody's record; a garbled record of a member makes the host drop that member.
+  await client.put(`/memstrata/test/nodes/nested/${aId}`).value('{}').exec();
+  await client.put(`/memstrata/test/nodes/${bId}`).value('not json').exec();
+  await until(() => (changes.some((c) => c.node === bId && c.change === 'left') ? true : undefined), 'the host drops the member whose record is garbled', 3000);
+  const status = await runCli(['cluster', 'status', '--admin', a.url]);
+  assert.equal(status.code, 0, status.stderr);
+  assert.match(status.stdout, /Records skipped[\s\S]*nested/);
+  await client.delete().key(`/memstrata/test/nodes/nested/${aId}`).exec();
+
+  // etcd frozen: closing the host does not wait for it.
+  etcd.pause();
+  t.after(async () => {
+    etcd.resume();
+  });
+  const started = Date.now();
+  await memory.close();
+  closed = true;
+  assert.ok(Date.now() - started < 8000, `close took ${Date.now() - started} ms with etcd frozen`);
+  etcd.resume();
 });

@@ -6,6 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFile } from 'node:fs/promises';
+import { connect } from 'node:net';
 import { join } from 'node:path';
 import type { ConnectionOptions } from 'node:tls';
 import { CMD, OPT, REP, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC } from '../../src/protocol/nbd/spec.js';
@@ -159,4 +160,24 @@ test('nbd.tls=on: plaintext clients are served, STARTTLS upgrades, and what was 
   plain.option(OPT.STRUCTURED_REPLY);
   assert.equal((await plain.reply()).type, REP.ACK, 'structured replies are negotiated afresh after STARTTLS');
   plain.socket.destroy();
+});
+
+test('a node stops at once with clients silent in their TLS handshake (NBD after STARTTLS, rmem and mirror from the first byte)', async (t) => {
+  if (missingOpenssl() !== undefined) return t.skip('openssl is not installed');
+  const certs = await makeCerts(t);
+  const node = await tlsNode(t, certs, 'on', ['--set', 'nbd.handshakeTimeout=60s', '--set', 'rmem.handshakeTimeout=60s', '--set', 'mirror.handshakeTimeout=60s', '--set', 'rmem.tls=require', '--set', 'mirror.tls=require']);
+  const nbd = await Raw.open(node);
+  await nbd.greet();
+  nbd.option(OPT.STARTTLS);
+  assert.equal((await nbd.reply()).type, REP.ACK);
+  const silent = [connect(node.rmem.port, node.rmem.host), connect(node.mirror.port, node.mirror.host)];
+  for (const s of silent) {
+    s.on('error', () => undefined);
+    await new Promise<void>((resolve) => s.once('connect', () => resolve()));
+  }
+  const started = Date.now();
+  assert.equal(await node.stop('SIGTERM'), 0);
+  assert.ok(Date.now() - started < 15_000, `stopped after ${Date.now() - started} ms, not after a 60 s handshake timeout`);
+  for (const s of silent) s.destroy();
+  nbd.socket.destroy();
 });

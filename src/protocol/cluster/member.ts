@@ -26,7 +26,8 @@ export function memberKey(cluster: string, id: string): string {
   return `${membersPrefix(cluster)}${id}`;
 }
 
-const address = z.string().min(1).max(300);
+/** host:port, the host a name or an address (IPv6 in brackets), the port 1 to 65535. */
+const address = z.string().max(300).regex(/^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([1-9]\d{0,4})$/, 'expected host:port').refine((a) => Number(a.slice(a.lastIndexOf(':') + 1)) <= 65535, 'expected a port up to 65535');
 const bytes = z.number().int().nonnegative();
 
 const kindSchema = z.object({ bytes, idleBytes: bytes });
@@ -76,8 +77,9 @@ export const MEMBER_MAX_BYTES = 1024 * 1024;
 
 /** The record, or why it cannot be read (a string); never throws. */
 export function decodeMember(value: Buffer | string, key: string): MemberRecord | string {
+  const bytes = typeof value === 'string' ? Buffer.byteLength(value) : value.length;
+  if (bytes > MEMBER_MAX_BYTES) return `member record ${key} is ${bytes} bytes, more than ${MEMBER_MAX_BYTES}`;
   const text = typeof value === 'string' ? value : value.toString('utf8');
-  if (text.length > MEMBER_MAX_BYTES) return `member record ${key} is ${text.length} bytes, more than ${MEMBER_MAX_BYTES}`;
   let json: unknown;
   try {
     json = JSON.parse(text);

@@ -1,5 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { SETTINGS, envName, loadConfig, mediumLayouts } from '../../../src/node/config.js';
@@ -223,10 +224,10 @@ test('the cluster is off by default; its settings are checked and named when wro
   assert.deepEqual(config.cluster, { etcd: undefined, name: 'default', leaseMs: 5000, advertise: undefined });
   assert.equal(config.node.zone, undefined);
   const set = await loadConfig({
-    env: { MEMSTRATA_CLUSTER_ETCD: 'http://10.0.0.1:2379, https://etcd-2.example:2379/' },
+    env: { MEMSTRATA_CLUSTER_ETCD: 'http://10.0.0.1:2379, http://etcd-2.example:2379/' },
     flags: [['cluster.name', 'prod'], ['cluster.lease', '3s'], ['node.zone', 'rack-1'], ['cluster.advertise', '10.0.0.5']],
   });
-  assert.deepEqual(set.config.cluster, { etcd: ['http://10.0.0.1:2379', 'https://etcd-2.example:2379'], name: 'prod', leaseMs: 3000, advertise: '10.0.0.5' });
+  assert.deepEqual(set.config.cluster, { etcd: ['http://10.0.0.1:2379', 'http://etcd-2.example:2379'], name: 'prod', leaseMs: 3000, advertise: '10.0.0.5' });
   assert.equal(set.config.node.zone, 'rack-1');
   for (const [path, value, field] of [
     ['cluster.etcd', '10.0.0.1:2379', /cluster\.etcd is "10\.0\.0\.1:2379".*expected etcd client URLs/],
@@ -238,6 +239,7 @@ test('the cluster is off by default; its settings are checked and named when wro
     ['cluster.name', 'a/b', /cluster\.name/],
     ['node.zone', '', /node\.zone/],
     ['cluster.advertise', 'a b', /cluster\.advertise/],
+    ['cluster.etcd', 'https://10.0.0.1:2379', /tls\.ca .*CA of etcd's certificate: cluster\.etcd uses https/],
   ] as const) {
     const error = await configError({ env: {}, flags: [[path, value]] });
     assert.equal(error.code, 'MS_CONFIG_INVALID', `${path}=${value}`);
@@ -251,7 +253,10 @@ test('TLS settings: a service with TLS needs tls.cert and tls.key, each a readab
   await writeFile(join(dir, 'not-pem'), 'hello');
   await writeFile(join(dir, 'bad-cert.pem'), pem('CERTIFICATE'));
   await writeFile(join(dir, 'bad-key.pem'), pem('PRIVATE KEY'), { mode: 0o600 });
+  execFileSync('mkfifo', [join(dir, 'fifo')]);
   const cases: [[string, string][], RegExp][] = [
+    [[['nbd.tls', 'on'], ['tls.cert', join(dir, 'bad-cert.pem')], ['tls.key', join(dir, 'fifo')]], /tls\.key .*expected a readable file \(not a regular file\)/],
+    [[['nbd.tls', 'on'], ['tls.cert', dir], ['tls.key', join(dir, 'bad-key.pem')]], /tls\.cert .*not a regular file/],
     [[['nbd.tls', 'require']], /tls\.cert .*expected a PEM file: nbd\.tls uses TLS/],
     [[['rmem.tls', 'require'], ['tls.cert', join(dir, 'bad-cert.pem')]], /tls\.key .*rmem\.tls uses TLS/],
     [[['admin.tls', 'true'], ['tls.cert', join(dir, 'missing.pem')], ['tls.key', join(dir, 'bad-key.pem')]], /tls\.cert .*expected a readable file \(ENOENT\)/],
