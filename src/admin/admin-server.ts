@@ -362,7 +362,7 @@ export class AdminServer {
 
     app.get('/v1/node', () => context.info());
 
-    app.get('/v1/cluster', async (): Promise<ClusterJson> => context.cluster?.() ?? { enabled: false, node: (await context.info()).id, self: null, members: [], devices: [], unreadable: [], problem: null });
+    app.get('/v1/cluster', async (): Promise<ClusterJson> => context.cluster?.() ?? { enabled: false, node: (await context.info()).id, self: null, members: [], devices: [], ownership: [], unreadable: [], problem: null });
 
     app.get('/v1/tables/partition', (): PartitionTableJson => partitionJson(context.partition));
 

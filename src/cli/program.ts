@@ -662,6 +662,10 @@ export function renderCluster(view: ClusterJson): string {
     const devices = view.devices.map((d) => [d.device, d.node, d.role, d.policy, String(d.epoch), d.state, d.partner ?? '-']);
     parts.push(`Mirrored NVRAM devices\n${textTable(['DEVICE', 'NODE', 'ROLE', 'POLICY', 'EPOCH', 'STATE', 'PARTNER'], devices, [4])}`);
   }
+  if (view.ownership.length > 0) {
+    const rows = view.ownership.map((o) => [o.device, o.term === null ? '-' : String(o.term), o.primary ?? '-', o.replica ?? '-', o.inSync === null ? '-' : o.inSync ? 'yes' : 'no', o.held ? 'yes' : 'no']);
+    parts.push(`Ownership of this node's mirrored devices (etcd)\n${textTable(['DEVICE', 'TERM', 'PRIMARY', 'REPLICA', 'IN SYNC', 'HELD HERE'], rows, [1])}`);
+  }
   if (view.unreadable.length > 0) parts.push(`Records skipped\n${view.unreadable.join('\n')}`);
   return parts.join('\n\n');
 }

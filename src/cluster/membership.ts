@@ -96,6 +96,16 @@ export class Membership {
     });
   }
 
+  /** The etcd client, shared with the ownership of NVRAM devices. */
+  get etcd(): Etcd3 {
+    return this.client;
+  }
+
+  /** The node's lease, which its NVRAM ownership claims stand under too. */
+  get lease(): LeaseKeeper {
+    return this.keeper;
+  }
+
   /**
    * Starts the lease and the record; resolves once the node is a member, or after
    * `waitMs` with the node still trying in the background (the reason is in status()).
@@ -157,7 +167,7 @@ export class Membership {
 
   /** GET /v1/cluster: this node's membership, every member and the mirrored devices they report. */
   async view(): Promise<ClusterJson> {
-    const view: ClusterJson = { enabled: true, node: this.options.nodeId, self: this.status(), members: [], devices: [], unreadable: [], problem: null };
+    const view: ClusterJson = { enabled: true, node: this.options.nodeId, self: this.status(), members: [], devices: [], ownership: [], unreadable: [], problem: null };
     try {
       const { members, unreadable } = await this.members();
       view.unreadable = unreadable;

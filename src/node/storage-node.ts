@@ -21,6 +21,7 @@ import { AdminServer, adminUrl } from '../admin/admin-server.js';
 import type { ClusterJson, MediumInfo, NodeInfo } from '../protocol/admin/api.js';
 import { MEMBER_FORMAT, type MemberRecord } from '../protocol/cluster/member.js';
 import { Membership } from '../cluster/membership.js';
+import { Ownership } from '../cluster/ownership.js';
 import { NodeMetrics } from '../admin/metrics.js';
 import { AllocationTable } from '../memory/allocation-table.js';
 import { DramMedium } from '../memory/dram-medium.js';
@@ -75,6 +76,7 @@ export class StorageNode {
   private mirrorService: MirrorService | undefined;
   private mirroring: Mirroring | undefined;
   private membership: Membership | undefined;
+  private ownership: Ownership | undefined;
 
   constructor(config: NodeConfig, log: Logger) {
     this.config = config;
@@ -86,7 +88,7 @@ export class StorageNode {
     this.media = this.createMedia();
     // A region has no more ranges than a BIND reply may list.
     this.serverMemory = new ServerMemory({ partition: this.partition, allocation: this.allocation, media: this.media, maxRanges: MAX_RANGES });
-    this.nvram = new DeviceManager({ dataDir: config.dataDir, partition: this.partition, media: this.media, log });
+    this.nvram = new DeviceManager({ dataDir: config.dataDir, partition: this.partition, media: this.media, log, clustered: config.cluster.etcd !== undefined });
     this.volumes = new VolumeManager(config.dataDir, { log });
     this.guests = new GuestSupervisor({
       dataDir: config.dataDir,
@@ -234,6 +236,14 @@ export class StorageNode {
           retryMs: Math.min(1000, config.mirror.timeoutMs),
           log,
           tls: config.mirror.tls === 'require' && config.tls !== undefined ? clientTls(config.tls) : undefined,
+          // In a cluster, degrading and being in sync go through etcd (the ownership starts with the cluster step).
+          ownership: config.cluster.etcd === undefined
+            ? undefined
+            : {
+                outdate: (device) => this.ownership?.outdate(device) ?? Promise.reject(new Error('the cluster\'s ownership has not started')),
+                isOutdated: (device) => this.ownership?.isOutdated(device) ?? false,
+                inSync: (device) => { this.ownership?.inSync(device); },
+              },
         });
         this.mirroring.start();
         return Promise.resolve();
@@ -340,8 +350,25 @@ export class StorageNode {
         this.membership = membership;
         // A node whose etcd is away still serves; it joins once etcd answers.
         await membership.start(config.cluster.leaseMs);
+        // Mirrored devices: who is primary is decided in etcd, under this node's lease.
+        const ownership = new Ownership({
+          client: membership.etcd,
+          keeper: membership.lease,
+          cluster: config.cluster.name,
+          nodeId: this.nodeId,
+          nvram: this.nvram,
+          partner: () => this.mirroring?.info().partnerNode ?? undefined,
+          resync: (device) => { this.mirroring?.retry(device); },
+          log,
+        });
+        this.ownership = ownership;
+        this.nvram.ownerCheck = (device) => { ownership.check(device); };
+        await ownership.start();
       },
       stop: async () => {
+        this.nvram.ownerCheck = undefined;
+        await this.ownership?.close();
+        this.ownership = undefined;
         await this.membership?.close();
         this.membership = undefined;
       },
@@ -391,8 +418,8 @@ export class StorageNode {
 
   /** GET /v1/cluster. */
   async cluster(): Promise<ClusterJson> {
-    if (this.membership === undefined) return { enabled: false, node: this.nodeId, self: null, members: [], devices: [], unreadable: [], problem: null };
-    return this.membership.view();
+    if (this.membership === undefined) return { enabled: false, node: this.nodeId, self: null, members: [], devices: [], ownership: [], unreadable: [], problem: null };
+    return { ...(await this.membership.view()), ownership: this.ownership?.list() ?? [] };
   }
 
   /** What this node says of itself in the cluster (its member record). */

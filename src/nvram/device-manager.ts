@@ -68,11 +68,19 @@ export class DeviceManager {
   onRemoved: ((device: NvramDevice) => void) | undefined;
   /** The volume whose write log a device is (write-log.ts): such a device cannot be removed. */
   claimedBy: ((device: string) => string | undefined) | undefined;
+  /**
+   * In a cluster (cluster.etcd set): who owns each mirrored device is decided in etcd
+   * (cluster/ownership.ts). A mirrored primary acknowledges only while `ownerCheck`
+   * passes, and refuses everything until the cluster's ownership has started; a newer
+   * epoch no longer takes a replica over (the cluster promotes replicas).
+   */
+  readonly clustered: boolean;
+  ownerCheck: ((device: string) => void) | undefined;
 
   /** For every journal file: the sink wrapper (the fault-injection seam for tests) and the least ring. */
   private readonly journalOptions: JournalOptions;
 
-  constructor(options: { dataDir: string; partition: PartitionTable; media: readonly Medium[]; log: Logger; journalRing?: number; fs?: MetaFs; journalWrap?: (sink: JournalSink) => JournalSink }) {
+  constructor(options: { dataDir: string; partition: PartitionTable; media: readonly Medium[]; log: Logger; journalRing?: number; fs?: MetaFs; journalWrap?: (sink: JournalSink) => JournalSink; clustered?: boolean }) {
     this.journalOptions = { ...(options.journalWrap === undefined ? {} : { wrap: options.journalWrap }), ...(options.journalRing === undefined ? {} : { ring: options.journalRing }) };
     this.dir = join(options.dataDir, 'nvram');
     this.partition = options.partition;
@@ -86,6 +94,8 @@ export class DeviceManager {
     this.onPrimary = undefined;
     this.onRemoved = undefined;
     this.claimedBy = undefined;
+    this.clustered = options.clustered === true;
+    this.ownerCheck = undefined;
   }
 
   async open(): Promise<void> {
@@ -105,6 +115,15 @@ export class DeviceManager {
         this.log.error({ device: name, file: join(this.dir, file), code: coded.code, err: error }, `NVRAM device ${name} could not be restored: ${coded.message}; its files stay on disk as they are and it is offline`);
       }
     }
+  }
+
+  /** In a cluster: throws unless this node owns the mirrored device now (see `clustered`). */
+  private checkOwner(name: string): void {
+    if (!this.clustered) return;
+    if (this.ownerCheck === undefined) {
+      throw new RuntimeError('MS_NVRAM_FENCED', `device ${name}: the cluster has not confirmed this node as its owner yet`, { details: { device: name } });
+    }
+    this.ownerCheck(name);
   }
 
   /** Devices that were not restored at start, with the reason. */
@@ -180,6 +199,9 @@ export class DeviceManager {
       return Promise.reject(new MisuseError('MS_NVRAM_INVALID', `NVRAM device ${name} is the replica of a write log of the mirror partner's volume and is not open to clients`, { details: { name } }));
     }
     if (device.role === 'primary' || !Number.isSafeInteger(epoch) || epoch <= device.epoch || device.recovering) return device.open(epoch);
+    if (this.clustered) {
+      return Promise.reject(new RuntimeError('MS_NVRAM_REPLICA', `device ${name} is a replica here; in a cluster its primary is chosen through etcd (it takes over by itself when its primary's lease ends), not by an open with a newer epoch`, { details: { device: name } }));
+    }
     return this.serialized(async () => {
       if (device.role === 'replica' && epoch > device.epoch && !device.recovering) {
         // Fence the old primary first: its APPENDs in flight land before the snapshot, and
@@ -198,6 +220,29 @@ export class DeviceManager {
         this.onPrimary?.(device);
       }
       return device.open(epoch);
+    });
+  }
+
+  /**
+   * The cluster made this node the device's primary (its old primary's lease ended): the
+   * replica becomes the primary here, at its epoch (failover fences no writer; the old
+   * primary is fenced by its lease), with a journal file of what it holds, and mirrors
+   * back to its partner. Idempotent.
+   */
+  promoteByCluster(name: string): Promise<void> {
+    return this.serialized(async () => {
+      const entry = this.devices.get(name);
+      if (entry === undefined || entry.device.role === 'primary') return;
+      const device = entry.device;
+      if (device.recovering) throw new RuntimeError('MS_NVRAM_RECOVERING', `device ${name}: this replica is stale (recovering) and cannot become the primary`, { details: { device: name } });
+      // Records a connection of the old primary is still applying land before the snapshot.
+      await device.settleReplication();
+      const old = device.promote(await this.rebuildJournal(device));
+      await old?.close();
+      entry.meta.role = 'primary';
+      await this.writeMeta(entry.meta);
+      this.log.warn({ device: name, epoch: device.epoch, records: device.info().records, lastSeq: device.info().lastSeq }, 'the cluster made this node the primary of an NVRAM device: its primary\'s lease ended');
+      this.onPrimary?.(device);
     });
   }
 
@@ -465,6 +510,7 @@ export class DeviceManager {
         journal,
         role,
       });
+      if (isMirrored(meta.policy)) device.owner = () => { this.checkOwner(meta.name); };
       await device.restore(records, base);
       // After a clean stop the vault is the truth; a primary's journal file is rewritten from it.
       if (vaulted && hasFile) {

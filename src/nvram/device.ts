@@ -156,6 +156,12 @@ export class NvramDevice {
   nodeOwned: boolean;
   /** The node's mirroring, for a mirrored primary. */
   port: MirrorPort | undefined;
+  /**
+   * In a cluster, a mirrored primary's ownership: throws unless this node may acknowledge
+   * for the device now (it holds the device's ownership lease in etcd). Checked when an
+   * append starts and again right before it is acknowledged.
+   */
+  owner: (() => void) | undefined;
   private readonly writers: WritersIndex;
   /** Records came in other than by append (restore, replication): the writers index is rebuilt before the next writer append. */
   private writersStale: boolean;
@@ -191,6 +197,7 @@ export class NvramDevice {
     this.recoveredWaiters = [];
     this.nodeOwned = false;
     this.port = undefined;
+    this.owner = undefined;
     this.writers = new WritersIndex();
     this.writersStale = false;
     this.writersRebuild = undefined;
@@ -461,9 +468,10 @@ export class NvramDevice {
     await this.ready();
     if (this.roleValue === 'replica') throw replicaError(this.name);
     if (epoch < this.epochValue) throw fenced(this.name, epoch, this.epochValue);
+    this.owner?.();
     const mode = this.port?.mode();
     if (mode === 'refusing') {
-      throw new RuntimeError('MS_NVRAM_PARTNER_DOWN', `device ${this.name}: the mirror partner is unreachable and this node is configured to refuse appends until it returns`, {
+      throw new RuntimeError('MS_NVRAM_PARTNER_DOWN', `device ${this.name}: the mirror partner is unreachable; appends wait for it (mirror.onPartnerDown is refuse or, in a cluster, etcd has not yet recorded the replica as out of date)`, {
         details: { device: this.name },
       });
     }
@@ -534,6 +542,9 @@ export class NvramDevice {
           details: { device: this.name, firstSeq: first, lastSeq: last },
         });
       }
+      // In a cluster: acknowledged only while this node still owns the device (its lease
+      // held by its own, conservative clock), so nothing is acknowledged after a takeover.
+      this.owner?.();
       this.ackedSeq = Math.max(this.ackedSeq, last);
     })();
     this.ackChain = stored;

@@ -53,6 +53,22 @@ export interface MirroringOptions {
   log: Logger;
   /** TLS to the partner (mirror.tls=require). */
   tls?: ConnectionOptions | undefined;
+  /**
+   * In a cluster, the devices' ownership in etcd (cluster/ownership.ts): a device degrades
+   * only once etcd records its replica as out of date (so the replica cannot take over
+   * without records acknowledged here), and etcd learns when it is in sync again.
+   */
+  ownership?: MirrorOwnership | undefined;
+}
+
+/** What mirroring needs from the cluster's ownership of a device. */
+export interface MirrorOwnership {
+  /** Records in etcd that the replica lacks records; rejects when that cannot be done now. */
+  outdate(device: string): Promise<void>;
+  /** The replica is recorded as out of date: acknowledging without it is safe. */
+  isOutdated(device: string): boolean;
+  /** The replica holds every record again (a resync ended): etcd may let it take over. */
+  inSync(device: string): void;
 }
 
 export class Mirroring {
@@ -143,7 +159,21 @@ export class Mirroring {
   private mode(name: string): MirrorMode {
     if (this.syncing.has(name)) return 'syncing';
     if (this.link?.up === true && this.inSync.has(name)) return 'in-sync';
-    return this.downMode();
+    const down = this.downMode();
+    // In a cluster, a device acknowledges without its partner only once etcd says the replica is out of date.
+    const ownership = this.options.ownership;
+    if (down === 'degraded' && ownership !== undefined && !ownership.isOutdated(name)) {
+      void ownership.outdate(name).catch(() => undefined);
+      return 'refusing';
+    }
+    return down;
+  }
+
+  /** A resync of `name` when its partner is reachable and it is not in sync (the cluster asks after a takeover or a demotion). */
+  retry(name: string): void {
+    const device = this.options.nvram.find(name);
+    if (device === undefined || device.role !== 'primary' || !isMirrored(device.policy)) return;
+    if (this.link?.up === true && !this.inSync.has(name) && !this.syncing.has(name)) void this.resync(device);
   }
 
   private downMode(): MirrorMode {
@@ -157,7 +187,10 @@ export class Mirroring {
       append: (device, epoch, records, count) => this.append(device, epoch, records, count),
       epoch: async (device, epoch) => {
         if (this.mode(device) !== 'in-sync' || this.link === undefined) return;
-        await this.link.send(MOP.EPOCH, encodeEpoch(device, epoch)).catch(() => undefined);
+        const sent = await this.link.send(MOP.EPOCH, encodeEpoch(device, epoch)).then(() => true, () => false);
+        // In a cluster the replica must know every epoch a writer was told of before it may
+        // take over: if it did not get this one, etcd must first record it as out of date.
+        if (!sent && this.options.ownership !== undefined) await this.options.ownership.outdate(device);
       },
       trim: (device, epoch, upTo) => {
         void this.link?.send(MOP.TRIM, encodeTrim(device, epoch, upTo)).catch(() => undefined);
@@ -176,12 +209,12 @@ export class Mirroring {
 
   private async append(name: string, epoch: number, records: Buffer, count: number): Promise<boolean> {
     const link = this.link;
-    if (link === undefined) return this.partnerLost(name);
+    if (link === undefined) return this.degrade(name);
     let answer: LinkReply;
     try {
       answer = await link.send(MOP.APPEND, encodeAppend(name, epoch, records));
     } catch (error) {
-      if (isMemstrataError(error) && error.code === 'MS_MIRROR_UNREACHABLE') return this.partnerLost(name);
+      if (isMemstrataError(error) && error.code === 'MS_MIRROR_UNREACHABLE') return this.degrade(name);
       throw error;
     }
     if (answer.status === MSTATUS.OK) {
@@ -199,7 +232,23 @@ export class Mirroring {
     this.options.log.warn({ device: name, why }, 'mirror partner refused records; resyncing the replica');
     const device = this.options.nvram.find(name);
     if (this.inSync.delete(name) && device !== undefined) setImmediate(() => void this.resync(device));
-    return this.partnerLost(name, false);
+    return this.degrade(name, false);
+  }
+
+  /** partnerLost, and in a cluster only once etcd records the replica as out of date (else PARTNER_DOWN). */
+  private async degrade(name: string, count = true): Promise<boolean> {
+    const degrade = this.partnerLost(name, count);
+    const ownership = this.options.ownership;
+    if (ownership !== undefined) {
+      try {
+        await ownership.outdate(name);
+      } catch (error) {
+        throw new RuntimeError('MS_NVRAM_PARTNER_DOWN', `device ${name}: the mirror partner does not hold the record, and etcd could not record its replica as out of date: ${error instanceof Error ? error.message : String(error)}`, {
+          details: { device: name },
+        });
+      }
+    }
+    return degrade;
   }
 
   /** The partner does not hold the record: false to degrade, or a PARTNER_DOWN error. */
@@ -229,6 +278,7 @@ export class Mirroring {
     }
     this.inSync.clear();
     this.degradations += lost.length;
+    for (const name of lost) void this.options.ownership?.outdate(name).catch(() => undefined);
     const level = lost.length > 0 ? 'warn' : 'info';
     this.options.log[level]({ partner: this.link?.address, why, devices: lost, mode: this.downMode() }, `mirror link down; mirrored devices ${this.downMode() === 'degraded' ? 'degrade to their local journal' : 'refuse appends'}`);
   }
@@ -298,6 +348,7 @@ export class Mirroring {
       device.recovering = false;
       await this.push(device);
       this.inSync.add(name);
+      this.options.ownership?.inSync(name);
       this.resyncs++;
       log.info({ device: name, lastSeq: device.lastSeq, epoch: device.epoch, partner: this.link?.address }, 'mirror in sync; appends are mirrored again');
     } catch (error) {

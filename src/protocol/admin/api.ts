@@ -193,8 +193,23 @@ export interface ClusterDeviceJson {
   partner: string | null;
 }
 
+/** A mirrored NVRAM device's ownership in etcd, as this node sees it. */
+export interface DeviceOwnershipJson {
+  device: string;
+  /** Raised by every takeover; null before the device has a record. */
+  term: number | null;
+  primary: string | null;
+  replica: string | null;
+  /** The replica holds every acknowledged record (it may take over). */
+  inSync: boolean | null;
+  /** This node's claim stands under the lease it holds now (it may acknowledge). */
+  held: boolean;
+}
+
 /** GET /v1/cluster. */
 export interface ClusterJson {
+  /** This node's mirrored devices and who owns them in etcd. */
+  ownership: DeviceOwnershipJson[];
   /** False for a node on its own (no cluster.etcd). */
   enabled: boolean;
   node: string;

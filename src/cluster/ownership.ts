@@ -1,0 +1,370 @@
+// Fenced ownership of mirrored NVRAM devices in a cluster (DESIGN 4.7; issue 14, item 4).
+//
+//   /memstrata/<cluster>/nvram/<device>          the record: term, primary, replica, inSync
+//   /memstrata/<cluster>/nvram/<device>/holder   the primary's claim, bound to its lease
+//
+// Both change only in etcd transactions that compare what the node last saw (the record's
+// revision, the holder's existence or lease). The rules:
+//
+//   claim      a mirrored primary writes the holder under its own lease (and the record,
+//              when there is none); it acknowledges appends only while its claim stands
+//              under the lease it holds now (`check`, no round trip: the lease keeper's
+//              conservative clock says how long that is)
+//   outdate    before a primary acknowledges without its partner (degraded), the record
+//              says inSync: false; after a resync it says true again
+//   takeover   the replica named in the record takes the device over, with term + 1, only
+//              when the holder is gone (the primary's lease ended in etcd) and inSync is
+//              true, and only in one transaction that also checks nothing changed since
+//   demotion   a node whose device the record gives to another primary makes its copy a
+//              replica; the new primary's resync fills it
+//
+// Why no split brain (docs/cluster.md has the whole argument): the replica takes over only
+// once etcd has let the old primary's lease go; the old primary's own view of its lease
+// ends no later than etcd's, and every acknowledgement is checked against that view right
+// before it is made. So the old primary acknowledges nothing after a takeover; and what it
+// acknowledged before was on the replica (in sync) or the record said inSync: false, which
+// forbids the takeover.
+
+import type { Etcd3, IKeyValue, Watcher } from 'etcd3';
+import { z } from 'zod';
+import { RuntimeError } from '../errors.js';
+import type { Logger } from '../logger.js';
+import { etcdProblem } from '../client/etcd.js';
+import { clusterPrefix } from '../protocol/cluster/member.js';
+import type { DeviceManager } from '../nvram/device-manager.js';
+import { isMirrored } from '../nvram/device.js';
+import type { MirrorOwnership } from '../nvram/mirroring.js';
+import type { LeaseKeeper } from './lease-keeper.js';
+import type { DeviceOwnershipJson } from '../protocol/admin/api.js';
+
+const recordSchema = z.object({
+  format: z.literal(1),
+  device: z.string(),
+  term: z.number().int().positive(),
+  primary: z.string(),
+  replica: z.string().nullable(),
+  inSync: z.boolean(),
+});
+export type OwnershipRecord = z.infer<typeof recordSchema>;
+
+/** How often each device's ownership is looked at, besides the watch's events. */
+const TICK_MS = 250;
+
+export interface OwnershipOptions {
+  client: Etcd3;
+  keeper: LeaseKeeper;
+  cluster: string;
+  nodeId: string;
+  nvram: DeviceManager;
+  /** The mirror partner's node id, once its link has said HELLO. */
+  partner: () => string | undefined;
+  /** Asks mirroring to resync a primary that is not in sync. */
+  resync: (device: string) => void;
+  log: Logger;
+}
+
+export type DeviceOwnership = DeviceOwnershipJson;
+
+export class Ownership implements MirrorOwnership {
+  private readonly options: OwnershipOptions;
+  private readonly prefix: string;
+  private readonly records: Map<string, { record: OwnershipRecord; revision: string }>;
+  /** Holder keys as the watch last saw them: the node and the lease. */
+  private readonly holders: Map<string, { node: string; lease: string }>;
+  /** Claims this node's transactions confirmed, with the lease they stand under. */
+  private readonly claims: Map<string, string>;
+  /** Devices whose record this node set to inSync: false (under its current claim). */
+  private readonly outdated: Map<string, string>;
+  /** One etcd change per device at a time. */
+  private readonly busy: Map<string, Promise<unknown>>;
+  private watcher: Watcher | undefined;
+  private timer: NodeJS.Timeout | undefined;
+  private closed: boolean;
+
+  constructor(options: OwnershipOptions) {
+    this.options = options;
+    this.prefix = `${clusterPrefix(options.cluster)}nvram/`;
+    this.records = new Map();
+    this.holders = new Map();
+    this.claims = new Map();
+    this.outdated = new Map();
+    this.busy = new Map();
+    this.watcher = undefined;
+    this.timer = undefined;
+    this.closed = false;
+  }
+
+  /** Lists and watches the ownership keys, then looks after each device every TICK_MS. */
+  async start(): Promise<void> {
+    this.options.keeper.on('lost', () => {
+      // Every claim stood under that lease: none stands now.
+      this.claims.clear();
+      this.outdated.clear();
+    });
+    await this.relist().catch((error: unknown) => {
+      this.options.log.warn({ problem: etcdProblem(error) }, 'cannot list NVRAM ownership in etcd yet; retrying');
+    });
+    this.timer = setInterval(() => {
+      this.tick();
+    }, TICK_MS);
+    this.timer.unref();
+    this.tick();
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    if (this.timer !== undefined) clearInterval(this.timer);
+    await this.watcher?.cancel().catch(() => undefined);
+    await Promise.allSettled([...this.busy.values()]);
+  }
+
+  /** Throws unless this node may acknowledge for `device` now. */
+  check(device: string): void {
+    const lease = this.options.keeper.id;
+    const claim = this.claims.get(device);
+    if (lease === undefined || claim !== lease) {
+      throw new RuntimeError('MS_NVRAM_FENCED', `device ${device}: this node does not hold the device's ownership lease in the cluster${lease === undefined ? ' (its etcd lease is not held)' : ''}; its primary may be elsewhere`, {
+        details: { device },
+      });
+    }
+    const seen = this.records.get(device)?.record;
+    if (seen !== undefined && seen.primary !== this.options.nodeId) {
+      throw new RuntimeError('MS_NVRAM_FENCED', `device ${device}: the cluster made ${seen.primary} its primary (term ${seen.term})`, { details: { device, primary: seen.primary } });
+    }
+  }
+
+  isOutdated(device: string): boolean {
+    const lease = this.options.keeper.id;
+    return lease !== undefined && this.outdated.get(device) === lease && this.claims.get(device) === lease;
+  }
+
+  /** Sets inSync: false in the record, under this node's claim; rejects when it cannot. */
+  outdate(device: string): Promise<void> {
+    if (this.isOutdated(device)) return Promise.resolve();
+    return this.serial(device, async () => {
+      if (this.isOutdated(device)) return;
+      const lease = this.options.keeper.id;
+      if (lease === undefined || this.claims.get(device) !== lease) throw new Error('this node does not hold the device\'s ownership');
+      const ok = await this.update(device, (r) => (r.primary === this.options.nodeId ? { ...r, inSync: false } : undefined));
+      if (!ok) throw new Error('the ownership record changed meanwhile');
+      this.outdated.set(device, lease);
+      this.options.log.warn({ device }, 'the cluster records the replica of this NVRAM device as out of date: it acknowledges without its partner, and the replica cannot take over');
+    });
+  }
+
+  inSync(device: string): void {
+    void this.serial(device, async () => {
+      const partner = this.options.partner() ?? null;
+      const ok = await this.update(device, (r) => (r.primary === this.options.nodeId ? { ...r, inSync: true, replica: partner ?? r.replica } : undefined));
+      if (ok) this.outdated.delete(device);
+    }).catch((error: unknown) => {
+      this.options.log.warn({ device, problem: error instanceof Error ? error.message : String(error) }, 'cannot record the replica as in sync in etcd; retrying with the next resync');
+    });
+  }
+
+  /** Every mirrored device's ownership, for status. */
+  list(): DeviceOwnership[] {
+    const lease = this.options.keeper.id;
+    return this.options.nvram
+      .devicesList()
+      .filter((d) => isMirrored(d.policy))
+      .map((d) => {
+        const r = this.records.get(d.name)?.record;
+        return { device: d.name, term: r?.term ?? null, primary: r?.primary ?? null, replica: r?.replica ?? null, inSync: r?.inSync ?? null, held: lease !== undefined && this.claims.get(d.name) === lease };
+      });
+  }
+
+  // ---- the loop ----
+
+  private tick(): void {
+    if (this.closed) return;
+    for (const device of this.options.nvram.devicesList()) {
+      if (!isMirrored(device.policy) || this.busy.has(device.name)) continue;
+      const name = device.name;
+      void this.serial(name, () => (device.role === 'primary' ? this.ownPrimary(name) : this.ownReplica(name))).catch((error: unknown) => {
+        this.options.log.debug({ device: name, problem: etcdProblem(error) }, 'NVRAM ownership step failed; retrying');
+      });
+    }
+  }
+
+  /** A primary here: claim it, or give it up when the record names another primary. */
+  private async ownPrimary(name: string): Promise<void> {
+    const lease = this.options.keeper.id;
+    if (lease === undefined) return;
+    const me = this.options.nodeId;
+    const seen = this.records.get(name);
+    if (seen !== undefined && seen.record.primary !== me) {
+      this.claims.delete(name);
+      await this.options.nvram.demote(name, `the cluster made ${seen.record.primary} its primary (term ${seen.record.term})`);
+      return;
+    }
+    if (this.claims.get(name) === lease) {
+      // Claimed and recorded out of sync: in sync here already (its resync ended before the
+      // record existed), say so; otherwise ask mirroring to catch up (after a takeover, the
+      // partner is the old primary).
+      if (seen?.record.inSync === false) {
+        if (this.options.nvram.find(name)?.info().mirror === 'in-sync') this.inSync(name);
+        else this.options.resync(name);
+      }
+      return;
+    }
+    const { client } = this.options;
+    const recordKey = this.prefix + name;
+    const holderKey = `${recordKey}/holder`;
+    const holder = JSON.stringify({ node: me });
+    if (seen === undefined) {
+      const record: OwnershipRecord = { format: 1, device: name, term: 1, primary: me, replica: this.options.partner() ?? null, inSync: false };
+      const result = await client
+        .if(recordKey, 'Create', '==', 0)
+        .and(holderKey, 'Create', '==', 0)
+        .then(client.put(recordKey).value(JSON.stringify(record)), client.put(holderKey).value(holder).lease(lease))
+        .commit();
+      if (result.succeeded) this.confirm(name, lease, record, 'claimed in the cluster (new ownership record)');
+      else await this.relist();
+      return;
+    }
+    // The record names this node: its holder is free, or already under this lease.
+    const current = this.holders.get(name);
+    if (current !== undefined && current.lease !== lease) return; // an older lease of this node (killed and back within it): wait it out
+    const result = await client
+      .if(recordKey, 'Mod', '==', seen.revision)
+      .and(holderKey, current === undefined ? 'Create' : 'Lease', '==', current === undefined ? 0 : lease)
+      .then(client.put(holderKey).value(holder).lease(lease))
+      .commit();
+    if (result.succeeded) this.confirm(name, lease, seen.record, 'claimed in the cluster');
+    else await this.relist();
+  }
+
+  /** A replica here: take the device over once its primary's claim is gone and the record allows it. */
+  private async ownReplica(name: string): Promise<void> {
+    const lease = this.options.keeper.id;
+    if (lease === undefined) return;
+    const me = this.options.nodeId;
+    const seen = this.records.get(name);
+    const device = this.options.nvram.find(name);
+    if (seen === undefined || device === undefined) return;
+    if (seen.record.primary === me) {
+      // This node won the record (a takeover whose promotion did not finish): promote now.
+      if (this.claims.get(name) === lease && !device.recovering) await this.options.nvram.promoteByCluster(name);
+      return;
+    }
+    // A write log's replica stays one: its volume lives on the primary's node, which takes the device back when it returns.
+    if (seen.record.replica !== me || !seen.record.inSync || this.holders.has(name) || device.recovering || device.nodeOwned) return;
+    const { client } = this.options;
+    const recordKey = this.prefix + name;
+    const holderKey = `${recordKey}/holder`;
+    const record: OwnershipRecord = { ...seen.record, term: seen.record.term + 1, primary: me, replica: seen.record.primary, inSync: false };
+    const result = await client
+      .if(recordKey, 'Mod', '==', seen.revision)
+      .and(holderKey, 'Create', '==', 0)
+      .then(client.put(recordKey).value(JSON.stringify(record)), client.put(holderKey).value(JSON.stringify({ node: me })).lease(lease))
+      .commit();
+    if (!result.succeeded) {
+      await this.relist();
+      return;
+    }
+    this.confirm(name, lease, record, `took over from ${seen.record.primary}, whose lease ended`);
+    this.outdated.set(name, lease);
+    await this.options.nvram.promoteByCluster(name);
+  }
+
+  private confirm(name: string, lease: string, record: OwnershipRecord, what: string): void {
+    this.claims.set(name, lease);
+    const level = record.term > 1 && what.startsWith('took over') ? 'warn' : 'info';
+    this.options.log[level]({ device: name, term: record.term, lease, replica: record.replica, inSync: record.inSync }, `NVRAM device ${what}`);
+  }
+
+  /** Rewrites the record if `change` gives a new one, comparing the revision last seen; false when it changed meanwhile or there is nothing to change. */
+  private async update(device: string, change: (r: OwnershipRecord) => OwnershipRecord | undefined): Promise<boolean> {
+    const seen = this.records.get(device);
+    if (seen === undefined) return false;
+    const next = change(seen.record);
+    if (next === undefined) return false;
+    if (JSON.stringify(next) === JSON.stringify(seen.record)) return true;
+    const { client } = this.options;
+    const key = this.prefix + device;
+    const result = await client.if(key, 'Mod', '==', seen.revision).then(client.put(key).value(JSON.stringify(next))).commit();
+    if (!result.succeeded) {
+      await this.relist();
+      return false;
+    }
+    this.records.set(device, { record: next, revision: result.header.revision });
+    return true;
+  }
+
+  private serial<T>(device: string, fn: () => Promise<T>): Promise<T> {
+    const previous = this.busy.get(device) ?? Promise.resolve();
+    const run = previous.catch(() => undefined).then(fn);
+    const tail = run.finally(() => {
+      if (this.busy.get(device) === tail) this.busy.delete(device);
+    });
+    // The caller handles `run`; the queue's own copy must not count as unhandled.
+    tail.catch(() => undefined);
+    this.busy.set(device, tail);
+    return run;
+  }
+
+  // ---- the view of etcd ----
+
+  private async relist(): Promise<void> {
+    const response = await this.options.client.getAll().prefix(this.prefix).exec();
+    this.records.clear();
+    this.holders.clear();
+    for (const kv of response.kvs) this.apply(kv);
+    if (this.watcher === undefined && !this.closed) await this.watch(response.header.revision);
+  }
+
+  private async watch(revision: string): Promise<void> {
+    const watcher = await this.options.client
+      .watch()
+      .prefix(this.prefix)
+      .startRevision(String(BigInt(revision) + 1n))
+      .create();
+    if (this.closed) {
+      await watcher.cancel();
+      return;
+    }
+    this.watcher = watcher;
+    watcher.on('put', (kv) => {
+      this.apply(kv);
+      this.tick();
+    });
+    watcher.on('delete', (kv) => {
+      const key = kv.key.toString().slice(this.prefix.length);
+      if (key.endsWith('/holder')) this.holders.delete(key.slice(0, -'/holder'.length));
+      else this.records.delete(key);
+      this.tick();
+    });
+    watcher.on('error', () => {
+      this.watcher = undefined;
+      void watcher.cancel().catch(() => undefined);
+      this.relist().catch(() => undefined);
+    });
+  }
+
+  private apply(kv: IKeyValue): void {
+    const key = kv.key.toString().slice(this.prefix.length);
+    if (key.endsWith('/holder')) {
+      try {
+        const value = JSON.parse(kv.value.toString()) as { node?: unknown };
+        this.holders.set(key.slice(0, -'/holder'.length), { node: typeof value.node === 'string' ? value.node : '?', lease: kv.lease });
+      } catch {
+        this.holders.set(key.slice(0, -'/holder'.length), { node: '?', lease: kv.lease });
+      }
+      return;
+    }
+    if (key.includes('/')) return;
+    let parsed: unknown;
+    try {
+      parsed = JSON.parse(kv.value.toString());
+    } catch {
+      parsed = undefined;
+    }
+    const record = recordSchema.safeParse(parsed);
+    if (!record.success || record.data.device !== key) {
+      this.options.log.warn({ key: kv.key.toString() }, 'an NVRAM ownership record in etcd does not read; the device is left as it is');
+      return;
+    }
+    this.records.set(key, { record: record.data, revision: kv.mod_revision });
+  }
+}

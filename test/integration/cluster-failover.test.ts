@@ -1,0 +1,148 @@
+// Fenced ownership and automatic failover of mirrored NVRAM devices in a cluster (issue
+// 14, item 4), with a real etcd: the primary killed with kill -9 under 32 appenders, and a
+// primary partitioned by SIGSTOP for longer than its lease. The replica takes the device
+// over by itself once the primary's lease has ended; every acknowledged record is there
+// once, in order; and the old primary acknowledges nothing after the takeover.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { MultipathJournal, RmemClient } from '../../src/client/index.js';
+import { openEtcd } from '../../src/client/etcd.js';
+import type { ClusterJson } from '../../src/protocol/admin/api.js';
+import { missingEtcd, startEtcd, type EtcdProcess } from '../support/etcd.js';
+import { appenders, checkExactlyOnce, readAll } from '../support/journal-load.js';
+import { freePort, startNode, tempDir, type NodeProcess } from '../support/node-process.js';
+import { nvramDevice, until } from '../support/nvram-probe.js';
+
+type Ctx = { after(fn: () => unknown): void };
+
+function codeOf(error: unknown): string {
+  return typeof error === 'object' && error !== null && 'code' in error && typeof error.code === 'string' ? error.code : 'error';
+}
+const LEASE_S = 2;
+
+interface Pair {
+  etcd: EtcdProcess;
+  a: NodeProcess;
+  b: NodeProcess;
+  restartA: () => Promise<NodeProcess>;
+  record: () => Promise<{ term: number; primary: string; replica: string | null; inSync: boolean } | undefined>;
+}
+
+/** Two partnered nodes in a cluster, with a mirrored device `m` made on the first, claimed and in sync. */
+async function pair(t: Ctx): Promise<Pair> {
+  const etcd = await startEtcd(t);
+  const [dirA, dirB] = [await tempDir(t), await tempDir(t)];
+  const [portA, portB] = [await freePort(), await freePort()];
+  const args = (id: string, zone: string, own: number, partner: number, partnerId: string): string[] => [
+    '--node-id', id, '--etcd', etcd.url, '--zone', zone, '--set', `cluster.lease=${LEASE_S}s`, '--set', 'cluster.name=fo',
+    '--mirror-listen', `127.0.0.1:${own}`, '--mirror-partner', `127.0.0.1:${partner}`, '--set', `mirror.partnerId=${partnerId}`, '--set', 'mirror.timeout=500ms',
+  ];
+  const startA = async (): Promise<NodeProcess> => {
+    const node = await startNode({ cwd: dirA, args: args('node-a', 'za', portA, portB, 'node-b') });
+    t.after(async () => {
+      node.proc.kill('SIGCONT');
+      await node.stop('SIGKILL');
+    });
+    return node;
+  };
+  const a = await startA();
+  const b = await startNode({ cwd: dirB, args: args('node-b', 'zb', portB, portA, 'node-a') });
+  t.after(() => b.stop('SIGKILL'));
+  const response = await fetch(`${a.url}/v1/nvram`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name: 'm', size: '8MiB', policy: 'mirrored' }) });
+  assert.equal(response.status, 201, await response.text());
+  const client = openEtcd({ endpoints: [etcd.url] });
+  t.after(() => client.close());
+  const record = async () => {
+    const text = await client.get('/memstrata/fo/nvram/m').string();
+    return text === null ? undefined : (JSON.parse(text) as { term: number; primary: string; replica: string | null; inSync: boolean });
+  };
+  await until('primary in sync', () => nvramDevice(a, 'm'), (d) => d?.mirror === 'in-sync');
+  await until('the cluster records the replica in sync', record, (r) => r?.primary === 'node-a' && r.replica === 'node-b' && r.inSync);
+  return { etcd, a, b, restartA: startA, record };
+}
+
+test('kill -9 of a mirrored primary under 32 appenders: the replica takes over by itself once the lease ends, and every acknowledged record is there once, in order', async (t) => {
+  if (missingEtcd() !== undefined) return t.skip('etcd-server is not installed');
+  const { a, b, record } = await pair(t);
+  assert.equal((await nvramDevice(b, 'm'))?.role, 'replica');
+  const journal = await MultipathJournal.open({
+    device: 'm',
+    serverId: 'failover',
+    epoch: 1,
+    paths: [{ name: 'a', ...a.rmem }, { name: 'b', ...b.rmem }],
+    timeoutMs: 1000,
+    failoverTimeoutMs: 20_000,
+  });
+  t.after(() => journal.close());
+  const load = appenders(journal, 32);
+  await until('appends on the primary', () => Promise.resolve(load.count()), (n) => n >= 800, 30_000);
+  await a.stop('SIGKILL');
+  const killedAt = Date.now();
+  const before = load.count();
+  await until('appends on the new primary', () => Promise.resolve(load.count()), (n) => n > before, 30_000);
+  const failoverMs = Date.now() - killedAt;
+  await until('more appends on the new primary', () => Promise.resolve(load.count()), (n) => n >= before + 800, 30_000);
+  await load.stop();
+  assert.deepEqual(load.failures, []);
+  console.log(`# failover: first acknowledgement on the new primary ${failoverMs} ms after kill -9 (lease ${LEASE_S} s)`);
+  assert.ok(failoverMs <= LEASE_S * 1000 + 1000, `failover took ${failoverMs} ms, more than the lease + 1 s`);
+  const after = await record();
+  assert.deepEqual([after?.primary, after?.replica, after?.inSync, after?.term], ['node-b', 'node-a', false, 2]);
+  assert.equal((await nvramDevice(b, 'm'))?.role, 'primary');
+  const cluster = (await (await fetch(`${b.url}/v1/cluster`)).json()) as ClusterJson;
+  assert.deepEqual(cluster.ownership.map((o) => [o.device, o.term, o.primary, o.held]), [['m', 2, 'node-b', true]]);
+  const reader = await RmemClient.connect({ ...b.rmem, serverId: 'reader', reconnect: false });
+  t.after(() => reader.close());
+  checkExactlyOnce(await readAll(reader, await reader.journalOpen('m', 1)), load.acked, journal.writerId);
+});
+
+test('a primary partitioned by SIGSTOP past its lease: the replica takes over; woken, the old primary acknowledges nothing more, keeps every record it acknowledged on the new one, and rejoins as the replica', async (t) => {
+  if (missingEtcd() !== undefined) return t.skip('etcd-server is not installed');
+  const { a, b, record } = await pair(t);
+  // A writer bound to the old primary alone: what it is told must hold on the new primary.
+  const direct = await RmemClient.connect({ ...a.rmem, serverId: 'direct', reconnect: false, timeoutMs: 20_000 });
+  t.after(() => direct.close());
+  const handle = await direct.journalOpen('m', 1);
+  const acked = new Map<string, number>();
+  for (let i = 0; i < 50; i++) {
+    const [ack] = await direct.journalAppend(handle, [{ payload: Buffer.from(`before ${i}`) }]);
+    if (ack !== undefined) acked.set(`before ${i}`, ack.seq);
+  }
+  a.proc.kill('SIGSTOP');
+  // Appends sent while it sleeps: it must not acknowledge them once it wakes after the takeover.
+  const late = Array.from({ length: 8 }, (_, i) => direct.journalAppend(handle, [{ payload: Buffer.from(`late ${i}`) }]).then((r) => `acknowledged ${r[0]?.seq}`, (e: unknown) => (e instanceof Error ? e.message : String(e))));
+  await until('the replica takes over', record, (r) => r?.primary === 'node-b', 15_000);
+  await until('node b is the primary', () => nvramDevice(b, 'm'), (d) => d?.role === 'primary');
+  // The new primary serves a writer that follows the device.
+  const writer = await RmemClient.connect({ ...b.rmem, serverId: 'writer', reconnect: false });
+  t.after(() => writer.close());
+  const onB = await writer.journalOpen('m', 1);
+  for (let i = 0; i < 20; i++) {
+    const [ack] = await writer.journalAppend(onB, [{ payload: Buffer.from(`after ${i}`) }]);
+    if (ack !== undefined) acked.set(`after ${i}`, ack.seq);
+  }
+  a.proc.kill('SIGCONT');
+  const outcomes = await Promise.all(late);
+  for (const outcome of outcomes) assert.doesNotMatch(outcome, /^acknowledged/, 'the old primary acknowledged an append after the takeover');
+  await until('the old primary rejoins as the replica', () => nvramDevice(a, 'm'), (d) => d?.role === 'replica', 20_000);
+  await until('the cluster records the replica in sync again', record, (r) => r?.primary === 'node-b' && r.replica === 'node-a' && r.inSync, 20_000);
+  const records = await readAll(writer, onB);
+  const bySeq = new Map(records.map((r) => [r.seq, Buffer.from(r.payload).toString()]));
+  for (const [payload, seq] of acked) assert.equal(bySeq.get(seq), payload, `acknowledged ${payload} at ${seq}`);
+  for (const r of records) assert.doesNotMatch(Buffer.from(r.payload).toString(), /^late/, 'no unacknowledged append of the old primary reached the new one');
+});
+
+test('etcd stopped: a primary stops acknowledging once it cannot renew its lease, and goes on when etcd is back', async (t) => {
+  if (missingEtcd() !== undefined) return t.skip('etcd-server is not installed');
+  const { etcd, a, record } = await pair(t);
+  const client = await RmemClient.connect({ ...a.rmem, serverId: 'etcd-outage', reconnect: false });
+  t.after(() => client.close());
+  const handle = await client.journalOpen('m', 1);
+  await client.journalAppend(handle, [{ payload: Buffer.from('with etcd') }]);
+  await etcd.stop('SIGKILL');
+  await until('appends are refused past the lease', () => client.journalAppend(handle, [{ payload: Buffer.from('probe') }]).then(() => 'ok', (e: unknown) => codeOf(e)), (code) => code === 'MS_NVRAM_FENCED', LEASE_S * 1000 + 5000);
+  await etcd.restart();
+  await until('appends go on once etcd is back', () => client.journalAppend(handle, [{ payload: Buffer.from('etcd back') }]).then(() => 'ok', (e: unknown) => codeOf(e)), (code) => code === 'ok', 15_000);
+  assert.equal((await record())?.primary, 'node-a', 'no takeover: the replica held no lease without etcd either');
+});
