@@ -15,8 +15,13 @@
 //   takeover   the replica named in the record takes the device over, with term + 1, only
 //              when the holder is gone (the primary's lease ended in etcd) and inSync is
 //              true, and only in one transaction that also checks nothing changed since
-//   demotion   a node whose device the record gives to another primary makes its copy a
-//              replica; the new primary's resync fills it
+//   demotion   a node whose device the record gives to another primary that holds it (its
+//              holder exists) stops serving its copy (recovering); the new primary's resync
+//              then demotes it to a replica and fills it
+//   handback   a node named primary whose copy cannot serve (it crashed before its
+//              promotion was durable: a stale replica again) gives the record back to the
+//              replica named in it, term + 1, while nobody holds it
+//   removal    a device removed here takes its record and holder with it
 //
 // Why no split brain (docs/cluster.md has the whole argument): the replica takes over only
 // once etcd has let the old primary's lease go; the old primary's own view of its lease
@@ -29,7 +34,7 @@ import type { Etcd3, IKeyValue, Watcher } from 'etcd3';
 import { z } from 'zod';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../logger.js';
-import { etcdProblem } from '../client/etcd.js';
+import { cancelWatcher, etcdProblem } from '../client/etcd.js';
 import { clusterPrefix } from '../protocol/cluster/member.js';
 import type { DeviceManager } from '../nvram/device-manager.js';
 import { isMirrored } from '../nvram/device.js';
@@ -49,6 +54,8 @@ export type OwnershipRecord = z.infer<typeof recordSchema>;
 
 /** How often each device's ownership is looked at, besides the watch's events. */
 const TICK_MS = 250;
+/** A primary out of sync asks its mirroring to resync at most this often. */
+const RETRY_MS = 2000;
 
 export interface OwnershipOptions {
   client: Etcd3;
@@ -69,8 +76,13 @@ export class Ownership implements MirrorOwnership {
   private readonly options: OwnershipOptions;
   private readonly prefix: string;
   private readonly records: Map<string, { record: OwnershipRecord; revision: string }>;
-  /** Holder keys as the watch last saw them: the node and the lease. */
-  private readonly holders: Map<string, { node: string; lease: string }>;
+  /** Holder keys as the watch last saw them: the node, the lease, and the revision of that sight. */
+  private readonly holders: Map<string, { node: string; lease: string; revision: string }>;
+  /** Revisions at which keys were last seen deleted (so an older snapshot does not bring them back). */
+  private readonly deleted: Map<string, string>;
+  /** When each device last asked mirroring to resync. */
+  private readonly retried: Map<string, number>;
+  private watching: Promise<void> | undefined;
   /** Claims this node's transactions confirmed, with the lease they stand under. */
   private readonly claims: Map<string, string>;
   /** Devices whose record this node set to inSync: false (under its current claim). */
@@ -86,6 +98,9 @@ export class Ownership implements MirrorOwnership {
     this.prefix = `${clusterPrefix(options.cluster)}nvram/`;
     this.records = new Map();
     this.holders = new Map();
+    this.deleted = new Map();
+    this.retried = new Map();
+    this.watching = undefined;
     this.claims = new Map();
     this.outdated = new Map();
     this.busy = new Map();
@@ -114,7 +129,7 @@ export class Ownership implements MirrorOwnership {
   async close(): Promise<void> {
     this.closed = true;
     if (this.timer !== undefined) clearInterval(this.timer);
-    await this.watcher?.cancel().catch(() => undefined);
+    await cancelWatcher(this.watcher);
     await Promise.allSettled([...this.busy.values()]);
   }
 
@@ -145,7 +160,7 @@ export class Ownership implements MirrorOwnership {
       if (this.isOutdated(device)) return;
       const lease = this.options.keeper.id;
       if (lease === undefined || this.claims.get(device) !== lease) throw new Error('this node does not hold the device\'s ownership');
-      const ok = await this.update(device, (r) => (r.primary === this.options.nodeId ? { ...r, inSync: false } : undefined));
+      const ok = await this.update(device, (r) => (r.primary === this.options.nodeId ? { ...r, inSync: false } : undefined), true);
       if (!ok) throw new Error('the ownership record changed meanwhile');
       this.outdated.set(device, lease);
       this.options.log.warn({ device }, 'the cluster records the replica of this NVRAM device as out of date: it acknowledges without its partner, and the replica cannot take over');
@@ -153,10 +168,14 @@ export class Ownership implements MirrorOwnership {
   }
 
   inSync(device: string): void {
+    const lease = this.options.keeper.id;
+    if (lease === undefined || this.claims.get(device) !== lease) return;
+    // From now on, acknowledging without the partner needs a new `outdate`, queued behind this.
+    this.outdated.delete(device);
     void this.serial(device, async () => {
+      if (this.options.keeper.id !== lease || this.claims.get(device) !== lease) return;
       const partner = this.options.partner() ?? null;
-      const ok = await this.update(device, (r) => (r.primary === this.options.nodeId ? { ...r, inSync: true, replica: partner ?? r.replica } : undefined));
-      if (ok) this.outdated.delete(device);
+      await this.update(device, (r) => (r.primary === this.options.nodeId ? { ...r, inSync: true, replica: partner ?? r.replica } : undefined));
     }).catch((error: unknown) => {
       this.options.log.warn({ device, problem: error instanceof Error ? error.message : String(error) }, 'cannot record the replica as in sync in etcd; retrying with the next resync');
     });
@@ -178,6 +197,13 @@ export class Ownership implements MirrorOwnership {
 
   private tick(): void {
     if (this.closed) return;
+    // Devices removed here (not merely damaged) take their record and holder with them.
+    const local = new Set(this.options.nvram.devicesList().map((d) => d.name));
+    const damaged = new Set(this.options.nvram.damaged().map((d) => d.name));
+    for (const [name, { record }] of this.records) {
+      if (record.primary !== this.options.nodeId || local.has(name) || damaged.has(name) || this.busy.has(name)) continue;
+      void this.serial(name, () => this.forget(name)).catch(() => undefined);
+    }
     for (const device of this.options.nvram.devicesList()) {
       if (!isMirrored(device.policy) || this.busy.has(device.name)) continue;
       const name = device.name;
@@ -195,16 +221,23 @@ export class Ownership implements MirrorOwnership {
     const seen = this.records.get(name);
     if (seen !== undefined && seen.record.primary !== me) {
       this.claims.delete(name);
-      await this.options.nvram.demote(name, `the cluster made ${seen.record.primary} its primary (term ${seen.record.term})`);
+      // Only against a primary that holds it: one named but not (yet, or any more) holding
+      // may hand the record back, and this copy may then be the only full one.
+      if (this.holders.get(name)?.node === seen.record.primary) {
+        this.options.nvram.stepAside(name, `the cluster made ${seen.record.primary} its primary (term ${seen.record.term})`);
+      }
       return;
     }
     if (this.claims.get(name) === lease) {
       // Claimed and recorded out of sync: in sync here already (its resync ended before the
       // record existed), say so; otherwise ask mirroring to catch up (after a takeover, the
-      // partner is the old primary).
+      // partner is the old primary), at most every RETRY_MS.
       if (seen?.record.inSync === false) {
         if (this.options.nvram.find(name)?.info().mirror === 'in-sync') this.inSync(name);
-        else this.options.resync(name);
+        else if (Date.now() - (this.retried.get(name) ?? 0) > RETRY_MS) {
+          this.retried.set(name, Date.now());
+          this.options.resync(name);
+        }
       }
       return;
     }
@@ -219,8 +252,11 @@ export class Ownership implements MirrorOwnership {
         .and(holderKey, 'Create', '==', 0)
         .then(client.put(recordKey).value(JSON.stringify(record)), client.put(holderKey).value(holder).lease(lease))
         .commit();
-      if (result.succeeded) this.confirm(name, lease, record, 'claimed in the cluster (new ownership record)');
-      else await this.relist();
+      if (result.succeeded) {
+        this.setRecord(name, record, result.header.revision);
+        this.holders.set(name, { node: me, lease, revision: result.header.revision });
+        this.confirm(name, lease, record, 'claimed in the cluster (new ownership record)');
+      } else await this.refresh(name);
       return;
     }
     // The record names this node: its holder is free, or already under this lease.
@@ -231,8 +267,10 @@ export class Ownership implements MirrorOwnership {
       .and(holderKey, current === undefined ? 'Create' : 'Lease', '==', current === undefined ? 0 : lease)
       .then(client.put(holderKey).value(holder).lease(lease))
       .commit();
-    if (result.succeeded) this.confirm(name, lease, seen.record, 'claimed in the cluster');
-    else await this.relist();
+    if (result.succeeded) {
+      this.holders.set(name, { node: me, lease, revision: result.header.revision });
+      this.confirm(name, lease, seen.record, 'claimed in the cluster');
+    } else await this.refresh(name);
   }
 
   /** A replica here: take the device over once its primary's claim is gone and the record allows it. */
@@ -243,16 +281,45 @@ export class Ownership implements MirrorOwnership {
     const seen = this.records.get(name);
     const device = this.options.nvram.find(name);
     if (seen === undefined || device === undefined) return;
+    const { client } = this.options;
+    const recordKey = this.prefix + name;
+    const holderKey = `${recordKey}/holder`;
     if (seen.record.primary === me) {
-      // This node won the record (a takeover whose promotion did not finish): promote now.
-      if (this.claims.get(name) === lease && !device.recovering) await this.options.nvram.promoteByCluster(name);
+      // This node won the record, but its copy is still a replica: a promotion that did not finish.
+      if (this.claims.get(name) === lease && !device.recovering) {
+        await this.options.nvram.promoteByCluster(name);
+        return;
+      }
+      if (this.holders.has(name)) return; // an older lease of this node still holds it: wait it out
+      if (!device.recovering) {
+        // Not claimed (the node restarted): claim it, then promote.
+        const claim = await client.if(recordKey, 'Mod', '==', seen.revision).and(holderKey, 'Create', '==', 0).then(client.put(holderKey).value(JSON.stringify({ node: me })).lease(lease)).commit();
+        if (!claim.succeeded) {
+          await this.refresh(name);
+          return;
+        }
+        this.holders.set(name, { node: me, lease, revision: claim.header.revision });
+        this.confirm(name, lease, seen.record, 'claimed in the cluster (a promotion to finish)');
+        await this.options.nvram.promoteByCluster(name);
+        return;
+      }
+      // A stale copy (this node crashed before its promotion was durable: it acknowledged
+      // nothing as primary): hand the record back to the replica named in it, which holds the data.
+      const back = seen.record.replica;
+      if (back === null) {
+        this.options.log.error({ device: name }, 'this node is named primary of an NVRAM device its copy cannot serve, and the record names no replica to hand it back to');
+        return;
+      }
+      const record: OwnershipRecord = { ...seen.record, term: seen.record.term + 1, primary: back, replica: me, inSync: false };
+      const result = await client.if(recordKey, 'Mod', '==', seen.revision).and(holderKey, 'Create', '==', 0).then(client.put(recordKey).value(JSON.stringify(record))).commit();
+      if (result.succeeded) {
+        this.setRecord(name, record, result.header.revision);
+        this.options.log.warn({ device: name, term: record.term, primary: back }, 'NVRAM device handed back in the cluster: this node\'s copy is stale (it crashed before its promotion was durable)');
+      } else await this.refresh(name);
       return;
     }
     // A write log's replica stays one: its volume lives on the primary's node, which takes the device back when it returns.
     if (seen.record.replica !== me || !seen.record.inSync || this.holders.has(name) || device.recovering || device.nodeOwned) return;
-    const { client } = this.options;
-    const recordKey = this.prefix + name;
-    const holderKey = `${recordKey}/holder`;
     const record: OwnershipRecord = { ...seen.record, term: seen.record.term + 1, primary: me, replica: seen.record.primary, inSync: false };
     const result = await client
       .if(recordKey, 'Mod', '==', seen.revision)
@@ -260,12 +327,29 @@ export class Ownership implements MirrorOwnership {
       .then(client.put(recordKey).value(JSON.stringify(record)), client.put(holderKey).value(JSON.stringify({ node: me })).lease(lease))
       .commit();
     if (!result.succeeded) {
-      await this.relist();
+      await this.refresh(name);
       return;
     }
+    this.setRecord(name, record, result.header.revision);
+    this.holders.set(name, { node: me, lease, revision: result.header.revision });
     this.confirm(name, lease, record, `took over from ${seen.record.primary}, whose lease ended`);
     this.outdated.set(name, lease);
     await this.options.nvram.promoteByCluster(name);
+  }
+
+  /** A device this node was primary of is gone here: its record and holder go too (compared with what was seen). */
+  private async forget(name: string): Promise<void> {
+    const seen = this.records.get(name);
+    if (seen === undefined || this.options.nvram.find(name) !== undefined) return;
+    const { client } = this.options;
+    const recordKey = this.prefix + name;
+    const result = await client.if(recordKey, 'Mod', '==', seen.revision).then(client.delete().key(recordKey), client.delete().key(`${recordKey}/holder`)).commit();
+    if (result.succeeded) {
+      this.records.delete(name);
+      this.holders.delete(name);
+      this.claims.delete(name);
+      this.options.log.info({ device: name }, 'NVRAM device removed: its ownership record left the cluster');
+    } else await this.refresh(name);
   }
 
   private confirm(name: string, lease: string, record: OwnershipRecord, what: string): void {
@@ -274,21 +358,25 @@ export class Ownership implements MirrorOwnership {
     this.options.log[level]({ device: name, term: record.term, lease, replica: record.replica, inSync: record.inSync }, `NVRAM device ${what}`);
   }
 
-  /** Rewrites the record if `change` gives a new one, comparing the revision last seen; false when it changed meanwhile or there is nothing to change. */
-  private async update(device: string, change: (r: OwnershipRecord) => OwnershipRecord | undefined): Promise<boolean> {
+  /**
+   * Rewrites the record if `change` gives a new one, comparing the revision last seen;
+   * false when it changed meanwhile or there is nothing to change. `always` writes even
+   * when the view already shows the change (the view may be behind etcd).
+   */
+  private async update(device: string, change: (r: OwnershipRecord) => OwnershipRecord | undefined, always = false): Promise<boolean> {
     const seen = this.records.get(device);
     if (seen === undefined) return false;
     const next = change(seen.record);
     if (next === undefined) return false;
-    if (JSON.stringify(next) === JSON.stringify(seen.record)) return true;
+    if (!always && JSON.stringify(next) === JSON.stringify(seen.record)) return true;
     const { client } = this.options;
     const key = this.prefix + device;
     const result = await client.if(key, 'Mod', '==', seen.revision).then(client.put(key).value(JSON.stringify(next))).commit();
     if (!result.succeeded) {
-      await this.relist();
+      await this.refresh(device);
       return false;
     }
-    this.records.set(device, { record: next, revision: result.header.revision });
+    this.setRecord(device, next, result.header.revision);
     return true;
   }
 
@@ -306,22 +394,41 @@ export class Ownership implements MirrorOwnership {
 
   // ---- the view of etcd ----
 
+  /** Lists every key (at the start, and after the watch ended), then watches from there. */
   private async relist(): Promise<void> {
     const response = await this.options.client.getAll().prefix(this.prefix).exec();
-    this.records.clear();
-    this.holders.clear();
     for (const kv of response.kvs) this.apply(kv);
-    if (this.watcher === undefined && !this.closed) await this.watch(response.header.revision);
+    // Keys the snapshot does not hold are gone, unless seen put after it.
+    const present = new Set(response.kvs.map((kv) => kv.key.toString().slice(this.prefix.length)));
+    for (const [name, entry] of this.records) if (!present.has(name) && newer(response.header.revision, entry.revision)) this.records.delete(name);
+    for (const [name, entry] of this.holders) if (!present.has(`${name}/holder`) && newer(response.header.revision, entry.revision)) this.holders.delete(name);
+    this.watching ??= this.watch(response.header.revision).finally(() => {
+      this.watching = undefined;
+    });
+    await this.watching;
+  }
+
+  /** Reads one device's two keys again (after a transaction that found them changed). */
+  private async refresh(name: string): Promise<void> {
+    const { client } = this.options;
+    const recordKey = this.prefix + name;
+    const [record, holder] = await Promise.all([client.get(recordKey).exec(), client.get(`${recordKey}/holder`).exec()]);
+    for (const [response, sub] of [[record, name], [holder, `${name}/holder`]] as const) {
+      const kv = response.kvs[0];
+      if (kv !== undefined) this.apply(kv);
+      else this.remove(sub, response.header.revision);
+    }
   }
 
   private async watch(revision: string): Promise<void> {
+    if (this.watcher !== undefined || this.closed) return;
     const watcher = await this.options.client
       .watch()
       .prefix(this.prefix)
       .startRevision(String(BigInt(revision) + 1n))
       .create();
     if (this.closed) {
-      await watcher.cancel();
+      await cancelWatcher(watcher);
       return;
     }
     this.watcher = watcher;
@@ -330,30 +437,56 @@ export class Ownership implements MirrorOwnership {
       this.tick();
     });
     watcher.on('delete', (kv) => {
-      const key = kv.key.toString().slice(this.prefix.length);
-      if (key.endsWith('/holder')) this.holders.delete(key.slice(0, -'/holder'.length));
-      else this.records.delete(key);
+      this.remove(kv.key.toString().slice(this.prefix.length), kv.mod_revision);
       this.tick();
     });
     watcher.on('error', () => {
-      this.watcher = undefined;
-      void watcher.cancel().catch(() => undefined);
+      if (this.watcher === watcher) this.watcher = undefined;
+      void cancelWatcher(watcher);
       this.relist().catch(() => undefined);
     });
   }
 
+  /** A key deleted at `revision`: forgotten unless seen put later. */
+  private remove(sub: string, revision: string): void {
+    this.deleted.set(sub, revision);
+    if (sub.endsWith('/holder')) {
+      const name = sub.slice(0, -'/holder'.length);
+      const seen = this.holders.get(name);
+      if (seen === undefined || newer(revision, seen.revision)) this.holders.delete(name);
+    } else {
+      const seen = this.records.get(sub);
+      if (seen === undefined || newer(revision, seen.revision)) this.records.delete(sub);
+    }
+  }
+
+  private setRecord(name: string, record: OwnershipRecord, revision: string): void {
+    const seen = this.records.get(name);
+    if (seen !== undefined && newer(seen.revision, revision)) return;
+    this.records.set(name, { record, revision });
+  }
+
+  /** A key as etcd has it at its mod revision: applied unless the view has seen a later change. */
   private apply(kv: IKeyValue): void {
-    const key = kv.key.toString().slice(this.prefix.length);
-    if (key.endsWith('/holder')) {
+    const sub = kv.key.toString().slice(this.prefix.length);
+    const revision = kv.mod_revision;
+    const gone = this.deleted.get(sub);
+    if (gone !== undefined && !newer(revision, gone)) return;
+    if (sub.endsWith('/holder')) {
+      const name = sub.slice(0, -'/holder'.length);
+      const seen = this.holders.get(name);
+      if (seen !== undefined && newer(seen.revision, revision)) return;
+      let node = '?';
       try {
         const value = JSON.parse(kv.value.toString()) as { node?: unknown };
-        this.holders.set(key.slice(0, -'/holder'.length), { node: typeof value.node === 'string' ? value.node : '?', lease: kv.lease });
+        if (typeof value.node === 'string') node = value.node;
       } catch {
-        this.holders.set(key.slice(0, -'/holder'.length), { node: '?', lease: kv.lease });
+        // a holder written by hand: it still holds the device
       }
+      this.holders.set(name, { node, lease: kv.lease, revision });
       return;
     }
-    if (key.includes('/')) return;
+    if (sub.includes('/')) return;
     let parsed: unknown;
     try {
       parsed = JSON.parse(kv.value.toString());
@@ -361,10 +494,15 @@ export class Ownership implements MirrorOwnership {
       parsed = undefined;
     }
     const record = recordSchema.safeParse(parsed);
-    if (!record.success || record.data.device !== key) {
+    if (!record.success || record.data.device !== sub) {
       this.options.log.warn({ key: kv.key.toString() }, 'an NVRAM ownership record in etcd does not read; the device is left as it is');
       return;
     }
-    this.records.set(key, { record: record.data, revision: kv.mod_revision });
+    this.setRecord(sub, record.data, revision);
   }
+}
+
+/** Revision `a` is later than `b` (etcd revisions are decimal strings of 64-bit integers). */
+function newer(a: string, b: string): boolean {
+  return BigInt(a) > BigInt(b);
 }

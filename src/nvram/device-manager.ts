@@ -247,6 +247,20 @@ export class DeviceManager {
   }
 
   /**
+   * The cluster made another node the device's primary, and that node holds it: this
+   * copy stops serving (recovering) without being put aside yet. The new primary's
+   * resync demotes it (its RESET is taken by a recovering primary); should the new
+   * primary hand the device back instead (it crashed before its promotion was durable),
+   * this copy, the full one, serves again once its own resync has run.
+   */
+  stepAside(name: string, why: string): void {
+    const device = this.find(name);
+    if (device === undefined || device.role !== 'primary' || device.recovering) return;
+    device.recovering = true;
+    this.log.warn({ device: name, why }, 'NVRAM device steps aside: another node is its primary now');
+  }
+
+  /**
    * Writes a new journal file holding the device's present contents, for a device that
    * is becoming a primary or adopting its partner's contents. Undefined for a policy
    * without a file.

@@ -290,7 +290,10 @@ export class NvramDevice {
     await this.ready();
     if (epoch < this.epochValue) throw fenced(this.name, epoch, this.epochValue);
     if (this.roleValue === 'replica') throw replicaError(this.name);
+    // In a cluster a writer is told its epoch only by the device's owner.
+    this.owner?.();
     await this.raise(epoch);
+    this.owner?.();
     return this.info();
   }
 

@@ -186,11 +186,16 @@ export class Mirroring {
       settled: () => this.syncing.get(name) ?? Promise.resolve(),
       append: (device, epoch, records, count) => this.append(device, epoch, records, count),
       epoch: async (device, epoch) => {
-        if (this.mode(device) !== 'in-sync' || this.link === undefined) return;
+        const ownership = this.options.ownership;
+        if (this.mode(device) !== 'in-sync' || this.link === undefined) {
+          // In a cluster the replica must know every epoch a writer was told of before it may
+          // take over: not in sync, etcd must say it is out of date (a resync under way has
+          // done so, and its push carries the epoch).
+          if (ownership !== undefined) await ownership.outdate(device);
+          return;
+        }
         const sent = await this.link.send(MOP.EPOCH, encodeEpoch(device, epoch)).then(() => true, () => false);
-        // In a cluster the replica must know every epoch a writer was told of before it may
-        // take over: if it did not get this one, etcd must first record it as out of date.
-        if (!sent && this.options.ownership !== undefined) await this.options.ownership.outdate(device);
+        if (!sent && ownership !== undefined) await ownership.outdate(device);
       },
       trim: (device, epoch, upTo) => {
         void this.link?.send(MOP.TRIM, encodeTrim(device, epoch, upTo)).catch(() => undefined);
@@ -345,6 +350,10 @@ export class Mirroring {
       // written but not synced (mirrored, in sync until the link dropped): make them
       // durable here first, so no acknowledged record is on neither node's stable copy.
       if (device.policy === 'mirrored') await device.syncJournal();
+      // In a cluster, the replica must not be able to take over while the RESET has emptied
+      // it and the push has not refilled it: etcd says it is out of date first (which only
+      // the device's confirmed owner can do; any other primary does not resync at all).
+      if (this.options.ownership !== undefined) await this.options.ownership.outdate(name);
       device.recovering = false;
       await this.push(device);
       this.inSync.add(name);
