@@ -83,6 +83,7 @@ export class Ownership implements MirrorOwnership {
   /** When each device last asked mirroring to resync. */
   private readonly retried: Map<string, number>;
   private watching: Promise<void> | undefined;
+  private relisting: Promise<void> | undefined;
   /** Claims this node's transactions confirmed, with the lease they stand under. */
   private readonly claims: Map<string, string>;
   /** Devices whose record this node set to inSync: false (under its current claim). */
@@ -101,6 +102,7 @@ export class Ownership implements MirrorOwnership {
     this.deleted = new Map();
     this.retried = new Map();
     this.watching = undefined;
+    this.relisting = undefined;
     this.claims = new Map();
     this.outdated = new Map();
     this.busy = new Map();
@@ -197,6 +199,14 @@ export class Ownership implements MirrorOwnership {
 
   private tick(): void {
     if (this.closed) return;
+    // No watch (etcd was away at the start, or the watch ended and its relist failed): list again.
+    if (this.watcher === undefined && this.relisting === undefined) {
+      this.relisting = this.relist()
+        .catch(() => undefined)
+        .finally(() => {
+          this.relisting = undefined;
+        });
+    }
     // Devices removed here (not merely damaged) take their record and holder with them.
     const local = new Set(this.options.nvram.devicesList().map((d) => d.name));
     const damaged = new Set(this.options.nvram.damaged().map((d) => d.name));
@@ -441,9 +451,9 @@ export class Ownership implements MirrorOwnership {
       this.tick();
     });
     watcher.on('error', () => {
+      // The next tick lists again and watches anew.
       if (this.watcher === watcher) this.watcher = undefined;
       void cancelWatcher(watcher);
-      this.relist().catch(() => undefined);
     });
   }
 

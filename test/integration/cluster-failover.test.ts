@@ -210,3 +210,42 @@ test('crashes around a failover: the old primary restarted at once, and the new 
   const bySeq = new Map(records.map((r) => [r.seq, `${Buffer.from(r.payload).subarray(0, 12).toString().split(';')[0] ?? ''};`]));
   for (const [payload, seq] of acked) assert.equal(bySeq.get(seq), payload, `acknowledged ${payload} at ${seq} is on the primary that serves`);
 });
+
+test('both nodes killed and started again while etcd is away: nothing is served fenced until etcd is back, then the primary takes its device up again with every record', async (t) => {
+  if (missingEtcd() !== undefined) return t.skip('etcd-server is not installed');
+  const { etcd, a, b, restartA, restartB, record } = await pair(t);
+  const writer = await RmemClient.connect({ ...a.rmem, serverId: 'cold-writer', reconnect: false });
+  const handle = await writer.journalOpen('m', 1);
+  const acked = new Map<string, number>();
+  for (let i = 0; i < 50; i++) {
+    const [ack] = await writer.journalAppend(handle, [{ payload: Buffer.from(`cold ${i}`) }]);
+    if (ack !== undefined) acked.set(`cold ${i}`, ack.seq);
+  }
+  await writer.close();
+  await etcd.stop('SIGKILL');
+  await a.stop('SIGKILL');
+  await b.stop('SIGKILL');
+  const [a2, b2] = [await restartA(), await restartB()];
+  const probe = async (node: NodeProcess): Promise<string> => {
+    const client = await RmemClient.connect({ ...node.rmem, serverId: `probe-${Date.now()}`, reconnect: false });
+    try {
+      const opened = await client.journalOpen('m', 1);
+      await client.journalAppend(opened, [{ payload: Buffer.from('probe') }]);
+      return 'ok';
+    } catch (error) {
+      return codeOf(error);
+    } finally {
+      await client.close();
+    }
+  };
+  assert.notEqual(await probe(a2), 'ok', 'no etcd: the primary is not confirmed');
+  assert.notEqual(await probe(b2), 'ok', 'no etcd: the replica does not serve');
+  await etcd.restart();
+  await until('the primary serves again', () => probe(a2), (code) => code === 'ok', 20_000);
+  assert.equal((await record())?.primary, 'node-a');
+  const reader = await RmemClient.connect({ ...a2.rmem, serverId: 'cold-reader', reconnect: false });
+  t.after(() => reader.close());
+  const records = await readAll(reader, await reader.journalOpen('m', 1));
+  const bySeq = new Map(records.map((r) => [r.seq, Buffer.from(r.payload).toString()]));
+  for (const [payload, seq] of acked) assert.equal(bySeq.get(seq), payload);
+});
