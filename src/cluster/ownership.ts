@@ -239,15 +239,16 @@ export class Ownership implements MirrorOwnership {
       return;
     }
     if (this.claims.get(name) === lease) {
-      // Claimed and recorded out of sync: in sync here already (its resync ended before the
-      // record existed), say so; otherwise ask mirroring to catch up (after a takeover, the
-      // partner is the old primary), at most every RETRY_MS.
-      if (seen?.record.inSync === false) {
-        if (this.options.nvram.find(name)?.info().mirror === 'in-sync') this.inSync(name);
-        else if (Date.now() - (this.retried.get(name) ?? 0) > RETRY_MS) {
-          this.retried.set(name, Date.now());
-          this.options.resync(name);
-        }
+      // Claimed. In sync here but recorded out of sync (its resync ended before the record
+      // existed, or before the claim): say so. Not in sync here: ask mirroring to catch up,
+      // at most every RETRY_MS (a resync tried before the claim could not outdate the
+      // replica and did not run; after a takeover, the partner is the old primary).
+      const mirror = this.options.nvram.find(name)?.info().mirror;
+      if (mirror === 'in-sync') {
+        if (seen?.record.inSync === false) this.inSync(name);
+      } else if (mirror !== 'syncing' && Date.now() - (this.retried.get(name) ?? 0) > RETRY_MS) {
+        this.retried.set(name, Date.now());
+        this.options.resync(name);
       }
       return;
     }
