@@ -47,11 +47,6 @@ export class ClusterMembers extends EventEmitter<ClusterMembersEvents> {
     this.closed = false;
   }
 
-  /** The members known now. */
-  list(): MemberRecord[] {
-    return [...this.known.values()];
-  }
-
   /** Lists the members (each a `joined` event), then follows changes. Rejects when etcd cannot be reached. */
   async start(): Promise<void> {
     const revision = await this.relist();

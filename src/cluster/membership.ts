@@ -40,7 +40,7 @@ export interface MembershipOptions {
   ttlMs: number;
   nodeId: string;
   /** The record as the node would write it now. */
-  describe: () => Promise<MemberRecord>;
+  describe: () => MemberRecord;
   log: Logger;
   /** For https endpoints. */
   tls?: EtcdTls | undefined;
@@ -212,7 +212,7 @@ export class Membership {
   private async update(): Promise<void> {
     const lease = this.keeper.id;
     if (lease === undefined) return;
-    const text = encodeMember(await this.options.describe());
+    const text = encodeMember(this.options.describe());
     if (this.written?.lease === lease && this.written.text === text) {
       if (Date.now() - this.verifiedAt < VERIFY_MS) return;
       this.verifiedAt = Date.now();

@@ -124,11 +124,6 @@ export class RedundantPiece implements Piece {
     }));
   }
 
-  /** Devices holding a copy (live or being rebuilt). */
-  devices(): string[] {
-    return this.copies.filter((c) => c.state !== 'lost').map((c) => c.piece.device);
-  }
-
   failure(): MemstrataError | undefined {
     this.notice();
     return this.live().length === 0 ? (this.gone ?? this.copies[0]?.piece.failure()) : undefined;

@@ -39,7 +39,7 @@ import { WriteLogIo } from '../storage/write-log.js';
 import { DeviceManager } from '../nvram/device-manager.js';
 import { MirrorService } from '../nvram/mirror-service.js';
 import { Mirroring } from '../nvram/mirroring.js';
-import { formatAddress, parseAddress, type ListenAddress } from '../units.js';
+import { formatAddress, type ListenAddress } from '../units.js';
 import { VERSION } from '../version.js';
 import { NODE_ID_FORM, NODE_ID_PATTERN, mediumLayouts, type NodeConfig } from './config.js';
 import { Lifecycle } from './lifecycle.js';
@@ -423,36 +423,42 @@ export class StorageNode {
   }
 
   /** What this node says of itself in the cluster (its member record). */
-  private async memberRecord(): Promise<MemberRecord> {
-    const info = await this.info();
-    const advertise = (listen: string): string => {
-      const { host, port } = parseAddress(listen);
+  private memberRecord(): MemberRecord {
+    const advertise = ({ host, port }: ListenAddress): string => {
       const reachable = this.config.cluster.advertise ?? (host === '0.0.0.0' || host === '::' ? hostname() : host);
       return formatAddress({ host: reachable, port });
     };
-    const partner = info.mirror.partnerNode ?? info.mirror.partner;
+    const listening = this.listening();
+    const mirror = this.mirroring?.info();
+    const kind = (k: { bytes: number; idleBytes: number }) => ({ bytes: k.bytes, idleBytes: k.idleBytes });
     return {
       format: MEMBER_FORMAT,
       id: this.nodeId,
       zone: this.config.node.zone ?? null,
       version: VERSION,
-      startedAt: info.startedAt,
-      services: { nbd: advertise(info.listen.nbd), rmem: advertise(info.listen.rmem), mirror: advertise(info.listen.mirror), admin: advertise(info.listen.admin) },
+      startedAt: this.startedAt.toISOString(),
+      services: { nbd: advertise(listening.nbd), rmem: advertise(listening.rmem), mirror: advertise(listening.mirror), admin: advertise(listening.admin) },
       tls: { nbd: this.config.nbd.tls, rmem: this.config.rmem.tls === 'require', mirror: this.config.mirror.tls === 'require', admin: this.config.admin.tls },
-      capacity: info.usage.map((u) => ({
+      capacity: this.partition.usage().map((u) => ({
         medium: u.medium,
         capacity: u.capacity,
-        kinds: {
-          free: { bytes: u.kinds.free.bytes, idleBytes: u.kinds.free.idleBytes },
-          cache: { bytes: u.kinds.cache.bytes, idleBytes: u.kinds.cache.idleBytes },
-          server: { bytes: u.kinds.server.bytes, idleBytes: u.kinds.server.idleBytes },
-          nvram: { bytes: u.kinds.nvram.bytes, idleBytes: u.kinds.nvram.idleBytes },
-        },
+        kinds: { free: kind(u.kinds.free), cache: kind(u.kinds.cache), server: kind(u.kinds.server), nvram: kind(u.kinds.nvram) },
       })),
-      partner,
-      mirrored: info.nvram
+      partner: mirror?.partnerNode ?? mirror?.partner ?? null,
+      mirrored: this.nvram
+        .list()
         .filter((d) => d.policy === 'mirrored' || d.policy === 'mirrored+local')
         .map((d) => ({ name: d.name, policy: d.policy, size: d.size, role: d.role, epoch: d.epoch, state: d.state })),
+    };
+  }
+
+  /** Where each service listens: its bound address once it runs, else the configured one. */
+  private listening(): Record<'admin' | 'rmem' | 'nbd' | 'mirror', ListenAddress> {
+    return {
+      admin: this.adminAddress ?? this.config.admin.listen,
+      rmem: this.rmemAddress ?? this.config.rmem.listen,
+      nbd: this.nbd?.address ?? this.config.nbd.listen,
+      mirror: this.mirrorService?.address ?? this.config.mirror.listen,
     };
   }
 
@@ -474,7 +480,7 @@ export class StorageNode {
       if (medium instanceof FlashMedium) entry.path = medium.path;
       media.push(entry);
     }
-    const admin = this.adminAddress ?? this.config.admin.listen;
+    const listening = this.listening();
     return {
       id: this.nodeId,
       version: VERSION,
@@ -483,10 +489,10 @@ export class StorageNode {
       uptimeSeconds: Math.round((Date.now() - this.startedAt.getTime()) / 1000),
       dataDir: this.config.dataDir,
       listen: {
-        admin: formatAddress(admin),
-        rmem: formatAddress(this.rmemAddress ?? this.config.rmem.listen),
-        nbd: formatAddress(this.nbd?.address ?? this.config.nbd.listen),
-        mirror: formatAddress(this.mirrorService?.address ?? this.config.mirror.listen),
+        admin: formatAddress(listening.admin),
+        rmem: formatAddress(listening.rmem),
+        nbd: formatAddress(listening.nbd),
+        mirror: formatAddress(listening.mirror),
       },
       media,
       usage: this.partition.usage(),

@@ -4,7 +4,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { CMD, OPT, REP, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC } from '../../src/protocol/nbd/spec.js';
-import { Raw, named } from '../support/raw-nbd.js';
+import { RawNbd, infoPayload } from '../support/nbd-raw.js';
 import { startNode, tempDir } from '../support/node-process.js';
 
 
@@ -24,7 +24,7 @@ test('option negotiation: LIST, INFO, unknown options and exports, meta contexts
   const dir = await tempDir(t);
   const n = await startNode({ cwd: dir });
   t.after(() => n.stop('SIGKILL'));
-  const raw = await Raw.open(n);
+  const raw = await RawNbd.open(n.nbd);
   t.after(async () => raw.socket.destroy());
   assert.equal(await raw.greet(), 3, 'FIXED_NEWSTYLE | NO_ZEROES');
 
@@ -37,12 +37,12 @@ test('option negotiation: LIST, INFO, unknown options and exports, meta contexts
   raw.option(OPT.LIST, Buffer.from('x'));
   assert.equal((await raw.reply()).type, REP.ERR_INVALID);
 
-  raw.option(OPT.INFO, named('missing'));
+  raw.option(OPT.INFO, infoPayload('missing'));
   const unknown = await raw.reply();
   assert.equal(unknown.type, REP.ERR_UNKNOWN);
   assert.match(unknown.data.toString(), /no export named "missing"/);
 
-  raw.option(OPT.INFO, named('', [3]));
+  raw.option(OPT.INFO, infoPayload('', [3]));
   const info = await raw.reply();
   assert.equal(info.type, REP.INFO);
   assert.equal(info.data.readUInt16BE(0), 0, 'NBD_INFO_EXPORT first');
@@ -77,7 +77,7 @@ test('option negotiation: LIST, INFO, unknown options and exports, meta contexts
 
   raw.option(OPT.ABORT);
   assert.equal((await raw.reply()).type, REP.ACK);
-  assert.ok(await raw.closedByPeer());
+  assert.ok(await raw.closedWithin(2000));
 });
 
 test('hostile clients: unknown client flags, unknown EXPORT_NAME, garbage; others keep working', async (t) => {
@@ -85,26 +85,26 @@ test('hostile clients: unknown client flags, unknown EXPORT_NAME, garbage; other
   const n = await startNode({ cwd: dir });
   t.after(() => n.stop('SIGKILL'));
 
-  const flags = await Raw.open(n);
+  const flags = await RawNbd.open(n.nbd);
   await flags.greet(0x80);
-  assert.ok(await flags.closedByPeer(), 'unknown client flag closes');
+  assert.ok(await flags.closedWithin(2000), 'unknown client flag closes');
 
-  const name = await Raw.open(n);
+  const name = await RawNbd.open(n.nbd);
   await name.greet();
   name.option(OPT.EXPORT_NAME, Buffer.from('nope'));
-  assert.ok(await name.closedByPeer(), 'EXPORT_NAME for an unknown export closes');
+  assert.ok(await name.closedWithin(2000), 'EXPORT_NAME for an unknown export closes');
 
-  const garbage = await Raw.open(n);
+  const garbage = await RawNbd.open(n.nbd);
   await garbage.greet();
   garbage.socket.write(Buffer.from('GET / HTTP/1.1\r\n\r\n'.repeat(10)));
-  assert.ok(await garbage.closedByPeer(), 'garbage closes');
+  assert.ok(await garbage.closedWithin(2000), 'garbage closes');
 
-  const quitter = await Raw.open(n);
+  const quitter = await RawNbd.open(n.nbd);
   await quitter.greet();
   quitter.socket.destroy(); // a client that vanishes mid-handshake
 
   // A good client attaches by EXPORT_NAME (no zeroes after NO_ZEROES) and is served.
-  const good = await Raw.open(n);
+  const good = await RawNbd.open(n.nbd);
   t.after(async () => good.socket.destroy());
   await good.greet();
   good.option(OPT.EXPORT_NAME, Buffer.alloc(0));

@@ -9,9 +9,9 @@ import { readFile } from 'node:fs/promises';
 import { connect } from 'node:net';
 import { join } from 'node:path';
 import type { ConnectionOptions } from 'node:tls';
-import { CMD, OPT, REP, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC } from '../../src/protocol/nbd/spec.js';
+import { CMD, OPT, REP, SIMPLE_REPLY_MAGIC } from '../../src/protocol/nbd/spec.js';
 import { makeCerts, missingOpenssl, type TestCerts } from '../support/certs.js';
-import { Raw, named } from '../support/raw-nbd.js';
+import { RawNbd, infoPayload, requestBytes } from '../support/nbd-raw.js';
 import { startNode, tempDir, type NodeProcess } from '../support/node-process.js';
 
 type Ctx = { after(fn: () => Promise<void>): void };
@@ -30,32 +30,20 @@ async function client(dir: string): Promise<ConnectionOptions> {
   return { ...(ca === undefined ? {} : { ca }), ...(cert === undefined || key === undefined ? {} : { cert, key }) };
 }
 
-/** Reads option replies up to the final one (ACK or an error; not SERVER or INFO) and returns its type. */
-async function finalReply(raw: Raw, option: number): Promise<number> {
-  for (;;) {
-    const reply = await raw.reply();
-    assert.equal(reply.option, option);
-    if (reply.type !== REP.INFO && reply.type !== REP.SERVER) return reply.type;
-  }
-}
-
-function request(type: number, cookie: number, offset: number, length: number): Buffer {
-  const req = Buffer.alloc(28);
-  req.writeUInt32BE(REQUEST_MAGIC, 0);
-  req.writeUInt16BE(type, 6);
-  req.writeUInt32BE(cookie, 12);
-  req.writeBigUInt64BE(BigInt(offset), 16);
-  req.writeUInt32BE(length, 24);
-  return req;
+/** Reads option replies up to the final one (ACK or an error), all for `option`, and returns its type. */
+async function finalReply(raw: RawNbd, option: number): Promise<number> {
+  const replies = await raw.replies();
+  for (const reply of replies) assert.equal(reply.option, option);
+  return replies.at(-1)?.type ?? -1;
 }
 
 test('nbd.tls=require (FORCEDTLS): every option but STARTTLS gets NBD_REP_ERR_TLS_REQD; after STARTTLS the session starts afresh over TLS and serves data', async (t) => {
   if (missingOpenssl() !== undefined) return t.skip('openssl is not installed');
   const certs = await makeCerts(t);
   const node = await tlsNode(t, certs, 'require');
-  const raw = await Raw.open(node);
+  const raw = await RawNbd.open(node.nbd);
   await raw.greet();
-  for (const [option, data] of [[OPT.LIST, Buffer.alloc(0)], [OPT.INFO, named('default')], [OPT.GO, named('default')], [OPT.STRUCTURED_REPLY, Buffer.alloc(0)], [OPT.SET_META_CONTEXT, Buffer.alloc(8)], [999, Buffer.alloc(0)]] as const) {
+  for (const [option, data] of [[OPT.LIST, Buffer.alloc(0)], [OPT.INFO, infoPayload('default')], [OPT.GO, infoPayload('default')], [OPT.STRUCTURED_REPLY, Buffer.alloc(0)], [OPT.SET_META_CONTEXT, Buffer.alloc(8)], [999, Buffer.alloc(0)]] as const) {
     raw.option(option, data);
     const reply = await raw.reply();
     assert.deepEqual([reply.option, reply.type], [option, REP.ERR_TLS_REQD], `option ${option} before TLS`);
@@ -70,29 +58,29 @@ test('nbd.tls=require (FORCEDTLS): every option but STARTTLS gets NBD_REP_ERR_TL
   assert.equal((await raw.reply()).type, REP.ERR_INVALID, 'TLS is already negotiated');
   raw.option(OPT.LIST);
   assert.equal(await finalReply(raw, OPT.LIST), REP.ACK);
-  raw.option(OPT.GO, named('default'));
+  raw.option(OPT.GO, infoPayload('default'));
   assert.equal(await finalReply(raw, OPT.GO), REP.ACK);
   const data = Buffer.alloc(4096, 0x6b);
-  raw.socket.write(Buffer.concat([request(CMD.WRITE, 1, 8192, 4096), data, request(CMD.READ, 2, 8192, 4096)]));
+  raw.socket.write(Buffer.concat([requestBytes(CMD.WRITE, { cookie: 1n, offset: 8192, data }), requestBytes(CMD.READ, { cookie: 2n, offset: 8192, length: 4096 })]));
   const written = await raw.read(16);
   assert.deepEqual([written.readUInt32BE(0), written.readUInt32BE(4), written.readUInt32BE(12)], [SIMPLE_REPLY_MAGIC, 0, 1]);
   const read = await raw.read(16);
   assert.deepEqual([read.readUInt32BE(0), read.readUInt32BE(4), read.readUInt32BE(12)], [SIMPLE_REPLY_MAGIC, 0, 2]);
   assert.ok((await raw.read(4096)).equals(data));
-  raw.socket.end(request(CMD.DISC, 3, 0, 0));
-  assert.ok(await raw.closedByPeer());
+  raw.socket.end(requestBytes(CMD.DISC, { cookie: 3n }));
+  assert.ok(await raw.closedWithin(2000));
 });
 
 test('nbd.tls=require: EXPORT_NAME without TLS ends the session; certificates of another CA, or none, fail the handshake; the node serves TLS clients meanwhile', async (t) => {
   if (missingOpenssl() !== undefined) return t.skip('openssl is not installed');
   const certs = await makeCerts(t);
   const node = await tlsNode(t, certs, 'require');
-  const plain = await Raw.open(node);
+  const plain = await RawNbd.open(node.nbd);
   await plain.greet();
   plain.option(OPT.EXPORT_NAME, Buffer.from('default'));
-  assert.ok(await plain.closedByPeer(), 'EXPORT_NAME cannot be refused with an error: the session ends');
+  assert.ok(await plain.closedWithin(2000), 'EXPORT_NAME cannot be refused with an error: the session ends');
   for (const dir of [certs.rogueDir, certs.anonymousDir]) {
-    const raw = await Raw.open(node);
+    const raw = await RawNbd.open(node.nbd);
     await raw.greet();
     raw.option(OPT.STARTTLS);
     assert.equal((await raw.reply()).type, REP.ACK);
@@ -107,7 +95,7 @@ test('nbd.tls=require: EXPORT_NAME without TLS ends the session; certificates of
       .catch(() => true);
     assert.ok(refused, `a client from ${dir} is refused`);
   }
-  const good = await Raw.open(node);
+  const good = await RawNbd.open(node.nbd);
   await good.greet();
   good.option(OPT.STARTTLS);
   assert.equal((await good.reply()).type, REP.ACK);
@@ -124,21 +112,21 @@ test('nbd.tls: a client that stalls before or after its TLS handshake is cut aft
   const certs = await makeCerts(t);
   const node = await tlsNode(t, certs, 'on', ['--set', 'nbd.handshakeTimeout=1s']);
   // STARTTLS answered, then no TLS hello at all.
-  const silent = await Raw.open(node);
+  const silent = await RawNbd.open(node.nbd);
   await silent.greet();
   silent.option(OPT.STARTTLS);
   assert.equal((await silent.reply()).type, REP.ACK);
   silent.socket.removeAllListeners('data');
   const silentClosed = new Promise<void>((resolve) => silent.socket.once('close', () => resolve()));
   // TLS up, then no option.
-  const idle = await Raw.open(node);
+  const idle = await RawNbd.open(node.nbd);
   await idle.greet();
   idle.option(OPT.STARTTLS);
   assert.equal((await idle.reply()).type, REP.ACK);
   await idle.startTls(await client(certs.dir));
   const started = Date.now();
   await silentClosed;
-  assert.ok(await idle.closedByPeer(), 'a TLS client that never enters transmission is cut');
+  assert.ok(await idle.closedWithin(2000), 'a TLS client that never enters transmission is cut');
   assert.ok(Date.now() - started < 10_000);
 });
 
@@ -146,7 +134,7 @@ test('nbd.tls=on: plaintext clients are served, STARTTLS upgrades, and what was 
   if (missingOpenssl() !== undefined) return t.skip('openssl is not installed');
   const certs = await makeCerts(t);
   const node = await tlsNode(t, certs, 'on');
-  const plain = await Raw.open(node);
+  const plain = await RawNbd.open(node.nbd);
   await plain.greet();
   plain.option(OPT.LIST);
   assert.equal(await finalReply(plain, OPT.LIST), REP.ACK, 'plaintext options are answered');
@@ -166,7 +154,7 @@ test('a node stops at once with clients silent in their TLS handshake (NBD after
   if (missingOpenssl() !== undefined) return t.skip('openssl is not installed');
   const certs = await makeCerts(t);
   const node = await tlsNode(t, certs, 'on', ['--set', 'nbd.handshakeTimeout=60s', '--set', 'rmem.handshakeTimeout=60s', '--set', 'mirror.handshakeTimeout=60s', '--set', 'rmem.tls=require', '--set', 'mirror.tls=require']);
-  const nbd = await Raw.open(node);
+  const nbd = await RawNbd.open(node.nbd);
   await nbd.greet();
   nbd.option(OPT.STARTTLS);
   assert.equal((await nbd.reply()).type, REP.ACK);

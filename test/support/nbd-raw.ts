@@ -4,6 +4,7 @@
 
 import assert from 'node:assert/strict';
 import { connect, type Socket } from 'node:net';
+import { connect as tlsConnect, type ConnectionOptions, type TLSSocket } from 'node:tls';
 import {
   CMD,
   IHAVEOPT,
@@ -48,7 +49,8 @@ export interface RequestOptions {
 }
 
 export class RawNbd {
-  readonly socket: Socket;
+  /** The connection: the plain socket, or the TLS one after startTls(). */
+  socket: Socket;
   /** Bytes received and not yet read, as they came (no copying until a read needs it). */
   private chunks: Buffer[];
   private length: number;
@@ -71,6 +73,10 @@ export class RawNbd {
     this.simpleReads = new Map();
     this.nextCookie = 1n;
     this.structured = false;
+    this.listen(socket);
+  }
+
+  private listen(socket: Socket): void {
     socket.on('data', (c: Buffer) => {
       this.chunks.push(c);
       this.length += c.length;
@@ -88,6 +94,24 @@ export class RawNbd {
       this.wake();
     });
     socket.on('error', () => undefined);
+  }
+
+  /**
+   * After NBD_REP_ACK to STARTTLS: the TLS handshake on this connection, then everything
+   * goes through TLS. Rejects when the handshake fails.
+   */
+  async startTls(options: ConnectionOptions): Promise<TLSSocket> {
+    const plain = this.socket;
+    for (const event of ['data', 'end', 'close'] as const) plain.removeAllListeners(event);
+    const secure = tlsConnect({ socket: plain, servername: 'localhost', ...options });
+    await new Promise<void>((resolve, reject) => {
+      secure.once('secureConnect', resolve);
+      secure.once('error', reject);
+      secure.once('close', () => reject(new Error('closed during the TLS handshake')));
+    });
+    this.socket = secure;
+    this.listen(secure);
+    return secure;
   }
 
   static async open(address: { host: string; port: number }, options: { allowHalfOpen?: boolean; localAddress?: string } = {}): Promise<RawNbd> {
