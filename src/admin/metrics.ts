@@ -402,12 +402,12 @@ export class NodeMetrics {
     });
     new Gauge({
       name: 'memstrata_mirror_link_up',
-      help: '1 while the mirror link to the partner is up, 0 while it is down; absent without a partner.',
+      help: '1 while the mirror link to a partner is up, 0 while it is down, per partner (its node id, or its address before it answered); absent without a partner.',
+      labelNames: ['partner'],
       registers: [registry],
       collect() {
         this.reset();
-        const info = sources.mirror();
-        if (info !== undefined && info.link !== 'none') this.set(info.link === 'up' ? 1 : 0);
+        for (const link of sources.mirror()?.links ?? []) this.set({ partner: link.node ?? link.address }, link.up ? 1 : 0);
       },
     });
     const mirrorCounter = counterOf(() => sources.mirror());

@@ -627,6 +627,10 @@ export function renderKeptAside(rows: readonly KeptAsideJson[]): string {
 }
 
 function renderMirror(m: NodeInfo['mirror']): string {
+  if (m.chosen) {
+    const links = m.links.map((l) => `${l.node ?? '?'} at ${l.address} ${l.up ? 'up' : 'down'} (${l.devices.join(', ') || 'no device'})`);
+    return `partners chosen by the cluster${links.length === 0 ? ', none yet' : `: ${links.join('; ')}`}, on partner down: ${m.onPartnerDown}`;
+  }
   if (m.link === 'none') return 'no partner';
   const who = m.partnerNode === null ? m.partner : `${m.partnerNode} at ${m.partner}`;
   return `partner ${who ?? '-'}, link ${m.link}, on partner down: ${m.onPartnerDown}`;
@@ -643,7 +647,7 @@ export function renderCluster(view: ClusterJson): string {
     const c = m.capacity.find((x) => x.medium === medium);
     return c === undefined ? '-' : humanSize(c.kinds.free.bytes + c.kinds.server.idleBytes);
   };
-  const nvram = (m: ClusterJson['members'][number]): string => humanSize(m.capacity.reduce((sum, c) => sum + c.kinds.nvram.idleBytes, 0));
+  const nvram = (m: ClusterJson['members'][number]): string => humanSize(m.capacity.reduce((sum, c) => sum + (c.nvramRoom ?? c.kinds.nvram.idleBytes), 0));
   const rows = view.members.map((m) => [
     m.self ? `${m.id} *` : m.id,
     m.zone ?? '-',

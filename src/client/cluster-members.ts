@@ -60,6 +60,16 @@ export class ClusterMembers extends EventEmitter<ClusterMembersEvents> {
     this.client.close();
   }
 
+  /** A member's record as last seen; undefined when it is not a member. */
+  get(id: string): MemberRecord | undefined {
+    return this.known.get(id);
+  }
+
+  /** Every member's record as last seen. */
+  records(): MemberRecord[] {
+    return [...this.known.values()];
+  }
+
   /** Lists every record and reports what changed against what was known; returns the revision listed at. */
   private async relist(): Promise<string> {
     const response = await this.client.getAll().prefix(this.prefix).exec();
@@ -103,11 +113,9 @@ export class ClusterMembers extends EventEmitter<ClusterMembersEvents> {
     });
   }
 
+  /** After the watch ended with an error: etcd cancelled it, and the client has let it go (see WATCH_ENDED in etcd.ts). */
   private async restart(): Promise<void> {
-    const old = this.watcher;
     this.watcher = undefined;
-    // Not awaited for long: etcd may have cancelled it already and never confirm.
-    await cancelWatcher(old);
     while (!this.closed) {
       try {
         await this.watch(await this.relist());

@@ -49,6 +49,15 @@ export function etcdProblem(error: unknown): string {
   return message.replace(/[.\s]*Resolution note:\s*$/, '');
 }
 
+/*
+ * WATCH_ENDED. A watcher that emitted 'error' was cancelled by etcd (the only source of
+ * that event in etcd3 1.1), and the client has already dropped it. Cancelling it again
+ * sends etcd a cancel request for an id the client no longer knows, and while another
+ * watcher keeps the client's stream open, the answer makes etcd3 throw from inside its
+ * stream ("Failed to find watcher for IWatchResponse"), which ends the process. So: never
+ * cancel a watcher after its 'error', and give each watcher a client of its own.
+ */
+
 /**
  * Cancels a watcher without waiting for etcd to confirm for long: a watcher etcd already
  * cancelled (compacted past its revision), or an etcd that is frozen, never confirms, and

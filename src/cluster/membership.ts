@@ -173,7 +173,7 @@ export class Membership {
       view.unreadable = unreadable;
       for (const m of members) {
         view.members.push({ ...m.record, leaseSeconds: m.leaseSeconds, self: m.id === this.options.nodeId });
-        for (const d of m.record.mirrored) view.devices.push({ device: d.name, node: m.id, role: d.role, epoch: d.epoch, state: d.state, policy: d.policy, partner: m.record.partner });
+        for (const d of m.record.mirrored) view.devices.push({ device: d.name, node: m.id, role: d.role, epoch: d.epoch, state: d.state, policy: d.policy, partner: d.partner ?? m.record.partner });
       }
       view.devices.sort((a, b) => a.device.localeCompare(b.device) || a.node.localeCompare(b.node));
     } catch (error) {

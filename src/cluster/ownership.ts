@@ -21,7 +21,14 @@
 //   handback   a node named primary whose copy cannot serve (it crashed before its
 //              promotion was durable: a stale replica again) gives the record back to the
 //              replica named in it, term + 1, while nobody holds it
-//   removal    a device removed here takes its record and holder with it
+//   removal    a device removed here takes its record and holder with it; a copy here
+//              that the record names neither primary nor replica, under a primary that
+//              holds it, is removed (after a fresh read, and only if no RESET reached it)
+//   partner    in a cluster that chooses partners (no mirror.partner), the record's replica
+//              is chosen when the record is made (partners.ts: another zone, most room);
+//              a claimed primary not in sync whose replica has been out of the member list
+//              for a grace period (or that has none) names a new one, inSync: false, and
+//              mirrors there
 //
 // Why no split brain (docs/cluster.md has the whole argument): the replica takes over only
 // once etcd has let the old primary's lease go; the old primary's own view of its lease
@@ -63,14 +70,24 @@ export interface OwnershipOptions {
   cluster: string;
   nodeId: string;
   nvram: DeviceManager;
-  /** The mirror partner's node id, once its link has said HELLO. */
-  partner: () => string | undefined;
+  /** The node a device's replica is on once in sync (its link said HELLO with that id). */
+  partner: (device: string) => string | undefined;
+  /** When the cluster chooses partners: the choice, and how long a node has been out of the member list. */
+  placement?: Placement | undefined;
   /** Asks mirroring to resync a primary that is not in sync. */
   resync: (device: string) => void;
   log: Logger;
 }
 
 export type DeviceOwnership = DeviceOwnershipJson;
+
+/** The cluster's choice of partners (partners.ts), as ownership uses it. */
+export interface Placement {
+  choose(need: { size: number; medium: string }, avoid: ReadonlySet<string>): string | undefined;
+  goneForMs(id: string): number;
+  /** A replica out of the member list for longer than this is replaced. */
+  graceMs: number;
+}
 
 export class Ownership implements MirrorOwnership {
   private readonly options: OwnershipOptions;
@@ -82,6 +99,10 @@ export class Ownership implements MirrorOwnership {
   private readonly deleted: Map<string, string>;
   /** When each device last asked mirroring to resync. */
   private readonly retried: Map<string, number>;
+  /** Devices for which no member had room for a replica (said once in the log). */
+  private readonly unplaced: Set<string>;
+  /** When each stale copy here was last looked at for removal. */
+  private readonly swept: Map<string, number>;
   private watching: Promise<void> | undefined;
   private relisting: Promise<void> | undefined;
   /** Claims this node's transactions confirmed, with the lease they stand under. */
@@ -101,6 +122,8 @@ export class Ownership implements MirrorOwnership {
     this.holders = new Map();
     this.deleted = new Map();
     this.retried = new Map();
+    this.unplaced = new Set();
+    this.swept = new Map();
     this.watching = undefined;
     this.relisting = undefined;
     this.claims = new Map();
@@ -176,11 +199,17 @@ export class Ownership implements MirrorOwnership {
     this.outdated.delete(device);
     void this.serial(device, async () => {
       if (this.options.keeper.id !== lease || this.claims.get(device) !== lease) return;
-      const partner = this.options.partner() ?? null;
+      const partner = this.options.partner(device) ?? null;
       await this.update(device, (r) => (r.primary === this.options.nodeId ? { ...r, inSync: true, replica: partner ?? r.replica } : undefined));
     }).catch((error: unknown) => {
       this.options.log.warn({ device, problem: error instanceof Error ? error.message : String(error) }, 'cannot record the replica as in sync in etcd; retrying with the next resync');
     });
+  }
+
+  /** The node the record names as replica of a device this node is the recorded primary of. */
+  replicaOf(device: string): string | undefined {
+    const record = this.records.get(device)?.record;
+    return record !== undefined && record.primary === this.options.nodeId ? (record.replica ?? undefined) : undefined;
   }
 
   /** Every mirrored device's ownership, for status. */
@@ -235,6 +264,8 @@ export class Ownership implements MirrorOwnership {
       // may hand the record back, and this copy may then be the only full one.
       if (this.holders.get(name)?.node === seen.record.primary) {
         this.options.nvram.stepAside(name, `the cluster made ${seen.record.primary} its primary (term ${seen.record.term})`);
+        // Not even its replica: the device moved on without this copy.
+        if (seen.record.replica !== null && seen.record.replica !== me) await this.discardStale(name);
       }
       return;
     }
@@ -246,6 +277,8 @@ export class Ownership implements MirrorOwnership {
       const mirror = this.options.nvram.find(name)?.info().mirror;
       if (mirror === 'in-sync') {
         if (seen?.record.inSync === false) this.inSync(name);
+      } else if (mirror !== 'syncing' && seen !== undefined && (await this.replacePartner(name, lease, seen))) {
+        return;
       } else if (mirror !== 'syncing' && Date.now() - (this.retried.get(name) ?? 0) > RETRY_MS) {
         this.retried.set(name, Date.now());
         this.options.resync(name);
@@ -257,7 +290,7 @@ export class Ownership implements MirrorOwnership {
     const holderKey = `${recordKey}/holder`;
     const holder = JSON.stringify({ node: me });
     if (seen === undefined) {
-      const record: OwnershipRecord = { format: 1, device: name, term: 1, primary: me, replica: this.options.partner() ?? null, inSync: false };
+      const record: OwnershipRecord = { format: 1, device: name, term: 1, primary: me, replica: this.choosePartner(name, new Set()) ?? this.options.partner(name) ?? null, inSync: false };
       const result = await client
         .if(recordKey, 'Create', '==', 0)
         .and(holderKey, 'Create', '==', 0)
@@ -282,6 +315,37 @@ export class Ownership implements MirrorOwnership {
       this.holders.set(name, { node: me, lease, revision: result.header.revision });
       this.confirm(name, lease, seen.record, 'claimed in the cluster');
     } else await this.refresh(name);
+  }
+
+  /** A partner for a device of this node, when the cluster chooses them; undefined when none has room (or it does not choose). */
+  private choosePartner(name: string, avoid: ReadonlySet<string>): string | undefined {
+    const device = this.options.nvram.find(name);
+    if (this.options.placement === undefined || device === undefined) return undefined;
+    return this.options.placement.choose({ size: device.size, medium: this.options.nvram.mediumOf(name) }, avoid);
+  }
+
+  /**
+   * A claimed primary that is not in sync, whose recorded replica has been out of the
+   * member list for longer than the grace (or that has none), names a new one, with
+   * inSync: false: the old one may not take over any more, the new one only once a resync
+   * has filled it. True when the record changed.
+   */
+  private async replacePartner(name: string, lease: string, seen: { record: OwnershipRecord }): Promise<boolean> {
+    const placement = this.options.placement;
+    const old = seen.record.replica;
+    if (placement === undefined || (old !== null && placement.goneForMs(old) <= placement.graceMs)) return false;
+    const next = this.choosePartner(name, new Set(old === null ? [] : [old]));
+    if (next === undefined) {
+      if (!this.unplaced.has(name)) this.options.log.warn({ device: name, replica: old }, 'no other member of the cluster has room for a replica of this mirrored NVRAM device; it stays unmirrored until one has');
+      this.unplaced.add(name);
+      return false;
+    }
+    this.unplaced.delete(name);
+    const ok = await this.update(name, (r) => (r.primary === this.options.nodeId && r.replica === old ? { ...r, replica: next, inSync: false } : undefined));
+    if (!ok) return false;
+    if (this.options.keeper.id === lease && this.claims.get(name) === lease) this.outdated.set(name, lease);
+    this.options.log.warn({ device: name, replica: next, before: old }, old === null ? 'the cluster chose a mirror partner for this NVRAM device' : `the mirror partner of this NVRAM device left the cluster; the cluster chose ${next}`);
+    return true;
   }
 
   /** A replica here: take the device over once its primary's claim is gone and the record allows it. */
@@ -329,6 +393,11 @@ export class Ownership implements MirrorOwnership {
       } else await this.refresh(name);
       return;
     }
+    // Another node named replica, under a primary that holds it: nobody mirrors here any more.
+    if (seen.record.replica !== null && seen.record.replica !== me && this.holders.get(name)?.node === seen.record.primary) {
+      await this.discardStale(name);
+      return;
+    }
     // A write log's replica stays one: its volume lives on the primary's node, which takes the device back when it returns.
     if (seen.record.replica !== me || !seen.record.inSync || this.holders.has(name) || device.recovering || device.nodeOwned) return;
     const record: OwnershipRecord = { ...seen.record, term: seen.record.term + 1, primary: me, replica: seen.record.primary, inSync: false };
@@ -346,6 +415,27 @@ export class Ownership implements MirrorOwnership {
     this.confirm(name, lease, record, `took over from ${seen.record.primary}, whose lease ended`);
     this.outdated.set(name, lease);
     await this.options.nvram.promoteByCluster(name);
+  }
+
+  /**
+   * Removes a copy here that the record names neither primary nor replica, while its
+   * primary holds the device: nobody mirrors to it, and it can never take over or be
+   * handed the device back. Only once a fresh read of etcd agrees, and only if no RESET
+   * reached the copy since before that read (the primary may have named this node again
+   * and begun to fill it: it writes the record first, then resyncs). At most every RETRY_MS.
+   */
+  private async discardStale(name: string): Promise<void> {
+    // Only where the cluster chooses partners: with mirror.partner set by hand, the record's
+    // replica may lag behind a partner changed in the configuration, and the copy being filled is then not the one it names.
+    if (this.options.placement === undefined || Date.now() - (this.swept.get(name) ?? 0) < RETRY_MS) return;
+    this.swept.set(name, Date.now());
+    const me = this.options.nodeId;
+    const resets = this.options.nvram.resetCount(name);
+    await this.refresh(name);
+    const seen = this.records.get(name);
+    if (seen === undefined || seen.record.primary === me || seen.record.replica === null || seen.record.replica === me || this.holders.get(name)?.node !== seen.record.primary) return;
+    const why = `the cluster names ${seen.record.primary} primary and ${seen.record.replica ?? 'no node'} replica (term ${seen.record.term})`;
+    if (await this.options.nvram.discardStale(name, resets, why)) this.swept.delete(name);
   }
 
   /** A device this node was primary of is gone here: its record and holder go too (compared with what was seen). */
@@ -452,9 +542,9 @@ export class Ownership implements MirrorOwnership {
       this.tick();
     });
     watcher.on('error', () => {
-      // The next tick lists again and watches anew.
+      // etcd cancelled the watch (compacted past it), and the client has let it go: never
+      // cancel it again (see WATCH_ENDED in etcd.ts). The next tick lists again and watches anew.
       if (this.watcher === watcher) this.watcher = undefined;
-      void cancelWatcher(watcher);
     });
   }
 

@@ -22,6 +22,7 @@ import type { ClusterJson, MediumInfo, NodeInfo } from '../protocol/admin/api.js
 import { MEMBER_FORMAT, type MemberRecord } from '../protocol/cluster/member.js';
 import { Membership } from '../cluster/membership.js';
 import { Ownership } from '../cluster/ownership.js';
+import { Partners } from '../cluster/partners.js';
 import { NodeMetrics } from '../admin/metrics.js';
 import { AllocationTable } from '../memory/allocation-table.js';
 import { DramMedium } from '../memory/dram-medium.js';
@@ -77,6 +78,8 @@ export class StorageNode {
   private mirroring: Mirroring | undefined;
   private membership: Membership | undefined;
   private ownership: Ownership | undefined;
+  /** The members that may hold replicas, when the cluster chooses partners. */
+  private partners: Partners | undefined;
 
   constructor(config: NodeConfig, log: Logger) {
     this.config = config;
@@ -203,6 +206,10 @@ export class StorageNode {
           nodeId: this.nodeId,
           token: config.mirror.token,
           partnerId: config.mirror.partnerId,
+          // Partners chosen by the cluster: only its members mirror here.
+          refuse: this.choosesPartners()
+            ? (id) => (this.partners?.isMember(id) === true ? undefined : `it is not a member of cluster ${config.cluster.name} as this node sees it`)
+            : undefined,
           log,
           maxInFlight: config.mirror.maxInFlight,
           maxInFlightBytes: config.mirror.maxInFlightBytes,
@@ -236,6 +243,14 @@ export class StorageNode {
           retryMs: Math.min(1000, config.mirror.timeoutMs),
           log,
           tls: config.mirror.tls === 'require' && config.tls !== undefined ? clientTls(config.tls) : undefined,
+          peerTls: config.tls === undefined ? undefined : clientTls(config.tls),
+          // Without mirror.partner, in a cluster: each device's partner is the replica its ownership record names.
+          route: this.choosesPartners()
+            ? (device) => {
+                const replica = this.ownership?.replicaOf(device);
+                return replica === undefined ? undefined : this.partners?.route(replica);
+              }
+            : undefined,
           // In a cluster, degrading and being in sync go through etcd (the ownership starts with the cluster step).
           ownership: config.cluster.etcd === undefined
             ? undefined
@@ -350,6 +365,9 @@ export class StorageNode {
         this.membership = membership;
         // A node whose etcd is away still serves; it joins once etcd answers.
         await membership.start(config.cluster.leaseMs);
+        const partners = this.choosesPartners() ? new Partners({ etcd: endpoints, tls, cluster: config.cluster.name, nodeId: this.nodeId, zone: config.node.zone ?? null, log }) : undefined;
+        this.partners = partners;
+        partners?.start();
         // Mirrored devices: who is primary is decided in etcd, under this node's lease.
         const ownership = new Ownership({
           client: membership.etcd,
@@ -357,7 +375,8 @@ export class StorageNode {
           cluster: config.cluster.name,
           nodeId: this.nodeId,
           nvram: this.nvram,
-          partner: () => this.mirroring?.info().partnerNode ?? undefined,
+          partner: (device) => this.mirroring?.partnerOf(device),
+          placement: partners === undefined ? undefined : { choose: (need, avoid) => partners.choose(need, avoid), goneForMs: (id) => partners.goneForMs(id), graceMs: config.cluster.leaseMs },
           resync: (device) => { this.mirroring?.retry(device); },
           log,
         });
@@ -369,6 +388,8 @@ export class StorageNode {
         this.nvram.ownerCheck = undefined;
         await this.ownership?.close();
         this.ownership = undefined;
+        await this.partners?.close();
+        this.partners = undefined;
         await this.membership?.close();
         this.membership = undefined;
       },
@@ -411,6 +432,11 @@ export class StorageNode {
     this.log.info({ node: this.nodeId }, 'node stopped');
   }
 
+  /** In a cluster without mirror.partner, the cluster chooses each mirrored device's partner. */
+  private choosesPartners(): boolean {
+    return this.config.cluster.etcd !== undefined && this.config.mirror.partner === undefined;
+  }
+
   /** The volume whose write log an NVRAM device is, if any. */
   private writeLogOwner(device: string): string | undefined {
     return this.writeLog.owner(device) ?? this.volumes.list().find((v) => v.writeLog === device)?.name;
@@ -443,12 +469,13 @@ export class StorageNode {
         medium: u.medium,
         capacity: u.capacity,
         kinds: { free: kind(u.kinds.free), cache: kind(u.kinds.cache), server: kind(u.kinds.server), nvram: kind(u.kinds.nvram) },
+        nvramRoom: u.kinds.nvram.idleBytes + this.partition.headroom(u.medium, 'nvram'),
       })),
       partner: mirror?.partnerNode ?? mirror?.partner ?? null,
       mirrored: this.nvram
         .list()
         .filter((d) => d.policy === 'mirrored' || d.policy === 'mirrored+local')
-        .map((d) => ({ name: d.name, policy: d.policy, size: d.size, role: d.role, epoch: d.epoch, state: d.state })),
+        .map((d) => ({ name: d.name, policy: d.policy, size: d.size, role: d.role, epoch: d.epoch, state: d.state, partner: d.role === 'primary' ? (this.ownership?.replicaOf(d.name) ?? mirror?.partnerNode ?? null) : null })),
     };
   }
 
@@ -512,6 +539,8 @@ export class StorageNode {
         partner: null,
         partnerNode: null,
         link: 'none',
+        chosen: false,
+        links: [],
         onPartnerDown: this.config.mirror.onPartnerDown,
         degradations: 0,
         resyncs: 0,

@@ -60,6 +60,8 @@ export class DeviceManager {
   private readonly damagedDevices: Map<string, DamagedJson>;
   /** Journals kept aside per device name (quarantine). */
   private readonly divergedCount: Map<string, number>;
+  /** RESETs applied per replica name (a mirror partner began filling it), so a discard decided before one does not undo it. */
+  private readonly resetsTaken: Map<string, number>;
   private readonly fs: MetaFs | undefined;
   private queue: Promise<unknown>;
 
@@ -89,6 +91,7 @@ export class DeviceManager {
     this.devices = new Map();
     this.damagedDevices = new Map();
     this.divergedCount = new Map();
+    this.resetsTaken = new Map();
     this.fs = options.fs;
     this.queue = Promise.resolve();
     this.onPrimary = undefined;
@@ -353,6 +356,31 @@ export class DeviceManager {
         await this.writeMeta(entry.meta);
       }
       entry?.device.resetReplica(reset.epoch, reset.trimmedTo, reset.firstSeq, feeder, nodeOwned);
+      this.resetsTaken.set(reset.name, (this.resetsTaken.get(reset.name) ?? 0) + 1);
+    });
+  }
+
+  /** How many RESETs the replica `name` has taken (see discardStale). */
+  resetCount(name: string): number {
+    return this.resetsTaken.get(name) ?? 0;
+  }
+
+  /**
+   * Removes a copy the cluster no longer names (ownership.ts): a replica, or a primary that
+   * stepped aside. Only when no RESET reached it since `resets` was read (a partner that
+   * named this node again meanwhile is filling it) and it is no volume's write log. A
+   * primary's journal is kept aside first, as at any demotion. False when it stays.
+   */
+  discardStale(name: string, resets: number, why: string): Promise<boolean> {
+    return this.serialized(async () => {
+      const entry = this.devices.get(name);
+      if (entry === undefined || this.resetCount(name) !== resets || this.claimedBy?.(name) !== undefined) return false;
+      const device = entry.device;
+      if (device.role === 'primary' && !device.recovering) return false;
+      if (device.role === 'primary') await this.quarantine(name, device.info(), why);
+      await this.drop(entry);
+      this.log.warn({ device: name, role: device.role, why }, 'NVRAM copy removed: the cluster no longer names this node for it');
+      return true;
     });
   }
   create(name: string, size: number, policy: Policy, medium: MediumName = 'dram'): Promise<DeviceInfo> {

@@ -91,6 +91,11 @@ export class MirrorLink {
     return formatAddress(this.options.partner);
   }
 
+  /** The node id the partner must answer HELLO with, when one is expected. */
+  get expectedNode(): string | undefined {
+    return this.options.partnerId;
+  }
+
   start(): void {
     this.connect();
     this.watchdog = setInterval(() => { this.checkTimeouts(); }, Math.max(50, Math.floor(this.options.timeoutMs / 4)));

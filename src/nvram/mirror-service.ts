@@ -91,6 +91,8 @@ export interface MirrorServiceOptions {
   token: string | undefined;
   /** The only node id a HELLO is accepted from (the configured partner); any when undefined. */
   partnerId?: string | undefined;
+  /** Why a node may not mirror here (in a cluster that chooses partners: it is not a member); undefined to admit it. */
+  refuse?: ((nodeId: string) => string | undefined) | undefined;
   log: Logger;
   /** Requests admitted per connection (applied in order, one at a time). */
   maxInFlight: number;
@@ -505,6 +507,8 @@ class MirrorConnection {
     if (partnerId !== undefined && hello.nodeId !== partnerId) {
       throw new MisuseError('MS_MIRROR_AUTH', `mirror peer says it is node ${hello.nodeId}; only the configured partner ${partnerId} (mirror.partnerId) is accepted`);
     }
+    const refused = this.options.refuse?.(hello.nodeId);
+    if (refused !== undefined) throw new MisuseError('MS_MIRROR_AUTH', `mirror peer ${hello.nodeId} is not admitted: ${refused}`);
     this.partner = hello.nodeId;
     // A node has one link: its older connections are what a partition or a crash left.
     this.service.replaced(this, hello.nodeId);

@@ -30,14 +30,18 @@ interface Pair {
   record: () => Promise<{ term: number; primary: string; replica: string | null; inSync: boolean } | undefined>;
 }
 
-/** Two partnered nodes in a cluster, with a mirrored device `m` made on the first, claimed and in sync. */
-async function pair(t: Ctx, size = '8MiB'): Promise<Pair> {
+/**
+ * Two nodes in a cluster, with a mirrored device `m` made on the first, claimed and in
+ * sync on the second: the partner the cluster chose (the only other member), or with
+ * `setByHand` the one each node's mirror.partner names.
+ */
+async function pair(t: Ctx, size = '8MiB', setByHand = false): Promise<Pair> {
   const etcd = await startEtcd(t);
   const [dirA, dirB] = [await tempDir(t), await tempDir(t)];
   const [portA, portB] = [await freePort(), await freePort()];
   const args = (id: string, zone: string, own: number, partner: number, partnerId: string): string[] => [
     '--node-id', id, '--etcd', etcd.url, '--zone', zone, '--set', `cluster.lease=${LEASE_S}s`, '--set', 'cluster.name=fo',
-    '--mirror-listen', `127.0.0.1:${own}`, '--mirror-partner', `127.0.0.1:${partner}`, '--set', `mirror.partnerId=${partnerId}`, '--set', 'mirror.timeout=500ms', '--dram-size', '256MiB',
+    '--mirror-listen', `127.0.0.1:${own}`, ...(setByHand ? ['--mirror-partner', `127.0.0.1:${partner}`, '--set', `mirror.partnerId=${partnerId}`] : []), '--set', 'mirror.timeout=500ms', '--dram-size', '256MiB',
   ];
   const startA = async (): Promise<NodeProcess> => {
     const node = await startNode({ cwd: dirA, args: args('node-a', 'za', portA, portB, 'node-b') });
@@ -54,6 +58,8 @@ async function pair(t: Ctx, size = '8MiB'): Promise<Pair> {
   };
   const a = await startA();
   const b = await startB();
+  // The cluster chooses among the members a sees: b must be one before the device is made.
+  if (!setByHand) await until('node b is a member', async () => ((await (await fetch(`${a.url}/v1/cluster`)).json()) as ClusterJson).members.map((m) => m.id), (ids) => ids.includes('node-b'));
   const response = await fetch(`${a.url}/v1/nvram`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name: 'm', size, policy: 'mirrored' }) });
   assert.equal(response.status, 201, await response.text());
   const client = openEtcd({ endpoints: [etcd.url] });
@@ -138,9 +144,9 @@ test('a primary partitioned by SIGSTOP past its lease: the replica takes over; w
   for (const r of records) assert.doesNotMatch(Buffer.from(r.payload).toString(), /^late/, 'no unacknowledged append of the old primary reached the new one');
 });
 
-test('etcd stopped: a primary stops acknowledging once it cannot renew its lease, and goes on when etcd is back', async (t) => {
+test('etcd stopped: a primary stops acknowledging once it cannot renew its lease, and goes on when etcd is back (partners set by hand)', async (t) => {
   if (missingEtcd() !== undefined) return t.skip('etcd-server is not installed');
-  const { etcd, a, record } = await pair(t);
+  const { etcd, a, record } = await pair(t, '8MiB', true);
   const client = await RmemClient.connect({ ...a.rmem, serverId: 'etcd-outage', reconnect: false });
   t.after(() => client.close());
   const handle = await client.journalOpen('m', 1);

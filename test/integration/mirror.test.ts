@@ -107,7 +107,7 @@ test('mirror failover: kill -9 the primary mid-stream; the partner, opened with 
   assert.deepEqual([now?.role, now?.mirror, now?.epoch], ['primary', 'degraded', 2]);
   const metrics = await (await fetch(`${b.url}/metrics`)).text();
   assert.match(metrics, /memstrata_nvram_degraded 1/);
-  assert.match(metrics, /memstrata_mirror_link_up 0/);
+  assert.match(metrics, /memstrata_mirror_link_up\{partner="[^"]+"\} 0/);
 
   // The old primary comes back: it finds a newer epoch on the partner and becomes its replica.
   const back = await nodes.a();

@@ -96,10 +96,22 @@ export interface JournalFileInfo {
 
 export type OnPartnerDown = 'degrade' | 'refuse';
 
+export interface MirrorLinkInfo {
+  node: string | null;
+  address: string;
+  up: boolean;
+  devices: string[];
+}
+
 export interface MirroringInfo {
+  /** The partner set by hand (mirror.partner), its node id once it answered, and its link; null and 'none' without one. */
   partner: string | null;
   partnerNode: string | null;
   link: 'up' | 'down' | 'none';
+  /** The cluster chooses each device's partner (cluster.etcd set, mirror.partner not). */
+  chosen: boolean;
+  /** Every link to a partner: the node, its mirror service, whether it is up, and the primaries whose replica is there. */
+  links: MirrorLinkInfo[];
   onPartnerDown: OnPartnerDown;
   /** Times a mirrored device lost its partner and degraded or began refusing. */
   degradations: number;

@@ -36,6 +36,8 @@ const mediumSchema = z.object({
   medium: z.string().min(1).max(32),
   capacity: bytes,
   kinds: z.object({ free: kindSchema, cache: kindSchema, server: kindSchema, nvram: kindSchema }),
+  /** Bytes a new NVRAM device (a replica) could take on this medium: nvram extents no device owns, and what nvram may still grow by (free extents, cache above its minimum, up to its maximum). Absent in records of older nodes. */
+  nvramRoom: bytes.optional(),
 });
 
 const deviceSchema = z.object({
@@ -45,6 +47,8 @@ const deviceSchema = z.object({
   role: z.string().min(1).max(32),
   epoch: z.number().int().nonnegative(),
   state: z.string().min(1).max(32),
+  /** A primary's partner: the node that holds its replica (chosen by the cluster, or set by hand); absent in records of older nodes. */
+  partner: z.string().max(300).nullable().optional(),
 });
 
 const memberSchema = z.object({
@@ -58,7 +62,7 @@ const memberSchema = z.object({
   /** Which services speak TLS: NBD's mode (STARTTLS offered or required), and whether rmem, the mirror and admin do. */
   tls: z.object({ nbd: z.enum(['off', 'on', 'require']), rmem: z.boolean(), mirror: z.boolean(), admin: z.boolean() }).optional(),
   capacity: z.array(mediumSchema).max(16),
-  /** The mirror partner this node replicates to, as configured or chosen; null: none. */
+  /** The mirror partner set by hand (mirror.partner) this node replicates to; null: none (or chosen per device, see `mirrored`). */
   partner: z.string().max(300).nullable(),
   /** Mirrored NVRAM devices on this node, with their role. */
   mirrored: z.array(deviceSchema).max(4096),
