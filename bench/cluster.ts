@@ -56,16 +56,18 @@ async function device(n: NodeProcess, name: string): Promise<{ role: string; mir
   return list.devices.find((d) => d.name === name);
 }
 
-/** Two partnered nodes with a mirrored device `m` on the first, in sync; with `etcd`, in a cluster. */
+/** Two partnered nodes with a mirrored device `m` on the first, in sync; with `etcd`, in a cluster that chooses the partner (the other node), else partners set by hand. */
 async function pair(etcd: EtcdProcess | undefined): Promise<{ a: NodeProcess; b: NodeProcess }> {
   const [portA, portB] = [await freePort(), await freePort()];
   const cluster = etcd === undefined ? [] : ['--etcd', etcd.url, '--set', `cluster.lease=${LEASE_S}s`, '--set', `cluster.name=bench-${portA}`];
   const args = (own: 'a' | 'b'): string[] => [
     '--node-id', `node-${own}`, ...cluster, '--mirror-listen', `127.0.0.1:${own === 'a' ? portA : portB}`,
-    '--mirror-partner', `127.0.0.1:${own === 'a' ? portB : portA}`, '--set', `mirror.partnerId=node-${own === 'a' ? 'b' : 'a'}`, '--set', 'mirror.timeout=500ms',
+    ...(etcd === undefined ? ['--mirror-partner', `127.0.0.1:${own === 'a' ? portB : portA}`, '--set', `mirror.partnerId=node-${own === 'a' ? 'b' : 'a'}`] : []), '--set', 'mirror.timeout=500ms',
   ];
   const a = await node(args('a'));
   const b = await node(args('b'));
+  // The cluster chooses among the members a sees: wait for b to be one (else the device waits for a partner a tick longer).
+  if (etcd !== undefined) await until(async () => ((await (await fetch(`${a.url}/v1/cluster`)).json()) as { members: { id: string }[] }).members.map((m) => m.id), (ids) => ids.includes('node-b'));
   const created = await fetch(`${a.url}/v1/nvram`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name: 'm', size: '64MiB', policy: 'mirrored' }) });
   if (created.status !== 201) throw new Error(await created.text());
   await until(() => device(a, 'm'), (d) => d?.mirror === 'in-sync');
