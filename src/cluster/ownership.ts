@@ -26,9 +26,10 @@
 //              holds it, is removed (after a fresh read, and only if no RESET reached it)
 //   partner    in a cluster that chooses partners (no mirror.partner), the record's replica
 //              is chosen when the record is made (partners.ts: another zone, most room);
-//              a claimed primary not in sync whose replica has been out of the member list
-//              for a grace period (or that has none) names a new one, inSync: false, and
-//              mirrors there
+//              a claimed primary not in sync (and not recovering) whose replica has been
+//              out of the member list for a grace period, could not be brought in sync for
+//              a while, or is none, names a new one, inSync: false, and mirrors there; only
+//              the replica the record names is ever recorded in sync
 //
 // Why no split brain (docs/cluster.md has the whole argument): the replica takes over only
 // once etcd has let the old primary's lease go; the old primary's own view of its lease
@@ -70,8 +71,10 @@ export interface OwnershipOptions {
   cluster: string;
   nodeId: string;
   nvram: DeviceManager;
-  /** The node a device's replica is on once in sync (its link said HELLO with that id). */
+  /** The node a new record names as replica where the cluster does not choose: the partner set by hand, as its link knows it. */
   partner: (device: string) => string | undefined;
+  /** The node a device is in sync with now, if it is (its link said HELLO with that id). */
+  syncedWith: (device: string) => string | undefined;
   /** When the cluster chooses partners: the choice, and how long a node has been out of the member list. */
   placement?: Placement | undefined;
   /** Asks mirroring to resync a primary that is not in sync. */
@@ -83,10 +86,13 @@ export type DeviceOwnership = DeviceOwnershipJson;
 
 /** The cluster's choice of partners (partners.ts), as ownership uses it. */
 export interface Placement {
-  choose(need: { size: number; medium: string }, avoid: ReadonlySet<string>): string | undefined;
+  /** `pending`: bytes of replicas this node has named on each member that are not filled yet (its record does not count them). */
+  choose(need: { size: number; medium: string }, avoid: ReadonlySet<string>, pending: ReadonlyMap<string, number>): string | undefined;
   goneForMs(id: string): number;
   /** A replica out of the member list for longer than this is replaced. */
   graceMs: number;
+  /** A replica a claimed primary could not bring in sync for this long, though a member, is replaced too (it refuses, cannot be reached, or has no room). */
+  stuckMs: number;
 }
 
 export class Ownership implements MirrorOwnership {
@@ -103,6 +109,10 @@ export class Ownership implements MirrorOwnership {
   private readonly unplaced: Set<string>;
   /** When each stale copy here was last looked at for removal. */
   private readonly swept: Map<string, number>;
+  /** When each claimed primary here was last in sync (or claimed, or given a new partner). */
+  private readonly syncedAt: Map<string, number>;
+  /** Per device, nodes replaced because they could not be brought in sync, and until when they are not chosen again. */
+  private readonly shunned: Map<string, Map<string, number>>;
   private watching: Promise<void> | undefined;
   private relisting: Promise<void> | undefined;
   /** Claims this node's transactions confirmed, with the lease they stand under. */
@@ -124,6 +134,8 @@ export class Ownership implements MirrorOwnership {
     this.retried = new Map();
     this.unplaced = new Set();
     this.swept = new Map();
+    this.syncedAt = new Map();
+    this.shunned = new Map();
     this.watching = undefined;
     this.relisting = undefined;
     this.claims = new Map();
@@ -192,15 +204,21 @@ export class Ownership implements MirrorOwnership {
     });
   }
 
-  inSync(device: string): void {
+  /**
+   * A resync filled `node`'s replica: the record says in sync. Where the cluster chooses
+   * partners, only if the record still names that node (the primary may have named
+   * another meanwhile: then the filled copy is not the replica, and nothing changes).
+   */
+  inSync(device: string, node: string | undefined): void {
     const lease = this.options.keeper.id;
-    if (lease === undefined || this.claims.get(device) !== lease) return;
+    if (lease === undefined || this.claims.get(device) !== lease || node === undefined) return;
     // From now on, acknowledging without the partner needs a new `outdate`, queued behind this.
     this.outdated.delete(device);
+    this.syncedAt.set(device, Date.now());
     void this.serial(device, async () => {
       if (this.options.keeper.id !== lease || this.claims.get(device) !== lease) return;
-      const partner = this.options.partner(device) ?? null;
-      await this.update(device, (r) => (r.primary === this.options.nodeId ? { ...r, inSync: true, replica: partner ?? r.replica } : undefined));
+      const chosen = this.options.placement !== undefined;
+      await this.update(device, (r) => (r.primary === this.options.nodeId && (!chosen || r.replica === node) ? { ...r, inSync: true, replica: node } : undefined));
     }).catch((error: unknown) => {
       this.options.log.warn({ device, problem: error instanceof Error ? error.message : String(error) }, 'cannot record the replica as in sync in etcd; retrying with the next resync');
     });
@@ -276,7 +294,8 @@ export class Ownership implements MirrorOwnership {
       // replica and did not run; after a takeover, the partner is the old primary).
       const mirror = this.options.nvram.find(name)?.info().mirror;
       if (mirror === 'in-sync') {
-        if (seen?.record.inSync === false) this.inSync(name);
+        this.syncedAt.set(name, Date.now());
+        if (seen?.record.inSync === false) this.inSync(name, this.options.syncedWith(name));
       } else if (mirror !== 'syncing' && seen !== undefined && (await this.replacePartner(name, lease, seen))) {
         return;
       } else if (mirror !== 'syncing' && Date.now() - (this.retried.get(name) ?? 0) > RETRY_MS) {
@@ -321,20 +340,38 @@ export class Ownership implements MirrorOwnership {
   private choosePartner(name: string, avoid: ReadonlySet<string>): string | undefined {
     const device = this.options.nvram.find(name);
     if (this.options.placement === undefined || device === undefined) return undefined;
-    return this.options.placement.choose({ size: device.size, medium: this.options.nvram.mediumOf(name) }, avoid);
+    // Replicas this node named but has not filled yet: their members' records do not count them.
+    const pending = new Map<string, number>();
+    for (const [other, { record }] of this.records) {
+      if (other === name || record.primary !== this.options.nodeId || record.inSync || record.replica === null) continue;
+      pending.set(record.replica, (pending.get(record.replica) ?? 0) + (this.options.nvram.find(other)?.size ?? 0));
+    }
+    return this.options.placement.choose({ size: device.size, medium: this.options.nvram.mediumOf(name) }, avoid, pending);
   }
 
   /**
-   * A claimed primary that is not in sync, whose recorded replica has been out of the
-   * member list for longer than the grace (or that has none), names a new one, with
-   * inSync: false: the old one may not take over any more, the new one only once a resync
-   * has filled it. True when the record changed.
+   * A claimed primary that is not in sync names a new replica, with inSync: false (the old
+   * one may not take over any more, the new one only once a resync has filled it), when
+   *   - it has none;
+   *   - its replica has been out of the member list for longer than the grace;
+   *   - or its replica, a member all the while, could not be brought in sync for stuckMs
+   *     (it refuses, cannot be reached, or has no room): that node is avoided for this
+   *     device for a while.
+   * Never while the primary's own copy is `recovering`: it may lack records that only its
+   * replica holds (a crash lost its journal's tail), and must wait for them. True when
+   * the record changed.
    */
   private async replacePartner(name: string, lease: string, seen: { record: OwnershipRecord }): Promise<boolean> {
     const placement = this.options.placement;
+    const device = this.options.nvram.find(name);
+    if (placement === undefined || device === undefined || device.recovering) return false;
     const old = seen.record.replica;
-    if (placement === undefined || (old !== null && placement.goneForMs(old) <= placement.graceMs)) return false;
-    const next = this.choosePartner(name, new Set(old === null ? [] : [old]));
+    const gone = old === null || placement.goneForMs(old) > placement.graceMs;
+    const stuck = old !== null && Date.now() - (this.syncedAt.get(name) ?? Date.now()) > placement.stuckMs;
+    if (!gone && !stuck) return false;
+    const shunned = this.shunned.get(name) ?? new Map<string, number>();
+    for (const [node, until] of shunned) if (until < Date.now()) shunned.delete(node);
+    const next = this.choosePartner(name, new Set([...(old === null ? [] : [old]), ...shunned.keys()]));
     if (next === undefined) {
       if (!this.unplaced.has(name)) this.options.log.warn({ device: name, replica: old }, 'no other member of the cluster has room for a replica of this mirrored NVRAM device; it stays unmirrored until one has');
       this.unplaced.add(name);
@@ -344,7 +381,13 @@ export class Ownership implements MirrorOwnership {
     const ok = await this.update(name, (r) => (r.primary === this.options.nodeId && r.replica === old ? { ...r, replica: next, inSync: false } : undefined));
     if (!ok) return false;
     if (this.options.keeper.id === lease && this.claims.get(name) === lease) this.outdated.set(name, lease);
-    this.options.log.warn({ device: name, replica: next, before: old }, old === null ? 'the cluster chose a mirror partner for this NVRAM device' : `the mirror partner of this NVRAM device left the cluster; the cluster chose ${next}`);
+    this.syncedAt.set(name, Date.now());
+    if (old !== null && !gone) {
+      shunned.set(old, Date.now() + 10 * placement.stuckMs);
+      this.shunned.set(name, shunned);
+    }
+    const why = old === null ? 'the cluster chose a mirror partner for this NVRAM device' : gone ? `the mirror partner of this NVRAM device left the cluster; the cluster chose ${next}` : `the mirror partner of this NVRAM device could not be brought in sync for ${placement.stuckMs} ms; the cluster chose ${next}`;
+    this.options.log.warn({ device: name, replica: next, before: old }, why);
     return true;
   }
 
@@ -455,6 +498,7 @@ export class Ownership implements MirrorOwnership {
 
   private confirm(name: string, lease: string, record: OwnershipRecord, what: string): void {
     this.claims.set(name, lease);
+    this.syncedAt.set(name, Date.now());
     const level = record.term > 1 && what.startsWith('took over') ? 'warn' : 'info';
     this.options.log[level]({ device: name, term: record.term, lease, replica: record.replica, inSync: record.inSync }, `NVRAM device ${what}`);
   }

@@ -1,7 +1,8 @@
 // Where a node's mirrored NVRAM devices keep their replicas when the cluster chooses
 // (cluster.etcd set, mirror.partner not; issue 14, item 4):
 //
-//   choose   a device's partner is a member with room for it in its `nvram` partition
+//   choose   a device's partner is a member that lets the cluster choose (no
+//            mirror.partner of its own) with room for it in its `nvram` partition
 //            on the device's medium (its record's nvramRoom: idle nvram extents, and what
 //            nvram may grow by from free extents and the cache above its minimum):
 //            one in another zone when there is one, then the one with the most room
@@ -40,15 +41,24 @@ export function roomFor(record: MemberRecord, medium: string): number {
 }
 
 /**
- * The member to hold a replica for a device of this node: one with room for it, in
- * another zone than `self` first (when zones are known), then the most room, then by id
- * (so two nodes looking at the same records choose alike). Undefined when none has room.
+ * The member to hold a replica for a device of this node: one that lets the cluster choose
+ * (a node with mirror.partner set by hand admits only its own partner) and has room for
+ * it, less what `pending` says this node has already named it for; in another zone than
+ * `self` first (when zones are known), then the most room, then by id (so two nodes
+ * looking at the same records choose alike). Undefined when none has room.
  */
-export function choosePartner(records: readonly MemberRecord[], self: { id: string; zone: string | null }, need: PartnerNeed, avoid: ReadonlySet<string> = new Set()): string | undefined {
+export function choosePartner(
+  records: readonly MemberRecord[],
+  self: { id: string; zone: string | null },
+  need: PartnerNeed,
+  avoid: ReadonlySet<string> = new Set(),
+  pending: ReadonlyMap<string, number> = new Map(),
+): string | undefined {
+  const room = (r: MemberRecord): number => roomFor(r, need.medium) - (pending.get(r.id) ?? 0);
   const otherZone = (r: MemberRecord): number => (self.zone !== null && r.zone !== null && r.zone !== self.zone ? 0 : 1);
   const best = records
-    .filter((r) => r.id !== self.id && !avoid.has(r.id) && roomFor(r, need.medium) >= need.size)
-    .sort((a, b) => otherZone(a) - otherZone(b) || roomFor(b, need.medium) - roomFor(a, need.medium) || a.id.localeCompare(b.id))[0];
+    .filter((r) => r.id !== self.id && r.partner === null && !avoid.has(r.id) && room(r) >= need.size)
+    .sort((a, b) => otherZone(a) - otherZone(b) || room(b) - room(a) || a.id.localeCompare(b.id))[0];
   return best?.id;
 }
 
@@ -138,8 +148,8 @@ export class Partners {
   }
 
   /** A partner for a device of this node (choosePartner over the members now); undefined when none has room. */
-  choose(need: PartnerNeed, avoid: ReadonlySet<string> = new Set()): string | undefined {
-    return choosePartner(this.members.records(), { id: this.options.nodeId, zone: this.options.zone }, need, avoid);
+  choose(need: PartnerNeed, avoid: ReadonlySet<string> = new Set(), pending: ReadonlyMap<string, number> = new Map()): string | undefined {
+    return choosePartner(this.members.records(), { id: this.options.nodeId, zone: this.options.zone }, need, avoid, pending);
   }
 }
 

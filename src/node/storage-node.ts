@@ -257,7 +257,7 @@ export class StorageNode {
             : {
                 outdate: (device) => this.ownership?.outdate(device) ?? Promise.reject(new Error('the cluster\'s ownership has not started')),
                 isOutdated: (device) => this.ownership?.isOutdated(device) ?? false,
-                inSync: (device) => { this.ownership?.inSync(device); },
+                inSync: (device, node) => { this.ownership?.inSync(device, node); },
               },
         });
         this.mirroring.start();
@@ -376,7 +376,11 @@ export class StorageNode {
           nodeId: this.nodeId,
           nvram: this.nvram,
           partner: (device) => this.mirroring?.partnerOf(device),
-          placement: partners === undefined ? undefined : { choose: (need, avoid) => partners.choose(need, avoid), goneForMs: (id) => partners.goneForMs(id), graceMs: config.cluster.leaseMs },
+          syncedWith: (device) => this.mirroring?.syncedWith(device),
+          placement:
+            partners === undefined
+              ? undefined
+              : { choose: (need, avoid, pending) => partners.choose(need, avoid, pending), goneForMs: (id) => partners.goneForMs(id), graceMs: config.cluster.leaseMs, stuckMs: 3 * config.cluster.leaseMs },
           resync: (device) => { this.mirroring?.retry(device); },
           log,
         });

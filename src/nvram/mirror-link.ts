@@ -26,6 +26,7 @@ import {
   MSTATUS_NAME,
   decodeName,
   encodeHello,
+  encodeName,
   errorMessage,
   request,
 } from '../protocol/mirror/codec.js';
@@ -55,6 +56,8 @@ export interface MirrorLinkOptions {
   onDown: (why: string) => void;
   /** TLS to the partner (mirror.tls=require): its certificate checked against the CA, this node's presented. */
   tls?: ConnectionOptions | undefined;
+  /** A device to ask STATE of when the link has been idle for half the timeout (none: no probe), so a partner that stopped answering is noticed. */
+  probe?: (() => string | undefined) | undefined;
 }
 
 export class MirrorLink {
@@ -67,6 +70,8 @@ export class MirrorLink {
   private closed: boolean;
   private retryTimer: NodeJS.Timeout | undefined;
   private watchdog: NodeJS.Timeout | undefined;
+  /** When the last request went out (performance.now()). */
+  private lastSent: number;
   /** Partner's node id, once a HELLO was answered. */
   partnerNode: string | undefined;
 
@@ -80,6 +85,7 @@ export class MirrorLink {
     this.closed = false;
     this.retryTimer = undefined;
     this.watchdog = undefined;
+    this.lastSent = 0;
     this.partnerNode = undefined;
   }
 
@@ -120,8 +126,9 @@ export class MirrorLink {
     if (writer === undefined) return Promise.reject(unreachable(this.address, 'not connected'));
     const tag = this.nextTag;
     this.nextTag = this.nextTag >= 0xffffffff ? 1 : this.nextTag + 1;
+    this.lastSent = performance.now();
     return new Promise<LinkReply>((resolve, reject) => {
-      this.pending.set(tag, { op, sentAt: performance.now(), resolve, reject });
+      this.pending.set(tag, { op, sentAt: this.lastSent, resolve, reject });
       writer.write(request(op, tag, body));
     });
   }
@@ -193,6 +200,11 @@ export class MirrorLink {
         this.drop(`no answer to ${MOP_NAME[p.op] ?? p.op} within ${this.options.timeoutMs} ms`);
       }
       break; // in order: the oldest is first
+    }
+    // Idle: a read-only request, whose answer (or its absence) says whether the partner still answers.
+    if (this.upValue && this.pending.size === 0 && now - this.lastSent > this.options.timeoutMs / 2) {
+      const device = this.options.probe?.();
+      if (device !== undefined) void this.raw(MOP.STATE, encodeName(device)).catch(() => undefined);
     }
   }
 

@@ -86,8 +86,8 @@ export interface MirrorOwnership {
   outdate(device: string): Promise<void>;
   /** The replica is recorded as out of date: acknowledging without it is safe. */
   isOutdated(device: string): boolean;
-  /** The replica holds every record again (a resync ended): etcd may let it take over. */
-  inSync(device: string): void;
+  /** The replica on `node` holds every record again (a resync ended): etcd may let it take over, if it is the one the record names. */
+  inSync(device: string, node: string | undefined): void;
 }
 
 /** How often a device's partner is looked up again when the cluster chooses them. */
@@ -186,10 +186,15 @@ export class Mirroring {
     };
   }
 
-  /** The node a device's replica is (or is to be) on: its link's node, as HELLO said or as expected (for the cluster's record). */
+  /** The node a device's replica is to be on: its link's node, as HELLO said or as expected (for a new record where the cluster does not choose). */
   partnerOf(name: string): string | undefined {
-    const link = this.inSync.get(name) ?? this.linkOf(name);
+    const link = this.linkOf(name);
     return link?.partnerNode ?? link?.expectedNode;
+  }
+
+  /** The node a device is in sync with now; undefined when it is not in sync. */
+  syncedWith(name: string): string | undefined {
+    return this.isInSync(name) ? this.inSync.get(name)?.partnerNode : undefined;
   }
 
   /** A resync of `name` when its partner is reachable and it is not in sync (the cluster asks after a takeover or a demotion). */
@@ -259,17 +264,24 @@ export class Mirroring {
         log: this.options.log,
         onUp: (partnerNode) => { this.linkUp(partner.link, partnerNode); },
         onDown: (why) => { this.linkDown(partner.link, why); },
+        // An idle link asks after a device in sync over it: a partner that stopped answering is noticed without appends.
+        probe: () => [...this.inSync].find(([, on]) => on === partner.link)?.[0],
         tls,
       }),
     };
     return partner;
   }
 
-  /** The link a device's replica is on: the partner set by hand, or the one the cluster chose. */
+  /**
+   * The link a device's replica is on: the partner set by hand, or the one the cluster
+   * chose, as the record says now (not as the last refresh saw it: a device whose record
+   * names another replica is at once not in sync with the old one).
+   */
   private linkOf(name: string): MirrorLink | undefined {
     if (this.fixed !== undefined) return this.fixed.link;
-    const node = this.routes.get(name);
-    return node === undefined ? undefined : this.partners.get(node)?.link;
+    const route = this.options.route?.(name);
+    const partner = route === undefined ? undefined : this.partners.get(route.node);
+    return partner?.route !== undefined && route !== undefined && sameRoute(partner.route, route) ? partner.link : undefined;
   }
 
   private isInSync(name: string): boolean {
@@ -497,7 +509,7 @@ export class Mirroring {
       // The device's partner changed meanwhile: this replica is not the one it mirrors to.
       if (this.linkOf(name) !== link) throw new RuntimeError('MS_NVRAM_PARTNER_DOWN', `device ${name}: its partner changed during the resync`);
       this.inSync.set(name, link);
-      this.options.ownership?.inSync(name);
+      this.options.ownership?.inSync(name, link.partnerNode);
       this.resyncs++;
       log.info({ device: name, lastSeq: device.lastSeq, epoch: device.epoch, partner: link.partnerNode ?? link.address }, 'mirror in sync; appends are mirrored again');
     } catch (error) {
