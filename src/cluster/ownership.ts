@@ -86,9 +86,11 @@ export type DeviceOwnership = DeviceOwnershipJson;
 
 /** The cluster's choice of partners (partners.ts), as ownership uses it. */
 export interface Placement {
-  /** `pending`: bytes of replicas this node has named on each member that are not filled yet (its record does not count them). */
-  choose(need: { size: number; medium: string }, avoid: ReadonlySet<string>, pending: ReadonlyMap<string, number>): string | undefined;
+  /** `named`: the replicas this node has named, by device; those a member's record does not list yet count against its room. */
+  choose(need: { size: number; medium: string }, avoid: ReadonlySet<string>, named: ReadonlyMap<string, { node: string; size: number }>): string | undefined;
   goneForMs(id: string): number;
+  /** The node is a member that lets the cluster choose its partners (no mirror.partner by hand). */
+  choosesPartners(id: string): boolean;
   /** A replica out of the member list for longer than this is replaced. */
   graceMs: number;
   /** A replica a claimed primary could not bring in sync for this long, though a member, is replaced too (it refuses, cannot be reached, or has no room). */
@@ -109,8 +111,12 @@ export class Ownership implements MirrorOwnership {
   private readonly unplaced: Set<string>;
   /** When each stale copy here was last looked at for removal. */
   private readonly swept: Map<string, number>;
-  /** When each claimed primary here was last in sync (or claimed, or given a new partner). */
+  /** When each claimed primary here was last in sync, or in a long resync (or claimed, or given a new partner); performance.now(). */
   private readonly syncedAt: Map<string, number>;
+  /** When each device was first seen resyncing in its current resync; performance.now(). */
+  private readonly syncingSince: Map<string, number>;
+  /** Replicas this node has chosen and not yet written in a record (a claim in flight), so choices made together do not all land on one member. */
+  private readonly choosing: Map<string, string>;
   /** Per device, nodes replaced because they could not be brought in sync, and until when they are not chosen again. */
   private readonly shunned: Map<string, Map<string, number>>;
   private watching: Promise<void> | undefined;
@@ -135,6 +141,8 @@ export class Ownership implements MirrorOwnership {
     this.unplaced = new Set();
     this.swept = new Map();
     this.syncedAt = new Map();
+    this.syncingSince = new Map();
+    this.choosing = new Map();
     this.shunned = new Map();
     this.watching = undefined;
     this.relisting = undefined;
@@ -214,7 +222,7 @@ export class Ownership implements MirrorOwnership {
     if (lease === undefined || this.claims.get(device) !== lease || node === undefined) return;
     // From now on, acknowledging without the partner needs a new `outdate`, queued behind this.
     this.outdated.delete(device);
-    this.syncedAt.set(device, Date.now());
+    this.syncedAt.set(device, performance.now());
     void this.serial(device, async () => {
       if (this.options.keeper.id !== lease || this.claims.get(device) !== lease) return;
       const chosen = this.options.placement !== undefined;
@@ -293,8 +301,14 @@ export class Ownership implements MirrorOwnership {
       // at most every RETRY_MS (a resync tried before the claim could not outdate the
       // replica and did not run; after a takeover, the partner is the old primary).
       const mirror = this.options.nvram.find(name)?.info().mirror;
+      // A resync that has run for a second is progress: the replica answers and takes records.
+      if (mirror === 'syncing') {
+        const since = this.syncingSince.get(name) ?? performance.now();
+        this.syncingSince.set(name, since);
+        if (performance.now() - since > 1000) this.syncedAt.set(name, performance.now());
+      } else this.syncingSince.delete(name);
       if (mirror === 'in-sync') {
-        this.syncedAt.set(name, Date.now());
+        this.syncedAt.set(name, performance.now());
         if (seen?.record.inSync === false) this.inSync(name, this.options.syncedWith(name));
       } else if (mirror !== 'syncing' && seen !== undefined && (await this.replacePartner(name, lease, seen))) {
         return;
@@ -309,12 +323,15 @@ export class Ownership implements MirrorOwnership {
     const holderKey = `${recordKey}/holder`;
     const holder = JSON.stringify({ node: me });
     if (seen === undefined) {
-      const record: OwnershipRecord = { format: 1, device: name, term: 1, primary: me, replica: this.choosePartner(name, new Set()) ?? this.options.partner(name) ?? null, inSync: false };
+      const chosen = this.choosePartner(name, new Set());
+      if (chosen !== undefined) this.choosing.set(name, chosen);
+      const record: OwnershipRecord = { format: 1, device: name, term: 1, primary: me, replica: chosen ?? this.options.partner(name) ?? null, inSync: false };
       const result = await client
         .if(recordKey, 'Create', '==', 0)
         .and(holderKey, 'Create', '==', 0)
         .then(client.put(recordKey).value(JSON.stringify(record)), client.put(holderKey).value(holder).lease(lease))
-        .commit();
+        .commit()
+        .finally(() => this.choosing.delete(name));
       if (result.succeeded) {
         this.setRecord(name, record, result.header.revision);
         this.holders.set(name, { node: me, lease, revision: result.header.revision });
@@ -340,13 +357,14 @@ export class Ownership implements MirrorOwnership {
   private choosePartner(name: string, avoid: ReadonlySet<string>): string | undefined {
     const device = this.options.nvram.find(name);
     if (this.options.placement === undefined || device === undefined) return undefined;
-    // Replicas this node named but has not filled yet: their members' records do not count them.
-    const pending = new Map<string, number>();
+    // Every replica this node has named, in records or in claims not yet written: the
+    // placement counts those its member's record does not list yet against its room.
+    const named = new Map<string, { node: string; size: number }>();
     for (const [other, { record }] of this.records) {
-      if (other === name || record.primary !== this.options.nodeId || record.inSync || record.replica === null) continue;
-      pending.set(record.replica, (pending.get(record.replica) ?? 0) + (this.options.nvram.find(other)?.size ?? 0));
+      if (other !== name && record.primary === this.options.nodeId && record.replica !== null) named.set(other, { node: record.replica, size: this.options.nvram.find(other)?.size ?? 0 });
     }
-    return this.options.placement.choose({ size: device.size, medium: this.options.nvram.mediumOf(name) }, avoid, pending);
+    for (const [other, node] of this.choosing) if (other !== name) named.set(other, { node, size: this.options.nvram.find(other)?.size ?? 0 });
+    return this.options.placement.choose({ size: device.size, medium: this.options.nvram.mediumOf(name) }, avoid, named);
   }
 
   /**
@@ -367,23 +385,28 @@ export class Ownership implements MirrorOwnership {
     if (placement === undefined || device === undefined || device.recovering) return false;
     const old = seen.record.replica;
     const gone = old === null || placement.goneForMs(old) > placement.graceMs;
-    const stuck = old !== null && Date.now() - (this.syncedAt.get(name) ?? Date.now()) > placement.stuckMs;
+    const now = performance.now();
+    const stuck = old !== null && now - (this.syncedAt.get(name) ?? now) > placement.stuckMs;
     if (!gone && !stuck) return false;
     const shunned = this.shunned.get(name) ?? new Map<string, number>();
-    for (const [node, until] of shunned) if (until < Date.now()) shunned.delete(node);
+    for (const [node, until] of shunned) if (until < now) shunned.delete(node);
     const next = this.choosePartner(name, new Set([...(old === null ? [] : [old]), ...shunned.keys()]));
     if (next === undefined) {
-      if (!this.unplaced.has(name)) this.options.log.warn({ device: name, replica: old }, 'no other member of the cluster has room for a replica of this mirrored NVRAM device; it stays unmirrored until one has');
+      if (!this.unplaced.has(name)) this.options.log.warn({ device: name, replica: old, avoided: [...shunned.keys()] }, 'no other member of the cluster has room for a replica of this mirrored NVRAM device (or every other one is avoided for it); it stays unmirrored until one has');
       this.unplaced.add(name);
       return false;
     }
     this.unplaced.delete(name);
+    // The old replica may remove its copy once another is named: every record acknowledged
+    // here must be durable here first (a `mirrored` journal is written, not yet synced,
+    // while the partner holds the records).
+    if (device.policy === 'mirrored') await device.syncJournal();
     const ok = await this.update(name, (r) => (r.primary === this.options.nodeId && r.replica === old ? { ...r, replica: next, inSync: false } : undefined));
     if (!ok) return false;
     if (this.options.keeper.id === lease && this.claims.get(name) === lease) this.outdated.set(name, lease);
-    this.syncedAt.set(name, Date.now());
+    this.syncedAt.set(name, performance.now());
     if (old !== null && !gone) {
-      shunned.set(old, Date.now() + 10 * placement.stuckMs);
+      shunned.set(old, now + 10 * placement.stuckMs);
       this.shunned.set(name, shunned);
     }
     const why = old === null ? 'the cluster chose a mirror partner for this NVRAM device' : gone ? `the mirror partner of this NVRAM device left the cluster; the cluster chose ${next}` : `the mirror partner of this NVRAM device could not be brought in sync for ${placement.stuckMs} ms; the cluster chose ${next}`;
@@ -477,6 +500,9 @@ export class Ownership implements MirrorOwnership {
     await this.refresh(name);
     const seen = this.records.get(name);
     if (seen === undefined || seen.record.primary === me || seen.record.replica === null || seen.record.replica === me || this.holders.get(name)?.node !== seen.record.primary) return;
+    // A primary with mirror.partner set by hand fills its partner before its record names
+    // it: the copy may be the one it is filling.
+    if (!this.options.placement.choosesPartners(seen.record.primary)) return;
     const why = `the cluster names ${seen.record.primary} primary and ${seen.record.replica ?? 'no node'} replica (term ${seen.record.term})`;
     if (await this.options.nvram.discardStale(name, resets, why)) this.swept.delete(name);
   }
@@ -498,7 +524,7 @@ export class Ownership implements MirrorOwnership {
 
   private confirm(name: string, lease: string, record: OwnershipRecord, what: string): void {
     this.claims.set(name, lease);
-    this.syncedAt.set(name, Date.now());
+    this.syncedAt.set(name, performance.now());
     const level = record.term > 1 && what.startsWith('took over') ? 'warn' : 'info';
     this.options.log[level]({ device: name, term: record.term, lease, replica: record.replica, inSync: record.inSync }, `NVRAM device ${what}`);
   }

@@ -41,9 +41,21 @@ export function roomFor(record: MemberRecord, medium: string): number {
 }
 
 /**
+ * Bytes of replicas this node has named on `member` (`named`, by device) that its record
+ * does not list yet among its mirrored devices: its nvramRoom does not count them. One it
+ * lists is in its room already (the record lists a device and counts its room in one write).
+ */
+export function pendingOn(member: MemberRecord, named: ReadonlyMap<string, { node: string; size: number }>): number {
+  const listed = new Set(member.mirrored.map((d) => d.name));
+  let bytes = 0;
+  for (const [device, { node, size }] of named) if (node === member.id && !listed.has(device)) bytes += size;
+  return bytes;
+}
+
+/**
  * The member to hold a replica for a device of this node: one that lets the cluster choose
  * (a node with mirror.partner set by hand admits only its own partner) and has room for
- * it, less what `pending` says this node has already named it for; in another zone than
+ * it, less the replicas this node has named there that it does not list yet; in another zone than
  * `self` first (when zones are known), then the most room, then by id (so two nodes
  * looking at the same records choose alike). Undefined when none has room.
  */
@@ -52,9 +64,9 @@ export function choosePartner(
   self: { id: string; zone: string | null },
   need: PartnerNeed,
   avoid: ReadonlySet<string> = new Set(),
-  pending: ReadonlyMap<string, number> = new Map(),
+  named: ReadonlyMap<string, { node: string; size: number }> = new Map(),
 ): string | undefined {
-  const room = (r: MemberRecord): number => roomFor(r, need.medium) - (pending.get(r.id) ?? 0);
+  const room = (r: MemberRecord): number => roomFor(r, need.medium) - pendingOn(r, named);
   const otherZone = (r: MemberRecord): number => (self.zone !== null && r.zone !== null && r.zone !== self.zone ? 0 : 1);
   const best = records
     .filter((r) => r.id !== self.id && r.partner === null && !avoid.has(r.id) && room(r) >= need.size)
@@ -148,8 +160,13 @@ export class Partners {
   }
 
   /** A partner for a device of this node (choosePartner over the members now); undefined when none has room. */
-  choose(need: PartnerNeed, avoid: ReadonlySet<string> = new Set(), pending: ReadonlyMap<string, number> = new Map()): string | undefined {
-    return choosePartner(this.members.records(), { id: this.options.nodeId, zone: this.options.zone }, need, avoid, pending);
+  choose(need: PartnerNeed, avoid: ReadonlySet<string> = new Set(), named: ReadonlyMap<string, { node: string; size: number }> = new Map()): string | undefined {
+    return choosePartner(this.members.records(), { id: this.options.nodeId, zone: this.options.zone }, need, avoid, named);
+  }
+
+  /** `id` is a member that lets the cluster choose its partners (its record names no partner set by hand). */
+  choosesPartners(id: string): boolean {
+    return this.members.get(id)?.partner === null;
   }
 }
 

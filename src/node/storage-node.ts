@@ -380,7 +380,13 @@ export class StorageNode {
           placement:
             partners === undefined
               ? undefined
-              : { choose: (need, avoid, pending) => partners.choose(need, avoid, pending), goneForMs: (id) => partners.goneForMs(id), graceMs: config.cluster.leaseMs, stuckMs: 3 * config.cluster.leaseMs },
+              : {
+                  choose: (need, avoid, named) => partners.choose(need, avoid, named),
+                  goneForMs: (id) => partners.goneForMs(id),
+                  choosesPartners: (id) => partners.choosesPartners(id),
+                  graceMs: config.cluster.leaseMs,
+                  stuckMs: 3 * config.cluster.leaseMs,
+                },
           resync: (device) => { this.mirroring?.retry(device); },
           log,
         });

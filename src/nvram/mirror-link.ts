@@ -58,6 +58,8 @@ export interface MirrorLinkOptions {
   tls?: ConnectionOptions | undefined;
   /** A device to ask STATE of when the link has been idle for half the timeout (none: no probe), so a partner that stopped answering is noticed. */
   probe?: (() => string | undefined) | undefined;
+  /** The partner's answer to a probe: what it holds of that device. */
+  onProbe?: ((device: string, reply: LinkReply) => void) | undefined;
 }
 
 export class MirrorLink {
@@ -204,7 +206,12 @@ export class MirrorLink {
     // Idle: a read-only request, whose answer (or its absence) says whether the partner still answers.
     if (this.upValue && this.pending.size === 0 && now - this.lastSent > this.options.timeoutMs / 2) {
       const device = this.options.probe?.();
-      if (device !== undefined) void this.raw(MOP.STATE, encodeName(device)).catch(() => undefined);
+      if (device !== undefined) {
+        void this.raw(MOP.STATE, encodeName(device)).then(
+          (reply) => { this.options.onProbe?.(device, reply); },
+          () => undefined,
+        );
+      }
     }
   }
 

@@ -266,10 +266,26 @@ export class Mirroring {
         onDown: (why) => { this.linkDown(partner.link, why); },
         // An idle link asks after a device in sync over it: a partner that stopped answering is noticed without appends.
         probe: () => [...this.inSync].find(([, on]) => on === partner.link)?.[0],
+        onProbe: (device, reply) => { this.probed(partner.link, device, reply); },
         tls,
       }),
     };
     return partner;
+  }
+
+  /** An idle probe's answer: a partner that no longer holds the replica (removed there, or reset) is not in sync any more. */
+  private probed(link: MirrorLink, name: string, reply: LinkReply): void {
+    if (reply.status !== MSTATUS.OK || this.inSync.get(name) !== link) return;
+    let theirs: DeviceState | undefined;
+    try {
+      theirs = decodeState(reply.body);
+    } catch {
+      return;
+    }
+    const device = this.options.nvram.find(name);
+    if (theirs?.role === 'replica' || device === undefined) return;
+    this.lostPartner([name], 'the partner no longer holds the replica', link);
+    if (link.up && device.role === 'primary') void this.resync(device);
   }
 
   /**

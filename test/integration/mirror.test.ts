@@ -204,6 +204,20 @@ test('a mirrored primary that lost records in a crash waits for its partner, the
   assert.ok(again.logs.some((l) => l.msg === 'took records from the mirror partner that this node lost in a crash'));
 });
 
+test('a replica removed on the partner while the device is idle: the primary\'s idle probe finds it gone and fills it again', async (t) => {
+  const { a, b } = await mirroredPair(t);
+  const writer = await RmemClient.connect({ ...a.rmem, serverId: 'idle', reconnect: false, timeoutMs: 5000 });
+  t.after(() => writer.close());
+  const journal = await writer.journalOpen('m', 1);
+  for (let i = 0; i < 20; i++) await writer.journalAppend(journal, [{ payload: Buffer.from(`idle ${i}`) }]);
+  const removed = await fetch(`${b.url}/v1/nvram/m`, { method: 'DELETE' });
+  assert.ok(removed.ok, await removed.text());
+  // No append comes: only the probe can tell the primary its replica is gone.
+  await until('the replica is back on the partner with every record', () => nvramDevice(b, 'm'), (d) => d?.role === 'replica' && d.records === 20, 10_000);
+  assert.ok(a.logs.some((l) => l.why === 'the partner no longer holds the replica'));
+  assert.equal((await nvramDevice(a, 'm'))?.mirror, 'in-sync');
+});
+
 test('the mirror service refuses bad input with coded statuses and keeps serving', async (t) => {
   const dir = await tempDir(t);
   const n = await startNode({ cwd: dir, args: ['--set', 'mirror.token=s3cret'] });

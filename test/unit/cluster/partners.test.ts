@@ -42,8 +42,12 @@ test('another zone before more room; then the most room; never itself, an avoide
   assert.equal(choosePartner(members, self, { size: MiB, medium: 'flash' }), undefined, 'no member has the medium');
   // No zones known: the most room.
   assert.equal(choosePartner(members, { id: 'a', zone: null }, need), 'b');
-  // Replicas this node named on b but has not filled yet count against b's room.
-  assert.equal(choosePartner(members, { id: 'a', zone: null }, need, new Set(), new Map([['b', 495 * MiB]])), 'd');
+  // Replicas this node named on b that b's record does not list yet count against b's room;
+  // one it lists is in its room already.
+  const named = new Map([['x1', { node: 'b', size: 495 * MiB }]]);
+  assert.equal(choosePartner(members, { id: 'a', zone: null }, need, new Set(), named), 'd');
+  const listing = members.map((m) => (m.id === 'b' ? { ...m, mirrored: [{ name: 'x1', policy: 'mirrored', size: 495 * MiB, role: 'replica', epoch: 0, state: 'ready' }] } : m));
+  assert.equal(choosePartner(listing, { id: 'a', zone: null }, need, new Set(), named), 'b');
   // A node with mirror.partner set by hand admits only its own partner: never chosen.
   const handSet = { ...member('h', 'z9', { dram: 900 * MiB }), partner: '10.0.0.9:10811' };
   assert.equal(choosePartner([...members, handSet], self, need), 'd');
@@ -56,15 +60,15 @@ test('another zone before more room; then the most room; never itself, an avoide
 test('properties: a partner exists whenever one fits; it fits; it is in another zone whenever one that fits is; it has the most room of those', () => {
   const arbMember = fc.record({ id: fc.constantFrom('a', 'b', 'c', 'd', 'e', 'f'), zone: fc.option(fc.constantFrom('z1', 'z2', 'z3'), { nil: null }), room: fc.integer({ min: 0, max: 64 }) });
   fc.assert(
-    fc.property(fc.uniqueArray(arbMember, { selector: (m) => m.id, maxLength: 6 }), fc.option(fc.constantFrom('z1', 'z2'), { nil: null }), fc.integer({ min: 0, max: 64 }), fc.subarray(['b', 'c']), fc.dictionary(fc.constantFrom('b', 'c', 'd'), fc.integer({ min: 0, max: 32 })), (raw0, zone, size, avoided, named) => {
-      const pending = new Map(Object.entries(named).map(([id, mib]) => [id, mib * MiB]));
+    fc.property(fc.uniqueArray(arbMember, { selector: (m) => m.id, maxLength: 6 }), fc.option(fc.constantFrom('z1', 'z2'), { nil: null }), fc.integer({ min: 0, max: 64 }), fc.subarray(['b', 'c']), fc.array(fc.record({ node: fc.constantFrom('b', 'c', 'd'), mib: fc.integer({ min: 0, max: 16 }) }), { maxLength: 4 }), (raw0, zone, size, avoided, choices) => {
+      const named = new Map(choices.map((c, i) => [`dev${i}`, { node: c.node, size: c.mib * MiB }]));
       // Room as the chooser must see it: the record's, less what it already named there.
-      const raw = raw0.map((m) => ({ ...m, left: m.room - (named[m.id] ?? 0) }));
+      const raw = raw0.map((m) => ({ ...m, left: m.room - choices.filter((c) => c.node === m.id).reduce((sum, c) => sum + c.mib, 0) }));
       const members = raw.map((m) => member(m.id, m.zone, { dram: m.room * MiB }));
       const self = { id: 'a', zone };
       const avoid = new Set(avoided);
       const fits = raw.filter((m) => m.id !== 'a' && !avoid.has(m.id) && m.left * MiB >= size * MiB);
-      const chosen = choosePartner(members, self, { size: size * MiB, medium: 'dram' }, avoid, pending);
+      const chosen = choosePartner(members, self, { size: size * MiB, medium: 'dram' }, avoid, named);
       if (fits.length === 0) return chosen === undefined;
       const pick = fits.find((m) => m.id === chosen);
       if (pick === undefined) return false;
