@@ -131,6 +131,16 @@ test('a second node on the same data directory is refused; a restart after kill 
   assert.equal(await restarted.stop('SIGINT'), 0);
 });
 
+test('Ctrl-C on npm start delivers SIGINT twice (the terminal, then npm): the node drains once and exits 0', async (t) => {
+  const node = await startNode({ cwd: await tempDir(t) });
+  t.after(() => node.stop('SIGKILL'));
+  node.proc.kill('SIGINT');
+  node.proc.kill('SIGINT');
+  assert.equal(await node.stop('SIGINT'), 0);
+  assert.ok(node.logs.some((l) => l.msg === 'node stopped'), 'it stopped in order');
+  assert.equal(node.logs.some((l) => l.msg === 'second signal while stopping: exiting without draining'), false);
+});
+
 test('a damaged node-id file stops start-up with MS_NODE_ID_INVALID naming the file, and nothing is written through a node-id symlink', async (t) => {
   // Review finding: a 300-character id was accepted (and then no rmem HELLO could be
   // encoded), and the file was written with a plain writeFile that follows a symlink.
