@@ -11,63 +11,29 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { MultipathJournal, RmemClient } from '../../src/client/index.js';
 import { openEtcd } from '../../src/client/etcd.js';
-import type { ClusterJson } from '../../src/protocol/admin/api.js';
 import { journalKeeping } from '../support/faults.js';
 import { missingEtcd, startEtcd, type EtcdProcess } from '../support/etcd.js';
 import { appenders, checkExactlyOnce, readAll } from '../support/journal-load.js';
-import { startNode, tempDir, type NodeProcess } from '../support/node-process.js';
+import { tempDir, type NodeProcess } from '../support/node-process.js';
+import { LEASE_S, clusterMember, createMirrored, memberIds, ownershipReader } from '../support/cluster-nodes.js';
 import { nvramDevice, until } from '../support/nvram-probe.js';
 
 type Ctx = { after(fn: () => unknown): void };
-const LEASE_S = 2;
 
-interface Ownership {
-  term: number;
-  primary: string;
-  replica: string | null;
-  inSync: boolean;
-}
-
-async function member(t: Ctx, etcd: EtcdProcess, id: string, zone: string, dir: string, extra: readonly string[] = []): Promise<NodeProcess> {
-  const node = await startNode({
-    cwd: dir,
-    args: ['--node-id', id, '--etcd', etcd.url, '--zone', zone, '--set', `cluster.lease=${LEASE_S}s`, '--set', 'cluster.name=pf', '--set', 'mirror.timeout=500ms', '--dram-size', '128MiB', ...extra],
-  });
-  t.after(async () => {
-    node.proc.kill('SIGCONT');
-    await node.stop('SIGKILL');
-  });
-  return node;
-}
-
-async function create(node: NodeProcess, name: string, size: string): Promise<void> {
-  const response = await fetch(`${node.url}/v1/nvram`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name, size, policy: 'mirrored' }) });
-  assert.equal(response.status, 201, await response.text());
-}
-
-async function members(n: NodeProcess): Promise<string[]> {
-  return ((await (await fetch(`${n.url}/v1/cluster`)).json()) as ClusterJson).members.map((m) => m.id).sort();
-}
-
-function recordOf(t: Ctx, etcd: EtcdProcess) {
-  const client = openEtcd({ endpoints: [etcd.url] });
-  t.after(() => client.close());
-  return async (device: string): Promise<Ownership | undefined> => {
-    const text = await client.get(`/memstrata/pf/nvram/${device}`).string();
-    return text === null ? undefined : (JSON.parse(text) as Ownership);
-  };
+function member(t: Ctx, etcd: EtcdProcess, id: string, zone: string, dir: string, extra: readonly string[] = []): Promise<NodeProcess> {
+  return clusterMember(t, etcd, { cluster: 'pf', id, zone, dir, extra });
 }
 
 test('a primary that lost acknowledged records in a crash, its replica away for longer than a lease, does not replace it: it waits, and serves every record once the replica is back', async (t) => {
   if (missingEtcd() !== undefined) return t.skip('etcd-server is not installed');
   const etcd = await startEtcd(t);
-  const record = recordOf(t, etcd);
+  const record = ownershipReader(t, etcd, 'pf');
   const [dirA, dirB, dirC] = [await tempDir(t), await tempDir(t), await tempDir(t)];
   const a = await member(t, etcd, 'node-a', 'z1', dirA);
   const b = await member(t, etcd, 'node-b', 'z2', dirB);
   const c = await member(t, etcd, 'node-c', 'z1', dirC);
-  await until('three members', () => members(a), (ids) => ids.length === 3);
-  await create(a, 'm', '4MiB');
+  await until('three members', () => memberIds(a), (ids) => ids.length === 3);
+  await createMirrored(a, 'm', '4MiB');
   await until('m in sync on node-b', () => record('m'), (r) => r?.primary === 'node-a' && r.replica === 'node-b' && r.inSync);
   await until('primary in sync', () => nvramDevice(a, 'm'), (d) => d?.mirror === 'in-sync');
 
@@ -104,14 +70,14 @@ test('a primary that lost acknowledged records in a crash, its replica away for 
 test('two devices made within a second, room on each of two members for one of them: both are mirrored', async (t) => {
   if (missingEtcd() !== undefined) return t.skip('etcd-server is not installed');
   const etcd = await startEtcd(t);
-  const record = recordOf(t, etcd);
+  const record = ownershipReader(t, etcd, 'pf');
   const a = await member(t, etcd, 'node-a', 'z1', await tempDir(t), ['--dram-size', '256MiB']);
   // b and c in the other zone: b has room for one 32 MiB replica (40 MiB), c for one too (36 MiB).
   const b = await member(t, etcd, 'node-b', 'z2', await tempDir(t), ['--set', 'partition.dram.nvram.max=40MiB']);
   const c = await member(t, etcd, 'node-c', 'z2', await tempDir(t), ['--set', 'partition.dram.nvram.max=36MiB']);
-  await until('three members', () => members(a), (ids) => ids.length === 3);
-  await create(a, 'm1', '32MiB');
-  await create(a, 'm2', '32MiB');
+  await until('three members', () => memberIds(a), (ids) => ids.length === 3);
+  await createMirrored(a, 'm1', '32MiB');
+  await createMirrored(a, 'm2', '32MiB');
   await until('both mirrored', async () => [await record('m1'), await record('m2')], (rs) => rs.every((r) => r?.inSync === true), 40_000);
   const replicas = [(await record('m1'))?.replica, (await record('m2'))?.replica].sort();
   assert.deepEqual(replicas, ['node-b', 'node-c'], 'one on each');
@@ -124,13 +90,13 @@ test('two devices made within a second, room on each of two members for one of t
 test('a member with mirror.partner set by hand is never chosen, though it has the most room in another zone', async (t) => {
   if (missingEtcd() !== undefined) return t.skip('etcd-server is not installed');
   const etcd = await startEtcd(t);
-  const record = recordOf(t, etcd);
+  const record = ownershipReader(t, etcd, 'pf');
   const a = await member(t, etcd, 'node-a', 'z1', await tempDir(t));
   const x = await member(t, etcd, 'node-x', 'z1', await tempDir(t));
   // h mirrors by hand to x (as docs/cluster.md allows: "A mix works for mirroring"), in the other zone, with the most room.
   const h = await member(t, etcd, 'node-h', 'z2', await tempDir(t), ['--dram-size', '512MiB', '--mirror-partner', `${x.mirror.host}:${x.mirror.port}`, '--set', 'mirror.partnerId=node-x']);
-  await until('three members', () => members(a), (ids) => ids.length === 3);
-  await create(a, 'm', '4MiB');
+  await until('three members', () => memberIds(a), (ids) => ids.length === 3);
+  await createMirrored(a, 'm', '4MiB');
   await until('m mirrored', () => record('m'), (r) => r?.inSync === true, 20_000);
   assert.equal((await record('m'))?.replica, 'node-x');
   assert.equal(await nvramDevice(h, 'm'), undefined);
@@ -140,10 +106,10 @@ test('a member with mirror.partner set by hand is never chosen, though it has th
 test('a member record whose mirror address leads nowhere, with the most room: the replica it cannot take goes to another member', async (t) => {
   if (missingEtcd() !== undefined) return t.skip('etcd-server is not installed');
   const etcd = await startEtcd(t);
-  const record = recordOf(t, etcd);
+  const record = ownershipReader(t, etcd, 'pf');
   const a = await member(t, etcd, 'node-a', 'z1', await tempDir(t));
   const b = await member(t, etcd, 'node-b', 'z2', await tempDir(t));
-  await until('two members', () => members(a), (ids) => ids.length === 2);
+  await until('two members', () => memberIds(a), (ids) => ids.length === 2);
   const client = openEtcd({ endpoints: [etcd.url] });
   t.after(() => client.close());
   const real = JSON.parse((await client.get('/memstrata/pf/nodes/node-b').string()) ?? '{}') as Record<string, unknown> & { capacity: { nvramRoom?: number }[]; services: Record<string, string> };
@@ -151,8 +117,8 @@ test('a member record whose mirror address leads nowhere, with the most room: th
   const lease = client.lease(10);
   t.after(() => lease.revoke().catch(() => undefined));
   await lease.put('/memstrata/pf/nodes/node-ghost').value(JSON.stringify(ghost));
-  await until('ghost is a member', () => members(a), (ids) => ids.includes('node-ghost'));
-  await create(a, 'm', '4MiB');
+  await until('ghost is a member', () => memberIds(a), (ids) => ids.includes('node-ghost'));
+  await createMirrored(a, 'm', '4MiB');
   await until('the ghost is named first', () => record('m'), (r) => r?.replica === 'node-ghost');
   // A member all along, it cannot be brought in sync: after 3 leases the cluster names node-b.
   await until('m mirrored on node-b', () => record('m'), (r) => r?.replica === 'node-b' && r.inSync, 30_000);
@@ -163,14 +129,14 @@ test('a member record whose mirror address leads nowhere, with the most room: th
 test('an idle device whose replica hangs (SIGSTOP, no reset): the link notices, and once the replica has left the members the cluster names another', async (t) => {
   if (missingEtcd() !== undefined) return t.skip('etcd-server is not installed');
   const etcd = await startEtcd(t);
-  const record = recordOf(t, etcd);
+  const record = ownershipReader(t, etcd, 'pf');
   const a = await member(t, etcd, 'node-a', 'z1', await tempDir(t));
   const b = await member(t, etcd, 'node-b', 'z2', await tempDir(t), ['--dram-size', '256MiB']);
-  await until('two members', () => members(a), (ids) => ids.length === 2);
-  await create(a, 'm', '4MiB');
+  await until('two members', () => memberIds(a), (ids) => ids.length === 2);
+  await createMirrored(a, 'm', '4MiB');
   await until('m in sync on node-b', () => record('m'), (r) => r?.replica === 'node-b' && r.inSync);
   const x = await member(t, etcd, 'node-x', 'z2', await tempDir(t));
-  await until('x is a member', () => members(a), (ids) => ids.includes('node-x'));
+  await until('x is a member', () => memberIds(a), (ids) => ids.includes('node-x'));
   b.proc.kill('SIGSTOP');
   // No append comes: the link's idle probe finds node-b silent, and the device degrades.
   await until('node-a notices', () => nvramDevice(a, 'm'), (d) => d?.mirror === 'degraded', 10_000);
@@ -181,13 +147,13 @@ test('an idle device whose replica hangs (SIGSTOP, no reset): the link notices, 
 test('etcd compacted and restarted three times under load: every node stays up, the devices are in sync again, every acknowledged record once', async (t) => {
   if (missingEtcd() !== undefined) return t.skip('etcd-server is not installed');
   const etcd = await startEtcd(t);
-  const record = recordOf(t, etcd);
+  const record = ownershipReader(t, etcd, 'pf');
   const a = await member(t, etcd, 'node-a', 'z1', await tempDir(t));
   const b = await member(t, etcd, 'node-b', 'z2', await tempDir(t));
   const c = await member(t, etcd, 'node-c', 'z3', await tempDir(t));
-  await until('three members', () => members(a), (ids) => ids.length === 3);
-  await create(a, 'ma', '32MiB');
-  await create(b, 'mb', '32MiB');
+  await until('three members', () => memberIds(a), (ids) => ids.length === 3);
+  await createMirrored(a, 'ma', '32MiB');
+  await createMirrored(b, 'mb', '32MiB');
   await until('ma in sync', () => record('ma'), (r) => r?.inSync === true);
   await until('mb in sync', () => record('mb'), (r) => r?.inSync === true);
   const journal = await MultipathJournal.open({ device: 'ma', serverId: 'chaos', epoch: 1, paths: [{ name: 'a', ...a.rmem }, { name: 'b', ...b.rmem }, { name: 'c', ...c.rmem }], timeoutMs: 1000, failoverTimeoutMs: 30_000 });

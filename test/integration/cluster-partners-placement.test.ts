@@ -8,9 +8,9 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { RmemClient } from '../../src/client/index.js';
 import { openEtcd } from '../../src/client/etcd.js';
-import type { ClusterJson } from '../../src/protocol/admin/api.js';
 import { missingEtcd, startEtcd, type EtcdProcess } from '../support/etcd.js';
-import { startNode, tempDir, type NodeProcess } from '../support/node-process.js';
+import { tempDir, type NodeProcess } from '../support/node-process.js';
+import { clusterMember, createMirrored, memberIds, ownershipReader } from '../support/cluster-nodes.js';
 import { nvramDevice, until } from '../support/nvram-probe.js';
 import { connect, createServer } from 'node:net';
 import { MIRROR_VERSION, MOP, encodeHello, request } from '../../src/protocol/mirror/codec.js';
@@ -37,56 +37,20 @@ async function throttle(t: Ctx, target: { host: string; port: number }, rate: nu
 }
 
 type Ctx = { after(fn: () => unknown): void };
-const LEASE_S = 2;
 
-interface Ownership {
-  term: number;
-  primary: string;
-  replica: string | null;
-  inSync: boolean;
+function member(t: Ctx, etcd: EtcdProcess, id: string, zone: string, dir: string, extra: readonly string[] = []): Promise<NodeProcess> {
+  return clusterMember(t, etcd, { cluster: 'pp', id, zone, dir, extra });
 }
 
-async function member(t: Ctx, etcd: EtcdProcess, id: string, zone: string, dir: string, extra: readonly string[] = []): Promise<NodeProcess> {
-  const node = await startNode({
-    cwd: dir,
-    args: ['--node-id', id, '--etcd', etcd.url, '--zone', zone, '--set', `cluster.lease=${LEASE_S}s`, '--set', 'cluster.name=pp', '--set', 'mirror.timeout=500ms', '--dram-size', '128MiB', ...extra],
-  });
-  t.after(async () => {
-    node.proc.kill('SIGCONT');
-    await node.stop('SIGKILL');
-  });
-  return node;
-}
-
-async function create(node: NodeProcess, name: string, size: string): Promise<void> {
-  const response = await fetch(`${node.url}/v1/nvram`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name, size, policy: 'mirrored' }) });
-  assert.equal(response.status, 201, await response.text());
-}
-
-async function members(n: NodeProcess): Promise<string[]> {
-  return ((await (await fetch(`${n.url}/v1/cluster`)).json()) as ClusterJson).members.map((m) => m.id).sort();
-}
-
-function recordOf(t: Ctx, etcd: EtcdProcess) {
-  const client = openEtcd({ endpoints: [etcd.url] });
-  t.after(() => client.close());
-  return async (device: string): Promise<Ownership | undefined> => {
-    const text = await client.get(`/memstrata/pp/nvram/${device}`).string();
-    return text === null ? undefined : (JSON.parse(text) as Ownership);
-  };
-}
-
-// Two devices that exist at the same tick are claimed in one pass: the second choice must
-// count the first, whose record is not written yet.
 test('two devices made back to back, room on each of two members for one: each is first named on a member with room for it', async (t) => {
   if (missingEtcd() !== undefined) return t.skip('etcd-server is not installed');
   const etcd = await startEtcd(t);
-  const record = recordOf(t, etcd);
+  const record = ownershipReader(t, etcd, 'pp');
   const a = await member(t, etcd, 'node-a', 'z1', await tempDir(t), ['--dram-size', '256MiB']);
   const b = await member(t, etcd, 'node-b', 'z2', await tempDir(t), ['--set', 'partition.dram.nvram.max=40MiB']);
   const c = await member(t, etcd, 'node-c', 'z2', await tempDir(t), ['--set', 'partition.dram.nvram.max=36MiB']);
-  await until('three members', () => members(a), (ids) => ids.length === 3);
-  await Promise.all([create(a, 'm1', '32MiB'), create(a, 'm2', '32MiB')]);
+  await until('three members', () => memberIds(a), (ids) => ids.length === 3);
+  await Promise.all([createMirrored(a, 'm1', '32MiB'), createMirrored(a, 'm2', '32MiB')]);
   const first = new Map<string, string | null>();
   await until('both records exist', async () => {
     for (const d of ['m1', 'm2']) {
@@ -106,13 +70,13 @@ test('two devices made back to back, room on each of two members for one: each i
 test('a primary with mirror.partner set by hand, pointed at a new partner that lets the cluster choose: the copy it fills there stays, and the device is in sync', async (t) => {
   if (missingEtcd() !== undefined) return t.skip('etcd-server is not installed');
   const etcd = await startEtcd(t);
-  const record = recordOf(t, etcd);
+  const record = ownershipReader(t, etcd, 'pp');
   const x = await member(t, etcd, 'node-x', 'z2', await tempDir(t));
   const z = await member(t, etcd, 'node-z', 'z3', await tempDir(t));
   const dirH = await tempDir(t);
   const h = await member(t, etcd, 'node-h', 'z1', dirH, ['--mirror-partner', `${x.mirror.host}:${x.mirror.port}`, '--set', 'mirror.partnerId=node-x']);
-  await until('three members', () => members(h), (ids) => ids.length === 3);
-  await create(h, 'm', '64MiB');
+  await until('three members', () => memberIds(h), (ids) => ids.length === 3);
+  await createMirrored(h, 'm', '64MiB');
   await until('m in sync on node-x', () => record('m'), (r) => r?.replica === 'node-x' && r.inSync);
   const w = await RmemClient.connect({ ...h.rmem, serverId: 'app', reconnect: false, timeoutMs: 5000 });
   const j = await w.journalOpen('m', 1);
@@ -143,12 +107,12 @@ test('a primary with mirror.partner set by hand, pointed at a new partner that l
 test('a replica out of date for a moment is not counted twice against its member: a new device still goes to the other zone', async (t) => {
   if (missingEtcd() !== undefined) return t.skip('etcd-server is not installed');
   const etcd = await startEtcd(t);
-  const record = recordOf(t, etcd);
+  const record = ownershipReader(t, etcd, 'pp');
   const a = await member(t, etcd, 'node-a', 'z1', await tempDir(t), ['--dram-size', '256MiB']);
   const b = await member(t, etcd, 'node-b', 'z2', await tempDir(t), ['--set', 'partition.dram.nvram.max=80MiB']);
   await member(t, etcd, 'node-c', 'z1', await tempDir(t), ['--dram-size', '256MiB']);
-  await until('three members', () => members(a), (ids) => ids.length === 3);
-  await create(a, 'm1', '32MiB');
+  await until('three members', () => memberIds(a), (ids) => ids.length === 3);
+  await createMirrored(a, 'm1', '32MiB');
   await until('m1 in sync on node-b', () => record('m1'), (r) => r?.replica === 'node-b' && r.inSync);
   const client = openEtcd({ endpoints: [etcd.url] });
   t.after(() => client.close());
@@ -173,7 +137,7 @@ test('a replica out of date for a moment is not counted twice against its member
     }
   })();
   await until('m1 out of date', () => record('m1'), (r) => r?.inSync === false, 10_000);
-  await create(a, 'm2', '32MiB');
+  await createMirrored(a, 'm2', '32MiB');
   const m2 = await until('m2 has a record', () => record('m2'), (r) => r !== undefined, 10_000);
   kicking = false;
   await kicker;

@@ -8,35 +8,21 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { MultipathJournal, RmemClient } from '../../src/client/index.js';
-import { openEtcd } from '../../src/client/etcd.js';
-import type { ClusterJson, NodeInfo } from '../../src/protocol/admin/api.js';
+import type { NodeInfo } from '../../src/protocol/admin/api.js';
 import { missingEtcd, startEtcd, type EtcdProcess } from '../support/etcd.js';
 import { appenders, checkExactlyOnce, readAll } from '../support/journal-load.js';
 import { runCli, startNode, tempDir, type NodeProcess } from '../support/node-process.js';
+import { clusterMember, createMirrored, memberIds, ownershipReader } from '../support/cluster-nodes.js';
 import { nvramDevice, until } from '../support/nvram-probe.js';
 
 type Ctx = { after(fn: () => unknown): void };
-const LEASE_S = 2;
 
-interface Ownership {
-  term: number;
-  primary: string;
-  replica: string | null;
-  inSync: boolean;
+function member(t: Ctx, etcd: EtcdProcess, id: string, zone: string, dram: string, dir?: string): Promise<NodeProcess> {
+  return clusterMember(t, etcd, { cluster: 'pc', id, zone, dram, ...(dir === undefined ? {} : { dir }) });
 }
 
-async function member(t: Ctx, etcd: EtcdProcess, id: string, zone: string, dram: string, dir?: string): Promise<NodeProcess> {
-  const node = await startNode({
-    cwd: dir ?? (await tempDir(t)),
-    args: ['--node-id', id, '--etcd', etcd.url, '--zone', zone, '--set', `cluster.lease=${LEASE_S}s`, '--set', 'cluster.name=pc', '--set', 'mirror.timeout=500ms', '--dram-size', dram],
-  });
-  t.after(() => node.stop('SIGKILL'));
-  return node;
-}
-
-async function create(node: NodeProcess, name: string): Promise<void> {
-  const response = await fetch(`${node.url}/v1/nvram`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name, size: '32MiB', policy: 'mirrored' }) });
-  assert.equal(response.status, 201, await response.text());
+function create(node: NodeProcess, name: string): Promise<void> {
+  return createMirrored(node, name, '32MiB');
 }
 
 test('the cluster chooses mirror partners: another zone first, then the most room; a replica lost for good is replaced and filled, its old copy removed when it returns; the device then survives its primary', async (t) => {
@@ -47,13 +33,8 @@ test('the cluster chooses mirror partners: another zone first, then the most roo
   const b = await member(t, etcd, 'node-b', 'z1', '384MiB');
   const dirC = await tempDir(t);
   const c = await member(t, etcd, 'node-c', 'z2', '128MiB', dirC);
-  const client = openEtcd({ endpoints: [etcd.url] });
-  t.after(() => client.close());
-  const record = async (device: string): Promise<Ownership | undefined> => {
-    const text = await client.get(`/memstrata/pc/nvram/${device}`).string();
-    return text === null ? undefined : (JSON.parse(text) as Ownership);
-  };
-  for (const n of [a, c]) await until('three members', async () => ((await (await fetch(`${n.url}/v1/cluster`)).json()) as ClusterJson).members.length, (count) => count === 3);
+  const record = ownershipReader(t, etcd, 'pc');
+  for (const n of [a, c]) await until('three members', () => memberIds(n), (ids) => ids.length === 3);
 
   // a's device: c, in the other zone, although b has more room. c's device: a and b are
   // both in another zone; b has more room.
