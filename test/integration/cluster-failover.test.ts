@@ -13,6 +13,7 @@ import { missingEtcd, startEtcd, type EtcdProcess } from '../support/etcd.js';
 import { appenders, checkExactlyOnce, readAll } from '../support/journal-load.js';
 import { freePort, startNode, tempDir, type NodeProcess } from '../support/node-process.js';
 import { nvramDevice, until } from '../support/nvram-probe.js';
+import { memberIds } from '../support/cluster-nodes.js';
 
 type Ctx = { after(fn: () => unknown): void };
 
@@ -59,7 +60,7 @@ async function pair(t: Ctx, size = '8MiB', setByHand = false): Promise<Pair> {
   const a = await startA();
   const b = await startB();
   // The cluster chooses among the members a sees: b must be one before the device is made.
-  if (!setByHand) await until('node b is a member', async () => ((await (await fetch(`${a.url}/v1/cluster`)).json()) as ClusterJson).members.map((m) => m.id), (ids) => ids.includes('node-b'));
+  if (!setByHand) await until('node b is a member', () => memberIds(a), (ids) => ids.includes('node-b'));
   const response = await fetch(`${a.url}/v1/nvram`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name: 'm', size, policy: 'mirrored' }) });
   assert.equal(response.status, 201, await response.text());
   const client = openEtcd({ endpoints: [etcd.url] });
