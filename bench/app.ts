@@ -11,10 +11,13 @@
 // fdatasync into a FLUSH through nbdfuse), so the write log's promise shows here: a
 // commit costs one journal sync, not one per write.
 //
+// Then, to show where a commit's time goes, each kind of request alone against each
+// server (libnbd from the same Python; that table is skipped without its module).
+//
 // Needs root (losetup, mount), nbdfuse, mkfs.ext4, nbdkit, and Debian's /usr/bin/python3
 // (its sqlite3 module); skips with the reason otherwise.
 //
-//   npm run bench -- app        BENCH_COMMITS=3000 (default)
+//   npm run bench -- app        BENCH_COMMITS=3000, BENCH_REQUESTS=1500 (defaults)
 
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { closeSync, existsSync, ftruncateSync, openSync, writeFileSync } from 'node:fs';
@@ -46,6 +49,37 @@ for _ in range(n):
 print(n / (time.perf_counter() - t0))
 `;
 
+// Where a commit's time goes: each kind of request alone, QD1, one connection, 4 KiB,
+// through libnbd (p50 and p90 in microseconds).
+const REQUESTS = `
+import nbd, os, sys, time
+uri, n = sys.argv[1], int(sys.argv[2])
+h = nbd.NBD()
+h.connect_uri(uri)
+buf = os.urandom(4096)
+def timed(f):
+    ts = []
+    for i in range(n):
+        t = time.perf_counter()
+        f(i)
+        ts.append(time.perf_counter() - t)
+    ts.sort()
+    return '%d/%d' % (ts[len(ts) // 2] * 1e6, ts[int(len(ts) * 0.9)] * 1e6)
+def write_flush(i, writes):
+    for k in range(writes):
+        h.pwrite(buf, ((i + 7 * k) % 256) * 4096)
+    h.flush()
+print('\t'.join([
+    timed(lambda i: h.pwrite(buf, (i % 256) * 4096)),
+    timed(lambda i: h.pwrite(buf, (i % 256) * 4096, nbd.CMD_FLAG_FUA)),
+    timed(lambda i: h.flush()),
+    timed(lambda i: write_flush(i, 1)),
+    timed(lambda i: write_flush(i, 2)),
+]))
+`;
+const REQUEST_KINDS = ['WRITE', 'WRITE+FUA', 'FLUSH alone', 'WRITE, FLUSH', '2 WRITEs, FLUSH'];
+const REQUEST_COUNT = Number(process.env.BENCH_REQUESTS ?? 1500);
+
 function missing(): string | undefined {
   if (process.getuid?.() !== 0) return 'it needs root (losetup, mount)';
   for (const tool of ['nbdfuse', 'losetup', 'mkfs.ext4', 'nbdkit']) if (!have(tool)) return `${tool} is not installed`;
@@ -58,6 +92,13 @@ function run(cmd: string, args: string[]): string {
   const out = spawnSync(cmd, args, { encoding: 'utf8' });
   if (out.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed: ${out.stderr || out.stdout}`);
   return out.stdout.trim();
+}
+
+/** Each kind of request's p50/p90 at QD1 against `uri`, or undefined without libnbd's Python module. */
+function requestTimes(uri: string, script: string): string[] | undefined {
+  const out = spawnSync(PYTHON, [script, uri, String(REQUEST_COUNT)], { encoding: 'utf8' });
+  if (out.status !== 0) return undefined;
+  return out.stdout.trim().split('\t');
 }
 
 /** ext4 on `uri` through nbdfuse and a loop device; runs the SQLite program there; undoes it all. */
@@ -115,13 +156,20 @@ const work = await mkdtemp(join(tmpdir(), 'memstrata-bench-app-'));
 try {
   const script = join(work, 'commits.py');
   writeFileSync(script, SQLITE);
+  const requestScript = join(work, 'requests.py');
+  writeFileSync(requestScript, REQUESTS);
   const rows: [string, number][] = [];
-  rows.push(['nbdkit memory (not durable: the ceiling)', await withNbdkit(['memory', '1G'], (uri) => commitsPerSecond(uri, work, script))]);
+  const perRequest: [string, string[] | undefined][] = [];
+  const both = async (name: string, uri: string): Promise<void> => {
+    rows.push([name, await commitsPerSecond(uri, work, script)]);
+    perRequest.push([name, requestTimes(uri, requestScript)]);
+  };
+  await withNbdkit(['memory', '1G'], (uri) => both('nbdkit memory (not durable: the ceiling)', uri));
   const file = join(work, 'nbdkit-file.img');
   const fd = openSync(file, 'w');
   ftruncateSync(fd, 1024 * 1024 * 1024);
   closeSync(fd);
-  rows.push(['nbdkit file', await withNbdkit(['file', file], (uri) => commitsPerSecond(uri, work, script))]);
+  await withNbdkit(['file', file], (uri) => both('nbdkit file', uri));
   const nodeDir = join(work, 'node');
   const partnerDir = join(work, 'partner');
   await mkdir(nodeDir);
@@ -146,9 +194,9 @@ try {
     }
     await admin.post('/v1/volumes', { name: 'mirrored', size: '1GiB', writeLog: 'mwl' });
     const base = `nbd://${node.nbd.host}:${node.nbd.port}`;
-    rows.push(['memstrata, plain volume', await commitsPerSecond(`${base}/plain`, work, script)]);
-    rows.push(['memstrata, `local` write log', await commitsPerSecond(`${base}/logged`, work, script)]);
-    rows.push(['memstrata, `mirrored` write log (partner on this machine)', await commitsPerSecond(`${base}/mirrored`, work, script)]);
+    await both('memstrata, plain volume', `${base}/plain`);
+    await both('memstrata, `local` write log', `${base}/logged`);
+    await both('memstrata, `mirrored` write log (partner on this machine)', `${base}/mirrored`);
   } finally {
     await node.stop('SIGTERM');
     await partner.stop('SIGTERM');
@@ -161,6 +209,13 @@ try {
   console.log(`${'under ext4'.padEnd(width)}  commits/s  vs nbdkit file  vs nbdkit memory`);
   for (const [name, rate] of rows) {
     console.log(`${name.padEnd(width)}  ${rate.toFixed(0).padStart(9)}  ${`${(rate / fileRate).toFixed(2)}x`.padStart(13)}  ${`${(rate / memory).toFixed(2)}x`.padStart(15)}`);
+  }
+  if (perRequest.every(([, times]) => times === undefined)) {
+    console.log(`\nper request: skipped (${PYTHON} has no libnbd module: nbd)`);
+  } else {
+    console.log(`\nper request, QD1, one connection, 4 KiB, ${REQUEST_COUNT} each: p50/p90 in us`);
+    console.log(`${'server'.padEnd(width)}  ${REQUEST_KINDS.map((k) => k.padStart(16)).join('')}`);
+    for (const [name, times] of perRequest) console.log(`${name.padEnd(width)}  ${(times ?? REQUEST_KINDS.map(() => 'failed')).map((v) => v.padStart(16)).join('')}`);
   }
 } finally {
   await rm(work, { recursive: true, force: true });

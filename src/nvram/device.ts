@@ -9,7 +9,9 @@
 //   local           acknowledged once also in the device's journal file, by group commit
 //   mirrored        acknowledged once the partner node holds the record in memory; the
 //                   journal file is written too, in the background, so a partner loss
-//                   costs one fdatasync and no copy (mirroring.ts)
+//                   costs one fdatasync and no copy (mirroring.ts). A write log's plain
+//                   WRITE (append without sync) is acknowledged once sent; its FLUSH
+//                   (commit) waits for the partner to hold it
 //   mirrored+local  acknowledged once the partner holds it and the journal file is synced
 //
 // A mirrored device is a `primary` on one node and a `replica` on its partner. A replica
@@ -129,6 +131,14 @@ export class NvramDevice {
   private journal: JournalFile | undefined;
   /** Bytes appended without sync since the last commit began (write logs; see append). */
   private deferredBytes: number;
+  /**
+   * `mirrored` write logs: records acknowledged before the partner held them (appends
+   * without sync, in sync), and the sends still on their way. Settles once every one
+   * of them is held by the partner, or was synced here (partner lost), or failed (the
+   * device is then in repair, which syncs them here from memory).
+   */
+  private partnerPending: Promise<void>;
+  private partnerPendingBytes: number;
   private index: IndexEntry[];
   private indexStart: number;
   private head: number;
@@ -176,6 +186,8 @@ export class NvramDevice {
     this.extentSize = options.extentSize;
     this.journal = options.journal;
     this.deferredBytes = 0;
+    this.partnerPending = Promise.resolve();
+    this.partnerPendingBytes = 0;
     this.index = [];
     this.indexStart = 0;
     this.head = 0;
@@ -367,16 +379,18 @@ export class NvramDevice {
    * Entries with a writer that this device already took are not appended again: they get
    * the first append's answer.
    *
-   * `sync: false` (the node's own write logs, for writes without FUA; `local` devices
-   * only, others ignore it): resolves once the records are in the device's memory, with
-   * their journal write queued (in order) but neither done nor synced; `commit` makes
-   * them durable, and so does any synced append or marker after them. More than
-   * DEFER_LIMIT bytes waiting start a commit in the background.
+   * `sync: false` (the node's own write logs, for writes without FUA; `local` and
+   * `mirrored` devices, others ignore it): resolves once the records are in the
+   * device's memory, with their journal write queued (in order) but neither done nor
+   * synced, or, for a `mirrored` device in sync, with their send to the partner under
+   * way; `commit` makes them durable (the one sync, or the partner's answer), and so
+   * does any synced append or marker after them. More than DEFER_LIMIT bytes waiting
+   * start a commit in the background (`local`) or make the append wait for the partner.
    */
   async append(epoch: number, entries: readonly AppendEntry[], options?: { sync?: boolean }): Promise<Appended[]> {
-    // Only a `local` device defers: a mirrored+local one comes back from a crash `ready`
-    // from its file, on the promise that the file holds every acknowledged record.
-    const sync = (options?.sync ?? true) || this.policy !== 'local';
+    // Not a `mirrored+local` device: it comes back from a crash `ready` from its file, on
+    // the promise that the file holds every acknowledged record.
+    const sync = (options?.sync ?? true) || (this.policy !== 'local' && this.policy !== 'mirrored');
     if (!entries.some((e) => e.writer !== undefined)) {
       // A record larger than a reader takes would be acknowledged and then be unreadable.
       for (const e of entries) if (e.payload.length > MAX_PAYLOAD) throw payloadTooLarge(this.name, e.payload.length);
@@ -523,12 +537,27 @@ export class NvramDevice {
     }
     if (mode === 'in-sync' && this.port !== undefined) {
       const port = this.port;
-      work.push(
-        port.append(this.name, this.epochValue, all, encoded.length).then(async (partnerHolds) => {
-          // The partner was lost on the way: the record is this node's alone, so sync it here.
-          if (!partnerHolds && this.policy === 'mirrored') await journal?.flush();
-        }),
-      );
+      const sent = port.append(this.name, this.epochValue, all, encoded.length).then(async (partnerHolds) => {
+        // The partner was lost on the way: the record is this node's alone, so sync it here.
+        if (!partnerHolds && this.policy === 'mirrored') await journal?.flush();
+      });
+      if (sync || this.partnerPendingBytes > DEFER_LIMIT) {
+        work.push(sent);
+      } else {
+        // A write log's plain WRITE: acknowledged now, held by the partner (or synced
+        // here) before the next commit returns. A failure puts the device in repair, which
+        // rewrites the journal from memory, these records included, and resets the replica.
+        this.partnerPendingBytes += all.length;
+        const done = sent.then(
+          () => { this.partnerPendingBytes -= all.length; },
+          (error: unknown) => {
+            this.partnerPendingBytes -= all.length;
+            this.failed(error);
+          },
+        );
+        const before = this.partnerPending;
+        this.partnerPending = Promise.all([before, done]).then(() => undefined);
+      }
     }
     // Acknowledge in order: a record becomes readable only once everything its policy
     // asks for holds it and every record before it is acknowledged. Each link of the
@@ -655,9 +684,13 @@ export class NvramDevice {
   async commit(): Promise<void> {
     await this.ready();
     await this.quiesce();
+    // A send to the partner that failed put the device in repair: wait for it.
+    if (this.failure !== undefined) await this.ready();
     const journal = this.journal;
-    // A volatile device promises memory only; an in-sync mirrored one, the partner's copy.
-    if (journal === undefined || (this.policy === 'mirrored' && this.port?.mode() === 'in-sync')) return;
+    // A volatile device promises memory only; an in-sync mirrored one, the partner's copy
+    // (records deferred while it was not in sync went to the partner with the resync,
+    // synced here all the same).
+    if (journal === undefined || (this.policy === 'mirrored' && this.port?.mode() === 'in-sync' && this.deferredBytes === 0)) return;
     const covered = this.deferredBytes;
     try {
       await journal.flush();
@@ -670,12 +703,16 @@ export class NvramDevice {
 
   /** Bytes of records appended without sync that no commit has covered yet. */
   get uncommittedBytes(): number {
-    return this.deferredBytes;
+    return this.deferredBytes + this.partnerPendingBytes;
   }
 
-  /** Resolves once every append taken so far has been acknowledged or has failed. */
+  /**
+   * Resolves once every append taken so far has been acknowledged or has failed, and
+   * every record acknowledged before the partner held it is held there or synced here.
+   */
   async quiesce(): Promise<void> {
     await this.ackChain.catch(() => undefined);
+    await this.partnerPending;
   }
 
   /** Sequence number the first record after the live ones would get, for a resync. */
@@ -813,7 +850,7 @@ export class NvramDevice {
    */
   async close(): Promise<void> {
     if (this.closed) return;
-    if (this.journal !== undefined && (this.deferredBytes > 0 || this.failure !== undefined)) {
+    if (this.journal !== undefined && (this.uncommittedBytes > 0 || this.failure !== undefined)) {
       try {
         await this.commit();
       } catch {

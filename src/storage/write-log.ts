@@ -2,16 +2,16 @@
 // US 8,990,520): a volume configured with an NVRAM device journals every write there.
 //
 //   WRITE     cache write, then a journal record (target = volume, offset; payload = data);
-//             acknowledged once the record is in the device (and held by the partner,
-//             for a mirrored device) with its journal write queued, not synced:
+//             acknowledged once the record is in the device with its journal write queued,
+//             not synced (for a mirrored device in sync, its send to the partner under way):
 //             NBD promises durability at FLUSH and FUA only, so a commit of several
 //             writes and a FLUSH costs one sync, not one per write. Like a write still
 //             in the cache of a volume without a log, it may be lost if the node dies
 //             before the next FLUSH; replay then applies the records the file holds,
 //             which are the first ones in order
 //   FUA       the same, acknowledged once the record is durable under the device's
-//             policy: one journal append, group-committed, instead of a destage and an
-//             fdatasync of the data store
+//             policy (synced, or held by the partner): one journal append, group-committed,
+//             instead of a destage and an fdatasync of the data store
 //   ZEROES    the zeroing reaches the data store at once, so its zero record (payload =
 //             the length) is synced before it is acknowledged, as a FUA write's
 //   write-ahead  a record is made durable before the cache writes the data it describes
@@ -24,8 +24,10 @@
 //             a write not flushed)
 //   FLUSH     one commit of the device (device.commit): an fdatasync of the journal file
 //             that covers every record acknowledged before, shared with every FLUSH and
-//             FUA that comes while it runs; for a `mirrored` device in sync, nothing to
-//             wait for (the partner held each record before its WRITE was acknowledged)
+//             FUA that comes while it runs; for a `mirrored` device in sync, no sync: it
+//             waits until the partner holds every record acknowledged before (a round trip
+//             to the partner's memory, mostly over by then, since each record was sent at
+//             its WRITE)
 //   checkpoint when the journal is half full (or when full): note the last acknowledged
 //             sequence number, flush the volume's cache to its data store, trim the
 //             journal up to the noted number
@@ -38,11 +40,11 @@
 // A record is appended only after its data is in the cache, so whatever the checkpoint
 // trims has been written back by the cache flush that precedes the trim.
 //
-// Policies: `local` (a FLUSH costs one fdatasync of the journal), `mirrored` (every
-// record is acknowledged once the partner node holds it in memory, so a FLUSH costs
-// nothing more: durability on two nodes at the cost of a round trip per write; with the
-// partner down, under `degrade`, each record is synced here instead) and
-// `mirrored+local` (both, every record synced). Not `volatile` (a FLUSH would not
+// Policies: `local` (a FLUSH costs one fdatasync of the journal), `mirrored` (a FLUSH
+// or FUA returns once the partner node holds the records in memory: durability on two
+// nodes at the cost of a round trip per commit; with the partner down, under `degrade`,
+// a FLUSH syncs the journal here instead) and `mirrored+local` (both, every record
+// synced before its WRITE is acknowledged). Not `volatile` (a FLUSH would not
 // survive a crash), and not a replica (it belongs to the partner node).
 //
 // A device that is a write log belongs to the node (`claim`): only a primary of this

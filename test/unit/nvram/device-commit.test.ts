@@ -9,9 +9,11 @@ import { join } from 'node:path';
 import fc from 'fast-check';
 import pino from 'pino';
 import { DramMedium } from '../../../src/memory/dram-medium.js';
-import { NvramDevice } from '../../../src/nvram/device.js';
+import { DEFER_LIMIT, NvramDevice, type MirrorPort } from '../../../src/nvram/device.js';
 import { JournalFile, parseJournal, type JournalSink } from '../../../src/nvram/journal-file.js';
-import { RECORD_FLAG } from '../../../src/protocol/journal/record.js';
+import { RECORD_FLAG, decodeRecord } from '../../../src/protocol/journal/record.js';
+import type { MirrorMode } from '../../../src/protocol/admin/api.js';
+import { RuntimeError } from '../../../src/errors.js';
 import type { DeviceManager } from '../../../src/nvram/device-manager.js';
 import { Volume } from '../../../src/storage/volume-manager.js';
 import { WriteLogIo } from '../../../src/storage/write-log.js';
@@ -57,14 +59,14 @@ class JournalPowerCut {
   });
 }
 
-async function localDevice(path: string, policy: 'local' | 'mirrored+local' = 'local'): Promise<{ device: NvramDevice; power: JournalPowerCut }> {
-  const created = await JournalFile.create(path, SIZE);
+async function localDevice(path: string, policy: 'local' | 'mirrored' | 'mirrored+local' = 'local', size = SIZE): Promise<{ device: NvramDevice; power: JournalPowerCut }> {
+  const created = await JournalFile.create(path, size);
   await created.close();
   const power = new JournalPowerCut(path);
-  const journal = await JournalFile.open(path, parseJournal(power.durable), SIZE, { wrap: power.wrap });
-  const medium = new DramMedium({ capacity: SIZE, extentSize: E });
+  const journal = await JournalFile.open(path, parseJournal(power.durable), size, { wrap: power.wrap });
+  const medium = new DramMedium({ capacity: size, extentSize: E });
   await medium.open();
-  const device = new NvramDevice({ name: 'wl', size: SIZE, policy, medium, extents: Array.from({ length: 16 }, (_, i) => i * E), extentSize: E, journal });
+  const device = new NvramDevice({ name: 'wl', size, policy, medium, extents: Array.from({ length: size / E }, (_, i) => i * E), extentSize: E, journal });
   return { device, power };
 }
 
@@ -142,11 +144,202 @@ test('through a write log, plain WRITEs are not synced one by one: a FLUSH after
   await device.close();
 });
 
-test('only a local device defers: a mirrored+local device syncs an append asked without sync (it comes back from a crash ready from its file)', async (t) => {
+test('a mirrored+local device does not defer: it syncs an append asked without sync (it comes back from a crash ready from its file)', async (t) => {
   const dir = await tempDir(t, 'memstrata-commit-');
   const { device, power } = await localDevice(join(dir, 'ml.journal'), 'mirrored+local');
   const [a] = await device.append(0, [{ payload: Buffer.from('kept') }], { sync: false });
   assert.equal(userRecords(power.durable).get(a?.seq ?? 0), 'kept');
+  assert.equal(device.uncommittedBytes, 0);
+  await device.close();
+});
+
+/**
+ * The partner of a `mirrored` device, as the device sees it through its MirrorPort: each
+ * send is answered when `answer` says so, with what `outcome` picks: held (the partner's
+ * copy gets the records), lost (the link went down: the device is to degrade and sync
+ * here) or failed (say, etcd could not record the replica as out of date).
+ */
+class FakePartner implements MirrorPort {
+  state: MirrorMode = 'in-sync';
+  readonly held = new Map<number, string>();
+  readonly waiting: { records: Buffer; resolve(holds: boolean): void; reject(error: Error): void }[] = [];
+  resets = 0;
+
+  mode(): MirrorMode {
+    return this.state;
+  }
+
+  settled(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  append(_device: string, _epoch: number, records: Buffer): Promise<boolean> {
+    return new Promise((resolve, reject) => { this.waiting.push({ records, resolve, reject }); });
+  }
+
+  /** Answers the oldest send still waiting. */
+  answer(outcome: 'held' | 'lost' | 'failed'): void {
+    const send = this.waiting.shift();
+    if (send === undefined) return;
+    if (outcome === 'held' && this.state === 'in-sync') {
+      for (let at = 0; at < send.records.length; ) {
+        const decoded = decodeRecord(send.records, at);
+        if (!('record' in decoded)) throw new Error('the device sent a record that does not decode');
+        this.held.set(decoded.record.seq, decoded.record.payload.toString());
+        at += decoded.size;
+      }
+      send.resolve(true);
+    } else if (outcome === 'failed') {
+      this.state = 'degraded';
+      send.reject(new RuntimeError('MS_NVRAM_PARTNER_DOWN', 'the partner does not hold the record and etcd could not be told'));
+    } else {
+      this.state = 'degraded';
+      send.resolve(false);
+    }
+  }
+
+  epoch(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  trim(): void {}
+
+  rolledBack(): void {
+    // A resync would reset the replica; this partner stays out of reach instead.
+    this.resets++;
+    this.state = 'degraded';
+  }
+
+  exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    return fn();
+  }
+}
+
+test('a mirrored write log: a plain WRITE is acknowledged before the partner answers, a FLUSH waits for the partner to hold it', async (t) => {
+  const dir = await tempDir(t, 'memstrata-commit-');
+  const { device, power } = await localDevice(join(dir, 'm.journal'), 'mirrored');
+  const partner = new FakePartner();
+  device.port = partner;
+  const [a] = await device.append(0, [{ payload: Buffer.from('one') }], { sync: false });
+  assert.equal(a?.seq, 1, 'acknowledged while its send to the partner waits');
+  assert.equal(partner.waiting.length, 1, 'sent at once');
+  assert.ok(device.uncommittedBytes > 0);
+  let committed = false;
+  const commit = device.commit().then(() => { committed = true; });
+  await new Promise((resolve) => setImmediate(resolve));
+  assert.equal(committed, false, 'the FLUSH waits for the partner');
+  partner.answer('held');
+  await commit;
+  assert.equal(partner.held.get(1), 'one');
+  assert.equal(device.uncommittedBytes, 0);
+  assert.equal(power.syncs, 0, 'in sync, a FLUSH costs no fdatasync');
+  // A FUA write waits for the partner itself.
+  let fua = false;
+  const synced = device.append(0, [{ payload: Buffer.from('two') }], { sync: true }).then(() => { fua = true; });
+  await new Promise((resolve) => setImmediate(resolve));
+  assert.equal(fua, false, 'a FUA write waits for the partner');
+  partner.answer('held');
+  await synced;
+  await device.close();
+});
+
+test('a mirrored write log under a partner that holds, drops or fails each send at random: every record acknowledged before a FLUSH that returned is on the partner or synced here, and no acknowledged record is voided', async (t) => {
+  const dir = await tempDir(t, 'memstrata-commit-');
+  let run = 0;
+  await fc.assert(
+    fc.asyncProperty(
+      fc.array(fc.array(fc.constantFrom('lazy', 'lazy', 'lazy', 'synced', 'commit', 'held', 'held', 'held', 'lost', 'failed'), { minLength: 1, maxLength: 8 }), { minLength: 1, maxLength: 6 }),
+      fc.scheduler(),
+      async (rounds, s) => {
+        const { device, power } = await localDevice(join(dir, `m${run++}.journal`), 'mirrored');
+        const partner = new FakePartner();
+        device.port = partner;
+        const acked = new Map<number, string>();
+        const mustSurvive = new Map<number, string>();
+        let n = 0;
+        try {
+          for (const round of rounds) {
+            const ops = round.map(async (op) => {
+              if (op === 'held' || op === 'lost' || op === 'failed') {
+                await s.schedule(Promise.resolve());
+                partner.answer(op);
+                return;
+              }
+              // The scheduler picks when each operation starts (and when each answer
+              // comes); an append or a FLUSH then waits for those answers.
+              await s.schedule(Promise.resolve());
+              if (op === 'commit') {
+                const before = new Map(acked);
+                await device.commit();
+                for (const [seq, payload] of before) mustSurvive.set(seq, payload);
+                return;
+              }
+              const payload = `r${n++}`;
+              let a;
+              try {
+                [a] = await device.append(0, [{ payload: Buffer.from(payload) }], { sync: op === 'synced' });
+              } catch {
+                return; // refused (an earlier append failed): not acknowledged
+              }
+              assert.ok(a !== undefined);
+              acked.set(a.seq, payload);
+              if (op === 'synced') mustSurvive.set(a.seq, payload);
+            });
+            // Sends nobody answers in this round are held in turn, at moments the scheduler
+            // picks, so that a FLUSH waiting for them returns.
+            let over = false;
+            const all = Promise.all(ops).finally(() => { over = true; });
+            const drain = (async () => {
+              for (let i = 0; !over; i++) {
+                if (i > 10_000) throw new Error('the round never ends');
+                await s.schedule(new Promise((resolve) => setImmediate(resolve)));
+                partner.answer('held');
+              }
+            })();
+            await s.waitFor(all);
+            await s.waitFor(drain);
+            const file = userRecords(power.durable);
+            for (const [seq, payload] of mustSurvive) {
+              assert.ok(partner.held.get(seq) === payload || file.get(seq) === payload, `record ${seq} (${payload}) was acknowledged before a FLUSH that returned, yet neither the partner nor the synced journal holds it`);
+            }
+          }
+          while (partner.waiting.length > 0) partner.answer('held');
+          await device.quiesce();
+          // Every acknowledged record is still the device's, never voided by a repair.
+          const records = await device.read(1, 10_000);
+          const kept = new Map(records.map((b) => { const r = decodeRecord(b); if (!('record' in r)) throw new Error('bad record'); return [r.record.seq, r.record.payload.toString()] as const; }));
+          for (const [seq, payload] of acked) assert.equal(kept.get(seq), payload, `acknowledged record ${seq} is gone from the device`);
+        } finally {
+          while (partner.waiting.length > 0) partner.answer('held');
+          await device.close();
+        }
+      },
+    ),
+    { numRuns: 80 },
+  );
+});
+
+test('a mirrored write log bounds what waits for the partner: past DEFER_LIMIT bytes, a plain WRITE waits for the partner like a FUA write', async (t) => {
+  const dir = await tempDir(t, 'memstrata-commit-');
+  const { device } = await localDevice(join(dir, 'm.journal'), 'mirrored', 2 * DEFER_LIMIT);
+  const partner = new FakePartner();
+  device.port = partner;
+  const piece = Buffer.alloc(256 * 1024, 7);
+  let n = 0;
+  while (device.uncommittedBytes <= DEFER_LIMIT) {
+    await device.append(0, [{ payload: piece }], { sync: false });
+    n++;
+  }
+  assert.equal(partner.waiting.length, n, 'every record sent, none answered');
+  let acknowledged = false;
+  const next = device.append(0, [{ payload: piece }], { sync: false }).then(() => { acknowledged = true; });
+  for (let i = 0; i < 5; i++) await new Promise((resolve) => setImmediate(resolve));
+  assert.equal(acknowledged, false, 'over the bound, the WRITE waits for the partner');
+  while (partner.waiting.length > 0) {
+    partner.answer('held');
+    await new Promise((resolve) => setImmediate(resolve));
+  }
+  await next;
   assert.equal(device.uncommittedBytes, 0);
   await device.close();
 });
