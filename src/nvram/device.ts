@@ -139,6 +139,11 @@ export class NvramDevice {
    */
   private partnerPending: Promise<void>;
   private partnerPendingBytes: number;
+  /**
+   * Such a record's send failed: it is this node's alone until a resync has pushed it.
+   * Under `refuse` no FLUSH succeeds meanwhile, as no append would.
+   */
+  private unmirrored: boolean;
   private index: IndexEntry[];
   private indexStart: number;
   private head: number;
@@ -188,6 +193,7 @@ export class NvramDevice {
     this.deferredBytes = 0;
     this.partnerPending = Promise.resolve();
     this.partnerPendingBytes = 0;
+    this.unmirrored = false;
     this.index = [];
     this.indexStart = 0;
     this.head = 0;
@@ -546,11 +552,14 @@ export class NvramDevice {
       } else {
         // A write log's plain WRITE: acknowledged now, held by the partner (or synced
         // here) before the next commit returns. A failure puts the device in repair, which
-        // rewrites the journal from memory, these records included, and resets the replica.
+        // rewrites the journal from memory, these records included, and resets the replica;
+        // until then the records count as uncommitted, so the write-ahead barrier waits.
         this.partnerPendingBytes += all.length;
         const done = sent.then(
           () => { this.partnerPendingBytes -= all.length; },
           (error: unknown) => {
+            this.deferredBytes += all.length;
+            this.unmirrored = true;
             this.partnerPendingBytes -= all.length;
             this.failed(error);
           },
@@ -686,11 +695,18 @@ export class NvramDevice {
     await this.quiesce();
     // A send to the partner that failed put the device in repair: wait for it.
     if (this.failure !== undefined) await this.ready();
+    const mode = this.port?.mode();
+    if (mode === 'in-sync') this.unmirrored = false; // a resync pushed every record since
+    if (mode === 'refusing' && this.unmirrored) {
+      throw new RuntimeError('MS_NVRAM_PARTNER_DOWN', `device ${this.name}: records acknowledged before this FLUSH never reached the mirror partner, which is unreachable, and mirror.onPartnerDown is refuse (or etcd has not yet recorded the replica as out of date); the FLUSH succeeds once the partner is back`, {
+        details: { device: this.name },
+      });
+    }
     const journal = this.journal;
     // A volatile device promises memory only; an in-sync mirrored one, the partner's copy
     // (records deferred while it was not in sync went to the partner with the resync,
     // synced here all the same).
-    if (journal === undefined || (this.policy === 'mirrored' && this.port?.mode() === 'in-sync' && this.deferredBytes === 0)) return;
+    if (journal === undefined || (this.policy === 'mirrored' && mode === 'in-sync' && this.deferredBytes === 0)) return;
     const covered = this.deferredBytes;
     try {
       await journal.flush();

@@ -15,6 +15,7 @@ import { parseJournal, type JournalSink } from '../../../src/nvram/journal-file.
 import { MirrorService } from '../../../src/nvram/mirror-service.js';
 import { Mirroring } from '../../../src/nvram/mirroring.js';
 import { RECORD_FLAG, decodeOne } from '../../../src/protocol/journal/record.js';
+import { startProxy } from '../../support/tcp-proxy.js';
 
 const MiB = 1024 * 1024;
 const log = pino({ level: 'silent' });
@@ -530,4 +531,73 @@ test('accept-local racing a resync that demotes the device (the partner holds a 
   assert.equal(outcome, 'MS_NVRAM_INVALID', 'the device was demoted first: nothing to accept');
   await until(() => s.device.role === 'replica', 'the newer epoch wins: this node\'s copy is a replica');
   await s.a.create('other', MiB, 'local'); // the manager's queue is free
+});
+
+/** Node A mirroring to B through a proxy the test can stall and cut, with a `mirrored` device `wl` in sync. */
+async function proxiedPair(t: Ctx, onPartnerDown: 'refuse' | 'degrade') {
+  const b = await partnerB(t);
+  const proxy = await startProxy(b.address);
+  t.after(() => proxy.close());
+  const a = await manager(t);
+  const mirroring = new Mirroring({ nvram: a, partner: { host: proxy.host, port: proxy.port }, onPartnerDown, nodeId: 'a', token: undefined, timeoutMs: 2000, retryMs: 20, log });
+  mirroring.start();
+  t.after(() => mirroring.close());
+  await a.create('wl', MiB, 'mirrored');
+  const device = a.get('wl');
+  await until(() => device.info().mirror === 'in-sync', 'in sync');
+  return { a, b, device, proxy };
+}
+
+test('a mirrored write log under mirror.onPartnerDown=refuse: a FLUSH after the partner was lost, covering a plain WRITE the partner never took, fails instead of succeeding on this node alone, and succeeds once the partner is back', async (t) => {
+  const { device, proxy, b } = await proxiedPair(t, 'refuse');
+  const epoch = await device.fence();
+  await device.append(epoch, [{ payload: Buffer.from('held') }], { sync: true });
+  proxy.stall();
+  // A plain WRITE: acknowledged at once, its send stuck in the stalled link.
+  const [w] = await device.append(epoch, [{ payload: Buffer.from('acknowledged, never on the partner') }], { sync: false });
+  assert.equal(w?.seq, 2);
+  proxy.cut();
+  await until(() => device.info().mirror === 'refusing', 'refusing');
+  await assert.rejects(device.append(epoch, [{ payload: Buffer.from('fua') }], { sync: true }), (error: Error & { code?: string }) => error.code === 'MS_NVRAM_PARTNER_DOWN');
+  await assert.rejects(device.commit(), (error: Error & { code?: string }) => error.code === 'MS_NVRAM_PARTNER_DOWN', 'the FLUSH covering record 2 fails while the partner does not hold it');
+  proxy.release();
+  proxy.heal();
+  await until(() => device.info().mirror === 'in-sync', 'in sync again');
+  await device.commit();
+  assert.ok((b.nvram.get('wl').info().lastSeq ?? 0) >= 2, 'the resync gave the partner record 2');
+});
+
+test('a resync started while plain WRITEs\' sends are stuck in the link waits for them: the replica ends with every record, and the FLUSH returns', async (t) => {
+  const { device, proxy, b } = await proxiedPair(t, 'degrade');
+  const epoch = await device.fence();
+  await device.commit();
+  proxy.stall();
+  let last = 0;
+  for (let i = 0; i < 50; i++) {
+    const [a] = await device.append(epoch, [{ payload: Buffer.from(`w${i}`) }], { sync: false });
+    last = a?.seq ?? 0;
+  }
+  device.refreshReplica(); // a resync (STATE, RESET, push) while the APPENDs wait in the link
+  const flush = device.commit();
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  proxy.release();
+  await flush;
+  await until(() => device.info().mirror === 'in-sync', 'in sync');
+  const replica = b.nvram.get('wl');
+  await until(() => replica.info().lastSeq === last, 'the replica holds every record');
+  assert.equal(replica.info().lastSeq, device.lastSeq);
+});
+
+test('the link cut while plain WRITEs\' sends wait and a FLUSH waits for them (degrade): the FLUSH returns once they are synced here', async (t) => {
+  const { a, device, proxy } = await proxiedPair(t, 'degrade');
+  const epoch = await device.fence();
+  await device.commit();
+  proxy.stall();
+  for (let i = 0; i < 20; i++) await device.append(epoch, [{ payload: Buffer.from(`w${i}`) }], { sync: false });
+  const flush = device.commit();
+  await new Promise((resolve) => setTimeout(resolve, 20));
+  proxy.cut();
+  await flush;
+  const file = parseJournal(await readFile(join(a.dir, 'wl.journal'))).records.filter((r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) === 0);
+  assert.ok(file.length >= 20, `the journal holds ${file.length} records, not the 20 the FLUSH covered`);
 });
