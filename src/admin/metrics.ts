@@ -1,8 +1,10 @@
 // Prometheus metrics for the admin API's /metrics. Gauges are read from the tables at
 // scrape time, so nothing on an I/O path pays for them; counters are bumped by the
-// control plane (resizes) only.
+// control plane (resizes) only. The latency histograms are kept by the services
+// themselves (net/latency.ts: a few array writes per request) and rendered here.
 
 import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
+import { LATENCY_BOUNDS, type LatencySnapshot } from '../net/latency.js';
 import { KINDS } from '../kinds.js';
 import type { Medium } from '../memory/medium.js';
 import type { KindUsage, PartitionTable } from '../memory/partition-table.js';
@@ -40,6 +42,27 @@ export interface MetricsSources {
   guests?(): GuestInfoJson[];
   /** This node's cluster membership; undefined for a node on its own. */
   cluster?(): ClusterSelfJson | undefined;
+  /** How long each NVRAM journal batch's write and sync took, per device. */
+  journalSyncs?(): LatencySnapshot[];
+}
+
+/**
+ * A Prometheus histogram whose buckets a service keeps (LatencyHistogram). prom-client
+ * renders any registered object whose `get()` gives a name, help, type and values (its
+ * typings want one of its own classes, hence the cast).
+ */
+function latencyHistogram(registry: Registry, name: string, help: string, label: string, read: () => LatencySnapshot[]): void {
+  const les = [...LATENCY_BOUNDS.map(String), '+Inf'];
+  const get = (): Promise<{ name: string; help: string; type: string; aggregator: string; values: { metricName: string; labels: Record<string, string>; value: number }[] }> => {
+    const values: { metricName: string; labels: Record<string, string>; value: number }[] = [];
+    for (const s of read()) {
+      s.cumulative.forEach((value, i) => values.push({ metricName: `${name}_bucket`, labels: { [label]: s.key, le: les[i] ?? '+Inf' }, value }));
+      values.push({ metricName: `${name}_sum`, labels: { [label]: s.key }, value: s.sum });
+      values.push({ metricName: `${name}_count`, labels: { [label]: s.key }, value: s.count });
+    }
+    return Promise.resolve({ name, help, type: 'histogram', aggregator: 'sum', values });
+  };
+  registry.registerMetric({ name, help, type: 'histogram', aggregator: 'sum', get } as unknown as Parameters<Registry['registerMetric']>[0]);
 }
 
 const GUEST_STATES = ['stopped', 'booting', 'running', 'failed'] as const;
@@ -127,6 +150,9 @@ export class NodeMetrics {
         this.set(sources.allocation.servers().length);
       },
     });
+    latencyHistogram(registry, 'memstrata_nbd_request_seconds', 'NBD requests by command: from the request in whole to its reply handed to the kernel.', 'command', () => sources.nbd()?.stats.latency.snapshot() ?? []);
+    latencyHistogram(registry, 'memstrata_rmem_request_seconds', 'rmem requests by operation: from the request in whole to its reply handed to the kernel.', 'op', () => sources.rmem()?.stats.latency.snapshot() ?? []);
+    latencyHistogram(registry, 'memstrata_nvram_journal_sync_seconds', 'NVRAM journal batches written and synced, by device: the disk\'s sync latency as the node sees it.', 'device', () => sources.journalSyncs?.() ?? []);
     new Counter({
       name: 'memstrata_rmem_requests_total',
       help: 'rmem requests received, by operation.',

@@ -7,7 +7,7 @@ import { realpath } from 'node:fs/promises';
 import { basename, dirname, resolve } from 'node:path';
 import { Command, CommanderError, Option } from 'commander';
 import { MisuseError, isMemstrataError } from '../errors.js';
-import type { AllocationTableJson, ClusterJson, DamagedJson, DivergedJson, GuestInfoJson, GuestsJson, JournalHolderJson, KeptAsideJson, NodeInfo, OrphanJson, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson } from '../protocol/admin/api.js';
+import type { AllocationTableJson, ClusterJson, DamagedJson, DivergedJson, GuestInfoJson, GuestsJson, JournalHolderJson, KeptAsideJson, LatencyJson, NodeInfo, OrphanJson, PartitionTableJson, ResizeResponse, RmemSessionJson, ServersJson, VolumeJson, VolumesJson, NvramListJson, NvramDumpJson } from '../protocol/admin/api.js';
 import { POLICIES, type DeviceInfo } from '../nvram/device.js';
 import { cutJournal } from '../nvram/journal-file.js';
 import { RmemClient } from '../client/rmem-client.js';
@@ -515,7 +515,25 @@ export function renderNode(info: NodeInfo): string {
   const damaged = [...renderDamaged('volumes', info.damaged.volumes), ...renderDamaged('NVRAM devices', info.damaged.nvram), ...renderOrphans(info.orphans)];
   const g = info.guests;
   const guests = renderGuests(g.list, `Guests (limits by ${g.enforcement}; shares may add up to ${g.budget} of ${g.cpus} cores, ${g.reserveCpu} kept for the node; period ${g.periodMs} ms)`);
-  return [head, media, renderCache(info.cache), renderNvram(info.nvram), guests, ...damaged].join('\n\n');
+  return [head, media, renderCache(info.cache), renderNvram(info.nvram), guests, ...renderLatency(info.latency), ...damaged].join('\n\n');
+}
+
+/** Request latencies since start; nothing before the first request. */
+export function renderLatency(latency: NodeInfo['latency'] | undefined): string[] {
+  if (latency === undefined) return [];
+  const bound = (s: number | null): string => (s === null ? '>10s' : `<=${formatDuration(s)}`);
+  const row = (service: string, l: LatencyJson): string[] => [service, l.key, String(l.count), formatDuration(l.meanSeconds), bound(l.p50Seconds), bound(l.p99Seconds)];
+  const rows = [...latency.nbd.map((l) => row('nbd', l)), ...latency.rmem.map((l) => row('rmem', l)), ...latency.journalSync.map((l) => row('journal sync', l))];
+  if (rows.length === 0) return [];
+  const table = textTable(['SERVICE', 'REQUEST', 'COUNT', 'MEAN', 'P50', 'P99'], rows, [2, 3, 4, 5]);
+  return [`Latency since start (request in to reply out; journal sync: a batch's write and sync; P50 and P99 are histogram bucket bounds)\n${table}`];
+}
+
+/** 12us, 1.5ms, 2.0s. */
+export function formatDuration(seconds: number): string {
+  if (seconds < 0.001) return `${Math.round(seconds * 1e6)}us`;
+  if (seconds < 1) return `${(seconds * 1000).toFixed(seconds < 0.01 ? 2 : 1)}ms`;
+  return `${seconds.toFixed(1)}s`;
 }
 
 /** Volumes or devices that were not loaded at start; nothing when there are none. */

@@ -45,6 +45,7 @@ import { VERSION } from '../version.js';
 import { NODE_ID_FORM, NODE_ID_PATTERN, mediumLayouts, type NodeConfig } from './config.js';
 import { Lifecycle } from './lifecycle.js';
 import { clientTls } from '../net/tls.js';
+import { latencySummary } from '../net/latency.js';
 import { DataDirLock } from './lock.js';
 import type { Logger } from './logger.js';
 import { GuestSupervisor } from '../guest/supervisor.js';
@@ -330,6 +331,7 @@ export class StorageNode {
           mirrorLoad: () => this.mirrorService?.load(),
           cluster: () => this.membership?.status(),
           guests: () => this.guests.list(),
+          journalSyncs: () => this.nvram.syncLatency.snapshot(),
         });
         const admin = new AdminServer({
           info: () => this.info(),
@@ -545,6 +547,11 @@ export class StorageNode {
         list: this.guests.list(),
       },
       orphans: this.volumes.orphans(),
+      latency: {
+        nbd: (this.nbd?.stats.latency.snapshot() ?? []).map(latencySummary),
+        rmem: (this.rmem?.stats.latency.snapshot() ?? []).map(latencySummary),
+        journalSync: this.nvram.syncLatency.snapshot().map(latencySummary),
+      },
       mirror: this.mirroring?.info() ?? {
         partner: null,
         partnerNode: null,

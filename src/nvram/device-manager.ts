@@ -41,6 +41,7 @@ import { formatSize } from '../units.js';
 import { NvramDevice, POLICIES, isMirrored, type DeviceInfo, type Policy } from './device.js';
 import { JournalFile, MAX_JOURNALED_DEVICE, encodeFileHeader, openTempFile, parseJournal, readJournalFile, syncDir, type JournalOptions, type JournalSink, type Recovered } from './journal-file.js';
 import { RECORD_FLAG, type JournalRecord } from '../protocol/journal/record.js';
+import { LatencyHistogram } from '../net/latency.js';
 
 const NAME_PATTERN = DEVICE_NAME_PATTERN;
 
@@ -81,9 +82,12 @@ export class DeviceManager {
 
   /** For every journal file: the sink wrapper (the fault-injection seam for tests) and the least ring. */
   private readonly journalOptions: JournalOptions;
+  /** How long each journal batch's write and sync took, per device. */
+  readonly syncLatency: LatencyHistogram;
 
   constructor(options: { dataDir: string; partition: PartitionTable; media: readonly Medium[]; log: Logger; journalRing?: number; fs?: MetaFs; journalWrap?: (sink: JournalSink) => JournalSink; clustered?: boolean }) {
     this.journalOptions = { ...(options.journalWrap === undefined ? {} : { wrap: options.journalWrap }), ...(options.journalRing === undefined ? {} : { ring: options.journalRing }) };
+    this.syncLatency = new LatencyHistogram();
     this.dir = join(options.dataDir, 'nvram');
     this.partition = options.partition;
     this.media = new Map(options.media.map((m) => [m.name, m]));
@@ -263,6 +267,11 @@ export class DeviceManager {
     this.log.warn({ device: name, why }, 'NVRAM device steps aside: another node is its primary now');
   }
 
+  /** The journal options of `name`'s file: the shared ones, and its sync times into `syncLatency`. */
+  private journalOptionsOf(name: string): JournalOptions {
+    return { ...this.journalOptions, onSync: (seconds) => { this.syncLatency.record(name, seconds); } };
+  }
+
   /**
    * Writes a new journal file holding the device's present contents, for a device that
    * is becoming a primary or adopting its partner's contents. Undefined for a policy
@@ -271,7 +280,7 @@ export class DeviceManager {
   async rebuildJournal(device: NvramDevice): Promise<JournalFile | undefined> {
     if (device.policy === 'volatile') return undefined;
     const records = await device.snapshot();
-    return JournalFile.create(deviceFile(this.dir, device.name, '.journal'), device.size, { ...this.journalOptions, records: Buffer.concat(records) });
+    return JournalFile.create(deviceFile(this.dir, device.name, '.journal'), device.size, { ...this.journalOptionsOf(device.name), records: Buffer.concat(records) });
   }
 
   /**
@@ -478,6 +487,7 @@ export class DeviceManager {
     const name = entry.meta.name;
     {
       this.devices.delete(name);
+      this.syncLatency.forget(name);
       // Its records are being removed with it: a failure to write the last of them is moot.
       await entry.device.close().catch(() => undefined);
       // Zero the memory before it goes back: the next owner must not read these records.
@@ -504,7 +514,7 @@ export class DeviceManager {
       let recovering = false;
       let vaulted = false;
       if (fresh) {
-        if (hasFile) journal = await JournalFile.create(journalPath, meta.size, this.journalOptions);
+        if (hasFile) journal = await JournalFile.create(journalPath, meta.size, this.journalOptionsOf(meta.name));
       } else {
         const vault = isVaulted(meta) ? await readIfThere(vaultPath) : undefined;
         if (vault !== undefined) {
@@ -527,7 +537,7 @@ export class DeviceManager {
           } else {
             refuseDamage(meta.name, journalPath, recovered);
           }
-          journal = await JournalFile.open(journalPath, recovered, meta.size, this.journalOptions);
+          journal = await JournalFile.open(journalPath, recovered, meta.size, this.journalOptionsOf(meta.name));
           if (recovered.version === 1) {
             if (recovered.stoppedBecause !== undefined) this.log.warn({ device: meta.name, cutAt: recovered.validLength, reason: recovered.stoppedBecause }, 'NVRAM journal tail cut at recovery');
             this.log.info({ device: meta.name, file: journalPath }, 'NVRAM journal of format version 1 rewritten as version 2');

@@ -106,6 +106,8 @@ export interface JournalOptions {
   wrap?: (sink: JournalSink) => JournalSink;
   /** The least ring of a new file (RING_MIN); tests make it small so that it wraps often. */
   ring?: number;
+  /** Told how long each batch's write and sync took, in seconds (the latency figures). */
+  onSync?: (seconds: number) => void;
 }
 
 /**
@@ -586,6 +588,7 @@ export class JournalFile {
   private durable: DurableWrite | undefined;
   private readonly wrap: (sink: JournalSink) => JournalSink;
   private readonly least: number;
+  private readonly onSync: ((seconds: number) => void) | undefined;
   private ring: RingState;
   /** First run in `ring.runs` still needed. */
   private runsFrom: number;
@@ -611,6 +614,7 @@ export class JournalFile {
     this.durable = durable;
     this.wrap = options.wrap ?? ((s) => s);
     this.least = options.ring ?? RING_MIN;
+    this.onSync = options.onSync;
     this.ring = ring;
     this.runsFrom = 0;
     this.zeros = undefined;
@@ -914,16 +918,17 @@ export class JournalFile {
       return buf;
     });
     const one = bytes.length === 1 ? bytes[0] : undefined;
+    const started = performance.now();
     if (sync && one !== undefined && !this.unsynced && this.durable !== undefined) {
       // Nothing unsynced before it: the batch written durably covers all there is.
       await this.durable(one, physical(layout.pieces[0]?.at ?? 0));
-      this.syncs++;
+      this.synced(started);
     } else {
       for (const [i, p] of layout.pieces.entries()) await this.sink.write(bytes[i] ?? EMPTY, physical(p.at));
       if (layout.pieces.length > 0) this.unsynced = true;
       if (sync && this.unsynced) {
         await this.sink.datasync();
-        this.syncs++;
+        this.synced(started);
         this.unsynced = false;
       }
     }
@@ -939,6 +944,11 @@ export class JournalFile {
       noteRun(this.ring.runs, this.ring.capacity, n.at, (n.flags & MARKERS) === 0 ? n.seq : 0);
     }
     this.ring.head = layout.end;
+  }
+
+  private synced(started: number): void {
+    this.syncs++;
+    this.onSync?.((performance.now() - started) / 1000);
   }
 
   private async drain(): Promise<void> {

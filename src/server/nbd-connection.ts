@@ -56,6 +56,7 @@ import type { Socket } from 'node:net';
 import { isMemstrataError } from '../errors.js';
 import type { Logger } from '../logger.js';
 import type { Admission } from '../net/connection-gate.js';
+import type { LatencyHistogram } from '../net/latency.js';
 import { DRAIN_DEADLINE_MS } from '../net/listen.js';
 import { RequestFlow, type FlowLimits, type FlowSocket, type FlowStats, type SharedBudget } from '../net/request-flow.js';
 import {
@@ -131,6 +132,8 @@ export interface NbdHost {
 
 export interface NbdStats {
   commands: Record<string, number>;
+  /** Per command, from the request in whole to its reply handed to the kernel. */
+  latency: LatencyHistogram;
   errors: Record<string, number>;
   bytesRead: number;
   bytesWritten: number;
@@ -788,6 +791,7 @@ export class NbdConnection {
       return;
     }
     request.cost = refused ? refusedCostOf(request) : costOf(request);
+    request.received = performance.now();
     this.flow.push(request, request.cost);
     if (this.flow.queued > 0) this.parser.hold();
   }
@@ -797,6 +801,7 @@ export class NbdConnection {
     const reserved = this.receivingReserved;
     this.receiving = undefined;
     this.receivingReserved = 0;
+    request.received = performance.now();
     this.flow.push(request, request.cost, reserved);
     if (this.flow.queued > 0) this.parser.hold();
   }
@@ -960,6 +965,7 @@ export class NbdConnection {
 
   /** The reply is in the kernel's hands: the request gives its budget back. */
   private complete(request: NbdRequest): void {
+    if (request.received > 0) this.host.stats.latency.since(CMD_NAME[request.type] ?? 'UNKNOWN', request.received);
     this.flow.done(request.cost);
     this.maybeFinish();
   }

@@ -22,6 +22,7 @@
 
 import { createServer, type Server, type Socket } from 'node:net';
 import type { Admission } from '../net/connection-gate.js';
+import { LatencyHistogram } from '../net/latency.js';
 import { tlsUpgrader, type TlsFiles } from '../net/tls.js';
 import type { Logger } from '../logger.js';
 import { ConnectionGate } from '../net/connection-gate.js';
@@ -79,7 +80,7 @@ export class NbdService implements NbdHost {
     this.volumes = options.volumes;
     this.io = options.io;
     this.log = options.log;
-    this.stats = { commands: {}, errors: {}, bytesRead: 0, bytesWritten: 0, handshakes: 0, protocolErrors: 0 };
+    this.stats = { commands: {}, latency: new LatencyHistogram(), errors: {}, bytesRead: 0, bytesWritten: 0, handshakes: 0, protocolErrors: 0 };
     this.payloadBuffers = new BufferPool(POOL_PER_CLASS, POOL_MAX_BYTES);
     const { limits } = options;
     this.limits = { maxRequests: limits.maxInFlight, maxBytes: limits.maxInFlightBytes };

@@ -70,6 +70,7 @@ import { HANDSHAKE_MAX_BODY, HEADER_SIZE, MAX_BODY, MAX_DATA, OP, OP_NAME, STATU
 import type { Logger } from '../logger.js';
 import type { BufferPool } from './buffer-pool.js';
 import { CorkedWriter } from '../net/corked-writer.js';
+import type { LatencyHistogram } from '../net/latency.js';
 import { RequestFlow, type FlowLimits, type FlowStats, type SharedBudget } from '../net/request-flow.js';
 import type { Admission } from '../net/connection-gate.js';
 
@@ -116,6 +117,8 @@ export interface ConnectionHost {
 
 export interface RmemStats {
   requests: Record<string, number>;
+  /** Per operation, from the request in whole to its reply handed to the kernel. */
+  latency: LatencyHistogram;
   errors: Record<string, number>;
   bytesRead: number;
   bytesWritten: number;
@@ -128,6 +131,8 @@ interface Request {
   frame: Frame;
   cost: number;
   admitted: boolean;
+  /** When it was in whole (performance.now()). */
+  received: number;
 }
 
 /** A reply ready to go: its buffers, and what to do once the kernel has them. */
@@ -295,7 +300,7 @@ export class RmemConnection {
     // Pushed even while closing: until the flow is closed a reservation goes back through it
     // (start() ends the request at once); once closed, close() has given it back already.
     const cost = frame.body.length + (admitted ? replySize(frame.op, frame.body) : HANDSHAKE_REPLY_SIZE);
-    this.flow.push({ frame, cost, admitted }, cost, reserved);
+    this.flow.push({ frame, cost, admitted, received: performance.now() }, cost, reserved);
   }
 
   /** Runs a request the flow dispatched; its budget comes back once its reply is written. */
@@ -340,6 +345,7 @@ export class RmemConnection {
       }
       this.writer.write(part, () => {
         reply.written?.();
+        this.host.stats.latency.since(OP_NAME[request.frame.op] ?? 'UNKNOWN', request.received);
         this.done(request);
       });
     });

@@ -33,6 +33,7 @@
 
 import { createServer, type Server, type Socket } from 'node:net';
 import { tlsUpgrader, type TlsFiles } from '../net/tls.js';
+import { LatencyHistogram } from '../net/latency.js';
 import type { Admission } from '../net/connection-gate.js';
 import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { MisuseError } from '../errors.js';
@@ -145,7 +146,7 @@ export class RmemService implements ConnectionHost {
     this.flowStats = newFlowStats();
     this.budget = new SharedBudget(options.maxInFlightBytesTotal, { reserveBytes: IDLE_RESERVE, waitersFirst: true });
     this.gate = new ConnectionGate('rmem', { maxConnections: options.maxConnections, maxConnectionsPerClient: options.maxConnectionsPerClient, handshakeTimeoutMs: options.handshakeTimeoutMs }, options.log);
-    this.stats = { requests: {}, errors: {}, bytesRead: 0, bytesWritten: 0, connectionsAccepted: 0, protocolErrors: 0 };
+    this.stats = { requests: {}, latency: new LatencyHistogram(), errors: {}, bytesRead: 0, bytesWritten: 0, connectionsAccepted: 0, protocolErrors: 0 };
     this.replyBuffers = new BufferPool(8, REPLY_POOL_BYTES);
     this.drainDeadlineMs = options.drainDeadlineMs ?? DRAIN_DEADLINE_MS;
     this.sessions = new Map();

@@ -263,6 +263,20 @@ export interface NodeInfo {
     periodMs: number;
     list: GuestInfoJson[];
   };
+  /** Request latencies since the node started (the same figures as /metrics' histograms). */
+  latency: { nbd: LatencyJson[]; rmem: LatencyJson[]; journalSync: LatencyJson[] };
+}
+
+/**
+ * One series of a latency histogram: NBD command, rmem operation or NVRAM device. The
+ * quantiles are the histogram's bucket bounds (an upper estimate); null past 10 s.
+ */
+export interface LatencyJson {
+  key: string;
+  count: number;
+  meanSeconds: number;
+  p50Seconds: number | null;
+  p99Seconds: number | null;
 }
 
 /**

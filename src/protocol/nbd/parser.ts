@@ -41,6 +41,8 @@ export interface NbdRequest {
   pooled: Buffer | undefined;
   /** Bytes the session has budgeted for this request; the parser sets 0. */
   cost: number;
+  /** When the request was in whole (performance.now()), for the latency figures; the parser sets 0. */
+  received: number;
 }
 
 export interface NbdParserHandlers {
@@ -287,6 +289,7 @@ export class NbdServerParser {
       data: EMPTY,
       pooled: undefined,
       cost: 0,
+      received: 0,
     };
     if (request.type === CMD.WRITE) {
       // A WRITE's payload must be read to stay in step; one larger than any block we accept
