@@ -193,7 +193,7 @@ class FakePartner implements MirrorPort {
   answer(outcome: 'held' | 'lost' | 'failed'): void {
     const send = this.waiting.shift();
     if (send === undefined) return;
-    if (outcome === 'held' && this.state === 'in-sync') {
+    if (outcome === 'held' && this.holding()) {
       for (const [seq, payload] of decodeAll(send.records)) this.held.set(seq, payload);
       send.resolve(true);
     } else if (outcome === 'failed') {
@@ -203,6 +203,11 @@ class FakePartner implements MirrorPort {
       this.state = 'degraded';
       send.resolve(false);
     }
+  }
+
+  /** Whether an APPEND answered now lands in the partner's copy. */
+  protected holding(): boolean {
+    return this.state === 'in-sync';
   }
 
   epoch(): Promise<void> {
@@ -256,44 +261,31 @@ test('a mirrored write log: a plain WRITE is acknowledged before the partner ans
  * repair's rolledBack puts it out of sync until the next resync, and the partner may die
  * for good (its memory gone).
  */
-class ModelPartner implements MirrorPort {
-  state: MirrorMode = 'in-sync';
-  held = new Map<number, string>();
+class ModelPartner extends FakePartner {
   dead = false;
-  readonly waiting: { records: Buffer; resolve(holds: boolean): void; reject(error: Error): void }[] = [];
   private syncing: Promise<void> | undefined;
   private readonly device: NvramDevice;
 
   constructor(device: NvramDevice) {
+    super();
     this.device = device;
   }
 
-  mode(): MirrorMode {
+  override mode(): MirrorMode {
     return this.syncing !== undefined ? 'syncing' : this.state;
   }
 
-  settled(): Promise<void> {
+  override settled(): Promise<void> {
     return this.syncing ?? Promise.resolve();
   }
 
-  append(_device: string, _epoch: number, records: Buffer): Promise<boolean> {
+  override append(device: string, epoch: number, records: Buffer): Promise<boolean> {
     if (this.state !== 'in-sync' || this.syncing !== undefined) return Promise.resolve(false);
-    return new Promise((resolve, reject) => { this.waiting.push({ records, resolve, reject }); });
+    return super.append(device, epoch, records);
   }
 
-  answer(outcome: 'held' | 'lost' | 'failed'): void {
-    const send = this.waiting.shift();
-    if (send === undefined) return;
-    if (outcome === 'held' && this.state === 'in-sync' && !this.dead) {
-      for (const [seq, payload] of decodeAll(send.records)) this.held.set(seq, payload);
-      send.resolve(true);
-    } else if (outcome === 'failed') {
-      this.state = 'degraded';
-      send.reject(new RuntimeError('MS_NVRAM_PARTNER_DOWN', 'the partner does not hold the record and etcd could not be told'));
-    } else {
-      this.state = 'degraded';
-      send.resolve(false);
-    }
+  protected override holding(): boolean {
+    return super.holding() && !this.dead;
   }
 
   /**
@@ -314,7 +306,7 @@ class ModelPartner implements MirrorPort {
     const run = (async () => {
       await this.device.quiesce();
       await this.device.syncJournal();
-      this.held = new Map();
+      this.held.clear();
       for (const b of await this.device.collect(0, 1e9, 1e12)) for (const [seq, payload] of decodeAll(b)) this.held.set(seq, payload);
       this.state = 'in-sync';
     })().finally(() => { this.syncing = undefined; });
@@ -322,18 +314,8 @@ class ModelPartner implements MirrorPort {
     return run.catch(() => undefined);
   }
 
-  epoch(): Promise<void> {
-    return Promise.resolve();
-  }
-
-  trim(): void {}
-
-  rolledBack(): void {
+  override rolledBack(): void {
     if (this.syncing === undefined) this.state = 'degraded';
-  }
-
-  exclusive<T>(fn: () => Promise<T>): Promise<T> {
-    return fn();
   }
 }
 
