@@ -62,7 +62,8 @@ function latencyHistogram(registry: Registry, name: string, help: string, label:
     }
     return Promise.resolve({ name, help, type: 'histogram', aggregator: 'sum', values });
   };
-  registry.registerMetric({ name, help, type: 'histogram', aggregator: 'sum', get } as unknown as Parameters<Registry['registerMetric']>[0]);
+  // reset: the services own the figures (Registry.resetMetrics calls it on every metric).
+  registry.registerMetric({ name, help, type: 'histogram', aggregator: 'sum', get, reset: () => undefined } as unknown as Parameters<Registry['registerMetric']>[0]);
 }
 
 const GUEST_STATES = ['stopped', 'booting', 'running', 'failed'] as const;
@@ -150,8 +151,8 @@ export class NodeMetrics {
         this.set(sources.allocation.servers().length);
       },
     });
-    latencyHistogram(registry, 'memstrata_nbd_request_seconds', 'NBD requests by command: from the request in whole to its reply handed to the kernel.', 'command', () => sources.nbd()?.stats.latency.snapshot() ?? []);
-    latencyHistogram(registry, 'memstrata_rmem_request_seconds', 'rmem requests by operation: from the request in whole to its reply handed to the kernel.', 'op', () => sources.rmem()?.stats.latency.snapshot() ?? []);
+    latencyHistogram(registry, 'memstrata_nbd_request_seconds', 'NBD requests by command: from the request header to its reply handed to the kernel (budget waits and payloads included).', 'command', () => sources.nbd()?.stats.latency.snapshot() ?? []);
+    latencyHistogram(registry, 'memstrata_rmem_request_seconds', 'rmem requests by operation: from the request header to its reply handed to the kernel (budget waits and bodies included).', 'op', () => sources.rmem()?.stats.latency.snapshot() ?? []);
     latencyHistogram(registry, 'memstrata_nvram_journal_sync_seconds', 'NVRAM journal batches written and synced, by device: the disk\'s sync latency as the node sees it.', 'device', () => sources.journalSyncs?.() ?? []);
     new Counter({
       name: 'memstrata_rmem_requests_total',

@@ -529,10 +529,14 @@ export function renderLatency(latency: NodeInfo['latency'] | undefined): string[
   return [`Latency since start (request in to reply out; journal sync: a batch's write and sync; P50 and P99 are histogram bucket bounds)\n${table}`];
 }
 
-/** 12us, 1.5ms, 2.0s. */
+/** 12us, 1.50ms, 25.0ms, 2.0s: the unit chosen after rounding (999.6 us is 1.00ms). */
 export function formatDuration(seconds: number): string {
-  if (seconds < 0.001) return `${Math.round(seconds * 1e6)}us`;
-  if (seconds < 1) return `${(seconds * 1000).toFixed(seconds < 0.01 ? 2 : 1)}ms`;
+  const us = Math.round(seconds * 1e6);
+  if (us < 1000) return `${us}us`;
+  const ms2 = Number((seconds * 1000).toFixed(2));
+  if (ms2 < 10) return `${ms2.toFixed(2)}ms`;
+  const ms1 = Number((seconds * 1000).toFixed(1));
+  if (ms1 < 1000) return `${ms1.toFixed(1)}ms`;
   return `${seconds.toFixed(1)}s`;
 }
 

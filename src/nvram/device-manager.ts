@@ -267,9 +267,18 @@ export class DeviceManager {
     this.log.warn({ device: name, why }, 'NVRAM device steps aside: another node is its primary now');
   }
 
-  /** The journal options of `name`'s file: the shared ones, and its sync times into `syncLatency`. */
+  /**
+   * The journal options of `name`'s file: the shared ones, and its sync times into
+   * `syncLatency` while the device exists (a removed one's last syncs, as it closes, would
+   * bring its series back).
+   */
   private journalOptionsOf(name: string): JournalOptions {
-    return { ...this.journalOptions, onSync: (seconds) => { this.syncLatency.record(name, seconds); } };
+    return {
+      ...this.journalOptions,
+      onSync: (seconds) => {
+        if (this.devices.has(name)) this.syncLatency.record(name, seconds);
+      },
+    };
   }
 
   /**

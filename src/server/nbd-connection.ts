@@ -132,7 +132,7 @@ export interface NbdHost {
 
 export interface NbdStats {
   commands: Record<string, number>;
-  /** Per command, from the request in whole to its reply handed to the kernel. */
+  /** Per command, from the request's header to its reply handed to the kernel (budget waits and a WRITE's payload included). */
   latency: LatencyHistogram;
   errors: Record<string, number>;
   bytesRead: number;
@@ -771,6 +771,7 @@ export class NbdConnection {
       this.maybeFinish();
       return;
     }
+    request.received = performance.now();
     const refused = this.host.isStopping();
     if (request.type === CMD.WRITE) {
       this.receiving = request;
@@ -791,7 +792,6 @@ export class NbdConnection {
       return;
     }
     request.cost = refused ? refusedCostOf(request) : costOf(request);
-    request.received = performance.now();
     this.flow.push(request, request.cost);
     if (this.flow.queued > 0) this.parser.hold();
   }
@@ -801,7 +801,6 @@ export class NbdConnection {
     const reserved = this.receivingReserved;
     this.receiving = undefined;
     this.receivingReserved = 0;
-    request.received = performance.now();
     this.flow.push(request, request.cost, reserved);
     if (this.flow.queued > 0) this.parser.hold();
   }

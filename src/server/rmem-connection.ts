@@ -117,7 +117,7 @@ export interface ConnectionHost {
 
 export interface RmemStats {
   requests: Record<string, number>;
-  /** Per operation, from the request in whole to its reply handed to the kernel. */
+  /** Per operation, from the request's header to its reply handed to the kernel (budget waits and the body included). */
   latency: LatencyHistogram;
   errors: Record<string, number>;
   bytesRead: number;
@@ -131,7 +131,7 @@ interface Request {
   frame: Frame;
   cost: number;
   admitted: boolean;
-  /** When it was in whole (performance.now()). */
+  /** When its header was parsed (performance.now()). */
   received: number;
 }
 
@@ -159,6 +159,8 @@ export class RmemConnection {
   private reserved: number;
   /** Whether that body was priced as a request of an admitted connection. */
   private reservedAdmitted: boolean;
+  /** When the header of the body being admitted or read (admitBody) was parsed. */
+  private bodyStartedAt: number;
   private resumeScheduled: boolean;
   private closing: boolean;
   private idle: (() => void) | undefined;
@@ -178,6 +180,7 @@ export class RmemConnection {
     this.nextHandle = 1;
     this.reserved = 0;
     this.reservedAdmitted = false;
+    this.bodyStartedAt = 0;
     this.resumeScheduled = false;
     this.closing = false;
     this.idle = undefined;
@@ -236,7 +239,9 @@ export class RmemConnection {
     this.closing = true;
     for (const request of this.flow.close()) {
       const tag: Tag = { hi: request.frame.tagHi, lo: request.frame.tagLo };
-      this.writer.write(encodeErrorReply(request.frame.op, STATUS.SHUTDOWN, tag, 'the node is stopping'));
+      this.writer.write(encodeErrorReply(request.frame.op, STATUS.SHUTDOWN, tag, 'the node is stopping'), () => {
+        this.host.stats.latency.since(OP_NAME[request.frame.op] ?? 'UNKNOWN', request.received);
+      });
     }
     this.socket.pause();
     if (this.flow.inFlight > 0 && !this.socket.destroyed) {
@@ -270,6 +275,7 @@ export class RmemConnection {
 
   /** Budgets a body that spans chunks, and the largest reply its op can get, before the parser allocates it. */
   private admitBody(op: number, length: number): boolean {
+    this.bodyStartedAt = performance.now();
     const admitted = this.tenancy !== undefined;
     const bytes = length + (admitted ? maxReplySize(op) : HANDSHAKE_REPLY_SIZE);
     const granted = this.flow.reserve(bytes, () => {
@@ -300,7 +306,9 @@ export class RmemConnection {
     // Pushed even while closing: until the flow is closed a reservation goes back through it
     // (start() ends the request at once); once closed, close() has given it back already.
     const cost = frame.body.length + (admitted ? replySize(frame.op, frame.body) : HANDSHAKE_REPLY_SIZE);
-    this.flow.push({ frame, cost, admitted, received: performance.now() }, cost, reserved);
+    // A body that spanned chunks was priced at its header (admitBody): count from there.
+    const received = reserved > 0 ? this.bodyStartedAt : performance.now();
+    this.flow.push({ frame, cost, admitted, received }, cost, reserved);
   }
 
   /** Runs a request the flow dispatched; its budget comes back once its reply is written. */

@@ -62,4 +62,16 @@ test('request latencies: histograms per NBD command, rmem operation and journal 
   const write = json.node.latency.nbd.find((l) => l.key === 'WRITE');
   assert.equal(write?.count, 21);
   assert.ok(write !== undefined && write.p50Seconds !== null && write.p99Seconds !== null && write.p50Seconds <= write.p99Seconds);
+
+  // A device removed while appends run has no series left, not even from its last syncs.
+  for (let round = 0; round < 3; round++) {
+    await post('/v1/nvram', { name: 'gone', size: '4MiB', policy: 'local' });
+    const doomed = await rmem.journalOpen('gone', 1);
+    const appends = Array.from({ length: 32 }, (_, i) => rmem.journalAppend(doomed, [{ payload: Buffer.alloc(4096, i) }]).catch(() => undefined));
+    await new Promise((resolve) => setImmediate(resolve));
+    const removed = await fetch(`${n.url}/v1/nvram/gone`, { method: 'DELETE' });
+    assert.ok(removed.status === 200 || removed.status === 204, await removed.text());
+    await Promise.all(appends);
+  }
+  assert.doesNotMatch(await (await fetch(`${n.url}/metrics`)).text(), /device="gone"/);
 });

@@ -41,7 +41,7 @@ export interface NbdRequest {
   pooled: Buffer | undefined;
   /** Bytes the session has budgeted for this request; the parser sets 0. */
   cost: number;
-  /** When the request was in whole (performance.now()), for the latency figures; the parser sets 0. */
+  /** When its header was parsed (performance.now()), for the latency figures; the parser sets 0. */
   received: number;
 }
 

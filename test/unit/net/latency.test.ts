@@ -5,6 +5,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
+import { formatDuration } from '../../../src/cli/program.js';
 import { LATENCY_BOUNDS, LatencyHistogram, latencySummary, quantileOf } from '../../../src/net/latency.js';
 
 test('latency histogram: cumulative counts per bound, +Inf, sum and quantiles match the observations, for any observations', () => {
@@ -49,4 +50,11 @@ test('latency histogram: series per key, sorted; forget drops one; the summary g
   assert.equal(latencySummary(h.snapshot().find((s) => s.key === 'WRITE') ?? write).p99Seconds, null, 'p99 past the last bound');
   h.forget('WRITE');
   assert.deepEqual(h.snapshot().map((s) => s.key), ['FLUSH']);
+});
+
+test('durations in status: the unit is chosen after rounding', () => {
+  assert.deepEqual(
+    [0.000012, 0.0009994, 0.0009996, 0.0015, 0.0099996, 0.025, 0.99996, 2].map(formatDuration),
+    ['12us', '999us', '1.00ms', '1.50ms', '10.0ms', '25.0ms', '1.0s', '2.0s'],
+  );
 });
