@@ -5,6 +5,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
+import { NodeMetrics } from '../../../src/admin/metrics.js';
 import { formatDuration } from '../../../src/cli/program.js';
 import { LATENCY_BOUNDS, LatencyHistogram, latencySummary, quantileOf } from '../../../src/net/latency.js';
 
@@ -57,4 +58,30 @@ test('durations in status: the unit is chosen after rounding', () => {
     [0.000012, 0.0009994, 0.0009996, 0.0015, 0.0099996, 0.025, 0.99996, 2].map(formatDuration),
     ['12us', '999us', '1.00ms', '1.50ms', '10.0ms', '25.0ms', '1.0s', '2.0s'],
   );
+});
+
+test('/metrics renders a service\'s histogram as Prometheus expects, and resetting the registry leaves the services\' figures alone', async () => {
+  const syncs = new LatencyHistogram();
+  syncs.record('wl', 0.0002);
+  syncs.record('wl', 0.003);
+  const metrics = new NodeMetrics({
+    nodeId: 'ms-test',
+    partition: { usage: () => [] } as never,
+    allocation: { rows: () => [], servers: () => [] } as never,
+    media: [],
+    rmem: () => undefined,
+    nbd: () => undefined,
+    volumes: { list: () => [] } as never,
+    cache: () => undefined,
+    nvram: () => [],
+    mirror: () => undefined,
+    journalSyncs: () => syncs.snapshot(),
+  });
+  const text = await metrics.registry.metrics();
+  assert.match(text, /^# TYPE memstrata_nvram_journal_sync_seconds histogram$/m);
+  assert.match(text, /^memstrata_nvram_journal_sync_seconds_bucket\{device="wl",le="0\.00025"\} 1$/m);
+  assert.match(text, /^memstrata_nvram_journal_sync_seconds_bucket\{device="wl",le="\+Inf"\} 2$/m);
+  assert.match(text, /^memstrata_nvram_journal_sync_seconds_count\{device="wl"\} 2$/m);
+  metrics.registry.resetMetrics();
+  assert.match(await metrics.registry.metrics(), /^memstrata_nvram_journal_sync_seconds_count\{device="wl"\} 2$/m);
 });
