@@ -3,6 +3,8 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { readFileSync, statSync } from 'node:fs';
 
 test('memstrata exports the node, its configuration and its tables', async () => {
   const root = await import('memstrata');
@@ -34,4 +36,19 @@ test('memstrata/host resolves and shares the error registry with the node', asyn
   await segment.write(0, Buffer.from('ok'));
   assert.equal((await segment.read(0, 2)).toString(), 'ok');
   await memory.close();
+});
+
+test('the memstrata command is executable as committed (what npx runs in a fresh clone, where tsc output is not) and runs the CLI', () => {
+  const root = new URL('../../../', import.meta.url);
+  const pkg = JSON.parse(readFileSync(new URL('package.json', root), 'utf8')) as { version: string; bin: Record<string, string>; files: string[] };
+  const bin = pkg.bin.memstrata;
+  assert.ok(bin !== undefined);
+  assert.ok(pkg.files.some((f) => bin.startsWith(`${f}/`)), 'the bin is in the published files');
+  const path = new URL(bin, root).pathname;
+  assert.ok((statSync(path).mode & 0o111) !== 0, `${bin} is executable`);
+  const tracked = spawnSync('git', ['ls-files', '-s', bin], { cwd: root.pathname, encoding: 'utf8' });
+  if (tracked.status === 0 && tracked.stdout !== '') assert.match(tracked.stdout, /^100755 /, 'git keeps it executable');
+  const run = spawnSync(path, ['--version'], { encoding: 'utf8' });
+  assert.equal(run.status, 0, run.stderr);
+  assert.equal(run.stdout.trim(), pkg.version);
 });
