@@ -26,3 +26,25 @@ test('buffers are reused, at most perClass of a size and maxBytes in all; the re
   assert.equal(pool.retained, 2 * MiB, 'a buffer that would take the pool past maxBytes is not kept');
   assert.notEqual(pool.acquire(8 * MiB), big);
 });
+
+test('a pool from 4 KiB (NBD) reuses small buffers, keeps as many of a small class as fit in perClass MiB, and leaves smaller sizes to Node', () => {
+  const pool = new BufferPool(4, 32 * MiB, 4096);
+  const small = pool.acquire(4000);
+  assert.equal(small.length, 4000, 'below the least size: a fresh buffer of the size asked');
+  pool.release(small);
+  assert.equal(pool.retained, 0, 'and not kept');
+  const a = pool.acquire(4096);
+  pool.release(a);
+  assert.equal(pool.acquire(4096), a, '4 KiB buffers are reused');
+  const many = Array.from({ length: 2000 }, () => pool.acquire(4096));
+  for (const b of many) pool.release(b);
+  assert.equal(pool.retained, 4 * MiB, 'of 2,000 buffers of 4 KiB, 1,024 are kept: 4 MiB');
+  const large = Array.from({ length: 10 }, () => pool.acquire(4 * MiB));
+  for (const b of large) pool.release(b);
+  assert.equal(pool.retained, 4 * MiB + 4 * 4 * MiB, 'of large classes perClass are kept');
+  // The default least size (rmem) leaves anything under 64 KiB to Node.
+  const rmem = new BufferPool(8, 64 * MiB);
+  const b = rmem.acquire(16 * 1024);
+  rmem.release(b);
+  assert.equal(rmem.retained, 0);
+});
