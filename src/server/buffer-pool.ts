@@ -7,32 +7,49 @@
 // the storage call that read a WRITE's payload has settled (settle.ts).
 //
 //   size classes: powers of two from `minSize` up to the largest frame; at most
-//   `perClass` kept of each, and of the classes below 1 MiB as many as fit in
-//   perClass MiB (so 4 KiB buffers, the common NBD request, are reused at queue depth
-//   32), and at most `maxBytes` kept in all (what the pool holds is outside any
-//   request's budget, so it is bounded on its own)
+//   `perClass` kept of each, or with `smallClassBytes`, of each class below 1 MiB as
+//   many as fit in that many bytes (so 4 KiB buffers, the common NBD request, are
+//   reused at queue depth 32); at most `maxBytes` kept in all (what the pool holds is
+//   outside any request's budget, so it is bounded on its own). The small classes
+//   together hold little of the cap (9 MiB of NBD's 32 MiB: seven classes of 1 MiB,
+//   four buffers of 512 KiB), so 1 MiB buffers still find room.
 //
 // Below 4 KiB, Node's own slab allocator is cheaper than any pool. From 4 KiB up,
-// Buffer.allocUnsafe makes a new ArrayBuffer each time, and the collector pays for it:
-// NBD pools from 4 KiB (bench/nbd: 16 KiB random writes at QD8, 51-57k IOPS fresh
-// against 65-68k pooled); rmem from 64 KiB.
+// Buffer.allocUnsafe makes a new ArrayBuffer each time, and the collector pays for it.
+// NBD pools from 4 KiB (docs/BENCHMARKS.md: 4k randrw QD32 1.07x, 16 KiB random writes
+// 1.09x); rmem from 64 KiB. Below 64 KiB only sizes that are a class themselves come
+// from the pool: a 20 KiB request gets a buffer of its own size, not one of 32 KiB that
+// its budget (charged by length) would not count.
 
 /** The default least size pooled. */
 export const POOL_MIN = 64 * 1024;
 const MiB = 1024 * 1024;
+
+export interface BufferPoolOptions {
+  /** Buffers kept per size class (default 8). */
+  perClass?: number;
+  /** Bytes kept in all (default unbounded). */
+  maxBytes?: number;
+  /** The least size pooled (default POOL_MIN). */
+  minSize?: number;
+  /** Classes below 1 MiB may keep as many buffers as fit in this many bytes, if more than perClass. */
+  smallClassBytes?: number;
+}
 
 export class BufferPool {
   private readonly free: Map<number, Buffer[]>;
   private readonly perClass: number;
   private readonly maxBytes: number;
   private readonly minSize: number;
+  private readonly smallClassBytes: number;
   private kept: number;
 
-  constructor(perClass = 8, maxBytes = Number.POSITIVE_INFINITY, minSize = POOL_MIN) {
+  constructor(options: BufferPoolOptions = {}) {
     this.free = new Map();
-    this.perClass = perClass;
-    this.maxBytes = maxBytes;
-    this.minSize = minSize;
+    this.perClass = options.perClass ?? 8;
+    this.maxBytes = options.maxBytes ?? Number.POSITIVE_INFINITY;
+    this.minSize = options.minSize ?? POOL_MIN;
+    this.smallClassBytes = options.smallClassBytes ?? 0;
     this.kept = 0;
   }
 
@@ -41,9 +58,9 @@ export class BufferPool {
     return this.kept;
   }
 
-  /** A buffer of at least `size` bytes; below minSize a fresh one, else a pooled one. */
+  /** A buffer of at least `size` bytes: a pooled one of its size class, or a fresh one of `size`. */
   acquire(size: number): Buffer {
-    if (size < this.minSize) return Buffer.allocUnsafe(size);
+    if (size < this.minSize || (size < POOL_MIN && size !== sizeClass(size))) return Buffer.allocUnsafe(size);
     const cls = sizeClass(size);
     const buf = this.free.get(cls)?.pop();
     if (buf === undefined) return Buffer.allocUnsafeSlow(cls);
@@ -51,7 +68,7 @@ export class BufferPool {
     return buf;
   }
 
-  /** Gives back a buffer that came from acquire; small ones are left to the GC. */
+  /** Gives back a buffer that came from acquire; others (below minSize, not a class) are left to the GC. */
   release(buf: Buffer): void {
     if (buf.length < this.minSize || buf.length !== sizeClass(buf.length)) return;
     let list = this.free.get(buf.length);
@@ -59,7 +76,7 @@ export class BufferPool {
       list = [];
       this.free.set(buf.length, list);
     }
-    const room = Math.max(this.perClass, Math.floor((this.perClass * MiB) / buf.length));
+    const room = buf.length < MiB ? Math.max(this.perClass, Math.floor(this.smallClassBytes / buf.length)) : this.perClass;
     if (list.length < room && this.kept + buf.length <= this.maxBytes) {
       list.push(buf);
       this.kept += buf.length;

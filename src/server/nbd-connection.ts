@@ -113,7 +113,7 @@ export interface NbdHost {
   /** TLS on this service: undefined answers STARTTLS with NBD_REP_ERR_POLICY. */
   readonly tls: { require: boolean; upgrade(socket: Socket, state: { noZeroes: boolean }, admission: Admission): void } | undefined;
   readonly io: VolumeIo;
-  /** Large READ and WRITE payload buffers, reused once the socket has written them or the request is done. */
+  /** READ and WRITE payload buffers from 4 KiB up, reused once the socket has written them or the request is done. */
   readonly payloadBuffers: BufferPool;
   readonly log: Logger;
   readonly stats: NbdStats;

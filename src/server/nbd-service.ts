@@ -51,8 +51,9 @@ export interface NbdLimits {
 export const IDLE_RESERVE = 256 * 1024;
 /** Reusable payload buffers kept per size class, and in all. */
 const POOL_PER_CLASS = 4;
-/** Request payloads and replies from 4 KiB up are pooled (buffer-pool.ts). */
+/** Request payloads and replies from 4 KiB up are pooled (buffer-pool.ts), up to 1 MiB of each class below 1 MiB. */
 const POOL_FROM = 4096;
+const POOL_SMALL_CLASS_BYTES = 1024 * 1024;
 const POOL_MAX_BYTES = 32 * 1024 * 1024;
 /** Pieces (64 MiB each) of long TRIMs and WRITE_ZEROES in storage at once, across the service. */
 export const ZERO_SLOTS = 2;
@@ -83,7 +84,7 @@ export class NbdService implements NbdHost {
     this.io = options.io;
     this.log = options.log;
     this.stats = { commands: {}, latency: new LatencyHistogram(), errors: {}, bytesRead: 0, bytesWritten: 0, handshakes: 0, protocolErrors: 0 };
-    this.payloadBuffers = new BufferPool(POOL_PER_CLASS, POOL_MAX_BYTES, POOL_FROM);
+    this.payloadBuffers = new BufferPool({ perClass: POOL_PER_CLASS, maxBytes: POOL_MAX_BYTES, minSize: POOL_FROM, smallClassBytes: POOL_SMALL_CLASS_BYTES });
     const { limits } = options;
     this.limits = { maxRequests: limits.maxInFlight, maxBytes: limits.maxInFlightBytes };
     this.budget = new SharedBudget(limits.maxInFlightBytesTotal, { reserveBytes: IDLE_RESERVE });

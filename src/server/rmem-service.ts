@@ -147,7 +147,7 @@ export class RmemService implements ConnectionHost {
     this.budget = new SharedBudget(options.maxInFlightBytesTotal, { reserveBytes: IDLE_RESERVE, waitersFirst: true });
     this.gate = new ConnectionGate('rmem', { maxConnections: options.maxConnections, maxConnectionsPerClient: options.maxConnectionsPerClient, handshakeTimeoutMs: options.handshakeTimeoutMs }, options.log);
     this.stats = { requests: {}, latency: new LatencyHistogram(), errors: {}, bytesRead: 0, bytesWritten: 0, connectionsAccepted: 0, protocolErrors: 0 };
-    this.replyBuffers = new BufferPool(8, REPLY_POOL_BYTES);
+    this.replyBuffers = new BufferPool({ perClass: 8, maxBytes: REPLY_POOL_BYTES });
     this.drainDeadlineMs = options.drainDeadlineMs ?? DRAIN_DEADLINE_MS;
     this.sessions = new Map();
     this.connections = new Set();

@@ -9,7 +9,7 @@ import { BufferPool } from '../../../src/server/buffer-pool.js';
 const MiB = 2 ** 20;
 
 test('buffers are reused, at most perClass of a size and maxBytes in all; the rest go to the GC', () => {
-  const pool = new BufferPool(2, 6 * MiB);
+  const pool = new BufferPool({ perClass: 2, maxBytes: 6 * MiB });
   const a = pool.acquire(3 * MiB);
   assert.equal(a.length, 4 * MiB, 'rounded up to its size class');
   pool.release(a);
@@ -27,24 +27,41 @@ test('buffers are reused, at most perClass of a size and maxBytes in all; the re
   assert.notEqual(pool.acquire(8 * MiB), big);
 });
 
-test('a pool from 4 KiB (NBD) reuses small buffers, keeps as many of a small class as fit in perClass MiB, and leaves smaller sizes to Node', () => {
-  const pool = new BufferPool(4, 32 * MiB, 4096);
+test('a pool from 4 KiB (NBD) reuses small buffers that are a size class, keeps up to smallClassBytes of each class below 1 MiB, and still has room for 1 MiB buffers once every small class is full', () => {
+  const pool = new BufferPool({ perClass: 4, maxBytes: 32 * MiB, minSize: 4096, smallClassBytes: MiB });
   const small = pool.acquire(4000);
   assert.equal(small.length, 4000, 'below the least size: a fresh buffer of the size asked');
   pool.release(small);
-  assert.equal(pool.retained, 0, 'and not kept');
+  const odd = pool.acquire(20 * 1024);
+  assert.equal(odd.length, 20 * 1024, 'below 64 KiB, a size that is no class gets a buffer of its own size (its budget is charged by length)');
+  pool.release(odd);
+  assert.equal(pool.retained, 0, 'neither is kept');
   const a = pool.acquire(4096);
   pool.release(a);
   assert.equal(pool.acquire(4096), a, '4 KiB buffers are reused');
-  const many = Array.from({ length: 2000 }, () => pool.acquire(4096));
-  for (const b of many) pool.release(b);
-  assert.equal(pool.retained, 4 * MiB, 'of 2,000 buffers of 4 KiB, 1,024 are kept: 4 MiB');
-  const large = Array.from({ length: 10 }, () => pool.acquire(4 * MiB));
-  for (const b of large) pool.release(b);
-  assert.equal(pool.retained, 4 * MiB + 4 * 4 * MiB, 'of large classes perClass are kept');
-  // The default least size (rmem) leaves anything under 64 KiB to Node.
-  const rmem = new BufferPool(8, 64 * MiB);
-  const b = rmem.acquire(16 * 1024);
-  rmem.release(b);
-  assert.equal(rmem.retained, 0);
+  // A burst in every class below 1 MiB: each keeps 1 MiB, or perClass buffers if that is more (4 of 512 KiB).
+  for (let size = 4096; size < MiB; size *= 2) {
+    const burst = Array.from({ length: 2048 }, () => pool.acquire(size));
+    for (const b of burst) pool.release(b);
+  }
+  assert.equal(pool.retained, 7 * MiB + 4 * 512 * 1024, 'seven small classes of 1 MiB, and four buffers of 512 KiB');
+  const big = [pool.acquire(MiB), pool.acquire(MiB), pool.acquire(4 * MiB)];
+  for (const b of big) pool.release(b);
+  assert.equal(pool.acquire(MiB), big[1], 'a 1 MiB buffer is still reused');
+  assert.equal(pool.acquire(4 * MiB), big[2], 'and a 4 MiB one');
+});
+
+test('the rmem pool (from 64 KiB, perClass per class) keeps its old rule: a burst of 64 KiB replies leaves perClass behind, and 1 MiB replies are still reused', () => {
+  const pool = new BufferPool({ perClass: 8, maxBytes: 32 * MiB });
+  const b = pool.acquire(16 * 1024);
+  pool.release(b);
+  assert.equal(pool.retained, 0, 'under 64 KiB: left to Node');
+  for (let size = 64 * 1024; size < MiB; size *= 2) {
+    const burst = Array.from({ length: 256 }, () => pool.acquire(size));
+    for (const x of burst) pool.release(x);
+  }
+  assert.equal(pool.retained, 8 * (64 + 128 + 256 + 512) * 1024);
+  const m = pool.acquire(MiB);
+  pool.release(m);
+  assert.equal(pool.acquire(MiB), m);
 });
