@@ -9,7 +9,7 @@ import { request as httpRequest } from 'node:http';
 import { connect } from 'node:net';
 import pino from 'pino';
 import { AdminServer, type AdminContext, type AdminServerOptions, type AdminStats } from '../../../src/admin/admin-server.js';
-import { NodeMetrics } from '../../../src/admin/metrics.js';
+import { emptyNodeMetrics } from '../../support/metrics-sources.js';
 
 const TOKEN = 'f3a9c2e4b7d1a8c6e0f2b4d6a8c0e2f4';
 
@@ -32,19 +32,7 @@ function guardedContext(reached: string[], stats: () => AdminStats | undefined):
         throw new Error(`handler reached ${name}.${String(key)} without the token`);
       },
     }) as never;
-  const metrics = new NodeMetrics({
-    nodeId: 'ms-test',
-    partition: { usage: () => [] } as never,
-    allocation: { rows: () => [], servers: () => [] } as never,
-    media: [],
-    rmem: () => undefined,
-    nbd: () => undefined,
-    volumes: { list: () => [] } as never,
-    cache: () => undefined,
-    nvram: () => [],
-    mirror: () => undefined,
-    admin: stats,
-  });
+  const metrics = emptyNodeMetrics({ admin: stats });
   return {
     info: () => {
       reached.push('info');

@@ -5,7 +5,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { NodeMetrics } from '../../../src/admin/metrics.js';
+import { emptyNodeMetrics } from '../../support/metrics-sources.js';
 import { formatDuration } from '../../../src/cli/program.js';
 import { LATENCY_BOUNDS, LatencyHistogram, latencySummary, quantileOf } from '../../../src/net/latency.js';
 
@@ -64,19 +64,7 @@ test('/metrics renders a service\'s histogram as Prometheus expects, and resetti
   const syncs = new LatencyHistogram();
   syncs.record('wl', 0.0002);
   syncs.record('wl', 0.003);
-  const metrics = new NodeMetrics({
-    nodeId: 'ms-test',
-    partition: { usage: () => [] } as never,
-    allocation: { rows: () => [], servers: () => [] } as never,
-    media: [],
-    rmem: () => undefined,
-    nbd: () => undefined,
-    volumes: { list: () => [] } as never,
-    cache: () => undefined,
-    nvram: () => [],
-    mirror: () => undefined,
-    journalSyncs: () => syncs.snapshot(),
-  });
+  const metrics = emptyNodeMetrics({ journalSyncs: () => syncs.snapshot() });
   const text = await metrics.registry.metrics();
   assert.match(text, /^# TYPE memstrata_nvram_journal_sync_seconds histogram$/m);
   assert.match(text, /^memstrata_nvram_journal_sync_seconds_bucket\{device="wl",le="0\.00025"\} 1$/m);
