@@ -53,8 +53,9 @@ export interface MetricsSources {
  */
 function latencyHistogram(registry: Registry, name: string, help: string, label: string, read: () => LatencySnapshot[]): void {
   const les = [...LATENCY_BOUNDS.map(String), '+Inf'];
-  const get = (): Promise<{ name: string; help: string; type: string; aggregator: string; values: { metricName: string; labels: Record<string, string>; value: number }[] }> => {
-    const values: { metricName: string; labels: Record<string, string>; value: number }[] = [];
+  type Value = { metricName: string; labels: Record<string, string>; value: number };
+  const get = (): Promise<{ name: string; help: string; type: string; aggregator: string; values: Value[] }> => {
+    const values: Value[] = [];
     for (const s of read()) {
       s.cumulative.forEach((value, i) => values.push({ metricName: `${name}_bucket`, labels: { [label]: s.key, le: les[i] ?? '+Inf' }, value }));
       values.push({ metricName: `${name}_sum`, labels: { [label]: s.key }, value: s.sum });

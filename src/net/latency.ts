@@ -3,6 +3,8 @@
 // I/O path pays next to nothing; the admin API turns them into Prometheus histograms
 // (admin/metrics.ts) and `memstrata status` into quantiles.
 
+import type { LatencyJson } from '../protocol/admin/api.js';
+
 /** Bucket upper bounds in seconds, from 10 us to 10 s; a last bucket takes the rest. */
 export const LATENCY_BOUNDS: readonly number[] = [
   0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
@@ -70,8 +72,8 @@ export class LatencyHistogram {
   }
 }
 
-/** A snapshot as the admin API gives it (LatencyJson): count, mean and two quantiles. */
-export function latencySummary(snapshot: LatencySnapshot): { key: string; count: number; meanSeconds: number; p50Seconds: number | null; p99Seconds: number | null } {
+/** A snapshot as the admin API gives it: count, mean and two quantiles. */
+export function latencySummary(snapshot: LatencySnapshot): LatencyJson {
   const bound = (q: number): number | null => {
     const v = quantileOf(snapshot, q);
     return v === undefined || !Number.isFinite(v) ? null : v;

@@ -175,7 +175,6 @@ class FakePartner implements MirrorPort {
   state: MirrorMode = 'in-sync';
   readonly held = new Map<number, string>();
   readonly waiting: { records: Buffer; resolve(holds: boolean): void; reject(error: Error): void }[] = [];
-  resets = 0;
 
   mode(): MirrorMode {
     return this.state;
@@ -218,7 +217,6 @@ class FakePartner implements MirrorPort {
 
   rolledBack(): void {
     // A resync would reset the replica; this partner stays out of reach instead.
-    this.resets++;
     this.state = 'degraded';
   }
 
