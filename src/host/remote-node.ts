@@ -208,7 +208,9 @@ export class RemoteNode {
    */
   async call<T>(what: string, fn: (session: RmemSession) => Promise<T>, generation: number): Promise<T> {
     for (let failures = 0; ; ) {
-      await this.usable(generation);
+      // Connected (the common case): no wait, so a request costs no extra turn.
+      if (this.session.connected) this.assertAlive(generation);
+      else await this.usable(generation);
       try {
         const result = await fn(this.session);
         this.answered();

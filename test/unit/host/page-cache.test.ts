@@ -73,7 +73,7 @@ async function setup(cachePages: number) {
   await memory.refresh();
   const onSwap = await memory.alloc(PAGE, { device: 'swap' });
   const onNode = await memory.alloc(8 * PAGE, { device: 'a' });
-  for (let i = 0; i < 2; i++) await onSwap.write(0, Buffer.alloc(PAGE, 0x51 + i)); // promoted on the second write: dirty in the cache
+  for (let i = 0; i < 2; i++) await onSwap.write(0, Buffer.alloc(PAGE, 0x51 + i)); // promoted on the first write (a slot was free): dirty in the cache
   assert.equal(memory.stats().cache.dirtyPages, 1);
   return { memory, swap, onSwap, onNode };
 }
@@ -85,19 +85,20 @@ test('a dirty page whose write-back fails breaks no request on another segment; 
   t.after(() => memory.close());
   swap.broken = true;
   const before = memory.stats().cache;
-  // Each node page touched twice: the second touch promotes it, which needs a slot.
-  for (let round = 0; round < 3; round++) {
-    for (let p = 0; p < 8; p++) {
-      await onNode.write(p * PAGE, page(0x10 + p));
-      assert.ok((await onNode.read(p * PAGE, PAGE)).equals(page(0x10 + p)), `node page ${p}`);
-    }
+  // Node pages hot in turn, each touched once more than the one before it (6 + p times):
+  // each is promoted once it has been touched more often lately than the page it pushes
+  // out, and all but the first need a slot.
+  for (let p = 0; p < 8; p++) {
+    await onNode.write(p * PAGE, page(0x10 + p));
+    for (let touch = 0; touch < 5 + p; touch++) assert.ok((await onNode.read(p * PAGE, PAGE)).equals(page(0x10 + p)), `node page ${p}`);
   }
   const after = memory.stats().cache;
-  assert.ok(after.promotions - before.promotions >= 8, 'the node segment still gets a slot of the cache');
+  assert.equal(after.promotions - before.promotions, 8, 'the node segment still gets a slot of the cache');
+  assert.equal(after.demotions - before.demotions, 7);
   assert.equal(after.failedWriteBacks, 1, 'the failed page is passed over while there is another victim');
   assert.equal(after.dirtyPages, 1);
   assert.ok((await onSwap.read(0, PAGE)).equals(page(0x52)), 'the swap page is still served, from the cache');
-  assert.ok(swap.bytes.subarray(0, PAGE).equals(page(0x51)), 'it never reached the swap volume (which holds the first, cold write)');
+  assert.ok(swap.bytes.subarray(0, PAGE).equals(page(0)), 'it never reached the swap volume');
 
   await assert.rejects(memory.flush(), /swap volume: injected EIO/);
   await assert.rejects(memory.flush(), /swap volume: injected EIO/, 'a later flush does not pretend');
@@ -112,9 +113,11 @@ test('with every slot held by a failed page, requests are served from their tier
   const { memory, swap, onSwap, onNode } = await setup(1);
   t.after(() => memory.close());
   swap.broken = true;
+  // Each node page is touched three times, more often lately than the swap page (twice):
+  // the third touch would promote it.
   for (let p = 0; p < 4; p++) {
     await onNode.write(p * PAGE, page(0x20 + p));
-    assert.ok((await onNode.read(p * PAGE, PAGE)).equals(page(0x20 + p)), `node page ${p}`);
+    for (let touch = 0; touch < 2; touch++) assert.ok((await onNode.read(p * PAGE, PAGE)).equals(page(0x20 + p)), `node page ${p}`);
   }
   const stats = memory.stats().cache;
   assert.equal(stats.cachedPages, 1);
@@ -123,7 +126,9 @@ test('with every slot held by a failed page, requests are served from their tier
   assert.ok((await onSwap.read(0, PAGE)).equals(page(0x52)));
 
   swap.broken = false;
-  await onNode.read(5 * PAGE, PAGE);
+  // The swap page has been touched three times now: the fourth touch of page 5 promotes it.
+  for (let touch = 0; touch < 3; touch++) await onNode.read(5 * PAGE, PAGE);
+  assert.ok(swap.bytes.subarray(0, PAGE).equals(page(0)), 'not yet');
   await onNode.read(5 * PAGE, PAGE); // promoted: demotes the swap page, written back this time
   assert.ok(swap.bytes.subarray(0, PAGE).equals(page(0x52)));
   assert.equal(memory.stats().cache.dirtyPages, 0);
@@ -198,4 +203,124 @@ test('under any interleaving of failing swap write-backs with requests: no reque
     }),
     { numRuns: 300 },
   );
+});
+
+type PageOp = { kind: 'write'; page: number; at: number; length: number } | { kind: 'read'; page: number; at: number; length: number } | { kind: 'flush' };
+
+test('requests on one page take effect in the order they were made, under any interleaving of promotions, demotions and write-backs: every read returns what a one-at-a-time run would (fc.scheduler)', async () => {
+  const part = fc.record({ page: fc.nat(5), at: fc.nat(PAGE - 1) }).chain(({ page: p, at }) => fc.record({ page: fc.constant(p), at: fc.constant(at), length: fc.integer({ min: 1, max: PAGE - at }) }));
+  const op: fc.Arbitrary<PageOp> = fc.oneof(
+    { weight: 4, arbitrary: part.map((x) => ({ kind: 'write' as const, ...x })) },
+    { weight: 4, arbitrary: part.map((x) => ({ kind: 'read' as const, ...x })) },
+    { weight: 1, arbitrary: fc.constant({ kind: 'flush' as const }) },
+  );
+  await fc.assert(
+    fc.asyncProperty(fc.scheduler(), fc.array(op, { minLength: 4, maxLength: 30 }), async (s, ops) => {
+      const node = new FakeNode(MiB, s);
+      const memory = HierarchyMemory.assemble({
+        serverId: 'unit',
+        dram: new RangeTier('local', 'dram', 0, new BufferStore(0)),
+        nodes: [{ name: 'a', address: 'fake-a', session: node.session(), connect: () => Promise.resolve(node.session()) }],
+        pageCacheBytes: 2 * PAGE,
+      });
+      await s.waitFor(memory.refresh());
+      const seg = await s.waitFor(memory.alloc(6 * PAGE, { device: 'a' }));
+      // What a run of the requests one at a time, in the order they were made, leaves.
+      const model = Buffer.alloc(6 * PAGE);
+      const problems: string[] = [];
+      let made = 0;
+      const tasks = ops.map((o, i) =>
+        s.schedule(Promise.resolve(), JSON.stringify(o)).then(async () => {
+          const order = made++;
+          if (o.kind === 'flush') {
+            await memory.flush();
+            return;
+          }
+          const offset = o.page * PAGE + o.at;
+          if (o.kind === 'write') {
+            const data = Buffer.alloc(o.length, 1 + (i % 255));
+            data.copy(model, offset);
+            await seg.write(offset, data);
+            return;
+          }
+          const expected = Buffer.from(model.subarray(offset, offset + o.length));
+          const got = await seg.read(offset, o.length);
+          if (!got.equals(expected)) problems.push(`read #${order} of page ${o.page} at ${o.at}+${o.length} saw bytes another order would give`);
+        }),
+      );
+      await s.waitFor(Promise.all(tasks));
+      await s.waitFor(memory.flush());
+      const region = [...node.regions.values()][0];
+      assert.ok(region !== undefined);
+      if (!region.data.subarray(0, 6 * PAGE).equals(model)) problems.push('after a flush the node does not hold what the requests left');
+      const stats = memory.stats().cache;
+      if (stats.cachedPages > stats.capacityPages) problems.push(`${stats.cachedPages} pages cached in ${stats.capacityPages} slots`);
+      await s.waitFor(memory.close());
+      assert.deepEqual(problems, []);
+    }),
+    { numRuns: 300 },
+  );
+});
+
+test('a full cache keeps the pages accessed most often lately: a stream of pages touched once or twice never displaces a hot set', async (t) => {
+  const node = new FakeNode(MiB);
+  const memory = HierarchyMemory.assemble({
+    serverId: 'unit',
+    dram: new RangeTier('local', 'dram', 0, new BufferStore(0)),
+    nodes: [{ name: 'a', address: 'fake-a', session: node.session(), connect: () => Promise.resolve(node.session()) }],
+    pageCacheBytes: 4 * PAGE,
+  });
+  t.after(() => memory.close());
+  await memory.refresh();
+  const seg = await memory.alloc(256 * PAGE, { device: 'a' });
+  // Four hot pages, each touched between every two pages of the stream.
+  const hot = [0, 1, 2, 3];
+  for (const p of hot) await seg.write(p * PAGE, page(0x40 + p)); // slots free: each cached on its first access
+  assert.equal(memory.stats().cache.promotions, 4);
+  for (let cold = 10; cold < 250; cold++) {
+    for (const p of hot) assert.ok((await seg.read(p * PAGE, PAGE)).equals(page(0x40 + p)));
+    await seg.read(cold * PAGE, PAGE);
+    if (cold % 2 === 0) await seg.read(cold * PAGE, PAGE); // twice: still less than a hot page
+  }
+  const stats = memory.stats().cache;
+  assert.equal(stats.promotions, 4, 'no page of the stream entered the cache');
+  assert.equal(stats.demotions, 0);
+  assert.equal(stats.hits, 240 * 4, 'every access to a hot page was a hit');
+  assert.equal(node.served.get('WRITE') ?? 0, 0, 'the hot pages never left the cache, so were never written back');
+
+  // The stream turns hot, the hot set cools: a page touched more often lately than the
+  // least recently used cached page takes its place (within two agings of the counts).
+  const hotter = 100;
+  for (let touch = 0; touch < 128 && memory.stats().cache.promotions === 4; touch++) await seg.read(hotter * PAGE, PAGE);
+  assert.equal(memory.stats().cache.promotions, 5, 'a page hotter than a cached one gets in');
+  assert.equal(memory.stats().cache.demotions, 1);
+  assert.equal(node.served.get('WRITE'), 1, 'the dirty page it pushed out was written back');
+});
+
+test('a promotion and the demotion that makes room for it run side by side: the fetch does not wait for the victim\'s write-back', async (t) => {
+  const node = new FakeNode(MiB);
+  const memory = HierarchyMemory.assemble({
+    serverId: 'unit',
+    dram: new RangeTier('local', 'dram', 0, new BufferStore(0)),
+    nodes: [{ name: 'a', address: 'fake-a', session: node.session(), connect: () => Promise.resolve(node.session()) }],
+    pageCacheBytes: PAGE,
+  });
+  t.after(() => memory.close());
+  await memory.refresh();
+  const seg = await memory.alloc(8 * PAGE, { device: 'a' });
+  await seg.write(0, page(0x11)); // cached, dirty: the victim of the next promotion
+  for (let touch = 0; touch < 2; touch++) await seg.read(0, PAGE); // page 0: three touches
+  for (let touch = 0; touch < 3; touch++) await seg.read(PAGE, PAGE); // page 1: not more often yet
+  assert.equal(memory.stats().cache.promotions, 1);
+  node.stall(); // every request now waits until resume()
+  const promoting = seg.read(PAGE, PAGE); // fourth touch of page 1: beats page 0, promoted
+  for (let turn = 0; turn < 100 && node.holding < 2; turn++) await new Promise((resolve) => setImmediate(resolve));
+  assert.equal(node.holding, 2, 'the fetch of page 1 and the write-back of page 0 are both in flight');
+  node.resume();
+  assert.ok((await promoting).equals(page(0)));
+  const stats = memory.stats().cache;
+  assert.equal(stats.promotions, 2);
+  assert.equal(stats.writeBacks, 1);
+  assert.equal(stats.cachedPages, 1);
+  assert.ok((await seg.read(0, PAGE)).equals(page(0x11)), 'the victim reached the node');
 });

@@ -1,0 +1,49 @@
+// The page cache's admission filter: a count-min sketch never counts a page less than it
+// was recorded since the last aging (up to its ceiling of 15), and aging halves every count.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import { FrequencySketch } from '../../../src/host/frequency-sketch.js';
+
+test('an estimate is never below the records of a page since the last aging, capped at 15; collisions only raise it (fast-check)', () => {
+  fc.assert(
+    fc.property(
+      fc.integer({ min: 1, max: 4096 }),
+      fc.array(fc.oneof(fc.nat(64), fc.nat(2 ** 40), fc.constant(2 ** 53 - 1)), { minLength: 1, maxLength: 400 }),
+      (capacity, pages) => {
+        const sketch = new FrequencySketch(capacity);
+        const sample = Math.max(64, 10 * capacity);
+        const counts = new Map<number, number>();
+        pages.forEach((page, i) => {
+          sketch.record(page);
+          counts.set(page, (counts.get(page) ?? 0) + 1);
+          // Every `sample` records all counts are halved: the true lower bound halves too.
+          if ((i + 1) % sample === 0) for (const [p, c] of counts) counts.set(p, c >>> 1);
+        });
+        for (const [page, count] of counts) assert.ok(sketch.estimate(page) >= Math.min(15, count), `page ${page}: estimate ${sketch.estimate(page)} < ${count}`);
+      },
+    ),
+  );
+});
+
+test('pages far apart in number, the high bits of large page numbers included, do not share counters in a sketch with room', () => {
+  const sketch = new FrequencySketch(1024);
+  for (let i = 0; i < 10; i++) sketch.record(2 ** 40);
+  assert.equal(sketch.estimate(2 ** 40), 10);
+  assert.equal(sketch.estimate(2 ** 40 + 2 ** 33), 0, 'a page that differs only above bit 32');
+  assert.equal(sketch.estimate(0), 0);
+  assert.equal(sketch.estimate(2 ** 40 + 1), 0);
+});
+
+test('aging: after `sample` records every count is halved, so a page hot long ago does not outweigh one hot now', () => {
+  const sketch = new FrequencySketch(8); // sample: 80 records
+  for (let i = 0; i < 12; i++) sketch.record(7);
+  assert.equal(sketch.estimate(7), 12);
+  for (let i = 0; i < 68; i++) sketch.record(1000 + (i % 4)); // the 80th record ages the sketch
+  assert.equal(sketch.estimate(7), 6);
+  assert.equal(sketch.estimate(1000), 7, '17 records, counted up to 15, halved');
+  for (let i = 0; i < 80; i++) sketch.record(1000 + (i % 4));
+  assert.equal(sketch.estimate(7), 3);
+  assert.ok(sketch.estimate(1000) > sketch.estimate(7));
+});
