@@ -15,11 +15,12 @@
 // A write-back that fails (not a lost node: the swap volume's I/O error, a dropped NBD
 // connection) belongs to the page, not to the request that needed the slot, which may be
 // on another segment and another tier: the page stays cached and dirty, marked failed,
-// and the next victim is tried. Eviction passes failed pages over while it has another
-// victim, so a broken tier does not slow the others; only when every page it may take
-// is a failed one does it try each of those once (a tier that works again gets its pages
-// back), and with none left the request is served from its tier directly. flush() tries
-// every dirty page again and reports the failure.
+// and that request is served from its tier directly (one failed write-back per request
+// at most). Failed pages leave the LRU order for a list of their own, so eviction never
+// walks past them and a broken tier does not slow the others; only when no other page
+// may be taken does a demotion try one of them, the least recently tried (a tier that
+// works again gets its pages back). flush() tries every dirty page again and reports the
+// failure.
 //
 // So a one-pass scan over far memory never pushes the hot set out once the cache is full:
 // its pages are each accessed once. Under a skewed workload the cache keeps the pages
@@ -27,13 +28,14 @@
 // beats the one it replaces, so few pages churn through the cache and few write-backs
 // are paid (bench/host: promotions fell from 13% of far accesses to under 2%).
 //
-// Every request locks the pages it touches, in ascending order, for its whole run; a page
-// being demoted is locked too. So a read never sees a page half written back, and two
-// requests on the same page take turns. A lock taken by no one is taken at once (no
-// promise, no turn of the event loop, so a hit costs none), and a held one is handed to
-// its waiters in the order they asked: requests on one page take effect in the order they
-// were made. A victim is only taken when no request holds it, so eviction never waits on
-// a lock and cannot deadlock.
+// Every request locks the pages it touches for its whole run; a page being demoted is
+// locked too. So a read never sees a page half written back, and two requests on the same
+// page take turns. A request joins the queues of all its pages in the turn it is made; a
+// lock no one holds is taken at once (no promise, no turn of the event loop, so a hit
+// costs none), and a held one is handed to its waiters in the order they asked. So
+// requests take effect in the order they were made on every page they share, and a
+// request only ever waits for earlier ones (no deadlock). A victim is only taken when no
+// request holds it, so eviction never waits on a lock.
 //
 // Seams with the segment (PageSource):
 //   - lost source (its node was lost): a request that gets its locks after the loss fails
@@ -106,7 +108,7 @@ interface Entry {
   /** The hit clock when the entry last moved to the recent end. */
   moved: number;
   dirty: boolean;
-  /** Its last write-back failed (it is dirty); cleared when one succeeds. */
+  /** Its last write-back failed (it is dirty, and in `failing`); cleared when one succeeds. */
   failed: boolean;
   source: PageSource;
 }
@@ -119,6 +121,12 @@ export class PageCache {
    * the order is LRU to within that, and a hot page costs no Map churn on every hit.
    */
   private readonly entries: Map<number, Entry>;
+  /**
+   * Cached pages whose last write-back failed, least recently tried first: out of the LRU
+   * order, so that finding a victim never walks past them, and tried one per demotion
+   * only when `entries` has no victim.
+   */
+  private readonly failing: Map<number, Entry>;
   /** Hits so far: the clock of `moved`. */
   private clock: number;
   /** Hits after which a hit moves its page again. */
@@ -137,6 +145,7 @@ export class PageCache {
   constructor(capacityBytes: number) {
     this.capacityPages = Math.floor(capacityBytes / CACHE_PAGE);
     this.entries = new Map();
+    this.failing = new Map();
     this.clock = 0;
     this.moveAfter = this.capacityPages >> 2;
     this.sketch = new FrequencySketch(this.capacityPages);
@@ -146,19 +155,16 @@ export class PageCache {
   }
 
   stats(): PageCacheStats {
-    let dirty = 0;
+    let dirty = this.failing.size;
     for (const e of this.entries.values()) if (e.dirty) dirty++;
-    return { capacityPages: this.capacityPages, cachedPages: this.entries.size, dirtyPages: dirty, ...this.counters };
+    return { capacityPages: this.capacityPages, cachedPages: this.cached(), dirtyPages: dirty, ...this.counters };
   }
 
   /** Reads [offset, offset + target.length) of a segment through the cache. */
   async read(source: PageSource, offset: number, target: Buffer): Promise<void> {
     const parts = this.partsOf(source, offset, target.length);
-    // Ascending page order, so two requests never wait for each other's pages in a cycle.
-    for (const { page } of parts) {
-      const wait = this.acquire(page);
-      if (wait !== undefined) await wait;
-    }
+    const wait = this.lockAll(parts);
+    if (wait !== undefined) await wait;
     try {
       assertServable(source);
       if (parts.length === 1 && parts[0] !== undefined) {
@@ -175,10 +181,8 @@ export class PageCache {
   /** Writes `data` at `offset` of a segment through the cache (write-back for cached pages). */
   async write(source: PageSource, offset: number, data: Buffer): Promise<void> {
     const parts = this.partsOf(source, offset, data.length);
-    for (const { page } of parts) {
-      const wait = this.acquire(page);
-      if (wait !== undefined) await wait;
-    }
+    const wait = this.lockAll(parts);
+    if (wait !== undefined) await wait;
     try {
       assertServable(source);
       if (parts.length === 1 && parts[0] !== undefined) {
@@ -199,12 +203,12 @@ export class PageCache {
    */
   async flush(): Promise<void> {
     let failure: { error: unknown } | undefined;
-    for (const [page, entry] of [...this.entries]) {
+    for (const [page, entry] of [...this.entries, ...this.failing]) {
       if (!entry.dirty) continue;
       const wait = this.acquire(page);
       if (wait !== undefined) await wait;
       try {
-        if (entry.dirty && this.entries.get(page) === entry) {
+        if (entry.dirty && this.entryOf(page) === entry) {
           await this.writeBack(page, entry);
           if (entry.dirty) this.remove(page, entry); // its source is lost or freed
         }
@@ -224,18 +228,16 @@ export class PageCache {
   async drop(source: PageSource, size: number): Promise<void> {
     const first = source.address / CACHE_PAGE;
     const last = first + size / CACHE_PAGE;
-    const pages = [...this.entries.keys()].filter((p) => p >= first && p < last).sort((a, b) => a - b);
-    for (const page of pages) {
-      const wait = this.acquire(page);
-      if (wait !== undefined) await wait;
-    }
+    const pages = [...this.entries.keys(), ...this.failing.keys()].filter((p) => p >= first && p < last).map((page) => ({ page }));
+    const wait = this.lockAll(pages);
+    if (wait !== undefined) await wait;
     try {
-      for (const p of pages) {
-        const entry = this.entries.get(p);
-        if (entry !== undefined) this.remove(p, entry);
+      for (const { page } of pages) {
+        const entry = this.entryOf(page);
+        if (entry !== undefined) this.remove(page, entry);
       }
     } finally {
-      for (const page of pages) this.unlock(page);
+      for (const { page } of pages) this.unlock(page);
     }
   }
 
@@ -244,7 +246,11 @@ export class PageCache {
   /** Serves one page's part of a read: at once from the cache on a hit, else a promise. */
   private readPart(source: PageSource, part: Part, target: Buffer): Promise<void> | undefined {
     const entry = this.hit(part.page);
-    if (entry === undefined) return this.readMiss(source, part, target);
+    if (entry === undefined) {
+      // A page left out goes to its tier with no extra turn through promote.
+      if (!this.admits(part.page)) return source.readPieces(part.pageOffset, target.subarray(part.from, part.from + part.n));
+      return this.readMiss(source, part, target);
+    }
     const at = part.pageOffset % CACHE_PAGE;
     entry.data.copy(target, part.from, at, at + part.n);
     return undefined;
@@ -263,7 +269,10 @@ export class PageCache {
   /** Applies one page's part of a write: at once to the cache on a hit, else a promise. */
   private writePart(source: PageSource, part: Part, data: Buffer): Promise<void> | undefined {
     const entry = this.hit(part.page);
-    if (entry === undefined) return this.writeMiss(source, part, data);
+    if (entry === undefined) {
+      if (!this.admits(part.page)) return source.writePieces(part.pageOffset, data.subarray(part.from, part.from + part.n));
+      return this.writeMiss(source, part, data);
+    }
     data.copy(entry.data, part.pageOffset % CACHE_PAGE, part.from, part.from + part.n);
     entry.dirty = true;
     return undefined;
@@ -285,8 +294,10 @@ export class PageCache {
     this.sketch.record(page);
     const entry = this.entries.get(page);
     if (entry === undefined) {
-      this.counters.misses++;
-      return undefined;
+      const failed = this.failing.get(page);
+      if (failed !== undefined) this.counters.hits++;
+      else this.counters.misses++;
+      return failed;
     }
     this.counters.hits++;
     this.clock++;
@@ -299,12 +310,11 @@ export class PageCache {
   }
 
   /**
-   * Brings a page that missed into the cache when admission lets it in; undefined to go
-   * to the tier directly. `whole` is a full page about to be written (no fetch needed);
-   * null otherwise.
+   * Brings a page that missed, and that admission let in, into the cache; undefined when
+   * no slot could be made (the caller goes to the tier directly). `whole` is a full page
+   * about to be written (no fetch needed); null otherwise.
    */
   private async promote(source: PageSource, page: number, pageOffset: number, whole: Buffer | null): Promise<Entry | undefined> {
-    if (!this.admits(page)) return undefined;
     // The demotion that makes room (a write-back when its victim is dirty) runs beside the
     // fetch, not after it. makeRoom never throws; a slot it reserved is given back if the
     // fetch fails.
@@ -334,42 +344,27 @@ export class PageCache {
    */
   private admits(page: number): boolean {
     if (this.capacityPages === 0) return false;
-    if (this.entries.size + this.reserved < this.capacityPages) return true;
+    if (this.cached() + this.reserved < this.capacityPages) return true;
     const frequency = this.sketch.estimate(page);
     if (frequency < ADMIT_MIN) return false;
     // The victim makeRoom would take now: the least recently used page no request holds,
     // a failed one only when there is no other (so a tier that works again gets its pages back).
-    let fallback: number | undefined;
-    for (const [cached, entry] of this.entries) {
-      if (this.locks.has(cached)) continue;
-      if (!entry.failed) return frequency > this.sketch.estimate(cached);
-      fallback ??= cached;
-    }
-    return fallback !== undefined && frequency > this.sketch.estimate(fallback);
+    const victim = this.unlocked(this.entries) ?? this.unlocked(this.failing);
+    return victim !== undefined && frequency > this.sketch.estimate(victim[0]);
   }
 
   /**
    * Demotes least recently used pages no request holds until a slot is free, and reserves
-   * it (promotions of one request run side by side). False when every page is in use or
-   * failed its write-back again: the caller then serves its page directly. Never throws.
+   * it (promotions of one request run side by side). A failed page is a victim only when
+   * no other is left. At most one write-back fails per call: its page stays (in
+   * `failing`, dirty, for flush() to try again and report), and the call gives up, so a
+   * broken tier costs a request one failed write-back at most, not one per page it holds.
+   * False when no slot was made: the caller then serves its page directly. Never throws.
    */
   private async makeRoom(): Promise<boolean> {
-    // Failed pages this call has tried already: each once at most.
-    const tried = new Set<number>();
-    while (this.entries.size + this.reserved >= this.capacityPages) {
-      // The least recently used page no request holds, passing over failed pages while there is another.
-      let victim: [number, Entry] | undefined;
-      let fallback: [number, Entry] | undefined;
-      for (const e of this.entries) {
-        if (this.locks.has(e[0])) continue;
-        if (!e[1].failed) {
-          victim = e;
-          break;
-        }
-        if (fallback === undefined && !tried.has(e[0])) fallback = e;
-      }
-      victim ??= fallback;
-      if (victim === undefined) return false; // every page is in use, or failed again: serve this one directly
+    while (this.cached() + this.reserved >= this.capacityPages) {
+      const victim = this.unlocked(this.entries) ?? this.unlocked(this.failing);
+      if (victim === undefined) return false; // every page is in use: serve this one directly
       // Take it out of reach of other evictions before the write-back yields.
       const [page, entry] = victim;
       this.locks.set(page, null);
@@ -378,15 +373,27 @@ export class PageCache {
         this.remove(page, entry);
         this.counters.demotions++;
       } catch {
-        // Its tier refused the bytes (writeBack marked it failed): they stay here, dirty,
-        // for flush() to try again and report; this request goes on with another victim.
-        tried.add(page);
+        return false; // its tier refused the bytes: writeBack moved the page to `failing`
       } finally {
         this.unlock(page);
       }
     }
     this.reserved++;
     return true;
+  }
+
+  /** The first page of `pages` (least recently used or tried) that no request holds. */
+  private unlocked(pages: Map<number, Entry>): [number, Entry] | undefined {
+    for (const e of pages) if (!this.locks.has(e[0])) return e;
+    return undefined;
+  }
+
+  private cached(): number {
+    return this.entries.size + this.failing.size;
+  }
+
+  private entryOf(page: number): Entry | undefined {
+    return this.entries.get(page) ?? this.failing.get(page);
   }
 
   /**
@@ -399,12 +406,22 @@ export class PageCache {
     try {
       await source.writePieces(page * CACHE_PAGE - source.address, entry.data);
       entry.dirty = false;
-      entry.failed = false;
       this.counters.writeBacks++;
+      if (entry.failed) {
+        // Its tier works again: back in the LRU order, as the most recent.
+        entry.failed = false;
+        if (this.failing.delete(page)) this.entries.set(page, entry);
+      }
     } catch (error) {
       if (source.failure() !== undefined) return; // its node was lost meanwhile: nothing to write back to
       entry.failed = true;
       this.counters.failedWriteBacks++;
+      // Out of the LRU order, to the end of the failing ones: the last tried.
+      if (this.entryOf(page) === entry) {
+        this.entries.delete(page);
+        this.failing.delete(page);
+        this.failing.set(page, entry);
+      }
       throw error;
     } finally {
       source.gate.leave();
@@ -413,8 +430,9 @@ export class PageCache {
 
   /** Takes a page out of the cache; a dirty page of a lost source is counted as lost, once. */
   private remove(page: number, entry: Entry): void {
-    if (this.entries.get(page) !== entry) return;
+    if (this.entryOf(page) !== entry) return;
     this.entries.delete(page);
+    this.failing.delete(page);
     if (entry.dirty && entry.source.failure() !== undefined) {
       entry.source.noteLost(CACHE_PAGE);
       this.counters.lostPages++;
@@ -431,6 +449,21 @@ export class PageCache {
       at += n;
     }
     return out;
+  }
+
+  /**
+   * Joins the queue of every page of a request in this one turn, so that requests keep the
+   * order they were made on every page they share (and wait only for earlier ones: no
+   * cycle, no deadlock). Undefined when every page was free and is now held.
+   */
+  private lockAll(parts: readonly { page: number }[]): Promise<void> | undefined {
+    let waits: Promise<void>[] | undefined;
+    for (const { page } of parts) {
+      const wait = this.acquire(page);
+      if (wait !== undefined) (waits ??= []).push(wait);
+    }
+    if (waits === undefined) return undefined;
+    return waits.length === 1 ? waits[0] : Promise.all(waits).then(() => undefined);
   }
 
   /** Takes a page's lock: at once (undefined) when no one holds it, else once it is handed over. */

@@ -10,6 +10,8 @@ import fc from 'fast-check';
 import { HierarchyMemory } from '../../../src/host/hierarchy-memory.js';
 import { BufferStore, RangeTier, type RangeStore } from '../../../src/host/tiers.js';
 import { FakeNode } from '../../support/host-fakes.js';
+import { IoGate } from '../../../src/host/io-gate.js';
+import { PageCache, type PageSource } from '../../../src/host/page-cache.js';
 
 const PAGE = 4096;
 const MiB = 1024 * 1024;
@@ -207,8 +209,11 @@ test('under any interleaving of failing swap write-backs with requests: no reque
 
 type PageOp = { kind: 'write'; page: number; at: number; length: number } | { kind: 'read'; page: number; at: number; length: number } | { kind: 'flush' };
 
-test('requests on one page take effect in the order they were made, under any interleaving of promotions, demotions and write-backs: every read returns what a one-at-a-time run would (fc.scheduler)', async () => {
-  const part = fc.record({ page: fc.nat(5), at: fc.nat(PAGE - 1) }).chain(({ page: p, at }) => fc.record({ page: fc.constant(p), at: fc.constant(at), length: fc.integer({ min: 1, max: PAGE - at }) }));
+test('requests take effect in the order they were made on every page they share, under any interleaving of promotions, demotions and write-backs: every read returns what a one-at-a-time run would (fc.scheduler)', async () => {
+  // Within one page, or across up to three (a request that crosses pages joins all their queues at once).
+  const within = fc.record({ page: fc.nat(5), at: fc.nat(PAGE - 1) }).chain(({ page: p, at }) => fc.record({ page: fc.constant(p), at: fc.constant(at), length: fc.integer({ min: 1, max: PAGE - at }) }));
+  const across = fc.record({ page: fc.nat(4), at: fc.nat(PAGE - 1) }).chain(({ page: p, at }) => fc.record({ page: fc.constant(p), at: fc.constant(at), length: fc.integer({ min: PAGE - at + 1, max: Math.min(2 * PAGE + 1, (6 - p) * PAGE - at) }) }));
+  const part = fc.oneof({ weight: 3, arbitrary: within }, { weight: 1, arbitrary: across });
   const op: fc.Arbitrary<PageOp> = fc.oneof(
     { weight: 4, arbitrary: part.map((x) => ({ kind: 'write' as const, ...x })) },
     { weight: 4, arbitrary: part.map((x) => ({ kind: 'read' as const, ...x })) },
@@ -245,7 +250,7 @@ test('requests on one page take effect in the order they were made, under any in
           }
           const expected = Buffer.from(model.subarray(offset, offset + o.length));
           const got = await seg.read(offset, o.length);
-          if (!got.equals(expected)) problems.push(`read #${order} of page ${o.page} at ${o.at}+${o.length} saw bytes another order would give`);
+          if (!got.equals(expected)) problems.push(`read #${order} from page ${o.page} at ${o.at}+${o.length} saw bytes another order would give`);
         }),
       );
       await s.waitFor(Promise.all(tasks));
@@ -323,4 +328,79 @@ test('a promotion and the demotion that makes room for it run side by side: the 
   assert.equal(stats.writeBacks, 1);
   assert.equal(stats.cachedPages, 1);
   assert.ok((await seg.read(0, PAGE)).equals(page(0x11)), 'the victim reached the node');
+});
+
+/** A segment's tier in memory, for the cache alone. */
+class MemorySource implements PageSource {
+  readonly gate = new IoGate();
+  readonly bytes: Buffer;
+  broken = false;
+  writes = 0;
+
+  constructor(
+    readonly address: number,
+    size: number,
+  ) {
+    this.bytes = Buffer.alloc(size);
+  }
+
+  failure(): undefined {
+    return undefined;
+  }
+
+  noteLost(): void {}
+
+  async readPieces(offset: number, target: Buffer): Promise<void> {
+    this.bytes.copy(target, 0, offset, offset + target.length);
+  }
+
+  async writePieces(offset: number, data: Buffer): Promise<void> {
+    this.writes++;
+    if (this.broken) throw new Error('injected EIO');
+    data.copy(this.bytes, offset);
+  }
+}
+
+test('a one-pass scan of 30,000 pages over a full 1,024-page cache promotes none of them: the hot pages stay, dirty, with no write-back', async () => {
+  const capacity = 1024;
+  const cache = new PageCache(capacity * PAGE);
+  const source = new MemorySource(1 << 30, 40_000 * PAGE);
+  const buf = Buffer.alloc(PAGE);
+  for (let p = 0; p < capacity; p++) {
+    await cache.write(source, p * PAGE, page(p % 251));
+    for (let touch = 0; touch < 2; touch++) await cache.read(source, p * PAGE, buf);
+  }
+  const before = cache.stats();
+  assert.equal(before.cachedPages, capacity);
+  let hot = 0;
+  for (let scanned = 0; scanned < 30_000; scanned++) {
+    await cache.read(source, (10_000 + scanned) * PAGE, buf);
+    for (let k = 0; k < 4; k++) await cache.read(source, (hot++ % capacity) * PAGE, buf);
+  }
+  const after = cache.stats();
+  assert.equal(after.promotions - before.promotions, 0, 'pages of the scan entered the cache');
+  assert.equal(after.demotions, 0);
+  assert.equal(source.writes, 0, 'no hot page was written back');
+  assert.equal(after.hits - before.hits, 4 * 30_000, 'every access to a hot page hit');
+});
+
+test('with every cached page failing its write-back, a request costs at most one more failed write-back, not one per cached page', async () => {
+  const capacity = 64;
+  const cache = new PageCache(capacity * PAGE);
+  const broken = new MemorySource(1 << 30, capacity * PAGE);
+  const healthy = new MemorySource(1 << 31, 16 * PAGE);
+  const buf = Buffer.alloc(PAGE);
+  for (let p = 0; p < capacity; p++) for (let touch = 0; touch < 3; touch++) await cache.write(broken, p * PAGE, page(p));
+  broken.broken = true;
+  // A hot page on the healthy source: every promotion it tries needs a victim.
+  for (let touch = 0; touch < 12; touch++) {
+    const writesBefore = broken.writes;
+    await cache.read(healthy, 0, buf);
+    assert.ok(broken.writes - writesBefore <= 1, `touch ${touch}: ${broken.writes - writesBefore} failed write-backs for one request`);
+  }
+  assert.ok(cache.stats().failedWriteBacks >= 1);
+  assert.equal(cache.stats().dirtyPages, capacity, 'every failed page stays, dirty');
+  broken.broken = false;
+  await cache.flush();
+  for (let p = 0; p < capacity; p++) assert.ok(broken.bytes.subarray(p * PAGE, (p + 1) * PAGE).equals(page(p)));
 });
