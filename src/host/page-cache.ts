@@ -15,12 +15,13 @@
 // A write-back that fails (not a lost node: the swap volume's I/O error, a dropped NBD
 // connection) belongs to the page, not to the request that needed the slot, which may be
 // on another segment and another tier: the page stays cached and dirty, marked failed,
-// and that request is served from its tier directly (one failed write-back per request
-// at most). Failed pages leave the LRU order for a list of their own, so eviction never
-// walks past them and a broken tier does not slow the others; only when no other page
-// may be taken does a demotion try one of them, the least recently tried (a tier that
-// works again gets its pages back). flush() tries every dirty page again and reports the
-// failure.
+// and that page of the request is served from its tier directly (one failed write-back
+// per page a request would promote, at most). Failed pages leave the LRU order for a list
+// of their own, so eviction never walks past them and a broken tier does not slow the
+// others. A demotion tries one of them, the least recently tried, when no other page may
+// be taken, and once every RETRY_FAILING demotions anyway; once one is written back, the
+// next demotions take the others: so a tier that works again gets its pages back without
+// a flush(). flush() tries every dirty page again and reports the failure.
 //
 // So a one-pass scan over far memory never pushes the hot set out once the cache is full:
 // its pages are each accessed once. Under a skewed workload the cache keeps the pages
@@ -58,6 +59,8 @@ import { FrequencySketch } from './frequency-sketch.js';
 export const CACHE_PAGE = 4096;
 /** Accesses a page needs lately to enter a full cache: a one-pass scan never does. */
 const ADMIT_MIN = 2;
+/** Demotions between two tries of a failed page while others could be taken. */
+const RETRY_FAILING = 64;
 
 /** One page's part of a request. */
 interface Part {
@@ -140,6 +143,10 @@ export class PageCache {
   private readonly locks: Map<number, (() => void)[] | null>;
   /** Slots promised to promotions in progress. */
   private reserved: number;
+  /** `demotions` when a failed page was last tried. */
+  private failingTriedAt: number;
+  /** The last failed page tried was written back: its tier works, try the next at once. */
+  private failingRecovered: boolean;
   private readonly counters: Omit<PageCacheStats, 'capacityPages' | 'cachedPages' | 'dirtyPages'>;
 
   constructor(capacityBytes: number) {
@@ -151,6 +158,8 @@ export class PageCache {
     this.sketch = new FrequencySketch(this.capacityPages);
     this.locks = new Map();
     this.reserved = 0;
+    this.failingTriedAt = 0;
+    this.failingRecovered = false;
     this.counters = { hits: 0, misses: 0, promotions: 0, demotions: 0, writeBacks: 0, lostPages: 0, failedWriteBacks: 0 };
   }
 
@@ -355,24 +364,32 @@ export class PageCache {
 
   /**
    * Demotes least recently used pages no request holds until a slot is free, and reserves
-   * it (promotions of one request run side by side). A failed page is a victim only when
-   * no other is left. At most one write-back fails per call: its page stays (in
-   * `failing`, dirty, for flush() to try again and report), and the call gives up, so a
-   * broken tier costs a request one failed write-back at most, not one per page it holds.
-   * False when no slot was made: the caller then serves its page directly. Never throws.
+   * it (promotions of one request run side by side). A failed page is a victim when no
+   * other is left, when RETRY_FAILING demotions have passed since one was last tried, or
+   * when the last one tried was written back (its tier works again: the rest follow).
+   * At most one write-back fails per call: its page stays (in `failing`, dirty, for
+   * flush() to try again and report), and the call gives up, so a broken tier costs a
+   * promotion one failed write-back at most, not one per page the cache holds. False when
+   * no slot was made: the caller then serves its page directly. Never throws.
    */
   private async makeRoom(): Promise<boolean> {
     while (this.cached() + this.reserved >= this.capacityPages) {
-      const victim = this.unlocked(this.entries) ?? this.unlocked(this.failing);
+      let victim: [number, Entry] | undefined;
+      if (this.failing.size > 0 && (this.failingRecovered || this.counters.demotions - this.failingTriedAt >= RETRY_FAILING)) victim = this.unlocked(this.failing);
+      victim ??= this.unlocked(this.entries) ?? this.unlocked(this.failing);
       if (victim === undefined) return false; // every page is in use: serve this one directly
       // Take it out of reach of other evictions before the write-back yields.
       const [page, entry] = victim;
+      const retry = entry.failed;
+      if (retry) this.failingTriedAt = this.counters.demotions;
       this.locks.set(page, null);
       try {
         if (entry.dirty) await this.writeBack(page, entry);
         this.remove(page, entry);
         this.counters.demotions++;
+        if (retry) this.failingRecovered = true;
       } catch {
+        if (retry) this.failingRecovered = false;
         return false; // its tier refused the bytes: writeBack moved the page to `failing`
       } finally {
         this.unlock(page);

@@ -47,3 +47,24 @@ test('aging: after `sample` records every count is halved, so a page hot long ag
   assert.equal(sketch.estimate(7), 3);
   assert.ok(sketch.estimate(1000) > sketch.estimate(7));
 });
+
+test('every cache size gets a working sketch of at most 64 MiB: up to 2^26 pages (256 GiB), and none', () => {
+  for (const capacity of [0, 1, 1024, 2 ** 23 + 1, 2 ** 24, 2 ** 26]) {
+    const sketch = new FrequencySketch(capacity);
+    for (let i = 0; i < 3; i++) sketch.record(777);
+    assert.equal(sketch.estimate(777), 3, `${capacity} pages`);
+    assert.equal(sketch.estimate(778), 0, `${capacity} pages`);
+  }
+});
+
+test('halving four counters at a time halves each one, whatever its neighbours hold', () => {
+  const sketch = new FrequencySketch(1); // sample: 64 records
+  // Pages with counts 15 (saturated), 9 and 1, recorded in one sample.
+  for (let i = 0; i < 20; i++) sketch.record(1);
+  for (let i = 0; i < 9; i++) sketch.record(2);
+  sketch.record(3);
+  for (let i = 0; i < 33; i++) sketch.record(1000 + i); // 63 records so far
+  assert.deepEqual([sketch.estimate(1), sketch.estimate(2), sketch.estimate(3)], [15, 9, 1]);
+  sketch.record(4); // the 64th: every count is halved
+  assert.deepEqual([sketch.estimate(1), sketch.estimate(2), sketch.estimate(3)], [7, 4, 0]);
+});

@@ -404,3 +404,23 @@ test('with every cached page failing its write-back, a request costs at most one
   await cache.flush();
   for (let p = 0; p < capacity; p++) assert.ok(broken.bytes.subarray(p * PAGE, (p + 1) * PAGE).equals(page(p)));
 });
+
+test('a page whose write-back failed during a blip of its tier is written back by a later demotion once the tier works, without a flush', async () => {
+  const capacity = 4;
+  const cache = new PageCache(capacity * PAGE);
+  const tier = new MemorySource(1 << 30, 512 * PAGE);
+  for (let p = 0; p < capacity; p++) await cache.write(tier, p * PAGE, page(p + 1)); // four dirty pages
+  tier.broken = true;
+  for (let touch = 0; touch < 3; touch++) await cache.read(tier, 10 * PAGE, Buffer.alloc(1)); // page 10 hot: two promotions, each fails one write-back
+  assert.equal(cache.stats().failedWriteBacks, 2);
+  tier.broken = false; // the blip is over
+  // Pages of the same tier turn hot one after another (each touched until it is
+  // promoted), and the cache demotes more than 64 times.
+  for (let round = 0; round < 80; round++) {
+    const promotions = cache.stats().promotions;
+    for (let touch = 0; touch < 128 && cache.stats().promotions === promotions; touch++) await cache.read(tier, (20 + round) * PAGE, Buffer.alloc(1));
+  }
+  assert.ok(cache.stats().demotions > 64, `demotions ${cache.stats().demotions}`);
+  for (let p = 0; p < capacity; p++) assert.ok(tier.bytes.subarray(p * PAGE, (p + 1) * PAGE).equals(page(p + 1)), `page ${p} reached its tier`);
+  assert.equal(cache.stats().failedWriteBacks, 2, 'tried again only once the tier worked');
+});
