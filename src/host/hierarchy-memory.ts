@@ -203,6 +203,13 @@ export interface HierarchyStats {
 }
 
 /** One allocation: a range of virtual addresses and the pieces behind it. */
+interface TrafficRow {
+  device: string;
+  medium: TierMedium;
+  readBytes: number;
+  writtenBytes: number;
+}
+
 export class Segment {
   readonly address: number;
   readonly size: number;
@@ -314,22 +321,23 @@ export class Segment {
   }
 
   /** @internal Serves [offset, offset + target.length) of the segment from its pieces. */
-  async readPieces(offset: number, target: Buffer): Promise<void> {
-    await this.eachPiece(offset, target.length, (piece, at, from, n) => {
+  readPieces(offset: number, target: Buffer): Promise<void> {
+    return this.eachPiece(offset, target.length, (piece, at, from, n) => {
       this.owner.count(piece, 'read', n);
       return piece.read(at, target.subarray(from, from + n));
     });
   }
 
   /** @internal */
-  async writePieces(offset: number, data: Buffer): Promise<void> {
-    await this.eachPiece(offset, data.length, (piece, at, from, n) => {
+  writePieces(offset: number, data: Buffer): Promise<void> {
+    return this.eachPiece(offset, data.length, (piece, at, from, n) => {
       this.owner.count(piece, 'write', n);
       return piece.write(at, data.subarray(from, from + n));
     });
   }
 
-  private async eachPiece(offset: number, length: number, fn: (piece: Piece, at: number, from: number, n: number) => Promise<void>): Promise<void> {
+  /** Runs `fn` on each piece the range touches; one piece (the usual case) costs no extra promise. */
+  private eachPiece(offset: number, length: number, fn: (piece: Piece, at: number, from: number, n: number) => Promise<void>): Promise<void> {
     let skip = offset;
     let done = 0;
     const work: Promise<void>[] = [];
@@ -344,7 +352,7 @@ export class Segment {
       done += n;
       skip = 0;
     }
-    await settleAll(work);
+    return work.length === 1 && work[0] !== undefined ? work[0] : settleAll(work);
   }
 
   private check(offset: number, length: number): void {
@@ -395,7 +403,9 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
   /** Live segments, sorted by address. */
   private readonly segments: Segment[];
   private readonly cache: PageCache;
-  private readonly traffic: Map<string, { device: string; medium: TierMedium; readBytes: number; writtenBytes: number }>;
+  private readonly traffic: Map<string, TrafficRow>;
+  /** Each piece's row of `traffic`, so that counting an access builds no key. */
+  private readonly trafficOf: WeakMap<Piece, TrafficRow>;
   private readonly closeTiers: () => Promise<void>;
   private readonly policy: NodeLossPolicy;
   private members: ClusterMembers | undefined;
@@ -420,6 +430,7 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
     this.segments = [];
     this.cache = new PageCache(parts.pageCacheBytes);
     this.traffic = new Map();
+    this.trafficOf = new WeakMap();
     this.closeTiers = parts.closeTiers ?? (() => Promise.resolve());
     this.nextAddress = VIRTUAL_BASE;
     this.closed = false;
@@ -735,11 +746,15 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
 
   /** @internal Counts bytes moved to or from a piece's tier. */
   count(piece: Piece, direction: 'read' | 'write', bytes: number): void {
-    const key = `${piece.device}/${piece.medium}`;
-    let row = this.traffic.get(key);
+    let row = this.trafficOf.get(piece);
     if (row === undefined) {
-      row = { device: piece.device, medium: piece.medium, readBytes: 0, writtenBytes: 0 };
-      this.traffic.set(key, row);
+      const key = `${piece.device}/${piece.medium}`;
+      row = this.traffic.get(key);
+      if (row === undefined) {
+        row = { device: piece.device, medium: piece.medium, readBytes: 0, writtenBytes: 0 };
+        this.traffic.set(key, row);
+      }
+      this.trafficOf.set(piece, row);
     }
     if (direction === 'read') row.readBytes += bytes;
     else row.writtenBytes += bytes;
