@@ -207,6 +207,16 @@ test('under any interleaving of failing swap write-backs with requests: no reque
   );
 });
 
+/** A hierarchy whose only far tier is a fake node, with a page cache of `cachePages`. */
+function onFakeNode(node: FakeNode, cachePages: number): HierarchyMemory {
+  return HierarchyMemory.assemble({
+    serverId: 'unit',
+    dram: new RangeTier('local', 'dram', 0, new BufferStore(0)),
+    nodes: [{ name: 'a', address: 'fake-a', session: node.session(), connect: () => Promise.resolve(node.session()) }],
+    pageCacheBytes: cachePages * PAGE,
+  });
+}
+
 type PageOp = { kind: 'write'; page: number; at: number; length: number } | { kind: 'read'; page: number; at: number; length: number } | { kind: 'flush' };
 
 test('requests take effect in the order they were made on every page they share, under any interleaving of promotions, demotions and write-backs: every read returns what a one-at-a-time run would (fc.scheduler)', async () => {
@@ -222,12 +232,7 @@ test('requests take effect in the order they were made on every page they share,
   await fc.assert(
     fc.asyncProperty(fc.scheduler(), fc.array(op, { minLength: 4, maxLength: 30 }), async (s, ops) => {
       const node = new FakeNode(MiB, s);
-      const memory = HierarchyMemory.assemble({
-        serverId: 'unit',
-        dram: new RangeTier('local', 'dram', 0, new BufferStore(0)),
-        nodes: [{ name: 'a', address: 'fake-a', session: node.session(), connect: () => Promise.resolve(node.session()) }],
-        pageCacheBytes: 2 * PAGE,
-      });
+      const memory = onFakeNode(node, 2);
       await s.waitFor(memory.refresh());
       const seg = await s.waitFor(memory.alloc(6 * PAGE, { device: 'a' }));
       // What a run of the requests one at a time, in the order they were made, leaves.
@@ -269,12 +274,7 @@ test('requests take effect in the order they were made on every page they share,
 
 test('a full cache keeps the pages accessed most often lately: a stream of pages touched once or twice never displaces a hot set', async (t) => {
   const node = new FakeNode(MiB);
-  const memory = HierarchyMemory.assemble({
-    serverId: 'unit',
-    dram: new RangeTier('local', 'dram', 0, new BufferStore(0)),
-    nodes: [{ name: 'a', address: 'fake-a', session: node.session(), connect: () => Promise.resolve(node.session()) }],
-    pageCacheBytes: 4 * PAGE,
-  });
+  const memory = onFakeNode(node, 4);
   t.after(() => memory.close());
   await memory.refresh();
   const seg = await memory.alloc(256 * PAGE, { device: 'a' });
@@ -304,12 +304,7 @@ test('a full cache keeps the pages accessed most often lately: a stream of pages
 
 test('a promotion and the demotion that makes room for it run side by side: the fetch does not wait for the victim\'s write-back', async (t) => {
   const node = new FakeNode(MiB);
-  const memory = HierarchyMemory.assemble({
-    serverId: 'unit',
-    dram: new RangeTier('local', 'dram', 0, new BufferStore(0)),
-    nodes: [{ name: 'a', address: 'fake-a', session: node.session(), connect: () => Promise.resolve(node.session()) }],
-    pageCacheBytes: PAGE,
-  });
+  const memory = onFakeNode(node, 1);
   t.after(() => memory.close());
   await memory.refresh();
   const seg = await memory.alloc(8 * PAGE, { device: 'a' });
@@ -330,18 +325,15 @@ test('a promotion and the demotion that makes room for it run side by side: the 
   assert.ok((await seg.read(0, PAGE)).equals(page(0x11)), 'the victim reached the node');
 });
 
-/** A segment's tier in memory, for the cache alone. */
-class MemorySource implements PageSource {
+/** A segment's tier in memory, for the cache alone: a BreakableStore seen as a PageSource. */
+class MemorySource extends BreakableStore implements PageSource {
   readonly gate = new IoGate();
-  readonly bytes: Buffer;
-  broken = false;
-  writes = 0;
 
   constructor(
     readonly address: number,
     size: number,
   ) {
-    this.bytes = Buffer.alloc(size);
+    super(size);
   }
 
   failure(): undefined {
@@ -350,14 +342,12 @@ class MemorySource implements PageSource {
 
   noteLost(): void {}
 
-  async readPieces(offset: number, target: Buffer): Promise<void> {
-    this.bytes.copy(target, 0, offset, offset + target.length);
+  readPieces(offset: number, target: Buffer): Promise<void> {
+    return this.read(offset, target);
   }
 
-  async writePieces(offset: number, data: Buffer): Promise<void> {
-    this.writes++;
-    if (this.broken) throw new Error('injected EIO');
-    data.copy(this.bytes, offset);
+  writePieces(offset: number, data: Buffer): Promise<void> {
+    return this.write(offset, data);
   }
 }
 
