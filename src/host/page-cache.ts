@@ -27,7 +27,7 @@
 // its pages are each accessed once. Under a skewed workload the cache keeps the pages
 // accessed most often lately rather than those accessed last: a page enters only if it
 // beats the one it replaces, so few pages churn through the cache and few write-backs
-// are paid (bench/host: promotions fell from 13% of far accesses to under 2%).
+// are paid (bench/host: promotions fell from about 10% of far accesses to about 3%).
 //
 // Every request locks the pages it touches for its whole run; a page being demoted is
 // locked too. So a read never sees a page half written back, and two requests on the same
@@ -125,9 +125,10 @@ export class PageCache {
    */
   private readonly entries: Map<number, Entry>;
   /**
-   * Cached pages whose last write-back failed, least recently tried first: out of the LRU
-   * order, so that finding a victim never walks past them, and tried one per demotion
-   * only when `entries` has no victim.
+   * Cached pages whose last write-back failed (all dirty), least recently tried first:
+   * out of the LRU order, so that finding a victim never walks past them. makeRoom tries
+   * one when `entries` has no victim, every RETRY_FAILING demotions, and right after one
+   * was written back.
    */
   private readonly failing: Map<number, Entry>;
   /** Hits so far: the clock of `moved`. */
