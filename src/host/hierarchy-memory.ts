@@ -348,7 +348,12 @@ export class Segment {
         continue;
       }
       const n = Math.min(piece.length - skip, length - done);
-      work.push(fn(piece, skip, done, n));
+      // A piece that threw instead of rejecting must not leave the pieces started before it unwatched.
+      try {
+        work.push(fn(piece, skip, done, n));
+      } catch (error) {
+        work.push(Promise.reject(error instanceof Error ? error : new Error(String(error))));
+      }
       done += n;
       skip = 0;
     }
