@@ -202,7 +202,7 @@ export interface HierarchyStats {
   moved: { device: string; medium: TierMedium; readBytes: number; writtenBytes: number }[];
 }
 
-/** One allocation: a range of virtual addresses and the pieces behind it. */
+/** Bytes moved to and from one device and medium (HierarchyStats.moved). */
 interface TrafficRow {
   device: string;
   medium: TierMedium;
@@ -210,6 +210,7 @@ interface TrafficRow {
   writtenBytes: number;
 }
 
+/** One allocation: a range of virtual addresses and the pieces behind it. */
 export class Segment {
   readonly address: number;
   readonly size: number;

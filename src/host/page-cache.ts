@@ -301,7 +301,7 @@ export class PageCache {
 
   /** Counts an access to a page and returns its entry when it is cached. */
   private hit(page: number): Entry | undefined {
-    this.sketch.record(page);
+    if (this.capacityPages > 0) this.sketch.record(page); // with no slot, nothing is ever admitted
     const entry = this.entries.get(page);
     if (entry === undefined) {
       const failed = this.failing.get(page);

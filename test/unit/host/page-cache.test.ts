@@ -4,7 +4,7 @@
 // on. The last test lets fast-check's scheduler interleave requests on a healthy node
 // with failing write-backs to the swap volume.
 
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { HierarchyMemory } from '../../../src/host/hierarchy-memory.js';
@@ -217,6 +217,15 @@ function onFakeNode(node: FakeNode, cachePages: number): HierarchyMemory {
   });
 }
 
+/** A segment of `pages` on a fake node, behind a page cache of `cachePages`, closed after the test. */
+async function segmentOnFakeNode(t: TestContext, cachePages: number, pages: number) {
+  const node = new FakeNode(MiB);
+  const memory = onFakeNode(node, cachePages);
+  t.after(() => memory.close());
+  await memory.refresh();
+  return { node, memory, seg: await memory.alloc(pages * PAGE, { device: 'a' }) };
+}
+
 type PageOp = { kind: 'write'; page: number; at: number; length: number } | { kind: 'read'; page: number; at: number; length: number } | { kind: 'flush' };
 
 test('requests take effect in the order they were made on every page they share, under any interleaving of promotions, demotions and write-backs: every read returns what a one-at-a-time run would (fc.scheduler)', async () => {
@@ -273,11 +282,7 @@ test('requests take effect in the order they were made on every page they share,
 });
 
 test('a full cache keeps the pages accessed most often lately: a stream of pages touched once or twice never displaces a hot set', async (t) => {
-  const node = new FakeNode(MiB);
-  const memory = onFakeNode(node, 4);
-  t.after(() => memory.close());
-  await memory.refresh();
-  const seg = await memory.alloc(256 * PAGE, { device: 'a' });
+  const { node, memory, seg } = await segmentOnFakeNode(t, 4, 256);
   // Four hot pages, each touched between every two pages of the stream.
   const hot = [0, 1, 2, 3];
   for (const p of hot) await seg.write(p * PAGE, page(0x40 + p)); // slots free: each cached on its first access
@@ -303,11 +308,7 @@ test('a full cache keeps the pages accessed most often lately: a stream of pages
 });
 
 test('a promotion and the demotion that makes room for it run side by side: the fetch does not wait for the victim\'s write-back', async (t) => {
-  const node = new FakeNode(MiB);
-  const memory = onFakeNode(node, 1);
-  t.after(() => memory.close());
-  await memory.refresh();
-  const seg = await memory.alloc(8 * PAGE, { device: 'a' });
+  const { node, memory, seg } = await segmentOnFakeNode(t, 1, 8);
   await seg.write(0, page(0x11)); // cached, dirty: the victim of the next promotion
   for (let touch = 0; touch < 2; touch++) await seg.read(0, PAGE); // page 0: three touches
   for (let touch = 0; touch < 3; touch++) await seg.read(PAGE, PAGE); // page 1: not more often yet
