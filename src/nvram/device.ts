@@ -56,7 +56,7 @@ import { MisuseError, RuntimeError, StorageError, asError } from '../errors.js';
 import type { Medium } from '../memory/medium.js';
 import { JournalFile } from './journal-file.js';
 import { POLICIES, isMirrored, type Policy, type Role } from '../protocol/journal/policy.js';
-import { MAX_PAYLOAD, RECORD_FLAG, WRITER_FIELDS, WRITER_ID_PATTERN, decodeRecord, encodeRecord, nowMicros, recordSize, type JournalRecord, type RecordTarget, type RecordWriter } from '../protocol/journal/record.js';
+import { MAX_PAYLOAD, RECORD_FLAG, WRITER_FIELDS, WRITER_ID_PATTERN, decodeRecord, encodeRecord, encodeRecordInto, encodedSize, nowMicros, recordSize, type JournalRecord, type RecordTarget, type RecordWriter } from '../protocol/journal/record.js';
 import type { MirrorMode, DeviceInfo } from '../protocol/admin/api.js';
 import { WRITER_WINDOW, WritersIndex, payloadCrc } from './writers.js';
 export type { MirrorMode, DeviceInfo };
@@ -504,10 +504,10 @@ export class NvramDevice {
       throw new StorageError('MS_MEDIUM_IO', `device ${this.name} has no journal file now and takes no appends`, { details: { device: this.name } });
     }
     const timestamp = nowMicros();
-    const encoded = entries.map((e, i) =>
-      encodeRecord({ seq: this.nextSeq + i, timestamp, epoch, flags: e.flags ?? 0, target: e.target, payload: e.payload, writer: e.writer }),
-    );
-    const bytes = encoded.reduce((sum, b) => sum + b.length, 0);
+    // Encoded back to back into one buffer: for the device's memory, the journal file and
+    // the partner alike.
+    const records = entries.map((e, i): JournalRecord => ({ seq: this.nextSeq + i, timestamp, epoch, flags: e.flags ?? 0, target: e.target, payload: e.payload, writer: e.writer }));
+    const bytes = records.reduce((sum, r) => sum + encodedSize(r), 0);
     if (this.used + bytes > this.size) {
       throw new RuntimeError('MS_NVRAM_FULL', `device ${this.name} is full: ${bytes} bytes of records do not fit in the ${this.size - this.used} bytes left; trim first`, {
         details: { device: this.name, needed: bytes, free: this.size - this.used },
@@ -518,9 +518,13 @@ export class NvramDevice {
     const first = this.nextSeq;
     const last = first + entries.length - 1;
     this.nextSeq += entries.length;
-    const work: Promise<void>[] = encoded.map((buf, i) => this.place(buf, first + i, timestamp));
-    // One buffer for the journal file and the partner; a volatile device needs neither.
-    const all = this.journal === undefined && this.port === undefined ? Buffer.alloc(0) : encoded.length === 1 ? (encoded[0] ?? Buffer.alloc(0)) : Buffer.concat(encoded);
+    const all = Buffer.allocUnsafe(bytes);
+    const work: Promise<void>[] = [];
+    for (let i = 0, at = 0; i < records.length; i++) {
+      const size = encodeRecordInto(records[i] as JournalRecord, all, at);
+      work.push(this.place(all.subarray(at, at + size), first + i, timestamp));
+      at += size;
+    }
     // The journal file is synced before the acknowledgement, unless the partner holds the
     // record (`mirrored`, in sync): then the file is written in the background, in order,
     // so that losing the partner later costs one sync that covers it. An append without
@@ -543,7 +547,7 @@ export class NvramDevice {
     }
     if (mode === 'in-sync' && this.port !== undefined) {
       const port = this.port;
-      const sent = port.append(this.name, this.epochValue, all, encoded.length).then(async (partnerHolds) => {
+      const sent = port.append(this.name, this.epochValue, all, records.length).then(async (partnerHolds) => {
         // The partner was lost on the way: the record is this node's alone, so sync it here.
         if (!partnerHolds && this.policy === 'mirrored') await journal?.flush();
       });

@@ -79,12 +79,30 @@ export function recordSize(payloadLength: number, targetNameLength: number): num
   return RECORD_HEADER + targetNameLength + payloadLength;
 }
 
-/** Encodes a record into one buffer (size first, written in place). */
+/** The bytes `record` takes encoded. */
+export function encodedSize(record: JournalRecord): number {
+  const name = record.target === undefined ? 0 : Buffer.byteLength(record.target.volume, 'utf8');
+  return recordSize(record.payload.length + (record.writer === undefined ? 0 : WRITER_FIELDS), name);
+}
+
+/** Encodes a record into one buffer of its own. */
 export function encodeRecord(record: JournalRecord): Buffer {
-  const name = record.target === undefined ? Buffer.alloc(0) : Buffer.from(record.target.volume, 'utf8');
+  const buf = Buffer.allocUnsafe(encodedSize(record));
+  encodeRecordInto(record, buf);
+  return buf;
+}
+
+/**
+ * Encodes a record into `into` from `at` (room for encodedSize(record) there); returns
+ * the bytes written. Records appended together are encoded back to back into one buffer.
+ */
+export function encodeRecordInto(record: JournalRecord, into: Buffer, at = 0): number {
+  const name = record.target === undefined ? EMPTY_NAME : Buffer.from(record.target.volume, 'utf8');
   const writer = record.writer;
   const stored = record.payload.length + (writer === undefined ? 0 : WRITER_FIELDS);
-  const buf = Buffer.allocUnsafe(recordSize(stored, name.length));
+  const size = recordSize(stored, name.length);
+  const buf = into.subarray(at, at + size);
+  if (buf.length !== size) throw new RangeError(`encodeRecordInto: ${size} bytes do not fit at ${at} of ${into.length}`);
   buf.writeUInt32BE(RECORD_MAGIC, 0);
   buf.writeUInt16BE(RECORD_VERSION, 4);
   buf.writeUInt16BE((record.flags & ~RECORD_FLAG.WRITER) | (record.target === undefined ? 0 : RECORD_FLAG.TARGET) | (writer === undefined ? 0 : RECORD_FLAG.WRITER), 6);
@@ -98,16 +116,18 @@ export function encodeRecord(record: JournalRecord): Buffer {
   buf.writeUInt32BE(0, 48);
   buf.writeUInt32BE(0, 52);
   name.copy(buf, RECORD_HEADER);
-  let at = RECORD_HEADER + name.length;
+  let o = RECORD_HEADER + name.length;
   if (writer !== undefined) {
-    buf.write(writer.id, at, 8, 'hex');
-    writeU64(buf, writer.seq, at + 8);
-    at += WRITER_FIELDS;
+    buf.write(writer.id, o, 8, 'hex');
+    writeU64(buf, writer.seq, o + 8);
+    o += WRITER_FIELDS;
   }
-  record.payload.copy(buf, at);
+  record.payload.copy(buf, o);
   buf.writeUInt32BE(checksum(buf), 48);
-  return buf;
+  return size;
 }
+
+const EMPTY_NAME = Buffer.alloc(0);
 
 function checksum(buf: Buffer): number {
   const head = crc32(buf.subarray(0, 48));
