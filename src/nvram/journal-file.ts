@@ -82,6 +82,8 @@ const WRAP_BYTES = recordSize(8, 0);
 const RUN = 64 * 1024;
 const MARKERS = RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM | RECORD_FLAG.WRAP;
 const EMPTY = Buffer.alloc(0);
+/** The largest batch assembled in the reused scratch buffer; larger ones get their own. */
+const SCRATCH_MAX = 4 * 1024 * 1024;
 
 /** The ring a new journal gets: at least `least`, and twice the device's size. */
 export function ringCapacity(deviceSize: number, least = RING_MIN): number {
@@ -593,6 +595,8 @@ export class JournalFile {
   /** First run in `ring.runs` still needed. */
   private runsFrom: number;
   private zeros: Buffer | undefined;
+  /** Where a batch written durably in one piece is assembled (see writeBatch). */
+  private scratch: Buffer | undefined;
   private queue: Waiter[];
   private running: Promise<void> | undefined;
   /** Bytes were written that no fdatasync has covered yet. */
@@ -618,6 +622,7 @@ export class JournalFile {
     this.ring = ring;
     this.runsFrom = 0;
     this.zeros = undefined;
+    this.scratch = undefined;
     this.queue = [];
     this.running = undefined;
     this.unsynced = false;
@@ -911,15 +916,21 @@ export class JournalFile {
     const reach = Math.max(0, ...layout.pieces.map((p) => physical(p.at) + p.length));
     if (reach > this.ring.allocated) await this.preallocate(reach);
     // Each piece as one buffer of its own (the records' buffers are the device's and the
-    // partner's too), every record tagged with its place.
+    // partner's too), every record tagged with its place. A batch written durably in one
+    // piece is copied into the file's scratch buffer, reused from batch to batch (batches
+    // are written one at a time, and that write is done when `durable` settles): a fresh
+    // buffer per batch is garbage the size of everything appended.
+    const durable = sync && layout.pieces.length === 1 && !this.unsynced && this.durable !== undefined;
     const bytes = layout.pieces.map((p) => {
-      const buf = Buffer.concat(p.parts, p.length);
+      const buf = durable && p.length <= SCRATCH_MAX ? this.scratchOf(p.length) : Buffer.allocUnsafe(p.length);
+      let o = 0;
+      for (const part of p.parts) o += part.copy(buf, o);
       for (const r of p.records) buf.writeUInt32BE(ringTag(key, (p.at + r) % capacity), r + 52);
       return buf;
     });
     const one = bytes.length === 1 ? bytes[0] : undefined;
     const started = performance.now();
-    if (sync && one !== undefined && !this.unsynced && this.durable !== undefined) {
+    if (durable && one !== undefined && this.durable !== undefined) {
       // Nothing unsynced before it: the batch written durably covers all there is.
       await this.durable(one, physical(layout.pieces[0]?.at ?? 0));
       this.synced(started);
@@ -944,6 +955,12 @@ export class JournalFile {
       noteRun(this.ring.runs, this.ring.capacity, n.at, (n.flags & MARKERS) === 0 ? n.seq : 0);
     }
     this.ring.head = layout.end;
+  }
+
+  /** The first `length` bytes of the scratch buffer, grown to hold them. */
+  private scratchOf(length: number): Buffer {
+    if (this.scratch === undefined || this.scratch.length < length) this.scratch = Buffer.allocUnsafeSlow(Math.min(SCRATCH_MAX, Math.max(length, 2 * (this.scratch?.length ?? 64 * 1024))));
+    return this.scratch.subarray(0, length);
   }
 
   private synced(started: number): void {
