@@ -40,6 +40,7 @@ import {
   type Tag,
   type WireRange,
   type JournalInfo,
+  type JournalEntry,
   encodeJcreateRequest,
   encodeJopenRequest,
   encodeJremoveRequest,
@@ -50,11 +51,11 @@ import {
   encodeHandleRequest,
   decodeJinfoReply,
 } from '../protocol/rmem/codec.js';
-import { decodeRecord, type JournalRecord } from '../protocol/journal/record.js';
+import { MAX_TARGET_NAME, decodeRecord, type JournalRecord } from '../protocol/journal/record.js';
 import { errorOf } from '../protocol/rmem/errors.js';
 import { CorkedWriter } from '../net/corked-writer.js';
 import { FrameParser, type Frame } from '../protocol/rmem/parser.js';
-import { MAX_DATA, OP, OP_NAME, STATUS, VERSION, type PerformanceClass, type WireMediumName } from '../protocol/rmem/spec.js';
+import { MAX_DATA, MAX_VECTOR, OP, OP_NAME, STATUS, VERSION, type PerformanceClass, type WireMediumName } from '../protocol/rmem/spec.js';
 
 export type { CapacityEntry, WireRange, PerformanceClass, WireMediumName as MediumName, JournalInfo, JournalRecord };
 
@@ -132,6 +133,31 @@ interface Pending {
 
 type State = 'connected' | 'reconnecting' | 'closed';
 
+/**
+ * Payload bytes of appends coalesced into one JAPPEND at most: such a request mostly
+ * arrives in one socket read (64 KiB), which the node parses in place, where a larger
+ * one is assembled into a buffer of its own.
+ */
+const COALESCE_BYTES = 56 * 1024;
+
+/** Appends of one tick to one journal, sent as one JAPPEND (see journalAppend). */
+interface AppendBatch {
+  handle: number;
+  entries: JournalEntry[];
+  bytes: number;
+  /** Each caller's entries: `count` from `first`. */
+  callers: { first: number; count: number; resolve(appended: { seq: number; timestamp: number }[]): void; reject(error: Error): void }[];
+}
+
+/**
+ * Whether an append may share a JAPPEND with others: nothing in it that the node refuses
+ * on its own (an empty append, a record or a target name too large), which would fail
+ * the appends it was sent with.
+ */
+function coalescable(entries: readonly JournalEntry[], bytes: number): boolean {
+  return entries.length > 0 && entries.length <= MAX_VECTOR && bytes <= COALESCE_BYTES && entries.every((e) => e.target === undefined || Buffer.byteLength(e.target.volume) <= MAX_TARGET_NAME);
+}
+
 export interface RmemClientEvents {
   /** The connection dropped; the client is trying to resume (or, with reconnect off, is closed). */
   disconnected: [error: Error | undefined];
@@ -152,6 +178,8 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
   private readonly waiting: Pending[];
   private nextTag: number;
   private writer: CorkedWriter;
+  /** Appends made this tick, not sent yet (see journalAppend). */
+  private appends: AppendBatch | undefined;
   private lastSent: number;
   private readonly timer: NodeJS.Timeout;
 
@@ -166,6 +194,7 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
     this.waiting = [];
     this.nextTag = 1;
     this.writer = new CorkedWriter(connection.socket);
+    this.appends = undefined;
     this.lastSent = Date.now();
     const tick = Math.max(20, Math.min(250, Math.floor(options.timeoutMs / 4), Math.floor(connection.session.leaseMs / 6)));
     this.timer = setInterval(() => {
@@ -293,23 +322,76 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
   /**
    * Appends records; resolves with their sequence numbers and timestamps once they are
    * durable under the device's policy. A full device fails with MS_NVRAM_FULL.
+   *
+   * Appends to one journal made in the same tick (before this client's next turn of the
+   * event loop) without `writer` leave as one JAPPEND, in call order, up to MAX_VECTOR
+   * records and COALESCE_BYTES of payload: one request, one turn of the node's append
+   * path and one reply for all of them, instead of one each. They are appended together
+   * or not at all: a full device refuses their sum, and any failure fails each of them.
+   * Nothing else waits for them: any other request of this client first sends the
+   * appends made before it, so requests leave in the order they were made.
+   *
+   * With `writer` (16 hex digits and the writer's number for the first entry; entry i
+   * gets firstSeq + i), a retry of numbers the device already took is answered with the
+   * first append's sequence numbers and appends nothing: what a multipath client re-sends
+   * after a failover lands once (MultipathJournal does this). Such an append leaves alone.
    */
-  /**
-   * Appends records. With `writer` (16 hex digits and the writer's number for the first
-   * entry; entry i gets firstSeq + i), a retry of numbers the device already took is
-   * answered with the first append's sequence numbers and appends nothing: what a
-   * multipath client re-sends after a failover lands once (MultipathJournal does this).
-   */
-  async journalAppend(journal: Journal, entries: readonly { payload: Uint8Array; target?: { volume: string; offset: number } }[], writer?: { id: string; firstSeq: number }): Promise<{ seq: number; timestamp: number }[]> {
+  journalAppend(journal: Journal, entries: readonly { payload: Uint8Array; target?: { volume: string; offset: number } }[], writer?: { id: string; firstSeq: number }): Promise<{ seq: number; timestamp: number }[]> {
+    const wire = entries.map((e) => ({ payload: Buffer.from(e.payload.buffer, e.payload.byteOffset, e.payload.byteLength), target: e.target }));
+    const bytes = wire.reduce((n, e) => n + e.payload.length, 0);
+    if (writer !== undefined || !coalescable(wire, bytes)) {
+      const tag = this.tag();
+      let parts: Buffer[];
+      try {
+        parts = encodeJappendRequest(tag, journal.handle, wire, writer);
+      } catch (error) {
+        return Promise.reject(error as Error);
+      }
+      return this.request(writer === undefined ? OP.JAPPEND : OP.JAPPENDW, tag, parts).then((frame) => decodeJappendReply(frame.body));
+    }
+    let batch = this.appends;
+    if (batch !== undefined && (batch.handle !== journal.handle || batch.entries.length + wire.length > MAX_VECTOR || batch.bytes + bytes > COALESCE_BYTES)) {
+      this.sendAppends();
+      batch = undefined;
+    }
+    if (batch === undefined) {
+      const fresh: AppendBatch = { handle: journal.handle, entries: [], bytes: 0, callers: [] };
+      this.appends = batch = fresh;
+      process.nextTick(() => {
+        if (this.appends === fresh) this.sendAppends();
+      });
+    }
+    const first = batch.entries.length;
+    for (const e of wire) batch.entries.push(e);
+    batch.bytes += bytes;
+    const into = batch;
+    return new Promise((resolve, reject) => {
+      into.callers.push({ first, count: wire.length, resolve, reject });
+    });
+  }
+
+  /** Sends the appends coalesced so far as one JAPPEND and hands each caller its part of the reply. */
+  private sendAppends(): void {
+    const batch = this.appends;
+    if (batch === undefined) return;
+    this.appends = undefined;
     const tag = this.tag();
-    const parts = encodeJappendRequest(
-      tag,
-      journal.handle,
-      entries.map((e) => ({ payload: Buffer.from(e.payload.buffer, e.payload.byteOffset, e.payload.byteLength), target: e.target })),
-      writer,
+    this.request(OP.JAPPEND, tag, encodeJappendRequest(tag, batch.handle, batch.entries)).then(
+      (frame) => {
+        let appended: { seq: number; timestamp: number }[];
+        try {
+          appended = decodeJappendReply(frame.body);
+          if (appended.length !== batch.entries.length) throw new MisuseError('MS_RMEM_PROTOCOL', `JAPPEND reply: ${appended.length} records for ${batch.entries.length} appended`);
+        } catch (error) {
+          for (const c of batch.callers) c.reject(error as MemstrataError);
+          return;
+        }
+        for (const c of batch.callers) c.resolve(appended.slice(c.first, c.first + c.count));
+      },
+      (error: MemstrataError) => {
+        for (const c of batch.callers) c.reject(error);
+      },
     );
-    const frame = await this.request(writer === undefined ? OP.JAPPEND : OP.JAPPENDW, tag, parts);
-    return decodeJappendReply(frame.body);
   }
 
   /**
@@ -399,6 +481,8 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
 
   /** Sends one request (its frames built with `tag`) and resolves with the reply. */
   private request(op: number, tag: Tag, frames: Buffer[], target?: Buffer): Promise<Frame> {
+    // Appends made before this request leave before it.
+    if (this.appends !== undefined) this.sendAppends();
     return new Promise<Frame>((resolve, reject) => {
       if (this.state === 'closed') {
         reject(new NetworkError('MS_RMEM_DISCONNECTED', `${OP_NAME[op] ?? op}: client is closed`));
