@@ -57,6 +57,7 @@ import type { Medium } from '../memory/medium.js';
 import { JournalFile } from './journal-file.js';
 import { POLICIES, isMirrored, type Policy, type Role } from '../protocol/journal/policy.js';
 import { MAX_PAYLOAD, RECORD_FLAG, WRITER_FIELDS, WRITER_ID_PATTERN, decodeRecord, encodeRecord, encodeRecordInto, encodedSize, nowMicros, recordSize, type JournalRecord, type RecordTarget, type RecordWriter } from '../protocol/journal/record.js';
+import type { BufferPool } from '../memory/buffer-pool.js';
 import type { MirrorMode, DeviceInfo } from '../protocol/admin/api.js';
 import { WRITER_WINDOW, WritersIndex, payloadCrc } from './writers.js';
 export type { MirrorMode, DeviceInfo };
@@ -119,6 +120,8 @@ export interface DeviceOptions {
   extentSize: number;
   journal: JournalFile | undefined;
   role?: Role;
+  /** Where appends stage their encoded records (see appendRecords); fresh buffers without. */
+  staging?: BufferPool;
 }
 
 export class NvramDevice {
@@ -129,6 +132,7 @@ export class NvramDevice {
   private readonly extents: readonly number[];
   private readonly extentSize: number;
   private journal: JournalFile | undefined;
+  private readonly staging: BufferPool | undefined;
   /** Bytes appended without sync since the last commit began (write logs; see append). */
   private deferredBytes: number;
   /**
@@ -190,6 +194,7 @@ export class NvramDevice {
     this.extents = options.extents;
     this.extentSize = options.extentSize;
     this.journal = options.journal;
+    this.staging = options.staging;
     this.deferredBytes = 0;
     this.partnerPending = Promise.resolve();
     this.partnerPendingBytes = 0;
@@ -513,15 +518,34 @@ export class NvramDevice {
         details: { device: this.name, needed: bytes, free: this.size - this.used },
       });
     }
+    // Without a partner, the device's memory and the journal file are all that read these
+    // bytes, and each is done with them once its promise settles: the buffer goes back to
+    // the staging pool then. A partner's link may hold them longer (a resend), so a device
+    // with a partner gets a buffer of its own. Encoded before anything is taken: a record
+    // that cannot be encoded (an offset out of range) fails the append and changes nothing.
+    const staging = this.port === undefined ? this.staging : undefined;
+    const owner = staging === undefined ? Buffer.allocUnsafe(bytes) : staging.acquire(bytes);
+    const all = owner.subarray(0, bytes);
+    const sizes: number[] = [];
+    try {
+      for (let i = 0, at = 0; i < records.length; i++) {
+        const size = encodeRecordInto(records[i] as JournalRecord, all, at);
+        sizes.push(size);
+        at += size;
+      }
+    } catch (error) {
+      staging?.release(owner);
+      throw new MisuseError('MS_NVRAM_INVALID', `device ${this.name}: a record cannot be encoded: ${asError(error).message}`, { details: { device: this.name } });
+    }
     // Sequence numbers, ring space and the journal's queue position are all taken now,
     // synchronously, so they follow arrival order whatever order the I/O finishes in.
     const first = this.nextSeq;
     const last = first + entries.length - 1;
     this.nextSeq += entries.length;
-    const all = Buffer.allocUnsafe(bytes);
+    const readers: Promise<unknown>[] = [];
     const work: Promise<void>[] = [];
     for (let i = 0, at = 0; i < records.length; i++) {
-      const size = encodeRecordInto(records[i] as JournalRecord, all, at);
+      const size = sizes[i] ?? 0;
       work.push(this.place(all.subarray(at, at + size), first + i, timestamp));
       at += size;
     }
@@ -540,7 +564,9 @@ export class NvramDevice {
       // a power cut tears no more of the file than it could before; a failure there puts
       // the device in repair, and the commit waiting for that batch reports it.
       this.deferredBytes += all.length;
-      journal.defer(all).catch((error: unknown) => { this.failed(error); });
+      const deferred = journal.defer(all);
+      readers.push(deferred);
+      deferred.catch((error: unknown) => { this.failed(error); });
       if (this.deferredBytes > DEFER_LIMIT) void this.commit().catch(() => undefined);
     } else if (journal !== undefined) {
       work.push(journal.append(all));
@@ -594,6 +620,7 @@ export class NvramDevice {
     })();
     this.ackChain = stored;
     stored.catch((error: unknown) => { this.failed(error); });
+    if (staging !== undefined) void Promise.allSettled([...work, ...readers]).then(() => { staging.release(owner); });
     await stored;
     return entries.map((_, i) => ({ seq: first + i, timestamp }));
   }

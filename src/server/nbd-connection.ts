@@ -96,7 +96,7 @@ import {
 } from '../protocol/nbd/spec.js';
 import type { Volume } from '../storage/volume-manager.js';
 import type { VolumeIo } from '../storage/volume-io.js';
-import type { BufferPool } from './buffer-pool.js';
+import type { BufferPool } from '../memory/buffer-pool.js';
 import { CorkedWriter } from '../net/corked-writer.js';
 import type { Semaphore } from './semaphore.js';
 import type { TurnQueue } from './turn-queue.js';

@@ -31,7 +31,7 @@ import type { VolumeIo } from '../storage/volume-io.js';
 import type { VolumeManager } from '../storage/volume-manager.js';
 import { closeServer, listenOn, listenUnix, type ScopedListener } from '../net/listen.js';
 import type { ListenAddress } from '../units.js';
-import { BufferPool } from './buffer-pool.js';
+import { BufferPool } from '../memory/buffer-pool.js';
 import { NbdConnection, type ExportCatalog, type NbdHost, type NbdStats } from './nbd-connection.js';
 import { Semaphore } from './semaphore.js';
 import { TurnQueue } from './turn-queue.js';

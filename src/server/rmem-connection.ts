@@ -68,7 +68,7 @@ import { statusOf } from '../protocol/rmem/errors.js';
 import { FrameParser, type Frame } from '../protocol/rmem/parser.js';
 import { HANDSHAKE_MAX_BODY, HEADER_SIZE, MAX_BODY, MAX_DATA, OP, OP_NAME, STATUS, VERSION } from '../protocol/rmem/spec.js';
 import type { Logger } from '../logger.js';
-import type { BufferPool } from './buffer-pool.js';
+import type { BufferPool } from '../memory/buffer-pool.js';
 import { CorkedWriter } from '../net/corked-writer.js';
 import type { LatencyHistogram } from '../net/latency.js';
 import { RequestFlow, type FlowLimits, type FlowStats, type SharedBudget } from '../net/request-flow.js';

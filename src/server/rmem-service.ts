@@ -45,7 +45,7 @@ import { ConnectionGate } from '../net/connection-gate.js';
 import { SharedBudget, newFlowStats, type FlowLimits, type FlowStats } from '../net/request-flow.js';
 import { serviceLoad, type ServiceLoad } from '../net/service-load.js';
 import type { ListenAddress } from '../units.js';
-import { BufferPool } from './buffer-pool.js';
+import { BufferPool } from '../memory/buffer-pool.js';
 import { RmemConnection, type ConnectionHost, type RmemScope, type RmemStats } from './rmem-connection.js';
 import type { JournalHolderJson, SessionInfo } from '../protocol/admin/api.js';
 import { SESSION_SECRET_SIZE } from '../protocol/rmem/spec.js';

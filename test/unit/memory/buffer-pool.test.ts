@@ -4,7 +4,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { BufferPool } from '../../../src/server/buffer-pool.js';
+import { BufferPool } from '../../../src/memory/buffer-pool.js';
 
 const MiB = 2 ** 20;
 

@@ -14,6 +14,10 @@
 //   together hold little of the cap (9 MiB of NBD's 32 MiB: seven classes of 1 MiB,
 //   four buffers of 512 KiB), so 1 MiB buffers still find room.
 //
+// NVRAM devices stage the records of an append in a buffer from a pool of their manager's
+// (rounded to its class; given back once the device's memory and the journal file have
+// the bytes): a fresh buffer per append was garbage the size of everything appended.
+//
 // Below 4 KiB, Node's own slab allocator is cheaper than any pool. From 4 KiB up,
 // Buffer.allocUnsafe makes a new ArrayBuffer each time, and the collector pays for it.
 // NBD pools from 4 KiB (docs/BENCHMARKS.md: 4k randrw QD32 1.07x, 16 KiB random writes
@@ -34,6 +38,11 @@ export interface BufferPoolOptions {
   minSize?: number;
   /** Classes below 1 MiB may keep as many buffers as fit in this many bytes, if more than perClass. */
   smallClassBytes?: number;
+  /**
+   * Every size from `minSize` up gets a buffer of its class, below POOL_MIN too (default
+   * false): for callers that use a subarray of it and give the whole buffer back.
+   */
+  round?: boolean;
 }
 
 export class BufferPool {
@@ -42,6 +51,7 @@ export class BufferPool {
   private readonly maxBytes: number;
   private readonly minSize: number;
   private readonly smallClassBytes: number;
+  private readonly round: boolean;
   private kept: number;
 
   constructor(options: BufferPoolOptions = {}) {
@@ -50,6 +60,7 @@ export class BufferPool {
     this.maxBytes = options.maxBytes ?? Number.POSITIVE_INFINITY;
     this.minSize = options.minSize ?? POOL_MIN;
     this.smallClassBytes = options.smallClassBytes ?? 0;
+    this.round = options.round ?? false;
     this.kept = 0;
   }
 
@@ -58,9 +69,9 @@ export class BufferPool {
     return this.kept;
   }
 
-  /** A buffer of at least `size` bytes: a pooled one of its size class, or a fresh one of `size`. */
+  /** A buffer of at least `size` bytes: a pooled one of its size class, or a fresh one (of its class with `round`, else of `size`). */
   acquire(size: number): Buffer {
-    if (size < this.minSize || (size < POOL_MIN && size !== sizeClass(size))) return Buffer.allocUnsafe(size);
+    if (size < this.minSize || (!this.round && size < POOL_MIN && size !== sizeClass(size))) return Buffer.allocUnsafe(size);
     const cls = sizeClass(size);
     const buf = this.free.get(cls)?.pop();
     if (buf === undefined) return Buffer.allocUnsafeSlow(cls);
