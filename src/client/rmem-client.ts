@@ -45,7 +45,8 @@ import {
   encodeJopenRequest,
   encodeJremoveRequest,
   decodeJopenReply,
-  encodeJappendRequest,
+  encodeJappendEntries,
+  encodeJappendHead,
   decodeJappendReply,
   encodeJreadRequest,
   encodeHandleRequest,
@@ -134,25 +135,27 @@ interface Pending {
 type State = 'connected' | 'reconnecting' | 'closed';
 
 /**
- * Payload bytes of appends coalesced into one JAPPEND at most: such a request mostly
- * arrives in one socket read (64 KiB), which the node parses in place, where a larger
- * one is assembled into a buffer of its own.
+ * Bytes of encoded entries (payloads, target names and fixed fields) coalesced into one
+ * JAPPEND at most: such a request mostly arrives in one socket read (64 KiB), which the
+ * node parses in place, where a larger one is assembled into a buffer of its own.
  */
 const COALESCE_BYTES = 56 * 1024;
 
 /** Appends of one tick to one journal, sent as one JAPPEND (see journalAppend). */
 interface AppendBatch {
   handle: number;
-  entries: JournalEntry[];
-  bytes: number;
+  /** The entries encoded (encodeJappendEntries), back to back, and their count and bytes. */
+  parts: Buffer[];
+  count: number;
+  length: number;
   /** Each caller's entries: `count` from `first`. */
   callers: { first: number; count: number; resolve(appended: { seq: number; timestamp: number }[]): void; reject(error: Error): void }[];
 }
 
 /**
  * Whether an append may share a JAPPEND with others: nothing in it that the node refuses
- * on its own (an empty append, a record or a target name too large), which would fail
- * the appends it was sent with.
+ * on its own (an empty append, a target name too long, too many entries), which would
+ * fail the appends it was sent with, and not larger than COALESCE_BYTES encoded.
  */
 function coalescable(entries: readonly JournalEntry[], bytes: number): boolean {
   return entries.length > 0 && entries.length <= MAX_VECTOR && bytes <= COALESCE_BYTES && entries.every((e) => e.target === undefined || Buffer.byteLength(e.target.volume) <= MAX_TARGET_NAME);
@@ -336,34 +339,33 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
    * first append's sequence numbers and appends nothing: what a multipath client re-sends
    * after a failover lands once (MultipathJournal does this). Such an append leaves alone.
    */
-  journalAppend(journal: Journal, entries: readonly { payload: Uint8Array; target?: { volume: string; offset: number } }[], writer?: { id: string; firstSeq: number }): Promise<{ seq: number; timestamp: number }[]> {
+  async journalAppend(journal: Journal, entries: readonly { payload: Uint8Array; target?: { volume: string; offset: number } }[], writer?: { id: string; firstSeq: number }): Promise<{ seq: number; timestamp: number }[]> {
     const wire = entries.map((e) => ({ payload: Buffer.from(e.payload.buffer, e.payload.byteOffset, e.payload.byteLength), target: e.target }));
-    const bytes = wire.reduce((n, e) => n + e.payload.length, 0);
-    if (writer !== undefined || !coalescable(wire, bytes)) {
+    // Encoded now, as the call finds its arguments: an entry that cannot be (an offset out
+    // of range) fails this call alone, and a target the caller changes later is not read again.
+    const body = encodeJappendEntries(wire);
+    if (writer !== undefined || !coalescable(wire, body.length)) {
       const tag = this.tag();
-      let parts: Buffer[];
-      try {
-        parts = encodeJappendRequest(tag, journal.handle, wire, writer);
-      } catch (error) {
-        return Promise.reject(error as Error);
-      }
-      return this.request(writer === undefined ? OP.JAPPEND : OP.JAPPENDW, tag, parts).then((frame) => decodeJappendReply(frame.body));
+      const head = encodeJappendHead(tag, journal.handle, wire.length, body.length, writer);
+      const frame = await this.request(writer === undefined ? OP.JAPPEND : OP.JAPPENDW, tag, [head, ...body.parts]);
+      return decodeJappendReply(frame.body);
     }
     let batch = this.appends;
-    if (batch !== undefined && (batch.handle !== journal.handle || batch.entries.length + wire.length > MAX_VECTOR || batch.bytes + bytes > COALESCE_BYTES)) {
+    if (batch !== undefined && (batch.handle !== journal.handle || batch.count + wire.length > MAX_VECTOR || batch.length + body.length > COALESCE_BYTES)) {
       this.sendAppends();
       batch = undefined;
     }
     if (batch === undefined) {
-      const fresh: AppendBatch = { handle: journal.handle, entries: [], bytes: 0, callers: [] };
+      const fresh: AppendBatch = { handle: journal.handle, parts: [], count: 0, length: 0, callers: [] };
       this.appends = batch = fresh;
       process.nextTick(() => {
         if (this.appends === fresh) this.sendAppends();
       });
     }
-    const first = batch.entries.length;
-    for (const e of wire) batch.entries.push(e);
-    batch.bytes += bytes;
+    const first = batch.count;
+    for (const part of body.parts) batch.parts.push(part);
+    batch.count += wire.length;
+    batch.length += body.length;
     const into = batch;
     return new Promise((resolve, reject) => {
       into.callers.push({ first, count: wire.length, resolve, reject });
@@ -376,12 +378,13 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
     if (batch === undefined) return;
     this.appends = undefined;
     const tag = this.tag();
-    this.request(OP.JAPPEND, tag, encodeJappendRequest(tag, batch.handle, batch.entries)).then(
+    const head = encodeJappendHead(tag, batch.handle, batch.count, batch.length);
+    this.request(OP.JAPPEND, tag, [head, ...batch.parts]).then(
       (frame) => {
         let appended: { seq: number; timestamp: number }[];
         try {
           appended = decodeJappendReply(frame.body);
-          if (appended.length !== batch.entries.length) throw new MisuseError('MS_RMEM_PROTOCOL', `JAPPEND reply: ${appended.length} records for ${batch.entries.length} appended`);
+          if (appended.length !== batch.count) throw new MisuseError('MS_RMEM_PROTOCOL', `JAPPEND reply: ${appended.length} records for ${batch.count} appended`);
         } catch (error) {
           for (const c of batch.callers) c.reject(error as MemstrataError);
           return;

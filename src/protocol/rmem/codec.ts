@@ -642,30 +642,43 @@ const WRITER_PREFIX = 16;
  * sequence number, then as JAPPEND from the count; entry i carries writer seq first + i.
  */
 export function encodeJappendRequest(tag: Tag, handle: number, entries: readonly JournalEntry[], writer?: JournalWriter): Buffer[] {
-  const prefix = writer === undefined ? 0 : WRITER_PREFIX;
-  let length = 6 + prefix;
-  const names = entries.map((e) => Buffer.from(e.target?.volume ?? '', 'utf8'));
-  entries.forEach((e, i) => (length += 4 + 1 + (names[i]?.length ?? 0) + 8 + e.payload.length));
-  const head = Buffer.allocUnsafe(HEADER_SIZE + 6 + prefix);
-  writeRequestHeader(head, writer === undefined ? OP.JAPPEND : OP.JAPPENDW, tag, length);
-  head.writeUInt32BE(handle, HEADER_SIZE);
-  if (writer !== undefined) {
-    if (!/^[0-9a-f]{16}$/.test(writer.id)) throw new MisuseError('MS_RMEM_INVALID', 'a writer id is 16 lowercase hex digits');
-    head.write(writer.id, HEADER_SIZE + 4, 8, 'hex');
-    writeU64(head, writer.firstSeq, HEADER_SIZE + 12);
-  }
-  head.writeUInt16BE(entries.length, HEADER_SIZE + 4 + prefix);
-  const parts: Buffer[] = [head];
-  entries.forEach((e, i) => {
-    const name = names[i] ?? Buffer.alloc(0);
+  const body = encodeJappendEntries(entries);
+  return [encodeJappendHead(tag, handle, entries.length, body.length, writer), ...body.parts];
+}
+
+/**
+ * The entries of a JAPPEND, from after its count: per entry the fixed fields and the
+ * payload (not copied). Throws (RangeError) for a target offset or name that does not fit.
+ */
+export function encodeJappendEntries(entries: readonly JournalEntry[]): { parts: Buffer[]; length: number } {
+  const parts: Buffer[] = [];
+  let length = 0;
+  for (const e of entries) {
+    const name = Buffer.from(e.target?.volume ?? '', 'utf8');
     const fixed = Buffer.allocUnsafe(4 + 1 + name.length + 8);
     fixed.writeUInt32BE(e.payload.length, 0);
     fixed.writeUInt8(name.length, 4);
     name.copy(fixed, 5);
     writeU64(fixed, e.target?.offset ?? 0, 5 + name.length);
     parts.push(fixed, e.payload);
-  });
-  return parts;
+    length += fixed.length + e.payload.length;
+  }
+  return { parts, length };
+}
+
+/** The header, handle (writer) and count of a JAPPEND whose encoded entries take `entriesLength` bytes. */
+export function encodeJappendHead(tag: Tag, handle: number, count: number, entriesLength: number, writer?: JournalWriter): Buffer {
+  const prefix = writer === undefined ? 0 : WRITER_PREFIX;
+  const head = Buffer.allocUnsafe(HEADER_SIZE + 6 + prefix);
+  writeRequestHeader(head, writer === undefined ? OP.JAPPEND : OP.JAPPENDW, tag, 6 + prefix + entriesLength);
+  head.writeUInt32BE(handle, HEADER_SIZE);
+  if (writer !== undefined) {
+    if (!/^[0-9a-f]{16}$/.test(writer.id)) throw new MisuseError('MS_RMEM_INVALID', 'a writer id is 16 lowercase hex digits');
+    head.write(writer.id, HEADER_SIZE + 4, 8, 'hex');
+    writeU64(head, writer.firstSeq, HEADER_SIZE + 12);
+  }
+  head.writeUInt16BE(count, HEADER_SIZE + 4 + prefix);
+  return head;
 }
 
 export function decodeJappendRequest(body: Buffer, withWriter = false): { handle: number; entries: JournalEntry[]; writer: JournalWriter | undefined } {

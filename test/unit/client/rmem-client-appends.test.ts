@@ -17,9 +17,10 @@ type Ctx = { after(fn: () => unknown): void };
 
 interface Seen {
   op: number;
-  /** JAPPEND: the handle and each entry's payload as text. */
+  /** JAPPEND: the handle and each entry's payload as text and target offset. */
   handle?: number;
   payloads?: string[];
+  offsets?: number[];
 }
 
 /**
@@ -50,7 +51,7 @@ async function scriptedNode(t: Ctx): Promise<{ port: number; seen: Seen[]; fail:
             return;
           }
           const { handle, entries } = request;
-          seen.push({ op: f.op, handle, payloads: entries.map((e) => e.payload.toString()) });
+          seen.push({ op: f.op, handle, payloads: entries.map((e) => e.payload.toString()), offsets: entries.map((e) => e.target?.offset ?? -1) });
           // As the node: a target name over 64 bytes fails the whole request.
           const status = entries.some((e) => Buffer.byteLength(e.target?.volume ?? '') > 64) ? STATUS.INVALID : fail.status;
           if (status !== undefined) {
@@ -101,7 +102,7 @@ test('appends made in one tick leave as one JAPPEND in call order, and each call
   const { client, seen, one } = await connected(t);
   const answers = await Promise.all([client.journalAppend(one, [text('a')]), client.journalAppend(one, [text('b'), text('c')]), client.journalAppend(one, [text('d')])]);
   assert.deepEqual(answers.map((a) => a.map((r) => r.seq)), [[1], [2, 3], [4]]);
-  assert.deepEqual(seen, [{ op: OP.JAPPEND, handle: one.handle, payloads: ['a', 'b', 'c', 'd'] }]);
+  assert.deepEqual(seen, [{ op: OP.JAPPEND, handle: one.handle, payloads: ['a', 'b', 'c', 'd'], offsets: [-1, -1, -1, -1] }]);
   // The next tick's appends are a request of their own.
   assert.deepEqual((await client.journalAppend(one, [text('e')])).map((r) => r.seq), [5]);
   assert.equal(seen.length, 2);
@@ -148,6 +149,35 @@ test('an append the node would refuse on its own (a long target name, an empty a
   // Each of those went alone; 'a' and 'b' (made around them) did too, in call order.
   const appends = seen.filter((s) => s.op === OP.JAPPEND).map((s) => s.payloads?.map((p) => (p.length > 1024 ? `${p.length}B` : p)).join(','));
   assert.deepEqual(appends, ['a', 't', '<malformed>', `${64 * 1024}B`, 'b']);
+});
+
+test('an append whose entry cannot be encoded (a target offset out of range) fails alone: the appends and the request made around it in the same tick are answered', async (t) => {
+  const { client, seen, one } = await connected(t);
+  const bad = { payload: Buffer.from('bad'), target: { volume: 'v', offset: -1 } };
+  const results = await Promise.allSettled([client.journalAppend(one, [text('a')]), client.journalAppend(one, [bad]), client.journalAppend(one, [text('b')]), client.journalTrim(one, 0)]);
+  assert.deepEqual(results.map((r) => r.status), ['fulfilled', 'rejected', 'fulfilled', 'fulfilled']);
+  assert.ok((results[1] as PromiseRejectedResult).reason instanceof RangeError);
+  assert.deepEqual(seen.map((s) => (s.op === OP.JAPPEND ? s.payloads?.join('') : `op${s.op}`)), ['ab', `op${OP.JTRIM}`]);
+  // Bad arguments reject; they never throw at the caller.
+  const thrown = client.journalAppend(one, [{ payload: 'not bytes' as unknown as Uint8Array }]);
+  await assert.rejects(thrown);
+});
+
+test('each append is encoded as its call found it: a target object the caller changes after the call is not read again', async (t) => {
+  const node = await scriptedNode(t);
+  const offsets: number[] = [];
+  const client = await RmemClient.connect({ port: node.port, serverId: 'targets', reconnect: false, keepalive: false });
+  t.after(() => client.close());
+  const journal = await client.journalOpen('d', 1);
+  const target = { volume: 'vol', offset: 0 };
+  const calls = [];
+  for (let i = 0; i < 3; i++) {
+    target.offset = i * 4096;
+    calls.push(client.journalAppend(journal, [{ payload: Buffer.from(`w${i}`), target }]));
+  }
+  await Promise.all(calls);
+  for (const s of node.seen) offsets.push(...(s.offsets ?? []));
+  assert.deepEqual(offsets, [0, 4096, 8192]);
 });
 
 test('any mix of appends, journals and other requests in one tick: each caller gets the numbers of its own records, in call order per journal', async () => {
