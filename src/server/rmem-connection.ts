@@ -105,6 +105,8 @@ export interface ConnectionHost {
   readonly stats: RmemStats;
   /** Large reply buffers, reused across requests and connections. */
   readonly replyBuffers: BufferPool;
+  /** Buffers JAPPEND bodies that span socket reads are assembled in (see bodyTarget). */
+  readonly bodyBuffers: BufferPool;
   isStopping(): boolean;
   /** At shutdown, how long requests in flight may take before the connection is cut. */
   readonly drainDeadlineMs: number;
@@ -154,6 +156,8 @@ export class RmemConnection {
   private readonly writer: CorkedWriter;
   /** Journals opened on this connection: handle -> device and the epoch it was opened with. */
   private readonly journals: Map<number, { device: NvramDevice; epoch: number }>;
+  /** JAPPEND bodies assembled in pooled buffers: the body handed out, and the buffer it is the start of. */
+  private readonly pooledBodies: Map<Buffer, Buffer>;
   private nextHandle: number;
   /** Bytes reserved for the body the parser is assembling (0: none). */
   private reserved: number;
@@ -177,6 +181,7 @@ export class RmemConnection {
     this.admission = admission;
     this.writer = new CorkedWriter(socket);
     this.journals = new Map();
+    this.pooledBodies = new Map();
     this.nextHandle = 1;
     this.reserved = 0;
     this.reservedAdmitted = false;
@@ -196,6 +201,7 @@ export class RmemConnection {
         this.onFatal(error);
       },
       admitBody: (op, length) => this.admitBody(op, length),
+      bodyTarget: (op, _word, _tagHi, _tagLo, length) => this.bodyTarget(op, length),
       // A frame that had to queue stops the parser: the rest of the chunk waits as bytes.
       accepting: () => this.flow.queued === 0,
     }, HANDSHAKE_MAX_BODY);
@@ -271,6 +277,21 @@ export class RmemConnection {
     this.writer.write(encodeErrorReply(0, STATUS.PROTOCOL, { hi: 0, lo: 0 }, error.message));
     this.closing = true;
     this.socket.end();
+  }
+
+  /**
+   * Where the parser assembles a body that spans socket reads. A JAPPEND's comes from
+   * the service's pool, and goes back once the device has its records (the handler's
+   * end): a fresh buffer per request was garbage the size of everything appended. Any
+   * other body gets a fresh buffer (undefined): those may be read after their handler
+   * returns (a WRITE's payload, a writer's retry waiting on an earlier append).
+   */
+  private bodyTarget(op: number, length: number): Buffer | undefined {
+    if (op !== OP.JAPPEND || this.tenancy === undefined) return undefined;
+    const owner = this.host.bodyBuffers.acquire(length);
+    const body = owner.subarray(0, length);
+    this.pooledBodies.set(body, owner);
+    return body;
   }
 
   /** Budgets a body that spans chunks, and the largest reply its op can get, before the parser allocates it. */
@@ -415,16 +436,26 @@ export class RmemConnection {
       }
       case OP.JAPPEND:
       case OP.JAPPENDW: {
-        const { handle, entries, writer } = decodeJappendRequest(body, op === OP.JAPPENDW);
-        const journal = this.journal(handle);
-        for (const e of entries) {
-          if (e.target !== undefined && Buffer.byteLength(e.target.volume) > MAX_TARGET_NAME) {
-            throw new MisuseError('MS_NVRAM_INVALID', `target volume name longer than ${MAX_TARGET_NAME} bytes`);
+        try {
+          const { handle, entries, writer } = decodeJappendRequest(body, op === OP.JAPPENDW);
+          const journal = this.journal(handle);
+          for (const e of entries) {
+            if (e.target !== undefined && Buffer.byteLength(e.target.volume) > MAX_TARGET_NAME) {
+              throw new MisuseError('MS_NVRAM_INVALID', `target volume name longer than ${MAX_TARGET_NAME} bytes`);
+            }
+          }
+          // JAPPENDW: entry i is the writer's number firstSeq + i; a number the device already took is answered, not appended.
+          const appended = await journal.device.append(journal.epoch, writer === undefined ? entries : entries.map((e, i) => ({ ...e, writer: { id: writer.id, seq: writer.firstSeq + i } })));
+          return one(encodeJappendReply(tag, appended, op));
+        } finally {
+          // A JAPPEND's append has settled: the device encoded its records before taking
+          // their numbers, so nothing reads the payloads any more.
+          const owner = this.pooledBodies.get(body);
+          if (owner !== undefined) {
+            this.pooledBodies.delete(body);
+            this.host.bodyBuffers.release(owner);
           }
         }
-        // JAPPENDW: entry i is the writer's number firstSeq + i; a number the device already took is answered, not appended.
-        const appended = await journal.device.append(journal.epoch, writer === undefined ? entries : entries.map((e, i) => ({ ...e, writer: { id: writer.id, seq: writer.firstSeq + i } })));
-        return one(encodeJappendReply(tag, appended, op));
       }
       case OP.JREAD: {
         const request = decodeJreadRequest(body);

@@ -87,6 +87,8 @@ export const IDLE_RESERVE = 128 * 1024;
 
 /** Large reply buffers kept for reuse, at most this many bytes (outside any budget). */
 const REPLY_POOL_BYTES = 32 * 1024 * 1024;
+/** What the pool of JAPPEND bodies keeps (see RmemConnection.bodyTarget). */
+const BODY_POOL_BYTES = 8 * 1024 * 1024;
 
 interface Session {
   serverId: string;
@@ -113,6 +115,7 @@ export class RmemService implements ConnectionHost {
   readonly gate: ConnectionGate;
   readonly stats: RmemStats;
   readonly replyBuffers: BufferPool;
+  readonly bodyBuffers: BufferPool;
   readonly drainDeadlineMs: number;
   private readonly options: RmemServiceOptions;
   private readonly sessions: Map<string, Session>;
@@ -148,6 +151,7 @@ export class RmemService implements ConnectionHost {
     this.gate = new ConnectionGate('rmem', { maxConnections: options.maxConnections, maxConnectionsPerClient: options.maxConnectionsPerClient, handshakeTimeoutMs: options.handshakeTimeoutMs }, options.log);
     this.stats = { requests: {}, latency: new LatencyHistogram(), errors: {}, bytesRead: 0, bytesWritten: 0, connectionsAccepted: 0, protocolErrors: 0 };
     this.replyBuffers = new BufferPool({ perClass: 8, maxBytes: REPLY_POOL_BYTES });
+    this.bodyBuffers = new BufferPool({ minSize: 4096, round: true, perClass: 8, smallClassBytes: 1024 * 1024, maxBytes: BODY_POOL_BYTES });
     this.drainDeadlineMs = options.drainDeadlineMs ?? DRAIN_DEADLINE_MS;
     this.sessions = new Map();
     this.connections = new Set();
