@@ -14,20 +14,27 @@
 //   together hold little of the cap (9 MiB of NBD's 32 MiB: seven classes of 1 MiB,
 //   four buffers of 512 KiB), so 1 MiB buffers still find room.
 //
-// NVRAM devices stage the records of an append in a buffer from a pool of their manager's
-// (rounded to its class; given back once the device's memory and the journal file have
-// the bytes): a fresh buffer per append was garbage the size of everything appended.
+// With `round`, sizes from `minSize` up to 1 MiB come from the pool rounded up to their
+// class, for callers that use a subarray and give the whole buffer back: NVRAM devices
+// stage the records of an append in one (given back once the device's memory and the
+// journal file have the bytes), and the rmem service assembles a JAPPEND body that spans
+// socket reads in one (given back once the append has settled), both from 4 KiB. A fresh
+// buffer for each was garbage the size of everything appended. Their budgets charge the
+// length, not the class: what the rounding adds is at most the length again, and what
+// the pools keep is bounded on its own.
 //
 // Below 4 KiB, Node's own slab allocator is cheaper than any pool. From 4 KiB up,
 // Buffer.allocUnsafe makes a new ArrayBuffer each time, and the collector pays for it.
 // NBD pools from 4 KiB (docs/BENCHMARKS.md: 4k randrw QD32 1.07x, 16 KiB random writes
-// 1.09x); rmem from 64 KiB. Below 64 KiB only sizes that are a class themselves come
-// from the pool: a 20 KiB request gets a buffer of its own size, not one of 32 KiB that
-// its budget (charged by length) would not count.
+// 1.09x); rmem replies from 64 KiB. Without `round`, below 64 KiB only sizes that are a
+// class themselves come from the pool: a 20 KiB NBD request gets a buffer of its own
+// size, not one of 32 KiB that its budget (charged by length) would not count.
 
 /** The default least size pooled. */
 export const POOL_MIN = 64 * 1024;
 const MiB = 1024 * 1024;
+/** With `round`, the largest class a size is rounded up to; larger sizes get a buffer of their own size. */
+const ROUND_MAX = MiB;
 
 export interface BufferPoolOptions {
   /** Buffers kept per size class (default 8). */
@@ -39,8 +46,8 @@ export interface BufferPoolOptions {
   /** Classes below 1 MiB may keep as many buffers as fit in this many bytes, if more than perClass. */
   smallClassBytes?: number;
   /**
-   * Every size from `minSize` up gets a buffer of its class, below POOL_MIN too (default
-   * false): for callers that use a subarray of it and give the whole buffer back.
+   * Every size from `minSize` up to 1 MiB gets a buffer of its class, below POOL_MIN too
+   * (default false): for callers that use a subarray of it and give the whole buffer back.
    */
   round?: boolean;
 }
@@ -73,6 +80,8 @@ export class BufferPool {
   acquire(size: number): Buffer {
     if (size < this.minSize || (!this.round && size < POOL_MIN && size !== sizeClass(size))) return Buffer.allocUnsafe(size);
     const cls = sizeClass(size);
+    // Rounded up, a large size would take twice its bytes for a buffer the pool may never keep.
+    if (this.round && cls > Math.min(ROUND_MAX, this.maxBytes)) return Buffer.allocUnsafe(size);
     const buf = this.free.get(cls)?.pop();
     if (buf === undefined) return Buffer.allocUnsafeSlow(cls);
     this.kept -= buf.length;

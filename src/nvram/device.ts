@@ -467,6 +467,10 @@ export class NvramDevice {
     answers.forEach((a) => { a.catch(() => undefined); });
     if (fresh.length === 0) settle.resolve([]);
     else this.appendRecords(epoch, fresh, sync).then((appended) => { settle.resolve(appended); }, (error: unknown) => { settle.reject(error); });
+    // Settles only once this append's own entries are done with (encoded, or refused),
+    // even when an earlier append's answer it shares fails first: a caller may reuse the
+    // payloads' memory once it has the answer (the rmem service pools request bodies).
+    await freshDone.catch(() => undefined);
     return Promise.all(answers);
   }
 

@@ -283,8 +283,9 @@ export class RmemConnection {
    * Where the parser assembles a body that spans socket reads. A JAPPEND's comes from
    * the service's pool, and goes back once the device has its records (the handler's
    * end): a fresh buffer per request was garbage the size of everything appended. Any
-   * other body gets a fresh buffer (undefined): those may be read after their handler
-   * returns (a WRITE's payload, a writer's retry waiting on an earlier append).
+   * other body gets a fresh buffer (undefined); JAPPENDW too, though NvramDevice.append
+   * settles only after its own entries are read, so that a writer's retry never leans
+   * on that alone.
    */
   private bodyTarget(op: number, length: number): Buffer | undefined {
     if (op !== OP.JAPPEND || this.tenancy === undefined) return undefined;
@@ -448,8 +449,8 @@ export class RmemConnection {
           const appended = await journal.device.append(journal.epoch, writer === undefined ? entries : entries.map((e, i) => ({ ...e, writer: { id: writer.id, seq: writer.firstSeq + i } })));
           return one(encodeJappendReply(tag, appended, op));
         } finally {
-          // A JAPPEND's append has settled: the device encoded its records before taking
-          // their numbers, so nothing reads the payloads any more.
+          // The append has settled, and a device's append settles only once its own
+          // entries are encoded or refused: nothing reads the payloads any more.
           const owner = this.pooledBodies.get(body);
           if (owner !== undefined) {
             this.pooledBodies.delete(body);

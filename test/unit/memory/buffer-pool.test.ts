@@ -65,3 +65,18 @@ test('the rmem pool (from 64 KiB, perClass per class) keeps its old rule: a burs
   pool.release(m);
   assert.equal(pool.acquire(MiB), m);
 });
+
+test('round: sizes from minSize up to 1 MiB get a buffer of their class, reused once given back; larger ones get their own size', () => {
+  const pool = new BufferPool({ minSize: 4096, round: true, perClass: 8, smallClassBytes: 1024 * 1024, maxBytes: 8 * 1024 * 1024 });
+  assert.equal(pool.acquire(1000).length, 1000);
+  const small = pool.acquire(5000);
+  assert.equal(small.length, 8192);
+  pool.release(small);
+  assert.equal(pool.acquire(6000), small, 'the same class is reused');
+  assert.equal(pool.acquire(700_000).length, 1024 * 1024);
+  // Rounded up, 8 MiB + 1 would take 16 MiB, more than the pool ever keeps.
+  assert.equal(pool.acquire(8 * 1024 * 1024 + 1).length, 8 * 1024 * 1024 + 1);
+  assert.equal(pool.acquire(1024 * 1024 + 1).length, 1024 * 1024 + 1);
+  // Without round, a size below 64 KiB that is not a class keeps its own size.
+  assert.equal(new BufferPool({ minSize: 4096 }).acquire(5000).length, 5000);
+});

@@ -124,3 +124,49 @@ for (const policy of ['volatile', 'local'] as const) {
     }
   });
 }
+
+test('an append settles only once its own entries are read: a writer\'s retry that shares a failed earlier answer waits for its new entry', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-staging-'));
+  try {
+    const devices = await manager(dir);
+    await devices.create('j', E, 'volatile');
+    const device = devices.get('j');
+    await device.open(1);
+    const writer = '0123456789abcdef';
+    const later = () => {
+      let resolve = (): void => undefined;
+      let reject = (_: Error): void => undefined;
+      const p = new Promise<void>((a, b) => { resolve = a; reject = b; });
+      return { p, resolve, reject };
+    };
+    // A stand-in mirror port: in sync, then resyncing (appends wait), as a partner would be.
+    let mode = 'in-sync';
+    const sentA = later();
+    const resync = later();
+    const port = { mode: () => mode, settled: () => resync.p, append: () => sentA.p, epoch: async () => undefined, trim: () => undefined, rolledBack: () => undefined, exclusive: (fn: () => unknown) => fn() };
+    (device as unknown as { port: unknown }).port = port;
+    const first = Buffer.from('first');
+    const a = device.append(1, [{ payload: first, writer: { id: writer, seq: 1 } }]);
+    a.catch(() => undefined);
+    await new Promise((resolve) => setImmediate(resolve));
+    mode = 'syncing';
+    // The writer's retry: number 1 (answered by A) and number 2 (new, waiting for the resync).
+    const second = Buffer.from('second');
+    let settled = false;
+    const b = device.append(1, [{ payload: first, writer: { id: writer, seq: 1 } }, { payload: second, writer: { id: writer, seq: 2 } }]);
+    b.then(() => { settled = true; }, () => { settled = true; });
+    sentA.reject(new Error('the partner refused'));
+    for (let i = 0; i < 5; i++) await new Promise((resolve) => setImmediate(resolve));
+    assert.equal(settled, false, 'the retry waits for its own new entry');
+    (device as unknown as { port: unknown }).port = undefined;
+    resync.resolve();
+    await assert.rejects(b);
+    // Its answer in hand, the caller may reuse the memory (a pooled request body).
+    second.fill(0x45);
+    const records = (await device.read(0)).map((buf) => decodeOne(buf)).filter((r) => r.writer?.seq === 2);
+    assert.deepEqual(records.map((r) => r.payload.toString()), ['second']);
+    await devices.close();
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
