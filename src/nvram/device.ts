@@ -522,12 +522,12 @@ export class NvramDevice {
         details: { device: this.name, needed: bytes, free: this.size - this.used },
       });
     }
-    // Without a partner, the device's memory and the journal file are all that read these
-    // bytes, and each is done with them once its promise settles: the buffer goes back to
-    // the staging pool then. A partner's link may hold them longer (a resend), so a device
-    // with a partner gets a buffer of its own. Encoded before anything is taken: a record
-    // that cannot be encoded (an offset out of range) fails the append and changes nothing.
-    const staging = this.port === undefined ? this.staging : undefined;
+    // The device's memory, the journal file and the partner's link read these bytes, and
+    // each is done with them once its promise settles (the link copies them into its frame
+    // at once; a resync reads records from memory): the buffer goes back to the staging
+    // pool then. Encoded before anything is taken: a record that cannot be encoded (an
+    // offset out of range) fails the append and changes nothing.
+    const staging = this.staging;
     const owner = staging === undefined ? Buffer.allocUnsafe(bytes) : staging.acquire(bytes);
     const all = owner.subarray(0, bytes);
     const sizes: number[] = [];
@@ -562,7 +562,9 @@ export class NvramDevice {
     const journal = this.journal;
     if (journal !== undefined && this.policy === 'mirrored' && mode === 'in-sync') {
       // The partner's copy is what acknowledges; a failure here still needs a repair.
-      journal.append(all, false).catch((error: unknown) => { this.failed(error); });
+      const background = journal.append(all, false);
+      readers.push(background);
+      background.catch((error: unknown) => { this.failed(error); });
     } else if (journal !== undefined && !sync) {
       // Written with the next batch that syncs (a commit, a synced append, a marker), so
       // a power cut tears no more of the file than it could before; a failure there puts
@@ -581,6 +583,7 @@ export class NvramDevice {
         // The partner was lost on the way: the record is this node's alone, so sync it here.
         if (!partnerHolds && this.policy === 'mirrored') await journal?.flush();
       });
+      readers.push(sent);
       if (sync || this.partnerPendingBytes > DEFER_LIMIT) {
         work.push(sent);
       } else {

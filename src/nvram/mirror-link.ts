@@ -29,6 +29,7 @@ import {
   encodeName,
   errorMessage,
   request,
+  requestParts,
 } from '../protocol/mirror/codec.js';
 
 export interface LinkReply {
@@ -117,13 +118,19 @@ export class MirrorLink {
     this.drop('link closed');
   }
 
-  /** Sends one request; resolves with the reply, or fails with MS_MIRROR_UNREACHABLE. */
-  send(op: number, body: Buffer): Promise<LinkReply> {
+  /**
+   * Sends one request; resolves with the reply, or fails with MS_MIRROR_UNREACHABLE. A
+   * body given as parts is written as it is, not copied: the caller keeps them unchanged
+   * until the request settles. Nothing reads them after: a reply comes only after the
+   * request was written, and a request fails only once its socket is destroyed (drop),
+   * which discards what it had not written yet.
+   */
+  send(op: number, body: Buffer | readonly Buffer[]): Promise<LinkReply> {
     if (!this.upValue) return Promise.reject(unreachable(this.address, 'not connected'));
     return this.raw(op, body);
   }
 
-  private raw(op: number, body: Buffer): Promise<LinkReply> {
+  private raw(op: number, body: Buffer | readonly Buffer[]): Promise<LinkReply> {
     const writer = this.writer;
     if (writer === undefined) return Promise.reject(unreachable(this.address, 'not connected'));
     const tag = this.nextTag;
@@ -131,7 +138,8 @@ export class MirrorLink {
     this.lastSent = performance.now();
     return new Promise<LinkReply>((resolve, reject) => {
       this.pending.set(tag, { op, sentAt: this.lastSent, resolve, reject });
-      writer.write(request(op, tag, body));
+      if (Buffer.isBuffer(body)) writer.write(request(op, tag, body));
+      else for (const part of requestParts(op, tag, body)) writer.write(part);
     });
   }
 

@@ -28,6 +28,7 @@ import {
   MSTATUS_NAME,
   decodeState,
   encodeAppend,
+  encodeAppendParts,
   encodeEpoch,
   encodeFetch,
   encodeName,
@@ -376,7 +377,8 @@ export class Mirroring {
     if (link === undefined || this.inSync.get(name) !== link) return this.degrade(name);
     let answer: LinkReply;
     try {
-      answer = await link.send(MOP.APPEND, encodeAppend(name, epoch, records));
+      // The records as they are, not copied: the device keeps them until this settles.
+      answer = await link.send(MOP.APPEND, encodeAppendParts(name, epoch, records));
     } catch (error) {
       if (isMemstrataError(error) && error.code === 'MS_MIRROR_UNREACHABLE') return this.degrade(name);
       throw error;

@@ -83,18 +83,29 @@ export const RESET_FLAG = { NODE_OWNED: 1 << 0 } as const;
 // ---- framing ----
 
 export function frame(magic: number, op: number, word: number, tag: number, body: Buffer): Buffer {
+  const header = frameHead(magic, op, word, tag, body.length);
+  return body.length === 0 ? header : Buffer.concat([header, body]);
+}
+
+/** A frame's header, for a body of `length` bytes sent after it. */
+function frameHead(magic: number, op: number, word: number, tag: number, length: number): Buffer {
   const header = Buffer.allocUnsafe(MIRROR_HEADER);
   header.writeUInt32BE(magic, 0);
   header.writeUInt16BE(op, 4);
   header.writeUInt16BE(word, 6);
   header.writeUInt32BE(0, 8);
   header.writeUInt32BE(tag, 12);
-  header.writeUInt32BE(body.length, 16);
-  return body.length === 0 ? header : Buffer.concat([header, body]);
+  header.writeUInt32BE(length, 16);
+  return header;
 }
 
 export function request(op: number, tag: number, body: Buffer): Buffer {
   return frame(MIRROR_REQUEST_MAGIC, op, 0, tag, body);
+}
+
+/** A request whose body is `parts` back to back: its header, then the parts as they are (not copied). */
+export function requestParts(op: number, tag: number, parts: readonly Buffer[]): Buffer[] {
+  return [frameHead(MIRROR_REQUEST_MAGIC, op, 0, tag, parts.reduce((n, p) => n + p.length, 0)), ...parts];
 }
 
 export function reply(op: number, status: number, tag: number, body: Buffer = Buffer.alloc(0)): Buffer {
@@ -314,7 +325,12 @@ export function decodeReset(body: Buffer): Reset {
 
 /** `epoch` is the primary's epoch now; the records keep the epochs they were written with. */
 export function encodeAppend(name: string, epoch: number, records: Buffer): Buffer {
-  return new Writer().str8(name).u64(epoch).raw(records).done();
+  return Buffer.concat(encodeAppendParts(name, epoch, records));
+}
+
+/** An APPEND's body as parts: the name and epoch, then the records as they are (not copied). */
+export function encodeAppendParts(name: string, epoch: number, records: Buffer): Buffer[] {
+  return [new Writer().str8(name).u64(epoch).done(), records];
 }
 
 /** Device name, the primary's epoch, and the records, each checked (magic, length, checksum). */
