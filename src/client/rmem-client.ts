@@ -20,7 +20,7 @@
 import { EventEmitter } from 'node:events';
 import { connect as netConnect, isIP, type Socket } from 'node:net';
 import { connect as tlsConnect, type ConnectionOptions } from 'node:tls';
-import { MisuseError, NetworkError, type MemstrataError } from '../errors.js';
+import { MisuseError, NetworkError, asError, type MemstrataError } from '../errors.js';
 import {
   decodeBindReply,
   decodeCapacityReply,
@@ -386,13 +386,13 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
           appended = decodeJappendReply(frame.body);
           if (appended.length !== batch.count) throw new MisuseError('MS_RMEM_PROTOCOL', `JAPPEND reply: ${appended.length} records for ${batch.count} appended`);
         } catch (error) {
-          for (const c of batch.callers) c.reject(error as MemstrataError);
+          for (const c of batch.callers) c.reject(asError(error));
           return;
         }
         for (const c of batch.callers) c.resolve(appended.slice(c.first, c.first + c.count));
       },
-      (error: MemstrataError) => {
-        for (const c of batch.callers) c.reject(error);
+      (error: unknown) => {
+        for (const c of batch.callers) c.reject(asError(error));
       },
     );
   }

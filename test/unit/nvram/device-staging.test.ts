@@ -135,7 +135,7 @@ test('an append settles only once its own entries are read: a writer\'s retry th
     const writer = '0123456789abcdef';
     const later = () => {
       let resolve = (): void => undefined;
-      let reject = (_: Error): void => undefined;
+      let reject: (error: Error) => void = () => undefined;
       const p = new Promise<void>((a, b) => { resolve = a; reject = b; });
       return { p, resolve, reject };
     };

@@ -166,6 +166,6 @@ test('JAPPEND bodies assembled in pooled buffers: every acknowledged record read
         if (last > 0) await device.trim(device.epoch, last);
       }
     }),
-    { numRuns: Number(process.env.RUNS ?? 25), verbose: process.env.RUNS === undefined ? 0 : 1 },
+    { numRuns: 25 },
   );
 });
