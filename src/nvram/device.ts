@@ -523,9 +523,9 @@ export class NvramDevice {
       });
     }
     // The device's memory, the journal file and the partner's link read these bytes, and
-    // each is done with them once its promise settles (the link copies them into its frame
-    // at once; a resync reads records from memory): the buffer goes back to the staging
-    // pool then. Encoded before anything is taken: a record that cannot be encoded (an
+    // each is done with them once its promise settles (the link writes them as they are,
+    // and a request of its settles only once answered or its socket is destroyed; a
+    // resync reads records from memory): the buffer goes back to the staging pool then. Encoded before anything is taken: a record that cannot be encoded (an
     // offset out of range) fails the append and changes nothing.
     const staging = this.staging;
     const owner = staging === undefined ? Buffer.allocUnsafe(bytes) : staging.acquire(bytes);
