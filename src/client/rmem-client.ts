@@ -326,13 +326,14 @@ export class RmemClient extends EventEmitter<RmemClientEvents> {
    * Appends records; resolves with their sequence numbers and timestamps once they are
    * durable under the device's policy. A full device fails with MS_NVRAM_FULL.
    *
-   * Appends to one journal made in the same tick (before this client's next turn of the
-   * event loop) without `writer` leave as one JAPPEND, in call order, up to MAX_VECTOR
-   * records and COALESCE_BYTES of payload: one request, one turn of the node's append
-   * path and one reply for all of them, instead of one each. They are appended together
-   * or not at all: a full device refuses their sum, and any failure fails each of them.
-   * Nothing else waits for them: any other request of this client first sends the
-   * appends made before it, so requests leave in the order they were made.
+   * Appends to one journal made in the same tick (until the promise jobs and nextTick
+   * callbacks running now are done) without `writer` leave as one JAPPEND, in call
+   * order, up to MAX_VECTOR records and COALESCE_BYTES of encoded entries: one request,
+   * one turn of the node's append path and one reply for all of them, instead of one
+   * each. They are appended together or not at all: a full device refuses their sum,
+   * and any failure fails each of them. Nothing else waits for them: any other request
+   * of this client first sends the appends made before it, so requests leave in the
+   * order they were made.
    *
    * With `writer` (16 hex digits and the writer's number for the first entry; entry i
    * gets firstSeq + i), a retry of numbers the device already took is answered with the
