@@ -104,6 +104,15 @@ export class BufferPool {
   }
 }
 
+/**
+ * A pool for staging bytes from 4 KiB up, rounded to their class (see `round`), keeping
+ * up to 1 MiB of each class below 1 MiB and `maxBytes` in all: NVRAM appends' records and
+ * rmem JAPPEND bodies.
+ */
+export function stagingPool(maxBytes: number): BufferPool {
+  return new BufferPool({ minSize: 4096, round: true, perClass: 8, smallClassBytes: MiB, maxBytes });
+}
+
 function sizeClass(size: number): number {
   return 2 ** Math.ceil(Math.log2(size));
 }

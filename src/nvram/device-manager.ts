@@ -42,11 +42,9 @@ import { NvramDevice, POLICIES, isMirrored, type DeviceInfo, type Policy } from 
 import { JournalFile, MAX_JOURNALED_DEVICE, encodeFileHeader, openTempFile, parseJournal, readJournalFile, syncDir, type JournalOptions, type JournalSink, type Recovered } from './journal-file.js';
 import { RECORD_FLAG, type JournalRecord } from '../protocol/journal/record.js';
 import { LatencyHistogram } from '../net/latency.js';
-import { BufferPool } from '../memory/buffer-pool.js';
+import { stagingPool, type BufferPool } from '../memory/buffer-pool.js';
 
 const NAME_PATTERN = DEVICE_NAME_PATTERN;
-/** Appends of this many bytes of records and more stage them in a pooled buffer. */
-const STAGING_FROM = 4096;
 /** What the staging pool keeps, for all devices together. */
 const STAGING_BYTES = 8 * 1024 * 1024;
 
@@ -95,7 +93,7 @@ export class DeviceManager {
   constructor(options: { dataDir: string; partition: PartitionTable; media: readonly Medium[]; log: Logger; journalRing?: number; fs?: MetaFs; journalWrap?: (sink: JournalSink) => JournalSink; clustered?: boolean }) {
     this.journalOptions = { ...(options.journalWrap === undefined ? {} : { wrap: options.journalWrap }), ...(options.journalRing === undefined ? {} : { ring: options.journalRing }) };
     this.syncLatency = new LatencyHistogram();
-    this.staging = new BufferPool({ minSize: STAGING_FROM, round: true, perClass: 8, smallClassBytes: 1024 * 1024, maxBytes: STAGING_BYTES });
+    this.staging = stagingPool(STAGING_BYTES);
     this.dir = join(options.dataDir, 'nvram');
     this.partition = options.partition;
     this.media = new Map(options.media.map((m) => [m.name, m]));

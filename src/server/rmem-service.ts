@@ -45,7 +45,7 @@ import { ConnectionGate } from '../net/connection-gate.js';
 import { SharedBudget, newFlowStats, type FlowLimits, type FlowStats } from '../net/request-flow.js';
 import { serviceLoad, type ServiceLoad } from '../net/service-load.js';
 import type { ListenAddress } from '../units.js';
-import { BufferPool } from '../memory/buffer-pool.js';
+import { BufferPool, stagingPool } from '../memory/buffer-pool.js';
 import { RmemConnection, type ConnectionHost, type RmemScope, type RmemStats } from './rmem-connection.js';
 import type { JournalHolderJson, SessionInfo } from '../protocol/admin/api.js';
 import { SESSION_SECRET_SIZE } from '../protocol/rmem/spec.js';
@@ -151,7 +151,7 @@ export class RmemService implements ConnectionHost {
     this.gate = new ConnectionGate('rmem', { maxConnections: options.maxConnections, maxConnectionsPerClient: options.maxConnectionsPerClient, handshakeTimeoutMs: options.handshakeTimeoutMs }, options.log);
     this.stats = { requests: {}, latency: new LatencyHistogram(), errors: {}, bytesRead: 0, bytesWritten: 0, connectionsAccepted: 0, protocolErrors: 0 };
     this.replyBuffers = new BufferPool({ perClass: 8, maxBytes: REPLY_POOL_BYTES });
-    this.bodyBuffers = new BufferPool({ minSize: 4096, round: true, perClass: 8, smallClassBytes: 1024 * 1024, maxBytes: BODY_POOL_BYTES });
+    this.bodyBuffers = stagingPool(BODY_POOL_BYTES);
     this.drainDeadlineMs = options.drainDeadlineMs ?? DRAIN_DEADLINE_MS;
     this.sessions = new Map();
     this.connections = new Set();
