@@ -87,6 +87,7 @@ export const ERRORS = {
   MS_NODE_LOCKED: { category: 'runtime', status: 409, summary: 'another running node holds the data directory' },
   MS_META_DAMAGED: { category: 'runtime', status: 409, summary: 'a volume or NVRAM device of that name was not loaded at start (damaged metadata); its files are kept as they were until they are repaired or moved away and the node restarts' },
   MS_MEDIUM_CLOSED: { category: 'runtime', status: 503, summary: 'I/O was attempted on a medium that is not open' },
+  MS_READ_DECLINED: { category: 'runtime', status: 503, summary: 'a medium declined a synchronous read (flash, while such reads are slow); the caller reads asynchronously instead, so no client sees it' },
   MS_SHUTTING_DOWN: { category: 'runtime', status: 503, summary: 'the node is stopping and takes no new work' },
   MS_INTERNAL: { category: 'runtime', status: 500, summary: 'an unexpected failure; the log has the cause' },
   MS_ADMIN_UNREACHABLE: { category: 'network', status: 502, summary: 'the admin API of a node could not be reached' },

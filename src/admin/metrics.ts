@@ -338,6 +338,7 @@ export class NodeMetrics {
     const cacheCounter = counterOf(() => sources.cache());
     cacheCounter('memstrata_cache_hits_total', 'Cache line lookups that found every sector they needed.', (s) => s.hits);
     cacheCounter('memstrata_cache_flash_hits_total', 'Cache hits served by the flash level without moving the line to DRAM.', (s) => s.flashHits);
+    cacheCounter('memstrata_cache_flash_reads_now_total', 'Flash hits read on the event loop in the tick their request arrived, since the page cache held them.', (s) => s.flashReadsNow);
     cacheCounter('memstrata_cache_misses_total', 'Cache line lookups that had to stage sectors from the data store.', (s) => s.misses);
     cacheCounter('memstrata_cache_staged_bytes_total', 'Bytes read from data stores into the cache.', (s) => s.stagedBytes);
     cacheCounter('memstrata_cache_destaged_bytes_total', 'Dirty bytes written back to data stores.', (s) => s.destagedBytes);

@@ -6,15 +6,91 @@
 // that). A file larger than the configured capacity is refused instead of truncated,
 // since cutting it would drop data. I/O in flight is counted so that `close` waits for
 // it; I/O that starts after `close` fails with MS_MEDIUM_CLOSED.
+//
+// Reads also come synchronously (readSync), for the read-hit paths that answer in the
+// tick a request arrived: a 4 KiB pread the OS page cache answers costs a few
+// microseconds on the event loop, where a trip through libuv's thread pool costs the
+// loop 15 us or so of wake-ups and callbacks, and the reply the same again in latency.
+// One that reaches the device would stall every client for the device's latency, so
+// the medium watches how long its synchronous reads take (a moving score against a
+// budget per read, SyncReadGauge) and declines them while they are slow, trying one
+// again now and then (every SYNC_PROBE_MS) to see whether the reads have become fast.
 
 import { mkdir, open, type FileHandle } from 'node:fs/promises';
-import { constants, read as readCallback } from 'node:fs';
+import { constants, read as readCallback, readSync as readFileSync } from 'node:fs';
+import { performance } from 'node:perf_hooks';
 import { dirname } from 'node:path';
 import { RuntimeError, StorageError, isMemstrataError } from '../errors.js';
 import { formatSize } from '../units.js';
 import { writeAll, writeZeros } from '../fs/positional-io.js';
 import type { MediumName } from '../kinds.js';
 import { checkRange, type Medium, type MediumCapabilities } from './medium.js';
+
+/** A synchronous read's budget in microseconds: this much, plus one per SYNC_BYTES_PER_US bytes of its length. */
+const SYNC_BASE_US = 30;
+/** The copy rate of a read the page cache answers is several GB/s; a device's is less. */
+const SYNC_BYTES_PER_US = 4096;
+/** While synchronous reads are declined, one is tried again after this long. */
+const SYNC_PROBE_MS = 10;
+
+/**
+ * Whether synchronous reads are fast enough to make on the event loop. Each read scores
+ * its time against its budget (at most 4, so one preemption counts as little as four
+ * slow reads' worth); the score is a moving average over about the last eight reads.
+ * Reads are declined once it passes 1 and made again once a probe brings it under 0.5.
+ */
+export class SyncReadGauge {
+  private score: number;
+  private declining: boolean;
+  private nextProbe: number;
+  /** Synchronous reads made, and reads declined, since the medium was made. */
+  made: number;
+  declined: number;
+
+  constructor(private readonly clock: () => number = () => performance.now()) {
+    this.score = 0;
+    this.declining = false;
+    this.nextProbe = 0;
+    this.made = 0;
+    this.declined = 0;
+  }
+
+  /** The clock (ms) when a read may be made now, or undefined: decline it. */
+  begin(): number | undefined {
+    const now = this.clock();
+    if (this.declining) {
+      if (now < this.nextProbe) {
+        this.declined++;
+        return undefined;
+      }
+      this.nextProbe = now + SYNC_PROBE_MS;
+    }
+    return now;
+  }
+
+  /** A read of `length` bytes that began at `start` (ms) is done. */
+  end(start: number, length: number): void {
+    this.made++;
+    const now = this.clock();
+    const us = (now - start) * 1000;
+    const budget = SYNC_BASE_US + length / SYNC_BYTES_PER_US;
+    this.score = (this.score * 7 + Math.min(us / budget, 4)) / 8;
+    if (!this.declining && this.score > 1) {
+      this.declining = true;
+      this.nextProbe = now + SYNC_PROBE_MS;
+    } else if (this.declining && this.score < 0.5) {
+      this.declining = false;
+    }
+  }
+
+  /** True while synchronous reads are declined (they have been slow). */
+  get slow(): boolean {
+    return this.declining;
+  }
+}
+
+/** Thrown by readSync to decline: made once, since a decline is routine and asks for no stack. */
+const DECLINED = new RuntimeError('MS_READ_DECLINED', 'flash: synchronous reads are declined while they are slow; read asynchronously');
 
 export class FlashMedium implements Medium {
   readonly name: MediumName = 'flash';
@@ -25,14 +101,17 @@ export class FlashMedium implements Medium {
   private handle: FileHandle | undefined;
   private inFlight: number;
   private drained: (() => void) | undefined;
+  /** How synchronous reads have fared (readSync). */
+  readonly syncReads: SyncReadGauge;
 
-  constructor(options: { path: string; capacity: number; extentSize: number }) {
+  constructor(options: { path: string; capacity: number; extentSize: number; clock?: () => number }) {
     this.path = options.path;
     this.capacity = options.capacity;
     this.extentSize = options.extentSize;
     this.handle = undefined;
     this.inFlight = 0;
     this.drained = undefined;
+    this.syncReads = new SyncReadGauge(options.clock);
   }
 
   async open(): Promise<void> {
@@ -70,6 +149,29 @@ export class FlashMedium implements Medium {
       throw this.ioError('read', offset, target.length, error);
     } finally {
       this.end();
+    }
+  }
+
+  /**
+   * `read`, on the event loop, while such reads have been fast (see SyncReadGauge). Throws
+   * to decline: while they are slow, when the medium is not open, and on any error of
+   * the read, which `read` will then report.
+   */
+  readSync(offset: number, target: Uint8Array): void {
+    const handle = this.handle;
+    if (handle === undefined) throw DECLINED;
+    checkRange(this, offset, target.length);
+    const start = this.syncReads.begin();
+    if (start === undefined) throw DECLINED;
+    let done = 0;
+    try {
+      while (done < target.length) {
+        const bytesRead = readFileSync(handle.fd, target, done, target.length - done, offset + done);
+        if (bytesRead === 0) throw DECLINED;
+        done += bytesRead;
+      }
+    } finally {
+      this.syncReads.end(start, done);
     }
   }
 

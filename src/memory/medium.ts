@@ -2,8 +2,9 @@
 //
 // A medium is a flat byte-addressed space of `capacity` bytes cut into extents of
 // `extentSize`; physical addresses in the partition and allocation tables are offsets
-// into it. I/O is asynchronous, also for DRAM, so callers see one behaviour; DRAM also
-// offers a synchronous read (readSync) for the one path that needs it.
+// into it. I/O is asynchronous, also for DRAM, so callers see one behaviour; DRAM and
+// flash also offer a synchronous read (readSync) for the read-hit paths that answer in
+// the tick a request arrived.
 // Backends trust their callers except for the range, which is cheap to check and turns a
 // stray offset into a coded error instead of a corrupted neighbour.
 
@@ -26,9 +27,11 @@ export interface Medium {
   /** Fills `target` with the bytes at `offset`. */
   read(offset: number, target: Uint8Array): Promise<void>;
   /**
-   * The same, synchronously, for a medium in memory (DRAM): the storage cache's and the
-   * rmem service's read paths use it to answer without a promise. Absent where I/O has to
-   * wait. It may throw to decline: callers then read with `read`, which reports errors.
+   * The same, synchronously: the storage cache's and the rmem service's read paths use
+   * it to answer without a promise. DRAM always reads; flash reads while its synchronous
+   * reads have been fast (the OS page cache holds the bytes) and declines otherwise.
+   * Absent where I/O always has to wait. It may throw to decline (after copying part of
+   * `target` or none): callers then read with `read`, which reports errors.
    */
   readSync?(offset: number, target: Uint8Array): void;
   write(offset: number, source: Uint8Array): Promise<void>;

@@ -14,6 +14,11 @@ export interface CacheStats {
   hits: number;
   /** Hits served by the flash level where the line lives (counted in hits too). */
   flashHits: number;
+  /**
+   * Of flashHits, those read on the event loop in the tick the request arrived (the OS
+   * page cache held the bytes); the others went through libuv's thread pool.
+   */
+  flashReadsNow: number;
   misses: number;
   stagedBytes: number;
   destagedBytes: number;

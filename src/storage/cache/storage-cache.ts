@@ -100,7 +100,7 @@ export class StorageCache implements VolumeIo {
   private readonly locks: KeyedLock<string>;
   private readonly ids: WeakMap<Volume, number>;
   private nextId: number;
-  private readonly counters: { hits: number; flashHits: number; misses: number; stagedBytes: number; evictions: number; promotions: number; demotions: number };
+  private readonly counters: { hits: number; flashHits: number; flashReadsNow: number; misses: number; stagedBytes: number; evictions: number; promotions: number; demotions: number };
   private timer: NodeJS.Timeout | undefined;
   /** The background eviction that keeps DRAM slots free ahead of misses, while it runs. */
   private refilling: Promise<void> | undefined;
@@ -121,7 +121,7 @@ export class StorageCache implements VolumeIo {
     this.locks = new KeyedLock();
     this.ids = new WeakMap();
     this.nextId = 1;
-    this.counters = { hits: 0, flashHits: 0, misses: 0, stagedBytes: 0, evictions: 0, promotions: 0, demotions: 0 };
+    this.counters = { hits: 0, flashHits: 0, flashReadsNow: 0, misses: 0, stagedBytes: 0, evictions: 0, promotions: 0, demotions: 0 };
     this.timer = undefined;
     this.refilling = undefined;
     this.refillAfter = 0;
@@ -222,15 +222,18 @@ export class StorageCache implements VolumeIo {
 
   /**
    * The read-hit path without a promise or a lock: a read of up to READ_NOW_LINES lines
-   * whose DRAM copies hold every sector it needs, valid, while nobody holds their locks.
-   * Every change of a line's bytes, bits or slot (write, stage, destage, eviction,
-   * demotion, promotion, zeroing, reclaim) runs under its lock and DRAM copies are
-   * synchronous, so with the locks free the slots hold the lines' current bytes for the
-   * whole copy. False: nothing was read; use read().
+   * whose copies in DRAM, or in flash where that medium reads synchronously now, hold
+   * every sector it needs, valid, while nobody holds their locks. Every change of a
+   * line's bytes, bits or slot (write, stage, destage, eviction, demotion, promotion,
+   * zeroing, reclaim) runs under its lock, and a write to a slot has completed before
+   * its lock is let go, so with the locks free the slots hold the lines' current bytes
+   * for the whole copy, which is synchronous. False: nothing was read (a medium may
+   * decline by throwing, which the caller takes as false); use read().
    */
   readNow(volume: Volume, offset: number, target: Buffer): boolean {
-    const medium = this.levels.get('dram')?.medium;
-    if (medium?.readSync === undefined || target.length === 0) return false;
+    const dram = this.levels.get('dram')?.medium;
+    const flash = this.levels.get('flash')?.medium;
+    if (dram?.readSync === undefined || target.length === 0) return false;
     // Every line first (nothing is copied unless all of them qualify), then the copies:
     // all synchronous, so nothing can change in between.
     const first = Math.floor(offset / LINE_SIZE);
@@ -241,7 +244,8 @@ export class StorageCache implements VolumeIo {
     for (let index = first; index <= last; index++) {
       const key = this.keyOf(volume, index);
       const line = this.lines.get(key);
-      if (line === undefined || line.medium !== 'dram' || this.locks.held(key)) return false;
+      if (line === undefined || this.locks.held(key)) return false;
+      if (line.medium !== 'dram' && (line.medium !== 'flash' || flash?.readSync === undefined)) return false;
       const from = Math.max(offset, index * LINE_SIZE) - index * LINE_SIZE;
       const to = Math.min(offset + target.length, (index + 1) * LINE_SIZE) - index * LINE_SIZE;
       const mask = sectorMask(from, to - from);
@@ -251,11 +255,18 @@ export class StorageCache implements VolumeIo {
     for (const line of found) {
       const start = Math.max(offset, line.index * LINE_SIZE);
       const end = Math.min(offset + target.length, (line.index + 1) * LINE_SIZE);
-      medium.readSync(line.slot + (start - line.index * LINE_SIZE), target.subarray(start - offset, end - offset));
+      const medium = line.medium === 'dram' ? dram : flash;
+      medium?.readSync?.(line.slot + (start - line.index * LINE_SIZE), target.subarray(start - offset, end - offset));
     }
     // Counted once every copy is done (a medium may decline by throwing).
     for (const line of found) {
-      this.policy.hit(line);
+      if (line.medium === 'dram') {
+        this.policy.hit(line);
+      } else {
+        this.policy.flashHit(line);
+        this.counters.flashHits++;
+        this.counters.flashReadsNow++;
+      }
       this.counters.hits++;
     }
     found.length = 0;

@@ -1,4 +1,5 @@
-// Server memory under interleavings: binds, writes of a per-tenant pattern, reads, frees,
+// Server memory under interleavings: binds, writes of a per-tenant pattern, reads (by
+// the synchronous path, readNow, and the ordinary one), frees,
 // session ends (lease expiry) and new sessions of the same server id (reconnects told
 // resumed=false), all in flight at once, with fast-check's scheduler choosing the order
 // in which every medium operation and every request start completes.
@@ -54,7 +55,7 @@ type Where = 'dram' | 'flash' | 'highest' | 'capacity';
 type Action =
   | { op: 'bind'; server: number; pages: number; where: Where; late: boolean }
   | { op: 'write'; server: number; pick: number; page: number }
-  | { op: 'read'; server: number; pick: number; page: number }
+  | { op: 'read'; server: number; pick: number; page: number; now: boolean }
   | { op: 'free'; server: number; pick: number }
   | { op: 'expire'; server: number }
   | { op: 'stale'; pick: number };
@@ -73,7 +74,7 @@ const action: fc.Arbitrary<Action> = fc.oneof(
     }),
   },
   { weight: 4, arbitrary: fc.record({ op: fc.constant('write' as const), server, pick: fc.nat(), page: fc.nat() }) },
-  { weight: 3, arbitrary: fc.record({ op: fc.constant('read' as const), server, pick: fc.nat(), page: fc.nat() }) },
+  { weight: 3, arbitrary: fc.record({ op: fc.constant('read' as const), server, pick: fc.nat(), page: fc.nat(), now: fc.boolean() }) },
   { weight: 2, arbitrary: fc.record({ op: fc.constant('free' as const), server, pick: fc.nat() }) },
   { weight: 1, arbitrary: fc.record({ op: fc.constant('expire' as const), server }) },
   { weight: 1, arbitrary: fc.record({ op: fc.constant('stale' as const), pick: fc.nat() }) },
@@ -187,7 +188,9 @@ async function run(s: fc.Scheduler, actions: readonly Action[]): Promise<void> {
         const target = Buffer.alloc(PAGE_SIZE, 0xff);
         try {
           const region = memory.lookup(entry.tenancy, entry.region.id, entry.region.key);
-          await memory.read(region, page * PAGE_SIZE, target);
+          // The rmem service's synchronous path (both media read synchronously here, as
+          // DRAM and a flash the page cache holds do), or the ordinary one.
+          if (!a.now || !memory.readNow(region, page * PAGE_SIZE, target)) await memory.read(region, page * PAGE_SIZE, target);
         } catch (error) {
           assert.equal(codeOf(error), 'MS_RMEM_VIOLATION');
           assert.notEqual(entry.state, 'live', 'a read of a live region was refused');

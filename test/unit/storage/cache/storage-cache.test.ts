@@ -4,6 +4,8 @@ import { join } from 'node:path';
 import fc from 'fast-check';
 import pino from 'pino';
 import { DramMedium } from '../../../../src/memory/dram-medium.js';
+import { FlashMedium } from '../../../../src/memory/flash-medium.js';
+import type { Medium } from '../../../../src/memory/medium.js';
 import type { MediumName } from '../../../../src/kinds.js';
 import { PartitionTable, type MediumLayout } from '../../../../src/memory/partition-table.js';
 import { LINE_SIZE } from '../../../../src/storage/cache/line.js';
@@ -19,15 +21,30 @@ const E = 256 * 1024; // 4 lines per extent
 const SECTOR = 4096;
 const log = pino({ level: 'silent' });
 
+/**
+ * A medium in process memory under any name. With a scheduler set, a write or zeroing
+ * lands only when the scheduler lets it, as a flash write lands only once libuv's thread
+ * pool has run it; reads, readSync included, see what has landed.
+ */
 class TestMedium extends DramMedium {
   override readonly name: MediumName;
+  scheduler: fc.Scheduler | undefined;
   constructor(name: MediumName, capacity: number) {
     super({ capacity, extentSize: E });
     this.name = name;
   }
+  override async write(offset: number, source: Uint8Array): Promise<void> {
+    const bytes = Uint8Array.from(source);
+    if (this.scheduler !== undefined) await this.scheduler.schedule(Promise.resolve(), `${this.name} write ${offset} lands`);
+    return super.write(offset, bytes);
+  }
+  override async zero(offset: number, length: number): Promise<void> {
+    if (this.scheduler !== undefined) await this.scheduler.schedule(Promise.resolve(), `${this.name} zero ${offset} lands`);
+    return super.zero(offset, length);
+  }
 }
 
-async function setup(t: { after(fn: () => Promise<void>): void }, options: { dramLines: number; flashLines: number; volumeSize: number; correlationWindow?: number; plan?: FaultPlan; streamMinBytes?: number }) {
+async function setup(t: { after(fn: () => Promise<void>): void }, options: { dramLines: number; flashLines: number; volumeSize: number; correlationWindow?: number; plan?: FaultPlan; streamMinBytes?: number; flash?: (capacity: number) => Medium }) {
   const layout = (name: MediumName, lines: number): MediumLayout => {
     const capacity = Math.max(E, Math.ceil((lines * LINE_SIZE) / E) * E) * 2;
     return {
@@ -40,7 +57,7 @@ async function setup(t: { after(fn: () => Promise<void>): void }, options: { dra
   };
   const layouts = [layout('dram', options.dramLines)];
   if (options.flashLines > 0) layouts.push(layout('flash', options.flashLines));
-  const media = layouts.map((l) => new TestMedium(l.name, l.capacity));
+  const media = layouts.map((l): Medium => (l.name === 'flash' && options.flash !== undefined ? options.flash(l.capacity) : new TestMedium(l.name, l.capacity)));
   for (const m of media) await m.open();
   const partition = new PartitionTable(layouts);
   const dir = await mkdtemp(join(tmpdir(), 'memstrata-cache-'));
@@ -54,7 +71,7 @@ async function setup(t: { after(fn: () => Promise<void>): void }, options: { dra
     await store.close();
     await rm(dir, { recursive: true, force: true });
   });
-  return { cache, volume, store, partition };
+  return { cache, volume, store, partition, media };
 }
 
 test('reads and writes through a small cache equal a plain buffer (with eviction, demotion, destage)', async (t) => {
@@ -109,9 +126,13 @@ test('the read-hit path without a lock (readNow) never returns bytes a write has
   // 4 DRAM lines, 4 flash lines, a volume of 12 lines: writes evict, demote and promote.
   // Each sector holds one byte value repeated; per sector the model keeps the value of
   // the last completed write and the values of writes in flight. A readNow that answers
-  // must give, per sector, one of those.
+  // must give, per sector, one of those. readNow reads lines in DRAM and in flash; the
+  // flash level's writes land only when the scheduler lets them, as a real flash write
+  // lands when the thread pool has run it.
   const lines = 12;
-  const { cache, volume } = await setup(t, { dramLines: 4, flashLines: 4, volumeSize: lines * LINE_SIZE });
+  const { cache, volume, media } = await setup(t, { dramLines: 4, flashLines: 4, volumeSize: lines * LINE_SIZE });
+  const flash = media.find((m) => m.name === 'flash') as TestMedium;
+  let flashReads = 0;
   await fc.assert(
     fc.asyncProperty(
       fc.array(fc.record({ line: fc.nat({ max: lines - 1 }), sector: fc.nat({ max: 15 }), sectors: fc.integer({ min: 1, max: 4 }), value: fc.integer({ min: 1, max: 255 }) }), { minLength: 1, maxLength: 12 }),
@@ -121,13 +142,16 @@ test('the read-hit path without a lock (readNow) never returns bytes a write has
         // The bytes as they stand before this run: the model starts from them.
         const before = Buffer.alloc(lines * LINE_SIZE);
         await cache.read(volume, 0, before);
+        flash.scheduler = s;
         const done: number[] = Array.from({ length: lines * 16 }, (_, i) => before[i * SECTOR] ?? 0);
         const inFlight: Set<number>[] = Array.from({ length: lines * 16 }, () => new Set());
         const check = (r: { line: number; sector: number; sectors: number }): void => {
           // Up to 4 sectors from any sector: some reads cross into the next line.
           const first = Math.min(r.line * 16 + r.sector, lines * 16 - r.sectors);
           const got = Buffer.alloc(r.sectors * SECTOR);
+          const fromFlash = cache.stats().flashReadsNow;
           if (!cache.readNow(volume, first * SECTOR, got)) return;
+          flashReads += cache.stats().flashReadsNow - fromFlash;
           for (let k = 0; k < r.sectors; k++) {
             const v = got[k * SECTOR] ?? -1;
             assert.ok(got.subarray(k * SECTOR, (k + 1) * SECTOR).every((b) => b === v), `sector ${first + k} torn`);
@@ -148,11 +172,18 @@ test('the read-hit path without a lock (readNow) never returns bytes a write has
           await s.schedule(Promise.resolve(), 'readNow');
           check(r);
         });
-        await s.waitFor(Promise.all([...work, ...probes]));
+        try {
+          await s.waitFor(Promise.all([...work, ...probes]));
+        } finally {
+          // Background evictions may still be writing to flash: let them land.
+          flash.scheduler = undefined;
+          await s.waitIdle();
+        }
       },
     ),
     { numRuns: 100 },
   );
+  assert.ok(flashReads > 0, 'readNow never read a line in flash');
 });
 
 test('readNow answers a read the DRAM level holds, across lines too, and declines what it does not hold', async (t) => {
@@ -171,6 +202,70 @@ test('readNow answers a read the DRAM level holds, across lines too, and decline
   assert.equal(cache.readNow(volume, 4 * SECTOR, untouched), false);
   assert.equal(cache.readNow(volume, 3 * LINE_SIZE, untouched), false);
   assert.ok(untouched.every((b) => b === 0x55));
+});
+
+test('readNow reads lines in a real flash level while its synchronous reads are fast, and declines them while they are slow', async (t) => {
+  // A clock the test moves: each synchronous flash read takes `cost` ms of it.
+  let now = 0;
+  let cost = 0.002;
+  let reading = false;
+  const clock = (): number => {
+    if (reading) now += cost;
+    reading = !reading;
+    return now;
+  };
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-flash-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const lines = 12;
+  const { cache, volume } = await setup(t, {
+    dramLines: 4,
+    flashLines: 8,
+    volumeSize: lines * LINE_SIZE,
+    flash: (capacity) => new FlashMedium({ path: join(dir, 'flash.img'), capacity, extentSize: E, clock }),
+  });
+  const content = (i: number): Buffer => Buffer.alloc(2 * SECTOR, i + 1);
+  for (let i = 0; i < lines; i++) await cache.write(volume, i * LINE_SIZE, content(i), false);
+  await cache.flush(volume);
+  for (let i = 0; i < lines; i++) await cache.read(volume, i * LINE_SIZE, Buffer.alloc(2 * SECTOR));
+  const inFlash = cache.residents().filter((r) => r.medium === 'flash').map((r) => r.index);
+  const inDram = cache.residents().filter((r) => r.medium === 'dram').map((r) => r.index);
+  assert.ok(inFlash.length >= 4 && inDram.length > 0, JSON.stringify(cache.residents()));
+  const readNow = (i: number): boolean => {
+    const got = Buffer.alloc(2 * SECTOR);
+    let answered: boolean;
+    try {
+      answered = cache.readNow(volume, i * LINE_SIZE, got);
+    } catch (error) {
+      // A declined synchronous read (NbdConnection takes this as false).
+      assert.equal((error as { code?: string }).code, 'MS_READ_DECLINED');
+      reading = false;
+      answered = false;
+    }
+    if (answered) assert.ok(got.equals(content(i)), `line ${i} by readNow`);
+    return answered;
+  };
+  const before = cache.stats();
+  for (const i of inFlash) assert.equal(readNow(i), true, `flash line ${i} while reads are fast`);
+  let stats = cache.stats();
+  assert.equal(stats.flashReadsNow - before.flashReadsNow, inFlash.length);
+  assert.equal(stats.flashHits - before.flashHits, inFlash.length);
+  // The flash file's reads turn slow: after a few, its lines are declined; DRAM's are not.
+  cost = 0.5;
+  let slowReads = 0;
+  while (readNow(inFlash[slowReads % inFlash.length]!) && slowReads < 20) slowReads++;
+  assert.ok(slowReads < 20, 'slow synchronous reads were never declined');
+  for (const i of inFlash) assert.equal(readNow(i), false, `flash line ${i} while reads are slow`);
+  for (const i of inDram) assert.equal(readNow(i), true, `DRAM line ${i}`);
+  // The ordinary path still serves the flash lines, from flash, through the thread pool.
+  stats = cache.stats();
+  for (const i of inFlash) {
+    const got = Buffer.alloc(2 * SECTOR);
+    await cache.read(volume, i * LINE_SIZE, got);
+    assert.ok(got.equals(content(i)), `line ${i} by read`);
+  }
+  const after = cache.stats();
+  assert.equal(after.flashHits - stats.flashHits, inFlash.length);
+  assert.equal(after.flashReadsNow, stats.flashReadsNow);
 });
 
 test('concurrent writes and reads of disjoint ranges all land', async (t) => {
