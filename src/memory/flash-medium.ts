@@ -12,9 +12,10 @@
 // microseconds on the event loop, where a trip through libuv's thread pool costs the
 // loop 15 us or so of wake-ups and callbacks, and the reply the same again in latency.
 // One that reaches the device would stall every client for the device's latency, so
-// the medium watches how long its synchronous reads take (a moving score against a
-// budget per read, SyncReadGauge) and declines them while they are slow, trying one
-// again now and then (every SYNC_PROBE_MS) to see whether the reads have become fast.
+// the medium watches how long its synchronous reads hold the loop beyond what a page
+// cache hit takes (SyncReadGauge) and declines them while that is more than a small
+// share of the time, trying one again now and then to see whether they are fast again.
+// Reads over 256 KiB always take the thread pool.
 
 import { mkdir, open, type FileHandle } from 'node:fs/promises';
 import { constants, read as readCallback, readSync as readFileSync } from 'node:fs';
@@ -30,17 +31,33 @@ import { checkRange, type Medium, type MediumCapabilities } from './medium.js';
 const SYNC_BASE_US = 30;
 /** The copy rate of a read the page cache answers is several GB/s; a device's is less. */
 const SYNC_BYTES_PER_US = 4096;
-/** While synchronous reads are declined, one is tried again after this long. */
+/** The window (ms) over which the time synchronous reads took beyond their budgets is weighed: it decays by e in this time. */
+const SYNC_WINDOW_MS = 1000;
+/** Declined once that time passes this share of the window (20 ms in a second); made again below half of it. */
+const SYNC_SLOW_SHARE = 0.02;
+/**
+ * While synchronous reads are declined, one is tried again this long after the last one
+ * ended, or nine times as long as that one took if longer: probes never hold the event
+ * loop more than a tenth of the time, however slow the device.
+ */
 const SYNC_PROBE_MS = 10;
+/** Reads longer than this always go through the thread pool (rmem reads reach 16 MiB). */
+export const SYNC_READ_MAX = 256 * 1024;
 
 /**
- * Whether synchronous reads are fast enough to make on the event loop. Each read scores
- * its time against its budget (at most 4, so one preemption counts as little as four
- * slow reads' worth); the score is a moving average over about the last eight reads.
- * Reads are declined once it passes 1 and made again once a probe brings it under 0.5.
+ * Whether synchronous reads are fast enough to make on the event loop. What a read
+ * costs the other clients is the time it holds the loop beyond what a read the page
+ * cache answers takes (its budget), so the gauge keeps that excess, decaying over about
+ * a second, and declines reads while it is more than 2% of the window: reads that
+ * reach a device at any rate and speed that matters (all of them at 80 us and a few
+ * hundred a second, one in six at 20 ms, or one of 25 ms), never a rare preemption of a
+ * fast read. While declining, a probe now and then (SYNC_PROBE_MS) adds what it takes;
+ * once reads are fast again, the excess decays and they are made again.
  */
 export class SyncReadGauge {
-  private score: number;
+  /** Time (ms) synchronous reads took beyond their budgets, decayed to `at`. */
+  private excess: number;
+  private at: number;
   private declining: boolean;
   private nextProbe: number;
   /** Synchronous reads made, and reads declined, since the medium was made. */
@@ -48,22 +65,24 @@ export class SyncReadGauge {
   declined: number;
 
   constructor(private readonly clock: () => number = () => performance.now()) {
-    this.score = 0;
+    this.excess = 0;
+    this.at = 0;
     this.declining = false;
     this.nextProbe = 0;
     this.made = 0;
     this.declined = 0;
   }
 
-  /** The clock (ms) when a read may be made now, or undefined: decline it. */
-  begin(): number | undefined {
+  /** The clock (ms) when a read of `length` bytes may be made now, or undefined: decline it. */
+  begin(length: number): number | undefined {
+    if (length > SYNC_READ_MAX) {
+      this.declined++;
+      return undefined;
+    }
     const now = this.clock();
-    if (this.declining) {
-      if (now < this.nextProbe) {
-        this.declined++;
-        return undefined;
-      }
-      this.nextProbe = now + SYNC_PROBE_MS;
+    if (this.declining && now < this.nextProbe) {
+      this.declined++;
+      return undefined;
     }
     return now;
   }
@@ -72,15 +91,13 @@ export class SyncReadGauge {
   end(start: number, length: number): void {
     this.made++;
     const now = this.clock();
-    const us = (now - start) * 1000;
-    const budget = SYNC_BASE_US + length / SYNC_BYTES_PER_US;
-    this.score = (this.score * 7 + Math.min(us / budget, 4)) / 8;
-    if (!this.declining && this.score > 1) {
-      this.declining = true;
-      this.nextProbe = now + SYNC_PROBE_MS;
-    } else if (this.declining && this.score < 0.5) {
-      this.declining = false;
-    }
+    const budget = (SYNC_BASE_US + length / SYNC_BYTES_PER_US) / 1000;
+    this.excess = this.excess * Math.exp(-(now - this.at) / SYNC_WINDOW_MS) + Math.max(0, now - start - budget);
+    this.at = now;
+    const limit = SYNC_SLOW_SHARE * SYNC_WINDOW_MS;
+    if (this.excess > limit) this.declining = true;
+    else if (this.excess < limit / 2) this.declining = false;
+    if (this.declining) this.nextProbe = now + Math.max(SYNC_PROBE_MS, 9 * (now - start));
   }
 
   /** True while synchronous reads are declined (they have been slow). */
@@ -161,7 +178,7 @@ export class FlashMedium implements Medium {
     const handle = this.handle;
     if (handle === undefined) throw DECLINED;
     checkRange(this, offset, target.length);
-    const start = this.syncReads.begin();
+    const start = this.syncReads.begin(target.length);
     if (start === undefined) throw DECLINED;
     let done = 0;
     try {

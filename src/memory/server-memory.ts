@@ -260,12 +260,21 @@ export class ServerMemory {
   }
 
   /**
-   * `read`, synchronously, when every piece lies on a medium in memory (readSync): the
-   * rmem read path answers those without a promise. False: nothing was read (a piece on
-   * flash); use `read`. Throws as `read` does for a range outside the region.
+   * `read`, synchronously, when every piece lies on a medium that reads synchronously
+   * (readSync: DRAM, and flash while its reads are fast): the rmem read path answers
+   * those without a promise. False: use `read` (a medium declined; `target` may hold part
+   * of a copy). Throws as `read` does for a range outside the region.
    */
   readNow(region: ServerRegion, offset: number, target: Buffer): boolean {
     checkBounds(region, offset, target.length);
+    try {
+      return this.readPieces(region, offset, target);
+    } catch {
+      return false; // declined (FlashMedium.readSync while its reads are slow): `read` reports errors
+    }
+  }
+
+  private readPieces(region: ServerRegion, offset: number, target: Buffer): boolean {
     let done = 0;
     for (let pass = 0; pass < 2; pass++) {
       // First pass: every piece can be read now; second: read them.

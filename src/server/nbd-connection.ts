@@ -837,8 +837,9 @@ export class NbdConnection {
   }
 
   /**
-   * A READ the storage layer can answer at once (a cache hit in DRAM, storage/volume-io.ts
-   * readNow): the reply is queued in this same tick, without a promise, so the replies to
+   * A READ the storage layer can answer at once (a cache hit in DRAM, or in flash while
+   * its reads are fast: storage/volume-io.ts readNow): the reply is queued in this same
+   * tick, without a promise, so the replies to
    * every request of one socket read leave in one corked write. False: nothing was sent,
    * and the request takes the ordinary path (which also answers every error).
    */
@@ -857,7 +858,7 @@ export class NbdConnection {
     try {
       read = io.readNow(volume, request.offset, data);
     } catch {
-      read = false; // declined (Medium.readSync may throw): the ordinary path reports errors
+      read = false; // the ordinary path reports errors
     }
     if (!read) {
       this.host.payloadBuffers.release(pooled);

@@ -531,9 +531,9 @@ export class RmemConnection {
   }
 
   /**
-   * A READ of server memory in DRAM, answered in the tick it was parsed, without a
-   * promise (ServerMemory.readNow). Undefined: nothing was done, and the request takes
-   * the ordinary path, which also answers every error.
+   * A READ of server memory in DRAM (or in flash while its reads are fast), answered in
+   * the tick it was parsed, without a promise (ServerMemory.readNow). Undefined: nothing
+   * was sent, and the request takes the ordinary path, which also answers every error.
    */
   private readNow(frame: Frame, tag: Tag): Reply | undefined {
     const tenancy = this.tenancy;

@@ -15,9 +15,10 @@ export interface VolumeIo {
   readonly writeAhead?: boolean;
   read(volume: Volume, offset: number, target: Buffer): Promise<void>;
   /**
-   * Reads at once, without a promise, when the layer can (a read the cache's DRAM level
-   * holds, valid, in one line nobody is changing); false means nothing was read and
-   * `read` must be used. Optional: layers without a fast path leave it out.
+   * Reads at once, without a promise, when the layer can (a read whose lines the cache
+   * holds, valid, in DRAM or in a flash level whose reads are fast, while nobody is
+   * changing them); false means `read` must be used (`target` may hold part of a copy).
+   * Optional: layers without a fast path leave it out.
    */
   readNow?(volume: Volume, offset: number, target: Buffer): boolean;
   /** With `fua`, resolves only once the data is durable in the data store. */

@@ -227,8 +227,8 @@ export class StorageCache implements VolumeIo {
    * line's bytes, bits or slot (write, stage, destage, eviction, demotion, promotion,
    * zeroing, reclaim) runs under its lock, and a write to a slot has completed before
    * its lock is let go, so with the locks free the slots hold the lines' current bytes
-   * for the whole copy, which is synchronous. False: nothing was read (a medium may
-   * decline by throwing, which the caller takes as false); use read().
+   * for the whole copy, which is synchronous. False: use read() (nothing qualified, or
+   * a medium declined part way: `target` may hold part of a copy).
    */
   readNow(volume: Volume, offset: number, target: Buffer): boolean {
     const dram = this.levels.get('dram')?.medium;
@@ -252,13 +252,19 @@ export class StorageCache implements VolumeIo {
       if ((line.valid & mask) !== mask) return false;
       found.push(line);
     }
-    for (const line of found) {
-      const start = Math.max(offset, line.index * LINE_SIZE);
-      const end = Math.min(offset + target.length, (line.index + 1) * LINE_SIZE);
-      const medium = line.medium === 'dram' ? dram : flash;
-      medium?.readSync?.(line.slot + (start - line.index * LINE_SIZE), target.subarray(start - offset, end - offset));
+    try {
+      for (const line of found) {
+        const start = Math.max(offset, line.index * LINE_SIZE);
+        const end = Math.min(offset + target.length, (line.index + 1) * LINE_SIZE);
+        const medium = line.medium === 'dram' ? dram : flash;
+        medium?.readSync?.(line.slot + (start - line.index * LINE_SIZE), target.subarray(start - offset, end - offset));
+      }
+    } catch {
+      // A medium declined (FlashMedium.readSync while its reads are slow): read() takes it.
+      found.length = 0;
+      return false;
     }
-    // Counted once every copy is done (a medium may decline by throwing).
+    // Counted once every copy is done.
     for (const line of found) {
       if (line.medium === 'dram') {
         this.policy.hit(line);
