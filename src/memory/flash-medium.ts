@@ -31,10 +31,15 @@ import { checkRange, type Medium, type MediumCapabilities } from './medium.js';
 const SYNC_BASE_US = 30;
 /** The copy rate of a read the page cache answers is several GB/s; a device's is less. */
 const SYNC_BYTES_PER_US = 4096;
-/** The window (ms) over which the time synchronous reads took beyond their budgets is weighed: it decays by e in this time. */
+/** The window (ms) over which synchronous reads are weighed: what they took decays by e in this time. */
 const SYNC_WINDOW_MS = 1000;
-/** Declined once that time passes this share of the window (20 ms in a second); made again below half of it. */
-const SYNC_SLOW_SHARE = 0.02;
+/**
+ * Declined while the time synchronous reads took beyond their budgets is both more than
+ * this share of the window (5 ms in a second) and more than SYNC_SLOW_RATIO of their
+ * budgets together; made again once it is under half of either.
+ */
+const SYNC_SLOW_SHARE = 0.005;
+const SYNC_SLOW_RATIO = 0.25;
 /**
  * While synchronous reads are declined, one is tried again this long after the last one
  * ended, or nine times as long as that one took if longer: probes never hold the event
@@ -47,16 +52,20 @@ export const SYNC_READ_MAX = 256 * 1024;
 /**
  * Whether synchronous reads are fast enough to make on the event loop. What a read
  * costs the other clients is the time it holds the loop beyond what a read the page
- * cache answers takes (its budget), so the gauge keeps that excess, decaying over about
- * a second, and declines reads while it is more than 2% of the window: reads that
- * reach a device at any rate and speed that matters (all of them at 80 us and a few
- * hundred a second, one in six at 20 ms, or one of 25 ms), never a rare preemption of a
- * fast read. While declining, a probe now and then (SYNC_PROBE_MS) adds what it takes;
- * once reads are fast again, the excess decays and they are made again.
+ * cache answers takes (its budget). The gauge keeps that excess and the budgets of the
+ * reads made, both decaying over about a second, and declines reads while the excess is
+ * a real share of the time (more than 0.5%) that reads which reach a device explain,
+ * being a large part of what the reads should have taken (more than a quarter): all
+ * reads at 80 us, one in six at 20 ms, or one in a thousand at 20 ms turn it on. A fast
+ * read the scheduler preempts, or one a network interrupt lands in, now and then, does
+ * not: on a busy machine those add a few percent to the reads' time, not a quarter of
+ * their budgets. While declining, a probe now and then (SYNC_PROBE_MS) adds what it
+ * takes; once reads are fast again, the excess decays and they are made again.
  */
 export class SyncReadGauge {
-  /** Time (ms) synchronous reads took beyond their budgets, decayed to `at`. */
+  /** Time (ms) synchronous reads took beyond their budgets, and their budgets (ms), decayed to `at`. */
   private excess: number;
+  private budgets: number;
   private at: number;
   private declining: boolean;
   private nextProbe: number;
@@ -66,6 +75,7 @@ export class SyncReadGauge {
 
   constructor(private readonly clock: () => number = () => performance.now()) {
     this.excess = 0;
+    this.budgets = 0;
     this.at = 0;
     this.declining = false;
     this.nextProbe = 0;
@@ -92,11 +102,14 @@ export class SyncReadGauge {
     this.made++;
     const now = this.clock();
     const budget = (SYNC_BASE_US + length / SYNC_BYTES_PER_US) / 1000;
-    this.excess = this.excess * Math.exp(-(now - this.at) / SYNC_WINDOW_MS) + Math.max(0, now - start - budget);
+    const decay = Math.exp(-(now - this.at) / SYNC_WINDOW_MS);
+    this.excess = this.excess * decay + Math.max(0, now - start - budget);
+    this.budgets = this.budgets * decay + budget;
     this.at = now;
-    const limit = SYNC_SLOW_SHARE * SYNC_WINDOW_MS;
-    if (this.excess > limit) this.declining = true;
-    else if (this.excess < limit / 2) this.declining = false;
+    // Above 1: slow by both measures; under 0.5: fast by either.
+    const pressure = Math.min(this.excess / (SYNC_SLOW_SHARE * SYNC_WINDOW_MS), this.excess / (SYNC_SLOW_RATIO * this.budgets));
+    if (pressure > 1) this.declining = true;
+    else if (pressure < 0.5) this.declining = false;
     if (this.declining) this.nextProbe = now + Math.max(SYNC_PROBE_MS, 9 * (now - start));
   }
 

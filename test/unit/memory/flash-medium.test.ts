@@ -113,12 +113,18 @@ function gauge(): { gauge: SyncReadGauge; clock: { now: number } } {
   return { gauge: new SyncReadGauge(() => clock.now), clock };
 }
 
-test('flash: fast synchronous reads are always made, and a rare stall of one does not turn them off', () => {
-  const { gauge: g, clock } = gauge();
+test('flash: fast synchronous reads are always made, and preempted ones now and then do not turn them off', () => {
   // 3 us reads back to back for 5 s, one stalled 5 ms (a preemption) about once a second.
-  const r = drive(g, clock, (i) => (i % 40_000 === 39_999 ? 5 : 0.003), 200_000, 0.022);
+  let { gauge: g, clock } = gauge();
+  let r = drive(g, clock, (i) => (i % 40_000 === 39_999 ? 5 : 0.003), 200_000, 0.022);
   assert.equal(r.made, 200_000);
   assert.equal(g.slow, false);
+  assert.equal(g.declined, 0);
+  // A busy machine (what bench/nbd measured at QD16): of 40,000 reads a second, one in
+  // a thousand takes 300 us and one in three hundred 60 us.
+  ({ gauge: g, clock } = gauge());
+  r = drive(g, clock, (i) => (i % 1000 === 999 ? 0.3 : i % 300 === 299 ? 0.06 : 0.003), 200_000, 0.022);
+  assert.equal(r.made, 200_000);
   assert.equal(g.declined, 0);
 });
 
@@ -128,6 +134,7 @@ test('flash: synchronous reads that reach a device are declined, and probes hold
     { name: 'every read 5 ms', cost: () => 5, most: 0.12 },
     { name: 'every read 20 ms', cost: () => 20, most: 0.12 },
     { name: 'one read in six 20 ms, the others 3 us', cost: (i) => (i % 6 === 5 ? 20 : 0.003), most: 0.12 },
+    { name: 'one read in a thousand 20 ms, the others 3 us', cost: (i) => (i % 1000 === 999 ? 20 : 0.003), most: 0.12 },
   ];
   for (const c of cases) {
     const { gauge: g, clock } = gauge();
@@ -146,7 +153,7 @@ test('flash: declined synchronous reads are made again once reads are fast, and 
   const back = clock.now;
   while (g.slow && clock.now - back < 5000) drive(g, clock, () => 0.003, 1, 1);
   assert.equal(g.slow, false, 'still declining after 5 s of fast probes');
-  assert.ok(clock.now - back < 1500, `${(clock.now - back).toFixed(0)} ms to come back`);
+  assert.ok(clock.now - back < 3000, `${(clock.now - back).toFixed(0)} ms to come back`);
   assert.equal(drive(g, clock, () => 0.003, 1000, 0.05).made, 1000);
   // Larger than SYNC_READ_MAX: always declined, fast or not.
   const declined = g.declined;
