@@ -34,37 +34,50 @@ const SYNC_BYTES_PER_US = 4096;
 /** The window (ms) over which synchronous reads are weighed: what they took decays by e in this time. */
 const SYNC_WINDOW_MS = 1000;
 /**
- * Declined while the time synchronous reads took beyond their budgets is both more than
- * this share of the window (5 ms in a second) and more than SYNC_SLOW_RATIO of their
- * budgets together; made again once it is under half of either.
+ * The rules, each on the time synchronous reads took beyond their budgets (the excess),
+ * as shares of the window. Reads are declined while any rule holds, and made again once
+ * none holds at twice its threshold:
+ *   - the excess is more than 0.5% of the time and more than a quarter of the reads'
+ *     budgets together (reads that reach a device, at any rate that shows);
+ *   - the excess of reads each more than SYNC_LONG_MS over budget is more than 1% of the
+ *     time (a preemption or an interrupt holds a read up a few milliseconds at most; a
+ *     device stall, longer);
+ *   - the excess is more than 20% of the time, whatever the budgets.
  */
 const SYNC_SLOW_SHARE = 0.005;
 const SYNC_SLOW_RATIO = 0.25;
+const SYNC_LONG_MS = 6;
+const SYNC_LONG_SHARE = 0.01;
+const SYNC_MAX_SHARE = 0.2;
 /**
  * While synchronous reads are declined, one is tried again this long after the last one
  * ended, or nine times as long as that one took if longer: probes never hold the event
- * loop more than a tenth of the time, however slow the device.
+ * loop more than a tenth of the time, however slow the device. A read through the thread
+ * pool that comes back within SYNC_FAST_POOL_MS brings the next probe to within
+ * SYNC_PROBE_SOON_MS, so a device slow for seconds once is not waited out nine times.
  */
 const SYNC_PROBE_MS = 10;
+const SYNC_FAST_POOL_MS = 1;
+const SYNC_PROBE_SOON_MS = 1000;
 /** Reads longer than this always go through the thread pool (rmem reads reach 16 MiB). */
 export const SYNC_READ_MAX = 256 * 1024;
 
 /**
  * Whether synchronous reads are fast enough to make on the event loop. What a read
  * costs the other clients is the time it holds the loop beyond what a read the page
- * cache answers takes (its budget). The gauge keeps that excess and the budgets of the
- * reads made, both decaying over about a second, and declines reads while the excess is
- * a real share of the time (more than 0.5%) that reads which reach a device explain,
- * being a large part of what the reads should have taken (more than a quarter): all
- * reads at 80 us, one in six at 20 ms, or one in a thousand at 20 ms turn it on. A fast
- * read the scheduler preempts, or one a network interrupt lands in, now and then, does
- * not: on a busy machine those add a few percent to the reads' time, not a quarter of
- * their budgets. While declining, a probe now and then (SYNC_PROBE_MS) adds what it
- * takes; once reads are fast again, the excess decays and they are made again.
+ * cache answers takes (its budget). The gauge keeps that excess, the part of it from
+ * reads held up long, and the budgets of the reads made, all decaying over about a
+ * second, and declines reads by the rules at SYNC_SLOW_SHARE: all reads at 80 us, one in
+ * six at 20 ms, one in a thousand at 20 ms, or a 200 ms stall among 50,000 fast reads a
+ * second turn it on; a fast read the scheduler preempts, or one a network interrupt
+ * lands in, now and then, does not. While declining, a probe now and then
+ * (SYNC_PROBE_MS) adds what it takes; once reads are fast again, the excess decays and
+ * they are made again.
  */
 export class SyncReadGauge {
-  /** Time (ms) synchronous reads took beyond their budgets, and their budgets (ms), decayed to `at`. */
+  /** Time (ms) synchronous reads took beyond their budgets, that of reads held up long, and their budgets (ms), decayed to `at`. */
   private excess: number;
+  private longExcess: number;
   private budgets: number;
   private at: number;
   private declining: boolean;
@@ -75,6 +88,7 @@ export class SyncReadGauge {
 
   constructor(private readonly clock: () => number = () => performance.now()) {
     this.excess = 0;
+    this.longExcess = 0;
     this.budgets = 0;
     this.at = 0;
     this.declining = false;
@@ -102,15 +116,35 @@ export class SyncReadGauge {
     this.made++;
     const now = this.clock();
     const budget = (SYNC_BASE_US + length / SYNC_BYTES_PER_US) / 1000;
-    const decay = Math.exp(-(now - this.at) / SYNC_WINDOW_MS);
-    this.excess = this.excess * decay + Math.max(0, now - start - budget);
+    // performance.now() is monotonic and finite; a clock that is not must not grow what decays.
+    const elapsed = now - this.at;
+    const decay = elapsed > 0 ? Math.exp(-elapsed / SYNC_WINDOW_MS) : 1;
+    const took = now - start;
+    const over = took - budget > 0 ? took - budget : 0;
+    this.excess = this.excess * decay + over;
+    this.longExcess = this.longExcess * decay + (over > SYNC_LONG_MS ? over : 0);
     this.budgets = this.budgets * decay + budget;
-    this.at = now;
-    // Above 1: slow by both measures; under 0.5: fast by either.
-    const pressure = Math.min(this.excess / (SYNC_SLOW_SHARE * SYNC_WINDOW_MS), this.excess / (SYNC_SLOW_RATIO * this.budgets));
+    if (!Number.isFinite(this.excess + this.longExcess + this.budgets)) {
+      this.excess = 0;
+      this.longExcess = 0;
+      this.budgets = 0;
+    }
+    if (Number.isFinite(now)) this.at = now;
+    const pressure = Math.max(
+      Math.min(this.excess / (SYNC_SLOW_SHARE * SYNC_WINDOW_MS), this.excess / (SYNC_SLOW_RATIO * this.budgets)),
+      this.longExcess / (SYNC_LONG_SHARE * SYNC_WINDOW_MS),
+      this.excess / (SYNC_MAX_SHARE * SYNC_WINDOW_MS),
+    );
     if (pressure > 1) this.declining = true;
     else if (pressure < 0.5) this.declining = false;
-    if (this.declining) this.nextProbe = now + Math.max(SYNC_PROBE_MS, 9 * (now - start));
+    if (this.declining) this.nextProbe = Number.isFinite(now) && took >= 0 ? now + Math.max(SYNC_PROBE_MS, 9 * took) : 0;
+  }
+
+  /** A read through the thread pool took `ms`: one that came back fast brings the next probe near. */
+  pooled(ms: number): void {
+    if (!this.declining || !(ms < SYNC_FAST_POOL_MS)) return;
+    const soon = this.clock() + SYNC_PROBE_SOON_MS;
+    if (soon < this.nextProbe) this.nextProbe = soon;
   }
 
   /** True while synchronous reads are declined (they have been slow). */
@@ -167,6 +201,8 @@ export class FlashMedium implements Medium {
 
   async read(offset: number, target: Uint8Array): Promise<void> {
     const handle = this.begin(offset, target.length);
+    // Timed while synchronous reads are declined: fast ones show the device is fast again.
+    const started = this.syncReads.slow ? performance.now() : undefined;
     try {
       let done = 0;
       while (done < target.length) {
@@ -175,6 +211,7 @@ export class FlashMedium implements Medium {
         if (bytesRead === 0) throw new Error(`unexpected end of file at ${offset + done}`);
         done += bytesRead;
       }
+      if (started !== undefined) this.syncReads.pooled(performance.now() - started);
     } catch (error) {
       throw this.ioError('read', offset, target.length, error);
     } finally {

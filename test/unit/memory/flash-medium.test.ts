@@ -145,6 +145,74 @@ test('flash: synchronous reads that reach a device are declined, and probes hold
   }
 });
 
+test('flash: slow reads hidden among many fast ones are declined too (second review)', () => {
+  // About 45,000 fast reads a second (3 us, and 0.02 ms of other work each), after 10 s
+  // of them (the budgets are large), with a long read among them now and then.
+  const cases: { name: string; every: number; cost: number; most?: number }[] = [
+    { name: 'one 200 ms read every 1.2 s', every: 54_000, cost: 200 },
+    { name: 'one 20 ms read every 100 ms', every: 4_500, cost: 20 },
+    { name: 'one read in 3,000 at 20 ms', every: 3_000, cost: 20 },
+    { name: 'one 5 ms read every 20 ms (held up, yet too often)', every: 700, cost: 5, most: 0.21 },
+  ];
+  for (const c of cases) {
+    const { gauge: g, clock } = gauge();
+    drive(g, clock, () => 0.003, 450_000, 0.019);
+    const r = drive(g, clock, (i) => (i % c.every === c.every - 1 ? c.cost : 0.003), 3_000_000, 0.019);
+    assert.ok(g.declined > 0, `${c.name}: never declined`);
+    assert.ok(r.share <= (c.most ?? 0.12), `${c.name}: the loop was held ${(r.share * 100).toFixed(1)}% of the time by synchronous reads`);
+  }
+});
+
+test('flash: fast reads held up at random by preemptions of up to 5 ms are not declined', () => {
+  // A fixed pseudo-random sequence: one read in a thousand held up 0.3 to 5 ms, one in
+  // three hundred 60 us, at about 20,000 and 45,000 reads a second, for 30 s.
+  for (const gap of [0.047, 0.019]) {
+    let seed = 12345;
+    const random = (): number => {
+      seed = (seed * 1103515245 + 12345) % 2 ** 31;
+      return seed / 2 ** 31;
+    };
+    const { gauge: g, clock } = gauge();
+    drive(g, clock, () => (random() < 0.001 ? 0.3 + random() * 4.7 : random() < 1 / 300 ? 0.06 : 0.003), Math.round(30_000 / (gap + 0.003)), gap);
+    assert.equal(g.declined, 0, `gap ${gap} ms: ${g.declined} reads declined`);
+  }
+});
+
+test('flash: after a stall of seconds, a fast read through the thread pool brings the next probe near, and a clock that misbehaves does not stick the gauge', () => {
+  let { gauge: g, clock } = gauge();
+  drive(g, clock, () => 0.003, 1000, 0.05);
+  drive(g, clock, () => 2000, 1, 0); // one read of 2 s: the next probe would be 18 s away
+  assert.equal(g.slow, true);
+  g.pooled(0.2); // a read through the thread pool came back in 200 us
+  const back = clock.now;
+  while (g.slow && clock.now - back < 30_000) drive(g, clock, () => 0.003, 1, 5);
+  assert.equal(g.slow, false);
+  // The excess of a 2 s read decays below its rules' halves in about 7 s (not 18 s of
+  // probes nine times its length).
+  assert.ok(clock.now - back < 10_000, `${(clock.now - back).toFixed(0)} ms to come back`);
+  // A clock that steps back 800 s, or reads NaN once: the gauge still declines a slow
+  // device afterwards, and takes fast reads back.
+  for (const misstep of ['back 100 s', 'back 800 s', 'nan'] as const) {
+    ({ gauge: g, clock } = gauge());
+    clock.now = 1_000_000;
+    drive(g, clock, () => 0.003, 1000, 0.05);
+    if (misstep === 'back 100 s') clock.now -= 100_000;
+    else if (misstep === 'back 800 s') clock.now -= 800_000;
+    else {
+      const real = clock.now;
+      clock.now = Number.NaN;
+      const start = g.begin(4096);
+      if (start !== undefined) g.end(start, 4096);
+      clock.now = real;
+    }
+    drive(g, clock, () => 20, 200, 0.05);
+    assert.equal(g.slow, true, `${misstep}: a 20 ms device was not declined`);
+    const since = clock.now;
+    while (g.slow && clock.now - since < 30_000) drive(g, clock, () => 0.003, 1, 5);
+    assert.equal(g.slow, false, `${misstep}: fast reads never came back`);
+  }
+});
+
 test('flash: declined synchronous reads are made again once reads are fast, and a read too large never is', () => {
   const { gauge: g, clock } = gauge();
   drive(g, clock, () => 5, 1000, 0.05);
