@@ -7,6 +7,8 @@
 // durable after FLUSH, the page cache in between):
 //   4k randread QD1, 1M sequential read QD8, 4k randread QD8 on one connection and on
 //   two (multi-conn), 4k randrw 70/30 QD32, 4k randwrite QD32, 1M sequential write QD8.
+// Then 4k randread QD1 again against the floor of a Node.js NBD server
+// (support/floor-nbd.ts), to tell memstrata's share of its QD1 latency from the runtime's.
 // Part 2, a working set four times memstrata's DRAM cache level and within DRAM plus
 // flash (a second node: 128 MiB DRAM cache, 512 MiB flash cache, 512 MiB working set),
 // against `nbdkit file`: a 1M sequential write of the whole 1 GiB volume (a stream eight
@@ -166,10 +168,44 @@ async function cachedSet(dir: string): Promise<void> {
     const cache = await cacheOf(node);
     const lookups = cache.hits + cache.misses;
     console.log(`memstrata cache hit ratio over the run: ${((cache.hits / Math.max(1, lookups)) * 100).toFixed(1)}% (${cache.hits} hits, ${cache.misses} misses)`);
+    await floor(size, memory.uri, ours);
   } finally {
     memory.proc.kill('SIGTERM');
     file.proc.kill('SIGTERM');
     await node.stop('SIGTERM');
+  }
+}
+
+/**
+ * QD1 against the floor of a Node.js NBD server (support/floor-nbd.ts: one Buffer, no
+ * cache, no promise), nbdkit memory and memstrata, in turn, three rounds: the part of
+ * memstrata's QD1 latency over nbdkit's that any server on this runtime pays.
+ */
+async function floor(size: string, memoryUri: string, ours: string): Promise<void> {
+  const port = await freePort();
+  const script = new URL('./support/floor-nbd.js', import.meta.url).pathname;
+  const proc = spawn(process.execPath, [script, String(port), String(256 * 1024 * 1024)], { stdio: 'ignore' });
+  try {
+    await waitForPort(port);
+    const floorUri = `nbd://127.0.0.1:${port}/`;
+    const qd1: Workload = { name: '4k randread QD1', args: ['--rw=randread', '--bs=4k', '--iodepth=1'] };
+    const p50 = { memory: [] as number[], floor: [] as number[], memstrata: [] as number[] };
+    const seconds = Math.max(2, Math.round(SECONDS / 2));
+    for (let round = 0; round < 3; round++) {
+      p50.memory.push(fio(memoryUri, size, qd1, seconds).p50us);
+      p50.floor.push(fio(floorUri, size, qd1, seconds).p50us);
+      p50.memstrata.push(fio(ours, size, qd1, seconds).p50us);
+    }
+    const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[1] ?? 0;
+    const [mem, flo, ms] = [median(p50.memory), median(p50.floor), median(p50.memstrata)];
+    const list = (xs: number[]): string => xs.map((x) => x.toFixed(1)).join(' / ');
+    console.log(
+      `4k randread QD1 p50, three rounds in turn (${seconds} s each): nbdkit memory ${list(p50.memory)} us; ` +
+        `the Node.js floor (bench/support/floor-nbd.ts) ${list(p50.floor)} us; memstrata ${list(p50.memstrata)} us. ` +
+        `Medians: the floor ${ratio(flo, mem)} nbdkit memory, memstrata ${ratio(ms, mem)} nbdkit memory and ${ratio(ms, flo)} the floor`,
+    );
+  } finally {
+    proc.kill('SIGTERM');
   }
 }
 
