@@ -839,9 +839,9 @@ export class NbdConnection {
   /**
    * A READ the storage layer can answer at once (a cache hit in DRAM, or in flash while
    * its reads are fast: storage/volume-io.ts readNow): the reply is queued in this same
-   * tick, without a promise, so the replies to
-   * every request of one socket read leave in one corked write. False: nothing was sent,
-   * and the request takes the ordinary path (which also answers every error).
+   * tick, without a promise, so the replies to every request of one socket read leave in
+   * one corked write. False: nothing was sent, and the request takes the ordinary path
+   * (which also answers every error).
    */
   private readNow(request: NbdRequest): boolean {
     const { io } = this.host;
