@@ -12,7 +12,7 @@
 // wraps it in TLS and starts a new connection on it, in option haggling, with no state of
 // this one but the client flags (the spec asks that no negotiation state survive).
 //
-//   socket 'data' -> parser -> READ/FLUSH/... header -> flow.push --> dispatch: served
+//   socket input -> parser -> READ/FLUSH/... header -> flow.push --> dispatch: served
 //                           -> WRITE header -> flow.reserve -> payload read -> flow.push
 //                    parser held <-- while a request or a reservation waits for budget
 //   reply handed to the kernel (write callback) -> flow.done(cost) -> next request
@@ -98,6 +98,7 @@ import type { Volume } from '../storage/volume-manager.js';
 import type { VolumeIo } from '../storage/volume-io.js';
 import type { BufferPool } from '../memory/buffer-pool.js';
 import { CorkedWriter } from '../net/corked-writer.js';
+import type { SocketInput } from '../net/socket-input.js';
 import type { Semaphore } from './semaphore.js';
 import type { TurnQueue } from './turn-queue.js';
 
@@ -239,6 +240,7 @@ export class NbdConnection {
   readonly secure: boolean;
   /** STARTTLS was answered: the socket belongs to the TLS connection that follows. */
   private handedOver: boolean;
+  private readonly input: SocketInput;
   private readonly listeners: { data: (chunk: Buffer) => void; end: () => void; error: (error: Error) => void; close: () => void };
   private readonly host: NbdHost;
   private readonly admission: Admission;
@@ -272,8 +274,10 @@ export class NbdConnection {
   private linger: NodeJS.Timeout | undefined;
   private readonly closedPromise: Promise<void>;
 
-  constructor(socket: Socket, host: NbdHost, admission: Admission, start: NbdStart = { secure: false }) {
+  constructor(input: SocketInput, host: NbdHost, admission: Admission, start: NbdStart = { secure: false }) {
+    const socket = input.socket;
     this.socket = socket;
+    this.input = input;
     this.remote = `${socket.remoteAddress ?? '?'}:${socket.remotePort ?? 0}`;
     this.host = host;
     this.admission = admission;
@@ -348,7 +352,7 @@ export class NbdConnection {
     this.listeners = {
       data: (chunk: Buffer) => {
         this.sawInput = true;
-        this.parser.feed(chunk);
+        this.parser.feed(chunk, input.transient);
       },
       end: () => {
         this.onEnd();
@@ -361,8 +365,7 @@ export class NbdConnection {
         closed();
       },
     };
-    socket.on('data', this.listeners.data);
-    socket.on('end', this.listeners.end);
+    input.listen({ data: this.listeners.data, end: this.listeners.end });
     socket.on('error', this.listeners.error);
     socket.on('close', this.listeners.close);
     if (!start.secure) socket.write(encodeGreeting(HANDSHAKE.FIXED_NEWSTYLE | HANDSHAKE.NO_ZEROES));
@@ -423,8 +426,8 @@ export class NbdConnection {
     const pause = !this.finished && (this.flowPaused || this.optionsBackedUp);
     if (pause === this.readingPaused || this.socket.destroyed) return;
     this.readingPaused = pause;
-    if (pause) this.socket.pause();
-    else this.socket.resume();
+    if (pause) this.input.pause();
+    else this.input.resume();
   }
 
   private onEnd(): void {
@@ -603,9 +606,8 @@ export class NbdConnection {
     this.finished = true;
     this.parser.stop();
     this.flow.close();
-    socket.pause();
-    socket.removeListener('data', this.listeners.data);
-    socket.removeListener('end', this.listeners.end);
+    this.input.pause();
+    this.input.listen(undefined);
     socket.removeListener('close', this.listeners.close);
     this.host.closed(this);
     const state = { noZeroes: this.noZeroes };

@@ -30,6 +30,7 @@ import { SharedBudget, newFlowStats, type FlowLimits, type FlowStats } from '../
 import type { VolumeIo } from '../storage/volume-io.js';
 import type { VolumeManager } from '../storage/volume-manager.js';
 import { closeServer, listenOn, listenUnix, type ScopedListener } from '../net/listen.js';
+import { dataEventInput, ownBufferInput } from '../net/socket-input.js';
 import type { ListenAddress } from '../units.js';
 import { BufferPool } from '../memory/buffer-pool.js';
 import { NbdConnection, type ExportCatalog, type NbdHost, type NbdStats } from './nbd-connection.js';
@@ -111,7 +112,7 @@ export class NbdService implements NbdHost {
           return;
         }
         this.log.debug({ remote: `${secure.remoteAddress ?? '?'}:${secure.remotePort ?? 0}`, protocol: secure.getProtocol(), authorized: secure.authorized }, 'NBD session upgraded to TLS');
-        this.connections.add(new NbdConnection(secure, this, admission, { secure: true, noZeroes: state.noZeroes }));
+        this.connections.add(new NbdConnection(dataEventInput(secure), this, admission, { secure: true, noZeroes: state.noZeroes }));
       },
       (error, remote) => {
         this.log.info({ remote, err: error.message }, 'NBD client failed the TLS handshake; disconnecting');
@@ -135,14 +136,17 @@ export class NbdService implements NbdHost {
   async listen(address: ListenAddress): Promise<ListenAddress> {
     // Half-open: a client that sends NBD_CMD_DISC and shuts its side (libnbd does) must
     // still get the replies to what it sent before; the connection ends this side itself.
-    const server = createServer({ allowHalfOpen: true }, (socket) => {
+    // A service with TLS reads through 'data' events: a TLS session takes its socket over.
+    const ownBuffer = this.tls === undefined;
+    const server = createServer({ allowHalfOpen: true, pauseOnConnect: ownBuffer }, (accepted) => {
       if (this.stopping) {
-        socket.destroy();
+        accepted.destroy();
         return;
       }
-      const admission = this.gate.admit(socket);
+      const input = ownBuffer ? ownBufferInput(accepted, { allowHalfOpen: true }) : dataEventInput(accepted);
+      const admission = this.gate.admit(input.socket);
       if (admission === undefined) return;
-      this.connections.add(new NbdConnection(socket, this, admission));
+      this.connections.add(new NbdConnection(input, this, admission));
     });
     this.bound = await listenOn(server, address, 'NBD', this.log);
     this.server = server;
@@ -191,14 +195,15 @@ export class NbdService implements NbdHost {
         this.connections.delete(connection);
       },
     };
-    const server = createServer({ allowHalfOpen: true }, (socket) => {
+    const server = createServer({ allowHalfOpen: true, pauseOnConnect: true }, (accepted) => {
       if (this.stopping) {
-        socket.destroy();
+        accepted.destroy();
         return;
       }
-      const admission = this.gate.admitScoped(socket, client, own.size, maxConnections);
+      const input = ownBufferInput(accepted, { allowHalfOpen: true });
+      const admission = this.gate.admitScoped(input.socket, client, own.size, maxConnections);
       if (admission === undefined) return;
-      const connection = new NbdConnection(socket, host, admission);
+      const connection = new NbdConnection(input, host, admission);
       own.add(connection);
       this.connections.add(connection);
     });

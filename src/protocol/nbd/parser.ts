@@ -18,7 +18,9 @@
 // has its payload dropped the same way and is reported through onPayload with empty data.
 //
 // Memory: bytes not parsed yet are kept as given (a subarray of the last chunk, no copy)
-// while the parser waits or holds. A WRITE payload is always copied into a buffer of its
+// while the parser waits or holds; a chunk fed as `transient` (a view of a read buffer
+// the socket reuses, net/socket-input.ts) is valid only during feed(), so what is kept
+// of it, and an option payload taken from it, is copied first. A WRITE payload is always copied into a buffer of its
 // own from `allocate`, so a request in flight never keeps a socket chunk alive. An option
 // payload kept is within MAX_OPTION_LENGTH; a skipped one takes no memory. A wrong magic
 // or a WRITE larger than BLOCK.MAX cannot be skipped safely (the length of a WRITE says
@@ -88,6 +90,8 @@ export class NbdServerParser {
   /** The session refused the WRITE just reported: its payload is dropped. */
   private discard: boolean;
   private option: number;
+  /** The transient chunk being parsed by feed(), if any: what is kept of it is copied. */
+  private transient: Buffer | undefined;
 
   /** `afterFlags`: the client flags were read on another parser (a session upgraded to TLS goes on with options). */
   constructor(handlers: NbdParserHandlers, options: { afterFlags?: boolean } = {}) {
@@ -106,6 +110,7 @@ export class NbdServerParser {
     this.request = undefined;
     this.discard = false;
     this.option = 0;
+    this.transient = undefined;
   }
 
   get inTransmission(): boolean {
@@ -127,13 +132,19 @@ export class NbdServerParser {
     return this.pending.length === 0 && this.headerHave === 0 && this.stage === 'header' && this.body === undefined;
   }
 
-  feed(chunk: Buffer): void {
+  /** `transient`: the chunk's bytes are overwritten once this returns (anything kept is copied). */
+  feed(chunk: Buffer, transient = false): void {
     if (this.mode === 'stopped' || chunk.length === 0) return;
     if (this.mode === 'waiting' || this.held || this.parsing) {
-      this.pending = this.pending.length === 0 ? chunk : Buffer.concat([this.pending, chunk]);
+      this.pending = this.pending.length === 0 ? (transient ? Buffer.from(chunk) : chunk) : Buffer.concat([this.pending, chunk]);
       return;
     }
-    this.parse(chunk);
+    this.transient = transient ? chunk : undefined;
+    try {
+      this.parse(chunk);
+    } finally {
+      this.transient = undefined;
+    }
   }
 
   /** After an option was answered: parse the next option. */
@@ -200,7 +211,7 @@ export class NbdServerParser {
         if (this.mode === 'stopped') return;
         if (this.mode === 'waiting' || this.held) {
           // Keep the rest, ahead of anything fed while this loop ran.
-          const rest = chunk.subarray(at);
+          const rest = chunk === this.transient ? Buffer.from(chunk.subarray(at)) : chunk.subarray(at);
           this.pending = this.pending.length === 0 ? rest : rest.length === 0 ? this.pending : Buffer.concat([rest, this.pending]);
           return;
         }
@@ -266,8 +277,10 @@ export class NbdServerParser {
       return at;
     }
     if (chunk.length - at >= length) {
-      // Options are answered before the parser goes on, so a view of the chunk will do.
-      this.completeOption(chunk.subarray(at, at + length));
+      // Options are answered before the parser goes on, so a view of the chunk will do,
+      // unless the chunk's buffer is reused once feed() returns (an answer may take longer).
+      const view = chunk.subarray(at, at + length);
+      this.completeOption(chunk === this.transient ? Buffer.from(view) : view);
       return at + length;
     }
     this.body = Buffer.allocUnsafe(length);

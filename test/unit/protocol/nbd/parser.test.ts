@@ -342,3 +342,85 @@ test('discardPayload: a refused WRITE has its payload read and dropped, then is 
   assert.deepEqual(allocated, [3], 'no buffer for a dropped payload');
   assert.ok(parser.atBoundary);
 });
+
+test('transient chunks (a read buffer reused after each feed): options answered later, holds and releases at any point yield what whole chunks do', () => {
+  // A socket read into one buffer of the connection's own (net/socket-input.ts) overwrites
+  // it once feed() returns: the parser must copy whatever it keeps, and an option payload
+  // the session answers later.
+  const conversation = Buffer.concat([
+    flags,
+    option(OPT.STRUCTURED_REPLY),
+    option(OPT.INFO, goPayload('volume-one', [3, 1])),
+    option(OPT.GO, goPayload('vol', [3])),
+    request(CMD.WRITE, 4096, 10, 1, Buffer.from('0123456789')),
+    request(CMD.READ, 0, 512, 2),
+    request(CMD.WRITE, 0, 70, 3, Buffer.alloc(70, 'w')),
+    request(CMD.FLUSH, 0, 0, 4),
+    request(CMD.WRITE, 2 ** 40, 3, 5, Buffer.from('abc'), 1),
+    request(CMD.READ, 8192, 4096, 6),
+  ]);
+  /** A session that answers options only when told, and may hold after any request. */
+  const lazySession = (holds: boolean[]) => {
+    const events: string[] = [];
+    const unanswered: Array<{ opt: number; data: Buffer }> = [];
+    let n = 0;
+    const parser: NbdServerParser = new NbdServerParser({
+      onClientFlags: (f) => events.push(`flags ${f}`),
+      onOption: (opt, data) => unanswered.push({ opt, data }),
+      onOversizedOption: () => assert.fail('oversized'),
+      onRequest: (r) => {
+        events.push(`header ${r.type} ${r.cookie.lo} ${r.offset} ${r.length} ${r.flags}`);
+        if (holds[n++ % holds.length] === true) parser.hold();
+      },
+      onPayload: (r) => events.push(`payload ${r.cookie.lo} ${r.data.toString('hex')}`),
+      onFatal: (e) => events.push(`fatal ${e.message}`),
+    });
+    const answer = (): void => {
+      const next = unanswered.shift();
+      if (next === undefined) return;
+      // What the session reads of the payload when it answers, after later feeds.
+      events.push(`option ${next.opt} ${next.data.toString('hex')}`);
+      if (next.opt === OPT.GO) parser.startTransmission();
+      else parser.resume();
+    };
+    return { parser, events, answer, pending: () => unanswered.length };
+  };
+  const reference = lazySession([false]);
+  reference.parser.feed(conversation);
+  for (let k = 0; k < 10; k++) {
+    reference.answer();
+    reference.parser.release();
+  }
+  assert.ok(reference.parser.atBoundary);
+  fc.assert(
+    fc.property(
+      fc.array(fc.integer({ min: 1, max: 64 }), { minLength: 1, maxLength: 40 }),
+      fc.array(fc.boolean(), { minLength: 1, maxLength: 10 }),
+      fc.array(fc.constantFrom('answer', 'release', 'both', 'none'), { minLength: 1, maxLength: 20 }),
+      (sizes, holds, steps) => {
+        const s = lazySession(holds);
+        const readBuffer = Buffer.alloc(64);
+        let at = 0;
+        let i = 0;
+        while (at < conversation.length) {
+          const n = Math.min(sizes[i % sizes.length] ?? 1, conversation.length - at);
+          conversation.copy(readBuffer, 0, at, at + n);
+          s.parser.feed(readBuffer.subarray(0, n), true);
+          readBuffer.fill(0xee); // the next read lands here
+          at += n;
+          const step = steps[i % steps.length];
+          if (step === 'answer' || step === 'both') s.answer();
+          if (step === 'release' || step === 'both') s.parser.release();
+          i++;
+        }
+        for (let k = 0; k < 20; k++) {
+          s.answer();
+          s.parser.release();
+        }
+        assert.deepEqual(s.events, reference.events);
+        assert.ok(s.parser.atBoundary);
+      },
+    ),
+    { numRuns: 400 },
+  );
+});

@@ -1,0 +1,160 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createServer, connect, Socket, type Server } from 'node:net';
+import { once } from 'node:events';
+import { randomBytes } from 'node:crypto';
+import fc from 'fast-check';
+import { ownBufferInput, type SocketInput } from '../../../src/net/socket-input.js';
+
+/** A server whose connections get an own-buffer input; resolves the first one. */
+async function serve(size?: number): Promise<{ server: Server; port: number; accepted: Promise<SocketInput> }> {
+  let resolve: (input: SocketInput) => void = () => undefined;
+  const accepted = new Promise<SocketInput>((r) => (resolve = r));
+  const server = createServer({ allowHalfOpen: true, pauseOnConnect: true }, (socket) => {
+    resolve(ownBufferInput(socket, { allowHalfOpen: true, size }));
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const address = server.address();
+  assert.ok(address !== null && typeof address === 'object');
+  return { server, port: address.port, accepted };
+}
+
+/** Collects what an input hands over: the bytes (copied at once), whether it came while paused, and the end. */
+function collect(input: SocketInput) {
+  const state = { bytes: [] as Buffer[], views: [] as Buffer[], paused: false, whilePaused: 0, ended: false, afterEnd: 0 };
+  input.listen({
+    data: (chunk) => {
+      if (state.paused) state.whilePaused++;
+      if (state.ended) state.afterEnd++;
+      state.views.push(chunk);
+      state.bytes.push(Buffer.from(chunk));
+    },
+    end: () => {
+      state.ended = true;
+    },
+  });
+  return state;
+}
+
+async function until(condition: () => boolean, what: string): Promise<void> {
+  const deadline = Date.now() + 10_000;
+  while (!condition()) {
+    if (Date.now() > deadline) assert.fail(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 2));
+  }
+}
+
+test('an accepted socket is read into one buffer of its own: chunks are views of it, in order, and the server no longer counts the accepted Socket', async () => {
+  const { server, port, accepted } = await serve();
+  const client = connect(port, '127.0.0.1');
+  try {
+    const input = await accepted;
+    assert.equal(input.transient, true, 'this runtime lets the handle be adopted');
+    const seen = collect(input);
+    const sent = randomBytes(300_000);
+    client.end(sent);
+    await until(() => seen.ended, 'the end');
+    assert.deepEqual(Buffer.concat(seen.bytes), sent);
+    assert.ok(seen.views.length > 1);
+    assert.ok(seen.views.every((v) => v.buffer === seen.views[0]?.buffer), 'every chunk a view of the same memory');
+    const count = await new Promise<number>((r, j) => server.getConnections((e, n) => (e ? j(e) : r(n))));
+    assert.equal(count, 0);
+    input.socket.end();
+    await once(input.socket, 'close');
+  } finally {
+    client.destroy();
+    server.close();
+  }
+});
+
+test('paused: nothing is handed over; what arrives meanwhile (more than the buffer: the socket stops) comes after resume, in order, then the end', async () => {
+  const { server, port, accepted } = await serve(1024);
+  const client = connect(port, '127.0.0.1');
+  try {
+    const input = await accepted;
+    const seen = collect(input);
+    input.pause();
+    seen.paused = true;
+    const sent = randomBytes(50_000);
+    client.end(sent);
+    await new Promise((r) => setTimeout(r, 100));
+    assert.equal(seen.bytes.length, 0);
+    assert.equal(seen.ended, false, 'the end waits behind the bytes kept');
+    seen.paused = false;
+    input.resume();
+    await until(() => seen.ended, 'the end');
+    assert.deepEqual(Buffer.concat(seen.bytes), sent);
+    assert.equal(seen.afterEnd, 0);
+  } finally {
+    client.destroy();
+    server.close();
+  }
+});
+
+test('any schedule of pauses and resumes, from inside the handler or from timers, hands over every byte once, in order, never while paused', async () => {
+  await fc.assert(
+    fc.asyncProperty(
+      fc.array(fc.integer({ min: 1, max: 5000 }), { minLength: 1, maxLength: 12 }),
+      fc.array(fc.constantFrom('pause-in-handler', 'resume-later', 'resume-now', 'none'), { minLength: 1, maxLength: 12 }),
+      fc.integer({ min: 16, max: 4096 }),
+      async (writes, actions, size) => {
+        const { server, port, accepted } = await serve(size);
+        const client = connect(port, '127.0.0.1');
+        try {
+          const input = await accepted;
+          const state = { bytes: [] as Buffer[], paused: false, whilePaused: 0, ended: false, afterEnd: 0 };
+          let k = 0;
+          const resume = (): void => {
+            state.paused = false;
+            input.resume();
+          };
+          input.listen({
+            data: (chunk) => {
+              if (state.paused) state.whilePaused++;
+              if (state.ended) state.afterEnd++;
+              state.bytes.push(Buffer.from(chunk));
+              const action = actions[k++ % actions.length];
+              if (action === 'pause-in-handler' || action === 'resume-later') {
+                state.paused = true;
+                input.pause();
+                if (action === 'resume-later') setTimeout(resume, 1);
+                else setImmediate(resume);
+              } else if (action === 'resume-now') {
+                state.paused = true;
+                input.pause();
+                resume();
+              }
+            },
+            end: () => {
+              state.ended = true;
+            },
+          });
+          const sent = writes.map((n) => randomBytes(n));
+          for (const piece of sent) {
+            client.write(piece);
+            await new Promise((r) => setImmediate(r));
+          }
+          client.end();
+          await until(() => state.ended, 'the end');
+          assert.deepEqual(Buffer.concat(state.bytes), Buffer.concat(sent));
+          assert.equal(state.whilePaused, 0);
+          assert.equal(state.afterEnd, 0);
+          input.socket.destroy();
+        } finally {
+          client.destroy();
+          server.close();
+        }
+      },
+    ),
+    { numRuns: 25 },
+  );
+});
+
+test('a socket without a handle to adopt falls back to data events (not transient)', () => {
+  const bare = new Socket();
+  const input = ownBufferInput(bare, { allowHalfOpen: true });
+  assert.equal(input.transient, false);
+  assert.equal(input.socket, bare);
+  bare.destroy();
+});
