@@ -38,6 +38,7 @@
 //     are not transient.
 
 import { Socket, type OnReadOpts, type SocketConstructorOpts } from 'node:net';
+import type { FlowSocket } from './request-flow.js';
 
 /** Read buffer of an adopted connection: Node.js's own read size. */
 export const READ_BUFFER_SIZE = 64 * 1024;
@@ -56,6 +57,26 @@ export interface SocketInput {
   listen(handlers: InputHandlers | undefined): void;
   pause(): void;
   resume(): void;
+}
+
+/** What a RequestFlow needs of a connection: reading paused and resumed through its input. */
+export function flowSocketOf(input: SocketInput): FlowSocket {
+  const socket = input.socket;
+  return {
+    pause: () => {
+      input.pause();
+    },
+    resume: () => {
+      input.resume();
+    },
+    get writableLength() {
+      return socket.writableLength;
+    },
+    get writableHighWaterMark() {
+      return socket.writableHighWaterMark;
+    },
+    on: (event, listener) => socket.on(event, listener),
+  };
 }
 
 /** Input through the socket's 'data' and 'end' events. */
@@ -116,6 +137,7 @@ class OwnBufferInput implements SocketInput {
   readonly socket: Socket;
   readonly transient: boolean;
   private readonly buffer: Buffer;
+  private readonly allowHalfOpen: boolean;
   private handlers: InputHandlers | undefined;
   private paused: boolean;
   /** The socket itself is stopped (the copies kept reached the limit). */
@@ -130,6 +152,7 @@ class OwnBufferInput implements SocketInput {
   constructor(accepted: Socket, handle: AdoptableHandle, allowHalfOpen: boolean, size: number) {
     this.transient = true;
     this.buffer = Buffer.allocUnsafe(size);
+    this.allowHalfOpen = allowHalfOpen;
     this.handlers = undefined;
     this.paused = false;
     this.stopped = false;
@@ -140,7 +163,9 @@ class OwnBufferInput implements SocketInput {
     // `handle` is how Node.js's own server makes the Socket of an accepted connection.
     const opts: SocketConstructorOpts & { handle: AdoptableHandle; onread: OnReadOpts } = {
       handle,
-      allowHalfOpen,
+      // Always half-open underneath: Node would end this side at the peer's end, before
+      // the bytes kept during a pause are handed over; ended() does it after them.
+      allowHalfOpen: true,
       readable: true,
       writable: true,
       onread: {
@@ -158,7 +183,7 @@ class OwnBufferInput implements SocketInput {
     accepted.destroy();
     this.socket.on('end', () => {
       if (this.kept.length > 0) this.endPending = true;
-      else this.handlers?.end();
+      else this.ended();
     });
     this.socket.on('close', () => {
       this.kept = [];
@@ -214,7 +239,13 @@ class OwnBufferInput implements SocketInput {
     }
     if (this.kept.length === 0 && this.endPending) {
       this.endPending = false;
-      this.handlers?.end();
+      this.ended();
     }
+  }
+
+  /** The peer's end, after its last byte; without half-open, this side ends then too (as Node does after 'end'). */
+  private ended(): void {
+    this.handlers?.end();
+    if (!this.allowHalfOpen) this.socket.end();
   }
 }

@@ -42,6 +42,7 @@ import { DRAIN_DEADLINE_MS, closeServer, listenOn } from '../net/listen.js';
 import { CorkedWriter } from '../net/corked-writer.js';
 import { ConnectionGate, type Admission } from '../net/connection-gate.js';
 import { RequestFlow, SharedBudget, newFlowStats, type FlowLimits, type FlowStats } from '../net/request-flow.js';
+import { dataEventInput, flowSocketOf, ownBufferInput, type SocketInput } from '../net/socket-input.js';
 import { serviceLoad, type ServiceLoad } from '../net/service-load.js';
 import { FrameParser, type Frame } from '../protocol/rmem/parser.js';
 import type { ListenAddress } from '../units.js';
@@ -155,24 +156,28 @@ export class MirrorService {
   }
 
   async listen(address: ListenAddress): Promise<ListenAddress> {
-    const serve = (socket: Socket, admission: Admission): void => {
-      const connection = new MirrorConnection(socket, this.options, this, admission);
+    const serve = (input: SocketInput, admission: Admission): void => {
+      const connection = new MirrorConnection(input, this.options, this, admission);
       this.connections.add(connection);
-      socket.once('close', () => this.connections.delete(connection));
+      input.socket.once('close', () => this.connections.delete(connection));
     };
     const tls = this.options.tls;
     // With TLS, an admitted socket goes through the handshake first (within the HELLO deadline).
     const secure = tls === undefined
       ? undefined
-      : tlsUpgrader<Admission>(tls, this.options.handshakeTimeoutMs, serve, (error, remote) => {
+      : tlsUpgrader<Admission>(tls, this.options.handshakeTimeoutMs, (socket, admission) => {
+          serve(dataEventInput(socket), admission);
+        }, (error, remote) => {
           this.options.log.warn({ remote, err: error.message }, 'mirror client failed the TLS handshake; disconnecting');
         });
     this.closeTls = secure?.close ?? (() => undefined);
-    const server = createServer({ noDelay: true }, (socket) => {
-      const admission = this.gate.admit(socket);
+    // Without TLS, a connection is read into a buffer of its own (a TLS session takes its socket over).
+    const server = createServer({ noDelay: true, pauseOnConnect: secure === undefined }, (accepted) => {
+      const input = secure === undefined ? ownBufferInput(accepted, { allowHalfOpen: false }) : dataEventInput(accepted);
+      const admission = this.gate.admit(input.socket);
       if (admission === undefined) return;
-      if (secure !== undefined) secure.upgrade(socket, admission);
-      else serve(socket, admission);
+      if (secure !== undefined) secure.upgrade(input.socket, admission);
+      else serve(input, admission);
     });
     this.server = server;
     this.address = await listenOn(server, address, 'mirror', this.options.log);
@@ -217,6 +222,7 @@ interface Request {
 
 class MirrorConnection {
   readonly socket: Socket;
+  private readonly input: SocketInput;
   private readonly options: MirrorServiceOptions;
   private readonly service: MirrorService;
   private readonly admission: Admission;
@@ -245,8 +251,10 @@ class MirrorConnection {
   private bodySince: number | undefined;
   private bodyLength: number;
 
-  constructor(socket: Socket, options: MirrorServiceOptions, service: MirrorService, admission: Admission) {
+  constructor(input: SocketInput, options: MirrorServiceOptions, service: MirrorService, admission: Admission) {
+    const socket = input.socket;
     this.socket = socket;
+    this.input = input;
     this.options = options;
     this.service = service;
     this.admission = admission;
@@ -265,7 +273,7 @@ class MirrorConnection {
     this.bodySince = undefined;
     this.bodyLength = 0;
     // One small request at a time until HELLO succeeds; the service's limits after.
-    this.flow = new RequestFlow<Request>(socket, { maxRequests: 1, maxBytes: MIRROR_HANDSHAKE_MAX_BODY + MIRROR_HANDSHAKE_REPLY_SIZE }, service.flowStats, (request) => {
+    this.flow = new RequestFlow<Request>(flowSocketOf(input), { maxRequests: 1, maxBytes: MIRROR_HANDSHAKE_MAX_BODY + MIRROR_HANDSHAKE_REPLY_SIZE }, service.flowStats, (request) => {
       this.admit(request);
     }, service.budget);
     this.parser = new FrameParser({ magic: MIRROR_REQUEST_MAGIC }, {
@@ -306,9 +314,12 @@ class MirrorConnection {
       // A frame that had to queue stops the parser: the rest of the chunk waits as bytes.
       accepting: () => this.flow.queued === 0,
     }, MIRROR_HANDSHAKE_MAX_BODY);
-    socket.on('data', (chunk: Buffer) => {
-      this.lastInput = performance.now();
-      this.parser.feed(chunk);
+    input.listen({
+      data: (chunk) => {
+        this.lastInput = performance.now();
+        this.parser.feed(chunk, input.transient);
+      },
+      end: () => undefined,
     });
     socket.on('error', () => undefined);
     socket.once('close', () => {
@@ -326,7 +337,7 @@ class MirrorConnection {
   async drainAndClose(): Promise<void> {
     this.closing = true;
     this.flow.close();
-    this.socket.pause();
+    this.input.pause();
     if (!this.socket.destroyed) {
       const deadlineMs = this.options.drainDeadlineMs ?? DRAIN_DEADLINE_MS;
       const deadline = setTimeout(() => {

@@ -72,6 +72,7 @@ import type { BufferPool } from '../memory/buffer-pool.js';
 import { CorkedWriter } from '../net/corked-writer.js';
 import type { LatencyHistogram } from '../net/latency.js';
 import { RequestFlow, type FlowLimits, type FlowStats, type SharedBudget } from '../net/request-flow.js';
+import { flowSocketOf, type SocketInput } from '../net/socket-input.js';
 import type { Admission } from '../net/connection-gate.js';
 
 /** What a connection needs from the service that owns it. */
@@ -145,6 +146,7 @@ interface Reply {
 
 export class RmemConnection {
   readonly socket: Socket;
+  private readonly input: SocketInput;
   readonly remote: string;
   serverId: string | undefined;
   /** The session this connection serves, once HELLO succeeded; every memory request is checked against it. */
@@ -171,8 +173,10 @@ export class RmemConnection {
   /** A guest's cut-through connection: what it may reach. */
   readonly scope: RmemScope | undefined;
 
-  constructor(socket: Socket, host: ConnectionHost, admission: Admission, scope?: RmemScope) {
+  constructor(input: SocketInput, host: ConnectionHost, admission: Admission, scope?: RmemScope) {
+    const socket = input.socket;
     this.socket = socket;
+    this.input = input;
     this.scope = scope;
     this.remote = scope === undefined ? `${socket.remoteAddress ?? '?'}:${socket.remotePort ?? 0}` : scope.client;
     this.serverId = undefined;
@@ -190,7 +194,8 @@ export class RmemConnection {
     this.closing = false;
     this.idle = undefined;
     // One small request at a time until HELLO succeeds; the service's limits after.
-    this.flow = new RequestFlow<Request>(socket, { maxRequests: 1, maxBytes: HANDSHAKE_MAX_BODY + HANDSHAKE_REPLY_SIZE }, host.flowStats, (request) => {
+    // Reading pauses and resumes through the input (an own-buffer input pauses softly).
+    this.flow = new RequestFlow<Request>(flowSocketOf(input), { maxRequests: 1, maxBytes: HANDSHAKE_MAX_BODY + HANDSHAKE_REPLY_SIZE }, host.flowStats, (request) => {
       this.start(request);
     }, host.budget);
     this.parser = new FrameParser('request', {
@@ -206,8 +211,11 @@ export class RmemConnection {
       accepting: () => this.flow.queued === 0,
     }, HANDSHAKE_MAX_BODY);
     socket.setNoDelay(true);
-    socket.on('data', (chunk: Buffer) => {
-      this.parser.feed(chunk);
+    input.listen({
+      data: (chunk) => {
+        this.parser.feed(chunk, input.transient);
+      },
+      end: () => undefined,
     });
     socket.on('error', (error) => {
       host.log.debug({ remote: this.remote, err: error }, 'rmem connection error');
@@ -249,7 +257,7 @@ export class RmemConnection {
         this.host.stats.latency.since(OP_NAME[request.frame.op] ?? 'UNKNOWN', request.received);
       });
     }
-    this.socket.pause();
+    this.input.pause();
     if (this.flow.inFlight > 0 && !this.socket.destroyed) {
       const deadlineMs = this.host.drainDeadlineMs;
       const deadline = setTimeout(() => {

@@ -41,6 +41,7 @@ import type { ServerMemory, Tenancy } from '../memory/server-memory.js';
 import type { DeviceManager } from '../nvram/device-manager.js';
 import type { Logger } from '../logger.js';
 import { DRAIN_DEADLINE_MS, closeServer, listenOn, listenUnix, type ScopedListener } from '../net/listen.js';
+import { dataEventInput, ownBufferInput } from '../net/socket-input.js';
 import { ConnectionGate } from '../net/connection-gate.js';
 import { SharedBudget, newFlowStats, type FlowLimits, type FlowStats } from '../net/request-flow.js';
 import { serviceLoad, type ServiceLoad } from '../net/service-load.js';
@@ -139,7 +140,7 @@ export class RmemService implements ConnectionHost {
           options.handshakeTimeoutMs,
           (secure, admission) => {
             if (this.stopping) secure.destroy();
-            else this.connections.add(new RmemConnection(secure, this, admission));
+            else this.connections.add(new RmemConnection(dataEventInput(secure), this, admission));
           },
           (error, remote) => {
             this.log.info({ remote, err: error.message }, 'rmem client failed the TLS handshake; disconnecting');
@@ -171,7 +172,7 @@ export class RmemService implements ConnectionHost {
   }
 
   async listen(address: ListenAddress): Promise<ListenAddress> {
-    const server = createServer((socket) => {
+    const server = createServer({ pauseOnConnect: this.secure === undefined }, (socket) => {
       this.accept(socket);
     });
     this.bound = await listenOn(server, address, 'rmem', this.log);
@@ -318,15 +319,17 @@ export class RmemService implements ConnectionHost {
    */
   async listenScoped(path: string, scope: RmemScope, maxConnections = Infinity): Promise<ScopedListener> {
     const own = new Set<RmemConnection>();
-    const server = createServer((socket) => {
+    const server = createServer({ pauseOnConnect: true }, (accepted) => {
       if (this.stopping) {
-        socket.destroy();
+        accepted.destroy();
         return;
       }
+      const input = ownBufferInput(accepted, { allowHalfOpen: false });
+      const socket = input.socket;
       const admission = this.gate.admitScoped(socket, scope.client, own.size, maxConnections);
       if (admission === undefined) return;
       this.stats.connectionsAccepted++;
-      const connection = new RmemConnection(socket, this, admission, scope);
+      const connection = new RmemConnection(input, this, admission, scope);
       own.add(connection);
       this.connections.add(connection);
       socket.once('close', () => own.delete(connection));
@@ -340,16 +343,18 @@ export class RmemService implements ConnectionHost {
     };
   }
 
-  private accept(socket: Socket): void {
+  /** A connection accepted paused when it is to be read into a buffer of its own (no TLS: a TLS session takes its socket over). */
+  private accept(accepted: Socket): void {
     if (this.stopping) {
-      socket.destroy();
+      accepted.destroy();
       return;
     }
-    const admission = this.gate.admit(socket);
+    const input = this.secure === undefined ? ownBufferInput(accepted, { allowHalfOpen: false }) : dataEventInput(accepted);
+    const admission = this.gate.admit(input.socket);
     if (admission === undefined) return;
     this.stats.connectionsAccepted++;
-    if (this.secure !== undefined) this.secure.upgrade(socket, admission);
-    else this.connections.add(new RmemConnection(socket, this, admission));
+    if (this.secure !== undefined) this.secure.upgrade(input.socket, admission);
+    else this.connections.add(new RmemConnection(input, this, admission));
   }
 
 

@@ -9,7 +9,11 @@
 // A wrong magic or a body longer than the limit cannot be skipped safely (the stream
 // has lost its framing), so the parser reports it once through `onFatal` and ignores
 // all further input. Bodies passed to `onFrame` may be subarrays of a chunk: a consumer
-// that keeps one past the request must copy it.
+// that keeps one past the request must copy it. A chunk fed as `transient` (a view of a
+// read buffer the socket reuses, net/socket-input.ts) is valid only during feed(): a
+// small body is copied out on its own, a larger one together with the rest of the chunk
+// (one allocation for the frames that follow, as Node's own read would be), and what
+// waits of it is copied.
 //
 // Admission (server side): a body that spans chunks is the only memory the parser
 // allocates, and a header alone can ask for MAX_BODY. With `admitBody`, the parser asks
@@ -23,6 +27,9 @@
 
 import { MisuseError } from '../../errors.js';
 import { HEADER_SIZE, MAX_BODY, REQUEST_MAGIC, RESPONSE_MAGIC } from './spec.js';
+
+/** Bodies up to this size inside a transient chunk are copied one by one (from Node's slab); larger ones with the rest of the chunk. */
+const SMALL_BODY = 1024;
 
 export interface Frame {
   op: number;
@@ -152,9 +159,10 @@ export class FrameParser {
     }
   }
 
-  feed(chunk: Buffer): void {
+  /** `transient`: the chunk's bytes are overwritten once this returns (nothing of it is kept uncopied). */
+  feed(chunk: Buffer, transient = false): void {
     if (this.held >= 0 || this.stopped) {
-      if (!this.failed && chunk.length > 0) this.backlog.push(chunk);
+      if (!this.failed && chunk.length > 0) this.backlog.push(transient ? Buffer.from(chunk) : chunk);
       return;
     }
     let at = 0;
@@ -176,14 +184,27 @@ export class FrameParser {
         }
         if (length < 0) return;
         if (chunk.length - at >= length) {
+          if (transient) {
+            if (length <= SMALL_BODY) {
+              this.emit(Buffer.from(chunk.subarray(at, at + length)));
+              at += length;
+              if (this.stopAfterFrame(chunk, at, transient)) return;
+              continue;
+            }
+            // One copy of the rest of the chunk for this body and those after it, as
+            // Node's own read buffer would be: parsed from here on as a chunk of its own.
+            chunk = Buffer.from(chunk.subarray(at));
+            at = 0;
+            transient = false;
+          }
           this.emit(chunk.subarray(at, at + length));
           at += length;
-          if (this.stopAfterFrame(chunk, at)) return;
+          if (this.stopAfterFrame(chunk, at, transient)) return;
           continue;
         }
         if (this.handlers.admitBody?.(this.op, length) === false) {
           this.held = length;
-          if (at < chunk.length) this.backlog.push(chunk.subarray(at));
+          if (at < chunk.length) this.backlog.push(transient ? Buffer.from(chunk.subarray(at)) : chunk.subarray(at));
           return;
         }
         body = this.startBody(length);
@@ -195,16 +216,16 @@ export class FrameParser {
       if (this.bodyHave === body.length) {
         this.body = undefined;
         this.emit(body);
-        if (this.stopAfterFrame(chunk, at)) return;
+        if (this.stopAfterFrame(chunk, at, transient)) return;
       }
     }
   }
 
   /** After a frame: stops, keeping the rest of the chunk, if the owner takes no more now. */
-  private stopAfterFrame(chunk: Buffer, at: number): boolean {
+  private stopAfterFrame(chunk: Buffer, at: number, transient: boolean): boolean {
     if (this.failed || this.handlers.accepting?.() !== false) return false;
     this.stopped = true;
-    if (at < chunk.length) this.backlog.push(chunk.subarray(at));
+    if (at < chunk.length) this.backlog.push(transient ? Buffer.from(chunk.subarray(at)) : chunk.subarray(at));
     return true;
   }
 

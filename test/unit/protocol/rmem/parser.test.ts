@@ -244,3 +244,50 @@ test('accepting: the parser stops after a frame the owner cannot take, keeps the
     { numRuns: 300 },
   );
 });
+
+test('transient chunks (a read buffer reused after each feed): no body aliases the buffer, bodies kept as given, holds and stops anywhere, still equal the stream', () => {
+  // A socket read into one buffer of the connection's own (net/socket-input.ts) overwrites
+  // it once feed() returns: no body or byte kept may alias it.
+  const stream = Buffer.concat([...sample(), Buffer.concat([codec.encodeWriteHead({ hi: 0, lo: 6 }, { regionId: 1, key: 1n, offset: 0 }, 300), Buffer.alloc(300, 7)]), ...sample(), Buffer.concat([codec.encodeWriteHead({ hi: 0, lo: 7 }, { regionId: 1, key: 1n, offset: 0 }, 2000), Buffer.alloc(2000, 9)]), ...sample()]);
+  const whole = collect();
+  whole.parser.feed(stream);
+  fc.assert(
+    fc.property(
+      fc.oneof(fc.array(fc.integer({ min: 1, max: 128 }), { minLength: 1, maxLength: 30 }), fc.array(fc.integer({ min: 1, max: 4096 }), { minLength: 1, maxLength: 5 })),
+      fc.array(fc.boolean(), { minLength: 1, maxLength: 20 }),
+      fc.array(fc.boolean(), { minLength: 1, maxLength: 20 }),
+      fc.boolean(),
+      (sizes, admits, accepts, offerTargets) => {
+        const frames: Frame[] = [];
+        let a = 0;
+        let b = 0;
+        const readBuffer = Buffer.alloc(4096);
+        const parser = new FrameParser('request', {
+          onFrame: (f) => {
+            assert.notEqual(f.body.buffer, readBuffer.buffer, 'no body aliases the read buffer');
+            frames.push(f); // kept as given
+          },
+          onFatal: (e) => {
+            throw e;
+          },
+          admitBody: () => admits[a++ % admits.length] ?? true,
+          accepting: () => accepts[b++ % accepts.length] ?? true,
+          bodyTarget: (_op, _word, _hi, _lo, length) => (offerTargets ? Buffer.alloc(length) : undefined),
+        });
+        let at = 0;
+        let i = 0;
+        while (at < stream.length) {
+          const n = Math.min(sizes[i++ % sizes.length] ?? 1, stream.length - at);
+          stream.copy(readBuffer, 0, at, at + n);
+          parser.feed(readBuffer.subarray(0, n), true);
+          readBuffer.fill(0xee); // the next read lands here
+          at += n;
+          if ((parser.holding || parser.waiting) && i % 2 === 0) parser.resume();
+        }
+        while (parser.holding || parser.waiting) parser.resume();
+        assert.deepEqual(frames.map((f) => ({ ...f, body: Buffer.from(f.body) })), whole.frames);
+      },
+    ),
+    { numRuns: 400 },
+  );
+});
