@@ -151,6 +151,45 @@ test('any schedule of pauses and resumes, from inside the handler or from timers
   );
 });
 
+test('a service that is not half-open ends its side after the last byte kept during a pause, not at the peer\'s end', async () => {
+  let resolve: (input: SocketInput) => void = () => undefined;
+  const accepted = new Promise<SocketInput>((r) => (resolve = r));
+  const server = createServer({ pauseOnConnect: true }, (socket) => {
+    resolve(ownBufferInput(socket, { allowHalfOpen: false }));
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const address = server.address();
+  assert.ok(address !== null && typeof address === 'object');
+  const client = connect({ port: address.port, host: '127.0.0.1', allowHalfOpen: true });
+  try {
+    const input = await accepted;
+    const got: Buffer[] = [];
+    input.listen({
+      data: (chunk) => {
+        got.push(Buffer.from(chunk));
+        input.socket.write(Buffer.from(chunk)); // an echo: each piece answered as it is handed over
+      },
+      end: () => undefined,
+    });
+    input.pause();
+    const sent = randomBytes(20_000); // under the buffer: the socket reads on, to the peer's end, while paused
+    client.end(sent);
+    await new Promise((r) => setTimeout(r, 100));
+    assert.equal(input.socket.writableEnded, false, 'not ended while bytes are kept');
+    const echoed: Buffer[] = [];
+    client.on('data', (chunk: Buffer) => echoed.push(chunk));
+    const clientEnded = once(client, 'end');
+    input.resume();
+    await clientEnded;
+    assert.deepEqual(Buffer.concat(got), sent);
+    assert.deepEqual(Buffer.concat(echoed), sent, 'every echo went out before this side ended');
+  } finally {
+    client.destroy();
+    server.close();
+  }
+});
+
 test('a socket without a handle to adopt falls back to data events (not transient)', () => {
   const bare = new Socket();
   const input = ownBufferInput(bare, { allowHalfOpen: true });
