@@ -19,19 +19,22 @@
 // Pausing: Node stops reading an `onread` socket at once on pause() and starts again on
 // resume(), a system call each way, where a 'data' socket reads on into its stream's
 // buffer. A service pauses its input whenever its replies back up (1 MiB READs: after
-// every reply), so this input pauses softly, as a stream does: while paused it goes on
-// reading, keeping copies of what arrives up to `size` bytes, and stops the socket only
-// past that. resume() hands the copies over in order, in a later tick, then new reads.
+// every reply), so this input pauses softly, as a stream does: while paused it reads on
+// into a spill buffer of its own and stops the socket only once that holds `size` bytes.
+// resume() hands the spill over as one chunk in a later tick, and only then reads again.
 //
 // Invariants:
-//   - a chunk from a `transient` input is a view of a buffer the next read overwrites:
-//     a listener keeps nothing of it past its return without a copy (the parsers' feed
-//     takes a `transient` flag and copies what they keep). Copies kept while paused are
-//     handed over as they are (not transient, but a copy more does no harm).
-//   - the buffer is the connection's own, so a slip in that rule can garble only its own
-//     stream, never hand one client's bytes to another.
-//   - nothing is handed to data() while paused; bytes read and kept while paused are at
-//     most `size` plus one read (`size`): the bound a stream's buffer gives.
+//   - a chunk from a `transient` input is a view of a buffer the next read overwrites
+//     (the read buffer, or the spill once handed over): a listener keeps nothing of it
+//     past its return without a copy (the parsers' feed takes a `transient` flag and
+//     copies what they keep).
+//   - both buffers are the connection's own, so a slip in that rule can garble only its
+//     own stream, never hand one client's bytes to another.
+//   - nothing is handed to data() while paused. Bytes read on meanwhile are under twice
+//     `size` (the socket stops at `size`, and stays stopped until they are handed over,
+//     whatever pauses and resumes come between), held in one buffer: memory follows the
+//     bytes, not the number of reads (a client trickling one byte per segment costs no
+//     more than one sending whole segments).
 //   - end() comes after every byte read has been handed over.
 //   - where the runtime's accepted Socket has no handle this can adopt (a future Node.js,
 //     a socket that is not a stream handle), the input falls back to 'data' events, which
@@ -42,6 +45,8 @@ import type { FlowSocket } from './request-flow.js';
 
 /** Read buffer of an adopted connection: Node.js's own read size. */
 export const READ_BUFFER_SIZE = 64 * 1024;
+
+const EMPTY = Buffer.alloc(0);
 
 export interface InputHandlers {
   data(chunk: Buffer): void;
@@ -55,28 +60,59 @@ export interface SocketInput {
   readonly transient: boolean;
   /** Sets the input's handlers; undefined drops what arrives (pause first). */
   listen(handlers: InputHandlers | undefined): void;
+  /** Paused by pause() (an own-buffer input may still be reading on into its spill). */
+  isPaused(): boolean;
+  /** Bytes read from the socket and not yet handed over. */
+  pendingBytes(): number;
   pause(): void;
   resume(): void;
 }
 
-/** What a RequestFlow needs of a connection: reading paused and resumed through its input. */
-export function flowSocketOf(input: SocketInput): FlowSocket {
-  const socket = input.socket;
-  return {
-    pause: () => {
-      input.pause();
-    },
-    resume: () => {
-      input.resume();
-    },
-    get writableLength() {
-      return socket.writableLength;
-    },
-    get writableHighWaterMark() {
-      return socket.writableHighWaterMark;
-    },
-    on: (event, listener) => socket.on(event, listener),
-  };
+/**
+ * A connection's reading as its RequestFlow and its parser want it: paused while the flow
+ * asks (budget, replies backing up) or while the parser has stopped between frames (the
+ * rest of a chunk waits in it as bytes, and its owner resumes it a little later). Without
+ * the second, what the flow lets in while the parser is stopped piles up in the parser,
+ * faster than it is parsed. The flow drives it as its socket; the owner calls update()
+ * once the parser goes on.
+ */
+export class ReadGate implements FlowSocket {
+  private readonly input: SocketInput;
+  private readonly parserStopped: () => boolean;
+  private flowPaused: boolean;
+
+  constructor(input: SocketInput, parserStopped: () => boolean) {
+    this.input = input;
+    this.parserStopped = parserStopped;
+    this.flowPaused = false;
+  }
+
+  get writableLength(): number {
+    return this.input.socket.writableLength;
+  }
+
+  get writableHighWaterMark(): number {
+    return this.input.socket.writableHighWaterMark;
+  }
+
+  on(event: 'drain', listener: () => void): void {
+    this.input.socket.on(event, listener);
+  }
+
+  pause(): void {
+    this.flowPaused = true;
+    this.update();
+  }
+
+  resume(): void {
+    this.flowPaused = false;
+    this.update();
+  }
+
+  update(): void {
+    if (this.flowPaused || this.parserStopped()) this.input.pause();
+    else this.input.resume();
+  }
 }
 
 /** Input through the socket's 'data' and 'end' events. */
@@ -96,6 +132,12 @@ export function dataEventInput(socket: Socket): SocketInput {
         socket.removeListener('end', onEnd);
       }
       current = handlers;
+    },
+    isPaused() {
+      return socket.isPaused();
+    },
+    pendingBytes() {
+      return socket.readableLength;
     },
     pause() {
       socket.pause();
@@ -140,13 +182,13 @@ class OwnBufferInput implements SocketInput {
   private readonly allowHalfOpen: boolean;
   private handlers: InputHandlers | undefined;
   private paused: boolean;
-  /** The socket itself is stopped (the copies kept reached the limit). */
+  /** The socket itself is stopped (what was read on while paused reached `buffer.length`). */
   private stopped: boolean;
-  /** Copies of what was read while paused, oldest first. */
-  private kept: Buffer[];
-  private keptBytes: number;
+  /** What was read while paused, in order, at the front of one buffer (grown by doubling, kept for the connection). */
+  private spill: Buffer;
+  private spillLength: number;
   private handing: boolean;
-  /** The peer's end arrived while copies were still kept. */
+  /** The peer's end arrived while bytes read on were still to be handed over. */
   private endPending: boolean;
 
   constructor(accepted: Socket, handle: AdoptableHandle, allowHalfOpen: boolean, size: number) {
@@ -156,15 +198,15 @@ class OwnBufferInput implements SocketInput {
     this.handlers = undefined;
     this.paused = false;
     this.stopped = false;
-    this.kept = [];
-    this.keptBytes = 0;
+    this.spill = EMPTY;
+    this.spillLength = 0;
     this.handing = false;
     this.endPending = false;
     // `handle` is how Node.js's own server makes the Socket of an accepted connection.
     const opts: SocketConstructorOpts & { handle: AdoptableHandle; onread: OnReadOpts } = {
       handle,
       // Always half-open underneath: Node would end this side at the peer's end, before
-      // the bytes kept during a pause are handed over; ended() does it after them.
+      // the bytes read on during a pause are handed over; ended() does it after them.
       allowHalfOpen: true,
       readable: true,
       writable: true,
@@ -182,17 +224,25 @@ class OwnBufferInput implements SocketInput {
     (accepted as unknown as { _handle: unknown })._handle = null;
     accepted.destroy();
     this.socket.on('end', () => {
-      if (this.kept.length > 0) this.endPending = true;
+      if (this.spillLength > 0) this.endPending = true;
       else this.ended();
     });
     this.socket.on('close', () => {
-      this.kept = [];
-      this.keptBytes = 0;
+      this.spill = EMPTY;
+      this.spillLength = 0;
     });
   }
 
   listen(handlers: InputHandlers | undefined): void {
     this.handlers = handlers;
+  }
+
+  isPaused(): boolean {
+    return this.paused;
+  }
+
+  pendingBytes(): number {
+    return this.spillLength;
   }
 
   pause(): void {
@@ -202,45 +252,59 @@ class OwnBufferInput implements SocketInput {
   resume(): void {
     if (!this.paused) return;
     this.paused = false;
-    if (this.stopped) {
-      this.stopped = false;
-      this.socket.resume();
+    if (this.spillLength > 0) {
+      // Handed over in a later tick; the socket stays stopped until they are.
+      if (!this.handing) {
+        this.handing = true;
+        process.nextTick(() => {
+          this.handSpill();
+        });
+      }
+      return;
     }
-    if (this.kept.length > 0 && !this.handing) {
-      this.handing = true;
-      process.nextTick(() => {
-        this.handKept();
-      });
-    }
+    this.restart();
+  }
+
+  private restart(): void {
+    if (!this.stopped) return;
+    this.stopped = false;
+    this.socket.resume();
   }
 
   private onRead(nread: number): void {
-    const chunk = this.buffer.subarray(0, nread);
-    if (!this.paused && this.kept.length === 0) {
-      this.handlers?.data(chunk);
+    if (!this.paused && this.spillLength === 0) {
+      this.handlers?.data(this.buffer.subarray(0, nread));
       return;
     }
-    this.kept.push(Buffer.from(chunk));
-    this.keptBytes += nread;
-    if (this.paused && !this.stopped && this.keptBytes >= this.buffer.length) {
+    const need = this.spillLength + nread;
+    if (need > this.spill.length) {
+      let capacity = Math.max(4096, this.spill.length);
+      while (capacity < need) capacity *= 2;
+      const grown = Buffer.allocUnsafe(capacity);
+      this.spill.copy(grown, 0, 0, this.spillLength);
+      this.spill = grown;
+    }
+    this.buffer.copy(this.spill, this.spillLength, 0, nread);
+    this.spillLength = need;
+    if (!this.stopped && this.spillLength >= this.buffer.length) {
       this.stopped = true;
       this.socket.pause();
     }
   }
 
-  /** Hands over the copies kept while paused, until paused again. */
-  private handKept(): void {
+  /** Hands over what was read on while paused, as one transient chunk, then reads again. */
+  private handSpill(): void {
     this.handing = false;
-    while (!this.paused && this.kept.length > 0) {
-      const chunk = this.kept.shift();
-      if (chunk === undefined) break;
-      this.keptBytes -= chunk.length;
-      this.handlers?.data(chunk);
-    }
-    if (this.kept.length === 0 && this.endPending) {
+    if (this.paused || this.spillLength === 0) return;
+    const length = this.spillLength;
+    this.spillLength = 0;
+    // The handler copies what it keeps (transient), so the spill is free again once it returns.
+    this.handlers?.data(this.spill.subarray(0, length));
+    if (this.endPending && this.spillLength === 0) {
       this.endPending = false;
       this.ended();
     }
+    if (!this.paused) this.restart();
   }
 
   /** The peer's end, after its last byte; without half-open, this side ends then too (as Node does after 'end'). */

@@ -42,7 +42,7 @@ import { DRAIN_DEADLINE_MS, closeServer, listenOn } from '../net/listen.js';
 import { CorkedWriter } from '../net/corked-writer.js';
 import { ConnectionGate, type Admission } from '../net/connection-gate.js';
 import { RequestFlow, SharedBudget, newFlowStats, type FlowLimits, type FlowStats } from '../net/request-flow.js';
-import { dataEventInput, flowSocketOf, ownBufferInput, type SocketInput } from '../net/socket-input.js';
+import { ReadGate, dataEventInput, ownBufferInput, type SocketInput } from '../net/socket-input.js';
 import { serviceLoad, type ServiceLoad } from '../net/service-load.js';
 import { FrameParser, type Frame } from '../protocol/rmem/parser.js';
 import type { ListenAddress } from '../units.js';
@@ -223,6 +223,7 @@ interface Request {
 class MirrorConnection {
   readonly socket: Socket;
   private readonly input: SocketInput;
+  private readonly reading: ReadGate;
   private readonly options: MirrorServiceOptions;
   private readonly service: MirrorService;
   private readonly admission: Admission;
@@ -273,7 +274,10 @@ class MirrorConnection {
     this.bodySince = undefined;
     this.bodyLength = 0;
     // One small request at a time until HELLO succeeds; the service's limits after.
-    this.flow = new RequestFlow<Request>(flowSocketOf(input), { maxRequests: 1, maxBytes: MIRROR_HANDSHAKE_MAX_BODY + MIRROR_HANDSHAKE_REPLY_SIZE }, service.flowStats, (request) => {
+    // Reading pauses through the input (an own-buffer input pauses softly) while the flow
+    // asks or the parser has stopped after a frame that queued.
+    this.reading = new ReadGate(input, () => this.parser.waiting);
+    this.flow = new RequestFlow<Request>(this.reading, { maxRequests: 1, maxBytes: MIRROR_HANDSHAKE_MAX_BODY + MIRROR_HANDSHAKE_REPLY_SIZE }, service.flowStats, (request) => {
       this.admit(request);
     }, service.budget);
     this.parser = new FrameParser({ magic: MIRROR_REQUEST_MAGIC }, {
@@ -365,7 +369,7 @@ class MirrorConnection {
    */
   cutIfStalled(now: number, timeoutMs: number): boolean {
     if (this.closing || this.partner === undefined || this.socket.destroyed) return false;
-    if (this.socket.isPaused()) this.lastInput = now;
+    if (this.input.isPaused()) this.lastInput = now;
     const frame = this.parser.midFrame && now - this.lastInput > timeoutMs;
     const replies = this.socket.writableLength > 0 && now - this.lastOutput > timeoutMs;
     const rate = this.options.minRate ?? MIN_RATE;
@@ -391,7 +395,9 @@ class MirrorConnection {
       this.resumeScheduled = true;
       queueMicrotask(() => {
         this.resumeScheduled = false;
-        if (!this.closing) this.parser.resume();
+        if (this.closing) return;
+        this.parser.resume();
+        this.reading.update();
       });
     }
     this.chain = this.chain.then(async () => {

@@ -72,7 +72,7 @@ import type { BufferPool } from '../memory/buffer-pool.js';
 import { CorkedWriter } from '../net/corked-writer.js';
 import type { LatencyHistogram } from '../net/latency.js';
 import { RequestFlow, type FlowLimits, type FlowStats, type SharedBudget } from '../net/request-flow.js';
-import { flowSocketOf, type SocketInput } from '../net/socket-input.js';
+import { ReadGate, type SocketInput } from '../net/socket-input.js';
 import type { Admission } from '../net/connection-gate.js';
 
 /** What a connection needs from the service that owns it. */
@@ -147,6 +147,7 @@ interface Reply {
 export class RmemConnection {
   readonly socket: Socket;
   private readonly input: SocketInput;
+  private readonly reading: ReadGate;
   readonly remote: string;
   serverId: string | undefined;
   /** The session this connection serves, once HELLO succeeded; every memory request is checked against it. */
@@ -194,8 +195,10 @@ export class RmemConnection {
     this.closing = false;
     this.idle = undefined;
     // One small request at a time until HELLO succeeds; the service's limits after.
-    // Reading pauses and resumes through the input (an own-buffer input pauses softly).
-    this.flow = new RequestFlow<Request>(flowSocketOf(input), { maxRequests: 1, maxBytes: HANDSHAKE_MAX_BODY + HANDSHAKE_REPLY_SIZE }, host.flowStats, (request) => {
+    // Reading pauses through the input (an own-buffer input pauses softly) while the flow
+    // asks or the parser has stopped after a frame that queued.
+    this.reading = new ReadGate(input, () => this.parser.waiting);
+    this.flow = new RequestFlow<Request>(this.reading, { maxRequests: 1, maxBytes: HANDSHAKE_MAX_BODY + HANDSHAKE_REPLY_SIZE }, host.flowStats, (request) => {
       this.start(request);
     }, host.budget);
     this.parser = new FrameParser('request', {
@@ -225,6 +228,11 @@ export class RmemConnection {
       this.flow.close();
       host.closed(this);
     });
+  }
+
+  /** Bytes read from the client and not parsed yet: what its input read on while paused, and its parser's backlog. */
+  get unparsedBytes(): number {
+    return this.input.pendingBytes() + this.parser.backlogBytes;
   }
 
   /** True while requests of this connection are still being served or their replies written. */
@@ -350,7 +358,9 @@ export class RmemConnection {
       this.resumeScheduled = true;
       queueMicrotask(() => {
         this.resumeScheduled = false;
-        if (!this.closing) this.parser.resume();
+        if (this.closing) return;
+        this.parser.resume();
+        this.reading.update();
       });
     }
     if (this.closing) {

@@ -204,6 +204,13 @@ export class RmemService implements ConnectionHost {
     return serviceLoad(this.gate.stats, this.flowStats, this.budget, this.stalled);
   }
 
+  /** Bytes read from clients and not parsed yet, across connections. */
+  unparsedBytes(): number {
+    let n = 0;
+    for (const connection of this.connections) n += connection.unparsedBytes;
+    return n;
+  }
+
   isStopping(): boolean {
     return this.stopping;
   }

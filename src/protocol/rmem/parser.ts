@@ -116,6 +116,13 @@ export class FrameParser {
     return this.headerHave > 0 || this.body !== undefined;
   }
 
+  /** Bytes kept unparsed while held or stopped. */
+  get backlogBytes(): number {
+    let n = 0;
+    for (const chunk of this.backlog) n += chunk.length;
+    return n;
+  }
+
   /** True once the stream lost its framing; nothing more will be parsed. */
   get broken(): boolean {
     return this.failed;

@@ -190,6 +190,65 @@ test('a service that is not half-open ends its side after the last byte kept dur
   }
 });
 
+test('pausing again in the tick of each resume, hundreds of times, reads on no further than the bound; the bytes come through intact', async () => {
+  const size = 4096;
+  const { server, port, accepted } = await serve(size);
+  const client = connect(port, '127.0.0.1');
+  try {
+    const input = await accepted;
+    const seen = collect(input);
+    input.pause();
+    seen.paused = true;
+    const sent = randomBytes(1 << 20);
+    client.end(sent);
+    let most = 0;
+    for (let i = 0; i < 300; i++) {
+      await new Promise((r) => setImmediate(r));
+      most = Math.max(most, input.pendingBytes());
+      input.resume();
+      input.pause(); // as a service does when what it answers at once backs up again
+    }
+    assert.ok(most < 2 * size, `read on ${most} bytes with a ${size}-byte buffer`);
+    assert.equal(seen.bytes.length, 0);
+    seen.paused = false;
+    input.resume();
+    await until(() => seen.ended, 'the end');
+    assert.deepEqual(Buffer.concat(seen.bytes), sent);
+    assert.equal(seen.whilePaused, 0);
+  } finally {
+    client.destroy();
+    server.close();
+  }
+});
+
+test('a trickle of one-byte segments while paused is held as bytes, under the bound, and handed over whole', async () => {
+  const size = 1024;
+  const { server, port, accepted } = await serve(size);
+  const client = connect(port, '127.0.0.1');
+  client.setNoDelay(true);
+  try {
+    const input = await accepted;
+    const seen = collect(input);
+    input.pause();
+    seen.paused = true;
+    const sent = randomBytes(3000);
+    for (const byte of sent) {
+      client.write(Buffer.from([byte]));
+      if (byte % 8 === 0) await new Promise((r) => setImmediate(r));
+    }
+    client.end();
+    await new Promise((r) => setTimeout(r, 100));
+    assert.ok(input.pendingBytes() >= size && input.pendingBytes() < 2 * size, `${input.pendingBytes()} bytes read on`);
+    seen.paused = false;
+    input.resume();
+    await until(() => seen.ended, 'the end');
+    assert.deepEqual(Buffer.concat(seen.bytes), sent);
+  } finally {
+    client.destroy();
+    server.close();
+  }
+});
+
 test('a socket without a handle to adopt falls back to data events (not transient)', () => {
   const bare = new Socket();
   const input = ownBufferInput(bare, { allowHalfOpen: true });

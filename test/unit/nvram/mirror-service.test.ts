@@ -194,6 +194,22 @@ test('after HELLO, a peer that begins a frame and sends no more of it is closed 
   assert.equal((await idle.ask(m.MOP.STATE, 2, m.encodeName('j')))?.word, m.MSTATUS.OK);
 });
 
+test('after HELLO, a peer the node stopped reading (its one request stuck in storage) is not cut as stalled, though the frame it began is half read', async (t) => {
+  // Time the node spends not reading does not count: the rest of the frame may sit in
+  // the node's own read-on buffer, unparsed, while the connection is paused.
+  const { mirror, nvram, address } = await service(t, { stallTimeoutMs: 100, maxInFlight: 1 });
+  const p = await peer(t, address);
+  const reset = m.request(m.MOP.RESET, 2, m.encodeReset({ name: 'rep', policy: 'mirrored', medium: 'dram', size: MiB, epoch: 1, trimmedTo: 0, firstSeq: 1 }));
+  const state = m.request(m.MOP.STATE, 3, m.encodeName('rep'));
+  p.socket.write(Buffer.concat([reset, state.subarray(0, 10)])); // the RESET sticks; 10 bytes of the next header
+  await until(() => nvram.resets === 1);
+  await new Promise((resolve) => setTimeout(resolve, 20));
+  p.socket.write(state.subarray(10)); // the rest, at once
+  await new Promise((resolve) => setTimeout(resolve, 600));
+  assert.equal(p.closed(), false);
+  assert.equal(mirror.load().stalled, 0);
+});
+
 test('after HELLO, a peer that does not read its replies is closed at the stall timeout, and what its requests held comes back', async (t) => {
   const { mirror, nvram, address } = await service(t, { stallTimeoutMs: 100 });
   await nvram.create('j', 6 * MiB, 'volatile');

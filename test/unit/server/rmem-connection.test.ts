@@ -396,3 +396,41 @@ test('one remote address holds at most rmem.maxConnectionsPerClient connections;
   const again = await RmemClient.connect({ ...address, serverId: 'b', keepalive: false, reconnect: false });
   await again.close();
 });
+
+test('a client that pipelines small READs without end, reading its replies in bursts, makes the node hold little unparsed: reading stops while the parser waits', async (t) => {
+  // The parser stops after a frame that had to queue and goes on a microtask later; the
+  // flow lets reading go on as soon as its queue empties. Reading must wait for the
+  // parser too, or what arrives meanwhile piles up in its backlog without bound.
+  const { rmem, address } = await service(t);
+  const client = await raw(t, address);
+  await client.hello('flood');
+  const region = await client.bind(4 * E);
+  const frames = Buffer.concat(Array.from({ length: 2048 }, (_, i) => codec.encodeReadRequest({ hi: 1, lo: 100 + i }, { regionId: region.regionId, key: region.key, offset: (i * 4096) % (4 * E - 4096), length: 4096 })));
+  let stop = false;
+  const writer = (async () => {
+    while (!stop && !client.closed()) {
+      if (!client.socket.write(frames)) {
+        await new Promise<void>((resolve) => {
+          client.socket.once('drain', resolve);
+          client.socket.once('close', resolve);
+        });
+      }
+    }
+  })();
+  client.socket.pause();
+  let most = 0;
+  const end = Date.now() + 3000;
+  while (Date.now() < end) {
+    await new Promise((resolve) => setTimeout(resolve, 3));
+    client.socket.resume();
+    await new Promise((resolve) => setImmediate(resolve));
+    client.socket.pause();
+    most = Math.max(most, rmem.unparsedBytes());
+  }
+  stop = true;
+  assert.equal(client.closed(), false, 'the flood was served, not cut');
+  assert.ok(client.replies.size > 1000, `${client.replies.size} replies`);
+  client.socket.destroy();
+  await writer;
+  assert.ok(most < 512 * 1024, `the node held ${most} bytes unparsed`);
+});
