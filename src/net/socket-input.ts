@@ -34,7 +34,7 @@
 //     `size` (the socket stops at `size`, and stays stopped until they are handed over,
 //     whatever pauses and resumes come between), held in one buffer: memory follows the
 //     bytes, not the number of reads (a client trickling one byte per segment costs no
-//     more than one sending whole segments).
+//     more than one sending whole segments). Once handed over, a spill over 4 KiB goes.
 //   - end() comes after every byte read has been handed over.
 //   - where the runtime's accepted Socket has no handle this can adopt (a future Node.js,
 //     a socket that is not a stream handle), the input falls back to 'data' events, which
@@ -47,6 +47,8 @@ import type { FlowSocket } from './request-flow.js';
 export const READ_BUFFER_SIZE = 64 * 1024;
 
 const EMPTY = Buffer.alloc(0);
+/** The spill a connection keeps between pauses (what a few request headers take); a larger one is let go once handed over. */
+const SPILL_KEPT = 4096;
 
 export interface InputHandlers {
   data(chunk: Buffer): void;
@@ -278,7 +280,7 @@ class OwnBufferInput implements SocketInput {
     }
     const need = this.spillLength + nread;
     if (need > this.spill.length) {
-      let capacity = Math.max(4096, this.spill.length);
+      let capacity = Math.max(SPILL_KEPT, this.spill.length);
       while (capacity < need) capacity *= 2;
       const grown = Buffer.allocUnsafe(capacity);
       this.spill.copy(grown, 0, 0, this.spillLength);
@@ -300,6 +302,9 @@ class OwnBufferInput implements SocketInput {
     this.spillLength = 0;
     // The handler copies what it keeps (transient), so the spill is free again once it returns.
     this.handlers?.data(this.spill.subarray(0, length));
+    // A spill a trickle or a burst grew goes, so an idle connection keeps SPILL_KEPT at most.
+    if (this.spillLength === 0 && this.spill.length > SPILL_KEPT) this.spill = EMPTY;
+    if (this.socket.destroyed) return;
     if (this.endPending && this.spillLength === 0) {
       this.endPending = false;
       this.ended();

@@ -50,8 +50,12 @@ export interface NbdLimits {
 
 /** What a connection with nothing in flight may always take for one request, beyond the service budget. */
 export const IDLE_RESERVE = 256 * 1024;
-/** Reusable payload buffers kept per size class, and in all. */
-const POOL_PER_CLASS = 4;
+/**
+ * Reusable payload buffers kept per size class from 1 MiB, and in all. 1M READs at QD8
+ * keep eight or more replies in the socket at once: with four kept, 43% of them took a
+ * fresh 1 MiB buffer (docs/BENCHMARKS.md, bench/nbd).
+ */
+const POOL_PER_CLASS = 16;
 /** Request payloads and replies from 4 KiB up are pooled (buffer-pool.ts), up to 1 MiB of each class below 1 MiB. */
 const POOL_FROM = 4096;
 const POOL_SMALL_CLASS_BYTES = 1024 * 1024;
