@@ -4,26 +4,36 @@ import { createServer, connect, Socket, type Server } from 'node:net';
 import { once } from 'node:events';
 import { randomBytes } from 'node:crypto';
 import fc from 'fast-check';
-import { ownBufferInput, type SocketInput } from '../../../src/net/socket-input.js';
+import { ownBufferInput, type InputHandlers, type SocketInput } from '../../../src/net/socket-input.js';
 
-/** A server whose connections get an own-buffer input; resolves the first one. */
-async function serve(size?: number): Promise<{ server: Server; port: number; accepted: Promise<SocketInput> }> {
+/**
+ * One connection to a server whose connections get an own-buffer input: runs `body` with
+ * the server's input and the client, then closes both.
+ */
+async function connection(options: { size?: number; allowHalfOpen?: boolean }, body: (input: SocketInput, client: Socket, server: Server) => Promise<void>): Promise<void> {
+  const allowHalfOpen = options.allowHalfOpen ?? true;
   let resolve: (input: SocketInput) => void = () => undefined;
   const accepted = new Promise<SocketInput>((r) => (resolve = r));
-  const server = createServer({ allowHalfOpen: true, pauseOnConnect: true }, (socket) => {
-    resolve(ownBufferInput(socket, { allowHalfOpen: true, size }));
+  const server = createServer({ allowHalfOpen, pauseOnConnect: true }, (socket) => {
+    resolve(ownBufferInput(socket, { allowHalfOpen, size: options.size }));
   });
   server.listen(0, '127.0.0.1');
   await once(server, 'listening');
   const address = server.address();
   assert.ok(address !== null && typeof address === 'object');
-  return { server, port: address.port, accepted };
+  const client = connect({ port: address.port, host: '127.0.0.1', allowHalfOpen: true });
+  try {
+    await body(await accepted, client, server);
+  } finally {
+    client.destroy();
+    server.close();
+  }
 }
 
 /** Collects what an input hands over: the bytes (copied at once), whether it came while paused, and the end. */
 function collect(input: SocketInput) {
-  const state = { bytes: [] as Buffer[], views: [] as Buffer[], paused: false, whilePaused: 0, ended: false, afterEnd: 0 };
-  input.listen({
+  const state = { bytes: [] as Buffer[], views: [] as Buffer[], paused: false, whilePaused: 0, ended: false, afterEnd: 0, handlers: undefined as unknown as InputHandlers };
+  state.handlers = {
     data: (chunk) => {
       if (state.paused) state.whilePaused++;
       if (state.ended) state.afterEnd++;
@@ -33,7 +43,8 @@ function collect(input: SocketInput) {
     end: () => {
       state.ended = true;
     },
-  });
+  };
+  input.listen(state.handlers);
   return state;
 }
 
@@ -45,11 +56,18 @@ async function until(condition: () => boolean, what: string): Promise<void> {
   }
 }
 
+/** Resumes a paused input, waits for its end, and checks it handed over exactly `sent`, nothing while paused or after the end. */
+async function resumeToEnd(input: SocketInput, seen: ReturnType<typeof collect>, sent: Buffer): Promise<void> {
+  seen.paused = false;
+  input.resume();
+  await until(() => seen.ended, 'the end');
+  assert.deepEqual(Buffer.concat(seen.bytes), sent);
+  assert.equal(seen.whilePaused, 0);
+  assert.equal(seen.afterEnd, 0);
+}
+
 test('an accepted socket is read into one buffer of its own: chunks are views of it, in order, and the server no longer counts the accepted Socket', async () => {
-  const { server, port, accepted } = await serve();
-  const client = connect(port, '127.0.0.1');
-  try {
-    const input = await accepted;
+  await connection({}, async (input, client, server) => {
     assert.equal(input.transient, true, 'this runtime lets the handle be adopted');
     const seen = collect(input);
     const sent = randomBytes(300_000);
@@ -62,17 +80,11 @@ test('an accepted socket is read into one buffer of its own: chunks are views of
     assert.equal(count, 0);
     input.socket.end();
     await once(input.socket, 'close');
-  } finally {
-    client.destroy();
-    server.close();
-  }
+  });
 });
 
 test('paused: nothing is handed over; what arrives meanwhile (more than the buffer: the socket stops) comes after resume, in order, then the end', async () => {
-  const { server, port, accepted } = await serve(1024);
-  const client = connect(port, '127.0.0.1');
-  try {
-    const input = await accepted;
+  await connection({ size: 1024 }, async (input, client) => {
     const seen = collect(input);
     input.pause();
     seen.paused = true;
@@ -81,15 +93,8 @@ test('paused: nothing is handed over; what arrives meanwhile (more than the buff
     await new Promise((r) => setTimeout(r, 100));
     assert.equal(seen.bytes.length, 0);
     assert.equal(seen.ended, false, 'the end waits behind the bytes kept');
-    seen.paused = false;
-    input.resume();
-    await until(() => seen.ended, 'the end');
-    assert.deepEqual(Buffer.concat(seen.bytes), sent);
-    assert.equal(seen.afterEnd, 0);
-  } finally {
-    client.destroy();
-    server.close();
-  }
+    await resumeToEnd(input, seen, sent);
+  });
 });
 
 test('any schedule of pauses and resumes, from inside the handler or from timers, hands over every byte once, in order, never while paused', async () => {
@@ -99,52 +104,34 @@ test('any schedule of pauses and resumes, from inside the handler or from timers
       fc.array(fc.constantFrom('pause-in-handler', 'resume-later', 'resume-now', 'none'), { minLength: 1, maxLength: 12 }),
       fc.integer({ min: 16, max: 4096 }),
       async (writes, actions, size) => {
-        const { server, port, accepted } = await serve(size);
-        const client = connect(port, '127.0.0.1');
-        try {
-          const input = await accepted;
-          const state = { bytes: [] as Buffer[], paused: false, whilePaused: 0, ended: false, afterEnd: 0 };
+        await connection({ size }, async (input, client) => {
+          const seen = collect(input);
           let k = 0;
           const resume = (): void => {
-            state.paused = false;
+            seen.paused = false;
             input.resume();
           };
-          input.listen({
-            data: (chunk) => {
-              if (state.paused) state.whilePaused++;
-              if (state.ended) state.afterEnd++;
-              state.bytes.push(Buffer.from(chunk));
-              const action = actions[k++ % actions.length];
-              if (action === 'pause-in-handler' || action === 'resume-later') {
-                state.paused = true;
-                input.pause();
-                if (action === 'resume-later') setTimeout(resume, 1);
-                else setImmediate(resume);
-              } else if (action === 'resume-now') {
-                state.paused = true;
-                input.pause();
-                resume();
-              }
-            },
-            end: () => {
-              state.ended = true;
-            },
-          });
+          const data = seen.handlers.data;
+          seen.handlers.data = (chunk) => {
+            data(chunk);
+            const action = actions[k++ % actions.length];
+            if (action === 'none') return;
+            seen.paused = true;
+            input.pause();
+            if (action === 'resume-later') setTimeout(resume, 1);
+            else if (action === 'pause-in-handler') setImmediate(resume);
+            else resume();
+          };
+          input.listen(seen.handlers);
           const sent = writes.map((n) => randomBytes(n));
           for (const piece of sent) {
             client.write(piece);
             await new Promise((r) => setImmediate(r));
           }
           client.end();
-          await until(() => state.ended, 'the end');
-          assert.deepEqual(Buffer.concat(state.bytes), Buffer.concat(sent));
-          assert.equal(state.whilePaused, 0);
-          assert.equal(state.afterEnd, 0);
+          await resumeToEnd(input, seen, Buffer.concat(sent));
           input.socket.destroy();
-        } finally {
-          client.destroy();
-          server.close();
-        }
+        });
       },
     ),
     { numRuns: 25 },
@@ -152,18 +139,7 @@ test('any schedule of pauses and resumes, from inside the handler or from timers
 });
 
 test('a service that is not half-open ends its side after the last byte kept during a pause, not at the peer\'s end', async () => {
-  let resolve: (input: SocketInput) => void = () => undefined;
-  const accepted = new Promise<SocketInput>((r) => (resolve = r));
-  const server = createServer({ pauseOnConnect: true }, (socket) => {
-    resolve(ownBufferInput(socket, { allowHalfOpen: false }));
-  });
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  const address = server.address();
-  assert.ok(address !== null && typeof address === 'object');
-  const client = connect({ port: address.port, host: '127.0.0.1', allowHalfOpen: true });
-  try {
-    const input = await accepted;
+  await connection({ allowHalfOpen: false }, async (input, client) => {
     const got: Buffer[] = [];
     input.listen({
       data: (chunk) => {
@@ -184,18 +160,12 @@ test('a service that is not half-open ends its side after the last byte kept dur
     await clientEnded;
     assert.deepEqual(Buffer.concat(got), sent);
     assert.deepEqual(Buffer.concat(echoed), sent, 'every echo went out before this side ended');
-  } finally {
-    client.destroy();
-    server.close();
-  }
+  });
 });
 
 test('pausing again in the tick of each resume, hundreds of times, reads on no further than the bound; the bytes come through intact', async () => {
   const size = 4096;
-  const { server, port, accepted } = await serve(size);
-  const client = connect(port, '127.0.0.1');
-  try {
-    const input = await accepted;
+  await connection({ size }, async (input, client) => {
     const seen = collect(input);
     input.pause();
     seen.paused = true;
@@ -210,24 +180,14 @@ test('pausing again in the tick of each resume, hundreds of times, reads on no f
     }
     assert.ok(most < 2 * size, `read on ${most} bytes with a ${size}-byte buffer`);
     assert.equal(seen.bytes.length, 0);
-    seen.paused = false;
-    input.resume();
-    await until(() => seen.ended, 'the end');
-    assert.deepEqual(Buffer.concat(seen.bytes), sent);
-    assert.equal(seen.whilePaused, 0);
-  } finally {
-    client.destroy();
-    server.close();
-  }
+    await resumeToEnd(input, seen, sent);
+  });
 });
 
 test('a trickle of one-byte segments while paused is held as bytes, under the bound, and handed over whole', async () => {
   const size = 1024;
-  const { server, port, accepted } = await serve(size);
-  const client = connect(port, '127.0.0.1');
-  client.setNoDelay(true);
-  try {
-    const input = await accepted;
+  await connection({ size }, async (input, client) => {
+    client.setNoDelay(true);
     const seen = collect(input);
     input.pause();
     seen.paused = true;
@@ -239,14 +199,8 @@ test('a trickle of one-byte segments while paused is held as bytes, under the bo
     client.end();
     await new Promise((r) => setTimeout(r, 100));
     assert.ok(input.pendingBytes() >= size && input.pendingBytes() < 2 * size, `${input.pendingBytes()} bytes read on`);
-    seen.paused = false;
-    input.resume();
-    await until(() => seen.ended, 'the end');
-    assert.deepEqual(Buffer.concat(seen.bytes), sent);
-  } finally {
-    client.destroy();
-    server.close();
-  }
+    await resumeToEnd(input, seen, sent);
+  });
 });
 
 test('a socket without a handle to adopt falls back to data events (not transient)', () => {
