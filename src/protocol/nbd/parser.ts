@@ -20,12 +20,13 @@
 // Memory: bytes not parsed yet are kept as given (a subarray of the last chunk, no copy)
 // while the parser waits or holds; a chunk fed as `transient` (a view of a read buffer
 // the socket reuses, net/socket-input.ts) is valid only during feed(), so what is kept
-// of it, and an option payload taken from it, is copied first. A WRITE payload is always copied into a buffer of its
-// own from `allocate`, so a request in flight never keeps a socket chunk alive. An option
-// payload kept is within MAX_OPTION_LENGTH; a skipped one takes no memory. A wrong magic
-// or a WRITE larger than BLOCK.MAX cannot be skipped safely (the length of a WRITE says
-// how far the stream goes, and a client that sends more than the maximum has broken it)
-// and is reported once through onFatal; later input is ignored, as it is after stop().
+// of it, and an option payload taken from it, is copied first. A WRITE payload is
+// always copied into a buffer of its own from `allocate`, so a request in flight never
+// keeps a socket chunk alive. An option payload kept is within MAX_OPTION_LENGTH; a
+// skipped one takes no memory. A wrong magic or a WRITE larger than BLOCK.MAX cannot be
+// skipped safely (the length of a WRITE says how far the stream goes, and a client that
+// sends more than the maximum has broken it) and is reported once through onFatal; later
+// input is ignored, as it is after stop().
 
 import { MisuseError } from '../../errors.js';
 import { readU64, type Cookie } from './codec.js';
