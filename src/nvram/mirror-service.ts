@@ -173,11 +173,14 @@ export class MirrorService {
     this.closeTls = secure?.close ?? (() => undefined);
     // Without TLS, a connection is read into a buffer of its own (a TLS session takes its socket over).
     const server = createServer({ noDelay: true, pauseOnConnect: secure === undefined }, (accepted) => {
-      const input = secure === undefined ? ownBufferInput(accepted, { allowHalfOpen: false }) : dataEventInput(accepted);
+      if (secure !== undefined) {
+        const admission = this.gate.admit(accepted);
+        if (admission !== undefined) secure.upgrade(accepted, admission);
+        return;
+      }
+      const input = ownBufferInput(accepted, { allowHalfOpen: false });
       const admission = this.gate.admit(input.socket);
-      if (admission === undefined) return;
-      if (secure !== undefined) secure.upgrade(input.socket, admission);
-      else serve(input, admission);
+      if (admission !== undefined) serve(input, admission);
     });
     this.server = server;
     this.address = await listenOn(server, address, 'mirror', this.options.log);

@@ -356,12 +356,18 @@ export class RmemService implements ConnectionHost {
       accepted.destroy();
       return;
     }
-    const input = this.secure === undefined ? ownBufferInput(accepted, { allowHalfOpen: false }) : dataEventInput(accepted);
+    if (this.secure !== undefined) {
+      const admission = this.gate.admit(accepted);
+      if (admission === undefined) return;
+      this.stats.connectionsAccepted++;
+      this.secure.upgrade(accepted, admission);
+      return;
+    }
+    const input = ownBufferInput(accepted, { allowHalfOpen: false });
     const admission = this.gate.admit(input.socket);
     if (admission === undefined) return;
     this.stats.connectionsAccepted++;
-    if (this.secure !== undefined) this.secure.upgrade(input.socket, admission);
-    else this.connections.add(new RmemConnection(input, this, admission));
+    this.connections.add(new RmemConnection(input, this, admission));
   }
 
 
