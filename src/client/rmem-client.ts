@@ -55,6 +55,7 @@ import {
 import { MAX_TARGET_NAME, decodeRecord, type JournalRecord } from '../protocol/journal/record.js';
 import { errorOf } from '../protocol/rmem/errors.js';
 import { CorkedWriter } from '../net/corked-writer.js';
+import { ownReadBuffer } from '../net/socket-input.js';
 import { FrameParser, type Frame } from '../protocol/rmem/parser.js';
 import { MAX_DATA, MAX_VECTOR, OP, OP_NAME, STATUS, VERSION, type PerformanceClass, type WireMediumName } from '../protocol/rmem/spec.js';
 
@@ -653,13 +654,6 @@ function isRefusal(error: unknown): boolean {
 
 /** Opens a socket, sends HELLO (with the secret of the session to resume, if any), and waits for its reply. */
 async function handshake(options: RmemClient['options'], secret: Buffer | undefined): Promise<Connection> {
-  const socket: Socket =
-    options.path !== undefined
-      ? netConnect({ path: options.path })
-      : options.tls !== undefined
-        ? tlsConnect({ ...options.tls, host: options.host, port: options.port, ...(options.tls.servername === undefined && isIP(options.host) === 0 ? { servername: options.host } : {}) })
-        : netConnect({ host: options.host, port: options.port });
-  if (options.path === undefined) socket.setNoDelay(true);
   let resolveHello: (frame: Frame) => void = () => undefined;
   let rejectHello: (error: Error) => void = () => undefined;
   const hello = new Promise<Frame>((resolve, reject) => {
@@ -689,9 +683,24 @@ async function handshake(options: RmemClient['options'], secret: Buffer | undefi
   const onClose = (): void => {
     rejectHello(new NetworkError('MS_RMEM_UNREACHABLE', `rmem at ${where(options)} closed the connection during HELLO`));
   };
-  socket.on('data', (chunk: Buffer) => {
-    parser.feed(chunk);
+  // Without TLS, the socket reads into one buffer of this connection's own (no allocation
+  // per read); each read is parsed before the next overwrites it, and a READ reply is
+  // copied from it straight into readInto's buffer. TLS takes the socket's reads over.
+  const onread = ownReadBuffer((chunk) => {
+    parser.feed(chunk, true);
   });
+  const socket: Socket =
+    options.path !== undefined
+      ? netConnect({ path: options.path, onread })
+      : options.tls !== undefined
+        ? tlsConnect({ ...options.tls, host: options.host, port: options.port, ...(options.tls.servername === undefined && isIP(options.host) === 0 ? { servername: options.host } : {}) })
+        : netConnect({ host: options.host, port: options.port, onread });
+  if (options.path === undefined) socket.setNoDelay(true);
+  if (options.tls !== undefined && options.path === undefined) {
+    socket.on('data', (chunk: Buffer) => {
+      parser.feed(chunk);
+    });
+  }
   socket.on('error', onError);
   socket.on('close', onClose);
   const timer = setTimeout(() => {

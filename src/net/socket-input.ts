@@ -164,6 +164,21 @@ function adoptableHandle(socket: Socket): AdoptableHandle | undefined {
 }
 
 /**
+ * `onread` for a socket this process connects (a client: it never pauses): every read
+ * lands in one buffer of the connection's own and is handed to `feed` as a transient
+ * chunk, overwritten by the next read.
+ */
+export function ownReadBuffer(feed: (chunk: Buffer) => void, size = READ_BUFFER_SIZE): OnReadOpts {
+  return {
+    buffer: Buffer.allocUnsafe(size),
+    callback: (length: number, buffer: Uint8Array): boolean => {
+      feed((buffer as Buffer).subarray(0, length));
+      return true;
+    },
+  };
+}
+
+/**
  * The input of a socket a server accepted with `pauseOnConnect: true`, read into a
  * buffer of its own (`size` bytes); 'data' events where the handle cannot be adopted.
  * Call it in the server's connection listener, before anything else sees the socket.

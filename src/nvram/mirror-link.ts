@@ -15,6 +15,7 @@ import { MemstrataError, NetworkError } from '../errors.js';
 import type { Logger } from '../logger.js';
 import { FrameParser, type Frame } from '../protocol/rmem/parser.js';
 import { CorkedWriter } from '../net/corked-writer.js';
+import { ownReadBuffer } from '../net/socket-input.js';
 import { formatAddress, type ListenAddress } from '../units.js';
 import {
   MIRROR_MAX_BODY,
@@ -147,8 +148,13 @@ export class MirrorLink {
     if (this.closed) return;
     const { partner, log } = this.options;
     const tls = this.options.tls;
+    // Without TLS, the socket reads into one buffer of this link's own (no allocation per
+    // read); each read is parsed before the next overwrites it. TLS takes the reads over.
+    const onread = ownReadBuffer((chunk) => {
+      parser.feed(chunk, true);
+    });
     const socket: Socket = tls === undefined
-      ? connect({ host: partner.host, port: partner.port, noDelay: true })
+      ? connect({ host: partner.host, port: partner.port, noDelay: true, onread })
       : tlsConnect({ ...tls, host: partner.host, port: partner.port, ...(isIP(partner.host) === 0 ? { servername: partner.host } : {}) }).setNoDelay(true);
     this.socket = socket;
     const parser = new FrameParser({ magic: MIRROR_RESPONSE_MAGIC }, {
@@ -158,7 +164,7 @@ export class MirrorLink {
         socket.destroy();
       },
     }, MIRROR_MAX_BODY);
-    socket.on('data', (chunk: Buffer) => { parser.feed(chunk); });
+    if (tls !== undefined) socket.on('data', (chunk: Buffer) => { parser.feed(chunk); });
     socket.on('error', () => undefined);
     socket.once('close', () => {
       if (this.socket === socket) this.drop('connection closed');

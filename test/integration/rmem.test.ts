@@ -402,6 +402,37 @@ test('many clients with mixed binds, reads, writes and frees agree with a model'
   );
 });
 
+test('the client reads its socket into one buffer it reuses: replies of every size to read, readInto and readv, many in flight, keep their own bytes after later reads', async (t) => {
+  const n = await node(t);
+  const c = await client(t, n, 'reuse');
+  const size = 256 * 1024;
+  const region = await c.bind(size, { medium: 'dram' });
+  const content = randomBytes(size);
+  await c.write(region, 0, content.subarray(0, size / 2));
+  await c.write(region, size / 2, content.subarray(size / 2));
+  const batch = (seed: number) =>
+    fc.sample(fc.record({ how: fc.constantFrom('read', 'readInto', 'readv'), offset: fc.nat({ max: size - 1 }), length: fc.oneof(fc.integer({ min: 1, max: 1024 }), fc.integer({ min: 1025, max: 9000 }), fc.integer({ min: 30_000, max: 70_000 })) }), { numRuns: 300, seed }).map((r) => ({ ...r, length: Math.min(r.length, size - r.offset) }));
+  const issue = (reads: ReturnType<typeof batch>) =>
+    Promise.all(
+      reads.map(async ({ how, offset, length }) => {
+        if (how === 'read') return [await c.read(region, offset, length)];
+        if (how === 'readv') {
+          const half = Math.floor(length / 2);
+          return c.readv([{ region, offset, length: half }, { region, offset: offset + half, length: length - half }]);
+        }
+        const target = Buffer.alloc(length);
+        await c.readInto(region, offset, target);
+        return [target];
+      }),
+    );
+  const first = batch(1);
+  const got = await issue(first);
+  await issue(batch(2)); // more reads land in the client's socket buffer meanwhile
+  first.forEach(({ how, offset, length }, i) => {
+    assert.ok(Buffer.concat(got[i]!).equals(content.subarray(offset, offset + length)), `${how} of ${length} bytes at ${offset} holds other bytes after later reads`);
+  });
+});
+
 test('fuzz: thousands of random and mutated frames never disturb the node or a well-behaved client', async (t) => {
   const n = await node(t);
   const good = await client(t, n, 'good');

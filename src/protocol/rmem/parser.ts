@@ -11,9 +11,10 @@
 // all further input. Bodies passed to `onFrame` may be subarrays of a chunk: a consumer
 // that keeps one past the request must copy it. A chunk fed as `transient` (a view of a
 // read buffer the socket reuses, net/socket-input.ts) is valid only during feed(): a
-// small body is copied out on its own, a larger one together with the rest of the chunk
-// (one allocation for the frames that follow, as Node's own read would be), and what
-// waits of it is copied.
+// body goes into the buffer `bodyTarget` gives for it, if any, else a small body is
+// copied out on its own and a larger one together with the rest of the chunk (one
+// allocation for the frames that follow, as Node's own read would be), and what waits
+// of it is copied.
 //
 // Admission (server side): a body that spans chunks is the only memory the parser
 // allocates, and a header alone can ask for MAX_BODY. With `admitBody`, the parser asks
@@ -45,8 +46,8 @@ export interface FrameHandlers {
   onFatal(error: MisuseError): void;
   /**
    * Optional: a buffer of exactly `length` bytes to assemble a body that spans chunks
-   * into (a reader's own buffer, saving an allocation and a copy). Undefined: the parser
-   * allocates one.
+   * into, or to copy one out of a transient chunk into (a reader's own buffer, saving an
+   * allocation and a copy). Undefined: the parser allocates one.
    */
   bodyTarget?(op: number, word: number, tagHi: number, tagLo: number, length: number): Buffer | undefined;
   /**
@@ -192,6 +193,15 @@ export class FrameParser {
         if (length < 0) return;
         if (chunk.length - at >= length) {
           if (transient) {
+            // The body is copied anyway: straight into the reader's buffer when it has one.
+            const target = length > 0 ? this.handlers.bodyTarget?.(this.op, this.word, this.tagHi, this.tagLo, length) : undefined;
+            if (target !== undefined && target.length === length) {
+              chunk.copy(target, 0, at, at + length);
+              this.emit(target);
+              at += length;
+              if (this.stopAfterFrame(chunk, at, transient)) return;
+              continue;
+            }
             if (length <= SMALL_BODY) {
               this.emit(Buffer.from(chunk.subarray(at, at + length)));
               at += length;

@@ -245,7 +245,7 @@ test('accepting: the parser stops after a frame the owner cannot take, keeps the
   );
 });
 
-test('transient chunks (a read buffer reused after each feed): no body aliases the buffer, bodies kept as given, holds and stops anywhere, still equal the stream', () => {
+test('transient chunks (a read buffer reused after each feed): no body aliases the buffer, bodies kept as given or in the buffers offered, holds and stops anywhere, still equal the stream', () => {
   // A socket read into one buffer of the connection's own (net/socket-input.ts) overwrites
   // it once feed() returns: no body or byte kept may alias it.
   const stream = Buffer.concat([...sample(), Buffer.concat([codec.encodeWriteHead({ hi: 0, lo: 6 }, { regionId: 1, key: 1n, offset: 0 }, 300), Buffer.alloc(300, 7)]), ...sample(), Buffer.concat([codec.encodeWriteHead({ hi: 0, lo: 7 }, { regionId: 1, key: 1n, offset: 0 }, 2000), Buffer.alloc(2000, 9)]), ...sample()]);
@@ -262,9 +262,14 @@ test('transient chunks (a read buffer reused after each feed): no body aliases t
         let a = 0;
         let b = 0;
         const readBuffer = Buffer.alloc(4096);
+        const offered = new Set<Buffer>();
+        const neverHeld = admits.every((x) => x) && accepts.every((x) => x);
         const parser = new FrameParser('request', {
           onFrame: (f) => {
             assert.notEqual(f.body.buffer, readBuffer.buffer, 'no body aliases the read buffer');
+            // Without holds or stops (which copy what waits), an offered buffer takes every
+            // body, whole in a read or not: no other copy.
+            if (offerTargets && neverHeld && f.body.length > 0) assert.equal(offered.has(f.body), true, 'the body is in the buffer bodyTarget offered');
             frames.push(f); // kept as given
           },
           onFatal: (e) => {
@@ -272,7 +277,12 @@ test('transient chunks (a read buffer reused after each feed): no body aliases t
           },
           admitBody: () => admits[a++ % admits.length] ?? true,
           accepting: () => accepts[b++ % accepts.length] ?? true,
-          bodyTarget: (_op, _word, _hi, _lo, length) => (offerTargets ? Buffer.alloc(length) : undefined),
+          bodyTarget: (_op, _word, _hi, _lo, length) => {
+            if (!offerTargets) return undefined;
+            const target = Buffer.alloc(length);
+            offered.add(target);
+            return target;
+          },
         });
         let at = 0;
         let i = 0;
