@@ -49,11 +49,23 @@ export const READ_BUFFER_SIZE = 64 * 1024;
 const EMPTY = Buffer.alloc(0);
 /** The spill a connection keeps between pauses (what a few request headers take); a larger one is let go once handed over. */
 const SPILL_KEPT = 4096;
+/** A reader's target smaller than this is not read into directly: the copy it saves is small, and a read of the input's own buffer takes what follows too. */
+const TARGET_MIN = 16 * 1024;
 
 export interface InputHandlers {
   data(chunk: Buffer): void;
   /** The peer ended its side; after every chunk. */
   end(): void;
+  /**
+   * Optional: where the next bytes of the stream belong, when the reader knows (the rest
+   * of a WRITE payload's buffer). An own-buffer input reads them there itself, and data()
+   * gets a view of that buffer at the place they belong (a reader whose copy would land
+   * on the same bytes skips it). Asked after every read. The socket may write into a
+   * target until the next chunk is handed over, or until it can read no more (the end
+   * has come, or it is destroyed): until then the reader must not reuse that memory for
+   * anything else, even if it gives the payload up.
+   */
+  target?(): Buffer | undefined;
 }
 
 export interface SocketInput {
@@ -196,6 +208,8 @@ class OwnBufferInput implements SocketInput {
   readonly socket: Socket;
   readonly transient: boolean;
   private readonly buffer: Buffer;
+  /** Where the next read lands: `buffer`, or a reader's target (see InputHandlers.target). */
+  private current: Buffer;
   private readonly allowHalfOpen: boolean;
   private handlers: InputHandlers | undefined;
   private paused: boolean;
@@ -204,6 +218,8 @@ class OwnBufferInput implements SocketInput {
   /** What was read while paused, in order, at the front of one buffer (grown by doubling, kept for the connection). */
   private spill: Buffer;
   private spillLength: number;
+  /** Bytes read into a reader's target after it paused: they stay there, handed over before the spill. */
+  private early: Buffer | undefined;
   private handing: boolean;
   /** The peer's end arrived while bytes read on were still to be handed over. */
   private endPending: boolean;
@@ -211,12 +227,14 @@ class OwnBufferInput implements SocketInput {
   constructor(accepted: Socket, handle: AdoptableHandle, allowHalfOpen: boolean, size: number) {
     this.transient = true;
     this.buffer = Buffer.allocUnsafe(size);
+    this.current = this.buffer;
     this.allowHalfOpen = allowHalfOpen;
     this.handlers = undefined;
     this.paused = false;
     this.stopped = false;
     this.spill = EMPTY;
     this.spillLength = 0;
+    this.early = undefined;
     this.handing = false;
     this.endPending = false;
     // `handle` is how Node.js's own server makes the Socket of an accepted connection.
@@ -228,7 +246,8 @@ class OwnBufferInput implements SocketInput {
       readable: true,
       writable: true,
       onread: {
-        buffer: this.buffer,
+        // Asked for the buffer of the next read when the socket starts and after each read.
+        buffer: () => this.nextBuffer(),
         callback: (nread: number): boolean => {
           if (nread > 0) this.onRead(nread);
           return true;
@@ -241,12 +260,13 @@ class OwnBufferInput implements SocketInput {
     (accepted as unknown as { _handle: unknown })._handle = null;
     accepted.destroy();
     this.socket.on('end', () => {
-      if (this.spillLength > 0) this.endPending = true;
+      if (this.spillLength > 0 || this.early !== undefined) this.endPending = true;
       else this.ended();
     });
     this.socket.on('close', () => {
       this.spill = EMPTY;
       this.spillLength = 0;
+      this.early = undefined;
     });
   }
 
@@ -259,17 +279,28 @@ class OwnBufferInput implements SocketInput {
   }
 
   pendingBytes(): number {
-    return this.spillLength;
+    return this.spillLength + (this.early?.length ?? 0);
   }
 
   pause(): void {
     this.paused = true;
   }
 
+  /** The reader's target while bytes go straight to it (not paused, nothing spilled), else the input's own buffer. */
+  private nextBuffer(): Buffer {
+    let next = this.buffer;
+    if (!this.paused && this.spillLength === 0 && this.early === undefined && !this.handing && this.handlers?.target !== undefined) {
+      const target = this.handlers.target();
+      if (target !== undefined && target.length >= TARGET_MIN) next = target;
+    }
+    this.current = next;
+    return next;
+  }
+
   resume(): void {
     if (!this.paused) return;
     this.paused = false;
-    if (this.spillLength > 0) {
+    if (this.spillLength > 0 || this.early !== undefined) {
       // Handed over in a later tick; the socket stays stopped until they are.
       if (!this.handing) {
         this.handing = true;
@@ -289,8 +320,15 @@ class OwnBufferInput implements SocketInput {
   }
 
   private onRead(nread: number): void {
-    if (!this.paused && this.spillLength === 0) {
-      this.handlers?.data(this.buffer.subarray(0, nread));
+    const source = this.current;
+    if (!this.paused && this.spillLength === 0 && this.early === undefined) {
+      this.handlers?.data(source.subarray(0, nread));
+      return;
+    }
+    if (source !== this.buffer) {
+      // Into the reader's target, which it paused after giving: they stay where they
+      // belong (the next read is the input's own), and are handed over first.
+      this.early = source.subarray(0, nread);
       return;
     }
     const need = this.spillLength + nread;
@@ -301,7 +339,7 @@ class OwnBufferInput implements SocketInput {
       this.spill.copy(grown, 0, 0, this.spillLength);
       this.spill = grown;
     }
-    this.buffer.copy(this.spill, this.spillLength, 0, nread);
+    source.copy(this.spill, this.spillLength, 0, nread);
     this.spillLength = need;
     if (!this.stopped && this.spillLength >= this.buffer.length) {
       this.stopped = true;
@@ -312,14 +350,24 @@ class OwnBufferInput implements SocketInput {
   /** Hands over what was read on while paused, as one transient chunk, then reads again. */
   private handSpill(): void {
     this.handing = false;
-    if (this.paused || this.spillLength === 0) return;
-    const length = this.spillLength;
-    this.spillLength = 0;
-    // The handler copies what it keeps (transient), so the spill is free again once it returns.
-    this.handlers?.data(this.spill.subarray(0, length));
-    // A spill a trickle or a burst grew goes, so an idle connection keeps SPILL_KEPT at most.
-    if (this.spillLength === 0 && this.spill.length > SPILL_KEPT) this.spill = EMPTY;
-    if (this.socket.destroyed) return;
+    if (this.paused) return;
+    const early = this.early;
+    if (early !== undefined) {
+      this.early = undefined;
+      this.handlers?.data(early);
+      if (this.socket.destroyed) return;
+      // Paused again by them: the spill waits for the next resume.
+      if (this.paused && this.spillLength > 0) return;
+    }
+    if (this.spillLength > 0) {
+      const length = this.spillLength;
+      this.spillLength = 0;
+      // The handler copies what it keeps (transient), so the spill is free again once it returns.
+      this.handlers?.data(this.spill.subarray(0, length));
+      // A spill a trickle or a burst grew goes, so an idle connection keeps SPILL_KEPT at most.
+      if (this.spillLength === 0 && this.spill.length > SPILL_KEPT) this.spill = EMPTY;
+      if (this.socket.destroyed) return;
+    }
     if (this.endPending && this.spillLength === 0) {
       this.endPending = false;
       this.ended();

@@ -365,7 +365,7 @@ export class NbdConnection {
         closed();
       },
     };
-    input.listen({ data: this.listeners.data, end: this.listeners.end });
+    input.listen({ data: this.listeners.data, end: this.listeners.end, target: () => this.parser.payloadTarget() });
     socket.on('error', this.listeners.error);
     socket.on('close', this.listeners.close);
     if (!start.secure) socket.write(encodeGreeting(HANDSHAKE.FIXED_NEWSTYLE | HANDSHAKE.NO_ZEROES));
@@ -507,7 +507,9 @@ export class NbdConnection {
     this.receiving = undefined;
     this.receivingReserved = 0;
     this.parser.stop();
-    if (request.pooled !== undefined) this.host.payloadBuffers.release(request.pooled);
+    // The socket may read into the rest of the payload's buffer (payloadTarget) for as long
+    // as it reads at all: pooled again only once it cannot, else left to the collector.
+    if (request.pooled !== undefined && (this.inputEnded || this.socket.destroyed)) this.host.payloadBuffers.release(request.pooled);
     request.pooled = undefined;
     this.maybeFinish();
   }

@@ -5,7 +5,9 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { createServer } from 'node:net';
 import { NbdClient } from '../../src/client/nbd-client.js';
+import { CMD } from '../../src/protocol/nbd/spec.js';
 import { startNode, tempDir, type NodeProcess } from '../support/node-process.js';
+import { RawNbd, requestBytes } from '../support/nbd-raw.js';
 
 type Ctx = { after(fn: () => Promise<unknown>): void };
 
@@ -82,4 +84,48 @@ test('NBD client: read-only exports, unknown exports, a server that is not NBD, 
   assert.ok(outcomes.every((o) => o === 'ok' || o === 'MS_NBD_DISCONNECTED'), outcomes.join(','));
   await assert.rejects(client.read(0, 512), { code: 'MS_NBD_DISCONNECTED' });
   await client.close();
+});
+
+test('WRITE payloads read straight into their buffers: writes of up to 4 MiB, all in flight, on three connections, among clients that leave 4 MiB WRITEs unfinished and go, read back intact', async (t) => {
+  const n = await node(t);
+  const MiB = 2 ** 20;
+  const region = 16 * MiB;
+  const writers = await Promise.all([0, 1, 2].map(() => NbdClient.connect({ uri: `nbd://${n.nbd.host}:${n.nbd.port}/` })));
+  t.after(() => Promise.all(writers.map((w) => w.close())));
+  let going = true;
+  // Clients that send a 4 MiB WRITE's header and part of its payload, then end or reset:
+  // their payload buffers go back to the node's pool while the writers' fill.
+  const leavers = (async () => {
+    for (let i = 0; going; i++) {
+      const { nbd } = await RawNbd.attach(n.nbd);
+      nbd.socket.write(requestBytes(CMD.WRITE, { cookie: 1n, offset: 0, length: 4 * MiB }));
+      nbd.socket.write(Buffer.alloc(Math.floor(Math.random() * 3 * MiB), 0xee));
+      await new Promise((r) => setTimeout(r, Math.random() * 20));
+      if (i % 2 === 0) nbd.socket.end();
+      else nbd.destroy();
+    }
+  })();
+  const models = await Promise.all(
+    writers.map(async (w, k) => {
+      const model = Buffer.alloc(region);
+      const base = k * region;
+      const writes: Promise<void>[] = [];
+      for (let at = 0; at < region; ) {
+        const length = Math.min(region - at, 1 + Math.floor(Math.random() * (Math.random() < 0.5 ? 64 * 1024 : 4 * MiB)));
+        const data = randomBytes(length);
+        data.copy(model, at);
+        writes.push(w.write(base + at, data));
+        at += length;
+      }
+      await Promise.all(writes);
+      return model;
+    }),
+  );
+  going = false;
+  await leavers;
+  for (const [k, w] of writers.entries()) {
+    await w.flush();
+    const back = Buffer.concat(await Promise.all(Array.from({ length: 16 }, (_, i) => w.read(k * region + i * MiB, MiB))));
+    assert.ok(back.equals(models[k] as Buffer), `connection ${k} reads back what it wrote`);
+  }
 });

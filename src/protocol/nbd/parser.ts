@@ -22,7 +22,8 @@
 // the socket reuses, net/socket-input.ts) is valid only during feed(), so what is kept
 // of it, and an option payload taken from it, is copied first. A WRITE payload is
 // always copied into a buffer of its own from `allocate`, so a request in flight never
-// keeps a socket chunk alive. An option payload kept is within MAX_OPTION_LENGTH; a
+// keeps a socket chunk alive; payloadTarget() lets the socket read the rest of a
+// payload straight into that buffer, which then needs no copy. An option payload kept is within MAX_OPTION_LENGTH; a
 // skipped one takes no memory. A wrong magic or a WRITE larger than BLOCK.MAX cannot be
 // skipped safely (the length of a WRITE says how far the stream goes, and a client that
 // sends more than the maximum has broken it) and is reported once through onFatal; later
@@ -131,6 +132,17 @@ export class NbdServerParser {
   /** No message is partly received and nothing waits to be parsed: the input ends cleanly here. */
   get atBoundary(): boolean {
     return this.pending.length === 0 && this.headerHave === 0 && this.stage === 'header' && this.body === undefined;
+  }
+
+  /**
+   * Where the next bytes of the stream go, while they are a WRITE payload's and nothing
+   * else waits to be parsed: the rest of the payload's buffer. A socket may read into it
+   * and feed a view of it; bytes fed where they already belong are not copied again.
+   * Undefined between messages, while holding, and with input kept unparsed.
+   */
+  payloadTarget(): Buffer | undefined {
+    if (this.mode !== 'transmission' || this.stage !== 'body' || this.held || this.parsing || this.pending.length > 0) return undefined;
+    return this.body?.subarray(this.bodyHave);
   }
 
   /** `transient`: the chunk's bytes are overwritten once this returns (anything kept is copied). */
@@ -346,7 +358,8 @@ export class NbdServerParser {
     const body = this.body;
     if (body === undefined) return at;
     const n = Math.min(body.length - this.bodyHave, chunk.length - at);
-    chunk.copy(body, this.bodyHave, at, at + n);
+    // A chunk read into payloadTarget() is already where it belongs.
+    if (chunk.buffer !== body.buffer || chunk.byteOffset + at !== body.byteOffset + this.bodyHave) chunk.copy(body, this.bodyHave, at, at + n);
     this.bodyHave += n;
     if (this.bodyHave < body.length) return at + n;
     this.body = undefined;

@@ -203,6 +203,173 @@ test('a trickle of one-byte segments while paused is held as bytes, under the bo
   });
 });
 
+/**
+ * A reader of length-prefixed messages (4-byte length, then the payload) that offers the
+ * rest of each payload as the input's read target, as the NBD parser does with a WRITE's.
+ * Each payload lives inside an arena with guard bytes on both sides. A payload may be
+ * moved to a new arena, as a connection that gives a payload buffer up does: the old one
+ * is kept, as the input's contract asks, until the next chunk has been handed over, then
+ * filled with a mark that must stay.
+ */
+function framedReader(input: SocketInput) {
+  const GUARD = 64;
+  const state = {
+    messages: [] as Buffer[],
+    arenas: [] as Buffer[],
+    retired: [] as Buffer[],
+    direct: 0,
+    whilePaused: 0,
+    paused: false,
+    ended: false,
+    offer: true,
+  };
+  const header = Buffer.alloc(4);
+  let headerHave = 0;
+  let arena: Buffer | undefined;
+  let payload: Buffer | undefined;
+  let have = 0;
+  let letGo: Buffer[] = [];
+  const begin = (length: number): void => {
+    arena = Buffer.alloc(length + 2 * GUARD, 0xab);
+    state.arenas.push(arena);
+    payload = arena.subarray(GUARD, GUARD + length);
+    have = 0;
+    if (length === 0) finish();
+  };
+  const finish = (): void => {
+    state.messages.push(payload ?? Buffer.alloc(0));
+    payload = undefined;
+    arena = undefined;
+  };
+  const handlers: InputHandlers = {
+    data: (chunk) => {
+      if (state.paused) state.whilePaused++;
+      const retiring = letGo;
+      letGo = [];
+      let at = 0;
+      while (at < chunk.length) {
+        if (payload === undefined) {
+          const n = Math.min(4 - headerHave, chunk.length - at);
+          chunk.copy(header, headerHave, at, at + n);
+          headerHave += n;
+          at += n;
+          if (headerHave === 4) {
+            headerHave = 0;
+            begin(header.readUInt32BE(0));
+          }
+          continue;
+        }
+        const n = Math.min(payload.length - have, chunk.length - at);
+        if (chunk.buffer === payload.buffer && chunk.byteOffset + at === payload.byteOffset + have) state.direct += n;
+        else chunk.copy(payload, have, at, at + n);
+        have += n;
+        at += n;
+        if (have === payload.length) finish();
+      }
+      // A chunk has been handed over since these were given up: the socket is done with them.
+      for (const old of retiring) {
+        old.fill(0xcd);
+        state.retired.push(old);
+      }
+    },
+    end: () => {
+      state.ended = true;
+    },
+    target: () => (state.offer && payload !== undefined ? payload.subarray(have) : undefined),
+  };
+  input.listen(handlers);
+  /** Moves the payload being read to a new arena; the old one must never be written again. */
+  const move = (): void => {
+    if (payload === undefined || arena === undefined) return;
+    const old = arena;
+    const kept = Buffer.from(payload.subarray(0, have));
+    const length = payload.length;
+    begin(length);
+    kept.copy(payload);
+    have = kept.length;
+    letGo.push(old);
+  };
+  const intact = (): boolean =>
+    state.arenas.every((a) => state.retired.includes(a) || letGo.includes(a) || (a.subarray(0, GUARD).every((b) => b === 0xab) && a.subarray(a.length - GUARD).every((b) => b === 0xab))) &&
+    state.retired.every((a) => a.every((b) => b === 0xcd));
+  return { state, handlers, move, intact };
+}
+
+function framed(payloads: Buffer[]): Buffer {
+  return Buffer.concat(payloads.flatMap((p) => [Buffer.from([p.length >>> 24, (p.length >>> 16) & 0xff, (p.length >>> 8) & 0xff, p.length & 0xff]), p]));
+}
+
+test('a reader\'s target: the rest of a payload is read straight into it, handed over as a view of it where it belongs, nothing written outside it', async () => {
+  await connection({}, async (input, client) => {
+    const reader = framedReader(input);
+    const payloads = [randomBytes(1 << 20), randomBytes(10), randomBytes(300_000), randomBytes(20_000)];
+    client.end(framed(payloads));
+    await until(() => reader.state.ended, 'the end');
+    assert.deepEqual(reader.state.messages, payloads);
+    assert.ok(reader.state.direct > 1_000_000, `${reader.state.direct} bytes read straight into their place`);
+    assert.ok(reader.intact(), 'no byte written outside the targets');
+  });
+});
+
+test('targets under any schedule of pauses, resumes, declined and given-up targets: every payload whole and in order, never handed over while paused, nothing written outside a target or into one after the next chunk', async () => {
+  await fc.assert(
+    fc.asyncProperty(
+      fc.array(fc.oneof(fc.integer({ min: 0, max: 100 }), fc.integer({ min: 16 * 1024, max: 400_000 })), { minLength: 1, maxLength: 8 }),
+      fc.array(fc.constantFrom('pause-in-handler', 'resume-later', 'resume-now', 'pause-later', 'move-now', 'move-later', 'decline', 'none'), { minLength: 1, maxLength: 12 }),
+      fc.integer({ min: 1024, max: 64 * 1024 }),
+      async (sizes, actions, size) => {
+        await connection({ size }, async (input, client) => {
+          const reader = framedReader(input);
+          let k = 0;
+          const resume = (): void => {
+            reader.state.paused = false;
+            input.resume();
+          };
+          const data = reader.handlers.data;
+          reader.handlers.data = (chunk) => {
+            data(chunk);
+            const action = actions[k++ % actions.length];
+            reader.state.offer = action !== 'decline';
+            if (action === 'none' || action === 'decline') return;
+            if (action === 'move-now') return reader.move();
+            if (action === 'move-later') return void setImmediate(reader.move);
+            if (action === 'pause-later') {
+              // Between reads, after the input was given a target: the next read may land in it while paused.
+              setImmediate(() => {
+                reader.state.paused = true;
+                input.pause();
+                setTimeout(resume, 1);
+              });
+              return;
+            }
+            reader.state.paused = true;
+            input.pause();
+            if (action === 'resume-later') setTimeout(resume, 1);
+            else if (action === 'pause-in-handler') setImmediate(resume);
+            else resume();
+          };
+          input.listen(reader.handlers);
+          const payloads = sizes.map((n) => randomBytes(n));
+          const stream = framed(payloads);
+          for (let at = 0; at < stream.length; at += 70_000) {
+            client.write(stream.subarray(at, at + 70_000));
+            await new Promise((r) => setImmediate(r));
+          }
+          client.end();
+          reader.state.paused = false;
+          input.resume();
+          await until(() => reader.state.ended, 'the end');
+          assert.deepEqual(reader.state.messages, payloads);
+          assert.equal(reader.state.whilePaused, 0);
+          assert.ok(reader.intact(), 'nothing written outside a live target');
+          input.socket.destroy();
+        });
+      },
+    ),
+    { numRuns: 30 },
+  );
+});
+
 test('a socket without a handle to adopt falls back to data events (not transient)', () => {
   const bare = new Socket();
   const input = ownBufferInput(bare, { allowHalfOpen: true });

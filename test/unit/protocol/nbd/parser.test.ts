@@ -397,15 +397,19 @@ test('transient chunks (a read buffer reused after each feed): options answered 
       fc.array(fc.integer({ min: 1, max: 64 }), { minLength: 1, maxLength: 40 }),
       fc.array(fc.boolean(), { minLength: 1, maxLength: 10 }),
       fc.array(fc.constantFrom('answer', 'release', 'both', 'none'), { minLength: 1, maxLength: 20 }),
-      (sizes, holds, steps) => {
+      fc.boolean(),
+      (sizes, holds, steps, useTargets) => {
         const s = lazySession(holds);
         const readBuffer = Buffer.alloc(64);
         let at = 0;
         let i = 0;
         while (at < conversation.length) {
-          const n = Math.min(sizes[i % sizes.length] ?? 1, conversation.length - at);
-          conversation.copy(readBuffer, 0, at, at + n);
-          s.parser.feed(readBuffer.subarray(0, n), true);
+          // A socket reads into the parser's payload target when it offers one (as an own-buffer input does).
+          const target = useTargets ? s.parser.payloadTarget() : undefined;
+          const into = target ?? readBuffer;
+          const n = Math.min(sizes[i % sizes.length] ?? 1, conversation.length - at, into.length);
+          conversation.copy(into, 0, at, at + n);
+          s.parser.feed(into.subarray(0, n), true);
           readBuffer.fill(0xee); // the next read lands here
           at += n;
           const step = steps[i % steps.length];
@@ -423,4 +427,42 @@ test('transient chunks (a read buffer reused after each feed): options answered 
     ),
     { numRuns: 400 },
   );
+});
+
+test('payloadTarget: the rest of a WRITE payload while it is being read, nothing between messages, in options or while holding; bytes read into it are not copied again', () => {
+  let held = false;
+  const payloads: Buffer[] = [];
+  const parser: NbdServerParser = new NbdServerParser({
+    onClientFlags: () => undefined,
+    onOption: (opt) => (opt === OPT.GO ? parser.startTransmission() : parser.resume()),
+    onOversizedOption: () => assert.fail('oversized'),
+    onRequest: () => {
+      if (held) parser.hold();
+    },
+    onPayload: (r) => payloads.push(r.data),
+    onFatal: (e) => assert.fail(e),
+  });
+  parser.feed(Buffer.concat([flags, option(OPT.GO, goPayload('vol'))]).subarray(0, 10));
+  assert.equal(parser.payloadTarget(), undefined, 'in the handshake');
+  parser.feed(Buffer.concat([flags, option(OPT.GO, goPayload('vol'))]).subarray(10));
+  assert.equal(parser.payloadTarget(), undefined, 'between messages');
+  const data = Buffer.from('0123456789abcdef');
+  const write = request(CMD.WRITE, 0, data.length, 1, data);
+  parser.feed(write.subarray(0, 28 + 4));
+  const target = parser.payloadTarget();
+  assert.equal(target?.length, 12, 'the rest of the payload');
+  data.copy(target, 0, 4, 10);
+  const marked = (target).subarray(0, 6);
+  parser.feed(marked, true);
+  assert.equal(parser.payloadTarget()?.byteOffset, (target).byteOffset + 6, 'moved on by what was read into it');
+  parser.feed(data.subarray(10), true);
+  assert.equal(payloads.length, 1);
+  assert.ok(payloads[0]?.equals(data));
+  assert.equal(payloads[0]?.buffer, target?.buffer, 'the payload is the buffer read into');
+  held = true;
+  parser.feed(write.subarray(0, 28 + 4));
+  assert.equal(parser.payloadTarget(), undefined, 'while holding');
+  held = false;
+  parser.release();
+  assert.equal(parser.payloadTarget()?.length, 12, 'after release, once the payload is being read');
 });
