@@ -23,6 +23,12 @@
 // into a spill buffer of its own and stops the socket only once that holds `size` bytes.
 // resume() hands the spill over as one chunk in a later tick, and only then reads again.
 //
+// Targets: after every read the input asks its reader where the next bytes belong (the
+// rest of a WRITE payload's buffer, InputHandlers.target), and Node reads them there
+// (`onread` with a buffer generator). The chunk handed over is then a view of that
+// buffer at the place the bytes belong, and the reader's copy is skipped. Bytes that
+// land in a target after a pause stay there and are handed over before the spill.
+//
 // Invariants:
 //   - a chunk from a `transient` input is a view of a buffer the next read overwrites
 //     (the read buffer, or the spill once handed over): a listener keeps nothing of it
@@ -36,6 +42,9 @@
 //     bytes, not the number of reads (a client trickling one byte per segment costs no
 //     more than one sending whole segments). Once handed over, a spill over 4 KiB goes.
 //   - end() comes after every byte read has been handed over.
+//   - a read lands in a target only if the reader gave it after the last chunk and the
+//     input was not paused then; the reader keeps that memory for it until the next
+//     chunk is handed over or the socket can read no more.
 //   - where the runtime's accepted Socket has no handle this can adopt (a future Node.js,
 //     a socket that is not a stream handle), the input falls back to 'data' events, which
 //     are not transient.
