@@ -34,8 +34,9 @@
 //     (the read buffer, or the spill once handed over): a listener keeps nothing of it
 //     past its return without a copy (the parsers' feed takes a `transient` flag and
 //     copies what they keep).
-//   - both buffers are the connection's own, so a slip in that rule can garble only its
-//     own stream, never hand one client's bytes to another.
+//   - the read and spill buffers are the connection's own, so a slip in that rule can
+//     garble only its own stream. A target is a request's buffer, from a pool shared by
+//     connections: the input reads into one only as the reader allows (below).
 //   - nothing is handed to data() while paused. Bytes read on meanwhile are under twice
 //     `size` (the socket stops at `size`, and stays stopped until they are handed over,
 //     whatever pauses and resumes come between), held in one buffer: memory follows the
@@ -45,6 +46,12 @@
 //   - a read lands in a target only if the reader gave it after the last chunk and the
 //     input was not paused then; the reader keeps that memory for it until the next
 //     chunk is handed over or the socket can read no more.
+//   - Node.js drops the buffer the generator returned when a tick queued during the
+//     read's callback throws and an 'uncaughtException' handler catches it: the next
+//     read lands in the last one's buffer while the input expects it in the new one.
+//     The node has no such handler (an uncaught exception ends it); in a process that
+//     has one, every connection whose last or next read buffer is a target is cut at
+//     any uncaught exception, before it can read again.
 //   - where the runtime's accepted Socket has no handle this can adopt (a future Node.js,
 //     a socket that is not a stream handle), the input falls back to 'data' events, which
 //     are not transient.
@@ -171,6 +178,18 @@ export function dataEventInput(socket: Socket): SocketInput {
   };
 }
 
+/** Own-buffer inputs alive, for the cut at an uncaught exception (see the header). */
+const live = new Set<OwnBufferInput>();
+let watchingUncaught = false;
+
+function watchUncaught(): void {
+  if (watchingUncaught) return;
+  watchingUncaught = true;
+  process.on('uncaughtExceptionMonitor', () => {
+    for (const input of live) input.cutIfTargeted();
+  });
+}
+
 /** What of an accepted socket's internals the adoption relies on. */
 interface AdoptableHandle {
   readStart(): number;
@@ -219,6 +238,8 @@ class OwnBufferInput implements SocketInput {
   private readonly buffer: Buffer;
   /** Where the next read lands: `buffer`, or a reader's target (see InputHandlers.target). */
   private current: Buffer;
+  /** Where the last read landed. */
+  private last: Buffer;
   private readonly allowHalfOpen: boolean;
   private handlers: InputHandlers | undefined;
   private paused: boolean;
@@ -237,6 +258,7 @@ class OwnBufferInput implements SocketInput {
     this.transient = true;
     this.buffer = Buffer.allocUnsafe(size);
     this.current = this.buffer;
+    this.last = this.buffer;
     this.allowHalfOpen = allowHalfOpen;
     this.handlers = undefined;
     this.paused = false;
@@ -276,7 +298,10 @@ class OwnBufferInput implements SocketInput {
       this.spill = EMPTY;
       this.spillLength = 0;
       this.early = undefined;
+      live.delete(this);
     });
+    live.add(this);
+    watchUncaught();
   }
 
   listen(handlers: InputHandlers | undefined): void {
@@ -328,8 +353,14 @@ class OwnBufferInput implements SocketInput {
     this.socket.resume();
   }
 
+  /** At an uncaught exception: Node.js may not read where this input expects (see the header) if a target is involved. */
+  cutIfTargeted(): void {
+    if ((this.current !== this.buffer || this.last !== this.buffer) && !this.socket.destroyed) this.socket.destroy();
+  }
+
   private onRead(nread: number): void {
     const source = this.current;
+    this.last = source;
     if (!this.paused && this.spillLength === 0 && this.early === undefined) {
       this.handlers?.data(source.subarray(0, nread));
       return;

@@ -3,7 +3,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { connect } from 'node:net';
 import { join } from 'node:path';
 import { RmemClient } from '../../src/client/rmem-client.js';
@@ -62,6 +62,41 @@ test('journal over rmem: open, append with targets, read, trim, info; a full dev
   assert.match(metrics, /memstrata_nvram_journal_bytes\{device="j",what="ring"\} 16777216/);
   const syncs = Number(/memstrata_nvram_journal_events\{device="j",what="syncs"\} (\d+)/.exec(metrics)?.[1]);
   assert.ok(syncs >= 2 && syncs <= 36, `${syncs} journal syncs for 35 appends, a trim and the open`);
+});
+
+test('pipelined JAPPENDs whose bodies arrive whole in one socket read (taken into pooled buffers): every record reads back with its own bytes', async (t) => {
+  const n = await startNode({ cwd: await tempDir(t) });
+  t.after(() => n.stop('SIGKILL'));
+  await createDevice(n, 'ja', '8MiB', 'volatile');
+  await createDevice(n, 'jb', '8MiB', 'volatile');
+  const c = await client(t, n, 'pipeliner');
+  const ja = await c.journalOpen('ja', 1);
+  const jb = await c.journalOpen('jb', 1);
+  const sent = { a: [] as Buffer[], b: [] as Buffer[] };
+  for (let round = 0; round < 10; round++) {
+    // Two journals alternated in one tick: one JAPPEND each, written together, so most
+    // bodies (over 4 KiB) are whole in a read the node reuses.
+    const acks: Promise<unknown>[] = [];
+    for (let i = 0; i < 60; i++) {
+      const pa = randomBytes(4100 + Math.floor(Math.random() * 3000));
+      const pb = randomBytes(4100 + Math.floor(Math.random() * 3000));
+      sent.a.push(pa);
+      sent.b.push(pb);
+      acks.push(c.journalAppend(ja, [{ payload: pa }]), c.journalAppend(jb, [{ payload: pb }]));
+    }
+    await Promise.all(acks);
+  }
+  for (const [journal, list] of [[ja, sent.a], [jb, sent.b]] as const) {
+    const got: Buffer[] = [];
+    for (let from = 1; got.length < list.length; ) {
+      const records = await c.journalRead(journal, from, 1024, 8 * 2 ** 20);
+      if (records.length === 0) break;
+      for (const r of records) got.push(Buffer.from(r.payload));
+      from = (records.at(-1)?.seq ?? from) + 1;
+    }
+    assert.equal(got.length, list.length);
+    list.forEach((payload, i) => assert.ok(got[i]?.equals(payload), `record ${i + 1} of ${journal.device} holds its own bytes`));
+  }
 });
 
 test('fencing between clients: after a newer open, the older one cannot append, and nothing it sent shows', async (t) => {

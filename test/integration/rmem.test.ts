@@ -304,6 +304,52 @@ test('a request the node never answers fails with MS_RMEM_TIMEOUT, and the clien
   assert.equal(c.inFlight, 0);
 });
 
+test('an error reply to readInto never lands in the caller\'s buffer, even when its message has the buffer\'s length, split across reads or whole in one', async (t) => {
+  // A stand-in node that answers every READ with a VIOLATION whose message is exactly as
+  // long as the read, in one write or in two.
+  const { FrameParser } = await import('../../src/protocol/rmem/parser.js');
+  const sockets = new Set<Socket>();
+  let split = false;
+  const fake = createServer((socket) => {
+    sockets.add(socket);
+    const parser = new FrameParser('request', {
+      onFrame: (f) => {
+        const tag = { hi: f.tagHi, lo: f.tagLo };
+        if (f.op === OP.HELLO) {
+          socket.write(codec.encodeHelloReply(tag, { version: VERSION, resumed: false, leaseMs: 30000, maxBody: 1 << 24, sessionId: 1n, nodeId: 'fake', secret: Buffer.alloc(32) }));
+          return;
+        }
+        const length = codec.decodeReadRequest(f.body).length;
+        const reply = codec.encodeErrorReply(f.op, STATUS.VIOLATION, tag, 'x'.repeat(length));
+        if (!split) socket.write(reply);
+        else {
+          socket.write(reply.subarray(0, 30));
+          setTimeout(() => socket.write(reply.subarray(30)), 20);
+        }
+      },
+      onFatal: () => socket.destroy(),
+    });
+    socket.on('data', (chunk: Buffer) => parser.feed(chunk));
+    socket.on('error', () => undefined);
+  });
+  await new Promise<void>((resolve) => fake.listen(0, '127.0.0.1', resolve));
+  t.after(() => {
+    for (const s of sockets) s.destroy();
+    return new Promise<void>((resolve) => fake.close(() => resolve()));
+  });
+  const c = await RmemClient.connect({ host: '127.0.0.1', port: (fake.address() as { port: number }).port, serverId: 's', keepalive: false });
+  t.after(() => c.close());
+  const region: Region = { regionId: 1, key: 2n, size: 1 << 20, ranges: [] };
+  for (const length of [100, 4096, 60_000]) {
+    for (const apart of [false, true]) {
+      split = apart;
+      const target = Buffer.alloc(length, 0x5a);
+      await assert.rejects(c.readInto(region, 0, target), { code: 'MS_RMEM_VIOLATION' });
+      assert.ok(target.every((b) => b === 0x5a), `the ${length}-byte buffer is untouched (${apart ? 'split' : 'whole'})`);
+    }
+  }
+});
+
 test('a resume the node refuses (SECRET) is not retried: the client reports the session lost at once', async (t) => {
   // A stand-in node: the first HELLO opens a session, then the connection drops and every later HELLO is refused.
   const hellos: (Buffer | undefined)[] = [];

@@ -2,6 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createServer, connect, Socket, type Server } from 'node:net';
 import { once } from 'node:events';
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fc from 'fast-check';
 import { ownBufferInput, type InputHandlers, type SocketInput } from '../../../src/net/socket-input.js';
@@ -368,6 +369,63 @@ test('targets under any schedule of pauses, resumes, declined and given-up targe
     ),
     { numRuns: 30 },
   );
+});
+
+test('a tick that throws during a read into a target, caught by an uncaughtException handler, cuts the connection instead of letting a read land where the input does not expect it', async () => {
+  // Node.js drops the buffer the generator returned when this happens (the next read
+  // lands in the last one's); node:test catches uncaught exceptions itself, so the
+  // process that has the handler is a child of its own.
+  const module = new URL('../../../src/net/socket-input.js', import.meta.url).href;
+  const script = `
+    import { createServer, connect } from 'node:net';
+    import { once } from 'node:events';
+import { spawn } from 'node:child_process';
+    const { ownBufferInput } = await import(${JSON.stringify(module)});
+    process.on('uncaughtException', () => undefined);
+    const length = 100000;
+    const payload = Buffer.alloc(length);
+    let have = -4, direct = 0, thrown = false;
+    const server = createServer({ pauseOnConnect: true }, (socket) => {
+      const input = ownBufferInput(socket, { allowHalfOpen: true });
+      input.listen({
+        data: (chunk) => {
+          let at = 0;
+          if (have < 0) { const n = Math.min(-have, chunk.length); have += n; at = n; }
+          const n = Math.min(length - have, chunk.length - at);
+          if (chunk.buffer === payload.buffer && chunk.byteOffset + at === payload.byteOffset + have) direct += n;
+          else chunk.copy(payload, have, at, at + n);
+          have += n;
+          if (!thrown) { thrown = true; process.nextTick(() => { throw new Error('a tick throws'); }); }
+        },
+        end: () => undefined,
+        target: () => (have >= 0 && have < length ? payload.subarray(have) : undefined),
+      });
+    });
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    const client = connect(server.address().port, '127.0.0.1');
+    await once(client, 'connect');
+    const sent = Buffer.alloc(length);
+    for (let i = 0; i < length; i++) sent[i] = (i * 7) & 0xff;
+    const head = Buffer.alloc(4); head.writeUInt32BE(length);
+    client.write(Buffer.concat([head, sent.subarray(0, 10)]));
+    await new Promise((r) => setTimeout(r, 100));
+    client.on('error', () => undefined);
+    const closed = once(client, 'close');
+    client.write(sent.subarray(10));
+    await Promise.race([closed, new Promise((r) => setTimeout(r, 2000))]);
+    const wrong = payload.subarray(0, have).equals(sent.subarray(0, have)) ? 0 : 1;
+    console.log(JSON.stringify({ cut: client.destroyed, have, direct, wrong }));
+    client.destroy(); server.close();
+  `;
+  const child = spawn(process.execPath, ['--input-type=module', '-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  child.stdout.on('data', (chunk: Buffer) => (out += chunk.toString()));
+  await once(child, 'exit');
+  const result = JSON.parse(out) as { cut: boolean; have: number; direct: number; wrong: number };
+  assert.equal(result.wrong, 0, `no byte handed over from where it did not land (${JSON.stringify(result)})`);
+  assert.equal(result.cut, true, 'the connection was cut');
+  assert.ok(result.have < 100_000, 'the payload was not completed from a read Node.js put elsewhere');
 });
 
 test('a socket without a handle to adopt falls back to data events (not transient)', () => {

@@ -461,8 +461,15 @@ test('payloadTarget: the rest of a WRITE payload while it is being read, nothing
   assert.equal(payloads[0]?.buffer, target?.buffer, 'the payload is the buffer read into');
   held = true;
   parser.feed(write.subarray(0, 28 + 4));
-  assert.equal(parser.payloadTarget(), undefined, 'while holding');
+  assert.equal(parser.payloadTarget(), undefined, 'while holding at a WRITE header');
   held = false;
   parser.release();
   assert.equal(parser.payloadTarget()?.length, 12, 'after release, once the payload is being read');
+  parser.hold();
+  assert.equal(parser.payloadTarget(), undefined, 'while holding in a payload');
+  parser.release();
+  assert.equal(parser.payloadTarget()?.length, 12, 'after release');
+  parser.feed(data.subarray(4), true);
+  assert.equal(payloads.length, 2);
+  assert.ok(payloads[1]?.equals(data));
 });
