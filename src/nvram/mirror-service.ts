@@ -327,6 +327,8 @@ class MirrorConnection {
         this.parser.feed(chunk, input.transient);
       },
       end: () => undefined,
+      // The rest of a body that spans reads is read straight into its buffer.
+      target: () => this.parser.bodyRest(),
     });
     socket.on('error', () => undefined);
     socket.once('close', () => {

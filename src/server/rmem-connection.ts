@@ -219,6 +219,8 @@ export class RmemConnection {
         this.parser.feed(chunk, input.transient);
       },
       end: () => undefined,
+      // The rest of a body that spans reads is read straight into its buffer.
+      target: () => this.parser.bodyRest(),
     });
     socket.on('error', (error) => {
       host.log.debug({ remote: this.remote, err: error }, 'rmem connection error');

@@ -14,7 +14,8 @@
 // body goes into the buffer `bodyTarget` gives for it, if any, else a small body is
 // copied out on its own and a larger one together with the rest of the chunk (one
 // allocation for the frames that follow, as Node's own read would be), and what waits
-// of it is copied.
+// of it is copied. bodyRest() lets the socket read the rest of a body that spans reads
+// straight into the body's buffer, which then needs no copy.
 //
 // Admission (server side): a body that spans chunks is the only memory the parser
 // allocates, and a header alone can ask for MAX_BODY. With `admitBody`, the parser asks
@@ -167,6 +168,17 @@ export class FrameParser {
     }
   }
 
+  /**
+   * Where the next bytes of the stream go, while they are the rest of a body being
+   * assembled and nothing waits to be parsed: the rest of that body's buffer. A socket
+   * may read into it and feed a view of it; bytes fed where they already belong are not
+   * copied again. Undefined otherwise.
+   */
+  bodyRest(): Buffer | undefined {
+    if (this.body === undefined || this.failed || this.stopped || this.held >= 0 || this.backlog.length > 0) return undefined;
+    return this.body.subarray(this.bodyHave);
+  }
+
   /** `transient`: the chunk's bytes are overwritten once this returns (nothing of it is kept uncopied). */
   feed(chunk: Buffer, transient = false): void {
     if (this.held >= 0 || this.stopped) {
@@ -227,7 +239,8 @@ export class FrameParser {
         body = this.startBody(length);
       }
       const n = Math.min(body.length - this.bodyHave, chunk.length - at);
-      chunk.copy(body, this.bodyHave, at, at + n);
+      // A chunk read into bodyRest() is already where it belongs.
+      if (chunk.buffer !== body.buffer || chunk.byteOffset + at !== body.byteOffset + this.bodyHave) chunk.copy(body, this.bodyHave, at, at + n);
       this.bodyHave += n;
       at += n;
       if (this.bodyHave === body.length) {
