@@ -10,6 +10,7 @@ import { RmemClient, type Region } from '../../src/client/rmem-client.js';
 import type { ServersJson, PartitionTableJson } from '../../src/protocol/admin/api.js';
 import * as codec from '../../src/protocol/rmem/codec.js';
 import { OP, STATUS, VERSION } from '../../src/protocol/rmem/spec.js';
+import { FrameParser, type Frame } from '../../src/protocol/rmem/parser.js';
 import { runCli, startNode, tempDir, type NodeProcess } from '../support/node-process.js';
 
 async function node(t: { after(fn: () => Promise<unknown>): void }, args: string[] = [], env: NodeJS.ProcessEnv = {}): Promise<NodeProcess> {
@@ -37,6 +38,33 @@ async function until<T>(what: string, probe: () => Promise<T | undefined>, timeo
     if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
     await new Promise((resolve) => setTimeout(resolve, 50));
   }
+}
+
+/** A stand-in node on loopback: `onFrame` answers each request frame on its socket. Resolves with its port; closed after the test. */
+async function standIn(t: { after(fn: () => Promise<unknown>): void }, onFrame: (socket: Socket, frame: Frame) => void): Promise<number> {
+  const sockets = new Set<Socket>();
+  const fake = createServer((socket) => {
+    sockets.add(socket);
+    const parser = new FrameParser('request', {
+      onFrame: (frame) => {
+        onFrame(socket, frame);
+      },
+      onFatal: () => socket.destroy(),
+    });
+    socket.on('data', (chunk: Buffer) => parser.feed(chunk));
+    socket.on('error', () => undefined);
+  });
+  await new Promise<void>((resolve) => fake.listen(0, '127.0.0.1', resolve));
+  t.after(() => {
+    for (const s of sockets) s.destroy();
+    return new Promise<void>((resolve) => fake.close(() => resolve()));
+  });
+  return (fake.address() as { port: number }).port;
+}
+
+/** What a stand-in node answers to HELLO: a new session. */
+function helloReply(frame: Frame, secret = Buffer.alloc(32)): Buffer {
+  return codec.encodeHelloReply({ hi: frame.tagHi, lo: frame.tagLo }, { version: VERSION, resumed: false, leaseMs: 30000, maxBody: 1 << 24, sessionId: 1n, nodeId: 'fake', secret });
 }
 
 test('isolation: server B cannot read, write or free what A holds, even guessing ids and keys', async (t) => {
@@ -273,31 +301,12 @@ test('keepalives hold a quiet session; without them the node closes it after the
 
 test('a request the node never answers fails with MS_RMEM_TIMEOUT, and the client stays usable', async (t) => {
   // A stand-in node that answers HELLO and then only every other request.
-  const { FrameParser } = await import('../../src/protocol/rmem/parser.js');
   let count = 0;
-  const sockets = new Set<Socket>();
-  const fake = createServer((socket) => {
-    sockets.add(socket);
-    const parser = new FrameParser('request', {
-      onFrame: (f) => {
-        const tag = { hi: f.tagHi, lo: f.tagLo };
-        if (f.op === OP.HELLO) {
-          socket.write(codec.encodeHelloReply(tag, { version: VERSION, resumed: false, leaseMs: 30000, maxBody: 1 << 24, sessionId: 1n, nodeId: 'fake', secret: Buffer.alloc(32) }));
-        } else if (count++ % 2 === 1) {
-          socket.write(codec.encodeEmptyReply(f.op, tag));
-        }
-      },
-      onFatal: () => socket.destroy(),
-    });
-    socket.on('data', (chunk: Buffer) => parser.feed(chunk));
-    socket.on('error', () => undefined);
+  const port = await standIn(t, (socket, f) => {
+    if (f.op === OP.HELLO) socket.write(helloReply(f));
+    else if (count++ % 2 === 1) socket.write(codec.encodeEmptyReply(f.op, { hi: f.tagHi, lo: f.tagLo }));
   });
-  await new Promise<void>((resolve) => fake.listen(0, '127.0.0.1', resolve));
-  t.after(() => {
-    for (const s of sockets) s.destroy();
-    return new Promise<void>((resolve) => fake.close(() => resolve()));
-  });
-  const c = await RmemClient.connect({ host: '127.0.0.1', port: (fake.address() as { port: number }).port, serverId: 's', timeoutMs: 300, keepalive: false });
+  const c = await RmemClient.connect({ host: '127.0.0.1', port, serverId: 's', timeoutMs: 300, keepalive: false });
   t.after(() => c.close());
   await assert.rejects(c.keepalive(), { code: 'MS_RMEM_TIMEOUT' });
   await c.keepalive(); // answered
@@ -307,37 +316,21 @@ test('a request the node never answers fails with MS_RMEM_TIMEOUT, and the clien
 test('an error reply to readInto never lands in the caller\'s buffer, even when its message has the buffer\'s length, split across reads or whole in one', async (t) => {
   // A stand-in node that answers every READ with a VIOLATION whose message is exactly as
   // long as the read, in one write or in two.
-  const { FrameParser } = await import('../../src/protocol/rmem/parser.js');
-  const sockets = new Set<Socket>();
   let split = false;
-  const fake = createServer((socket) => {
-    sockets.add(socket);
-    const parser = new FrameParser('request', {
-      onFrame: (f) => {
-        const tag = { hi: f.tagHi, lo: f.tagLo };
-        if (f.op === OP.HELLO) {
-          socket.write(codec.encodeHelloReply(tag, { version: VERSION, resumed: false, leaseMs: 30000, maxBody: 1 << 24, sessionId: 1n, nodeId: 'fake', secret: Buffer.alloc(32) }));
-          return;
-        }
-        const length = codec.decodeReadRequest(f.body).length;
-        const reply = codec.encodeErrorReply(f.op, STATUS.VIOLATION, tag, 'x'.repeat(length));
-        if (!split) socket.write(reply);
-        else {
-          socket.write(reply.subarray(0, 30));
-          setTimeout(() => socket.write(reply.subarray(30)), 20);
-        }
-      },
-      onFatal: () => socket.destroy(),
-    });
-    socket.on('data', (chunk: Buffer) => parser.feed(chunk));
-    socket.on('error', () => undefined);
+  const port = await standIn(t, (socket, f) => {
+    if (f.op === OP.HELLO) {
+      socket.write(helloReply(f));
+      return;
+    }
+    const length = codec.decodeReadRequest(f.body).length;
+    const reply = codec.encodeErrorReply(f.op, STATUS.VIOLATION, { hi: f.tagHi, lo: f.tagLo }, 'x'.repeat(length));
+    if (!split) socket.write(reply);
+    else {
+      socket.write(reply.subarray(0, 30));
+      setTimeout(() => socket.write(reply.subarray(30)), 20);
+    }
   });
-  await new Promise<void>((resolve) => fake.listen(0, '127.0.0.1', resolve));
-  t.after(() => {
-    for (const s of sockets) s.destroy();
-    return new Promise<void>((resolve) => fake.close(() => resolve()));
-  });
-  const c = await RmemClient.connect({ host: '127.0.0.1', port: (fake.address() as { port: number }).port, serverId: 's', keepalive: false });
+  const c = await RmemClient.connect({ host: '127.0.0.1', port, serverId: 's', keepalive: false });
   t.after(() => c.close());
   const region: Region = { regionId: 1, key: 2n, size: 1 << 20, ranges: [] };
   for (const length of [100, 4096, 60_000]) {
@@ -353,33 +346,17 @@ test('an error reply to readInto never lands in the caller\'s buffer, even when 
 test('a resume the node refuses (SECRET) is not retried: the client reports the session lost at once', async (t) => {
   // A stand-in node: the first HELLO opens a session, then the connection drops and every later HELLO is refused.
   const hellos: (Buffer | undefined)[] = [];
-  const sockets = new Set<Socket>();
-  const { FrameParser } = await import('../../src/protocol/rmem/parser.js');
-  const fake = createServer((socket) => {
-    sockets.add(socket);
-    const parser = new FrameParser('request', {
-      onFrame: (f) => {
-        const tag = { hi: f.tagHi, lo: f.tagLo };
-        if (f.op !== OP.HELLO) return;
-        hellos.push(codec.decodeHelloRequest(f.body).secret);
-        if (hellos.length === 1) {
-          socket.write(codec.encodeHelloReply(tag, { version: VERSION, resumed: false, leaseMs: 30000, maxBody: 1 << 24, sessionId: 1n, nodeId: 'fake', secret: Buffer.alloc(32, 5) }));
-          setImmediate(() => socket.destroy());
-        } else {
-          socket.end(codec.encodeErrorReply(OP.HELLO, STATUS.SECRET, tag, 'not yours'));
-        }
-      },
-      onFatal: () => socket.destroy(),
-    });
-    socket.on('data', (chunk: Buffer) => parser.feed(chunk));
-    socket.on('error', () => undefined);
+  const port = await standIn(t, (socket, f) => {
+    if (f.op !== OP.HELLO) return;
+    hellos.push(codec.decodeHelloRequest(f.body).secret);
+    if (hellos.length === 1) {
+      socket.write(helloReply(f, Buffer.alloc(32, 5)));
+      setImmediate(() => socket.destroy());
+    } else {
+      socket.end(codec.encodeErrorReply(OP.HELLO, STATUS.SECRET, { hi: f.tagHi, lo: f.tagLo }, 'not yours'));
+    }
   });
-  await new Promise<void>((resolve) => fake.listen(0, '127.0.0.1', resolve));
-  t.after(() => {
-    for (const s of sockets) s.destroy();
-    return new Promise<void>((resolve) => fake.close(() => resolve()));
-  });
-  const c = await RmemClient.connect({ host: '127.0.0.1', port: (fake.address() as { port: number }).port, serverId: 's', keepalive: false });
+  const c = await RmemClient.connect({ host: '127.0.0.1', port, serverId: 's', keepalive: false });
   t.after(() => c.close());
   await new Promise<void>((resolve) => c.once('sessionLost', resolve));
   assert.equal(c.connected, false);
@@ -567,7 +544,6 @@ test('CLI: memstrata servers and memstrata rmem capacity', async (t) => {
 async function rawExchange(n: NodeProcess, frames: Buffer[], quietMs = 300): Promise<{ op: number; word: number; tagLo: number }[]> {
   const socket = connect(n.rmem.port, n.rmem.host);
   const replies: { op: number; word: number; tagLo: number }[] = [];
-  const { FrameParser } = await import('../../src/protocol/rmem/parser.js');
   const parser = new FrameParser('response', {
     onFrame: (f) => replies.push({ op: f.op, word: f.word, tagLo: f.tagLo }),
     onFatal: () => socket.destroy(),
