@@ -290,7 +290,7 @@ class MirrorConnection {
         this.bodySince = undefined;
         // Priced at its header: a reserved body as it was reserved, any other frame now.
         const admitted = reserved > 0 ? this.reservedAdmitted : this.partner !== undefined;
-        // Socket chunks are fresh buffers, so holding a view of one until the request is applied is safe.
+        // The parser copies what it keeps of a transient chunk (or the body is its own buffer), so holding the body until the request is applied is safe.
         const cost = f.body.length + (admitted ? maxMirrorReplySize(f.op) : MIRROR_HANDSHAKE_REPLY_SIZE);
         this.flow.push({ frame: f, cost, admitted }, cost, reserved);
       },

@@ -290,6 +290,7 @@ test('transient chunks (a read buffer reused after each feed, or the rest of a b
         while (at < stream.length) {
           // A socket reads into the rest of a body being assembled when the parser offers it (as an own-buffer input does).
           const rest = readIntoBodies ? parser.bodyRest() : undefined;
+          assert.ok(rest === undefined || rest.length > 0, 'the rest of a body offered holds at least a byte');
           const into = rest ?? readBuffer;
           const n = Math.min(sizes[i++ % sizes.length] ?? 1, stream.length - at, into.length);
           stream.copy(into, 0, at, at + n);
