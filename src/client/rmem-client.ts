@@ -689,18 +689,18 @@ async function handshake(options: RmemClient['options'], secret: Buffer | undefi
   const onread = ownReadBuffer((chunk) => {
     parser.feed(chunk, true);
   });
-  const socket: Socket =
-    options.path !== undefined
-      ? netConnect({ path: options.path, onread })
-      : options.tls !== undefined
-        ? tlsConnect({ ...options.tls, host: options.host, port: options.port, ...(options.tls.servername === undefined && isIP(options.host) === 0 ? { servername: options.host } : {}) })
-        : netConnect({ host: options.host, port: options.port, onread });
-  if (options.path === undefined) socket.setNoDelay(true);
-  if (options.tls !== undefined && options.path === undefined) {
+  let socket: Socket;
+  if (options.path !== undefined) {
+    socket = netConnect({ path: options.path, onread });
+  } else if (options.tls !== undefined) {
+    socket = tlsConnect({ ...options.tls, host: options.host, port: options.port, ...(options.tls.servername === undefined && isIP(options.host) === 0 ? { servername: options.host } : {}) });
     socket.on('data', (chunk: Buffer) => {
       parser.feed(chunk);
     });
+  } else {
+    socket = netConnect({ host: options.host, port: options.port, onread });
   }
+  if (options.path === undefined) socket.setNoDelay(true);
   socket.on('error', onError);
   socket.on('close', onClose);
   const timer = setTimeout(() => {

@@ -23,11 +23,11 @@
 // of it, and an option payload taken from it, is copied first. A WRITE payload is
 // always copied into a buffer of its own from `allocate`, so a request in flight never
 // keeps a socket chunk alive; payloadTarget() lets the socket read the rest of a
-// payload straight into that buffer, which then needs no copy. An option payload kept is within MAX_OPTION_LENGTH; a
-// skipped one takes no memory. A wrong magic or a WRITE larger than BLOCK.MAX cannot be
-// skipped safely (the length of a WRITE says how far the stream goes, and a client that
-// sends more than the maximum has broken it) and is reported once through onFatal; later
-// input is ignored, as it is after stop().
+// payload straight into that buffer, which then needs no copy. An option payload kept
+// is within MAX_OPTION_LENGTH; a skipped one takes no memory. A wrong magic or a WRITE
+// larger than BLOCK.MAX cannot be skipped safely (the length of a WRITE says how far
+// the stream goes, and a client that sends more than the maximum has broken it) and is
+// reported once through onFatal; later input is ignored, as it is after stop().
 
 import { MisuseError } from '../../errors.js';
 import { readU64, type Cookie } from './codec.js';
