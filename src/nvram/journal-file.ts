@@ -595,7 +595,7 @@ export class JournalFile {
   /** First run in `ring.runs` still needed. */
   private runsFrom: number;
   private zeros: Buffer | undefined;
-  /** Where a batch written durably in one piece is assembled (see writeBatch). */
+  /** Where the pieces of a batch are assembled on the file's own sink (see writeBatch). */
   private scratch: Buffer | undefined;
   private queue: Waiter[];
   private running: Promise<void> | undefined;
@@ -689,13 +689,19 @@ export class JournalFile {
 
   /**
    * Queues a record that is written only together with the next append, flush, trim
-   * marker, compaction or close, and synced with it: a write log's plain WRITE, whose
-   * record the device already holds in memory. So unsynced bytes are in the file only
-   * while a batch is being written and synced, as for synced appends, and a power cut
-   * tears at most that batch. Resolves once written.
+   * marker, compaction, `write` or close, and synced with it when that syncs: a write
+   * log's plain WRITE, whose record the device already holds in memory. So unsynced bytes
+   * are in the file only while a batch is being written and synced, as for synced
+   * appends, and a power cut tears at most that batch (`write`, which does not sync, is
+   * for records the mirror partner holds). Resolves once written.
    */
   defer(record: Buffer): Promise<void> {
     return this.enqueue({ buf: record, sync: false, deferred: true }, false);
+  }
+
+  /** Writes the deferred records queued so far, without a sync; resolves once written. */
+  write(): Promise<void> {
+    return this.append(EMPTY, false);
   }
 
   /** Resolves once everything appended so far is covered by an fdatasync. */
@@ -916,26 +922,28 @@ export class JournalFile {
     const reach = Math.max(0, ...layout.pieces.map((p) => physical(p.at) + p.length));
     if (reach > this.ring.allocated) await this.preallocate(reach);
     // Each piece as one buffer of its own (the records' buffers are the device's and the
-    // partner's too), every record tagged with its place. A batch written durably in one
-    // piece is copied into the file's scratch buffer, reused from batch to batch (batches
-    // are written one at a time, and that write is done when `durable` settles): a fresh
-    // buffer per batch is garbage the size of everything appended.
-    const durable = sync && layout.pieces.length === 1 && !this.unsynced && this.durable !== undefined;
-    const bytes = layout.pieces.map((p) => {
-      const buf = durable && p.length <= SCRATCH_MAX ? this.scratchOf(p.length) : Buffer.allocUnsafe(p.length);
+    // partner's too), every record tagged with its place, assembled right before it is
+    // written. On the file's own sink (not wrapped: `durable` is set), a piece goes into
+    // the file's scratch buffer, reused from piece to piece and batch to batch (pieces are
+    // written one at a time, and a write is done when its promise settles): a fresh buffer
+    // per batch is garbage the size of everything appended. A wrapped sink (a test's) may
+    // keep what it is given, so it gets buffers of their own.
+    const own = this.durable !== undefined;
+    const assemble = (p: Layout['pieces'][number]): Buffer => {
+      const buf = own && p.length <= SCRATCH_MAX ? this.scratchOf(p.length) : Buffer.allocUnsafe(p.length);
       let o = 0;
       for (const part of p.parts) o += part.copy(buf, o);
       for (const r of p.records) buf.writeUInt32BE(ringTag(key, (p.at + r) % capacity), r + 52);
       return buf;
-    });
-    const one = bytes.length === 1 ? bytes[0] : undefined;
+    };
+    const one = layout.pieces.length === 1 ? layout.pieces[0] : undefined;
     const started = performance.now();
-    if (durable && one !== undefined && this.durable !== undefined) {
+    if (sync && one !== undefined && !this.unsynced && this.durable !== undefined) {
       // Nothing unsynced before it: the batch written durably covers all there is.
-      await this.durable(one, physical(layout.pieces[0]?.at ?? 0));
+      await this.durable(assemble(one), physical(one.at));
       this.synced(started);
     } else {
-      for (const [i, p] of layout.pieces.entries()) await this.sink.write(bytes[i] ?? EMPTY, physical(p.at));
+      for (const p of layout.pieces) await this.sink.write(assemble(p), physical(p.at));
       if (layout.pieces.length > 0) this.unsynced = true;
       if (sync && this.unsynced) {
         await this.sink.datasync();
