@@ -17,8 +17,9 @@
 // With `round`, sizes from `minSize` up to 1 MiB come from the pool rounded up to their
 // class, for callers that use a subarray and give the whole buffer back: NVRAM devices
 // stage the records of an append in one (given back once the device's memory and the
-// journal file have the bytes), and the rmem service assembles a JAPPEND body that spans
-// socket reads in one (given back once the append has settled), both from 4 KiB. A fresh
+// journal file have the bytes), the rmem service assembles a JAPPEND body that spans
+// socket reads in one (given back once the append has settled) and the mirror service a
+// partner's APPEND body (given back once the replica has the records), all from 4 KiB. A fresh
 // buffer for each was garbage the size of everything appended. Their budgets charge the
 // length, not the class: what the rounding adds is at most the length again, and what
 // the pools keep is bounded on its own.
@@ -106,8 +107,8 @@ export class BufferPool {
 
 /**
  * A pool for staging bytes from 4 KiB up, rounded to their class (see `round`), keeping
- * up to 1 MiB of each class below 1 MiB and `maxBytes` in all: NVRAM appends' records and
- * rmem JAPPEND bodies.
+ * up to 1 MiB of each class below 1 MiB and `maxBytes` in all: NVRAM appends' records,
+ * rmem JAPPEND bodies and mirror APPEND bodies.
  */
 export function stagingPool(maxBytes: number): BufferPool {
   return new BufferPool({ minSize: 4096, round: true, perClass: 8, smallClassBytes: MiB, maxBytes });

@@ -860,7 +860,10 @@ export class NvramDevice {
     if (this.used + bytes > this.size) throw new RuntimeError('MS_NVRAM_FULL', `replica ${this.name} is full: ${bytes} bytes do not fit in ${this.size - this.used}`);
     const first = this.nextSeq;
     this.nextSeq += records.length;
-    await Promise.all(encoded.map((buf, i) => this.place(buf, first + i, records[i]?.timestamp ?? 0)));
+    // Settles only once every record is placed, failed or not: the caller may reuse `encoded`'s memory then.
+    const placed = await Promise.allSettled(encoded.map((buf, i) => this.place(buf, first + i, records[i]?.timestamp ?? 0)));
+    const failed = placed.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed !== undefined) throw asError(failed.reason);
     this.ackedSeq = Math.max(this.ackedSeq, first + records.length - 1);
   }
 

@@ -45,6 +45,7 @@ import { RequestFlow, SharedBudget, newFlowStats, type FlowLimits, type FlowStat
 import { ReadGate, dataEventInput, ownBufferInput, type SocketInput } from '../net/socket-input.js';
 import { serviceLoad, type ServiceLoad } from '../net/service-load.js';
 import { FrameParser, type Frame } from '../protocol/rmem/parser.js';
+import { stagingPool, type BufferPool } from '../memory/buffer-pool.js';
 import type { ListenAddress } from '../units.js';
 import {
   MIRROR_HANDSHAKE_MAX_BODY,
@@ -128,6 +129,8 @@ export class MirrorService {
   readonly flowLimits: FlowLimits;
   readonly flowStats: FlowStats;
   readonly budget: SharedBudget;
+  /** Buffers APPEND bodies are assembled in (see MirrorConnection.bodyTarget). */
+  readonly bodyBuffers: BufferPool;
   readonly gate: ConnectionGate;
   address: ListenAddress | undefined;
   /** Requests served, for metrics. */
@@ -143,6 +146,7 @@ export class MirrorService {
     this.flowLimits = { maxRequests: options.maxInFlight, maxBytes: options.maxInFlightBytes };
     this.flowStats = newFlowStats();
     this.budget = new SharedBudget(options.maxInFlightBytesTotal, { reserveBytes: IDLE_RESERVE, waitersFirst: true });
+    this.bodyBuffers = stagingPool(BODY_POOL_BYTES);
     this.gate = new ConnectionGate('mirror', { maxConnections: options.maxConnections, maxConnectionsPerClient: options.maxConnectionsPerClient, handshakeTimeoutMs: options.handshakeTimeoutMs }, options.log);
     this.address = undefined;
     this.served = 0;
@@ -211,6 +215,8 @@ export class MirrorService {
   }
 }
 
+/** What the pool of APPEND bodies keeps. */
+const BODY_POOL_BYTES = 8 * 1024 * 1024;
 /** The slowest a body may arrive, or a reply be read, after the stall timeout's grace: 256 KiB/s. */
 export const MIN_RATE = 256 * 1024;
 /** Replies are handed to the socket in pieces of this size, each once the one before is taken. */
@@ -254,6 +260,8 @@ class MirrorConnection {
   /** When the node began reading the reserved body of the frame being received (undefined: none), and its length. */
   private bodySince: number | undefined;
   private bodyLength: number;
+  /** APPEND bodies in buffers of the service's pool, by body: each with the buffer it is a view of. */
+  private readonly pooledBodies: Map<Buffer, Buffer>;
 
   constructor(input: SocketInput, options: MirrorServiceOptions, service: MirrorService, admission: Admission) {
     const socket = input.socket;
@@ -276,6 +284,7 @@ class MirrorConnection {
     this.lastOutput = this.lastInput;
     this.bodySince = undefined;
     this.bodyLength = 0;
+    this.pooledBodies = new Map();
     // One small request at a time until HELLO succeeds; the service's limits after.
     // Reading pauses through the input (an own-buffer input pauses softly) while the flow
     // asks or the parser has stopped after a frame that queued.
@@ -294,6 +303,7 @@ class MirrorConnection {
         const cost = f.body.length + (admitted ? maxMirrorReplySize(f.op) : MIRROR_HANDSHAKE_REPLY_SIZE);
         this.flow.push({ frame: f, cost, admitted }, cost, reserved);
       },
+      bodyTarget: (op, _word, _tagHi, _tagLo, length) => this.bodyTarget(op, length),
       onFatal: (error) => {
         options.log.warn({ err: error, remote: socket.remoteAddress }, 'mirror connection sent a malformed frame; closing it');
         this.closing = true;
@@ -393,6 +403,22 @@ class MirrorConnection {
     return true;
   }
 
+  /**
+   * Where the parser puts an admitted peer's APPEND body (one that spans reads, or one
+   * whole in a read the socket input reuses): a buffer from the service's pool, back once
+   * the replica has placed the records (see handle). A fresh buffer per APPEND was
+   * garbage the size of everything mirrored: the partner ran a full collection every few
+   * hundred milliseconds for it. A body a closed connection leaves behind is not pooled
+   * again (the socket may still read into it).
+   */
+  private bodyTarget(op: number, length: number): Buffer | undefined {
+    if (op !== MOP.APPEND || this.partner === undefined) return undefined;
+    const owner = this.service.bodyBuffers.acquire(length);
+    const body = owner.subarray(0, length);
+    this.pooledBodies.set(body, owner);
+    return body;
+  }
+
   /** A request the flow admitted joins the chain; its budget comes back once its reply is written. */
   private admit(request: Request): void {
     if (this.parser.waiting && this.flow.queued === 0 && !this.resumeScheduled) {
@@ -477,12 +503,21 @@ class MirrorConnection {
         return undefined;
       }
       case MOP.APPEND: {
-        const { name, epoch, records, encoded } = decodeAppend(body);
-        if (records.some((r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) !== 0)) {
-          throw new MisuseError('MS_MIRROR_PROTOCOL', 'malformed mirror frame: APPEND carries an epoch or trim marker');
+        try {
+          const { name, epoch, records, encoded } = decodeAppend(body);
+          if (records.some((r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) !== 0)) {
+            throw new MisuseError('MS_MIRROR_PROTOCOL', 'malformed mirror frame: APPEND carries an epoch or trim marker');
+          }
+          await nvram.get(name).replicate(epoch, records, encoded, this);
+          return undefined;
+        } finally {
+          // The replica has copied the records (replicate settles once every place did).
+          const owner = this.pooledBodies.get(body);
+          if (owner !== undefined) {
+            this.pooledBodies.delete(body);
+            this.service.bodyBuffers.release(owner);
+          }
         }
-        await nvram.get(name).replicate(epoch, records, encoded, this);
-        return undefined;
       }
       case MOP.TRIM: {
         const { name, epoch, upTo } = decodeTrim(body);

@@ -333,18 +333,25 @@ export function encodeAppendParts(name: string, epoch: number, records: Buffer):
   return [new Writer().str8(name).u64(epoch).done(), records];
 }
 
-/** Device name, the primary's epoch, and the records, each checked (magic, length, checksum). */
+/**
+ * Device name, the primary's epoch, and the records, each checked (magic, length,
+ * checksum). The records are views of `body` (no copy): the caller keeps `body` as it is
+ * until it is done with them (the mirror service, until the replica has placed them).
+ */
 export function decodeAppend(body: Buffer): { name: string; epoch: number; records: JournalRecord[]; encoded: Buffer[] } {
   const r = new Reader(body, 'APPEND');
   const name = r.deviceName();
   const epoch = r.u64();
-  const { records, encoded } = splitRecords(r.rest(), 'APPEND');
+  const { records, encoded } = splitRecords(r.rest(), 'APPEND', false);
   if (records.length === 0) throw malformed('APPEND: no records');
   return { name, epoch, records, encoded };
 }
 
-/** Splits back-to-back records; each must be whole and pass its checksum. */
-export function splitRecords(bytes: Buffer, what: string): { records: JournalRecord[]; encoded: Buffer[] } {
+/**
+ * Splits back-to-back records; each must be whole and pass its checksum. Each is a copy
+ * of its bytes, or with `copy` false a view of `bytes`.
+ */
+export function splitRecords(bytes: Buffer, what: string, copy = true): { records: JournalRecord[]; encoded: Buffer[] } {
   const records: JournalRecord[] = [];
   const encoded: Buffer[] = [];
   let at = 0;
@@ -352,10 +359,10 @@ export function splitRecords(bytes: Buffer, what: string): { records: JournalRec
     const result = decodeRecord(bytes, at);
     if ('incomplete' in result) throw malformed(`${what}: record ${records.length} is cut short`);
     if ('corrupt' in result) throw malformed(`${what}: record ${records.length}: ${result.corrupt}`);
-    // Copies: the frame's buffer is not ours to keep.
-    const copy = Buffer.from(bytes.subarray(at, at + result.size));
-    encoded.push(copy);
-    records.push({ ...result.record, payload: copy.subarray(copy.length - result.record.payload.length) });
+    const view = bytes.subarray(at, at + result.size);
+    const own = copy ? Buffer.from(view) : view;
+    encoded.push(own);
+    records.push({ ...result.record, payload: own.subarray(own.length - result.record.payload.length) });
     at += result.size;
   }
   return { records, encoded };

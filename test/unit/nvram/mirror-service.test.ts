@@ -5,6 +5,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { connect, type Socket } from 'node:net';
+import { randomBytes } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pino from 'pino';
@@ -14,28 +15,40 @@ import { DeviceManager } from '../../../src/nvram/device-manager.js';
 import { MirrorService, type MirrorServiceOptions } from '../../../src/nvram/mirror-service.js';
 import * as m from '../../../src/protocol/mirror/codec.js';
 import { FrameParser, type Frame } from '../../../src/protocol/rmem/parser.js';
+import { encodeRecord } from '../../../src/protocol/journal/record.js';
 
 const MiB = 1024 * 1024;
 const log = pino({ level: 'silent' });
 
-/** A device manager whose RESET never finishes: a request stuck in storage. */
+/** A device manager whose RESET never finishes (a request stuck in storage), unless `stuck` is false. */
 class StuckResets extends DeviceManager {
   resets = 0;
-  override resetReplica(): Promise<void> {
+  stuck = true;
+  override resetReplica(...args: Parameters<DeviceManager['resetReplica']>): Promise<void> {
     this.resets++;
+    if (!this.stuck) return super.resetReplica(...args);
     return new Promise<void>(() => undefined);
   }
 }
 
-async function service(t: { after(fn: () => Promise<void>): void }, options: Partial<MirrorServiceOptions> = {}) {
+/** DRAM whose writes copy their source only after a random pause: a source reused before its write settled shows in what the device holds. */
+class SlowDram extends DramMedium {
+  override async write(offset: number, source: Uint8Array): Promise<void> {
+    await new Promise((resolve) => setTimeout(resolve, Math.floor(Math.random() * 3)));
+    return super.write(offset, source);
+  }
+}
+
+async function service(t: { after(fn: () => Promise<void>): void }, options: Partial<MirrorServiceOptions> = {}, kinds: { stuck?: boolean; Medium?: typeof DramMedium } = {}) {
   const dir = await mkdtemp(join(tmpdir(), 'memstrata-mirrorsvc-'));
   t.after(() => rm(dir, { recursive: true, force: true }));
-  const medium = new DramMedium({ capacity: 16 * MiB, extentSize: MiB });
+  const medium = new (kinds.Medium ?? DramMedium)({ capacity: 16 * MiB, extentSize: MiB });
   await medium.open();
   const partition = new PartitionTable([
     { name: 'dram', capacity: 16 * MiB, extentSize: MiB, initial: { cache: 0, server: 0, nvram: 8 * MiB }, bounds: { cache: { min: 0, max: 16 * MiB }, server: { min: 0, max: 0 }, nvram: { min: 0, max: 16 * MiB } } },
   ]);
   const nvram = new StuckResets({ dataDir: dir, partition, media: [medium], log });
+  nvram.stuck = kinds.stuck ?? true;
   await nvram.open();
   const mirror = new MirrorService({
     nvram,
@@ -61,6 +74,8 @@ interface Peer {
   closed(): boolean;
   /** Sends a request and waits for its reply; undefined if the connection closes first. */
   ask(op: number, tag: number, body: Buffer): Promise<Frame | undefined>;
+  /** Waits for the reply tagged `tag`; undefined if the connection closes first. */
+  reply(tag: number): Promise<Frame | undefined>;
 }
 
 let peers = 0;
@@ -88,16 +103,19 @@ async function peer(t: { after(fn: () => void): void }, address: { host: string;
     socket.once('connect', resolve);
     socket.once('error', reject);
   });
-  const ask = async (op: number, tag: number, body: Buffer): Promise<Frame | undefined> => {
-    socket.write(m.request(op, tag, body));
+  const reply = async (tag: number): Promise<Frame | undefined> => {
     for (;;) {
       const found = replies.get(tag);
       if (found !== undefined || closed) return found;
       await new Promise<void>((resolve) => (wake = resolve));
     }
   };
+  const ask = (op: number, tag: number, body: Buffer): Promise<Frame | undefined> => {
+    socket.write(m.request(op, tag, body));
+    return reply(tag);
+  };
   if (hello) assert.equal((await within(ask(m.MOP.HELLO, 1, m.encodeHello({ version: m.MIRROR_VERSION, nodeId, token: '' })), 20_000, 'HELLO'))?.word, m.MSTATUS.OK);
-  return { socket, closed: () => closed, ask };
+  return { socket, closed: () => closed, ask, reply };
 }
 
 async function until(probe: () => boolean): Promise<void> {
@@ -357,4 +375,37 @@ test('a peer that trickles a body, a byte now and then inside the stall timeout,
   await until(() => mirror.load().bytesInFlight === 0);
   // 100 ms of grace and the body plus its error reply at 256 KiB/s: about 0.4 s; never the 1.6 hours a byte per 40 ms would take.
   assert.ok(took < 10_000, `closed after ${Math.round(took)} ms`);
+});
+
+test('pipelined APPENDs of random records, their bytes cut at random places, reach the replica as sent: a pooled body is used again only once its records are placed', async (t) => {
+  const { mirror, nvram, address } = await service(t, {}, { stuck: false, Medium: SlowDram });
+  const p = await peer(t, address);
+  const reset = m.encodeReset({ name: 'r', policy: 'mirrored', medium: 'dram', size: 4 * MiB, epoch: 1, trimmedTo: 0, firstSeq: 1 });
+  assert.equal((await within(p.ask(m.MOP.RESET, 2, reset), 20_000, 'RESET'))?.word, m.MSTATUS.OK);
+  const sent: Buffer[] = [];
+  const frames: Buffer[] = [];
+  for (let i = 0; i < 120; i++) {
+    const records: Buffer[] = [];
+    for (let k = 0; k <= i % 3; k++) {
+      const seq = sent.length + 1;
+      const record = encodeRecord({ seq, timestamp: seq, epoch: 1, flags: 0, target: undefined, payload: randomBytes(1000 + Math.floor(Math.random() * 12_000)) });
+      records.push(record);
+      sent.push(record);
+    }
+    frames.push(m.request(m.MOP.APPEND, 100 + i, m.encodeAppend('r', 1, Buffer.concat(records))));
+  }
+  // One stream cut at random places: bodies whole in a read and bodies spanning reads,
+  // many parsed while the slow medium still copies those before them.
+  const stream = Buffer.concat(frames);
+  for (let at = 0; at < stream.length; ) {
+    const n = 1 + Math.floor(Math.random() * 30_000);
+    p.socket.write(stream.subarray(at, at + n));
+    at += n;
+  }
+  for (let i = 0; i < frames.length; i++) assert.equal((await within(p.reply(100 + i), 20_000, `APPEND ${i}`))?.word, m.MSTATUS.OK, `APPEND ${i}`);
+  const held = await nvram.get('r').collect(1, sent.length, 64 * MiB);
+  assert.equal(held.length, sent.length);
+  for (const [i, record] of sent.entries()) assert.ok(held[i]?.equals(record), `record ${i + 1} differs from what was sent`);
+  // The pool was used: bodies from 4 KiB up came back to it.
+  assert.ok(mirror.bodyBuffers.retained > 0);
 });
