@@ -33,6 +33,8 @@ export class Line {
   queue: Queue;
   /** Replacement clock at the line's first reference in A1in (correlated-reference window). */
   firstRef: number;
+  /** Replacement clock when the line was last put at the recent end of Am or the flash LRU. */
+  movedAt: number;
 
   constructor(volume: Volume, index: number, key: string, medium: MediumName, slot: number) {
     this.volume = volume;
@@ -45,6 +47,7 @@ export class Line {
     this.dirtySince = 0;
     this.queue = 'a1in';
     this.firstRef = 0;
+    this.movedAt = 0;
   }
 }
 

@@ -5,14 +5,16 @@ import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import type { Queue } from '../../../../src/storage/cache/line.js';
 import { Replacement } from '../../../../src/storage/cache/replacement.js';
+import { rng } from '../../../support/rng.js';
 
 interface L {
   key: string;
   queue: Queue;
   firstRef: number;
+  movedAt: number;
 }
 
-const line = (key: string): L => ({ key, queue: 'a1in', firstRef: 0 });
+const line = (key: string): L => ({ key, queue: 'a1in', firstRef: 0, movedAt: 0 });
 
 test('hits within the correlation window count as one reference; a hit after it promotes to Am', () => {
   const policy = new Replacement<L>(8);
@@ -39,6 +41,27 @@ test('a line evicted from A1in leaves a ghost, and a miss that finds it goes str
   assert.equal(again.queue, 'am');
   policy.evictedFromDram(again);
   assert.equal(policy.where('a'), undefined);
+});
+
+test('Am moves its lines lazily, yet never evicts one hit within the last quarter of its size in accesses', () => {
+  const policy = new Replacement<L>(0);
+  policy.resize(128);
+  const lines = Array.from({ length: 64 }, (_, i) => line(`l${i}`));
+  for (const l of lines) policy.admitted(l);
+  for (const l of lines) policy.hit(l); // a second reference: all 64 in Am, A1in empty
+  assert.ok(lines.every((l) => l.queue === 'am'));
+  const random = rng(7);
+  const lastHit = new Map<string, number>();
+  for (let step = 0; step < 5000; step++) {
+    // Skewed: a few hot lines take most hits, as under a zipf law.
+    const l = lines[Math.floor(64 * random() ** 3)] as L;
+    policy.hit(l);
+    lastHit.set(l.key, step);
+    const victim = policy.dramVictim();
+    assert.ok(victim !== undefined);
+    const since = step - (lastHit.get(victim.key) ?? -Infinity);
+    assert.ok(since > 64 / 4, `step ${step}: the victim ${victim.key} was hit ${since} accesses ago`);
+  }
 });
 
 test('replacement invariants under random admissions, hits, evictions, demotions and promotions', () => {
