@@ -33,7 +33,7 @@ export class Line {
   queue: Queue;
   /** Replacement clock at the line's first reference in A1in (correlated-reference window). */
   firstRef: number;
-  /** Replacement clock when the line was last put at the recent end of Am or the flash LRU. */
+  /** When the line was last put at the recent end of Am, in lines put there (replacement.ts). */
   movedAt: number;
 
   constructor(volume: Volume, index: number, key: string, medium: MediumName, slot: number) {

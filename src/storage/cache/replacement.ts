@@ -16,13 +16,16 @@
 // hit changes nothing, so a one-pass scan of any request size leaves Am alone. A logical
 // clock rather than wall time keeps the policy deterministic and independent of load.
 //
-// Lazy LRU moves. A hit on a line of Am (or of the flash LRU) moves it to the recent end
-// only when more than a quarter of that queue's size in accesses have passed since it
-// was last put there: every access puts at most one line there, so until then it is
-// still among the queue's most recent quarter, and moving it again would only churn
-// the map (a delete and a set per hit, with the map's compactions: 4% of the node's CPU
-// under 4k random I/O at QD32). A hot line so drifts at most a quarter of the queue from
-// the recent end before it is moved again; eviction still takes the least recent end.
+// Lazy moves in Am. A hit on a line of Am moves it to the recent end only when more than
+// a quarter of Am's size of lines have been put there since it last was (`amPuts`
+// counts them): until then it is still among Am's most recent quarter, and moving it
+// again would only churn the map (a delete and a set per hit, with the map's
+// compactions: 4% of the node's CPU under 4k random I/O at QD32). So a line hit lately
+// drifts at most a quarter of Am from the recent end; Am is evicted and trimmed from
+// the least recent end. One approximation remains: a shrink of the DRAM level that trims
+// Am by more than three quarters at once (resize) may send such a line to A1in, where
+// it stays cached and a hit after the window brings it back. The flash LRU moves every
+// hit line (its hits are reads from flash, whose cost dwarfs the map's).
 //
 // Invariants (test/unit/storage/cache/replacement.test.ts):
 //   - each line is in at most one of A1in, Am, flash; ghosts are never live lines;
@@ -37,7 +40,7 @@ export interface Replaceable {
   readonly key: string;
   queue: Queue;
   firstRef: number;
-  /** Clock when the line was last put at the recent end of Am or of the flash LRU (lazy moves). */
+  /** `amPuts` when the line was last put at the recent end of Am (lazy moves). */
   movedAt: number;
 }
 
@@ -49,6 +52,8 @@ export class Replacement<L extends Replaceable> {
   private readonly window: number;
   private dramSlots: number;
   private clock: number;
+  /** Lines put at the recent end of Am so far (see lazy moves). */
+  private amPuts: number;
 
   /** `window`: accesses within which repeated hits on a line count as one reference. */
   constructor(window: number) {
@@ -59,6 +64,7 @@ export class Replacement<L extends Replaceable> {
     this.window = window;
     this.dramSlots = 0;
     this.clock = 0;
+    this.amPuts = 0;
   }
 
   /** The DRAM level's size in slots, which sets the targets of A1in, Am and A1out. */
@@ -80,10 +86,7 @@ export class Replacement<L extends Replaceable> {
     this.clock++;
     line.firstRef = this.clock;
     if (this.a1out.delete(line.key)) {
-      line.queue = 'am';
-      line.movedAt = this.clock;
-      this.am.set(line.key, line);
-      this.trimAm();
+      this.toAm(line);
     } else {
       line.queue = 'a1in';
       this.a1in.set(line.key, line);
@@ -96,14 +99,10 @@ export class Replacement<L extends Replaceable> {
     if (line.queue === 'a1in') {
       if (this.clock - line.firstRef <= this.window) return; // correlated: the same reference
       this.a1in.delete(line.key);
-      line.queue = 'am';
-      line.movedAt = this.clock;
-      this.am.set(line.key, line);
-      this.trimAm();
-    } else if (line.queue === 'am' && this.clock - line.movedAt > this.am.size >> 2) {
-      line.movedAt = this.clock;
+      this.toAm(line);
+    } else if (line.queue === 'am' && this.amPuts - line.movedAt > this.am.size >> 2) {
       this.am.delete(line.key);
-      this.am.set(line.key, line);
+      this.toAm(line);
     }
   }
 
@@ -137,15 +136,12 @@ export class Replacement<L extends Replaceable> {
   demoted(line: L): void {
     this.evictedFromDram(line);
     line.queue = 'flash';
-    line.movedAt = this.clock;
     this.flashLru.set(line.key, line);
   }
 
   /** A read served by a flash line where it is: it becomes the most recent of the flash LRU. */
   flashHit(line: L): void {
     this.clock++;
-    if (this.clock - line.movedAt <= this.flashLru.size >> 2) return;
-    line.movedAt = this.clock;
     if (this.flashLru.delete(line.key)) this.flashLru.set(line.key, line);
   }
 
@@ -153,11 +149,8 @@ export class Replacement<L extends Replaceable> {
   promoted(line: L): void {
     this.clock++;
     this.flashLru.delete(line.key);
-    line.queue = 'am';
     line.firstRef = this.clock;
-    line.movedAt = this.clock;
-    this.am.set(line.key, line);
-    this.trimAm();
+    this.toAm(line);
   }
 
   /** A line left the cache without a trace (dropped: zeroed, forgotten, reclaimed). */
@@ -181,6 +174,14 @@ export class Replacement<L extends Replaceable> {
     if (this.am.has(key)) return 'am';
     if (this.flashLru.has(key)) return 'flash';
     return this.a1out.has(key) ? 'ghost' : undefined;
+  }
+
+  /** Puts a line at the recent end of Am (taken out of wherever it was by the caller). */
+  private toAm(line: L): void {
+    line.queue = 'am';
+    line.movedAt = ++this.amPuts;
+    this.am.set(line.key, line);
+    this.trimAm();
   }
 
   /** Am is kept to three quarters of the slots: its least recent line goes back to A1in. */

@@ -64,6 +64,19 @@ test('Am moves its lines lazily, yet never evicts one hit within the last quarte
   }
 });
 
+test('a flash hit makes its line the most recent of the flash LRU, even right after a burst of demotions', () => {
+  const policy = new Replacement<L>(0);
+  policy.resize(2048);
+  const lines = Array.from({ length: 1000 }, (_, i) => line(`f${i}`));
+  for (const l of lines) policy.admitted(l);
+  // A reclaim demotes many lines with no access in between.
+  for (const l of lines) policy.demoted(l);
+  policy.flashHit(lines[0] as L);
+  assert.equal(policy.flashVictim()?.key, 'f1');
+  for (let i = 1; i < 999; i++) policy.removed(lines[i] as L);
+  assert.equal(policy.flashVictim()?.key, 'f999', 'f0, hit last, is the last to go');
+});
+
 test('replacement invariants under random admissions, hits, evictions, demotions and promotions', () => {
   fc.assert(
     fc.property(
