@@ -89,9 +89,14 @@ export class BufferPool {
     return buf;
   }
 
-  /** Gives back a buffer that came from acquire; others (below minSize, not a class) are left to the GC. */
+  /**
+   * Gives back a buffer that came from acquire; others (below minSize, not a class, or
+   * with `round` a class acquire never hands out) are left to the GC. Kept, such a
+   * buffer would hold room in `maxBytes` that no acquire could ever take back.
+   */
   release(buf: Buffer): void {
     if (buf.length < this.minSize || buf.length !== sizeClass(buf.length)) return;
+    if (this.round && buf.length > Math.min(ROUND_MAX, this.maxBytes)) return;
     let list = this.free.get(buf.length);
     if (list === undefined) {
       list = [];

@@ -80,3 +80,16 @@ test('round: sizes from minSize up to 1 MiB get a buffer of their class, reused 
   // Without round, a size below 64 KiB that is not a class keeps its own size.
   assert.equal(new BufferPool({ minSize: 4096 }).acquire(5000).length, 5000);
 });
+
+test('round: a buffer of a class above 1 MiB (a body of exactly 2, 4 or 8 MiB) is not kept, so it never holds room that no acquire could take back', () => {
+  const pool = new BufferPool({ minSize: 4096, round: true, perClass: 8, smallClassBytes: 1024 * 1024, maxBytes: 8 * 1024 * 1024 });
+  for (const size of [2, 4, 4, 8, 2, 2, 2, 2].map((m) => m * 1024 * 1024)) {
+    const big = pool.acquire(size);
+    assert.equal(big.length, size);
+    pool.release(big);
+  }
+  assert.equal(pool.retained, 0);
+  const small = pool.acquire(64 * 1024);
+  pool.release(small);
+  assert.equal(pool.acquire(64 * 1024), small, 'smaller classes are still kept and reused');
+});
