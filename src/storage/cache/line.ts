@@ -33,8 +33,10 @@ export class Line {
   queue: Queue;
   /** Replacement clock at the line's first reference in A1in (correlated-reference window). */
   firstRef: number;
-  /** When the line was last put at the recent end of Am, in lines put there (replacement.ts). */
-  movedAt: number;
+  /** The replacement list the line is in, and its neighbours there (replacement.ts). */
+  chain: object | undefined;
+  older: Line | undefined;
+  newer: Line | undefined;
 
   constructor(volume: Volume, index: number, key: string, medium: MediumName, slot: number) {
     this.volume = volume;
@@ -47,7 +49,9 @@ export class Line {
     this.dirtySince = 0;
     this.queue = 'a1in';
     this.firstRef = 0;
-    this.movedAt = 0;
+    this.chain = undefined;
+    this.older = undefined;
+    this.newer = undefined;
   }
 }
 

@@ -16,16 +16,11 @@
 // hit changes nothing, so a one-pass scan of any request size leaves Am alone. A logical
 // clock rather than wall time keeps the policy deterministic and independent of load.
 //
-// Lazy moves in Am. A hit on a line of Am moves it to the recent end only when more than
-// a quarter of Am's size of lines have been put there since it last was (`amPuts`
-// counts them): until then it is still among Am's most recent quarter, and moving it
-// again would only churn the map (a delete and a set per hit, with the map's
-// compactions: 4% of the node's CPU under 4k random I/O at QD32). So a line hit lately
-// drifts at most a quarter of Am from the recent end; Am is evicted and trimmed from
-// the least recent end. One approximation remains: a shrink of the DRAM level that trims
-// Am by more than three quarters at once (resize) may send such a line to A1in, where
-// it stays cached and a hit after the window brings it back. The flash LRU moves every
-// hit line (its hits are reads from flash, whose cost dwarfs the map's).
+// Queues. A1in, Am and the flash LRU are doubly linked lists threaded through the lines
+// themselves (each line holds its neighbours and the list it is in), so a hit moves its
+// line to the recent end by a few pointer writes, without hashing its key: a Map delete
+// and set per hit (and the map's compactions) was 4% of the node's CPU under 4k random
+// I/O at QD32, the largest item in JavaScript. Only the ghosts, which are keys, are a Map.
 //
 // Invariants (test/unit/storage/cache/replacement.test.ts):
 //   - each line is in at most one of A1in, Am, flash; ghosts are never live lines;
@@ -35,36 +30,87 @@
 
 import type { Queue } from './line.js';
 
-/** What the policy needs to know of a line. */
+/** What the policy needs to know of a line, and the links it keeps in it. */
 export interface Replaceable {
   readonly key: string;
   queue: Queue;
   firstRef: number;
-  /** `amPuts` when the line was last put at the recent end of Am (lazy moves). */
-  movedAt: number;
+  /** The list the line is in now (undefined: none), and its neighbours there (Chain). */
+  chain: object | undefined;
+  older: Replaceable | undefined;
+  newer: Replaceable | undefined;
+}
+
+/** A list of lines threaded through the lines, least recent first. A line is in one list at most. */
+class Chain<L extends Replaceable> {
+  size = 0;
+  private oldest: L | undefined;
+  private newest: L | undefined;
+
+  /** The least recent line. */
+  first(): L | undefined {
+    return this.oldest;
+  }
+
+  /** The line after `line`, towards the recent end. */
+  next(line: L): L | undefined {
+    return line.newer as L | undefined;
+  }
+
+  /** Puts `line` (in no list) at the recent end. */
+  push(line: L): void {
+    line.chain = this;
+    line.older = this.newest;
+    line.newer = undefined;
+    if (this.newest === undefined) this.oldest = line;
+    else this.newest.newer = line;
+    this.newest = line;
+    this.size++;
+  }
+
+  /** Takes `line` out; false if it is not in this list. */
+  remove(line: L): boolean {
+    if (line.chain !== this) return false;
+    const { older, newer } = line;
+    if (older === undefined) this.oldest = newer as L | undefined;
+    else older.newer = newer;
+    if (newer === undefined) this.newest = older as L | undefined;
+    else newer.older = older;
+    line.chain = undefined;
+    line.older = undefined;
+    line.newer = undefined;
+    this.size--;
+    return true;
+  }
+
+  has(key: string): boolean {
+    for (let line = this.oldest; line !== undefined; line = this.next(line)) if (line.key === key) return true;
+    return false;
+  }
+
+  clear(): void {
+    while (this.oldest !== undefined) this.remove(this.oldest);
+  }
 }
 
 export class Replacement<L extends Replaceable> {
-  private readonly a1in: Map<string, L>;
-  private readonly am: Map<string, L>;
+  private readonly a1in: Chain<L>;
+  private readonly am: Chain<L>;
   private readonly a1out: Map<string, true>;
-  private readonly flashLru: Map<string, L>;
+  private readonly flashLru: Chain<L>;
   private readonly window: number;
   private dramSlots: number;
   private clock: number;
-  /** Lines put at the recent end of Am so far (see lazy moves). */
-  private amPuts: number;
 
   /** `window`: accesses within which repeated hits on a line count as one reference. */
   constructor(window: number) {
-    this.a1in = new Map();
-    this.am = new Map();
+    this.a1in = new Chain();
+    this.am = new Chain();
     this.a1out = new Map();
-    this.flashLru = new Map();
+    this.flashLru = new Chain();
     this.window = window;
     this.dramSlots = 0;
     this.clock = 0;
-    this.amPuts = 0;
   }
 
   /** The DRAM level's size in slots, which sets the targets of A1in, Am and A1out. */
@@ -89,7 +135,7 @@ export class Replacement<L extends Replaceable> {
       this.toAm(line);
     } else {
       line.queue = 'a1in';
-      this.a1in.set(line.key, line);
+      this.a1in.push(line);
     }
   }
 
@@ -98,11 +144,9 @@ export class Replacement<L extends Replaceable> {
     this.clock++;
     if (line.queue === 'a1in') {
       if (this.clock - line.firstRef <= this.window) return; // correlated: the same reference
-      this.a1in.delete(line.key);
-      this.toAm(line);
-    } else if (line.queue === 'am' && this.amPuts - line.movedAt > this.am.size >> 2) {
-      this.am.delete(line.key);
-      this.toAm(line);
+      if (this.a1in.remove(line)) this.toAm(line);
+    } else if (line.queue === 'am' && this.am.remove(line)) {
+      this.am.push(line);
     }
   }
 
@@ -111,24 +155,24 @@ export class Replacement<L extends Replaceable> {
     const kin = Math.max(1, Math.floor(this.dramSlots / 4));
     const order = this.a1in.size > kin || this.am.size === 0 ? [this.a1in, this.am] : [this.am, this.a1in];
     for (const queue of order) {
-      for (const line of queue.values()) if (skip === undefined || !skip(line)) return line;
+      for (let line = queue.first(); line !== undefined; line = queue.next(line)) if (skip === undefined || !skip(line)) return line;
     }
     return undefined;
   }
 
   /** The flash line to evict next (least recently used). */
   flashVictim(skip?: (line: L) => boolean): L | undefined {
-    for (const line of this.flashLru.values()) if (skip === undefined || !skip(line)) return line;
+    for (let line = this.flashLru.first(); line !== undefined; line = this.flashLru.next(line)) if (skip === undefined || !skip(line)) return line;
     return undefined;
   }
 
   /** A DRAM line left the cache; a line that leaves A1in leaves a ghost behind. */
   evictedFromDram(line: L): void {
-    if (line.queue === 'a1in' && this.a1in.delete(line.key)) {
+    if (line.queue === 'a1in' && this.a1in.remove(line)) {
       this.a1out.set(line.key, true);
       if (this.a1out.size > this.ghostLimit()) this.dropOldestGhost();
     } else {
-      this.am.delete(line.key);
+      this.am.remove(line);
     }
   }
 
@@ -136,28 +180,28 @@ export class Replacement<L extends Replaceable> {
   demoted(line: L): void {
     this.evictedFromDram(line);
     line.queue = 'flash';
-    this.flashLru.set(line.key, line);
+    this.flashLru.push(line);
   }
 
   /** A read served by a flash line where it is: it becomes the most recent of the flash LRU. */
   flashHit(line: L): void {
     this.clock++;
-    if (this.flashLru.delete(line.key)) this.flashLru.set(line.key, line);
+    if (this.flashLru.remove(line)) this.flashLru.push(line);
   }
 
   /** A hit on a flash line, which comes back to DRAM as a line known to be reused. */
   promoted(line: L): void {
     this.clock++;
-    this.flashLru.delete(line.key);
+    this.flashLru.remove(line);
     line.firstRef = this.clock;
     this.toAm(line);
   }
 
   /** A line left the cache without a trace (dropped: zeroed, forgotten, reclaimed). */
   removed(line: L): void {
-    this.a1in.delete(line.key);
-    this.am.delete(line.key);
-    this.flashLru.delete(line.key);
+    this.a1in.remove(line);
+    this.am.remove(line);
+    this.flashLru.remove(line);
   }
 
   /** Forgets every line and ghost. */
@@ -168,7 +212,7 @@ export class Replacement<L extends Replaceable> {
     this.flashLru.clear();
   }
 
-  /** Where the policy holds `key` now (tests). */
+  /** Where the policy holds `key` now (tests: it walks the lists). */
   where(key: string): Queue | 'ghost' | undefined {
     if (this.a1in.has(key)) return 'a1in';
     if (this.am.has(key)) return 'am';
@@ -176,11 +220,10 @@ export class Replacement<L extends Replaceable> {
     return this.a1out.has(key) ? 'ghost' : undefined;
   }
 
-  /** Puts a line at the recent end of Am (taken out of wherever it was by the caller). */
+  /** Puts a line (in no list: the caller took it out) at the recent end of Am. */
   private toAm(line: L): void {
     line.queue = 'am';
-    line.movedAt = ++this.amPuts;
-    this.am.set(line.key, line);
+    this.am.push(line);
     this.trimAm();
   }
 
@@ -188,12 +231,12 @@ export class Replacement<L extends Replaceable> {
   private trimAm(): void {
     const limit = Math.max(1, Math.floor((this.dramSlots * 3) / 4));
     while (this.am.size > limit) {
-      const oldest = this.am.values().next().value;
+      const oldest = this.am.first();
       if (oldest === undefined) return;
-      this.am.delete(oldest.key);
+      this.am.remove(oldest);
       oldest.queue = 'a1in';
       oldest.firstRef = this.clock;
-      this.a1in.set(oldest.key, oldest);
+      this.a1in.push(oldest);
     }
   }
 
