@@ -23,7 +23,11 @@
 // I/O at QD32, the largest item in JavaScript. Only the ghosts, which are keys, are a Map.
 //
 // Invariants (test/unit/storage/cache/replacement.test.ts):
-//   - each line is in at most one of A1in, Am, flash; ghosts are never live lines;
+//   - each line is in at most one of A1in, Am, flash (push takes a line out of the list
+//     it is in first, so a repeated call cannot link it twice);
+//   - a ghost is the key of a line that left A1in: out of the cache, or demoted to
+//     flash (where it is still cached, and may come back to Am; its ghost then stays
+//     until it ages out, and `where` reports the line);
 //   - A1out holds at most half as many keys as there are DRAM slots;
 //   - victim() prefers A1in while it is over its target, so Am is evicted only when
 //     A1in is small.
@@ -57,8 +61,9 @@ class Chain<L extends Replaceable> {
     return line.newer as L | undefined;
   }
 
-  /** Puts `line` (in no list) at the recent end. */
+  /** Puts `line` at the recent end, out of the list it was in (its callers take it out first). */
   push(line: L): void {
+    if (line.chain !== undefined) (line.chain as Chain<L>).remove(line);
     line.chain = this;
     line.older = this.newest;
     line.newer = undefined;

@@ -79,6 +79,26 @@ test('a flash hit makes its line the most recent of the flash LRU, even right af
   assert.equal(policy.flashVictim()?.key, 'f999', 'f0, hit last, is the last to go');
 });
 
+test('a call repeated on a line links it once: a list never holds a line twice, nor loops', () => {
+  const policy = new Replacement<L>(0);
+  policy.resize(16);
+  const [a, b, c] = ['a', 'b', 'c'].map(line) as [L, L, L];
+  for (const l of [a, b, c]) policy.admitted(l);
+  policy.admitted(a);
+  assert.equal(policy.dramLines, 3);
+  for (const l of [a, b, c]) policy.hit(l);
+  policy.promoted(a); // already in Am
+  assert.equal(policy.dramLines, 3);
+  policy.demoted(a);
+  policy.demoted(b);
+  policy.demoted(a);
+  assert.equal(policy.flashLines, 2);
+  assert.equal(policy.dramLines, 1);
+  assert.equal(policy.flashVictim(() => true), undefined, 'a walk of the flash list ends');
+  assert.equal(policy.flashVictim()?.key, 'b');
+  assert.equal(policy.dramVictim()?.key, 'c');
+});
+
 test('replacement invariants under random admissions, hits, evictions, demotions and promotions', () => {
   fc.assert(
     fc.property(
