@@ -64,13 +64,6 @@ export type { MirrorMode, DeviceInfo };
 
 /** Bytes of records appended without sync after which a commit starts by itself. */
 export const DEFER_LIMIT = 4 * 1024 * 1024;
-/**
- * An in-sync `mirrored` device writes its journal file behind the acknowledgements (the
- * partner's copy is what acknowledges): once this many bytes of records wait, or
- * WRITE_BEHIND_MS after the first of them, they are written in one batch, unsynced.
- */
-export const WRITE_BEHIND_BYTES = 256 * 1024;
-export const WRITE_BEHIND_MS = 20;
 export { POLICIES, isMirrored, type Policy, type Role };
 
 /** What a mirrored primary needs from the node's mirroring (mirroring.ts). */
@@ -150,9 +143,6 @@ export class NvramDevice {
    */
   private partnerPending: Promise<void>;
   private partnerPendingBytes: number;
-  /** Bytes of records an in-sync `mirrored` device has queued for its journal file but not yet written (see writeBehind). */
-  private behindBytes: number;
-  private behindTimer: NodeJS.Timeout | undefined;
   /**
    * Such a record's send failed: it is this node's alone until a resync has pushed it.
    * Under `refuse` no FLUSH succeeds meanwhile, as no append would.
@@ -208,8 +198,6 @@ export class NvramDevice {
     this.deferredBytes = 0;
     this.partnerPending = Promise.resolve();
     this.partnerPendingBytes = 0;
-    this.behindBytes = 0;
-    this.behindTimer = undefined;
     this.unmirrored = false;
     this.index = [];
     this.indexStart = 0;
@@ -574,10 +562,9 @@ export class NvramDevice {
     const journal = this.journal;
     if (journal !== undefined && this.policy === 'mirrored' && mode === 'in-sync') {
       // The partner's copy is what acknowledges; a failure here still needs a repair.
-      const background = journal.defer(all);
+      const background = journal.append(all, false);
       readers.push(background);
       background.catch((error: unknown) => { this.failed(error); });
-      this.writeBehind(all.length);
     } else if (journal !== undefined && !sync) {
       // Written with the next batch that syncs (a commit, a synced append, a marker), so
       // a power cut tears no more of the file than it could before; a failure there puts
@@ -928,8 +915,6 @@ export class NvramDevice {
       }
     }
     this.closed = true;
-    clearTimeout(this.behindTimer);
-    this.behindTimer = undefined;
     await this.repairing?.catch(() => undefined);
     const journal = this.journal;
     this.journal = undefined;
@@ -940,27 +925,6 @@ export class NvramDevice {
     const payload = Buffer.alloc(8);
     payload.writeBigUInt64BE(BigInt(value), 0);
     return encodeRecord({ seq: this.nextSeq, timestamp: nowMicros(), epoch: this.epochValue, flags: flag, target: undefined, payload });
-  }
-
-  /**
-   * Records of an in-sync `mirrored` device wait in the journal's queue (deferred) and go
-   * to the file together: every WRITE_BEHIND_BYTES, or WRITE_BEHIND_MS after the first,
-   * or with the next sync (losing the partner, a commit, a marker, closing). A write per
-   * append cost a trip through libuv's thread pool each, for records the partner holds.
-   */
-  private writeBehind(bytes: number): void {
-    this.behindBytes += bytes;
-    if (this.behindBytes >= WRITE_BEHIND_BYTES) this.catchUp();
-    else this.behindTimer ??= setTimeout(() => { this.catchUp(); }, WRITE_BEHIND_MS).unref();
-  }
-
-  /** Writes the records waiting for the journal file (writeBehind), unsynced. */
-  private catchUp(): void {
-    clearTimeout(this.behindTimer);
-    this.behindTimer = undefined;
-    this.behindBytes = 0;
-    // A failure is the deferred records' own (their promises put the device in repair).
-    void this.journal?.write().catch(() => undefined);
   }
 
   /** Takes space at the tail and writes the record there. */

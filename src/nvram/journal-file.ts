@@ -689,19 +689,13 @@ export class JournalFile {
 
   /**
    * Queues a record that is written only together with the next append, flush, trim
-   * marker, compaction, `write` or close, and synced with it when that syncs: a write
-   * log's plain WRITE, whose record the device already holds in memory. So unsynced bytes
-   * are in the file only while a batch is being written and synced, as for synced
-   * appends, and a power cut tears at most that batch (`write`, which does not sync, is
-   * for records the mirror partner holds). Resolves once written.
+   * marker, compaction or close, and synced with it: a write log's plain WRITE, whose
+   * record the device already holds in memory. So unsynced bytes are in the file only
+   * while a batch is being written and synced, as for synced appends, and a power cut
+   * tears at most that batch. Resolves once written.
    */
   defer(record: Buffer): Promise<void> {
     return this.enqueue({ buf: record, sync: false, deferred: true }, false);
-  }
-
-  /** Writes the deferred records queued so far, without a sync; resolves once written. */
-  write(): Promise<void> {
-    return this.append(EMPTY, false);
   }
 
   /** Resolves once everything appended so far is covered by an fdatasync. */

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import fc from 'fast-check';
 import pino from 'pino';
 import { DramMedium } from '../../../src/memory/dram-medium.js';
-import { DEFER_LIMIT, NvramDevice, WRITE_BEHIND_BYTES, WRITE_BEHIND_MS, type MirrorPort } from '../../../src/nvram/device.js';
+import { DEFER_LIMIT, NvramDevice, type MirrorPort } from '../../../src/nvram/device.js';
 import { JournalFile, parseJournal, type JournalSink } from '../../../src/nvram/journal-file.js';
 import { RECORD_FLAG, decodeRecord } from '../../../src/protocol/journal/record.js';
 import type { MirrorMode } from '../../../src/protocol/admin/api.js';
@@ -33,18 +33,15 @@ class JournalPowerCut {
   durable: Buffer;
   private pending: { position: number; bytes: Buffer }[];
   syncs: number;
-  writes: number;
 
   constructor(path: string) {
     this.durable = readFileSync(path);
     this.pending = [];
     this.syncs = 0;
-    this.writes = 0;
   }
 
   readonly wrap = (sink: JournalSink): JournalSink => ({
     write: async (buf, position) => {
-      this.writes++;
       await sink.write(buf, position);
       this.pending.push({ position, bytes: Buffer.from(buf) });
     },
@@ -253,56 +250,6 @@ test('a mirrored write log: a plain WRITE is acknowledged before the partner ans
   assert.equal(fua, false, 'a FUA write waits for the partner');
   partner.answer('held');
   await synced;
-  await device.close();
-});
-
-/** A partner that holds every record the moment it is sent. */
-class HoldingPartner extends FakePartner {
-  override append(_device: string, _epoch: number, records: Buffer): Promise<boolean> {
-    for (const [seq, payload] of decodeAll(records)) this.held.set(seq, payload);
-    return Promise.resolve(true);
-  }
-}
-
-test('an in-sync mirrored device writes its journal file behind, in batches: unsynced, once WRITE_BEHIND_BYTES wait or WRITE_BEHIND_MS after the first, and synced with the rest when the partner is lost', async (t) => {
-  t.mock.timers.enable({ apis: ['setTimeout'] });
-  const dir = await tempDir(t, 'memstrata-commit-');
-  const path = join(dir, 'm.journal');
-  const { device, power } = await localDevice(path, 'mirrored');
-  device.port = new HoldingPartner();
-  const settle = async (): Promise<void> => {
-    for (let i = 0; i < 50; i++) await new Promise((resolve) => setImmediate(resolve));
-  };
-  const inFile = (): Map<number, string> => userRecords(readFileSync(path));
-  // The first batch also preallocates the ring (writes of zeros and a sync): counted from after it.
-  await device.append(0, [{ payload: Buffer.from('r1') }], { sync: true });
-  t.mock.timers.tick(WRITE_BEHIND_MS);
-  for (let i = 0; i < 200 && inFile().size < 1; i++) await settle();
-  assert.equal(inFile().size, 1);
-  const { writes, syncs } = power;
-  // FUA-like appends, each acknowledged once the partner holds it: the file is not
-  // written for them one by one.
-  for (let i = 2; i <= 41; i++) await device.append(0, [{ payload: Buffer.from(`r${i}`) }], { sync: true });
-  await settle();
-  assert.equal(power.writes - writes, 0, 'nothing written before the time or the bytes are up');
-  t.mock.timers.tick(WRITE_BEHIND_MS);
-  for (let i = 0; i < 200 && inFile().size < 41; i++) await settle();
-  assert.equal(power.writes - writes, 1, 'the 40 records in one write');
-  assert.equal(inFile().size, 41);
-  // Past WRITE_BEHIND_BYTES, without waiting for the time.
-  const big = Math.ceil(WRITE_BEHIND_BYTES / 4);
-  for (let i = 42; i <= 45; i++) await device.append(0, [{ payload: Buffer.alloc(big, i) }], { sync: true });
-  for (let i = 0; i < 200 && inFile().size < 45; i++) await settle();
-  assert.equal(power.writes - writes, 2);
-  assert.equal(inFile().size, 45);
-  assert.equal(power.syncs - syncs, 0, 'written behind, never synced while in sync');
-  // The partner lost (Mirroring syncs the journal then): what waits goes out with the sync.
-  await device.append(0, [{ payload: Buffer.from('r46') }], { sync: true });
-  await device.syncJournal();
-  assert.equal(power.syncs - syncs, 1);
-  const durable = userRecords(power.durable);
-  assert.equal(durable.size, 46, 'every record synced here');
-  assert.equal(durable.get(46), 'r46');
   await device.close();
 });
 
