@@ -111,6 +111,39 @@ export class BufferPool {
 }
 
 /**
+ * Request bodies a connection assembles in buffers of a pool: each body is a view of its
+ * buffer, which goes back to the pool once the request is done with the body. A body
+ * never given back (its connection closed first, with the socket perhaps still reading
+ * into it) is left to the GC with the connection.
+ */
+export class PooledBodies {
+  private readonly pool: BufferPool;
+  /** Each body handed out and not given back, with the buffer it is a view of. */
+  private readonly owners: Map<Buffer, Buffer>;
+
+  constructor(pool: BufferPool) {
+    this.pool = pool;
+    this.owners = new Map();
+  }
+
+  /** A body of exactly `length` bytes in a buffer of the pool. */
+  take(length: number): Buffer {
+    const owner = this.pool.acquire(length);
+    const body = owner.subarray(0, length);
+    this.owners.set(body, owner);
+    return body;
+  }
+
+  /** Gives the buffer of `body` back to the pool, if `body` came from take. */
+  release(body: Buffer): void {
+    const owner = this.owners.get(body);
+    if (owner === undefined) return;
+    this.owners.delete(body);
+    this.pool.release(owner);
+  }
+}
+
+/**
  * A pool for staging bytes from 4 KiB up, rounded to their class (see `round`), keeping
  * up to 1 MiB of each class below 1 MiB and `maxBytes` in all: NVRAM appends' records,
  * rmem JAPPEND bodies and mirror APPEND bodies.

@@ -45,7 +45,7 @@ import { RequestFlow, SharedBudget, newFlowStats, type FlowLimits, type FlowStat
 import { ReadGate, dataEventInput, ownBufferInput, type SocketInput } from '../net/socket-input.js';
 import { serviceLoad, type ServiceLoad } from '../net/service-load.js';
 import { FrameParser, type Frame } from '../protocol/rmem/parser.js';
-import { stagingPool, type BufferPool } from '../memory/buffer-pool.js';
+import { PooledBodies, stagingPool, type BufferPool } from '../memory/buffer-pool.js';
 import type { ListenAddress } from '../units.js';
 import {
   MIRROR_HANDSHAKE_MAX_BODY,
@@ -260,8 +260,8 @@ class MirrorConnection {
   /** When the node began reading the reserved body of the frame being received (undefined: none), and its length. */
   private bodySince: number | undefined;
   private bodyLength: number;
-  /** APPEND bodies in buffers of the service's pool, by body: each with the buffer it is a view of. */
-  private readonly pooledBodies: Map<Buffer, Buffer>;
+  /** APPEND bodies in buffers of the service's pool. */
+  private readonly pooledBodies: PooledBodies;
 
   constructor(input: SocketInput, options: MirrorServiceOptions, service: MirrorService, admission: Admission) {
     const socket = input.socket;
@@ -284,7 +284,7 @@ class MirrorConnection {
     this.lastOutput = this.lastInput;
     this.bodySince = undefined;
     this.bodyLength = 0;
-    this.pooledBodies = new Map();
+    this.pooledBodies = new PooledBodies(service.bodyBuffers);
     // One small request at a time until HELLO succeeds; the service's limits after.
     // Reading pauses through the input (an own-buffer input pauses softly) while the flow
     // asks or the parser has stopped after a frame that queued.
@@ -413,10 +413,7 @@ class MirrorConnection {
    */
   private bodyTarget(op: number, length: number): Buffer | undefined {
     if (op !== MOP.APPEND || this.partner === undefined) return undefined;
-    const owner = this.service.bodyBuffers.acquire(length);
-    const body = owner.subarray(0, length);
-    this.pooledBodies.set(body, owner);
-    return body;
+    return this.pooledBodies.take(length);
   }
 
   /** A request the flow admitted joins the chain; its budget comes back once its reply is written. */
@@ -512,11 +509,7 @@ class MirrorConnection {
           return undefined;
         } finally {
           // The replica has copied the records (replicate settles once every place did).
-          const owner = this.pooledBodies.get(body);
-          if (owner !== undefined) {
-            this.pooledBodies.delete(body);
-            this.service.bodyBuffers.release(owner);
-          }
+          this.pooledBodies.release(body);
         }
       }
       case MOP.TRIM: {

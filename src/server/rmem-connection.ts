@@ -68,7 +68,7 @@ import { statusOf } from '../protocol/rmem/errors.js';
 import { FrameParser, type Frame } from '../protocol/rmem/parser.js';
 import { HANDSHAKE_MAX_BODY, HEADER_SIZE, MAX_BODY, MAX_DATA, OP, OP_NAME, STATUS, VERSION } from '../protocol/rmem/spec.js';
 import type { Logger } from '../logger.js';
-import type { BufferPool } from '../memory/buffer-pool.js';
+import { PooledBodies, type BufferPool } from '../memory/buffer-pool.js';
 import { CorkedWriter } from '../net/corked-writer.js';
 import type { LatencyHistogram } from '../net/latency.js';
 import { RequestFlow, type FlowLimits, type FlowStats, type SharedBudget } from '../net/request-flow.js';
@@ -159,8 +159,8 @@ export class RmemConnection {
   private readonly writer: CorkedWriter;
   /** Journals opened on this connection: handle -> device and the epoch it was opened with. */
   private readonly journals: Map<number, { device: NvramDevice; epoch: number }>;
-  /** JAPPEND bodies assembled in pooled buffers: the body handed out, and the buffer it is the start of. */
-  private readonly pooledBodies: Map<Buffer, Buffer>;
+  /** JAPPEND bodies assembled in buffers of the service's pool. */
+  private readonly pooledBodies: PooledBodies;
   private nextHandle: number;
   /** Bytes reserved for the body the parser is assembling (0: none). */
   private reserved: number;
@@ -186,7 +186,7 @@ export class RmemConnection {
     this.admission = admission;
     this.writer = new CorkedWriter(socket);
     this.journals = new Map();
-    this.pooledBodies = new Map();
+    this.pooledBodies = new PooledBodies(host.bodyBuffers);
     this.nextHandle = 1;
     this.reserved = 0;
     this.reservedAdmitted = false;
@@ -307,10 +307,7 @@ export class RmemConnection {
    */
   private bodyTarget(op: number, length: number): Buffer | undefined {
     if (op !== OP.JAPPEND || this.tenancy === undefined) return undefined;
-    const owner = this.host.bodyBuffers.acquire(length);
-    const body = owner.subarray(0, length);
-    this.pooledBodies.set(body, owner);
-    return body;
+    return this.pooledBodies.take(length);
   }
 
   /** Budgets a body that spans chunks, and the largest reply its op can get, before the parser allocates it. */
@@ -471,11 +468,7 @@ export class RmemConnection {
         } finally {
           // The append has settled, and a device's append settles only once its own
           // entries are encoded or refused: nothing reads the payloads any more.
-          const owner = this.pooledBodies.get(body);
-          if (owner !== undefined) {
-            this.pooledBodies.delete(body);
-            this.host.bodyBuffers.release(owner);
-          }
+          this.pooledBodies.release(body);
         }
       }
       case OP.JREAD: {

@@ -4,7 +4,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { BufferPool } from '../../../src/memory/buffer-pool.js';
+import { BufferPool, PooledBodies, stagingPool } from '../../../src/memory/buffer-pool.js';
 
 const MiB = 2 ** 20;
 
@@ -92,4 +92,20 @@ test('round: a buffer of a class above 1 MiB (a body of exactly 2, 4 or 8 MiB) i
   const small = pool.acquire(64 * 1024);
   pool.release(small);
   assert.equal(pool.acquire(64 * 1024), small, 'smaller classes are still kept and reused');
+});
+
+test('PooledBodies: a body is a view of exactly its length in a pooled buffer, which goes back once, and only for a body it handed out', () => {
+  const pool = stagingPool(8 * 1024 * 1024);
+  const bodies = new PooledBodies(pool);
+  const body = bodies.take(10_000);
+  assert.equal(body.length, 10_000);
+  assert.equal(pool.retained, 0);
+  bodies.release(Buffer.alloc(10_000)); // not one of its bodies
+  assert.equal(pool.retained, 0);
+  bodies.release(body);
+  assert.equal(pool.retained, 16 * 1024);
+  bodies.release(body); // again: nothing more
+  assert.equal(pool.retained, 16 * 1024);
+  const again = bodies.take(12_000);
+  assert.equal(again.buffer, body.buffer, 'the buffer is reused');
 });
