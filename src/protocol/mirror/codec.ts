@@ -359,10 +359,15 @@ export function splitRecords(bytes: Buffer, what: string, copy = true): { record
     const result = decodeRecord(bytes, at);
     if ('incomplete' in result) throw malformed(`${what}: record ${records.length} is cut short`);
     if ('corrupt' in result) throw malformed(`${what}: record ${records.length}: ${result.corrupt}`);
-    const view = bytes.subarray(at, at + result.size);
-    const own = copy ? Buffer.from(view) : view;
-    encoded.push(own);
-    records.push({ ...result.record, payload: own.subarray(own.length - result.record.payload.length) });
+    if (copy) {
+      const own = Buffer.from(bytes.subarray(at, at + result.size));
+      encoded.push(own);
+      records.push({ ...result.record, payload: own.subarray(own.length - result.record.payload.length) });
+    } else {
+      // The decoded record's payload is already a view of `bytes`.
+      encoded.push(bytes.subarray(at, at + result.size));
+      records.push(result.record);
+    }
     at += result.size;
   }
   return { records, encoded };

@@ -47,9 +47,15 @@ export interface Replaceable {
 
 /** A list of lines threaded through the lines, least recent first. A line is in one list at most. */
 class Chain<L extends Replaceable> {
-  size = 0;
+  size: number;
   private oldest: L | undefined;
   private newest: L | undefined;
+
+  constructor() {
+    this.size = 0;
+    this.oldest = undefined;
+    this.newest = undefined;
+  }
 
   /** The least recent line. */
   first(): L | undefined {
