@@ -2,7 +2,7 @@
 // until every byte is down. Shared by the flash medium, volume data stores and journal
 // files.
 
-import { write as fsWrite } from 'node:fs';
+import { write as fsWrite, writeSync as fsWriteSync } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 
 const ZEROS = Buffer.alloc(1024 * 1024);
@@ -34,6 +34,15 @@ export function writeAllFd(fd: number, buf: Uint8Array, position: number): Promi
     };
     step(0);
   });
+}
+
+/**
+ * Writes all of `buf` at `position` on the raw descriptor `fd` in the caller's turn: a
+ * write into the OS's cache, for callers that would otherwise pay a trip through libuv's
+ * thread pool for a few kilobytes. Throws what the system call throws.
+ */
+export function writeAllFdSync(fd: number, buf: Uint8Array, position: number): void {
+  for (let done = 0; done < buf.length; ) done += fsWriteSync(fd, buf, done, buf.length - done, position + done);
 }
 
 /** Writes `length` zero bytes at `offset`, a megabyte at a time. */

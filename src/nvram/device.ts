@@ -554,7 +554,8 @@ export class NvramDevice {
       at += size;
     }
     // The journal file is synced before the acknowledgement, unless the partner holds the
-    // record (`mirrored`, in sync): then the file is written in the background, in order,
+    // record (`mirrored`, in sync): then the file is written without a sync, in order (in
+    // this turn when the journal's writer is idle, else behind it: JournalFile.writeNow),
     // so that losing the partner later costs one sync that covers it. An append without
     // sync (a write log's plain WRITE) is queued for the journal's next batch: its record
     // is in memory, and `commit` writes and syncs it. Waiting for a write would cost a
@@ -902,14 +903,17 @@ export class NvramDevice {
 
   /**
    * Closes the device. Records a write log acknowledged without a sync are committed
-   * first; if that fails, the journal is rewritten from memory (the repair), so what was
-   * acknowledged is in the file. Rejects if even that fails: the caller logs it.
+   * first, and a `mirrored` device's journal, written behind its partner's copy, is
+   * synced; if that fails (a write behind that failed unnoticed included), the journal is
+   * rewritten from memory (the repair), so what was acknowledged is in the file.
    */
   async close(): Promise<void> {
     if (this.closed) return;
-    if (this.journal !== undefined && (this.uncommittedBytes > 0 || this.failure !== undefined)) {
+    const behind = this.policy === 'mirrored';
+    if (this.journal !== undefined && (this.uncommittedBytes > 0 || this.failure !== undefined || behind)) {
       try {
         await this.commit();
+        if (behind) await this.syncJournal();
       } catch {
         await this.repair().catch(() => undefined);
       }

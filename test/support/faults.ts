@@ -6,7 +6,7 @@
 //   faultyFiles(plan)         a data-file opener for DataStore: read, write, datasync, truncate
 //   FaultyMedium(inner, plan) a Medium: read, write, zero
 //   PowerCut                  a data-file opener that knows what a power cut would keep
-//   faultyJournal(plan)       a JournalSink wrapper: write, datasync
+//   faultyJournal(plan)       a JournalSink wrapper: write, datasync (and writeSync, if asked)
 //
 // Ops are named `<prefix>.<call>` (e.g. `store.write`, `store.datasync`, `dram.read`);
 // a rule matches by name and by the call's number (1-based, counted per name).
@@ -32,8 +32,9 @@ export interface FaultRule {
 export class FaultPlan {
   private rules: { op: string; from: number; to: number; fault: FaultKind }[];
   private readonly calls: Map<string, number>;
-  /** Calls that were failed. */
+  /** Calls that were failed, and how many of each op. */
   injected: number;
+  private readonly injectedOps: Map<string, number>;
   /** Every call awaits this first, if set: a delay, a hang, or a scheduler's decision. */
   gate: ((op: string) => Promise<void> | undefined) | undefined;
 
@@ -41,6 +42,7 @@ export class FaultPlan {
     this.rules = [];
     this.calls = new Map();
     this.injected = 0;
+    this.injectedOps = new Map();
     this.gate = undefined;
   }
 
@@ -64,11 +66,17 @@ export class FaultPlan {
     const rule = this.rules.find((r) => r.op === op && n >= r.from && n <= r.to);
     if (rule === undefined) return undefined;
     this.injected++;
+    this.injectedOps.set(op, (this.injectedOps.get(op) ?? 0) + 1);
     return rule.fault;
   }
 
   count(op: string): number {
     return this.calls.get(op) ?? 0;
+  }
+
+  /** Calls of `op` that were failed. */
+  injectedInto(op: string): number {
+    return this.injectedOps.get(op) ?? 0;
   }
 
   async enter(op: string): Promise<FaultKind | undefined> {
@@ -131,26 +139,47 @@ export function faultyFiles(plan: FaultPlan, prefix = 'store'): StoreFileOpener 
  * Wraps a journal file's sink (JournalFile's `wrap` argument) so that its calls fail or
  * wait per the plan: ops `<prefix>.write` and `<prefix>.datasync`. A
  * short write writes the first half and fails with ENOSPC, as a disk that filled up.
+ * With `writeSync`, the wrapper also offers the sink's write in the caller's turn, op
+ * `<prefix>.writeSync`: its faults apply, and the gate is called (a crash image may be
+ * taken there) but cannot hold it.
  */
-export function faultyJournal(plan: FaultPlan, prefix = 'journal'): (sink: JournalSink) => JournalSink {
-  return (sink) => ({
-    async write(buf, position) {
-      const fault = await plan.enter(`${prefix}.write`);
-      if (fault === 'short') {
-        const half = Math.floor(buf.length / 2);
-        if (half > 0) await sink.write(buf.subarray(0, half), position);
-        throw errnoError('ENOSPC', 'pwrite');
-      }
-      if (fault !== undefined) throw errnoError(fault, 'pwrite');
-      return sink.write(buf, position);
-    },
-    async datasync() {
-      const fault = await plan.enter(`${prefix}.datasync`);
-      if (fault !== undefined) throw errnoError(fault === 'ENOSPC' ? 'ENOSPC' : 'EIO', 'fdatasync');
-      return sink.datasync();
-    },
-    close: () => sink.close(),
-  });
+export function faultyJournal(plan: FaultPlan, prefix = 'journal', options: { writeSync?: boolean } = {}): (sink: JournalSink) => JournalSink {
+  return (sink) => {
+    const wrapped: JournalSink = {
+      async write(buf, position) {
+        const fault = await plan.enter(`${prefix}.write`);
+        if (fault === 'short') {
+          const half = Math.floor(buf.length / 2);
+          if (half > 0) await sink.write(buf.subarray(0, half), position);
+          throw errnoError('ENOSPC', 'pwrite');
+        }
+        if (fault !== undefined) throw errnoError(fault, 'pwrite');
+        return sink.write(buf, position);
+      },
+      async datasync() {
+        const fault = await plan.enter(`${prefix}.datasync`);
+        if (fault !== undefined) throw errnoError(fault === 'ENOSPC' ? 'ENOSPC' : 'EIO', 'fdatasync');
+        return sink.datasync();
+      },
+      close: () => sink.close(),
+    };
+    const now = sink.writeSync;
+    if (options.writeSync === true && now !== undefined) {
+      wrapped.writeSync = (buf, position) => {
+        const op = `${prefix}.writeSync`;
+        if (plan.gate?.(op) !== undefined) throw new Error(`${op} cannot wait for a gate`);
+        const fault = plan.next(op);
+        if (fault === 'short') {
+          const half = Math.floor(buf.length / 2);
+          if (half > 0) now.call(sink, buf.subarray(0, half), position);
+          throw errnoError('ENOSPC', 'pwrite');
+        }
+        if (fault !== undefined) throw errnoError(fault, 'pwrite');
+        now.call(sink, buf, position);
+      };
+    }
+    return wrapped;
+  };
 }
 
 /** A medium whose calls fail or wait per the plan (ops `<name>.read`, `<name>.write`, `<name>.zero`). */

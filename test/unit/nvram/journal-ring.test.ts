@@ -19,26 +19,42 @@ import { rng } from '../../support/rng.js';
 class Disk {
   durable: Buffer;
   pending: { position: number; bytes: Buffer; file: boolean }[];
+  /** Whether the sink offers writes in the caller's turn (JournalSink.writeSync), and how many it took. */
+  private readonly now: boolean;
+  writesNow: number;
 
-  constructor(image: Buffer) {
+  constructor(image: Buffer, now = false) {
     this.durable = Buffer.from(image);
     this.pending = [];
+    this.now = now;
+    this.writesNow = 0;
   }
 
-  readonly wrap = (sink: JournalSink): JournalSink => ({
-    write: async (buf, position) => {
-      await sink.write(buf, position);
-      // A whole new file (a rewrite, renamed over the journal once synced) replaces the image.
-      this.pending.push({ position, bytes: Buffer.from(buf), file: position === 0 && buf.subarray(0, 8).equals(FILE_MAGIC) });
-    },
-    datasync: async () => {
-      const covered = this.pending;
-      this.pending = [];
-      await sink.datasync();
-      for (const w of covered) this.durable = w.file ? Buffer.from(w.bytes) : put(this.durable, w.position, w.bytes);
-    },
-    close: () => sink.close(),
-  });
+  readonly wrap = (sink: JournalSink): JournalSink => {
+    const wrapped: JournalSink = {
+      write: async (buf, position) => {
+        await sink.write(buf, position);
+        // A whole new file (a rewrite, renamed over the journal once synced) replaces the image.
+        this.pending.push({ position, bytes: Buffer.from(buf), file: position === 0 && buf.subarray(0, 8).equals(FILE_MAGIC) });
+      },
+      datasync: async () => {
+        const covered = this.pending;
+        this.pending = [];
+        await sink.datasync();
+        for (const w of covered) this.durable = w.file ? Buffer.from(w.bytes) : put(this.durable, w.position, w.bytes);
+      },
+      close: () => sink.close(),
+    };
+    const now = sink.writeSync;
+    if (this.now && now !== undefined) {
+      wrapped.writeSync = (buf, position) => {
+        now.call(sink, buf, position);
+        this.pending.push({ position, bytes: Buffer.from(buf), file: false });
+        this.writesNow++;
+      };
+    }
+    return wrapped;
+  };
 
   /**
    * What a power cut leaves when the disk wrote back out of order: the durable image and
@@ -143,12 +159,14 @@ test('the ring under laps, pointer moves, power cuts and torn tails: recovery ho
   let run = 0;
   let moves = 0;
   let rewrites = 0;
+  let writesNow = 0;
   await fc.assert(
-    fc.asyncProperty(fc.array(op, { minLength: 10, maxLength: 120 }), async (ops) => {
+    fc.asyncProperty(fc.array(op, { minLength: 10, maxLength: 120 }), fc.boolean(), async (ops, writeNow) => {
       const path = join(dir, `r${run++}.journal`);
       let journal = await JournalFile.create(path, DEVICE, { ring: 8192 });
       await journal.close();
-      let disk = new Disk(await readFile(path));
+      // With writeNow, appends without a sync go to the file in the appender's turn while the writer is idle.
+      let disk = new Disk(await readFile(path), writeNow);
       journal = await JournalFile.open(path, parseJournal(disk.durable), DEVICE, { wrap: disk.wrap });
       // The model: every record appended by number, which of them are durable, trims and epochs.
       const appended = new Map<number, Buffer>();
@@ -223,7 +241,8 @@ test('the ring under laps, pointer moves, power cuts and torn tails: recovery ho
           rewrites += journal.rewrites;
           await journal.close();
           await writeFile(path, image);
-          disk = new Disk(image);
+          writesNow += disk.writesNow;
+          disk = new Disk(image, writeNow);
           journal = await JournalFile.open(path, parsed, DEVICE, { wrap: disk.wrap });
           // What was lost was never durable; its numbers are handed out again, as a device does.
           const last = Math.max(trimmed, ...users(parsed.records).map((r) => r.seq));
@@ -239,13 +258,15 @@ test('the ring under laps, pointer moves, power cuts and torn tails: recovery ho
       }
       moves += journal.pointerMoves;
       rewrites += journal.rewrites;
+      writesNow += disk.writesNow;
       await journal.close();
       assert.ok((await stat(path)).size <= RING_START + journal.capacity, 'the file never grows past its ring');
     }),
-    // A failing schedule (fast-check prints it) replays with TEST_OPS='[...]'.
-    process.env.TEST_OPS === undefined ? { numRuns: 150 } : { numRuns: 1, examples: [[JSON.parse(process.env.TEST_OPS) as Op[]]] },
+    // A failing schedule (fast-check prints it) replays with TEST_OPS='[...]' (and TEST_WRITE_NOW=1 for its second value true).
+    process.env.TEST_OPS === undefined ? { numRuns: 150 } : { numRuns: 1, examples: [[JSON.parse(process.env.TEST_OPS) as Op[], process.env.TEST_WRITE_NOW === '1']] },
   );
   assert.ok(moves > 0 && rewrites > 0, `the runs wrapped the ring (${moves} pointer moves) and filled it (${rewrites} rewrites)`);
+  assert.ok(writesNow > 0, 'appends without a sync were written in the appender\'s turn');
 });
 
 test('the ring wraps and reuses its space: a long run of appends and trims stays in one ring-sized file, the pointer moves, and a restart reads exactly the live records', async (t) => {
@@ -301,6 +322,93 @@ test('records appended without a sync (as an in-sync mirrored device writes its 
   assert.ok(laps > 20, `the pointer moved on in ${laps} batches`);
   assert.equal(journal.syncs, 0, 'no batch synced');
   await journal.close();
+});
+
+test('an append without a sync written in the appender\'s turn never lands ahead of what the writer is writing or has queued: under interleavings fast-check\'s scheduler picks, the file holds every record not trimmed, in the order appended', async (t) => {
+  const dir = await tempDir(t, 'memstrata-ring-');
+  let run = 0;
+  let now = 0; // appends without a sync written in the appender's turn
+  let behind = 0; // appends without a sync that found the writer busy and were queued
+  // 'deferred': written only with whatever comes next (a write log's plain WRITE while its device is not in sync).
+  const op = fc.record({ kind: fc.constantFrom('lazy', 'lazy', 'lazy', 'synced', 'deferred', 'flush', 'trim'), size: fc.nat({ max: 3000 }) });
+  await fc.assert(
+    fc.asyncProperty(
+      // Rounds of operations started together; after some rounds the writer is left to finish (idle).
+      fc.array(fc.record({ ops: fc.array(op, { minLength: 1, maxLength: 6 }), settle: fc.boolean() }), { minLength: 1, maxLength: 10 }),
+      fc.scheduler(),
+      async (rounds, s) => {
+        const path = join(dir, `o${run++}.journal`);
+        const created = await JournalFile.create(path, 8 * 1024, { ring: 32 * 1024 });
+        await created.close();
+        let writesNow = 0;
+        // The writer's writes and syncs each wait for the scheduler; writes in the appender's turn cannot wait.
+        const wrap = (sink: JournalSink): JournalSink => {
+          const inner = sink.writeSync;
+          assert.ok(inner !== undefined);
+          return {
+            write: async (buf, position) => {
+              await s.schedule(Promise.resolve());
+              await sink.write(buf, position);
+            },
+            writeSync: (buf, position) => {
+              inner.call(sink, buf, position);
+              writesNow++;
+            },
+            datasync: async () => {
+              await s.schedule(Promise.resolve());
+              await sink.datasync();
+            },
+            close: () => sink.close(),
+          };
+        };
+        const journal = await JournalFile.open(path, parseJournal(await readFile(path)), 8 * 1024, { wrap });
+        const appended = new Map<number, Buffer>();
+        let next = 1;
+        let trimSent = 0;
+        const deferred: Promise<void>[] = [];
+        for (const round of rounds) {
+          const all = round.ops.map(async (o) => {
+            await s.schedule(Promise.resolve()); // the scheduler picks when each operation starts
+            if (o.kind === 'flush') return journal.flush();
+            if (o.kind === 'trim') {
+              // Trim half of what was appended so far, as a device's checkpoint does (a synced marker).
+              const to = Math.floor((next - 1) / 2);
+              if (to <= trimSent) return undefined;
+              trimSent = to;
+              return journal.append(marker(RECORD_FLAG.TRIM, next, to));
+            }
+            const seq = next++;
+            const buf = record(seq, Buffer.alloc(o.size, seq & 0xff));
+            appended.set(seq, buf);
+            if (o.kind === 'synced') return journal.append(buf);
+            if (o.kind === 'deferred') {
+              deferred.push(journal.defer(buf)); // settles with a later batch: awaited at the end
+              return undefined;
+            }
+            const before = writesNow;
+            const written = journal.append(buf, false);
+            if (writesNow > before) now++;
+            else behind++;
+            return written;
+          });
+          await s.waitFor(Promise.all(all));
+          // The writer pauses a turn after releasing several appenders: past it, it is idle.
+          if (round.settle) await s.waitFor(new Promise((resolve) => setTimeout(resolve, 1)));
+        }
+        await s.waitFor(journal.flush());
+        await Promise.all(deferred);
+        await journal.close();
+        const parsed = parseJournal(await readFile(path));
+        assert.equal(parsed.validAfter, undefined, `no damage (${parsed.stoppedBecause ?? ''})`);
+        const trimTo = Math.max(parsed.base.trimmedTo, ...parsed.records.filter((r) => (r.flags & RECORD_FLAG.TRIM) !== 0).map((r) => Number(r.payload.readBigUInt64BE(0))));
+        const got = users(parsed.records).filter((r) => r.seq > trimTo);
+        assert.deepEqual(got.map((r) => r.seq), Array.from({ length: next - 1 - trimTo }, (_, i) => trimTo + 1 + i), 'every record not trimmed, in the order appended');
+        for (const r of got) assert.ok(appended.get(r.seq)?.equals(encodeRecord(r)), `record ${r.seq} reads back as appended`);
+      },
+    ),
+    { numRuns: 100 },
+  );
+  assert.ok(now > 0 && behind > 0, `both ways were taken: ${now} appends written in the appender's turn, ${behind} queued behind the writer`);
 });
 
 test('records that follow a trim of everything stay where the pointer can reach them: the next move of the pointer keeps them', async (t) => {
