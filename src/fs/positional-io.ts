@@ -29,6 +29,7 @@ export function writeAllFd(fd: number, buf: Uint8Array, position: number): Promi
       }
       fsWrite(fd, buf, done, buf.length - done, position + done, (error, written) => {
         if (error !== null) reject(error);
+        else if (written === 0) reject(nothingWritten(position + done));
         else step(done + written);
       });
     };
@@ -42,7 +43,18 @@ export function writeAllFd(fd: number, buf: Uint8Array, position: number): Promi
  * thread pool for a few kilobytes. Throws what the system call throws.
  */
 export function writeAllFdSync(fd: number, buf: Uint8Array, position: number): void {
-  for (let done = 0; done < buf.length; ) done += fsWriteSync(fd, buf, done, buf.length - done, position + done);
+  for (let done = 0; done < buf.length; ) {
+    const written = fsWriteSync(fd, buf, done, buf.length - done, position + done);
+    if (written === 0) throw nothingWritten(position + done);
+    done += written;
+  }
+}
+
+/** A write that took none of its bytes: it would be asked again for ever, so it fails. */
+function nothingWritten(position: number): NodeJS.ErrnoException {
+  const error: NodeJS.ErrnoException = new Error(`EIO: a write at ${position} wrote nothing`);
+  error.code = 'EIO';
+  return error;
 }
 
 /** Writes `length` zero bytes at `offset`, a megabyte at a time. */

@@ -903,17 +903,23 @@ export class NvramDevice {
 
   /**
    * Closes the device. Records a write log acknowledged without a sync are committed
-   * first, and a `mirrored` device's journal, written behind its partner's copy, is
-   * synced; if that fails (a write behind that failed unnoticed included), the journal is
-   * rewritten from memory (the repair), so what was acknowledged is in the file.
+   * first; otherwise a `mirrored` device's journal, written behind its partner's copy,
+   * is synced (the journal alone: no wait for the partner or a resync, which may wait
+   * for the device manager this close runs under). If that fails (a write behind that
+   * failed unnoticed included), the journal is rewritten from memory (the repair), so
+   * what was acknowledged is in the file.
    */
   async close(): Promise<void> {
     if (this.closed) return;
-    const behind = this.policy === 'mirrored';
-    if (this.journal !== undefined && (this.uncommittedBytes > 0 || this.failure !== undefined || behind)) {
+    if (this.journal !== undefined && (this.uncommittedBytes > 0 || this.failure !== undefined)) {
       try {
         await this.commit();
-        if (behind) await this.syncJournal();
+      } catch {
+        await this.repair().catch(() => undefined);
+      }
+    } else if (this.journal !== undefined && this.policy === 'mirrored') {
+      try {
+        await this.syncJournal();
       } catch {
         await this.repair().catch(() => undefined);
       }

@@ -62,6 +62,7 @@ import { crc32 } from 'node:zlib';
 import { MisuseError, RuntimeError, StorageError, asError } from '../errors.js';
 import { CREATE_NEW_FLAGS } from '../fs/meta-file.js';
 import { writeAllFd, writeAllFdSync } from '../fs/positional-io.js';
+import { SyncIoGauge } from '../fs/sync-io-gauge.js';
 import { InFlight } from '../settle.js';
 import type { JournalFileInfo } from '../protocol/admin/api.js';
 import { MAX_PAYLOAD, MAX_TARGET_NAME, RECORD_FLAG, RECORD_HEADER, RECORD_MAGIC, decodeRecord, encodeRecord, nowMicros, recordSize, type JournalRecord } from '../protocol/journal/record.js';
@@ -87,12 +88,8 @@ const MARKERS = RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM | RECORD_FLAG.WRAP;
 const EMPTY = Buffer.alloc(0);
 /** The largest batch assembled in the reused scratch buffer; larger ones get their own. */
 const SCRATCH_MAX = 4 * 1024 * 1024;
-/**
- * The largest append without sync written in the appender's turn (see writeNow): a copy
- * into the OS's cache of this size holds the event loop for tens of microseconds at most,
- * less than the trip through libuv's thread pool it saves.
- */
-const WRITE_NOW_MAX = 256 * 1024;
+/** Pages of the file: a write in the appender's turn ends on one (see writeNow). */
+const PAGE = 4096;
 
 /** The ring a new journal gets: at least `least`, and twice the device's size. */
 export function ringCapacity(deviceSize: number, least = RING_MIN): number {
@@ -125,6 +122,8 @@ export interface JournalOptions {
   ring?: number;
   /** Told how long each batch's write and sync took, in seconds (the latency figures). */
   onSync?: (seconds: number) => void;
+  /** The clock (ms) that times writes in the appender's turn; tests give a fake one. */
+  clock?: () => number;
 }
 
 /**
@@ -629,6 +628,8 @@ export class JournalFile {
   private fencedBy: Error | undefined;
   /** Set once `close` began: nothing more is queued. */
   private closing: boolean;
+  /** How writes in the appender's turn have fared: they are declined while slow (see writeNow). */
+  readonly syncWrites: SyncIoGauge;
 
   private constructor(path: string, sink: JournalSink, durable: DurableWrite | undefined, options: JournalOptions, ring: RingState) {
     this.path = path;
@@ -649,6 +650,7 @@ export class JournalFile {
     this.rewrites = 0;
     this.fencedBy = undefined;
     this.closing = false;
+    this.syncWrites = new SyncIoGauge(options.clock);
   }
 
   /**
@@ -707,22 +709,40 @@ export class JournalFile {
    * preallocation, which are the writer's): the record is in the OS's cache before
    * append returns, and a `mirrored` device's append costs no trip through libuv's thread
    * pool (a hand-off to a worker thread and a wake-up back, about 40 us per SQLite write
-   * on two cores). A failed write fences the file as a failed batch does. Undefined when
-   * it does not apply: the caller queues the record for the writer.
+   * on two cores). Undefined when it does not apply: the caller queues the record for
+   * the writer.
+   *
+   * What such a write holds the event loop for: a copy into the OS's cache, up to
+   * SYNC_IO_MAX bytes. The write is padded with zeros to the end of its last page (free
+   * space, beyond the head), so the kernel never has to read that page from the disk
+   * first; its first page is the one the last write ended in, cached since. Writes the
+   * kernel holds anyway (it throttles writers while it writes dirty pages back, or the
+   * disk hangs) are timed (SyncIoGauge), and appends go to the writer while they are
+   * slow, one tried again now and then. A failed write fences the file as a failed
+   * batch does.
    */
   private writeNow(record: Buffer): Promise<void> | undefined {
     const sink = this.sink;
-    if (sink.writeSync === undefined || this.running !== undefined || this.queue.length > 0 || this.fencedBy !== undefined || this.closing || record.length > WRITE_NOW_MAX) return undefined;
+    if (sink.writeSync === undefined || this.running !== undefined || this.queue.length > 0 || this.fencedBy !== undefined || this.closing) return undefined;
     const layout = this.layout([record]);
     if (layout === undefined || layout.end > this.ring.pointer.at + this.ring.capacity) return undefined;
-    if (this.reach(layout) > this.ring.allocated) return undefined;
+    const lastPiece = layout.pieces.at(-1);
+    if (lastPiece === undefined) return undefined;
+    // The pad follows the last piece (after a wrap, the one at the ring's start).
+    const lastEnd = this.physical(lastPiece.at) + lastPiece.length;
+    const pad = (PAGE - (lastEnd % PAGE)) % PAGE;
+    if (Math.max(this.reach(layout), lastEnd + pad) > this.ring.allocated || layout.end + pad > this.ring.pointer.at + this.ring.capacity) return undefined;
+    const start = this.syncWrites.begin(record.length + pad);
+    if (start === undefined) return undefined;
     try {
-      for (const p of layout.pieces) sink.writeSync(this.assemble(p, true), this.physical(p.at));
+      for (const p of layout.pieces) sink.writeSync(this.assemble(p, true, p === lastPiece ? pad : 0), this.physical(p.at));
     } catch (error) {
       // What reached the file is unknown: fenced until the device rewrites it from memory.
       const failure = new StorageError('MS_MEDIUM_IO', `journal ${this.path}: write failed: ${(error as Error).message}`, { cause: error });
       this.fencedBy = failure;
       return Promise.reject(failure);
+    } finally {
+      this.syncWrites.end(start, record.length + pad);
     }
     this.unsynced = true;
     this.advance(layout);
@@ -975,6 +995,8 @@ export class JournalFile {
       this.synced(started);
     } else {
       for (const p of layout.pieces) await this.sink.write(this.assemble(p, own), this.physical(p.at));
+      // While writes in the appender's turn are declined, a fast one here brings the next try near.
+      if (!sync && this.syncWrites.slow) this.syncWrites.pooled(performance.now() - started);
       if (layout.pieces.length > 0) this.unsynced = true;
       if (sync && this.unsynced) {
         await this.sink.datasync();
@@ -1003,13 +1025,16 @@ export class JournalFile {
    * `scratch`, in the file's scratch buffer, reused from piece to piece and batch to batch
    * (pieces are written one at a time, and a write is done when it returns or its promise
    * settles): a fresh buffer per batch is garbage the size of everything appended.
+   * `pad` zero bytes follow the piece.
    */
-  private assemble(p: Layout['pieces'][number], scratch: boolean): Buffer {
+  private assemble(p: Layout['pieces'][number], scratch: boolean, pad = 0): Buffer {
     const { capacity, key } = this.ring;
-    const buf = scratch && p.length <= SCRATCH_MAX ? this.scratchOf(p.length) : Buffer.allocUnsafe(p.length);
+    const length = p.length + pad;
+    const buf = scratch && length <= SCRATCH_MAX ? this.scratchOf(length) : Buffer.allocUnsafe(length);
     let o = 0;
     for (const part of p.parts) o += part.copy(buf, o);
     for (const r of p.records) buf.writeUInt32BE(ringTag(key, (p.at + r) % capacity), r + 52);
+    if (pad > 0) buf.fill(0, p.length);
     return buf;
   }
 

@@ -3,7 +3,8 @@ import assert from 'node:assert/strict';
 import { stat, truncate, writeFile } from 'node:fs/promises';
 import { closeSync, openSync } from 'node:fs';
 import { join } from 'node:path';
-import { FlashMedium, SYNC_READ_MAX, SyncReadGauge } from '../../../src/memory/flash-medium.js';
+import { FlashMedium } from '../../../src/memory/flash-medium.js';
+import { SYNC_IO_MAX, SyncIoGauge } from '../../../src/fs/sync-io-gauge.js';
 import { tempDir } from '../../support/node-process.js';
 
 const EXTENT = 1024 * 1024;
@@ -90,7 +91,7 @@ test('flash: readSync reads what was written, and declines while closed', async 
  * `costOf(i)` is the i-th read made's duration in ms, `gapMs` the loop's other work
  * between two attempts. Returns the share of the time the loop was held by reads.
  */
-function drive(gauge: SyncReadGauge, clock: { now: number }, costOf: (i: number) => number, attempts: number, gapMs: number): { share: number; made: number } {
+function drive(gauge: SyncIoGauge, clock: { now: number }, costOf: (i: number) => number, attempts: number, gapMs: number): { share: number; made: number } {
   const from = clock.now;
   let held = 0;
   let made = 0;
@@ -108,9 +109,9 @@ function drive(gauge: SyncReadGauge, clock: { now: number }, costOf: (i: number)
   return { share: held / (clock.now - from), made };
 }
 
-function gauge(): { gauge: SyncReadGauge; clock: { now: number } } {
+function gauge(): { gauge: SyncIoGauge; clock: { now: number } } {
   const clock = { now: 0 };
-  return { gauge: new SyncReadGauge(() => clock.now), clock };
+  return { gauge: new SyncIoGauge(() => clock.now), clock };
 }
 
 test('flash: fast synchronous reads are always made, and preempted ones now and then do not turn them off', () => {
@@ -223,14 +224,14 @@ test('flash: declined synchronous reads are made again once reads are fast, and 
   assert.equal(g.slow, false, 'still declining after 5 s of fast probes');
   assert.ok(clock.now - back < 3000, `${(clock.now - back).toFixed(0)} ms to come back`);
   assert.equal(drive(g, clock, () => 0.003, 1000, 0.05).made, 1000);
-  // Larger than SYNC_READ_MAX: always declined, fast or not.
+  // Larger than SYNC_IO_MAX: always declined, fast or not.
   const declined = g.declined;
-  assert.equal(g.begin(SYNC_READ_MAX + 1), undefined);
+  assert.equal(g.begin(SYNC_IO_MAX + 1), undefined);
   assert.equal(g.declined, declined + 1);
-  assert.notEqual(g.begin(SYNC_READ_MAX), undefined);
+  assert.notEqual(g.begin(SYNC_IO_MAX), undefined);
 });
 
-test('flash: readSync declines with MS_READ_DECLINED while its gauge declines and above SYNC_READ_MAX', async (t) => {
+test('flash: readSync declines with MS_READ_DECLINED while its gauge declines and above SYNC_IO_MAX', async (t) => {
   // A clock the test moves: a read made by readSync takes `cost` ms of it.
   let now = 0;
   let cost = 5;
@@ -265,7 +266,7 @@ test('flash: readSync declines with MS_READ_DECLINED while its gauge declines an
   now += 2000;
   assert.equal(attempt(), true, 'a probe once the decline has decayed');
   assert.equal(medium.syncReads.slow, false);
-  assert.throws(() => medium.readSync(0, Buffer.alloc(SYNC_READ_MAX + 4096)), { code: 'MS_READ_DECLINED' });
+  assert.throws(() => medium.readSync(0, Buffer.alloc(SYNC_IO_MAX + 4096)), { code: 'MS_READ_DECLINED' });
 });
 
 test('flash: readSync of a file cut under the medium throws, never reports bytes it did not read', async (t) => {

@@ -292,6 +292,27 @@ test('a mirrored write log writes each record to its journal file in the appende
   await device.close();
 });
 
+test('closing a mirrored device syncs its journal and waits for nothing else: not for a resync under way, which may wait for the device manager the close runs under', async (t) => {
+  // Review finding: close ran a commit, which waits while the partner is being resynced;
+  // DeviceManager.remove closes under its lock, which such a resync may need (a demotion).
+  const dir = await tempDir(t, 'memstrata-commit-');
+  const path = join(dir, 'm.journal');
+  const { device } = await localDevice(path, 'mirrored');
+  const partner = new FakePartner();
+  device.port = partner;
+  const [a] = await device.append(0, [{ payload: Buffer.from('kept') }], { sync: false });
+  partner.answer('held');
+  await device.commit();
+  // A resync begins and does not end while the device closes.
+  let syncing = true;
+  partner.mode = () => (syncing ? 'syncing' : 'in-sync');
+  partner.settled = () => new Promise<void>(() => undefined);
+  const closed = await Promise.race([device.close().then(() => 'closed'), new Promise((resolve) => setTimeout(resolve, 2000, 'hung'))]);
+  syncing = false;
+  assert.equal(closed, 'closed');
+  assert.equal(userRecords(readFileSync(path)).get(a?.seq ?? 0), 'kept', 'the journal holds the acknowledged record');
+});
+
 /**
  * A partner closer to Mirroring: a lost link degrades (sends answer false), `resync`
  * brings it back (quiesce, sync the journal, RESET, push every acknowledged record), a

@@ -351,6 +351,8 @@ test('an append without a sync written in the appender\'s turn never lands ahead
               await sink.write(buf, position);
             },
             writeSync: (buf, position) => {
+              // Padded to its page's end: the kernel never reads a page to complete it.
+              assert.equal((position + buf.length) % 4096, 0, 'a write in the appender\'s turn ends on a page boundary');
               inner.call(sink, buf, position);
               writesNow++;
             },
@@ -409,6 +411,66 @@ test('an append without a sync written in the appender\'s turn never lands ahead
     { numRuns: 100 },
   );
   assert.ok(now > 0 && behind > 0, `both ways were taken: ${now} appends written in the appender's turn, ${behind} queued behind the writer`);
+});
+
+test('an append made while the journal closes is refused (MS_SHUTTING_DOWN), never written in the appender\'s turn behind the last sync', async (t) => {
+  const dir = await tempDir(t, 'memstrata-ring-');
+  const path = join(dir, 'c.journal');
+  const journal = await JournalFile.create(path, 8 * 1024, { ring: 32 * 1024 });
+  await journal.append(record(1, Buffer.alloc(100, 1)), true); // the first lap's zeros written: the writer is idle now
+  await journal.append(record(2, Buffer.alloc(100, 2)), false);
+  const closing = journal.close();
+  await assert.rejects(journal.append(record(3, Buffer.alloc(100, 3)), false), { code: 'MS_SHUTTING_DOWN' });
+  await closing;
+  assert.deepEqual(users(parseJournal(await readFile(path)).records).map((r) => r.seq), [1, 2]);
+});
+
+test('writes in the appender\'s turn that hold the event loop (a disk the kernel throttles or that hangs) are declined: appends then go to the writer, in order, and are written at once again when such writes are fast', async (t) => {
+  const dir = await tempDir(t, 'memstrata-ring-');
+  const path = join(dir, 's.journal');
+  const created = await JournalFile.create(path, 8 * 1024, { ring: 256 * 1024 });
+  await created.close();
+  const clock = { now: 0 };
+  let cost = 5; // ms each write in the appender's turn holds the loop, on the fake clock
+  let now = 0;
+  const wrap = (sink: JournalSink): JournalSink => {
+    const inner = sink.writeSync;
+    assert.ok(inner !== undefined);
+    return {
+      write: (buf, position) => sink.write(buf, position),
+      writeSync: (buf, position) => {
+        inner.call(sink, buf, position);
+        now++;
+        clock.now += cost;
+      },
+      datasync: () => sink.datasync(),
+      close: () => sink.close(),
+    };
+  };
+  const journal = await JournalFile.open(path, parseJournal(await readFile(path)), 8 * 1024, { wrap, clock: () => clock.now });
+  let seq = 1;
+  const append = async (sync: boolean): Promise<void> => {
+    await journal.append(record(seq, Buffer.alloc(200, seq & 0xff)), sync);
+    seq++;
+    clock.now += 1; // the loop's other work between appends
+  };
+  await append(true); // the first lap's zeros, by the writer
+  for (let i = 0; i < 100; i++) await append(false);
+  assert.ok(journal.syncWrites.slow, 'slow writes in the appender\'s turn are declined');
+  assert.ok(now <= 5, `${now} of 100 appends were written in the appender's turn while such writes took 5 ms (a probe now and then)`);
+  // Fast again: probes find it so, and the gauge lets such writes be made again.
+  cost = 0.005;
+  for (let i = 0; i < 200 && journal.syncWrites.slow; i++) {
+    clock.now += 20;
+    await append(false);
+  }
+  assert.equal(journal.syncWrites.slow, false, 'fast writes in the appender\'s turn are made again');
+  const before = now;
+  await append(false);
+  assert.equal(now, before + 1);
+  await journal.flush();
+  await journal.close();
+  assert.deepEqual(users(parseJournal(await readFile(path)).records).map((r) => r.seq), Array.from({ length: seq - 1 }, (_, i) => i + 1), 'every record, in order, whichever way it was written');
 });
 
 test('records that follow a trim of everything stay where the pointer can reach them: the next move of the pointer keeps them', async (t) => {
