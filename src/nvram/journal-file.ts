@@ -36,8 +36,9 @@
 // appends without waiting for a sync (its partner holds the record); the file is written
 // in order, so the next sync, or `flush`, covers those records as well. While the writer
 // is idle and nothing is queued, such an append is written in the appender's own turn
-// (writeNow: a positional write into the OS's cache, no thread pool), so it is in the
-// file before append returns; otherwise it queues behind the writer, as before.
+// (writeNow: a positional write into the OS's cache, padded with zeros to its page's
+// end, no thread pool), so it is in the file before append returns; otherwise, and while
+// such writes are slow, it queues behind the writer.
 //
 // A failed write or sync fences the file: the batch that failed and every append queued
 // after it are refused, and so is every later one, until `replace` has rewritten the
