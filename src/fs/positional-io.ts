@@ -15,6 +15,7 @@ export async function writeAll(handle: PositionalFile, buf: Uint8Array, position
   let done = 0;
   while (done < buf.length) {
     const { bytesWritten } = await handle.write(buf, done, buf.length - done, position + done);
+    if (bytesWritten === 0) throw nothingWritten(position + done);
     done += bytesWritten;
   }
 }

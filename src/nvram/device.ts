@@ -902,23 +902,19 @@ export class NvramDevice {
   }
 
   /**
-   * Closes the device. Records a write log acknowledged without a sync are committed
-   * first; otherwise a `mirrored` device's journal, written behind its partner's copy,
-   * is synced (the journal alone: no wait for the partner or a resync, which may wait
-   * for the device manager this close runs under). If that fails (a write behind that
-   * failed unnoticed included), the journal is rewritten from memory (the repair), so
-   * what was acknowledged is in the file.
+   * Closes the device. Its journal is synced first when records a write log acknowledged
+   * without a sync wait in it, or a `mirrored` device wrote it behind its partner's copy;
+   * if that fails, or the device had failed (a write behind that failed unnoticed
+   * included), the journal is rewritten from memory (the repair), so what was
+   * acknowledged is in the file. The journal alone: a commit would also wait for a resync
+   * under way, and a resync may wait for the device manager this close runs under
+   * (DeviceManager.remove).
    */
   async close(): Promise<void> {
     if (this.closed) return;
-    if (this.journal !== undefined && (this.uncommittedBytes > 0 || this.failure !== undefined)) {
+    if (this.journal !== undefined && (this.uncommittedBytes > 0 || this.failure !== undefined || this.policy === 'mirrored')) {
       try {
-        await this.commit();
-      } catch {
-        await this.repair().catch(() => undefined);
-      }
-    } else if (this.journal !== undefined && this.policy === 'mirrored') {
-      try {
+        if (this.failure !== undefined) throw this.failure;
         await this.syncJournal();
       } catch {
         await this.repair().catch(() => undefined);

@@ -714,9 +714,9 @@ export class JournalFile {
    * the writer.
    *
    * What such a write holds the event loop for: a copy into the OS's cache, up to
-   * SYNC_IO_MAX bytes. The write is padded with zeros to the end of its last page (free
-   * space, beyond the head), so the kernel never has to read that page from the disk
-   * first; its first page is the one the last write ended in, cached since. Writes the
+   * SYNC_IO_MAX bytes. Each piece written is padded with zeros to the end of its page
+   * (free space, beyond the head), so the kernel never has to read that page from the
+   * disk first; a write's first page is the one the last write ended in, cached since. Writes the
    * kernel holds anyway (it throttles writers while it writes dirty pages back, or the
    * disk hangs) are timed (SyncIoGauge), and appends go to the writer while they are
    * slow, one tried again now and then. A failed write fences the file as a failed
@@ -727,23 +727,24 @@ export class JournalFile {
     if (sink.writeSync === undefined || this.running !== undefined || this.queue.length > 0 || this.fencedBy !== undefined || this.closing) return undefined;
     const layout = this.layout([record]);
     if (layout === undefined || layout.end > this.ring.pointer.at + this.ring.capacity) return undefined;
-    const lastPiece = layout.pieces.at(-1);
-    if (lastPiece === undefined) return undefined;
-    // The pad follows the last piece (after a wrap, the one at the ring's start).
-    const lastEnd = this.physical(lastPiece.at) + lastPiece.length;
-    const pad = (PAGE - (lastEnd % PAGE)) % PAGE;
-    if (Math.max(this.reach(layout), lastEnd + pad) > this.ring.allocated || layout.end + pad > this.ring.pointer.at + this.ring.capacity) return undefined;
-    const start = this.syncWrites.begin(record.length + pad);
+    // Each piece is padded to the end of its page: after a wrap, the wrap marker's up to
+    // the ring's end (free: the layout goes on beyond it), the record's at the ring's start.
+    const pads = layout.pieces.map((p) => (PAGE - ((this.physical(p.at) + p.length) % PAGE)) % PAGE);
+    const padded = layout.pieces.reduce((n, p, i) => Math.max(n, this.physical(p.at) + p.length + (pads[i] ?? 0)), 0);
+    const lastPad = pads.at(-1) ?? 0;
+    if (padded > this.ring.allocated || layout.end + lastPad > this.ring.pointer.at + this.ring.capacity) return undefined;
+    const bytes = record.length + pads.reduce((n, pad) => n + pad, 0);
+    const start = this.syncWrites.begin(bytes);
     if (start === undefined) return undefined;
     try {
-      for (const p of layout.pieces) sink.writeSync(this.assemble(p, true, p === lastPiece ? pad : 0), this.physical(p.at));
+      for (const [i, p] of layout.pieces.entries()) sink.writeSync(this.assemble(p, true, pads[i] ?? 0), this.physical(p.at));
     } catch (error) {
       // What reached the file is unknown: fenced until the device rewrites it from memory.
       const failure = new StorageError('MS_MEDIUM_IO', `journal ${this.path}: write failed: ${(error as Error).message}`, { cause: error });
       this.fencedBy = failure;
       return Promise.reject(failure);
     } finally {
-      this.syncWrites.end(start, record.length + pad);
+      this.syncWrites.end(start, bytes);
     }
     this.unsynced = true;
     this.advance(layout);

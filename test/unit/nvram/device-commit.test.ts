@@ -36,6 +36,8 @@ class JournalPowerCut {
   /** Whether the sink offers writes in the caller's turn (JournalSink.writeSync), and how many it took. */
   private readonly now: boolean;
   writesNow: number;
+  /** The next write in the caller's turn fails with EIO. */
+  failNextWriteNow: boolean;
 
   constructor(path: string, now = true) {
     this.durable = readFileSync(path);
@@ -43,6 +45,7 @@ class JournalPowerCut {
     this.syncs = 0;
     this.now = now;
     this.writesNow = 0;
+    this.failNextWriteNow = false;
   }
 
   readonly wrap = (sink: JournalSink): JournalSink => {
@@ -66,6 +69,10 @@ class JournalPowerCut {
     const now = sink.writeSync;
     if (this.now && now !== undefined) {
       wrapped.writeSync = (buf, position) => {
+        if (this.failNextWriteNow) {
+          this.failNextWriteNow = false;
+          throw Object.assign(new Error('EIO: injected'), { code: 'EIO' });
+        }
         now.call(sink, buf, position);
         this.pending.push({ position, bytes: Buffer.from(buf) });
         this.writesNow++;
@@ -79,7 +86,8 @@ async function localDevice(path: string, policy: 'local' | 'mirrored' | 'mirrore
   const created = await JournalFile.create(path, size);
   await created.close();
   const power = new JournalPowerCut(path, writeNow);
-  const journal = await JournalFile.open(path, parseJournal(power.durable), size, { wrap: power.wrap });
+  // A clock that never moves: writes in the appender's turn are never timed as slow (a loaded machine would make them so now and then).
+  const journal = await JournalFile.open(path, parseJournal(power.durable), size, { wrap: power.wrap, clock: () => 0 });
   const medium = new DramMedium({ capacity: size, extentSize: E });
   await medium.open();
   const device = new NvramDevice({ name: 'wl', size, policy, medium, extents: Array.from({ length: size / E }, (_, i) => i * E), extentSize: E, journal });
@@ -292,25 +300,38 @@ test('a mirrored write log writes each record to its journal file in the appende
   await device.close();
 });
 
-test('closing a mirrored device syncs its journal and waits for nothing else: not for a resync under way, which may wait for the device manager the close runs under', async (t) => {
+test('closing a mirrored device syncs its journal and waits for nothing else: not for a resync under way, which may wait for the device manager the close runs under, whether the device is well or failed', async (t) => {
   // Review finding: close ran a commit, which waits while the partner is being resynced;
   // DeviceManager.remove closes under its lock, which such a resync may need (a demotion).
   const dir = await tempDir(t, 'memstrata-commit-');
-  const path = join(dir, 'm.journal');
-  const { device } = await localDevice(path, 'mirrored');
-  const partner = new FakePartner();
-  device.port = partner;
-  const [a] = await device.append(0, [{ payload: Buffer.from('kept') }], { sync: false });
-  partner.answer('held');
-  await device.commit();
-  // A resync begins and does not end while the device closes.
-  let syncing = true;
-  partner.mode = () => (syncing ? 'syncing' : 'in-sync');
-  partner.settled = () => new Promise<void>(() => undefined);
-  const closed = await Promise.race([device.close().then(() => 'closed'), new Promise((resolve) => setTimeout(resolve, 2000, 'hung'))]);
-  syncing = false;
-  assert.equal(closed, 'closed');
-  assert.equal(userRecords(readFileSync(path)).get(a?.seq ?? 0), 'kept', 'the journal holds the acknowledged record');
+  for (const failed of [false, true]) {
+    const path = join(dir, `m-${failed}.journal`);
+    const { device, power } = await localDevice(path, 'mirrored');
+    const partner = new FakePartner();
+    device.port = partner;
+    const [a] = await device.append(0, [{ payload: Buffer.from('kept') }], { sync: false });
+    partner.answer('held');
+    await device.commit();
+    await device.syncJournal(); // the first lap's zeros written: the journal's writer is idle
+    let b: { seq: number } | undefined;
+    if (failed) {
+      // Its journal write fails: the device has failed, and a repair is due.
+      power.failNextWriteNow = true;
+      [b] = await device.append(0, [{ payload: Buffer.from('also kept') }], { sync: false });
+      assert.equal(power.failNextWriteNow, false, 'the write in the appender\'s turn failed');
+      partner.answer('held');
+    }
+    // A resync begins and does not end while the device closes.
+    let syncing = true;
+    partner.mode = () => (syncing ? 'syncing' : 'in-sync');
+    partner.settled = () => new Promise<void>(() => undefined);
+    const closed = await Promise.race([device.close().then(() => 'closed'), new Promise((resolve) => setTimeout(resolve, 2000, 'hung'))]);
+    syncing = false;
+    assert.equal(closed, 'closed', failed ? 'a failed device' : 'a device in sync');
+    const held = userRecords(readFileSync(path));
+    assert.equal(held.get(a?.seq ?? 0), 'kept', 'the journal holds the acknowledged record');
+    if (b !== undefined) assert.equal(held.get(b.seq), 'also kept', 'the repair rewrote the journal with the record whose write failed');
+  }
 });
 
 /**
