@@ -716,11 +716,11 @@ export class JournalFile {
    * What such a write holds the event loop for: a copy into the OS's cache, up to
    * SYNC_IO_MAX bytes. Each piece written is padded with zeros to the end of its page
    * (free space, beyond the head), so the kernel never has to read that page from the
-   * disk first; a write's first page is the one the last write ended in, cached since. Writes the
-   * kernel holds anyway (it throttles writers while it writes dirty pages back, or the
-   * disk hangs) are timed (SyncIoGauge), and appends go to the writer while they are
-   * slow, one tried again now and then. A failed write fences the file as a failed
-   * batch does.
+   * disk first; a write's first page is the one the last write ended in, cached since.
+   * Writes the kernel holds anyway (it throttles writers while it writes dirty pages
+   * back, or the disk hangs) are timed (SyncIoGauge), and appends go to the writer while
+   * they are slow, one tried again now and then. A failed write fences the file as a
+   * failed batch does.
    */
   private writeNow(record: Buffer): Promise<void> | undefined {
     const sink = this.sink;

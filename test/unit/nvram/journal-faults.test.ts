@@ -38,6 +38,18 @@ const userRecords = (records: readonly JournalRecord[]): JournalRecord[] => reco
 
 const isVoid = (r: JournalRecord): boolean => (r.flags & RECORD_FLAG.VOID) !== 0;
 
+/** Takes note of a round's appends: each number acknowledged once, each refusal an MS_MEDIUM_IO. */
+function noteAcked(results: readonly PromiseSettledResult<{ seq: number; payload: string }>[], acked: Map<number, string>): void {
+  for (const r of results) {
+    if (r.status === 'fulfilled') {
+      assert.ok(!acked.has(r.value.seq), `sequence number ${r.value.seq} acknowledged twice`);
+      acked.set(r.value.seq, r.value.payload);
+    } else {
+      assert.equal((r.reason as { code?: string }).code, 'MS_MEDIUM_IO', String(r.reason));
+    }
+  }
+}
+
 test('journal faults under concurrent appends: no acknowledged record lost, no number used twice, failed numbers void, the device repairs itself', async () => {
   const dir = await mkdtemp(join(tmpdir(), 'memstrata-jfaults-'));
   try {
@@ -84,14 +96,7 @@ test('journal faults under concurrent appends: no acknowledged record lost, no n
                 return { seq: appended?.seq ?? 0, payload };
               }),
             );
-            for (const r of results) {
-              if (r.status === 'fulfilled') {
-                assert.ok(!acked.has(r.value.seq), `sequence number ${r.value.seq} acknowledged twice`);
-                acked.set(r.value.seq, r.value.payload);
-              } else {
-                assert.equal((r.reason as { code?: string }).code, 'MS_MEDIUM_IO', String(r.reason));
-              }
-            }
+            noteAcked(results, acked);
             // The file as a crash would find it now holds every acknowledged record.
             const onDisk = new Map(userRecords(parseJournal(await readFile(path)).records).map((r) => [r.seq, r]));
             for (const [seq, payload] of acked) assert.equal(onDisk.get(seq)?.payload.toString(), payload, `acknowledged record ${seq} missing from the file`);
@@ -201,14 +206,7 @@ test('mirrored, in sync: journal writes in the appender\'s turn (writeSync) or t
               return { seq: appended?.seq ?? 0, payload };
             }),
           );
-          for (const r of results) {
-            if (r.status === 'fulfilled') {
-              assert.ok(!acked.has(r.value.seq), `sequence number ${r.value.seq} acknowledged twice`);
-              acked.set(r.value.seq, r.value.payload);
-            } else {
-              assert.equal((r.reason as { code?: string }).code, 'MS_MEDIUM_IO', String(r.reason));
-            }
-          }
+          noteAcked(results, acked);
           if (round.commit) await dev.commit().catch(() => undefined);
         }
         injectedNow += plan.injectedInto('journal.writeSync');
