@@ -66,7 +66,7 @@ export class SyncIoGauge {
   private at: number;
   private declining: boolean;
   private nextProbe: number;
-  /** Synchronous reads made, and reads declined, since the medium was made. */
+  /** Synchronous calls made, and calls declined, since the gauge was made. */
   made: number;
   declined: number;
 
