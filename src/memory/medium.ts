@@ -34,6 +34,15 @@ export interface Medium {
    * `target` or none): callers then read with `read`, which reports errors.
    */
   readSync?(offset: number, target: Uint8Array): void;
+  /**
+   * The medium's own memory for a range within one extent that has been written, or
+   * undefined: for a reader that sends those bytes without copying them (the storage
+   * cache's NBD replies). The view's bytes change only by writes to its range; zeroing
+   * its whole extent gives the extent new memory and leaves the view with the old
+   * bytes, never anyone else's. The caller never writes to it. Absent where the medium
+   * is not process memory.
+   */
+  view?(offset: number, length: number): Buffer | undefined;
   write(offset: number, source: Uint8Array): Promise<void>;
   /** Makes the range read as zeros, handing back backing storage of whole extents where the medium can. */
   zero(offset: number, length: number): Promise<void>;

@@ -24,6 +24,11 @@ const implementations: Implementation[] = [
     make: async () => ({ medium: new DramMedium({ capacity: CAPACITY, extentSize: EXTENT }), cleanup: async () => undefined }),
   },
   {
+    // Extents of several chunks (a buffer per 64 KiB): I/O crosses chunks within an extent.
+    name: 'dram, 256 KiB extents',
+    make: async () => ({ medium: new DramMedium({ capacity: CAPACITY, extentSize: 4 * EXTENT }), cleanup: async () => undefined }),
+  },
+  {
     name: 'flash',
     make: async () => {
       const dir = await mkdtemp(join(tmpdir(), 'memstrata-flash-'));
@@ -133,3 +138,29 @@ for (const impl of implementations) {
     });
   });
 }
+
+test('dram: a view shows a written chunk\'s bytes and keeps only that chunk alive; zeroing the extent gives it new memory and leaves the view its bytes', async () => {
+  const medium = new DramMedium({ capacity: 4 * 1024 * 1024, extentSize: 1024 * 1024 });
+  await medium.open();
+  const MiB = 1024 * 1024;
+  assert.equal(medium.view(MiB, 4096), undefined, 'a chunk never written has no memory to show');
+  await medium.write(MiB, Buffer.alloc(MiB, 3));
+  const view = medium.view(MiB + EXTENT + 100, 4096);
+  assert.ok(view !== undefined);
+  assert.ok(view.every((b) => b === 3));
+  assert.ok(view.buffer.byteLength <= EXTENT, `the view keeps ${view.buffer.byteLength} bytes alive`);
+  assert.equal(medium.view(MiB + EXTENT - 10, 20), undefined, 'a range across two chunks has no one view');
+  assert.equal(medium.view(MiB, 0), undefined);
+  await medium.zero(MiB, MiB);
+  await medium.write(MiB, Buffer.alloc(MiB, 9));
+  assert.ok(view.every((b) => b === 3), 'the extent\'s next bytes reached memory a view still shows');
+  const now = Buffer.alloc(4096);
+  await medium.read(MiB + EXTENT + 100, now);
+  assert.ok(now.every((b) => b === 9));
+  // Zeroing part of a chunk writes it in place: the view shows the zeros (its own range).
+  const again = medium.view(MiB, 4096);
+  assert.ok(again !== undefined);
+  await medium.zero(MiB, 100);
+  assert.equal(again[0], 0);
+  await medium.close();
+});
