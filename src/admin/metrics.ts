@@ -339,6 +339,7 @@ export class NodeMetrics {
     cacheCounter('memstrata_cache_hits_total', 'Cache line lookups that found every sector they needed.', (s) => s.hits);
     cacheCounter('memstrata_cache_flash_hits_total', 'Cache hits served by the flash level without moving the line to DRAM.', (s) => s.flashHits);
     cacheCounter('memstrata_cache_flash_reads_now_total', 'Flash hits read on the event loop in the tick their request arrived, since the page cache held them.', (s) => s.flashReadsNow);
+    cacheCounter('memstrata_cache_view_reads_total', 'Reads answered from the DRAM level\'s own memory, sent without a copy (large NBD READs).', (s) => s.viewReads);
     cacheCounter('memstrata_cache_misses_total', 'Cache line lookups that had to stage sectors from the data store.', (s) => s.misses);
     cacheCounter('memstrata_cache_staged_bytes_total', 'Bytes read from data stores into the cache.', (s) => s.stagedBytes);
     cacheCounter('memstrata_cache_destaged_bytes_total', 'Dirty bytes written back to data stores.', (s) => s.destagedBytes);
@@ -346,6 +347,14 @@ export class NodeMetrics {
     cacheCounter('memstrata_cache_evictions_total', 'Lines evicted from a cache level.', (s) => s.evictions);
     cacheCounter('memstrata_cache_promotions_total', 'Lines moved from the flash level back to DRAM.', (s) => s.promotions);
     cacheCounter('memstrata_cache_demotions_total', 'Clean lines moved from DRAM to the flash level.', (s) => s.demotions);
+    new Gauge({
+      name: 'memstrata_cache_pinned_slots',
+      help: 'DRAM cache slots held by replies still being sent from them; none is reused meanwhile.',
+      registers: [registry],
+      collect() {
+        this.set(sources.cache()?.pinnedSlots ?? 0);
+      },
+    });
     new Gauge({
       name: 'memstrata_cache_dirty_bytes',
       help: 'Bytes in the cache not yet written back.',

@@ -95,7 +95,7 @@ import {
   REP,
 } from '../protocol/nbd/spec.js';
 import type { Volume } from '../storage/volume-manager.js';
-import type { VolumeIo } from '../storage/volume-io.js';
+import type { CacheViews, VolumeIo } from '../storage/volume-io.js';
 import type { BufferPool } from '../memory/buffer-pool.js';
 import { CorkedWriter } from '../net/corked-writer.js';
 import type { SocketInput } from '../net/socket-input.js';
@@ -169,6 +169,12 @@ export const BLOCK_STATUS_SPAN = 128 * 1024 * 1024;
 const MAX_EXTENTS = 8192;
 /** A TRIM or WRITE_ZEROES up to this long goes to storage in one call, at once. */
 const ZERO_DIRECT = 1024 * 1024;
+/**
+ * READs from this size on are sent from the cache's own memory when it can (readViews):
+ * the copy into a reply buffer costs the node a fifth of its time on 1 MiB reads, while
+ * for a few KiB it costs less than lending the memory out.
+ */
+const READ_VIEW_MIN = 64 * 1024;
 /** A longer one goes in pieces of this size, one after another, each in one of the service's zeroing slots. */
 const ZERO_PIECE = 64 * 1024 * 1024;
 /**
@@ -856,6 +862,18 @@ export class NbdConnection {
     } catch {
       return false;
     }
+    if (request.length >= READ_VIEW_MIN && io.readViews !== undefined) {
+      let views: CacheViews | undefined;
+      try {
+        views = io.readViews(volume, request.offset, request.length);
+      } catch {
+        views = undefined; // the ordinary path reports errors
+      }
+      if (views !== undefined) {
+        this.replyViews(request, views);
+        return true;
+      }
+    }
     const pooled = this.host.payloadBuffers.acquire(request.length);
     const data = pooled.subarray(0, request.length);
     let read = false;
@@ -879,6 +897,28 @@ export class NbdConnection {
     this.send(data, () => {
       this.host.payloadBuffers.release(pooled);
       this.complete(request);
+    });
+  }
+
+  /**
+   * A READ's reply sent from the cache's memory: its header and the views in one corked
+   * write; the loan ends once the socket has handed the last of them to the kernel (or
+   * is gone). Until then the reply's cost stays in the flow, as a pooled buffer's does.
+   */
+  private replyViews(request: NbdRequest, views: CacheViews): void {
+    this.host.stats.bytesRead += request.length;
+    this.send(this.structured ? encodeOffsetDataHead(request.cookie, request.offset, request.length, true) : encodeSimpleReply(request.cookie, 0));
+    const last = views.buffers.length - 1;
+    views.buffers.forEach((buf, i) => {
+      this.send(
+        buf,
+        i < last
+          ? undefined
+          : () => {
+              views.release();
+              this.complete(request);
+            },
+      );
     });
   }
 

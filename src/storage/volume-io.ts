@@ -21,6 +21,14 @@ export interface VolumeIo {
    * Optional: layers without a fast path leave it out.
    */
   readNow?(volume: Volume, offset: number, target: Buffer): boolean;
+  /**
+   * A read answered at once with the storage's own memory, not copied into a buffer
+   * (storage/cache/storage-cache.ts readViews), or undefined: then nothing happened, and
+   * the caller reads another way. The caller only sends the buffers and calls `release`
+   * once they are sent (or will never be). Optional: layers without memory of their own
+   * leave it out.
+   */
+  readViews?(volume: Volume, offset: number, length: number): CacheViews | undefined;
   /** With `fua`, resolves only once the data is durable in the data store. */
   write(volume: Volume, offset: number, data: Buffer, fua: boolean): Promise<void>;
   /** Makes every write completed before it, on any connection, durable (FIG. 20, FLUSH). */
@@ -36,6 +44,14 @@ export interface VolumeIo {
 const SCRATCH = Buffer.allocUnsafe(1024 * 1024);
 
 /** Straight to the data store: every write goes to the file, FLUSH and FUA fdatasync it. */
+/** A read's bytes lent out of the storage's memory (VolumeIo.readViews). */
+export interface CacheViews {
+  /** The bytes of the range, in order; read them, never write them. */
+  readonly buffers: Buffer[];
+  /** Ends the loan; once is enough, more are harmless. */
+  release(): void;
+}
+
 export class DirectVolumeIo implements VolumeIo {
   read(volume: Volume, offset: number, target: Buffer): Promise<void> {
     return volume.store.read(offset, target);

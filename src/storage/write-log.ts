@@ -60,7 +60,7 @@ import type { DeviceManager } from '../nvram/device-manager.js';
 import type { NvramDevice } from '../nvram/device.js';
 import { RECORD_FLAG, decodeOne } from '../protocol/journal/record.js';
 import { isMirrored } from '../protocol/journal/policy.js';
-import type { VolumeIo } from './volume-io.js';
+import type { CacheViews, VolumeIo } from './volume-io.js';
 import type { Volume } from './volume-manager.js';
 
 export class WriteLogIo implements VolumeIo {
@@ -132,6 +132,10 @@ export class WriteLogIo implements VolumeIo {
 
   read(volume: Volume, offset: number, target: Buffer): Promise<void> {
     return this.inner.read(volume, offset, target);
+  }
+
+  readViews(volume: Volume, offset: number, length: number): CacheViews | undefined {
+    return this.inner.readViews?.(volume, offset, length);
   }
 
   readNow(volume: Volume, offset: number, target: Buffer): boolean {

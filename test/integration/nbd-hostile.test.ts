@@ -117,6 +117,64 @@ test('hostile: a client that pipelines large READs on several connections and ne
   for (const hog of hogs) assert.equal((await hog.next()).error, 0);
 });
 
+test('hostile: clients that never read 1 MiB READs sent from cache memory hold its slots, yet a reclaim of the cache completes and every reply still holds what was read', async (t) => {
+  const n = await node(t);
+  // 8 MiB of known bytes, cached in DRAM: READs of them are sent from the cache's own
+  // memory (readViews), whose slots stay pinned until the socket has sent them.
+  const data = randomBytes(8 * MiB);
+  const writer = (await RawNbd.attach(n.nbd)).nbd;
+  for (let at = 0; at < data.length; at += MiB) assert.equal((await writer.call(CMD.WRITE, { offset: at, data: data.subarray(at, at + MiB) })).error, 0);
+  writer.destroy();
+  const viewsBefore = await metric(n, 'memstrata_cache_view_reads_total');
+  const hogs: RawNbd[] = [];
+  for (let c = 0; c < 4; c++) {
+    const { nbd } = await RawNbd.attach(n.nbd);
+    t.after(() => nbd.destroy());
+    nbd.stopReading();
+    for (let i = 0; i < 16; i++) nbd.request(CMD.READ, { offset: ((c * 5 + i) % 8) * MiB, length: MiB });
+    hogs.push(nbd);
+  }
+  // Until the replies back up: the hogs' sockets are full, slots are held.
+  let pinned = 0;
+  for (let i = 0; i < 500 && pinned === 0; i++) {
+    await new Promise((r) => setTimeout(r, 10));
+    pinned = await metric(n, 'memstrata_cache_pinned_slots');
+  }
+  assert.ok(pinned > 0, 'no cache slot is held by a reply');
+  assert.ok((await metric(n, 'memstrata_cache_view_reads_total')) > viewsBefore, 'no READ was sent from cache memory');
+  // The DRAM cache gives all but 4 MiB back to the partition table and takes it again,
+  // while slots are held: the reclaim waits for no reply, and the memory of the extents
+  // it takes is new, so the held replies keep their bytes.
+  const table = (await (await fetch(`${n.url}/v1/tables/partition`)).json()) as { rows: { medium: string; kind: string; length: number }[] };
+  const cacheBytes = table.rows.filter((r) => r.medium === 'dram' && r.kind === 'cache').reduce((sum, r) => sum + r.length, 0);
+  const resize = async (bytes: number): Promise<void> => {
+    const response = await fetch(`${n.url}/v1/partition/resize`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ medium: 'dram', kind: 'cache', bytes }) });
+    assert.equal(response.status, 200, await response.text());
+  };
+  await resize(4 * MiB);
+  await wellBehaved(n, 40);
+  await resize(cacheBytes);
+  await wellBehaved(n, 40);
+  await healthy(n);
+  // The hogs read at last: each reply holds the bytes written, not another line's.
+  for (const [c, hog] of hogs.entries()) {
+    hog.startReading();
+    for (let i = 0; i < 16; i++) {
+      const reply = await hog.next();
+      assert.equal(reply.error, 0);
+      const at = ((c * 5 + i) % 8) * MiB;
+      assert.ok(reply.data?.equals(data.subarray(at, at + MiB)), `hog ${c}, READ ${i}: not the bytes written at ${at}`);
+    }
+  }
+  for (const hog of hogs) hog.destroy();
+  let left = pinned;
+  for (let i = 0; i < 500 && left !== 0; i++) {
+    await new Promise((r) => setTimeout(r, 10));
+    left = await metric(n, 'memstrata_cache_pinned_slots');
+  }
+  assert.equal(left, 0, 'slots still held once every reply was sent');
+});
+
 test('hostile: clients that pipeline long TRIMs, WRITE_ZEROES and BLOCK_STATUS on several connections', async (t) => {
   const n = await node(t);
   // A volume of its own, so that zeroing it never touches the well-behaved client's data.

@@ -19,6 +19,8 @@ export interface CacheStats {
    * page cache held the bytes); the others went through libuv's thread pool.
    */
   flashReadsNow: number;
+  /** READs answered from the DRAM level's memory, sent without a copy (large NBD READs). */
+  viewReads: number;
   misses: number;
   stagedBytes: number;
   destagedBytes: number;
@@ -30,6 +32,8 @@ export interface CacheStats {
   dirtyBytes: number;
   lines: { dram: number; flash: number };
   slots: { dram: number; flash: number };
+  /** DRAM slots held by replies still being sent from them (viewReads); not reused meanwhile. */
+  pinnedSlots: number;
 }
 
 export interface VolumeInfo {

@@ -3,6 +3,7 @@
 //
 //   extent e:  [slot][slot][slot][slot]...   (extentSize / LINE_SIZE slots)
 //   state of a slot:  free (on the free list) | taken (by a caller, until give())
+//                     | parked (given back while pinned, until the last pin's release)
 //   state of an extent: active | draining (none of its slots is handed out again)
 //
 // A slot is taken before any I/O touches it and given back after the last; the cache
@@ -10,14 +11,31 @@
 // (admission, demotion, promotion). So `used[e] == 0` means no line lives in extent e,
 // no slot of it is between a taker and a line, and no I/O is in flight on it.
 //
+// A pin is a reader outside the cache holding a taken slot's memory (an NBD reply that
+// the socket sends from the line's own bytes, not a copy): the slot may be given back
+// meanwhile, but it is not handed out again, so no other line's bytes ever reach that
+// memory while a pin holds it. A parked slot counts as neither free nor taken: a drain
+// does not wait for it, since the cache hands an extent over only after zeroing it, and
+// zeroing a whole DRAM extent replaces its memory instead of writing it (the pinned
+// reader keeps the old bytes; dram-medium.ts). Pins of extents removed are void.
+//
 // Invariants (test/unit/storage/cache/slots.test.ts):
-//   - take() never returns a slot of a draining extent, nor a slot already taken;
-//   - drain(E) resolves only once every slot of every extent in E is free, and from
-//     then until remove(E) or undrain(E) none of them can be taken;
-//   - free + taken = slots of the extents held, at every step.
+//   - take() never returns a slot of a draining extent, nor a slot already taken, nor a
+//     slot a live pin holds;
+//   - drain(E) resolves only once no slot of any extent in E is taken, and from then
+//     until remove(E) or undrain(E) none of them can be taken;
+//   - free + taken + parked = slots of the extents held, at every step (the free slots
+//     of draining extents off the free list).
 
 import type { MediumName } from '../../kinds.js';
 import { LINE_SIZE } from './line.js';
+
+/** A reader's hold on a slot's memory (see pin). */
+export interface SlotPin {
+  readonly slot: number;
+  /** The extent's removals when pinned: a pin from before the last one is void. */
+  readonly removals: number;
+}
 
 export class SlotPool<L> {
   readonly medium: MediumName;
@@ -30,6 +48,12 @@ export class SlotPool<L> {
   private readonly taken: Set<number>;
   /** The line living in each taken slot that has one (the slot's home). */
   private readonly homes: Map<number, L>;
+  /** Live pins per slot. */
+  private readonly pins: Map<number, number>;
+  /** Slots given back while pinned: off the free list until their last pin goes. */
+  private readonly parked: Set<number>;
+  /** Times each extent was removed (see SlotPin.removals). */
+  private readonly removals: Map<number, number>;
   private waiters: (() => void)[];
 
   constructor(medium: MediumName, extentSize: number) {
@@ -41,6 +65,9 @@ export class SlotPool<L> {
     this.draining = new Set();
     this.taken = new Set();
     this.homes = new Map();
+    this.pins = new Map();
+    this.parked = new Set();
+    this.removals = new Map();
     this.waiters = [];
   }
 
@@ -57,6 +84,16 @@ export class SlotPool<L> {
   /** Slots that can be taken now. */
   get freeSlots(): number {
     return this.free.length;
+  }
+
+  /** Slots a live pin holds (taken or parked). */
+  get pinnedSlots(): number {
+    return this.pins.size;
+  }
+
+  /** Taken slots that are no line's home yet: between their taker and a line. */
+  get homeless(): number {
+    return this.taken.size - this.homes.size;
   }
 
   /** Extents held, in ascending order. */
@@ -91,13 +128,43 @@ export class SlotPool<L> {
     this.wake();
   }
 
-  /** Gives a taken slot back; a slot of a draining extent is not handed out again. */
+  /**
+   * Gives a taken slot back; a slot of a draining extent is not handed out again, nor a
+   * pinned one until its last pin is released.
+   */
   give(slot: number): void {
     if (!this.taken.delete(slot)) throw new Error(`cache slot ${slot} on ${this.medium} was given back but not taken`);
     this.homes.delete(slot);
     const e = this.extentOf(slot);
     const used = this.used.get(e) ?? 0;
     this.used.set(e, used - 1);
+    if (this.pins.has(slot)) this.parked.add(slot);
+    else if (!this.draining.has(e)) this.free.push(slot);
+    this.wake();
+  }
+
+  /**
+   * Holds a taken slot's memory for a reader outside the cache until `release`: given
+   * back meanwhile, the slot is parked instead of freed.
+   */
+  pin(slot: number): SlotPin {
+    if (!this.taken.has(slot)) throw new Error(`cache slot ${slot} on ${this.medium} was pinned but not taken`);
+    this.pins.set(slot, (this.pins.get(slot) ?? 0) + 1);
+    return { slot, removals: this.removals.get(this.extentOf(slot)) ?? 0 };
+  }
+
+  /** Ends a pin; a parked slot whose last pin this was is free again. Once per pin. */
+  release(pin: SlotPin): void {
+    const { slot } = pin;
+    const e = this.extentOf(slot);
+    if ((this.removals.get(e) ?? 0) !== pin.removals) return; // its extent left the pool since
+    const left = (this.pins.get(slot) ?? 0) - 1;
+    if (left > 0) {
+      this.pins.set(slot, left);
+      return;
+    }
+    this.pins.delete(slot);
+    if (!this.parked.delete(slot)) return;
     if (!this.draining.has(e)) this.free.push(slot);
     this.wake();
   }
@@ -145,7 +212,7 @@ export class SlotPool<L> {
       // Slots of e are free unless taken; taken ones come back through give().
       for (let k = this.perExtent - 1; k >= 0; k--) {
         const slot = e * this.extentSize + k * LINE_SIZE;
-        if (!this.taken.has(slot)) this.free.push(slot);
+        if (!this.taken.has(slot) && !this.parked.has(slot)) this.free.push(slot);
       }
     }
     this.wake();
@@ -157,6 +224,14 @@ export class SlotPool<L> {
       if ((this.used.get(e) ?? 0) !== 0) throw new Error(`cache extent ${e} on ${this.medium} still has slots in use`);
       this.draining.delete(e);
       this.used.delete(e);
+      // Its pins are void: their readers hold the extent's old memory, which the cache
+      // replaced when it zeroed the extent, and a slot of it added back later is new.
+      this.removals.set(e, (this.removals.get(e) ?? 0) + 1);
+      for (let k = 0; k < this.perExtent; k++) {
+        const slot = e * this.extentSize + k * LINE_SIZE;
+        this.parked.delete(slot);
+        this.pins.delete(slot);
+      }
     }
     const keep = this.free.filter((slot) => this.used.has(this.extentOf(slot)));
     this.free.length = 0;

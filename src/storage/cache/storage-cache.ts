@@ -47,7 +47,7 @@ import type { CacheStats } from '../../protocol/admin/api.js';
 import type { Extent } from '../../protocol/nbd/codec.js';
 import { KeyedLock } from '../keyed-lock.js';
 import { settleAll } from '../../settle.js';
-import type { VolumeIo } from '../volume-io.js';
+import type { CacheViews, VolumeIo } from '../volume-io.js';
 import type { Volume } from '../volume-manager.js';
 import { ALL_SECTORS, LINE_SIZE, Line, SECTOR_SIZE, fullSectorMask, highestBit, lowestBit, pieces, sectorMask } from './line.js';
 import { Replacement } from './replacement.js';
@@ -100,7 +100,7 @@ export class StorageCache implements VolumeIo {
   private readonly locks: KeyedLock<string>;
   private readonly ids: WeakMap<Volume, number>;
   private nextId: number;
-  private readonly counters: { hits: number; flashHits: number; flashReadsNow: number; misses: number; stagedBytes: number; evictions: number; promotions: number; demotions: number };
+  private readonly counters: { hits: number; flashHits: number; flashReadsNow: number; viewReads: number; misses: number; stagedBytes: number; evictions: number; promotions: number; demotions: number };
   private timer: NodeJS.Timeout | undefined;
   /** The background eviction that keeps DRAM slots free ahead of misses, while it runs. */
   private refilling: Promise<void> | undefined;
@@ -121,7 +121,7 @@ export class StorageCache implements VolumeIo {
     this.locks = new KeyedLock();
     this.ids = new WeakMap();
     this.nextId = 1;
-    this.counters = { hits: 0, flashHits: 0, flashReadsNow: 0, misses: 0, stagedBytes: 0, evictions: 0, promotions: 0, demotions: 0 };
+    this.counters = { hits: 0, flashHits: 0, flashReadsNow: 0, viewReads: 0, misses: 0, stagedBytes: 0, evictions: 0, promotions: 0, demotions: 0 };
     this.timer = undefined;
     this.refilling = undefined;
     this.refillAfter = 0;
@@ -195,6 +195,7 @@ export class StorageCache implements VolumeIo {
       dirtyBytes: this.writeBack.dirtyBytes(),
       lines: { dram: this.policy.dramLines, flash: this.policy.flashLines },
       slots: { dram: this.levels.get('dram')?.slots.slots ?? 0, flash: this.levels.get('flash')?.slots.slots ?? 0 },
+      pinnedSlots: this.levels.get('dram')?.slots.pinnedSlots ?? 0,
     };
   }
 
@@ -233,25 +234,11 @@ export class StorageCache implements VolumeIo {
   readNow(volume: Volume, offset: number, target: Buffer): boolean {
     const dram = this.levels.get('dram')?.medium;
     const flash = this.levels.get('flash')?.medium;
-    if (dram?.readSync === undefined || target.length === 0) return false;
+    if (dram?.readSync === undefined) return false;
     // Every line first (nothing is copied unless all of them qualify), then the copies:
     // all synchronous, so nothing can change in between.
-    const first = Math.floor(offset / LINE_SIZE);
-    const last = Math.floor((offset + target.length - 1) / LINE_SIZE);
-    if (last - first >= READ_NOW_LINES) return false;
     const found = this.hitLines;
-    found.length = 0;
-    for (let index = first; index <= last; index++) {
-      const key = this.keyOf(volume, index);
-      const line = this.lines.get(key);
-      if (line === undefined || this.locks.held(key)) return false;
-      if (line.medium !== 'dram' && (line.medium !== 'flash' || flash?.readSync === undefined)) return false;
-      const from = Math.max(offset, index * LINE_SIZE) - index * LINE_SIZE;
-      const to = Math.min(offset + target.length, (index + 1) * LINE_SIZE) - index * LINE_SIZE;
-      const mask = sectorMask(from, to - from);
-      if ((line.valid & mask) !== mask) return false;
-      found.push(line);
-    }
+    if (!this.linesHit(volume, offset, target.length, flash?.readSync !== undefined)) return false;
     try {
       for (const line of found) {
         const start = Math.max(offset, line.index * LINE_SIZE);
@@ -264,7 +251,82 @@ export class StorageCache implements VolumeIo {
       found.length = 0;
       return false;
     }
-    // Counted once every copy is done.
+    this.countHits(found);
+    return true;
+  }
+
+  /**
+   * A read answered with the DRAM level's own memory instead of a copy: the views of
+   * the lines' bytes, in order, each line's slot pinned until `release` (so a slot given
+   * back meanwhile is not handed to another line: slots.ts). Undefined unless every line
+   * of the range is in DRAM with the range's sectors valid and nobody holds its lock
+   * (as readNow). For a READ reply the socket sends as it is: the bytes are the line's
+   * when the socket copies them, so a WRITE of the same range that completes before
+   * that shows in it (NBD orders no two requests in flight), and no other volume's
+   * bytes ever do.
+   */
+  readViews(volume: Volume, offset: number, length: number): CacheViews | undefined {
+    const level = this.levels.get('dram');
+    // Clients that do not read their replies keep slots out of use: at most a quarter of
+    // the level's, then replies are copies again.
+    if (level?.medium.view === undefined || level.slots.pinnedSlots * 4 >= level.slots.activeSlots) return undefined;
+    if (!this.linesHit(volume, offset, length, false)) return undefined;
+    const found = this.hitLines;
+    const buffers: Buffer[] = [];
+    for (const line of found) {
+      const start = Math.max(offset, line.index * LINE_SIZE);
+      const end = Math.min(offset + length, (line.index + 1) * LINE_SIZE);
+      const view = level.medium.view(line.slot + (start - line.index * LINE_SIZE), end - start);
+      if (view === undefined) {
+        found.length = 0;
+        return undefined;
+      }
+      buffers.push(view);
+    }
+    const { slots } = level;
+    const pins = found.map((line) => slots.pin(line.slot));
+    this.countHits(found);
+    this.counters.viewReads++;
+    let held = true;
+    return {
+      buffers,
+      release: () => {
+        if (!held) return;
+        held = false;
+        for (const pin of pins) slots.release(pin);
+      },
+    };
+  }
+
+  /**
+   * Fills `hitLines` with the lines of [offset, offset + length) when every one of them
+   * can answer at once: cached in DRAM (or in flash with `flash`), the range's sectors
+   * valid, nobody holding its lock. False (and `hitLines` empty) otherwise.
+   */
+  private linesHit(volume: Volume, offset: number, length: number, flash: boolean): boolean {
+    if (length === 0) return false;
+    const first = Math.floor(offset / LINE_SIZE);
+    const last = Math.floor((offset + length - 1) / LINE_SIZE);
+    if (last - first >= READ_NOW_LINES) return false;
+    const found = this.hitLines;
+    found.length = 0;
+    for (let index = first; index <= last; index++) {
+      const key = this.keyOf(volume, index);
+      const line = this.lines.get(key);
+      const from = Math.max(offset, index * LINE_SIZE) - index * LINE_SIZE;
+      const to = Math.min(offset + length, (index + 1) * LINE_SIZE) - index * LINE_SIZE;
+      const mask = sectorMask(from, to - from);
+      if (line === undefined || this.locks.held(key) || (line.medium !== 'dram' && !(flash && line.medium === 'flash')) || (line.valid & mask) !== mask) {
+        found.length = 0;
+        return false;
+      }
+      found.push(line);
+    }
+    return true;
+  }
+
+  /** Counts the hits of a read answered at once, and empties `hitLines`. */
+  private countHits(found: Line[]): void {
     for (const line of found) {
       if (line.medium === 'dram') {
         this.policy.hit(line);
@@ -276,7 +338,6 @@ export class StorageCache implements VolumeIo {
       this.counters.hits++;
     }
     found.length = 0;
-    return true;
   }
 
   /**
@@ -640,7 +701,10 @@ export class StorageCache implements VolumeIo {
         continue;
       }
       if (failure !== undefined) throw failure;
-      // Every slot is between its taker and its line: wait for one to come back.
+      // Slots parked under replies still being sent (readViews) come back only when the
+      // clients read: the piece goes to the data store rather than wait for them.
+      if (level.slots.homeless === 0) return undefined;
+      // Every other slot is between its taker and its line: wait for one to come back.
       await level.slots.changed();
     }
   }

@@ -205,6 +205,41 @@ test('readNow answers a read the DRAM level holds, across lines too, and decline
   assert.ok(untouched.every((b) => b === 0x55));
 });
 
+test('readViews lends the DRAM level\'s bytes of a range; a lent slot is not reused until released, and a reclaimed extent leaves the loan its old bytes', async (t) => {
+  const { cache, volume, partition } = await setup(t, { dramLines: 8, flashLines: 0, volumeSize: 64 * LINE_SIZE });
+  const lineBytes = (i: number): Buffer => Buffer.alloc(LINE_SIZE, (i % 250) + 1);
+  for (let i = 0; i < 8; i++) await cache.write(volume, i * LINE_SIZE, lineBytes(i), false);
+  // Across two lines: one view per line, the bytes in order; declined where a line is missing.
+  const loan = cache.readViews(volume, LINE_SIZE - SECTOR, 2 * SECTOR);
+  assert.ok(loan !== undefined);
+  assert.deepEqual(loan.buffers.map((b) => [b.length, b[0]]), [[SECTOR, 1], [SECTOR, 2]]);
+  assert.equal(cache.readViews(volume, 20 * LINE_SIZE, SECTOR), undefined);
+  assert.equal(cache.stats().pinnedSlots, 2);
+  // Other lines take the cache over: the lent lines are evicted, their slots stay out of use.
+  for (let i = 8; i < 40; i++) await cache.write(volume, i * LINE_SIZE, lineBytes(i), false);
+  assert.ok(!cache.residents().some((r) => r.index === 0 || r.index === 1), 'the lent lines were evicted');
+  assert.deepEqual(loan.buffers.map((b) => [b[0], b.every((x) => x === b[0])]), [[1, true], [2, true]]);
+  assert.equal(cache.stats().slots.dram - cache.residents().filter((r) => r.medium === 'dram').length >= 2, true);
+  loan.release();
+  loan.release(); // once is enough, more are harmless
+  assert.equal(cache.stats().pinnedSlots, 0);
+  // Released: the slots serve lines again (every slot home to a line after more writes).
+  for (let i = 40; i < 56; i++) await cache.write(volume, i * LINE_SIZE, lineBytes(i), false);
+  assert.equal(cache.residents().filter((r) => r.medium === 'dram').length, cache.stats().slots.dram);
+  // A loan across a reclaim of every extent and a grow back: the extents' memory is new,
+  // the loan keeps what it showed.
+  const held = cache.readViews(volume, 55 * LINE_SIZE, LINE_SIZE);
+  assert.ok(held !== undefined);
+  await partition.resize('dram', 'cache', 0);
+  assert.equal(cache.stats().slots.dram, 0);
+  await partition.resize('dram', 'cache', 2 * E);
+  for (let i = 0; i < 8; i++) await cache.write(volume, i * LINE_SIZE, lineBytes(100 + i), false);
+  assert.ok(held.buffers.every((b) => b.every((x) => x === 56)), 'a lent view shows bytes written after its extent was handed back');
+  held.release();
+  assert.equal(cache.stats().pinnedSlots, 0);
+  assert.ok(cache.stats().viewReads >= 2);
+});
+
 test('readNow reads lines in a real flash level while its synchronous reads are fast, and declines them while they are slow', async (t) => {
   // A clock the test moves: each synchronous flash read takes `cost` ms of it.
   let now = 0;
