@@ -43,7 +43,6 @@ export interface VolumeIo {
 
 const SCRATCH = Buffer.allocUnsafe(1024 * 1024);
 
-/** Straight to the data store: every write goes to the file, FLUSH and FUA fdatasync it. */
 /** A read's bytes lent out of the storage's memory (VolumeIo.readViews). */
 export interface CacheViews {
   /** The bytes of the range, in order; read them, never write them. */
@@ -52,6 +51,7 @@ export interface CacheViews {
   release(): void;
 }
 
+/** Straight to the data store: every write goes to the file, FLUSH and FUA fdatasync it. */
 export class DirectVolumeIo implements VolumeIo {
   read(volume: Volume, offset: number, target: Buffer): Promise<void> {
     return volume.store.read(offset, target);

@@ -256,35 +256,49 @@ export class StorageCache implements VolumeIo {
   }
 
   /**
-   * A read answered with the DRAM level's own memory instead of a copy: the views of
-   * the lines' bytes, in order, each line's slot pinned until `release` (so a slot given
-   * back meanwhile is not handed to another line: slots.ts). Undefined unless every line
-   * of the range is in DRAM with the range's sectors valid and nobody holds its lock
-   * (as readNow). For a READ reply the socket sends as it is: the bytes are the line's
-   * when the socket copies them, so a WRITE of the same range that completes before
-   * that shows in it (NBD orders no two requests in flight), and no other volume's
-   * bytes ever do.
+   * A read answered with the DRAM level's own memory instead of a copy: the views of the
+   * lines the range covers whole, each line's slot pinned until `release` (so a slot
+   * given back meanwhile is not handed to another line: slots.ts), and copies of the
+   * parts of lines at its ends. So what a loan keeps alive is never more than the range
+   * (a view keeps its chunk, one line, alive: dram-medium.ts). Undefined unless every
+   * line of the range is in DRAM with the range's sectors valid and nobody holds its lock
+   * (as readNow), and while clients that do not read their replies would keep more than
+   * a quarter of the level's slots out of use. For a READ reply the socket sends as it
+   * is: the bytes are the line's when the socket copies them, so a WRITE of the same
+   * range that completes before that shows in it (NBD orders no two requests in
+   * flight), and no other volume's bytes ever do.
    */
   readViews(volume: Volume, offset: number, length: number): CacheViews | undefined {
     const level = this.levels.get('dram');
-    // Clients that do not read their replies keep slots out of use: at most a quarter of
-    // the level's, then replies are copies again.
-    if (level?.medium.view === undefined || level.slots.pinnedSlots * 4 >= level.slots.activeSlots) return undefined;
-    if (!this.linesHit(volume, offset, length, false)) return undefined;
+    if (level?.medium.view === undefined || level.medium.readSync === undefined || !this.linesHit(volume, offset, length, false)) return undefined;
     const found = this.hitLines;
+    const { slots, medium } = level;
+    const whole = found.filter((line) => offset <= line.index * LINE_SIZE && (line.index + 1) * LINE_SIZE <= offset + length).length;
+    if (whole === 0 || (slots.pinnedSlots + whole) * 4 > slots.activeSlots) {
+      found.length = 0;
+      return undefined;
+    }
     const buffers: Buffer[] = [];
+    const lent: Line[] = [];
     for (const line of found) {
       const start = Math.max(offset, line.index * LINE_SIZE);
       const end = Math.min(offset + length, (line.index + 1) * LINE_SIZE);
-      const view = level.medium.view(line.slot + (start - line.index * LINE_SIZE), end - start);
+      const at = line.slot + (start - line.index * LINE_SIZE);
+      if (end - start < LINE_SIZE) {
+        const copy = Buffer.allocUnsafe(end - start);
+        medium.readSync?.(at, copy);
+        buffers.push(copy);
+        continue;
+      }
+      const view = medium.view?.(at, LINE_SIZE);
       if (view === undefined) {
         found.length = 0;
         return undefined;
       }
       buffers.push(view);
+      lent.push(line);
     }
-    const { slots } = level;
-    const pins = found.map((line) => slots.pin(line.slot));
+    const pins = lent.map((line) => slots.pin(line.slot));
     this.countHits(found);
     this.counters.viewReads++;
     let held = true;
