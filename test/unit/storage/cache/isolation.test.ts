@@ -114,6 +114,16 @@ const opArb: fc.Arbitrary<Op> = fc.oneof(
   { arbitrary: fc.record({ kind: fc.constant('bind' as const), server: fc.integer({ min: 1, max: 3 }), extents: fc.integer({ min: 1, max: 3 }), free: fc.boolean() }), weight: 3 },
 );
 
+/** Resizes the DRAM cache partition to `extents`; a resize the table cannot make now is no failure. */
+async function resizeCache(partition: PartitionTable, extents: number): Promise<void> {
+  try {
+    await partition.resize('dram', 'cache', extents * E);
+  } catch (error) {
+    const code = (error as { code?: string }).code;
+    if (code !== 'MS_PARTITION_BUSY' && code !== 'MS_PARTITION_NO_CAPACITY') throw error;
+  }
+}
+
 /**
  * The concurrent runs described at the top. `syncReads`: gated DRAM media that keep
  * readSync, and the synchronous read paths probed after every step. Returns how often
@@ -252,13 +262,7 @@ async function isolationRuns(syncReads: boolean, numRuns: number): Promise<{ blo
               return;
             }
             case 'resize':
-              try {
-                await partition.resize('dram', 'cache', o.extents * E);
-              } catch (error) {
-                const code = (error as { code?: string }).code;
-                if (code !== 'MS_PARTITION_BUSY' && code !== 'MS_PARTITION_NO_CAPACITY') throw error;
-              }
-              return;
+              return resizeCache(partition, o.extents);
             case 'bind': {
               const server = `srv-${o.server}`;
               const tenancy = tenancies[o.server - 1] ?? new Tenancy(server, o.server);
@@ -414,13 +418,7 @@ test('a loan of cache memory (readViews) keeps its own volume\'s bytes while the
               return;
             }
             case 'resize':
-              try {
-                await partition.resize('dram', 'cache', o.extents * E);
-              } catch (error) {
-                const code = (error as { code?: string }).code;
-                if (code !== 'MS_PARTITION_BUSY' && code !== 'MS_PARTITION_NO_CAPACITY') throw error;
-              }
-              return;
+              return resizeCache(partition, o.extents);
           }
         };
         await s.waitFor(Promise.all(ops.map(run)));
