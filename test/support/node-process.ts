@@ -8,6 +8,8 @@ import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 
 export const CLI = new URL('../../src/cli/main.js', import.meta.url).pathname;
+/** Preloaded into each node started here: it stops once its test process is gone. */
+const EXIT_WITH_PARENT = new URL('./exit-with-parent.js', import.meta.url).pathname;
 
 /** Small media so tests stay light; every test may override. */
 export const SMALL_MEDIA = ['--dram-size', '64MiB', '--flash-size', '128MiB', '--set', 'volumes.defaultSize=64MiB'];
@@ -75,7 +77,7 @@ export interface StartOptions {
 /** Starts a node and resolves once its admin API listens; rejects with its output if it exits first. */
 export function startNode(options: StartOptions): Promise<NodeProcess> {
   const args = [CLI, 'node', 'start', '--admin-listen', '127.0.0.1:0', '--rmem-listen', '127.0.0.1:0', '--nbd-listen', '127.0.0.1:0', '--mirror-listen', '127.0.0.1:0', '--log-format', 'json', ...(options.small === false ? [] : SMALL_MEDIA), ...(options.args ?? [])];
-  const proc = spawn(process.execPath, args, {
+  const proc = spawn(process.execPath, ['--import', EXIT_WITH_PARENT, ...args], {
     cwd: options.cwd,
     env: { ...process.env, ...options.env },
     stdio: ['ignore', 'pipe', 'pipe'],
