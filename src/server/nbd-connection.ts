@@ -170,9 +170,10 @@ const MAX_EXTENTS = 8192;
 /** A TRIM or WRITE_ZEROES up to this long goes to storage in one call, at once. */
 const ZERO_DIRECT = 1024 * 1024;
 /**
- * READs from this size on are sent from the cache's own memory when it can (readViews):
- * the copy into a reply buffer costs the node a fifth of its time on 1 MiB reads, while
- * for a few KiB it costs less than lending the memory out.
+ * READs from this size on send the cache lines they cover whole from the cache's own
+ * memory when it can (readViews; the parts of lines at their ends are copied): the copy
+ * into a reply buffer cost the node a fifth of its time on 1 MiB reads, while for a few
+ * KiB it costs less than lending the memory out.
  */
 const READ_VIEW_MIN = 64 * 1024;
 /** A longer one goes in pieces of this size, one after another, each in one of the service's zeroing slots. */
