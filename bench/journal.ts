@@ -6,6 +6,9 @@
 // commit costs without NVRAM. Then NBD commits without a write log and with a local and
 // a mirrored one.
 //
+// Every case runs BENCH_ROUNDS times (default 3), the baseline first in each round, and
+// the tables give medians (support/harness.ts).
+//
 //   npm run bench -- journal        BENCH_MS=5000 for longer runs; BENCH_POLICIES=mirrored for one policy
 
 import { spawnSync } from 'node:child_process';
@@ -14,7 +17,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { RmemClient } from '../src/client/rmem-client.js';
 import { freePort, startNode } from '../test/support/node-process.js';
-import { measure, report, type CaseResult } from './support/harness.js';
+import { benchRounds, measure, reportRounds, type CaseResult } from './support/harness.js';
 import { have } from './support/ports.js';
 
 const KB4 = 4096;
@@ -57,23 +60,37 @@ try {
   const client = await RmemClient.connect({ ...node.rmem, serverId: 'bench' });
   const payload = Buffer.alloc(KB4, 0x42);
   const seconds = Number(process.env.BENCH_MS ?? 2000) / 1000;
-  const baseline = fioFdatasync(join(dir, 'memstrata-data'), Math.max(2, Math.round(seconds)));
-  const results: CaseResult[] = [];
-  if (baseline !== undefined) results.push(baseline);
-  else console.log('fio not found: the fdatasync baseline is skipped (Debian: apt-get install fio)');
-  for (const policy of POLICIES) {
-    const journal = await client.journalOpen(deviceName(policy), 1);
-    let appended = 0;
-    const append = async (): Promise<void> => {
-      const [ack] = await client.journalAppend(journal, [{ payload }]);
-      appended++;
-      // Keep the 48 MiB device from filling: trim behind the writers now and then.
-      if (ack !== undefined && appended % 4096 === 0) await client.journalTrim(journal, ack.seq - 64);
-    };
-    results.push(await measure({ name: `append ${policy}, QD1`, bytesPerOp: KB4, run: append }));
-    for (const depth of [32, 64]) results.push(await measure({ name: `append ${policy}, ${depth} in flight`, bytesPerOp: KB4, run: append }, { depth }));
+  const journals = new Map<string, Awaited<ReturnType<RmemClient['journalOpen']>>>();
+  for (const policy of POLICIES) journals.set(policy, await client.journalOpen(deviceName(policy), 1));
+  // Rounds: the fio baseline, then every policy's cases, in turn (harness.ts, Rounds).
+  const rounds: CaseResult[][] = [];
+  let fio = have('fio');
+  if (!fio) console.log('fio not found: the fdatasync baseline is skipped (Debian: apt-get install fio)');
+  for (let round = 0; round < benchRounds(); round++) {
+    const results: CaseResult[] = [];
+    const baseline = fio ? fioFdatasync(join(dir, 'memstrata-data'), Math.max(2, Math.round(seconds))) : undefined;
+    if (baseline !== undefined) results.push(baseline);
+    else if (fio) {
+      console.log('fio failed: the fdatasync baseline is skipped');
+      fio = false;
+      for (const r of rounds) r.shift();
+    }
+    for (const policy of POLICIES) {
+      const journal = journals.get(policy);
+      if (journal === undefined) continue;
+      let appended = 0;
+      const append = async (): Promise<void> => {
+        const [ack] = await client.journalAppend(journal, [{ payload }]);
+        appended++;
+        // Keep the 48 MiB device from filling: trim behind the writers now and then.
+        if (ack !== undefined && appended % 4096 === 0) await client.journalTrim(journal, ack.seq - 64);
+      };
+      results.push(await measure({ name: `append ${policy}, QD1`, bytesPerOp: KB4, run: append }));
+      for (const depth of [32, 64]) results.push(await measure({ name: `append ${policy}, ${depth} in flight`, bytesPerOp: KB4, run: append }, { depth }));
+    }
+    rounds.push(results);
   }
-  report(baseline === undefined ? 'NVRAM 4 KiB appends (no fio: ratios against the first row)' : 'NVRAM 4 KiB appends (ratios against fio write+fdatasync)', results);
+  reportRounds(fio ? 'NVRAM 4 KiB appends (ratios against fio write+fdatasync)' : 'NVRAM 4 KiB appends (no fio: ratios against the first row)', rounds);
   await client.close();
 
   // NBD commits: 4 KiB write + FLUSH at QD1, on a plain volume and on volumes whose write
@@ -108,8 +125,12 @@ try {
       const what = { plain: 'no write log (baseline)', logged: 'NVRAM write log (local)', mirrored: 'NVRAM write log (mirrored)' }[volume] ?? volume;
       return { name: `NBD 4k write+FLUSH QD1, ${what}`, ops: job.write.iops * secs, seconds: secs, p50us: p('50.000000'), p99us: p('99.000000'), bytesPerOp: KB4 };
     };
-    const rows = [commits('plain'), commits('logged'), commits('mirrored')].filter((r): r is CaseResult => r !== undefined);
-    report('NBD commit latency, with and without the NVRAM write log', rows);
+    const commitRounds: CaseResult[][] = [];
+    for (let round = 0; round < benchRounds(); round++) {
+      const rows = [commits('plain'), commits('logged'), commits('mirrored')];
+      if (rows.every((r): r is CaseResult => r !== undefined)) commitRounds.push(rows);
+    }
+    reportRounds('NBD commit latency, with and without the NVRAM write log', commitRounds);
   }
 } finally {
   await node.stop('SIGTERM');

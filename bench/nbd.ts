@@ -16,6 +16,9 @@
 // and QD1, and the flash level's lines.
 // Needs fio and nbdkit (Debian: fio, nbdkit).
 //
+// Every timed workload runs BENCH_ROUNDS times (default 3) on each server, the servers in
+// turn each round, and the tables give medians (support/harness.ts).
+//
 //   npm run bench -- nbd        BENCH_SECONDS=20 for longer runs (default 8 per workload);
 //                               BENCH_NBD_PART=cached or large runs one part
 
@@ -26,6 +29,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startNode, type NodeProcess } from '../test/support/node-process.js';
 import { freePort, have, waitForPort } from './support/ports.js';
+import { benchRounds, median } from './support/harness.js';
 
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 8);
 
@@ -119,6 +123,17 @@ async function settle(node: NodeProcess): Promise<void> {
 
 const ratio = (ours: number, base: number): string => (base > 0 ? `${(ours / base).toFixed(2)}x` : '-');
 
+/** Each figure's median over rounds (undefined for none). */
+function medianResult(results: readonly Result[]): Result | undefined {
+  if (results.length === 0) return undefined;
+  return {
+    iops: median(results.map((r) => r.iops)),
+    mbps: median(results.map((r) => r.mbps)),
+    p50us: median(results.map((r) => r.p50us)),
+    p99us: median(results.map((r) => r.p99us)),
+  };
+}
+
 function printTable(title: string, header: string[], rows: string[][]): void {
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
   const line = (cells: string[]): string => cells.map((c, i) => (i < 2 ? c.padEnd(widths[i] ?? 0) : c.padStart(widths[i] ?? 0))).join('  ');
@@ -144,20 +159,45 @@ async function cachedSet(dir: string): Promise<void> {
     for (const uri of [ours, memory.uri, file.uri]) fio(uri, size, fill, 0);
     const rows: string[][] = [];
     const iops = new Map<string, number>();
+    const rounds = benchRounds();
+    const servers = [
+      { name: 'nbdkit memory', uri: memory.uri },
+      { name: 'nbdkit file', uri: file.uri },
+      { name: 'memstrata', uri: ours },
+    ] as const;
     for (const workload of WORKLOADS) {
-      await settle(node);
-      const mem = fio(memory.uri, size, workload, SECONDS);
-      const fil = fio(file.uri, size, workload, SECONDS);
-      const us = fio(ours, size, workload, SECONDS);
+      // Rounds, the three servers in turn, the order rotated each round so that none is
+      // always the one after memstrata's write-back (harness.ts, Rounds).
+      const runs: Result[][] = servers.map(() => []);
+      for (let round = 0; round < rounds; round++) {
+        for (let k = 0; k < servers.length; k++) {
+          const at = (k + round) % servers.length;
+          const server = servers[at];
+          if (server === undefined) continue;
+          await settle(node);
+          runs[at]?.push(fio(server.uri, size, workload, SECONDS));
+        }
+      }
+      const [mem, fil, us] = runs.map(medianResult);
+      const perRound = (of: number, base: number, pick: (r: Result) => number): number[] =>
+        (runs[of] ?? []).map((r, i) => {
+          const b = runs[base]?.[i];
+          return b === undefined || pick(b) === 0 ? 0 : pick(r) / pick(b);
+        });
+      const medianRatio = (of: number, base: number, pick: (r: Result) => number): string => `${median(perRound(of, base, pick)).toFixed(2)}x`;
+      if (mem === undefined || fil === undefined || us === undefined) continue;
       for (const [server, r] of [['nbdkit memory', mem], ['nbdkit file', fil], ['memstrata', us]] as const) iops.set(`${server}|${workload.name}`, r.iops);
       const cells = (r: Result): string[] => [r.iops.toFixed(0), r.mbps.toFixed(1), r.p50us.toFixed(1), r.p99us.toFixed(1)];
-      rows.push([workload.name, 'nbdkit memory', ...cells(mem), '1.00x', '', '1.00x', '']);
-      rows.push([workload.name, 'nbdkit file', ...cells(fil), ratio(fil.iops, mem.iops), '1.00x', ratio(fil.p50us, mem.p50us), '1.00x']);
-      rows.push([workload.name, 'memstrata', ...cells(us), ratio(us.iops, mem.iops), ratio(us.iops, fil.iops), ratio(us.p50us, mem.p50us), ratio(us.p50us, fil.p50us)]);
+      const rate = (r: Result): number => r.iops;
+      const latency = (r: Result): number => r.p50us;
+      const each = (of: number, base: number): string => perRound(of, base, rate).map((x) => x.toFixed(2)).join(' / ');
+      rows.push([workload.name, 'nbdkit memory', ...cells(mem), '1.00x', '', '1.00x', '', '']);
+      rows.push([workload.name, 'nbdkit file', ...cells(fil), medianRatio(1, 0, rate), '1.00x', medianRatio(1, 0, latency), '1.00x', '']);
+      rows.push([workload.name, 'memstrata', ...cells(us), medianRatio(2, 0, rate), medianRatio(2, 1, rate), medianRatio(2, 0, latency), medianRatio(2, 1, latency), `${each(2, 0)} | ${each(2, 1)}`]);
     }
     printTable(
-      `NBD, fio nbd engine, ${SECONDS} s per workload, ${size} working set (fits in memstrata's DRAM cache)`,
-      ['workload', 'server', 'IOPS', 'MB/s', 'p50 us', 'p99 us', 'IOPS vs memory', 'IOPS vs file', 'p50 vs memory', 'p50 vs file'],
+      `NBD, fio nbd engine, ${SECONDS} s per workload, ${rounds} round${rounds === 1 ? '' : 's'} (medians; ratios are the median of each round's), ${size} working set (fits in memstrata's DRAM cache)`,
+      ['workload', 'server', 'IOPS', 'MB/s', 'p50 us', 'p99 us', 'IOPS vs memory', 'IOPS vs file', 'p50 vs memory', 'p50 vs file', 'IOPS vs memory | vs file, each round'],
       rows,
     );
     for (const server of ['nbdkit memory', 'nbdkit file', 'memstrata']) {
@@ -178,8 +218,8 @@ async function cachedSet(dir: string): Promise<void> {
 
 /**
  * QD1 against the floor of a Node.js NBD server (support/floor-nbd.ts: one Buffer, no
- * cache, no promise), nbdkit memory and memstrata, in turn, three rounds: the part of
- * memstrata's QD1 latency over nbdkit's that any server on this runtime pays.
+ * cache, no promise), nbdkit memory and memstrata, in turn, BENCH_ROUNDS rounds: the
+ * part of memstrata's QD1 latency over nbdkit's that any server on this runtime pays.
  */
 async function floor(size: string, memoryUri: string, ours: string): Promise<void> {
   const port = await freePort();
@@ -191,16 +231,15 @@ async function floor(size: string, memoryUri: string, ours: string): Promise<voi
     const qd1: Workload = { name: '4k randread QD1', args: ['--rw=randread', '--bs=4k', '--iodepth=1'] };
     const p50 = { memory: [] as number[], floor: [] as number[], memstrata: [] as number[] };
     const seconds = Math.max(2, Math.round(SECONDS / 2));
-    for (let round = 0; round < 3; round++) {
+    for (let round = 0; round < benchRounds(); round++) {
       p50.memory.push(fio(memoryUri, size, qd1, seconds).p50us);
       p50.floor.push(fio(floorUri, size, qd1, seconds).p50us);
       p50.memstrata.push(fio(ours, size, qd1, seconds).p50us);
     }
-    const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[1] ?? 0;
     const [mem, flo, ms] = [median(p50.memory), median(p50.floor), median(p50.memstrata)];
     const list = (xs: number[]): string => xs.map((x) => x.toFixed(1)).join(' / ');
     console.log(
-      `4k randread QD1 p50, three rounds in turn (${seconds} s each): nbdkit memory ${list(p50.memory)} us; ` +
+      `4k randread QD1 p50, ${p50.memory.length} rounds in turn (${seconds} s each): nbdkit memory ${list(p50.memory)} us; ` +
         `the Node.js floor (bench/support/floor-nbd.ts) ${list(p50.floor)} us; memstrata ${list(p50.memstrata)} us. ` +
         `Medians: the floor ${ratio(flo, mem)} nbdkit memory, memstrata ${ratio(ms, mem)} nbdkit memory and ${ratio(ms, flo)} the floor`,
     );
@@ -241,10 +280,16 @@ async function largeSet(dir: string): Promise<void> {
       { name: '4k randread QD16', args: ['--rw=randread', '--bs=4k', '--iodepth=16'] },
       { name: '4k randread QD1', args: ['--rw=randread', '--bs=4k', '--iodepth=1'] },
     ]) {
-      const fil = fio(file.uri, size, workload, SECONDS);
-      const us = fio(ours, size, workload, SECONDS);
+      // Rounds, the two servers in turn (harness.ts, Rounds).
+      const pairs: { fil: Result; us: Result }[] = [];
+      for (let round = 0; round < benchRounds(); round++) pairs.push({ fil: fio(file.uri, size, workload, SECONDS), us: fio(ours, size, workload, SECONDS) });
+      const fil = medianResult(pairs.map((p) => p.fil));
+      const us = medianResult(pairs.map((p) => p.us));
+      if (fil === undefined || us === undefined) continue;
+      const iopsRatio = median(pairs.map((p) => (p.fil.iops > 0 ? p.us.iops / p.fil.iops : 0)));
+      const p50Ratio = median(pairs.map((p) => (p.fil.p50us > 0 ? p.us.p50us / p.fil.p50us : 0)));
       rows.push([workload.name, 'nbdkit file', fil.iops.toFixed(0), fil.p50us.toFixed(1), fil.p99us.toFixed(1), '1.00x', '1.00x']);
-      rows.push([workload.name, 'memstrata', us.iops.toFixed(0), us.p50us.toFixed(1), us.p99us.toFixed(1), ratio(us.iops, fil.iops), ratio(us.p50us, fil.p50us)]);
+      rows.push([workload.name, 'memstrata', us.iops.toFixed(0), us.p50us.toFixed(1), us.p99us.toFixed(1), `${iopsRatio.toFixed(2)}x`, `${p50Ratio.toFixed(2)}x`]);
     }
     const after = await cacheOf(node);
     printTable(

@@ -5,6 +5,9 @@
 // way, and redis-benchmark -d 4096 figures. Needs redis-server and redis-benchmark
 // (Debian: redis-server, redis-tools); without them the Redis rows are skipped.
 //
+// Every table runs its cases BENCH_ROUNDS times (default 3), the baseline first in each
+// round, and gives medians (support/harness.ts).
+//
 //   npm run bench -- rmem        BENCH_MS=5000 for longer runs
 
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
@@ -14,7 +17,7 @@ import { join } from 'node:path';
 import { Redis } from 'ioredis';
 import { RmemClient } from '../src/client/rmem-client.js';
 import { startNode } from '../test/support/node-process.js';
-import { measure, report, type CaseResult } from './support/harness.js';
+import { benchRounds, measure, reportRounds, type CaseResult } from './support/harness.js';
 import { freePort, have } from './support/ports.js';
 
 const KB4 = 4096;
@@ -71,48 +74,45 @@ try {
     await ioredis.set('big', mega);
   }
   const slot = (i: number): number => (i * 7) % SLOTS;
-  /** Runs the cases one after another (never two at once); a missing baseline is skipped. */
-  const rows = async (...cases: ((() => Promise<CaseResult>) | undefined)[]): Promise<CaseResult[]> => {
-    const results: CaseResult[] = [];
-    for (const c of cases) if (c !== undefined) results.push(await c());
-    return results;
+  /**
+   * Runs the cases one after another (never two at once), in rounds (support/harness.ts),
+   * and prints their medians; a missing baseline is skipped.
+   */
+  const table = async (title: string, ...cases: ((() => Promise<CaseResult>) | undefined)[]): Promise<void> => {
+    const rounds: CaseResult[][] = [];
+    for (let round = 0; round < benchRounds(); round++) {
+      const results: CaseResult[] = [];
+      for (const c of cases) if (c !== undefined) results.push(await c());
+      rounds.push(results);
+    }
+    reportRounds(title, rounds);
   };
-  report(
+  await table(
     '4 KiB write, one in flight',
-    await rows(
-      ioredis === undefined ? undefined : () => measure({ name: 'ioredis SET (baseline)', bytesPerOp: KB4, run: async (i) => { await ioredis.set(`k${slot(i)}`, block); } }),
-      () => measure({ name: 'rmem WRITE', bytesPerOp: KB4, run: (i) => client.write(small, slot(i) * KB4, block) }),
-    ),
+    ioredis === undefined ? undefined : () => measure({ name: 'ioredis SET (baseline)', bytesPerOp: KB4, run: async (i) => { await ioredis.set(`k${slot(i)}`, block); } }),
+    () => measure({ name: 'rmem WRITE', bytesPerOp: KB4, run: (i) => client.write(small, slot(i) * KB4, block) }),
   );
-  report(
+  await table(
     '4 KiB read, one in flight',
-    await rows(
-      ioredis === undefined ? undefined : () => measure({ name: 'ioredis GET (baseline)', bytesPerOp: KB4, run: async (i) => { await ioredis.getBuffer(`k${slot(i)}`); } }),
-      () => measure({ name: 'rmem READ', bytesPerOp: KB4, run: async (i) => { await client.read(small, slot(i) * KB4, KB4); } }),
-    ),
+    ioredis === undefined ? undefined : () => measure({ name: 'ioredis GET (baseline)', bytesPerOp: KB4, run: async (i) => { await ioredis.getBuffer(`k${slot(i)}`); } }),
+    () => measure({ name: 'rmem READ', bytesPerOp: KB4, run: async (i) => { await client.read(small, slot(i) * KB4, KB4); } }),
   );
-  report(
+  await table(
     '4 KiB read, 32 in flight (one connection, pipelined)',
-    await rows(
-      ioredis === undefined ? undefined : () => measure({ name: 'ioredis GET x32 (baseline)', bytesPerOp: KB4, run: async (i) => { await ioredis.getBuffer(`k${slot(i)}`); } }, { depth: 32 }),
-      () => measure({ name: 'rmem READ x32', bytesPerOp: KB4, run: async (i) => { await client.read(small, slot(i) * KB4, KB4); } }, { depth: 32 }),
-    ),
+    ioredis === undefined ? undefined : () => measure({ name: 'ioredis GET x32 (baseline)', bytesPerOp: KB4, run: async (i) => { await ioredis.getBuffer(`k${slot(i)}`); } }, { depth: 32 }),
+    () => measure({ name: 'rmem READ x32', bytesPerOp: KB4, run: async (i) => { await client.read(small, slot(i) * KB4, KB4); } }, { depth: 32 }),
   );
-  report(
+  await table(
     '4 KiB write, 32 in flight (one connection, pipelined)',
-    await rows(
-      ioredis === undefined ? undefined : () => measure({ name: 'ioredis SET x32 (baseline)', bytesPerOp: KB4, run: async (i) => { await ioredis.set(`k${slot(i)}`, block); } }, { depth: 32 }),
-      () => measure({ name: 'rmem WRITE x32', bytesPerOp: KB4, run: (i) => client.write(small, slot(i) * KB4, block) }, { depth: 32 }),
-    ),
+    ioredis === undefined ? undefined : () => measure({ name: 'ioredis SET x32 (baseline)', bytesPerOp: KB4, run: async (i) => { await ioredis.set(`k${slot(i)}`, block); } }, { depth: 32 }),
+    () => measure({ name: 'rmem WRITE x32', bytesPerOp: KB4, run: (i) => client.write(small, slot(i) * KB4, block) }, { depth: 32 }),
   );
-  report(
+  await table(
     '1 MiB read',
-    await rows(
-      ioredis === undefined ? undefined : () => measure({ name: 'ioredis GET 1 MiB (baseline)', bytesPerOp: MB1, run: async () => { await ioredis.getBuffer('big'); } }),
-      () => measure({ name: 'rmem READ 1 MiB', bytesPerOp: MB1, run: async (i) => { await client.read(big, (i % 8) * MB1, MB1); } }),
-      () => measure({ name: 'rmem READ 1 MiB x4', bytesPerOp: MB1, run: async (i) => { await client.read(big, (i % 8) * MB1, MB1); } }, { depth: 4 }),
-      () => measure({ name: 'rmem readInto 1 MiB', bytesPerOp: MB1, run: async (i) => { await client.readInto(big, (i % 8) * MB1, into); } }),
-    ),
+    ioredis === undefined ? undefined : () => measure({ name: 'ioredis GET 1 MiB (baseline)', bytesPerOp: MB1, run: async () => { await ioredis.getBuffer('big'); } }),
+    () => measure({ name: 'rmem READ 1 MiB', bytesPerOp: MB1, run: async (i) => { await client.read(big, (i % 8) * MB1, MB1); } }),
+    () => measure({ name: 'rmem READ 1 MiB x4', bytesPerOp: MB1, run: async (i) => { await client.read(big, (i % 8) * MB1, MB1); } }, { depth: 4 }),
+    () => measure({ name: 'rmem readInto 1 MiB', bytesPerOp: MB1, run: async (i) => { await client.readInto(big, (i % 8) * MB1, into); } }),
   );
 
   if (redis !== undefined) {

@@ -1,6 +1,12 @@
 // A small benchmark harness: runs a case for a fixed time after a warm-up, records each
 // operation's latency in an HDR histogram, and prints one table per comparison with the
 // ratio of every case to the baseline measured in the same run.
+//
+// Rounds: on a machine whose figures move by 10-30% from one minute to the next, one
+// pair of runs can put a ratio on either side of a target. Benches that compare against
+// a target run their cases in rounds, the baseline and the cases in turn each round
+// (BENCH_ROUNDS, default 3), and report the median of the per-round ratios: each ratio
+// compares runs minutes apart at most, and the median drops the odd round out.
 
 import hdr from 'hdr-histogram-js';
 
@@ -93,6 +99,57 @@ function finish(c: BenchCase, histogram: ReturnType<typeof hdr.build>, ops: numb
   };
   histogram.destroy();
   return result;
+}
+
+/** Rounds a bench runs its cases in (BENCH_ROUNDS, default 3). */
+export function benchRounds(): number {
+  const rounds = Math.floor(Number(process.env.BENCH_ROUNDS ?? 3));
+  return Number.isFinite(rounds) && rounds >= 1 ? rounds : 3;
+}
+
+/** The median (the mean of the middle two for an even count; 0 for none). */
+export function median(xs: readonly number[]): number {
+  const sorted = [...xs].sort((a, b) => a - b);
+  const mid = sorted.length >> 1;
+  if (sorted.length === 0) return 0;
+  return sorted.length % 2 === 1 ? (sorted[mid] ?? 0) : ((sorted[mid - 1] ?? 0) + (sorted[mid] ?? 0)) / 2;
+}
+
+/**
+ * Prints the cases of several rounds (each round the same cases in the same order, the
+ * baseline first): the medians of ops/s, p50 and p99, the median of the per-round ratios
+ * of ops/s and p50 to that round's baseline, and every round's ops/s ratio.
+ */
+export function reportRounds(title: string, rounds: readonly (readonly CaseResult[])[]): void {
+  const first = rounds[0];
+  if (first === undefined || first.length === 0) return;
+  const rows = first.map((c, i) => {
+    const runs = rounds.map((round) => round[i]).filter((r): r is CaseResult => r !== undefined);
+    const rate = (r: CaseResult): number => r.ops / r.seconds;
+    const ratios = rounds.map((round) => {
+      const [base, r] = [round[0], round[i]];
+      return base === undefined || r === undefined ? 0 : rate(r) / rate(base);
+    });
+    const p50Ratios = rounds.map((round) => {
+      const [base, r] = [round[0], round[i]];
+      return base === undefined || r === undefined || base.p50us === 0 ? 0 : r.p50us / base.p50us;
+    });
+    const ops = median(runs.map(rate));
+    return [
+      c.name,
+      Math.round(ops).toLocaleString('en-US'),
+      ((ops * c.bytesPerOp) / 1e6).toFixed(1),
+      median(runs.map((r) => r.p50us)).toFixed(2),
+      median(runs.map((r) => r.p99us)).toFixed(2),
+      median(ratios).toFixed(2) + 'x',
+      median(p50Ratios).toFixed(2) + 'x',
+      ratios.map((x) => x.toFixed(2)).join(' / '),
+    ];
+  });
+  const headers = ['case', 'ops/s', 'MB/s', 'p50 us', 'p99 us', 'ops vs base', 'p50 vs base', 'ops vs base, each round'];
+  const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
+  const line = (cells: readonly string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i] ?? 0) : c.padStart(widths[i] ?? 0))).join('  ');
+  console.log(`\n${title}, ${rounds.length} round${rounds.length === 1 ? '' : 's'} (medians; ratios are the median of each round's)\n${line(headers)}\n${rows.map(line).join('\n')}`);
 }
 
 /** Prints results with ratios of ops/s and p50 to the first (the baseline). */
