@@ -340,6 +340,7 @@ export class NodeMetrics {
     cacheCounter('memstrata_cache_flash_hits_total', 'Cache hits served by the flash level without moving the line to DRAM.', (s) => s.flashHits);
     cacheCounter('memstrata_cache_flash_reads_now_total', 'Flash hits read on the event loop in the tick their request arrived, since the page cache held them.', (s) => s.flashReadsNow);
     cacheCounter('memstrata_cache_view_reads_total', 'Reads answered from the DRAM level\'s own memory, sent without a copy (large NBD READs).', (s) => s.viewReads);
+    cacheCounter('memstrata_cache_writes_now_total', 'Writes stored in the tick they arrived: every line in DRAM, nobody holding it.', (s) => s.writesNow);
     cacheCounter('memstrata_cache_misses_total', 'Cache line lookups that had to stage sectors from the data store.', (s) => s.misses);
     cacheCounter('memstrata_cache_staged_bytes_total', 'Bytes read from data stores into the cache.', (s) => s.stagedBytes);
     cacheCounter('memstrata_cache_destaged_bytes_total', 'Dirty bytes written back to data stores.', (s) => s.destagedBytes);

@@ -627,7 +627,7 @@ export function renderCache(cache: NodeInfo['cache']): string {
   return [
     'Storage cache',
     `hits ${cache.hits}  misses ${cache.misses}  hit ratio ${ratio}  dirty ${humanSize(cache.dirtyBytes)}  staged ${humanSize(cache.stagedBytes)}  destaged ${humanSize(cache.destagedBytes)}`,
-    `evictions ${cache.evictions}  promotions ${cache.promotions}  demotions ${cache.demotions}  hits served from flash ${cache.flashHits} (${cache.flashReadsNow ?? 0} at once)  reads sent from DRAM without a copy ${cache.viewReads ?? 0} (slots held now ${cache.pinnedSlots ?? 0})`,
+    `evictions ${cache.evictions}  promotions ${cache.promotions}  demotions ${cache.demotions}  hits served from flash ${cache.flashHits} (${cache.flashReadsNow ?? 0} at once)  reads sent from DRAM without a copy ${cache.viewReads ?? 0} (slots held now ${cache.pinnedSlots ?? 0})  writes stored at once ${cache.writesNow ?? 0}`,
     textTable(['LEVEL', 'LINES/SLOTS (64KiB)'], rows, [1]),
   ].join('\n');
 }

@@ -70,6 +70,11 @@ export class DramMedium implements Medium {
   }
 
   async write(offset: number, source: Uint8Array): Promise<void> {
+    this.writeSync(offset, source);
+    return Promise.resolve();
+  }
+
+  writeSync(offset: number, source: Uint8Array): void {
     this.check(offset, source.length);
     this.walk(offset, source.length, (chunk, within, n, done, index) => {
       if (chunk === undefined) {
@@ -79,7 +84,6 @@ export class DramMedium implements Medium {
       }
       chunk.set(source.subarray(done, done + n), within);
     });
-    return Promise.resolve();
   }
 
   async zero(offset: number, length: number): Promise<void> {

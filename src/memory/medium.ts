@@ -3,8 +3,8 @@
 // A medium is a flat byte-addressed space of `capacity` bytes cut into extents of
 // `extentSize`; physical addresses in the partition and allocation tables are offsets
 // into it. I/O is asynchronous, also for DRAM, so callers see one behaviour; DRAM and
-// flash also offer a synchronous read (readSync) for the read-hit paths that answer in
-// the tick a request arrived.
+// flash also offer a synchronous read (readSync), and DRAM a synchronous write
+// (writeSync), for the hit paths that answer in the tick a request arrived.
 // Backends trust their callers except for the range, which is cheap to check and turns a
 // stray offset into a coded error instead of a corrupted neighbour.
 
@@ -44,6 +44,12 @@ export interface Medium {
    */
   view?(offset: number, length: number): Buffer | undefined;
   write(offset: number, source: Uint8Array): Promise<void>;
+  /**
+   * The same, synchronously: the storage cache's write-hit path (answered in the tick the
+   * WRITE arrived) uses it. Absent where a write has to wait (flash). It throws only as
+   * `write` would reject, before writing anything (range, closed medium).
+   */
+  writeSync?(offset: number, source: Uint8Array): void;
   /** Makes the range read as zeros, handing back backing storage of whole extents where the medium can. */
   zero(offset: number, length: number): Promise<void>;
   /** Makes completed writes durable (no-op for memory). */

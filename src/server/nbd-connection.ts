@@ -832,6 +832,7 @@ export class NbdConnection {
 
   private run(request: NbdRequest): void {
     if (request.type === CMD.READ && this.readNow(request)) return;
+    if (request.type === CMD.WRITE && this.writeNow(request)) return;
     const name = CMD_NAME[request.type] ?? 'UNKNOWN';
     this.serve(request)
       .catch((error: unknown) => {
@@ -888,6 +889,31 @@ export class NbdConnection {
       return false;
     }
     this.replyRead(request, pooled, data);
+    return true;
+  }
+
+  /**
+   * A WRITE (not FUA) the storage layer can store at once (a cache hit in DRAM:
+   * storage/volume-io.ts writeNow): its payload goes back to the pool and its reply is
+   * queued in this same tick, without a promise. False: nothing was written, and the
+   * request takes the ordinary path (which also answers every error).
+   */
+  private writeNow(request: NbdRequest): boolean {
+    const { io } = this.host;
+    if (io.writeNow === undefined || (request.flags & CMD_FLAG.FUA) !== 0 || request.data.length !== request.length) return false;
+    let written = false;
+    try {
+      written = io.writeNow(this.validate(request), request.offset, request.data);
+    } catch {
+      written = false; // the ordinary path reports errors
+    }
+    if (!written) return false;
+    if (request.pooled !== undefined) this.host.payloadBuffers.release(request.pooled);
+    request.pooled = undefined;
+    this.host.stats.bytesWritten += request.length;
+    this.send(encodeSimpleReply(request.cookie, 0), () => {
+      this.complete(request);
+    });
     return true;
   }
 

@@ -31,6 +31,14 @@ export interface VolumeIo {
   readViews?(volume: Volume, offset: number, length: number): CacheViews | undefined;
   /** With `fua`, resolves only once the data is durable in the data store. */
   write(volume: Volume, offset: number, data: Buffer, fua: boolean): Promise<void>;
+  /**
+   * Writes at once, without a promise, when the layer can (a write, not FUA, whose lines
+   * the cache holds in DRAM while nobody is changing them, to a volume without a write
+   * log): true means `data` is stored as `write` would have stored it, and the caller
+   * may reuse it. False means nothing was written and `write` must be used. Optional:
+   * layers without a fast path leave it out.
+   */
+  writeNow?(volume: Volume, offset: number, data: Buffer): boolean;
   /** Makes every write completed before it, on any connection, durable (FIG. 20, FLUSH). */
   flush(volume: Volume): Promise<void>;
   /** TRIM and WRITE_ZEROES: the range reads as zeros; `allocate` keeps it allocated (NO_HOLE). */

@@ -142,6 +142,12 @@ export class WriteLogIo implements VolumeIo {
     return this.inner.readNow?.(volume, offset, target) ?? false;
   }
 
+  /** Volumes without a write log only: a logged WRITE must append its record first. */
+  writeNow(volume: Volume, offset: number, data: Buffer): boolean {
+    if (volume.writeLog !== undefined) return false;
+    return this.inner.writeNow?.(volume, offset, data) ?? false;
+  }
+
   async write(volume: Volume, offset: number, data: Buffer, fua: boolean): Promise<void> {
     const device = this.device(volume);
     if (device === undefined) return this.inner.write(volume, offset, data, fua);

@@ -21,6 +21,8 @@ export interface CacheStats {
   flashReadsNow: number;
   /** READs answered from the DRAM level's memory, sent without a copy (large NBD READs). */
   viewReads: number;
+  /** Writes stored in the tick they arrived, every line in DRAM and nobody holding it (StorageCache.writeNow). */
+  writesNow: number;
   misses: number;
   stagedBytes: number;
   destagedBytes: number;

@@ -100,7 +100,7 @@ export class StorageCache implements VolumeIo {
   private readonly locks: KeyedLock<string>;
   private readonly ids: WeakMap<Volume, number>;
   private nextId: number;
-  private readonly counters: { hits: number; flashHits: number; flashReadsNow: number; viewReads: number; misses: number; stagedBytes: number; evictions: number; promotions: number; demotions: number };
+  private readonly counters: { hits: number; flashHits: number; flashReadsNow: number; viewReads: number; writesNow: number; misses: number; stagedBytes: number; evictions: number; promotions: number; demotions: number };
   private timer: NodeJS.Timeout | undefined;
   /** The background eviction that keeps DRAM slots free ahead of misses, while it runs. */
   private refilling: Promise<void> | undefined;
@@ -121,7 +121,7 @@ export class StorageCache implements VolumeIo {
     this.locks = new KeyedLock();
     this.ids = new WeakMap();
     this.nextId = 1;
-    this.counters = { hits: 0, flashHits: 0, flashReadsNow: 0, viewReads: 0, misses: 0, stagedBytes: 0, evictions: 0, promotions: 0, demotions: 0 };
+    this.counters = { hits: 0, flashHits: 0, flashReadsNow: 0, viewReads: 0, writesNow: 0, misses: 0, stagedBytes: 0, evictions: 0, promotions: 0, demotions: 0 };
     this.timer = undefined;
     this.refilling = undefined;
     this.refillAfter = 0;
@@ -352,6 +352,70 @@ export class StorageCache implements VolumeIo {
       this.counters.hits++;
     }
     found.length = 0;
+  }
+
+  /**
+   * The write-hit path without a promise or a lock, readNow's counterpart: a write of up
+   * to READ_NOW_LINES lines that are all in DRAM, nobody holding their locks, none of
+   * whose sectors it covers in part is invalid (so nothing must be staged first), to a
+   * volume without a write log, is copied into the slots and marked dirty in this tick.
+   * Every change of a line's bytes, bits or slot runs under its lock, and a lock is held
+   * from the moment it is asked for (KeyedLock.held), so with the locks free nothing is
+   * under way on these lines and nothing can start before this returns: the write is as
+   * one that took the locks, in an order NBD allows for requests in flight together.
+   * False: nothing was written, and write() takes it (also with FUA, which a caller
+   * does not bring here).
+   */
+  writeNow(volume: Volume, offset: number, data: Buffer): boolean {
+    const dram = this.levels.get('dram')?.medium;
+    if (dram?.writeSync === undefined || volume.writeLog !== undefined || data.length === 0) return false;
+    try {
+      volume.checkWritable();
+    } catch {
+      return false; // write() reports it
+    }
+    const first = Math.floor(offset / LINE_SIZE);
+    const last = Math.floor((offset + data.length - 1) / LINE_SIZE);
+    if (last - first >= READ_NOW_LINES) return false;
+    const found = this.hitLines;
+    found.length = 0;
+    for (let index = first; index <= last; index++) {
+      const key = this.keyOf(volume, index);
+      const line = this.lines.get(key);
+      const within = Math.max(offset, index * LINE_SIZE) - index * LINE_SIZE;
+      const n = Math.min(offset + data.length, (index + 1) * LINE_SIZE) - index * LINE_SIZE - within;
+      const partial = sectorMask(within, n) & ~fullSectorMask(within, n);
+      if (line === undefined || line.medium !== 'dram' || this.locks.held(key) || (partial & ~line.valid) !== 0) {
+        found.length = 0;
+        return false;
+      }
+      found.push(line);
+    }
+    try {
+      for (const line of found) {
+        const start = Math.max(offset, line.index * LINE_SIZE);
+        const end = Math.min(offset + data.length, (line.index + 1) * LINE_SIZE);
+        const within = start - line.index * LINE_SIZE;
+        dram.writeSync(line.slot + within, data.subarray(start - offset, end - offset));
+        const mask = sectorMask(within, end - start);
+        line.valid |= mask;
+        if (line.dirty === 0) line.dirtySince = Date.now();
+        line.dirty |= mask;
+        this.writeBack.marked(line);
+        this.policy.hit(line);
+      }
+    } catch {
+      // The medium refused (closed at stop): write() reports it, writing the same bytes
+      // again over any line written here.
+      return false;
+    } finally {
+      found.length = 0;
+    }
+    // The run a sequential stream is counted by goes on (for the writes after this one);
+    // its verdict does not matter here, as DRAM holds every line.
+    this.streaming(volume, offset, data.length);
+    this.counters.writesNow++;
+    return true;
   }
 
   /**

@@ -66,7 +66,7 @@ export class WriteBack {
     return this.failures;
   }
 
-  /** A write set dirty bits on the line (called under its lock). */
+  /** A write set dirty bits on the line (called under its lock, or in one synchronous step while nobody holds it: StorageCache.writeNow). */
   marked(line: Line): void {
     let set = this.dirty.get(line.volume);
     if (set === undefined) {

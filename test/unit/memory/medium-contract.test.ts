@@ -128,12 +128,31 @@ for (const impl of implementations) {
         assert.ok(back.every((b) => b === 0));
       }));
 
+    test('a synchronous write, where the medium has one, stores what write would, reads back at once, and refuses a range outside with MS_MEDIUM_RANGE before writing', () =>
+      withMedium(async (medium) => {
+        if (medium.writeSync === undefined) return;
+        const model = Buffer.alloc(CAPACITY);
+        for (const [offset, length, seed] of [[EXTENT - 7, 3 * EXTENT, 5], [100, 10, 6], [CAPACITY - EXTENT, EXTENT, 7]] as const) {
+          const data = Buffer.alloc(length, seed);
+          medium.writeSync(offset, data);
+          data.copy(model, offset);
+          const back = Buffer.alloc(length);
+          medium.readSync?.(offset, back);
+          if (medium.readSync !== undefined) assert.ok(back.equals(data), 'readSync right after writeSync');
+        }
+        assert.throws(() => medium.writeSync?.(CAPACITY - 2, Buffer.alloc(4, 9)), { code: 'MS_MEDIUM_RANGE' });
+        const whole = Buffer.alloc(CAPACITY);
+        await medium.read(0, whole);
+        assert.ok(whole.equals(model));
+      }));
+
     test('I/O after close fails with MS_MEDIUM_CLOSED', async () => {
       const { medium, cleanup } = await impl.make();
       await medium.open();
       await medium.close();
       await assert.rejects(medium.read(0, Buffer.alloc(1)), { code: 'MS_MEDIUM_CLOSED' });
       await assert.rejects(medium.write(0, Buffer.alloc(1)), { code: 'MS_MEDIUM_CLOSED' });
+      if (medium.writeSync !== undefined) assert.throws(() => medium.writeSync?.(0, Buffer.alloc(1)), { code: 'MS_MEDIUM_CLOSED' });
       await cleanup();
     });
   });

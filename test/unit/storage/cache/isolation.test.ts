@@ -11,8 +11,9 @@
 // line lives in an extent the cache owns. After the run: the volume, flushed, equals the
 // model, and every region holds exactly what its server wrote.
 //
-// The second test runs the same with DRAM media that keep their synchronous read (the
-// paths that answer without a promise: StorageCache.readNow, ServerMemory.readNow) and
+// The second test runs the same with DRAM media that keep their synchronous read and
+// write (the paths that answer without a promise: StorageCache.readNow and writeNow,
+// which its writes try first, ServerMemory.readNow) and
 // after every scheduled step reads every block and every reachable region through them:
 // the volume's own bytes (or zeros for blocks being written), a region's own server's
 // bytes or zeros, never another tenant's or memory handed over. It also borrows lines'
@@ -129,8 +130,8 @@ async function resizeCache(partition: PartitionTable, extents: number): Promise<
  * readSync, and the synchronous read paths probed after every step. Returns how often
  * those paths answered (so a test can tell they were exercised).
  */
-async function isolationRuns(syncReads: boolean, numRuns: number): Promise<{ blocks: number; regions: number; views: number }> {
-  const answered = { blocks: 0, regions: 0, views: 0 };
+async function isolationRuns(syncReads: boolean, numRuns: number): Promise<{ blocks: number; regions: number; views: number; writes: number }> {
+  const answered = { blocks: 0, regions: 0, views: 0, writes: 0 };
   await fc.assert(
     fc.asyncProperty(fc.scheduler(), fc.array(opArb, { minLength: 2, maxLength: 12 }), async (s, ops) => {
       const plan = new FaultPlan();
@@ -238,7 +239,9 @@ async function isolationRuns(syncReads: boolean, numRuns: number): Promise<{ blo
               for (const b of blocks) claimed.add(b);
               const at = (blocks[0] ?? 0) * BLOCK;
               const data = pattern(0, at, blocks.length * BLOCK);
-              await cache.write(volume, at, data, o.fua);
+              // With synchronous media, the write-hit path takes what it can at once.
+              if (syncReads && !o.fua && cache.writeNow(volume, at, data)) answered.writes++;
+              else await cache.write(volume, at, data, o.fua);
               data.copy(model, at);
               return;
             }
@@ -323,9 +326,9 @@ test('cache lines and server regions never share memory, whatever the interleavi
   await isolationRuns(false, SOAK ? 20_000 : 300);
 });
 
-test('the synchronous read paths (cache and server memory) and loans of cache memory never show another tenant\'s or handed-over bytes, at every scheduled step', async () => {
+test('the synchronous read paths (cache and server memory) and loans of cache memory never show another tenant\'s or handed-over bytes, at every scheduled step (writes taking the synchronous path too)', async () => {
   const answered = await isolationRuns(true, SOAK ? 5_000 : 150);
-  assert.ok(answered.blocks > 0 && answered.regions > 0 && answered.views > 0, `the synchronous paths answered ${answered.blocks} block and ${answered.regions} region reads and lent ${answered.views} ranges`);
+  assert.ok(answered.blocks > 0 && answered.regions > 0 && answered.views > 0 && answered.writes > 0, `the synchronous paths answered ${answered.blocks} block and ${answered.regions} region reads, lent ${answered.views} ranges and stored ${answered.writes} writes`);
 });
 
 type LoanOp =

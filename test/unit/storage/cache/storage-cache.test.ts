@@ -205,6 +205,113 @@ test('readNow answers a read the DRAM level holds, across lines too, and decline
   assert.ok(untouched.every((b) => b === 0x55));
 });
 
+test('writeNow stores a write the DRAM level holds, across lines too, and declines what it cannot store at once; what it stored is dirty and a flush writes it', async (t) => {
+  const { cache, volume, store } = await setup(t, { dramLines: 4, flashLines: 4, volumeSize: 16 * LINE_SIZE });
+  for (let i = 0; i < 2; i++) await cache.write(volume, i * LINE_SIZE, Buffer.alloc(LINE_SIZE, i + 1), false);
+  // Across two lines in DRAM, whole sectors: stored, dirty, and read back.
+  assert.equal(cache.writeNow(volume, LINE_SIZE - SECTOR, Buffer.alloc(2 * SECTOR, 0x33)), true);
+  const across = Buffer.alloc(2 * SECTOR);
+  await cache.read(volume, LINE_SIZE - SECTOR, across);
+  assert.ok(across.every((b) => b === 0x33));
+  // A line never cached: declined, nothing admitted.
+  const residents = cache.residents().length;
+  assert.equal(cache.writeNow(volume, 5 * LINE_SIZE, Buffer.alloc(SECTOR, 0x44)), false);
+  assert.equal(cache.residents().length, residents);
+  // Part of a sector: only where that sector is valid (nothing to stage first).
+  await cache.write(volume, 2 * LINE_SIZE, Buffer.alloc(SECTOR, 0x55), false);
+  assert.equal(cache.writeNow(volume, 2 * LINE_SIZE + SECTOR + 100, Buffer.alloc(50, 0x66)), false, 'a sector written in part that is not valid');
+  assert.equal(cache.writeNow(volume, 2 * LINE_SIZE + 100, Buffer.alloc(50, 0x66)), true, 'a valid sector written in part');
+  const partial = Buffer.alloc(SECTOR);
+  await cache.read(volume, 2 * LINE_SIZE, partial);
+  assert.ok(partial.subarray(0, 100).every((b) => b === 0x55) && partial.subarray(100, 150).every((b) => b === 0x66) && partial.subarray(150).every((b) => b === 0x55));
+  // A line whose lock is held (a write under way takes it at once): declined.
+  const pending = cache.write(volume, 0, Buffer.alloc(SECTOR, 0x77), false);
+  assert.equal(cache.writeNow(volume, SECTOR, Buffer.alloc(SECTOR, 0x78)), false, 'a line whose lock is held');
+  await pending;
+  // A volume with a write log: never here (its records must be appended first).
+  const logged = new Volume('logged', false, new Date().toISOString(), volume.store, 'wl');
+  assert.equal(cache.writeNow(logged, 0, Buffer.alloc(SECTOR, 1)), false);
+  // A line demoted to flash: declined (a write promotes it, in write()).
+  for (let i = 3; i < 9; i++) await cache.write(volume, i * LINE_SIZE, Buffer.alloc(LINE_SIZE, i + 1), false);
+  const flashLine = cache.residents().find((r) => r.medium === 'flash');
+  assert.ok(flashLine !== undefined, 'a line was demoted');
+  assert.equal(cache.writeNow(volume, flashLine.index * LINE_SIZE, Buffer.alloc(SECTOR, 0x79)), false);
+  // What writeNow stored was dirty: the flush put it in the data store, evicted or not.
+  const dramLine = cache.residents().find((r) => r.medium === 'dram');
+  assert.ok(dramLine !== undefined);
+  assert.equal(cache.writeNow(volume, dramLine.index * LINE_SIZE + SECTOR, Buffer.alloc(SECTOR, 0x7a)), true);
+  await cache.flush(volume);
+  const onDisk = Buffer.alloc(SECTOR);
+  await store.read(dramLine.index * LINE_SIZE + SECTOR, onDisk);
+  assert.ok(onDisk.every((b) => b === 0x7a), 'a write stored by writeNow reached the store at the flush');
+  await store.read(LINE_SIZE - SECTOR, onDisk);
+  assert.ok(onDisk.every((b) => b === 0x33), 'the write across lines, evicted since, reached the store');
+  assert.equal(cache.stats().writesNow, 3, 'the writes stored at once are counted');
+});
+
+test('writeNow among writes, evictions, demotions, promotions and destages at any interleaving: each sector ends with a write no later write superseded, and the store gets it', async (t) => {
+  // 4 DRAM lines, 4 flash lines, a volume of 12 lines. Writes through write() and through
+  // writeNow run together, started by the scheduler; both media land their asynchronous
+  // writes only when the scheduler lets them (writeNow's synchronous write lands at once).
+  // A write W to a sector is superseded when another write to it started after W
+  // completed (writeNow starts and completes at once). Each sector must end holding the
+  // value of a write that was not superseded, whole; after a flush the data store holds
+  // what the cache does, so every write writeNow stored was marked dirty.
+  const lines = 12;
+  const { cache, volume, store, media } = await setup(t, { dramLines: 4, flashLines: 4, volumeSize: lines * LINE_SIZE });
+  const gated = media.filter((m): m is TestMedium => m instanceof TestMedium);
+  let stored = 0;
+  await fc.assert(
+    fc.asyncProperty(
+      fc.array(fc.record({ line: fc.nat({ max: lines - 1 }), sector: fc.nat({ max: 15 }), sectors: fc.integer({ min: 1, max: 20 }), value: fc.integer({ min: 1, max: 255 }), now: fc.boolean(), destage: fc.boolean() }), { minLength: 1, maxLength: 16 }),
+      fc.scheduler(),
+      async (writes, s) => {
+        const before = Buffer.alloc(lines * LINE_SIZE);
+        await cache.read(volume, 0, before);
+        for (const m of gated) m.scheduler = s;
+        let clock = 0;
+        const history: { value: number; start: number; end: number }[][] = Array.from({ length: lines * 16 }, () => []);
+        const work = writes.map(async (w) => {
+          const first = Math.min(w.line * 16 + w.sector, lines * 16 - w.sectors);
+          await s.schedule(Promise.resolve(), w.now ? 'writeNow' : 'write');
+          const data = Buffer.alloc(w.sectors * SECTOR, w.value);
+          const start = ++clock;
+          if (w.now && cache.writeNow(volume, first * SECTOR, data)) {
+            stored++;
+          } else {
+            await cache.write(volume, first * SECTOR, data, false);
+          }
+          const end = ++clock;
+          for (let k = 0; k < w.sectors; k++) history[first + k]?.push({ value: w.value, start, end });
+          if (w.destage) await cache.destage(Date.now() + 60_000);
+        });
+        try {
+          await s.waitFor(Promise.all(work));
+        } finally {
+          for (const m of gated) m.scheduler = undefined;
+          await s.waitIdle();
+        }
+        const after = Buffer.alloc(lines * LINE_SIZE);
+        await cache.read(volume, 0, after);
+        for (let sector = 0; sector < lines * 16; sector++) {
+          const bytes = after.subarray(sector * SECTOR, (sector + 1) * SECTOR);
+          const v = bytes[0] ?? -1;
+          assert.ok(bytes.every((b) => b === v), `sector ${sector} torn`);
+          const h = history[sector] ?? [];
+          const allowed = h.length === 0 ? [before[sector * SECTOR]] : h.filter((w) => !h.some((o) => o.start > w.end)).map((w) => w.value);
+          assert.ok(allowed.includes(v), `sector ${sector} holds ${v}; the writes not superseded were ${allowed.join(',')}`);
+        }
+        await cache.flush(volume);
+        const onDisk = Buffer.alloc(lines * LINE_SIZE);
+        await store.read(0, onDisk);
+        assert.ok(onDisk.equals(after), 'the data store after a flush differs from what the cache holds');
+      },
+    ),
+    { numRuns: 150 },
+  );
+  assert.ok(stored > 0, 'writeNow never stored a write');
+});
+
 test('readViews lends the DRAM level\'s bytes of the lines a range covers whole and copies its ends; a lent slot is not reused until released, and a reclaimed extent leaves the loan its old bytes', async (t) => {
   const { cache, volume, partition } = await setup(t, { dramLines: 16, flashLines: 0, volumeSize: 64 * LINE_SIZE });
   const lineBytes = (i: number): Buffer => Buffer.alloc(LINE_SIZE, (i % 250) + 1);
