@@ -17,7 +17,9 @@
 // Needs fio and nbdkit (Debian: fio, nbdkit).
 //
 // Every timed workload runs BENCH_ROUNDS times (default 3) on each server, the servers in
-// turn each round, and the tables give medians (support/harness.ts).
+// turn each round, and the tables give medians (support/harness.ts). Part 1 prints fio's
+// own CPU use beside each figure: near 100% (one job on one core), the client is what
+// limits the run, whichever server it drives.
 //
 //   npm run bench -- nbd        BENCH_SECONDS=20 for longer runs (default 8 per workload);
 //                               BENCH_NBD_PART=cached or large runs one part
@@ -57,6 +59,8 @@ interface Result {
   mbps: number;
   p50us: number;
   p99us: number;
+  /** fio's own CPU use, user and system, as fio reports it (% of one core for one job): near 100, the client is what limits the run. */
+  clientCpu: number;
 }
 
 interface FioSide {
@@ -69,6 +73,8 @@ interface FioSide {
 interface FioJob {
   read: FioSide;
   write: FioSide;
+  usr_cpu: number;
+  sys_cpu: number;
 }
 
 function fio(uri: string, size: string, workload: Workload, seconds: number): Result {
@@ -86,7 +92,7 @@ function fio(uri: string, size: string, workload: Workload, seconds: number): Re
   // Latency of the dominant side (reads for the mixed workload).
   const main = sides.sort((a, b) => b.io_bytes - a.io_bytes)[0];
   const percentile = (p: string): number => (main?.clat_ns.percentile?.[p] ?? 0) / 1000;
-  return { iops, mbps, p50us: percentile('50.000000'), p99us: percentile('99.000000') };
+  return { iops, mbps, p50us: percentile('50.000000'), p99us: percentile('99.000000'), clientCpu: job.usr_cpu + job.sys_cpu };
 }
 
 async function startNbdkit(plugin: string[]): Promise<{ uri: string; proc: ChildProcess }> {
@@ -131,6 +137,7 @@ function medianResult(results: readonly Result[]): Result | undefined {
     mbps: median(results.map((r) => r.mbps)),
     p50us: median(results.map((r) => r.p50us)),
     p99us: median(results.map((r) => r.p99us)),
+    clientCpu: median(results.map((r) => r.clientCpu)),
   };
 }
 
@@ -187,7 +194,7 @@ async function cachedSet(dir: string): Promise<void> {
       const medianRatio = (of: number, base: number, pick: (r: Result) => number): string => `${median(perRound(of, base, pick)).toFixed(2)}x`;
       if (mem === undefined || fil === undefined || us === undefined) continue;
       for (const [server, r] of [['nbdkit memory', mem], ['nbdkit file', fil], ['memstrata', us]] as const) iops.set(`${server}|${workload.name}`, r.iops);
-      const cells = (r: Result): string[] => [r.iops.toFixed(0), r.mbps.toFixed(1), r.p50us.toFixed(1), r.p99us.toFixed(1)];
+      const cells = (r: Result): string[] => [r.iops.toFixed(0), r.mbps.toFixed(1), r.p50us.toFixed(1), r.p99us.toFixed(1), `${r.clientCpu.toFixed(0)}%`];
       const rate = (r: Result): number => r.iops;
       const latency = (r: Result): number => r.p50us;
       const each = (of: number, base: number): string => perRound(of, base, rate).map((x) => x.toFixed(2)).join(' / ');
@@ -197,7 +204,7 @@ async function cachedSet(dir: string): Promise<void> {
     }
     printTable(
       `NBD, fio nbd engine, ${SECONDS} s per workload, ${rounds} round${rounds === 1 ? '' : 's'} (medians; ratios are the median of each round's), ${size} working set (fits in memstrata's DRAM cache)`,
-      ['workload', 'server', 'IOPS', 'MB/s', 'p50 us', 'p99 us', 'IOPS vs memory', 'IOPS vs file', 'p50 vs memory', 'p50 vs file', 'IOPS vs memory | vs file, each round'],
+      ['workload', 'server', 'IOPS', 'MB/s', 'p50 us', 'p99 us', 'fio CPU', 'IOPS vs memory', 'IOPS vs file', 'p50 vs memory', 'p50 vs file', 'IOPS vs memory | vs file, each round'],
       rows,
     );
     for (const server of ['nbdkit memory', 'nbdkit file', 'memstrata']) {
