@@ -314,10 +314,12 @@ export class StorageCache implements VolumeIo {
 
   /**
    * Fills `hitLines` with the lines of [offset, offset + length) when every one of them
-   * can answer at once: cached in DRAM (or in flash with `flash`), the range's sectors
-   * valid, nobody holding its lock. False (and `hitLines` empty) otherwise.
+   * can answer at once: cached in DRAM (or in flash with `flash`), nobody holding its
+   * lock, and valid where the request needs it: every sector of the range for a read,
+   * for a write (`writing`) the sectors it covers in part (nothing to stage first).
+   * False (and `hitLines` empty) otherwise.
    */
-  private linesHit(volume: Volume, offset: number, length: number, flash: boolean): boolean {
+  private linesHit(volume: Volume, offset: number, length: number, flash: boolean, writing = false): boolean {
     if (length === 0) return false;
     const first = Math.floor(offset / LINE_SIZE);
     const last = Math.floor((offset + length - 1) / LINE_SIZE);
@@ -329,7 +331,7 @@ export class StorageCache implements VolumeIo {
       const line = this.lines.get(key);
       const from = Math.max(offset, index * LINE_SIZE) - index * LINE_SIZE;
       const to = Math.min(offset + length, (index + 1) * LINE_SIZE) - index * LINE_SIZE;
-      const mask = sectorMask(from, to - from);
+      const mask = writing ? sectorMask(from, to - from) & ~fullSectorMask(from, to - from) : sectorMask(from, to - from);
       if (line === undefined || this.locks.held(key) || (line.medium !== 'dram' && !(flash && line.medium === 'flash')) || (line.valid & mask) !== mask) {
         found.length = 0;
         return false;
@@ -368,29 +370,14 @@ export class StorageCache implements VolumeIo {
    */
   writeNow(volume: Volume, offset: number, data: Buffer): boolean {
     const dram = this.levels.get('dram')?.medium;
-    if (dram?.writeSync === undefined || volume.writeLog !== undefined || data.length === 0) return false;
+    if (dram?.writeSync === undefined || volume.writeLog !== undefined) return false;
     try {
       volume.checkWritable();
     } catch {
       return false; // write() reports it
     }
-    const first = Math.floor(offset / LINE_SIZE);
-    const last = Math.floor((offset + data.length - 1) / LINE_SIZE);
-    if (last - first >= READ_NOW_LINES) return false;
+    if (!this.linesHit(volume, offset, data.length, false, true)) return false;
     const found = this.hitLines;
-    found.length = 0;
-    for (let index = first; index <= last; index++) {
-      const key = this.keyOf(volume, index);
-      const line = this.lines.get(key);
-      const within = Math.max(offset, index * LINE_SIZE) - index * LINE_SIZE;
-      const n = Math.min(offset + data.length, (index + 1) * LINE_SIZE) - index * LINE_SIZE - within;
-      const partial = sectorMask(within, n) & ~fullSectorMask(within, n);
-      if (line === undefined || line.medium !== 'dram' || this.locks.held(key) || (partial & ~line.valid) !== 0) {
-        found.length = 0;
-        return false;
-      }
-      found.push(line);
-    }
     try {
       for (const line of found) {
         const start = Math.max(offset, line.index * LINE_SIZE);
