@@ -6,7 +6,7 @@ import { randomBytes } from 'node:crypto';
 import { createServer } from 'node:net';
 import { NbdClient } from '../../src/client/nbd-client.js';
 import { CMD } from '../../src/protocol/nbd/spec.js';
-import { startNode, tempDir, type NodeProcess } from '../support/node-process.js';
+import { runCli, startNode, tempDir, type NodeProcess } from '../support/node-process.js';
 import { RawNbd, requestBytes } from '../support/nbd-raw.js';
 
 type Ctx = { after(fn: () => Promise<unknown>): void };
@@ -45,6 +45,29 @@ test('NBD client: handshake, pipelined reads and writes against a model, FUA, fl
 
   await assert.rejects(client.read(client.size - 10, 11), { code: 'MS_VOLUME_RANGE' });
   await assert.rejects(client.write(-1, Buffer.alloc(1)), { code: 'MS_VOLUME_RANGE' });
+});
+
+test('WRITE hits in DRAM are stored at once (memstrata_cache_writes_now_total, memstrata status), FUA writes never are, and reads see each', async (t) => {
+  const n = await node(t);
+  const client = await NbdClient.connect({ uri: `nbd://${n.nbd.host}:${n.nbd.port}/` });
+  t.after(() => client.close());
+  const counted = async (): Promise<number> => {
+    const text = await (await fetch(`${n.url}/metrics`)).text();
+    return Number(/^memstrata_cache_writes_now_total (\S+)$/m.exec(text)?.[1] ?? NaN);
+  };
+  const before = await counted();
+  await client.write(0, Buffer.alloc(65536, 1)); // a miss: the line is admitted on the ordinary path
+  assert.equal(await counted(), before);
+  await client.write(0, Buffer.alloc(65536, 2)); // a hit
+  assert.equal(await counted(), before + 1);
+  await client.write(0, Buffer.alloc(65536, 3), { fua: true }); // FUA: written back and synced first
+  assert.equal(await counted(), before + 1);
+  await client.write(100, Buffer.alloc(50, 9)); // a hit in part of a valid sector
+  assert.equal(await counted(), before + 2);
+  const back = await client.read(0, 4096);
+  assert.ok(back.subarray(0, 100).every((b) => b === 3) && back.subarray(100, 150).every((b) => b === 9) && back.subarray(150).every((b) => b === 3));
+  const status = await runCli(['status', '--admin', n.url]);
+  assert.match(status.stdout, new RegExp(`writes stored at once ${before + 2}\\b`));
 });
 
 test('NBD client: read-only exports, unknown exports, a server that is not NBD, and a lost connection give coded errors', async (t) => {

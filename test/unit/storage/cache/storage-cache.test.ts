@@ -12,6 +12,7 @@ import { LINE_SIZE } from '../../../../src/storage/cache/line.js';
 import { StorageCache } from '../../../../src/storage/cache/storage-cache.js';
 import { DataStore } from '../../../../src/storage/data-store.js';
 import { Volume } from '../../../../src/storage/volume-manager.js';
+import { WriteLogIo } from '../../../../src/storage/write-log.js';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { FaultPlan, faultyFiles } from '../../../support/faults.js';
@@ -247,6 +248,35 @@ test('writeNow stores a write the DRAM level holds, across lines too, and declin
   await store.read(LINE_SIZE - SECTOR, onDisk);
   assert.ok(onDisk.every((b) => b === 0x33), 'the write across lines, evicted since, reached the store');
   assert.equal(cache.stats().writesNow, 3, 'the writes stored at once are counted');
+});
+
+test('writeNow of whole sectors a line does not hold yet makes them valid, so a read returns them and a flush stores them; it declines for a fenced volume and for a volume with a write log whose line is cached', async (t) => {
+  const plan = new FaultPlan();
+  const { cache, volume, store } = await setup(t, { dramLines: 8, flashLines: 0, volumeSize: 16 * LINE_SIZE, plan });
+  // Line 0 holds sector 0 only; sector 5, written whole by writeNow, must not be staged
+  // from the store afterwards.
+  await cache.write(volume, 0, Buffer.alloc(SECTOR, 1), false);
+  assert.equal(cache.writeNow(volume, 5 * SECTOR, Buffer.alloc(SECTOR, 0x5a)), true);
+  const got = Buffer.alloc(SECTOR);
+  await cache.read(volume, 5 * SECTOR, got);
+  assert.ok(got.every((b) => b === 0x5a), `read back ${got[0]}`);
+  await cache.flush(volume);
+  const disk = Buffer.alloc(SECTOR);
+  await store.read(5 * SECTOR, disk);
+  assert.ok(disk.every((b) => b === 0x5a), `the store holds ${disk[0]}`);
+  // A volume with a write log whose line is in DRAM: the cache declines, and so does the
+  // write log's layer in front of it.
+  const logged = new Volume('logged', false, new Date().toISOString(), new MemoryStore(4 * LINE_SIZE), 'wl');
+  await cache.write(logged, 0, Buffer.alloc(LINE_SIZE, 1), false);
+  assert.equal(cache.writeNow(logged, 0, Buffer.alloc(SECTOR, 2)), false, 'the cache');
+  assert.equal(new WriteLogIo(cache, {} as never, log).writeNow(logged, 0, Buffer.alloc(SECTOR, 2)), false, 'WriteLogIo');
+  // A fenced volume (a sync failed): declined, and write() answers why.
+  await cache.write(volume, 0, Buffer.alloc(LINE_SIZE, 3), false);
+  plan.fail({ op: 'store.datasync', fault: 'EIO' });
+  await assert.rejects(cache.flush(volume));
+  assert.ok(volume.failure !== undefined, 'the volume is fenced');
+  assert.equal(cache.writeNow(volume, 0, Buffer.alloc(SECTOR, 4)), false);
+  await assert.rejects(cache.write(volume, 0, Buffer.alloc(SECTOR, 4), false), { code: 'MS_VOLUME_FENCED' });
 });
 
 test('writeNow among writes, evictions, demotions, promotions and destages at any interleaving: each sector ends with a write no later write superseded, and the store gets it', async (t) => {
