@@ -35,8 +35,9 @@ export interface VolumeIo {
    * Writes at once, without a promise, when the layer can (a write, not FUA, whose lines
    * the cache holds in DRAM while nobody is changing them, to a volume without a write
    * log): true means `data` is stored as `write` would have stored it, and the caller
-   * may reuse it. False means nothing was written and `write` must be used. Optional:
-   * layers without a fast path leave it out.
+   * may reuse it. False means `write` must be used: nothing was written (or, where the
+   * medium failed part way, `write` writes the same bytes again). Optional: layers
+   * without a fast path leave it out.
    */
   writeNow?(volume: Volume, offset: number, data: Buffer): boolean;
   /** Makes every write completed before it, on any connection, durable (FIG. 20, FLUSH). */

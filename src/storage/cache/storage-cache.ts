@@ -360,7 +360,8 @@ export class StorageCache implements VolumeIo {
    * The write-hit path without a promise or a lock, readNow's counterpart: a write of up
    * to READ_NOW_LINES lines that are all in DRAM, nobody holding their locks, none of
    * whose sectors it covers in part is invalid (so nothing must be staged first), to a
-   * volume without a write log, is copied into the slots and marked dirty in this tick.
+   * volume without a write log that is not fenced, is copied into the slots and marked
+   * valid and dirty in this tick.
    * Every change of a line's bytes, bits or slot runs under its lock, and a lock is held
    * from the moment it is asked for (KeyedLock.held), so with the locks free nothing is
    * under way on these lines and nothing can start before this returns: the write is as
