@@ -129,6 +129,17 @@ async function settle(node: NodeProcess): Promise<void> {
 
 const ratio = (ours: number, base: number): string => (base > 0 ? `${(ours / base).toFixed(2)}x` : '-');
 
+/** Each round's ratio of a figure of `ours` to the same figure of `base` (0 where the base's is 0). */
+function roundRatios(ours: readonly Result[], base: readonly Result[], pick: (r: Result) => number): number[] {
+  return ours.map((r, i) => {
+    const b = base[i];
+    return b === undefined || pick(b) === 0 ? 0 : pick(r) / pick(b);
+  });
+}
+
+const iopsOf = (r: Result): number => r.iops;
+const p50Of = (r: Result): number => r.p50us;
+
 /** Each figure's median over rounds (undefined for none). */
 function medianResult(results: readonly Result[]): Result | undefined {
   if (results.length === 0) return undefined;
@@ -186,21 +197,15 @@ async function cachedSet(dir: string): Promise<void> {
         }
       }
       const [mem, fil, us] = runs.map(medianResult);
-      const perRound = (of: number, base: number, pick: (r: Result) => number): number[] =>
-        (runs[of] ?? []).map((r, i) => {
-          const b = runs[base]?.[i];
-          return b === undefined || pick(b) === 0 ? 0 : pick(r) / pick(b);
-        });
+      const perRound = (of: number, base: number, pick: (r: Result) => number): number[] => roundRatios(runs[of] ?? [], runs[base] ?? [], pick);
       const medianRatio = (of: number, base: number, pick: (r: Result) => number): string => `${median(perRound(of, base, pick)).toFixed(2)}x`;
       if (mem === undefined || fil === undefined || us === undefined) continue;
       for (const [server, r] of [['nbdkit memory', mem], ['nbdkit file', fil], ['memstrata', us]] as const) iops.set(`${server}|${workload.name}`, r.iops);
       const cells = (r: Result): string[] => [r.iops.toFixed(0), r.mbps.toFixed(1), r.p50us.toFixed(1), r.p99us.toFixed(1), `${r.clientCpu.toFixed(0)}%`];
-      const rate = (r: Result): number => r.iops;
-      const latency = (r: Result): number => r.p50us;
-      const each = (of: number, base: number): string => perRound(of, base, rate).map((x) => x.toFixed(2)).join(' / ');
+      const each = (of: number, base: number): string => perRound(of, base, iopsOf).map((x) => x.toFixed(2)).join(' / ');
       rows.push([workload.name, 'nbdkit memory', ...cells(mem), '1.00x', '', '1.00x', '', '']);
-      rows.push([workload.name, 'nbdkit file', ...cells(fil), medianRatio(1, 0, rate), '1.00x', medianRatio(1, 0, latency), '1.00x', '']);
-      rows.push([workload.name, 'memstrata', ...cells(us), medianRatio(2, 0, rate), medianRatio(2, 1, rate), medianRatio(2, 0, latency), medianRatio(2, 1, latency), `${each(2, 0)} | ${each(2, 1)}`]);
+      rows.push([workload.name, 'nbdkit file', ...cells(fil), medianRatio(1, 0, iopsOf), '1.00x', medianRatio(1, 0, p50Of), '1.00x', '']);
+      rows.push([workload.name, 'memstrata', ...cells(us), medianRatio(2, 0, iopsOf), medianRatio(2, 1, iopsOf), medianRatio(2, 0, p50Of), medianRatio(2, 1, p50Of), `${each(2, 0)} | ${each(2, 1)}`]);
     }
     printTable(
       `NBD, fio nbd engine, ${SECONDS} s per workload, ${rounds} round${rounds === 1 ? '' : 's'} (medians; ratios are the median of each round's), ${size} working set (fits in memstrata's DRAM cache)`,
@@ -290,11 +295,12 @@ async function largeSet(dir: string): Promise<void> {
       // Rounds, the two servers in turn (harness.ts, Rounds).
       const pairs: { fil: Result; us: Result }[] = [];
       for (let round = 0; round < benchRounds(); round++) pairs.push({ fil: fio(file.uri, size, workload, SECONDS), us: fio(ours, size, workload, SECONDS) });
-      const fil = medianResult(pairs.map((p) => p.fil));
-      const us = medianResult(pairs.map((p) => p.us));
+      const [ourRuns, fileRuns] = [pairs.map((p) => p.us), pairs.map((p) => p.fil)];
+      const fil = medianResult(fileRuns);
+      const us = medianResult(ourRuns);
       if (fil === undefined || us === undefined) continue;
-      const iopsRatio = median(pairs.map((p) => (p.fil.iops > 0 ? p.us.iops / p.fil.iops : 0)));
-      const p50Ratio = median(pairs.map((p) => (p.fil.p50us > 0 ? p.us.p50us / p.fil.p50us : 0)));
+      const iopsRatio = median(roundRatios(ourRuns, fileRuns, iopsOf));
+      const p50Ratio = median(roundRatios(ourRuns, fileRuns, p50Of));
       rows.push([workload.name, 'nbdkit file', fil.iops.toFixed(0), fil.p50us.toFixed(1), fil.p99us.toFixed(1), '1.00x', '1.00x']);
       rows.push([workload.name, 'memstrata', us.iops.toFixed(0), us.p50us.toFixed(1), us.p99us.toFixed(1), `${iopsRatio.toFixed(2)}x`, `${p50Ratio.toFixed(2)}x`]);
     }
