@@ -103,6 +103,14 @@ export interface Appended {
   timestamp: number;
 }
 
+/** An append's numbers and time, and what its acknowledgement waits for (NvramDevice.take). */
+interface Taken {
+  first: number;
+  last: number;
+  timestamp: number;
+  work: Promise<void>[];
+}
+
 interface IndexEntry {
   seq: number;
   at: number;
@@ -512,6 +520,87 @@ export class NvramDevice {
       // Never acknowledge a record that neither a journal file nor a partner will hold.
       throw new StorageError('MS_MEDIUM_IO', `device ${this.name} has no journal file now and takes no appends`, { details: { device: this.name } });
     }
+    const { first, last, timestamp, work } = this.take(epoch, entries, sync, mode, false);
+    // Acknowledge in order: a record becomes readable only once everything its policy
+    // asks for holds it and every record before it is acknowledged. Each link of the
+    // chain settles only after the one before it, so the chain's end settles last.
+    const previous = this.ackChain;
+    const stored = (async () => {
+      const results = await Promise.allSettled(work);
+      let earlier = false;
+      await previous.catch(() => { earlier = true; });
+      const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failed !== undefined) throw asError(failed.reason);
+      if (earlier) {
+        throw new StorageError('MS_MEDIUM_IO', `device ${this.name}: an append taken before this one failed, so records ${first} to ${last} are not acknowledged; their numbers become void`, {
+          details: { device: this.name, firstSeq: first, lastSeq: last },
+        });
+      }
+      // In a cluster: acknowledged only while this node still owns the device (its lease
+      // held by its own, conservative clock), so nothing is acknowledged after a takeover.
+      this.owner?.();
+      this.ackedSeq = Math.max(this.ackedSeq, last);
+    })();
+    this.ackChain = stored;
+    stored.catch((error: unknown) => { this.failed(error); });
+    await stored;
+    return entries.map((_, i) => ({ seq: first + i, timestamp }));
+  }
+
+  /**
+   * Whether `appendNow` would take these entries now: a `local` or `mirrored` device,
+   * ready (not failed, repairing, recovering, resyncing or refusing), a primary at
+   * `epoch`, owned (in a cluster), every append before acknowledged, room for the
+   * records, its memory written synchronously (DRAM), its journal file open, and for a
+   * mirrored device in sync no more than DEFER_LIMIT bytes on their way to the partner.
+   * Entries with writers never are (their numbers are looked up first).
+   */
+  canAppendNow(epoch: number, entries: readonly AppendEntry[]): boolean {
+    if (this.policy !== 'local' && this.policy !== 'mirrored') return false;
+    if (this.closed || this.recovering || this.failure !== undefined || this.roleValue !== 'primary' || epoch !== this.epochValue) return false;
+    if (this.journal === undefined || this.medium.writeSync === undefined || this.ackedSeq !== this.nextSeq - 1 || entries.length === 0) return false;
+    const mode = this.port?.mode();
+    if (mode === 'refusing' || mode === 'syncing' || (mode === 'in-sync' && this.partnerPendingBytes > DEFER_LIMIT)) return false;
+    let bytes = 0;
+    for (const e of entries) {
+      if (e.writer !== undefined || e.payload.length > MAX_PAYLOAD) return false;
+      bytes += recordSize(e.payload.length, e.target === undefined ? 0 : Buffer.byteLength(e.target.volume, 'utf8'));
+    }
+    if (this.used + bytes > this.size) return false;
+    try {
+      this.owner?.();
+    } catch {
+      return false; // append reports it
+    }
+    return true;
+  }
+
+  /**
+   * An append without sync, acknowledged in the caller's turn (a write log's plain
+   * WRITE whose data the cache took in the same turn: WriteLogIo.writeNow), or undefined
+   * when it would have to wait (see canAppendNow), having taken nothing. The same promise
+   * as `append` with sync false: the records are in the device's memory, their journal
+   * write deferred to the next commit (or, mirrored in sync, their send to the partner
+   * and their unsynced journal write begun), and every record before them acknowledged.
+   */
+  appendNow(epoch: number, entries: readonly AppendEntry[]): Appended[] | undefined {
+    if (!this.canAppendNow(epoch, entries)) return undefined;
+    let taken: Taken;
+    try {
+      taken = this.take(epoch, entries, false, this.port?.mode(), true);
+    } catch {
+      return undefined; // nothing acknowledged; a failure to write memory put the device in repair
+    }
+    this.ackedSeq = taken.last;
+    return entries.map((_, i) => ({ seq: taken.first + i, timestamp: taken.timestamp }));
+  }
+
+  /**
+   * Encodes the entries, takes their sequence numbers and ring space, places them in the
+   * device's memory (in this turn when `now`) and starts their journal write and their
+   * send to the partner as the policy asks. Returns what an acknowledgement waits for.
+   */
+  private take(epoch: number, entries: readonly AppendEntry[], sync: boolean, mode: MirrorMode | undefined, now: boolean): Taken {
     const timestamp = nowMicros();
     // Encoded back to back into one buffer: for the device's memory, the journal file and
     // the partner alike.
@@ -548,10 +637,18 @@ export class NvramDevice {
     this.nextSeq += entries.length;
     const readers: Promise<unknown>[] = [];
     const work: Promise<void>[] = [];
-    for (let i = 0, at = 0; i < records.length; i++) {
-      const size = sizes[i] ?? 0;
-      work.push(this.place(all.subarray(at, at + size), first + i, timestamp));
-      at += size;
+    try {
+      for (let i = 0, at = 0; i < records.length; i++) {
+        const size = sizes[i] ?? 0;
+        work.push(this.place(all.subarray(at, at + size), first + i, timestamp, now));
+        at += size;
+      }
+    } catch (error) {
+      // Only a write into memory in this turn throws (a closed medium): the numbers are
+      // taken and not acknowledged, so the repair makes them void records.
+      this.failed(error);
+      staging?.release(owner);
+      throw error;
     }
     // The journal file is synced before the acknowledgement, unless the partner holds the
     // record (`mirrored`, in sync): then the file is written without a sync, in order (in
@@ -606,31 +703,8 @@ export class NvramDevice {
         this.partnerPending = Promise.all([before, done]).then(() => undefined);
       }
     }
-    // Acknowledge in order: a record becomes readable only once everything its policy
-    // asks for holds it and every record before it is acknowledged. Each link of the
-    // chain settles only after the one before it, so the chain's end settles last.
-    const previous = this.ackChain;
-    const stored = (async () => {
-      const results = await Promise.allSettled(work);
-      let earlier = false;
-      await previous.catch(() => { earlier = true; });
-      const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-      if (failed !== undefined) throw asError(failed.reason);
-      if (earlier) {
-        throw new StorageError('MS_MEDIUM_IO', `device ${this.name}: an append taken before this one failed, so records ${first} to ${last} are not acknowledged; their numbers become void`, {
-          details: { device: this.name, firstSeq: first, lastSeq: last },
-        });
-      }
-      // In a cluster: acknowledged only while this node still owns the device (its lease
-      // held by its own, conservative clock), so nothing is acknowledged after a takeover.
-      this.owner?.();
-      this.ackedSeq = Math.max(this.ackedSeq, last);
-    })();
-    this.ackChain = stored;
-    stored.catch((error: unknown) => { this.failed(error); });
     if (staging !== undefined) void Promise.allSettled([...work, ...readers]).then(() => { staging.release(owner); });
-    await stored;
-    return entries.map((_, i) => ({ seq: first + i, timestamp }));
+    return { first, last, timestamp, work };
   }
 
   /** Acknowledged records from `fromSeq` on, up to `maxRecords` and about `maxBytes`. */
@@ -754,6 +828,11 @@ export class NvramDevice {
       throw error;
     }
     this.deferredBytes = Math.max(0, this.deferredBytes - covered);
+  }
+
+  /** Bytes the live (untrimmed) records take of the device's size. */
+  get usedBytes(): number {
+    return this.used;
   }
 
   /** Bytes of records appended without sync that no commit has covered yet. */
@@ -933,13 +1012,22 @@ export class NvramDevice {
     return encodeRecord({ seq: this.nextSeq, timestamp: nowMicros(), epoch: this.epochValue, flags: flag, target: undefined, payload });
   }
 
-  /** Takes space at the tail and writes the record there. */
-  private place(buf: Buffer, seq: number, timestamp: number): Promise<void> {
+  /** Takes space at the tail and writes the record there (in this turn when `now`: the medium has writeSync). */
+  private place(buf: Buffer, seq: number, timestamp: number, now = false): Promise<void> {
     const at = this.tail;
     this.tail = (this.tail + buf.length) % this.size;
     this.used += buf.length;
     this.index.push({ seq, at, bytes: buf.length, timestamp });
-    return this.writeLogical(at, buf);
+    if (!now) return this.writeLogical(at, buf);
+    const medium = this.medium;
+    if (medium.writeSync === undefined) throw new MisuseError('MS_NVRAM_INVALID', `device ${this.name}: its ${medium.name} medium cannot be written in this turn`);
+    for (let done = 0; done < buf.length;) {
+      const { physical, room } = this.map((at + done) % this.size);
+      const n = Math.min(room, buf.length - done);
+      medium.writeSync(physical, buf.subarray(done, done + n));
+      done += n;
+    }
+    return Promise.resolve();
   }
 
   private locate(fromSeq: number): number {

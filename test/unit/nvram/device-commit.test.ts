@@ -109,12 +109,13 @@ function decodeAll(buf: Buffer): [number, string][] {
 const userRecords = (image: Buffer): Map<number, string> =>
   new Map(parseJournal(image).records.filter((r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) === 0).map((r) => [r.seq, r.payload.toString()]));
 
-test('appends without a sync survive a power cut once a later commit returned; synced appends at once; commits and appends interleaved at random', async (t) => {
+test('appends without a sync (taken in the caller\'s turn by appendNow or not) survive a power cut once a later commit returned; synced appends at once; commits and appends interleaved at random', async (t) => {
   const dir = await tempDir(t, 'memstrata-commit-');
   let run = 0;
+  let now = 0;
   await fc.assert(
     fc.asyncProperty(
-      fc.array(fc.array(fc.constantFrom('lazy', 'lazy', 'lazy', 'synced', 'commit'), { minLength: 1, maxLength: 6 }), { minLength: 1, maxLength: 8 }),
+      fc.array(fc.array(fc.constantFrom('lazy', 'lazy', 'now', 'now', 'synced', 'commit'), { minLength: 1, maxLength: 6 }), { minLength: 1, maxLength: 8 }),
       fc.scheduler(),
       async (rounds, s) => {
         const { device, power } = await localDevice(join(dir, `j${run++}.journal`));
@@ -133,6 +134,20 @@ test('appends without a sync survive a power cut once a later commit returned; s
                 return;
               }
               const payload = `r${n++}`;
+              if (op === 'now') {
+                // Taken where every append before is acknowledged (else declined, nothing
+                // taken, and appended the usual way): acknowledged in this turn.
+                await s.schedule(Promise.resolve(), 'appendNow');
+                const known = device.lastSeq;
+                const [b] = device.appendNow(0, [{ payload: Buffer.from(payload) }]) ?? [];
+                if (b !== undefined) {
+                  now++;
+                  assert.equal(b.seq, known + 1, 'the next number after every acknowledged one');
+                  assert.equal(device.lastSeq, b.seq, 'readable at once');
+                  acked.set(b.seq, payload);
+                  return;
+                }
+              }
               const [a] = await s.schedule(device.append(0, [{ payload: Buffer.from(payload) }], { sync: op === 'synced' }));
               assert.ok(a !== undefined);
               acked.set(a.seq, payload);
@@ -153,6 +168,7 @@ test('appends without a sync survive a power cut once a later commit returned; s
     ),
     { numRuns: 60 },
   );
+  assert.ok(now > 0, 'appendNow never took an append');
 });
 
 test('through a write log, plain WRITEs are not synced one by one: a FLUSH after many costs one fdatasync, and FUA writes share syncs', async (t) => {
@@ -178,6 +194,82 @@ test('through a write log, plain WRITEs are not synced one by one: a FLUSH after
   assert.equal(userRecords(power.durable).size, 65, 'every FUA write durable once acknowledged');
   assert.ok(power.syncs - syncsBefore < 32, `32 FUA writes took ${power.syncs - syncsBefore} syncs`);
   await device.close();
+});
+
+test('appendNow takes an append in the caller\'s turn only where append would acknowledge it without waiting: never behind an append in flight, on a failed, fenced, closed, full, replica or mirrored+local device, with a writer, or while the partner resyncs or is refused', async (t) => {
+  const dir = await tempDir(t, 'memstrata-commit-');
+  const { device, power } = await localDevice(join(dir, 'now.journal'), 'local', 4 * E);
+  const one = (payload: string) => [{ payload: Buffer.from(payload) }];
+  // Taken: numbered after every acknowledged record, readable at once, not synced, and a commit makes it durable.
+  await device.append(0, one('first'), { sync: false });
+  const syncs = power.syncs;
+  const [a] = device.appendNow(0, one('now')) ?? [];
+  assert.equal(a?.seq, 2);
+  assert.deepEqual(decodeAll(Buffer.concat(await device.read(2, 10))), [[2, 'now']]);
+  assert.equal(power.syncs, syncs, 'no fdatasync');
+  assert.ok(device.uncommittedBytes > 0, 'counted for the write-ahead barrier');
+  await device.commit();
+  assert.equal(userRecords(power.durable).get(2), 'now');
+  // Behind an append not yet acknowledged (its number taken): declined, nothing taken.
+  const pending = device.append(0, one('pending'), { sync: true });
+  await new Promise((resolve) => setImmediate(resolve)); // it has taken its number
+  assert.equal(device.canAppendNow(0, one('x')), false);
+  assert.equal(device.appendNow(0, one('x')), undefined);
+  await pending;
+  assert.equal(device.lastSeq, 3, 'the declined append took no number');
+  // An older or newer epoch, a writer, a record larger than the room left: declined.
+  assert.equal(device.appendNow(1, one('x')), undefined, 'another epoch');
+  assert.equal(device.appendNow(0, [{ payload: Buffer.from('x'), writer: { id: '0123456789abcdef', seq: 1 } }]), undefined, 'a writer');
+  assert.equal(device.appendNow(0, [{ payload: Buffer.alloc(4 * E) }]), undefined, 'full');
+  assert.equal(device.appendNow(0, []), undefined, 'nothing to append');
+  // Fenced by a newer open: the old epoch is declined, the new one taken.
+  await device.open(5);
+  assert.equal(device.appendNow(0, one('x')), undefined, 'fenced');
+  assert.ok(device.appendNow(5, one('new epoch')) !== undefined);
+  // In a cluster, where the node does not own the device now: declined (append says why).
+  device.owner = () => { throw new RuntimeError('MS_NVRAM_FENCED', 'not the owner'); };
+  assert.equal(device.appendNow(5, one('x')), undefined, 'not owned');
+  device.owner = undefined;
+  await device.close();
+  assert.equal(device.appendNow(5, one('x')), undefined, 'closed');
+  // A mirrored+local device syncs every record; a mirrored one waits while resyncing or refused.
+  const { device: both } = await localDevice(join(dir, 'both.journal'), 'mirrored+local');
+  assert.equal(both.appendNow(0, one('x')), undefined, 'mirrored+local');
+  await both.close();
+  const { device: replica } = await localDevice(join(dir, 'replica.journal'), 'mirrored');
+  replica.resetReplica(0, 0, 1);
+  assert.equal(replica.appendNow(0, one('x')), undefined, 'a replica');
+  await replica.close();
+  const { device: mirrored } = await localDevice(join(dir, 'mirrored.journal'), 'mirrored');
+  const partner = new FakePartner();
+  mirrored.port = partner;
+  for (const mode of ['syncing', 'refusing'] as const) {
+    partner.state = mode;
+    assert.equal(mirrored.appendNow(0, one('x')), undefined, mode);
+  }
+  partner.state = 'in-sync';
+  const [m] = mirrored.appendNow(0, one('sent')) ?? [];
+  assert.equal(m?.seq, 1, 'in sync: acknowledged while its send waits');
+  assert.equal(partner.waiting.length, 1, 'sent at once');
+  let committed = false;
+  const commit = mirrored.commit().then(() => { committed = true; });
+  await new Promise((resolve) => setImmediate(resolve));
+  assert.equal(committed, false, 'a FLUSH waits for the partner to hold it');
+  partner.answer('held');
+  await commit;
+  assert.equal(partner.held.get(1), 'sent');
+  // A failed device (the partner could not hold a plain WRITE's record, acknowledged
+  // already, nor etcd be told): every append acknowledged, yet declined until repaired,
+  // then taken again (degraded: its record deferred to the journal here).
+  const [plain] = await mirrored.append(0, one('plain'), { sync: false });
+  partner.answer('failed');
+  for (let i = 0; i < 3; i++) await Promise.resolve();
+  assert.equal(mirrored.lastSeq, plain?.seq, 'every append acknowledged');
+  assert.equal(mirrored.info().state, 'failed');
+  assert.equal(mirrored.appendNow(0, one('x')), undefined, 'failed');
+  await mirrored.commit(); // waits for the repair
+  assert.ok(mirrored.appendNow(0, one('again')) !== undefined, 'taken again once repaired');
+  await mirrored.close();
 });
 
 test('a mirrored+local device does not defer: it syncs an append asked without sync (it comes back from a crash ready from its file)', async (t) => {
@@ -404,12 +496,13 @@ class ModelPartner extends FakePartner {
   }
 }
 
-test('a mirrored write log under a partner that holds, drops or fails each send, resyncs and dies, at moments the scheduler picks: every record acknowledged before a FLUSH that returned is on the partner or synced here (here, if the partner died first), the write-ahead barrier lets nothing through that is on neither, and no acknowledged record is voided', async (t) => {
+test('a mirrored write log under a partner that holds, drops or fails each send, resyncs and dies, at moments the scheduler picks: every record acknowledged before a FLUSH that returned (by appendNow in the caller\'s turn or not) is on the partner or synced here (here, if the partner died first), the write-ahead barrier lets nothing through that is on neither, and no acknowledged record is voided', async (t) => {
   const dir = await tempDir(t, 'memstrata-commit-');
   let run = 0;
+  let now = 0;
   await fc.assert(
     fc.asyncProperty(
-      fc.array(fc.array(fc.constantFrom('lazy', 'lazy', 'lazy', 'synced', 'commit', 'barrier', 'held', 'held', 'held', 'lost', 'failed', 'resync', 'resync', 'die'), { minLength: 1, maxLength: 8 }), { minLength: 1, maxLength: 6 }),
+      fc.array(fc.array(fc.constantFrom('lazy', 'lazy', 'now', 'now', 'synced', 'commit', 'barrier', 'held', 'held', 'held', 'lost', 'failed', 'resync', 'resync', 'die'), { minLength: 1, maxLength: 8 }), { minLength: 1, maxLength: 6 }),
       fc.scheduler(),
       // Whether the journal may write in the appender's turn (JournalFile's writeNow) or only through its writer.
       fc.boolean(),
@@ -455,6 +548,14 @@ test('a mirrored write log under a partner that holds, drops or fails each send,
                 return;
               }
               const payload = `r${n++}`;
+              if (op === 'now') {
+                const [b] = device.appendNow(0, [{ payload: Buffer.from(payload) }]) ?? [];
+                if (b !== undefined) {
+                  now++;
+                  acked.set(b.seq, payload);
+                  return;
+                }
+              }
               let a;
               try {
                 [a] = await device.append(0, [{ payload: Buffer.from(payload) }], { sync: op === 'synced' });
@@ -495,6 +596,7 @@ test('a mirrored write log under a partner that holds, drops or fails each send,
     ),
     { numRuns: 150 },
   );
+  assert.ok(now > 0, 'appendNow never took an append');
 });
 
 test('a mirrored write log: while a failed send is being repaired, its record still counts as uncommitted, so the write-ahead barrier waits for it to be synced here', async (t) => {
@@ -535,6 +637,7 @@ test('a mirrored write log bounds what waits for the partner: past DEFER_LIMIT b
     n++;
   }
   assert.equal(partner.waiting.length, n, 'every record sent, none answered');
+  assert.equal(device.appendNow(0, [{ payload: piece }]), undefined, 'over the bound, none is taken in the caller\'s turn');
   let acknowledged = false;
   const next = device.append(0, [{ payload: piece }], { sync: false }).then(() => { acknowledged = true; });
   for (let i = 0; i < 5; i++) await new Promise((resolve) => setImmediate(resolve));
