@@ -33,8 +33,9 @@ export interface VolumeIo {
   write(volume: Volume, offset: number, data: Buffer, fua: boolean): Promise<void>;
   /**
    * Writes at once, without a promise, when the layer can (a write, not FUA, whose lines
-   * the cache holds in DRAM while nobody is changing them, to a volume without a write
-   * log): true means `data` is stored as `write` would have stored it, and the caller
+   * the cache holds in DRAM while nobody is changing them, and whose write log, if the
+   * volume has one, takes its record in the same turn): true means `data` is stored as
+   * `write` would have stored it, and the caller
    * may reuse it. False means `write` must be used: nothing was written (or, where the
    * medium failed part way, `write` writes the same bytes again). Optional: layers
    * without a fast path leave it out.

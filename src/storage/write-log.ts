@@ -8,7 +8,9 @@
 //             writes and a FLUSH costs one sync, not one per write. Like a write still
 //             in the cache of a volume without a log, it may be lost if the node dies
 //             before the next FLUSH; replay then applies the records the file holds,
-//             which are the first ones in order
+//             which are the first ones in order. Where the cache holds the lines in DRAM
+//             and the device can append without waiting, both happen in the turn the
+//             WRITE arrived and it is answered then (writeNow)
 //   FUA       the same, acknowledged once the record is durable under the device's
 //             policy (synced, or held by the partner): one journal append, group-committed,
 //             instead of a destage and an fdatasync of the data store
@@ -142,10 +144,27 @@ export class WriteLogIo implements VolumeIo {
     return this.inner.readNow?.(volume, offset, target) ?? false;
   }
 
-  /** Volumes without a write log only: a logged WRITE must append its record first. */
+  /**
+   * A plain WRITE stored in this turn: into the cache (its writeNow), then its record
+   * appended to the device in the same turn (NvramDevice.appendNow), with the promise of
+   * `write` without FUA. Only where both can be done now: the device is asked first, and
+   * nothing in between waits, so the append cannot be refused after the cache took the
+   * data. Without a write-back cache that honours the barrier the record must be synced:
+   * never here.
+   */
   writeNow(volume: Volume, offset: number, data: Buffer): boolean {
-    if (volume.writeLog !== undefined) return false;
-    return this.inner.writeNow?.(volume, offset, data) ?? false;
+    const device = this.device(volume);
+    if (device === undefined) return this.inner.writeNow?.(volume, offset, data) ?? false;
+    if (this.inner.writeNow === undefined || this.inner.writeAhead !== true) return false;
+    const entries = [{ payload: data, target: { volume: volume.name, offset } }];
+    if (!device.canAppendNow(device.epoch, entries)) return false;
+    this.guard(volume, device);
+    if (!this.inner.writeNow(volume, offset, data)) return false;
+    // Refused only where writing the device's memory failed (the device repairs): write()
+    // stores the same bytes again and appends their record.
+    if (device.appendNow(device.epoch, entries) === undefined) return false;
+    this.checkpointIfHalfFull(volume, device);
+    return true;
   }
 
   async write(volume: Volume, offset: number, data: Buffer, fua: boolean): Promise<void> {
@@ -334,8 +353,13 @@ export class WriteLogIo implements VolumeIo {
         await this.checkpoint(volume, device);
       }
     }
-    const info = device.info();
-    if (info.used * 2 > info.size) void this.checkpoint(volume, device).catch((error: unknown) => {
+    this.checkpointIfHalfFull(volume, device);
+  }
+
+  /** Starts a checkpoint in the background once the journal is half full. */
+  private checkpointIfHalfFull(volume: Volume, device: NvramDevice): void {
+    if (device.usedBytes * 2 <= device.size) return;
+    void this.checkpoint(volume, device).catch((error: unknown) => {
       this.log.error({ volume: volume.name, err: error }, 'write log checkpoint failed');
     });
   }

@@ -360,8 +360,9 @@ export class StorageCache implements VolumeIo {
    * The write-hit path without a promise or a lock, readNow's counterpart: a write of up
    * to READ_NOW_LINES lines that are all in DRAM, nobody holding their locks, none of
    * whose sectors it covers in part is invalid (so nothing must be staged first), to a
-   * volume without a write log that is not fenced, is copied into the slots and marked
-   * valid and dirty in this tick.
+   * volume that is not fenced, is copied into the slots and marked valid and dirty in
+   * this tick. A volume's write log is the layer above's (WriteLogIo.writeNow appends the
+   * record in the same turn), as it is for write().
    * Every change of a line's bytes, bits or slot runs under its lock, and a lock is held
    * from the moment it is asked for (KeyedLock.held), so with the locks free nothing is
    * under way on these lines and nothing can start before this returns: the write is as
@@ -371,7 +372,7 @@ export class StorageCache implements VolumeIo {
    */
   writeNow(volume: Volume, offset: number, data: Buffer): boolean {
     const dram = this.levels.get('dram')?.medium;
-    if (dram?.writeSync === undefined || volume.writeLog !== undefined) return false;
+    if (dram?.writeSync === undefined) return false;
     try {
       volume.checkWritable();
     } catch {

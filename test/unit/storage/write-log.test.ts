@@ -5,6 +5,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import fc from 'fast-check';
 import pino from 'pino';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -83,6 +84,11 @@ async function localDevice(path: string, plan = new FaultPlan()): Promise<NvramD
 async function afterKill(store: MemoryStore, journalPath: string): Promise<Buffer> {
   const image = Buffer.alloc(store.size);
   await store.read(0, image);
+  return replayOver(image, journalPath);
+}
+
+/** Replays the journal file's live records over `image` (a copy of the data store), as a restart does. */
+function replayOver(image: Buffer, journalPath: string): Buffer {
   const records = parseJournal(readFileSync(journalPath)).records;
   let trimmed = 0;
   for (const r of records) if ((r.flags & RECORD_FLAG.TRIM) !== 0) trimmed = Math.max(trimmed, Number(r.payload.readBigUInt64BE(0)));
@@ -165,4 +171,165 @@ test('the "larger than the journal" fallback trims only what was acknowledged be
   assert.ok(image.subarray(X, X + 4096).equals(C), 'a write acknowledged before a FLUSH that returned is lost after kill -9');
   await cache.stop();
   await device.close();
+});
+
+// ---- plain WRITEs stored in the turn they arrive (WriteLogIo.writeNow) ----
+
+test('writeNow through a write log stores the data in the cache and appends its record in the same turn, unsynced; it declines without touching the cache where the device would make it wait, and without a write-back cache', async (t) => {
+  const dir = await tempDir(t, 'memstrata-wl-');
+  const path = join(dir, 'wl.journal');
+  const plan = new FaultPlan();
+  const device = await localDevice(path, plan);
+  const nvram = { get: () => device } as unknown as DeviceManager;
+  const cache = await smallCache();
+  const io = new WriteLogIo(cache, nvram, silent);
+  const store = new MemoryStore(1 << 20, new FaultPlan());
+  const volume = new Volume('v', false, new Date().toISOString(), store, 'wl');
+  await io.write(volume, 0, Buffer.alloc(4096, 0xaa), true); // the line in DRAM; A durable
+  const seq = device.lastSeq;
+  assert.equal(io.writeNow(volume, 0, Buffer.alloc(4096, 0xbb)), true);
+  assert.equal(device.lastSeq, seq + 1, 'its record appended in the same turn');
+  assert.ok(device.uncommittedBytes > 0, 'not synced: the write-ahead barrier will commit it');
+  const got = Buffer.alloc(4096);
+  await io.read(volume, 0, got);
+  assert.ok(got.every((b) => b === 0xbb));
+  // Write-ahead: the destage commits B's record before B reaches the store, so a kill -9
+  // after the write-back replays no older record over it.
+  await cache.destage(Date.now() + 3_600_000);
+  assert.equal((await afterKill(store, path))[0], 0xbb, 'replay put an older record over a write writeNow stored');
+  // A FLUSH makes the next one durable: after a kill -9 it is there, with nothing written back.
+  assert.equal(io.writeNow(volume, 4096, Buffer.alloc(4096, 0xcc)), true);
+  await io.flush(volume);
+  assert.equal((await afterKill(store, path))[4096], 0xcc, 'a writeNow WRITE before a FLUSH that returned is lost after kill -9');
+  // Behind an append in flight (a FUA write's, its sync held): declined, and the cache
+  // was not written.
+  let open = (): void => undefined;
+  const held = new Promise<void>((resolve) => { open = resolve; });
+  plan.gate = (op) => (op === 'journal.datasync' ? held : undefined);
+  const fua = io.write(volume, 8192, Buffer.alloc(4096, 0xdd), true);
+  while (device.canAppendNow(device.epoch, [{ payload: Buffer.alloc(1) }])) await new Promise((resolve) => setImmediate(resolve));
+  assert.equal(io.writeNow(volume, 0, Buffer.alloc(4096, 0xee)), false);
+  plan.gate = undefined;
+  open();
+  await fua;
+  await io.read(volume, 0, got);
+  assert.ok(got.every((b) => b === 0xbb), 'a declined writeNow wrote the cache');
+  // A line the cache does not hold: declined, no record.
+  const last = device.lastSeq;
+  assert.equal(io.writeNow(volume, 512 * 1024, Buffer.alloc(4096, 1)), false);
+  assert.equal(device.lastSeq, last, 'no record for a write not stored');
+  // Without a write-back cache the record must be synced first: never here.
+  const direct = new WriteLogIo(new DirectVolumeIo(), nvram, silent);
+  assert.equal(direct.writeNow(volume, 0, Buffer.alloc(4096, 2)), false);
+  assert.equal(device.lastSeq, last);
+  await cache.stop();
+  await device.close();
+});
+
+test('a write log under plain, FUA and writeNow WRITEs, FLUSHes, destages and checkpoints at moments the scheduler picks: a kill -9 after any FLUSH keeps every block at a write that no write completed before the FLUSH superseded, and the data store after a last FLUSH holds what the cache does', async (t) => {
+  // Blocks of 4 KiB in four lines, so writes overlap. Each request starts in a turn of its
+  // own, as one arriving from a socket does (a macrotask: whatever the earlier requests
+  // left to run in microtasks has run). The data store's and the journal's I/O complete
+  // when the scheduler lets them. A write W to a block is superseded once another write
+  // to it started after W completed.
+  const dir = await tempDir(t, 'memstrata-wl-');
+  const BLOCKS = 64;
+  let run = 0;
+  let stored = 0;
+  await fc.assert(
+    fc.asyncProperty(
+      fc.array(fc.record({ op: fc.constantFrom('plain', 'now', 'now', 'now', 'fua', 'flush', 'destage'), block: fc.constantFrom(0, 1, 17, 18, 40, 63) }), { minLength: 1, maxLength: 24 }),
+      fc.scheduler(),
+      async (ops, s) => {
+        const path = join(dir, `p${run++}.journal`);
+        const plan = new FaultPlan();
+        const device = await localDevice(path, plan);
+        const nvram = { get: () => device } as unknown as DeviceManager;
+        const cache = await smallCache();
+        const io = new WriteLogIo(cache, nvram, silent);
+        const store = new MemoryStore(BLOCKS * 4096, plan);
+        const volume = new Volume('v', false, new Date().toISOString(), store, 'wl');
+        // Every line in DRAM first, read (no write yet: the first WRITE may be one writeNow takes).
+        for (let line = 0; line < 4; line++) await io.read(volume, line * 65536, Buffer.alloc(65536));
+        plan.gate = (op) => s.schedule(Promise.resolve(), op);
+        let clock = 0;
+        const history: { value: number; start: number; end: number }[][] = Array.from({ length: BLOCKS }, () => []);
+        /** Values a block may hold after a kill -9 once a FLUSH sent at `sent` returned. */
+        const allowed = (block: number, sent: number): number[] => {
+          const h = history[block] ?? [];
+          const done = h.filter((w) => w.end < sent);
+          const kept = h.filter((w) => !done.some((o) => o.start > w.end)).map((w) => w.value);
+          return done.length === 0 ? [0, ...kept] : kept;
+        };
+        const writes = new Map<number, { start: number; end: number }>([[0, { start: 0, end: 0 }]]);
+        let flushed = 0;
+        /**
+         * What a kill -9 now leaves: every block at a write no write completed before the
+         * last FLUSH that returned superseded, and never at one that the write the data
+         * store holds superseded (write-ahead: replay puts no older record over newer data).
+         */
+        const killNow = (when: string): void => {
+          const raw = Buffer.from((store as unknown as { data: Buffer }).data);
+          const image = replayOver(Buffer.from(raw), path);
+          for (let b = 0; b < BLOCKS; b++) {
+            const v = image[b * 4096] ?? -1;
+            assert.ok(allowed(b, flushed).includes(v), `${when}, a kill -9 leaves block ${b} at ${v}; allowed ${allowed(b, flushed).join(',')}`);
+            const got = writes.get(v);
+            const inStore = writes.get(raw[b * 4096] ?? -1);
+            assert.ok(got !== undefined && inStore !== undefined);
+            assert.ok(!(inStore.start > got.end), `${when}, replay puts block ${b} back at ${v}, older than the ${raw[b * 4096]} written back`);
+          }
+        };
+        const work = ops.map(async ({ op, block }, i) => {
+          await s.schedule(Promise.resolve(), op);
+          await new Promise((resolve) => setImmediate(resolve));
+          if (op === 'flush') {
+            const sent = ++clock;
+            try {
+              await io.flush(volume);
+            } catch {
+              return;
+            }
+            flushed = Math.max(flushed, sent);
+            killNow('after a FLUSH');
+            return;
+          }
+          if (op === 'destage') {
+            await cache.destage(Date.now() + 3_600_000).catch(() => undefined);
+            killNow('after a destage');
+            return;
+          }
+          const value = i + 1; // one value per write: the image tells which write a block holds
+          const data = Buffer.alloc(4096, value);
+          // In flight (end Infinity) until it completes: a kill -9 may find it already.
+          const write = { value, start: ++clock, end: Infinity };
+          history[block]?.push(write);
+          writes.set(value, write);
+          if (op === 'now' && io.writeNow(volume, block * 4096, data)) stored++;
+          else await io.write(volume, block * 4096, data, op === 'fua');
+          write.end = ++clock;
+        });
+        try {
+          await s.waitFor(Promise.all(work));
+          plan.gate = undefined;
+          await io.flush(volume);
+          const image = await afterKill(store, path);
+          const now = Buffer.alloc(BLOCKS * 4096);
+          await io.read(volume, 0, now);
+          assert.ok(image.equals(now), 'after a last FLUSH, a kill -9 finds other bytes than the cache held');
+          await cache.flush(volume);
+          const onDisk = Buffer.alloc(BLOCKS * 4096);
+          await store.read(0, onDisk);
+          assert.ok(onDisk.equals(now), 'the data store after a cache flush differs from what the cache held');
+        } finally {
+          plan.gate = undefined;
+          await s.waitIdle();
+          await cache.stop();
+          await device.close();
+        }
+      },
+    ),
+    { numRuns: 80, includeErrorInReport: true },
+  );
+  assert.ok(stored > 0, 'writeNow never took a write');
 });

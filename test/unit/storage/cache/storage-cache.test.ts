@@ -12,7 +12,6 @@ import { LINE_SIZE } from '../../../../src/storage/cache/line.js';
 import { StorageCache } from '../../../../src/storage/cache/storage-cache.js';
 import { DataStore } from '../../../../src/storage/data-store.js';
 import { Volume } from '../../../../src/storage/volume-manager.js';
-import { WriteLogIo } from '../../../../src/storage/write-log.js';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { FaultPlan, faultyFiles } from '../../../support/faults.js';
@@ -231,9 +230,6 @@ test('writeNow stores a write the DRAM level holds, across lines too, and declin
   const pending = cache.write(volume, 0, Buffer.alloc(SECTOR, 0x77), false);
   assert.equal(cache.writeNow(volume, SECTOR, Buffer.alloc(SECTOR, 0x78)), false, 'a line whose lock is held');
   await pending;
-  // A volume with a write log: never here (its records must be appended first).
-  const logged = new Volume('logged', false, new Date().toISOString(), volume.store, 'wl');
-  assert.equal(cache.writeNow(logged, 0, Buffer.alloc(SECTOR, 1)), false);
   // A line demoted to flash: declined (a write promotes it, in write()).
   for (let i = 3; i < 9; i++) await cache.write(volume, i * LINE_SIZE, Buffer.alloc(LINE_SIZE, i + 1), false);
   const flashLine = cache.residents().find((r) => r.medium === 'flash');
@@ -252,7 +248,7 @@ test('writeNow stores a write the DRAM level holds, across lines too, and declin
   assert.equal(cache.stats().writesNow, 3, 'the writes stored at once are counted');
 });
 
-test('writeNow of whole sectors a line does not hold yet makes them valid, so a read returns them and a flush stores them; it declines for a fenced volume and for a volume with a write log whose line is cached', async (t) => {
+test('writeNow of whole sectors a line does not hold yet makes them valid, so a read returns them and a flush stores them; it declines for a fenced volume', async (t) => {
   const plan = new FaultPlan();
   const { cache, volume, store } = await setup(t, { dramLines: 8, flashLines: 0, volumeSize: 16 * LINE_SIZE, plan, destageIntervalMs: 0 });
   // Line 0 holds sector 0 only; sector 5, written whole by writeNow, must not be staged
@@ -266,12 +262,6 @@ test('writeNow of whole sectors a line does not hold yet makes them valid, so a 
   const disk = Buffer.alloc(SECTOR);
   await store.read(5 * SECTOR, disk);
   assert.ok(disk.every((b) => b === 0x5a), `the store holds ${disk[0]}`);
-  // A volume with a write log whose line is in DRAM: the cache declines, and so does the
-  // write log's layer in front of it.
-  const logged = new Volume('logged', false, new Date().toISOString(), new MemoryStore(4 * LINE_SIZE), 'wl');
-  await cache.write(logged, 0, Buffer.alloc(LINE_SIZE, 1), false);
-  assert.equal(cache.writeNow(logged, 0, Buffer.alloc(SECTOR, 2)), false, 'the cache');
-  assert.equal(new WriteLogIo(cache, {} as never, log).writeNow(logged, 0, Buffer.alloc(SECTOR, 2)), false, 'WriteLogIo');
   // A fenced volume (a sync failed): declined, and write() answers why.
   await cache.write(volume, 0, Buffer.alloc(LINE_SIZE, 3), false);
   plan.fail({ op: 'store.datasync', fault: 'EIO' });
