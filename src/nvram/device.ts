@@ -830,6 +830,15 @@ export class NvramDevice {
     this.deferredBytes = Math.max(0, this.deferredBytes - covered);
   }
 
+  /**
+   * Appends have taken numbers that are not acknowledged yet (a synced one on its way, or
+   * one that failed and waits for the repair): the write-ahead barrier waits for them too,
+   * as `commit` does, so no data is written back ahead of a record still in flight.
+   */
+  get appending(): boolean {
+    return this.ackedSeq < this.nextSeq - 1;
+  }
+
   /** Bytes the live (untrimmed) records take of the device's size. */
   get usedBytes(): number {
     return this.used;

@@ -61,11 +61,12 @@ export class Volume {
   connections: number;
   /**
    * Set by the write log (write-log.ts): makes durable the journal records of writes
-   * acknowledged so far. The cache calls it before it writes dirty data back to the
+   * acknowledged so far, and of those over the range that are on their way. The cache
+   * calls it with the range (a line) before it writes dirty data of it back to the
    * store, so a record never reaches the disk after the data it describes (write-ahead):
    * otherwise a replay after a crash could put an older record over newer data.
    */
-  logBarrier: (() => Promise<void>) | undefined;
+  logBarrier: ((offset: number, length: number) => Promise<void>) | undefined;
   /**
    * Set while the volume waits for its write log (a `mirrored` device after a crash) to
    * get back from the mirror partner what this node lost, and while the log is replayed:

@@ -20,10 +20,11 @@
 //             back to the store (Volume.logBarrier, called by the destage): a replay never
 //             puts an older record over newer data. Without the cache (cache.enabled
 //             false), data reaches the store at once, and every write's record is synced.
-//             Known limit: a write the cache sends straight to the store because its DRAM
-//             level has no slot at all reaches the store before its record; a crash before
-//             the next FLUSH may then replay an older record over it (NBD allows that for
-//             a write not flushed)
+//             Known limits: a write the cache sends straight to the store because its DRAM
+//             level has no slot at all reaches the store before its record, and so does a
+//             write that finds the journal full (the checkpoint it waits for writes it
+//             back before its record can be appended); a crash before the next FLUSH may
+//             then replay an older record over it (NBD allows that for a write not flushed)
 //   FLUSH     one commit of the device (device.commit): an fdatasync of the journal file
 //             that covers every record acknowledged before, shared with every FLUSH and
 //             FUA that comes while it runs; for a `mirrored` device in sync, no sync: it
@@ -40,7 +41,13 @@
 //             then is replayed (recover)
 //
 // A record is appended only after its data is in the cache, so whatever the checkpoint
-// trims has been written back by the cache flush that precedes the trim.
+// trims has been written back by the cache flush that precedes the trim. WRITEs and
+// zeroings of a volume that overlap go through the cache and the log one after the other,
+// in the order they arrived (ordered): the records of overlapping requests then follow the
+// order in which the cache took their bytes, so a replay after a FLUSH gives what reads
+// gave before it. (A WRITE over several lines releases each line as it is done; without
+// this, a later WRITE to a line done first could take its record number first.)
+// A WRITE larger than a record (MAX_PAYLOAD) is journaled as several, appended together.
 //
 // Policies: `local` (a FLUSH costs one fdatasync of the journal), `mirrored` (a FLUSH
 // or FUA returns once the partner node holds the records in memory: durability on two
@@ -60,13 +67,30 @@ import type { Logger } from '../logger.js';
 import type { Extent } from '../protocol/nbd/codec.js';
 import type { DeviceManager } from '../nvram/device-manager.js';
 import type { NvramDevice } from '../nvram/device.js';
-import { RECORD_FLAG, decodeOne } from '../protocol/journal/record.js';
+import { MAX_PAYLOAD, RECORD_FLAG, decodeOne } from '../protocol/journal/record.js';
 import { isMirrored } from '../protocol/journal/policy.js';
 import type { CacheViews, VolumeIo } from './volume-io.js';
 import type { Volume } from './volume-manager.js';
 
+/** A record a WRITE or zeroing appends. */
+interface Entry {
+  payload: Buffer;
+  target: { volume: string; offset: number };
+  flags?: number;
+}
+
+/** A WRITE or zeroing through a log on its way, from its cache write to its record. */
+interface Span {
+  start: number;
+  end: number;
+  /** Settles (never rejects) once it is over, acknowledged or failed. */
+  done: Promise<void>;
+}
+
 export class WriteLogIo implements VolumeIo {
   private readonly inner: VolumeIo;
+  /** Per volume (by name), the WRITEs and zeroings through its log on their way. */
+  private readonly spans: Map<string, Set<Span>>;
   private readonly nvram: DeviceManager;
   private readonly log: Logger;
   private readonly checkpoints: Map<string, Promise<void>>;
@@ -81,6 +105,7 @@ export class WriteLogIo implements VolumeIo {
     this.nvram = nvram;
     this.log = log;
     this.checkpoints = new Map();
+    this.spans = new Map();
     this.claims = new Map();
     this.recoveries = new Set();
     this.stopping = new AbortController();
@@ -155,7 +180,7 @@ export class WriteLogIo implements VolumeIo {
   writeNow(volume: Volume, offset: number, data: Buffer): boolean {
     const device = this.device(volume);
     if (device === undefined) return this.inner.writeNow?.(volume, offset, data) ?? false;
-    if (this.inner.writeNow === undefined || this.inner.writeAhead !== true) return false;
+    if (this.inner.writeNow === undefined || this.inner.writeAhead !== true || this.overlapping(volume, offset, data.length).length > 0) return false;
     const entries = [{ payload: data, target: { volume: volume.name, offset } }];
     if (!device.canAppendNow(device.epoch, entries)) return false;
     this.guard(volume, device);
@@ -171,10 +196,16 @@ export class WriteLogIo implements VolumeIo {
     const device = this.device(volume);
     if (device === undefined) return this.inner.write(volume, offset, data, fua);
     this.guard(volume, device);
-    await this.inner.write(volume, offset, data, false);
-    // Without a write-back cache that honours the barrier, the data is in the store now:
-    // its record must be durable before the WRITE is acknowledged.
-    await this.journal(volume, device, { payload: data, target: { volume: volume.name, offset } }, fua || this.inner.writeAhead !== true);
+    const entries: Entry[] = [];
+    for (let at = 0; at === 0 || at < data.length; at += MAX_PAYLOAD) {
+      entries.push({ payload: data.subarray(at, at + MAX_PAYLOAD), target: { volume: volume.name, offset: offset + at } });
+    }
+    await this.ordered(volume, offset, data.length, async () => {
+      await this.inner.write(volume, offset, data, false);
+      // Without a write-back cache that honours the barrier, the data is in the store now:
+      // its record must be durable before the WRITE is acknowledged.
+      await this.journal(volume, device, entries, fua || this.inner.writeAhead !== true);
+    });
   }
 
   async flush(volume: Volume): Promise<void> {
@@ -188,12 +219,14 @@ export class WriteLogIo implements VolumeIo {
   async zero(volume: Volume, offset: number, length: number, options: { fua: boolean; allocate: boolean }): Promise<void> {
     const device = this.device(volume);
     if (device === undefined) return this.inner.zero(volume, offset, length, options);
-    await this.inner.zero(volume, offset, length, { fua: false, allocate: options.allocate });
     const payload = Buffer.alloc(8);
     payload.writeBigUInt64BE(BigInt(length), 0);
-    // A zeroing reaches the data store at once, ahead of its record: the record is synced
-    // before the zeroing is acknowledged, so no older record can be replayed over it.
-    await this.journal(volume, device, { payload, target: { volume: volume.name, offset }, flags: RECORD_FLAG.ZERO }, true);
+    await this.ordered(volume, offset, length, async () => {
+      await this.inner.zero(volume, offset, length, { fua: false, allocate: options.allocate });
+      // A zeroing reaches the data store at once, ahead of its record: the record is synced
+      // before the zeroing is acknowledged, so no older record can be replayed over it.
+      await this.journal(volume, device, [{ payload, target: { volume: volume.name, offset }, flags: RECORD_FLAG.ZERO }], true);
+    });
   }
 
   prefetch(volume: Volume, offset: number, length: number): Promise<void> {
@@ -321,21 +354,66 @@ export class WriteLogIo implements VolumeIo {
     if (device !== undefined && last > 0) await device.trim(device.epoch, last);
   }
 
-  /** Write-ahead: the cache commits the log before it writes the volume's data back. */
+  /**
+   * Write-ahead: the cache commits the log before it writes a range of the volume back
+   * (called with the line's lock held). A WRITE's bytes are in the cache before its record
+   * is appended: where a WRITE or zeroing over the range is on its way, the barrier first
+   * lets it take its record number (the steps from its cache write to that run in
+   * microtasks, all done before the next turn of the loop while the device is ready);
+   * then it waits for the records acknowledged or on their way (a FUA write's being
+   * synced) and syncs them.
+   */
   private guard(volume: Volume, device: NvramDevice): void {
-    volume.logBarrier ??= () => (device.uncommittedBytes > 0 ? device.commit() : Promise.resolve());
+    volume.logBarrier ??= async (offset, length) => {
+      if (this.overlapping(volume, offset, length).length > 0) await new Promise((resolve) => setImmediate(resolve));
+      if (device.uncommittedBytes > 0 || device.appending) await device.commit();
+    };
   }
 
   private device(volume: Volume): NvramDevice | undefined {
     return volume.writeLog === undefined ? undefined : this.nvram.get(volume.writeLog);
   }
 
-  private async journal(volume: Volume, device: NvramDevice, entry: { payload: Buffer; target: { volume: string; offset: number }; flags?: number }, durable: boolean): Promise<void> {
+  /**
+   * Runs a WRITE or zeroing of [offset, offset + length) once every one of the volume's
+   * that arrived before it and overlaps it is over (see the top of this file).
+   */
+  private async ordered(volume: Volume, offset: number, length: number, run: () => Promise<void>): Promise<void> {
+    const before = this.overlapping(volume, offset, length);
+    let spans = this.spans.get(volume.name);
+    if (spans === undefined) {
+      spans = new Set();
+      this.spans.set(volume.name, spans);
+    }
+    let over = (): void => undefined;
+    const span: Span = { start: offset, end: offset + length, done: new Promise<void>((resolve) => { over = resolve; }) };
+    spans.add(span);
+    try {
+      if (before.length > 0) await Promise.all(before);
+      await run();
+    } finally {
+      spans.delete(span);
+      if (spans.size === 0) this.spans.delete(volume.name);
+      over();
+    }
+  }
+
+  /** What the WRITEs and zeroings of the volume on their way that overlap the range wait on. */
+  private overlapping(volume: Volume, offset: number, length: number): Promise<void>[] {
+    const spans = this.spans.get(volume.name);
+    if (spans === undefined) return [];
+    const end = offset + Math.max(length, 1);
+    const found: Promise<void>[] = [];
+    for (const s of spans) if (s.start < end && offset < Math.max(s.end, s.start + 1)) found.push(s.done);
+    return found;
+  }
+
+  private async journal(volume: Volume, device: NvramDevice, entries: readonly Entry[], durable: boolean): Promise<void> {
     // Every acknowledged write must be in the journal: a write made durable some other
     // way could be overwritten at replay by an older record for the same blocks.
     for (let attempt = 0; ; attempt++) {
       try {
-        await device.append(device.epoch, [entry], { sync: durable });
+        await device.append(device.epoch, entries, { sync: durable });
         break;
       } catch (error) {
         if (!isMemstrataError(error) || error.code !== 'MS_NVRAM_FULL') throw error;

@@ -108,7 +108,7 @@ export class WriteBack {
     if (line.dirty === 0 || !this.options.live(line)) return;
     // A volume with a write log: its records first (Volume.logBarrier). Waits for I/O only.
     const barrier = line.volume.logBarrier;
-    if (barrier !== undefined) await barrier();
+    if (barrier !== undefined) await barrier(line.index * LINE_SIZE, LINE_SIZE);
     if (line.dirty === 0 || !this.options.live(line)) return;
     const medium = this.options.mediumOf(line);
     const base = line.index * LINE_SIZE;

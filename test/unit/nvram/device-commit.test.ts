@@ -10,6 +10,7 @@ import fc from 'fast-check';
 import pino from 'pino';
 import { DramMedium } from '../../../src/memory/dram-medium.js';
 import { DEFER_LIMIT, NvramDevice, type MirrorPort } from '../../../src/nvram/device.js';
+import { stagingPool } from '../../../src/memory/buffer-pool.js';
 import { JournalFile, parseJournal, type JournalSink } from '../../../src/nvram/journal-file.js';
 import { RECORD_FLAG, decodeRecord } from '../../../src/protocol/journal/record.js';
 import type { MirrorMode } from '../../../src/protocol/admin/api.js';
@@ -196,7 +197,7 @@ test('through a write log, plain WRITEs are not synced one by one: a FLUSH after
   await device.close();
 });
 
-test('appendNow takes an append in the caller\'s turn only where append would acknowledge it without waiting: never behind an append in flight, on a failed, fenced, closed, full, replica or mirrored+local device, with a writer, or while the partner resyncs or is refused', async (t) => {
+test('appendNow takes an append in the caller\'s turn only where append would acknowledge it without waiting: never behind an append in flight, on a failed, fenced, closed, full, recovering, file-less, replica or mirrored+local device, with a writer, or while the partner resyncs or is refused', async (t) => {
   const dir = await tempDir(t, 'memstrata-commit-');
   const { device, power } = await localDevice(join(dir, 'now.journal'), 'local', 4 * E);
   const one = (payload: string) => [{ payload: Buffer.from(payload) }];
@@ -240,6 +241,17 @@ test('appendNow takes an append in the caller\'s turn only where append would ac
   replica.resetReplica(0, 0, 1);
   assert.equal(replica.appendNow(0, one('x')), undefined, 'a replica');
   await replica.close();
+  // Recovering after a crash (waiting for its partner), or without its journal file.
+  const { device: recovering } = await localDevice(join(dir, 'recovering.journal'), 'mirrored');
+  recovering.recovering = true;
+  assert.equal(recovering.appendNow(0, one('x')), undefined, 'recovering');
+  recovering.recovering = false;
+  await recovering.close();
+  const medium = new DramMedium({ capacity: 4 * E, extentSize: E });
+  await medium.open();
+  const fileless = new NvramDevice({ name: 'nofile', size: 4 * E, policy: 'local', medium, extents: [0, E, 2 * E, 3 * E], extentSize: E, journal: undefined });
+  assert.equal(fileless.appendNow(0, one('x')), undefined, 'no journal file');
+  await fileless.close();
   const { device: mirrored } = await localDevice(join(dir, 'mirrored.journal'), 'mirrored');
   const partner = new FakePartner();
   mirrored.port = partner;
@@ -270,6 +282,27 @@ test('appendNow takes an append in the caller\'s turn only where append would ac
   await mirrored.commit(); // waits for the repair
   assert.ok(mirrored.appendNow(0, one('again')) !== undefined, 'taken again once repaired');
   await mirrored.close();
+});
+
+test('appendNow stages its record in a pooled buffer that goes back to the pool only once the deferred journal write has read it: the file holds the bytes each append carried', async (t) => {
+  const dir = await tempDir(t, 'memstrata-commit-');
+  const path = join(dir, 'staged.journal');
+  const created = await JournalFile.create(path, SIZE);
+  const medium = new DramMedium({ capacity: SIZE, extentSize: E });
+  await medium.open();
+  const device = new NvramDevice({ name: 'wl', size: SIZE, policy: 'local', medium, extents: Array.from({ length: SIZE / E }, (_, i) => i * E), extentSize: E, journal: created, staging: stagingPool(1 << 20) });
+  // Records of 5 KiB and more: a staging pool keeps buffers from 4 KiB up.
+  for (let i = 1; i <= 20; i++) assert.ok(device.appendNow(0, [{ payload: Buffer.alloc(5000 + i, i) }]) !== undefined);
+  // Appends through the ordinary path in between would reuse a buffer given back too soon.
+  await Promise.all(Array.from({ length: 10 }, (_, i) => device.append(0, [{ payload: Buffer.alloc(5000, 100 + i) }], { sync: false })));
+  await device.commit();
+  await device.close();
+  const held = parseJournal(readFileSync(path)).records.filter((r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) === 0);
+  for (let i = 1; i <= 20; i++) {
+    const r = held.find((x) => x.seq === i);
+    assert.ok(r !== undefined && r.payload.length === 5000 + i && r.payload.every((b) => b === i), `record ${i} in the file is not what its append carried`);
+  }
+  assert.equal(held.length, 30);
 });
 
 test('a mirrored+local device does not defer: it syncs an append asked without sync (it comes back from a crash ready from its file)', async (t) => {

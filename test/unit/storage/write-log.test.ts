@@ -13,7 +13,7 @@ import { DramMedium } from '../../../src/memory/dram-medium.js';
 import type { DeviceManager } from '../../../src/nvram/device-manager.js';
 import { NvramDevice } from '../../../src/nvram/device.js';
 import { JournalFile, parseJournal } from '../../../src/nvram/journal-file.js';
-import { RECORD_FLAG } from '../../../src/protocol/journal/record.js';
+import { RECORD_FLAG, decodeRecord } from '../../../src/protocol/journal/record.js';
 import { StorageCache } from '../../../src/storage/cache/storage-cache.js';
 import { DirectVolumeIo } from '../../../src/storage/volume-io.js';
 import { Volume } from '../../../src/storage/volume-manager.js';
@@ -73,11 +73,11 @@ const E = 64 * 1024;
 const DEVICE = 4 * E;
 const silent = pino({ level: 'silent' });
 
-async function localDevice(path: string, plan = new FaultPlan()): Promise<NvramDevice> {
-  const journal = await JournalFile.create(path, DEVICE, { wrap: faultyJournal(plan) });
-  const medium = new DramMedium({ capacity: DEVICE, extentSize: E });
+async function localDevice(path: string, plan = new FaultPlan(), size = DEVICE): Promise<NvramDevice> {
+  const journal = await JournalFile.create(path, size, { wrap: faultyJournal(plan) });
+  const medium = new DramMedium({ capacity: size, extentSize: E });
   await medium.open();
-  return new NvramDevice({ name: 'wl', size: DEVICE, policy: 'local', medium, extents: [0, E, 2 * E, 3 * E], extentSize: E, journal });
+  return new NvramDevice({ name: 'wl', size, policy: 'local', medium, extents: Array.from({ length: size / E }, (_, i) => i * E), extentSize: E, journal });
 }
 
 /** What a restart after kill -9 finds (the page cache survives): the store as written, the journal replayed over it. */
@@ -227,7 +227,7 @@ test('writeNow through a write log stores the data in the cache and appends its 
 });
 
 test('a write log under plain, FUA and writeNow WRITEs, FLUSHes, destages and checkpoints at moments the scheduler picks: a kill -9 after any FLUSH keeps every block at a write that no write completed before the FLUSH superseded, and the data store after a last FLUSH holds what the cache does', async (t) => {
-  // Blocks of 4 KiB in four lines, so writes overlap. Each request starts in a turn of its
+  // Blocks of 4 KiB in four lines, so writes overlap, some of them over two lines. Each request starts in a turn of its
   // own, as one arriving from a socket does (a macrotask: whatever the earlier requests
   // left to run in microtasks has run). The data store's and the journal's I/O complete
   // when the scheduler lets them. A write W to a block is superseded once another write
@@ -236,14 +236,29 @@ test('a write log under plain, FUA and writeNow WRITEs, FLUSHes, destages and ch
   const BLOCKS = 64;
   let run = 0;
   let stored = 0;
+  let checkpointed = 0;
   await fc.assert(
     fc.asyncProperty(
-      fc.array(fc.record({ op: fc.constantFrom('plain', 'now', 'now', 'now', 'fua', 'flush', 'destage'), block: fc.constantFrom(0, 1, 17, 18, 40, 63) }), { minLength: 1, maxLength: 24 }),
+      // Writes of one or two blocks; from blocks 15 and 31 two blocks span two lines.
+      fc.array(fc.record({ op: fc.constantFrom('plain', 'now', 'now', 'now', 'fua', 'flush', 'destage'), block: fc.constantFrom(0, 1, 15, 17, 31, 40, 62), blocks: fc.constantFrom(1, 2) }), { minLength: 1, maxLength: 24 }),
       fc.scheduler(),
       async (ops, s) => {
         const path = join(dir, `p${run++}.journal`);
         const plan = new FaultPlan();
-        const device = await localDevice(path, plan);
+        // 64 KiB: about five writes fill half of it, and a checkpoint starts; about ten fill it.
+        const device = await localDevice(path, plan, E);
+        // A WRITE that finds the journal full waits for a checkpoint, which writes its bytes
+        // back before its record can be appended (a stated limit of the write-ahead promise).
+        let full = 0;
+        const append = device.append.bind(device);
+        device.append = async (...args) => {
+          try {
+            return await append(...args);
+          } catch (error) {
+            if ((error as { code?: string }).code === 'MS_NVRAM_FULL') full++;
+            throw error;
+          }
+        };
         const nvram = { get: () => device } as unknown as DeviceManager;
         const cache = await smallCache();
         const io = new WriteLogIo(cache, nvram, silent);
@@ -277,10 +292,10 @@ test('a write log under plain, FUA and writeNow WRITEs, FLUSHes, destages and ch
             const got = writes.get(v);
             const inStore = writes.get(raw[b * 4096] ?? -1);
             assert.ok(got !== undefined && inStore !== undefined);
-            assert.ok(!(inStore.start > got.end), `${when}, replay puts block ${b} back at ${v}, older than the ${raw[b * 4096]} written back`);
+            if (full === 0) assert.ok(!(inStore.start > got.end), `${when}, replay puts block ${b} back at ${v}, older than the ${raw[b * 4096]} written back`);
           }
         };
-        const work = ops.map(async ({ op, block }, i) => {
+        const work = ops.map(async ({ op, block, blocks }, i) => {
           await s.schedule(Promise.resolve(), op);
           await new Promise((resolve) => setImmediate(resolve));
           if (op === 'flush') {
@@ -300,10 +315,10 @@ test('a write log under plain, FUA and writeNow WRITEs, FLUSHes, destages and ch
             return;
           }
           const value = i + 1; // one value per write: the image tells which write a block holds
-          const data = Buffer.alloc(4096, value);
+          const data = Buffer.alloc(blocks * 4096, value);
           // In flight (end Infinity) until it completes: a kill -9 may find it already.
           const write = { value, start: ++clock, end: Infinity };
-          history[block]?.push(write);
+          for (let k = 0; k < blocks; k++) history[block + k]?.push(write);
           writes.set(value, write);
           if (op === 'now' && io.writeNow(volume, block * 4096, data)) stored++;
           else await io.write(volume, block * 4096, data, op === 'fua');
@@ -311,7 +326,11 @@ test('a write log under plain, FUA and writeNow WRITEs, FLUSHes, destages and ch
         });
         try {
           await s.waitFor(Promise.all(work));
+          // What still waits for the scheduler (a checkpoint's write-backs, a journal write
+          // it started) goes on; nothing waits for it from here.
           plan.gate = undefined;
+          await s.waitIdle();
+          if (device.trimPoint > 0) checkpointed++;
           await io.flush(volume);
           const image = await afterKill(store, path);
           const now = Buffer.alloc(BLOCKS * 4096);
@@ -332,4 +351,158 @@ test('a write log under plain, FUA and writeNow WRITEs, FLUSHes, destages and ch
     { numRuns: 80, includeErrorInReport: true },
   );
   assert.ok(stored > 0, 'writeNow never took a write');
+  assert.ok(checkpointed > 0, 'no run reached a checkpoint');
+});
+
+test('the write-ahead barrier waits for a FUA write\'s record still on its way: a destage meanwhile writes nothing back until that record is in the journal', async (t) => {
+  // Review finding: a synced append in flight counted as committed, so a destage could
+  // write the FUA data back while the journal held only an older record for the block.
+  const dir = await tempDir(t, 'memstrata-wl-');
+  const path = join(dir, 'wl.journal');
+  const plan = new FaultPlan();
+  const device = await localDevice(path, plan);
+  const cache = await smallCache();
+  const io = new WriteLogIo(cache, { get: () => device } as unknown as DeviceManager, silent);
+  const store = new MemoryStore(1 << 20, new FaultPlan());
+  const volume = new Volume('v', false, new Date().toISOString(), store, 'wl');
+  await io.write(volume, 0, Buffer.alloc(4096, 1), false);
+  await io.flush(volume); // record 1 durable
+  let open = (): void => undefined;
+  const held = new Promise<void>((resolve) => { open = resolve; });
+  plan.gate = (op) => (op.startsWith('journal.') ? held : undefined);
+  const fua = io.write(volume, 0, Buffer.alloc(4096, 2), true);
+  while (!device.appending) await new Promise((resolve) => setImmediate(resolve));
+  let destaged = false;
+  const destage = cache.destage(Date.now() + 3_600_000).then(() => { destaged = true; });
+  for (let i = 0; i < 10; i++) await new Promise((resolve) => setImmediate(resolve));
+  assert.equal(destaged, false, 'the destage went ahead of the FUA record');
+  const raw = Buffer.alloc(4096);
+  await store.read(0, raw);
+  assert.equal(raw[0], 0, 'nothing written back yet');
+  plan.gate = undefined;
+  open();
+  await fua;
+  await destage;
+  assert.equal((await afterKill(store, path))[0], 2);
+  await cache.stop();
+  await device.close();
+});
+
+test('overlapping WRITEs through a log are recorded in the order the cache took them: a WRITE over two lines, its first line stored, and a WRITE to that line meanwhile; after a FLUSH a kill -9 gives what reads gave', async (t) => {
+  // Review finding: the later WRITE took its record number first, so replay put the
+  // earlier one's bytes over it although reads before the crash returned the later one.
+  const dir = await tempDir(t, 'memstrata-wl-');
+  const path = join(dir, 'wl.journal');
+  const plan = new FaultPlan();
+  const device = await localDevice(path, plan);
+  const cache = await smallCache();
+  const io = new WriteLogIo(cache, { get: () => device } as unknown as DeviceManager, silent);
+  const L = 65536;
+  const store = new MemoryStore(16 * L, plan);
+  const volume = new Volume('v', false, new Date().toISOString(), store, 'wl');
+  await io.read(volume, 0, Buffer.alloc(L)); // line 0 in DRAM, line 1 not cached
+  let open = (): void => undefined;
+  const held = new Promise<void>((resolve) => { open = resolve; });
+  plan.gate = (op) => (op === 'mem.read' ? held : undefined); // line 1's staging waits
+  // A: the last 4 KiB of line 0 and 100 bytes of line 1 (a sector in part: staged first).
+  const a = io.write(volume, L - 4096, Buffer.alloc(4096 + 100, 0xaa), false);
+  for (let i = 0; i < 5; i++) await new Promise((resolve) => setImmediate(resolve));
+  // B, to line 0 that A has stored already: not at once (A is on its way), and after A.
+  assert.equal(io.writeNow(volume, L - 4096, Buffer.alloc(4096, 0xbb)), false, 'writeNow took a WRITE overlapping one on its way');
+  const b = io.write(volume, L - 4096, Buffer.alloc(4096, 0xbb), false);
+  // A WRITE elsewhere is not held up.
+  assert.equal(io.writeNow(volume, 0, Buffer.alloc(4096, 0xcc)), true);
+  plan.gate = undefined;
+  open();
+  await Promise.all([a, b]);
+  await io.flush(volume);
+  const read = Buffer.alloc(4096);
+  await io.read(volume, L - 4096, read);
+  assert.equal(read[0], 0xbb);
+  assert.equal((await afterKill(store, path))[L - 4096], 0xbb, 'after a FLUSH and kill -9 the block reads otherwise than before');
+  await cache.stop();
+  await device.close();
+});
+
+test('a WRITE larger than a record (17 MiB, under the 32 MiB NBD block size) is journaled as several records and replayed whole', async (t) => {
+  // Review finding: its one record was refused (MAX_PAYLOAD 16 MiB) after the data was stored.
+  const dir = await tempDir(t, 'memstrata-wl-');
+  const path = join(dir, 'big.journal');
+  const M = 1 << 20;
+  const journal = await JournalFile.create(path, 64 * M);
+  const medium = new DramMedium({ capacity: 64 * M, extentSize: M });
+  await medium.open();
+  const device = new NvramDevice({ name: 'wl', size: 64 * M, policy: 'local', medium, extents: Array.from({ length: 64 }, (_, i) => i * M), extentSize: M, journal });
+  const io = new WriteLogIo(new DirectVolumeIo(), { get: () => device } as unknown as DeviceManager, silent);
+  const store = new MemoryStore(32 * M, new FaultPlan());
+  const volume = new Volume('v', false, new Date().toISOString(), store, 'wl');
+  const data = Buffer.alloc(17 * M);
+  for (let i = 0; i < data.length; i += 4096) data[i] = (i / 4096) % 251;
+  await io.write(volume, M, data, false);
+  assert.equal(device.lastSeq, 2, 'two records');
+  const image = replayOver(Buffer.alloc(32 * M), path);
+  assert.ok(image.subarray(M, 18 * M).equals(data), 'the replay gives the whole WRITE');
+  await device.close();
+});
+
+test('writeNow through a write log when the device\'s memory refuses the record: not answered at once; the device repairs, the WRITE takes the usual path, and every record reads back in order', async (t) => {
+  const dir = await tempDir(t, 'memstrata-wl-');
+  const path = join(dir, 'wl.journal');
+  const journal = await JournalFile.create(path, DEVICE);
+  const medium = new DramMedium({ capacity: DEVICE, extentSize: E });
+  await medium.open();
+  const device = new NvramDevice({ name: 'wl', size: DEVICE, policy: 'local', medium, extents: [0, E, 2 * E, 3 * E], extentSize: E, journal });
+  const cache = await smallCache();
+  const io = new WriteLogIo(cache, { get: () => device } as unknown as DeviceManager, silent);
+  const store = new MemoryStore(1 << 20, new FaultPlan());
+  const volume = new Volume('v', false, new Date().toISOString(), store, 'wl');
+  await io.read(volume, 0, Buffer.alloc(E));
+  assert.equal(io.writeNow(volume, 0, Buffer.alloc(4096, 0x10)), true);
+  const writeSync = medium.writeSync.bind(medium);
+  medium.writeSync = () => {
+    medium.writeSync = writeSync;
+    throw Object.assign(new Error('EIO: injected'), { code: 'EIO' });
+  };
+  assert.equal(io.writeNow(volume, 0, Buffer.alloc(4096, 0x11)), false, 'answered a WRITE whose record the device refused');
+  assert.equal(device.info().state, 'failed', 'the device repairs');
+  await io.write(volume, 0, Buffer.alloc(4096, 0x11), false);
+  await io.flush(volume);
+  const seqs = (await device.read(0, 100)).map((b) => {
+    const decoded = decodeRecord(b);
+    assert.ok('record' in decoded, 'a readable record that does not decode');
+    return decoded.record.seq;
+  });
+  assert.deepEqual(seqs, seqs.map((_, i) => i + 1), 'numbers without a gap, the refused one voided');
+  assert.equal(replayOver(Buffer.alloc(1 << 20), path)[0], 0x11);
+  await cache.stop();
+  await device.close();
+});
+
+test('writeNow alone installs the write-ahead barrier and starts checkpoints: the first WRITE of a volume taken at once still has its record made durable before its write-back, and a log filled past half by such WRITEs is trimmed', async (t) => {
+  const dir = await tempDir(t, 'memstrata-wl-');
+  const path = join(dir, 'wl.journal');
+  const device = await localDevice(path);
+  const cache = await smallCache();
+  const io = new WriteLogIo(cache, { get: () => device } as unknown as DeviceManager, silent);
+  const store = new MemoryStore(1 << 20, new FaultPlan());
+  const volume = new Volume('v', false, new Date().toISOString(), store, 'wl');
+  await io.read(volume, 0, Buffer.alloc(E)); // cached by a read: no WRITE yet
+  assert.equal(io.writeNow(volume, 0, Buffer.alloc(4096, 1)), true);
+  await io.flush(volume);
+  assert.equal(io.writeNow(volume, 0, Buffer.alloc(4096, 2)), true);
+  await cache.destage(Date.now() + 3_600_000);
+  const raw = Buffer.alloc(4096);
+  await store.read(0, raw);
+  assert.equal(raw[0], 2, 'written back');
+  assert.equal((await afterKill(store, path))[0], 2, 'replay put an older record over data written back');
+  let now = 0;
+  for (let i = 0; i < 40 && device.trimPoint === 0; i++) {
+    if (io.writeNow(volume, (i % 16) * 4096, Buffer.alloc(4096, i))) now++;
+    else await io.write(volume, (i % 16) * 4096, Buffer.alloc(4096, i), false);
+    for (let k = 0; k < 3; k++) await new Promise((resolve) => setImmediate(resolve));
+  }
+  assert.ok(now > 20, `writeNow took ${now}`);
+  assert.ok(device.trimPoint > 0, 'no checkpoint though writeNow filled the log past half');
+  await cache.stop();
+  await device.close();
 });
