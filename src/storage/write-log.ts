@@ -47,7 +47,9 @@
 // order in which the cache took their bytes, so a replay after a FLUSH gives what reads
 // gave before it. (A WRITE over several lines releases each line as it is done; without
 // this, a later WRITE to a line done first could take its record number first.)
-// A WRITE larger than a record (MAX_PAYLOAD) is journaled as several, appended together.
+// A WRITE larger than a record (MAX_PAYLOAD) is journaled as several, appended one after
+// the other: an append goes to a mirror partner as one frame, which holds no more than
+// one record of the largest size.
 //
 // Policies: `local` (a FLUSH costs one fdatasync of the journal), `mirrored` (a FLUSH
 // or FUA returns once the partner node holds the records in memory: durability on two
@@ -358,10 +360,11 @@ export class WriteLogIo implements VolumeIo {
    * Write-ahead: the cache commits the log before it writes a range of the volume back
    * (called with the line's lock held). A WRITE's bytes are in the cache before its record
    * is appended: where a WRITE or zeroing over the range is on its way, the barrier first
-   * lets it take its record number (the steps from its cache write to that run in
-   * microtasks, all done before the next turn of the loop while the device is ready);
-   * then it waits for the records acknowledged or on their way (a FUA write's being
-   * synced) and syncs them.
+   * waits one turn of the loop, so that one whose cache write has ended takes its record
+   * number (the steps from its cache write to that run in microtasks while the device is
+   * ready; not so for a WRITE whose other lines are still being stored, or a device
+   * resyncing or repairing: guarantees.md lists these limits); then it waits for the
+   * records acknowledged or on their way (a FUA write's being synced) and syncs them.
    */
   private guard(volume: Volume, device: NvramDevice): void {
     volume.logBarrier ??= async (offset, length) => {
@@ -409,12 +412,26 @@ export class WriteLogIo implements VolumeIo {
   }
 
   private async journal(volume: Volume, device: NvramDevice, entries: readonly Entry[], durable: boolean): Promise<void> {
+    // One append per record: a WRITE larger than a record gives several, and each goes to
+    // a mirror partner as a frame of its own (a frame holds one record of the largest size).
+    for (const entry of entries) {
+      if (!(await this.appendEntry(volume, device, entry, durable))) break;
+    }
+    this.checkpointIfHalfFull(volume, device);
+  }
+
+  /**
+   * Appends one record, through checkpoints while the journal is full. False: it could
+   * never fit, and the volume's data was written back instead, the rest of its WRITE
+   * included (the cache holds all of it by then).
+   */
+  private async appendEntry(volume: Volume, device: NvramDevice, entry: Entry, durable: boolean): Promise<boolean> {
     // Every acknowledged write must be in the journal: a write made durable some other
     // way could be overwritten at replay by an older record for the same blocks.
     for (let attempt = 0; ; attempt++) {
       try {
-        await device.append(device.epoch, entries, { sync: durable });
-        break;
+        await device.append(device.epoch, [entry], { sync: durable });
+        return true;
       } catch (error) {
         if (!isMemstrataError(error) || error.code !== 'MS_NVRAM_FULL') throw error;
         if (attempt >= 2) {
@@ -424,14 +441,13 @@ export class WriteLogIo implements VolumeIo {
           const upTo = device.info().lastSeq ?? 0;
           await this.inner.flush(volume);
           if (upTo > 0) await device.trim(device.epoch, upTo);
-          break;
+          return false;
         }
         // Full: wait for a checkpoint already running, then run a fresh one, and retry.
         await this.checkpoint(volume, device);
         await this.checkpoint(volume, device);
       }
     }
-    this.checkpointIfHalfFull(volume, device);
   }
 
   /** Starts a checkpoint in the background once the journal is half full. */

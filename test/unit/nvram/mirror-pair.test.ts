@@ -22,13 +22,13 @@ const log = pino({ level: 'silent' });
 
 type Ctx = { after(fn: () => Promise<void> | void): void };
 
-async function manager(t: Ctx, journalWrap?: (sink: JournalSink) => JournalSink, dataDir?: string): Promise<DeviceManager> {
+async function manager(t: Ctx, journalWrap?: (sink: JournalSink) => JournalSink, dataDir?: string, capacity = 16 * MiB): Promise<DeviceManager> {
   const dir = dataDir ?? (await mkdtemp(join(tmpdir(), 'memstrata-pair-')));
   if (dataDir === undefined) t.after(() => rm(dir, { recursive: true, force: true }));
-  const medium = new DramMedium({ capacity: 16 * MiB, extentSize: MiB });
+  const medium = new DramMedium({ capacity, extentSize: MiB });
   await medium.open();
   const partition = new PartitionTable([
-    { name: 'dram', capacity: 16 * MiB, extentSize: MiB, initial: { cache: 0, server: 0, nvram: 8 * MiB }, bounds: { cache: { min: 0, max: 16 * MiB }, server: { min: 0, max: 0 }, nvram: { min: 0, max: 16 * MiB } } },
+    { name: 'dram', capacity, extentSize: MiB, initial: { cache: 0, server: 0, nvram: capacity / 2 }, bounds: { cache: { min: 0, max: capacity }, server: { min: 0, max: 0 }, nvram: { min: 0, max: capacity } } },
   ]);
   const nvram = new DeviceManager({ dataDir: dir, partition, media: [medium], log, ...(journalWrap === undefined ? {} : { journalWrap }) });
   await nvram.open();
@@ -47,19 +47,20 @@ async function serveB(t: Ctx, nvram: DeviceManager, at: { host: string; port: nu
   return { mirror, address };
 }
 
-async function partnerB(t: Ctx, partnerId?: string): Promise<{ nvram: DeviceManager; mirror: MirrorService; address: { host: string; port: number } }> {
-  const nvram = await manager(t);
+async function partnerB(t: Ctx, partnerId?: string, capacity?: number): Promise<{ nvram: DeviceManager; mirror: MirrorService; address: { host: string; port: number } }> {
+  const nvram = await manager(t, undefined, undefined, capacity);
   return { nvram, ...(await serveB(t, nvram, { host: '127.0.0.1', port: 0 }, partnerId)) };
 }
 
 /** Node A mirroring to B (degrade when the link goes), with a mirrored device `name` in sync. */
-async function pair(t: Ctx, name: string, policy: 'mirrored' | 'mirrored+local', journalWrap?: (sink: JournalSink) => JournalSink) {
-  const b = await partnerB(t);
-  const a = await manager(t, journalWrap);
+async function pair(t: Ctx, name: string, policy: 'mirrored' | 'mirrored+local', journalWrap?: (sink: JournalSink) => JournalSink, size = MiB) {
+  const capacity = Math.max(16 * MiB, 4 * size);
+  const b = await partnerB(t, undefined, capacity);
+  const a = await manager(t, journalWrap, undefined, capacity);
   const mirroring = new Mirroring({ nvram: a, partner: b.address, onPartnerDown: 'degrade', nodeId: 'a', token: undefined, timeoutMs: 500, retryMs: 20, log });
   mirroring.start();
   t.after(() => mirroring.close());
-  await a.create(name, MiB, policy);
+  await a.create(name, size, policy);
   const device = a.get(name);
   await until(() => device.info().mirror === 'in-sync', 'in sync');
   return { a, b, device, mirroring };
@@ -629,4 +630,28 @@ test('mirrored appends staged in pooled buffers and sent without a copy: the par
       }
     }
   }
+});
+
+test('a WRITE larger than a record through a mirrored write log goes to the partner record by record: the link stays up, the replica holds every record, and a replay gives the WRITE whole', async (t) => {
+  // Review finding: its records went as one frame, larger than the partner takes, which
+  // dropped the link (and, under refuse, failed the WRITE).
+  const { a, b, device } = await pair(t, 'wl', 'mirrored', undefined, 48 * MiB);
+  const { WriteLogIo } = await import('../../../src/storage/write-log.js');
+  const { DirectVolumeIo } = await import('../../../src/storage/volume-io.js');
+  const { Volume } = await import('../../../src/storage/volume-manager.js');
+  const { MemoryStore } = await import('../../support/memory-store.js');
+  const io = new WriteLogIo(new DirectVolumeIo(), a, log);
+  await io.claim('v', 'wl');
+  const volume = new Volume('v', false, new Date().toISOString(), new MemoryStore(32 * MiB), 'wl');
+  const data = Buffer.alloc(17 * MiB);
+  for (let i = 0; i < data.length; i += 4096) data[i] = (i / 4096) % 251;
+  await io.write(volume, MiB, data, false);
+  assert.equal(device.info().mirror, 'in-sync', 'the link went down');
+  assert.equal(device.lastSeq, 2, 'two records');
+  assert.equal(b.nvram.get('wl').info().lastSeq, 2, 'the replica holds both');
+  const fresh = new Volume('v', false, new Date().toISOString(), new MemoryStore(32 * MiB), 'wl');
+  assert.equal(await io.replay(fresh), 2);
+  const back = Buffer.alloc(data.length);
+  await fresh.store.read(MiB, back);
+  assert.ok(back.equals(data), 'the replay gives the WRITE whole');
 });

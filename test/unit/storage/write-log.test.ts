@@ -506,3 +506,73 @@ test('writeNow alone installs the write-ahead barrier and starts checkpoints: th
   await cache.stop();
   await device.close();
 });
+
+test('the barrier lets a one-line WRITE whose cache write just ended take its record first: a destage granted the line\'s lock as that WRITE lets it go writes its bytes back only with its record in the journal', async (t) => {
+  // Review finding: a destage waiting for the line's lock got it at the WRITE's release and
+  // ran its barrier before the WRITE's record number was taken (microtasks later).
+  const dir = await tempDir(t, 'memstrata-wl-');
+  const path = join(dir, 'wl.journal');
+  const device = await localDevice(path);
+  const cache = await smallCache();
+  const io = new WriteLogIo(cache, { get: () => device } as unknown as DeviceManager, silent);
+  const plan = new FaultPlan();
+  const store = new MemoryStore(64 * 65536, plan);
+  const volume = new Volume('v', false, new Date().toISOString(), store, 'wl');
+  await io.write(volume, 4096, Buffer.alloc(100, 0x11), false); // Z: an older record for the bytes
+  await io.flush(volume);
+  await cache.destage(Date.now() + 3_600_000);
+  const inner = cache as unknown as { lines: Map<string, { key: string }>; keyOf(v: Volume, i: number): string; locks: { run<T>(key: string, fn: () => Promise<T>): Promise<T> }; writeBack: { destage(line: unknown): Promise<void> } };
+  // Line 0 leaves the cache (clean), so A's partial sector must be staged: A holds the lock meanwhile.
+  for (let i = 1; i <= 40 && inner.lines.has(inner.keyOf(volume, 0)); i++) await io.read(volume, i * 65536, Buffer.alloc(512));
+  assert.equal(inner.lines.has(inner.keyOf(volume, 0)), false, 'line 0 evicted');
+  let open = (): void => undefined;
+  const held = new Promise<void>((resolve) => { open = resolve; });
+  plan.gate = (op) => (op === 'mem.read' ? held : undefined);
+  const a = io.write(volume, 4096, Buffer.alloc(100, 0xaa), false);
+  await new Promise((resolve) => setImmediate(resolve));
+  const line = inner.lines.get(inner.keyOf(volume, 0));
+  assert.ok(line !== undefined);
+  const destaged = inner.locks.run(line.key, () => inner.writeBack.destage(line)); // waits for A's lock
+  await new Promise((resolve) => setImmediate(resolve));
+  plan.gate = undefined;
+  open();
+  await destaged;
+  const raw = Buffer.alloc(store.size);
+  await store.read(0, raw);
+  assert.equal(raw[4096], 0xaa, 'A written back');
+  assert.equal(replayOver(Buffer.from(raw), path)[4096], 0xaa, 'written back ahead of its record: replay puts the older record over it');
+  await a;
+  await cache.stop();
+  await device.close();
+});
+
+test('a zeroing that overlaps a WRITE on its way waits for it: after a FLUSH, a kill -9 and replay give the zeros reads gave', async (t) => {
+  const dir = await tempDir(t, 'memstrata-wl-');
+  const path = join(dir, 'wl.journal');
+  const device = await localDevice(path);
+  const cache = await smallCache();
+  const io = new WriteLogIo(cache, { get: () => device } as unknown as DeviceManager, silent);
+  const L = 65536;
+  const plan = new FaultPlan();
+  const store = new MemoryStore(16 * L, plan);
+  const volume = new Volume('v', false, new Date().toISOString(), store, 'wl');
+  await io.read(volume, 0, Buffer.alloc(L)); // line 0 in DRAM, line 1 not
+  let open = (): void => undefined;
+  const held = new Promise<void>((resolve) => { open = resolve; });
+  plan.gate = (op) => (op === 'mem.read' ? held : undefined);
+  const a = io.write(volume, L - 4096, Buffer.alloc(4096 + 100, 0xaa), false); // line 0 stored, line 1 staging
+  for (let i = 0; i < 3; i++) await new Promise((resolve) => setImmediate(resolve));
+  const zeroed = io.zero(volume, L - 4096, 4096, { fua: false, allocate: false });
+  for (let i = 0; i < 3; i++) await new Promise((resolve) => setImmediate(resolve));
+  plan.gate = undefined;
+  open();
+  await Promise.all([a, zeroed]);
+  await io.flush(volume);
+  const read = Buffer.alloc(4096);
+  await io.read(volume, L - 4096, read);
+  assert.ok(read.every((b) => b === 0));
+  const image = replayOver(await (async () => { const raw = Buffer.alloc(store.size); await store.read(0, raw); return raw; })(), path);
+  assert.ok(image.subarray(L - 4096, L).every((b) => b === 0), 'after a FLUSH and kill -9 the zeroed block reads otherwise than before');
+  await cache.stop();
+  await device.close();
+});
