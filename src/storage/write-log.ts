@@ -182,7 +182,7 @@ export class WriteLogIo implements VolumeIo {
   writeNow(volume: Volume, offset: number, data: Buffer): boolean {
     const device = this.device(volume);
     if (device === undefined) return this.inner.writeNow?.(volume, offset, data) ?? false;
-    if (this.inner.writeNow === undefined || this.inner.writeAhead !== true || this.overlapping(volume, offset, data.length).length > 0) return false;
+    if (this.inner.writeNow === undefined || this.inner.writeAhead !== true || this.overlaps(volume, offset, data.length)) return false;
     const entries = [{ payload: data, target: { volume: volume.name, offset } }];
     if (!device.canAppendNow(device.epoch, entries)) return false;
     this.guard(volume, device);
@@ -368,7 +368,7 @@ export class WriteLogIo implements VolumeIo {
    */
   private guard(volume: Volume, device: NvramDevice): void {
     volume.logBarrier ??= async (offset, length) => {
-      if (this.overlapping(volume, offset, length).length > 0) await new Promise((resolve) => setImmediate(resolve));
+      if (this.overlaps(volume, offset, length)) await new Promise((resolve) => setImmediate(resolve));
       if (device.uncommittedBytes > 0 || device.appending) await device.commit();
     };
   }
@@ -403,12 +403,17 @@ export class WriteLogIo implements VolumeIo {
 
   /** What the WRITEs and zeroings of the volume on their way that overlap the range wait on. */
   private overlapping(volume: Volume, offset: number, length: number): Promise<void>[] {
-    const spans = this.spans.get(volume.name);
-    if (spans === undefined) return [];
-    const end = offset + Math.max(length, 1);
     const found: Promise<void>[] = [];
-    for (const s of spans) if (s.start < end && offset < Math.max(s.end, s.start + 1)) found.push(s.done);
+    for (const s of this.spans.get(volume.name) ?? []) if (crosses(s, offset, length)) found.push(s.done);
     return found;
+  }
+
+  /** Whether a WRITE or zeroing of the volume over the range is on its way (no allocation: writeNow's path). */
+  private overlaps(volume: Volume, offset: number, length: number): boolean {
+    const spans = this.spans.get(volume.name);
+    if (spans === undefined) return false;
+    for (const s of spans) if (crosses(s, offset, length)) return true;
+    return false;
   }
 
   private async journal(volume: Volume, device: NvramDevice, entries: readonly Entry[], durable: boolean): Promise<void> {
@@ -474,4 +479,9 @@ export class WriteLogIo implements VolumeIo {
     this.checkpoints.set(volume.name, run);
     return run;
   }
+}
+
+/** Whether a span and a range share a byte (an empty one counts as its first byte). */
+function crosses(span: Span, offset: number, length: number): boolean {
+  return span.start < offset + Math.max(length, 1) && offset < Math.max(span.end, span.start + 1);
 }
