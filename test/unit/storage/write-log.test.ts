@@ -175,16 +175,38 @@ test('the "larger than the journal" fallback trims only what was acknowledged be
 
 // ---- plain WRITEs stored in the turn they arrive (WriteLogIo.writeNow) ----
 
-test('writeNow through a write log stores the data in the cache and appends its record in the same turn, unsynced; it declines without touching the cache where the device would make it wait, and without a write-back cache', async (t) => {
+/** A volume on a `local` write log over a small cache; stopped and closed after the test. */
+async function loggedVolume(t: { after(fn: () => Promise<void>): void }, options: { journalPlan?: FaultPlan; storePlan?: FaultPlan; storeBytes?: number } = {}) {
   const dir = await tempDir(t, 'memstrata-wl-');
   const path = join(dir, 'wl.journal');
-  const plan = new FaultPlan();
-  const device = await localDevice(path, plan);
-  const nvram = { get: () => device } as unknown as DeviceManager;
+  const device = await localDevice(path, options.journalPlan);
   const cache = await smallCache();
-  const io = new WriteLogIo(cache, nvram, silent);
-  const store = new MemoryStore(1 << 20, new FaultPlan());
+  const io = new WriteLogIo(cache, { get: () => device } as unknown as DeviceManager, silent);
+  const store = new MemoryStore(options.storeBytes ?? 1 << 20, options.storePlan ?? new FaultPlan());
   const volume = new Volume('v', false, new Date().toISOString(), store, 'wl');
+  t.after(async () => {
+    await cache.stop();
+    await device.close();
+  });
+  return { path, device, cache, io, store, volume };
+}
+
+/** Holds the plan's calls that `which` picks until the function returned is called. */
+function hold(plan: FaultPlan, which: (op: string) => boolean): () => void {
+  let open = (): void => undefined;
+  const held = new Promise<void>((resolve) => { open = resolve; });
+  plan.gate = (op) => (which(op) ? held : undefined);
+  return () => {
+    plan.gate = undefined;
+    open();
+  };
+}
+
+const turn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
+
+test('writeNow through a write log stores the data in the cache and appends its record in the same turn, unsynced; it declines without touching the cache where the device would make it wait, and without a write-back cache', async (t) => {
+  const plan = new FaultPlan();
+  const { path, device, cache, io, store, volume } = await loggedVolume(t, { journalPlan: plan });
   await io.write(volume, 0, Buffer.alloc(4096, 0xaa), true); // the line in DRAM; A durable
   const seq = device.lastSeq;
   assert.equal(io.writeNow(volume, 0, Buffer.alloc(4096, 0xbb)), true);
@@ -203,14 +225,11 @@ test('writeNow through a write log stores the data in the cache and appends its 
   assert.equal((await afterKill(store, path))[4096], 0xcc, 'a writeNow WRITE before a FLUSH that returned is lost after kill -9');
   // Behind an append in flight (a FUA write's, its sync held): declined, and the cache
   // was not written.
-  let open = (): void => undefined;
-  const held = new Promise<void>((resolve) => { open = resolve; });
-  plan.gate = (op) => (op === 'journal.datasync' ? held : undefined);
+  const release = hold(plan, (op) => op === 'journal.datasync');
   const fua = io.write(volume, 8192, Buffer.alloc(4096, 0xdd), true);
-  while (device.canAppendNow(device.epoch, [{ payload: Buffer.alloc(1) }])) await new Promise((resolve) => setImmediate(resolve));
+  while (device.canAppendNow(device.epoch, [{ payload: Buffer.alloc(1) }])) await turn();
   assert.equal(io.writeNow(volume, 0, Buffer.alloc(4096, 0xee)), false);
-  plan.gate = undefined;
-  open();
+  release();
   await fua;
   await io.read(volume, 0, got);
   assert.ok(got.every((b) => b === 0xbb), 'a declined writeNow wrote the cache');
@@ -219,11 +238,9 @@ test('writeNow through a write log stores the data in the cache and appends its 
   assert.equal(io.writeNow(volume, 512 * 1024, Buffer.alloc(4096, 1)), false);
   assert.equal(device.lastSeq, last, 'no record for a write not stored');
   // Without a write-back cache the record must be synced first: never here.
-  const direct = new WriteLogIo(new DirectVolumeIo(), nvram, silent);
+  const direct = new WriteLogIo(new DirectVolumeIo(), { get: () => device } as unknown as DeviceManager, silent);
   assert.equal(direct.writeNow(volume, 0, Buffer.alloc(4096, 2)), false);
   assert.equal(device.lastSeq, last);
-  await cache.stop();
-  await device.close();
 });
 
 test('a write log under plain, FUA and writeNow WRITEs, FLUSHes, destages and checkpoints at moments the scheduler picks: a kill -9 after any FLUSH keeps every block at a write that no write completed before the FLUSH superseded, and the data store after a last FLUSH holds what the cache does', async (t) => {
@@ -357,71 +374,49 @@ test('a write log under plain, FUA and writeNow WRITEs, FLUSHes, destages and ch
 test('the write-ahead barrier waits for a FUA write\'s record still on its way: a destage meanwhile writes nothing back until that record is in the journal', async (t) => {
   // Review finding: a synced append in flight counted as committed, so a destage could
   // write the FUA data back while the journal held only an older record for the block.
-  const dir = await tempDir(t, 'memstrata-wl-');
-  const path = join(dir, 'wl.journal');
   const plan = new FaultPlan();
-  const device = await localDevice(path, plan);
-  const cache = await smallCache();
-  const io = new WriteLogIo(cache, { get: () => device } as unknown as DeviceManager, silent);
-  const store = new MemoryStore(1 << 20, new FaultPlan());
-  const volume = new Volume('v', false, new Date().toISOString(), store, 'wl');
+  const { path, device, cache, io, store, volume } = await loggedVolume(t, { journalPlan: plan });
   await io.write(volume, 0, Buffer.alloc(4096, 1), false);
   await io.flush(volume); // record 1 durable
-  let open = (): void => undefined;
-  const held = new Promise<void>((resolve) => { open = resolve; });
-  plan.gate = (op) => (op.startsWith('journal.') ? held : undefined);
+  const release = hold(plan, (op) => op.startsWith('journal.'));
   const fua = io.write(volume, 0, Buffer.alloc(4096, 2), true);
-  while (!device.appending) await new Promise((resolve) => setImmediate(resolve));
+  while (!device.appending) await turn();
   let destaged = false;
   const destage = cache.destage(Date.now() + 3_600_000).then(() => { destaged = true; });
-  for (let i = 0; i < 10; i++) await new Promise((resolve) => setImmediate(resolve));
+  for (let i = 0; i < 10; i++) await turn();
   assert.equal(destaged, false, 'the destage went ahead of the FUA record');
   const raw = Buffer.alloc(4096);
   await store.read(0, raw);
   assert.equal(raw[0], 0, 'nothing written back yet');
-  plan.gate = undefined;
-  open();
+  release();
   await fua;
   await destage;
   assert.equal((await afterKill(store, path))[0], 2);
-  await cache.stop();
-  await device.close();
 });
 
 test('overlapping WRITEs through a log are recorded in the order the cache took them: a WRITE over two lines, its first line stored, and a WRITE to that line meanwhile; after a FLUSH a kill -9 gives what reads gave', async (t) => {
   // Review finding: the later WRITE took its record number first, so replay put the
   // earlier one's bytes over it although reads before the crash returned the later one.
-  const dir = await tempDir(t, 'memstrata-wl-');
-  const path = join(dir, 'wl.journal');
-  const plan = new FaultPlan();
-  const device = await localDevice(path, plan);
-  const cache = await smallCache();
-  const io = new WriteLogIo(cache, { get: () => device } as unknown as DeviceManager, silent);
   const L = 65536;
-  const store = new MemoryStore(16 * L, plan);
-  const volume = new Volume('v', false, new Date().toISOString(), store, 'wl');
+  const plan = new FaultPlan();
+  const { path, io, store, volume } = await loggedVolume(t, { storePlan: plan, storeBytes: 16 * L });
   await io.read(volume, 0, Buffer.alloc(L)); // line 0 in DRAM, line 1 not cached
-  let open = (): void => undefined;
-  const held = new Promise<void>((resolve) => { open = resolve; });
-  plan.gate = (op) => (op === 'mem.read' ? held : undefined); // line 1's staging waits
+  const release = hold(plan, (op) => op === 'mem.read'); // line 1's staging waits
   // A: the last 4 KiB of line 0 and 100 bytes of line 1 (a sector in part: staged first).
   const a = io.write(volume, L - 4096, Buffer.alloc(4096 + 100, 0xaa), false);
-  for (let i = 0; i < 5; i++) await new Promise((resolve) => setImmediate(resolve));
+  for (let i = 0; i < 5; i++) await turn();
   // B, to line 0 that A has stored already: not at once (A is on its way), and after A.
   assert.equal(io.writeNow(volume, L - 4096, Buffer.alloc(4096, 0xbb)), false, 'writeNow took a WRITE overlapping one on its way');
   const b = io.write(volume, L - 4096, Buffer.alloc(4096, 0xbb), false);
   // A WRITE elsewhere is not held up.
   assert.equal(io.writeNow(volume, 0, Buffer.alloc(4096, 0xcc)), true);
-  plan.gate = undefined;
-  open();
+  release();
   await Promise.all([a, b]);
   await io.flush(volume);
   const read = Buffer.alloc(4096);
   await io.read(volume, L - 4096, read);
   assert.equal(read[0], 0xbb);
   assert.equal((await afterKill(store, path))[L - 4096], 0xbb, 'after a FLUSH and kill -9 the block reads otherwise than before');
-  await cache.stop();
-  await device.close();
 });
 
 test('a WRITE larger than a record (17 MiB, under the 32 MiB NBD block size) is journaled as several records and replayed whole', async (t) => {
@@ -479,13 +474,7 @@ test('writeNow through a write log when the device\'s memory refuses the record:
 });
 
 test('writeNow alone installs the write-ahead barrier and starts checkpoints: the first WRITE of a volume taken at once still has its record made durable before its write-back, and a log filled past half by such WRITEs is trimmed', async (t) => {
-  const dir = await tempDir(t, 'memstrata-wl-');
-  const path = join(dir, 'wl.journal');
-  const device = await localDevice(path);
-  const cache = await smallCache();
-  const io = new WriteLogIo(cache, { get: () => device } as unknown as DeviceManager, silent);
-  const store = new MemoryStore(1 << 20, new FaultPlan());
-  const volume = new Volume('v', false, new Date().toISOString(), store, 'wl');
+  const { path, device, cache, io, store, volume } = await loggedVolume(t);
   await io.read(volume, 0, Buffer.alloc(E)); // cached by a read: no WRITE yet
   assert.equal(io.writeNow(volume, 0, Buffer.alloc(4096, 1)), true);
   await io.flush(volume);
@@ -499,25 +488,17 @@ test('writeNow alone installs the write-ahead barrier and starts checkpoints: th
   for (let i = 0; i < 40 && device.trimPoint === 0; i++) {
     if (io.writeNow(volume, (i % 16) * 4096, Buffer.alloc(4096, i))) now++;
     else await io.write(volume, (i % 16) * 4096, Buffer.alloc(4096, i), false);
-    for (let k = 0; k < 3; k++) await new Promise((resolve) => setImmediate(resolve));
+    for (let k = 0; k < 3; k++) await turn();
   }
   assert.ok(now > 20, `writeNow took ${now}`);
   assert.ok(device.trimPoint > 0, 'no checkpoint though writeNow filled the log past half');
-  await cache.stop();
-  await device.close();
 });
 
 test('the barrier lets a one-line WRITE whose cache write just ended take its record first: a destage granted the line\'s lock as that WRITE lets it go writes its bytes back only with its record in the journal', async (t) => {
   // Review finding: a destage waiting for the line's lock got it at the WRITE's release and
   // ran its barrier before the WRITE's record number was taken (microtasks later).
-  const dir = await tempDir(t, 'memstrata-wl-');
-  const path = join(dir, 'wl.journal');
-  const device = await localDevice(path);
-  const cache = await smallCache();
-  const io = new WriteLogIo(cache, { get: () => device } as unknown as DeviceManager, silent);
   const plan = new FaultPlan();
-  const store = new MemoryStore(64 * 65536, plan);
-  const volume = new Volume('v', false, new Date().toISOString(), store, 'wl');
+  const { path, cache, io, store, volume } = await loggedVolume(t, { storePlan: plan, storeBytes: 64 * 65536 });
   await io.write(volume, 4096, Buffer.alloc(100, 0x11), false); // Z: an older record for the bytes
   await io.flush(volume);
   await cache.destage(Date.now() + 3_600_000);
@@ -525,54 +506,38 @@ test('the barrier lets a one-line WRITE whose cache write just ended take its re
   // Line 0 leaves the cache (clean), so A's partial sector must be staged: A holds the lock meanwhile.
   for (let i = 1; i <= 40 && inner.lines.has(inner.keyOf(volume, 0)); i++) await io.read(volume, i * 65536, Buffer.alloc(512));
   assert.equal(inner.lines.has(inner.keyOf(volume, 0)), false, 'line 0 evicted');
-  let open = (): void => undefined;
-  const held = new Promise<void>((resolve) => { open = resolve; });
-  plan.gate = (op) => (op === 'mem.read' ? held : undefined);
+  const release = hold(plan, (op) => op === 'mem.read');
   const a = io.write(volume, 4096, Buffer.alloc(100, 0xaa), false);
-  await new Promise((resolve) => setImmediate(resolve));
+  await turn();
   const line = inner.lines.get(inner.keyOf(volume, 0));
   assert.ok(line !== undefined);
   const destaged = inner.locks.run(line.key, () => inner.writeBack.destage(line)); // waits for A's lock
-  await new Promise((resolve) => setImmediate(resolve));
-  plan.gate = undefined;
-  open();
+  await turn();
+  release();
   await destaged;
   const raw = Buffer.alloc(store.size);
   await store.read(0, raw);
   assert.equal(raw[4096], 0xaa, 'A written back');
   assert.equal(replayOver(Buffer.from(raw), path)[4096], 0xaa, 'written back ahead of its record: replay puts the older record over it');
   await a;
-  await cache.stop();
-  await device.close();
 });
 
 test('a zeroing that overlaps a WRITE on its way waits for it: after a FLUSH, a kill -9 and replay give the zeros reads gave', async (t) => {
-  const dir = await tempDir(t, 'memstrata-wl-');
-  const path = join(dir, 'wl.journal');
-  const device = await localDevice(path);
-  const cache = await smallCache();
-  const io = new WriteLogIo(cache, { get: () => device } as unknown as DeviceManager, silent);
   const L = 65536;
   const plan = new FaultPlan();
-  const store = new MemoryStore(16 * L, plan);
-  const volume = new Volume('v', false, new Date().toISOString(), store, 'wl');
+  const { path, io, store, volume } = await loggedVolume(t, { storePlan: plan, storeBytes: 16 * L });
   await io.read(volume, 0, Buffer.alloc(L)); // line 0 in DRAM, line 1 not
-  let open = (): void => undefined;
-  const held = new Promise<void>((resolve) => { open = resolve; });
-  plan.gate = (op) => (op === 'mem.read' ? held : undefined);
+  const release = hold(plan, (op) => op === 'mem.read');
   const a = io.write(volume, L - 4096, Buffer.alloc(4096 + 100, 0xaa), false); // line 0 stored, line 1 staging
-  for (let i = 0; i < 3; i++) await new Promise((resolve) => setImmediate(resolve));
+  for (let i = 0; i < 3; i++) await turn();
   const zeroed = io.zero(volume, L - 4096, 4096, { fua: false, allocate: false });
-  for (let i = 0; i < 3; i++) await new Promise((resolve) => setImmediate(resolve));
-  plan.gate = undefined;
-  open();
+  for (let i = 0; i < 3; i++) await turn();
+  release();
   await Promise.all([a, zeroed]);
   await io.flush(volume);
   const read = Buffer.alloc(4096);
   await io.read(volume, L - 4096, read);
   assert.ok(read.every((b) => b === 0));
-  const image = replayOver(await (async () => { const raw = Buffer.alloc(store.size); await store.read(0, raw); return raw; })(), path);
+  const image = await afterKill(store, path);
   assert.ok(image.subarray(L - 4096, L).every((b) => b === 0), 'after a FLUSH and kill -9 the zeroed block reads otherwise than before');
-  await cache.stop();
-  await device.close();
 });
