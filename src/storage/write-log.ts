@@ -21,10 +21,12 @@
 //             puts an older record over newer data. Without the cache (cache.enabled
 //             false), data reaches the store at once, and every write's record is synced.
 //             Known limits: a write the cache sends straight to the store because its DRAM
-//             level has no slot at all reaches the store before its record, and so does a
+//             level has no slot at all reaches the store before its record, and so may a
 //             write that finds the journal full (the checkpoint it waits for writes it
-//             back before its record can be appended); a crash before the next FLUSH may
-//             then replay an older record over it (NBD allows that for a write not flushed)
+//             back before its record can be appended) or one on its way when a write-back
+//             begins that has not taken its record number by then (guard); a crash before
+//             the next FLUSH may then replay an older record over it (NBD allows that for
+//             a write not flushed)
 //   FLUSH     one commit of the device (device.commit): an fdatasync of the journal file
 //             that covers every record acknowledged before, shared with every FLUSH and
 //             FUA that comes while it runs; for a `mirrored` device in sync, no sync: it
