@@ -578,7 +578,8 @@ export class NvramDevice {
   /**
    * An append without sync, acknowledged in the caller's turn (a write log's plain
    * WRITE whose data the cache took in the same turn: WriteLogIo.writeNow), or undefined
-   * when it would have to wait (see canAppendNow), having taken nothing. The same promise
+   * when it would have to wait (see canAppendNow), having taken nothing (or, where writing
+   * the device's memory failed, numbers that the repair it starts makes void). The same promise
    * as `append` with sync false: the records are in the device's memory, their journal
    * write deferred to the next commit (or, mirrored in sync, their send to the partner
    * and their unsynced journal write begun), and every record before them acknowledged.
