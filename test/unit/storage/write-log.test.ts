@@ -424,10 +424,7 @@ test('a WRITE larger than a record (17 MiB, under the 32 MiB NBD block size) is 
   const dir = await tempDir(t, 'memstrata-wl-');
   const path = join(dir, 'big.journal');
   const M = 1 << 20;
-  const journal = await JournalFile.create(path, 64 * M);
-  const medium = new DramMedium({ capacity: 64 * M, extentSize: M });
-  await medium.open();
-  const device = new NvramDevice({ name: 'wl', size: 64 * M, policy: 'local', medium, extents: Array.from({ length: 64 }, (_, i) => i * M), extentSize: M, journal });
+  const device = await localDevice(path, undefined, 64 * M);
   const io = new WriteLogIo(new DirectVolumeIo(), { get: () => device } as unknown as DeviceManager, silent);
   const store = new MemoryStore(32 * M, new FaultPlan());
   const volume = new Volume('v', false, new Date().toISOString(), store, 'wl');
@@ -441,16 +438,9 @@ test('a WRITE larger than a record (17 MiB, under the 32 MiB NBD block size) is 
 });
 
 test('writeNow through a write log when the device\'s memory refuses the record: not answered at once; the device repairs, the WRITE takes the usual path, and every record reads back in order', async (t) => {
-  const dir = await tempDir(t, 'memstrata-wl-');
-  const path = join(dir, 'wl.journal');
-  const journal = await JournalFile.create(path, DEVICE);
-  const medium = new DramMedium({ capacity: DEVICE, extentSize: E });
-  await medium.open();
-  const device = new NvramDevice({ name: 'wl', size: DEVICE, policy: 'local', medium, extents: [0, E, 2 * E, 3 * E], extentSize: E, journal });
-  const cache = await smallCache();
-  const io = new WriteLogIo(cache, { get: () => device } as unknown as DeviceManager, silent);
-  const store = new MemoryStore(1 << 20, new FaultPlan());
-  const volume = new Volume('v', false, new Date().toISOString(), store, 'wl');
+  const { path, device, io, volume } = await loggedVolume(t);
+  const medium = device.medium;
+  assert.ok(medium instanceof DramMedium);
   await io.read(volume, 0, Buffer.alloc(E));
   assert.equal(io.writeNow(volume, 0, Buffer.alloc(4096, 0x10)), true);
   const writeSync = medium.writeSync.bind(medium);
@@ -469,8 +459,6 @@ test('writeNow through a write log when the device\'s memory refuses the record:
   });
   assert.deepEqual(seqs, seqs.map((_, i) => i + 1), 'numbers without a gap, the refused one voided');
   assert.equal(replayOver(Buffer.alloc(1 << 20), path)[0], 0x11);
-  await cache.stop();
-  await device.close();
 });
 
 test('writeNow alone installs the write-ahead barrier and starts checkpoints: the first WRITE of a volume taken at once still has its record made durable before its write-back, and a log filled past half by such WRITEs is trimmed', async (t) => {
