@@ -706,6 +706,8 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
     // Validated before anything is allocated: a negative or huge length is a coded violation, not a RangeError or a large allocation.
     const spans = this.spans(address, length);
     const out = Buffer.alloc(length);
+    const only = spans.length === 1 ? spans[0] : undefined;
+    if (only !== undefined && only.segment.far && !only.segment.isFreed && this.cache.readNow(only.segment, only.offset, out)) return out;
     await this.run(spans, ({ segment, offset, from, n }) =>
       segment.far ? this.cache.read(segment, offset, out.subarray(from, from + n)) : segment.readPieces(offset, out.subarray(from, from + n)),
     );
@@ -717,7 +719,10 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
     this.checkOpen();
     assertBytes(data);
     const buf = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
-    await this.run(this.spans(address, buf.length), ({ segment, offset, from, n }) =>
+    const spans = this.spans(address, buf.length);
+    const only = spans.length === 1 ? spans[0] : undefined;
+    if (only !== undefined && only.segment.far && !only.segment.isFreed && this.cache.writeNow(only.segment, only.offset, buf)) return;
+    await this.run(spans, ({ segment, offset, from, n }) =>
       segment.far ? this.cache.write(segment, offset, buf.subarray(from, from + n)) : segment.writePieces(offset, buf.subarray(from, from + n)),
     );
   }

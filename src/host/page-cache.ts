@@ -207,6 +207,29 @@ export class PageCache {
   }
 
   /**
+   * Serves a read within one cached page in the caller's turn, when no request holds
+   * the page and its source is servable: true when done (a hit). False when the caller
+   * must take `read`, which then counts the access: a miss, a page held by a request or
+   * a write-back, a read over two pages, a lost source.
+   */
+  readNow(source: PageSource, offset: number, target: Buffer): boolean {
+    const entry = this.hitNow(source, offset, target.length);
+    if (entry === undefined) return false;
+    const at = offset % CACHE_PAGE;
+    entry.data.copy(target, 0, at, at + target.length);
+    return true;
+  }
+
+  /** As readNow, for a write within one cached page: applied to the page, which becomes dirty. */
+  writeNow(source: PageSource, offset: number, data: Buffer): boolean {
+    const entry = this.hitNow(source, offset, data.length);
+    if (entry === undefined) return false;
+    data.copy(entry.data, offset % CACHE_PAGE);
+    entry.dirty = true;
+    return true;
+  }
+
+  /**
    * Writes every dirty page back to its tier. A page of a lost source is dropped and
    * counted as lost instead; a page whose write-back fails otherwise stays dirty, the
    * others are still tried, and the first such failure is thrown at the end.
@@ -297,6 +320,20 @@ export class PageCache {
       return;
     }
     await source.writePieces(pageOffset, data.subarray(from, from + n));
+  }
+
+  /**
+   * The entry of the one page [offset, offset + length) of a source lies in, counted as
+   * a hit, when it is cached, no request holds it (so none made before this one is still
+   * on it: the order of requests on a page is kept) and the source is servable.
+   * Undefined otherwise, with nothing counted.
+   */
+  private hitNow(source: PageSource, offset: number, length: number): Entry | undefined {
+    const within = offset % CACHE_PAGE;
+    if (within + length > CACHE_PAGE || length === 0) return undefined;
+    const page = (source.address + offset - within) / CACHE_PAGE;
+    if (this.locks.has(page) || this.entryOf(page) === undefined || source.failure() !== undefined) return undefined;
+    return this.hit(page);
   }
 
   /** Counts an access to a page and returns its entry when it is cached. */
