@@ -44,6 +44,8 @@ export interface MetricsSources {
   cluster?(): ClusterSelfJson | undefined;
   /** How long each NVRAM journal batch's write and sync took, per device. */
   journalSyncs?(): LatencySnapshot[];
+  /** node.busyPoll: its window (us, 0: off) and the seconds the event loop spent polling. */
+  busyPoll?(): { windowUs: number; seconds: number };
 }
 
 /**
@@ -453,6 +455,8 @@ export class NodeMetrics {
     mirrorCounter('memstrata_mirror_degradations_total', 'Times a mirrored device lost its partner and degraded or began refusing.', (m) => m.degradations);
     mirrorCounter('memstrata_mirror_resyncs_total', 'Replicas brought up to date on the partner.', (m) => m.resyncs);
     mirrorCounter('memstrata_mirror_records_total', 'Records the partner acknowledged holding.', (m) => m.mirroredRecords);
+    const pollCounter = counterOf(() => sources.busyPoll?.());
+    pollCounter('memstrata_busy_poll_seconds_total', 'Seconds the event loop spent polling for input instead of sleeping (node.busyPoll): about the CPU time busy polling cost.', (p) => p.seconds);
     const adminCounter = counterOf(() => sources.admin?.());
     adminCounter('memstrata_admin_auth_failures_total', 'Admin API requests refused for a missing or wrong token (MS_ADMIN_UNAUTHORIZED).', (a) => a.authFailures);
     adminCounter('memstrata_admin_request_timeouts_total', 'Admin API connections closed because headers or body came too slowly (MS_ADMIN_REQUEST_TIMEOUT).', (a) => a.requestTimeouts);

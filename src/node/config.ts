@@ -25,6 +25,7 @@ import { ADDRESS_FORM, DURATION_FORM, GiB, KiB, MiB, SIZE_FORM, formatSize, pars
 import { LARGEST_REQUEST_COST } from '../protocol/rmem/codec.js';
 import { MIRROR_LARGEST_REQUEST_COST } from '../protocol/mirror/codec.js';
 import { ENFORCEMENTS, type EnforcementSetting } from '../guest/supervisor.js';
+import { BUSY_POLL_MAX_US } from '../net/busy-poll.js';
 
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 export type LogLevel = (typeof LOG_LEVELS)[number];
@@ -62,7 +63,8 @@ export const TLS_MODES = ['off', 'require'] as const;
 export type TlsMode = (typeof TLS_MODES)[number];
 
 export interface NodeConfig {
-  node: { id: string | undefined; zone: string | undefined };
+  /** `busyPollUs`: how long the event loop polls for input after the last chunk, in microseconds (0: off; net/busy-poll.ts). */
+  node: { id: string | undefined; zone: string | undefined; busyPollUs: number };
   /** Loaded from tls.cert, tls.key and tls.ca; undefined when no service uses TLS. */
   tls: TlsFiles | undefined;
   /** Membership and ownership through etcd; `etcd` undefined: a node on its own (the default). */
@@ -157,6 +159,14 @@ const addressLeaf = leaf<ListenAddress>(ADDRESS_FORM, (v) => (typeof v === 'stri
 
 const durationLeaf = leaf<number>(DURATION_FORM, (v) => (typeof v === 'number' || typeof v === 'string' ? parseDuration(v) : undefined));
 
+const BUSY_POLL_FORM = `a time from 0 to ${BUSY_POLL_MAX_US}us such as 0, 50us, 200us or 1ms (a bare number is microseconds)`;
+const busyPollLeaf = leaf<number>(BUSY_POLL_FORM, (v) => {
+  const match = typeof v === 'number' ? [String(v), String(v), ''] : typeof v === 'string' ? /^\s*(\d+)\s*(us|ms)?\s*$/.exec(v) : null;
+  if (match === null || match === undefined) return undefined;
+  const us = Number(match[1]) * (match[2] === 'ms' ? 1000 : 1);
+  return Number.isSafeInteger(us) && us >= 0 && us <= BUSY_POLL_MAX_US ? us : undefined;
+});
+
 const booleanLeaf = leaf<boolean>('true or false', (v) => (v === true || v === 'true' ? true : v === false || v === 'false' ? false : undefined));
 
 const TOKEN_FORM = 'a string of 1 to 1024 bytes';
@@ -231,7 +241,7 @@ const mediumPartitionSchema = z
   .prefault({});
 
 const rawSchema = z.strictObject({
-  node: z.strictObject({ id: nodeIdLeaf.optional(), zone: zoneLeaf.optional() }).prefault({}),
+  node: z.strictObject({ id: nodeIdLeaf.optional(), zone: zoneLeaf.optional(), busyPoll: busyPollLeaf.prefault('0') }).prefault({}),
   cluster: z
     .strictObject({
       etcd: etcdLeaf.optional(),
@@ -342,6 +352,7 @@ const partitionSettings: Setting[] = MEDIA.flatMap((medium) =>
 
 export const SETTINGS: readonly Setting[] = [
   { path: 'node.id', flag: '--node-id', default: '(generated, kept in the data directory)', doc: 'name of this node in tables, logs and the cluster' },
+  { path: 'node.busyPoll', flag: '--busy-poll', default: '0', doc: 'after each chunk of input on its NBD, rmem and mirror connections, the node\'s event loop polls for the next one for this long (up to 10ms; a bare number is microseconds) instead of sleeping: lower latency where waking a core costs much (virtual machines, deep C-states), paid with a core while requests keep coming; 0 is off' },
   { path: 'node.zone', flag: '--zone', default: '(none)', doc: 'failure zone of this node (a rack, a room, a site), shown in its cluster record' },
   { path: 'cluster.etcd', flag: '--etcd', default: '(none: a node on its own)', doc: 'etcd client URLs, separated by commas; set, the node registers in the cluster under its lease' },
   { path: 'cluster.name', default: 'default', doc: 'name of the cluster: nodes and hosts of one cluster share the etcd prefix /memstrata/<name>/' },
@@ -498,7 +509,7 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
   const parsed = result.data;
   const dataDir = resolve(cwd, parsed.dataDir);
   const config: NodeConfig = {
-    node: { id: parsed.node.id, zone: parsed.node.zone },
+    node: { id: parsed.node.id, zone: parsed.node.zone, busyPollUs: parsed.node.busyPoll },
     cluster: { etcd: parsed.cluster.etcd, name: parsed.cluster.name, leaseMs: parsed.cluster.lease, advertise: parsed.cluster.advertise },
     tls: undefined,
     dataDir,

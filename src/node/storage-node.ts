@@ -24,6 +24,7 @@ import { Membership } from '../cluster/membership.js';
 import { Ownership } from '../cluster/ownership.js';
 import { Partners } from '../cluster/partners.js';
 import { NodeMetrics } from '../admin/metrics.js';
+import { BusyPoll } from '../net/busy-poll.js';
 import { AllocationTable } from '../memory/allocation-table.js';
 import { DramMedium } from '../memory/dram-medium.js';
 import { FlashMedium } from '../memory/flash-medium.js';
@@ -72,6 +73,8 @@ export class StorageNode {
   private nodeId: string;
   private startedAt: Date;
   private stopping: boolean;
+  /** node.busyPoll: the event loop polls for input a while after each chunk (off at 0). */
+  readonly busyPoll: BusyPoll;
   private admin: AdminServer | undefined;
   private rmem: RmemService | undefined;
   private nbd: NbdService | undefined;
@@ -130,6 +133,7 @@ export class StorageNode {
     this.nodeId = config.node.id ?? '';
     this.startedAt = new Date();
     this.stopping = false;
+    this.busyPoll = new BusyPoll(config.node.busyPollUs);
     this.admin = undefined;
     this.rmem = undefined;
     this.nbd = undefined;
@@ -219,6 +223,7 @@ export class StorageNode {
           maxConnectionsPerClient: config.mirror.maxConnectionsPerClient,
           handshakeTimeoutMs: config.mirror.handshakeTimeoutMs,
           stallTimeoutMs: config.mirror.stallTimeoutMs,
+          busyPoll: this.busyPoll,
           ...(config.mirror.tls === 'require' && config.tls !== undefined ? { tls: config.tls } : {}),
         });
         const bound = await service.listen(config.mirror.listen);
@@ -286,6 +291,7 @@ export class StorageNode {
           maxConnections: config.rmem.maxConnections,
           maxConnectionsPerClient: config.rmem.maxConnectionsPerClient,
           handshakeTimeoutMs: config.rmem.handshakeTimeoutMs,
+          busyPoll: this.busyPoll,
           ...(config.rmem.tls === 'require' && config.tls !== undefined ? { tls: config.tls } : {}),
         });
         const bound = await rmem.listen(config.rmem.listen);
@@ -301,7 +307,7 @@ export class StorageNode {
       name: 'nbd',
       start: async () => {
         const tls = config.nbd.tls === 'off' || config.tls === undefined ? {} : { tls: { mode: config.nbd.tls, files: config.tls } };
-        const nbd = new NbdService({ volumes: this.volumes, io: this.volumeIo, log, limits: config.nbd, ...tls });
+        const nbd = new NbdService({ volumes: this.volumes, io: this.volumeIo, log, limits: config.nbd, busyPoll: this.busyPoll, ...tls });
         const bound = await nbd.listen(config.nbd.listen);
         this.nbd = nbd;
         log.info({ address: formatAddress(bound), volumes: this.volumes.list().map((v) => v.name), tls: config.nbd.tls }, 'NBD service listening');
@@ -332,6 +338,7 @@ export class StorageNode {
           cluster: () => this.membership?.status(),
           guests: () => this.guests.list(),
           journalSyncs: () => this.nvram.syncLatency.snapshot(),
+          busyPoll: () => ({ windowUs: this.config.node.busyPollUs, seconds: this.busyPoll.pollingSeconds }),
         });
         const admin = new AdminServer({
           info: () => this.info(),
@@ -440,6 +447,7 @@ export class StorageNode {
   /** Stops every subsystem in reverse order, draining each. Safe to call more than once. */
   async stop(): Promise<void> {
     this.stopping = true;
+    this.busyPoll.stop();
     await this.lifecycle.stop();
     this.log.info({ node: this.nodeId }, 'node stopped');
   }
@@ -552,6 +560,7 @@ export class StorageNode {
         rmem: (this.rmem?.stats.latency.snapshot() ?? []).map(latencySummary),
         journalSync: this.nvram.syncLatency.snapshot().map(latencySummary),
       },
+      busyPoll: { windowUs: this.config.node.busyPollUs, seconds: this.busyPoll.pollingSeconds },
       mirror: this.mirroring?.info() ?? {
         partner: null,
         partnerNode: null,

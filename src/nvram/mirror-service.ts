@@ -43,6 +43,7 @@ import { CorkedWriter } from '../net/corked-writer.js';
 import { ConnectionGate, type Admission } from '../net/connection-gate.js';
 import { RequestFlow, SharedBudget, newFlowStats, type FlowLimits, type FlowStats } from '../net/request-flow.js';
 import { ReadGate, dataEventInput, ownBufferInput, type SocketInput } from '../net/socket-input.js';
+import type { BusyPoll } from '../net/busy-poll.js';
 import { serviceLoad, type ServiceLoad } from '../net/service-load.js';
 import { FrameParser, type Frame } from '../protocol/rmem/parser.js';
 import { PooledBodies, stagingPool, type BufferPool } from '../memory/buffer-pool.js';
@@ -88,6 +89,8 @@ const STATUS_OF: Partial<Record<string, number>> = {
 };
 
 export interface MirrorServiceOptions {
+  /** Polls the event loop for a while after each chunk of input (node.busyPoll); none: never. */
+  busyPoll?: BusyPoll | undefined;
   nvram: DeviceManager;
   nodeId: string;
   token: string | undefined;
@@ -160,7 +163,8 @@ export class MirrorService {
   }
 
   async listen(address: ListenAddress): Promise<ListenAddress> {
-    const serve = (input: SocketInput, admission: Admission): void => {
+    const serve = (accepted: SocketInput, admission: Admission): void => {
+      const input = this.options.busyPoll?.input(accepted) ?? accepted;
       const connection = new MirrorConnection(input, this.options, this, admission);
       this.connections.add(connection);
       input.socket.once('close', () => this.connections.delete(connection));

@@ -30,7 +30,8 @@ import { SharedBudget, newFlowStats, type FlowLimits, type FlowStats } from '../
 import type { VolumeIo } from '../storage/volume-io.js';
 import type { VolumeManager } from '../storage/volume-manager.js';
 import { closeServer, listenOn, listenUnix, type ScopedListener } from '../net/listen.js';
-import { dataEventInput, ownBufferInput } from '../net/socket-input.js';
+import { dataEventInput, ownBufferInput, type SocketInput } from '../net/socket-input.js';
+import type { BusyPoll } from '../net/busy-poll.js';
 import type { ListenAddress } from '../units.js';
 import { BufferPool } from '../memory/buffer-pool.js';
 import { NbdConnection, type ExportCatalog, type NbdHost, type NbdStats } from './nbd-connection.js';
@@ -82,10 +83,12 @@ export class NbdService implements NbdHost {
   private server: Server | undefined;
   private stopping: boolean;
   private bound: ListenAddress | undefined;
+  private readonly poll: BusyPoll | undefined;
 
   /** `tls`: NBD_OPT_STARTTLS offered (`on`) or required (`require`, FORCEDTLS) on the TCP service; cut-through sockets never offer it. */
-  constructor(options: { volumes: VolumeManager; io: VolumeIo; log: Logger; limits: NbdLimits; tls?: { mode: 'on' | 'require'; files: TlsFiles } }) {
+  constructor(options: { volumes: VolumeManager; io: VolumeIo; log: Logger; limits: NbdLimits; tls?: { mode: 'on' | 'require'; files: TlsFiles }; busyPoll?: BusyPoll | undefined }) {
     this.volumes = options.volumes;
+    this.poll = options.busyPoll;
     this.io = options.io;
     this.log = options.log;
     this.stats = { commands: {}, latency: new LatencyHistogram(), errors: {}, bytesRead: 0, bytesWritten: 0, handshakes: 0, protocolErrors: 0 };
@@ -116,7 +119,7 @@ export class NbdService implements NbdHost {
           return;
         }
         this.log.debug({ remote: `${secure.remoteAddress ?? '?'}:${secure.remotePort ?? 0}`, protocol: secure.getProtocol(), authorized: secure.authorized }, 'NBD session upgraded to TLS');
-        this.connections.add(new NbdConnection(dataEventInput(secure), this, admission, { secure: true, noZeroes: state.noZeroes }));
+        this.connections.add(new NbdConnection(this.polled(dataEventInput(secure)), this, admission, { secure: true, noZeroes: state.noZeroes }));
       },
       (error, remote) => {
         this.log.info({ remote, err: error.message }, 'NBD client failed the TLS handshake; disconnecting');
@@ -150,11 +153,16 @@ export class NbdService implements NbdHost {
       const input = ownBuffer ? ownBufferInput(accepted, { allowHalfOpen: true }) : dataEventInput(accepted);
       const admission = this.gate.admit(input.socket);
       if (admission === undefined) return;
-      this.connections.add(new NbdConnection(input, this, admission));
+      this.connections.add(new NbdConnection(this.polled(input), this, admission));
     });
     this.bound = await listenOn(server, address, 'NBD', this.log);
     this.server = server;
     return this.bound;
+  }
+
+  /** `input`, poking the busy poll with every chunk when the node polls. */
+  private polled(input: SocketInput): SocketInput {
+    return this.poll?.input(input) ?? input;
   }
 
   /** Stops accepting, answers what connections sent (ESHUTDOWN for what is not yet served), then closes them. */
@@ -207,7 +215,7 @@ export class NbdService implements NbdHost {
       const input = ownBufferInput(accepted, { allowHalfOpen: true });
       const admission = this.gate.admitScoped(input.socket, client, own.size, maxConnections);
       if (admission === undefined) return;
-      const connection = new NbdConnection(input, host, admission);
+      const connection = new NbdConnection(this.polled(input), host, admission);
       own.add(connection);
       this.connections.add(connection);
     });

@@ -41,7 +41,8 @@ import type { ServerMemory, Tenancy } from '../memory/server-memory.js';
 import type { DeviceManager } from '../nvram/device-manager.js';
 import type { Logger } from '../logger.js';
 import { DRAIN_DEADLINE_MS, closeServer, listenOn, listenUnix, type ScopedListener } from '../net/listen.js';
-import { dataEventInput, ownBufferInput } from '../net/socket-input.js';
+import { dataEventInput, ownBufferInput, type SocketInput } from '../net/socket-input.js';
+import type { BusyPoll } from '../net/busy-poll.js';
 import { ConnectionGate } from '../net/connection-gate.js';
 import { SharedBudget, newFlowStats, type FlowLimits, type FlowStats } from '../net/request-flow.js';
 import { serviceLoad, type ServiceLoad } from '../net/service-load.js';
@@ -56,6 +57,8 @@ export type { SessionInfo };
 export const GUEST_SERVER_PREFIX = 'guest:';
 
 export interface RmemServiceOptions {
+  /** Polls the event loop for a while after each chunk of input (node.busyPoll); none: never. */
+  busyPoll?: BusyPoll | undefined;
   memory: ServerMemory;
   nvram: DeviceManager;
   writeLogOf?: (device: string) => string | undefined;
@@ -140,7 +143,7 @@ export class RmemService implements ConnectionHost {
           options.handshakeTimeoutMs,
           (secure, admission) => {
             if (this.stopping) secure.destroy();
-            else this.connections.add(new RmemConnection(dataEventInput(secure), this, admission));
+            else this.connections.add(new RmemConnection(this.polled(dataEventInput(secure)), this, admission));
           },
           (error, remote) => {
             this.log.info({ remote, err: error.message }, 'rmem client failed the TLS handshake; disconnecting');
@@ -336,7 +339,7 @@ export class RmemService implements ConnectionHost {
       const admission = this.gate.admitScoped(socket, scope.client, own.size, maxConnections);
       if (admission === undefined) return;
       this.stats.connectionsAccepted++;
-      const connection = new RmemConnection(input, this, admission, scope);
+      const connection = new RmemConnection(this.polled(input), this, admission, scope);
       own.add(connection);
       this.connections.add(connection);
       socket.once('close', () => own.delete(connection));
@@ -348,6 +351,11 @@ export class RmemService implements ConnectionHost {
       holding: () => [...own].flatMap((c) => c.openDevices().map((j) => j.device)),
       close: () => closeServer(server, own),
     };
+  }
+
+  /** `input`, poking the busy poll with every chunk when the node polls. */
+  private polled(input: SocketInput): SocketInput {
+    return this.options.busyPoll?.input(input) ?? input;
   }
 
   /** A connection accepted paused when it is to be read into a buffer of its own (no TLS: a TLS session takes its socket over). */
@@ -367,7 +375,7 @@ export class RmemService implements ConnectionHost {
     const admission = this.gate.admit(input.socket);
     if (admission === undefined) return;
     this.stats.connectionsAccepted++;
-    this.connections.add(new RmemConnection(input, this, admission));
+    this.connections.add(new RmemConnection(this.polled(input), this, admission));
   }
 
 

@@ -276,6 +276,8 @@ export interface NodeInfo {
   };
   /** Request latencies since the node started (the same figures as /metrics' histograms). */
   latency: { nbd: LatencyJson[]; rmem: LatencyJson[]; journalSync: LatencyJson[] };
+  /** node.busyPoll: the window in microseconds (0: off) and the seconds the event loop has spent polling. */
+  busyPoll?: { windowUs: number; seconds: number };
 }
 
 /**

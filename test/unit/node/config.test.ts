@@ -330,3 +330,16 @@ test('no token of any service appears in a configuration error', async () => {
     assert.ok(!JSON.stringify((error as unknown as { details?: unknown }).details ?? {}).includes('yyyy'));
   }
 });
+
+test('node.busyPoll: off by default; microseconds (bare or us) or ms up to 10ms; anything else is MS_CONFIG_INVALID naming it', async () => {
+  assert.equal((await loadConfig({ env: {} })).config.node.busyPollUs, 0);
+  for (const [value, us] of [['0', 0], ['150', 150], ['50us', 50], [' 200 us ', 200], ['1ms', 1000], ['10ms', 10_000], ['10000', 10_000]] as const) {
+    assert.equal((await loadConfig({ env: {}, flags: [['node.busyPoll', value]] })).config.node.busyPollUs, us, value);
+  }
+  assert.equal((await loadConfig({ env: { MEMSTRATA_NODE_BUSY_POLL: '75us' } })).config.node.busyPollUs, 75);
+  for (const value of ['-1', '1.5', '11ms', '10001', '1s', 'fast', '']) {
+    const error = await configError({ env: {}, flags: [['node.busyPoll', value]] });
+    assert.equal(error.code, 'MS_CONFIG_INVALID', value);
+    assert.match(error.message, /node\.busyPoll.*from 0 to 10000us/, value);
+  }
+});
