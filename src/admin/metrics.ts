@@ -456,7 +456,7 @@ export class NodeMetrics {
     mirrorCounter('memstrata_mirror_resyncs_total', 'Replicas brought up to date on the partner.', (m) => m.resyncs);
     mirrorCounter('memstrata_mirror_records_total', 'Records the partner acknowledged holding.', (m) => m.mirroredRecords);
     const pollCounter = counterOf(() => sources.busyPoll?.());
-    pollCounter('memstrata_busy_poll_seconds_total', 'Seconds the event loop spent polling for input instead of sleeping (node.busyPoll): about the CPU time busy polling cost.', (p) => p.seconds);
+    pollCounter('memstrata_busy_poll_seconds_total', 'Seconds the event loop spent in busy polling (node.busyPoll), from the first chunk of input or reply of a stretch to one window after its last, serving requests included: an upper bound on the CPU time polling cost.', (p) => p.seconds);
     const adminCounter = counterOf(() => sources.admin?.());
     adminCounter('memstrata_admin_auth_failures_total', 'Admin API requests refused for a missing or wrong token (MS_ADMIN_UNAUTHORIZED).', (a) => a.authFailures);
     adminCounter('memstrata_admin_request_timeouts_total', 'Admin API connections closed because headers or body came too slowly (MS_ADMIN_REQUEST_TIMEOUT).', (a) => a.requestTimeouts);

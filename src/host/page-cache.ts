@@ -326,7 +326,9 @@ export class PageCache {
    * The entry of the one page [offset, offset + length) of a source lies in, counted as
    * a hit, when it is cached, no request holds it (so none made before this one is still
    * on it: the order of requests on a page is kept) and the source is servable.
-   * Undefined otherwise, with nothing counted.
+   * Undefined otherwise, with nothing counted. (A lost segment's purge takes its pages'
+   * locks in the turn of the loss, so the lock check covers a loss too; the source's own
+   * check stands for a failure that comes any other way.)
    */
   private hitNow(source: PageSource, offset: number, length: number): Entry | undefined {
     const within = offset % CACHE_PAGE;

@@ -1,6 +1,8 @@
-// Busy polling: after a service hands the node's event loop a chunk of input, the loop
-// keeps polling for the next one for a short window instead of going to sleep in
-// epoll_wait. A turn queued with setImmediate makes libuv wait for I/O with a zero
+// Busy polling: after a server connection hands the node's event loop a chunk of input,
+// or hands the kernel a tick's replies, the loop keeps polling for the next chunk for a
+// short window instead of going to sleep in epoll_wait (a reply is poked too, so a
+// request that took longer than the window, such as a journal sync, still finds the loop
+// awake for the client's next one). A turn queued with setImmediate makes libuv wait for I/O with a zero
 // timeout; each turn queues the next until the window has passed since the last chunk.
 //
 // Why: on a machine whose idle cores halt (a virtual machine's vCPU, or a server with
@@ -13,8 +15,9 @@
 // What it costs: while requests keep arriving within the window of each other, the
 // node's main thread never sleeps (a core while it serves, however light the load).
 // When they stop, it sleeps again one window after the last one. So it is off by default
-// (`node.busyPoll` 0); the time spent polling is counted (`pollingSeconds`) and shown
-// with the node's metrics, so an operator sees what it costs.
+// (`node.busyPoll` 0); the time in polling mode is counted (`pollingSeconds`: from a
+// stretch's first poke to one window after its last, serving included, so an upper bound
+// on what polling cost) and shown with the node's metrics, so an operator sees it.
 //
 // Invariants:
 //   - polling only ever adds turns of the loop: no callback runs earlier, later or in
@@ -42,6 +45,8 @@ export class BusyPoll {
   /** Milliseconds spent polling in stretches that ended. */
   private polledMs: number;
   private readonly turnBound: () => void;
+  /** poke(), bound: for a server connection's CorkedWriter, told when its replies go out. */
+  readonly pokeFn: (() => void) | undefined;
 
   /** `windowUs`: how long the loop polls after the last chunk of input, in microseconds (0: never). */
   constructor(windowUs: number, clock: () => number = () => performance.now()) {
@@ -55,6 +60,11 @@ export class BusyPoll {
     this.turnBound = () => {
       this.turn();
     };
+    this.pokeFn = windowUs > 0
+      ? () => {
+          this.poke();
+        }
+      : undefined;
   }
 
   get enabled(): boolean {
@@ -66,12 +76,12 @@ export class BusyPoll {
     return this.polling;
   }
 
-  /** Seconds the loop has spent polling, the current stretch included. */
+  /** Seconds the loop has spent in polling mode (serving included), the current stretch too. */
   get pollingSeconds(): number {
     return (this.polledMs + (this.polling ? this.clock() - this.since : 0)) / 1000;
   }
 
-  /** Input arrived: poll until the window has passed from now. */
+  /** Input arrived or replies went out: poll until the window has passed from now. */
   poke(): void {
     if (this.windowMs === 0 || this.stopped) return;
     const now = this.clock();

@@ -7,10 +7,13 @@ import type { Socket } from 'node:net';
 export class CorkedWriter {
   private readonly socket: Socket;
   private corked: boolean;
+  /** Told each time a tick's writes are handed to the kernel (a server's busy poll, net/busy-poll.ts). */
+  private readonly flushed: (() => void) | undefined;
 
-  constructor(socket: Socket) {
+  constructor(socket: Socket, flushed?: () => void) {
     this.socket = socket;
     this.corked = false;
+    this.flushed = flushed;
   }
 
   /**
@@ -30,6 +33,7 @@ export class CorkedWriter {
       process.nextTick(() => {
         this.corked = false;
         socket.uncork();
+        this.flushed?.();
       });
     }
     return socket.write(buf, written);

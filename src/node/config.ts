@@ -352,7 +352,7 @@ const partitionSettings: Setting[] = MEDIA.flatMap((medium) =>
 
 export const SETTINGS: readonly Setting[] = [
   { path: 'node.id', flag: '--node-id', default: '(generated, kept in the data directory)', doc: 'name of this node in tables, logs and the cluster' },
-  { path: 'node.busyPoll', flag: '--busy-poll', default: '0', doc: 'after each chunk of input on its NBD, rmem and mirror connections, the node\'s event loop polls for the next one for this long (up to 10ms; a bare number is microseconds) instead of sleeping: lower latency where waking a core costs much (virtual machines, deep C-states), paid with a core while requests keep coming; 0 is off' },
+  { path: 'node.busyPoll', flag: '--busy-poll', default: '0', doc: 'after each chunk of input on its NBD, rmem and mirror connections (and each tick\'s replies on them), the node\'s event loop polls for the next one for this long (up to 10ms; a bare number is microseconds) instead of sleeping: lower latency where waking a core costs much (virtual machines, deep C-states), paid with a core while requests keep coming; 0 is off' },
   { path: 'node.zone', flag: '--zone', default: '(none)', doc: 'failure zone of this node (a rack, a room, a site), shown in its cluster record' },
   { path: 'cluster.etcd', flag: '--etcd', default: '(none: a node on its own)', doc: 'etcd client URLs, separated by commas; set, the node registers in the cluster under its lease' },
   { path: 'cluster.name', default: 'default', doc: 'name of the cluster: nodes and hosts of one cluster share the etcd prefix /memstrata/<name>/' },

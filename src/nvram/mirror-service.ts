@@ -274,7 +274,7 @@ class MirrorConnection {
     this.options = options;
     this.service = service;
     this.admission = admission;
-    this.writer = new CorkedWriter(socket);
+    this.writer = new CorkedWriter(socket, options.busyPoll?.pokeFn);
     this.chain = Promise.resolve();
     this.output = Promise.resolve();
     this.replySince = undefined;

@@ -99,6 +99,7 @@ import type { CacheViews, VolumeIo } from '../storage/volume-io.js';
 import type { BufferPool } from '../memory/buffer-pool.js';
 import { CorkedWriter } from '../net/corked-writer.js';
 import type { SocketInput } from '../net/socket-input.js';
+import type { BusyPoll } from '../net/busy-poll.js';
 import type { Semaphore } from './semaphore.js';
 import type { TurnQueue } from './turn-queue.js';
 
@@ -110,6 +111,8 @@ export interface ExportCatalog {
 }
 
 export interface NbdHost {
+  /** Poked after each tick's replies go out, so the loop polls for the next request (node.busyPoll). */
+  readonly busyPoll?: BusyPoll | undefined;
   readonly volumes: ExportCatalog;
   /** TLS on this service: undefined answers STARTTLS with NBD_REP_ERR_POLICY. */
   readonly tls: { require: boolean; upgrade(socket: Socket, state: { noZeroes: boolean }, admission: Admission): void } | undefined;
@@ -308,7 +311,7 @@ export class NbdConnection {
     this.quietCheck = false;
     this.finished = false;
     this.linger = undefined;
-    this.writer = new CorkedWriter(socket);
+    this.writer = new CorkedWriter(socket, host.busyPoll?.pokeFn);
     // The flow pauses and resumes reading through this; see applyReading().
     const flowSocket: FlowSocket = {
       pause: () => {

@@ -83,12 +83,12 @@ export class NbdService implements NbdHost {
   private server: Server | undefined;
   private stopping: boolean;
   private bound: ListenAddress | undefined;
-  private readonly poll: BusyPoll | undefined;
+  readonly busyPoll: BusyPoll | undefined;
 
   /** `tls`: NBD_OPT_STARTTLS offered (`on`) or required (`require`, FORCEDTLS) on the TCP service; cut-through sockets never offer it. */
   constructor(options: { volumes: VolumeManager; io: VolumeIo; log: Logger; limits: NbdLimits; tls?: { mode: 'on' | 'require'; files: TlsFiles }; busyPoll?: BusyPoll | undefined }) {
     this.volumes = options.volumes;
-    this.poll = options.busyPoll;
+    this.busyPoll = options.busyPoll;
     this.io = options.io;
     this.log = options.log;
     this.stats = { commands: {}, latency: new LatencyHistogram(), errors: {}, bytesRead: 0, bytesWritten: 0, handshakes: 0, protocolErrors: 0 };
@@ -162,7 +162,7 @@ export class NbdService implements NbdHost {
 
   /** `input`, poking the busy poll with every chunk when the node polls. */
   private polled(input: SocketInput): SocketInput {
-    return this.poll?.input(input) ?? input;
+    return this.busyPoll?.input(input) ?? input;
   }
 
   /** Stops accepting, answers what connections sent (ESHUTDOWN for what is not yet served), then closes them. */
@@ -200,6 +200,7 @@ export class NbdService implements NbdHost {
       flowStats: this.flowStats,
       turns: this.turns,
       zeroSlots: this.zeroSlots,
+      busyPoll: this.busyPoll,
       tls: undefined,
       isStopping: () => this.stopping,
       closed: (connection) => {

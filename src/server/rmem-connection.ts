@@ -73,6 +73,7 @@ import { CorkedWriter } from '../net/corked-writer.js';
 import type { LatencyHistogram } from '../net/latency.js';
 import { RequestFlow, type FlowLimits, type FlowStats, type SharedBudget } from '../net/request-flow.js';
 import { ReadGate, type SocketInput } from '../net/socket-input.js';
+import type { BusyPoll } from '../net/busy-poll.js';
 import type { Admission } from '../net/connection-gate.js';
 
 /** What a connection needs from the service that owns it. */
@@ -93,6 +94,8 @@ export interface RmemScope {
 }
 
 export interface ConnectionHost {
+  /** Poked after each tick's replies go out, so the loop polls for the next request (node.busyPoll). */
+  readonly busyPoll?: BusyPoll | undefined;
   readonly memory: ServerMemory;
   readonly nvram: DeviceManager;
   /** The volume whose write log the device is, if any; such devices are not open to clients. */
@@ -184,7 +187,7 @@ export class RmemConnection {
     this.tenancy = undefined;
     this.host = host;
     this.admission = admission;
-    this.writer = new CorkedWriter(socket);
+    this.writer = new CorkedWriter(socket, host.busyPoll?.pokeFn);
     this.journals = new Map();
     this.pooledBodies = new PooledBodies(host.bodyBuffers);
     this.nextHandle = 1;

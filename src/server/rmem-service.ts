@@ -113,6 +113,7 @@ export class RmemService implements ConnectionHost {
   readonly memory: ServerMemory;
   readonly nvram: DeviceManager;
   readonly log: Logger;
+  readonly busyPoll: BusyPoll | undefined;
   readonly flowLimits: FlowLimits;
   readonly flowStats: FlowStats;
   readonly budget: SharedBudget;
@@ -136,6 +137,7 @@ export class RmemService implements ConnectionHost {
     this.memory = options.memory;
     this.nvram = options.nvram;
     this.log = options.log;
+    this.busyPoll = options.busyPoll;
     this.secure = options.tls === undefined
       ? undefined
       : tlsUpgrader<Admission>(
@@ -355,7 +357,7 @@ export class RmemService implements ConnectionHost {
 
   /** `input`, poking the busy poll with every chunk when the node polls. */
   private polled(input: SocketInput): SocketInput {
-    return this.options.busyPoll?.input(input) ?? input;
+    return this.busyPoll?.input(input) ?? input;
   }
 
   /** A connection accepted paused when it is to be read into a buffer of its own (no TLS: a TLS session takes its socket over). */

@@ -12,6 +12,7 @@ import { BufferStore, RangeTier, type RangeStore } from '../../../src/host/tiers
 import { FakeNode } from '../../support/host-fakes.js';
 import { IoGate } from '../../../src/host/io-gate.js';
 import { PageCache, type PageSource } from '../../../src/host/page-cache.js';
+import { NetworkError, type MemstrataError } from '../../../src/errors.js';
 
 const PAGE = 4096;
 const MiB = 1024 * 1024;
@@ -414,4 +415,60 @@ test('a page whose write-back failed during a blip of its tier is written back b
   assert.ok(cache.stats().demotions > 64, `demotions ${cache.stats().demotions}`);
   for (let p = 0; p < capacity; p++) assert.ok(tier.bytes.subarray(p * PAGE, (p + 1) * PAGE).equals(page(p + 1)), `page ${p} reached its tier`);
   assert.equal(cache.stats().failedWriteBacks, 2, 'tried again only once the tier worked');
+});
+
+test('readNow and writeNow serve a cached page in the caller\'s turn only while its source is servable and no request holds the page; otherwise they decline and count nothing', async () => {
+  const backing = Buffer.alloc(4 * PAGE);
+  let failure: MemstrataError | undefined = undefined;
+  const source: PageSource = {
+    address: 0x1000_0000,
+    gate: new IoGate(),
+    readPieces: (offset, target) => {
+      backing.copy(target, 0, offset, offset + target.length);
+      return Promise.resolve();
+    },
+    writePieces: (offset, data) => {
+      data.copy(backing, offset);
+      return Promise.resolve();
+    },
+    failure: () => failure,
+    noteLost: () => undefined,
+  };
+  const cache = new PageCache(8 * PAGE);
+  await cache.write(source, 0, Buffer.alloc(PAGE, 7)); // promoted, dirty
+  const before = cache.stats();
+  const out = Buffer.alloc(16);
+  assert.equal(cache.readNow(source, 10, out), true);
+  assert.deepEqual(out, Buffer.alloc(16, 7));
+  assert.equal(cache.writeNow(source, 20, Buffer.from('xy')), true);
+  assert.equal(cache.stats().hits, before.hits + 2, 'each served access is a hit');
+  assert.equal(cache.readNow(source, PAGE, Buffer.alloc(16)), false, 'a page not cached: the caller takes read()');
+  assert.equal(cache.readNow(source, PAGE - 8, Buffer.alloc(16)), false, 'over two pages');
+  assert.equal(cache.readNow(source, 0, Buffer.alloc(0)), false, 'nothing to read');
+  // A page a request holds: a write over pages 0 and 1 holds both while page 1 (not
+  // cached) is fetched from a stalled tier; a write to page 0 made after it waits for the
+  // lock. A read made after both must see the second write: it may not be served at once.
+  let release: () => void = () => undefined;
+  source.readPieces = (offset, target) => new Promise<void>((resolve) => {
+    release = () => {
+      backing.copy(target, 0, offset, offset + target.length);
+      resolve();
+    };
+  });
+  const crossing = cache.write(source, PAGE - 2, Buffer.from('abcd'));
+  const queued = cache.write(source, 0, Buffer.from('late'));
+  const seen = Buffer.alloc(4);
+  assert.equal(cache.readNow(source, 0, seen), false, 'a held page: the read waits its turn behind the write made before it');
+  assert.equal(cache.writeNow(source, 0, Buffer.from('jump')), false, 'a held page: so does a write');
+  const read = Buffer.alloc(4);
+  const reading = cache.read(source, 0, read);
+  release();
+  await Promise.all([crossing, queued, reading]);
+  assert.equal(read.toString(), 'late', 'in the order the requests were made');
+  const counted = cache.stats();
+  failure = new NetworkError('MS_HOST_NODE_LOST', 'node lost');
+  assert.equal(cache.readNow(source, 0, Buffer.alloc(16)), false, 'a lost source is never served at once');
+  assert.equal(cache.writeNow(source, 0, Buffer.from('z')), false);
+  assert.deepEqual(cache.stats(), counted, 'a declined access counts nothing');
+  await assert.rejects(cache.read(source, 0, Buffer.alloc(16)), (e: MemstrataError) => e.code === 'MS_HOST_NODE_LOST');
 });

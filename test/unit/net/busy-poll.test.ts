@@ -5,7 +5,8 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { Socket } from 'node:net';
+import { Socket, connect, createServer, type AddressInfo } from 'node:net';
+import { CorkedWriter } from '../../../src/net/corked-writer.js';
 import { BusyPoll } from '../../../src/net/busy-poll.js';
 import type { InputHandlers, SocketInput } from '../../../src/net/socket-input.js';
 
@@ -142,6 +143,46 @@ test('a wrapped input pokes with every chunk and hands chunks, end, targets and 
   wrapped.pause();
   wrapped.resume();
   assert.deepEqual(calls, ['listen', 'listen', 'listen(none)', 'isPaused', 'pendingBytes', 'pause', 'resume']);
+  now += 1;
+  await turns(2);
+  assert.equal(poll.active, false);
+});
+
+test('a server connection\'s replies poke too: its CorkedWriter tells the poll once per tick, after the tick\'s writes reached the socket', async (t) => {
+  const server = createServer();
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  t.after(() => server.close());
+  const accepted = new Promise<Socket>((resolve) => server.once('connection', resolve));
+  const client = connect((server.address() as AddressInfo).port, '127.0.0.1');
+  t.after(() => client.destroy());
+  const peer = await accepted;
+  t.after(() => peer.destroy());
+  let now = 0;
+  const poll = new BusyPoll(100, () => now);
+  assert.ok(poll.pokeFn !== undefined);
+  assert.equal(new BusyPoll(0).pokeFn, undefined, 'off: nothing to call');
+  let flushes = 0;
+  const writer = new CorkedWriter(peer, () => {
+    flushes++;
+    poll.pokeFn?.();
+  });
+  const got = new Promise<string>((resolve) => {
+    let text = '';
+    client.on('data', (chunk: Buffer) => {
+      text += chunk.toString();
+      if (text.length >= 6) resolve(text);
+    });
+  });
+  writer.write(Buffer.from('ab'));
+  writer.write(Buffer.from('cd'));
+  assert.equal(flushes, 0, 'not before the tick ends');
+  assert.equal(poll.active, false);
+  await new Promise<void>((resolve) => { process.nextTick(resolve); });
+  assert.equal(flushes, 1, 'once for the tick\'s two writes');
+  assert.equal(poll.active, true, 'the replies poked');
+  writer.write(Buffer.from('ef'));
+  assert.equal(await got, 'abcdef');
+  assert.equal(flushes, 2);
   now += 1;
   await turns(2);
   assert.equal(poll.active, false);
