@@ -32,6 +32,7 @@ import { join } from 'node:path';
 import { AdminClient } from '../src/client/admin-client.js';
 import { startNode } from '../test/support/node-process.js';
 import { freePort, have, waitForPort } from './support/ports.js';
+import { nodeSettings } from './support/harness.js';
 
 const COMMITS = Number(process.env.BENCH_COMMITS ?? 3000);
 const WARMUP_COMMITS = Number(process.env.BENCH_WARMUP_COMMITS ?? 1000);
@@ -159,6 +160,7 @@ if (why !== undefined) {
 }
 
 const work = await mkdtemp(join(tmpdir(), 'memstrata-bench-app-'));
+console.log(nodeSettings());
 try {
   const script = join(work, 'commits.py');
   writeFileSync(script, SQLITE);

@@ -31,7 +31,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startNode, type NodeProcess } from '../test/support/node-process.js';
 import { freePort, have, waitForPort } from './support/ports.js';
-import { benchRounds, median } from './support/harness.js';
+import { benchRounds, median, nodeSettings } from './support/harness.js';
 
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 8);
 
@@ -328,6 +328,7 @@ if (!have('fio') || !have('nbdkit')) {
 }
 
 const dir = await mkdtemp(join(tmpdir(), 'memstrata-bench-nbd-'));
+console.log(nodeSettings());
 try {
   const part = process.env.BENCH_NBD_PART;
   if (part === undefined || part === 'cached') await cachedSet(await mkdtemp(join(dir, 'cached-')));

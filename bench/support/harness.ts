@@ -101,6 +101,25 @@ function finish(c: BenchCase, histogram: ReturnType<typeof hdr.build>, ops: numb
   return result;
 }
 
+/**
+ * The node settings a bench run's tables depend on, for its first line: busy polling
+ * (node.busyPoll) changes every latency at low queue depth (docs/BENCHMARKS.md, "Busy
+ * polling"), and the nodes a bench starts take it from MEMSTRATA_NODE_BUSY_POLL.
+ */
+export function nodeSettings(): string {
+  const poll = process.env.MEMSTRATA_NODE_BUSY_POLL;
+  return `memstrata nodes: node.busyPoll ${poll === undefined || poll.trim() === '' || poll.trim() === '0' ? '0 (off; MEMSTRATA_NODE_BUSY_POLL=100us turns it on)' : poll}`;
+}
+
+let announced = false;
+
+/** Prints nodeSettings() before a run's first table. */
+function announce(): void {
+  if (announced) return;
+  announced = true;
+  console.log(nodeSettings());
+}
+
 /** Rounds a bench runs its cases in (BENCH_ROUNDS, default 3). */
 export function benchRounds(): number {
   const rounds = Math.floor(Number(process.env.BENCH_ROUNDS ?? 3));
@@ -121,6 +140,7 @@ export function median(xs: readonly number[]): number {
  * of ops/s and p50 to that round's baseline, and every round's ops/s ratio.
  */
 export function reportRounds(title: string, rounds: readonly (readonly CaseResult[])[]): void {
+  announce();
   const first = rounds[0];
   if (first === undefined || first.length === 0) return;
   const rows = first.map((c, i) => {
@@ -154,6 +174,7 @@ export function reportRounds(title: string, rounds: readonly (readonly CaseResul
 
 /** Prints results with ratios of ops/s and p50 to the first (the baseline). */
 export function report(title: string, results: readonly CaseResult[]): void {
+  announce();
   const base = results[0];
   if (base === undefined) return;
   const baseRate = base.ops / base.seconds;
