@@ -44,7 +44,7 @@ export interface MetricsSources {
   cluster?(): ClusterSelfJson | undefined;
   /** How long each NVRAM journal batch's write and sync took, per device. */
   journalSyncs?(): LatencySnapshot[];
-  /** node.busyPoll: its window (us, 0: off) and the seconds the event loop spent polling. */
+  /** node.busyPoll: its window (us, 0: off) and the seconds the event loop spent in polling mode. */
   busyPoll?(): { windowUs: number; seconds: number };
 }
 

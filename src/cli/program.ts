@@ -499,7 +499,7 @@ export function renderNode(info: NodeInfo): string {
     `rmem            ${info.listen.rmem}`,
     `nbd             ${info.listen.nbd}`,
     `mirror          ${info.listen.mirror}  ${renderMirror(info.mirror)}`,
-    ...(info.busyPoll === undefined ? [] : [`busy polling    ${info.busyPoll.windowUs === 0 ? 'off' : `${info.busyPoll.windowUs} us after each chunk of input; ${info.busyPoll.seconds.toFixed(1)} s in polling mode since start (serving included)`}`]),
+    ...(info.busyPoll === undefined ? [] : [`busy polling    ${info.busyPoll.windowUs === 0 ? 'off' : `${info.busyPoll.windowUs} us after input and replies; ${info.busyPoll.seconds.toFixed(1)} s in polling mode since start (serving included)`}`]),
   ].join('\n');
   const rows = info.media.map((m) => {
     const usage = info.usage.find((u) => u.medium === m.name);

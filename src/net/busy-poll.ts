@@ -1,9 +1,10 @@
 // Busy polling: after a server connection hands the node's event loop a chunk of input,
 // or hands the kernel a tick's replies, the loop keeps polling for the next chunk for a
-// short window instead of going to sleep in epoll_wait (a reply is poked too, so a
-// request that took longer than the window, such as a journal sync, still finds the loop
-// awake for the client's next one). A turn queued with setImmediate makes libuv wait for I/O with a zero
-// timeout; each turn queues the next until the window has passed since the last chunk.
+// short window instead of going to sleep in epoll_wait. Replies poke too, so a request
+// that took longer than the window (a journal sync) still finds the loop awake for the
+// client's next one. A turn queued with setImmediate makes libuv wait for I/O with a
+// zero timeout; each turn queues the next until the window has passed since the last
+// poke.
 //
 // Why: on a machine whose idle cores halt (a virtual machine's vCPU, or a server with
 // deep C-states), a request that finds the node's thread asleep pays for waking it up,
@@ -20,8 +21,9 @@
 // on what polling cost) and shown with the node's metrics, so an operator sees it.
 //
 // Invariants:
-//   - polling only ever adds turns of the loop: no callback runs earlier, later or in
-//     another order than it would without it, so nothing it does can change a reply;
+//   - polling only adds turns of the loop: it changes how soon the loop notices I/O,
+//     never what a callback does or the order of the loop's phases, so nothing it does
+//     can change a reply;
 //   - at most one turn is queued at a time, however many chunks arrive;
 //   - once stop() is called no turn is queued again, so a node shutting down is not kept
 //     alive by its own polling (a queued setImmediate holds the loop open).
@@ -48,7 +50,7 @@ export class BusyPoll {
   /** poke(), bound: for a server connection's CorkedWriter, told when its replies go out. */
   readonly pokeFn: (() => void) | undefined;
 
-  /** `windowUs`: how long the loop polls after the last chunk of input, in microseconds (0: never). */
+  /** `windowUs`: how long the loop polls after the last poke, in microseconds (0: never). */
   constructor(windowUs: number, clock: () => number = () => performance.now()) {
     this.windowMs = windowUs / 1000;
     this.clock = clock;

@@ -73,7 +73,7 @@ export class StorageNode {
   private nodeId: string;
   private startedAt: Date;
   private stopping: boolean;
-  /** node.busyPoll: the event loop polls for input a while after each chunk (off at 0). */
+  /** node.busyPoll: the event loop polls for input a while after each chunk and each tick's replies (off at 0). */
   readonly busyPoll: BusyPoll;
   private admin: AdminServer | undefined;
   private rmem: RmemService | undefined;

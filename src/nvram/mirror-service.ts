@@ -89,7 +89,7 @@ const STATUS_OF: Partial<Record<string, number>> = {
 };
 
 export interface MirrorServiceOptions {
-  /** Polls the event loop for a while after each chunk of input (node.busyPoll); none: never. */
+  /** Polls the event loop for a while after each chunk of input and each tick's replies (node.busyPoll); none: never. */
   busyPoll?: BusyPoll | undefined;
   nvram: DeviceManager;
   nodeId: string;

@@ -57,7 +57,7 @@ export type { SessionInfo };
 export const GUEST_SERVER_PREFIX = 'guest:';
 
 export interface RmemServiceOptions {
-  /** Polls the event loop for a while after each chunk of input (node.busyPoll); none: never. */
+  /** Polls the event loop for a while after each chunk of input and each tick's replies (node.busyPoll); none: never. */
   busyPoll?: BusyPoll | undefined;
   memory: ServerMemory;
   nvram: DeviceManager;

@@ -52,7 +52,7 @@ test('busy polling: partnered nodes that poll serve NBD, rmem and mirrored appen
   assert.ok((await pollSeconds(b.url)) > 0, 'the partner polled on its mirror connection');
   const status = await runCli(['status', '--admin', a.url]);
   assert.equal(status.code, 0, status.stderr);
-  assert.match(status.stdout, /^busy polling +300 us after each chunk of input; \d+\.\d s in polling mode since start \(serving included\)$/m);
+  assert.match(status.stdout, /^busy polling +300 us after input and replies; \d+\.\d s in polling mode since start \(serving included\)$/m);
   const json = JSON.parse((await runCli(['status', '--admin', a.url, '--json'])).stdout) as { node: NodeInfo };
   assert.equal(json.node.busyPoll?.windowUs, 300);
 

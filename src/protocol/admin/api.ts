@@ -276,7 +276,7 @@ export interface NodeInfo {
   };
   /** Request latencies since the node started (the same figures as /metrics' histograms). */
   latency: { nbd: LatencyJson[]; rmem: LatencyJson[]; journalSync: LatencyJson[] };
-  /** node.busyPoll: the window in microseconds (0: off) and the seconds the event loop has spent polling. */
+  /** node.busyPoll: the window in microseconds (0: off) and the seconds the event loop has spent in polling mode (serving included). */
   busyPoll?: { windowUs: number; seconds: number };
 }
 
