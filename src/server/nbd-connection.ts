@@ -112,7 +112,7 @@ export interface ExportCatalog {
 
 export interface NbdHost {
   /** Poked after each tick's replies go out, so the loop polls for the next request (node.busyPoll). */
-  readonly busyPoll?: BusyPoll | undefined;
+  readonly busyPoll: BusyPoll | undefined;
   readonly volumes: ExportCatalog;
   /** TLS on this service: undefined answers STARTTLS with NBD_REP_ERR_POLICY. */
   readonly tls: { require: boolean; upgrade(socket: Socket, state: { noZeroes: boolean }, admission: Admission): void } | undefined;

@@ -95,7 +95,7 @@ export interface RmemScope {
 
 export interface ConnectionHost {
   /** Poked after each tick's replies go out, so the loop polls for the next request (node.busyPoll). */
-  readonly busyPoll?: BusyPoll | undefined;
+  readonly busyPoll: BusyPoll | undefined;
   readonly memory: ServerMemory;
   readonly nvram: DeviceManager;
   /** The volume whose write log the device is, if any; such devices are not open to clients. */
