@@ -19,6 +19,7 @@ import { VolumeManager, type Volume } from '../../../src/storage/volume-manager.
 import type { Extent } from '../../../src/protocol/nbd/codec.js';
 import { CMD, ERRNO, OPT, REP } from '../../../src/protocol/nbd/spec.js';
 import { RawNbd, optionBytes, requestBytes, type Reply } from '../../support/nbd-raw.js';
+import { BusyPoll } from '../../../src/net/busy-poll.js';
 
 const GiB = 2 ** 30;
 const MiB = 2 ** 20;
@@ -595,4 +596,31 @@ test('errnoOf: EDQUOT and EFBIG map to ENOSPC (proto.md, Error values), other st
   assert.equal(errnoOf(sys('EFBIG')), ERRNO.ENOSPC);
   assert.equal(errnoOf(sys('EIO')), ERRNO.EIO);
   assert.equal(errnoOf(new StorageError('MS_DATA_DIR', 'x')), ERRNO.EIO);
+});
+
+test('with busy polling, each request pokes the poll twice: its input, and its reply once written', async (t) => {
+  class CountingPoll extends BusyPoll {
+    pokes = 0;
+    override poke(): void {
+      this.pokes++;
+      super.poke();
+    }
+  }
+  const poll = new CountingPoll(100);
+  const dir = await mkdtemp(join(tmpdir(), 'memstrata-nbd-poll-'));
+  const volumes = new VolumeManager(dir);
+  await volumes.open(VOLUME_SIZE);
+  const service = new NbdService({ volumes, io: new ControlledIo(), log: pino({ level: 'silent' }), limits: DEFAULT_LIMITS, busyPoll: poll });
+  const address = await service.listen({ host: '127.0.0.1', port: 0 });
+  const { nbd } = await RawNbd.attach(address);
+  t.after(async () => {
+    nbd.destroy();
+    poll.stop();
+    await service.close();
+    await volumes.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+  const before = poll.pokes;
+  for (let i = 0; i < 5; i++) assert.equal((await nbd.call(CMD.WRITE, { offset: i * 4096, data: Buffer.alloc(4096, i) })).error, 0);
+  assert.ok(poll.pokes - before >= 10, `${poll.pokes - before} pokes for 5 requests one at a time`);
 });

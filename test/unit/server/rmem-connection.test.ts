@@ -21,6 +21,7 @@ import { IDLE_RESERVE, RmemService } from '../../../src/server/rmem-service.js';
 import * as codec from '../../../src/protocol/rmem/codec.js';
 import { FrameParser, type Frame } from '../../../src/protocol/rmem/parser.js';
 import { OP, STATUS, VERSION } from '../../../src/protocol/rmem/spec.js';
+import { BusyPoll } from '../../../src/net/busy-poll.js';
 
 const E = 1024 * 1024;
 const log = pino({ level: process.env.TEST_LOG ?? 'silent' });
@@ -72,6 +73,7 @@ interface ServiceOptions {
   maxInFlightBytesTotal?: number;
   drainDeadlineMs?: number;
   maxConnectionsPerClient?: number;
+  busyPoll?: BusyPoll;
 }
 
 async function service(t: { after(fn: () => Promise<void>): void }, leaseOrOptions: number | ServiceOptions = 30_000) {
@@ -99,6 +101,7 @@ async function service(t: { after(fn: () => Promise<void>): void }, leaseOrOptio
     maxConnections: 64,
     maxConnectionsPerClient: options.maxConnectionsPerClient ?? 64,
     handshakeTimeoutMs: 5000,
+    busyPoll: options.busyPoll,
     ...(options.drainDeadlineMs === undefined ? {} : { drainDeadlineMs: options.drainDeadlineMs }),
   });
   const address = await rmem.listen({ host: '127.0.0.1', port: 0 });
@@ -433,4 +436,25 @@ test('a client that pipelines small READs without end, reading its replies in bu
   client.socket.destroy();
   await writer;
   assert.ok(most < 512 * 1024, `the node held ${most} bytes unparsed`);
+});
+
+test('with busy polling, each request pokes the poll twice: its input, and its reply once written', async (t) => {
+  class CountingPoll extends BusyPoll {
+    pokes = 0;
+    override poke(): void {
+      this.pokes++;
+      super.poke();
+    }
+  }
+  const poll = new CountingPoll(100);
+  t.after(() => {
+    poll.stop();
+  });
+  const { address } = await service(t, { busyPoll: poll });
+  const client = await RmemClient.connect({ ...address, serverId: 'polled', keepalive: false });
+  t.after(() => client.close());
+  const region = await client.bind(4096, { medium: 'dram' });
+  const before = poll.pokes;
+  for (let i = 0; i < 5; i++) await client.read(region, 0, 4096);
+  assert.ok(poll.pokes - before >= 10, `${poll.pokes - before} pokes for 5 requests one at a time`);
 });
