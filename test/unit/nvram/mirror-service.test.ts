@@ -13,6 +13,7 @@ import { DramMedium } from '../../../src/memory/dram-medium.js';
 import { PartitionTable } from '../../../src/memory/partition-table.js';
 import { DeviceManager } from '../../../src/nvram/device-manager.js';
 import { MirrorService, type MirrorServiceOptions } from '../../../src/nvram/mirror-service.js';
+import { BusyPoll } from '../../../src/net/busy-poll.js';
 import * as m from '../../../src/protocol/mirror/codec.js';
 import { FrameParser, type Frame } from '../../../src/protocol/rmem/parser.js';
 import { encodeRecord } from '../../../src/protocol/journal/record.js';
@@ -408,4 +409,23 @@ test('pipelined APPENDs of random records, their bytes cut at random places, rea
   for (const [i, record] of sent.entries()) assert.ok(held[i]?.equals(record), `record ${i + 1} differs from what was sent`);
   // The pool was used: bodies from 4 KiB up came back to it.
   assert.ok(mirror.bodyBuffers.retained > 0);
+});
+
+test('with busy polling, each request a partner sends pokes the poll twice: its input, and its reply once written', async (t) => {
+  class CountingPoll extends BusyPoll {
+    pokes = 0;
+    override poke(): void {
+      this.pokes++;
+      super.poke();
+    }
+  }
+  const poll = new CountingPoll(100);
+  t.after(() => {
+    poll.stop();
+  });
+  const { address } = await service(t, { busyPoll: poll }, { stuck: false });
+  const partner = await peer(t, address);
+  const before = poll.pokes;
+  for (let i = 0; i < 5; i++) assert.ok((await within(partner.ask(m.MOP.STATE, 10 + i, m.encodeName('none')), 20_000, 'STATE')) !== undefined);
+  assert.ok(poll.pokes - before >= 10, `${poll.pokes - before} pokes for 5 requests one at a time`);
 });
