@@ -161,10 +161,9 @@ const durationLeaf = leaf<number>(DURATION_FORM, (v) => (typeof v === 'number' |
 
 const BUSY_POLL_FORM = `a time from 0 to ${BUSY_POLL_MAX_US}us such as 0, 50us, 200us or 1ms (a bare number is microseconds)`;
 const busyPollLeaf = leaf<number>(BUSY_POLL_FORM, (v) => {
-  const match = typeof v === 'number' ? [String(v), String(v), ''] : typeof v === 'string' ? /^\s*(\d+)\s*(us|ms)?\s*$/.exec(v) : null;
-  if (match === null || match === undefined) return undefined;
-  const us = Number(match[1]) * (match[2] === 'ms' ? 1000 : 1);
-  return Number.isSafeInteger(us) && us >= 0 && us <= BUSY_POLL_MAX_US ? us : undefined;
+  const match = typeof v === 'string' ? /^\s*(\d+)\s*(us|ms)?\s*$/.exec(v) : null;
+  const us = typeof v === 'number' ? v : match === null ? undefined : Number(match[1]) * (match[2] === 'ms' ? 1000 : 1);
+  return us !== undefined && Number.isSafeInteger(us) && us >= 0 && us <= BUSY_POLL_MAX_US ? us : undefined;
 });
 
 const booleanLeaf = leaf<boolean>('true or false', (v) => (v === true || v === 'true' ? true : v === false || v === 'false' ? false : undefined));

@@ -13,7 +13,7 @@ import { DramMedium } from '../../../src/memory/dram-medium.js';
 import { PartitionTable } from '../../../src/memory/partition-table.js';
 import { DeviceManager } from '../../../src/nvram/device-manager.js';
 import { MirrorService, type MirrorServiceOptions } from '../../../src/nvram/mirror-service.js';
-import { BusyPoll } from '../../../src/net/busy-poll.js';
+import { countingPoll } from '../../support/counting-poll.js';
 import * as m from '../../../src/protocol/mirror/codec.js';
 import { FrameParser, type Frame } from '../../../src/protocol/rmem/parser.js';
 import { encodeRecord } from '../../../src/protocol/journal/record.js';
@@ -412,17 +412,7 @@ test('pipelined APPENDs of random records, their bytes cut at random places, rea
 });
 
 test('with busy polling, each request a partner sends pokes the poll twice: its input, and its reply once written', async (t) => {
-  class CountingPoll extends BusyPoll {
-    pokes = 0;
-    override poke(): void {
-      this.pokes++;
-      super.poke();
-    }
-  }
-  const poll = new CountingPoll(100);
-  t.after(() => {
-    poll.stop();
-  });
+  const poll = countingPoll(t);
   const { address } = await service(t, { busyPoll: poll }, { stuck: false });
   const partner = await peer(t, address);
   const before = poll.pokes;

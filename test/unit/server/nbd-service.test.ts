@@ -19,7 +19,7 @@ import { VolumeManager, type Volume } from '../../../src/storage/volume-manager.
 import type { Extent } from '../../../src/protocol/nbd/codec.js';
 import { CMD, ERRNO, OPT, REP } from '../../../src/protocol/nbd/spec.js';
 import { RawNbd, optionBytes, requestBytes, type Reply } from '../../support/nbd-raw.js';
-import { BusyPoll } from '../../../src/net/busy-poll.js';
+import { countingPoll } from '../../support/counting-poll.js';
 
 const GiB = 2 ** 30;
 const MiB = 2 ** 20;
@@ -599,14 +599,7 @@ test('errnoOf: EDQUOT and EFBIG map to ENOSPC (proto.md, Error values), other st
 });
 
 test('with busy polling, each request pokes the poll twice: its input, and its reply once written', async (t) => {
-  class CountingPoll extends BusyPoll {
-    pokes = 0;
-    override poke(): void {
-      this.pokes++;
-      super.poke();
-    }
-  }
-  const poll = new CountingPoll(100);
+  const poll = countingPoll(t);
   const dir = await mkdtemp(join(tmpdir(), 'memstrata-nbd-poll-'));
   const volumes = new VolumeManager(dir);
   await volumes.open(VOLUME_SIZE);
@@ -615,7 +608,6 @@ test('with busy polling, each request pokes the poll twice: its input, and its r
   const { nbd } = await RawNbd.attach(address);
   t.after(async () => {
     nbd.destroy();
-    poll.stop();
     await service.close();
     await volumes.close();
     await rm(dir, { recursive: true, force: true });

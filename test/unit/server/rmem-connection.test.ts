@@ -21,7 +21,8 @@ import { IDLE_RESERVE, RmemService } from '../../../src/server/rmem-service.js';
 import * as codec from '../../../src/protocol/rmem/codec.js';
 import { FrameParser, type Frame } from '../../../src/protocol/rmem/parser.js';
 import { OP, STATUS, VERSION } from '../../../src/protocol/rmem/spec.js';
-import { BusyPoll } from '../../../src/net/busy-poll.js';
+import { countingPoll } from '../../support/counting-poll.js';
+import type { BusyPoll } from '../../../src/net/busy-poll.js';
 
 const E = 1024 * 1024;
 const log = pino({ level: process.env.TEST_LOG ?? 'silent' });
@@ -439,17 +440,7 @@ test('a client that pipelines small READs without end, reading its replies in bu
 });
 
 test('with busy polling, each request pokes the poll twice: its input, and its reply once written', async (t) => {
-  class CountingPoll extends BusyPoll {
-    pokes = 0;
-    override poke(): void {
-      this.pokes++;
-      super.poke();
-    }
-  }
-  const poll = new CountingPoll(100);
-  t.after(() => {
-    poll.stop();
-  });
+  const poll = countingPoll(t);
   const { address } = await service(t, { busyPoll: poll });
   const client = await RmemClient.connect({ ...address, serverId: 'polled', keepalive: false });
   t.after(() => client.close());
