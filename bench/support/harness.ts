@@ -103,12 +103,18 @@ function finish(c: BenchCase, histogram: ReturnType<typeof hdr.build>, ops: numb
 
 /**
  * The node settings a bench run's tables depend on, for its first line: busy polling
- * (node.busyPoll) changes every latency at low queue depth (docs/BENCHMARKS.md, "Busy
- * polling"), and the nodes a bench starts take it from MEMSTRATA_NODE_BUSY_POLL.
+ * (node.busyPoll) and the CPU wake-up bound (node.cpuWakeLatency) change every latency
+ * at low queue depth (docs/BENCHMARKS.md, "Busy polling", "CPU wake-up latency"), and the
+ * nodes a bench starts take them from MEMSTRATA_NODE_BUSY_POLL and
+ * MEMSTRATA_NODE_CPU_WAKE_LATENCY.
  */
 export function nodeSettings(): string {
   const poll = process.env.MEMSTRATA_NODE_BUSY_POLL;
-  return `memstrata nodes: node.busyPoll ${poll === undefined || poll.trim() === '' || poll.trim() === '0' ? '0 (off; MEMSTRATA_NODE_BUSY_POLL=100us turns it on)' : poll}`;
+  const wake = process.env.MEMSTRATA_NODE_CPU_WAKE_LATENCY;
+  const polling = `node.busyPoll ${poll === undefined || poll.trim() === '' || poll.trim() === '0' ? '0 (off; MEMSTRATA_NODE_BUSY_POLL=100us turns it on)' : poll}`;
+  // Held by a node, the bound is the whole machine's: the baselines run under it too.
+  const waking = wake === undefined || wake.trim() === '' || wake.trim() === 'off' ? '' : `, node.cpuWakeLatency ${wake} (machine-wide while a node runs: baselines included)`;
+  return `memstrata nodes: ${polling}${waking}`;
 }
 
 let announced = false;

@@ -500,6 +500,7 @@ export function renderNode(info: NodeInfo): string {
     `nbd             ${info.listen.nbd}`,
     `mirror          ${info.listen.mirror}  ${renderMirror(info.mirror)}`,
     ...(info.busyPoll === undefined ? [] : [`busy polling    ${info.busyPoll.windowUs === 0 ? 'off' : `${info.busyPoll.windowUs} us after input and replies; ${info.busyPoll.seconds.toFixed(1)} s in polling mode since start (serving included)`}`]),
+    ...(info.cpuWakeLatency === undefined ? [] : [`cpu wake-up     ${renderWakeLatency(info.cpuWakeLatency)}`]),
   ].join('\n');
   const rows = info.media.map((m) => {
     const usage = info.usage.find((u) => u.medium === m.name);
@@ -750,4 +751,11 @@ function formatUptime(seconds: number): string {
   if (seconds < 60) return `${seconds}s`;
   if (seconds < 3600) return `${Math.floor(seconds / 60)}m${seconds % 60}s`;
   return `${Math.floor(seconds / 3600)}h${Math.floor((seconds % 3600) / 60)}m`;
+}
+
+/** node.cpuWakeLatency for `memstrata status`. */
+function renderWakeLatency(w: NonNullable<NodeInfo['cpuWakeLatency']>): string {
+  if (w.requestedUs === null) return 'no bound asked (node.cpuWakeLatency off)';
+  if (w.held) return `a CPU latency request of ${w.requestedUs} us is held on /dev/cpu_dma_latency while the node runs (machine-wide; cpuidle: ${w.cpuidle ?? 'unknown'})`;
+  return `${w.requestedUs} us asked, NOT held: ${w.failure ?? 'not yet requested'}`;
 }

@@ -26,6 +26,7 @@ import { LARGEST_REQUEST_COST } from '../protocol/rmem/codec.js';
 import { MIRROR_LARGEST_REQUEST_COST } from '../protocol/mirror/codec.js';
 import { ENFORCEMENTS, type EnforcementSetting } from '../guest/supervisor.js';
 import { BUSY_POLL_MAX_US } from '../net/busy-poll.js';
+import { CPU_WAKE_LATENCY_MAX_US } from './cpu-wake-latency.js';
 
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 export type LogLevel = (typeof LOG_LEVELS)[number];
@@ -63,8 +64,11 @@ export const TLS_MODES = ['off', 'require'] as const;
 export type TlsMode = (typeof TLS_MODES)[number];
 
 export interface NodeConfig {
-  /** `busyPollUs`: how long the event loop polls for input after the last chunk, in microseconds (0: off; net/busy-poll.ts). */
-  node: { id: string | undefined; zone: string | undefined; busyPollUs: number };
+  /**
+   * `busyPollUs`: how long the event loop polls for input after the last chunk, in microseconds (0: off; net/busy-poll.ts).
+   * `cpuWakeLatencyUs`: the CPU wake-up latency bound the node holds while it runs (undefined: off; cpu-wake-latency.ts).
+   */
+  node: { id: string | undefined; zone: string | undefined; busyPollUs: number; cpuWakeLatencyUs: number | undefined };
   /** Loaded from tls.cert, tls.key and tls.ca; undefined when no service uses TLS. */
   tls: TlsFiles | undefined;
   /** Membership and ownership through etcd; `etcd` undefined: a node on its own (the default). */
@@ -166,6 +170,14 @@ const busyPollLeaf = leaf<number>(BUSY_POLL_FORM, (v) => {
   return us !== undefined && Number.isSafeInteger(us) && us >= 0 && us <= BUSY_POLL_MAX_US ? us : undefined;
 });
 
+const CPU_WAKE_LATENCY_FORM = `off, or a time from 0 to ${CPU_WAKE_LATENCY_MAX_US / 1000}ms such as 0, 10us or 1ms (a bare number is microseconds)`;
+const cpuWakeLatencyLeaf = leaf<number | null>(CPU_WAKE_LATENCY_FORM, (v) => {
+  if (typeof v === 'string' && v.trim().toLowerCase() === 'off') return null;
+  const match = typeof v === 'string' ? /^\s*(\d+)\s*(us|ms)?\s*$/.exec(v) : null;
+  const us = typeof v === 'number' ? v : match === null ? undefined : Number(match[1]) * (match[2] === 'ms' ? 1000 : 1);
+  return us !== undefined && Number.isSafeInteger(us) && us >= 0 && us <= CPU_WAKE_LATENCY_MAX_US ? us : undefined;
+});
+
 const booleanLeaf = leaf<boolean>('true or false', (v) => (v === true || v === 'true' ? true : v === false || v === 'false' ? false : undefined));
 
 const TOKEN_FORM = 'a string of 1 to 1024 bytes';
@@ -240,7 +252,7 @@ const mediumPartitionSchema = z
   .prefault({});
 
 const rawSchema = z.strictObject({
-  node: z.strictObject({ id: nodeIdLeaf.optional(), zone: zoneLeaf.optional(), busyPoll: busyPollLeaf.prefault('0') }).prefault({}),
+  node: z.strictObject({ id: nodeIdLeaf.optional(), zone: zoneLeaf.optional(), busyPoll: busyPollLeaf.prefault('0'), cpuWakeLatency: cpuWakeLatencyLeaf.prefault('off') }).prefault({}),
   cluster: z
     .strictObject({
       etcd: etcdLeaf.optional(),
@@ -352,6 +364,7 @@ const partitionSettings: Setting[] = MEDIA.flatMap((medium) =>
 export const SETTINGS: readonly Setting[] = [
   { path: 'node.id', flag: '--node-id', default: '(generated, kept in the data directory)', doc: 'name of this node in tables, logs and the cluster' },
   { path: 'node.busyPoll', flag: '--busy-poll', default: '0', doc: 'after each chunk of input on its NBD, rmem and mirror connections (and each tick\'s replies on them), the node\'s event loop polls for the next one for this long (up to 10ms; a bare number is microseconds) instead of sleeping: lower latency where waking a core costs much (virtual machines, deep C-states), paid with a core while requests keep coming; 0 is off' },
+  { path: 'node.cpuWakeLatency', flag: '--cpu-wake-latency', default: 'off', doc: 'while the node runs it holds a Linux CPU latency request (/dev/cpu_dma_latency) of this many microseconds (up to `1000ms`; a bare number is microseconds; `0` is the strongest request, not off): `0` keeps idle CPUs polling in the kernel instead of halting, so waking an idle node costs no halt exit (in a VM whose halt state advertises 1 us only `0` has an effect; with no cpuidle driver nothing does). Its costs are machine-wide and outside the scheduler\'s sight (idle CPUs that never rest: power, an SMT sibling\'s share, the host\'s CPU time in a VM); needs write access to the device, and where the request cannot be made the node warns (`MS_CPU_LATENCY_UNAVAILABLE`) and runs without it; `memstrata status` shows whether it is held' },
   { path: 'node.zone', flag: '--zone', default: '(none)', doc: 'failure zone of this node (a rack, a room, a site), shown in its cluster record' },
   { path: 'cluster.etcd', flag: '--etcd', default: '(none: a node on its own)', doc: 'etcd client URLs, separated by commas; set, the node registers in the cluster under its lease' },
   { path: 'cluster.name', default: 'default', doc: 'name of the cluster: nodes and hosts of one cluster share the etcd prefix /memstrata/<name>/' },
@@ -508,7 +521,7 @@ export async function loadConfig(sources: ConfigSources = {}): Promise<LoadedCon
   const parsed = result.data;
   const dataDir = resolve(cwd, parsed.dataDir);
   const config: NodeConfig = {
-    node: { id: parsed.node.id, zone: parsed.node.zone, busyPollUs: parsed.node.busyPoll },
+    node: { id: parsed.node.id, zone: parsed.node.zone, busyPollUs: parsed.node.busyPoll, cpuWakeLatencyUs: parsed.node.cpuWakeLatency ?? undefined },
     cluster: { etcd: parsed.cluster.etcd, name: parsed.cluster.name, leaseMs: parsed.cluster.lease, advertise: parsed.cluster.advertise },
     tls: undefined,
     dataDir,

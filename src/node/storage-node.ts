@@ -25,6 +25,7 @@ import { Ownership } from '../cluster/ownership.js';
 import { Partners } from '../cluster/partners.js';
 import { NodeMetrics } from '../admin/metrics.js';
 import { BusyPoll } from '../net/busy-poll.js';
+import { CpuWakeLatency } from './cpu-wake-latency.js';
 import { AllocationTable } from '../memory/allocation-table.js';
 import { DramMedium } from '../memory/dram-medium.js';
 import { FlashMedium } from '../memory/flash-medium.js';
@@ -75,6 +76,8 @@ export class StorageNode {
   private stopping: boolean;
   /** node.busyPoll: the event loop polls for input a while after each chunk and each tick's replies (off at 0). */
   readonly busyPoll: BusyPoll;
+  /** node.cpuWakeLatency: the CPU latency QoS request held while the node runs (nothing when off). */
+  private readonly cpuWakeLatency: CpuWakeLatency;
   private admin: AdminServer | undefined;
   private rmem: RmemService | undefined;
   private nbd: NbdService | undefined;
@@ -134,6 +137,7 @@ export class StorageNode {
     this.startedAt = new Date();
     this.stopping = false;
     this.busyPoll = new BusyPoll(config.node.busyPollUs);
+    this.cpuWakeLatency = new CpuWakeLatency(config.node.cpuWakeLatencyUs);
     this.admin = undefined;
     this.rmem = undefined;
     this.nbd = undefined;
@@ -156,6 +160,11 @@ export class StorageNode {
         }
       },
       stop: () => this.lock.release(),
+    });
+    this.lifecycle.add({
+      name: 'cpu wake-up latency',
+      start: () => this.cpuWakeLatency.hold(log),
+      stop: () => this.cpuWakeLatency.release(),
     });
     this.lifecycle.add({
       name: 'media',
@@ -561,6 +570,7 @@ export class StorageNode {
         journalSync: this.nvram.syncLatency.snapshot().map(latencySummary),
       },
       busyPoll: { windowUs: this.config.node.busyPollUs, seconds: this.busyPoll.pollingSeconds },
+      cpuWakeLatency: this.cpuWakeLatency.info(),
       mirror: this.mirroring?.info() ?? {
         partner: null,
         partnerNode: null,

@@ -278,6 +278,8 @@ export interface NodeInfo {
   latency: { nbd: LatencyJson[]; rmem: LatencyJson[]; journalSync: LatencyJson[] };
   /** node.busyPoll: the window in microseconds (0: off) and the seconds the event loop has spent in polling mode (serving included). */
   busyPoll?: { windowUs: number; seconds: number };
+  /** node.cpuWakeLatency: the bound asked for (null: off), whether it is held, why not, and the machine's cpuidle driver and governor. */
+  cpuWakeLatency?: { requestedUs: number | null; held: boolean; failure: string | null; cpuidle: string | null };
 }
 
 /**

@@ -331,6 +331,19 @@ test('no token of any service appears in a configuration error', async () => {
   }
 });
 
+test('node.cpuWakeLatency: off by default; off, or microseconds (bare or us) or ms up to 1000ms; anything else is MS_CONFIG_INVALID naming it', async () => {
+  assert.equal((await loadConfig({ env: {} })).config.node.cpuWakeLatencyUs, undefined);
+  for (const [value, us] of [['off', undefined], [' OFF ', undefined], ['0', 0], ['10', 10], ['20us', 20], [' 5 us ', 5], ['1ms', 1000], ['1000ms', 1_000_000]] as const) {
+    assert.equal((await loadConfig({ env: {}, flags: [['node.cpuWakeLatency', value]] })).config.node.cpuWakeLatencyUs, us, value);
+  }
+  assert.equal((await loadConfig({ env: { MEMSTRATA_NODE_CPU_WAKE_LATENCY: '0us' } })).config.node.cpuWakeLatencyUs, 0);
+  for (const value of ['-1', '1.5', '1001ms', '1000001', '1s', 'on', '']) {
+    const error = await configError({ env: {}, flags: [['node.cpuWakeLatency', value]] });
+    assert.equal(error.code, 'MS_CONFIG_INVALID', value);
+    assert.match(error.message, /node\.cpuWakeLatency.*off, or a time from 0 to 1000ms/, value);
+  }
+});
+
 test('node.busyPoll: off by default; microseconds (bare or us) or ms up to 10ms; anything else is MS_CONFIG_INVALID naming it', async () => {
   assert.equal((await loadConfig({ env: {} })).config.node.busyPollUs, 0);
   for (const [value, us] of [['0', 0], ['150', 150], ['50us', 50], [' 200 us ', 200], ['1ms', 1000], ['10ms', 10_000], ['10000', 10_000]] as const) {
