@@ -163,20 +163,20 @@ const addressLeaf = leaf<ListenAddress>(ADDRESS_FORM, (v) => (typeof v === 'stri
 
 const durationLeaf = leaf<number>(DURATION_FORM, (v) => (typeof v === 'number' || typeof v === 'string' ? parseDuration(v) : undefined));
 
-const BUSY_POLL_FORM = `a time from 0 to ${BUSY_POLL_MAX_US}us such as 0, 50us, 200us or 1ms (a bare number is microseconds)`;
-const busyPollLeaf = leaf<number>(BUSY_POLL_FORM, (v) => {
+/** Whole microseconds from 0 to `max`: a number, or a string N, Nus or Nms; undefined otherwise. */
+function micros(v: unknown, max: number): number | undefined {
   const match = typeof v === 'string' ? /^\s*(\d+)\s*(us|ms)?\s*$/.exec(v) : null;
   const us = typeof v === 'number' ? v : match === null ? undefined : Number(match[1]) * (match[2] === 'ms' ? 1000 : 1);
-  return us !== undefined && Number.isSafeInteger(us) && us >= 0 && us <= BUSY_POLL_MAX_US ? us : undefined;
-});
+  return us !== undefined && Number.isSafeInteger(us) && us >= 0 && us <= max ? us : undefined;
+}
+
+const BUSY_POLL_FORM = `a time from 0 to ${BUSY_POLL_MAX_US}us such as 0, 50us, 200us or 1ms (a bare number is microseconds)`;
+const busyPollLeaf = leaf<number>(BUSY_POLL_FORM, (v) => micros(v, BUSY_POLL_MAX_US));
 
 const CPU_WAKE_LATENCY_FORM = `off, or a time from 0 to ${CPU_WAKE_LATENCY_MAX_US / 1000}ms such as 0, 10us or 1ms (a bare number is microseconds)`;
-const cpuWakeLatencyLeaf = leaf<number | null>(CPU_WAKE_LATENCY_FORM, (v) => {
-  if (typeof v === 'string' && v.trim().toLowerCase() === 'off') return null;
-  const match = typeof v === 'string' ? /^\s*(\d+)\s*(us|ms)?\s*$/.exec(v) : null;
-  const us = typeof v === 'number' ? v : match === null ? undefined : Number(match[1]) * (match[2] === 'ms' ? 1000 : 1);
-  return us !== undefined && Number.isSafeInteger(us) && us >= 0 && us <= CPU_WAKE_LATENCY_MAX_US ? us : undefined;
-});
+const cpuWakeLatencyLeaf = leaf<number | null>(CPU_WAKE_LATENCY_FORM, (v) =>
+  typeof v === 'string' && v.trim().toLowerCase() === 'off' ? null : micros(v, CPU_WAKE_LATENCY_MAX_US),
+);
 
 const booleanLeaf = leaf<boolean>('true or false', (v) => (v === true || v === 'true' ? true : v === false || v === 'false' ? false : undefined));
 

@@ -8,25 +8,18 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { constants } from 'node:fs';
-import { access, readFile, readdir, readlink, stat } from 'node:fs/promises';
+import { access, readFile, stat } from 'node:fs/promises';
 import { endianness } from 'node:os';
 import { NbdClient } from '../../src/client/nbd-client.js';
 import { CPU_LATENCY_DEVICE } from '../../src/node/cpu-wake-latency.js';
 import type { NodeInfo } from '../../src/protocol/admin/api.js';
-import { runCli, startNode, tempDir } from '../support/node-process.js';
+import { holdsOpen, runCli, startNode, tempDir } from '../support/node-process.js';
 
 async function writable(path: string): Promise<boolean> {
   return access(path, constants.W_OK).then(
     () => true,
     () => false,
   );
-}
-
-/** Whether process `pid` has `path` open (its /proc/<pid>/fd links). */
-async function holds(pid: number, path: string): Promise<boolean> {
-  const fds = await readdir(`/proc/${pid}/fd`);
-  const targets = await Promise.all(fds.map((fd) => readlink(`/proc/${pid}/fd/${fd}`).catch(() => '')));
-  return targets.includes(path);
 }
 
 test('node.cpuWakeLatency: the node holds the CPU latency request while it runs, says so, serves, and stops on SIGTERM', async (t) => {
@@ -40,7 +33,7 @@ test('node.cpuWakeLatency: the node holds the CPU latency request while it runs,
     assert.equal(info.cpuWakeLatency?.held, true, JSON.stringify(info.cpuWakeLatency));
     assert.equal(info.cpuWakeLatency?.requestedUs, 0);
     assert.ok((await stat(CPU_LATENCY_DEVICE)).isCharacterDevice(), 'the kernel\'s device, not a file left in its place');
-    assert.ok(await holds(pid, CPU_LATENCY_DEVICE), `the node keeps ${CPU_LATENCY_DEVICE} open`);
+    assert.ok(await holdsOpen(pid, CPU_LATENCY_DEVICE), `the node keeps ${CPU_LATENCY_DEVICE} open`);
     const current = await readFile(CPU_LATENCY_DEVICE);
     assert.equal(endianness() === 'LE' ? current.readInt32LE(0) : current.readInt32BE(0), 0, 'the kernel\'s bound is the node\'s while it runs');
     assert.match(status.stdout, /cpu wake-up +a CPU latency request of 0 us is held on \/dev\/cpu_dma_latency while the node runs/);
@@ -63,7 +56,7 @@ test('node.cpuWakeLatency off (the default): no request is made, and status says
   t.after(() => node.stop('SIGKILL'));
   const info = (await (await fetch(`${node.url}/v1/node`)).json()) as NodeInfo;
   assert.deepEqual(info.cpuWakeLatency, { requestedUs: null, held: false, failure: null, cpuidle: null });
-  assert.equal(await holds(node.proc.pid ?? 0, CPU_LATENCY_DEVICE), false);
+  assert.equal(await holdsOpen(node.proc.pid ?? 0, CPU_LATENCY_DEVICE), false);
   const status = await runCli(['status', '--admin', node.url]);
   assert.match(status.stdout, /cpu wake-up +no bound asked \(node\.cpuWakeLatency off\)/);
 });

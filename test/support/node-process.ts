@@ -2,7 +2,7 @@
 // temporary directory, waits for its admin API, and cleans up after the test.
 
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, readlink, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -32,6 +32,13 @@ export interface NodeProcess {
 }
 
 /** A temporary directory removed when the test ends. */
+/** Whether process `pid` ('self': this one) has `path` open, from its /proc/<pid>/fd links. */
+export async function holdsOpen(pid: number | 'self', path: string): Promise<boolean> {
+  const fds = await readdir(`/proc/${pid}/fd`);
+  const targets = await Promise.all(fds.map((fd) => readlink(`/proc/${pid}/fd/${fd}`).catch(() => '')));
+  return targets.includes(path);
+}
+
 /** Whether a process with this pid exists (signal 0). */
 export function alive(pid: number | null | undefined): boolean {
   if (pid === null || pid === undefined) return false;

@@ -1,10 +1,11 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdir, mkdtemp, readFile, readdir, readlink, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { endianness, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pino from 'pino';
 import { CpuWakeLatency } from '../../../src/node/cpu-wake-latency.js';
+import { holdsOpen } from '../../support/node-process.js';
 
 // A regular file stands in for /dev/cpu_dma_latency (the character-device check is off
 // for it): what the request writes lands in it and reads back, as the kernel's combined
@@ -27,13 +28,6 @@ async function standIn(t: { after(fn: () => Promise<void>): void }): Promise<{ d
   return { dir, device, cpuidleDir };
 }
 
-/** Whether this process has `path` open. */
-async function open(path: string): Promise<boolean> {
-  const fds = await readdir('/proc/self/fd');
-  const targets = await Promise.all(fds.map((fd) => readlink(`/proc/self/fd/${fd}`).catch(() => '')));
-  return targets.includes(path);
-}
-
 test('node.cpuWakeLatency: the bound is written as a native 32-bit integer and its descriptor kept open until release; a second hold or release does nothing', async (t) => {
   const { device, cpuidleDir } = await standIn(t);
   const { log } = logger();
@@ -45,10 +39,10 @@ test('node.cpuWakeLatency: the bound is written as a native 32-bit integer and i
   assert.equal(written.length, 4, 'one 32-bit value, written once');
   assert.equal(endianness() === 'LE' ? written.readInt32LE(0) : written.readInt32BE(0), 25);
   assert.deepEqual(request.info(), { requestedUs: 25, held: true, failure: null, cpuidle: 'haltpoll, governor haltpoll' });
-  assert.ok(await open(device), 'the request lasts while the descriptor is open');
+  assert.ok(await holdsOpen('self', device), 'the request lasts while the descriptor is open');
   await request.release();
   await request.release();
-  assert.equal(await open(device), false, 'release withdraws it');
+  assert.equal(await holdsOpen('self', device), false, 'release withdraws it');
   assert.equal(request.info().held, false);
 });
 
@@ -81,7 +75,7 @@ test('node.cpuWakeLatency where the request cannot be made: a coded warning, the
   }
   await assert.rejects(stat(join(dir, 'absent')), { code: 'ENOENT' }, 'a missing device is not created');
   assert.equal((await stat(device)).size, 0, 'nothing written to a file that is not the device');
-  assert.equal(await open(device), false);
+  assert.equal(await holdsOpen('self', device), false);
 });
 
 test('node.cpuWakeLatency whose bound does not read back (a kernel that ignored it) is not reported held', async (t) => {
