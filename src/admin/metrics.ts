@@ -46,6 +46,8 @@ export interface MetricsSources {
   journalSyncs?(): LatencySnapshot[];
   /** node.busyPoll: its window (us, 0: off) and the seconds the event loop spent in polling mode. */
   busyPoll?(): { windowUs: number; seconds: number };
+  /** node.cpuWakeLatency: the bound asked for (undefined: off) and whether the kernel holds it. */
+  cpuWakeLatency?(): { requestedUs: number | null; held: boolean };
 }
 
 /**
@@ -457,6 +459,17 @@ export class NodeMetrics {
     mirrorCounter('memstrata_mirror_records_total', 'Records the partner acknowledged holding.', (m) => m.mirroredRecords);
     const pollCounter = counterOf(() => sources.busyPoll?.());
     pollCounter('memstrata_busy_poll_seconds_total', 'Seconds the event loop spent in busy polling (node.busyPoll), from the first chunk of input or reply of a stretch to one window after its last, serving requests included: an upper bound on the CPU time polling cost.', (p) => p.seconds);
+    new Gauge({
+      name: 'memstrata_cpu_wake_latency_held',
+      help: '1 while the node holds its CPU latency request (node.cpuWakeLatency), 0 when it is set but could not be made (MS_CPU_LATENCY_UNAVAILABLE); absent when the setting is off.',
+      labelNames: ['bound_us'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        const wake = sources.cpuWakeLatency?.();
+        if (wake !== undefined && wake.requestedUs !== null) this.set({ bound_us: String(wake.requestedUs) }, wake.held ? 1 : 0);
+      },
+    });
     const adminCounter = counterOf(() => sources.admin?.());
     adminCounter('memstrata_admin_auth_failures_total', 'Admin API requests refused for a missing or wrong token (MS_ADMIN_UNAUTHORIZED).', (a) => a.authFailures);
     adminCounter('memstrata_admin_request_timeouts_total', 'Admin API connections closed because headers or body came too slowly (MS_ADMIN_REQUEST_TIMEOUT).', (a) => a.requestTimeouts);

@@ -348,6 +348,7 @@ export class StorageNode {
           guests: () => this.guests.list(),
           journalSyncs: () => this.nvram.syncLatency.snapshot(),
           busyPoll: () => ({ windowUs: this.config.node.busyPollUs, seconds: this.busyPoll.pollingSeconds }),
+          cpuWakeLatency: () => this.cpuWakeLatency.info(),
         });
         const admin = new AdminServer({
           info: () => this.info(),

@@ -3,7 +3,8 @@
 // kernel's aggregate bound is then at most that, and `memstrata status` and /v1/node say
 // so; the node still serves, and it stops on SIGTERM with exit 0. Where the device cannot
 // be written (not root, no such device), the node starts all the same and says why the
-// request is not held. The defaults hold nothing.
+// request is not held. memstrata_cpu_wake_latency_held says the same. The defaults hold
+// nothing and show no series.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -29,6 +30,9 @@ test('node.cpuWakeLatency: the node holds the CPU latency request while it runs,
   const info = (await (await fetch(`${node.url}/v1/node`)).json()) as NodeInfo;
   const status = await runCli(['status', '--admin', node.url]);
   assert.equal(status.code, 0, status.stderr);
+  const metrics = await (await fetch(`${node.url}/metrics`)).text();
+  const held = /^memstrata_cpu_wake_latency_held\{bound_us="0"\} (\d)$/m.exec(metrics)?.[1];
+  assert.equal(held, info.cpuWakeLatency?.held === true ? '1' : '0', 'the metric says what /v1/node says');
   if (await writable(CPU_LATENCY_DEVICE)) {
     assert.equal(info.cpuWakeLatency?.held, true, JSON.stringify(info.cpuWakeLatency));
     assert.equal(info.cpuWakeLatency?.requestedUs, 0);
@@ -57,6 +61,7 @@ test('node.cpuWakeLatency off (the default): no request is made, and status says
   const info = (await (await fetch(`${node.url}/v1/node`)).json()) as NodeInfo;
   assert.deepEqual(info.cpuWakeLatency, { requestedUs: null, held: false, failure: null, cpuidle: null });
   assert.equal(await holdsOpen(node.proc.pid ?? 0, CPU_LATENCY_DEVICE), false);
+  assert.doesNotMatch(await (await fetch(`${node.url}/metrics`)).text(), /^memstrata_cpu_wake_latency_held\{/m, 'no series while the setting is off');
   const status = await runCli(['status', '--admin', node.url]);
   assert.match(status.stdout, /cpu wake-up +no bound asked \(node\.cpuWakeLatency off\)/);
 });

@@ -5,6 +5,7 @@ import { endianness, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pino from 'pino';
 import { CpuWakeLatency } from '../../../src/node/cpu-wake-latency.js';
+import { emptyNodeMetrics } from '../../support/metrics-sources.js';
 import { holdsOpen } from '../../support/node-process.js';
 
 // A regular file stands in for /dev/cpu_dma_latency (the character-device check is off
@@ -14,6 +15,12 @@ import { holdsOpen } from '../../support/node-process.js';
 function logger(): { log: pino.Logger; lines: Record<string, unknown>[] } {
   const lines: Record<string, unknown>[] = [];
   return { log: pino({ level: 'info' }, { write: (line: string) => lines.push(JSON.parse(line) as Record<string, unknown>) }), lines };
+}
+
+/** memstrata_cpu_wake_latency_held's lines on /metrics over this request. */
+async function heldMetric(request: CpuWakeLatency): Promise<string[]> {
+  const text = await emptyNodeMetrics({ cpuWakeLatency: () => request.info() }).registry.metrics();
+  return text.split('\n').filter((l) => l.startsWith('memstrata_cpu_wake_latency_held'));
 }
 
 async function standIn(t: { after(fn: () => Promise<void>): void }): Promise<{ dir: string; device: string; cpuidleDir: string }> {
@@ -40,10 +47,12 @@ test('node.cpuWakeLatency: the bound is written as a native 32-bit integer and i
   assert.equal(endianness() === 'LE' ? written.readInt32LE(0) : written.readInt32BE(0), 25);
   assert.deepEqual(request.info(), { requestedUs: 25, held: true, failure: null, cpuidle: 'haltpoll, governor haltpoll' });
   assert.ok(await holdsOpen('self', device), 'the request lasts while the descriptor is open');
+  assert.deepEqual(await heldMetric(request), ['memstrata_cpu_wake_latency_held{bound_us="25"} 1']);
   await request.release();
   await request.release();
   assert.equal(await holdsOpen('self', device), false, 'release withdraws it');
   assert.equal(request.info().held, false);
+  assert.deepEqual(await heldMetric(request), ['memstrata_cpu_wake_latency_held{bound_us="25"} 0']);
 });
 
 test('node.cpuWakeLatency off: nothing is opened or written', async (t) => {
@@ -52,6 +61,7 @@ test('node.cpuWakeLatency off: nothing is opened or written', async (t) => {
   await request.hold(logger().log);
   assert.equal((await stat(device)).size, 0);
   assert.deepEqual(request.info(), { requestedUs: null, held: false, failure: null, cpuidle: null });
+  assert.deepEqual(await heldMetric(request), [], 'no series while the setting is off');
 });
 
 test('node.cpuWakeLatency where the request cannot be made: a coded warning, the reason in info(), no throw, and nothing created or left open', async (t) => {
@@ -71,6 +81,7 @@ test('node.cpuWakeLatency where the request cannot be made: a coded warning, the
     const warning = lines.find((l) => l.code === 'MS_CPU_LATENCY_UNAVAILABLE');
     assert.ok(warning !== undefined, `${what}: a warning with its code`);
     assert.equal(warning.level, 40);
+    assert.deepEqual(await heldMetric(request), ['memstrata_cpu_wake_latency_held{bound_us="0"} 0'], `${what}: the metric says it is not held`);
     await request.release();
   }
   await assert.rejects(stat(join(dir, 'absent')), { code: 'ENOENT' }, 'a missing device is not created');
