@@ -85,6 +85,7 @@ export const ERRORS = {
   MS_PARTITION_BUSY: { category: 'runtime', status: 409, summary: 'the owners of a partition could not give back enough extents to shrink it' },
   MS_EXTENTS_EXHAUSTED: { category: 'runtime', status: 409, summary: 'a kind has no idle extents left to assign to an owner' },
   MS_NODE_LOCKED: { category: 'runtime', status: 409, summary: 'another running node holds the data directory' },
+  MS_NODE_STARTED: { category: 'misuse', status: 409, summary: 'a StorageNode starts once: start() was called on one that has already started, or stopped; make a new StorageNode' },
   MS_META_DAMAGED: { category: 'runtime', status: 409, summary: 'a volume or NVRAM device of that name was not loaded at start (damaged metadata); its files are kept as they were until they are repaired or moved away and the node restarts' },
   MS_MEDIUM_CLOSED: { category: 'runtime', status: 503, summary: 'I/O was attempted on a medium that is not open' },
   MS_READ_DECLINED: { category: 'runtime', status: 503, summary: 'a medium declined a synchronous read (flash, while such reads are slow); the caller reads asynchronously instead, so no client sees it' },
