@@ -6,7 +6,10 @@
 //   remote       local DRAM budget, then DRAM borrowed from a memstrata node over rmem
 //   all local    a local DRAM budget large enough for the whole working set
 //
-// Each is a HierarchyMemory with its default page cache (a quarter of the budget).
+// Each is a HierarchyMemory with its default page cache (a quarter of the budget). Reads
+// use read(), which returns a new Buffer each time; remote and all local run again with
+// readInto(), which reads into the caller's own buffers (a buffer pool's frames) and
+// allocates nothing.
 // Pages are ranked by a zipf law (s = 0.99) and the ranks scattered over the working set,
 // so the hot pages are spread over every segment and tier.
 //
@@ -66,7 +69,7 @@ function zipfPages(n: number, s: number, count: number): Uint32Array {
   return out;
 }
 
-async function run(name: string, options: HierarchyOptions, accesses: Uint32Array): Promise<{ result: CaseResult; stats: string }> {
+async function run(name: string, options: HierarchyOptions, accesses: Uint32Array, into = false): Promise<{ result: CaseResult; stats: string }> {
   const memory = await HierarchyMemory.open(options);
   try {
     // The working set as 1 MiB segments, highest class: local DRAM first, then the far tier.
@@ -74,6 +77,8 @@ async function run(name: string, options: HierarchyOptions, accesses: Uint32Arra
     for (let at = 0; at < WORKING_SET; at += SEGMENT) segments.push(await memory.alloc(SEGMENT, { class: 'highest' }));
     const base = segments[0]?.address ?? 0;
     const data = Buffer.alloc(PAGE, 0x5a);
+    // readInto's targets: one frame per request in flight (DEPTH at most, so DEPTH of them).
+    const frames = Array.from({ length: DEPTH }, () => Buffer.alloc(PAGE));
     for (const s of segments) await s.write(0, Buffer.alloc(SEGMENT, 1));
     const result = await measure(
       {
@@ -82,8 +87,9 @@ async function run(name: string, options: HierarchyOptions, accesses: Uint32Arra
         run: async (i) => {
           const page = accesses[i % accesses.length] ?? 0;
           // Segments are allocated back to back, so the working set is one virtual range.
-          if (i % 10 < 7) await memory.read(base + page * PAGE, PAGE);
-          else await memory.write(base + page * PAGE, data);
+          if (i % 10 >= 7) await memory.write(base + page * PAGE, data);
+          else if (into) await memory.readInto(base + page * PAGE, frames[i % DEPTH] ?? Buffer.alloc(PAGE));
+          else await memory.read(base + page * PAGE, PAGE);
         },
       },
       { depth: DEPTH },
@@ -112,14 +118,18 @@ try {
     const swap = await run('swap only (baseline)', { serverId: 'bench-swap', localDram: BUDGET, swap: `nbd://${swapNode.nbd.host}:${swapNode.nbd.port}/default` }, accesses);
     const remote = await run('remote memory on a node', { serverId: 'bench-remote', localDram: BUDGET, nodes: [{ name: 'node', host: node.rmem.host, port: node.rmem.port }] }, accesses);
     const local = await run('all local', { serverId: 'bench-local', localDram: 2 * WORKING_SET }, accesses);
-    rounds.push([swap.result, remote.result, local.result]);
-    notes.push(...[swap, remote, local].map((r) => `round ${round + 1}, ${r.stats}`));
+    const remoteInto = await run('remote memory, readInto', { serverId: 'bench-remote-into', localDram: BUDGET, nodes: [{ name: 'node', host: node.rmem.host, port: node.rmem.port }] }, accesses, true);
+    const localInto = await run('all local, readInto', { serverId: 'bench-local-into', localDram: 2 * WORKING_SET }, accesses, true);
+    rounds.push([swap.result, remote.result, local.result, remoteInto.result, localInto.result]);
+    notes.push(...[swap, remote, local, remoteInto, localInto].map((r) => `round ${round + 1}, ${r.stats}`));
   }
   reportRounds(`Host zipfian 4 KiB 70/30, working set ${WORKING_SET / 2 ** 20} MiB over a ${BUDGET / 2 ** 20} MiB budget, ${DEPTH} in flight (ratios against swap only)`, rounds);
   // The target compares remote memory with all local (DESIGN section 8: >= 0.5x).
   const rate = (r: CaseResult | undefined): number => (r === undefined ? 0 : r.ops / r.seconds);
-  const remoteToLocal = rounds.map((r) => (rate(r[2]) > 0 ? rate(r[1]) / rate(r[2]) : 0));
-  console.log(`\nremote memory / all local, each round: ${remoteToLocal.map((x) => `${x.toFixed(2)}x`).join(' / ')}; median ${median(remoteToLocal).toFixed(2)}x`);
+  const ratios = (remote: number, local: number): number[] => rounds.map((r) => (rate(r[local]) > 0 ? rate(r[remote]) / rate(r[local]) : 0));
+  const line = (xs: number[]): string => `${xs.map((x) => `${x.toFixed(2)}x`).join(' / ')}; median ${median(xs).toFixed(2)}x`;
+  console.log(`\nremote memory / all local, each round: ${line(ratios(1, 2))}`);
+  console.log(`the same with readInto: ${line(ratios(3, 4))}`);
   console.log(`\n${notes.join('\n')}`);
 } finally {
   await node.stop('SIGTERM');

@@ -266,6 +266,13 @@ export class Segment {
     return this.owner.read(this.address + offset, length);
   }
 
+  /** Reads `target.length` bytes at `offset` within the segment into `target` (see {@link HierarchyMemory.readInto}). */
+  async readInto(offset: number, target: Uint8Array): Promise<void> {
+    assertBytes(target, 'the target of a read');
+    this.check(offset, target.length);
+    return this.owner.readInto(this.address + offset, target);
+  }
+
   /** Writes `data` at `offset` within the segment. */
   async write(offset: number, data: Uint8Array): Promise<void> {
     assertBytes(data);
@@ -700,18 +707,29 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
     await this.release(segment);
   }
 
-  /** Reads `length` bytes at a virtual address; the range may cross segments that touch. */
+  /** Reads `length` bytes at a virtual address into a new Buffer; the range may cross segments that touch. */
   async read(address: number, length: number): Promise<Buffer> {
     this.checkOpen();
     // Validated before anything is allocated: a negative or huge length is a coded violation, not a RangeError or a large allocation.
     const spans = this.spans(address, length);
     const out = Buffer.alloc(length);
-    const only = spans.length === 1 ? spans[0] : undefined;
-    if (only !== undefined && only.segment.far && !only.segment.isFreed && this.cache.readNow(only.segment, only.offset, out)) return out;
-    await this.run(spans, ({ segment, offset, from, n }) =>
-      segment.far ? this.cache.read(segment, offset, out.subarray(from, from + n)) : segment.readPieces(offset, out.subarray(from, from + n)),
-    );
+    const pending = this.readSpans(spans, out);
+    if (pending !== undefined) await pending;
     return out;
+  }
+
+  /**
+   * Reads `target.length` bytes at a virtual address into `target`, allocating nothing:
+   * for an application that keeps its own buffers (a buffer pool's frames), where a new
+   * Buffer per read is garbage the size of everything read. It must not touch `target`
+   * until the promise settles; if it rejects, `target` may hold part of the range.
+   */
+  async readInto(address: number, target: Uint8Array): Promise<void> {
+    this.checkOpen();
+    assertBytes(target, 'the target of a read');
+    const out = Buffer.from(target.buffer, target.byteOffset, target.byteLength);
+    const pending = this.readSpans(this.spans(address, out.length), out);
+    if (pending !== undefined) await pending;
   }
 
   /** Writes `data` at a virtual address; the range may cross segments that touch. */
@@ -1037,6 +1055,15 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
     return out;
   }
 
+  /** Reads the spans into `out`: undefined when the page cache answered at once (a hit within one page). */
+  private readSpans(spans: readonly Span[], out: Buffer): Promise<void> | undefined {
+    const only = spans.length === 1 ? spans[0] : undefined;
+    if (only !== undefined && only.segment.far && !only.segment.isFreed && this.cache.readNow(only.segment, only.offset, out)) return undefined;
+    return this.run(spans, ({ segment, offset, from, n }) =>
+      segment.far ? this.cache.read(segment, offset, out.subarray(from, from + n)) : segment.readPieces(offset, out.subarray(from, from + n)),
+    );
+  }
+
   /** Index of the segment holding `address`, or where it would be. */
   private find(address: number): number {
     let lo = 0;
@@ -1056,8 +1083,8 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
 }
 
 /** A JavaScript caller may pass anything: refuse what is not bytes before touching it. */
-function assertBytes(data: unknown): asserts data is Uint8Array {
-  if (!(data instanceof Uint8Array)) throw new MisuseError('MS_HOST_INVALID', `data to write must be a Uint8Array or a Buffer, got ${data === null ? 'null' : typeof data}`);
+function assertBytes(data: unknown, what = 'data to write'): asserts data is Uint8Array {
+  if (!(data instanceof Uint8Array)) throw new MisuseError('MS_HOST_INVALID', `${what} must be a Uint8Array or a Buffer, got ${data === null ? 'null' : typeof data}`);
 }
 
 /** `host:port` (or `[v6]:port`) of a member record. */

@@ -116,7 +116,7 @@ test('reads and writes at virtual addresses match a buffer model across segments
   const op = fc.oneof(
     fc.record({ kind: fc.constant('alloc' as const), size: fc.integer({ min: 1, max: 40 * KiB }), cls: fc.constantFrom('highest', 'standard', 'capacity' as const), medium: fc.constantFrom(undefined, 'volume' as const) }),
     fc.record({ kind: fc.constant('write' as const), pick: fc.nat(), at: fc.nat(), length: fc.integer({ min: 1, max: 20 * KiB }), seed: fc.nat(255) }),
-    fc.record({ kind: fc.constant('read' as const), pick: fc.nat(), at: fc.nat(), length: fc.integer({ min: 1, max: 20 * KiB }) }),
+    fc.record({ kind: fc.constant('read' as const), pick: fc.nat(), at: fc.nat(), length: fc.integer({ min: 1, max: 20 * KiB }), into: fc.boolean() }),
     fc.record({ kind: fc.constant('free' as const), pick: fc.nat() }),
   );
   // Virtual memory as the model sees it: contiguous runs of live segments.
@@ -168,6 +168,18 @@ test('reads and writes at virtual addresses match a buffer model across segments
             const k = Math.min(s + buf.length - at, address + o.length - at);
             buf.fill(o.seed, at - s, at - s + k);
             at += k;
+          }
+        } else if (o.into) {
+          // Into a window of a larger buffer: every byte of the window filled, none around it touched.
+          const frame = Buffer.alloc(o.length + 32, 0xee);
+          const window = frame.subarray(16, 16 + o.length);
+          if (expected === undefined) {
+            await assert.rejects(memory.readInto(address, window), { code: 'MS_HOST_VIOLATION' });
+            assert.ok(frame.every((b) => b === 0xee), 'a refused readInto writes nothing');
+          } else {
+            await memory.readInto(address, window);
+            assert.ok(window.equals(expected), `readInto at 0x${address.toString(16)} for ${o.length}`);
+            assert.ok(frame.subarray(0, 16).every((b) => b === 0xee) && frame.subarray(16 + o.length).every((b) => b === 0xee), 'readInto writes only its target');
           }
         } else if (expected === undefined) {
           await assert.rejects(memory.read(address, o.length), { code: 'MS_HOST_VIOLATION' });

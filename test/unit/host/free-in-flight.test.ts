@@ -2,7 +2,8 @@
 // the local flash and swap tiers hand a freed range to the next allocation, so free must
 // wait for the old owner's I/O before it zeroes the range. fast-check's scheduler decides
 // when each command starts and when each store call takes effect (and fails a few of
-// them); after every run each segment is checked against a model.
+// them); after every run each segment is checked against a model. Reads go through
+// read() and readInto() alike.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -20,13 +21,13 @@ const word = (seg: number, page: number): number => ((seg + 1) << 8) | (page + 1
 type Command =
   | { kind: 'alloc'; tier: 'flash' | 'swap'; pages: number }
   | { kind: 'write'; seg: number; page: number; count: number }
-  | { kind: 'read'; seg: number; page: number; count: number }
+  | { kind: 'read'; seg: number; page: number; count: number; into: boolean }
   | { kind: 'free'; seg: number };
 
 const command: fc.Arbitrary<Command> = fc.oneof(
   fc.record({ kind: fc.constant('alloc' as const), tier: fc.constantFrom('flash' as const, 'swap' as const), pages: fc.integer({ min: 1, max: 3 }) }),
   fc.record({ kind: fc.constant('write' as const), seg: fc.nat(), page: fc.nat(), count: fc.integer({ min: 1, max: 3 }) }),
-  fc.record({ kind: fc.constant('read' as const), seg: fc.nat(), page: fc.nat(), count: fc.integer({ min: 1, max: 3 }) }),
+  fc.record({ kind: fc.constant('read' as const), seg: fc.nat(), page: fc.nat(), count: fc.integer({ min: 1, max: 3 }), into: fc.boolean() }),
   fc.record({ kind: fc.constant('free' as const), seg: fc.nat() }),
 );
 
@@ -98,11 +99,17 @@ test('free waits for reads and writes in flight: none sees or reaches the next o
               const pages = seg.size / PAGE;
               const first = c.page % pages;
               const count = Math.min(c.count, pages - first);
-              const got = await memory.read(seg.address + first * PAGE, count * PAGE).catch((error: unknown) => {
+              // readInto fills a window of the caller's buffer, every byte of it, and nothing around it.
+              const frame = c.into ? Buffer.alloc(count * PAGE + 2 * 8, 0xee) : undefined;
+              const reading = frame === undefined ? memory.read(seg.address + first * PAGE, count * PAGE) : memory.readInto(seg.address + first * PAGE, frame.subarray(8, 8 + count * PAGE)).then(() => frame.subarray(8, 8 + count * PAGE));
+              const got = await reading.catch((error: unknown) => {
                 unexpected(`read ${k}`)(error);
                 return undefined;
               });
               if (got === undefined) return;
+              if (frame !== undefined && !(frame.subarray(0, 8).every((b) => b === 0xee) && frame.subarray(8 + count * PAGE).every((b) => b === 0xee))) {
+                problems.push(`readInto of segment ${k} wrote outside its target`);
+              }
               for (let i = 0; i < got.length; i += 4) {
                 const v = got.readUInt32BE(i);
                 const page = first + Math.floor(i / PAGE);

@@ -12,7 +12,7 @@ function local(pages: number): HierarchyMemory {
   return HierarchyMemory.assemble({ serverId: 'unit', dram: new RangeTier('local', 'dram', pages * PAGE, new BufferStore(pages * PAGE)), pageCacheBytes: 0 });
 }
 
-test('read and write refuse a bad length or non-bytes with a coded error before allocating anything', async (t) => {
+test('read, readInto and write refuse a bad length, address or non-bytes with a coded error before allocating anything', async (t) => {
   const memory = local(2);
   t.after(() => memory.close());
   const seg = await memory.alloc(PAGE, { class: 'highest' });
@@ -28,6 +28,24 @@ test('read and write refuse a bad length or non-bytes with a coded error before 
   }
   await memory.write(seg.address, new Uint8Array([1, 2, 3]));
   assert.deepEqual([...(await seg.read(0, 3))], [1, 2, 3]);
+  for (const target of ['text', undefined, null, 42, [1, 2], new ArrayBuffer(4)]) {
+    await assert.rejects(memory.readInto(seg.address, target as unknown as Uint8Array), { code: 'MS_HOST_INVALID' }, `target ${Object.prototype.toString.call(target)}`);
+    await assert.rejects(seg.readInto(0, target as unknown as Uint8Array), { code: 'MS_HOST_INVALID' }, `target ${Object.prototype.toString.call(target)}`);
+  }
+  for (const address of [-1, 1.5, Number.NaN, seg.address + PAGE]) {
+    await assert.rejects(memory.readInto(address, new Uint8Array(1)), { code: 'MS_HOST_VIOLATION' }, `address ${address}`);
+  }
+  await assert.rejects(seg.readInto(PAGE - 2, new Uint8Array(3)), { code: 'MS_HOST_VIOLATION' }, 'past the segment');
+  await assert.rejects(seg.readInto(-1, new Uint8Array(1)), { code: 'MS_HOST_VIOLATION' });
+  // Any view of bytes: a Uint8Array at an offset in its buffer, a Buffer, an empty one.
+  const backing = new Uint8Array(8).fill(9);
+  await seg.readInto(0, backing.subarray(2, 5));
+  assert.deepEqual([...backing], [9, 9, 1, 2, 3, 9, 9, 9]);
+  await memory.readInto(seg.address + 1, backing.subarray(6, 8));
+  assert.deepEqual([...backing], [9, 9, 1, 2, 3, 9, 2, 3]);
+  await memory.readInto(seg.address, new Uint8Array(0));
+  await seg.free();
+  await assert.rejects(memory.readInto(seg.address, new Uint8Array(1)), { code: 'MS_HOST_VIOLATION' }, 'after free');
 });
 
 /** Local memory whose zeroing fails while `failing` is set. */
