@@ -77,7 +77,8 @@ async function run(name: string, options: HierarchyOptions, accesses: Uint32Arra
     for (let at = 0; at < WORKING_SET; at += SEGMENT) segments.push(await memory.alloc(SEGMENT, { class: 'highest' }));
     const base = segments[0]?.address ?? 0;
     const data = Buffer.alloc(PAGE, 0x5a);
-    // readInto's targets: one frame per request in flight (DEPTH at most, so DEPTH of them).
+    // readInto's targets: a frame per request in flight, taken for the read and given back
+    // after it (at most DEPTH run at once, so DEPTH frames; never two reads in one frame).
     const frames = Array.from({ length: DEPTH }, () => Buffer.alloc(PAGE));
     for (const s of segments) await s.write(0, Buffer.alloc(SEGMENT, 1));
     const result = await measure(
@@ -88,7 +89,14 @@ async function run(name: string, options: HierarchyOptions, accesses: Uint32Arra
           const page = accesses[i % accesses.length] ?? 0;
           // Segments are allocated back to back, so the working set is one virtual range.
           if (i % 10 >= 7) await memory.write(base + page * PAGE, data);
-          else if (into) await memory.readInto(base + page * PAGE, frames[i % DEPTH] ?? Buffer.alloc(PAGE));
+          else if (into) {
+            const frame = frames.pop() ?? Buffer.alloc(PAGE);
+            try {
+              await memory.readInto(base + page * PAGE, frame);
+            } finally {
+              frames.push(frame);
+            }
+          }
           else await memory.read(base + page * PAGE, PAGE);
         },
       },
