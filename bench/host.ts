@@ -9,7 +9,7 @@
 // Each is a HierarchyMemory with its default page cache (a quarter of the budget). Reads
 // use read(), which returns a new Buffer each time; remote and all local run again with
 // readInto(), which reads into the caller's own buffers (a buffer pool's frames) and
-// allocates nothing.
+// takes no new memory for the bytes.
 // Pages are ranked by a zipf law (s = 0.99) and the ranks scattered over the working set,
 // so the hot pages are spread over every segment and tier.
 //

@@ -719,16 +719,19 @@ export class HierarchyMemory extends EventEmitter<HierarchyEvents> {
   }
 
   /**
-   * Reads `target.length` bytes at a virtual address into `target`, allocating nothing:
-   * for an application that keeps its own buffers (a buffer pool's frames), where a new
-   * Buffer per read is garbage the size of everything read. It must not touch `target`
-   * until the promise settles; if it rejects, `target` may hold part of the range.
+   * Reads `target.length` bytes at a virtual address into `target`, with no new memory
+   * for the bytes: for an application that keeps its own buffers (a buffer pool's
+   * frames), where a new Buffer per read is garbage the size of everything read. It must
+   * not touch `target` until the promise settles; if it rejects, `target` may hold part
+   * of the range. An empty target reads nothing, as `read(address, 0)` does.
    */
   async readInto(address: number, target: Uint8Array): Promise<void> {
     this.checkOpen();
     assertBytes(target, 'the target of a read');
-    const out = Buffer.from(target.buffer, target.byteOffset, target.byteLength);
-    const pending = this.readSpans(this.spans(address, out.length), out);
+    const spans = this.spans(address, target.byteLength);
+    // Also a view of a detached ArrayBuffer, whose length reads 0: nothing to fill.
+    if (target.byteLength === 0) return;
+    const pending = this.readSpans(spans, Buffer.from(target.buffer, target.byteOffset, target.byteLength));
     if (pending !== undefined) await pending;
   }
 

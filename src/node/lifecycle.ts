@@ -6,8 +6,11 @@
 // A lifecycle runs once: start() a second time, or after stop(), is refused
 // (MS_NODE_STARTED), since a stopped step is not made to start again. stop() during
 // start() waits for the step that is starting, starts no more, and stops every step that
-// started (start() then rejects with MS_SHUTTING_DOWN), so no step is left running
-// behind a stop that has returned.
+// started; start() then rejects with MS_SHUTTING_DOWN (or with the step's own error if it
+// failed), so no step is left running behind a stop that has resolved, and no caller is
+// told the node started while it stops. Hence a step's start() must never wait for
+// stop(): that would wait for itself. A failure to stop a step is reported by every
+// stop(), including one after a failed start-up, whose own error is the start's.
 
 import { MisuseError, RuntimeError, toMemstrataError } from '../errors.js';
 import type { Logger } from './logger.js';
@@ -24,6 +27,8 @@ export class Lifecycle {
   private readonly log: Logger;
   private starting: Promise<void> | undefined;
   private stopping: Promise<void> | undefined;
+  /** The first failure to stop a step: every stop() rejects with it from then on. */
+  private stopFailure: { error: unknown } | undefined;
 
   constructor(log: Logger) {
     this.steps = [];
@@ -31,6 +36,7 @@ export class Lifecycle {
     this.log = log;
     this.starting = undefined;
     this.stopping = undefined;
+    this.stopFailure = undefined;
   }
 
   add(step: Step): void {
@@ -42,7 +48,9 @@ export class Lifecycle {
       const what = this.starting === undefined ? 'was stopped before it started' : 'was started before';
       return Promise.reject(new MisuseError('MS_NODE_STARTED', `a node starts once: this one ${what}; make a new one`));
     }
-    this.starting = this.startAll();
+    // Set before the first step runs (startAll would run it in this same turn), so that a
+    // stop() from inside that step's first turn waits for it too.
+    this.starting = Promise.resolve().then(() => this.startAll());
     return this.starting;
   }
 
@@ -57,27 +65,30 @@ export class Lifecycle {
 
   private async startAll(): Promise<void> {
     for (const step of this.steps) {
-      if (this.stopping !== undefined) {
-        this.log.warn({ step: step.name }, 'stopped while starting: the steps started so far are stopped');
-        throw new RuntimeError('MS_SHUTTING_DOWN', `the node was stopped while it started, before ${step.name}`);
-      }
+      if (this.stopping !== undefined) throw this.stoppedWhileStarting(`before ${step.name}`);
       const t0 = performance.now();
       try {
         await step.start();
       } catch (error) {
         this.log.error({ step: step.name, err: error }, 'start-up failed');
-        // Not stop(): it waits for start() to settle, that is for this. A step that fails
-        // to stop is logged there; the error passed on is the one that failed start-up.
+        // Not stop(): it waits for start() to settle, that is for this. A failure to stop
+        // a step is logged and kept for stop(); the error passed on is the start's.
         await this.stopAll().catch(() => undefined);
         throw error;
       }
       this.started.push(step);
       this.log.debug({ step: step.name, ms: Math.round(performance.now() - t0) }, 'started');
     }
+    // Stopped during the last step: every step started, and stop() stops them all now.
+    if (this.stopping !== undefined) throw this.stoppedWhileStarting('after the last step');
+  }
+
+  private stoppedWhileStarting(where: string): Error {
+    this.log.warn({ where }, 'stopped while starting: the steps started so far are stopped');
+    return new RuntimeError('MS_SHUTTING_DOWN', `the node was stopped while it started (${where})`);
   }
 
   private async stopAll(): Promise<void> {
-    let failure: unknown;
     while (this.started.length > 0) {
       const step = this.started.pop() as Step;
       const t0 = performance.now();
@@ -85,10 +96,10 @@ export class Lifecycle {
         await step.stop();
         this.log.debug({ step: step.name, ms: Math.round(performance.now() - t0) }, 'stopped');
       } catch (error) {
-        failure ??= error;
+        this.stopFailure ??= { error };
         this.log.error({ step: step.name, err: error }, 'stop failed');
       }
     }
-    if (failure !== undefined) throw toMemstrataError(failure);
+    if (this.stopFailure !== undefined) throw toMemstrataError(this.stopFailure.error);
   }
 }

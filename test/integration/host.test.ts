@@ -31,6 +31,8 @@ async function node(t: Ctx, later: (fn: () => Promise<unknown>) => void, args: s
   return n;
 }
 
+const hexOf = (address: number): string => `0x${address.toString(16)}`;
+
 const placeOf = (m: HierarchyMemory, address: number) =>
   [...new Set(m.mapping().filter((r) => r.virtualStart >= address && r.virtualStart < address + 1).map((r) => `${r.device}/${r.medium}`))].join(',');
 
@@ -206,6 +208,69 @@ test('reads and writes at virtual addresses match a buffer model across segments
   for (let i = 0; i < 8; i++) assert.ok((await far.read(i * 4096, 4096)).equals(Buffer.alloc(4096, 0x40 + i)), `page ${i} after demotion`);
   const { cache } = memory.stats();
   assert.ok(cache.promotions > 0 && cache.demotions > 0 && cache.hits > 0, `the page cache was exercised: ${JSON.stringify(cache)}`);
+});
+
+test('readInto fills exactly its target from every tier and from the page cache', async (t) => {
+  const later = stack(t);
+  const n = await node(t, later);
+  const dir = await tempDir(t);
+  const memory = await HierarchyMemory.open({
+    serverId: 'host-into',
+    localDram: 16 * KiB,
+    pageCache: 8 * KiB,
+    localFlash: { path: join(dir, 'flash.bin'), size: 64 * KiB },
+    nodes: [{ name: 'n1', host: n.rmem.host, port: n.rmem.port }],
+    swap: `nbd://${n.nbd.host}:${n.nbd.port}/default`,
+  });
+  later(() => memory.close());
+  // Allocated back to back, so each segment touches the next: a range may cross tiers.
+  const segments = [
+    { where: 'local/dram', seg: await memory.alloc(8 * KiB, { class: 'highest' }) },
+    { where: 'local/flash', seg: await memory.alloc(16 * KiB, { medium: 'flash', device: 'local' }) },
+    { where: 'n1/dram', seg: await memory.alloc(16 * KiB, { medium: 'dram', device: 'n1' }) },
+    { where: 'swap/volume', seg: await memory.alloc(16 * KiB, { medium: 'volume' }) },
+  ];
+  const start = segments[0]!.seg.address;
+  const total = segments.reduce((sum, { seg }) => sum + seg.size, 0);
+  const model = Buffer.alloc(total);
+  for (let i = 0; i < total; i++) model[i] = (i * 7 + (i >> 12)) & 0xff;
+  for (const { where, seg } of segments) {
+    assert.equal(placeOf(memory, seg.address), where, `the segment is where the test needs it`);
+    await seg.write(0, model.subarray(seg.address - start, seg.address - start + seg.size));
+  }
+  assert.equal(segments.at(-1)!.seg.address + segments.at(-1)!.seg.size - start, total, 'the segments touch');
+  const check = async (address: number, length: number, what: string): Promise<void> => {
+    const frame = Buffer.alloc(length + 24, 0xee);
+    const window = frame.subarray(11, 11 + length); // an odd offset in its ArrayBuffer
+    await memory.readInto(address, window);
+    assert.ok(window.equals(model.subarray(address - start, address - start + length)), `${what}: the bytes`);
+    assert.ok(frame.subarray(0, 11).every((b) => b === 0xee) && frame.subarray(11 + length).every((b) => b === 0xee), `${what}: nothing around the target`);
+  };
+  for (const { where, seg } of segments) {
+    await check(seg.address, seg.size, `${where}, whole`);
+    await check(seg.address + 4093, 6001, `${where}, across pages`);
+    await check(seg.address + seg.size - 3, 3, `${where}, its last bytes`);
+  }
+  // Across every boundary between tiers, and the whole range at once.
+  for (const { seg } of segments.slice(1)) await check(seg.address - 5000, 9000, `across ${hexOf(seg.address)}`);
+  await check(start, total, 'every tier in one read');
+  // A page of node memory read twice: the second time a page cache hit, answered at once.
+  const far = segments[2]!.seg;
+  const hitsBefore = memory.stats().cache.hits;
+  await check(far.address + 8 * KiB + 100, 900, 'a far page');
+  await check(far.address + 8 * KiB + 1000, 2000, 'the same far page, cached');
+  assert.ok(memory.stats().cache.hits > hitsBefore, 'the page cache answered');
+  // Segment.readInto is relative to the segment.
+  const own = Buffer.alloc(100);
+  await far.readInto(50, own);
+  assert.ok(own.equals(model.subarray(far.address - start + 50, far.address - start + 150)));
+  // Refused: a segment being freed, an address past the last segment. The target stays as it was.
+  const frame = Buffer.alloc(64, 0xee);
+  const freeing = segments[1]!.seg.free();
+  await assert.rejects(memory.readInto(segments[1]!.seg.address, frame), { code: 'MS_HOST_VIOLATION' });
+  await freeing;
+  await assert.rejects(memory.readInto(start + total, frame), { code: 'MS_HOST_VIOLATION' });
+  assert.ok(frame.every((b) => b === 0xee), 'a refused readInto writes nothing');
 });
 
 test('free violations: unknown address, double free, use after free, and access past a segment', async (t) => {

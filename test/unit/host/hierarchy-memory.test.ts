@@ -44,6 +44,13 @@ test('read, readInto and write refuse a bad length, address or non-bytes with a 
   await memory.readInto(seg.address + 1, backing.subarray(6, 8));
   assert.deepEqual([...backing], [9, 9, 1, 2, 3, 9, 2, 3]);
   await memory.readInto(seg.address, new Uint8Array(0));
+  // An empty target reads nothing anywhere, as read(address, 0) does; a detached buffer's view is empty.
+  await memory.readInto(seg.address + 64 * PAGE, new Uint8Array(0));
+  assert.equal((await memory.read(seg.address + 64 * PAGE, 0)).length, 0);
+  const detached = new Uint8Array(new ArrayBuffer(8));
+  structuredClone(detached.buffer, { transfer: [detached.buffer] });
+  await memory.readInto(seg.address, detached);
+  await seg.readInto(0, detached);
   await seg.free();
   await assert.rejects(memory.readInto(seg.address, new Uint8Array(1)), { code: 'MS_HOST_VIOLATION' }, 'after free');
 });

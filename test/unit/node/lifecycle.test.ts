@@ -28,7 +28,8 @@ test('lifecycle: whenever stop() comes, every step that started is stopped once,
       fc.option(fc.nat({ max: 4 }), { nil: undefined }),
       fc.array(fc.boolean(), { minLength: 5, maxLength: 5 }),
       fc.integer({ min: 0, max: 2 }),
-      async (s, count, failAt, stopFails, stopCalls) => {
+      fc.boolean(),
+      async (s, count, failAt, stopFails, stopCalls, stopAtOnce) => {
         const events: Event[] = [];
         const running = new Set<number>();
         const lifecycle = new Lifecycle(log);
@@ -59,21 +60,31 @@ test('lifecycle: whenever stop() comes, every step that started is stopped once,
             (error: unknown) => ({ ok: false, error }),
           );
         const started = outcome(lifecycle.start());
+        const watched = (): Promise<{ ok: boolean; error?: unknown }> =>
+          outcome(lifecycle.stop()).then((result) => {
+            assert.deepEqual([...running], [], 'nothing is left running when stop() resolves');
+            return result;
+          });
+        // A stop() in the same turn as start(), before any step has had a turn.
+        const atOnce: Promise<{ ok: boolean; error?: unknown }>[] = [];
+        if (stopAtOnce) {
+          events.push({ kind: 'stop-called', step: -1 });
+          atOnce.push(watched());
+        }
         // The stop() calls come at moments the scheduler picks among the steps' own.
         const stops = Array.from({ length: stopCalls }, (_, n) =>
           s.schedule(Promise.resolve(), `stop() call ${n}`).then(() => {
             events.push({ kind: 'stop-called', step: -1 });
-            return outcome(lifecycle.stop()).then((result) => {
-              assert.deepEqual([...running], [], 'nothing is left running when stop() resolves');
-              return result;
-            });
+            return watched();
           }),
         );
+        stops.push(...atOnce);
         await s.waitFor(Promise.all([started, ...stops]));
         const start = await started;
         // Whatever stop() calls came, a last one leaves nothing running.
-        const last = lifecycle.stop().catch(() => undefined);
+        const last = watched();
         await s.waitFor(last);
+        const lastResult = await last;
         assert.deepEqual([...running], [], 'every step that started is stopped');
 
         const firstStopCall = events.findIndex((e) => e.kind === 'stop-called');
@@ -86,16 +97,21 @@ test('lifecycle: whenever stop() comes, every step that started is stopped once,
         assert.deepEqual(stopOrder, [...startOrder].reverse(), 'steps stop in reverse order of their start, each once');
 
         const failed = events.some((e) => e.kind === 'start-failed');
+        const lastStarted = events.findIndex((e) => e.kind === 'start-end' && e.step === count - 1);
         if (failed) {
           assert.equal(start.ok, false);
           assert.match((start.error as Error).message, /failed to start/, 'the start-up error is the one passed on');
-        } else if (startOrder.length < count) {
+        } else if (firstStopCall >= 0 && (lastStarted < 0 || firstStopCall < lastStarted)) {
+          // Stopped before the last step had started (or while it started): never reported as started.
           assert.equal(codeOf(start.error), 'MS_SHUTTING_DOWN', 'a start cut short by stop() says so');
         } else {
-          assert.equal(start.ok, true);
+          assert.equal(start.ok, true, `started: ${String(start.error)}`);
         }
-        for (const result of await Promise.all(stops)) {
-          if (!result.ok) assert.match((result.error as Error).message, /failed to stop/, 'stop() passes on a step\'s failure to stop');
+        // Every stop(), concurrent or later, reports a step that failed to stop (also after a failed start-up), and only then.
+        const stopFailed = stopOrder.some((i) => stopFails[i] === true);
+        for (const result of [...(await Promise.all(stops)), lastResult]) {
+          if (stopFailed) assert.match(String((result.error as Error | undefined)?.message), /failed to stop/, 'stop() passes on a step\'s failure to stop');
+          else assert.equal(result.ok, true, `stop(): ${String(result.error)}`);
         }
         await assert.rejects(lifecycle.start(), (error: unknown) => codeOf(error) === 'MS_NODE_STARTED', 'a lifecycle starts once');
         assert.equal(running.size, 0, 'a refused start starts nothing');
@@ -103,6 +119,28 @@ test('lifecycle: whenever stop() comes, every step that started is stopped once,
     ),
     { numRuns: 300 },
   );
+});
+
+test('lifecycle: a stop() from inside the first step\'s first turn waits for that step and stops it', async () => {
+  const running = new Set<string>();
+  const lifecycle = new Lifecycle(log);
+  let stopped: Promise<void> | undefined;
+  lifecycle.add({
+    name: 'lock',
+    start: () => {
+      stopped = lifecycle.stop(); // before this step has awaited anything
+      running.add('lock');
+      return Promise.resolve();
+    },
+    stop: () => {
+      running.delete('lock');
+      return Promise.resolve();
+    },
+  });
+  lifecycle.add({ name: 'listener', start: () => Promise.reject(new Error('never started')), stop: () => Promise.resolve() });
+  await assert.rejects(lifecycle.start(), (error: unknown) => codeOf(error) === 'MS_SHUTTING_DOWN');
+  await stopped;
+  assert.deepEqual([...running], [], 'the step that was starting is stopped');
 });
 
 test('lifecycle: stop() before start() leaves start() refused, with nothing started', async () => {
