@@ -8,7 +8,10 @@
 //   4k randread QD1, 1M sequential read QD8, 4k randread QD8 on one connection and on
 //   two (multi-conn), 4k randrw 70/30 QD32, 4k randwrite QD32, 1M sequential write QD8.
 // Then 4k randread QD1 again against the floor of a Node.js NBD server
-// (support/floor-nbd.ts), to tell memstrata's share of its QD1 latency from the runtime's.
+// (support/floor-nbd.ts), to tell memstrata's share of its QD1 latency from the runtime's,
+// and once more with the CPU wake-up bound held at 0 (/dev/cpu_dma_latency, where it can
+// be written: no idle CPU halts, for the three servers alike), which leaves the request
+// paths (docs/BENCHMARKS.md, CPU wake-up latency).
 // Part 2, a working set four times memstrata's DRAM cache level and within DRAM plus
 // flash (a second node: 128 MiB DRAM cache, 512 MiB flash cache, 512 MiB working set),
 // against `nbdkit file`: a 1M sequential write of the whole 1 GiB volume (a stream eight
@@ -29,6 +32,8 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { openSync, closeSync, ftruncateSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import pino from 'pino';
+import { CPU_LATENCY_DEVICE, CpuWakeLatency } from '../src/node/cpu-wake-latency.js';
 import { startNode, type NodeProcess } from '../test/support/node-process.js';
 import { freePort, have, waitForPort } from './support/ports.js';
 import { benchRounds, median, nodeSettings } from './support/harness.js';
@@ -241,20 +246,37 @@ async function floor(size: string, memoryUri: string, ours: string): Promise<voi
     await waitForPort(port);
     const floorUri = `nbd://127.0.0.1:${port}/`;
     const qd1: Workload = { name: '4k randread QD1', args: ['--rw=randread', '--bs=4k', '--iodepth=1'] };
-    const p50 = { memory: [] as number[], floor: [] as number[], memstrata: [] as number[] };
     const seconds = Math.max(2, Math.round(SECONDS / 2));
-    for (let round = 0; round < benchRounds(); round++) {
-      p50.memory.push(fio(memoryUri, size, qd1, seconds).p50us);
-      p50.floor.push(fio(floorUri, size, qd1, seconds).p50us);
-      p50.memstrata.push(fio(ours, size, qd1, seconds).p50us);
+    const rounds = (): { memory: number[]; floor: number[]; memstrata: number[] } => {
+      const p50 = { memory: [] as number[], floor: [] as number[], memstrata: [] as number[] };
+      for (let round = 0; round < benchRounds(); round++) {
+        p50.memory.push(fio(memoryUri, size, qd1, seconds).p50us);
+        p50.floor.push(fio(floorUri, size, qd1, seconds).p50us);
+        p50.memstrata.push(fio(ours, size, qd1, seconds).p50us);
+      }
+      return p50;
+    };
+    const report = (p50: { memory: number[]; floor: number[]; memstrata: number[] }, how: string): void => {
+      const [mem, flo, ms] = [median(p50.memory), median(p50.floor), median(p50.memstrata)];
+      const list = (xs: number[]): string => xs.map((x) => x.toFixed(1)).join(' / ');
+      console.log(
+        `4k randread QD1 p50${how}, ${p50.memory.length} rounds in turn (${seconds} s each): nbdkit memory ${list(p50.memory)} us; ` +
+          `the Node.js floor (bench/support/floor-nbd.ts) ${list(p50.floor)} us; memstrata ${list(p50.memstrata)} us. ` +
+          `Medians: the floor ${ratio(flo, mem)} nbdkit memory, memstrata ${ratio(ms, mem)} nbdkit memory and ${ratio(ms, flo)} the floor`,
+      );
+    };
+    report(rounds(), '');
+    // Again with no CPU halting while idle, for every process alike (the CPU wake-up bound,
+    // docs/BENCHMARKS.md): what is left between the servers is their request paths.
+    const bound = new CpuWakeLatency(0);
+    await bound.hold(pino({ level: 'silent' }));
+    try {
+      const why = bound.info().held ? (bound.info().cpuidle === null ? 'no cpuidle driver here, so the bound changes nothing' : undefined) : `not held: ${bound.info().failure ?? 'unknown'}`;
+      if (why === undefined) report(rounds(), `, the CPU wake-up bound held at 0 us (${CPU_LATENCY_DEVICE}, for all three alike)`);
+      else console.log(`4k randread QD1 with the CPU wake-up bound held: skipped (${why})`);
+    } finally {
+      await bound.release();
     }
-    const [mem, flo, ms] = [median(p50.memory), median(p50.floor), median(p50.memstrata)];
-    const list = (xs: number[]): string => xs.map((x) => x.toFixed(1)).join(' / ');
-    console.log(
-      `4k randread QD1 p50, ${p50.memory.length} rounds in turn (${seconds} s each): nbdkit memory ${list(p50.memory)} us; ` +
-        `the Node.js floor (bench/support/floor-nbd.ts) ${list(p50.floor)} us; memstrata ${list(p50.memstrata)} us. ` +
-        `Medians: the floor ${ratio(flo, mem)} nbdkit memory, memstrata ${ratio(ms, mem)} nbdkit memory and ${ratio(ms, flo)} the floor`,
-    );
   } finally {
     proc.kill('SIGTERM');
   }
