@@ -32,11 +32,9 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { openSync, closeSync, ftruncateSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import pino from 'pino';
-import { CPU_LATENCY_DEVICE, CpuWakeLatency } from '../src/node/cpu-wake-latency.js';
 import { startNode, type NodeProcess } from '../test/support/node-process.js';
 import { freePort, have, waitForPort } from './support/ports.js';
-import { benchRounds, median, nodeSettings } from './support/harness.js';
+import { benchRounds, median, nodeSettings, withCpuWakeBound } from './support/harness.js';
 
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 8);
 
@@ -266,17 +264,13 @@ async function floor(size: string, memoryUri: string, ours: string): Promise<voi
       );
     };
     report(rounds(), '');
-    // Again with no CPU halting while idle, for every process alike (the CPU wake-up bound,
-    // docs/BENCHMARKS.md): what is left between the servers is their request paths.
-    const bound = new CpuWakeLatency(0);
-    await bound.hold(pino({ level: 'silent' }));
-    try {
-      const why = bound.info().held ? (bound.info().cpuidle === null ? 'no cpuidle driver here, so the bound changes nothing' : undefined) : `not held: ${bound.info().failure ?? 'unknown'}`;
-      if (why === undefined) report(rounds(), `, the CPU wake-up bound held at 0 us (${CPU_LATENCY_DEVICE}, for all three alike)`);
-      else console.log(`4k randread QD1 with the CPU wake-up bound held: skipped (${why})`);
-    } finally {
-      await bound.release();
-    }
+    // Again with no CPU halting while idle, for every process alike: what is left
+    // between the servers is their request paths.
+    const skipped = await withCpuWakeBound((label) => {
+      report(rounds(), `, ${label}`);
+      return Promise.resolve();
+    });
+    if (skipped !== undefined) console.log(`4k randread QD1 with the CPU wake-up bound held: skipped (${skipped})`);
   } finally {
     proc.kill('SIGTERM');
   }

@@ -9,6 +9,8 @@
 // compares runs minutes apart at most, and the median drops the odd round out.
 
 import hdr from 'hdr-histogram-js';
+import pino from 'pino';
+import { CPU_LATENCY_DEVICE, CpuWakeLatency } from '../../src/node/cpu-wake-latency.js';
 
 export interface CaseResult {
   name: string;
@@ -200,4 +202,25 @@ export function report(title: string, results: readonly CaseResult[]): void {
   const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
   const line = (cells: readonly string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i] ?? 0) : c.padStart(widths[i] ?? 0))).join('  ');
   console.log(`\n${title}\n${line(headers)}\n${rows.map(line).join('\n')}`);
+}
+
+/**
+ * Runs `fn` with the CPU wake-up bound held at 0 (/dev/cpu_dma_latency: no idle CPU
+ * halts, for every process on the machine alike; docs/BENCHMARKS.md, CPU wake-up
+ * latency), so that what is left of a QD1 comparison is the request paths. Returns why
+ * it was skipped (the device cannot be written, or no cpuidle driver makes it matter),
+ * or undefined once `fn` has run.
+ */
+export async function withCpuWakeBound(fn: (label: string) => Promise<void>): Promise<string | undefined> {
+  const bound = new CpuWakeLatency(0);
+  await bound.hold(pino({ level: 'silent' }));
+  try {
+    const info = bound.info();
+    if (!info.held) return `not held: ${info.failure ?? 'unknown'}`;
+    if (info.cpuidle === null) return 'no cpuidle driver here, so the bound changes nothing';
+    await fn(`the CPU wake-up bound held at 0 us (${CPU_LATENCY_DEVICE}, for the baseline and memstrata alike)`);
+    return undefined;
+  } finally {
+    await bound.release();
+  }
 }
