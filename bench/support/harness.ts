@@ -10,7 +10,7 @@
 
 import hdr from 'hdr-histogram-js';
 import pino from 'pino';
-import { CPU_LATENCY_DEVICE, CpuWakeLatency } from '../../src/node/cpu-wake-latency.js';
+import { CPU_LATENCY_DEVICE, CpuWakeLatency, cpuidleDriven } from '../../src/node/cpu-wake-latency.js';
 
 export interface CaseResult {
   name: string;
@@ -217,7 +217,7 @@ export async function withCpuWakeBound(fn: (label: string) => Promise<void>): Pr
   try {
     const info = bound.info();
     if (!info.held) return `not held: ${info.failure ?? 'unknown'}`;
-    if (info.cpuidle === null) return 'no cpuidle driver here, so the bound changes nothing';
+    if (!cpuidleDriven(info.cpuidle)) return `no cpuidle driver here (${info.cpuidle ?? 'sysfs does not say'}), so the bound changes nothing`;
     await fn(`the CPU wake-up bound held at 0 us (${CPU_LATENCY_DEVICE}, for the baseline and memstrata alike)`);
     return undefined;
   } finally {

@@ -99,7 +99,7 @@ export class CpuWakeLatency {
       this.handle = handle;
       this.failure = null;
       log.info({ device: this.device, us, cpuidle: this.cpuidle }, 'holding a CPU latency request (node.cpuWakeLatency)');
-      if (this.cpuidle === null || this.cpuidle.startsWith('none')) {
+      if (!cpuidleDriven(this.cpuidle)) {
         log.warn({ code: 'MS_CPU_LATENCY_NO_EFFECT', cpuidle: this.cpuidle }, 'node.cpuWakeLatency: no cpuidle driver, so the request changes nothing here');
       }
     } catch (error) {
@@ -137,4 +137,9 @@ function writeS32(buf: Buffer, value: number): void {
 
 function readS32(buf: Buffer): number {
   return endianness() === 'LE' ? buf.readInt32LE(0) : buf.readInt32BE(0);
+}
+
+/** Whether a cpuidle driver picks idle states here (info().cpuidle names one), so that a bound can change them. */
+export function cpuidleDriven(cpuidle: string | null): boolean {
+  return cpuidle !== null && !cpuidle.startsWith('none');
 }

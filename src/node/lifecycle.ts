@@ -7,10 +7,14 @@
 // (MS_NODE_STARTED), since a stopped step is not made to start again. stop() during
 // start() waits for the step that is starting, starts no more, and stops every step that
 // started; start() then rejects with MS_SHUTTING_DOWN (or with the step's own error if it
-// failed), so no step is left running behind a stop that has resolved, and no caller is
-// told the node started while it stops. Hence a step's start() must never wait for
-// stop(): that would wait for itself. A failure to stop a step is reported by every
-// stop(), including one after a failed start-up, whose own error is the start's.
+// failed), once those steps are stopped, so no step is left running behind a stop or a
+// start that has settled, and a stop() made before the last step has finished starting
+// never lets start() report the node started. (One made in the few microtasks between
+// the last step's end and start()'s own settling may find it started, and stops it.)
+// Hence a step's start() must never wait for stop(): that would wait for itself. A step
+// that fails to start must undo its own part; the steps before it are stopped. A failure
+// to stop a step is reported by every stop(), including one after a failed start-up,
+// whose own error is the start's.
 
 import { MisuseError, RuntimeError, toMemstrataError } from '../errors.js';
 import type { Logger } from './logger.js';
@@ -65,7 +69,7 @@ export class Lifecycle {
 
   private async startAll(): Promise<void> {
     for (const step of this.steps) {
-      if (this.stopping !== undefined) throw this.stoppedWhileStarting(`before ${step.name}`);
+      if (this.stopping !== undefined) throw await this.stoppedWhileStarting(`before ${step.name}`);
       const t0 = performance.now();
       try {
         await step.start();
@@ -79,12 +83,16 @@ export class Lifecycle {
       this.started.push(step);
       this.log.debug({ step: step.name, ms: Math.round(performance.now() - t0) }, 'started');
     }
-    // Stopped during the last step: every step started, and stop() stops them all now.
-    if (this.stopping !== undefined) throw this.stoppedWhileStarting('after the last step');
+    // Stopped during the last step: every step started, and they are all stopped now.
+    if (this.stopping !== undefined) throw await this.stoppedWhileStarting('after the last step');
   }
 
-  private stoppedWhileStarting(where: string): Error {
+  /** Stops the steps started so far (as a failed start-up does), then gives the error start() rejects with. */
+  private async stoppedWhileStarting(where: string): Promise<Error> {
     this.log.warn({ where }, 'stopped while starting: the steps started so far are stopped');
+    // Not stop(): it waits for start() to settle. Its own stopAll then finds nothing left
+    // and reports a failure to stop kept from this one.
+    await this.stopAll().catch(() => undefined);
     return new RuntimeError('MS_SHUTTING_DOWN', `the node was stopped while it started (${where})`);
   }
 

@@ -5,9 +5,16 @@
 // whose pid lives is refused with MS_NODE_LOCKED naming that pid. Known limits: a pid
 // reused by an unrelated process after a crash keeps the lock until that process ends
 // (the message says which pid to check), and the lock is advisory, for memstrata nodes.
+//
+// A lock file naming this very process is stale unless a lock of this process holds it
+// now: a node restarted in a container often gets the pid its previous run had, while
+// two nodes embedded in one process (StorageNode) must not share a directory. So the
+// paths held here are also kept in memory, and a second holder in this process is
+// refused like one in another (the same directory reached by another path through a
+// symbolic link is not recognised).
 
 import { open, readFile, rm } from 'node:fs/promises';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import { RuntimeError, StorageError } from '../errors.js';
 
 export const LOCK_FILE = 'node.lock';
@@ -16,6 +23,9 @@ export interface LockInfo {
   pid: number;
   startedAt: string;
 }
+
+/** Lock files held by DataDirLocks of this process (resolved paths). */
+const heldHere = new Set<string>();
 
 export class DataDirLock {
   readonly path: string;
@@ -28,6 +38,26 @@ export class DataDirLock {
 
   /** Takes the lock, replacing a stale one; returns the stale owner's pid if there was one. */
   async acquire(): Promise<{ stalePid: number | undefined }> {
+    const key = resolve(this.path);
+    if (this.held) return { stalePid: undefined };
+    // Claimed before the first await, so that two acquires in this process cannot both pass.
+    if (heldHere.has(key)) {
+      throw new RuntimeError('MS_NODE_LOCKED', `data directory is in use by another memstrata node in this process (pid ${process.pid}); stop it or choose another --data-dir`, {
+        details: { lock: this.path, pid: process.pid },
+      });
+    }
+    heldHere.add(key);
+    try {
+      const taken = await this.take();
+      this.held = true;
+      return taken;
+    } catch (error) {
+      heldHere.delete(key);
+      throw error;
+    }
+  }
+
+  private async take(): Promise<{ stalePid: number | undefined }> {
     let stalePid: number | undefined;
     for (let attempt = 0; attempt < 3; attempt++) {
       try {
@@ -35,7 +65,6 @@ export class DataDirLock {
         const info: LockInfo = { pid: process.pid, startedAt: new Date().toISOString() };
         await handle.writeFile(`${JSON.stringify(info)}\n`);
         await handle.close();
-        this.held = true;
         return { stalePid };
       } catch (error) {
         if ((error as NodeJS.ErrnoException).code !== 'EEXIST') {
@@ -43,6 +72,7 @@ export class DataDirLock {
         }
       }
       const owner = await readLock(this.path);
+      // This process's own pid: no lock of this process holds it (heldHere), so a previous run's.
       if (owner !== undefined && owner.pid !== process.pid && isAlive(owner.pid)) {
         throw new RuntimeError(
           'MS_NODE_LOCKED',
@@ -60,8 +90,12 @@ export class DataDirLock {
   async release(): Promise<void> {
     if (!this.held) return;
     this.held = false;
-    const owner = await readLock(this.path);
-    if (owner?.pid === process.pid) await rm(this.path, { force: true });
+    try {
+      const owner = await readLock(this.path);
+      if (owner?.pid === process.pid) await rm(this.path, { force: true });
+    } finally {
+      heldHere.delete(resolve(this.path));
+    }
   }
 }
 

@@ -172,7 +172,17 @@ export class StorageNode {
     this.lifecycle.add({
       name: 'media',
       start: async () => {
-        for (const medium of this.media) await medium.open();
+        // A medium that fails to open closes the ones opened before it: a failed step undoes its own part.
+        const opened: Medium[] = [];
+        try {
+          for (const medium of this.media) {
+            await medium.open();
+            opened.push(medium);
+          }
+        } catch (error) {
+          for (const medium of opened.reverse()) await medium.close().catch(() => undefined);
+          throw error;
+        }
       },
       stop: async () => {
         for (const medium of [...this.media].reverse()) await medium.close();

@@ -264,7 +264,8 @@ test('readInto fills exactly its target from every tier and from the page cache'
   const own = Buffer.alloc(100);
   await far.readInto(50, own);
   assert.ok(own.equals(model.subarray(far.address - start + 50, far.address - start + 150)));
-  // Refused: a segment being freed, an address past the last segment. The target stays as it was.
+  // Refused: a segment being freed (free() unlinks it at once, so it is no longer
+  // allocated), an address past the last segment. The target stays as it was.
   const frame = Buffer.alloc(64, 0xee);
   const freeing = segments[1]!.seg.free();
   await assert.rejects(memory.readInto(segments[1]!.seg.address, frame), { code: 'MS_HOST_VIOLATION' });

@@ -59,7 +59,12 @@ test('lifecycle: whenever stop() comes, every step that started is stopped once,
             () => ({ ok: true }),
             (error: unknown) => ({ ok: false, error }),
           );
-        const started = outcome(lifecycle.start());
+        // A start() that rejects has stopped what it started by then (a failed step, or overtaken by stop()).
+        let leftAtRejection: number[] = [];
+        const started = outcome(lifecycle.start()).then((result) => {
+          if (!result.ok) leftAtRejection = [...running];
+          return result;
+        });
         const watched = (): Promise<{ ok: boolean; error?: unknown }> =>
           outcome(lifecycle.stop()).then((result) => {
             assert.deepEqual([...running], [], 'nothing is left running when stop() resolves');
@@ -96,6 +101,7 @@ test('lifecycle: whenever stop() comes, every step that started is stopped once,
         const stopOrder = events.filter((e) => e.kind === 'stop').map((e) => e.step);
         assert.deepEqual(stopOrder, [...startOrder].reverse(), 'steps stop in reverse order of their start, each once');
 
+        assert.deepEqual(leftAtRejection, [], 'nothing started is left running when start() rejects');
         const failed = events.some((e) => e.kind === 'start-failed');
         const lastStarted = events.findIndex((e) => e.kind === 'start-end' && e.step === count - 1);
         if (failed) {

@@ -6,12 +6,19 @@ import { join } from 'node:path';
 import { DataDirLock, LOCK_FILE } from '../../../src/node/lock.js';
 import { tempDir } from '../../support/node-process.js';
 
-test('a held lock refuses a second holder, and release lets the next one in', async (t) => {
+test('a held lock refuses a second holder in this process too, and release lets the next one in', async (t) => {
   const dir = await tempDir(t);
   const first = new DataDirLock(dir);
   assert.deepEqual(await first.acquire(), { stalePid: undefined });
   const info = JSON.parse(await readFile(join(dir, LOCK_FILE), 'utf8')) as { pid: number };
   assert.equal(info.pid, process.pid);
+  // A second holder in this same process (two embedded nodes), also by another spelling of the path.
+  for (const path of [dir, `${dir}/./`]) {
+    await assert.rejects(new DataDirLock(path).acquire(), (error: Error & { code?: string }) => error.code === 'MS_NODE_LOCKED' && /in this process/.test(error.message));
+  }
+  const racers = await Promise.allSettled([new DataDirLock(join(dir, 'x', '..')).acquire(), new DataDirLock(dir).acquire()]);
+  assert.ok(racers.every((r) => r.status === 'rejected'), 'refused while held, even when asked at once');
+  assert.equal((JSON.parse(await readFile(join(dir, LOCK_FILE), 'utf8')) as { pid: number }).pid, process.pid, 'the refusals left the lock as it was');
   await first.release();
   await assert.rejects(access(join(dir, LOCK_FILE)));
   const second = new DataDirLock(dir);
@@ -31,7 +38,7 @@ test('a lock held by a live process is refused with MS_NODE_LOCKED naming the pi
   });
 });
 
-test('a stale lock from a dead process, or a torn lock file, is taken over', async (t) => {
+test('a stale lock from a dead process, from this pid in a previous run, or a torn lock file, is taken over', async (t) => {
   const dir = await tempDir(t);
   const gone = spawn(process.execPath, ['-e', '0'], { stdio: 'ignore' });
   await new Promise((resolve) => gone.once('exit', resolve));
@@ -39,6 +46,12 @@ test('a stale lock from a dead process, or a torn lock file, is taken over', asy
   const lock = new DataDirLock(dir);
   assert.deepEqual(await lock.acquire(), { stalePid: gone.pid });
   await lock.release();
+
+  // Our own pid, held by no lock of this process: a previous run that had the same pid (a container's).
+  await writeFile(join(dir, LOCK_FILE), JSON.stringify({ pid: process.pid, startedAt: 'x' }));
+  const same = new DataDirLock(dir);
+  assert.deepEqual(await same.acquire(), { stalePid: process.pid });
+  await same.release();
 
   await writeFile(join(dir, LOCK_FILE), '{"pi');
   const torn = new DataDirLock(dir);
