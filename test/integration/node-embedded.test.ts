@@ -7,7 +7,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { access, readdir, readlink } from 'node:fs/promises';
-import { connect } from 'node:net';
+import { connect, createServer, type AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { pino, type Logger } from 'pino';
 import { StorageNode, createLogger, loadConfig } from '../../src/index.js';
@@ -17,7 +17,7 @@ import { tempDir } from '../support/node-process.js';
 
 const codeOf = (error: unknown): string | undefined => (isMemstrataError(error) ? error.code : undefined);
 
-async function embedded(dir: string, log: Logger = createLogger({ level: 'silent', format: 'json' })): Promise<StorageNode> {
+async function embedded(dir: string, log: Logger = createLogger({ level: 'silent', format: 'json' }), extra: [string, string][] = []): Promise<StorageNode> {
   const flags: [string, string][] = [
     ['dataDir', dir],
     ['admin.listen', '127.0.0.1:0'],
@@ -27,6 +27,7 @@ async function embedded(dir: string, log: Logger = createLogger({ level: 'silent
     ['media.dram.size', '64MiB'],
     ['media.flash.size', '128MiB'],
     ['volumes.defaultSize', '64MiB'],
+    ...extra,
   ];
   const { config } = await loadConfig({ flags, env: {}, cwd: dir });
   return new StorageNode(config, log);
@@ -99,5 +100,27 @@ test('a stop() that overtakes an embedded node\'s start() at any step leaves not
     const next = await embedded(dir);
     await next.start();
     await next.stop();
+  }
+});
+
+test('an embedded node whose start fails at a listener (its port taken) leaves nothing running: no lock, open file, timer or socket', async (t) => {
+  for (const service of ['mirror.listen', 'rmem.listen', 'nbd.listen', 'admin.listen']) {
+    const dir = await tempDir(t);
+    const blocker = createServer();
+    await new Promise<void>((resolve) => blocker.listen(0, '127.0.0.1', resolve));
+    const port = (blocker.address() as AddressInfo).port;
+    const before = process.getActiveResourcesInfo();
+    const node = await embedded(dir, createLogger({ level: 'silent', format: 'json' }), [[service, `127.0.0.1:${port}`]]);
+    await assert.rejects(node.start(), (error: unknown) => codeOf(error) === 'MS_LISTEN_FAILED', service);
+    await assert.rejects(access(join(dir, LOCK_FILE)), `${service}: the lock is released`);
+    assert.deepEqual(await openUnder(dir), [], `${service}: no file under the data directory is open`);
+    await new Promise((resolve) => setImmediate(resolve));
+    // No timer, socket or server more than before the node (a request of the test's own may have ended meanwhile).
+    const count = (kinds: string[]): Map<string, number> => kinds.reduce((m, k) => m.set(k, (m.get(k) ?? 0) + 1), new Map<string, number>());
+    const [was, now] = [count(before), count(process.getActiveResourcesInfo())];
+    const extra = [...now].filter(([kind, n]) => n > (was.get(kind) ?? 0));
+    assert.deepEqual(extra, [], `${service}: resources the node left behind`);
+    await node.stop();
+    await new Promise<void>((resolve) => blocker.close(() => resolve()));
   }
 });
