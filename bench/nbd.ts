@@ -268,7 +268,6 @@ async function floor(size: string, memoryUri: string, ours: string): Promise<voi
     // between the servers is their request paths.
     const skipped = await withCpuWakeBound((label) => {
       report(rounds(), `, ${label}`);
-      return Promise.resolve();
     });
     if (skipped !== undefined) console.log(`4k randread QD1 with the CPU wake-up bound held: skipped (${skipped})`);
   } finally {

@@ -211,7 +211,7 @@ export function report(title: string, results: readonly CaseResult[]): void {
  * it was skipped (the device cannot be written, or no cpuidle driver makes it matter),
  * or undefined once `fn` has run.
  */
-export async function withCpuWakeBound(fn: (label: string) => Promise<void>): Promise<string | undefined> {
+export async function withCpuWakeBound(fn: (label: string) => Promise<void> | void): Promise<string | undefined> {
   const bound = new CpuWakeLatency(0);
   await bound.hold(pino({ level: 'silent' }));
   try {

@@ -74,8 +74,6 @@ export class StorageNode {
   private nodeId: string;
   private startedAt: Date;
   private stopping: boolean;
-  /** start() was called (it runs once: lifecycle.ts). */
-  private startCalled: boolean;
   /** node.busyPoll: the event loop polls for input a while after each chunk and each tick's replies (off at 0). */
   readonly busyPoll: BusyPoll;
   /** node.cpuWakeLatency: the CPU latency QoS request held while the node runs (nothing when off). */
@@ -138,7 +136,6 @@ export class StorageNode {
     this.nodeId = config.node.id ?? '';
     this.startedAt = new Date();
     this.stopping = false;
-    this.startCalled = false;
     this.busyPoll = new BusyPoll(config.node.busyPollUs);
     this.cpuWakeLatency = new CpuWakeLatency(config.node.cpuWakeLatencyUs);
     this.admin = undefined;
@@ -150,6 +147,8 @@ export class StorageNode {
     this.lifecycle.add({
       name: 'data directory',
       start: async () => {
+        // The clock starts with the first step: a refused start() runs none (lifecycle.ts).
+        this.startedAt = new Date();
         await mkdir(config.dataDir, { recursive: true }).catch((error: unknown) => {
           throw new StorageError('MS_DATA_DIR', `cannot create data directory ${config.dataDir}: ${(error as Error).message}`, { cause: error });
         });
@@ -460,12 +459,7 @@ export class StorageNode {
 
   /** Starts every subsystem in order. A node starts once: again, or after stop(), is MS_NODE_STARTED. */
   async start(): Promise<void> {
-    const starting = this.lifecycle.start();
-    // Only the start that runs sets the clock (its steps run from the next turn on): a
-    // refused one leaves a running node's uptime alone.
-    if (!this.startCalled && !this.stopping) this.startedAt = new Date();
-    this.startCalled = true;
-    await starting;
+    await this.lifecycle.start();
     this.log.info(
       { node: this.nodeId, version: VERSION, dataDir: this.config.dataDir, media: this.media.map((m) => ({ name: m.name, capacity: m.capacity })) },
       'node started',

@@ -31,6 +31,27 @@ async function node(t: Ctx, later: (fn: () => Promise<unknown>) => void, args: s
   return n;
 }
 
+/**
+ * A hierarchy over every tier: local DRAM (`localDram`, `pageCache` of it for the page
+ * cache), a 64 KiB local flash file, a node's memory (`n1`) and that node's default volume
+ * as swap; closed before the node stops.
+ */
+async function everyTier(t: Ctx, serverId: string, localDram: number, pageCache: number): Promise<HierarchyMemory> {
+  const later = stack(t);
+  const n = await node(t, later);
+  const dir = await tempDir(t);
+  const memory = await HierarchyMemory.open({
+    serverId,
+    localDram,
+    pageCache,
+    localFlash: { path: join(dir, 'flash.bin'), size: 64 * KiB },
+    nodes: [{ name: 'n1', host: n.rmem.host, port: n.rmem.port }],
+    swap: `nbd://${n.nbd.host}:${n.nbd.port}/default`,
+  });
+  later(() => memory.close());
+  return memory;
+}
+
 const hexOf = (address: number): string => `0x${address.toString(16)}`;
 
 const placeOf = (m: HierarchyMemory, address: number) =>
@@ -102,18 +123,7 @@ test('an allocation larger than any one node spans nodes, and reads back what wa
 });
 
 test('reads and writes at virtual addresses match a buffer model across segments and tiers', async (t) => {
-  const later = stack(t);
-  const n = await node(t, later);
-  const dir = await tempDir(t);
-  const memory = await HierarchyMemory.open({
-    serverId: 'host-c',
-    localDram: 64 * KiB,
-    pageCache: 16 * KiB,
-    localFlash: { path: join(dir, 'flash.bin'), size: 64 * KiB },
-    nodes: [{ name: 'n1', host: n.rmem.host, port: n.rmem.port }],
-    swap: `nbd://${n.nbd.host}:${n.nbd.port}/default`,
-  });
-  later(() => memory.close());
+  const memory = await everyTier(t, 'host-c', 64 * KiB, 16 * KiB);
   const model = new Map<number, Buffer>(); // segment address -> contents
   const op = fc.oneof(
     fc.record({ kind: fc.constant('alloc' as const), size: fc.integer({ min: 1, max: 40 * KiB }), cls: fc.constantFrom('highest', 'standard', 'capacity' as const), medium: fc.constantFrom(undefined, 'volume' as const) }),
@@ -211,18 +221,7 @@ test('reads and writes at virtual addresses match a buffer model across segments
 });
 
 test('readInto fills exactly its target from every tier and from the page cache', async (t) => {
-  const later = stack(t);
-  const n = await node(t, later);
-  const dir = await tempDir(t);
-  const memory = await HierarchyMemory.open({
-    serverId: 'host-into',
-    localDram: 16 * KiB,
-    pageCache: 8 * KiB,
-    localFlash: { path: join(dir, 'flash.bin'), size: 64 * KiB },
-    nodes: [{ name: 'n1', host: n.rmem.host, port: n.rmem.port }],
-    swap: `nbd://${n.nbd.host}:${n.nbd.port}/default`,
-  });
-  later(() => memory.close());
+  const memory = await everyTier(t, 'host-into', 16 * KiB, 8 * KiB);
   // Allocated back to back, so each segment touches the next: a range may cross tiers.
   const segments = [
     { where: 'local/dram', seg: await memory.alloc(8 * KiB, { class: 'highest' }) },
