@@ -25,5 +25,7 @@ if (files.length === 0) {
   console.error(`no test files under ${root}${filters.length > 0 ? ` matching ${filters.join(', ')}` : ''}`);
   process.exit(1);
 }
-const result = spawnSync(process.execPath, ['--test', '--test-timeout=120000', '--enable-source-maps', ...files], { stdio: 'inherit' });
+// Every test process loads it first: a failing property prints its error (see the file).
+const report = new URL('../dist/test/support/fast-check-report.js', import.meta.url).pathname;
+const result = spawnSync(process.execPath, ['--import', report, '--test', '--test-timeout=120000', '--enable-source-maps', ...files], { stdio: 'inherit' });
 process.exit(result.status ?? 1);

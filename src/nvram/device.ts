@@ -141,8 +141,17 @@ export class NvramDevice {
   private readonly extentSize: number;
   private journal: JournalFile | undefined;
   private readonly staging: BufferPool | undefined;
-  /** Bytes appended without sync since the last commit began (write logs; see append). */
-  private deferredBytes: number;
+  /**
+   * Bytes of records appended without sync that the journal holds unsynced (write logs;
+   * see append), counted as two running totals: every such byte ever deferred, and how
+   * many of them the last sync to finish covered (what was deferred before that sync was
+   * asked for). Their difference is what no sync has covered yet. Totals, not a count
+   * taken down by each commit: commits overlap, and a repair that rewrote the file can
+   * finish while a commit's sync runs, so "subtract what was there when I began" would
+   * count records deferred since as covered.
+   */
+  private deferredTotal: number;
+  private coveredTotal: number;
   /**
    * `mirrored` write logs: records acknowledged before the partner held them (appends
    * without sync, in sync), and the sends still on their way. Settles once every one
@@ -203,7 +212,8 @@ export class NvramDevice {
     this.extentSize = options.extentSize;
     this.journal = options.journal;
     this.staging = options.staging;
-    this.deferredBytes = 0;
+    this.deferredTotal = 0;
+    this.coveredTotal = 0;
     this.partnerPending = Promise.resolve();
     this.partnerPendingBytes = 0;
     this.unmirrored = false;
@@ -668,7 +678,7 @@ export class NvramDevice {
       // Written with the next batch that syncs (a commit, a synced append, a marker), so
       // a power cut tears no more of the file than it could before; a failure there puts
       // the device in repair, and the commit waiting for that batch reports it.
-      this.deferredBytes += all.length;
+      this.deferredTotal += all.length;
       const deferred = journal.defer(all);
       readers.push(deferred);
       deferred.catch((error: unknown) => { this.failed(error); });
@@ -694,7 +704,7 @@ export class NvramDevice {
         const done = sent.then(
           () => { this.partnerPendingBytes -= all.length; },
           (error: unknown) => {
-            this.deferredBytes += all.length;
+            this.deferredTotal += all.length;
             this.unmirrored = true;
             this.partnerPendingBytes -= all.length;
             this.failed(error);
@@ -821,14 +831,15 @@ export class NvramDevice {
     // (records deferred while it was not in sync went to the partner with the resync,
     // synced here all the same).
     if (journal === undefined || (this.policy === 'mirrored' && mode === 'in-sync' && this.deferredBytes === 0)) return;
-    const covered = this.deferredBytes;
+    // The sync covers what the journal was given before it was asked for (its queue's order).
+    const upTo = this.deferredTotal;
     try {
       await journal.flush();
     } catch (error) {
       this.failed(error);
       throw error;
     }
-    this.deferredBytes = Math.max(0, this.deferredBytes - covered);
+    this.coveredTotal = Math.max(this.coveredTotal, upTo);
   }
 
   /**
@@ -843,6 +854,11 @@ export class NvramDevice {
   /** Bytes the live (untrimmed) records take of the device's size. */
   get usedBytes(): number {
     return this.used;
+  }
+
+  /** Bytes of records appended without sync that the journal holds and no sync has covered yet. */
+  private get deferredBytes(): number {
+    return this.deferredTotal - this.coveredTotal;
   }
 
   /** Bytes of records appended without sync that no commit has covered yet. */
@@ -1134,9 +1150,11 @@ export class NvramDevice {
     await Promise.all(voids);
     const upTo = this.nextSeq - 1;
     if (this.journal !== undefined) {
+      // The new file holds, synced, every record in memory now.
+      const deferred = this.deferredTotal;
       const records = await this.collect(0, Number.MAX_SAFE_INTEGER, Number.MAX_SAFE_INTEGER, upTo);
       await this.journal.replace(Buffer.concat([this.marker(RECORD_FLAG.EPOCH, this.epochValue), this.marker(RECORD_FLAG.TRIM, this.trimmedTo), ...records]));
-      this.deferredBytes = 0; // the new file holds, synced, every record kept in memory
+      this.coveredTotal = Math.max(this.coveredTotal, deferred);
     }
     this.ackedSeq = upTo;
     this.ackChain = Promise.resolve();
