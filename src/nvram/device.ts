@@ -145,10 +145,10 @@ export class NvramDevice {
    * Bytes of records appended without sync that the journal holds unsynced (write logs;
    * see append), counted as two running totals: every such byte ever deferred, and how
    * many of them the last sync to finish covered (what was deferred before that sync was
-   * asked for). Their difference is what no sync has covered yet. Totals, not a count
-   * taken down by each commit: commits overlap, and a repair that rewrote the file can
-   * finish while a commit's sync runs, so "subtract what was there when I began" would
-   * count records deferred since as covered.
+   * asked for, or what a repair's rewritten file holds). Their difference is what no
+   * sync has covered yet. Totals, not a count taken down by each commit: commits
+   * overlap, and two that each took down what they saw when they began took the same
+   * bytes down twice, counting records deferred since as covered.
    */
   private deferredTotal: number;
   private coveredTotal: number;
