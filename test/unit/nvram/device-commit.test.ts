@@ -11,7 +11,7 @@ import pino from 'pino';
 import { DramMedium } from '../../../src/memory/dram-medium.js';
 import { DEFER_LIMIT, NvramDevice, type MirrorPort } from '../../../src/nvram/device.js';
 import { stagingPool } from '../../../src/memory/buffer-pool.js';
-import { JournalFile, parseJournal, type JournalSink } from '../../../src/nvram/journal-file.js';
+import { FILE_MAGIC, JournalFile, parseJournal, type JournalSink } from '../../../src/nvram/journal-file.js';
 import { RECORD_FLAG, decodeRecord } from '../../../src/protocol/journal/record.js';
 import type { MirrorMode } from '../../../src/protocol/admin/api.js';
 import { RuntimeError } from '../../../src/errors.js';
@@ -436,6 +436,145 @@ test('commits that overlap never count a record deferred after their syncs were 
   await barrier();
   assert.equal(userRecords(power.durable).get(c), 'c', `the barrier returned with record ${c} not synced`);
   await device.close();
+});
+
+/**
+ * A power cut as JournalPowerCut models it, over every file the journal opens (a repair
+ * or compaction writes a new file and renames it over the old one), with faults: the
+ * next write or fdatasync fails with EIO, and a failed fdatasync forgets the writes it
+ * was to cover (the kernel may drop pages it could not write). A new file's image counts
+ * once its own fdatasync returns (the journal renames it and syncs the directory before
+ * anything waiting on it returns).
+ */
+class FaultyPowerCut {
+  durable: Buffer;
+  failNextWrite: boolean;
+  failNextSync: boolean;
+
+  constructor(path: string) {
+    this.durable = readFileSync(path);
+    this.failNextWrite = false;
+    this.failNextSync = false;
+  }
+
+  readonly wrap = (sink: JournalSink): JournalSink => {
+    let pending: { position: number; bytes: Buffer }[] = [];
+    let image: Buffer | undefined;
+    const eio = (what: string): Error => Object.assign(new Error(`EIO: injected ${what}`), { code: 'EIO' });
+    return {
+      write: async (buf, position) => {
+        if (this.failNextWrite) {
+          this.failNextWrite = false;
+          throw eio('write');
+        }
+        await sink.write(buf, position);
+        if (position === 0 && buf.subarray(0, FILE_MAGIC.length).equals(FILE_MAGIC)) image = Buffer.from(buf);
+        else pending.push({ position, bytes: Buffer.from(buf) });
+      },
+      datasync: async () => {
+        const covered = pending;
+        pending = [];
+        if (this.failNextSync) {
+          this.failNextSync = false;
+          throw eio('fdatasync');
+        }
+        await sink.datasync();
+        if (image !== undefined) this.durable = image;
+        image = undefined;
+        for (const w of covered) {
+          if (this.durable.length < w.position + w.bytes.length) this.durable = Buffer.concat([this.durable, Buffer.alloc(w.position + w.bytes.length - this.durable.length)]);
+          w.bytes.copy(this.durable, w.position);
+        }
+      },
+      close: () => sink.close(),
+    };
+  };
+}
+
+test('a local write log under journal faults (EIO on a write or an fdatasync that then forgets its writes) among commits, write-ahead barriers and appends at moments the scheduler picks: what a commit or barrier that returned covers is durable the moment it returns, a synced append the moment it is acknowledged, and no acknowledged record leaves the device', async (t) => {
+  const dir = await tempDir(t, 'memstrata-commit-');
+  let run = 0;
+  let faults = 0;
+  let repaired = 0;
+  // Settles, as the scheduler picks, with what `p` settled with.
+  const settled = async <T>(s: fc.Scheduler, p: Promise<T>, label: string): Promise<T> => {
+    const r = await s.schedule(p.then((value) => ({ value }), (error: unknown) => ({ error })), label);
+    if ('error' in r) throw r.error;
+    return r.value;
+  };
+  await fc.assert(
+    fc.asyncProperty(
+      fc.array(fc.array(fc.tuple(fc.constantFrom('lazy', 'lazy', 'now', 'now', 'synced', 'commit', 'commit', 'barrier', 'barrier', 'fail-sync', 'fail-write'), fc.boolean()), { minLength: 1, maxLength: 8 }), { minLength: 1, maxLength: 6 }),
+      fc.scheduler(),
+      async (rounds, s) => {
+        const path = join(dir, `f${run++}.journal`);
+        const created = await JournalFile.create(path, SIZE);
+        await created.close();
+        const power = new FaultyPowerCut(path);
+        const journal = await JournalFile.open(path, parseJournal(power.durable), SIZE, { wrap: power.wrap, clock: () => 0 });
+        const medium = new DramMedium({ capacity: SIZE, extentSize: E });
+        await medium.open();
+        const device = new NvramDevice({ name: 'wl', size: SIZE, policy: 'local', medium, extents: Array.from({ length: SIZE / E }, (_, i) => i * E), extentSize: E, journal });
+        const acked = new Map<number, string>();
+        let n = 0;
+        try {
+          for (const round of rounds) {
+            const ops = round.map(async ([op, late]) => {
+              // Some start with the round, others when the scheduler says.
+              if (late) await s.schedule(Promise.resolve(), op);
+              if (op === 'fail-sync' || op === 'fail-write') {
+                if (op === 'fail-sync') power.failNextSync = true;
+                else power.failNextWrite = true;
+                faults++;
+                return;
+              }
+              if (op === 'commit' || op === 'barrier') {
+                const before = new Map(acked);
+                try {
+                  if (op === 'commit' || device.uncommittedBytes > 0) await settled(s, device.commit(), `${op} returns`);
+                } catch {
+                  return; // a FLUSH that failed promises nothing
+                }
+                const held = userRecords(power.durable);
+                for (const [seq, payload] of before) assert.equal(held.get(seq), payload, `record ${seq} acknowledged before a ${op} that returned is not durable (uncommitted ${device.uncommittedBytes})`);
+                return;
+              }
+              const payload = `r${n++}`;
+              if (op === 'now') {
+                const [b] = device.appendNow(0, [{ payload: Buffer.from(payload) }]) ?? [];
+                if (b !== undefined) {
+                  acked.set(b.seq, payload);
+                  return;
+                }
+              }
+              let a;
+              try {
+                [a] = await settled(s, device.append(0, [{ payload: Buffer.from(payload) }], { sync: op === 'synced' }), `${op} acknowledged`);
+              } catch {
+                return; // refused or failed: not acknowledged
+              }
+              assert.ok(a !== undefined);
+              acked.set(a.seq, payload);
+              if (op === 'synced') assert.equal(userRecords(power.durable).get(a.seq), payload, `synced record ${a.seq} acknowledged, not durable`);
+            });
+            await s.waitFor(Promise.all(ops));
+          }
+          power.failNextSync = false;
+          power.failNextWrite = false;
+          await device.quiesce();
+          repaired += device.info().journal?.rewrites ?? 0;
+          const kept = new Map((await device.read(1, 10_000)).flatMap((b) => decodeAll(b)));
+          for (const [seq, payload] of acked) assert.equal(kept.get(seq), payload, `acknowledged record ${seq} is gone from the device`);
+        } finally {
+          power.failNextSync = false;
+          power.failNextWrite = false;
+          await device.close().catch(() => undefined);
+        }
+      },
+    ),
+    { numRuns: 150 },
+  );
+  assert.ok(faults > 0 && repaired > 0, `faults injected ${faults}, journals rewritten by a repair ${repaired}`);
 });
 
 test('a mirrored write log: a plain WRITE is acknowledged before the partner answers, a FLUSH waits for the partner to hold it', async (t) => {
