@@ -27,5 +27,7 @@ if (files.length === 0) {
 }
 // Every test process loads it first: a failing property prints its error (see the file).
 const report = new URL('../dist/test/support/fast-check-report.js', import.meta.url).pathname;
-const result = spawnSync(process.execPath, ['--import', report, '--test', '--test-timeout=120000', '--enable-source-maps', ...files], { stdio: 'inherit' });
+// A test gets two minutes; a soak (`npm run soak`: many more runs each) an hour.
+const timeout = process.env.MEMSTRATA_SOAK === '1' ? 3_600_000 : 120_000;
+const result = spawnSync(process.execPath, ['--import', report, '--test', `--test-timeout=${timeout}`, '--enable-source-maps', ...files], { stdio: 'inherit' });
 process.exit(result.status ?? 1);

@@ -675,6 +675,8 @@ test('closing a mirrored device syncs its journal and waits for nothing else: no
  * for good (its memory gone).
  */
 class ModelPartner extends FakePartner {
+  /** Dead from the moment die() begins: a resync under way then does not bring it back. */
+  private dying = false;
   dead = false;
   private syncing: Promise<void> | undefined;
   private readonly device: NvramDevice;
@@ -708,6 +710,7 @@ class ModelPartner extends FakePartner {
    * not promised (docs/guarantees.md).
    */
   async die(): Promise<void> {
+    this.dying = true;
     this.state = 'degraded';
     while (this.waiting.length > 0) this.answer('lost');
     await this.device.syncJournal();
@@ -715,13 +718,14 @@ class ModelPartner extends FakePartner {
   }
 
   resync(): Promise<void> {
-    if (this.dead || this.syncing !== undefined || this.state === 'in-sync') return Promise.resolve();
+    if (this.dying || this.syncing !== undefined || this.state === 'in-sync') return Promise.resolve();
     const run = (async () => {
       await this.device.quiesce();
       await this.device.syncJournal();
       this.held.clear();
       for (const b of await this.device.collect(0, 1e9, 1e12)) for (const [seq, payload] of decodeAll(b)) this.held.set(seq, payload);
-      this.state = 'in-sync';
+      // A partner that died while it resynced stays lost.
+      if (!this.dying) this.state = 'in-sync';
     })().finally(() => { this.syncing = undefined; });
     this.syncing = run;
     return run.catch(() => undefined);
