@@ -8,7 +8,8 @@
 // (Debian: redis-server, redis-tools); without them the Redis rows are skipped.
 //
 // Every table runs its cases BENCH_ROUNDS times (default 3), the baseline first in each
-// round, and gives medians (support/harness.ts).
+// round, and gives medians (support/harness.ts). Each case runs in a client process of
+// its own (support/rmem-case.ts), so no case inherits the V8 state of the one before it.
 //
 //   npm run bench -- rmem        BENCH_MS=5000 for longer runs
 
@@ -17,14 +18,31 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Redis } from 'ioredis';
-import { RmemClient } from '../src/client/rmem-client.js';
+import { fileURLToPath } from 'node:url';
 import { startNode } from '../test/support/node-process.js';
-import { benchRounds, measure, reportRounds, withCpuWakeBound, type CaseResult } from './support/harness.js';
+import { benchRounds, reportRounds, withCpuWakeBound, type CaseResult } from './support/harness.js';
 import { freePort, have } from './support/ports.js';
+import { KB4, type RmemCaseKind, type RmemCaseSpec } from './support/rmem-case.js';
 
-const KB4 = 4096;
-const MB1 = 1024 * 1024;
-const SLOTS = 256;
+const CASE_SCRIPT = fileURLToPath(new URL('./support/rmem-case.js', import.meta.url));
+
+/** Runs one case in a client process of its own and returns what it measured. */
+function runCase(spec: RmemCaseSpec): Promise<CaseResult> {
+  return new Promise((resolve, reject) => {
+    const proc = spawn(process.execPath, [CASE_SCRIPT, JSON.stringify(spec)], { stdio: ['ignore', 'pipe', 'inherit'] });
+    let out = '';
+    proc.stdout.setEncoding('utf8');
+    proc.stdout.on('data', (chunk: string) => {
+      out += chunk;
+    });
+    proc.once('error', reject);
+    proc.once('exit', (code) => {
+      const last = out.trim().split('\n').at(-1);
+      if (code !== 0 || last === undefined) reject(new Error(`${spec.name}: the client process exited with ${code}`));
+      else resolve(JSON.parse(last) as CaseResult);
+    });
+  });
+}
 
 
 async function startRedis(): Promise<{ port: number; proc: ChildProcess }> {
@@ -61,21 +79,10 @@ const node = await startNode({ cwd: dir, args: ['--dram-size', '1GiB', '--flash-
 const redisAvailable = have('redis-server') && have('redis-benchmark');
 const redis = redisAvailable ? await startRedis() : undefined;
 try {
-  const client = await RmemClient.connect({ ...node.rmem, serverId: 'bench' });
-  const small = await client.bind(SLOTS * KB4, { medium: 'dram' });
-  const big = await client.bind(8 * MB1, { medium: 'dram' });
-  const block = Buffer.alloc(KB4, 0x5a);
-  const mega = Buffer.alloc(MB1, 0xa5);
-  const into = Buffer.alloc(MB1);
-  for (let i = 0; i < SLOTS; i++) await client.write(small, i * KB4, block);
-  for (let i = 0; i < 8; i++) await client.write(big, i * MB1, mega);
-
-  const ioredis = redis === undefined ? undefined : new Redis({ port: redis.port });
-  if (ioredis !== undefined) {
-    for (let i = 0; i < SLOTS; i++) await ioredis.set(`k${i}`, block);
-    await ioredis.set('big', mega);
-  }
-  const slot = (i: number): number => (i * 7) % SLOTS;
+  const rmem = { host: node.rmem.host, port: node.rmem.port };
+  /** A case run in a client process of its own (support/rmem-case.ts says why). */
+  const inChild = (name: string, kind: RmemCaseKind, depth = 1): (() => Promise<CaseResult>) => () => runCase({ name, kind, depth, rmem, ...(redis === undefined ? {} : { redisPort: redis.port }) });
+  const baseline = (name: string, kind: RmemCaseKind, depth = 1): (() => Promise<CaseResult>) | undefined => (redis === undefined ? undefined : inChild(name, kind, depth));
   /**
    * Runs the cases one after another (never two at once), in rounds (support/harness.ts),
    * and prints their medians; a missing baseline is skipped.
@@ -89,47 +96,23 @@ try {
     }
     reportRounds(title, rounds);
   };
-  await table(
-    '4 KiB write, one in flight',
-    ioredis === undefined ? undefined : () => measure({ name: 'ioredis SET (baseline)', bytesPerOp: KB4, run: async (i) => { await ioredis.set(`k${slot(i)}`, block); } }),
-    () => measure({ name: 'rmem WRITE', bytesPerOp: KB4, run: (i) => client.write(small, slot(i) * KB4, block) }),
-  );
-  await table(
-    '4 KiB read, one in flight',
-    ioredis === undefined ? undefined : () => measure({ name: 'ioredis GET (baseline)', bytesPerOp: KB4, run: async (i) => { await ioredis.getBuffer(`k${slot(i)}`); } }),
-    () => measure({ name: 'rmem READ', bytesPerOp: KB4, run: async (i) => { await client.read(small, slot(i) * KB4, KB4); } }),
-  );
+  const qd1 = async (label: string): Promise<void> => {
+    await table(`4 KiB write, one in flight${label}`, baseline('ioredis SET (baseline)', 'redis-set'), inChild('rmem WRITE', 'rmem-write'));
+    await table(`4 KiB read, one in flight${label}`, baseline('ioredis GET (baseline)', 'redis-get'), inChild('rmem READ', 'rmem-read'));
+  };
+  await qd1('');
   // The two QD1 tables again with no CPU halting while idle (the baseline's processes too):
   // what is left between Redis and memstrata is their request paths.
-  const skipped = await withCpuWakeBound(async (label) => {
-    await table(
-      `4 KiB write, one in flight, ${label}`,
-      ioredis === undefined ? undefined : () => measure({ name: 'ioredis SET (baseline)', bytesPerOp: KB4, run: async (i) => { await ioredis.set(`k${slot(i)}`, block); } }),
-      () => measure({ name: 'rmem WRITE', bytesPerOp: KB4, run: (i) => client.write(small, slot(i) * KB4, block) }),
-    );
-    await table(
-      `4 KiB read, one in flight, ${label}`,
-      ioredis === undefined ? undefined : () => measure({ name: 'ioredis GET (baseline)', bytesPerOp: KB4, run: async (i) => { await ioredis.getBuffer(`k${slot(i)}`); } }),
-      () => measure({ name: 'rmem READ', bytesPerOp: KB4, run: async (i) => { await client.read(small, slot(i) * KB4, KB4); } }),
-    );
-  });
+  const skipped = await withCpuWakeBound((label) => qd1(`, ${label}`));
   if (skipped !== undefined) console.log(`\n4 KiB one in flight with the CPU wake-up bound held: skipped (${skipped})`);
-  await table(
-    '4 KiB read, 32 in flight (one connection, pipelined)',
-    ioredis === undefined ? undefined : () => measure({ name: 'ioredis GET x32 (baseline)', bytesPerOp: KB4, run: async (i) => { await ioredis.getBuffer(`k${slot(i)}`); } }, { depth: 32 }),
-    () => measure({ name: 'rmem READ x32', bytesPerOp: KB4, run: async (i) => { await client.read(small, slot(i) * KB4, KB4); } }, { depth: 32 }),
-  );
-  await table(
-    '4 KiB write, 32 in flight (one connection, pipelined)',
-    ioredis === undefined ? undefined : () => measure({ name: 'ioredis SET x32 (baseline)', bytesPerOp: KB4, run: async (i) => { await ioredis.set(`k${slot(i)}`, block); } }, { depth: 32 }),
-    () => measure({ name: 'rmem WRITE x32', bytesPerOp: KB4, run: (i) => client.write(small, slot(i) * KB4, block) }, { depth: 32 }),
-  );
+  await table('4 KiB read, 32 in flight (one connection, pipelined)', baseline('ioredis GET x32 (baseline)', 'redis-get', 32), inChild('rmem READ x32', 'rmem-read', 32));
+  await table('4 KiB write, 32 in flight (one connection, pipelined)', baseline('ioredis SET x32 (baseline)', 'redis-set', 32), inChild('rmem WRITE x32', 'rmem-write', 32));
   await table(
     '1 MiB read',
-    ioredis === undefined ? undefined : () => measure({ name: 'ioredis GET 1 MiB (baseline)', bytesPerOp: MB1, run: async () => { await ioredis.getBuffer('big'); } }),
-    () => measure({ name: 'rmem READ 1 MiB', bytesPerOp: MB1, run: async (i) => { await client.read(big, (i % 8) * MB1, MB1); } }),
-    () => measure({ name: 'rmem READ 1 MiB x4', bytesPerOp: MB1, run: async (i) => { await client.read(big, (i % 8) * MB1, MB1); } }, { depth: 4 }),
-    () => measure({ name: 'rmem readInto 1 MiB', bytesPerOp: MB1, run: async (i) => { await client.readInto(big, (i % 8) * MB1, into); } }),
+    baseline('ioredis GET 1 MiB (baseline)', 'redis-get-1m'),
+    inChild('rmem READ 1 MiB', 'rmem-read-1m'),
+    inChild('rmem READ 1 MiB x4', 'rmem-read-1m', 4),
+    inChild('rmem readInto 1 MiB', 'rmem-readinto-1m'),
   );
 
   if (redis !== undefined) {
@@ -141,8 +124,6 @@ try {
   } else {
     console.log('\nredis-server or redis-benchmark not found: Redis baselines skipped (Debian: apt-get install redis-server redis-tools)');
   }
-  ioredis?.disconnect();
-  await client.close();
 } finally {
   redis?.proc.kill('SIGTERM');
   await node.stop('SIGTERM');
