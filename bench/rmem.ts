@@ -22,8 +22,9 @@ import { fileURLToPath } from 'node:url';
 import { startNode } from '../test/support/node-process.js';
 import { benchRounds, reportRounds, withCpuWakeBound, type CaseResult } from './support/harness.js';
 import { freePort, have } from './support/ports.js';
-import { KB4, type RmemCaseKind, type RmemCaseSpec } from './support/rmem-case.js';
+import type { RmemCaseKind, RmemCaseSpec } from './support/rmem-case.js';
 
+const KB4 = 4096;
 const CASE_SCRIPT = fileURLToPath(new URL('./support/rmem-case.js', import.meta.url));
 
 /** Runs one case in a client process of its own and returns what it measured. */

@@ -1,6 +1,7 @@
 // One case of bench/rmem, in a client process of its own: `node rmem-case.js '<json>'`
 // connects to the node or to Redis, stores the values it reads, runs the case
-// (support/harness.ts) and prints its result as JSON on the last line of stdout.
+// (support/harness.ts) and prints its result as JSON on the last line of stdout. A
+// script only: bench/rmem imports nothing from it but types.
 //
 // Why a process per case: run in the bench's own process, a case inherits the state the
 // cases before it left in V8. After ioredis had run there, each young-generation
@@ -23,8 +24,8 @@ export interface RmemCaseSpec {
   redisPort?: number;
 }
 
-export const KB4 = 4096;
-export const MB1 = 1024 * 1024;
+const KB4 = 4096;
+const MB1 = 1024 * 1024;
 const SLOTS = 256;
 const slot = (i: number): number => (i * 7) % SLOTS;
 
@@ -80,9 +81,7 @@ async function main(): Promise<void> {
   process.stdout.write(`${JSON.stringify(result)}\n`);
 }
 
-if (process.argv[1] !== undefined && import.meta.url === new URL(`file://${process.argv[1]}`).href) {
-  main().catch((error: unknown) => {
-    console.error(error);
-    process.exit(1);
-  });
-}
+main().catch((error: unknown) => {
+  console.error(error);
+  process.exit(1);
+});
