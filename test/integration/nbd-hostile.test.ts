@@ -127,12 +127,21 @@ test('hostile: clients that never read 1 MiB READs sent from cache memory hold i
   writer.destroy();
   const viewsBefore = await metric(n, 'memstrata_cache_view_reads_total');
   const hogs: RawNbd[] = [];
+  // Each READ's offset by its cookie: NBD lets a server answer out of order, and this one
+  // does (a READ whose line is being written back takes the slower path, and the READs
+  // after it are answered first).
+  const asked: Map<bigint, number>[] = [];
   for (let c = 0; c < 4; c++) {
     const { nbd } = await RawNbd.attach(n.nbd);
     t.after(() => nbd.destroy());
     nbd.stopReading();
-    for (let i = 0; i < 16; i++) nbd.request(CMD.READ, { offset: ((c * 5 + i) % 8) * MiB, length: MiB });
+    const offsets = new Map<bigint, number>();
+    for (let i = 0; i < 16; i++) {
+      const offset = ((c * 5 + i) % 8) * MiB;
+      offsets.set(nbd.request(CMD.READ, { offset, length: MiB }), offset);
+    }
     hogs.push(nbd);
+    asked.push(offsets);
   }
   // Until the replies back up: the hogs' sockets are full, slots are held.
   let pinned = 0;
@@ -159,11 +168,14 @@ test('hostile: clients that never read 1 MiB READs sent from cache memory hold i
   // The hogs read at last: each reply holds the bytes written, not another line's.
   for (const [c, hog] of hogs.entries()) {
     hog.startReading();
+    const offsets = asked[c] ?? new Map<bigint, number>();
     for (let i = 0; i < 16; i++) {
       const reply = await hog.next();
       assert.equal(reply.error, 0);
-      const at = ((c * 5 + i) % 8) * MiB;
-      assert.ok(reply.data?.equals(data.subarray(at, at + MiB)), `hog ${c}, READ ${i}: not the bytes written at ${at}`);
+      const at = offsets.get(reply.cookie);
+      assert.ok(at !== undefined, `hog ${c}: a reply to cookie ${reply.cookie}, which was not asked or was answered twice`);
+      offsets.delete(reply.cookie);
+      assert.ok(reply.data?.equals(data.subarray(at, at + MiB)), `hog ${c}, cookie ${reply.cookie}: not the bytes written at ${at}`);
     }
   }
   for (const hog of hogs) hog.destroy();
