@@ -174,10 +174,23 @@ export class SlotPool<L> {
     return new Promise((resolve) => this.waiters.push(resolve));
   }
 
-  /** Picks up to `count` extents to give back: the emptiest first, then the highest. */
+  /**
+   * Picks up to `count` extents to give back: those with the fewest taken slots that no
+   * pin holds first, then the highest. A pinned slot counts as free here: giving its
+   * extent back costs its reader nothing (the extent's memory is replaced, not written)
+   * and voids the pin, whereas keeping it would leave the pins to a smaller level, of
+   * which they could then hold more than the quarter readViews allows, or all of it.
+   */
   pick(count: number): number[] {
+    const pinnedIn = new Map<number, number>();
+    for (const slot of this.pins.keys()) {
+      if (!this.taken.has(slot)) continue; // parked: not counted as used anyway
+      const e = this.extentOf(slot);
+      pinnedIn.set(e, (pinnedIn.get(e) ?? 0) + 1);
+    }
     return [...this.used.entries()]
       .filter(([e]) => !this.draining.has(e))
+      .map(([e, used]) => [e, used - (pinnedIn.get(e) ?? 0)] as const)
       .sort((a, b) => a[1] - b[1] || b[0] - a[0])
       .slice(0, count)
       .map(([e]) => e);
