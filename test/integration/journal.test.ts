@@ -131,7 +131,7 @@ test('bad journal input is refused with errors and the device stays usable', asy
   socket.write(codec.encodeHelloRequest({ hi: 0, lo: 1 }, { version: VERSION, serverId: 'raw', token: '' }));
   socket.write(codec.encodeJopenRequest({ hi: 0, lo: 2 }, 'b', 1));
   // The handle exists once JOPEN is answered (requests in flight are not ordered).
-  for (let i = 0; i < 100 && !replies.some((r) => r.lo === 2); i++) await new Promise((r) => setTimeout(r, 20));
+  for (let i = 0; i < 1000 && !replies.some((r) => r.lo === 2); i++) await new Promise((r) => setTimeout(r, 20));
   const appendParts = codec.encodeJappendRequest({ hi: 0, lo: 3 }, 1, [{ payload: Buffer.from('good'), target: undefined }]);
   const broken = Buffer.concat(appendParts);
   broken.writeUInt32BE(999, 26); // the entry claims 999 payload bytes; the frame has 4
@@ -139,7 +139,8 @@ test('bad journal input is refused with errors and the device stays usable', asy
   socket.write(codec.encodeHandleRequest(OP.JINFO, { hi: 0, lo: 4 }, 77)); // a handle never opened
   socket.write(Buffer.concat(codec.encodeJappendRequest({ hi: 0, lo: 5 }, 1, [{ payload: Buffer.from('still fine'), target: { volume: 'x'.repeat(100), offset: 0 } }])));
   socket.write(Buffer.concat(codec.encodeJappendRequest({ hi: 0, lo: 6 }, 1, [{ payload: Buffer.from('still fine'), target: undefined }])));
-  for (let i = 0; i < 100 && replies.length < 6; i++) await new Promise((r) => setTimeout(r, 20));
+  for (let i = 0; i < 1000 && replies.length < 6; i++) await new Promise((r) => setTimeout(r, 20));
+  assert.equal(replies.length, 6, 'every request answered within 20 s');
   const byTag = new Map(replies.map((r) => [r.lo, r]));
   assert.equal(byTag.get(2)?.word, STATUS.OK);
   assert.equal(byTag.get(3)?.word, STATUS.PROTOCOL);

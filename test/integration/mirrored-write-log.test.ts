@@ -196,15 +196,23 @@ test('a mirrored write log whose partner is gone for good: the volume waits, unt
   assert.equal((await post(a, '/v1/volumes', { name: 'v', size: '1MiB', writeLog: 'mwl' })).status, 201);
   const client = await NbdClient.connect({ host: a.nbd.host, port: a.nbd.port, export: 'v' });
   for (let i = 0; i < 16; i++) await client.write(i * BLOCK, contentOf(i, 1), { fua: true });
-  await new Promise((resolve) => setTimeout(resolve, 300)); // the journal writes behind the acknowledgements land
+  // The journal writes behind the acknowledgements land (polled: a fixed wait lost the
+  // last of them to the kill on a loaded machine).
+  const path = join(dirA, 'memstrata-data', 'nvram', 'mwl.journal');
+  const userRecords = async (): Promise<number> => {
+    try {
+      return parseJournal(await readFile(path)).records.filter((r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) === 0).length;
+    } catch {
+      return 0; // read while a write was under way
+    }
+  };
+  await until('the 16 records in the node\'s journal file', userRecords, (count) => count === 16);
   assert.equal(await a.stop('SIGKILL'), 'SIGKILL');
   await client.close().catch(() => undefined);
   // The node's file lost its last 8 records (unsynced); the partner, which holds all 16,
   // stops cleanly (vaulted) and stays away.
-  const path = join(dirA, 'memstrata-data', 'nvram', 'mwl.journal');
   const image = await readFile(path);
-  const { records } = parseJournal(image);
-  const user = records.filter((r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) === 0);
+  const user = parseJournal(image).records.filter((r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) === 0);
   assert.equal(user.length, 16);
   await writeFile(path, journalKeeping(image, (r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) !== 0 || r.seq <= (user[7]?.seq ?? 0)));
   assert.equal(await b.stop('SIGTERM'), 0);

@@ -171,7 +171,9 @@ test('a bind that outgrows free memory takes extents from the storage cache, whi
 });
 
 test('leases: a killed client loses its regions after the lease; a reconnect within it keeps them', async (t) => {
-  const n = await node(t, ['--rmem-lease', '600ms']);
+  // 2 s: long enough for the reconnect below (a close, the admin API polled, a new
+  // connection) on a loaded machine, short enough to wait out for the killed client.
+  const n = await node(t, ['--rmem-lease', '2s']);
 
   // A client process that binds, writes, and is then killed.
   const script = `
@@ -284,14 +286,16 @@ test('the client reconnects by itself after a cut connection and resumes its ses
 });
 
 test('keepalives hold a quiet session; without them the node closes it after the lease', async (t) => {
-  const n = await node(t, ['--rmem-lease', '500ms']);
+  // 1.5 s: a client sends a keepalive after a third of the lease without a request, so a
+  // stall of either process up to about a second still finds the session held.
+  const n = await node(t, ['--rmem-lease', '1500ms']);
   const kept = await client(t, n, 'quiet-kept');
   const region = await kept.bind(4096, { medium: 'dram' });
   const dropped = await RmemClient.connect({ ...n.rmem, serverId: 'quiet-dropped', keepalive: false, reconnect: false });
   t.after(() => dropped.close());
   await dropped.bind(4096, { medium: 'dram' });
   const lost = new Promise<void>((resolve) => dropped.once('disconnected', () => resolve()));
-  await new Promise((resolve) => setTimeout(resolve, 1500));
+  await new Promise((resolve) => setTimeout(resolve, 4500));
   assert.equal(kept.connected, true);
   assert.equal((await kept.read(region, 0, 1)).length, 1);
   assert.equal(dropped.connected, false, 'the silent connection was closed by the node');

@@ -139,8 +139,9 @@ test('a guest\'s output goes to a bounded log: past the limit, log becomes log.1
   const { guests } = await supervisor(t, undefined, { logBytes: 64 * 1024 });
   await guests.create({ name: 'chatty', command: ['sh', '-c', 'i=0; while [ $i -lt 4000 ]; do echo "line $i of a guest that talks too much"; i=$((i+1)); done'], restart: 'never' });
   await until('done', () => guests.info('chatty').state === 'stopped');
-  await new Promise((r) => setTimeout(r, 100));
   const dir = join(guests.dir, 'chatty');
+  // The guest's exit may come before its last output has gone through the pipe to the log.
+  await until('the last line logged', async () => (await readFile(join(dir, 'log'), 'utf8').catch(() => '')).includes('line 3999 of a guest'));
   const [current, older] = [await stat(join(dir, 'log')), await stat(join(dir, 'log.1'))];
   assert.ok(current.size <= 64 * 1024 && older.size <= 64 * 1024, `log ${current.size} bytes, log.1 ${older.size} bytes`);
   assert.match(await readFile(join(dir, 'log'), 'utf8'), /line 3999 of a guest/);

@@ -289,7 +289,7 @@ test('a failed repair keeps the device failed: requests fail with MS_MEDIUM_IO u
 });
 
 /** A partner that holds records only when told to. */
-function partner(): { port: MirrorPort; answer: (outcome: boolean | Error) => void; rolledBack: string[] } {
+function partner(): { port: MirrorPort; answer: (outcome: boolean | Error) => Promise<void>; rolledBack: string[] } {
   const waiting: ((outcome: boolean | Error) => void)[] = [];
   const rolledBack: string[] = [];
   const mode: MirrorMode = 'in-sync';
@@ -305,7 +305,18 @@ function partner(): { port: MirrorPort; answer: (outcome: boolean | Error) => vo
     rolledBack: (name) => { rolledBack.push(name); },
     exclusive: (fn) => fn(),
   };
-  return { port, answer: (outcome) => waiting.shift()?.(outcome), rolledBack };
+  // Answers the oldest send, waiting for one to arrive (after a refusal the device
+  // rewrites its journal before the next send: a fixed wait could answer no one).
+  const answer = async (outcome: boolean | Error): Promise<void> => {
+    const deadline = Date.now() + 20_000;
+    for (;;) {
+      const next = waiting.shift();
+      if (next !== undefined) return next(outcome);
+      assert.ok(Date.now() < deadline, 'no send reached the partner');
+      await new Promise((r) => setTimeout(r, 5));
+    }
+  };
+  return { port, answer, rolledBack };
 }
 
 test('mirrored: a record is readable only once the partner holds it; one the partner refused is void, and the replica is reset', async (t) => {
@@ -318,16 +329,16 @@ test('mirrored: a record is readable only once the partner holds it; one the par
   await new Promise((r) => setTimeout(r, 20)); // the journal file has synced by now
   assert.deepEqual(await dev.read(0), [], 'not readable before the partner holds it');
   assert.equal(dev.info().lastSeq, null);
-  answer(true);
+  await answer(true);
   await first;
   assert.equal(dev.info().lastSeq, 1);
   const refused = dev.append(0, [{ payload: Buffer.from('two') }]);
   await new Promise((r) => setTimeout(r, 20));
-  answer(Object.assign(new Error('the partner does not hold the record'), { code: 'MS_NVRAM_PARTNER_DOWN' }));
+  await answer(Object.assign(new Error('the partner does not hold the record'), { code: 'MS_NVRAM_PARTNER_DOWN' }));
   await assert.rejects(refused, { code: 'MS_NVRAM_PARTNER_DOWN' });
   const third = dev.append(0, [{ payload: Buffer.from('three') }]);
   await new Promise((r) => setTimeout(r, 20));
-  answer(true);
+  await answer(true);
   const [appended] = await third;
   assert.equal(appended?.seq, 3);
   assert.deepEqual(rolledBack, ['j'], 'the replica, which may hold record 2, is reset');
@@ -350,7 +361,7 @@ test('a newer open returns only once the appends of the older epoch taken before
   const opening = dev.open(2).finally(() => { opened = true; });
   await new Promise((r) => setTimeout(r, 20));
   assert.ok(!opened, 'open(2) returned while an append of epoch 1 was still in flight');
-  answer(true);
+  await answer(true);
   const info = await opening;
   assert.ok(settled);
   const [appended] = await old;

@@ -360,17 +360,20 @@ test('while one client holds the whole service budget, another client\'s HELLO a
 test('a connection whose request waits for the service budget longer than a lease is not treated as lost, and is served once the budget frees', async (t) => {
   const leaseMs = 200;
   const { rmem, medium, address } = await service(t, { leaseMs, maxInFlightBytes: 8 * E, maxInFlightBytesTotal: 8 * E });
-  const victim = await RmemClient.connect({ ...address, serverId: 'victim', keepalive: false, reconnect: false });
-  t.after(() => victim.close());
-  const region = await victim.bind(2 * E, { medium: 'dram' });
-  let lost = false;
-  victim.on('disconnected', () => (lost = true));
   // The hog's two READs are held in storage: the service budget is full, and stays full after the
   // node cuts the hog (it sends nothing more) at its lease.
   const hog = await raw(t, address);
   await hog.hello('hog');
   hogReads(hog.socket, medium, await hog.bind(8 * E));
   await untilAsync(async () => rmem.load().bytesInFlight > 8 * E - 1024);
+  // The victim sends no keepalives, so it comes after the hog is set up: its HELLO and BIND
+  // go through the idle reserve, and its WRITE follows at once (set up before the hog, it
+  // was cut when the hog's setup took longer than a lease on a loaded machine).
+  const victim = await RmemClient.connect({ ...address, serverId: 'victim', keepalive: false, reconnect: false });
+  t.after(() => victim.close());
+  const region = await victim.bind(2 * E, { medium: 'dram' });
+  let lost = false;
+  victim.on('disconnected', () => (lost = true));
   // 1 MiB is more than the idle reserve: the victim's WRITE waits for the budget.
   const write = victim.write(region, 0, Buffer.alloc(E, 5));
   let settled = false;
