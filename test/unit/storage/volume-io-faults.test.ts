@@ -15,7 +15,6 @@ import { join } from 'node:path';
 import fc from 'fast-check';
 import pino from 'pino';
 import type { MediumName } from '../../../src/kinds.js';
-import { DramMedium } from '../../../src/memory/dram-medium.js';
 import { PartitionTable, type MediumLayout } from '../../../src/memory/partition-table.js';
 import { LINE_SIZE } from '../../../src/storage/cache/line.js';
 import { StorageCache } from '../../../src/storage/cache/storage-cache.js';
@@ -24,6 +23,7 @@ import { DirectVolumeIo, type VolumeIo } from '../../../src/storage/volume-io.js
 import { Volume } from '../../../src/storage/volume-manager.js';
 import { FaultPlan, FaultyMedium, faultyFiles } from '../../support/faults.js';
 import { tempDir } from '../../support/node-process.js';
+import { NamedDram } from '../../support/named-dram.js';
 
 const log = pino({ level: 'silent' });
 const E = 256 * 1024;
@@ -43,14 +43,6 @@ interface Backend {
   name: string;
   cached: boolean;
   make(t: { after(fn: () => Promise<void>): void }): Promise<Rig>;
-}
-
-class NamedDram extends DramMedium {
-  override readonly name: MediumName;
-  constructor(name: MediumName, capacity: number) {
-    super({ capacity, extentSize: E });
-    this.name = name;
-  }
 }
 
 function layout(name: MediumName, lines: number): MediumLayout {
@@ -93,7 +85,7 @@ function cacheBackend(name: string, dramLines: number, flashLines: number): Back
       const plan = new FaultPlan();
       const layouts = [layout('dram', dramLines)];
       if (flashLines > 0) layouts.push(layout('flash', flashLines));
-      const media = layouts.map((l) => new FaultyMedium(new NamedDram(l.name, l.capacity), plan));
+      const media = layouts.map((l) => new FaultyMedium(new NamedDram(l.name, l.capacity, E), plan));
       for (const m of media) await m.open();
       const partition = new PartitionTable(layouts);
       const { volume, stored } = await volumeOn(t, plan);

@@ -32,7 +32,6 @@ import fc from 'fast-check';
 import pino from 'pino';
 import type { MediumName } from '../../../../src/kinds.js';
 import { AllocationTable } from '../../../../src/memory/allocation-table.js';
-import { DramMedium } from '../../../../src/memory/dram-medium.js';
 import { PartitionTable, type MediumLayout } from '../../../../src/memory/partition-table.js';
 import { ServerMemory, Tenancy, type ServerRegion } from '../../../../src/memory/server-memory.js';
 import { LINE_SIZE } from '../../../../src/storage/cache/line.js';
@@ -41,40 +40,13 @@ import type { CacheViews } from '../../../../src/storage/volume-io.js';
 import { Volume } from '../../../../src/storage/volume-manager.js';
 import { FaultPlan, FaultyMedium } from '../../../support/faults.js';
 import { MemoryStore } from '../../../support/memory-store.js';
+import { GatedDram, NamedDram } from '../../../support/named-dram.js';
 
 const log = pino({ level: 'silent' });
 const E = 4 * LINE_SIZE; // four lines per extent
 const BLOCK = 4096;
 const VOLUME = 32 * LINE_SIZE;
 const SOAK = process.env.MEMSTRATA_SOAK === '1';
-
-class NamedDram extends DramMedium {
-  override readonly name: MediumName;
-  constructor(name: MediumName, capacity: number) {
-    super({ capacity, extentSize: E });
-    this.name = name;
-  }
-}
-
-/** DRAM whose asynchronous calls wait for the scheduler; readSync stays synchronous. */
-class GatedDram extends NamedDram {
-  gate: ((op: string) => Promise<void>) | undefined = undefined;
-
-  override async read(offset: number, target: Uint8Array): Promise<void> {
-    await this.gate?.(`${this.name}.read`);
-    return super.read(offset, target);
-  }
-
-  override async write(offset: number, source: Uint8Array): Promise<void> {
-    await this.gate?.(`${this.name}.write`);
-    return super.write(offset, source);
-  }
-
-  override async zero(offset: number, length: number): Promise<void> {
-    await this.gate?.(`${this.name}.zero`);
-    return super.zero(offset, length);
-  }
-}
 
 function layout(name: MediumName, extents: number, cache: number, server: number): MediumLayout {
   const capacity = extents * E;
@@ -136,8 +108,8 @@ async function isolationRuns(syncReads: boolean, numRuns: number): Promise<{ blo
     fc.asyncProperty(fc.scheduler(), fc.array(opArb, { minLength: 2, maxLength: 12 }), async (s, ops) => {
       const plan = new FaultPlan();
       const layouts = [layout('dram', 12, 8, 2), layout('flash', 4, 4, 0)];
-      const gated = syncReads ? layouts.map((l) => new GatedDram(l.name, l.capacity)) : [];
-      const media = syncReads ? gated : layouts.map((l) => new FaultyMedium(new NamedDram(l.name, l.capacity), plan));
+      const gated = syncReads ? layouts.map((l) => new GatedDram(l.name, l.capacity, E)) : [];
+      const media = syncReads ? gated : layouts.map((l) => new FaultyMedium(new NamedDram(l.name, l.capacity, E), plan));
       for (const m of media) await m.open();
       const partition = new PartitionTable(layouts);
       const memory = new ServerMemory({ partition, allocation: new AllocationTable(), media });
@@ -349,7 +321,7 @@ test('a loan of cache memory (readViews) keeps its own volume\'s bytes while the
     fc.asyncProperty(fc.scheduler(), fc.array(loanOpArb, { minLength: 4, maxLength: 24 }), fc.nat(), async (s, ops, seed) => {
       // Sixteen DRAM slots (four may be lent) for 24 lines of two volumes: writes evict.
       const layouts = [layout('dram', 8, 4, 0), layout('flash', 2, 1, 0)];
-      const media = layouts.map((l) => new GatedDram(l.name, l.capacity));
+      const media = layouts.map((l) => new GatedDram(l.name, l.capacity, E));
       for (const m of media) await m.open();
       const partition = new PartitionTable(layouts);
       const volumes = [0, 1].map((who) => new Volume(`v${who}`, false, new Date().toISOString(), new MemoryStore(12 * LINE_SIZE)));

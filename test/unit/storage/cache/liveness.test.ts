@@ -15,7 +15,6 @@ import assert from 'node:assert/strict';
 import pino from 'pino';
 import type { MediumName } from '../../../../src/kinds.js';
 import { AllocationTable } from '../../../../src/memory/allocation-table.js';
-import { DramMedium } from '../../../../src/memory/dram-medium.js';
 import { PartitionTable, type MediumLayout } from '../../../../src/memory/partition-table.js';
 import { ServerMemory, Tenancy } from '../../../../src/memory/server-memory.js';
 import { LINE_SIZE } from '../../../../src/storage/cache/line.js';
@@ -23,17 +22,10 @@ import { StorageCache } from '../../../../src/storage/cache/storage-cache.js';
 import { Volume } from '../../../../src/storage/volume-manager.js';
 import { FaultPlan, FaultyMedium } from '../../../support/faults.js';
 import { MemoryStore } from '../../../support/memory-store.js';
+import { NamedDram } from '../../../support/named-dram.js';
 
 const E = LINE_SIZE; // one line per extent: the smallest cache there can be
 const log = pino({ level: 'silent' });
-
-class NamedDram extends DramMedium {
-  override readonly name: MediumName;
-  constructor(name: MediumName, capacity: number) {
-    super({ capacity, extentSize: E });
-    this.name = name;
-  }
-}
 
 interface Spec {
   name: MediumName;
@@ -50,7 +42,7 @@ async function rig(specs: readonly Spec[]) {
     initial: { cache: m.cache * E, server: 0, nvram: 0 },
     bounds: { cache: { min: 0, max: m.extents * E }, server: { min: 0, max: m.extents * E }, nvram: { min: 0, max: m.extents * E } },
   }));
-  const media = layouts.map((l) => new FaultyMedium(new NamedDram(l.name, l.capacity), plan));
+  const media = layouts.map((l) => new FaultyMedium(new NamedDram(l.name, l.capacity, E), plan));
   for (const m of media) await m.open();
   const partition = new PartitionTable(layouts);
   const memory = new ServerMemory({ partition, allocation: new AllocationTable(), media });

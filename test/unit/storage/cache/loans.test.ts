@@ -18,8 +18,8 @@ import type { CacheViews } from '../../../../src/storage/volume-io.js';
 import { Volume } from '../../../../src/storage/volume-manager.js';
 import { MemoryStore } from '../../../support/memory-store.js';
 import fc from 'fast-check';
-import type { MediumName } from '../../../../src/kinds.js';
 import { FaultPlan } from '../../../support/faults.js';
+import { GatedDram } from '../../../support/named-dram.js';
 
 const log = pino({ level: 'silent' });
 const E = 4 * LINE_SIZE;
@@ -97,27 +97,6 @@ const BLOCK = 4096;
 const LINES = 10;
 const BLOCKS = LINES * (LINE_SIZE / BLOCK);
 
-class GatedDram extends DramMedium {
-  override readonly name: MediumName;
-  gate: ((op: string) => Promise<void>) | undefined = undefined;
-  constructor(name: MediumName, capacity: number) {
-    super({ capacity, extentSize: E });
-    this.name = name;
-  }
-  override async read(offset: number, target: Uint8Array): Promise<void> {
-    await this.gate?.(`${this.name}.read`);
-    return super.read(offset, target);
-  }
-  override async write(offset: number, source: Uint8Array): Promise<void> {
-    await this.gate?.(`${this.name}.write`);
-    return super.write(offset, source);
-  }
-  override async zero(offset: number, length: number): Promise<void> {
-    await this.gate?.(`${this.name}.zero`);
-    return super.zero(offset, length);
-  }
-}
-
 /** A block of `who` (0, 1: volumes; 2+: rmem servers) at block `b`, generation `gen`: 8-byte words [who, b lo, b hi, 0x5a, gen u32]. */
 function tagged(who: number, b: number, gen: number): Buffer {
   const buf = Buffer.alloc(BLOCK);
@@ -166,7 +145,7 @@ test('loans show only their own volume\'s bytes at their own position, never old
         { name: 'dram', capacity: 8 * E, extentSize: E, initial: { cache: 2 * E, server: 0, nvram: 0 }, bounds: { cache: { min: 0, max: 8 * E }, server: { min: 0, max: 8 * E }, nvram: { min: 0, max: 8 * E } } },
         { name: 'flash', capacity: 2 * E, extentSize: E, initial: { cache: 2 * E, server: 0, nvram: 0 }, bounds: { cache: { min: 0, max: 2 * E }, server: { min: 0, max: 2 * E }, nvram: { min: 0, max: 2 * E } } },
       ];
-      const media = layouts.map((l) => new GatedDram(l.name, l.capacity));
+      const media = layouts.map((l) => new GatedDram(l.name, l.capacity, E));
       for (const m of media) await m.open();
       const partition = new PartitionTable(layouts);
       const memory = new ServerMemory({ partition, allocation: new AllocationTable(), media });
