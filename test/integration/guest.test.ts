@@ -220,7 +220,7 @@ test('attachments hold under races: two guests created with one volume at once, 
     s.once('data', () => resolve(true));
     s.on('error', () => resolve(false));
     s.on('close', () => resolve(false));
-    setTimeout(() => { resolve(false); }, 20_000);
+    setTimeout(() => { resolve(false); }, 20_000).unref(); // not a reason to keep the test process up
     t.after(() => s.destroy());
   })));
   assert.equal(opened.filter(Boolean).length, 4, 'the NBD greeting reached 4 connections, no more');

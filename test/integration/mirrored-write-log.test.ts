@@ -199,9 +199,10 @@ test('a mirrored write log whose partner is gone for good: the volume waits, unt
   // The journal writes behind the acknowledgements land (polled: a fixed wait lost the
   // last of them to the kill on a loaded machine).
   const path = join(dirA, 'memstrata-data', 'nvram', 'mwl.journal');
+  const isUser = (r: { flags: number }): boolean => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) === 0;
   const userRecords = async (): Promise<number> => {
     try {
-      return parseJournal(await readFile(path)).records.filter((r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) === 0).length;
+      return parseJournal(await readFile(path)).records.filter(isUser).length;
     } catch {
       return 0; // read while a write was under way
     }
@@ -212,9 +213,9 @@ test('a mirrored write log whose partner is gone for good: the volume waits, unt
   // The node's file lost its last 8 records (unsynced); the partner, which holds all 16,
   // stops cleanly (vaulted) and stays away.
   const image = await readFile(path);
-  const user = parseJournal(image).records.filter((r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) === 0);
+  const user = parseJournal(image).records.filter(isUser);
   assert.equal(user.length, 16);
-  await writeFile(path, journalKeeping(image, (r) => (r.flags & (RECORD_FLAG.EPOCH | RECORD_FLAG.TRIM)) !== 0 || r.seq <= (user[7]?.seq ?? 0)));
+  await writeFile(path, journalKeeping(image, (r) => !isUser(r) || r.seq <= (user[7]?.seq ?? 0)));
   assert.equal(await b.stop('SIGTERM'), 0);
 
   let again = await startA();
